@@ -1,0 +1,1 @@
+"""FineTuningLLM: retrain, gate, register and serve fine-tuned language models."""

@@ -1,0 +1,136 @@
+"""The `tiny` base model: a small Llama and a byte-level BPE tokenizer with a chat template.
+
+No machine of this project reaches a model hub, so the default base model is built here,
+deterministically from a seed, and cached as an ordinary Hugging Face model directory
+(`config.json`, `model.safetensors`, `tokenizer.json`, chat template). Everything that
+loads a base model goes through `from_pretrained` on that directory, exactly as it would
+for a real model.
+
+Build it alone:
+
+    python -m tasks.tiny --out artifacts/base/tiny-1234 --seed 1234
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+# The chat template follows ChatML; `<|im_end|>` ends each turn and is the eos token, so
+# generation stops at the end of the assistant's answer.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|bos|>"]
+
+# A fixed corpus for the BPE merges: the tokenizer is the same on every machine. Its words
+# cover dates, numbers and common English so that typical chat text gets short encodings.
+_MONTHS = "January February March April May June July August September October November December"
+_CORPUS = [
+    _MONTHS,
+    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday",
+    "system user assistant Rewrite the date in words. Convert this ISO date:",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31",
+    "1990 1999 2000 2001 2010 2020 2023 2024 2025 2026 - : , . ? ! ( ) ' \"",
+    "the of and to in is you that it he was for on are as with his they at be this have from",
+    "or one had by word but not what all were we when your can said there use an each which",
+    "she do how their if will up other about out many then them these so some her would make",
+    "Answer the question. Classify the sentiment. Summarize the text. Translate to French.",
+]
+
+
+def _build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        model_max_length=2048,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny(out_dir: Path, seed: int, hidden_size: int = 128, layers: int = 2, heads: int = 4) -> Path:
+    """Build the tiny base model into `out_dir` (idempotent; written atomically).
+
+    Args:
+        out_dir: the model directory to create.
+        seed: seed of the random weights.
+        hidden_size, layers, heads: shape of the Llama decoder.
+
+    Returns:
+        `out_dir`, a directory that `AutoModelForCausalLM.from_pretrained` loads.
+    """
+    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+        return out_dir
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _build_tokenizer(vocab_size=512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "tiny.json").write_text(
+        json.dumps({"seed": seed, "hidden_size": hidden_size, "layers": layers, "heads": heads}, indent=2)
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists():  # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Build the tiny base model.")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--hidden-size", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    args = ap.parse_args(argv)
+    print(build_tiny(args.out, args.seed, args.hidden_size, args.layers, args.heads))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
