@@ -35,6 +35,8 @@ def defaults_for(root: Path) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / '.prefect' / 'prefect.db'}",
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+        # The first start migrates a new database; on a busy 2-core machine that takes over 20 s.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "MLFLOW_REGISTRY_URI": f"sqlite:///{root / 'mlflow.db'}",
         "BENTOML_HOME": str(root / ".bentoml"),
@@ -46,6 +48,7 @@ def defaults_for(root: Path) -> dict[str, str]:
         "DVC_NO_ANALYTICS": "1",
         "GX_ANALYTICS_ENABLED": "false",
         "MPLBACKEND": "Agg",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
 
 

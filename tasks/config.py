@@ -48,6 +48,9 @@ class DataParams(_Section):
     min_answer_chars: int = Field(2, ge=0, description="Answers shorter than this are reported as a warning.")
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share of examples in the validation split.")
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of examples in the test split.")
+    md5: str | None = Field(
+        None, description="Filled in by the resolve stage: the data file's md5, so DVC reruns when it changes."
+    )
 
 
 class ModelParams(_Section):

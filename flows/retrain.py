@@ -1,0 +1,251 @@
+"""The `retrain` flow: validate → DVC stages (prepare, finetune, evaluate) → gate → register → package.
+
+The flow orchestrates; the work is in `tasks/`. It rejects bad settings and bad data up
+front, runs the DVC stages (which skip what has not changed), scores the current champion
+on the same test split, gates the candidate, registers it in MLflow and packages it with
+BentoML. A run with unchanged data, code and settings ends early and registers nothing.
+
+Run it with `ftllm run`, from a Prefect deployment (`ftllm deploy`), or directly:
+
+    python -m flows.retrain
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
+
+from tasks.config import ConfigError, DataParams, EvalParams, GateParams, Params, TrainParams, file_md5, load_params
+from tasks.evaluate import evaluate_model_dir, load_split
+from tasks.gate import apply_gate
+from tasks.registry import RegistryRefusal, champion_version, download_version, find_version, promote, register_candidate
+from tasks.stages import StageError, git_commit, lock_digest, run_stages, stage_out_md5
+from tasks.tracking import end_tracking_run, log_results, start_tracking_run
+from tasks.formats import DataFileError
+from tasks.validate import validate_dataset
+
+
+class RunFailed(RuntimeError):
+    """A step failed in a way the user must fix (bad data, a failed stage); the message says how."""
+
+
+# Failures a user can act on: they end the flow run in a Failed state with one clear
+# message instead of a traceback. Anything else is a bug and keeps its traceback.
+EXPECTED_FAILURES = (RunFailed, StageError, ConfigError, RegistryRefusal, DataFileError)
+
+
+@task(name="validate-data")
+def validate_data(params: Params, report_dir: Path) -> dict:
+    """Great Expectations suite plus chat-format checks on the run's data."""
+    from tasks.modeling import load_tokenizer, resolve_base
+
+    tokenizer = load_tokenizer(resolve_base(params.model))
+    report = validate_dataset(
+        Path(params.data.path), params.data.format, tokenizer=tokenizer, max_tokens=params.data.max_tokens,
+        max_drop_fraction=params.data.max_drop_fraction, min_answer_chars=params.data.min_answer_chars,
+        batch_size=params.train.batch_size, seq_len=params.train.seq_len, max_steps=params.train.max_steps,
+        length_policy=params.data.length_policy, data_docs_dir=report_dir / "gx",
+    )
+    return report.to_dict()
+
+
+@task(name="run-dvc-stages")
+def run_dvc_stages(root: Path, overrides: dict, run_id: str) -> dict:
+    """prepare → finetune → evaluate under DVC; unchanged stages are skipped.
+
+    Not retried: a stage that fails on its own code or data fails the same way again. A
+    failure comes back as `error` so that the flow fails with the stage's message.
+    """
+    logger = get_run_logger()
+    try:
+        result = run_stages(root, overrides, run_id, lock_timeout=3600, log=logger.info)
+    except StageError as exc:
+        return {"error": str(exc)}
+    return {"ran": result.ran, "skipped": result.skipped}
+
+
+@task(name="evaluate-champion")
+def evaluate_champion(root: Path, params: Params, version: str) -> dict:
+    """Score the current champion on the same test split as the candidate (cached per version and split)."""
+    test_path = root / "artifacts/prepared/test.jsonl"
+    cache = root / "artifacts/champion" / f"v{version}-{file_md5(test_path)[:12]}-{params.eval.max_examples}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    model_dir = download_version(params.registry.model_name, version, root / "artifacts/champion" / f"v{version}")
+    metrics = evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", "test", params.eval.max_examples), params.eval)["metrics"]
+    cache.write_text(json.dumps(metrics))
+    return metrics
+
+
+@task(name="register-candidate", retries=2, retry_delay_seconds=3)
+def register(root: Path, params: Params, run_id: str, verdict: dict, metrics: dict, lineage: dict) -> str:
+    """A new model version with its lineage and verdict; `challenger` points at it."""
+    failed = [c["name"] for c in verdict["checks"] if not c["passed"]]
+    tags = {
+        **lineage,
+        "gate_passed": str(verdict["passed"]).lower(),
+        "gate_failed_checks": ",".join(failed) or "none",
+        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics["candidate"].items()},
+    }
+    return register_candidate(run_id, root / "artifacts/model", params.registry.model_name, tags)
+
+
+@task(name="package-bento", retries=1, retry_delay_seconds=3)
+def package(root: Path, model_name: str, version: str, build: bool) -> dict:
+    """Import the model into the BentoML store; build a bento from serving/ when it became champion."""
+    from tasks.package import build_bento, import_model
+
+    model_tag = import_model(root / "artifacts/model", model_name, version, {"mlflow_version": version})
+    return {"model": model_tag, "bento": build_bento(model_tag, version) if build else None}
+
+
+def _metrics_table(metrics: dict[str, dict]) -> list[dict]:
+    keys = ["exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms", "tokens_per_second"]
+    return [{"model": role, **{k: round(m[k], 4) for k in keys if k in m}} for role, m in metrics.items()]
+
+
+def _publish(verdict: dict, metrics: dict, result: dict) -> None:
+    create_table_artifact(_metrics_table(metrics), key="retrain-metrics", description="Candidate vs baselines vs champion")
+    lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", "| check | value | threshold | passed |", "|---|---|---|---|"]
+    lines += [f"| {c['name']} | {c['value']} | {c['threshold']} | {c['passed']} |" for c in verdict["checks"]]
+    lines += ["", f"model version {result['version']}, champion {result['champion_version']}, MLflow run `{result['mlflow_run_id']}`"]
+    create_markdown_artifact("\n".join(lines), key="retrain-gate", description="Gate verdict")
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    params_file: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    data: DataParams | None = None,
+    train: TrainParams | None = None,
+    eval: EvalParams | None = None,
+    gate: GateParams | None = None,
+) -> dict:
+    """Retrain, gate, register and package a model.
+
+    Args:
+        params_file: the settings file (params.yaml).
+        overrides: dotted keys to values (`{"train.max_steps": 100}`), applied to the whole run.
+        data, train, eval, gate: whole sections that replace those of the settings file (the
+            typed form of the Prefect UI).
+    """
+    result: dict[str, Any] = {"status": "failed"}
+    try:
+        return _retrain(params_file, overrides, {"data": data, "train": train, "eval": eval, "gate": gate}, result)
+    except EXPECTED_FAILURES as exc:
+        get_run_logger().error(str(exc))
+        result["error"] = str(exc)
+        return Failed(message=str(exc), data=result)
+
+
+def _retrain(params_file: str, overrides: dict | None, sections: dict, result: dict) -> dict:
+    logger = get_run_logger()
+    root = Path(params_file).resolve().parent
+    overrides = dict(overrides or {})
+    for name, section in sections.items():
+        if section is not None:
+            overrides.update({f"{name}.{k}": v for k, v in section.model_dump(mode="json").items()})
+    params = load_params(params_file, overrides)
+    durations: dict[str, float] = {}
+    data_path = Path(params.data.path)
+    result.update({
+        "status": "failed", "model_name": params.registry.model_name, "version": None,
+        "champion_version": champion_version(params.registry.model_name), "gate": None, "metrics": {},
+        "data": {"path": str(data_path), "md5": None, "examples": None}, "mlflow_run_id": None,
+        "bento": None, "durations": durations, "changed": True,
+    })
+
+    t = time.perf_counter()
+    report = validate_data(params, root / "artifacts/reports")
+    durations["validate"] = round(time.perf_counter() - t, 2)
+    result["data"].update(md5=report.get("md5"), examples=report["examples"])
+    result["validation"] = {k: report[k] for k in ("valid", "errors", "warnings", "error_rows", "data_docs") if k in report}
+    create_markdown_artifact(
+        f"## Validation of `{data_path}`: {'valid' if report['valid'] else 'INVALID'}\n\n"
+        f"examples: {report['examples']}, errors: {report['errors']}, warnings: {report['warnings']}\n\n"
+        f"Data Docs: {report.get('data_docs')}",
+        key="retrain-validation",
+    )
+    if not report["valid"]:
+        rows = ", ".join(f"line {r['line']}: {r['category']}" for r in report["error_rows"][:10])
+        raise RunFailed(f"{data_path}: invalid data ({rows}); run `ftllm validate {data_path}` for the full report")
+
+    lineage = {"data_md5": result["data"]["md5"], "git_commit": git_commit(root), "params_digest": params.digest()}
+    run_id = start_tracking_run(root, params, overrides, lineage["data_md5"], lineage)
+    result["mlflow_run_id"] = run_id
+    try:
+        t = time.perf_counter()
+        stages = run_dvc_stages(root, overrides, run_id)
+        if "error" in stages:
+            raise StageError(stages["error"])
+        durations["stages"] = round(time.perf_counter() - t, 2)
+        result["stages"] = stages
+        metrics = json.loads((root / "artifacts/metrics.json").read_text())
+        fingerprint = f"{stage_out_md5(root, 'finetune', 'artifacts/model')}:{params.digest()}"
+        lineage.update(dvc_lock_md5=lock_digest(root), fingerprint=fingerprint)
+        existing = find_version(params.registry.model_name, "fingerprint", fingerprint)
+        if existing is not None:
+            logger.info(f"nothing changed since version {existing}: no new version registered")
+            create_markdown_artifact(f"## Nothing changed\n\nSame model and settings as version {existing}.", key="retrain-unchanged")
+            end_tracking_run(run_id, "FINISHED")
+            return _unchanged(result, params, existing, durations)
+
+        t = time.perf_counter()
+        champion = result["champion_version"]
+        if champion is not None:
+            metrics["champion"] = evaluate_champion(root, params, champion)
+        durations["evaluate_champion"] = round(time.perf_counter() - t, 2)
+        verdict = apply_gate(metrics, params.gate).to_dict()
+        result.update(gate=verdict, metrics=metrics)
+        log_results(run_id, metrics, verdict, [root / "dvc.lock", root / "artifacts/predictions.json", root / "artifacts/params.yaml"])
+
+        t = time.perf_counter()
+        version = register(root, params, run_id, verdict, metrics, {**lineage, "parent_champion": champion or "none"})
+        result["version"] = version
+        promoted = verdict["passed"] and params.registry.auto_promote
+        if promoted:
+            promote(params.registry.model_name, version)
+            result["champion_version"] = version
+        durations["register"] = round(time.perf_counter() - t, 2)
+
+        t = time.perf_counter()
+        bento = package(root, params.registry.model_name, version, build=promoted)
+        result["bento"] = bento["bento"]
+        result["bento_model"] = bento["model"]
+        durations["package"] = round(time.perf_counter() - t, 2)
+        result["status"] = "promoted" if promoted else "rejected"
+        if not verdict["passed"]:
+            logger.warning(f"gate rejected version {version}: failed {[c['name'] for c in verdict['checks'] if not c['passed']]}")
+        _publish(verdict, metrics, result)
+        end_tracking_run(run_id, "FINISHED")
+        return result
+    except BaseException:
+        end_tracking_run(run_id, "FAILED")
+        raise
+
+
+def _unchanged(result: dict, params: Params, version: str, durations: dict) -> dict:
+    from tasks.registry import list_versions
+
+    row = next(r for r in list_versions(params.registry.model_name) if r["version"] == version)
+    champion = champion_version(params.registry.model_name)
+    result.update(
+        version=version, champion_version=champion, changed=False,
+        status="promoted" if champion == version else "rejected",
+        metrics={"candidate": row["metrics"]},
+        gate={"passed": row["gate_passed"], "checks": []},
+    )
+    return result
+
+
+if __name__ == "__main__":
+    from ftllm.env import apply_defaults
+
+    apply_defaults()
+    print(json.dumps(retrain(), default=str))

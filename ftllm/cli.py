@@ -1,0 +1,203 @@
+"""`ftllm`: the command line of the pipeline.
+
+Each command sets the embedded defaults (project-local Prefect, MLflow and BentoML state)
+before importing anything that reads them, prints a human summary, and with `--json`
+ends stdout with one JSON object. Exit codes follow DESIGN.md: for `run`, 0 promoted,
+3 rejected by the gate, 1 failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ftllm.env import apply_defaults
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune, gate, register and serve LLMs.")
+feedback_app = typer.Typer(no_args_is_help=True, help="Feedback collected by the service.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
+app.add_typer(feedback_app, name="feedback")
+app.add_typer(bench_app, name="bench")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+
+
+def _emit(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str))
+
+
+def _err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+@app.command()
+def run(
+    params: Annotated[Path, typer.Option("--params", help="Settings file.")] = Path("params.yaml"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="End stdout with a JSON summary.")] = False,
+) -> None:
+    """Run the whole retraining flow: validate, prepare, finetune, evaluate, gate, register, package."""
+    root = apply_defaults(params.resolve().parent)
+    from tasks.config import ConfigError, load_params, parse_overrides
+
+    try:
+        overrides = parse_overrides(set_ or [])
+        load_params(params, overrides)
+    except ConfigError as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_USAGE)
+    from flows.retrain import retrain
+
+    try:
+        state = retrain(params_file=str(params.resolve()), overrides=overrides, return_state=True)
+        result = state.result(raise_on_failure=False)
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure still ends with one line, not a traceback
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    if not isinstance(result, dict):  # the flow raised: Prefect hands back the exception
+        result = {"status": "failed", "error": f"{type(result).__name__}: {result}"}
+    if result["status"] == "failed":
+        _err(result.get("error", "the run failed"))
+        _emit(result, as_json)
+        raise typer.Exit(EXIT_FAILED)
+    _print_run(result)
+    _emit(result, as_json)
+    raise typer.Exit(EXIT_OK if result["status"] == "promoted" else EXIT_REJECTED)
+
+
+def _print_run(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    table = Table(title=f"{result['model_name']} v{result['version']}: {result['status']}")
+    table.add_column("model")
+    for key in ("exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms"):
+        table.add_column(key, justify="right")
+    for role, m in result["metrics"].items():
+        table.add_row(role, *(f"{m[k]:.3f}" if k in m else "-" for k in ("exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms")))
+    console.print(table)
+    for check in (result.get("gate") or {}).get("checks", []):
+        mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
+        console.print(f"  {mark} {check['name']}: {check['value']} (threshold {check['threshold']})")
+    if not result.get("changed", True):
+        console.print(f"nothing changed: version {result['version']} already holds this model")
+    console.print(f"durations (s): {result['durations']}")
+
+
+@app.command()
+def validate(
+    path: Path,
+    format: Annotated[str, typer.Option("--format", help="auto | openai | alpaca | sharegpt")] = "auto",
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="End stdout with the JSON report.")] = False,
+    fix: Annotated[Optional[Path], typer.Option("--fix", help="Write the valid examples here.")] = None,
+    params: Annotated[Path, typer.Option("--params", help="Settings file (tokenizer, limits).")] = Path("params.yaml"),
+) -> None:
+    """Validate a data file: format, chat structure, duplicates, token limits (GX Data Docs)."""
+    apply_defaults()
+    from ftllm.commands.validate import validate_command
+
+    raise typer.Exit(validate_command(path, format=format, report=report, json_out=as_json, fix=fix, params=params))
+
+
+def _model_name(params: Path) -> str:
+    from tasks.config import ConfigError, load_params
+
+    try:
+        return load_params(params).registry.model_name
+    except ConfigError as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_USAGE)
+
+
+@app.command()
+def models(
+    params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    data_md5: Annotated[Optional[str], typer.Option("--data-md5", help="List the runs that used this data.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Model versions with aliases, key metrics, gate verdicts and lineage."""
+    apply_defaults(params.resolve().parent)
+    name = _model_name(params)
+    from tasks.registry import champion_history, champion_version, list_versions
+
+    versions = list_versions(name)
+    out = {"model_name": name, "champion": champion_version(name), "champion_history": champion_history(name), "versions": versions}
+    if data_md5:
+        from tasks.tracking import runs_for_data
+
+        out["runs_for_data"] = runs_for_data(data_md5)
+    if not as_json:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{name} (champion: {out['champion']})")
+        for col in ("version", "aliases", "gate", "exact_match", "perplexity", "data_md5", "created"):
+            table.add_column(col)
+        for v in versions:
+            m = v["metrics"]
+            table.add_row(
+                v["version"], ",".join(v["aliases"]), "pass" if v["gate_passed"] else "fail",
+                f"{m.get('exact_match', float('nan')):.3f}", f"{m.get('perplexity', float('nan')):.3f}",
+                v["lineage"].get("data_md5", "")[:12], v["created"],
+            )
+        Console().print(table)
+    _emit(out, as_json)
+
+
+@app.command()
+def promote(
+    version: str,
+    force: Annotated[bool, typer.Option("--force", help="Promote although the gate failed.")] = False,
+    reason: Annotated[str, typer.Option("--reason", help="Why (required with --force).")] = "",
+    params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Point the champion alias at VERSION."""
+    apply_defaults(params.resolve().parent)
+    from flows.registry import promote_flow
+    from tasks.registry import RegistryRefusal
+
+    try:
+        move = promote_flow(model_name=_model_name(params), version=version, force=force, reason=reason)
+    except RegistryRefusal as exc:
+        _err(f"refused: {exc}")
+        _emit({"done": False, "error": str(exc)}, as_json)
+        raise typer.Exit(EXIT_FAILED)
+    print(f"champion: {move['previous']} -> {move['champion']}" + ("" if move["changed"] else " (already champion)"), file=sys.stderr)
+    _emit({"done": True, **move}, as_json)
+
+
+@app.command()
+def rollback(
+    to: Annotated[Optional[str], typer.Option("--to", help="Version to restore (default: the previous champion).")] = None,
+    reason: Annotated[str, typer.Option("--reason")] = "",
+    params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Move the champion alias back to the previous champion (or to --to VERSION)."""
+    apply_defaults(params.resolve().parent)
+    from flows.registry import rollback_flow
+    from tasks.registry import RegistryRefusal
+
+    try:
+        move = rollback_flow(model_name=_model_name(params), to=to, reason=reason)
+    except RegistryRefusal as exc:
+        _err(f"refused: {exc}")
+        _emit({"done": False, "error": str(exc)}, as_json)
+        raise typer.Exit(EXIT_FAILED)
+    print(f"champion: {move['previous']} -> {move['champion']}" + ("" if move["changed"] else " (already champion)"), file=sys.stderr)
+    _emit({"done": True, **move}, as_json)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Reading training data files and converting every supported format to canonical chat messages.
+
+Supported formats (named with `data.format` / `--format`, or detected from the first example):
+
+- `openai`: `{"messages": [{"role", "content", "name"?, "weight"?, "tool_calls"?, "tool_call_id"?}]}`,
+  optionally with `tools` / `functions` / `parallel_tool_calls` beside `messages`.
+- `alpaca`: `{"instruction", "input"?, "output", "system"?}`, or the seed-task form of Stanford
+  Alpaca: `{"id", "name", "instruction", "instances": [{"input", "output"}], "is_classification"}`,
+  which yields one canonical example per instance.
+- `sharegpt`: `{"conversations": [{"from", "value"}], "system"?, "id"?}` with `from` one of
+  human/user, gpt/assistant, system (tool/function/observation map to tool).
+
+Files are JSONL (one example per line; blank lines are skipped) or one JSON array. Every
+record comes with the number a user can find it by: the 1-based line of a JSONL file, or
+for a JSON array the 1-based index of the element in the array (a JSON array is read whole,
+so big data sets should be JSONL, which is streamed).
+
+The canonical form is `{"messages": [{"role", "content"}, ...]}` plus, where the source has
+one, `"label"` (the output of an Alpaca `is_classification` task). OpenAI's optional message
+keys (`name`, `weight`, `tool_calls`, `tool_call_id`) are kept; chat templates ignore them.
+
+Conversion is deliberately lenient: a broken source (a missing field, an unknown `from`)
+becomes a canonical example that still shows the defect, so that `tasks.validate` reports it
+with its category and line instead of the conversion failing.
+
+Check a file's format alone:
+
+    python -m tasks.formats data/dates.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("openai", "alpaca", "sharegpt")
+
+# Keys each format allows at the top level of an example and inside one message.
+TOP_KEYS: dict[str, frozenset[str]] = {
+    "openai": frozenset({"messages", "tools", "functions", "parallel_tool_calls", "label"}),
+    "alpaca": frozenset(
+        {"instruction", "input", "output", "system", "label", "id", "name", "instances", "is_classification"}
+    ),
+    "sharegpt": frozenset({"conversations", "system", "id", "label"}),
+}
+MESSAGE_KEYS: dict[str, frozenset[str]] = {
+    "openai": frozenset({"role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call"}),
+    "alpaca": frozenset({"input", "output"}),  # keys of one entry of `instances`
+    "sharegpt": frozenset({"from", "value", "weight"}),
+}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
+_OPENAI_OPTIONAL = ("name", "weight", "tool_calls", "tool_call_id", "function_call")
+_MISSING = object()
+
+
+class FormatError(ValueError):
+    """An example whose format cannot be told, or a format name that is not supported."""
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read at all (missing, a directory, unreadable)."""
+
+
+@dataclass(frozen=True)
+class RecordError:
+    """A record that could not be read as a JSON object; `category` is a validation category."""
+
+    category: str
+    message: str
+
+
+def detect_format(first_obj: dict) -> str:
+    """Tell the format of a data file from one example.
+
+    Args:
+        first_obj: an example of the file, usually its first object.
+
+    Returns:
+        "openai", "alpaca" or "sharegpt".
+
+    Raises:
+        FormatError: no key of any supported format is present.
+    """
+    if "messages" in first_obj:
+        return "openai"
+    if "conversations" in first_obj:
+        return "sharegpt"
+    if "instruction" in first_obj or "instances" in first_obj:
+        return "alpaca"
+    keys = ", ".join(sorted(map(str, first_obj))) or "none"
+    raise FormatError(
+        f"cannot tell the format from the keys ({keys}); expected messages (openai), "
+        "conversations (sharegpt) or instruction/instances (alpaca), or pass --format"
+    )
+
+
+def check_format_name(fmt: str) -> str:
+    """Return `fmt` if it names a supported format or "auto"; raise FormatError otherwise."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise FormatError(f"unknown format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
+    return fmt
+
+
+def to_canonical(obj: dict, fmt: str) -> list[dict]:
+    """Convert one source example to canonical examples.
+
+    Args:
+        obj: the parsed JSON object of one record.
+        fmt: "openai", "alpaca" or "sharegpt".
+
+    Returns:
+        A list of `{"messages": [...], "label"?: ...}`: one example, or one per instance of an
+        Alpaca seed task (an empty `instances` gives one example without messages).
+    """
+    if fmt == "openai":
+        return [_openai_to_canonical(obj)]
+    if fmt == "alpaca":
+        return _alpaca_to_canonical(obj)
+    if fmt == "sharegpt":
+        return [_sharegpt_to_canonical(obj)]
+    raise FormatError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def _with_label(example: dict, obj: dict) -> dict:
+    if "label" in obj:
+        example["label"] = obj["label"]
+    return example
+
+
+def _openai_to_canonical(obj: dict) -> dict:
+    messages = obj.get("messages", _MISSING)
+    if not isinstance(messages, list):
+        return _with_label({"messages": None if messages is _MISSING else messages}, obj)
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            out.append(m)  # kept as is: validation reports a message that is not an object
+            continue
+        canon = {k: m[k] for k in ("role", "content") if k in m}
+        canon.update({k: m[k] for k in _OPENAI_OPTIONAL if k in m})
+        out.append(canon)
+    return _with_label({"messages": out}, obj)
+
+
+def _alpaca_turns(instruction: Any, inp: Any, output: Any, system: Any) -> list[dict]:
+    messages: list[dict] = []
+    if system is not _MISSING and system not in (None, ""):
+        messages.append({"role": "system", "content": system})
+    user: dict = {"role": "user"}
+    if instruction is not _MISSING:
+        if isinstance(inp, str) and inp.strip() and isinstance(instruction, str):
+            user["content"] = f"{instruction}\n\n{inp}"
+        elif inp in (_MISSING, None, "") or not isinstance(instruction, str):
+            user["content"] = instruction
+        else:
+            user["content"] = inp  # a non-string input: kept so validation reports it
+    messages.append(user)
+    assistant: dict = {"role": "assistant"}
+    if output is not _MISSING:
+        assistant["content"] = output
+    messages.append(assistant)
+    return messages
+
+
+def _alpaca_to_canonical(obj: dict) -> list[dict]:
+    instruction = obj.get("instruction", _MISSING)
+    system = obj.get("system", _MISSING)
+    if "instances" not in obj:
+        turns = _alpaca_turns(instruction, obj.get("input", _MISSING), obj.get("output", _MISSING), system)
+        return [_with_label({"messages": turns}, obj)]
+    instances = obj["instances"]
+    if not isinstance(instances, list) or not instances:
+        return [{"messages": None}]
+    examples = []
+    for inst in instances:
+        if not isinstance(inst, dict):
+            examples.append({"messages": None})
+            continue
+        output = inst.get("output", _MISSING)
+        example = {"messages": _alpaca_turns(instruction, inst.get("input", _MISSING), output, system)}
+        if obj.get("is_classification") is True and output is not _MISSING:
+            example["label"] = output
+        examples.append(_with_label(example, obj) if "label" in obj else example)
+    return examples
+
+
+def _sharegpt_to_canonical(obj: dict) -> dict:
+    turns = obj.get("conversations", _MISSING)
+    if not isinstance(turns, list):
+        return _with_label({"messages": None if turns is _MISSING else turns}, obj)
+    out: list = []
+    system = obj.get("system", _MISSING)
+    if isinstance(system, str) and system.strip():
+        out.append({"role": "system", "content": system})
+    for turn in turns:
+        if not isinstance(turn, dict):
+            out.append(turn)
+            continue
+        message = {}
+        if "from" in turn:
+            source = turn["from"]
+            message["role"] = SHAREGPT_ROLES.get(source.lower(), source) if isinstance(source, str) else source
+        if "value" in turn:
+            message["content"] = turn["value"]
+        if "weight" in turn:
+            message["weight"] = turn["weight"]
+        out.append(message)
+    return _with_label({"messages": out}, obj)
+
+
+def read_records(
+    path: Path, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, dict | list | str | int | float | bool | None | RecordError]]:
+    """Yield `(line_no, obj_or_error)` for every record of a JSONL file or a JSON array.
+
+    A JSONL file is streamed line by line (blank lines skipped); `line_no` is the 1-based
+    line. A file whose first non-blank character is `[` and that parses as one JSON value
+    is a JSON array; `line_no` is then the 1-based index of the element. A record that is
+    not valid UTF-8 or not valid JSON is yielded as a `RecordError` with category
+    "invalid_utf8" or "invalid_json".
+
+    Args:
+        path: the data file.
+        on_bytes: called with the number of bytes consumed, for a progress bar.
+
+    Raises:
+        DataFileError: the file is missing, a directory or cannot be opened.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(f"{path}: data file not found; check the path (or data.path in params.yaml)")
+    if path.is_dir():
+        raise DataFileError(f"{path}: is a directory, not a data file; pass a .jsonl or .json file")
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise DataFileError(f"{path}: cannot be opened ({exc.strerror}); check its permissions") from None
+    with f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        f.seek(0)
+        if head.startswith(b"["):
+            records = _read_json_array(f.read(), on_bytes)
+            if records is not None:
+                yield from records
+                return
+            f.seek(0)
+        yield from _read_jsonl(f, on_bytes)
+
+
+def _read_json_array(data: bytes, on_bytes: Callable[[int], None] | None) -> list | None:
+    """Records of a JSON array file; None when the file is JSONL whose first line is an array."""
+    if on_bytes:
+        on_bytes(len(data))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        return [(line, RecordError("invalid_utf8", f"byte {exc.start} is not valid UTF-8; re-encode the file as UTF-8"))]
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # `[...]` on line 1, then more lines: this is JSONL
+            return None
+        return [(exc.lineno, RecordError("invalid_json", f"the JSON array does not parse: {exc.msg} (line {exc.lineno}, column {exc.colno})"))]
+    return [(i + 1, obj) for i, obj in enumerate(value)]
+
+
+def _read_jsonl(f, on_bytes: Callable[[int], None] | None) -> Iterator[tuple[int, Any]]:
+    for line_no, raw in enumerate(f, start=1):
+        if on_bytes:
+            on_bytes(len(raw))
+        try:
+            text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            yield line_no, RecordError("invalid_utf8", f"byte {exc.start} of the line is not valid UTF-8; re-encode the file as UTF-8")
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield line_no, json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield line_no, RecordError("invalid_json", f"not valid JSON: {exc.msg} (column {exc.colno})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the detected format and the number of records of a file."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m tasks.formats PATH", file=sys.stderr)
+        return 2
+    fmt, records = None, 0
+    try:
+        for _, obj in read_records(Path(args[0])):
+            records += 1
+            if fmt is None and isinstance(obj, dict):
+                fmt = detect_format(obj)
+    except (DataFileError, FormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args[0]}: format {fmt or 'unknown'}, {records} records")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,274 @@
+"""MLflow model versions, aliases, promotion and rollback.
+
+Every evaluated candidate becomes a version of `registry.model_name`, tagged with its
+lineage (git commit, DVC data md5, dvc.lock hash, params hash, metrics, gate verdict,
+parent champion). Aliases replace the deprecated stages: `challenger` is the latest
+candidate, `champion` is production. The registered model's tag `champion_history` keeps
+the former champions in order, so rollback never has to guess.
+
+Promotion of a version whose gate failed is refused unless forced with a reason; both
+promotion and rollback record who, when and why as tags, and are idempotent when the
+target is already champion.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "champion_history"
+
+# What a logged model needs to load in a fresh process (MLflow's default probing imports
+# torchvision, which this project does not install).
+PIP_REQUIREMENTS = [
+    "torch==2.13.0",
+    "transformers==5.23.0",
+    "peft==0.21.2",
+    "accelerate==1.15.0",
+    "mlflow==3.17.2",
+    "sacrebleu==2.6.0",
+    "rouge-score==0.1.2",
+    "scikit-learn",
+    "pydantic==2.14.4",
+    "pyyaml==6.0.4",
+]
+
+
+class RegistryRefusal(Exception):
+    """A promotion or rollback that was refused; the message says why and what to do."""
+
+
+def get_client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def ensure_experiment(name: str, artifact_root: Path) -> str:
+    """The id of experiment `name`, created with its artifacts under `artifact_root`."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return mlflow.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+
+
+def _staged_model_dir(model_dir: Path, tmp: Path) -> Path:
+    """A copy of the model folder that also carries the tiny base, so the version is self-contained."""
+    staged = tmp / "model_dir"
+    shutil.copytree(model_dir, staged)
+    info = json.loads((model_dir / "ftllm_model.json").read_text())
+    if info["kind"] == "adapter" and info.get("base") == "tiny" and Path(info["base_path"]).is_dir():
+        shutil.copytree(info["base_path"], staged / "base")
+    return staged
+
+
+def register_candidate(run_id: str, model_dir: Path, model_name: str, tags: dict[str, str]) -> str:
+    """Log the model folder to `run_id` as a pyfunc model and register it as a new version.
+
+    Returns:
+        The new version number, as a string; alias `challenger` points at it.
+    """
+    import mlflow
+
+    from tasks.pyfunc_model import ChatModel
+
+    code_dir = Path(__file__).parent
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ChatModel(),
+            artifacts={"model_dir": str(_staged_model_dir(model_dir, Path(tmp)))},
+            code_paths=[str(code_dir)],
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=model_name,
+        )
+    version = str(info.registered_model_version)
+    client = get_client()
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, str(value))
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    return version
+
+
+def champion_version(model_name: str) -> str | None:
+    """The version the `champion` alias points at, or None when there is none yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(get_client().get_model_version_by_alias(model_name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def _history(model_name: str) -> list[str]:
+    model = get_client().get_registered_model(model_name)
+    return json.loads(model.tags.get(HISTORY_TAG, "[]"))
+
+
+def _get_version(model_name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return get_client().get_model_version(model_name, str(version))
+    except MlflowException:
+        known = ", ".join(v["version"] for v in list_versions(model_name)) or "none"
+        raise RegistryRefusal(
+            f"model {model_name!r} has no version {version!r} (known versions: {known}); see `ftllm models`"
+        ) from None
+
+
+def _move_champion(model_name: str, version: str, history: list[str], tags: dict[str, str]) -> None:
+    client = get_client()
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+    client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    model_name: str
+    previous: str | None
+    champion: str
+    changed: bool
+
+    def to_dict(self) -> dict:
+        return {"model_name": self.model_name, "previous": self.previous, "champion": self.champion, "changed": self.changed}
+
+
+def promote(model_name: str, version: str, force: bool = False, reason: str = "") -> AliasMove:
+    """Point `champion` at `version`.
+
+    Raises:
+        RegistryRefusal: unknown version, or a version whose gate failed without `force`
+            and a reason.
+    """
+    mv = _get_version(model_name, version)
+    current = champion_version(model_name)
+    if current == str(version):
+        return AliasMove(model_name, current, current, changed=False)
+    if mv.tags.get("gate_passed") != "true":
+        if not force:
+            failed = mv.tags.get("gate_failed_checks", "unknown")
+            raise RegistryRefusal(
+                f"version {version} failed its gate ({failed}); promote it anyway with --force --reason TEXT"
+            )
+        if not reason.strip():
+            raise RegistryRefusal("--force needs --reason TEXT: the reason is recorded on the version")
+    history = [v for v in _history(model_name)]
+    history.append(str(version))
+    tags = {"promoted_at": _now(), "promoted_by": _actor(), "promote_reason": reason or "gate passed"}
+    if force:
+        tags["promote_forced"] = "true"
+    _move_champion(model_name, str(version), history, tags)
+    return AliasMove(model_name, current, str(version), changed=True)
+
+
+def rollback(model_name: str, to: str | None = None, reason: str = "") -> AliasMove:
+    """Move `champion` back to the previous champion, or to version `to`.
+
+    Raises:
+        RegistryRefusal: no champion yet, no former champion to go back to, or an unknown `to`.
+    """
+    current = champion_version(model_name)
+    history = _history(model_name)
+    if to is not None:
+        _get_version(model_name, to)
+        target = str(to)
+        if target == current:
+            return AliasMove(model_name, current, current, changed=False)
+        # History keeps its order: everything after the target's last reign is forgotten.
+        history = history[: len(history) - history[::-1].index(target)] if target in history else history + [target]
+    else:
+        if current is None:
+            raise RegistryRefusal(f"model {model_name!r} has no champion to roll back from")
+        while history and history[-1] == current:
+            history.pop()
+        if not history:
+            raise RegistryRefusal(f"version {current} is the first champion of {model_name!r}: nothing to roll back to")
+        target = history[-1]
+    tags = {"rolled_back_at": _now(), "rolled_back_by": _actor(), "rollback_reason": reason or "rollback"}
+    _move_champion(model_name, target, history, tags)
+    if current is not None:
+        get_client().set_model_version_tag(model_name, current, "demoted_at", _now())
+    return AliasMove(model_name, current, target, changed=True)
+
+
+def list_versions(model_name: str) -> list[dict]:
+    """Every version with its aliases, lineage tags and key metrics, newest first."""
+    from mlflow.exceptions import MlflowException
+
+    client = get_client()
+    try:
+        model = client.get_registered_model(model_name)
+    except MlflowException:
+        return []
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for mv in client.search_model_versions(f"name='{model_name}'"):
+        tags = dict(mv.tags)
+        rows.append(
+            {
+                "version": str(mv.version),
+                "aliases": sorted(aliases.get(str(mv.version), [])),
+                "run_id": mv.run_id,
+                "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, dt.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+                "gate_passed": tags.get("gate_passed") == "true",
+                "metrics": {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")},
+                "lineage": {k: tags[k] for k in ("data_md5", "git_commit", "dvc_lock_md5", "params_digest", "parent_champion") if k in tags},
+                "tags": {k: v for k, v in tags.items() if not k.startswith("metric.")},
+            }
+        )
+    return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
+
+
+def find_version(model_name: str, tag: str, value: str) -> str | None:
+    """The newest version whose tag `tag` equals `value`, if any."""
+    for row in list_versions(model_name):
+        if row["tags"].get(tag) == value:
+            return row["version"]
+    return None
+
+
+def champion_history(model_name: str) -> list[str]:
+    """Versions that have been champion, oldest first (the current one last)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _history(model_name)
+    except MlflowException:
+        return []
+
+
+def download_version(model_name: str, version: str, dst: Path) -> Path:
+    """Fetch a version's model folder (what `register_candidate` logged) into `dst`."""
+    import mlflow
+
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=str(dst)))
+    matches = list(root.rglob("ftllm_model.json"))
+    if not matches:
+        raise RegistryRefusal(f"version {version} of {model_name!r} holds no model folder")
+    return matches[0].parent

@@ -1,0 +1,208 @@
+"""Validation: every error and warning category with its count and lines, token stats, GX, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.config import ModelParams
+from tasks.formats import DataFileError
+from tasks.modeling import count_tokens, load_tokenizer, resolve_base
+from tasks.validate import count_chat_tokens, validate_dataset
+
+REPO = Path(__file__).parents[2]
+SEED_TASKS = Path(__file__).parents[3] / "shared/data/alpaca_seed_tasks.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return load_tokenizer(resolve_base(ModelParams()))
+
+
+def chat(user: str = "What is 2+2?", answer: str = "It is 4.", system: str | None = "Be brief.") -> dict:
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"messages": [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+def msgs(*pairs: tuple) -> dict:
+    return {"messages": [{"role": r, "content": c} for r, c in pairs]}
+
+
+def write(tmp_path: Path, lines: list, name: str = "d.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else (x if isinstance(x, str) else json.dumps(x)).encode()) + b"\n" for x in lines))
+    return path
+
+
+GOOD = chat()
+# category -> (lines of the file, expected offending line numbers)
+ERROR_CASES = {
+    "invalid_utf8": ([GOOD, b'{"messages": "\xff\xfe"}', GOOD], [2]),
+    "invalid_json": ([GOOD, "{not json", GOOD, '{"messages": [}'], [2, 4]),
+    "not_an_object": ([GOOD, "[1, 2]", '"text"', GOOD], [2, 3]),
+    "missing_messages": ([GOOD, {"messages": []}, {"messages": "hi"}, {"messages": None}], [2, 3, 4]),
+    "message_missing_field": ([GOOD, {"messages": [{"role": "user"}, {"role": "assistant", "content": "x y"}]}, {"messages": [{"content": "q"}, {"role": "assistant", "content": "a b"}]}], [2, 3]),
+    "unrecognised_keys": ([GOOD, {**chat(user="q1"), "meta": 1}, {"messages": [{"role": "user", "content": "q2", "lang": "en"}, {"role": "assistant", "content": "ok"}]}], [2, 3]),
+    "unknown_role": ([GOOD, msgs(("user", "q"), ("bot", "x"), ("assistant", "ok"))], [2]),
+    "bad_content": ([GOOD, msgs(("user", "   "), ("assistant", "ok")), {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "ok"}]}], [2, 3]),
+    "no_assistant": ([GOOD, msgs(("system", "s"), ("user", "q"))], [2]),
+    "last_not_assistant": ([GOOD, msgs(("user", "q"), ("assistant", "ok"), ("user", "more?"))], [2]),
+    "consecutive_same_role": ([GOOD, msgs(("user", "q"), ("user", "q again"), ("assistant", "ok"))], [2]),
+    "system_not_first": ([GOOD, msgs(("user", "q"), ("system", "s"), ("assistant", "ok"))], [2]),
+    "duplicate": ([GOOD, chat(user="other"), GOOD, GOOD], [3, 4]),
+    "near_duplicate": ([GOOD, chat(user="  WHAT is   2+2?"), chat(user="x")], [2]),
+    "no_examples": ([], [0]),
+}
+
+
+@pytest.mark.parametrize("category", list(ERROR_CASES))
+def test_each_error_category_is_counted_with_its_lines(tmp_path: Path, category: str) -> None:
+    lines, expected = ERROR_CASES[category]
+    report = validate_dataset(write(tmp_path, lines), fmt="openai" if category != "no_examples" else "auto")
+    assert not report.valid
+    assert report.errors[category] == len(expected)
+    assert report.error_lines[category] == expected
+    assert {r["line"] for r in report.error_rows if r["category"] == category} == set(expected)
+
+
+def test_a_clean_file_is_valid_with_no_errors(tmp_path: Path, tok) -> None:
+    report = validate_dataset(write(tmp_path, [chat(user=f"q{i}") for i in range(5)]), tokenizer=tok, max_tokens=128)
+    assert report.valid and report.errors == {} and report.warnings == {}
+    assert report.format == "openai" and report.examples == 5
+
+
+def test_over_token_limit_is_a_warning_within_max_drop_fraction_and_an_error_beyond(tmp_path: Path, tok) -> None:
+    lines = [chat(user=f"q{i}") for i in range(9)] + [chat(answer="word " * 200)]
+    path = write(tmp_path, lines)
+    within = validate_dataset(path, tokenizer=tok, max_tokens=64, max_drop_fraction=0.1)
+    assert within.valid and within.warnings["over_token_limit"] == 1 and within.dropped == 1
+    assert [r["line"] for r in within.warning_rows if r["category"] == "over_token_limit"] == [10]
+    beyond = validate_dataset(path, tokenizer=tok, max_tokens=64, max_drop_fraction=0.05)
+    assert not beyond.valid and beyond.errors == {"over_token_limit": 1}
+    assert beyond.error_lines["over_token_limit"] == [10]
+    assert beyond.token_stats["over_limit_fraction"] == pytest.approx(0.1)
+
+
+def test_truncate_policy_counts_truncations_instead_of_drops(tmp_path: Path, tok) -> None:
+    path = write(tmp_path, [chat(user=f"q{i}") for i in range(3)] + [chat(answer="word " * 200), chat(user="long " * 200)])
+    report = validate_dataset(path, tokenizer=tok, max_tokens=64, max_drop_fraction=0.5, length_policy="truncate")
+    assert (report.truncated, report.dropped) == (1, 1)  # a prompt over the limit cannot be truncated
+
+
+def test_warnings_are_counted_with_lines_and_keep_the_file_valid(tmp_path: Path, tok) -> None:
+    lines = [GOOD, chat(system=None), msgs(("system", "s"), ("assistant", "hello")), chat(answer="4")]
+    report = validate_dataset(write(tmp_path, lines), tokenizer=tok, max_tokens=128, min_answer_chars=2)
+    assert report.valid
+    assert report.warnings == {"no_system_message": 1, "no_user_message": 1, "short_answer": 1}
+    assert {(r["category"], r["line"]) for r in report.warning_rows} == {
+        ("no_system_message", 2), ("no_user_message", 3), ("short_answer", 4)
+    }  # fmt: skip
+
+
+def test_token_stats_match_the_chat_template_count_and_estimate_steps(tmp_path: Path, tok) -> None:
+    examples = [chat(user=f"Question number {i}?", answer="An answer " * (i + 1)) for i in range(20)]
+    report = validate_dataset(write(tmp_path, examples), tokenizer=tok, max_tokens=512, batch_size=2, seq_len=64, max_steps=100)
+    totals = [count_tokens(tok, e["messages"])[0] for e in examples]
+    stats = report.token_stats
+    assert set(stats["total_tokens"]) == {"min", "max", "mean", "median", "p5", "p95"}
+    assert (stats["total_tokens"]["min"], stats["total_tokens"]["max"]) == (min(totals), max(totals))
+    assert stats["tokens_per_epoch"] == sum(totals)
+    assert stats["steps_per_epoch"] == -(-sum(totals) // (2 * 64))
+    assert stats["epochs"] == pytest.approx(100 / stats["steps_per_epoch"], rel=1e-3)
+    assert stats["messages_per_example"]["median"] == 3
+
+
+def test_batched_token_count_agrees_with_count_tokens(tok) -> None:
+    convs = [chat(user="Rewrite 2020-01-02", answer="January 2, 2020")["messages"], msgs(("user", "a"), ("assistant", "b c"), ("user", "d"), ("assistant", "e"))["messages"]]
+    for conv, (total, assistant, last) in zip(convs, count_chat_tokens(tok, convs)):
+        exact_total, exact_assistant = count_tokens(tok, conv)
+        assert total == exact_total
+        n_answers = sum(m["role"] == "assistant" for m in conv)
+        # The template's end of turn ("<|im_end|>\n", about 2 tokens) is not counted as an assistant token.
+        assert exact_assistant - 3 * n_answers <= assistant < exact_assistant
+        assert 0 < last <= assistant
+
+
+def test_great_expectations_checkpoint_builds_data_docs(tmp_path: Path, tok) -> None:
+    lines = [GOOD, chat(user="x"), msgs(("user", "q"), ("assistant", "a b"), ("user", "again")), GOOD]
+    report = validate_dataset(write(tmp_path, lines), tokenizer=tok, max_tokens=128, data_docs_dir=tmp_path / "gx")
+    assert report.data_docs and Path(report.data_docs).name == "index.html" and Path(report.data_docs).is_file()
+    assert report.gx["success"] is False and not report.valid
+    failed = {e["column"]: e["unexpected_count"] for e in report.gx["expectations"] if not e["success"]}
+    assert failed == {"last_role": 1, "is_duplicate": 1}
+
+
+def test_report_dict_holds_the_json_contract(tmp_path: Path) -> None:
+    doc = validate_dataset(write(tmp_path, [GOOD, "oops"])).to_dict()
+    for key in ("valid", "format", "examples", "errors", "error_rows", "warnings", "token_stats", "data_docs", "path", "md5", "dropped"):
+        assert key in doc
+    assert doc["error_rows"] == [{"line": 2, "category": "invalid_json", "message": doc["error_rows"][0]["message"]}]
+    json.dumps(doc)
+
+
+def test_error_rows_are_capped_at_100(tmp_path: Path) -> None:
+    report = validate_dataset(write(tmp_path, ["x"] * 150))
+    assert report.errors["invalid_json"] == 150 and len(report.error_rows) == 100
+
+
+@pytest.mark.parametrize("make", [lambda p: p / "nope.jsonl", lambda p: p])
+def test_unreadable_path_raises_data_file_error_naming_it(tmp_path: Path, make) -> None:
+    with pytest.raises(DataFileError, match=str(make(tmp_path))):
+        validate_dataset(make(tmp_path))
+
+
+def test_seed_tasks_file_validates(tok) -> None:
+    if not SEED_TASKS.is_file():
+        pytest.skip(f"{SEED_TASKS} is absent (CI puts ../shared beside the repository)")
+    report = validate_dataset(SEED_TASKS, tokenizer=tok, max_tokens=1024, max_drop_fraction=0.05)
+    assert report.valid, report.error_rows[:5]
+    assert report.format == "alpaca" and report.examples == 175 and report.errors == {}
+
+
+# ---------------------------------------------------------------------------- the CLI command
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path: Path, tok):
+    import ftllm.commands.validate as command
+
+    monkeypatch.setattr(command, "GX_DIR", tmp_path / "gx")
+    return command.validate_command
+
+
+def test_cli_invalid_file_exits_1_with_json_naming_category_and_line(cli, tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, [GOOD, msgs(("user", "q"), ("assistant", "ok"), ("user", "more"))])
+    code = cli(path, json_out=True, report=tmp_path / "out/report.json", params=REPO / "params.yaml")
+    out = capsys.readouterr().out.strip().splitlines()
+    doc = json.loads(out[-1])
+    assert code == 1 and doc["valid"] is False
+    assert doc["errors"] == {"last_not_assistant": 1}
+    assert doc["error_rows"][0]["line"] == 2
+    assert json.loads((tmp_path / "out/report.json").read_text())["errors"] == doc["errors"]
+
+
+def test_cli_valid_file_exits_0_and_prints_a_table(cli, tmp_path: Path, capsys) -> None:
+    assert cli(write(tmp_path, [GOOD]), params=REPO / "params.yaml") == 0
+    out = capsys.readouterr().out
+    assert "VALID" in out and "Data Docs:" in out  # the GX checkpoint passed too
+
+
+@pytest.mark.parametrize("args", [{"path": Path("does/not/exist.jsonl")}, {"path": None, "format": "csv"}])
+def test_cli_unreadable_or_usage_error_exits_2_without_traceback(cli, tmp_path: Path, capsys, args) -> None:
+    path = args.pop("path") or write(tmp_path, [GOOD])
+    assert cli(path, params=REPO / "params.yaml", **args) == 2
+    captured = capsys.readouterr()
+    assert "error:" in captured.err and "Traceback" not in captured.err + captured.out
+
+
+def test_cli_fix_writes_only_the_good_examples_in_canonical_form(cli, tmp_path: Path, capsys) -> None:
+    good2 = {"instruction": "Name a colour.", "output": "Blue"}
+    lines = [{"instruction": "Add 2 and 3.", "output": "5"}, "oops", good2, good2, {"instruction": "x"}]
+    fixed = tmp_path / "fixed.jsonl"
+    assert cli(write(tmp_path, lines), fix=fixed, params=REPO / "params.yaml") == 1
+    assert "dropped 3" in capsys.readouterr().out
+    kept = [json.loads(x) for x in fixed.read_text().splitlines()]
+    assert [e["messages"][0]["content"] for e in kept] == ["Add 2 and 3.", "Name a colour."]
+    assert cli(fixed, json_out=True, params=REPO / "params.yaml") == 0
