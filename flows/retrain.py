@@ -41,13 +41,13 @@ EXPECTED_FAILURES = (RunFailed, StageError, ConfigError, RegistryRefusal, DataFi
 
 
 @task(name="validate-data")
-def validate_data(params: Params, report_dir: Path) -> dict:
+def validate_data(params: Params, data_path: Path, report_dir: Path) -> dict:
     """Great Expectations suite plus chat-format checks on the run's data."""
     from tasks.modeling import load_tokenizer, resolve_base
 
     tokenizer = load_tokenizer(resolve_base(params.model))
     report = validate_dataset(
-        Path(params.data.path), params.data.format, tokenizer=tokenizer, max_tokens=params.data.max_tokens,
+        data_path, params.data.format, tokenizer=tokenizer, max_tokens=params.data.max_tokens,
         max_drop_fraction=params.data.max_drop_fraction, min_answer_chars=params.data.min_answer_chars,
         batch_size=params.train.batch_size, seq_len=params.train.seq_len, max_steps=params.train.max_steps,
         length_policy=params.data.length_policy, data_docs_dir=report_dir / "gx",
@@ -153,7 +153,7 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: d
             overrides.update({f"{name}.{k}": v for k, v in section.model_dump(mode="json").items()})
     params = load_params(params_file, overrides)
     durations: dict[str, float] = {}
-    data_path = Path(params.data.path)
+    data_path = Path(params.data.path) if Path(params.data.path).is_absolute() else root / params.data.path
     result.update({
         "status": "failed", "model_name": params.registry.model_name, "version": None,
         "champion_version": champion_version(params.registry.model_name), "gate": None, "metrics": {},
@@ -162,7 +162,7 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: d
     })
 
     t = time.perf_counter()
-    report = validate_data(params, root / "artifacts/reports")
+    report = validate_data(params, data_path, root / "artifacts/reports")
     durations["validate"] = round(time.perf_counter() - t, 2)
     result["data"].update(md5=report.get("md5"), examples=report["examples"])
     result["validation"] = {k: report[k] for k in ("valid", "errors", "warnings", "error_rows", "data_docs") if k in report}
@@ -177,7 +177,7 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: d
         raise RunFailed(f"{data_path}: invalid data ({rows}); run `ftllm validate {data_path}` for the full report")
 
     lineage = {"data_md5": result["data"]["md5"], "git_commit": git_commit(root), "params_digest": params.digest()}
-    run_id = start_tracking_run(root, params, overrides, lineage["data_md5"], lineage)
+    run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage)
     result["mlflow_run_id"] = run_id
     try:
         t = time.perf_counter()

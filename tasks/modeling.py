@@ -7,6 +7,7 @@ the text a model is trained on and the text it is served with cannot drift apart
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,12 @@ from tasks.config import ModelParams
 
 Message = dict[str, Any]
 
-# Cache of built tiny base models, inside the project (git-ignored).
-TINY_CACHE = Path("artifacts/base")
+def tiny_cache() -> Path:
+    """Where built tiny base models are cached: artifacts/base of the project (git-ignored)."""
+    return Path(os.environ.get("FTLLM_ROOT", ".")) / "artifacts" / "base"
 
 
-def resolve_base(model: ModelParams, cache_dir: Path = TINY_CACHE) -> str:
+def resolve_base(model: ModelParams, cache_dir: Path | None = None) -> str:
     """Return what `from_pretrained` should load for `model.base`.
 
     "tiny" is built (once, then cached) under `cache_dir`; anything else is passed on as a
@@ -29,6 +31,7 @@ def resolve_base(model: ModelParams, cache_dir: Path = TINY_CACHE) -> str:
         return model.base
     from tasks.tiny import build_tiny
 
+    cache_dir = cache_dir or tiny_cache()
     name = f"tiny-s{model.seed}-h{model.tiny_hidden_size}-l{model.tiny_layers}-a{model.tiny_heads}"
     out = build_tiny(
         cache_dir.resolve() / name, model.seed, model.tiny_hidden_size, model.tiny_layers, model.tiny_heads

@@ -174,8 +174,7 @@ def promote(model_name: str, version: str, force: bool = False, reason: str = ""
             )
         if not reason.strip():
             raise RegistryRefusal("--force needs --reason TEXT: the reason is recorded on the version")
-    history = [v for v in _history(model_name)]
-    history.append(str(version))
+    history = champion_history(model_name) + [str(version)]
     tags = {"promoted_at": _now(), "promoted_by": _actor(), "promote_reason": reason or "gate passed"}
     if force:
         tags["promote_forced"] = "true"
@@ -190,7 +189,7 @@ def rollback(model_name: str, to: str | None = None, reason: str = "") -> AliasM
         RegistryRefusal: no champion yet, no former champion to go back to, or an unknown `to`.
     """
     current = champion_version(model_name)
-    history = _history(model_name)
+    history = champion_history(model_name)
     if to is not None:
         _get_version(model_name, to)
         target = str(to)

@@ -26,7 +26,9 @@ def _flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
-def start_tracking_run(root: Path, params: Params, overrides: dict, data_md5: str, tags: dict[str, str]) -> str:
+def start_tracking_run(
+    root: Path, params: Params, overrides: dict, data_path: Path, data_md5: str, tags: dict[str, str]
+) -> str:
     """Open the run (left open for the stages), log every setting and the data as a dataset input."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -41,8 +43,8 @@ def start_tracking_run(root: Path, params: Params, overrides: dict, data_md5: st
         mlflow.log_params(_flatten("", params.model_dump(mode="json"), {}))
         with warnings.catch_warnings():  # a local path matches two equivalent source kinds
             warnings.simplefilter("ignore")
-            source = resolve_dataset_source(str(Path(params.data.path).resolve()))
-        mlflow.log_input(MetaDataset(source, name=Path(params.data.path).name, digest=data_md5), context="training")
+            source = resolve_dataset_source(str(data_path.resolve()))
+        mlflow.log_input(MetaDataset(source, name=data_path.name, digest=data_md5), context="training")
     return run_id
 
 

@@ -1,0 +1,82 @@
+"""The retrain flow end to end on the tiny model: promotion, caching, rejection, bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import FAST
+
+pytestmark = pytest.mark.slow
+
+
+def run_flow(project: Path, **overrides):
+    from flows.retrain import retrain
+
+    state = retrain(params_file=str(project / "params.yaml"), overrides={**FAST, **overrides}, return_state=True)
+    return state, state.result(raise_on_failure=False)
+
+
+@pytest.fixture(scope="module")
+def first_run(project, prefect_harness):
+    return run_flow(project)
+
+
+def test_good_run_is_registered_promoted_and_packaged(first_run, project):
+    import bentoml
+    from mlflow import MlflowClient
+
+    state, result = first_run
+    assert state.is_completed(), result
+    assert result["status"] == "promoted"
+    assert result["gate"]["passed"] is True
+    cand, base = result["metrics"]["candidate"], result["metrics"]["base_zero_shot"]
+    assert cand["exact_match"] > base["exact_match"] + 0.2
+    assert cand["perplexity"] < base["perplexity"] / 10
+    version = MlflowClient().get_model_version_by_alias("ftllm-chat", "champion")
+    assert version.version == result["version"]
+    assert version.tags["data_md5"] == result["data"]["md5"]
+    assert version.tags["gate_passed"] == "true"
+    assert bentoml.bentos.get(result["bento"]).tag.name
+    assert bentoml.models.get(result["bento_model"]).path
+
+
+def test_unchanged_run_skips_stages_and_registers_nothing(first_run, project):
+    _, first = first_run
+    state, result = run_flow(project)
+    assert state.is_completed()
+    assert result["changed"] is False
+    assert result["version"] == first["version"]
+    assert set(result["stages"]["skipped"]) >= {"prepare", "finetune", "evaluate"}
+    assert result["durations"]["stages"] < first["durations"]["stages"]
+
+
+def test_sabotaged_run_is_rejected_and_champion_stays(first_run, project):
+    from mlflow import MlflowClient
+
+    _, first = first_run
+    state, result = run_flow(project, **{"train.learning_rate": 0.0})
+    assert result["status"] == "rejected"
+    failed = {c["name"] for c in result["gate"]["checks"] if not c["passed"]}
+    assert "min_exact_match" in failed
+    assert "no_regression_exact_match" in failed
+    assert MlflowClient().get_model_version_by_alias("ftllm-chat", "champion").version == first["version"]
+    tags = MlflowClient().get_model_version("ftllm-chat", result["version"]).tags
+    assert tags["gate_passed"] == "false" and tags["parent_champion"] == first["version"]
+
+
+def test_invalid_data_fails_at_validation_and_registers_nothing(first_run, project, tmp_path):
+    from tasks.registry import list_versions
+
+    before = list_versions("ftllm-chat")
+    bad = tmp_path / "bad.jsonl"
+    good = json.loads((project / "data/dates.jsonl").read_text().splitlines()[0])
+    bad.write_text(json.dumps(good) + "\n{not json\n" + json.dumps({"messages": []}) + "\n")
+    state, result = run_flow(project, **{"data.path": str(bad)})
+    assert state.is_failed()
+    assert result["status"] == "failed"
+    assert "line 2" in result["error"] and "line 3" in result["error"]
+    assert "stages" not in result and result["mlflow_run_id"] is None
+    assert list_versions("ftllm-chat") == before

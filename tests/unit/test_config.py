@@ -1,0 +1,70 @@
+"""Settings: params.yaml validates, errors name the key, and dvc.yaml only uses real keys."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tasks.config import ConfigError, Params, load_params, parse_overrides, write_resolved
+from tests.conftest import REPO
+
+
+def test_repository_params_validate():
+    params = load_params(REPO / "params.yaml")
+    assert params.model.base == "tiny" and params.train.method in ("lora", "qlora", "full")
+
+
+def test_overrides_apply_and_parse_yaml_scalars():
+    params = load_params(REPO / "params.yaml", parse_overrides(["train.max_steps=7", "train.packing=false"]))
+    assert params.train.max_steps == 7 and params.train.packing is False
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ({"train.max_steps": 0}, "train.max_steps"),
+        ({"train.method": "dora"}, "train.method"),
+        ({"train.learnin_rate": 0.1}, "train.learnin_rate: unknown key"),
+        ({"gate.min_exact_match": "high"}, "gate.min_exact_match"),
+    ],
+)
+def test_errors_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_params(REPO / "params.yaml", override)
+
+
+def test_unknown_section_and_malformed_set_are_refused():
+    with pytest.raises(ConfigError, match="section.key"):
+        load_params(REPO / "params.yaml", {"nosuch.key": 1})
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["train.max_steps"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_resolved_params_carry_data_md5_and_reload(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    out = write_resolved(load_params(REPO / "params.yaml", {"data.path": "d.jsonl"}), tmp_path / "p.yaml")
+    resolved = load_params(out)
+    assert resolved.data.md5 and len(resolved.data.md5) == 32
+
+
+def test_every_dvc_param_names_a_real_key():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    fields = Params.model_fields
+    for name, stage in stages.items():
+        for entry in stage.get("params", []):
+            for keys in entry.values():
+                for key in keys:
+                    section, _, field = key.partition(".")
+                    assert section in fields, f"{name}: {key}"
+                    if field:
+                        assert field in fields[section].annotation.model_fields, f"{name}: {key}"

@@ -1,0 +1,66 @@
+"""Registry: versions with lineage tags, promotion refusals, rollback through the champion history."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from tasks import registry
+
+
+@pytest.fixture()
+def model_name():
+    return f"reg-{uuid.uuid4().hex[:8]}"
+
+
+def new_version(tmp_path, name: str, passed: bool) -> str:
+    import mlflow
+
+    folder = tmp_path / uuid.uuid4().hex
+    folder.mkdir()
+    (folder / "ftllm_model.json").write_text(json.dumps({"kind": "full", "base": "none"}))
+    exp = registry.ensure_experiment("registry-tests", tmp_path / "artifacts")
+    run_id = mlflow.MlflowClient().create_run(exp).info.run_id
+    tags = {"gate_passed": str(passed).lower(), "gate_failed_checks": "none" if passed else "min_exact_match", "data_md5": "abc"}
+    return registry.register_candidate(run_id, folder, name, tags)
+
+
+def test_versions_promotion_and_rollback(tmp_path, model_name):
+    v1, v2, v3 = (new_version(tmp_path, model_name, passed) for passed in (True, True, False))
+    assert registry.champion_version(model_name) is None
+    assert registry.list_versions(model_name)[0]["aliases"] == ["challenger"]
+
+    assert registry.promote(model_name, v1).changed
+    assert registry.promote(model_name, v2).champion == v2
+    assert not registry.promote(model_name, v2).changed  # idempotent
+
+    with pytest.raises(registry.RegistryRefusal, match="failed its gate"):
+        registry.promote(model_name, v3)
+    with pytest.raises(registry.RegistryRefusal, match="--reason"):
+        registry.promote(model_name, v3, force=True)
+    with pytest.raises(registry.RegistryRefusal, match="no version '99'"):
+        registry.promote(model_name, "99")
+
+    move = registry.rollback(model_name, reason="bad answers")
+    assert (move.previous, move.champion) == (v2, v1)
+    tags = registry.get_client().get_model_version(model_name, v1).tags
+    assert tags["rollback_reason"] == "bad answers" and "rolled_back_by" in tags
+    with pytest.raises(registry.RegistryRefusal, match="nothing to roll back to"):
+        registry.rollback(model_name)
+
+    forward = registry.rollback(model_name, to=v2)
+    assert forward.champion == v2 and registry.champion_history(model_name) == [v1, v2]
+    assert not registry.rollback(model_name, to=v2).changed
+
+    forced = registry.promote(model_name, v3, force=True, reason="hotfix")
+    assert forced.champion == v3
+    assert registry.get_client().get_model_version(model_name, v3).tags["promote_forced"] == "true"
+
+
+def test_unknown_model_has_no_versions(model_name):
+    assert registry.list_versions(model_name) == []
+    assert registry.champion_history(model_name) == []
+    with pytest.raises(registry.RegistryRefusal, match="no champion"):
+        registry.rollback(model_name)
