@@ -195,6 +195,34 @@ def rollback(
     _emit({"done": True, **move}, as_json)
 
 
+@app.command()
+def deploy(
+    params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    work_pool: Annotated[str, typer.Option("--pool", help="Prefect work pool (type process).")] = "ftllm-process",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Register the Prefect deployments (retrain on its schedule, promote, rollback) on a Prefect server."""
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _err("set PREFECT_API_URL to a Prefect server (e.g. `prefect server start`, then "
+             "export PREFECT_API_URL=http://127.0.0.1:4200/api); deployments need a server")
+        raise typer.Exit(EXIT_USAGE)
+    root = apply_defaults(params.resolve().parent)
+    from tasks.config import ConfigError, load_params
+
+    try:
+        settings = load_params(params)
+    except ConfigError as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_USAGE)
+    from flows.deploy import deploy_all
+
+    ids = deploy_all(root, settings, work_pool)
+    print(f"deployments: retrain/scheduled, promote/manual, rollback/manual on pool {work_pool}", file=sys.stderr)
+    _emit({"deployments": ids, "work_pool": work_pool, "schedule": settings.schedule.model_dump()}, as_json)
+
+
 def main() -> None:
     app()
 

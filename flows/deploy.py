@@ -1,0 +1,65 @@
+"""Register the Prefect deployments: `retrain` on its cron schedule, `promote` and `rollback`.
+
+Deployments live on a Prefect server (not the ephemeral API that `ftllm run` uses), and a
+worker of the `process` work pool runs them from this folder:
+
+    prefect server start                       # terminal 1 (UI at http://127.0.0.1:4200)
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    ftllm deploy                               # terminal 2
+    prefect worker start --pool ftllm-process  # terminal 3
+
+The schedule comes from params.yaml (`schedule.cron`, `schedule.timezone`, `schedule.active`).
+The `retrain` deployment's parameters are the pydantic settings sections, so the UI's run
+form is typed, with defaults, descriptions and bounds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.config import Params
+
+WORK_POOL = "ftllm-process"
+
+
+def ensure_work_pool(name: str = WORK_POOL) -> None:
+    """Create the `process` work pool if the server does not have it yet."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def create() -> None:
+        async with get_client() as client:
+            try:
+                await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            except ObjectAlreadyExists:
+                pass
+
+    run_coro_as_sync(create())
+
+
+def deploy_all(root: Path, params: Params, work_pool: str = WORK_POOL) -> list[str]:
+    """Create or update the three deployments; returns their ids."""
+    from prefect import flow
+    from prefect.schedules import Schedule
+
+    ensure_work_pool(work_pool)
+    ids = []
+    schedule = Schedule(cron=params.schedule.cron, timezone=params.schedule.timezone, active=params.schedule.active)
+    specs = [
+        ("flows/retrain.py:retrain", "scheduled", {"params_file": str(root / "params.yaml")}, [schedule]),
+        ("flows/registry.py:promote_flow", "manual", {"model_name": params.registry.model_name}, []),
+        ("flows/registry.py:rollback_flow", "manual", {"model_name": params.registry.model_name}, []),
+    ]
+    for entrypoint, name, parameters, schedules in specs:
+        remote = flow.from_source(source=str(root), entrypoint=entrypoint)
+        ids.append(
+            str(
+                remote.deploy(
+                    name=name, work_pool_name=work_pool, parameters=parameters, schedules=schedules,
+                    job_variables={"working_dir": str(root)}, print_next_steps=False,
+                )
+            )
+        )
+    return ids
