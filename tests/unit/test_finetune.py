@@ -1,0 +1,242 @@
+"""The fine-tuning engine on the tiny model: packing, labels, schedule, errors, checkpoints, merge, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scripts.make_data import make_examples
+from tasks.config import ConfigError, Params, TrainParams
+from tasks.finetune import (
+    IGNORE,
+    check_config,
+    checkpoints_dir,
+    finetune,
+    lr_at,
+    make_batches,
+    pack_sequences,
+    padding_fraction,
+    prepare_batches,
+)
+from tasks.modeling import encode_chat, load_causal_lm, load_tokenizer, load_trained, resolve_base
+
+ROOT = Path(__file__).resolve().parents[2]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def base_path() -> str:
+    return resolve_base(Params().model)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_path):
+    return load_tokenizer(base_path)
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    examples = make_examples(60, seed=3)
+    d = tmp_path / "prepared"
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[:48]))
+    (d / "val.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[48:]))
+    return d
+
+
+def small_params(**train) -> Params:
+    settings = dict(max_steps=6, batch_size=4, seq_len=128, save_steps=0, log_every=1, learning_rate=0.004)
+    settings.update(train)
+    return Params(train=TrainParams(**settings))
+
+
+def test_packing_keeps_padding_under_5_percent_on_default_data(tokenizer):
+    train = TrainParams()
+    rows = make_examples(1600, seed=7)
+    batches = prepare_batches(tokenizer, rows, train)
+    assert padding_fraction(batches) < 0.05
+    # Every token of every example is in exactly one row, and no row is longer than seq_len.
+    encoded = [encode_chat(tokenizer, r["messages"]) for r in rows]
+    assert sum(b.real_tokens for b in batches) == sum(len(e.input_ids) for e in encoded)
+    assert max(len(b.input_ids[0]) for b in batches) <= train.seq_len
+
+
+def test_best_fit_needs_fewer_rows_than_greedy(tokenizer):
+    encoded = [encode_chat(tokenizer, r["messages"]) for r in make_examples(400, seed=1)]
+    rows = pack_sequences(encoded, 256)
+    greedy, used = 1, 0
+    for e in encoded:
+        if used + len(e.input_ids) > 256:
+            greedy, used = greedy + 1, 0
+        used += len(e.input_ids)
+    assert len(rows) < greedy
+    assert all(len(r[0]) <= 256 for r in rows)
+
+
+def test_packed_logits_equal_each_example_alone(tokenizer, base_path):
+    import torch
+
+    from tasks.train_dist import CausalLMLoss
+
+    model = load_causal_lm(base_path).eval()
+    encoded = [encode_chat(tokenizer, r["messages"]) for r in make_examples(3, seed=5)]
+    rows = pack_sequences(encoded, 256)
+    assert len(rows) == 1  # all three share one row
+    batch = make_batches(rows + [([5, 6, 7], [IGNORE] * 3, [0, 1, 2])], 2, tokenizer.pad_token_id)[0]
+    ids = torch.tensor(batch.input_ids)
+    pos = torch.tensor(batch.position_ids).clamp(min=0)
+    row = next(i for i, p in enumerate(batch.position_ids) if p.count(0) == 3)
+    starts = [i for i, p in enumerate(batch.position_ids[row]) if p == 0] + [len(batch.position_ids[row])]
+    with torch.no_grad():
+        # use_cache=False as in training: with a cache transformers skips the packed-sequence mask.
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        alone_loss = 0.0
+        for start, end in zip(starts, starts[1:]):
+            segment = batch.input_ids[row][start:end]
+            alone = model(input_ids=torch.tensor([segment])).logits[0]
+            torch.testing.assert_close(packed[row, start:end], alone, atol=1e-4, rtol=1e-4)
+            enc = next(e for e in encoded if e.input_ids == segment)
+            labels = torch.tensor([t if m else IGNORE for t, m in zip(enc.input_ids, enc.loss_mask)][1:] + [IGNORE])
+            alone_loss += float(torch.nn.functional.cross_entropy(alone, labels, reduction="sum", ignore_index=IGNORE))
+        # The training loss of the packed batch is the sum of the examples' losses.
+        trained = CausalLMLoss(model)(ids, pos, torch.tensor(batch.labels))
+        assert float(trained) == pytest.approx(alone_loss, rel=1e-4)
+
+
+def test_labels_are_the_next_assistant_tokens_only(tokenizer):
+    example = make_examples(1, seed=9)[0]
+    enc = encode_chat(tokenizer, example["messages"])
+    batch = make_batches(pack_sequences([enc, enc], 128), 1, tokenizer.pad_token_id)[0]
+    labels = [t for t in batch.labels[0] if t != IGNORE]
+    answer = example["messages"][-1]["content"]
+    assert tokenizer.decode(labels[: len(labels) // 2]).startswith(answer)
+    # Only assistant tokens, never the first token of the next example.
+    n_assistant = sum(enc.loss_mask)
+    assert len(labels) == 2 * n_assistant
+    on_prompt = make_batches(pack_sequences([encode_chat(tokenizer, example["messages"], True)], 128), 1, 0)[0]
+    assert sum(t != IGNORE for t in on_prompt.labels[0]) == len(enc.input_ids) - 1
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    train = TrainParams(max_steps=100, warmup_steps=0.1, learning_rate=1.0)
+    assert lr_at(0, train) == pytest.approx(0.1)
+    assert lr_at(9, train) == pytest.approx(1.0)
+    assert lr_at(10, train) == pytest.approx(1.0)
+    assert lr_at(55, train) < lr_at(20, train)
+    assert lr_at(100, train) == pytest.approx(0.1)
+    assert lr_at(5, TrainParams(max_steps=100, warmup_steps=10, learning_rate=1.0)) == pytest.approx(0.6)
+
+
+def test_qlora_without_cuda_names_the_requirement(base_path):
+    with pytest.raises(ConfigError, match="train.method=qlora needs a CUDA GPU"):
+        check_config(TrainParams(method="qlora"), base_path, "cpu")
+
+
+def test_seq_len_beyond_the_model_context_fails_before_training(data_dir, tmp_path):
+    logged = []
+    with pytest.raises(ConfigError, match="train.seq_len=4096"):
+        finetune(small_params(seq_len=4096), data_dir, tmp_path / "model", log=logged.append)
+    assert not (tmp_path / "model").exists() and not any("step" in m for m in logged)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(data_dir, tmp_path):
+    params = small_params(save_steps=2, lora_dropout=0.1)
+    whole = finetune(params, data_dir, tmp_path / "a", log=lambda m: None)
+
+    def stop_at_step_5(message: str) -> None:
+        if message.startswith("step 5/"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(params, data_dir, tmp_path / "b", log=stop_at_step_5)
+    assert not (tmp_path / "b").exists()
+    assert sorted(p.name for p in checkpoints_dir(tmp_path / "b").iterdir()) == ["step-00000002", "step-00000004"]
+    logged: list[str] = []
+    resumed = finetune(params, data_dir, tmp_path / "b", log=logged.append)
+    assert any(m.startswith("resuming from step 4") for m in logged)
+    assert resumed.resumed_from_step == 4 and resumed.steps == 6
+    assert resumed.final_loss == pytest.approx(whole.final_loss, rel=1e-5)
+    history = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+    # The same settings again: resumes at the end (nothing to train); other settings: starts over.
+    logged.clear()
+    assert finetune(params, data_dir, tmp_path / "b", log=logged.append).resumed_from_step == 6
+    logged.clear()
+    changed = finetune(small_params(save_steps=2, learning_rate=0.002), data_dir, tmp_path / "b", log=logged.append)
+    assert changed.resumed_from_step == 0 and any(m.startswith("not resuming") for m in logged)
+
+
+def test_merged_model_gives_the_logits_of_base_plus_adapter(data_dir, tmp_path, tokenizer):
+    import torch
+
+    out = tmp_path / "model"
+    finetune(small_params(max_steps=3, merge_adapter=True, learning_rate=0.01), data_dir, out, log=lambda m: None)
+    info = json.loads((out / "ftllm_model.json").read_text())
+    assert info["kind"] == "adapter" and (out / "adapter").is_dir() and (out / "history.json").is_file()
+    adapted, _, _ = load_trained(out)
+    merged = load_causal_lm(str(out / "merged")).eval()
+    base = load_causal_lm(info["base_path"]).eval()
+    ids = torch.tensor([encode_chat(tokenizer, make_examples(1, seed=11)[0]["messages"]).input_ids])
+    with torch.no_grad():
+        a, m, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, base(input_ids=ids).logits
+    torch.testing.assert_close(m, a, atol=1e-4, rtol=1e-4)
+    assert (a - b).abs().max() > 1e-3  # the adapter did change the model
+
+
+def _write_params(path: Path, params: Params) -> Path:
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return path
+
+
+def _stage(params_file: Path, data_dir: Path, out: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tasks.finetune", "--params", str(params_file), "--data", str(data_dir), "--out", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw,
+    )
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_from_its_last_checkpoint(data_dir, tmp_path):
+    params = _write_params(tmp_path / "params.yaml", small_params(max_steps=30, save_steps=5))
+    out = tmp_path / "model"
+    proc = _stage(params, data_dir, out)
+    for line in proc.stdout:
+        if line.startswith("step 13/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    rerun = _stage(params, data_dir, out)
+    text, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, text
+    assert "resuming from step 10" in text  # at most save_steps steps repeated
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 30 and summary["resumed_from_step"] == 10
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(data_dir, tmp_path):
+    one = _write_params(tmp_path / "one.yaml", small_params(max_steps=8, batch_size=2, grad_accum=2))
+    two = _write_params(tmp_path / "two.yaml", small_params(max_steps=8, batch_size=2, num_processes=2))
+    for params, out in ((one, tmp_path / "one"), (two, tmp_path / "two")):
+        proc = _stage(params, data_dir, out)
+        text, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, text
+    curve = lambda out: [h["loss"] for h in json.loads((out / "history.json").read_text())]  # noqa: E731
+    a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["num_processes"] == 2
+    assert a[-1] < a[0] and b[-1] < b[0]
+    assert b == pytest.approx(a, rel=1e-3)
