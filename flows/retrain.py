@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
+from ftllm.env import apply_defaults
 from tasks.config import ConfigError, DataParams, EvalParams, GateParams, Params, TrainParams, file_md5, load_params
 from tasks.evaluate import evaluate_model_dir, load_split
 from tasks.gate import apply_gate
@@ -28,6 +29,7 @@ from tasks.registry import RegistryRefusal, champion_version, download_version, 
 from tasks.stages import StageError, git_commit, lock_digest, run_stages, stage_out_md5
 from tasks.tracking import end_tracking_run, log_results, start_tracking_run
 from tasks.formats import DataFileError
+from tasks.notify import notify_run
 from tasks.validate import validate_dataset
 
 
@@ -118,7 +120,7 @@ def _publish(verdict: dict, metrics: dict, result: dict) -> None:
     create_markdown_artifact("\n".join(lines), key="retrain-gate", description="Gate verdict")
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, timeout_seconds=6 * 3600)
 def retrain(
     params_file: str = "params.yaml",
     overrides: dict[str, Any] | None = None,
@@ -137,16 +139,32 @@ def retrain(
     """
     result: dict[str, Any] = {"status": "failed"}
     try:
-        return _retrain(params_file, overrides, {"data": data, "train": train, "eval": eval, "gate": gate}, result)
+        result = _retrain(params_file, overrides, {"data": data, "train": train, "eval": eval, "gate": gate}, result)
     except EXPECTED_FAILURES as exc:
         get_run_logger().error(str(exc))
         result["error"] = str(exc)
+        send_notification(result)
         return Failed(message=str(exc), data=result)
+    send_notification(result)
+    return result
+
+
+@task(name="notify")
+def send_notification(result: dict) -> str | None:
+    """Tell the configured webhook or Prefect block about a rejected or failed run."""
+    import httpx
+
+    try:
+        return notify_run(result)
+    except (httpx.HTTPError, ValueError) as exc:  # a lost notification must not fail the run
+        get_run_logger().warning(f"notification not sent: {exc}")
+        return None
 
 
 def _retrain(params_file: str, overrides: dict | None, sections: dict, result: dict) -> dict:
     logger = get_run_logger()
     root = Path(params_file).resolve().parent
+    apply_defaults(root)  # a worker starts the flow without the CLI: same embedded defaults
     overrides = dict(overrides or {})
     for name, section in sections.items():
         if section is not None:
@@ -245,7 +263,5 @@ def _unchanged(result: dict, params: Params, version: str, durations: dict) -> d
 
 
 if __name__ == "__main__":
-    from ftllm.env import apply_defaults
-
     apply_defaults()
     print(json.dumps(retrain(), default=str))

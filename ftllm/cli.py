@@ -127,6 +127,12 @@ def models(
     from tasks.registry import champion_history, champion_version, list_versions
 
     versions = list_versions(name)
+    if as_json:  # lineage: the settings each version was trained and evaluated with
+        from tasks.registry import get_client
+
+        client = get_client()
+        for v in versions:
+            v["params"] = client.get_run(v["run_id"]).data.params if v["run_id"] else {}
     out = {"model_name": name, "champion": champion_version(name), "champion_history": champion_history(name), "versions": versions}
     if data_md5:
         from tasks.tracking import runs_for_data

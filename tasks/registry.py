@@ -106,6 +106,7 @@ def register_candidate(run_id: str, model_dir: Path, model_name: str, tags: dict
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, str(value))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
+    client.set_tag(run_id, "model_version", version)
     return version
 
 

@@ -1,0 +1,68 @@
+"""Notify a webhook when a retraining run is rejected by the gate or fails.
+
+The target comes from the environment, never from a file in the repository:
+`FTLLM_NOTIFY_WEBHOOK` (a URL that receives a JSON POST) or `FTLLM_NOTIFY_BLOCK` (the name
+of a saved Prefect notification block: Slack, Teams, email, a custom webhook...). The JSON
+body holds `subject`, `status`, `model_name`, `version`, `champion_version`, `failed_checks`,
+`error` and `mlflow_run_id`; no secret is ever part of it.
+"""
+
+from __future__ import annotations
+
+import os
+
+NOTIFY_ON = ("rejected", "failed")
+
+
+def notification_body(result: dict) -> tuple[str, str]:
+    """(subject, body) of the notification of a run result."""
+    gate = result.get("gate") or {}
+    failed = [c["name"] for c in gate.get("checks", []) if not c["passed"]]
+    subject = f"ftllm retrain {result.get('status')}: {result.get('model_name')} v{result.get('version')}"
+    lines = [
+        subject,
+        f"champion: {result.get('champion_version')}",
+        f"failed checks: {', '.join(failed) or 'none'}",
+        f"error: {result.get('error', '')}",
+        f"MLflow run: {result.get('mlflow_run_id')}",
+    ]
+    return subject, "\n".join(lines)
+
+
+def notify_run(result: dict) -> str | None:
+    """Send the notification when the run was rejected or failed and a target is configured.
+
+    Returns:
+        Where it was sent ("webhook" or the block name), or None when nothing was sent.
+    """
+    if result.get("status") not in NOTIFY_ON:
+        return None
+    subject, body = notification_body(result)
+    url = os.environ.get("FTLLM_NOTIFY_WEBHOOK")
+    block_name = os.environ.get("FTLLM_NOTIFY_BLOCK")
+    if url:
+        from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+        gate = result.get("gate") or {}
+        payload = {
+            "subject": "{{subject}}",
+            "body": "{{body}}",
+            "status": result.get("status"),
+            "model_name": result.get("model_name"),
+            "version": result.get("version"),
+            "champion_version": result.get("champion_version"),
+            "failed_checks": [c["name"] for c in gate.get("checks", []) if not c["passed"]],
+            "error": result.get("error"),
+            "mlflow_run_id": result.get("mlflow_run_id"),
+        }
+        block = CustomWebhookNotificationBlock(
+            name="ftllm", url=url, method="POST", json_data=payload, allow_private_urls=True, timeout=10
+        )
+        block.notify(body, subject)
+        return "webhook"
+    if block_name:
+        from prefect.blocks.core import Block
+
+        Block.load(block_name).notify(body, subject)
+        return block_name
+    return None
