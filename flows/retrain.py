@@ -104,7 +104,7 @@ def package(root: Path, model_name: str, version: str, build: bool) -> dict:
     from tasks.package import build_bento, import_model
 
     model_tag = import_model(root / "artifacts/model", model_name, version, {"mlflow_version": version})
-    return {"model": model_tag, "bento": build_bento(model_tag, version) if build else None}
+    return {"model": model_tag, "bento": build_bento(model_tag, version, root) if build else None}
 
 
 def _metrics_table(metrics: dict[str, dict]) -> list[dict]:

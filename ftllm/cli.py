@@ -202,6 +202,57 @@ def rollback(
 
 
 @app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to bind; loopback unless told otherwise.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 3000,
+    bento: Annotated[Optional[str], typer.Option("--bento", help="Bento tag (default: the latest ftllm_chat bento).")] = None,
+) -> None:
+    """Serve the champion with an OpenAI-compatible API (BentoML)."""
+    apply_defaults()
+    from ftllm.commands.serve import serve_command
+
+    raise typer.Exit(serve_command(host=host, port=port, bento=bento))
+
+
+@feedback_app.command("export")
+def feedback_export(
+    out: Path,
+    min_rating: Annotated[int, typer.Option("--min-rating", help="Lowest rating (1-5) of answers kept.")] = 4,
+) -> None:
+    """Write accepted and corrected answers as chat training examples (JSONL)."""
+    apply_defaults()
+    from ftllm.commands.feedback import export_command
+
+    raise typer.Exit(export_command(out, min_rating))
+
+
+@bench_app.command("serve")
+def bench_serve(
+    url: Annotated[str, typer.Option("--url")] = "http://127.0.0.1:3000",
+    requests: Annotated[int, typer.Option("--requests", help="Requests per concurrency level.")] = 200,
+    concurrency: Annotated[Optional[list[int]], typer.Option("--concurrency", help="Repeatable.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 16,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="FTLLM_API_KEY")] = None,
+) -> None:
+    """Load-test a running service: requests/s, tokens/s, p50/p95/p99 latency, errors."""
+    from ftllm.commands.bench_serve import bench_serve_command
+
+    raise typer.Exit(bench_serve_command(url, requests, concurrency or [1, 16], max_tokens, api_key))
+
+
+@bench_app.command("train")
+def bench_train(
+    args: Annotated[Optional[list[str]], typer.Argument(help="Options of benchmarks/bench_train.py.")] = None,
+) -> None:
+    """This trainer (packing) against transformers.Trainer (padding): trained tokens/s, loss, memory."""
+    import runpy
+
+    root = apply_defaults()
+    sys.argv = ["bench_train.py", *(args or [])]
+    runpy.run_path(str(root / "benchmarks" / "bench_train.py"), run_name="__main__")
+
+
+@app.command()
 def deploy(
     params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
     work_pool: Annotated[str, typer.Option("--pool", help="Prefect work pool (type process).")] = "ftllm-process",

@@ -36,11 +36,35 @@ def test_good_run_is_registered_promoted_and_packaged(first_run, project):
     assert cand["exact_match"] > base["exact_match"] + 0.2
     assert cand["perplexity"] < base["perplexity"] / 10
     version = MlflowClient().get_model_version_by_alias("ftllm-chat", "champion")
-    assert version.version == result["version"]
+    assert str(version.version) == result["version"]
     assert version.tags["data_md5"] == result["data"]["md5"]
     assert version.tags["gate_passed"] == "true"
     assert bentoml.bentos.get(result["bento"]).tag.name
     assert bentoml.models.get(result["bento_model"]).path
+
+
+def test_champion_loads_with_pyfunc_in_a_fresh_process(first_run, project):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import mlflow.pyfunc, pandas as pd, json\n"
+        "m = mlflow.pyfunc.load_model('models:/ftllm-chat@champion')\n"
+        "msgs = [{'role': 'system', 'content': 'Rewrite the ISO date in words.'}, {'role': 'user', 'content': '2001-02-03'}]\n"
+        "print(json.dumps(m.predict(pd.DataFrame({'messages': [msgs]}))))\n"
+    )
+    # Another working directory, so nothing of the project's folder is picked up by accident.
+    out = subprocess.run([sys.executable, "-c", code], cwd=project.parent, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    from tasks.evaluate import generate_batched
+    from tasks.modeling import load_trained, render_prompt
+
+    model, tok, _ = load_trained(project / "artifacts/model")
+    msgs = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"role": "user", "content": "2001-02-03"}]
+    expected, _, _ = generate_batched(model, tok, [render_prompt(tok, msgs)], 64, 1)
+    assert answer == expected and answer[0]
 
 
 def test_unchanged_run_skips_stages_and_registers_nothing(first_run, project):
@@ -62,7 +86,7 @@ def test_sabotaged_run_is_rejected_and_champion_stays(first_run, project):
     failed = {c["name"] for c in result["gate"]["checks"] if not c["passed"]}
     assert "min_exact_match" in failed
     assert "no_regression_exact_match" in failed
-    assert MlflowClient().get_model_version_by_alias("ftllm-chat", "champion").version == first["version"]
+    assert str(MlflowClient().get_model_version_by_alias("ftllm-chat", "champion").version) == first["version"]
     tags = MlflowClient().get_model_version("ftllm-chat", result["version"]).tags
     assert tags["gate_passed"] == "false" and tags["parent_champion"] == first["version"]
 

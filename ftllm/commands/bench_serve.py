@@ -1,0 +1,117 @@
+"""`ftllm bench serve`: load-test a running service through its OpenAI API.
+
+For each concurrency level, that many clients send chat completions back to back until
+`--requests` have been sent; prints requests/s, completion tokens/s, p50/p95/p99 latency
+and errors per level, then the throughput ratio of the highest level to the lowest.
+
+    ftllm serve &                      # in another terminal
+    ftllm bench serve --url http://127.0.0.1:3000 --requests 200 --concurrency 1 --concurrency 16
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+SYSTEM = "Rewrite the ISO date in words."
+
+
+@dataclass
+class LevelResult:
+    """What one concurrency level measured."""
+
+    concurrency: int
+    requests: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    tokens: int = 0
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return (self.requests - self.errors) / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        if len(self.latencies) == 1:
+            return self.latencies[0]
+        return statistics.quantiles(self.latencies, n=100, method="inclusive")[int(q) - 1]
+
+
+def _payload(rng: random.Random, max_tokens: int) -> dict:
+    date = f"{rng.randint(1900, 2099)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+    return {"model": "ftllm", "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": date}]}
+
+
+async def run_level(url: str, requests: int, concurrency: int, max_tokens: int, api_key: str | None) -> LevelResult:
+    """Send `requests` chat completions from `concurrency` concurrent clients."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    endpoint = url.rstrip("/") + "/v1/chat/completions"
+    result = LevelResult(concurrency, requests, 0.0)
+    counter = iter(range(requests))
+    rng = random.Random(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(headers=headers, timeout=120, limits=limits) as client:
+        await client.post(endpoint, json=_payload(rng, max_tokens))  # warm-up, not measured
+
+        async def worker() -> None:
+            for _ in counter:
+                started = time.perf_counter()
+                try:
+                    resp = await client.post(endpoint, json=_payload(rng, max_tokens))
+                    if resp.status_code != 200:
+                        raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                    result.tokens += resp.json()["usage"]["completion_tokens"]
+                    result.latencies.append(time.perf_counter() - started)
+                except Exception as exc:  # noqa: BLE001 - every failure is counted, none stops the run
+                    result.errors += 1
+                    if len(result.error_samples) < 3:
+                        result.error_samples.append(f"{type(exc).__name__}: {exc}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.seconds = time.perf_counter() - started
+    return result
+
+
+def bench_serve_command(url: str, requests: int, concurrency: list[int], max_tokens: int, api_key: str | None) -> int:
+    """Benchmark the service at `url` at each concurrency level; 0 when no request failed, else 1."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if requests < 1 or not concurrency or min(concurrency) < 1 or max_tokens < 1:
+        console.print("[red]error:[/] --requests, --concurrency and --max-tokens must be positive")
+        return 2
+    results = []
+    for level in concurrency:
+        console.print(f"concurrency {level}: {requests} requests to {url} ...")
+        results.append(asyncio.run(run_level(url, requests, level, max_tokens, api_key)))
+    table = Table(title=f"chat completions, max_tokens={max_tokens}")
+    for col in ("concurrency", "requests", "errors", "req/s", "tokens/s", "p50 ms", "p95 ms", "p99 ms"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(str(r.concurrency), str(r.requests), str(r.errors), f"{r.rps:.1f}", f"{r.tokens_per_s:.0f}",
+                      *(f"{r.percentile(q) * 1000:.0f}" for q in (50, 95, 99)))
+    console.print(table)
+    for r in results:
+        for sample in r.error_samples:
+            console.print(f"[red]c={r.concurrency} error:[/] {sample}")
+    low = min(results, key=lambda r: r.concurrency)
+    for r in results:
+        if r is not low and low.rps:
+            console.print(f"throughput ratio c{r.concurrency}/c{low.concurrency}: {r.rps / low.rps:.2f}x")
+    return 0 if not any(r.errors for r in results) else 1

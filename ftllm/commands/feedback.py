@@ -1,0 +1,32 @@
+"""`ftllm feedback export`: turn rated and corrected answers into training data.
+
+    ftllm feedback export --min-rating 4 data/feedback.jsonl
+
+Writes canonical `{"messages": [...]}` JSONL (the format `ftllm validate` and the
+retraining take in): every answer rated at least `--min-rating` (1..5) as it was given,
+and every corrected answer with the correction in place of the model's. The database is
+`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`. Exit codes: 0 written, 2 no database or
+a bad option.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ftllm.env import apply_defaults
+
+
+def export_command(out: Path, min_rating: int) -> int:
+    """Export accepted answers and corrections from the feedback database to `out`; return the exit code."""
+    root = apply_defaults()
+    from serving.feedback import default_db_path, export_feedback
+
+    db = default_db_path(root)
+    try:
+        count = export_feedback(db, Path(out), min_rating)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {count} examples from {db} to {out}")
+    return 0

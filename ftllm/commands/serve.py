@@ -1,0 +1,53 @@
+"""`ftllm serve`: serve the champion with `bentoml serve`, on loopback unless told otherwise.
+
+Serves the newest bento of the chat service (built by the pipeline's package step), or,
+where none was built yet, the service straight from `serving/` in the project. The
+service then picks the registry's `champion` and follows it as it moves.
+
+    ftllm serve --host 127.0.0.1 --port 3000 [--bento ftllm_chat:v3]
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from ftllm.env import apply_defaults
+
+BENTO_NAME = "ftllm_chat"
+SOURCE_SERVICE = "serving.service:ChatService"
+
+
+def latest_bento(name: str = BENTO_NAME) -> str | None:
+    """The tag of the most recently built bento called `name`, or None."""
+    import bentoml
+
+    bentos = [b for b in bentoml.list() if b.tag.name == name]
+    if not bentos:
+        return None
+    return str(max(bentos, key=lambda b: b.info.creation_time).tag)
+
+
+def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None = None) -> int:
+    """Run `bentoml serve` in the foreground; return its exit code.
+
+    Args:
+        host: the interface to bind; 127.0.0.1 keeps the service on this machine.
+        port: the TCP port.
+        bento: a bento tag to serve; default: the newest `ftllm_chat` bento, else `serving/`.
+    """
+    root = apply_defaults()
+    if not 0 < port < 65536:
+        print(f"error: --port {port}: expected 1..65535", file=sys.stderr)
+        return 2
+    target = bento or latest_bento() or SOURCE_SERVICE
+    if host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("FTLLM_API_KEY"):
+        print(f"warning: binding {host} without FTLLM_API_KEY: anyone who reaches this port can use the model",
+              file=sys.stderr)
+    print(f"serving {target} on http://{host}:{port} (OpenAI base URL http://{host}:{port}/v1)", file=sys.stderr)
+    cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
+    try:
+        return subprocess.call(cmd, cwd=root, env={**os.environ, "FTLLM_ROOT": str(root)})
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,163 @@
+"""Package a trained model for serving: the BentoML model store, then a bento (stage `package`).
+
+`import_model` copies a model folder written by `tasks.finetune` into the BentoML store as
+`<model_name>:v<version>`, with its base model beside it in `base/` where that is small
+and local (the tiny base always), so the bento serves without the training machine's
+files. `build_bento` builds `serving/` into a bento carrying the service, that model and
+the pinned requirements; `bentoml containerize <tag>` turns it into an OCI image.
+
+Run alone (BENTOML_HOME defaults to `<root>/.bentoml`):
+
+    python -m tasks.package --model-dir artifacts/model --name ftllm-chat --version 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.config import ModelParams
+
+BENTO_MODEL_ENV = "FTLLM_BENTO_MODEL"  # read by serving/service.py when the bento is built
+BENTOFILE = Path("serving") / "bentofile.yaml"
+MAX_BUNDLED_BASE_BYTES = 200 * 1024 * 1024
+
+
+class PackageError(RuntimeError):
+    """A model folder or build that cannot be packaged; the message says what to do."""
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _base_to_bundle(model_dir: Path, info: dict) -> Path | None:
+    """The local base model folder to copy into the package, or None (full weights, hub id, too big)."""
+    if info.get("kind") != "adapter" or (model_dir / "base").is_dir():
+        return None
+    base_path = Path(info.get("base_path") or "")
+    if info.get("base") == "tiny" and not base_path.is_dir():
+        from tasks.modeling import resolve_base
+
+        base_path = Path(resolve_base(ModelParams(**info["model_params"])))
+    if base_path.is_dir() and (info.get("base") == "tiny" or _dir_size(base_path) < MAX_BUNDLED_BASE_BYTES):
+        return base_path
+    return None
+
+
+def import_model(model_dir: Path, model_name: str, version: str, labels: dict[str, str]) -> str:
+    """Copy a trained model folder into the BentoML model store as `<model_name>:v<version>`.
+
+    Idempotent: where the tag exists already it is returned as it is.
+
+    Args:
+        model_dir: a folder written by `tasks.finetune` (holds `ftllm_model.json`).
+        model_name: the registered model name (`registry.model_name`).
+        version: the MLflow model version, e.g. "3".
+        labels: extra labels of the BentoML model (e.g. the MLflow run id).
+
+    Returns:
+        The model tag, e.g. "ftllm-chat:v3".
+
+    Raises:
+        PackageError: the folder is not a trained model folder.
+    """
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    model_dir = Path(model_dir)
+    marker = model_dir / "ftllm_model.json"
+    if not marker.is_file():
+        raise PackageError(f"{model_dir}: no ftllm_model.json; pass the folder written by tasks.finetune "
+                           "(artifacts/model)")
+    info = json.loads(marker.read_text())
+    tag = f"{model_name}:v{version}"
+    try:
+        return str(bentoml.models.get(tag).tag)
+    except NotFound:
+        pass
+    base = _base_to_bundle(model_dir, info)
+    all_labels = {**labels, "version": str(version), "kind": str(info.get("kind")), "base": str(info.get("base"))}
+    with bentoml.models.create(tag, labels=all_labels, metadata={"ftllm_model": info}) as model:
+        shutil.copytree(model_dir, model.path, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.tmp*"))
+        if base is not None:
+            shutil.copytree(base, Path(model.path) / "base")
+    return str(model.tag)
+
+
+def build_bento(model_tag: str, version: str, root: Path | None = None) -> str:
+    """Build `serving/` into a bento carrying `model_tag`; return the bento tag.
+
+    The build runs `bentoml build` in a fresh process with `FTLLM_BENTO_MODEL=model_tag`,
+    so the service declares exactly that model, whatever this process imported before.
+    Nothing is installed or locked at build time; the bento lists the pinned requirements.
+
+    Args:
+        model_tag: a model in the BentoML store, e.g. "ftllm-chat:v3".
+        version: the bento version without the "v", usually the model version.
+        root: the project root (holds `serving/bentofile.yaml`); default: FTLLM_ROOT or the cwd.
+
+    Raises:
+        PackageError: the model is not in the store or the build failed (its output is included).
+    """
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    root = Path(root or os.environ.get("FTLLM_ROOT") or Path.cwd()).resolve()
+    if not (root / BENTOFILE).is_file():
+        raise PackageError(f"{root / BENTOFILE}: not found; run from the project root or set FTLLM_ROOT")
+    try:
+        bentoml.models.get(model_tag)
+    except NotFound:
+        raise PackageError(f"{model_tag}: not in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')}); "
+                           "run tasks.package.import_model first") from None
+    cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(root / BENTOFILE), "--version", f"v{version}",
+           "--output", "tag", str(root)]
+    env = {**os.environ, BENTO_MODEL_ENV: model_tag, "FTLLM_ROOT": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("__tag__:"):
+            return line.removeprefix("__tag__:").strip()
+    output = (proc.stdout + proc.stderr).strip()[-3000:]
+    if "already exists" in output:
+        name = _bento_name(root)
+        return f"{name}:v{version}"
+    raise PackageError(f"bentoml build failed (exit {proc.returncode}):\n{output}")
+
+
+def _bento_name(root: Path) -> str:
+    import yaml
+
+    doc = yaml.safe_load((root / BENTOFILE).read_text()) or {}
+    return doc.get("name") or "ftllm_chat"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Import a trained model into BentoML and build the bento.")
+    ap.add_argument("--model-dir", type=Path, default=Path("artifacts/model"))
+    ap.add_argument("--name", required=True, help="registered model name")
+    ap.add_argument("--version", required=True, help="model version, e.g. 3")
+    ap.add_argument("--no-build", action="store_true", help="import the model only")
+    args = ap.parse_args(argv)
+    from ftllm.env import apply_defaults
+
+    apply_defaults()
+    try:
+        tag = import_model(args.model_dir, args.name, args.version, {})
+        print(f"model: {tag}")
+        if not args.no_build:
+            print(f"bento: {build_bento(tag, args.version)}")
+    except PackageError as exc:
+        print(f"error: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

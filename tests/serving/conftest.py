@@ -1,0 +1,113 @@
+"""Fixtures of the serving tests: one tiny trained model, a registry and a service per session.
+
+BentoML, MLflow and the feedback log all point into one temporary folder. The variables
+are set here, at import, because BentoML and MLflow read them when first imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STATE = Path(tempfile.mkdtemp(prefix="ftllm-serving-tests-"))
+MODEL_NAME = "ftllm-chat-test"
+
+# tests/conftest.py points BentoML, MLflow and the feedback log at the session's temporary
+# folder; these defaults only matter when this folder's tests run without it.
+for key, value in {
+    "BENTOML_HOME": str(STATE / "bentoml"),
+    "MLFLOW_TRACKING_URI": f"sqlite:///{STATE / 'mlflow.db'}",
+    "MLFLOW_REGISTRY_URI": f"sqlite:///{STATE / 'mlflow.db'}",
+    "FTLLM_FEEDBACK_DB": str(STATE / "feedback.db"),
+    "HF_HUB_OFFLINE": "1",
+    "BENTOML_DO_NOT_TRACK": "true",
+}.items():
+    os.environ.setdefault(key, value)
+os.environ.update({
+    "FTLLM_PARAMS": str(STATE / "params.yaml"),
+    "FTLLM_BENTO_MODEL": f"{MODEL_NAME}:v1",
+    "FTLLM_TORCH_THREADS": "1",
+})
+os.environ.pop("FTLLM_API_KEY", None)
+sys.path.insert(0, str(REPO / "scripts"))
+
+SERVING_OVERRIDES = {"serving.reload_seconds": 1.0, "registry.model_name": MODEL_NAME}
+
+
+def _write_params() -> None:
+    import yaml
+
+    from tasks.config import load_params
+
+    params = load_params(REPO / "params.yaml", SERVING_OVERRIDES)
+    (STATE / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+
+
+_write_params()
+
+
+@pytest.fixture(scope="session")
+def serving_dir() -> Path:
+    """This folder's scratch space (the model, the test settings, exports)."""
+    return STATE
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """A tiny model trained for 5 steps (about 15 s on two cores)."""
+    from make_data import make_examples
+
+    from tasks.config import load_params
+    from tasks.finetune import finetune
+
+    data = STATE / "prepared"
+    data.mkdir(exist_ok=True)
+    examples = make_examples(48, 0)
+    (data / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[:40]))
+    (data / "val.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[40:]))
+    out = STATE / "model"
+    finetune(load_params(REPO / "params.yaml", {"train.max_steps": 5}), data, out, log=lambda *a, **k: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def registry(model_dir: Path):
+    """Two MLflow versions of the model, `champion` on 1; version 1 is also in the BentoML store.
+
+    So the service loads version 1 from the BentoML store and version 2 from MLflow's
+    artifacts (`artifacts/model_dir` of the logged pyfunc model), both real loads.
+    """
+    import mlflow
+
+    from tasks.package import import_model
+
+    class Stub(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    mlflow.set_experiment("serving-tests")
+    for _ in range(2):
+        with mlflow.start_run():
+            mlflow.pyfunc.log_model(name="model", python_model=Stub(), artifacts={"model_dir": str(model_dir)},
+                                    pip_requirements=["mlflow"], registered_model_name=MODEL_NAME)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(MODEL_NAME, "champion", "1")
+    import_model(model_dir, MODEL_NAME, "1", {"source": "tests"})
+    return client
+
+
+@pytest.fixture(scope="session")
+def client(registry):
+    """The service in-process (its lifespan loads the champion)."""
+    from starlette.testclient import TestClient
+
+    from serving.service import ChatService
+
+    with TestClient(ChatService.to_asgi()) as test_client:
+        yield test_client

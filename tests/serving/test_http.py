@@ -1,0 +1,78 @@
+"""The service over real HTTP: `bentoml serve` on loopback, driven by the official openai client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_NAME = "ftllm-chat-test"  # as in conftest.py
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(registry, serving_dir):
+    port = free_port()
+    env = {**os.environ, "FTLLM_API_KEY": "http-test-key", "FTLLM_ROOT": str(REPO)}
+    log = open(serving_dir / "bentoml-serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:ChatService",
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, (serving_dir / "bentoml-serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "bentoml serve was not ready within 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.mark.slow
+def test_openai_client_completes_and_streams_over_http(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="http-test-key")
+    messages = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"role": "user", "content": "2001-02-03"}]
+    done = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0)
+    assert done.choices[0].finish_reason in ("stop", "length") and done.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == done.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong").models.list()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL_NAME, messages=messages, n=2)
+
+    metrics = httpx.get(f"{server}/metrics", headers={"Authorization": "Bearer http-test-key"}).text
+    assert 'ftllm_generated_tokens_total{endpoint="chat",model_version="1"}' in metrics
+    assert "ftllm_request_latency_seconds_bucket" in metrics
+    assert httpx.get(f"{server}/livez").status_code == 200  # no key needed

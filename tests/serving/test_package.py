@@ -1,0 +1,70 @@
+"""Packaging: the BentoML model (self-contained) and a real bento build; requirement pins agree."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_NAME = "ftllm-chat-test"  # as in conftest.py
+
+
+def test_import_model_is_self_contained_and_idempotent(model_dir):
+    import bentoml
+
+    from tasks.package import import_model
+
+    tag = import_model(model_dir, MODEL_NAME, "7", {"mlflow_run_id": "abc"})
+    assert tag == f"{MODEL_NAME}:v7"
+    stored = bentoml.models.get(tag)
+    path = Path(stored.path)
+    assert (path / "ftllm_model.json").is_file() and (path / "adapter").is_dir()
+    assert (path / "base" / "config.json").is_file()  # the tiny base travels with the adapter
+    assert stored.info.labels["version"] == "7" and stored.info.labels["mlflow_run_id"] == "abc"
+    assert import_model(model_dir, MODEL_NAME, "7", {}) == tag
+
+
+def test_import_model_refuses_a_folder_that_is_not_a_model(tmp_path):
+    from tasks.package import PackageError, import_model
+
+    with pytest.raises(PackageError, match="ftllm_model.json"):
+        import_model(tmp_path, MODEL_NAME, "1", {})
+
+
+@pytest.mark.slow
+def test_build_bento_carries_service_model_and_pins(registry):
+    import bentoml
+
+    from tasks.package import build_bento
+
+    tag = build_bento(f"{MODEL_NAME}:v1", "1", root=REPO)
+    bento = bentoml.get(tag)
+    info = yaml.safe_load((Path(bento.path) / "bento.yaml").read_text())
+    assert [m["tag"] for s in info["services"] for m in s["models"]] == [f"{MODEL_NAME}:v1"]
+    assert (Path(bento.path) / "src" / "serving" / "service.py").is_file()
+    reqs = (Path(bento.path) / "env" / "python" / "requirements.txt").read_text()
+    assert "transformers==5.23.0" in reqs and "bentoml==1.4.40" in reqs
+
+
+def test_bentofile_pins_match_the_project():
+    pins = dict(re.match(r"([A-Za-z0-9_.-]+)==(.+)", p).groups()
+                for p in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+    bentofile = yaml.safe_load((REPO / "serving" / "bentofile.yaml").read_text())
+    assert bentofile["python"]["lock_packages"] is False  # no resolver, no network at build time
+    for line in bentofile["python"]["packages"]:
+        name, pinned = line.split("==")
+        expected = pins.get(name) or version(name)
+        assert pinned == expected, f"serving/bentofile.yaml pins {name}=={pinned}; the project uses {expected}"
+
+
+def test_export_without_database_is_a_clear_error(tmp_path, monkeypatch):
+    from ftllm.commands.feedback import export_command
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(tmp_path / "missing.db"))
+    assert export_command(tmp_path / "out.jsonl", 4) == 2
+    assert not (tmp_path / "out.jsonl").exists()
