@@ -28,9 +28,9 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """The project's tracked files plus its data, as a fresh git repo (DVC needs one)."""
+    """The project's files plus its data, as a fresh git repo (DVC needs one), one per test module."""
     root = tmp_path_factory.mktemp("project")
     listing = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
     files = subprocess.run(listing, cwd=REPO, capture_output=True, text=True, check=True).stdout.split()

@@ -21,6 +21,8 @@ import pytest
 from tests.integration.conftest import FAST
 
 pytestmark = pytest.mark.slow
+# Its own registered model and a short training: this test is about orchestration.
+OVERRIDES = {**FAST, "train.max_steps": 30, "registry.model_name": "ftllm-deploy"}
 BIN = Path(sys.executable).parent
 
 
@@ -85,7 +87,7 @@ cron, props = run_coro_as_sync(inspect())
 run = run_deployment("retrain/scheduled", parameters={{"overrides": json.loads(sys.argv[1])}}, timeout=0)
 print(json.dumps({{"cron": cron, "props": props, "flow_run_id": str(run.id)}}))
 """
-    out = subprocess.run([sys.executable, "-c", script, json.dumps(FAST)], env=server, cwd=project, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(OVERRIDES)], env=server, cwd=project, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["cron"] == "0 3 * * 1"
@@ -110,6 +112,8 @@ print(run_coro_as_sync(state()))
 
     runs = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("retrain").experiment_id],
-        filter_string="params.`train.max_steps` = '200'", order_by=["attributes.start_time DESC"], max_results=1,
+        filter_string="params.`registry.model_name` = 'ftllm-deploy'", max_results=1,
     )
-    assert runs and json.loads(runs[0].data.tags["overrides"])["train.max_steps"] == FAST["train.max_steps"]
+    assert runs and runs[0].data.params["train.max_steps"] == "30"
+    assert json.loads(runs[0].data.tags["overrides"]) == OVERRIDES
+    assert "model_version" in runs[0].data.tags  # the worker's run went all the way to the registry
