@@ -156,6 +156,21 @@ def models(
     _emit(out, as_json)
 
 
+def _move_alias(action: str, **kwargs) -> dict:
+    """Promote or roll back: as a Prefect flow run when a Prefect server is configured (so the
+    move shows in its UI), else directly, since the ephemeral API alone takes seconds to start
+    and a rollback must be fast."""
+    import os
+
+    if os.environ.get("PREFECT_API_URL"):
+        from flows.registry import promote_flow, rollback_flow
+
+        return (promote_flow if action == "promote" else rollback_flow)(**kwargs)
+    from tasks import registry
+
+    return getattr(registry, action)(**kwargs).to_dict()
+
+
 @app.command()
 def promote(
     version: str,
@@ -166,11 +181,10 @@ def promote(
 ) -> None:
     """Point the champion alias at VERSION."""
     apply_defaults(params.resolve().parent)
-    from flows.registry import promote_flow
     from tasks.registry import RegistryRefusal
 
     try:
-        move = promote_flow(model_name=_model_name(params), version=version, force=force, reason=reason)
+        move = _move_alias("promote", model_name=_model_name(params), version=version, force=force, reason=reason)
     except RegistryRefusal as exc:
         _err(f"refused: {exc}")
         _emit({"done": False, "error": str(exc)}, as_json)
@@ -188,11 +202,10 @@ def rollback(
 ) -> None:
     """Move the champion alias back to the previous champion (or to --to VERSION)."""
     apply_defaults(params.resolve().parent)
-    from flows.registry import rollback_flow
     from tasks.registry import RegistryRefusal
 
     try:
-        move = rollback_flow(model_name=_model_name(params), to=to, reason=reason)
+        move = _move_alias("rollback", model_name=_model_name(params), to=to, reason=reason)
     except RegistryRefusal as exc:
         _err(f"refused: {exc}")
         _emit({"done": False, "error": str(exc)}, as_json)

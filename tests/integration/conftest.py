@@ -17,6 +17,8 @@ FAST = {
     "eval.max_examples": 60,
     "gate.min_exact_match": 0.5,
     "gate.max_perplexity": 5.0,
+    # Latency depends on the load of the machine running the tests, not on the code under test.
+    "gate.max_p95_latency_ms": 60000,
 }
 
 
