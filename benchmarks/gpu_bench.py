@@ -3,17 +3,30 @@
 Self-contained: no hub, no network, no project data. The model is a Llama built from a
 config with random weights (hidden 2048, 16 layers, 32 heads, MLP 5632, vocab 32000:
 ~0.95B parameters), the data random tokens of variable lengths (log-normal around 500,
-cut to --seq-len), the first 30% of each example being "prompt" (no loss). Both trainers
-run in bf16 with the same LoRA (r 16, all linear layers) and AdamW:
+cut to --seq-len), the first 30% of each example being "prompt" (no loss). All runs are bf16
+with the same LoRA (r 16, all linear layers) and AdamW. --variants lists what runs, in order,
+each in its own process (own CUDA context and peak memory, killed at --timeout):
 
-  (a) ours: `tasks.finetune` packing (best-fit decreasing), batches of --batch-size rows
-      of --seq-len tokens, `train_loop` (LM head only on trained tokens);
-  (b) baseline: `transformers.Trainer`, --batch-size examples padded per batch
-      (`DataCollatorForSeq2Seq`).
+  sdpa     ours as it is: `tasks.finetune` packing (best-fit decreasing), --batch-size rows of
+           --seq-len tokens, `train_loop`; transformers turns the restarting position ids into a
+           materialised 4D block-diagonal mask for SDPA (memory-efficient kernel);
+  flex     the same with attn_implementation="flex_attention": transformers builds a BlockMask
+           from the document ids it finds in the position ids (no dense mask);
+  varlen   the same with an attention function registered here that calls
+           torch.nn.attention.varlen.varlen_attn (flash, causal per example) on the flattened
+           rows, offsets computed once per forward from the position ids;
+  lora-bf16  best checked attention so far, LoRA weights cast to bf16 and no autocast;
+  compile  best so far, each decoder layer `torch.compile`d (NAME:flex etc. picks the attention);
+  batch2x  best so far at twice --batch-size;
+  trainer  baseline: `transformers.Trainer`, --batch-size examples padded per batch
+           (`DataCollatorForSeq2Seq`), sdpa.
 
-Each runs --warmup steps, then --steps timed steps. Reported: trained tokens/s (tokens
-with a label), all real tokens/s, MFU, peak memory; then one QLoRA step when
-bitsandbytes imports.
+flex/varlen/compile rows pad every batch to --seq-len (one shape, no recompiles). Each of our
+rows first checks correctness before any update, on one fixed batch: loss, gradient norm and a
+hidden-state fingerprint, compared with the sdpa row (loss within 1e-2, hidden within 5e-2
+relative); only checked rows can be "best". Each runs --warmup steps, then --steps timed steps.
+Reported: trained tokens/s (tokens with a label), all real tokens/s, MFU, peak memory.
+One QLoRA step with --qlora (needs bitsandbytes).
 
 MFU is useful model FLOPs per second over the peak (989e12 bf16 dense on an H100 SXM):
 per real (non-padding) token 4*N_lin (forward 2N plus backward activation gradients 2N;
@@ -24,8 +37,8 @@ plus attention, 12*L*d per attended (query, key) pair (QK^T and AV forward, twic
 backward), with n(n+1)/2 pairs per example of n tokens. Padding and cross-example pairs
 count as no work, so both trainers are measured by the same useful work.
 
-    PYTHONPATH=. python benchmarks/gpu_bench.py                   # on the GPU machine (< 4 min on an H100)
-    PYTHONPATH=. python benchmarks/gpu_bench.py --device cpu --tiny    # smoke test anywhere
+    PYTHONPATH=. python benchmarks/gpu_bench.py                   # on the GPU machine (~4.5 min, --budget 250)
+    PYTHONPATH=. python benchmarks/gpu_bench.py --device cpu --tiny    # smoke test anywhere (GPU-only rows skipped)
 
 Writes $OUT/gpu_bench.json when OUT is set.
 """
@@ -61,12 +74,14 @@ def make_config(tiny: bool):
                        tie_word_embeddings=False)
 
 
-def build_base(config, device: str, dtype):
+def build_base(config, device: str, dtype, attn: str = "sdpa"):
     import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config._attn_implementation = "sdpa"
+    if attn == VARLEN:
+        register_varlen()
+    config._attn_implementation = attn
     with torch.device(device):
         model = LlamaForCausalLM(config)
     return model.to(dtype)
@@ -127,31 +142,216 @@ def lora_params(args):
                        warmup_steps=0, save_steps=0, log_every=10**6, lora_modules_to_save="", seed=0)
 
 
-def run_ours(args, config, examples, device, dtype) -> dict:
-    from tasks.finetune import make_batches, pack_sequences, padding_fraction, train_loop, wrap_for_training
+# --------------------------------------------------------------------------- attention: varlen flash
 
-    train = lora_params(args)
-    reset_memory(device)
-    model = wrap_for_training(build_base(config, device, dtype), train)
-    batches = make_batches(pack_sequences(examples, args.seq_len, seed=0), args.batch_size, 0, seed=0)
-    pairs = [sum(p + 1 for row in b.position_ids for p in row if p >= 0) for b in batches]
-    quiet = lambda m: None  # noqa: E731
-    state = train_loop(model, batches, train, device, quiet, dtype=dtype, progress=False)  # warm-up
+VARLEN = "torch_varlen"
+_CU_KEY = "bench_cu_seqlens"  # extra kwarg the decoder passes down to every attention call
+
+
+def _cu_seqlens(position_ids):
+    """Start offsets of every example in the flattened (batch*width) rows, plus the total, as int32.
+
+    An example starts where the position id is 0; padding (position 0 after `to_tensors`'
+    clamp) becomes examples of one token, whose outputs carry no label.
+    """
     import torch
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate)
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0, as_tuple=False).reshape(-1)
+    total = torch.tensor([flat.numel()], device=flat.device, dtype=starts.dtype)
+    return torch.cat([starts, total]).to(torch.int32)
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface over `torch.nn.attention.varlen.varlen_attn` (flash, causal per example).
+
+    query/key/value arrive as (batch, heads, width, head_dim); no mask is built (the name is
+    not a mask interface), the example boundaries come from the position ids.
+    """
+    import torch
+
+    b, h, n, d = query.shape
+    cu = kwargs.get(_CU_KEY)
+    if cu is None:
+        cu = _cu_seqlens(kwargs["position_ids"].expand(b, -1))
+    if key.shape[1] != h:  # GQA: repeat the key/value heads
+        key = key.repeat_interleave(h // key.shape[1], dim=1)
+        value = value.repeat_interleave(h // value.shape[1], dim=1)
+    q, k, v = (t.transpose(1, 2).reshape(b * n, h, d) for t in (query, key, value))
+    if q.device.type == "cuda":
+        out = _varlen_call(q, k, v, cu, n, scaling)
+    else:  # reference path for the CPU smoke test: causal SDPA per example
+        bounds = cu.tolist()
+        parts = []
+        for s0, s1 in zip(bounds[:-1], bounds[1:]):
+            seg = [t[s0:s1].transpose(0, 1) for t in (q, k, v)]
+            parts.append(torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=True, scale=scaling)
+                         .transpose(0, 1))
+        out = torch.cat(parts)
+    return out.reshape(b, n, h, d), None
+
+
+_VARLEN_KW: dict = {}  # causal flag of this torch's varlen_attn, found once outside any compiled code
+
+
+def _varlen_call(q, k, v, cu, max_len, scaling):
+    from torch.nn.attention.varlen import varlen_attn
+
+    extra = dict(_VARLEN_KW)
+    if "scale" in extra:
+        extra["scale"] = scaling
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
+
+
+def register_varlen() -> None:
+    import inspect
+
+    from transformers import AttentionInterface
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+        _VARLEN_KW.clear()
+        # torch 2.10 has is_causal; later versions a window, (-1, 0) being causal.
+        _VARLEN_KW.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+        if "scale" in params:
+            _VARLEN_KW["scale"] = None
+    except ImportError:  # only the CPU reference path can run
+        pass
+    AttentionInterface.register(VARLEN, varlen_attention)
+
+
+def add_cu_seqlens_hook(model) -> None:
+    """Compute the example offsets once per forward (not once per layer) and pass them down as a kwarg."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, base.base_model_prefix)
+
+    def hook(_module, args, kwargs):
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            ids = kwargs.get("input_ids")
+            b = ids.shape[0] if ids is not None else pos.shape[0]
+            kwargs[_CU_KEY] = _cu_seqlens(pos.expand(b, -1))
+        return args, kwargs
+
+    decoder.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+# --------------------------------------------------------------------------- variants of our trainer
+
+
+def pad_to_width(batches, width: int, pad_id: int = 0):
+    """Pad every batch to `width` columns (position -1, label IGNORE): one shape for compiled kernels."""
+    from tasks.finetune import Batch
+
+    out = []
+    for b in batches:
+        n = width - len(b.input_ids[0])
+        out.append(Batch([r + [pad_id] * n for r in b.input_ids], [r + [IGNORE] * n for r in b.labels],
+                         [r + [-1] * n for r in b.position_ids]))
+    return out
+
+
+def variant_label(spec: dict) -> str:
+    attn = {"sdpa": "sdpa+4D mask", "flex_attention": "flex", VARLEN: "varlen flash"}[spec["attn"]]
+    parts = [f"ours {attn}"]
+    if spec.get("lora_bf16"):
+        parts.append("LoRA bf16")
+    if spec.get("compile"):
+        parts.append("compiled")
+    parts.append(f"b{spec['batch_size']}")
+    return ", ".join(parts)
+
+
+def run_ours(args, config, examples, device, dtype, spec: dict | None = None) -> dict:
+    """Our packed loop under one variant `spec` (attention, compile, LoRA dtype, micro-batch)."""
+    import torch
+
+    from tasks.finetune import make_batches, pack_sequences, padding_fraction, to_tensors, train_loop, wrap_for_training
+    from tasks.train_dist import CausalLMLoss
+
+    spec = spec or {"attn": "sdpa", "batch_size": args.batch_size}
+    bs = spec["batch_size"]
+    train = lora_params(args).model_copy(update={"batch_size": bs})
+    reset_memory(device)
+    model = wrap_for_training(build_base(config, device, dtype, spec["attn"]), train)
+    if spec["attn"] == VARLEN:
+        add_cu_seqlens_hook(model)
+    run_dtype = dtype
+    if spec.get("lora_bf16") and dtype == torch.bfloat16:
+        # Everything bf16, no autocast (AdamW then updates bf16 LoRA weights directly).
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+        run_dtype = None
+    if spec.get("compile"):
+        base = model.get_base_model()
+        for layer in getattr(base, base.base_model_prefix).layers:
+            layer.compile()
+    batches = make_batches(pack_sequences(examples, args.seq_len, seed=0), bs, 0, seed=0)
+    if spec.get("fixed_width"):
+        batches = pad_to_width(batches, args.seq_len)
+    pairs = [sum(p + 1 for row in b.position_ids for p in row if p >= 0) for b in batches]
+    quiet = lambda m: None  # noqa: E731
+
+    # Correctness check before any update: loss and gradient norm on one fixed batch of
+    # args.batch_size rows (the same batch for every variant, whatever its micro-batch).
+    check = make_batches(pack_sequences(examples, args.seq_len, seed=0), args.batch_size, 0, seed=0)
+    check = check[len(check) // 2]
+    if spec.get("fixed_width"):
+        check = pad_to_width([check], args.seq_len)[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0 = time.perf_counter()
+    loss_model = CausalLMLoss(model)  # its decoder and head, called as its forward does, to keep the hidden states
+    ctx = torch.autocast(device_type=device, dtype=run_dtype) if run_dtype not in (None, torch.float32) else _null()
+    ids, pos, labels = to_tensors(check, device)
+    keep = labels != IGNORE
+    with ctx:
+        hidden = loss_model._decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+        s = torch.nn.functional.cross_entropy(loss_model._head(hidden[keep]).float(), labels[keep], reduction="sum")
+    (s / check.trained_tokens).backward()
+    check_grad = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params if p.grad is not None])))
+    check_loss = float(s.detach()) / check.trained_tokens
+    fingerprint = hidden_fingerprint(hidden.detach(), keep)
+    model.zero_grad(set_to_none=True)
+    del hidden, s
+    first_call = time.perf_counter() - t0
+
+    state = train_loop(model, batches, train, device, quiet, dtype=run_dtype, progress=False)  # warm-up
+    opt = torch.optim.AdamW(params, lr=train.learning_rate)
     sync(device)
     state = train_loop(model, batches, train.model_copy(update={"max_steps": args.warmup + args.steps}), device, quiet,
-                       dtype=dtype, state=state, optimizer=opt, progress=False)
+                       dtype=run_dtype, state=state, optimizer=opt, progress=False)
     timed = state.history[args.warmup :]
     seconds = sum(h["step_seconds"] for h in timed)
     trained = sum(h["tokens"] for h in timed)
     real = sum(h["real_tokens"] for h in timed)
     pair_count = sum(pairs[i] for h in timed for i in h["batches"])
-    result = summarize("ours (packed)", config, seconds, trained, real, pair_count, device)
-    result.update(padding_fraction=padding_fraction(batches), final_loss=timed[-1]["loss"])
+    result = summarize(variant_label(spec), config, seconds, trained, real, pair_count, device)
+    result.update(padding_fraction=padding_fraction(batches), final_loss=timed[-1]["loss"], spec=spec,
+                  check_loss=check_loss, check_grad_norm=check_grad, check_fingerprint=fingerprint, first_step_loss=state.history[0]["loss"],
+                  first_call_seconds=first_call, warmup_seconds=sum(h["step_seconds"] for h in state.history[: args.warmup]))
     del model, opt
     return result
+
+
+def hidden_fingerprint(hidden, keep) -> list[float]:
+    """The decoder's last hidden state at every 16th labelled token, projected on a fixed random vector.
+
+    The loss of a model with random weights is near log(V) whatever the attention does; its
+    hidden states are not (a plain causal mask across packed examples moves them ~9% on the tiny model).
+    """
+    import torch
+
+    r = torch.randn(hidden.shape[-1], generator=torch.Generator().manual_seed(0)).to(hidden.device)
+    return [round(float(x), 5) for x in (hidden[keep].float() @ r)[::16].cpu()]
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
 
 
 def run_trainer(args, config, examples, device, dtype) -> dict:
@@ -248,18 +448,136 @@ def qlora_step(args, config, examples, device) -> dict:
             "qlora_peak_memory_gib": peak_gib(device), "qlora_loss": last["loss"]}
 
 
+DEFAULT_VARIANTS = "sdpa,varlen,flex,lora-bf16,batch2x,trainer,compile"
+ATTN = {"sdpa": "sdpa", "flex": "flex_attention", "varlen": VARLEN}
+GPU_ONLY = {"flex": "flex_attention needs the Triton kernels (CUDA)", "compile": "torch.compile of the layers: GPU run only",
+            "lora-bf16": "bf16 weights need a bf16 run (the CPU run is fp32)", "varlen": None}
+
+
+def resolve_variant(token: str, args, rows: list[dict]) -> dict | None:
+    """The spec of one variant token; "best" picks the fastest checked attention/LoRA dtype measured so far."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("spec") and r.get("check_ok") and not r["spec"].get("compile")
+          and r["spec"]["batch_size"] == args.batch_size]
+    best = max(ok, key=lambda r: r["trained_tokens_per_s"])["spec"] if ok else {"attn": "sdpa"}
+    name, _, attn = token.partition(":")
+    fixed = lambda a: a != "sdpa"  # noqa: E731  (flex/varlen: one width, no recompiles)
+    if name in ATTN:
+        a = ATTN[name]
+        return {"name": token, "attn": a, "batch_size": args.batch_size, "fixed_width": fixed(a)}
+    if name == "lora-bf16":
+        a = ATTN.get(attn, best["attn"])
+        return {"name": token, "attn": a, "batch_size": args.batch_size, "lora_bf16": True, "fixed_width": fixed(a)}
+    if name == "batch2x":
+        a = ATTN.get(attn, best["attn"])
+        return {"name": token, "attn": a, "batch_size": 2 * args.batch_size, "lora_bf16": bool(best.get("lora_bf16")),
+                "fixed_width": fixed(a)}
+    if name == "compile":
+        a = ATTN.get(attn, best["attn"])
+        return {"name": token, "attn": a, "batch_size": args.batch_size, "lora_bf16": bool(best.get("lora_bf16")),
+                "compile": True, "fixed_width": True}
+    if name == "trainer":
+        return {"name": "trainer"}
+    raise SystemExit(f"unknown variant {token!r}")
+
+
+def worker(args) -> int:
+    """Run one variant in this process and write its result row to args.result."""
+    import torch
+
+    spec = json.loads(args.worker)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    config = make_config(args.tiny)
+    examples = make_examples(args.batch_size * 2 * (args.warmup + args.steps) * 3, args.seq_len, config.vocab_size, seed=0)
+    if spec["name"] == "trainer":
+        row = run_trainer(args, config, examples, args.device, dtype)
+    else:
+        row = run_ours(args, config, examples, args.device, dtype, spec)
+    row["status"] = "ok"
+    Path(args.result).write_text(json.dumps(row))
+    return 0
+
+
+def run_in_subprocess(spec: dict, args, timeout: float) -> dict:
+    """One variant in a fresh process (own CUDA context, compile caches, peak memory), killed after `timeout` s."""
+    import signal
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+               "--worker", json.dumps(spec), "--result", str(result)] + (["--tiny"] if args.tiny else [])
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the worker and its compile workers
+            proc.wait()
+            return {"status": f"timeout after {timeout:.0f}s", "spec": spec, "wall_seconds": time.perf_counter() - t0}
+        if rc != 0 or not result.exists():
+            return {"status": f"failed (exit {rc}), see the log above", "spec": spec, "wall_seconds": time.perf_counter() - t0}
+        row = json.loads(result.read_text())
+        row["wall_seconds"] = time.perf_counter() - t0
+        return row
+
+
+def annotate(rows: list[dict]) -> dict | None:
+    """Compare every row's check (loss, grad norm, hidden fingerprint) with the plain sdpa row; returns that row."""
+    ref = next((r for r in rows if r.get("status") == "ok" and r.get("spec", {}).get("attn") == "sdpa"
+                and not r["spec"].get("lora_bf16") and not r["spec"].get("compile")), None)
+    for r in rows:
+        if r.get("status") == "ok" and "check_loss" in r and ref:
+            r["check_rel_diff"] = abs(r["check_loss"] - ref["check_loss"]) / abs(ref["check_loss"])
+            r["check_grad_rel_diff"] = abs(r["check_grad_norm"] - ref["check_grad_norm"]) / max(ref["check_grad_norm"], 1e-12)
+            a, b = ref["check_fingerprint"], r["check_fingerprint"]
+            r["hidden_rel_diff"] = math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)) / max(1e-12, sum(x * x for x in a)))
+            r["check_ok"] = r["check_rel_diff"] < 1e-2 and r["hidden_rel_diff"] < 5e-2
+    return ref
+
+
+def print_table(rows: list[dict], ref: dict | None) -> None:
+    head = (f"{'variant':40}{'trained tok/s':>14}{'real tok/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}{'pad':>6}"
+            f"{'check loss':>12}{'rel.diff':>9}{'hid.diff':>9}{'1st-step loss':>14}{'wall s':>8}")
+    print(head)
+    for r in rows:
+        label = r.get("trainer") or r["spec"].get("name")
+        if r.get("status") != "ok":
+            print(f"{label:40}  {r['status']}")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        check = f"{r['check_loss']:.5f}" if "check_loss" in r else "-"
+        rel = f"{r['check_rel_diff']:.1e}" if r.get("check_rel_diff") is not None else "-"
+        hid = f"{r['hidden_rel_diff']:.1e}" if r.get("hidden_rel_diff") is not None else "-"
+        first = f"{r['first_step_loss']:.5f}" if "first_step_loss" in r else "-"
+        print(f"{label:40}{r['trained_tokens_per_s']:>14.0f}{r['real_tokens_per_s']:>11.0f}{r['tflops_per_s']:>9.1f}"
+              f"{mfu:>7}{mem:>9}{r['padding_fraction']:>6.1%}{check:>12}{rel:>9}{hid:>9}{first:>14}{r.get('wall_seconds', 0):>8.0f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a small config (smoke test)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20, tiny 3)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10, tiny 3)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 8, tiny 4)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per packed row (default 2048, tiny 512)")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="comma list, run in order, each in its own process: sdpa, flex, varlen (attention of our "
+                         "loop); lora-bf16, batch2x, compile (on the best checked attention so far, or NAME:ATTN); trainer")
+    ap.add_argument("--budget", type=float, default=250, help="seconds for all variants; later ones are skipped")
+    ap.add_argument("--timeout", type=float, default=100, help="seconds per variant (compile: 2x)")
+    ap.add_argument("--try-all", action="store_true", help="on CPU, also try the GPU-only variants")
+    ap.add_argument("--qlora", action="store_true", help="also one QLoRA step (needs bitsandbytes)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.steps = args.steps or (3 if args.tiny else 20)
+    args.steps = args.steps or (3 if args.tiny else 10)
     args.batch_size = args.batch_size or (4 if args.tiny else 8)
     args.seq_len = args.seq_len or (512 if args.tiny else 2048)
+    if args.worker:
+        return worker(args)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -268,36 +586,51 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     config = make_config(args.tiny)
     n_params = sum(p.numel() for p in build_base(config, "meta", dtype).parameters())
-    # Enough examples for every step of both trainers without repeats.
-    examples = make_examples(args.batch_size * (args.warmup + args.steps) * 3, args.seq_len, config.vocab_size, seed=0)
-    info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-            "params": n_params, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
-            "warmup": args.warmup}
     import transformers
 
-    info["transformers"] = transformers.__version__
+    info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+            "transformers": transformers.__version__, "params": n_params, "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "variants": args.variants}
     print(json.dumps(info), flush=True)
     t0 = time.perf_counter()
-    ours = run_ours(args, config, examples, args.device, dtype)
-    print(json.dumps(ours), flush=True)
-    base = run_trainer(args, config, examples, args.device, dtype)
-    print(json.dumps(base), flush=True)
-    qlora = qlora_step(args, config, examples, args.device)
-    print(json.dumps(qlora), flush=True)
-    speedup = ours["trained_tokens_per_s"] / base["trained_tokens_per_s"]
-    print(f"\n{n_params / 1e9:.2f}B-parameter Llama, LoRA r16 all-linear, {info['device']}, "
-          f"batch {args.batch_size} x seq_len {args.seq_len}, {args.steps} timed steps")
-    head = f"{'trainer':22}{'trained tok/s':>14}{'real tok/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'padding':>9}"
-    print(head)
-    for r in (ours, base):
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        print(f"{r['trainer']:22}{r['trained_tokens_per_s']:>14.0f}{r['real_tokens_per_s']:>12.0f}"
-              f"{r['tflops_per_s']:>9.1f}{mfu:>7}{mem:>10}{r['padding_fraction']:>9.1%}")
-    print(f"speed-up (trained tokens/s): {speedup:.2f}x; qlora: {qlora['qlora']}; total {time.perf_counter() - t0:.0f}s")
+    rows: list[dict] = []
+    for token in [t.strip() for t in args.variants.split(",") if t.strip()]:
+        name = token.partition(":")[0]
+        spec = resolve_variant(token, args, rows)
+        attn_name = next((k for k, v in ATTN.items() if v == spec.get("attn")), None)
+        reason = None
+        if args.device != "cuda" and not args.try_all:
+            reason = GPU_ONLY.get(name) or (GPU_ONLY.get(attn_name) if attn_name in ("flex",) else None)
+        left = args.budget - (time.perf_counter() - t0)
+        timeout = min(args.timeout * (2 if name == "compile" else 1), left)
+        if reason is None and timeout < 20:
+            reason = f"out of time budget ({left:.0f}s left of --budget {args.budget:.0f})"
+        if reason:
+            row = {"status": f"skipped: {reason}", "spec": spec}
+        else:
+            print(f"--- {token}: {json.dumps(spec)} (timeout {timeout:.0f}s)", flush=True)
+            row = run_in_subprocess(spec, args, timeout)
+        rows.append(row)
+        annotate(rows)
+        print(json.dumps({k: v for k, v in row.items() if k != "check_fingerprint"}), flush=True)
+    ref = annotate(rows)
+    print(f"\n{n_params / 1e9:.2f}B-parameter Llama, LoRA r16 all-linear, {info['device']}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, seq_len {args.seq_len}, {args.warmup}+{args.steps} steps per variant")
+    print_table(rows, ref)
+    print("check (before any update, one fixed batch, relative to the sdpa row): loss, and hidden-state fingerprint "
+          "(must be < 1e-2 and < 5e-2); 1st-step loss: the first optimizer step (same data for equal micro-batch)")
+    for r in rows:
+        if r.get("check_grad_rel_diff") is not None:
+            print(f"  {r.get('trainer') or r['spec']['name']}: grad-norm rel. diff {r['check_grad_rel_diff']:.1e}, "
+                  f"check {'ok' if r.get('check_ok') else 'FAILED'}, first call {r['first_call_seconds']:.1f}s, "
+                  f"warm-up {r['warmup_seconds']:.1f}s")
+    qlora = qlora_step(args, config, make_examples(64, args.seq_len, config.vocab_size, 0), args.device) if args.qlora else None
+    if qlora is not None:
+        print(json.dumps(qlora))
+    print(f"total {time.perf_counter() - t0:.0f}s")
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"]) / "gpu_bench.json"
-        out.write_text(json.dumps({"info": info, "ours": ours, "trainer": base, "qlora": qlora, "speedup": speedup}, indent=2))
+        out.write_text(json.dumps({"info": info, "rows": rows, "qlora": qlora}, indent=2))
     return 0
 
 
