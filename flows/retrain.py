@@ -12,8 +12,10 @@ Run it with `ftllm run`, from a Prefect deployment (`ftllm deploy`), or directly
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +44,19 @@ class RunFailed(RuntimeError):
 EXPECTED_FAILURES = (RunFailed, StageError, ConfigError, RegistryRefusal, DataFileError)
 
 
-@task(name="validate-data")
+def _validation_key(context, arguments: dict) -> str:
+    """Cache validation on the data's content and the settings it depends on, not on the path."""
+    params: Params = arguments["params"]
+    settings = json.dumps(
+        [params.data.model_dump(exclude={"path", "md5"}), params.model.model_dump(), params.train.batch_size,
+         params.train.seq_len, params.train.max_steps], sort_keys=True,
+    )
+    return f"validate-{file_md5(arguments['data_path'])}-{hashlib.md5(settings.encode()).hexdigest()}"
+
+
+@task(name="validate-data", cache_key_fn=_validation_key, persist_result=True, cache_expiration=timedelta(days=30))
 def validate_data(params: Params, data_path: Path, report_dir: Path) -> dict:
-    """Great Expectations suite plus chat-format checks on the run's data."""
+    """Great Expectations suite plus chat-format checks on the run's data (cached on its md5)."""
     from tasks.modeling import load_tokenizer, resolve_base
 
     tokenizer = load_tokenizer(resolve_base(params.model))
