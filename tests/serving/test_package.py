@@ -68,3 +68,28 @@ def test_export_without_database_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(tmp_path / "missing.db"))
     assert export_command(tmp_path / "out.jsonl", 4) == 2
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_bento_holds_only_the_service_code(registry, tmp_path, monkeypatch):
+    """On the embedded defaults the BentoML home and MLflow artifacts (with copies of tasks/)
+    live inside the project folder: none of it may be swept into the bento, or each build
+    nests the previous ones."""
+    import os
+    import shutil
+
+    from tasks.package import build_bento
+
+    for part in ("serving", "tasks", "ftllm"):
+        shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "mlartifacts/1/code/tasks").mkdir(parents=True)
+    (tmp_path / "mlartifacts/1/code/tasks/y.py").write_text("# decoy\n")
+    home = tmp_path / ".bentoml"
+    shutil.copytree(Path(os.environ["BENTOML_HOME"]) / "models", home / "models")
+    monkeypatch.setenv("BENTOML_HOME", str(home))  # the build runs in a subprocess
+    for version in ("a", "b"):
+        build_bento(f"{MODEL_NAME}:v1", version, root=tmp_path)
+    src = home / "bentos" / "ftllm_chat" / "vb" / "src"
+    assert {p.name for p in src.iterdir()} == {"serving", "tasks", "ftllm", "params.yaml", "bentofile.yaml"}
+    assert not list(src.rglob("y.py"))
