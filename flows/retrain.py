@@ -27,11 +27,20 @@ from ftllm.env import apply_defaults
 from tasks.config import ConfigError, DataParams, EvalParams, GateParams, Params, TrainParams, file_md5, load_params
 from tasks.evaluate import evaluate_model_dir, load_split
 from tasks.gate import apply_gate
-from tasks.registry import RegistryRefusal, champion_version, download_version, find_version, promote, register_candidate
+from tasks.registry import (
+    RegistryRefusal,
+    champion_version,
+    download_version,
+    find_version,
+    promote,
+    register_candidate,
+    tag_version,
+)
 from tasks.stages import StageError, git_commit, lock_digest, run_stages, stage_out_md5
 from tasks.tracking import end_tracking_run, log_results, start_tracking_run
 from tasks.formats import DataFileError
 from tasks.notify import notify_run
+from tasks.package import PackageError
 from tasks.validate import validate_dataset
 
 
@@ -41,7 +50,7 @@ class RunFailed(RuntimeError):
 
 # Failures a user can act on: they end the flow run in a Failed state with one clear
 # message instead of a traceback. Anything else is a bug and keeps its traceback.
-EXPECTED_FAILURES = (RunFailed, StageError, ConfigError, RegistryRefusal, DataFileError)
+EXPECTED_FAILURES = (RunFailed, StageError, ConfigError, RegistryRefusal, DataFileError, PackageError)
 
 
 def _validation_key(context, arguments: dict) -> str:
@@ -235,20 +244,25 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: d
         result.update(gate=verdict, metrics=metrics)
         log_results(run_id, metrics, verdict, [root / "dvc.lock", root / "artifacts/predictions.json", root / "artifacts/params.yaml"])
 
+        # The fingerprint is tagged last: a run that fails after registering leaves a version
+        # that the next identical run does not mistake for a finished one.
         t = time.perf_counter()
-        version = register(root, params, run_id, verdict, metrics, {**lineage, "parent_champion": champion or "none"})
+        tags = {k: v for k, v in lineage.items() if k != "fingerprint"}
+        version = register(root, params, run_id, verdict, metrics, {**tags, "parent_champion": champion or "none"})
         result["version"] = version
-        promoted = verdict["passed"] and params.registry.auto_promote
-        if promoted:
-            promote(params.registry.model_name, version)
-            result["champion_version"] = version
         durations["register"] = round(time.perf_counter() - t, 2)
 
+        # Package before promoting: a failed build must leave the champion where it was.
         t = time.perf_counter()
+        promoted = verdict["passed"] and params.registry.auto_promote
         bento = package(root, params.registry.model_name, version, build=promoted)
         result["bento"] = bento["bento"]
         result["bento_model"] = bento["model"]
         durations["package"] = round(time.perf_counter() - t, 2)
+        if promoted:
+            promote(params.registry.model_name, version)
+            result["champion_version"] = version
+        tag_version(params.registry.model_name, version, "fingerprint", fingerprint)
         result["status"] = "promoted" if promoted else "rejected"
         if not verdict["passed"]:
             logger.warning(f"gate rejected version {version}: failed {[c['name'] for c in verdict['checks'] if not c['passed']]}")

@@ -110,6 +110,11 @@ def register_candidate(run_id: str, model_dir: Path, model_name: str, tags: dict
     return version
 
 
+def tag_version(model_name: str, version: str, key: str, value: str) -> None:
+    """Set one tag on a model version."""
+    get_client().set_model_version_tag(model_name, str(version), key, str(value))
+
+
 def champion_version(model_name: str) -> str | None:
     """The version the `champion` alias points at, or None when there is none yet."""
     from mlflow.exceptions import MlflowException
