@@ -78,7 +78,8 @@ def run_ours(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_precision("auto", device)
     seed_everything(args.seed)
-    batches = make_batches(pack_sequences(encoded, args.seq_len, args.seed), args.batch_size, tok.pad_token_id, args.seed)
+    rows = args.ours_batch_size or args.batch_size  # packed rows per step (equal trained tokens per step)
+    batches = make_batches(pack_sequences(encoded, args.seq_len, args.seed), rows, tok.pad_token_id, args.seed)
     model = build_model(base, train, device, dtype)
     state = train_loop(model, batches, train, device, log=lambda m: None, dtype=dtype, progress=False)
     per_example = make_batches(pad_sequences(encoded, args.seq_len), 8, tok.pad_token_id)
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="tiny")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--ours-batch-size", type=int, default=None,
+                    help="packed rows per step for this trainer (default: --batch-size); a packed row holds "
+                         "several examples, so fewer rows give the same trained tokens per optimizer step")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=0.004)
     ap.add_argument("--seed", type=int, default=42)
@@ -203,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ours, base = results["ours"], results["trainer"]
     ours["loss_at_trainer_tokens"] = loss_at_tokens(ours.pop("curve"), base["trained_tokens"])
     speedup = ours["tokens_per_second"] / base["tokens_per_second"]
-    print(f"{args.steps} steps x {args.batch_size} sequences, seq_len {args.seq_len}, base {args.base}, data {args.data.name}")
+    print(f"{args.steps} steps x {args.batch_size} sequences (ours: {args.ours_batch_size or args.batch_size} packed rows), "
+          f"seq_len {args.seq_len}, base {args.base}, data {args.data.name}")
     print(f"{'':22}{'trainer (padded)':>18}{'ours (packed)':>16}")
     for key, fmt in [
         ("tokens_per_second", "{:.0f}"), ("trained_tokens", "{:d}"), ("seconds", "{:.1f}"),

@@ -92,6 +92,25 @@ def test_sabotaged_run_is_rejected_and_champion_stays(first_run, project):
     assert tags["gate_passed"] == "false" and tags["parent_champion"] == first["version"]
 
 
+def test_failed_packaging_promotes_nothing(first_run, project, monkeypatch):
+    import tasks.package
+    from tasks.registry import champion_version, list_versions
+
+    def broken_build(*args, **kwargs):
+        raise tasks.package.PackageError("bentoml build failed (simulated)")
+
+    monkeypatch.setattr(tasks.package, "build_bento", broken_build)
+    # A model of its own with a gate that any candidate passes, so the run reaches the build.
+    lenient = {"registry.model_name": "ftllm-pkg", "gate.min_exact_match": 0.0, "gate.max_perplexity": 1e9,
+               "gate.min_gain_over_prompting": -1.0, "train.max_steps": 10, "train.seed": 7}
+    state, result = run_flow(project, **lenient)
+    assert state.is_failed() and "simulated" in result["error"]
+    assert champion_version("ftllm-pkg") is None
+    (version,) = list_versions("ftllm-pkg")
+    assert version["gate_passed"] and "fingerprint" not in version["tags"]
+    assert champion_version("ftllm-chat") == first_run[1]["version"]
+
+
 def test_invalid_data_fails_at_validation_and_registers_nothing(first_run, project, tmp_path):
     from tasks.registry import list_versions
 
