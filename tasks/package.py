@@ -100,7 +100,8 @@ def build_bento(model_tag: str, version: str, root: Path | None = None) -> str:
 
     Args:
         model_tag: a model in the BentoML store, e.g. "ftllm-chat:v3".
-        version: the bento version without the "v", usually the model version.
+        version: the model version; the bento's version is "<model name>-v<version>", so that
+            models of two registered names never share a bento tag.
         root: the project root (holds `serving/bentofile.yaml`); default: FTLLM_ROOT or the cwd.
 
     Raises:
@@ -117,7 +118,8 @@ def build_bento(model_tag: str, version: str, root: Path | None = None) -> str:
     except NotFound:
         raise PackageError(f"{model_tag}: not in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')}); "
                            "run tasks.package.import_model first") from None
-    cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(root / BENTOFILE), "--version", f"v{version}",
+    bento_version = f"{model_tag.split(':')[0]}-v{version}"
+    cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(root / BENTOFILE), "--version", bento_version,
            "--output", "tag", str(root)]
     env = {**os.environ, BENTO_MODEL_ENV: model_tag, "FTLLM_ROOT": str(root)}
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
@@ -125,9 +127,8 @@ def build_bento(model_tag: str, version: str, root: Path | None = None) -> str:
         if line.startswith("__tag__:"):
             return line.removeprefix("__tag__:").strip()
     output = (proc.stdout + proc.stderr).strip()[-3000:]
-    if "already exists" in output:
-        name = _bento_name(root)
-        return f"{name}:v{version}"
+    if "already exists" in output:  # the same model was built before: the build is idempotent
+        return f"{_bento_name(root)}:{bento_version}"
     raise PackageError(f"bentoml build failed (exit {proc.returncode}):\n{output}")
 
 

@@ -4,7 +4,7 @@ Serves the newest bento of the chat service (built by the pipeline's package ste
 where none was built yet, the service straight from `serving/` in the project. The
 service then picks the registry's `champion` and follows it as it moves.
 
-    ftllm serve --host 127.0.0.1 --port 3000 [--bento ftllm_chat:v3]
+    ftllm serve --host 127.0.0.1 --port 3000 [--bento ftllm_chat:ftllm-chat-v3]
 """
 
 from __future__ import annotations

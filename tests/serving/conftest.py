@@ -91,9 +91,12 @@ def registry(model_dir: Path):
         def predict(self, context, model_input):
             return model_input
 
-    mlflow.set_experiment("serving-tests")
+    # An explicit experiment id, not set_experiment(): that would pin the whole test session's
+    # fluent runs to this experiment.
+    experiment = mlflow.get_experiment_by_name("serving-tests")
+    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment("serving-tests")
     for _ in range(2):
-        with mlflow.start_run():
+        with mlflow.start_run(experiment_id=experiment_id):
             mlflow.pyfunc.log_model(name="model", python_model=Stub(), artifacts={"model_dir": str(model_dir)},
                                     pip_requirements=["mlflow"], registered_model_name=MODEL_NAME)
     client = mlflow.MlflowClient()
