@@ -156,19 +156,31 @@ def models(
     _emit(out, as_json)
 
 
-def _move_alias(action: str, **kwargs) -> dict:
-    """Promote or roll back: as a Prefect flow run when a Prefect server is configured (so the
-    move shows in its UI), else directly, since the ephemeral API alone takes seconds to start
-    and a rollback must be fast."""
+def _move_alias(action: str, as_json: bool, **kwargs) -> None:
+    """Promote or roll back, report the move, and exit 1 with the reason when refused.
+
+    With a Prefect server configured (PREFECT_API_URL) the move runs as the `promote` /
+    `rollback` flow, so it shows in the server's UI; on the embedded defaults it runs
+    directly, since starting the ephemeral API alone takes longer than a rollback may.
+    """
     import os
 
-    if os.environ.get("PREFECT_API_URL"):
-        from flows.registry import promote_flow, rollback_flow
-
-        return (promote_flow if action == "promote" else rollback_flow)(**kwargs)
     from tasks import registry
 
-    return getattr(registry, action)(**kwargs).to_dict()
+    try:
+        if os.environ.get("PREFECT_API_URL"):
+            from flows.registry import promote_flow, rollback_flow
+
+            move = (promote_flow if action == "promote" else rollback_flow)(**kwargs)
+        else:
+            move = getattr(registry, action)(**kwargs).to_dict()
+    except registry.RegistryRefusal as exc:
+        _err(f"refused: {exc}")
+        _emit({"done": False, "error": str(exc)}, as_json)
+        raise typer.Exit(EXIT_FAILED)
+    note = "" if move["changed"] else " (already champion)"
+    print(f"champion: {move['previous']} -> {move['champion']}{note}", file=sys.stderr)
+    _emit({"done": True, **move}, as_json)
 
 
 @app.command()
@@ -181,16 +193,7 @@ def promote(
 ) -> None:
     """Point the champion alias at VERSION."""
     apply_defaults(params.resolve().parent)
-    from tasks.registry import RegistryRefusal
-
-    try:
-        move = _move_alias("promote", model_name=_model_name(params), version=version, force=force, reason=reason)
-    except RegistryRefusal as exc:
-        _err(f"refused: {exc}")
-        _emit({"done": False, "error": str(exc)}, as_json)
-        raise typer.Exit(EXIT_FAILED)
-    print(f"champion: {move['previous']} -> {move['champion']}" + ("" if move["changed"] else " (already champion)"), file=sys.stderr)
-    _emit({"done": True, **move}, as_json)
+    _move_alias("promote", as_json, model_name=_model_name(params), version=version, force=force, reason=reason)
 
 
 @app.command()
@@ -202,16 +205,7 @@ def rollback(
 ) -> None:
     """Move the champion alias back to the previous champion (or to --to VERSION)."""
     apply_defaults(params.resolve().parent)
-    from tasks.registry import RegistryRefusal
-
-    try:
-        move = _move_alias("rollback", model_name=_model_name(params), to=to, reason=reason)
-    except RegistryRefusal as exc:
-        _err(f"refused: {exc}")
-        _emit({"done": False, "error": str(exc)}, as_json)
-        raise typer.Exit(EXIT_FAILED)
-    print(f"champion: {move['previous']} -> {move['champion']}" + ("" if move["changed"] else " (already champion)"), file=sys.stderr)
-    _emit({"done": True, **move}, as_json)
+    _move_alias("rollback", as_json, model_name=_model_name(params), to=to, reason=reason)
 
 
 @app.command()
