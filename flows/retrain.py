@@ -37,7 +37,7 @@ from tasks.registry import (
     tag_version,
 )
 from tasks.stages import StageError, git_commit, lock_digest, run_stages, stage_out_md5
-from tasks.tracking import end_tracking_run, log_results, start_tracking_run
+from tasks.tracking import end_tracking_run, log_results, run_link, start_tracking_run
 from tasks.formats import DataFileError
 from tasks.notify import notify_run
 from tasks.package import PackageError
@@ -137,7 +137,11 @@ def _publish(verdict: dict, metrics: dict, result: dict) -> None:
     create_table_artifact(_metrics_table(metrics), key="retrain-metrics", description="Candidate vs baselines vs champion")
     lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", "| check | value | threshold | passed |", "|---|---|---|---|"]
     lines += [f"| {c['name']} | {c['value']} | {c['threshold']} | {c['passed']} |" for c in verdict["checks"]]
-    lines += ["", f"model version {result['version']}, champion {result['champion_version']}, MLflow run `{result['mlflow_run_id']}`"]
+    lines += [
+        "", f"model version {result['version']}, champion {result['champion_version']}",
+        f"MLflow run: [{result['mlflow_run_id']}]({run_link(result['mlflow_run_id'])})",
+        f"Data Docs: {(result.get('validation') or {}).get('data_docs')}",
+    ]
     create_markdown_artifact("\n".join(lines), key="retrain-gate", description="Gate verdict")
 
 
@@ -242,7 +246,9 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: d
         durations["evaluate_champion"] = round(time.perf_counter() - t, 2)
         verdict = apply_gate(metrics, params.gate).to_dict()
         result.update(gate=verdict, metrics=metrics)
-        log_results(run_id, metrics, verdict, [root / "dvc.lock", root / "artifacts/predictions.json", root / "artifacts/params.yaml"])
+        docs = Path(report["data_docs"]).parent if report.get("data_docs") else None
+        files = [root / "dvc.lock", root / "artifacts/predictions.json", root / "artifacts/params.yaml"]
+        log_results(run_id, metrics, verdict, files, docs)
 
         # The fingerprint is tagged last: a run that fails after registering leaves a version
         # that the next identical run does not mistake for a finished one.

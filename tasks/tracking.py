@@ -48,8 +48,11 @@ def start_tracking_run(
     return run_id
 
 
-def log_results(run_id: str, metrics: dict[str, dict[str, float]], verdict: dict, files: list[Path]) -> None:
-    """Log every model's metrics (prefixed with the model's role), the verdict and result files."""
+def log_results(
+    run_id: str, metrics: dict[str, dict[str, float]], verdict: dict, files: list[Path], data_docs: Path | None = None
+) -> None:
+    """Log every model's metrics (prefixed with the model's role), the verdict, result files
+    and the Great Expectations Data Docs site of the validation."""
     import mlflow
 
     with mlflow.start_run(run_id=run_id):
@@ -60,6 +63,18 @@ def log_results(run_id: str, metrics: dict[str, dict[str, float]], verdict: dict
         for f in files:
             if f.exists():
                 mlflow.log_artifact(str(f))
+        if data_docs is not None and data_docs.is_dir():
+            mlflow.log_artifacts(str(data_docs), "data_docs")
+
+
+def run_link(run_id: str) -> str:
+    """Where to look at a run: its page in the MLflow UI (`mlflow ui`, or the tracking server)."""
+    import mlflow
+
+    run = mlflow.MlflowClient().get_run(run_id)
+    uri = mlflow.get_tracking_uri()
+    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
 
 
 def end_tracking_run(run_id: str, status: str) -> None:

@@ -39,6 +39,8 @@ def test_good_run_is_registered_promoted_and_packaged(first_run, project):
     assert str(version.version) == result["version"]
     assert version.tags["data_md5"] == result["data"]["md5"]
     assert version.tags["gate_passed"] == "true"
+    docs = [a.path for a in MlflowClient().list_artifacts(result["mlflow_run_id"], "data_docs")]
+    assert "data_docs/index.html" in docs
     assert bentoml.bentos.get(result["bento"]).tag.name
     assert bentoml.models.get(result["bento_model"]).path
 
