@@ -93,9 +93,9 @@ def git_commit(root: Path) -> str:
     """The commit of the project's code, with `-dirty` when the work tree has changes."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        # dvc.lock is rewritten by every run: it is lineage, not a change to the code.
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"]
+        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
