@@ -133,8 +133,10 @@ def _metrics_table(metrics: dict[str, dict]) -> list[dict]:
     return [{"model": role, **{k: round(m[k], 4) for k in keys if k in m}} for role, m in metrics.items()]
 
 
-def _publish(verdict: dict, metrics: dict, result: dict) -> None:
+def _publish(verdict: dict, metrics: dict, result: dict, samples: dict) -> None:
     create_table_artifact(_metrics_table(metrics), key="retrain-metrics", description="Candidate vs baselines vs champion")
+    rows = [{"model": role, **sample} for role, items in samples.items() for sample in items[:5]]
+    create_table_artifact(rows, key="retrain-predictions", description="Predictions next to references (test split)")
     lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", "| check | value | threshold | passed |", "|---|---|---|---|"]
     lines += [f"| {c['name']} | {c['value']} | {c['threshold']} | {c['passed']} |" for c in verdict["checks"]]
     lines += [
@@ -272,7 +274,8 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: d
         result["status"] = "promoted" if promoted else "rejected"
         if not verdict["passed"]:
             logger.warning(f"gate rejected version {version}: failed {[c['name'] for c in verdict['checks'] if not c['passed']]}")
-        _publish(verdict, metrics, result)
+        samples_path = root / "artifacts/predictions.json"
+        _publish(verdict, metrics, result, json.loads(samples_path.read_text()) if samples_path.exists() else {})
         end_tracking_run(run_id, "FINISHED")
         return result
     except BaseException:

@@ -41,6 +41,11 @@ def test_good_run_is_registered_promoted_and_packaged(first_run, project):
     assert version.tags["gate_passed"] == "true"
     docs = [a.path for a in MlflowClient().list_artifacts(result["mlflow_run_id"], "data_docs")]
     assert "data_docs/index.html" in docs
+    from prefect.artifacts import Artifact
+
+    for key in ("retrain-metrics", "retrain-predictions", "retrain-gate", "retrain-validation"):
+        assert Artifact.get(key) is not None, key
+    assert "reference" in str(Artifact.get("retrain-predictions").data)
     assert bentoml.bentos.get(result["bento"]).tag.name
     assert bentoml.models.get(result["bento_model"]).path
 
