@@ -7,6 +7,7 @@ BENTOML_HOME when first imported).
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -39,3 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 def state_dir() -> Path:
     """The session's folder for service state (MLflow, BentoML, Prefect)."""
     return _STATE
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

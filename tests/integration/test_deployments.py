@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tests.integration.conftest import FAST
 
 pytestmark = pytest.mark.slow
 # Its own registered model and a short training: this test is about orchestration.
 OVERRIDES = {**FAST, "train.max_steps": 30, "registry.model_name": "ftllm-deploy"}
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
