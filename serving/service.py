@@ -13,6 +13,8 @@ when that variable is set):
 - `/livez`, `/readyz`, `/metrics` come with BentoML; `/metrics` adds
   `ftllm_generated_tokens_total`, `ftllm_request_latency_seconds` and `ftllm_model_info`,
   each labelled with the model version.
+- `/docs.json` (BentoML's OpenAPI description) documents every route's request body,
+  answer and error statuses; `tests/serving/test_fuzz.py` fuzzes the service from it.
 
 Every completion goes through one micro-batcher: requests that arrive while a batch
 generates are collected (up to `MAX_BATCH` rows, waiting at most `BATCH_WAIT_S` for each
@@ -45,6 +47,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,7 +60,7 @@ import bentoml  # noqa: E402
 import prometheus_client  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator  # noqa: E402
 
 from serving.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
 from tasks.config import Params, ServingParams, load_params  # noqa: E402
@@ -72,6 +75,9 @@ MAX_BATCH = 32  # rows per generate; more concurrent requests wait for the next 
 BATCH_WAIT_S = 0.004  # a batch waits this long for one more row...
 BATCH_MAX_WAIT_S = 0.030  # ...and this long in all
 GENERATE_MAX_TOKENS = 64  # new tokens per /generate prompt (capped by serving.max_tokens)
+# Below this temperature sampling picks what greedy decoding picks, and near 1e-308 the scaled
+# logits overflow to inf and generation fails: such requests decode greedily (as vLLM does).
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 def load_settings() -> Params:
@@ -262,6 +268,14 @@ class FeedbackRequest(BaseModel):
     rating: int = Field(ge=1, le=5)
     correction: str | None = Field(None, min_length=1)
 
+    @field_validator("correction")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        # The feedback store refuses a blank correction too; refused here, it is a 400.
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank; leave it out to rate the answer as it is")
+        return value
+
 
 def _validation_error(err: ValidationError) -> APIError:
     first = err.errors()[0]
@@ -272,8 +286,131 @@ def _validation_error(err: ValidationError) -> APIError:
 async def _read_json(request: Request) -> Any:
     try:
         return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    # ValueError covers bad JSON and bad UTF-8, and also an integer of over 4,300 digits;
+    # RecursionError is a body nested deeper than the parser recurses, `[[[...` (both fit
+    # in serving.max_request_bytes).
+    except (ValueError, RecursionError) as exc:
         raise APIError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The OpenAPI description (BentoML serves it at /docs.json, with its own /generate)
+# ---------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AnswerMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AnswerMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    """The answer of `POST /v1/chat/completions` without `stream`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    version: str
+    source: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class FeedbackStored(BaseModel):
+    id: int
+    completion_id: str
+    rating: int
+    stored: Literal[True]
+
+
+class ReloadResult(BaseModel):
+    reloaded: bool
+    version: str
+    previous: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal: an OpenAI-style error body."""
+
+    error: ErrorDetail
+
+
+def _json_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` that documents `model` as a route's JSON body.
+
+    The routes parse their bodies themselves, to answer with OpenAI-style errors rather than
+    FastAPI's 422, so FastAPI does not see the model. Its schema goes in with its `$defs`
+    inlined, since BentoML's /docs.json takes the routes' components only from their responses.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(value) for value in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+# One server-sent event of a streamed completion (before OpenAPI 3.2, a stream's `schema`
+# describes each event).
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": (
+        "A chat.completion.chunk as JSON; an OpenAI-style error as JSON if generation fails; "
+        "then `[DONE]`.")}},
+}
+
+
+def _responses(ok: type[BaseModel], *errors: int, streams: bool = False) -> dict:
+    """FastAPI `responses` for a route: `ok` on 200, and an `ErrorResponse` for each of `errors`.
+
+    401 (a wrong key) and 429 (over serving.max_concurrency) come from `GuardMiddleware`, for
+    every route; 413 (over serving.max_request_bytes) for every POST.
+    """
+    documented: dict[int | str, dict] = {200: {"model": ok}}
+    if streams:
+        documented[200]["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
+    for status in sorted({*errors, 401, 429}):
+        documented[status] = {"model": ErrorResponse, "description": HTTPStatus(status).phrase}
+    return documented
 
 
 # ---------------------------------------------------------------------------------------
@@ -710,10 +847,12 @@ class ChatService:
             raise APIError(400, f"The prompt has {n_prompt} tokens; with max_tokens={max_new} it exceeds the "
                                 f"model's context of {loaded.context_length}.", param="messages",
                            code="context_length_exceeded")
-        row = self._new_row(loaded, prompt, prompt_ids, max_new, req.temperature, req.top_p, req.stops())
+        temperature = req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
+        row = self._new_row(loaded, prompt, prompt_ids, max_new, temperature, req.top_p, req.stops())
         return req, messages, row
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatRequest),
+              responses=_responses(ChatCompletion, 400, 413, 503, streams=True))
     async def chat_completions(self, request: Request):
         started = time.perf_counter()
         req, messages, row = self._check_chat(await _read_json(request))
@@ -797,7 +936,7 @@ class ChatService:
 
         return list(await asyncio.gather(*(complete(r) for r in rows)))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(ModelList))
     async def list_models(self):
         loaded = self.current()
         return {"object": "list", "data": [{
@@ -805,7 +944,8 @@ class ChatService:
             "version": loaded.version, "source": loaded.source,
         }]}
 
-    @app.post("/feedback")
+    @app.post("/feedback", openapi_extra=_json_body(FeedbackRequest),
+              responses=_responses(FeedbackStored, 400, 404, 413))
     async def feedback(self, request: Request):
         """Rate a completion from 1 (useless) to 5 (perfect), optionally with the answer it should have given."""
         body = await _read_json(request)
@@ -819,7 +959,7 @@ class ChatService:
             raise APIError(404, f"No completion with id {fb.id!r} was logged.", param="id", code="not_found") from None
         return {"id": fid, "completion_id": fb.id, "rating": fb.rating, "stored": True}
 
-    @app.post("/admin/reload")
+    @app.post("/admin/reload", responses=_responses(ReloadResult, 413, 503))
     async def admin_reload(self):
         """Check the registry's champion now; swap the model if it moved."""
         try:

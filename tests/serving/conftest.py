@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 STATE = Path(tempfile.mkdtemp(prefix="ftllm-serving-tests-"))
@@ -50,6 +57,40 @@ def _write_params() -> None:
 
 
 _write_params()
+
+
+@contextmanager
+def _serve_over_http(log_path: Path, env: dict[str, str]) -> Iterator[str]:
+    """`bentoml serve` of the service on a free loopback port, with `env` added; yields its URL.
+
+    Waits for `/readyz` (the model is loaded by then) and stops the server on exit; its
+    output goes to `log_path`, whose tail is the error when it dies before being ready.
+    """
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:ChatService",
+                                 "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
+                                env={**os.environ, "FTLLM_ROOT": str(REPO), **env}, stdout=log,
+                                stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 120
+            while True:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.time() < deadline, "bentoml serve was not ready within 120 s"
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +155,13 @@ def client(registry):
 
     with TestClient(ChatService.to_asgi()) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def http_server(registry):
+    """Starts the service over real HTTP: `with http_server(log_path, env) as url:`.
+
+    A factory rather than a server, so that each test module picks its own key and
+    settings (`env`) and starts it at module scope.
+    """
+    return _serve_over_http

@@ -2,49 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import httpx
 import pytest
 
-from tests.conftest import free_port
-
-REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "ftllm-chat-test"  # as in conftest.py
 
 
 @pytest.fixture(scope="module")
-def server(registry, serving_dir):
-    port = free_port()
-    env = {**os.environ, "FTLLM_API_KEY": "http-test-key", "FTLLM_ROOT": str(REPO)}
-    log = open(serving_dir / "bentoml-serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:ChatService",
-                             "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, (serving_dir / "bentoml-serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "bentoml serve was not ready within 120 s"
-            time.sleep(0.5)
+def server(http_server, serving_dir):
+    env = {"FTLLM_API_KEY": "http-test-key"}
+    with http_server(serving_dir / "bentoml-serve.log", env) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.mark.slow
