@@ -80,6 +80,11 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = Field(42, ge=0, description="Seed of data order, dropout and adapter initialisation.")
     packing: bool = Field(True, description="Pack examples into seq_len sequences (attention kept per example).")
+    attention: Literal["packed", "mask"] = Field(
+        "packed",
+        description="packed: causal attention per example (flash varlen on CUDA, SDPA per example elsewhere); "
+        "mask: SDPA with a block-diagonal mask over the whole row.",
+    )
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
     lora_r: int = Field(16, ge=1, le=1024)
     lora_alpha: float = Field(32, gt=0)
@@ -93,6 +98,9 @@ class TrainParams(_Section):
     save_steps: int = Field(100, ge=0, description="Checkpoint every N steps; 0 never.")
     keep_checkpoints: int = Field(2, ge=1, le=100)
     num_processes: int = Field(1, ge=1, le=1024, description="More than 1 runs the stage under torchrun.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With num_processes > 1: ddp (a full copy per process) or fsdp (weights sharded, FSDP2)."
+    )
     merge_adapter: bool = Field(False, description="Also write the adapter merged into the base weights.")
     log_every: int = Field(10, ge=1)
 

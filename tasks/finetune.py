@@ -7,12 +7,15 @@ summary and the loss history (`history.json`, a DVC plot).
 
 Packing puts examples into `train.seq_len` rows by best-fit decreasing, then batches rows
 of similar length together, so almost no compute goes to padding. Position ids restart at
-every example and no attention mask is passed: transformers then builds a block-diagonal
-causal mask, so attention stays inside each example (a unit test checks the logits).
+every example and no attention mask is passed; attention stays inside each example either
+through `tasks.attention` (`train.attention: packed`, causal attention per example, no
+dense mask) or through the block-diagonal causal mask transformers builds from the
+position ids (`mask`). Unit tests check the logits of both against unpacked examples.
 
 Checkpoints (every `train.save_steps` steps) go to `<out>.checkpoints/`, beside the DVC
 output rather than inside it; a re-run with the same settings and data resumes from the
-last one. `train.num_processes > 1` relaunches the stage under torchrun (DDP).
+last one. `train.num_processes > 1` relaunches the stage under torchrun (DDP, or FSDP2 with
+`train.distributed: fsdp`).
 
 Run alone (after `tasks.prepare`):
 
@@ -166,11 +169,17 @@ def padding_fraction(batches: list[Batch]) -> float:
 
 
 def to_tensors(batch: Batch, device: str):
-    """(input_ids, position_ids, labels) tensors; padding positions become 0 (a fresh 'example')."""
+    """(input_ids, position_ids, labels) tensors.
+
+    The padding at the end of a row gets positions 0, 1, 2, ...: one more example, which no
+    real token can attend to (it comes last) and whose outputs carry no label.
+    """
     import torch
 
     ids = torch.tensor(batch.input_ids, device=device)
-    pos = torch.tensor(batch.position_ids, device=device).clamp(min=0)
+    pos = torch.tensor(batch.position_ids, device=device)
+    real = (pos >= 0).sum(dim=1, keepdim=True)
+    pos = torch.where(pos >= 0, pos, torch.arange(pos.shape[1], device=device) - real)
     labels = torch.tensor(batch.labels, device=device)
     return ids, pos, labels
 
@@ -226,12 +235,13 @@ def check_config(train: TrainParams, base_path: str, device: str) -> None:
 
             n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
         per_param = {"full": 16.0, "lora": 2.0 if train.precision != "fp32" else 4.0, "qlora": 0.6}[train.method]
-        need, have = n * per_param, torch.cuda.get_device_properties(device).total_memory
+        shards = train.num_processes if train.distributed == "fsdp" else 1  # FSDP splits all of it over the GPUs
+        need, have = n * per_param / shards, torch.cuda.get_device_properties(device).total_memory
         if need > 0.9 * have:
             raise ConfigError(
                 f"train.method={train.method}: the base model ({n / 1e9:.1f}B parameters) needs about "
                 f"{need / 2**30:.0f} GiB before activations, the GPU has {have / 2**30:.0f} GiB; "
-                "use train.method=lora or qlora, or a smaller model.base"
+                "use train.method=lora or qlora, train.distributed=fsdp over more GPUs, or a smaller model.base"
             )
 
 
@@ -280,6 +290,10 @@ def wrap_for_training(model, train: TrainParams, quantized: bool = False):
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
+    if train.attention == "packed":
+        from tasks.attention import use_packed_attention
+
+        use_packed_attention(model)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -337,17 +351,25 @@ class Checkpoints:
             return []
         return sorted(p for p in self.root.glob("step-*") if (p / "meta.json").is_file())
 
-    def save(self, model, optimizer, state: LoopState) -> Path:
+    def save(self, model, optimizer, state: LoopState, dist=None) -> Path | None:
+        """Write a checkpoint from rank 0. Every rank must call it when the model is sharded (a collective)."""
         import numpy as np
         import torch
 
+        from tasks.train_dist import optimizer_state, trainable_state
+
+        sharded = bool(dist and dist.sharded)
+        if dist and not dist.is_main and not sharded:
+            return None
+        trainable, optim = trainable_state(model, sharded), optimizer_state(model, optimizer, sharded)
+        if dist and not dist.is_main:
+            return None
         final = self.root / f"step-{state.step:08d}"
         tmp = self.root / f".tmp-step-{state.step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(trainable, tmp / "trainable.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optim, tmp / "optimizer.pt")
         rng = {
             "python": random.getstate(),
             "numpy": np.random.get_state(),
@@ -379,14 +401,15 @@ class Checkpoints:
         return last
 
     @staticmethod
-    def load(path: Path, model, optimizer, device: str) -> LoopState:
+    def load(path: Path, model, optimizer, device: str, sharded: bool = False) -> LoopState:
         import numpy as np
         import torch
 
-        params = dict(model.named_parameters())
-        for name, value in torch.load(path / "trainable.pt", map_location=device).items():
-            params[name].data.copy_(value)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device))
+        from tasks.train_dist import load_trainable_state
+
+        where = "cpu" if sharded else device
+        trainable = torch.load(path / "trainable.pt", map_location=where)
+        load_trainable_state(model, optimizer, trainable, torch.load(path / "optimizer.pt", map_location=where), sharded)
         # Our own file (python RNG tuples, numpy state): not loadable with weights_only.
         saved = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         rng = saved["rng"]
@@ -533,12 +556,12 @@ def train_loop(
     """
     import torch
 
-    from tasks.train_dist import CausalLMLoss, DistInfo, all_reduce_sum
+    from tasks.train_dist import CausalLMLoss, DistInfo, all_reduce_sum, set_gradient_sync
 
     dist = dist or DistInfo(device=device)
     loss_model = CausalLMLoss(model)
     runner = loss_model
-    if dist.enabled:
+    if dist.enabled and not dist.sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         runner = DDP(loss_model, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
@@ -571,14 +594,18 @@ def train_loop(
         loss_sum = torch.zeros((), device=device)
         for k, i in enumerate(mine):
             last = k == len(mine) - 1
-            sync = nullcontext() if last or not dist.enabled else runner.no_sync()
+            if dist.sharded:  # FSDP2: reduce-scatter the gradients after the last micro-batch only
+                set_gradient_sync(model, last)
+            sync = nullcontext() if last or not dist.enabled or dist.sharded else runner.no_sync()
             with sync:
                 with _autocast(device, dtype):
                     s = runner(*to_tensors(batches[i], device))
-                # DDP averages gradients over ranks, hence the factor world.
+                # DDP and FSDP average gradients over ranks, hence the factor world.
                 (s * (dist.world / max(1, step_tokens))).backward()
             loss_sum += s.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor when sharded
+            grad_norm = grad_norm.full_tensor()
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = float(all_reduce_sum(loss_sum, dist)) / max(1, step_tokens)
@@ -599,8 +626,8 @@ def train_loop(
                 "tokens_per_second": state.trained_tokens / max(state.seconds, 1e-9),
             }
         )
-        if checkpoints and train.save_steps and state.step % train.save_steps == 0 and dist.is_main:
-            checkpoints.save(model, opt, state)
+        if checkpoints and train.save_steps and state.step % train.save_steps == 0:
+            checkpoints.save(model, opt, state, dist)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -715,10 +742,10 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
     """
     import torch
 
-    from tasks.train_dist import CausalLMLoss, barrier, init_distributed, shutdown
+    from tasks.train_dist import CausalLMLoss, barrier, init_distributed, shard_model, shutdown, trainable_state
 
     train = params.train
-    dist = init_distributed()
+    dist = init_distributed(fsdp=train.distributed == "fsdp")
     device = dist.device
     say: Log = log if dist.is_main else (lambda _msg: None)
     try:
@@ -739,7 +766,10 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
         val_path = data_dir / "val.jsonl"
         val_batches = prepare_batches(tokenizer, read_jsonl(val_path), train) if val_path.exists() else []
         model = build_model(base_path, train, device, dtype)
-        torch.manual_seed(train.seed + dist.rank)  # dropout differs per rank; weights are broadcast by DDP
+        if dist.sharded:
+            shard_model(model)
+        # Dropout differs per rank; the weights are the same (seeded alike, and DDP broadcasts them too).
+        torch.manual_seed(train.seed + dist.rank)
         pad_frac = padding_fraction(batches)
 
         opt = torch.optim.AdamW(
@@ -755,7 +785,7 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
             tdist.broadcast_object_list(box, src=0)
             latest = Path(box[0]) if box[0] else None
         if latest is not None:
-            state = Checkpoints.load(latest, model, opt, device)
+            state = Checkpoints.load(latest, model, opt, device, dist.sharded)
             say(f"resuming from step {state.step} ({latest})")
         resumed = state.step if state else 0
         say(
@@ -769,8 +799,15 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
                 model, batches, train, device, say, dtype=dtype, dist=dist, checkpoints=checkpoints,
                 state=state, optimizer=opt, tracker=tracker,
             )
-            if dist.is_main and train.save_steps and state.step % train.save_steps:
-                checkpoints.save(model, opt, state)  # the final state: a re-run with the same settings is a no-op
+            if train.save_steps and state.step % train.save_steps:
+                checkpoints.save(model, opt, state, dist)  # the final state: a re-run with the same settings is a no-op
+            if dist.sharded:  # gather the trained weights into one whole model on rank 0
+                whole = trainable_state(model, sharded=True)
+                model = build_model(base_path, train, device, dtype) if dist.is_main else model
+                if dist.is_main:
+                    named = dict(model.named_parameters())
+                    for name, value in whole.items():
+                        named[name].data.copy_(value)
             val_loss = evaluate_loss(CausalLMLoss(model), val_batches, device, dtype) if dist.is_main else None
             final = state.history[-1]["loss"] if state.history else float("nan")
             summary = TrainSummary(

@@ -4,13 +4,17 @@ Kept apart from `tasks.finetune` so that the stage module imports without torch 
 evaluate stage imports `read_jsonl` from it), and so that the GPU benchmark can reuse the
 exact loss the stage trains with.
 
-Multi-process training is plain DDP: `tasks.finetune.main` relaunches itself under
+Multi-process training: `tasks.finetune.main` relaunches itself under
 `python -m torch.distributed.run --standalone --nproc_per_node N` when
 `train.num_processes > 1`; every rank builds the same batches in the same order and takes
 its share of each optimizer step's micro-batches, so N processes with grad_accum A see
-exactly the batches that one process with grad_accum N*A sees. FSDP is left out: the
-models this pipeline fine-tunes with LoRA fit on one device, and the adapter is what
-moves between ranks.
+exactly the batches that one process with grad_accum N*A sees.
+
+`train.distributed: ddp` keeps a full copy of the model per process and averages the
+gradients. `fsdp` shards weights, gradients and optimizer state over the processes with
+FSDP2 (`fully_shard` per decoder layer, then the root), for models whose full fine-tuning
+does not fit one device; checkpoints and the final model are then gathered into full
+state dicts on rank 0, so their files are the same as those of one process.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: str = "cpu"
+    sharded: bool = False  # FSDP: the model's weights are split over the ranks
 
     @property
     def is_main(self) -> bool:
@@ -73,7 +78,7 @@ class DistInfo:
         return self.world > 1
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(fsdp: bool = False) -> DistInfo:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU); one process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
@@ -86,7 +91,7 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return DistInfo(dist.get_rank(), world, local_rank, f"cuda:{local_rank}" if cuda else "cpu")
+    return DistInfo(dist.get_rank(), world, local_rank, f"cuda:{local_rank}" if cuda else "cpu", sharded=fsdp)
 
 
 def under_torchrun() -> bool:
@@ -123,3 +128,69 @@ def shutdown(info: DistInfo) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: shard every decoder layer, then the decoder (embeddings, norm), then the LM head.
+
+    The decoder and the head are sharded apart, not under the model's root, because
+    `CausalLMLoss` calls them directly (the head on the labelled positions only), so the
+    root's forward, where FSDP would gather its parameters, never runs. Call this before
+    the optimizer is created: sharding replaces the parameters with DTensors. All ranks
+    must hold the same initial weights (the stage seeds them identically).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, base.base_model_prefix)
+    for layer in decoder.layers:
+        fully_shard(layer)
+    fully_shard(decoder)
+    fully_shard(base.get_output_embeddings())
+
+
+def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    """FSDP: reduce-scatter gradients after this backward (the last micro-batch of a step) or keep them local."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(sync, recurse=False)
+
+
+def _full_options(**extra):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **extra)
+
+
+def trainable_state(model: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, whole and on the CPU (on rank 0 only when sharded: a collective)."""
+    if not sharded:
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(cpu_offload=True, ignore_frozen_params=True))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer, sharded: bool) -> dict:
+    """The optimizer's state, whole (a collective when sharded; the full dict lands on rank 0)."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+
+
+def load_trainable_state(model: torch.nn.Module, optimizer, trainable: dict, optim: dict, sharded: bool) -> None:
+    """Put whole saved state back into a (possibly sharded) model and its optimizer."""
+    if not sharded:
+        params = dict(model.named_parameters())
+        for name, value in trainable.items():
+            params[name].data.copy_(value)
+        optimizer.load_state_dict(optim)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, trainable, options=_full_options(strict=False))
+    set_optimizer_state_dict(model, optimizer, optim, options=_full_options())

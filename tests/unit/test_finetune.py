@@ -24,6 +24,7 @@ from tasks.finetune import (
     pack_sequences,
     padding_fraction,
     prepare_batches,
+    to_tensors,
 )
 from tasks.modeling import encode_chat, load_causal_lm, load_tokenizer, load_trained, resolve_base
 
@@ -80,18 +81,23 @@ def test_best_fit_needs_fewer_rows_than_greedy(tokenizer):
     assert all(len(r[0]) <= 256 for r in rows)
 
 
-def test_packed_logits_equal_each_example_alone(tokenizer, base_path):
+@pytest.mark.parametrize("attention", ["mask", "packed"])
+def test_packed_logits_equal_each_example_alone(tokenizer, base_path, attention):
     import torch
 
+    from tasks.attention import use_packed_attention
     from tasks.train_dist import CausalLMLoss
 
     model = load_causal_lm(base_path).eval()
+    if attention == "packed":
+        use_packed_attention(model)
+        assert model.config._attn_implementation == "ftllm_packed"
+    reference = load_causal_lm(base_path).eval()  # the same weights, transformers' own attention
     encoded = [encode_chat(tokenizer, r["messages"]) for r in make_examples(3, seed=5)]
     rows = pack_sequences(encoded, 256)
     assert len(rows) == 1  # all three share one row
     batch = make_batches(rows + [([5, 6, 7], [IGNORE] * 3, [0, 1, 2])], 2, tokenizer.pad_token_id)[0]
-    ids = torch.tensor(batch.input_ids)
-    pos = torch.tensor(batch.position_ids).clamp(min=0)
+    ids, pos, shifted = to_tensors(batch, "cpu")
     row = next(i for i, p in enumerate(batch.position_ids) if p.count(0) == 3)
     starts = [i for i, p in enumerate(batch.position_ids[row]) if p == 0] + [len(batch.position_ids[row])]
     with torch.no_grad():
@@ -100,13 +106,13 @@ def test_packed_logits_equal_each_example_alone(tokenizer, base_path):
         alone_loss = 0.0
         for start, end in zip(starts, starts[1:]):
             segment = batch.input_ids[row][start:end]
-            alone = model(input_ids=torch.tensor([segment])).logits[0]
+            alone = reference(input_ids=torch.tensor([segment])).logits[0]
             torch.testing.assert_close(packed[row, start:end], alone, atol=1e-4, rtol=1e-4)
             enc = next(e for e in encoded if e.input_ids == segment)
             labels = torch.tensor([t if m else IGNORE for t, m in zip(enc.input_ids, enc.loss_mask)][1:] + [IGNORE])
             alone_loss += float(torch.nn.functional.cross_entropy(alone, labels, reduction="sum", ignore_index=IGNORE))
         # The training loss of the packed batch is the sum of the examples' losses.
-        trained = CausalLMLoss(model)(ids, pos, torch.tensor(batch.labels))
+        trained = CausalLMLoss(model)(ids, pos, shifted)
         assert float(trained) == pytest.approx(alone_loss, rel=1e-4)
 
 
@@ -228,9 +234,13 @@ def test_killed_stage_resumes_from_its_last_checkpoint(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(data_dir, tmp_path):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(data_dir, tmp_path, distributed):
     one = _write_params(tmp_path / "one.yaml", small_params(max_steps=8, batch_size=2, grad_accum=2))
-    two = _write_params(tmp_path / "two.yaml", small_params(max_steps=8, batch_size=2, num_processes=2))
+    two = _write_params(
+        tmp_path / "two.yaml",
+        small_params(max_steps=8, batch_size=2, num_processes=2, distributed=distributed, save_steps=4),
+    )
     for params, out in ((one, tmp_path / "one"), (two, tmp_path / "two")):
         proc = _stage(params, data_dir, out)
         text, _ = proc.communicate(timeout=600)
@@ -240,3 +250,19 @@ def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(d
     assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["num_processes"] == 2
     assert a[-1] < a[0] and b[-1] < b[0]
     assert b == pytest.approx(a, rel=1e-3)
+    # The checkpoints hold whole state (gathered from the shards under FSDP): a re-run loads
+    # the last one into the sharded model, trains no further step and writes the same adapter.
+    from safetensors.torch import load_file
+
+    before = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    proc = _stage(two, data_dir, tmp_path / "two")
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "resuming from step 8" in text, text
+    after = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(torch_equal(before[k], after[k]) for k in before)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
