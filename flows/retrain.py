@@ -36,7 +36,7 @@ from tasks.registry import (
     register_candidate,
     tag_version,
 )
-from tasks.stages import StageError, git_commit, lock_digest, run_stages, stage_out_md5
+from tasks.stages import StageError, git_commit, lock_digest, push_outputs, push_remote, run_stages, stage_out_md5
 from tasks.tracking import end_tracking_run, log_results, run_link, start_tracking_run
 from tasks.formats import DataFileError
 from tasks.notify import notify_run
@@ -91,6 +91,21 @@ def run_dvc_stages(root: Path, overrides: dict, run_id: str) -> dict:
     except StageError as exc:
         return {"error": str(exc)}
     return {"ran": result.ran, "skipped": result.skipped}
+
+
+@task(name="push-dvc-outputs", retries=2, retry_delay_seconds=10)
+def push_dvc_outputs(root: Path) -> str | None:
+    """Send the data and stage outputs to the default DVC remote; None where there is none to push to.
+
+    Retried: a push is network I/O to object storage. Only a remote outside the workspace
+    is pushed to (`tasks.stages.push_remote`), so the default offline run is unchanged.
+    """
+    logger = get_run_logger()
+    remote = push_remote(root)
+    if remote is None:
+        logger.info("no DVC remote outside the workspace: outputs stay in the local DVC cache")
+        return None
+    return push_outputs(root, remote, lock_timeout=3600, log=logger.info)
 
 
 @task(name="evaluate-champion")
@@ -231,6 +246,9 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: d
             raise StageError(stages["error"])
         durations["stages"] = round(time.perf_counter() - t, 2)
         result["stages"] = stages
+        t = time.perf_counter()
+        result["dvc_push"] = push_dvc_outputs(root)
+        durations["dvc_push"] = round(time.perf_counter() - t, 2)
         metrics = json.loads((root / "artifacts/metrics.json").read_text())
         fingerprint = f"{stage_out_md5(root, 'finetune', 'artifacts/model')}:{params.digest()}"
         lineage.update(dvc_lock_md5=lock_digest(root), fingerprint=fingerprint)

@@ -37,8 +37,10 @@ def defaults_for(root: Path) -> dict[str, str]:
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
         # The first start migrates a new database; on a busy 2-core machine that takes over 20 s.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        # No MLFLOW_REGISTRY_URI: MLflow keeps the registry where the tracking URI points, so
+        # a tracking server set in the environment also gets the model versions (a registry
+        # default here would split runs on the server from their versions in mlflow.db).
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "MLFLOW_REGISTRY_URI": f"sqlite:///{root / 'mlflow.db'}",
         "BENTOML_HOME": str(root / ".bentoml"),
         "BENTOML_DO_NOT_TRACK": "true",
         "HF_HUB_OFFLINE": "1",

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
@@ -62,13 +63,19 @@ def _actor() -> str:
 
 
 def ensure_experiment(name: str, artifact_root: Path) -> str:
-    """The id of experiment `name`, created with its artifacts under `artifact_root`."""
+    """The id of experiment `name`, created with its artifacts under `artifact_root`.
+
+    A tracking server (an http(s) tracking URI) keeps its own artifact store (S3, a proxied
+    folder): there the server chooses, since a local path would leave the artifacts on the
+    machine that happened to start the run.
+    """
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+    server = urlparse(mlflow.get_tracking_uri()).scheme in ("http", "https")
+    return mlflow.create_experiment(name, artifact_location=None if server else artifact_root.resolve().as_uri())
 
 
 def _staged_model_dir(model_dir: Path, tmp: Path) -> Path:

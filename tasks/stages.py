@@ -4,6 +4,9 @@
 overrides reach the stages through FTLLM_OVERRIDES (read by the `resolve` stage), and the
 MLflow run id through MLFLOW_RUN_ID. A file lock around the whole repro makes a second run
 on the same workspace wait for the first (DVC itself would fail on its own lock instead).
+
+After the stages, `push_outputs` sends what they produced to the default DVC remote, when
+that remote lies outside the workspace (see `push_remote`).
 """
 
 from __future__ import annotations
@@ -50,28 +53,75 @@ def run_stages(root: Path, overrides: dict, mlflow_run_id: str | None, lock_time
     env = _venv_env({"FTLLM_OVERRIDES": json.dumps(overrides), "DVC_NO_ANALYTICS": "1"})
     if mlflow_run_id:
         env["MLFLOW_RUN_ID"] = mlflow_run_id
-    lock = FileLock(root / ".dvc" / "tmp" / "ftllm-retrain.lock")
-    try:
-        with lock.acquire(timeout=lock_timeout):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "dvc", "repro"], cwd=root, env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            )
-            lines = []
-            for line in proc.stdout:
-                lines.append(line.rstrip())
-                log(line.rstrip())
-            code = proc.wait()
-    except Timeout:
-        raise StageError(
-            f"another retraining run holds {lock.lock_file} for more than {lock_timeout:.0f}s; try again later"
-        ) from None
+    code, lines = _dvc_locked(root, ["repro"], env, lock_timeout, log)
     output = "\n".join(lines)
     if code != 0:
         tail = "\n".join(lines[-15:])
         raise StageError(f"dvc repro failed (exit {code}):\n{tail}")
     ran = [s for s in STAGES if f"Running stage '{s}'" in output]
     return ReproResult(ran=ran, skipped=[s for s in STAGES if s not in ran], output=output)
+
+
+def _dvc_locked(root: Path, args: list[str], env: dict[str, str], lock_timeout: float, log) -> tuple[int, list[str]]:
+    """`dvc ARGS` in `root` under the workspace lock; its exit code and output lines."""
+    lock = FileLock(root / ".dvc" / "tmp" / "ftllm-retrain.lock")
+    try:
+        with lock.acquire(timeout=lock_timeout):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dvc", *args], cwd=root, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            lines = []
+            for line in proc.stdout:
+                lines.append(line.rstrip())
+                log(line.rstrip())
+            return proc.wait(), lines
+    except Timeout:
+        raise StageError(
+            f"another retraining run holds {lock.lock_file} for more than {lock_timeout:.0f}s; try again later"
+        ) from None
+
+
+def push_remote(root: Path) -> str | None:
+    """The default DVC remote to push a run's outputs to, or None to keep them in the local cache.
+
+    None when no default remote is set, or when it lies inside the workspace: the project
+    ships `dvcstore/` (tracked by git, so that a fresh clone can `dvc pull` offline), and
+    pushing every run's model there would add no copy on another disk and grow the git
+    repository. A remote elsewhere (S3, GCS, SSH, a shared mount), set with
+    `dvc remote add -d` (in `.dvc/config.local` for a machine's own), is pushed to.
+    """
+    from dvc.config import Config
+
+    config = Config(dvc_dir=root / ".dvc")  # merges config and config.local; relative paths made absolute
+    name = config["core"].get("remote")
+    if not name:
+        return None
+    if name not in config["remote"]:
+        raise StageError(f"the default DVC remote {name!r} is not defined; see `dvc remote list` in {root}")
+    url = config["remote"][name]["url"]
+    if "://" not in url and Path(url).resolve().is_relative_to(root.resolve()):
+        return None
+    return name
+
+
+def push_outputs(root: Path, remote: str, lock_timeout: float, log=print) -> str:
+    """`dvc push -r REMOTE` of the data and stage outputs that dvc.lock names, under the workspace lock.
+
+    Returns:
+        DVC's summary line (`3 files pushed`, `Everything is up to date.`).
+
+    Raises:
+        StageError: the push failed (unreachable remote, missing credentials); the message
+            holds DVC's output.
+    """
+    env = _venv_env({"DVC_NO_ANALYTICS": "1"})
+    code, lines = _dvc_locked(root, ["push", "-r", remote], env, lock_timeout, log)
+    if code != 0:
+        tail = "\n".join(lines[-15:])
+        raise StageError(f"dvc push to remote {remote!r} failed (exit {code}):\n{tail}")
+    # DVC's warnings (a file missing from the local cache) may come after its summary.
+    return next((line for line in reversed(lines) if "pushed" in line or "up to date" in line), "")
 
 
 def lock_digest(root: Path) -> str:

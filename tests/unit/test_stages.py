@@ -1,11 +1,15 @@
-"""The workspace lock: a second retraining run waits, then gives up with a clear message."""
+"""The workspace lock (a second retraining run waits, then gives up with a clear message) and
+the push of a run's outputs to a DVC remote outside the workspace."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 from filelock import FileLock
 
-from tasks.stages import StageError, run_stages
+from tasks.stages import StageError, push_outputs, push_remote, run_stages
 
 
 def test_second_run_on_a_locked_workspace_is_refused(tmp_path):
@@ -20,3 +24,41 @@ def test_failed_repro_reports_dvc_output(tmp_path):
     (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
     with pytest.raises(StageError, match="dvc repro failed"):
         run_stages(tmp_path, {}, None, lock_timeout=1, log=lambda line: None)
+
+
+def _dvc_project(root, config: str, local: str = "") -> None:
+    (root / ".dvc").mkdir(parents=True)
+    (root / ".dvc" / "config").write_text(config)
+    if local:
+        (root / ".dvc" / "config.local").write_text(local)
+
+
+def test_push_remote_skips_the_in_repo_store_and_takes_one_elsewhere(tmp_path):
+    shipped = "[core]\n    remote = local\n['remote \"local\"']\n    url = ../dvcstore\n"
+    _dvc_project(tmp_path / "default", shipped)
+    assert push_remote(tmp_path / "default") is None  # dvcstore/ is inside the workspace
+
+    s3 = "[core]\n    remote = s3\n['remote \"s3\"']\n    url = s3://bucket/dvc\n    endpointurl = http://127.0.0.1:9\n"
+    _dvc_project(tmp_path / "s3", shipped, local=s3)
+    assert push_remote(tmp_path / "s3") == "s3"  # config.local wins over the committed default
+
+    _dvc_project(tmp_path / "none", "[core]\n    autostage = false\n")
+    assert push_remote(tmp_path / "none") is None
+
+    _dvc_project(tmp_path / "missing", "[core]\n    remote = gone\n")
+    with pytest.raises(StageError, match="'gone' is not defined"):
+        push_remote(tmp_path / "missing")
+
+
+def test_push_outputs_sends_the_cache_to_a_remote_outside_the_workspace(tmp_path):
+    root, store = tmp_path / "ws", tmp_path / "shared-store"
+    root.mkdir()
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=root, check=True)
+    subprocess.run([*dvc, "remote", "add", "-d", "--local", "shared", str(store)], cwd=root, check=True)
+    (root / "data.txt").write_text("a tracked file\n")
+    subprocess.run([*dvc, "add", "-q", "data.txt"], cwd=root, check=True)
+
+    assert push_remote(root) == "shared"
+    assert "1 file pushed" in push_outputs(root, "shared", lock_timeout=1, log=lambda line: None)
+    assert len([p for p in store.rglob("*") if p.is_file()]) == 1
