@@ -36,12 +36,25 @@ from tasks.registry import (
     register_candidate,
     tag_version,
 )
-from tasks.stages import StageError, git_commit, lock_digest, push_outputs, push_remote, run_stages, stage_out_md5
+from tasks.stages import (
+    StageError,
+    git_commit,
+    lock_digest,
+    push_outputs,
+    push_remote,
+    run_stages,
+    stage_out_md5,
+    workspace_lock,
+    workspace_locked,
+)
 from tasks.tracking import end_tracking_run, log_results, run_link, start_tracking_run
 from tasks.formats import DataFileError
 from tasks.notify import notify_run
 from tasks.package import PackageError
 from tasks.validate import validate_dataset
+
+
+WORKSPACE_WAIT_SECONDS = 3600  # how long a second run on the same workspace waits for the first
 
 
 class RunFailed(RuntimeError):
@@ -87,7 +100,7 @@ def run_dvc_stages(root: Path, overrides: dict, run_id: str) -> dict:
     """
     logger = get_run_logger()
     try:
-        result = run_stages(root, overrides, run_id, lock_timeout=3600, log=logger.info)
+        result = run_stages(root, overrides, run_id, log=logger.info)
     except StageError as exc:
         return {"error": str(exc)}
     return {"ran": result.ran, "skipped": result.skipped}
@@ -105,7 +118,7 @@ def push_dvc_outputs(root: Path) -> str | None:
     if remote is None:
         logger.info("no DVC remote outside the workspace: outputs stay in the local DVC cache")
         return None
-    return push_outputs(root, remote, lock_timeout=3600, log=logger.info)
+    return push_outputs(root, remote, log=logger.info)
 
 
 @task(name="evaluate-champion")
@@ -212,6 +225,15 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: d
         if section is not None:
             overrides.update({f"{name}.{k}": v for k, v in section.model_dump(mode="json").items()})
     params = load_params(params_file, overrides)
+    # From validation to promotion this run owns the workspace: what it registers and packages
+    # must be what its own stages wrote. A second run waits here (or gives up after an hour).
+    logger.info(f"waiting for the workspace lock of {root}" if workspace_locked(root) else f"workspace {root} is free")
+    with workspace_lock(root, timeout=WORKSPACE_WAIT_SECONDS):
+        return _retrain_in_workspace(root, params, overrides, result)
+
+
+def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: dict) -> dict:
+    logger = get_run_logger()
     durations: dict[str, float] = {}
     data_path = Path(params.data.path) if Path(params.data.path).is_absolute() else root / params.data.path
     result.update({

@@ -57,6 +57,10 @@ def defaults_for(root: Path) -> dict[str, str]:
 def apply_defaults(root: Path | None = None) -> Path:
     """Set the embedded defaults in `os.environ` where not already set; return the root."""
     root = root or find_root()
-    for key, value in defaults_for(root).items():
+    defaults = defaults_for(root)
+    if "PREFECT_HOME" in os.environ:
+        # Prefect keeps its database in its home: one set elsewhere takes the database along.
+        defaults.pop("PREFECT_API_DATABASE_CONNECTION_URL")
+    for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return root

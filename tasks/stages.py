@@ -2,8 +2,13 @@
 
 `dvc repro` decides what to recompute: an unchanged stage is skipped. The run's `--set`
 overrides reach the stages through FTLLM_OVERRIDES (read by the `resolve` stage), and the
-MLflow run id through MLFLOW_RUN_ID. A file lock around the whole repro makes a second run
-on the same workspace wait for the first (DVC itself would fail on its own lock instead).
+MLflow run id through MLFLOW_RUN_ID.
+
+`workspace_lock` makes a second run on the same workspace wait for the first (DVC itself
+would fail on its own lock instead). The retrain flow holds it from validation to
+promotion, not only around `dvc repro`: the outputs it registers and packages
+(`artifacts/model`, `metrics.json`, `dvc.lock`) must be the ones its own stages wrote, not
+those of a run that started repro in between.
 
 After the stages, `push_outputs` sends what they produced to the default DVC remote, when
 that remote lies outside the workspace (see `push_remote`).
@@ -16,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,16 +50,49 @@ def _venv_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def run_stages(root: Path, overrides: dict, mlflow_run_id: str | None, lock_timeout: float, log=print) -> ReproResult:
-    """`dvc repro` in `root` with the run's overrides, under the workspace lock.
+@contextmanager
+def workspace_lock(root: Path, timeout: float):
+    """Hold the workspace's retraining lock (a file lock under `.dvc/tmp`), waiting up to `timeout` seconds.
+
+    The lock dies with the process that holds it, so a killed run never leaves it behind.
 
     Raises:
-        StageError: a stage failed, or another run held the lock longer than `lock_timeout`.
+        StageError: another run held the lock for longer than `timeout`.
+    """
+    path = root / ".dvc" / "tmp" / "ftllm-retrain.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise StageError(
+            f"another retraining run holds {lock.lock_file} for more than {timeout:.0f}s; try again later"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def workspace_locked(root: Path) -> bool:
+    """Whether another run holds the workspace lock right now (for a log line; it may change at once)."""
+    try:
+        with workspace_lock(root, timeout=0):
+            return False
+    except StageError:
+        return True
+
+
+def run_stages(root: Path, overrides: dict, mlflow_run_id: str | None, log=print) -> ReproResult:
+    """`dvc repro` in `root` with the run's overrides; the caller holds `workspace_lock`.
+
+    Raises:
+        StageError: a stage failed.
     """
     env = _venv_env({"FTLLM_OVERRIDES": json.dumps(overrides), "DVC_NO_ANALYTICS": "1"})
     if mlflow_run_id:
         env["MLFLOW_RUN_ID"] = mlflow_run_id
-    code, lines = _dvc_locked(root, ["repro"], env, lock_timeout, log)
+    code, lines = _dvc(root, ["repro"], env, log)
     output = "\n".join(lines)
     if code != 0:
         tail = "\n".join(lines[-15:])
@@ -62,24 +101,16 @@ def run_stages(root: Path, overrides: dict, mlflow_run_id: str | None, lock_time
     return ReproResult(ran=ran, skipped=[s for s in STAGES if s not in ran], output=output)
 
 
-def _dvc_locked(root: Path, args: list[str], env: dict[str, str], lock_timeout: float, log) -> tuple[int, list[str]]:
-    """`dvc ARGS` in `root` under the workspace lock; its exit code and output lines."""
-    lock = FileLock(root / ".dvc" / "tmp" / "ftllm-retrain.lock")
-    try:
-        with lock.acquire(timeout=lock_timeout):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "dvc", *args], cwd=root, env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            )
-            lines = []
-            for line in proc.stdout:
-                lines.append(line.rstrip())
-                log(line.rstrip())
-            return proc.wait(), lines
-    except Timeout:
-        raise StageError(
-            f"another retraining run holds {lock.lock_file} for more than {lock_timeout:.0f}s; try again later"
-        ) from None
+def _dvc(root: Path, args: list[str], env: dict[str, str], log) -> tuple[int, list[str]]:
+    """`dvc ARGS` in `root`; its exit code and output lines (each also passed to `log`)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        log(line.rstrip())
+    return proc.wait(), lines
 
 
 def push_remote(root: Path) -> str | None:
@@ -105,8 +136,8 @@ def push_remote(root: Path) -> str | None:
     return name
 
 
-def push_outputs(root: Path, remote: str, lock_timeout: float, log=print) -> str:
-    """`dvc push -r REMOTE` of the data and stage outputs that dvc.lock names, under the workspace lock.
+def push_outputs(root: Path, remote: str, log=print) -> str:
+    """`dvc push -r REMOTE` of the data and stage outputs that dvc.lock names; the caller holds `workspace_lock`.
 
     Returns:
         DVC's summary line (`3 files pushed`, `Everything is up to date.`).
@@ -116,7 +147,7 @@ def push_outputs(root: Path, remote: str, lock_timeout: float, log=print) -> str
             holds DVC's output.
     """
     env = _venv_env({"DVC_NO_ANALYTICS": "1"})
-    code, lines = _dvc_locked(root, ["push", "-r", remote], env, lock_timeout, log)
+    code, lines = _dvc(root, ["push", "-r", remote], env, log)
     if code != 0:
         tail = "\n".join(lines[-15:])
         raise StageError(f"dvc push to remote {remote!r} failed (exit {code}):\n{tail}")

@@ -11,9 +11,12 @@ import socket
 import tempfile
 from pathlib import Path
 
-_STATE = Path(tempfile.mkdtemp(prefix="ftllm-tests-"))
+# pytest loads this file as `conftest`, and test modules import it again as `tests.conftest`
+# (for free_port): the second load must reuse the first one's folder, not make another.
+_STATE = Path(os.environ.get("FTLLM_TEST_STATE") or tempfile.mkdtemp(prefix="ftllm-tests-"))
 os.environ.update(
     {
+        "FTLLM_TEST_STATE": str(_STATE),
         "PREFECT_HOME": str(_STATE / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",

@@ -111,3 +111,69 @@ print(run_coro_as_sync(state()))
     assert runs and runs[0].data.params["train.max_steps"] == "30"
     assert json.loads(runs[0].data.tags["overrides"]) == OVERRIDES
     assert "model_version" in runs[0].data.tags  # the worker's run went all the way to the registry
+
+
+def _flow_run_states(server: dict, ids: list[str]) -> dict[str, dict]:
+    script = """
+import json, sys
+from prefect.client.orchestration import get_client
+from prefect.utilities.asyncutils import run_coro_as_sync
+async def states():
+    async with get_client() as c:
+        out = {}
+        for i in sys.argv[1:]:
+            run = await c.read_flow_run(i)
+            out[i] = {"type": run.state.type.value, "message": run.state.message,
+                      "start": run.start_time.timestamp(), "end": run.end_time.timestamp()}
+        return out
+print(json.dumps(run_coro_as_sync(states())))
+"""
+    out = subprocess.run([sys.executable, "-c", script, *ids], env=server, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_two_runs_triggered_at_once_both_end_cleanly_and_the_registry_stays_consistent(server, project):
+    """Two retraining runs of the same workspace at the same time: one trains, the other waits
+    for the workspace lock and then finds nothing changed; one new version, no DVC lock error."""
+    from mlflow import MlflowClient
+
+    overrides = {**OVERRIDES, "registry.model_name": "ftllm-concurrent", "train.seed": 7}
+    trigger = """
+import json, sys
+from prefect.deployments import run_deployment
+ids = [str(run_deployment("retrain/scheduled", parameters={"overrides": json.loads(sys.argv[1])}, timeout=0).id)
+       for _ in range(2)]
+print(json.dumps(ids))
+"""
+    out = subprocess.run([sys.executable, "-c", trigger, json.dumps(overrides)], env=server, cwd=project,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ids = json.loads(out.stdout.strip().splitlines()[-1])
+    # One worker poll picks up both runs and runs them side by side, each in its own process.
+    worker = subprocess.run(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "ftllm-process", "--run-once"],
+        env=server, cwd=project, capture_output=True, text=True, timeout=1200,
+    )
+    states = _flow_run_states(server, ids)
+    assert all(s["type"] == "COMPLETED" for s in states.values()), (states, worker.stdout[-3000:], worker.stderr[-3000:])
+    first_end = min(s["end"] for s in states.values())
+    assert all(s["start"] < first_end for s in states.values()), states  # they did run at the same time
+    logs = worker.stdout + worker.stderr
+    assert "Unable to acquire lock" not in logs and "is locked" not in logs  # DVC's own lock never tripped
+
+    client = MlflowClient()
+    versions = client.search_model_versions("name = 'ftllm-concurrent'")
+    assert len(versions) == 1  # the second run registered nothing: same model, same settings
+    model = client.get_registered_model("ftllm-concurrent")
+    # Aliases point at that version and agree with its verdict (30 steps may or may not pass the gate).
+    expected = {"challenger": versions[0].version}
+    if versions[0].tags["gate_passed"] == "true":
+        expected["champion"] = versions[0].version
+    assert model.aliases == expected
+    runs = client.search_runs(
+        [client.get_experiment_by_name("retrain").experiment_id],
+        filter_string="params.`registry.model_name` = 'ftllm-concurrent'",
+    )
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    assert sum("model_version" in r.data.tags for r in runs) == 1

@@ -7,23 +7,58 @@ import subprocess
 import sys
 
 import pytest
-from filelock import FileLock
 
-from tasks.stages import StageError, push_outputs, push_remote, run_stages
+from tasks.stages import StageError, push_outputs, push_remote, run_stages, workspace_lock
+from tests.conftest import REPO
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from tasks.stages import workspace_lock
+with workspace_lock(Path(sys.argv[1]), timeout=5):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
 
 
-def test_second_run_on_a_locked_workspace_is_refused(tmp_path):
+def _holder(root, seconds: float) -> subprocess.Popen:
+    """Another process (another run) that takes the workspace lock and keeps it `seconds`."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(root), str(seconds)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_run_on_a_locked_workspace_is_refused_after_its_timeout(tmp_path):
     (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
-    held = FileLock(tmp_path / ".dvc" / "tmp" / "ftllm-retrain.lock")
-    with held:
+    holder = _holder(tmp_path, 30)
+    try:
         with pytest.raises(StageError, match="another retraining run holds"):
-            run_stages(tmp_path, {}, None, lock_timeout=0.2, log=lambda line: None)
+            with workspace_lock(tmp_path, timeout=0.3):
+                pass
+    finally:
+        holder.kill()
+
+
+def test_second_run_waits_for_the_first_then_goes_on(tmp_path):
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    holder = _holder(tmp_path, 1.5)
+    with workspace_lock(tmp_path, timeout=60):
+        assert holder.poll() == 0  # the first run had finished before the second got the lock
+
+
+def test_lock_of_a_killed_run_is_free(tmp_path):
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    holder = _holder(tmp_path, 60)
+    holder.kill()
+    holder.wait()
+    with workspace_lock(tmp_path, timeout=2):
+        pass
 
 
 def test_failed_repro_reports_dvc_output(tmp_path):
     (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
     with pytest.raises(StageError, match="dvc repro failed"):
-        run_stages(tmp_path, {}, None, lock_timeout=1, log=lambda line: None)
+        run_stages(tmp_path, {}, None, log=lambda line: None)
 
 
 def _dvc_project(root, config: str, local: str = "") -> None:
@@ -60,5 +95,5 @@ def test_push_outputs_sends_the_cache_to_a_remote_outside_the_workspace(tmp_path
     subprocess.run([*dvc, "add", "-q", "data.txt"], cwd=root, check=True)
 
     assert push_remote(root) == "shared"
-    assert "1 file pushed" in push_outputs(root, "shared", lock_timeout=1, log=lambda line: None)
+    assert "1 file pushed" in push_outputs(root, "shared", log=lambda line: None)
     assert len([p for p in store.rglob("*") if p.is_file()]) == 1

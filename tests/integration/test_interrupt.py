@@ -1,0 +1,82 @@
+"""A retraining run whose training step is killed: a clear failure, nothing registered, and a resume.
+
+`ftllm run` runs in its own process; once the finetune stage has written a checkpoint, the
+stage's process gets SIGKILL (as from the out-of-memory killer or a lost machine). The run
+must end with exit status 1 and a message naming the failed stage, leave the registry
+without a new version, and the next run must resume training from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.conftest import FAST
+
+pytestmark = pytest.mark.slow
+MODEL = "ftllm-interrupt"
+OVERRIDES = {**FAST, "train.save_steps": 40, "registry.model_name": MODEL}
+BIN = Path(sys.executable).parent
+
+
+def ftllm_run(project: Path) -> subprocess.Popen:
+    sets = [arg for key, value in OVERRIDES.items() for arg in ("--set", f"{key}={value}")]
+    return subprocess.Popen(
+        [str(BIN / "ftllm"), "run", "--json", *sets], cwd=project, env={**os.environ, "FTLLM_ROOT": str(project)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finetune_process(parent: subprocess.Popen) -> psutil.Process | None:
+    for child in psutil.Process(parent.pid).children(recursive=True):
+        try:
+            if "tasks.finetune" in " ".join(child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def versions(name: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    return [str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")]
+
+
+def test_killed_training_fails_the_run_and_the_next_run_resumes(project):
+    checkpoints = project / "artifacts" / "model.checkpoints"
+    run = ftllm_run(project)
+    victim, deadline = None, time.monotonic() + 600
+    while time.monotonic() < deadline and run.poll() is None:
+        victim = victim or finetune_process(run)
+        if victim is not None and any(checkpoints.glob("step-*/meta.json")):
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    else:
+        run.kill()
+        pytest.fail(f"no checkpoint of the finetune stage to interrupt: {run.communicate()[1][-3000:]}")
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 1, (out[-2000:], err[-3000:])
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "failed"
+    assert "dvc repro failed" in summary["error"] and "finetune" in summary["error"]
+    assert "Traceback" not in err
+    assert versions(MODEL) == []  # nothing registered, no champion to move
+
+    rerun = ftllm_run(project)
+    out, err = rerun.communicate(timeout=900)
+    assert rerun.returncode == 0, (out[-2000:], err[-3000:])
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["status"] == "promoted" and versions(MODEL) == [str(result["version"])]
+    trained = json.loads((project / "artifacts" / "model" / "train_summary.json").read_text())
+    # At most save_steps steps were repeated: training went on from the checkpoint.
+    assert trained["resumed_from_step"] >= 40 and trained["steps"] == FAST["train.max_steps"]
