@@ -54,6 +54,8 @@ def setup(args):
     train = TrainParams(
         max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
         warmup_steps=0.05, seed=args.seed, save_steps=0, log_every=10**6,
+        # The baseline is a plain model: transformers' SDPA with the padding mask.
+        attention=args.attention if args.only == "ours" else "mask",
     )
     encoded = [encode_chat(tok, ex["messages"]) for ex in alpaca_to_chat(args.data)]
     return base, tok, train, encoded
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ours-batch-size", type=int, default=None,
                     help="packed rows per step for this trainer (default: --batch-size); a packed row holds "
                          "several examples, so fewer rows give the same trained tokens per optimizer step")
+    ap.add_argument("--attention", choices=["packed", "mask"], default="packed",
+                    help="train.attention of this trainer (the baseline always uses transformers' SDPA with its mask)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating runs of each trainer; the median ratio is reported")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=0.004)
     ap.add_argument("--seed", type=int, default=42)
@@ -195,20 +200,28 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_file():
         print(f"error: {args.data}: data file not found; pass --data PATH", file=sys.stderr)
         return 2
-    results = {}
-    for name in ("trainer", "ours"):
-        cmd = [sys.executable, __file__, "--only", name, *(argv if argv is not None else sys.argv[1:])]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        results[name] = json.loads(line.removeprefix("RESULT "))
-    ours, base = results["ours"], results["trainer"]
+    runs: dict[str, list[dict]] = {"trainer": [], "ours": []}
+    # Alternate the two (trainer, ours, trainer, ...): a change in the machine's load then
+    # hits both, and each pair gives one ratio.
+    for _ in range(args.repeats):
+        for name in ("trainer", "ours"):
+            cmd = [sys.executable, __file__, "--only", name, *(argv if argv is not None else sys.argv[1:])]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            runs[name].append(json.loads(line.removeprefix("RESULT ")))
+    ratios = sorted(o["tokens_per_second"] / t["tokens_per_second"] for t, o in zip(runs["trainer"], runs["ours"]))
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    # The run of each trainer with the median speed stands for it; losses are the same in every repeat.
+    ours = min(runs["ours"], key=lambda r: abs(r["tokens_per_second"] - median([x["tokens_per_second"] for x in runs["ours"]])))
+    base = min(runs["trainer"], key=lambda r: abs(r["tokens_per_second"] - median([x["tokens_per_second"] for x in runs["trainer"]])))
     ours["loss_at_trainer_tokens"] = loss_at_tokens(ours.pop("curve"), base["trained_tokens"])
-    speedup = ours["tokens_per_second"] / base["tokens_per_second"]
-    print(f"{args.steps} steps x {args.batch_size} sequences (ours: {args.ours_batch_size or args.batch_size} packed rows), "
-          f"seq_len {args.seq_len}, base {args.base}, data {args.data.name}")
+    speedup = median(ratios)
+    print(f"{args.steps} steps x {args.batch_size} sequences (ours: {args.ours_batch_size or args.batch_size} packed rows, "
+          f"attention {args.attention}), seq_len {args.seq_len}, base {args.base}, data {args.data.name}, "
+          f"{args.repeats} alternating run(s) each")
     print(f"{'':22}{'trainer (padded)':>18}{'ours (packed)':>16}")
     for key, fmt in [
         ("tokens_per_second", "{:.0f}"), ("trained_tokens", "{:d}"), ("seconds", "{:.1f}"),
@@ -218,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:22}{fmt.format(base[key]):>18}{fmt.format(ours[key]):>16}")
     at = ours["loss_at_trainer_tokens"]
     print(f"our train loss after the trainer's {base['trained_tokens']} tokens: {at:.4f}" if at else "")
-    print(f"speed-up (trained tokens/s): {speedup:.2f}x")
+    print(f"speed-up (trained tokens/s): {speedup:.2f}x" + (f" (median of {args.repeats} pairs; all: "
+          + ", ".join(f"{r:.2f}" for r in ratios) + ")" if args.repeats > 1 else ""))
     if args.json:
-        args.json.write_text(json.dumps({"trainer": base, "ours": ours, "speedup": speedup, "args": {
-            k: str(v) for k, v in vars(args).items()}}, indent=2))
+        args.json.write_text(json.dumps({"trainer": base, "ours": ours, "speedup": speedup, "ratios": ratios,
+                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
     return 0
 
 
