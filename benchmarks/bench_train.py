@@ -2,8 +2,8 @@
 
 Both train the same base model with the same LoRA settings, learning-rate schedule, seed
 and number of optimizer steps of `--batch-size` sequences, on the same variable-length
-instruction data (the Alpaca seed tasks as chat messages, one example per instance, cut
-to `--seq-len` tokens). The baseline pads each batch to its longest example
+instruction data (by default the Alpaca seed tasks, one chat example per instance; any
+file in a format `ftllm validate` reads with `--data`), cut to `--seq-len` tokens. The baseline pads each batch to its longest example
 (`DataCollatorForSeq2Seq`); ours packs examples into `--seq-len` rows (best-fit
 decreasing, attention kept per example) and runs the LM head only on trained tokens.
 
@@ -32,16 +32,25 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "alpaca_seed_tasks.jsonl"
 
 
-def alpaca_to_chat(path: Path) -> list[dict]:
-    """One chat example per instance: the instruction (and input) as user, the output as assistant."""
-    examples = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
+def load_chat_examples(path: Path) -> list[dict]:
+    """The data file as chat examples, through the project's own converters.
+
+    Any format `ftllm validate` reads: OpenAI chat, Alpaca (plain records or seed tasks with
+    `instances`, one example per instance) or ShareGPT, as JSONL or a JSON array. Records
+    that do not convert, or end without an assistant answer, are left out.
+    """
+    from tasks.formats import RecordError, detect_format, read_records, to_canonical
+
+    examples, fmt = [], None
+    for _line, obj in read_records(path):
+        if isinstance(obj, RecordError) or not isinstance(obj, dict):
             continue
-        task = json.loads(line)
-        for inst in task["instances"]:
-            user = task["instruction"] + (f"\n\n{inst['input']}" if inst.get("input") else "")
-            examples.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": inst["output"]}]})
+        try:
+            fmt = fmt or detect_format(obj)
+            converted = to_canonical(obj, fmt)
+        except (ValueError, KeyError, TypeError):
+            continue
+        examples += [ex for ex in converted if ex.get("messages") and ex["messages"][-1].get("role") == "assistant"]
     return examples
 
 
@@ -57,7 +66,7 @@ def setup(args):
         # The baseline is a plain model: transformers' SDPA with the padding mask.
         attention=args.attention if args.only == "ours" else "mask",
     )
-    encoded = [encode_chat(tok, ex["messages"]) for ex in alpaca_to_chat(args.data)]
+    encoded = [encode_chat(tok, ex["messages"]) for ex in load_chat_examples(args.data)]
     return base, tok, train, encoded
 
 

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from ftllm.env import apply_defaults, find_root
 
@@ -908,17 +908,22 @@ class ChatService:
         yield "data: [DONE]\n\n"
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=60_000)
-    async def generate(self, prompts: list[str]) -> list[str]:
-        """Complete plain prompts (no chat template), greedily, up to 64 new tokens each."""
+    async def generate(self, prompts: list[Annotated[str, Field(min_length=1)]]) -> list[str]:
+        """Complete plain prompts (no chat template), greedily, up to 64 new tokens each.
+
+        BentoML merges the prompts of concurrent requests into one call, so nothing here may
+        fail for one prompt: that would fail the other requests of the batch too. Empty
+        prompts are refused per request by the input schema, before batching; a prompt
+        longer than the context leaves for the answer keeps its end (the usual truncation of
+        completion servers) instead of being refused.
+        """
         started = time.perf_counter()
         loaded = self.current()
         max_new = min(GENERATE_MAX_TOKENS, self.limits.max_tokens)
+        room = max(1, loaded.context_length - max_new)
         rows = []
         for prompt in prompts:
-            prompt_ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
-            if not prompt or len(prompt_ids) + max_new > loaded.context_length:
-                raise bentoml.exceptions.InvalidArgument(
-                    f"each prompt must be non-empty and under {loaded.context_length - max_new} tokens")
+            prompt_ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)[-room:]
             rows.append(self._new_row(loaded, prompt, prompt_ids, max_new, 0.0, 1.0, []))
 
         async def complete(row: Row) -> str:

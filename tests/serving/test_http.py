@@ -39,3 +39,24 @@ def test_openai_client_completes_and_streams_over_http(server):
     assert 'ftllm_generated_tokens_total{endpoint="chat",model_version="1"}' in metrics
     assert "ftllm_request_latency_seconds_bucket" in metrics
     assert httpx.get(f"{server}/livez").status_code == 200  # no key needed
+
+
+@pytest.mark.slow
+def test_a_bad_generate_prompt_does_not_fail_the_requests_batched_with_it(server):
+    """BentoML merges concurrent /generate requests into one call: an empty prompt must be refused
+    on its own (before batching), and an over-long one must be answered, not fail its batch."""
+    import asyncio
+
+    headers = {"Authorization": "Bearer http-test-key"}
+    bodies = [{"prompts": ["2001-02-03"]}] * 6 + [{"prompts": [""]}, {"prompts": ["1999-12-31 " * 2000]}]
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=server, headers=headers, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/generate", json=b) for b in bodies))
+
+    responses = asyncio.run(send_all())
+    codes = [r.status_code for r in responses]
+    assert codes[:6] == [200] * 6 and codes[7] == 200, [r.text[:200] for r in responses]
+    assert 400 <= codes[6] < 500, responses[6].text
+    answers = [r.json()[0] for r in responses[:6]]
+    assert len(set(answers)) == 1  # greedy: the same prompt, the same answer
