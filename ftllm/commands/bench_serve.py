@@ -96,10 +96,17 @@ def bench_serve_command(url: str, requests: int, concurrency: list[int], max_tok
     if requests < 1 or not concurrency or min(concurrency) < 1 or max_tokens < 1:
         console.print("[red]error:[/] --requests, --concurrency and --max-tokens must be positive")
         return 2
+    import httpx
+
     results = []
     for level in concurrency:
         console.print(f"concurrency {level}: {requests} requests to {url} ...")
-        results.append(asyncio.run(run_level(url, requests, level, max_tokens, api_key)))
+        try:
+            results.append(asyncio.run(run_level(url, requests, level, max_tokens, api_key)))
+        except httpx.HTTPError as exc:  # the warm-up request: nothing to measure
+            console.print(f"[red]error:[/] {url}: {type(exc).__name__}: {exc or 'no answer'}; "
+                          "is the service running there (ftllm serve)?")
+            return 2
     table = Table(title=f"chat completions, max_tokens={max_tokens}")
     for col in ("concurrency", "requests", "errors", "req/s", "tokens/s", "p50 ms", "p95 ms", "p99 ms"):
         table.add_column(col, justify="right")

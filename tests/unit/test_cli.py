@@ -47,3 +47,13 @@ def test_run_with_bad_settings_is_a_usage_error(params, bad):
     result = CliRunner().invoke(app, ["run", "--params", str(params), "--set", bad])
     assert result.exit_code == 2
     assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_serve_without_a_service_says_so():
+    from tests.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(app, ["bench", "serve", "--url", url, "--requests", "2"])
+    assert result.exit_code == 2
+    text = " ".join(result.stdout.split())  # rich wraps long lines
+    assert "is the service running" in text and "Traceback" not in text
