@@ -137,9 +137,11 @@ def lora_params(args):
     from tasks.config import TrainParams
 
     # No modules_to_save: with a 32k vocabulary, training embeddings and head in full
-    # would dominate a LoRA benchmark.
+    # would dominate a LoRA benchmark. attention="mask": wrap_for_training then keeps the
+    # attention implementation each variant loaded the model with.
     return TrainParams(max_steps=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=1e-4,
-                       warmup_steps=0, save_steps=0, log_every=10**6, lora_modules_to_save="", seed=0)
+                       warmup_steps=0, save_steps=0, log_every=10**6, lora_modules_to_save="", seed=0,
+                       attention="mask")
 
 
 # --------------------------------------------------------------------------- attention: varlen flash
