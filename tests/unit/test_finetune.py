@@ -42,14 +42,30 @@ def tokenizer(base_path):
     return load_tokenizer(base_path)
 
 
-@pytest.fixture()
-def data_dir(tmp_path: Path) -> Path:
+def _write_data(folder: Path) -> Path:
     examples = make_examples(60, seed=3)
-    d = tmp_path / "prepared"
+    d = folder / "prepared"
     d.mkdir()
     (d / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[:48]))
     (d / "val.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[48:]))
     return d
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    return _write_data(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_process_curve(tmp_path_factory) -> tuple[Path, list[float]]:
+    """The data and the loss curve of one process with grad_accum 2 (the reference of the 2-process tests)."""
+    root = tmp_path_factory.mktemp("one-process")
+    data = _write_data(root)
+    params = _write_params(root / "one.yaml", small_params(max_steps=8, batch_size=2, grad_accum=2))
+    proc = _stage(params, data, root / "one")
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text
+    return data, [h["loss"] for h in json.loads((root / "one" / "history.json").read_text())]
 
 
 def small_params(**train) -> Params:
@@ -235,18 +251,16 @@ def test_killed_stage_resumes_from_its_last_checkpoint(data_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(data_dir, tmp_path, distributed):
-    one = _write_params(tmp_path / "one.yaml", small_params(max_steps=8, batch_size=2, grad_accum=2))
+def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(one_process_curve, tmp_path, distributed):
+    data_dir, a = one_process_curve
     two = _write_params(
         tmp_path / "two.yaml",
         small_params(max_steps=8, batch_size=2, num_processes=2, distributed=distributed, save_steps=4),
     )
-    for params, out in ((one, tmp_path / "one"), (two, tmp_path / "two")):
-        proc = _stage(params, data_dir, out)
-        text, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, text
-    curve = lambda out: [h["loss"] for h in json.loads((out / "history.json").read_text())]  # noqa: E731
-    a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
+    proc = _stage(two, data_dir, tmp_path / "two")
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text
+    b = [h["loss"] for h in json.loads((tmp_path / "two" / "history.json").read_text())]
     assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["num_processes"] == 2
     assert a[-1] < a[0] and b[-1] < b[0]
     assert b == pytest.approx(a, rel=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -42,8 +43,11 @@ def test_second_run_on_a_locked_workspace_is_refused_after_its_timeout(tmp_path)
 def test_second_run_waits_for_the_first_then_goes_on(tmp_path):
     (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
     holder = _holder(tmp_path, 1.5)
+    started = time.monotonic()
     with workspace_lock(tmp_path, timeout=60):
-        assert holder.poll() == 0  # the first run had finished before the second got the lock
+        waited = time.monotonic() - started
+    assert waited > 1.0  # it got the lock only once the first run let go of it
+    assert holder.wait(timeout=30) == 0
 
 
 def test_lock_of_a_killed_run_is_free(tmp_path):
