@@ -12,7 +12,7 @@ each in its own process (own CUDA context and peak memory, killed at --timeout):
            materialised 4D block-diagonal mask for SDPA (memory-efficient kernel);
   flex     the same with attn_implementation="flex_attention": transformers builds a BlockMask
            from the document ids it finds in the position ids (no dense mask);
-  varlen   the same with an attention function registered here that calls
+  varlen   the same with `train.attention: packed` (tasks/attention.py): one call of
            torch.nn.attention.varlen.varlen_attn (flash, causal per example) on the flattened
            rows, offsets computed once per forward from the position ids;
   lora-bf16  best checked attention so far, LoRA weights cast to bf16 and no autocast;
@@ -79,9 +79,8 @@ def build_base(config, device: str, dtype, attn: str = "sdpa"):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    if attn == VARLEN:
-        register_varlen()
-    config._attn_implementation = attn
+    # VARLEN: loaded with sdpa; wrap_for_training then switches it to packed attention.
+    config._attn_implementation = "sdpa" if attn == VARLEN else attn
     with torch.device(device):
         model = LlamaForCausalLM(config)
     return model.to(dtype)
@@ -138,106 +137,15 @@ def lora_params(args):
 
     # No modules_to_save: with a 32k vocabulary, training embeddings and head in full
     # would dominate a LoRA benchmark. attention="mask": wrap_for_training then keeps the
-    # attention implementation each variant loaded the model with.
+    # attention implementation each variant loaded the model with (run_ours sets "packed"
+    # for the varlen variant).
     return TrainParams(max_steps=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=1e-4,
                        warmup_steps=0, save_steps=0, log_every=10**6, lora_modules_to_save="", seed=0,
                        attention="mask")
 
 
-# --------------------------------------------------------------------------- attention: varlen flash
-
-VARLEN = "torch_varlen"
-_CU_KEY = "bench_cu_seqlens"  # extra kwarg the decoder passes down to every attention call
-
-
-def _cu_seqlens(position_ids):
-    """Start offsets of every example in the flattened (batch*width) rows, plus the total, as int32.
-
-    An example starts where the position id is 0; padding (position 0 after `to_tensors`'
-    clamp) becomes examples of one token, whose outputs carry no label.
-    """
-    import torch
-
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0, as_tuple=False).reshape(-1)
-    total = torch.tensor([flat.numel()], device=flat.device, dtype=starts.dtype)
-    return torch.cat([starts, total]).to(torch.int32)
-
-
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface over `torch.nn.attention.varlen.varlen_attn` (flash, causal per example).
-
-    query/key/value arrive as (batch, heads, width, head_dim); no mask is built (the name is
-    not a mask interface), the example boundaries come from the position ids.
-    """
-    import torch
-
-    b, h, n, d = query.shape
-    cu = kwargs.get(_CU_KEY)
-    if cu is None:
-        cu = _cu_seqlens(kwargs["position_ids"].expand(b, -1))
-    if key.shape[1] != h:  # GQA: repeat the key/value heads
-        key = key.repeat_interleave(h // key.shape[1], dim=1)
-        value = value.repeat_interleave(h // value.shape[1], dim=1)
-    q, k, v = (t.transpose(1, 2).reshape(b * n, h, d) for t in (query, key, value))
-    if q.device.type == "cuda":
-        out = _varlen_call(q, k, v, cu, n, scaling)
-    else:  # reference path for the CPU smoke test: causal SDPA per example
-        bounds = cu.tolist()
-        parts = []
-        for s0, s1 in zip(bounds[:-1], bounds[1:]):
-            seg = [t[s0:s1].transpose(0, 1) for t in (q, k, v)]
-            parts.append(torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=True, scale=scaling)
-                         .transpose(0, 1))
-        out = torch.cat(parts)
-    return out.reshape(b, n, h, d), None
-
-
-_VARLEN_KW: dict = {}  # causal flag of this torch's varlen_attn, found once outside any compiled code
-
-
-def _varlen_call(q, k, v, cu, max_len, scaling):
-    from torch.nn.attention.varlen import varlen_attn
-
-    extra = dict(_VARLEN_KW)
-    if "scale" in extra:
-        extra["scale"] = scaling
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
-
-
-def register_varlen() -> None:
-    import inspect
-
-    from transformers import AttentionInterface
-
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-
-        params = inspect.signature(varlen_attn).parameters
-        _VARLEN_KW.clear()
-        # torch 2.10 has is_causal; later versions a window, (-1, 0) being causal.
-        _VARLEN_KW.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
-        if "scale" in params:
-            _VARLEN_KW["scale"] = None
-    except ImportError:  # only the CPU reference path can run
-        pass
-    AttentionInterface.register(VARLEN, varlen_attention)
-
-
-def add_cu_seqlens_hook(model) -> None:
-    """Compute the example offsets once per forward (not once per layer) and pass them down as a kwarg."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(base, base.base_model_prefix)
-
-    def hook(_module, args, kwargs):
-        pos = kwargs.get("position_ids")
-        if pos is not None:
-            ids = kwargs.get("input_ids")
-            b = ids.shape[0] if ids is not None else pos.shape[0]
-            kwargs[_CU_KEY] = _cu_seqlens(pos.expand(b, -1))
-        return args, kwargs
-
-    decoder.register_forward_pre_hook(hook, with_kwargs=True)
+# The `varlen` variant is the trainer's own `train.attention: packed` (tasks/attention.py).
+VARLEN = "ftllm_packed"
 
 
 # --------------------------------------------------------------------------- variants of our trainer
@@ -275,11 +183,10 @@ def run_ours(args, config, examples, device, dtype, spec: dict | None = None) ->
 
     spec = spec or {"attn": "sdpa", "batch_size": args.batch_size}
     bs = spec["batch_size"]
-    train = lora_params(args).model_copy(update={"batch_size": bs})
+    train = lora_params(args).model_copy(
+        update={"batch_size": bs, "attention": "packed" if spec["attn"] == VARLEN else "mask"})
     reset_memory(device)
     model = wrap_for_training(build_base(config, device, dtype, spec["attn"]), train)
-    if spec["attn"] == VARLEN:
-        add_cu_seqlens_hook(model)
     run_dtype = dtype
     if spec.get("lora_bf16") and dtype == torch.bfloat16:
         # Everything bf16, no autocast (AdamW then updates bf16 LoRA weights directly).
