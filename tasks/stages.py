@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -95,8 +96,10 @@ def run_stages(root: Path, overrides: dict, mlflow_run_id: str | None, log=print
     code, lines = _dvc(root, ["repro"], env, log)
     output = "\n".join(lines)
     if code != 0:
+        started = re.findall(r"Running stage '([^']+)'", output)
+        where = f" in stage {started[-1]!r}" if started else ""
         tail = "\n".join(lines[-15:])
-        raise StageError(f"dvc repro failed (exit {code}):\n{tail}")
+        raise StageError(f"dvc repro failed{where} (exit {code}):\n{tail}")
     ran = [s for s in STAGES if f"Running stage '{s}'" in output]
     return ReproResult(ran=ran, skipped=[s for s in STAGES if s not in ran], output=output)
 

@@ -36,12 +36,18 @@ def ftllm_run(project: Path) -> subprocess.Popen:
 
 
 def finetune_process(parent: subprocess.Popen) -> psutil.Process | None:
+    """The Python process that trains, not the shell DVC may start it through (`sh -c ...`).
+
+    Killing only that shell leaves the trainer running on to the end, which is not the
+    failure this test is about.
+    """
     for child in psutil.Process(parent.pid).children(recursive=True):
         try:
-            if "tasks.finetune" in " ".join(child.cmdline()):
-                return child
+            command = child.cmdline()
         except psutil.NoSuchProcess:
             continue
+        if command[1:3] == ["-m", "tasks.finetune"] and "python" in Path(command[0]).name:
+            return child
     return None
 
 

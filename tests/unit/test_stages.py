@@ -65,6 +65,20 @@ def test_failed_repro_reports_dvc_output(tmp_path):
         run_stages(tmp_path, {}, None, log=lambda line: None)
 
 
+def test_failed_repro_names_the_stage_that_failed(tmp_path):
+    """Named in the first line, not only in the output tail, which may hold other lines."""
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    noisy = "import sys; [print('step', i) for i in range(40)]; sys.exit(3)"
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        f"  first:\n    cmd: {sys.executable} -c 'open(\"a.txt\", \"w\").write(\"a\")'\n    outs: [a.txt]\n"
+        f"  second:\n    cmd: {sys.executable} -c \"{noisy}\"\n    deps: [a.txt]\n"
+    )
+    with pytest.raises(StageError) as failed:
+        run_stages(tmp_path, {}, None, log=lambda line: None)
+    assert str(failed.value).startswith("dvc repro failed in stage 'second' (exit ")
+
+
 def _dvc_project(root, config: str, local: str = "") -> None:
     (root / ".dvc").mkdir(parents=True)
     (root / ".dvc" / "config").write_text(config)
