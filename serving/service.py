@@ -16,6 +16,9 @@ when that variable is set):
 - `/docs.json` (BentoML's OpenAPI description) documents every route's request body,
   answer and error statuses; `tests/serving/test_fuzz.py` fuzzes the service from it.
 
+Every refusal has OpenAI's error body, `{"error": {message, type, param, code}}`, also
+those that BentoML (`/generate`'s input validation) and Starlette (unknown paths) write.
+
 Every completion goes through one micro-batcher: requests that arrive while a batch
 generates are collected (up to `MAX_BATCH` rows, waiting at most `BATCH_WAIT_S` for each
 next row and `BATCH_MAX_WAIT_S` in all) and run as a single left-padded `generate`, streaming each row's tokens to
@@ -146,12 +149,103 @@ async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, b
     await send({"type": "http.response.body", "body": data})
 
 
+def _error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def openai_error_from(status: int, body: bytes) -> dict | None:
+    """`body` of an error response in the OpenAI shape; None when it already is in it.
+
+    For the answers the service's own routes do not write: BentoML's for `/generate`
+    (`{"error": "1 validation error for Input", "detail": [pydantic errors]}`, or
+    `[{"error": ...}]` for an exception it maps to a 4xx), and Starlette's plain-text 404
+    and 405 for unknown paths and methods.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        data = body.decode("utf-8", "replace").strip()
+    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
+        return None
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]
+    param, code = None, {404: "not_found", 405: "method_not_allowed"}.get(status)
+    if isinstance(data, dict):
+        details = data.get("detail")
+        message = str(data.get("error") or details or HTTPStatus(status).phrase)
+        if isinstance(details, list) and details and isinstance(details[0], dict):
+            first = details[0]
+            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
+            message = f"Invalid value for '{param}': {first.get('msg')}." if param else f"{first.get('msg')}."
+    else:
+        message = str(data) or HTTPStatus(status).phrase
+    return error_body(message, _error_type(status), param, code)
+
+
+class _RewritingSend:
+    """An ASGI `send` that holds an answer whose status `wanted` picks until its body is
+    complete, then sends `rewrite(status, body)` as JSON instead (or the answer as it was,
+    when that is None)."""
+
+    def __init__(self, send, wanted, rewrite) -> None:
+        self.send, self.wanted, self.rewrite, self.start, self.chunks = send, wanted, rewrite, None, []
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start" and self.wanted(message["status"]):
+            self.start = message
+            return None
+        if self.start is None or message["type"] != "http.response.body":
+            return await self.send(message)
+        self.chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return None
+        status, body = self.start["status"], b"".join(self.chunks)
+        rewritten = self.rewrite(status, body)
+        if rewritten is None:
+            await self.send(self.start)
+            return await self.send({"type": "http.response.body", "body": body})
+        kept = [(k, v) for k, v in self.start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
+        return await _send_json(self.send, status, rewritten, kept)
+
+
+BENTOML_ERRORS = {"#/components/schemas/InvalidArgument", "#/components/schemas/NotFound",
+                  "#/components/schemas/InternalServerError"}
+
+
+def patch_openapi(document: dict) -> dict:
+    """BentoML's /docs.json, saying what the service really answers with.
+
+    Every route but the health probes answers errors in the OpenAI shape (`GuardMiddleware`
+    rewrites BentoML's), may answer 401 and 429 (`GuardMiddleware`), and 413 for a POST.
+    """
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, item in document.get("paths", {}).items():
+        if path in HEALTH_PATHS:
+            continue
+        for method, operation in item.items():
+            responses = operation.setdefault("responses", {})
+            for answer in responses.values():
+                schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+                if schema.get("$ref") in BENTOML_ERRORS:
+                    answer["content"] = error
+            for status in (401, 429, 413) if method == "post" else (401, 429):
+                responses.setdefault(str(status), {"description": HTTPStatus(status).phrase, "content": error})
+    return document
+
+
 class GuardMiddleware:
-    """Authentication, body size and concurrency caps, before any route runs.
+    """Authentication, body size and concurrency caps, before any route runs; OpenAI-style
+    errors after it.
 
     Health probes pass untouched. Bodies are read here (they are small: at most
     `serving.max_request_bytes`) so that an oversized one gets a 413 even when it comes
-    without a Content-Length.
+    without a Content-Length. Error answers written by BentoML (`/generate`'s validation)
+    or Starlette (unknown paths) are rewritten into the OpenAI shape, and /docs.json says so.
     """
 
     def __init__(self, app) -> None:
@@ -177,6 +271,10 @@ class GuardMiddleware:
             return await _send_json(send, 429, error_body(
                 f"Too many requests at once (serving.max_concurrency={self.max_concurrency}); retry shortly.",
                 "rate_limit_error", None, "rate_limit_exceeded"), [(b"retry-after", b"1")])
+        if scope["path"] == "/docs.json":
+            send = _RewritingSend(send, lambda status: status == 200, lambda _, body: patch_openapi(json.loads(body)))
+        elif scope["method"] != "HEAD":
+            send = _RewritingSend(send, lambda status: status >= 400, openai_error_from)
         self.in_flight += 1
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):

@@ -103,6 +103,30 @@ def test_bad_requests_get_openai_errors(client, body, status, code):
     assert_openai_error(client.post("/v1/chat/completions", json=body), status, code)
 
 
+@pytest.mark.parametrize(
+    ("request_args", "param", "code"),
+    [
+        ({"json": {"prompts": [""]}}, "prompts.0", "invalid_value"),
+        ({"json": {"prompts": "2001-02-03"}}, "prompts", "invalid_value"),
+        ({"json": {}}, "prompts", "invalid_value"),
+        ({"content": b'{"prompts": [', "headers": {"content-type": "application/json"}}, None, "invalid_json"),
+    ],
+)
+def test_bad_generate_requests_get_openai_errors_too(client, request_args, param, code):
+    """BentoML validates /generate itself; its error bodies are rewritten into the OpenAI shape."""
+    error = assert_openai_error(client.post("/generate", **request_args), 400, code)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_unknown_paths_and_methods_get_openai_errors(client):
+    assert_openai_error(client.get("/v1/completions-that-do-not-exist"), 404, "not_found")
+    assert_openai_error(client.delete("/v1/models"), 405, "method_not_allowed")
+    responses = client.get("/docs.json").json()["paths"]["/generate"]["post"]["responses"]
+    assert {status: answer["content"]["application/json"]["schema"] for status, answer in responses.items()
+            if status != "200"} == {s: {"$ref": "#/components/schemas/ErrorResponse"}
+                                    for s in ("400", "401", "404", "413", "429", "500")}
+
+
 def test_malformed_json_and_oversized_bodies(client):
     assert_openai_error(client.post("/v1/chat/completions", content=b'{"messages": [',
                                     headers={"content-type": "application/json"}), 400, "invalid_json")
