@@ -11,10 +11,16 @@ worker of the `process` work pool runs them from this folder:
 The schedule comes from params.yaml (`schedule.cron`, `schedule.timezone`, `schedule.active`).
 The `retrain` deployment's parameters are the pydantic settings sections, so the UI's run
 form is typed, with defaults, descriptions and bounds.
+
+On a training (GPU) machine, `ftllm deploy --train-pool POOL` registers only the `finetune`
+flow (`flows/train_step.py`) as `finetune/POOL`, run from that machine's checkout; runs
+whose `workers.train_deployment` names it train there.
 """
 
 from __future__ import annotations
 
+import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 from tasks.config import Params
@@ -54,12 +60,24 @@ def deploy_all(root: Path, params: Params, work_pool: str = WORK_POOL) -> list[s
     ]
     for entrypoint, name, parameters, schedules in specs:
         remote = flow.from_source(source=str(root), entrypoint=entrypoint)
-        ids.append(
-            str(
-                remote.deploy(
-                    name=name, work_pool_name=work_pool, parameters=parameters, schedules=schedules,
-                    job_variables={"working_dir": str(root)}, print_next_steps=False,
-                )
+        with redirect_stdout(sys.stderr):  # Prefect's advice on process pools; stdout is for `--json`
+            deployment_id = remote.deploy(
+                name=name, work_pool_name=work_pool, parameters=parameters, schedules=schedules,
+                job_variables={"working_dir": str(root)}, print_next_steps=False,
             )
-        )
+        ids.append(str(deployment_id))
     return ids
+
+
+def deploy_training(root: Path, work_pool: str) -> tuple[str, str]:
+    """Register `finetune/<work_pool>`, run from the checkout at `root`; returns its id and name."""
+    from prefect import flow
+
+    ensure_work_pool(work_pool)
+    remote = flow.from_source(source=str(root), entrypoint="flows/train_step.py:finetune")
+    with redirect_stdout(sys.stderr):
+        deployment_id = remote.deploy(
+            name=work_pool, work_pool_name=work_pool, parameters={"params_file": str(root / "params.yaml")},
+            job_variables={"working_dir": str(root)}, print_next_steps=False,
+        )
+    return str(deployment_id), f"finetune/{work_pool}"

@@ -37,6 +37,7 @@ from tasks.registry import (
     tag_version,
 )
 from tasks.stages import (
+    WORKSPACE_WAIT_SECONDS,
     StageError,
     git_commit,
     lock_digest,
@@ -52,9 +53,6 @@ from tasks.formats import DataFileError
 from tasks.notify import notify_run
 from tasks.package import PackageError
 from tasks.validate import validate_dataset
-
-
-WORKSPACE_WAIT_SECONDS = 3600  # how long a second run on the same workspace waits for the first
 
 
 class RunFailed(RuntimeError):
@@ -92,18 +90,48 @@ def validate_data(params: Params, data_path: Path, report_dir: Path) -> dict:
 
 
 @task(name="run-dvc-stages")
-def run_dvc_stages(root: Path, overrides: dict, run_id: str) -> dict:
+def run_dvc_stages(root: Path, overrides: dict, run_id: str, train_deployment: str | None = None) -> dict:
     """prepare → finetune → evaluate under DVC; unchanged stages are skipped.
 
-    Not retried: a stage that fails on its own code or data fails the same way again. A
-    failure comes back as `error` so that the flow fails with the stage's message.
+    With `train_deployment` (`workers.train_deployment`), the finetune stage runs on that
+    deployment's worker (`flows/train_step.py`), the data and model travelling through the
+    DVC remote. Not retried: a stage that fails on its own code or data fails the same way
+    again. A failure comes back as `error` so that the flow fails with the stage's message.
     """
     logger = get_run_logger()
+    train_elsewhere = None
+    if train_deployment:
+        def train_elsewhere(dvc_lock: str) -> dict:
+            return _train_on_worker(train_deployment, overrides, dvc_lock, run_id)
     try:
-        result = run_stages(root, overrides, run_id, log=logger.info)
+        result = run_stages(root, overrides, run_id, log=logger.info, train_elsewhere=train_elsewhere)
     except StageError as exc:
         return {"error": str(exc)}
-    return {"ran": result.ran, "skipped": result.skipped}
+    return {"ran": result.ran, "skipped": result.skipped, "trained_by": train_deployment}
+
+
+def _train_on_worker(deployment: str, overrides: dict, dvc_lock: str, run_id: str) -> dict:
+    """Run the `finetune` flow through `deployment` and wait; the stage's dvc.lock entry it stored in MLflow."""
+    import mlflow
+    import yaml
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.train_step import LOCK_ARTIFACT
+
+    logger = get_run_logger()
+    logger.info(f"training on the worker of deployment {deployment}")
+    try:
+        child = run_deployment(deployment, parameters={"overrides": overrides, "dvc_lock": dvc_lock, "mlflow_run_id": run_id})
+    except ObjectNotFound:
+        raise StageError(
+            f"no Prefect deployment {deployment!r} (workers.train_deployment): register it with "
+            "`ftllm deploy --train-pool POOL` on the training machine, against the same Prefect server"
+        ) from None
+    if not child.state or not child.state.is_completed():
+        state = child.state.type.value if child.state else "unknown"
+        raise StageError(f"training on {deployment} (flow run {child.id}) ended {state}: {child.state.message if child.state else ''}")
+    return yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{LOCK_ARTIFACT}"))
 
 
 @task(name="push-dvc-outputs", retries=2, retry_delay_seconds=10)
@@ -263,7 +291,7 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: d
     result["mlflow_run_id"] = run_id
     try:
         t = time.perf_counter()
-        stages = run_dvc_stages(root, overrides, run_id)
+        stages = run_dvc_stages(root, overrides, run_id, params.workers.train_deployment)
         if "error" in stages:
             raise StageError(stages["error"])
         durations["stages"] = round(time.perf_counter() - t, 2)

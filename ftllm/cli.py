@@ -263,6 +263,9 @@ def bench_train(
 def deploy(
     params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
     work_pool: Annotated[str, typer.Option("--pool", help="Prefect work pool (type process).")] = "ftllm-process",
+    train_pool: Annotated[Optional[str], typer.Option(
+        "--train-pool", help="Register only the training step, as finetune/POOL, run from this checkout "
+                             "(on a GPU machine); runs with workers.train_deployment=finetune/POOL train there.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Register the Prefect deployments (retrain on its schedule, promote, rollback) on a Prefect server."""
@@ -280,6 +283,13 @@ def deploy(
     except ConfigError as exc:
         _err(str(exc))
         raise typer.Exit(EXIT_USAGE)
+    if train_pool:
+        from flows.deploy import deploy_training
+
+        deployment_id, name = deploy_training(root, train_pool)
+        print(f"deployment: {name} (the training step, run from {root})", file=sys.stderr)
+        _emit({"deployments": [deployment_id], "work_pool": train_pool, "train_deployment": name}, as_json)
+        return
     from flows.deploy import deploy_all
 
     ids = deploy_all(root, settings, work_pool)

@@ -142,6 +142,14 @@ class ScheduleParams(_Section):
     active: bool = False
 
 
+class WorkersParams(_Section):
+    train_deployment: str | None = Field(
+        None, pattern=r"^[^/\s]+/[^/\s]+$",
+        description="Prefect deployment (flow/name, e.g. finetune/ftllm-gpu) that runs the finetune stage on "
+                    "a training worker; none: in this run's own process.",
+    )
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -151,6 +159,7 @@ class Params(_Section):
     registry: RegistryParams = RegistryParams()
     serving: ServingParams = ServingParams()
     schedule: ScheduleParams = ScheduleParams()
+    workers: WorkersParams = WorkersParams()
 
     def digest(self) -> str:
         """A short hash of every setting, recorded with the models it produced."""

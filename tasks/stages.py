@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import yaml
 from filelock import FileLock, Timeout
 
 STAGES = ("resolve", "prepare", "finetune", "evaluate")
+WORKSPACE_WAIT_SECONDS = 3600  # how long a second run on the same workspace waits for the first
 
 
 class StageError(RuntimeError):
@@ -40,7 +42,6 @@ class StageError(RuntimeError):
 class ReproResult:
     ran: list[str]
     skipped: list[str]
-    output: str
 
 
 def _venv_env(extra: dict[str, str]) -> dict[str, str]:
@@ -84,24 +85,116 @@ def workspace_locked(root: Path) -> bool:
         return True
 
 
-def run_stages(root: Path, overrides: dict, mlflow_run_id: str | None, log=print) -> ReproResult:
-    """`dvc repro` in `root` with the run's overrides; the caller holds `workspace_lock`.
-
-    Raises:
-        StageError: a stage failed.
-    """
+def _stage_env(overrides: dict, mlflow_run_id: str | None) -> dict[str, str]:
     env = _venv_env({"FTLLM_OVERRIDES": json.dumps(overrides), "DVC_NO_ANALYTICS": "1"})
     if mlflow_run_id:
         env["MLFLOW_RUN_ID"] = mlflow_run_id
-    code, lines = _dvc(root, ["repro"], env, log)
+    return env
+
+
+def _repro(root: Path, args: list[str], env: dict[str, str], log) -> list[str]:
+    """`dvc repro ARGS`; the stages that ran. Raises StageError naming the stage that failed."""
+    code, lines = _dvc(root, ["repro", *args], env, log)
     output = "\n".join(lines)
     if code != 0:
         started = re.findall(r"Running stage '([^']+)'", output)
         where = f" in stage {started[-1]!r}" if started else ""
         tail = "\n".join(lines[-15:])
         raise StageError(f"dvc repro failed{where} (exit {code}):\n{tail}")
-    ran = [s for s in STAGES if f"Running stage '{s}'" in output]
-    return ReproResult(ran=ran, skipped=[s for s in STAGES if s not in ran], output=output)
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def _dvc_ok(root: Path, args: list[str], env: dict[str, str], log) -> list[str]:
+    """`dvc ARGS`, which must succeed; its output lines."""
+    code, lines = _dvc(root, args, env, log)
+    if code != 0:
+        tail = "\n".join(lines[-15:])
+        raise StageError(f"dvc {' '.join(args)} failed (exit {code}):\n{tail}")
+    return lines
+
+
+def _stage_changes(root: Path, stage: str, env: dict[str, str]) -> dict:
+    """What `dvc status STAGE` reports as changed for that stage alone; {} when it is up to date."""
+    lines = _dvc_ok(root, ["status", "--json", stage], env, log=lambda line: None)
+    return json.loads("\n".join(lines) or "{}")
+
+
+def run_stages(root: Path, overrides: dict, mlflow_run_id: str | None, log=print,
+               train_elsewhere: Callable[[str], dict] | None = None) -> ReproResult:
+    """`dvc repro` in `root` with the run's overrides; the caller holds `workspace_lock`.
+
+    With `train_elsewhere`, the finetune stage runs on another machine (a training worker):
+    this workspace reproduces `resolve` and `prepare`, pushes `prepare`'s output to the
+    default remote, and calls `train_elsewhere(dvc.lock text)`, which must return the
+    finetune stage's dvc.lock entry as the worker wrote it (see `train_stage`). That entry
+    goes into this dvc.lock, the model is pulled from the remote, and `dvc repro` goes on
+    with `evaluate`. Nothing is sent when finetune is already up to date here.
+
+    Raises:
+        StageError: a stage failed, or the worker's finetune stage does not match this
+            workspace's (other code or settings in its checkout).
+    """
+    env = _stage_env(overrides, mlflow_run_id)
+    if train_elsewhere is None:
+        ran = _repro(root, [], env, log)
+        return ReproResult(ran=ran, skipped=[s for s in STAGES if s not in ran])
+    remote = push_remote(root)
+    if remote is None:
+        raise StageError(
+            "training on another worker needs a default DVC remote outside the workspace that both machines "
+            "reach (e.g. `dvc remote add --local -d s3 s3://BUCKET/dvc`); the data and model travel through it"
+        )
+    ran = _repro(root, ["prepare"], env, log)
+    if _stage_changes(root, "finetune", env):
+        _dvc_ok(root, ["push", "-r", remote, "prepare"], env, log)
+        entry = train_elsewhere((root / "dvc.lock").read_text())
+        _set_lock_entry(root, "finetune", entry)
+        _dvc_ok(root, ["pull", "-r", remote, "finetune"], env, log)
+        changes = _stage_changes(root, "finetune", env)
+        if changes:
+            raise StageError(
+                "the training worker's finetune stage does not match this workspace (is its checkout at the "
+                f"same commit, with the same params.yaml?): dvc status finetune: {json.dumps(changes)}"
+            )
+        ran.append("finetune")
+    ran += [s for s in _repro(root, [], env, log) if s not in ran]
+    return ReproResult(ran=[s for s in STAGES if s in ran], skipped=[s for s in STAGES if s not in ran])
+
+
+def train_stage(root: Path, overrides: dict, dvc_lock: str, mlflow_run_id: str | None, log=print) -> dict:
+    """On a training worker: the finetune stage of another workspace's run; its dvc.lock entry.
+
+    `dvc_lock` is the orchestrating workspace's lock, whose `prepare` entry names the
+    prepared data in the default remote. This checkout (same commit and params.yaml)
+    resolves the run's settings, pulls that data, reproduces `finetune` alone and pushes
+    the model. A previous run's checkpoints here let an interrupted training resume. The
+    caller holds `workspace_lock`.
+
+    Raises:
+        StageError: no remote to exchange through, a failed pull or push, or a failed stage.
+    """
+    remote = push_remote(root)
+    if remote is None:
+        raise StageError(f"the training worker's checkout {root} has no default DVC remote outside it to pull the data from")
+    env = _stage_env(overrides, mlflow_run_id)
+    _write_atomically(root / "dvc.lock", dvc_lock)
+    _repro(root, ["--single-item", "resolve"], env, log)
+    _dvc_ok(root, ["pull", "-r", remote, "prepare"], env, log)
+    _repro(root, ["--single-item", "finetune"], env, log)
+    _dvc_ok(root, ["push", "-r", remote, "finetune"], env, log)
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]["finetune"]
+
+
+def _set_lock_entry(root: Path, stage: str, entry: dict) -> None:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    lock["stages"][stage] = entry
+    _write_atomically(root / "dvc.lock", yaml.safe_dump(lock, sort_keys=False))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _dvc(root: Path, args: list[str], env: dict[str, str], log) -> tuple[int, list[str]]:
@@ -149,11 +242,7 @@ def push_outputs(root: Path, remote: str, log=print) -> str:
         StageError: the push failed (unreachable remote, missing credentials); the message
             holds DVC's output.
     """
-    env = _venv_env({"DVC_NO_ANALYTICS": "1"})
-    code, lines = _dvc(root, ["push", "-r", remote], env, log)
-    if code != 0:
-        tail = "\n".join(lines[-15:])
-        raise StageError(f"dvc push to remote {remote!r} failed (exit {code}):\n{tail}")
+    lines = _dvc_ok(root, ["push", "-r", remote], _venv_env({"DVC_NO_ANALYTICS": "1"}), log)
     # DVC's warnings (a file missing from the local cache) may come after its summary.
     return next((line for line in reversed(lines) if "pushed" in line or "up to date" in line), "")
 

@@ -131,3 +131,24 @@ def test_invalid_data_fails_at_validation_and_registers_nothing(first_run, proje
     assert "line 2" in result["error"] and "line 3" in result["error"]
     assert "stages" not in result and result["mlflow_run_id"] is None
     assert list_versions("ftllm-chat") == before
+
+
+def test_training_routed_to_a_missing_deployment_fails_clearly(first_run, project, tmp_path):
+    """`workers.train_deployment` naming no deployment: the run fails naming it, before any training."""
+    import subprocess
+    import sys
+
+    from tasks.registry import champion_version, list_versions
+
+    before = list_versions("ftllm-chat")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "remote", "add", "-q", "-d", "--local", "shared", str(tmp_path / "store")], cwd=project, check=True)
+    try:
+        # Another seed, so that the finetune stage is out of date and has to be sent.
+        state, result = run_flow(project, **{"workers.train_deployment": "finetune/no-such-pool", "train.seed": 11})
+    finally:
+        (project / ".dvc" / "config.local").unlink()
+    assert state.is_failed() and result["status"] == "failed"
+    assert "no Prefect deployment 'finetune/no-such-pool'" in result["error"] and "--train-pool" in result["error"]
+    assert list_versions("ftllm-chat") == before and champion_version("ftllm-chat") == first_run[1]["version"]
+    assert any((tmp_path / "store").rglob("*")), "the prepared data was pushed for the worker to pull"

@@ -3,10 +3,13 @@
 Starts a private PostgreSQL cluster, an S3 server (moto), an `mlflow server` with its
 backend in PostgreSQL and its artifacts in S3, and a `prefect server start` on PostgreSQL.
 The project copy gets a DVC S3 remote in `.dvc/config.local` (the committed config keeps
-its in-repo remote). Then `ftllm deploy`, a triggered `retrain` with overrides, and one
-`process` worker run; the checks read everything back from the services: the flow run's
-state from Prefect, the run and its model version from the tracking server, the run's
-and the model's artifacts from the bucket, and the DVC outputs from the S3 remote.
+its in-repo remote). A second checkout of the same commit stands for the GPU machine: it
+registers the training step (`ftllm deploy --train-pool ftllm-gpu`) and runs that pool's
+worker. Then `ftllm deploy`, a triggered `retrain` with overrides (one of them routes
+training to `finetune/ftllm-gpu`), and one `process` worker run; the checks read
+everything back from the services: the flow runs' states and pools from Prefect, the run
+and its model version from the tracking server, the run's and the model's artifacts from
+the bucket, and the DVC outputs from the S3 remote.
 
 Needs the PostgreSQL server binaries (`apt-get install postgresql`); it fails, naming
 them, where they are missing.
@@ -35,7 +38,8 @@ from tests.integration.conftest import FAST
 pytestmark = pytest.mark.slow
 # Its own registered model, a short training and a short evaluation: this test is about
 # where things land, not about the model.
-OVERRIDES = {**FAST, "train.max_steps": 30, "eval.max_examples": 20, "registry.model_name": "ftllm-scaleout"}
+OVERRIDES = {**FAST, "train.max_steps": 30, "eval.max_examples": 20, "registry.model_name": "ftllm-scaleout",
+             "workers.train_deployment": "finetune/ftllm-gpu"}
 BIN = Path(sys.executable).parent
 BUCKET = "ftllm"
 # Dummy credentials: the S3 server on loopback accepts any; real ones come from the environment too.
@@ -244,17 +248,33 @@ def _s3_keys(endpoint: str, prefix: str) -> list[str]:
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
 
-def test_retrain_on_scaled_out_services(stack, project):
+def _s3_remote(root: Path, env: dict, endpoint: str) -> None:
+    """The S3 remote in this checkout's config.local; the committed config keeps its in-repo remote."""
+    dvc = [sys.executable, "-m", "dvc"]
+    for args in (["remote", "add", "--local", "-d", "s3", f"s3://{BUCKET}/dvc"],
+                 ["remote", "modify", "--local", "s3", "endpointurl", endpoint]):
+        out = _run([*dvc, *args], env, root, timeout=120)
+        assert out.returncode == 0, (args, out.stdout[-1000:], out.stderr[-1000:])
+
+
+def test_retrain_on_scaled_out_services(stack, project, tmp_path):
     env, dvc = stack["env"], [sys.executable, "-m", "dvc"]
 
-    # The S3 remote goes to this machine's config.local; the committed config keeps its in-repo remote.
-    for args in (["remote", "add", "--local", "-d", "s3", f"s3://{BUCKET}/dvc"],
-                 ["remote", "modify", "--local", "s3", "endpointurl", stack["s3"]],
-                 ["fetch", "-q", "-r", "local", "data.dvc"]):  # the data in the cache, as after a `dvc pull`
-        out = _run([*dvc, *args], env, project, timeout=120)
-        assert out.returncode == 0, (args, out.stdout[-1000:], out.stderr[-1000:])
+    _s3_remote(project, env, stack["s3"])
+    fetch = _run([*dvc, "fetch", "-q", "-r", "local", "data.dvc"], env, project, timeout=120)  # as after a `dvc pull`
+    assert fetch.returncode == 0, fetch.stderr[-1000:]
     committed = _run(["git", "diff", "--exit-code", "--", ".dvc/config"], env, project, timeout=30)
     assert committed.returncode == 0, f".dvc/config must not change:\n{committed.stdout}"
+
+    # The GPU machine: a checkout of the same commit, with the same remote, registering the training step.
+    trainer = tmp_path / "trainer"
+    assert _run(["git", "clone", "-q", str(project), str(trainer)], env, tmp_path, timeout=60).returncode == 0
+    trainer_env = {**env, "FTLLM_ROOT": str(trainer), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    _s3_remote(trainer, trainer_env, stack["s3"])
+    out = _run([str(BIN / "ftllm"), "deploy", "--json", "--train-pool", "ftllm-gpu", "--params", str(trainer / "params.yaml")],
+               trainer_env, trainer, timeout=300)
+    assert out.returncode == 0, f"ftllm deploy --train-pool failed:\n{out.stderr[-3000:]}\n{_server_logs(stack)}"
+    assert json.loads(out.stdout)["train_deployment"] == "finetune/ftllm-gpu"
 
     out = _run([str(BIN / "ftllm"), "deploy", "--json", "--params", str(project / "params.yaml")], env, project, timeout=300)
     assert out.returncode == 0, f"ftllm deploy failed:\n{out.stderr[-3000:]}\n{_server_logs(stack)}"
@@ -269,22 +289,39 @@ print(run.id)
     assert out.returncode == 0, f"triggering retrain failed:\n{out.stderr[-3000:]}\n{_server_logs(stack)}"
     flow_run_id = out.stdout.strip().splitlines()[-1]
 
-    worker = _run([str(BIN / "prefect"), "worker", "start", "--pool", "ftllm-process", "--run-once"], env, project, timeout=900)
+    gpu_log = tmp_path / "gpu-worker.log"
+    with open(gpu_log, "w") as handle:
+        gpu_worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "ftllm-gpu"], env=trainer_env,
+                                      cwd=trainer, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        worker = _run([str(BIN / "prefect"), "worker", "start", "--pool", "ftllm-process", "--run-once"], env, project, timeout=900)
+    finally:
+        _stop(gpu_worker)
     check = f"""
+import json
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.utilities.asyncutils import run_coro_as_sync
-async def state():
+async def runs():
     async with get_client() as c:
-        run = await c.read_flow_run("{flow_run_id}")
-        return f"{{run.state.type.value}} {{run.state.message or ''}}"
-print(run_coro_as_sync(state()))
+        parent = await c.read_flow_run("{flow_run_id}")
+        children = await c.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=["{flow_run_id}"])))
+        return [{{"id": str(r.id), "flow": (await c.read_flow(r.flow_id)).name, "pool": r.work_pool_name,
+                  "state": r.state.type.value, "message": r.state.message}} for r in [parent, *children]]
+print(json.dumps(run_coro_as_sync(runs())))
 """
     state = _run([sys.executable, "-c", check], env, project, timeout=60)
-    if not state.stdout.startswith("COMPLETED"):
+    runs = json.loads(state.stdout.strip().splitlines()[-1]) if state.returncode == 0 else []
+    if not runs or runs[0]["state"] != "COMPLETED":
         pytest.fail(
-            f"flow run {flow_run_id}: {state.stdout.strip() or state.stderr[-2000:]}\n"
-            f"--- worker stdout ---\n{worker.stdout[-4000:]}\n--- worker stderr ---\n{worker.stderr[-4000:]}\n{_server_logs(stack)}"
+            f"flow run {flow_run_id}: {runs or state.stderr[-2000:]}\n"
+            f"--- worker stdout ---\n{worker.stdout[-4000:]}\n--- worker stderr ---\n{worker.stderr[-4000:]}\n"
+            f"--- gpu worker ---\n{_tail(gpu_log)}\n{_server_logs(stack)}"
         )
+    # The training step ran as its own flow run on the GPU pool, in the trainer's checkout.
+    assert [(r["flow"], r["pool"], r["state"]) for r in runs] == [
+        ("retrain", "ftllm-process", "COMPLETED"), ("finetune", "ftllm-gpu", "COMPLETED")], runs
+    assert (trainer / "artifacts" / "model.checkpoints").is_dir() and not (project / "artifacts" / "model.checkpoints").exists()
 
     # Tracking and registry, read back through the tracking server.
     from mlflow import MlflowClient
@@ -306,6 +343,14 @@ print(run_coro_as_sync(state()))
     keys = _s3_keys(stack["s3"], f"mlflow/{experiment.experiment_id}/")
     run_prefix = f"mlflow/{experiment.experiment_id}/{run.info.run_id}/artifacts/"
     assert f"{run_prefix}gate_verdict.json" in keys and f"{run_prefix}dvc.lock" in keys, keys[:20]
+    # The model evaluated and registered here is the one the trainer pushed: same DVC hash.
+    import yaml
+
+    from tasks.stages import stage_out_md5
+
+    sent = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "dvc/finetune.lock.yaml", str(tmp_path))).read_text())
+    assert [out["md5"] for out in sent["outs"] if out["path"] == "artifacts/model"] == [stage_out_md5(project, "finetune", "artifacts/model")] == [
+        stage_out_md5(trainer, "finetune", "artifacts/model")]
     assert any(k.startswith(f"mlflow/{experiment.experiment_id}/models/") and k.endswith("/MLmodel") for k in keys), keys[:20]
     assert not (project / "mlartifacts").exists() and not (project / "mlflow.db").exists()
 

@@ -1,15 +1,18 @@
-"""The workspace lock (a second retraining run waits, then gives up with a clear message) and
-the push of a run's outputs to a DVC remote outside the workspace."""
+"""The workspace lock (a second retraining run waits, then gives up with a clear message),
+the push of a run's outputs to a DVC remote outside the workspace, and the finetune stage run
+in a training worker's checkout."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tasks.stages import StageError, push_outputs, push_remote, run_stages, workspace_lock
+from tasks.stages import StageError, push_outputs, push_remote, run_stages, train_stage, workspace_lock
 from tests.conftest import REPO
 
 HOLD = """
@@ -115,3 +118,79 @@ def test_push_outputs_sends_the_cache_to_a_remote_outside_the_workspace(tmp_path
     assert push_remote(root) == "shared"
     assert "1 file pushed" in push_outputs(root, "shared", log=lambda line: None)
     assert len([p for p in store.rglob("*") if p.is_file()]) == 1
+
+
+MINI_PIPELINE = """\
+stages:
+  resolve:
+    cmd: python -c "import os; open('params.out', 'w').write(os.environ.get('FTLLM_OVERRIDES', '{}'))"
+    outs:
+      - params.out:
+          cache: false
+    always_changed: true
+  prepare:
+    cmd: python -c "import os; os.makedirs('prepared', exist_ok=True); open('prepared/p.txt', 'w').write(open('data.txt').read() + open('params.out').read())"
+    deps: [data.txt, params.out]
+    outs: [prepared]
+  finetune:
+    cmd: python -c "import os; os.makedirs('model', exist_ok=True); open('model/m.txt', 'w').write(open('prepared/p.txt').read() + ' trained in ' + os.getcwd())"
+    deps: [prepared, train.py]
+    outs: [model]
+  evaluate:
+    cmd: python -c "import json; json.dump(dict(chars=len(open('model/m.txt').read())), open('metrics.json', 'w'))"
+    deps: [model]
+    metrics:
+      - metrics.json:
+          cache: false
+"""
+
+
+def _mini_workspace(root: Path, store: Path, train_code: str = "v1") -> Path:
+    """A stand-in for the project's four stages, with a default remote outside the workspace."""
+    root.mkdir()
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=root, check=True)
+    subprocess.run([*dvc, "remote", "add", "-q", "-d", "--local", "shared", str(store)], cwd=root, check=True)
+    (root / "dvc.yaml").write_text(MINI_PIPELINE)
+    (root / "data.txt").write_text("the data ")
+    (root / "train.py").write_text(train_code)
+    return root
+
+
+def test_finetune_runs_on_the_training_worker_and_the_rest_here(tmp_path):
+    store = tmp_path / "store"
+    here, worker = _mini_workspace(tmp_path / "here", store), _mini_workspace(tmp_path / "worker", store)
+    calls = []
+
+    def train_elsewhere(lock: str) -> dict:
+        calls.append(lock)
+        return train_stage(worker, {"train.lr": 1}, lock, None, log=lambda line: None)
+
+    result = run_stages(here, {"train.lr": 1}, None, log=lambda line: None, train_elsewhere=train_elsewhere)
+    assert result.ran == ["resolve", "prepare", "finetune", "evaluate"] and len(calls) == 1
+    # The model was trained in the worker's checkout, on this run's prepared data and settings,
+    # and reached this workspace through the remote.
+    assert (here / "model" / "m.txt").read_text() == f'the data {{"train.lr": 1}} trained in {worker}'
+    assert json.loads((here / "metrics.json").read_text())["chars"] == len((here / "model" / "m.txt").read_text())
+
+    again = run_stages(here, {"train.lr": 1}, None, log=lambda line: None, train_elsewhere=train_elsewhere)
+    assert "finetune" not in again.ran and len(calls) == 1  # up to date here: nothing sent
+
+
+def test_a_worker_checkout_with_other_code_is_refused(tmp_path):
+    store = tmp_path / "store"
+    here = _mini_workspace(tmp_path / "here", store)
+    worker = _mini_workspace(tmp_path / "worker", store, train_code="v2, not committed here")
+    with pytest.raises(StageError, match="does not match this workspace") as refused:
+        run_stages(here, {}, None, log=lambda line: None,
+                   train_elsewhere=lambda lock: train_stage(worker, {}, lock, None, log=lambda line: None))
+    assert "train.py" in str(refused.value)
+    assert not (here / "metrics.json").exists()  # evaluate never ran on the foreign model
+
+
+def test_training_elsewhere_needs_a_remote_outside_the_workspace(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    with pytest.raises(StageError, match="needs a default DVC remote outside the workspace"):
+        run_stages(root, {}, None, log=lambda line: None, train_elsewhere=lambda lock: {})
