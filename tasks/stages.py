@@ -12,6 +12,10 @@ those of a run that started repro in between.
 
 After the stages, `push_outputs` sends what they produced to the default DVC remote, when
 that remote lies outside the workspace (see `push_remote`).
+
+The finetune stage can run in another checkout, on a training worker's machine:
+`run_stages(..., train_elsewhere=...)` on the run's side, `train_stage` on the worker's;
+the prepared data and the model travel through that same remote.
 """
 
 from __future__ import annotations
