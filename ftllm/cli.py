@@ -240,11 +240,13 @@ def bench_serve(
     concurrency: Annotated[Optional[list[int]], typer.Option("--concurrency", help="Repeatable.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 16,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="FTLLM_API_KEY")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Run the levels this many times in turn; "
+                                                           "prints each ratio and their median.")] = 1,
 ) -> None:
     """Load-test a running service: requests/s, tokens/s, p50/p95/p99 latency, errors."""
     from ftllm.commands.bench_serve import bench_serve_command
 
-    raise typer.Exit(bench_serve_command(url, requests, concurrency or [1, 16], max_tokens, api_key))
+    raise typer.Exit(bench_serve_command(url, requests, concurrency or [1, 16], max_tokens, api_key, repeats))
 
 
 @bench_app.command("train")

@@ -2,10 +2,15 @@
 
 For each concurrency level, that many clients send chat completions back to back until
 `--requests` have been sent; prints requests/s, completion tokens/s, p50/p95/p99 latency
-and errors per level, then the throughput ratio of the highest level to the lowest.
+and errors per level, then the throughput ratio of each level to the lowest.
+
+Before each level, one unmeasured wave of `concurrency` requests at once warms the
+service at that level's batch shapes. With `--repeats R` the levels run R times in
+turn (1, 16, 1, 16, ...), each repeat gets its own ratio, and the median ratio is printed:
+on a machine shared with other work, single runs scatter.
 
     ftllm serve &                      # in another terminal
-    ftllm bench serve --url http://127.0.0.1:3000 --requests 200 --concurrency 1 --concurrency 16
+    ftllm bench serve --url http://127.0.0.1:3000 --requests 200 --concurrency 1 --concurrency 16 --repeats 3
 """
 
 from __future__ import annotations
@@ -65,7 +70,9 @@ async def run_level(url: str, requests: int, concurrency: int, max_tokens: int, 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async with httpx.AsyncClient(headers=headers, timeout=120, limits=limits) as client:
-        await client.post(endpoint, json=_payload(rng, max_tokens))  # warm-up, not measured
+        # Warm-up, not measured: one wave at this level's concurrency, so the first batches of
+        # this shape (new padding lengths, new kernel sizes) are not in the figures.
+        await asyncio.gather(*(client.post(endpoint, json=_payload(rng, max_tokens)) for _ in range(concurrency)))
 
         async def worker() -> None:
             for _ in counter:
@@ -87,38 +94,50 @@ async def run_level(url: str, requests: int, concurrency: int, max_tokens: int, 
     return result
 
 
-def bench_serve_command(url: str, requests: int, concurrency: list[int], max_tokens: int, api_key: str | None) -> int:
+def bench_serve_command(url: str, requests: int, concurrency: list[int], max_tokens: int, api_key: str | None,
+                        repeats: int = 1) -> int:
     """Benchmark the service at `url` at each concurrency level; 0 when no request failed, else 1."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    if requests < 1 or not concurrency or min(concurrency) < 1 or max_tokens < 1:
-        console.print("[red]error:[/] --requests, --concurrency and --max-tokens must be positive")
+    if requests < 1 or not concurrency or min(concurrency) < 1 or max_tokens < 1 or repeats < 1:
+        console.print("[red]error:[/] --requests, --concurrency, --max-tokens and --repeats must be positive")
         return 2
     import httpx
 
-    results = []
-    for level in concurrency:
-        console.print(f"concurrency {level}: {requests} requests to {url} ...")
-        try:
-            results.append(asyncio.run(run_level(url, requests, level, max_tokens, api_key)))
-        except httpx.HTTPError as exc:  # the warm-up request: nothing to measure
-            console.print(f"[red]error:[/] {url}: {type(exc).__name__}: {exc or 'no answer'}; "
-                          "is the service running there (ftllm serve)?")
-            return 2
+    runs: list[list[LevelResult]] = []
+    for repeat in range(repeats):
+        runs.append([])
+        for level in concurrency:
+            console.print(f"repeat {repeat + 1}/{repeats}, concurrency {level}: {requests} requests to {url} ...")
+            try:
+                runs[-1].append(asyncio.run(run_level(url, requests, level, max_tokens, api_key)))
+            except httpx.HTTPError as exc:  # in the warm-up wave: nothing to measure
+                console.print(f"[red]error:[/] {url}: {type(exc).__name__}: {exc or 'no answer'}; "
+                              "is the service running there (ftllm serve)?")
+                return 2
     table = Table(title=f"chat completions, max_tokens={max_tokens}")
-    for col in ("concurrency", "requests", "errors", "req/s", "tokens/s", "p50 ms", "p95 ms", "p99 ms"):
+    for col in ("repeat", "concurrency", "requests", "errors", "req/s", "tokens/s", "p50 ms", "p95 ms", "p99 ms"):
         table.add_column(col, justify="right")
-    for r in results:
-        table.add_row(str(r.concurrency), str(r.requests), str(r.errors), f"{r.rps:.1f}", f"{r.tokens_per_s:.0f}",
-                      *(f"{r.percentile(q) * 1000:.0f}" for q in (50, 95, 99)))
+    for repeat, results in enumerate(runs, 1):
+        for r in results:
+            table.add_row(str(repeat), str(r.concurrency), str(r.requests), str(r.errors), f"{r.rps:.1f}",
+                          f"{r.tokens_per_s:.0f}", *(f"{r.percentile(q) * 1000:.0f}" for q in (50, 95, 99)))
     console.print(table)
-    for r in results:
+    for r in (r for results in runs for r in results):
         for sample in r.error_samples:
             console.print(f"[red]c={r.concurrency} error:[/] {sample}")
+    for level in sorted(set(concurrency))[1:]:
+        ratios = [_ratio(results, level) for results in runs]
+        each = ", ".join(f"{x:.2f}" for x in ratios)
+        median = f"; median {statistics.median(ratios):.2f}x" if repeats > 1 else ""
+        console.print(f"throughput ratio c{level}/c{min(concurrency)}: {each}x{median}")
+    return 0 if not any(r.errors for results in runs for r in results) else 1
+
+
+def _ratio(results: list[LevelResult], level: int) -> float:
+    """Requests/s at `level` over requests/s at the lowest level of the same repeat."""
     low = min(results, key=lambda r: r.concurrency)
-    for r in results:
-        if r is not low and low.rps:
-            console.print(f"throughput ratio c{r.concurrency}/c{low.concurrency}: {r.rps / low.rps:.2f}x")
-    return 0 if not any(r.errors for r in results) else 1
+    high = next(r for r in results if r.concurrency == level)
+    return high.rps / low.rps if low.rps else float("nan")

@@ -42,6 +42,24 @@ def test_openai_client_completes_and_streams_over_http(server):
 
 
 @pytest.mark.slow
+def test_load_benchmark_reports_each_repeat_and_the_median_ratio(server):
+    import re
+
+    from typer.testing import CliRunner
+
+    from ftllm.cli import app
+
+    args = ["bench", "serve", "--url", server, "--requests", "6", "--concurrency", "1", "--concurrency", "3",
+            "--repeats", "2", "--max-tokens", "2", "--api-key", "http-test-key"]
+    result = CliRunner().invoke(app, args)
+    text = " ".join(result.stdout.split())
+    assert result.exit_code == 0, text
+    rows = re.findall(r"│ +([12]) │ +([13]) │ +6 │ +0 │", result.stdout)
+    assert sorted(rows) == [("1", "1"), ("1", "3"), ("2", "1"), ("2", "3")], result.stdout
+    assert re.search(r"throughput ratio c3/c1: [\d.]+, [\d.]+x; median [\d.]+x", text), text
+
+
+@pytest.mark.slow
 def test_a_bad_generate_prompt_does_not_fail_the_requests_batched_with_it(server):
     """BentoML merges concurrent /generate requests into one call: an empty prompt must be refused
     on its own (before batching), and an over-long one must be answered, not fail its batch."""
