@@ -24,7 +24,17 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
 from ftllm.env import apply_defaults
-from tasks.config import ConfigError, DataParams, EvalParams, GateParams, Params, TrainParams, file_md5, load_params
+from tasks.config import (
+    ConfigError,
+    DataParams,
+    EvalParams,
+    GateParams,
+    Params,
+    TrainParams,
+    WorkersParams,
+    file_md5,
+    load_params,
+)
 from tasks.evaluate import evaluate_model_dir, load_split
 from tasks.gate import apply_gate
 from tasks.registry import (
@@ -90,47 +100,72 @@ def validate_data(params: Params, data_path: Path, report_dir: Path) -> dict:
 
 
 @task(name="run-dvc-stages")
-def run_dvc_stages(root: Path, overrides: dict, run_id: str, train_deployment: str | None = None) -> dict:
+def run_dvc_stages(root: Path, overrides: dict, run_id: str, workers: WorkersParams) -> dict:
     """prepare → finetune → evaluate under DVC; unchanged stages are skipped.
 
-    With `train_deployment` (`workers.train_deployment`), the finetune stage runs on that
+    With `workers.train_deployment`, the finetune stage runs on that
     deployment's worker (`flows/train_step.py`), the data and model travelling through the
     DVC remote. Not retried: a stage that fails on its own code or data fails the same way
     again. A failure comes back as `error` so that the flow fails with the stage's message.
     """
     logger = get_run_logger()
     train_elsewhere = None
-    if train_deployment:
+    if workers.train_deployment:
         def train_elsewhere(dvc_lock: str) -> dict:
-            return _train_on_worker(train_deployment, overrides, dvc_lock, run_id)
+            return _train_on_worker(workers, overrides, dvc_lock, run_id)
     try:
         result = run_stages(root, overrides, run_id, log=logger.info, train_elsewhere=train_elsewhere)
     except StageError as exc:
         return {"error": str(exc)}
-    return {"ran": result.ran, "skipped": result.skipped, "trained_by": train_deployment}
+    return {"ran": result.ran, "skipped": result.skipped, "trained_by": workers.train_deployment}
 
 
-def _train_on_worker(deployment: str, overrides: dict, dvc_lock: str, run_id: str) -> dict:
-    """Run the `finetune` flow through `deployment` and wait; the stage's dvc.lock entry it stored in MLflow."""
+TRAIN_POLL_SECONDS = 5
+
+
+def _train_on_worker(workers: WorkersParams, overrides: dict, dvc_lock: str, run_id: str) -> dict:
+    """Run the `finetune` flow through `workers.train_deployment` and wait; the stage's dvc.lock entry it stored in MLflow.
+
+    A training that no worker starts within `workers.train_start_timeout_seconds` (the GPU
+    machine is down, its worker not running) is cancelled and fails the run, instead of
+    holding the workspace until the flow's timeout.
+    """
     import mlflow
     import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
+    from prefect.states import Cancelled
 
     from flows.train_step import LOCK_ARTIFACT
 
-    logger = get_run_logger()
-    logger.info(f"training on the worker of deployment {deployment}")
+    deployment = workers.train_deployment
+    get_run_logger().info(f"training on the worker of deployment {deployment}")
     try:
-        child = run_deployment(deployment, parameters={"overrides": overrides, "dvc_lock": dvc_lock, "mlflow_run_id": run_id})
+        child = run_deployment(deployment, parameters={"overrides": overrides, "dvc_lock": dvc_lock, "mlflow_run_id": run_id},
+                               timeout=0)
     except ObjectNotFound:
         raise StageError(
             f"no Prefect deployment {deployment!r} (workers.train_deployment): register it with "
             "`ftllm deploy --train-pool POOL` on the training machine, against the same Prefect server"
         ) from None
-    if not child.state or not child.state.is_completed():
-        state = child.state.type.value if child.state else "unknown"
-        raise StageError(f"training on {deployment} (flow run {child.id}) ended {state}: {child.state.message if child.state else ''}")
+    deadline = time.monotonic() + workers.train_start_timeout_seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(child.id).state
+            if state is not None and state.is_final():
+                break
+            if (state is None or state.type in (StateType.SCHEDULED, StateType.PENDING)) and time.monotonic() > deadline:
+                client.set_flow_run_state(child.id, Cancelled(message="no worker started it in time"), force=True)
+                raise StageError(
+                    f"no worker started the training of deployment {deployment!r} (flow run {child.id}) within "
+                    f"{workers.train_start_timeout_seconds:.0f}s (workers.train_start_timeout_seconds); is "
+                    "`prefect worker start --pool ...` running on the training machine?"
+                )
+            time.sleep(TRAIN_POLL_SECONDS)
+    if not state.is_completed():
+        raise StageError(f"training on {deployment} (flow run {child.id}) ended {state.type.value}: {state.message or ''}")
     return yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{LOCK_ARTIFACT}"))
 
 
@@ -291,7 +326,7 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: d
     result["mlflow_run_id"] = run_id
     try:
         t = time.perf_counter()
-        stages = run_dvc_stages(root, overrides, run_id, params.workers.train_deployment)
+        stages = run_dvc_stages(root, overrides, run_id, params.workers)
         if "error" in stages:
             raise StageError(stages["error"])
         durations["stages"] = round(time.perf_counter() - t, 2)

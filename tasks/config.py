@@ -148,6 +148,9 @@ class WorkersParams(_Section):
         description="Prefect deployment (flow/name, e.g. finetune/ftllm-gpu) that runs the finetune stage on "
                     "a training worker; none: in this run's own process.",
     )
+    train_start_timeout_seconds: float = Field(
+        900, gt=0, description="How long the training may wait for a worker to start it before the run fails.",
+    )
 
 
 class Params(_Section):

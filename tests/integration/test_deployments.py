@@ -177,3 +177,32 @@ print(json.dumps(ids))
     )
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
     assert sum("model_version" in r.data.tags for r in runs) == 1
+
+
+def test_training_that_no_worker_starts_is_cancelled_and_fails_the_run(server, project, tmp_path):
+    """`workers.train_deployment` on a pool whose worker is down: the run fails after the
+    start timeout naming the pool's worker, the training run is cancelled, nothing is registered."""
+    from mlflow import MlflowClient
+
+    deploy = subprocess.run([str(BIN / "ftllm"), "deploy", "--json", "--train-pool", "ftllm-gpu-down",
+                             "--params", str(project / "params.yaml")],
+                            env=server, cwd=project, capture_output=True, text=True, timeout=300)
+    assert deploy.returncode == 0, deploy.stderr[-3000:]
+    assert json.loads(deploy.stdout)["train_deployment"] == "finetune/ftllm-gpu-down"
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "remote", "add", "-q", "-d", "--local", "shared", str(tmp_path / "store")], cwd=project, check=True)
+    overrides = {**OVERRIDES, "registry.model_name": "ftllm-gpu-down", "train.seed": 13,
+                 "workers.train_deployment": "finetune/ftllm-gpu-down", "workers.train_start_timeout_seconds": 10}
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    try:
+        run = subprocess.run([str(BIN / "ftllm"), "run", "--json", *sets], env=server, cwd=project,
+                             capture_output=True, text=True, timeout=600)
+    finally:
+        (project / ".dvc" / "config.local").unlink()
+    assert run.returncode == 1, (run.stdout[-2000:], run.stderr[-3000:])
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "no worker started the training of deployment 'finetune/ftllm-gpu-down'" in summary["error"], summary
+    assert "Traceback" not in run.stderr
+    child = summary["error"].split("(flow run ")[1].split(")")[0]
+    assert _flow_run_states(server, [child])[child]["type"] == "CANCELLED"
+    assert MlflowClient().search_model_versions("name = 'ftllm-gpu-down'") == []
