@@ -83,10 +83,20 @@ GENERATE_MAX_TOKENS = 64  # new tokens per /generate prompt (capped by serving.m
 MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
+SERVICE_SECTIONS = ("registry", "serving")
+
+
 def load_settings() -> Params:
-    """The project's settings: `FTLLM_PARAMS` if set, else `<root>/params.yaml`, else the defaults."""
+    """The settings the service reads (`registry`, `serving`): from `FTLLM_PARAMS` if set,
+    else `<root>/params.yaml`, else the defaults.
+
+    Only those sections are validated. A bento carries the code it was built with, and
+    `ftllm serve` runs it against the project's current params.yaml: settings of the
+    pipeline that this code does not know (added after the bento was built) must not stop
+    it from starting.
+    """
     path = Path(os.environ.get(PARAMS_ENV) or ROOT / "params.yaml")
-    return load_params(path) if path.is_file() else Params()
+    return load_params(path, sections=SERVICE_SECTIONS) if path.is_file() else Params()
 
 
 # The model the bento carries is chosen at import, because BentoML collects the models a

@@ -210,12 +210,15 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None,
+                sections: tuple[str, ...] | None = None) -> Params:
     """Read, override and validate the settings.
 
     Args:
         path: the YAML settings file.
         overrides: dotted keys to values, applied on top of the file.
+        sections: validate only these top-level sections (the others take their defaults);
+            for a reader that uses a few of them, such as the service.
 
     Raises:
         ConfigError: the file is missing or malformed, or a key is unknown or out of range.
@@ -230,6 +233,8 @@ def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | No
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     raw = apply_overrides(raw, overrides or {}, str(path))
+    if sections is not None:
+        raw = {name: value for name, value in raw.items() if name in sections}
     try:
         return Params.model_validate(raw)
     except ValidationError as err:

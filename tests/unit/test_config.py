@@ -40,6 +40,26 @@ def test_unknown_section_and_malformed_set_are_refused():
         parse_overrides(["train.max_steps"])
 
 
+def test_the_service_reads_its_sections_and_ignores_settings_it_does_not_know(tmp_path, monkeypatch):
+    """A bento built from older code serves a project whose params.yaml has newer pipeline settings."""
+    import serving.service
+
+    settings = yaml.safe_load((REPO / "params.yaml").read_text())
+    settings["workers"]["added_after_the_bento_was_built"] = 1
+    settings["serving"]["max_tokens"] = 77
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv("FTLLM_PARAMS", str(path))
+    with pytest.raises(ConfigError, match="workers.added_after_the_bento_was_built"):
+        load_params(path)  # the pipeline still refuses a key it does not know
+    assert serving.service.load_settings().serving.max_tokens == 77
+
+    settings["serving"]["max_tokenz"] = 5  # a typo in what the service does read is still refused
+    path.write_text(yaml.safe_dump(settings))
+    with pytest.raises(ConfigError, match="serving.max_tokenz"):
+        serving.service.load_settings()
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "absent.yaml")
