@@ -47,7 +47,6 @@ from tasks.registry import (
     tag_version,
 )
 from tasks.stages import (
-    WORKSPACE_WAIT_SECONDS,
     StageError,
     git_commit,
     lock_digest,
@@ -56,7 +55,6 @@ from tasks.stages import (
     run_stages,
     stage_out_md5,
     workspace_lock,
-    workspace_locked,
 )
 from tasks.tracking import end_tracking_run, log_results, run_link, start_tracking_run
 from tasks.formats import DataFileError
@@ -290,8 +288,7 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: d
     params = load_params(params_file, overrides)
     # From validation to promotion this run owns the workspace: what it registers and packages
     # must be what its own stages wrote. A second run waits here (or gives up after an hour).
-    logger.info(f"waiting for the workspace lock of {root}" if workspace_locked(root) else f"workspace {root} is free")
-    with workspace_lock(root, timeout=WORKSPACE_WAIT_SECONDS):
+    with workspace_lock(root, log=logger.info):
         return _retrain_in_workspace(root, params, overrides, result)
 
 

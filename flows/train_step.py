@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from ftllm.env import apply_defaults
-from tasks.stages import WORKSPACE_WAIT_SECONDS, StageError, train_stage, workspace_lock, workspace_locked
+from tasks.stages import StageError, train_stage, workspace_lock
 
 LOCK_ARTIFACT = "dvc/finetune.lock.yaml"
 
@@ -50,9 +50,8 @@ def finetune(
     apply_defaults(root)
     if not dvc_lock:
         return Failed(message="no dvc_lock given: this flow runs the training of a retrain run, which passes it")
-    logger.info(f"waiting for the workspace lock of {root}" if workspace_locked(root) else f"training in {root}")
     try:
-        with workspace_lock(root, timeout=WORKSPACE_WAIT_SECONDS):
+        with workspace_lock(root, log=logger.info):
             entry = train_stage(root, overrides or {}, dvc_lock, mlflow_run_id, log=logger.info)
     except StageError as exc:
         logger.error(str(exc))

@@ -45,7 +45,10 @@ class StageError(RuntimeError):
 @dataclass(frozen=True)
 class ReproResult:
     ran: list[str]
-    skipped: list[str]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [s for s in STAGES if s not in self.ran]
 
 
 def _venv_env(extra: dict[str, str]) -> dict[str, str]:
@@ -57,10 +60,11 @@ def _venv_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 @contextmanager
-def workspace_lock(root: Path, timeout: float):
+def workspace_lock(root: Path, timeout: float = WORKSPACE_WAIT_SECONDS, log=None):
     """Hold the workspace's retraining lock (a file lock under `.dvc/tmp`), waiting up to `timeout` seconds.
 
     The lock dies with the process that holds it, so a killed run never leaves it behind.
+    `log`, when given, hears that this run waits for another one.
 
     Raises:
         StageError: another run held the lock for longer than `timeout`.
@@ -69,7 +73,12 @@ def workspace_lock(root: Path, timeout: float):
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path)
     try:
-        lock.acquire(timeout=timeout)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if log is not None:
+                log(f"another run holds the workspace lock of {root}: waiting up to {timeout:.0f}s")
+            lock.acquire(timeout=timeout)
     except Timeout:
         raise StageError(
             f"another retraining run holds {lock.lock_file} for more than {timeout:.0f}s; try again later"
@@ -78,15 +87,6 @@ def workspace_lock(root: Path, timeout: float):
         yield
     finally:
         lock.release()
-
-
-def workspace_locked(root: Path) -> bool:
-    """Whether another run holds the workspace lock right now (for a log line; it may change at once)."""
-    try:
-        with workspace_lock(root, timeout=0):
-            return False
-    except StageError:
-        return True
 
 
 def _stage_env(overrides: dict, mlflow_run_id: str | None) -> dict[str, str]:
@@ -141,7 +141,7 @@ def run_stages(root: Path, overrides: dict, mlflow_run_id: str | None, log=print
     env = _stage_env(overrides, mlflow_run_id)
     if train_elsewhere is None:
         ran = _repro(root, [], env, log)
-        return ReproResult(ran=ran, skipped=[s for s in STAGES if s not in ran])
+        return ReproResult(ran=ran)
     remote = push_remote(root)
     if remote is None:
         raise StageError(
@@ -162,7 +162,7 @@ def run_stages(root: Path, overrides: dict, mlflow_run_id: str | None, log=print
             )
         ran.append("finetune")
     ran += [s for s in _repro(root, [], env, log) if s not in ran]
-    return ReproResult(ran=[s for s in STAGES if s in ran], skipped=[s for s in STAGES if s not in ran])
+    return ReproResult(ran=[s for s in STAGES if s in ran])
 
 
 def train_stage(root: Path, overrides: dict, dvc_lock: str, mlflow_run_id: str | None, log=print) -> dict:
