@@ -19,17 +19,20 @@ when that variable is set):
 Every refusal has OpenAI's error body, `{"error": {message, type, param, code}}`, also
 those that BentoML (`/generate`'s input validation) and Starlette (unknown paths) write.
 
-Every completion goes through one micro-batcher: requests that arrive while a batch
-generates are collected (up to `MAX_BATCH` rows, waiting at most `BATCH_WAIT_S` for each
-next row and `BATCH_MAX_WAIT_S` in all) and run as a single left-padded `generate`, streaming each row's tokens to
-its own client. On a CPU or a GPU this is what makes 16 concurrent clients several times
-faster than one.
+Every completion is a row of one continuously batched decoding loop, which runs in a
+process of its own (`serving.engine`): a request joins the rows already generating within
+a few steps and leaves when it ends, up to `MAX_BATCH` rows at once. On a CPU or a GPU
+this is what makes 16 concurrent clients several times faster than one. This process
+validates, templates and tokenizes requests and answers them; the engine process holds
+the weights. If the engine dies, its requests in flight get a 503, /readyz says not
+ready, and the registry poller starts a new one with the served version.
 
 The model is loaded once at start-up: the registry's `champion` version (from the BentoML
 store when imported there as `<name>:v<version>`, else downloaded from MLflow), or, where
 no registry is reachable (e.g. in a container), the model packaged in the bento. A
 background thread polls the registry every `serving.reload_seconds`; a new champion is
-loaded fully, then swapped in under a lock, so requests in flight finish on the old one.
+loaded fully into the engine, then new requests go to it, while requests in flight
+finish on the old one (which the engine frees once they have).
 
 Serve from the project root (`ftllm serve` does this, binding 127.0.0.1):
 
@@ -48,7 +51,8 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -65,6 +69,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator  # noqa: E402
 
+from serving.engine import MAX_BATCH, Completion, EngineError, EngineProcess  # noqa: E402
 from serving.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
 from tasks.config import Params, ServingParams, load_params  # noqa: E402
 
@@ -74,9 +79,6 @@ API_KEY_ENV = "FTLLM_API_KEY"
 PARAMS_ENV = "FTLLM_PARAMS"
 BENTO_MODEL_ENV = "FTLLM_BENTO_MODEL"
 HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
-MAX_BATCH = 32  # rows per generate; more concurrent requests wait for the next batch
-BATCH_WAIT_S = 0.004  # a batch waits this long for one more row...
-BATCH_MAX_WAIT_S = 0.030  # ...and this long in all
 GENERATE_MAX_TOKENS = 64  # new tokens per /generate prompt (capped by serving.max_tokens)
 # Below this temperature sampling picks what greedy decoding picks, and near 1e-308 the scaled
 # logits overflow to inf and generation fails: such requests decode greedily (as vLLM does).
@@ -119,7 +121,7 @@ REQUEST_LATENCY = prometheus_client.Histogram(
 )
 BATCH_SIZE = prometheus_client.Histogram(
     name="ftllm_batch_size",
-    documentation="Rows per generate call of the micro-batcher",
+    documentation="Rows in each decoding step of the continuous batcher",
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 MODEL_INFO = prometheus_client.Gauge(
@@ -522,232 +524,22 @@ def _responses(ok: type[BaseModel], *errors: int, streams: bool = False) -> dict
 
 
 # ---------------------------------------------------------------------------------------
-# The model, and the micro-batcher that runs it
+# Loading a model (the engine in serving/engine.py runs it)
 # ---------------------------------------------------------------------------------------
 
 
 @dataclass
-class LoadedModel:
-    """A model ready to generate, with where it came from."""
+class ServedModel:
+    """The model the service sends new requests to: its tokenizer (for templates and
+    lengths) here, its weights in the engine process under `key`."""
 
-    model: Any
-    tokenizer: Any
     name: str
     version: str
     source: str
+    key: str
+    tokenizer: Any
     context_length: int
     loaded_at: float = field(default_factory=time.time)
-
-
-def load_model_dir(model_dir: Path, name: str, version: str, source: str) -> LoadedModel:
-    """Load a model folder written by `tasks.finetune` (safetensors only, no remote code)."""
-    from tasks.modeling import load_trained
-
-    model, tokenizer, _info = load_trained(Path(model_dir))
-    if hasattr(model, "merge_and_unload"):
-        # Serving never trains: folding the LoRA weights into the base saves the adapter's
-        # extra matmuls on every token (about half the time of a small model's step).
-        model = model.merge_and_unload()
-        model.eval()
-    tokenizer.padding_side = "left"  # a batch's prompts must end where generation starts
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-    return LoadedModel(model, tokenizer, name, version, source, context)
-
-
-@dataclass(eq=False)
-class Row:
-    """One completion being generated inside a batch; its events go to `queue`.
-
-    Events: ("delta", text), then ("end", finish_reason, completion_tokens) or ("error", message).
-    """
-
-    prompt: str
-    prompt_ids: list[int]
-    encoded_by: Any  # the tokenizer that made prompt_ids (a hot swap may bring another)
-    max_new: int
-    temperature: float
-    top_p: float
-    stops: list[str]
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    ids: list[int] = field(default_factory=list)
-    emitted: int = 0
-    done: bool = False
-    finish: str = "length"
-    prompt_tokens: int = 0
-    version: str = ""
-
-    def emit(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-
-class _RowStreamer:
-    """Receives each generation step's tokens (one per row) and streams text to each row."""
-
-    def __init__(self, rows: list[Row], tokenizer) -> None:
-        self.rows, self.tok, self.first = rows, tokenizer, True
-        self.eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-
-    def put(self, value) -> None:
-        if self.first:  # generate hands over the prompt first
-            self.first = False
-            return
-        for row, token in zip(self.rows, value.tolist()):
-            if row.done:
-                continue
-            if token in self.eos:
-                row.done, row.finish = True, "stop"
-                self._flush(row, self.tok.decode(row.ids, skip_special_tokens=True))
-                continue
-            row.ids.append(token)
-            text = self.tok.decode(row.ids, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in row.stops) if i >= 0), default=-1)
-            if cut >= 0:
-                row.done, row.finish, text = True, "stop", text[:cut]
-            elif len(row.ids) >= row.max_new:
-                row.done, row.finish = True, "length"
-            self._flush(row, text)
-
-    def _flush(self, row: Row, text: str) -> None:
-        end = len(text)
-        if not row.done:
-            # Hold back what could be the start of a stop string or half a UTF-8 character.
-            end -= max((len(s) - 1 for s in row.stops), default=0)
-            if text.endswith("\ufffd"):
-                end = min(end, len(text) - 1)
-        if end > row.emitted:
-            row.emit("delta", text[row.emitted:end])
-            row.emitted = end
-
-    def end(self) -> None:
-        pass
-
-
-def _rows_done_criteria(rows: list[Row]):
-    import torch
-    from transformers import StoppingCriteria
-
-    class RowsDone(StoppingCriteria):
-        # Per-row stop (length, stop string, client gone), so short answers free the batch.
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.tensor([r.done for r in rows], device=input_ids.device)
-
-    return RowsDone()
-
-
-def cpu_threads() -> int:
-    """Intra-op threads for CPU generation: `FTLLM_TORCH_THREADS`, else half the cores.
-
-    The service's event loop, tokenization and HTTP stack need a core of their own: with
-    every core given to torch, its spinning worker threads compete with them, and on two
-    cores one step of the tiny model went from 7 ms to 180 ms.
-    """
-    return int(os.environ.get("FTLLM_TORCH_THREADS") or max(1, (os.cpu_count() or 2) // 2))
-
-
-def generate_rows(loaded: LoadedModel, rows: list[Row]) -> None:
-    """Run one left-padded `generate` for rows that share sampling settings (in a worker thread)."""
-    import torch
-    from transformers import StoppingCriteriaList
-
-    if torch.get_num_threads() != cpu_threads():
-        torch.set_num_threads(cpu_threads())
-
-    tok, model = loaded.tokenizer, loaded.model
-    for row in rows:
-        row.version = loaded.version
-    try:
-        # Left padding by hand: calling the tokenizer with padding=True changes the state of
-        # the (shared, Rust) tokenizer, a race with the event loop encoding the next prompts.
-        for row in rows:
-            if row.encoded_by is not tok:
-                row.prompt_ids = tok.encode(row.prompt, add_special_tokens=False)
-            row.prompt_tokens = len(row.prompt_ids)
-        width = max(row.prompt_tokens for row in rows)
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - r.prompt_tokens) + r.prompt_ids for r in rows])
-        attention = torch.tensor([[0] * (width - r.prompt_tokens) + [1] * r.prompt_tokens for r in rows])
-        device = next(model.parameters()).device
-        sample = rows[0].temperature > 0
-        with torch.inference_mode():
-            model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                do_sample=sample,
-                temperature=rows[0].temperature if sample else None,
-                top_p=rows[0].top_p if sample else None,
-                top_k=None,
-                max_new_tokens=max(r.max_new for r in rows),
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                streamer=_RowStreamer(rows, tok),
-                stopping_criteria=StoppingCriteriaList([_rows_done_criteria(rows)]),
-            )
-    except Exception as exc:  # a failed batch must answer its clients, not hang them
-        log.exception("generation failed")
-        for row in rows:
-            row.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
-        return
-    for row in rows:
-        row.emit("end", row.finish, len(row.ids))
-
-
-class MicroBatcher:
-    """Collects rows from concurrent requests and generates them together.
-
-    One worker task per event loop takes the first waiting row, collects more (up to
-    `max_batch`, `wait_s` for each, `max_wait_s` in all), and runs the batch in a single
-    generation thread; rows that arrive meanwhile make up the next batch. Rows are grouped by sampling settings, since
-    one `generate` call has one temperature and top_p.
-    """
-
-    def __init__(self, current, max_batch: int = MAX_BATCH, wait_s: float = BATCH_WAIT_S,
-                 max_wait_s: float = BATCH_MAX_WAIT_S) -> None:
-        self.current = current  # callable returning the LoadedModel to use for the next batch
-        self.max_batch, self.wait_s, self.max_wait_s = max_batch, wait_s, max_wait_s
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="ftllm-generate")
-        self.pending: asyncio.Queue | None = None
-        self.worker: asyncio.Task | None = None
-
-    async def submit(self, row: Row) -> None:
-        if self.pending is None or self.worker is None or self.worker.done():
-            self.pending = asyncio.Queue()
-            self.worker = asyncio.get_running_loop().create_task(self._run())
-        self.pending.put_nowait(row)
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.pending.get()]
-            # Keep collecting while rows keep coming (each within `wait_s` of the last), up
-            # to `max_wait_s` in all: under load the clients answered by the previous batch
-            # come back one by one, and a fuller batch costs little more than a small one.
-            deadline = loop.time() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.pending.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                timeout = min(self.wait_s, deadline - loop.time())
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.pending.get(), timeout))
-                except TimeoutError:
-                    break
-            batch = [r for r in batch if not r.done]  # clients that left while waiting
-            groups: dict[tuple, list[Row]] = {}
-            for row in batch:
-                key = (row.temperature, row.top_p) if row.temperature > 0 else (0.0, 1.0)
-                groups.setdefault(key, []).append(row)
-            for rows in groups.values():
-                BATCH_SIZE.observe(len(rows))
-                await loop.run_in_executor(self.executor, generate_rows, self.current(), rows)
-
-    def close(self) -> None:
-        if self.worker is not None:
-            self.worker.cancel()
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -777,14 +569,17 @@ def champion_version(model_name: str) -> str | None:
         return None
 
 
-def load_version(model_name: str, version: str) -> LoadedModel:
-    """Load a registry version: from the BentoML store if imported there, else from MLflow's artifacts."""
+@contextmanager
+def version_files(model_name: str, version: str) -> Iterator[tuple[Path, str]]:
+    """The folder of a registry version and where it came from: the BentoML store if it was
+    imported there, else a download of MLflow's artifacts (removed on exit: once loaded,
+    the model is in memory)."""
     from bentoml.exceptions import NotFound
 
     tag = f"{model_name}:v{version}"
     try:
-        stored = bentoml.models.get(tag)
-        return load_model_dir(Path(stored.path), model_name, version, f"bentoml:{tag}")
+        yield Path(bentoml.models.get(tag).path), f"bentoml:{tag}"
+        return
     except NotFound:
         pass
     import mlflow
@@ -798,8 +593,7 @@ def load_version(model_name: str, version: str) -> LoadedModel:
             if not found:
                 raise FileNotFoundError(f"models:/{model_name}/{version} holds no ftllm_model.json under artifacts/model_dir")
             model_dir = found[0].parent
-        # The whole model is in memory once loaded, so the download can go.
-        return load_model_dir(model_dir, model_name, version, f"mlflow:models:/{model_name}/{version}")
+        yield model_dir, f"mlflow:models:/{model_name}/{version}"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -838,10 +632,10 @@ class ChatService:
         self.limits: ServingParams = params.serving
         self.model_name = params.registry.model_name
         self._swap_lock = threading.Lock()  # guards the reference to the current model
-        self._reload_lock = threading.Lock()  # one load at a time (poller and /admin/reload)
+        self._reload_lock = threading.Lock()  # one load at a time (poller, /admin/reload, engine restart)
+        self.engine = self._start_engine()
         self._current = self._initial_model()
         MODEL_INFO.labels(model_name=self.model_name, model_version=self._current.version).set(1)
-        self.batcher = MicroBatcher(self.current)
         self.store = FeedbackStore(default_db_path(ROOT))
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_registry, name="ftllm-registry-poll", daemon=True)
@@ -849,10 +643,26 @@ class ChatService:
 
     # -- model lifecycle ----------------------------------------------------------------
 
-    def _initial_model(self) -> LoadedModel:
+    @staticmethod
+    def _start_engine() -> EngineProcess:
+        return EngineProcess(MAX_BATCH, on_steps=lambda sizes: [BATCH_SIZE.observe(n) for n in sizes])
+
+    def _load(self, model_dir: Path, name: str, version: str, source: str) -> ServedModel:
+        """Load a model folder into the engine, and its tokenizer here."""
+        from tasks.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(str(model_dir))
+        key, context = self.engine.load(model_dir)
+        return ServedModel(name, version, source, key, tokenizer, context)
+
+    def _load_version(self, version: str) -> ServedModel:
+        with version_files(self.model_name, version) as (model_dir, source):
+            return self._load(model_dir, self.model_name, version, source)
+
+    def _initial_model(self) -> ServedModel:
         version = champion_version(self.model_name)
         if version is not None:
-            return load_version(self.model_name, version)
+            return self._load_version(version)
         stored = type(self).bento_model.stored
         if stored is None:
             raise RuntimeError(
@@ -860,9 +670,9 @@ class ChatService:
                 f"store has no {BENTO_MODEL_TAG!r}. Run `ftllm run` (or `ftllm promote VERSION`) first."
             )
         version = stored.info.labels.get("version") or str(stored.tag.version).removeprefix("v")
-        return load_model_dir(Path(stored.path), stored.tag.name, version, f"bentoml:{stored.tag}")
+        return self._load(Path(stored.path), stored.tag.name, version, f"bentoml:{stored.tag}")
 
-    def current(self) -> LoadedModel:
+    def current(self) -> ServedModel:
         with self._swap_lock:
             return self._current
 
@@ -873,17 +683,39 @@ class ChatService:
             version = champion_version(self.model_name)
             if version is None or version == previous.version:
                 return {"reloaded": False, "version": previous.version, "previous": previous.version}
-            loaded = load_version(self.model_name, version)  # fully loaded before the swap
+            loaded = self._load_version(version)  # fully loaded before the swap
             with self._swap_lock:
                 self._current = loaded
+            self.engine.drop(previous.key)  # freed once its last rows have finished
             MODEL_INFO.labels(model_name=self.model_name, model_version=previous.version).set(0)
             MODEL_INFO.labels(model_name=self.model_name, model_version=version).set(1)
             log.info("now serving %s version %s (was %s)", self.model_name, version, previous.version)
             return {"reloaded": True, "version": version, "previous": previous.version}
 
+    def restart_engine(self) -> None:
+        """Start a new engine process with the served version, after the last one died.
+
+        The requests it had in flight were answered with an error when it died; until the
+        new one has loaded the model, /readyz says not ready and requests get 503.
+        """
+        with self._reload_lock:
+            served = self.current()
+            self.engine.close(timeout=5)
+            self.engine = self._start_engine()
+            if served.source.startswith("mlflow:"):
+                loaded = self._load_version(served.version)
+            else:  # the BentoML store: the folder is still there
+                stored = bentoml.models.get(served.source.removeprefix("bentoml:"))
+                loaded = self._load(Path(stored.path), served.name, served.version, served.source)
+            with self._swap_lock:
+                self._current = loaded
+            log.info("generation engine restarted, serving %s version %s", served.name, served.version)
+
     def _poll_registry(self) -> None:
         while not self._stop.wait(self.limits.reload_seconds):
             try:
+                if not self.engine.alive:
+                    self.restart_engine()
                 self.reload()
             except Exception:  # a broken registry or model must not stop the service
                 log.exception("reloading the champion failed; still serving %s", self.current().version)
@@ -891,40 +723,49 @@ class ChatService:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self._stop.set()
-        self.batcher.close()
+        self.engine.close()
         self.store.close()
 
     def __is_ready__(self) -> bool:
-        return self._current is not None
+        return self._current is not None and self.engine.alive
 
     # -- generation ---------------------------------------------------------------------
 
-    def _new_row(self, loaded: LoadedModel, prompt: str, prompt_ids: list[int], max_new: int, temperature: float,
-                 top_p: float, stops: list[str]) -> Row:
-        return Row(prompt, prompt_ids, loaded.tokenizer, max_new, temperature, top_p, stops,
-                   asyncio.get_running_loop(), asyncio.Queue())
+    def _completion(self, served: ServedModel, prompt: str, prompt_ids: list[int], max_new: int,
+                    temperature: float, top_p: float, stops: list[str], stream: bool) -> Completion:
+        return Completion(prompt, prompt_ids, max_new, temperature, top_p, stops, stream, served.key, served.version,
+                          asyncio.get_running_loop(), asyncio.Queue())
 
-    async def _events(self, row: Row):
-        """The row's events until its end; marks the row done if the consumer goes away."""
+    async def _events(self, row: Completion):
+        """The completion's events until its end; cancels it in the engine if the consumer goes away."""
         try:
-            await self.batcher.submit(row)
+            try:
+                await self.engine.submit(row)
+            except EngineError as exc:
+                yield ("error", str(exc))
+                return
             while True:
                 event = await row.queue.get()
-                yield event
+                if event[0] == "end":
+                    row.finish, row.completion_tokens = event[1], event[2]
                 if event[0] != "delta":
+                    row.ended = True
+                yield event
+                if row.ended:
                     return
         finally:
-            row.done = True
+            if not row.ended:
+                self.engine.cancel(row)
 
-    def _record(self, endpoint: str, cid: str, messages: list[dict], answer: str, finish: str, row: Row,
+    def _record(self, endpoint: str, cid: str, messages: list[dict], answer: str, finish: str, row: Completion,
                 started: float) -> Interaction:
         latency = time.perf_counter() - started
-        GENERATED_TOKENS.labels(endpoint=endpoint, model_version=row.version).inc(len(row.ids))
+        GENERATED_TOKENS.labels(endpoint=endpoint, model_version=row.version).inc(row.completion_tokens)
         REQUEST_LATENCY.labels(endpoint=endpoint, model_version=row.version).observe(latency)
         return Interaction(cid, endpoint, self.model_name, row.version, messages, answer, finish,
-                           row.prompt_tokens, len(row.ids), latency * 1000)
+                           row.prompt_tokens, row.completion_tokens, latency * 1000)
 
-    def _check_chat(self, body: Any) -> tuple[ChatRequest, list[dict], Row]:
+    def _check_chat(self, body: Any) -> tuple[ChatRequest, list[dict], Completion]:
         if not isinstance(body, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
         if isinstance(body.get("messages"), list) and len(body["messages"]) > self.limits.max_messages:
@@ -956,7 +797,7 @@ class ChatService:
                                 f"model's context of {loaded.context_length}.", param="messages",
                            code="context_length_exceeded")
         temperature = req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
-        row = self._new_row(loaded, prompt, prompt_ids, max_new, temperature, req.top_p, req.stops())
+        row = self._completion(loaded, prompt, prompt_ids, max_new, temperature, req.top_p, req.stops(), req.stream)
         return req, messages, row
 
     @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatRequest),
@@ -985,11 +826,11 @@ class ChatService:
             "system_fingerprint": f"v{row.version}",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                          "logprobs": None, "finish_reason": finish}],
-            "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": len(row.ids),
-                      "total_tokens": row.prompt_tokens + len(row.ids)},
+            "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
+                      "total_tokens": row.prompt_tokens + row.completion_tokens},
         }
 
-    async def _stream(self, cid: str, created: int, row: Row, messages: list[dict], started: float, usage: bool):
+    async def _stream(self, cid: str, created: int, row: Completion, messages: list[dict], started: float, usage: bool):
         def chunk(delta: dict, finish: str | None = None) -> str:
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                          "system_fingerprint": f"v{row.version}",
@@ -1011,8 +852,8 @@ class ChatService:
                                         self._record("chat", cid, messages, "".join(parts), event[1], row, started))
         if usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                        "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": len(row.ids),
-                                                 "total_tokens": row.prompt_tokens + len(row.ids)}})
+                        "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
+                                                 "total_tokens": row.prompt_tokens + row.completion_tokens}})
         yield "data: [DONE]\n\n"
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=60_000)
@@ -1032,9 +873,9 @@ class ChatService:
         rows = []
         for prompt in prompts:
             prompt_ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)[-room:]
-            rows.append(self._new_row(loaded, prompt, prompt_ids, max_new, 0.0, 1.0, []))
+            rows.append(self._completion(loaded, prompt, prompt_ids, max_new, 0.0, 1.0, [], stream=False))
 
-        async def complete(row: Row) -> str:
+        async def complete(row: Completion) -> str:
             parts = []
             async for event in self._events(row):
                 if event[0] == "delta":

@@ -1,0 +1,330 @@
+"""The continuous batcher on the tiny model: rows join and leave at any step; in-process
+(`Engine`) and in its own process (`EngineProcess`)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import signal
+
+import pytest
+import torch
+
+from serving.engine import Completion, Engine, EngineProcess, LoadedModel, Row, load_model_dir, sample
+
+MESSAGES = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"role": "user", "content": "2001-02-03"}]
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir) -> LoadedModel:
+    return load_model_dir(model_dir)
+
+
+class _NoEnd:
+    """The model's tokenizer without an end-of-sequence token: rows run to `max_new`."""
+
+    eos_token_id = pad_token_id = None
+
+    def __init__(self, tokenizer) -> None:
+        self.decode, self.encode, self.apply_chat_template = (tokenizer.decode, tokenizer.encode,
+                                                              tokenizer.apply_chat_template)
+
+
+def endless(loaded: LoadedModel) -> LoadedModel:
+    return dataclasses.replace(loaded, tokenizer=_NoEnd(loaded.tokenizer))
+
+
+def prompt_ids(tokenizer, user: str = "2001-02-03") -> list[int]:
+    from tasks.modeling import render_prompt
+
+    prompt = render_prompt(tokenizer, [MESSAGES[0], {"role": "user", "content": user}])
+    return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+class Harness:
+    """An in-process engine whose events land in one asyncio queue per row."""
+
+    def __init__(self, **kwargs) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queues: dict[int, asyncio.Queue] = {}
+        self.engine = Engine(self._emit, **kwargs)
+
+    def _emit(self, events) -> None:
+        def put():
+            for row, event in events:
+                self.queues[row.id].put_nowait(event)
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(put)
+
+    def submit(self, model: LoadedModel, max_new: int, *, user: str = "2001-02-03", temperature: float = 0.0,
+               stream: bool = True) -> Row:
+        row = Row(next(_ids), prompt_ids(model.tokenizer, user), max_new, temperature, 1.0, [], stream, model)
+        self.queues[row.id] = asyncio.Queue()
+        self.engine.submit(row)
+        return row
+
+    async def next(self, row: Row, timeout: float = 60) -> tuple:
+        return await asyncio.wait_for(self.queues[row.id].get(), timeout)
+
+    async def until_end(self, row: Row) -> tuple[str, tuple]:
+        parts = []
+        while (event := await self.next(row))[0] == "delta":
+            parts.append(event[1])
+        return "".join(parts), event
+
+    def pending(self, row: Row) -> list[tuple]:
+        return list(self.queues[row.id]._queue)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_row_joins_a_running_batch_and_leaves_before_it(loaded):
+    """A short request sent while a long one generates joins it within a few steps and is
+    answered while the long one still runs, with the text it gets alone."""
+    model = endless(loaded)
+    steps: list[int] = []
+
+    async def scenario():
+        h = Harness(on_step=steps.append)
+        try:
+            alone_text, _ = await h.until_end(h.submit(model, 6, user="1999-12-31"))
+            steps.clear()
+            long = h.submit(model, 120)
+            assert (await h.next(long))[0] == "delta"  # generating
+            short = h.submit(model, 6, user="1999-12-31")
+            short_text, end = await h.until_end(short)
+            assert end == ("end", "length", 6)
+            assert not long.done, "the short row had to wait for the long one"
+            assert short_text == alone_text  # joining a batch at another length changes nothing
+            long_text, end = await h.until_end(long)
+            assert end == ("end", "length", 120) and long_text
+        finally:
+            h.engine.close()
+
+    run(scenario())
+    assert max(steps) == 2 and steps[-1] == 1  # they shared steps; the long one ended alone
+
+
+def test_rows_join_in_groups_but_never_wait_long(loaded):
+    """One row waiting beside a running batch of four joins after JOIN_AFTER_STEPS steps;
+    two join at once."""
+    from serving.engine import JOIN_AFTER_STEPS
+
+    model = endless(loaded)
+    steps: list[int] = []
+
+    async def scenario():
+        h = Harness(on_step=steps.append)
+        try:
+            running = [h.submit(model, 60) for _ in range(4)]
+            for row in running:
+                assert (await h.next(row))[0] == "delta"
+            start = len(steps)
+            late = h.submit(model, 3)
+            await h.until_end(late)
+            joined = next(i for i, n in enumerate(steps[start:]) if n == 5)
+            assert 1 <= joined <= JOIN_AFTER_STEPS + 2
+            for row in running:
+                await h.until_end(row)
+        finally:
+            h.engine.close()
+
+    run(scenario())
+
+
+def test_without_a_mergeable_cache_a_row_waits_for_the_batch(loaded, monkeypatch):
+    """Models whose cache cannot take rows mid-way (sliding windows, static caches) get
+    batches formed between runs instead."""
+    monkeypatch.setattr("serving.engine._mergeable", lambda cache: False)
+    model = endless(loaded)
+
+    async def scenario():
+        h = Harness()
+        try:
+            long = h.submit(model, 40)
+            assert (await h.next(long))[0] == "delta"
+            short = h.submit(model, 4)
+            await h.until_end(short)
+            assert long.done and h.pending(long)[-1][0] == "end"  # the long row ended first
+        finally:
+            h.engine.close()
+
+    run(scenario())
+
+
+def test_a_new_model_starts_once_the_running_rows_have_drained(loaded):
+    """A hot swap: rows running on the old model finish on it; a row for the new one starts
+    after them."""
+    old, new = endless(loaded), endless(loaded)
+
+    async def scenario():
+        h = Harness()
+        try:
+            running = h.submit(old, 30)
+            assert (await h.next(running))[0] == "delta"
+            after = h.submit(new, 4)
+            await h.until_end(after)
+            assert running.done and h.pending(running)[-1] == ("end", "length", 30)
+        finally:
+            h.engine.close()
+
+    run(scenario())
+
+
+def test_rows_with_other_sampling_settings_share_steps(loaded):
+    """Greedy rows keep their greedy answer when sampled rows generate beside them."""
+    steps: list[int] = []
+
+    async def scenario():
+        h = Harness(on_step=steps.append)
+        try:
+            expected, _ = await h.until_end(h.submit(loaded, 12))
+            steps.clear()
+            torch.manual_seed(0)
+            rows = [h.submit(loaded, 12, temperature=t) for t in (0.0, 1.5, 0.0, 0.7)]
+            texts = [(await h.until_end(row))[0] for row in rows]
+            assert texts[0] == texts[2] == expected
+        finally:
+            h.engine.close()
+
+    run(scenario())
+    assert max(steps) > 1
+
+
+def test_a_client_that_leaves_frees_its_row(loaded):
+    model = endless(loaded)
+    steps: list[int] = []
+
+    async def scenario():
+        h = Harness(on_step=steps.append)
+        try:
+            rows = [h.submit(model, 200) for _ in range(3)]
+            await h.next(rows[0])
+            rows[1].done = True  # what the engine process does on a cancel
+            _, end = await h.until_end(rows[0])
+            assert end[0] == "end" and len(rows[1].ids) < 200
+        finally:
+            h.engine.close()
+
+    run(scenario())
+    assert steps[-1] == 2  # the third row was still there at the end, the second was not
+
+
+def test_a_failing_step_answers_its_rows_and_the_engine_goes_on(loaded):
+    class Broken:
+        device = loaded.model.device
+        config = loaded.model.config
+
+        def __call__(self, **kwargs):
+            raise RuntimeError("out of memory")
+
+    broken = dataclasses.replace(loaded, model=Broken())
+
+    async def scenario():
+        h = Harness()
+        try:
+            rows = [h.submit(broken, 4), h.submit(broken, 4)]
+            for row in rows:
+                assert (await h.until_end(row))[1] == ("error", "generation failed: RuntimeError: out of memory")
+            assert (await h.until_end(h.submit(loaded, 4)))[1][0] == "end"
+        finally:
+            h.engine.close()
+
+    run(scenario())
+
+
+def test_non_streamed_rows_get_their_text_in_one_delta(loaded):
+    async def scenario():
+        h = Harness()
+        try:
+            streamed, whole = h.submit(loaded, 10), h.submit(loaded, 10, stream=False)
+            text, _ = await h.until_end(streamed)
+            await asyncio.sleep(0.1)
+            assert len(h.pending(whole)) <= 2  # one delta (none if the answer is empty), then the end
+            assert (await h.until_end(whole))[0] == text
+        finally:
+            h.engine.close()
+
+    run(scenario())
+
+
+def test_sample_is_greedy_at_temperature_zero_and_keeps_to_the_nucleus():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0.5], [3.0, 2.9, 0.0, 0.0]])
+    assert sample(logits, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0])).tolist() == [1, 0]
+    torch.manual_seed(0)
+    # top_p small: only the most likely token is left, whatever the temperature
+    drawn = {tuple(sample(logits, torch.tensor([2.0, 2.0]), torch.tensor([0.01, 0.01])).tolist()) for _ in range(50)}
+    assert drawn == {(1, 0)}
+    # the nucleus of row 2 at top_p 0.9 is its two first tokens: both are drawn, never the others
+    seen = {int(sample(logits[1:], torch.tensor([1.0]), torch.tensor([0.9]))[0]) for _ in range(200)}
+    assert seen == {0, 1}
+
+
+# ---------------------------------------------------------------------------------------
+# The engine in its own process
+# ---------------------------------------------------------------------------------------
+
+
+def completion(key: str, ids: list[int], max_new: int, stream: bool = False) -> Completion:
+    return Completion("", ids, max_new, 0.0, 1.0, [], stream, key, "1", asyncio.get_running_loop(), asyncio.Queue())
+
+
+async def answer(c: Completion) -> tuple[str, tuple]:
+    parts = []
+    while (event := await asyncio.wait_for(c.queue.get(), 60))[0] == "delta":
+        parts.append(event[1])
+    return "".join(parts), event
+
+
+def test_the_engine_process_answers_as_the_engine_does_and_fails_cleanly_when_it_dies(model_dir, loaded):
+    from serving.engine import EngineError
+
+    ids = prompt_ids(loaded.tokenizer)
+    sizes: list[int] = []
+
+    async def in_process() -> str:
+        h = Harness()
+        try:
+            return (await h.until_end(h.submit(loaded, 8)))[0]
+        finally:
+            h.engine.close()
+
+    expected = run(in_process())
+    engine = EngineProcess(on_steps=sizes.extend)
+    try:
+        with pytest.raises(EngineError, match="could not load"):
+            engine.load(model_dir / "missing")
+        key, context = engine.load(model_dir)
+        assert context == loaded.context_length
+
+        async def scenario():
+            many = [completion(key, ids, 8) for _ in range(6)]
+            for c in many:
+                await engine.submit(c)
+            results = [await answer(c) for c in many]
+            assert {text for text, _ in results} == {expected}
+            assert max(sizes) > 1  # they shared steps in the engine process
+
+            unknown = completion("m999", ids, 8)
+            await engine.submit(unknown)
+            assert (await answer(unknown))[1] == ("error", "model m999 is not loaded in the engine")
+
+            # the process dies with a row in flight: the row is answered, not left hanging
+            stuck = completion(key, ids, 200, stream=True)
+            await engine.submit(stuck)
+            await asyncio.wait_for(stuck.queue.get(), 60)
+            os.kill(engine.process.pid, signal.SIGKILL)
+            _, end = await answer(stuck)
+            assert end == ("error", "the generation engine stopped")
+            assert not engine.alive
+            with pytest.raises(EngineError, match="not running"):
+                await engine.submit(completion(key, ids, 8))
+
+        run(scenario())
+    finally:
+        engine.close(timeout=5)
