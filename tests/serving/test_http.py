@@ -78,3 +78,58 @@ def test_a_bad_generate_prompt_does_not_fail_the_requests_batched_with_it(server
     assert 400 <= codes[6] < 500, responses[6].text
     answers = [r.json()[0] for r in responses[:6]]
     assert len(set(answers)) == 1  # greedy: the same prompt, the same answer
+
+
+@pytest.mark.slow
+def test_a_rollback_under_load_is_served_within_reload_seconds_and_fails_nothing(server, registry):
+    """`ftllm rollback` while 4 clients keep the service busy: answers come from the restored
+    version within serving.reload_seconds + 5 s (1 s in these tests), and no request fails."""
+    import threading
+    import time
+
+    from tasks.registry import rollback
+
+    headers = {"Authorization": "Bearer http-test-key"}
+    body = {"model": MODEL_NAME, "max_tokens": 8, "temperature": 0, "messages": [
+        {"role": "system", "content": "Rewrite the ISO date in words."}, {"role": "user", "content": "2001-02-03"}]}
+
+    def served() -> str:
+        return httpx.get(f"{server}/v1/models", headers=headers).json()["data"][0]["version"]
+
+    registry.set_registered_model_alias(MODEL_NAME, "champion", "2")
+    deadline = time.time() + 30
+    while served() != "2":
+        assert time.time() < deadline, "the service did not pick up version 2"
+        time.sleep(0.2)
+
+    answers: list[tuple[float, int, str]] = []  # (sent at, status, version)
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=server, headers=headers, timeout=60) as c:
+            while not stop.is_set():
+                sent = time.time()
+                resp = c.post("/v1/chat/completions", json=body)
+                version = resp.json().get("system_fingerprint", "") if resp.status_code == 200 else resp.text[:200]
+                answers.append((sent, resp.status_code, version))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        rolled_at = time.time()
+        assert rollback(MODEL_NAME, to="1", reason="test").champion == "1"
+        deadline = rolled_at + 1.0 + 5
+        while not any(sent > rolled_at and version == "v1" for sent, _, version in answers):
+            assert time.time() < deadline, "no answer from the restored version within reload_seconds + 5 s"
+            time.sleep(0.05)
+        time.sleep(1.0)  # and the service keeps answering after the swap
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert [a for a in answers if a[1] != 200] == []
+    assert {version for _, _, version in answers} == {"v1", "v2"}
+    restored = min(sent for sent, _, version in answers if sent > rolled_at and version == "v1")
+    assert all(version == "v1" for sent, _, version in answers if sent > restored + 0.5)
