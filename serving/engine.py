@@ -72,10 +72,15 @@ class LoadedModel:
 
 
 def load_model_dir(model_dir: Path) -> LoadedModel:
-    """Load a model folder written by `tasks.finetune` (safetensors only, no remote code)."""
+    """Load a model folder written by `tasks.finetune` (safetensors only, no remote code),
+    on the GPU in bfloat16 when there is one."""
+    import torch
+
     from tasks.modeling import load_trained
 
-    model, tokenizer, _info = load_trained(Path(model_dir))
+    cuda = torch.cuda.is_available()
+    model, tokenizer, _info = load_trained(Path(model_dir), dtype=torch.bfloat16 if cuda else None,
+                                           device="cuda" if cuda else None)
     if hasattr(model, "merge_and_unload"):
         # Serving never trains: folding the LoRA weights into the base saves the adapter's
         # extra matmuls on every token (about half the time of a small model's step).

@@ -647,22 +647,23 @@ class ChatService:
     def _start_engine() -> EngineProcess:
         return EngineProcess(MAX_BATCH, on_steps=lambda sizes: [BATCH_SIZE.observe(n) for n in sizes])
 
-    def _load(self, model_dir: Path, name: str, version: str, source: str) -> ServedModel:
-        """Load a model folder into the engine, and its tokenizer here."""
+    @staticmethod
+    def _load(engine: EngineProcess, model_dir: Path, name: str, version: str, source: str) -> ServedModel:
+        """Load a model folder into `engine`, and its tokenizer here."""
         from tasks.modeling import load_tokenizer
 
         tokenizer = load_tokenizer(str(model_dir))
-        key, context = self.engine.load(model_dir)
+        key, context = engine.load(model_dir)
         return ServedModel(name, version, source, key, tokenizer, context)
 
-    def _load_version(self, version: str) -> ServedModel:
+    def _load_version(self, engine: EngineProcess, version: str) -> ServedModel:
         with version_files(self.model_name, version) as (model_dir, source):
-            return self._load(model_dir, self.model_name, version, source)
+            return self._load(engine, model_dir, self.model_name, version, source)
 
     def _initial_model(self) -> ServedModel:
         version = champion_version(self.model_name)
         if version is not None:
-            return self._load_version(version)
+            return self._load_version(self.engine, version)
         stored = type(self).bento_model.stored
         if stored is None:
             raise RuntimeError(
@@ -670,7 +671,7 @@ class ChatService:
                 f"store has no {BENTO_MODEL_TAG!r}. Run `ftllm run` (or `ftllm promote VERSION`) first."
             )
         version = stored.info.labels.get("version") or str(stored.tag.version).removeprefix("v")
-        return self._load(Path(stored.path), stored.tag.name, version, f"bentoml:{stored.tag}")
+        return self._load(self.engine, Path(stored.path), stored.tag.name, version, f"bentoml:{stored.tag}")
 
     def current(self) -> ServedModel:
         with self._swap_lock:
@@ -683,7 +684,7 @@ class ChatService:
             version = champion_version(self.model_name)
             if version is None or version == previous.version:
                 return {"reloaded": False, "version": previous.version, "previous": previous.version}
-            loaded = self._load_version(version)  # fully loaded before the swap
+            loaded = self._load_version(self.engine, version)  # fully loaded before the swap
             with self._swap_lock:
                 self._current = loaded
             self.engine.drop(previous.key)  # freed once its last rows have finished
@@ -700,15 +701,20 @@ class ChatService:
         """
         with self._reload_lock:
             served = self.current()
-            self.engine.close(timeout=5)
-            self.engine = self._start_engine()
-            if served.source.startswith("mlflow:"):
-                loaded = self._load_version(served.version)
-            else:  # the BentoML store: the folder is still there
-                stored = bentoml.models.get(served.source.removeprefix("bentoml:"))
-                loaded = self._load(Path(stored.path), served.name, served.version, served.source)
+            engine = self._start_engine()
+            try:
+                if served.source.startswith("mlflow:"):
+                    loaded = self._load_version(engine, served.version)
+                else:  # the BentoML store: the folder is still there
+                    stored = bentoml.models.get(served.source.removeprefix("bentoml:"))
+                    loaded = self._load(engine, Path(stored.path), served.name, served.version, served.source)
+            except Exception:
+                engine.close(timeout=5)  # the next poll tries again
+                raise
+            dead = self.engine
             with self._swap_lock:
-                self._current = loaded
+                self.engine, self._current = engine, loaded
+            dead.close(timeout=5)
             log.info("generation engine restarted, serving %s version %s", served.name, served.version)
 
     def _poll_registry(self) -> None:
@@ -738,9 +744,10 @@ class ChatService:
 
     async def _events(self, row: Completion):
         """The completion's events until its end; cancels it in the engine if the consumer goes away."""
+        engine = self.engine
         try:
             try:
-                await self.engine.submit(row)
+                await engine.submit(row)
             except EngineError as exc:
                 yield ("error", str(exc))
                 return
@@ -755,7 +762,7 @@ class ChatService:
                     return
         finally:
             if not row.ended:
-                self.engine.cancel(row)
+                engine.cancel(row)
 
     def _record(self, endpoint: str, cid: str, messages: list[dict], answer: str, finish: str, row: Completion,
                 started: float) -> Interaction:
@@ -772,7 +779,8 @@ class ChatService:
             raise APIError(400, f"Too many messages ({len(body['messages'])}); at most serving.max_messages="
                                 f"{self.limits.max_messages}.", param="messages", code="too_many_messages")
         try:
-            req = ChatRequest.model_validate(body)
+            # Strict: the documented types, not what pydantic could coerce ("4", true, 4.0)
+            req = ChatRequest.model_validate(body, strict=True)
         except ValidationError as err:
             raise _validation_error(err) from None
         if req.n != 1:
@@ -904,7 +912,7 @@ class ChatService:
         """Rate a completion from 1 (useless) to 5 (perfect), optionally with the answer it should have given."""
         body = await _read_json(request)
         try:
-            fb = FeedbackRequest.model_validate(body)
+            fb = FeedbackRequest.model_validate(body, strict=True)
         except ValidationError as err:
             raise _validation_error(err) from None
         try:

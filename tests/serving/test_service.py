@@ -96,6 +96,11 @@ def test_health_is_open_and_everything_else_needs_the_key(client, monkeypatch):
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value"),
         ({"messages": MESSAGES, "temperature": 7}, 400, "invalid_value"),
         ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
+        # the types the schema documents, not what pydantic could coerce (OpenAI refuses these too)
+        ({"messages": MESSAGES, "max_tokens": "4"}, 400, "invalid_value"),
+        ({"messages": MESSAGES, "max_tokens": True}, 400, "invalid_value"),
+        ({"messages": MESSAGES, "temperature": "0"}, 400, "invalid_value"),
+        ({"messages": MESSAGES, "stream": "yes"}, 400, "invalid_value"),
         ([1, 2, 3], 400, "invalid_json"),
     ],
 )
