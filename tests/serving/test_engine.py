@@ -52,6 +52,12 @@ class Harness:
         self.queues: dict[int, asyncio.Queue] = {}
         self.engine = Engine(self._emit, **kwargs)
 
+    async def __aenter__(self) -> "Harness":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.engine.close()
+
     def _emit(self, events) -> None:
         def put():
             for row, event in events:
@@ -90,8 +96,7 @@ def test_a_row_joins_a_running_batch_and_leaves_before_it(loaded):
     steps: list[int] = []
 
     async def scenario():
-        h = Harness(on_step=steps.append)
-        try:
+        async with Harness(on_step=steps.append) as h:
             alone_text, _ = await h.until_end(h.submit(model, 6, user="1999-12-31"))
             steps.clear()
             long = h.submit(model, 120)
@@ -103,24 +108,21 @@ def test_a_row_joins_a_running_batch_and_leaves_before_it(loaded):
             assert short_text == alone_text  # joining a batch at another length changes nothing
             long_text, end = await h.until_end(long)
             assert end == ("end", "length", 120) and long_text
-        finally:
-            h.engine.close()
 
     run(scenario())
     assert max(steps) == 2 and steps[-1] == 1  # they shared steps; the long one ended alone
 
 
 def test_rows_join_in_groups_but_never_wait_long(loaded):
-    """One row waiting beside a running batch of four joins after JOIN_AFTER_STEPS steps;
-    two join at once."""
+    """One row waiting beside a running batch of four (fewer than half of it) still joins
+    within JOIN_AFTER_STEPS steps."""
     from serving.engine import JOIN_AFTER_STEPS
 
     model = endless(loaded)
     steps: list[int] = []
 
     async def scenario():
-        h = Harness(on_step=steps.append)
-        try:
+        async with Harness(on_step=steps.append) as h:
             running = [h.submit(model, 60) for _ in range(4)]
             for row in running:
                 assert (await h.next(row))[0] == "delta"
@@ -131,8 +133,6 @@ def test_rows_join_in_groups_but_never_wait_long(loaded):
             assert 1 <= joined <= JOIN_AFTER_STEPS + 2
             for row in running:
                 await h.until_end(row)
-        finally:
-            h.engine.close()
 
     run(scenario())
 
@@ -144,15 +144,12 @@ def test_without_a_mergeable_cache_a_row_waits_for_the_batch(loaded, monkeypatch
     model = endless(loaded)
 
     async def scenario():
-        h = Harness()
-        try:
+        async with Harness() as h:
             long = h.submit(model, 40)
             assert (await h.next(long))[0] == "delta"
             short = h.submit(model, 4)
             await h.until_end(short)
             assert long.done and h.pending(long)[-1][0] == "end"  # the long row ended first
-        finally:
-            h.engine.close()
 
     run(scenario())
 
@@ -163,15 +160,12 @@ def test_a_new_model_starts_once_the_running_rows_have_drained(loaded):
     old, new = endless(loaded), endless(loaded)
 
     async def scenario():
-        h = Harness()
-        try:
+        async with Harness() as h:
             running = h.submit(old, 30)
             assert (await h.next(running))[0] == "delta"
             after = h.submit(new, 4)
             await h.until_end(after)
             assert running.done and h.pending(running)[-1] == ("end", "length", 30)
-        finally:
-            h.engine.close()
 
     run(scenario())
 
@@ -181,16 +175,13 @@ def test_rows_with_other_sampling_settings_share_steps(loaded):
     steps: list[int] = []
 
     async def scenario():
-        h = Harness(on_step=steps.append)
-        try:
+        async with Harness(on_step=steps.append) as h:
             expected, _ = await h.until_end(h.submit(loaded, 12))
             steps.clear()
             torch.manual_seed(0)
             rows = [h.submit(loaded, 12, temperature=t) for t in (0.0, 1.5, 0.0, 0.7)]
             texts = [(await h.until_end(row))[0] for row in rows]
             assert texts[0] == texts[2] == expected
-        finally:
-            h.engine.close()
 
     run(scenario())
     assert max(steps) > 1
@@ -201,16 +192,13 @@ def test_a_client_that_leaves_frees_its_row(loaded):
     steps: list[int] = []
 
     async def scenario():
-        h = Harness(on_step=steps.append)
-        try:
+        async with Harness(on_step=steps.append) as h:
             rows = [h.submit(model, 200) for _ in range(3)]
             await h.next(rows[0])
             rows[1].done = True  # what the engine process does on a cancel
             for row in rows[::2]:
                 assert (await h.until_end(row))[1] == ("end", "length", 200)
             assert len(rows[1].ids) < 200 and all(e[0] == "delta" for e in h.pending(rows[1]))  # it left: no end
-        finally:
-            h.engine.close()
 
     run(scenario())
     assert max(steps) == 3 and steps[-1] < 3
@@ -227,29 +215,23 @@ def test_a_failing_step_answers_its_rows_and_the_engine_goes_on(loaded):
     broken = dataclasses.replace(loaded, model=Broken())
 
     async def scenario():
-        h = Harness()
-        try:
+        async with Harness() as h:
             rows = [h.submit(broken, 4), h.submit(broken, 4)]
             for row in rows:
                 assert (await h.until_end(row))[1] == ("error", "generation failed: RuntimeError: out of memory")
             assert (await h.until_end(h.submit(loaded, 4)))[1][0] == "end"
-        finally:
-            h.engine.close()
 
     run(scenario())
 
 
 def test_non_streamed_rows_get_their_text_in_one_delta(loaded):
     async def scenario():
-        h = Harness()
-        try:
+        async with Harness() as h:
             streamed, whole = h.submit(loaded, 10), h.submit(loaded, 10, stream=False)
             text, _ = await h.until_end(streamed)
             await asyncio.sleep(0.1)
             assert len(h.pending(whole)) <= 2  # one delta (none if the answer is empty), then the end
             assert (await h.until_end(whole))[0] == text
-        finally:
-            h.engine.close()
 
     run(scenario())
 
@@ -288,11 +270,8 @@ def test_the_engine_process_answers_as_the_engine_does_and_fails_cleanly_when_it
     ids = prompt_ids(loaded.tokenizer)
 
     async def in_process() -> str:
-        h = Harness()
-        try:
+        async with Harness() as h:
             return (await h.until_end(h.submit(loaded, 8)))[0]
-        finally:
-            h.engine.close()
 
     expected = run(in_process())
     engine = EngineProcess()
