@@ -194,7 +194,8 @@ def test_a_client_that_leaves_frees_its_row(loaded):
     async def scenario():
         async with Harness(on_step=steps.append) as h:
             rows = [h.submit(model, 200) for _ in range(3)]
-            await h.next(rows[0])
+            for row in rows:  # all three generating
+                await h.next(row)
             rows[1].done = True  # what the engine process does on a cancel
             for row in rows[::2]:
                 assert (await h.until_end(row))[1] == ("end", "length", 200)
