@@ -26,8 +26,13 @@ def main() -> int:
 
     from scripts.make_data import make_examples
     from tasks.config import load_params
-    from tasks.evaluate import evaluate_model
-    from tasks.modeling import load_causal_lm, load_tokenizer, load_trained, resolve_base
+    from tasks.evaluate.score import evaluate_model
+    from tasks.model.loading import (
+        load_causal_lm,
+        load_tokenizer,
+        load_trained,
+        resolve_base,
+    )
 
     if not (args.model / "ftllm_model.json").is_file():
         print(f"error: {args.model}: no trained model folder; run `make run` first", file=sys.stderr)

@@ -39,7 +39,12 @@ def load_chat_examples(path: Path) -> list[dict]:
     `instances`, one example per instance) or ShareGPT, as JSONL or a JSON array. Records
     that do not convert, or end without an assistant answer, are left out.
     """
-    from tasks.formats import RecordError, detect_format, read_records, to_canonical
+    from tasks.data.formats import (
+        RecordError,
+        detect_format,
+        read_records,
+        to_canonical,
+    )
 
     examples, fmt = [], None
     for _line, obj in read_records(path):
@@ -56,7 +61,8 @@ def load_chat_examples(path: Path) -> list[dict]:
 
 def setup(args):
     from tasks.config import ModelParams, TrainParams
-    from tasks.modeling import encode_chat, load_tokenizer, resolve_base
+    from tasks.model.chat import encode_chat
+    from tasks.model.loading import load_tokenizer, resolve_base
 
     base = resolve_base(ModelParams(base=args.base))
     tok = load_tokenizer(base)
@@ -71,8 +77,8 @@ def setup(args):
 
 
 def holdout_loss(model, batches, device: str, dtype) -> float:
-    from tasks.finetune import evaluate_loss
-    from tasks.train_dist import CausalLMLoss
+    from tasks.train.loop import evaluate_loss
+    from tasks.train.loss import CausalLMLoss
 
     return evaluate_loss(CausalLMLoss(model), batches, device, dtype)
 
@@ -80,9 +86,13 @@ def holdout_loss(model, batches, device: str, dtype) -> float:
 def run_ours(args) -> dict:
     import torch
 
-    from tasks.finetune import (
-        build_model, make_batches, pack_sequences, pad_sequences, padding_fraction, peak_memory_mb,
-        pick_precision, seed_everything, train_loop,
+    from tasks.train.finetune import build_model, pick_precision, seed_everything
+    from tasks.train.loop import peak_memory_mb, train_loop
+    from tasks.train.packing import (
+        make_batches,
+        pack_sequences,
+        pad_sequences,
+        padding_fraction,
     )
 
     base, tok, train, encoded = setup(args)
@@ -109,9 +119,16 @@ def run_ours(args) -> dict:
 
 def run_trainer(args) -> dict:
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
-    from tasks.finetune import IGNORE, build_model, make_batches, pad_sequences, peak_memory_mb, pick_precision, seed_everything
+    from tasks.train.finetune import build_model, pick_precision, seed_everything
+    from tasks.train.loop import peak_memory_mb
+    from tasks.train.packing import IGNORE, make_batches, pad_sequences
 
     base, tok, train, encoded = setup(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -46,8 +46,8 @@ def run_one(path: Path, gx_dir: Path | None) -> dict:
     import resource
 
     from tasks.config import ModelParams
-    from tasks.modeling import load_tokenizer, resolve_base
-    from tasks.validate import validate_dataset
+    from tasks.data.validate import validate_dataset
+    from tasks.model.loading import load_tokenizer, resolve_base
 
     tokenizer = load_tokenizer(resolve_base(ModelParams()))
     start, cpu_start = time.perf_counter(), time.process_time()

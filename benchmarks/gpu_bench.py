@@ -7,7 +7,7 @@ cut to --seq-len), the first 30% of each example being "prompt" (no loss). All r
 with the same LoRA (r 16, all linear layers) and AdamW. --variants lists what runs, in order,
 each in its own process (own CUDA context and peak memory, killed at --timeout):
 
-  sdpa     ours as it is: `tasks.finetune` packing (best-fit decreasing), --batch-size rows of
+  sdpa     ours as it is: `tasks.train.finetune` packing (best-fit decreasing), --batch-size rows of
            --seq-len tokens, `train_loop`; transformers turns the restarting position ids into a
            materialised 4D block-diagonal mask for SDPA (memory-efficient kernel);
   flex     the same with attn_implementation="flex_attention": transformers builds a BlockMask
@@ -87,7 +87,7 @@ def build_base(config, device: str, dtype, attn: str = "sdpa"):
 
 
 def make_examples(n: int, seq_len: int, vocab: int, seed: int):
-    from tasks.modeling import Encoded
+    from tasks.model.chat import Encoded
 
     rng = random.Random(seed)
     out = []
@@ -153,7 +153,7 @@ VARLEN = "ftllm_packed"
 
 def pad_to_width(batches, width: int, pad_id: int = 0):
     """Pad every batch to `width` columns (position -1, label IGNORE): one shape for compiled kernels."""
-    from tasks.finetune import Batch
+    from tasks.train.packing import Batch
 
     out = []
     for b in batches:
@@ -178,8 +178,15 @@ def run_ours(args, config, examples, device, dtype, spec: dict | None = None) ->
     """Our packed loop under one variant `spec` (attention, compile, LoRA dtype, micro-batch)."""
     import torch
 
-    from tasks.finetune import make_batches, pack_sequences, padding_fraction, to_tensors, train_loop, wrap_for_training
-    from tasks.train_dist import CausalLMLoss
+    from tasks.train.finetune import wrap_for_training
+    from tasks.train.loop import train_loop
+    from tasks.train.loss import CausalLMLoss
+    from tasks.train.packing import (
+        make_batches,
+        pack_sequences,
+        padding_fraction,
+        to_tensors,
+    )
 
     spec = spec or {"attn": "sdpa", "batch_size": args.batch_size}
     bs = spec["batch_size"]
@@ -265,9 +272,15 @@ def _null():
 
 def run_trainer(args, config, examples, device, dtype) -> dict:
     import torch
-    from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        PreTrainedTokenizerFast,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
-    from tasks.finetune import wrap_for_training
+    from tasks.train.finetune import wrap_for_training
 
     train = lora_params(args)
     reset_memory(device)
@@ -342,7 +355,9 @@ def qlora_step(args, config, examples, device) -> dict:
     import torch
 
     from tasks.config import TrainParams
-    from tasks.finetune import build_model, make_batches, pack_sequences, train_loop
+    from tasks.train.finetune import build_model
+    from tasks.train.loop import train_loop
+    from tasks.train.packing import make_batches, pack_sequences
 
     with tempfile.TemporaryDirectory() as tmp:
         build_base(config, device, torch.bfloat16).save_pretrained(tmp)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import registry
+from tasks.registry import versions as registry
 
 
 @flow(name="promote")

@@ -25,29 +25,20 @@ from prefect.states import Failed
 
 from ftllm.env import apply_defaults
 from tasks.config import (
-    ConfigError,
     DataParams,
     EvalParams,
     GateParams,
     Params,
     TrainParams,
     WorkersParams,
-    file_md5,
     load_params,
 )
-from tasks.evaluate import evaluate_model_dir, load_split
-from tasks.gate import apply_gate
-from tasks.registry import (
-    RegistryRefusal,
-    champion_version,
-    download_version,
-    find_version,
-    promote,
-    register_candidate,
-    tag_version,
-)
-from tasks.stages import (
-    StageError,
+from tasks.data.validate import validate_dataset
+from tasks.errors import FtllmError, RunFailed, StageError
+from tasks.evaluate.gate import apply_gate
+from tasks.evaluate.score import evaluate_model_dir, load_split
+from tasks.files import file_md5
+from tasks.pipeline.dvc import (
     git_commit,
     lock_digest,
     push_outputs,
@@ -56,20 +47,21 @@ from tasks.stages import (
     stage_out_md5,
     workspace_lock,
 )
-from tasks.tracking import end_tracking_run, log_results, run_link, start_tracking_run
-from tasks.formats import DataFileError
-from tasks.notify import notify_run
-from tasks.package import PackageError
-from tasks.validate import validate_dataset
-
-
-class RunFailed(RuntimeError):
-    """A step failed in a way the user must fix (bad data, a failed stage); the message says how."""
-
-
-# Failures a user can act on: they end the flow run in a Failed state with one clear
-# message instead of a traceback. Anything else is a bug and keeps its traceback.
-EXPECTED_FAILURES = (RunFailed, StageError, ConfigError, RegistryRefusal, DataFileError, PackageError)
+from tasks.pipeline.notify import notify_run
+from tasks.registry.tracking import (
+    end_tracking_run,
+    log_results,
+    run_link,
+    start_tracking_run,
+)
+from tasks.registry.versions import (
+    champion_version,
+    download_version,
+    find_version,
+    promote,
+    register_candidate,
+    tag_version,
+)
 
 
 def _validation_key(context, arguments: dict) -> str:
@@ -85,7 +77,7 @@ def _validation_key(context, arguments: dict) -> str:
 @task(name="validate-data", cache_key_fn=_validation_key, persist_result=True, cache_expiration=timedelta(days=30))
 def validate_data(params: Params, data_path: Path, report_dir: Path) -> dict:
     """Great Expectations suite plus chat-format checks on the run's data (cached on its md5)."""
-    from tasks.modeling import load_tokenizer, resolve_base
+    from tasks.model.loading import load_tokenizer, resolve_base
 
     tokenizer = load_tokenizer(resolve_base(params.model))
     report = validate_dataset(
@@ -211,7 +203,7 @@ def register(root: Path, params: Params, run_id: str, verdict: dict, metrics: di
 @task(name="package-bento", retries=1, retry_delay_seconds=3)
 def package(root: Path, model_name: str, version: str, build: bool) -> dict:
     """Import the model into the BentoML store; build a bento from serving/ when it became champion."""
-    from tasks.package import build_bento, import_model
+    from tasks.registry.bento import build_bento, import_model
 
     model_tag = import_model(root / "artifacts/model", model_name, version, {"mlflow_version": version})
     return {"model": model_tag, "bento": build_bento(model_tag, version, root) if build else None}
@@ -256,7 +248,7 @@ def retrain(
     result: dict[str, Any] = {"status": "failed"}
     try:
         result = _retrain(params_file, overrides, {"data": data, "train": train, "eval": eval, "gate": gate}, result)
-    except EXPECTED_FAILURES as exc:
+    except FtllmError as exc:  # one clear message; anything else is a bug and keeps its traceback
         get_run_logger().error(str(exc))
         result["error"] = str(exc)
         send_notification(result)
@@ -384,7 +376,7 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: d
 
 
 def _unchanged(result: dict, params: Params, version: str, durations: dict) -> dict:
-    from tasks.registry import list_versions
+    from tasks.registry.versions import list_versions
 
     row = next(r for r in list_versions(params.registry.model_name) if r["version"] == version)
     champion = champion_version(params.registry.model_name)

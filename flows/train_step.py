@@ -24,7 +24,8 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from ftllm.env import apply_defaults
-from tasks.stages import StageError, train_stage, workspace_lock
+from tasks.errors import StageError
+from tasks.pipeline.dvc import train_stage, workspace_lock
 
 LOCK_ARTIFACT = "dvc/finetune.lock.yaml"
 

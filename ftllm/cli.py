@@ -43,7 +43,8 @@ def run(
 ) -> None:
     """Run the whole retraining flow: validate, prepare, finetune, evaluate, gate, register, package."""
     root = apply_defaults(params.resolve().parent)
-    from tasks.config import ConfigError, load_params, parse_overrides
+    from tasks.config import load_params, parse_overrides
+    from tasks.errors import ConfigError
 
     try:
         overrides = parse_overrides(set_ or [])
@@ -106,7 +107,8 @@ def validate(
 
 
 def _model_name(params: Path) -> str:
-    from tasks.config import ConfigError, load_params
+    from tasks.config import load_params
+    from tasks.errors import ConfigError
 
     try:
         return load_params(params).registry.model_name
@@ -124,18 +126,22 @@ def models(
     """Model versions with aliases, key metrics, gate verdicts and lineage."""
     apply_defaults(params.resolve().parent)
     name = _model_name(params)
-    from tasks.registry import champion_history, champion_version, list_versions
+    from tasks.registry.versions import (
+        champion_history,
+        champion_version,
+        list_versions,
+    )
 
     versions = list_versions(name)
     if as_json:  # lineage: the settings each version was trained and evaluated with
-        from tasks.registry import get_client
+        from tasks.registry.versions import get_client
 
         client = get_client()
         for v in versions:
             v["params"] = client.get_run(v["run_id"]).data.params if v["run_id"] else {}
     out = {"model_name": name, "champion": champion_version(name), "champion_history": champion_history(name), "versions": versions}
     if data_md5:
-        from tasks.tracking import runs_for_data
+        from tasks.registry.tracking import runs_for_data
 
         out["runs_for_data"] = runs_for_data(data_md5)
     if not as_json:
@@ -165,7 +171,7 @@ def _move_alias(action: str, as_json: bool, **kwargs) -> None:
     """
     import os
 
-    from tasks import registry
+    from tasks.registry import versions as registry
 
     try:
         if os.environ.get("PREFECT_API_URL"):
@@ -278,7 +284,8 @@ def deploy(
              "export PREFECT_API_URL=http://127.0.0.1:4200/api); deployments need a server")
         raise typer.Exit(EXIT_USAGE)
     root = apply_defaults(params.resolve().parent)
-    from tasks.config import ConfigError, load_params
+    from tasks.config import load_params
+    from tasks.errors import ConfigError
 
     try:
         settings = load_params(params)

@@ -72,11 +72,11 @@ class LoadedModel:
 
 
 def load_model_dir(model_dir: Path) -> LoadedModel:
-    """Load a model folder written by `tasks.finetune` (safetensors only, no remote code),
+    """Load a model folder written by `tasks.train.finetune` (safetensors only, no remote code),
     on the GPU in bfloat16 when there is one."""
     import torch
 
-    from tasks.modeling import load_trained
+    from tasks.model.loading import load_trained
 
     cuda = torch.cuda.is_available()
     model, tokenizer, _info = load_trained(Path(model_dir), dtype=torch.bfloat16 if cuda else None,

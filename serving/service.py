@@ -650,7 +650,7 @@ class ChatService:
     @staticmethod
     def _load(engine: EngineProcess, model_dir: Path, name: str, version: str, source: str) -> ServedModel:
         """Load a model folder into `engine`, and its tokenizer here."""
-        from tasks.modeling import load_tokenizer
+        from tasks.model.loading import load_tokenizer
 
         tokenizer = load_tokenizer(str(model_dir))
         key, context = engine.load(model_dir)
@@ -791,7 +791,7 @@ class ChatService:
         if wanted is not None and wanted > self.limits.max_tokens:
             raise APIError(400, f"max_tokens={wanted} is over serving.max_tokens={self.limits.max_tokens}.",
                            param="max_tokens", code="invalid_value")
-        from tasks.modeling import render_prompt
+        from tasks.model.chat import render_prompt
 
         loaded = self.current()
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]

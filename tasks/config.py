@@ -4,17 +4,13 @@ Every stage reads its settings through `load_params`, so that a bad key fails in
 place with a message that names it. `--set section.key=value` overrides are applied on
 top of the file before validation.
 
-Run alone to write the resolved settings of a run (the first DVC stage does this):
-
-    python -m tasks.config --params params.yaml --out artifacts/params.yaml
-
-Overrides for that run come from the environment variable `FTLLM_OVERRIDES` (a JSON
+The first DVC stage (`python -m tasks.stages.resolve`) writes a run's resolved settings;
+overrides for that run come from the environment variable `FTLLM_OVERRIDES` (a JSON
 object of dotted keys), so that `dvc repro` sees them without `params.yaml` being edited.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -24,11 +20,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.errors import ConfigError
+from tasks.files import file_md5, write_atomic
+
 OVERRIDES_ENV = "FTLLM_OVERRIDES"
-
-
-class ConfigError(ValueError):
-    """A settings file or override that cannot be used; the message names the key."""
 
 
 class _Section(BaseModel):
@@ -77,6 +72,8 @@ class TrainParams(_Section):
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     seq_len: int = Field(256, ge=8, le=131072, description="Tokens per (packed) sequence.")
     warmup_steps: float = Field(0.05, ge=0.0, description="Warm-up steps; a float below 1 is a share of max_steps.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Floor of the cosine decay, as a share of the peak learning rate.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradients are clipped to this global L2 norm before each step.")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = Field(42, ge=0, description="Seed of data order, dropout and adapter initialisation.")
     packing: bool = Field(True, description="Pack examples into seq_len sequences (attention kept per example).")
@@ -255,24 +252,6 @@ def overrides_from_env() -> dict[str, Any]:
     return value
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file and a rename, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def file_md5(path: Path, chunk: int = 1 << 20) -> str:
-    """The md5 of a file's bytes (the same digest DVC records)."""
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_resolved(params: Params, out: Path) -> Path:
     """Write the settings a run uses, plus the data file's md5 so DVC reruns when the data changes."""
     doc = params.model_dump(mode="json")
@@ -280,20 +259,3 @@ def write_resolved(params: Params, out: Path) -> Path:
     doc["data"]["md5"] = file_md5(data_path) if data_path.is_file() else None
     return write_atomic(out, yaml.safe_dump(doc, sort_keys=False))
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Write the resolved settings of a run.")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="artifacts/params.yaml")
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params, overrides_from_env())
-    except ConfigError as exc:
-        print(f"error: {exc}")
-        return 2
-    write_resolved(params, Path(args.out))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

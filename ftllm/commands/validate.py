@@ -14,8 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from tasks.config import ConfigError, Params, load_params, write_atomic
-from tasks.formats import FORMATS, DataFileError, FormatError
+from tasks.config import Params, load_params
+from tasks.data.formats import FORMATS
+from tasks.errors import ConfigError, DataFileError, FormatError
+from tasks.files import write_atomic
 
 GX_DIR = Path("artifacts/gx")
 # Files larger than this get a progress bar (on stderr, only on a terminal).
@@ -69,7 +71,7 @@ def validate_command(
     if report is not None:
         write_atomic(Path(report), json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     if fix is not None:
-        from tasks.validate import write_fixed
+        from tasks.data.validate import write_fixed
 
         kept, dropped = write_fixed(Path(path), result, Path(fix))
         doc["fix"] = {"path": str(fix), "kept": kept, "dropped": dropped}
@@ -78,15 +80,15 @@ def validate_command(
     if json_out:
         print(json.dumps(doc, ensure_ascii=False))
     else:
-        from tasks.validate import render_report
+        from tasks.data.validate import render_report
 
         render_report(result)
     return 0 if result.valid else 1
 
 
 def _run(path: Path, fmt: str, settings: Params, show_progress: bool):
-    from tasks.modeling import load_tokenizer, resolve_base
-    from tasks.validate import validate_dataset
+    from tasks.data.validate import validate_dataset
+    from tasks.model.loading import load_tokenizer, resolve_base
 
     if not path.is_file():  # fail before the tokenizer is loaded
         validate_dataset(path, fmt)  # raises DataFileError with the specific reason

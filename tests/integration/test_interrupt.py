@@ -46,7 +46,7 @@ def finetune_process(parent: subprocess.Popen) -> psutil.Process | None:
             command = child.cmdline()
         except psutil.NoSuchProcess:
             continue
-        if command[1:3] == ["-m", "tasks.finetune"] and "python" in Path(command[0]).name:
+        if command[1:3] == ["-m", "tasks.stages.finetune"] and "python" in Path(command[0]).name:
             return child
     return None
 

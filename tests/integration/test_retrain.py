@@ -65,8 +65,9 @@ def test_champion_loads_with_pyfunc_in_a_fresh_process(first_run, project):
     out = subprocess.run([sys.executable, "-c", code], cwd=project.parent, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     answer = json.loads(out.stdout.strip().splitlines()[-1])
-    from tasks.evaluate import generate_batched
-    from tasks.modeling import load_trained, render_prompt
+    from tasks.evaluate.generation import generate_batched
+    from tasks.model.chat import render_prompt
+    from tasks.model.loading import load_trained
 
     model, tok, _ = load_trained(project / "artifacts/model")
     msgs = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"role": "user", "content": "2001-02-03"}]
@@ -101,7 +102,8 @@ def test_sabotaged_run_is_rejected_and_champion_stays(first_run, project):
 
 def test_failed_packaging_promotes_nothing(first_run, project, monkeypatch):
     import tasks.package
-    from tasks.registry import champion_version, list_versions
+
+    from tasks.registry.versions import champion_version, list_versions
 
     def broken_build(*args, **kwargs):
         raise tasks.package.PackageError("bentoml build failed (simulated)")
@@ -119,7 +121,7 @@ def test_failed_packaging_promotes_nothing(first_run, project, monkeypatch):
 
 
 def test_invalid_data_fails_at_validation_and_registers_nothing(first_run, project, tmp_path):
-    from tasks.registry import list_versions
+    from tasks.registry.versions import list_versions
 
     before = list_versions("ftllm-chat")
     bad = tmp_path / "bad.jsonl"
@@ -138,7 +140,7 @@ def test_training_routed_to_a_missing_deployment_fails_clearly(first_run, projec
     import subprocess
     import sys
 
-    from tasks.registry import champion_version, list_versions
+    from tasks.registry.versions import champion_version, list_versions
 
     before = list_versions("ftllm-chat")
     dvc = [sys.executable, "-m", "dvc"]

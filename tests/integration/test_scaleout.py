@@ -346,7 +346,7 @@ print(json.dumps(run_coro_as_sync(runs())))
     # The model evaluated and registered here is the one the trainer pushed: same DVC hash.
     import yaml
 
-    from tasks.stages import stage_out_md5
+    from tasks.pipeline.dvc import stage_out_md5
 
     sent = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "dvc/finetune.lock.yaml", str(tmp_path))).read_text())
     assert [out["md5"] for out in sent["outs"] if out["path"] == "artifacts/model"] == [stage_out_md5(project, "finetune", "artifacts/model")] == [

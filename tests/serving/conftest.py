@@ -105,7 +105,7 @@ def model_dir() -> Path:
     from make_data import make_examples
 
     from tasks.config import load_params
-    from tasks.finetune import finetune
+    from tasks.train.finetune import finetune
 
     data = STATE / "prepared"
     data.mkdir(exist_ok=True)
@@ -126,7 +126,7 @@ def registry(model_dir: Path):
     """
     import mlflow
 
-    from tasks.package import import_model
+    from tasks.registry.bento import import_model
 
     class Stub(mlflow.pyfunc.PythonModel):
         def predict(self, context, model_input):

@@ -12,7 +12,15 @@ import signal
 import pytest
 import torch
 
-from serving.engine import Completion, Engine, EngineProcess, LoadedModel, Row, load_model_dir, sample
+from serving.engine import (
+    Completion,
+    Engine,
+    EngineProcess,
+    LoadedModel,
+    Row,
+    load_model_dir,
+    sample,
+)
 
 MESSAGES = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"role": "user", "content": "2001-02-03"}]
 _ids = itertools.count()
@@ -38,7 +46,7 @@ def endless(loaded: LoadedModel) -> LoadedModel:
 
 
 def prompt_ids(tokenizer, user: str = "2001-02-03") -> list[int]:
-    from tasks.modeling import render_prompt
+    from tasks.model.chat import render_prompt
 
     prompt = render_prompt(tokenizer, [MESSAGES[0], {"role": "user", "content": user}])
     return tokenizer.encode(prompt, add_special_tokens=False)

@@ -87,7 +87,7 @@ def test_a_rollback_under_load_is_served_within_reload_seconds_and_fails_nothing
     import threading
     import time
 
-    from tasks.registry import rollback
+    from tasks.registry.versions import rollback
 
     headers = {"Authorization": "Bearer http-test-key"}
     body = {"model": MODEL_NAME, "max_tokens": 8, "temperature": 0, "messages": [

@@ -17,7 +17,7 @@ MODEL_NAME = "ftllm-chat-test"  # as in conftest.py
 def test_import_model_is_self_contained_and_idempotent(model_dir):
     import bentoml
 
-    from tasks.package import import_model
+    from tasks.registry.bento import import_model
 
     tag = import_model(model_dir, MODEL_NAME, "7", {"mlflow_run_id": "abc"})
     assert tag == f"{MODEL_NAME}:v7"
@@ -30,7 +30,8 @@ def test_import_model_is_self_contained_and_idempotent(model_dir):
 
 
 def test_import_model_refuses_a_folder_that_is_not_a_model(tmp_path):
-    from tasks.package import PackageError, import_model
+    from tasks.errors import PackageError
+    from tasks.registry.bento import import_model
 
     with pytest.raises(PackageError, match="ftllm_model.json"):
         import_model(tmp_path, MODEL_NAME, "1", {})
@@ -40,7 +41,7 @@ def test_import_model_refuses_a_folder_that_is_not_a_model(tmp_path):
 def test_build_bento_carries_service_model_and_pins(registry):
     import bentoml
 
-    from tasks.package import build_bento
+    from tasks.registry.bento import build_bento
 
     tag = build_bento(f"{MODEL_NAME}:v1", "1", root=REPO)
     bento = bentoml.get(tag)
@@ -78,7 +79,7 @@ def test_bento_holds_only_the_service_code(registry, tmp_path, monkeypatch):
     import os
     import shutil
 
-    from tasks.package import build_bento
+    from tasks.registry.bento import build_bento
 
     for part in ("serving", "tasks", "ftllm"):
         shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tasks.config import ConfigError, Params, load_params, parse_overrides, write_resolved
+from tasks.config import Params, load_params, parse_overrides, write_resolved
+from tasks.errors import ConfigError
 from tests.conftest import REPO
 
 

@@ -13,20 +13,26 @@ import pytest
 import yaml
 
 from scripts.make_data import make_examples
-from tasks.config import ConfigError, Params, TrainParams
-from tasks.finetune import (
+from tasks.config import Params, TrainParams
+from tasks.errors import ConfigError
+from tasks.model.chat import encode_chat
+from tasks.model.loading import (
+    load_causal_lm,
+    load_tokenizer,
+    load_trained,
+    resolve_base,
+)
+from tasks.train.checkpoints import checkpoints_dir
+from tasks.train.finetune import check_config, finetune
+from tasks.train.loop import lr_schedule
+from tasks.train.packing import (
     IGNORE,
-    check_config,
-    checkpoints_dir,
-    finetune,
-    lr_at,
     make_batches,
     pack_sequences,
     padding_fraction,
     prepare_batches,
     to_tensors,
 )
-from tasks.modeling import encode_chat, load_causal_lm, load_tokenizer, load_trained, resolve_base
 
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,8 +107,8 @@ def test_best_fit_needs_fewer_rows_than_greedy(tokenizer):
 def test_packed_logits_equal_each_example_alone(tokenizer, base_path, attention):
     import torch
 
-    from tasks.attention import use_packed_attention
-    from tasks.train_dist import CausalLMLoss
+    from tasks.train.attention import use_packed_attention
+    from tasks.train.loss import CausalLMLoss
 
     model = load_causal_lm(base_path).eval()
     if attention == "packed":
@@ -146,14 +152,14 @@ def test_labels_are_the_next_assistant_tokens_only(tokenizer):
     assert sum(t != IGNORE for t in on_prompt.labels[0]) == len(enc.input_ids) - 1
 
 
-def test_lr_schedule_warms_up_then_decays_to_a_tenth():
-    train = TrainParams(max_steps=100, warmup_steps=0.1, learning_rate=1.0)
-    assert lr_at(0, train) == pytest.approx(0.1)
-    assert lr_at(9, train) == pytest.approx(1.0)
-    assert lr_at(10, train) == pytest.approx(1.0)
-    assert lr_at(55, train) < lr_at(20, train)
-    assert lr_at(100, train) == pytest.approx(0.1)
-    assert lr_at(5, TrainParams(max_steps=100, warmup_steps=10, learning_rate=1.0)) == pytest.approx(0.6)
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    lr_at = lr_schedule(TrainParams(max_steps=100, warmup_steps=0.1, learning_rate=1.0))
+    assert lr_at(0) == pytest.approx(0.0)
+    assert lr_at(5) == pytest.approx(0.5)
+    assert lr_at(10) == pytest.approx(1.0)
+    assert lr_at(55) < lr_at(20)
+    assert lr_at(100) == pytest.approx(0.1)
+    assert lr_schedule(TrainParams(max_steps=100, warmup_steps=10, learning_rate=0.5, min_lr_ratio=0.0))(100) == pytest.approx(0.0)
 
 
 def test_qlora_without_cuda_names_the_requirement(base_path):
@@ -225,7 +231,7 @@ def _write_params(path: Path, params: Params) -> Path:
 def _stage(params_file: Path, data_dir: Path, out: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "tasks.finetune", "--params", str(params_file), "--data", str(data_dir), "--out", str(out)],
+        [sys.executable, "-m", "tasks.stages.finetune", "--params", str(params_file), "--data", str(data_dir), "--out", str(out)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw,
     )
 

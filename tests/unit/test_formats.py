@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.formats import DataFileError, FormatError, RecordError, detect_format, read_records, to_canonical
+from tasks.data.formats import RecordError, detect_format, read_records, to_canonical
+from tasks.errors import DataFileError, FormatError
 
 SEED_TASKS = Path(__file__).parents[3] / "shared/data/alpaca_seed_tasks.jsonl"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tasks.config import GateParams
-from tasks.gate import apply_gate
+from tasks.evaluate.gate import apply_gate
 
 GOOD = {"exact_match": 0.9, "perplexity": 1.2, "latency_p95_ms": 100.0, "rouge_l": 0.95}
 BASE = {"exact_match": 0.0, "perplexity": 400.0, "latency_p95_ms": 100.0, "rouge_l": 0.0}

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from tasks.notify import notify_run
+from tasks.pipeline.notify import notify_run
 
 REJECTED = {
     "status": "rejected", "model_name": "m", "version": "3", "champion_version": "2", "mlflow_run_id": "r",

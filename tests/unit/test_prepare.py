@@ -9,8 +9,12 @@ import pytest
 import yaml
 
 from tasks.config import DataParams, ModelParams, Params, write_resolved
-from tasks.modeling import count_tokens, load_tokenizer, resolve_base
-from tasks.prepare import PrepareError, main, prepare_dataset, prompt_key
+from tasks.data.prepare import prepare_dataset, prompt_key
+from tasks.errors import PrepareError
+from tasks.model.chat import count_tokens
+from tasks.model.loading import load_tokenizer, resolve_base
+from tasks.runner import run_entry
+from tasks.stages.prepare import main
 
 
 @pytest.fixture(scope="session")
@@ -138,5 +142,5 @@ def test_main_runs_the_stage_from_resolved_params(tmp_path: Path, tok, capsys) -
     bad = tmp_path / "bad.jsonl"
     bad.write_text("oops\n")
     write_resolved(params(bad), tmp_path / "bad.yaml")
-    assert main(["--params", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "p2")]) == 1
+    assert run_entry(lambda: main(["--params", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "p2")])) == 1
     assert "line 1: invalid_json" in capsys.readouterr().err

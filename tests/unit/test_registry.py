@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tasks import registry
+from tasks.registry import versions as registry
 
 
 @pytest.fixture()

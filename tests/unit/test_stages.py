@@ -12,13 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from tasks.stages import StageError, push_outputs, push_remote, run_stages, train_stage, workspace_lock
+from tasks.errors import StageError
+from tasks.pipeline.dvc import (
+    push_outputs,
+    push_remote,
+    run_stages,
+    train_stage,
+    workspace_lock,
+)
 from tests.conftest import REPO
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from tasks.stages import workspace_lock
+from tasks.pipeline.dvc import workspace_lock
 with workspace_lock(Path(sys.argv[1]), timeout=5):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

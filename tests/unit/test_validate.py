@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from tasks.config import ModelParams
-from tasks.formats import DataFileError
-from tasks.modeling import count_tokens, load_tokenizer, resolve_base
-from tasks.validate import count_chat_tokens, validate_dataset
+from tasks.data.tokens import count_chat_tokens
+from tasks.data.validate import validate_dataset
+from tasks.errors import DataFileError
+from tasks.model.chat import count_tokens
+from tasks.model.loading import load_tokenizer, resolve_base
 
 REPO = Path(__file__).parents[2]
 SEED_TASKS = Path(__file__).parents[3] / "shared/data/alpaca_seed_tasks.jsonl"

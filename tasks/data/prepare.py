@@ -1,7 +1,7 @@
 """Preparing the training data: canonical messages, deduplicated, length-limited, split.
 
 The DVC stage `prepare` reads `data.path` in its format (`data.format`, or detected),
-converts every example to canonical chat messages (`tasks.formats`), strips the whitespace
+converts every example to canonical chat messages (`tasks.data.formats`), strips the whitespace
 around every message's content, drops duplicates (exact, then up to case and whitespace;
 the first occurrence stays), applies `data.length_policy` to examples over
 `data.max_tokens` (drop them, or cut the last answer's tokens so the example fits), and
@@ -10,7 +10,7 @@ messages before the last answer). An example's split depends only on its own pro
 appending data never moves an example between splits, and the same prompt can never be in
 both train and test (that is checked anyway: `train_test_overlap` in stats.json).
 
-It refuses data that `tasks.validate` finds structurally invalid (run `ftllm validate
+It refuses data that `tasks.data.validate` finds structurally invalid (run `ftllm validate
 PATH --fix OUT` first) and fails when the length policy would drop more than
 `data.max_drop_fraction` of the examples. Nothing is ever dropped silently: stats.json
 counts what was deduplicated, dropped and truncated.
@@ -18,39 +18,26 @@ counts what was deduplicated, dropped and truncated.
 Outputs, written into a temporary folder that then replaces `--out` in one rename:
 `train.jsonl`, `val.jsonl`, `test.jsonl` and `stats.json`.
 
-Run the stage alone:
-
-    python -m tasks.prepare --params artifacts/params.yaml --out artifacts/prepared
+The DVC stage's entry point is `tasks.stages.prepare`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-
-from tasks.config import ConfigError, Params, file_md5, load_params
-from tasks.formats import DataFileError, FormatError
-from tasks.validate import (
-    count_chat_tokens,
-    estimate_training,
-    example_digests,
-    iter_checked,
-    resolve_format,
-    summarize,
-)
+from tasks.config import Params
+from tasks.data.checks import example_digests, iter_checked, resolve_format
+from tasks.data.tokens import count_chat_tokens, estimate_training, summarize
+from tasks.errors import PrepareError
+from tasks.files import file_md5
 
 SPLITS = ("train", "val", "test")
 
-
-class PrepareError(ValueError):
-    """Data that the prepare stage refuses; the message names the file, line and remedy."""
 
 
 def read_examples(path: Path, fmt: str) -> tuple[str, list[tuple[int, dict]]]:
@@ -220,7 +207,7 @@ def prepare_dataset(path: Path, out_dir: Path, params: Params, tokenizer=None) -
     """
     data = params.data
     if tokenizer is None:
-        from tasks.modeling import load_tokenizer, resolve_base
+        from tasks.model.loading import load_tokenizer, resolve_base
 
         tokenizer = load_tokenizer(resolve_base(params.model))
     path = Path(path)
@@ -239,7 +226,7 @@ def prepare_dataset(path: Path, out_dir: Path, params: Params, tokenizer=None) -
         raise PrepareError(f"{path}: no examples left to train on; check the file with `ftllm validate {path}`")
     splits, split_tokens, overlap = split_examples(examples, tokens, data.val_fraction, data.test_fraction)
     if overlap:  # impossible by construction (the split is a function of the prompt); kept as a guard
-        raise PrepareError(f"{path}: {overlap} prompts are in both train and test; this is a bug in tasks.prepare")
+        raise PrepareError(f"{path}: {overlap} prompts are in both train and test; this is a bug in tasks.data.prepare")
     train = params.train
     stats = {
         "path": str(path),
@@ -262,31 +249,3 @@ def prepare_dataset(path: Path, out_dir: Path, params: Params, tokenizer=None) -
     stats["training_estimate"].pop("trained_tokens_per_epoch")
     write_splits(out_dir, splits, stats)
     return stats
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Prepare train/val/test splits (the DVC stage).")
-    ap.add_argument("--params", type=Path, default=Path("artifacts/params.yaml"))
-    ap.add_argument("--out", type=Path, default=Path("artifacts/prepared"))
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        stats = prepare_dataset(Path(params.data.path), args.out, params)
-    except (PrepareError, DataFileError, FormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    counts = stats["counts"]
-    print(
-        f"prepared {stats['examples']} examples into {args.out}: train {counts['train']}, val {counts['val']}, "
-        f"test {counts['test']}; deduplicated {sum(stats['deduplicated'].values())}, dropped {stats['dropped']}, "
-        f"truncated {stats['truncated']}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

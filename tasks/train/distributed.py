@@ -1,20 +1,4 @@
-"""The torch-level pieces of the fine-tuning engine: the packed loss and multi-process set-up.
-
-Kept apart from `tasks.finetune` so that the stage module imports without torch (the
-evaluate stage imports `read_jsonl` from it), and so that the GPU benchmark can reuse the
-exact loss the stage trains with.
-
-Multi-process training: `tasks.finetune.main` relaunches itself under
-`python -m torch.distributed.run --standalone --nproc_per_node N` when
-`train.num_processes > 1`; every rank builds the same batches in the same order and takes
-its share of each optimizer step's micro-batches, so N processes with grad_accum A see
-exactly the batches that one process with grad_accum N*A sees.
-
-`train.distributed: ddp` keeps a full copy of the model per process and averages the
-gradients. `fsdp` shards weights, gradients and optimizer state over the processes with
-FSDP2 (`fully_shard` per decoder layer, then the root), for models whose full fine-tuning
-does not fit one device; checkpoints and the final model are then gathered into full
-state dicts on rank 0, so their files are the same as those of one process.
+"""Training on several processes: torchrun launch, DDP and FSDP2 sharding, whole-model state on rank 0.
 """
 
 from __future__ import annotations
@@ -25,38 +9,6 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-
-IGNORE = -100
-
-
-class CausalLMLoss(torch.nn.Module):
-    """Summed next-token cross-entropy over the labelled positions of a batch.
-
-    The language-model head runs only on the positions that carry a label (assistant
-    tokens by default), not on every position: with a 32k vocabulary the head and its
-    fp32 softmax over prompt and padding tokens cost as much as several decoder layers.
-    Labels arrive already shifted (position i holds the id of token i+1), so packing can
-    mask the boundary between two examples.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._decoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
-        self._head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        keep = labels != IGNORE
-        if self._decoder is None or self._head is None:  # an architecture without the usual layout
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[keep]
-        else:
-            # No attention mask: transformers then derives a block-diagonal causal mask from
-            # the restarting position ids, so packed examples never attend to each other.
-            hidden = self._decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-            logits = self._head(hidden[keep])
-        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
 
 
 @dataclass(frozen=True)
@@ -190,7 +142,10 @@ def load_trainable_state(model: torch.nn.Module, optimizer, trainable: dict, opt
             params[name].data.copy_(value)
         optimizer.load_state_dict(optim)
         return
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     set_model_state_dict(model, trainable, options=_full_options(strict=False))
     set_optimizer_state_dict(model, optimizer, optim, options=_full_options())

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tasks.errors import RegistryRefusal
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
 
@@ -40,9 +42,6 @@ PIP_REQUIREMENTS = [
     "pyyaml==6.0.4",
 ]
 
-
-class RegistryRefusal(Exception):
-    """A promotion or rollback that was refused; the message says why and what to do."""
 
 
 def get_client():
@@ -96,9 +95,9 @@ def register_candidate(run_id: str, model_dir: Path, model_name: str, tags: dict
     """
     import mlflow
 
-    from tasks.pyfunc_model import ChatModel
+    from tasks.registry.pyfunc import ChatModel
 
-    code_dir = Path(__file__).parent
+    code_dir = Path(__file__).parents[1]  # the whole tasks package
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -5,15 +5,10 @@ deterministically from a seed, and cached as an ordinary Hugging Face model dire
 (`config.json`, `model.safetensors`, `tokenizer.json`, chat template). Everything that
 loads a base model goes through `from_pretrained` on that directory, exactly as it would
 for a real model.
-
-Build it alone:
-
-    python -m tasks.tiny --out artifacts/base/tiny-1234 --seed 1234
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -118,19 +113,3 @@ def build_tiny(out_dir: Path, seed: int, hidden_size: int = 128, layers: int = 2
     else:
         os.replace(tmp, out_dir)
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Build the tiny base model.")
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--hidden-size", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    args = ap.parse_args(argv)
-    print(build_tiny(args.out, args.seed, args.hidden_size, args.layers, args.heads))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

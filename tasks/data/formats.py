@@ -20,22 +20,19 @@ one, `"label"` (the output of an Alpaca `is_classification` task). OpenAI's opti
 keys (`name`, `weight`, `tool_calls`, `tool_call_id`) are kept; chat templates ignore them.
 
 Conversion is deliberately lenient: a broken source (a missing field, an unknown `from`)
-becomes a canonical example that still shows the defect, so that `tasks.validate` reports it
+becomes a canonical example that still shows the defect, so that `tasks.data.validate` reports it
 with its category and line instead of the conversion failing.
-
-Check a file's format alone:
-
-    python -m tasks.formats data/dates.jsonl
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tasks.errors import DataFileError, FormatError
 
 FORMATS = ("openai", "alpaca", "sharegpt")
 
@@ -67,12 +64,6 @@ _OPENAI_OPTIONAL = ("name", "weight", "tool_calls", "tool_call_id", "function_ca
 _MISSING = object()
 
 
-class FormatError(ValueError):
-    """An example whose format cannot be told, or a format name that is not supported."""
-
-
-class DataFileError(ValueError):
-    """A data file that cannot be read at all (missing, a directory, unreadable)."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +267,8 @@ def _read_json_array(data: bytes, on_bytes: Callable[[int], None] | None) -> lis
         if exc.msg == "Extra data":  # `[...]` on line 1, then more lines: this is JSONL
             return None
         return [(exc.lineno, RecordError("invalid_json", f"the JSON array does not parse: {exc.msg} (line {exc.lineno}, column {exc.colno})"))]
+    except RecursionError:
+        return [(1, RecordError("invalid_json", "the JSON array is nested too deeply to parse"))]
     return [(i + 1, obj) for i, obj in enumerate(value)]
 
 
@@ -294,26 +287,5 @@ def _read_jsonl(f, on_bytes: Callable[[int], None] | None) -> Iterator[tuple[int
             yield line_no, json.loads(text)
         except json.JSONDecodeError as exc:
             yield line_no, RecordError("invalid_json", f"not valid JSON: {exc.msg} (column {exc.colno})")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Print the detected format and the number of records of a file."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m tasks.formats PATH", file=sys.stderr)
-        return 2
-    fmt, records = None, 0
-    try:
-        for _, obj in read_records(Path(args[0])):
-            records += 1
-            if fmt is None and isinstance(obj, dict):
-                fmt = detect_format(obj)
-    except (DataFileError, FormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args[0]}: format {fmt or 'unknown'}, {records} records")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        except RecursionError:  # json's decoder recurses once per nesting level
+            yield line_no, RecordError("invalid_json", "not valid JSON here: nested too deeply to parse")

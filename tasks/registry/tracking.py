@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from tasks.config import Params
-from tasks.registry import ensure_experiment
+from tasks.registry.versions import ensure_experiment
 
 EXPERIMENT = "retrain"
 

@@ -20,13 +20,13 @@ class ChatModel(mlflow.pyfunc.PythonModel):
     max_new_tokens = 64
 
     def load_context(self, context) -> None:
-        from tasks.modeling import load_trained
+        from tasks.model.loading import load_trained
 
         self.model, self.tokenizer, self.info = load_trained(Path(context.artifacts["model_dir"]))
 
     def predict(self, context, model_input, params=None):
-        from tasks.evaluate import generate_batched
-        from tasks.modeling import render_prompt
+        from tasks.evaluate.generation import generate_batched
+        from tasks.model.chat import render_prompt
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         prompts = [

@@ -1,19 +1,14 @@
-"""Package a trained model for serving: the BentoML model store, then a bento (stage `package`).
+"""Package a trained model for serving: the BentoML model store, then a bento.
 
-`import_model` copies a model folder written by `tasks.finetune` into the BentoML store as
+`import_model` copies a model folder written by `tasks.train.finetune` into the BentoML store as
 `<model_name>:v<version>`, with its base model beside it in `base/` where that is small
 and local (the tiny base always), so the bento serves without the training machine's
 files. `build_bento` builds `serving/` into a bento carrying the service, that model and
 the pinned requirements; `bentoml containerize <tag>` turns it into an OCI image.
-
-Run alone (BENTOML_HOME defaults to `<root>/.bentoml`):
-
-    python -m tasks.package --model-dir artifacts/model --name ftllm-chat --version 3
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,14 +17,12 @@ import sys
 from pathlib import Path
 
 from tasks.config import ModelParams
+from tasks.errors import PackageError
 
 BENTO_MODEL_ENV = "FTLLM_BENTO_MODEL"  # read by serving/service.py when the bento is built
 BENTOFILE = Path("serving") / "bentofile.yaml"
 MAX_BUNDLED_BASE_BYTES = 200 * 1024 * 1024
 
-
-class PackageError(RuntimeError):
-    """A model folder or build that cannot be packaged; the message says what to do."""
 
 
 def _dir_size(path: Path) -> int:
@@ -42,7 +35,7 @@ def _base_to_bundle(model_dir: Path, info: dict) -> Path | None:
         return None
     base_path = Path(info.get("base_path") or "")
     if info.get("base") == "tiny" and not base_path.is_dir():
-        from tasks.modeling import resolve_base
+        from tasks.model.loading import resolve_base
 
         base_path = Path(resolve_base(ModelParams(**info["model_params"])))
     if base_path.is_dir() and (info.get("base") == "tiny" or _dir_size(base_path) < MAX_BUNDLED_BASE_BYTES):
@@ -56,7 +49,7 @@ def import_model(model_dir: Path, model_name: str, version: str, labels: dict[st
     Idempotent: where the tag exists already it is returned as it is.
 
     Args:
-        model_dir: a folder written by `tasks.finetune` (holds `ftllm_model.json`).
+        model_dir: a folder written by `tasks.train.finetune` (holds `ftllm_model.json`).
         model_name: the registered model name (`registry.model_name`).
         version: the MLflow model version, e.g. "3".
         labels: extra labels of the BentoML model (e.g. the MLflow run id).
@@ -73,7 +66,7 @@ def import_model(model_dir: Path, model_name: str, version: str, labels: dict[st
     model_dir = Path(model_dir)
     marker = model_dir / "ftllm_model.json"
     if not marker.is_file():
-        raise PackageError(f"{model_dir}: no ftllm_model.json; pass the folder written by tasks.finetune "
+        raise PackageError(f"{model_dir}: no ftllm_model.json; pass the folder written by the finetune stage "
                            "(artifacts/model)")
     info = json.loads(marker.read_text())
     tag = f"{model_name}:v{version}"
@@ -137,28 +130,3 @@ def _bento_name(root: Path) -> str:
 
     doc = yaml.safe_load((root / BENTOFILE).read_text()) or {}
     return doc.get("name") or "ftllm_chat"
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Import a trained model into BentoML and build the bento.")
-    ap.add_argument("--model-dir", type=Path, default=Path("artifacts/model"))
-    ap.add_argument("--name", required=True, help="registered model name")
-    ap.add_argument("--version", required=True, help="model version, e.g. 3")
-    ap.add_argument("--no-build", action="store_true", help="import the model only")
-    args = ap.parse_args(argv)
-    from ftllm.env import apply_defaults
-
-    apply_defaults()
-    try:
-        tag = import_model(args.model_dir, args.name, args.version, {})
-        print(f"model: {tag}")
-        if not args.no_build:
-            print(f"bento: {build_bento(tag, args.version)}")
-    except PackageError as exc:
-        print(f"error: {exc}")
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

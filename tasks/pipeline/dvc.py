@@ -34,12 +34,11 @@ from pathlib import Path
 import yaml
 from filelock import FileLock, Timeout
 
+from tasks.errors import StageError
+
 STAGES = ("resolve", "prepare", "finetune", "evaluate")
 WORKSPACE_WAIT_SECONDS = 3600  # how long a second run on the same workspace waits for the first
 
-
-class StageError(RuntimeError):
-    """A DVC stage failed; the message holds the tail of its output."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,446 @@
+"""Validating a training data file before anything downstream runs.
+
+Every example is converted to canonical chat messages (`tasks.data.formats`), checked
+(`tasks.data.checks`), and counted in tokens with the run's tokenizer and chat template
+(`tasks.data.tokens`). Each problem belongs to a named category with a count and the
+offending line numbers; the per-example checks also run as one Great Expectations suite
+(`tasks.data.gx`), whose checkpoint builds the HTML Data Docs.
+
+Over-long examples (more than `data.max_tokens` tokens) are handled by prepare's
+`data.length_policy`: dropped, or truncated (the last answer cut to fit; an example whose
+prompt alone reaches the limit cannot be truncated and is dropped). They are a *warning*
+while the share of examples prepare would drop stays within `data.max_drop_fraction`, and
+an *error* (the same category, every over-long line listed) once it exceeds it. The
+train/test overlap check needs the split, so `tasks.data.prepare` runs it.
+
+`ftllm validate PATH` is the command-line front end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.data.checks import (
+    CheckedExample,
+    check_messages,
+    check_warnings,
+    example_digests,
+    iter_checked,
+    resolve_format,
+)
+from tasks.data.formats import (
+    FORMATS,
+)
+from tasks.data.gx import run_gx_suite
+from tasks.data.tokens import (
+    _TOKEN_CHUNK,
+    count_chat_tokens,
+    estimate_training,
+    summarize,
+)
+from tasks.errors import DataFileError
+
+__all__ = [
+    "DataFileError",
+    "ValidationReport",
+    "validate_dataset",
+    "count_chat_tokens",
+    "check_messages",
+    "render_report",
+    "write_fixed",
+]
+
+
+MAX_ROWS = 100
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of validating one data file; `to_dict()` is the `validate --json` contract."""
+
+    valid: bool
+    format: str
+    path: str
+    md5: str
+    examples: int
+    invalid_examples: int
+    errors: dict[str, int]
+    error_rows: list[dict[str, Any]]
+    error_lines: dict[str, list[int]]
+    warnings: dict[str, int]
+    warning_rows: list[dict[str, Any]]
+    token_stats: dict[str, Any] | None
+    length_policy: str
+    dropped: int
+    truncated: int
+    dropped_fraction: float
+    max_drop_fraction: float
+    data_docs: str | None = None
+    gx: dict[str, Any] | None = None
+    # Ordinals (0-based, in reading order) of the examples `--fix` leaves out; not serialised.
+    bad_examples: set[int] = field(default_factory=set, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-serialisable data (without the internal `bad_examples`)."""
+        return {
+            "valid": self.valid,
+            "format": self.format,
+            "path": self.path,
+            "md5": self.md5,
+            "examples": self.examples,
+            "invalid_examples": self.invalid_examples,
+            "errors": self.errors,
+            "error_rows": self.error_rows,
+            "error_lines": self.error_lines,
+            "warnings": self.warnings,
+            "warning_rows": self.warning_rows,
+            "token_stats": self.token_stats,
+            "length_policy": self.length_policy,
+            "dropped": self.dropped,
+            "truncated": self.truncated,
+            "dropped_fraction": self.dropped_fraction,
+            "max_drop_fraction": self.max_drop_fraction,
+            "data_docs": self.data_docs,
+            "gx": self.gx,
+        }
+
+
+class _Tally:
+    """Counts, first rows and first lines per category, gathered while reading."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+
+    def add(self, category: str, line: int, message: str) -> None:
+        self.counts[category] = self.counts.get(category, 0) + 1
+        rows = self.rows.setdefault(category, [])
+        if len(rows) < MAX_ROWS:
+            rows.append({"line": line, "category": category, "message": message})
+
+    def first_rows(self) -> list[dict[str, Any]]:
+        rows = [r for cat in self.rows.values() for r in cat]
+        return sorted(rows, key=lambda r: r["line"])[:MAX_ROWS]
+
+    def lines(self) -> dict[str, list[int]]:
+        return {cat: [r["line"] for r in rows] for cat, rows in self.rows.items()}
+
+
+
+
+def _row(c: CheckedExample) -> dict[str, Any]:
+    p = c.problems
+    if c.example is None:
+        return {"line": c.line, "parsed": False}
+    messages = c.example.get("messages")
+    n = len(messages) if isinstance(messages, list) else 0
+    roles = [m.get("role") for m in messages if isinstance(m, dict)] if n else []
+    return {
+        "line": c.line,
+        "parsed": True,
+        "n_messages": n,
+        "fields_ok": "message_missing_field" not in p if n else None,
+        "keys_ok": "unrecognised_keys" not in p,
+        "roles_ok": "unknown_role" not in p if n else None,
+        "content_ok": "bad_content" not in p if n else None,
+        "has_assistant": "assistant" in roles if n else None,
+        "last_role": (str(roles[-1]) if roles else None) if "no_assistant" not in p else None,
+        "alternating": "consecutive_same_role" not in p if n else None,
+        "system_first": "system_not_first" not in p if n else None,
+        "is_duplicate": False if c.structurally_ok else None,
+        "is_near_duplicate": False if c.structurally_ok else None,
+    }
+
+
+def validate_dataset(
+    path: Path,
+    fmt: str = "auto",
+    tokenizer=None,
+    max_tokens: int | None = None,
+    max_drop_fraction: float = 0.05,
+    min_answer_chars: int = 2,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    max_steps: int | None = None,
+    data_docs_dir: Path | None = None,
+    show_progress: bool = False,
+    length_policy: str = "drop",
+) -> ValidationReport:
+    """Validate a data file: categories of errors and warnings, token statistics, GX Data Docs.
+
+    Args:
+        path: a JSONL file or JSON array in a supported format.
+        fmt: "auto", "openai", "alpaca" or "sharegpt".
+        tokenizer: the run's tokenizer; None skips token counts and the token limit.
+        max_tokens: token limit per example (`data.max_tokens`); None for no limit.
+        max_drop_fraction: largest share of examples the length policy may drop.
+        min_answer_chars: answers shorter than this are a warning.
+        batch_size, seq_len, max_steps: training settings for the epoch and step estimate.
+        data_docs_dir: project root of the Great Expectations context (e.g. `artifacts/gx`);
+            the suite runs and Data Docs are built there. None skips Great Expectations.
+        show_progress: show a progress bar (on stderr) while reading.
+        length_policy: "drop" or "truncate", what prepare does with over-long examples.
+
+    Returns:
+        The report; `report.valid` is False when any error category is non-zero.
+
+    Raises:
+        DataFileError: the file is missing, a directory or cannot be opened.
+        FormatError: `fmt` is not a supported format name.
+    """
+    from tasks.files import file_md5
+
+    path = Path(path)
+    if length_policy not in ("drop", "truncate"):
+        raise ValueError(f"length_policy {length_policy!r}: use drop or truncate (data.length_policy)")
+    reported_fmt, conv_fmt = resolve_format(path, fmt)
+    errors, warns = _Tally(), _Tally()
+    rows: list[dict[str, Any]] = []
+    bad: set[int] = set()
+    seen_exact: dict[bytes, int] = {}
+    seen_loose: dict[bytes, int] = {}
+    pending: list[CheckedExample] = []
+    n_messages: list[int] = []
+
+    def flush() -> None:
+        counts = count_chat_tokens(tokenizer, [c.example["messages"] for c in pending])
+        for c, (total, assistant, last) in zip(pending, counts):
+            rows[c.ordinal].update(total_tokens=total, assistant_tokens=assistant, _last=last)
+        pending.clear()
+
+    with _progress(path, show_progress) as on_bytes:
+        for c in iter_checked(path, conv_fmt, on_bytes):
+            row = _row(c)
+            rows.append(row)
+            if c.structurally_ok:
+                messages = c.example["messages"]
+                _check_duplicates(c, messages, seen_exact, seen_loose, row)
+                if not (c.problems.keys() & {"duplicate", "near_duplicate"}):
+                    n_messages.append(len(messages))
+                for cat, msg in check_warnings(messages, min_answer_chars).items():
+                    warns.add(cat, c.line, msg)
+                if tokenizer is not None and not (c.problems.keys() & {"duplicate", "near_duplicate"}):
+                    pending.append(c)
+                    if len(pending) >= _TOKEN_CHUNK:
+                        flush()
+            for cat, msg in c.problems.items():
+                errors.add(cat, c.line, msg)
+            if c.problems:
+                bad.add(c.ordinal)
+        if pending:
+            flush()
+    if not rows:
+        errors.add("no_examples", 0, "the file holds no examples")
+
+    length = _apply_length_rules(rows, max_tokens, length_policy)
+    dropped_fraction = length["dropped"] / len(rows) if rows else 0.0
+    over_is_error = dropped_fraction > max_drop_fraction
+    for r in rows:
+        if r.get("over_limit"):
+            what = "drop" if not r["kept_by_length_policy"] else "truncate"
+            msg = f"{r['total_tokens']} tokens > data.max_tokens {max_tokens}; prepare will {what} it"
+            if over_is_error:
+                errors.add("over_token_limit", r["line"], msg + f" (too many: over data.max_drop_fraction {max_drop_fraction})")
+            else:
+                warns.add("over_token_limit", r["line"], msg)
+    if over_is_error:
+        bad |= {i for i, r in enumerate(rows) if r.get("over_limit")}
+
+    token_stats = _token_stats(rows, n_messages, tokenizer, max_tokens, length, batch_size, seq_len, max_steps)
+    gx_summary, docs = None, None
+    if data_docs_dir is not None and rows:
+        gx_summary, docs = run_gx_suite(rows, Path(data_docs_dir), max_tokens, max_drop_fraction, length_policy)
+    valid = not errors.counts and (gx_summary is None or gx_summary["success"])
+    return ValidationReport(
+        valid=valid,
+        format=reported_fmt,
+        path=str(path),
+        md5=file_md5(path),
+        examples=len(rows),
+        invalid_examples=len(bad),
+        errors=errors.counts,
+        error_rows=errors.first_rows(),
+        error_lines=errors.lines(),
+        warnings=warns.counts,
+        warning_rows=warns.first_rows(),
+        token_stats=token_stats,
+        length_policy=length_policy,
+        dropped=length["dropped"],
+        truncated=length["truncated"],
+        dropped_fraction=round(dropped_fraction, 6),
+        max_drop_fraction=max_drop_fraction,
+        data_docs=docs,
+        gx=gx_summary,
+        bad_examples=bad,
+    )
+
+
+def _check_duplicates(c: CheckedExample, messages: list[dict], exact: dict, loose: dict, row: dict) -> None:
+    d_exact, d_loose = example_digests(messages)
+    if d_exact in exact:
+        c.problems["duplicate"] = f"the same example as line {exact[d_exact]}"
+        row["is_duplicate"] = True
+    elif d_loose in loose:
+        c.problems["near_duplicate"] = f"the same as line {loose[d_loose]} up to case and whitespace"
+        row["is_near_duplicate"] = True
+    exact.setdefault(d_exact, c.line)
+    loose.setdefault(d_loose, c.line)
+
+
+def _apply_length_rules(rows: list[dict], max_tokens: int | None, policy: str) -> dict[str, int]:
+    """Mark over-long rows and whether the length policy keeps them; count dropped/truncated."""
+    dropped = truncated = 0
+    for r in rows:
+        total = r.get("total_tokens")
+        if total is None:
+            continue
+        over = max_tokens is not None and total > max_tokens
+        # Truncation keeps at least one token of the last answer; a longer prompt cannot fit.
+        fits = policy == "truncate" and total - r["_last"] + 1 <= max_tokens if over else True
+        r["over_limit"] = over
+        r["kept_by_length_policy"] = fits
+        dropped += over and not fits
+        truncated += over and fits
+    return {"dropped": dropped, "truncated": truncated}
+
+
+def _token_stats(rows, n_messages, tokenizer, max_tokens, length, batch_size, seq_len, max_steps) -> dict[str, Any]:
+    counted = [r for r in rows if r.get("total_tokens") is not None]
+    kept = [r for r in counted if r["kept_by_length_policy"]]
+    cap = max_tokens or 0
+    total_kept = sum(min(r["total_tokens"], cap) if r["over_limit"] else r["total_tokens"] for r in kept)
+    trained_kept = sum(r["assistant_tokens"] for r in kept)  # an upper bound for truncated ones
+    over = sum(1 for r in counted if r["over_limit"])
+    stats: dict[str, Any] = {
+        "examples": len(n_messages),
+        "messages_per_example": summarize(n_messages),
+        "tokenizer": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
+        "total_tokens": summarize([r["total_tokens"] for r in counted]),
+        "assistant_tokens": summarize([r["assistant_tokens"] for r in counted]),
+        "max_tokens": max_tokens,
+        "over_limit": over,
+        "over_limit_fraction": round(over / len(rows), 6) if rows else 0.0,
+        "dropped": length["dropped"],
+        "truncated": length["truncated"],
+        "assistant_tokens_method": "tokens of assistant contents within the rendered chat template",
+    }
+    stats.update(estimate_training(total_kept, trained_kept, batch_size, seq_len, max_steps))
+    return stats
+
+
+class _progress:
+    """Context manager giving an `on_bytes` callback that drives a rich progress bar (or None)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled, self.bar, self.pending = path, enabled, None, 0
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("validating"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+            console=Console(stderr=True), transient=True,
+        )  # fmt: skip
+        self.bar.start()
+        self.task = self.bar.add_task("read", total=self.path.stat().st_size)
+        return self._advance
+
+    def _advance(self, n: int) -> None:
+        self.pending += n
+        if self.pending >= 1 << 20:  # a rich update per line would cost more than the parsing
+            self.bar.advance(self.task, self.pending)
+            self.pending = 0
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def write_fixed(path: Path, report: ValidationReport, out: Path) -> tuple[int, int]:
+    """Write the examples of `path` without the bad ones, as canonical messages JSONL, atomically.
+
+    Nothing is edited: an example with an error (structural, duplicate after its first
+    occurrence, or over-long when that is an error) is left out whole.
+
+    Returns:
+        (examples kept, examples dropped).
+    """
+    conv_fmt = report.format if report.format in FORMATS else "openai"  # as validate_dataset read it
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    kept = dropped = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for c in iter_checked(Path(path), conv_fmt):
+                if c.ordinal in report.bad_examples or c.example is None:
+                    dropped += 1
+                    continue
+                f.write(json.dumps(c.example, ensure_ascii=False) + "\n")
+                kept += 1
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return kept, dropped
+
+
+def render_report(report: ValidationReport, console=None) -> None:
+    """Print a human summary of the report with rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    verdict = "[bold green]VALID[/]" if report.valid else "[bold red]INVALID[/]"
+    console.print(f"{verdict}  {report.path}  format={report.format}  examples={report.examples}  md5={report.md5}")
+    if report.errors or report.warnings:
+        table = Table(title="Problems")
+        for col in ("kind", "category", "count", "first lines"):
+            table.add_column(col)
+        lines = {**{c: [r["line"] for r in report.warning_rows if r["category"] == c] for c in report.warnings}}
+        for cat, n in sorted(report.errors.items()):
+            table.add_row("[red]error[/]", cat, str(n), _first(report.error_lines.get(cat, [])))
+        for cat, n in sorted(report.warnings.items()):
+            table.add_row("[yellow]warning[/]", cat, str(n), _first(lines.get(cat, [])))
+        console.print(table)
+    for r in report.error_rows[:10]:
+        console.print(f"  line {r['line']}: [red]{r['category']}[/] {r['message']}")
+    stats = report.token_stats or {}
+    if stats.get("total_tokens"):
+        table = Table(title=f"Tokens ({stats.get('tokenizer')})")
+        table.add_column("per example")
+        for key in ("min", "p5", "median", "mean", "p95", "max"):
+            table.add_column(key, justify="right")
+        for name in ("messages_per_example", "total_tokens", "assistant_tokens"):
+            s = stats[name]
+            table.add_row(name, *(f"{s[k]:g}" for k in ("min", "p5", "median", "mean", "p95", "max")))
+        console.print(table)
+        console.print(
+            f"tokens per epoch {stats['tokens_per_epoch']} (trained on {stats['trained_tokens_per_epoch']}); "
+            f"{stats['steps_per_epoch']} steps per epoch at batch {stats['batch_size']} x seq_len {stats['seq_len']}"
+            + (f"; max_steps {stats['max_steps']} = {stats['epochs']} epochs" if stats.get("epochs") else "")
+        )
+        console.print(
+            f"over max_tokens {stats['max_tokens']}: {stats['over_limit']} ({stats['over_limit_fraction']:.2%}); "
+            f"length policy {report.length_policy}: {report.dropped} dropped, {report.truncated} truncated "
+            f"(limit {report.max_drop_fraction:.0%} dropped)"
+        )
+    if report.data_docs:
+        console.print(f"Data Docs: {report.data_docs}")
+
+
+def _first(lines: list[int], n: int = 8) -> str:
+    text = ", ".join(map(str, lines[:n]))
+    return text + (", ..." if len(lines) > n else "")

@@ -1,0 +1,83 @@
+"""Prompting and generation for evaluation: few-shot prompts, batched greedy generation, perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+from tasks.model.chat import (
+    encode_chat,
+)
+
+Example = dict  # one canonical example: {"messages": [...], ...}
+
+def pick_few_shot(train: list[Example], k: int, seed: int) -> list[Example]:
+    """`k` train examples drawn deterministically (same seed, same shots)."""
+    if k == 0 or not train:
+        return []
+    return random.Random(seed).sample(train, min(k, len(train)))
+
+
+def with_shots(messages: list[dict], shots: list[Example]) -> list[dict]:
+    """Put the shots' question/answer turns after the system message and before the question."""
+    if not shots:
+        return messages
+    head = [m for m in messages[:1] if m["role"] == "system"]
+    turns = [m for s in shots for m in s["messages"] if m["role"] in ("user", "assistant")]
+    return head + turns + messages[len(head):]
+
+
+def assistant_perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> float:
+    """exp of the mean cross-entropy over assistant tokens, token-weighted across examples."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(conversations), batch_size):
+        encoded = [encode_chat(tokenizer, c) for c in conversations[start : start + batch_size]]
+        width = max(len(e.input_ids) for e in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+        labels = torch.full((len(encoded), width), -100)
+        attn = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = len(e.input_ids)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(e.input_ids, e.loss_mask)])
+            attn[i, :n] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1).to(device),
+            ignore_index=-100, reduction="sum",
+        )
+        total += float(loss)
+        count += int((labels[:, 1:] != -100).sum())
+    return math.exp(total / max(1, count))
+
+
+def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int):
+    """Greedy completions of `prompts`, with per-example latency (ms) and generated token counts."""
+    import torch
+
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    outputs, latencies, lengths = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )
+        elapsed_ms = (time.perf_counter() - t0) * 1000
+        new = out[:, enc["input_ids"].shape[1]:]
+        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+        lengths += [int((row != tokenizer.pad_token_id).sum()) for row in new]
+        # Examples in one batch finish together: each waited the whole batch.
+        latencies += [elapsed_ms] * len(chunk)
+    return [o.strip() for o in outputs], latencies, lengths

@@ -1,0 +1,103 @@
+"""Score models on the test split (library side of the `evaluate` stage).
+
+One function, `evaluate_model`, scores every model the same way on the same examples:
+the candidate, the base model prompted zero-shot and few-shot (`eval.few_shot_k` train
+examples shown before each question), and, from the retrain flow, the current champion.
+
+Metrics: perplexity on the assistant tokens; exact match, BLEU (sacrebleu) and ROUGE-L
+(rouge-score) of greedy generations; accuracy / precision / recall / macro-F1 when
+`eval.task` is classification; per-example latency (p50, p95) and generated tokens/s.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tasks.config import EvalParams, load_params
+from tasks.errors import ConfigError
+from tasks.evaluate.generation import (
+    Example,
+    assistant_perplexity,
+    generate_batched,
+    pick_few_shot,
+    with_shots,
+)
+from tasks.evaluate.metrics import classification_metrics, percentile, text_metrics
+from tasks.files import read_jsonl
+from tasks.model.chat import (
+    prompt_messages,
+    reference_answer,
+    render_prompt,
+)
+from tasks.model.loading import (
+    load_causal_lm,
+    load_tokenizer,
+    load_trained,
+    resolve_base,
+)
+
+
+def evaluate_model(model, tokenizer, examples: list[Example], params: EvalParams, shots: list[Example] = ()) -> dict:
+    """Score one model on `examples`; `shots` turns it into a few-shot prompted model.
+
+    Returns:
+        metrics (a flat dict of floats) and `samples`, the first predictions beside references.
+    """
+    questions = [with_shots(prompt_messages(e["messages"]), list(shots)) for e in examples]
+    references = [reference_answer(e["messages"]) for e in examples]
+    conversations = [q + [{"role": "assistant", "content": r}] for q, r in zip(questions, references)]
+    prompts = [render_prompt(tokenizer, q) for q in questions]
+    t0 = time.perf_counter()
+    predictions, latencies, lengths = generate_batched(model, tokenizer, prompts, params.max_new_tokens, params.batch_size)
+    gen_seconds = time.perf_counter() - t0
+    metrics = {
+        "perplexity": assistant_perplexity(model, tokenizer, conversations, params.batch_size),
+        **text_metrics(predictions, references),
+        "latency_p50_ms": percentile(latencies, 0.5),
+        "latency_p95_ms": percentile(latencies, 0.95),
+        "tokens_per_second": sum(lengths) / gen_seconds if gen_seconds else 0.0,
+        "examples": len(examples),
+    }
+    if params.task == "classification":
+        labels = [e.get("label", r) for e, r in zip(examples, references)]
+        metrics.update(classification_metrics(predictions, labels))
+    samples = [
+        {"prompt": q[-1]["content"], "reference": r, "prediction": p}
+        for q, r, p in list(zip(questions, references, predictions))[:10]
+    ]
+    return {"metrics": metrics, "samples": samples}
+
+
+def load_split(data_dir: Path, name: str, limit: int | None = None) -> list[Example]:
+    path = data_dir / f"{name}.jsonl"
+    if not path.exists():
+        raise ConfigError(f"{path}: split not found; run the prepare stage first")
+    rows = read_jsonl(path)
+    return rows[:limit] if limit else rows
+
+
+def evaluate_model_dir(model_dir: Path, examples: list[Example], params: EvalParams) -> dict:
+    """Load a fine-tuned model folder (candidate or champion) and score it."""
+    model, tokenizer, _ = load_trained(model_dir)
+    return evaluate_model(model, tokenizer, examples, params)
+
+
+def evaluate_all(params_path: str, data_dir: Path, model_dir: Path) -> dict:
+    """The DVC stage: the candidate and the base model zero-shot and few-shot, on the test split."""
+    params = load_params(params_path)
+    test = load_split(data_dir, "test", params.eval.max_examples)
+    if not test:
+        raise ConfigError(f"{data_dir / 'test.jsonl'}: the test split is empty; add data or raise data.test_fraction")
+    shots = pick_few_shot(load_split(data_dir, "train"), params.eval.few_shot_k, params.train.seed)
+    base_path = resolve_base(params.model)
+    base = load_causal_lm(base_path)
+    base.eval()
+    base_tok = load_tokenizer(base_path)
+    results = {
+        "candidate": evaluate_model_dir(model_dir, test, params.eval),
+        "base_zero_shot": evaluate_model(base, base_tok, test, params.eval),
+    }
+    if shots:
+        results["base_few_shot"] = evaluate_model(base, base_tok, test, params.eval, shots)
+    return results

@@ -1,0 +1,38 @@
+"""The one runner of every entry point: DVC stage mains and `ftllm` commands.
+
+An expected failure (`tasks.errors.FtllmError`) becomes one line on stderr and the exit
+code the error carries; a bug keeps its traceback (exit 1). So every entry point agrees
+on where errors go and what they exit with.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from tasks.errors import EXIT_OK, FtllmError
+
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+
+
+def report(exc: FtllmError) -> int:
+    """Print an expected failure as one line on stderr; its exit code."""
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    return exc.exit_code
+
+
+def run_entry(main: Callable[[], int | None]) -> int:
+    """Call `main`; its exit code, with expected failures reported instead of raised."""
+    try:
+        code = main()
+    except FtllmError as exc:
+        return report(exc)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK if code is None else code
+
+
+def run_stage(main: Callable[[list[str]], int | None]) -> None:
+    """Run a stage's `main` on the command line's arguments and exit with its code."""
+    raise SystemExit(run_entry(lambda: main(sys.argv[1:])))

@@ -1,0 +1,38 @@
+"""DVC stage `evaluate`: the candidate and the prompted base model on the test split.
+
+Run alone (after `finetune`):
+
+    python -m tasks.stages.evaluate --params artifacts/params.yaml --data artifacts/prepared \
+        --model artifacts/model --out artifacts/metrics.json --samples artifacts/predictions.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tasks.evaluate.score import evaluate_all
+from tasks.files import write_atomic
+from tasks.runner import run_stage
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description="Evaluate the candidate against prompting baselines (DVC stage).")
+    ap.add_argument("--params", default="artifacts/params.yaml")
+    ap.add_argument("--data", type=Path, default=Path("artifacts/prepared"))
+    ap.add_argument("--model", type=Path, default=Path("artifacts/model"))
+    ap.add_argument("--out", type=Path, default=Path("artifacts/metrics.json"))
+    ap.add_argument("--samples", type=Path, default=Path("artifacts/predictions.json"))
+    args = ap.parse_args(argv)
+    results = evaluate_all(args.params, args.data, args.model)
+    write_atomic(args.samples, json.dumps({k: v["samples"] for k, v in results.items()}, indent=2))
+    write_atomic(args.out, json.dumps({k: v["metrics"] for k, v in results.items()}, indent=2))
+    for name, r in results.items():
+        m = r["metrics"]
+        print(f"{name:15s} exact_match={m['exact_match']:.3f} bleu={m['bleu']:.1f} perplexity={m['perplexity']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_stage(main)
