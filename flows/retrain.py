@@ -23,7 +23,6 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from ftllm.env import apply_defaults
 from tasks.config import (
     DataParams,
     EvalParams,
@@ -34,6 +33,7 @@ from tasks.config import (
     load_params,
 )
 from tasks.data.validate import validate_dataset
+from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
 from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.score import evaluate_model_dir, load_split

@@ -23,7 +23,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.states import Failed
 
-from ftllm.env import apply_defaults
+from tasks.environment import apply_defaults
 from tasks.errors import StageError
 from tasks.pipeline.dvc import train_stage, workspace_lock
 

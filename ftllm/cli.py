@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ftllm.env import apply_defaults
+from tasks.environment import apply_defaults, environment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune, gate, register and serve LLMs.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Feedback collected by the service.")
@@ -169,12 +169,11 @@ def _move_alias(action: str, as_json: bool, **kwargs) -> None:
     `rollback` flow, so it shows in the server's UI; on the embedded defaults it runs
     directly, since starting the ephemeral API alone takes longer than a rollback may.
     """
-    import os
 
     from tasks.registry import versions as registry
 
     try:
-        if os.environ.get("PREFECT_API_URL"):
+        if environment().prefect_api_url:
             from flows.registry import promote_flow, rollback_flow
 
             move = (promote_flow if action == "promote" else rollback_flow)(**kwargs)
@@ -277,9 +276,8 @@ def deploy(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Register the Prefect deployments (retrain on its schedule, promote, rollback) on a Prefect server."""
-    import os
 
-    if not os.environ.get("PREFECT_API_URL"):
+    if not environment().prefect_api_url:
         _err("set PREFECT_API_URL to a Prefect server (e.g. `prefect server start`, then "
              "export PREFECT_API_URL=http://127.0.0.1:4200/api); deployments need a server")
         raise typer.Exit(EXIT_USAGE)

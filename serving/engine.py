@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tasks.environment import environment
+
 log = logging.getLogger("ftllm.serving")
 
 MAX_BATCH = 32  # rows generating at once; more wait to be admitted as rows leave
@@ -119,7 +121,7 @@ def cpu_threads() -> int:
     every core given to torch, its spinning worker threads compete with them, and on two
     cores one step of the tiny model went from 7 ms to 180 ms.
     """
-    return int(os.environ.get("FTLLM_TORCH_THREADS") or max(1, (os.cpu_count() or 2) // 2))
+    return environment().torch_threads or max(1, (os.cpu_count() or 2) // 2)
 
 
 def sample(logits, temperature, top_p):

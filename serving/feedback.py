@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.environment import environment
+
 FEEDBACK_DB_ENV = "FTLLM_FEEDBACK_DB"
 MIN_RATING, MAX_RATING = 1, 5
 
@@ -53,7 +55,7 @@ CREATE INDEX IF NOT EXISTS feedback_completion ON feedback(completion_id);
 
 def default_db_path(root: Path) -> Path:
     """`FTLLM_FEEDBACK_DB` if set, else `<root>/feedback.db`."""
-    return Path(os.environ.get(FEEDBACK_DB_ENV) or root / "feedback.db")
+    return environment().feedback_db or root / "feedback.db"
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from ftllm.env import apply_defaults, find_root
+from tasks.environment import apply_defaults, environment, find_root
 
 # BentoML and MLflow read their homes when first imported: set the defaults before.
 ROOT = apply_defaults(find_root(Path(__file__).resolve().parent.parent))
@@ -97,14 +97,14 @@ def load_settings() -> Params:
     pipeline that this code does not know (added after the bento was built) must not stop
     it from starting.
     """
-    path = Path(os.environ.get(PARAMS_ENV) or ROOT / "params.yaml")
+    path = environment().params_file or ROOT / "params.yaml"
     return load_params(path, sections=SERVICE_SECTIONS) if path.is_file() else Params()
 
 
 # The model the bento carries is chosen at import, because BentoML collects the models a
 # service declares when it builds the bento; `tasks.package.build_bento` sets the env var.
 _MODEL_NAME = load_settings().registry.model_name
-BENTO_MODEL_TAG = os.environ.get(BENTO_MODEL_ENV) or f"{_MODEL_NAME}:latest"
+BENTO_MODEL_TAG = environment().bento_model or f"{_MODEL_NAME}:latest"
 
 # Prometheus metrics are process-wide by nature; BentoML serves prometheus_client's registry
 # (in multiprocess mode under `bentoml serve`) at /metrics.
@@ -271,8 +271,9 @@ class GuardMiddleware:
         if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        api_key = os.environ.get(API_KEY_ENV)  # read per request, so a rotated key needs no restart
-        if api_key:
+        secret = environment().api_key  # read per request, so a rotated key needs no restart
+        if secret is not None:
+            api_key = secret.get_secret_value()
             given = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.environment import environment
 from tasks.errors import ConfigError
 from tasks.files import file_md5, write_atomic
 
@@ -240,7 +240,7 @@ def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | No
 
 def overrides_from_env() -> dict[str, Any]:
     """Overrides handed to DVC stages by the flow, as a JSON object in FTLLM_OVERRIDES."""
-    text = os.environ.get(OVERRIDES_ENV, "").strip()
+    text = environment().overrides.strip()
     if not text:
         return {}
     try:

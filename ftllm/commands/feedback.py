@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ftllm.env import apply_defaults
+from tasks.environment import apply_defaults
 
 
 def export_command(out: Path, min_rating: int) -> int:

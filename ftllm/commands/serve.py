@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from ftllm.env import apply_defaults
+from tasks.environment import apply_defaults, environment
 
 BENTO_NAME = "ftllm_chat"
 SOURCE_SERVICE = "serving.service:ChatService"
@@ -42,7 +42,7 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
         print(f"error: --port {port}: expected 1..65535", file=sys.stderr)
         return 2
     target = bento or latest_bento() or SOURCE_SERVICE
-    if host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("FTLLM_API_KEY"):
+    if host not in ("127.0.0.1", "localhost", "::1") and environment().api_key is None:
         print(f"warning: binding {host} without FTLLM_API_KEY: anyone who reaches this port can use the model",
               file=sys.stderr)
     print(f"serving {target} on http://{host}:{port} (OpenAI base URL http://{host}:{port}/v1)", file=sys.stderr)

@@ -7,16 +7,16 @@ with a checkpoint. `model.base: tiny` is built locally (`tasks.model.tiny`) and 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from tasks.config import ModelParams
+from tasks.environment import environment
 
 
 def tiny_cache() -> Path:
     """Where built tiny base models are cached: artifacts/base of the project (git-ignored)."""
-    return Path(os.environ.get("FTLLM_ROOT", ".")) / "artifacts" / "base"
+    return (environment().root or Path(".")) / "artifacts" / "base"
 
 
 def resolve_base(model: ModelParams, cache_dir: Path | None = None) -> str:

@@ -9,7 +9,7 @@ body holds `subject`, `status`, `model_name`, `version`, `champion_version`, `fa
 
 from __future__ import annotations
 
-import os
+from tasks.environment import environment
 
 NOTIFY_ON = ("rejected", "failed")
 
@@ -38,8 +38,9 @@ def notify_run(result: dict) -> str | None:
     if result.get("status") not in NOTIFY_ON:
         return None
     subject, body = notification_body(result)
-    url = os.environ.get("FTLLM_NOTIFY_WEBHOOK")
-    block_name = os.environ.get("FTLLM_NOTIFY_BLOCK")
+    env = environment()
+    url = env.notify_webhook.get_secret_value() if env.notify_webhook else None
+    block_name = env.notify_block
     if url:
         from prefect.blocks.notifications import CustomWebhookNotificationBlock
 

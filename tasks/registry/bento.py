@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tasks.config import ModelParams
+from tasks.environment import environment
 from tasks.errors import PackageError
 
 BENTO_MODEL_ENV = "FTLLM_BENTO_MODEL"  # read by serving/service.py when the bento is built
@@ -103,14 +104,14 @@ def build_bento(model_tag: str, version: str, root: Path | None = None) -> str:
     import bentoml
     from bentoml.exceptions import NotFound
 
-    root = Path(root or os.environ.get("FTLLM_ROOT") or Path.cwd()).resolve()
+    root = Path(root or environment().root or Path.cwd()).resolve()
     if not (root / BENTOFILE).is_file():
         raise PackageError(f"{root / BENTOFILE}: not found; run from the project root or set FTLLM_ROOT")
     try:
         bentoml.models.get(model_tag)
     except NotFound:
         raise PackageError(f"{model_tag}: not in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')}); "
-                           "run tasks.package.import_model first") from None
+                           "import it first (tasks.registry.bento.import_model)") from None
     bento_version = f"{model_tag.split(':')[0]}-v{version}"
     cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(root / BENTOFILE), "--version", bento_version,
            "--output", "tag", str(root)]

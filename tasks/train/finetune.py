@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from tasks.config import Params, TrainParams
+from tasks.environment import environment
 from tasks.errors import ConfigError
 from tasks.files import read_jsonl
 from tasks.model.loading import load_causal_lm, load_tokenizer, resolve_base
@@ -296,7 +297,7 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
             f"training {train.method} on {device} ({str(dtype).removeprefix('torch.')}, {dist.world} process(es)): "
             f"{len(batches)} batches, padding {pad_frac:.1%}, {train.max_steps} steps"
         )
-        tracker = Tracker(os.environ.get("MLFLOW_RUN_ID"), enabled=dist.is_main)
+        tracker = Tracker(environment().mlflow_run_id, enabled=dist.is_main)
         tracker.start(train, {"padding_fraction": pad_frac})
         try:
             state = train_loop(

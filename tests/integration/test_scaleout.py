@@ -228,7 +228,7 @@ def stack(tmp_path_factory, project, postgres, s3):
             "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
             "PREFECT_HOME": str(state / "client-prefect-home"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            # Only the tracking URI: the registry follows it (ftllm/env.py sets no registry URI).
+            # Only the tracking URI: the registry follows it (tasks/environment.py sets no registry URI).
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
             "FTLLM_ROOT": str(project),
         }

@@ -1,4 +1,6 @@
-"""The embedded defaults: every service the pipeline talks to lives inside the project folder.
+"""The process environment: the embedded defaults, and the one object every FTLLM_* variable is read through.
+
+Embedded defaults: every service the pipeline talks to lives inside the project folder.
 
 Prefect runs on its ephemeral API with its state under `.prefect/`, MLflow tracks into
 `mlflow.db`, BentoML keeps its store under `.bentoml/`, and nothing reaches a model hub.
@@ -8,12 +10,19 @@ same code scales out to real servers.
 
 `apply_defaults` must run before prefect, mlflow or bentoml are imported, since they read
 some of these variables when first imported.
+
+`environment()` reads the project's own variables (secrets among them) into a frozen
+`Environment`, at call time rather than import time, so a rotated API key or a test's
+monkeypatched variable takes effect without a restart. Secrets are `SecretStr`: they never
+show in a repr or a log line.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -64,3 +73,34 @@ def apply_defaults(root: Path | None = None) -> Path:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return root
+
+
+class Environment(BaseModel):
+    """The project's FTLLM_* variables (and the few of other tools it reads), validated."""
+
+    model_config = ConfigDict(frozen=True)
+
+    root: Path | None = Field(None, description="FTLLM_ROOT: the project folder (set by `ftllm` and the flows).")
+    overrides: str = Field("", description="FTLLM_OVERRIDES: a run's --set overrides as JSON, for the DVC stages.")
+    params_file: Path | None = Field(None, description="FTLLM_PARAMS: the settings file the service reads.")
+    api_key: SecretStr | None = Field(None, description="FTLLM_API_KEY: bearer key the service requires when set.")
+    feedback_db: Path | None = Field(None, description="FTLLM_FEEDBACK_DB: the service's interaction and feedback log.")
+    bento_model: str | None = Field(None, description="FTLLM_BENTO_MODEL: the BentoML model tag a bento is built with.")
+    notify_webhook: SecretStr | None = Field(None, description="FTLLM_NOTIFY_WEBHOOK: URL that hears rejected and failed runs.")
+    notify_block: str | None = Field(None, description="FTLLM_NOTIFY_BLOCK: a saved Prefect notification block's name.")
+    torch_threads: int | None = Field(None, ge=1, description="FTLLM_TORCH_THREADS: CPU threads of the serving engine.")
+    mlflow_run_id: str | None = Field(None, description="MLFLOW_RUN_ID: the run a DVC stage logs into (set by the flow).")
+    prefect_api_url: str | None = Field(None, description="PREFECT_API_URL: a Prefect server; unset, the ephemeral API.")
+
+
+_VARIABLES = {
+    "root": "FTLLM_ROOT", "overrides": "FTLLM_OVERRIDES", "params_file": "FTLLM_PARAMS", "api_key": "FTLLM_API_KEY",
+    "feedback_db": "FTLLM_FEEDBACK_DB", "bento_model": "FTLLM_BENTO_MODEL", "notify_webhook": "FTLLM_NOTIFY_WEBHOOK",
+    "notify_block": "FTLLM_NOTIFY_BLOCK", "torch_threads": "FTLLM_TORCH_THREADS", "mlflow_run_id": "MLFLOW_RUN_ID",
+    "prefect_api_url": "PREFECT_API_URL",
+}
+
+
+def environment() -> Environment:
+    """The project's variables as set now; an empty variable counts as unset."""
+    return Environment(**{field: os.environ[name] for field, name in _VARIABLES.items() if os.environ.get(name, "").strip()})
