@@ -24,7 +24,9 @@ Metrics = dict[str, float]
 class _Part(BaseModel):
     # Not frozen: the flow fills a result in as the run goes. Unknown keys are refused, so
     # a misspelt attribute fails where it is set instead of vanishing from the contract.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # An infinite perplexity stays `Infinity` (as Python's json writes and reads it), not
+    # a null that would no longer validate as a number.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="constants")
 
 
 class GateCheck(_Part):

@@ -81,7 +81,7 @@ def complete_result() -> RunResult:
     return RunResult(
         status="rejected", model_name="m", version="2", champion_version="1",
         gate=GateResult(passed=False, checks=[GateCheck(name="min_exact_match", value=0.5, threshold=0.7, passed=False)]),
-        metrics=RunMetrics(candidate={"exact_match": 0.5}, base_zero_shot={"exact_match": 0.0}),
+        metrics=RunMetrics(candidate={"exact_match": 0.5}, base_zero_shot={"exact_match": 0.0, "perplexity": float("inf")}),
         durations={"validate": 1.5},
     )
 
