@@ -10,11 +10,12 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: setup data run test test-fast bench clean
 
+# The pins of pip and torch come from pyproject.toml (tasks/pins.py reads it, standard library only).
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip==25.3
-	@# torch alone first: 2.13.0 is the CPU wheel; asked for with the rest, pip may pick a CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --upgrade $$($(PY) -m tasks.pins pip)
+	@# torch alone first: its pinned version is the CPU wheel; asked for with the rest, pip may pick a CUDA build.
+	$(PY) -m pip install -q $$($(PY) -m tasks.pins torch)
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)

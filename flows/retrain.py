@@ -4,6 +4,8 @@ The flow orchestrates; the work is in `tasks/`. It rejects bad settings and bad 
 front, runs the DVC stages (which skip what has not changed), scores the current champion
 on the same test split, gates the candidate, registers it in MLflow and packages it with
 BentoML. A run with unchanged data, code and settings ends early and registers nothing.
+The flow returns a `tasks.pipeline.result.RunResult`, filled in step by step; it is what
+`ftllm run --json` prints.
 
 Run it with `ftllm run`, from a Prefect deployment (`ftllm deploy`), or directly:
 
@@ -48,6 +50,14 @@ from tasks.pipeline.dvc import (
     workspace_lock,
 )
 from tasks.pipeline.notify import notify_run
+from tasks.pipeline.result import (
+    DataSummary,
+    GateResult,
+    RunMetrics,
+    RunResult,
+    StagesSummary,
+    ValidationSummary,
+)
 from tasks.registry.tracking import (
     end_tracking_run,
     log_results,
@@ -214,16 +224,16 @@ def _metrics_table(metrics: dict[str, dict]) -> list[dict]:
     return [{"model": role, **{k: round(m[k], 4) for k in keys if k in m}} for role, m in metrics.items()]
 
 
-def _publish(verdict: dict, metrics: dict, result: dict, samples: dict) -> None:
+def _publish(verdict: dict, metrics: dict, result: RunResult, samples: dict) -> None:
     create_table_artifact(_metrics_table(metrics), key="retrain-metrics", description="Candidate vs baselines vs champion")
     rows = [{"model": role, **sample} for role, items in samples.items() for sample in items[:5]]
     create_table_artifact(rows, key="retrain-predictions", description="Predictions next to references (test split)")
     lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", "| check | value | threshold | passed |", "|---|---|---|---|"]
     lines += [f"| {c['name']} | {c['value']} | {c['threshold']} | {c['passed']} |" for c in verdict["checks"]]
     lines += [
-        "", f"model version {result['version']}, champion {result['champion_version']}",
-        f"MLflow run: [{result['mlflow_run_id']}]({run_link(result['mlflow_run_id'])})",
-        f"Data Docs: {(result.get('validation') or {}).get('data_docs')}",
+        "", f"model version {result.version}, champion {result.champion_version}",
+        f"MLflow run: [{result.mlflow_run_id}]({run_link(result.mlflow_run_id)})",
+        f"Data Docs: {result.validation.data_docs if result.validation else None}",
     ]
     create_markdown_artifact("\n".join(lines), key="retrain-gate", description="Gate verdict")
 
@@ -236,7 +246,7 @@ def retrain(
     train: TrainParams | None = None,
     eval: EvalParams | None = None,
     gate: GateParams | None = None,
-) -> dict:
+) -> RunResult:
     """Retrain, gate, register and package a model.
 
     Args:
@@ -244,13 +254,17 @@ def retrain(
         overrides: dotted keys to values (`{"train.max_steps": 100}`), applied to the whole run.
         data, train, eval, gate: whole sections that replace those of the settings file (the
             typed form of the Prefect UI).
+
+    Returns:
+        The run's result; a failed run returns a Failed state whose data is the result,
+        with `error` set.
     """
-    result: dict[str, Any] = {"status": "failed"}
+    result = RunResult()
     try:
-        result = _retrain(params_file, overrides, {"data": data, "train": train, "eval": eval, "gate": gate}, result)
+        _retrain(params_file, overrides, {"data": data, "train": train, "eval": eval, "gate": gate}, result)
     except FtllmError as exc:  # one clear message; anything else is a bug and keeps its traceback
         get_run_logger().error(str(exc))
-        result["error"] = str(exc)
+        result.status, result.error = "failed", str(exc)
         send_notification(result)
         return Failed(message=str(exc), data=result)
     send_notification(result)
@@ -258,18 +272,18 @@ def retrain(
 
 
 @task(name="notify")
-def send_notification(result: dict) -> str | None:
+def send_notification(result: RunResult) -> str | None:
     """Tell the configured webhook or Prefect block about a rejected or failed run."""
     import httpx
 
     try:
-        return notify_run(result)
+        return notify_run(result.model_dump(mode="json"))
     except (httpx.HTTPError, ValueError) as exc:  # a lost notification must not fail the run
         get_run_logger().warning(f"notification not sent: {exc}")
         return None
 
 
-def _retrain(params_file: str, overrides: dict | None, sections: dict, result: dict) -> dict:
+def _retrain(params_file: str, overrides: dict | None, sections: dict, result: RunResult) -> None:
     logger = get_run_logger()
     root = Path(params_file).resolve().parent
     apply_defaults(root)  # a worker starts the flow without the CLI: same embedded defaults
@@ -281,25 +295,24 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: d
     # From validation to promotion this run owns the workspace: what it registers and packages
     # must be what its own stages wrote. A second run waits here (or gives up after an hour).
     with workspace_lock(root, log=logger.info):
-        return _retrain_in_workspace(root, params, overrides, result)
+        _retrain_in_workspace(root, params, overrides, result)
 
 
-def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: dict) -> dict:
+def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: RunResult) -> None:
     logger = get_run_logger()
-    durations: dict[str, float] = {}
+    durations = result.durations
     data_path = Path(params.data.path) if Path(params.data.path).is_absolute() else root / params.data.path
-    result.update({
-        "status": "failed", "model_name": params.registry.model_name, "version": None,
-        "champion_version": champion_version(params.registry.model_name), "gate": None, "metrics": {},
-        "data": {"path": str(data_path), "md5": None, "examples": None}, "mlflow_run_id": None,
-        "bento": None, "durations": durations, "changed": True,
-    })
+    result.model_name = params.registry.model_name
+    result.champion_version = champion_version(params.registry.model_name)
+    result.data = DataSummary(path=str(data_path))
 
     t = time.perf_counter()
     report = validate_data(params, data_path, root / "artifacts/reports")
     durations["validate"] = round(time.perf_counter() - t, 2)
-    result["data"].update(md5=report.get("md5"), examples=report["examples"])
-    result["validation"] = {k: report[k] for k in ("valid", "errors", "warnings", "error_rows", "data_docs") if k in report}
+    result.data = DataSummary(path=str(data_path), md5=report.get("md5"), examples=report["examples"])
+    result.validation = ValidationSummary.model_validate(
+        {k: report[k] for k in ValidationSummary.model_fields if k in report}
+    )
     create_markdown_artifact(
         f"## Validation of `{data_path}`: {'valid' if report['valid'] else 'INVALID'}\n\n"
         f"examples: {report['examples']}, errors: {report['errors']}, warnings: {report['warnings']}\n\n"
@@ -310,18 +323,18 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: d
         rows = ", ".join(f"line {r['line']}: {r['category']}" for r in report["error_rows"][:10])
         raise RunFailed(f"{data_path}: invalid data ({rows}); run `ftllm validate {data_path}` for the full report")
 
-    lineage = {"data_md5": result["data"]["md5"], "git_commit": git_commit(root), "params_digest": params.digest()}
+    lineage = {"data_md5": result.data.md5, "git_commit": git_commit(root), "params_digest": params.digest()}
     run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage)
-    result["mlflow_run_id"] = run_id
+    result.mlflow_run_id = run_id
     try:
         t = time.perf_counter()
         stages = run_dvc_stages(root, overrides, run_id, params.workers)
         if "error" in stages:
             raise StageError(stages["error"])
         durations["stages"] = round(time.perf_counter() - t, 2)
-        result["stages"] = stages
+        result.stages = StagesSummary.model_validate(stages)
         t = time.perf_counter()
-        result["dvc_push"] = push_dvc_outputs(root)
+        result.dvc_push = push_dvc_outputs(root)
         durations["dvc_push"] = round(time.perf_counter() - t, 2)
         metrics = json.loads((root / "artifacts/metrics.json").read_text())
         fingerprint = f"{stage_out_md5(root, 'finetune', 'artifacts/model')}:{params.digest()}"
@@ -331,15 +344,17 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: d
             logger.info(f"nothing changed since version {existing}: no new version registered")
             create_markdown_artifact(f"## Nothing changed\n\nSame model and settings as version {existing}.", key="retrain-unchanged")
             end_tracking_run(run_id, "FINISHED")
-            return _unchanged(result, params, existing, durations)
+            _unchanged(result, params, existing)
+            return
 
         t = time.perf_counter()
-        champion = result["champion_version"]
+        champion = result.champion_version
         if champion is not None:
             metrics["champion"] = evaluate_champion(root, params, champion)
         durations["evaluate_champion"] = round(time.perf_counter() - t, 2)
         verdict = apply_gate(metrics, params.gate).to_dict()
-        result.update(gate=verdict, metrics=metrics)
+        result.gate = GateResult.model_validate(verdict)
+        result.metrics = RunMetrics.model_validate(metrics)
         docs = Path(report["data_docs"]).parent if report.get("data_docs") else None
         files = [root / "dvc.lock", root / "artifacts/predictions.json", root / "artifacts/params.yaml"]
         log_results(run_id, metrics, verdict, files, docs)
@@ -349,46 +364,42 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: d
         t = time.perf_counter()
         tags = {k: v for k, v in lineage.items() if k != "fingerprint"}
         version = register(root, params, run_id, verdict, metrics, {**tags, "parent_champion": champion or "none"})
-        result["version"] = version
+        result.version = version
         durations["register"] = round(time.perf_counter() - t, 2)
 
         # Package before promoting: a failed build must leave the champion where it was.
         t = time.perf_counter()
         promoted = verdict["passed"] and params.registry.auto_promote
         bento = package(root, params.registry.model_name, version, build=promoted)
-        result["bento"] = bento["bento"]
-        result["bento_model"] = bento["model"]
+        result.bento, result.bento_model = bento["bento"], bento["model"]
         durations["package"] = round(time.perf_counter() - t, 2)
         if promoted:
             promote(params.registry.model_name, version)
-            result["champion_version"] = version
+            result.champion_version = version
         tag_version(params.registry.model_name, version, "fingerprint", fingerprint)
-        result["status"] = "promoted" if promoted else "rejected"
+        result.status = "promoted" if promoted else "rejected"
         if not verdict["passed"]:
             logger.warning(f"gate rejected version {version}: failed {[c['name'] for c in verdict['checks'] if not c['passed']]}")
         samples_path = root / "artifacts/predictions.json"
         _publish(verdict, metrics, result, json.loads(samples_path.read_text()) if samples_path.exists() else {})
         end_tracking_run(run_id, "FINISHED")
-        return result
     except BaseException:
         end_tracking_run(run_id, "FAILED")
         raise
 
 
-def _unchanged(result: dict, params: Params, version: str, durations: dict) -> dict:
+def _unchanged(result: RunResult, params: Params, version: str) -> None:
+    """Fill in `result` for a run that found its model registered already as `version`."""
     from tasks.registry.versions import list_versions
 
     row = next(r for r in list_versions(params.registry.model_name) if r["version"] == version)
-    champion = champion_version(params.registry.model_name)
-    result.update(
-        version=version, champion_version=champion, changed=False,
-        status="promoted" if champion == version else "rejected",
-        metrics={"candidate": row["metrics"]},
-        gate={"passed": row["gate_passed"], "checks": []},
-    )
-    return result
+    result.version, result.changed = version, False
+    result.champion_version = champion_version(params.registry.model_name)
+    result.status = "promoted" if result.champion_version == version else "rejected"
+    result.metrics = RunMetrics(candidate=row["metrics"])
+    result.gate = GateResult(passed=row["gate_passed"])
 
 
 if __name__ == "__main__":
     apply_defaults()
-    print(json.dumps(retrain(), default=str))
+    print(retrain(return_state=True).result(raise_on_failure=False).model_dump_json())

@@ -2,8 +2,12 @@
 
 Each command sets the embedded defaults (project-local Prefect, MLflow and BentoML state)
 before importing anything that reads them, prints a human summary, and with `--json`
-ends stdout with one JSON object. Exit codes follow DESIGN.md: for `run`, 0 promoted,
-3 rejected by the gate, 1 failed, 2 usage error.
+ends stdout with one JSON object (for `run`, a `tasks.pipeline.result.RunResult`).
+
+Every command runs through `tasks.runner.exit_with`: an expected failure
+(`tasks.errors.FtllmError`) is one line on stderr and its exit code, never a traceback,
+and never on stdout. The exit codes of each command are in the README's command table;
+for `run`: 0 promoted, 3 rejected by the gate, 1 failed, 2 usage error.
 """
 
 from __future__ import annotations
@@ -11,11 +15,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from tasks.environment import apply_defaults, environment
+from tasks.errors import EXIT_OK, EXIT_REJECTED, FtllmError, RunFailed, UsageError
+from tasks.runner import exit_with
+
+if TYPE_CHECKING:
+    from tasks.pipeline.result import RunResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune, gate, register and serve LLMs.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Feedback collected by the service.")
@@ -23,74 +32,94 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(bench_app, name="bench")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+SHOWN_METRICS = ("exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms")
 
 
-def _emit(obj: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(obj, default=str))
+def _emit(obj: Any, as_json: bool) -> None:
+    """With --json, print `obj` (a pydantic model or plain data) as the last line of stdout."""
+    if not as_json:
+        return
+    from pydantic import BaseModel
 
-
-def _err(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj, default=str), flush=True)
 
 
 @app.command()
+@exit_with
 def run(
     params: Annotated[Path, typer.Option("--params", help="Settings file.")] = Path("params.yaml"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="End stdout with a JSON summary.")] = False,
-) -> None:
+    as_json: Annotated[bool, typer.Option("--json", help="End stdout with the run's result as JSON.")] = False,
+) -> int:
     """Run the whole retraining flow: validate, prepare, finetune, evaluate, gate, register, package."""
-    root = apply_defaults(params.resolve().parent)
+    apply_defaults(params.resolve().parent)
     from tasks.config import load_params, parse_overrides
-    from tasks.errors import ConfigError
+    from tasks.pipeline.result import RunResult
 
-    try:
+    try:  # bad settings stop the run before Prefect starts (exit 2)
         overrides = parse_overrides(set_ or [])
         load_params(params, overrides)
-    except ConfigError as exc:
-        _err(str(exc))
-        raise typer.Exit(EXIT_USAGE)
+    except FtllmError as exc:
+        _emit(RunResult(error=str(exc)), as_json)
+        raise
     from flows.retrain import retrain
 
-    try:
-        state = retrain(params_file=str(params.resolve()), overrides=overrides, return_state=True)
-        result = state.result(raise_on_failure=False)
-    except Exception as exc:  # noqa: BLE001 - an unexpected failure still ends with one line, not a traceback
-        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    if not isinstance(result, dict):  # the flow raised: Prefect hands back the exception
-        result = {"status": "failed", "error": f"{type(result).__name__}: {result}"}
-    if result["status"] == "failed":
-        _err(result.get("error", "the run failed"))
+    result = retrain(params_file=str(params.resolve()), overrides=overrides, return_state=True).result(
+        raise_on_failure=False
+    )
+    if isinstance(result, BaseException):  # a bug in the flow: Prefect hands back the exception
+        _emit(RunResult(error=f"{type(result).__name__}: {result}"), as_json)
+        raise result
+    if result.status == "failed":
         _emit(result, as_json)
-        raise typer.Exit(EXIT_FAILED)
+        raise RunFailed(result.error or "the run failed")
     _print_run(result)
     _emit(result, as_json)
-    raise typer.Exit(EXIT_OK if result["status"] == "promoted" else EXIT_REJECTED)
+    return EXIT_OK if result.status == "promoted" else EXIT_REJECTED
 
 
-def _print_run(result: dict) -> None:
+def _print_run(result: RunResult) -> None:
+    """The run's metrics, gate checks and durations, as tables on stderr (stdout is for --json)."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(stderr=True)
-    table = Table(title=f"{result['model_name']} v{result['version']}: {result['status']}")
+    table = Table(title=f"{result.model_name} v{result.version}: {result.status}")
     table.add_column("model")
-    for key in ("exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms"):
+    for key in SHOWN_METRICS:
         table.add_column(key, justify="right")
-    for role, m in result["metrics"].items():
-        table.add_row(role, *(f"{m[k]:.3f}" if k in m else "-" for k in ("exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms")))
+    for role, m in result.metrics.by_model().items():
+        table.add_row(role, *(f"{m[k]:.3f}" if k in m else "-" for k in SHOWN_METRICS))
     console.print(table)
-    for check in (result.get("gate") or {}).get("checks", []):
-        mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
-        console.print(f"  {mark} {check['name']}: {check['value']} (threshold {check['threshold']})")
-    if not result.get("changed", True):
-        console.print(f"nothing changed: version {result['version']} already holds this model")
-    console.print(f"durations (s): {result['durations']}")
+    for check in result.gate.checks if result.gate else []:
+        mark = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
+        console.print(f"  {mark} {check.name}: {check.value} (threshold {check.threshold})")
+    if not result.changed:
+        console.print(f"nothing changed: version {result.version} already holds this model")
+    console.print(f"durations (s): {result.durations}")
+
+
+@app.command("params")
+@exit_with
+def params_(
+    write: Annotated[Optional[Path], typer.Option("--write", help="Write the generated settings file here.")] = None,
+    check: Annotated[Optional[Path], typer.Option(
+        "--check", help="Exit 1 when this file differs from the generated one.")] = None,
+) -> None:
+    """Generate params.yaml from the settings models (defaults as values, descriptions as comments)."""
+    from tasks.config import check_params, render_params, write_params
+
+    if check is not None:
+        check_params(check)
+        print(f"{check}: up to date", file=sys.stderr)
+    if write is not None:
+        print(f"wrote {write_params(write)}", file=sys.stderr)
+    if check is None and write is None:
+        print(render_params(), end="")
 
 
 @app.command()
+@exit_with
 def validate(
     path: Path,
     format: Annotated[str, typer.Option("--format", help="auto | openai | alpaca | sharegpt")] = "auto",
@@ -98,26 +127,22 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="End stdout with the JSON report.")] = False,
     fix: Annotated[Optional[Path], typer.Option("--fix", help="Write the valid examples here.")] = None,
     params: Annotated[Path, typer.Option("--params", help="Settings file (tokenizer, limits).")] = Path("params.yaml"),
-) -> None:
+) -> int:
     """Validate a data file: format, chat structure, duplicates, token limits (GX Data Docs)."""
     apply_defaults()
     from ftllm.commands.validate import validate_command
 
-    raise typer.Exit(validate_command(path, format=format, report=report, json_out=as_json, fix=fix, params=params))
+    return validate_command(path, format=format, report=report, json_out=as_json, fix=fix, params=params)
 
 
 def _model_name(params: Path) -> str:
     from tasks.config import load_params
-    from tasks.errors import ConfigError
 
-    try:
-        return load_params(params).registry.model_name
-    except ConfigError as exc:
-        _err(str(exc))
-        raise typer.Exit(EXIT_USAGE)
+    return load_params(params).registry.model_name
 
 
 @app.command()
+@exit_with
 def models(
     params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
     data_md5: Annotated[Optional[str], typer.Option("--data-md5", help="List the runs that used this data.")] = None,
@@ -163,7 +188,7 @@ def models(
 
 
 def _move_alias(action: str, as_json: bool, **kwargs) -> None:
-    """Promote or roll back, report the move, and exit 1 with the reason when refused.
+    """Promote or roll back and report the move; a refusal (exit 1) still ends stdout with JSON.
 
     With a Prefect server configured (PREFECT_API_URL) the move runs as the `promote` /
     `rollback` flow, so it shows in the server's UI; on the embedded defaults it runs
@@ -180,15 +205,15 @@ def _move_alias(action: str, as_json: bool, **kwargs) -> None:
         else:
             move = getattr(registry, action)(**kwargs).to_dict()
     except registry.RegistryRefusal as exc:
-        _err(f"refused: {exc}")
         _emit({"done": False, "error": str(exc)}, as_json)
-        raise typer.Exit(EXIT_FAILED)
+        raise
     note = "" if move["changed"] else " (already champion)"
     print(f"champion: {move['previous']} -> {move['champion']}{note}", file=sys.stderr)
     _emit({"done": True, **move}, as_json)
 
 
 @app.command()
+@exit_with
 def promote(
     version: str,
     force: Annotated[bool, typer.Option("--force", help="Promote although the gate failed.")] = False,
@@ -202,6 +227,7 @@ def promote(
 
 
 @app.command()
+@exit_with
 def rollback(
     to: Annotated[Optional[str], typer.Option("--to", help="Version to restore (default: the previous champion).")] = None,
     reason: Annotated[str, typer.Option("--reason")] = "",
@@ -214,31 +240,34 @@ def rollback(
 
 
 @app.command()
+@exit_with
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind; loopback unless told otherwise.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 3000,
     bento: Annotated[Optional[str], typer.Option("--bento", help="Bento tag (default: the latest ftllm_chat bento).")] = None,
-) -> None:
+) -> int:
     """Serve the champion with an OpenAI-compatible API (BentoML)."""
     apply_defaults()
     from ftllm.commands.serve import serve_command
 
-    raise typer.Exit(serve_command(host=host, port=port, bento=bento))
+    return serve_command(host=host, port=port, bento=bento)
 
 
 @feedback_app.command("export")
+@exit_with
 def feedback_export(
     out: Path,
     min_rating: Annotated[int, typer.Option("--min-rating", help="Lowest rating (1-5) of answers kept.")] = 4,
-) -> None:
+) -> int:
     """Write accepted and corrected answers as chat training examples (JSONL)."""
     apply_defaults()
     from ftllm.commands.feedback import export_command
 
-    raise typer.Exit(export_command(out, min_rating))
+    return export_command(out, min_rating)
 
 
 @bench_app.command("serve")
+@exit_with
 def bench_serve(
     url: Annotated[str, typer.Option("--url")] = "http://127.0.0.1:3000",
     requests: Annotated[int, typer.Option("--requests", help="Requests per concurrency level.")] = 200,
@@ -247,14 +276,15 @@ def bench_serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="FTLLM_API_KEY")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="Run the levels this many times in turn; "
                                                            "prints each ratio and their median.")] = 1,
-) -> None:
+) -> int:
     """Load-test a running service: requests/s, tokens/s, p50/p95/p99 latency, errors."""
     from ftllm.commands.bench_serve import bench_serve_command
 
-    raise typer.Exit(bench_serve_command(url, requests, concurrency or [1, 16], max_tokens, api_key, repeats))
+    return bench_serve_command(url, requests, concurrency or [1, 16], max_tokens, api_key, repeats)
 
 
 @bench_app.command("train")
+@exit_with
 def bench_train(
     args: Annotated[Optional[list[str]], typer.Argument(help="Options of benchmarks/bench_train.py.")] = None,
 ) -> None:
@@ -267,6 +297,7 @@ def bench_train(
 
 
 @app.command()
+@exit_with
 def deploy(
     params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
     work_pool: Annotated[str, typer.Option("--pool", help="Prefect work pool (type process).")] = "ftllm-process",
@@ -276,20 +307,13 @@ def deploy(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Register the Prefect deployments (retrain on its schedule, promote, rollback) on a Prefect server."""
-
     if not environment().prefect_api_url:
-        _err("set PREFECT_API_URL to a Prefect server (e.g. `prefect server start`, then "
-             "export PREFECT_API_URL=http://127.0.0.1:4200/api); deployments need a server")
-        raise typer.Exit(EXIT_USAGE)
+        raise UsageError("set PREFECT_API_URL to a Prefect server (e.g. `prefect server start`, then "
+                         "export PREFECT_API_URL=http://127.0.0.1:4200/api); deployments need a server")
     root = apply_defaults(params.resolve().parent)
     from tasks.config import load_params
-    from tasks.errors import ConfigError
 
-    try:
-        settings = load_params(params)
-    except ConfigError as exc:
-        _err(str(exc))
-        raise typer.Exit(EXIT_USAGE)
+    settings = load_params(params)
     if train_pool:
         from flows.deploy import deploy_training
 
@@ -305,6 +329,7 @@ def deploy(
 
 
 def main() -> None:
+    """The `ftllm` console script."""
     app()
 
 

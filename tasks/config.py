@@ -7,12 +7,18 @@ top of the file before validation.
 The first DVC stage (`python -m tasks.stages.resolve`) writes a run's resolved settings;
 overrides for that run come from the environment variable `FTLLM_OVERRIDES` (a JSON
 object of dotted keys), so that `dvc repro` sees them without `params.yaml` being edited.
+
+The models are also the source of `params.yaml` itself: `render_params` writes every
+field's default as its value and its description as its comment (`ftllm params --write
+params.yaml`; `ftllm params --check params.yaml` fails on drift), so the file and the
+models cannot disagree.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.environment import environment
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, SettingsDrift
 from tasks.files import file_md5, write_atomic
 
 OVERRIDES_ENV = "FTLLM_OVERRIDES"
@@ -31,27 +37,43 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    path: str = Field("data/dates.jsonl", description="Training data file (JSONL or JSON array).")
+    path: str = Field(
+        "data/dates.jsonl", description="Training data (JSONL or JSON array), under data/ (tracked by data.dvc)."
+    )
     format: Literal["auto", "openai", "alpaca", "sharegpt"] = Field(
-        "auto", description="Input format; auto detects it from the first example."
+        "auto", description="auto | openai | alpaca | sharegpt; auto detects it from the first example."
     )
-    max_tokens: int = Field(128, ge=8, le=131072, description="Token limit per example, chat template included.")
+    max_tokens: int = Field(
+        128, ge=8, le=131072,
+        description="Token limit per example, counted with the run's tokenizer and chat template.",
+    )
     length_policy: Literal["drop", "truncate"] = Field(
-        "drop", description="What prepare does with examples over max_tokens."
+        "drop", description="drop | truncate: what prepare does with over-long examples (always reported)."
     )
-    max_drop_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Largest share of examples that may be dropped.")
+    max_drop_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="Validation fails when more than this share would be dropped."
+    )
     min_answer_chars: int = Field(2, ge=0, description="Answers shorter than this are reported as a warning.")
-    val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share of examples in the validation split.")
-    test_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of examples in the test split.")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=0.5, description="Share of examples in the validation split (stable hash of the example)."
+    )
+    test_fraction: float = Field(
+        0.1, gt=0.0, lt=0.5, description="Share of examples in the test split (stable hash of the example)."
+    )
     md5: str | None = Field(
         None, description="Filled in by the resolve stage: the data file's md5, so DVC reruns when it changes."
     )
 
 
 class ModelParams(_Section):
-    base: str = Field("tiny", min_length=1, description='"tiny", a Hugging Face model id, or a local directory.')
+    base: str = Field(
+        "tiny", min_length=1,
+        description='"tiny" (built locally from model.seed), a Hugging Face model id, or a local directory.',
+    )
     seed: int = Field(1234, ge=0, description="Seed of the tiny base model's weights.")
-    tiny_hidden_size: int = Field(128, ge=16, le=4096, description="Hidden size of the tiny base model.")
+    tiny_hidden_size: int = Field(
+        128, ge=16, le=4096, description="Hidden size of the tiny base model (only used when base is tiny)."
+    )
     tiny_layers: int = Field(2, ge=1, le=64, description="Decoder layers of the tiny base model.")
     tiny_heads: int = Field(4, ge=1, le=64, description="Attention heads of the tiny base model.")
 
@@ -65,16 +87,22 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    method: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (CUDA only) or full.")
-    learning_rate: float = Field(0.004, ge=0.0, le=1.0, description="Peak learning rate.")
-    max_steps: int = Field(300, ge=1, le=10_000_000, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Sequences per micro-batch.")
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="lora | qlora (CUDA only) | full.")
+    learning_rate: float = Field(
+        0.004, ge=0.0, le=1.0, description="Peak learning rate (linear warm-up, cosine decay)."
+    )
+    max_steps: int = Field(
+        300, ge=1, le=10_000_000, description="Optimizer steps (about 50 s for the tiny model on 2 CPU cores)."
+    )
+    batch_size: int = Field(
+        8, ge=1, le=4096, description="Sequences per micro-batch (packed sequences when packing is on)."
+    )
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     seq_len: int = Field(256, ge=8, le=131072, description="Tokens per (packed) sequence.")
     warmup_steps: float = Field(0.05, ge=0.0, description="Warm-up steps; a float below 1 is a share of max_steps.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Floor of the cosine decay, as a share of the peak learning rate.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradients are clipped to this global L2 norm before each step.")
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay of the trained parameters.")
     seed: int = Field(42, ge=0, description="Seed of data order, dropout and adapter initialisation.")
     packing: bool = Field(True, description="Pack examples into seq_len sequences (attention kept per example).")
     attention: Literal["packed", "mask"] = Field(
@@ -83,60 +111,80 @@ class TrainParams(_Section):
         "mask: SDPA with a block-diagonal mask over the whole row.",
     )
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
-    lora_r: int = Field(16, ge=1, le=1024)
-    lora_alpha: float = Field(32, gt=0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_r: int = Field(16, ge=1, le=1024, description="Rank of the LoRA update matrices.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling: the update is multiplied by lora_alpha / lora_r.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
     lora_target_modules: str = Field("all-linear", description='"all-linear" or comma-separated module names.')
     lora_modules_to_save: str = Field(
-        "embed_tokens,lm_head", description="Comma-separated modules trained in full beside the adapter."
+        "embed_tokens,lm_head", description='Comma-separated modules trained in full beside the adapter ("" for none).'
     )
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where the GPU supports it.")
-    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto (bf16 on a GPU that supports it, else fp32) | bf16 | fp32."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory for one more forward pass."
+    )
     save_steps: int = Field(100, ge=0, description="Checkpoint every N steps; 0 never.")
-    keep_checkpoints: int = Field(2, ge=1, le=100)
-    num_processes: int = Field(1, ge=1, le=1024, description="More than 1 runs the stage under torchrun.")
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="Newest checkpoints kept on disk; older ones are deleted.")
+    num_processes: int = Field(
+        1, ge=1, le=1024, description="More than 1 runs the stage under torchrun (gloo on CPU, NCCL on GPU)."
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="With num_processes > 1: ddp (a full copy per process) or fsdp (weights sharded, FSDP2)."
     )
     merge_adapter: bool = Field(False, description="Also write the adapter merged into the base weights.")
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, description="Optimizer steps between logged training metrics.")
 
 
 class EvalParams(_Section):
-    task: Literal["generation", "classification"] = "generation"
+    task: Literal["generation", "classification"] = Field(
+        "generation",
+        description="generation | classification (labels: accuracy, precision, recall, macro-F1).",
+    )
     max_examples: int = Field(200, ge=1, description="Test examples scored per model.")
     few_shot_k: int = Field(3, ge=0, le=64, description="Train examples shown before each prompt (few-shot baseline).")
-    max_new_tokens: int = Field(24, ge=1, le=8192)
-    batch_size: int = Field(32, ge=1, le=4096)
+    max_new_tokens: int = Field(24, ge=1, le=8192, description="Tokens generated per test prompt, at most.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Test prompts generated together.")
 
 
 class GateParams(_Section):
-    min_exact_match: float = Field(0.7, ge=0.0, le=1.0, description="Lowest exact match of the candidate.")
+    min_exact_match: float = Field(
+        0.7, ge=0.0, le=1.0, description="Lowest exact match of the candidate on the test split."
+    )
     max_perplexity: float = Field(3.0, gt=0.0, description="Highest perplexity on assistant tokens.")
     min_gain_over_prompting: float = Field(
-        0.1, ge=-1.0, le=1.0, description="Exact match above the best prompting baseline."
+        0.1, ge=-1.0, le=1.0,
+        description="Exact match above the best of zero-shot and few-shot prompting of the base model.",
     )
-    max_regression: float = Field(0.02, ge=0.0, le=1.0, description="Largest drop against the champion.")
-    max_p95_latency_ms: float = Field(5000, gt=0, description="Highest p95 latency per example.")
+    max_regression: float = Field(
+        0.02, ge=0.0, le=1.0, description="Largest drop against the champion on each gated metric."
+    )
+    max_p95_latency_ms: float = Field(5000, gt=0, description="Highest p95 generation latency per example (ms).")
 
 
 class RegistryParams(_Section):
-    model_name: str = Field("ftllm-chat", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    auto_promote: bool = Field(True, description="A run that passes the gate becomes champion by itself.")
+    model_name: str = Field(
+        "ftllm-chat", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow registered model name."
+    )
+    auto_promote: bool = Field(
+        True, description='A run that passes the gate moves the "champion" alias by itself.'
+    )
 
 
 class ServingParams(_Section):
-    max_tokens: int = Field(256, ge=1, le=32768)
-    max_messages: int = Field(64, ge=1, le=10_000)
-    max_request_bytes: int = Field(65536, ge=256, le=64 * 1024 * 1024)
-    max_concurrency: int = Field(64, ge=1, le=100_000)
-    reload_seconds: float = Field(10, gt=0)
+    max_tokens: int = Field(256, ge=1, le=32768, description="Ceiling on a request's max_tokens.")
+    max_messages: int = Field(64, ge=1, le=10_000, description="Ceiling on messages per request.")
+    max_request_bytes: int = Field(65536, ge=256, le=64 * 1024 * 1024, description="Ceiling on a request body.")
+    max_concurrency: int = Field(64, ge=1, le=100_000, description="Requests served at once; more get 429.")
+    reload_seconds: float = Field(
+        10, gt=0, description='How often the service checks whether "champion" moved (seconds).'
+    )
 
 
 class ScheduleParams(_Section):
-    cron: str = Field("0 3 * * 1", description="Cron expression of scheduled retraining.")
-    timezone: str = "UTC"
-    active: bool = False
+    cron: str = Field("0 3 * * 1", description="Cron expression of scheduled retraining (weekly, Monday 03:00).")
+    timezone: str = Field("UTC", description="Time zone of the cron expression (IANA name).")
+    active: bool = Field(False, description="true: the deployment's schedule is on when deployed.")
 
 
 class WorkersParams(_Section):
@@ -259,3 +307,72 @@ def write_resolved(params: Params, out: Path) -> Path:
     doc["data"]["md5"] = file_md5(data_path) if data_path.is_file() else None
     return write_atomic(out, yaml.safe_dump(doc, sort_keys=False))
 
+
+
+PARAMS_HEADER = """\
+# The single source of every setting of the pipeline.
+# DVC reads it for the stages in dvc.yaml; tasks/config.py validates it into frozen
+# pydantic models and names the bad key in every error. Override any key for one run with
+# `ftllm run --set section.key=value` (applies to the DVC stages too; this file is not edited).
+#
+# Generated from the models in tasks/config.py (defaults as values, descriptions as
+# comments): change a default or a description there, then `ftllm params --write params.yaml`.
+"""
+# Keys the resolve stage fills in for a run; not settings a user writes.
+RESOLVED_ONLY = {("data", "md5")}
+COMMENT_COLUMN = 31  # where comments start, so that the values line up
+LINE_WIDTH = 118
+
+
+def _yaml_line(key: str, value: Any) -> str:
+    """`key: value` as YAML writes it (quoted where the value needs it)."""
+    return yaml.safe_dump({key: value}, sort_keys=False, width=10_000).rstrip("\n")
+
+
+def _commented(line: str, comment: str) -> list[str]:
+    """`line` with `comment` beside it, wrapped onto lines that start at the comment column."""
+    column = max(COMMENT_COLUMN, len(line) + 1)
+    width = max(LINE_WIDTH - column - 2, 40)
+    chunks = textwrap.wrap(comment, width) or [""]
+    first = f"{line.ljust(column - 1)} # {chunks[0]}"
+    return [first] + [f"{' ' * column}# {chunk}" for chunk in chunks[1:]]
+
+
+def render_params() -> str:
+    """The text of `params.yaml`: every section's fields with their defaults and descriptions."""
+    lines = PARAMS_HEADER.splitlines()
+    for section, info in Params.model_fields.items():
+        lines += ["", f"{section}:"]
+        for key, field in info.annotation.model_fields.items():
+            if (section, key) in RESOLVED_ONLY:
+                continue
+            lines += _commented(f"  {_yaml_line(key, field.default)}", field.description or "")
+    return "\n".join(lines) + "\n"
+
+
+def write_params(path: Path) -> Path:
+    """Write the generated settings file to `path` (atomically)."""
+    return write_atomic(Path(path), render_params())
+
+
+def check_params(path: Path) -> None:
+    """Refuse a settings file that differs from the generated one.
+
+    Raises:
+        SettingsDrift: the file is missing or differs; the message names the first line that does.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsDrift(f"{path}: cannot be read ({exc.strerror}); write it with `ftllm params --write {path}`") from None
+    expected = render_params()
+    if text == expected:
+        return
+    lines, wanted = text.splitlines(), expected.splitlines()
+    number = next((i for i, (a, b) in enumerate(zip(lines, wanted), 1) if a != b), min(len(lines), len(wanted)) + 1)
+    want = wanted[number - 1] if number <= len(wanted) else "(end of file)"
+    raise SettingsDrift(
+        f"{path}:{number}: differs from the settings models in tasks/config.py (expected {want.strip()!r}); "
+        f"change defaults and descriptions there, then run `ftllm params --write {path}`"
+    )

@@ -57,3 +57,7 @@ class PackageError(RunFailed):
 
 class RegistryRefusal(FtllmError):
     """A promotion or rollback that the registry's state does not allow; the message says why."""
+
+
+class SettingsDrift(FtllmError):
+    """A settings file that differs from the one generated from the settings models."""

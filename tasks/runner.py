@@ -2,13 +2,18 @@
 
 An expected failure (`tasks.errors.FtllmError`) becomes one line on stderr and the exit
 code the error carries; a bug keeps its traceback (exit 1). So every entry point agrees
-on where errors go and what they exit with.
+on where errors go and what they exit with. Stages call `run_stage`; the `ftllm`
+commands are wrapped in `exit_with` (a command's parameters stay visible to Typer).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
+from typing import ParamSpec
+
+P = ParamSpec("P")
 
 from tasks.errors import EXIT_OK, FtllmError
 
@@ -36,3 +41,20 @@ def run_entry(main: Callable[[], int | None]) -> int:
 def run_stage(main: Callable[[list[str]], int | None]) -> None:
     """Run a stage's `main` on the command line's arguments and exit with its code."""
     raise SystemExit(run_entry(lambda: main(sys.argv[1:])))
+
+
+def exit_with(command: Callable[P, int | None]) -> Callable[P, None]:
+    """Wrap a command: it runs through `run_entry`, and a non-zero code ends the process with it.
+
+    `functools.wraps` keeps the command's signature and annotations, which is what Typer
+    and Click read to build the command line; `SystemExit` is how both expect a command to
+    set the exit status.
+    """
+
+    @functools.wraps(command)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> None:
+        code = run_entry(lambda: command(*args, **kwargs))
+        if code != EXIT_OK:
+            raise SystemExit(code)
+
+    return wrapped

@@ -21,6 +21,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from tasks.errors import EXIT_FAILED, EXIT_OK, UsageError
+
 SYSTEM = "Rewrite the ISO date in words."
 
 
@@ -96,14 +98,17 @@ async def run_level(url: str, requests: int, concurrency: int, max_tokens: int, 
 
 def bench_serve_command(url: str, requests: int, concurrency: list[int], max_tokens: int, api_key: str | None,
                         repeats: int = 1) -> int:
-    """Benchmark the service at `url` at each concurrency level; 0 when no request failed, else 1."""
+    """Benchmark the service at `url` at each concurrency level; 0 when no request failed, else 1.
+
+    Raises:
+        UsageError: an option is not positive, or no service answers at `url`.
+    """
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     if requests < 1 or not concurrency or min(concurrency) < 1 or max_tokens < 1 or repeats < 1:
-        console.print("[red]error:[/] --requests, --concurrency, --max-tokens and --repeats must be positive")
-        return 2
+        raise UsageError("--requests, --concurrency, --max-tokens and --repeats must be positive")
     import httpx
 
     runs: list[list[LevelResult]] = []
@@ -114,9 +119,8 @@ def bench_serve_command(url: str, requests: int, concurrency: list[int], max_tok
             try:
                 runs[-1].append(asyncio.run(run_level(url, requests, level, max_tokens, api_key)))
             except httpx.HTTPError as exc:  # in the warm-up wave: nothing to measure
-                console.print(f"[red]error:[/] {url}: {type(exc).__name__}: {exc or 'no answer'}; "
-                              "is the service running there (ftllm serve)?")
-                return 2
+                raise UsageError(f"{url}: {type(exc).__name__}: {exc or 'no answer'}; "
+                                 "is the service running there (ftllm serve)?") from None
     table = Table(title=f"chat completions, max_tokens={max_tokens}")
     for col in ("repeat", "concurrency", "requests", "errors", "req/s", "tokens/s", "p50 ms", "p95 ms", "p99 ms"):
         table.add_column(col, justify="right")
@@ -133,7 +137,7 @@ def bench_serve_command(url: str, requests: int, concurrency: list[int], max_tok
         each = ", ".join(f"{x:.2f}" for x in ratios)
         median = f"; median {statistics.median(ratios):.2f}x" if repeats > 1 else ""
         console.print(f"throughput ratio c{level}/c{min(concurrency)}: {each}x{median}")
-    return 0 if not any(r.errors for results in runs for r in results) else 1
+    return EXIT_FAILED if any(r.errors for results in runs for r in results) else EXIT_OK
 
 
 def _ratio(results: list[LevelResult], level: int) -> float:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from tasks.environment import apply_defaults, environment
+from tasks.errors import UsageError
 
 BENTO_NAME = "ftllm_chat"
 SOURCE_SERVICE = "serving.service:ChatService"
@@ -36,11 +37,13 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
         host: the interface to bind; 127.0.0.1 keeps the service on this machine.
         port: the TCP port.
         bento: a bento tag to serve; default: the newest `ftllm_chat` bento, else `serving/`.
+
+    Raises:
+        UsageError: the port is out of range.
     """
     root = apply_defaults()
     if not 0 < port < 65536:
-        print(f"error: --port {port}: expected 1..65535", file=sys.stderr)
-        return 2
+        raise UsageError(f"--port {port}: expected 1..65535")
     target = bento or latest_bento() or SOURCE_SERVICE
     if host not in ("127.0.0.1", "localhost", "::1") and environment().api_key is None:
         print(f"warning: binding {host} without FTLLM_API_KEY: anyone who reaches this port can use the model",

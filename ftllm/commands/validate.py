@@ -1,6 +1,7 @@
 """`ftllm validate PATH`: validate a data file alone and print (or write) the report.
 
-Exit codes: 0 valid (warnings allowed), 1 invalid, 2 unreadable file or usage error. With
+Exit codes: 0 valid (warnings allowed), 1 invalid, 2 unreadable file or usage error (one
+line on stderr, through `tasks.runner`). With
 `--json` the last line on stdout is the report as one JSON object; otherwise a rich table.
 The settings (token limit, length policy, tokenizer) come from `--params` (params.yaml); a
 missing default `params.yaml` falls back to the built-in defaults, with a note on stderr.
@@ -16,17 +17,13 @@ from pathlib import Path
 
 from tasks.config import Params, load_params
 from tasks.data.formats import FORMATS
-from tasks.errors import ConfigError, DataFileError, FormatError
+from tasks.errors import EXIT_FAILED, EXIT_OK, FormatError, UsageError
 from tasks.files import write_atomic
+from tasks.runner import run_entry
 
 GX_DIR = Path("artifacts/gx")
 # Files larger than this get a progress bar (on stderr, only on a terminal).
 PROGRESS_BYTES = 8 << 20
-
-
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def load_settings(params: Path) -> Params:
@@ -56,17 +53,20 @@ def validate_command(
         params: the settings file.
 
     Returns:
-        0 valid, 1 invalid, 2 unreadable file, bad settings or usage error.
+        0 valid, 1 invalid, 2 unreadable file, bad settings or usage error (reported on stderr).
     """
+    return run_entry(lambda: _validate(Path(path), format, report, json_out, fix, Path(params)))
+
+
+def _validate(path: Path, format: str, report: Path | None, json_out: bool, fix: Path | None, params: Path) -> int:
+    """`validate_command`'s work; raises a `UsageError` for what cannot be validated at all."""
     if format != "auto" and format not in FORMATS:
-        return _error(f"--format {format!r}: use one of auto, {', '.join(FORMATS)}")
+        raise FormatError(f"--format {format!r}: use one of auto, {', '.join(FORMATS)}")
+    settings = load_settings(params)
     try:
-        settings = load_settings(Path(params))
-        result = _run(Path(path), format, settings, show_progress=not json_out)
-    except (ConfigError, DataFileError, FormatError) as exc:
-        return _error(str(exc))
+        result = _run(path, format, settings, show_progress=not json_out)
     except OSError as exc:  # the tokenizer of model.base cannot be loaded (e.g. no such model here)
-        return _error(f"cannot load the tokenizer of model.base: {exc}")
+        raise UsageError(f"cannot load the tokenizer of model.base: {exc}; check model.base in {params}") from None
     doc = result.to_dict()
     if report is not None:
         write_atomic(Path(report), json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
@@ -83,7 +83,7 @@ def validate_command(
         from tasks.data.validate import render_report
 
         render_report(result)
-    return 0 if result.valid else 1
+    return EXIT_OK if result.valid else EXIT_FAILED
 
 
 def _run(path: Path, fmt: str, settings: Params, show_progress: bool):

@@ -4,7 +4,8 @@
 `<model_name>:v<version>`, with its base model beside it in `base/` where that is small
 and local (the tiny base always), so the bento serves without the training machine's
 files. `build_bento` builds `serving/` into a bento carrying the service, that model and
-the pinned requirements; `bentoml containerize <tag>` turns it into an OCI image.
+the pinned requirements (the packages `serving/bentofile.yaml` names, at pyproject.toml's
+versions); `bentoml containerize <tag>` turns it into an OCI image.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import yaml
 
 from tasks.config import ModelParams
 from tasks.environment import environment
 from tasks.errors import PackageError
+from tasks.files import write_atomic
+from tasks.pins import PYPROJECT, requirements
 
 BENTO_MODEL_ENV = "FTLLM_BENTO_MODEL"  # read by serving/service.py when the bento is built
 BENTOFILE = Path("serving") / "bentofile.yaml"
@@ -113,10 +119,12 @@ def build_bento(model_tag: str, version: str, root: Path | None = None) -> str:
         raise PackageError(f"{model_tag}: not in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')}); "
                            "import it first (tasks.registry.bento.import_model)") from None
     bento_version = f"{model_tag.split(':')[0]}-v{version}"
-    cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(root / BENTOFILE), "--version", bento_version,
-           "--output", "tag", str(root)]
     env = {**os.environ, BENTO_MODEL_ENV: model_tag, "FTLLM_ROOT": str(root)}
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="ftllm-bentofile-") as tmp:
+        bentofile = pinned_bentofile(root, Path(tmp))
+        cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "--version", bento_version,
+               "--output", "tag", str(root)]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("__tag__:"):
             return line.removeprefix("__tag__:").strip()
@@ -126,8 +134,24 @@ def build_bento(model_tag: str, version: str, root: Path | None = None) -> str:
     raise PackageError(f"bentoml build failed (exit {proc.returncode}):\n{output}")
 
 
-def _bento_name(root: Path) -> str:
-    import yaml
+def pinned_bentofile(root: Path, out_dir: Path) -> Path:
+    """`serving/bentofile.yaml` with each package under `python.packages` pinned at pyproject.toml's version.
 
+    The committed bentofile names the packages only, so that their versions live in one
+    place; `bentoml build` reads the copy written to `out_dir`.
+
+    Raises:
+        PackageError: a package that pyproject.toml does not pin.
+    """
+    doc = yaml.safe_load((root / BENTOFILE).read_text(encoding="utf-8"))
+    pyproject = root / "pyproject.toml" if (root / "pyproject.toml").is_file() else PYPROJECT
+    try:
+        doc["python"]["packages"] = requirements(doc["python"]["packages"], pyproject)
+    except LookupError as exc:
+        raise PackageError(f"{root / BENTOFILE}: python.packages: {exc}") from None
+    return write_atomic(out_dir / "bentofile.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+
+def _bento_name(root: Path) -> str:
     doc = yaml.safe_load((root / BENTOFILE).read_text()) or {}
     return doc.get("name") or "ftllm_chat"

@@ -23,25 +23,22 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from tasks.errors import RegistryRefusal
+from tasks.pins import requirements
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
 
 # What a logged model needs to load in a fresh process (MLflow's default probing imports
-# torchvision, which this project does not install).
-PIP_REQUIREMENTS = [
-    "torch==2.13.0",
-    "transformers==5.23.0",
-    "peft==0.21.2",
-    "accelerate==1.15.0",
-    "mlflow==3.17.2",
-    "sacrebleu==2.6.0",
-    "rouge-score==0.1.2",
-    "scikit-learn",
-    "pydantic==2.14.4",
-    "pyyaml==6.0.4",
-]
+# torchvision, which this project does not install). The versions are pyproject.toml's.
+PYFUNC_PACKAGES = (
+    "torch", "transformers", "peft", "accelerate", "mlflow", "sacrebleu", "rouge-score", "scikit-learn",
+    "pydantic", "pyyaml",
+)
 
+
+def pip_requirements() -> list[str]:
+    """The logged model's requirements: `PYFUNC_PACKAGES` at the project's pins (`tasks.pins`)."""
+    return requirements(PYFUNC_PACKAGES)
 
 
 def get_client():
@@ -104,7 +101,7 @@ def register_candidate(run_id: str, model_dir: Path, model_name: str, tags: dict
             python_model=ChatModel(),
             artifacts={"model_dir": str(_staged_model_dir(model_dir, Path(tmp)))},
             code_paths=[str(code_dir)],
-            pip_requirements=PIP_REQUIREMENTS,
+            pip_requirements=pip_requirements(),
             registered_model_name=model_name,
         )
     version = str(info.registered_model_version)

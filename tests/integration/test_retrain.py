@@ -30,24 +30,24 @@ def test_good_run_is_registered_promoted_and_packaged(first_run, project):
 
     state, result = first_run
     assert state.is_completed(), result
-    assert result["status"] == "promoted"
-    assert result["gate"]["passed"] is True
-    cand, base = result["metrics"]["candidate"], result["metrics"]["base_zero_shot"]
+    assert result.status == "promoted"
+    assert result.gate.passed is True
+    cand, base = result.metrics.candidate, result.metrics.base_zero_shot
     assert cand["exact_match"] > base["exact_match"] + 0.2
     assert cand["perplexity"] < base["perplexity"] / 10
     version = MlflowClient().get_model_version_by_alias("ftllm-chat", "champion")
-    assert str(version.version) == result["version"]
-    assert version.tags["data_md5"] == result["data"]["md5"]
+    assert str(version.version) == result.version
+    assert version.tags["data_md5"] == result.data.md5
     assert version.tags["gate_passed"] == "true"
-    docs = [a.path for a in MlflowClient().list_artifacts(result["mlflow_run_id"], "data_docs")]
+    docs = [a.path for a in MlflowClient().list_artifacts(result.mlflow_run_id, "data_docs")]
     assert "data_docs/index.html" in docs
     from prefect.artifacts import Artifact
 
     for key in ("retrain-metrics", "retrain-predictions", "retrain-gate", "retrain-validation"):
         assert Artifact.get(key) is not None, key
     assert "reference" in str(Artifact.get("retrain-predictions").data)
-    assert bentoml.bentos.get(result["bento"]).tag.name
-    assert bentoml.models.get(result["bento_model"]).path
+    assert bentoml.bentos.get(result.bento).tag.name
+    assert bentoml.models.get(result.bento_model).path
 
 
 def test_champion_loads_with_pyfunc_in_a_fresh_process(first_run, project):
@@ -79,10 +79,10 @@ def test_unchanged_run_skips_stages_and_registers_nothing(first_run, project):
     _, first = first_run
     state, result = run_flow(project)
     assert state.is_completed()
-    assert result["changed"] is False
-    assert result["version"] == first["version"]
-    assert set(result["stages"]["skipped"]) >= {"prepare", "finetune", "evaluate"}
-    assert result["durations"]["stages"] < first["durations"]["stages"]
+    assert result.changed is False
+    assert result.version == first.version
+    assert set(result.stages.skipped) >= {"prepare", "finetune", "evaluate"}
+    assert result.durations["stages"] < first.durations["stages"]
 
 
 def test_sabotaged_run_is_rejected_and_champion_stays(first_run, project):
@@ -91,34 +91,33 @@ def test_sabotaged_run_is_rejected_and_champion_stays(first_run, project):
     _, first = first_run
     # Few steps: with a learning rate of 0 the adapter stays at its initialisation anyway.
     state, result = run_flow(project, **{"train.learning_rate": 0.0, "train.max_steps": 20})
-    assert result["status"] == "rejected"
-    failed = {c["name"] for c in result["gate"]["checks"] if not c["passed"]}
+    assert result.status == "rejected"
+    failed = set(result.failed_checks)
     assert "min_exact_match" in failed
     assert "no_regression_exact_match" in failed
-    assert str(MlflowClient().get_model_version_by_alias("ftllm-chat", "champion").version) == first["version"]
-    tags = MlflowClient().get_model_version("ftllm-chat", result["version"]).tags
-    assert tags["gate_passed"] == "false" and tags["parent_champion"] == first["version"]
+    assert str(MlflowClient().get_model_version_by_alias("ftllm-chat", "champion").version) == first.version
+    tags = MlflowClient().get_model_version("ftllm-chat", result.version).tags
+    assert tags["gate_passed"] == "false" and tags["parent_champion"] == first.version
 
 
 def test_failed_packaging_promotes_nothing(first_run, project, monkeypatch):
-    import tasks.registry.bento as bento
+    import tasks.registry.bento
     from tasks.errors import PackageError
-
     from tasks.registry.versions import champion_version, list_versions
 
     def broken_build(*args, **kwargs):
         raise PackageError("bentoml build failed (simulated)")
 
-    monkeypatch.setattr(bento, "build_bento", broken_build)
+    monkeypatch.setattr(tasks.registry.bento, "build_bento", broken_build)
     # A model of its own with a gate that any candidate passes, so the run reaches the build.
     lenient = {"registry.model_name": "ftllm-pkg", "gate.min_exact_match": 0.0, "gate.max_perplexity": 1e9,
                "gate.min_gain_over_prompting": -1.0, "train.max_steps": 10, "train.seed": 7}
     state, result = run_flow(project, **lenient)
-    assert state.is_failed() and "simulated" in result["error"]
+    assert state.is_failed() and "simulated" in result.error
     assert champion_version("ftllm-pkg") is None
     (version,) = list_versions("ftllm-pkg")
     assert version["gate_passed"] and "fingerprint" not in version["tags"]
-    assert champion_version("ftllm-chat") == first_run[1]["version"]
+    assert champion_version("ftllm-chat") == first_run[1].version
 
 
 def test_invalid_data_fails_at_validation_and_registers_nothing(first_run, project, tmp_path):
@@ -130,9 +129,9 @@ def test_invalid_data_fails_at_validation_and_registers_nothing(first_run, proje
     bad.write_text(json.dumps(good) + "\n{not json\n" + json.dumps({"messages": []}) + "\n")
     state, result = run_flow(project, **{"data.path": str(bad)})
     assert state.is_failed()
-    assert result["status"] == "failed"
-    assert "line 2" in result["error"] and "line 3" in result["error"]
-    assert "stages" not in result and result["mlflow_run_id"] is None
+    assert result.status == "failed"
+    assert "line 2" in result.error and "line 3" in result.error
+    assert result.stages is None and result.mlflow_run_id is None
     assert list_versions("ftllm-chat") == before
 
 
@@ -151,7 +150,7 @@ def test_training_routed_to_a_missing_deployment_fails_clearly(first_run, projec
         state, result = run_flow(project, **{"workers.train_deployment": "finetune/no-such-pool", "train.seed": 11})
     finally:
         (project / ".dvc" / "config.local").unlink()
-    assert state.is_failed() and result["status"] == "failed"
-    assert "no Prefect deployment 'finetune/no-such-pool'" in result["error"] and "--train-pool" in result["error"]
-    assert list_versions("ftllm-chat") == before and champion_version("ftllm-chat") == first_run[1]["version"]
+    assert state.is_failed() and result.status == "failed"
+    assert "no Prefect deployment 'finetune/no-such-pool'" in result.error and "--train-pool" in result.error
+    assert list_versions("ftllm-chat") == before and champion_version("ftllm-chat") == first_run[1].version
     assert any((tmp_path / "store").rglob("*")), "the prepared data was pushed for the worker to pull"

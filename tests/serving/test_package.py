@@ -52,10 +52,12 @@ def test_build_bento_carries_service_model_and_pins(registry):
     assert "transformers==5.23.0" in reqs and "bentoml==1.4.40" in reqs
 
 
-def test_bentofile_pins_match_the_project():
+def test_bentofile_pins_match_the_project(tmp_path):
+    from tasks.registry.bento import pinned_bentofile
+
     pins = dict(re.match(r"([A-Za-z0-9_.-]+)==(.+)", p).groups()
                 for p in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
-    bentofile = yaml.safe_load((REPO / "serving" / "bentofile.yaml").read_text())
+    bentofile = yaml.safe_load(pinned_bentofile(REPO, tmp_path).read_text())
     assert bentofile["python"]["lock_packages"] is False  # no resolver, no network at build time
     for line in bentofile["python"]["packages"]:
         name, pinned = line.split("==")

@@ -43,10 +43,66 @@ def test_promote_and_rollback_refuse_with_reason(params):
 
 
 @pytest.mark.parametrize("bad", ["train.max_steps=0", "train.nosuchkey=1", "nokeyvalue"])
-def test_run_with_bad_settings_is_a_usage_error(params, bad):
-    result = CliRunner().invoke(app, ["run", "--params", str(params), "--set", bad])
+def test_run_with_bad_settings_is_a_usage_error_with_a_result_on_stdout(params, bad):
+    """A failed run still ends stdout with a RunResult; the error itself is one line on stderr."""
+    import jsonschema
+
+    from tasks.pipeline.result import RunResult
+
+    result = CliRunner().invoke(app, ["run", "--params", str(params), "--set", bad, "--json"])
     assert result.exit_code == 2
-    assert "error:" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr and "error:" not in result.stdout
+    doc = last_json(result.stdout)
+    jsonschema.validate(doc, RunResult.model_json_schema(mode="serialization"))
+    assert doc["status"] == "failed" and doc["error"] in result.stderr and doc["version"] is None
+
+
+def test_run_with_a_missing_settings_file_names_it(tmp_path):
+    result = CliRunner().invoke(app, ["run", "--params", str(tmp_path / "absent.yaml"), "--json"])
+    assert result.exit_code == 2
+    assert "absent.yaml: settings file not found" in result.stderr
+    from tasks.pipeline.result import RunResult
+
+    assert RunResult.model_validate_json(result.stdout.strip().splitlines()[-1]).status == "failed"
+
+
+def test_params_check_names_the_drifting_line(tmp_path):
+    from tasks.config import render_params
+
+    drifted = tmp_path / "params.yaml"
+    drifted.write_text(render_params().replace("max_steps: 300 ", "max_steps: 301 "))
+    result = CliRunner().invoke(app, ["params", "--check", str(drifted)])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "params.yaml:" in result.stderr and "max_steps: 300" in result.stderr and "--write" in result.stderr
+    fixed = CliRunner().invoke(app, ["params", "--write", str(drifted)])
+    assert fixed.exit_code == 0
+    assert CliRunner().invoke(app, ["params", "--check", str(drifted)]).exit_code == 0
+
+
+def test_params_prints_the_committed_file():
+    result = CliRunner().invoke(app, ["params"])
+    assert result.exit_code == 0 and result.stdout == (REPO / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["deploy"], 2, "PREFECT_API_URL"),
+        (["models", "--params", "absent.yaml"], 2, "absent.yaml: settings file not found"),
+        (["validate", "absent.jsonl"], 2, "absent.jsonl"),
+        (["serve", "--port", "0"], 2, "--port 0"),
+        (["bench", "serve", "--requests", "0"], 2, "must be positive"),
+    ],
+)
+def test_expected_failures_are_one_line_on_stderr(args, code, fragment, monkeypatch, tmp_path):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and fragment in lines[-1]
+    assert "Traceback" not in result.stderr and "error" not in result.stdout
 
 
 def test_bench_serve_without_a_service_says_so():
@@ -55,5 +111,32 @@ def test_bench_serve_without_a_service_says_so():
     url = f"http://127.0.0.1:{free_port()}"
     result = CliRunner().invoke(app, ["bench", "serve", "--url", url, "--requests", "2"])
     assert result.exit_code == 2
-    text = " ".join(result.stdout.split())  # rich wraps long lines
-    assert "is the service running" in text and "Traceback" not in text
+    assert "is the service running" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_run_on_invalid_data_fails_at_validation_with_a_result(tmp_path):
+    """The whole path of a failed run: the flow's Failed state carries the RunResult back to `ftllm run`."""
+    import os
+    import subprocess
+    import sys
+
+    import jsonschema
+
+    from tasks.pipeline.result import RunResult
+
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    bad = tmp_path / "bad.jsonl"
+    good = (REPO / "data" / "dates.jsonl").read_text().splitlines()[0]
+    bad.write_text(good + "\n{not json\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "BENTOML_", "FTLLM_"))}
+    run = subprocess.run([sys.executable, "-m", "ftllm.cli", "run", "--set", f"data.path={bad}", "--json"],
+                         cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 1, run.stderr[-3000:]
+    doc = json.loads(run.stdout.strip().splitlines()[-1])
+    jsonschema.validate(doc, RunResult.model_json_schema(mode="serialization"))
+    assert doc["status"] == "failed" and "line 2" in doc["error"] and doc["mlflow_run_id"] is None
+    assert doc["data"]["path"] == str(bad) and doc["validation"]["valid"] is False
+    assert f"error: {doc['error']}" in run.stderr and "Traceback" not in run.stderr

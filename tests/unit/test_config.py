@@ -1,12 +1,21 @@
-"""Settings: params.yaml validates, errors name the key, and dvc.yaml only uses real keys."""
+"""Settings: params.yaml is generated from the models and validates, errors name the key, and
+dvc.yaml only uses real keys."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-from tasks.config import Params, load_params, parse_overrides, write_resolved
-from tasks.errors import ConfigError
+from tasks.config import (
+    RESOLVED_ONLY,
+    Params,
+    check_params,
+    load_params,
+    parse_overrides,
+    render_params,
+    write_resolved,
+)
+from tasks.errors import ConfigError, SettingsDrift
 from tests.conftest import REPO
 
 
@@ -78,6 +87,61 @@ def test_resolved_params_carry_data_md5_and_reload(tmp_path, monkeypatch):
     assert resolved.data.md5 and len(resolved.data.md5) == 32
 
 
+def all_fields():
+    for section, info in Params.model_fields.items():
+        for key, field in info.annotation.model_fields.items():
+            yield section, key, field
+
+
+def test_every_setting_has_a_description():
+    missing = [f"{section}.{key}" for section, key, field in all_fields() if not (field.description or "").strip()]
+    assert not missing, f"add a description to these fields in tasks/config.py: {missing}"
+
+
+def test_committed_params_yaml_is_the_generated_one():
+    check_params(REPO / "params.yaml")  # raises SettingsDrift naming the first line that differs
+
+
+def comments_by_key(text: str) -> dict[tuple[str, str], str]:
+    """Each setting's comment in a params.yaml, continuation lines joined."""
+    out: dict[tuple[str, str], str] = {}
+    section = key = ""
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        if not line.startswith(" "):
+            section = line.rstrip(":")
+            continue
+        body, _, comment = line.partition(" # ")
+        if body.strip():
+            key = body.split(":")[0].strip()
+            out[(section, key)] = comment.strip()
+        else:
+            out[(section, key)] += " " + comment.strip()
+    return out
+
+
+def test_params_yaml_holds_every_default_and_description():
+    text = (REPO / "params.yaml").read_text()
+    raw, comments = yaml.safe_load(text), comments_by_key(text)
+    assert Params.model_validate(raw) == Params()
+    for section, key, field in all_fields():
+        if (section, key) in RESOLVED_ONLY:
+            assert key not in raw[section], f"{section}.{key} is filled in by the resolve stage"
+            continue
+        assert raw[section][key] == field.default, f"{section}.{key}"
+        assert comments[(section, key)] == field.description, f"{section}.{key}"
+
+
+def test_a_drifted_file_is_refused_naming_its_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(render_params().replace("  lora_r: 16 ", "  lora_r: 8  "))
+    with pytest.raises(SettingsDrift, match=r"params.yaml:\d+: .*lora_r: 16"):
+        check_params(path)
+    with pytest.raises(SettingsDrift, match="cannot be read"):
+        check_params(tmp_path / "absent.yaml")
+
+
 def test_every_dvc_param_names_a_real_key():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     fields = Params.model_fields
@@ -89,3 +153,20 @@ def test_every_dvc_param_names_a_real_key():
                     assert section in fields, f"{name}: {key}"
                     if field:
                         assert field in fields[section].annotation.model_fields, f"{name}: {key}"
+
+
+def test_every_dvc_param_exists_in_the_resolved_settings_and_validates(tmp_path, monkeypatch):
+    """The stages read artifacts/params.yaml (written by resolve): every key they name is there."""
+    monkeypatch.chdir(REPO)
+    resolved = write_resolved(load_params(REPO / "params.yaml"), tmp_path / "params.yaml")
+    load_params(resolved)  # what the stages will validate
+    doc = yaml.safe_load(resolved.read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    named = [key for stage in stages.values() for entry in stage.get("params", []) for keys in entry.values()
+             for key in keys]
+    assert named, "dvc.yaml names no params"
+    for key in named:
+        node = doc
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"dvc.yaml names {key}; the resolved settings lack it"
+            node = node[part]

@@ -1,0 +1,120 @@
+"""The result of one retraining run: the `ftllm run --json` contract.
+
+`RunResult` is what the `retrain` flow returns (also as the data of a failed flow run) and
+what `ftllm run --json` prints, as `model_dump_json()`, on the last line of stdout. The
+flow fills it in step by step as the run goes; a field that a run did not reach keeps its
+empty default (`None`, `{}`), so a failed run still prints an object of the same shape.
+The README's command table and `RunResult.model_json_schema()` describe the same keys
+(`tests/unit/test_run_result.py` checks the schema against the README).
+
+No Prefect here: the library describes the result, the flow builds it. Plain pydantic
+models pickle and serialise to JSON, which is what Prefect needs to store a flow's result.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RunStatus = Literal["promoted", "rejected", "failed"]
+Metrics = dict[str, float]
+
+
+class _Part(BaseModel):
+    # Not frozen: the flow fills a result in as the run goes. Unknown keys are refused, so
+    # a misspelt attribute fails where it is set instead of vanishing from the contract.
+    # An infinite perplexity stays `Infinity` (as Python's json writes and reads it), not
+    # a null that would no longer validate as a number.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="constants")
+
+
+class GateCheck(_Part):
+    """One check of the gate."""
+
+    name: str = Field(description="The check, e.g. min_exact_match or no_regression_perplexity.")
+    value: float = Field(description="What the candidate measured.")
+    threshold: float = Field(description="The bound it was held to.")
+    passed: bool = Field(description="Whether the value is within the bound.")
+
+
+class GateResult(_Part):
+    """The gate's verdict: passed when every check passed."""
+
+    passed: bool = Field(description="Every check passed.")
+    checks: list[GateCheck] = Field(default_factory=list, description="Every check (empty for an unchanged run).")
+
+
+class RunMetrics(_Part):
+    """Metrics per model, scored on the same test split (exact_match, bleu, rouge_l, perplexity, latency...)."""
+
+    candidate: Metrics = Field(default_factory=dict, description="The model this run trained.")
+    base_zero_shot: Metrics | None = Field(None, description="The base model prompted zero-shot.")
+    base_few_shot: Metrics | None = Field(None, description="The base model prompted few-shot (eval.few_shot_k > 0).")
+    champion: Metrics | None = Field(None, description="The champion before this run, when there was one.")
+
+    def by_model(self) -> dict[str, Metrics]:
+        """The models that were scored, by role, in the order candidate, baselines, champion."""
+        return {role: values for role, values in self if values}
+
+
+class DataSummary(_Part):
+    """The data the run trained on."""
+
+    path: str = Field(description="The data file.")
+    md5: str | None = Field(None, description="Its md5 (the DVC content hash), once validated.")
+    examples: int | None = Field(None, description="Examples in the file, once validated.")
+
+
+class ErrorRow(BaseModel):
+    """One invalid example of the validation report."""
+
+    model_config = ConfigDict(extra="allow")  # the report may say more about a row than the contract needs
+
+    line: int | None = Field(None, description="Line (JSONL) or index + 1 (JSON array) of the example.")
+    category: str = Field(description="The kind of error, e.g. not_json or last_not_assistant.")
+    message: str = Field("", description="What is wrong, in words.")
+
+
+class ValidationSummary(_Part):
+    """What validation found in the data."""
+
+    valid: bool = Field(description="No error (warnings allowed).")
+    errors: dict[str, int] = Field(default_factory=dict, description="Invalid examples per category.")
+    warnings: dict[str, int] = Field(default_factory=dict, description="Warnings per category.")
+    error_rows: list[ErrorRow] = Field(default_factory=list, description="The first invalid examples.")
+    data_docs: str | None = Field(None, description="The Great Expectations Data Docs page.")
+
+
+class StagesSummary(_Part):
+    """The DVC stages of the run."""
+
+    ran: list[str] = Field(default_factory=list, description="Stages that ran.")
+    skipped: list[str] = Field(default_factory=list, description="Stages DVC found up to date.")
+    trained_by: str | None = Field(None, description="The Prefect deployment that ran finetune, or none: this run.")
+
+
+class RunResult(_Part):
+    """The outcome of one `retrain` run, as `ftllm run --json` prints it."""
+
+    status: RunStatus = Field("failed", description="promoted, rejected (by the gate) or failed.")
+    model_name: str | None = Field(None, description="The registered model (registry.model_name).")
+    version: str | None = Field(None, description="The model version this run registered (or found unchanged).")
+    champion_version: str | None = Field(None, description="The champion after the run.")
+    gate: GateResult | None = Field(None, description="The gate's verdict; none when the run stopped before it.")
+    metrics: RunMetrics = Field(default_factory=RunMetrics, description="Candidate, baselines and champion.")
+    data: DataSummary | None = Field(None, description="The data file, its md5 and its examples.")
+    mlflow_run_id: str | None = Field(None, description="The MLflow run holding params, metrics and artifacts.")
+    bento: str | None = Field(None, description="The bento built (only for a promoted model).")
+    bento_model: str | None = Field(None, description="The model's tag in the BentoML store.")
+    durations: dict[str, float] = Field(default_factory=dict, description="Seconds per step (validate, stages...).")
+    changed: bool = Field(True, description="False: data, code and settings as before, nothing registered.")
+    stages: StagesSummary | None = Field(None, description="DVC stages run and skipped.")
+    validation: ValidationSummary | None = Field(None, description="The validation report's summary.")
+    dvc_push: str | None = Field(None, description="The DVC remote the outputs were pushed to, if any.")
+    error: str | None = Field(None, description="Why a failed run failed, in one sentence.")
+
+    @property
+    def failed_checks(self) -> list[str]:
+        """Names of the gate checks that failed."""
+        return [c.name for c in self.gate.checks if not c.passed] if self.gate else []
