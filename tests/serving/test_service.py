@@ -148,7 +148,8 @@ def test_malformed_json_and_oversized_bodies(client):
 def test_concurrency_cap_answers_429():
     import httpx
 
-    from serving.service import GuardMiddleware
+    from serving.guards import GuardMiddleware
+    from tasks.config import ServingParams
 
     release = asyncio.Event()
 
@@ -157,8 +158,7 @@ def test_concurrency_cap_answers_429():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    guard = GuardMiddleware(slow_app)
-    guard.max_concurrency = 2
+    guard = GuardMiddleware(slow_app, load_limits=lambda: ServingParams(max_concurrency=2))
 
     async def scenario():
         transport = httpx.ASGITransport(app=guard)
@@ -193,9 +193,11 @@ def test_feedback_is_stored_and_exported_as_training_data(client, serving_dir):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     by_prompt = {r["messages"][-2]["content"]: r["messages"] for r in rows}
     assert by_prompt["1987-06-05"][-1] == {"role": "assistant", "content": "June 5, 1987"}
-    assert by_prompt["2001-02-03"][-1]["content"] == good["choices"][0]["message"]["content"]
-    assert by_prompt["2001-02-03"][0]["role"] == "system"
-    assert len([r for r in rows if r["messages"][-2]["content"] == "2001-02-03"]) == 1  # the rating-2 one is not
+    # The rating-5 answer is exported with its system message, the rating-2 one is not; the
+    # 5-step model may answer only whitespace, which is no training example at all.
+    answer = good["choices"][0]["message"]["content"]
+    accepted = [r for r in rows if r["messages"][-2]["content"] == "2001-02-03"]
+    assert accepted == ([{"messages": [*MESSAGES, {"role": "assistant", "content": answer}]}] if answer.strip() else [])
     assert export_command(serving_dir / "x.jsonl", 9) == 2
 
 
