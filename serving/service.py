@@ -28,7 +28,7 @@ those that BentoML (`/generate`'s input validation) and Starlette (unknown paths
 
 Every completion is a row of one continuously batched decoding loop, which runs in a
 process of its own (`serving.engine`): a request joins the rows already generating within
-a few steps and leaves when it ends, up to `MAX_BATCH` rows at once. On a CPU or a GPU
+a few steps and leaves when it ends, up to `serving.max_batch` rows at once. On a CPU or a GPU
 this is what makes 16 concurrent clients several times faster than one. This process
 validates, templates and tokenizes requests and answers them; the engine process holds
 the weights. If the engine dies, its requests in flight get a 503, /readyz says not
@@ -74,7 +74,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from pydantic import Field, ValidationError  # noqa: E402
 
-from serving.engine import MAX_BATCH, Completion, EngineError, EngineProcess  # noqa: E402
+from serving.engine import Completion, EngineError, EngineProcess  # noqa: E402
 from serving.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
 from serving.guards import GuardMiddleware  # noqa: E402
 from serving.schemas import (  # noqa: E402
@@ -95,7 +95,16 @@ from tasks.registry.versions import champion_version  # noqa: E402
 
 log = logging.getLogger("ftllm.serving")
 
-GENERATE_MAX_TOKENS = 64  # new tokens per /generate prompt (capped by serving.max_tokens)
+# BentoML takes a service's and an API's limits when the class is defined, before any
+# setting is read, so these three are constants rather than settings of `serving:`.
+# /generate's adaptive batches: prompts merged into one call (the engine still decodes at
+# most serving.max_batch rows at once), and how long BentoML may hold one to fill a batch.
+GENERATE_MAX_BATCH = 32
+GENERATE_MAX_LATENCY_MS = 60_000
+# The longest a request may take: a completion of serving.max_tokens on a slow model.
+REQUEST_TIMEOUT_SECONDS = 600
+# OpenAI's own limit: clients written against its API never send more.
+MAX_STOP_SEQUENCES = 4
 # Below this temperature sampling picks what greedy decoding picks, and near 1e-308 the scaled
 # logits overflow to inf and generation fails: such requests decode greedily (as vLLM does).
 MIN_SAMPLING_TEMPERATURE = 1e-5
@@ -257,7 +266,7 @@ def _sse(obj: dict) -> str:
 
 
 @bentoml.asgi_app(app, path="/")
-@bentoml.service(name="ftllm_chat", workers=1, traffic={"timeout": 600})
+@bentoml.service(name="ftllm_chat", workers=1, traffic={"timeout": REQUEST_TIMEOUT_SECONDS})
 class ChatService:
     """Serves the champion model behind an OpenAI-compatible API (see the module docstring)."""
 
@@ -279,9 +288,10 @@ class ChatService:
 
     # -- model lifecycle ----------------------------------------------------------------
 
-    @staticmethod
-    def _start_engine() -> EngineProcess:
-        return EngineProcess(MAX_BATCH, on_steps=lambda sizes: [BATCH_SIZE.observe(n) for n in sizes])
+    def _start_engine(self) -> EngineProcess:
+        return EngineProcess(max_batch=self.limits.max_batch, join_ratio=self.limits.join_ratio,
+                             join_after_steps=self.limits.join_after_steps,
+                             on_steps=lambda sizes: [BATCH_SIZE.observe(n) for n in sizes])
 
     @staticmethod
     def _load(engine: EngineProcess, model_dir: Path, name: str, version: str, source: str) -> ServedModel:
@@ -421,8 +431,8 @@ class ChatService:
             raise validation_error(err) from None
         if req.n != 1:
             raise APIError(400, "Only n=1 is supported; send n requests instead.", param="n", code="unsupported_value")
-        if len(req.stops()) > 4:
-            raise APIError(400, "At most 4 stop sequences.", param="stop", code="invalid_value")
+        if len(req.stops()) > MAX_STOP_SEQUENCES:
+            raise APIError(400, f"At most {MAX_STOP_SEQUENCES} stop sequences.", param="stop", code="invalid_value")
         wanted = req.max_completion_tokens or req.max_tokens
         if wanted is not None and wanted > self.limits.max_tokens:
             raise APIError(400, f"max_tokens={wanted} is over serving.max_tokens={self.limits.max_tokens}.",
@@ -500,9 +510,10 @@ class ChatService:
                                                  "total_tokens": row.prompt_tokens + row.completion_tokens}})
         yield "data: [DONE]\n\n"
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=60_000)
+    @bentoml.api(batchable=True, max_batch_size=GENERATE_MAX_BATCH, max_latency_ms=GENERATE_MAX_LATENCY_MS)
     async def generate(self, prompts: list[Annotated[str, Field(min_length=1)]]) -> list[str]:
-        """Complete plain prompts (no chat template), greedily, up to 64 new tokens each.
+        """Complete plain prompts (no chat template), greedily, up to `serving.generate_max_tokens`
+        new tokens each.
 
         BentoML merges the prompts of concurrent requests into one call, so nothing here may
         fail for one prompt: that would fail the other requests of the batch too. Empty
@@ -512,7 +523,7 @@ class ChatService:
         """
         started = time.perf_counter()
         loaded = self.current()
-        max_new = min(GENERATE_MAX_TOKENS, self.limits.max_tokens)
+        max_new = min(self.limits.generate_max_tokens, self.limits.max_tokens)
         room = max(1, loaded.context_length - max_new)
         rows = []
         for prompt in prompts:

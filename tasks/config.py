@@ -126,11 +126,29 @@ class RegistryParams(_Section):
 
 
 class ServingParams(_Section):
-    max_tokens: int = Field(256, ge=1, le=32768)
-    max_messages: int = Field(64, ge=1, le=10_000)
-    max_request_bytes: int = Field(65536, ge=256, le=64 * 1024 * 1024)
-    max_concurrency: int = Field(64, ge=1, le=100_000)
-    reload_seconds: float = Field(10, gt=0)
+    max_tokens: int = Field(256, ge=1, le=32768, description="Ceiling on a request's max_tokens.")
+    max_messages: int = Field(64, ge=1, le=10_000, description="Ceiling on messages per request.")
+    max_request_bytes: int = Field(65536, ge=256, le=64 * 1024 * 1024, description="Ceiling on a request body.")
+    max_concurrency: int = Field(64, ge=1, le=100_000, description="Requests served at once; more get 429.")
+    reload_seconds: float = Field(10, gt=0, description='How often the service checks whether "champion" moved.')
+    generate_max_tokens: int = Field(
+        64, ge=1, le=32768, description="New tokens per /generate prompt (capped by max_tokens)."
+    )
+    max_batch: int = Field(
+        32, ge=1, le=4096,
+        description="Rows the engine decodes at once; more requests wait to join as rows leave. Memory for the "
+                    "KV cache grows with it.",
+    )
+    join_ratio: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="Waiting requests join a running batch once they number this share of its rows (each join "
+                    "is a prefill pass of its own, so joining one by one slows every row).",
+    )
+    join_after_steps: int = Field(
+        4, ge=0, le=10_000,
+        description="Most decoding steps a request waits to join a running batch before join_ratio is reached; "
+                    "0 joins at once.",
+    )
 
 
 class ScheduleParams(_Section):

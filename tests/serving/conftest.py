@@ -44,7 +44,8 @@ os.environ.update({
 os.environ.pop("FTLLM_API_KEY", None)
 sys.path.insert(0, str(REPO / "scripts"))
 
-SERVING_OVERRIDES = {"serving.reload_seconds": 1.0, "registry.model_name": MODEL_NAME}
+# A small engine batch, so the tests see that the service passes serving.max_batch on.
+SERVING_OVERRIDES = {"serving.reload_seconds": 1.0, "serving.max_batch": 4, "registry.model_name": MODEL_NAME}
 
 
 def _write_params() -> None:

@@ -223,18 +223,21 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(client):
 
     from serving.service import BATCH_SIZE
 
-    def batches() -> tuple[float, float]:
-        samples = {s.name: s.value for m in BATCH_SIZE.collect() for s in m.samples}
-        return samples["ftllm_batch_size_count"], samples["ftllm_batch_size_sum"]
+    def batches() -> tuple[float, float, float]:
+        """Decoding steps, their rows, and the steps of at most serving.max_batch (4 here) rows."""
+        samples = {(s.name, s.labels.get("le")): s.value for m in BATCH_SIZE.collect() for s in m.samples}
+        return (samples["ftllm_batch_size_count", None], samples["ftllm_batch_size_sum", None],
+                samples["ftllm_batch_size_bucket", "4.0"])
 
     alone = chat(client, max_tokens=8).json()["choices"][0]["message"]["content"]
-    count0, rows0 = batches()
+    count0, rows0, small0 = batches()
     with ThreadPoolExecutor(12) as pool:
         bodies = list(pool.map(lambda _: chat(client, max_tokens=8), range(12)))
     assert [b.status_code for b in bodies] == [200] * 12
     assert {b.json()["choices"][0]["message"]["content"] for b in bodies} == {alone}  # left padding is exact
-    count1, rows1 = batches()
+    count1, rows1, small1 = batches()
     assert (rows1 - rows0) / (count1 - count0) > 1  # decoding steps carried several requests at once
+    assert small1 - small0 == count1 - count0  # and never more than serving.max_batch
 
 
 def test_a_dead_engine_is_restarted_and_meanwhile_requests_get_503(client):
