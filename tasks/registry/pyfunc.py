@@ -2,8 +2,8 @@
 
 `tasks.registry.versions.register_candidate` logs this file itself as the model (MLflow's
 "models from code": `log_model(python_model=<this file>)`), not a pickled instance, so that
-loading a version runs only the project's own source and reads only safetensors weights,
-JSON and YAML. MLflow executes this file when it logs the model and again when it loads
+loading a version runs only the project's own source, reads weights only from safetensors
+files, and unpickles nothing. MLflow executes this file when it logs the model and again when it loads
 it, which is why the file ends by handing MLflow the model (`mlflow.models.set_model`);
 nothing else imports it.
 
