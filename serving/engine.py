@@ -10,12 +10,13 @@ and a request arriving while others generate does not wait for them to finish.
 
 This is what makes concurrent clients cheaper than sequential ones: one forward pass of
 many rows costs little more than one of a single row. For the same reason rows join a
-running batch in groups (once `join_ratio` as many wait as run, by default half, or once
-the first has waited `join_after_steps` steps): each prefill is a forward pass of its own.
-Both, and `max_batch`, the most rows decoded at once, are settings of `serving:` in
-params.yaml; the service passes their values to `EngineProcess`. With a batcher that formed a batch,
-ran it to the end, then formed the next, concurrent clients fell into alternating
-part-full batches (4 and 12 rows of 16), each waiting for the other.
+running batch in groups (once the waiting rows number `join_ratio` of the running ones,
+by default half, or once the first has waited `join_after_steps` steps): each prefill is a
+forward pass of its own. Both, and `max_batch`, the most rows decoded at once, are
+settings of `serving:` in params.yaml; the service passes their values to `EngineProcess`.
+With a batcher that formed a batch, ran it to the end, then formed the next, concurrent
+clients fell into alternating part-full batches (4 and 12 rows of 16), each waiting for
+the other.
 
 Rows carry their own sampling settings (greedy at temperature 0, else temperature and
 top_p per row), so requests with different settings share steps. A row's events are

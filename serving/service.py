@@ -98,7 +98,8 @@ log = logging.getLogger("ftllm.serving")
 # BentoML takes a service's and an API's limits when the class is defined, before any
 # setting is read, so these three are constants rather than settings of `serving:`.
 # /generate's adaptive batches: prompts merged into one call (the engine still decodes at
-# most serving.max_batch rows at once), and how long BentoML may hold one to fill a batch.
+# most serving.max_batch rows at once), and the latency BentoML's batcher keeps under (it
+# cancels a request that has waited this long, with a 503).
 GENERATE_MAX_BATCH = 32
 GENERATE_MAX_LATENCY_MS = 60_000
 # The longest a request may take: a completion of serving.max_tokens on a slow model.
