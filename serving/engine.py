@@ -10,10 +10,13 @@ and a request arriving while others generate does not wait for them to finish.
 
 This is what makes concurrent clients cheaper than sequential ones: one forward pass of
 many rows costs little more than one of a single row. For the same reason rows join a
-running batch in groups (once half as many wait as run, or after `JOIN_AFTER_STEPS`
-steps): each prefill is a forward pass of its own. With a batcher that formed a batch,
-ran it to the end, then formed the next, concurrent clients fell into alternating
-part-full batches (4 and 12 rows of 16), each waiting for the other.
+running batch in groups (once the waiting rows number `join_ratio` of the running ones,
+by default half, or once the first has waited `join_after_steps` steps): each prefill is a
+forward pass of its own. Both, and `max_batch`, the most rows decoded at once, are
+settings of `serving:` in params.yaml; the service passes their values to `EngineProcess`.
+With a batcher that formed a batch, ran it to the end, then formed the next, concurrent
+clients fell into alternating part-full batches (4 and 12 rows of 16), each waiting for
+the other.
 
 Rows carry their own sampling settings (greedy at temperature 0, else temperature and
 top_p per row), so requests with different settings share steps. A row's events are
@@ -43,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -57,11 +61,12 @@ from tasks.environment import environment
 
 log = logging.getLogger("ftllm.serving")
 
-MAX_BATCH = 32  # rows generating at once; more wait to be admitted as rows leave
-# A prefill is a forward pass of its own, about as costly as a decoding step of the whole
-# batch, so rows join a running batch in groups: once half as many wait as are running,
-# or once the first of them has waited this many steps.
-JOIN_AFTER_STEPS = 4
+# The context of a model whose config does not say (no `max_position_embeddings`): what
+# most small decoder models of the transformers library are built with.
+DEFAULT_CONTEXT_LENGTH = 2048
+# How long closing waits for the decoding loop to answer its rows and stop: longer than one
+# step of any model this serves takes, so rows in flight get their shutdown error.
+CLOSE_TIMEOUT_SECONDS = 30
 
 
 @dataclass
@@ -92,7 +97,8 @@ def load_model_dir(model_dir: Path) -> LoadedModel:
 
 
 def context_length(config) -> int:
-    return int(getattr(config, "max_position_embeddings", 0) or 2048)
+    """The most tokens (prompt and answer) the model takes."""
+    return int(getattr(config, "max_position_embeddings", 0) or DEFAULT_CONTEXT_LENGTH)
 
 
 @dataclass(eq=False)
@@ -292,11 +298,21 @@ class Engine:
     `emit` is called from that thread with each step's events, `[(row, event), ...]`;
     `on_step` with the number of rows in each decoding step. Rows are admitted first come,
     first served, up to `max_batch` generating at once.
+
+    Args:
+        emit: Receives each step's events.
+        max_batch: The most rows generating at once (`serving.max_batch`).
+        join_ratio: Rows waiting beside a running batch join it once they number this
+            share of its rows (`serving.join_ratio`)...
+        join_after_steps: ...or once the first of them has waited this many decoding
+            steps (`serving.join_after_steps`).
+        on_step: Receives the number of rows of each decoding step.
     """
 
-    def __init__(self, emit: Callable[[list[tuple[Row, tuple]]], None], max_batch: int = MAX_BATCH,
-                 on_step: Callable[[int], None] | None = None) -> None:
+    def __init__(self, emit: Callable[[list[tuple[Row, tuple]]], None], *, max_batch: int, join_ratio: float,
+                 join_after_steps: int, on_step: Callable[[int], None] | None = None) -> None:
         self.emit, self.max_batch, self.on_step = emit, max_batch, on_step
+        self.join_ratio, self.join_after_steps = join_ratio, join_after_steps
         self.inbox: queue.SimpleQueue[Row | None] = queue.SimpleQueue()
         self.waiting: deque[Row] = deque()
         self.waited = 0  # decoding steps the first waiting row has waited
@@ -363,7 +379,10 @@ class Engine:
         batch where the model's cache cannot take rows mid-way."""
         if not batch.can_admit():
             return []
-        if batch.rows and len(self.waiting) < (len(batch.rows) + 1) // 2 and self.waited < JOIN_AFTER_STEPS:
+        # A prefill is a forward pass of its own, about as costly as a decoding step of the
+        # whole batch: rows join in groups, but none waits more than join_after_steps steps.
+        enough = math.ceil(len(batch.rows) * self.join_ratio)
+        if batch.rows and len(self.waiting) < enough and self.waited < self.join_after_steps:
             self.waited += bool(self.waiting)
             return []
         self.waited = 0
@@ -406,8 +425,10 @@ def _sample(logits, rows: list[Row]):
 # ---------------------------------------------------------------------------------------
 
 
-def _engine_main(conn, max_batch: int) -> None:
+def _engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int) -> None:
     """The engine process: load models and take rows from `conn`; send their events back.
+
+    `max_batch`, `join_ratio` and `join_after_steps` are `Engine`'s.
 
     Messages in: ("load", key, model_dir), ("drop", key), ("row", id, key, prompt_ids,
     max_new, temperature, top_p, stops, stream), ("cancel", id), ("close",). Messages out:
@@ -439,7 +460,8 @@ def _engine_main(conn, max_batch: int) -> None:
             log.exception("loading %s failed", model_dir)
             send(("loaded", key, 0, f"{type(exc).__name__}: {exc}"))
 
-    engine = Engine(emit, max_batch, on_step=steps.append)
+    engine = Engine(emit, max_batch=max_batch, join_ratio=join_ratio, join_after_steps=join_after_steps,
+                    on_step=steps.append)
     try:
         while True:
             try:
@@ -465,7 +487,7 @@ def _engine_main(conn, max_batch: int) -> None:
                 break
     finally:
         engine.close()
-        engine.thread.join(30)
+        engine.thread.join(CLOSE_TIMEOUT_SECONDS)
 
 
 @dataclass(eq=False)
@@ -504,12 +526,18 @@ class EngineProcess:
     sends a completion, whose events then arrive on its own event loop's queue. If the
     process dies, every completion in flight gets an ("error", ...) event and `alive`
     turns False.
+
+    `max_batch`, `join_ratio` and `join_after_steps` are `Engine`'s (plain values: they
+    travel to a spawned process); `on_steps` receives the rows of each decoding step, a
+    list per message from the engine.
     """
 
-    def __init__(self, max_batch: int = MAX_BATCH, on_steps: Callable[[list[int]], None] | None = None) -> None:
+    def __init__(self, *, max_batch: int, join_ratio: float, join_after_steps: int,
+                 on_steps: Callable[[list[int]], None] | None = None) -> None:
         context = multiprocessing.get_context("spawn")  # no fork: the service has threads
         self._conn, child = context.Pipe()
-        self.process = context.Process(target=_engine_main, args=(child, max_batch), name="ftllm-engine", daemon=True)
+        self.process = context.Process(target=_engine_main, args=(child, max_batch, join_ratio, join_after_steps),
+                                       name="ftllm-engine", daemon=True)
         self.process.start()
         child.close()
         self.on_steps = on_steps
@@ -600,7 +628,7 @@ class EngineProcess:
             except RuntimeError:  # that loop is closed: nobody is waiting
                 pass
 
-    def close(self, timeout: float = 30) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> None:
         try:
             self._send(("close",))
         except EngineError:

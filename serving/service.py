@@ -1,5 +1,11 @@
 """The BentoML service: an OpenAI-compatible chat API for the `champion` model.
 
+This module holds the service's lifecycle (loading a model version, polling the registry,
+hot swaps and engine restarts) and its routes. The request and response models and the
+OpenAI error bodies are in `serving.schemas`; authentication, request limits and the
+rewriting of BentoML's and Starlette's error bodies in `serving.guards`; the decoding loop
+in `serving.engine`; the interaction log in `serving.feedback`.
+
 Endpoints (all but `/livez` and `/readyz` need `Authorization: Bearer $FTLLM_API_KEY`
 when that variable is set):
 
@@ -17,11 +23,12 @@ when that variable is set):
   answer and error statuses; `tests/serving/test_fuzz.py` fuzzes the service from it.
 
 Every refusal has OpenAI's error body, `{"error": {message, type, param, code}}`, also
-those that BentoML (`/generate`'s input validation) and Starlette (unknown paths) write.
+those that BentoML (`/generate`'s input validation) and Starlette (unknown paths) write
+(`serving.guards` rewrites those).
 
 Every completion is a row of one continuously batched decoding loop, which runs in a
 process of its own (`serving.engine`): a request joins the rows already generating within
-a few steps and leaves when it ends, up to `MAX_BATCH` rows at once. On a CPU or a GPU
+a few steps and leaves when it ends, up to `serving.max_batch` rows at once. On a CPU or a GPU
 this is what makes 16 concurrent clients several times faster than one. This process
 validates, templates and tokenizes requests and answers them; the engine process holds
 the weights. If the engine dies, its requests in flight get a 503, /readyz says not
@@ -42,7 +49,6 @@ Serve from the project root (`ftllm serve` does this, binding 127.0.0.1):
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -54,9 +60,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from tasks.environment import apply_defaults, environment, find_root
 
@@ -67,19 +72,40 @@ import bentoml  # noqa: E402
 import prometheus_client  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator  # noqa: E402
+from pydantic import Field, ValidationError  # noqa: E402
 
-from serving.engine import MAX_BATCH, Completion, EngineError, EngineProcess  # noqa: E402
+from serving.engine import Completion, EngineError, EngineProcess  # noqa: E402
 from serving.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
+from serving.guards import GuardMiddleware  # noqa: E402
+from serving.schemas import (  # noqa: E402
+    APIError,
+    ChatCompletion,
+    ChatRequest,
+    FeedbackRequest,
+    FeedbackStored,
+    ModelList,
+    ReloadResult,
+    error_body,
+    json_body,
+    responses,
+    validation_error,
+)
 from tasks.config import Params, ServingParams, load_params  # noqa: E402
+from tasks.registry.versions import champion_version  # noqa: E402
 
 log = logging.getLogger("ftllm.serving")
 
-API_KEY_ENV = "FTLLM_API_KEY"
-PARAMS_ENV = "FTLLM_PARAMS"
-BENTO_MODEL_ENV = "FTLLM_BENTO_MODEL"
-HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
-GENERATE_MAX_TOKENS = 64  # new tokens per /generate prompt (capped by serving.max_tokens)
+# BentoML takes a service's and an API's limits when the class is defined, before any
+# setting is read, so these three are constants rather than settings of `serving:`.
+# /generate's adaptive batches: prompts merged into one call (the engine still decodes at
+# most serving.max_batch rows at once), and the latency BentoML's batcher keeps under (it
+# cancels a request that has waited this long, with a 503).
+GENERATE_MAX_BATCH = 32
+GENERATE_MAX_LATENCY_MS = 60_000
+# The longest a request may take: a completion of serving.max_tokens on a slow model.
+REQUEST_TIMEOUT_SECONDS = 600
+# OpenAI's own limit: clients written against its API never send more.
+MAX_STOP_SEQUENCES = 4
 # Below this temperature sampling picks what greedy decoding picks, and near 1e-308 the scaled
 # logits overflow to inf and generation fails: such requests decode greedily (as vLLM does).
 MIN_SAMPLING_TEMPERATURE = 1e-5
@@ -102,7 +128,7 @@ def load_settings() -> Params:
 
 
 # The model the bento carries is chosen at import, because BentoML collects the models a
-# service declares when it builds the bento; `tasks.package.build_bento` sets the env var.
+# service declares when it builds the bento; `tasks.registry.bento.build_bento` sets the env var.
 _MODEL_NAME = load_settings().registry.model_name
 BENTO_MODEL_TAG = environment().bento_model or f"{_MODEL_NAME}:latest"
 
@@ -132,268 +158,6 @@ MODEL_INFO = prometheus_client.Gauge(
 )
 
 
-# ---------------------------------------------------------------------------------------
-# Errors in the OpenAI shape
-# ---------------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """A request the service refuses, rendered as `{"error": {message, type, param, code}}`."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
-                            headers={"WWW-Authenticate": "Bearer"} if self.status == 401 else None)
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers]})
-    await send({"type": "http.response.body", "body": data})
-
-
-def _error_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    if status == 429:
-        return "rate_limit_error"
-    return "server_error" if status >= 500 else "invalid_request_error"
-
-
-def openai_error_from(status: int, body: bytes) -> dict | None:
-    """`body` of an error response in the OpenAI shape; None when it already is in it.
-
-    For the answers the service's own routes do not write: BentoML's for `/generate`
-    (`{"error": "1 validation error for Input", "detail": [pydantic errors]}`, or
-    `[{"error": ...}]` for an exception it maps to a 4xx), and Starlette's plain-text 404
-    and 405 for unknown paths and methods.
-    """
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        data = body.decode("utf-8", "replace").strip()
-    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
-        return None
-    if isinstance(data, list) and len(data) == 1:
-        data = data[0]
-    param, code = None, {404: "not_found", 405: "method_not_allowed"}.get(status)
-    if isinstance(data, dict):
-        details = data.get("detail")
-        message = str(data.get("error") or details or HTTPStatus(status).phrase)
-        if isinstance(details, list) and details and isinstance(details[0], dict):
-            first = details[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
-            message = f"Invalid value for '{param}': {first.get('msg')}." if param else f"{first.get('msg')}."
-    else:
-        message = str(data) or HTTPStatus(status).phrase
-    return error_body(message, _error_type(status), param, code)
-
-
-class _RewritingSend:
-    """An ASGI `send` that holds an answer whose status `wanted` picks until its body is
-    complete, then sends `rewrite(status, body)` as JSON instead (or the answer as it was,
-    when that is None)."""
-
-    def __init__(self, send, wanted, rewrite) -> None:
-        self.send, self.wanted, self.rewrite, self.start, self.chunks = send, wanted, rewrite, None, []
-
-    async def __call__(self, message) -> None:
-        if message["type"] == "http.response.start" and self.wanted(message["status"]):
-            self.start = message
-            return None
-        if self.start is None or message["type"] != "http.response.body":
-            return await self.send(message)
-        self.chunks.append(message.get("body", b""))
-        if message.get("more_body", False):
-            return None
-        status, body = self.start["status"], b"".join(self.chunks)
-        rewritten = self.rewrite(status, body)
-        if rewritten is None:
-            await self.send(self.start)
-            return await self.send({"type": "http.response.body", "body": body})
-        kept = [(k, v) for k, v in self.start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
-        return await _send_json(self.send, status, rewritten, kept)
-
-
-BENTOML_ERRORS = {"#/components/schemas/InvalidArgument", "#/components/schemas/NotFound",
-                  "#/components/schemas/InternalServerError"}
-
-
-def patch_openapi(document: dict) -> dict:
-    """BentoML's /docs.json, saying what the service really answers with.
-
-    Every route but the health probes answers errors in the OpenAI shape (`GuardMiddleware`
-    rewrites BentoML's), may answer 401 and 429 (`GuardMiddleware`), and 413 for a POST.
-    """
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-    for path, item in document.get("paths", {}).items():
-        if path in HEALTH_PATHS:
-            continue
-        for method, operation in item.items():
-            responses = operation.setdefault("responses", {})
-            for answer in responses.values():
-                schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
-                if schema.get("$ref") in BENTOML_ERRORS:
-                    answer["content"] = error
-            for status in (401, 429, 413) if method == "post" else (401, 429):
-                responses.setdefault(str(status), {"description": HTTPStatus(status).phrase, "content": error})
-    return document
-
-
-class GuardMiddleware:
-    """Authentication, body size and concurrency caps, before any route runs; OpenAI-style
-    errors after it.
-
-    Health probes pass untouched. Bodies are read here (they are small: at most
-    `serving.max_request_bytes`) so that an oversized one gets a 413 even when it comes
-    without a Content-Length. Error answers written by BentoML (`/generate`'s validation)
-    or Starlette (unknown paths) are rewritten into the OpenAI shape, and /docs.json says so.
-    """
-
-    def __init__(self, app) -> None:
-        limits = load_settings().serving  # read when the ASGI app is built, not at import
-        self.app = app
-        self.max_bytes = limits.max_request_bytes
-        self.max_concurrency = limits.max_concurrency
-        self.in_flight = 0
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        secret = environment().api_key  # read per request, so a rotated key needs no restart
-        if secret is not None:
-            api_key = secret.get_secret_value()
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return await _send_json(send, 401, error_body(
-                    "Missing or wrong API key: send 'Authorization: Bearer <FTLLM_API_KEY>'.",
-                    "authentication_error", None, "invalid_api_key"), [(b"www-authenticate", b"Bearer")])
-        if self.in_flight >= self.max_concurrency:
-            return await _send_json(send, 429, error_body(
-                f"Too many requests at once (serving.max_concurrency={self.max_concurrency}); retry shortly.",
-                "rate_limit_error", None, "rate_limit_exceeded"), [(b"retry-after", b"1")])
-        if scope["path"] == "/docs.json":
-            send = _RewritingSend(send, lambda status: status == 200, lambda _, body: patch_openapi(json.loads(body)))
-        elif scope["method"] != "HEAD":
-            send = _RewritingSend(send, lambda status: status >= 400, openai_error_from)
-        self.in_flight += 1
-        try:
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                receive = await self._buffered(headers, receive, send)
-                if receive is None:
-                    return
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
-
-    async def _buffered(self, headers, receive, send):
-        too_big = error_body(f"Request body over serving.max_request_bytes ({self.max_bytes} bytes).",
-                             "invalid_request_error", None, "request_too_large")
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _send_json(send, 413, too_big)
-            return None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await _send_json(send, 413, too_big)
-                return None
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for the client's disconnect
-
-        return replay
-
-
-# ---------------------------------------------------------------------------------------
-# Request schemas (OpenAI chat completions)
-# ---------------------------------------------------------------------------------------
-
-
-class _TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str | list[_TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    """The subset of OpenAI's chat request the service honours; unknown fields are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return [s for s in stops if s]
-
-
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=200)
-    rating: int = Field(ge=1, le=5)
-    correction: str | None = Field(None, min_length=1)
-
-    @field_validator("correction")
-    @classmethod
-    def _not_blank(cls, value: str | None) -> str | None:
-        # The feedback store refuses a blank correction too; refused here, it is a 400.
-        if value is not None and not value.strip():
-            raise ValueError("must not be blank; leave it out to rate the answer as it is")
-        return value
-
-
-def _validation_error(err: ValidationError) -> APIError:
-    first = err.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    return APIError(400, f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value")
-
-
 async def _read_json(request: Request) -> Any:
     try:
         return json.loads(await request.body())
@@ -402,126 +166,6 @@ async def _read_json(request: Request) -> Any:
     # in serving.max_request_bytes).
     except (ValueError, RecursionError) as exc:
         raise APIError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
-
-
-# ---------------------------------------------------------------------------------------
-# The OpenAPI description (BentoML serves it at /docs.json, with its own /generate)
-# ---------------------------------------------------------------------------------------
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class AnswerMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class Choice(BaseModel):
-    index: int
-    message: AnswerMessage
-    logprobs: None
-    finish_reason: Literal["stop", "length"]
-
-
-class ChatCompletion(BaseModel):
-    """The answer of `POST /v1/chat/completions` without `stream`."""
-
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[Choice]
-    usage: Usage
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    version: str
-    source: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class FeedbackStored(BaseModel):
-    id: int
-    completion_id: str
-    rating: int
-    stored: Literal[True]
-
-
-class ReloadResult(BaseModel):
-    reloaded: bool
-    version: str
-    previous: str
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """Every refusal: an OpenAI-style error body."""
-
-    error: ErrorDetail
-
-
-def _json_body(model: type[BaseModel]) -> dict:
-    """`openapi_extra` that documents `model` as a route's JSON body.
-
-    The routes parse their bodies themselves, to answer with OpenAI-style errors rather than
-    FastAPI's 422, so FastAPI does not see the model. Its schema goes in with its `$defs`
-    inlined, since BentoML's /docs.json takes the routes' components only from their responses.
-    """
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {key: inline(value) for key, value in node.items()}
-        return [inline(value) for value in node] if isinstance(node, list) else node
-
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
-
-
-# One server-sent event of a streamed completion (before OpenAPI 3.2, a stream's `schema`
-# describes each event).
-SSE_EVENT = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {"data": {"type": "string", "description": (
-        "A chat.completion.chunk as JSON; an OpenAI-style error as JSON if generation fails; "
-        "then `[DONE]`.")}},
-}
-
-
-def _responses(ok: type[BaseModel], *errors: int, streams: bool = False) -> dict:
-    """FastAPI `responses` for a route: `ok` on 200, and an `ErrorResponse` for each of `errors`.
-
-    401 (a wrong key) and 429 (over serving.max_concurrency) come from `GuardMiddleware`, for
-    every route; 413 (over serving.max_request_bytes) for every POST.
-    """
-    documented: dict[int | str, dict] = {200: {"model": ok}}
-    if streams:
-        documented[200]["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
-    for status in sorted({*errors, 401, 429}):
-        documented[status] = {"model": ErrorResponse, "description": HTTPStatus(status).phrase}
-    return documented
 
 
 # ---------------------------------------------------------------------------------------
@@ -549,25 +193,26 @@ class ServedModel:
 
 
 def _registry_reachable() -> bool:
-    """False where the tracking URI is a SQLite file that does not exist (MLflow would create it)."""
+    """False where the registry URI is a SQLite file that does not exist (MLflow would create it)."""
     uri = os.environ.get("MLFLOW_REGISTRY_URI") or os.environ.get("MLFLOW_TRACKING_URI") or ""
     if uri.startswith("sqlite:///"):
         return Path(uri.removeprefix("sqlite:///")).is_file()
     return bool(uri)
 
 
-def champion_version(model_name: str) -> str | None:
-    """The registry version behind the `champion` alias, or None where there is none."""
+def current_champion(model_name: str) -> str | None:
+    """The registry version behind the `champion` alias, or None where there is none.
+
+    The lookup is `tasks.registry.versions.champion_version`'s; this skips it where no
+    registry is reachable (`_registry_reachable`), since MLflow would create an empty
+    SQLite registry there: a bento started in a container must serve its own model.
+    """
     if not _registry_reachable():
         return None
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(mlflow.MlflowClient().get_model_version_by_alias(model_name, "champion").version)
-    except MlflowException as exc:
-        log.info("no champion for %s in the registry (%s)", model_name, exc)
-        return None
+    version = champion_version(model_name)
+    if version is None:
+        log.info("no champion for %s in the registry", model_name)
+    return version
 
 
 @contextmanager
@@ -622,7 +267,7 @@ def _sse(obj: dict) -> str:
 
 
 @bentoml.asgi_app(app, path="/")
-@bentoml.service(name="ftllm_chat", workers=1, traffic={"timeout": 600})
+@bentoml.service(name="ftllm_chat", workers=1, traffic={"timeout": REQUEST_TIMEOUT_SECONDS})
 class ChatService:
     """Serves the champion model behind an OpenAI-compatible API (see the module docstring)."""
 
@@ -644,9 +289,10 @@ class ChatService:
 
     # -- model lifecycle ----------------------------------------------------------------
 
-    @staticmethod
-    def _start_engine() -> EngineProcess:
-        return EngineProcess(MAX_BATCH, on_steps=lambda sizes: [BATCH_SIZE.observe(n) for n in sizes])
+    def _start_engine(self) -> EngineProcess:
+        return EngineProcess(max_batch=self.limits.max_batch, join_ratio=self.limits.join_ratio,
+                             join_after_steps=self.limits.join_after_steps,
+                             on_steps=lambda sizes: [BATCH_SIZE.observe(n) for n in sizes])
 
     @staticmethod
     def _load(engine: EngineProcess, model_dir: Path, name: str, version: str, source: str) -> ServedModel:
@@ -662,7 +308,7 @@ class ChatService:
             return self._load(engine, model_dir, self.model_name, version, source)
 
     def _initial_model(self) -> ServedModel:
-        version = champion_version(self.model_name)
+        version = current_champion(self.model_name)
         if version is not None:
             return self._load_version(self.engine, version)
         stored = type(self).bento_model.stored
@@ -682,7 +328,7 @@ class ChatService:
         """Load the registry's champion if it differs from the served version, then swap it in."""
         with self._reload_lock:
             previous = self.current()
-            version = champion_version(self.model_name)
+            version = current_champion(self.model_name)
             if version is None or version == previous.version:
                 return {"reloaded": False, "version": previous.version, "previous": previous.version}
             loaded = self._load_version(self.engine, version)  # fully loaded before the swap
@@ -783,11 +429,11 @@ class ChatService:
             # Strict: the documented types, not what pydantic could coerce ("4", true, 4.0)
             req = ChatRequest.model_validate(body, strict=True)
         except ValidationError as err:
-            raise _validation_error(err) from None
+            raise validation_error(err) from None
         if req.n != 1:
             raise APIError(400, "Only n=1 is supported; send n requests instead.", param="n", code="unsupported_value")
-        if len(req.stops()) > 4:
-            raise APIError(400, "At most 4 stop sequences.", param="stop", code="invalid_value")
+        if len(req.stops()) > MAX_STOP_SEQUENCES:
+            raise APIError(400, f"At most {MAX_STOP_SEQUENCES} stop sequences.", param="stop", code="invalid_value")
         wanted = req.max_completion_tokens or req.max_tokens
         if wanted is not None and wanted > self.limits.max_tokens:
             raise APIError(400, f"max_tokens={wanted} is over serving.max_tokens={self.limits.max_tokens}.",
@@ -809,8 +455,8 @@ class ChatService:
         row = self._completion(loaded, prompt, prompt_ids, max_new, temperature, req.top_p, req.stops(), req.stream)
         return req, messages, row
 
-    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatRequest),
-              responses=_responses(ChatCompletion, 400, 413, 503, streams=True))
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest),
+              responses=responses(ChatCompletion, 400, 413, 503, streams=True))
     async def chat_completions(self, request: Request):
         started = time.perf_counter()
         req, messages, row = self._check_chat(await _read_json(request))
@@ -865,9 +511,10 @@ class ChatService:
                                                  "total_tokens": row.prompt_tokens + row.completion_tokens}})
         yield "data: [DONE]\n\n"
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=60_000)
+    @bentoml.api(batchable=True, max_batch_size=GENERATE_MAX_BATCH, max_latency_ms=GENERATE_MAX_LATENCY_MS)
     async def generate(self, prompts: list[Annotated[str, Field(min_length=1)]]) -> list[str]:
-        """Complete plain prompts (no chat template), greedily, up to 64 new tokens each.
+        """Complete plain prompts (no chat template), greedily, up to `serving.generate_max_tokens`
+        new tokens each.
 
         BentoML merges the prompts of concurrent requests into one call, so nothing here may
         fail for one prompt: that would fail the other requests of the batch too. Empty
@@ -877,7 +524,7 @@ class ChatService:
         """
         started = time.perf_counter()
         loaded = self.current()
-        max_new = min(GENERATE_MAX_TOKENS, self.limits.max_tokens)
+        max_new = min(self.limits.generate_max_tokens, self.limits.max_tokens)
         room = max(1, loaded.context_length - max_new)
         rows = []
         for prompt in prompts:
@@ -899,7 +546,7 @@ class ChatService:
 
         return list(await asyncio.gather(*(complete(r) for r in rows)))
 
-    @app.get("/v1/models", responses=_responses(ModelList))
+    @app.get("/v1/models", responses=responses(ModelList))
     async def list_models(self):
         loaded = self.current()
         return {"object": "list", "data": [{
@@ -907,22 +554,22 @@ class ChatService:
             "version": loaded.version, "source": loaded.source,
         }]}
 
-    @app.post("/feedback", openapi_extra=_json_body(FeedbackRequest),
-              responses=_responses(FeedbackStored, 400, 404, 413))
+    @app.post("/feedback", openapi_extra=json_body(FeedbackRequest),
+              responses=responses(FeedbackStored, 400, 404, 413))
     async def feedback(self, request: Request):
         """Rate a completion from 1 (useless) to 5 (perfect), optionally with the answer it should have given."""
         body = await _read_json(request)
         try:
             fb = FeedbackRequest.model_validate(body, strict=True)
         except ValidationError as err:
-            raise _validation_error(err) from None
+            raise validation_error(err) from None
         try:
             fid = await asyncio.to_thread(self.store.add_feedback, fb.id, fb.rating, fb.correction)
         except KeyError:
             raise APIError(404, f"No completion with id {fb.id!r} was logged.", param="id", code="not_found") from None
         return {"id": fid, "completion_id": fb.id, "rating": fb.rating, "stored": True}
 
-    @app.post("/admin/reload", responses=_responses(ReloadResult, 413, 503))
+    @app.post("/admin/reload", responses=responses(ReloadResult, 413, 503))
     async def admin_reload(self):
         """Check the registry's champion now; swap the model if it moved."""
         try:
@@ -932,4 +579,4 @@ class ChatService:
                            type="server_error", code="reload_failed") from None
 
 
-ChatService.add_asgi_middleware(GuardMiddleware)
+ChatService.add_asgi_middleware(GuardMiddleware, load_limits=lambda: load_settings().serving)

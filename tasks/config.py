@@ -179,6 +179,24 @@ class ServingParams(_Section):
     reload_seconds: float = Field(
         10, gt=0, description='How often the service checks whether "champion" moved (seconds).'
     )
+    generate_max_tokens: int = Field(
+        64, ge=1, le=32768, description="New tokens per /generate prompt (capped by max_tokens)."
+    )
+    max_batch: int = Field(
+        32, ge=1, le=4096,
+        description="Rows the engine decodes at once; more requests wait to join as rows leave. Memory for the "
+                    "KV cache grows with it.",
+    )
+    join_ratio: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="Waiting requests join a running batch once they number this share of its rows (each join "
+                    "is a prefill pass of its own, so joining one by one slows every row).",
+    )
+    join_after_steps: int = Field(
+        4, ge=0, le=10_000,
+        description="Most decoding steps a request waits to join a running batch before join_ratio is reached; "
+                    "0 joins at once.",
+    )
 
 
 class ScheduleParams(_Section):

@@ -84,21 +84,26 @@ def _staged_model_dir(model_dir: Path, tmp: Path) -> Path:
     return staged
 
 
+# The pyfunc model, logged as code rather than pickled (see tasks/registry/pyfunc.py).
+PYFUNC_MODEL_CODE = Path(__file__).with_name("pyfunc.py")
+
+
 def register_candidate(run_id: str, model_dir: Path, model_name: str, tags: dict[str, str]) -> str:
     """Log the model folder to `run_id` as a pyfunc model and register it as a new version.
+
+    The model is logged from code (`PYFUNC_MODEL_CODE`), with the `tasks` package as its
+    code and the model folder as its one artifact, so loading the version unpickles nothing.
 
     Returns:
         The new version number, as a string; alias `challenger` points at it.
     """
     import mlflow
 
-    from tasks.registry.pyfunc import ChatModel
-
     code_dir = Path(__file__).parents[1]  # the whole tasks package
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=ChatModel(),
+            python_model=str(PYFUNC_MODEL_CODE),
             artifacts={"model_dir": str(_staged_model_dir(model_dir, Path(tmp)))},
             code_paths=[str(code_dir)],
             pip_requirements=pip_requirements(),

@@ -44,7 +44,8 @@ os.environ.update({
 os.environ.pop("FTLLM_API_KEY", None)
 sys.path.insert(0, str(REPO / "scripts"))
 
-SERVING_OVERRIDES = {"serving.reload_seconds": 1.0, "registry.model_name": MODEL_NAME}
+# A small engine batch, so the tests see that the service passes serving.max_batch on.
+SERVING_OVERRIDES = {"serving.reload_seconds": 1.0, "serving.max_batch": 4, "registry.model_name": MODEL_NAME}
 
 
 def _write_params() -> None:
@@ -117,30 +118,34 @@ def model_dir() -> Path:
     return out
 
 
+def serving_experiment() -> str:
+    """The id of this folder's MLflow experiment, its artifacts in the scratch folder (by
+    default MLflow would put them under `./mlruns`, in the project). An explicit experiment,
+    not set_experiment(): that would pin the whole test session's fluent runs to it."""
+    from tasks.registry.versions import ensure_experiment
+
+    return ensure_experiment("serving-tests", STATE / "mlartifacts")
+
+
 @pytest.fixture(scope="session")
 def registry(model_dir: Path):
     """Two MLflow versions of the model, `champion` on 1; version 1 is also in the BentoML store.
 
-    So the service loads version 1 from the BentoML store and version 2 from MLflow's
-    artifacts (`artifacts/model_dir` of the logged pyfunc model), both real loads.
+    Both are registered as the pipeline registers a candidate (`register_candidate`: a pyfunc
+    model logged from code, the model folder as its artifact). So the service loads version 1
+    from the BentoML store and version 2 from MLflow's artifacts (`artifacts/model_dir`),
+    both real loads.
     """
     import mlflow
 
     from tasks.registry.bento import import_model
+    from tasks.registry.versions import register_candidate
 
-    class Stub(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input):
-            return model_input
-
-    # An explicit experiment id, not set_experiment(): that would pin the whole test session's
-    # fluent runs to this experiment.
-    experiment = mlflow.get_experiment_by_name("serving-tests")
-    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment("serving-tests")
-    for _ in range(2):
-        with mlflow.start_run(experiment_id=experiment_id):
-            mlflow.pyfunc.log_model(name="model", python_model=Stub(), artifacts={"model_dir": str(model_dir)},
-                                    pip_requirements=["mlflow"], registered_model_name=MODEL_NAME)
     client = mlflow.MlflowClient()
+    experiment_id = serving_experiment()
+    for _ in range(2):
+        run_id = client.create_run(experiment_id).info.run_id
+        register_candidate(run_id, model_dir, MODEL_NAME, {"source": "tests"})
     client.set_registered_model_alias(MODEL_NAME, "champion", "1")
     import_model(model_dir, MODEL_NAME, "1", {"source": "tests"})
     return client

@@ -21,6 +21,12 @@ from serving.engine import (
     load_model_dir,
     sample,
 )
+from tasks.config import ServingParams
+
+# The engine's knobs as the service passes them on the shipped defaults.
+_DEFAULTS = ServingParams()
+KNOBS = {"max_batch": _DEFAULTS.max_batch, "join_ratio": _DEFAULTS.join_ratio,
+         "join_after_steps": _DEFAULTS.join_after_steps}
 
 MESSAGES = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"role": "user", "content": "2001-02-03"}]
 _ids = itertools.count()
@@ -53,12 +59,13 @@ def prompt_ids(tokenizer, user: str = "2001-02-03") -> list[int]:
 
 
 class Harness:
-    """An in-process engine whose events land in one asyncio queue per row."""
+    """An in-process engine whose events land in one asyncio queue per row; `kwargs` override
+    the engine's arguments (`KNOBS`)."""
 
     def __init__(self, **kwargs) -> None:
         self.loop = asyncio.get_running_loop()
         self.queues: dict[int, asyncio.Queue] = {}
-        self.engine = Engine(self._emit, **kwargs)
+        self.engine = Engine(self._emit, **{**KNOBS, **kwargs})
 
     async def __aenter__(self) -> "Harness":
         return self
@@ -121,24 +128,29 @@ def test_a_row_joins_a_running_batch_and_leaves_before_it(loaded):
     assert max(steps) == 2 and steps[-1] == 1  # they shared steps; the long one ended alone
 
 
-def test_rows_join_in_groups_but_never_wait_long(loaded):
-    """One row waiting beside a running batch of four (fewer than half of it) still joins
-    within JOIN_AFTER_STEPS steps."""
-    from serving.engine import JOIN_AFTER_STEPS
-
+@pytest.mark.parametrize(("join_ratio", "join_after_steps", "earliest", "latest"), [
+    (0.5, 4, 4, 6),  # the defaults: one row is under half of four, so it waits its 4 steps
+    (0.5, 12, 12, 14),  # a longer wait, as set
+    (0.25, 12, 0, 2),  # one row is a quarter of four: it joins at once
+])
+def test_rows_join_in_groups_but_never_wait_long(loaded, join_ratio, join_after_steps, earliest, latest):
+    """One row waiting beside a running batch of four joins once the waiting rows reach
+    `join_ratio` of the running ones, else after `join_after_steps` decoding steps."""
     model = endless(loaded)
     steps: list[int] = []
 
     async def scenario():
-        async with Harness(on_step=steps.append) as h:
-            running = [h.submit(model, 60) for _ in range(4)]
+        async with Harness(on_step=steps.append, join_ratio=join_ratio, join_after_steps=join_after_steps) as h:
+            running = [h.submit(model, 40) for _ in range(4)]
             for row in running:
                 assert (await h.next(row))[0] == "delta"
             start = len(steps)
             late = h.submit(model, 3)
             await h.until_end(late)
+            # steps of four before the first of five: the late row's wait (plus the step
+            # that may have been under way when it came)
             joined = next(i for i, n in enumerate(steps[start:]) if n == 5)
-            assert 1 <= joined <= JOIN_AFTER_STEPS + 2
+            assert earliest <= joined <= latest, steps[start:]
             for row in running:
                 await h.until_end(row)
 
@@ -283,7 +295,7 @@ def test_the_engine_process_answers_as_the_engine_does_and_fails_cleanly_when_it
             return (await h.until_end(h.submit(loaded, 8)))[0]
 
     expected = run(in_process())
-    engine = EngineProcess()
+    engine = EngineProcess(**KNOBS)
     try:
         with pytest.raises(EngineError, match="could not load"):
             engine.load(model_dir / "missing")

@@ -91,8 +91,8 @@ def test_bento_holds_only_the_service_code(registry, tmp_path, monkeypatch):
     home = tmp_path / ".bentoml"
     shutil.copytree(Path(os.environ["BENTOML_HOME"]) / "models", home / "models")
     monkeypatch.setenv("BENTOML_HOME", str(home))  # the build runs in a subprocess
-    for version in ("a", "b"):
-        build_bento(f"{MODEL_NAME}:v1", version, root=tmp_path)
+    for bento_version in ("a", "b"):
+        build_bento(f"{MODEL_NAME}:v1", bento_version, root=tmp_path)
     src = home / "bentos" / "ftllm_chat" / f"{MODEL_NAME}-vb" / "src"
     assert {p.name for p in src.iterdir()} == {"serving", "tasks", "ftllm", "params.yaml", "bentofile.yaml"}
     assert not list(src.rglob("y.py"))

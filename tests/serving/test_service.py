@@ -148,7 +148,8 @@ def test_malformed_json_and_oversized_bodies(client):
 def test_concurrency_cap_answers_429():
     import httpx
 
-    from serving.service import GuardMiddleware
+    from serving.guards import GuardMiddleware
+    from tasks.config import ServingParams
 
     release = asyncio.Event()
 
@@ -157,8 +158,7 @@ def test_concurrency_cap_answers_429():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    guard = GuardMiddleware(slow_app)
-    guard.max_concurrency = 2
+    guard = GuardMiddleware(slow_app, load_limits=lambda: ServingParams(max_concurrency=2))
 
     async def scenario():
         transport = httpx.ASGITransport(app=guard)
@@ -193,9 +193,11 @@ def test_feedback_is_stored_and_exported_as_training_data(client, serving_dir):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     by_prompt = {r["messages"][-2]["content"]: r["messages"] for r in rows}
     assert by_prompt["1987-06-05"][-1] == {"role": "assistant", "content": "June 5, 1987"}
-    assert by_prompt["2001-02-03"][-1]["content"] == good["choices"][0]["message"]["content"]
-    assert by_prompt["2001-02-03"][0]["role"] == "system"
-    assert len([r for r in rows if r["messages"][-2]["content"] == "2001-02-03"]) == 1  # the rating-2 one is not
+    # The rating-5 answer is exported with its system message, the rating-2 one is not; the
+    # 5-step model may answer only whitespace, which is no training example at all.
+    answer = good["choices"][0]["message"]["content"]
+    accepted = [r for r in rows if r["messages"][-2]["content"] == "2001-02-03"]
+    assert accepted == ([{"messages": [*MESSAGES, {"role": "assistant", "content": answer}]}] if answer.strip() else [])
     assert export_command(serving_dir / "x.jsonl", 9) == 2
 
 
@@ -221,18 +223,21 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(client):
 
     from serving.service import BATCH_SIZE
 
-    def batches() -> tuple[float, float]:
-        samples = {s.name: s.value for m in BATCH_SIZE.collect() for s in m.samples}
-        return samples["ftllm_batch_size_count"], samples["ftllm_batch_size_sum"]
+    def batches() -> tuple[float, float, float]:
+        """Decoding steps, their rows, and the steps of at most serving.max_batch (4 here) rows."""
+        samples = {(s.name, s.labels.get("le")): s.value for m in BATCH_SIZE.collect() for s in m.samples}
+        return (samples["ftllm_batch_size_count", None], samples["ftllm_batch_size_sum", None],
+                samples["ftllm_batch_size_bucket", "4.0"])
 
     alone = chat(client, max_tokens=8).json()["choices"][0]["message"]["content"]
-    count0, rows0 = batches()
+    count0, rows0, small0 = batches()
     with ThreadPoolExecutor(12) as pool:
         bodies = list(pool.map(lambda _: chat(client, max_tokens=8), range(12)))
     assert [b.status_code for b in bodies] == [200] * 12
     assert {b.json()["choices"][0]["message"]["content"] for b in bodies} == {alone}  # left padding is exact
-    count1, rows1 = batches()
+    count1, rows1, small1 = batches()
     assert (rows1 - rows0) / (count1 - count0) > 1  # decoding steps carried several requests at once
+    assert small1 - small0 == count1 - count0  # and never more than serving.max_batch
 
 
 def test_a_dead_engine_is_restarted_and_meanwhile_requests_get_503(client):

@@ -1,0 +1,273 @@
+"""What the chat service reads and answers: request and response models, and errors in
+OpenAI's shape.
+
+The request models (`ChatRequest`, `FeedbackRequest`) are the subset of OpenAI's chat API
+that the service honours; the routes validate bodies with them strictly (the documented
+types, nothing coerced). The response models (`ChatCompletion`, `ModelList`, ...) exist to
+document the routes in BentoML's `/docs.json`, which `tests/serving/test_fuzz.py` fuzzes
+the service from.
+
+Every refusal is `{"error": {message, type, param, code}}` (`ErrorResponse`): the routes
+raise `APIError`, and `openai_error_from` rewrites the error bodies that BentoML and
+Starlette write themselves (`serving.guards` applies it to every answer).
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# ---------------------------------------------------------------------------------------
+# Errors in the OpenAI shape
+# ---------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """A request the service refuses, rendered as `{"error": {message, type, param, code}}`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        """The error as a JSON response (with `WWW-Authenticate` on a 401)."""
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
+                            headers={"WWW-Authenticate": "Bearer"} if self.status == 401 else None)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    """An OpenAI-style error body."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def openai_error_from(status: int, body: bytes) -> dict | None:
+    """`body` of an error response in the OpenAI shape; None when it already is in it.
+
+    For the answers the service's own routes do not write: BentoML's for `/generate`
+    (`{"error": "1 validation error for Input", "detail": [pydantic errors]}`, or
+    `[{"error": ...}]` for an exception it maps to a 4xx), and Starlette's plain-text 404
+    and 405 for unknown paths and methods.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        data = body.decode("utf-8", "replace").strip()
+    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
+        return None
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]
+    param, code = None, {404: "not_found", 405: "method_not_allowed"}.get(status)
+    if isinstance(data, dict):
+        details = data.get("detail")
+        message = str(data.get("error") or details or HTTPStatus(status).phrase)
+        if isinstance(details, list) and details and isinstance(details[0], dict):
+            first = details[0]
+            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
+            message = f"Invalid value for '{param}': {first.get('msg')}." if param else f"{first.get('msg')}."
+    else:
+        message = str(data) or HTTPStatus(status).phrase
+    return error_body(message, error_type(status), param, code)
+
+
+def validation_error(err: ValidationError) -> APIError:
+    """A 400 that names the first invalid field of a request body."""
+    first = err.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return APIError(400, f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value")
+
+
+# ---------------------------------------------------------------------------------------
+# Request schemas (OpenAI chat completions)
+# ---------------------------------------------------------------------------------------
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[_TextPart]
+
+    def text(self) -> str:
+        """The message's text, its parts joined when it has several."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The subset of OpenAI's chat request the service honours; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stops(self) -> list[str]:
+        """The stop sequences, as a list without empty ones."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=200)
+    rating: int = Field(ge=1, le=5)
+    correction: str | None = Field(None, min_length=1)
+
+    @field_validator("correction")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        # The feedback store refuses a blank correction too; refused here, it is a 400.
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank; leave it out to rate the answer as it is")
+        return value
+
+
+# ---------------------------------------------------------------------------------------
+# Response schemas: the OpenAPI description (BentoML serves it at /docs.json)
+# ---------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AnswerMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AnswerMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    """The answer of `POST /v1/chat/completions` without `stream`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    version: str
+    source: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class FeedbackStored(BaseModel):
+    id: int
+    completion_id: str
+    rating: int
+    stored: Literal[True]
+
+
+class ReloadResult(BaseModel):
+    reloaded: bool
+    version: str
+    previous: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal: an OpenAI-style error body."""
+
+    error: ErrorDetail
+
+
+def json_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` that documents `model` as a route's JSON body.
+
+    The routes parse their bodies themselves, to answer with OpenAI-style errors rather than
+    FastAPI's 422, so FastAPI does not see the model. Its schema goes in with its `$defs`
+    inlined, since BentoML's /docs.json takes the routes' components only from their responses.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(value) for value in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+# One server-sent event of a streamed completion (before OpenAPI 3.2, a stream's `schema`
+# describes each event).
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": (
+        "A chat.completion.chunk as JSON; an OpenAI-style error as JSON if generation fails; "
+        "then `[DONE]`.")}},
+}
+
+
+def responses(ok: type[BaseModel], *errors: int, streams: bool = False) -> dict:
+    """FastAPI `responses` for a route: `ok` on 200, and an `ErrorResponse` for each of `errors`.
+
+    401 (a wrong key) and 429 (over serving.max_concurrency) come from
+    `serving.guards.GuardMiddleware`, for every route; 413 (over serving.max_request_bytes)
+    for every POST.
+    """
+    documented: dict[int | str, dict] = {200: {"model": ok}}
+    if streams:
+        documented[200]["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
+    for status in sorted({*errors, 401, 429}):
+        documented[status] = {"model": ErrorResponse, "description": HTTPStatus(status).phrase}
+    return documented
