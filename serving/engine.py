@@ -1,6 +1,10 @@
 """Continuous batching in a process of its own: one decoding loop that completions join
 and leave at any step.
 
+The module is long but cohesive: the batch's KV cache, the rows' admission and removal,
+sampling and the process protocol change together, and splitting them would put one data
+structure's invariants in several files.
+
 A request's row is admitted at the next step after it arrives: its prompt is prefilled
 (with the other rows admitted at that step, left-padded), its KV cache is appended to the
 running batch's (left-padded to the longer of the two), and from then on each step feeds

@@ -5,6 +5,8 @@ hot swaps and engine restarts) and its routes. The request and response models a
 OpenAI error bodies are in `serving.schemas`; authentication, request limits and the
 rewriting of BentoML's and Starlette's error bodies in `serving.guards`; the decoding loop
 in `serving.engine`; the interaction log in `serving.feedback`.
+The lifecycle and the routes stay together (about 580 lines, a cohesive unit): every route
+reads the served model that the lifecycle swaps, and BentoML wants both on one class.
 
 Endpoints (all but `/livez` and `/readyz` need `Authorization: Bearer $FTLLM_API_KEY`
 when that variable is set):
