@@ -384,7 +384,7 @@ FAMILIES: dict[str, Family] = {
             bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True,
             stop_tokens=("<eos>", "<end_of_turn>"), chat_template=GEMMA2_TEMPLATE,
             config={"num_key_value_heads": 2, "head_dim": HIDDEN // HEADS, "query_pre_attn_scalar": HIDDEN // HEADS,
-                    "sliding_window": 64},
+                    "sliding_window": 4096},
             tied=True,
         ),
         Family(
