@@ -271,3 +271,20 @@ def test_the_serving_engine_answers_what_generate_answers(name, trained):
             assert row.ids == expected, (tok.decode(row.ids), tok.decode(expected))
     finally:
         engine.close()
+
+
+def test_a_stage_with_a_model_neither_local_nor_cached_ends_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text("model:\n  base: meta-llama/Llama-3.2-1B-Instruct\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.stages.prepare", "--params", str(tmp_path / "params.yaml"), "--out",
+         str(tmp_path / "prepared")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "neither a local folder nor in the Hugging Face cache" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "prepared").exists()
