@@ -72,17 +72,15 @@ def pick_precision(precision: str, device: str):
 
 
 def check_config(train: TrainParams, base_path: str, device: str) -> None:
-    """Refuse, before any training, a configuration that cannot run here; the message names the key."""
+    """Refuse, before any training, a configuration that cannot run on this machine; the message names the key.
+
+    What the base model itself cannot run (lengths beyond its context, packed attention
+    it would change) is `tasks.model.loading.check_fit`'s, which the flow also runs up front.
+    """
     import torch
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(base_path)
-    context = getattr(cfg, "max_position_embeddings", None)
-    if context and train.seq_len > context:
-        raise ConfigError(
-            f"train.seq_len={train.seq_len} is longer than the context of the base model "
-            f"(max_position_embeddings={context}); lower train.seq_len to at most {context}"
-        )
     cuda = device.startswith("cuda")
     if train.method == "qlora":
         if not cuda:
