@@ -245,27 +245,26 @@ def added_token_ids(tokenizer, base_path: str) -> list[int]:
 
 
 def grow_embeddings(model, tokenizer, new_ids: list[int]) -> None:
-    """Give the tokens `new_ids` embedding rows, initialised to the mean of the other rows.
+    """Give the tokens `new_ids` embedding rows, set to the mean of the base tokenizer's own rows.
 
-    Rows are added where the model has fewer than the tokenizer's size (some models have
-    spare rows already). The mean, not a random draw: the rows come out the same on every
-    load, so an adapter that trained only some of them (or none, like the pad row) loads
-    onto the same base it was trained on.
+    Rows are added where the model has fewer than the tokenizer's size; some models have
+    spare rows already (Qwen, Phi-3), which are overwritten. Added tokens take the ids
+    after the base tokenizer's, so its own rows are those below the first new id; spare
+    rows are left out of the mean. The mean, not a random draw: the rows come out the same
+    on every load, so an adapter that trained only some of them (or none, like the pad
+    row) loads onto the same base it was trained on.
     """
     import torch
 
     if not new_ids:
         return
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    known = torch.ones(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
-    known[new_ids] = False
-    known[rows:] = False
+    own = min(new_ids)
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     with torch.no_grad():
         for layer in {id(w.weight): w for w in layers if w is not None}.values():
-            layer.weight[new_ids] = layer.weight[known].mean(0).to(layer.weight.dtype)
+            layer.weight[new_ids] = layer.weight[:own].mean(0)
 
 
 def load_base_model(model: ModelParams, tokenizer, base_path: str | None = None, dtype=None, device: str | None = None):

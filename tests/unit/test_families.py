@@ -27,6 +27,7 @@ from tasks.model.loading import (
     check_base,
     check_fit,
     end_of_turn_token,
+    grow_embeddings,
     load_base_model,
     load_base_tokenizer,
     load_causal_lm,
@@ -290,3 +291,22 @@ def test_a_stage_with_a_model_neither_local_nor_cached_ends_in_one_line(tmp_path
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "neither a local folder nor in the Hugging Face cache" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "prepared").exists()
+
+
+def test_new_rows_take_the_mean_of_the_own_rows_even_where_the_model_has_spare_rows(family_models):
+    """Qwen and Phi-3 checkpoints have more embedding rows than tokens: added tokens land on
+    spare rows, which are overwritten, and left out of the mean."""
+    path = str(family_models("gpt2"))
+    tok = load_base_tokenizer(ModelParams(base=path))
+    new_ids = added_token_ids(tok, path)
+    own = min(new_ids)
+    model = load_causal_lm(path)
+    model.resize_token_embeddings(len(tok) + 16)  # spare rows beyond every token
+    with torch.no_grad():
+        model.get_input_embeddings().weight[own:] = 100.0  # spare rows hold something else
+    grow_embeddings(model, tok, new_ids)
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == len(tok) + 16  # no rows added: the spare ones were used
+    expected = weight[:own].mean(0)
+    for i in new_ids:
+        assert torch.allclose(weight[i], expected)
