@@ -184,6 +184,8 @@ def end_of_turn_token(tokenizer) -> str | None:
         text = tokenizer.apply_chat_template(chat, tokenize=False)
     except TemplateError:
         return None
+    if answer not in text:  # a template that rewrites the answer: nothing to read the end from
+        return None
     tail = text[text.rfind(answer) + len(answer):]
     special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
     for token_id in tokenizer.encode(tail, add_special_tokens=False):
