@@ -40,6 +40,7 @@ from tasks.errors import FtllmError, RunFailed, StageError
 from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.score import evaluate_model_dir, load_split
 from tasks.files import file_md5
+from tasks.model.loading import check_fit
 from tasks.pipeline.dvc import (
     git_commit,
     lock_digest,
@@ -87,9 +88,9 @@ def _validation_key(context, arguments: dict) -> str:
 @task(name="validate-data", cache_key_fn=_validation_key, persist_result=True, cache_expiration=timedelta(days=30))
 def validate_data(params: Params, data_path: Path, report_dir: Path) -> dict:
     """Great Expectations suite plus chat-format checks on the run's data (cached on its md5)."""
-    from tasks.model.loading import load_tokenizer, resolve_base
+    from tasks.model.loading import load_base_tokenizer
 
-    tokenizer = load_tokenizer(resolve_base(params.model))
+    tokenizer = load_base_tokenizer(params.model)
     report = validate_dataset(
         data_path, params.data.format, tokenizer=tokenizer, max_tokens=params.data.max_tokens,
         max_drop_fraction=params.data.max_drop_fraction, min_answer_chars=params.data.min_answer_chars,
@@ -306,6 +307,7 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
     result.champion_version = champion_version(params.registry.model_name)
     result.data = DataSummary(path=str(data_path))
 
+    check_fit(params)  # the base model loads and fits the settings: before any work
     t = time.perf_counter()
     report = validate_data(params, data_path, root / "artifacts/reports")
     durations["validate"] = round(time.perf_counter() - t, 2)

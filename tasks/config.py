@@ -76,6 +76,11 @@ class ModelParams(_Section):
     )
     tiny_layers: int = Field(2, ge=1, le=64, description="Decoder layers of the tiny base model.")
     tiny_heads: int = Field(4, ge=1, le=64, description="Attention heads of the tiny base model.")
+    chat_template: str = Field(
+        "auto", pattern=r"^(auto|chatml|.+\.jinja)$",
+        description="auto: the model's own chat template, ChatML for a model without one; chatml: ChatML "
+        "always; or the path of a Jinja file. Tokens ChatML needs are added to the tokenizer and trained.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "ModelParams":
@@ -116,7 +121,10 @@ class TrainParams(_Section):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
     lora_target_modules: str = Field("all-linear", description='"all-linear" or comma-separated module names.')
     lora_modules_to_save: str = Field(
-        "embed_tokens,lm_head", description='Comma-separated modules trained in full beside the adapter ("" for none).'
+        "auto",
+        description="Comma-separated modules trained in full beside the adapter (\"\" for none), or auto: "
+        "embed_tokens,lm_head for the tiny model, only the rows of tokens added to the tokenizer for "
+        "other models (none when nothing was added).",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto (bf16 on a GPU that supports it, else fp32) | bf16 | fp32."

@@ -88,11 +88,11 @@ def _validate(path: Path, format: str, report: Path | None, json_out: bool, fix:
 
 def _run(path: Path, fmt: str, settings: Params, show_progress: bool):
     from tasks.data.validate import validate_dataset
-    from tasks.model.loading import load_tokenizer, resolve_base
+    from tasks.model.loading import load_base_tokenizer
 
     if not path.is_file():  # fail before the tokenizer is loaded
         validate_dataset(path, fmt)  # raises DataFileError with the specific reason
-    tokenizer = load_tokenizer(resolve_base(settings.model))
+    tokenizer = load_base_tokenizer(settings.model)
     data, train = settings.data, settings.train
     return validate_dataset(
         path,

@@ -207,9 +207,9 @@ def prepare_dataset(path: Path, out_dir: Path, params: Params, tokenizer=None) -
     """
     data = params.data
     if tokenizer is None:
-        from tasks.model.loading import load_tokenizer, resolve_base
+        from tasks.model.loading import load_base_tokenizer
 
-        tokenizer = load_tokenizer(resolve_base(params.model))
+        tokenizer = load_base_tokenizer(params.model)
     path = Path(path)
     fmt, examples = read_examples(path, data.format)
     read = len(examples)

@@ -31,8 +31,8 @@ from tasks.model.chat import (
     render_prompt,
 )
 from tasks.model.loading import (
-    load_causal_lm,
-    load_tokenizer,
+    load_base_model,
+    load_base_tokenizer,
     load_trained,
     resolve_base,
 )
@@ -91,9 +91,8 @@ def evaluate_all(params_path: str, data_dir: Path, model_dir: Path) -> dict:
         raise ConfigError(f"{data_dir / 'test.jsonl'}: the test split is empty; add data or raise data.test_fraction")
     shots = pick_few_shot(load_split(data_dir, "train"), params.eval.few_shot_k, params.train.seed)
     base_path = resolve_base(params.model)
-    base = load_causal_lm(base_path)
-    base.eval()
-    base_tok = load_tokenizer(base_path)
+    base_tok = load_base_tokenizer(params.model, base_path)
+    base = load_base_model(params.model, base_tok, base_path)
     results = {
         "candidate": evaluate_model_dir(model_dir, test, params.eval),
         "base_zero_shot": evaluate_model(base, base_tok, test, params.eval),

@@ -2,6 +2,13 @@
 
 Everything loads from safetensors through `from_pretrained`, never running code shipped
 with a checkpoint. `model.base: tiny` is built locally (`tasks.model.tiny`) and cached.
+
+A run's base tokenizer always comes from `load_base_tokenizer`, which applies
+`model.chat_template` (the model's own template, ChatML, or a Jinja file), makes the
+tokenizer's eos the token the template ends a turn with, and gives it a pad token that is
+not that end-of-turn token. Tokens it adds (ChatML's on a base model, a pad token) get
+rows in the embeddings through `grow_embeddings`, initialised deterministically, so a
+trained adapter finds the same base rows on every machine that loads it.
 """
 
 from __future__ import annotations
@@ -10,8 +17,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ModelParams
+from tasks.config import ModelParams, Params
 from tasks.environment import environment
+from tasks.errors import ConfigError
+from tasks.model.tiny import CHAT_TEMPLATE as CHATML_TEMPLATE
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+PAD_TOKEN = "<|pad|>"
 
 
 def tiny_cache() -> Path:
@@ -22,10 +34,14 @@ def tiny_cache() -> Path:
 def resolve_base(model: ModelParams, cache_dir: Path | None = None) -> str:
     """Return what `from_pretrained` should load for `model.base`.
 
-    "tiny" is built (once, then cached) under `cache_dir`; anything else is passed on as a
-    Hugging Face model id or a local directory.
+    "tiny" is built (once, then cached) under `cache_dir`; anything else must be a local
+    model folder or a Hugging Face model id (`check_base` says which cannot load).
+
+    Raises:
+        ConfigError: `model.base` is neither a model folder nor loadable from the hub or its cache.
     """
     if model.base != "tiny":
+        check_base(model.base)
         return model.base
     from tasks.model.tiny import build_tiny
 
@@ -37,15 +53,256 @@ def resolve_base(model: ModelParams, cache_dir: Path | None = None) -> str:
     return str(out)
 
 
+def check_base(base: str) -> None:
+    """Refuse, before any work, a `model.base` that `from_pretrained` cannot load here.
+
+    A local folder must hold a `config.json`. A model id must be in the Hugging Face cache
+    when the hub is offline (HF_HUB_OFFLINE=1); online, `from_pretrained` downloads it.
+
+    Raises:
+        ConfigError: one line naming `model.base`, why, and how to fetch the model.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.base={base}: the folder has no config.json; point model.base at a saved Hugging Face model folder"
+            )
+        return
+    if base.startswith((".", "/", "~")) or base.count("/") > 1:
+        raise ConfigError(f"model.base={base}: no such folder; point model.base at a model folder or a Hugging Face model id")
+    try:
+        cached = try_to_load_from_cache(base, "config.json")
+    except HFValidationError:
+        raise ConfigError(
+            f"model.base={base}: neither a local folder nor a Hugging Face model id (owner/name); fix model.base"
+        ) from None
+    if not isinstance(cached, str) and constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"model.base={base}: neither a local folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            f"fetch it on a machine with network (`hf download {base}`) and copy the cache here or set HF_HOME "
+            "to a cache that holds it, or point model.base at a model folder"
+        )
+
+
+def check_fit(params: Params, base_path: str | None = None) -> None:
+    """Refuse, before any work, settings that the base model cannot run; the message names the key.
+
+    Checks that `model.base` loads (`check_base`), that a training row (`train.seq_len`)
+    holds the longest example (`data.max_tokens`), that the row and a prompt plus its answer
+    at evaluation (`data.max_tokens + eval.max_new_tokens`) fit the model's context, and that
+    `train.attention: packed` is not asked of a model whose attention it would change (a
+    sliding window shorter than a row, soft-capped attention logits).
+
+    Raises:
+        ConfigError: naming the key to change and the limit.
+    """
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(base_path or resolve_base(params.model))
+    context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    data, train, evaluation = params.data, params.train, params.eval
+    if data.max_tokens > train.seq_len:
+        raise ConfigError(
+            f"data.max_tokens={data.max_tokens} is longer than train.seq_len={train.seq_len}: a training row could "
+            "not hold the longest example, whose answer would be cut off; raise train.seq_len or lower data.max_tokens"
+        )
+    if context:
+        if train.seq_len > context:
+            raise ConfigError(
+                f"train.seq_len={train.seq_len} is longer than the context of the base model "
+                f"(max_position_embeddings={context}); lower train.seq_len to at most {context}"
+            )
+        if data.max_tokens + evaluation.max_new_tokens > context:
+            raise ConfigError(
+                f"data.max_tokens={data.max_tokens} plus eval.max_new_tokens={evaluation.max_new_tokens} is longer "
+                f"than the context of the base model ({context} tokens); lower data.max_tokens or eval.max_new_tokens"
+            )
+    if train.attention == "packed":
+        window = getattr(cfg, "sliding_window", None)
+        if window and getattr(cfg, "use_sliding_window", True) is not False and train.seq_len > window:
+            raise ConfigError(
+                f"train.attention=packed ignores the sliding window of {cfg.model_type} ({window} tokens), shorter "
+                f"than train.seq_len={train.seq_len}; lower train.seq_len to {window} or use train.attention=mask"
+            )
+        if getattr(cfg, "attn_logit_softcapping", None):
+            raise ConfigError(
+                f"train.attention=packed does not soft-cap attention logits as {cfg.model_type} does "
+                "(attn_logit_softcapping); use train.attention=mask"
+            )
+
+
+def apply_chat_template_setting(tokenizer, setting: str) -> list[str]:
+    """Give `tokenizer` the chat template `model.chat_template` asks for; the tokens it had to add.
+
+    auto: keep the model's own template; a model without one (a base model) gets ChatML.
+    chatml: ChatML whatever the model has. Anything else: the path of a Jinja file.
+    ChatML's `<|im_start|>`/`<|im_end|>` are added as special tokens where missing.
+
+    Raises:
+        ConfigError: the Jinja file cannot be read.
+    """
+    if setting not in ("auto", "chatml"):
+        try:
+            tokenizer.chat_template = Path(setting).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"model.chat_template={setting}: cannot read the template ({exc.strerror}); give the path of a "
+                "Jinja file, or auto / chatml"
+            ) from None
+        return []
+    if setting == "auto" and tokenizer.chat_template is not None:
+        return []
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return _add_special(tokenizer, CHATML_TOKENS)
+
+
+def _add_special(tokenizer, tokens: tuple[str, ...]) -> list[str]:
+    from tokenizers import AddedToken
+
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    return missing
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The special token the chat template closes an assistant turn with (None if it uses none).
+
+    Found by rendering a one-turn conversation and reading the first special token after
+    the answer: `<|eot_id|>` (Llama 3), `<|im_end|>` (ChatML), `<end_of_turn>` (Gemma),
+    `<|end|>` (Phi-3), `</s>` (Mistral).
+    """
+    from jinja2 import TemplateError
+
+    answer = "Fine."
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except TemplateError:
+        return None
+    if answer not in text:  # a template that rewrites the answer: nothing to read the end from
+        return None
+    tail = text[text.rfind(answer) + len(answer):]
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    for token_id in tokenizer.encode(tail, add_special_tokens=False):
+        if token_id in special:
+            return tokenizer.convert_ids_to_tokens(token_id)
+    return None
+
+
+def settle_special_tokens(tokenizer) -> list[str]:
+    """Make eos the end-of-turn token and give the tokenizer a pad token that is not it; tokens added.
+
+    Evaluation and serving stop generating at `tokenizer.eos_token_id`: a template that ends
+    turns with another token (Gemma's `<end_of_turn>`, Phi-3's `<|end|>`, ChatML on a base
+    model) would otherwise never stop. The pad token must differ from the end-of-turn
+    token: padding is dropped from attention and may be treated as a stop, and a model
+    taught to end on its pad token is taught to end on padding. So pad is, in order, the
+    model's own pad, its unk token, or a dedicated `<|pad|>` (one new embedding row, never
+    trained on: padding is masked out of the attention and the loss).
+    """
+    end = end_of_turn_token(tokenizer)
+    if end is not None and end != tokenizer.eos_token:
+        tokenizer.eos_token = end
+    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
+        return []
+    if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+        tokenizer.pad_token = tokenizer.unk_token
+        return []
+    added = _add_special(tokenizer, (PAD_TOKEN,))
+    tokenizer.pad_token = PAD_TOKEN
+    return added
+
+
+def load_base_tokenizer(model: ModelParams, base_path: str | None = None):
+    """The tokenizer of a run's base model, with the run's chat template, eos and pad token.
+
+    Every step that tokenizes for a run (validation, prepare, finetune, the base
+    baselines of evaluate) loads it here, so they all render the same text.
+
+    Args:
+        model: the run's model settings (`model.base`, `model.chat_template`).
+        base_path: `resolve_base(model)` where the caller has it already.
+
+    Raises:
+        ConfigError: the base model or the chat template file cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path or resolve_base(model))
+    apply_chat_template_setting(tokenizer, model.chat_template)
+    settle_special_tokens(tokenizer)
+    return tokenizer
+
+
+def added_token_ids(tokenizer, base_path: str) -> list[int]:
+    """Ids of the tokens `load_base_tokenizer` added to the base model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    return list(range(len(AutoTokenizer.from_pretrained(base_path)), len(tokenizer)))
+
+
+def grow_embeddings(model, tokenizer, new_ids: list[int]) -> None:
+    """Give the tokens `new_ids` embedding rows, set to the mean of the base tokenizer's own rows.
+
+    Rows are added where the model has fewer than the tokenizer's size; some models have
+    spare rows already (Qwen, Phi-3), which are overwritten. Added tokens take the ids
+    after the base tokenizer's, so its own rows are those below the first new id; spare
+    rows are left out of the mean. The mean, not a random draw: the rows come out the same
+    on every load, so an adapter that trained only some of them (or none, like the pad
+    row) loads onto the same base it was trained on.
+    """
+    import torch
+
+    if not new_ids:
+        return
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    own = min(new_ids)
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    with torch.no_grad():
+        for layer in {id(w.weight): w for w in layers if w is not None}.values():
+            layer.weight[new_ids] = layer.weight[:own].mean(0)
+
+
+def load_base_model(model: ModelParams, tokenizer, base_path: str | None = None, dtype=None, device: str | None = None):
+    """The run's base model, with embedding rows for the tokens its tokenizer gained (eval mode)."""
+    base_path = base_path or resolve_base(model)
+    lm = load_causal_lm(base_path, dtype=dtype, device=device)
+    grow_embeddings(lm, tokenizer, added_token_ids(tokenizer, base_path))
+    stop_at_eos(lm, tokenizer)
+    return lm.eval()
+
+
+def stop_at_eos(model, tokenizer) -> None:
+    """Make `model.generate` stop at the tokenizer's eos and pad with its pad token, as serving does."""
+    stops = model.generation_config.eos_token_id
+    stops = list(stops) if isinstance(stops, (list, tuple)) else [stops] if stops is not None else []
+    if tokenizer.eos_token_id not in stops:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *stops]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def load_tokenizer(path: str):
-    """Load a tokenizer that has a chat template and a pad token."""
+    """Load the tokenizer of a trained model folder (it carries its chat template and pad token).
+
+    Raises:
+        ConfigError: the tokenizer has no chat template.
+    """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.chat_template is None:
-        raise ValueError(f"{path}: the tokenizer has no chat template; use a chat/instruct model as model.base")
+        raise ConfigError(
+            f"{path}: the tokenizer has no chat template; load a base model with load_base_tokenizer "
+            "(model.chat_template) or save the tokenizer with its template"
+        )
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        settle_special_tokens(tok)
     return tok
 
 
@@ -69,7 +326,8 @@ def load_trained(model_dir: Path, dtype=None, device: str | None = None):
     """Load a fine-tuned model folder written by `tasks.train.finetune`: (model, tokenizer, info).
 
     The folder is self-describing: `ftllm_model.json` says whether it holds an adapter or
-    full weights, and which base the adapter belongs to.
+    full weights, which base the adapter belongs to, and which tokens training added to
+    the base tokenizer (their rows are grown here exactly as they were for training).
     """
     info = json.loads((model_dir / "ftllm_model.json").read_text())
     tokenizer = load_tokenizer(str(model_dir))
@@ -83,8 +341,10 @@ def load_trained(model_dir: Path, dtype=None, device: str | None = None):
             # The tiny base is rebuilt from its seed where the folder is not on this machine.
             base_path = resolve_base(ModelParams(**info["model_params"]))
         base = load_causal_lm(base_path, dtype=dtype, device=device)
+        grow_embeddings(base, tokenizer, info.get("added_token_ids", []))
         model = PeftModel.from_pretrained(base, str(model_dir / "adapter"))
     else:
         model = load_causal_lm(str(model_dir / "weights"), dtype=dtype, device=device)
+    stop_at_eos(model, tokenizer)
     model.eval()
     return model, tokenizer, info

@@ -29,7 +29,14 @@ from tasks.config import Params, TrainParams
 from tasks.environment import environment
 from tasks.errors import ConfigError
 from tasks.files import read_jsonl
-from tasks.model.loading import load_causal_lm, load_tokenizer, resolve_base
+from tasks.model.loading import (
+    added_token_ids,
+    check_fit,
+    grow_embeddings,
+    load_base_tokenizer,
+    load_causal_lm,
+    resolve_base,
+)
 from tasks.train.checkpoints import Checkpoints, checkpoints_dir, training_digest
 from tasks.train.loop import (
     Log,
@@ -65,17 +72,15 @@ def pick_precision(precision: str, device: str):
 
 
 def check_config(train: TrainParams, base_path: str, device: str) -> None:
-    """Refuse, before any training, a configuration that cannot run here; the message names the key."""
+    """Refuse, before any training, a configuration that cannot run on this machine; the message names the key.
+
+    What the base model itself cannot run (lengths beyond its context, packed attention
+    it would change) is `tasks.model.loading.check_fit`'s, which the flow also runs up front.
+    """
     import torch
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(base_path)
-    context = getattr(cfg, "max_position_embeddings", None)
-    if context and train.seq_len > context:
-        raise ConfigError(
-            f"train.seq_len={train.seq_len} is longer than the context of the base model "
-            f"(max_position_embeddings={context}); lower train.seq_len to at most {context}"
-        )
     cuda = device.startswith("cuda")
     if train.method == "qlora":
         if not cuda:
@@ -111,11 +116,18 @@ def check_config(train: TrainParams, base_path: str, device: str) -> None:
             )
 
 
-def build_model(base_path: str, train: TrainParams, device: str, dtype):
+def build_model(base_path: str, train: TrainParams, device: str, dtype, tokenizer=None, new_ids: list[int] = ()):
     """Load the base model and wrap it for the training method (LoRA, QLoRA or full).
 
     Mixed precision: frozen weights may be bf16, trainable ones are always fp32 (the
     forward pass runs under bf16 autocast), so Adam's updates are not lost to rounding.
+
+    Args:
+        base_path: the base model folder or id.
+        train: the training settings.
+        device, dtype: where and in which precision the frozen weights live.
+        tokenizer: the run's tokenizer (`load_base_tokenizer`); with `new_ids`, the tokens
+            it added to the base tokenizer, which get embedding rows and are trained.
     """
     import torch
 
@@ -131,11 +143,49 @@ def build_model(base_path: str, train: TrainParams, device: str, dtype):
         )
     load_dtype = torch.float32 if train.method == "full" else dtype
     model = load_causal_lm(base_path, dtype=load_dtype, device=device, quantization_config=quant)
-    return wrap_for_training(model, train, quantized=quant is not None)
+    if tokenizer is not None:
+        grow_embeddings(model, tokenizer, list(new_ids))
+    tiny = (Path(base_path) / "tiny.json").is_file()
+    trained_rows = [i for i in new_ids if tokenizer is None or i != tokenizer.pad_token_id]
+    return wrap_for_training(model, train, quantized=quant is not None, tiny=tiny, new_ids=trained_rows)
 
 
-def wrap_for_training(model, train: TrainParams, quantized: bool = False):
-    """Switch a loaded causal LM to training: no KV cache, checkpointing, LoRA; trainables in fp32."""
+def _module_name(model, module) -> str:
+    return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
+
+
+def embedding_trainables(model, setting: str, tiny: bool, new_ids: list[int]) -> dict:
+    """What LoRA trains of the embeddings besides the adapter, as LoraConfig arguments.
+
+    `train.lora_modules_to_save: auto` trains the whole embedding and LM head of the tiny
+    model only: its weights are random, and it learns the task through them. A real model
+    keeps them frozen: in full they are ~1 B parameters of Llama-3-8B, with Adam's state on
+    top. Where the tokenizer gained tokens (ChatML on a base model), only their rows are
+    trained, through peft's `trainable_token_indices`, in the input embedding and, when it
+    is not tied to it, the output embedding (the model must learn to emit `<|im_end|>`).
+    A pad token that was added is not among them: padding is never attended to nor a label.
+    An explicit list (or "") is used as it is.
+    """
+    if setting != "auto":
+        return {"modules_to_save": [m.strip() for m in setting.split(",") if m.strip()] or None}
+    if tiny:
+        return {"modules_to_save": ["embed_tokens", "lm_head"]}
+    if not new_ids:
+        return {}
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = {_module_name(model, inputs): list(new_ids)}
+    if outputs is not None and outputs.weight is not inputs.weight:
+        rows[_module_name(model, outputs)] = list(new_ids)
+    return {"trainable_token_indices": rows}
+
+
+def wrap_for_training(model, train: TrainParams, quantized: bool = False, tiny: bool = False,
+                      new_ids: list[int] = ()):
+    """Switch a loaded causal LM to training: no KV cache, checkpointing, LoRA; trainables in fp32.
+
+    `tiny` and `new_ids` (token rows to train) resolve `train.lora_modules_to_save: auto`
+    (`embedding_trainables`).
+    """
     import torch
 
     model.config.use_cache = False
@@ -152,8 +202,8 @@ def wrap_for_training(model, train: TrainParams, quantized: bool = False):
             lora_alpha=train.lora_alpha,
             lora_dropout=train.lora_dropout,
             target_modules="all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-            modules_to_save=[m.strip() for m in train.lora_modules_to_save.split(",") if m.strip()] or None,
             task_type="CAUSAL_LM",
+            **embedding_trainables(model, train.lora_modules_to_save, tiny, list(new_ids)),
         )
         model = get_peft_model(model, config)
     if train.attention == "packed":
@@ -188,15 +238,24 @@ class TrainSummary:
 
 def save_model(
     model, tokenizer, out: Path, params: Params, base_path: str, summary: TrainSummary, merge: bool,
-    history: list[dict] | None = None,
+    history: list[dict] | None = None, added_ids: list[int] = (),
 ) -> Path:
-    """Write the self-describing model folder atomically (temp folder, then rename)."""
+    """Write the self-describing model folder atomically (temp folder, then rename).
+
+    The folder's tokenizer is the run's (chat template, eos, pad and added tokens), so
+    evaluation, the registry's pyfunc model, the bento and the service render what training
+    rendered; `added_token_ids` in `ftllm_model.json` lets `load_trained` grow the base's
+    embeddings as training did before the adapter is loaded.
+    """
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     kind = "full" if params.train.method == "full" else "adapter"
     if kind == "adapter":
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        # The rows of added tokens are rebuilt by `grow_embeddings` on load (deterministically)
+        # and their trained values are in the adapter: no need for a copy of the whole embedding.
+        model.save_pretrained(tmp / "adapter", safe_serialization=True,
+                              save_embedding_layers=False if added_ids else "auto")
         if merge:
             # merge_and_unload changes the model in place: it comes after the adapter is saved.
             merged = model.merge_and_unload()
@@ -211,6 +270,7 @@ def save_model(
         "base": params.model.base,
         "base_path": base_path,
         "model_params": params.model.model_dump(),
+        "added_token_ids": list(added_ids),
         "method": params.train.method,
         "params_digest": params.digest(),
     }
@@ -258,19 +318,21 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
             say(f"train.num_processes={train.num_processes} takes effect through `python -m tasks.stages.finetune` (torchrun); "
                 "training in this one process")
         base_path = resolve_base(params.model)
+        check_fit(params, base_path)
         check_config(train, base_path, device)
         train_file = data_dir / "train.jsonl"
         if not train_file.is_file():
             raise ConfigError(f"{train_file}: no train split; run the prepare stage first (python -m tasks.stages.prepare)")
         seed_everything(train.seed)
         dtype = pick_precision(train.precision, device)
-        tokenizer = load_tokenizer(base_path)
+        tokenizer = load_base_tokenizer(params.model, base_path)
+        new_ids = added_token_ids(tokenizer, base_path)
         batches = prepare_batches(tokenizer, read_jsonl(train_file), train)
         if not batches:
             raise ConfigError(f"{train_file}: the train split is empty; add data or lower data.test_fraction")
         val_path = data_dir / "val.jsonl"
         val_batches = prepare_batches(tokenizer, read_jsonl(val_path), train) if val_path.exists() else []
-        model = build_model(base_path, train, device, dtype)
+        model = build_model(base_path, train, device, dtype, tokenizer, new_ids)
         if dist.sharded:
             shard_model(model)
         # Dropout differs per rank; the weights are the same (seeded alike, and DDP broadcasts them too).
@@ -308,7 +370,7 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
                 checkpoints.save(model, opt, state, dist)  # the final state: a re-run with the same settings is a no-op
             if dist.sharded:  # gather the trained weights into one whole model on rank 0
                 whole = trainable_state(model, sharded=True)
-                model = build_model(base_path, train, device, dtype) if dist.is_main else model
+                model = build_model(base_path, train, device, dtype, tokenizer, new_ids) if dist.is_main else model
                 if dist.is_main:
                     named = dict(model.named_parameters())
                     for name, value in whole.items():
@@ -334,7 +396,8 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
                 num_processes=dist.world,
             )
             if dist.is_main:
-                save_model(model, tokenizer, out, params, base_path, summary, train.merge_adapter, state.history)
+                save_model(model, tokenizer, out, params, base_path, summary, train.merge_adapter, state.history,
+                           new_ids)
                 tracker.steps(state.history)
                 tracker.finish(
                     {

@@ -1,0 +1,83 @@
+"""The retrain flow end to end once per model family: validate, prepare, finetune, evaluate,
+gate, register and package a small model of each family (`tests/families.py`).
+
+The budget is tiny (5 steps, 8 test examples) and the gate lenient: these runs check that
+every step works with each family's tokenizer, template and architecture, not how well it
+learns (the tiny model's runs in test_retrain.py do that).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts.make_data import make_examples
+from tests.families import FAMILIES, family_models  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.slow
+
+LENIENT = {
+    "train.max_steps": 5,
+    "train.batch_size": 4,
+    "train.seq_len": 128,
+    "train.learning_rate": 0.01,
+    "train.save_steps": 0,
+    "eval.max_examples": 8,
+    "eval.few_shot_k": 1,
+    "eval.max_new_tokens": 8,
+    "gate.min_exact_match": 0.0,
+    "gate.max_perplexity": 1e9,
+    "gate.min_gain_over_prompting": -1.0,
+    "gate.max_regression": 1.0,
+    "gate.max_p95_latency_ms": 600000,
+}
+# Gemma 2's published template raises on a system role, and the project's data has one in
+# every example; Mistral v0.3's puts it into the last user turn only, so no assistant token
+# is found to train on. Both are tasks/model/chat.py's system-message and masking handling,
+# being rewritten; these cases pass once it lands.
+SYSTEM_MESSAGES = pytest.mark.xfail(strict=True, reason="tasks.model.chat: system messages of Gemma 2 / Mistral v0.3")
+
+
+def run_flow(project: Path, **overrides):
+    from flows.retrain import retrain
+
+    state = retrain(params_file=str(project / "params.yaml"), overrides=overrides, return_state=True)
+    return state, state.result(raise_on_failure=False)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "dates.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in make_examples(120, seed=21)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=SYSTEM_MESSAGES) if n in ("gemma2", "mistral") else n for n in FAMILIES]
+)
+def test_a_retrain_run_registers_a_version_of_each_family(name, project, prefect_harness, family_models, small_data):
+    from mlflow import MlflowClient
+
+    overrides = {**LENIENT, "model.base": str(family_models(name)), "data.path": str(small_data),
+                 "registry.model_name": f"family-{name}"}
+    if name == "gemma2":
+        overrides["train.attention"] = "mask"  # packed attention does not soft-cap Gemma 2's logits
+    state, result = run_flow(project, **overrides)
+    assert state.is_completed(), result.get("error") if isinstance(result, dict) else result
+    assert result["version"] is not None and result["bento"]
+    version = MlflowClient().get_model_version(f"family-{name}", result["version"])
+    assert version.tags["gate_passed"] == "true"
+    summary = json.loads((project / "artifacts/model/train_summary.json").read_text())
+    assert summary["trained_tokens"] > 0 and summary["steps"] == 5
+    info = json.loads((project / "artifacts/model/ftllm_model.json").read_text())
+    assert info["base_path"] == str(family_models(name))
+
+
+def test_a_model_neither_local_nor_cached_fails_before_validation(project, prefect_harness):
+    state, result = run_flow(project, **{"model.base": "meta-llama/Llama-3.2-1B-Instruct"})
+    assert state.is_failed()
+    assert "neither a local folder nor in the Hugging Face cache" in result["error"]
+    assert "\n" not in result["error"].strip()
+    assert "validation" not in result and result["version"] is None

@@ -1,0 +1,313 @@
+"""Eight real model families through the project: loading, base-model set-up, training, serving.
+
+Each family is a small random-weight model with its own tokenizer and published chat
+template (`tests/families.py`). For each: the run's tokenizer (`load_base_tokenizer`)
+gets a template, an eos that ends the assistant's turn and a pad token that is not it; a
+base model gets ChatML with trainable rows for the new tokens; `finetune` trains a few
+steps and writes a folder that `load_trained` loads; and the serving engine answers what
+`model.generate` answers from that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.make_data import make_examples
+from tasks.config import ModelParams, Params, TrainParams, load_params
+from tasks.errors import ConfigError
+from tasks.model.loading import (
+    CHATML_TEMPLATE,
+    added_token_ids,
+    check_base,
+    check_fit,
+    end_of_turn_token,
+    grow_embeddings,
+    load_base_model,
+    load_base_tokenizer,
+    load_causal_lm,
+    load_trained,
+)
+from tasks.train.finetune import build_model, finetune
+from tests.families import FAMILIES, family_models  # noqa: F401  (the fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = list(FAMILIES)
+
+# What the run's tokenizer must end up with, written out per family (not computed by the
+# code under test): the token the template ends the assistant's turn with becomes eos, and
+# pad is the family's own, its unk token, or an added <|pad|>; never the end of turn.
+EXPECTED = {
+    "llama3": ("<|eot_id|>", "<|pad|>"),
+    "qwen2.5": ("<|im_end|>", "<|endoftext|>"),
+    "qwen3": ("<|im_end|>", "<|endoftext|>"),
+    "mistral": ("</s>", "<unk>"),
+    "gemma2": ("<end_of_turn>", "<pad>"),
+    "phi3": ("<|end|>", "<|endoftext|>"),
+    "gpt2": ("<|im_end|>", "<|endoftext|>"),
+    "neox": ("<|im_end|>", "<|endoftext|>"),
+}
+
+
+# Mistral v0.3's template puts the system message into the last user turn only, so the
+# conversation rendered up to the answer is not a prefix of the whole one, and the
+# assistant tokens are not found (no trained tokens). The masking code of
+# tasks/model/chat.py is being rewritten for this; the case passes once it lands.
+MASKING = pytest.mark.xfail(strict=True, reason="tasks.model.chat masks no token of Mistral v0.3 with a system message")
+
+
+def param(name: str):
+    return pytest.param(name, marks=MASKING) if name == "mistral" else name
+
+
+def conversations(name: str, count: int, seed: int, system: bool = True) -> list[dict]:
+    """Date examples; without the system message for Gemma 2, whose template refuses the system role
+    (how a system message reaches such a template is tasks.model.chat's concern, tested there),
+    and where `system` is False."""
+    examples = make_examples(count, seed=seed)
+    if name == "gemma2" or not system:
+        examples = [{"messages": [m for m in e["messages"] if m["role"] != "system"]} for e in examples]
+    return examples
+
+
+def small_params(path: Path, **train) -> Params:
+    settings = dict(max_steps=8, batch_size=4, seq_len=128, save_steps=0, log_every=1, learning_rate=0.01,
+                    attention="mask" if "gemma" in path.name else "packed")
+    settings.update(train)
+    return Params(model=ModelParams(base=str(path)), train=TrainParams(**settings))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_run_tokenizer_ends_turns_with_eos_and_pads_with_another_token(name, family_models):
+    path = family_models(name)
+    family = FAMILIES[name]
+    tok = load_base_tokenizer(ModelParams(base=str(path)))
+    eos, pad = EXPECTED[name]
+    assert (tok.eos_token, tok.pad_token) == (eos, pad)
+    assert tok.pad_token_id != tok.eos_token_id
+    assert end_of_turn_token(tok) == eos
+    added = [tok.convert_ids_to_tokens(i) for i in added_token_ids(tok, str(path))]
+    if family.is_base:
+        assert tok.chat_template == CHATML_TEMPLATE
+        assert added == ["<|im_start|>", "<|im_end|>"]
+    else:
+        assert tok.chat_template == family.chat_template  # its own, untouched
+        assert added == (["<|pad|>"] if pad == "<|pad|>" else [])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "neox", "llama3"])
+def test_added_tokens_get_rows_and_only_they_are_trained_beside_the_adapter(name, family_models):
+    """Base models train the rows of <|im_start|>/<|im_end|> (input and, untied, output
+    embedding), nothing else of the embeddings; an added pad token is never trained."""
+    path = str(family_models(name))
+    tok = load_base_tokenizer(ModelParams(base=path))
+    new_ids = added_token_ids(tok, path)
+    model = build_model(path, TrainParams(), "cpu", torch.float32, tok, new_ids)
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    embedding = [n for n in trainable if "lora_" not in n]
+    assert not any("modules_to_save" in n for n in trainable)
+    if FAMILIES[name].is_base:
+        deltas = [n for n in embedding if "trainable_tokens_delta" in n]
+        tied = FAMILIES[name].tied
+        assert len(deltas) == (1 if tied else 2), embedding
+        for n, p in model.named_parameters():
+            if "trainable_tokens_delta" in n:
+                assert p.shape[0] == 2  # the two ChatML tokens, not the whole vocabulary
+    else:
+        assert embedding == []  # the pad row is not trained; the real embedding stays frozen
+
+
+def test_the_tiny_model_still_trains_its_whole_embedding(tmp_path):
+    from tasks.model.loading import resolve_base
+
+    params = Params()
+    path = resolve_base(params.model)
+    tok = load_base_tokenizer(params.model, path)
+    model = build_model(path, params.train, "cpu", torch.float32, tok, added_token_ids(tok, path))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("embed_tokens.modules_to_save" in n for n in names)
+    assert any("lm_head.modules_to_save" in n for n in names)
+
+
+def test_an_explicit_modules_list_is_used_as_it_is(family_models):
+    path = str(family_models("qwen2.5"))
+    tok = load_base_tokenizer(ModelParams(base=path))
+    model = build_model(path, TrainParams(lora_modules_to_save="embed_tokens"), "cpu", torch.float32, tok, [])
+    assert any("embed_tokens.modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_chat_template_chatml_and_a_jinja_file(family_models, tmp_path):
+    path = str(family_models("llama3"))
+    tok = load_base_tokenizer(ModelParams(base=path, chat_template="chatml"))
+    assert tok.chat_template == CHATML_TEMPLATE and tok.eos_token == "<|im_end|>"
+    # No unk token, and the end of turn is now <|im_end|>: a dedicated pad token is added too.
+    added = [tok.convert_ids_to_tokens(i) for i in added_token_ids(tok, path)]
+    assert added == ["<|im_start|>", "<|im_end|>", "<|pad|>"]
+    jinja = tmp_path / "plain.jinja"
+    jinja.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|eot_id|>{% endfor %}"
+                     "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok = load_base_tokenizer(ModelParams(base=path, chat_template=str(jinja)))
+    assert tok.chat_template == jinja.read_text() and tok.eos_token == "<|eot_id|>"
+    with pytest.raises(ConfigError, match="model.chat_template=.*missing.jinja: cannot read"):
+        load_base_tokenizer(ModelParams(base=path, chat_template=str(tmp_path / "missing.jinja")))
+
+
+def test_a_chat_template_that_is_no_jinja_file_is_refused_by_key(tmp_path):
+    (tmp_path / "p.yaml").write_text("model:\n  chat_template: llama\n")
+    with pytest.raises(ConfigError, match="model.chat_template"):
+        load_params(tmp_path / "p.yaml")
+
+
+def test_a_model_neither_local_nor_cached_fails_in_one_line(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        check_base("meta-llama/Llama-3.2-1B-Instruct")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "neither a local folder nor in the Hugging Face cache" in message
+    assert "hf download meta-llama/Llama-3.2-1B-Instruct" in message and "HF_HOME" in message
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        check_base(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="no such folder"):
+        check_base(str(tmp_path / "nowhere"))
+
+
+def test_settings_the_model_cannot_run_fail_before_any_work(family_models):
+    gpt2 = family_models("gpt2")  # 1024 positions
+    with pytest.raises(ConfigError, match="train.seq_len=2048"):
+        check_fit(small_params(gpt2, seq_len=2048))
+    from tasks.config import DataParams, EvalParams
+
+    params = small_params(gpt2, seq_len=1000).model_copy(update={"data": DataParams(max_tokens=1000),
+                                                                 "eval": EvalParams(max_new_tokens=100)})
+    with pytest.raises(ConfigError, match="data.max_tokens=1000 plus eval.max_new_tokens=100"):
+        check_fit(params)
+    with pytest.raises(ConfigError, match="data.max_tokens=512 is longer than train.seq_len=128"):
+        check_fit(small_params(gpt2).model_copy(update={"data": DataParams(max_tokens=512)}))
+    gemma = family_models("gemma2")
+    with pytest.raises(ConfigError, match="train.attention=packed .*attn_logit_softcapping"):
+        check_fit(small_params(gemma, attention="packed"))
+    check_fit(small_params(gemma, attention="mask"))
+
+
+@pytest.fixture(scope="module")
+def trained(family_models, tmp_path_factory):
+    """(name, system) -> (folder, summary, history): a family fine-tuned for a few steps, once per module."""
+    done: dict[tuple, tuple] = {}
+
+    def get(name: str, system: bool = True):
+        if (name, system) not in done:
+            root = tmp_path_factory.mktemp(f"trained-{name}")
+            data = root / "prepared"
+            data.mkdir()
+            examples = conversations(name, 40, seed=5, system=system)
+            (data / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[:32]))
+            (data / "val.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[32:]))
+            out = root / "model"
+            summary = finetune(small_params(family_models(name)), data, out, log=lambda _m: None)
+            done[name, system] = (out, summary, json.loads((out / "history.json").read_text()))
+        return done[name, system]
+
+    return get
+
+
+@pytest.mark.parametrize("name", [param(n) for n in NAMES])
+def test_finetune_trains_each_family_and_writes_a_folder_that_loads(name, trained, family_models):
+    out, summary, history = trained(name)
+    losses = [h["loss"] for h in history]
+    assert summary.trained_tokens > 0 and summary.steps == 8
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < losses[0], losses  # learning: the last steps beat the first
+    model, tok, info = load_trained(out)
+    family = FAMILIES[name]
+    assert tok.chat_template == (CHATML_TEMPLATE if family.is_base else family.chat_template)
+    assert (tok.eos_token, tok.pad_token) == EXPECTED[name]
+    if family.is_base:
+        # The ChatML rows were trained: they no longer hold the mean the base got them at.
+        base_tok = load_base_tokenizer(ModelParams(base=str(family_models(name))))
+        base = load_base_model(ModelParams(base=str(family_models(name))), base_tok)
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        trained_row = model.get_input_embeddings()(torch.tensor([im_end]))
+        base_row = base.get_input_embeddings()(torch.tensor([im_end]))
+        assert not torch.allclose(trained_row, base_row)
+        assert info["added_token_ids"] == added_token_ids(base_tok, str(family_models(name)))
+    # The grown rows (an untrained added pad row among them) are the same on every load.
+    again, _, _ = load_trained(out)
+    assert torch.equal(again.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert torch.equal(again.get_output_embeddings().weight, model.get_output_embeddings().weight)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_serving_engine_answers_what_generate_answers(name, trained):
+    from serving.engine import Engine, Row, load_model_dir
+    from tasks.model.chat import render_prompt
+
+    # Without the system message for Mistral (see MASKING): serving does not depend on it.
+    out, _, _ = trained(name, system=name != "mistral")
+    loaded = load_model_dir(out)
+    tok = loaded.tokenizer
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    engine = Engine(lambda batch: [events.put(e) for e in batch])
+    try:
+        for i, example in enumerate(conversations(name, 3, seed=11)):
+            prompt = render_prompt(tok, example["messages"][:-1])
+            ids = tok.encode(prompt, add_special_tokens=False)
+            row = Row(i, ids, 12, 0.0, 1.0, [], False, loaded)
+            engine.submit(row)
+            while True:
+                got, event = events.get(timeout=60)
+                if got is row and event[0] in ("end", "error"):
+                    break
+            assert event[0] == "end", event
+            with torch.no_grad():
+                full = loaded.model.generate(
+                    torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    max_new_tokens=12, do_sample=False,
+                    eos_token_id=[tok.eos_token_id, tok.pad_token_id], pad_token_id=tok.pad_token_id,
+                )[0, len(ids):].tolist()
+            expected = [t for t in full if t not in (tok.eos_token_id, tok.pad_token_id)]
+            assert row.ids == expected, (tok.decode(row.ids), tok.decode(expected))
+    finally:
+        engine.close()
+
+
+def test_a_stage_with_a_model_neither_local_nor_cached_ends_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text("model:\n  base: meta-llama/Llama-3.2-1B-Instruct\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.stages.prepare", "--params", str(tmp_path / "params.yaml"), "--out",
+         str(tmp_path / "prepared")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "neither a local folder nor in the Hugging Face cache" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "prepared").exists()
+
+
+def test_new_rows_take_the_mean_of_the_own_rows_even_where_the_model_has_spare_rows(family_models):
+    """Qwen and Phi-3 checkpoints have more embedding rows than tokens: added tokens land on
+    spare rows, which are overwritten, and left out of the mean."""
+    path = str(family_models("gpt2"))
+    tok = load_base_tokenizer(ModelParams(base=path))
+    new_ids = added_token_ids(tok, path)
+    own = min(new_ids)
+    model = load_causal_lm(path)
+    model.resize_token_embeddings(len(tok) + 16)  # spare rows beyond every token
+    with torch.no_grad():
+        model.get_input_embeddings().weight[own:] = 100.0  # spare rows hold something else
+    grow_embeddings(model, tok, new_ids)
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == len(tok) + 16  # no rows added: the spare ones were used
+    expected = weight[:own].mean(0)
+    for i in new_ids:
+        assert torch.allclose(weight[i], expected)
