@@ -149,14 +149,14 @@ def models(
         from rich.table import Table
 
         table = Table(title=f"{name} (champion: {out['champion']})")
-        for col in ("version", "aliases", "gate", "exact_match", "perplexity", "data_md5", "created"):
+        for col in ("version", "aliases", "gate", "exact_match", "perplexity", "data_md5", "created", "flow run"):
             table.add_column(col)
         for v in versions:
             m = v["metrics"]
             table.add_row(
                 v["version"], ",".join(v["aliases"]), "pass" if v["gate_passed"] else "fail",
                 f"{m.get('exact_match', float('nan')):.3f}", f"{m.get('perplexity', float('nan')):.3f}",
-                v["lineage"].get("data_md5", "")[:12], v["created"],
+                v["lineage"].get("data_md5", "")[:12], v["created"], (v.get("flow_run") or {}).get("name") or "",
             )
         Console().print(table)
     _emit(out, as_json)

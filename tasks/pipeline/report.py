@@ -103,6 +103,13 @@ def write_data_report(report: dict[str, Any], path: Path) -> Path:
     return Path(path)
 
 
+def write_reports(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
+    """The validation report as `validation.json` and `validation.html` in `folder`."""
+    folder = Path(folder)
+    json_path = write_atomic(folder / "validation.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return json_path, write_data_report(report, folder / "validation.html")
+
+
 def main(args: list[str]) -> int:
     """`python -m tasks.pipeline.report REPORT.json`: write REPORT.html beside it."""
     from tasks.errors import DataFileError
