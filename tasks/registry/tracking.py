@@ -52,11 +52,13 @@ def flow_run_origin() -> FlowRunOrigin:
     """
     from prefect.runtime import flow_run
     from prefect.settings import PREFECT_API_URL
+    from prefect.utilities.urls import url_for
 
     run_id = flow_run.get_id()
     if run_id is None:
         return FlowRunOrigin(None, None, None)
-    url = flow_run.get_flow_run_ui_url() if PREFECT_API_URL.value() else None
+    # url_for gives the page the UI serves (`/runs/flow-run/<id>`), the one Prefect's own "View at" log line names.
+    url = url_for("flow-run", obj_id=run_id) if PREFECT_API_URL.value() else None
     return FlowRunOrigin(str(run_id), flow_run.get_name(), url)
 
 

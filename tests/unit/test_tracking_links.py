@@ -19,7 +19,7 @@ from tasks.registry.tracking import (
     version_link,
 )
 
-ORIGIN = FlowRunOrigin("0b1c-run", "classy-flow-42", "http://127.0.0.1:4200/flow-runs/flow-run/0b1c-run")
+ORIGIN = FlowRunOrigin("0b1c-run", "classy-flow-42", "http://127.0.0.1:4200/runs/flow-run/0b1c-run")
 
 
 def test_new_experiment_opens_in_the_model_training_view(tmp_path):
