@@ -94,7 +94,7 @@ def _print_run(result: dict) -> None:
 def validate(
     path: Path,
     format: Annotated[str, typer.Option("--format", help="auto | openai | alpaca | sharegpt")] = "auto",
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here, and an offline HTML report beside it.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="End stdout with the JSON report.")] = False,
     fix: Annotated[Optional[Path], typer.Option("--fix", help="Write the valid examples here.")] = None,
     params: Annotated[Path, typer.Option("--params", help="Settings file (tokenizer, limits).")] = Path("params.yaml"),

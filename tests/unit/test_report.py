@@ -84,3 +84,19 @@ def test_screenshot(report, tmp_path):
     shot = tmp_path / "report.png"
     render(write_data_report(report, tmp_path / "report.html"), screenshot=shot)
     assert shot.stat().st_size > 20_000  # a blank page compresses to a few kilobytes
+
+
+def test_validate_command_writes_the_page_beside_the_json_report(tmp_path):
+    import yaml
+
+    from ftllm.commands.validate import validate_command
+    from tasks.config import Params
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n{not json\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(Params().model_dump(mode="json")))
+    code = validate_command(data, report=tmp_path / "out/validation.json", json_out=True, params=params)
+    assert code == 1
+    page = (tmp_path / "out/validation.html").read_text()
+    assert 'data-category="invalid_json"' in page
