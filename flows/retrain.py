@@ -278,6 +278,10 @@ def _final_state(status: str, changed: bool, message: str, result: Any) -> State
     return Completed(message=message, data=result)
 
 
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _outcome(result: dict) -> str:
     """One line on what a run did, for its final state."""
     version, champion = result.get("version"), result.get("champion_version")
@@ -287,8 +291,8 @@ def _outcome(result: dict) -> str:
         return f"nothing changed: same model and settings as version {version} (champion: {champion})"
     if result["status"] == "promoted":
         return f"version {version} passed the gate and is champion"
-    failed = [f"{c['name']} {c['value']:.4g} (threshold {c['threshold']})" for c in (result.get("gate") or {}).get("checks", [])
-              if not c["passed"]]
+    failed = [f"{c['name']} {_number(c['value'])} (threshold {c['threshold']})"
+              for c in (result.get("gate") or {}).get("checks", []) if not c["passed"]]
     if not failed:
         return f"version {version} passed the gate but was not promoted (registry.auto_promote is false); champion stays {champion}"
     return f"version {version} rejected by the gate: {'; '.join(failed)}; champion stays {champion}"
