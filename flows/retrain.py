@@ -337,8 +337,12 @@ def send_notification(result: dict) -> str | None:
     """Tell the configured webhook or Prefect block about a rejected or failed run."""
     import httpx
 
+    origin = flow_run_origin()
+    links = {"Prefect flow run": origin.url or origin.tags().get("prefect.flow_run_url")}
+    if result.get("mlflow_run_id"):
+        links["MLflow run"] = run_link(result["mlflow_run_id"])
     try:
-        return notify_run(result)
+        return notify_run(result, {k: v for k, v in links.items() if v})
     except (httpx.HTTPError, ValueError) as exc:  # a lost notification must not fail the run
         get_run_logger().warning(f"notification not sent: {exc}")
         return None
