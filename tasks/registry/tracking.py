@@ -22,6 +22,9 @@ from tasks.registry.versions import ensure_experiment
 EXPERIMENT = "retrain"
 # Where `mlflow ui` listens by default; a tracking server's own address replaces it.
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
+# MLflow 3.17's UI picks its view from this query parameter (else from the browser's last
+# choice, GenAI by default, where these runs do not show): links open the training view.
+ML_VIEW = "?workflowType=machine_learning"
 # What the flow-run address tag says when the run went through Prefect's ephemeral API,
 # which keeps no UI: an operator must not look for a page that never existed.
 NO_PREFECT_UI = "none: ephemeral Prefect API (start `prefect server start` and set PREFECT_API_URL to keep runs in a UI)"
@@ -146,13 +149,19 @@ def run_link(run_id: str) -> str:
     """Where to look at a run: its page in the MLflow UI (`mlflow ui`, or the tracking server)."""
     import mlflow
 
+    return f"{_run_page(run_id)}{ML_VIEW}"
+
+
+def _run_page(run_id: str) -> str:
+    import mlflow
+
     run = mlflow.MlflowClient().get_run(run_id)
     return f"{mlflow_ui_base()}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
 
 
 def artifact_link(run_id: str, path: str) -> str:
     """The page of one of a run's artifacts in the MLflow UI (its preview shows HTML)."""
-    return f"{run_link(run_id)}/artifacts/{path}"
+    return f"{_run_page(run_id)}/artifacts/{path}{ML_VIEW}"
 
 
 def log_files(run_id: str, files: list[Path], artifact_path: str) -> None:
@@ -167,7 +176,7 @@ def log_files(run_id: str, files: list[Path], artifact_path: str) -> None:
 
 def version_link(model_name: str, version: str) -> str:
     """The page of a model version in the MLflow UI."""
-    return f"{mlflow_ui_base()}/#/models/{model_name}/versions/{version}"
+    return f"{mlflow_ui_base()}/#/models/{model_name}/versions/{version}{ML_VIEW}"
 
 
 def link_tags(origin: FlowRunOrigin, run_id: str) -> dict[str, str]:

@@ -28,6 +28,8 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
 # The experiment type MLflow 3's UI reads to pick its view: "custom_model_development" is
 # its "Machine learning" type (runs, metrics, models), the other being GenAI (traces).
+# MLflow 3.17's UI reads it only with its GenAI/training switch off; with the switch, the
+# view comes from the link (`?workflowType=machine_learning`, see tracking.ML_VIEW).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 # What a logged model needs to load in a fresh process (MLflow's default probing imports

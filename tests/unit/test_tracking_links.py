@@ -74,4 +74,15 @@ def test_versions_list_their_flow_run(tmp_path):
     for key, value in ORIGIN.tags().items():
         registry.tag_version(name, version, key, value)
     assert registry.list_versions(name)[0]["flow_run"] == {"id": ORIGIN.id, "name": ORIGIN.name, "url": ORIGIN.url}
-    assert version_link(name, version).endswith(f"/#/models/{name}/versions/{version}")
+    assert version_link(name, version).endswith(f"/#/models/{name}/versions/{version}?workflowType=machine_learning")
+
+
+def test_links_open_mlflows_training_view(tmp_path):
+    """MLflow 3.17 opens the GenAI view unless the link asks for the training one."""
+    from tasks.registry.tracking import artifact_link
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    run_id = start_tracking_run(tmp_path, Params(), {}, data, "m", {}, ORIGIN)
+    assert run_link(run_id).endswith(f"/runs/{run_id}?workflowType=machine_learning")
+    assert artifact_link(run_id, "reports/x.html").endswith(f"/runs/{run_id}/artifacts/reports/x.html?workflowType=machine_learning")
