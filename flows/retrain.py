@@ -5,6 +5,11 @@ front, runs the DVC stages (which skip what has not changed), scores the current
 on the same test split, gates the candidate, registers it in MLflow and packages it with
 BentoML. A run with unchanged data, code and settings ends early and registers nothing.
 
+Its final state says what happened (Completed; Completed named "Rejected" or "Unchanged";
+Failed with the reason), its MLflow run is named after the flow run and links back, and
+it leaves two offline pages (the data report and the run dashboard) in
+`artifacts/reports/` and in the MLflow run.
+
 Run it with `ftllm run`, from a Prefect deployment (`ftllm deploy`), or directly:
 
     python -m flows.retrain
