@@ -15,7 +15,6 @@ Write one from a JSON report by hand:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +111,10 @@ def write_reports(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
 
 def main(args: list[str]) -> int:
     """`python -m tasks.pipeline.report REPORT.json`: write REPORT.html beside it."""
-    from tasks.errors import DataFileError
+    from tasks.errors import DataFileError, UsageError
 
     if len(args) != 1:
-        print("usage: python -m tasks.pipeline.report REPORT.json", file=sys.stderr)
-        return 2
+        raise UsageError("usage: python -m tasks.pipeline.report REPORT.json (written by `ftllm validate --report`)")
     source = Path(args[0])
     try:
         report = json.loads(source.read_text())
