@@ -53,7 +53,7 @@ from tasks.pipeline.dvc import (
     workspace_lock,
 )
 from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
-from tasks.pipeline.notify import notify_run
+from tasks.pipeline.notify import notify_run, outcome_line
 from tasks.pipeline.report import write_reports
 from tasks.registry.tracking import (
     artifact_link,
@@ -283,26 +283,6 @@ def _final_state(status: str, changed: bool, message: str, result: Any) -> State
     return Completed(message=message, data=result)
 
 
-def _number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _outcome(result: dict) -> str:
-    """One line on what a run did, for its final state."""
-    version, champion = result.get("version"), result.get("champion_version")
-    if result["status"] == "failed":
-        return (result.get("error") or "failed").splitlines()[0]
-    if not result.get("changed", True):
-        return f"nothing changed: same model and settings as version {version} (champion: {champion})"
-    if result["status"] == "promoted":
-        return f"version {version} passed the gate and is champion"
-    failed = [f"{c['name']} {_number(c['value'])} (threshold {c['threshold']})"
-              for c in (result.get("gate") or {}).get("checks", []) if not c["passed"]]
-    if not failed:
-        return f"version {version} passed the gate but was not promoted (registry.auto_promote is false); champion stays {champion}"
-    return f"version {version} rejected by the gate: {'; '.join(failed)}; champion stays {champion}"
-
-
 @flow(name="retrain", log_prints=True, timeout_seconds=6 * 3600)
 def retrain(
     params_file: str = "params.yaml",
@@ -334,7 +314,7 @@ def retrain(
         get_run_logger().error(str(exc))
         result["error"] = str(exc)
     send_notification(result)
-    return _final_state(result["status"], result.get("changed", True), _outcome(result), result)
+    return _final_state(result["status"], result.get("changed", True), outcome_line(result), result)
 
 
 @task(name="notify")

@@ -15,6 +15,26 @@ from tasks.environment import environment
 NOTIFY_ON = ("rejected", "failed")
 
 
+def _number(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def outcome_line(result: dict) -> str:
+    """One line on what a run did: the flow run's final state message and the notification's first line."""
+    version, champion = result.get("version"), result.get("champion_version")
+    if result.get("status") == "failed":
+        return (result.get("error") or "failed").splitlines()[0]
+    if not result.get("changed", True):
+        return f"nothing changed: same model and settings as version {version} (champion: {champion})"
+    if result.get("status") == "promoted":
+        return f"version {version} passed the gate and is champion"
+    failed = [f"{c['name']} {_number(c['value'])} (threshold {c['threshold']})"
+              for c in (result.get("gate") or {}).get("checks", []) if not c["passed"]]
+    if not failed:
+        return f"version {version} passed the gate but was not promoted (registry.auto_promote is false); champion stays {champion}"
+    return f"version {version} rejected by the gate: {'; '.join(failed)}; champion stays {champion}"
+
+
 def notification_body(result: dict, links: dict[str, str] | None = None) -> tuple[str, str]:
     """(subject, body) of the notification of a run result; `links` are label to URL."""
     gate = result.get("gate") or {}
@@ -22,6 +42,7 @@ def notification_body(result: dict, links: dict[str, str] | None = None) -> tupl
     subject = f"ftllm retrain {result.get('status')}: {result.get('model_name')} v{result.get('version')}"
     lines = [
         subject,
+        outcome_line(result),
         f"champion: {result.get('champion_version')}",
         f"failed checks: {', '.join(failed) or 'none'}",
         f"error: {result.get('error', '')}",

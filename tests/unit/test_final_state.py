@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.retrain import _final_state, _outcome
+from flows.retrain import _final_state
+from tasks.pipeline.notify import outcome_line
 
 CHECK = {"name": "min_exact_match", "value": 0.1234567, "threshold": 0.5, "passed": False}
 RESULT = {"status": "rejected", "version": "3", "champion_version": "2", "changed": True,
@@ -18,8 +19,8 @@ RESULT = {"status": "rejected", "version": "3", "champion_version": "2", "change
     ({"status": "failed", "error": "data/x.jsonl: invalid data (line 2: invalid_json)\nmore"}, "FAILED", "Failed",
      "data/x.jsonl: invalid data (line 2: invalid_json)"),
 ])
-def test_state_of_each_outcome(result, type_, name, says):
-    state = _final_state(result["status"], result.get("changed", True), _outcome(result), result)
+def test_state_of_eachoutcome_line(result, type_, name, says):
+    state = _final_state(result["status"], result.get("changed", True), outcome_line(result), result)
     assert (state.type.value, state.name) == (type_, name)
     assert says in state.message and "\n" not in state.message
     assert "max_perplexity" not in state.message  # only the checks that failed
@@ -27,4 +28,4 @@ def test_state_of_each_outcome(result, type_, name, says):
 
 def test_gate_passed_but_not_promoted_is_not_called_a_failed_check():
     kept = {**RESULT, "gate": {"passed": True, "checks": [{**CHECK, "passed": True}]}}
-    assert "registry.auto_promote is false" in _outcome(kept)
+    assert "registry.auto_promote is false" in outcome_line(kept)
