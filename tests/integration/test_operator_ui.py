@@ -5,7 +5,8 @@ an operator looks at: the flow run's state name and message (through the Prefect
 UI reads), the MLflow run named after it and linking back, the model version's tags, the
 Prefect artifacts linking to MLflow, the offline data report and dashboard logged to the
 run (rendered in headless Chromium), the notification. The promote and rollback flows'
-refusals are checked without training.
+refusals are checked without training, and a real Prefect server's UI is opened in
+headless Chromium on a rejected run's page.
 """
 
 from __future__ import annotations
@@ -180,3 +181,67 @@ def test_in_process_caller_gets_the_refusal_in_the_cli_words(failed_version):
         promote_flow(model_name=name, version=version)
     with pytest.raises(RegistryRefusal, match="no champion to roll back"):
         rollback_flow(model_name=f"{name}-none")
+
+
+REJECTING_FLOW = """
+import json
+from prefect import flow
+from flows.retrain import _final_state
+from tasks.pipeline.notify import outcome_line
+
+result = json.loads('''{result}''')
+
+@flow(name="retrain")
+def retrain():
+    return _final_state(result["status"], True, outcome_line(result), result)
+
+print(json.dumps({{"id": str(retrain(return_state=True).state_details.flow_run_id)}}))
+"""
+
+
+@pytest.mark.slow
+def test_the_prefect_ui_shows_a_rejected_run_as_rejected(tmp_path):
+    """The flow-run page of a real `prefect server start` (its UI, in headless Chromium) names the rejection."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    if CHROMIUM is None:
+        pytest.skip("needs headless Chromium: apt-get install -y chromium chromium-driver")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'server.db'}"}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            pytest.fail("prefect server did not answer within 180 s")
+        result = {"status": "rejected", "version": "4", "champion_version": "3",
+                  "gate": {"passed": False, "checks": [{"name": "min_exact_match", "value": 0.21, "threshold": 0.5, "passed": False}]}}
+        code = REJECTING_FLOW.format(result=json.dumps(result))
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        run_id = json.loads(out.stdout.strip().splitlines()[-1])["id"]
+        # The UI is a single-page app: give its scripts time to fetch the run before the DOM is read.
+        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
+                              "--dump-dom", f"http://127.0.0.1:{port}/runs/flow-run/{run_id}"],
+                             capture_output=True, text=True, timeout=180).stdout
+        text = visible_text(dom)
+        name = httpx.get(f"{api}/flow_runs/{run_id}").json()["name"]
+        # The page's header: the run's name, then its state badge (the message is the API test's business).
+        assert f"Runs {name} Rejected" in text, text[:2000]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
