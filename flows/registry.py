@@ -1,31 +1,61 @@
 """The `promote` and `rollback` flows: move the `champion` alias, with who/why/when recorded.
 
 Both are thin flows over `tasks.registry` so that they can run from the CLI, from a
-Prefect deployment, or from the Prefect UI; a refusal (unknown version, failed gate without
---force) fails the flow run with the reason.
+Prefect deployment, or from the Prefect UI's run form. A refusal (unknown version, a failed
+gate without `force` and a `reason`) is an expected outcome, not a bug: the flow run ends
+Failed with the one-line reason in the form's words and no traceback; called in-process
+(`ftllm promote` against a server) the refusal is raised again, in the CLI's words.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed, State
 
+from tasks.errors import RegistryRefusal
 from tasks.registry import versions as registry
 
 
+def _refused(exc: RegistryRefusal) -> State:
+    """A Failed state that says why; its data is the refusal, which a caller in-process gets raised."""
+    message = f"refused: {exc.form_message}"
+    get_run_logger().error(message)
+    return Failed(message=message, data=exc)
+
+
 @flow(name="promote")
-def promote_flow(model_name: str, version: str, force: bool = False, reason: str = "") -> dict:
-    """Point `champion` at `version`; refused for a failed gate unless `force` with a reason."""
-    move = registry.promote(model_name, version, force=force, reason=reason)
+def promote_flow(model_name: str, version: str, force: bool = False, reason: str = "") -> dict | State:
+    """Point `champion` at `version`; refused for a failed gate unless `force` with a reason.
+
+    Args:
+        model_name: the registered model in MLflow (registry.model_name).
+        version: the model version to make champion, e.g. "7" (see `ftllm models`).
+        force: promote although the version failed its gate; needs a reason.
+        reason: why; recorded on the version (required with force).
+    """
+    try:
+        move = registry.promote(model_name, version, force=force, reason=reason)
+    except RegistryRefusal as exc:
+        return _refused(exc)
     get_run_logger().info(f"champion of {model_name}: {move.previous} -> {move.champion}")
     create_markdown_artifact(f"champion of `{model_name}`: {move.previous} → **{move.champion}**", key="promote")
     return move.to_dict()
 
 
 @flow(name="rollback")
-def rollback_flow(model_name: str, to: str | None = None, reason: str = "") -> dict:
-    """Move `champion` back to the previous champion, or to version `to`."""
-    move = registry.rollback(model_name, to=to, reason=reason)
+def rollback_flow(model_name: str, to: str | None = None, reason: str = "") -> dict | State:
+    """Move `champion` back to the previous champion, or to version `to`.
+
+    Args:
+        model_name: the registered model in MLflow (registry.model_name).
+        to: the version to make champion again; empty: the champion before the current one.
+        reason: why; recorded on the version.
+    """
+    try:
+        move = registry.rollback(model_name, to=to, reason=reason)
+    except RegistryRefusal as exc:
+        return _refused(exc)
     get_run_logger().info(f"champion of {model_name}: {move.previous} -> {move.champion}")
     create_markdown_artifact(f"champion of `{model_name}` rolled back: {move.previous} → **{move.champion}**", key="rollback")
     return move.to_dict()

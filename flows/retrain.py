@@ -7,6 +7,11 @@ BentoML. A run with unchanged data, code and settings ends early and registers n
 The flow returns a `tasks.pipeline.result.RunResult`, filled in step by step; it is what
 `ftllm run --json` prints.
 
+Its final state says what happened (Completed; Completed named "Rejected" or "Unchanged";
+Failed with the reason), its MLflow run is named after the flow run and links back, and
+it leaves two offline pages (the data report and the run dashboard) in
+`artifacts/reports/` and in the MLflow run.
+
 Run it with `ftllm run`, from a Prefect deployment (`ftllm deploy`), or directly:
 
     python -m flows.retrain
@@ -22,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.states import Failed
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.states import Completed, Failed, State
 
 from tasks.config import (
     DataParams,
@@ -50,7 +55,9 @@ from tasks.pipeline.dvc import (
     stage_out_md5,
     workspace_lock,
 )
-from tasks.pipeline.notify import notify_run
+from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
+from tasks.pipeline.notify import notify_run, outcome_line
+from tasks.pipeline.report import write_reports
 from tasks.pipeline.result import (
     DataSummary,
     GateResult,
@@ -60,10 +67,15 @@ from tasks.pipeline.result import (
     ValidationSummary,
 )
 from tasks.registry.tracking import (
+    artifact_link,
     end_tracking_run,
+    flow_run_origin,
+    link_tags,
+    log_files,
     log_results,
     run_link,
     start_tracking_run,
+    version_link,
 )
 from tasks.registry.versions import (
     champion_version,
@@ -220,23 +232,67 @@ def package(root: Path, model_name: str, version: str, build: bool) -> dict:
     return {"model": model_tag, "bento": build_bento(model_tag, version, root) if build else None}
 
 
+DATA_REPORT = "reports/validation.html"
+
+
+def _publish_validation(data_path: Path, report: dict, reports: tuple[Path, Path], run_id: str | None) -> None:
+    """The validation artifact: the verdict and counts, linking to the offline data report."""
+    html = f"[{DATA_REPORT}]({artifact_link(run_id, DATA_REPORT)}) (MLflow run)" if run_id else f"`{reports[1]}`"
+    create_markdown_artifact(
+        f"## Validation of `{data_path}`: {'valid' if report['valid'] else 'INVALID'}\n\n"
+        f"examples: {report['examples']}, errors: {report['errors']}, warnings: {report['warnings']}\n\n"
+        f"Data report (offline HTML): {html}; on disk: `{reports[1]}`\n\n"
+        f"Data Docs (Great Expectations, need network): {report.get('data_docs')}",
+        key="retrain-validation",
+    )
+
+
 def _metrics_table(metrics: dict[str, dict]) -> list[dict]:
     keys = ["exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms", "tokens_per_second"]
     return [{"model": role, **{k: round(m[k], 4) for k in keys if k in m}} for role, m in metrics.items()]
 
 
-def _publish(verdict: dict, metrics: dict, result: RunResult, samples: dict) -> None:
+def _publish(root: Path, verdict: dict, metrics: dict, result: RunResult, samples: dict, report: dict,
+             lineage: dict) -> None:
+    """Prefect artifacts of a gated run, linking to the MLflow run, the model version and the run dashboard."""
+    run_id, name, version = result.mlflow_run_id, result.model_name, result.version
     create_table_artifact(_metrics_table(metrics), key="retrain-metrics", description="Candidate vs baselines vs champion")
     rows = [{"model": role, **sample} for role, items in samples.items() for sample in items[:5]]
     create_table_artifact(rows, key="retrain-predictions", description="Predictions next to references (test split)")
+    links = {"MLflow run": run_link(run_id), "model version": version_link(name, version),
+             "Prefect flow run": lineage.get("prefect.flow_run_url"), "data report": artifact_link(run_id, DATA_REPORT)}
+    view = RunView(name, version, result.status, result.champion_version, metrics, verdict,
+                   validation=report, lineage={k: v for k, v in lineage.items() if not k.startswith("prefect.")},
+                   links=links, **load_run_files(root))
+    log_files(run_id, [write_dashboard(view, root / "artifacts/reports/dashboard.html")], "reports")
+    dashboard = artifact_link(run_id, "reports/dashboard.html")
+    create_link_artifact(dashboard, link_text=f"{name} v{version}: run dashboard", key="retrain-dashboard",
+                         description="Metrics, gate, loss curve, data and lineage on one offline page (MLflow artifact)")
     lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", "| check | value | threshold | passed |", "|---|---|---|---|"]
     lines += [f"| {c['name']} | {c['value']} | {c['threshold']} | {c['passed']} |" for c in verdict["checks"]]
     lines += [
-        "", f"model version {result.version}, champion {result.champion_version}",
-        f"MLflow run: [{result.mlflow_run_id}]({run_link(result.mlflow_run_id)})",
-        f"Data Docs: {result.validation.data_docs if result.validation else None}",
+        "", f"model version [{version}]({links['model version']}), champion {result.champion_version}",
+        "", f"MLflow run: [{run_id}]({links['MLflow run']}) · [run dashboard]({dashboard}) · [data report]({links['data report']})",
+        "", f"Data Docs (Great Expectations, need network): {result.validation.data_docs if result.validation else None}",
     ]
     create_markdown_artifact("\n".join(lines), key="retrain-gate", description="Gate verdict")
+
+
+# Prefect shows a flow run's state name in its run list and can filter on it. A rejected
+# candidate ends *Completed* named "Rejected", not Failed: the pipeline did its job (the gate
+# is working as intended), so flow retries, failure automations and "failed runs" counts stay
+# about a broken pipeline, which `ftllm run` also keeps apart (exit 3 rejected, 1 failed).
+# The name makes a rejection easy to filter and to trigger on, and the notification is sent
+# from the result's status, whatever the state.
+def _final_state(status: str, changed: bool, message: str, result: Any) -> State:
+    """The flow run's final state: what happened, in its name and message."""
+    if status == "failed":
+        return Failed(message=message, data=result)
+    if not changed:
+        return Completed(name="Unchanged", message=message, data=result)
+    if status == "rejected":
+        return Completed(name="Rejected", message=message, data=result)
+    return Completed(message=message, data=result)
 
 
 @flow(name="retrain", log_prints=True, timeout_seconds=6 * 3600)
@@ -247,18 +303,21 @@ def retrain(
     train: TrainParams | None = None,
     eval: EvalParams | None = None,
     gate: GateParams | None = None,
-) -> RunResult:
+) -> State:
     """Retrain, gate, register and package a model.
 
     Args:
         params_file: the settings file (params.yaml).
         overrides: dotted keys to values (`{"train.max_steps": 100}`), applied to the whole run.
-        data, train, eval, gate: whole sections that replace those of the settings file (the
-            typed form of the Prefect UI).
+        data: the data section; set, it replaces params.yaml's (the typed form of the Prefect UI).
+        train: the training section; set, it replaces params.yaml's.
+        eval: the evaluation section; set, it replaces params.yaml's.
+        gate: the gate's thresholds; set, they replace params.yaml's.
 
     Returns:
-        The run's result; a failed run returns a Failed state whose data is the result,
-        with `error` set.
+        The run's final state: Completed (promoted), Completed named "Rejected" (the gate
+        refused the candidate) or "Unchanged" (nothing new to register), or Failed with the
+        one-line reason; its data is the run's `RunResult` (with `error` set when it failed).
     """
     result = RunResult()
     try:
@@ -266,10 +325,8 @@ def retrain(
     except FtllmError as exc:  # one clear message; anything else is a bug and keeps its traceback
         get_run_logger().error(str(exc))
         result.status, result.error = "failed", str(exc)
-        send_notification(result)
-        return Failed(message=str(exc), data=result)
     send_notification(result)
-    return result
+    return _final_state(result.status, result.changed, outcome_line(result.model_dump(mode="json")), result)
 
 
 @task(name="notify")
@@ -277,8 +334,12 @@ def send_notification(result: RunResult) -> str | None:
     """Tell the configured webhook or Prefect block about a rejected or failed run."""
     import httpx
 
+    origin = flow_run_origin()
+    links = {"Prefect flow run": origin.url or origin.tags().get("prefect.flow_run_url")}
+    if result.mlflow_run_id:
+        links["MLflow run"] = run_link(result.mlflow_run_id)
     try:
-        return notify_run(result.model_dump(mode="json"))
+        return notify_run(result.model_dump(mode="json"), {k: v for k, v in links.items() if v})
     except (httpx.HTTPError, ValueError) as exc:  # a lost notification must not fail the run
         get_run_logger().warning(f"notification not sent: {exc}")
         return None
@@ -315,19 +376,19 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
     result.validation = ValidationSummary.model_validate(
         {k: report[k] for k in ValidationSummary.model_fields if k in report}
     )
-    create_markdown_artifact(
-        f"## Validation of `{data_path}`: {'valid' if report['valid'] else 'INVALID'}\n\n"
-        f"examples: {report['examples']}, errors: {report['errors']}, warnings: {report['warnings']}\n\n"
-        f"Data Docs: {report.get('data_docs')}",
-        key="retrain-validation",
-    )
+    reports = write_reports(report, root / "artifacts/reports")
     if not report["valid"]:
+        _publish_validation(data_path, report, reports, None)
         rows = ", ".join(f"line {r['line']}: {r['category']}" for r in report["error_rows"][:10])
         raise RunFailed(f"{data_path}: invalid data ({rows}); run `ftllm validate {data_path}` for the full report")
 
     lineage = {"data_md5": result.data.md5, "git_commit": git_commit(root), "params_digest": params.digest()}
-    run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage)
+    origin = flow_run_origin()
+    run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage, origin)
     result.mlflow_run_id = run_id
+    log_files(run_id, list(reports), "reports")
+    _publish_validation(data_path, report, reports, run_id)
+    lineage.update(link_tags(origin, run_id))  # the model version links back to both runs
     try:
         t = time.perf_counter()
         stages = run_dvc_stages(root, overrides, run_id, params.workers)
@@ -383,7 +444,8 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
         if not verdict["passed"]:
             logger.warning(f"gate rejected version {version}: failed {[c['name'] for c in verdict['checks'] if not c['passed']]}")
         samples_path = root / "artifacts/predictions.json"
-        _publish(verdict, metrics, result, json.loads(samples_path.read_text()) if samples_path.exists() else {})
+        samples = json.loads(samples_path.read_text()) if samples_path.exists() else {}
+        _publish(root, verdict, metrics, result, samples, report, lineage)
         end_tracking_run(run_id, "FINISHED")
     except BaseException:
         end_tracking_run(run_id, "FAILED")

@@ -123,7 +123,7 @@ def params_(
 def validate(
     path: Path,
     format: Annotated[str, typer.Option("--format", help="auto | openai | alpaca | sharegpt")] = "auto",
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here, and an offline HTML report beside it.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="End stdout with the JSON report.")] = False,
     fix: Annotated[Optional[Path], typer.Option("--fix", help="Write the valid examples here.")] = None,
     params: Annotated[Path, typer.Option("--params", help="Settings file (tokenizer, limits).")] = Path("params.yaml"),
@@ -174,14 +174,14 @@ def models(
         from rich.table import Table
 
         table = Table(title=f"{name} (champion: {out['champion']})")
-        for col in ("version", "aliases", "gate", "exact_match", "perplexity", "data_md5", "created"):
+        for col in ("version", "aliases", "gate", "exact_match", "perplexity", "data_md5", "created", "flow run"):
             table.add_column(col)
         for v in versions:
             m = v["metrics"]
             table.add_row(
                 v["version"], ",".join(v["aliases"]), "pass" if v["gate_passed"] else "fail",
                 f"{m.get('exact_match', float('nan')):.3f}", f"{m.get('perplexity', float('nan')):.3f}",
-                v["lineage"].get("data_md5", "")[:12], v["created"],
+                v["lineage"].get("data_md5", "")[:12], v["created"], (v.get("flow_run") or {}).get("name") or "",
             )
         Console().print(table)
     _emit(out, as_json)

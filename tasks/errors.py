@@ -56,7 +56,15 @@ class PackageError(RunFailed):
 
 
 class RegistryRefusal(FtllmError):
-    """A promotion or rollback that the registry's state does not allow; the message says why."""
+    """A promotion or rollback that the registry's state does not allow; the message says why.
+
+    The message speaks the command line's words (`--force --reason TEXT`); `form_message`
+    says the same in the words of the Prefect UI's run form (`force`, `reason`).
+    """
+
+    def __init__(self, message: str, form_message: str | None = None) -> None:
+        super().__init__(message)
+        self.form_message = form_message or message
 
 
 class SettingsDrift(FtllmError):

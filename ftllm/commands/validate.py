@@ -47,7 +47,7 @@ def validate_command(
     Args:
         path: the data file (JSONL or JSON array).
         format: auto, openai, alpaca or sharegpt.
-        report: write the JSON report here (atomically).
+        report: write the JSON report here (atomically), and the offline HTML report beside it.
         json_out: print the report as one JSON line instead of tables.
         fix: write the examples without the bad ones (canonical messages JSONL) here.
         params: the settings file.
@@ -69,7 +69,10 @@ def _validate(path: Path, format: str, report: Path | None, json_out: bool, fix:
         raise UsageError(f"cannot load the tokenizer of model.base: {exc}; check model.base in {params}") from None
     doc = result.to_dict()
     if report is not None:
+        from tasks.pipeline.report import write_data_report
+
         write_atomic(Path(report), json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        write_data_report(doc, Path(report).with_suffix(".html"))  # readable offline, unlike the Data Docs
     if fix is not None:
         from tasks.data.validate import write_fixed
 

@@ -3,18 +3,66 @@
 The retrain flow opens one MLflow run per retraining run and hands its id to the DVC
 stages (MLFLOW_RUN_ID), so training curves, evaluation metrics, the gate verdict and the
 registered model all hang off the same run.
+
+The MLflow run carries the Prefect flow run that opened it: it is named after the flow run,
+tagged with its id and UI address, and its description links there; the Prefect run's
+artifacts and the model version link back (`run_link`, `version_link`, `link_tags`).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import Params
 from tasks.registry.versions import ensure_experiment
 
 EXPERIMENT = "retrain"
+# Where `mlflow ui` listens by default; a tracking server's own address replaces it.
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
+# MLflow 3.17's UI picks its view from this query parameter (else from the browser's last
+# choice, GenAI by default, where these runs do not show): links open the training view.
+ML_VIEW = "?workflowType=machine_learning"
+# What the flow-run address tag says when the run went through Prefect's ephemeral API,
+# which keeps no UI: an operator must not look for a page that never existed.
+NO_PREFECT_UI = "none: ephemeral Prefect API (start `prefect server start` and set PREFECT_API_URL to keep runs in a UI)"
+SOURCE = "flows/retrain.py:retrain"
+
+
+@dataclass(frozen=True)
+class FlowRunOrigin:
+    """The Prefect flow run a tracking run belongs to; `url` is None on the ephemeral API."""
+
+    id: str | None
+    name: str | None
+    url: str | None
+
+    def tags(self) -> dict[str, str]:
+        """Tags that lead from an MLflow run or model version back to the flow run."""
+        if self.id is None:
+            return {}
+        return {"prefect.flow_run_id": self.id, "prefect.flow_run_name": self.name or "",
+                "prefect.flow_run_url": self.url or NO_PREFECT_UI}
+
+
+def flow_run_origin() -> FlowRunOrigin:
+    """The flow run this code runs in (all None outside one).
+
+    Its UI address comes from PREFECT_UI_URL, which Prefect derives from PREFECT_API_URL;
+    with no API URL set the run went through the ephemeral API, and there is no page to link.
+    """
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_API_URL
+    from prefect.utilities.urls import url_for
+
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return FlowRunOrigin(None, None, None)
+    # url_for gives the page the UI serves (`/runs/flow-run/<id>`), the one Prefect's own "View at" log line names.
+    url = url_for("flow-run", obj_id=run_id) if PREFECT_API_URL.value() else None
+    return FlowRunOrigin(str(run_id), flow_run.get_name(), url)
 
 
 def _flatten(prefix: str, value, out: dict) -> dict:
@@ -27,18 +75,32 @@ def _flatten(prefix: str, value, out: dict) -> dict:
 
 
 def start_tracking_run(
-    root: Path, params: Params, overrides: dict, data_path: Path, data_md5: str, tags: dict[str, str]
+    root: Path,
+    params: Params,
+    overrides: dict,
+    data_path: Path,
+    data_md5: str,
+    tags: dict[str, str],
+    origin: FlowRunOrigin | None = None,
 ) -> str:
-    """Open the run (left open for the stages), log every setting and the data as a dataset input."""
+    """Open the run (left open for the stages), log every setting and the data as a dataset input.
+
+    Args:
+        origin: the Prefect flow run; the MLflow run takes its name, and its tags and
+            description (shown on the run's page) lead back to it.
+    """
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     exp_id = ensure_experiment(EXPERIMENT, root / "mlartifacts")
+    origin = origin or FlowRunOrigin(None, None, None)
+    run_tags = {**tags, **origin.tags(), "overrides": json.dumps(overrides), "mlflow.source.name": SOURCE,
+                "mlflow.source.type": "LOCAL", "mlflow.note.content": _description(origin)}
     # A client-created run stays RUNNING with no active-run state in this process; the
     # stages attach to it with mlflow.start_run(run_id=...).
     client = mlflow.MlflowClient()
-    run_id = client.create_run(exp_id, tags={**tags, "overrides": json.dumps(overrides)}).info.run_id
+    run_id = client.create_run(exp_id, run_name=origin.name, tags=run_tags).info.run_id
     with mlflow.start_run(run_id=run_id):
         mlflow.log_params(_flatten("", params.model_dump(mode="json"), {}))
         with warnings.catch_warnings():  # a local path matches two equivalent source kinds
@@ -67,14 +129,58 @@ def log_results(
             mlflow.log_artifacts(str(data_docs), "data_docs")
 
 
+def _description(origin: FlowRunOrigin) -> str:
+    """The run's description (markdown on its MLflow page): where it was started from."""
+    if origin.id is None:
+        return f"Started by `{SOURCE}` outside a Prefect flow run."
+    where = f"[{origin.name}]({origin.url})" if origin.url else f"`{origin.name}` ({NO_PREFECT_UI})"
+    return f"Prefect flow run {where}, id `{origin.id}`."
+
+
+def mlflow_ui_base() -> str:
+    """The MLflow UI's address: the tracking server's, or where `mlflow ui` listens by default."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    return uri.rstrip("/") if uri.startswith("http") else LOCAL_MLFLOW_UI
+
+
 def run_link(run_id: str) -> str:
     """Where to look at a run: its page in the MLflow UI (`mlflow ui`, or the tracking server)."""
+
+    return f"{_run_page(run_id)}{ML_VIEW}"
+
+
+def _run_page(run_id: str) -> str:
     import mlflow
 
     run = mlflow.MlflowClient().get_run(run_id)
-    uri = mlflow.get_tracking_uri()
-    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{mlflow_ui_base()}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def artifact_link(run_id: str, path: str) -> str:
+    """The page of one of a run's artifacts in the MLflow UI (its preview shows HTML)."""
+    return f"{_run_page(run_id)}/artifacts/{path}{ML_VIEW}"
+
+
+def log_files(run_id: str, files: list[Path], artifact_path: str) -> None:
+    """Log files that exist to the run under `artifact_path`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for f in files:
+        if Path(f).is_file():
+            client.log_artifact(run_id, str(f), artifact_path)
+
+
+def version_link(model_name: str, version: str) -> str:
+    """The page of a model version in the MLflow UI."""
+    return f"{mlflow_ui_base()}/#/models/{model_name}/versions/{version}{ML_VIEW}"
+
+
+def link_tags(origin: FlowRunOrigin, run_id: str) -> dict[str, str]:
+    """Tags of a model version that lead back to its flow run and its MLflow run."""
+    return {**origin.tags(), "mlflow_run_url": run_link(run_id)}
 
 
 def end_tracking_run(run_id: str, status: str) -> None:

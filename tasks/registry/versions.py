@@ -27,6 +27,11 @@ from tasks.pins import requirements
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
+# The experiment type MLflow 3's UI reads to pick its view: "custom_model_development" is
+# its "Machine learning" type (runs, metrics, models), the other being GenAI (traces).
+# MLflow 3.17's UI reads it only with its GenAI/training switch off; with the switch, the
+# view comes from the link (`?workflowType=machine_learning`, see tracking.ML_VIEW).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 # What a logged model needs to load in a fresh process (MLflow's default probing imports
 # torchvision, which this project does not install). The versions are pyproject.toml's.
@@ -59,7 +64,7 @@ def _actor() -> str:
 
 
 def ensure_experiment(name: str, artifact_root: Path) -> str:
-    """The id of experiment `name`, created with its artifacts under `artifact_root`.
+    """The id of experiment `name`, created with its artifacts under `artifact_root`, of MLflow's machine-learning kind.
 
     A tracking server (an http(s) tracking URI) keeps its own artifact store (S3, a proxied
     folder): there the server chooses, since a local path would leave the artifacts on the
@@ -68,10 +73,16 @@ def ensure_experiment(name: str, artifact_root: Path) -> str:
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    server = urlparse(mlflow.get_tracking_uri()).scheme in ("http", "https")
-    return mlflow.create_experiment(name, artifact_location=None if server else artifact_root.resolve().as_uri())
+    if exp is None:
+        server = urlparse(mlflow.get_tracking_uri()).scheme in ("http", "https")
+        exp_id = mlflow.create_experiment(name, artifact_location=None if server else artifact_root.resolve().as_uri())
+    else:
+        exp_id = exp.experiment_id
+    # Set on older experiments too: without it, MLflow 3's UI opens them in its GenAI view
+    # (traces), where these runs do not show.
+    if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+        mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp_id
 
 
 def _staged_model_dir(model_dir: Path, tmp: Path) -> Path:
@@ -182,12 +193,12 @@ def promote(model_name: str, version: str, force: bool = False, reason: str = ""
         return AliasMove(model_name, current, current, changed=False)
     if mv.tags.get("gate_passed") != "true":
         if not force:
-            failed = mv.tags.get("gate_failed_checks", "unknown")
-            raise RegistryRefusal(
-                f"version {version} failed its gate ({failed}); promote it anyway with --force --reason TEXT"
-            )
+            failed = f"version {version} failed its gate ({mv.tags.get('gate_failed_checks', 'unknown')})"
+            raise RegistryRefusal(f"{failed}; promote it anyway with --force --reason TEXT",
+                                  form_message=f"{failed}; to promote it anyway, set force and give a reason")
         if not reason.strip():
-            raise RegistryRefusal("--force needs --reason TEXT: the reason is recorded on the version")
+            raise RegistryRefusal("--force needs --reason TEXT: the reason is recorded on the version",
+                                  form_message="force needs a reason: give one, it is recorded on the version")
     history = champion_history(model_name) + [str(version)]
     tags = {"promoted_at": _now(), "promoted_by": _actor(), "promote_reason": reason or "gate passed"}
     if force:
@@ -227,7 +238,7 @@ def rollback(model_name: str, to: str | None = None, reason: str = "") -> AliasM
 
 
 def list_versions(model_name: str) -> list[dict]:
-    """Every version with its aliases, lineage tags and key metrics, newest first."""
+    """Every version with its aliases, lineage tags, key metrics and flow run, newest first."""
     from mlflow.exceptions import MlflowException
 
     client = get_client()
@@ -252,6 +263,9 @@ def list_versions(model_name: str) -> list[dict]:
                 "gate_passed": tags.get("gate_passed") == "true",
                 "metrics": {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")},
                 "lineage": {k: tags[k] for k in ("data_md5", "git_commit", "dvc_lock_md5", "params_digest", "parent_champion") if k in tags},
+                # The Prefect flow run that trained it (url: its UI page, or why there is none).
+                "flow_run": {k: tags.get(f"prefect.flow_run_{k}") for k in ("id", "name", "url")}
+                if "prefect.flow_run_id" in tags else None,
                 "tags": {k: v for k, v in tags.items() if not k.startswith("metric.")},
             }
         )

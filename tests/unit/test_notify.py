@@ -53,3 +53,12 @@ def test_promoted_run_and_no_target_send_nothing(receiver, monkeypatch):
     monkeypatch.delenv("FTLLM_NOTIFY_BLOCK", raising=False)
     assert notify_run(REJECTED) is None
     assert received == []
+
+
+def test_links_to_the_runs_pages_are_posted(receiver, monkeypatch):
+    url, received = receiver
+    monkeypatch.setenv("FTLLM_NOTIFY_WEBHOOK", url)
+    links = {"Prefect flow run": "http://127.0.0.1:4200/runs/flow-run/f1", "MLflow run": "http://127.0.0.1:5000/#/experiments/1/runs/r"}
+    assert notify_run(REJECTED, links) == "webhook"
+    assert received[0]["links"] == links
+    assert "Prefect flow run: http://127.0.0.1:4200/runs/flow-run/f1" in received[0]["body"]
