@@ -213,6 +213,8 @@ def save_model(
         "model_params": params.model.model_dump(),
         "method": params.train.method,
         "params_digest": params.digest(),
+        # How system messages were rendered in training; serving renders prompts the same way.
+        "system_message": params.data.system_message,
     }
     (tmp / "ftllm_model.json").write_text(json.dumps(info, indent=2))
     (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
@@ -265,11 +267,13 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
         seed_everything(train.seed)
         dtype = pick_precision(train.precision, device)
         tokenizer = load_tokenizer(base_path)
-        batches = prepare_batches(tokenizer, read_jsonl(train_file), train)
+        batches = prepare_batches(tokenizer, read_jsonl(train_file), train, params.data.system_message)
         if not batches:
             raise ConfigError(f"{train_file}: the train split is empty; add data or lower data.test_fraction")
         val_path = data_dir / "val.jsonl"
-        val_batches = prepare_batches(tokenizer, read_jsonl(val_path), train) if val_path.exists() else []
+        val_batches = (
+            prepare_batches(tokenizer, read_jsonl(val_path), train, params.data.system_message) if val_path.exists() else []
+        )
         model = build_model(base_path, train, device, dtype)
         if dist.sharded:
             shard_model(model)
