@@ -118,9 +118,12 @@ def truncate_answer(tokenizer, messages: list[dict], max_tokens: int, system_mes
 
 
 def apply_length_policy(
-    examples: list[tuple[int, dict]], tokenizer, data: DataParams
+    examples: list[tuple[int, dict]], tokenizer, data: DataParams, source: Path | str = "data"
 ) -> tuple[list[tuple[int, dict]], list[TokenCount], dict[str, Any]]:
     """Drop or truncate the examples over `data.max_tokens` tokens (validation's `length_decision`).
+
+    Args:
+        source: the data file, named in errors.
 
     Returns:
         (kept examples, their token counts, {"dropped": n, "truncated": n, "dropped_lines": [...]}).
@@ -132,8 +135,8 @@ def apply_length_policy(
     empty = [line for (line, _), n in zip(examples, counts) if not n.trained]
     if empty:
         raise PrepareError(
-            f"line {empty[0]}: no_trained_tokens: the chat template marks no assistant token in it "
-            f"({len(empty)} such examples in all); run `ftllm validate` to list them"
+            f"{source}: line {empty[0]}: no_trained_tokens: the chat template marks no assistant token in it "
+            f"({len(empty)} such examples in all); run `ftllm validate {source}` to list them"
         )
     kept, tokens, dropped_lines, truncated = [], [], [], 0
     for (line, example), count in zip(examples, counts):
@@ -232,7 +235,7 @@ def prepare_dataset(path: Path, out_dir: Path, params: Params, tokenizer=None) -
     fmt, examples = read_examples(path, data.format)
     read = len(examples)
     examples, deduplicated = deduplicate(examples)
-    examples, counts, length = apply_length_policy(examples, tokenizer, data)
+    examples, counts, length = apply_length_policy(examples, tokenizer, data, path)
     share = length["dropped"] / read if read else 0.0
     if share > data.max_drop_fraction:
         raise PrepareError(
