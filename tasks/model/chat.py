@@ -142,7 +142,7 @@ def _system_loss(tokenizer) -> str | None:
             return f"raises {str(exc)!r} on a system message"
         if _PROBE_SYSTEM not in text:
             ending = "a question" if prompt else "an answer"
-            return f"drops the system message from a conversation of {len(messages) - 1} turns ending with {ending}"
+            return f"drops the system message from a conversation of {len(messages)} messages ending with {ending}"
     return None
 
 
