@@ -101,14 +101,15 @@ def test_sabotaged_run_is_rejected_and_champion_stays(first_run, project):
 
 
 def test_failed_packaging_promotes_nothing(first_run, project, monkeypatch):
-    import tasks.package
+    import tasks.registry.bento as bento
+    from tasks.errors import PackageError
 
     from tasks.registry.versions import champion_version, list_versions
 
     def broken_build(*args, **kwargs):
-        raise tasks.package.PackageError("bentoml build failed (simulated)")
+        raise PackageError("bentoml build failed (simulated)")
 
-    monkeypatch.setattr(tasks.package, "build_bento", broken_build)
+    monkeypatch.setattr(bento, "build_bento", broken_build)
     # A model of its own with a gate that any candidate passes, so the run reaches the build.
     lenient = {"registry.model_name": "ftllm-pkg", "gate.min_exact_match": 0.0, "gate.max_perplexity": 1e9,
                "gate.min_gain_over_prompting": -1.0, "train.max_steps": 10, "train.seed": 7}

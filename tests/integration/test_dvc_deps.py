@@ -1,0 +1,79 @@
+"""Editing any module that a DVC stage runs marks the stage changed, so `dvc repro` cannot keep a stale model.
+
+The finetune stage once depended on a hand-kept list of files that missed the loss and the
+attention code: editing them left `dvc repro` reporting nothing changed. Here the stages'
+outputs are recorded as they are (`dvc commit`), then each module of the finetune stage's
+import closure is edited in turn and `dvc status` must name the stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.imports import import_closure
+
+
+def _dvc(root, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def committed(project):
+    """The project with every stage's deps and outs recorded in dvc.lock, as after a run."""
+    (project / "artifacts" / "prepared").mkdir(parents=True)
+    (project / "artifacts" / "prepared" / "train.jsonl").write_text("{}\n")
+    (project / "artifacts" / "model").mkdir()
+    (project / "artifacts" / "model" / "weights.txt").write_text("a model\n")
+    (project / "artifacts" / "metrics.json").write_text("{}")
+    (project / "artifacts" / "predictions.json").write_text("{}")
+    _dvc(project, "repro", "--single-item", "resolve")
+    _dvc(project, "commit", "--force", "prepare", "finetune", "evaluate")
+    return project
+
+
+def _status(root, stage: str) -> dict:
+    from dvc.repo import Repo
+
+    # In-process (a fresh interpreter per module would take minutes); DVC resolves targets
+    # against the working directory, hence the chdir.
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        return repo.status(targets=[stage])
+
+
+def test_an_unchanged_workspace_reports_finetune_up_to_date(committed):
+    assert _dvc(committed, "status", "finetune", "--json").strip() in ("{}", "")
+
+
+def test_editing_any_module_the_finetune_stage_imports_marks_it_changed(committed):
+    modules = sorted(import_closure(committed, "tasks.stages.finetune"))
+    assert len(modules) > 15
+    unnoticed = []
+    for path in modules:
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        try:
+            changes = json.dumps(_status(committed, "finetune"))
+        finally:
+            path.write_text(original)
+        if str(path.relative_to(committed).parent) not in changes and path.name not in changes:
+            unnoticed.append(str(path.relative_to(committed)))
+    assert not unnoticed, f"dvc status finetune did not notice edits of {unnoticed}"
+    assert _status(committed, "finetune") == {}
+
+
+def test_editing_the_loss_reruns_finetune_and_not_prepare(committed):
+    loss = committed / "tasks" / "train" / "loss.py"
+    original = loss.read_text()
+    loss.write_text(original + "\n# an edit\n")
+    try:
+        out = json.loads(_dvc(committed, "status", "--json") or "{}")
+    finally:
+        loss.write_text(original)
+    assert "finetune" in out and "prepare" not in out
