@@ -27,6 +27,9 @@ System messages follow `data.system_message`: `keep`, `merge` (into the first us
 `drop`, or `auto`, which keeps them unless the template raises on them or loses them
 (Gemma raises; Mistral v0.3 drops them from a conversation that ends with an answer), and
 merges them there. The choice is probed once per template.
+
+The module is long but cohesive: rendering, the system-message policy and the mask must
+change together, or what training masks and what serving renders drift apart again.
 """
 
 from __future__ import annotations
