@@ -148,6 +148,15 @@ def test_examples_without_trained_tokens_are_errors_with_their_lines(tmp_path: P
     assert report.bad_examples == {1, 3}
 
 
+def test_an_answer_the_template_rewrites_is_a_warning_when_others_are_trained(tmp_path: Path, tok) -> None:
+    qwen3 = tok.__class__.from_pretrained(tok.name_or_path)
+    qwen3.chat_template = QWEN3_TEMPLATE  # drops the reasoning of answers before the last question
+    rewritten = msgs(("user", "q"), ("assistant", "<think>plan</think>ok"), ("user", "again"), ("assistant", "fine"))
+    report = validate_dataset(write(tmp_path, [GOOD, rewritten]), DataParams(max_tokens=128), tokenizer=qwen3)
+    assert report.valid and report.warnings.get("answer_not_located") == 1
+    assert [r["line"] for r in report.warning_rows if r["category"] == "answer_not_located"] == [2]
+
+
 def test_system_messages_are_reported_merged_for_a_template_that_refuses_them(tmp_path: Path, tok) -> None:
     gemma = tok.__class__.from_pretrained(tok.name_or_path)
     gemma.chat_template = GEMMA2_TEMPLATE
