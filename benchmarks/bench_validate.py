@@ -45,13 +45,13 @@ def run_one(path: Path, gx_dir: Path | None) -> dict:
     """Validate `path` in this process and return seconds, examples and peak RSS."""
     import resource
 
-    from tasks.config import ModelParams
+    from tasks.config import DataParams, ModelParams
     from tasks.data.validate import validate_dataset
     from tasks.model.loading import load_tokenizer, resolve_base
 
     tokenizer = load_tokenizer(resolve_base(ModelParams()))
     start, cpu_start = time.perf_counter(), time.process_time()
-    report = validate_dataset(path, tokenizer=tokenizer, max_tokens=256, data_docs_dir=gx_dir)
+    report = validate_dataset(path, DataParams(max_tokens=256), tokenizer=tokenizer, data_docs_dir=gx_dir)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"examples": report.examples, "seconds": seconds, "cpu_seconds": cpu, "valid": report.valid, "peak_rss_mb": peak_mb}

@@ -39,7 +39,7 @@ from tasks.config import (
     WorkersParams,
     load_params,
 )
-from tasks.data.validate import validate_dataset
+from tasks.data.validate import TrainingBudget, validate_dataset
 from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
 from tasks.evaluate.gate import apply_gate
@@ -104,10 +104,8 @@ def validate_data(params: Params, data_path: Path, report_dir: Path) -> dict:
 
     tokenizer = load_base_tokenizer(params.model)
     report = validate_dataset(
-        data_path, params.data.format, tokenizer=tokenizer, max_tokens=params.data.max_tokens,
-        max_drop_fraction=params.data.max_drop_fraction, min_answer_chars=params.data.min_answer_chars,
-        batch_size=params.train.batch_size, seq_len=params.train.seq_len, max_steps=params.train.max_steps,
-        length_policy=params.data.length_policy, data_docs_dir=report_dir / "gx",
+        data_path, params.data, tokenizer=tokenizer, budget=TrainingBudget.of(params.train),
+        data_docs_dir=report_dir / "gx",
     )
     return report.to_dict()
 

@@ -186,6 +186,9 @@ class ServedModel:
     key: str
     tokenizer: Any
     context_length: int
+    # How the model was trained to take system messages (`data.system_message`, recorded
+    # in its folder), so a served prompt renders exactly as the trained ones did.
+    system_message: str = "auto"
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -302,8 +305,9 @@ class ChatService:
         from tasks.model.loading import load_tokenizer
 
         tokenizer = load_tokenizer(str(model_dir))
+        info = json.loads((model_dir / "ftllm_model.json").read_text())
         key, context = engine.load(model_dir)
-        return ServedModel(name, version, source, key, tokenizer, context)
+        return ServedModel(name, version, source, key, tokenizer, context, info.get("system_message", "auto"))
 
     def _load_version(self, engine: EngineProcess, version: str) -> ServedModel:
         with version_files(self.model_name, version) as (model_dir, source):
@@ -444,7 +448,7 @@ class ChatService:
 
         loaded = self.current()
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt = render_prompt(loaded.tokenizer, messages)
+        prompt = render_prompt(loaded.tokenizer, messages, loaded.system_message)
         prompt_ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
         n_prompt = len(prompt_ids)
         room = loaded.context_length - n_prompt

@@ -54,6 +54,11 @@ class DataParams(_Section):
         0.05, ge=0.0, le=1.0, description="Validation fails when more than this share would be dropped."
     )
     min_answer_chars: int = Field(2, ge=0, description="Answers shorter than this are reported as a warning.")
+    system_message: Literal["auto", "keep", "merge", "drop"] = Field(
+        "auto",
+        description="System messages: keep, merge (into the first user turn), drop, or auto (keep unless the chat "
+        "template raises on them or loses them, then merge). Training, evaluation and serving render alike.",
+    )
     val_fraction: float = Field(
         0.1, ge=0.0, lt=0.5, description="Share of examples in the validation split (stable hash of the example)."
     )

@@ -90,24 +90,18 @@ def _validate(path: Path, format: str, report: Path | None, json_out: bool, fix:
 
 
 def _run(path: Path, fmt: str, settings: Params, show_progress: bool):
-    from tasks.data.validate import validate_dataset
+    from tasks.data.validate import TrainingBudget, validate_dataset
     from tasks.model.loading import load_base_tokenizer
 
     if not path.is_file():  # fail before the tokenizer is loaded
-        validate_dataset(path, fmt)  # raises DataFileError with the specific reason
+        validate_dataset(path, fmt=fmt)  # raises DataFileError with the specific reason
     tokenizer = load_base_tokenizer(settings.model)
-    data, train = settings.data, settings.train
     return validate_dataset(
         path,
-        fmt,
+        settings.data,
+        fmt=fmt,
         tokenizer=tokenizer,
-        max_tokens=data.max_tokens,
-        max_drop_fraction=data.max_drop_fraction,
-        min_answer_chars=data.min_answer_chars,
-        batch_size=train.batch_size,
-        seq_len=train.seq_len,
-        max_steps=train.max_steps,
+        budget=TrainingBudget.of(settings.train),
         data_docs_dir=GX_DIR,
         show_progress=show_progress and sys.stderr.isatty() and path.stat().st_size > PROGRESS_BYTES,
-        length_policy=data.length_policy,
     )

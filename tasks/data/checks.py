@@ -1,14 +1,16 @@
 """Per-example checks shared by validation and prepare: structure, roles, keys, warnings, duplicates.
 
-Each problem belongs to a named category.
+Each problem belongs to a named category. Validation and prepare read examples through
+`iter_checked`, normalise them with `normalise_example` and deduplicate them with one
+`Deduplicator`, so both see the same examples and the same duplicates.
 
 Error categories (any non-zero count makes the file invalid):
     invalid_utf8, invalid_json, not_an_object, no_examples, missing_messages,
     message_missing_field, unrecognised_keys, unknown_role, bad_content, no_assistant,
     last_not_assistant, consecutive_same_role, system_not_first, duplicate,
-    near_duplicate, over_token_limit.
+    near_duplicate, over_token_limit, no_trained_tokens.
 Warning categories (reported, the file stays valid):
-    no_system_message, no_user_message, short_answer, over_token_limit.
+    no_system_message, no_user_message, short_answer, over_token_limit, answer_not_located.
 """
 
 from __future__ import annotations
@@ -47,15 +49,16 @@ ERROR_CATEGORIES = (
     "duplicate",
     "near_duplicate",
     "over_token_limit",
+    "no_trained_tokens",
     "train_test_overlap",
 )
 
 
-WARNING_CATEGORIES = ("no_system_message", "no_user_message", "short_answer", "over_token_limit")
+WARNING_CATEGORIES = ("no_system_message", "no_user_message", "short_answer", "over_token_limit", "answer_not_located")
 
 
 # Problems of an example's structure: such an example is not token-counted nor deduplicated.
-STRUCTURAL = frozenset(ERROR_CATEGORIES[:13])
+STRUCTURAL = frozenset(ERROR_CATEGORIES[: ERROR_CATEGORIES.index("system_not_first") + 1])
 
 
 ROLES = ("system", "user", "assistant", "tool", "function")
@@ -157,6 +160,32 @@ def check_warnings(messages: list[dict], min_answer_chars: int) -> dict[str, str
             found["short_answer"] = f"message {i}: answer of {len(m['content'].strip())} characters (< {min_answer_chars})"
             break
     return found
+
+
+def normalise_example(example: dict) -> dict:
+    """The example with whitespace stripped around every message's content (what prepare writes)."""
+    messages = [{**m, "content": m["content"].strip()} if isinstance(m.get("content"), str) else m for m in example["messages"]]
+    return {**example, "messages": messages}
+
+
+class Deduplicator:
+    """The one duplicate check: exact repeats, then repeats up to case and whitespace; the first stays."""
+
+    def __init__(self) -> None:
+        self._exact: dict[bytes, int] = {}
+        self._loose: dict[bytes, int] = {}
+
+    def check(self, messages: list[dict], line: int) -> tuple[str, str] | None:
+        """(category, message) when `messages` repeats an earlier example, else None; remembers it."""
+        d_exact, d_loose = example_digests(messages)
+        found = None
+        if d_exact in self._exact:
+            found = ("duplicate", f"the same example as line {self._exact[d_exact]}")
+        elif d_loose in self._loose:
+            found = ("near_duplicate", f"the same as line {self._loose[d_loose]} up to case and whitespace")
+        self._exact.setdefault(d_exact, line)
+        self._loose.setdefault(d_loose, line)
+        return found
 
 
 def example_digests(messages: list[dict]) -> tuple[bytes, bytes]:

@@ -29,6 +29,8 @@ def build_suite(max_tokens: int | None, max_drop_fraction: float, length_policy:
     suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="last_role", value_set=["assistant"]))
     for flag in ("is_duplicate", "is_near_duplicate"):
         suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=flag, value_set=[False]))
+    # Trained tokens under the run's template (null where not counted): none means nothing to learn.
+    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="assistant_tokens", min_value=1))
     if max_tokens is not None:
         mostly = 1.0 - max_drop_fraction
         if length_policy == "drop":

@@ -10,8 +10,13 @@ messages before the last answer). An example's split depends only on its own pro
 appending data never moves an example between splits, and the same prompt can never be in
 both train and test (that is checked anyway: `train_test_overlap` in stats.json).
 
+Normalisation, deduplication, the token count and the length policy are validation's own
+(`tasks.data.checks.normalise_example` and `Deduplicator`, `tasks.data.tokens.count_chat_tokens`
+and `length_decision`), so prepare drops exactly what validation reported.
+
 It refuses data that `tasks.data.validate` finds structurally invalid (run `ftllm validate
-PATH --fix OUT` first) and fails when the length policy would drop more than
+PATH --fix OUT` first) or with an example that has no trained tokens under the chat
+template (`no_trained_tokens`), and fails when the length policy would drop more than
 `data.max_drop_fraction` of the examples. Nothing is ever dropped silently: stats.json
 counts what was deduplicated, dropped and truncated.
 
@@ -30,9 +35,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Params
-from tasks.data.checks import example_digests, iter_checked, resolve_format
-from tasks.data.tokens import count_chat_tokens, estimate_training, summarize
+from tasks.config import DataParams, Params
+from tasks.data.checks import Deduplicator, iter_checked, normalise_example, resolve_format
+from tasks.data.tokens import (
+    TokenCount,
+    TrainingBudget,
+    count_chat_tokens,
+    estimate_training,
+    length_decision,
+    summarize,
+)
 from tasks.errors import PrepareError
 from tasks.files import file_md5
 
@@ -41,7 +53,7 @@ SPLITS = ("train", "val", "test")
 
 
 def read_examples(path: Path, fmt: str) -> tuple[str, list[tuple[int, dict]]]:
-    """Read `path` as canonical examples with their line numbers, contents stripped.
+    """Read `path` as canonical examples with their line numbers, normalised (contents stripped).
 
     Args:
         path: the data file.
@@ -60,9 +72,7 @@ def read_examples(path: Path, fmt: str) -> tuple[str, list[tuple[int, dict]]]:
         if c.problems:
             invalid.append((c.line, *next(iter(c.problems.items()))))
             continue
-        example = dict(c.example)
-        example["messages"] = [{**m, "content": m["content"].strip()} if isinstance(m.get("content"), str) else m for m in c.example["messages"]]
-        examples.append((c.line, example))
+        examples.append((c.line, normalise_example(c.example)))
     if invalid:
         line, category, message = invalid[0]
         raise PrepareError(
@@ -73,24 +83,19 @@ def read_examples(path: Path, fmt: str) -> tuple[str, list[tuple[int, dict]]]:
 
 
 def deduplicate(examples: list[tuple[int, dict]]) -> tuple[list[tuple[int, dict]], dict[str, int]]:
-    """Drop repeated examples, keeping the first: exact repeats, then repeats up to case and whitespace."""
-    seen_exact: set[bytes] = set()
-    seen_loose: set[bytes] = set()
-    kept, exact, near = [], 0, 0
+    """Drop repeated examples with validation's `Deduplicator`, keeping the first of each."""
+    dedup = Deduplicator()
+    kept, counts = [], {"exact": 0, "near": 0}
     for line, example in examples:
-        d_exact, d_loose = example_digests(example["messages"])
-        if d_exact in seen_exact:
-            exact += 1
-        elif d_loose in seen_loose:
-            near += 1
-        else:
+        repeat = dedup.check(example["messages"], line)
+        if repeat is None:
             kept.append((line, example))
-        seen_exact.add(d_exact)
-        seen_loose.add(d_loose)
-    return kept, {"exact": exact, "near": near}
+        else:
+            counts["exact" if repeat[0] == "duplicate" else "near"] += 1
+    return kept, counts
 
 
-def truncate_answer(tokenizer, messages: list[dict], max_tokens: int) -> list[dict] | None:
+def truncate_answer(tokenizer, messages: list[dict], max_tokens: int, system_message: str = "auto") -> list[dict] | None:
     """Cut the last assistant answer's tokens so that the conversation fits `max_tokens`.
 
     Returns:
@@ -98,7 +103,7 @@ def truncate_answer(tokenizer, messages: list[dict], max_tokens: int) -> list[di
     """
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     ids = tokenizer.encode(messages[last]["content"], add_special_tokens=False)
-    total = count_chat_tokens(tokenizer, [messages])[0][0]
+    total = count_chat_tokens(tokenizer, [messages], system_message)[0].total
     for _ in range(8):  # re-encoding a cut text can merge tokens differently: re-count and trim
         excess = total - max_tokens
         if excess <= 0:
@@ -108,31 +113,47 @@ def truncate_answer(tokenizer, messages: list[dict], max_tokens: int) -> list[di
         if not text.strip():
             return None
         messages = [*messages[:last], {**messages[last], "content": text}, *messages[last + 1 :]]
-        total = count_chat_tokens(tokenizer, [messages])[0][0]
+        total = count_chat_tokens(tokenizer, [messages], system_message)[0].total
     return messages if total <= max_tokens else None
 
 
 def apply_length_policy(
-    examples: list[tuple[int, dict]], tokenizer, max_tokens: int, policy: str
-) -> tuple[list[tuple[int, dict]], list[int], dict[str, Any]]:
-    """Drop or truncate the examples over `max_tokens` tokens.
+    examples: list[tuple[int, dict]], tokenizer, data: DataParams, source: Path | str = "data"
+) -> tuple[list[tuple[int, dict]], list[TokenCount], dict[str, Any]]:
+    """Drop or truncate the examples over `data.max_tokens` tokens (validation's `length_decision`).
+
+    Args:
+        source: the data file, named in errors.
 
     Returns:
-        (kept examples, their total token counts, {"dropped": n, "truncated": n, "dropped_lines": [...]}).
+        (kept examples, their token counts, {"dropped": n, "truncated": n, "dropped_lines": [...]}).
+
+    Raises:
+        PrepareError: an example has no trained tokens under the chat template.
     """
-    counts = count_chat_tokens(tokenizer, [e["messages"] for _, e in examples])
+    counts = count_chat_tokens(tokenizer, [e["messages"] for _, e in examples], data.system_message)
+    empty = [line for (line, _), n in zip(examples, counts) if not n.trained]
+    if empty:
+        raise PrepareError(
+            f"{source}: line {empty[0]}: no_trained_tokens: the chat template marks no assistant token in it "
+            f"({len(empty)} such examples in all); run `ftllm validate {source}` to list them"
+        )
     kept, tokens, dropped_lines, truncated = [], [], [], 0
-    for (line, example), (total, _, _) in zip(examples, counts):
-        if total > max_tokens:
-            cut = truncate_answer(tokenizer, example["messages"], max_tokens) if policy == "truncate" else None
+    for (line, example), count in zip(examples, counts):
+        decision = length_decision(count, data.max_tokens, data.length_policy)
+        if decision == "truncate":
+            cut = truncate_answer(tokenizer, example["messages"], data.max_tokens, data.system_message)
             if cut is None:
-                dropped_lines.append(line)
-                continue
-            example = {**example, "messages": cut}
-            total = count_chat_tokens(tokenizer, [cut])[0][0]
-            truncated += 1
+                decision = "drop"
+            else:
+                example = {**example, "messages": cut}
+                count = count_chat_tokens(tokenizer, [cut], data.system_message)[0]
+                truncated += 1
+        if decision == "drop":
+            dropped_lines.append(line)
+            continue
         kept.append((line, example))
-        tokens.append(total)
+        tokens.append(count)
     return kept, tokens, {"dropped": len(dropped_lines), "truncated": truncated, "dropped_lines": dropped_lines[:100]}
 
 
@@ -152,19 +173,19 @@ def assign_split(key: bytes, val_fraction: float, test_fraction: float) -> str:
 
 
 def split_examples(
-    examples: list[tuple[int, dict]], tokens: list[int], val_fraction: float, test_fraction: float
-) -> tuple[dict[str, list[dict]], dict[str, list[int]], int]:
-    """Split by prompt hash; returns (examples per split, tokens per split, train/test prompt overlap)."""
+    examples: list[tuple[int, dict]], counts: list[TokenCount], val_fraction: float, test_fraction: float
+) -> tuple[dict[str, list[dict]], dict[str, list[TokenCount]], int]:
+    """Split by prompt hash; returns (examples per split, token counts per split, train/test prompt overlap)."""
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    split_tokens: dict[str, list[int]] = {s: [] for s in SPLITS}
+    split_counts: dict[str, list[TokenCount]] = {s: [] for s in SPLITS}
     keys: dict[str, set[bytes]] = {s: set() for s in SPLITS}
-    for (_, example), total in zip(examples, tokens):
+    for (_, example), count in zip(examples, counts):
         key = prompt_key(example["messages"])
         split = assign_split(key, val_fraction, test_fraction)
         splits[split].append(example)
-        split_tokens[split].append(total)
+        split_counts[split].append(count)
         keys[split].add(key)
-    return splits, split_tokens, len(keys["train"] & keys["test"])
+    return splits, split_counts, len(keys["train"] & keys["test"])
 
 
 def write_splits(out_dir: Path, splits: dict[str, list[dict]], stats: dict[str, Any]) -> Path:
@@ -214,7 +235,7 @@ def prepare_dataset(path: Path, out_dir: Path, params: Params, tokenizer=None) -
     fmt, examples = read_examples(path, data.format)
     read = len(examples)
     examples, deduplicated = deduplicate(examples)
-    examples, tokens, length = apply_length_policy(examples, tokenizer, data.max_tokens, data.length_policy)
+    examples, counts, length = apply_length_policy(examples, tokenizer, data, path)
     share = length["dropped"] / read if read else 0.0
     if share > data.max_drop_fraction:
         raise PrepareError(
@@ -224,10 +245,10 @@ def prepare_dataset(path: Path, out_dir: Path, params: Params, tokenizer=None) -
         )
     if not examples:
         raise PrepareError(f"{path}: no examples left to train on; check the file with `ftllm validate {path}`")
-    splits, split_tokens, overlap = split_examples(examples, tokens, data.val_fraction, data.test_fraction)
+    splits, split_counts, overlap = split_examples(examples, counts, data.val_fraction, data.test_fraction)
     if overlap:  # impossible by construction (the split is a function of the prompt); kept as a guard
         raise PrepareError(f"{path}: {overlap} prompts are in both train and test; this is a bug in tasks.data.prepare")
-    train = params.train
+    train = split_counts["train"]
     stats = {
         "path": str(path),
         "md5": file_md5(path),
@@ -243,9 +264,11 @@ def prepare_dataset(path: Path, out_dir: Path, params: Params, tokenizer=None) -
         "truncated": length["truncated"],
         "train_test_overlap": overlap,
         "split": {"val_fraction": data.val_fraction, "test_fraction": data.test_fraction, "key": "sha256 of the normalised prompt"},
-        "token_stats": {s: summarize(split_tokens[s]) for s in SPLITS},
-        "training_estimate": estimate_training(sum(split_tokens["train"]), 0, train.batch_size, train.seq_len, train.max_steps),
+        "token_stats": {s: summarize([n.total for n in split_counts[s]]) for s in SPLITS},
+        "system_message": data.system_message,
+        "training_estimate": estimate_training(
+            sum(n.total for n in train), sum(n.trained for n in train), TrainingBudget.of(params.train)
+        ),
     }
-    stats["training_estimate"].pop("trained_tokens_per_epoch")
     write_splits(out_dir, splits, stats)
     return stats

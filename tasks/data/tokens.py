@@ -1,98 +1,85 @@
-"""Token counts of conversations under the run's tokenizer and chat template.
+"""Token counts, the length policy and the training estimate, shared by validation and prepare.
 
-Each conversation is rendered with the chat template (`tokenize=False`) and the rendered
-texts are batch-encoded by the fast tokenizer. Assistant tokens are the tokens of the
-assistant contents inside the rendered text (located by character offsets).
+Every count comes from `tasks.model.chat.encode_chats`, the implementation that also
+builds training's labels and evaluation's perplexity masks: the tokens validation reports
+as trained are the tokens training trains on, under the run's tokenizer, chat template
+and `data.system_message`.
 """
 
 from __future__ import annotations
 
 import math
-import re
+from dataclasses import dataclass
 from typing import Any
 
-_TOKEN_CHUNK = 2048
+from tasks.config import TrainParams
+from tasks.model.chat import encode_chats
+
+# Conversations encoded per call: bounds the memory of token ids held at once.
+TOKEN_CHUNK = 2048
 
 
-def count_chat_tokens(tokenizer, conversations: list[list[dict]]) -> list[tuple[int, int, int]]:
-    """Count tokens of many conversations with the tokenizer's chat template, fast.
+@dataclass(frozen=True)
+class TokenCount:
+    """Tokens of one conversation under the chat template.
 
-    The conversations are rendered in one call with every content replaced by a marker;
-    putting the contents back in gives the rendered text and where each content lies in
-    it, and the batch of texts is encoded once by the Rust tokenizer. Assistant tokens are
-    the tokens from the one holding an assistant content's first character to the one
-    holding its last.
+    Attributes:
+        total: every token of the rendered conversation.
+        trained: assistant tokens (answers and their end-of-turn tokens): what training trains on.
+        last_answer: trained tokens of the last answer (what truncation may cut).
+        unlocated: answers the template rewrote beyond recognition (not trained on).
+        error: why the template refused the conversation ("" when it rendered it).
+    """
+
+    total: int
+    trained: int
+    last_answer: int
+    unlocated: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class TrainingBudget:
+    """The training settings that turn token counts into steps and epochs."""
+
+    batch_size: int = 8
+    seq_len: int = 256
+    max_steps: int | None = None
+
+    @classmethod
+    def of(cls, train: TrainParams) -> "TrainingBudget":
+        """The budget of a run's `train:` settings."""
+        return cls(train.batch_size, train.seq_len, train.max_steps)
+
+
+def count_chat_tokens(tokenizer, conversations: list[list[dict]], system_message: str = "auto") -> list[TokenCount]:
+    """Count the tokens of conversations exactly as training will see them.
 
     Args:
-        tokenizer: a Hugging Face tokenizer with a chat template.
+        tokenizer: the run's tokenizer (fast, with a chat template).
         conversations: canonical message lists (structurally valid).
+        system_message: `data.system_message`.
 
-    Returns:
-        (total tokens, assistant tokens, tokens of the last assistant answer) per
-        conversation. A slow (non-Rust) tokenizer falls back to `tasks.modeling.count_tokens`.
+    Raises:
+        ConfigError: the chat template cannot be masked (`tasks.model.chat.check_template`).
     """
-    if not conversations:
-        return []
-    if not getattr(tokenizer, "is_fast", False):
-        return _count_slow(tokenizer, conversations)
-    marked = [
-        [{**m, "content": f"\ue000{j}\ue001"} if isinstance(m.get("content"), str) else m for j, m in enumerate(conv)]
-        for conv in conversations
+    return [
+        TokenCount(len(e.input_ids), e.trained_tokens, e.last_answer_tokens, e.unlocated, e.error)
+        for e in encode_chats(tokenizer, conversations, system_message=system_message)
     ]
-    texts, spans = [], []
-    for conv, rendered in zip(conversations, tokenizer.apply_chat_template(marked, tokenize=False)):
-        text, where = _fill_markers(rendered, conv)
-        if any(m["role"] == "assistant" and j not in where for j, m in enumerate(conv)):
-            # The template changed a content (or dropped it): render for real, locate nothing.
-            text, where = tokenizer.apply_chat_template(conv, tokenize=False), None
-        texts.append(text)
-        spans.append(where)
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    return [_assistant_counts(tokenizer, conv, enc, where) for conv, enc, where in zip(conversations, encodings, spans)]
 
 
-_MARKER = re.compile("\ue000(\\d+)\ue001")
+def length_decision(count: TokenCount, max_tokens: int | None, policy: str) -> str:
+    """What the length policy does with one example: "keep", "truncate" or "drop".
 
-
-def _fill_markers(rendered: str, conv: list[dict]) -> tuple[str, dict[int, tuple[int, int]]]:
-    """Put the contents back in place of the markers: (text, message index -> (start, end))."""
-    parts = _MARKER.split(rendered)
-    pieces, where, pos = [], {}, 0
-    for k, part in enumerate(parts):
-        if k % 2:
-            j = int(part)
-            part = conv[j]["content"] if j < len(conv) else ""
-            where.setdefault(j, (pos, pos + len(part)))
-        pieces.append(part)
-        pos += len(part)
-    return "".join(pieces), where
-
-
-def _assistant_counts(tokenizer, conv: list[dict], enc, where: dict | None) -> tuple[int, int, int]:
-    assistant = last = 0
-    for j, m in enumerate(conv):
-        if m["role"] != "assistant" or not m.get("content"):
-            continue
-        if where is None:
-            last = len(tokenizer.backend_tokenizer.encode(m["content"], add_special_tokens=False))
-        else:
-            a, b = where[j]
-            first_token, last_token = enc.char_to_token(a), enc.char_to_token(b - 1)
-            last = last_token - first_token + 1 if first_token is not None and last_token is not None else 0
-        assistant += last
-    return len(enc), assistant, last
-
-
-def _count_slow(tokenizer, conversations: list[list[dict]]) -> list[tuple[int, int, int]]:
-    from tasks.model.chat import count_tokens
-
-    out = []
-    for conv in conversations:
-        total, assistant = count_tokens(tokenizer, conv)
-        answers = [m for m in conv if m["role"] == "assistant"]
-        last = len(tokenizer.encode(answers[-1].get("content") or "", add_special_tokens=False)) if answers else 0
-        out.append((total, assistant, last))
-    return out
+    Truncation cuts the last answer and keeps at least one of its tokens, so an example
+    whose prompt alone reaches the limit cannot be truncated and is dropped.
+    """
+    if max_tokens is None or count.total <= max_tokens:
+        return "keep"
+    if policy == "truncate" and count.total - count.last_answer + 1 <= max_tokens:
+        return "truncate"
+    return "drop"
 
 
 def summarize(values: list[float]) -> dict[str, float] | None:
@@ -113,15 +100,15 @@ def summarize(values: list[float]) -> dict[str, float] | None:
     }
 
 
-def estimate_training(total_tokens: int, trained_tokens: int, batch_size: int, seq_len: int, max_steps: int | None) -> dict[str, Any]:
+def estimate_training(total_tokens: int, trained_tokens: int, budget: TrainingBudget) -> dict[str, Any]:
     """Steps per epoch with packing (total tokens / (batch_size * seq_len)) and epochs for max_steps."""
-    steps = max(1, math.ceil(total_tokens / (batch_size * seq_len))) if total_tokens else 0
+    steps = max(1, math.ceil(total_tokens / (budget.batch_size * budget.seq_len))) if total_tokens else 0
     return {
         "tokens_per_epoch": total_tokens,
         "trained_tokens_per_epoch": trained_tokens,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
+        "batch_size": budget.batch_size,
+        "seq_len": budget.seq_len,
         "steps_per_epoch": steps,
-        "max_steps": max_steps,
-        "epochs": round(max_steps / steps, 3) if (max_steps and steps) else None,
+        "max_steps": budget.max_steps,
+        "epochs": round(budget.max_steps / steps, 3) if (budget.max_steps and steps) else None,
     }

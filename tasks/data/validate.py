@@ -1,10 +1,12 @@
 """Validating a training data file before anything downstream runs.
 
-Every example is converted to canonical chat messages (`tasks.data.formats`), checked
-(`tasks.data.checks`), and counted in tokens with the run's tokenizer and chat template
-(`tasks.data.tokens`). Each problem belongs to a named category with a count and the
-offending line numbers; the per-example checks also run as one Great Expectations suite
-(`tasks.data.gx`), whose checkpoint builds the HTML Data Docs.
+Every example is converted to canonical chat messages (`tasks.data.formats`), checked,
+normalised and deduplicated (`tasks.data.checks`), and counted in tokens with the run's
+tokenizer, chat template and `data.system_message` (`tasks.data.tokens`, through the
+encoder training uses, so the trained tokens reported are the ones training gets; an
+example with none is a `no_trained_tokens` error). Each problem belongs to a named
+category with a count and the offending line numbers; the per-example checks also run as
+one Great Expectations suite (`tasks.data.gx`), whose checkpoint builds the HTML Data Docs.
 
 Over-long examples (more than `data.max_tokens` tokens) are handled by prepare's
 `data.length_policy`: dropped, or truncated (the last answer cut to fit; an example whose
@@ -24,28 +26,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.config import DataParams
 from tasks.data.checks import (
     CheckedExample,
+    Deduplicator,
     check_messages,
     check_warnings,
-    example_digests,
     iter_checked,
+    normalise_example,
     resolve_format,
 )
-from tasks.data.formats import (
-    FORMATS,
-)
+from tasks.data.formats import FORMATS
 from tasks.data.gx import run_gx_suite
 from tasks.data.tokens import (
-    _TOKEN_CHUNK,
+    TOKEN_CHUNK,
+    TrainingBudget,
     count_chat_tokens,
     estimate_training,
+    length_decision,
     summarize,
 )
 from tasks.errors import DataFileError
+from tasks.model.chat import system_handling
 
 __all__ = [
     "DataFileError",
+    "TrainingBudget",
     "ValidationReport",
     "validate_dataset",
     "count_chat_tokens",
@@ -79,6 +85,7 @@ class ValidationReport:
     truncated: int
     dropped_fraction: float
     max_drop_fraction: float
+    system_message: dict[str, Any] | None = None
     data_docs: str | None = None
     gx: dict[str, Any] | None = None
     # Ordinals (0-based, in reading order) of the examples `--fix` leaves out; not serialised.
@@ -104,6 +111,7 @@ class ValidationReport:
             "truncated": self.truncated,
             "dropped_fraction": self.dropped_fraction,
             "max_drop_fraction": self.max_drop_fraction,
+            "system_message": self.system_message,
             "data_docs": self.data_docs,
             "gx": self.gx,
         }
@@ -158,32 +166,26 @@ def _row(c: CheckedExample) -> dict[str, Any]:
 
 def validate_dataset(
     path: Path,
-    fmt: str = "auto",
+    data: DataParams | None = None,
+    *,
+    fmt: str | None = None,
     tokenizer=None,
-    max_tokens: int | None = None,
-    max_drop_fraction: float = 0.05,
-    min_answer_chars: int = 2,
-    batch_size: int = 8,
-    seq_len: int = 256,
-    max_steps: int | None = None,
+    budget: TrainingBudget | None = None,
     data_docs_dir: Path | None = None,
     show_progress: bool = False,
-    length_policy: str = "drop",
 ) -> ValidationReport:
     """Validate a data file: categories of errors and warnings, token statistics, GX Data Docs.
 
     Args:
         path: a JSONL file or JSON array in a supported format.
-        fmt: "auto", "openai", "alpaca" or "sharegpt".
-        tokenizer: the run's tokenizer; None skips token counts and the token limit.
-        max_tokens: token limit per example (`data.max_tokens`); None for no limit.
-        max_drop_fraction: largest share of examples the length policy may drop.
-        min_answer_chars: answers shorter than this are a warning.
-        batch_size, seq_len, max_steps: training settings for the epoch and step estimate.
+        data: the `data:` settings (format, max_tokens, length_policy, max_drop_fraction,
+            min_answer_chars, system_message); defaults when None.
+        fmt: "auto", "openai", "alpaca" or "sharegpt", overriding `data.format` (`--format`).
+        tokenizer: the run's tokenizer; None skips token counts and the token checks.
+        budget: training settings for the epoch and step estimate (defaults when None).
         data_docs_dir: project root of the Great Expectations context (e.g. `artifacts/gx`);
             the suite runs and Data Docs are built there. None skips Great Expectations.
         show_progress: show a progress bar (on stderr) while reading.
-        length_policy: "drop" or "truncate", what prepare does with over-long examples.
 
     Returns:
         The report; `report.valid` is False when any error category is non-zero.
@@ -191,25 +193,34 @@ def validate_dataset(
     Raises:
         DataFileError: the file is missing, a directory or cannot be opened.
         FormatError: `fmt` is not a supported format name.
+        ConfigError: the chat template cannot be masked, or keeps no system message under
+            `data.system_message: keep`.
     """
     from tasks.files import file_md5
 
     path = Path(path)
-    if length_policy not in ("drop", "truncate"):
-        raise ValueError(f"length_policy {length_policy!r}: use drop or truncate (data.length_policy)")
-    reported_fmt, conv_fmt = resolve_format(path, fmt)
+    data = data or DataParams()
+    budget = budget or TrainingBudget()
+    max_tokens = data.max_tokens if tokenizer is not None else None
+    reported_fmt, conv_fmt = resolve_format(path, fmt or data.format)
     errors, warns = _Tally(), _Tally()
     rows: list[dict[str, Any]] = []
     bad: set[int] = set()
-    seen_exact: dict[bytes, int] = {}
-    seen_loose: dict[bytes, int] = {}
+    dedup = Deduplicator()
     pending: list[CheckedExample] = []
     n_messages: list[int] = []
+    with_system = 0
 
     def flush() -> None:
-        counts = count_chat_tokens(tokenizer, [c.example["messages"] for c in pending])
-        for c, (total, assistant, last) in zip(pending, counts):
-            rows[c.ordinal].update(total_tokens=total, assistant_tokens=assistant, _last=last)
+        counts = count_chat_tokens(tokenizer, [c.example["messages"] for c in pending], data.system_message)
+        for c, n in zip(pending, counts):
+            rows[c.ordinal].update(total_tokens=n.total, assistant_tokens=n.trained, _count=n)
+            if not n.trained:
+                why = f"the chat template {n.error}" if n.error else "the chat template marks no assistant token in it"
+                errors.add("no_trained_tokens", c.line, f"{why}: there is nothing to train on; fix or drop the example")
+                bad.add(c.ordinal)
+            elif n.unlocated:
+                warns.add("answer_not_located", c.line, f"{n.unlocated} answer(s) rewritten by the chat template are not trained on")
         pending.clear()
 
     with _progress(path, show_progress) as on_bytes:
@@ -217,15 +228,20 @@ def validate_dataset(
             row = _row(c)
             rows.append(row)
             if c.structurally_ok:
+                c.example = normalise_example(c.example)
                 messages = c.example["messages"]
-                _check_duplicates(c, messages, seen_exact, seen_loose, row)
-                if not (c.problems.keys() & {"duplicate", "near_duplicate"}):
+                repeat = dedup.check(messages, c.line)
+                if repeat:
+                    c.problems[repeat[0]] = repeat[1]
+                    row["is_duplicate" if repeat[0] == "duplicate" else "is_near_duplicate"] = True
+                else:
                     n_messages.append(len(messages))
-                for cat, msg in check_warnings(messages, min_answer_chars).items():
+                    with_system += messages[0]["role"] == "system"
+                for cat, msg in check_warnings(messages, data.min_answer_chars).items():
                     warns.add(cat, c.line, msg)
-                if tokenizer is not None and not (c.problems.keys() & {"duplicate", "near_duplicate"}):
+                if tokenizer is not None and not repeat:
                     pending.append(c)
-                    if len(pending) >= _TOKEN_CHUNK:
+                    if len(pending) >= TOKEN_CHUNK:
                         flush()
             for cat, msg in c.problems.items():
                 errors.add(cat, c.line, msg)
@@ -236,24 +252,27 @@ def validate_dataset(
     if not rows:
         errors.add("no_examples", 0, "the file holds no examples")
 
-    length = _apply_length_rules(rows, max_tokens, length_policy)
+    length = _apply_length_rules(rows, max_tokens, data.length_policy)
     dropped_fraction = length["dropped"] / len(rows) if rows else 0.0
-    over_is_error = dropped_fraction > max_drop_fraction
+    over_is_error = dropped_fraction > data.max_drop_fraction
     for r in rows:
         if r.get("over_limit"):
             what = "drop" if not r["kept_by_length_policy"] else "truncate"
             msg = f"{r['total_tokens']} tokens > data.max_tokens {max_tokens}; prepare will {what} it"
             if over_is_error:
-                errors.add("over_token_limit", r["line"], msg + f" (too many: over data.max_drop_fraction {max_drop_fraction})")
+                errors.add("over_token_limit", r["line"], msg + f" (too many: over data.max_drop_fraction {data.max_drop_fraction})")
             else:
                 warns.add("over_token_limit", r["line"], msg)
     if over_is_error:
         bad |= {i for i, r in enumerate(rows) if r.get("over_limit")}
 
-    token_stats = _token_stats(rows, n_messages, tokenizer, max_tokens, length, batch_size, seq_len, max_steps)
+    token_stats = _token_stats(rows, n_messages, tokenizer, max_tokens, length, budget) if tokenizer is not None else None
+    system = _system_report(tokenizer, data.system_message, with_system) if tokenizer is not None else None
+    for r in rows:
+        r.pop("_count", None)
     gx_summary, docs = None, None
     if data_docs_dir is not None and rows:
-        gx_summary, docs = run_gx_suite(rows, Path(data_docs_dir), max_tokens, max_drop_fraction, length_policy)
+        gx_summary, docs = run_gx_suite(rows, Path(data_docs_dir), max_tokens, data.max_drop_fraction, data.length_policy)
     valid = not errors.counts and (gx_summary is None or gx_summary["success"])
     return ValidationReport(
         valid=valid,
@@ -268,47 +287,40 @@ def validate_dataset(
         warnings=warns.counts,
         warning_rows=warns.first_rows(),
         token_stats=token_stats,
-        length_policy=length_policy,
+        length_policy=data.length_policy,
         dropped=length["dropped"],
         truncated=length["truncated"],
         dropped_fraction=round(dropped_fraction, 6),
-        max_drop_fraction=max_drop_fraction,
+        max_drop_fraction=data.max_drop_fraction,
+        system_message=system,
         data_docs=docs,
         gx=gx_summary,
         bad_examples=bad,
     )
 
 
-def _check_duplicates(c: CheckedExample, messages: list[dict], exact: dict, loose: dict, row: dict) -> None:
-    d_exact, d_loose = example_digests(messages)
-    if d_exact in exact:
-        c.problems["duplicate"] = f"the same example as line {exact[d_exact]}"
-        row["is_duplicate"] = True
-    elif d_loose in loose:
-        c.problems["near_duplicate"] = f"the same as line {loose[d_loose]} up to case and whitespace"
-        row["is_near_duplicate"] = True
-    exact.setdefault(d_exact, c.line)
-    loose.setdefault(d_loose, c.line)
+def _system_report(tokenizer, policy: str, with_system: int) -> dict[str, Any]:
+    """What `data.system_message` does under this template, and to how many examples."""
+    handling = system_handling(tokenizer, policy)
+    return {"policy": policy, "action": handling.action, "reason": handling.reason, "examples": with_system}
 
 
 def _apply_length_rules(rows: list[dict], max_tokens: int | None, policy: str) -> dict[str, int]:
     """Mark over-long rows and whether the length policy keeps them; count dropped/truncated."""
     dropped = truncated = 0
     for r in rows:
-        total = r.get("total_tokens")
-        if total is None:
+        count = r.get("_count")
+        if count is None:
             continue
-        over = max_tokens is not None and total > max_tokens
-        # Truncation keeps at least one token of the last answer; a longer prompt cannot fit.
-        fits = policy == "truncate" and total - r["_last"] + 1 <= max_tokens if over else True
-        r["over_limit"] = over
-        r["kept_by_length_policy"] = fits
-        dropped += over and not fits
-        truncated += over and fits
+        decision = length_decision(count, max_tokens, policy)
+        r["over_limit"] = decision != "keep"
+        r["kept_by_length_policy"] = decision != "drop"
+        dropped += decision == "drop"
+        truncated += decision == "truncate"
     return {"dropped": dropped, "truncated": truncated}
 
 
-def _token_stats(rows, n_messages, tokenizer, max_tokens, length, batch_size, seq_len, max_steps) -> dict[str, Any]:
+def _token_stats(rows, n_messages, tokenizer, max_tokens, length, budget: TrainingBudget) -> dict[str, Any]:
     counted = [r for r in rows if r.get("total_tokens") is not None]
     kept = [r for r in counted if r["kept_by_length_policy"]]
     cap = max_tokens or 0
@@ -318,7 +330,7 @@ def _token_stats(rows, n_messages, tokenizer, max_tokens, length, batch_size, se
     stats: dict[str, Any] = {
         "examples": len(n_messages),
         "messages_per_example": summarize(n_messages),
-        "tokenizer": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
         "total_tokens": summarize([r["total_tokens"] for r in counted]),
         "assistant_tokens": summarize([r["assistant_tokens"] for r in counted]),
         "max_tokens": max_tokens,
@@ -326,9 +338,10 @@ def _token_stats(rows, n_messages, tokenizer, max_tokens, length, batch_size, se
         "over_limit_fraction": round(over / len(rows), 6) if rows else 0.0,
         "dropped": length["dropped"],
         "truncated": length["truncated"],
-        "assistant_tokens_method": "tokens of assistant contents within the rendered chat template",
+        "assistant_tokens_method": "the tokens training trains on: answers and their end-of-turn tokens "
+        "under the chat template (tasks.model.chat.encode_chats)",
     }
-    stats.update(estimate_training(total_kept, trained_kept, batch_size, seq_len, max_steps))
+    stats.update(estimate_training(total_kept, trained_kept, budget))
     return stats
 
 
@@ -437,6 +450,11 @@ def render_report(report: ValidationReport, console=None) -> None:
             f"length policy {report.length_policy}: {report.dropped} dropped, {report.truncated} truncated "
             f"(limit {report.max_drop_fraction:.0%} dropped)"
         )
+    system = report.system_message
+    if system:
+        why = f" ({system['reason']})" if system["reason"] else ""
+        console.print(f"system messages: data.system_message={system['policy']}: {system['action']} "
+                      f"in {system['examples']} examples{why}")
     if report.data_docs:
         console.print(f"Data Docs: {report.data_docs}")
 

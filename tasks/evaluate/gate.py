@@ -3,6 +3,8 @@
 Every check is reported with its name, the measured value, the threshold and the verdict,
 so a rejected run says exactly which check failed. Checks:
 
+- the candidate's metrics must rest on something: `min_scored_tokens` refuses metrics
+  that scored no assistant token (a perplexity of 1.0 over nothing passes any ceiling);
 - absolute floors and ceilings on the candidate (`gate.min_exact_match`,
   `gate.max_perplexity`, `gate.max_p95_latency_ms`);
 - fine-tuning must be worth it: exact match above the best prompting baseline of the base
@@ -58,7 +60,10 @@ def apply_gate(metrics: dict[str, dict[str, float]], gate: GateParams) -> Verdic
         gate: the thresholds.
     """
     cand = metrics["candidate"]
+    # Metrics written before `scored_tokens` existed lack it: they are judged on the rest.
+    scored = [_at_least("min_scored_tokens", cand["scored_tokens"], 1)] if "scored_tokens" in cand else []
     checks = [
+        *scored,
         _at_least("min_exact_match", cand["exact_match"], gate.min_exact_match),
         _at_most("max_perplexity", cand["perplexity"], gate.max_perplexity),
         _at_most("max_p95_latency_ms", cand["latency_p95_ms"], gate.max_p95_latency_ms),

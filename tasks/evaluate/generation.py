@@ -7,9 +7,8 @@ import math
 import random
 import time
 
-from tasks.model.chat import (
-    encode_chat,
-)
+from tasks.errors import RunFailed
+from tasks.model.chat import encode_chats
 
 Example = dict  # one canonical example: {"messages": [...], ...}
 
@@ -29,15 +28,26 @@ def with_shots(messages: list[dict], shots: list[Example]) -> list[dict]:
     return head + turns + messages[len(head):]
 
 
-def assistant_perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> float:
-    """exp of the mean cross-entropy over assistant tokens, token-weighted across examples."""
+def assistant_perplexity(
+    model, tokenizer, conversations: list[list[dict]], batch_size: int, system_message: str = "auto"
+) -> tuple[float, int]:
+    """exp of the mean cross-entropy over assistant tokens, token-weighted across examples.
+
+    The assistant tokens are training's (`encode_chats`: answers and their end-of-turn tokens).
+
+    Returns:
+        (perplexity, assistant tokens scored).
+
+    Raises:
+        RunFailed: no assistant token was scored (a perplexity of 1.0 over nothing would pass any gate).
+    """
     import torch
     import torch.nn.functional as F
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for start in range(0, len(conversations), batch_size):
-        encoded = [encode_chat(tokenizer, c) for c in conversations[start : start + batch_size]]
+        encoded = encode_chats(tokenizer, conversations[start : start + batch_size], system_message=system_message)
         width = max(len(e.input_ids) for e in encoded)
         ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
         labels = torch.full((len(encoded), width), -100)
@@ -55,7 +65,12 @@ def assistant_perplexity(model, tokenizer, conversations: list[list[dict]], batc
         )
         total += float(loss)
         count += int((labels[:, 1:] != -100).sum())
-    return math.exp(total / max(1, count))
+    if not count:
+        raise RunFailed(
+            f"evaluation scored 0 assistant tokens over {len(conversations)} examples: the chat template of "
+            f"{getattr(tokenizer, 'name_or_path', 'the model')} marks none (check the data with `ftllm validate`)"
+        )
+    return math.exp(total / count), count
 
 
 def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int):

@@ -4,7 +4,8 @@ One function, `evaluate_model`, scores every model the same way on the same exam
 the candidate, the base model prompted zero-shot and few-shot (`eval.few_shot_k` train
 examples shown before each question), and, from the retrain flow, the current champion.
 
-Metrics: perplexity on the assistant tokens; exact match, BLEU (sacrebleu) and ROUGE-L
+Metrics: perplexity on the assistant tokens (the tokens training trains on, counted in
+`scored_tokens`; evaluation fails rather than report a perplexity over none); exact match, BLEU (sacrebleu) and ROUGE-L
 (rouge-score) of greedy generations; accuracy / precision / recall / macro-F1 when
 `eval.task` is classification; per-example latency (p50, p95) and generated tokens/s.
 """
@@ -38,21 +39,34 @@ from tasks.model.loading import (
 )
 
 
-def evaluate_model(model, tokenizer, examples: list[Example], params: EvalParams, shots: list[Example] = ()) -> dict:
+def evaluate_model(
+    model, tokenizer, examples: list[Example], params: EvalParams, shots: list[Example] = (),
+    system_message: str = "auto",
+) -> dict:
     """Score one model on `examples`; `shots` turns it into a few-shot prompted model.
 
+    Args:
+        system_message: the `data.system_message` policy prompts are rendered with (the
+            model's own, for a trained model folder).
+
     Returns:
-        metrics (a flat dict of floats) and `samples`, the first predictions beside references.
+        metrics (a flat dict of floats, with `scored_tokens`: the assistant tokens behind
+        the perplexity) and `samples`, the first predictions beside references.
+
+    Raises:
+        RunFailed: no assistant token could be scored.
     """
     questions = [with_shots(prompt_messages(e["messages"]), list(shots)) for e in examples]
     references = [reference_answer(e["messages"]) for e in examples]
     conversations = [q + [{"role": "assistant", "content": r}] for q, r in zip(questions, references)]
-    prompts = [render_prompt(tokenizer, q) for q in questions]
+    prompts = [render_prompt(tokenizer, q, system_message) for q in questions]
+    perplexity, scored = assistant_perplexity(model, tokenizer, conversations, params.batch_size, system_message)
     t0 = time.perf_counter()
     predictions, latencies, lengths = generate_batched(model, tokenizer, prompts, params.max_new_tokens, params.batch_size)
     gen_seconds = time.perf_counter() - t0
     metrics = {
-        "perplexity": assistant_perplexity(model, tokenizer, conversations, params.batch_size),
+        "perplexity": perplexity,
+        "scored_tokens": scored,
         **text_metrics(predictions, references),
         "latency_p50_ms": percentile(latencies, 0.5),
         "latency_p95_ms": percentile(latencies, 0.95),
@@ -78,9 +92,9 @@ def load_split(data_dir: Path, name: str, limit: int | None = None) -> list[Exam
 
 
 def evaluate_model_dir(model_dir: Path, examples: list[Example], params: EvalParams) -> dict:
-    """Load a fine-tuned model folder (candidate or champion) and score it."""
-    model, tokenizer, _ = load_trained(model_dir)
-    return evaluate_model(model, tokenizer, examples, params)
+    """Load a fine-tuned model folder (candidate or champion) and score it, rendered as it was trained."""
+    model, tokenizer, info = load_trained(model_dir)
+    return evaluate_model(model, tokenizer, examples, params, system_message=info.get("system_message", "auto"))
 
 
 def evaluate_all(params_path: str, data_dir: Path, model_dir: Path) -> dict:
@@ -93,10 +107,11 @@ def evaluate_all(params_path: str, data_dir: Path, model_dir: Path) -> dict:
     base_path = resolve_base(params.model)
     base_tok = load_base_tokenizer(params.model, base_path)
     base = load_base_model(params.model, base_tok, base_path)
+    policy = params.data.system_message
     results = {
         "candidate": evaluate_model_dir(model_dir, test, params.eval),
-        "base_zero_shot": evaluate_model(base, base_tok, test, params.eval),
+        "base_zero_shot": evaluate_model(base, base_tok, test, params.eval, system_message=policy),
     }
     if shots:
-        results["base_few_shot"] = evaluate_model(base, base_tok, test, params.eval, shots)
+        results["base_few_shot"] = evaluate_model(base, base_tok, test, params.eval, shots, policy)
     return results

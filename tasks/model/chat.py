@@ -1,20 +1,71 @@
 """Turning chat messages into text and tokens, shared by training, evaluation and serving.
 
-Training, evaluation and the BentoML service all format prompts through this module, so
-the text a model is trained on and the text it is served with cannot drift apart.
+Training, evaluation, the MLflow pyfunc model and the BentoML service all format prompts
+through this module, and validation, prepare and training all count and mask tokens
+through `encode_chats`, so the text a model is trained on and the text it is served with
+cannot drift apart, and there is one token count.
+
+Assistant masks are exact for any chat template:
+
+- a template with `{% generation %}` blocks marks the assistant text itself (the spans
+  transformers' `return_assistant_tokens_mask` reads);
+- any other template is rendered once per conversation and tokenized once with character
+  offsets. Each assistant answer is located by characters: the conversation up to it,
+  rendered with the generation prompt, must be a prefix of the whole text, and the answer
+  must follow. The mask is everything the model writes after that prompt (the answer, and
+  text such as Qwen 3's empty `<think>` block), plus the special tokens the template puts
+  right after it before the next turn (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`,
+  `<|end|>`, `</s>`), so the model learns to stop. Characters are mapped to tokens through
+  the offsets, so BPE merges across a boundary cannot shift the mask. The text is encoded
+  without the tokenizer's own special tokens, as `apply_chat_template` does: a template
+  that writes BOS gets no second one.
+
+Where neither method can mask a template, `check_template` raises a `ConfigError` before
+anything is trained, naming the model, what the template did and the setting that fixes it.
+
+System messages follow `data.system_message`: `keep`, `merge` (into the first user turn),
+`drop`, or `auto`, which keeps them unless the template raises on them or loses them
+(Gemma raises; Mistral v0.3 drops them from a conversation that ends with an answer), and
+merges them there. The choice is probed once per template.
+
+The module is long but cohesive: rendering, the system-message policy and the mask must
+change together, or what training masks and what serving renders drift apart again.
 """
 
 from __future__ import annotations
 
+import bisect
+import re
+from itertools import accumulate
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from tasks.errors import ConfigError
 
 Message = dict[str, Any]
+SystemPolicy = Literal["auto", "keep", "merge", "drop"]
+SYSTEM_POLICIES = ("auto", "keep", "merge", "drop")
+
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Contents are replaced by these markers to render one skeleton per sequence of roles.
+_MARKER = re.compile("\ue000(\\d+)\ue001")
 
 
-def render_prompt(tokenizer, messages: list[Message]) -> str:
-    """The text the model continues: every message, then the assistant's turn opened."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _marker(j: int) -> str:
+    return f"\ue000{j}\ue001"
+
+
+# A probe conversation: two turns, a system message whose text must survive rendering.
+_PROBE_SYSTEM = "Probe system text 7301."
+_PROBE = [
+    {"role": "system", "content": _PROBE_SYSTEM},
+    {"role": "user", "content": "Probe question one?"},
+    {"role": "assistant", "content": "Probe answer one."},
+    {"role": "user", "content": "Probe question two?"},
+    {"role": "assistant", "content": "Probe answer two."},
+]
+
+_CACHE: dict[tuple, Any] = {}
 
 
 def prompt_messages(messages: list[Message]) -> list[Message]:
@@ -28,44 +79,434 @@ def reference_answer(messages: list[Message]) -> str:
     return [m for m in messages if m["role"] == "assistant"][-1]["content"]
 
 
+# ------------------------------------------------------------------------ system messages
+
+
+@dataclass(frozen=True)
+class SystemHandling:
+    """What a policy does with system messages under one template.
+
+    Attributes:
+        policy: the setting (`data.system_message`).
+        action: what is done: "keep", "merge" or "drop".
+        reason: why `auto` chose `merge` (what the template does with a system message), or "".
+    """
+
+    policy: str
+    action: str
+    reason: str = ""
+
+
+def system_handling(tokenizer, policy: str = "auto") -> SystemHandling:
+    """Decide what `policy` does with system messages under the tokenizer's template (cached).
+
+    Raises:
+        ConfigError: `policy` is unknown, the tokenizer has no chat template, or `keep`
+            with a template that raises on a system message or loses it.
+    """
+    if policy not in SYSTEM_POLICIES:
+        raise ConfigError(f"data.system_message={policy!r}: use one of {', '.join(SYSTEM_POLICIES)}")
+    key = ("system", _template_key(tokenizer), policy)
+    if key not in _CACHE:
+        if policy in ("merge", "drop"):
+            _CACHE[key] = SystemHandling(policy, policy)
+        else:
+            loss = _system_loss(tokenizer)
+            if loss and policy == "keep":
+                raise ConfigError(
+                    f"{_model_name(tokenizer)}: the chat template {loss}, so data.system_message=keep cannot keep it; "
+                    "set data.system_message to merge (into the first user turn), drop or auto"
+                )
+            _CACHE[key] = SystemHandling(policy, "merge" if loss else "keep", loss or "")
+    return _CACHE[key]
+
+
+def apply_system_policy(messages: list[Message], action: str) -> list[Message]:
+    """The messages with a leading system message kept, merged into the first user turn, or dropped."""
+    if action == "keep" or not messages or messages[0].get("role") != "system":
+        return messages
+    system, rest = messages[0], messages[1:]
+    if action == "drop":
+        return rest
+    text = system.get("content") or ""
+    if rest and rest[0].get("role") == "user" and isinstance(rest[0].get("content"), str):
+        return [{**rest[0], "content": f"{text}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{"role": "user", "content": text}, *rest]
+
+
+def _system_loss(tokenizer) -> str | None:
+    """What the template does to lose a system message (raise, drop), or None when it keeps it."""
+    from jinja2 import TemplateError
+
+    for messages, prompt in ((_PROBE[:2], True), (_PROBE[:3], False), (_PROBE, False), (_PROBE[:4], True)):
+        try:
+            text = _render(tokenizer, [messages], prompt)[0]
+        except TemplateError as exc:
+            return f"raises {str(exc)!r} on a system message"
+        if _PROBE_SYSTEM not in text:
+            ending = "a question" if prompt else "an answer"
+            return f"drops the system message from a conversation of {len(messages)} messages ending with {ending}"
+    return None
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+def render_prompt(tokenizer, messages: list[Message], system_message: str = "auto") -> str:
+    """The text the model continues: every message, then the assistant's turn opened.
+
+    Args:
+        tokenizer: the model's tokenizer, with its chat template.
+        messages: the conversation so far.
+        system_message: the policy the model was trained with (`data.system_message`).
+    """
+    action = system_handling(tokenizer, system_message).action
+    return _render(tokenizer, [apply_system_policy(messages, action)], True)[0]
+
+
+def _render(tokenizer, conversations: list[list[Message]], add_generation_prompt: bool) -> list[str]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(
+            f"{_model_name(tokenizer)}: the tokenizer has no chat template; use a chat/instruct model as model.base "
+            "or give the base model a chat template"
+        )
+    return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _template_key(tokenizer) -> tuple:
+    """What rendering depends on: the template and the special tokens it can write."""
+    return (getattr(tokenizer, "chat_template", None), repr(sorted(tokenizer.special_tokens_map.items())))
+
+
+def _model_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or "the model"
+
+
+# ------------------------------------------------------------------------------- encoding
+
+
 @dataclass(frozen=True)
 class Encoded:
-    """One example as token ids with a loss mask (1 where the token is trained on)."""
+    """One example as token ids with a loss mask (1 where the token is trained on).
+
+    Attributes:
+        input_ids: the tokens of the rendered conversation.
+        loss_mask: 1 for the assistant tokens (every token with `train_on_prompt`).
+        last_answer_tokens: assistant tokens of the last answer (what truncation may cut).
+        unlocated: assistant answers the template rewrote so that they could not be found
+            in the rendered text (they are not trained on).
+        error: why the template could not render the conversation at all ("" when it could).
+    """
 
     input_ids: list[int]
     loss_mask: list[int]
+    last_answer_tokens: int = 0
+    unlocated: int = 0
+    error: str = ""
 
     @property
     def trained_tokens(self) -> int:
         return sum(self.loss_mask)
 
 
-def encode_chat(tokenizer, messages: list[Message], train_on_prompt: bool = False) -> Encoded:
-    """Tokenize a conversation with the chat template, marking the assistant tokens.
+@dataclass(frozen=True)
+class _Span:
+    """Characters [start, end) of what the model writes in one assistant turn."""
 
-    Each assistant turn is located by rendering the conversation up to it with the
-    generation prompt; the template must render a prefix of the conversation as a prefix
-    of the text (ChatML and Llama/Mistral templates do).
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class TemplatePlan:
+    """How assistant tokens are found under one template.
+
+    Attributes:
+        method: "generation" (the template's `{% generation %}` blocks) or "offsets".
+        end_of_turn: the special tokens the template writes right after every answer (the
+            tokens that stop generation), trained on with the answer; () with "generation".
     """
-    ids: list[int] = []
-    mask: list[int] = []
-    rendered = ""
-    for i, message in enumerate(messages):
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if message["role"] == "assistant":
-            head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            prompt_part, answer_part = head[len(rendered):], upto[len(head):]
-        else:
-            prompt_part, answer_part = upto[len(rendered):], ""
-        p_ids = tokenizer.encode(prompt_part, add_special_tokens=False) if prompt_part else []
-        a_ids = tokenizer.encode(answer_part, add_special_tokens=False) if answer_part else []
-        ids += p_ids + a_ids
-        mask += [1 if train_on_prompt else 0] * len(p_ids) + [1] * len(a_ids)
-        rendered = upto
-    return Encoded(ids, mask)
+
+    method: str
+    end_of_turn: tuple[int, ...] = ()
 
 
-def count_tokens(tokenizer, messages: list[Message]) -> tuple[int, int]:
+def encode_chats(
+    tokenizer, conversations: list[list[Message]], train_on_prompt: bool = False, system_message: str = "auto"
+) -> list[Encoded]:
+    """Tokenize conversations with the chat template, marking the assistant tokens exactly.
+
+    The one implementation behind validation's token counts, prepare's length policy,
+    training's labels and evaluation's perplexity. Fast for large batches: conversations
+    with the same sequence of roles share one rendered skeleton (contents replaced by
+    markers) in which every answer is located once; each conversation is rendered once
+    for real and must equal its filled-in skeleton (otherwise, e.g. a template that
+    rewrites contents, its answers are located by rendering its own prefixes). The texts
+    are encoded in one batch by the Rust tokenizer.
+
+    Args:
+        tokenizer: a fast Hugging Face tokenizer with a chat template.
+        conversations: canonical message lists (structurally valid).
+        train_on_prompt: mark every token, not only the assistant's.
+        system_message: `data.system_message` (auto, keep, merge, drop).
+
+    Returns:
+        One `Encoded` per conversation.
+
+    Raises:
+        ConfigError: the template cannot be masked (see `check_template`).
+    """
+    if not conversations:
+        return []
+    plan = check_template(tokenizer, system_message)
+    action = system_handling(tokenizer, system_message).action
+    convs = [apply_system_policy(c, action) for c in conversations]
+    texts, spans, errors = (_generation_spans if plan.method == "generation" else _offset_spans)(tokenizer, convs)
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    out = []
+    for conv, enc, found, error in zip(convs, encodings, spans, errors):
+        ids = enc.ids  # a fresh list on every access of the Rust encoding
+        mask, last = _mask(ids, enc.offsets, found, plan.end_of_turn)
+        answers = sum(m.get("role") == "assistant" and isinstance(m.get("content"), str) for m in conv)
+        if train_on_prompt:
+            mask = [1] * len(mask)
+        out.append(Encoded(ids, mask, last, 0 if error else max(0, answers - len(found)), error))
+    return out
+
+
+def encode_chat(tokenizer, messages: list[Message], train_on_prompt: bool = False, system_message: str = "auto") -> Encoded:
+    """`encode_chats` for one conversation."""
+    return encode_chats(tokenizer, [messages], train_on_prompt, system_message)[0]
+
+
+def count_tokens(tokenizer, messages: list[Message], system_message: str = "auto") -> tuple[int, int]:
     """(total tokens, assistant tokens) of a conversation under the chat template."""
-    enc = encode_chat(tokenizer, messages)
+    enc = encode_chat(tokenizer, messages, system_message=system_message)
     return len(enc.input_ids), enc.trained_tokens
+
+
+def check_template(tokenizer, system_message: str = "auto") -> TemplatePlan:
+    """Check once per template that assistant tokens can be masked exactly, on a probe conversation.
+
+    Returns:
+        How the assistant tokens are found, and the template's end-of-turn tokens.
+
+    Raises:
+        ConfigError: the tokenizer is not a fast one (no character offsets), or the
+            template neither marks generation nor renders each conversation prefix as a
+            prefix of the text, naming the model, what was found and the setting to change.
+    """
+    from jinja2 import TemplateError
+
+    key = ("plan", _template_key(tokenizer), system_message)
+    if key in _CACHE:
+        return _CACHE[key]
+    name = _model_name(tokenizer)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"{name}: assistant masks need a fast tokenizer (tokenizer.json) for character offsets")
+    action = system_handling(tokenizer, system_message).action
+    probe = apply_system_policy(_PROBE, action)
+    if _GENERATION_BLOCK.search(tokenizer.get_chat_template()):
+        _, spans, errors = _generation_spans(tokenizer, [probe])
+        problem = errors[0] or (None if spans[0] else "has {% generation %} blocks but marks no assistant text in them")
+        plan = TemplatePlan("generation")
+    else:
+        try:
+            text = _render(tokenizer, [probe], False)[0]
+            found = _locate(tokenizer, probe, text)
+        except TemplateError as exc:
+            found = f"raises {str(exc)!r}"
+        problem = found if isinstance(found, str) else None
+        plan = None if problem else TemplatePlan("offsets", _end_of_turn(tokenizer, text, found))
+    if problem:
+        fix = (
+            "set data.system_message: merge" if action == "keep" and probe[0]["role"] == "system"
+            else "use a chat template that renders each conversation prefix as a prefix of the text, "
+                 "or one with {% generation %} blocks"
+        )  # fmt: skip
+        raise ConfigError(
+            f"{name}: cannot find the assistant tokens to train on: the chat template {problem} "
+            f"(data.system_message={system_message}); {fix}"
+        )
+    _CACHE[key] = plan
+    return plan
+
+
+def _end_of_turn(tokenizer, text: str, spans: list[_Span]) -> tuple[int, ...]:
+    """The special tokens written right after both a middle and the last answer of the probe.
+
+    What follows a middle answer also opens the next turn (`<|end|>\n<|user|>`), what
+    follows the last one may close the conversation (`<|end|>\n<|endoftext|>`): the
+    tokens they share are the end of a turn, the ones that stop generation.
+    """
+    middle, last = text[spans[0].end : spans[1].start], text[spans[-1].end :]
+    a, b = (e.ids for e in tokenizer.backend_tokenizer.encode_batch([middle, last], add_special_tokens=False))
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
+    shared = []
+    for x, y in zip(a, b):
+        if x != y or x not in special:
+            break
+        shared.append(x)
+    return tuple(shared)
+
+
+def _generation_spans(tokenizer, convs: list[list[Message]]) -> tuple[list[str], list[list[_Span]], list[str]]:
+    """Texts, the `{% generation %}` spans of each (the template decides what is trained), and errors."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    texts, spans, errors = [], [], []
+    for conv in convs:
+        plain = [{k: v for k, v in m.items() if v is not None} for m in conv]  # as apply_chat_template does
+        try:
+            rendered, indices = render_jinja_template(
+                conversations=[plain], chat_template=tokenizer.get_chat_template(), return_assistant_tokens_mask=True,
+                add_generation_prompt=False, **tokenizer.special_tokens_map,
+            )  # fmt: skip
+        except TemplateError as exc:
+            rendered, indices = [""], [[]]
+            errors.append(f"raises {str(exc)!r}")
+        else:
+            errors.append("")
+        texts.append(rendered[0])
+        spans.append([_Span(a, b) for a, b in indices[0] if b > a])
+    return texts, spans, errors
+
+
+def _offset_spans(tokenizer, convs: list[list[Message]]) -> tuple[list[str], list[list[_Span]], list[str]]:
+    """Texts, located assistant answers (through one skeleton per sequence of roles), and errors."""
+    from jinja2 import TemplateError
+
+    try:
+        rendered = _render(tokenizer, convs, False)
+    except TemplateError:
+        rendered = [None] * len(convs)  # one of them is refused: render each alone to tell which
+    texts, spans, errors = [], [], []
+    for conv, text in zip(convs, rendered):
+        try:
+            text = _render(tokenizer, [conv], False)[0] if text is None else text
+        except TemplateError as exc:
+            texts.append("")
+            spans.append([])
+            errors.append(f"raises {str(exc)!r}")
+            continue
+        found = _from_skeleton(tokenizer, conv, text)
+        if found is None:  # the template treats this conversation's contents specially
+            located = _locate(tokenizer, conv, text, per_turn=True)
+            found = located if isinstance(located, list) else []
+        texts.append(text)
+        spans.append(found)
+        errors.append("")
+    return texts, spans, errors
+
+
+def _from_skeleton(tokenizer, conv: list[Message], text: str) -> list[_Span] | None:
+    """The answers of `conv` from its roles' skeleton, or None when the skeleton does not fill to `text`."""
+    if any(set(m) - {"role", "content"} or not isinstance(m.get("content"), str) for m in conv):
+        return None
+    roles = tuple(m["role"] for m in conv)
+    key = ("skeleton", _template_key(tokenizer), roles)
+    if key not in _CACHE:
+        from jinja2 import TemplateError
+
+        marked = [{"role": r, "content": _marker(j)} for j, r in enumerate(roles)]
+        try:
+            skeleton = _render(tokenizer, [marked], False)[0]
+            turns = _locate(tokenizer, marked, skeleton)
+        except TemplateError:
+            skeleton, turns = "", None
+        _CACHE[key] = (skeleton, turns if isinstance(turns, list) else None)
+    skeleton, turns = _CACHE[key]
+    if turns is None:
+        return None
+    # Fill the markers in; a position after a marker moves by its content's length difference.
+    pieces, starts, shifts, at, shift = [], [], [], 0, 0
+    for k, part in enumerate(_MARKER.split(skeleton)):
+        if k % 2:
+            content, width = conv[int(part)]["content"], len(_marker(int(part)))
+            starts.append(at)
+            shift += len(content) - width
+            shifts.append(shift)
+            pieces.append(content)
+            at += width
+        else:
+            pieces.append(part)
+            at += len(part)
+    if "".join(pieces) != text:
+        return None
+
+    def moved(pos: int) -> int:
+        k = bisect.bisect_left(starts, pos)  # markers that start before pos lie wholly before it
+        return pos + (shifts[k - 1] if k else 0)
+
+    return [_Span(moved(s.start), moved(s.end)) for s in turns]
+
+
+def _locate(tokenizer, messages: list[Message], text: str, per_turn: bool = False) -> list[_Span] | str:
+    """Find each assistant answer of `messages` in their rendered `text`.
+
+    The conversation before an answer, rendered with the generation prompt, must be a
+    prefix of `text`, and the answer must be the first content written after that prompt
+    and before the next answer's prompt ends. The span runs from the prompt's end to the
+    answer's end: text the template inserts before the answer (Mistral's space, Qwen 3's
+    empty `<think>` block) is what the model writes too.
+
+    Args:
+        per_turn: skip an answer that cannot be located instead of failing.
+
+    Returns:
+        The spans, or a description of the first answer that could not be located.
+    """
+    from jinja2 import TemplateError
+
+    answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and isinstance(m.get("content"), str)]
+    try:
+        prompts = [_render(tokenizer, [messages[:i]], True)[0] if i else "" for i in answers]
+    except TemplateError as exc:
+        return [] if per_turn else f"raises {str(exc)!r} on a conversation that ends with a question"
+    spans = []
+    for n, (i, prompt) in enumerate(zip(answers, prompts)):
+        bound = len(prompts[n + 1]) if n + 1 < len(prompts) else len(text)
+        content = messages[i]["content"]
+        at = text.find(content, len(prompt)) if content else -1
+        if at < 0 and content.strip():
+            content = content.strip()  # templates that trim answers (Llama 3, Gemma, Mistral)
+            at = text.find(content, len(prompt))
+        if not text.startswith(prompt):
+            problem = (
+                f"renders the conversation before message {i + 1} (with the generation prompt) differently from "
+                "the start of the whole conversation (a prefix of the conversation is not a prefix of the text)"
+            )
+        elif at < 0 or at + len(content) > bound or _MARKER.search(text, len(prompt), at):
+            problem = f"does not write answer {i + 1} as given right after its prompt"
+        else:
+            spans.append(_Span(len(prompt), at + len(content)))
+            continue
+        if not per_turn:
+            return problem
+    return spans
+
+
+def _mask(ids: list[int], offsets: list[tuple[int, int]], spans: list[_Span], end_of_turn: tuple[int, ...]) -> tuple[list[int], int]:
+    """The loss mask from character spans: the tokens of each answer, then its end-of-turn tokens.
+
+    Token k covers the characters after the previous token's end up to its own end, so
+    offsets that a post-processor trimmed (a leading space) cannot leave a gap.
+
+    Returns:
+        (mask, tokens marked for the last span).
+    """
+    n, m = len(ids), len(end_of_turn)
+    ends = list(accumulate((e for _, e in offsets), max))
+    mask, last = [0] * n, 0
+    for span in spans:
+        k = bisect.bisect_right(ends, span.start)  # the first token ending after the answer's start
+        first = k
+        while k < n and (ends[k - 1] if k else 0) < span.end:
+            mask[k], k = 1, k + 1
+        if m and tuple(ids[k : k + m]) == end_of_turn and offsets[k][0] == ends[k - 1]:
+            mask[k : k + m] = [1] * m
+            k += m
+        last = k - first
+    return mask, last

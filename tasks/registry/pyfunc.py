@@ -40,7 +40,9 @@ class ChatModel(mlflow.pyfunc.PythonModel):
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         prompts = [
-            render_prompt(self.tokenizer, r["messages"]) if "messages" in r else str(r["prompt"]) for r in rows
+            render_prompt(self.tokenizer, r["messages"], self.info.get("system_message", "auto"))
+            if "messages" in r else str(r["prompt"])
+            for r in rows
         ]
         max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
         outputs, _, _ = generate_batched(self.model, self.tokenizer, prompts, max_new, batch_size=16)

@@ -273,6 +273,8 @@ def save_model(
         "added_token_ids": list(added_ids),
         "method": params.train.method,
         "params_digest": params.digest(),
+        # How system messages were rendered in training; serving renders prompts the same way.
+        "system_message": params.data.system_message,
     }
     (tmp / "ftllm_model.json").write_text(json.dumps(info, indent=2))
     (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
@@ -327,11 +329,12 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
         dtype = pick_precision(train.precision, device)
         tokenizer = load_base_tokenizer(params.model, base_path)
         new_ids = added_token_ids(tokenizer, base_path)
-        batches = prepare_batches(tokenizer, read_jsonl(train_file), train)
+        policy = params.data.system_message
+        batches = prepare_batches(tokenizer, read_jsonl(train_file), train, policy)
         if not batches:
             raise ConfigError(f"{train_file}: the train split is empty; add data or lower data.test_fraction")
         val_path = data_dir / "val.jsonl"
-        val_batches = prepare_batches(tokenizer, read_jsonl(val_path), train) if val_path.exists() else []
+        val_batches = prepare_batches(tokenizer, read_jsonl(val_path), train, policy) if val_path.exists() else []
         model = build_model(base_path, train, device, dtype, tokenizer, new_ids)
         if dist.sharded:
             shard_model(model)

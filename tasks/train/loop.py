@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from tasks.config import TrainParams
+from tasks.errors import RunFailed
 from tasks.train.checkpoints import Checkpoints, Log, LoopState
 from tasks.train.packing import Batch, to_tensors
 
@@ -197,6 +198,12 @@ def train_loop(
             group["lr"] = lr
         chosen = _next_indices(state, per_step, rng)
         step_tokens = sum(trained_of[i] for i in chosen)
+        if not step_tokens:  # a loss over nothing is 0 and would log as a perfect step
+            raise RunFailed(
+                f"step {state.step + 1}: its {len(chosen)} batch(es) hold 0 trained tokens, so there is nothing to learn; "
+                "likely the chat template marks no assistant tokens (run `ftllm validate` on the data for "
+                "no_trained_tokens) or train.seq_len cuts the answers off (raise train.seq_len or lower data.max_tokens)"
+            )
         mine = chosen[dist.rank :: dist.world]
         loss_sum = torch.zeros((), device=device)
         for k, i in enumerate(mine):

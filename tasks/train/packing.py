@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 
 from tasks.config import TrainParams
-from tasks.model.chat import Encoded, encode_chat
+from tasks.model.chat import Encoded, encode_chats
 
 IGNORE = -100
 
@@ -132,9 +132,12 @@ def to_tensors(batch: Batch, device: str):
     return ids, pos, labels
 
 
-def prepare_batches(tokenizer, rows: list[dict], train: TrainParams) -> list[Batch]:
-    """Encode chat examples (assistant-only labels unless train_on_prompt), pack and batch them."""
-    encoded = [encode_chat(tokenizer, r["messages"], train.train_on_prompt) for r in rows]
+def prepare_batches(tokenizer, rows: list[dict], train: TrainParams, system_message: str = "auto") -> list[Batch]:
+    """Encode chat examples (assistant-only labels unless train_on_prompt), pack and batch them.
+
+    `system_message` is `data.system_message`, the policy the model is trained (and served) with.
+    """
+    encoded = encode_chats(tokenizer, [r["messages"] for r in rows], train.train_on_prompt, system_message)
     if train.packing:
         packed = pack_sequences(encoded, train.seq_len, train.seed)
     else:

@@ -33,11 +33,6 @@ LENIENT = {
     "gate.max_regression": 1.0,
     "gate.max_p95_latency_ms": 600000,
 }
-# Gemma 2's published template raises on a system role, and the project's data has one in
-# every example; Mistral v0.3's puts it into the last user turn only, so no assistant token
-# is found to train on. Both are tasks/model/chat.py's system-message and masking handling,
-# being rewritten; these cases pass once it lands.
-SYSTEM_MESSAGES = pytest.mark.xfail(strict=True, reason="tasks.model.chat: system messages of Gemma 2 / Mistral v0.3")
 
 
 def run_flow(project: Path, **overrides):
@@ -54,9 +49,7 @@ def small_data(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=SYSTEM_MESSAGES) if n in ("gemma2", "mistral") else n for n in FAMILIES]
-)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_a_retrain_run_registers_a_version_of_each_family(name, project, prefect_harness, family_models, small_data):
     from mlflow import MlflowClient
 
@@ -65,9 +58,9 @@ def test_a_retrain_run_registers_a_version_of_each_family(name, project, prefect
     if name == "gemma2":
         overrides["train.attention"] = "mask"  # packed attention does not soft-cap Gemma 2's logits
     state, result = run_flow(project, **overrides)
-    assert state.is_completed(), result.get("error") if isinstance(result, dict) else result
-    assert result["version"] is not None and result["bento"]
-    version = MlflowClient().get_model_version(f"family-{name}", result["version"])
+    assert state.is_completed(), getattr(result, "error", result)
+    assert result.version is not None and result.bento
+    version = MlflowClient().get_model_version(f"family-{name}", result.version)
     assert version.tags["gate_passed"] == "true"
     summary = json.loads((project / "artifacts/model/train_summary.json").read_text())
     assert summary["trained_tokens"] > 0 and summary["steps"] == 5
@@ -78,6 +71,6 @@ def test_a_retrain_run_registers_a_version_of_each_family(name, project, prefect
 def test_a_model_neither_local_nor_cached_fails_before_validation(project, prefect_harness):
     state, result = run_flow(project, **{"model.base": "meta-llama/Llama-3.2-1B-Instruct"})
     assert state.is_failed()
-    assert "neither a local folder nor in the Hugging Face cache" in result["error"]
-    assert "\n" not in result["error"].strip()
-    assert "validation" not in result and result["version"] is None
+    assert "neither a local folder nor in the Hugging Face cache" in result.error
+    assert "\n" not in result.error.strip()
+    assert result.validation is None and result.version is None

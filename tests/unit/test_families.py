@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from scripts.make_data import make_examples
-from tasks.config import ModelParams, Params, TrainParams, load_params
+from tasks.config import ModelParams, Params, ServingParams, TrainParams, load_params
 from tasks.errors import ConfigError
 from tasks.model.loading import (
     CHATML_TEMPLATE,
@@ -54,23 +54,14 @@ EXPECTED = {
 }
 
 
-# Mistral v0.3's template puts the system message into the last user turn only, so the
-# conversation rendered up to the answer is not a prefix of the whole one, and the
-# assistant tokens are not found (no trained tokens). The masking code of
-# tasks/model/chat.py is being rewritten for this; the case passes once it lands.
-MASKING = pytest.mark.xfail(strict=True, reason="tasks.model.chat masks no token of Mistral v0.3 with a system message")
-
-
-def param(name: str):
-    return pytest.param(name, marks=MASKING) if name == "mistral" else name
 
 
 def conversations(name: str, count: int, seed: int, system: bool = True) -> list[dict]:
-    """Date examples; without the system message for Gemma 2, whose template refuses the system role
-    (how a system message reaches such a template is tasks.model.chat's concern, tested there),
-    and where `system` is False."""
+    """Date examples, with a system message unless `system` is False (Gemma 2's template refuses
+    the system role and Mistral v0.3's moves it: `data.system_message: auto` merges it into the
+    first user turn for both, the way training, evaluation and serving all render)."""
     examples = make_examples(count, seed=seed)
-    if name == "gemma2" or not system:
+    if not system:
         examples = [{"messages": [m for m in e["messages"] if m["role"] != "system"]} for e in examples]
     return examples
 
@@ -217,7 +208,7 @@ def trained(family_models, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", [param(n) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_finetune_trains_each_family_and_writes_a_folder_that_loads(name, trained, family_models):
     out, summary, history = trained(name)
     losses = [h["loss"] for h in history]
@@ -248,12 +239,13 @@ def test_the_serving_engine_answers_what_generate_answers(name, trained):
     from serving.engine import Engine, Row, load_model_dir
     from tasks.model.chat import render_prompt
 
-    # Without the system message for Mistral (see MASKING): serving does not depend on it.
-    out, _, _ = trained(name, system=name != "mistral")
+    out, _, _ = trained(name)
     loaded = load_model_dir(out)
     tok = loaded.tokenizer
     events: queue.SimpleQueue = queue.SimpleQueue()
-    engine = Engine(lambda batch: [events.put(e) for e in batch])
+    limits = ServingParams()
+    engine = Engine(lambda batch: [events.put(e) for e in batch], max_batch=limits.max_batch,
+                    join_ratio=limits.join_ratio, join_after_steps=limits.join_after_steps)
     try:
         for i, example in enumerate(conversations(name, 3, seed=11)):
             prompt = render_prompt(tok, example["messages"][:-1])

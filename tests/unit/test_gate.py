@@ -36,3 +36,11 @@ def test_regression_against_champion():
     assert set(verdict.failed) == {"no_regression_exact_match", "no_regression_perplexity"}
     tolerant = apply_gate({"candidate": GOOD, "champion": champion}, GateParams(max_regression=0.3))
     assert tolerant.passed
+
+
+def test_metrics_over_no_scored_tokens_are_refused():
+    empty = {**GOOD, "perplexity": 1.0, "scored_tokens": 0}
+    verdict = apply_gate({"candidate": empty, "base_zero_shot": BASE}, GateParams())
+    assert not verdict.passed and verdict.failed == ["min_scored_tokens"]
+    scored = apply_gate({"candidate": {**GOOD, "scored_tokens": 412}, "base_zero_shot": BASE}, GateParams())
+    assert scored.passed and next(c for c in scored.checks if c.name == "min_scored_tokens").value == 412

@@ -123,6 +123,17 @@ def test_invalid_data_is_refused_naming_the_line(tmp_path: Path, tok) -> None:
         prepare_dataset(data, tmp_path / "o", params(data), tok)
 
 
+def test_examples_without_trained_tokens_are_refused_naming_the_line(tmp_path: Path, tok) -> None:
+    from tests.families import QWEN3_TEMPLATE
+
+    qwen3 = tok.__class__.from_pretrained(tok.name_or_path)
+    qwen3.chat_template = QWEN3_TEMPLATE  # rewrites an answer written with inline reasoning
+    data = write(tmp_path / "d.jsonl", [example(1), example(2, answer="<think>plan</think>"), example(3)])
+    with pytest.raises(PrepareError, match=r"d.jsonl: line 2: no_trained_tokens"):
+        prepare_dataset(data, tmp_path / "o", params(data), qwen3)
+    assert not (tmp_path / "o").exists()
+
+
 def test_alpaca_seed_form_is_prepared_with_labels(tmp_path: Path, tok) -> None:
     task = {"id": "t", "name": "n", "instruction": "Classify.", "is_classification": True,
             "instances": [{"input": f"text {i}", "output": "yes" if i % 2 else "no"} for i in range(30)]}  # fmt: skip

@@ -7,12 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ModelParams
-from tasks.data.tokens import count_chat_tokens
+from tasks.config import DataParams, ModelParams, Params, TrainParams
+from tasks.data.checks import normalise_example
+from tasks.data.prepare import prepare_dataset
+from tasks.data.tokens import TrainingBudget
 from tasks.data.validate import validate_dataset
-from tasks.errors import DataFileError
-from tasks.model.chat import count_tokens
+from tasks.errors import ConfigError, DataFileError
+from tasks.model.chat import count_tokens, encode_chat
 from tasks.model.loading import load_tokenizer, resolve_base
+from tasks.train.packing import prepare_batches
+from tests.families import GEMMA2_TEMPLATE, QWEN3_TEMPLATE
 
 REPO = Path(__file__).parents[2]
 SEED_TASKS = Path(__file__).parents[3] / "shared/data/alpaca_seed_tasks.jsonl"
@@ -70,7 +74,7 @@ def test_each_error_category_is_counted_with_its_lines(tmp_path: Path, category:
 
 
 def test_a_clean_file_is_valid_with_no_errors(tmp_path: Path, tok) -> None:
-    report = validate_dataset(write(tmp_path, [chat(user=f"q{i}") for i in range(5)]), tokenizer=tok, max_tokens=128)
+    report = validate_dataset(write(tmp_path, [chat(user=f"q{i}") for i in range(5)]), DataParams(max_tokens=128), tokenizer=tok)
     assert report.valid and report.errors == {} and report.warnings == {}
     assert report.format == "openai" and report.examples == 5
 
@@ -78,10 +82,10 @@ def test_a_clean_file_is_valid_with_no_errors(tmp_path: Path, tok) -> None:
 def test_over_token_limit_is_a_warning_within_max_drop_fraction_and_an_error_beyond(tmp_path: Path, tok) -> None:
     lines = [chat(user=f"q{i}") for i in range(9)] + [chat(answer="word " * 200)]
     path = write(tmp_path, lines)
-    within = validate_dataset(path, tokenizer=tok, max_tokens=64, max_drop_fraction=0.1)
+    within = validate_dataset(path, DataParams(max_tokens=64, max_drop_fraction=0.1), tokenizer=tok)
     assert within.valid and within.warnings["over_token_limit"] == 1 and within.dropped == 1
     assert [r["line"] for r in within.warning_rows if r["category"] == "over_token_limit"] == [10]
-    beyond = validate_dataset(path, tokenizer=tok, max_tokens=64, max_drop_fraction=0.05)
+    beyond = validate_dataset(path, DataParams(max_tokens=64, max_drop_fraction=0.05), tokenizer=tok)
     assert not beyond.valid and beyond.errors == {"over_token_limit": 1}
     assert beyond.error_lines["over_token_limit"] == [10]
     assert beyond.token_stats["over_limit_fraction"] == pytest.approx(0.1)
@@ -89,13 +93,13 @@ def test_over_token_limit_is_a_warning_within_max_drop_fraction_and_an_error_bey
 
 def test_truncate_policy_counts_truncations_instead_of_drops(tmp_path: Path, tok) -> None:
     path = write(tmp_path, [chat(user=f"q{i}") for i in range(3)] + [chat(answer="word " * 200), chat(user="long " * 200)])
-    report = validate_dataset(path, tokenizer=tok, max_tokens=64, max_drop_fraction=0.5, length_policy="truncate")
+    report = validate_dataset(path, DataParams(max_tokens=64, max_drop_fraction=0.5, length_policy="truncate"), tokenizer=tok)
     assert (report.truncated, report.dropped) == (1, 1)  # a prompt over the limit cannot be truncated
 
 
 def test_warnings_are_counted_with_lines_and_keep_the_file_valid(tmp_path: Path, tok) -> None:
     lines = [GOOD, chat(system=None), msgs(("system", "s"), ("assistant", "hello")), chat(answer="4")]
-    report = validate_dataset(write(tmp_path, lines), tokenizer=tok, max_tokens=128, min_answer_chars=2)
+    report = validate_dataset(write(tmp_path, lines), DataParams(max_tokens=128, min_answer_chars=2), tokenizer=tok)
     assert report.valid
     assert report.warnings == {"no_system_message": 1, "no_user_message": 1, "short_answer": 1}
     assert {(r["category"], r["line"]) for r in report.warning_rows} == {
@@ -105,8 +109,10 @@ def test_warnings_are_counted_with_lines_and_keep_the_file_valid(tmp_path: Path,
 
 def test_token_stats_match_the_chat_template_count_and_estimate_steps(tmp_path: Path, tok) -> None:
     examples = [chat(user=f"Question number {i}?", answer="An answer " * (i + 1)) for i in range(20)]
-    report = validate_dataset(write(tmp_path, examples), tokenizer=tok, max_tokens=512, batch_size=2, seq_len=64, max_steps=100)
-    totals = [count_tokens(tok, e["messages"])[0] for e in examples]
+    report = validate_dataset(
+        write(tmp_path, examples), DataParams(max_tokens=512), tokenizer=tok, budget=TrainingBudget(2, 64, 100)
+    )
+    totals = [count_tokens(tok, normalise_example(e)["messages"])[0] for e in examples]  # as prepare writes them
     stats = report.token_stats
     assert set(stats["total_tokens"]) == {"min", "max", "mean", "median", "p5", "p95"}
     assert (stats["total_tokens"]["min"], stats["total_tokens"]["max"]) == (min(totals), max(totals))
@@ -116,20 +122,64 @@ def test_token_stats_match_the_chat_template_count_and_estimate_steps(tmp_path: 
     assert stats["messages_per_example"]["median"] == 3
 
 
-def test_batched_token_count_agrees_with_count_tokens(tok) -> None:
-    convs = [chat(user="Rewrite 2020-01-02", answer="January 2, 2020")["messages"], msgs(("user", "a"), ("assistant", "b c"), ("user", "d"), ("assistant", "e"))["messages"]]
-    for conv, (total, assistant, last) in zip(convs, count_chat_tokens(tok, convs)):
-        exact_total, exact_assistant = count_tokens(tok, conv)
-        assert total == exact_total
-        n_answers = sum(m["role"] == "assistant" for m in conv)
-        # The template's end of turn ("<|im_end|>\n", about 2 tokens) is not counted as an assistant token.
-        assert exact_assistant - 3 * n_answers <= assistant < exact_assistant
-        assert 0 < last <= assistant
+def test_validation_prepare_and_training_count_the_same_trained_tokens(tmp_path: Path, tok) -> None:
+    examples = [chat(user=f"Rewrite 2020-01-{i:02d} ", answer=f"  January {i}, 2020") for i in range(1, 21)]
+    examples.append(msgs(("user", "a"), ("assistant", "b c"), ("user", "d"), ("assistant", "e f")))
+    path = write(tmp_path, examples)
+    report = validate_dataset(path, DataParams(max_tokens=512), tokenizer=tok)
+    stats = prepare_dataset(path, tmp_path / "prepared", Params(data=DataParams(path=str(path), max_tokens=512)), tok)
+    rows = [json.loads(x) for s in ("train", "val", "test") for x in (tmp_path / "prepared" / f"{s}.jsonl").read_text().splitlines()]
+    labelled = sum(b.trained_tokens for b in prepare_batches(tok, rows, TrainParams(seq_len=512)))
+    assert report.token_stats["trained_tokens_per_epoch"] == labelled
+    assert sum(c for c in stats["counts"].values()) == 21
+    # Each answer is trained on with its end-of-turn token, the one that stops generation.
+    enc = encode_chat(tok, rows[0]["messages"])
+    trained = [t for t, m in zip(enc.input_ids, enc.loss_mask) if m]
+    assert tok.decode(trained) == rows[0]["messages"][-1]["content"] + "<|im_end|>"
+
+
+def test_examples_without_trained_tokens_are_errors_with_their_lines(tmp_path: Path, tok) -> None:
+    qwen3 = tok.__class__.from_pretrained(tok.name_or_path)
+    qwen3.chat_template = QWEN3_TEMPLATE  # rewrites an answer that carries its reasoning inline
+    lines = [GOOD, chat(answer="<think>plan</think>"), chat(user="x"), chat(user="y", answer="<think>z</think>")]
+    report = validate_dataset(write(tmp_path, lines), DataParams(max_tokens=128), tokenizer=qwen3)
+    assert not report.valid and report.errors == {"no_trained_tokens": 2}
+    assert report.error_lines["no_trained_tokens"] == [2, 4]
+    assert report.bad_examples == {1, 3}
+
+
+def test_an_answer_the_template_rewrites_is_a_warning_when_others_are_trained(tmp_path: Path, tok) -> None:
+    qwen3 = tok.__class__.from_pretrained(tok.name_or_path)
+    qwen3.chat_template = QWEN3_TEMPLATE  # drops the reasoning of answers before the last question
+    rewritten = msgs(("user", "q"), ("assistant", "<think>plan</think>ok"), ("user", "again"), ("assistant", "fine"))
+    report = validate_dataset(write(tmp_path, [GOOD, rewritten]), DataParams(max_tokens=128), tokenizer=qwen3)
+    assert report.valid and report.warnings.get("answer_not_located") == 1
+    assert [r["line"] for r in report.warning_rows if r["category"] == "answer_not_located"] == [2]
+
+
+def test_system_messages_are_reported_merged_for_a_template_that_refuses_them(tmp_path: Path, tok) -> None:
+    gemma = tok.__class__.from_pretrained(tok.name_or_path)
+    gemma.chat_template = GEMMA2_TEMPLATE
+    path = write(tmp_path, [GOOD, chat(user="x", system=None), chat(user="y")])
+    report = validate_dataset(path, DataParams(max_tokens=128), tokenizer=gemma)
+    assert report.valid, report.error_rows
+    assert report.system_message == {
+        "policy": "auto", "action": "merge", "examples": 2,
+        "reason": "raises 'System role not supported' on a system message",
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match=r"System role not supported.*data.system_message=keep.*merge"):
+        validate_dataset(path, DataParams(max_tokens=128, system_message="keep"), tokenizer=gemma)
+
+
+def test_a_line_nested_thousands_deep_is_invalid_json(tmp_path: Path, tok) -> None:
+    deep = '{"messages": ' + "[" * 5000 + "]" * 5000 + "}"
+    report = validate_dataset(write(tmp_path, [GOOD, deep, GOOD | {"id": 1}]), fmt="openai", tokenizer=tok)
+    assert report.errors["invalid_json"] == 1 and report.error_lines["invalid_json"] == [2]
 
 
 def test_great_expectations_checkpoint_builds_data_docs(tmp_path: Path, tok) -> None:
     lines = [GOOD, chat(user="x"), msgs(("user", "q"), ("assistant", "a b"), ("user", "again")), GOOD]
-    report = validate_dataset(write(tmp_path, lines), tokenizer=tok, max_tokens=128, data_docs_dir=tmp_path / "gx")
+    report = validate_dataset(write(tmp_path, lines), DataParams(max_tokens=128), tokenizer=tok, data_docs_dir=tmp_path / "gx")
     assert report.data_docs and Path(report.data_docs).name == "index.html" and Path(report.data_docs).is_file()
     assert report.gx["success"] is False and not report.valid
     failed = {e["column"]: e["unexpected_count"] for e in report.gx["expectations"] if not e["success"]}
@@ -158,7 +208,7 @@ def test_unreadable_path_raises_data_file_error_naming_it(tmp_path: Path, make) 
 def test_seed_tasks_file_validates(tok) -> None:
     if not SEED_TASKS.is_file():
         pytest.skip(f"{SEED_TASKS} is absent (CI puts ../shared beside the repository)")
-    report = validate_dataset(SEED_TASKS, tokenizer=tok, max_tokens=1024, max_drop_fraction=0.05)
+    report = validate_dataset(SEED_TASKS, DataParams(max_tokens=1024, max_drop_fraction=0.05), tokenizer=tok)
     assert report.valid, report.error_rows[:5]
     assert report.format == "alpaca" and report.examples == 175 and report.errors == {}
 
