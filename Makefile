@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup data run test test-fast bench clean
+.PHONY: setup data browser run test test-fast bench clean
 
 # The pins of pip and torch come from pyproject.toml (tasks/pins.py reads it, standard library only).
 $(STAMP): pyproject.toml requirements.lock
@@ -29,11 +29,20 @@ data: setup
 run: data
 	$(VENV)/bin/ftllm run
 
-test: data
+# Headless Chromium (a Debian package) for the browser tests of the offline pages. Installed
+# where this runs as root with apt-get; elsewhere those tests skip and say this line.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	  || echo "chromium is not installed (apt-get install -y chromium): the browser tests will skip"
+
+# Everything: tests/unit, tests/integration (DVC, torchrun, servers, HTTP, a browser), tests/e2e (whole flows).
+test: data browser
 	$(PY) -m pytest
 
+# The unit tests only: no subprocess, no server; under two minutes on two cores.
 test-fast: data
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest tests/unit
 
 clean:
 	rm -rf artifacts mlflow.db mlartifacts .prefect .bentoml feedback.db

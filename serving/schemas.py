@@ -4,7 +4,7 @@ OpenAI's shape.
 The request models (`ChatRequest`, `FeedbackRequest`) are the subset of OpenAI's chat API
 that the service honours; the routes validate bodies with them strictly (the documented
 types, nothing coerced). The response models (`ChatCompletion`, `ModelList`, ...) exist to
-document the routes in BentoML's `/docs.json`, which `tests/serving/test_fuzz.py` fuzzes
+document the routes in BentoML's `/docs.json`, which `tests/integration/serving/test_fuzz.py` fuzzes
 the service from.
 
 Every refusal is `{"error": {message, type, param, code}}` (`ErrorResponse`): the routes

@@ -22,7 +22,7 @@ when that variable is set):
   `ftllm_generated_tokens_total`, `ftllm_request_latency_seconds` and `ftllm_model_info`,
   each labelled with the model version.
 - `/docs.json` (BentoML's OpenAPI description) documents every route's request body,
-  answer and error statuses; `tests/serving/test_fuzz.py` fuzzes the service from it.
+  answer and error statuses; `tests/integration/serving/test_fuzz.py` fuzzes the service from it.
 
 Every refusal has OpenAI's error body, `{"error": {message, type, param, code}}`, also
 those that BentoML (`/generate`'s input validation) and Starlette (unknown paths) write

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import sys
 from importlib.metadata import packages_distributions, version
-from pathlib import Path
 
 import pytest
 import yaml
@@ -101,12 +100,3 @@ def test_a_package_without_a_pin_is_named(tmp_path):
     pyproject.write_text('[project]\ndependencies = ["torch>=2"]\n')
     with pytest.raises(ValueError, match="torch>=2.*not an exact pin"):
         project_pins(pyproject)
-
-
-def test_the_makefile_gets_torch_and_pip_from_pyproject():
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-m", "tasks.pins", "torch", "pip"], cwd=REPO, capture_output=True,
-                         text=True, check=True, env={"PATH": "/usr/bin:/bin"})
-    assert out.stdout.split() == [f"torch=={project_pins()['torch']}", f"pip=={project_pins()['pip']}"]
-    assert Path(REPO / "Makefile").read_text().count("-m tasks.pins") == 2

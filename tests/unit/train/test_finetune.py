@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from scripts.make_data import make_examples
 from tasks.config import Params, TrainParams
@@ -33,8 +29,8 @@ from tasks.train.packing import (
     prepare_batches,
     to_tensors,
 )
+from tests.training import small_params, write_data
 
-ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -48,36 +44,9 @@ def tokenizer(base_path):
     return load_tokenizer(base_path)
 
 
-def _write_data(folder: Path) -> Path:
-    examples = make_examples(60, seed=3)
-    d = folder / "prepared"
-    d.mkdir()
-    (d / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[:48]))
-    (d / "val.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[48:]))
-    return d
-
-
 @pytest.fixture()
 def data_dir(tmp_path: Path) -> Path:
-    return _write_data(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def one_process_curve(tmp_path_factory) -> tuple[Path, list[float]]:
-    """The data and the loss curve of one process with grad_accum 2 (the reference of the 2-process tests)."""
-    root = tmp_path_factory.mktemp("one-process")
-    data = _write_data(root)
-    params = _write_params(root / "one.yaml", small_params(max_steps=8, batch_size=2, grad_accum=2))
-    proc = _stage(params, data, root / "one")
-    text, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, text
-    return data, [h["loss"] for h in json.loads((root / "one" / "history.json").read_text())]
-
-
-def small_params(**train) -> Params:
-    settings = dict(max_steps=6, batch_size=4, seq_len=128, save_steps=0, log_every=1, learning_rate=0.004)
-    settings.update(train)
-    return Params(train=TrainParams(**settings))
+    return write_data(tmp_path)
 
 
 def test_packing_keeps_padding_under_5_percent_on_default_data(tokenizer):
@@ -223,66 +192,3 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(data_dir, tmp_path, 
     assert (a - b).abs().max() > 1e-3  # the adapter did change the model
 
 
-def _write_params(path: Path, params: Params) -> Path:
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    return path
-
-
-def _stage(params_file: Path, data_dir: Path, out: Path, **kw) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tasks.stages.finetune", "--params", str(params_file), "--data", str(data_dir), "--out", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw,
-    )
-
-
-@pytest.mark.slow
-def test_killed_stage_resumes_from_its_last_checkpoint(data_dir, tmp_path):
-    params = _write_params(tmp_path / "params.yaml", small_params(max_steps=30, save_steps=5))
-    out = tmp_path / "model"
-    proc = _stage(params, data_dir, out)
-    for line in proc.stdout:
-        if line.startswith("step 13/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and not out.exists()
-    rerun = _stage(params, data_dir, out)
-    text, _ = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, text
-    assert "resuming from step 10" in text  # at most save_steps steps repeated
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 30 and summary["resumed_from_step"] == 10
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(one_process_curve, tmp_path, distributed):
-    data_dir, a = one_process_curve
-    two = _write_params(
-        tmp_path / "two.yaml",
-        small_params(max_steps=8, batch_size=2, num_processes=2, distributed=distributed, save_steps=4),
-    )
-    proc = _stage(two, data_dir, tmp_path / "two")
-    text, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, text
-    b = [h["loss"] for h in json.loads((tmp_path / "two" / "history.json").read_text())]
-    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["num_processes"] == 2
-    assert a[-1] < a[0] and b[-1] < b[0]
-    assert b == pytest.approx(a, rel=1e-3)
-    # The checkpoints hold whole state (gathered from the shards under FSDP): a re-run loads
-    # the last one into the sharded model, trains no further step and writes the same adapter.
-    from safetensors.torch import load_file
-
-    before = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
-    proc = _stage(two, data_dir, tmp_path / "two")
-    text, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and "resuming from step 8" in text, text
-    after = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
-    assert before.keys() == after.keys() and all(torch_equal(before[k], after[k]) for k in before)
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))

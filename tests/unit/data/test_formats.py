@@ -9,8 +9,9 @@ import pytest
 
 from tasks.data.formats import RecordError, detect_format, read_records, to_canonical
 from tasks.errors import DataFileError, FormatError
+from tests.conftest import REPO
 
-SEED_TASKS = Path(__file__).parents[3] / "shared/data/alpaca_seed_tasks.jsonl"
+SEED_TASKS = REPO.parent / "shared/data/alpaca_seed_tasks.jsonl"
 
 CANONICAL = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]},

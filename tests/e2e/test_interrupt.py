@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.conftest import FAST
+from tests.conftest import FAST
 
 pytestmark = pytest.mark.slow
 MODEL = "ftllm-interrupt"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO
+
 MODEL_NAME = "ftllm-chat-test"  # as in conftest.py
 
 

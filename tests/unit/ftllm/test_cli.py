@@ -112,31 +112,3 @@ def test_bench_serve_without_a_service_says_so():
     result = CliRunner().invoke(app, ["bench", "serve", "--url", url, "--requests", "2"])
     assert result.exit_code == 2
     assert "is the service running" in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.mark.slow
-def test_run_on_invalid_data_fails_at_validation_with_a_result(tmp_path):
-    """The whole path of a failed run: the flow's Failed state carries the RunResult back to `ftllm run`."""
-    import os
-    import subprocess
-    import sys
-
-    import jsonschema
-
-    from tasks.pipeline.result import RunResult
-
-    for name in ("params.yaml", "dvc.yaml"):
-        shutil.copy(REPO / name, tmp_path / name)
-    bad = tmp_path / "bad.jsonl"
-    good = (REPO / "data" / "dates.jsonl").read_text().splitlines()[0]
-    bad.write_text(good + "\n{not json\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "BENTOML_", "FTLLM_"))}
-    run = subprocess.run([sys.executable, "-m", "ftllm.cli", "run", "--set", f"data.path={bad}", "--json"],
-                         cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 1, run.stderr[-3000:]
-    doc = json.loads(run.stdout.strip().splitlines()[-1])
-    jsonschema.validate(doc, RunResult.model_json_schema(mode="serialization"))
-    assert doc["status"] == "failed" and "line 2" in doc["error"] and doc["mlflow_run_id"] is None
-    assert doc["data"]["path"] == str(bad) and doc["validation"]["valid"] is False
-    assert f"error: {doc['error']}" in run.stderr and "Traceback" not in run.stderr

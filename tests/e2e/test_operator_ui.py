@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.browser import CHROMIUM, render, visible_text
-from tests.integration.conftest import FAST
+from tests.conftest import FAST
 
 MODEL = "ftllm-operator"
 # Few steps and a bar no candidate reaches: the gate rejects; the run stays short.
@@ -136,7 +136,7 @@ def test_offline_pages_are_logged_with_the_run_and_render(rejected, tmp_path):
 
 @pytest.fixture()
 def failed_version(tmp_path) -> tuple[str, str]:
-    from tests.unit.test_registry import new_version
+    from tests.unit.registry.test_registry import new_version
 
     name = f"op-{uuid.uuid4().hex[:8]}"
     new_version(tmp_path, name, passed=True)

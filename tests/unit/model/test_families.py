@@ -34,9 +34,10 @@ from tasks.model.loading import (
     load_trained,
 )
 from tasks.train.finetune import build_model, finetune
+from tests.conftest import REPO
 from tests.families import FAMILIES, family_models  # noqa: F401  (the fixture)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 NAMES = list(FAMILIES)
 
 # What the run's tokenizer must end up with, written out per family (not computed by the
@@ -269,21 +270,18 @@ def test_the_serving_engine_answers_what_generate_answers(name, trained):
         engine.close()
 
 
-def test_a_stage_with_a_model_neither_local_nor_cached_ends_in_one_line(tmp_path):
-    import os
-    import subprocess
-    import sys
+def test_a_stage_with_a_model_neither_local_nor_cached_ends_in_one_line(tmp_path, capsys, monkeypatch):
+    from tasks.runner import run_entry
+    from tasks.stages.prepare import main
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "params.yaml").write_text("model:\n  base: meta-llama/Llama-3.2-1B-Instruct\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tasks.stages.prepare", "--params", str(tmp_path / "params.yaml"), "--out",
-         str(tmp_path / "prepared")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "neither a local folder nor in the Hugging Face cache" in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "prepared").exists()
+    code = run_entry(lambda: main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "prepared")]))
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "neither a local folder nor in the Hugging Face cache" in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "prepared").exists()
 
 
 def test_new_rows_take_the_mean_of_the_own_rows_even_where_the_model_has_spare_rows(family_models):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import FAST
+from tests.conftest import FAST
 
 pytestmark = pytest.mark.slow
 

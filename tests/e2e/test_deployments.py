@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.integration.conftest import FAST
+from tests.conftest import FAST
 
 pytestmark = pytest.mark.slow
 # Its own registered model and a short training: this test is about orchestration.

@@ -9,7 +9,7 @@ hand-written cases at the end cover what a generator working from the schema doe
 Bounded: a derandomized Hypothesis run of `EXAMPLES` requests per operation and mode, no
 shrinking, and a server whose serving.max_tokens is 4, so every completion is short. Alone:
 
-    .venv/bin/python -m pytest tests/serving/test_fuzz.py -q
+    .venv/bin/python -m pytest tests/integration/serving/test_fuzz.py -q
 
 Not `@schema.parametrize()`: it needs the schema when pytest collects, before the server
 runs, and its lazy form (`schemathesis.pytest.from_fixture`) fails on pytest 9.2, whose

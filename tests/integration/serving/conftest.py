@@ -19,9 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[2]
 STATE = Path(tempfile.mkdtemp(prefix="ftllm-serving-tests-"))
 MODEL_NAME = "ftllm-chat-test"
 
