@@ -116,8 +116,22 @@ class GateParams(_Section):
     min_gain_over_prompting: float = Field(
         0.1, ge=-1.0, le=1.0, description="Exact match above the best prompting baseline."
     )
-    max_regression: float = Field(0.02, ge=0.0, le=1.0, description="Largest drop against the champion.")
+    max_regression: float = Field(
+        0.02, ge=0.0, le=1.0,
+        description="Largest drop against the champion (absolute for scores in [0, 1], relative for perplexity) "
+                    "that the gate tolerates; a check fails only when the drop is larger at gate.confidence.",
+    )
     max_p95_latency_ms: float = Field(5000, gt=0, description="Highest p95 latency per example.")
+    confidence: float = Field(
+        0.95, ge=0.5, lt=1.0,
+        description="Coverage of the paired confidence intervals (candidate - champion) the gate decides on.",
+    )
+    bootstrap_resamples: int = Field(
+        5000, ge=200, le=200_000, description="Resamples of the paired bootstrap (fixed seed: same scores, same verdict).",
+    )
+    require_improvement: bool = Field(
+        False, description="Also demand a significant gain in exact match over the champion (interval above 0).",
+    )
 
 
 class RegistryParams(_Section):

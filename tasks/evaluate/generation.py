@@ -81,3 +81,35 @@ def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         # Examples in one batch finish together: each waited the whole batch.
         latencies += [elapsed_ms] * len(chunk)
     return [o.strip() for o in outputs], latencies, lengths
+
+
+def assistant_nll_per_example(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> tuple[list[float], list[int]]:
+    """Per conversation, the summed cross-entropy (nats) over its assistant tokens and their count.
+
+    The gate resamples examples to put a confidence interval on perplexity: the
+    token-weighted mean NLL of any resample is sum(nll) / sum(tokens) of its examples.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    sums: list[float] = []
+    counts: list[int] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(conversations), batch_size):
+        encoded = [encode_chat(tokenizer, c) for c in conversations[start : start + batch_size]]
+        width = max(len(e.input_ids) for e in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+        labels = torch.full((len(encoded), width), -100)
+        attn = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = len(e.input_ids)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(e.input_ids, e.loss_mask)])
+            attn[i, :n] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+        target = labels[:, 1:].to(device)
+        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none")
+        sums += loss.sum(dim=1).tolist()
+        counts += (target != -100).sum(dim=1).tolist()
+    return sums, counts

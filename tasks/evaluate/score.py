@@ -7,10 +7,17 @@ examples shown before each question), and, from the retrain flow, the current ch
 Metrics: perplexity on the assistant tokens; exact match, BLEU (sacrebleu) and ROUGE-L
 (rouge-score) of greedy generations; accuracy / precision / recall / macro-F1 when
 `eval.task` is classification; per-example latency (p50, p95) and generated tokens/s.
+
+Beside the aggregate metrics, every score is kept per example (`per_example`: exact match,
+sentence BLEU, ROUGE-L, summed NLL and token count of the answer, accuracy), keyed by a
+hash of the example, so that the gate can compare two models example by example
+(`tasks/evaluate/paired.py`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -18,12 +25,13 @@ from tasks.config import EvalParams, load_params
 from tasks.errors import ConfigError
 from tasks.evaluate.generation import (
     Example,
+    assistant_nll_per_example,
     assistant_perplexity,
     generate_batched,
     pick_few_shot,
     with_shots,
 )
-from tasks.evaluate.metrics import classification_metrics, percentile, text_metrics
+from tasks.evaluate.metrics import classification_metrics, percentile, text_metrics, text_scores
 from tasks.files import read_jsonl
 from tasks.model.chat import (
     prompt_messages,
@@ -42,7 +50,8 @@ def evaluate_model(model, tokenizer, examples: list[Example], params: EvalParams
     """Score one model on `examples`; `shots` turns it into a few-shot prompted model.
 
     Returns:
-        metrics (a flat dict of floats) and `samples`, the first predictions beside references.
+        metrics (a flat dict of floats), `samples` (the first predictions beside references)
+        and `per_example` (lists aligned with `examples`, see `per_example_scores`).
     """
     questions = [with_shots(prompt_messages(e["messages"]), list(shots)) for e in examples]
     references = [reference_answer(e["messages"]) for e in examples]
@@ -66,7 +75,34 @@ def evaluate_model(model, tokenizer, examples: list[Example], params: EvalParams
         {"prompt": q[-1]["content"], "reference": r, "prediction": p}
         for q, r, p in list(zip(questions, references, predictions))[:10]
     ]
-    return {"metrics": metrics, "samples": samples}
+    per_example = per_example_scores(model, tokenizer, examples, conversations, predictions, references, params)
+    return {"metrics": metrics, "samples": samples, "per_example": per_example}
+
+
+def example_id(example: Example) -> str:
+    """A short hash of an example's prompt and reference: pairs the scores of two models."""
+    text = json.dumps(example["messages"], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def per_example_scores(
+    model, tokenizer, examples: list[Example], conversations: list[list[dict]],
+    predictions: list[str], references: list[str], params: EvalParams,
+) -> dict[str, list]:
+    """Each example's scores, in the order of `examples`.
+
+    Returns:
+        `ids` (`example_id`), `exact_match` (0/1), `bleu` (sentence BLEU, 0-100), `rouge_l`,
+        `nll` (cross-entropy summed over the answer's tokens, nats) and `tokens` (their count),
+        plus `accuracy` (0/1 against the label) when `eval.task` is classification.
+    """
+    nll, tokens = assistant_nll_per_example(model, tokenizer, conversations, params.batch_size)
+    scores: dict[str, list] = {"ids": [example_id(e) for e in examples], **text_scores(predictions, references),
+                               "nll": nll, "tokens": tokens}
+    if params.task == "classification":
+        labels = [e.get("label", r) for e, r in zip(examples, references)]
+        scores["accuracy"] = [float(p == label) for p, label in zip(predictions, labels)]
+    return scores
 
 
 def load_split(data_dir: Path, name: str, limit: int | None = None) -> list[Example]:
