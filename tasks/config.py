@@ -164,6 +164,33 @@ class WorkersParams(_Section):
     )
 
 
+class MonitorParams(_Section):
+    window: int = Field(
+        200, ge=1, le=1_000_000,
+        description="Latest ratings the mean rating is taken over, and latest interactions whose prompts are "
+                    "compared with the training data.",
+    )
+    min_ratings: int = Field(20, ge=1, description="Fewest new ratings the mean rating is judged on.")
+    min_mean_rating: float = Field(
+        3.5, ge=1.0, le=5.0, description="Retraining is recommended when the mean of the new ratings falls below this.",
+    )
+    min_new_corrections: int = Field(
+        50, ge=1, description="Retraining is recommended once this many corrected answers came in since the last time.",
+    )
+    max_prompt_length_drift: float = Field(
+        0.5, gt=0.0, description="Relative change of the mean prompt length (tokens) against the train split that "
+                                 "is reported as drift.",
+    )
+    max_unknown_token_rate: float = Field(
+        0.05, ge=0.0, le=1.0, description="Share of prompt tokens never seen in the train split that is reported as drift.",
+    )
+    cron: str = Field("0 * * * *", description="Cron expression of the monitor deployment (timezone: schedule.timezone).")
+    active: bool = Field(False, description="true: the monitor deployment's schedule is on when deployed.")
+    retrain: bool = Field(
+        True, description="true: the automation starts the retrain deployment when the monitor recommends it.",
+    )
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -174,6 +201,7 @@ class Params(_Section):
     serving: ServingParams = ServingParams()
     schedule: ScheduleParams = ScheduleParams()
     workers: WorkersParams = WorkersParams()
+    monitor: MonitorParams = MonitorParams()
 
     def digest(self) -> str:
         """A short hash of every setting, recorded with the models it produced."""

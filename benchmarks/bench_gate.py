@@ -1,0 +1,203 @@
+"""Does the gate tell a regression from noise? Seed-only retrains against sabotaged ones.
+
+Prepares the default data once, fine-tunes the default tiny model once per seed (only
+`train.seed` changes), and once per seed with a sabotage (by default a share of the train
+answers swapped between examples: the labels are corrupted), scores every model on the
+test split with `tasks.evaluate.score.evaluate_model`, and gates each candidate against
+the champion (seed 0's model) with `tasks.evaluate.gate.apply_gate`:
+
+- the paired gate (per-example scores, the gate as it is) and
+- the fixed-margin gate (aggregate metrics only: the gate before paired checks),
+
+both on the `no_regression_*` checks (the champion comparison; the floors and ceilings do
+not depend on it) and on the whole verdict. A seed-only retrain should be rejected in under
+5% of repeats, a sabotaged one in at least 95%. Every ordered pair of seed-only models
+(i as champion, j as candidate) is gated too, for a larger count of the same rate.
+
+    PYTHONPATH=. python benchmarks/bench_gate.py [--seeds 12] [--steps 300] \
+        [--sabotage corrupt|half-steps|lr0] [--corrupt-fraction 0.3] [--work /tmp/bench-gate] \
+        [--json benchmarks/results/gate.json]
+
+Each model's scores are kept under `--work` (`<kind>-seed<N>.json`), so a second run
+reuses what an interrupted one scored, and `--part seeds` / `--part sabotaged` split the
+training between two processes. `--steps` applies to every model alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import random
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def corrupt_answers(src: Path, dst: Path, fraction: float, seed: int) -> int:
+    """Copy the prepared splits to `dst`, swapping the answers of `fraction` of the train examples."""
+    from tasks.files import read_jsonl
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    rows = read_jsonl(src / "train.jsonl")
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(rows)), int(len(rows) * fraction))
+    answers = [rows[i]["messages"][-1]["content"] for i in picked]
+    rng.shuffle(answers)
+    for i, answer in zip(picked, answers):
+        rows[i]["messages"][-1]["content"] = answer
+    (dst / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(picked)
+
+
+def train_and_score(params, data_dir: Path, test: list, work: Path, name: str) -> dict:
+    """Fine-tune with `params` on `data_dir`, score on `test`; cached as `work/<name>.json`."""
+    from tasks.evaluate.score import evaluate_model_dir
+    from tasks.train.finetune import finetune
+
+    cached = work / f"{name}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    out = work / f"model-{name}"
+    t0 = time.perf_counter()
+    finetune(params, data_dir, out, log=lambda _msg: None)
+    trained = time.perf_counter() - t0
+    scored = evaluate_model_dir(out, test, params.eval)
+    result = {"metrics": scored["metrics"], "per_example": scored["per_example"],
+              "train_seconds": round(trained, 1), "eval_seconds": round(time.perf_counter() - t0 - trained, 1)}
+    cached.write_text(json.dumps(result))
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)
+    return result
+
+
+def decide(candidate: dict, champion: dict, gate) -> dict:
+    """The paired and the fixed-margin verdicts of one candidate against one champion."""
+    from tasks.evaluate.gate import apply_gate
+
+    metrics = {"candidate": candidate["metrics"], "champion": champion["metrics"]}
+    per_example = {"candidate": candidate["per_example"], "champion": champion["per_example"]}
+    paired = apply_gate(metrics, gate, per_example)
+    fixed = apply_gate(metrics, gate)
+
+    def champion_failed(verdict) -> list[str]:
+        return [c.name for c in verdict.checks if c.name.startswith("no_regression_") and not c.passed]
+
+    em = next(c for c in paired.checks if c.name == "no_regression_exact_match")
+    return {
+        "paired_rejected": bool(champion_failed(paired)), "paired_failed": champion_failed(paired),
+        "fixed_rejected": bool(champion_failed(fixed)), "fixed_failed": champion_failed(fixed),
+        "paired_gate_passed": paired.passed, "fixed_gate_passed": fixed.passed,
+        "exact_match_diff": em.estimate, "exact_match_interval": [em.low, em.high], "p_value": em.p_value,
+        "examples_needed": em.examples_needed,
+    }
+
+
+def rate(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--seeds", type=int, default=12, help="seed-only models (seed 0 is the champion)")
+    ap.add_argument("--steps", type=int, default=None, help="train.max_steps of every model (default: params.yaml)")
+    ap.add_argument("--sabotage", choices=["corrupt", "half-steps", "lr0"], default="corrupt")
+    ap.add_argument("--corrupt-fraction", type=float, default=0.3, help="share of train answers swapped")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench-gate"))
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/gate.json"))
+    ap.add_argument("--part", choices=["all", "seeds", "sabotaged"], default="all",
+                    help="train only this part, e.g. in two processes; the summary needs every model scored")
+    args = ap.parse_args()
+    if args.seeds < 3:
+        ap.error("--seeds must be at least 3 (one champion, two candidates)")
+
+    from tasks.config import load_params
+    from tasks.data.prepare import prepare_dataset
+    from tasks.environment import apply_defaults
+    from tasks.evaluate.score import load_split
+
+    apply_defaults()
+    started = time.perf_counter()
+    base = {"train.save_steps": 0}
+    if args.steps:
+        base["train.max_steps"] = args.steps
+    params = load_params(args.params, base)
+    args.work.mkdir(parents=True, exist_ok=True)
+    prepared = args.work / "prepared"
+    if not (prepared / "test.jsonl").exists():
+        prepare_dataset(Path(params.data.path), prepared, params)
+    test = load_split(prepared, "test", params.eval.max_examples)
+    sabotaged_data = prepared
+    if args.sabotage == "corrupt":
+        sabotaged_data = args.work / "prepared-corrupt"
+        corrupt_answers(prepared, sabotaged_data, args.corrupt_fraction, seed=99)
+    sabotage = {"corrupt": {}, "half-steps": {"train.max_steps": max(1, params.train.max_steps // 2)},
+                "lr0": {"train.learning_rate": 0.0}}[args.sabotage]
+
+    seeded, broken = {}, {}
+    for seed in range(args.seeds) if args.part != "sabotaged" else ():
+        seed_params = load_params(args.params, {**base, "train.seed": seed})
+        seeded[seed] = train_and_score(seed_params, prepared, test, args.work, f"seed{seed}")
+        print(f"seed {seed}: exact_match {seeded[seed]['metrics']['exact_match']:.3f} "
+              f"({seeded[seed]['train_seconds']} s training)", flush=True)
+    for seed in range(1, args.seeds) if args.part != "seeds" else ():
+        broken_params = load_params(args.params, {**base, **sabotage, "train.seed": seed})
+        broken[seed] = train_and_score(broken_params, sabotaged_data, test, args.work, f"{args.sabotage}-seed{seed}")
+        print(f"{args.sabotage} seed {seed}: exact_match {broken[seed]['metrics']['exact_match']:.3f}", flush=True)
+    if args.part != "all":
+        print(f"part {args.part} scored; run again with --part all for the summary")
+        return 0
+
+    gate = params.gate
+    vs_champion = [decide(seeded[s], seeded[0], gate) for s in range(1, args.seeds)]
+    all_pairs = [decide(seeded[j], seeded[i], gate) for i, j in itertools.permutations(range(args.seeds), 2)]
+    sabotaged = [decide(broken[s], seeded[0], gate) for s in range(1, args.seeds)]
+    needed = [r["examples_needed"] for r in vs_champion if r["examples_needed"]]
+    summary = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} "
+                   f"{__import__('os').cpu_count()} CPUs".strip(),
+        "command": " ".join(sys.argv),
+        "seeds": args.seeds, "steps": params.train.max_steps, "sabotage": args.sabotage,
+        "corrupt_fraction": args.corrupt_fraction if args.sabotage == "corrupt" else None,
+        "test_examples": len(test), "max_regression": gate.max_regression, "confidence": gate.confidence,
+        "exact_match": {"seed_only": [round(seeded[s]["metrics"]["exact_match"], 4) for s in sorted(seeded)],
+                        "sabotaged": [round(broken[s]["metrics"]["exact_match"], 4) for s in sorted(broken)]},
+        "seed_only_rejected": {"paired": rate(vs_champion, "paired_rejected"), "fixed": rate(vs_champion, "fixed_rejected"),
+                               "repeats": len(vs_champion)},
+        "seed_only_rejected_all_pairs": {"paired": rate(all_pairs, "paired_rejected"),
+                                         "fixed": rate(all_pairs, "fixed_rejected"), "repeats": len(all_pairs)},
+        "sabotaged_rejected": {"paired": rate(sabotaged, "paired_rejected"), "fixed": rate(sabotaged, "fixed_rejected"),
+                               "repeats": len(sabotaged)},
+        "whole_gate_rejected": {"seed_only_paired": 1 - rate(vs_champion, "paired_gate_passed"),
+                                "seed_only_fixed": 1 - rate(vs_champion, "fixed_gate_passed"),
+                                "sabotaged_paired": 1 - rate(sabotaged, "paired_gate_passed"),
+                                "sabotaged_fixed": 1 - rate(sabotaged, "fixed_gate_passed")},
+        "examples_needed_for_max_regression": max(needed) if needed else None,
+        "examples_needed_median": sorted(needed)[len(needed) // 2] if needed else None,
+        "per_candidate": {"seed_only": vs_champion, "sabotaged": sabotaged},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"\n{len(test)} test examples, {params.train.max_steps} steps, champion = seed 0, "
+          f"gate.max_regression {gate.max_regression}, gate.confidence {gate.confidence}")
+    print(f"{'candidates':34s} {'paired gate':>12s} {'fixed margin':>13s}")
+    for label, key in (("seed only, vs seed 0", "seed_only_rejected"), ("seed only, every ordered pair", "seed_only_rejected_all_pairs"),
+                       (f"sabotaged ({args.sabotage}), vs seed 0", "sabotaged_rejected")):
+        row = summary[key]
+        print(f"{label:34s} {row['paired']:11.0%} {row['fixed']:12.0%}   rejected of {row['repeats']}")
+    print(f"test examples needed for a ±{gate.max_regression} interval on exact match: "
+          f"median {summary['examples_needed_median']}, most {summary['examples_needed_for_max_regression']}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"written to {args.json} ({summary['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
