@@ -1,9 +1,10 @@
 """Does the gate tell a regression from noise? Seed-only retrains against sabotaged ones.
 
 Prepares the default data once, fine-tunes the default tiny model once per seed (only
-`train.seed` changes), and once per seed with a sabotage (by default a share of the train
-answers swapped between examples: the labels are corrupted), scores every model on the
-test split with `tasks.evaluate.score.evaluate_model`, and gates each candidate against
+`train.seed` changes), and takes one sabotaged candidate per seed: by default the same run
+stopped at half its steps (its checkpoint, so no extra training), or with `--sabotage
+corrupt` a run on train answers swapped between examples, or `lr0` (learning rate 0).
+It scores every model on the test split with `tasks.evaluate.score.evaluate_model`, and gates each candidate against
 the champion (seed 0's model) with `tasks.evaluate.gate.apply_gate`:
 
 - the paired gate (per-example scores, the gate as it is) and
@@ -15,12 +16,12 @@ not depend on it) and on the whole verdict. A seed-only retrain should be reject
 (i as champion, j as candidate) is gated too, for a larger count of the same rate.
 
     PYTHONPATH=. python benchmarks/bench_gate.py [--seeds 12] [--steps 300] \
-        [--sabotage corrupt|half-steps|lr0] [--corrupt-fraction 0.3] [--work /tmp/bench-gate] \
+        [--sabotage half-steps|corrupt|lr0] [--corrupt-fraction 0.3] [--work /tmp/bench-gate] \
         [--json benchmarks/results/gate.json]
 
 Each model's scores are kept under `--work` (`<kind>-seed<N>.json`), so a second run
-reuses what an interrupted one scored, and `--part seeds` / `--part sabotaged` split the
-training between two processes. `--steps` applies to every model alike.
+reuses what an interrupted one scored, and `--shard I/N` splits the training between N
+processes. `--steps` applies to every model alike.
 """
 
 from __future__ import annotations
@@ -55,9 +56,15 @@ def corrupt_answers(src: Path, dst: Path, fraction: float, seed: int) -> int:
     return len(picked)
 
 
-def train_and_score(params, data_dir: Path, test: list, work: Path, name: str) -> dict:
-    """Fine-tune with `params` on `data_dir`, score on `test`; cached as `work/<name>.json`."""
-    from tasks.evaluate.score import evaluate_model_dir
+def train_and_score(params, data_dir: Path, test: list, work: Path, name: str, halfway: bool = False) -> dict:
+    """Fine-tune with `params` on `data_dir`, score on `test`; cached as `work/<name>.json`.
+
+    With `halfway`, the checkpoint written at half the steps is scored too (`work/<name>-half.json`):
+    the same run stopped halfway, a candidate trained for half the steps at no extra training cost.
+    """
+    from tasks.evaluate.score import evaluate_model, evaluate_model_dir
+    from tasks.model.loading import load_trained
+    from tasks.train.checkpoints import checkpoints_dir
     from tasks.train.finetune import finetune
 
     cached = work / f"{name}.json"
@@ -70,9 +77,19 @@ def train_and_score(params, data_dir: Path, test: list, work: Path, name: str) -
     scored = evaluate_model_dir(out, test, params.eval)
     result = {"metrics": scored["metrics"], "per_example": scored["per_example"],
               "train_seconds": round(trained, 1), "eval_seconds": round(time.perf_counter() - t0 - trained, 1)}
+    if halfway:
+        import torch
+
+        step = checkpoints_dir(out) / f"step-{params.train.max_steps // 2:08d}"
+        model, tokenizer, _ = load_trained(out)
+        missing = set(torch.load(step / "trainable.pt")) - {n for n, _ in model.named_parameters()}
+        assert not missing, f"checkpoint weights the model lacks: {sorted(missing)[:3]}"
+        model.load_state_dict(torch.load(step / "trainable.pt"), strict=False)
+        half = evaluate_model(model.eval(), tokenizer, test, params.eval)
+        (work / f"{name}-half.json").write_text(json.dumps({"metrics": half["metrics"], "per_example": half["per_example"]}))
     cached.write_text(json.dumps(result))
     shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)
+    shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
     return result
 
 
@@ -107,12 +124,15 @@ def main() -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--seeds", type=int, default=12, help="seed-only models (seed 0 is the champion)")
     ap.add_argument("--steps", type=int, default=None, help="train.max_steps of every model (default: params.yaml)")
-    ap.add_argument("--sabotage", choices=["corrupt", "half-steps", "lr0"], default="corrupt")
+    ap.add_argument("--sabotage", choices=["half-steps", "corrupt", "lr0"], default="half-steps")
     ap.add_argument("--corrupt-fraction", type=float, default=0.3, help="share of train answers swapped")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-gate"))
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/gate.json"))
-    ap.add_argument("--part", choices=["all", "seeds", "sabotaged"], default="all",
-                    help="train only this part, e.g. in two processes; the summary needs every model scored")
+    ap.add_argument("--summarize", action="store_true",
+                    help="train nothing: summarize the models scored so far under --work (marked partial if any is missing)")
+    ap.add_argument("--shard", default="0/1",
+                    help="I/N: train only every N-th model from the I-th (N processes share the work); "
+                         "the summary is written by a run with 0/1 once every model is scored")
     args = ap.parse_args()
     if args.seeds < 3:
         ap.error("--seeds must be at least 3 (one champion, two candidates)")
@@ -136,35 +156,55 @@ def main() -> int:
     sabotaged_data = prepared
     if args.sabotage == "corrupt":
         sabotaged_data = args.work / "prepared-corrupt"
-        corrupt_answers(prepared, sabotaged_data, args.corrupt_fraction, seed=99)
-    sabotage = {"corrupt": {}, "half-steps": {"train.max_steps": max(1, params.train.max_steps // 2)},
-                "lr0": {"train.learning_rate": 0.0}}[args.sabotage]
+        if not (sabotaged_data / "train.jsonl").exists():
+            corrupt_answers(prepared, sabotaged_data, args.corrupt_fraction, seed=99)
+    sabotage = {"corrupt": {}, "lr0": {"train.learning_rate": 0.0}}.get(args.sabotage)
+    halfway = args.sabotage == "half-steps"
+    if halfway:  # a checkpoint at half the steps, kept until it is scored
+        base.update({"train.save_steps": max(1, params.train.max_steps // 2), "train.keep_checkpoints": 2})
 
-    seeded, broken = {}, {}
-    for seed in range(args.seeds) if args.part != "sabotaged" else ():
-        seed_params = load_params(args.params, {**base, "train.seed": seed})
-        seeded[seed] = train_and_score(seed_params, prepared, test, args.work, f"seed{seed}")
-        print(f"seed {seed}: exact_match {seeded[seed]['metrics']['exact_match']:.3f} "
-              f"({seeded[seed]['train_seconds']} s training)", flush=True)
-    for seed in range(1, args.seeds) if args.part != "seeds" else ():
-        broken_params = load_params(args.params, {**base, **sabotage, "train.seed": seed})
-        broken[seed] = train_and_score(broken_params, sabotaged_data, test, args.work, f"{args.sabotage}-seed{seed}")
-        print(f"{args.sabotage} seed {seed}: exact_match {broken[seed]['metrics']['exact_match']:.3f}", flush=True)
-    if args.part != "all":
-        print(f"part {args.part} scored; run again with --part all for the summary")
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    jobs = [("seed", s) for s in range(args.seeds)]
+    if not halfway:
+        jobs += [(args.sabotage, s) for s in range(1, args.seeds)]
+    scored: dict[tuple[str, int], dict] = {}
+    for index, (kind, seed) in enumerate(jobs):
+        if index % shards != shard or args.summarize:
+            continue
+        overrides = {**base, "train.seed": seed, **(sabotage if kind != "seed" else {})}
+        data_dir = prepared if kind == "seed" else sabotaged_data
+        scored[kind, seed] = train_and_score(load_params(args.params, overrides), data_dir, test, args.work,
+                                             f"{kind}{seed}", halfway=halfway)
+        print(f"{kind} {seed}: exact_match {scored[kind, seed]['metrics']['exact_match']:.3f} "
+              f"({scored[kind, seed]['train_seconds']} s training, {scored[kind, seed]['eval_seconds']} s scoring)", flush=True)
+    if shards > 1:
+        print(f"shard {args.shard} scored; run again with --shard 0/1 for the summary")
         return 0
+    def load(name: str) -> dict | None:
+        path = args.work / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    seeded = {seed: r for seed in range(args.seeds) if (r := load(f"seed{seed}"))}
+    broken_name = "seed{}-half" if halfway else args.sabotage + "{}"
+    broken = {seed: r for seed in range(1, args.seeds) if (r := load(broken_name.format(seed)))}
+    if 0 not in seeded or len(seeded) < 2:
+        print("error: seed 0 (the champion) and at least one other seed must be scored first", file=sys.stderr)
+        return 1
+    partial = len(seeded) < args.seeds or len(broken) < args.seeds - 1
+    candidates = sorted(s for s in seeded if s)
 
     gate = params.gate
-    vs_champion = [decide(seeded[s], seeded[0], gate) for s in range(1, args.seeds)]
-    all_pairs = [decide(seeded[j], seeded[i], gate) for i, j in itertools.permutations(range(args.seeds), 2)]
-    sabotaged = [decide(broken[s], seeded[0], gate) for s in range(1, args.seeds)]
+    vs_champion = [decide(seeded[s], seeded[0], gate) for s in candidates]
+    all_pairs = [decide(seeded[j], seeded[i], gate) for i, j in itertools.permutations(sorted(seeded), 2)]
+    sabotaged = [decide(broken[s], seeded[0], gate) for s in sorted(broken)]
     needed = [r["examples_needed"] for r in vs_champion if r["examples_needed"]]
     summary = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} "
                    f"{__import__('os').cpu_count()} CPUs".strip(),
         "command": " ".join(sys.argv),
-        "seeds": args.seeds, "steps": params.train.max_steps, "sabotage": args.sabotage,
+        "seeds": args.seeds, "seeds_scored": sorted(seeded), "sabotaged_scored": sorted(broken), "partial": partial,
+        "steps": params.train.max_steps, "sabotage": args.sabotage,
         "corrupt_fraction": args.corrupt_fraction if args.sabotage == "corrupt" else None,
         "test_examples": len(test), "max_regression": gate.max_regression, "confidence": gate.confidence,
         "exact_match": {"seed_only": [round(seeded[s]["metrics"]["exact_match"], 4) for s in sorted(seeded)],
@@ -184,6 +224,8 @@ def main() -> int:
         "per_candidate": {"seed_only": vs_champion, "sabotaged": sabotaged},
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if partial:
+        print(f"PARTIAL: seeds scored {sorted(seeded)}, sabotaged {sorted(broken)} of {args.seeds} seeds")
     print(f"\n{len(test)} test examples, {params.train.max_steps} steps, champion = seed 0, "
           f"gate.max_regression {gate.max_regression}, gate.confidence {gate.confidence}")
     print(f"{'candidates':34s} {'paired gate':>12s} {'fixed margin':>13s}")

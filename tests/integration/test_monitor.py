@@ -71,7 +71,8 @@ def _events(resource_id: str, expected: int) -> list:
     async def read() -> list:
         async with get_client() as client:
             page = await client.read_events(EventFilter(
-                event=EventNameFilter(name=["ftllm.monitor.checked"]), resource=EventResourceFilter(id=[resource_id])))
+                event=EventNameFilter(name=["ftllm.monitor.checked"]), resource=EventResourceFilter(id=[resource_id])),
+                limit=50)
             return page.events
 
     deadline = time.monotonic() + 30
