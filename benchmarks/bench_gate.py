@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import random
 import shutil
@@ -200,8 +201,8 @@ def main() -> int:
     needed = [r["examples_needed"] for r in vs_champion if r["examples_needed"]]
     summary = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} "
-                   f"{__import__('os').cpu_count()} CPUs".strip(),
+        "machine": f"{platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"load average {os.getloadavg()[0]:.1f} at the end",
         "command": " ".join(sys.argv),
         "seeds": args.seeds, "seeds_scored": sorted(seeded), "sabotaged_scored": sorted(broken), "partial": partial,
         "steps": params.train.max_steps, "sabotage": args.sabotage,
