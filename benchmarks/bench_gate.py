@@ -116,6 +116,20 @@ def decide(candidate: dict, champion: dict, gate) -> dict:
     }
 
 
+def sweep(seeded: dict, broken: dict, gate, margins: list[float]) -> list[dict]:
+    """Rejection rates (paired, fixed) of the champion checks for other values of gate.max_regression."""
+    rows = []
+    for margin in margins:
+        g = gate.model_copy(update={"max_regression": margin})
+        seed_only = [decide(seeded[s], seeded[0], g) for s in sorted(seeded) if s]
+        pairs = [decide(seeded[j], seeded[i], g) for i, j in itertools.permutations(sorted(seeded), 2)]
+        sabotaged = [decide(broken[s], seeded[0], g) for s in sorted(broken)]
+        rows.append({"max_regression": margin, **{
+            name: [rate(r, "paired_rejected"), rate(r, "fixed_rejected")]
+            for name, r in (("seed_only", seed_only), ("all_pairs", pairs), ("sabotaged", sabotaged))}})
+    return rows
+
+
 def rate(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
 
@@ -129,6 +143,8 @@ def main() -> int:
     ap.add_argument("--corrupt-fraction", type=float, default=0.3, help="share of train answers swapped")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-gate"))
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/gate.json"))
+    ap.add_argument("--margins", default="0.02,0.03,0.05",
+                    help="gate.max_regression values of the sweep printed after the summary (no training)")
     ap.add_argument("--summarize", action="store_true",
                     help="train nothing: summarize the models scored so far under --work (marked partial if any is missing)")
     ap.add_argument("--shard", default="0/1",
@@ -236,6 +252,12 @@ def main() -> int:
         print(f"{label:34s} {row['paired']:11.0%} {row['fixed']:12.0%}   rejected of {row['repeats']}")
     print(f"test examples needed for a ±{gate.max_regression} interval on exact match: "
           f"median {summary['examples_needed_median']}, most {summary['examples_needed_for_max_regression']}")
+    summary["margin_sweep"] = sweep(seeded, broken, gate, [float(m) for m in args.margins.split(",") if m])
+    print(f"{'gate.max_regression':>20s} {'seed only (paired / fixed)':>28s} {'all pairs (paired / fixed)':>28s} "
+          f"{'sabotaged (paired / fixed)':>28s}")
+    for row in summary["margin_sweep"]:
+        print(f"{row['max_regression']:20.3f} {row['seed_only'][0]:13.0%} / {row['seed_only'][1]:<12.0%} "
+              f"{row['all_pairs'][0]:13.0%} / {row['all_pairs'][1]:<12.0%} {row['sabotaged'][0]:13.0%} / {row['sabotaged'][1]:<12.0%}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"written to {args.json} ({summary['seconds']} s)")
