@@ -1,4 +1,4 @@
-"""Register the Prefect deployments: `retrain` on its cron schedule, `promote` and `rollback`.
+"""Register the Prefect deployments: `retrain` on its cron schedule, `promote`, `rollback` and `monitor`.
 
 Deployments live on a Prefect server (not the ephemeral API that `ftllm run` uses), and a
 worker of the `process` work pool runs them from this folder:
@@ -9,6 +9,9 @@ worker of the `process` work pool runs them from this folder:
     prefect worker start --pool ftllm-process  # terminal 3
 
 The schedule comes from params.yaml (`schedule.cron`, `schedule.timezone`, `schedule.active`).
+`monitor/scheduled` runs flows/monitor.py on `monitor.cron` (on when `monitor.active`), and
+`retrain/scheduled` carries the deployment trigger that starts it when a monitor event
+recommends retraining (`monitor.retrain`).
 The `retrain` deployment's parameters are the pydantic settings sections, so the UI's run
 form is typed, with defaults, descriptions and bounds.
 
@@ -46,23 +49,29 @@ def ensure_work_pool(name: str = WORK_POOL) -> None:
 
 
 def deploy_all(root: Path, params: Params, work_pool: str = WORK_POOL) -> list[str]:
-    """Create or update the three deployments; returns their ids."""
+    """Create or update the four deployments; returns their ids."""
     from prefect import flow
     from prefect.schedules import Schedule
+
+    from flows.monitor import retrain_trigger
 
     ensure_work_pool(work_pool)
     ids = []
     schedule = Schedule(cron=params.schedule.cron, timezone=params.schedule.timezone, active=params.schedule.active)
+    monitoring = Schedule(cron=params.monitor.cron, timezone=params.schedule.timezone, active=params.monitor.active)
+    params_file = {"params_file": str(root / "params.yaml")}
     specs = [
-        ("flows/retrain.py:retrain", "scheduled", {"params_file": str(root / "params.yaml")}, [schedule]),
-        ("flows/registry.py:promote_flow", "manual", {"model_name": params.registry.model_name}, []),
-        ("flows/registry.py:rollback_flow", "manual", {"model_name": params.registry.model_name}, []),
+        ("flows/retrain.py:retrain", "scheduled", params_file, [schedule],
+         [retrain_trigger(params.registry.model_name, params.monitor)]),
+        ("flows/registry.py:promote_flow", "manual", {"model_name": params.registry.model_name}, [], []),
+        ("flows/registry.py:rollback_flow", "manual", {"model_name": params.registry.model_name}, [], []),
+        ("flows/monitor.py:monitor", "scheduled", params_file, [monitoring], []),
     ]
-    for entrypoint, name, parameters, schedules in specs:
+    for entrypoint, name, parameters, schedules, triggers in specs:
         remote = flow.from_source(source=str(root), entrypoint=entrypoint)
         with redirect_stdout(sys.stderr):  # Prefect's advice on process pools; stdout is for `--json`
             deployment_id = remote.deploy(
-                name=name, work_pool_name=work_pool, parameters=parameters, schedules=schedules,
+                name=name, work_pool_name=work_pool, parameters=parameters, schedules=schedules, triggers=triggers,
                 job_variables={"working_dir": str(root)}, print_next_steps=False,
             )
         ids.append(str(deployment_id))

@@ -197,15 +197,21 @@ def push_dvc_outputs(root: Path) -> str | None:
 
 @task(name="evaluate-champion")
 def evaluate_champion(root: Path, params: Params, version: str) -> dict:
-    """Score the current champion on the same test split as the candidate (cached per version and split)."""
+    """Score the current champion on the same test split as the candidate (cached per version and split).
+
+    Returns:
+        `metrics` (aggregate) and `per_example` (scores per test example, paired by the gate
+        with the candidate's).
+    """
     test_path = root / "artifacts/prepared/test.jsonl"
-    cache = root / "artifacts/champion" / f"v{version}-{file_md5(test_path)[:12]}-{params.eval.max_examples}.json"
+    cache = root / "artifacts/champion" / f"v{version}-{file_md5(test_path)[:12]}-{params.eval.max_examples}-paired.json"
     if cache.exists():
         return json.loads(cache.read_text())
     model_dir = download_version(params.registry.model_name, version, root / "artifacts/champion" / f"v{version}")
-    metrics = evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", "test", params.eval.max_examples), params.eval)["metrics"]
-    cache.write_text(json.dumps(metrics))
-    return metrics
+    scored = evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", "test", params.eval.max_examples), params.eval)
+    result = {"metrics": scored["metrics"], "per_example": scored["per_example"]}
+    cache.write_text(json.dumps(result))
+    return result
 
 
 @task(name="register-candidate", retries=2, retry_delay_seconds=3)
@@ -410,14 +416,18 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
 
         t = time.perf_counter()
         champion = result.champion_version
+        per_example_path = root / "artifacts/per_example.json"
+        per_example = json.loads(per_example_path.read_text()) if per_example_path.exists() else {}
         if champion is not None:
-            metrics["champion"] = evaluate_champion(root, params, champion)
+            scored = evaluate_champion(root, params, champion)
+            metrics["champion"], per_example["champion"] = scored["metrics"], scored["per_example"]
         durations["evaluate_champion"] = round(time.perf_counter() - t, 2)
-        verdict = apply_gate(metrics, params.gate).to_dict()
+        verdict = apply_gate(metrics, params.gate, per_example).to_dict()
         result.gate = GateResult.model_validate(verdict)
         result.metrics = RunMetrics.model_validate(metrics)
         docs = Path(report["data_docs"]).parent if report.get("data_docs") else None
-        files = [root / "dvc.lock", root / "artifacts/predictions.json", root / "artifacts/params.yaml"]
+        files = [root / "dvc.lock", root / "artifacts/predictions.json", root / "artifacts/per_example.json",
+                 root / "artifacts/params.yaml"]
         log_results(run_id, metrics, verdict, files, docs)
 
         # The fingerprint is tagged last: a run that fails after registering leaves a version

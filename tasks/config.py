@@ -170,9 +170,21 @@ class GateParams(_Section):
         description="Exact match above the best of zero-shot and few-shot prompting of the base model.",
     )
     max_regression: float = Field(
-        0.02, ge=0.0, le=1.0, description="Largest drop against the champion on each gated metric."
+        0.02, ge=0.0, le=1.0,
+        description="Largest drop against the champion (absolute for scores in [0, 1], relative for perplexity) "
+                    "that the gate tolerates; a check fails only when the drop is larger at gate.confidence.",
     )
     max_p95_latency_ms: float = Field(5000, gt=0, description="Highest p95 generation latency per example (ms).")
+    confidence: float = Field(
+        0.95, ge=0.5, lt=1.0,
+        description="Coverage of the paired confidence intervals (candidate - champion) the gate decides on.",
+    )
+    bootstrap_resamples: int = Field(
+        5000, ge=200, le=200_000, description="Resamples of the paired bootstrap (fixed seed: same scores, same verdict).",
+    )
+    require_improvement: bool = Field(
+        False, description="Also demand a significant gain in exact match over the champion (interval above 0).",
+    )
 
 
 class RegistryParams(_Section):
@@ -229,6 +241,33 @@ class WorkersParams(_Section):
     )
 
 
+class MonitorParams(_Section):
+    window: int = Field(
+        200, ge=1, le=1_000_000,
+        description="Latest ratings the mean rating is taken over, and latest interactions whose prompts are "
+                    "compared with the training data.",
+    )
+    min_ratings: int = Field(20, ge=1, description="Fewest new ratings the mean rating is judged on.")
+    min_mean_rating: float = Field(
+        3.5, ge=1.0, le=5.0, description="Retraining is recommended when the mean of the new ratings falls below this.",
+    )
+    min_new_corrections: int = Field(
+        50, ge=1, description="Retraining is recommended once this many corrected answers came in since the last time.",
+    )
+    max_prompt_length_drift: float = Field(
+        0.5, gt=0.0, description="Relative change of the mean prompt length (tokens) against the train split that "
+                                 "is reported as drift.",
+    )
+    max_unknown_token_rate: float = Field(
+        0.05, ge=0.0, le=1.0, description="Share of prompt tokens never seen in the train split that is reported as drift.",
+    )
+    cron: str = Field("0 * * * *", description="Cron expression of the monitor deployment (timezone: schedule.timezone).")
+    active: bool = Field(False, description="true: the monitor deployment's schedule is on when deployed.")
+    retrain: bool = Field(
+        True, description="true: the automation starts the retrain deployment when the monitor recommends it.",
+    )
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -239,6 +278,7 @@ class Params(_Section):
     serving: ServingParams = ServingParams()
     schedule: ScheduleParams = ScheduleParams()
     workers: WorkersParams = WorkersParams()
+    monitor: MonitorParams = MonitorParams()
 
     def digest(self) -> str:
         """A short hash of every setting, recorded with the models it produced."""

@@ -11,33 +11,75 @@ so a rejected run says exactly which check failed. Checks:
   model (zero-shot or few-shot) by `gate.min_gain_over_prompting`;
 - no regression against the champion by more than `gate.max_regression` on each gated
   metric (absolute for scores in [0, 1], relative for perplexity).
+
+The champion is scored on the same test examples as the candidate, so with per-example
+scores (`per_example`, from `tasks.evaluate.score`) the regression checks are paired
+tests (`tasks/evaluate/paired.py`): a `no_regression_*` check fails only when the whole
+confidence interval (at `gate.confidence`) of the change from champion to candidate lies
+beyond `gate.max_regression`, i.e. when the candidate is *significantly* worse by more than
+the margin. The check's `value` is then the interval's bound nearest to failing (upper
+bound of candidate - champion for scores; lower bound of the relative perplexity change),
+and `threshold` the margin it is compared with; `estimate`, `low`, `high`, `p_value`
+(McNemar's exact test for exact match and accuracy) and `n` come with it. A check whose
+interval is wider than the margin says so (`underpowered`, `examples_needed`, a `note`):
+the test split cannot tell a drop of `max_regression` from noise. Without per-example
+scores (a champion scored before they existed) a check falls back to the fixed margin on
+the aggregate values, and says so.
+
+Floors and ceilings still decide on the candidate's point value; their confidence
+interval is reported beside it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field, replace
 
 from tasks.config import GateParams
+from tasks.evaluate.paired import (
+    Interval,
+    bootstrap_difference,
+    bootstrap_mean,
+    discordant_pairs,
+    examples_needed,
+    mcnemar_p_value,
+)
 
 # Scores in [0, 1] where higher is better; compared against the champion.
 HIGHER_IS_BETTER = ("exact_match", "rouge_l", "f1")
+# Per-example scores the paired checks read; bleu is sentence BLEU (0-100), compared on a 0-1 scale.
+PAIRED_SCORES = ("exact_match", "accuracy", "rouge_l", "bleu")
+BINARY_SCORES = ("exact_match", "accuracy")
+SCALE = {"bleu": 0.01}
 
 
 @dataclass(frozen=True)
 class Check:
+    """One check; `name, value, threshold, passed` always, the statistics where there are some."""
+
     name: str
     value: float
     threshold: float
     passed: bool
+    estimate: float | None = None  # point estimate: the candidate's value, or its change from the champion
+    low: float | None = None  # confidence interval of `estimate` at gate.confidence
+    high: float | None = None
+    p_value: float | None = None  # McNemar's exact test (0/1 scores against the champion)
+    n: int | None = None  # examples the estimate rests on
+    method: str = "threshold"  # threshold | paired bootstrap | paired bootstrap + McNemar | fixed margin
+    underpowered: bool = False  # the interval is wider than the margin the check enforces
+    examples_needed: int | None = None  # test examples that would narrow it to that margin
+    note: str | None = None
 
 
 @dataclass(frozen=True)
 class Verdict:
     passed: bool
     checks: list[Check]
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks], "notes": self.notes}
 
     @property
     def failed(self) -> list[str]:
@@ -52,13 +94,19 @@ def _at_most(name: str, value: float, threshold: float) -> Check:
     return Check(name, round(value, 6), round(threshold, 6), value <= threshold)
 
 
-def apply_gate(metrics: dict[str, dict[str, float]], gate: GateParams) -> Verdict:
+def apply_gate(
+    metrics: dict[str, dict[str, float]], gate: GateParams, per_example: dict[str, dict[str, list]] | None = None,
+) -> Verdict:
     """Judge `metrics["candidate"]` against thresholds, prompting baselines and `metrics["champion"]`.
 
     Args:
         metrics: per model ("candidate", "base_zero_shot", "base_few_shot", "champion"), its metrics.
         gate: the thresholds.
+        per_example: per model, its per-example scores on the same test examples
+            (`tasks.evaluate.score.per_example_scores`); with them the champion checks are paired
+            tests and every check reports its confidence interval.
     """
+    per_example = per_example or {}
     cand = metrics["candidate"]
     # Metrics written before `scored_tokens` existed lack it: they are judged on the rest.
     scored = [_at_least("min_scored_tokens", cand["scored_tokens"], 1)] if "scored_tokens" in cand else []
@@ -73,12 +121,126 @@ def apply_gate(metrics: dict[str, dict[str, float]], gate: GateParams) -> Verdic
         checks.append(
             _at_least("min_gain_over_prompting", cand["exact_match"] - max(baselines), gate.min_gain_over_prompting)
         )
+    checks = [_with_interval(c, metrics, per_example, gate) for c in checks]
     champion = metrics.get("champion")
     if champion:
+        paired = _pairable(per_example.get("candidate"), per_example.get("champion"))
+        checks += _champion_checks(cand, champion, paired, gate)
+    notes = [f"{c.name}: {c.note}" for c in checks if c.note]
+    return Verdict(all(c.passed for c in checks), checks, notes)
+
+
+def _pairable(candidate: dict | None, champion: dict | None) -> tuple[dict, dict] | None:
+    """Both models' per-example scores when they cover the same examples in the same order."""
+    if not candidate or not champion or candidate.get("ids") != champion.get("ids") or not candidate.get("ids"):
+        return None
+    return candidate, champion
+
+
+def _champion_checks(cand: dict, champion: dict, paired: tuple[dict, dict] | None, gate: GateParams) -> list[Check]:
+    """`no_regression_*` on every metric both models have, and `improvement_over_champion` if required."""
+    checks = []
+    if paired is None:
+        fallback = "no per-example scores of both models on the same examples: fixed margin on the aggregate values"
         for key in HIGHER_IS_BETTER:
             if key in cand and key in champion:
-                checks.append(_at_least(f"no_regression_{key}", cand[key], champion[key] - gate.max_regression))
-        checks.append(
-            _at_most("no_regression_perplexity", cand["perplexity"], champion["perplexity"] * (1 + gate.max_regression))
-        )
-    return Verdict(all(c.passed for c in checks), checks)
+                check = _at_least(f"no_regression_{key}", cand[key], champion[key] - gate.max_regression)
+                checks.append(replace(check, method="fixed margin", note=fallback))
+        check = _at_most("no_regression_perplexity", cand["perplexity"], champion["perplexity"] * (1 + gate.max_regression))
+        checks.append(replace(check, method="fixed margin", note=fallback))
+        if gate.require_improvement:
+            check = _at_least("improvement_over_champion", cand["exact_match"] - champion["exact_match"], 0.0)
+            checks.append(replace(check, passed=check.value > 0, method="fixed margin", note=fallback))
+        return checks
+    a, b = paired
+    for key in PAIRED_SCORES:
+        if key in a and key in b:
+            checks.append(_no_regression_paired(key, a[key], b[key], gate))
+    for key in HIGHER_IS_BETTER:  # e.g. macro-F1: no per-example score, so a fixed margin
+        if key not in PAIRED_SCORES and key in cand and key in champion:
+            check = _at_least(f"no_regression_{key}", cand[key], champion[key] - gate.max_regression)
+            checks.append(replace(check, method="fixed margin", note="not an average over examples: fixed margin"))
+    checks.append(_no_regression_perplexity(a, b, gate))
+    if gate.require_improvement:
+        checks.append(_improvement(a["exact_match"], b["exact_match"], gate))
+    return checks
+
+
+def _power(check: Check, interval: Interval, margin: float, confidence: float, what: str) -> Check:
+    """Mark a check whose interval is wider than its margin, with the test examples that would do."""
+    if interval.half_width <= margin:
+        return check
+    needed = examples_needed(interval.n, interval.half_width, margin)
+    more = f"about {needed} test examples would narrow it to ±{margin:g}" if needed else "no test split narrows it to 0"
+    note = (
+        f"underpowered: on {interval.n} examples the {confidence:.0%} interval is ±{interval.half_width:.3f}, wider "
+        f"than the margin {margin:g}, so only {what} beyond {margin + interval.half_width:.3f} can be told from noise; "
+        f"{more} (raise data.test_fraction and eval.max_examples)"
+    )
+    return replace(check, underpowered=True, examples_needed=needed, note=note)
+
+
+def _no_regression_paired(key: str, candidate: list, champion: list, gate: GateParams) -> Check:
+    """Fails when the upper bound of (candidate - champion) lies below -max_regression."""
+    scale = SCALE.get(key, 1.0)
+    ci = bootstrap_difference([v * scale for v in candidate], [v * scale for v in champion],
+                              gate.confidence, gate.bootstrap_resamples)
+    p_value, method = None, "paired bootstrap"
+    passed = ci.high >= -gate.max_regression
+    if key in BINARY_SCORES:
+        gains, losses = discordant_pairs(candidate, champion)
+        p_value, method = mcnemar_p_value(gains, losses), "paired bootstrap + McNemar"
+        # The exact test guards the bootstrap where discordant pairs are few.
+        passed = passed or p_value >= 1 - gate.confidence
+    check = Check(
+        f"no_regression_{key}", round(ci.high, 6), round(-gate.max_regression, 6), passed,
+        estimate=round(ci.estimate, 6), low=round(ci.low, 6), high=round(ci.high, 6),
+        p_value=None if p_value is None else round(p_value, 6), n=ci.n, method=method,
+    )
+    return _power(check, ci, gate.max_regression, gate.confidence, "drops")
+
+
+def _no_regression_perplexity(candidate: dict, champion: dict, gate: GateParams) -> Check:
+    """Relative change of perplexity, exp(mean NLL difference) - 1; fails when its lower bound exceeds the margin."""
+    ci = bootstrap_difference(candidate["nll"], champion["nll"], gate.confidence, gate.bootstrap_resamples,
+                              candidate_weights=candidate["tokens"], champion_weights=champion["tokens"])
+    rel = Interval(math.expm1(ci.estimate), math.expm1(ci.low), math.expm1(ci.high), ci.n)
+    check = Check(
+        "no_regression_perplexity", round(rel.low, 6), round(gate.max_regression, 6), rel.low <= gate.max_regression,
+        estimate=round(rel.estimate, 6), low=round(rel.low, 6), high=round(rel.high, 6), n=rel.n,
+        method="paired bootstrap",
+    )
+    return _power(check, rel, gate.max_regression, gate.confidence, "relative rises")
+
+
+def _improvement(candidate: list, champion: list, gate: GateParams) -> Check:
+    """`gate.require_improvement`: the lower bound of the exact-match gain must lie above 0."""
+    ci = bootstrap_difference(candidate, champion, gate.confidence, gate.bootstrap_resamples)
+    gains, losses = discordant_pairs(candidate, champion)
+    return Check(
+        "improvement_over_champion", round(ci.low, 6), 0.0, ci.low > 0,
+        estimate=round(ci.estimate, 6), low=round(ci.low, 6), high=round(ci.high, 6),
+        p_value=round(mcnemar_p_value(gains, losses), 6), n=ci.n, method="paired bootstrap + McNemar",
+    )
+
+
+def _with_interval(check: Check, metrics: dict, per_example: dict, gate: GateParams) -> Check:
+    """Attach the confidence interval of a floor or ceiling check's value; the decision is unchanged."""
+    cand = per_example.get("candidate")
+    if not cand:
+        return check
+    if check.name == "min_exact_match":
+        ci = bootstrap_mean(cand["exact_match"], gate.confidence, gate.bootstrap_resamples)
+    elif check.name == "max_perplexity":
+        nll = bootstrap_mean(cand["nll"], gate.confidence, gate.bootstrap_resamples, weights=cand["tokens"])
+        ci = Interval(math.exp(nll.estimate), math.exp(nll.low), math.exp(nll.high), nll.n)
+    elif check.name == "min_gain_over_prompting":
+        best = max((k for k in ("base_zero_shot", "base_few_shot") if k in metrics and k in per_example),
+                   key=lambda k: metrics[k]["exact_match"], default=None)
+        if best is None or per_example[best].get("ids") != cand.get("ids"):
+            return check
+        ci = bootstrap_difference(cand["exact_match"], per_example[best]["exact_match"],
+                                  gate.confidence, gate.bootstrap_resamples)
+    else:
+        return check
+    return replace(check, estimate=round(ci.estimate, 6), low=round(ci.low, 6), high=round(ci.high, 6), n=ci.n)

@@ -28,23 +28,21 @@ def with_shots(messages: list[dict], shots: list[Example]) -> list[dict]:
     return head + turns + messages[len(head):]
 
 
-def assistant_perplexity(
+def assistant_nll(
     model, tokenizer, conversations: list[list[dict]], batch_size: int, system_message: str = "auto"
-) -> tuple[float, int]:
-    """exp of the mean cross-entropy over assistant tokens, token-weighted across examples.
+) -> tuple[list[float], list[int]]:
+    """Per conversation, the summed cross-entropy (nats) over its assistant tokens and their count.
 
-    The assistant tokens are training's (`encode_chats`: answers and their end-of-turn tokens).
-
-    Returns:
-        (perplexity, assistant tokens scored).
-
-    Raises:
-        RunFailed: no assistant token was scored (a perplexity of 1.0 over nothing would pass any gate).
+    The assistant tokens are training's (`encode_chats`: answers and their end-of-turn
+    tokens). Kept per example so that the gate can resample examples to put a confidence
+    interval on perplexity: the token-weighted mean NLL of any resample is
+    sum(nll) / sum(tokens) of its examples.
     """
     import torch
     import torch.nn.functional as F
 
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     device = next(model.parameters()).device
     for start in range(0, len(conversations), batch_size):
         encoded = encode_chats(tokenizer, conversations[start : start + batch_size], system_message=system_message)
@@ -59,18 +57,26 @@ def assistant_perplexity(
             attn[i, :n] = 1
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1).to(device),
-            ignore_index=-100, reduction="sum",
-        )
-        total += float(loss)
-        count += int((labels[:, 1:] != -100).sum())
+        target = labels[:, 1:].to(device)
+        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none")
+        sums += loss.sum(dim=1).tolist()
+        counts += (target != -100).sum(dim=1).tolist()
+    return sums, counts
+
+
+def perplexity(nll: list[float], tokens: list[int], tokenizer=None) -> float:
+    """exp of the mean cross-entropy over assistant tokens, token-weighted across examples.
+
+    Raises:
+        RunFailed: no assistant token was scored (a perplexity of 1.0 over nothing would pass any gate).
+    """
+    count = sum(tokens)
     if not count:
         raise RunFailed(
-            f"evaluation scored 0 assistant tokens over {len(conversations)} examples: the chat template of "
+            f"evaluation scored 0 assistant tokens over {len(tokens)} examples: the chat template of "
             f"{getattr(tokenizer, 'name_or_path', 'the model')} marks none (check the data with `ftllm validate`)"
         )
-    return math.exp(total / count), count
+    return math.exp(sum(nll) / count)
 
 
 def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int):

@@ -1,4 +1,7 @@
 """Text and classification metrics: exact match, BLEU (sacrebleu), ROUGE-L (rouge-score), accuracy / F1.
+
+`text_scores` gives the same scores per example (sentence BLEU), for the gate's paired
+comparison of the candidate and the champion on the same examples.
 """
 
 from __future__ import annotations
@@ -6,17 +9,28 @@ from __future__ import annotations
 import math
 
 
-def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Exact match, corpus BLEU (sacrebleu) and mean ROUGE-L F1 (rouge-score)."""
+def text_scores(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Per-example exact match (0/1), sentence BLEU (sacrebleu, 0-100) and ROUGE-L F1 (rouge-score)."""
     import sacrebleu
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     return {
-        "exact_match": sum(p == r.strip() for p, r in zip(predictions, references)) / max(1, len(references)),
+        "exact_match": [float(p == r.strip()) for p, r in zip(predictions, references)],
+        "bleu": [sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(predictions, references)],
+        "rouge_l": [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)],
+    }
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Exact match, corpus BLEU (sacrebleu) and mean ROUGE-L F1 (rouge-score)."""
+    import sacrebleu
+
+    scores = text_scores(predictions, references)
+    return {
+        "exact_match": sum(scores["exact_match"]) / max(1, len(references)),
         "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
-        "rouge_l": sum(rouge) / max(1, len(rouge)),
+        "rouge_l": sum(scores["rouge_l"]) / max(1, len(references)),
     }
 
 

@@ -8,10 +8,17 @@ Metrics: perplexity on the assistant tokens (the tokens training trains on, coun
 `scored_tokens`; evaluation fails rather than report a perplexity over none); exact match, BLEU (sacrebleu) and ROUGE-L
 (rouge-score) of greedy generations; accuracy / precision / recall / macro-F1 when
 `eval.task` is classification; per-example latency (p50, p95) and generated tokens/s.
+
+Beside the aggregate metrics, every score is kept per example (`per_example`: exact match,
+sentence BLEU, ROUGE-L, summed NLL and token count of the answer, accuracy), keyed by a
+hash of the example, so that the gate can compare two models example by example
+(`tasks/evaluate/paired.py`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -19,12 +26,13 @@ from tasks.config import EvalParams, load_params
 from tasks.errors import ConfigError
 from tasks.evaluate.generation import (
     Example,
-    assistant_perplexity,
+    assistant_nll,
+    perplexity,
     generate_batched,
     pick_few_shot,
     with_shots,
 )
-from tasks.evaluate.metrics import classification_metrics, percentile, text_metrics
+from tasks.evaluate.metrics import classification_metrics, percentile, text_metrics, text_scores
 from tasks.files import read_jsonl
 from tasks.model.chat import (
     prompt_messages,
@@ -51,7 +59,8 @@ def evaluate_model(
 
     Returns:
         metrics (a flat dict of floats, with `scored_tokens`: the assistant tokens behind
-        the perplexity) and `samples`, the first predictions beside references.
+        the perplexity), `samples` (the first predictions beside references) and
+        `per_example` (lists aligned with `examples`, see `per_example_scores`).
 
     Raises:
         RunFailed: no assistant token could be scored.
@@ -60,13 +69,14 @@ def evaluate_model(
     references = [reference_answer(e["messages"]) for e in examples]
     conversations = [q + [{"role": "assistant", "content": r}] for q, r in zip(questions, references)]
     prompts = [render_prompt(tokenizer, q, system_message) for q in questions]
-    perplexity, scored = assistant_perplexity(model, tokenizer, conversations, params.batch_size, system_message)
+    nll, tokens = assistant_nll(model, tokenizer, conversations, params.batch_size, system_message)
+    ppl = perplexity(nll, tokens, tokenizer)  # refuses before generating when no token was scored
     t0 = time.perf_counter()
     predictions, latencies, lengths = generate_batched(model, tokenizer, prompts, params.max_new_tokens, params.batch_size)
     gen_seconds = time.perf_counter() - t0
     metrics = {
-        "perplexity": perplexity,
-        "scored_tokens": scored,
+        "perplexity": ppl,
+        "scored_tokens": sum(tokens),
         **text_metrics(predictions, references),
         "latency_p50_ms": percentile(latencies, 0.5),
         "latency_p95_ms": percentile(latencies, 0.95),
@@ -80,7 +90,33 @@ def evaluate_model(
         {"prompt": q[-1]["content"], "reference": r, "prediction": p}
         for q, r, p in list(zip(questions, references, predictions))[:10]
     ]
-    return {"metrics": metrics, "samples": samples}
+    per_example = per_example_scores(examples, predictions, references, nll, tokens, params)
+    return {"metrics": metrics, "samples": samples, "per_example": per_example}
+
+
+def example_id(example: Example) -> str:
+    """A short hash of an example's prompt and reference: pairs the scores of two models."""
+    text = json.dumps(example["messages"], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def per_example_scores(
+    examples: list[Example], predictions: list[str], references: list[str], nll: list[float], tokens: list[int],
+    params: EvalParams,
+) -> dict[str, list]:
+    """Each example's scores, in the order of `examples`.
+
+    Returns:
+        `ids` (`example_id`), `exact_match` (0/1), `bleu` (sentence BLEU, 0-100), `rouge_l`,
+        `nll` (cross-entropy summed over the answer's tokens, nats) and `tokens` (their count),
+        plus `accuracy` (0/1 against the label) when `eval.task` is classification.
+    """
+    scores: dict[str, list] = {"ids": [example_id(e) for e in examples], **text_scores(predictions, references),
+                               "nll": nll, "tokens": tokens}
+    if params.task == "classification":
+        labels = [e.get("label", r) for e, r in zip(examples, references)]
+        scores["accuracy"] = [float(p == label) for p, label in zip(predictions, labels)]
+    return scores
 
 
 def load_split(data_dir: Path, name: str, limit: int | None = None) -> list[Example]:

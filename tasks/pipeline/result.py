@@ -36,6 +36,15 @@ class GateCheck(_Part):
     value: float = Field(description="What the candidate measured.")
     threshold: float = Field(description="The bound it was held to.")
     passed: bool = Field(description="Whether the value is within the bound.")
+    estimate: float | None = Field(None, description="Point estimate: the candidate's value, or its change from the champion.")
+    low: float | None = Field(None, description="Lower bound of the estimate's confidence interval (gate.confidence).")
+    high: float | None = Field(None, description="Upper bound of that interval.")
+    p_value: float | None = Field(None, description="McNemar's exact test against the champion, for 0/1 scores.")
+    n: int | None = Field(None, description="Test examples the estimate rests on.")
+    method: str = Field("threshold", description="threshold | paired bootstrap | paired bootstrap + McNemar | fixed margin.")
+    underpowered: bool = Field(False, description="The interval is wider than the margin the check enforces.")
+    examples_needed: int | None = Field(None, description="Test examples that would narrow the interval to the margin.")
+    note: str | None = Field(None, description="What the check wants a reader to know (e.g. why it is underpowered).")
 
 
 class GateResult(_Part):
@@ -43,6 +52,7 @@ class GateResult(_Part):
 
     passed: bool = Field(description="Every check passed.")
     checks: list[GateCheck] = Field(default_factory=list, description="Every check (empty for an unchanged run).")
+    notes: list[str] = Field(default_factory=list, description="The checks' notes, one line each.")
 
 
 class RunMetrics(_Part):

@@ -3,7 +3,11 @@
 Run alone (after `finetune`):
 
     python -m tasks.stages.evaluate --params artifacts/params.yaml --data artifacts/prepared \
-        --model artifacts/model --out artifacts/metrics.json --samples artifacts/predictions.json
+        --model artifacts/model --out artifacts/metrics.json --samples artifacts/predictions.json \
+        --per-example artifacts/per_example.json
+
+metrics.json holds each model's aggregate metrics; per_example.json each model's scores
+per test example, which the gate pairs with the champion's.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", type=Path, default=Path("artifacts/model"))
     ap.add_argument("--out", type=Path, default=Path("artifacts/metrics.json"))
     ap.add_argument("--samples", type=Path, default=Path("artifacts/predictions.json"))
+    ap.add_argument("--per-example", type=Path, default=Path("artifacts/per_example.json"))
     args = ap.parse_args(argv)
     results = evaluate_all(args.params, args.data, args.model)
     write_atomic(args.samples, json.dumps({k: v["samples"] for k, v in results.items()}, indent=2))
+    write_atomic(args.per_example, json.dumps({k: v["per_example"] for k, v in results.items()}))
     write_atomic(args.out, json.dumps({k: v["metrics"] for k, v in results.items()}, indent=2))
     for name, r in results.items():
         m = r["metrics"]

@@ -33,6 +33,7 @@ def committed(project):
     (project / "artifacts" / "model" / "weights.txt").write_text("a model\n")
     (project / "artifacts" / "metrics.json").write_text("{}")
     (project / "artifacts" / "predictions.json").write_text("{}")
+    (project / "artifacts" / "per_example.json").write_text("{}")
     _dvc(project, "repro", "--single-item", "resolve")
     _dvc(project, "commit", "--force", "prepare", "finetune", "evaluate")
     return project

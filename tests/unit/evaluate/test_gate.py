@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from tasks.config import GateParams
 from tasks.evaluate.gate import apply_gate
 
@@ -44,3 +48,127 @@ def test_metrics_over_no_scored_tokens_are_refused():
     assert not verdict.passed and verdict.failed == ["min_scored_tokens"]
     scored = apply_gate({"candidate": {**GOOD, "scored_tokens": 412}, "base_zero_shot": BASE}, GateParams())
     assert scored.passed and next(c for c in scored.checks if c.name == "min_scored_tokens").value == 412
+
+
+# Paired checks: per-example scores of the candidate and the champion on the same examples.
+
+N = 199
+
+
+def _scores(correct: list[int], nll_per_token: float = 0.2, tokens: int = 5) -> dict[str, list]:
+    """Per-example scores as `tasks.evaluate.score.per_example_scores` writes them."""
+    return {
+        "ids": [f"ex{i}" for i in range(len(correct))],
+        "exact_match": [float(c) for c in correct],
+        "rouge_l": [0.6 + 0.4 * c for c in correct],
+        "bleu": [40.0 + 60.0 * c for c in correct],
+        "nll": [nll_per_token * tokens * (1.5 - c) for c in correct],
+        "tokens": [tokens] * len(correct),
+    }
+
+
+def _pair(both: int, gains: int, losses: int, n: int = N) -> tuple[list[int], list[int]]:
+    """0/1 correctness of (candidate, champion): `both` right in both, then discordant pairs, then neither."""
+    neither = n - both - gains - losses
+    candidate = [1] * both + [1] * gains + [0] * losses + [0] * neither
+    champion = [1] * both + [0] * gains + [1] * losses + [0] * neither
+    return candidate, champion
+
+
+def _metrics(per_example: dict[str, dict]) -> dict[str, dict]:
+    metrics = {}
+    for role, s in per_example.items():
+        em = sum(s["exact_match"]) / len(s["exact_match"])
+        ppl = math.exp(sum(s["nll"]) / sum(s["tokens"]))
+        metrics[role] = {**GOOD, "exact_match": em, "perplexity": ppl,
+                         "rouge_l": sum(s["rouge_l"]) / len(s["rouge_l"])}
+    return metrics
+
+
+def _paired_verdict(candidate: list[int], champion: list[int], **gate) -> tuple:
+    per_example = {"candidate": _scores(candidate), "champion": _scores(champion)}
+    verdict = apply_gate(_metrics(per_example), GateParams(**gate), per_example)
+    return verdict, {c.name: c for c in verdict.checks}
+
+
+def test_a_seed_change_within_noise_passes_where_the_fixed_margin_rejected_it():
+    # 0.905 against 0.945 on 199 examples (6 gains, 14 losses): the retrain that only changed train.seed.
+    candidate, champion = _pair(174, 6, 14)
+    assert round(sum(candidate) / N, 3) == 0.905 and round(sum(champion) / N, 3) == 0.945
+    fixed = apply_gate(_metrics({"candidate": _scores(candidate), "champion": _scores(champion)}), GateParams())
+    assert "no_regression_exact_match" in fixed.failed  # the old rule
+
+    verdict, checks = _paired_verdict(candidate, champion)
+    em = checks["no_regression_exact_match"]
+    assert em.passed and em.method == "paired bootstrap + McNemar"
+    assert em.estimate == pytest.approx(-8 / N, abs=1e-6)
+    # Observed 0.04 worse, but the interval reaches up to no change: not significantly worse by over 0.02.
+    assert em.low < em.estimate < -0.02 <= em.high
+    assert em.p_value == pytest.approx(2 * 60460 / 2**20, abs=1e-6) and em.n == N
+    assert (em.value, em.threshold) == (em.high, -0.02)  # value vs threshold reads the decision
+    assert {"no_regression_rouge_l", "no_regression_bleu", "no_regression_perplexity"} <= set(checks)
+
+
+def test_a_clearly_worse_candidate_is_rejected_on_each_paired_check():
+    candidate, champion = _pair(120, 2, 60)
+    verdict, checks = _paired_verdict(candidate, champion)
+    assert not verdict.passed
+    for name in ("no_regression_exact_match", "no_regression_rouge_l", "no_regression_bleu", "no_regression_perplexity"):
+        assert not checks[name].passed, checks[name]
+    em = checks["no_regression_exact_match"]
+    assert em.high < -0.02 and em.p_value < 1e-12
+    ppl = checks["no_regression_perplexity"]
+    assert ppl.low > 0.02 and ppl.value == ppl.low and ppl.threshold == 0.02
+
+
+def test_a_small_split_is_reported_as_underpowered_with_the_examples_it_needs():
+    verdict, checks = _paired_verdict(*_pair(174, 6, 14))
+    em = checks["no_regression_exact_match"]
+    assert em.underpowered and em.examples_needed > 4 * N
+    assert "underpowered" in em.note and str(em.examples_needed) in em.note and "data.test_fraction" in em.note
+    assert any(n.startswith("no_regression_exact_match: underpowered") for n in verdict.notes)
+
+    # Ten times the examples with the same rate of disagreement: narrow enough for the margin.
+    big = [c * 10 for c in (174, 6, 14)]
+    _, checks = _paired_verdict(*_pair(*big, n=N * 10), max_regression=0.03)
+    assert not checks["no_regression_exact_match"].underpowered
+    assert checks["no_regression_exact_match"].note is None
+
+
+def test_require_improvement_demands_a_significant_gain():
+    same = _pair(170, 0, 0)
+    _, checks = _paired_verdict(*same, require_improvement=True)
+    assert not checks["improvement_over_champion"].passed
+    _, checks = _paired_verdict(*_pair(150, 40, 2), require_improvement=True)
+    gain = checks["improvement_over_champion"]
+    assert gain.passed and gain.low > 0 and gain.value == gain.low
+    _, checks = _paired_verdict(*same)
+    assert "improvement_over_champion" not in checks  # off by default
+
+
+def test_threshold_checks_report_their_interval_and_keep_their_decision():
+    candidate, champion = _pair(150, 10, 10)
+    verdict, checks = _paired_verdict(candidate, champion)
+    em = checks["min_exact_match"]
+    assert em.low < em.value < em.high and em.n == N and em.method == "threshold"
+    assert em.passed == (em.value >= 0.7)
+    ppl = checks["max_perplexity"]
+    assert ppl.low < ppl.value < ppl.high
+
+
+def test_scores_of_different_examples_fall_back_to_the_fixed_margin_and_say_so():
+    candidate, champion = _pair(174, 6, 14)
+    per_example = {"candidate": _scores(candidate), "champion": _scores(champion)}
+    per_example["champion"]["ids"] = [f"other{i}" for i in range(N)]
+    verdict = apply_gate(_metrics(per_example), GateParams(), per_example)
+    em = next(c for c in verdict.checks if c.name == "no_regression_exact_match")
+    assert em.method == "fixed margin" and not em.passed and "per-example" in em.note
+
+
+def test_the_json_contract_keeps_its_keys():
+    verdict, _ = _paired_verdict(*_pair(174, 6, 14))
+    doc = verdict.to_dict()
+    assert set(doc) >= {"passed", "checks"}
+    for check in doc["checks"]:
+        assert {"name", "value", "threshold", "passed"} <= set(check)
+        assert isinstance(check["passed"], bool)

@@ -1,0 +1,181 @@
+"""The `monitor` flow: what production feedback says, as a Prefect event that can start `retrain`.
+
+On its schedule (`monitor.cron`), the flow reads the service's feedback log
+(`feedback.db`, see serving/feedback.py) and the prompts it served, measures
+
+- new ratings and new corrections since the last recommended retraining,
+- the mean of the latest `monitor.window` new ratings,
+- drift of the latest prompts against the train split (prompt length, unknown-token rate),
+
+publishes them as Prefect artifacts, and emits one event, `ftllm.monitor.checked`, about the
+resource `ftllm.model.<registry.model_name>`, with the figures in its payload and the label
+`ftllm.retrain-recommended` ("true" / "false"). The decision is the monitor's
+(`tasks.monitor.signals.recommend_retrain`, thresholds under `monitor:` in params.yaml); the
+reaction is Prefect's: `retrain_trigger` is a deployment trigger on the `retrain`
+deployment that matches that label, registered by `ftllm deploy` (flows/deploy.py), so
+the automation runs on the Prefect server and no loop of ours waits for anything.
+
+What is "new" is kept in a Prefect variable (`ftllm-monitor-<model name>`: the highest
+feedback id already acted on), not in a file: it belongs to the orchestration, so any
+worker that runs the monitor sees the same value, and an operator can read or reset it in
+the UI (`prefect variable set ftllm-monitor-ftllm-chat '{"feedback_id": 0}' --overwrite`).
+It moves only when a retraining is recommended, so corrections add up across runs until
+there are enough.
+
+Run it once against the embedded defaults:
+
+    python -m flows.monitor
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.config import MonitorParams, Params, load_params
+from tasks.environment import apply_defaults
+from tasks.monitor.signals import (
+    Drift,
+    FeedbackFigures,
+    measure_drift,
+    read_feedback,
+    recent_prompts,
+    recommend_retrain,
+)
+
+EVENT = "ftllm.monitor.checked"
+RECOMMENDED_LABEL = "ftllm.retrain-recommended"
+
+
+def model_resource(model_name: str) -> str:
+    """The id of the resource the monitor's events are about."""
+    return f"ftllm.model.{model_name}"
+
+
+def cursor_variable(model_name: str) -> str:
+    """The Prefect variable holding the highest feedback id acted on (names: lowercase, digits, - and _)."""
+    return "ftllm-monitor-" + re.sub(r"[^a-z0-9_-]", "-", model_name.lower())
+
+
+def retrain_trigger(model_name: str, monitor: MonitorParams):
+    """The deployment trigger that starts `retrain` on a monitor event recommending it."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name=f"retrain {model_name} when production feedback says so",
+        description="Started by flows/monitor.py's event when monitor.* thresholds in params.yaml are crossed.",
+        enabled=monitor.retrain,
+        expect={EVENT},
+        match={"prefect.resource.id": model_resource(model_name), RECOMMENDED_LABEL: "true"},
+        posture="Reactive",
+        threshold=1,
+        within=0,
+    )
+
+
+@task(name="read-monitor-cursor")
+def read_cursor(name: str) -> int:
+    """The highest feedback id already acted on (0 before the first recommendation)."""
+    from prefect.variables import Variable
+
+    value = Variable.get(name, default={"feedback_id": 0})
+    return int(value.get("feedback_id", 0)) if isinstance(value, dict) else 0
+
+
+@task(name="save-monitor-cursor")
+def save_cursor(name: str, feedback_id: int) -> None:
+    from prefect.variables import Variable
+
+    Variable.set(name, {"feedback_id": feedback_id}, overwrite=True)
+
+
+@task(name="read-feedback")
+def collect_feedback(db: Path, since_id: int, window: int) -> FeedbackFigures:
+    """New ratings and corrections since `since_id`; zeros (and a warning) when the service has logged nothing yet."""
+    if not db.is_file():
+        get_run_logger().warning(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml)")
+        return FeedbackFigures(since_id, since_id, 0, 0, 0, None, 0)
+    return read_feedback(db, since_id, window)
+
+
+@task(name="measure-drift")
+def drift_of_prompts(root: Path, params: Params, db: Path) -> Drift | None:
+    """Prompt drift of the latest served prompts against the train split, with the run's tokenizer."""
+    from tasks.model.loading import load_tokenizer, resolve_base
+
+    train = root / "artifacts/prepared/train.jsonl"
+    if not db.is_file() or not train.is_file():
+        get_run_logger().warning(f"no drift measured: {db if not db.is_file() else train} is missing")
+        return None
+    # The trained model folder holds the run's tokenizer; before the first run, the base's.
+    model_dir = root / "artifacts/model"
+    tokenizer = load_tokenizer(str(model_dir) if (model_dir / "tokenizer_config.json").is_file() else resolve_base(params.model))
+    return measure_drift(tokenizer, train, recent_prompts(db, params.monitor.window))
+
+
+def _publish(model_name: str, figures: FeedbackFigures, drift: Drift | None, reasons: list[str], alerts: list[str]) -> None:
+    rows = [{"figure": k, "value": v} for k, v in asdict(figures).items()]
+    rows += [{"figure": f"drift.{k}", "value": v} for k, v in (asdict(drift) if drift else {}).items()]
+    create_table_artifact(rows, key="monitor-figures", description=f"Production feedback of {model_name}")
+    verdict = "retraining recommended" if reasons else "no retraining needed"
+    lines = [f"## {model_name}: {verdict}", ""]
+    lines += [f"- {r}" for r in reasons] or ["- below every monitor.* threshold"]
+    if alerts:
+        lines += ["", "### Drift", "", *[f"- {a}" for a in alerts]]
+    create_markdown_artifact("\n".join(lines), key="monitor-verdict", description="Monitor verdict")
+
+
+@flow(name="monitor", log_prints=True)
+def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) -> dict:
+    """Read production feedback, publish the figures, and emit the event that may start `retrain`.
+
+    Args:
+        params_file: the settings file (params.yaml); thresholds under `monitor:`.
+        feedback_db: the service's log; default FTLLM_FEEDBACK_DB, else feedback.db beside params.yaml.
+    """
+    from prefect.events import emit_event
+
+    from serving.feedback import default_db_path
+
+    logger = get_run_logger()
+    root = Path(params_file).resolve().parent
+    apply_defaults(root)
+    params = load_params(params_file, sections=("model", "registry", "monitor"))
+    model_name = params.registry.model_name
+    db = Path(feedback_db) if feedback_db else default_db_path(root)
+    cursor = cursor_variable(model_name)
+
+    since = read_cursor(cursor)
+    figures = collect_feedback(db, since, params.monitor.window)
+    drift = drift_of_prompts(root, params, db)
+    recommended, reasons, alerts = recommend_retrain(figures, drift, params.monitor)
+    payload = {
+        "feedback": asdict(figures), "drift": asdict(drift) if drift else None,
+        "retrain_recommended": recommended, "reasons": reasons, "drift_alerts": alerts,
+        "thresholds": params.monitor.model_dump(include={"window", "min_ratings", "min_mean_rating", "min_new_corrections"}),
+    }
+    event = emit_event(
+        EVENT,
+        resource={"prefect.resource.id": model_resource(model_name), "prefect.resource.name": model_name,
+                  RECOMMENDED_LABEL: str(recommended).lower()},
+        payload=payload,
+    )
+    _publish(model_name, figures, drift, reasons, alerts)
+    if recommended:
+        # Acted on: the next recommendation needs feedback that comes after this one.
+        save_cursor(cursor, figures.last_id)
+        logger.info(f"retraining recommended for {model_name}: {'; '.join(reasons)}")
+    else:
+        logger.info(f"no retraining needed for {model_name}: {figures.new_ratings} new ratings, "
+                    f"{figures.new_corrections} new corrections")
+    return {**payload, "model_name": model_name, "event_id": str(event.id) if event else None}
+
+
+if __name__ == "__main__":
+    apply_defaults()
+    print(json.dumps(monitor(), default=str))

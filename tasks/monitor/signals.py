@@ -1,0 +1,158 @@
+"""What production says about the champion: ratings, corrections and prompt drift.
+
+Reads the service's interaction log (`serving/feedback.py`: SQLite, tables `interactions`
+and `feedback`) read-only, so a monitor never blocks or alters the service's writes.
+
+- Feedback since a cursor (the highest feedback id already acted on): how many new
+  ratings and corrections, and the mean of the latest `window` new ratings.
+- Drift of the latest `window` prompts against the train split, counted with the run's
+  tokenizer on the user turns: the relative change of the mean prompt length in tokens,
+  and the unknown-token rate, the share of prompt tokens whose id never occurs in the
+  train split (or is the tokenizer's unknown token). A byte-level tokenizer has no unknown
+  token, so the second figure measures new vocabulary: prompts about things the model was
+  not trained on.
+- `recommend_retrain` turns the figures and `monitor.*` thresholds into a decision with
+  its reasons.
+
+Run alone:
+
+    python -c "from tasks.monitor.signals import read_feedback; print(read_feedback('feedback.db', 0, 200))"
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import MonitorParams
+from tasks.errors import DataFileError
+from tasks.files import read_jsonl
+
+
+@dataclass(frozen=True)
+class FeedbackFigures:
+    """Feedback that came in after the cursor `since_id`."""
+
+    since_id: int
+    last_id: int  # the highest feedback id in the log (the cursor to move to once acted on)
+    new_ratings: int
+    new_corrections: int
+    window_ratings: int  # the latest new ratings the mean is taken over (at most monitor.window)
+    mean_rating: float | None
+    interactions: int  # completions in the log, all time
+
+
+@dataclass(frozen=True)
+class Drift:
+    """The latest prompts against the train split, in tokens of the run's tokenizer."""
+
+    prompts: int
+    train_mean_tokens: float
+    recent_mean_tokens: float | None
+    length_drift: float | None  # (recent - train) / train
+    unknown_token_rate: float | None
+
+
+def _connect(db: Path) -> sqlite3.Connection:
+    """A read-only connection: the service keeps writing while the monitor reads (WAL)."""
+    try:
+        conn = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True, timeout=30)
+        conn.execute("SELECT 1 FROM feedback LIMIT 1")
+    except sqlite3.DatabaseError as exc:
+        raise DataFileError(
+            f"{db}: not a feedback log of the service ({exc}); point FTLLM_FEEDBACK_DB at the service's feedback.db"
+        ) from None
+    return conn
+
+
+def read_feedback(db: Path, since_id: int, window: int) -> FeedbackFigures:
+    """Count the ratings and corrections with a feedback id above `since_id`.
+
+    Raises:
+        DataFileError: `db` is not the service's SQLite log.
+    """
+    conn = _connect(db)
+    try:
+        rows = conn.execute(
+            "SELECT id, rating, correction IS NOT NULL FROM feedback WHERE id > ? ORDER BY id", (since_id,)
+        ).fetchall()
+        last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0]
+        interactions = conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0]
+    finally:
+        conn.close()
+    ratings = [rating for _, rating, _ in rows][-window:]
+    return FeedbackFigures(
+        since_id=since_id, last_id=int(max(last, since_id)), new_ratings=len(rows),
+        new_corrections=sum(int(corrected) for _, _, corrected in rows), window_ratings=len(ratings),
+        mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=int(interactions),
+    )
+
+
+def recent_prompts(db: Path, window: int) -> list[str]:
+    """The user turns of the latest `window` completions, one text per completion."""
+    conn = _connect(db)
+    try:
+        rows = conn.execute("SELECT messages FROM interactions ORDER BY created DESC LIMIT ?", (window,)).fetchall()
+    finally:
+        conn.close()
+    return [text for text in (_user_text(json.loads(messages)) for (messages,) in rows) if text]
+
+
+def _user_text(messages: Iterable[dict]) -> str:
+    return "\n".join(str(m.get("content", "")) for m in messages if m.get("role") == "user")
+
+
+def measure_drift(tokenizer, train_split: Path, prompts: list[str]) -> Drift:
+    """Prompt length and unknown-token rate of `prompts` against the user turns of `train_split`.
+
+    Raises:
+        DataFileError: there is no train split to compare with.
+    """
+    if not Path(train_split).is_file():
+        raise DataFileError(f"{train_split}: no train split to measure drift against; run the prepare stage first")
+    rows = read_jsonl(Path(train_split))
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    train_lengths = [len(ids(_user_text(r["messages"]))) for r in rows]
+    seen = {i for r in rows for m in r["messages"] for i in ids(str(m.get("content", "")))}
+    train_mean = sum(train_lengths) / max(1, len(train_lengths))
+    if not prompts:
+        return Drift(0, train_mean, None, None, None)
+    encoded = [ids(p) for p in prompts]
+    tokens = [i for e in encoded for i in e]
+    unknown = sum(i not in seen or i == tokenizer.unk_token_id for i in tokens)
+    recent_mean = len(tokens) / len(encoded)
+    return Drift(
+        prompts=len(prompts), train_mean_tokens=train_mean, recent_mean_tokens=recent_mean,
+        length_drift=(recent_mean - train_mean) / train_mean if train_mean else None,
+        unknown_token_rate=unknown / len(tokens) if tokens else 0.0,
+    )
+
+
+def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: MonitorParams) -> tuple[bool, list[str], list[str]]:
+    """Whether production feedback makes a retraining worth it.
+
+    Returns:
+        (recommended, the reasons for it, drift alerts). Drift is reported, not a reason on
+        its own: retraining on the same data does not answer prompts the data lacks.
+    """
+    reasons = []
+    if figures.new_corrections >= monitor.min_new_corrections:
+        reasons.append(f"{figures.new_corrections} new corrections (monitor.min_new_corrections {monitor.min_new_corrections})")
+    if (figures.mean_rating is not None and figures.window_ratings >= monitor.min_ratings
+            and figures.mean_rating < monitor.min_mean_rating):
+        reasons.append(f"mean rating {figures.mean_rating:.2f} over the latest {figures.window_ratings} new ratings "
+                       f"(below monitor.min_mean_rating {monitor.min_mean_rating})")
+    alerts = []
+    if drift is not None and drift.length_drift is not None and abs(drift.length_drift) > monitor.max_prompt_length_drift:
+        alerts.append(f"prompt length {drift.recent_mean_tokens:.1f} tokens against {drift.train_mean_tokens:.1f} "
+                      f"in training ({drift.length_drift:+.0%}, monitor.max_prompt_length_drift {monitor.max_prompt_length_drift})")
+    if drift is not None and drift.unknown_token_rate is not None and drift.unknown_token_rate > monitor.max_unknown_token_rate:
+        alerts.append(f"{drift.unknown_token_rate:.1%} of prompt tokens never seen in training "
+                      f"(monitor.max_unknown_token_rate {monitor.max_unknown_token_rate})")
+    return bool(reasons), reasons, alerts

@@ -1,0 +1,151 @@
+"""The monitor flow on a real feedback log: its figures, its event, its cursor, and the retrain it triggers.
+
+The first test runs the flow under the session's `prefect_test_harness` and reads the
+emitted event back from the API. The slow one starts `prefect server start`, registers the
+deployments with `ftllm deploy` and checks that the automation on `retrain/scheduled`
+creates a flow run once the monitor recommends retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.feedback import FeedbackStore, Interaction
+from tests.conftest import REPO
+from tests.integration.test_deployments import BIN, server  # noqa: F401  (the module-scoped Prefect server)
+
+
+def write_feedback(db: Path, completions: int, ratings: list[int], corrected: int) -> None:
+    """`completions` logged answers, rated in turn; the first `corrected` ratings carry a correction."""
+    store = FeedbackStore(db)
+    try:
+        for i in range(completions):
+            store.log_interaction(Interaction(
+                id=f"c{i}", endpoint="/v1/chat/completions", model_name="ftllm-chat", model_version="1",
+                messages=[{"role": "system", "content": "Rewrite the ISO date in words."},
+                          {"role": "user", "content": f"Convert this ISO date: 20{i % 90 + 10:02d}-03-18"}],
+                answer="March 18, 2016", finish_reason="stop", prompt_tokens=9, completion_tokens=4, latency_ms=12.0,
+            ))
+        for i, rating in enumerate(ratings):
+            store.add_feedback(f"c{i % completions}", rating, "March 18, 2016" if i < corrected else None)
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def monitored(tmp_path, monkeypatch) -> Path:
+    """A project folder with settings (low thresholds), a train split and a feedback log."""
+    monkeypatch.setenv("FTLLM_ROOT", str(tmp_path))  # the tiny base model is cached under this root
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["monitor"].update(min_new_corrections=5, min_ratings=4, min_mean_rating=3.5, window=50)
+    params["registry"]["model_name"] = "ftllm-monitored"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    if (REPO / "artifacts/base").is_dir():  # a tiny base already built here: no need to build it again
+        (tmp_path / "artifacts").mkdir()
+        (tmp_path / "artifacts/base").symlink_to(REPO / "artifacts/base")
+    train = tmp_path / "artifacts/prepared/train.jsonl"
+    train.parent.mkdir(parents=True, exist_ok=True)
+    train.write_text("".join((REPO / "data/dates.jsonl").read_text().splitlines(keepends=True)[:100]))
+    return tmp_path
+
+
+def _events(resource_id: str, expected: int) -> list:
+    """The monitor's events about `resource_id` on the API, once `expected` of them are stored."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.worker import EventsWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    EventsWorker.drain_all()
+
+    async def read() -> list:
+        async with get_client() as client:
+            page = await client.read_events(EventFilter(
+                event=EventNameFilter(name=["ftllm.monitor.checked"]), resource=EventResourceFilter(id=[resource_id])),
+                limit=50)
+            return page.events
+
+    deadline = time.monotonic() + 30
+    while len(events := run_coro_as_sync(read())) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)  # the server stores events asynchronously
+    return events
+
+
+def test_monitor_measures_the_log_emits_its_event_and_moves_its_cursor(prefect_harness, monitored):
+    from prefect.variables import Variable
+
+    from flows.monitor import cursor_variable, monitor
+
+    db = monitored / "feedback.db"
+    # 12 ratings, mean (6*2 + 6*4) / 12 = 3.0 < 3.5; 2 corrections (< 5).
+    write_feedback(db, completions=12, ratings=[2, 4] * 6, corrected=2)
+    first = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(db))
+    assert first["feedback"]["new_ratings"] == 12 and first["feedback"]["new_corrections"] == 2
+    assert first["feedback"]["mean_rating"] == pytest.approx(3.0)
+    assert first["retrain_recommended"] and "mean rating 3.00" in first["reasons"][0]
+    drift = first["drift"]
+    assert drift["prompts"] == 12 and drift["train_mean_tokens"] > 0
+    # The same kind of prompts as the train split: (almost) every token was seen in training, no drift.
+    assert drift["unknown_token_rate"] < 0.05 and abs(drift["length_drift"]) < 0.5 and first["drift_alerts"] == []
+    assert Variable.get(cursor_variable("ftllm-monitored")) == {"feedback_id": 12}
+
+    # Nothing new since the recommendation: the cursor holds, nothing is recommended.
+    second = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(db))
+    assert second["feedback"]["new_ratings"] == 0 and not second["retrain_recommended"]
+
+    events = _events("ftllm.model.ftllm-monitored", expected=2)
+    labels = sorted(e.resource["ftllm.retrain-recommended"] for e in events)
+    assert labels == ["false", "true"], events
+    recommended = next(e for e in events if e.resource["ftllm.retrain-recommended"] == "true")
+    assert recommended.payload["feedback"]["new_ratings"] == 12
+    assert str(recommended.id) == first["event_id"]
+
+
+
+@pytest.mark.slow
+def test_the_automation_starts_retrain_after_enough_corrections(server, project, tmp_path):  # noqa: F811
+    deploy = subprocess.run([str(BIN / "ftllm"), "deploy", "--json", "--params", str(project / "params.yaml")],
+                            env=server, cwd=project, capture_output=True, text=True, timeout=300)
+    assert deploy.returncode == 0, deploy.stderr[-3000:]
+    assert len(json.loads(deploy.stdout.strip().splitlines()[-1])["deployments"]) == 4
+
+    db = tmp_path / "feedback.db"
+    write_feedback(db, completions=60, ratings=[4] * 60, corrected=60)  # monitor.min_new_corrections: 50
+    env = {**server, "FTLLM_FEEDBACK_DB": str(db)}
+    run = subprocess.run([sys.executable, "-m", "flows.monitor"], env=env, cwd=project,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["retrain_recommended"] and result["feedback"]["new_corrections"] == 60
+
+    script = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.utilities.asyncutils import run_coro_as_sync
+
+async def runs():
+    async with get_client() as c:
+        found = await c.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scheduled"])))
+        return [{"id": str(r.id), "flow": str(r.flow_id), "state": r.state.type.value, "by": r.created_by and r.created_by.type}
+                for r in found if r.deployment_id]
+print(json.dumps(run_coro_as_sync(runs())))
+"""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        out = subprocess.run([sys.executable, "-c", script], env=server, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs = [r for r in json.loads(out.stdout.strip().splitlines()[-1]) if r["by"] == "AUTOMATION"]
+        if runs:
+            break
+        time.sleep(3)
+    assert runs, "no flow run created by the automation within 90 s"

@@ -1,0 +1,41 @@
+"""Per-example scores of `evaluate_model` agree with its aggregate metrics (tiny base model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tasks.config import EvalParams, ModelParams
+from tasks.evaluate.metrics import text_metrics, text_scores
+from tasks.evaluate.score import evaluate_model, example_id
+
+EXAMPLES = [
+    {"messages": [{"role": "system", "content": "Rewrite the ISO date in words."},
+                  {"role": "user", "content": f"Convert this ISO date: 20{i:02d}-0{i % 9 + 1}-1{i}"},
+                  {"role": "assistant", "content": f"{['January', 'March', 'May'][i % 3]} 1{i}, 20{i:02d}"}]}
+    for i in range(6)
+]
+
+
+def test_text_scores_average_to_the_text_metrics():
+    predictions, references = ["March 18, 2016", "May 1, 2000", "x"], ["March 18, 2016", "May 2, 2000", "June 3, 1999"]
+    scores, metrics = text_scores(predictions, references), text_metrics(predictions, references)
+    assert scores["exact_match"] == [1.0, 0.0, 0.0]
+    assert sum(scores["rouge_l"]) / 3 == pytest.approx(metrics["rouge_l"])
+    assert scores["bleu"][0] == pytest.approx(100.0) and scores["bleu"][2] == 0.0
+
+
+def test_evaluate_model_keeps_every_score_per_example():
+    from tasks.model.loading import load_causal_lm, load_tokenizer, resolve_base
+
+    path = resolve_base(ModelParams())
+    model, tokenizer = load_causal_lm(path).eval(), load_tokenizer(path)
+    result = evaluate_model(model, tokenizer, EXAMPLES, EvalParams(max_new_tokens=4, batch_size=4))
+    scores, metrics = result["per_example"], result["metrics"]
+    assert scores["ids"] == [example_id(e) for e in EXAMPLES] and len(set(scores["ids"])) == 6
+    assert all(len(scores[k]) == 6 for k in ("exact_match", "bleu", "rouge_l", "nll", "tokens"))
+    # Batched in 4 + 2: the token-weighted mean NLL of the examples is the aggregate perplexity.
+    assert math.exp(sum(scores["nll"]) / sum(scores["tokens"])) == pytest.approx(metrics["perplexity"], rel=1e-4)
+    assert sum(scores["exact_match"]) / 6 == pytest.approx(metrics["exact_match"])
+    assert all(t > 0 for t in scores["tokens"])

@@ -1,0 +1,87 @@
+"""Production signals of the monitor, read from a real feedback log written by the service's store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from serving.feedback import FeedbackStore, Interaction
+from tasks.config import MonitorParams
+from tasks.errors import DataFileError
+from tasks.monitor.signals import measure_drift, read_feedback, recent_prompts, recommend_retrain
+
+
+def _log(db: Path, prompts: list[str], ratings: list[int], corrected: int) -> None:
+    """One completion per prompt, rated in turn; the first `corrected` ratings carry a correction."""
+    store = FeedbackStore(db)
+    try:
+        for i, prompt in enumerate(prompts):
+            store.log_interaction(Interaction(
+                id=f"c{i}", endpoint="/v1/chat/completions", model_name="ftllm-chat", model_version="1",
+                messages=[{"role": "system", "content": "Rewrite the ISO date in words."},
+                          {"role": "user", "content": prompt}],
+                answer="March 18, 2016", finish_reason="stop", prompt_tokens=9, completion_tokens=4, latency_ms=12.0,
+            ))
+        for i, rating in enumerate(ratings):
+            store.add_feedback(f"c{i % len(prompts)}", rating, "June 1, 2020" if i < corrected else None)
+    finally:
+        store.close()
+
+
+class CharTokenizer:
+    """One id per character (0 is unknown): drift counted by hand in the tests below."""
+
+    unk_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [ord(c) if c.isascii() else 0 for c in text]}
+
+
+def test_new_feedback_counts_and_the_mean_rating_of_the_window(tmp_path):
+    db = tmp_path / "feedback.db"
+    _log(db, ["Convert this ISO date: 2016-03-18"] * 4, ratings=[5, 1, 2, 4, 3, 3], corrected=2)
+    all_of_it = read_feedback(db, since_id=0, window=200)
+    assert (all_of_it.new_ratings, all_of_it.new_corrections, all_of_it.last_id, all_of_it.interactions) == (6, 2, 6, 4)
+    assert all_of_it.mean_rating == pytest.approx(18 / 6)
+    after_two = read_feedback(db, since_id=2, window=3)  # ids 3..6, of which the latest 3 are averaged
+    assert (after_two.new_ratings, after_two.new_corrections, after_two.window_ratings) == (4, 0, 3)
+    assert after_two.mean_rating == pytest.approx((4 + 3 + 3) / 3)
+    nothing = read_feedback(db, since_id=6, window=200)
+    assert (nothing.new_ratings, nothing.mean_rating, nothing.last_id) == (0, None, 6)
+
+
+def test_a_file_that_is_not_the_log_is_refused_naming_it(tmp_path):
+    bogus = tmp_path / "feedback.db"
+    bogus.write_text("not sqlite")
+    with pytest.raises(DataFileError, match="feedback.db.*FTLLM_FEEDBACK_DB"):
+        read_feedback(bogus, 0, 10)
+
+
+def test_drift_of_prompt_length_and_unknown_tokens(tmp_path):
+    train = tmp_path / "train.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "abcd"}, {"role": "assistant", "content": "xy"}]}] * 3
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = tmp_path / "feedback.db"
+    _log(db, ["abcdabcd", "zzzzzzzz"], ratings=[], corrected=0)
+    prompts = recent_prompts(db, window=10)
+    assert sorted(prompts) == ["abcdabcd", "zzzzzzzz"]  # user turns only, no system prompt
+    drift = measure_drift(CharTokenizer(), train, prompts)
+    assert (drift.train_mean_tokens, drift.recent_mean_tokens) == (4.0, 8.0)
+    assert drift.length_drift == pytest.approx(1.0)
+    assert drift.unknown_token_rate == pytest.approx(8 / 16)  # "z" never occurs in the train split
+    with pytest.raises(DataFileError, match="prepare"):
+        measure_drift(CharTokenizer(), tmp_path / "missing.jsonl", prompts)
+
+
+def test_recommendation_follows_the_thresholds(tmp_path):
+    db = tmp_path / "feedback.db"
+    _log(db, ["Convert this ISO date: 2016-03-18"], ratings=[2] * 5 + [5] * 5, corrected=3)
+    figures = read_feedback(db, 0, 200)
+    quiet = MonitorParams(min_new_corrections=4, min_ratings=20)
+    assert recommend_retrain(figures, None, quiet) == (False, [], [])
+    yes, reasons, _ = recommend_retrain(figures, None, MonitorParams(min_new_corrections=3))
+    assert yes and "3 new corrections" in reasons[0]
+    yes, reasons, _ = recommend_retrain(figures, None, MonitorParams(min_ratings=10, min_mean_rating=3.6))
+    assert yes and "mean rating 3.50" in reasons[0]
