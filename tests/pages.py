@@ -23,7 +23,7 @@ def report(tmp_path) -> dict:
               json.dumps({"messages": [{"role": "user", "content": "<script>x</script>"}, {"role": "assistant", "content": "k"}]})]
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    return validate_dataset(data, "auto").to_dict()
+    return validate_dataset(data, fmt="auto").to_dict()
 
 
 
