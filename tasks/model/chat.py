@@ -174,8 +174,14 @@ def _render(tokenizer, conversations: list[list[Message]], add_generation_prompt
 
 
 def _template_key(tokenizer) -> tuple:
-    """What rendering depends on: the template and the special tokens it can write."""
-    return (getattr(tokenizer, "chat_template", None), repr(sorted(tokenizer.special_tokens_map.items())))
+    """What rendering and token ids depend on: the template, the special tokens it can write, the vocabulary.
+
+    The model's name and vocabulary size are in the key because cached plans hold token
+    ids: two models may share a template (ChatML given to GPT-2 and to Pythia) and give
+    its tokens different ids.
+    """
+    return (getattr(tokenizer, "chat_template", None), repr(sorted(tokenizer.special_tokens_map.items())),
+            _model_name(tokenizer), len(tokenizer))
 
 
 def _model_name(tokenizer) -> str:
@@ -318,6 +324,8 @@ def check_template(tokenizer, system_message: str = "auto") -> TemplatePlan:
             found = f"raises {str(exc)!r}"
         problem = found if isinstance(found, str) else None
         plan = None if problem else TemplatePlan("offsets", _end_of_turn(tokenizer, text, found))
+        if plan is not None:
+            _CACHE[("eot", _template_key(tokenizer))] = plan.end_of_turn
     if problem:
         fix = (
             "set data.system_message: merge" if action == "keep" and probe[0]["role"] == "system"
@@ -330,6 +338,28 @@ def check_template(tokenizer, system_message: str = "auto") -> TemplatePlan:
         )
     _CACHE[key] = plan
     return plan
+
+
+def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
+    """The special tokens the template writes right after an answer to end the turn (cached).
+
+    `<|eot_id|>` (Llama 3), `<|im_end|>` (ChatML), `<end_of_turn>` (Gemma), `<|end|>`
+    (Phi-3), `</s>` (Mistral): the tokens that stop generation, which training masks in
+    with each answer and `tasks.model.loading` makes the tokenizer's eos. () when the
+    template ends turns without a special token or cannot be rendered on the probe.
+    """
+    from jinja2 import TemplateError
+
+    key = ("eot", _template_key(tokenizer))
+    if key not in _CACHE:
+        try:
+            probe = apply_system_policy(_PROBE, system_handling(tokenizer).action)
+            text = _render(tokenizer, [probe], False)[0]
+            found = _locate(tokenizer, probe, text)
+        except (TemplateError, ConfigError):
+            found = "unrenderable"
+        _CACHE[key] = () if isinstance(found, str) else _end_of_turn(tokenizer, text, found)
+    return _CACHE[key]
 
 
 def _end_of_turn(tokenizer, text: str, spans: list[_Span]) -> tuple[int, ...]:

@@ -172,26 +172,13 @@ def _add_special(tokenizer, tokens: tuple[str, ...]) -> list[str]:
 def end_of_turn_token(tokenizer) -> str | None:
     """The special token the chat template closes an assistant turn with (None if it uses none).
 
-    Found by rendering a one-turn conversation and reading the first special token after
-    the answer: `<|eot_id|>` (Llama 3), `<|im_end|>` (ChatML), `<end_of_turn>` (Gemma),
-    `<|end|>` (Phi-3), `</s>` (Mistral).
+    The first of `tasks.model.chat.end_of_turn_ids`: the same tokens that training masks in
+    with each answer, so generation stops where the model learnt to stop.
     """
-    from jinja2 import TemplateError
+    from tasks.model.chat import end_of_turn_ids
 
-    answer = "Fine."
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
-    try:
-        text = tokenizer.apply_chat_template(chat, tokenize=False)
-    except TemplateError:
-        return None
-    if answer not in text:  # a template that rewrites the answer: nothing to read the end from
-        return None
-    tail = text[text.rfind(answer) + len(answer):]
-    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
-    for token_id in tokenizer.encode(tail, add_special_tokens=False):
-        if token_id in special:
-            return tokenizer.convert_ids_to_tokens(token_id)
-    return None
+    ends = end_of_turn_ids(tokenizer)
+    return tokenizer.convert_ids_to_tokens(ends[0]) if ends else None
 
 
 def settle_special_tokens(tokenizer) -> list[str]:
