@@ -20,7 +20,7 @@ import yaml
 
 from serving.feedback import FeedbackStore, Interaction
 from tests.conftest import REPO
-from tests.integration.test_deployments import BIN, server  # noqa: F401  (the module-scoped Prefect server)
+from tests.servers import BIN, server  # noqa: F401  (the module-scoped Prefect server)
 
 
 def write_feedback(db: Path, completions: int, ratings: list[int], corrected: int) -> None:
