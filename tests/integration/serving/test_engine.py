@@ -43,8 +43,13 @@ class _NoEnd:
     eos_token_id = pad_token_id = None
 
     def __init__(self, tokenizer) -> None:
-        self.decode, self.encode, self.apply_chat_template = (tokenizer.decode, tokenizer.encode,
-                                                              tokenizer.apply_chat_template)
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str):  # everything else (template, vocabulary) is the model's
+        return getattr(self._tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
 
 
 def endless(loaded: LoadedModel) -> LoadedModel:
