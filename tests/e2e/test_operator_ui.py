@@ -70,7 +70,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 @pytest.mark.slow
 def test_a_rejected_run_says_so_in_its_final_state(rejected):
     state, result, heard = rejected
-    assert result["status"] == "rejected", result.get("error")
+    assert result.status == "rejected", result.error
     assert state.is_completed() and state.name == "Rejected"
     assert "min_exact_match" in state.message and "threshold 0.99" in state.message
     # What the UI reads: the server's record of the flow run.
@@ -89,27 +89,27 @@ def test_prefect_and_mlflow_runs_lead_to_each_other(rejected):
     state, result, _ = rejected
     flow_run_id = str(state.state_details.flow_run_id)
     flow_run = httpx.get(f"{_api()}/flow_runs/{flow_run_id}").json()
-    mlflow_run = MlflowClient().get_run(result["mlflow_run_id"])
+    mlflow_run = MlflowClient().get_run(result.mlflow_run_id)
     assert mlflow_run.info.run_name == flow_run["name"]
     tags = mlflow_run.data.tags
     assert tags["prefect.flow_run_id"] == flow_run_id
     assert tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{flow_run_id}")
     assert tags["mlflow.source.name"] == "flows/retrain.py:retrain"
 
-    version = MlflowClient().get_model_version(MODEL, result["version"]).tags
-    assert version["prefect.flow_run_id"] == flow_run_id and result["mlflow_run_id"] in version["mlflow_run_url"]
-    (row,) = [v for v in list_versions(MODEL) if v["version"] == result["version"]]
+    version = MlflowClient().get_model_version(MODEL, result.version).tags
+    assert version["prefect.flow_run_id"] == flow_run_id and result.mlflow_run_id in version["mlflow_run_url"]
+    (row,) = [v for v in list_versions(MODEL) if v["version"] == result.version]
     assert row["flow_run"]["name"] == flow_run["name"]
 
     # From the flow run's artifacts to the MLflow run and the model version.
     artifacts = httpx.post(f"{_api()}/artifacts/filter",
                            json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
     by_key = {a["key"]: a for a in artifacts}
-    assert result["mlflow_run_id"] in by_key["retrain-gate"]["data"]
-    assert f"/#/models/{MODEL}/versions/{result['version']}?" in by_key["retrain-gate"]["data"]
+    assert result.mlflow_run_id in by_key["retrain-gate"]["data"]
+    assert f"/#/models/{MODEL}/versions/{result.version}?" in by_key["retrain-gate"]["data"]
     assert "reports/validation.html" in by_key["retrain-validation"]["data"]
     # A link artifact is stored as markdown `[text](url)`.
-    assert f"/runs/{result['mlflow_run_id']}/artifacts/reports/dashboard.html?" in by_key["retrain-dashboard"]["data"]
+    assert f"/runs/{result.mlflow_run_id}/artifacts/reports/dashboard.html?" in by_key["retrain-dashboard"]["data"]
     assert Artifact.get("retrain-dashboard") is not None
 
 
@@ -118,7 +118,7 @@ def test_offline_pages_are_logged_with_the_run_and_render(rejected, tmp_path):
     import mlflow
 
     _, result, _ = rejected
-    run_id = result["mlflow_run_id"]
+    run_id = result.mlflow_run_id
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "reports")}
     assert {"reports/validation.html", "reports/validation.json", "reports/dashboard.html"} <= logged
     folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="reports", dst_path=str(tmp_path)))

@@ -101,7 +101,7 @@ def serving_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    """A tiny model trained for 5 steps (about 15 s on two cores)."""
+    """A tiny model trained for 15 steps (about 15 s on two cores): long enough to answer with text."""
     from make_data import make_examples
 
     from tasks.config import load_params
@@ -113,7 +113,7 @@ def model_dir() -> Path:
     (data / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[:40]))
     (data / "val.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[40:]))
     out = STATE / "model"
-    finetune(load_params(REPO / "params.yaml", {"train.max_steps": 5}), data, out, log=lambda *a, **k: None)
+    finetune(load_params(REPO / "params.yaml", {"train.max_steps": 15}), data, out, log=lambda *a, **k: None)
     return out
 
 
