@@ -422,21 +422,14 @@ _VOCAB_SIZE = 400
 
 
 def _tokenizer(family: Family):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    from tasks.model.tiny import train_byte_level_bpe
+
     specials = [AddedToken(t, special=True, normalized=False, rstrip=t in family.rstrip_tokens)
                 for t in family.special_tokens]
-    trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok = train_byte_level_bpe(specials, _VOCAB_SIZE, _CORPUS)
     if family.plain_tokens:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.plain_tokens])
     if family.add_bos:

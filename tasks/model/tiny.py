@@ -40,20 +40,33 @@ _CORPUS = [
 ]
 
 
-def _build_tokenizer(vocab_size: int):
+def train_byte_level_bpe(special_tokens: list, vocab_size: int, corpus: list[str]):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `corpus`, deterministically.
+
+    Args:
+        special_tokens: strings or `tokenizers.AddedToken`s, given the first ids in order.
+        vocab_size: the vocabulary to train up to (specials and the 256 bytes included).
+        corpus: the texts the merges are learnt from.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(corpus * 4, trainer=trainer)
+    return tok
+
+
+def _build_tokenizer(vocab_size: int):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_byte_level_bpe(SPECIAL_TOKENS, vocab_size, _CORPUS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|bos|>",
