@@ -272,14 +272,32 @@ def _publish(root: Path, verdict: dict, metrics: dict, result: RunResult, sample
     dashboard = artifact_link(run_id, "reports/dashboard.html")
     create_link_artifact(dashboard, link_text=f"{name} v{version}: run dashboard", key="retrain-dashboard",
                          description="Metrics, gate, loss curve, data and lineage on one offline page (MLflow artifact)")
-    lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", "| check | value | threshold | passed |", "|---|---|---|---|"]
-    lines += [f"| {c['name']} | {c['value']} | {c['threshold']} | {c['passed']} |" for c in verdict["checks"]]
+    lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", *_gate_table(verdict["checks"])]
+    lines += [f"- {note}" for note in verdict.get("notes", [])]
     lines += [
         "", f"model version [{version}]({links['model version']}), champion {result.champion_version}",
         "", f"MLflow run: [{run_id}]({links['MLflow run']}) · [run dashboard]({dashboard}) · [data report]({links['data report']})",
         "", f"Data Docs (Great Expectations, need network): {result.validation.data_docs if result.validation else None}",
     ]
     create_markdown_artifact("\n".join(lines), key="retrain-gate", description="Gate verdict")
+
+
+def _gate_table(checks: list[dict]) -> list[str]:
+    """The gate's checks as a markdown table: the decision (value against threshold) and its evidence.
+
+    A paired check's interval and p-value are what tell a regression from noise, so the
+    operator sees them beside the verdict, not only in the JSON result.
+    """
+    def fmt(x: Any) -> str:
+        return "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+    rows = ["| check | value | threshold | estimate | interval | p-value | n | passed |", "|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        interval = f"[{fmt(c['low'])}, {fmt(c['high'])}]" if c.get("low") is not None else ""
+        flag = " (underpowered)" if c.get("underpowered") else ""
+        rows.append(f"| {c['name']} | {fmt(c['value'])} | {fmt(c['threshold'])} | {fmt(c.get('estimate'))} | "
+                    f"{interval} | {fmt(c.get('p_value'))} | {fmt(c.get('n'))} | {c['passed']}{flag} |")
+    return rows
 
 
 # Prefect shows a flow run's state name in its run list and can filter on it. A rejected

@@ -29,3 +29,26 @@ def test_state_of_eachoutcome_line(result, type_, name, says):
 def test_gate_passed_but_not_promoted_is_not_called_a_failed_check():
     kept = {**RESULT, "gate": {"passed": True, "checks": [{**CHECK, "passed": True}]}}
     assert "registry.auto_promote is false" in outcome_line(kept)
+
+
+def test_gate_artifact_shows_each_paired_checks_interval_and_p_value():
+    from dataclasses import asdict
+
+    from flows.retrain import _gate_table
+    from tasks.config import GateParams
+    from tasks.evaluate.gate import apply_gate
+
+    good = {"exact_match": 0.9, "perplexity": 1.2, "latency_p95_ms": 100.0}
+    scores = {"ids": list(range(100)), "nll": [0.2] * 100, "tokens": [10] * 100}
+    per_example = {"candidate": {"exact_match": [1.0] * 90 + [0.0] * 10, **scores},
+                   "champion": {"exact_match": [1.0] * 80 + [0.0] * 20, **scores}}
+    verdict = apply_gate({"candidate": good, "champion": {**good, "exact_match": 0.8}}, GateParams(), per_example)
+    check = next(c for c in verdict.checks if c.name == "no_regression_exact_match")
+    header, _, *rows = _gate_table([asdict(c) for c in verdict.checks])
+    assert header.split("|")[1:-1] == [" check ", " value ", " threshold ", " estimate ", " interval ", " p-value ", " n ",
+                                      " passed "]
+    row = next(r for r in rows if r.startswith("| no_regression_exact_match "))
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[3:7] == [f"{check.estimate:.4g}", f"[{check.low:.4g}, {check.high:.4g}]", f"{check.p_value:.4g}", "100"]
+    threshold_row = next(r for r in rows if r.startswith("| min_exact_match "))
+    assert threshold_row.split("|")[2].strip() == "0.9"
