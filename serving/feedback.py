@@ -3,8 +3,9 @@
 The service appends one row per completion (request messages, answer, model version,
 latency, token counts; never a header, so never an API key) and one row per feedback
 (`POST /feedback`). `export_feedback` turns the accepted answers and the corrections into
-canonical `{"messages": [...]}` JSONL, which the next retraining takes in through
-validation like any other data file:
+canonical `{"messages": [...]}` JSONL (corrections marked `"correction": true`), which the
+next retraining takes in through validation like any other data file, or by itself with a
+`feedback: true` source in `data.sources`:
 
     ftllm feedback export --min-rating 4 data/feedback.jsonl
 
@@ -141,7 +142,8 @@ class FeedbackStore:
         """Canonical examples from the latest feedback of each completion.
 
         A correction always yields an example (the corrected answer replaces the model's,
-        whatever the rating); an uncorrected answer yields one when rated `min_rating` or more.
+        whatever the rating), marked `"correction": true`; an uncorrected answer yields one
+        when rated `min_rating` or more.
         """
         query = """
             SELECT i.messages, i.answer, f.rating, f.correction FROM feedback f
@@ -161,7 +163,10 @@ class FeedbackStore:
             final = correction if correction is not None else answer
             if not final.strip():
                 continue
-            examples.append({"messages": [*messages, {"role": "assistant", "content": final}]})
+            example: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": final}]}
+            if correction is not None:
+                example["correction"] = True  # outranks other answers to the same prompt (tasks.data.sources)
+            examples.append(example)
         return examples
 
 

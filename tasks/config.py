@@ -36,9 +36,68 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+FEEDBACK_SNAPSHOT = "data/feedback.jsonl"
+
+
+class SourceParams(_Section):
+    """One data source of `data.sources`: a file, or the service's feedback (`feedback: true`)."""
+
+    path: str | None = Field(
+        None, description=f"The data file; for a feedback source, where the run writes its export ({FEEDBACK_SNAPSHOT}).",
+    )
+    format: Literal["auto", "openai", "alpaca", "sharegpt"] | None = Field(
+        None, description="The file's format; none: data.format.",
+    )
+    weight: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="Each example counts this many times in the train split (2: twice; 0.5: a deterministic half "
+                    "of the source is kept); val, test and feedback splits hold an example once. Default 1.",
+    )
+    cap: int | None = Field(None, ge=1, description="At most this many examples of the source (a deterministic sample).")
+    feedback: bool = Field(
+        False, description="The service's rated and corrected answers (FTLLM_FEEDBACK_DB, else feedback.db beside "
+                           "params.yaml), exported by the run to `path`.",
+    )
+    min_rating: int = Field(4, ge=1, le=5, description="Feedback source: uncorrected answers rated at least this are kept.")
+    invalid_rows: Literal["fail", "drop"] = Field(
+        "fail", description="fail: an invalid row fails the run; drop: invalid rows are left out and reported, up to "
+                            "max_invalid_share of the source's rows.",
+    )
+    max_invalid_share: float = Field(
+        0.01, ge=0.0, le=1.0, description="With invalid_rows: drop, the largest share of invalid rows a source may have.",
+    )
+    md5: str | None = Field(None, description="Filled in by the resolve stage: the file's md5.")
+
+    @model_validator(mode="after")
+    def _one_of_weight_or_cap(self) -> "SourceParams":
+        if self.weight is not None and self.cap is not None:
+            raise ValueError("set weight or cap, not both")
+        if self.path is None and not self.feedback:
+            raise ValueError("a source needs a path (or feedback: true)")
+        return self
+
+    @property
+    def file(self) -> str:
+        """The file the source is read from (a feedback source's export)."""
+        return self.path or FEEDBACK_SNAPSHOT
+
+
 class DataParams(_Section):
     path: str = Field(
-        "data/dates.jsonl", description="Training data (JSONL or JSON array), under data/ (tracked by data.dvc)."
+        "data/dates.jsonl",
+        description="Training data (JSONL or JSON array), under data/ (tracked by data.dvc): the one source when "
+                    "data.sources is empty, else the path of its first source.",
+    )
+    sources: list[SourceParams] = Field(
+        [],
+        description="Several sources merged (deduplicated, first source first; corrections from feedback replace "
+                    "the answers of the same prompt), each {path, format, weight or cap, invalid_rows, "
+                    "max_invalid_share} or {feedback: true}; empty: data.path alone.",
+    )
+    feedback_fraction: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Share of corrected prompts held out of training as the feedback split (stable hash of the "
+                    "prompt), on which the gate checks the candidate does not regress against the champion.",
     )
     format: Literal["auto", "openai", "alpaca", "sharegpt"] = Field(
         "auto", description="auto | openai | alpaca | sharegpt; auto detects it from the first example."
@@ -68,6 +127,19 @@ class DataParams(_Section):
     md5: str | None = Field(
         None, description="Filled in by the resolve stage: the data file's md5, so DVC reruns when it changes."
     )
+
+    @model_validator(mode="after")
+    def _path_names_the_first_source(self) -> "DataParams":
+        if self.sources and "path" in self.model_fields_set and self.path != self.sources[0].file:
+            raise ValueError(
+                f"data.path {self.path!r} and data.sources[0].path {self.sources[0].file!r} differ: with data.sources, "
+                "data.path must be the path of the first source; set it so or leave data.sources empty"
+            )
+        return self
+
+    def source_list(self) -> list[SourceParams]:
+        """The sources of the run: `sources`, or `path` as the one source."""
+        return list(self.sources) or [SourceParams(path=self.path, md5=self.md5)]
 
 
 class ModelParams(_Section):
@@ -372,10 +444,15 @@ def overrides_from_env() -> dict[str, Any]:
 
 
 def write_resolved(params: Params, out: Path) -> Path:
-    """Write the settings a run uses, plus the data file's md5 so DVC reruns when the data changes."""
+    """Write the settings a run uses, plus the md5 of the data file and of every source, so DVC reruns when they change."""
     doc = params.model_dump(mode="json")
     data_path = Path(params.data.path)
     doc["data"]["md5"] = file_md5(data_path) if data_path.is_file() else None
+    # Every source's md5 sits in the `data` section the prepare stage depends on, so that
+    # DVC reruns prepare when any of them changes (a source outside data/ included).
+    for source in doc["data"]["sources"]:
+        path = Path(source["path"] or FEEDBACK_SNAPSHOT)
+        source["md5"] = file_md5(path) if path.is_file() else None
     return write_atomic(out, yaml.safe_dump(doc, sort_keys=False))
 
 

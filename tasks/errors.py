@@ -51,6 +51,10 @@ class PrepareError(RunFailed, ValueError):
     """The data cannot be prepared (invalid examples, too many dropped)."""
 
 
+class InvalidRowsError(UsageError, ValueError):
+    """A source with more invalid rows than its `invalid_rows: drop` allows; the message names the source and key."""
+
+
 class PackageError(RunFailed):
     """A model folder cannot be imported into BentoML, or the bento cannot be built."""
 

@@ -3,7 +3,8 @@
 Supported formats (named with `data.format` / `--format`, or detected from the first example):
 
 - `openai`: `{"messages": [{"role", "content", "name"?, "weight"?, "tool_calls"?, "tool_call_id"?}]}`,
-  optionally with `tools` / `functions` / `parallel_tool_calls` beside `messages`.
+  optionally with `tools` / `functions` / `parallel_tool_calls` beside `messages`, and
+  `"correction": true` on an answer a user corrected (see `tasks.data.sources`).
 - `alpaca`: `{"instruction", "input"?, "output", "system"?}`, or the seed-task form of Stanford
   Alpaca: `{"id", "name", "instruction", "instances": [{"input", "output"}], "is_classification"}`,
   which yields one canonical example per instance.
@@ -38,7 +39,8 @@ FORMATS = ("openai", "alpaca", "sharegpt")
 
 # Keys each format allows at the top level of an example and inside one message.
 TOP_KEYS: dict[str, frozenset[str]] = {
-    "openai": frozenset({"messages", "tools", "functions", "parallel_tool_calls", "label"}),
+    # `correction`: true on an answer a user corrected (`ftllm feedback export`); it outranks other answers.
+    "openai": frozenset({"messages", "tools", "functions", "parallel_tool_calls", "label", "correction"}),
     "alpaca": frozenset(
         {"instruction", "input", "output", "system", "label", "id", "name", "instances", "is_classification"}
     ),

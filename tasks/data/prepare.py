@@ -1,42 +1,49 @@
-"""Preparing the training data: canonical messages, deduplicated, length-limited, split.
+"""Preparing the training data: canonical messages, merged, deduplicated, length-limited, split.
 
-The DVC stage `prepare` reads `data.path` in its format (`data.format`, or detected),
-converts every example to canonical chat messages (`tasks.data.formats`), strips the whitespace
-around every message's content, drops duplicates (exact, then up to case and whitespace;
-the first occurrence stays), applies `data.length_policy` to examples over
-`data.max_tokens` (drop them, or cut the last answer's tokens so the example fits), and
-splits train / val / test by a stable hash of each example's normalised prompt (the
-messages before the last answer). An example's split depends only on its own prompt, so
-appending data never moves an example between splits, and the same prompt can never be in
-both train and test (that is checked anyway: `train_test_overlap` in stats.json).
+The DVC stage `prepare` reads the run's sources (`data.sources`, or `data.path` alone),
+each in its format (its own, `data.format`, or detected), converts every example to
+canonical chat messages (`tasks.data.formats`), strips the whitespace around every
+message's content, applies each source's invalid-row policy, lets corrections from
+feedback replace the answers of the same prompt, drops duplicates (exact, then up to case
+and whitespace; the first occurrence stays), applies each source's cap or weight
+(`tasks.data.sources`), applies `data.length_policy` to examples over `data.max_tokens`
+(drop them, or cut the last answer's tokens so the example fits), and splits train / val /
+test by a stable hash of each example's normalised prompt (the messages before the last
+answer). An example's split depends only on its own prompt, so appending data never moves
+an example between splits, and the same prompt can never be in both train and test (that
+is checked anyway: `train_test_overlap` in stats.json). Corrected answers whose hash falls
+below `data.feedback_fraction` form a fourth split, `feedback`, held out of training like
+test; the gate checks on it that a candidate does not regress on what users corrected.
 
 Normalisation, deduplication, the token count and the length policy are validation's own
 (`tasks.data.checks.normalise_example` and `Deduplicator`, `tasks.data.tokens.count_chat_tokens`
 and `length_decision`), so prepare drops exactly what validation reported.
 
-It refuses data that `tasks.data.validate` finds structurally invalid (run `ftllm validate
-PATH --fix OUT` first) or with an example that has no trained tokens under the chat
-template (`no_trained_tokens`), and fails when the length policy would drop more than
+Under a source's `invalid_rows: fail` (the default, and always for `data.path`) it refuses
+data that `tasks.data.validate` finds structurally invalid (run `ftllm validate PATH --fix
+OUT` first) or with an example that has no trained tokens under the chat template
+(`no_trained_tokens`); it fails when the length policy would drop more than
 `data.max_drop_fraction` of the examples. Nothing is ever dropped silently: stats.json
-counts what was deduplicated, dropped and truncated.
+counts, per source and in all, what was invalid, replaced by a correction, deduplicated,
+sampled out, dropped and truncated, with each source's md5.
 
 Outputs, written into a temporary folder that then replaces `--out` in one rename:
-`train.jsonl`, `val.jsonl`, `test.jsonl` and `stats.json`.
+`train.jsonl`, `val.jsonl`, `test.jsonl`, `feedback.jsonl` (only when some corrected
+prompts were held out) and `stats.json`.
 
 The DVC stage's entry point is `tasks.stages.prepare`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from tasks.config import DataParams, Params
-from tasks.data.checks import Deduplicator, iter_checked, normalise_example, resolve_format
+from tasks.config import DataParams, Params, SourceParams
+from tasks.data.sources import merge_sources, prompt_key, read_source, source_label, sources_md5
 from tasks.data.tokens import (
     TokenCount,
     TrainingBudget,
@@ -46,53 +53,10 @@ from tasks.data.tokens import (
     summarize,
 )
 from tasks.errors import PrepareError
-from tasks.files import file_md5
 
 SPLITS = ("train", "val", "test")
+FEEDBACK_SPLIT = "feedback"  # corrected prompts held out of training; written only when there are some
 
-
-
-def read_examples(path: Path, fmt: str) -> tuple[str, list[tuple[int, dict]]]:
-    """Read `path` as canonical examples with their line numbers, normalised (contents stripped).
-
-    Args:
-        path: the data file.
-        fmt: "auto", "openai", "alpaca" or "sharegpt".
-
-    Returns:
-        (format read, [(line, example)]).
-
-    Raises:
-        PrepareError: an example is structurally invalid (the first one is named).
-    """
-    reported, conv_fmt = resolve_format(path, fmt)
-    examples: list[tuple[int, dict]] = []
-    invalid: list[tuple[int, str, str]] = []
-    for c in iter_checked(path, conv_fmt):
-        if c.problems:
-            invalid.append((c.line, *next(iter(c.problems.items()))))
-            continue
-        examples.append((c.line, normalise_example(c.example)))
-    if invalid:
-        line, category, message = invalid[0]
-        raise PrepareError(
-            f"{path}: line {line}: {category}: {message} ({len(invalid)} invalid examples in all); "
-            f"run `ftllm validate {path}` to list them and `--fix OUT` to drop them"
-        )
-    return reported, examples
-
-
-def deduplicate(examples: list[tuple[int, dict]]) -> tuple[list[tuple[int, dict]], dict[str, int]]:
-    """Drop repeated examples with validation's `Deduplicator`, keeping the first of each."""
-    dedup = Deduplicator()
-    kept, counts = [], {"exact": 0, "near": 0}
-    for line, example in examples:
-        repeat = dedup.check(example["messages"], line)
-        if repeat is None:
-            kept.append((line, example))
-        else:
-            counts["exact" if repeat[0] == "duplicate" else "near"] += 1
-    return kept, counts
 
 
 def truncate_answer(tokenizer, messages: list[dict], max_tokens: int, system_message: str = "auto") -> list[dict] | None:
@@ -118,12 +82,14 @@ def truncate_answer(tokenizer, messages: list[dict], max_tokens: int, system_mes
 
 
 def apply_length_policy(
-    examples: list[tuple[int, dict]], tokenizer, data: DataParams, source: Path | str = "data"
+    examples: list[tuple[int, dict]], tokenizer, data: DataParams, source: Path | str = "data",
+    counts: list[TokenCount] | None = None,
 ) -> tuple[list[tuple[int, dict]], list[TokenCount], dict[str, Any]]:
     """Drop or truncate the examples over `data.max_tokens` tokens (validation's `length_decision`).
 
     Args:
         source: the data file, named in errors.
+        counts: the examples' token counts, when already counted.
 
     Returns:
         (kept examples, their token counts, {"dropped": n, "truncated": n, "dropped_lines": [...]}).
@@ -131,7 +97,8 @@ def apply_length_policy(
     Raises:
         PrepareError: an example has no trained tokens under the chat template.
     """
-    counts = count_chat_tokens(tokenizer, [e["messages"] for _, e in examples], data.system_message)
+    if counts is None:
+        counts = count_chat_tokens(tokenizer, [e["messages"] for _, e in examples], data.system_message)
     empty = [line for (line, _), n in zip(examples, counts) if not n.trained]
     if empty:
         raise PrepareError(
@@ -157,35 +124,46 @@ def apply_length_policy(
     return kept, tokens, {"dropped": len(dropped_lines), "truncated": truncated, "dropped_lines": dropped_lines[:100]}
 
 
-def prompt_key(messages: list[dict]) -> bytes:
-    """sha256 of the normalised prompt: the messages before the last answer, case and whitespace folded."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    text = "\x1e".join(f"{m['role']}\x1f{' '.join(str(m.get('content') or '').split()).lower()}" for m in messages[:last])
-    return hashlib.sha256(text.encode("utf-8")).digest()
+def assign_split(key: bytes, val_fraction: float, test_fraction: float, feedback_fraction: float = 0.0,
+                 corrected: bool = False) -> str:
+    """The split of an example from its prompt hash: a uniform number in [0, 1) against the fractions.
 
-
-def assign_split(key: bytes, val_fraction: float, test_fraction: float) -> str:
-    """The split of an example from its prompt hash: a uniform number in [0, 1) against the fractions."""
+    A corrected answer whose number falls below `feedback_fraction` goes to the feedback
+    split, held out of training like val and test; the other corrections split as usual.
+    """
     u = int.from_bytes(key[:8], "big") / 2**64
+    if corrected and u < feedback_fraction:
+        return FEEDBACK_SPLIT
     if u < test_fraction:
         return "test"
     return "val" if u < test_fraction + val_fraction else "train"
 
 
 def split_examples(
-    examples: list[tuple[int, dict]], counts: list[TokenCount], val_fraction: float, test_fraction: float
-) -> tuple[dict[str, list[dict]], dict[str, list[TokenCount]], int]:
-    """Split by prompt hash; returns (examples per split, token counts per split, train/test prompt overlap)."""
-    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    split_counts: dict[str, list[TokenCount]] = {s: [] for s in SPLITS}
-    keys: dict[str, set[bytes]] = {s: set() for s in SPLITS}
-    for (_, example), count in zip(examples, counts):
+    examples: list[tuple[int, dict]], counts: list[TokenCount], val_fraction: float, test_fraction: float,
+    feedback_fraction: float = 0.0, corrected: list[bool] | None = None, copies: list[int] | None = None,
+) -> tuple[dict[str, list[dict]], dict[str, list[TokenCount]], dict[str, int]]:
+    """Split by prompt hash; an example goes `copies` times into train (its source's weight), once elsewhere.
+
+    Returns:
+        (examples per split, token counts per split, {"test": n, "feedback": n}: prompts of
+        the train split also found in the test and the feedback split).
+    """
+    names = (*SPLITS, FEEDBACK_SPLIT)
+    splits: dict[str, list[dict]] = {s: [] for s in names}
+    split_counts: dict[str, list[TokenCount]] = {s: [] for s in names}
+    keys: dict[str, set[bytes]] = {s: set() for s in names}
+    corrected = corrected or [False] * len(examples)
+    copies = copies or [1] * len(examples)
+    for (_, example), count, fixed, times in zip(examples, counts, corrected, copies):
         key = prompt_key(example["messages"])
-        split = assign_split(key, val_fraction, test_fraction)
-        splits[split].append(example)
-        split_counts[split].append(count)
+        split = assign_split(key, val_fraction, test_fraction, feedback_fraction, fixed)
+        times = times if split == "train" else 1
+        splits[split] += [example] * times
+        split_counts[split] += [count] * times
         keys[split].add(key)
-    return splits, split_counts, len(keys["train"] & keys["test"])
+    overlap = {s: len(keys["train"] & keys[s]) for s in ("test", FEEDBACK_SPLIT)}
+    return splits, split_counts, overlap
 
 
 def write_splits(out_dir: Path, splits: dict[str, list[dict]], stats: dict[str, Any]) -> Path:
@@ -210,11 +188,12 @@ def write_splits(out_dir: Path, splits: dict[str, list[dict]], stats: dict[str, 
     return out_dir
 
 
-def prepare_dataset(path: Path, out_dir: Path, params: Params, tokenizer=None) -> dict[str, Any]:
-    """Prepare `path` into train/val/test JSONL and stats.json under `out_dir`.
+def prepare_dataset(path: Path | None, out_dir: Path, params: Params, tokenizer=None) -> dict[str, Any]:
+    """Prepare the run's sources into train/val/test (and feedback) JSONL and stats.json under `out_dir`.
 
     Args:
-        path: the raw data file.
+        path: the one data file when `data.sources` is empty (None: `data.path`); ignored
+            when there are sources.
         out_dir: the output folder (replaced as a whole).
         params: the run's settings (`data.*`, `train.batch_size/seq_len/max_steps`, `model` for the tokenizer).
         tokenizer: the run's tokenizer; loaded from `params.model` when None.
@@ -224,51 +203,67 @@ def prepare_dataset(path: Path, out_dir: Path, params: Params, tokenizer=None) -
 
     Raises:
         PrepareError: invalid examples, too many dropped by the length policy, or a train/test overlap.
-        DataFileError: the file cannot be read.
+        InvalidRowsError: a source with more invalid rows than its `max_invalid_share`.
+        DataFileError: a file cannot be read.
     """
     data = params.data
     if tokenizer is None:
         from tasks.model.loading import load_base_tokenizer
 
         tokenizer = load_base_tokenizer(params.model)
-    path = Path(path)
-    fmt, examples = read_examples(path, data.format)
-    read = len(examples)
-    examples, deduplicated = deduplicate(examples)
-    examples, counts, length = apply_length_policy(examples, tokenizer, data, path)
+    sources = data.source_list() if data.sources or path is None else [SourceParams(path=str(path))]
+    reads = [read_source(i, source, data, tokenizer) for i, source in enumerate(sources)]
+    merged, corrections = merge_sources(sources, reads)
+    where = Path(sources[0].file) if len(sources) == 1 else "data.sources"
+    read = sum(r.stats["rows"] - r.stats["invalid"] for r in reads)
+    # The length policy sees each merged row by its index, so that kept rows map back to their source.
+    indexed = [(i, row.example) for i, row in enumerate(merged)]
+    kept, counts, length = apply_length_policy(indexed, tokenizer, data, where, [row.count for row in merged])
+    length["dropped_lines"] = [merged[i].line for i in length["dropped_lines"]]
     share = length["dropped"] / read if read else 0.0
     if share > data.max_drop_fraction:
         raise PrepareError(
-            f"{path}: {length['dropped']} of {read} examples ({share:.1%}) are over data.max_tokens "
+            f"{where}: {length['dropped']} of {read} examples ({share:.1%}) are over data.max_tokens "
             f"{data.max_tokens} and would be dropped, more than data.max_drop_fraction {data.max_drop_fraction}; "
             "raise data.max_tokens, set data.length_policy=truncate, or shorten the examples"
         )
-    if not examples:
-        raise PrepareError(f"{path}: no examples left to train on; check the file with `ftllm validate {path}`")
-    splits, split_counts, overlap = split_examples(examples, counts, data.val_fraction, data.test_fraction)
-    if overlap:  # impossible by construction (the split is a function of the prompt); kept as a guard
-        raise PrepareError(f"{path}: {overlap} prompts are in both train and test; this is a bug in tasks.data.prepare")
+    if not kept:
+        raise PrepareError(f"{where}: no examples left to train on; check the data with `ftllm validate PATH`")
+    rows = [merged[i] for i, _ in kept]
+    splits, split_counts, overlap = split_examples(
+        kept, counts, data.val_fraction, data.test_fraction, data.feedback_fraction,
+        [r.corrected for r in rows], [r.copies for r in rows],
+    )
+    if any(overlap.values()):  # impossible by construction (the split is a function of the prompt); kept as a guard
+        raise PrepareError(f"{where}: prompts in train and in test or feedback {overlap}; this is a bug in tasks.data.prepare")
     train = split_counts["train"]
+    first = reads[0].stats
+    names = [*SPLITS, *([FEEDBACK_SPLIT] if splits[FEEDBACK_SPLIT] else [])]
     stats = {
-        "path": str(path),
-        "md5": file_md5(path),
-        "format": fmt,
-        "examples_read": read,
-        "examples": len(examples),
-        "counts": {s: len(splits[s]) for s in SPLITS},
-        "deduplicated": deduplicated,
+        "path": first["path"] if len(reads) == 1 else str(data.path),
+        "md5": sources_md5([r.stats for r in reads]),
+        "format": first["format"],
+        "examples_read": sum(r.stats["rows"] for r in reads),
+        "examples": len(kept),
+        "counts": {s: len(splits[s]) for s in names},
+        "sources": [{"key": source_label(i, data), **r.stats} for i, r in enumerate(reads)],
+        "corrections": corrections,
+        "deduplicated": {k: sum(r.stats["deduplicated"][k] for r in reads) for k in ("exact", "near")},
+        "invalid_dropped": sum(r.stats["invalid"] for r in reads),
         "length_policy": data.length_policy,
         "max_tokens": data.max_tokens,
         "dropped": length["dropped"],
         "dropped_lines": length["dropped_lines"],
         "truncated": length["truncated"],
-        "train_test_overlap": overlap,
-        "split": {"val_fraction": data.val_fraction, "test_fraction": data.test_fraction, "key": "sha256 of the normalised prompt"},
-        "token_stats": {s: summarize([n.total for n in split_counts[s]]) for s in SPLITS},
+        "train_test_overlap": overlap["test"],
+        "train_feedback_overlap": overlap[FEEDBACK_SPLIT],
+        "split": {"val_fraction": data.val_fraction, "test_fraction": data.test_fraction,
+                  "feedback_fraction": data.feedback_fraction, "key": "sha256 of the normalised prompt"},
+        "token_stats": {s: summarize([n.total for n in split_counts[s]]) for s in names},
         "system_message": data.system_message,
         "training_estimate": estimate_training(
             sum(n.total for n in train), sum(n.trained for n in train), TrainingBudget.of(params.train)
         ),
     }
-    write_splits(out_dir, splits, stats)
+    write_splits(out_dir, {s: splits[s] for s in names}, stats)
     return stats

@@ -1,4 +1,4 @@
-"""DVC stage `prepare`: canonical, deduplicated, length-limited train/val/test splits.
+"""DVC stage `prepare`: the sources merged into canonical, deduplicated, length-limited train/val/test splits.
 
 Run alone (after `resolve`):
 
@@ -21,12 +21,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, default=Path("artifacts/prepared"))
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    stats = prepare_dataset(Path(params.data.path), args.out, params)
+    stats = prepare_dataset(None, args.out, params)
     counts = stats["counts"]
+    feedback = f", feedback {counts['feedback']}" if "feedback" in counts else ""
     print(
-        f"prepared {stats['examples']} examples into {args.out}: train {counts['train']}, val {counts['val']}, "
-        f"test {counts['test']}; deduplicated {sum(stats['deduplicated'].values())}, dropped {stats['dropped']}, "
-        f"truncated {stats['truncated']}"
+        f"prepared {stats['examples']} examples from {len(stats['sources'])} source(s) into {args.out}: "
+        f"train {counts['train']}, val {counts['val']}, test {counts['test']}{feedback}; invalid rows dropped "
+        f"{stats['invalid_dropped']}, replaced by corrections {stats['corrections']['replaced']}, deduplicated "
+        f"{sum(stats['deduplicated'].values())}, dropped {stats['dropped']}, truncated {stats['truncated']}"
     )
     return 0
 

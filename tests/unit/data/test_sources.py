@@ -1,0 +1,184 @@
+"""Several sources: merge with dedup, weight and cap; corrections outrank answers; invalid-row policies; md5s."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.config import DataParams, ModelParams, Params, SourceParams, load_params, write_resolved
+from tasks.data.prepare import FEEDBACK_SPLIT, assign_split, prepare_dataset
+from tasks.data.sources import prompt_key
+from tasks.errors import ConfigError, InvalidRowsError, PrepareError
+from tasks.files import file_md5
+from tasks.model.loading import load_tokenizer, resolve_base
+from tasks.runner import run_entry
+from tasks.stages.prepare import main
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return load_tokenizer(resolve_base(ModelParams()))
+
+
+def example(i: int, answer: str | None = None, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": f"Question {i}?"},
+                         {"role": "assistant", "content": answer or f"Answer {i}."}], **extra}
+
+
+def write(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def params(sources: list[dict], **data) -> Params:
+    srcs = [SourceParams(**s) for s in sources]
+    return Params(data=DataParams(path=srcs[0].file, sources=srcs,
+                                  **{"max_tokens": 256, "val_fraction": 0.2, "test_fraction": 0.2, **data}))
+
+
+def rows(out: Path, split: str) -> list[dict]:
+    path = out / f"{split}.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def answers(out: Path, splits=("train", "val", "test", FEEDBACK_SPLIT)) -> list[str]:
+    return [r["messages"][-1]["content"] for s in splits for r in rows(out, s)]
+
+
+def split_of(i: int, corrected: bool = False, feedback_fraction: float = 0.5) -> str:
+    key = prompt_key(example(i)["messages"])
+    return assign_split(key, 0.2, 0.2, feedback_fraction, corrected)
+
+
+def test_sources_are_merged_first_one_first_without_duplicates(tmp_path, tok):
+    a = write(tmp_path / "a.jsonl", [example(i) for i in range(40)])
+    # 10 exact repeats of a's rows, 5 up to case, and 20 new ones.
+    b = write(tmp_path / "b.jsonl", [example(i) for i in range(10)] + [example(i, f"ANSWER {i}.") for i in range(10, 15)]
+              + [example(i) for i in range(100, 120)])
+    stats = prepare_dataset(None, tmp_path / "o", params([{"path": str(a)}, {"path": str(b)}]), tok)
+    assert stats["examples"] == 60 and sum(stats["counts"].values()) == 60
+    first, second = stats["sources"]
+    assert (first["key"], first["kept"], first["deduplicated"]) == ("data.sources[0]", 40, {"exact": 0, "near": 0})
+    assert (second["key"], second["rows"], second["kept"], second["deduplicated"]) == (
+        "data.sources[1]", 35, 20, {"exact": 10, "near": 5})
+    assert stats["deduplicated"] == {"exact": 10, "near": 5}
+    assert "ANSWER 12." not in answers(tmp_path / "o")  # the first occurrence (source a) stays
+    assert [s["md5"] for s in stats["sources"]] == [file_md5(a), file_md5(b)]
+
+
+def test_cap_keeps_a_deterministic_sample_and_weight_repeats_in_train_only(tmp_path, tok):
+    a = write(tmp_path / "a.jsonl", [example(i) for i in range(100)])
+    b = write(tmp_path / "b.jsonl", [example(i) for i in range(200, 300)])
+    capped = params([{"path": str(a), "cap": 30}, {"path": str(b), "weight": 2.5}])
+    stats = prepare_dataset(None, tmp_path / "o", capped, tok)
+    first, second = stats["sources"]
+    assert (first["kept"], first["sampled_out"]) == (30, 70)
+    assert second["kept"] == 100 and 200 < second["train_copies"] < 300  # 2 or 3 copies each
+    train = [r["messages"][0]["content"] for r in rows(tmp_path / "o", "train")]
+    held_out = [r["messages"][0]["content"] for s in ("val", "test") for r in rows(tmp_path / "o", s)]
+    from_b = [q for q in train if int(q.split()[1][:-1]) >= 200]
+    assert {from_b.count(q) for q in set(from_b)} == {2, 3}
+    assert len(held_out) == len(set(held_out))  # val and test hold each example once
+    assert sum(1 for q in train if int(q.split()[1][:-1]) < 100) + sum(
+        1 for q in held_out if int(q.split()[1][:-1]) < 100) == 30
+    # The same rows on a second run, and when the capped source grows, its sample only changes by the new rows.
+    again = prepare_dataset(None, tmp_path / "o2", capped, tok)
+    assert again["counts"] == stats["counts"] and rows(tmp_path / "o2", "train") == rows(tmp_path / "o", "train")
+    half = prepare_dataset(None, tmp_path / "o3", params([{"path": str(b), "weight": 0.5}]), tok)
+    assert 30 < half["sources"][0]["kept"] < 70 and half["sources"][0]["sampled_out"] == 100 - half["sources"][0]["kept"]
+
+
+def test_weight_and_cap_together_are_refused():
+    with pytest.raises(ValueError, match="weight or cap"):
+        SourceParams(path="a.jsonl", weight=2, cap=3)
+
+
+def test_data_path_and_sources_set_inconsistently_is_a_config_error(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"data": {"path": "data/dates.jsonl", "sources": [{"path": "data/other.jsonl"}]}}))
+    with pytest.raises(ConfigError, match=r"data: .*data.path 'data/dates.jsonl' and data.sources\[0\].path"):
+        load_params(path)
+    # The committed params.yaml with sources whose first one is data.path: fine.
+    ok = load_params(REPO / "params.yaml", {"data.sources": [{"path": "data/dates.jsonl"}, {"feedback": True}]})
+    assert [s.file for s in ok.data.source_list()] == ["data/dates.jsonl", "data/feedback.jsonl"]
+    assert load_params(REPO / "params.yaml").data.source_list()[0].path == "data/dates.jsonl"  # the shorthand
+
+
+def test_corrections_outrank_original_answers_and_form_the_feedback_split(tmp_path, tok):
+    held = next(i for i in range(1000, 2000) if split_of(i) == "train" and split_of(i, corrected=True) == FEEDBACK_SPLIT)
+    trained = next(i for i in range(1000, 2000) if split_of(i, corrected=True) == "train")
+    a = write(tmp_path / "a.jsonl", [example(i) for i in range(30)] + [example(held), example(trained)])
+    feedback = write(tmp_path / "feedback.jsonl", [
+        example(held, "Corrected held."), example(trained, "Old correction.", correction=True),
+        example(held, "Corrected held!", correction=True), example(trained, "Corrected trained.", correction=True),
+        example(500, "An accepted answer."),
+    ])
+    stats = prepare_dataset(None, tmp_path / "o", params([{"path": str(a)}, {"path": str(feedback), "feedback": True}]), tok)
+    out = tmp_path / "o"
+    assert rows(out, FEEDBACK_SPLIT) == [example(held, "Corrected held!")]
+    train = answers(out, ("train",))
+    assert "Corrected trained." in train and "An accepted answer." in train
+    everywhere = answers(out)
+    for gone in (f"Answer {held}.", f"Answer {trained}.", "Corrected held.", "Old correction."):
+        assert gone not in everywhere
+    assert "Corrected held!" not in train  # held out of training
+    assert stats["counts"][FEEDBACK_SPLIT] == 1 and stats["train_feedback_overlap"] == 0
+    assert stats["corrections"]["examples"] == 2 and stats["corrections"]["replaced"] == 4
+    assert [s["replaced_by_corrections"] for s in stats["sources"]] == [2, 2]
+    assert stats["sources"][1]["feedback"] is True and stats["sources"][1]["corrections"] == 3
+
+
+def test_no_feedback_means_no_feedback_split(tmp_path, tok):
+    a = write(tmp_path / "a.jsonl", [example(i) for i in range(30)])
+    empty = write(tmp_path / "feedback.jsonl", [])
+    stats = prepare_dataset(None, tmp_path / "o", params([{"path": str(a)}, {"path": str(empty), "feedback": True}]), tok)
+    assert FEEDBACK_SPLIT not in stats["counts"] and not (tmp_path / "o" / "feedback.jsonl").exists()
+    assert stats["sources"][1]["rows"] == 0
+
+
+BAD = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}  # Alpaca's empty answers
+
+
+def test_drop_leaves_invalid_rows_out_within_the_share_and_reports_them(tmp_path, tok):
+    data = write(tmp_path / "a.jsonl", [example(i) for i in range(98)] + [BAD, BAD])
+    sources = [{"path": str(data), "invalid_rows": "drop", "max_invalid_share": 0.02}]
+    stats = prepare_dataset(None, tmp_path / "o", params(sources), tok)
+    assert stats["examples"] == 98 and stats["invalid_dropped"] == 2
+    (source,) = stats["sources"]
+    assert (source["invalid"], source["invalid_rows"]) == (2, "drop")
+    assert source["invalid_lines"] == [{"line": 99, "category": "bad_content"}, {"line": 100, "category": "bad_content"}]
+    # fail (the default) refuses the same file at its first invalid row, saying how to leave them out.
+    with pytest.raises(PrepareError, match=r"line 99: bad_content: .*data.sources\[0\].invalid_rows: drop"):
+        prepare_dataset(None, tmp_path / "o2", params([{"path": str(data)}]), tok)
+
+
+def test_drop_beyond_the_share_fails_with_exit_2_naming_the_source_and_key(tmp_path, tok, capsys):
+    good = write(tmp_path / "good.jsonl", [example(i) for i in range(30)])
+    data = write(tmp_path / "a.jsonl", [example(i) for i in range(100, 197)] + [BAD, BAD, "not an object"])
+    p = params([{"path": str(good)}, {"path": str(data), "invalid_rows": "drop", "max_invalid_share": 0.02}])
+    with pytest.raises(InvalidRowsError):
+        prepare_dataset(None, tmp_path / "o", p, tok)
+    resolved = write_resolved(p, tmp_path / "params.yaml")
+    assert run_entry(lambda: main(["--params", str(resolved), "--out", str(tmp_path / "o")])) == 2
+    err = capsys.readouterr().err
+    assert f"data.sources[1] ({data}): 3 of 100 rows (3.00%) are invalid" in err
+    assert "data.sources[1].max_invalid_share 0.02" in err and "line 98: bad_content" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resolved_params_carry_every_source_md5(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = write(tmp_path / "a.jsonl", [example(1)])
+    (tmp_path / "data").mkdir()
+    fb = write(tmp_path / "data/feedback.jsonl", [example(2, correction=True)])
+    p = params([{"path": "a.jsonl"}, {"feedback": True}])
+    resolved = load_params(write_resolved(p, tmp_path / "r.yaml"))
+    assert [s.md5 for s in resolved.data.sources] == [file_md5(a), file_md5(fb)]
+    assert resolved.data.md5 == file_md5(a)
+    write(fb, [example(2, "changed", correction=True)])  # a new export: a new md5, so DVC reruns prepare
+    again = load_params(write_resolved(p, tmp_path / "r.yaml"))
+    assert again.data.sources[1].md5 == file_md5(fb) != resolved.data.sources[1].md5
