@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import DataParams, SourceParams
-from tasks.data.checks import Deduplicator, iter_checked, normalise_example, resolve_format
+from tasks.data.checks import STRUCTURAL, Deduplicator, iter_checked, normalise_example, resolve_format
 from tasks.data.tokens import TokenCount, count_chat_tokens
 from tasks.errors import DataFileError, InvalidRowsError, PrepareError
 from tasks.files import file_md5
@@ -210,3 +210,26 @@ def sources_md5(stats: list[dict[str, Any]]) -> str:
         return stats[0]["md5"]
     text = "\n".join(f"{s['path']}\t{s['md5']}" for s in stats)
     return hashlib.md5(text.encode()).hexdigest()
+
+
+# Errors a source with `invalid_rows: drop` tolerates in its validation report: its unusable
+# rows (left out, up to the share) and repeats (dropped by the merge's deduplication).
+DROPPABLE = frozenset(STRUCTURAL | {"no_trained_tokens", "duplicate", "near_duplicate"})
+
+
+def accept_report(label: str, source: SourceParams, report: dict[str, Any]) -> bool:
+    """Whether a source's validation report lets the run go on under the source's `invalid_rows` policy.
+
+    Raises:
+        InvalidRowsError: under `drop`, more unusable rows than `max_invalid_share`.
+    """
+    if report["valid"]:
+        return True
+    if source.invalid_rows != "drop" or not set(report["errors"]) <= DROPPABLE:
+        return False
+    rows = report["examples"]
+    invalid = [r for r in report["error_rows"] if r["category"] in STRUCTURAL or r["category"] == "no_trained_tokens"]
+    first = invalid[0] if invalid else {"line": 0, "category": "", "message": ""}
+    check_invalid_rows(label, source, Path(report["path"]), rows,
+                       [(first["line"], first["category"], first["message"])] * report["unusable_examples"])
+    return True

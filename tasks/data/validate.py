@@ -86,6 +86,9 @@ class ValidationReport:
     dropped_fraction: float
     max_drop_fraction: float
     system_message: dict[str, Any] | None = None
+    # Examples that cannot be trained on at all (a structural error, or no trained token):
+    # what a source's `invalid_rows: drop` leaves out, up to its `max_invalid_share`.
+    unusable_examples: int = 0
     data_docs: str | None = None
     gx: dict[str, Any] | None = None
     # Ordinals (0-based, in reading order) of the examples `--fix` leaves out; not serialised.
@@ -112,6 +115,7 @@ class ValidationReport:
             "dropped_fraction": self.dropped_fraction,
             "max_drop_fraction": self.max_drop_fraction,
             "system_message": self.system_message,
+            "unusable_examples": self.unusable_examples,
             "data_docs": self.data_docs,
             "gx": self.gx,
         }
@@ -206,6 +210,7 @@ def validate_dataset(
     errors, warns = _Tally(), _Tally()
     rows: list[dict[str, Any]] = []
     bad: set[int] = set()
+    unusable: set[int] = set()
     dedup = Deduplicator()
     pending: list[CheckedExample] = []
     n_messages: list[int] = []
@@ -219,6 +224,7 @@ def validate_dataset(
                 why = f"the chat template {n.error}" if n.error else "the chat template marks no assistant token in it"
                 errors.add("no_trained_tokens", c.line, f"{why}: there is nothing to train on; fix or drop the example")
                 bad.add(c.ordinal)
+                unusable.add(c.ordinal)
             elif n.unlocated:
                 warns.add("answer_not_located", c.line, f"{n.unlocated} answer(s) rewritten by the chat template are not trained on")
         pending.clear()
@@ -227,7 +233,9 @@ def validate_dataset(
         for c in iter_checked(path, conv_fmt, on_bytes):
             row = _row(c)
             rows.append(row)
-            if c.structurally_ok:
+            if not c.structurally_ok:
+                unusable.add(c.ordinal)
+            else:
                 c.example = normalise_example(c.example)
                 messages = c.example["messages"]
                 repeat = dedup.check(messages, c.line)
@@ -293,6 +301,7 @@ def validate_dataset(
         dropped_fraction=round(dropped_fraction, 6),
         max_drop_fraction=data.max_drop_fraction,
         system_message=system,
+        unusable_examples=len(unusable),
         data_docs=docs,
         gx=gx_summary,
         bad_examples=bad,

@@ -10,7 +10,10 @@ so a rejected run says exactly which check failed. Checks:
 - fine-tuning must be worth it: exact match above the best prompting baseline of the base
   model (zero-shot or few-shot) by `gate.min_gain_over_prompting`;
 - no regression against the champion by more than `gate.max_regression` on each gated
-  metric (absolute for scores in [0, 1], relative for perplexity).
+  metric (absolute for scores in [0, 1], relative for perplexity);
+- where prepare held corrected answers out as a feedback split, no regression of exact
+  match against the champion on it (`no_regression_feedback_exact_match`): a model must
+  not get worse on the cases users corrected.
 
 The champion is scored on the same test examples as the candidate, so with per-example
 scores (`per_example`, from `tasks.evaluate.score`) the regression checks are paired
@@ -126,6 +129,8 @@ def apply_gate(
     if champion:
         paired = _pairable(per_example.get("candidate"), per_example.get("champion"))
         checks += _champion_checks(cand, champion, paired, gate)
+    if metrics.get("candidate_feedback") and metrics.get("champion_feedback"):
+        checks.append(_feedback_check(metrics, per_example, gate))
     notes = [f"{c.name}: {c.note}" for c in checks if c.note]
     return Verdict(all(c.passed for c in checks), checks, notes)
 
@@ -164,6 +169,20 @@ def _champion_checks(cand: dict, champion: dict, paired: tuple[dict, dict] | Non
     if gate.require_improvement:
         checks.append(_improvement(a["exact_match"], b["exact_match"], gate))
     return checks
+
+
+def _feedback_check(metrics: dict, per_example: dict, gate: GateParams) -> Check:
+    """`no_regression_feedback_exact_match`: the candidate against the champion on the corrected answers held out."""
+    name = "no_regression_feedback_exact_match"
+    paired = _pairable(per_example.get("candidate_feedback"), per_example.get("champion_feedback"))
+    if paired is None:
+        cand, champion = metrics["candidate_feedback"]["exact_match"], metrics["champion_feedback"]["exact_match"]
+        check = _at_least(name, cand, champion - gate.max_regression)
+        return replace(check, method="fixed margin", note="no per-example scores of both models: fixed margin")
+    check = _no_regression_paired("exact_match", paired[0]["exact_match"], paired[1]["exact_match"], gate)
+    note = check.note and check.note.replace("(raise data.test_fraction and eval.max_examples)",
+                                             "(more corrections, or a higher data.feedback_fraction)")
+    return replace(check, name=name, note=note)
 
 
 def _power(check: Check, interval: Interval, margin: float, confidence: float, what: str) -> Check:

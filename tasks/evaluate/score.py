@@ -1,4 +1,4 @@
-"""Score models on the test split (library side of the `evaluate` stage).
+"""Score models on the test split, and on the feedback split when there is one (library side of the `evaluate` stage).
 
 One function, `evaluate_model`, scores every model the same way on the same examples:
 the candidate, the base model prompted zero-shot and few-shot (`eval.few_shot_k` train
@@ -134,20 +134,29 @@ def evaluate_model_dir(model_dir: Path, examples: list[Example], params: EvalPar
 
 
 def evaluate_all(params_path: str, data_dir: Path, model_dir: Path) -> dict:
-    """The DVC stage: the candidate and the base model zero-shot and few-shot, on the test split."""
+    """The DVC stage: the candidate and the base model zero-shot and few-shot, on the test split.
+
+    When prepare held corrected answers out as a feedback split, the candidate is scored on
+    it too (`candidate_feedback`); the flow scores the champion there, and the gate checks
+    that the candidate does not regress on what users corrected.
+    """
     params = load_params(params_path)
     test = load_split(data_dir, "test", params.eval.max_examples)
     if not test:
         raise ConfigError(f"{data_dir / 'test.jsonl'}: the test split is empty; add data or raise data.test_fraction")
+    feedback = load_split(data_dir, "feedback", params.eval.max_examples) if (data_dir / "feedback.jsonl").is_file() else []
     shots = pick_few_shot(load_split(data_dir, "train"), params.eval.few_shot_k, params.train.seed)
+    model, tokenizer, info = load_trained(model_dir)
+    trained_policy = info.get("system_message", "auto")
+    results = {"candidate": evaluate_model(model, tokenizer, test, params.eval, system_message=trained_policy)}
+    if feedback:
+        results["candidate_feedback"] = evaluate_model(model, tokenizer, feedback, params.eval, system_message=trained_policy)
+    del model
     base_path = resolve_base(params.model)
     base_tok = load_base_tokenizer(params.model, base_path)
     base = load_base_model(params.model, base_tok, base_path)
     policy = params.data.system_message
-    results = {
-        "candidate": evaluate_model_dir(model_dir, test, params.eval),
-        "base_zero_shot": evaluate_model(base, base_tok, test, params.eval, system_message=policy),
-    }
+    results["base_zero_shot"] = evaluate_model(base, base_tok, test, params.eval, system_message=policy)
     if shots:
         results["base_few_shot"] = evaluate_model(base, base_tok, test, params.eval, shots, policy)
     return results

@@ -62,18 +62,36 @@ class RunMetrics(_Part):
     base_zero_shot: Metrics | None = Field(None, description="The base model prompted zero-shot.")
     base_few_shot: Metrics | None = Field(None, description="The base model prompted few-shot (eval.few_shot_k > 0).")
     champion: Metrics | None = Field(None, description="The champion before this run, when there was one.")
+    candidate_feedback: Metrics | None = Field(
+        None, description="The candidate on the feedback split (corrected answers held out of training), when there is one.")
+    champion_feedback: Metrics | None = Field(None, description="The champion on the same feedback split.")
 
     def by_model(self) -> dict[str, Metrics]:
         """The models that were scored, by role, in the order candidate, baselines, champion."""
         return {role: values for role, values in self if values}
 
 
+class SourceSummary(_Part):
+    """One source of `data.sources` (or `data.path`) and what the run kept of it."""
+
+    path: str = Field(description="The source's file (a feedback source's export).")
+    md5: str | None = Field(None, description="Its md5.")
+    feedback: bool = Field(False, description="The service's feedback, exported by the run.")
+    examples: int | None = Field(None, description="Examples in the file.")
+    invalid: int | None = Field(None, description="Examples that cannot be trained on (left out under invalid_rows: drop).")
+    invalid_rows: str = Field("fail", description="The source's invalid-row policy: fail or drop.")
+    kept: int | None = Field(None, description="Examples kept after corrections, deduplication, cap and weight.")
+
+
 class DataSummary(_Part):
     """The data the run trained on."""
 
-    path: str = Field(description="The data file.")
-    md5: str | None = Field(None, description="Its md5 (the DVC content hash), once validated.")
-    examples: int | None = Field(None, description="Examples in the file, once validated.")
+    path: str = Field(description="The data file (the first source's).")
+    md5: str | None = Field(None, description="Its md5 (the DVC content hash), once validated; with several sources, "
+                                              "the md5 of their paths and md5s.")
+    examples: int | None = Field(None, description="Examples in the file (in all sources), once validated.")
+    sources: list[SourceSummary] = Field(default_factory=list, description="Every source with its md5 and counts.")
+    splits: dict[str, int] = Field(default_factory=dict, description="Examples per split (train, val, test, feedback).")
 
 
 class ErrorRow(BaseModel):

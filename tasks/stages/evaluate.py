@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: the candidate and the prompted base model on the test split.
+"""DVC stage `evaluate`: the candidate and the prompted base model on the test split (the candidate also on the feedback split).
 
 Run alone (after `finetune`):
 

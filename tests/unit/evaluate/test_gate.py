@@ -172,3 +172,31 @@ def test_the_json_contract_keeps_its_keys():
     for check in doc["checks"]:
         assert {"name", "value", "threshold", "passed"} <= set(check)
         assert isinstance(check["passed"], bool)
+
+
+def test_the_feedback_split_gets_a_no_regression_check_beside_the_test_split():
+    same, same_champion = _pair(174, 6, 6)
+    per_example = {"candidate": _scores(same), "champion": _scores(same_champion)}
+    # On the corrected answers held out, the candidate lost 30 the champion got right.
+    worse, champion = _pair(10, 0, 30, n=60)
+    per_example |= {"candidate_feedback": _scores(worse), "champion_feedback": _scores(champion)}
+    verdict = apply_gate(_metrics(per_example), GateParams(), per_example)
+    checks = {c.name: c for c in verdict.checks}
+    fb = checks["no_regression_feedback_exact_match"]
+    assert not fb.passed and not verdict.passed and verdict.failed == ["no_regression_feedback_exact_match"]
+    assert fb.n == 60 and fb.method == "paired bootstrap + McNemar" and fb.high < -0.02
+    assert checks["no_regression_exact_match"].passed  # the test split alone would have let it through
+
+    better, _ = _pair(38, 2, 0, n=60)
+    per_example["candidate_feedback"] = _scores(better)
+    assert apply_gate(_metrics(per_example), GateParams(), per_example).passed
+
+
+def test_no_feedback_split_means_no_feedback_check():
+    per_example = {"candidate": _scores([1] * 50), "champion": _scores([1] * 50)}
+    metrics = _metrics(per_example)
+    assert "no_regression_feedback_exact_match" not in {c.name for c in apply_gate(metrics, GateParams(), per_example).checks}
+    # A feedback split but no champion: nothing to compare with, no check either.
+    metrics["candidate_feedback"] = metrics["candidate"]
+    del metrics["champion"]
+    assert "no_regression_feedback_exact_match" not in {c.name for c in apply_gate(metrics, GateParams()).checks}
