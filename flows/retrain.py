@@ -30,8 +30,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, Failed, State
 
+from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
+    SourceParams,
     EvalParams,
     GateParams,
     Params,
@@ -39,12 +41,13 @@ from tasks.config import (
     WorkersParams,
     load_params,
 )
+from tasks.data.sources import accept_report, source_label
 from tasks.data.validate import TrainingBudget, validate_dataset
 from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
 from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.score import evaluate_model_dir, load_split
-from tasks.files import file_md5
+from tasks.files import file_md5, write_atomic
 from tasks.model.loading import check_fit
 from tasks.pipeline.dvc import (
     git_commit,
@@ -53,6 +56,7 @@ from tasks.pipeline.dvc import (
     push_remote,
     run_stages,
     stage_out_md5,
+    track_data,
     workspace_lock,
 )
 from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
@@ -64,10 +68,12 @@ from tasks.pipeline.result import (
     RunMetrics,
     RunResult,
     StagesSummary,
-    ValidationSummary,
+    combine_reports,
+    summarise_sources,
 )
 from tasks.registry.tracking import (
     artifact_link,
+    log_prepared,
     end_tracking_run,
     flow_run_origin,
     link_tags,
@@ -94,20 +100,53 @@ def _validation_key(context, arguments: dict) -> str:
         [params.data.model_dump(exclude={"path", "md5"}), params.model.model_dump(), params.train.batch_size,
          params.train.seq_len, params.train.max_steps], sort_keys=True,
     )
-    return f"validate-{file_md5(arguments['data_path'])}-{hashlib.md5(settings.encode()).hexdigest()}"
+    digest = hashlib.md5(f"{settings}{arguments.get('fmt')}".encode()).hexdigest()
+    return f"validate-{file_md5(arguments['data_path'])}-{digest}"
 
 
 @task(name="validate-data", cache_key_fn=_validation_key, persist_result=True, cache_expiration=timedelta(days=30))
-def validate_data(params: Params, data_path: Path, report_dir: Path) -> dict:
-    """Great Expectations suite plus chat-format checks on the run's data (cached on its md5)."""
+def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | None = None) -> dict:
+    """Great Expectations suite plus chat-format checks on one source of the run (cached on its md5)."""
     from tasks.model.loading import load_base_tokenizer
 
     tokenizer = load_base_tokenizer(params.model)
     report = validate_dataset(
-        data_path, params.data, tokenizer=tokenizer, budget=TrainingBudget.of(params.train),
+        data_path, params.data, fmt=fmt, tokenizer=tokenizer, budget=TrainingBudget.of(params.train),
         data_docs_dir=report_dir / "gx",
     )
     return report.to_dict()
+
+
+@task(name="export-feedback")
+def export_feedback_snapshot(root: Path, source: SourceParams, out: Path) -> dict:
+    """The service's feedback, exported to the file a `feedback: true` source reads, and versioned by DVC.
+
+    The run trains on this snapshot, not on the live database: its md5 goes into the
+    resolved settings and the MLflow run, and `dvc add` of its folder keeps it in the DVC
+    cache, so `dvc repro` of the version rebuilds the same splits.
+    """
+    from serving.feedback import default_db_path, export_feedback
+
+    logger = get_run_logger()
+    db = default_db_path(root)
+    if db.is_file():
+        count = export_feedback(db, out, source.min_rating)
+    else:
+        logger.warning(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml): no feedback")
+        count = 0
+        write_atomic(out, "")
+    tracked = track_data(root, out, log=logger.info)
+    logger.info(f"exported {count} feedback examples from {db} to {out}" + (f" (versioned in {tracked})" if tracked else ""))
+    return {"db": str(db), "path": str(out), "examples": count, "tracked_by": tracked}
+
+
+def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) -> None:
+    """What prepare kept of each source: in the result, the lineage tags and the MLflow run."""
+    stats = json.loads((root / "artifacts/prepared/stats.json").read_text())
+    for summary, source in zip(result.data.sources, stats["sources"]):
+        summary.kept = source["kept"]
+    result.data.splits = stats["counts"]
+    lineage["data_sources"] = log_prepared(run_id, root / "artifacts/prepared/stats.json")
 
 
 @task(name="run-dvc-stages")
@@ -123,61 +162,12 @@ def run_dvc_stages(root: Path, overrides: dict, run_id: str, workers: WorkersPar
     train_elsewhere = None
     if workers.train_deployment:
         def train_elsewhere(dvc_lock: str) -> dict:
-            return _train_on_worker(workers, overrides, dvc_lock, run_id)
+            return train_on_worker(workers, overrides, dvc_lock, run_id)
     try:
         result = run_stages(root, overrides, run_id, log=logger.info, train_elsewhere=train_elsewhere)
     except StageError as exc:
         return {"error": str(exc)}
     return {"ran": result.ran, "skipped": result.skipped, "trained_by": workers.train_deployment}
-
-
-TRAIN_POLL_SECONDS = 5
-
-
-def _train_on_worker(workers: WorkersParams, overrides: dict, dvc_lock: str, run_id: str) -> dict:
-    """Run the `finetune` flow through `workers.train_deployment` and wait; the stage's dvc.lock entry it stored in MLflow.
-
-    A training that no worker starts within `workers.train_start_timeout_seconds` (the GPU
-    machine is down, its worker not running) is cancelled and fails the run, instead of
-    holding the workspace until the flow's timeout.
-    """
-    import mlflow
-    import yaml
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import StateType
-    from prefect.deployments import run_deployment
-    from prefect.exceptions import ObjectNotFound
-    from prefect.states import Cancelled
-
-    from flows.train_step import LOCK_ARTIFACT
-
-    deployment = workers.train_deployment
-    get_run_logger().info(f"training on the worker of deployment {deployment}")
-    try:
-        child = run_deployment(deployment, parameters={"overrides": overrides, "dvc_lock": dvc_lock, "mlflow_run_id": run_id},
-                               timeout=0)
-    except ObjectNotFound:
-        raise StageError(
-            f"no Prefect deployment {deployment!r} (workers.train_deployment): register it with "
-            "`ftllm deploy --train-pool POOL` on the training machine, against the same Prefect server"
-        ) from None
-    deadline = time.monotonic() + workers.train_start_timeout_seconds
-    with get_client(sync_client=True) as client:
-        while True:
-            state = client.read_flow_run(child.id).state
-            if state is not None and state.is_final():
-                break
-            if (state is None or state.type in (StateType.SCHEDULED, StateType.PENDING)) and time.monotonic() > deadline:
-                client.set_flow_run_state(child.id, Cancelled(message="no worker started it in time"), force=True)
-                raise StageError(
-                    f"no worker started the training of deployment {deployment!r} (flow run {child.id}) within "
-                    f"{workers.train_start_timeout_seconds:.0f}s (workers.train_start_timeout_seconds); is "
-                    "`prefect worker start --pool ...` running on the training machine?"
-                )
-            time.sleep(TRAIN_POLL_SECONDS)
-    if not state.is_completed():
-        raise StageError(f"training on {deployment} (flow run {child.id}) ended {state.type.value}: {state.message or ''}")
-    return yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{LOCK_ARTIFACT}"))
 
 
 @task(name="push-dvc-outputs", retries=2, retry_delay_seconds=10)
@@ -196,19 +186,22 @@ def push_dvc_outputs(root: Path) -> str | None:
 
 
 @task(name="evaluate-champion")
-def evaluate_champion(root: Path, params: Params, version: str) -> dict:
-    """Score the current champion on the same test split as the candidate (cached per version and split).
+def evaluate_champion(root: Path, params: Params, version: str, split: str = "test") -> dict:
+    """Score the current champion on the same split as the candidate (cached per version and split).
+
+    Args:
+        split: "test", or "feedback" (the corrected answers held out of training).
 
     Returns:
-        `metrics` (aggregate) and `per_example` (scores per test example, paired by the gate
+        `metrics` (aggregate) and `per_example` (scores per example, paired by the gate
         with the candidate's).
     """
-    test_path = root / "artifacts/prepared/test.jsonl"
-    cache = root / "artifacts/champion" / f"v{version}-{file_md5(test_path)[:12]}-{params.eval.max_examples}-paired.json"
+    split_path = root / f"artifacts/prepared/{split}.jsonl"
+    cache = root / "artifacts/champion" / f"v{version}-{file_md5(split_path)[:12]}-{params.eval.max_examples}-paired.json"
     if cache.exists():
         return json.loads(cache.read_text())
     model_dir = download_version(params.registry.model_name, version, root / "artifacts/champion" / f"v{version}")
-    scored = evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", "test", params.eval.max_examples), params.eval)
+    scored = evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", split, params.eval.max_examples), params.eval)
     result = {"metrics": scored["metrics"], "per_example": scored["per_example"]}
     cache.write_text(json.dumps(result))
     return result
@@ -391,25 +384,46 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
     result.data = DataSummary(path=str(data_path))
 
     check_fit(params)  # the base model loads and fits the settings: before any work
+    sources = params.data.source_list()
+    paths = [Path(s.file) if Path(s.file).is_absolute() else root / s.file for s in sources]
     t = time.perf_counter()
-    report = validate_data(params, data_path, root / "artifacts/reports")
+    exported = {i: export_feedback_snapshot(root, s, paths[i]) for i, s in enumerate(sources) if s.feedback}
+    # An empty feedback export (nothing rated or corrected yet) is no data error: it adds nothing.
+    source_reports = [
+        None if i in exported and exported[i]["examples"] == 0
+        else validate_data(params, path, root / "artifacts/reports", s.format or params.data.format)
+        for i, (s, path) in enumerate(zip(sources, paths))
+    ]
     durations["validate"] = round(time.perf_counter() - t, 2)
-    result.data = DataSummary(path=str(data_path), md5=report.get("md5"), examples=report["examples"])
-    result.validation = ValidationSummary.model_validate(
-        {k: report[k] for k in ValidationSummary.model_fields if k in report}
-    )
-    reports = write_reports(report, root / "artifacts/reports")
-    if not report["valid"]:
-        _publish_validation(data_path, report, reports, None)
-        rows = ", ".join(f"line {r['line']}: {r['category']}" for r in report["error_rows"][:10])
-        raise RunFailed(f"{data_path}: invalid data ({rows}); run `ftllm validate {data_path}` for the full report")
+    described = [{"path": str(path), "md5": file_md5(path), "feedback": s.feedback, "invalid_rows": s.invalid_rows}
+                 for s, path in zip(sources, paths)]
+    result.data = summarise_sources(str(data_path), described, source_reports)
+    reports: list[Path] = []
+    for i, (source, path, report) in enumerate(zip(sources, paths, source_reports)):
+        if report is None:
+            continue
+        written = write_reports(report, root / "artifacts/reports" / ("" if i == 0 else f"sources/{i}"))
+        reports += written
+        if not accept_report(source_label(i, params.data), source, report):  # beyond a drop's share: raises
+            result.validation = combine_reports(source_reports, accepted=False)
+            _publish_validation(path, report, written, None)
+            rows = ", ".join(f"line {r['line']}: {r['category']}" for r in report["error_rows"][:10])
+            raise RunFailed(f"{path}: invalid data ({rows}); run `ftllm validate {path}` for the full report")
+    result.validation = combine_reports(source_reports, accepted=True)
+    report = next((r for r in source_reports if r is not None), None) or {
+        "valid": True, "examples": 0, "errors": {}, "warnings": {}, "error_rows": []}
 
-    lineage = {"data_md5": result.data.md5, "git_commit": git_commit(root), "params_digest": params.digest()}
+    lineage = {"data_md5": result.data.md5, "git_commit": git_commit(root), "params_digest": params.digest(),
+               "data_sources": json.dumps([{"path": s.path, "md5": s.md5} for s in result.data.sources])}
     origin = flow_run_origin()
-    run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage, origin)
+    inputs = [(Path(s.path), s.md5, "feedback" if s.feedback else "training") for s in result.data.sources]
+    run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage, origin, inputs[1:])
     result.mlflow_run_id = run_id
-    log_files(run_id, list(reports), "reports")
-    _publish_validation(data_path, report, reports, run_id)
+    log_files(run_id, reports[:2], "reports")
+    for i in range(1, len(sources)):
+        log_files(run_id, [r for r in reports[2:] if f"sources/{i}/" in r.as_posix()], f"reports/source-{i}")
+    log_files(run_id, [paths[i] for i in exported], "data")  # the feedback the run trained on, as exported
+    _publish_validation(data_path, report, tuple(reports[:2]) or (None, None), run_id)
     lineage.update(link_tags(origin, run_id))  # the model version links back to both runs
     try:
         t = time.perf_counter()
@@ -421,6 +435,7 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
         t = time.perf_counter()
         result.dvc_push = push_dvc_outputs(root)
         durations["dvc_push"] = round(time.perf_counter() - t, 2)
+        _record_prepared(root, run_id, result, lineage)
         metrics = json.loads((root / "artifacts/metrics.json").read_text())
         fingerprint = f"{stage_out_md5(root, 'finetune', 'artifacts/model')}:{params.digest()}"
         lineage.update(dvc_lock_md5=lock_digest(root), fingerprint=fingerprint)
@@ -439,6 +454,9 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
         if champion is not None:
             scored = evaluate_champion(root, params, champion)
             metrics["champion"], per_example["champion"] = scored["metrics"], scored["per_example"]
+            if "candidate_feedback" in metrics:  # the cases users corrected, held out of training
+                scored = evaluate_champion(root, params, champion, "feedback")
+                metrics["champion_feedback"], per_example["champion_feedback"] = scored["metrics"], scored["per_example"]
         durations["evaluate_champion"] = round(time.perf_counter() - t, 2)
         verdict = apply_gate(metrics, params.gate, per_example).to_dict()
         result.gate = GateResult.model_validate(verdict)

@@ -11,7 +11,8 @@ object of dotted keys), so that `dvc repro` sees them without `params.yaml` bein
 The models are also the source of `params.yaml` itself: `render_params` writes every
 field's default as its value and its description as its comment (`ftllm params --write
 params.yaml`; `ftllm params --check params.yaml` fails on drift), so the file and the
-models cannot disagree.
+models cannot disagree. The module is long but cohesive: every section's model (and a
+source of `data.sources`) lives here, next to the rendering of params.yaml from them.
 """
 
 from __future__ import annotations

@@ -250,6 +250,25 @@ def push_outputs(root: Path, remote: str, log=print) -> str:
     return next((line for line in reversed(lines) if "pushed" in line or "up to date" in line), "")
 
 
+def track_data(root: Path, path: Path, log=print) -> str | None:
+    """`dvc add` the DVC-tracked folder that holds `path` (`data/` of `data.dvc`); the .dvc file, or None.
+
+    A run writes its feedback export under `data/`: re-adding the folder puts that version
+    in the DVC cache (and the next `dvc push`), so that the data a version was trained on
+    can be checked out and `dvc repro` of it rebuilds the same splits. None when no .dvc
+    file tracks a folder above `path`.
+    """
+    root, path = root.resolve(), Path(path).resolve()
+    for folder in (path, *path.parents):
+        if folder == root or not folder.is_relative_to(root):
+            return None
+        dvc_file = folder.with_name(folder.name + ".dvc")
+        if dvc_file.is_file():
+            _dvc_ok(root, ["add", "-q", str(folder.relative_to(root))], _venv_env({"DVC_NO_ANALYTICS": "1"}), log)
+            return str(dvc_file.relative_to(root))
+    return None
+
+
 def lock_digest(root: Path) -> str:
     """md5 of dvc.lock: which data, code, settings and outputs the run used."""
     path = root / "dvc.lock"
@@ -269,8 +288,10 @@ def git_commit(root: Path) -> str:
     """The commit of the project's code, with `-dirty` when the work tree has changes."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        # dvc.lock is rewritten by every run: it is lineage, not a change to the code.
-        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"]
+        # dvc.lock is rewritten by every run, and a .dvc file by a run that exports feedback:
+        # they are lineage (recorded as md5s), not a change to the code.
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock",
+                  ":(exclude)*.dvc"]
         dirty = subprocess.run(status, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -13,6 +13,7 @@ models pickle and serialise to JSON, which is what Prefect needs to store a flow
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -107,7 +108,8 @@ class ErrorRow(BaseModel):
 class ValidationSummary(_Part):
     """What validation found in the data."""
 
-    valid: bool = Field(description="No error (warnings allowed).")
+    valid: bool = Field(description="No error (warnings allowed), or only invalid rows a source's invalid_rows: drop "
+                                      "leaves out.")
     errors: dict[str, int] = Field(default_factory=dict, description="Invalid examples per category.")
     warnings: dict[str, int] = Field(default_factory=dict, description="Warnings per category.")
     error_rows: list[ErrorRow] = Field(default_factory=list, description="The first invalid examples.")
@@ -146,3 +148,36 @@ class RunResult(_Part):
     def failed_checks(self) -> list[str]:
         """Names of the gate checks that failed."""
         return [c.name for c in self.gate.checks if not c.passed] if self.gate else []
+
+
+def summarise_sources(path: str, sources: list[dict], reports: list[dict | None]) -> DataSummary:
+    """The data part of a result from each source (`path`, `md5`, `feedback`, `invalid_rows`) and its
+    validation report (None for an empty feedback export, which is not validated)."""
+    parts = [
+        SourceSummary(path=s["path"], md5=r["md5"] if r else s["md5"], feedback=s["feedback"],
+                      examples=r["examples"] if r else 0, invalid=r.get("unusable_examples", 0) if r else 0,
+                      invalid_rows=s["invalid_rows"])
+        for s, r in zip(sources, reports)
+    ]
+    if len(parts) == 1:
+        md5 = parts[0].md5
+    else:  # as tasks.data.sources.sources_md5 writes it into stats.json
+        md5 = hashlib.md5("\n".join(f"{p.path}\t{p.md5}" for p in parts).encode()).hexdigest()
+    return DataSummary(path=path, md5=md5, examples=sum(p.examples or 0 for p in parts), sources=parts)
+
+
+def combine_reports(reports: list[dict | None], accepted: bool) -> ValidationSummary:
+    """One validation summary of several sources' reports: counts summed, error rows tagged with their source."""
+    errors: dict[str, int] = {}
+    warnings: dict[str, int] = {}
+    rows: list[ErrorRow] = []
+    for i, report in enumerate(reports):
+        if report is None:
+            continue
+        for total, counts in ((errors, report["errors"]), (warnings, report["warnings"])):
+            for category, n in counts.items():
+                total[category] = total.get(category, 0) + n
+        tag = {"source": i} if len(reports) > 1 else {}
+        rows += [ErrorRow.model_validate({**r, **tag}) for r in report["error_rows"]]
+    docs = next((r.get("data_docs") for r in reports if r is not None), None)
+    return ValidationSummary(valid=accepted, errors=errors, warnings=warnings, error_rows=rows[:100], data_docs=docs)

@@ -82,12 +82,15 @@ def start_tracking_run(
     data_md5: str,
     tags: dict[str, str],
     origin: FlowRunOrigin | None = None,
+    more_inputs: list[tuple[Path, str, str]] = (),
 ) -> str:
     """Open the run (left open for the stages), log every setting and the data as a dataset input.
 
     Args:
         origin: the Prefect flow run; the MLflow run takes its name, and its tags and
             description (shown on the run's page) lead back to it.
+        more_inputs: the other sources of `data.sources`, each (path, md5, context: "training"
+            or "feedback"), logged as dataset inputs beside the first.
     """
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -105,8 +108,10 @@ def start_tracking_run(
         mlflow.log_params(_flatten("", params.model_dump(mode="json"), {}))
         with warnings.catch_warnings():  # a local path matches two equivalent source kinds
             warnings.simplefilter("ignore")
-            source = resolve_dataset_source(str(data_path.resolve()))
-        mlflow.log_input(MetaDataset(source, name=data_path.name, digest=data_md5), context="training")
+            inputs = [(data_path, data_md5, "training"), *more_inputs]
+            for path, md5, context in inputs:
+                source = resolve_dataset_source(str(Path(path).resolve()))
+                mlflow.log_input(MetaDataset(source, name=Path(path).name, digest=md5), context=context)
     return run_id
 
 
@@ -161,6 +166,19 @@ def _run_page(run_id: str) -> str:
 def artifact_link(run_id: str, path: str) -> str:
     """The page of one of a run's artifacts in the MLflow UI (its preview shows HTML)."""
     return f"{_run_page(run_id)}/artifacts/{path}{ML_VIEW}"
+
+
+def log_prepared(run_id: str, stats_path: Path) -> str:
+    """Log prepare's stats.json and tag the run with every source's md5 and counts; the tag's value (JSON)."""
+    from mlflow import MlflowClient
+
+    stats = json.loads(Path(stats_path).read_text())
+    sources = json.dumps([{"path": s["path"], "md5": s["md5"], "kept": s["kept"], "invalid_dropped": s["invalid"]}
+                          for s in stats["sources"]])
+    client = MlflowClient()
+    client.set_tag(run_id, "data_sources", sources)
+    client.log_artifact(run_id, str(stats_path), "prepared")
+    return sources
 
 
 def log_files(run_id: str, files: list[Path], artifact_path: str) -> None:

@@ -262,7 +262,8 @@ def list_versions(model_name: str) -> list[dict]:
                 ),
                 "gate_passed": tags.get("gate_passed") == "true",
                 "metrics": {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")},
-                "lineage": {k: tags[k] for k in ("data_md5", "git_commit", "dvc_lock_md5", "params_digest", "parent_champion") if k in tags},
+                "lineage": {k: tags[k] for k in ("data_md5", "data_sources", "git_commit", "dvc_lock_md5", "params_digest",
+                                                "parent_champion") if k in tags},
                 # The Prefect flow run that trained it (url: its UI page, or why there is none).
                 "flow_run": {k: tags.get(f"prefect.flow_run_{k}") for k in ("id", "name", "url")}
                 if "prefect.flow_run_id" in tags else None,
