@@ -154,3 +154,80 @@ def test_training_routed_to_a_missing_deployment_fails_clearly(first_run, projec
     assert "no Prefect deployment 'finetune/no-such-pool'" in result.error and "--train-pool" in result.error
     assert list_versions("ftllm-chat") == before and champion_version("ftllm-chat") == first_run[1].version
     assert any((tmp_path / "store").rglob("*")), "the prepared data was pushed for the worker to pull"
+
+
+def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, project, tmp_path, monkeypatch):
+    """Corrections posted over HTTP to `ftllm serve` reach the next run's train and feedback splits, no manual step."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import yaml
+    from mlflow import MlflowClient
+
+    from tasks.data.prepare import assign_split
+    from tasks.data.sources import prompt_key
+    from tasks.files import file_md5
+    from tests.conftest import free_port
+
+    db = tmp_path / "feedback.db"
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))  # the service writes it, the run reads it
+    rows = [json.loads(line) for line in (project / "data/dates.jsonl").read_text().splitlines()]
+
+    def split(row: dict, corrected: bool) -> str:  # the default fractions: val 0.1, test 0.1, feedback 0.5
+        return assign_split(prompt_key(row["messages"]), 0.1, 0.1, 0.5, corrected)
+
+    held = next(r for r in rows if split(r, False) == "train" and split(r, True) == "feedback")
+    trained = next(r for r in rows if split(r, True) == "train")
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "ftllm.cli", "serve", "--port", str(port)], cwd=project,
+                              env={**os.environ, "FTLLM_ROOT": str(project)}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "ftllm serve was not ready within 180 s"
+            time.sleep(0.5)
+        for row, fix in ((held, "Held-out correction."), (trained, "Trained correction.")):
+            answer = httpx.post(f"{url}/v1/chat/completions", json={"messages": row["messages"][:-1], "max_tokens": 8,
+                                                                     "temperature": 0}, timeout=60).json()
+            stored = httpx.post(f"{url}/feedback", json={"id": answer["id"], "rating": 1, "correction": fix}, timeout=30)
+            assert stored.status_code == 200, stored.text
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+    sources = [{"path": "data/dates.jsonl"}, {"feedback": True}]
+    state, result = run_flow(project, **{"data.sources": sources, "train.max_steps": 10})
+    assert state.is_completed(), result
+    prepared = project / "artifacts/prepared"
+    split_rows = {s: [json.loads(x) for x in (prepared / f"{s}.jsonl").read_text().splitlines()]
+                  for s in ("train", "val", "test", "feedback")}
+    assert split_rows["feedback"] == [{"messages": [*held["messages"][:-1], {"role": "assistant", "content": "Held-out correction."}]}]
+    assert {"messages": [*trained["messages"][:-1], {"role": "assistant", "content": "Trained correction."}]} in split_rows["train"]
+    everywhere = [r["messages"] for rs in split_rows.values() for r in rs]
+    assert held["messages"] not in everywhere and trained["messages"] not in everywhere  # replaced by the corrections
+
+    snapshot = project / "data/feedback.jsonl"  # the export the run trained on, versioned with data/
+    md5 = file_md5(snapshot)
+    resolved = yaml.safe_load((project / "artifacts/params.yaml").read_text())
+    assert resolved["data"]["sources"][1]["md5"] == md5 == result.data.sources[1].md5
+    assert result.data.sources[1].feedback and result.data.splits["feedback"] == 1
+    assert (project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).is_file()
+    run = MlflowClient().get_run(result.mlflow_run_id)
+    assert md5 in run.data.tags["data_sources"]
+    assert "data/feedback.jsonl" in [a.path for a in MlflowClient().list_artifacts(result.mlflow_run_id, "data")]
+    assert MlflowClient().get_model_version("ftllm-chat", result.version).tags["data_sources"] == run.data.tags["data_sources"]
+    # Scored on the cases users corrected, against the champion of the first run.
+    assert result.metrics.candidate_feedback["examples"] == 1 and result.metrics.champion_feedback["examples"] == 1
+    assert "no_regression_feedback_exact_match" in [c.name for c in result.gate.checks]
