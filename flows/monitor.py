@@ -22,6 +22,9 @@ the UI (`prefect variable set ftllm-monitor-ftllm-chat '{"feedback_id": 0}' --ov
 It moves only when a retraining is recommended, so corrections add up across runs until
 there are enough.
 
+`export_feedback_snapshot` is the other use of the log: a retraining run whose
+`data.sources` holds `{feedback: true}` calls it to export the feedback it trains on.
+
 Run it once against the embedded defaults:
 
     python -m flows.monitor
@@ -37,8 +40,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import MonitorParams, Params, load_params
+from tasks.config import MonitorParams, Params, SourceParams, load_params
 from tasks.environment import apply_defaults
+from tasks.files import write_atomic
 from tasks.monitor.signals import (
     Drift,
     FeedbackFigures,
@@ -47,6 +51,7 @@ from tasks.monitor.signals import (
     recent_prompts,
     recommend_retrain,
 )
+from tasks.pipeline.dvc import track_data
 
 EVENT = "ftllm.monitor.checked"
 RECOMMENDED_LABEL = "ftllm.retrain-recommended"
@@ -116,6 +121,29 @@ def drift_of_prompts(root: Path, params: Params, db: Path) -> Drift | None:
     model_dir = root / "artifacts/model"
     tokenizer = load_tokenizer(str(model_dir) if (model_dir / "tokenizer_config.json").is_file() else resolve_base(params.model))
     return measure_drift(tokenizer, train, recent_prompts(db, params.monitor.window))
+
+
+@task(name="export-feedback")
+def export_feedback_snapshot(root: Path, source: SourceParams, out: Path) -> dict:
+    """The service's feedback, exported to the file a `feedback: true` source reads, and versioned by DVC.
+
+    The run trains on this snapshot, not on the live database: its md5 goes into the
+    resolved settings and the MLflow run, and `dvc add` of its folder keeps it in the DVC
+    cache, so `dvc repro` of the version rebuilds the same splits.
+    """
+    from serving.feedback import default_db_path, export_feedback
+
+    logger = get_run_logger()
+    db = default_db_path(root)
+    if db.is_file():
+        count = export_feedback(db, out, source.min_rating)
+    else:
+        logger.warning(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml): no feedback")
+        count = 0
+        write_atomic(out, "")
+    tracked = track_data(root, out, log=logger.info)
+    logger.info(f"exported {count} feedback examples from {db} to {out}" + (f" (versioned in {tracked})" if tracked else ""))
+    return {"db": str(db), "path": str(out), "examples": count, "tracked_by": tracked}
 
 
 def _publish(model_name: str, figures: FeedbackFigures, drift: Drift | None, reasons: list[str], alerts: list[str]) -> None:

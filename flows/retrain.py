@@ -30,10 +30,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, Failed, State
 
+from flows.monitor import export_feedback_snapshot
 from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
-    SourceParams,
     EvalParams,
     GateParams,
     Params,
@@ -47,7 +47,7 @@ from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
 from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.score import evaluate_model_dir, load_split
-from tasks.files import file_md5, write_atomic
+from tasks.files import file_md5
 from tasks.model.loading import check_fit
 from tasks.pipeline.dvc import (
     git_commit,
@@ -56,7 +56,6 @@ from tasks.pipeline.dvc import (
     push_remote,
     run_stages,
     stage_out_md5,
-    track_data,
     workspace_lock,
 )
 from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
@@ -115,29 +114,6 @@ def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | 
         data_docs_dir=report_dir / "gx",
     )
     return report.to_dict()
-
-
-@task(name="export-feedback")
-def export_feedback_snapshot(root: Path, source: SourceParams, out: Path) -> dict:
-    """The service's feedback, exported to the file a `feedback: true` source reads, and versioned by DVC.
-
-    The run trains on this snapshot, not on the live database: its md5 goes into the
-    resolved settings and the MLflow run, and `dvc add` of its folder keeps it in the DVC
-    cache, so `dvc repro` of the version rebuilds the same splits.
-    """
-    from serving.feedback import default_db_path, export_feedback
-
-    logger = get_run_logger()
-    db = default_db_path(root)
-    if db.is_file():
-        count = export_feedback(db, out, source.min_rating)
-    else:
-        logger.warning(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml): no feedback")
-        count = 0
-        write_atomic(out, "")
-    tracked = track_data(root, out, log=logger.info)
-    logger.info(f"exported {count} feedback examples from {db} to {out}" + (f" (versioned in {tracked})" if tracked else ""))
-    return {"db": str(db), "path": str(out), "examples": count, "tracked_by": tracked}
 
 
 def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) -> None:
