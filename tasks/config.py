@@ -243,9 +243,11 @@ class GateParams(_Section):
         description="Exact match above the best of zero-shot and few-shot prompting of the base model.",
     )
     max_regression: float = Field(
-        0.02, ge=0.0, le=1.0,
+        0.04, ge=0.0, le=1.0,
         description="Largest drop against the champion (absolute for scores in [0, 1], relative for perplexity) "
-                    "that the gate tolerates; a check fails only when the drop is larger at gate.confidence.",
+                    "that the gate tolerates; a check fails only when the drop is larger at gate.confidence. "
+                    "0.04 is above the spread of retrains that differ only in train.seed on the default data "
+                    "(benchmarks/bench_gate.py).",
     )
     max_p95_latency_ms: float = Field(5000, gt=0, description="Highest p95 generation latency per example (ms).")
     confidence: float = Field(
