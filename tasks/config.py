@@ -159,6 +159,10 @@ class ModelParams(_Section):
         description="auto: the model's own chat template, ChatML for a model without one; chatml: ChatML "
         "always; or the path of a Jinja file. Tokens ChatML needs are added to the tokenizer and trained.",
     )
+    chat_template_md5: str | None = Field(
+        None, description="Filled in by the resolve stage: the md5 of a Jinja chat_template file, so DVC reruns "
+        "prepare and finetune when the file changes.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "ModelParams":
@@ -447,7 +451,10 @@ def overrides_from_env() -> dict[str, Any]:
 
 
 def write_resolved(params: Params, out: Path) -> Path:
-    """Write the settings a run uses, plus the md5 of the data file and of every source, so DVC reruns when they change."""
+    """Write the settings a run uses, plus the md5 of the data file, of every source and of a chat template file.
+
+    DVC reruns a stage when one of these changes, though the file's path did not.
+    """
     doc = params.model_dump(mode="json")
     data_path = Path(params.data.path)
     doc["data"]["md5"] = file_md5(data_path) if data_path.is_file() else None
@@ -456,6 +463,9 @@ def write_resolved(params: Params, out: Path) -> Path:
     for source in doc["data"]["sources"]:
         path = Path(source["path"] or FEEDBACK_SNAPSHOT)
         source["md5"] = file_md5(path) if path.is_file() else None
+    # A template file is read by prepare and finetune, whose DVC deps name the `model` section.
+    template = Path(params.model.chat_template)
+    doc["model"]["chat_template_md5"] = file_md5(template) if template.suffix == ".jinja" and template.is_file() else None
     return write_atomic(out, yaml.safe_dump(doc, sort_keys=False))
 
 
@@ -470,7 +480,7 @@ PARAMS_HEADER = """\
 # comments): change a default or a description there, then `ftllm params --write params.yaml`.
 """
 # Keys the resolve stage fills in for a run; not settings a user writes.
-RESOLVED_ONLY = {("data", "md5")}
+RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5")}
 COMMENT_COLUMN = 31  # where comments start, so that the values line up
 LINE_WIDTH = 118
 

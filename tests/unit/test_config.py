@@ -170,3 +170,15 @@ def test_every_dvc_param_exists_in_the_resolved_settings_and_validates(tmp_path,
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"dvc.yaml names {key}; the resolved settings lack it"
             node = node[part]
+
+
+def test_resolved_params_carry_the_chat_template_files_md5(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    params = load_params(REPO / "params.yaml", {"model.chat_template": str(template)})
+    first = load_params(write_resolved(params, tmp_path / "p.yaml")).model.chat_template_md5
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}")
+    second = load_params(write_resolved(params, tmp_path / "p.yaml")).model.chat_template_md5
+    assert first and second and first != second  # same path, new file: the model section changes for DVC
+    assert load_params(write_resolved(load_params(REPO / "params.yaml"), tmp_path / "q.yaml")).model.chat_template_md5 is None
