@@ -55,6 +55,7 @@ Serve from the project root (`ftllm serve` does this, binding 127.0.0.1):
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -296,6 +297,10 @@ class ChatService:
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_registry, name="ftllm-registry-poll", daemon=True)
         self._poller.start()
+        # Everything loaded so far (BentoML, MLflow, FastAPI, the tokenizer: about 480,000
+        # objects) lives as long as the process: out of the collector's sight, a full
+        # collection no longer stops every request for half a second on a busy 2-core machine.
+        gc.freeze()
 
     # -- model lifecycle ----------------------------------------------------------------
 
