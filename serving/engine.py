@@ -50,8 +50,11 @@ Why not transformers' own continuous batching (`model.init_continuous_batching()
 attention): on this project's CPU machines it sized its KV cache from memory (7 GB with
 the defaults for a 3 MB model), and with a bounded cache a closed loop of 16 clients got
 about 116 completions/s from it (results polled through `request_id_iter`) against 200-390
-from this loop; it also has no hook for stop strings or per-row streaming decisions. On a
-GPU it is the one to measure against next.
+from this loop; it also has no hook for stop strings or per-row streaming decisions.
+`ftllm bench serve --peer` measures the service against `transformers serve
+--continuous-batching` on the same weights: on 2026-11-30, on two shared cores, 1.45x its
+requests/s at 1 client and 1.17x at 16 (README, Serving). On a GPU it is the one to measure
+against next.
 
 Each row names the model it runs on. Rows of one model share steps; when rows for a newer
 model arrive (a hot swap), they wait until the running batch has drained (at most
