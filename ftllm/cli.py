@@ -269,18 +269,27 @@ def feedback_export(
 @bench_app.command("serve")
 @exit_with
 def bench_serve(
-    url: Annotated[str, typer.Option("--url")] = "http://127.0.0.1:3000",
+    url: Annotated[Optional[str], typer.Option("--url", help="The service to measure (default "
+                                                "http://127.0.0.1:3000; with --peer, started here).")] = None,
     requests: Annotated[int, typer.Option("--requests", help="Requests per concurrency level.")] = 200,
     concurrency: Annotated[Optional[list[int]], typer.Option("--concurrency", help="Repeatable.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 16,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="FTLLM_API_KEY")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="Run the levels this many times in turn; "
                                                            "prints each ratio and their median.")] = 1,
+    peer: Annotated[bool, typer.Option("--peer", help="Also measure transformers serve --continuous-batching "
+                                                      "on the same model, alternating with the service.")] = False,
+    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="With --peer: the model folder the "
+                                                      "peer serves (default: the one the service reports).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the results as JSON here.")] = None,
 ) -> int:
-    """Load-test a running service: requests/s, tokens/s, p50/p95/p99 latency, errors."""
+    """Load-test the service: requests/s, tokens/s, p50/p95/p99 latency, errors; with --peer,
+    side by side with transformers serve --continuous-batching and its answers compared."""
+    apply_defaults()
     from ftllm.commands.bench_serve import bench_serve_command
 
-    return bench_serve_command(url, requests, concurrency or [1, 16], max_tokens, api_key, repeats)
+    return bench_serve_command(url, requests, concurrency or [1, 16], max_tokens, api_key, repeats, peer,
+                               model_dir, out)
 
 
 @bench_app.command("train")

@@ -1,7 +1,7 @@
 """What every request passes before a route runs, and what every error answer passes after.
 
 `GuardMiddleware` is the chat service's ASGI middleware: it checks the API key (constant
-time; the key is read per request through `tasks.environment.environment()`, so a rotated
+time; the key is read per request through `tasks.environment.api_key()`, so a rotated
 key needs no restart), caps request bodies at `serving.max_request_bytes` and requests in
 flight at `serving.max_concurrency`, rewrites the error bodies that BentoML and Starlette
 write themselves into OpenAI's shape, and patches BentoML's `/docs.json` to say so. Health
@@ -18,7 +18,7 @@ from typing import Any
 
 from serving.schemas import error_body, openai_error_from
 from tasks.config import ServingParams
-from tasks.environment import environment
+from tasks.environment import api_key
 
 HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
 
@@ -113,12 +113,12 @@ class GuardMiddleware:
         if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        secret = environment().api_key  # read per request, so a rotated key needs no restart
+        secret = api_key()  # read per request, so a rotated key needs no restart
         if secret is not None:
-            api_key = secret.get_secret_value()
+            expected = secret.get_secret_value()
             given = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
                 return await send_json(send, 401, error_body(
                     "Missing or wrong API key: send 'Authorization: Bearer <FTLLM_API_KEY>'.",
                     "authentication_error", None, "invalid_api_key"), [(b"www-authenticate", b"Bearer")])

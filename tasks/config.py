@@ -301,6 +301,12 @@ class ServingParams(_Section):
         description="Most decoding steps a request waits to join a running batch before join_ratio is reached; "
                     "0 joins at once.",
     )
+    prefix_min_tokens: int = Field(
+        16, ge=0, le=1_000_000,
+        description="Shortest prompt start (tokens) that the engine caches once a group of prompts shares it (the "
+                    "chat template and a common system message), so later prompts prefill only the rest; 0: no "
+                    "prefix cache.",
+    )
 
 
 class ScheduleParams(_Section):

@@ -101,6 +101,13 @@ _VARIABLES = {
 }
 
 
+def api_key() -> SecretStr | None:
+    """`environment().api_key` without reading and validating every other variable: the
+    service asks for it on every request."""
+    value = os.environ.get(_VARIABLES["api_key"], "")
+    return SecretStr(value) if value.strip() else None
+
+
 def environment() -> Environment:
     """The project's variables as set now; an empty variable counts as unset."""
     return Environment(**{field: os.environ[name] for field, name in _VARIABLES.items() if os.environ.get(name, "").strip()})

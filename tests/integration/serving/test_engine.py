@@ -26,7 +26,7 @@ from tasks.config import ServingParams
 # The engine's knobs as the service passes them on the shipped defaults.
 _DEFAULTS = ServingParams()
 KNOBS = {"max_batch": _DEFAULTS.max_batch, "join_ratio": _DEFAULTS.join_ratio,
-         "join_after_steps": _DEFAULTS.join_after_steps}
+         "join_after_steps": _DEFAULTS.join_after_steps, "prefix_min_tokens": _DEFAULTS.prefix_min_tokens}
 
 MESSAGES = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"role": "user", "content": "2001-02-03"}]
 _ids = itertools.count()
@@ -56,10 +56,10 @@ def endless(loaded: LoadedModel) -> LoadedModel:
     return dataclasses.replace(loaded, tokenizer=_NoEnd(loaded.tokenizer))
 
 
-def prompt_ids(tokenizer, user: str = "2001-02-03") -> list[int]:
+def prompt_ids(tokenizer, user: str = "2001-02-03", system: str = MESSAGES[0]["content"]) -> list[int]:
     from tasks.model.chat import render_prompt
 
-    prompt = render_prompt(tokenizer, [MESSAGES[0], {"role": "user", "content": user}])
+    prompt = render_prompt(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": user}])
     return tokenizer.encode(prompt, add_special_tokens=False)
 
 
@@ -86,8 +86,8 @@ class Harness:
             self.loop.call_soon_threadsafe(put)
 
     def submit(self, model: LoadedModel, max_new: int, *, user: str = "2001-02-03", temperature: float = 0.0,
-               stream: bool = True) -> Row:
-        row = Row(next(_ids), prompt_ids(model.tokenizer, user), max_new, temperature, 1.0, [], stream, model)
+               stream: bool = True, system: str = MESSAGES[0]["content"]) -> Row:
+        row = Row(next(_ids), prompt_ids(model.tokenizer, user, system), max_new, temperature, 1.0, [], stream, model)
         self.queues[row.id] = asyncio.Queue()
         self.engine.submit(row)
         return row
@@ -131,6 +131,71 @@ def test_a_row_joins_a_running_batch_and_leaves_before_it(loaded):
 
     run(scenario())
     assert max(steps) == 2 and steps[-1] == 1  # they shared steps; the long one ended alone
+
+
+USERS = ["1901-02-11", "1999-12-31", "2024-07-04", "1960-05-23", "2001-02-03", "1987-10-19", "2012-01-09",
+         "1945-08-15"]
+
+
+def _answers_and_prefill_widths(model: LoadedModel, groups: list[list[tuple[str, str]]], **kwargs):
+    """Each group's (system, user) prompts sent at once, a group after the previous one
+    ended; the greedy answers, and the number of tokens each prefill ran per row."""
+    widths: list[int] = []
+
+    def record(_module, _args, inputs):
+        if inputs["input_ids"].shape[1] > 1:  # a prefill (a decoding step feeds one token)
+            widths.append(inputs["input_ids"].shape[1])
+
+    hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
+
+    async def scenario():
+        texts = []
+        async with Harness(**kwargs) as h:
+            for group in groups:
+                rows = [h.submit(model, 10, user=user, system=system) for system, user in group]
+                texts += [(await h.until_end(row))[0] for row in rows]
+        return texts
+
+    try:
+        return run(scenario()), widths
+    finally:
+        hook.remove()
+
+
+def test_prompts_that_share_a_start_prefill_only_the_rest_and_answer_alike(loaded):
+    system = MESSAGES[0]["content"]
+    groups = [[(system, u) for u in USERS[:4]], [(system, u) for u in USERS[4:]], [("Say the year only.", USERS[0])]]
+    cached_model, whole_model = endless(loaded), endless(loaded)
+    cached, widths = _answers_and_prefill_widths(cached_model, groups)
+    whole, whole_widths = _answers_and_prefill_widths(whole_model, groups, prefix_min_tokens=0)
+    assert cached == whole and all(cached)  # the cache changes how much is computed, not the answers
+    assert whole_model.prefix is None
+    prompts = [prompt_ids(loaded.tokenizer, u) for u in USERS]
+    prefix = cached_model.prefix.ids
+    assert len(prefix) >= KNOBS["prefix_min_tokens"] and all(p[:len(prefix)] == prefix for p in prompts)
+    longest = max(len(p) for p in prompts)
+    # The first group runs whole (it is what the prefix is learnt from); the second runs
+    # only what follows the prefix; a prompt with another system message runs whole again.
+    first, *second, other = widths
+    assert first == longest and second and max(second) <= longest - len(prefix)
+    assert other == len(prompt_ids(loaded.tokenizer, USERS[0], "Say the year only."))
+    assert max(whole_widths) == longest and min(whole_widths[:-1]) > max(second)
+
+
+def test_the_prepared_decoding_mask_decodes_as_the_models_own(loaded, monkeypatch):
+    from serving import engine
+
+    groups = [[(MESSAGES[0]["content"], u) for u in USERS]]
+    prepared, _ = _answers_and_prefill_widths(endless(loaded), groups)
+    original = engine._Batch.__init__
+
+    def without(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.mask_4d = False
+
+    monkeypatch.setattr(engine._Batch, "__init__", without)
+    own, _ = _answers_and_prefill_widths(endless(loaded), groups)
+    assert prepared == own and all(prepared)
 
 
 @pytest.mark.parametrize(("join_ratio", "join_after_steps", "earliest", "latest"), [

@@ -12,7 +12,7 @@ import pytest
 
 from tasks.config import ModelParams, TrainParams
 from tasks.errors import ConfigError
-from tasks.model.chat import encode_chat, encode_chats, render_prompt, system_handling
+from tasks.model.chat import encode_chat, encode_chats, encode_text, render_prompt, system_handling
 from tasks.model.loading import resolve_base
 from tasks.model.tiny import CHAT_TEMPLATE
 from tasks.train.packing import prepare_batches
@@ -83,6 +83,15 @@ def test_the_served_prompt_is_the_trained_text_before_the_last_answer(family_mod
     prompt = render_prompt(tok, CONVERSATION[:-1])
     assert tok(prompt, add_special_tokens=False)["input_ids"] == enc.input_ids[:last_start]
     assert SYSTEM in prompt  # kept, or merged into the first user turn: never lost
+
+
+@pytest.mark.parametrize("family", list(EXPECTED))
+def test_the_served_prompt_encodes_as_the_tokenizer_encodes_it(family_models, family: str) -> None:
+    tok = _tokenizer(family_models(family))
+    texts = [render_prompt(tok, CONVERSATION[:-1]), " leading space, two  spaces\n\ttab", "naïve — 日本語 🙂",
+             f"{tok.eos_token} written as text, then {tok.pad_token or ''}"]
+    for text in texts:
+        assert encode_text(tok, text) == tok.encode(text, add_special_tokens=False), text
 
 
 def test_tiny_chatml_masks_answers_with_im_end(tiny) -> None:

@@ -1,0 +1,43 @@
+"""The interaction log's background writes: batched, and never behind a read."""
+
+from __future__ import annotations
+
+import threading
+
+from serving.feedback import FeedbackStore, Interaction
+
+
+def _item(i: int) -> Interaction:
+    return Interaction(f"c{i}", "chat", "m", "1", [{"role": "user", "content": str(i)}], "a", "stop", 3, 1, 2.0)
+
+
+def test_rows_logged_later_are_written_together_and_readable_at_once(tmp_path, monkeypatch):
+    store = FeedbackStore(tmp_path / "f.db")
+    batches = []
+    insert = store._insert
+    gate = threading.Event()
+
+    def slow_insert(rows):
+        gate.wait(5)  # hold the first write, so the rows behind it queue up
+        batches.append(len(rows))
+        insert(rows)
+
+    monkeypatch.setattr(store, "_insert", slow_insert)
+    for i in range(50):
+        store.log_later(_item(i))
+    gate.set()
+    assert store.has_interaction("c49")  # waits for the rows queued before it
+    assert store.count("interactions") == 50
+    assert len(batches) < 50 and sum(batches) == 50
+    assert store.add_feedback("c7", 5) == 1
+    store.close()
+
+
+def test_closing_writes_what_is_queued(tmp_path):
+    store = FeedbackStore(tmp_path / "f.db")
+    for i in range(20):
+        store.log_later(_item(i))
+    store.close()
+    reopened = FeedbackStore(tmp_path / "f.db")
+    assert reopened.count("interactions") == 20
+    reopened.close()
