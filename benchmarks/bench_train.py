@@ -29,6 +29,7 @@ every run.
 
     python benchmarks/bench_train.py                     # tiny model, 40 steps, 3 alternating repeats
     python benchmarks/bench_train.py --base /path/to/model --steps 50 --json bench.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_train.py ...   # steadier on a machine shared with other jobs
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def memory(device: str) -> dict:
 
     import torch
 
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": torch.get_num_threads()}
     if device.startswith("cuda"):
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -368,7 +369,7 @@ def print_table(summary: dict, args, loads: list[float]) -> None:
           f"{args.ours_micro_batch} (attention {args.attention}); TRL {args.rows} rows in micro-batches of "
           f"{args.trl_micro_batch} (attention {rep.get('trl', {}).get('attention', '-')}); Trainer {args.batch_size} "
           f"padded examples per step; base {args.base}, data {args.data.name}, {args.repeats} alternating run(s) each; "
-          f"load average {min(loads):.2f}-{max(loads):.2f} (median {median(loads):.2f})")
+          f"{rep['ours']['threads']} torch thread(s); load average {min(loads):.2f}-{max(loads):.2f} (median {median(loads):.2f})")
     print(f"{'':30}" + "".join(f"{TITLES[n]:>20}" for n in names))
     rows = [
         ("trained tokens/s (median)", "median_tokens_per_second", "{:.0f}"),
@@ -383,6 +384,8 @@ def print_table(summary: dict, args, loads: list[float]) -> None:
         (f"loss at {summary['smallest_tokens']} tokens", "loss_at_smallest_tokens", "{:.4f}"),
         ("loss on the whole data set", "holdout_loss", "{:.4f}"),
     ]
+    if summary["smallest_tokens"] == summary["equal_tokens"]:
+        rows = [r for r in rows if r[1] != "loss_at_smallest_tokens"]
     for label, key, fmt in rows:
         if all(rep[n].get(key) is None for n in names):
             continue
