@@ -1,4 +1,4 @@
-"""One GPU run: this project's packed LoRA loop against the HF Trainer, on a ~1B Llama.
+"""One GPU run: this project's packed LoRA loop against TRL's SFTTrainer and the HF Trainer, on a ~1B Llama.
 
 Self-contained: no hub, no network, no project data. The model is a Llama built from a
 config with random weights (hidden 2048, 16 layers, 32 heads, MLP 5632, vocab 32000:
@@ -18,7 +18,11 @@ each in its own process (own CUDA context and peak memory, killed at --timeout):
   lora-bf16  best checked attention so far, LoRA weights cast to bf16 and no autocast;
   compile  best so far, each decoder layer `torch.compile`d (NAME:flex etc. picks the attention);
   batch2x  best so far at twice --batch-size;
-  trainer  baseline: `transformers.Trainer`, --batch-size examples padded per batch
+  trl      the baseline: TRL's SFTTrainer, bfd packing (padding-free), --batch-size packed rows per
+           micro-batch flattened into one row, flash varlen attention (flash-attn's
+           `flash_attention_2` if installed, else torch's varlen kernel through `train.attention:
+           packed`'s registration); same LoRA, optimizer settings and data;
+  trainer  second reference: `transformers.Trainer`, --batch-size examples padded per batch
            (`DataCollatorForSeq2Seq`), sdpa.
 
 flex/varlen/compile rows pad every batch to --seq-len (one shape, no recompiles). Each of our
@@ -26,7 +30,7 @@ rows first checks correctness before any update, on one fixed batch: loss, gradi
 hidden-state fingerprint, compared with the sdpa row (loss within 1e-2, hidden within 5e-2
 relative); only checked rows can be "best". Each runs --warmup steps, then --steps timed steps.
 Reported: trained tokens/s (tokens with a label), all real tokens/s, MFU, peak memory.
-One QLoRA step with --qlora (needs bitsandbytes).
+One QLoRA step with --qlora (needs bitsandbytes). `trl` needs trl and datasets (the test extra).
 
 MFU is useful model FLOPs per second over the peak (989e12 bf16 dense on an H100 SXM):
 per real (non-padding) token 4*N_lin (forward 2N plus backward activation gradients 2N;
@@ -332,6 +336,79 @@ def run_trainer(args, config, examples, device, dtype) -> dict:
     return result
 
 
+def run_trl(args, config, examples, device, dtype) -> dict:
+    """TRL's SFTTrainer: bfd packing, padding-free (each micro-batch one flattened row), same LoRA and data.
+
+    Attention: flash-attn's varlen (`flash_attention_2`) where flash-attn is installed, else
+    torch's flash varlen kernel through this project's registration (the same kernel, fed
+    TRL's flattened row and restarting position ids); sdpa on CPU.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from tasks.train.finetune import wrap_for_training
+
+    attn = "sdpa"
+    if device == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            attn = "flash_attention_2"
+        except ImportError:
+            attn = VARLEN
+    train = lora_params(args).model_copy(update={"attention": "packed" if attn == VARLEN else "mask"})
+    reset_memory(device)
+    model = wrap_for_training(build_base(config, device, dtype, attn), train)
+    data = Dataset.from_list([{"input_ids": e.input_ids, "assistant_masks": list(e.loss_mask)} for e in examples])
+    from tokenizers import Tokenizer, models
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, "<unk>")),
+                                  pad_token="<pad>", eos_token="<unk>")
+    per_step: list[dict] = []
+
+    class Clock(TrainerCallback):
+        marks: list[float] = []
+
+        def on_step_end(self, *a, **k):
+            sync(device)
+            self.marks.append(time.perf_counter())
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = SFTConfig(
+            output_dir=tmp, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
+            learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1,
+            save_strategy="no", report_to=[], seed=0, use_cpu=device == "cpu", bf16=dtype == torch.bfloat16,
+            disable_tqdm=True, dataloader_num_workers=0, packing=True, packing_strategy="bfd",
+            max_length=args.seq_len,
+        )
+        trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=tok, callbacks=[clock])
+        collator = trainer.data_collator
+
+        def counting(features):
+            batch = collator(features)
+            pos = batch["position_ids"][0]
+            starts = (pos == 0).nonzero().flatten().tolist() + [pos.numel()]
+            lengths = [b - a for a, b in zip(starts, starts[1:])]
+            per_step.append({"trained": int((batch["labels"][:, 1:] != IGNORE).sum()), "real": pos.numel(),
+                             "pairs": pairs_of(lengths), "total": pos.numel()})
+            return batch
+
+        trainer.data_collator = counting
+        trainer.train()
+    seconds = clock.marks[-1] - clock.marks[args.warmup - 1]
+    timed = per_step[args.warmup : args.warmup + args.steps]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result = summarize(f"TRL SFTTrainer (bfd, padding-free, {attn})", config, seconds,
+                       sum(t["trained"] for t in timed), sum(t["real"] for t in timed),
+                       sum(t["pairs"] for t in timed), device)
+    result.update(padding_fraction=0.0, final_loss=float(losses[-1]) if losses else None)
+    del trainer, model
+    return result
+
+
 def summarize(name, config, seconds, trained, real, pairs, device) -> dict:
     useful = flops(config, real, trained, pairs)
     return {
@@ -372,7 +449,7 @@ def qlora_step(args, config, examples, device) -> dict:
             "qlora_peak_memory_gib": peak_gib(device), "qlora_loss": last["loss"]}
 
 
-DEFAULT_VARIANTS = "sdpa,varlen,flex,lora-bf16,batch2x,trainer,compile"
+DEFAULT_VARIANTS = "sdpa,varlen,flex,lora-bf16,batch2x,trl,trainer,compile"
 ATTN = {"sdpa": "sdpa", "flex": "flex_attention", "varlen": VARLEN}
 GPU_ONLY = {"flex": "flex_attention needs the Triton kernels (CUDA)", "compile": "torch.compile of the layers: GPU run only",
             "lora-bf16": "bf16 weights need a bf16 run (the CPU run is fp32)", "varlen": None}
@@ -399,8 +476,8 @@ def resolve_variant(token: str, args, rows: list[dict]) -> dict | None:
         a = ATTN.get(attn, best["attn"])
         return {"name": token, "attn": a, "batch_size": args.batch_size, "lora_bf16": bool(best.get("lora_bf16")),
                 "compile": True, "fixed_width": True}
-    if name == "trainer":
-        return {"name": "trainer"}
+    if name in ("trainer", "trl"):
+        return {"name": name}
     raise SystemExit(f"unknown variant {token!r}")
 
 
@@ -414,6 +491,8 @@ def worker(args) -> int:
     examples = make_examples(args.batch_size * 2 * (args.warmup + args.steps) * 3, args.seq_len, config.vocab_size, seed=0)
     if spec["name"] == "trainer":
         row = run_trainer(args, config, examples, args.device, dtype)
+    elif spec["name"] == "trl":
+        row = run_trl(args, config, examples, args.device, dtype)
     else:
         row = run_ours(args, config, examples, args.device, dtype, spec)
     row["status"] = "ok"

@@ -297,7 +297,7 @@ def bench_serve(
 def bench_train(
     args: Annotated[Optional[list[str]], typer.Argument(help="Options of benchmarks/bench_train.py.")] = None,
 ) -> None:
-    """This trainer (packing) against transformers.Trainer (padding): trained tokens/s, loss, memory."""
+    """This trainer against TRL's SFTTrainer (packing, padding-free) and transformers.Trainer (padding): trained tokens/s, loss, memory."""
     import runpy
 
     root = apply_defaults()
