@@ -269,7 +269,8 @@ def save_model(
         "kind": kind,
         "base": params.model.base,
         "base_path": base_path,
-        "model_params": params.model.model_dump(),
+        # Without the resolve stage's None fields: BentoML keeps this file as model metadata, which takes no None.
+        "model_params": params.model.model_dump(exclude_none=True),
         "added_token_ids": list(added_ids),
         "method": params.train.method,
         "params_digest": params.digest(),
