@@ -53,8 +53,11 @@ about 116 completions/s from it (results polled through `request_id_iter`) again
 from this loop; it also has no hook for stop strings or per-row streaming decisions.
 `ftllm bench serve --peer` measures the service against `transformers serve
 --continuous-batching` on the same weights: on 2026-11-30, on two shared cores, 1.45x its
-requests/s at 1 client and 1.17x at 16 (README, Serving). On a GPU it is the one to measure
-against next.
+requests/s at 1 client and 1.17x at 16 (README, Serving), short of the 1.5x the project
+asks of its own code over a library's. `serving.engine: transformers` runs the library's
+loop in this engine process instead (`serving.library_engine`, same interface: `submit`,
+`cancel`, `retire`, `close`), with a bounded cache and this module's `_Tokens` for stop
+strings, so the two can be measured on the machine that serves.
 
 Each row names the model it runs on. Rows of one model share steps; when rows for a newer
 model arrive (a hot swap), they wait until the running batch has drained (at most

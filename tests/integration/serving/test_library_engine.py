@@ -4,10 +4,14 @@ engine process answers as the own engine does, through the same `EngineProcess` 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 
+import httpx
 import pytest
+import yaml
 
 from serving.engine import Completion, EngineError, EngineProcess, load_model_dir
 from tasks.config import ServingParams
@@ -112,3 +116,31 @@ def test_sampled_cancelled_and_dead_rows_end_as_with_the_own_engine(model_dir, p
             await engine.submit(_completion(key, prompts[0], 8))
 
     _serve("transformers", model_dir, scenario)
+
+
+@pytest.mark.slow
+def test_the_service_with_serving_engine_transformers_answers_as_with_its_own(http_server, client, serving_dir):
+    """`serving.engine` reaches the engine process: over HTTP, the library's loop answers the
+    chat route (plain and streamed) as the in-process service on the own engine does."""
+    params = yaml.safe_load((serving_dir / "params.yaml").read_text())
+    params["serving"]["engine"] = "transformers"
+    path = serving_dir / "params-transformers.yaml"
+    path.write_text(yaml.safe_dump(params))
+    body = {"model": "ftllm-chat-test", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "system", "content": "Rewrite the ISO date in words."},
+                         {"role": "user", "content": "1999-12-31"}]}
+    own = client.post("/v1/chat/completions", json=body).json()
+    with http_server(serving_dir / "bentoml-serve-transformers.log", {"FTLLM_PARAMS": str(path)}) as url:
+        lib = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+        streamed = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=120).text
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    assert lib["choices"][0]["message"] == own["choices"][0]["message"]
+    assert lib["choices"][0]["finish_reason"] == own["choices"][0]["finish_reason"]
+    assert lib["usage"] == own["usage"]
+    chunks = [line[len("data: "):] for line in streamed.splitlines() if line.startswith("data: {")]
+    text = "".join((json.loads(c)["choices"][0]["delta"].get("content") or "") for c in chunks
+                   if json.loads(c)["choices"])
+    assert text == own["choices"][0]["message"]["content"]
+    # the own engine reports its decoding steps; the library's loop reports none
+    counts = [float(n) for n in re.findall(r"^ftllm_batch_size_count(?:\{[^}]*\})? (\S+)$", metrics, re.M)]
+    assert counts == [0.0], metrics
