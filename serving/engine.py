@@ -53,8 +53,11 @@ about 116 completions/s from it (results polled through `request_id_iter`) again
 from this loop; it also has no hook for stop strings or per-row streaming decisions.
 `ftllm bench serve --peer` measures the service against `transformers serve
 --continuous-batching` on the same weights: on 2026-11-30, on two shared cores, 1.45x its
-requests/s at 1 client and 1.17x at 16 (README, Serving). On a GPU it is the one to measure
-against next.
+requests/s at 1 client and 1.17x at 16 (README, Serving), short of the 1.5x the project
+asks of its own code over a library's. `serving.engine: transformers` runs the library's
+loop in this engine process instead (`serving.library_engine`, same interface: `submit`,
+`cancel`, `retire`, `close`), with a bounded cache and this module's `_Tokens` for stop
+strings, so the two can be measured on the machine that serves.
 
 Each row names the model it runs on. Rows of one model share steps; when rows for a newer
 model arrive (a hot swap), they wait until the running batch has drained (at most
@@ -404,6 +407,13 @@ class Engine:
     def submit(self, row: Row) -> None:
         self.inbox.put(row)
 
+    def cancel(self, row: Row) -> None:
+        """The client left: the row is dropped at the next step."""
+        row.done = True
+
+    def retire(self, loaded: LoadedModel) -> None:
+        """The service dropped `loaded`: nothing to do, its rows hold it until they end."""
+
     def close(self) -> None:
         self.inbox.put(None)
 
@@ -509,10 +519,13 @@ def _sample(logits, rows: list[Row]):
 # ---------------------------------------------------------------------------------------
 
 
-def _engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, prefix_min_tokens: int = 0) -> None:
+def _engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, prefix_min_tokens: int = 0,
+                 kind: str = "own") -> None:
     """The engine process: load models and take rows from `conn`; send their events back.
 
-    `max_batch`, `join_ratio`, `join_after_steps` and `prefix_min_tokens` are `Engine`'s.
+    `max_batch`, `join_ratio`, `join_after_steps` and `prefix_min_tokens` are `Engine`'s;
+    `kind` is `serving.engine`: "own" (`Engine`) or "transformers"
+    (`serving.library_engine.LibraryEngine`, the same interface).
 
     Messages in: ("load", key, model_dir), ("drop", key), ("row", id, key, prompt_ids,
     max_new, temperature, top_p, stops, stream), ("cancel", id), ("close",). Messages out:
@@ -547,30 +560,37 @@ def _engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int,
             log.exception("loading %s failed", model_dir)
             send(("loaded", key, 0, f"{type(exc).__name__}: {exc}"))
 
-    engine = Engine(emit, max_batch=max_batch, join_ratio=join_ratio, join_after_steps=join_after_steps,
-                    on_step=steps.append, prefix_min_tokens=prefix_min_tokens)
+    loop: type = Engine
+    if kind == "transformers":
+        from serving.library_engine import LibraryEngine
+
+        loop = LibraryEngine
+    engine = loop(emit, max_batch=max_batch, join_ratio=join_ratio, join_after_steps=join_after_steps,
+                  on_step=steps.append, prefix_min_tokens=prefix_min_tokens)
     try:
         while True:
             try:
                 message = conn.recv()
             except (EOFError, OSError):  # the service is gone
                 break
-            kind = message[0]
-            if kind == "row":
+            what = message[0]
+            if what == "row":
                 _, rid, key, prompt_ids, max_new, temperature, top_p, stops, stream = message
                 if key not in models:
                     send(("events", [(rid, ("error", f"model {key} is not loaded in the engine"))], []))
                     continue
                 rows[rid] = Row(rid, prompt_ids, max_new, temperature, top_p, stops, stream, models[key])
                 engine.submit(rows[rid])
-            elif kind == "cancel":
+            elif what == "cancel":
                 if message[1] in rows:
-                    rows[message[1]].done = True
-            elif kind == "load":  # in a thread: rows keep flowing while a model loads
+                    engine.cancel(rows[message[1]])
+            elif what == "load":  # in a thread: rows keep flowing while a model loads
                 threading.Thread(target=load, args=message[1:], name="ftllm-load", daemon=True).start()
-            elif kind == "drop":
-                models.pop(message[1], None)
-            elif kind == "close":
+            elif what == "drop":
+                dropped = models.pop(message[1], None)
+                if dropped is not None:
+                    engine.retire(dropped)
+            elif what == "close":
                 break
     finally:
         engine.close()
@@ -615,16 +635,18 @@ class EngineProcess:
     turns False.
 
     `max_batch`, `join_ratio`, `join_after_steps` and `prefix_min_tokens` are `Engine`'s
-    (plain values: they travel to a spawned process); `on_steps` receives the rows of each decoding step, a
+    (plain values: they travel to a spawned process); `engine` is `serving.engine`, the
+    decoding loop the process runs ("own" or "transformers"); `on_steps` receives the rows of each decoding step, a
     list per message from the engine.
     """
 
     def __init__(self, *, max_batch: int, join_ratio: float, join_after_steps: int,
-                 on_steps: Callable[[list[int]], None] | None = None, prefix_min_tokens: int = 0) -> None:
+                 on_steps: Callable[[list[int]], None] | None = None, prefix_min_tokens: int = 0,
+                 engine: str = "own") -> None:
         context = multiprocessing.get_context("spawn")  # no fork: the service has threads
         self._conn, child = context.Pipe()
         self.process = context.Process(target=_engine_main,
-                                       args=(child, max_batch, join_ratio, join_after_steps, prefix_min_tokens),
+                                       args=(child, max_batch, join_ratio, join_after_steps, prefix_min_tokens, engine),
                                        name="ftllm-engine", daemon=True)
         self.process.start()
         child.close()

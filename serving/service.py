@@ -307,7 +307,7 @@ class ChatService:
     def _start_engine(self) -> EngineProcess:
         return EngineProcess(max_batch=self.limits.max_batch, join_ratio=self.limits.join_ratio,
                              join_after_steps=self.limits.join_after_steps,
-                             prefix_min_tokens=self.limits.prefix_min_tokens,
+                             prefix_min_tokens=self.limits.prefix_min_tokens, engine=self.limits.engine,
                              on_steps=lambda sizes: [BATCH_SIZE.observe(n) for n in sizes])
 
     @staticmethod

@@ -301,6 +301,13 @@ class ServingParams(_Section):
         description="Most decoding steps a request waits to join a running batch before join_ratio is reached; "
                     "0 joins at once.",
     )
+    engine: Literal["own", "transformers"] = Field(
+        "own",
+        description="The decoding loop of the engine process: own (serving/engine.py) or transformers (the "
+                    "library's continuous batching with paged attention, serving/library_engine.py); same API, "
+                    "answers and errors. transformers ignores join_ratio and join_after_steps and shares KV "
+                    "blocks instead of the prefix cache (on while prefix_min_tokens > 0).",
+    )
     prefix_min_tokens: int = Field(
         16, ge=0, le=1_000_000,
         description="Shortest prompt start (tokens) that the engine caches once a group of prompts shares it (the "
