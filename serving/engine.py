@@ -175,8 +175,11 @@ def sample(logits, temperature, top_p):
         return greedy
     probs = torch.softmax(logits.float() / temperature.clamp(min=1e-5).unsqueeze(1), dim=-1)
     ranked, order = probs.sort(dim=-1, descending=True)
-    # Keep the most likely tokens until their mass reaches top_p (always the first one).
-    ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p.unsqueeze(1), 0.0)
+    # Keep the most likely tokens until their mass reaches top_p, and always the first one:
+    # a top_p below float32's smallest value (5e-324 is valid JSON) becomes 0 in the tensor.
+    cut = ranked.cumsum(-1) - ranked >= top_p.unsqueeze(1)
+    cut[:, 0] = False
+    ranked = ranked.masked_fill(cut, 0.0)
     drawn = order.gather(-1, torch.multinomial(ranked, 1)).squeeze(1)
     return torch.where(hot, drawn, greedy)
 

@@ -337,6 +337,10 @@ def test_sample_is_greedy_at_temperature_zero_and_keeps_to_the_nucleus():
     # the nucleus of row 2 at top_p 0.9 is its two first tokens: both are drawn, never the others
     seen = {int(sample(logits[1:], torch.tensor([1.0]), torch.tensor([0.9]))[0]) for _ in range(200)}
     assert seen == {0, 1}
+    # top_p of 5e-324 (valid JSON, 0 once a float32 tensor): still the most likely token, not an error
+    tiny = torch.tensor([5e-324, 5e-324])
+    assert tiny.tolist() == [0.0, 0.0]
+    assert sample(logits, torch.tensor([1.0, 1.0]), tiny).tolist() == [1, 0]
 
 
 # ---------------------------------------------------------------------------------------
