@@ -103,10 +103,19 @@ class LibraryEngine:
                         manager.cancel_request(rid)
 
     def retire(self, loaded: LoadedModel) -> None:
-        """The service dropped `loaded`: its managers finish their rows, then stop."""
+        """The service dropped `loaded`: its managers finish their rows, then stop.
+
+        The library's `stop(block=False)` clears the manager's batch processor at once, while
+        its thread is still flushing the rows in flight, which then fail ("Tried to perform a
+        generation step before the batch processor was initialized"). So each is stopped
+        blocking, on a thread of its own: the rows finish, and this engine's thread goes on.
+        """
         with self.lock:
-            for key in [k for k in self.managers if k[0] == id(loaded)]:
-                self._stop(self.managers.pop(key)[1], block=False)
+            managers = [self.managers.pop(key)[1] for key in [k for k in self.managers if k[0] == id(loaded)]]
+        for manager in managers:
+            # No timeout: a row in flight may run to its max_tokens; the service no longer sends any.
+            threading.Thread(target=self._stop, args=(manager, True), kwargs={"timeout": None}, name="ftllm-retire",
+                             daemon=True).start()
 
     def close(self) -> None:
         with self.lock:
@@ -149,9 +158,9 @@ class LibraryEngine:
         return manager
 
     @staticmethod
-    def _stop(manager, block: bool, hard: bool = False) -> None:
+    def _stop(manager, block: bool, hard: bool = False, timeout: float | None = CLOSE_TIMEOUT_SECONDS) -> None:
         try:
-            manager.stop(block=block, timeout=CLOSE_TIMEOUT_SECONDS if block else None, hard_stop=hard)
+            manager.stop(block=block, timeout=timeout if block else None, hard_stop=hard)
         except Exception as exc:
             log.warning("stopping a continuous batching manager failed: %s: %s", type(exc).__name__, exc)
 

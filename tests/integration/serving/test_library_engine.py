@@ -92,7 +92,9 @@ def test_sampled_cancelled_and_dead_rows_end_as_with_the_own_engine(model_dir, p
             await engine.submit(c)
         for c in sampled:
             text, end = await _answer(c)
-            assert end[0] == "end" and end[1] in {"stop", "length"} and 0 < end[2] <= 12, (text, end)
+            # a draw may be the end-of-turn token at once: an empty answer that ended, not an error
+            assert end[0] == "end" and end[1] in {"stop", "length"} and 0 <= end[2] <= 12, (text, end)
+            assert end[1] == "stop" or end[2] == 12, (text, end)
 
         # a client that leaves: its row stops, the next request is answered
         gone = _completion(key, prompts[0], 2000, stream=True)
@@ -144,3 +146,24 @@ def test_the_service_with_serving_engine_transformers_answers_as_with_its_own(ht
     # the own engine reports its decoding steps; the library's loop reports none
     counts = [float(n) for n in re.findall(r"^ftllm_batch_size_count(?:\{[^}]*\})? (\S+)$", metrics, re.M)]
     assert counts == [0.0], metrics
+
+
+def test_rows_in_flight_finish_on_a_model_the_service_dropped(model_dir, prompts):
+    """A hot swap: the service loads the new model, then drops the old one while its rows still
+    generate. They finish on it (no error), as with the own engine, and the new model answers."""
+    async def scenario(engine: EngineProcess, key: str):
+        new_key, _context = await asyncio.to_thread(engine.load, model_dir)
+        running = [_completion(key, ids, 400, stream=True) for ids in prompts]
+        for c in running:
+            await engine.submit(c)
+        await asyncio.wait_for(running[0].queue.get(), 120)  # generating
+        engine.drop(key)
+        ends = [(await _answer(c))[1] for c in running]
+        after = _completion(new_key, prompts[0], 8)
+        await engine.submit(after)
+        return ends, (await _answer(after))[1]
+
+    for kind in ("own", "transformers"):
+        ends, after = _serve(kind, model_dir, scenario)
+        assert [end[0] for end in ends] == ["end"] * len(prompts), (kind, ends)
+        assert after[0] == "end", (kind, after)
