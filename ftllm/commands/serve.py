@@ -10,6 +10,7 @@ service then picks the registry's `champion` and follows it as it moves.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -50,7 +51,12 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
               file=sys.stderr)
     print(f"serving {target} on http://{host}:{port} (OpenAI base URL http://{host}:{port}/v1)", file=sys.stderr)
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
+    server = subprocess.Popen(cmd, cwd=root, env={**os.environ, "FTLLM_ROOT": str(root)})
+    # A supervisor's SIGTERM (systemd, `docker stop`, `kill`) reaches this process only: pass it
+    # on, or the server would outlive this process and keep its port.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: server.send_signal(signum))
     try:
-        return subprocess.call(cmd, cwd=root, env={**os.environ, "FTLLM_ROOT": str(root)})
-    except KeyboardInterrupt:
+        return server.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the server too (one process group): let it shut down
+        server.wait()
         return 0

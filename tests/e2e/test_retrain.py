@@ -203,9 +203,15 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
             stored = httpx.post(f"{url}/feedback", json={"id": answer["id"], "rating": 1, "correction": fix}, timeout=30)
             assert stored.status_code == 200, stored.text
     finally:
-        server.terminate()
+        import psutil
+
+        children = psutil.Process(server.pid).children(recursive=True)
+        server.terminate()  # as a supervisor stops it: `ftllm serve` passes SIGTERM on to the server
         server.wait(30)
         log.close()
+        psutil.wait_procs(children, timeout=30)
+    assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert children and not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
     sources = [{"path": "data/dates.jsonl"}, {"feedback": True}]
     state, result = run_flow(project, **{"data.sources": sources, "train.max_steps": 10})
