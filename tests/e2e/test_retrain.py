@@ -183,7 +183,9 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
     trained = next(r for r in rows if split(r, True) == "train")
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "ftllm.cli", "serve", "--port", str(port)], cwd=project,
+    # The first run's bento, by tag: the session's BentoML store also holds other modules' bentos.
+    server = subprocess.Popen([sys.executable, "-m", "ftllm.cli", "serve", "--port", str(port),
+                               "--bento", first_run[1].bento], cwd=project,
                               env={**os.environ, "FTLLM_ROOT": str(project)}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
