@@ -15,8 +15,10 @@ each in its own process (own CUDA context and peak memory, killed at --timeout):
   varlen   the same with `train.attention: packed` (tasks/attention.py): one call of
            torch.nn.attention.varlen.varlen_attn (flash, causal per example) on the flattened
            rows, offsets computed once per forward from the position ids;
-  lora-bf16  best checked attention so far, LoRA weights cast to bf16 and no autocast;
-  compile  best so far, each decoder layer `torch.compile`d (NAME:flex etc. picks the attention);
+  lora-bf16  best checked attention so far with `train.trainable_precision: bf16` (LoRA weights
+           bf16, no autocast);
+  compile  best so far with `train.compile: true` (each decoder layer compiled by inductor;
+           NAME:flex etc. picks the attention);
   batch2x  best so far at twice --batch-size;
   trl      the baseline: TRL's SFTTrainer, bfd packing (padding-free), --batch-size packed rows per
            micro-batch flattened into one row, flash varlen attention (flash-attn's
@@ -25,7 +27,8 @@ each in its own process (own CUDA context and peak memory, killed at --timeout):
   trainer  second reference: `transformers.Trainer`, --batch-size examples padded per batch
            (`DataCollatorForSeq2Seq`), sdpa.
 
-flex/varlen/compile rows pad every batch to --seq-len (one shape, no recompiles). Each of our
+flex/varlen/compile rows pad every batch to --seq-len (one shape, no recompiles), as the trainer
+does under `train.compile`. Each of our
 rows first checks correctness before any update, on one fixed batch: loss, gradient norm and a
 hidden-state fingerprint, compared with the sdpa row (loss within 1e-2, hidden within 5e-2
 relative); only checked rows can be "best". Each runs --warmup steps, then --steps timed steps.
@@ -155,18 +158,6 @@ VARLEN = "ftllm_packed"
 # --------------------------------------------------------------------------- variants of our trainer
 
 
-def pad_to_width(batches, width: int, pad_id: int = 0):
-    """Pad every batch to `width` columns (position -1, label IGNORE): one shape for compiled kernels."""
-    from tasks.train.packing import Batch
-
-    out = []
-    for b in batches:
-        n = width - len(b.input_ids[0])
-        out.append(Batch([r + [pad_id] * n for r in b.input_ids], [r + [IGNORE] * n for r in b.labels],
-                         [r + [-1] * n for r in b.position_ids]))
-    return out
-
-
 def variant_label(spec: dict) -> str:
     attn = {"sdpa": "sdpa+4D mask", "flex_attention": "flex", VARLEN: "varlen flash"}[spec["attn"]]
     parts = [f"ours {attn}"]
@@ -182,7 +173,7 @@ def run_ours(args, config, examples, device, dtype, spec: dict | None = None) ->
     """Our packed loop under one variant `spec` (attention, compile, LoRA dtype, micro-batch)."""
     import torch
 
-    from tasks.train.finetune import wrap_for_training
+    from tasks.train.finetune import loop_dtype, wrap_for_training
     from tasks.train.loop import train_loop
     from tasks.train.loss import CausalLMLoss
     from tasks.train.packing import (
@@ -194,33 +185,26 @@ def run_ours(args, config, examples, device, dtype, spec: dict | None = None) ->
 
     spec = spec or {"attn": "sdpa", "batch_size": args.batch_size}
     bs = spec["batch_size"]
-    train = lora_params(args).model_copy(
-        update={"batch_size": bs, "attention": "packed" if spec["attn"] == VARLEN else "mask"})
+    bf16 = dtype == torch.bfloat16
+    # The trainer's own settings: train.attention, train.trainable_precision, train.compile.
+    train = lora_params(args).model_copy(update={
+        "batch_size": bs, "attention": "packed" if spec["attn"] == VARLEN else "mask",
+        "precision": "bf16" if bf16 else "fp32",
+        "trainable_precision": "bf16" if spec.get("lora_bf16") and bf16 else "fp32",
+        "compile": bool(spec.get("compile")),
+    })
     reset_memory(device)
     model = wrap_for_training(build_base(config, device, dtype, spec["attn"]), train)
-    run_dtype = dtype
-    if spec.get("lora_bf16") and dtype == torch.bfloat16:
-        # Everything bf16, no autocast (AdamW then updates bf16 LoRA weights directly).
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
-        run_dtype = None
-    if spec.get("compile"):
-        base = model.get_base_model()
-        for layer in getattr(base, base.base_model_prefix).layers:
-            layer.compile()
-    batches = make_batches(pack_sequences(examples, args.seq_len, seed=0), bs, 0, seed=0)
-    if spec.get("fixed_width"):
-        batches = pad_to_width(batches, args.seq_len)
+    run_dtype = loop_dtype(train, dtype)
+    width = args.seq_len if spec.get("fixed_width") else None
+    batches = make_batches(pack_sequences(examples, args.seq_len, seed=0), bs, 0, seed=0, width=width)
     pairs = [sum(p + 1 for row in b.position_ids for p in row if p >= 0) for b in batches]
     quiet = lambda m: None  # noqa: E731
 
     # Correctness check before any update: loss and gradient norm on one fixed batch of
     # args.batch_size rows (the same batch for every variant, whatever its micro-batch).
-    check = make_batches(pack_sequences(examples, args.seq_len, seed=0), args.batch_size, 0, seed=0)
+    check = make_batches(pack_sequences(examples, args.seq_len, seed=0), args.batch_size, 0, seed=0, width=width)
     check = check[len(check) // 2]
-    if spec.get("fixed_width"):
-        check = pad_to_width([check], args.seq_len)[0]
     params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.perf_counter()
     loss_model = CausalLMLoss(model)  # its decoder and head, called as its forward does, to keep the hidden states
@@ -274,15 +258,56 @@ def _null():
     return nullcontext()
 
 
-def run_trainer(args, config, examples, device, dtype) -> dict:
+def id_tokenizer(**special):
+    """A two-token tokenizer: the examples are token ids already, the trainers only need pad (and eos)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, "<unk>")),
+                                   pad_token="<pad>", **special)
+
+
+def step_clock(device):
+    """A callback that records the time at the end of every optimizer step (after a device sync)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.marks: list[float] = []
+
+        def on_step_end(self, *a, **k):
+            sync(device)
+            self.marks.append(time.perf_counter())
+
+    return Clock()
+
+
+def library_args(config_class, args, device, dtype, output_dir: str, **extra):
+    """The optimizer and loop settings every library trainer runs with (those of `lora_params`)."""
     import torch
-    from transformers import (
-        DataCollatorForSeq2Seq,
-        PreTrainedTokenizerFast,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
+
+    return config_class(
+        output_dir=output_dir, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1,
+        save_strategy="no", report_to=[], seed=0, use_cpu=device == "cpu", bf16=dtype == torch.bfloat16,
+        disable_tqdm=True, dataloader_num_workers=0, **extra,
     )
+
+
+def library_result(name, trainer, clock, per_step, args, config, device) -> dict:
+    """The timed steps' row of a library trainer (after --warmup steps), from its collator's counts."""
+    seconds = clock.marks[-1] - clock.marks[args.warmup - 1]
+    timed = per_step[args.warmup : args.warmup + args.steps]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result = summarize(name, config, seconds, sum(t["trained"] for t in timed), sum(t["real"] for t in timed),
+                       sum(t["pairs"] for t in timed), device)
+    result.update(padding_fraction=1 - sum(t["real"] for t in timed) / sum(t["total"] for t in timed),
+                  final_loss=float(losses[-1]) if losses else None)
+    return result
+
+
+def run_trainer(args, config, examples, device, dtype) -> dict:
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from tasks.train.finetune import wrap_for_training
 
@@ -294,11 +319,7 @@ def run_trainer(args, config, examples, device, dtype) -> dict:
          "labels": [t if m else IGNORE for t, m in zip(e.input_ids, e.loss_mask)]}
         for e in examples
     ]
-    from tokenizers import Tokenizer, models
-
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, "<unk>")),
-                                  pad_token="<pad>")
-    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE)
+    collator = DataCollatorForSeq2Seq(id_tokenizer(), padding=True, label_pad_token_id=IGNORE)
     per_step: list[dict] = []
 
     def counting(features):
@@ -308,30 +329,12 @@ def run_trainer(args, config, examples, device, dtype) -> dict:
                          "pairs": pairs_of(lengths), "total": batch["attention_mask"].numel()})
         return batch
 
-    class Clock(TrainerCallback):
-        marks: list[float] = []
-
-        def on_step_end(self, *a, **k):
-            sync(device)
-            self.marks.append(time.perf_counter())
-
-    clock = Clock()
+    clock = step_clock(device)
     with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(
-            output_dir=tmp, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
-            learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1,
-            save_strategy="no", report_to=[], seed=0, use_cpu=device == "cpu", bf16=dtype == torch.bfloat16,
-            disable_tqdm=True, dataloader_num_workers=0,
-        )
-        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=counting, callbacks=[clock])
+        trainer = Trainer(model=model, args=library_args(TrainingArguments, args, device, dtype, tmp),
+                          train_dataset=rows, data_collator=counting, callbacks=[clock])
         trainer.train()
-    seconds = clock.marks[-1] - clock.marks[args.warmup - 1]
-    timed = per_step[args.warmup : args.warmup + args.steps]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result = summarize("HF Trainer (padded)", config, seconds, sum(t["trained"] for t in timed),
-                       sum(t["real"] for t in timed), sum(t["pairs"] for t in timed), device)
-    result.update(padding_fraction=1 - sum(t["real"] for t in timed) / sum(t["total"] for t in timed),
-                  final_loss=losses[-1] if losses else None)
+    result = library_result("HF Trainer (padded)", trainer, clock, per_step, args, config, device)
     del trainer, model
     return result
 
@@ -343,9 +346,7 @@ def run_trl(args, config, examples, device, dtype) -> dict:
     torch's flash varlen kernel through this project's registration (the same kernel, fed
     TRL's flattened row and restarting position ids); sdpa on CPU.
     """
-    import torch
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from tasks.train.finetune import wrap_for_training
@@ -362,29 +363,13 @@ def run_trl(args, config, examples, device, dtype) -> dict:
     reset_memory(device)
     model = wrap_for_training(build_base(config, device, dtype, attn), train)
     data = Dataset.from_list([{"input_ids": e.input_ids, "assistant_masks": list(e.loss_mask)} for e in examples])
-    from tokenizers import Tokenizer, models
-
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, "<unk>")),
-                                  pad_token="<pad>", eos_token="<unk>")
     per_step: list[dict] = []
-
-    class Clock(TrainerCallback):
-        marks: list[float] = []
-
-        def on_step_end(self, *a, **k):
-            sync(device)
-            self.marks.append(time.perf_counter())
-
-    clock = Clock()
+    clock = step_clock(device)
     with tempfile.TemporaryDirectory() as tmp:
-        targs = SFTConfig(
-            output_dir=tmp, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
-            learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1,
-            save_strategy="no", report_to=[], seed=0, use_cpu=device == "cpu", bf16=dtype == torch.bfloat16,
-            disable_tqdm=True, dataloader_num_workers=0, packing=True, packing_strategy="bfd",
-            max_length=args.seq_len,
-        )
-        trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=tok, callbacks=[clock])
+        targs = library_args(SFTConfig, args, device, dtype, tmp, packing=True, packing_strategy="bfd",
+                             max_length=args.seq_len)
+        trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=id_tokenizer(eos_token="<unk>"),
+                             callbacks=[clock])
         collator = trainer.data_collator
 
         def counting(features):
@@ -398,13 +383,7 @@ def run_trl(args, config, examples, device, dtype) -> dict:
 
         trainer.data_collator = counting
         trainer.train()
-    seconds = clock.marks[-1] - clock.marks[args.warmup - 1]
-    timed = per_step[args.warmup : args.warmup + args.steps]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result = summarize(f"TRL SFTTrainer (bfd, padding-free, {attn})", config, seconds,
-                       sum(t["trained"] for t in timed), sum(t["real"] for t in timed),
-                       sum(t["pairs"] for t in timed), device)
-    result.update(padding_fraction=0.0, final_loss=float(losses[-1]) if losses else None)
+    result = library_result(f"TRL SFTTrainer (bfd, padding-free, {attn})", trainer, clock, per_step, args, config, device)
     del trainer, model
     return result
 

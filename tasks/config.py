@@ -214,6 +214,18 @@ class TrainParams(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory for one more forward pass."
     )
+    trainable_precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="fp32: the trained weights (adapter, modules to save) stay fp32 and the forward pass runs under "
+                    "bf16 autocast; bf16 (lora only, needs a bf16 run): the trained weights are bf16 too and there "
+                    "is no autocast (no casts, half the optimizer memory), but updates below bf16's resolution are lost.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer (inductor); every batch is then padded to seq_len, one shape "
+                    "compiled once. The first step waits for the compiler (minutes on a CPU); "
+                    "benchmarks/gpu_bench.py measures the gain.",
+    )
     save_steps: int = Field(100, ge=0, description="Checkpoint every N steps; 0 never.")
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Newest checkpoints kept on disk; older ones are deleted.")
     num_processes: int = Field(
@@ -224,6 +236,19 @@ class TrainParams(_Section):
     )
     merge_adapter: bool = Field(False, description="Also write the adapter merged into the base weights.")
     log_every: int = Field(10, ge=1, description="Optimizer steps between logged training metrics.")
+
+    @model_validator(mode="after")
+    def _bf16_trainables_need_a_bf16_lora_run(self) -> "TrainParams":
+        if self.trainable_precision == "bf16" and self.method != "lora":
+            raise ValueError(
+                f"train.trainable_precision=bf16 is for train.method=lora; {self.method} keeps fp32 trained weights "
+                "(full: fp32 master weights; qlora: peft keeps its norms fp32)"
+            )
+        if self.trainable_precision == "bf16" and self.precision == "fp32":
+            raise ValueError("train.trainable_precision=bf16 needs train.precision bf16 (or auto on a GPU with bf16)")
+        if self.compile and self.distributed == "fsdp" and self.num_processes > 1:
+            raise ValueError("train.compile is not supported with train.distributed=fsdp; use train.distributed=ddp or train.compile=false")
+        return self
 
 
 class EvalParams(_Section):

@@ -94,6 +94,11 @@ def check_config(train: TrainParams, base_path: str, device: str) -> None:
             raise ConfigError("train.method=qlora needs the bitsandbytes package; install it or use train.method=lora") from None
     if train.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.precision=bf16: this GPU has no bf16 support; use train.precision=auto or fp32")
+    if train.trainable_precision == "bf16" and pick_precision(train.precision, device) != torch.bfloat16:
+        raise ConfigError(
+            f"train.trainable_precision=bf16 needs a bf16 run, and train.precision={train.precision} runs fp32 on "
+            f"{device}; set train.precision=bf16 or train.trainable_precision=fp32"
+        )
     if cuda and train.num_processes > torch.cuda.device_count():
         raise ConfigError(
             f"train.num_processes={train.num_processes} is more than the {torch.cuda.device_count()} GPUs here"
@@ -119,8 +124,9 @@ def check_config(train: TrainParams, base_path: str, device: str) -> None:
 def build_model(base_path: str, train: TrainParams, device: str, dtype, tokenizer=None, new_ids: list[int] = ()):
     """Load the base model and wrap it for the training method (LoRA, QLoRA or full).
 
-    Mixed precision: frozen weights may be bf16, trainable ones are always fp32 (the
-    forward pass runs under bf16 autocast), so Adam's updates are not lost to rounding.
+    Mixed precision: frozen weights may be bf16, trainable ones are fp32 (the forward pass
+    runs under bf16 autocast), so Adam's updates are not lost to rounding; with
+    `train.trainable_precision: bf16` they are bf16 too and nothing is autocast.
 
     Args:
         base_path: the base model folder or id.
@@ -181,8 +187,11 @@ def embedding_trainables(model, setting: str, tiny: bool, new_ids: list[int]) ->
 
 def wrap_for_training(model, train: TrainParams, quantized: bool = False, tiny: bool = False,
                       new_ids: list[int] = ()):
-    """Switch a loaded causal LM to training: no KV cache, checkpointing, LoRA; trainables in fp32.
+    """Switch a loaded causal LM to training: no KV cache, checkpointing, LoRA, trainables' dtype, compiled layers.
 
+    Trainables are fp32 unless `train.trainable_precision` is bf16 (see `loop_dtype`).
+    `train.compile` compiles each decoder layer in place (`nn.Module.compile`): parameter
+    names, checkpoints and the saved adapter stay those of the eager model.
     `tiny` and `new_ids` (token rows to train) resolve `train.lora_modules_to_save: auto`
     (`embedding_trainables`).
     """
@@ -210,10 +219,35 @@ def wrap_for_training(model, train: TrainParams, quantized: bool = False, tiny: 
         from tasks.train.attention import use_packed_attention
 
         use_packed_attention(model)
+    trained_dtype = torch.bfloat16 if train.trainable_precision == "bf16" else torch.float32
     for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+        if p.requires_grad and p.dtype != trained_dtype:
+            p.data = p.data.to(trained_dtype)
+    if train.compile:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for layer in decoder_layers(base):
+            layer.compile(**COMPILE_OPTIONS)
     return model
+
+
+# Keyword arguments of torch.compile for `train.compile`; inductor, the default, unless changed.
+COMPILE_OPTIONS: dict = {}
+
+
+def decoder_layers(base) -> list:
+    """The repeated decoder blocks of a transformers causal LM (`model.layers`, GPT-2's `transformer.h`, ...)."""
+    import torch
+
+    decoder = getattr(base, base.base_model_prefix)
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(decoder, name, None), torch.nn.ModuleList):
+            return list(getattr(decoder, name))
+    raise ConfigError(f"train.compile: found no decoder layers in {type(base).__name__}; set train.compile=false")
+
+
+def loop_dtype(train: TrainParams, dtype):
+    """The autocast dtype of the training loop: none when the trained weights are bf16 themselves."""
+    return None if train.trainable_precision == "bf16" else dtype
 
 
 @dataclass
@@ -367,7 +401,7 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
         tracker.start(train, {"padding_fraction": pad_frac})
         try:
             state = train_loop(
-                model, batches, train, device, say, dtype=dtype, dist=dist, checkpoints=checkpoints,
+                model, batches, train, device, say, dtype=loop_dtype(train, dtype), dist=dist, checkpoints=checkpoints,
                 state=state, optimizer=opt, tracker=tracker,
             )
             if train.save_steps and state.step % train.save_steps:
@@ -379,7 +413,7 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
                     named = dict(model.named_parameters())
                     for name, value in whole.items():
                         named[name].data.copy_(value)
-            val_loss = evaluate_loss(CausalLMLoss(model), val_batches, device, dtype) if dist.is_main else None
+            val_loss = evaluate_loss(CausalLMLoss(model), val_batches, device, loop_dtype(train, dtype)) if dist.is_main else None
             final = state.history[-1]["loss"] if state.history else float("nan")
             summary = TrainSummary(
                 method=train.method,

@@ -83,11 +83,12 @@ def pad_sequences(examples: list[Encoded], seq_len: int) -> list[Row]:
     return [_row_of(ex, seq_len) for ex in examples]
 
 
-def make_batches(rows: list[Row], batch_size: int, pad_id: int, seed: int = 0) -> list[Batch]:
-    """Group rows of similar length into batches, each padded to its longest row.
+def make_batches(rows: list[Row], batch_size: int, pad_id: int, seed: int = 0, width: int | None = None) -> list[Batch]:
+    """Group rows of similar length into batches, each padded to its longest row, or to `width`.
 
     Grouping by length keeps the padding per batch small; the training loop shuffles the
-    order of the batches every epoch.
+    order of the batches every epoch. A fixed `width` (at least the longest row) gives every
+    batch one shape, which compiled layers (`train.compile`) are compiled for once.
     """
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -95,15 +96,18 @@ def make_batches(rows: list[Row], batch_size: int, pad_id: int, seed: int = 0) -
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[start : start + batch_size]]
-        width = max(len(r[0]) for r in chunk)
+        longest = max(len(r[0]) for r in chunk)
+        if width is not None and width < longest:
+            raise ValueError(f"width {width} is shorter than a row of {longest} tokens")
+        cols = longest if width is None else width
         ids, labels, pos = [], [], []
         for x, y, p in chunk:
-            n = width - len(x)
+            n = cols - len(x)
             ids.append(x + [pad_id] * n)
             p_full = p + [-1] * n
             y_full = y + [IGNORE] * n
             # Token i predicts token i+1, unless i+1 starts the next example or is padding.
-            labels.append([y_full[i + 1] if i + 1 < width and p_full[i + 1] > 0 else IGNORE for i in range(width)])
+            labels.append([y_full[i + 1] if i + 1 < cols and p_full[i + 1] > 0 else IGNORE for i in range(cols)])
             pos.append(p_full)
         batches.append(Batch(ids, labels, pos))
     return batches
@@ -142,4 +146,5 @@ def prepare_batches(tokenizer, rows: list[dict], train: TrainParams, system_mess
         packed = pack_sequences(encoded, train.seq_len, train.seed)
     else:
         packed = pad_sequences(encoded, train.seq_len)
-    return make_batches(packed, train.batch_size, tokenizer.pad_token_id, train.seed) if packed else []
+    width = train.seq_len if train.compile else None  # one shape for the compiled layers
+    return make_batches(packed, train.batch_size, tokenizer.pad_token_id, train.seed, width) if packed else []

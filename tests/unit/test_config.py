@@ -36,6 +36,9 @@ def test_overrides_apply_and_parse_yaml_scalars():
         ({"train.method": "dora"}, "train.method"),
         ({"train.learnin_rate": 0.1}, "train.learnin_rate: unknown key"),
         ({"gate.min_exact_match": "high"}, "gate.min_exact_match"),
+        ({"train.trainable_precision": "bf16", "train.method": "full"}, "train.trainable_precision=bf16 is for train.method=lora"),
+        ({"train.trainable_precision": "bf16", "train.precision": "fp32"}, "needs train.precision bf16"),
+        ({"train.compile": True, "train.distributed": "fsdp", "train.num_processes": 2}, "train.compile is not supported"),
     ],
 )
 def test_errors_name_the_key(override, fragment):

@@ -33,7 +33,7 @@ from tasks.model.loading import (
     load_causal_lm,
     load_trained,
 )
-from tasks.train.finetune import build_model, finetune
+from tasks.train.finetune import build_model, decoder_layers, finetune
 from tests.conftest import REPO
 from tests.families import FAMILIES, family_models  # noqa: F401  (the fixture)
 
@@ -301,3 +301,13 @@ def test_new_rows_take_the_mean_of_the_own_rows_even_where_the_model_has_spare_r
     expected = weight[:own].mean(0)
     for i in new_ids:
         assert torch.allclose(weight[i], expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_compile_finds_every_decoder_layer_of_each_family(name, family_models):
+    """`train.compile` compiles the decoder layers one by one; each family keeps them under its own name."""
+    model = load_causal_lm(str(family_models(name)))
+    layers = decoder_layers(model)
+    assert len(layers) == model.config.num_hidden_layers
+    kinds = {type(layer).__name__ for layer in layers}
+    assert len(kinds) == 1 and kinds.pop().endswith(("DecoderLayer", "Layer", "Block")), kinds

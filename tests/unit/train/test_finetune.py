@@ -18,8 +18,9 @@ from tasks.model.loading import (
     load_trained,
     resolve_base,
 )
+from tasks.train import finetune as finetune_module
 from tasks.train.checkpoints import checkpoints_dir
-from tasks.train.finetune import check_config, finetune
+from tasks.train.finetune import build_model, check_config, finetune
 from tasks.train.loop import lr_schedule
 from tasks.train.packing import (
     IGNORE,
@@ -192,3 +193,65 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(data_dir, tmp_path, 
     assert (a - b).abs().max() > 1e-3  # the adapter did change the model
 
 
+def test_bf16_trainables_train_in_bf16_and_the_folder_loads(data_dir, tmp_path, base_path, tokenizer):
+    """train.trainable_precision=bf16: the adapter and the modules to save are bf16 (no fp32 copy,
+    no autocast), the loss falls, and the saved adapter loads for evaluation and serving."""
+    import torch
+    from safetensors import safe_open
+
+    train = TrainParams(precision="bf16", trainable_precision="bf16")
+    model = build_model(base_path, train, "cpu", torch.bfloat16, tokenizer)
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert dtypes == {torch.bfloat16}
+    assert finetune_module.loop_dtype(train, torch.bfloat16) is None  # no autocast over bf16 weights
+
+    out = tmp_path / "model"
+    summary = finetune(small_params(precision="bf16", trainable_precision="bf16", max_steps=8), data_dir, out,
+                       log=lambda m: None)
+    history = json.loads((out / "history.json").read_text())
+    assert summary.precision == "bfloat16"
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5
+    with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as f:
+        saved = {f.get_tensor(k).dtype for k in f.keys()}
+    assert saved == {torch.bfloat16}
+    model, tok, _ = load_trained(out)
+    ids = torch.tensor([encode_chat(tok, make_examples(1, seed=11)[0]["messages"]).input_ids])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_bf16_trainables_need_a_bf16_run_on_this_device(base_path):
+    with pytest.raises(ConfigError, match="train.trainable_precision=bf16 needs a bf16 run"):
+        check_config(TrainParams(trainable_precision="bf16", precision="auto"), base_path, "cpu")
+
+
+def test_compiled_layers_train_as_the_eager_ones_on_one_shape(data_dir, tmp_path, monkeypatch):
+    """train.compile: every decoder layer is compiled, batches are padded to seq_len (one shape),
+    and the losses are those of the eager run. The aot_eager backend traces forward and backward
+    as inductor does but skips its C++ code generation, which takes minutes on two cores."""
+    import torch._dynamo
+
+    monkeypatch.setitem(finetune_module.COMPILE_OPTIONS, "backend", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = finetune(small_params(max_steps=3), data_dir, tmp_path / "eager", log=lambda m: None)
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = finetune(small_params(max_steps=3, compile=True), data_dir, tmp_path / "compiled", log=lambda m: None)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert compiled.padding_fraction > eager.padding_fraction  # every batch is seq_len wide now
+    a = json.loads((tmp_path / "eager" / "history.json").read_text())
+    b = json.loads((tmp_path / "compiled" / "history.json").read_text())
+    assert [h["loss"] for h in b] == pytest.approx([h["loss"] for h in a], rel=1e-4)
+    torch._dynamo.reset()
+
+
+def test_fixed_width_batches_hold_the_same_rows_and_labels(tokenizer):
+    rows = pack_sequences([encode_chat(tokenizer, e["messages"]) for e in make_examples(40, seed=5)], 128)
+    loose, fixed = make_batches(rows, 4, 0), make_batches(rows, 4, 0, width=128)
+    assert {len(r) for b in fixed for r in b.input_ids} == {128}
+    for a, b in zip(loose, fixed, strict=True):
+        n = len(a.input_ids[0])
+        assert [r[:n] for r in b.input_ids] == a.input_ids and [r[:n] for r in b.labels] == a.labels
+        assert all(t == IGNORE for r in b.labels for t in r[n:])
+    with pytest.raises(ValueError, match="width 8 is shorter"):
+        make_batches(rows, 4, 0, width=8)
