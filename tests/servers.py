@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_up
 
 BIN = Path(sys.executable).parent
 
@@ -33,16 +31,11 @@ def server(tmp_path_factory, project):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
+    try:
+        wait_until_up(f"{url}/health", proc, 120)
+    except BaseException:
         proc.kill()
-        pytest.fail("prefect server did not answer within 120 s")
+        raise
     client_env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(home), "FTLLM_ROOT": str(project)}
     yield client_env
     proc.terminate()

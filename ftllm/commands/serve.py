@@ -1,7 +1,8 @@
 """`ftllm serve`: serve the champion with `bentoml serve`, on loopback unless told otherwise.
 
-Serves the newest bento of the chat service (built by the pipeline's package step), or,
-where none was built yet, the service straight from `serving/` in the project. The
+Serves the newest bento of the chat service built for this project's `registry.model_name`
+(by the pipeline's package step), or, where none was built yet, the service straight from
+`serving/` in the project. The
 service then picks the registry's `champion` and follows it as it moves.
 
     ftllm serve --host 127.0.0.1 --port 3000 [--bento ftllm_chat:ftllm-chat-v3]
@@ -13,7 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+from tasks.config import Params, load_params
 from tasks.environment import apply_defaults, environment
 from tasks.errors import UsageError
 
@@ -21,14 +24,24 @@ BENTO_NAME = "ftllm_chat"
 SOURCE_SERVICE = "serving.service:ChatService"
 
 
-def latest_bento(name: str = BENTO_NAME) -> str | None:
-    """The tag of the most recently built bento called `name`, or None."""
+def latest_bento(model_name: str, name: str = BENTO_NAME) -> str | None:
+    """The tag of the most recently built bento called `name` for the registered model `model_name`, or None.
+
+    The package step versions each bento `<model_name>-v<version>`: one store may hold the
+    bentos of several registered models, and the newest of them all may be another's.
+    """
     import bentoml
 
-    bentos = [b for b in bentoml.list() if b.tag.name == name]
+    bentos = [b for b in bentoml.list() if b.tag.name == name and str(b.tag.version).startswith(f"{model_name}-v")]
     if not bentos:
         return None
     return str(max(bentos, key=lambda b: b.info.creation_time).tag)
+
+
+def project_params(root: Path) -> Params:
+    """The settings the service will read: FTLLM_PARAMS, else the project's params.yaml, else the defaults."""
+    path = root / (environment().params_file or "params.yaml")  # relative to the project, as the service reads it
+    return load_params(path) if path.is_file() else Params()
 
 
 def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None = None) -> int:
@@ -37,7 +50,8 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
     Args:
         host: the interface to bind; 127.0.0.1 keeps the service on this machine.
         port: the TCP port.
-        bento: a bento tag to serve; default: the newest `ftllm_chat` bento, else `serving/`.
+        bento: a bento tag to serve; default: the newest `ftllm_chat` bento of the project's
+            `registry.model_name` (FTLLM_PARAMS or params.yaml), else `serving/`.
 
     Raises:
         UsageError: the port is out of range.
@@ -45,7 +59,7 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
     root = apply_defaults()
     if not 0 < port < 65536:
         raise UsageError(f"--port {port}: expected 1..65535")
-    target = bento or latest_bento() or SOURCE_SERVICE
+    target = bento or latest_bento(project_params(root).registry.model_name) or SOURCE_SERVICE
     if host not in ("127.0.0.1", "localhost", "::1") and environment().api_key is None:
         print(f"warning: binding {host} without FTLLM_API_KEY: anyone who reaches this port can use the model",
               file=sys.stderr)

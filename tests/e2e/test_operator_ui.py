@@ -205,9 +205,8 @@ def test_the_prefect_ui_shows_a_rejected_run_as_rejected(tmp_path):
     import os
     import subprocess
     import sys
-    import time
 
-    from tests.conftest import free_port
+    from tests.conftest import free_port, wait_until_up
 
     if CHROMIUM is None:
         pytest.skip("needs headless Chromium: apt-get install -y chromium chromium-driver")
@@ -219,15 +218,7 @@ def test_the_prefect_ui_shows_a_rejected_run_as_rejected(tmp_path):
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            pytest.fail("prefect server did not answer within 180 s")
+        wait_until_up(f"{api}/health", server, 180)
         result = {"status": "rejected", "version": "4", "champion_version": "3",
                   "gate": {"passed": False, "checks": [{"name": "min_exact_match", "value": 0.21, "threshold": 0.5, "passed": False}]}}
         code = REJECTING_FLOW.format(result=json.dumps(result))

@@ -161,7 +161,6 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
     import os
     import subprocess
     import sys
-    import time
 
     import httpx
     import yaml
@@ -170,7 +169,7 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
     from tasks.data.prepare import assign_split
     from tasks.data.sources import prompt_key
     from tasks.files import file_md5
-    from tests.conftest import free_port
+    from tests.conftest import free_port, wait_until_up
 
     db = tmp_path / "feedback.db"
     monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))  # the service writes it, the run reads it
@@ -193,16 +192,7 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "ftllm serve was not ready within 180 s"
-            time.sleep(0.5)
+        wait_until_up(f"{url}/readyz", server, 180, tmp_path / "serve.log")
         for row, fix in ((held, "Held-out correction."), (trained, "Trained correction.")):
             answer = httpx.post(f"{url}/v1/chat/completions", json={"messages": row["messages"][:-1], "max_tokens": 8,
                                                                      "temperature": 0}, timeout=60).json()

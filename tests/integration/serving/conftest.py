@@ -11,15 +11,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_until_up
 
 STATE = Path(tempfile.mkdtemp(prefix="ftllm-serving-tests-"))
 MODEL_NAME = "ftllm-chat-test"
@@ -74,16 +72,7 @@ def _serve_over_http(log_path: Path, env: dict[str, str]) -> Iterator[str]:
                                 stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.time() + 120
-            while True:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.time() < deadline, "bentoml serve was not ready within 120 s"
-                time.sleep(0.5)
+            wait_until_up(f"{url}/readyz", proc, 120, log_path)
             yield url
         finally:
             proc.terminate()

@@ -112,3 +112,23 @@ def test_bench_serve_without_a_service_says_so():
     result = CliRunner().invoke(app, ["bench", "serve", "--url", url, "--requests", "2"])
     assert result.exit_code == 2
     assert "is the service running" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_picks_the_newest_bento_of_the_projects_model(params, monkeypatch):
+    """One BentoML store holds the bentos of every registered model; `ftllm serve` takes its own model's newest."""
+    from types import SimpleNamespace
+
+    import bentoml
+
+    from ftllm.commands.serve import latest_bento, project_params
+
+    def bento(version: str, built: int, name: str = "ftllm_chat"):
+        return SimpleNamespace(tag=bentoml.Tag(name, version), info=SimpleNamespace(creation_time=built))
+
+    model = project_params(params.parent).registry.model_name
+    assert model.startswith("cli-")  # the fixture's settings file, not the repository's
+    store = [bento(f"{model}-v1", 1), bento(f"{model}-v2", 2), bento("other-model-v7", 3),
+             bento(f"{model}x-v9", 4), bento(f"{model}-v3", 5, name="another_service")]
+    monkeypatch.setattr(bentoml, "list", lambda: store)
+    assert latest_bento(model) == f"ftllm_chat:{model}-v2"
+    assert latest_bento("unknown") is None
