@@ -235,9 +235,12 @@ def test_finetune_trains_each_family_and_writes_a_folder_that_loads(name, traine
     assert torch.equal(again.get_output_embeddings().weight, model.get_output_embeddings().weight)
 
 
+@pytest.mark.parametrize("kind", ["own", "transformers"])
 @pytest.mark.parametrize("name", NAMES)
-def test_the_serving_engine_answers_what_generate_answers(name, trained):
+def test_the_serving_engine_answers_what_generate_answers(name, kind, trained):
+    """Both decoding loops of `serving.engine` (own, and transformers' continuous batching)."""
     from serving.engine import Engine, Row, load_model_dir
+    from serving.library_engine import LibraryEngine
     from tasks.model.chat import render_prompt
 
     out, _, _ = trained(name)
@@ -245,12 +248,23 @@ def test_the_serving_engine_answers_what_generate_answers(name, trained):
     tok = loaded.tokenizer
     events: queue.SimpleQueue = queue.SimpleQueue()
     limits = ServingParams()
-    engine = Engine(lambda batch: [events.put(e) for e in batch], max_batch=limits.max_batch,
-                    join_ratio=limits.join_ratio, join_after_steps=limits.join_after_steps)
+    engine = {"own": Engine, "transformers": LibraryEngine}[kind](
+        lambda batch: [events.put(e) for e in batch], max_batch=limits.max_batch,
+        join_ratio=limits.join_ratio, join_after_steps=limits.join_after_steps)
+    # generate() first: the library's loop switches the model to its paged attention in place.
+    prompts = [tok.encode(render_prompt(tok, e["messages"][:-1]), add_special_tokens=False)
+               for e in conversations(name, 3, seed=11)]
+    expected = []
+    for ids in prompts:
+        with torch.no_grad():
+            full = loaded.model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=12, do_sample=False,
+                eos_token_id=[tok.eos_token_id, tok.pad_token_id], pad_token_id=tok.pad_token_id,
+            )[0, len(ids):].tolist()
+        expected.append([t for t in full if t not in (tok.eos_token_id, tok.pad_token_id)])
     try:
-        for i, example in enumerate(conversations(name, 3, seed=11)):
-            prompt = render_prompt(tok, example["messages"][:-1])
-            ids = tok.encode(prompt, add_special_tokens=False)
+        for i, (ids, want) in enumerate(zip(prompts, expected, strict=True)):
             row = Row(i, ids, 12, 0.0, 1.0, [], False, loaded)
             engine.submit(row)
             while True:
@@ -258,14 +272,7 @@ def test_the_serving_engine_answers_what_generate_answers(name, trained):
                 if got is row and event[0] in ("end", "error"):
                     break
             assert event[0] == "end", event
-            with torch.no_grad():
-                full = loaded.model.generate(
-                    torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                    max_new_tokens=12, do_sample=False,
-                    eos_token_id=[tok.eos_token_id, tok.pad_token_id], pad_token_id=tok.pad_token_id,
-                )[0, len(ids):].tolist()
-            expected = [t for t in full if t not in (tok.eos_token_id, tok.pad_token_id)]
-            assert row.ids == expected, (tok.decode(row.ids), tok.decode(expected))
+            assert row.ids == want, (tok.decode(row.ids), tok.decode(want))
     finally:
         engine.close()
 
