@@ -18,7 +18,7 @@ from tests.servers import BIN, server  # noqa: F401  (the module-scoped Prefect 
 
 pytestmark = pytest.mark.slow
 # Its own registered model and a short training: this test is about orchestration.
-OVERRIDES = {**FAST, "train.max_steps": 30, "registry.model_name": "ftllm-deploy"}
+OVERRIDES = {**FAST, "train.max_steps": 30, "eval.max_examples": 12, "registry.model_name": "ftllm-deploy"}
 
 
 def test_deploy_trigger_and_worker_run(server, project):

@@ -23,7 +23,9 @@ from tests.conftest import FAST
 
 pytestmark = pytest.mark.slow
 MODEL = "ftllm-interrupt"
-OVERRIDES = {**FAST, "train.save_steps": 40, "registry.model_name": MODEL}
+# A short training and a gate any candidate passes: this test is about the kill and the resume.
+OVERRIDES = {**FAST, "train.max_steps": 60, "train.save_steps": 20, "eval.max_examples": 20, "registry.model_name": MODEL,
+             "gate.min_exact_match": 0.0, "gate.max_perplexity": 1e9, "gate.min_gain_over_prompting": -1.0}
 BIN = Path(sys.executable).parent
 
 
@@ -85,4 +87,4 @@ def test_killed_training_fails_the_run_and_the_next_run_resumes(project):
     assert result["status"] == "promoted" and versions(MODEL) == [str(result["version"])]
     trained = json.loads((project / "artifacts" / "model" / "train_summary.json").read_text())
     # At most save_steps steps were repeated: training went on from the checkpoint.
-    assert trained["resumed_from_step"] >= 40 and trained["steps"] == FAST["train.max_steps"]
+    assert trained["resumed_from_step"] >= 20 and trained["steps"] == OVERRIDES["train.max_steps"]

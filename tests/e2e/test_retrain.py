@@ -111,7 +111,7 @@ def test_failed_packaging_promotes_nothing(first_run, project, monkeypatch):
     monkeypatch.setattr(tasks.registry.bento, "build_bento", broken_build)
     # A model of its own with a gate that any candidate passes, so the run reaches the build.
     lenient = {"registry.model_name": "ftllm-pkg", "gate.min_exact_match": 0.0, "gate.max_perplexity": 1e9,
-               "gate.min_gain_over_prompting": -1.0, "train.max_steps": 10, "train.seed": 7}
+               "gate.min_gain_over_prompting": -1.0, "train.max_steps": 10, "train.seed": 7, "eval.max_examples": 12}
     state, result = run_flow(project, **lenient)
     assert state.is_failed() and "simulated" in result.error
     assert champion_version("ftllm-pkg") is None
@@ -210,7 +210,7 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
     assert children and not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
     sources = [{"path": "data/dates.jsonl"}, {"feedback": True}]
-    state, result = run_flow(project, **{"data.sources": sources, "train.max_steps": 10})
+    state, result = run_flow(project, **{"data.sources": sources, "train.max_steps": 10, "eval.max_examples": 20})
     assert state.is_completed(), result
     prepared = project / "artifacts/prepared"
     split_rows = {s: [json.loads(x) for x in (prepared / f"{s}.jsonl").read_text().splitlines()]

@@ -235,6 +235,34 @@ def test_finetune_trains_each_family_and_writes_a_folder_that_loads(name, traine
     assert torch.equal(again.get_output_embeddings().weight, model.get_output_embeddings().weight)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_evaluate_stage_scores_each_family_and_its_base_prompted(name, trained, family_models, tmp_path):
+    """The evaluate stage's work per family: the fine-tuned folder, and the base model zero-shot
+    and few-shot, each rendered with the family's template and scored example by example."""
+    import yaml
+
+    from tasks.config import EvalParams
+    from tasks.evaluate.score import evaluate_all
+
+    out, _, _ = trained(name)
+    data = tmp_path / "prepared"
+    data.mkdir()
+    examples = conversations(name, 10, seed=9)
+    (data / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[:6]))
+    (data / "test.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[6:]))
+    params = small_params(family_models(name)).model_copy(
+        update={"eval": EvalParams(max_examples=4, few_shot_k=1, max_new_tokens=6, batch_size=4)})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    results = evaluate_all(str(tmp_path / "params.yaml"), data, out)
+    assert sorted(results) == ["base_few_shot", "base_zero_shot", "candidate"]
+    for key, result in results.items():
+        metrics, per_example = result["metrics"], result["per_example"]
+        assert metrics["examples"] == 4 and metrics["scored_tokens"] > 0, key
+        assert math.isfinite(metrics["perplexity"]) and 0 <= metrics["exact_match"] <= 1, (key, metrics)
+        assert {len(v) for v in per_example.values()} == {4}, key
+        assert all(t > 0 for t in per_example["tokens"]), key  # every reference answer was scored
+
+
 @pytest.mark.parametrize("kind", ["own", "transformers"])
 @pytest.mark.parametrize("name", NAMES)
 def test_the_serving_engine_answers_what_generate_answers(name, kind, trained):
