@@ -183,8 +183,8 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     # The first run's bento, by tag: the session's BentoML store also holds other modules' bentos.
-    # Without the serving tests' settings and model, which their conftest puts in the session's
-    # environment when it is collected: this service serves this project's champion.
+    # Without a settings file or model tag from the caller's environment: this service serves
+    # this project's champion.
     env = {k: v for k, v in os.environ.items() if k not in ("FTLLM_PARAMS", "FTLLM_BENTO_MODEL")}
     env["FTLLM_ROOT"] = str(project)
     server = subprocess.Popen([sys.executable, "-m", "ftllm.cli", "serve", "--port", str(port),

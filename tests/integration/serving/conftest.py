@@ -1,7 +1,10 @@
 """Fixtures of the serving tests: one tiny trained model, a registry and a service per session.
 
-BentoML, MLflow and the feedback log all point into one temporary folder. The variables
-are set here, at import, because BentoML and MLflow read them when first imported.
+BentoML, MLflow and the feedback log all point into one temporary folder. Those variables
+are set here, at import, because BentoML and MLflow read them when first imported. The
+service's own (its settings file, its model) are set around each test of this folder
+only (`pytest_runtest_setup`), so that tests elsewhere in the session do not serve or
+read this folder's settings.
 """
 
 from __future__ import annotations
@@ -33,13 +36,33 @@ for key, value in {
     "BENTOML_DO_NOT_TRACK": "true",
 }.items():
     os.environ.setdefault(key, value)
-os.environ.update({
+SERVICE_ENV = {
     "FTLLM_PARAMS": str(STATE / "params.yaml"),
     "FTLLM_BENTO_MODEL": f"{MODEL_NAME}:v1",
     "FTLLM_TORCH_THREADS": "1",
-})
-os.environ.pop("FTLLM_API_KEY", None)
+}
+_outside: dict[str, str | None] = {}  # the values of SERVICE_ENV's keys outside this folder's tests
 sys.path.insert(0, str(REPO / "scripts"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """Before the test's fixtures (the session's service among them) are set up."""
+    if not _outside:
+        _outside.update({key: os.environ.get(key) for key in [*SERVICE_ENV, "FTLLM_API_KEY"]})
+    os.environ.update(SERVICE_ENV)
+    os.environ.pop("FTLLM_API_KEY", None)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem) -> None:
+    """After the test's fixtures are torn down: the session's environment as it was."""
+    for key, value in _outside.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _outside.clear()
 
 # A small engine batch, so the tests see that the service passes serving.max_batch on.
 SERVING_OVERRIDES = {"serving.reload_seconds": 1.0, "serving.max_batch": 4, "registry.model_name": MODEL_NAME}
