@@ -31,12 +31,14 @@ def with_shots(messages: list[dict], shots: list[Example]) -> list[dict]:
 def assistant_nll(
     model, tokenizer, conversations: list[list[dict]], batch_size: int, system_message: str = "auto"
 ) -> tuple[list[float], list[int]]:
-    """Per conversation, the summed cross-entropy (nats) over its assistant tokens and their count.
+    """Per conversation, the summed cross-entropy (nats) over its last answer's tokens and their count.
 
-    The assistant tokens are training's (`encode_chats`: answers and their end-of-turn
-    tokens). Kept per example so that the gate can resample examples to put a confidence
-    interval on perplexity: the token-weighted mean NLL of any resample is
-    sum(nll) / sum(tokens) of its examples.
+    The answer's tokens are those training marks (`encode_chats`: the assistant's text and
+    its end-of-turn token) in the conversation's last assistant turn: the answer being
+    scored. Earlier assistant turns (a few-shot prompt's shots, a multi-turn example's past
+    answers) are context, as in the prompt that generation completes. Kept per example so
+    that the gate can resample examples to put a confidence interval on perplexity: the
+    token-weighted mean NLL of any resample is sum(nll) / sum(tokens) of its examples.
     """
     import torch
     import torch.nn.functional as F
@@ -53,7 +55,8 @@ def assistant_nll(
         for i, e in enumerate(encoded):
             n = len(e.input_ids)
             ids[i, :n] = torch.tensor(e.input_ids)
-            labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(e.input_ids, e.loss_mask)])
+            scored = last_answer(e.loss_mask)
+            labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(e.input_ids, scored)])
             attn[i, :n] = 1
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
@@ -62,6 +65,15 @@ def assistant_nll(
         sums += loss.sum(dim=1).tolist()
         counts += (target != -100).sum(dim=1).tolist()
     return sums, counts
+
+
+def last_answer(mask: list[int] | list[bool]) -> list[bool]:
+    """`mask` (training's loss mask) kept on its last run of marked tokens only: the last answer."""
+    end = max((i for i, m in enumerate(mask) if m), default=-1) + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return [start <= i < end for i in range(len(mask))]
 
 
 def perplexity(nll: list[float], tokens: list[int], tokenizer=None) -> float:

@@ -4,9 +4,10 @@ One function, `evaluate_model`, scores every model the same way on the same exam
 the candidate, the base model prompted zero-shot and few-shot (`eval.few_shot_k` train
 examples shown before each question), and, from the retrain flow, the current champion.
 
-Metrics: perplexity on the assistant tokens (the tokens training trains on, counted in
-`scored_tokens`; evaluation fails rather than report a perplexity over none); exact match, BLEU (sacrebleu) and ROUGE-L
-(rouge-score) of greedy generations; accuracy / precision / recall / macro-F1 when
+Metrics: perplexity on the answer's tokens (the tokens training trains on, in the last
+assistant turn: shots and earlier turns are context; counted in `scored_tokens`;
+evaluation fails rather than report a perplexity over none); exact match, BLEU
+(sacrebleu) and ROUGE-L (rouge-score) of greedy generations; accuracy / precision / recall / macro-F1 when
 `eval.task` is classification; per-example latency (p50, p95) and generated tokens/s.
 
 Beside the aggregate metrics, every score is kept per example (`per_example`: exact match,

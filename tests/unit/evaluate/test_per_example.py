@@ -39,3 +39,24 @@ def test_evaluate_model_keeps_every_score_per_example():
     assert math.exp(sum(scores["nll"]) / sum(scores["tokens"])) == pytest.approx(metrics["perplexity"], rel=1e-4)
     assert sum(scores["exact_match"]) / 6 == pytest.approx(metrics["exact_match"])
     assert all(t > 0 for t in scores["tokens"])
+
+
+def test_only_the_last_answer_is_scored_not_the_shots_or_past_turns():
+    """Perplexity is over the answer being scored: a few-shot prompt's shots and a multi-turn
+    example's earlier answers are context, as in the prompt that generation completes."""
+    from tasks.evaluate.generation import assistant_nll, last_answer, with_shots
+    from tasks.model.loading import load_causal_lm, load_tokenizer, resolve_base
+
+    assert last_answer([0, 1, 1, 0, 0, 1, 1, 1, 0]) == [False] * 5 + [True] * 3 + [False]
+    assert last_answer([0, 0]) == [False, False]
+
+    path = resolve_base(ModelParams())
+    model, tokenizer = load_causal_lm(path).eval(), load_tokenizer(path)
+    plain = [EXAMPLES[0]["messages"], EXAMPLES[1]["messages"]]
+    shot = with_shots(EXAMPLES[0]["messages"][:-1], [EXAMPLES[2], EXAMPLES[3]]) + [EXAMPLES[0]["messages"][-1]]
+    two_turns = EXAMPLES[4]["messages"] + [{"role": "user", "content": "And 2001-02-03?"},
+                                            {"role": "assistant", "content": "February 3, 2001"}]
+    _, counts = assistant_nll(model, tokenizer, [*plain, shot, two_turns], batch_size=4)
+    _, alone = assistant_nll(model, tokenizer, [[*EXAMPLES[4]["messages"][:1], *two_turns[-2:]]], batch_size=1)
+    assert counts[2] == counts[0]  # the shots' two answers are not counted
+    assert counts[3] == alone[0]  # the last answer (and its end of turn) only, not the first turn's answer

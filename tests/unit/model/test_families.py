@@ -261,6 +261,8 @@ def test_the_evaluate_stage_scores_each_family_and_its_base_prompted(name, train
         assert math.isfinite(metrics["perplexity"]) and 0 <= metrics["exact_match"] <= 1, (key, metrics)
         assert {len(v) for v in per_example.values()} == {4}, key
         assert all(t > 0 for t in per_example["tokens"]), key  # every reference answer was scored
+    # Only the answer is scored: a few-shot prompt's shots are context, as for generation.
+    assert results["base_few_shot"]["per_example"]["tokens"] == results["base_zero_shot"]["per_example"]["tokens"]
 
 
 @pytest.mark.parametrize("kind", ["own", "transformers"])
