@@ -43,6 +43,8 @@ def settings_file(folder: Path, engine: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import httpx
+
     from ftllm.commands import serve_peer
     from ftllm.commands.bench_serve import (
         CHECK_PROMPTS,
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_dates,
         run_level,
     )
-    from tasks.environment import apply_defaults
+    from tasks.environment import apply_defaults, environment
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=300)
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="ftllm-bench-engines-"))
     load_start = load_average()
     servers: dict[str, Server] = {}
+    key = environment().api_key  # the services require it when it is set
     with ExitStack() as stack:
         for engine in ENGINES:
             port = serve_peer.free_port()
@@ -78,13 +81,16 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(serve_peer.running(
                 f"the service (serving.engine={engine})", serve_peer.service_command(port), f"{url}/readyz",
                 logs / f"{engine}.log", env={"FTLLM_PARAMS": str(settings_file(logs, engine))}))
-            servers[engine] = Server(f"serving.engine={engine}", url)
+            servers[engine] = Server(f"serving.engine={engine}", url, api_key=key.get_secret_value() if key else None)
         runs: dict[int, list] = {level: [] for level in levels}
         for repeat in range(args.repeats):
             for level in levels:
                 got = {}
                 for engine in (ENGINES if repeat % 2 == 0 else ENGINES[::-1]):
-                    got[engine] = asyncio.run(run_level(servers[engine], args.requests, level, args.max_tokens))
+                    try:
+                        got[engine] = asyncio.run(run_level(servers[engine], args.requests, level, args.max_tokens))
+                    except httpx.HTTPError as exc:
+                        raise SystemExit(f"error: {servers[engine].url}: {type(exc).__name__}: {exc}") from None
                     print(f"repeat {repeat + 1}/{args.repeats}, concurrency {level}, {engine}: "
                           f"{got[engine].rps:.1f} req/s, {got[engine].errors} errors", flush=True)
                 runs[level].append((got["own"], got["transformers"], load_average()))

@@ -222,8 +222,9 @@ class TrainParams(_Section):
     )
     compile: bool = Field(
         False,
-        description="torch.compile each decoder layer (inductor); every batch is then padded to seq_len, one shape "
-                    "compiled once. The first step waits for the compiler (minutes on a CPU); "
+        description="torch.compile each decoder layer (inductor); every batch is then padded to seq_len, so the "
+                    "layers are compiled for a few shapes (full batches, the last one, validation), not one per "
+                    "batch width. The first step waits for the compiler (minutes on a CPU); "
                     "benchmarks/gpu_bench.py measures the gain.",
     )
     save_steps: int = Field(100, ge=0, description="Checkpoint every N steps; 0 never.")

@@ -55,6 +55,7 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
 def wait_until_up(url: str, proc: subprocess.Popen, seconds: float, log_path: Path | None = None) -> None:
     """Poll `url` until it answers 200; fail with the server's last output if it dies or `seconds` pass."""
     import httpx

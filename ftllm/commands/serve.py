@@ -11,6 +11,7 @@ service then picks the registry's `champion` and follows it as it moves.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,16 +33,20 @@ def latest_bento(model_name: str, name: str = BENTO_NAME) -> str | None:
     """
     import bentoml
 
-    bentos = [b for b in bentoml.list() if b.tag.name == name and str(b.tag.version).startswith(f"{model_name}-v")]
+    # BentoML keeps tag versions in lower case; `<name>-v<digits>` exactly, or model "chat" would
+    # also take the bentos of model "chat-v2".
+    version = re.compile(rf"{re.escape(model_name.lower())}-v\d+")
+    bentos = [b for b in bentoml.list() if b.tag.name == name and version.fullmatch(str(b.tag.version))]
     if not bentos:
         return None
     return str(max(bentos, key=lambda b: b.info.creation_time).tag)
 
 
 def project_params(root: Path) -> Params:
-    """The settings the service will read: FTLLM_PARAMS, else the project's params.yaml, else the defaults."""
+    """The settings the service will read (its sections only, as it reads them): FTLLM_PARAMS, else the
+    project's params.yaml, else the defaults."""
     path = root / (environment().params_file or "params.yaml")  # relative to the project, as the service reads it
-    return load_params(path) if path.is_file() else Params()
+    return load_params(path, sections=("registry", "serving")) if path.is_file() else Params()
 
 
 def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None = None) -> int:

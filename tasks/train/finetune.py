@@ -238,7 +238,7 @@ def decoder_layers(base) -> list:
     """The repeated decoder blocks of a transformers causal LM (`model.layers`, GPT-2's `transformer.h`, ...)."""
     import torch
 
-    decoder = getattr(base, base.base_model_prefix)
+    decoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
     for name in ("layers", "h", "blocks"):
         if isinstance(getattr(decoder, name, None), torch.nn.ModuleList):
             return list(getattr(decoder, name))

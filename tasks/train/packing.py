@@ -88,7 +88,7 @@ def make_batches(rows: list[Row], batch_size: int, pad_id: int, seed: int = 0, w
 
     Grouping by length keeps the padding per batch small; the training loop shuffles the
     order of the batches every epoch. A fixed `width` (at least the longest row) gives every
-    batch one shape, which compiled layers (`train.compile`) are compiled for once.
+    batch the same width, so compiled layers (`train.compile`) are not recompiled for every width.
     """
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -146,5 +146,5 @@ def prepare_batches(tokenizer, rows: list[dict], train: TrainParams, system_mess
         packed = pack_sequences(encoded, train.seq_len, train.seed)
     else:
         packed = pad_sequences(encoded, train.seq_len)
-    width = train.seq_len if train.compile else None  # one shape for the compiled layers
+    width = train.seq_len if train.compile else None  # one width for the compiled layers
     return make_batches(packed, train.batch_size, tokenizer.pad_token_id, train.seed, width) if packed else []

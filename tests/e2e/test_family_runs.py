@@ -58,7 +58,7 @@ def small_data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama3", "gemma2"])
-def test_a_retrain_run_registers_a_version_of_each_family(name, project, prefect_harness, family_models, small_data):
+def test_a_retrain_run_registers_a_version_of_the_family(name, project, prefect_harness, family_models, small_data):
     from mlflow import MlflowClient
 
     overrides = {**LENIENT, "model.base": str(family_models(name)), "data.path": str(small_data),

@@ -167,8 +167,13 @@ def client(registry):
     """The service in-process (its lifespan loads the champion)."""
     from starlette.testclient import TestClient
 
+    import serving.service
     from serving.service import ChatService
 
+    # The module binds its model when first imported: by a test of this folder, or not at all.
+    assert serving.service.BENTO_MODEL_TAG == SERVICE_ENV["FTLLM_BENTO_MODEL"], (
+        "serving.service was imported before the serving tests, without their settings; import it in a "
+        "process of its own there")
     with TestClient(ChatService.to_asgi()) as test_client:
         yield test_client
 

@@ -128,7 +128,8 @@ def test_serve_picks_the_newest_bento_of_the_projects_model(params, monkeypatch)
     model = project_params(params.parent).registry.model_name
     assert model.startswith("cli-")  # the fixture's settings file, not the repository's
     store = [bento(f"{model}-v1", 1), bento(f"{model}-v2", 2), bento("other-model-v7", 3),
-             bento(f"{model}x-v9", 4), bento(f"{model}-v3", 5, name="another_service")]
+             bento(f"{model}x-v9", 4), bento(f"{model}-v3", 5, name="another_service"), bento(f"{model}-v2-v1", 6)]
     monkeypatch.setattr(bentoml, "list", lambda: store)
     assert latest_bento(model) == f"ftllm_chat:{model}-v2"
     assert latest_bento("unknown") is None
+    assert latest_bento(model.upper()) == f"ftllm_chat:{model}-v2"  # BentoML lower-cases tag versions

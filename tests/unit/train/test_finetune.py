@@ -21,7 +21,7 @@ from tasks.model.loading import (
 from tasks.train import finetune as finetune_module
 from tasks.train.checkpoints import checkpoints_dir
 from tasks.train.finetune import build_model, check_config, finetune
-from tasks.train.loop import lr_schedule
+from tasks.train.loop import lr_schedule, train_loop
 from tasks.train.packing import (
     IGNORE,
     make_batches,
@@ -193,7 +193,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(data_dir, tmp_path, 
     assert (a - b).abs().max() > 1e-3  # the adapter did change the model
 
 
-def test_bf16_trainables_train_in_bf16_and_the_folder_loads(data_dir, tmp_path, base_path, tokenizer):
+def test_bf16_trainables_train_in_bf16_and_the_folder_loads(data_dir, tmp_path, base_path, tokenizer, monkeypatch):
     """train.trainable_precision=bf16: the adapter and the modules to save are bf16 (no fp32 copy,
     no autocast), the loss falls, and the saved adapter loads for evaluation and serving."""
     import torch
@@ -205,9 +205,17 @@ def test_bf16_trainables_train_in_bf16_and_the_folder_loads(data_dir, tmp_path, 
     assert dtypes == {torch.bfloat16}
     assert finetune_module.loop_dtype(train, torch.bfloat16) is None  # no autocast over bf16 weights
 
+    loop_dtypes = []
+
+    def recording_loop(*args, **kwargs):
+        loop_dtypes.append(kwargs["dtype"])
+        return train_loop(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "train_loop", recording_loop)
     out = tmp_path / "model"
     summary = finetune(small_params(precision="bf16", trainable_precision="bf16", max_steps=8), data_dir, out,
                        log=lambda m: None)
+    assert loop_dtypes == [None]  # the loop ran without autocast
     history = json.loads((out / "history.json").read_text())
     assert summary.precision == "bfloat16"
     assert history[-1]["loss"] < history[0]["loss"] - 0.5
