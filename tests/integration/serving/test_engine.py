@@ -139,12 +139,14 @@ USERS = ["1901-02-11", "1999-12-31", "2024-07-04", "1960-05-23", "2001-02-03", "
 
 def _answers_and_prefill_widths(model: LoadedModel, groups: list[list[tuple[str, str]]], **kwargs):
     """Each group's (system, user) prompts sent at once, a group after the previous one
-    ended; the greedy answers, and the number of tokens each prefill ran per row."""
-    widths: list[int] = []
+    ended; the greedy answers, and per group the number of tokens each of its prefills ran
+    per row. (The engine may start on a group's first row before the others arrive, which
+    then join in a prefill of their own: a group may have several.)"""
+    widths: list[list[int]] = []
 
     def record(_module, _args, inputs):
         if inputs["input_ids"].shape[1] > 1:  # a prefill (a decoding step feeds one token)
-            widths.append(inputs["input_ids"].shape[1])
+            widths[-1].append(inputs["input_ids"].shape[1])
 
     hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
 
@@ -152,6 +154,7 @@ def _answers_and_prefill_widths(model: LoadedModel, groups: list[list[tuple[str,
         texts = []
         async with Harness(**kwargs) as h:
             for group in groups:
+                widths.append([])
                 rows = [h.submit(model, 10, user=user, system=system) for system, user in group]
                 texts += [(await h.until_end(row))[0] for row in rows]
         return texts
@@ -176,10 +179,10 @@ def test_prompts_that_share_a_start_prefill_only_the_rest_and_answer_alike(loade
     longest = max(len(p) for p in prompts)
     # The first group runs whole (it is what the prefix is learnt from); the second runs
     # only what follows the prefix; a prompt with another system message runs whole again.
-    first, *second, other = widths
-    assert first == longest and second and max(second) <= longest - len(prefix)
-    assert other == len(prompt_ids(loaded.tokenizer, USERS[0], "Say the year only."))
-    assert max(whole_widths) == longest and min(whole_widths[:-1]) > max(second)
+    first, second, other = widths
+    assert max(first) == longest and max(second) <= longest - len(prefix)
+    assert other == [len(prompt_ids(loaded.tokenizer, USERS[0], "Say the year only."))]
+    assert max(whole_widths[0]) == longest and min(whole_widths[1]) > max(second)
 
 
 def test_the_prepared_decoding_mask_decodes_as_the_models_own(loaded, monkeypatch):
