@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 # pytest loads this file as `conftest`, and test modules import it again as `tests.conftest`
@@ -58,21 +57,12 @@ def free_port() -> int:
 
 def wait_until_up(url: str, proc: subprocess.Popen, seconds: float, log_path: Path | None = None) -> None:
     """Poll `url` until it answers 200; fail with the server's last output if it dies or `seconds` pass."""
-    import httpx
+    from ftllm.commands.serve_peer import PeerError, wait_ready
 
-    deadline = time.monotonic() + seconds
-    while True:
-        if proc.poll() is not None:
-            tail = log_path.read_text()[-3000:] if log_path and log_path.exists() else ""
-            pytest.fail(f"the server exited ({proc.returncode}) before {url} answered\n{tail}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"{url} did not answer within {seconds:.0f} s")
-        time.sleep(0.5)
+    try:
+        wait_ready("the server", proc, url, log_path, seconds)
+    except PeerError as exc:
+        pytest.fail(str(exc))
 
 
 # A small budget: enough for the tiny model to learn the date task well past the base.

@@ -55,8 +55,6 @@ def running(name: str, cmd: list[str], health_url: str, log_path: Path, *, cwd: 
         PeerError: the process exited, or did not answer within `timeout` seconds; the
             message holds the last lines of its output (`log_path`).
     """
-    import httpx
-
     with open(log_path, "w") as log:
         try:
             proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log,
@@ -64,23 +62,37 @@ def running(name: str, cmd: list[str], health_url: str, log_path: Path, *, cwd: 
         except OSError as exc:
             raise PeerError(f"{name} could not start ({' '.join(cmd[:3])} ...): {exc}") from None
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    raise PeerError(f"{name} exited with code {proc.returncode} before it was ready; "
-                                    f"the end of its output ({log_path}):\n{_tail(log_path)}")
-                try:
-                    if httpx.get(health_url, timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise PeerError(f"{name} did not answer {health_url} within {timeout:.0f} s; "
-                                    f"the end of its output ({log_path}):\n{_tail(log_path)}")
-                time.sleep(0.5)
+            wait_ready(name, proc, health_url, log_path, timeout)
             yield proc
         finally:
             _stop(proc)
+
+
+def wait_ready(name: str, proc: subprocess.Popen, health_url: str, log_path: Path | None = None,
+               timeout: float = START_TIMEOUT_SECONDS) -> None:
+    """Poll `health_url` until it answers 200.
+
+    Raises:
+        PeerError: `proc` exited first, or `timeout` seconds passed; the message holds the
+            last lines of its output (`log_path`) when there is one.
+    """
+    import httpx
+
+    def output() -> str:
+        return f"; the end of its output ({log_path}):\n{_tail(log_path)}" if log_path else ""
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise PeerError(f"{name} exited with code {proc.returncode} before it was ready{output()}")
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise PeerError(f"{name} did not answer {health_url} within {timeout:.0f} s{output()}")
+        time.sleep(0.5)
 
 
 def _stop(proc: subprocess.Popen) -> None:
