@@ -23,7 +23,8 @@ It moves only when a retraining is recommended, so corrections add up across run
 there are enough.
 
 `export_feedback_snapshot` is the other use of the log: a retraining run whose
-`data.sources` holds `{feedback: true}` calls it to export the feedback it trains on.
+`data.sources` holds `{feedback: true}` calls it to export the feedback it trains on, and
+`export_preference_snapshot` to export the ratings as preference examples beside it.
 
 Run it once against the embedded defaults:
 
@@ -40,7 +41,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import MonitorParams, Params, SourceParams, load_params
+from tasks.config import MonitorParams, Params, PreferenceParams, SourceParams, load_params
 from tasks.environment import apply_defaults
 from tasks.files import write_atomic
 from tasks.monitor.signals import (
@@ -144,6 +145,25 @@ def export_feedback_snapshot(root: Path, source: SourceParams, out: Path) -> dic
     tracked = track_data(root, out, log=logger.info)
     logger.info(f"exported {count} feedback examples from {db} to {out}" + (f" (versioned in {tracked})" if tracked else ""))
     return {"db": str(db), "path": str(out), "examples": count, "tracked_by": tracked}
+
+
+@task(name="export-preference")
+def export_preference_snapshot(root: Path, prefs: PreferenceParams) -> dict:
+    """The log's ratings as preference examples (`preference.path`), versioned by DVC like the feedback export.
+
+    Written on every run with a feedback source; empty while nothing is rated, and then the
+    `preference` stage has nothing to do.
+    """
+    from serving.feedback import default_db_path
+    from tasks.data.preference import export_preference
+    from tasks.files import file_md5
+
+    logger = get_run_logger()
+    out = Path(prefs.path) if Path(prefs.path).is_absolute() else root / prefs.path
+    summary = export_preference(default_db_path(root), out, prefs)
+    tracked = track_data(root, out, log=logger.info)
+    logger.info(f"exported {summary['examples']} preference examples to {out}: {summary}")
+    return {**summary, "md5": file_md5(out), "tracked_by": tracked}
 
 
 def _publish(model_name: str, figures: FeedbackFigures, drift: Drift | None, reasons: list[str], alerts: list[str]) -> None:

@@ -30,7 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, Failed, State
 
-from flows.monitor import export_feedback_snapshot
+from flows.monitor import export_feedback_snapshot, export_preference_snapshot
 from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
@@ -364,6 +364,7 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
     paths = [Path(s.file) if Path(s.file).is_absolute() else root / s.file for s in sources]
     t = time.perf_counter()
     exported = {i: export_feedback_snapshot(root, s, paths[i]) for i, s in enumerate(sources) if s.feedback}
+    preference = export_preference_snapshot(root, params.preference) if exported else None
     # An empty feedback export (nothing rated or corrected yet) is no data error: it adds nothing.
     source_reports = [
         None if i in exported and exported[i]["examples"] == 0
@@ -393,12 +394,16 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
                "data_sources": json.dumps([{"path": s.path, "md5": s.md5} for s in result.data.sources])}
     origin = flow_run_origin()
     inputs = [(Path(s.path), s.md5, "feedback" if s.feedback else "training") for s in result.data.sources]
+    if preference and preference["examples"]:
+        lineage["preference_md5"] = preference["md5"]
+        inputs.append((Path(preference["path"]), preference["md5"], "preference"))
     run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage, origin, inputs[1:])
     result.mlflow_run_id = run_id
     log_files(run_id, reports[:2], "reports")
     for i in range(1, len(sources)):
         log_files(run_id, [r for r in reports[2:] if f"sources/{i}/" in r.as_posix()], f"reports/source-{i}")
-    log_files(run_id, [paths[i] for i in exported], "data")  # the feedback the run trained on, as exported
+    # The feedback the run trained on, as exported (the preference examples beside it).
+    log_files(run_id, [paths[i] for i in exported] + ([Path(preference["path"])] if preference else []), "data")
     _publish_validation(data_path, report, tuple(reports[:2]) or (None, None), run_id)
     lineage.update(link_tags(origin, run_id))  # the model version links back to both runs
     try:
