@@ -30,13 +30,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, Failed, State
 
-from flows.monitor import export_feedback_snapshot, export_preference_snapshot
 from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
     EvalParams,
     GateParams,
     Params,
+    PreferenceParams,
+    SourceParams,
     TrainParams,
     WorkersParams,
     load_params,
@@ -45,10 +46,13 @@ from tasks.data.sources import accept_report, source_label
 from tasks.data.validate import TrainingBudget, validate_dataset
 from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
-from tasks.evaluate.gate import apply_gate
+from tasks.evaluate.gate import apply_gate, gate_table
 from tasks.evaluate.score import evaluate_model_dir, load_split
+from tasks.feedback import snapshot_feedback
+from tasks.feedback.preference import snapshot_preference
 from tasks.files import file_md5
 from tasks.model.loading import check_fit
+from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
 from tasks.pipeline.dvc import (
     git_commit,
     lock_digest,
@@ -58,7 +62,6 @@ from tasks.pipeline.dvc import (
     stage_out_md5,
     workspace_lock,
 )
-from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
 from tasks.pipeline.notify import notify_run, outcome_line
 from tasks.pipeline.report import write_reports
 from tasks.pipeline.result import (
@@ -72,11 +75,11 @@ from tasks.pipeline.result import (
 )
 from tasks.registry.tracking import (
     artifact_link,
-    log_prepared,
     end_tracking_run,
     flow_run_origin,
     link_tags,
     log_files,
+    log_prepared,
     log_results,
     run_link,
     start_tracking_run,
@@ -114,6 +117,19 @@ def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | 
         data_docs_dir=report_dir / "gx",
     )
     return report.to_dict()
+
+
+@task(name="export-feedback")
+def export_feedback_snapshot(root: Path, source: SourceParams, out: Path) -> dict:
+    """The service's feedback, exported to the file a `feedback: true` source reads, and versioned by DVC."""
+    logger = get_run_logger()
+    return snapshot_feedback(root, source.min_rating, out, log=logger.info, warn=logger.warning).to_dict()
+
+
+@task(name="export-preference")
+def export_preference_snapshot(root: Path, prefs: PreferenceParams) -> dict:
+    """The log's ratings as preference examples (`preference.path`), versioned by DVC beside the feedback export."""
+    return snapshot_preference(root, prefs, log=get_run_logger().info)
 
 
 def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) -> None:
@@ -241,7 +257,7 @@ def _publish(root: Path, verdict: dict, metrics: dict, result: RunResult, sample
     dashboard = artifact_link(run_id, "reports/dashboard.html")
     create_link_artifact(dashboard, link_text=f"{name} v{version}: run dashboard", key="retrain-dashboard",
                          description="Metrics, gate, loss curve, data and lineage on one offline page (MLflow artifact)")
-    lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", *_gate_table(verdict["checks"])]
+    lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", *gate_table(verdict["checks"])]
     lines += [f"- {note}" for note in verdict.get("notes", [])]
     lines += [
         "", f"model version [{version}]({links['model version']}), champion {result.champion_version}",
@@ -249,24 +265,6 @@ def _publish(root: Path, verdict: dict, metrics: dict, result: RunResult, sample
         "", f"Data Docs (Great Expectations, need network): {result.validation.data_docs if result.validation else None}",
     ]
     create_markdown_artifact("\n".join(lines), key="retrain-gate", description="Gate verdict")
-
-
-def _gate_table(checks: list[dict]) -> list[str]:
-    """The gate's checks as a markdown table: the decision (value against threshold) and its evidence.
-
-    A paired check's interval and p-value are what tell a regression from noise, so the
-    operator sees them beside the verdict, not only in the JSON result.
-    """
-    def fmt(x: Any) -> str:
-        return "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
-
-    rows = ["| check | value | threshold | estimate | interval | p-value | n | passed |", "|---|---|---|---|---|---|---|---|"]
-    for c in checks:
-        interval = f"[{fmt(c['low'])}, {fmt(c['high'])}]" if c.get("low") is not None else ""
-        flag = " (underpowered)" if c.get("underpowered") else ""
-        rows.append(f"| {c['name']} | {fmt(c['value'])} | {fmt(c['threshold'])} | {fmt(c.get('estimate'))} | "
-                    f"{interval} | {fmt(c.get('p_value'))} | {fmt(c.get('n'))} | {c['passed']}{flag} |")
-    return rows
 
 
 # Prefect shows a flow run's state name in its run list and can filter on it. A rejected

@@ -1,20 +1,8 @@
-"""Preference data from the interaction log: KTO rows from ratings, DPO pairs from corrections and rating gaps.
+"""Preference examples in the prepare stage: checked, deduplicated and split like every other source.
 
-Most production feedback is a rating without a correction. `preference_examples` turns the
-latest feedback of every rated completion into the two shapes TRL's preference trainers
-read (conversational: message lists, a `tools` column where the request had tools):
-
-- a KTO row `{"prompt": [...], "completion": [{"role": "assistant", ...}], "label": bool}`
-  for each uncorrected answer rated at least `preference.desirable_min_rating` (desirable)
-  or at most `preference.undesirable_max_rating` (undesirable); ratings in between are
-  left out;
-- a DPO pair `{"prompt": [...], "chosen": [...], "rejected": [...]}` for each correction
-  (chosen: the correction, rejected: the served answer), and for two uncorrected answers
-  to the same prompt whose ratings differ by at least `preference.pair_min_rating_gap`
-  (the best against the worst of that prompt).
-
-`export_preference` writes them as one JSONL file (`preference.path`), which a run with a
-`feedback: true` source exports beside the feedback export and versions with DVC.
+The examples come from the interaction log (`tasks.feedback.preference` exports them to
+`preference.path`) or from any file of the same shapes: KTO rows `{"prompt", "completion",
+"label"}` and DPO pairs `{"prompt", "chosen", "rejected"}`, message lists as TRL reads them.
 
 `prepare_preference` is the prepare stage's part: the same checks as every other source
 (structure of every conversation, the token limit, exact deduplication), then a held-out
@@ -28,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,105 +25,10 @@ from tasks.data.checks import check_messages
 from tasks.data.sources import prompt_key
 from tasks.data.tokens import count_chat_tokens
 from tasks.errors import DataFileError
-from tasks.files import file_md5, write_atomic
+from tasks.files import file_md5
 
 MAX_LISTED = 100  # lines listed per category in stats.json
 TRAIN_SPLIT, HELDOUT_SPLIT = "preference_train", "preference_heldout"
-
-
-@dataclass(frozen=True)
-class Rated:
-    """A served completion with its latest rating (and the user's correction, if any)."""
-
-    messages: list[dict[str, Any]]  # the request's messages (the prompt)
-    answer: str
-    rating: int
-    correction: str | None = None
-    tools: list[dict[str, Any]] | None = None
-
-
-def read_rated(db: Path) -> list[Rated]:
-    """The latest feedback of each rated completion in the service's log, oldest first (read-only).
-
-    Raises:
-        DataFileError: `db` is not the service's SQLite log.
-    """
-    query = """
-        SELECT i.messages, i.answer, f.rating, f.correction FROM feedback f
-        JOIN interactions i ON i.id = f.completion_id
-        WHERE f.id = (SELECT MAX(id) FROM feedback g WHERE g.completion_id = f.completion_id)
-        ORDER BY f.id
-    """
-    try:
-        conn = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True, timeout=30)
-        try:
-            rows = conn.execute(query).fetchall()
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise DataFileError(f"{db}: not a feedback log of the service ({exc}); point FTLLM_FEEDBACK_DB at it") from None
-    return [Rated(json.loads(m), a, int(r), c) for m, a, r, c in rows]
-
-
-def _prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """The conversation the model answered, or None when it is not one (e.g. a plain /generate prompt)."""
-    kept = [m for m in messages if m.get("role") in ("system", "user", "assistant", "tool")]
-    return kept if kept and kept[-1]["role"] in ("user", "tool") else None
-
-
-def _answer(text: str) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": text}]
-
-
-def _with_tools(row: dict[str, Any], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
-    return {**row, "tools": tools} if tools else row
-
-
-def preference_examples(rated: list[Rated], prefs: PreferenceParams) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """KTO rows and DPO pairs from rated completions (see the module's docstring), with their counts."""
-    rows: list[dict[str, Any]] = []
-    counts = {"desirable": 0, "undesirable": 0, "middle": 0, "pairs_from_corrections": 0, "pairs_from_ratings": 0,
-              "not_a_chat": 0}
-    by_prompt: dict[bytes, list[tuple[list[dict], Rated]]] = defaultdict(list)
-    for item in rated:
-        prompt = _prompt(item.messages)
-        if prompt is None or not item.answer.strip():
-            counts["not_a_chat"] += 1
-            continue
-        if item.correction is not None:
-            if item.correction.strip() != item.answer.strip():
-                rows.append(_with_tools({"prompt": prompt, "chosen": _answer(item.correction),
-                                         "rejected": _answer(item.answer)}, item.tools))
-                counts["pairs_from_corrections"] += 1
-            continue
-        if item.rating >= prefs.desirable_min_rating or item.rating <= prefs.undesirable_max_rating:
-            label = item.rating >= prefs.desirable_min_rating
-            rows.append(_with_tools({"prompt": prompt, "completion": _answer(item.answer), "label": label}, item.tools))
-            counts["desirable" if label else "undesirable"] += 1
-        else:
-            counts["middle"] += 1
-        by_prompt[prompt_key([*prompt, *_answer(item.answer)])].append((prompt, item))
-    for answers in by_prompt.values():
-        best = max(answers, key=lambda a: a[1].rating)
-        worst = min(answers, key=lambda a: a[1].rating)
-        if best[1].rating - worst[1].rating >= prefs.pair_min_rating_gap and best[1].answer.strip() != worst[1].answer.strip():
-            rows.append(_with_tools({"prompt": best[0], "chosen": _answer(best[1].answer),
-                                     "rejected": _answer(worst[1].answer)}, best[1].tools))
-            counts["pairs_from_ratings"] += 1
-    return rows, counts
-
-
-def export_preference(db: Path, out: Path, prefs: PreferenceParams) -> dict[str, Any]:
-    """Write the log's preference examples to `out` (atomically); what was written, counted.
-
-    A missing log writes an empty file: no ratings yet, no preference tuning.
-    """
-    rows, counts = preference_examples(read_rated(db), prefs) if Path(db).is_file() else ([], {})
-    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return {"path": str(out), "examples": len(rows), **counts}
-
-
-# ------------------------------------------------------------------------------ prepare
 
 
 def _kind(row: Any) -> str | None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from tasks.config import GateParams
 from tasks.evaluate.paired import (
@@ -263,3 +264,21 @@ def _with_interval(check: Check, metrics: dict, per_example: dict, gate: GatePar
     else:
         return check
     return replace(check, estimate=round(ci.estimate, 6), low=round(ci.low, 6), high=round(ci.high, 6), n=ci.n)
+
+
+def gate_table(checks: list[dict]) -> list[str]:
+    """The gate's checks as a markdown table: the decision (value against threshold) and its evidence.
+
+    A paired check's interval and p-value are what tell a regression from noise, so the
+    operator sees them beside the verdict, not only in the JSON result.
+    """
+    def fmt(x: Any) -> str:
+        return "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+    rows = ["| check | value | threshold | estimate | interval | p-value | n | passed |", "|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        interval = f"[{fmt(c['low'])}, {fmt(c['high'])}]" if c.get("low") is not None else ""
+        flag = " (underpowered)" if c.get("underpowered") else ""
+        rows.append(f"| {c['name']} | {fmt(c['value'])} | {fmt(c['threshold'])} | {fmt(c.get('estimate'))} | "
+                    f"{interval} | {fmt(c.get('p_value'))} | {fmt(c.get('n'))} | {c['passed']}{flag} |")
+    return rows

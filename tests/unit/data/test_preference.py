@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.feedback import FeedbackStore, Interaction
 from tasks.config import DataParams, ModelParams, Params, PreferenceParams, load_params, write_resolved
-from tasks.data.preference import HELDOUT_SPLIT, TRAIN_SPLIT, export_preference, heldout_share, read_rated
+from tasks.data.preference import HELDOUT_SPLIT, TRAIN_SPLIT, heldout_share
 from tasks.data.prepare import prepare_dataset
 from tasks.data.sources import prompt_key
+from tasks.feedback import FeedbackStore, Interaction
+from tasks.feedback.preference import export_preference, read_rated
 from tasks.files import file_md5
 from tasks.model.loading import load_tokenizer, resolve_base
 
