@@ -47,6 +47,7 @@ from tasks.data.validate import TrainingBudget, validate_dataset
 from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
 from tasks.evaluate.gate import apply_gate, gate_table
+from tasks.evaluate.preference import candidate_dir, score_preference_dir
 from tasks.evaluate.score import evaluate_model_dir, load_split
 from tasks.feedback import snapshot_feedback
 from tasks.feedback.preference import snapshot_preference
@@ -182,7 +183,7 @@ def evaluate_champion(root: Path, params: Params, version: str, split: str = "te
     """Score the current champion on the same split as the candidate (cached per version and split).
 
     Args:
-        split: "test", or "feedback" (the corrected answers held out of training).
+        split: "test", "feedback" (the corrected answers held out of training) or "preference_heldout".
 
     Returns:
         `metrics` (aggregate) and `per_example` (scores per example, paired by the gate
@@ -193,7 +194,8 @@ def evaluate_champion(root: Path, params: Params, version: str, split: str = "te
     if cache.exists():
         return json.loads(cache.read_text())
     model_dir = download_version(params.registry.model_name, version, root / "artifacts/champion" / f"v{version}")
-    scored = evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", split, params.eval.max_examples), params.eval)
+    scored = (score_preference_dir(model_dir, root / "artifacts/prepared", params.eval) if split == "preference_heldout"
+              else evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", split, params.eval.max_examples), params.eval))
     result = {"metrics": scored["metrics"], "per_example": scored["per_example"]}
     cache.write_text(json.dumps(result))
     return result
@@ -209,7 +211,8 @@ def register(root: Path, params: Params, run_id: str, verdict: dict, metrics: di
         "gate_failed_checks": ",".join(failed) or "none",
         **{f"metric.{k}": f"{v:.6g}" for k, v in metrics["candidate"].items()},
     }
-    return register_candidate(run_id, root / "artifacts/model", params.registry.model_name, tags)
+    return register_candidate(run_id, candidate_dir(root / "artifacts/model", root / "artifacts/preference"),
+                              params.registry.model_name, tags)
 
 
 @task(name="package-bento", retries=1, retry_delay_seconds=3)
@@ -217,7 +220,8 @@ def package(root: Path, model_name: str, version: str, build: bool) -> dict:
     """Import the model into the BentoML store; build a bento from serving/ when it became champion."""
     from tasks.registry.bento import build_bento, import_model
 
-    model_tag = import_model(root / "artifacts/model", model_name, version, {"mlflow_version": version})
+    model_dir = candidate_dir(root / "artifacts/model", root / "artifacts/preference")
+    model_tag = import_model(model_dir, model_name, version, {"mlflow_version": version})
     return {"model": model_tag, "bento": build_bento(model_tag, version, root) if build else None}
 
 
@@ -392,16 +396,13 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
                "data_sources": json.dumps([{"path": s.path, "md5": s.md5} for s in result.data.sources])}
     origin = flow_run_origin()
     inputs = [(Path(s.path), s.md5, "feedback" if s.feedback else "training") for s in result.data.sources]
-    if preference and preference["examples"]:
-        lineage["preference_md5"] = preference["md5"]
-        inputs.append((Path(preference["path"]), preference["md5"], "preference"))
+    inputs += [(Path(preference["path"]), preference["md5"], "preference")] if preference and preference["examples"] else []
     run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage, origin, inputs[1:])
     result.mlflow_run_id = run_id
     log_files(run_id, reports[:2], "reports")
     for i in range(1, len(sources)):
         log_files(run_id, [r for r in reports[2:] if f"sources/{i}/" in r.as_posix()], f"reports/source-{i}")
-    # The feedback the run trained on, as exported (the preference examples beside it).
-    log_files(run_id, [paths[i] for i in exported] + ([Path(preference["path"])] if preference else []), "data")
+    log_files(run_id, [paths[i] for i in exported] + ([Path(preference["path"])] if preference else []), "data")  # as exported
     _publish_validation(data_path, report, tuple(reports[:2]) or (None, None), run_id)
     lineage.update(link_tags(origin, run_id))  # the model version links back to both runs
     try:
@@ -416,7 +417,8 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
         durations["dvc_push"] = round(time.perf_counter() - t, 2)
         _record_prepared(root, run_id, result, lineage)
         metrics = json.loads((root / "artifacts/metrics.json").read_text())
-        fingerprint = f"{stage_out_md5(root, 'finetune', 'artifacts/model')}:{params.digest()}"
+        tuned = stage_out_md5(root, "preference", "artifacts/preference")
+        fingerprint = f"{stage_out_md5(root, 'finetune', 'artifacts/model')}:{tuned}:{params.digest()}"
         lineage.update(dvc_lock_md5=lock_digest(root), fingerprint=fingerprint)
         existing = find_version(params.registry.model_name, "fingerprint", fingerprint)
         if existing is not None:
@@ -436,6 +438,9 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
             if "candidate_feedback" in metrics:  # the cases users corrected, held out of training
                 scored = evaluate_champion(root, params, champion, "feedback")
                 metrics["champion_feedback"], per_example["champion_feedback"] = scored["metrics"], scored["per_example"]
+            if "candidate_preference" in metrics:  # the held-out preference split
+                scored = evaluate_champion(root, params, champion, "preference_heldout")
+                metrics["champion_preference"], per_example["champion_preference"] = scored["metrics"], scored["per_example"]
         durations["evaluate_champion"] = round(time.perf_counter() - t, 2)
         verdict = apply_gate(metrics, params.gate, per_example).to_dict()
         result.gate = GateResult.model_validate(verdict)

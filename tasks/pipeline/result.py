@@ -66,6 +66,10 @@ class RunMetrics(_Part):
     candidate_feedback: Metrics | None = Field(
         None, description="The candidate on the feedback split (corrected answers held out of training), when there is one.")
     champion_feedback: Metrics | None = Field(None, description="The champion on the same feedback split.")
+    candidate_preference: Metrics | None = Field(
+        None, description="The candidate on the held-out preference split (reward accuracy and margin, rated-down "
+                          "repeats), when there is one.")
+    champion_preference: Metrics | None = Field(None, description="The champion on the same held-out preference split.")
 
     def by_model(self) -> dict[str, Metrics]:
         """The models that were scored, by role, in the order candidate, baselines, champion."""
