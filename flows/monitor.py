@@ -96,12 +96,12 @@ def save_cursor(name: str, feedback_id: int) -> None:
 
 
 @task(name="read-feedback")
-def collect_feedback(db: Path, since_id: int, window: int) -> FeedbackFigures:
-    """New ratings and corrections since `since_id`; zeros (and a warning) when the service has logged nothing yet."""
+def collect_feedback(db: Path, since_id: int, window: int, low_rating: int = 2) -> FeedbackFigures:
+    """New ratings, low ratings and corrections since `since_id`; zeros (and a warning) when the service has logged nothing yet."""
     if not db.is_file():
         get_run_logger().warning(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml)")
         return FeedbackFigures(since_id, since_id, 0, 0, 0, None, 0)
-    return read_feedback(db, since_id, window)
+    return read_feedback(db, since_id, window, low_rating)
 
 
 @task(name="measure-drift")
@@ -150,13 +150,14 @@ def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) ->
     cursor = cursor_variable(model_name)
 
     since = read_cursor(cursor)
-    figures = collect_feedback(db, since, params.monitor.window)
+    figures = collect_feedback(db, since, params.monitor.window, params.monitor.low_rating)
     drift = drift_of_prompts(root, params, db)
     recommended, reasons, alerts = recommend_retrain(figures, drift, params.monitor)
     payload = {
         "feedback": asdict(figures), "drift": asdict(drift) if drift else None,
         "retrain_recommended": recommended, "reasons": reasons, "drift_alerts": alerts,
-        "thresholds": params.monitor.model_dump(include={"window", "min_ratings", "min_mean_rating", "min_new_corrections"}),
+        "thresholds": params.monitor.model_dump(include={"window", "min_ratings", "min_mean_rating", "min_new_corrections",
+                                                         "low_rating", "min_new_low_ratings"}),
     }
     event = emit_event(
         EVENT,

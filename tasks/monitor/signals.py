@@ -42,6 +42,7 @@ class FeedbackFigures:
     window_ratings: int  # the latest new ratings the mean is taken over (at most monitor.window)
     mean_rating: float | None
     interactions: int  # completions in the log, all time
+    new_low_ratings: int = 0  # new ratings at most monitor.low_rating (what preference tuning learns to avoid)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Drift:
     unknown_token_rate: float | None
 
 
-def read_feedback(db: Path, since_id: int, window: int) -> FeedbackFigures:
+def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2) -> FeedbackFigures:
     """Count the ratings and corrections with a feedback id above `since_id`.
 
     Raises:
@@ -70,6 +71,7 @@ def read_feedback(db: Path, since_id: int, window: int) -> FeedbackFigures:
         since_id=since_id, last_id=max(last, since_id), new_ratings=len(rows),
         new_corrections=sum(row.correction is not None for row in rows), window_ratings=len(ratings),
         mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=interactions,
+        new_low_ratings=sum(row.rating <= low_rating for row in rows),
     )
 
 
@@ -127,6 +129,9 @@ def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: Mo
             and figures.mean_rating < monitor.min_mean_rating):
         reasons.append(f"mean rating {figures.mean_rating:.2f} over the latest {figures.window_ratings} new ratings "
                        f"(below monitor.min_mean_rating {monitor.min_mean_rating})")
+    if figures.new_low_ratings >= monitor.min_new_low_ratings:
+        reasons.append(f"{figures.new_low_ratings} new ratings of {monitor.low_rating} or less "
+                       f"(monitor.min_new_low_ratings {monitor.min_new_low_ratings})")
     alerts = []
     if drift is not None and drift.length_drift is not None and abs(drift.length_drift) > monitor.max_prompt_length_drift:
         alerts.append(f"prompt length {drift.recent_mean_tokens:.1f} tokens against {drift.train_mean_tokens:.1f} "

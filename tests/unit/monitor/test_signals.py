@@ -85,3 +85,16 @@ def test_recommendation_follows_the_thresholds(tmp_path):
     assert yes and "3 new corrections" in reasons[0]
     yes, reasons, _ = recommend_retrain(figures, None, MonitorParams(min_ratings=10, min_mean_rating=3.6))
     assert yes and "mean rating 3.50" in reasons[0]
+
+
+def test_the_monitor_fires_on_low_ratings(tmp_path):
+    db = tmp_path / "feedback.db"
+    # 12 thumbs down (rating 1 or 2) among 40 ratings: the mean stays high, no corrections.
+    _log(db, [f"Convert this ISO date: 2016-03-{d:02d}" for d in range(1, 21)], ratings=[1, 2] * 6 + [5] * 28, corrected=0)
+    figures = read_feedback(db, 0, 200, low_rating=2)
+    assert figures.new_low_ratings == 12 and figures.new_corrections == 0 and figures.mean_rating > 3.5
+    quiet = MonitorParams(min_new_low_ratings=13)
+    assert recommend_retrain(figures, None, quiet) == (False, [], [])
+    yes, reasons, _ = recommend_retrain(figures, None, MonitorParams(min_new_low_ratings=12))
+    assert yes and reasons == ["12 new ratings of 2 or less (monitor.min_new_low_ratings 12)"]
+    assert read_feedback(db, 0, 200, low_rating=1).new_low_ratings == 6
