@@ -49,6 +49,7 @@ from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.score import evaluate_model_dir, load_split
 from tasks.files import file_md5
 from tasks.model.loading import check_fit
+from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
 from tasks.pipeline.dvc import (
     git_commit,
     lock_digest,
@@ -58,7 +59,6 @@ from tasks.pipeline.dvc import (
     stage_out_md5,
     workspace_lock,
 )
-from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
 from tasks.pipeline.notify import notify_run, outcome_line
 from tasks.pipeline.report import write_reports
 from tasks.pipeline.result import (
@@ -72,11 +72,11 @@ from tasks.pipeline.result import (
 )
 from tasks.registry.tracking import (
     artifact_link,
-    log_prepared,
     end_tracking_run,
     flow_run_origin,
     link_tags,
     log_files,
+    log_prepared,
     log_results,
     run_link,
     start_tracking_run,

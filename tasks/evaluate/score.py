@@ -28,8 +28,8 @@ from tasks.errors import ConfigError
 from tasks.evaluate.generation import (
     Example,
     assistant_nll,
-    perplexity,
     generate_batched,
+    perplexity,
     pick_few_shot,
     with_shots,
 )

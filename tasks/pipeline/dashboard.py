@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.files import write_atomic
-from tasks.pipeline.html import Raw, bar_chart, badge, cards, line_chart, page, table, text
+from tasks.pipeline.html import Raw, badge, bar_chart, cards, line_chart, page, table, text
 
 # Metrics in the order the gate reads them; "lower is better" ones are marked in the table.
 METRICS = ["exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms", "tokens_per_second"]
