@@ -69,7 +69,3 @@ class RegistryRefusal(FtllmError):
     def __init__(self, message: str, form_message: str | None = None) -> None:
         super().__init__(message)
         self.form_message = form_message or message
-
-
-class SettingsDrift(FtllmError):
-    """A settings file that differs from the one generated from the settings models."""

@@ -91,8 +91,7 @@ def check_base(base: str) -> None:
 def check_fit(params: Params, base_path: str | None = None) -> None:
     """Refuse, before any work, settings that the base model cannot run; the message names the key.
 
-    Checks that `model.base` loads (`check_base`), that a training row (`train.seq_len`)
-    holds the longest example (`data.max_tokens`), that the row and a prompt plus its answer
+    Checks that `model.base` loads (`check_base`), that a training row and a prompt plus its answer
     at evaluation (`data.max_tokens + eval.max_new_tokens`) fit the model's context, and that
     `train.attention: packed` is not asked of a model whose attention it would change (a
     sliding window shorter than a row, soft-capped attention logits).
@@ -105,11 +104,6 @@ def check_fit(params: Params, base_path: str | None = None) -> None:
     cfg = AutoConfig.from_pretrained(base_path or resolve_base(params.model))
     context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     data, train, evaluation = params.data, params.train, params.eval
-    if data.max_tokens > train.seq_len:
-        raise ConfigError(
-            f"data.max_tokens={data.max_tokens} is longer than train.seq_len={train.seq_len}: a training row could "
-            "not hold the longest example, whose answer would be cut off; raise train.seq_len or lower data.max_tokens"
-        )
     if context:
         if train.seq_len > context:
             raise ConfigError(
