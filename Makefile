@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup data browser run test test-fast lint clean
+.PHONY: setup data browser run test test-fast lint docs docs-serve clean
 
 # The pins of pip and torch come from pyproject.toml (tasks/pins.py reads it, standard library only).
 $(STAMP): pyproject.toml requirements.lock
@@ -41,9 +42,9 @@ browser:
 	  && apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
 	  || echo "chromium is not installed (apt-get install -y chromium): the browser tests will skip"
 
-# Everything: the linter and the import layers, then tests/unit,
+# Everything: the linter, the import layers, the docs site (--strict), then tests/unit,
 # tests/integration (DVC, torchrun, servers, HTTP, a browser) and tests/e2e (whole flows).
-test: data browser lint
+test: data browser lint docs
 	$(PY) -m pytest
 
 # ruff (ruff.toml) and the import-layer contract (.importlinter: tasks import none of flows,
@@ -52,9 +53,17 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports --no-cache
 
+# The documentation site (mkdocs.yml, docs/): the CLI and settings references are generated
+# from the code at build time; --strict fails on a broken link or a warning. Output in site/.
+docs: setup
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/mkdocs build --strict
+
+docs-serve: setup
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/mkdocs serve
+
 # The unit tests only: no subprocess, no server; under two minutes on two cores.
 test-fast: data
 	$(PY) -m pytest tests/unit
 
 clean:
-	rm -rf artifacts mlflow.db mlartifacts .prefect .bentoml feedback.db
+	rm -rf artifacts mlflow.db mlartifacts .prefect .bentoml feedback.db site

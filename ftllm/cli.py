@@ -6,7 +6,7 @@ ends stdout with one JSON object (for `run`, a `tasks.pipeline.result.RunResult`
 
 Every command runs through `tasks.runner.exit_with`: an expected failure
 (`tasks.errors.FtllmError`) is one line on stderr and its exit code, never a traceback,
-and never on stdout. The exit codes of each command are in the README's command table;
+and never on stdout. The exit codes of each command are in docs/guides/commands.md;
 for `run`: 0 promoted, 3 rejected by the gate, 1 failed, 2 usage error.
 """
 

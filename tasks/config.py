@@ -183,7 +183,7 @@ class TrainParams(_Section):
         0.004, ge=0.0, le=1.0, description="Peak learning rate (linear warm-up, cosine decay)."
     )
     max_steps: int = Field(
-        300, ge=1, le=10_000_000, description="Optimizer steps (about 50 s for the tiny model on 2 CPU cores)."
+        300, ge=1, le=10_000_000, description="Optimizer steps; benchmarks/results/ has how long the defaults take."
     )
     batch_size: int = Field(
         8, ge=1, le=4096, description="Sequences per micro-batch (packed sequences when packing is on)."
