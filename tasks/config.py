@@ -196,10 +196,11 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay of the trained parameters.")
     seed: int = Field(42, ge=0, description="Seed of data order, dropout and adapter initialisation.")
     packing: bool = Field(True, description="Pack examples into seq_len sequences (attention kept per example).")
-    attention: Literal["packed", "mask"] = Field(
-        "packed",
+    attention: Literal["auto", "packed", "mask"] = Field(
+        "auto",
         description="packed: causal attention per example (flash varlen on CUDA, SDPA per example elsewhere); "
-        "mask: SDPA with a block-diagonal mask over the whole row.",
+        "mask: SDPA with a block-diagonal mask over the whole row; auto: packed where it is exact, mask for a "
+        "model whose attention packed would change (a sliding window shorter than seq_len, soft-capped logits).",
     )
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
     lora_r: int = Field(16, ge=1, le=1024, description="Rank of the LoRA update matrices.")
