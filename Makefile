@@ -3,16 +3,22 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The pinned stack resolves on Python 3.11 only (pyproject.toml: requires-python): python3.11
+# where it is on PATH, else python3, which must then be 3.11 (`make PYTHON=/path/to/python3.11`).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup data browser run test test-fast bench clean
+.PHONY: setup data browser run test test-fast lint docs docs-serve clean
 
 # The pins of pip and torch come from pyproject.toml (tasks/pins.py reads it, standard library only).
 $(STAMP): pyproject.toml requirements.lock
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { \
+	  echo "error: Python 3.11 is required, and '$(PYTHON)' is $$($(PYTHON) -V 2>&1 || echo missing); install python3.11 or run make PYTHON=/path/to/python3.11" >&2; exit 2; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade $$($(PY) -m tasks.pins pip)
 	@# torch alone first: its pinned version is the CPU wheel; asked for with the rest, pip may pick a CUDA build.
 	$(PY) -m pip install -q $$($(PY) -m tasks.pins torch)
@@ -36,13 +42,28 @@ browser:
 	  && apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
 	  || echo "chromium is not installed (apt-get install -y chromium): the browser tests will skip"
 
-# Everything: tests/unit, tests/integration (DVC, torchrun, servers, HTTP, a browser), tests/e2e (whole flows).
-test: data browser
+# Everything: the linter, the import layers, the docs site (--strict), then tests/unit,
+# tests/integration (DVC, torchrun, servers, HTTP, a browser) and tests/e2e (whole flows).
+test: data browser lint docs
 	$(PY) -m pytest
+
+# ruff (ruff.toml) and the import-layer contract (.importlinter: tasks import none of flows,
+# serving or ftllm; flows and serving not each other nor ftllm; no cycles inside a package).
+lint: setup
+	$(VENV)/bin/ruff check .
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports --no-cache
+
+# The documentation site (mkdocs.yml, docs/): the CLI and settings references are generated
+# from the code at build time; --strict fails on a broken link or a warning. Output in site/.
+docs: setup
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/mkdocs build --strict
+
+docs-serve: setup
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/mkdocs serve
 
 # The unit tests only: no subprocess, no server; under two minutes on two cores.
 test-fast: data
 	$(PY) -m pytest tests/unit
 
 clean:
-	rm -rf artifacts mlflow.db mlartifacts .prefect .bentoml feedback.db
+	rm -rf artifacts mlflow.db mlartifacts .prefect .bentoml feedback.db site

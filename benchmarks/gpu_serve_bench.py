@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{params / 1e9:.2f}B-parameter Llama (random weights), {device}, torch {torch.__version__}", flush=True)
 
     events: queue.SimpleQueue = queue.SimpleQueue()
-    emit = lambda batch: [events.put(e) for e in batch]
+
+    def emit(batch):
+        for event in batch:
+            events.put(event)
+
     engines = {kind: make_engine(kind, emit) for kind in KINDS}
     rows: dict[int, list[tuple[dict, dict]]] = {level: [] for level in levels}
     try:

@@ -6,7 +6,7 @@ ends stdout with one JSON object (for `run`, a `tasks.pipeline.result.RunResult`
 
 Every command runs through `tasks.runner.exit_with`: an expected failure
 (`tasks.errors.FtllmError`) is one line on stderr and its exit code, never a traceback,
-and never on stdout. The exit codes of each command are in the README's command table;
+and never on stdout. The exit codes of each command are in docs/guides/commands.md;
 for `run`: 0 promoted, 3 rejected by the gate, 1 failed, 2 usage error.
 """
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from tasks.environment import apply_defaults, environment
-from tasks.errors import EXIT_OK, EXIT_REJECTED, FtllmError, RunFailed, UsageError
+from tasks.errors import EXIT_OK, EXIT_REJECTED, ConfigError, FtllmError, RunFailed, UsageError
 from tasks.runner import exit_with
 
 if TYPE_CHECKING:
@@ -33,6 +33,10 @@ app.add_typer(feedback_app, name="feedback")
 app.add_typer(bench_app, name="bench")
 
 SHOWN_METRICS = ("exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms")
+# The two options of every command that reads settings: the file, and overrides on top of it.
+ParamsFile = Annotated[Path, typer.Option("--params", help="Settings file.")]
+SetOverrides = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a setting for this command: section.key=value (repeatable).")]
 
 
 def _emit(obj: Any, as_json: bool) -> None:
@@ -47,8 +51,8 @@ def _emit(obj: Any, as_json: bool) -> None:
 @app.command()
 @exit_with
 def run(
-    params: Annotated[Path, typer.Option("--params", help="Settings file.")] = Path("params.yaml"),
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value.")] = None,
+    params: ParamsFile = Path("params.yaml"),
+    set_: SetOverrides = None,
     as_json: Annotated[bool, typer.Option("--json", help="End stdout with the run's result as JSON.")] = False,
 ) -> int:
     """Run the whole retraining flow: validate, prepare, finetune, evaluate, gate, register, package."""
@@ -102,20 +106,31 @@ def _print_run(result: RunResult) -> None:
 @app.command("params")
 @exit_with
 def params_(
-    write: Annotated[Optional[Path], typer.Option("--write", help="Write the generated settings file here.")] = None,
     check: Annotated[Optional[Path], typer.Option(
-        "--check", help="Exit 1 when this file differs from the generated one.")] = None,
-) -> None:
-    """Generate params.yaml from the settings models (defaults as values, descriptions as comments)."""
+        "--check", help="Validate this settings file: unknown keys, bad values and contradictions (exit 2), "
+                        "each with its line; list what differs from the defaults.")] = None,
+    write: Annotated[Optional[Path], typer.Option(
+        "--write", help="Write this settings file: every key with its description as a comment, keeping the "
+                        "values it has and adding the keys it lacks at their defaults.")] = None,
+) -> int:
+    """Check or write a params.yaml against the settings models; with neither option, print the defaults."""
     from tasks.config import check_params, render_params, write_params
 
     if check is not None:
-        check_params(check)
-        print(f"{check}: up to date", file=sys.stderr)
+        found = check_params(check)
+        for line in found.differences:
+            print(f"differs from the default: {line}", file=sys.stderr)
+        if found.missing:
+            print(f"not in the file, so at the default (`ftllm params --write {check}` adds them): "
+                  f"{', '.join(found.missing)}", file=sys.stderr)
+        if found.errors:
+            raise ConfigError("\n".join(found.errors))
+        print(f"{check}: valid ({len(found.differences)} values differ from the defaults)", file=sys.stderr)
     if write is not None:
         print(f"wrote {write_params(write)}", file=sys.stderr)
     if check is None and write is None:
         print(render_params(), end="")
+    return EXIT_OK
 
 
 @app.command()
@@ -127,30 +142,35 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="End stdout with the JSON report.")] = False,
     fix: Annotated[Optional[Path], typer.Option("--fix", help="Write the valid examples here.")] = None,
     params: Annotated[Path, typer.Option("--params", help="Settings file (tokenizer, limits).")] = Path("params.yaml"),
+    set_: SetOverrides = None,
 ) -> int:
     """Validate a data file: format, chat structure, duplicates, token limits (GX Data Docs)."""
     apply_defaults()
     from ftllm.commands.validate import validate_command
+    from tasks.config import parse_overrides
 
-    return validate_command(path, format=format, report=report, json_out=as_json, fix=fix, params=params)
+    return validate_command(path, format=format, report=report, json_out=as_json, fix=fix, params=params,
+                            overrides=parse_overrides(set_ or []))
 
 
-def _model_name(params: Path) -> str:
-    from tasks.config import load_params
+def _settings(params: Path, set_: list[str] | None):
+    """The settings a command reads: the file with its `--set` overrides, validated (exit 2 when bad)."""
+    from tasks.config import load_params, parse_overrides
 
-    return load_params(params).registry.model_name
+    return load_params(params, parse_overrides(set_ or []))
 
 
 @app.command()
 @exit_with
 def models(
-    params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    params: ParamsFile = Path("params.yaml"),
+    set_: SetOverrides = None,
     data_md5: Annotated[Optional[str], typer.Option("--data-md5", help="List the runs that used this data.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Model versions with aliases, key metrics, gate verdicts and lineage."""
     apply_defaults(params.resolve().parent)
-    name = _model_name(params)
+    name = _settings(params, set_).registry.model_name
     from tasks.registry.versions import (
         champion_history,
         champion_version,
@@ -218,12 +238,13 @@ def promote(
     version: str,
     force: Annotated[bool, typer.Option("--force", help="Promote although the gate failed.")] = False,
     reason: Annotated[str, typer.Option("--reason", help="Why (required with --force).")] = "",
-    params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    params: ParamsFile = Path("params.yaml"),
+    set_: SetOverrides = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Point the champion alias at VERSION."""
     apply_defaults(params.resolve().parent)
-    _move_alias("promote", as_json, model_name=_model_name(params), version=version, force=force, reason=reason)
+    _move_alias("promote", as_json, model_name=_settings(params, set_).registry.model_name, version=version, force=force, reason=reason)
 
 
 @app.command()
@@ -231,12 +252,13 @@ def promote(
 def rollback(
     to: Annotated[Optional[str], typer.Option("--to", help="Version to restore (default: the previous champion).")] = None,
     reason: Annotated[str, typer.Option("--reason")] = "",
-    params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    params: ParamsFile = Path("params.yaml"),
+    set_: SetOverrides = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Move the champion alias back to the previous champion (or to --to VERSION)."""
     apply_defaults(params.resolve().parent)
-    _move_alias("rollback", as_json, model_name=_model_name(params), to=to, reason=reason)
+    _move_alias("rollback", as_json, model_name=_settings(params, set_).registry.model_name, to=to, reason=reason)
 
 
 @app.command()
@@ -245,12 +267,14 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind; loopback unless told otherwise.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 3000,
     bento: Annotated[Optional[str], typer.Option("--bento", help="Bento tag (default: the latest ftllm_chat bento).")] = None,
+    set_: SetOverrides = None,
 ) -> int:
-    """Serve the champion with an OpenAI-compatible API (BentoML)."""
+    """Serve the champion with an OpenAI-compatible API (BentoML); settings from FTLLM_PARAMS or params.yaml."""
     apply_defaults()
     from ftllm.commands.serve import serve_command
+    from tasks.config import parse_overrides
 
-    return serve_command(host=host, port=port, bento=bento)
+    return serve_command(host=host, port=port, bento=bento, overrides=parse_overrides(set_ or []))
 
 
 @feedback_app.command("export")
@@ -308,7 +332,8 @@ def bench_train(
 @app.command()
 @exit_with
 def deploy(
-    params: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    params: ParamsFile = Path("params.yaml"),
+    set_: SetOverrides = None,
     work_pool: Annotated[str, typer.Option("--pool", help="Prefect work pool (type process).")] = "ftllm-process",
     train_pool: Annotated[Optional[str], typer.Option(
         "--train-pool", help="Register only the training step, as finetune/POOL, run from this checkout "
@@ -320,9 +345,7 @@ def deploy(
         raise UsageError("set PREFECT_API_URL to a Prefect server (e.g. `prefect server start`, then "
                          "export PREFECT_API_URL=http://127.0.0.1:4200/api); deployments need a server")
     root = apply_defaults(params.resolve().parent)
-    from tasks.config import load_params
-
-    settings = load_params(params)
+    settings = _settings(params, set_)
     if train_pool:
         from flows.deploy import deploy_training
 

@@ -43,18 +43,18 @@ events go out together.
 
 `EngineProcess` runs the loop in a spawned process and talks to it over a pipe, so the
 service's event loop (HTTP, validation, templating) and the decoding loop do not share a
-GIL: in one process each stalled the other, and 16 concurrent clients got no more than
-about 100 requests/s on two cores while the loop alone served over 300.
+GIL: in one process each stalled the other, and concurrent clients got a fraction of what
+the loop alone served.
 
-Why not transformers' own continuous batching (`model.init_continuous_batching()`, paged
-attention): on this project's CPU machines it sized its KV cache from memory (7 GB with
-the defaults for a 3 MB model), and with a bounded cache a closed loop of 16 clients got
-about 116 completions/s from it (results polled through `request_id_iter`) against 200-390
-from this loop; it also has no hook for stop strings or per-row streaming decisions.
-`ftllm bench serve --peer` measures the service against `transformers serve
---continuous-batching` on the same weights: on 2026-11-30, on two shared cores, 1.45x its
-requests/s at 1 client and 1.17x at 16 (README, Serving), short of the 1.5x the project
-asks of its own code over a library's. `serving.engine: transformers` runs the library's
+Why a loop of its own beside transformers' continuous batching (`model.init_continuous_batching()`,
+paged attention): on this project's CPU machines the library sized its KV cache from memory
+(gigabytes for a model of megabytes), and with a bounded cache it served fewer completions
+than this loop to the same closed loop of clients; it also has no hook for stop strings or
+per-row streaming decisions. The project keeps its own code beside a library's only while
+a side-by-side benchmark shows it ahead by a set margin: `ftllm bench serve --peer` (the
+service against `transformers serve --continuous-batching`) and `benchmarks/bench_engines.py`
+(this loop against the library's, inside the service) measure it, and the figures, dated,
+with the decision, are in `benchmarks/results/`. `serving.engine: transformers` runs the library's
 loop in this engine process instead (`serving.library_engine`, same interface: `submit`,
 `cancel`, `retire`, `close`), with a bounded cache and this module's `_Tokens` for stop
 strings, so the two can be measured on the machine that serves.

@@ -96,7 +96,7 @@ from serving.schemas import (  # noqa: E402
     responses,
     validation_error,
 )
-from tasks.config import Params, ServingParams, load_params  # noqa: E402
+from tasks.config import Params, ServingParams, load_params, overrides_from_env  # noqa: E402
 from tasks.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
 from tasks.model.chat import encode_text  # noqa: E402
 from tasks.registry.versions import champion_version  # noqa: E402
@@ -132,7 +132,8 @@ def load_settings() -> Params:
     it from starting.
     """
     path = environment().params_file or ROOT / "params.yaml"
-    return load_params(path, sections=SERVICE_SECTIONS) if path.is_file() else Params()
+    # `ftllm serve --set` hands its overrides over in FTLLM_OVERRIDES, as the retrain flow does to its stages.
+    return load_params(path if path.is_file() else None, overrides_from_env(), sections=SERVICE_SECTIONS)
 
 
 # The model the bento carries is chosen at import, because BentoML collects the models a

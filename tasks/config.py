@@ -1,24 +1,28 @@
 """Settings of the pipeline: `params.yaml` validated into frozen pydantic models.
 
 Every stage reads its settings through `load_params`, so that a bad key fails in one
-place with a message that names it. `--set section.key=value` overrides are applied on
-top of the file before validation.
+place with a message that names it and its line. `--set section.key=value` overrides are
+applied on top of the file before validation. A contradiction between settings (of one
+section or of two) is a validator of these models, so it fails there too (exit 2).
 
 The first DVC stage (`python -m tasks.stages.resolve`) writes a run's resolved settings;
 overrides for that run come from the environment variable `FTLLM_OVERRIDES` (a JSON
 object of dotted keys), so that `dvc repro` sees them without `params.yaml` being edited.
 
-The models are also the source of `params.yaml` itself: `render_params` writes every
-field's default as its value and its description as its comment (`ftllm params --write
-params.yaml`; `ftllm params --check params.yaml` fails on drift), so the file and the
-models cannot disagree. The module is long but cohesive: every section's model (and a
-source of `data.sources`) lives here, next to the rendering of params.yaml from them.
+`params.yaml` is the user's file. The models hold the defaults and the descriptions:
+`ftllm params --check params.yaml` validates a file and lists what differs from the
+defaults (`check_params`); `ftllm params --write params.yaml` rewrites it with every
+field's description as its comment and the keys it lacks at their defaults, keeping the
+values it has (`write_params`). The module is long but cohesive: every section's model (and
+a source of `data.sources`) lives here, next to the reading and rendering of params.yaml.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 import textwrap
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.environment import environment
-from tasks.errors import ConfigError, SettingsDrift
+from tasks.errors import ConfigError
 from tasks.files import file_md5, write_atomic
 
 OVERRIDES_ENV = "FTLLM_OVERRIDES"
@@ -195,7 +199,7 @@ class TrainParams(_Section):
         0.004, ge=0.0, le=1.0, description="Peak learning rate (linear warm-up, cosine decay)."
     )
     max_steps: int = Field(
-        300, ge=1, le=10_000_000, description="Optimizer steps (about 50 s for the tiny model on 2 CPU cores)."
+        300, ge=1, le=10_000_000, description="Optimizer steps; benchmarks/results/ has how long the defaults take."
     )
     batch_size: int = Field(
         8, ge=1, le=4096, description="Sequences per micro-batch (packed sequences when packing is on)."
@@ -208,10 +212,11 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay of the trained parameters.")
     seed: int = Field(42, ge=0, description="Seed of data order, dropout and adapter initialisation.")
     packing: bool = Field(True, description="Pack examples into seq_len sequences (attention kept per example).")
-    attention: Literal["packed", "mask"] = Field(
-        "packed",
+    attention: Literal["auto", "packed", "mask"] = Field(
+        "auto",
         description="packed: causal attention per example (flash varlen on CUDA, SDPA per example elsewhere); "
-        "mask: SDPA with a block-diagonal mask over the whole row.",
+        "mask: SDPA with a block-diagonal mask over the whole row; auto: packed where it is exact, mask for a "
+        "model whose attention packed would change (a sliding window shorter than seq_len, soft-capped logits).",
     )
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
     lora_r: int = Field(16, ge=1, le=1024, description="Rank of the LoRA update matrices.")
@@ -487,6 +492,23 @@ class Params(_Section):
     monitor: MonitorParams = MonitorParams()
     preference: PreferenceParams = PreferenceParams()
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> "Params":
+        """Contradictions between sections; each message names the keys to change."""
+        if self.data.max_tokens > self.train.seq_len:
+            raise ValueError(
+                f"data.max_tokens={self.data.max_tokens} is longer than train.seq_len={self.train.seq_len}: a training "
+                "row could not hold the longest example, whose answer would be cut off; raise train.seq_len or lower "
+                "data.max_tokens"
+            )
+        if self.monitor.min_ratings > self.monitor.window:
+            raise ValueError(
+                f"monitor.min_ratings={self.monitor.min_ratings} is more than monitor.window={self.monitor.window}, "
+                "the ratings the mean is taken over, so the mean rating could never be judged; lower "
+                "monitor.min_ratings or raise monitor.window"
+            )
+        return self
+
     def digest(self) -> str:
         """A short hash of every setting, recorded with the models it produced."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -522,46 +544,106 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str)
     return merged
 
 
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = []
+_DOTTED_KEY = re.compile(r"\b([a-z]+)\.([a-z_0-9]+)\b")
+
+
+def key_lines(text: str) -> dict[tuple, int]:
+    """The line (from 1) of every key and list item of a YAML text, by path: `("train", "max_steps")`,
+    `("data", "sources", 0, "path")`. Empty when the text is not YAML."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[(*path, key.value)] = key.start_mark.line + 1
+                walk(value, (*path, key.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[(*path, i)] = item.start_mark.line + 1
+                walk(item, (*path, i))
+
+    walk(root, ())
+    return lines
+
+
+def _where(source: str, path: tuple, lines: dict[tuple, int], overrides: dict[str, Any]) -> str:
+    """`FILE:LINE` of the deepest part of `path` written in the file, or the `--set` that gave it."""
+    dotted = ".".join(str(p) for p in path[:2])
+    if dotted in overrides:
+        return f"--set {dotted}"
+    for end in range(len(path), 0, -1):
+        if path[:end] in lines:
+            return f"{source}:{lines[path[:end]]}"
+    return source
+
+
+def _format_error(err: ValidationError, source: str, lines: dict[tuple, int] | None = None,
+                  overrides: dict[str, Any] | None = None) -> list[str]:
+    """One line per error: where (file and line, or the `--set`), the key, what is wrong."""
+    lines, overrides = lines or {}, overrides or {}
+    out = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        path = tuple(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; check the spelling against params.yaml"
-        lines.append(f"{source}: {key}: {msg}")
-    return "\n".join(lines)
+            msg = "unknown key; check the spelling against the settings reference (ftllm params prints every key)"
+        named = [m.groups() for m in _DOTTED_KEY.finditer(msg) if m.group(1) in Params.model_fields]
+        if e["type"] == "value_error" and named:  # a validator: a key it names that --set gave, else the file
+            path = next((k for k in named if ".".join(k) in overrides), next((k for k in named if k in lines), named[0]))
+        key = ".".join(str(p) for p in path) or "settings"
+        where = _where(source, path, lines, overrides)
+        out.append(f"{where}: {msg}" if where.startswith("--set") else f"{where}: {key}: {msg}")
+    return out
 
 
-def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None,
+def _read_settings(path: Path) -> tuple[dict[str, Any], str]:
+    """The mapping of sections in a settings file, and its text.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a mapping.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: settings file not found; pass --params FILE or run from the project root") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a settings file; pass --params FILE") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw, text
+
+
+def load_params(path: Path | str | None = "params.yaml", overrides: dict[str, Any] | None = None,
                 sections: tuple[str, ...] | None = None) -> Params:
     """Read, override and validate the settings.
 
     Args:
-        path: the YAML settings file.
+        path: the YAML settings file; None: no file, the defaults.
         overrides: dotted keys to values, applied on top of the file.
         sections: validate only these top-level sections (the others take their defaults);
             for a reader that uses a few of them, such as the service.
 
     Raises:
-        ConfigError: the file is missing or malformed, or a key is unknown or out of range.
+        ConfigError: the file is missing or malformed, or a key is unknown, out of range or
+            contradicts another; each error names its line in the file (or its `--set`).
     """
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: settings file not found; pass --params FILE or run from the project root") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc}); fix the file") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    raw = apply_overrides(raw, overrides or {}, str(path))
+    raw, text = _read_settings(Path(path)) if path is not None else ({}, "")
+    source = str(path) if path is not None else "the defaults"
+    overrides = overrides or {}
+    raw = apply_overrides(raw, overrides, source)
     if sections is not None:
         raw = {name: value for name, value in raw.items() if name in sections}
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, str(path))) from None
+        raise ConfigError("\n".join(_format_error(err, source, key_lines(text), overrides))) from None
 
 
 def as_overrides(params: Params) -> dict[str, Any]:
@@ -614,13 +696,16 @@ def write_resolved(params: Params, out: Path) -> Path:
 
 
 PARAMS_HEADER = """\
-# The single source of every setting of the pipeline.
-# DVC reads it for the stages in dvc.yaml; tasks/config.py validates it into frozen
-# pydantic models and names the bad key in every error. Override any key for one run with
-# `ftllm run --set section.key=value` (applies to the DVC stages too; this file is not edited).
+# The settings of the pipeline: this file is yours to edit.
+# DVC reads it for the stages in dvc.yaml (`dvc params diff` compares versions of it);
+# tasks/config.py validates it into frozen pydantic models, which hold the defaults and
+# the descriptions written beside each key. Override any key for one run with
+# `--set section.key=value` (on every command that reads settings; it applies to the DVC
+# stages too, and this file is not edited).
 #
-# Generated from the models in tasks/config.py (defaults as values, descriptions as
-# comments): change a default or a description there, then `ftllm params --write params.yaml`.
+# `ftllm params --check params.yaml` validates this file and lists what differs from the
+# defaults; `ftllm params --write params.yaml` refreshes the comments and adds new keys,
+# keeping your values.
 """
 # Keys the resolve stage fills in for a run; not settings a user writes.
 RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5"), ("preference", "md5")}
@@ -628,9 +713,19 @@ COMMENT_COLUMN = 31  # where comments start, so that the values line up
 LINE_WIDTH = 118
 
 
+def setting_fields() -> list[tuple[str, str, Any]]:
+    """(section, key, pydantic field) of every setting a user writes, in the order of the models."""
+    return [(section, key, field)
+            for section, info in Params.model_fields.items()
+            for key, field in info.annotation.model_fields.items()
+            if (section, key) not in RESOLVED_ONLY]
+
+
 def _yaml_line(key: str, value: Any) -> str:
-    """`key: value` as YAML writes it (quoted where the value needs it)."""
-    return yaml.safe_dump({key: value}, sort_keys=False, width=10_000).rstrip("\n")
+    """`key: value` as YAML writes it (quoted where the value needs it; a list or mapping on one line)."""
+    flow = isinstance(value, (list, dict))
+    text = yaml.safe_dump(value, default_flow_style=flow, sort_keys=False, width=10_000).rstrip("\n")
+    return f"{key}: {text.removesuffix(chr(10) + '...')}"
 
 
 def _commented(line: str, comment: str) -> list[str]:
@@ -642,41 +737,82 @@ def _commented(line: str, comment: str) -> list[str]:
     return [first] + [f"{' ' * column}# {chunk}" for chunk in chunks[1:]]
 
 
-def render_params() -> str:
-    """The text of `params.yaml`: every section's fields with their defaults and descriptions."""
+def render_params(values: dict[str, Any] | None = None) -> str:
+    """The text of a `params.yaml`: every setting with its description as a comment.
+
+    Args:
+        values: the values to write, as sections of keys (a settings file's mapping); a key
+            it lacks is written at its default. None: every default.
+    """
+    values = values or {}
     lines = PARAMS_HEADER.splitlines()
-    for section, info in Params.model_fields.items():
-        lines += ["", f"{section}:"]
-        for key, field in info.annotation.model_fields.items():
-            if (section, key) in RESOLVED_ONLY:
-                continue
-            lines += _commented(f"  {_yaml_line(key, field.default)}", field.description or "")
+    for section, key, field in setting_fields():
+        if f"{section}:" not in lines:
+            lines += ["", f"{section}:"]
+        given = values.get(section)
+        value = given[key] if isinstance(given, dict) and key in given else field.default
+        lines += _commented(f"  {_yaml_line(key, value)}", field.description or "")
     return "\n".join(lines) + "\n"
 
 
-def write_params(path: Path) -> Path:
-    """Write the generated settings file to `path` (atomically)."""
-    return write_atomic(Path(path), render_params())
+@dataclasses.dataclass
+class SettingsCheck:
+    """What `check_params` found: errors (the file cannot be used), and information."""
+
+    errors: list[str] = dataclasses.field(default_factory=list)
+    differences: list[str] = dataclasses.field(default_factory=list)  # `FILE:LINE: key: value (default: d)`
+    missing: list[str] = dataclasses.field(default_factory=list)  # keys the file lacks; their defaults apply
 
 
-def check_params(path: Path) -> None:
-    """Refuse a settings file that differs from the generated one.
+def check_params(path: Path | str) -> SettingsCheck:
+    """Validate a settings file against the models, and compare it with the defaults.
+
+    Unknown keys, bad values and contradictions are errors, each with its line; values that
+    differ from the defaults, and keys the file lacks, are information.
 
     Raises:
-        SettingsDrift: the file is missing or differs; the message names the first line that does.
+        ConfigError: the file is missing, not YAML, or not a mapping of sections.
     """
     path = Path(path)
+    raw, text = _read_settings(path)
+    lines = key_lines(text)
+    report = SettingsCheck()
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SettingsDrift(f"{path}: cannot be read ({exc.strerror}); write it with `ftllm params --write {path}`") from None
-    expected = render_params()
-    if text == expected:
-        return
-    lines, wanted = text.splitlines(), expected.splitlines()
-    number = next((i for i, (a, b) in enumerate(zip(lines, wanted), 1) if a != b), min(len(lines), len(wanted)) + 1)
-    want = wanted[number - 1] if number <= len(wanted) else "(end of file)"
-    raise SettingsDrift(
-        f"{path}:{number}: differs from the settings models in tasks/config.py (expected {want.strip()!r}); "
-        f"change defaults and descriptions there, then run `ftllm params --write {path}`"
-    )
+        Params.model_validate(raw)
+    except ValidationError as err:
+        report.errors = _format_error(err, str(path), lines)
+    defaults = Params().model_dump(mode="json")
+    for section, key, _ in setting_fields():
+        given = raw.get(section)
+        if not isinstance(given, dict) or key not in given:
+            report.missing.append(f"{section}.{key} (default: {json.dumps(defaults[section][key])})")
+        elif given[key] != defaults[section][key]:
+            where = _where(str(path), (section, key), lines, {})
+            report.differences.append(f"{where}: {section}.{key}: {json.dumps(given[key], default=str)} "
+                                      f"(default: {json.dumps(defaults[section][key])})")
+    return report
+
+
+def write_params(path: Path | str) -> Path:
+    """Write `params.yaml` at `path` (atomically): every key with its description as a comment.
+
+    An existing file keeps its values (new keys are added at their defaults); it must name
+    only known keys, which would otherwise be lost.
+
+    Raises:
+        ConfigError: the existing file cannot be read, or names a key the models lack.
+    """
+    path = Path(path)
+    values: dict[str, Any] = {}
+    if path.exists():
+        values, text = _read_settings(path)
+        known = {(section, key) for section, key, _ in setting_fields()} | RESOLVED_ONLY
+        lines = key_lines(text)
+        unknown = [(section, key) for section, keys in values.items()
+                   for key in (keys if isinstance(keys, dict) else {"": None})
+                   if section not in Params.model_fields or (key and (section, key) not in known)]
+        if unknown:
+            named = "; ".join(f"{_where(str(path), (s, k) if k else (s,), lines, {})}: {s}{'.' + k if k else ''}"
+                              for s, k in unknown)
+            raise ConfigError(f"{path}: unknown keys would be lost ({named}); fix or remove them, then write again")
+    return write_atomic(path, render_params(values))

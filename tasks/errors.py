@@ -5,7 +5,7 @@ failed stage, a refused promotion); its message is one clear sentence naming the
 line or key and what to do. Entry points (`tasks.runner`) print it to stderr without a
 traceback and exit with `exit_code`. Any other exception is a bug and keeps its traceback.
 
-Exit codes (the README's command table restates them per command):
+Exit codes (docs/guides/commands.md restates them per command):
     0 success, 1 failed (the run, a stage, a refused action), 2 usage error (bad
     arguments, settings or unreadable input), 3 rejected by the gate.
 """
@@ -69,7 +69,3 @@ class RegistryRefusal(FtllmError):
     def __init__(self, message: str, form_message: str | None = None) -> None:
         super().__init__(message)
         self.form_message = form_message or message
-
-
-class SettingsDrift(FtllmError):
-    """A settings file that differs from the one generated from the settings models."""

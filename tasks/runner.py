@@ -13,9 +13,9 @@ import sys
 from collections.abc import Callable
 from typing import ParamSpec
 
-P = ParamSpec("P")
-
 from tasks.errors import EXIT_OK, FtllmError
+
+P = ParamSpec("P")
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 

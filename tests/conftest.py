@@ -97,6 +97,10 @@ def project(tmp_path_factory) -> Path:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / rel)
     shutil.copytree(REPO / "data", root / "data")
+    # The models' defaults, not the user's params.yaml: the tests set what they need on top of them.
+    from tasks.config import render_params
+
+    (root / "params.yaml").write_text(render_params())
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=root, check=True)
     return root

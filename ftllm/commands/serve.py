@@ -5,19 +5,21 @@ Serves the newest bento of the chat service built for this project's `registry.m
 `serving/` in the project. The
 service then picks the registry's `champion` and follows it as it moves.
 
-    ftllm serve --host 127.0.0.1 --port 3000 [--bento ftllm_chat:ftllm-chat-v3]
+    ftllm serve --host 127.0.0.1 --port 3000 [--bento ftllm_chat:ftllm-chat-v3] [--set serving.max_batch=16]
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from tasks.config import Params, load_params
+from tasks.config import OVERRIDES_ENV, Params, load_params
 from tasks.environment import apply_defaults, environment
 from tasks.errors import UsageError
 
@@ -42,14 +44,19 @@ def latest_bento(model_name: str, name: str = BENTO_NAME) -> str | None:
     return str(max(bentos, key=lambda b: b.info.creation_time).tag)
 
 
-def project_params(root: Path) -> Params:
-    """The settings the service will read (its sections only, as it reads them): FTLLM_PARAMS, else the
-    project's params.yaml, else the defaults."""
+def project_params(root: Path, overrides: dict[str, Any] | None = None) -> Params:
+    """The settings the service will read: FTLLM_PARAMS, else the project's params.yaml, else the
+    defaults; with the `--set` overrides on top.
+
+    All sections are validated here, as every command does with the code of this checkout; the
+    service itself reads only its own sections (a bento may carry older code).
+    """
     path = root / (environment().params_file or "params.yaml")  # relative to the project, as the service reads it
-    return load_params(path, sections=("registry", "serving")) if path.is_file() else Params()
+    return load_params(path if path.is_file() else None, overrides)
 
 
-def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None = None) -> int:
+def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None = None,
+                  overrides: dict[str, Any] | None = None) -> int:
     """Run `bentoml serve` in the foreground; return its exit code.
 
     Args:
@@ -57,20 +64,23 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
         port: the TCP port.
         bento: a bento tag to serve; default: the newest `ftllm_chat` bento of the project's
             `registry.model_name` (FTLLM_PARAMS or params.yaml), else `serving/`.
+        overrides: `--set` overrides of the service's settings, handed to it in FTLLM_OVERRIDES.
 
     Raises:
         UsageError: the port is out of range.
+        ConfigError: the settings, with their overrides, do not validate.
     """
     root = apply_defaults()
     if not 0 < port < 65536:
         raise UsageError(f"--port {port}: expected 1..65535")
-    target = bento or latest_bento(project_params(root).registry.model_name) or SOURCE_SERVICE
+    target = bento or latest_bento(project_params(root, overrides).registry.model_name) or SOURCE_SERVICE
     if host not in ("127.0.0.1", "localhost", "::1") and environment().api_key is None:
         print(f"warning: binding {host} without FTLLM_API_KEY: anyone who reaches this port can use the model",
               file=sys.stderr)
     print(f"serving {target} on http://{host}:{port} (OpenAI base URL http://{host}:{port}/v1)", file=sys.stderr)
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
-    server = subprocess.Popen(cmd, cwd=root, env={**os.environ, "FTLLM_ROOT": str(root)})
+    env = {**os.environ, "FTLLM_ROOT": str(root), OVERRIDES_ENV: json.dumps(overrides or {})}
+    server = subprocess.Popen(cmd, cwd=root, env=env)
     # A supervisor's SIGTERM (systemd, `docker stop`, `kill`) reaches this process only: pass it
     # on, or the server would outlive this process and keep its port.
     signal.signal(signal.SIGTERM, lambda signum, _frame: server.send_signal(signum))

@@ -3,7 +3,8 @@
 Exit codes: 0 valid (warnings allowed), 1 invalid, 2 unreadable file or usage error (one
 line on stderr, through `tasks.runner`). With
 `--json` the last line on stdout is the report as one JSON object; otherwise a rich table.
-The settings (token limit, length policy, tokenizer) come from `--params` (params.yaml); a
+The settings (token limit, length policy, tokenizer) come from `--params` (params.yaml) and
+`--set`; a
 missing default `params.yaml` falls back to the built-in defaults, with a note on stderr.
 
     ftllm validate data/dates.jsonl --report artifacts/validation.json --fix artifacts/fixed.jsonl
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from tasks.config import Params, load_params
 from tasks.data.formats import FORMATS
@@ -26,12 +28,12 @@ GX_DIR = Path("artifacts/gx")
 PROGRESS_BYTES = 8 << 20
 
 
-def load_settings(params: Path) -> Params:
-    """The run's settings; built-in defaults when the default params.yaml is absent."""
+def load_settings(params: Path, overrides: dict[str, Any] | None = None) -> Params:
+    """The run's settings with `--set` overrides; the built-in defaults when the default params.yaml is absent."""
     if params == Path("params.yaml") and not params.exists():
         print("note: no params.yaml here; using the built-in defaults (pass --params FILE)", file=sys.stderr)
-        return Params()
-    return load_params(params)
+        return load_params(None, overrides)
+    return load_params(params, overrides)
 
 
 def validate_command(
@@ -41,6 +43,7 @@ def validate_command(
     json_out: bool = False,
     fix: Path | None = None,
     params: Path = Path("params.yaml"),
+    overrides: dict[str, Any] | None = None,
 ) -> int:
     """Validate `path`; print the report; optionally write it and a fixed copy of the data.
 
@@ -51,18 +54,20 @@ def validate_command(
         json_out: print the report as one JSON line instead of tables.
         fix: write the examples without the bad ones (canonical messages JSONL) here.
         params: the settings file.
+        overrides: `--set` overrides, dotted keys to values.
 
     Returns:
         0 valid, 1 invalid, 2 unreadable file, bad settings or usage error (reported on stderr).
     """
-    return run_entry(lambda: _validate(Path(path), format, report, json_out, fix, Path(params)))
+    return run_entry(lambda: _validate(Path(path), format, report, json_out, fix, Path(params), overrides))
 
 
-def _validate(path: Path, format: str, report: Path | None, json_out: bool, fix: Path | None, params: Path) -> int:
+def _validate(path: Path, format: str, report: Path | None, json_out: bool, fix: Path | None, params: Path,
+              overrides: dict[str, Any] | None = None) -> int:
     """`validate_command`'s work; raises a `UsageError` for what cannot be validated at all."""
     if format != "auto" and format not in FORMATS:
         raise FormatError(f"--format {format!r}: use one of auto, {', '.join(FORMATS)}")
-    settings = load_settings(params)
+    settings = load_settings(params, overrides)
     try:
         result = _run(path, format, settings, show_progress=not json_out)
     except OSError as exc:  # the tokenizer of model.base cannot be loaded (e.g. no such model here)

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import bisect
 import re
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Literal
 
 from tasks.errors import ConfigError

@@ -91,11 +91,11 @@ def check_base(base: str) -> None:
 def check_fit(params: Params, base_path: str | None = None) -> None:
     """Refuse, before any work, settings that the base model cannot run; the message names the key.
 
-    Checks that `model.base` loads (`check_base`), that a training row (`train.seq_len`)
-    holds the longest example (`data.max_tokens`), that the row and a prompt plus its answer
+    Checks that `model.base` loads (`check_base`), that a training row and a prompt plus its answer
     at evaluation (`data.max_tokens + eval.max_new_tokens`) fit the model's context, and that
     `train.attention: packed` is not asked of a model whose attention it would change (a
-    sliding window shorter than a row, soft-capped attention logits).
+    sliding window shorter than a row, soft-capped attention logits; `auto` picks the mask
+    for those).
 
     Raises:
         ConfigError: naming the key to change and the limit.
@@ -105,11 +105,6 @@ def check_fit(params: Params, base_path: str | None = None) -> None:
     cfg = AutoConfig.from_pretrained(base_path or resolve_base(params.model))
     context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     data, train, evaluation = params.data, params.train, params.eval
-    if data.max_tokens > train.seq_len:
-        raise ConfigError(
-            f"data.max_tokens={data.max_tokens} is longer than train.seq_len={train.seq_len}: a training row could "
-            "not hold the longest example, whose answer would be cut off; raise train.seq_len or lower data.max_tokens"
-        )
     if context:
         if train.seq_len > context:
             raise ConfigError(
@@ -121,18 +116,32 @@ def check_fit(params: Params, base_path: str | None = None) -> None:
                 f"data.max_tokens={data.max_tokens} plus eval.max_new_tokens={evaluation.max_new_tokens} is longer "
                 f"than the context of the base model ({context} tokens); lower data.max_tokens or eval.max_new_tokens"
             )
-    if train.attention == "packed":
-        window = getattr(cfg, "sliding_window", None)
-        if window and getattr(cfg, "use_sliding_window", True) is not False and train.seq_len > window:
-            raise ConfigError(
-                f"train.attention=packed ignores the sliding window of {cfg.model_type} ({window} tokens), shorter "
-                f"than train.seq_len={train.seq_len}; lower train.seq_len to {window} or use train.attention=mask"
-            )
-        if getattr(cfg, "attn_logit_softcapping", None):
-            raise ConfigError(
-                f"train.attention=packed does not soft-cap attention logits as {cfg.model_type} does "
-                "(attn_logit_softcapping); use train.attention=mask"
-            )
+    inexact = packed_attention_differs(cfg, train.seq_len)
+    if train.attention == "packed" and inexact:
+        raise ConfigError(f"train.attention=packed {inexact}; use train.attention=mask (or auto)")
+
+
+def packed_attention_differs(cfg, seq_len: int) -> str | None:
+    """How causal attention per packed example would differ from the model's own, or None where it is exact.
+
+    Packed attention attends over the whole example: a sliding window shorter than a row
+    would be ignored, and so would soft-capped attention logits (Gemma 2).
+    """
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) is not False and seq_len > window:
+        return (f"ignores the sliding window of {cfg.model_type} ({window} tokens), shorter than "
+                f"train.seq_len={seq_len}; lower train.seq_len to {window}")
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return f"does not soft-cap attention logits as {cfg.model_type} does (attn_logit_softcapping)"
+    return None
+
+
+def resolve_attention(setting: str, cfg, seq_len: int) -> str:
+    """The attention a run trains with, `packed` or `mask`: `train.attention` as set, or for `auto`
+    packed where it is exact (no dense mask, no compute between examples) and the mask otherwise."""
+    if setting != "auto":
+        return setting
+    return "mask" if packed_attention_differs(cfg, seq_len) else "packed"
 
 
 def apply_chat_template_setting(tokenizer, setting: str) -> list[str]:

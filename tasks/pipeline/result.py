@@ -4,8 +4,8 @@
 what `ftllm run --json` prints, as `model_dump_json()`, on the last line of stdout. The
 flow fills it in step by step as the run goes; a field that a run did not reach keeps its
 empty default (`None`, `{}`), so a failed run still prints an object of the same shape.
-The README's command table and `RunResult.model_json_schema()` describe the same keys
-(`tests/unit/pipeline/test_run_result.py` checks the schema against the README).
+The commands guide (docs/guides/commands.md) and `RunResult.model_json_schema()` describe the same
+keys (`tests/unit/pipeline/test_run_result.py` checks the schema against the guide).
 
 No Prefect here: the library describes the result, the flow builds it. Plain pydantic
 models pickle and serialise to JSON, which is what Prefect needs to store a flow's result.

@@ -3,8 +3,8 @@
 With packing, a row holds several examples and position ids restart at each of them.
 transformers' default for that (`train.attention: mask`) is a 4D block-diagonal mask fed
 to SDPA: correct, but the kernel then computes the whole `seq_len x seq_len` square of
-every row and cannot skip the blocks the mask removes. `train.attention: packed` (the
-default) registers an attention function that reads the example boundaries from the
+every row and cannot skip the blocks the mask removes. `train.attention: packed` (what
+`auto`, the default, picks wherever it is exact) registers an attention function that reads the example boundaries from the
 position ids and computes only causal attention within each example:
 
 - on CUDA, one call of flash varlen attention (`torch.nn.attention.varlen.varlen_attn`)

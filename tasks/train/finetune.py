@@ -8,7 +8,9 @@ a DVC plot).
 
 Attention stays inside each packed example either through `tasks.train.attention`
 (`train.attention: packed`, causal attention per example, no dense mask) or through the
-block-diagonal causal mask transformers builds from the position ids (`mask`).
+block-diagonal causal mask transformers builds from the position ids (`mask`); `auto`,
+the default, takes packed where it is exact and the mask for a model whose attention it
+would change (`tasks.model.loading.resolve_attention`).
 `train.num_processes > 1` relaunches the stage under torchrun (DDP, or FSDP2 with
 `train.distributed: fsdp`). When MLFLOW_RUN_ID is set (the retrain flow sets it) the
 stage logs into that run.
@@ -35,6 +37,7 @@ from tasks.model.loading import (
     grow_embeddings,
     load_base_tokenizer,
     load_causal_lm,
+    resolve_attention,
     resolve_base,
 )
 from tasks.train.checkpoints import Checkpoints, checkpoints_dir, training_digest
@@ -215,7 +218,7 @@ def wrap_for_training(model, train: TrainParams, quantized: bool = False, tiny: 
             **embedding_trainables(model, train.lora_modules_to_save, tiny, list(new_ids)),
         )
         model = get_peft_model(model, config)
-    if train.attention == "packed":
+    if resolve_attention(train.attention, model.config, train.seq_len) == "packed":
         from tasks.train.attention import use_packed_attention
 
         use_packed_attention(model)

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from tasks.config import render_params
 from tests.conftest import REPO
 
 
@@ -21,8 +22,8 @@ def test_run_on_invalid_data_fails_at_validation_with_a_result(tmp_path):
 
     from tasks.pipeline.result import RunResult
 
-    for name in ("params.yaml", "dvc.yaml"):
-        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text(render_params())  # the defaults, whatever the user's file holds
     bad = tmp_path / "bad.jsonl"
     good = (REPO / "data" / "dates.jsonl").read_text().splitlines()[0]
     bad.write_text(good + "\n{not json\n")

@@ -29,7 +29,7 @@ def test_deploy_trigger_and_worker_run(server, project):
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["schedule"]["cron"] == "0 3 * * 1"
 
-    script = f"""
+    script = """
 import json, sys
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -40,8 +40,8 @@ async def inspect():
         d = await c.read_deployment_by_name("retrain/scheduled")
         return d.schedules[0].schedule.cron, sorted(d.parameter_openapi_schema["properties"])
 cron, props = run_coro_as_sync(inspect())
-run = run_deployment("retrain/scheduled", parameters={{"overrides": json.loads(sys.argv[1])}}, timeout=0)
-print(json.dumps({{"cron": cron, "props": props, "flow_run_id": str(run.id)}}))
+run = run_deployment("retrain/scheduled", parameters={"overrides": json.loads(sys.argv[1])}, timeout=0)
+print(json.dumps({"cron": cron, "props": props, "flow_run_id": str(run.id)}))
 """
     out = subprocess.run([sys.executable, "-c", script, json.dumps(OVERRIDES)], env=server, cwd=project, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.config import render_params
 from tasks.feedback import FeedbackStore, Interaction
 from tests.conftest import REPO
 from tests.servers import BIN, server  # noqa: F401  (the module-scoped Prefect server)
@@ -44,7 +45,7 @@ def write_feedback(db: Path, completions: int, ratings: list[int], corrected: in
 def monitored(tmp_path, monkeypatch) -> Path:
     """A project folder with settings (low thresholds), a train split and a feedback log."""
     monkeypatch.setenv("FTLLM_ROOT", str(tmp_path))  # the tiny base model is cached under this root
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load(render_params())  # the defaults, whatever the user's params.yaml holds
     params["monitor"].update(min_new_corrections=5, min_ratings=4, min_mean_rating=3.5, window=50)
     params["registry"]["model_name"] = "ftllm-monitored"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

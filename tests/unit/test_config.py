@@ -1,5 +1,6 @@
-"""Settings: params.yaml is generated from the models and validates, errors name the key, and
-dvc.yaml only uses real keys."""
+"""Settings: params.yaml is the user's file (it validates and names every key, whatever its values),
+errors and contradictions name the key and its line, `params --check/--write` work on a user's
+file, and dvc.yaml only uses real keys. Tests read the models' defaults, never the committed values."""
 
 from __future__ import annotations
 
@@ -10,22 +11,27 @@ from tasks.config import (
     RESOLVED_ONLY,
     Params,
     check_params,
+    key_lines,
     load_params,
     parse_overrides,
     render_params,
+    write_params,
     write_resolved,
 )
-from tasks.errors import ConfigError, SettingsDrift
+from tasks.errors import ConfigError
 from tests.conftest import REPO
 
 
-def test_repository_params_validate():
-    params = load_params(REPO / "params.yaml")
-    assert params.model.base == "tiny" and params.train.method in ("lora", "qlora", "full")
+def test_the_committed_params_yaml_validates_and_names_every_key():
+    """Whatever values the user gave it: only unknown keys, bad values or a missing key fail here."""
+    load_params(REPO / "params.yaml")
+    found = check_params(REPO / "params.yaml")
+    assert not found.errors, found.errors
+    assert not found.missing, f"params.yaml lacks keys; run `ftllm params --write params.yaml`: {found.missing}"
 
 
 def test_overrides_apply_and_parse_yaml_scalars():
-    params = load_params(REPO / "params.yaml", parse_overrides(["train.max_steps=7", "train.packing=false"]))
+    params = load_params(None, parse_overrides(["train.max_steps=7", "train.packing=false"]))
     assert params.train.max_steps == 7 and params.train.packing is False
 
 
@@ -43,12 +49,12 @@ def test_overrides_apply_and_parse_yaml_scalars():
 )
 def test_errors_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        load_params(REPO / "params.yaml", override)
+        load_params(None, override)
 
 
 def test_unknown_section_and_malformed_set_are_refused():
     with pytest.raises(ConfigError, match="section.key"):
-        load_params(REPO / "params.yaml", {"nosuch.key": 1})
+        load_params(None, {"nosuch.key": 1})
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["train.max_steps"])
 
@@ -64,7 +70,7 @@ def test_the_service_reads_its_sections_and_ignores_settings_it_does_not_know(tm
     import subprocess
     import sys
 
-    settings = yaml.safe_load((REPO / "params.yaml").read_text())
+    settings = yaml.safe_load(render_params())
     settings["workers"]["added_after_the_bento_was_built"] = 1
     settings["serving"]["max_tokens"] = 77
     path = tmp_path / "params.yaml"
@@ -78,16 +84,19 @@ def test_the_service_reads_its_sections_and_ignores_settings_it_does_not_know(tm
         "import json, os, serving.service as s\n"
         "from tasks.errors import ConfigError\n"
         "read = s.load_settings().serving.max_tokens\n"
+        "overridden = s.load_settings().serving.max_concurrency\n"
         f"os.environ['FTLLM_PARAMS'] = {str(typo)!r}\n"
         "try:\n    s.load_settings()\n    refused = ''\nexcept ConfigError as e:\n    refused = str(e)\n"
-        "print(json.dumps({'read': read, 'refused': refused}))\n"
+        "print(json.dumps({'read': read, 'overridden': overridden, 'refused': refused}))\n"
     )
-    env = {**os.environ, "FTLLM_PARAMS": str(path), "PYTHONPATH": str(REPO)}
+    # `ftllm serve --set` hands its overrides to the service in FTLLM_OVERRIDES.
+    env = {**os.environ, "FTLLM_PARAMS": str(path), "PYTHONPATH": str(REPO),
+           "FTLLM_OVERRIDES": json.dumps({"serving.max_concurrency": 9})}
     env.pop("FTLLM_BENTO_MODEL", None)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["read"] == 77
+    assert result["read"] == 77 and result["overridden"] == 9
     assert "serving.max_tokenz" in result["refused"]
 
 
@@ -103,7 +112,7 @@ def test_missing_and_malformed_files(tmp_path):
 def test_resolved_params_carry_data_md5_and_reload(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.jsonl").write_text("{}\n")
-    out = write_resolved(load_params(REPO / "params.yaml", {"data.path": "d.jsonl"}), tmp_path / "p.yaml")
+    out = write_resolved(load_params(None, {"data.path": "d.jsonl"}), tmp_path / "p.yaml")
     resolved = load_params(out)
     assert resolved.data.md5 and len(resolved.data.md5) == 32
 
@@ -117,10 +126,6 @@ def all_fields():
 def test_every_setting_has_a_description():
     missing = [f"{section}.{key}" for section, key, field in all_fields() if not (field.description or "").strip()]
     assert not missing, f"add a description to these fields in tasks/config.py: {missing}"
-
-
-def test_committed_params_yaml_is_the_generated_one():
-    check_params(REPO / "params.yaml")  # raises SettingsDrift naming the first line that differs
 
 
 def comments_by_key(text: str) -> dict[tuple[str, str], str]:
@@ -142,8 +147,8 @@ def comments_by_key(text: str) -> dict[tuple[str, str], str]:
     return out
 
 
-def test_params_yaml_holds_every_default_and_description():
-    text = (REPO / "params.yaml").read_text()
+def test_the_rendered_file_holds_every_default_and_description():
+    text = render_params()
     raw, comments = yaml.safe_load(text), comments_by_key(text)
     assert Params.model_validate(raw) == Params()
     for section, key, field in all_fields():
@@ -154,13 +159,79 @@ def test_params_yaml_holds_every_default_and_description():
         assert comments[(section, key)] == field.description, f"{section}.{key}"
 
 
-def test_a_drifted_file_is_refused_naming_its_line(tmp_path):
+def test_a_bad_value_an_unknown_key_and_a_contradiction_are_named_with_their_lines(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(render_params().replace("  lora_r: 16 ", "  lora_r: 8  "))
-    with pytest.raises(SettingsDrift, match=r"params.yaml:\d+: .*lora_r: 16"):
-        check_params(path)
-    with pytest.raises(SettingsDrift, match="cannot be read"):
-        check_params(tmp_path / "absent.yaml")
+    text = render_params().replace("  learning_rate: 0.004 ", "  learning_rate: 7     ")
+    text = text.replace("  lora_r: 16 ", "  lora_rr: 16")
+    path.write_text(text)
+    number = {key: n for n, line in enumerate(text.splitlines(), 1) for key in ("learning_rate", "lora_rr")
+              if line.startswith(f"  {key}:")}
+    found = check_params(path)
+    assert f"{path}:{number['learning_rate']}: train.learning_rate: Input should be less than or equal to 1" in found.errors
+    assert any(e.startswith(f"{path}:{number['lora_rr']}: train.lora_rr: unknown key") for e in found.errors)
+    assert "train.lora_r (default: 16)" in found.missing
+    with pytest.raises(ConfigError, match=rf"params.yaml:{number['learning_rate']}: train.learning_rate"):
+        load_params(path)
+
+    contradiction = tmp_path / "short.yaml"
+    contradiction.write_text(render_params().replace("  seq_len: 256 ", "  seq_len: 64  "))
+    line = key_lines(contradiction.read_text())[("data", "max_tokens")]
+    (error,) = check_params(contradiction).errors
+    assert error.startswith(f"{contradiction}:{line}: data.max_tokens: data.max_tokens=128 is longer than "
+                            "train.seq_len=64")
+    with pytest.raises(ConfigError, match="--set data.max_tokens: data.max_tokens=999 is longer"):
+        load_params(None, {"data.max_tokens": 999})
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ({"train.seq_len": 64}, "data.max_tokens=128 is longer than train.seq_len=64"),
+        ({"monitor.min_ratings": 300}, "monitor.min_ratings=300 is more than monitor.window=200"),
+        ({"data.sources": [{"path": "other.jsonl"}]}, "data.path 'data/dates.jsonl' and data.sources"),
+    ],
+)
+def test_contradictions_are_validators_of_the_settings(override, fragment, tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(render_params())
+    with pytest.raises(ConfigError, match=fragment):
+        load_params(path, override)
+    assert Params.model_validate({}) == Params()  # the defaults agree with each other
+
+
+def test_the_check_lists_what_differs_from_the_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = render_params().replace("  max_steps: 300 ", "  max_steps: 100 ").replace("  active: false", "  active: true ", 1)
+    path.write_text(text)
+    lines = key_lines(text)
+    found = check_params(path)
+    assert not found.errors and not found.missing
+    assert found.differences == [f"{path}:{lines[('train', 'max_steps')]}: train.max_steps: 100 (default: 300)",
+                                 f"{path}:{lines[('schedule', 'active')]}: schedule.active: true (default: false)"]
+
+
+def test_write_keeps_the_users_values_adds_new_keys_and_refreshes_comments(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = render_params().replace("  max_steps: 300 ", "  max_steps: 100 ")
+    text = text.replace("Peak learning rate", "my old comment")
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("  lora_r:")) + "\n"
+    text = text.replace("  sources: []", "  sources:\n  - {path: data/dates.jsonl}\n  - feedback: true")
+    path.write_text(text)
+    write_params(path)
+    written = path.read_text()
+    assert load_params(path).train.max_steps == 100
+    assert [s.feedback for s in load_params(path).data.sources] == [False, True]
+    assert "  lora_r: 16 " in written and "my old comment" not in written and "Peak learning rate" in written
+    assert not check_params(path).missing
+    expected = render_params({"train": {"max_steps": 100},
+                              "data": {"sources": [{"path": "data/dates.jsonl"}, {"feedback": True}]}})
+    assert written == expected
+    path.write_text(written + "workers:\n  train_deployment: null\n  gpu_pool: a100\n")
+    with pytest.raises(ConfigError, match=r"unknown keys would be lost .*workers.gpu_pool"):
+        write_params(path)
+    fresh = tmp_path / "new.yaml"
+    write_params(fresh)
+    assert fresh.read_text() == render_params()
 
 
 def test_every_dvc_param_names_a_real_key():
@@ -179,7 +250,7 @@ def test_every_dvc_param_names_a_real_key():
 def test_every_dvc_param_exists_in_the_resolved_settings_and_validates(tmp_path, monkeypatch):
     """The stages read artifacts/params.yaml (written by resolve): every key they name is there."""
     monkeypatch.chdir(REPO)
-    resolved = write_resolved(load_params(REPO / "params.yaml"), tmp_path / "params.yaml")
+    resolved = write_resolved(load_params(None), tmp_path / "params.yaml")
     load_params(resolved)  # what the stages will validate
     doc = yaml.safe_load(resolved.read_text())
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -197,23 +268,24 @@ def test_resolved_params_carry_the_chat_template_files_md5(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    params = load_params(REPO / "params.yaml", {"model.chat_template": str(template)})
+    params = load_params(None, {"model.chat_template": str(template)})
     first = load_params(write_resolved(params, tmp_path / "p.yaml")).model.chat_template_md5
     template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}")
     second = load_params(write_resolved(params, tmp_path / "p.yaml")).model.chat_template_md5
     assert first and second and first != second  # same path, new file: the model section changes for DVC
-    assert load_params(write_resolved(load_params(REPO / "params.yaml"), tmp_path / "q.yaml")).model.chat_template_md5 is None
+    assert load_params(write_resolved(load_params(None), tmp_path / "q.yaml")).model.chat_template_md5 is None
 
 
 def test_a_runs_settings_handed_to_the_stages_survive_params_yaml(tmp_path):
     """The overrides a run gives its DVC stages rebuild its settings from any other file (`--params FILE`)."""
-    from tasks.config import as_overrides
+    from tasks.config import as_overrides, render_params
 
-    other = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(render_params())
+    other = yaml.safe_load(render_params())
     other["train"]["max_steps"], other["train"]["seed"] = 37, 5
     other["data"]["sources"] = [{"path": "data/dates.jsonl"}, {"path": "extra.jsonl", "weight": 2}]
     (tmp_path / "file.yaml").write_text(yaml.safe_dump(other))
     run = load_params(tmp_path / "file.yaml", {"eval.max_examples": 9})
-    resolved = load_params(REPO / "params.yaml", as_overrides(run))
+    resolved = load_params(tmp_path / "params.yaml", as_overrides(run))
     assert resolved == run and resolved.digest() == run.digest()
     assert (resolved.train.max_steps, resolved.eval.max_examples, resolved.data.sources[1].path) == (37, 9, "extra.jsonl")

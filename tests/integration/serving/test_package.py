@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.config import render_params
 from tests.conftest import REPO
 
 MODEL_NAME = "ftllm-chat-test"  # as in conftest.py
@@ -86,7 +87,7 @@ def test_bento_holds_only_the_service_code(registry, tmp_path, monkeypatch):
 
     for part in ("serving", "tasks", "ftllm"):
         shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(render_params())
     (tmp_path / "mlartifacts/1/code/tasks").mkdir(parents=True)
     (tmp_path / "mlartifacts/1/code/tasks/y.py").write_text("# decoy\n")
     home = tmp_path / ".bentoml"

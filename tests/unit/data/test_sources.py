@@ -16,7 +16,6 @@ from tasks.files import file_md5
 from tasks.model.loading import load_tokenizer, resolve_base
 from tasks.runner import run_entry
 from tasks.stages.prepare import main
-from tests.conftest import REPO
 
 
 @pytest.fixture(scope="session")
@@ -100,12 +99,12 @@ def test_weight_and_cap_together_are_refused():
 def test_data_path_and_sources_set_inconsistently_is_a_config_error(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"data": {"path": "data/dates.jsonl", "sources": [{"path": "data/other.jsonl"}]}}))
-    with pytest.raises(ConfigError, match=r"data: .*data.path 'data/dates.jsonl' and data.sources\[0\].path"):
+    with pytest.raises(ConfigError, match=r"p.yaml:\d+: data.path: data.path 'data/dates.jsonl' and data.sources\[0\].path"):
         load_params(path)
-    # The committed params.yaml with sources whose first one is data.path: fine.
-    ok = load_params(REPO / "params.yaml", {"data.sources": [{"path": "data/dates.jsonl"}, {"feedback": True}]})
+    # The defaults with sources whose first one is data.path: fine.
+    ok = load_params(None, {"data.sources": [{"path": "data/dates.jsonl"}, {"feedback": True}]})
     assert [s.file for s in ok.data.source_list()] == ["data/dates.jsonl", "data/feedback.jsonl"]
-    assert load_params(REPO / "params.yaml").data.source_list()[0].path == "data/dates.jsonl"  # the shorthand
+    assert load_params(None).data.source_list()[0].path == "data/dates.jsonl"  # the shorthand
 
 
 def test_corrections_outrank_original_answers_and_form_the_feedback_split(tmp_path, tok):

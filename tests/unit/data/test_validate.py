@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 
-from tasks.config import DataParams, ModelParams, Params, TrainParams
+from tasks.config import DataParams, ModelParams, Params, TrainParams, render_params
 from tasks.data.checks import normalise_example
 from tasks.data.prepare import prepare_dataset
 from tasks.data.tokens import TrainingBudget
@@ -127,7 +128,7 @@ def test_validation_prepare_and_training_count_the_same_trained_tokens(tmp_path:
     examples.append(msgs(("user", "a"), ("assistant", "b c"), ("user", "d"), ("assistant", "e f")))
     path = write(tmp_path, examples)
     report = validate_dataset(path, DataParams(max_tokens=512), tokenizer=tok)
-    stats = prepare_dataset(path, tmp_path / "prepared", Params(data=DataParams(path=str(path), max_tokens=512)), tok)
+    stats = prepare_dataset(path, tmp_path / "prepared", Params(data=DataParams(path=str(path), max_tokens=512), train=TrainParams(seq_len=512)), tok)
     rows = [json.loads(x) for s in ("train", "val", "test") for x in (tmp_path / "prepared" / f"{s}.jsonl").read_text().splitlines()]
     labelled = sum(b.trained_tokens for b in prepare_batches(tok, rows, TrainParams(seq_len=512)))
     assert report.token_stats["trained_tokens_per_epoch"] == labelled
@@ -221,12 +222,14 @@ def cli(monkeypatch, tmp_path: Path, tok):
     import ftllm.commands.validate as command
 
     monkeypatch.setattr(command, "GX_DIR", tmp_path / "gx")
-    return command.validate_command
+    settings = tmp_path / "params.yaml"  # the models' defaults, whatever the user's params.yaml holds
+    settings.write_text(render_params())
+    return functools.partial(command.validate_command, params=settings)
 
 
 def test_cli_invalid_file_exits_1_with_json_naming_category_and_line(cli, tmp_path: Path, capsys) -> None:
     path = write(tmp_path, [GOOD, msgs(("user", "q"), ("assistant", "ok"), ("user", "more"))])
-    code = cli(path, json_out=True, report=tmp_path / "out/report.json", params=REPO / "params.yaml")
+    code = cli(path, json_out=True, report=tmp_path / "out/report.json")
     out = capsys.readouterr().out.strip().splitlines()
     doc = json.loads(out[-1])
     assert code == 1 and doc["valid"] is False
@@ -236,7 +239,7 @@ def test_cli_invalid_file_exits_1_with_json_naming_category_and_line(cli, tmp_pa
 
 
 def test_cli_valid_file_exits_0_and_prints_a_table(cli, tmp_path: Path, capsys) -> None:
-    assert cli(write(tmp_path, [GOOD]), params=REPO / "params.yaml") == 0
+    assert cli(write(tmp_path, [GOOD])) == 0
     out = capsys.readouterr().out
     assert "VALID" in out and "Data Docs:" in out  # the GX checkpoint passed too
 
@@ -244,7 +247,7 @@ def test_cli_valid_file_exits_0_and_prints_a_table(cli, tmp_path: Path, capsys) 
 @pytest.mark.parametrize("args", [{"path": Path("does/not/exist.jsonl")}, {"path": None, "format": "csv"}])
 def test_cli_unreadable_or_usage_error_exits_2_without_traceback(cli, tmp_path: Path, capsys, args) -> None:
     path = args.pop("path") or write(tmp_path, [GOOD])
-    assert cli(path, params=REPO / "params.yaml", **args) == 2
+    assert cli(path, **args) == 2
     captured = capsys.readouterr()
     assert "error:" in captured.err and "Traceback" not in captured.err + captured.out
 
@@ -253,8 +256,8 @@ def test_cli_fix_writes_only_the_good_examples_in_canonical_form(cli, tmp_path: 
     good2 = {"instruction": "Name a colour.", "output": "Blue"}
     lines = [{"instruction": "Add 2 and 3.", "output": "5"}, "oops", good2, good2, {"instruction": "x"}]
     fixed = tmp_path / "fixed.jsonl"
-    assert cli(write(tmp_path, lines), fix=fixed, params=REPO / "params.yaml") == 1
+    assert cli(write(tmp_path, lines), fix=fixed) == 1
     assert "dropped 3" in capsys.readouterr().out
     kept = [json.loads(x) for x in fixed.read_text().splitlines()]
     assert [e["messages"][0]["content"] for e in kept] == ["Add 2 and 3.", "Name a colour."]
-    assert cli(fixed, json_out=True, params=REPO / "params.yaml") == 0
+    assert cli(fixed, json_out=True) == 0

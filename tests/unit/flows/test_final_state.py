@@ -34,9 +34,8 @@ def test_gate_passed_but_not_promoted_is_not_called_a_failed_check():
 def test_gate_artifact_shows_each_paired_checks_interval_and_p_value():
     from dataclasses import asdict
 
-    from tasks.evaluate.gate import gate_table
     from tasks.config import GateParams
-    from tasks.evaluate.gate import apply_gate
+    from tasks.evaluate.gate import apply_gate, gate_table
 
     good = {"exact_match": 0.9, "perplexity": 1.2, "latency_p95_ms": 100.0}
     scores = {"ids": list(range(100)), "nll": [0.2] * 100, "tokens": [10] * 100}

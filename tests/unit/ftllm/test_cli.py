@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftllm.cli import app
+from tasks.config import key_lines, render_params
 from tests.conftest import REPO
 
 
@@ -18,7 +19,7 @@ def params(tmp_path, monkeypatch):
     """A settings file with a registered-model name of its own."""
     monkeypatch.setenv("FTLLM_ROOT", str(tmp_path))
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    text = (REPO / "params.yaml").read_text().replace("model_name: ftllm-chat", f"model_name: cli-{uuid.uuid4().hex[:8]}")
+    text = render_params().replace("model_name: ftllm-chat", f"model_name: cli-{uuid.uuid4().hex[:8]}")
     (tmp_path / "params.yaml").write_text(text)
     return tmp_path / "params.yaml"
 
@@ -67,22 +68,67 @@ def test_run_with_a_missing_settings_file_names_it(tmp_path):
     assert RunResult.model_validate_json(result.stdout.strip().splitlines()[-1]).status == "failed"
 
 
-def test_params_check_names_the_drifting_line(tmp_path):
-    from tasks.config import render_params
+def test_params_check_names_each_error_with_its_line_and_lists_the_differences(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = render_params().replace("  max_steps: 300 ", "  max_steps: 100 ")
+    path.write_text(text)
+    lines = key_lines(text)
+    ok = CliRunner().invoke(app, ["params", "--check", str(path)])
+    assert ok.exit_code == 0 and ok.stdout == ""
+    assert f"{path}:{lines[('train', 'max_steps')]}: train.max_steps: 100 (default: 300)" in ok.stderr
+    assert "valid (1 values differ from the defaults)" in ok.stderr
 
-    drifted = tmp_path / "params.yaml"
-    drifted.write_text(render_params().replace("max_steps: 300 ", "max_steps: 301 "))
-    result = CliRunner().invoke(app, ["params", "--check", str(drifted)])
-    assert result.exit_code == 1 and result.stdout == ""
-    assert "params.yaml:" in result.stderr and "max_steps: 300" in result.stderr and "--write" in result.stderr
-    fixed = CliRunner().invoke(app, ["params", "--write", str(drifted)])
-    assert fixed.exit_code == 0
-    assert CliRunner().invoke(app, ["params", "--check", str(drifted)]).exit_code == 0
+    path.write_text(text.replace("  lora_r: 16 ", "  lora_r: 0  ").replace("  seed: 42 ", "  sead: 42 "))
+    bad = CliRunner().invoke(app, ["params", "--check", str(path)])
+    assert bad.exit_code == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
+    assert f"error: {path}:{lines[('train', 'lora_r')]}: train.lora_r: Input should be greater than or equal to 1" in bad.stderr
+    assert f"{path}:{lines[('train', 'seed')]}: train.sead: unknown key" in bad.stderr
+    assert "train.seed (default: 42)" in bad.stderr  # the key the typo left out, as information
+
+    path.write_text(text.replace("  seq_len: 256 ", "  seq_len: 64  "))
+    contradiction = CliRunner().invoke(app, ["params", "--check", str(path)])
+    assert contradiction.exit_code == 2
+    assert f"{path}:{lines[('data', 'max_tokens')]}: data.max_tokens: data.max_tokens=128 is longer than train.seq_len=64" \
+        in contradiction.stderr
 
 
-def test_params_prints_the_committed_file():
+def test_params_write_keeps_the_values_and_adds_the_missing_keys(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  max_steps: 100  # mine\nschedule:\n  active: true\n")
+    assert CliRunner().invoke(app, ["params", "--write", str(path)]).exit_code == 0
+    assert path.read_text() == render_params({"train": {"max_steps": 100}, "schedule": {"active": True}})
+    checked = CliRunner().invoke(app, ["params", "--check", str(path)])
+    assert checked.exit_code == 0 and "not in the file" not in checked.stderr
+
+
+def test_params_prints_the_defaults():
     result = CliRunner().invoke(app, ["params"])
-    assert result.exit_code == 0 and result.stdout == (REPO / "params.yaml").read_text()
+    assert result.exit_code == 0 and result.stdout == render_params()
+
+
+# Every command that reads settings takes --set the same way; a contradiction it makes is exit 2, named.
+SETTINGS_COMMANDS = [["run"], ["validate", "data.jsonl"], ["models"], ["promote", "1"], ["rollback"], ["deploy"],
+                     ["serve"]]
+
+
+@pytest.mark.parametrize("command", SETTINGS_COMMANDS, ids=lambda c: c[0])
+def test_every_command_that_reads_settings_takes_set(command, params, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # deploy reads its settings first
+    monkeypatch.delenv("FTLLM_PARAMS", raising=False)
+    monkeypatch.chdir(params.parent)
+    (params.parent / "data.jsonl").write_text("")
+    result = CliRunner().invoke(app, [*command, "--set", "train.seq_len=64"])
+    assert result.exit_code == 2, result.output
+    assert "error: --set train.seq_len: data.max_tokens=128 is longer than train.seq_len=64" in result.stderr
+    assert "Traceback" not in result.stderr
+    typo = CliRunner().invoke(app, [*command, "--set", "train.max_stepz=1"])
+    assert typo.exit_code == 2 and "--set train.max_stepz: unknown key" in typo.stderr
+
+
+def test_set_changes_what_the_command_reads(params):
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    result = CliRunner().invoke(app, ["models", "--json", "--params", str(params), "--set", f"registry.model_name={name}"])
+    assert result.exit_code == 0 and last_json(result.stdout)["model_name"] == name
 
 
 @pytest.mark.parametrize(

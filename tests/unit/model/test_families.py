@@ -32,6 +32,7 @@ from tasks.model.loading import (
     load_base_tokenizer,
     load_causal_lm,
     load_trained,
+    resolve_attention,
 )
 from tasks.train.finetune import build_model, decoder_layers, finetune
 from tests.conftest import REPO
@@ -68,8 +69,8 @@ def conversations(name: str, count: int, seed: int, system: bool = True) -> list
 
 
 def small_params(path: Path, **train) -> Params:
-    settings = dict(max_steps=8, batch_size=4, seq_len=128, save_steps=0, log_every=1, learning_rate=0.01,
-                    attention="mask" if "gemma" in path.name else "packed")
+    # train.attention is left at auto: the mask for Gemma 2 (soft-capped logits), packed for the others.
+    settings = dict(max_steps=8, batch_size=4, seq_len=128, save_steps=0, log_every=1, learning_rate=0.01)
     settings.update(train)
     return Params(model=ModelParams(base=str(path)), train=TrainParams(**settings))
 
@@ -180,12 +181,22 @@ def test_settings_the_model_cannot_run_fail_before_any_work(family_models):
                                                                  "eval": EvalParams(max_new_tokens=100)})
     with pytest.raises(ConfigError, match="data.max_tokens=1000 plus eval.max_new_tokens=100"):
         check_fit(params)
-    with pytest.raises(ConfigError, match="data.max_tokens=512 is longer than train.seq_len=128"):
-        check_fit(small_params(gpt2).model_copy(update={"data": DataParams(max_tokens=512)}))
     gemma = family_models("gemma2")
     with pytest.raises(ConfigError, match="train.attention=packed .*attn_logit_softcapping"):
         check_fit(small_params(gemma, attention="packed"))
     check_fit(small_params(gemma, attention="mask"))
+    check_fit(small_params(gemma))  # auto: the mask, where packed attention would not be exact
+
+
+def test_auto_attention_packs_where_it_is_exact_and_masks_otherwise():
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig
+
+    assert resolve_attention("auto", LlamaConfig(), 256) == "packed"
+    assert resolve_attention("auto", MistralConfig(sliding_window=32), 256) == "mask"  # the window is shorter than a row
+    assert resolve_attention("auto", MistralConfig(sliding_window=32), 32) == "packed"  # a row fits in the window
+    assert resolve_attention("auto", Gemma2Config(), 128) == "mask"  # soft-capped attention logits
+    assert resolve_attention("packed", Gemma2Config(), 128) == "packed"  # as set (check_fit refuses it)
+    assert resolve_attention("mask", LlamaConfig(), 256) == "mask"
 
 
 @pytest.fixture(scope="module")

@@ -104,17 +104,16 @@ def test_the_monitor_fires_on_low_ratings(tmp_path):
     assert read_feedback(db, 0, 200, low_rating=1).new_low_ratings == 6
 
 
-def test_the_shipped_settings_read_feedback_and_add_it_as_a_source():
+def test_the_default_settings_read_feedback_and_add_it_as_a_source():
     from tasks.config import load_params
-    from tests.conftest import REPO
 
-    shipped = load_params(REPO / "params.yaml").data
+    shipped = load_params(None).data
     assert shipped.feedback and shipped.reads_feedback()
     assert shipped.sources_with_feedback() == [{"path": shipped.path}, {"feedback": True}]
-    off = load_params(REPO / "params.yaml", {"data.feedback": False}).data
+    off = load_params(None, {"data.feedback": False}).data
     assert not off.reads_feedback()
-    listed = load_params(REPO / "params.yaml", {"data.feedback": False, "data.sources": [
+    listed = load_params(None, {"data.feedback": False, "data.sources": [
         {"path": shipped.path, "weight": 2}, {"feedback": True, "min_rating": 3}]}).data
     assert listed.reads_feedback()
-    with_it = load_params(REPO / "params.yaml", {"data.sources": shipped.sources_with_feedback()}).data
+    with_it = load_params(None, {"data.sources": shipped.sources_with_feedback()}).data
     assert [s.feedback for s in with_it.source_list()] == [False, True]

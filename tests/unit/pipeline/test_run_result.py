@@ -1,4 +1,4 @@
-"""The `ftllm run --json` contract: `RunResult`'s schema holds every key the README promises."""
+"""The `ftllm run --json` contract: `RunResult`'s schema holds every key the docs promise (docs/guides/commands.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tasks.pipeline.result import GateCheck, GateResult, RunMetrics, RunResult
 from tests.conftest import REPO
 
 # The keys every consumer of `ftllm run --json` relies on (the project's contract); the
-# README's paragraph on the run's result must name each of them.
+# commands guide's paragraph on the run's result (docs/guides/commands.md) must name each of them.
 CONTRACT = [
     "status", "model_name", "version", "champion_version",
     "gate.passed", "gate.checks[].name", "gate.checks[].value", "gate.checks[].threshold", "gate.checks[].passed",
@@ -23,8 +23,8 @@ CONTRACT = [
 
 
 def readme_result_keys() -> list[str]:
-    """The keys the README's sentence on `ftllm run --json` names ("Its keys: ..."), in backticks."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """The keys the commands guide's sentence on `ftllm run --json` names ("Its keys: ..."), in backticks."""
+    text = (REPO / "docs" / "guides" / "commands.md").read_text(encoding="utf-8")
     paragraph = text[text.index("`ftllm run --json` prints a `RunResult`"):]
     paragraph = paragraph[: paragraph.index("\n\n")]
     keys_sentence = paragraph.split("Its keys:", 1)[1].split(". ", 1)[0]
@@ -56,7 +56,7 @@ def resolve(schema: dict, path: str) -> dict:
 
 def test_readme_names_the_whole_contract():
     named = readme_result_keys()
-    assert set(CONTRACT) <= set(named), f"README's run result paragraph misses {sorted(set(CONTRACT) - set(named))}"
+    assert set(CONTRACT) <= set(named), f"docs/guides/commands.md's run result paragraph misses {sorted(set(CONTRACT) - set(named))}"
 
 
 @pytest.mark.parametrize("key", sorted(set(CONTRACT) | set(readme_result_keys())))

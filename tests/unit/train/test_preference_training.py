@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tasks.config import Params, PreferenceParams
+from tasks.model.scoring import sequence_logps
 from tasks.train.finetune import finetune
 from tasks.train.preference import (
     dpo_loss,
@@ -17,7 +18,6 @@ from tasks.train.preference import (
     preference_tune,
     tuned_model,
 )
-from tasks.model.scoring import sequence_logps
 from tests.training import small_params, write_data
 
 
