@@ -164,8 +164,9 @@ def test_a_bad_value_an_unknown_key_and_a_contradiction_are_named_with_their_lin
     text = render_params().replace("  learning_rate: 0.004 ", "  learning_rate: 7     ")
     text = text.replace("  lora_r: 16 ", "  lora_rr: 16")
     path.write_text(text)
-    number = {key: n for n, line in enumerate(text.splitlines(), 1) for key in ("learning_rate", "lora_rr")
-              if line.startswith(f"  {key}:")}
+    number = {}  # the first line of each key: preference.learning_rate comes after train's
+    for n, line in reversed(list(enumerate(text.splitlines(), 1))):
+        number.update({key: n for key in ("learning_rate", "lora_rr") if line.startswith(f"  {key}:")})
     found = check_params(path)
     assert f"{path}:{number['learning_rate']}: train.learning_rate: Input should be less than or equal to 1" in found.errors
     assert any(e.startswith(f"{path}:{number['lora_rr']}: train.lora_rr: unknown key") for e in found.errors)
