@@ -1,7 +1,7 @@
 """The `monitor` flow: what production feedback says, as a Prefect event that can start `retrain`.
 
 On its schedule (`monitor.cron`), the flow reads the service's feedback log
-(`feedback.db`, see serving/feedback.py) and the prompts it served, measures
+(`feedback.db`, see tasks/feedback/) and the prompts it served, measures
 
 - new ratings and new corrections since the last recommended retraining,
 - the mean of the latest `monitor.window` new ratings,
@@ -22,9 +22,6 @@ the UI (`prefect variable set ftllm-monitor-ftllm-chat '{"feedback_id": 0}' --ov
 It moves only when a retraining is recommended, so corrections add up across runs until
 there are enough.
 
-`export_feedback_snapshot` is the other use of the log: a retraining run whose
-`data.sources` holds `{feedback: true}` calls it to export the feedback it trains on.
-
 Run it once against the embedded defaults:
 
     python -m flows.monitor
@@ -40,9 +37,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import MonitorParams, Params, SourceParams, load_params
+from tasks.config import MonitorParams, Params, load_params
 from tasks.environment import apply_defaults
-from tasks.files import write_atomic
+from tasks.feedback import default_db_path
 from tasks.monitor.signals import (
     Drift,
     FeedbackFigures,
@@ -51,7 +48,6 @@ from tasks.monitor.signals import (
     recent_prompts,
     recommend_retrain,
 )
-from tasks.pipeline.dvc import track_data
 
 EVENT = "ftllm.monitor.checked"
 RECOMMENDED_LABEL = "ftllm.retrain-recommended"
@@ -123,29 +119,6 @@ def drift_of_prompts(root: Path, params: Params, db: Path) -> Drift | None:
     return measure_drift(tokenizer, train, recent_prompts(db, params.monitor.window))
 
 
-@task(name="export-feedback")
-def export_feedback_snapshot(root: Path, source: SourceParams, out: Path) -> dict:
-    """The service's feedback, exported to the file a `feedback: true` source reads, and versioned by DVC.
-
-    The run trains on this snapshot, not on the live database: its md5 goes into the
-    resolved settings and the MLflow run, and `dvc add` of its folder keeps it in the DVC
-    cache, so `dvc repro` of the version rebuilds the same splits.
-    """
-    from serving.feedback import default_db_path, export_feedback
-
-    logger = get_run_logger()
-    db = default_db_path(root)
-    if db.is_file():
-        count = export_feedback(db, out, source.min_rating)
-    else:
-        logger.warning(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml): no feedback")
-        count = 0
-        write_atomic(out, "")
-    tracked = track_data(root, out, log=logger.info)
-    logger.info(f"exported {count} feedback examples from {db} to {out}" + (f" (versioned in {tracked})" if tracked else ""))
-    return {"db": str(db), "path": str(out), "examples": count, "tracked_by": tracked}
-
-
 def _publish(model_name: str, figures: FeedbackFigures, drift: Drift | None, reasons: list[str], alerts: list[str]) -> None:
     rows = [{"figure": k, "value": v} for k, v in asdict(figures).items()]
     rows += [{"figure": f"drift.{k}", "value": v} for k, v in (asdict(drift) if drift else {}).items()]
@@ -167,8 +140,6 @@ def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) ->
         feedback_db: the service's log; default FTLLM_FEEDBACK_DB, else feedback.db beside params.yaml.
     """
     from prefect.events import emit_event
-
-    from serving.feedback import default_db_path
 
     logger = get_run_logger()
     root = Path(params_file).resolve().parent

@@ -30,13 +30,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, Failed, State
 
-from flows.monitor import export_feedback_snapshot
 from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
     EvalParams,
     GateParams,
     Params,
+    SourceParams,
     TrainParams,
     WorkersParams,
     load_params,
@@ -47,8 +47,10 @@ from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
 from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.score import evaluate_model_dir, load_split
+from tasks.feedback import snapshot_feedback
 from tasks.files import file_md5
 from tasks.model.loading import check_fit
+from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
 from tasks.pipeline.dvc import (
     git_commit,
     lock_digest,
@@ -58,7 +60,6 @@ from tasks.pipeline.dvc import (
     stage_out_md5,
     workspace_lock,
 )
-from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
 from tasks.pipeline.notify import notify_run, outcome_line
 from tasks.pipeline.report import write_reports
 from tasks.pipeline.result import (
@@ -72,11 +73,11 @@ from tasks.pipeline.result import (
 )
 from tasks.registry.tracking import (
     artifact_link,
-    log_prepared,
     end_tracking_run,
     flow_run_origin,
     link_tags,
     log_files,
+    log_prepared,
     log_results,
     run_link,
     start_tracking_run,
@@ -114,6 +115,13 @@ def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | 
         data_docs_dir=report_dir / "gx",
     )
     return report.to_dict()
+
+
+@task(name="export-feedback")
+def export_feedback_snapshot(root: Path, source: SourceParams, out: Path) -> dict:
+    """The service's feedback, exported to the file a `feedback: true` source reads, and versioned by DVC."""
+    logger = get_run_logger()
+    return snapshot_feedback(root, source.min_rating, out, log=logger.info, warn=logger.warning).to_dict()
 
 
 def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) -> None:

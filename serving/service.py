@@ -4,7 +4,7 @@ This module holds the service's lifecycle (loading a model version, polling the 
 hot swaps and engine restarts) and its routes. The request and response models and the
 OpenAI error bodies are in `serving.schemas`; authentication, request limits and the
 rewriting of BentoML's and Starlette's error bodies in `serving.guards`; the decoding loop
-in `serving.engine`; the interaction log in `serving.feedback`.
+in `serving.engine`; the interaction log in `tasks.feedback`.
 The lifecycle and the request handling stay together (about 600 lines, a cohesive unit):
 every handler reads the served model that the lifecycle swaps. The FastAPI routes are thin
 module-level functions that get the service instance from an async dependency: BentoML's
@@ -82,7 +82,6 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from pydantic import Field, ValidationError  # noqa: E402
 
 from serving.engine import Completion, EngineError, EngineProcess  # noqa: E402
-from serving.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
 from serving.guards import GuardMiddleware  # noqa: E402
 from serving.schemas import (  # noqa: E402
     APIError,
@@ -98,6 +97,7 @@ from serving.schemas import (  # noqa: E402
     validation_error,
 )
 from tasks.config import Params, ServingParams, load_params  # noqa: E402
+from tasks.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
 from tasks.model.chat import encode_text  # noqa: E402
 from tasks.registry.versions import champion_version  # noqa: E402
 

@@ -25,11 +25,11 @@ def export_command(out: Path, min_rating: int) -> int:
 
 def _export(out: Path, min_rating: int) -> None:
     root = apply_defaults()
-    from serving.feedback import default_db_path, export_feedback
+    from tasks.feedback import default_db_path, export_feedback
 
     db = default_db_path(root)
     try:
-        count = export_feedback(db, out, min_rating)
+        exported = export_feedback(db, out, min_rating)
     except (FileNotFoundError, ValueError) as exc:  # no database yet, or --min-rating outside 1..5
         raise UsageError(str(exc)) from None
-    print(f"wrote {count} examples from {db} to {out}")
+    print(f"wrote {exported.examples} examples from {db} to {out}")

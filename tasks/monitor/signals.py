@@ -1,7 +1,7 @@
 """What production says about the champion: ratings, corrections and prompt drift.
 
-Reads the service's interaction log (`serving/feedback.py`: SQLite, tables `interactions`
-and `feedback`) read-only, so a monitor never blocks or alters the service's writes.
+Reads the service's interaction log through `tasks.feedback.FeedbackReader` (read-only, so
+a monitor never blocks or alters the service's writes).
 
 - Feedback since a cursor (the highest feedback id already acted on): how many new
   ratings and corrections, and the mean of the latest `window` new ratings.
@@ -21,14 +21,13 @@ Run alone:
 
 from __future__ import annotations
 
-import json
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import MonitorParams
 from tasks.errors import DataFileError
+from tasks.feedback import FeedbackReader
 from tasks.files import read_jsonl
 
 
@@ -56,49 +55,29 @@ class Drift:
     unknown_token_rate: float | None
 
 
-def _connect(db: Path) -> sqlite3.Connection:
-    """A read-only connection: the service keeps writing while the monitor reads (WAL)."""
-    try:
-        conn = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True, timeout=30)
-        conn.execute("SELECT 1 FROM feedback LIMIT 1")
-    except sqlite3.DatabaseError as exc:
-        raise DataFileError(
-            f"{db}: not a feedback log of the service ({exc}); point FTLLM_FEEDBACK_DB at the service's feedback.db"
-        ) from None
-    return conn
-
-
 def read_feedback(db: Path, since_id: int, window: int) -> FeedbackFigures:
     """Count the ratings and corrections with a feedback id above `since_id`.
 
     Raises:
         DataFileError: `db` is not the service's SQLite log.
     """
-    conn = _connect(db)
-    try:
-        rows = conn.execute(
-            "SELECT id, rating, correction IS NOT NULL FROM feedback WHERE id > ? ORDER BY id", (since_id,)
-        ).fetchall()
-        last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0]
-        interactions = conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0]
-    finally:
-        conn.close()
-    ratings = [rating for _, rating, _ in rows][-window:]
+    with FeedbackReader(db) as reader:
+        rows = reader.feedback_since(since_id)
+        last = reader.last_feedback_id()
+        interactions = reader.interaction_count()
+    ratings = [row.rating for row in rows][-window:]
     return FeedbackFigures(
-        since_id=since_id, last_id=int(max(last, since_id)), new_ratings=len(rows),
-        new_corrections=sum(int(corrected) for _, _, corrected in rows), window_ratings=len(ratings),
-        mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=int(interactions),
+        since_id=since_id, last_id=max(last, since_id), new_ratings=len(rows),
+        new_corrections=sum(row.correction is not None for row in rows), window_ratings=len(ratings),
+        mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=interactions,
     )
 
 
 def recent_prompts(db: Path, window: int) -> list[str]:
     """The user turns of the latest `window` completions, one text per completion."""
-    conn = _connect(db)
-    try:
-        rows = conn.execute("SELECT messages FROM interactions ORDER BY created DESC LIMIT ?", (window,)).fetchall()
-    finally:
-        conn.close()
-    return [text for text in (_user_text(json.loads(messages)) for (messages,) in rows) if text]
+    with FeedbackReader(db) as reader:
+        requests = reader.recent_messages(window)
+    return [text for text in (_user_text(messages) for messages in requests) if text]
 
 
 def _user_text(messages: Iterable[dict]) -> str:

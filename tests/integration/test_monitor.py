@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.feedback import FeedbackStore, Interaction
+from tasks.feedback import FeedbackStore, Interaction
 from tests.conftest import REPO
 from tests.servers import BIN, server  # noqa: F401  (the module-scoped Prefect server)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.feedback import FeedbackStore, Interaction
 from tasks.config import MonitorParams
 from tasks.errors import DataFileError
+from tasks.feedback import FeedbackStore, Interaction
 from tasks.monitor.signals import measure_drift, read_feedback, recent_prompts, recommend_retrain
 
 

@@ -1,82 +1,33 @@
-"""The interaction log: every served completion and every rating of one, in SQLite.
+"""The interaction log on disk: the service's writer and the monitor's read-only reader.
 
 The service appends one row per completion (request messages, answer, model version,
 latency, token counts; never a header, so never an API key) and one row per feedback
-(`POST /feedback`). `export_feedback` turns the accepted answers and the corrections into
-canonical `{"messages": [...]}` JSONL (corrections marked `"correction": true`), which the
-next retraining takes in through validation like any other data file, or by itself with a
-`feedback: true` source in `data.sources`:
-
-    ftllm feedback export --min-rating 4 data/feedback.jsonl
-
-Ratings are integers from 1 (useless) to 5 (perfect). The database defaults to
-`<root>/feedback.db`; `FTLLM_FEEDBACK_DB` points it elsewhere.
+(`POST /feedback`). Ratings are integers from 1 (useless) to 5 (perfect). Readers open
+the file read-only, so the monitor and an export never block or alter the service's
+writes (WAL mode lets them read while it writes).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tasks.environment import environment
+from tasks.errors import DataFileError
+from tasks.feedback.schema import MAX_RATING, MIN_RATING, FeedbackRow, Interaction, check_readable, migrate
 
 log = logging.getLogger("ftllm.serving")
-
-FEEDBACK_DB_ENV = "FTLLM_FEEDBACK_DB"
-MIN_RATING, MAX_RATING = 1, 5
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS interactions (
-    id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    endpoint TEXT NOT NULL,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    messages TEXT NOT NULL,          -- JSON list of the request's messages
-    answer TEXT NOT NULL,
-    finish_reason TEXT NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    latency_ms REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS feedback (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    created REAL NOT NULL,
-    completion_id TEXT NOT NULL REFERENCES interactions(id),
-    rating INTEGER NOT NULL,
-    correction TEXT
-);
-CREATE INDEX IF NOT EXISTS feedback_completion ON feedback(completion_id);
-"""
 
 
 def default_db_path(root: Path) -> Path:
     """`FTLLM_FEEDBACK_DB` if set, else `<root>/feedback.db`."""
-    return environment().feedback_db or root / "feedback.db"
-
-
-@dataclass(frozen=True)
-class Interaction:
-    """One served completion, as logged."""
-
-    id: str
-    endpoint: str
-    model_name: str
-    model_version: str
-    messages: list[dict[str, Any]]
-    answer: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    latency_ms: float
+    return environment().feedback_db or Path(root) / "feedback.db"
 
 
 class FeedbackStore:
@@ -89,8 +40,8 @@ class FeedbackStore:
     returns at once: the thread writes whatever has queued up in one transaction, so at
     a few hundred completions a second the log costs one commit per batch instead of a
     commit and a thread-pool hop per request. Every read (`has_interaction`,
-    `add_feedback`, `count`, `training_examples`) first waits for the rows queued before
-    it, so a completion can be rated as soon as its answer is out.
+    `add_feedback`, `count`) first waits for the rows queued before it, so a completion
+    can be rated as soon as its answer is out.
     """
 
     def __init__(self, path: Path) -> None:
@@ -100,8 +51,7 @@ class FeedbackStore:
         self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
-        self._conn.commit()
+        migrate(self._conn, self.path)
         self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._written = threading.Condition()
         self._queued = self._done = 0  # rows handed to log_later, and rows written (or failed)
@@ -202,57 +152,78 @@ class FeedbackStore:
         with self._lock:
             return int(self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
-    def training_examples(self, min_rating: int) -> list[dict[str, Any]]:
-        """Canonical examples from the latest feedback of each completion.
 
-        A correction always yields an example (the corrected answer replaces the model's,
-        whatever the rating), marked `"correction": true`; an uncorrected answer yields one
-        when rated `min_rating` or more.
+class FeedbackReader:
+    """A read-only view of the log: the service keeps writing while it reads (WAL).
+
+    Use it as a context manager; every method reads one consistent snapshot of its own.
+
+    Raises:
+        DataFileError: (on entering) the file is not the service's log, or a newer schema's.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None
+
+    def __enter__(self) -> Self:
+        try:
+            conn = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, timeout=30)
+            conn.execute("SELECT 1 FROM feedback LIMIT 1")
+            check_readable(conn, self.path)
+        except sqlite3.DatabaseError as exc:
+            raise DataFileError(f"{self.path}: not a feedback log of the service ({exc}); "
+                                "point FTLLM_FEEDBACK_DB at the service's feedback.db") from None
+        except ValueError as exc:
+            raise DataFileError(str(exc)) from None
+        self._conn = conn
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "use FeedbackReader as a context manager"
+        return self._conn
+
+    def feedback_since(self, since_id: int) -> list[FeedbackRow]:
+        """Every feedback row with an id above `since_id`, oldest first."""
+        rows = self.conn.execute(
+            "SELECT id, created, completion_id, rating, correction FROM feedback WHERE id > ? ORDER BY id", (since_id,)
+        ).fetchall()
+        return [FeedbackRow(*row) for row in rows]
+
+    def last_feedback_id(self) -> int:
+        """The highest feedback id in the log (0 when there is none)."""
+        return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
+
+    def interaction_count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0])
+
+    def recent_messages(self, window: int) -> list[list[dict[str, Any]]]:
+        """The request messages of the latest `window` completions, newest first."""
+        rows = self.conn.execute("SELECT messages FROM interactions ORDER BY created DESC LIMIT ?", (window,)).fetchall()
+        return [json.loads(messages) for (messages,) in rows]
+
+    def latest_ratings(self) -> tuple[list[tuple[list[dict[str, Any]], str, FeedbackRow]], int]:
+        """The latest feedback of each rated completion, with its request and answer, and the highest feedback id.
+
+        Both come from one read transaction, so the id covers exactly the rows returned.
+
+        Returns:
+            ([(request messages, answer, latest feedback row)] in feedback order, highest feedback id).
         """
         query = """
-            SELECT i.messages, i.answer, f.rating, f.correction FROM feedback f
+            SELECT i.messages, i.answer, f.id, f.created, f.completion_id, f.rating, f.correction FROM feedback f
             JOIN interactions i ON i.id = f.completion_id
             WHERE f.id = (SELECT MAX(id) FROM feedback g WHERE g.completion_id = f.completion_id)
             ORDER BY f.id
         """
-        self.flush()
-        with self._lock:
-            rows = self._conn.execute(query).fetchall()
-        examples = []
-        for messages_json, answer, rating, correction in rows:
-            if correction is None and rating < min_rating:
-                continue
-            messages = [m for m in json.loads(messages_json) if m.get("role") in ("system", "user", "assistant")]
-            if not messages or messages[-1]["role"] != "user":
-                continue  # not a prompt the model answers (e.g. a plain /generate prompt)
-            final = correction if correction is not None else answer
-            if not final.strip():
-                continue
-            example: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": final}]}
-            if correction is not None:
-                example["correction"] = True  # outranks other answers to the same prompt (tasks.data.sources)
-            examples.append(example)
-        return examples
-
-
-def export_feedback(db_path: Path, out: Path, min_rating: int) -> int:
-    """Write accepted answers and corrections as canonical JSONL to `out`; return the count.
-
-    Raises:
-        FileNotFoundError: there is no feedback database at `db_path`.
-        ValueError: `min_rating` is outside 1..5.
-    """
-    if not MIN_RATING <= min_rating <= MAX_RATING:
-        raise ValueError(f"--min-rating must be from {MIN_RATING} to {MAX_RATING}, got {min_rating}")
-    if not Path(db_path).is_file():
-        raise FileNotFoundError(f"{db_path}: no feedback database; serve the model and collect feedback first")
-    store = FeedbackStore(db_path)
-    try:
-        examples = store.training_examples(min_rating)
-    finally:
-        store.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
-    os.replace(tmp, out)
-    return len(examples)
+        with self.conn:  # one transaction: the rows and the highest id are the same snapshot
+            self.conn.execute("BEGIN")
+            rows = self.conn.execute(query).fetchall()
+            last = self.last_feedback_id()
+        return [(json.loads(row[0]), row[1], FeedbackRow(*row[2:])) for row in rows], last

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from serving.feedback import FeedbackStore, Interaction
+from tasks.feedback import FeedbackStore, Interaction
 
 
 def _item(i: int) -> Interaction:

@@ -1,0 +1,98 @@
+"""The rows of the interaction log and its SQLite tables, versioned.
+
+The version lives in SQLite's `PRAGMA user_version`. Version 1 is the layout the service
+has always written; a file from before the version was recorded reads 0 and holds the
+same tables, so opening it only records the version. A change of columns adds a step to
+`MIGRATIONS` and bumps `SCHEMA_VERSION`: an existing `feedback.db` is migrated in place
+the first time the service opens it, and readers accept every version up to theirs.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MIN_RATING, MAX_RATING = 1, 5
+SCHEMA_VERSION = 1
+
+_TABLES_V1 = """
+CREATE TABLE IF NOT EXISTS interactions (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    endpoint TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    messages TEXT NOT NULL,          -- JSON list of the request's messages
+    answer TEXT NOT NULL,
+    finish_reason TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    latency_ms REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    completion_id TEXT NOT NULL REFERENCES interactions(id),
+    rating INTEGER NOT NULL,
+    correction TEXT
+);
+CREATE INDEX IF NOT EXISTS feedback_completion ON feedback(completion_id);
+"""
+
+# MIGRATIONS[v] brings a database at version v to v + 1. Version 0 (no version recorded)
+# already has version 1's tables, or none at all in a new file.
+MIGRATIONS: dict[int, str] = {0: _TABLES_V1}
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """One served completion, as logged."""
+
+    id: str
+    endpoint: str
+    model_name: str
+    model_version: str
+    messages: list[dict[str, Any]]
+    answer: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    """One rating of a logged completion, with the corrected answer when the user gave one."""
+
+    id: int
+    created: float
+    completion_id: str
+    rating: int
+    correction: str | None
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def check_readable(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a log written by a newer schema than this code knows.
+
+    Raises:
+        ValueError: the file's schema version is above `SCHEMA_VERSION`.
+    """
+    found = schema_version(conn)
+    if found > SCHEMA_VERSION:
+        raise ValueError(f"{path}: feedback log of schema version {found}, newer than this code's "
+                         f"{SCHEMA_VERSION}; update the project before reading it")
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the tables of a new log, or bring an older one up to `SCHEMA_VERSION`, in place."""
+    check_readable(conn, path)
+    for version in range(schema_version(conn), SCHEMA_VERSION):
+        conn.executescript(MIGRATIONS[version])
+        conn.execute(f"PRAGMA user_version = {version + 1}")
+    conn.commit()

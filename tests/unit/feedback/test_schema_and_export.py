@@ -1,0 +1,86 @@
+"""The feedback log's format across versions, its read-only reader, and its export to training data."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from tasks.errors import DataFileError
+from tasks.feedback import SCHEMA_VERSION, FeedbackReader, FeedbackStore, Interaction, export_feedback
+from tasks.feedback.schema import _TABLES_V1
+from tests.conftest import REPO
+from tests.imports import import_closure
+
+
+def _chat(i: int, prompt: str = "When?") -> Interaction:
+    return Interaction(f"c{i}", "/v1/chat/completions", "m", "1", [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": f"{prompt} {i}"}], f"answer {i}", "stop", 3, 2, 1.0)
+
+
+def test_a_log_written_before_the_schema_was_versioned_keeps_working(tmp_path):
+    db = tmp_path / "feedback.db"
+    old = sqlite3.connect(db)  # what the service wrote before: the same tables, no user_version
+    old.executescript(_TABLES_V1)
+    old.execute("INSERT INTO interactions VALUES ('c0', 1.0, 'chat', 'm', '1', ?, 'a', 'stop', 1, 1, 1.0)",
+                (json.dumps([{"role": "user", "content": "hi"}]),))
+    old.execute("INSERT INTO feedback (created, completion_id, rating, correction) VALUES (2.0, 'c0', 2, 'hello')")
+    old.commit()
+    old.close()
+    with FeedbackReader(db) as reader:  # readable as it is
+        assert [r.correction for r in reader.feedback_since(0)] == ["hello"]
+    store = FeedbackStore(db)  # the service opens it: migrated in place, rows kept
+    assert store.count("feedback") == 1 and store.add_feedback("c0", 5) == 2
+    store.close()
+    version = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0]
+    assert version == SCHEMA_VERSION == 1
+
+
+def test_a_log_of_a_newer_schema_is_refused_by_name(tmp_path):
+    db = tmp_path / "feedback.db"
+    FeedbackStore(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(DataFileError, match=r"feedback.db: feedback log of schema version 2, newer"):
+        FeedbackReader(db).__enter__()
+    with pytest.raises(ValueError, match="update the project"):
+        FeedbackStore(db)
+
+
+def test_the_export_keeps_corrections_and_good_answers_and_records_the_last_id_it_read(tmp_path):
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    for i in range(4):
+        store.log_interaction(_chat(i))
+    store.add_feedback("c0", 1)                    # poor, uncorrected: left out
+    store.add_feedback("c1", 5)                    # good: kept as answered
+    store.add_feedback("c2", 2, "the right answer")  # corrected: kept, marked
+    store.add_feedback("c0", 2)                    # a later rating of c0 replaces the first; still poor
+    store.close()
+    out = tmp_path / "data" / "feedback.jsonl"
+    exported = export_feedback(db, out, min_rating=4)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert exported.examples == len(rows) == 2
+    assert exported.last_feedback_id == 4  # read up to the latest id, the poor rating included
+    assert rows[0]["messages"][-1] == {"role": "assistant", "content": "answer 1"} and "correction" not in rows[0]
+    assert rows[1]["messages"][-1]["content"] == "the right answer" and rows[1]["correction"] is True
+    assert rows[1]["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_no_log_yet_exports_nothing_only_when_asked_to(tmp_path):
+    missing = tmp_path / "none.db"
+    with pytest.raises(FileNotFoundError, match="none.db: no feedback database"):
+        export_feedback(missing, tmp_path / "f.jsonl", 4)
+    exported = export_feedback(missing, tmp_path / "f.jsonl", 4, missing_ok=True)
+    assert (exported.examples, exported.last_feedback_id) == (0, 0)
+    assert (tmp_path / "f.jsonl").read_text() == ""
+    with pytest.raises(ValueError, match="--min-rating must be from 1 to 5, got 6"):
+        export_feedback(missing, tmp_path / "f.jsonl", 6, missing_ok=True)
+
+
+def test_the_feedback_module_imports_neither_serving_nor_flows():
+    files = {f.relative_to(REPO).parts[0] for f in import_closure(REPO, "tasks.feedback")}
+    assert "tasks" in files and not files & {"serving", "flows"}
