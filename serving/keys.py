@@ -25,8 +25,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -181,3 +185,27 @@ def load_keyring(env: dict[str, str] | None = None) -> KeyRing | None:
         raise ConfigError(f"key names repeat across {KEYS_ENV}, {KEYS_FILE_ENV} and {SINGLE_KEY_ENV} "
                           f"({SINGLE_KEY_ENV}'s key is named 'default'); rename one.")
     return merged
+
+
+class RateLimiter:
+    """At most `limit` calls per `window` seconds per key name (a sliding window), in memory.
+
+    Per process: behind several service workers each allows `limit`; the service runs one.
+    """
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window = limit, window
+        self._calls: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, name: str, now: float | None = None) -> int | None:
+        """Count a call of `name`; None when allowed, else the seconds until it would be (at least 1)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            calls = self._calls.setdefault(name, deque())
+            while calls and calls[0] <= now - self.window:
+                calls.popleft()
+            if len(calls) >= self.limit:
+                return max(1, math.ceil(calls[0] + self.window - now))
+            calls.append(now)
+            return None

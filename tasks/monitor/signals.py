@@ -42,6 +42,7 @@ class FeedbackFigures:
     window_ratings: int  # the latest new ratings the mean is taken over (at most monitor.window)
     mean_rating: float | None
     interactions: int  # completions in the log, all time
+    sources: int = 0  # distinct senders of the new feedback (`feedback_sources`)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class Drift:
     recent_mean_tokens: float | None
     length_drift: float | None  # (recent - train) / train
     unknown_token_rate: float | None
+
+
+def feedback_sources(rows: Iterable) -> int:
+    """Distinct senders among feedback rows: an untrusted key counts once, whatever end-user ids it
+    sends (it could invent them); a trusted key, the operator's own front end, once per end user."""
+    return len({(row.key_name, row.end_user if row.trusted else None) for row in rows})
 
 
 def read_feedback(db: Path, since_id: int, window: int) -> FeedbackFigures:
@@ -70,6 +77,7 @@ def read_feedback(db: Path, since_id: int, window: int) -> FeedbackFigures:
         since_id=since_id, last_id=max(last, since_id), new_ratings=len(rows),
         new_corrections=sum(row.correction is not None for row in rows), window_ratings=len(ratings),
         mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=interactions,
+        sources=feedback_sources(rows),
     )
 
 
@@ -127,7 +135,13 @@ def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: Mo
             and figures.mean_rating < monitor.min_mean_rating):
         reasons.append(f"mean rating {figures.mean_rating:.2f} over the latest {figures.window_ratings} new ratings "
                        f"(below monitor.min_mean_rating {monitor.min_mean_rating})")
-    alerts = []
+    if reasons and figures.sources < monitor.min_distinct_sources:
+        reasons = []  # one client alone cannot start a retraining
+        too_few = (f"the new feedback comes from {figures.sources} distinct source(s), fewer than "
+                   f"monitor.min_distinct_sources {monitor.min_distinct_sources}: no retraining recommended")
+    else:
+        too_few = None
+    alerts = [too_few] if too_few else []
     if drift is not None and drift.length_drift is not None and abs(drift.length_drift) > monitor.max_prompt_length_drift:
         alerts.append(f"prompt length {drift.recent_mean_tokens:.1f} tokens against {drift.train_mean_tokens:.1f} "
                       f"in training ({drift.length_drift:+.0%}, monitor.max_prompt_length_drift {monitor.max_prompt_length_drift})")

@@ -24,7 +24,7 @@ from tests.servers import BIN, server  # noqa: F401  (the module-scoped Prefect 
 
 
 def write_feedback(db: Path, completions: int, ratings: list[int], corrected: int) -> None:
-    """`completions` logged answers, rated in turn; the first `corrected` ratings carry a correction."""
+    """`completions` logged answers, rated in turn by three trusted keys; the first `corrected` ratings carry a correction."""
     store = FeedbackStore(db)
     try:
         for i in range(completions):
@@ -35,7 +35,8 @@ def write_feedback(db: Path, completions: int, ratings: list[int], corrected: in
                 answer="March 18, 2016", finish_reason="stop", prompt_tokens=9, completion_tokens=4, latency_ms=12.0,
             ))
         for i, rating in enumerate(ratings):
-            store.add_feedback(f"c{i % completions}", rating, "March 18, 2016" if i < corrected else None)
+            store.add_feedback(f"c{i % completions}", rating, "March 18, 2016" if i < corrected else None,
+                               key_name=f"client-{i % 3}", trusted=True)  # three trusted sources, no review
     finally:
         store.close()
 
