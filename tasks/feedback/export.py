@@ -48,6 +48,9 @@ class ExportPolicy:
     other_examples: int = 0  # examples of the run's other sources, the base of the share
 
 
+DEFAULT_POLICY = ExportPolicy()
+
+
 @dataclass(frozen=True)
 class FeedbackExport:
     """What one export wrote, and the feedback it covers."""
@@ -136,7 +139,7 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
 
 
 def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool = False,
-                    policy: ExportPolicy = ExportPolicy()) -> FeedbackExport:
+                    policy: ExportPolicy = DEFAULT_POLICY) -> FeedbackExport:
     """Write accepted answers and corrections as canonical JSONL to `out` (atomically).
 
     Args:
