@@ -124,11 +124,11 @@ MAX_STOP_SEQUENCES = 4
 MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
-SERVICE_SECTIONS = ("registry", "serving")
+SERVICE_SECTIONS = ("registry", "serving", "feedback")
 
 
 def load_settings() -> Params:
-    """The settings the service reads (`registry`, `serving`): from `FTLLM_PARAMS` if set,
+    """The settings the service reads (`registry`, `serving`, `feedback`): from `FTLLM_PARAMS` if set,
     else `<root>/params.yaml`, else the defaults.
 
     Only those sections are validated. A bento carries the code it was built with, and

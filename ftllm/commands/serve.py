@@ -46,7 +46,7 @@ def project_params(root: Path) -> Params:
     """The settings the service will read (its sections only, as it reads them): FTLLM_PARAMS, else the
     project's params.yaml, else the defaults."""
     path = root / (environment().params_file or "params.yaml")  # relative to the project, as the service reads it
-    return load_params(path, sections=("registry", "serving")) if path.is_file() else Params()
+    return load_params(path, sections=("registry", "serving", "feedback")) if path.is_file() else Params()
 
 
 def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None = None) -> int:
