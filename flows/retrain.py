@@ -262,7 +262,7 @@ def _publish(root: Path, verdict: dict, metrics: dict, result: RunResult, sample
              "Prefect flow run": lineage.get("prefect.flow_run_url"), "data report": artifact_link(run_id, DATA_REPORT)}
     view = RunView(name, version, result.status, result.champion_version, metrics, verdict,
                    validation=report, lineage={k: v for k, v in lineage.items() if not k.startswith("prefect.")},
-                   links=links, **load_run_files(root))
+                   links=links, feedback=result.feedback, **load_run_files(root))
     log_files(run_id, [write_dashboard(view, root / "artifacts/reports/dashboard.html")], "reports")
     dashboard = artifact_link(run_id, "reports/dashboard.html")
     create_link_artifact(dashboard, link_text=f"{name} v{version}: run dashboard", key="retrain-dashboard",

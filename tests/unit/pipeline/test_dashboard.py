@@ -37,3 +37,17 @@ def test_run_files_are_read_when_present(tmp_path):
     assert load_run_files(tmp_path)["history"] == [{"step": 1, "loss": 2.0}]
 
 
+
+
+def test_the_feedback_section_shows_keys_and_what_was_redacted(view):  # noqa: F811
+    import dataclasses
+
+    feedback = {"examples": 7, "held": 3, "capped": 1, "users": 2, "by_key": {"ops": 5, "web": 2},
+                "redacted": {"secret": 0, "email": 4, "card": 1, "ip": 0, "phone": 2,
+                             "examples_changed": 5, "examples_dropped": 0}}
+    html = render_dashboard(dataclasses.replace(view, feedback=feedback))
+    assert 'id="feedback"' in html and "held for approval" in html
+    for name, count in (("ops", 5), ("web", 2), ("email", 4), ("card", 1), ("phone", 2)):
+        assert f'<tr><td>{name}</td><td class="num">{count}</td></tr>' in html, name
+    assert "<td>secret</td>" in html  # every category, found or not
+    assert "no feedback source in this run" in render_dashboard(view)
