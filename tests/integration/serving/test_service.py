@@ -137,7 +137,7 @@ def test_unknown_paths_and_methods_get_openai_errors(client):
     responses = client.get("/docs.json").json()["paths"]["/generate"]["post"]["responses"]
     assert {status: answer["content"]["application/json"]["schema"] for status, answer in responses.items()
             if status != "200"} == {s: {"$ref": "#/components/schemas/ErrorResponse"}
-                                    for s in ("400", "401", "404", "413", "429", "500")}
+                                    for s in ("400", "401", "403", "404", "413", "429", "500")}
 
 
 def test_malformed_json_and_oversized_bodies(client):
