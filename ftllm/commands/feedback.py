@@ -7,7 +7,7 @@
 
 `export` writes canonical `{"messages": [...]}` JSONL (the format `ftllm validate` and the
 retraining take in) under the same rules as a run (docs/guides/trust.md): approved or
-auto-approved feedback only (`feedback.auto_approve`), each untrusted key capped, erased
+auto-approved feedback only (`feedback.auto_approve`), erased
 prompts left out, secrets and personal data redacted, each row with its provenance.
 `approve` decides without the Prefect UI, for runs that do not pause. `forget` erases
 interactions and their feedback and lists their prompts so that no later export holds
@@ -54,7 +54,8 @@ def _export(out: Path, min_rating: int) -> None:
 
     db = default_db_path(root)
     settings = _settings(root)
-    policy = ExportPolicy(settings.auto_approve, settings.redaction, settings.max_key_share)
+    # No cap here: feedback.max_key_share is a share of a run's training data, which a run applies.
+    policy = ExportPolicy(settings.auto_approve, settings.redaction)
     try:
         exported = export_feedback(db, out, min_rating, policy=policy)
     except (FileNotFoundError, ValueError) as exc:  # no database yet, or --min-rating outside 1..5
