@@ -157,7 +157,7 @@ def test_training_routed_to_a_missing_deployment_fails_clearly(first_run, projec
 
 
 def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, project, tmp_path, monkeypatch):
-    """Corrections posted over HTTP to `ftllm serve` reach the next run's train and feedback splits, no manual step."""
+    """Corrections posted over HTTP to `ftllm serve` reach the next run's train and feedback splits once approved."""
     import os
     import subprocess
     import sys
@@ -209,6 +209,10 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
     assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert children and not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
+    from ftllm.commands.feedback import approve_command
+
+    # An open service's callers are untrusted: their corrections wait for a person (here, the CLI).
+    assert approve_command(True, [], False, "e2e") == 0
     sources = [{"path": "data/dates.jsonl"}, {"feedback": True}]
     state, result = run_flow(project, **{"data.sources": sources, "train.max_steps": 10, "eval.max_examples": 20})
     assert state.is_completed(), result
@@ -230,6 +234,7 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
     assert md5 in run.data.tags["data_sources"]
     assert "data/feedback.jsonl" in [a.path for a in MlflowClient().list_artifacts(result.mlflow_run_id, "data")]
     assert MlflowClient().get_model_version("ftllm-chat", result.version).tags["data_sources"] == run.data.tags["data_sources"]
+    assert json.loads(run.data.tags["feedback.keys"]) == {"anonymous": 2} and run.data.tags["feedback.held"] == "0"
     # Scored on the cases users corrected, against the champion of the first run.
     assert result.metrics.candidate_feedback["examples"] == 1 and result.metrics.champion_feedback["examples"] == 1
     assert "no_regression_feedback_exact_match" in [c.name for c in result.gate.checks]

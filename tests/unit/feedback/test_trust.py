@@ -156,3 +156,29 @@ def test_the_cli_approves_and_forgets(db, monkeypatch, capsys):
     assert forget_command(None, None, "not-a-date", False) == 2
     assert forget_command("u0", "web", None, False) == 2  # one criterion at a time
     assert forget_command(None, "bot", None, False) == 0 and "erased 0 interactions and 3 feedback rows" in capsys.readouterr().out
+
+
+def test_a_runs_snapshot_tags_its_mlflow_run_with_the_provenance(db, tmp_path, monkeypatch):
+    import mlflow
+
+    from tasks.feedback import snapshot_feedback
+    from tasks.registry.tracking import set_run_tags
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    store = FeedbackStore(db)
+    store.log_interaction(Interaction("old", "chat", "m", "1", [{"role": "user", "content": "old"}], "a", "stop",
+                                      1, 1, 1.0, "web"))
+    store._conn.execute("UPDATE interactions SET created = 0 WHERE id = 'old'")
+    store._conn.commit()
+    store.close()
+    snapshot = snapshot_feedback(tmp_path, 4, tmp_path / "data" / "feedback.jsonl", log=lambda _: None,
+                                 warn=lambda _: None, policy=ExportPolicy(auto_approve="all"), retention_days=30)
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment(f"trust-{time.time_ns()}")).info.run_id
+    set_run_tags(run_id, snapshot.mlflow_tags())
+    tags = client.get_run(run_id).data.tags
+    assert json.loads(tags["feedback.keys"]) == {"bot": 3, "ops": 1, "web": 2}
+    assert tags["feedback.end_users"] == "4" and tags["feedback.redacted.email"] == "0"
+    assert tags["feedback.examples"] == "6" and tags["feedback.last_feedback_id"] == "6"
+    with FeedbackReader(db) as reader:  # the retention period erased the year-1970 interaction
+        assert reader.interaction_count() == 6
