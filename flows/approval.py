@@ -1,4 +1,4 @@
-"""The approval step of `retrain`: a run with held feedback pauses for a person in the Prefect UI.
+"""The feedback steps of `retrain`: approval of held feedback by a person in the Prefect UI, then the export.
 
 Before the feedback is exported, `review_held_feedback` looks for feedback that waits for
 approval (untrusted keys; see tasks/feedback/review.py). When there is some and
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
 from prefect.input import RunInput
 from pydantic import Field
 
-from tasks.config import FeedbackParams
+from tasks.config import FeedbackParams, SourceParams
 from tasks.environment import environment
+from tasks.feedback import snapshot_feedback
+from tasks.feedback.export import ExportPolicy
 from tasks.feedback.review import Decision, apply_decision, describe_batch, held_batch
 
 APPROVAL_KEY = "feedback-approval"
@@ -84,3 +86,24 @@ def _run_again(flow_run_id) -> None:
 
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(flow_run_id, Running(), force=True)
+
+
+@task(name="export-feedback")
+def export_feedback_snapshot(root: Path, source: SourceParams, out: Path, settings: FeedbackParams,
+                             other_examples: int) -> dict:
+    """The service's admitted feedback, redacted, exported to the file a `feedback: true` source reads,
+    versioned by DVC; its provenance goes to the MLflow run as `feedback.*` tags."""
+    logger = get_run_logger()
+    policy = ExportPolicy(settings.auto_approve, settings.redaction, settings.max_key_share, other_examples)
+    snapshot = snapshot_feedback(root, source.min_rating, out, log=logger.info, warn=logger.warning, policy=policy,
+                                 retention_days=settings.retention_days)
+    return {**snapshot.to_dict(), "tags": snapshot.mlflow_tags()}
+
+
+def count_examples(path: Path) -> int:
+    """Non-blank lines of a JSONL source (the base of feedback.max_key_share); 0 when unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return 0

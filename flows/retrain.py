@@ -30,15 +30,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, Failed, State
 
-from flows.approval import review_held_feedback
+from flows.approval import count_examples, export_feedback_snapshot, review_held_feedback
 from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
     EvalParams,
-    FeedbackParams,
     GateParams,
     Params,
-    SourceParams,
     TrainParams,
     WorkersParams,
     load_params,
@@ -49,8 +47,7 @@ from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
 from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.score import evaluate_model_dir, load_split
-from tasks.feedback import default_db_path, snapshot_feedback
-from tasks.feedback.export import ExportPolicy
+from tasks.feedback import default_db_path
 from tasks.files import file_md5
 from tasks.model.loading import check_fit
 from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
@@ -119,27 +116,6 @@ def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | 
         data_docs_dir=report_dir / "gx",
     )
     return report.to_dict()
-
-
-@task(name="export-feedback")
-def export_feedback_snapshot(root: Path, source: SourceParams, out: Path, settings: FeedbackParams,
-                             other_examples: int) -> dict:
-    """The service's admitted feedback, redacted, exported to the file a `feedback: true` source reads,
-    versioned by DVC; its provenance goes to the MLflow run as `feedback.*` tags."""
-    logger = get_run_logger()
-    policy = ExportPolicy(settings.auto_approve, settings.redaction, settings.max_key_share, other_examples)
-    snapshot = snapshot_feedback(root, source.min_rating, out, log=logger.info, warn=logger.warning, policy=policy,
-                                 retention_days=settings.retention_days)
-    return {**snapshot.to_dict(), "tags": snapshot.mlflow_tags()}
-
-
-def _count_examples(path: Path) -> int:
-    """Non-blank lines of a JSONL source (the base of feedback.max_key_share); 0 when unreadable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return sum(1 for line in f if line.strip())
-    except OSError:
-        return 0
 
 
 def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) -> None:
@@ -391,7 +367,7 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
     t = time.perf_counter()
     if any(s.feedback for s in sources):  # a person may approve held feedback first (flows/approval.py)
         result.approval = review_held_feedback(default_db_path(root), params.feedback)
-    others = sum(_count_examples(p) for s, p in zip(sources, paths) if not s.feedback)
+    others = sum(count_examples(p) for s, p in zip(sources, paths) if not s.feedback)
     exported = {i: export_feedback_snapshot(root, s, paths[i], params.feedback, others)
                 for i, s in enumerate(sources) if s.feedback}
     result.feedback = {k: v for i in exported for k, v in exported[i].items() if k != "tags"} if exported else None
