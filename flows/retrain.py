@@ -28,7 +28,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, State
 
 from flows.publish import _publish, _publish_validation
 from flows.train_step import train_on_worker
@@ -76,6 +76,7 @@ from tasks.pipeline.result import (
     combine_reports,
     summarise_sources,
 )
+from tasks.pipeline.states import failed_on_purpose
 from tasks.registry.tracking import (
     end_tracking_run,
     flow_run_origin,
@@ -265,7 +266,7 @@ def package(root: Path, model_name: str, version: str, build: bool) -> dict:
 def _final_state(status: str, changed: bool, message: str, result: Any) -> State:
     """The flow run's final state: what happened, in its name and message."""
     if status == "failed":
-        return Failed(message=message, data=result)
+        return failed_on_purpose(message, data=result)  # no engine traceback on a worker
     if not changed:
         return Completed(name="Unchanged", message=message, data=result)
     if status == "rejected":

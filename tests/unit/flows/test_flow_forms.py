@@ -43,7 +43,7 @@ def test_refusal_speaks_the_words_of_its_caller(tmp_path):
     """The CLI says `--force --reason TEXT`; the run form has fields named force and reason."""
     from tasks.errors import RegistryRefusal
     from tasks.registry import versions as registry
-    from tests.unit.registry.test_registry import new_version
+    from tests.registry import new_version
 
     name = f"words-{Path(tmp_path).name[-8:]}"
     version = new_version(tmp_path, name, passed=False)
