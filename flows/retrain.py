@@ -30,7 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 
-from flows.publish import _publish, _publish_validation
+from flows.publish import _publish, _publish_validation, send_notification
 from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
@@ -65,7 +65,7 @@ from tasks.pipeline.dvc import (
     stage_out_md5,
     workspace_lock,
 )
-from tasks.pipeline.notify import notify_run, outcome_line
+from tasks.pipeline.notify import outcome_line
 from tasks.pipeline.report import write_reports
 from tasks.pipeline.result import (
     DataSummary,
@@ -76,7 +76,7 @@ from tasks.pipeline.result import (
     combine_reports,
     summarise_sources,
 )
-from tasks.pipeline.states import failed_on_purpose
+from tasks.pipeline.states import announce_outcome, failed_on_purpose
 from tasks.registry.tracking import (
     end_tracking_run,
     flow_run_origin,
@@ -84,7 +84,6 @@ from tasks.registry.tracking import (
     log_files,
     log_prepared,
     log_results,
-    run_link,
     start_tracking_run,
 )
 from tasks.registry.versions import (
@@ -305,23 +304,10 @@ def retrain(
         get_run_logger().error(str(exc))
         result.status, result.error = "failed", str(exc)
     send_notification(result)
-    return _final_state(result.status, result.changed, outcome_line(result.model_dump(mode="json")), result)
-
-
-@task(name="notify")
-def send_notification(result: RunResult) -> str | None:
-    """Tell the configured webhook or Prefect block about a rejected or failed run."""
-    import httpx
-
-    origin = flow_run_origin()
-    links = {"Prefect flow run": origin.url or origin.tags().get("prefect.flow_run_url")}
-    if result.mlflow_run_id:
-        links["MLflow run"] = run_link(result.mlflow_run_id)
-    try:
-        return notify_run(result.model_dump(mode="json"), {k: v for k, v in links.items() if v})
-    except (httpx.HTTPError, ValueError) as exc:  # a lost notification must not fail the run
-        get_run_logger().warning(f"notification not sent: {exc}")
-        return None
+    state = _final_state(result.status, result.changed, outcome_line(result.model_dump(mode="json")), result)
+    details = result.model_dump(mode="json", include={"version", "champion_version", "gate", "error", "mlflow_run_id"})
+    announce_outcome(state.name, result.status if result.changed else "unchanged", result.model_name, details)
+    return state
 
 
 def _retrain(params_file: str, overrides: dict | None, sections: dict, result: RunResult) -> None:

@@ -1,4 +1,4 @@
-"""Failed on purpose: a flow's chosen Failed state, without Prefect's "unexpected exception" traceback.
+"""How a flow run's outcome shows in Prefect: Failed on purpose without a traceback, a tag and an event.
 
 Prefect 3.9's deployment entry point (`python -m prefect.engine`, what a worker starts) runs
 a flow with `run_flow(..., error_logger=run_logger)` and asks for its *result*: a flow that
@@ -14,6 +14,11 @@ Failed state and tells those two loggers, for this flow run only, to drop the re
 traceback records. Nothing else changes: the run ends Failed with the message, in-process
 callers get the state as before, and an exception the flow did not expect (a bug) is raised
 by the flow, not returned, so it keeps its traceback.
+
+A named state ("Rejected", "Unchanged") shows its name on the run's badge, in the colour of
+its *type* (Prefect has no per-name colour), and the UI's run filters offer state types
+only. `announce_outcome` tags such a run with its name (`rejected`, `unchanged`), which the
+UI's runs list filters by, and emits `ftllm.retrain.<status>` for automations.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import httpx
 from prefect.states import Failed, State
+
+OUTCOME_EVENT = "ftllm.retrain.{status}"
+TAGGED_STATES = ("Rejected", "Unchanged")
 
 # `prefect.flow_runs`: the run's own logger (to the API and the console); `prefect.engine`:
 # the entry point's, on the worker's output.
@@ -63,3 +72,38 @@ def failed_on_purpose(message: str, data: Any = None) -> State:
             if _FILTER not in logging.getLogger(name).filters:
                 logging.getLogger(name).addFilter(_FILTER)
     return Failed(message=message, data=data)
+
+
+def announce_outcome(state_name: str, status: str, model_name: str | None, details: dict[str, Any]) -> str | None:
+    """Tag the current flow run with its named outcome and emit `ftllm.retrain.<status>`.
+
+    Args:
+        state_name: the final state's name; "Rejected" and "Unchanged" become the tags
+            `rejected` and `unchanged`.
+        status: "promoted", "rejected", "failed" or "unchanged": the event's last word.
+        model_name: the registered model the event is about.
+        details: the event's payload (version, champion, failed checks, error).
+
+    Returns:
+        The tag added, if any.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.events import emit_event
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return None
+    name = model_name or "unknown"
+    emit_event(OUTCOME_EVENT.format(status=status), payload=details,
+               resource={"prefect.resource.id": f"ftllm.model.{name}", "prefect.resource.name": name})
+    if state_name not in TAGGED_STATES:
+        return None
+    tag = state_name.lower()
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run.id)
+            client.update_flow_run(flow_run.id, tags=sorted({*run.tags, tag}))
+    except httpx.HTTPError as exc:  # a lost tag must not fail the run: the state's name still says it
+        logging.getLogger(__name__).warning(f"flow run not tagged {tag!r}: {exc}")
+        return None
+    return tag

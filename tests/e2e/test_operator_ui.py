@@ -76,6 +76,7 @@ def test_a_rejected_run_says_so_in_its_final_state(rejected):
     # What the UI reads: the server's record of the flow run.
     run = httpx.get(f"{_api()}/flow_runs/{state.state_details.flow_run_id}").json()
     assert run["state"]["name"] == "Rejected" and run["state"]["type"] == "COMPLETED"
+    assert "rejected" in run["tags"]  # what the UI's runs list filters by
     assert heard and heard[0]["status"] == "rejected" and "min_exact_match" in heard[0]["failed_checks"]
 
 
