@@ -43,6 +43,7 @@ from tasks.config import (
     WorkersParams,
     as_overrides,
     load_params,
+    section_overrides,
 )
 from tasks.data.sources import accept_report, source_label
 from tasks.data.validate import TrainingBudget, validate_dataset
@@ -287,10 +288,17 @@ def retrain(
     Args:
         params_file: the settings file (params.yaml).
         overrides: dotted keys to values (`{"train.max_steps": 100}`), applied to the whole run.
-        data: the data section; set, it replaces params.yaml's (the typed form of the Prefect UI).
-        train: the training section; set, it replaces params.yaml's.
-        eval: the evaluation section; set, it replaces params.yaml's.
-        gate: the gate's thresholds; set, they replace params.yaml's.
+        data: the data section; its fields override params.yaml's one by one (the run form).
+        train: the training section; its fields override params.yaml's one by one.
+        eval: the evaluation section; its fields override params.yaml's one by one.
+        gate: the gate's thresholds; they override params.yaml's one by one.
+
+    A section is merged onto params.yaml's, not put in its place: only the fields it sets
+    change (a partial section from the API, `-p train='{"max_steps": 50}'`, sets one). The
+    run form fills a section from params.yaml's values as `ftllm deploy` read them
+    (flows/deploy.py), so a field left as the form shows it keeps the project's value.
+    Optional fields with the project's value as a placeholder would avoid that copy, but
+    the UI shows an empty field where the user expects the setting in force.
 
     Returns:
         The run's final state: Completed (promoted), Completed named "Rejected" (the gate
@@ -314,10 +322,7 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: R
     logger = get_run_logger()
     root = Path(params_file).resolve().parent
     apply_defaults(root)  # a worker starts the flow without the CLI: same embedded defaults
-    overrides = dict(overrides or {})
-    for name, section in sections.items():
-        if section is not None:
-            overrides.update({f"{name}.{k}": v for k, v in section.model_dump(mode="json").items()})
+    overrides = {**(overrides or {}), **section_overrides(sections)}
     params = load_params(params_file, overrides)
     # From validation to promotion this run owns the workspace: what it registers and packages
     # must be what its own stages wrote. A second run waits here (or gives up after an hour).

@@ -577,6 +577,13 @@ def as_overrides(params: Params) -> dict[str, Any]:
             if (section, key) not in RESOLVED_ONLY}
 
 
+def section_overrides(sections: dict[str, BaseModel | None]) -> dict[str, Any]:
+    """The fields each given section sets, as dotted-key overrides: a section is merged onto
+    the settings file's, field by field, never put in its place (the retrain flow's form)."""
+    return {f"{name}.{key}": value for name, section in sections.items() if section is not None
+            for key, value in section.model_dump(mode="json", exclude_unset=True).items()}
+
+
 def overrides_from_env() -> dict[str, Any]:
     """Overrides handed to DVC stages by the flow, as a JSON object in FTLLM_OVERRIDES."""
     text = environment().overrides.strip()

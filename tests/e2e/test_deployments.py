@@ -23,7 +23,14 @@ OVERRIDES = {**FAST, "train.max_steps": 30, "eval.max_examples": 12, "registry.m
 
 @pytest.fixture(scope="module")
 def deployed(server, project) -> subprocess.CompletedProcess:
-    """`ftllm deploy` once for the module's tests."""
+    """`ftllm deploy` once for the module's tests, from a params.yaml whose gate differs from the code's
+    default (every run of the module overrides it)."""
+    import re
+
+    path = project / "params.yaml"
+    text, found = re.subn(r"\n  min_exact_match: [^\n#]+", "\n  min_exact_match: 0.45 ", path.read_text(), count=1)
+    assert found == 1
+    path.write_text(text)
     return subprocess.run(
         [str(BIN / "ftllm"), "deploy", "--json", "--params", str(project / "params.yaml")],
         env=server, cwd=project, capture_output=True, text=True, timeout=300,
@@ -50,16 +57,21 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 async def inspect():
     async with get_client() as c:
         d = await c.read_deployment_by_name("retrain/scheduled")
-        return d.schedules[0].schedule.cron, sorted(d.parameter_openapi_schema["properties"])
-cron, props = run_coro_as_sync(inspect())
-run = run_deployment("retrain/scheduled", parameters={{"overrides": json.loads(sys.argv[1])}}, timeout=0)
-print(json.dumps({{"cron": cron, "props": props, "flow_run_id": str(run.id)}}))
+        gate = d.parameter_openapi_schema["definitions"]["GateParams"]["properties"]
+        return d.schedules[0].schedule.cron, sorted(d.parameter_openapi_schema["properties"]), gate["min_exact_match"]
+cron, props, gate_default = run_coro_as_sync(inspect())
+overrides = json.loads(sys.argv[1])
+# One field of a section, as the API and the form give it: only that field changes.
+train = {{"max_steps": overrides.pop("train.max_steps")}}
+run = run_deployment("retrain/scheduled", parameters={{"overrides": overrides, "train": train}}, timeout=0)
+print(json.dumps({{"cron": cron, "props": props, "gate_default": gate_default["default"], "flow_run_id": str(run.id)}}))
 """
     out = subprocess.run([sys.executable, "-c", script, json.dumps(OVERRIDES)], env=server, cwd=project, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["cron"] == "0 3 * * 1"
     assert {"train", "data", "eval", "gate", "overrides"} <= set(info["props"])
+    assert info["gate_default"] == 0.45  # the run form starts from params.yaml, not from the code's defaults
 
     worker = _run_worker_once(server, project)
     check = f"""
