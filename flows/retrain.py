@@ -27,30 +27,37 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.states import Completed, Failed, State
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed, State
 
 from flows.approval import count_examples, export_feedback_snapshot, review_held_feedback
+from flows.publish import _publish, _publish_validation, send_notification
 from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
     EvalParams,
     GateParams,
     Params,
+    PreferenceParams,
+    SourceParams,
     TrainParams,
     WorkersParams,
+    as_overrides,
     load_params,
+    section_overrides,
 )
 from tasks.data.sources import accept_report, source_label
 from tasks.data.validate import TrainingBudget, validate_dataset
 from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
 from tasks.evaluate.gate import apply_gate
+from tasks.evaluate.preference import candidate_dir, score_preference_dir
 from tasks.evaluate.score import evaluate_model_dir, load_split
 from tasks.feedback import default_db_path
+from tasks.feedback.preference import snapshot_preference
 from tasks.files import file_md5
 from tasks.model.loading import check_fit
-from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
+from tasks.monitor.cursor import advance_cursor
 from tasks.pipeline.dvc import (
     git_commit,
     lock_digest,
@@ -60,7 +67,7 @@ from tasks.pipeline.dvc import (
     stage_out_md5,
     workspace_lock,
 )
-from tasks.pipeline.notify import notify_run, outcome_line
+from tasks.pipeline.notify import outcome_line
 from tasks.pipeline.report import write_reports
 from tasks.pipeline.result import (
     DataSummary,
@@ -71,18 +78,16 @@ from tasks.pipeline.result import (
     combine_reports,
     summarise_sources,
 )
+from tasks.pipeline.states import announce_outcome, failed_on_purpose
 from tasks.registry.tracking import (
-    artifact_link,
     end_tracking_run,
     flow_run_origin,
     link_tags,
     log_files,
     log_prepared,
     log_results,
-    run_link,
     set_run_tags,
     start_tracking_run,
-    version_link,
 )
 from tasks.registry.versions import (
     champion_version,
@@ -116,6 +121,43 @@ def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | 
         data_docs_dir=report_dir / "gx",
     )
     return report.to_dict()
+
+
+@task(name="advance-monitor-cursor", retries=2, retry_delay_seconds=3)
+def advance_monitor_cursor(model_name: str, feedback_id: int) -> int:
+    """The monitor's cursor moves past the feedback this run trained on (tasks/monitor/cursor.py)."""
+    position = advance_cursor(model_name, feedback_id)
+    get_run_logger().info(f"monitor cursor of {model_name} at feedback id {position}: this run read up to {feedback_id}")
+    return position
+
+
+def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: dict) -> tuple[Params, dict, dict[int, dict]]:
+    """Export the service's feedback and make it a source of the run when it holds any (`data.feedback`).
+
+    The source goes into the run's overrides, so the stages, the resolved settings and the
+    MLflow params all see it. With no feedback to export nothing is written: the data stays
+    exactly what it was. A feedback source listed in `data.sources` is exported with the others.
+
+    Returns:
+        The run's settings and overrides, and the exports by source index (an empty export
+        under -1: it read the log, but adds no source).
+    """
+    if not params.data.feedback or any(s.feedback for s in params.data.sources):
+        return params, overrides, {}
+    source = SourceParams(feedback=True)
+    others = sum(count_examples(root / s.file) for s in params.data.source_list())
+    snapshot = export_feedback_snapshot(root, source, root / source.file, params.feedback, others, write_empty=False)
+    if not snapshot["examples"]:
+        return params, overrides, {-1: snapshot}
+    overrides = {**overrides, "data.sources": params.data.sources_with_feedback()}
+    params = load_params(params_file, overrides)
+    return params, overrides, {len(params.data.sources) - 1: snapshot}
+
+
+@task(name="export-preference")
+def export_preference_snapshot(root: Path, prefs: PreferenceParams) -> dict:
+    """The log's ratings as preference examples (`preference.path`), versioned by DVC beside the feedback export."""
+    return snapshot_preference(root, prefs, log=get_run_logger().info)
 
 
 def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) -> None:
@@ -168,7 +210,7 @@ def evaluate_champion(root: Path, params: Params, version: str, split: str = "te
     """Score the current champion on the same split as the candidate (cached per version and split).
 
     Args:
-        split: "test", or "feedback" (the corrected answers held out of training).
+        split: "test", "feedback" (the corrected answers held out of training) or "preference_heldout".
 
     Returns:
         `metrics` (aggregate) and `per_example` (scores per example, paired by the gate
@@ -179,7 +221,8 @@ def evaluate_champion(root: Path, params: Params, version: str, split: str = "te
     if cache.exists():
         return json.loads(cache.read_text())
     model_dir = download_version(params.registry.model_name, version, root / "artifacts/champion" / f"v{version}")
-    scored = evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", split, params.eval.max_examples), params.eval)
+    scored = (score_preference_dir(model_dir, root / "artifacts/prepared", params.eval) if split == "preference_heldout"
+              else evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", split, params.eval.max_examples), params.eval))
     result = {"metrics": scored["metrics"], "per_example": scored["per_example"]}
     cache.write_text(json.dumps(result))
     return result
@@ -195,7 +238,8 @@ def register(root: Path, params: Params, run_id: str, verdict: dict, metrics: di
         "gate_failed_checks": ",".join(failed) or "none",
         **{f"metric.{k}": f"{v:.6g}" for k, v in metrics["candidate"].items()},
     }
-    return register_candidate(run_id, root / "artifacts/model", params.registry.model_name, tags)
+    return register_candidate(run_id, candidate_dir(root / "artifacts/model", root / "artifacts/preference"),
+                              params.registry.model_name, tags)
 
 
 @task(name="package-bento", retries=1, retry_delay_seconds=3)
@@ -203,72 +247,9 @@ def package(root: Path, model_name: str, version: str, build: bool) -> dict:
     """Import the model into the BentoML store; build a bento from serving/ when it became champion."""
     from tasks.registry.bento import build_bento, import_model
 
-    model_tag = import_model(root / "artifacts/model", model_name, version, {"mlflow_version": version})
+    model_dir = candidate_dir(root / "artifacts/model", root / "artifacts/preference")
+    model_tag = import_model(model_dir, model_name, version, {"mlflow_version": version})
     return {"model": model_tag, "bento": build_bento(model_tag, version, root) if build else None}
-
-
-DATA_REPORT = "reports/validation.html"
-
-
-def _publish_validation(data_path: Path, report: dict, reports: tuple[Path, Path], run_id: str | None) -> None:
-    """The validation artifact: the verdict and counts, linking to the offline data report."""
-    html = f"[{DATA_REPORT}]({artifact_link(run_id, DATA_REPORT)}) (MLflow run)" if run_id else f"`{reports[1]}`"
-    create_markdown_artifact(
-        f"## Validation of `{data_path}`: {'valid' if report['valid'] else 'INVALID'}\n\n"
-        f"examples: {report['examples']}, errors: {report['errors']}, warnings: {report['warnings']}\n\n"
-        f"Data report (offline HTML): {html}; on disk: `{reports[1]}`\n\n"
-        f"Data Docs (Great Expectations, need network): {report.get('data_docs')}",
-        key="retrain-validation",
-    )
-
-
-def _metrics_table(metrics: dict[str, dict]) -> list[dict]:
-    keys = ["exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms", "tokens_per_second"]
-    return [{"model": role, **{k: round(m[k], 4) for k in keys if k in m}} for role, m in metrics.items()]
-
-
-def _publish(root: Path, verdict: dict, metrics: dict, result: RunResult, samples: dict, report: dict,
-             lineage: dict) -> None:
-    """Prefect artifacts of a gated run, linking to the MLflow run, the model version and the run dashboard."""
-    run_id, name, version = result.mlflow_run_id, result.model_name, result.version
-    create_table_artifact(_metrics_table(metrics), key="retrain-metrics", description="Candidate vs baselines vs champion")
-    rows = [{"model": role, **sample} for role, items in samples.items() for sample in items[:5]]
-    create_table_artifact(rows, key="retrain-predictions", description="Predictions next to references (test split)")
-    links = {"MLflow run": run_link(run_id), "model version": version_link(name, version),
-             "Prefect flow run": lineage.get("prefect.flow_run_url"), "data report": artifact_link(run_id, DATA_REPORT)}
-    view = RunView(name, version, result.status, result.champion_version, metrics, verdict,
-                   validation=report, lineage={k: v for k, v in lineage.items() if not k.startswith("prefect.")},
-                   links=links, feedback=result.feedback, **load_run_files(root))
-    log_files(run_id, [write_dashboard(view, root / "artifacts/reports/dashboard.html")], "reports")
-    dashboard = artifact_link(run_id, "reports/dashboard.html")
-    create_link_artifact(dashboard, link_text=f"{name} v{version}: run dashboard", key="retrain-dashboard",
-                         description="Metrics, gate, loss curve, data and lineage on one offline page (MLflow artifact)")
-    lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", *_gate_table(verdict["checks"])]
-    lines += [f"- {note}" for note in verdict.get("notes", [])]
-    lines += [
-        "", f"model version [{version}]({links['model version']}), champion {result.champion_version}",
-        "", f"MLflow run: [{run_id}]({links['MLflow run']}) · [run dashboard]({dashboard}) · [data report]({links['data report']})",
-        "", f"Data Docs (Great Expectations, need network): {result.validation.data_docs if result.validation else None}",
-    ]
-    create_markdown_artifact("\n".join(lines), key="retrain-gate", description="Gate verdict")
-
-
-def _gate_table(checks: list[dict]) -> list[str]:
-    """The gate's checks as a markdown table: the decision (value against threshold) and its evidence.
-
-    A paired check's interval and p-value are what tell a regression from noise, so the
-    operator sees them beside the verdict, not only in the JSON result.
-    """
-    def fmt(x: Any) -> str:
-        return "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
-
-    rows = ["| check | value | threshold | estimate | interval | p-value | n | passed |", "|---|---|---|---|---|---|---|---|"]
-    for c in checks:
-        interval = f"[{fmt(c['low'])}, {fmt(c['high'])}]" if c.get("low") is not None else ""
-        flag = " (underpowered)" if c.get("underpowered") else ""
-        rows.append(f"| {c['name']} | {fmt(c['value'])} | {fmt(c['threshold'])} | {fmt(c.get('estimate'))} | "
-                    f"{interval} | {fmt(c.get('p_value'))} | {fmt(c.get('n'))} | {c['passed']}{flag} |")
-    return rows
 
 
 # Prefect shows a flow run's state name in its run list and can filter on it. A rejected
@@ -280,7 +261,7 @@ def _gate_table(checks: list[dict]) -> list[str]:
 def _final_state(status: str, changed: bool, message: str, result: Any) -> State:
     """The flow run's final state: what happened, in its name and message."""
     if status == "failed":
-        return Failed(message=message, data=result)
+        return failed_on_purpose(message, data=result)  # no engine traceback on a worker
     if not changed:
         return Completed(name="Unchanged", message=message, data=result)
     if status == "rejected":
@@ -302,10 +283,17 @@ def retrain(
     Args:
         params_file: the settings file (params.yaml).
         overrides: dotted keys to values (`{"train.max_steps": 100}`), applied to the whole run.
-        data: the data section; set, it replaces params.yaml's (the typed form of the Prefect UI).
-        train: the training section; set, it replaces params.yaml's.
-        eval: the evaluation section; set, it replaces params.yaml's.
-        gate: the gate's thresholds; set, they replace params.yaml's.
+        data: the data section; its fields override params.yaml's one by one (the run form).
+        train: the training section; its fields override params.yaml's one by one.
+        eval: the evaluation section; its fields override params.yaml's one by one.
+        gate: the gate's thresholds; they override params.yaml's one by one.
+
+    A section is merged onto params.yaml's, not put in its place: only the fields it sets
+    change (a partial section from the API, `-p train='{"max_steps": 50}'`, sets one). The
+    run form fills a section from params.yaml's values as `ftllm deploy` read them
+    (flows/deploy.py), so a field left as the form shows it keeps the project's value.
+    Optional fields with the project's value as a placeholder would avoid that copy, but
+    the UI shows an empty field where the user expects the setting in force.
 
     Returns:
         The run's final state: Completed (promoted), Completed named "Rejected" (the gate
@@ -319,41 +307,25 @@ def retrain(
         get_run_logger().error(str(exc))
         result.status, result.error = "failed", str(exc)
     send_notification(result)
-    return _final_state(result.status, result.changed, outcome_line(result.model_dump(mode="json")), result)
-
-
-@task(name="notify")
-def send_notification(result: RunResult) -> str | None:
-    """Tell the configured webhook or Prefect block about a rejected or failed run."""
-    import httpx
-
-    origin = flow_run_origin()
-    links = {"Prefect flow run": origin.url or origin.tags().get("prefect.flow_run_url")}
-    if result.mlflow_run_id:
-        links["MLflow run"] = run_link(result.mlflow_run_id)
-    try:
-        return notify_run(result.model_dump(mode="json"), {k: v for k, v in links.items() if v})
-    except (httpx.HTTPError, ValueError) as exc:  # a lost notification must not fail the run
-        get_run_logger().warning(f"notification not sent: {exc}")
-        return None
+    state = _final_state(result.status, result.changed, outcome_line(result.model_dump(mode="json")), result)
+    details = result.model_dump(mode="json", include={"version", "champion_version", "gate", "error", "mlflow_run_id"})
+    announce_outcome(state.name, result.status if result.changed else "unchanged", result.model_name, details)
+    return state
 
 
 def _retrain(params_file: str, overrides: dict | None, sections: dict, result: RunResult) -> None:
     logger = get_run_logger()
     root = Path(params_file).resolve().parent
     apply_defaults(root)  # a worker starts the flow without the CLI: same embedded defaults
-    overrides = dict(overrides or {})
-    for name, section in sections.items():
-        if section is not None:
-            overrides.update({f"{name}.{k}": v for k, v in section.model_dump(mode="json").items()})
+    overrides = {**(overrides or {}), **section_overrides(sections)}
     params = load_params(params_file, overrides)
     # From validation to promotion this run owns the workspace: what it registers and packages
     # must be what its own stages wrote. A second run waits here (or gives up after an hour).
     with workspace_lock(root, log=logger.info):
-        _retrain_in_workspace(root, params, overrides, result)
+        _retrain_in_workspace(root, params_file, params, overrides, result)
 
 
-def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: RunResult) -> None:
+def _retrain_in_workspace(root: Path, params_file: str, params: Params, overrides: dict, result: RunResult) -> None:
     logger = get_run_logger()
     durations = result.durations
     data_path = Path(params.data.path) if Path(params.data.path).is_absolute() else root / params.data.path
@@ -362,15 +334,19 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
     result.data = DataSummary(path=str(data_path))
 
     check_fit(params)  # the base model loads and fits the settings: before any work
+    t = time.perf_counter()
+    if params.data.feedback or any(s.feedback for s in params.data.sources):  # a person approves held feedback
+        result.approval = review_held_feedback(default_db_path(root), params.feedback)  # first (flows/approval.py)
+    params, overrides, exported = _take_in_feedback(root, params_file, params, overrides)
     sources = params.data.source_list()
     paths = [Path(s.file) if Path(s.file).is_absolute() else root / s.file for s in sources]
-    t = time.perf_counter()
-    if any(s.feedback for s in sources):  # a person may approve held feedback first (flows/approval.py)
-        result.approval = review_held_feedback(default_db_path(root), params.feedback)
     others = sum(count_examples(p) for s, p in zip(sources, paths) if not s.feedback)
-    exported = {i: export_feedback_snapshot(root, s, paths[i], params.feedback, others)
-                for i, s in enumerate(sources) if s.feedback}
-    result.feedback = {k: v for i in exported for k, v in exported[i].items() if k != "tags"} if exported else None
+    exported.update({i: export_feedback_snapshot(root, s, paths[i], params.feedback, others)
+                     for i, s in enumerate(sources) if s.feedback and i not in exported})
+    result.feedback = next(({k: v for k, v in e.items() if k != "tags"} for e in exported.values()), None)
+    feedback_read = max((e["last_feedback_id"] for e in exported.values()), default=None)
+    result.data.feedback_id = feedback_read
+    preference = export_preference_snapshot(root, params.preference) if exported else None
     # An empty feedback export (nothing rated or corrected yet) is no data error: it adds nothing.
     source_reports = [
         None if i in exported and exported[i]["examples"] == 0
@@ -381,6 +357,7 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
     described = [{"path": str(path), "md5": file_md5(path), "feedback": s.feedback, "invalid_rows": s.invalid_rows}
                  for s, path in zip(sources, paths)]
     result.data = summarise_sources(str(data_path), described, source_reports)
+    result.data.feedback_id = feedback_read
     reports: list[Path] = []
     for i, (source, path, report) in enumerate(zip(sources, paths, source_reports)):
         if report is None:
@@ -398,31 +375,41 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
 
     lineage = {"data_md5": result.data.md5, "git_commit": git_commit(root), "params_digest": params.digest(),
                "data_sources": json.dumps([{"path": s.path, "md5": s.md5} for s in result.data.sources])}
+    if feedback_read is not None:
+        lineage["feedback_id"] = str(feedback_read)  # the monitor's cursor moves to it once the stages trained
     origin = flow_run_origin()
     inputs = [(Path(s.path), s.md5, "feedback" if s.feedback else "training") for s in result.data.sources]
+    inputs += [(Path(preference["path"]), preference["md5"], "preference")] if preference and preference["examples"] else []
     run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage, origin, inputs[1:])
     result.mlflow_run_id = run_id
     log_files(run_id, reports[:2], "reports")
     for i in range(1, len(sources)):
         log_files(run_id, [r for r in reports[2:] if f"sources/{i}/" in r.as_posix()], f"reports/source-{i}")
-    log_files(run_id, [paths[i] for i in exported], "data")  # the feedback the run trained on, as exported
-    for i in exported:  # who sent it: keys, end users, what was held, capped and redacted
-        set_run_tags(run_id, exported[i]["tags"])
+    # the feedback (and preferences) the run trained on, as exported
+    log_files(run_id, [paths[i] for i in exported if i >= 0]
+              + ([Path(preference["path"])] if preference and preference["md5"] else []), "data")
+    for e in exported.values():  # who sent it: keys, end users, what was held, capped and redacted
+        set_run_tags(run_id, e["tags"])
     _publish_validation(data_path, report, tuple(reports[:2]) or (None, None), run_id)
     lineage.update(link_tags(origin, run_id))  # the model version links back to both runs
     try:
         t = time.perf_counter()
-        stages = run_dvc_stages(root, overrides, run_id, params.workers)
+        # The stages get every setting of the run, not only the overrides: their `resolve`
+        # reads params.yaml, and this run's settings may come from another file (--params).
+        stages = run_dvc_stages(root, as_overrides(params), run_id, params.workers)
         if "error" in stages:
             raise StageError(stages["error"])
         durations["stages"] = round(time.perf_counter() - t, 2)
         result.stages = StagesSummary.model_validate(stages)
+        if feedback_read is not None:  # trained on it: whatever the gate says, this feedback was read
+            advance_monitor_cursor(params.registry.model_name, feedback_read)
         t = time.perf_counter()
         result.dvc_push = push_dvc_outputs(root)
         durations["dvc_push"] = round(time.perf_counter() - t, 2)
         _record_prepared(root, run_id, result, lineage)
         metrics = json.loads((root / "artifacts/metrics.json").read_text())
-        fingerprint = f"{stage_out_md5(root, 'finetune', 'artifacts/model')}:{params.digest()}"
+        tuned = stage_out_md5(root, "preference", "artifacts/preference")
+        fingerprint = f"{stage_out_md5(root, 'finetune', 'artifacts/model')}:{tuned}:{params.digest()}"
         lineage.update(dvc_lock_md5=lock_digest(root), fingerprint=fingerprint)
         existing = find_version(params.registry.model_name, "fingerprint", fingerprint)
         if existing is not None:
@@ -442,6 +429,9 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
             if "candidate_feedback" in metrics:  # the cases users corrected, held out of training
                 scored = evaluate_champion(root, params, champion, "feedback")
                 metrics["champion_feedback"], per_example["champion_feedback"] = scored["metrics"], scored["per_example"]
+            if "candidate_preference" in metrics:  # the held-out preference split
+                scored = evaluate_champion(root, params, champion, "preference_heldout")
+                metrics["champion_preference"], per_example["champion_preference"] = scored["metrics"], scored["per_example"]
         durations["evaluate_champion"] = round(time.perf_counter() - t, 2)
         verdict = apply_gate(metrics, params.gate, per_example).to_dict()
         result.gate = GateResult.model_validate(verdict)

@@ -201,7 +201,12 @@ def _move_alias(action: str, as_json: bool, **kwargs) -> None:
         if environment().prefect_api_url:
             from flows.registry import promote_flow, rollback_flow
 
-            move = (promote_flow if action == "promote" else rollback_flow)(**kwargs)
+            state = (promote_flow if action == "promote" else rollback_flow)(**kwargs, return_state=True)
+            move = state.result(raise_on_failure=False)
+            if isinstance(move, BaseException):  # a bug in the flow keeps its traceback
+                raise move
+            if state.is_failed():  # refused: the state's result is the reason in the command line's words
+                raise registry.RegistryRefusal(str(move))
         else:
             move = getattr(registry, action)(**kwargs).to_dict()
     except registry.RegistryRefusal as exc:

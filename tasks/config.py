@@ -95,6 +95,13 @@ class DataParams(_Section):
                     "the answers of the same prompt), each {path, format, weight or cap, invalid_rows, "
                     "max_invalid_share} or {feedback: true}; empty: data.path alone.",
     )
+    feedback: bool = Field(
+        True,
+        description="The service's rated and corrected answers join every run: exported before the stages and, when "
+                    "the export holds any, added to the run's data.sources as {feedback: true} (recorded in its "
+                    "settings). No feedback logged: the data is unchanged. A feedback source listed in data.sources "
+                    "takes its place. false: runs never read feedback, and the monitor recommends no retraining.",
+    )
     feedback_fraction: float = Field(
         0.5, ge=0.0, le=1.0,
         description="Share of corrected prompts held out of training as the feedback split (stable hash of the "
@@ -141,6 +148,15 @@ class DataParams(_Section):
     def source_list(self) -> list[SourceParams]:
         """The sources of the run: `sources`, or `path` as the one source."""
         return list(self.sources) or [SourceParams(path=self.path, md5=self.md5)]
+
+    def reads_feedback(self) -> bool:
+        """Whether a run with these settings reads the service's feedback (a feedback source, or `feedback`)."""
+        return self.feedback or any(s.feedback for s in self.sources)
+
+    def sources_with_feedback(self) -> list[dict[str, Any]]:
+        """`data.sources` as written, plus a feedback source: the override that adds the feedback to a run."""
+        listed = [s.model_dump(mode="json", exclude_defaults=True, exclude={"md5"}) for s in self.source_list()]
+        return [*listed, {"feedback": True}]
 
 
 class ModelParams(_Section):
@@ -418,6 +434,12 @@ class MonitorParams(_Section):
         description="Fewest distinct sources among the new feedback for a recommendation, so one client cannot "
                     "force retraining: each untrusted key counts once, a trusted key once per end user it names.",
     )
+    low_rating: int = Field(2, ge=1, le=5, description="A rating at most this counts as a low rating.")
+    min_new_low_ratings: int = Field(
+        30, ge=1,
+        description="Retraining is recommended once this many low ratings came in since the last time (preference "
+                    "tuning learns from them).",
+    )
     max_prompt_length_drift: float = Field(
         0.5, gt=0.0, description="Relative change of the mean prompt length (tokens) against the train split that "
                                  "is reported as drift.",
@@ -432,6 +454,72 @@ class MonitorParams(_Section):
     )
 
 
+PREFERENCE_SNAPSHOT = "data/preference.jsonl"
+
+
+class PreferenceParams(_Section):
+    """Preference tuning from production ratings (KTO, DPO), after supervised tuning.
+
+    Off by data: a run tunes on preferences only when `path` holds examples (a run with a
+    `feedback: true` source exports them there from the feedback log); otherwise the
+    `preference` stage records that it had nothing to do and the supervised model is the
+    candidate, as before.
+    """
+
+    path: str = Field(
+        PREFERENCE_SNAPSHOT,
+        description="Preference examples (KTO rows and DPO pairs); a run with a feedback source exports them here from "
+                    "the feedback log. Read by prepare when the file exists.",
+    )
+    desirable_min_rating: int = Field(
+        4, ge=1, le=5, description="An uncorrected answer rated at least this is a desirable (thumbs-up) KTO example.",
+    )
+    undesirable_max_rating: int = Field(
+        2, ge=1, le=5,
+        description="An uncorrected answer rated at most this is an undesirable (thumbs-down) KTO example; ratings in "
+                    "between are left out.",
+    )
+    pair_min_rating_gap: int = Field(
+        2, ge=1, le=4,
+        description="Two answers to the same prompt whose ratings differ by at least this form a DPO pair (the "
+                    "higher-rated chosen); a correction always pairs with the answer it replaces.",
+    )
+    heldout_fraction: float = Field(
+        0.3, ge=0.0, lt=1.0,
+        description="Share of preference prompts held out of all training (stable hash of the prompt), on which the "
+                    "candidate's reward accuracy is measured and gated.",
+    )
+    min_examples: int = Field(
+        8, ge=1, description="Fewest preference training examples the stage tunes on; with fewer it does nothing and says so.",
+    )
+    loss: Literal["kto", "sigmoid"] = Field(
+        "kto",
+        description="kto: KTO on thumbs up and down (pairs count as one of each); sigmoid: DPO on the pairs only.",
+    )
+    beta: float = Field(0.1, gt=0.0, le=10.0, description="Strength of the pull towards the reference (the supervised model).")
+    desirable_weight: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="KTO: weight of desirable examples; none: balanced automatically against the undesirable ones.",
+    )
+    undesirable_weight: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="KTO: weight of undesirable examples; none: balanced automatically against the desirable ones.",
+    )
+    learning_rate: float = Field(5e-4, gt=0.0, le=1.0, description="Peak learning rate of preference tuning.")
+    max_steps: int = Field(40, ge=1, le=1_000_000, description="Optimizer steps of preference tuning.")
+    batch_size: int = Field(8, ge=2, le=4096, description="Examples per step (KTO needs at least 2 for its KL estimate).")
+    md5: str | None = Field(None, description="Filled in by the resolve stage: the preference file's md5.")
+
+    @model_validator(mode="after")
+    def _thresholds_leave_a_gap(self) -> PreferenceParams:
+        if self.undesirable_max_rating >= self.desirable_min_rating:
+            raise ValueError(
+                f"preference.undesirable_max_rating {self.undesirable_max_rating} must be below "
+                f"preference.desirable_min_rating {self.desirable_min_rating}; lower the first or raise the second"
+            )
+        return self
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -444,6 +532,7 @@ class Params(_Section):
     schedule: ScheduleParams = ScheduleParams()
     workers: WorkersParams = WorkersParams()
     monitor: MonitorParams = MonitorParams()
+    preference: PreferenceParams = PreferenceParams()
 
     def digest(self) -> str:
         """A short hash of every setting, recorded with the models it produced."""
@@ -522,6 +611,26 @@ def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | No
         raise ConfigError(_format_error(err, str(path))) from None
 
 
+def as_overrides(params: Params) -> dict[str, Any]:
+    """Every setting of `params` as dotted-key overrides (the resolved-only keys left out).
+
+    Applied on top of any settings file they give back `params`: what a run hands its DVC
+    stages (FTLLM_OVERRIDES), so that the `resolve` stage, which reads params.yaml, writes
+    the settings the run was started with, whether they came from params.yaml, from
+    `--params FILE`, from `--set`, from the UI's form or from a deployment's parameters.
+    """
+    doc = params.model_dump(mode="json")
+    return {f"{section}.{key}": value for section, fields in doc.items() for key, value in fields.items()
+            if (section, key) not in RESOLVED_ONLY}
+
+
+def section_overrides(sections: dict[str, BaseModel | None]) -> dict[str, Any]:
+    """The fields each given section sets, as dotted-key overrides: a section is merged onto
+    the settings file's, field by field, never put in its place (the retrain flow's form)."""
+    return {f"{name}.{key}": value for name, section in sections.items() if section is not None
+            for key, value in section.model_dump(mode="json", exclude_unset=True).items()}
+
+
 def overrides_from_env() -> dict[str, Any]:
     """Overrides handed to DVC stages by the flow, as a JSON object in FTLLM_OVERRIDES."""
     text = environment().overrides.strip()
@@ -550,6 +659,8 @@ def write_resolved(params: Params, out: Path) -> Path:
         path = Path(source["path"] or FEEDBACK_SNAPSHOT)
         source["md5"] = file_md5(path) if path.is_file() else None
     # A template file is read by prepare and finetune, whose DVC deps name the `model` section.
+    preference = Path(params.preference.path)
+    doc["preference"]["md5"] = file_md5(preference) if preference.is_file() else None
     template = Path(params.model.chat_template)
     doc["model"]["chat_template_md5"] = file_md5(template) if template.suffix == ".jinja" and template.is_file() else None
     return write_atomic(out, yaml.safe_dump(doc, sort_keys=False))
@@ -566,7 +677,7 @@ PARAMS_HEADER = """\
 # comments): change a default or a description there, then `ftllm params --write params.yaml`.
 """
 # Keys the resolve stage fills in for a run; not settings a user writes.
-RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5")}
+RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5"), ("preference", "md5")}
 COMMENT_COLUMN = 31  # where comments start, so that the values line up
 LINE_WIDTH = 118
 

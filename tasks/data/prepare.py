@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import DataParams, Params, SourceParams
+from tasks.data.preference import PreferenceSplits, prepare_preference
 from tasks.data.sources import merge_sources, prompt_key, read_source, source_label, sources_md5
 from tasks.data.tokens import (
     TokenCount,
@@ -236,6 +237,7 @@ def prepare_dataset(path: Path | None, out_dir: Path, params: Params, tokenizer=
     )
     if any(overlap.values()):  # impossible by construction (the split is a function of the prompt); kept as a guard
         raise PrepareError(f"{where}: prompts in train and in test or feedback {overlap}; this is a bug in tasks.data.prepare")
+    preference = _prepare_preference(params, tokenizer, splits, split_counts)
     train = split_counts["train"]
     first = reads[0].stats
     names = [*SPLITS, *([FEEDBACK_SPLIT] if splits[FEEDBACK_SPLIT] else [])]
@@ -265,5 +267,27 @@ def prepare_dataset(path: Path | None, out_dir: Path, params: Params, tokenizer=
             sum(n.total for n in train), sum(n.trained for n in train), TrainingBudget.of(params.train)
         ),
     }
-    write_splits(out_dir, {s: splits[s] for s in names}, stats)
+    if preference is not None:
+        stats["preference"] = preference.stats
+        stats["counts"].update({name: len(rows) for name, rows in preference.splits.items()})
+    extra = preference.splits if preference is not None else {}
+    write_splits(out_dir, {**{s: splits[s] for s in names}, **extra}, stats)
     return stats
+
+
+def _prepare_preference(params: Params, tokenizer, splits: dict[str, list[dict]],
+                        split_counts: dict[str, list[TokenCount]]) -> PreferenceSplits | None:
+    """The preference splits; supervised training then leaves out every held-out preference prompt.
+
+    The supervised val, test and feedback prompts are held out of preference training as well,
+    so no split's prompt is trained on by either objective.
+    """
+    held = {prompt_key(e["messages"]) for s in ("val", "test", FEEDBACK_SPLIT) for e in splits[s]}
+    preference = prepare_preference(params.preference, params.data, tokenizer, held)
+    if preference is None:
+        return None
+    keep = [prompt_key(e["messages"]) not in preference.heldout_keys for e in splits["train"]]
+    preference.stats["supervised_train_left_out"] = keep.count(False)
+    splits["train"] = [e for e, k in zip(splits["train"], keep) if k]
+    split_counts["train"] = [c for c, k in zip(split_counts["train"], keep) if k]
+    return preference

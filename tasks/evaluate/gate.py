@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from tasks.config import GateParams
 from tasks.evaluate.paired import (
@@ -131,6 +132,8 @@ def apply_gate(
         checks += _champion_checks(cand, champion, paired, gate)
     if metrics.get("candidate_feedback") and metrics.get("champion_feedback"):
         checks.append(_feedback_check(metrics, per_example, gate))
+    if metrics.get("candidate_preference") and metrics.get("champion_preference"):
+        checks += _preference_checks(metrics, per_example, gate)
     notes = [f"{c.name}: {c.note}" for c in checks if c.note]
     return Verdict(all(c.passed for c in checks), checks, notes)
 
@@ -183,6 +186,32 @@ def _feedback_check(metrics: dict, per_example: dict, gate: GateParams) -> Check
     note = check.note and check.note.replace("(raise data.test_fraction and eval.max_examples)",
                                              "(more corrections, or a higher data.feedback_fraction)")
     return replace(check, name=name, note=note)
+
+
+def _preference_checks(metrics: dict, per_example: dict, gate: GateParams) -> list[Check]:
+    """On the held-out preference split, against the champion: reward accuracy, and not repeating rated-down answers.
+
+    `no_regression_reward_accuracy`: the candidate prefers what users preferred at least as
+    often as the champion (paired over the same rows). `no_regression_avoids_rated_down`:
+    the candidate, greedy, reproduces the answers users rated down no more often.
+    """
+    cand, champ = per_example.get("candidate_preference"), per_example.get("champion_preference")
+    checks = []
+    for name, key, ids, metric, sign in (
+        ("no_regression_reward_accuracy", "reward_accuracy", "ids", "reward_accuracy", 1.0),
+        ("no_regression_avoids_rated_down", "avoids_rated_down", "rated_down_ids", "rated_down_repeat_rate", -1.0),
+    ):
+        c_m, h_m = metrics["candidate_preference"].get(metric), metrics["champion_preference"].get(metric)
+        if c_m is None or h_m is None:
+            continue
+        if cand and champ and cand.get(ids) and cand.get(ids) == champ.get(ids):
+            check = _no_regression_paired("exact_match", cand[key], champ[key], gate)  # binary scores: bootstrap + McNemar
+            checks.append(replace(check, name=name, note=check.note and check.note.replace(
+                "(raise data.test_fraction and eval.max_examples)", "(more ratings, or a higher preference.heldout_fraction)")))
+        else:
+            check = _at_least(name, sign * c_m, sign * h_m - gate.max_regression)
+            checks.append(replace(check, method="fixed margin", note="no per-example scores of both models: fixed margin"))
+    return checks
 
 
 def _power(check: Check, interval: Interval, margin: float, confidence: float, what: str) -> Check:
@@ -263,3 +292,21 @@ def _with_interval(check: Check, metrics: dict, per_example: dict, gate: GatePar
     else:
         return check
     return replace(check, estimate=round(ci.estimate, 6), low=round(ci.low, 6), high=round(ci.high, 6), n=ci.n)
+
+
+def gate_table(checks: list[dict]) -> list[str]:
+    """The gate's checks as a markdown table: the decision (value against threshold) and its evidence.
+
+    A paired check's interval and p-value are what tell a regression from noise, so the
+    operator sees them beside the verdict, not only in the JSON result.
+    """
+    def fmt(x: Any) -> str:
+        return "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+    rows = ["| check | value | threshold | estimate | interval | p-value | n | passed |", "|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        interval = f"[{fmt(c['low'])}, {fmt(c['high'])}]" if c.get("low") is not None else ""
+        flag = " (underpowered)" if c.get("underpowered") else ""
+        rows.append(f"| {c['name']} | {fmt(c['value'])} | {fmt(c['threshold'])} | {fmt(c.get('estimate'))} | "
+                    f"{interval} | {fmt(c.get('p_value'))} | {fmt(c.get('n'))} | {c['passed']}{flag} |")
+    return rows

@@ -28,12 +28,13 @@ from tasks.errors import ConfigError
 from tasks.evaluate.generation import (
     Example,
     assistant_nll,
-    perplexity,
     generate_batched,
+    perplexity,
     pick_few_shot,
     with_shots,
 )
 from tasks.evaluate.metrics import classification_metrics, percentile, text_metrics, text_scores
+from tasks.evaluate.preference import candidate_dir, load_heldout, preference_result, score_preferences
 from tasks.files import read_jsonl
 from tasks.model.chat import (
     prompt_messages,
@@ -134,12 +135,16 @@ def evaluate_model_dir(model_dir: Path, examples: list[Example], params: EvalPar
     return evaluate_model(model, tokenizer, examples, params, system_message=info.get("system_message", "auto"))
 
 
-def evaluate_all(params_path: str, data_dir: Path, model_dir: Path) -> dict:
+def evaluate_all(params_path: str, data_dir: Path, model_dir: Path, preference_dir: Path | None = None) -> dict:
     """The DVC stage: the candidate and the base model zero-shot and few-shot, on the test split.
 
     When prepare held corrected answers out as a feedback split, the candidate is scored on
     it too (`candidate_feedback`); the flow scores the champion there, and the gate checks
     that the candidate does not regress on what users corrected.
+
+    The candidate is the preference-tuned model when the `preference` stage tuned one
+    (`preference_dir`); when prepare held preference rows out, the candidate is scored on
+    them too (`candidate_preference`: reward accuracy, margin, rated-down repeats).
     """
     params = load_params(params_path)
     test = load_split(data_dir, "test", params.eval.max_examples)
@@ -147,11 +152,15 @@ def evaluate_all(params_path: str, data_dir: Path, model_dir: Path) -> dict:
         raise ConfigError(f"{data_dir / 'test.jsonl'}: the test split is empty; add data or raise data.test_fraction")
     feedback = load_split(data_dir, "feedback", params.eval.max_examples) if (data_dir / "feedback.jsonl").is_file() else []
     shots = pick_few_shot(load_split(data_dir, "train"), params.eval.few_shot_k, params.train.seed)
-    model, tokenizer, info = load_trained(model_dir)
+    model, tokenizer, info = load_trained(candidate_dir(model_dir, preference_dir))
     trained_policy = info.get("system_message", "auto")
     results = {"candidate": evaluate_model(model, tokenizer, test, params.eval, system_message=trained_policy)}
     if feedback:
         results["candidate_feedback"] = evaluate_model(model, tokenizer, feedback, params.eval, system_message=trained_policy)
+    heldout = load_heldout(data_dir, params.eval.max_examples)
+    scored = preference_result(score_preferences(model, tokenizer, heldout, params.eval, trained_policy))
+    if scored:
+        results["candidate_preference"] = scored
     del model
     base_path = resolve_base(params.model)
     base_tok = load_base_tokenizer(params.model, base_path)

@@ -139,12 +139,14 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
 
 
 def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool = False,
-                    policy: ExportPolicy = DEFAULT_POLICY) -> FeedbackExport:
+                    write_empty: bool = True, policy: ExportPolicy = DEFAULT_POLICY) -> FeedbackExport:
     """Write accepted answers and corrections as canonical JSONL to `out` (atomically).
 
     Args:
-        missing_ok: an absent database exports nothing (an empty file) instead of raising:
-            a retraining before the service has logged anything.
+        missing_ok: an absent database exports nothing instead of raising: a retraining
+            before the service has logged anything.
+        write_empty: write `out` even when there is nothing to export (an empty file);
+            false leaves `out` as it was.
 
     Raises:
         FileNotFoundError: there is no feedback database at `db_path` (and not `missing_ok`).
@@ -163,7 +165,8 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
             rated, last = reader.rated_completions()
             erased = reader.erased_digests()
     examples, left_out = admitted_examples(rated, erased, min_rating, policy)
-    write_atomic(Path(out), "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+    if examples or write_empty:
+        write_atomic(Path(out), "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
     by_key = Counter(e["provenance"]["key"] for e in examples)
     users = {(e["provenance"]["key"], e["provenance"]["user"]) for e in examples if e["provenance"]["user"]}
     return FeedbackExport(db=db_path, path=Path(out), examples=len(examples), last_feedback_id=last,

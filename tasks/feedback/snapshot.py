@@ -40,12 +40,17 @@ class FeedbackSnapshot:
 
 
 def snapshot_feedback(root: Path, min_rating: int, out: Path, log: Callable[[str], None] = print,
-                      warn: Callable[[str], None] = print, policy: ExportPolicy = DEFAULT_POLICY,
-                      retention_days: float = 0) -> FeedbackSnapshot:
+                      warn: Callable[[str], None] = print, write_empty: bool = True,
+                      policy: ExportPolicy = DEFAULT_POLICY, retention_days: float = 0) -> FeedbackSnapshot:
     """Export the service's feedback (`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`) to `out` and version it.
 
     First erases what is past `retention_days` (0: nothing). No database yet (nothing
     served) is no error: the export is empty and adds nothing.
+
+    Args:
+        write_empty: false: with nothing to export, write and version nothing (the data
+            folder and its .dvc file stay as they were).
+        policy: what the export admits (review, per-key cap, redaction; tasks.feedback.export).
     """
     from tasks.pipeline.dvc import track_data
 
@@ -60,10 +65,10 @@ def snapshot_feedback(root: Path, min_rating: int, out: Path, log: Callable[[str
             store.close()
         if expired[0]:
             log(f"retention: erased {expired[0]} interactions older than {retention_days:g} days, {expired[1]} feedback rows")
-    export = export_feedback(db, out, min_rating, missing_ok=True, policy=policy)
+    export = export_feedback(db, out, min_rating, missing_ok=True, write_empty=write_empty, policy=policy)
     if export.held:
         warn(f"{export.held} feedback rows wait for approval and are not in this run (`ftllm feedback pending`)")
-    tracked = track_data(root, out, log=log)
+    tracked = track_data(root, out, log=log) if export.examples or write_empty else None
     log(f"exported {export.examples} feedback examples (feedback ids up to {export.last_feedback_id}) from {db} "
         f"to {out}" + (f" (versioned in {tracked})" if tracked else ""))
     return FeedbackSnapshot(export, tracked)

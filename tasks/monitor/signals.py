@@ -43,6 +43,7 @@ class FeedbackFigures:
     mean_rating: float | None
     interactions: int  # completions in the log, all time
     sources: int = 0  # distinct senders of the new feedback (`feedback_sources`)
+    new_low_ratings: int = 0  # new ratings at most monitor.low_rating (what preference tuning learns to avoid)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def feedback_sources(rows: Iterable) -> int:
     return len({(row.key_name, row.end_user if row.trusted else None) for row in rows})
 
 
-def read_feedback(db: Path, since_id: int, window: int) -> FeedbackFigures:
+def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2) -> FeedbackFigures:
     """Count the ratings and corrections with a feedback id above `since_id`.
 
     Raises:
@@ -78,6 +79,7 @@ def read_feedback(db: Path, since_id: int, window: int) -> FeedbackFigures:
         new_corrections=sum(row.correction is not None for row in rows), window_ratings=len(ratings),
         mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=interactions,
         sources=feedback_sources(rows),
+        new_low_ratings=sum(row.rating <= low_rating for row in rows),
     )
 
 
@@ -121,12 +123,23 @@ def measure_drift(tokenizer, train_split: Path, prompts: list[str]) -> Drift:
     )
 
 
-def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: MonitorParams) -> tuple[bool, list[str], list[str]]:
+NOT_READ = ("not recommended: a retraining would not read this feedback (data.feedback is false and data.sources "
+            "has no {feedback: true} source); set data.feedback: true in params.yaml")
+
+
+def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: MonitorParams,
+                      reads_feedback: bool = True) -> tuple[bool, list[str], list[str]]:
     """Whether production feedback makes a retraining worth it.
 
+    Args:
+        reads_feedback: whether a retraining run would read the feedback (`DataParams.reads_feedback`).
+            When not, the thresholds are still reported but nothing is recommended: such a run
+            would train on the same data and the feedback would stay unanswered.
+
     Returns:
-        (recommended, the reasons for it, drift alerts). Drift is reported, not a reason on
-        its own: retraining on the same data does not answer prompts the data lacks.
+        (recommended, the reasons (with `NOT_READ` last when it was withheld), drift alerts).
+        Drift is reported, not a reason on its own: retraining on the same data does not
+        answer prompts the data lacks.
     """
     reasons = []
     if figures.new_corrections >= monitor.min_new_corrections:
@@ -135,6 +148,9 @@ def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: Mo
             and figures.mean_rating < monitor.min_mean_rating):
         reasons.append(f"mean rating {figures.mean_rating:.2f} over the latest {figures.window_ratings} new ratings "
                        f"(below monitor.min_mean_rating {monitor.min_mean_rating})")
+    if figures.new_low_ratings >= monitor.min_new_low_ratings:
+        reasons.append(f"{figures.new_low_ratings} new ratings of {monitor.low_rating} or less "
+                       f"(monitor.min_new_low_ratings {monitor.min_new_low_ratings})")
     if reasons and figures.sources < monitor.min_distinct_sources:
         reasons = []  # one client alone cannot start a retraining
         too_few = (f"the new feedback comes from {figures.sources} distinct source(s), fewer than "
@@ -148,4 +164,6 @@ def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: Mo
     if drift is not None and drift.unknown_token_rate is not None and drift.unknown_token_rate > monitor.max_unknown_token_rate:
         alerts.append(f"{drift.unknown_token_rate:.1%} of prompt tokens never seen in training "
                       f"(monitor.max_unknown_token_rate {monitor.max_unknown_token_rate})")
+    if reasons and not reads_feedback:
+        return False, [*reasons, NOT_READ], alerts
     return bool(reasons), reasons, alerts

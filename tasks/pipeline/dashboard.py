@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from tasks.files import write_atomic
-from tasks.pipeline.html import Raw, bar_chart, badge, cards, line_chart, page, table, text
+from tasks.pipeline.html import Raw, badge, bar_chart, cards, line_chart, page, table, text
 
 # Metrics in the order the gate reads them; "lower is better" ones are marked in the table.
 METRICS = ["exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms", "tokens_per_second"]
-LOWER_IS_BETTER = {"perplexity", "latency_p95_ms"}
+PREFERENCE_METRICS = ["reward_accuracy", "reward_margin", "rated_down_repeat_rate", "examples"]
+LOWER_IS_BETTER = {"perplexity", "latency_p95_ms", "rated_down_repeat_rate"}
 ROLE_ORDER = ["candidate", "champion", "base_few_shot", "base_zero_shot"]
 
 
@@ -62,7 +63,7 @@ def _roles(metrics: dict[str, dict[str, float]]) -> list[str]:
 
 
 def _metrics_section(metrics: dict[str, dict[str, float]]) -> str:
-    roles = _roles(metrics)
+    roles = [r for r in _roles(metrics) if not r.endswith("_preference")]
     keys = [k for k in METRICS if any(k in metrics[r] for r in roles)]
     if not keys:
         return '<p class="empty">no metrics: the run ended before evaluation</p>'
@@ -70,6 +71,17 @@ def _metrics_section(metrics: dict[str, dict[str, float]]) -> str:
     rows = [[Raw(f'<code data-role="{text(r)}">{text(r)}</code>'), *(metrics[r].get(k, "–") for k in keys)] for r in roles]
     chart = bar_chart(keys, {r: [metrics[r].get(k) for k in keys] for r in roles}, "Candidate against baselines and champion")
     return table(headers, rows) + chart
+
+
+def _preference_section(metrics: dict[str, dict[str, float]]) -> str:
+    """The candidate and the champion on the held-out preference split (a run with preference data only)."""
+    roles = [r for r in ("candidate_preference", "champion_preference") if metrics.get(r)]
+    if not roles:
+        return '<p class="empty">no held-out preference split: no ratings in this run\'s data</p>'
+    headers = ["model", *(f"{k} {'↓' if k in LOWER_IS_BETTER else '↑'}" for k in PREFERENCE_METRICS)]
+    rows = [[Raw(f'<code data-role="{text(r)}">{text(r)}</code>'), *(metrics[r].get(k, "–") for k in PREFERENCE_METRICS)]
+            for r in roles]
+    return table(headers, rows)
 
 
 def _gate_section(verdict: dict[str, Any] | None) -> str:
@@ -139,6 +151,7 @@ def render_dashboard(view: RunView) -> str:
         f'<h1>{text(title)} {badge(view.status, kind)}</h1>',
         f'<p class="sub">champion: v{text(view.champion_version)}</p>',
         '<h2 id="metrics">Candidate, baselines and champion</h2>', _metrics_section(view.metrics),
+        '<h2 id="preference">Held-out preferences</h2>', _preference_section(view.metrics),
         '<h2 id="gate">Gate</h2>', _gate_section(view.verdict),
         '<h2 id="loss">Training loss</h2>', _loss_section(view.history),
         '<h2 id="data">Data</h2>', _data_section(view.validation, view.prepared),

@@ -36,7 +36,7 @@ from filelock import FileLock, Timeout
 
 from tasks.errors import StageError
 
-STAGES = ("resolve", "prepare", "finetune", "evaluate")
+STAGES = ("resolve", "prepare", "finetune", "preference", "evaluate")
 WORKSPACE_WAIT_SECONDS = 3600  # how long a second run on the same workspace waits for the first
 
 

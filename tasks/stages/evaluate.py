@@ -26,16 +26,21 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--params", default="artifacts/params.yaml")
     ap.add_argument("--data", type=Path, default=Path("artifacts/prepared"))
     ap.add_argument("--model", type=Path, default=Path("artifacts/model"))
+    ap.add_argument("--preference", type=Path, default=None,
+                    help="the preference stage's output: its tuned model, when there is one, is the candidate")
     ap.add_argument("--out", type=Path, default=Path("artifacts/metrics.json"))
     ap.add_argument("--samples", type=Path, default=Path("artifacts/predictions.json"))
     ap.add_argument("--per-example", type=Path, default=Path("artifacts/per_example.json"))
     args = ap.parse_args(argv)
-    results = evaluate_all(args.params, args.data, args.model)
+    results = evaluate_all(args.params, args.data, args.model, args.preference)
     write_atomic(args.samples, json.dumps({k: v["samples"] for k, v in results.items()}, indent=2))
     write_atomic(args.per_example, json.dumps({k: v["per_example"] for k, v in results.items()}))
     write_atomic(args.out, json.dumps({k: v["metrics"] for k, v in results.items()}, indent=2))
     for name, r in results.items():
         m = r["metrics"]
+        if "exact_match" not in m:
+            print(f"{name:15s} " + " ".join(f"{k}={v:.3f}" for k, v in m.items()))
+            continue
         print(f"{name:15s} exact_match={m['exact_match']:.3f} bleu={m['bleu']:.1f} perplexity={m['perplexity']:.2f}")
     return 0
 

@@ -31,11 +31,13 @@ def committed(project):
     (project / "artifacts" / "prepared" / "train.jsonl").write_text("{}\n")
     (project / "artifacts" / "model").mkdir()
     (project / "artifacts" / "model" / "weights.txt").write_text("a model\n")
+    (project / "artifacts" / "preference").mkdir()
+    (project / "artifacts" / "preference" / "preference.json").write_text('{"ran": false}\n')
     (project / "artifacts" / "metrics.json").write_text("{}")
     (project / "artifacts" / "predictions.json").write_text("{}")
     (project / "artifacts" / "per_example.json").write_text("{}")
     _dvc(project, "repro", "--single-item", "resolve")
-    _dvc(project, "commit", "--force", "prepare", "finetune", "evaluate")
+    _dvc(project, "commit", "--force", "prepare", "finetune", "preference", "evaluate")
     return project
 
 

@@ -34,7 +34,7 @@ def test_gate_passed_but_not_promoted_is_not_called_a_failed_check():
 def test_gate_artifact_shows_each_paired_checks_interval_and_p_value():
     from dataclasses import asdict
 
-    from flows.retrain import _gate_table
+    from tasks.evaluate.gate import gate_table
     from tasks.config import GateParams
     from tasks.evaluate.gate import apply_gate
 
@@ -44,7 +44,7 @@ def test_gate_artifact_shows_each_paired_checks_interval_and_p_value():
                    "champion": {"exact_match": [1.0] * 80 + [0.0] * 20, **scores}}
     verdict = apply_gate({"candidate": good, "champion": {**good, "exact_match": 0.8}}, GateParams(), per_example)
     check = next(c for c in verdict.checks if c.name == "no_regression_exact_match")
-    header, _, *rows = _gate_table([asdict(c) for c in verdict.checks])
+    header, _, *rows = gate_table([asdict(c) for c in verdict.checks])
     assert header.split("|")[1:-1] == [" check ", " value ", " threshold ", " estimate ", " interval ", " p-value ", " n ",
                                       " passed "]
     row = next(r for r in rows if r.startswith("| no_regression_exact_match "))

@@ -39,6 +39,17 @@ def test_run_files_are_read_when_present(tmp_path):
 
 
 
+def test_the_held_out_preference_scores_have_their_own_section():
+    metrics = {"candidate": {"exact_match": 0.8}, "candidate_preference": {"reward_accuracy": 0.75, "reward_margin": 1.5,
+               "rated_down_repeat_rate": 0.1, "examples": 20.0}, "champion_preference": {"reward_accuracy": 0.5}}
+    html = render_dashboard(RunView("m", "2", "promoted", "1", metrics=metrics, verdict=None))
+    section = html.split('id="preference"')[1].split('id="gate"')[0]
+    assert 'data-role="candidate_preference"' in section and 'data-role="champion_preference"' in section
+    assert "0.75" in section and "rated_down_repeat_rate ↓" in section
+    assert "no held-out preference split" in render_dashboard(RunView("m", "2", "promoted", "1", metrics=metrics | {
+        "candidate_preference": {}, "champion_preference": {}}, verdict=None))
+
+
 def test_the_feedback_section_shows_keys_and_what_was_redacted(view):  # noqa: F811
     import dataclasses
 

@@ -1,0 +1,122 @@
+"""Scores on the held-out preference split: does a model prefer what users preferred, and avoid what they rated down?
+
+- Reward accuracy: for a pair, the model's log-ratio against the reference (the same model
+  with its adapter disabled, i.e. the base model for every candidate and champion alike)
+  is higher for the chosen answer than for the rejected one; for a KTO row, the log-ratio
+  is above 0 for a desirable answer and below 0 for an undesirable one. The margin is the
+  difference of log-ratios (pairs) or the log-ratio signed by the label (KTO rows), in nats.
+- Rated-down repeats: the model, greedy, answers each prompt whose answer users rated down
+  (undesirable KTO rows, rejected answers of pairs) and the answer is compared, up to case
+  and whitespace, with the rated-down one. `avoids_rated_down` is 1 where it differs.
+
+Per-example scores come with `ids` (a hash of the row), so the gate pairs the candidate's
+with the champion's as it does on the test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tasks.config import EvalParams
+from tasks.evaluate.generation import generate_batched
+from tasks.files import read_jsonl
+from tasks.model.chat import render_prompt
+from tasks.model.scoring import encode_sequences, sequence_logps
+
+HELDOUT = "preference_heldout.jsonl"
+
+
+def _row_id(row: dict) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def load_heldout(data_dir: Path, limit: int) -> list[dict]:
+    """The held-out preference rows (at most `limit`); [] when the run has none."""
+    path = Path(data_dir) / HELDOUT
+    return read_jsonl(path)[:limit] if path.is_file() else []
+
+
+def log_ratios(model, tokenizer, conversations: list[list[dict]], system_message: str, batch_size: int) -> list[float]:
+    """log π(answer) − log π_ref(answer) of each conversation's last answer; the reference is the adapter disabled."""
+    import torch
+
+    seqs = encode_sequences(tokenizer, conversations, system_message)
+    device = next(model.parameters()).device
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start : start + batch_size]
+            policy = sequence_logps(model, chunk, tokenizer.pad_token_id, device)
+            with model.disable_adapter():
+                reference = sequence_logps(model, chunk, tokenizer.pad_token_id, device)
+            out += (policy - reference).tolist()
+    return out
+
+
+def score_preferences(model, tokenizer, rows: list[dict], params: EvalParams, system_message: str = "auto") -> dict:
+    """The reward accuracy, margin and rated-down repeats of `model` on `rows`: aggregate and per example.
+
+    Returns:
+        {"metrics": {...}, "per_example": {"preference": {ids, reward_accuracy, margin},
+        "rated_down": {ids, avoids_rated_down}}}; empty when the model has no adapter to
+        disable (full fine-tuning: no reference without a second copy).
+    """
+    if not rows or not hasattr(model, "disable_adapter"):
+        return {}
+    convs = [c for r in rows for c in ([r["prompt"] + r["completion"]] if "completion" in r
+                                       else [r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]])]
+    ratios = iter(log_ratios(model, tokenizer, convs, system_message, params.batch_size))
+    correct, margins = [], []
+    for r in rows:
+        if "completion" in r:
+            ratio = next(ratios)
+            margin = ratio if r["label"] else -ratio
+        else:
+            margin = next(ratios) - next(ratios)
+        margins.append(margin)
+        correct.append(float(margin > 0))
+    down = [(r, (r["completion"] if "completion" in r else r["rejected"])[0]["content"]) for r in rows
+            if r.get("label") is False or "rejected" in r]
+    prompts = [render_prompt(tokenizer, r["prompt"], system_message) for r, _ in down]
+    answers, _, _ = generate_batched(model, tokenizer, prompts, params.max_new_tokens, params.batch_size) if down else ([], [], [])
+    avoids = [float(_fold(a) != _fold(text)) for a, (_, text) in zip(answers, down)]
+    metrics = {"reward_accuracy": sum(correct) / len(correct), "reward_margin": sum(margins) / len(margins),
+               "examples": float(len(rows)), "rated_down_examples": float(len(down))}
+    if down:
+        metrics["rated_down_repeat_rate"] = 1.0 - sum(avoids) / len(avoids)
+    return {"metrics": metrics, "per_example": {
+        "preference": {"ids": [_row_id(r) for r in rows], "reward_accuracy": correct, "margin": margins},
+        "rated_down": {"ids": [_row_id(r) for r, _ in down], "avoids_rated_down": avoids},
+    }}
+
+
+def candidate_dir(model_dir: Path, preference_dir: Path | None) -> Path:
+    """The run's candidate: the preference-tuned model when the `preference` stage tuned one, else the supervised one."""
+    tuned = Path(preference_dir) / "model" if preference_dir is not None else None
+    return tuned if tuned is not None and (tuned / "ftllm_model.json").is_file() else Path(model_dir)
+
+
+def preference_result(scored: dict) -> dict | None:
+    """`score_preferences`' output as one entry of the evaluation's results (metrics, per example, no samples)."""
+    if not scored:
+        return None
+    pe = scored["per_example"]
+    per_example = {**pe["preference"], "rated_down_ids": pe["rated_down"]["ids"],
+                   "avoids_rated_down": pe["rated_down"]["avoids_rated_down"]}
+    return {"metrics": scored["metrics"], "per_example": per_example, "samples": []}
+
+
+def score_preference_dir(model_dir: Path, data_dir: Path, params: EvalParams) -> dict:
+    """Load a model folder (the champion) and score it on the held-out preference split: metrics and per example."""
+    from tasks.model.loading import load_trained
+
+    model, tokenizer, info = load_trained(model_dir)
+    scored = score_preferences(model, tokenizer, load_heldout(data_dir, params.max_examples), params,
+                               info.get("system_message", "auto"))
+    return preference_result(scored) or {"metrics": {}, "per_example": {}}

@@ -1,0 +1,132 @@
+"""The log's ratings as preference data: KTO rows from ratings, DPO pairs from corrections and rating gaps.
+
+Most production feedback is a rating without a correction. `preference_examples` turns the
+latest feedback of every rated completion into the two shapes TRL's preference trainers
+read (conversational: message lists, a `tools` column where the request had tools):
+
+- a KTO row `{"prompt": [...], "completion": [{"role": "assistant", ...}], "label": bool}`
+  for each uncorrected answer rated at least `preference.desirable_min_rating` (desirable)
+  or at most `preference.undesirable_max_rating` (undesirable); ratings in between are
+  left out;
+- a DPO pair `{"prompt": [...], "chosen": [...], "rejected": [...]}` for each correction
+  (chosen: the correction, rejected: the served answer), and for two uncorrected answers
+  to the same prompt whose ratings differ by at least `preference.pair_min_rating_gap`
+  (the best against the worst of that prompt).
+
+`export_preference` writes them as one JSONL file (`preference.path`); a run with a
+`feedback: true` source exports it beside the feedback export and versions it with DVC
+(`snapshot_preference`). The prepare stage checks and splits it (`tasks.data.preference`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.config import PreferenceParams
+from tasks.data.sources import prompt_key
+from tasks.feedback.store import FeedbackReader, default_db_path
+from tasks.files import file_md5, write_atomic
+
+
+@dataclass(frozen=True)
+class Rated:
+    """A served completion with its latest rating (and the user's correction, if any)."""
+
+    messages: list[dict[str, Any]]  # the request's messages (the prompt)
+    answer: str
+    rating: int
+    correction: str | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+def snapshot_preference(root: Path, prefs: PreferenceParams, log=print) -> dict[str, Any]:
+    """Export the service's log (`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`) to `preference.path` and version it.
+
+    Written on every run that read feedback, once the log holds a preference example (after
+    that, empty while nothing is rated: the `preference` stage then has nothing to do).
+    """
+    from tasks.pipeline.dvc import track_data
+
+    out = Path(prefs.path) if Path(prefs.path).is_absolute() else root / prefs.path
+    db = default_db_path(root)
+    if not out.exists() and not (db.is_file() and preference_examples(read_rated(db), prefs)[0]):
+        # Nothing rated yet and nothing exported before: the data folder (and data.dvc) stays as it was.
+        log(f"no preference examples in {db}: nothing exported")
+        return {"path": str(out), "examples": 0, "md5": None, "tracked_by": None}
+    summary = export_preference(db, out, prefs)
+    tracked = track_data(root, out, log=log)
+    log(f"exported {summary['examples']} preference examples to {out}: {summary}")
+    return {**summary, "md5": file_md5(out), "tracked_by": tracked}
+
+
+def read_rated(db: Path) -> list[Rated]:
+    """The latest feedback of each rated completion in the service's log, oldest first (read-only).
+
+    Raises:
+        DataFileError: `db` is not the service's SQLite log.
+    """
+    with FeedbackReader(db) as reader:
+        rated, _ = reader.latest_ratings()
+    return [Rated(request, answer, row.rating, row.correction) for request, answer, row in rated]
+
+
+def _prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The conversation the model answered, or None when it is not one (e.g. a plain /generate prompt)."""
+    kept = [m for m in messages if m.get("role") in ("system", "user", "assistant", "tool")]
+    return kept if kept and kept[-1]["role"] in ("user", "tool") else None
+
+
+def _answer(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _with_tools(row: dict[str, Any], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    return {**row, "tools": tools} if tools else row
+
+
+def preference_examples(rated: list[Rated], prefs: PreferenceParams) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """KTO rows and DPO pairs from rated completions (see the module's docstring), with their counts."""
+    rows: list[dict[str, Any]] = []
+    counts = {"desirable": 0, "undesirable": 0, "middle": 0, "pairs_from_corrections": 0, "pairs_from_ratings": 0,
+              "not_a_chat": 0}
+    by_prompt: dict[bytes, list[tuple[list[dict], Rated]]] = defaultdict(list)
+    for item in rated:
+        prompt = _prompt(item.messages)
+        if prompt is None or not item.answer.strip():
+            counts["not_a_chat"] += 1
+            continue
+        if item.correction is not None:
+            if item.correction.strip() != item.answer.strip():
+                rows.append(_with_tools({"prompt": prompt, "chosen": _answer(item.correction),
+                                         "rejected": _answer(item.answer)}, item.tools))
+                counts["pairs_from_corrections"] += 1
+            continue
+        if item.rating >= prefs.desirable_min_rating or item.rating <= prefs.undesirable_max_rating:
+            label = item.rating >= prefs.desirable_min_rating
+            rows.append(_with_tools({"prompt": prompt, "completion": _answer(item.answer), "label": label}, item.tools))
+            counts["desirable" if label else "undesirable"] += 1
+        else:
+            counts["middle"] += 1
+        by_prompt[prompt_key([*prompt, *_answer(item.answer)])].append((prompt, item))
+    for answers in by_prompt.values():
+        best = max(answers, key=lambda a: a[1].rating)
+        worst = min(answers, key=lambda a: a[1].rating)
+        if best[1].rating - worst[1].rating >= prefs.pair_min_rating_gap and best[1].answer.strip() != worst[1].answer.strip():
+            rows.append(_with_tools({"prompt": best[0], "chosen": _answer(best[1].answer),
+                                     "rejected": _answer(worst[1].answer)}, best[1].tools))
+            counts["pairs_from_ratings"] += 1
+    return rows, counts
+
+
+def export_preference(db: Path, out: Path, prefs: PreferenceParams) -> dict[str, Any]:
+    """Write the log's preference examples to `out` (atomically); what was written, counted.
+
+    A missing log writes an empty file: no ratings yet, no preference tuning.
+    """
+    rows, counts = preference_examples(read_rated(db), prefs) if Path(db).is_file() else ([], {})
+    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return {"path": str(out), "examples": len(rows), **counts}

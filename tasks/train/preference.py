@@ -1,0 +1,277 @@
+"""Preference tuning after supervised tuning (library side of the `preference` stage): KTO and sigmoid DPO.
+
+The supervised model's LoRA adapter keeps training on the preference train split; the
+reference model is the same model with its adapter disabled (peft's `disable_adapter()`),
+so there is no second copy of the weights in memory, and the reference is the base model
+for every candidate and every champion alike (the evaluation's log-ratios compare like
+with like). Every conversation renders through `tasks.model.chat.encode_chats`, as in
+supervised tuning: multi-turn and tool-calling prompts are masked the same way, and only
+the last answer's tokens count.
+
+- `loss: kto`: KTO on desirable and undesirable answers (a pair counts as one of each);
+  the KL estimate is the batch's mismatched prompt/answer combinations under the policy
+  against the reference, detached; desirable and undesirable weights are balanced
+  automatically (`balanced_weights`) unless set.
+- `loss: sigmoid`: DPO on the pairs.
+
+The decision to keep this loop rather than TRL's `KTOTrainer`/`DPOTrainer` rests on
+`benchmarks/bench_preference.py` (figures in benchmarks/results/).
+
+When the split holds fewer than `preference.min_examples` usable examples the stage does
+nothing and writes only `preference.json` saying why: a run without ratings is the
+supervised run of before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tasks.config import Params, PreferenceParams
+from tasks.errors import ConfigError
+from tasks.files import read_jsonl
+from tasks.model.scoring import Sequence, encode_sequences, sequence_logps
+from tasks.train.checkpoints import Log
+
+SUMMARY = "preference.json"
+MODEL = "model"
+
+
+@dataclass(frozen=True)
+class KTOItem:
+    prompt: int  # index of the prompt, for the KL estimate's mismatched pairs
+    seq: Sequence
+    desirable: bool
+
+
+@dataclass(frozen=True)
+class PairItem:
+    chosen: Sequence
+    rejected: Sequence
+
+
+def kto_items(tokenizer, rows: list[dict], system_message: str = "auto") -> list[KTOItem]:
+    """KTO rows as they are, and each pair as its chosen (desirable) and rejected (undesirable) answer."""
+    convs, labels, prompts = [], [], []
+    for i, row in enumerate(rows):
+        if "completion" in row:
+            convs.append(row["prompt"] + row["completion"])
+            labels.append(row["label"])
+            prompts.append(i)
+        else:
+            convs += [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+            labels += [True, False]
+            prompts += [i, i]
+    seqs = encode_sequences(tokenizer, convs, system_message)
+    return [KTOItem(p, s, d) for p, s, d in zip(prompts, seqs, labels) if any(s.mask)]
+
+
+def pair_items(tokenizer, rows: list[dict], system_message: str = "auto") -> list[PairItem]:
+    """The DPO pairs among the rows."""
+    pairs = [r for r in rows if "chosen" in r]
+    seqs = encode_sequences(tokenizer, [r["prompt"] + a for r in pairs for a in (r["chosen"], r["rejected"])], system_message)
+    items = [PairItem(seqs[2 * i], seqs[2 * i + 1]) for i in range(len(pairs))]
+    return [p for p in items if any(p.chosen.mask) and any(p.rejected.mask)]
+
+
+def balanced_weights(prefs: PreferenceParams, desirable: int, undesirable: int) -> tuple[float, float]:
+    """KTO's (desirable, undesirable) weights: as set, else balanced so both kinds weigh the same in all."""
+    if prefs.desirable_weight is not None or prefs.undesirable_weight is not None:
+        return prefs.desirable_weight or 1.0, prefs.undesirable_weight or 1.0
+    if not desirable or not undesirable:
+        return 1.0, 1.0
+    return (1.0, desirable / undesirable) if desirable >= undesirable else (undesirable / desirable, 1.0)
+
+
+def policy_and_reference(model, seqs: list[Sequence], pad_id: int, device: str):
+    """(policy log-probs, reference log-probs): the reference is the policy with its adapter disabled."""
+    import torch
+
+    policy = sequence_logps(model, seqs, pad_id, device)
+    with torch.no_grad(), model.disable_adapter():
+        reference = sequence_logps(model, seqs, pad_id, device)
+    return policy, reference
+
+
+# ------------------------------------------------------------------------------ losses
+
+
+def dpo_loss(model, batch: list[PairItem], beta: float, pad_id: int, device: str):
+    """Sigmoid DPO: -log σ(β · (chosen log-ratio − rejected log-ratio)), averaged over the pairs."""
+    import torch.nn.functional as F
+
+    n = len(batch)
+    policy, reference = policy_and_reference(model, [p.chosen for p in batch] + [p.rejected for p in batch], pad_id, device)
+    ratios = policy - reference
+    return -F.logsigmoid(beta * (ratios[:n] - ratios[n:])).mean()
+
+
+def kto_loss(model, batch: list[KTOItem], beta: float, weights: tuple[float, float], pad_id: int, device: str):
+    """KTO: desirable answers pushed above, undesirable ones below, the batch's KL estimate (detached)."""
+    import torch
+
+    # Mismatched answers for the KL estimate: each prompt with the next item's answer (another prompt's).
+    shifted = [_mismatch(batch[i], batch[(i + 1) % len(batch)]) for i in range(len(batch))]
+    policy, reference = policy_and_reference(model, [b.seq for b in batch] + shifted, pad_id, device)
+    n = len(batch)
+    ratios = policy[:n] - reference[:n]
+    kl = (policy[n:] - reference[n:]).mean().clamp(min=0).detach()
+    desirable = torch.tensor([b.desirable for b in batch], device=ratios.device)
+    losses = torch.where(desirable, weights[0] * (1 - torch.sigmoid(beta * (ratios - kl))),
+                         weights[1] * (1 - torch.sigmoid(beta * (kl - ratios))))
+    return losses.mean()
+
+
+def _mismatch(item: KTOItem, other: KTOItem) -> Sequence:
+    """`item`'s prompt followed by `other`'s answer (its own when both share the prompt)."""
+    prompt_len = item.seq.mask.index(1)
+    start = other.seq.mask.index(1)
+    answer = [t for t, m in zip(other.seq.ids[start:], other.seq.mask[start:]) if m]
+    return Sequence(item.seq.ids[:prompt_len] + answer, [0] * prompt_len + [1] * len(answer))
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class PreferenceSummary:
+    ran: bool
+    reason: str
+    loss: str
+    examples: int = 0
+    steps: int = 0
+    first_loss: float | None = None
+    final_loss: float | None = None
+    desirable_weight: float | None = None
+    undesirable_weight: float | None = None
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+
+
+def train_preference(model, items: list, prefs: PreferenceParams, pad_id: int, device: str, seed: int,
+                     weights: tuple[float, float] = (1.0, 1.0), log: Log = print) -> list[dict]:
+    """Tune `model` (a peft model, adapter trainable) on `items`; the loss history per step."""
+    import torch
+
+    from tasks.train.loop import lr_schedule
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    schedule = lr_schedule(_as_train(prefs))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=prefs.learning_rate, weight_decay=0.0)
+    model.train()
+    order: list[int] = []
+    history = []
+    for step in range(prefs.max_steps):
+        if len(order) < prefs.batch_size:
+            order += rng.sample(range(len(items)), len(items))
+        batch, order = [items[i] for i in order[: prefs.batch_size]], order[prefs.batch_size:]
+        for group in opt.param_groups:
+            group["lr"] = schedule(step)
+        if prefs.loss == "kto":
+            loss = kto_loss(model, batch, prefs.beta, weights, pad_id, device)
+        else:
+            loss = dpo_loss(model, batch, prefs.beta, pad_id, device)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "loss": float(loss.detach())})
+        if (step + 1) % 10 == 0 or step == 0:
+            log(f"preference step {step + 1}/{prefs.max_steps}: loss {history[-1]['loss']:.4f}")
+    model.eval()
+    return history
+
+
+def _as_train(prefs: PreferenceParams):
+    from tasks.config import TrainParams
+
+    return TrainParams(learning_rate=prefs.learning_rate, max_steps=prefs.max_steps, warmup_steps=0.1)
+
+
+def load_policy(model_dir: Path, device: str):
+    """The supervised model folder's base with its adapter, trainable: (model, tokenizer, info)."""
+    from peft import PeftModel
+
+    from tasks.config import ModelParams
+    from tasks.model.loading import grow_embeddings, load_causal_lm, load_tokenizer, resolve_base
+
+    info = json.loads((model_dir / "ftllm_model.json").read_text())
+    if info["kind"] != "adapter":
+        raise ConfigError(f"preference tuning trains a LoRA adapter; train.method={info['method']} wrote full weights "
+                          f"to {model_dir}; set train.method=lora (or qlora), or leave the preference file empty")
+    tokenizer = load_tokenizer(str(model_dir))
+    base_path = info["base_path"] if Path(info["base_path"]).exists() else resolve_base(ModelParams(**info["model_params"]))
+    base = load_causal_lm(base_path, device=device)
+    grow_embeddings(base, tokenizer, info.get("added_token_ids", []))
+    model = PeftModel.from_pretrained(base, str(model_dir / "adapter"), is_trainable=True)
+    return model, tokenizer, info
+
+
+def preference_tune(params: Params, data_dir: Path, sft_dir: Path, out: Path, log: Log = print) -> PreferenceSummary:
+    """Tune the supervised model on `data_dir/preference_train.jsonl`; write `out` (a no-op record without data).
+
+    `out/preference.json` always says what happened; `out/model/` is the tuned model folder
+    (the supervised folder's layout, with the tuned adapter) when it ran.
+    """
+    prefs = params.preference
+    rows = read_jsonl(data_dir / "preference_train.jsonl") if (data_dir / "preference_train.jsonl").is_file() else []
+    usable = rows if prefs.loss == "kto" else [r for r in rows if "chosen" in r]
+    if len(usable) < prefs.min_examples:
+        reason = (f"{len(usable)} preference training examples for loss {prefs.loss} (preference.min_examples "
+                  f"{prefs.min_examples}): the supervised model is the candidate")
+        return _write_summary(out, PreferenceSummary(False, reason, prefs.loss, len(usable)), None)
+    from tasks.train.finetune import seed_everything
+
+    seed_everything(params.train.seed)
+    device = "cuda" if _cuda() else "cpu"
+    model, tokenizer, info = load_policy(sft_dir, device)
+    policy = params.data.system_message
+    items = kto_items(tokenizer, usable, policy) if prefs.loss == "kto" else pair_items(tokenizer, usable, policy)
+    desirable = sum(getattr(i, "desirable", False) for i in items)
+    weights = balanced_weights(prefs, desirable, len(items) - desirable) if prefs.loss == "kto" else (1.0, 1.0)
+    log(f"preference tuning ({prefs.loss}, beta {prefs.beta}) on {len(items)} examples, weights {weights}, "
+        f"{prefs.max_steps} steps on {device}")
+    start = time.perf_counter()
+    history = train_preference(model, items, prefs, tokenizer.pad_token_id, device, params.train.seed, weights, log)
+    from tasks.train.loop import peak_memory_mb
+
+    summary = PreferenceSummary(True, "tuned", prefs.loss, len(items), len(history), history[0]["loss"],
+                                history[-1]["loss"], *weights, round(time.perf_counter() - start, 2), peak_memory_mb(device))
+    return _write_summary(out, summary, (model, sft_dir, info, history))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _write_summary(out: Path, summary: PreferenceSummary, trained) -> PreferenceSummary:
+    """Write `out` atomically: the summary, and the tuned model folder beside it when there is one."""
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if trained is not None:
+        model, sft_dir, info, history = trained
+        shutil.copytree(sft_dir, tmp / MODEL, ignore=shutil.ignore_patterns("adapter", "merged"))
+        model.save_pretrained(tmp / MODEL / "adapter", safe_serialization=True,
+                              save_embedding_layers=False if info.get("added_token_ids") else "auto")
+        (tmp / MODEL / "preference_history.json").write_text(json.dumps(history))
+        (tmp / MODEL / SUMMARY).write_text(json.dumps(asdict(summary), indent=2))
+    (tmp / SUMMARY).write_text(json.dumps(asdict(summary), indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return summary
+
+
+def tuned_model(preference_dir: Path) -> Path | None:
+    """The preference-tuned model folder of a run, or None when the stage had nothing to do."""
+    model = Path(preference_dir) / MODEL
+    return model if (model / "ftllm_model.json").is_file() else None

@@ -1,0 +1,206 @@
+"""Preference data from the interaction log: thresholds, pairing, validation, dedup, the held-out split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.config import DataParams, ModelParams, Params, PreferenceParams, load_params, write_resolved
+from tasks.data.preference import HELDOUT_SPLIT, TRAIN_SPLIT, heldout_share
+from tasks.data.prepare import prepare_dataset
+from tasks.data.sources import prompt_key
+from tasks.feedback import FeedbackStore, Interaction
+from tasks.feedback.preference import export_preference, read_rated
+from tasks.files import file_md5
+from tasks.model.loading import load_tokenizer, resolve_base
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return load_tokenizer(resolve_base(ModelParams()))
+
+
+class Log:
+    """A real feedback store, written through its API as the service writes it."""
+
+    def __init__(self, path: Path):
+        self.store = FeedbackStore(path)
+        self.n = 0
+
+    def serve(self, question: str, answer: str, rating: int | None = None, correction: str | None = None) -> str:
+        self.n += 1
+        cid = f"c{self.n}"
+        self.store.log_interaction(Interaction(cid, "chat", "m", "1", [{"role": "user", "content": question}],
+                                               answer, "stop", 3, 2, 1.0))
+        if rating is not None:
+            self.store.add_feedback(cid, rating, correction)
+        return cid
+
+    def close(self) -> Path:
+        self.store.close()
+        return self.store.path
+
+
+def export(tmp_path: Path, log: Log, **prefs) -> tuple[list[dict], dict]:
+    out = tmp_path / "preference.jsonl"
+    summary = export_preference(log.close(), out, PreferenceParams(**prefs))
+    return [json.loads(line) for line in out.read_text().splitlines()], summary
+
+
+def test_ratings_become_kto_rows_by_the_thresholds_and_middle_ratings_are_left_out(tmp_path):
+    log = Log(tmp_path / "f.db")
+    for rating in (5, 4, 3, 2, 1):
+        log.serve(f"Question rated {rating}?", f"Answer {rating}.", rating)
+    log.serve("Never rated?", "Answer.")
+    rows, summary = export(tmp_path, log)
+    labels = {r["completion"][0]["content"]: r["label"] for r in rows}
+    assert labels == {"Answer 5.": True, "Answer 4.": True, "Answer 2.": False, "Answer 1.": False}
+    assert rows[0]["prompt"] == [{"role": "user", "content": "Question rated 5?"}]
+    assert summary["middle"] == 1 and summary["desirable"] == 2 and summary["undesirable"] == 2
+
+    log = Log(tmp_path / "g.db")
+    for rating in (5, 4, 3, 2, 1):
+        log.serve(f"Question rated {rating}?", f"Answer {rating}.", rating)
+    rows, _ = export(tmp_path, log, desirable_min_rating=5, undesirable_max_rating=1)
+    assert {r["completion"][0]["content"]: r["label"] for r in rows} == {"Answer 5.": True, "Answer 1.": False}
+
+
+def test_the_latest_rating_of_a_completion_counts(tmp_path):
+    log = Log(tmp_path / "f.db")
+    cid = log.serve("Question?", "Answer.", 5)
+    log.store.add_feedback(cid, 1)
+    rows, _ = export(tmp_path, log)
+    assert [r["label"] for r in rows] == [False]
+
+
+def test_a_correction_pairs_with_the_answer_it_replaces(tmp_path):
+    log = Log(tmp_path / "f.db")
+    log.serve("Rewrite 2024-01-05?", "05/01/2024", 1, correction="January 5, 2024")
+    log.serve("Rewrite 2024-02-06?", "06/02/2024", 4, correction="06/02/2024")  # the same answer: nothing to prefer
+    rows, summary = export(tmp_path, log)
+    assert rows == [{"prompt": [{"role": "user", "content": "Rewrite 2024-01-05?"}],
+                     "chosen": [{"role": "assistant", "content": "January 5, 2024"}],
+                     "rejected": [{"role": "assistant", "content": "05/01/2024"}]}]
+    assert summary["pairs_from_corrections"] == 1
+
+
+def test_two_answers_to_one_prompt_pair_when_their_ratings_differ_enough(tmp_path):
+    log = Log(tmp_path / "f.db")
+    log.serve("Same question?", "Good answer.", 5)
+    log.serve("  same QUESTION? ", "Bad answer.", 1)  # the prompt up to case and whitespace
+    log.serve("Close call?", "First.", 4)
+    log.serve("Close call?", "Second.", 3)  # a gap of 1: no pair
+    rows, summary = export(tmp_path, log)
+    pairs = [r for r in rows if "chosen" in r]
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("Good answer.", "Bad answer.")]
+    assert summary["pairs_from_ratings"] == 1
+    assert len([r for r in rows if "label" in r]) == 3  # each rated answer is still a KTO row
+
+    log = Log(tmp_path / "g.db")
+    log.serve("Close call?", "First.", 4)
+    log.serve("Close call?", "Second.", 3)
+    rows, _ = export(tmp_path, log, pair_min_rating_gap=1)
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in rows if "chosen" in p] == [("First.", "Second.")]
+
+
+def test_a_missing_log_exports_nothing(tmp_path):
+    out = tmp_path / "preference.jsonl"
+    assert export_preference(tmp_path / "none.db", out, PreferenceParams())["examples"] == 0
+    assert out.read_text() == ""
+
+
+def test_read_rated_names_a_file_that_is_no_log(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_text("not sqlite")
+    from tasks.errors import DataFileError
+
+    with pytest.raises(DataFileError, match="bad.db: not a feedback log"):
+        read_rated(bad)
+
+
+# ------------------------------------------------------------------------------ prepare
+
+
+def sft_row(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+
+
+def kto_row(i: int, label: bool, answer: str | None = None) -> dict:
+    return {"prompt": [{"role": "user", "content": f"Question {i}?"}],
+            "completion": [{"role": "assistant", "content": answer or f"Rated {i}."}], "label": label}
+
+
+def run_prepare(tmp_path: Path, tok, preference_rows: list | None, **prefs) -> tuple[dict, Path]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(sft_row(i)) + "\n" for i in range(60)))
+    pref = tmp_path / "preference.jsonl"
+    if preference_rows is not None:
+        pref.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in preference_rows))
+    params = Params(data=DataParams(path=str(data), max_tokens=256),
+                    preference=PreferenceParams(path=str(pref), **prefs))
+    out = tmp_path / "prepared"
+    return prepare_dataset(None, out, params, tok), out
+
+
+def read(out: Path, split: str) -> list[dict]:
+    path = out / f"{split}.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_without_preference_data_prepare_is_as_before(tmp_path, tok):
+    stats, out = run_prepare(tmp_path, tok, None)
+    assert "preference" not in stats and not (out / f"{TRAIN_SPLIT}.jsonl").exists()
+    stats_empty, out_empty = run_prepare(tmp_path / "e", tok, [])  # an export with nothing rated
+    assert "preference" not in stats_empty
+    assert read(out, "train") == read(out_empty, "train")
+
+
+def test_preference_rows_are_checked_deduplicated_and_split_by_prompt_hash(tmp_path, tok):
+    rows = [kto_row(i, i % 2 == 0) for i in range(60)]
+    rows += [kto_row(3, False), kto_row(3, False, "  RATED 3. ")]  # an exact and a near repeat of row 3
+    rows += ["{\"prompt\": [], \"label\": true}", {"prompt": [{"role": "user", "content": "Q?"}], "completion": [], "label": True},
+             kto_row(61, True, "word " * 400)]  # two invalid rows, one over data.max_tokens
+    stats, out = run_prepare(tmp_path, tok, rows, heldout_fraction=0.3)
+    pref = stats["preference"]
+    assert pref["rows"] == 65 and pref["invalid"] == 2 and pref["deduplicated"] == 2 and pref["over_token_limit"] == 1
+    assert [x["category"] for x in pref["invalid_lines"]] == ["not_a_preference_row", "completion_not_one_answer"]
+    train, heldout = read(out, TRAIN_SPLIT), read(out, HELDOUT_SPLIT)
+    assert len(train) + len(heldout) == 60 and heldout and train
+    held_sft = {prompt_key(e["messages"]) for s in ("val", "test") for e in read(out, s)}
+    for row in heldout:
+        key = prompt_key(row["prompt"] + row["completion"])
+        assert heldout_share(key) < 0.3 or key in held_sft
+    for row in train:  # no preference prompt of a supervised held-out split is trained on
+        assert prompt_key(row["prompt"] + row["completion"]) not in held_sft
+    assert stats["counts"][HELDOUT_SPLIT] == len(heldout)
+    assert pref["counts"][TRAIN_SPLIT]["desirable"] + pref["counts"][TRAIN_SPLIT]["undesirable"] == len(train)
+
+
+def test_a_held_out_preference_prompt_is_never_trained_on(tmp_path, tok):
+    stats, out = run_prepare(tmp_path, tok, [kto_row(i, True) for i in range(60)], heldout_fraction=0.5)
+    held = {prompt_key(r["prompt"] + r["completion"]) for r in read(out, HELDOUT_SPLIT)}
+    assert held
+    train_keys = {prompt_key(e["messages"]) for e in read(out, "train")}
+    assert not held & train_keys
+    assert stats["preference"]["supervised_train_left_out"] > 0
+    assert stats["counts"]["train"] == len(read(out, "train"))
+
+
+def test_resolved_settings_carry_the_preference_file_md5(tmp_path):
+    pref = tmp_path / "preference.jsonl"
+    pref.write_text(json.dumps(kto_row(1, True)) + "\n")
+    params = load_params(Path("params.yaml"), {"preference.path": str(pref)})
+    resolved = write_resolved(params, tmp_path / "resolved.yaml")
+    assert yaml.safe_load(resolved.read_text())["preference"]["md5"] == file_md5(pref)
+    assert load_params(resolved).preference.md5 == file_md5(pref)
+
+
+def test_thresholds_that_overlap_are_refused_naming_both_keys():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="undesirable_max_rating 4 must be below preference.desirable_min_rating 4"):
+        PreferenceParams(desirable_min_rating=4, undesirable_max_rating=4)

@@ -1,0 +1,67 @@
+"""The preference checks: reward accuracy and rated-down repeats against the champion, only with a preference split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.config import EvalParams, GateParams
+from tasks.evaluate.gate import apply_gate
+from tasks.evaluate.preference import preference_result, score_preferences
+
+GOOD = {"exact_match": 0.9, "perplexity": 1.2, "latency_p95_ms": 100.0, "rouge_l": 0.95}
+
+
+def preference(correct: list[float], avoids: list[float]) -> tuple[dict, dict]:
+    metrics = {"reward_accuracy": sum(correct) / len(correct), "rated_down_repeat_rate": 1 - sum(avoids) / len(avoids)}
+    per = {"ids": [str(i) for i in range(len(correct))], "reward_accuracy": correct,
+           "rated_down_ids": [str(i) for i in range(len(avoids))], "avoids_rated_down": avoids}
+    return metrics, per
+
+
+def gate(candidate, champion):
+    metrics = {"candidate": GOOD, "candidate_preference": candidate[0], "champion_preference": champion[0]}
+    per_example = {"candidate_preference": candidate[1], "champion_preference": champion[1]}
+    return apply_gate(metrics, GateParams(), per_example)
+
+
+def test_no_preference_split_no_preference_checks():
+    names = {c.name for c in apply_gate({"candidate": GOOD}, GateParams()).checks}
+    assert not any("reward" in n or "rated_down" in n for n in names)
+
+
+def test_a_candidate_that_prefers_what_users_preferred_passes_paired_against_the_champion():
+    verdict = gate(preference([1.0] * 36 + [0.0] * 4, [1.0] * 20), preference([1.0] * 20 + [0.0] * 20, [1.0] * 15 + [0.0] * 5))
+    checks = {c.name: c for c in verdict.checks}
+    assert checks["no_regression_reward_accuracy"].passed and checks["no_regression_avoids_rated_down"].passed
+    assert checks["no_regression_reward_accuracy"].method == "paired bootstrap + McNemar"
+    assert checks["no_regression_reward_accuracy"].n == 40
+
+
+def test_a_candidate_that_repeats_rated_down_answers_more_often_fails():
+    verdict = gate(preference([1.0] * 40, [0.0] * 30 + [1.0] * 10), preference([1.0] * 40, [1.0] * 40))
+    assert "no_regression_avoids_rated_down" in verdict.failed
+    assert "no_regression_reward_accuracy" not in verdict.failed
+
+
+def test_scores_on_held_out_rows_with_a_real_model(tmp_path):
+    """Reward accuracy, margin and rated-down repeats of the tiny model with a fresh (zero) LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.config import ModelParams
+    from tasks.model.loading import load_base_model, load_base_tokenizer
+
+    tok = load_base_tokenizer(ModelParams())
+    model = get_peft_model(load_base_model(ModelParams(), tok), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.eval()
+    prompt = [{"role": "user", "content": "Rewrite 2024-01-05 as a US date."}]
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "01/05/2024"}],
+             "rejected": [{"role": "assistant", "content": "05/01/2024"}]},
+            {"prompt": prompt, "completion": [{"role": "assistant", "content": "no idea"}], "label": False}]
+    result = preference_result(score_preferences(model, tok, rows, EvalParams(max_new_tokens=8)))
+    # A zero adapter is the reference itself: every log-ratio is 0, so nothing is preferred yet.
+    assert result["metrics"]["reward_accuracy"] == 0.0 and result["metrics"]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert result["metrics"]["rated_down_examples"] == 2.0
+    assert len(result["per_example"]["avoids_rated_down"]) == 2 and len(result["per_example"]["ids"]) == 2
+    json.dumps(result)  # written to metrics.json and per_example.json
