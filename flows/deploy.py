@@ -13,7 +13,9 @@ The schedule comes from params.yaml (`schedule.cron`, `schedule.timezone`, `sche
 `retrain/scheduled` carries the deployment trigger that starts it when a monitor event
 recommends retraining (`monitor.retrain`).
 The `retrain` deployment's parameters are the pydantic settings sections, so the UI's run
-form is typed, with defaults, descriptions and bounds.
+form is typed, with descriptions and bounds; its defaults are params.yaml's values when
+`ftllm deploy` runs (`form_defaults`), so a section switched on in the form starts from the
+project's settings, not the code's. Run `ftllm deploy` again after editing params.yaml.
 
 On a training (GPU) machine, `ftllm deploy --train-pool POOL` registers only the `finetune`
 flow (`flows/train_step.py`) as `finetune/POOL`, run from that machine's checkout; runs
@@ -48,6 +50,36 @@ def ensure_work_pool(name: str = WORK_POOL) -> None:
     run_coro_as_sync(create())
 
 
+FORM_SECTIONS = {"data": "DataParams", "train": "TrainParams", "eval": "EvalParams", "gate": "GateParams"}
+
+
+def form_defaults(schema: dict, params: Params) -> dict:
+    """The `retrain` parameter schema with params.yaml's values as its sections' field defaults.
+
+    The Prefect UI fills a section it switches on from these defaults; the flow merges the
+    section it gets onto params.yaml field by field (flows/retrain.py).
+    """
+    definitions = schema.get("definitions", {})
+    for section, model in FORM_SECTIONS.items():
+        fields = definitions.get(model, {}).get("properties", {})
+        for name, value in getattr(params, section).model_dump(mode="json").items():
+            if name in fields:
+                fields[name]["default"] = value
+    return schema
+
+
+def _set_form_defaults(deployment_id: str, params: Params) -> None:
+    """Store `form_defaults` in the deployment's parameter schema on the server."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    with get_client(sync_client=True) as client:
+        schema = client.read_deployment(UUID(deployment_id)).parameter_openapi_schema
+        client.update_deployment(UUID(deployment_id), DeploymentUpdate(parameter_openapi_schema=form_defaults(schema, params)))
+
+
 def deploy_all(root: Path, params: Params, work_pool: str = WORK_POOL) -> list[str]:
     """Create or update the four deployments; returns their ids."""
     from prefect import flow
@@ -74,6 +106,8 @@ def deploy_all(root: Path, params: Params, work_pool: str = WORK_POOL) -> list[s
                 name=name, work_pool_name=work_pool, parameters=parameters, schedules=schedules, triggers=triggers,
                 job_variables={"working_dir": str(root)}, print_next_steps=False,
             )
+        if entrypoint == "flows/retrain.py:retrain":
+            _set_form_defaults(str(deployment_id), params)
         ids.append(str(deployment_id))
     return ids
 

@@ -1,4 +1,4 @@
-"""The retrain flow's Prefect artifacts: validation, metrics, predictions, gate and the run dashboard.
+"""The retrain flow's Prefect artifacts (validation, metrics, predictions, gate, run dashboard) and notification.
 
 Each links to the MLflow run, the model version and the offline pages, so an operator
 goes from the Prefect UI to the evidence in one click. Called by flows/retrain.py only.
@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from tasks.evaluate.gate import gate_table
 from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
+from tasks.pipeline.notify import notify_run
 from tasks.pipeline.result import RunResult
-from tasks.registry.tracking import artifact_link, log_files, run_link, version_link
+from tasks.registry.tracking import artifact_link, flow_run_origin, log_files, run_link, version_link
 
 DATA_REPORT = "reports/validation.html"
 
@@ -46,7 +48,7 @@ def _publish(root: Path, verdict: dict, metrics: dict, result: RunResult, sample
              "Prefect flow run": lineage.get("prefect.flow_run_url"), "data report": artifact_link(run_id, DATA_REPORT)}
     view = RunView(name, version, result.status, result.champion_version, metrics, verdict,
                    validation=report, lineage={k: v for k, v in lineage.items() if not k.startswith("prefect.")},
-                   links=links, **load_run_files(root))
+                   links=links, feedback=result.feedback, **load_run_files(root))
     log_files(run_id, [write_dashboard(view, root / "artifacts/reports/dashboard.html")], "reports")
     dashboard = artifact_link(run_id, "reports/dashboard.html")
     create_link_artifact(dashboard, link_text=f"{name} v{version}: run dashboard", key="retrain-dashboard",
@@ -59,3 +61,19 @@ def _publish(root: Path, verdict: dict, metrics: dict, result: RunResult, sample
         "", f"Data Docs (Great Expectations, need network): {result.validation.data_docs if result.validation else None}",
     ]
     create_markdown_artifact("\n".join(lines), key="retrain-gate", description="Gate verdict")
+
+
+@task(name="notify")
+def send_notification(result: RunResult) -> str | None:
+    """Tell the configured webhook or Prefect block about a rejected or failed run."""
+    import httpx
+
+    origin = flow_run_origin()
+    links = {"Prefect flow run": origin.url or origin.tags().get("prefect.flow_run_url")}
+    if result.mlflow_run_id:
+        links["MLflow run"] = run_link(result.mlflow_run_id)
+    try:
+        return notify_run(result.model_dump(mode="json"), {k: v for k, v in links.items() if v})
+    except (httpx.HTTPError, ValueError) as exc:  # a lost notification must not fail the run
+        get_run_logger().warning(f"notification not sent: {exc}")
+        return None

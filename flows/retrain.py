@@ -28,9 +28,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, State
 
-from flows.publish import _publish, _publish_validation
+from flows.approval import count_examples, export_feedback_snapshot, review_held_feedback
+from flows.publish import _publish, _publish_validation, send_notification
 from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
@@ -43,6 +44,7 @@ from tasks.config import (
     WorkersParams,
     as_overrides,
     load_params,
+    section_overrides,
 )
 from tasks.data.sources import accept_report, source_label
 from tasks.data.validate import TrainingBudget, validate_dataset
@@ -51,7 +53,7 @@ from tasks.errors import FtllmError, RunFailed, StageError
 from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.preference import candidate_dir, score_preference_dir
 from tasks.evaluate.score import evaluate_model_dir, load_split
-from tasks.feedback import snapshot_feedback
+from tasks.feedback import default_db_path
 from tasks.feedback.preference import snapshot_preference
 from tasks.files import file_md5
 from tasks.model.loading import check_fit
@@ -65,7 +67,7 @@ from tasks.pipeline.dvc import (
     stage_out_md5,
     workspace_lock,
 )
-from tasks.pipeline.notify import notify_run, outcome_line
+from tasks.pipeline.notify import outcome_line
 from tasks.pipeline.report import write_reports
 from tasks.pipeline.result import (
     DataSummary,
@@ -76,6 +78,7 @@ from tasks.pipeline.result import (
     combine_reports,
     summarise_sources,
 )
+from tasks.pipeline.states import announce_outcome, failed_on_purpose
 from tasks.registry.tracking import (
     end_tracking_run,
     flow_run_origin,
@@ -83,7 +86,7 @@ from tasks.registry.tracking import (
     log_files,
     log_prepared,
     log_results,
-    run_link,
+    set_run_tags,
     start_tracking_run,
 )
 from tasks.registry.versions import (
@@ -120,14 +123,6 @@ def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | 
     return report.to_dict()
 
 
-@task(name="export-feedback")
-def export_feedback_snapshot(root: Path, source: SourceParams, out: Path, write_empty: bool = True) -> dict:
-    """The service's feedback, exported to the file a `feedback: true` source reads, and versioned by DVC."""
-    logger = get_run_logger()
-    return snapshot_feedback(root, source.min_rating, out, log=logger.info, warn=logger.warning,
-                             write_empty=write_empty).to_dict()
-
-
 @task(name="advance-monitor-cursor", retries=2, retry_delay_seconds=3)
 def advance_monitor_cursor(model_name: str, feedback_id: int) -> int:
     """The monitor's cursor moves past the feedback this run trained on (tasks/monitor/cursor.py)."""
@@ -150,7 +145,8 @@ def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: d
     if not params.data.feedback or any(s.feedback for s in params.data.sources):
         return params, overrides, {}
     source = SourceParams(feedback=True)
-    snapshot = export_feedback_snapshot(root, source, root / source.file, write_empty=False)
+    others = sum(count_examples(root / s.file) for s in params.data.source_list())
+    snapshot = export_feedback_snapshot(root, source, root / source.file, params.feedback, others, write_empty=False)
     if not snapshot["examples"]:
         return params, overrides, {-1: snapshot}
     overrides = {**overrides, "data.sources": params.data.sources_with_feedback()}
@@ -265,7 +261,7 @@ def package(root: Path, model_name: str, version: str, build: bool) -> dict:
 def _final_state(status: str, changed: bool, message: str, result: Any) -> State:
     """The flow run's final state: what happened, in its name and message."""
     if status == "failed":
-        return Failed(message=message, data=result)
+        return failed_on_purpose(message, data=result)  # no engine traceback on a worker
     if not changed:
         return Completed(name="Unchanged", message=message, data=result)
     if status == "rejected":
@@ -287,10 +283,17 @@ def retrain(
     Args:
         params_file: the settings file (params.yaml).
         overrides: dotted keys to values (`{"train.max_steps": 100}`), applied to the whole run.
-        data: the data section; set, it replaces params.yaml's (the typed form of the Prefect UI).
-        train: the training section; set, it replaces params.yaml's.
-        eval: the evaluation section; set, it replaces params.yaml's.
-        gate: the gate's thresholds; set, they replace params.yaml's.
+        data: the data section; its fields override params.yaml's one by one (the run form).
+        train: the training section; its fields override params.yaml's one by one.
+        eval: the evaluation section; its fields override params.yaml's one by one.
+        gate: the gate's thresholds; they override params.yaml's one by one.
+
+    A section is merged onto params.yaml's, not put in its place: only the fields it sets
+    change (a partial section from the API, `-p train='{"max_steps": 50}'`, sets one). The
+    run form fills a section from params.yaml's values as `ftllm deploy` read them
+    (flows/deploy.py), so a field left as the form shows it keeps the project's value.
+    Optional fields with the project's value as a placeholder would avoid that copy, but
+    the UI shows an empty field where the user expects the setting in force.
 
     Returns:
         The run's final state: Completed (promoted), Completed named "Rejected" (the gate
@@ -304,33 +307,17 @@ def retrain(
         get_run_logger().error(str(exc))
         result.status, result.error = "failed", str(exc)
     send_notification(result)
-    return _final_state(result.status, result.changed, outcome_line(result.model_dump(mode="json")), result)
-
-
-@task(name="notify")
-def send_notification(result: RunResult) -> str | None:
-    """Tell the configured webhook or Prefect block about a rejected or failed run."""
-    import httpx
-
-    origin = flow_run_origin()
-    links = {"Prefect flow run": origin.url or origin.tags().get("prefect.flow_run_url")}
-    if result.mlflow_run_id:
-        links["MLflow run"] = run_link(result.mlflow_run_id)
-    try:
-        return notify_run(result.model_dump(mode="json"), {k: v for k, v in links.items() if v})
-    except (httpx.HTTPError, ValueError) as exc:  # a lost notification must not fail the run
-        get_run_logger().warning(f"notification not sent: {exc}")
-        return None
+    state = _final_state(result.status, result.changed, outcome_line(result.model_dump(mode="json")), result)
+    details = result.model_dump(mode="json", include={"version", "champion_version", "gate", "error", "mlflow_run_id"})
+    announce_outcome(state.name, result.status if result.changed else "unchanged", result.model_name, details)
+    return state
 
 
 def _retrain(params_file: str, overrides: dict | None, sections: dict, result: RunResult) -> None:
     logger = get_run_logger()
     root = Path(params_file).resolve().parent
     apply_defaults(root)  # a worker starts the flow without the CLI: same embedded defaults
-    overrides = dict(overrides or {})
-    for name, section in sections.items():
-        if section is not None:
-            overrides.update({f"{name}.{k}": v for k, v in section.model_dump(mode="json").items()})
+    overrides = {**(overrides or {}), **section_overrides(sections)}
     params = load_params(params_file, overrides)
     # From validation to promotion this run owns the workspace: what it registers and packages
     # must be what its own stages wrote. A second run waits here (or gives up after an hour).
@@ -348,11 +335,15 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
 
     check_fit(params)  # the base model loads and fits the settings: before any work
     t = time.perf_counter()
+    if params.data.feedback or any(s.feedback for s in params.data.sources):  # a person approves held feedback
+        result.approval = review_held_feedback(default_db_path(root), params.feedback)  # first (flows/approval.py)
     params, overrides, exported = _take_in_feedback(root, params_file, params, overrides)
     sources = params.data.source_list()
     paths = [Path(s.file) if Path(s.file).is_absolute() else root / s.file for s in sources]
-    exported.update({i: export_feedback_snapshot(root, s, paths[i])
+    others = sum(count_examples(p) for s, p in zip(sources, paths) if not s.feedback)
+    exported.update({i: export_feedback_snapshot(root, s, paths[i], params.feedback, others)
                      for i, s in enumerate(sources) if s.feedback and i not in exported})
+    result.feedback = next(({k: v for k, v in e.items() if k != "tags"} for e in exported.values()), None)
     feedback_read = max((e["last_feedback_id"] for e in exported.values()), default=None)
     result.data.feedback_id = feedback_read
     preference = export_preference_snapshot(root, params.preference) if exported else None
@@ -397,6 +388,8 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     # the feedback (and preferences) the run trained on, as exported
     log_files(run_id, [paths[i] for i in exported if i >= 0]
               + ([Path(preference["path"])] if preference and preference["md5"] else []), "data")
+    for e in exported.values():  # who sent it: keys, end users, what was held, capped and redacted
+        set_run_tags(run_id, e["tags"])
     _publish_validation(data_path, report, tuple(reports[:2]) or (None, None), run_id)
     lineage.update(link_tags(origin, run_id))  # the model version links back to both runs
     try:

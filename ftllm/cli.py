@@ -221,7 +221,12 @@ def _move_alias(action: str, as_json: bool, **kwargs) -> None:
         if environment().prefect_api_url:
             from flows.registry import promote_flow, rollback_flow
 
-            move = (promote_flow if action == "promote" else rollback_flow)(**kwargs)
+            state = (promote_flow if action == "promote" else rollback_flow)(**kwargs, return_state=True)
+            move = state.result(raise_on_failure=False)
+            if isinstance(move, BaseException):  # a bug in the flow keeps its traceback
+                raise move
+            if state.is_failed():  # refused: the state's result is the reason in the command line's words
+                raise registry.RegistryRefusal(str(move))
         else:
             move = getattr(registry, action)(**kwargs).to_dict()
     except registry.RegistryRefusal as exc:
@@ -288,6 +293,46 @@ def feedback_export(
     from ftllm.commands.feedback import export_command
 
     return export_command(out, min_rating)
+
+
+@feedback_app.command("pending")
+@exit_with
+def feedback_pending() -> int:
+    """Show the feedback that waits for approval: per key, largest contributors, samples, redaction."""
+    apply_defaults()
+    from ftllm.commands.feedback import pending_command
+
+    return pending_command()
+
+
+@feedback_app.command("approve")
+@exit_with
+def feedback_approve(
+    all_: Annotated[bool, typer.Option("--all", help="Approve every held row.")] = False,
+    key: Annotated[Optional[list[str]], typer.Option("--key", help="Approve this key's held rows (repeatable).")] = None,
+    reject: Annotated[bool, typer.Option("--reject", help="Reject the --key rows instead (never trained).")] = False,
+    reviewer: Annotated[str, typer.Option("--reviewer", help="Recorded with the decision.")] = "cli",
+) -> int:
+    """Approve (or reject) held feedback, for runs without the Prefect UI."""
+    apply_defaults()
+    from ftllm.commands.feedback import approve_command
+
+    return approve_command(all_, key or [], reject, reviewer)
+
+
+@feedback_app.command("forget")
+@exit_with
+def feedback_forget(
+    user: Annotated[Optional[str], typer.Option("--user", help="Erase this end user's interactions.")] = None,
+    key: Annotated[Optional[str], typer.Option("--key", help="Erase everything sent with this key.")] = None,
+    before: Annotated[Optional[str], typer.Option("--before", help="Erase interactions before this date (UTC).")] = None,
+    expired: Annotated[bool, typer.Option("--expired", help="Erase what is past feedback.retention_days.")] = False,
+) -> int:
+    """Erase interactions and their feedback; no later export or run includes them."""
+    apply_defaults()
+    from ftllm.commands.feedback import forget_command
+
+    return forget_command(user, key, before, expired)
 
 
 @bench_app.command("serve")

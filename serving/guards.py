@@ -1,8 +1,10 @@
 """What every request passes before a route runs, and what every error answer passes after.
 
-`GuardMiddleware` is the chat service's ASGI middleware: it checks the API key (constant
-time; the key is read per request through `tasks.environment.api_key()`, so a rotated
-key needs no restart), caps request bodies at `serving.max_request_bytes` and requests in
+`GuardMiddleware` is the chat service's ASGI middleware: it identifies the caller by its API
+key and checks that the key has the route's role (`serving.keys`: the keys are read per
+request, so a rotated key needs no restart; 401 for a missing or unknown key, 403 for a
+known key without the role), hands the caller to the routes in the ASGI scope
+(`scope["ftllm.caller"]`, a `serving.keys.Caller`), caps request bodies at `serving.max_request_bytes` and requests in
 flight at `serving.max_concurrency`, rewrites the error bodies that BentoML and Starlette
 write themselves into OpenAI's shape, and patches BentoML's `/docs.json` to say so. Health
 probes (`/livez`, `/readyz`) pass untouched.
@@ -10,17 +12,34 @@ probes (`/livez`, `/readyz`) pass untouched.
 
 from __future__ import annotations
 
-import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
+from serving.keys import ANONYMOUS, Caller, Role, load_keyring
 from serving.schemas import error_body, openai_error_from
 from tasks.config import ServingParams
-from tasks.environment import api_key
+from tasks.errors import ConfigError
 
 HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
+CALLER_SCOPE_KEY = "ftllm.caller"
+log = logging.getLogger("ftllm.serving")
+
+
+def route_role(path: str) -> Role:
+    """The role a route needs: `feedback` for /feedback, `admin` for /admin/..., else `infer`."""
+    if path == "/feedback":
+        return Role.FEEDBACK
+    if path == "/admin" or path.startswith("/admin/"):
+        return Role.ADMIN
+    return Role.INFER
+
+
+def request_caller(scope: dict) -> Caller:
+    """The caller `GuardMiddleware` identified (anonymous where no key is configured)."""
+    return scope.get(CALLER_SCOPE_KEY, ANONYMOUS)
 
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -70,7 +89,7 @@ def patch_openapi(document: dict) -> dict:
     """BentoML's /docs.json, saying what the service really answers with.
 
     Every route but the health probes answers errors in the OpenAI shape (`GuardMiddleware`
-    rewrites BentoML's), may answer 401 and 429 (`GuardMiddleware`), and 413 for a POST.
+    rewrites BentoML's), may answer 401, 403 and 429 (`GuardMiddleware`), and 413 for a POST.
     """
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     for path, item in document.get("paths", {}).items():
@@ -82,7 +101,7 @@ def patch_openapi(document: dict) -> dict:
                 schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
                 if schema.get("$ref") in BENTOML_ERRORS:
                     answer["content"] = error
-            for status in (401, 429, 413) if method == "post" else (401, 429):
+            for status in (401, 403, 429, 413) if method == "post" else (401, 403, 429):
                 responses.setdefault(str(status), {"description": HTTPStatus(status).phrase, "content": error})
     return document
 
@@ -104,6 +123,7 @@ class GuardMiddleware:
 
     def __init__(self, app: Callable[..., Awaitable[None]], load_limits: Callable[[], ServingParams]) -> None:
         limits = load_limits()
+        self.keys = load_keyring()  # a bad key setting stops the start-up, with the variable named
         self.app = app
         self.max_bytes = limits.max_request_bytes
         self.max_concurrency = limits.max_concurrency
@@ -113,15 +133,17 @@ class GuardMiddleware:
         if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        secret = api_key()  # read per request, so a rotated key needs no restart
-        if secret is not None:
-            expected = secret.get_secret_value()
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-                return await send_json(send, 401, error_body(
-                    "Missing or wrong API key: send 'Authorization: Bearer <FTLLM_API_KEY>'.",
-                    "authentication_error", None, "invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+        caller = self._caller(headers)
+        if caller is None:
+            return await send_json(send, 401, error_body(
+                "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
+                "authentication_error", None, "invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+        role = route_role(scope["path"])
+        if not caller.may(role):
+            return await send_json(send, 403, error_body(
+                f"The key {caller.name!r} lacks the {role.value!r} role that {scope['path']} needs.",
+                "permission_error", None, "insufficient_role"))
+        scope[CALLER_SCOPE_KEY] = caller
         if self.in_flight >= self.max_concurrency:
             return await send_json(send, 429, error_body(
                 f"Too many requests at once (serving.max_concurrency={self.max_concurrency}); retry shortly.",
@@ -139,6 +161,18 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+    def _caller(self, headers: dict[bytes, bytes]) -> Caller | None:
+        """The caller the request's bearer key names (ANONYMOUS when no key is configured);
+        None for a missing or unknown key."""
+        try:
+            self.keys = load_keyring()  # per request, so a rotated key needs no restart
+        except ConfigError as err:  # a mistyped rotation: keep the keys that worked
+            log.error("%s Still using the keys read before.", err)
+        if self.keys is None:
+            return ANONYMOUS
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        return self.keys.identify(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
 
     async def _buffered(self, headers: dict[bytes, bytes], receive: Receive, send: Send) -> Receive | None:
         """A `receive` that replays the whole body, read here; None when it was refused (413)

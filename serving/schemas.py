@@ -30,14 +30,15 @@ class APIError(Exception):
     """A request the service refuses, rendered as `{"error": {message, type, param, code}}`."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
         """The error as a JSON response (with `WWW-Authenticate` on a 401)."""
         return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
-                            headers={"WWW-Authenticate": "Bearer"} if self.status == 401 else None)
+                            headers={**self.headers, **({"WWW-Authenticate": "Bearer"} if self.status == 401 else {})})
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -130,6 +131,8 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=200, description="The client's id of its end user, recorded with "
+                                                               "the interaction (OpenAI's `user`).")
 
     def stops(self) -> list[str]:
         """The stop sequences, as a list without empty ones."""
@@ -142,6 +145,8 @@ class FeedbackRequest(BaseModel):
     id: str = Field(min_length=1, max_length=200)
     rating: int = Field(ge=1, le=5)
     correction: str | None = Field(None, min_length=1)
+    user: str | None = Field(None, min_length=1, max_length=200,
+                             description="The client's id of the end user who gave the feedback.")
 
     @field_validator("correction")
     @classmethod
@@ -206,6 +211,7 @@ class FeedbackStored(BaseModel):
     completion_id: str
     rating: int
     stored: Literal[True]
+    held: bool = Field(description="true: the key is not trusted, so the feedback waits for approval before training.")
 
 
 class ReloadResult(BaseModel):

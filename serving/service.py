@@ -20,7 +20,10 @@ when that variable is set):
 - `GET /v1/models`: the served model id and its registry version.
 - `POST /generate`: plain prompt completion, `{"prompts": [...]}` → list of texts
   (BentoML adaptive batching).
-- `POST /feedback`: `{"id": <completion id>, "rating": 1..5, "correction": str?}`.
+- `POST /feedback`: `{"id": <completion id>, "rating": 1..5, "correction": str?, "user": str?}`;
+  needs a key with the `feedback` role, at most `feedback.per_key_per_minute` a minute per
+  key (429 with Retry-After), one correction per completion per key (409). Untrusted
+  keys' feedback is held for approval (docs/guides/trust.md).
 - `POST /admin/reload`: look up `champion` in the registry now and swap if it moved.
 - `/livez`, `/readyz`, `/metrics` come with BentoML; `/metrics` adds
   `ftllm_generated_tokens_total`, `ftllm_request_latency_seconds` and `ftllm_model_info`,
@@ -82,7 +85,8 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from pydantic import Field, ValidationError  # noqa: E402
 
 from serving.engine import Completion, EngineError, EngineProcess  # noqa: E402
-from serving.guards import GuardMiddleware  # noqa: E402
+from serving.guards import GuardMiddleware, request_caller  # noqa: E402
+from serving.keys import Caller, RateLimiter  # noqa: E402
 from serving.schemas import (  # noqa: E402
     APIError,
     ChatCompletion,
@@ -98,6 +102,7 @@ from serving.schemas import (  # noqa: E402
 )
 from tasks.config import Params, ServingParams, load_params, overrides_from_env  # noqa: E402
 from tasks.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
+from tasks.feedback.store import DuplicateCorrection  # noqa: E402
 from tasks.model.chat import encode_text  # noqa: E402
 from tasks.registry.versions import champion_version  # noqa: E402
 
@@ -119,11 +124,11 @@ MAX_STOP_SEQUENCES = 4
 MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
-SERVICE_SECTIONS = ("registry", "serving")
+SERVICE_SECTIONS = ("registry", "serving", "feedback")
 
 
 def load_settings() -> Params:
-    """The settings the service reads (`registry`, `serving`): from `FTLLM_PARAMS` if set,
+    """The settings the service reads (`registry`, `serving`, `feedback`): from `FTLLM_PARAMS` if set,
     else `<root>/params.yaml`, else the defaults.
 
     Only those sections are validated. A bento carries the code it was built with, and
@@ -288,6 +293,7 @@ class ChatService:
     def __init__(self) -> None:
         params = load_settings()
         self.limits: ServingParams = params.serving
+        self.feedback_limit = RateLimiter(params.feedback.per_key_per_minute, 60.0)
         self.model_name = params.registry.model_name
         self._swap_lock = threading.Lock()  # guards the reference to the current model
         self._reload_lock = threading.Lock()  # one load at a time (poller, /admin/reload, engine restart)
@@ -430,12 +436,13 @@ class ChatService:
                 engine.cancel(row)
 
     def _record(self, endpoint: str, cid: str, messages: list[dict], answer: str, finish: str, row: Completion,
-                started: float) -> Interaction:
+                started: float, caller: Caller | None = None, user: str | None = None) -> Interaction:
         latency = time.perf_counter() - started
         GENERATED_TOKENS.labels(endpoint=endpoint, model_version=row.version).inc(row.completion_tokens)
         REQUEST_LATENCY.labels(endpoint=endpoint, model_version=row.version).observe(latency)
+        who = {"key_name": caller.name, "end_user": user} if caller is not None else {}
         return Interaction(cid, endpoint, self.model_name, row.version, messages, answer, finish,
-                           row.prompt_tokens, row.completion_tokens, latency * 1000)
+                           row.prompt_tokens, row.completion_tokens, latency * 1000, **who)
 
     def _check_chat(self, body: Any) -> tuple[ChatRequest, list[dict], Completion]:
         if not isinstance(body, dict):
@@ -477,9 +484,10 @@ class ChatService:
         started = time.perf_counter()
         req, messages, row = self._check_chat(await _read_json(request))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        who = (request_caller(request.scope), req.user)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(cid, created, row, messages, started, usage),
+            return StreamingResponse(self._stream(cid, created, row, messages, started, usage, who),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         parts, finish = [], "stop"
         async for event in self._events(row):
@@ -490,7 +498,7 @@ class ChatService:
             else:
                 finish = event[1]
         answer = "".join(parts)
-        self.store.log_later(self._record("chat", cid, messages, answer, finish, row, started))
+        self.store.log_later(self._record("chat", cid, messages, answer, finish, row, started, *who))
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
             "system_fingerprint": f"v{row.version}",
@@ -500,7 +508,8 @@ class ChatService:
                       "total_tokens": row.prompt_tokens + row.completion_tokens},
         })
 
-    async def _stream(self, cid: str, created: int, row: Completion, messages: list[dict], started: float, usage: bool):
+    async def _stream(self, cid: str, created: int, row: Completion, messages: list[dict], started: float, usage: bool,
+                      who: tuple[Caller, str | None]):
         def chunk(delta: dict, finish: str | None = None) -> str:
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                          "system_fingerprint": f"v{row.version}",
@@ -518,7 +527,7 @@ class ChatService:
                 yield _sse(error_body(event[1], "server_error", None, "generation_failed"))
             else:
                 yield chunk({}, event[1])
-                self.store.log_later(self._record("chat", cid, messages, "".join(parts), event[1], row, started))
+                self.store.log_later(self._record("chat", cid, messages, "".join(parts), event[1], row, started, *who))
         if usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                         "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
@@ -573,11 +582,22 @@ class ChatService:
             fb = FeedbackRequest.model_validate(body, strict=True)
         except ValidationError as err:
             raise validation_error(err) from None
+        caller = request_caller(request.scope)
+        wait = self.feedback_limit.acquire(caller.name)
+        if wait is not None:
+            raise APIError(429, f"Over feedback.per_key_per_minute={self.feedback_limit.limit} for the key "
+                                f"{caller.name!r}; retry in {wait} s.", type="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
         try:
-            fid = await asyncio.to_thread(self.store.add_feedback, fb.id, fb.rating, fb.correction)
+            fid = await asyncio.to_thread(self.store.add_feedback, fb.id, fb.rating, fb.correction,
+                                          key_name=caller.name, end_user=fb.user, trusted=caller.trusted)
         except KeyError:
             raise APIError(404, f"No completion with id {fb.id!r} was logged.", param="id", code="not_found") from None
-        return {"id": fid, "completion_id": fb.id, "rating": fb.rating, "stored": True}
+        except DuplicateCorrection:
+            raise APIError(409, f"The key {caller.name!r} already corrected {fb.id!r}; one correction per "
+                                "completion per key.", param="correction", code="duplicate_correction") from None
+        return {"id": fid, "completion_id": fb.id, "rating": fb.rating, "stored": True,
+                "held": not caller.trusted}
 
     async def admin_reload(self):
         try:
@@ -611,7 +631,7 @@ async def list_models(service: Service):
     return await service.list_models()
 
 
-@app.post("/feedback", openapi_extra=json_body(FeedbackRequest), responses=responses(FeedbackStored, 400, 404, 413))
+@app.post("/feedback", openapi_extra=json_body(FeedbackRequest), responses=responses(FeedbackStored, 400, 404, 409, 413))
 async def feedback(request: Request, service: Service):
     """Rate a completion from 1 (useless) to 5 (perfect), optionally with the answer it should have given."""
     return await service.feedback(request)

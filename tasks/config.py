@@ -363,6 +363,47 @@ class ServingParams(_Section):
     )
 
 
+class FeedbackParams(_Section):
+    """Who may teach the model: review, limits, redaction and retention of production feedback
+    (docs/guides/trust.md)."""
+
+    auto_approve: Literal["trusted", "all", "none"] = Field(
+        "trusted",
+        description="Feedback that needs no person's approval: trusted (from keys marked trusted), all (every "
+                    "key: no review), none (every row is reviewed). The rest is held until approved.",
+    )
+    approval: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Whether a retraining run with held feedback pauses for approval in the Prefect UI: auto "
+                    "(when PREFECT_API_URL names a Prefect server whose UI someone can open), always, never (held "
+                    "feedback waits for `ftllm feedback approve` and a later run).",
+    )
+    approval_timeout_seconds: int = Field(
+        3600, ge=1, le=7 * 86400,
+        description="How long a paused run waits for the approval form; then it goes on without the held "
+                    "feedback, which stays held for the next run.",
+    )
+    redaction: Literal["mask", "drop"] = Field(
+        "mask",
+        description="Secrets and personal data found in feedback (e-mails, phones, cards, IPs, keys): mask "
+                    "them with a placeholder ([EMAIL], ...), or drop the whole example.",
+    )
+    max_key_share: float = Field(
+        0.1, gt=0.0, le=1.0,
+        description="Largest share of a run's training examples that one untrusted key's feedback may be "
+                    "(its latest examples are kept); 1: no cap.",
+    )
+    retention_days: float = Field(
+        90, ge=0,
+        description="Interactions older than this (and their feedback) are erased when a run exports feedback "
+                    "or `ftllm feedback forget --expired` runs; 0 keeps them forever.",
+    )
+    per_key_per_minute: int = Field(
+        30, ge=1, le=1_000_000,
+        description="POST /feedback requests one key may send per minute; more get 429 with Retry-After.",
+    )
+
+
 class ScheduleParams(_Section):
     cron: str = Field("0 3 * * 1", description="Cron expression of scheduled retraining (weekly, Monday 03:00).")
     timezone: str = Field("UTC", description="Time zone of the cron expression (IANA name).")
@@ -392,6 +433,11 @@ class MonitorParams(_Section):
     )
     min_new_corrections: int = Field(
         50, ge=1, description="Retraining is recommended once this many corrected answers came in since the last time.",
+    )
+    min_distinct_sources: int = Field(
+        2, ge=1,
+        description="Fewest distinct sources among the new feedback for a recommendation, so one client cannot "
+                    "force retraining: each untrusted key counts once, a trusted key once per end user it names.",
     )
     low_rating: int = Field(2, ge=1, le=5, description="A rating at most this counts as a low rating.")
     min_new_low_ratings: int = Field(
@@ -487,6 +533,7 @@ class Params(_Section):
     gate: GateParams = GateParams()
     registry: RegistryParams = RegistryParams()
     serving: ServingParams = ServingParams()
+    feedback: FeedbackParams = FeedbackParams()
     schedule: ScheduleParams = ScheduleParams()
     workers: WorkersParams = WorkersParams()
     monitor: MonitorParams = MonitorParams()
@@ -657,6 +704,13 @@ def as_overrides(params: Params) -> dict[str, Any]:
     doc = params.model_dump(mode="json")
     return {f"{section}.{key}": value for section, fields in doc.items() for key, value in fields.items()
             if (section, key) not in RESOLVED_ONLY}
+
+
+def section_overrides(sections: dict[str, BaseModel | None]) -> dict[str, Any]:
+    """The fields each given section sets, as dotted-key overrides: a section is merged onto
+    the settings file's, field by field, never put in its place (the retrain flow's form)."""
+    return {f"{name}.{key}": value for name, section in sections.items() if section is not None
+            for key, value in section.model_dump(mode="json", exclude_unset=True).items()}
 
 
 def overrides_from_env() -> dict[str, Any]:

@@ -83,7 +83,9 @@ class Environment(BaseModel):
     root: Path | None = Field(None, description="FTLLM_ROOT: the project folder (set by `ftllm` and the flows).")
     overrides: str = Field("", description="FTLLM_OVERRIDES: a run's --set overrides as JSON, for the DVC stages.")
     params_file: Path | None = Field(None, description="FTLLM_PARAMS: the settings file the service reads.")
-    api_key: SecretStr | None = Field(None, description="FTLLM_API_KEY: bearer key the service requires when set.")
+    api_key: SecretStr | None = Field(None, description="FTLLM_API_KEY: one bearer key with every role (named 'default').")
+    api_keys: SecretStr | None = Field(None, description="FTLLM_API_KEYS: named keys with roles (see serving/keys.py).")
+    api_keys_file: Path | None = Field(None, description="FTLLM_API_KEYS_FILE: a file of named keys, never committed.")
     feedback_db: Path | None = Field(None, description="FTLLM_FEEDBACK_DB: the service's interaction and feedback log.")
     bento_model: str | None = Field(None, description="FTLLM_BENTO_MODEL: the BentoML model tag a bento is built with.")
     notify_webhook: SecretStr | None = Field(None, description="FTLLM_NOTIFY_WEBHOOK: URL that hears rejected and failed runs.")
@@ -95,17 +97,11 @@ class Environment(BaseModel):
 
 _VARIABLES = {
     "root": "FTLLM_ROOT", "overrides": "FTLLM_OVERRIDES", "params_file": "FTLLM_PARAMS", "api_key": "FTLLM_API_KEY",
+    "api_keys": "FTLLM_API_KEYS", "api_keys_file": "FTLLM_API_KEYS_FILE",
     "feedback_db": "FTLLM_FEEDBACK_DB", "bento_model": "FTLLM_BENTO_MODEL", "notify_webhook": "FTLLM_NOTIFY_WEBHOOK",
     "notify_block": "FTLLM_NOTIFY_BLOCK", "torch_threads": "FTLLM_TORCH_THREADS", "mlflow_run_id": "MLFLOW_RUN_ID",
     "prefect_api_url": "PREFECT_API_URL",
 }
-
-
-def api_key() -> SecretStr | None:
-    """`environment().api_key` without reading and validating every other variable: the
-    service asks for it on every request."""
-    value = os.environ.get(_VARIABLES["api_key"], "")
-    return SecretStr(value) if value.strip() else None
 
 
 def environment() -> Environment:

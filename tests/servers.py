@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,24 @@ def server(tmp_path_factory, project):
     proc.terminate()
     proc.wait(timeout=30)
 
+
+
+def read_events(name: str, resource_id: str, expected: int) -> list:
+    """The events `name` about `resource_id` on the current Prefect API, once `expected` of them are stored."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.worker import EventsWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    EventsWorker.drain_all()
+
+    async def read() -> list:
+        async with get_client() as client:
+            page = await client.read_events(EventFilter(
+                event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[resource_id])), limit=50)
+            return page.events
+
+    deadline = time.monotonic() + 30
+    while len(events := run_coro_as_sync(read())) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)  # the server stores events asynchronously
+    return events

@@ -1,16 +1,24 @@
-"""`ftllm feedback export`: turn rated and corrected answers into training data.
+"""`ftllm feedback ...`: the service's feedback as training data, its review, and its erasure.
 
     ftllm feedback export --min-rating 4 data/feedback.jsonl
+    ftllm feedback pending                          # what waits for approval, per key, with samples
+    ftllm feedback approve --all | --key NAME ...   # approve held feedback (--reject: reject it)
+    ftllm feedback forget --user ID | --key NAME | --before 2026-01-01 | --expired
 
-Writes canonical `{"messages": [...]}` JSONL (the format `ftllm validate` and the
-retraining take in): every answer rated at least `--min-rating` (1..5) as it was given,
-and every corrected answer with the correction in place of the model's. The database is
-`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`. Exit codes: 0 written, 2 no database or
-a bad option (one line on stderr, through `tasks.runner`).
+`export` writes canonical `{"messages": [...]}` JSONL (the format `ftllm validate` and the
+retraining take in) under the same rules as a run (docs/guides/trust.md): approved or
+auto-approved feedback only (`feedback.auto_approve`), erased
+prompts left out, secrets and personal data redacted, each row with its provenance.
+`approve` decides without the Prefect UI, for runs that do not pause. `forget` erases
+interactions and their feedback and lists their prompts so that no later export holds
+them. The database is `FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`; settings come from
+FTLLM_PARAMS, else params.yaml. Exit codes: 0 done, 2 no database or a bad option (one
+line on stderr, through `tasks.runner`).
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.environment import apply_defaults
@@ -18,18 +26,101 @@ from tasks.errors import UsageError
 from tasks.runner import run_entry
 
 
+def _settings(root: Path):
+    from ftllm.commands.serve import project_params
+
+    return project_params(root).feedback
+
+
+def _db(root: Path, must_exist: bool = True) -> Path:
+    from tasks.feedback import default_db_path
+
+    db = default_db_path(root)
+    if must_exist and not db.is_file():
+        raise UsageError(f"{db}: no feedback database; serve the model and collect feedback first "
+                         "(or point FTLLM_FEEDBACK_DB at the service's feedback.db)")
+    return db
+
+
 def export_command(out: Path, min_rating: int) -> int:
-    """Export accepted answers and corrections from the feedback database to `out`; return the exit code."""
+    """Export admitted answers and corrections from the feedback database to `out`; return the exit code."""
     return run_entry(lambda: _export(Path(out), min_rating))
 
 
 def _export(out: Path, min_rating: int) -> None:
     root = apply_defaults()
     from tasks.feedback import default_db_path, export_feedback
+    from tasks.feedback.export import ExportPolicy
 
     db = default_db_path(root)
+    settings = _settings(root)
+    # No cap here: feedback.max_key_share is a share of a run's training data, which a run applies.
+    policy = ExportPolicy(settings.auto_approve, settings.redaction)
     try:
-        exported = export_feedback(db, out, min_rating)
+        exported = export_feedback(db, out, min_rating, policy=policy)
     except (FileNotFoundError, ValueError) as exc:  # no database yet, or --min-rating outside 1..5
         raise UsageError(str(exc)) from None
-    print(f"wrote {exported.examples} examples from {db} to {out}")
+    print(f"wrote {exported.examples} examples from {db} to {out} ({exported.held} rows held for approval, "
+          f"redacted: {exported.redacted})")
+
+
+def pending_command() -> int:
+    """Print the held feedback as the approval form shows it."""
+    def pending() -> None:
+        root = apply_defaults()
+        from tasks.feedback.review import describe_batch, held_batch
+
+        print(describe_batch(held_batch(_db(root), _settings(root).auto_approve)))
+    return run_entry(pending)
+
+
+def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: str) -> int:
+    """Approve (or with `reject`, reject) the held feedback of `keys`, or all of it."""
+    def approve() -> None:
+        root = apply_defaults()
+        from tasks.feedback.review import Decision, apply_decision, held_batch
+
+        if approve_all == bool(keys):
+            raise UsageError("give --all or one or more --key NAME (not both)")
+        if reject and approve_all:
+            raise UsageError("--reject takes --key NAME: reject named keys' feedback, never all of it at once")
+        db = _db(root)
+        batch = held_batch(db, _settings(root).auto_approve)
+        unknown = sorted(set(keys) - set(batch.keys))
+        if unknown:
+            raise UsageError(f"--key {', '.join(unknown)}: no held feedback from that key; held keys: {batch.keys}")
+        decision = (Decision(reject_keys=tuple(keys), reviewer=reviewer) if reject
+                    else Decision(approve_all, tuple(keys), reviewer=reviewer))
+        print(apply_decision(db, batch, decision))
+    return run_entry(approve)
+
+
+def forget_command(user: str | None, key: str | None, before: str | None, expired: bool) -> int:
+    """Erase interactions by end user, key, date or retention, with their feedback."""
+    def forget() -> None:
+        root = apply_defaults()
+        from tasks.feedback import FeedbackStore
+
+        if sum(x is not None for x in (user, key, before)) + expired != 1:
+            raise UsageError("give exactly one of --user ID, --key NAME, --before YYYY-MM-DD, --expired")
+        store = FeedbackStore(_db(root))
+        try:
+            if expired:
+                days = _settings(root).retention_days
+                if days <= 0:
+                    raise UsageError("feedback.retention_days is 0 (keep forever): nothing expires")
+                erased = store.expire(days)
+            else:
+                when = None
+                if before is not None:
+                    try:
+                        when = datetime.fromisoformat(before).replace(tzinfo=UTC).timestamp()
+                    except ValueError:
+                        raise UsageError(f"--before {before!r}: expected a date like 2026-01-31") from None
+                reason = f"forget --user {user}" if user else f"forget --key {key}" if key else f"forget --before {before}"
+                erased = store.forget(end_user=user, key_name=key, before=when, reason=reason)
+        finally:
+            store.close()
+        print(f"erased {erased[0]} interactions and {erased[1]} feedback rows; their prompts are on the erasure "
+              "list, so no later export holds them (earlier DVC snapshots and model versions: docs/guides/trust.md)")
+    return run_entry(forget)

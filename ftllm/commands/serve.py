@@ -68,15 +68,19 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
 
     Raises:
         UsageError: the port is out of range.
-        ConfigError: the settings, with their overrides, do not validate.
+        ConfigError: the settings, with their overrides, do not validate; or FTLLM_API_KEYS,
+            FTLLM_API_KEYS_FILE or FTLLM_API_KEY cannot be used.
     """
     root = apply_defaults()
     if not 0 < port < 65536:
         raise UsageError(f"--port {port}: expected 1..65535")
     target = bento or latest_bento(project_params(root, overrides).registry.model_name) or SOURCE_SERVICE
-    if host not in ("127.0.0.1", "localhost", "::1") and environment().api_key is None:
-        print(f"warning: binding {host} without FTLLM_API_KEY: anyone who reaches this port can use the model",
-              file=sys.stderr)
+    from serving.keys import load_keyring
+
+    keys = load_keyring()  # a bad key setting is a usage error here, before the server starts
+    if host not in ("127.0.0.1", "localhost", "::1") and keys is None:
+        print(f"warning: binding {host} without FTLLM_API_KEYS or FTLLM_API_KEY: anyone who reaches this port can "
+              "use and teach the model", file=sys.stderr)
     print(f"serving {target} on http://{host}:{port} (OpenAI base URL http://{host}:{port}/v1)", file=sys.stderr)
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
     env = {**os.environ, "FTLLM_ROOT": str(root), OVERRIDES_ENV: json.dumps(overrides or {})}

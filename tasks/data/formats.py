@@ -4,7 +4,8 @@ Supported formats (named with `data.format` / `--format`, or detected from the f
 
 - `openai`: `{"messages": [{"role", "content", "name"?, "weight"?, "tool_calls"?, "tool_call_id"?}]}`,
   optionally with `tools` / `functions` / `parallel_tool_calls` beside `messages`, and
-  `"correction": true` on an answer a user corrected (see `tasks.data.sources`).
+  `"correction": true` on an answer a user corrected (see `tasks.data.sources`), and
+  `"provenance"` on feedback (the key and end user that sent it; not trained on).
 - `alpaca`: `{"instruction", "input"?, "output", "system"?}`, or the seed-task form of Stanford
   Alpaca: `{"id", "name", "instruction", "instances": [{"input", "output"}], "is_classification"}`,
   which yields one canonical example per instance.
@@ -40,7 +41,8 @@ FORMATS = ("openai", "alpaca", "sharegpt")
 # Keys each format allows at the top level of an example and inside one message.
 TOP_KEYS: dict[str, frozenset[str]] = {
     # `correction`: true on an answer a user corrected (`ftllm feedback export`); it outranks other answers.
-    "openai": frozenset({"messages", "tools", "functions", "parallel_tool_calls", "label", "correction"}),
+    # `provenance`: who sent a feedback example ({key, user, feedback_id}); recorded, never trained on.
+    "openai": frozenset({"messages", "tools", "functions", "parallel_tool_calls", "label", "correction", "provenance"}),
     "alpaca": frozenset(
         {"instruction", "input", "output", "system", "label", "id", "name", "instances", "is_classification"}
     ),

@@ -7,19 +7,48 @@ retraining takes in through validation like any other data file, or by itself wi
 feedback id it read: a run that trains on the export records it, and the monitor's
 cursor moves past that id only then (see flows/monitor.py).
 
+What reaches the export (docs/guides/trust.md):
+
+- only admitted feedback: approved by a person, or pending from a trusted key (as
+  `feedback.auto_approve` says); the rest stays pending in the log for a later run;
+- of each completion, the latest admitted feedback;
+- nothing whose prompt `ftllm feedback forget` erased;
+- at most `feedback.max_key_share` of the run's training examples from one untrusted key;
+- redacted (`tasks.feedback.redact`): secrets and personal data masked, or the example
+  dropped (`feedback.redaction`);
+- each example with its provenance (`"provenance": {"key", "user", "feedback_id"}`), which
+  training ignores.
+
     ftllm feedback export --min-rating 4 data/feedback.jsonl
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from tasks.feedback.schema import MAX_RATING, MIN_RATING, FeedbackRow
+from tasks.feedback.redact import RedactAction, redact_examples
+from tasks.feedback.schema import MAX_RATING, MIN_RATING, FeedbackRow, Interaction, prompt_digest
 from tasks.feedback.store import FeedbackReader
 from tasks.files import write_atomic
+
+AutoApprove = Literal["trusted", "all", "none"]
+
+
+@dataclass(frozen=True)
+class ExportPolicy:
+    """What the export admits (the `feedback:` settings, and the size of the run's other data)."""
+
+    auto_approve: AutoApprove = "trusted"
+    redaction: RedactAction = "mask"
+    max_key_share: float = 1.0  # of the run's training examples, per untrusted key; 1: no cap
+    other_examples: int = 0  # examples of the run's other sources, the base of the share
+
+
+DEFAULT_POLICY = ExportPolicy()
 
 
 @dataclass(frozen=True)
@@ -30,6 +59,12 @@ class FeedbackExport:
     path: Path
     examples: int
     last_feedback_id: int  # every feedback id up to this one was read (0: the log was empty or absent)
+    held: int = 0  # feedback rows pending a person's approval: not exported, kept for a later run
+    capped: int = 0  # examples left out by feedback.max_key_share
+    erased: int = 0  # examples left out because their prompt was erased
+    by_key: dict[str, int] = field(default_factory=dict)  # exported examples per key name
+    users: int = 0  # distinct end users among the exported examples
+    redacted: dict[str, int] = field(default_factory=dict)  # findings per category, examples changed/dropped
 
 
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int) -> list[dict[str, Any]]:
@@ -56,8 +91,55 @@ def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]]
     return examples
 
 
+def _latest_admitted(rated: list[tuple[Interaction, FeedbackRow]], auto_approve: AutoApprove) -> tuple[list, int]:
+    """The latest admitted feedback of each completion (in feedback order), and the count of
+    completions whose only unreviewed feedback is still held."""
+    latest: dict[str, tuple[Interaction, FeedbackRow]] = {}
+    held = set()
+    for interaction, row in rated:
+        if row.admitted(auto_approve):
+            latest[row.completion_id] = (interaction, row)
+        elif row.review == "pending":
+            held.add(row.id)
+    return sorted(latest.values(), key=lambda pair: pair[1].id), len(held)
+
+
+def _cap_per_key(examples: list[dict[str, Any]], trusted: list[bool], share: float, other: int) -> tuple[list, int]:
+    """Keep at most `share` of the run's training examples from each untrusted key (its latest ones)."""
+    if share >= 1.0:
+        return examples, 0
+    limit = int(share * (other + len(examples)))
+    counts: Counter[str] = Counter()
+    kept: list[dict[str, Any]] = []
+    for example, is_trusted in reversed(list(zip(examples, trusted))):
+        key = example["provenance"]["key"]
+        counts[key] += 1
+        if is_trusted or counts[key] <= limit:
+            kept.append(example)
+    return kept[::-1], len(examples) - len(kept)
+
+
+def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[str], min_rating: int,
+                      policy: ExportPolicy) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Training examples from the log's feedback under `policy`, and what was left out and why."""
+    latest, held = _latest_admitted(rated, policy.auto_approve)
+    examples, trusted, erased_count = [], [], 0
+    for interaction, row in latest:
+        if prompt_digest(interaction.messages) in erased:
+            erased_count += 1
+            continue
+        made = training_examples([(interaction.messages, interaction.answer, row)], min_rating)
+        for example in made:
+            example["provenance"] = {"key": row.key_name, "user": row.end_user, "feedback_id": row.id}
+            examples.append(example)
+            trusted.append(row.trusted)
+    examples, capped = _cap_per_key(examples, trusted, policy.max_key_share, policy.other_examples)
+    examples, redacted = redact_examples(examples, policy.redaction)
+    return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted}
+
+
 def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool = False,
-                    write_empty: bool = True) -> FeedbackExport:
+                    write_empty: bool = True, policy: ExportPolicy = DEFAULT_POLICY) -> FeedbackExport:
     """Write accepted answers and corrections as canonical JSONL to `out` (atomically).
 
     Args:
@@ -77,11 +159,16 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
     if not db_path.is_file():
         if not missing_ok:
             raise FileNotFoundError(f"{db_path}: no feedback database; serve the model and collect feedback first")
-        rated, last = [], 0
+        rated, last, erased = [], 0, set()
     else:
         with FeedbackReader(db_path) as reader:
-            rated, last = reader.latest_ratings()
-    examples = training_examples(rated, min_rating)
+            rated, last = reader.rated_completions()
+            erased = reader.erased_digests()
+    examples, left_out = admitted_examples(rated, erased, min_rating, policy)
     if examples or write_empty:
         write_atomic(Path(out), "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
-    return FeedbackExport(db=db_path, path=Path(out), examples=len(examples), last_feedback_id=last)
+    by_key = Counter(e["provenance"]["key"] for e in examples)
+    users = {(e["provenance"]["key"], e["provenance"]["user"]) for e in examples if e["provenance"]["user"]}
+    return FeedbackExport(db=db_path, path=Path(out), examples=len(examples), last_feedback_id=last,
+                          held=left_out["held"], capped=left_out["capped"], erased=left_out["erased"],
+                          by_key=dict(sorted(by_key.items())), users=len(users), redacted=left_out["redacted"])

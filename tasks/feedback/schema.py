@@ -5,6 +5,12 @@ has always written; a file from before the version was recorded reads 0 and hold
 same tables, so opening it only records the version. A change of columns adds a step to
 `MIGRATIONS` and bumps `SCHEMA_VERSION`: an existing `feedback.db` is migrated in place
 the first time the service opens it, and readers accept every version up to theirs.
+
+Version 2 records who sent each row (the API key's name and the end-user id the client
+gave), whether the key was trusted, each feedback row's review (`pending`, `approved`,
+`rejected`: untrusted feedback waits for a person, docs/guides/trust.md), and the
+erasure list (`ftllm feedback forget`): digests of erased prompts that no later export
+may contain.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 MIN_RATING, MAX_RATING = 1, 5
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+ANONYMOUS_KEY = "anonymous"  # the caller of a service without keys, and of rows from before version 2
+REVIEWS = ("pending", "approved", "rejected")
 
 _TABLES_V1 = """
 CREATE TABLE IF NOT EXISTS interactions (
@@ -43,7 +51,24 @@ CREATE INDEX IF NOT EXISTS feedback_completion ON feedback(completion_id);
 
 # MIGRATIONS[v] brings a database at version v to v + 1. Version 0 (no version recorded)
 # already has version 1's tables, or none at all in a new file.
-MIGRATIONS: dict[int, str] = {0: _TABLES_V1}
+# Rows from before version 2 were trained on as they came: they stay trusted.
+_V1_TO_V2 = """
+ALTER TABLE interactions ADD COLUMN key_name TEXT NOT NULL DEFAULT 'anonymous';
+ALTER TABLE interactions ADD COLUMN end_user TEXT;
+ALTER TABLE feedback ADD COLUMN key_name TEXT NOT NULL DEFAULT 'anonymous';
+ALTER TABLE feedback ADD COLUMN end_user TEXT;
+ALTER TABLE feedback ADD COLUMN trusted INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE feedback ADD COLUMN review TEXT NOT NULL DEFAULT 'pending';
+ALTER TABLE feedback ADD COLUMN reviewed_by TEXT;
+CREATE INDEX IF NOT EXISTS feedback_key ON feedback(key_name, completion_id);
+CREATE INDEX IF NOT EXISTS interactions_created ON interactions(created);
+CREATE TABLE IF NOT EXISTS erasures (
+    digest TEXT PRIMARY KEY,         -- sha256 of the erased request's messages (prompt_digest)
+    created REAL NOT NULL,
+    reason TEXT NOT NULL             -- the forget command that erased it
+);
+"""
+MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2}
 
 
 @dataclass(frozen=True)
@@ -60,6 +85,8 @@ class Interaction:
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float
+    key_name: str = ANONYMOUS_KEY  # the API key that asked (serving.keys)
+    end_user: str | None = None  # the client's own id of its user (OpenAI's `user` field)
 
 
 @dataclass(frozen=True)
@@ -71,6 +98,29 @@ class FeedbackRow:
     completion_id: str
     rating: int
     correction: str | None
+    key_name: str = ANONYMOUS_KEY
+    end_user: str | None = None
+    trusted: bool = False
+    review: str = "pending"  # pending | approved | rejected (a person's decision; pending may be auto-approved)
+
+    def admitted(self, auto_approve: str) -> bool:
+        """Whether this feedback may reach training: approved by a person, or pending and
+        auto-approved by the `feedback.auto_approve` setting (trusted | all | none)."""
+        if self.review != "pending":
+            return self.review == "approved"
+        return auto_approve == "all" or (auto_approve == "trusted" and self.trusted)
+
+
+FEEDBACK_COLUMNS = "id, created, completion_id, rating, correction, key_name, end_user, trusted, review"
+
+
+def prompt_digest(messages: list[dict[str, Any]]) -> str:
+    """The sha256 of a request's messages (roles and texts), the erasure list's key."""
+    import hashlib
+    import json
+
+    canonical = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def schema_version(conn: sqlite3.Connection) -> int:

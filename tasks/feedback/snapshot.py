@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.feedback.export import FeedbackExport, export_feedback
-from tasks.feedback.store import default_db_path
+from tasks.feedback.export import DEFAULT_POLICY, ExportPolicy, FeedbackExport, export_feedback
+from tasks.feedback.store import FeedbackStore, default_db_path
 
 
 @dataclass(frozen=True)
@@ -23,26 +23,51 @@ class FeedbackSnapshot:
     tracked_by: str | None
 
     def to_dict(self) -> dict:
-        return {"db": str(self.export.db), "path": str(self.export.path), "examples": self.export.examples,
-                "last_feedback_id": self.export.last_feedback_id, "tracked_by": self.tracked_by}
+        e = self.export
+        return {"db": str(e.db), "path": str(e.path), "examples": e.examples, "last_feedback_id": e.last_feedback_id,
+                "tracked_by": self.tracked_by, "held": e.held, "capped": e.capped, "erased": e.erased,
+                "by_key": e.by_key, "users": e.users, "redacted": e.redacted}
+
+    def mlflow_tags(self) -> dict[str, str]:
+        """The provenance of the run's feedback, as MLflow run tags (`feedback.*`)."""
+        import json
+
+        e = self.export
+        return {"feedback.examples": str(e.examples), "feedback.keys": json.dumps(e.by_key, sort_keys=True),
+                "feedback.end_users": str(e.users), "feedback.held": str(e.held), "feedback.capped": str(e.capped),
+                "feedback.last_feedback_id": str(e.last_feedback_id),
+                **{f"feedback.redacted.{k}": str(v) for k, v in e.redacted.items()}}
 
 
 def snapshot_feedback(root: Path, min_rating: int, out: Path, log: Callable[[str], None] = print,
-                      warn: Callable[[str], None] = print, write_empty: bool = True) -> FeedbackSnapshot:
+                      warn: Callable[[str], None] = print, write_empty: bool = True,
+                      policy: ExportPolicy = DEFAULT_POLICY, retention_days: float = 0) -> FeedbackSnapshot:
     """Export the service's feedback (`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`) to `out` and version it.
 
-    No database yet (nothing served) is no error: the export is empty and adds nothing.
+    First erases what is past `retention_days` (0: nothing). No database yet (nothing
+    served) is no error: the export is empty and adds nothing.
 
     Args:
         write_empty: false: with nothing to export, write and version nothing (the data
             folder and its .dvc file stay as they were).
+        policy: what the export admits (review, per-key cap, redaction; tasks.feedback.export).
     """
     from tasks.pipeline.dvc import track_data
 
     db = default_db_path(root)
     if not db.is_file():
         warn(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml): no feedback")
-    export = export_feedback(db, out, min_rating, missing_ok=True, write_empty=write_empty)
+    elif retention_days > 0:
+        store = FeedbackStore(db)
+        try:
+            expired = store.expire(retention_days)
+        finally:
+            store.close()
+        if expired[0]:
+            log(f"retention: erased {expired[0]} interactions older than {retention_days:g} days, {expired[1]} feedback rows")
+    export = export_feedback(db, out, min_rating, missing_ok=True, write_empty=write_empty, policy=policy)
+    if export.held:
+        warn(f"{export.held} feedback rows wait for approval and are not in this run (`ftllm feedback pending`)")
     tracked = track_data(root, out, log=log) if export.examples or write_empty else None
     log(f"exported {export.examples} feedback examples (feedback ids up to {export.last_feedback_id}) from {db} "
         f"to {out}" + (f" (versioned in {tracked})" if tracked else ""))

@@ -1,8 +1,11 @@
 """The interaction log on disk: the service's writer and the monitor's read-only reader.
 
 The service appends one row per completion (request messages, answer, model version,
-latency, token counts; never a header, so never an API key) and one row per feedback
-(`POST /feedback`). Ratings are integers from 1 (useless) to 5 (perfect). Readers open
+latency, token counts, the API key's name and the client's end-user id; never a header,
+so never a key itself) and one row per feedback (`POST /feedback`), held for review
+unless its key is trusted (`FeedbackRow.admitted`). `review` records a person's
+decision, `forget` erases interactions and their feedback (listing their prompts'
+digests), `expire` applies the retention period. Ratings are integers from 1 (useless) to 5 (perfect). Readers open
 the file read-only, so the monitor and an export never block or alter the service's
 writes (WAL mode lets them read while it writes).
 """
@@ -20,9 +23,26 @@ from typing import Any, Self
 
 from tasks.environment import environment
 from tasks.errors import DataFileError
-from tasks.feedback.schema import MAX_RATING, MIN_RATING, FeedbackRow, Interaction, check_readable, migrate
+from tasks.feedback.schema import (
+    ANONYMOUS_KEY,
+    FEEDBACK_COLUMNS,
+    MAX_RATING,
+    MIN_RATING,
+    FeedbackRow,
+    Interaction,
+    check_readable,
+    migrate,
+    prompt_digest,
+    schema_version,
+)
 
 log = logging.getLogger("ftllm.serving")
+INTERACTION_COLUMNS = ("id, created, endpoint, model_name, model_version, messages, answer, finish_reason, "
+                       "prompt_tokens, completion_tokens, latency_ms, key_name, end_user")
+
+
+class DuplicateCorrection(ValueError):
+    """The key already corrected this completion (at most one correction per completion per key)."""
 
 
 def default_db_path(root: Path) -> Path:
@@ -70,12 +90,13 @@ class FeedbackStore:
         return (
             item.id, time.time(), item.endpoint, item.model_name, item.model_version,
             json.dumps(item.messages, ensure_ascii=False), item.answer, item.finish_reason,
-            item.prompt_tokens, item.completion_tokens, item.latency_ms,
+            item.prompt_tokens, item.completion_tokens, item.latency_ms, item.key_name, item.end_user,
         )
 
     def _insert(self, rows: list[tuple]) -> None:
         with self._lock:
-            self._conn.executemany("INSERT OR REPLACE INTO interactions VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            self._conn.executemany(f"INSERT OR REPLACE INTO interactions ({INTERACTION_COLUMNS}) "
+                                   "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             self._conn.commit()
 
     def log_interaction(self, item: Interaction) -> None:
@@ -124,11 +145,17 @@ class FeedbackStore:
             cur = self._conn.execute("SELECT 1 FROM interactions WHERE id = ?", (completion_id,))
             return cur.fetchone() is not None
 
-    def add_feedback(self, completion_id: str, rating: int, correction: str | None = None) -> int:
+    def add_feedback(self, completion_id: str, rating: int, correction: str | None = None, *,
+                     key_name: str = ANONYMOUS_KEY, end_user: str | None = None, trusted: bool = False) -> int:
         """Record a rating (and optionally a corrected answer) of a logged completion; return its id.
+
+        Args:
+            key_name, end_user: who sent it (the API key's name, the client's id of its user).
+            trusted: the key is trusted: its feedback needs no approval (`feedback.auto_approve`).
 
         Raises:
             KeyError: no completion with that id was logged.
+            DuplicateCorrection: this key already corrected this completion.
             ValueError: the rating is outside 1..5 or the correction is blank.
         """
         if not MIN_RATING <= rating <= MAX_RATING:
@@ -139,15 +166,79 @@ class FeedbackStore:
         with self._lock:
             if self._conn.execute("SELECT 1 FROM interactions WHERE id = ?", (completion_id,)).fetchone() is None:
                 raise KeyError(completion_id)
+            if correction is not None and self._conn.execute(
+                    "SELECT 1 FROM feedback WHERE key_name = ? AND completion_id = ? AND correction IS NOT NULL",
+                    (key_name, completion_id)).fetchone():
+                raise DuplicateCorrection(f"the key {key_name!r} already corrected {completion_id}")
             cur = self._conn.execute(
-                "INSERT INTO feedback (created, completion_id, rating, correction) VALUES (?,?,?,?)",
-                (time.time(), completion_id, rating, correction),
+                "INSERT INTO feedback (created, completion_id, rating, correction, key_name, end_user, trusted, review) "
+                "VALUES (?,?,?,?,?,?,?, 'pending')",
+                (time.time(), completion_id, rating, correction, key_name, end_user, int(trusted)),
             )
             self._conn.commit()
             return int(cur.lastrowid)
 
+    def review(self, decision: str, by: str, *, keys: list[str] | None = None, ids: list[int] | None = None,
+               up_to_id: int | None = None) -> int:
+        """Approve or reject pending feedback; return how many rows it decided.
+
+        Args:
+            decision: "approved" or "rejected".
+            by: who decided (a person's name, "prefect-ui", "cli"), recorded with each row.
+            keys: only the feedback of these key names (None: every key).
+            ids: only these feedback ids.
+            up_to_id: only feedback with an id at most this (the batch a person saw).
+        """
+        assert decision in ("approved", "rejected")
+        where, args = ["review = 'pending'"], []
+        if keys is not None:
+            where.append(f"key_name IN ({','.join('?' * len(keys))})")
+            args += keys
+        if ids is not None:
+            where.append(f"id IN ({','.join('?' * len(ids))})")
+            args += ids
+        if up_to_id is not None:
+            where.append("id <= ?")
+            args.append(up_to_id)
+        self.flush()
+        with self._lock:
+            cur = self._conn.execute(f"UPDATE feedback SET review = ?, reviewed_by = ? WHERE {' AND '.join(where)}",
+                                     (decision, by, *args))
+            self._conn.commit()
+            return cur.rowcount
+
+    def forget(self, *, end_user: str | None = None, key_name: str | None = None, before: float | None = None,
+               reason: str) -> tuple[int, int]:
+        """Erase the interactions of an end user, a key, or from before a time, and all feedback on
+        them or sent by that user or key; list the erased prompts' digests so that no later
+        export contains them. Return (interactions, feedback rows) erased.
+        """
+        conditions = [(col, val) for col, val in (("end_user = ?", end_user), ("key_name = ?", key_name),
+                                                  ("created < ?", before)) if val is not None]
+        assert conditions, "forget needs a user, a key or a time"
+        where = " OR ".join(c for c, _ in conditions)
+        args = [v for _, v in conditions]
+        self.flush()
+        with self._lock, self._conn:
+            rows = self._conn.execute(f"SELECT id, messages FROM interactions WHERE {where}", args).fetchall()
+            ids = [r[0] for r in rows]
+            now = time.time()
+            self._conn.executemany("INSERT OR IGNORE INTO erasures (digest, created, reason) VALUES (?,?,?)",
+                                   [(prompt_digest(json.loads(m)), now, reason) for _, m in rows])
+            gone = self._conn.execute(
+                f"DELETE FROM feedback WHERE ({where}) OR completion_id IN (SELECT id FROM interactions WHERE {where})",
+                args + args).rowcount
+            self._conn.execute(f"DELETE FROM interactions WHERE {where}", args)
+        return len(ids), gone
+
+    def expire(self, retention_days: float) -> tuple[int, int]:
+        """Erase interactions older than `retention_days` (and their feedback); 0 keeps everything."""
+        if retention_days <= 0:
+            return 0, 0
+        return self.forget(before=time.time() - retention_days * 86400, reason=f"retention {retention_days:g} days")
+
     def count(self, table: str) -> int:
-        assert table in ("interactions", "feedback")
+        assert table in ("interactions", "feedback", "erasures")
         self.flush()
         with self._lock:
             return int(self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
@@ -171,6 +262,7 @@ class FeedbackReader:
             conn = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, timeout=30)
             conn.execute("SELECT 1 FROM feedback LIMIT 1")
             check_readable(conn, self.path)
+            self.version = schema_version(conn)
         except sqlite3.DatabaseError as exc:
             raise DataFileError(f"{self.path}: not a feedback log of the service ({exc}); "
                                 "point FTLLM_FEEDBACK_DB at the service's feedback.db") from None
@@ -184,6 +276,12 @@ class FeedbackReader:
             self._conn.close()
             self._conn = None
 
+    def _columns(self, table: str, prefix: str = "") -> str:
+        """The columns of `table` this code reads; a log from before version 2 gives the defaults its rows had."""
+        names = [c.strip() for c in (FEEDBACK_COLUMNS if table == "feedback" else INTERACTION_COLUMNS).split(",")]
+        before_v2 = {"key_name": f"'{ANONYMOUS_KEY}'", "end_user": "NULL", "trusted": "1", "review": "'pending'"}
+        return ", ".join(before_v2[n] if self.version < 2 and n in before_v2 else f"{prefix}{n}" for n in names)
+
     @property
     def conn(self) -> sqlite3.Connection:
         assert self._conn is not None, "use FeedbackReader as a context manager"
@@ -192,9 +290,30 @@ class FeedbackReader:
     def feedback_since(self, since_id: int) -> list[FeedbackRow]:
         """Every feedback row with an id above `since_id`, oldest first."""
         rows = self.conn.execute(
-            "SELECT id, created, completion_id, rating, correction FROM feedback WHERE id > ? ORDER BY id", (since_id,)
+            f"SELECT {self._columns('feedback')} FROM feedback WHERE id > ? ORDER BY id", (since_id,)
         ).fetchall()
         return [FeedbackRow(*row) for row in rows]
+
+    def erased_digests(self) -> set[str]:
+        """The prompt digests `forget` listed: no export may contain these prompts."""
+        if self.version < 2:
+            return set()
+        return {d for (d,) in self.conn.execute("SELECT digest FROM erasures")}
+
+    def rated_completions(self) -> tuple[list[tuple[Interaction, FeedbackRow]], int]:
+        """Every feedback row with its completion, oldest first, and the highest feedback id, from one snapshot."""
+        columns, feedback = self._columns("interactions", "i."), self._columns("feedback", "f.")
+        query = f"SELECT {columns}, {feedback} FROM feedback f JOIN interactions i ON i.id = f.completion_id ORDER BY f.id"
+        with self.conn:
+            self.conn.execute("BEGIN")
+            rows = self.conn.execute(query).fetchall()
+            last = self.last_feedback_id()
+        out = []
+        for row in rows:
+            (cid, _created, endpoint, model, version, messages, answer, finish, pt, ct, lat, key, user), rest = row[:13], row[13:]
+            out.append((Interaction(cid, endpoint, model, version, json.loads(messages), answer, finish, pt, ct, lat,
+                                    key, user), FeedbackRow(*rest[:7], bool(rest[7]), rest[8])))
+        return out, last
 
     def last_feedback_id(self) -> int:
         """The highest feedback id in the log (0 when there is none)."""
@@ -216,8 +335,8 @@ class FeedbackReader:
         Returns:
             ([(request messages, answer, latest feedback row)] in feedback order, highest feedback id).
         """
-        query = """
-            SELECT i.messages, i.answer, f.id, f.created, f.completion_id, f.rating, f.correction FROM feedback f
+        query = f"""
+            SELECT i.messages, i.answer, {self._columns("feedback", "f.")} FROM feedback f
             JOIN interactions i ON i.id = f.completion_id
             WHERE f.id = (SELECT MAX(id) FROM feedback g WHERE g.completion_id = f.completion_id)
             ORDER BY f.id

@@ -42,6 +42,7 @@ class FeedbackFigures:
     window_ratings: int  # the latest new ratings the mean is taken over (at most monitor.window)
     mean_rating: float | None
     interactions: int  # completions in the log, all time
+    sources: int = 0  # distinct senders of the new feedback (`feedback_sources`)
     new_low_ratings: int = 0  # new ratings at most monitor.low_rating (what preference tuning learns to avoid)
 
 
@@ -54,6 +55,12 @@ class Drift:
     recent_mean_tokens: float | None
     length_drift: float | None  # (recent - train) / train
     unknown_token_rate: float | None
+
+
+def feedback_sources(rows: Iterable) -> int:
+    """Distinct senders among feedback rows: an untrusted key counts once, whatever end-user ids it
+    sends (it could invent them); a trusted key, the operator's own front end, once per end user."""
+    return len({(row.key_name, row.end_user if row.trusted else None) for row in rows})
 
 
 def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2) -> FeedbackFigures:
@@ -71,6 +78,7 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2) -> 
         since_id=since_id, last_id=max(last, since_id), new_ratings=len(rows),
         new_corrections=sum(row.correction is not None for row in rows), window_ratings=len(ratings),
         mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=interactions,
+        sources=feedback_sources(rows),
         new_low_ratings=sum(row.rating <= low_rating for row in rows),
     )
 
@@ -143,7 +151,13 @@ def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: Mo
     if figures.new_low_ratings >= monitor.min_new_low_ratings:
         reasons.append(f"{figures.new_low_ratings} new ratings of {monitor.low_rating} or less "
                        f"(monitor.min_new_low_ratings {monitor.min_new_low_ratings})")
-    alerts = []
+    if reasons and figures.sources < monitor.min_distinct_sources:
+        reasons = []  # one client alone cannot start a retraining
+        too_few = (f"the new feedback comes from {figures.sources} distinct source(s), fewer than "
+                   f"monitor.min_distinct_sources {monitor.min_distinct_sources}: no retraining recommended")
+    else:
+        too_few = None
+    alerts = [too_few] if too_few else []
     if drift is not None and drift.length_drift is not None and abs(drift.length_drift) > monitor.max_prompt_length_drift:
         alerts.append(f"prompt length {drift.recent_mean_tokens:.1f} tokens against {drift.train_mean_tokens:.1f} "
                       f"in training ({drift.length_drift:+.0%}, monitor.max_prompt_length_drift {monitor.max_prompt_length_drift})")

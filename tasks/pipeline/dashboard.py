@@ -40,6 +40,8 @@ class RunView:
         prepared: the prepare stage's stats.json.
         lineage: name to value (data_md5, git_commit, params_digest, dvc_lock_md5, ...).
         links: label to URL (MLflow run, model version, Prefect flow run, data report).
+        feedback: the feedback export (`RunResult.feedback`): examples per key, held, capped,
+            and `redacted` (findings per category, examples changed or dropped).
     """
 
     model_name: str
@@ -53,6 +55,7 @@ class RunView:
     prepared: dict[str, Any] | None = None
     lineage: dict[str, str] = field(default_factory=dict)
     links: dict[str, str | None] = field(default_factory=dict)
+    feedback: dict[str, Any] | None = None
 
 
 def _roles(metrics: dict[str, dict[str, float]]) -> list[str]:
@@ -117,6 +120,20 @@ def _data_section(validation: dict[str, Any] | None, prepared: dict[str, Any] | 
     return "".join(parts) or '<p class="empty">no data statistics</p>'
 
 
+def _feedback_section(feedback: dict[str, Any] | None) -> str:
+    if not feedback:
+        return '<p class="empty">no feedback source in this run</p>'
+    redacted = feedback.get("redacted", {})
+    parts = [cards([("examples", feedback.get("examples", 0)), ("held for approval", feedback.get("held", 0)),
+                    ("capped", feedback.get("capped", 0)), ("end users", feedback.get("users", 0)),
+                    ("redacted examples", redacted.get("examples_changed", 0)),
+                    ("dropped by redaction", redacted.get("examples_dropped", 0))])]
+    parts.append(table(["key", "examples"], sorted(feedback.get("by_key", {}).items()), empty="no feedback exported"))
+    parts.append(table(["redacted", "found"], [(c, n) for c, n in redacted.items() if not c.startswith("examples_")],
+                       empty="nothing redacted"))
+    return "".join(parts)
+
+
 def _lineage_section(lineage: dict[str, str], links: dict[str, str | None]) -> str:
     rows = [[k, Raw(f"<code>{text(v)}</code>")] for k, v in lineage.items()]
     for label, url in links.items():
@@ -138,6 +155,7 @@ def render_dashboard(view: RunView) -> str:
         '<h2 id="gate">Gate</h2>', _gate_section(view.verdict),
         '<h2 id="loss">Training loss</h2>', _loss_section(view.history),
         '<h2 id="data">Data</h2>', _data_section(view.validation, view.prepared),
+        '<h2 id="feedback">Feedback: who taught it, what was redacted</h2>', _feedback_section(view.feedback),
         '<h2 id="lineage">Lineage</h2>', _lineage_section(view.lineage, view.links),
     ]
     return page(f"Run dashboard: {title}", "\n".join(body))

@@ -14,7 +14,7 @@ models pickle and serialise to JSON, which is what Prefect needs to store a flow
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -149,6 +149,11 @@ class RunResult(_Part):
     stages: StagesSummary | None = Field(None, description="DVC stages run and skipped.")
     validation: ValidationSummary | None = Field(None, description="The validation report's summary.")
     dvc_push: str | None = Field(None, description="The DVC remote the outputs were pushed to, if any.")
+    feedback: dict[str, Any] | None = Field(
+        None, description="The feedback export: examples, by_key, users, held, capped, erased, redacted "
+                          "(findings per category, examples changed/dropped).")
+    approval: dict[str, Any] | None = Field(
+        None, description="The approval step: held rows, whether the run paused or timed out, what was decided.")
     error: str | None = Field(None, description="Why a failed run failed, in one sentence.")
 
     @property

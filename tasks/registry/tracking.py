@@ -181,6 +181,15 @@ def log_prepared(run_id: str, stats_path: Path) -> str:
     return sources
 
 
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    """Tag a run (e.g. the provenance of its feedback, `feedback.keys`)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def log_files(run_id: str, files: list[Path], artifact_path: str) -> None:
     """Log files that exist to the run under `artifact_path`."""
     from mlflow import MlflowClient

@@ -156,9 +156,8 @@ def _get_version(model_name: str, version: str):
         return get_client().get_model_version(model_name, str(version))
     except MlflowException:
         known = ", ".join(v["version"] for v in list_versions(model_name)) or "none"
-        raise RegistryRefusal(
-            f"model {model_name!r} has no version {version!r} (known versions: {known}); see `ftllm models`"
-        ) from None
+        unknown = f"model {model_name!r} has no version {str(version)!r} (known versions: {known})"
+        raise RegistryRefusal(f"{unknown}; see `ftllm models`", form_message=unknown) from None
 
 
 def _move_champion(model_name: str, version: str, history: list[str], tags: dict[str, str]) -> None:

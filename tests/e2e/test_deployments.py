@@ -21,11 +21,30 @@ pytestmark = pytest.mark.slow
 OVERRIDES = {**FAST, "train.max_steps": 30, "eval.max_examples": 12, "registry.model_name": "ftllm-deploy"}
 
 
-def test_deploy_trigger_and_worker_run(server, project):
-    out = subprocess.run(
+@pytest.fixture(scope="module")
+def deployed(server, project) -> subprocess.CompletedProcess:
+    """`ftllm deploy` once for the module's tests, from a params.yaml whose gate differs from the code's
+    default (every run of the module overrides it)."""
+    import re
+
+    path = project / "params.yaml"
+    text, found = re.subn(r"\n  min_exact_match: [^\n#]+", "\n  min_exact_match: 0.45 ", path.read_text(), count=1)
+    assert found == 1
+    path.write_text(text)
+    return subprocess.run(
         [str(BIN / "ftllm"), "deploy", "--json", "--params", str(project / "params.yaml")],
         env=server, cwd=project, capture_output=True, text=True, timeout=300,
     )
+
+
+def _run_worker_once(server: dict, project, timeout: int = 900) -> subprocess.CompletedProcess:
+    """One poll of a `process` worker: it runs every scheduled run of the pool, side by side."""
+    return subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "ftllm-process", "--run-once"],
+                          env=server, cwd=project, capture_output=True, text=True, timeout=timeout)
+
+
+def test_deploy_trigger_and_worker_run(server, project, deployed):
+    out = deployed
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["schedule"]["cron"] == "0 3 * * 1"
 
@@ -38,21 +57,23 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 async def inspect():
     async with get_client() as c:
         d = await c.read_deployment_by_name("retrain/scheduled")
-        return d.schedules[0].schedule.cron, sorted(d.parameter_openapi_schema["properties"])
-cron, props = run_coro_as_sync(inspect())
-run = run_deployment("retrain/scheduled", parameters={"overrides": json.loads(sys.argv[1])}, timeout=0)
-print(json.dumps({"cron": cron, "props": props, "flow_run_id": str(run.id)}))
+        gate = d.parameter_openapi_schema["definitions"]["GateParams"]["properties"]
+        return d.schedules[0].schedule.cron, sorted(d.parameter_openapi_schema["properties"]), gate["min_exact_match"]
+cron, props, gate_default = run_coro_as_sync(inspect())
+overrides = json.loads(sys.argv[1])
+# One field of a section, as the API and the form give it: only that field changes.
+train = {"max_steps": overrides.pop("train.max_steps")}
+run = run_deployment("retrain/scheduled", parameters={"overrides": overrides, "train": train}, timeout=0)
+print(json.dumps({"cron": cron, "props": props, "gate_default": gate_default["default"], "flow_run_id": str(run.id)}))
 """
     out = subprocess.run([sys.executable, "-c", script, json.dumps(OVERRIDES)], env=server, cwd=project, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["cron"] == "0 3 * * 1"
     assert {"train", "data", "eval", "gate", "overrides"} <= set(info["props"])
+    assert info["gate_default"] == 0.45  # the run form starts from params.yaml, not from the code's defaults
 
-    worker = subprocess.run(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "ftllm-process", "--run-once"],
-        env=server, cwd=project, capture_output=True, text=True, timeout=900,
-    )
+    worker = _run_worker_once(server, project)
     check = f"""
 from prefect.client.orchestration import get_client
 from prefect.utilities.asyncutils import run_coro_as_sync
@@ -75,6 +96,62 @@ print(run_coro_as_sync(state()))
     assert "model_version" in runs[0].data.tags  # the worker's run went all the way to the registry
 
 
+def _flow_run_logs(server: dict, flow_run_id: str) -> str:
+    """The flow run's log as the UI shows it."""
+    import httpx
+
+    logs = httpx.post(f"{server['PREFECT_API_URL']}/logs/filter",
+                      json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
+    return "\n".join(entry["message"] for entry in logs)
+
+
+def test_refusals_from_the_run_forms_end_failed_in_the_forms_words_without_a_traceback(server, project, deployed,
+                                                                                      tmp_path):
+    """Promote a rejected version (without force, with force but no reason) and roll back to an unknown
+    version, as the UI's forms and `prefect deployment run` start them: a worker runs them, each
+    ends Failed with the form's words, and neither the run's log nor the worker's output holds
+    a traceback. Versions are given as numbers, as the form and the CLI's `-p version=2` send them."""
+    from tests.registry import new_version
+
+    name = "ftllm-refusals"
+    passed, rejected = int(new_version(tmp_path, name, True)), int(new_version(tmp_path, name, False))
+    trigger = """
+import json, sys
+from prefect.deployments import run_deployment
+runs = json.loads(sys.argv[1])
+print(json.dumps([str(run_deployment(d, parameters=p, timeout=0).id) for d, p in runs]))
+"""
+    runs = [("promote/manual", {"model_name": name, "version": rejected, "force": True}),
+            ("rollback/manual", {"model_name": name, "to": 99}),
+            ("promote/manual", {"model_name": name, "version": passed})]
+    out = subprocess.run([sys.executable, "-c", trigger, json.dumps(runs)], env=server, cwd=project,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    forced, unknown, promoted = json.loads(out.stdout.strip().splitlines()[-1])
+    cli = subprocess.run([str(BIN / "prefect"), "deployment", "run", "promote/manual", "-p", f"model_name={name}",
+                          "-p", f"version={rejected}"], env=server, cwd=project, capture_output=True, text=True,
+                         timeout=120)
+    assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
+    plain = cli.stdout.split("UUID:")[1].split()[0]
+
+    worker = _run_worker_once(server, project, timeout=300)
+    states = _flow_run_states(server, [forced, unknown, promoted, plain])
+    assert states[promoted]["type"] == "COMPLETED", states
+    expected = {
+        plain: f"refused: version {rejected} failed its gate (min_exact_match); to promote it anyway, set force and give a reason",
+        forced: "refused: force needs a reason: give one, it is recorded on the version",
+        unknown: f"refused: model '{name}' has no version '99' (known versions: {rejected}, {passed})",
+    }
+    for run_id, message in expected.items():
+        assert states[run_id]["type"] == "FAILED" and states[run_id]["message"] == message, states[run_id]
+        logs = _flow_run_logs(server, run_id)
+        assert message in logs, logs
+        for words in ("Traceback", "unexpected exception", "--force", "--reason", "ftllm models"):
+            assert words not in logs, (words, logs)
+    output = worker.stdout + worker.stderr
+    assert "Traceback" not in output and "unexpected exception" not in output, output[-4000:]
+
+
 def _flow_run_states(server: dict, ids: list[str]) -> dict[str, dict]:
     script = """
 import json, sys
@@ -95,7 +172,7 @@ print(json.dumps(run_coro_as_sync(states())))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_two_runs_triggered_at_once_both_end_cleanly_and_the_registry_stays_consistent(server, project):
+def test_two_runs_triggered_at_once_both_end_cleanly_and_the_registry_stays_consistent(server, project, deployed):
     """Two retraining runs of the same workspace at the same time: one trains, the other waits
     for the workspace lock and then finds nothing changed; one new version, no DVC lock error."""
     from mlflow import MlflowClient
@@ -113,10 +190,7 @@ print(json.dumps(ids))
     assert out.returncode == 0, out.stderr[-2000:]
     ids = json.loads(out.stdout.strip().splitlines()[-1])
     # One worker poll picks up both runs and runs them side by side, each in its own process.
-    worker = subprocess.run(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "ftllm-process", "--run-once"],
-        env=server, cwd=project, capture_output=True, text=True, timeout=1200,
-    )
+    worker = _run_worker_once(server, project, timeout=1200)
     states = _flow_run_states(server, ids)
     assert all(s["type"] == "COMPLETED" for s in states.values()), (states, worker.stdout[-3000:], worker.stderr[-3000:])
     first_end = min(s["end"] for s in states.values())

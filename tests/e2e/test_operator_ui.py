@@ -76,6 +76,7 @@ def test_a_rejected_run_says_so_in_its_final_state(rejected):
     # What the UI reads: the server's record of the flow run.
     run = httpx.get(f"{_api()}/flow_runs/{state.state_details.flow_run_id}").json()
     assert run["state"]["name"] == "Rejected" and run["state"]["type"] == "COMPLETED"
+    assert "rejected" in run["tags"]  # what the UI's runs list filters by
     assert heard and heard[0]["status"] == "rejected" and "min_exact_match" in heard[0]["failed_checks"]
 
 
@@ -136,7 +137,7 @@ def test_offline_pages_are_logged_with_the_run_and_render(rejected, tmp_path):
 
 @pytest.fixture()
 def failed_version(tmp_path) -> tuple[str, str]:
-    from tests.unit.registry.test_registry import new_version
+    from tests.registry import new_version
 
     name = f"op-{uuid.uuid4().hex[:8]}"
     new_version(tmp_path, name, passed=True)
@@ -171,16 +172,21 @@ def test_refused_promotion_fails_the_flow_run_in_the_forms_words_without_a_trace
     assert promote_flow(model_name=name, version=version, force=True, reason="hotfix")["champion"] == version
 
 
-def test_in_process_caller_gets_the_refusal_in_the_cli_words(failed_version):
-    """`ftllm promote` against a server calls the flow in-process and keeps its own wording."""
-    from flows.registry import promote_flow, rollback_flow
+def test_in_process_caller_gets_the_refusal_in_the_cli_words(failed_version, monkeypatch):
+    """`ftllm promote` against a server runs the flow in-process and keeps its own wording."""
+    from flows.registry import promote_flow
+    from ftllm.cli import _move_alias
     from tasks.errors import RegistryRefusal
 
     name, version = failed_version
+    state = promote_flow(model_name=name, version=int(version), return_state=True)
+    assert state.is_failed() and "--" not in state.message
+    assert state.result(raise_on_failure=False).endswith("promote it anyway with --force --reason TEXT")
+    monkeypatch.setenv("PREFECT_API_URL", _api())
     with pytest.raises(RegistryRefusal, match="--force --reason TEXT"):
-        promote_flow(model_name=name, version=version)
+        _move_alias("promote", False, model_name=name, version=version, force=False, reason="")
     with pytest.raises(RegistryRefusal, match="no champion to roll back"):
-        rollback_flow(model_name=f"{name}-none")
+        _move_alias("rollback", False, model_name=f"{name}-none", to=None, reason="")
 
 
 REJECTING_FLOW = """

@@ -234,17 +234,21 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
     # Without a settings file or model tag from the caller's environment: this service serves
     # this project's champion.
     serve_env = {k: v for k, v in env.items() if k not in ("FTLLM_PARAMS", "FTLLM_BENTO_MODEL", "PREFECT_API_URL")}
+    # The operator's own front end: a trusted key (no approval needed) that names its end users, so
+    # the monitor counts several sources (monitor.min_distinct_sources).
+    serve_env["FTLLM_API_KEYS"] = "app:infer+feedback+trusted=e2e-front-end-secret"
     service = subprocess.Popen([sys.executable, "-m", "ftllm.cli", "serve", "--port", str(port),
                                 "--bento", first_run[1].bento], cwd=project,
                                env=serve_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{url}/readyz", service, 180, tmp_path / "serve.log")
-        with httpx.Client(base_url=url, timeout=60) as http:
-            for row, fix in fixes:
+        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": "Bearer e2e-front-end-secret"}) as http:
+            for n, (row, fix) in enumerate(fixes):
+                user = f"customer-{n % 5}"
                 answer = http.post("/v1/chat/completions", json={"messages": row["messages"][:-1], "max_tokens": 4,
-                                                                 "temperature": 0}).json()
-                stored = http.post("/feedback", json={"id": answer["id"], "rating": 1, "correction": fix})
+                                                                 "temperature": 0, "user": user}).json()
+                stored = http.post("/feedback", json={"id": answer["id"], "rating": 1, "correction": fix, "user": user})
                 assert stored.status_code == 200, stored.text
     finally:
         import psutil
@@ -305,6 +309,7 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
     [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("retrain").experiment_id],
                                        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run}'")
     assert md5 in run.data.tags["data_sources"] and run.data.tags["feedback_id"] == "50"
+    assert json.loads(run.data.tags["feedback.keys"]) == {"app": 50} and run.data.tags["feedback.end_users"] == "5"
     assert "'feedback': True" in run.data.params["data.sources"]  # the run's settings record the source it read
     assert "data/feedback.jsonl" in [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "data")]
     version = MlflowClient().get_model_version("ftllm-chat", run.data.tags["model_version"])

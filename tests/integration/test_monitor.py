@@ -21,11 +21,11 @@ import yaml
 from tasks.config import render_params
 from tasks.feedback import FeedbackStore, Interaction
 from tests.conftest import REPO
-from tests.servers import BIN, server  # noqa: F401  (the module-scoped Prefect server)
+from tests.servers import BIN, read_events, server  # noqa: F401  (the module-scoped Prefect server)
 
 
 def write_feedback(db: Path, completions: int, ratings: list[int], corrected: int) -> None:
-    """`completions` logged answers, rated in turn; the first `corrected` ratings carry a correction."""
+    """`completions` logged answers, rated in turn by three trusted keys; the first `corrected` ratings carry a correction."""
     store = FeedbackStore(db)
     try:
         for i in range(completions):
@@ -36,7 +36,8 @@ def write_feedback(db: Path, completions: int, ratings: list[int], corrected: in
                 answer="March 18, 2016", finish_reason="stop", prompt_tokens=9, completion_tokens=4, latency_ms=12.0,
             ))
         for i, rating in enumerate(ratings):
-            store.add_feedback(f"c{i % completions}", rating, "March 18, 2016" if i < corrected else None)
+            store.add_feedback(f"c{i % completions}", rating, "March 18, 2016" if i < corrected else None,
+                               key_name=f"client-{i % 3}", trusted=True)  # three trusted sources, no review
     finally:
         store.close()
 
@@ -57,28 +58,6 @@ def monitored(tmp_path, monkeypatch) -> Path:
     train.parent.mkdir(parents=True, exist_ok=True)
     train.write_text("".join((REPO / "data/dates.jsonl").read_text().splitlines(keepends=True)[:100]))
     return tmp_path
-
-
-def _events(resource_id: str, expected: int) -> list:
-    """The monitor's events about `resource_id` on the API, once `expected` of them are stored."""
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-    from prefect.events.worker import EventsWorker
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    EventsWorker.drain_all()
-
-    async def read() -> list:
-        async with get_client() as client:
-            page = await client.read_events(EventFilter(
-                event=EventNameFilter(name=["ftllm.monitor.checked"]), resource=EventResourceFilter(id=[resource_id])),
-                limit=50)
-            return page.events
-
-    deadline = time.monotonic() + 30
-    while len(events := run_coro_as_sync(read())) < expected and time.monotonic() < deadline:
-        time.sleep(0.5)  # the server stores events asynchronously
-    return events
 
 
 def test_monitor_measures_the_log_emits_its_event_and_leaves_the_cursor_to_the_run(prefect_harness, monitored):
@@ -108,7 +87,7 @@ def test_monitor_measures_the_log_emits_its_event_and_leaves_the_cursor_to_the_r
     second = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(db))
     assert second["feedback"]["new_ratings"] == 0 and not second["retrain_recommended"]
 
-    events = _events("ftllm.model.ftllm-monitored", expected=3)
+    events = read_events("ftllm.monitor.checked", "ftllm.model.ftllm-monitored", expected=3)
     labels = sorted(e.resource["ftllm.retrain-recommended"] for e in events)
     assert labels == ["false", "true", "true"], events
     recommended = next(e for e in events if e.resource["ftllm.retrain-recommended"] == "true")

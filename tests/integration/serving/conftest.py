@@ -41,6 +41,7 @@ SERVICE_ENV = {
     "FTLLM_BENTO_MODEL": f"{MODEL_NAME}:v1",
     "FTLLM_TORCH_THREADS": "1",
 }
+KEY_ENV = ("FTLLM_API_KEY", "FTLLM_API_KEYS", "FTLLM_API_KEYS_FILE")  # no test inherits another's keys
 _outside: dict[str, str | None] = {}  # the values of SERVICE_ENV's keys outside this folder's tests
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -49,9 +50,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 def pytest_runtest_setup(item) -> None:
     """Before the test's fixtures (the session's service among them) are set up."""
     if not _outside:
-        _outside.update({key: os.environ.get(key) for key in [*SERVICE_ENV, "FTLLM_API_KEY"]})
+        _outside.update({key: os.environ.get(key) for key in [*SERVICE_ENV, *KEY_ENV]})
     os.environ.update(SERVICE_ENV)
-    os.environ.pop("FTLLM_API_KEY", None)
+    for key in KEY_ENV:
+        os.environ.pop(key, None)
 
 
 @pytest.hookimpl(trylast=True)

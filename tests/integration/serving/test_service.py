@@ -137,7 +137,7 @@ def test_unknown_paths_and_methods_get_openai_errors(client):
     responses = client.get("/docs.json").json()["paths"]["/generate"]["post"]["responses"]
     assert {status: answer["content"]["application/json"]["schema"] for status, answer in responses.items()
             if status != "200"} == {s: {"$ref": "#/components/schemas/ErrorResponse"}
-                                    for s in ("400", "401", "404", "413", "429", "500")}
+                                    for s in ("400", "401", "403", "404", "413", "429", "500")}
 
 
 def test_malformed_json_and_oversized_bodies(client):
@@ -184,7 +184,7 @@ def test_concurrency_cap_answers_429():
 
 
 def test_feedback_is_stored_and_exported_as_training_data(client, serving_dir):
-    from ftllm.commands.feedback import export_command
+    from ftllm.commands.feedback import approve_command, export_command
 
     good = chat(client, max_tokens=8).json()
     bad = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "1987-06-05"}],
@@ -198,6 +198,9 @@ def test_feedback_is_stored_and_exported_as_training_data(client, serving_dir):
 
     out = serving_dir / "exported.jsonl"
     assert export_command(out, 4) == 0
+    assert "June 5, 1987" not in out.read_text()  # an open service's callers are untrusted: held for approval
+    assert approve_command(True, [], False, "test") == 0
+    assert export_command(out, 4) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     by_prompt = {r["messages"][-2]["content"]: r["messages"] for r in rows}
     assert by_prompt["1987-06-05"][-1] == {"role": "assistant", "content": "June 5, 1987"}
@@ -205,7 +208,8 @@ def test_feedback_is_stored_and_exported_as_training_data(client, serving_dir):
     # 5-step model may answer only whitespace, which is no training example at all.
     answer = good["choices"][0]["message"]["content"]
     accepted = [r for r in rows if r["messages"][-2]["content"] == "2001-02-03"]
-    assert accepted == ([{"messages": [*MESSAGES, {"role": "assistant", "content": answer}]}] if answer.strip() else [])
+    assert [r["messages"] for r in accepted] == ([[*MESSAGES, {"role": "assistant", "content": answer}]]
+                                                 if answer.strip() else [])
     assert export_command(serving_dir / "x.jsonl", 9) == 2
 
 

@@ -34,7 +34,7 @@ def test_a_log_written_before_the_schema_was_versioned_keeps_working(tmp_path):
     assert store.count("feedback") == 1 and store.add_feedback("c0", 5) == 2
     store.close()
     version = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 1
+    assert version == SCHEMA_VERSION == 2
 
 
 def test_a_log_of_a_newer_schema_is_refused_by_name(tmp_path):
@@ -44,7 +44,7 @@ def test_a_log_of_a_newer_schema_is_refused_by_name(tmp_path):
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.commit()
     conn.close()
-    with pytest.raises(DataFileError, match=r"feedback.db: feedback log of schema version 2, newer"):
+    with pytest.raises(DataFileError, match=rf"feedback.db: feedback log of schema version {SCHEMA_VERSION + 1}, newer"):
         FeedbackReader(db).__enter__()
     with pytest.raises(ValueError, match="update the project"):
         FeedbackStore(db)
@@ -55,10 +55,11 @@ def test_the_export_keeps_corrections_and_good_answers_and_records_the_last_id_i
     store = FeedbackStore(db)
     for i in range(4):
         store.log_interaction(_chat(i))
-    store.add_feedback("c0", 1)                    # poor, uncorrected: left out
-    store.add_feedback("c1", 5)                    # good: kept as answered
-    store.add_feedback("c2", 2, "the right answer")  # corrected: kept, marked
-    store.add_feedback("c0", 2)                    # a later rating of c0 replaces the first; still poor
+    ops = {"key_name": "ops", "trusted": True}     # a trusted key: no approval needed
+    store.add_feedback("c0", 1, **ops)                    # poor, uncorrected: left out
+    store.add_feedback("c1", 5, **ops)                    # good: kept as answered
+    store.add_feedback("c2", 2, "the right answer", **ops)  # corrected: kept, marked
+    store.add_feedback("c0", 2, **ops)                    # a later rating of c0 replaces the first; still poor
     store.close()
     out = tmp_path / "data" / "feedback.jsonl"
     exported = export_feedback(db, out, min_rating=4)

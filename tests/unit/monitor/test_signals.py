@@ -13,8 +13,9 @@ from tasks.feedback import FeedbackStore, Interaction
 from tasks.monitor.signals import measure_drift, read_feedback, recent_prompts, recommend_retrain
 
 
-def _log(db: Path, prompts: list[str], ratings: list[int], corrected: int) -> None:
-    """One completion per prompt, rated in turn; the first `corrected` ratings carry a correction."""
+def _log(db: Path, prompts: list[str], ratings: list[int], corrected: int, keys: int | None = None) -> None:
+    """One completion per prompt, rated in turn; the first `corrected` ratings carry a correction.
+    Rating i comes from the untrusted key `client-{i % keys}` (default: a key each)."""
     store = FeedbackStore(db)
     try:
         for i, prompt in enumerate(prompts):
@@ -25,7 +26,8 @@ def _log(db: Path, prompts: list[str], ratings: list[int], corrected: int) -> No
                 answer="March 18, 2016", finish_reason="stop", prompt_tokens=9, completion_tokens=4, latency_ms=12.0,
             ))
         for i, rating in enumerate(ratings):
-            store.add_feedback(f"c{i % len(prompts)}", rating, "June 1, 2020" if i < corrected else None)
+            store.add_feedback(f"c{i % len(prompts)}", rating, "June 1, 2020" if i < corrected else None,
+                               key_name=f"client-{i % (keys or len(ratings))}")
     finally:
         store.close()
 
@@ -117,3 +119,24 @@ def test_the_default_settings_read_feedback_and_add_it_as_a_source():
     assert listed.reads_feedback()
     with_it = load_params(None, {"data.sources": shipped.sources_with_feedback()}).data
     assert [s.feedback for s in with_it.source_list()] == [False, True]
+
+
+
+
+def test_one_client_cannot_force_a_retraining(tmp_path):
+    from tasks.feedback import FeedbackStore
+
+    db = tmp_path / "feedback.db"
+    _log(db, [f"Convert this ISO date: 2016-03-{d:02d}" for d in range(1, 11)], ratings=[1] * 10, corrected=10, keys=1)
+    figures = read_feedback(db, 0, 200)
+    assert figures.sources == 1 and figures.new_corrections == 10
+    yes, reasons, alerts = recommend_retrain(figures, None, MonitorParams(min_new_corrections=5))
+    assert not yes and not reasons and "1 distinct source(s), fewer than monitor.min_distinct_sources 2" in alerts[0]
+    store = FeedbackStore(db)  # the same client inventing end-user ids is still one source
+    for i in range(3):
+        store.add_feedback("c0", 1, key_name="client-0", end_user=f"made-up-{i}")
+    store.add_feedback("c1", 1, key_name="web", end_user="ann", trusted=True)  # the operator's front end: per user
+    store.add_feedback("c1", 1, key_name="web", end_user="bo", trusted=True)
+    store.close()
+    assert read_feedback(db, 0, 200).sources == 3
+    assert recommend_retrain(read_feedback(db, 0, 200), None, MonitorParams(min_new_corrections=5))[0]

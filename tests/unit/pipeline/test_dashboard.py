@@ -46,3 +46,17 @@ def test_the_held_out_preference_scores_have_their_own_section():
     assert "0.75" in section and "rated_down_repeat_rate ↓" in section
     assert "no held-out preference split" in render_dashboard(RunView("m", "2", "promoted", "1", metrics=metrics | {
         "candidate_preference": {}, "champion_preference": {}}, verdict=None))
+
+
+def test_the_feedback_section_shows_keys_and_what_was_redacted(view):  # noqa: F811
+    import dataclasses
+
+    feedback = {"examples": 7, "held": 3, "capped": 1, "users": 2, "by_key": {"ops": 5, "web": 2},
+                "redacted": {"secret": 0, "email": 4, "card": 1, "ip": 0, "phone": 2,
+                             "examples_changed": 5, "examples_dropped": 0}}
+    html = render_dashboard(dataclasses.replace(view, feedback=feedback))
+    assert 'id="feedback"' in html and "held for approval" in html
+    for name, count in (("ops", 5), ("web", 2), ("email", 4), ("card", 1), ("phone", 2)):
+        assert f'<tr><td>{name}</td><td class="num">{count}</td></tr>' in html, name
+    assert "<td>secret</td>" in html  # every category, found or not
+    assert "no feedback source in this run" in render_dashboard(view)

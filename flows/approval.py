@@ -1,0 +1,109 @@
+"""The feedback steps of `retrain`: approval of held feedback by a person in the Prefect UI, then the export.
+
+Before the feedback is exported, `review_held_feedback` looks for feedback that waits for
+approval (untrusted keys; see tasks/feedback/review.py). When there is some and
+`feedback.approval` says so (`auto`: a Prefect server is set with PREFECT_API_URL, so
+someone can open its UI; `always`; `never`), the flow run pauses with `ApprovalForm`: the
+UI shows the batch (markdown) above a form to approve all, per key, or reject per key.
+Submitting it (the UI's Resume button, or `resume_flow_run(run_id, run_input={...})`)
+resumes the run, which trains on what was approved. After
+`feedback.approval_timeout_seconds` without an answer the run goes on without the held
+feedback, which stays held for the next run; `ftllm feedback approve` decides without a UI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.input import RunInput
+from pydantic import Field
+
+from tasks.config import FeedbackParams, SourceParams
+from tasks.environment import environment
+from tasks.feedback import snapshot_feedback
+from tasks.feedback.export import ExportPolicy
+from tasks.feedback.review import Decision, apply_decision, describe_batch, held_batch
+
+APPROVAL_KEY = "feedback-approval"
+
+
+class ApprovalForm(RunInput):
+    """What the reviewer decides about the held feedback shown above the form."""
+
+    approve_all: bool = Field(False, description="Approve every held row shown above.")
+    approve_keys: list[str] = Field(default_factory=list, description="Approve the held rows of these keys only.")
+    reject_keys: list[str] = Field(default_factory=list, description="Reject these keys' held rows (never trained).")
+    reviewer: str = Field("", description="Your name, recorded with the decision.")
+
+
+def should_pause(mode: str) -> bool:
+    """Whether a run may wait for a person: `auto` pauses only where a Prefect server (and its UI) is set."""
+    return mode == "always" or (mode == "auto" and environment().prefect_api_url is not None)
+
+
+def review_held_feedback(db: Path, settings: FeedbackParams) -> dict:
+    """Pause for approval of the held feedback in `db` when there is some; apply the answer.
+
+    Called from the flow (a pause belongs to the flow run). Returns what happened: `held`
+    rows found, whether the run `paused`, whether it `timed_out`, and the counts decided.
+    """
+    from prefect.context import FlowRunContext
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    logger = get_run_logger()
+    batch = held_batch(db, settings.auto_approve)
+    outcome = {"held": len(batch.rows), "keys": dict(batch.per_key), "paused": False, "timed_out": False}
+    if not batch.rows:
+        return outcome
+    if not should_pause(settings.approval):
+        logger.warning(f"{len(batch.rows)} feedback rows wait for approval (keys {batch.keys}); this run trains "
+                       "without them. Approve with `ftllm feedback approve` for the next run.")
+        return outcome
+    form = ApprovalForm.with_initial_data(description=describe_batch(batch))
+    logger.info(f"pausing for approval of {len(batch.rows)} held feedback rows (feedback.approval_timeout_seconds="
+                f"{settings.approval_timeout_seconds}): resume this run in the Prefect UI")
+    outcome["paused"] = True
+    try:
+        answer = pause_flow_run(wait_for_input=form, timeout=settings.approval_timeout_seconds,
+                                poll_interval=min(5, settings.approval_timeout_seconds), key=APPROVAL_KEY)
+    except FlowPauseTimeout:
+        _run_again(FlowRunContext.get().flow_run.id)
+        logger.warning(f"no approval within {settings.approval_timeout_seconds} s: training without the held "
+                       "feedback, which stays held for the next run")
+        return {**outcome, "timed_out": True}
+    decided = apply_decision(db, batch, Decision(answer.approve_all, tuple(answer.approve_keys),
+                                                 tuple(answer.reject_keys), answer.reviewer or "prefect-ui"))
+    logger.info(f"approval: {decided}")
+    return {**outcome, **decided}
+
+
+def _run_again(flow_run_id) -> None:
+    """Put a run whose pause timed out back to Running, so its next tasks may start."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Running(), force=True)
+
+
+@task(name="export-feedback")
+def export_feedback_snapshot(root: Path, source: SourceParams, out: Path, settings: FeedbackParams,
+                             other_examples: int, write_empty: bool = True) -> dict:
+    """The service's admitted feedback, redacted, exported to the file a `feedback: true` source reads,
+    versioned by DVC; its provenance goes to the MLflow run as `feedback.*` tags."""
+    logger = get_run_logger()
+    policy = ExportPolicy(settings.auto_approve, settings.redaction, settings.max_key_share, other_examples)
+    snapshot = snapshot_feedback(root, source.min_rating, out, log=logger.info, warn=logger.warning, policy=policy,
+                                 retention_days=settings.retention_days, write_empty=write_empty)
+    return {**snapshot.to_dict(), "tags": snapshot.mlflow_tags()}
+
+
+def count_examples(path: Path) -> int:
+    """Non-blank lines of a JSONL source (the base of feedback.max_key_share); 0 when unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return 0

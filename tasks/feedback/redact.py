@@ -1,0 +1,286 @@
+"""Secrets and personal data in chat text: found, then masked, or the example dropped.
+
+Runs on everything the interaction log hands to training or evaluation (the feedback
+export), so that a model never learns an e-mail address, phone number, card number, IP
+address or API key a user pasted into a chat. Five categories, each a placeholder:
+
+| category | found by | placeholder |
+| --- | --- | --- |
+| `secret` | known key prefixes (`sk-`, `ghp_`, `github_pat_`, `AKIA`, `xox?-`, `hf_`, `glpat-`, `AIza`, Stripe `sk_live_`), `Bearer <token>`, JWTs, PEM private keys, `password=`/`api_key:`-style assignments, long high-entropy tokens | `[SECRET]` |
+| `email` | RFC 5322's common shape, `local@domain.tld` | `[EMAIL]` |
+| `card` | 13-19 digits (spaces or dashes between groups) that pass the Luhn check and start like a card network's number | `[CARD]` |
+| `ip` | IPv4 and IPv6 addresses that the standard `ipaddress` module parses (not version numbers) | `[IP]` |
+| `phone` | international (`+CC ...`), North American (`(555) 123-4567`) and European grouped forms with 7-15 digits, or a digit run next to "call", "phone", "tel" ... | `[PHONE]` |
+
+Categories are searched in that order and a later one never claims text an earlier one
+matched (a key holding digits is a secret, not a phone number). Only the standard
+library: Presidio, the usual library for this, needs spaCy language models from a model
+hub, which this project's machines cannot reach; `phonenumbers` (not installed here) would
+add per-country phone rules. The recall and precision of these rules on a labelled set
+are measured by `benchmarks/bench_redaction.py` and asserted by
+`tests/unit/feedback/test_redact.py`.
+
+    from tasks.feedback.redact import redact_text
+    redact_text("mail me at ann@example.org")   # -> ("mail me at [EMAIL]", Counter({"email": 1}))
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+
+class Category(StrEnum):
+    """What a finding is; also its placeholder's name (`[EMAIL]`, ...)."""
+
+    SECRET = "secret"
+    EMAIL = "email"
+    CARD = "card"
+    IP = "ip"
+    PHONE = "phone"
+
+
+CATEGORIES: tuple[Category, ...] = tuple(Category)  # also the order of the search
+RedactAction = Literal["mask", "drop"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One piece of sensitive text: `text[start:end]` is of `category`."""
+
+    category: Category
+    start: int
+    end: int
+
+
+def placeholder(category: Category) -> str:
+    return f"[{category.value.upper()}]"
+
+
+# -- secrets ------------------------------------------------------------------------------
+
+_KEY_PREFIXES = re.compile(
+    r"(?<![A-Za-z0-9_-])(?:"
+    r"sk-(?:proj-|ant-(?:api\d\d-)?)?[A-Za-z0-9_-]{20,}"  # OpenAI, Anthropic
+    r"|(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe
+    r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}"  # GitHub
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key ids
+    r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}"  # Hugging Face, GitLab, Google
+    r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWT (header.payload.signature)
+    r")"
+)
+_PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.DOTALL)
+_BEARER = re.compile(r"\bBearer\s+([A-Za-z0-9._~+/=-]{12,})")
+# `password: hunter2`, `api_key="..."`, `token=...`: the value is a secret whatever it looks like.
+_ASSIGNED = re.compile(
+    r"(?i)\b(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|client[_-]?secret|token|auth[_-]?token|"
+    r"password|passwd|pwd)\b[\"']?\s*[:=]\s*[\"']?([^\s\"',;]{6,})"
+)
+_TOKEN = re.compile(r"(?<![A-Za-z0-9_+/-])[A-Za-z0-9_+/-]{24,}={0,2}(?![A-Za-z0-9_+/=-])")
+_HEX_OR_UUID = re.compile(r"[0-9a-fA-F]+|[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+MIN_TOKEN_ENTROPY = 3.5  # bits per character; English words and identifiers stay below
+
+
+def _entropy(text: str) -> float:
+    counts = Counter(text)
+    return -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
+
+
+def _high_entropy(token: str) -> bool:
+    """A random-looking key: letters and digits mixed, high entropy, not a hex hash or a UUID
+    (commit ids and request ids are everyday chat, not credentials)."""
+    if _HEX_OR_UUID.fullmatch(token):
+        return False
+    parts = token.split("/")
+    if len(parts) > 1 and (not all(parts) or sum(p.lower() != p for p in parts) * 2 < len(parts)):
+        return False  # a path (lower-case folder names), not base64 like an AWS secret key
+    has = [any(c.islower() for c in token), any(c.isupper() for c in token), any(c.isdigit() for c in token)]
+    return has[2] and sum(has) >= 2 and _entropy(token) >= MIN_TOKEN_ENTROPY
+
+
+def _secrets(text: str) -> Iterator[tuple[int, int]]:
+    for pattern in (_PEM, _KEY_PREFIXES):
+        yield from (m.span() for m in pattern.finditer(text))
+    for pattern in (_BEARER, _ASSIGNED):
+        yield from (m.span(1) for m in pattern.finditer(text))
+    yield from (m.span() for m in _TOKEN.finditer(text) if _high_entropy(m.group()))
+
+
+# -- e-mail addresses ---------------------------------------------------------------------
+
+_EMAIL = re.compile(
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,62}[A-Za-z0-9_%+-])?"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![A-Za-z0-9-])"
+)
+
+
+def _emails(text: str) -> Iterator[tuple[int, int]]:
+    yield from (m.span() for m in _EMAIL.finditer(text))
+
+
+# -- card numbers -------------------------------------------------------------------------
+
+_CARD = re.compile(r"(?<![\d.,-])\d(?:[ -]?\d){12,18}(?![\d]|[.,-]\d)")
+# Issuer prefixes of the networks people paste: Visa, Mastercard, Amex, Discover, Diners, JCB, UnionPay, Maestro.
+_CARD_PREFIX = re.compile(r"4|5[1-5]|2[2-7]|3[47]|3[068]|35|6(?:011|5|4[4-9]|2)|5[06-8]|6[37]")
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum of a card number (digits only)."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def _cards(text: str) -> Iterator[tuple[int, int]]:
+    for m in _CARD.finditer(text):
+        digits = re.sub(r"\D", "", m.group())
+        if _CARD_PREFIX.match(digits) and luhn_valid(digits) and _consistent_groups(m.group()):
+            yield m.span()
+
+
+def _consistent_groups(number: str) -> bool:
+    """Cards are written as one run or in groups of 4 (Amex 4-6-5, Diners 4-6-4): not a date or an id."""
+    groups = re.split(r"[ -]", number)
+    return len(groups) == 1 or all(len(g) == 4 for g in groups[:-1]) or [len(g) for g in groups] in ([4, 6, 5], [4, 6, 4])
+
+
+# -- IP addresses -------------------------------------------------------------------------
+
+_IPV4 = re.compile(r"(?<![\w.])(\d{1,3}(?:\.\d{1,3}){3})(?![\w]|\.\d)")
+_IPV6 = re.compile(r"(?<![\w:.])([0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?)(?![\w:])")
+_VERSION_BEFORE = re.compile(r"(?i)(?:\bv|version\s*|release\s*|build\s*|python\s*|node\s*)$")
+
+
+def _ips(text: str) -> Iterator[tuple[int, int]]:
+    for m in _IPV4.finditer(text):
+        if _VERSION_BEFORE.search(text[max(0, m.start() - 10):m.start()]):
+            continue
+        try:
+            ipaddress.IPv4Address(m.group(1))
+        except ValueError:
+            continue
+        yield m.span(1)
+    for m in _IPV6.finditer(text):
+        candidate = m.group(1)
+        if candidate.count(":") < 2 or sum(c.isalnum() for c in candidate) < 3:
+            continue  # "::", clock times and ratios are not addresses
+        try:
+            ipaddress.IPv6Address(candidate)
+        except ValueError:
+            continue
+        yield m.span(1)
+
+
+# -- phone numbers ------------------------------------------------------------------------
+
+_SEP = r"[ .\-\u00a0]"
+_PHONE = re.compile(
+    r"(?<![\w+\-./])(?<!\d )(?:"  # not the tail of a longer run of digit groups (a card, an id)
+    rf"(?:\+\d{{1,3}}|00\d{{1,3}}(?={_SEP})|\(\+\d{{1,3}}\))(?:{_SEP}?\(0\))?{_SEP}?(?:\(?\d{{1,5}}\)?{_SEP}?){{1,5}}\d{{2,6}}"  # +44 20 7946 0958, +1 (415) 555-0134
+    rf"|\(\d{{2,5}}\){_SEP}?\d{{3,4}}{_SEP}?\d{{3,4}}"  # (415) 555-0134, (030) 1234 5678
+    rf"|\d{{3}}[.\-]\d{{3}}[.\-]\d{{4}}|\d{{3}} \d{{3}} \d{{4}}"  # 415-555-0134, 415.555.0134, 415 555 0134
+    rf"|0\d(?:{_SEP}\d\d){{4}}"  # 06 12 34 56 78 (France)
+    rf"|0\d{{2,4}}{_SEP}\d{{3,4}}{_SEP}?\d{{3,4}}"  # 020 7946 0958, 07700 900123, 030 12345678
+    rf"|0\d{{3,4}}/\d{{4,8}}"  # 0301/2345678 (Germany)
+    r")(?![\w\-/]|\.\d| \d)"
+)
+_PHONE_WORDS = re.compile(r"(?i)\b(?:call|phone|tel|telephone|mobile|cell|whatsapp|text me|sms|fax|reach me|ring)\b[^\d\n]{0,20}$")
+_BARE_DIGITS = re.compile(r"(?<![\w+\-./])\+?\d(?:[ \-.]?\d){6,14}(?![\w\-/]|\.\d)")
+
+
+def _phones(text: str) -> Iterator[tuple[int, int]]:
+    for m in _PHONE.finditer(text):
+        if 7 <= sum(c.isdigit() for c in m.group()) <= 15:
+            yield m.span()
+    for m in _BARE_DIGITS.finditer(text):  # 5551234567, 415 5550134 count only where the sentence says it is a number to call
+        if _PHONE_WORDS.search(text[max(0, m.start() - 40):m.start()]):
+            yield m.span()
+
+
+# -- the whole search ---------------------------------------------------------------------
+
+_FINDERS = {Category.SECRET: _secrets, Category.EMAIL: _emails, Category.CARD: _cards,
+            Category.IP: _ips, Category.PHONE: _phones}
+
+
+def find_sensitive(text: str) -> list[Finding]:
+    """Every secret and piece of personal data in `text`, in order, none overlapping.
+
+    A category searched earlier (see `CATEGORIES`) keeps text a later one also matches.
+    """
+    taken: list[Finding] = []
+    for category in CATEGORIES:
+        for start, end in _FINDERS[category](text):
+            if start < end and not any(start < f.end and f.start < end for f in taken):
+                taken.append(Finding(category, start, end))
+    return sorted(taken, key=lambda f: f.start)
+
+
+def redact_text(text: str) -> tuple[str, Counter[str]]:
+    """`text` with every finding replaced by its placeholder, and the findings per category."""
+    found = find_sensitive(text)
+    parts, last = [], 0
+    for f in found:
+        parts += [text[last:f.start], placeholder(f.category)]
+        last = f.end
+    parts.append(text[last:])
+    return "".join(parts), Counter(f.category.value for f in found)
+
+
+@dataclass(frozen=True)
+class Redacted:
+    """An example after redaction: None when it was dropped; what was found, per category."""
+
+    example: dict[str, Any] | None
+    found: Counter[str]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.found)
+
+
+def redact_example(example: dict[str, Any], action: RedactAction = "mask") -> Redacted:
+    """Redact every message's text of a canonical `{"messages": [...]}` example.
+
+    Args:
+        example: the example; not modified.
+        action: "mask" replaces each finding with its placeholder; "drop" drops the
+            whole example when anything is found.
+    """
+    found: Counter[str] = Counter()
+    messages = []
+    for message in example.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, str):
+            content, counts = redact_text(content)
+            found += counts
+        messages.append({**message, "content": content} if "content" in message else dict(message))
+    if found and action == "drop":
+        return Redacted(None, found)
+    return Redacted({**example, "messages": messages}, found)
+
+
+def redact_examples(examples: list[dict[str, Any]], action: RedactAction = "mask") -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Redact a batch; return the examples kept and the report: findings per category
+    (every category present, 0 when none), `examples_changed` and `examples_dropped`."""
+    kept, report = [], Counter({c.value: 0 for c in CATEGORIES})
+    changed = dropped = 0
+    for example in examples:
+        result = redact_example(example, action)
+        report += result.found
+        changed += result.changed
+        if result.example is None:
+            dropped += 1
+        else:
+            kept.append(result.example)
+    return kept, {**{c.value: report[c.value] for c in CATEGORIES}, "examples_changed": changed, "examples_dropped": dropped}

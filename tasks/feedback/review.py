@@ -1,0 +1,116 @@
+"""Held feedback and a person's decision on it: the batch a reviewer sees, and applying the verdict.
+
+Feedback from keys that are not trusted (or every key, with `feedback.auto_approve: none`)
+waits in the log as `pending` until a person approves it: in the Prefect UI, where the
+retrain flow pauses with a form (flows/approval.py), or with `ftllm feedback approve`.
+`describe_batch` is the markdown the form shows: counts per key, the largest
+contributors, samples of corrections beside the answers they replace, and what
+redaction would change. Nothing is ever deleted here: what is neither approved nor
+rejected stays pending for the next run.
+
+    ftllm feedback pending            # the batch, as the form shows it
+    ftllm feedback approve --key web  # approve one key's held feedback
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.feedback.redact import redact_text
+from tasks.feedback.schema import FeedbackRow, Interaction
+from tasks.feedback.store import FeedbackReader, FeedbackStore
+
+
+@dataclass(frozen=True)
+class HeldBatch:
+    """The pending feedback that the auto-approval setting does not admit, up to a feedback id."""
+
+    rows: list[tuple[Interaction, FeedbackRow]]
+    up_to_id: int  # the highest id in the batch: a decision covers nothing posted after the form was shown
+
+    @property
+    def per_key(self) -> Counter[str]:
+        return Counter(row.key_name for _, row in self.rows)
+
+    @property
+    def keys(self) -> list[str]:
+        return sorted(self.per_key)
+
+
+def held_batch(db: Path, auto_approve: str) -> HeldBatch:
+    """The feedback in `db` that waits for a person (empty when there is no log)."""
+    if not Path(db).is_file():
+        return HeldBatch([], 0)
+    with FeedbackReader(db) as reader:
+        rated, _ = reader.rated_completions()
+    held = [(i, r) for i, r in rated if r.review == "pending" and not r.admitted(auto_approve)]
+    return HeldBatch(held, max((r.id for _, r in held), default=0))
+
+
+def _cell(text: str, limit: int = 120) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe_batch(batch: HeldBatch, samples: int = 5) -> str:
+    """The batch as markdown for the approval form (and `ftllm feedback pending`)."""
+    per_key = batch.per_key
+    corrections = [(i, r) for i, r in batch.rows if r.correction is not None]
+    lines = [f"## Held feedback: {len(batch.rows)} rows from {len(per_key)} key(s), ids up to {batch.up_to_id}",
+             "", "Approve all, none, or per key. What you leave undecided stays held for the next run.", "",
+             "| key | rows | corrections | end users |", "| --- | ---: | ---: | ---: |"]
+    for key, count in per_key.most_common():
+        rows = [r for _, r in batch.rows if r.key_name == key]
+        lines.append(f"| {_cell(key)} | {count} | {sum(r.correction is not None for r in rows)} | "
+                     f"{len({r.end_user for r in rows if r.end_user})} |")
+    top, top_count = per_key.most_common(1)[0] if per_key else ("-", 0)
+    lines += ["", (f"Largest contributor: **{_cell(top)}** with {top_count} of {len(batch.rows)} rows "
+                  f"({top_count / max(1, len(batch.rows)):.0%})."), ""]
+    if corrections:
+        lines += ["### Samples: corrections beside the answers they replace", "",
+                  "| key | prompt | model's answer | correction |", "| --- | --- | --- | --- |"]
+        for key in per_key:  # the first corrections of every key, so no key hides behind another
+            for interaction, row in [(i, r) for i, r in corrections if r.key_name == key][:samples]:
+                prompt = next((m.get("content", "") for m in reversed(interaction.messages) if m.get("role") == "user"), "")
+                lines.append(f"| {_cell(key, 30)} | {_cell(prompt, 60)} | {_cell(interaction.answer, 60)} | "
+                             f"{_cell(row.correction, 60)} |")
+    found: Counter[str] = Counter()
+    changed = 0
+    for interaction, row in batch.rows:
+        texts = [m.get("content", "") for m in interaction.messages if isinstance(m.get("content"), str)]
+        counts = sum((redact_text(t)[1] for t in [*texts, row.correction or interaction.answer]), Counter())
+        found += counts
+        changed += bool(counts)
+    lines += ["", "### Redaction", "", (f"{changed} of {len(batch.rows)} rows hold secrets or personal data, masked "
+              "(or dropped, by feedback.redaction) before training: " + ", ".join(f"{c} {n}" for c, n in sorted(found.items())))
+              if changed else "Nothing to redact."]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A reviewer's verdict on a held batch."""
+
+    approve_all: bool = False
+    approve_keys: tuple[str, ...] = ()
+    reject_keys: tuple[str, ...] = ()
+    reviewer: str = "unknown"
+
+
+def apply_decision(db: Path, batch: HeldBatch, decision: Decision) -> dict[str, int]:
+    """Mark the batch's rows approved or rejected as decided; return the counts. Rows posted after
+    the batch was shown (ids above `batch.up_to_id`) are not touched, nor are undecided keys."""
+    if not batch.rows:
+        return {"approved": 0, "rejected": 0, "held": 0}
+    store = FeedbackStore(db)
+    try:
+        ids = [r.id for _, r in batch.rows]
+        approve = None if decision.approve_all else [k for k in decision.approve_keys if k not in decision.reject_keys]
+        approved = store.review("approved", decision.reviewer, keys=approve, ids=ids) if approve is None or approve else 0
+        rejected = (store.review("rejected", decision.reviewer, keys=list(decision.reject_keys), ids=ids)
+                    if decision.reject_keys and not decision.approve_all else 0)
+    finally:
+        store.close()
+    return {"approved": approved, "rejected": rejected, "held": len(ids) - approved - rejected}

@@ -1,0 +1,72 @@
+"""Redaction of secrets and personal data: the targets on the labelled set, and masking or
+dropping whole examples."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.feedback.redact import find_sensitive, luhn_valid, redact_example, redact_examples, redact_text
+from tests.redaction import labelled_cases, score
+
+TARGET_RECALL = {"email": 0.99, "card": 0.99, "secret": 0.99, "phone": 0.95, "ip": 0.95}
+TARGET_PRECISION = 0.95
+
+
+@pytest.fixture(scope="module")
+def scores():
+    return score(labelled_cases())
+
+
+@pytest.mark.parametrize("category", sorted(TARGET_RECALL))
+def test_targets_on_the_labelled_set(scores, category):
+    assert scores.found[category] >= 200  # the set holds the category
+    assert scores.recall(category) >= TARGET_RECALL[category], scores.table()
+    assert scores.precision(category) >= TARGET_PRECISION, scores.table()
+
+
+def test_the_scorer_counts_misses_and_false_positives():
+    from tests.redaction import Case
+
+    scored = score([Case("mail ann@example.com", (("email", "ann@example.com"),)),
+                    Case("no phone here", (("phone", "phone"),)),  # a label the finder cannot match
+                    Case("call +44 20 7946 0958 now")])  # an unlabelled phone number: a false positive
+    assert (scored.found["email"], scored.missed["phone"], scored.false["phone"]) == (1, 1, 1)
+    assert scored.recall("phone") == 0.0 and scored.precision("phone") == 0.0
+
+
+def test_masks_each_category_with_its_placeholder():
+    text = ("I'm ann.smith@example.com, +1 (415) 555-0134, card 4111 1111 1111 1111, "
+            "host 10.0.0.7 / 2001:db8::8a2e:370:7334, key sk-proj-Abc123def456GHI789jkl012MNO345")
+    masked, counts = redact_text(text)
+    assert masked == "I'm [EMAIL], [PHONE], card [CARD], host [IP] / [IP], key [SECRET]"
+    assert counts == {"email": 1, "phone": 1, "card": 1, "ip": 2, "secret": 1}
+
+
+def test_hard_negatives_stay():
+    for text in ["Convert this ISO date: 2006-02-20", "February 20, 2006", "upgrade v1.2.3 to version 2.10.4.1",
+                 "order ORD-2024-000123 costs $1,299.00", "at 12:30:45 on 20.02.2006",
+                 "4111 1111 1111 1112", "commit ba1e26b5d0c6a404ee2d4b7e648a0fea99a971b9"]:
+        assert find_sensitive(text) == [], text
+
+
+def test_luhn():
+    assert luhn_valid("4111111111111111") and luhn_valid("378282246310005")
+    assert not luhn_valid("4111111111111112")
+
+
+def test_assignments_and_bearer_tokens_hide_only_the_value():
+    assert redact_text("password: hunter2hunter")[0] == "password: [SECRET]"
+    assert redact_text("Authorization: Bearer abc.def-ghi_jkl0123")[0] == "Authorization: Bearer [SECRET]"
+
+
+def test_examples_are_masked_or_dropped():
+    example = {"messages": [{"role": "user", "content": "my mail is bo@example.org"},
+                            {"role": "assistant", "content": "Noted."}], "correction": True}
+    masked = redact_example(example)
+    assert masked.example["messages"][0]["content"] == "my mail is [EMAIL]" and masked.example["correction"]
+    assert example["messages"][0]["content"] == "my mail is bo@example.org"  # not modified
+    assert redact_example(example, "drop").example is None
+    clean = {"messages": [{"role": "user", "content": "2006-02-20"}, {"role": "assistant", "content": "February 20, 2006"}]}
+    kept, report = redact_examples([example, clean], "drop")
+    assert kept == [clean]
+    assert report == {"secret": 0, "email": 1, "card": 0, "ip": 0, "phone": 0, "examples_changed": 1, "examples_dropped": 1}

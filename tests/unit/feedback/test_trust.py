@@ -1,0 +1,184 @@
+"""Who may teach the model: held feedback, review, per-key caps, redaction in the export,
+erasure and retention, and the CLI that decides without a UI."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from serving.keys import RateLimiter
+from tasks.feedback import FeedbackReader, FeedbackStore, Interaction, export_feedback
+from tasks.feedback.export import ExportPolicy
+from tasks.feedback.review import Decision, apply_decision, describe_batch, held_batch
+from tasks.feedback.store import DuplicateCorrection
+
+
+def _log(store: FeedbackStore, i: int, key: str = "web", user: str | None = None, prompt: str | None = None) -> str:
+    store.log_interaction(Interaction(f"c{i}", "chat", "m", "1", [{"role": "user", "content": prompt or f"date {i}"}],
+                                      f"answer {i}", "stop", 3, 2, 1.0, key, user))
+    return f"c{i}"
+
+
+def _export(db, tmp_path, **policy) -> tuple[list[dict], object]:
+    out = tmp_path / "out.jsonl"
+    exported = export_feedback(db, out, 4, policy=ExportPolicy(**policy))
+    return [json.loads(line) for line in out.read_text().splitlines()], exported
+
+
+@pytest.fixture
+def db(tmp_path):
+    """Corrections from a trusted key (ops) and from two untrusted ones (web, bot)."""
+    path = tmp_path / "feedback.db"
+    store = FeedbackStore(path)
+    for i in range(6):
+        _log(store, i, user=f"u{i % 2}")
+    store.add_feedback("c0", 1, "ops fix", key_name="ops", trusted=True)
+    for i in (1, 2):
+        store.add_feedback(f"c{i}", 1, f"web fix {i}", key_name="web", end_user="ann")
+    for i in (3, 4, 5):
+        store.add_feedback(f"c{i}", 1, f"bot fix {i}", key_name="bot", end_user=f"made-up-{i}")
+    store.close()
+    return path
+
+
+def test_untrusted_feedback_is_held_by_default_and_waits_for_a_later_run(db, tmp_path):
+    rows, exported = _export(db, tmp_path)
+    assert [r["messages"][-1]["content"] for r in rows] == ["ops fix"]
+    assert rows[0]["provenance"] == {"key": "ops", "user": None, "feedback_id": 1}
+    assert exported.held == 5 and exported.by_key == {"ops": 1}
+    rows, _ = _export(db, tmp_path)  # nothing is lost: the next export holds them again
+    assert len(rows) == 1 and held_batch(db, "trusted").per_key == {"web": 2, "bot": 3}
+    assert len(_export(db, tmp_path, auto_approve="all")[0]) == 6
+    assert _export(db, tmp_path, auto_approve="none")[0] == []
+
+
+def test_a_decision_per_key_admits_only_that_key(db, tmp_path):
+    batch = held_batch(db, "trusted")
+    assert apply_decision(db, batch, Decision(approve_keys=("web",), reject_keys=("bot",), reviewer="ann")) == {
+        "approved": 2, "rejected": 3, "held": 0}
+    rows, exported = _export(db, tmp_path)
+    assert sorted(r["messages"][-1]["content"] for r in rows) == ["ops fix", "web fix 1", "web fix 2"]
+    assert exported.held == 0 and exported.by_key == {"ops": 1, "web": 2} and exported.users == 1
+    assert _export(db, tmp_path, auto_approve="all")[1].by_key == {"ops": 1, "web": 2}  # rejected stays out
+
+
+def test_a_decision_covers_only_the_batch_that_was_shown(db, tmp_path):
+    batch = held_batch(db, "trusted")
+    store = FeedbackStore(db)
+    store.add_feedback("c5", 1, "late fix", key_name="web")  # posted while the form was open
+    store.close()
+    assert apply_decision(db, batch, Decision(approve_all=True))["approved"] == 5
+    assert [r.correction for _, r in held_batch(db, "trusted").rows] == ["late fix"]
+
+
+def test_the_form_describes_the_batch(db):
+    text = describe_batch(held_batch(db, "trusted"))
+    assert "5 rows from 2 key(s)" in text and "| bot | 3 | 3 | 3 |" in text and "| web | 2 | 2 | 1 |" in text
+    assert "Largest contributor: **bot** with 3 of 5 rows (60%)" in text
+    assert "| web | date 1 | answer 1 | web fix 1 |" in text and "Nothing to redact." in text
+
+
+def test_one_untrusted_key_is_capped_to_its_share_of_the_run(db, tmp_path):
+    rows, exported = _export(db, tmp_path, auto_approve="all", max_key_share=0.1, other_examples=14)
+    # 20 examples in the run: each untrusted key keeps 2, its latest; the trusted key is not capped
+    assert exported.by_key == {"bot": 2, "ops": 1, "web": 2} and exported.capped == 1
+    assert [r["messages"][-1]["content"] for r in rows if r["provenance"]["key"] == "bot"] == ["bot fix 4", "bot fix 5"]
+
+
+def test_the_export_redacts_and_counts_per_category(tmp_path):
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    _log(store, 0, prompt="I am ann@example.com, card 4111 1111 1111 1111")
+    _log(store, 1, prompt="2006-02-20")
+    store.add_feedback("c0", 1, "call +44 20 7946 0958", key_name="ops", trusted=True)
+    store.add_feedback("c1", 1, "February 20, 2006", key_name="ops", trusted=True)
+    store.close()
+    rows, exported = _export(db, tmp_path)
+    assert rows[0]["messages"] == [{"role": "user", "content": "I am [EMAIL], card [CARD]"},
+                                   {"role": "assistant", "content": "call [PHONE]"}]
+    assert rows[1]["messages"][-1]["content"] == "February 20, 2006"
+    assert exported.redacted == {"secret": 0, "email": 1, "card": 1, "ip": 0, "phone": 1,
+                                 "examples_changed": 1, "examples_dropped": 0}
+    rows, exported = _export(db, tmp_path, redaction="drop")
+    assert len(rows) == 1 and exported.redacted["examples_dropped"] == 1
+
+
+def test_forget_erases_and_no_later_export_holds_the_prompt(db, tmp_path):
+    store = FeedbackStore(db)
+    assert store.forget(end_user="u1", reason="forget --user u1") == (3, 3)  # c1, c3, c5 and their feedback
+    assert store.forget(key_name="ops", reason="forget --key ops") == (0, 1)  # ops' own feedback on c0
+    _log(store, 1)  # the same prompt logged again (a replay, a restored backup)
+    store.add_feedback("c1", 1, "again", key_name="ops", trusted=True)
+    store.close()
+    rows, exported = _export(db, tmp_path, auto_approve="all")
+    assert sorted(r["messages"][-1]["content"] for r in rows) == ["bot fix 4", "web fix 2"]
+    assert exported.erased == 1
+    with FeedbackReader(db) as reader:
+        assert len(reader.erased_digests()) == 3
+
+
+def test_retention_erases_old_interactions(db, tmp_path):
+    store = FeedbackStore(db)
+    store._conn.execute("UPDATE interactions SET created = ? WHERE id IN ('c0', 'c1')", (time.time() - 40 * 86400,))
+    store._conn.commit()
+    assert store.expire(30) == (2, 2) and store.expire(0) == (0, 0)
+    assert store.count("interactions") == 4
+    store.close()
+
+
+def test_one_correction_per_completion_per_key(db):
+    store = FeedbackStore(db)
+    with pytest.raises(DuplicateCorrection, match="'web' already corrected c1"):
+        store.add_feedback("c1", 1, "again", key_name="web")
+    assert store.add_feedback("c1", 5, key_name="web")  # a rating alone is fine
+    assert store.add_feedback("c1", 1, "other key", key_name="bot")  # another key may correct it
+    store.close()
+
+
+def test_the_rate_limiter_answers_when_to_retry():
+    limiter = RateLimiter(3, 60.0)
+    assert [limiter.acquire("web", now=t) for t in (0, 1, 2)] == [None, None, None]
+    assert limiter.acquire("web", now=10) == 50 and limiter.acquire("bot", now=10) is None
+    assert limiter.acquire("web", now=60.5) is None  # the first call left the window
+
+
+def test_the_cli_approves_and_forgets(db, monkeypatch, capsys):
+    from ftllm.commands.feedback import approve_command, forget_command, pending_command
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    assert pending_command() == 0 and "Largest contributor: **bot**" in capsys.readouterr().out
+    assert approve_command(False, ["nobody"], False, "cli") == 2
+    assert "no held feedback from that key" in capsys.readouterr().err
+    assert approve_command(False, ["web"], False, "cli") == 0
+    assert held_batch(db, "trusted").per_key == {"bot": 3}
+    assert forget_command(None, None, "not-a-date", False) == 2
+    assert forget_command("u0", "web", None, False) == 2  # one criterion at a time
+    assert forget_command(None, "bot", None, False) == 0 and "erased 0 interactions and 3 feedback rows" in capsys.readouterr().out
+
+
+def test_a_runs_snapshot_tags_its_mlflow_run_with_the_provenance(db, tmp_path, monkeypatch):
+    import mlflow
+
+    from tasks.feedback import snapshot_feedback
+    from tasks.registry.tracking import set_run_tags
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    store = FeedbackStore(db)
+    store.log_interaction(Interaction("old", "chat", "m", "1", [{"role": "user", "content": "old"}], "a", "stop",
+                                      1, 1, 1.0, "web"))
+    store._conn.execute("UPDATE interactions SET created = 0 WHERE id = 'old'")
+    store._conn.commit()
+    store.close()
+    snapshot = snapshot_feedback(tmp_path, 4, tmp_path / "data" / "feedback.jsonl", log=lambda _: None,
+                                 warn=lambda _: None, policy=ExportPolicy(auto_approve="all"), retention_days=30)
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment(f"trust-{time.time_ns()}")).info.run_id
+    set_run_tags(run_id, snapshot.mlflow_tags())
+    tags = client.get_run(run_id).data.tags
+    assert json.loads(tags["feedback.keys"]) == {"bot": 3, "ops": 1, "web": 2}
+    assert tags["feedback.end_users"] == "4" and tags["feedback.redacted.email"] == "0"
+    assert tags["feedback.examples"] == "6" and tags["feedback.last_feedback_id"] == "6"
+    with FeedbackReader(db) as reader:  # the retention period erased the year-1970 interaction
+        assert reader.interaction_count() == 6
