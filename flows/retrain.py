@@ -35,6 +35,7 @@ from flows.publish import _publish, _publish_validation, send_notification
 from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
+    FeedbackParams,
     EvalParams,
     GateParams,
     Params,
@@ -155,9 +156,10 @@ def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: d
 
 
 @task(name="export-preference")
-def export_preference_snapshot(root: Path, prefs: PreferenceParams) -> dict:
-    """The log's ratings as preference examples (`preference.path`), versioned by DVC beside the feedback export."""
-    return snapshot_preference(root, prefs, log=get_run_logger().info)
+def export_preference_snapshot(root: Path, prefs: PreferenceParams, feedback: FeedbackParams) -> dict:
+    """The log's admitted ratings as preference examples (`preference.path`), redacted, versioned beside the feedback export."""
+    return snapshot_preference(root, prefs, log=get_run_logger().info, auto_approve=feedback.auto_approve,
+                               redaction=feedback.redaction)
 
 
 def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) -> None:
@@ -346,7 +348,7 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     result.feedback = next(({k: v for k, v in e.items() if k != "tags"} for e in exported.values()), None)
     feedback_read = max((e["last_feedback_id"] for e in exported.values()), default=None)
     result.data.feedback_id = feedback_read
-    preference = export_preference_snapshot(root, params.preference) if exported else None
+    preference = export_preference_snapshot(root, params.preference, params.feedback) if exported else None
     # An empty feedback export (nothing rated or corrected yet) is no data error: it adds nothing.
     source_reports = [
         None if i in exported and exported[i]["examples"] == 0

@@ -28,6 +28,8 @@ from typing import Any
 
 from tasks.config import PreferenceParams
 from tasks.data.sources import prompt_key
+from tasks.feedback.redact import RedactAction, redact_examples
+from tasks.feedback.schema import prompt_digest
 from tasks.feedback.store import FeedbackReader, default_db_path
 from tasks.files import file_md5, write_atomic
 
@@ -43,35 +45,43 @@ class Rated:
     tools: list[dict[str, Any]] | None = None
 
 
-def snapshot_preference(root: Path, prefs: PreferenceParams, log=print) -> dict[str, Any]:
+def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_approve: str = "trusted",
+                        redaction: RedactAction = "mask") -> dict[str, Any]:
     """Export the service's log (`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`) to `preference.path` and version it.
 
     Written on every run that read feedback, once the log holds a preference example (after
-    that, empty while nothing is rated: the `preference` stage then has nothing to do).
+    that, empty while nothing is rated: the `preference` stage then has nothing to do). The
+    same trust rules as the feedback export apply (tasks.feedback.export): only admitted
+    ratings (`feedback.auto_approve`, or approved by a person), no erased prompt, and
+    secrets and personal data redacted (`feedback.redaction`).
     """
     from tasks.pipeline.dvc import track_data
 
     out = Path(prefs.path) if Path(prefs.path).is_absolute() else root / prefs.path
     db = default_db_path(root)
-    if not out.exists() and not (db.is_file() and preference_examples(read_rated(db), prefs)[0]):
+    if not out.exists() and not (db.is_file() and preference_examples(read_rated(db, auto_approve), prefs)[0]):
         # Nothing rated yet and nothing exported before: the data folder (and data.dvc) stays as it was.
         log(f"no preference examples in {db}: nothing exported")
         return {"path": str(out), "examples": 0, "md5": None, "tracked_by": None}
-    summary = export_preference(db, out, prefs)
+    summary = export_preference(db, out, prefs, auto_approve, redaction)
     tracked = track_data(root, out, log=log)
     log(f"exported {summary['examples']} preference examples to {out}: {summary}")
     return {**summary, "md5": file_md5(out), "tracked_by": tracked}
 
 
-def read_rated(db: Path) -> list[Rated]:
-    """The latest feedback of each rated completion in the service's log, oldest first (read-only).
+def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:
+    """The latest admitted feedback of each rated completion in the service's log, oldest first (read-only).
+
+    Feedback that is held for approval, rejected, or whose prompt was erased is left out.
 
     Raises:
         DataFileError: `db` is not the service's SQLite log.
     """
     with FeedbackReader(db) as reader:
         rated, _ = reader.latest_ratings()
-    return [Rated(request, answer, row.rating, row.correction) for request, answer, row in rated]
+        erased = reader.erased_digests()
+    return [Rated(request, answer, row.rating, row.correction) for request, answer, row in rated
+            if row.admitted(auto_approve) and prompt_digest(request) not in erased]
 
 
 def _prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -122,11 +132,35 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams) -> tuple[li
     return rows, counts
 
 
-def export_preference(db: Path, out: Path, prefs: PreferenceParams) -> dict[str, Any]:
-    """Write the log's preference examples to `out` (atomically); what was written, counted.
+def export_preference(db: Path, out: Path, prefs: PreferenceParams, auto_approve: str = "trusted",
+                      redaction: RedactAction = "mask") -> dict[str, Any]:
+    """Write the log's admitted preference examples, redacted, to `out` (atomically); what was written, counted.
 
     A missing log writes an empty file: no ratings yet, no preference tuning.
     """
-    rows, counts = preference_examples(read_rated(db), prefs) if Path(db).is_file() else ([], {})
+    rows, counts = preference_examples(read_rated(db, auto_approve), prefs) if Path(db).is_file() else ([], {})
+    rows, redacted = redact_preferences(rows, redaction)
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return {"path": str(out), "examples": len(rows), **counts}
+    return {"path": str(out), "examples": len(rows), **counts, "redacted": redacted}
+
+
+_MESSAGE_FIELDS = ("prompt", "completion", "chosen", "rejected")
+
+
+def redact_preferences(rows: list[dict[str, Any]], action: RedactAction = "mask") -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Redact every message list of the preference rows (tasks.feedback.redact), as the feedback export does.
+
+    Returns:
+        The rows kept (a "drop" policy leaves out a row with any finding) and the findings per
+        category, with `examples_changed` and `examples_dropped`.
+    """
+    # Each row's lists as one example whose messages remember their field, so one call redacts the row.
+    flat = [{"messages": [{**m, "field": f} for f in _MESSAGE_FIELDS for m in row.get(f) or []]} for row in rows]
+    kept_rows = []
+    for row, example in zip(rows, flat):
+        redacted, _ = redact_examples([example], action)
+        if redacted:
+            messages = redacted[0]["messages"]
+            kept_rows.append({**row, **{f: [{k: v for k, v in m.items() if k != "field"} for m in messages if m["field"] == f]
+                                        for f in _MESSAGE_FIELDS if f in row}})
+    return kept_rows, redact_examples(flat, action)[1]

@@ -30,13 +30,14 @@ class Log:
         self.store = FeedbackStore(path)
         self.n = 0
 
-    def serve(self, question: str, answer: str, rating: int | None = None, correction: str | None = None) -> str:
+    def serve(self, question: str, answer: str, rating: int | None = None, correction: str | None = None,
+              key: str = "app", trusted: bool = True) -> str:
         self.n += 1
         cid = f"c{self.n}"
         self.store.log_interaction(Interaction(cid, "chat", "m", "1", [{"role": "user", "content": question}],
                                                answer, "stop", 3, 2, 1.0))
         if rating is not None:
-            self.store.add_feedback(cid, rating, correction)
+            self.store.add_feedback(cid, rating, correction, key_name=key, trusted=trusted)
         return cid
 
     def close(self) -> Path:
@@ -71,7 +72,7 @@ def test_ratings_become_kto_rows_by_the_thresholds_and_middle_ratings_are_left_o
 def test_the_latest_rating_of_a_completion_counts(tmp_path):
     log = Log(tmp_path / "f.db")
     cid = log.serve("Question?", "Answer.", 5)
-    log.store.add_feedback(cid, 1)
+    log.store.add_feedback(cid, 1, key_name="app", trusted=True)
     rows, _ = export(tmp_path, log)
     assert [r["label"] for r in rows] == [False]
 
@@ -104,6 +105,24 @@ def test_two_answers_to_one_prompt_pair_when_their_ratings_differ_enough(tmp_pat
     log.serve("Close call?", "Second.", 3)
     rows, _ = export(tmp_path, log, pair_min_rating_gap=1)
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in rows if "chosen" in p] == [("First.", "Second.")]
+
+
+def test_only_admitted_ratings_become_preferences_and_their_text_is_redacted(tmp_path):
+    """Preference tuning learns only from what the feedback export would admit (tasks.feedback.export)."""
+    log = Log(tmp_path / "f.db")
+    log.serve("Trusted question?", "Trusted answer.", 5)
+    log.serve("Untrusted question?", "Untrusted answer.", 1, key="stranger", trusted=False)
+    log.serve("Rejected question?", "Rejected answer.", 1, key="other", trusted=False)
+    log.serve("Mail me at ann.lee@example.com?", "Call 415-555-0132.", 1)
+    log.store.review("rejected", "cli", keys=["other"])
+    rows, summary = export(tmp_path, log)
+    texts = [r["prompt"][0]["content"] for r in rows]
+    assert texts == ["Trusted question?", "Mail me at [EMAIL]?"], texts
+    assert not any("ann.lee@example.com" in json.dumps(r) or "415-555-0132" in json.dumps(r) for r in rows)
+    assert summary["redacted"]["email"] == 1 and summary["redacted"]["phone"] == 1
+    # With auto_approve "all" the pending untrusted rating is admitted too; the rejected one never is.
+    assert [r.messages[0]["content"] for r in read_rated(log.store.path, "all")] == [
+        "Trusted question?", "Untrusted question?", "Mail me at ann.lee@example.com?"]
 
 
 def test_a_missing_log_exports_nothing(tmp_path):
