@@ -35,8 +35,8 @@ from flows.publish import _publish, _publish_validation, send_notification
 from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
-    FeedbackParams,
     EvalParams,
+    FeedbackParams,
     GateParams,
     Params,
     PreferenceParams,
