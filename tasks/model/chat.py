@@ -152,16 +152,18 @@ def _system_loss(tokenizer) -> str | None:
 # ------------------------------------------------------------------------------ rendering
 
 
-def render_prompt(tokenizer, messages: list[Message], system_message: str = "auto") -> str:
+def render_prompt(tokenizer, messages: list[Message], system_message: str = "auto", tools: list[dict] | None = None) -> str:
     """The text the model continues: every message, then the assistant's turn opened.
 
     Args:
         tokenizer: the model's tokenizer, with its chat template.
         messages: the conversation so far.
         system_message: the policy the model was trained with (`data.system_message`).
+        tools: OpenAI tool schemas (`{"type": "function", "function": {...}}`) the template
+            shows the model; None or [] renders none.
     """
     action = system_handling(tokenizer, system_message).action
-    return _render(tokenizer, [apply_system_policy(messages, action)], True)[0]
+    return _render(tokenizer, [apply_system_policy(messages, action)], True, tools or None)[0]
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -175,13 +177,15 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _render(tokenizer, conversations: list[list[Message]], add_generation_prompt: bool) -> list[str]:
+def _render(tokenizer, conversations: list[list[Message]], add_generation_prompt: bool,
+            tools: list[dict] | None = None) -> list[str]:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError(
             f"{_model_name(tokenizer)}: the tokenizer has no chat template; use a chat/instruct model as model.base "
             "or give the base model a chat template"
         )
-    return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         tools=tools)
 
 
 def _template_key(tokenizer) -> tuple:
