@@ -1,7 +1,8 @@
 """The interaction log: every served completion and every rating of one, in SQLite.
 
 The service appends one row per completion (request messages, answer, model version,
-latency, token counts; never a header, so never an API key) and one row per feedback
+latency, token counts, and the tools offered and the calls answered; never a header, so
+never an API key) and one row per feedback
 (`POST /feedback`). `export_feedback` turns the accepted answers and the corrections into
 canonical `{"messages": [...]}` JSONL (corrections marked `"correction": true`), which the
 next retraining takes in through validation like any other data file, or by itself with a
@@ -45,7 +46,9 @@ CREATE TABLE IF NOT EXISTS interactions (
     finish_reason TEXT NOT NULL,
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
-    latency_ms REAL NOT NULL
+    latency_ms REAL NOT NULL,
+    tools TEXT,                     -- JSON list of the tools offered, or NULL
+    tool_calls TEXT                 -- JSON list of the answer's tool calls, or NULL
 );
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -56,6 +59,8 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 CREATE INDEX IF NOT EXISTS feedback_completion ON feedback(completion_id);
 """
+# Columns added after the first release: a log written before them gets them (NULL) on open.
+_ADDED_COLUMNS = {"interactions": ("tools TEXT", "tool_calls TEXT")}
 
 
 def default_db_path(root: Path) -> Path:
@@ -77,6 +82,8 @@ class Interaction:
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float
+    tools: list[dict[str, Any]] | None = None  # the tools the request offered the model
+    tool_calls: list[dict[str, Any]] | None = None  # the answer's calls (OpenAI form); `answer` is its text
 
 
 class FeedbackStore:
@@ -101,6 +108,11 @@ class FeedbackStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            for column in columns:
+                if column.split()[0] not in have:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         self._conn.commit()
         self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._written = threading.Condition()
@@ -121,11 +133,16 @@ class FeedbackStore:
             item.id, time.time(), item.endpoint, item.model_name, item.model_version,
             json.dumps(item.messages, ensure_ascii=False), item.answer, item.finish_reason,
             item.prompt_tokens, item.completion_tokens, item.latency_ms,
+            json.dumps(item.tools, ensure_ascii=False) if item.tools else None,
+            json.dumps(item.tool_calls, ensure_ascii=False) if item.tool_calls else None,
         )
 
     def _insert(self, rows: list[tuple]) -> None:
         with self._lock:
-            self._conn.executemany("INSERT OR REPLACE INTO interactions VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO interactions (id, created, endpoint, model_name, model_version, messages, "
+                "answer, finish_reason, prompt_tokens, completion_tokens, latency_ms, tools, tool_calls) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             self._conn.commit()
 
     def log_interaction(self, item: Interaction) -> None:
@@ -210,7 +227,7 @@ class FeedbackStore:
         when rated `min_rating` or more.
         """
         query = """
-            SELECT i.messages, i.answer, f.rating, f.correction FROM feedback f
+            SELECT i.messages, i.answer, i.tools, i.tool_calls, f.rating, f.correction FROM feedback f
             JOIN interactions i ON i.id = f.completion_id
             WHERE f.id = (SELECT MAX(id) FROM feedback g WHERE g.completion_id = f.completion_id)
             ORDER BY f.id
@@ -219,16 +236,23 @@ class FeedbackStore:
         with self._lock:
             rows = self._conn.execute(query).fetchall()
         examples = []
-        for messages_json, answer, rating, correction in rows:
+        for messages_json, answer, tools, tool_calls, rating, correction in rows:
             if correction is None and rating < min_rating:
                 continue
-            messages = [m for m in json.loads(messages_json) if m.get("role") in ("system", "user", "assistant")]
-            if not messages or messages[-1]["role"] != "user":
+            messages = [m for m in json.loads(messages_json) if m.get("role") in ("system", "user", "assistant", "tool")]
+            if not messages or messages[-1]["role"] not in ("user", "tool"):
                 continue  # not a prompt the model answers (e.g. a plain /generate prompt)
-            final = correction if correction is not None else answer
-            if not final.strip():
+            if correction is not None:
+                final: dict[str, Any] = {"role": "assistant", "content": correction}
+            elif tool_calls:
+                final = {"role": "assistant", "content": answer or None, "tool_calls": json.loads(tool_calls)}
+            else:
+                final = {"role": "assistant", "content": answer}
+            if not final.get("tool_calls") and not final["content"].strip():
                 continue
-            example: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": final}]}
+            example: dict[str, Any] = {"messages": [*messages, final]}
+            if tools:
+                example["tools"] = json.loads(tools)
             if correction is not None:
                 example["correction"] = True  # outranks other answers to the same prompt (tasks.data.sources)
             examples.append(example)
