@@ -20,8 +20,10 @@ from tasks.files import write_atomic
 from tasks.pipeline.html import Raw, bar_chart, badge, cards, line_chart, page, table, text
 
 # Metrics in the order the gate reads them; "lower is better" ones are marked in the table.
-METRICS = ["exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms", "tokens_per_second"]
-LOWER_IS_BETTER = {"perplexity", "latency_p95_ms"}
+METRICS = ["exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms", "tokens_per_second",
+           # Where the test split has tool-call examples (tasks.evaluate.tools).
+           "tool_name_accuracy", "tool_arguments_match", "tool_invalid_rate"]
+LOWER_IS_BETTER = {"perplexity", "latency_p95_ms", "tool_invalid_rate"}
 ROLE_ORDER = ["candidate", "champion", "base_few_shot", "base_zero_shot"]
 
 
