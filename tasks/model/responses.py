@@ -198,6 +198,7 @@ def check_calls(raw_calls: Any, tools: list[dict]) -> tuple[list[ToolCall], str]
     `{name, arguments}` or Llama's `{name, parameters}`, one or a list of them.
     """
     import jsonschema
+    from referencing.exceptions import Unresolvable
 
     schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
                for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)}
@@ -223,6 +224,8 @@ def check_calls(raw_calls: Any, tools: list[dict]) -> tuple[list[ToolCall], str]
             return [], f"arguments of {name!r} fail its schema: {exc.message}"
         except jsonschema.SchemaError as exc:
             return [], f"the schema of {name!r} is not a valid JSON schema: {exc.message}"
+        except Unresolvable as exc:  # a $ref the schema does not define (nothing is fetched)
+            return [], f"the schema of {name!r} has a reference that cannot be resolved: {exc}"
         calls.append(ToolCall(new_call_id(), name, arguments))
     return calls, ""
 

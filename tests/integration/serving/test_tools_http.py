@@ -46,7 +46,7 @@ def _joined_stream(chunks) -> tuple[str, list[dict], str | None]:
 def test_the_openai_client_gets_a_call_streamed_and_not_then_the_answer_from_its_result(tools_server, serving_dir):
     client = _client(tools_server)
     done = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS,
-                                          temperature=0, max_tokens=60)
+                                          temperature=0, max_tokens=120)
     choice = done.choices[0]
     assert choice.finish_reason == "tool_calls", choice.message
     assert choice.message.content is None and len(choice.message.tool_calls) == 1
@@ -55,7 +55,7 @@ def test_the_openai_client_gets_a_call_streamed_and_not_then_the_answer_from_its
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
 
     stream = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS,
-                                            temperature=0, max_tokens=60, stream=True)
+                                            temperature=0, max_tokens=120, stream=True)
     chunks = list(stream)
     content, calls, finish = _joined_stream(chunks)
     assert (content, finish) == ("", "tool_calls")
@@ -69,12 +69,12 @@ def test_the_openai_client_gets_a_call_streamed_and_not_then_the_answer_from_its
     # The tool's result goes back with the assistant's call, as an agent loop sends it.
     followed = [*ASK, choice.message, {"role": "tool", "tool_call_id": call.id, "content": "12 degrees and rain"}]
     final = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=followed, tools=WEATHER_TOOLS,
-                                           temperature=0, max_tokens=40)
+                                           temperature=0, max_tokens=60)
     assert final.choices[0].finish_reason == "stop"
     assert final.choices[0].message.content == "In Oslo it is 12 degrees and rain."
     assert not final.choices[0].message.tool_calls
     streamed = _joined_stream(client.chat.completions.create(
-        model=TOOLS_MODEL_NAME, messages=followed, tools=WEATHER_TOOLS, temperature=0, max_tokens=40, stream=True))
+        model=TOOLS_MODEL_NAME, messages=followed, tools=WEATHER_TOOLS, temperature=0, max_tokens=60, stream=True))
     assert streamed == ("In Oslo it is 12 degrees and rain.", [], "stop")
 
     # A rated call is exported as a training example with its tools and its call.
@@ -103,7 +103,7 @@ def test_tool_choice_none_gets_no_call_and_a_named_choice_forces_that_function(t
                                           temperature=0, max_tokens=30)
     assert free.choices[0].finish_reason == "stop" and not free.choices[0].message.tool_calls
     forced = client.chat.completions.create(
-        model=TOOLS_MODEL_NAME, messages=hello, tools=WEATHER_TOOLS, temperature=0, max_tokens=30,
+        model=TOOLS_MODEL_NAME, messages=hello, tools=WEATHER_TOOLS, temperature=0, max_tokens=120,
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     choice = forced.choices[0]
     assert choice.finish_reason in ("tool_calls", "invalid_tool_call"), choice
