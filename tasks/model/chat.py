@@ -35,14 +35,18 @@ change together, or what training masks and what serving renders drift apart aga
 from __future__ import annotations
 
 import bisect
+import json
 import re
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Literal
 
 from tasks.errors import ConfigError
 
 Message = dict[str, Any]
+Tools = list[dict] | None
+# An example as the data holds it: {"messages": [...], "tools": [...]}; or just its messages.
+Conversation = list[Message] | dict[str, Any]
 SystemPolicy = Literal["auto", "keep", "merge", "drop"]
 SYSTEM_POLICIES = ("auto", "keep", "merge", "drop")
 
@@ -152,16 +156,49 @@ def _system_loss(tokenizer) -> str | None:
 # ------------------------------------------------------------------------------ rendering
 
 
-def render_prompt(tokenizer, messages: list[Message], system_message: str = "auto") -> str:
+def render_prompt(tokenizer, messages: list[Message], system_message: str = "auto", tools: Tools = None) -> str:
     """The text the model continues: every message, then the assistant's turn opened.
 
     Args:
         tokenizer: the model's tokenizer, with its chat template.
-        messages: the conversation so far.
+        messages: the conversation so far (assistant `tool_calls`, `tool` results and
+            `reasoning_content` included).
         system_message: the policy the model was trained with (`data.system_message`).
+        tools: the OpenAI tool schemas the model may call (`[{"type": "function",
+            "function": {name, description, parameters}}]`), rendered by the template.
     """
     action = system_handling(tokenizer, system_message).action
-    return _render(tokenizer, [apply_system_policy(messages, action)], True)[0]
+    return _render(tokenizer, [template_messages(apply_system_policy(messages, action))], True, tools)[0]
+
+
+def template_messages(messages: list[Message]) -> list[Message]:
+    """The messages as chat templates read them.
+
+    `thinking` is renamed `reasoning_content` (the name templates read), keys set to
+    None are left out (Llama 3.1 tests `'tool_calls' in message`), and a call's
+    `arguments`, a JSON string in the OpenAI format, become the object it encodes: the
+    published templates write them with `tojson`, which would quote a string a second time.
+    """
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None or k == "content"}
+        if "thinking" in m:
+            m = {k: v for k, v in m.items() if k != "thinking"} | {"reasoning_content": m["thinking"]}
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [_call_for_template(c) for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+def _call_for_template(call: dict) -> dict:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call  # validation names it; the template writes the text as given
+    return {**call, "function": {**function, "arguments": arguments}} if isinstance(arguments, dict) else call
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -175,13 +212,18 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _render(tokenizer, conversations: list[list[Message]], add_generation_prompt: bool) -> list[str]:
+def _render(
+    tokenizer, conversations: list[list[Message]], add_generation_prompt: bool, tools: Tools = None
+) -> list[str]:
+    """Conversations (in template form) rendered by the chat template, all with the same `tools`."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError(
             f"{_model_name(tokenizer)}: the tokenizer has no chat template; use a chat/instruct model as model.base "
             "or give the base model a chat template"
         )
-    return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        conversations, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _template_key(tokenizer) -> tuple:
@@ -249,7 +291,8 @@ class TemplatePlan:
 
 
 def encode_chats(
-    tokenizer, conversations: list[list[Message]], train_on_prompt: bool = False, system_message: str = "auto"
+    tokenizer, conversations: list[Conversation], train_on_prompt: bool = False, system_message: str = "auto",
+    tools: Tools = None,
 ) -> list[Encoded]:
     """Tokenize conversations with the chat template, marking the assistant tokens exactly.
 
@@ -258,14 +301,16 @@ def encode_chats(
     with the same sequence of roles share one rendered skeleton (contents replaced by
     markers) in which every answer is located once; each conversation is rendered once
     for real and must equal its filled-in skeleton (otherwise, e.g. a template that
-    rewrites contents, its answers are located by rendering its own prefixes). The texts
-    are encoded in one batch by the Rust tokenizer.
+    rewrites contents, or a conversation with tools, its answers are located by rendering
+    its own prefixes). The texts are encoded in one batch by the Rust tokenizer.
 
     Args:
         tokenizer: a fast Hugging Face tokenizer with a chat template.
-        conversations: canonical message lists (structurally valid).
+        conversations: canonical examples (`{"messages": [...], "tools": [...]}`, the
+            tools read per example) or bare message lists (structurally valid).
         train_on_prompt: mark every token, not only the assistant's.
         system_message: `data.system_message` (auto, keep, merge, drop).
+        tools: the tool schemas of conversations that carry none of their own.
 
     Returns:
         One `Encoded` per conversation.
@@ -277,28 +322,44 @@ def encode_chats(
         return []
     plan = check_template(tokenizer, system_message)
     action = system_handling(tokenizer, system_message).action
-    convs = [apply_system_policy(c, action) for c in conversations]
-    texts, spans, errors = (_generation_spans if plan.method == "generation" else _offset_spans)(tokenizer, convs)
+    chats = [_chat(c, tools, action) for c in conversations]
+    texts, spans, errors = (_generation_spans if plan.method == "generation" else _offset_spans)(tokenizer, chats)
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     out = []
-    for conv, enc, found, error in zip(convs, encodings, spans, errors):
+    for chat, enc, found, error in zip(chats, encodings, spans, errors):
         ids = enc.ids  # a fresh list on every access of the Rust encoding
         mask, last = _mask(ids, enc.offsets, found, plan.end_of_turn)
-        answers = sum(m.get("role") == "assistant" and isinstance(m.get("content"), str) for m in conv)
+        answers = sum(m.get("role") == "assistant" and isinstance(m.get("content"), str) for m in chat.messages)
         if train_on_prompt:
             mask = [1] * len(mask)
         out.append(Encoded(ids, mask, last, 0 if error else max(0, answers - len(found)), error))
     return out
 
 
-def encode_chat(tokenizer, messages: list[Message], train_on_prompt: bool = False, system_message: str = "auto") -> Encoded:
+@dataclass(frozen=True)
+class _Chat:
+    """One conversation as the template renders it: its messages (system policy applied) and tools."""
+
+    messages: list[Message]
+    tools: Tools = None
+
+
+def _chat(conversation: Conversation, tools: Tools, action: str) -> _Chat:
+    if isinstance(conversation, dict):
+        tools, conversation = conversation.get("tools") or tools, conversation["messages"]
+    return _Chat(template_messages(apply_system_policy(conversation, action)), tools or None)
+
+
+def encode_chat(
+    tokenizer, messages: Conversation, train_on_prompt: bool = False, system_message: str = "auto", tools: Tools = None
+) -> Encoded:
     """`encode_chats` for one conversation."""
-    return encode_chats(tokenizer, [messages], train_on_prompt, system_message)[0]
+    return encode_chats(tokenizer, [messages], train_on_prompt, system_message, tools)[0]
 
 
-def count_tokens(tokenizer, messages: list[Message], system_message: str = "auto") -> tuple[int, int]:
+def count_tokens(tokenizer, messages: Conversation, system_message: str = "auto", tools: Tools = None) -> tuple[int, int]:
     """(total tokens, assistant tokens) of a conversation under the chat template."""
-    enc = encode_chat(tokenizer, messages, system_message=system_message)
+    enc = encode_chat(tokenizer, messages, system_message=system_message, tools=tools)
     return len(enc.input_ids), enc.trained_tokens
 
 
@@ -324,7 +385,7 @@ def check_template(tokenizer, system_message: str = "auto") -> TemplatePlan:
     action = system_handling(tokenizer, system_message).action
     probe = apply_system_policy(_PROBE, action)
     if _GENERATION_BLOCK.search(tokenizer.get_chat_template()):
-        _, spans, errors = _generation_spans(tokenizer, [probe])
+        _, spans, errors = _generation_spans(tokenizer, [_Chat(probe)])
         problem = errors[0] or (None if spans[0] else "has {% generation %} blocks but marks no assistant text in them")
         plan = TemplatePlan("generation")
     else:
@@ -392,18 +453,18 @@ def _end_of_turn(tokenizer, text: str, spans: list[_Span]) -> tuple[int, ...]:
     return tuple(shared)
 
 
-def _generation_spans(tokenizer, convs: list[list[Message]]) -> tuple[list[str], list[list[_Span]], list[str]]:
+def _generation_spans(tokenizer, chats: list[_Chat]) -> tuple[list[str], list[list[_Span]], list[str]]:
     """Texts, the `{% generation %}` spans of each (the template decides what is trained), and errors."""
     from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import render_jinja_template
 
     texts, spans, errors = [], [], []
-    for conv in convs:
-        plain = [{k: v for k, v in m.items() if v is not None} for m in conv]  # as apply_chat_template does
+    for chat in chats:
+        plain = [{k: v for k, v in m.items() if v is not None} for m in chat.messages]  # as apply_chat_template does
         try:
             rendered, indices = render_jinja_template(
-                conversations=[plain], chat_template=tokenizer.get_chat_template(), return_assistant_tokens_mask=True,
-                add_generation_prompt=False, **tokenizer.special_tokens_map,
+                conversations=[plain], tools=chat.tools, chat_template=tokenizer.get_chat_template(),
+                return_assistant_tokens_mask=True, add_generation_prompt=False, **tokenizer.special_tokens_map,
             )  # fmt: skip
         except TemplateError as exc:
             rendered, indices = [""], [[]]
@@ -415,26 +476,29 @@ def _generation_spans(tokenizer, convs: list[list[Message]]) -> tuple[list[str],
     return texts, spans, errors
 
 
-def _offset_spans(tokenizer, convs: list[list[Message]]) -> tuple[list[str], list[list[_Span]], list[str]]:
+def _offset_spans(tokenizer, chats: list[_Chat]) -> tuple[list[str], list[list[_Span]], list[str]]:
     """Texts, located assistant answers (through one skeleton per sequence of roles), and errors."""
     from jinja2 import TemplateError
 
+    rendered: list[str | None] = [None] * len(chats)
+    plain = [k for k, c in enumerate(chats) if not c.tools]  # rendered in one call; those with tools one by one
     try:
-        rendered = _render(tokenizer, convs, False)
+        for k, text in zip(plain, _render(tokenizer, [chats[k].messages for k in plain], False) if plain else []):
+            rendered[k] = text
     except TemplateError:
-        rendered = [None] * len(convs)  # one of them is refused: render each alone to tell which
+        pass  # one of them is refused: render each alone to tell which
     texts, spans, errors = [], [], []
-    for conv, text in zip(convs, rendered):
+    for chat, text in zip(chats, rendered):
         try:
-            text = _render(tokenizer, [conv], False)[0] if text is None else text
+            text = _render(tokenizer, [chat.messages], False, chat.tools)[0] if text is None else text
         except TemplateError as exc:
             texts.append("")
             spans.append([])
             errors.append(f"raises {str(exc)!r}")
             continue
-        found = _from_skeleton(tokenizer, conv, text)
+        found = None if chat.tools else _from_skeleton(tokenizer, chat.messages, text)
         if found is None:  # the template treats this conversation's contents specially
-            located = _locate(tokenizer, conv, text, per_turn=True)
+            located = _locate(tokenizer, chat.messages, text, per_turn=True, tools=chat.tools)
             found = located if isinstance(located, list) else []
         texts.append(text)
         spans.append(found)
@@ -484,7 +548,9 @@ def _from_skeleton(tokenizer, conv: list[Message], text: str) -> list[_Span] | N
     return [_Span(moved(s.start), moved(s.end)) for s in turns]
 
 
-def _locate(tokenizer, messages: list[Message], text: str, per_turn: bool = False) -> list[_Span] | str:
+def _locate(
+    tokenizer, messages: list[Message], text: str, per_turn: bool = False, tools: Tools = None
+) -> list[_Span] | str:
     """Find each assistant answer of `messages` in their rendered `text`.
 
     The conversation before an answer, rendered with the generation prompt, must be a
@@ -503,7 +569,7 @@ def _locate(tokenizer, messages: list[Message], text: str, per_turn: bool = Fals
 
     answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and isinstance(m.get("content"), str)]
     try:
-        prompts = [_render(tokenizer, [messages[:i]], True)[0] if i else "" for i in answers]
+        prompts = [_render(tokenizer, [messages[:i]], True, tools)[0] if i else "" for i in answers]
     except TemplateError as exc:
         return [] if per_turn else f"raises {str(exc)!r} on a conversation that ends with a question"
     spans = []
