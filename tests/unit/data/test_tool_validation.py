@@ -21,6 +21,7 @@ from tasks.data.tokens import TrainingBudget
 from tasks.data.validate import validate_dataset, write_fixed
 from tasks.errors import PrepareError
 from tasks.model.loading import load_tokenizer, resolve_base
+from tests.conftest import REPO
 from tests.families import family_models  # noqa: F401  (the fixture)
 
 
@@ -188,3 +189,18 @@ def test_a_trace_the_template_drops_is_an_error_with_its_line_unless_traces_are_
     off = validate_dataset(path, DataParams(max_tokens=512), tokenizer=qwen3,
                            budget=TrainingBudget(seq_len=512, train_reasoning=False))
     assert off.valid
+
+
+def test_the_tools_task_data_is_deterministic_and_valid(tmp_path: Path, tok) -> None:
+    from scripts.make_tools_data import main, make_tool_examples
+
+    assert make_tool_examples(30, seed=11) == make_tool_examples(30, seed=11) != make_tool_examples(30, seed=12)
+    assert main(["--out", str(tmp_path / "tools.jsonl"), "--count", "2000", "--seed", "11"]) == 0
+    # the tracked file (data.dvc; `dvc pull`) is what the generator writes
+    assert (REPO / "data/tools.jsonl").read_bytes() == (tmp_path / "tools.jsonl").read_bytes()
+    write(tmp_path, make_tool_examples(60, seed=11), "small.jsonl")
+    report = validate_dataset(tmp_path / "small.jsonl", DataParams(max_tokens=1280), tokenizer=tok,
+                              budget=TrainingBudget(seq_len=1280))
+    assert report.valid and report.errors == {} and report.warnings == {"no_system_message": 60}
+    names = {e["messages"][1]["tool_calls"][0]["function"]["name"] for e in make_tool_examples(60, seed=11)}
+    assert names == {"get_weather", "get_time", "convert_currency"}
