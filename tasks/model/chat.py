@@ -5,13 +5,23 @@ through this module, and validation, prepare and training all count and mask tok
 through `encode_chats`, so the text a model is trained on and the text it is served with
 cannot drift apart, and there is one token count.
 
-Assistant masks are exact for any chat template:
+Examples carry OpenAI tool schemas beside their messages (`{"messages": [...], "tools":
+[...]}`); the tools reach the template wherever the project renders (`tools=` of
+`apply_chat_template`), and messages are given to it in the form published templates read
+(`template_messages`: call arguments as objects, `thinking` as `reasoning_content`).
+
+Assistant masks are exact for any chat template. Every assistant turn is trained, a tool
+call (as the template writes it) as well as an answer, with its reasoning trace unless
+`train.train_reasoning` is off; a `weight: 0` turn is not, and `train.train_turns: last`
+trains only the last one. Prompts, system text, tool schemas and tool results never are.
+The assistant tokens are found in one of two ways:
 
 - a template with `{% generation %}` blocks marks the assistant text itself (the spans
   transformers' `return_assistant_tokens_mask` reads);
 - any other template is rendered once per conversation and tokenized once with character
-  offsets. Each assistant answer is located by characters: the conversation up to it,
+  offsets. Each assistant turn is located by characters: the conversation up to it,
   rendered with the generation prompt, must be a prefix of the whole text, and the answer
+  (or the trace, content and each call's name and arguments, up to the end-of-turn token)
   must follow. The mask is everything the model writes after that prompt (the answer, and
   text such as Qwen 3's empty `<think>` block), plus the special tokens the template puts
   right after it before the next turn (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`,
@@ -21,7 +31,9 @@ Assistant masks are exact for any chat template:
   that writes BOS gets no second one.
 
 Where neither method can mask a template, `check_template` raises a `ConfigError` before
-anything is trained, naming the model, what the template did and the setting that fixes it.
+anything is trained, naming the model, what the template did and the setting that fixes it;
+so do `check_tool_rendering` and `check_reasoning_rendering`, probed once per template when
+the data has tools or traces, for a template that would lose them.
 
 System messages follow `data.system_message`: `keep`, `merge` (into the first user turn),
 `drop`, or `auto`, which keeps them unless the template raises on them or loses them
