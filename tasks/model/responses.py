@@ -330,14 +330,15 @@ def forced_call_opening(tokenizer, messages: list[dict], tools: list[dict], name
     """
     from jinja2 import TemplateError
 
-    from tasks.model.chat import apply_system_policy, render_prompt, system_handling
+    from tasks.model.chat import apply_system_policy, render_prompt, system_handling, template_messages
 
     probe = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "probe0001", "type": "function", "function": {"name": _PROBE_FUNCTION, "arguments": {}}}]}
     action = system_handling(tokenizer, system_message).action
     try:
         prompt = render_prompt(tokenizer, messages, system_message, tools)
-        full = tokenizer.apply_chat_template([apply_system_policy([*messages, probe], action)], tokenize=False,
+        full = tokenizer.apply_chat_template([template_messages(apply_system_policy([*messages, probe], action))],
+                                             tokenize=False,
                                              tools=tools, add_generation_prompt=False)[0]
     except TemplateError:
         return None
