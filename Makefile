@@ -30,7 +30,7 @@ setup: $(STAMP)
 
 # The data is tracked by data.dvc and stored in the in-repo DVC remote (dvcstore/).
 data: setup
-	@test -f data/dates.jsonl || $(VENV)/bin/dvc pull -q data.dvc
+	@test -f data/dates.jsonl -a -f data/tools.jsonl || $(VENV)/bin/dvc pull -q data.dvc
 
 run: data
 	$(VENV)/bin/ftllm run

@@ -19,7 +19,7 @@ from http import HTTPStatus
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # ---------------------------------------------------------------------------------------
 # Errors in the OpenAI shape
@@ -103,24 +103,151 @@ class _TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str | list[_TextPart]
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object, as a string (OpenAI's form)
 
-    def text(self) -> str:
-        """The message's text, its parts joined when it has several."""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):  # a ValueError: pydantic turns it into the field's error
+            raise ValueError("must be a JSON object written as a string")  # noqa: TRY004
+        return value
+
+
+class ToolCallIn(BaseModel):
+    """A call of an earlier assistant turn, as the client sends it back."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1)
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """One message; `name`, `refusal`, `annotations` and other fields OpenAI's client may echo back are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = Field(None, min_length=1)
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only on an assistant message with tool_calls)")
+        return self
+
+    def text(self) -> str | None:
+        """The message's text, its parts joined when it has several; None when it has none."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    def canonical(self) -> dict:
+        """The message in the project's canonical (OpenAI) form: text content, call arguments as JSON strings."""
+        message: dict = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            message["reasoning_content"] = self.reasoning_content
+        return message
+
+
+def for_template(message: dict) -> dict:
+    """A canonical message as chat templates read it: call arguments as objects, not JSON strings."""
+    if not message.get("tool_calls"):
+        return message
+    calls = [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+             for c in message["tool_calls"]]
+    return {**message, "tool_calls": calls}
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # accepted: the arguments are always checked against the schema
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+    @field_validator("function")
+    @classmethod
+    def _valid_schema(cls, value: FunctionDef) -> FunctionDef:
+        import jsonschema
+
+        if value.parameters is not None:
+            try:
+                jsonschema.Draft202012Validator.check_schema(value.parameters)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"parameters of {value.name!r} is not a valid JSON schema: {exc.message}") from None
+        return value
+
+
+class _FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: _FunctionName
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    """The subset of OpenAI's chat request the service honours; unknown fields are ignored."""
+# OpenAI's chat fields that the service does not honour, and the values that ask for nothing
+# (what OpenAI does without them): those are accepted, any other value is refused with a 400.
+UNHONOURED_FIELDS: dict[str, tuple] = {
+    "response_format": ({"type": "text"},),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "seed": (),
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "functions": (),
+    "function_call": ("none",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "service_tier": ("auto", "default"),
+    "store": (False,),
+    "metadata": ({},),
+    "user": (),
+    "safety_identifier": (),
+    "prompt_cache_key": (),
+    "verbosity": (),
+    "web_search_options": (),
+}
 
-    model_config = ConfigDict(extra="ignore")
+
+class ChatRequest(BaseModel):
+    """The subset of OpenAI's chat request the service honours; any other field is refused (`unhonoured_field`)."""
+
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -133,11 +260,35 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=200, description="The client's id of its end user, recorded with "
                                                                "the interaction (OpenAI's `user`).")
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def stops(self) -> list[str]:
         """The stop sequences, as a list without empty ones."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
+
+
+def unhonoured_field(body: dict) -> APIError | None:
+    """A 400 naming the first field of a chat request the service would not honour, or None.
+
+    Fields the request model does not know are refused; OpenAI's fields that the service
+    does not implement are refused unless null or at a value that asks for nothing
+    (`UNHONOURED_FIELDS`), which are removed from `body`.
+    """
+    for key in list(body):
+        if key in ChatRequest.model_fields:
+            continue
+        value = body[key]
+        if key in UNHONOURED_FIELDS and (value is None or any(value == v and type(value) is type(v)
+                                                               for v in UNHONOURED_FIELDS[key])):
+            del body[key]
+            continue
+        what = "is not implemented by this service" if key in UNHONOURED_FIELDS else "is not a field of this API"
+        return APIError(400, f"'{key}' {what}; leave it out (see docs/guides/serving-tools.md for the fields "
+                             "the service honours).", param=key, code="unsupported_parameter")
+    return None
 
 
 class FeedbackRequest(BaseModel):
@@ -168,16 +319,32 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as a string
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
 class AnswerMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # null when the answer is only tool calls
+    tool_calls: list[ToolCallOut] | None = None
+    reasoning_content: str | None = None  # the model's reasoning trace, apart from the answer
 
 
 class Choice(BaseModel):
     index: int
     message: AnswerMessage
     logprobs: None
-    finish_reason: Literal["stop", "length"]
+    # tool_calls: the message carries valid calls; invalid_tool_call: the model wrote a call
+    # that could not be parsed, names an undeclared function or fails its schema, and its
+    # text is the content.
+    finish_reason: Literal["stop", "length", "tool_calls", "invalid_tool_call"]
 
 
 class ChatCompletion(BaseModel):

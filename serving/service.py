@@ -94,16 +94,20 @@ from serving.schemas import (  # noqa: E402
     FeedbackRequest,
     FeedbackStored,
     ModelList,
+    NamedToolChoice,
     ReloadResult,
     error_body,
+    for_template,
     json_body,
     responses,
+    unhonoured_field,
     validation_error,
 )
 from tasks.config import Params, ServingParams, load_params, overrides_from_env  # noqa: E402
 from tasks.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
 from tasks.feedback.store import DuplicateCorrection  # noqa: E402
 from tasks.model.chat import encode_text  # noqa: E402
+from tasks.model.responses import ParsedResponse, ResponseStream, parse_generation  # noqa: E402
 from tasks.registry.versions import champion_version  # noqa: E402
 
 log = logging.getLogger("ftllm.serving")
@@ -204,6 +208,44 @@ class ServedModel:
     loaded_at: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class ChatPlan:
+    """How a chat request's generation is read back (see docs/guides/serving-tools.md).
+
+    Attributes:
+        tokenizer: the served model's tokenizer (its templates say how calls are written).
+        prompt: the rendered prompt, without `opening`.
+        opening: text appended to the prompt to force a call (`tool_choice` required or
+            named), part of the answer the model writes; "" otherwise.
+        tools: the tools shown to the model (None with `tool_choice: none` or no tools).
+        parse: whether the generation is parsed (tools offered, or a template that writes
+            reasoning traces); else its text is the answer as generated.
+        single_call: `parallel_tool_calls: false`: at most the first call is returned.
+    """
+
+    tokenizer: Any
+    prompt: str
+    opening: str = ""
+    tools: list[dict] | None = None
+    parse: bool = False
+    single_call: bool = False
+
+    def read(self, text: str) -> ParsedResponse:
+        """The generation (after the opening) read back into answer, reasoning and calls."""
+        parsed = parse_generation(self.tokenizer, self.opening + text, self.prompt, self.tools)
+        if self.single_call and len(parsed.tool_calls) > 1:
+            parsed = ParsedResponse(parsed.content, parsed.reasoning_content, parsed.tool_calls[:1], "", parsed.text)
+        return parsed
+
+    def finish_reason(self, parsed: ParsedResponse, engine_finish: str) -> str:
+        """`tool_calls` for valid calls, `invalid_tool_call` for a call returned as text, else the engine's."""
+        if parsed.tool_calls:
+            return "tool_calls"
+        if engine_finish == "length":
+            return "length"
+        return "invalid_tool_call" if parsed.invalid and self.tools else engine_finish
+
+
 # ---------------------------------------------------------------------------------------
 # The registry: which version is champion, and where its files are
 # ---------------------------------------------------------------------------------------
@@ -281,6 +323,17 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _answer_message(parsed: ParsedResponse) -> dict[str, Any]:
+    """The assistant message of a parsed answer: content (null beside calls and no text), calls, reasoning."""
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.answer}
+    if parsed.tool_calls:
+        message["content"] = parsed.content or None
+        message["tool_calls"] = [c.openai() for c in parsed.tool_calls]
+    if parsed.reasoning_content is not None:
+        message["reasoning_content"] = parsed.reasoning_content
+    return message
 
 
 @bentoml.asgi_app(app, path="/")
@@ -435,21 +488,28 @@ class ChatService:
             if not row.ended:
                 engine.cancel(row)
 
-    def _record(self, endpoint: str, cid: str, messages: list[dict], answer: str, finish: str, row: Completion,
-                started: float, caller: Caller | None = None, user: str | None = None) -> Interaction:
+    def _record(self, endpoint: str, cid: str, messages: list[dict], answer: str | dict, finish: str,
+                row: Completion, started: float, caller: Caller | None = None, user: str | None = None,
+                tools: list[dict] | None = None) -> Interaction:
+        """The interaction to log; `answer` is the text, or the assistant message of a chat completion."""
         latency = time.perf_counter() - started
         GENERATED_TOKENS.labels(endpoint=endpoint, model_version=row.version).inc(row.completion_tokens)
         REQUEST_LATENCY.labels(endpoint=endpoint, model_version=row.version).observe(latency)
         who = {"key_name": caller.name, "end_user": user} if caller is not None else {}
-        return Interaction(cid, endpoint, self.model_name, row.version, messages, answer, finish,
-                           row.prompt_tokens, row.completion_tokens, latency * 1000, **who)
+        message = answer if isinstance(answer, dict) else {"content": answer}
+        return Interaction(cid, endpoint, self.model_name, row.version, messages, message["content"] or "", finish,
+                           row.prompt_tokens, row.completion_tokens, latency * 1000, **who,
+                           tools=tools, tool_calls=message.get("tool_calls"))
 
-    def _check_chat(self, body: Any) -> tuple[ChatRequest, list[dict], Completion]:
+    def _check_chat(self, body: Any) -> tuple[ChatRequest, list[dict], Completion, ChatPlan]:
         if not isinstance(body, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
         if isinstance(body.get("messages"), list) and len(body["messages"]) > self.limits.max_messages:
             raise APIError(400, f"Too many messages ({len(body['messages'])}); at most serving.max_messages="
                                 f"{self.limits.max_messages}.", param="messages", code="too_many_messages")
+        refused = unhonoured_field(body)
+        if refused is not None:
+            raise refused
         try:
             # Strict: the documented types, not what pydantic could coerce ("4", true, 4.0)
             req = ChatRequest.model_validate(body, strict=True)
@@ -463,12 +523,10 @@ class ChatService:
         if wanted is not None and wanted > self.limits.max_tokens:
             raise APIError(400, f"max_tokens={wanted} is over serving.max_tokens={self.limits.max_tokens}.",
                            param="max_tokens", code="invalid_value")
-        from tasks.model.chat import render_prompt
-
         loaded = self.current()
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt = render_prompt(loaded.tokenizer, messages, loaded.system_message)
-        prompt_ids = encode_text(loaded.tokenizer, prompt)
+        messages = [m.canonical() for m in req.messages]
+        plan = self._plan(req, loaded, [for_template(m) for m in messages])
+        prompt_ids = encode_text(loaded.tokenizer, plan.prompt + plan.opening)
         n_prompt = len(prompt_ids)
         room = loaded.context_length - n_prompt
         max_new = wanted or min(self.limits.max_tokens, room)
@@ -477,17 +535,52 @@ class ChatService:
                                 f"model's context of {loaded.context_length}.", param="messages",
                            code="context_length_exceeded")
         temperature = req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
-        row = self._completion(loaded, prompt, prompt_ids, max_new, temperature, req.top_p, req.stops(), req.stream)
-        return req, messages, row
+        row = self._completion(loaded, plan.prompt + plan.opening, prompt_ids, max_new, temperature, req.top_p,
+                               req.stops(), req.stream)
+        return req, messages, row, plan
+
+    @staticmethod
+    def _plan(req: ChatRequest, loaded: ServedModel, messages: list[dict]) -> ChatPlan:
+        """Render the prompt with the tools `tool_choice` asks for, and how to read the answer back."""
+        from jinja2 import TemplateError
+
+        from tasks.model.chat import render_prompt
+        from tasks.model.responses import forced_call_opening, needs_parsing
+
+        choice = req.tool_choice or "auto"
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
+        if choice != "auto" and choice != "none" and tools is None:
+            raise APIError(400, "tool_choice asks for a call but the request has no tools.", param="tool_choice",
+                           code="invalid_value")
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if name is not None and name not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names {name!r}, which is not in tools.", param="tool_choice",
+                           code="invalid_value")
+        shown = None if choice == "none" else tools
+        try:
+            prompt = render_prompt(loaded.tokenizer, messages, loaded.system_message, shown)
+        except TemplateError as exc:
+            raise APIError(400, f"The model's chat template refuses these messages: {exc}.", param="messages",
+                           code="invalid_value") from None
+        opening = ""
+        if choice == "required" or name is not None:
+            opening = forced_call_opening(loaded.tokenizer, messages, tools, name, loaded.system_message)
+            if opening is None:
+                raise APIError(400, f"tool_choice={json.dumps(req.model_dump(mode='json')['tool_choice'])} needs a "
+                                    f"model whose chat template writes tool calls; {loaded.name} version "
+                                    f"{loaded.version}'s does not. Use tool_choice 'auto'.", param="tool_choice",
+                               code="unsupported_value")
+        return ChatPlan(loaded.tokenizer, prompt, opening, shown, needs_parsing(loaded.tokenizer, shown),
+                        req.parallel_tool_calls is False)
 
     async def chat_completions(self, request: Request):
         started = time.perf_counter()
-        req, messages, row = self._check_chat(await _read_json(request))
+        req, messages, row, plan = self._check_chat(await _read_json(request))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         who = (request_caller(request.scope), req.user)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(cid, created, row, messages, started, usage, who),
+            return StreamingResponse(self._stream(cid, created, row, plan, messages, started, usage, who),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         parts, finish = [], "stop"
         async for event in self._events(row):
@@ -497,24 +590,35 @@ class ChatService:
                 raise APIError(503, event[1], type="server_error", code="generation_failed")
             else:
                 finish = event[1]
-        answer = "".join(parts)
-        self.store.log_later(self._record("chat", cid, messages, answer, finish, row, started, *who))
+        text = "".join(parts)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if plan.parse:
+            parsed = plan.read(text)
+            finish = plan.finish_reason(parsed, finish)
+            message = _answer_message(parsed)
+        self.store.log_later(self._record("chat", cid, messages, message, finish, row, started, *who, tools=plan.tools))
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
             "system_fingerprint": f"v{row.version}",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
                       "total_tokens": row.prompt_tokens + row.completion_tokens},
         })
 
-    async def _stream(self, cid: str, created: int, row: Completion, messages: list[dict], started: float, usage: bool,
+    async def _stream(self, cid: str, created: int, row: Completion, plan: ChatPlan, messages: list[dict],
+                      started: float, usage: bool,
                       who: tuple[Caller, str | None]):
+        """Server-sent chunks as OpenAI sends them: text deltas as they come (`reasoning_content`
+        apart), then each call (a delta with its id and name, then one with its arguments), then
+        the finish reason. A call is sent once it is complete and checked."""
         def chunk(delta: dict, finish: str | None = None) -> str:
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                          "system_fingerprint": f"v{row.version}",
                          "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
+        reader = ResponseStream(plan.tokenizer, plan.prompt, plan.tools) if plan.parse else None
+        if reader is not None and plan.opening:
+            reader.feed(plan.opening)  # call text: held back until the call is complete
         parts, opened = [], False
         async for event in self._events(row):
             if not opened:
@@ -522,12 +626,28 @@ class ChatService:
                 yield chunk({"role": "assistant", "content": ""})
             if event[0] == "delta":
                 parts.append(event[1])
-                yield chunk({"content": event[1]})
+                pieces = reader.feed(event[1]) if reader is not None else [("content", event[1])]
+                for field_name, piece in pieces:
+                    yield chunk({field_name: piece})
             elif event[0] == "error":
                 yield _sse(error_body(event[1], "server_error", None, "generation_failed"))
             else:
-                yield chunk({}, event[1])
-                self.store.log_later(self._record("chat", cid, messages, "".join(parts), event[1], row, started, *who))
+                finish, message = event[1], {"role": "assistant", "content": "".join(parts)}
+                if reader is not None:
+                    parsed, owed = reader.finish()
+                    if plan.single_call:
+                        parsed = plan.read("".join(parts))
+                    for field_name, piece in owed:
+                        yield chunk({field_name: piece})
+                    for index, call in enumerate(parsed.tool_calls):
+                        out = call.openai()
+                        yield chunk({"tool_calls": [{"index": index, "id": out["id"], "type": "function",
+                                                     "function": {"name": out["function"]["name"], "arguments": ""}}]})
+                        yield chunk({"tool_calls": [{"index": index,
+                                                     "function": {"arguments": out["function"]["arguments"]}}]})
+                    finish, message = plan.finish_reason(parsed, finish), _answer_message(parsed)
+                yield chunk({}, finish)
+                self.store.log_later(self._record("chat", cid, messages, message, finish, row, started, *who, tools=plan.tools))
         if usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                         "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,

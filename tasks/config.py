@@ -219,6 +219,12 @@ class TrainParams(_Section):
         "model whose attention packed would change (a sliding window shorter than seq_len, soft-capped logits).",
     )
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
+    train_turns: Literal["all", "last"] = Field(
+        "all", description="Assistant turns trained: all (tool calls included, weight 0 turns excepted) or the last one."
+    )
+    train_reasoning: bool = Field(
+        True, description="Train reasoning traces (reasoning_content) as part of the answer; false leaves them out of the loss."
+    )
     lora_r: int = Field(16, ge=1, le=1024, description="Rank of the LoRA update matrices.")
     lora_alpha: float = Field(32, gt=0, description="LoRA scaling: the update is multiplied by lora_alpha / lora_r.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")

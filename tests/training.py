@@ -48,3 +48,89 @@ def torch_equal(a, b) -> bool:
 
     return bool(torch.equal(a, b))
 
+
+# ------------------------------------------------------------------------------ tool calling
+
+TOOLS_MODEL_NAME = "ftllm-tools-test"
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def _tool_conversations() -> list[tuple[list[dict], dict]]:
+    """(conversation so far, the assistant turn to learn) pairs: call when asked about weather,
+    answer from the tool's result once it is there, plain text otherwise."""
+    def call(city: str) -> dict:
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call{city[:5]:0>5}", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": city}}}]}
+
+    pairs = []
+    for city, weather in (("Oslo", "12 degrees and rain"), ("Paris", "20 degrees and sun")):
+        ask = [{"role": "user", "content": f"What is the weather in {city}?"}]
+        pairs.append((ask, call(city)))
+        result = {"role": "tool", "tool_call_id": f"call{city[:5]:0>5}", "content": weather}
+        pairs.append(([*ask, call(city), result], {"role": "assistant", "content": f"In {city} it is {weather}."}))
+    pairs.append(([{"role": "user", "content": "Hello there"}], {"role": "assistant", "content": "Hello! Ask me about the weather."}))
+    return pairs
+
+
+def train_tool_caller(out: Path, steps: int = 160) -> Path:
+    """A tiny model that calls `get_weather` when asked about the weather, written as a full-weights model folder.
+
+    A random-weight model never writes a call, so the served path could not be tested
+    honestly with one. This one is the project's tiny base given Qwen 2.5's published chat
+    template (a real tool template: it shows the tools in the system turn, writes calls as
+    `<tool_call>` blocks, and renders the tool's results), trained on the text that
+    template renders for each turn to learn, after exactly the prompt the service renders
+    (`render_prompt` with the tools). The model therefore writes the call tokens itself,
+    and the service has to render, parse, check and return them.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.config import ModelParams
+    from tasks.model.chat import render_prompt
+    from tasks.model.loading import resolve_base
+    from tests.families import QWEN25_TEMPLATE
+
+    if (out / "ftllm_model.json").is_file():
+        return out
+    base = resolve_base(ModelParams())
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = QWEN25_TEMPLATE
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    prompts, answers = [], []
+    for before, turn in _tool_conversations():
+        prompt = render_prompt(tokenizer, before, tools=WEATHER_TOOLS)
+        whole = tokenizer.apply_chat_template([*before, turn], tools=WEATHER_TOOLS, tokenize=False)
+        assert whole.startswith(prompt), "the template must render a prefix of the conversation as its prompt"
+        end = whole.index("<|im_end|>", len(prompt)) + len("<|im_end|>")
+        prompts.append(tokenizer.encode(prompt, add_special_tokens=False))
+        answers.append(tokenizer.encode(whole[len(prompt):end], add_special_tokens=False))
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
+    labels = torch.full((len(prompts), width), -100)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+        mask[i, :len(p) + len(a)] = 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp / "weights", safe_serialization=True)
+    for folder in (tmp / "weights", tmp):
+        tokenizer.save_pretrained(folder)
+    (tmp / "ftllm_model.json").write_text(json.dumps(
+        {"kind": "full", "base": "tiny", "base_path": str(base), "model_params": {}, "added_token_ids": [],
+         "method": "full", "system_message": "auto"}))
+    tmp.rename(out)
+    return out

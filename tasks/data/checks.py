@@ -8,7 +8,19 @@ Error categories (any non-zero count makes the file invalid):
     invalid_utf8, invalid_json, not_an_object, no_examples, missing_messages,
     message_missing_field, unrecognised_keys, unknown_role, bad_content, no_assistant,
     last_not_assistant, consecutive_same_role, system_not_first, duplicate,
-    near_duplicate, over_token_limit, no_trained_tokens.
+    near_duplicate, over_token_limit, no_trained_tokens, reasoning_dropped.
+Tool calling, weights and reasoning (`check_tools`, as strict as mistral-finetune and
+mistral-common; structural errors too):
+    bad_tool_schema (a tool without a name matching ^[a-zA-Z0-9_-]{1,64}$, a description,
+    or `parameters` that are a valid JSON schema), bad_tool_call (a call without an id, a
+    repeated id, not of type function, without a function name), undeclared_tool (a call
+    naming no tool of `tools`), bad_tool_arguments (`arguments` not a string holding a
+    JSON object), arguments_fail_schema (arguments the tool's `parameters` refuse),
+    unexpected_tool_result (a tool message without a pending call's id, or more results
+    than calls), missing_tool_result (a call left unanswered before the conversation
+    goes on), bad_weight (a weight not 0 or 1, or on a message that is not the
+    assistant's), all_weights_zero (every assistant turn has weight 0: nothing to train),
+    bad_reasoning (a reasoning trace that is not a non-empty string).
 Warning categories (reported, the file stays valid):
     no_system_message, no_user_message, short_answer, over_token_limit, answer_not_located.
 """
@@ -16,6 +28,8 @@ Warning categories (reported, the file stays valid):
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +46,19 @@ from tasks.data.formats import (
 )
 from tasks.errors import FormatError
 
+TOOL_CATEGORIES = (
+    "bad_tool_schema",
+    "bad_tool_call",
+    "undeclared_tool",
+    "bad_tool_arguments",
+    "arguments_fail_schema",
+    "unexpected_tool_result",
+    "missing_tool_result",
+    "bad_weight",
+    "all_weights_zero",
+    "bad_reasoning",
+)
+
 ERROR_CATEGORIES = (
     "invalid_utf8",
     "invalid_json",
@@ -46,10 +73,12 @@ ERROR_CATEGORIES = (
     "last_not_assistant",
     "consecutive_same_role",
     "system_not_first",
+    *TOOL_CATEGORIES,
     "duplicate",
     "near_duplicate",
     "over_token_limit",
     "no_trained_tokens",
+    "reasoning_dropped",
     "train_test_overlap",
 )
 
@@ -57,8 +86,11 @@ ERROR_CATEGORIES = (
 WARNING_CATEGORIES = ("no_system_message", "no_user_message", "short_answer", "over_token_limit", "answer_not_located")
 
 
-# Problems of an example's structure: such an example is not token-counted nor deduplicated.
-STRUCTURAL = frozenset(ERROR_CATEGORIES[: ERROR_CATEGORIES.index("system_not_first") + 1])
+# Problems of an example's structure (tool calling's included): such an example is not
+# token-counted nor deduplicated.
+STRUCTURAL = frozenset(ERROR_CATEGORIES[: ERROR_CATEGORIES.index(TOOL_CATEGORIES[-1]) + 1])
+
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # mistral-common's and OpenAI's function names
 
 
 ROLES = ("system", "user", "assistant", "tool", "function")
@@ -127,6 +159,111 @@ def _check_message(i: int, m: Any, problems: dict[str, str]) -> None:
             problems.setdefault("bad_content", f"message {i} content is empty")
 
 
+def check_tools(example: dict) -> dict[str, str]:
+    """Tool calling, weight and reasoning checks of a structurally valid canonical example.
+
+    Returns:
+        category -> message for each tool category the example falls in (the first
+        offending tool or message is named).
+    """
+    problems: dict[str, str] = {}
+    schemas = _check_schemas(example.get("tools"), problems)
+    messages = example["messages"]
+    pending: list[str] = []  # ids of calls awaiting their result, in order
+    seen: set[str] = set()
+    for i, m in enumerate(messages, start=1):
+        role = m.get("role")
+        if "weight" in m and (role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+            where = f"on a {role} message" if role != "assistant" else f"of {m['weight']!r}"
+            problems.setdefault("bad_weight", f"message {i} has a weight {where}; weight is 0 or 1, on assistant messages")
+        if "reasoning_content" in m and not (isinstance(m["reasoning_content"], str) and m["reasoning_content"].strip()):
+            problems.setdefault("bad_reasoning", f"message {i}: reasoning_content is not a non-empty string")
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if call_id in pending:
+                pending.remove(call_id)
+            else:
+                why = "has no tool_call_id" if call_id is None else f"answers {call_id!r}, which no pending call has"
+                problems.setdefault("unexpected_tool_result", f"message {i} (tool) {why}; a result follows the call it answers")
+            continue
+        if pending:
+            problems.setdefault("missing_tool_result", f"call {pending[0]!r} gets no tool result before message {i}")
+            pending = []
+        for call in m.get("tool_calls") or [] if role == "assistant" else []:
+            call_id = _check_call(i, call, schemas, seen, problems)
+            if call_id is not None:
+                pending.append(call_id)
+    if messages and all(m.get("weight") == 0 for m in messages if m.get("role") == "assistant"):
+        problems.setdefault("all_weights_zero", "every assistant message has weight 0: there is nothing to train on")
+    return problems
+
+
+def _check_schemas(tools: Any, problems: dict[str, str]) -> dict[str, dict] | None:
+    """The declared tools' parameter schemas by name (None when the example declares none)."""
+    from jsonschema import SchemaError, validators
+
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        problems["bad_tool_schema"] = f"`tools` is a {type(tools).__name__}, not a list of tool schemas"
+        return {}
+    schemas: dict[str, dict] = {}
+    for k, tool in enumerate(tools, start=1):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        if not isinstance(function, dict):
+            problem = 'is not {"type": "function", "function": {name, description, parameters}}'
+        elif not isinstance(function.get("name"), str) or not TOOL_NAME.match(function["name"]):
+            problem = f"has the name {function.get('name')!r}; names match ^[a-zA-Z0-9_-]{{1,64}}$"
+        elif not isinstance(function.get("description"), str) or not function["description"].strip():
+            problem = f"({function['name']}) has no description"
+        elif not isinstance(function.get("parameters"), dict):
+            problem = f"({function['name']}) has no parameters object (an empty object when it takes none)"
+        else:
+            try:
+                validators.validator_for(function["parameters"]).check_schema(function["parameters"])
+            except SchemaError as exc:
+                problem = f"({function['name']}) parameters are not a valid JSON schema: {exc.message}"
+            else:
+                schemas[function["name"]] = function["parameters"]
+                continue
+        problems.setdefault("bad_tool_schema", f"tool {k} {problem}")
+    return schemas
+
+
+def _check_call(i: int, call: Any, schemas: dict[str, dict] | None, seen: set[str], problems: dict[str, str]) -> str | None:
+    """Check one call of message `i`; its id when it has one."""
+    from jsonschema import validators
+
+    function = call.get("function") if isinstance(call, dict) else None
+    call_id = call.get("id") if isinstance(call, dict) else None
+    if not isinstance(call_id, str) or not call_id.strip():
+        problems.setdefault("bad_tool_call", f"message {i}: a tool call has no id; give every call a unique id")
+        call_id = None
+    elif call_id in seen:
+        problems.setdefault("bad_tool_call", f"message {i}: the call id {call_id!r} is used twice")
+    if call_id:
+        seen.add(call_id)
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or call.get("type", "function") != "function":
+        problems.setdefault("bad_tool_call", f'message {i}: a tool call is not {{"type": "function", "function": {{name, arguments}}}}')
+        return call_id
+    name = function["name"]
+    if schemas is None or (name not in schemas and not problems.get("bad_tool_schema")):
+        declared = "the example declares no tools" if schemas is None else f"declared: {', '.join(schemas) or 'none'}"
+        problems.setdefault("undeclared_tool", f"message {i} calls {name!r}, which is not in `tools` ({declared})")
+    arguments = function.get("arguments")
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else None
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        problems.setdefault("bad_tool_arguments", f"message {i}: the arguments of {name!r} are not a string holding a JSON object")
+    elif schemas and name in schemas:
+        error = next(iter(validators.validator_for(schemas[name])(schemas[name]).iter_errors(parsed)), None)
+        if error is not None:
+            problems.setdefault("arguments_fail_schema", f"message {i}: the arguments of {name!r} fail its parameters: {error.message}")
+    return call_id
+
+
 def check_keys(obj: dict, fmt: str) -> str | None:
     """A message naming the keys of `obj` (or of its messages) that `fmt` does not know, or None."""
     unknown = sorted(map(str, obj.keys() - TOP_KEYS[fmt]))
@@ -188,10 +325,17 @@ class Deduplicator:
         return found
 
 
+# Besides the content, what tells two messages apart: calls, their results, traces and weights.
+_DIGEST_KEYS = ("tool_calls", "tool_call_id", "reasoning_content", "weight")
+
+
 def example_digests(messages: list[dict]) -> tuple[bytes, bytes]:
     """(exact, normalised) digests of an example; normalised ignores case and whitespace runs."""
-    exact = "\x1e".join(f"{m.get('role')}\x1f{m.get('content')}" for m in messages)
-    loose = "\x1e".join(f"{m.get('role')}\x1f{' '.join(str(m.get('content') or '').split()).lower()}" for m in messages)
+    extra = [json.dumps([m.get(k) for k in _DIGEST_KEYS], sort_keys=True, default=str) for m in messages]
+    exact = "\x1e".join(f"{m.get('role')}\x1f{m.get('content')}\x1f{x}" for m, x in zip(messages, extra))
+    loose = "\x1e".join(
+        f"{m.get('role')}\x1f{' '.join(str(m.get('content') or '').split()).lower()}\x1f{x}" for m, x in zip(messages, extra)
+    )
     return (
         hashlib.blake2b(exact.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
         hashlib.blake2b(loose.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
@@ -240,6 +384,8 @@ def iter_checked(path: Path, fmt: str, on_bytes=None) -> Iterator[CheckedExample
         key_problem = check_keys(obj, fmt)
         for example in to_canonical(obj, fmt):
             problems = check_messages(example.get("messages"))
+            if not problems:
+                problems = check_tools(example)
             if key_problem:
                 problems["unrecognised_keys"] = key_problem
             yield CheckedExample(ordinal, line, example, problems, obj)

@@ -2,15 +2,21 @@
 
 Supported formats (named with `data.format` / `--format`, or detected from the first example):
 
-- `openai`: `{"messages": [{"role", "content", "name"?, "weight"?, "tool_calls"?, "tool_call_id"?}]}`,
-  optionally with `tools` / `functions` / `parallel_tool_calls` beside `messages`, and
-  `"correction": true` on an answer a user corrected (see `tasks.data.sources`), and
-  `"provenance"` on feedback (the key and end user that sent it; not trained on).
+- `openai`: `{"messages": [{"role", "content", "name"?, "weight"?, "tool_calls"?, "tool_call_id"?,
+  "reasoning_content"? (or "thinking")}]}`, optionally with `tools` / `functions` /
+  `parallel_tool_calls` beside `messages`, `"correction": true` on an answer a user
+  corrected (see `tasks.data.sources`), and `"provenance"` on feedback (the key and end
+  user that sent it; not trained on). The legacy `functions` and `function_call` (with
+  `function` result messages) become `tools` and `tool_calls` (with `tool` messages).
 - `alpaca`: `{"instruction", "input"?, "output", "system"?}`, or the seed-task form of Stanford
   Alpaca: `{"id", "name", "instruction", "instances": [{"input", "output"}], "is_classification"}`,
   which yields one canonical example per instance.
-- `sharegpt`: `{"conversations": [{"from", "value"}], "system"?, "id"?}` with `from` one of
-  human/user, gpt/assistant, system (tool/function/observation map to tool).
+- `sharegpt`: `{"conversations": [{"from", "value"}], "system"?, "id"?, "tools"?}` with `from`
+  one of human/user, gpt/assistant, system; `function_call` (a value holding `{"name",
+  "arguments"}` JSON, or a list of them) becomes an assistant turn with `tool_calls`, and
+  `observation` (or tool/function) a `tool` message answering the pending call, as in
+  LLaMA-Factory's format; `tools` (a list, or a JSON string of one, of tool schemas or
+  bare functions) becomes OpenAI tool schemas.
 
 Files are JSONL (one example per line; blank lines are skipped) or one JSON array. Every
 record comes with the number a user can find it by: the 1-based line of a JSONL file, or
@@ -18,8 +24,10 @@ for a JSON array the 1-based index of the element in the array (a JSON array is 
 so big data sets should be JSONL, which is streamed).
 
 The canonical form is `{"messages": [{"role", "content"}, ...]}` plus, where the source has
-one, `"label"` (the output of an Alpaca `is_classification` task). OpenAI's optional message
-keys (`name`, `weight`, `tool_calls`, `tool_call_id`) are kept; chat templates ignore them.
+them, `"tools"` (OpenAI tool schemas) and `"label"` (the output of an Alpaca
+`is_classification` task). The optional message keys `name`, `weight`, `tool_calls`,
+`tool_call_id` and `reasoning_content` (`thinking` renamed to it) are kept: the chat
+template renders calls, results and traces (`tasks.model.chat`), and the mask reads weights.
 
 Conversion is deliberately lenient: a broken source (a missing field, an unknown `from`)
 becomes a canonical example that still shows the defect, so that `tasks.data.validate` reports it
@@ -46,10 +54,13 @@ TOP_KEYS: dict[str, frozenset[str]] = {
     "alpaca": frozenset(
         {"instruction", "input", "output", "system", "label", "id", "name", "instances", "is_classification"}
     ),
-    "sharegpt": frozenset({"conversations", "system", "id", "label"}),
+    "sharegpt": frozenset({"conversations", "system", "id", "label", "tools"}),
 }
 MESSAGE_KEYS: dict[str, frozenset[str]] = {
-    "openai": frozenset({"role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call"}),
+    "openai": frozenset({
+        "role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call", "reasoning_content",
+        "thinking",
+    }),
     "alpaca": frozenset({"input", "output"}),  # keys of one entry of `instances`
     "sharegpt": frozenset({"from", "value", "weight"}),
 }
@@ -63,10 +74,10 @@ SHAREGPT_ROLES = {
     "tool": "tool",
     "function": "tool",
     "observation": "tool",
+    "function_call": "assistant",
 }
-_OPENAI_OPTIONAL = ("name", "weight", "tool_calls", "tool_call_id", "function_call")
+_OPENAI_OPTIONAL = ("name", "weight", "tool_calls", "tool_call_id", "reasoning_content")
 _MISSING = object()
-
 
 
 
@@ -140,15 +151,60 @@ def _openai_to_canonical(obj: dict) -> dict:
     messages = obj.get("messages", _MISSING)
     if not isinstance(messages, list):
         return _with_label({"messages": None if messages is _MISSING else messages}, obj)
-    out = []
+    out, calls = [], _CallIds()
     for m in messages:
         if not isinstance(m, dict):
             out.append(m)  # kept as is: validation reports a message that is not an object
             continue
         canon = {k: m[k] for k in ("role", "content") if k in m}
         canon.update({k: m[k] for k in _OPENAI_OPTIONAL if k in m})
+        if "thinking" in m and "reasoning_content" not in m:
+            canon["reasoning_content"] = m["thinking"]
+        if isinstance(m.get("function_call"), dict) and "tool_calls" not in m:  # the legacy form of one call
+            canon["tool_calls"] = [calls.new(m["function_call"])]
+        if m.get("role") == "function" and "tool_call_id" not in m:  # the legacy result of that call
+            canon.update(role="tool", tool_call_id=calls.answer())
         out.append(canon)
-    return _with_label({"messages": out}, obj)
+    example = {"messages": out}
+    tools = obj.get("tools", obj.get("functions", _MISSING))
+    if tools is not _MISSING:
+        example["tools"] = _tool_schemas(tools)
+    return _with_label(example, obj)
+
+
+class _CallIds:
+    """Ids for calls written without one (ShareGPT, OpenAI's legacy `function_call`), and their results."""
+
+    def __init__(self) -> None:
+        self.count, self.pending = 0, []
+
+    def new(self, function: Any) -> dict:
+        """An OpenAI tool call of `function` ({name, arguments}); arguments become a JSON string."""
+        self.count += 1
+        call_id = f"call{self.count:05d}"  # 9 alphanumeric characters, as Mistral's templates require
+        self.pending.append(call_id)
+        if isinstance(function, dict):
+            arguments = function.get("arguments")
+            if not isinstance(arguments, str) and arguments is not None:
+                function = {**function, "arguments": json.dumps(arguments, ensure_ascii=False)}
+        return {"id": call_id, "type": "function", "function": function}
+
+    def answer(self) -> str | None:
+        """The id of the oldest call without a result (None when there is none: validation names it)."""
+        return self.pending.pop(0) if self.pending else None
+
+
+def _tool_schemas(tools: Any) -> Any:
+    """OpenAI tool schemas from a list (or a JSON string of one) of schemas or bare functions."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            return tools  # kept: validation reports it
+    if not isinstance(tools, list):
+        return tools
+    return [{"type": "function", "function": t} if isinstance(t, dict) and "type" not in t and "name" in t else t
+            for t in tools]
 
 
 def _alpaca_turns(instruction: Any, inp: Any, output: Any, system: Any) -> list[dict]:
@@ -198,6 +254,7 @@ def _sharegpt_to_canonical(obj: dict) -> dict:
     if not isinstance(turns, list):
         return _with_label({"messages": None if turns is _MISSING else turns}, obj)
     out: list = []
+    calls = _CallIds()
     system = obj.get("system", _MISSING)
     if isinstance(system, str) and system.strip():
         out.append({"role": "system", "content": system})
@@ -206,15 +263,32 @@ def _sharegpt_to_canonical(obj: dict) -> dict:
             out.append(turn)
             continue
         message = {}
+        source = turn.get("from")
         if "from" in turn:
-            source = turn["from"]
             message["role"] = SHAREGPT_ROLES.get(source.lower(), source) if isinstance(source, str) else source
         if "value" in turn:
             message["content"] = turn["value"]
+        if source == "function_call" and isinstance(turn.get("value"), str):
+            message.update(content=None, tool_calls=_sharegpt_calls(turn["value"], calls))
+        elif message.get("role") == "tool":
+            message["tool_call_id"] = calls.answer()
         if "weight" in turn:
             message["weight"] = turn["weight"]
         out.append(message)
-    return _with_label({"messages": out}, obj)
+    example = {"messages": out}
+    if "tools" in obj:
+        example["tools"] = _tool_schemas(obj["tools"])
+    return _with_label(example, obj)
+
+
+def _sharegpt_calls(value: str, calls: _CallIds) -> list:
+    """The tool calls of a ShareGPT `function_call` turn: JSON of one `{name, arguments}` or a list of them."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    items = parsed if isinstance(parsed, list) else [parsed]
+    return [calls.new(item) if isinstance(item, dict) else {"function": item} for item in items]
 
 
 def read_records(

@@ -60,15 +60,24 @@ FEEDBACK_SPLIT = "feedback"  # corrected prompts held out of training; written o
 
 
 
-def truncate_answer(tokenizer, messages: list[dict], max_tokens: int, system_message: str = "auto") -> list[dict] | None:
+def truncate_answer(
+    tokenizer, messages: list[dict], max_tokens: int, system_message: str = "auto", example: dict | None = None
+) -> list[dict] | None:
     """Cut the last assistant answer's tokens so that the conversation fits `max_tokens`.
 
+    Args:
+        example: the example the messages belong to (its `tools` are rendered too).
+
     Returns:
-        The shortened messages, or None when even one answer token does not fit.
+        The shortened messages, or None when even one answer token does not fit (or the
+        last turn is a tool call).
     """
+    example = example or {}
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if not isinstance(messages[last].get("content"), str) or messages[last].get("tool_calls"):
+        return None  # a tool call is not cut: a part of one would teach a broken call
     ids = tokenizer.encode(messages[last]["content"], add_special_tokens=False)
-    total = count_chat_tokens(tokenizer, [messages], system_message)[0].total
+    total = count_chat_tokens(tokenizer, [{**example, "messages": messages}], system_message)[0].total
     for _ in range(8):  # re-encoding a cut text can merge tokens differently: re-count and trim
         excess = total - max_tokens
         if excess <= 0:
@@ -78,7 +87,7 @@ def truncate_answer(tokenizer, messages: list[dict], max_tokens: int, system_mes
         if not text.strip():
             return None
         messages = [*messages[:last], {**messages[last], "content": text}, *messages[last + 1 :]]
-        total = count_chat_tokens(tokenizer, [messages], system_message)[0].total
+        total = count_chat_tokens(tokenizer, [{**example, "messages": messages}], system_message)[0].total
     return messages if total <= max_tokens else None
 
 
@@ -99,7 +108,7 @@ def apply_length_policy(
         PrepareError: an example has no trained tokens under the chat template.
     """
     if counts is None:
-        counts = count_chat_tokens(tokenizer, [e["messages"] for _, e in examples], data.system_message)
+        counts = count_chat_tokens(tokenizer, [e for _, e in examples], data.system_message)
     empty = [line for (line, _), n in zip(examples, counts) if not n.trained]
     if empty:
         raise PrepareError(
@@ -110,12 +119,12 @@ def apply_length_policy(
     for (line, example), count in zip(examples, counts):
         decision = length_decision(count, data.max_tokens, data.length_policy)
         if decision == "truncate":
-            cut = truncate_answer(tokenizer, example["messages"], data.max_tokens, data.system_message)
+            cut = truncate_answer(tokenizer, example["messages"], data.max_tokens, data.system_message, example)
             if cut is None:
                 decision = "drop"
             else:
                 example = {**example, "messages": cut}
-                count = count_chat_tokens(tokenizer, [cut], data.system_message)[0]
+                count = count_chat_tokens(tokenizer, [example], data.system_message)[0]
                 truncated += 1
         if decision == "drop":
             dropped_lines.append(line)
@@ -213,7 +222,8 @@ def prepare_dataset(path: Path | None, out_dir: Path, params: Params, tokenizer=
 
         tokenizer = load_base_tokenizer(params.model)
     sources = data.source_list() if data.sources or path is None else [SourceParams(path=str(path))]
-    reads = [read_source(i, source, data, tokenizer) for i, source in enumerate(sources)]
+    budget = TrainingBudget.of(params.train)
+    reads = [read_source(i, source, data, tokenizer, budget) for i, source in enumerate(sources)]
     merged, corrections = merge_sources(sources, reads)
     where = Path(sources[0].file) if len(sources) == 1 else "data.sources"
     read = sum(r.stats["rows"] - r.stats["invalid"] for r in reads)

@@ -36,7 +36,7 @@ from typing import Any
 
 from tasks.config import DataParams, SourceParams
 from tasks.data.checks import STRUCTURAL, Deduplicator, iter_checked, normalise_example, resolve_format
-from tasks.data.tokens import TokenCount, count_chat_tokens
+from tasks.data.tokens import TokenCount, TrainingBudget, count_chat_tokens
 from tasks.errors import DataFileError, InvalidRowsError, PrepareError
 from tasks.files import file_md5
 
@@ -75,7 +75,9 @@ def prompt_key(messages: list[dict]) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
-def read_source(index: int, source: SourceParams, data: DataParams, tokenizer) -> SourceRead:
+def read_source(
+    index: int, source: SourceParams, data: DataParams, tokenizer, budget: TrainingBudget | None = None
+) -> SourceRead:
     """Read one source, count its tokens, and apply its invalid-row policy.
 
     Raises:
@@ -101,12 +103,14 @@ def read_source(index: int, source: SourceParams, data: DataParams, tokenizer) -
         corrected = isinstance(c.source, dict) and c.source.get("correction") is True
         rows.append(Row(c.line, normalise_example(c.example), index, corrected=corrected))
     read = len(rows) + len(invalid)
-    counts = count_chat_tokens(tokenizer, [r.example["messages"] for r in rows], data.system_message)
+    counts = count_chat_tokens(tokenizer, [r.example for r in rows], data.system_message, budget)
     for row, count in zip(rows, counts):
         row.count = count
         if not count.trained:
             invalid.append((row.line, "no_trained_tokens", "the chat template marks no assistant token in it"))
-    rows = [r for r in rows if r.count.trained]
+        elif count.reasoning_lost:
+            invalid.append((row.line, "reasoning_dropped", "the chat template leaves out a reasoning trace"))
+    rows = [r for r in rows if r.count.trained and not r.count.reasoning_lost]
     invalid.sort()
     check_invalid_rows(source_label(index, data), source, path, read, invalid)
     stats = {
@@ -214,7 +218,7 @@ def sources_md5(stats: list[dict[str, Any]]) -> str:
 
 # Errors a source with `invalid_rows: drop` tolerates in its validation report: its unusable
 # rows (left out, up to the share) and repeats (dropped by the merge's deduplication).
-DROPPABLE = frozenset(STRUCTURAL | {"no_trained_tokens", "duplicate", "near_duplicate"})
+DROPPABLE = frozenset(STRUCTURAL | {"no_trained_tokens", "reasoning_dropped", "duplicate", "near_duplicate"})
 
 
 def accept_report(label: str, source: SourceParams, report: dict[str, Any]) -> bool:
@@ -228,7 +232,8 @@ def accept_report(label: str, source: SourceParams, report: dict[str, Any]) -> b
     if source.invalid_rows != "drop" or not set(report["errors"]) <= DROPPABLE:
         return False
     rows = report["examples"]
-    invalid = [r for r in report["error_rows"] if r["category"] in STRUCTURAL or r["category"] == "no_trained_tokens"]
+    invalid = [r for r in report["error_rows"]
+               if r["category"] in STRUCTURAL or r["category"] in ("no_trained_tokens", "reasoning_dropped")]
     first = invalid[0] if invalid else {"line": 0, "category": "", "message": ""}
     check_invalid_rows(label, source, Path(report["path"]), rows,
                        [(first["line"], first["category"], first["message"])] * report["unusable_examples"])

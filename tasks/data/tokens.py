@@ -27,8 +27,9 @@ class TokenCount:
         total: every token of the rendered conversation.
         trained: assistant tokens (answers and their end-of-turn tokens): what training trains on.
         last_answer: trained tokens of the last answer (what truncation may cut).
-        unlocated: answers the template rewrote beyond recognition (not trained on).
+        unlocated: assistant turns the template rewrote beyond recognition (not trained on).
         error: why the template refused the conversation ("" when it rendered it).
+        reasoning_lost: reasoning traces the template left out of the text (not trained on).
     """
 
     total: int
@@ -36,36 +37,48 @@ class TokenCount:
     last_answer: int
     unlocated: int = 0
     error: str = ""
+    reasoning_lost: int = 0
 
 
 @dataclass(frozen=True)
 class TrainingBudget:
-    """The training settings that turn token counts into steps and epochs."""
+    """The training settings that turn token counts into steps and epochs, and choose what is trained."""
 
     batch_size: int = 8
     seq_len: int = 256
     max_steps: int | None = None
+    train_turns: str = "all"
+    train_reasoning: bool = True
 
     @classmethod
     def of(cls, train: TrainParams) -> "TrainingBudget":
         """The budget of a run's `train:` settings."""
-        return cls(train.batch_size, train.seq_len, train.max_steps)
+        return cls(train.batch_size, train.seq_len, train.max_steps, train.train_turns, train.train_reasoning)
 
 
-def count_chat_tokens(tokenizer, conversations: list[list[dict]], system_message: str = "auto") -> list[TokenCount]:
+def count_chat_tokens(
+    tokenizer, conversations: list, system_message: str = "auto", budget: TrainingBudget | None = None
+) -> list[TokenCount]:
     """Count the tokens of conversations exactly as training will see them.
 
     Args:
         tokenizer: the run's tokenizer (fast, with a chat template).
-        conversations: canonical message lists (structurally valid).
+        conversations: canonical examples (with their `tools`) or message lists (structurally valid).
         system_message: `data.system_message`.
+        budget: the run's training settings (`train.train_turns`, `train.train_reasoning`);
+            defaults when None.
 
     Raises:
-        ConfigError: the chat template cannot be masked (`tasks.model.chat.check_template`).
+        ConfigError: the chat template cannot be masked (`tasks.model.chat.check_template`),
+            or cannot render the tools, calls or traces the data holds.
     """
+    budget = budget or TrainingBudget()
     return [
-        TokenCount(len(e.input_ids), e.trained_tokens, e.last_answer_tokens, e.unlocated, e.error)
-        for e in encode_chats(tokenizer, conversations, system_message=system_message)
+        TokenCount(len(e.input_ids), e.trained_tokens, e.last_answer_tokens, e.unlocated, e.error, e.reasoning_lost)
+        for e in encode_chats(
+            tokenizer, conversations, system_message=system_message, train_turns=budget.train_turns,
+            train_reasoning=budget.train_reasoning,
+        )
     ]
 
 

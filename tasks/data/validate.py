@@ -217,7 +217,7 @@ def validate_dataset(
     with_system = 0
 
     def flush() -> None:
-        counts = count_chat_tokens(tokenizer, [c.example["messages"] for c in pending], data.system_message)
+        counts = count_chat_tokens(tokenizer, [c.example for c in pending], data.system_message, budget)
         for c, n in zip(pending, counts):
             rows[c.ordinal].update(total_tokens=n.total, assistant_tokens=n.trained, _count=n)
             if not n.trained:
@@ -225,6 +225,13 @@ def validate_dataset(
                 errors.add("no_trained_tokens", c.line, f"{why}: there is nothing to train on; fix or drop the example")
                 bad.add(c.ordinal)
                 unusable.add(c.ordinal)
+            elif n.reasoning_lost:
+                errors.add("reasoning_dropped", c.line, (
+                    f"the chat template leaves out {n.reasoning_lost} reasoning trace(s) of assistant turns before the "
+                    "last user message, which would not be trained on; split the conversation into one example per "
+                    "turn, or set train.train_reasoning: false"
+                ))  # fmt: skip
+                bad.add(c.ordinal)
             elif n.unlocated:
                 warns.add("answer_not_located", c.line, f"{n.unlocated} answer(s) rewritten by the chat template are not trained on")
         pending.clear()

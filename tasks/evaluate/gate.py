@@ -11,6 +11,10 @@ so a rejected run says exactly which check failed. Checks:
   model (zero-shot or few-shot) by `gate.min_gain_over_prompting`;
 - no regression against the champion by more than `gate.max_regression` on each gated
   metric (absolute for scores in [0, 1], relative for perplexity);
+- where the test split has tool-call examples, no regression against the champion of the
+  function-name accuracy, the argument exact match and the share of valid calls
+  (`no_regression_tool_name_match`, `no_regression_tool_arguments_match`,
+  `no_regression_tool_valid_call`; scores of `tasks.evaluate.tools`);
 - where prepare held corrected answers out as a feedback split, no regression of exact
   match against the champion on it (`no_regression_feedback_exact_match`): a model must
   not get worse on the cases users corrected.
@@ -51,9 +55,13 @@ from tasks.evaluate.paired import (
 
 # Scores in [0, 1] where higher is better; compared against the champion.
 HIGHER_IS_BETTER = ("exact_match", "rouge_l", "f1")
+# Tool-call scores (tasks.evaluate.tools): per example over the tool-call examples (`tool_ids`),
+# and the aggregate each is the mean of (the invalid rate is 1 - the mean of valid calls).
+TOOL_CHECKS = {"tool_name_match": "tool_name_accuracy", "tool_arguments_match": "tool_arguments_match",
+               "tool_valid_call": "tool_invalid_rate"}
 # Per-example scores the paired checks read; bleu is sentence BLEU (0-100), compared on a 0-1 scale.
 PAIRED_SCORES = ("exact_match", "accuracy", "rouge_l", "bleu")
-BINARY_SCORES = ("exact_match", "accuracy")
+BINARY_SCORES = ("exact_match", "accuracy", *TOOL_CHECKS)
 SCALE = {"bleu": 0.01}
 
 
@@ -130,6 +138,7 @@ def apply_gate(
     if champion:
         paired = _pairable(per_example.get("candidate"), per_example.get("champion"))
         checks += _champion_checks(cand, champion, paired, gate)
+        checks += _tool_checks(cand, champion, per_example.get("candidate"), per_example.get("champion"), gate)
     if metrics.get("candidate_feedback") and metrics.get("champion_feedback"):
         checks.append(_feedback_check(metrics, per_example, gate))
     if metrics.get("candidate_preference") and metrics.get("champion_preference"):
@@ -171,6 +180,26 @@ def _champion_checks(cand: dict, champion: dict, paired: tuple[dict, dict] | Non
     checks.append(_no_regression_perplexity(a, b, gate))
     if gate.require_improvement:
         checks.append(_improvement(a["exact_match"], b["exact_match"], gate))
+    return checks
+
+
+def _tool_checks(cand: dict, champion: dict, cand_scores: dict | None, champion_scores: dict | None,
+                 gate: GateParams) -> list[Check]:
+    """`no_regression_tool_*` when both models were scored on tool-call examples: paired on the
+    same examples (McNemar's exact test beside the bootstrap), else a fixed margin on the aggregates."""
+    if not cand.get("tool_calls") or not champion.get("tool_calls"):
+        return []  # the test split has no tool-call examples (or the champion was scored before they existed)
+    a, b = cand_scores or {}, champion_scores or {}
+    if a.get("tool_ids") and a.get("tool_ids") == b.get("tool_ids"):
+        return [_no_regression_paired(key, a[key], b[key], gate) for key in TOOL_CHECKS]
+    note = "no per-example tool scores of both models on the same examples: fixed margin on the aggregate values"
+    checks = []
+    for key, metric in TOOL_CHECKS.items():
+        if metric == "tool_invalid_rate":
+            check = _at_most(f"no_regression_{key}", cand[metric], champion[metric] + gate.max_regression)
+        else:
+            check = _at_least(f"no_regression_{key}", cand[metric], champion[metric] - gate.max_regression)
+        checks.append(replace(check, method="fixed margin", note=note))
     return checks
 
 

@@ -10,9 +10,15 @@ evaluation fails rather than report a perplexity over none); exact match, BLEU
 (sacrebleu) and ROUGE-L (rouge-score) of greedy generations; accuracy / precision / recall / macro-F1 when
 `eval.task` is classification; per-example latency (p50, p95) and generated tokens/s.
 
+Where the test split has examples whose reference turn is a tool call, their generations
+are parsed into calls and scored by `tasks.evaluate.tools` (`tool_name_accuracy`,
+`tool_arguments_match`, `tool_invalid_rate`, over `tool_calls` examples); text metrics then
+compare a call as its canonical JSON. A reasoning trace (`<think>`) is never scored: the
+answer after it is.
+
 Beside the aggregate metrics, every score is kept per example (`per_example`: exact match,
-sentence BLEU, ROUGE-L, summed NLL and token count of the answer, accuracy), keyed by a
-hash of the example, so that the gate can compare two models example by example
+sentence BLEU, ROUGE-L, summed NLL and token count of the answer, accuracy, and the tool
+scores with their own `tool_ids`), keyed by a hash of the example, so that the gate can compare two models example by example
 (`tasks/evaluate/paired.py`).
 """
 
@@ -35,18 +41,16 @@ from tasks.evaluate.generation import (
 )
 from tasks.evaluate.metrics import classification_metrics, percentile, text_metrics, text_scores
 from tasks.evaluate.preference import candidate_dir, load_heldout, preference_result, score_preferences
+from tasks.evaluate.tools import answer_text, calls_text, reference_calls, reference_turn, tool_metrics, tool_scores
 from tasks.files import read_jsonl
-from tasks.model.chat import (
-    prompt_messages,
-    reference_answer,
-    render_prompt,
-)
+from tasks.model.chat import prompt_messages, render_prompt
 from tasks.model.loading import (
     load_base_model,
     load_base_tokenizer,
     load_trained,
     resolve_base,
 )
+from tasks.model.responses import needs_parsing, parse_generation
 
 
 def evaluate_model(
@@ -68,18 +72,30 @@ def evaluate_model(
         RunFailed: no assistant token could be scored.
     """
     questions = [with_shots(prompt_messages(e["messages"]), list(shots)) for e in examples]
-    references = [reference_answer(e["messages"]) for e in examples]
-    conversations = [q + [{"role": "assistant", "content": r}] for q, r in zip(questions, references)]
-    prompts = [render_prompt(tokenizer, q, system_message) for q in questions]
+    turns = [reference_turn(e["messages"]) for e in examples]
+    calls = [reference_calls(t) for t in turns]
+    references = [calls_text(c) if c else t["content"] for t, c in zip(turns, calls)]
+    conversations = [q + [t if c else {"role": "assistant", "content": t["content"]}]
+                     for q, t, c in zip(questions, turns, calls)]
+    tools = [e.get("tools") or None for e in examples]
+    prompts = [render_prompt(tokenizer, q, system_message, tools=t) for q, t in zip(questions, tools)]
     nll, tokens = assistant_nll(model, tokenizer, conversations, params.batch_size, system_message)
     ppl = perplexity(nll, tokens, tokenizer)  # refuses before generating when no token was scored
     t0 = time.perf_counter()
-    predictions, latencies, lengths = generate_batched(model, tokenizer, prompts, params.max_new_tokens, params.batch_size)
+    generations, latencies, lengths = generate_batched(model, tokenizer, prompts, params.max_new_tokens,
+                                                       params.batch_size)
     gen_seconds = time.perf_counter() - t0
+    # Scored without the reasoning trace; a call as its canonical JSON (tasks.evaluate.tools).
+    parsed = [parse_generation(tokenizer, g, p, t) if needs_parsing(tokenizer, t) else None
+              for g, p, t in zip(generations, prompts, tools)]
+    predictions = [g if r is None else answer_text(r) for g, r in zip(generations, parsed)]
+    called = [i for i, c in enumerate(calls) if c]
+    tool = tool_scores([parsed[i] for i in called], [calls[i] for i in called])
     metrics = {
         "perplexity": ppl,
         "scored_tokens": sum(tokens),
         **text_metrics(predictions, references),
+        **tool_metrics(tool),
         "latency_p50_ms": percentile(latencies, 0.5),
         "latency_p95_ms": percentile(latencies, 0.95),
         "tokens_per_second": sum(lengths) / gen_seconds if gen_seconds else 0.0,
@@ -89,10 +105,13 @@ def evaluate_model(
         labels = [e.get("label", r) for e, r in zip(examples, references)]
         metrics.update(classification_metrics(predictions, labels))
     samples = [
-        {"prompt": q[-1]["content"], "reference": r, "prediction": p}
+        {"prompt": q[-1]["content"] or "", "reference": r, "prediction": p}
         for q, r, p in list(zip(questions, references, predictions))[:10]
     ]
     per_example = per_example_scores(examples, predictions, references, nll, tokens, params)
+    if called:
+        per_example["tool_ids"] = [per_example["ids"][i] for i in called]
+        per_example.update(tool)
     return {"metrics": metrics, "samples": samples, "per_example": per_example}
 
 

@@ -67,24 +67,34 @@ class FeedbackExport:
     redacted: dict[str, int] = field(default_factory=dict)  # findings per category, examples changed/dropped
 
 
-def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int) -> list[dict[str, Any]]:
+def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,
+                      tools: list[dict[str, Any]] | None = None,
+                      tool_calls: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Canonical examples from the latest feedback of each completion.
 
     A correction always yields an example (the corrected answer replaces the model's,
     whatever the rating), marked `"correction": true`; an uncorrected answer yields one
-    when rated `min_rating` or more.
+    when rated `min_rating` or more. An uncorrected answer that was a tool call is kept as
+    the call (`tool_calls`), and the tools the request offered go with the example.
     """
     examples = []
     for request, answer, row in rated:
         if row.correction is None and row.rating < min_rating:
             continue
-        messages = [m for m in request if m.get("role") in ("system", "user", "assistant")]
-        if not messages or messages[-1]["role"] != "user":
+        messages = [m for m in request if m.get("role") in ("system", "user", "assistant", "tool")]
+        if not messages or messages[-1]["role"] not in ("user", "tool"):
             continue  # not a prompt the model answers (e.g. a plain /generate prompt)
-        final = row.correction if row.correction is not None else answer
-        if not final.strip():
+        if row.correction is not None:
+            final: dict[str, Any] = {"role": "assistant", "content": row.correction}
+        elif tool_calls:
+            final = {"role": "assistant", "content": answer or None, "tool_calls": tool_calls}
+        else:
+            final = {"role": "assistant", "content": answer}
+        if not final.get("tool_calls") and not final["content"].strip():
             continue
-        example: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": final}]}
+        example: dict[str, Any] = {"messages": [*messages, final]}
+        if tools:
+            example["tools"] = tools
         if row.correction is not None:
             example["correction"] = True  # outranks other answers to the same prompt (tasks.data.sources)
         examples.append(example)
@@ -128,7 +138,8 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
         if prompt_digest(interaction.messages) in erased:
             erased_count += 1
             continue
-        made = training_examples([(interaction.messages, interaction.answer, row)], min_rating)
+        made = training_examples([(interaction.messages, interaction.answer, row)], min_rating,
+                                 interaction.tools, interaction.tool_calls)
         for example in made:
             example["provenance"] = {"key": row.key_name, "user": row.end_user, "feedback_id": row.id}
             examples.append(example)

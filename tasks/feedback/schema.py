@@ -11,6 +11,10 @@ gave), whether the key was trusted, each feedback row's review (`pending`, `appr
 `rejected`: untrusted feedback waits for a person, docs/guides/trust.md), and the
 erasure list (`ftllm feedback forget`): digests of erased prompts that no later export
 may contain.
+
+Version 3 records the tools a request offered and the tool calls the answer made (JSON,
+NULL when none), so that a rated or corrected tool-call answer is exported as the call it
+was, with the tools it was made against.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 MIN_RATING, MAX_RATING = 1, 5
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ANONYMOUS_KEY = "anonymous"  # the caller of a service without keys, and of rows from before version 2
 REVIEWS = ("pending", "approved", "rejected")
 
@@ -68,7 +72,11 @@ CREATE TABLE IF NOT EXISTS erasures (
     reason TEXT NOT NULL             -- the forget command that erased it
 );
 """
-MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2}
+_V2_TO_V3 = """
+ALTER TABLE interactions ADD COLUMN tools TEXT;       -- JSON list of the tools offered, or NULL
+ALTER TABLE interactions ADD COLUMN tool_calls TEXT;  -- JSON list of the answer's tool calls, or NULL
+"""
+MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2, 2: _V2_TO_V3}
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,8 @@ class Interaction:
     latency_ms: float
     key_name: str = ANONYMOUS_KEY  # the API key that asked (serving.keys)
     end_user: str | None = None  # the client's own id of its user (OpenAI's `user` field)
+    tools: list[dict[str, Any]] | None = None  # the tools the request offered the model
+    tool_calls: list[dict[str, Any]] | None = None  # the answer's calls (OpenAI form); `answer` is its text
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from tasks.feedback.schema import (
 
 log = logging.getLogger("ftllm.serving")
 INTERACTION_COLUMNS = ("id, created, endpoint, model_name, model_version, messages, answer, finish_reason, "
-                       "prompt_tokens, completion_tokens, latency_ms, key_name, end_user")
+                       "prompt_tokens, completion_tokens, latency_ms, key_name, end_user, tools, tool_calls")
 
 
 class DuplicateCorrection(ValueError):
@@ -91,12 +91,14 @@ class FeedbackStore:
             item.id, time.time(), item.endpoint, item.model_name, item.model_version,
             json.dumps(item.messages, ensure_ascii=False), item.answer, item.finish_reason,
             item.prompt_tokens, item.completion_tokens, item.latency_ms, item.key_name, item.end_user,
+            json.dumps(item.tools, ensure_ascii=False) if item.tools else None,
+            json.dumps(item.tool_calls, ensure_ascii=False) if item.tool_calls else None,
         )
 
     def _insert(self, rows: list[tuple]) -> None:
         with self._lock:
             self._conn.executemany(f"INSERT OR REPLACE INTO interactions ({INTERACTION_COLUMNS}) "
-                                   "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                                   "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             self._conn.commit()
 
     def log_interaction(self, item: Interaction) -> None:
@@ -277,10 +279,11 @@ class FeedbackReader:
             self._conn = None
 
     def _columns(self, table: str, prefix: str = "") -> str:
-        """The columns of `table` this code reads; a log from before version 2 gives the defaults its rows had."""
+        """The columns of `table` this code reads; a log from an older version gives the defaults its rows had."""
         names = [c.strip() for c in (FEEDBACK_COLUMNS if table == "feedback" else INTERACTION_COLUMNS).split(",")]
-        before_v2 = {"key_name": f"'{ANONYMOUS_KEY}'", "end_user": "NULL", "trusted": "1", "review": "'pending'"}
-        return ", ".join(before_v2[n] if self.version < 2 and n in before_v2 else f"{prefix}{n}" for n in names)
+        added = {"key_name": (2, f"'{ANONYMOUS_KEY}'"), "end_user": (2, "NULL"), "trusted": (2, "1"),
+                 "review": (2, "'pending'"), "tools": (3, "NULL"), "tool_calls": (3, "NULL")}
+        return ", ".join(added[n][1] if n in added and self.version < added[n][0] else f"{prefix}{n}" for n in names)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -310,9 +313,11 @@ class FeedbackReader:
             last = self.last_feedback_id()
         out = []
         for row in rows:
-            (cid, _created, endpoint, model, version, messages, answer, finish, pt, ct, lat, key, user), rest = row[:13], row[13:]
+            (cid, _created, endpoint, model, version, messages, answer, finish, pt, ct, lat, key, user, tools,
+             calls), rest = row[:15], row[15:]
             out.append((Interaction(cid, endpoint, model, version, json.loads(messages), answer, finish, pt, ct, lat,
-                                    key, user), FeedbackRow(*rest[:7], bool(rest[7]), rest[8])))
+                                    key, user, json.loads(tools) if tools else None, json.loads(calls) if calls else None),
+                        FeedbackRow(*rest[:7], bool(rest[7]), rest[8])))
         return out, last
 
     def last_feedback_id(self) -> int:

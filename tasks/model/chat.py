@@ -5,13 +5,23 @@ through this module, and validation, prepare and training all count and mask tok
 through `encode_chats`, so the text a model is trained on and the text it is served with
 cannot drift apart, and there is one token count.
 
-Assistant masks are exact for any chat template:
+Examples carry OpenAI tool schemas beside their messages (`{"messages": [...], "tools":
+[...]}`); the tools reach the template wherever the project renders (`tools=` of
+`apply_chat_template`), and messages are given to it in the form published templates read
+(`template_messages`: call arguments as objects, `thinking` as `reasoning_content`).
+
+Assistant masks are exact for any chat template. Every assistant turn is trained, a tool
+call (as the template writes it) as well as an answer, with its reasoning trace unless
+`train.train_reasoning` is off; a `weight: 0` turn is not, and `train.train_turns: last`
+trains only the last one. Prompts, system text, tool schemas and tool results never are.
+The assistant tokens are found in one of two ways:
 
 - a template with `{% generation %}` blocks marks the assistant text itself (the spans
   transformers' `return_assistant_tokens_mask` reads);
 - any other template is rendered once per conversation and tokenized once with character
-  offsets. Each assistant answer is located by characters: the conversation up to it,
+  offsets. Each assistant turn is located by characters: the conversation up to it,
   rendered with the generation prompt, must be a prefix of the whole text, and the answer
+  (or the trace, content and each call's name and arguments, up to the end-of-turn token)
   must follow. The mask is everything the model writes after that prompt (the answer, and
   text such as Qwen 3's empty `<think>` block), plus the special tokens the template puts
   right after it before the next turn (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`,
@@ -21,7 +31,9 @@ Assistant masks are exact for any chat template:
   that writes BOS gets no second one.
 
 Where neither method can mask a template, `check_template` raises a `ConfigError` before
-anything is trained, naming the model, what the template did and the setting that fixes it.
+anything is trained, naming the model, what the template did and the setting that fixes it;
+so do `check_tool_rendering` and `check_reasoning_rendering`, probed once per template when
+the data has tools or traces, for a template that would lose them.
 
 System messages follow `data.system_message`: `keep`, `merge` (into the first user turn),
 `drop`, or `auto`, which keeps them unless the template raises on them or loses them
@@ -35,6 +47,7 @@ change together, or what training masks and what serving renders drift apart aga
 from __future__ import annotations
 
 import bisect
+import json
 import re
 from dataclasses import dataclass
 from itertools import accumulate
@@ -43,6 +56,9 @@ from typing import Any, Literal
 from tasks.errors import ConfigError
 
 Message = dict[str, Any]
+Tools = list[dict] | None
+# An example as the data holds it: {"messages": [...], "tools": [...]}; or just its messages.
+Conversation = list[Message] | dict[str, Any]
 SystemPolicy = Literal["auto", "keep", "merge", "drop"]
 SYSTEM_POLICIES = ("auto", "keep", "merge", "drop")
 
@@ -152,16 +168,49 @@ def _system_loss(tokenizer) -> str | None:
 # ------------------------------------------------------------------------------ rendering
 
 
-def render_prompt(tokenizer, messages: list[Message], system_message: str = "auto") -> str:
+def render_prompt(tokenizer, messages: list[Message], system_message: str = "auto", tools: Tools = None) -> str:
     """The text the model continues: every message, then the assistant's turn opened.
 
     Args:
         tokenizer: the model's tokenizer, with its chat template.
-        messages: the conversation so far.
+        messages: the conversation so far (assistant `tool_calls`, `tool` results and
+            `reasoning_content` included).
         system_message: the policy the model was trained with (`data.system_message`).
+        tools: the OpenAI tool schemas the model may call (`[{"type": "function",
+            "function": {name, description, parameters}}]`), rendered by the template.
     """
     action = system_handling(tokenizer, system_message).action
-    return _render(tokenizer, [apply_system_policy(messages, action)], True)[0]
+    return _render(tokenizer, [template_messages(apply_system_policy(messages, action))], True, tools)[0]
+
+
+def template_messages(messages: list[Message]) -> list[Message]:
+    """The messages as chat templates read them.
+
+    `thinking` is renamed `reasoning_content` (the name templates read), keys set to
+    None are left out (Llama 3.1 tests `'tool_calls' in message`), and a call's
+    `arguments`, a JSON string in the OpenAI format, become the object it encodes: the
+    published templates write them with `tojson`, which would quote a string a second time.
+    """
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None or k == "content"}
+        if "thinking" in m:
+            m = {k: v for k, v in m.items() if k != "thinking"} | {"reasoning_content": m["thinking"]}
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [_call_for_template(c) for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+def _call_for_template(call: dict) -> dict:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call  # validation names it; the template writes the text as given
+    return {**call, "function": {**function, "arguments": arguments}} if isinstance(arguments, dict) else call
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -175,13 +224,18 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _render(tokenizer, conversations: list[list[Message]], add_generation_prompt: bool) -> list[str]:
+def _render(
+    tokenizer, conversations: list[list[Message]], add_generation_prompt: bool, tools: Tools = None
+) -> list[str]:
+    """Conversations (in template form) rendered by the chat template, all with the same `tools`."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError(
             f"{_model_name(tokenizer)}: the tokenizer has no chat template; use a chat/instruct model as model.base "
             "or give the base model a chat template"
         )
-    return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        conversations, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _template_key(tokenizer) -> tuple:
@@ -210,9 +264,12 @@ class Encoded:
         input_ids: the tokens of the rendered conversation.
         loss_mask: 1 for the assistant tokens (every token with `train_on_prompt`).
         last_answer_tokens: assistant tokens of the last answer (what truncation may cut).
-        unlocated: assistant answers the template rewrote so that they could not be found
-            in the rendered text (they are not trained on).
+        unlocated: assistant turns (answers or tool calls) the template rewrote so that they
+            could not be found in the rendered text (they are not trained on).
         error: why the template could not render the conversation at all ("" when it could).
+        reasoning_lost: assistant turns whose reasoning trace the template left out of the
+            text (Qwen 3 keeps only the traces after the last user message), counted where
+            traces are trained (`train_reasoning`).
     """
 
     input_ids: list[int]
@@ -220,6 +277,7 @@ class Encoded:
     last_answer_tokens: int = 0
     unlocated: int = 0
     error: str = ""
+    reasoning_lost: int = 0
 
     @property
     def trained_tokens(self) -> int:
@@ -228,10 +286,19 @@ class Encoded:
 
 @dataclass(frozen=True)
 class _Span:
-    """Characters [start, end) of what the model writes in one assistant turn."""
+    """Characters [start, end) of what the model writes in one assistant turn.
+
+    Attributes:
+        message: the index of the assistant message (-1 where unknown).
+        answer: where the text after its reasoning trace starts (`start` when it has none).
+        reasoning_lost: the message has a reasoning trace that the template did not write.
+    """
 
     start: int
     end: int
+    message: int = -1
+    answer: int = -1
+    reasoning_lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -249,7 +316,8 @@ class TemplatePlan:
 
 
 def encode_chats(
-    tokenizer, conversations: list[list[Message]], train_on_prompt: bool = False, system_message: str = "auto"
+    tokenizer, conversations: list[Conversation], train_on_prompt: bool = False, system_message: str = "auto",
+    tools: Tools = None, train_turns: str = "all", train_reasoning: bool = True,
 ) -> list[Encoded]:
     """Tokenize conversations with the chat template, marking the assistant tokens exactly.
 
@@ -258,47 +326,100 @@ def encode_chats(
     with the same sequence of roles share one rendered skeleton (contents replaced by
     markers) in which every answer is located once; each conversation is rendered once
     for real and must equal its filled-in skeleton (otherwise, e.g. a template that
-    rewrites contents, its answers are located by rendering its own prefixes). The texts
-    are encoded in one batch by the Rust tokenizer.
+    rewrites contents, or a conversation with tools, its turns are located by rendering
+    its own prefixes). The texts are encoded in one batch by the Rust tokenizer.
+
+    Trained: every assistant turn, a tool call's rendered text as well as an answer,
+    with its end-of-turn tokens; not a turn with `weight: 0`; only the last trained turn
+    with `train_turns="last"`; the reasoning trace as part of the answer unless
+    `train_reasoning` is False. Prompts, system text and tool results never.
 
     Args:
         tokenizer: a fast Hugging Face tokenizer with a chat template.
-        conversations: canonical message lists (structurally valid).
+        conversations: canonical examples (`{"messages": [...], "tools": [...]}`, the
+            tools read per example) or bare message lists (structurally valid).
         train_on_prompt: mark every token, not only the assistant's.
         system_message: `data.system_message` (auto, keep, merge, drop).
+        tools: the tool schemas of conversations that carry none of their own.
+        train_turns: `train.train_turns`: "all" assistant turns, or the "last" one.
+        train_reasoning: `train.train_reasoning`: reasoning traces are trained.
 
     Returns:
         One `Encoded` per conversation.
 
     Raises:
-        ConfigError: the template cannot be masked (see `check_template`).
+        ConfigError: the template cannot be masked (see `check_template`), or cannot
+            render the tools, tool calls or reasoning traces the conversations hold
+            (`check_tool_rendering`, `check_reasoning_rendering`).
     """
     if not conversations:
         return []
+    if train_turns not in ("all", "last"):
+        raise ConfigError(f"train.train_turns={train_turns!r}: use all or last")
     plan = check_template(tokenizer, system_message)
     action = system_handling(tokenizer, system_message).action
-    convs = [apply_system_policy(c, action) for c in conversations]
-    texts, spans, errors = (_generation_spans if plan.method == "generation" else _offset_spans)(tokenizer, convs)
+    chats = [_chat(c, tools, action) for c in conversations]
+    if any(c.tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in c.messages) for c in chats):
+        check_tool_rendering(tokenizer)
+    if train_reasoning and any(m.get("reasoning_content") for c in chats for m in c.messages):
+        check_reasoning_rendering(tokenizer)
+    texts, spans, errors = (_generation_spans if plan.method == "generation" else _offset_spans)(
+        tokenizer, chats, plan.end_of_turn
+    )
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     out = []
-    for conv, enc, found, error in zip(convs, encodings, spans, errors):
+    for chat, enc, found, error in zip(chats, encodings, spans, errors):
         ids = enc.ids  # a fresh list on every access of the Rust encoding
-        mask, last = _mask(ids, enc.offsets, found, plan.end_of_turn)
-        answers = sum(m.get("role") == "assistant" and isinstance(m.get("content"), str) for m in conv)
+        trained = _trained_spans(chat.messages, found, train_turns, train_reasoning)
+        mask, last = _mask(ids, enc.offsets, trained, plan.end_of_turn)
+        turns = sum(1 for m in chat.messages if _is_turn(m))
+        lost = sum(s.reasoning_lost for s in found) if train_reasoning else 0
         if train_on_prompt:
             mask = [1] * len(mask)
-        out.append(Encoded(ids, mask, last, 0 if error else max(0, answers - len(found)), error))
+        out.append(Encoded(ids, mask, last, 0 if error else max(0, turns - len(found)), error, lost))
     return out
 
 
-def encode_chat(tokenizer, messages: list[Message], train_on_prompt: bool = False, system_message: str = "auto") -> Encoded:
+def _is_turn(message: Message) -> bool:
+    """An assistant turn the model writes: an answer, tool calls, or both."""
+    return message.get("role") == "assistant" and (isinstance(message.get("content"), str) or bool(message.get("tool_calls")))
+
+
+def _trained_spans(messages: list[Message], spans: list[_Span], train_turns: str, train_reasoning: bool) -> list[_Span]:
+    """The spans the loss covers: weight-0 turns out, the last turn only with `last`, traces out if asked."""
+    kept = [s for s in spans if s.message < 0 or messages[s.message].get("weight", 1) != 0]
+    if train_turns == "last":
+        kept = kept[-1:]
+    if not train_reasoning:
+        kept = [_Span(s.answer, s.end, s.message, s.answer) if s.answer > s.start else s for s in kept]
+    return kept
+
+
+@dataclass(frozen=True)
+class _Chat:
+    """One conversation as the template renders it: its messages (system policy applied) and tools."""
+
+    messages: list[Message]
+    tools: Tools = None
+
+
+def _chat(conversation: Conversation, tools: Tools, action: str) -> _Chat:
+    if isinstance(conversation, dict):
+        tools, conversation = conversation.get("tools") or tools, conversation["messages"]
+    return _Chat(template_messages(apply_system_policy(conversation, action)), tools or None)
+
+
+def encode_chat(
+    tokenizer, messages: Conversation, train_on_prompt: bool = False, system_message: str = "auto", tools: Tools = None,
+    train_turns: str = "all", train_reasoning: bool = True,
+) -> Encoded:
     """`encode_chats` for one conversation."""
-    return encode_chats(tokenizer, [messages], train_on_prompt, system_message)[0]
+    return encode_chats(tokenizer, [messages], train_on_prompt, system_message, tools, train_turns, train_reasoning)[0]
 
 
-def count_tokens(tokenizer, messages: list[Message], system_message: str = "auto") -> tuple[int, int]:
+def count_tokens(tokenizer, messages: Conversation, system_message: str = "auto", tools: Tools = None) -> tuple[int, int]:
     """(total tokens, assistant tokens) of a conversation under the chat template."""
-    enc = encode_chat(tokenizer, messages, system_message=system_message)
+    enc = encode_chat(tokenizer, messages, system_message=system_message, tools=tools)
     return len(enc.input_ids), enc.trained_tokens
 
 
@@ -324,7 +445,7 @@ def check_template(tokenizer, system_message: str = "auto") -> TemplatePlan:
     action = system_handling(tokenizer, system_message).action
     probe = apply_system_policy(_PROBE, action)
     if _GENERATION_BLOCK.search(tokenizer.get_chat_template()):
-        _, spans, errors = _generation_spans(tokenizer, [probe])
+        _, spans, errors = _generation_spans(tokenizer, [_Chat(probe)])
         problem = errors[0] or (None if spans[0] else "has {% generation %} blocks but marks no assistant text in them")
         plan = TemplatePlan("generation")
     else:
@@ -373,6 +494,85 @@ def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
     return _CACHE[key]
 
 
+# A probe of tool calling: a declared tool, a call to it, its result, and a final answer.
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "probe_tool_7301", "description": "Probe tool description.",
+    "parameters": {"type": "object", "properties": {"probe_arg": {"type": "string"}}, "required": ["probe_arg"]},
+}}
+_PROBE_CALLS = [
+    {"role": "user", "content": "Probe question one?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "probe0001", "type": "function", "function": {
+        "name": "probe_tool_7301", "arguments": '{"probe_arg": "probe value 7302"}'}}]},
+    {"role": "tool", "tool_call_id": "probe0001", "content": "probe result 7303"},
+    {"role": "assistant", "content": "Probe answer one."},
+]
+_PROBE_REASONING = [
+    {"role": "user", "content": "Probe question one?"},
+    {"role": "assistant", "content": "Probe answer one.", "reasoning_content": "Probe reasoning 7304."},
+]
+_TOOL_FIX = (
+    "set model.chat_template: chatml (ChatML with Qwen 2.5's tool format) or the path of a Jinja template that "
+    "renders tools, tool_calls and tool messages"
+)
+
+
+def check_tool_rendering(tokenizer) -> None:
+    """Refuse, once per template, a template that would lose tools, tool calls or tool results.
+
+    Rendered on a probe, the tool's schema must reach the prompt, and the call (its name
+    and argument values) and the result must be written and the call turn located.
+
+    Raises:
+        ConfigError: naming the model, what the template lost, and the setting that fixes it.
+    """
+    from jinja2 import TemplateError
+
+    key = ("tools", _template_key(tokenizer))
+    if key not in _CACHE:
+        messages, tools = template_messages(_PROBE_CALLS), [_PROBE_TOOL]
+        try:
+            prompt = _render(tokenizer, [messages[:1]], True, tools)[0]
+            text = _render(tokenizer, [messages], False, tools)[0]
+            ends = end_of_turn_ids(tokenizer)
+            found = _locate(tokenizer, messages, text, tools=tools, end_text=tokenizer.decode(list(ends)) if ends else "")
+        except TemplateError as exc:
+            prompt, text, found = "", "", f"raises {str(exc)!r} on a conversation with a tool call"
+        if isinstance(found, str):
+            problem = found
+        elif "Probe tool description." not in prompt:
+            problem = "does not write the tools' schemas into the prompt"
+        elif "probe result 7303" not in text:
+            problem = "does not write a tool message's result"
+        else:
+            problem = ""
+        _CACHE[key] = problem
+    if _CACHE[key]:
+        raise ConfigError(f"{_model_name(tokenizer)}: the chat template cannot train tool calling: it {_CACHE[key]}; {_TOOL_FIX}")
+
+
+def check_reasoning_rendering(tokenizer) -> None:
+    """Refuse, once per template, a template that drops an answer's reasoning trace (`reasoning_content`).
+
+    Raises:
+        ConfigError: naming the model and the settings that fix it.
+    """
+    from jinja2 import TemplateError
+
+    key = ("reasoning", _template_key(tokenizer))
+    if key not in _CACHE:
+        try:
+            text = _render(tokenizer, [template_messages(_PROBE_REASONING)], False)[0]
+            _CACHE[key] = "Probe reasoning 7304." in text
+        except TemplateError:
+            _CACHE[key] = False
+    if not _CACHE[key]:
+        raise ConfigError(
+            f"{_model_name(tokenizer)}: the chat template drops the reasoning traces (reasoning_content) of the data; "
+            "set model.chat_template: chatml (it writes them in <think> blocks) or a template that renders them, "
+            "or set train.train_reasoning: false to leave them out of training"
+        )
+
+
 def _end_of_turn(tokenizer, text: str, spans: list[_Span]) -> tuple[int, ...]:
     """The special tokens written right after both a middle and the last answer of the probe.
 
@@ -392,18 +592,24 @@ def _end_of_turn(tokenizer, text: str, spans: list[_Span]) -> tuple[int, ...]:
     return tuple(shared)
 
 
-def _generation_spans(tokenizer, convs: list[list[Message]]) -> tuple[list[str], list[list[_Span]], list[str]]:
-    """Texts, the `{% generation %}` spans of each (the template decides what is trained), and errors."""
+def _generation_spans(
+    tokenizer, chats: list[_Chat], end_of_turn: tuple[int, ...] = ()
+) -> tuple[list[str], list[list[_Span]], list[str]]:
+    """Texts, the `{% generation %}` spans of each (the template decides what is trained), and errors.
+
+    The blocks are matched to the assistant turns in order when there is one per turn (so
+    weights and `train_turns` apply); otherwise their turns are unknown and all are kept.
+    """
     from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import render_jinja_template
 
     texts, spans, errors = [], [], []
-    for conv in convs:
-        plain = [{k: v for k, v in m.items() if v is not None} for m in conv]  # as apply_chat_template does
+    for chat in chats:
+        plain = [{k: v for k, v in m.items() if v is not None} for m in chat.messages]  # as apply_chat_template does
         try:
             rendered, indices = render_jinja_template(
-                conversations=[plain], chat_template=tokenizer.get_chat_template(), return_assistant_tokens_mask=True,
-                add_generation_prompt=False, **tokenizer.special_tokens_map,
+                conversations=[plain], tools=chat.tools, chat_template=tokenizer.get_chat_template(),
+                return_assistant_tokens_mask=True, add_generation_prompt=False, **tokenizer.special_tokens_map,
             )  # fmt: skip
         except TemplateError as exc:
             rendered, indices = [""], [[]]
@@ -411,30 +617,39 @@ def _generation_spans(tokenizer, convs: list[list[Message]]) -> tuple[list[str],
         else:
             errors.append("")
         texts.append(rendered[0])
-        spans.append([_Span(a, b) for a, b in indices[0] if b > a])
+        found = [(a, b) for a, b in indices[0] if b > a]
+        turns = [i for i, m in enumerate(chat.messages) if _is_turn(m)]
+        owners = turns if len(turns) == len(found) else [-1] * len(found)
+        spans.append([_Span(a, b, i, a) for (a, b), i in zip(found, owners)])
     return texts, spans, errors
 
 
-def _offset_spans(tokenizer, convs: list[list[Message]]) -> tuple[list[str], list[list[_Span]], list[str]]:
+def _offset_spans(
+    tokenizer, chats: list[_Chat], end_of_turn: tuple[int, ...] = ()
+) -> tuple[list[str], list[list[_Span]], list[str]]:
     """Texts, located assistant answers (through one skeleton per sequence of roles), and errors."""
     from jinja2 import TemplateError
 
+    rendered: list[str | None] = [None] * len(chats)
+    plain = [k for k, c in enumerate(chats) if not c.tools]  # rendered in one call; those with tools one by one
     try:
-        rendered = _render(tokenizer, convs, False)
+        for k, text in zip(plain, _render(tokenizer, [chats[k].messages for k in plain], False) if plain else []):
+            rendered[k] = text
     except TemplateError:
-        rendered = [None] * len(convs)  # one of them is refused: render each alone to tell which
+        pass  # one of them is refused: render each alone to tell which
     texts, spans, errors = [], [], []
-    for conv, text in zip(convs, rendered):
+    for chat, text in zip(chats, rendered):
         try:
-            text = _render(tokenizer, [conv], False)[0] if text is None else text
+            text = _render(tokenizer, [chat.messages], False, chat.tools)[0] if text is None else text
         except TemplateError as exc:
             texts.append("")
             spans.append([])
             errors.append(f"raises {str(exc)!r}")
             continue
-        found = _from_skeleton(tokenizer, conv, text)
+        found = None if chat.tools else _from_skeleton(tokenizer, chat.messages, text)
         if found is None:  # the template treats this conversation's contents specially
-            located = _locate(tokenizer, conv, text, per_turn=True)
+            end = tokenizer.decode(list(end_of_turn)) if end_of_turn else ""
+            located = _locate(tokenizer, chat.messages, text, per_turn=True, tools=chat.tools, end_text=end)
             found = located if isinstance(located, list) else []
         texts.append(text)
         spans.append(found)
@@ -444,7 +659,7 @@ def _offset_spans(tokenizer, convs: list[list[Message]]) -> tuple[list[str], lis
 
 def _from_skeleton(tokenizer, conv: list[Message], text: str) -> list[_Span] | None:
     """The answers of `conv` from its roles' skeleton, or None when the skeleton does not fill to `text`."""
-    if any(set(m) - {"role", "content"} or not isinstance(m.get("content"), str) for m in conv):
+    if any(set(m) - {"role", "content", "weight"} or not isinstance(m.get("content"), str) for m in conv):
         return None
     roles = tuple(m["role"] for m in conv)
     key = ("skeleton", _template_key(tokenizer), roles)
@@ -481,52 +696,103 @@ def _from_skeleton(tokenizer, conv: list[Message], text: str) -> list[_Span] | N
         k = bisect.bisect_left(starts, pos)  # markers that start before pos lie wholly before it
         return pos + (shifts[k - 1] if k else 0)
 
-    return [_Span(moved(s.start), moved(s.end)) for s in turns]
+    return [_Span(moved(s.start), moved(s.end), s.message, moved(s.answer)) for s in turns]
 
 
-def _locate(tokenizer, messages: list[Message], text: str, per_turn: bool = False) -> list[_Span] | str:
-    """Find each assistant answer of `messages` in their rendered `text`.
+def _locate(
+    tokenizer, messages: list[Message], text: str, per_turn: bool = False, tools: Tools = None, end_text: str = ""
+) -> list[_Span] | str:
+    """Find each assistant turn of `messages` in their rendered `text`.
 
-    The conversation before an answer, rendered with the generation prompt, must be a
-    prefix of `text`, and the answer must be the first content written after that prompt
-    and before the next answer's prompt ends. The span runs from the prompt's end to the
-    answer's end: text the template inserts before the answer (Mistral's space, Qwen 3's
-    empty `<think>` block) is what the model writes too.
+    The conversation before a turn, rendered with the generation prompt, must be a prefix
+    of `text`, and the turn must be written after that prompt, before the next turn's
+    prompt ends. The span runs from the prompt's end: text the template inserts before the
+    answer (Mistral's space, Qwen 3's `<think>` block) is what the model writes too. A plain
+    answer ends where its content does. A turn with tool calls or a reasoning trace ends
+    where the template ends the turn (`end_text`, its end-of-turn tokens), after every part
+    of it is found in order: the trace, the content, each call's name and argument values.
+    A trace the template leaves out (Qwen 3 before the last user message) is marked lost.
 
     Args:
-        per_turn: skip an answer that cannot be located instead of failing.
+        per_turn: skip a turn that cannot be located instead of failing.
+        tools: the conversation's tool schemas.
+        end_text: the template's end-of-turn text ("" when it has none).
 
     Returns:
-        The spans, or a description of the first answer that could not be located.
+        The spans, or a description of the first turn that could not be located.
     """
     from jinja2 import TemplateError
 
-    answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and isinstance(m.get("content"), str)]
+    turns = [i for i, m in enumerate(messages) if _is_turn(m)]
     try:
-        prompts = [_render(tokenizer, [messages[:i]], True)[0] if i else "" for i in answers]
+        prompts = [_render(tokenizer, [messages[:i]], True, tools)[0] if i else "" for i in turns]
     except TemplateError as exc:
         return [] if per_turn else f"raises {str(exc)!r} on a conversation that ends with a question"
     spans = []
-    for n, (i, prompt) in enumerate(zip(answers, prompts)):
+    for n, (i, prompt) in enumerate(zip(turns, prompts)):
         bound = len(prompts[n + 1]) if n + 1 < len(prompts) else len(text)
-        content = messages[i]["content"]
-        at = text.find(content, len(prompt)) if content else -1
-        if at < 0 and content.strip():
-            content = content.strip()  # templates that trim answers (Llama 3, Gemma, Mistral)
-            at = text.find(content, len(prompt))
+        message = messages[i]
         if not text.startswith(prompt):
             problem = (
                 f"renders the conversation before message {i + 1} (with the generation prompt) differently from "
                 "the start of the whole conversation (a prefix of the conversation is not a prefix of the text)"
             )
-        elif at < 0 or at + len(content) > bound or _MARKER.search(text, len(prompt), at):
-            problem = f"does not write answer {i + 1} as given right after its prompt"
+        elif message.get("tool_calls") or message.get("reasoning_content"):
+            found = _locate_parts(text, len(prompt), bound, message, end_text)
+            if isinstance(found, _Span):
+                spans.append(_Span(found.start, found.end, i, found.answer, found.reasoning_lost))
+                continue
+            problem = f"{found} in turn {i + 1}"
         else:
-            spans.append(_Span(len(prompt), at + len(content)))
-            continue
+            content = message["content"]
+            at = text.find(content, len(prompt)) if content else -1
+            if at < 0 and content.strip():
+                content = content.strip()  # templates that trim answers (Llama 3, Gemma, Mistral)
+                at = text.find(content, len(prompt))
+            if at < 0 or at + len(content) > bound or _MARKER.search(text, len(prompt), at):
+                problem = f"does not write answer {i + 1} as given right after its prompt"
+            else:
+                spans.append(_Span(len(prompt), at + len(content), i, len(prompt)))
+                continue
         if not per_turn:
             return problem
     return spans
+
+
+def _locate_parts(text: str, start: int, bound: int, message: Message, end_text: str) -> _Span | str:
+    """The span of a turn with tool calls or a reasoning trace, or what the template did not write."""
+    at, answer, lost = start, start, False
+    reasoning = (message.get("reasoning_content") or "").strip()
+    if reasoning:
+        found = text.find(reasoning, at, bound)
+        if found < 0:
+            lost = True
+        else:
+            at = answer = found + len(reasoning)
+            closing = _THINK_END.match(text, at)  # the trace's closing tag belongs to the trace
+            answer = closing.end() if closing else answer
+    parts = [("content", (message.get("content") or "").strip())]
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call)
+        parts.append((f"the call to {function.get('name')}", str(function.get("name"))))
+        arguments = function.get("arguments")
+        values = arguments.values() if isinstance(arguments, dict) else []  # a string left unparsed: validation names it
+        parts += [(f"the arguments of {function.get('name')}", _argument_text(v)) for v in values]
+    for what, part in parts:
+        found = text.find(part, at, bound) if part else at
+        if found < 0:
+            return f"does not write {what}"
+        at = found + len(part)
+    end = text.find(end_text, at, bound) if end_text else -1
+    return _Span(start, end if end >= 0 else at, answer=answer, reasoning_lost=lost)
+
+
+_THINK_END = re.compile(r"\s*</think>\s*")
+
+
+def _argument_text(value: Any) -> str:
+    """How the published templates write an argument's value: JSON (`tojson`)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _mask(ids: list[int], offsets: list[tuple[int, int]], spans: list[_Span], end_of_turn: tuple[int, ...]) -> tuple[list[int], int]:

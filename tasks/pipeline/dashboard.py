@@ -20,9 +20,11 @@ from tasks.files import write_atomic
 from tasks.pipeline.html import Raw, badge, bar_chart, cards, line_chart, page, table, text
 
 # Metrics in the order the gate reads them; "lower is better" ones are marked in the table.
-METRICS = ["exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms", "tokens_per_second"]
+METRICS = ["exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms", "tokens_per_second",
+           # Where the test split has tool-call examples (tasks.evaluate.tools).
+           "tool_name_accuracy", "tool_arguments_match", "tool_invalid_rate"]
 PREFERENCE_METRICS = ["reward_accuracy", "reward_margin", "rated_down_repeat_rate", "examples"]
-LOWER_IS_BETTER = {"perplexity", "latency_p95_ms", "rated_down_repeat_rate"}
+LOWER_IS_BETTER = {"perplexity", "latency_p95_ms", "rated_down_repeat_rate", "tool_invalid_rate"}
 ROLE_ORDER = ["candidate", "champion", "base_few_shot", "base_zero_shot"]
 
 

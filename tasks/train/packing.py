@@ -139,9 +139,15 @@ def to_tensors(batch: Batch, device: str):
 def prepare_batches(tokenizer, rows: list[dict], train: TrainParams, system_message: str = "auto") -> list[Batch]:
     """Encode chat examples (assistant-only labels unless train_on_prompt), pack and batch them.
 
+    Each row is a canonical example: its `tools` reach the template, and `train.train_turns`
+    and `train.train_reasoning` choose the trained turns and traces.
+
     `system_message` is `data.system_message`, the policy the model is trained (and served) with.
     """
-    encoded = encode_chats(tokenizer, [r["messages"] for r in rows], train.train_on_prompt, system_message)
+    encoded = encode_chats(
+        tokenizer, rows, train.train_on_prompt, system_message,
+        train_turns=train.train_turns, train_reasoning=train.train_reasoning,
+    )  # fmt: skip
     if train.packing:
         packed = pack_sequences(encoded, train.seq_len, train.seed)
     else:

@@ -188,3 +188,24 @@ def http_server(registry):
     settings (`env`) and starts it at module scope.
     """
     return _serve_over_http
+
+
+# ------------------------------------------------------------------------------ tool calling
+
+@pytest.fixture(scope="session")
+def tools_server(registry):
+    """The service over HTTP, serving the tool-calling model (`train_tool_caller`) from the BentoML store."""
+    import yaml
+
+    from tasks.config import load_params
+    from tasks.registry.bento import import_model
+    from tests.training import TOOLS_MODEL_NAME, train_tool_caller
+
+    model = train_tool_caller(STATE / "tool-model")
+    import_model(model, TOOLS_MODEL_NAME, "1", {"source": "tests"})
+    params = load_params(REPO / "params.yaml", {**SERVING_OVERRIDES, "registry.model_name": TOOLS_MODEL_NAME})
+    (STATE / "tools-params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    env = {"FTLLM_PARAMS": str(STATE / "tools-params.yaml"), "FTLLM_BENTO_MODEL": f"{TOOLS_MODEL_NAME}:v1",
+           "FTLLM_FEEDBACK_DB": str(STATE / "tools-feedback.db")}
+    with _serve_over_http(STATE / "tools-serve.log", env) as url:
+        yield url

@@ -34,7 +34,21 @@ def test_a_log_written_before_the_schema_was_versioned_keeps_working(tmp_path):
     assert store.count("feedback") == 1 and store.add_feedback("c0", 5) == 2
     store.close()
     version = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 2
+    assert version == SCHEMA_VERSION == 3
+
+
+def test_a_rated_tool_call_is_exported_as_the_call_with_its_tools(tmp_path):
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Oslo"}'}}]
+    store = FeedbackStore(tmp_path / "feedback.db")
+    store.log_interaction(Interaction("c0", "chat", "m", "1", [{"role": "user", "content": "Time in Oslo?"}], "",
+                                      "tool_calls", 3, 2, 1.0, tools=tools, tool_calls=calls))
+    store.add_feedback("c0", 5, key_name="app", trusted=True)
+    store.close()
+    export = export_feedback(tmp_path / "feedback.db", tmp_path / "out.jsonl", 4)
+    [example] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert export.examples == 1 and example["tools"] == tools
+    assert example["messages"][-1] == {"role": "assistant", "content": None, "tool_calls": calls}
 
 
 def test_a_log_of_a_newer_schema_is_refused_by_name(tmp_path):

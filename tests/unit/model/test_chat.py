@@ -14,7 +14,6 @@ from tasks.config import ModelParams, TrainParams
 from tasks.errors import ConfigError
 from tasks.model.chat import encode_chat, encode_chats, encode_text, render_prompt, system_handling
 from tasks.model.loading import resolve_base
-from tasks.model.tiny import CHAT_TEMPLATE
 from tasks.train.packing import prepare_batches
 from tests.families import family_models  # noqa: F401  (the fixture)
 
@@ -102,10 +101,11 @@ def test_tiny_chatml_masks_answers_with_im_end(tiny) -> None:
 
 def test_generation_blocks_decide_the_mask(tiny) -> None:
     tok = tiny.__class__.from_pretrained(tiny.name_or_path)
-    tok.chat_template = CHAT_TEMPLATE.replace(
-        "{{ message['content'] }}<|im_end|>",
+    tok.chat_template = (  # plain ChatML, with the answers in generation blocks
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
         "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}"
-        "{% else %}{{ message['content'] }}<|im_end|>{% endif %}",
+        "{% else %}{{ message['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     enc = encode_chat(tok, CONVERSATION)
     assert trained_runs(tok, enc) == [f"{a}<|im_end|>" for a in ANSWERS]
@@ -145,3 +145,21 @@ def test_one_batched_call_equals_one_call_per_conversation(family_models) -> Non
     tok = _tokenizer(family_models("qwen3"))
     convs = [CONVERSATION, CONVERSATION[1:3], [*CONVERSATION[:2], {"role": "assistant", "content": "<think>x</think>y"}]]
     assert encode_chats(tok, convs) == [encode_chat(tok, c) for c in convs]
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}}
+
+
+def test_tools_reach_the_template_in_the_tiny_models_qwen25_format(tiny) -> None:
+    question = [{"role": "user", "content": "Weather in Oslo?"}]
+    prompt = render_prompt(tiny, question, tools=[WEATHER_TOOL])
+    assert prompt.startswith("<|im_start|>system\n# Tools\n\nYou may call one or more functions")
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in prompt
+    assert prompt.endswith("<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n")
+    assert render_prompt(tiny, question) == "<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+    # encode_chats reads the tools of each example
+    with_tools, without = encode_chats(tiny, [{"messages": question, "tools": [WEATHER_TOOL]}, {"messages": question}])
+    assert "get_weather" in tiny.decode(with_tools.input_ids) and "get_weather" not in tiny.decode(without.input_ids)

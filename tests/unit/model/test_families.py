@@ -46,6 +46,7 @@ NAMES = list(FAMILIES)
 # pad is the family's own, its unk token, or an added <|pad|>; never the end of turn.
 EXPECTED = {
     "llama3": ("<|eot_id|>", "<|pad|>"),
+    "llama3.1": ("<|eot_id|>", "<|pad|>"),
     "qwen2.5": ("<|im_end|>", "<|endoftext|>"),
     "qwen3": ("<|im_end|>", "<|endoftext|>"),
     "mistral": ("</s>", "<unk>"),

@@ -1,0 +1,113 @@
+"""Tool calling over real HTTP with the official openai client: a call, streamed and not, then its result sent back.
+
+The server (`tools_server`) serves a tiny model trained in the session to call
+`get_weather` (`train_tool_caller` in conftest.py says how and why): a random-weight model
+never writes a call, so only a model that does can show that the service renders the
+tools, lets the model write the call, parses and checks it, and returns it as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.training import TOOLS_MODEL_NAME, WEATHER_TOOLS
+
+ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+def _client(url: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+
+def _joined_stream(chunks) -> tuple[str, list[dict], str | None]:
+    """(content, calls, finish_reason) from streamed chunks, joined as OpenAI's clients join them."""
+    content, calls, finish = "", {}, None
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for delta in choice.delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+            call["id"] = delta.id or call["id"]
+            if delta.function is not None:
+                call["name"] += delta.function.name or ""
+                call["arguments"] += delta.function.arguments or ""
+        finish = choice.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.slow
+def test_the_openai_client_gets_a_call_streamed_and_not_then_the_answer_from_its_result(tools_server, serving_dir):
+    client = _client(tools_server)
+    done = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS,
+                                          temperature=0, max_tokens=120)
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    assert choice.message.content is None and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
+
+    stream = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS,
+                                            temperature=0, max_tokens=120, stream=True)
+    chunks = list(stream)
+    content, calls, finish = _joined_stream(chunks)
+    assert (content, finish) == ("", "tool_calls")
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Oslo"})]
+    assert calls[0]["id"].startswith("call_")
+    # As OpenAI streams a call: first its id and name, then its arguments.
+    call_deltas = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert call_deltas[0].id and call_deltas[0].function.name == "get_weather"
+    assert call_deltas[-1].id is None and call_deltas[-1].function.arguments
+
+    # The tool's result goes back with the assistant's call, as an agent loop sends it.
+    followed = [*ASK, choice.message, {"role": "tool", "tool_call_id": call.id, "content": "12 degrees and rain"}]
+    final = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=followed, tools=WEATHER_TOOLS,
+                                           temperature=0, max_tokens=60)
+    assert final.choices[0].finish_reason == "stop"
+    assert final.choices[0].message.content == "In Oslo it is 12 degrees and rain."
+    assert not final.choices[0].message.tool_calls
+    streamed = _joined_stream(client.chat.completions.create(
+        model=TOOLS_MODEL_NAME, messages=followed, tools=WEATHER_TOOLS, temperature=0, max_tokens=60, stream=True))
+    assert streamed == ("In Oslo it is 12 degrees and rain.", [], "stop")
+
+    # A rated call is exported as a training example with its tools and its call. The server
+    # has no keys, so the rating waits for approval: the export admits it once approved.
+    assert httpx.post(f"{tools_server}/feedback", json={"id": done.id, "rating": 5}).status_code == 200
+    from tasks.feedback.export import ExportPolicy, export_feedback
+
+    out = serving_dir / "tools-feedback.jsonl"
+    export_feedback(serving_dir / "tools-feedback.db", out, 4, policy=ExportPolicy(auto_approve="all"))
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    [example] = [e for e in exported if e["messages"][-1].get("tool_calls")]
+    assert example["tools"] == WEATHER_TOOLS and example["messages"][:-1] == [{**ASK[0], "content": ASK[0]["content"]}]
+    assert example["messages"][-1]["tool_calls"][0]["function"] == {"name": "get_weather",
+                                                                     "arguments": '{"city": "Oslo"}'}
+
+
+@pytest.mark.slow
+def test_tool_choice_none_gets_no_call_and_a_named_choice_forces_that_function(tools_server):
+    client = _client(tools_server)
+    none = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS,
+                                          tool_choice="none", temperature=0, max_tokens=30)
+    assert not none.choices[0].message.tool_calls and none.choices[0].finish_reason in ("stop", "length")
+    # "Hello there" is answered with text when the model may choose; named, the call is forced.
+    hello = [{"role": "user", "content": "Hello there"}]
+    free = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=hello, tools=WEATHER_TOOLS,
+                                          temperature=0, max_tokens=30)
+    assert free.choices[0].finish_reason == "stop" and not free.choices[0].message.tool_calls
+    forced = client.chat.completions.create(
+        model=TOOLS_MODEL_NAME, messages=hello, tools=WEATHER_TOOLS, temperature=0, max_tokens=120,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = forced.choices[0]
+    assert choice.finish_reason in ("tool_calls", "invalid_tool_call"), choice
+    if choice.finish_reason == "tool_calls":
+        assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
+    else:  # the model wrote arguments that fail the schema: returned as the text it wrote
+        assert choice.message.content.startswith('<tool_call>\n{"name": "get_weather"')

@@ -1,0 +1,207 @@
+"""Validation of tool calling, weights and reasoning traces: each category with its lines.
+
+At least as strict as mistral-finetune: tool schemas, call ids, declared tools, arguments
+(a JSON object that the tool's schema accepts), a result per pending call, 0/1 weights on
+assistant messages only. The categories flow like every other one: the report, `--fix`,
+and a source's `invalid_rows` policy. ShareGPT's `function_call`/`observation` turns and
+OpenAI's legacy `function_call` become tool calls, and reasoning keys are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.config import DataParams, ModelParams, Params, TrainParams
+from tasks.data.checks import iter_checked
+from tasks.data.prepare import prepare_dataset
+from tasks.data.tokens import TrainingBudget
+from tasks.data.validate import validate_dataset, write_fixed
+from tasks.errors import PrepareError
+from tasks.model.loading import load_tokenizer, resolve_base
+from tests.conftest import REPO
+from tests.families import family_models  # noqa: F401  (the fixture)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(resolve_base(ModelParams()))
+
+
+def tool(name: str = "get_time", description: str | None = "The local time in a city.", parameters=None) -> dict:
+    function = {"name": name, "parameters": parameters if parameters is not None else {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False,
+    }}
+    if description is not None:
+        function["description"] = description
+    return {"type": "function", "function": function}
+
+
+def call(arguments: str = '{"city": "Oslo"}', name: str = "get_time", call_id: str | None = "call00001") -> dict:
+    c = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return c if call_id is None else {"id": call_id, **c}
+
+
+def example(calls: list | None = None, results: list | None = None, tools: list | None = None, answer_weight=None,
+            user_weight=None, **extra) -> dict:
+    calls = [call()] if calls is None else calls
+    results = [{"role": "tool", "tool_call_id": "call00001", "content": "20:03"}] if results is None else results
+    user = {"role": "user", "content": f"What time is it in Oslo? {extra.pop('tag', '')}".strip()}
+    if user_weight is not None:
+        user["weight"] = user_weight
+    answer = {"role": "assistant", "content": "It is 20:03 in Oslo."}
+    if answer_weight is not None:
+        answer["weight"] = answer_weight
+    messages = [user, {"role": "assistant", "content": None, "tool_calls": calls, **extra}, *results, answer]
+    return {"messages": messages, "tools": [tool()] if tools is None else tools}
+
+
+def write(tmp_path: Path, lines: list, name: str = "d.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+GOOD = example()
+RESULT = {"role": "tool", "tool_call_id": "call00001", "content": "20:03"}
+# category -> (lines of the file, expected offending line numbers)
+CASES = {
+    "bad_tool_schema": ([GOOD, example(tools=[tool(name="get time")], tag="a"), example(tools=[tool(description=None)], tag="b"),
+                         example(tools=[tool(parameters={"type": "objekt"})], tag="c"), example(tools="get_time", tag="d")],
+                        [2, 3, 4, 5]),
+    "bad_tool_call": ([GOOD, {**GOOD, "messages": [GOOD["messages"][0], {**GOOD["messages"][1], "tool_calls": [call(call_id=None)]}]},
+                       example(calls=[call(), call()], results=[{"role": "tool", "tool_call_id": "call00001", "content": "1"}] * 2,
+                               tag="b")],
+                      [2, 3]),
+    "undeclared_tool": ([GOOD, example(calls=[call(name="get_weather")], tag="a"), {**example(tag="b"), "tools": []}],
+                        [2, 3]),
+    "bad_tool_arguments": ([GOOD, example(calls=[call(arguments="Oslo")], tag="a"), example(calls=[call(arguments='["Oslo"]')], tag="b"),
+                            example(calls=[{**call(), "function": {"name": "get_time", "arguments": {"city": "Oslo"}}}], tag="c")],
+                           [2, 3, 4]),
+    "arguments_fail_schema": ([GOOD, example(calls=[call(arguments='{"town": "Oslo"}')], tag="a"),
+                               example(calls=[call(arguments='{"city": 7}')], tag="b")],
+                              [2, 3]),
+    "unexpected_tool_result": ([GOOD, example(results=[RESULT, {"role": "tool", "tool_call_id": "call00009", "content": "x"}], tag="a"),
+                                example(results=[RESULT] * 2, tag="b"),
+                                example(results=[RESULT, {"role": "tool", "content": "x"}], tag="c")],
+                               [2, 3, 4]),
+    "missing_tool_result": ([GOOD, example(results=[{"role": "user", "content": "Well?"}], tag="a")], [2]),
+    "bad_weight": ([GOOD, example(answer_weight=0.5, tag="a"), example(user_weight=1, tag="b"), example(answer_weight=True, tag="c")],
+                   [2, 3, 4]),
+    "all_weights_zero": ([GOOD, example(weight=0, answer_weight=0, tag="a")], [2]),
+    "bad_reasoning": ([GOOD, example(reasoning_content=["x"], tag="a"), example(reasoning_content="  ", tag="b")], [2, 3]),
+}
+
+
+@pytest.mark.parametrize("category", list(CASES))
+def test_each_tool_category_is_counted_with_its_lines(tmp_path: Path, category: str) -> None:
+    lines, expected = CASES[category]
+    report = validate_dataset(write(tmp_path, lines), fmt="openai")
+    assert not report.valid
+    assert report.errors == {category: len(expected)}
+    assert report.error_lines[category] == expected
+    assert all(r["message"] for r in report.error_rows)
+
+
+def test_a_valid_tool_file_is_valid_and_its_calls_are_counted_as_trained(tmp_path: Path, tok) -> None:
+    lines = [GOOD, example(answer_weight=0, tag="b"), example(reasoning_content="Ask the clock.", tag="c"),
+             {**example(tag="d"), "messages": [*example()["messages"][:1], {**example()["messages"][1], "thinking": "Hmm."},
+                                               *example()["messages"][2:]]}]
+    report = validate_dataset(write(tmp_path, lines), DataParams(max_tokens=1024), tokenizer=tok,
+                              budget=TrainingBudget(seq_len=1024))
+    assert report.valid and report.errors == {} and "unrecognised_keys" not in report.warnings
+    with_weight_zero = report.token_stats["assistant_tokens"]["min"]
+    assert 0 < with_weight_zero < report.token_stats["assistant_tokens"]["max"]
+
+
+def test_fix_leaves_out_the_examples_with_tool_errors_and_keeps_tools_in_canonical_form(tmp_path: Path) -> None:
+    lines = [GOOD, *[CASES[c][0][1] for c in CASES], example(tag="last")]
+    path = write(tmp_path, lines)
+    report = validate_dataset(path, fmt="openai")
+    kept, dropped = write_fixed(path, report, tmp_path / "fixed.jsonl")
+    assert (kept, dropped) == (2, len(CASES))
+    rows = [json.loads(x) for x in (tmp_path / "fixed.jsonl").read_text().splitlines()]
+    assert rows[0] == GOOD and rows[1]["tools"] == [tool()]  # tools, tool_calls and ids kept as given
+    assert validate_dataset(tmp_path / "fixed.jsonl", fmt="openai").valid
+
+
+def test_a_sources_invalid_rows_policy_applies_to_tool_errors(tmp_path: Path, tok) -> None:
+    good = [example(tag=str(i)) for i in range(40)]
+    data = write(tmp_path, [*good, CASES["undeclared_tool"][0][1]])
+    params = Params(data=DataParams(sources=[{"path": str(data), "invalid_rows": "drop", "max_invalid_share": 0.05}],
+                                    max_tokens=1024), train=TrainParams(seq_len=1024))
+    stats = prepare_dataset(None, tmp_path / "out", params, tok)
+    assert stats["invalid_dropped"] == 1 and stats["sources"][0]["invalid_lines"] == [{"line": 41, "category": "undeclared_tool"}]
+    train = [json.loads(x) for x in (tmp_path / "out/train.jsonl").read_text().splitlines()]
+    assert all(row["tools"] == [tool()] and row["messages"][1]["tool_calls"] for row in train)
+    with pytest.raises(PrepareError, match=r"line 41: undeclared_tool: message 2 calls 'get_weather'"):
+        prepare_dataset(None, tmp_path / "out2", Params(data=DataParams(sources=[{"path": str(data)}], max_tokens=1024),
+                                                                train=TrainParams(seq_len=1024)), tok)
+
+
+def test_sharegpt_function_call_and_observation_become_tool_calls_and_results(tmp_path: Path) -> None:
+    tools = json.dumps([{"name": "get_time", "description": "The local time in a city.", "parameters": tool()["function"]["parameters"]}])
+    row = {"conversations": [
+        {"from": "human", "value": "What time is it in Oslo?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_time", "arguments": {"city": "Oslo"}})},
+        {"from": "observation", "value": "20:03"},
+        {"from": "gpt", "value": "It is 20:03 in Oslo."},
+    ], "tools": tools}
+    (checked,) = list(iter_checked(write(tmp_path, [row]), "sharegpt"))
+    assert checked.problems == {}
+    assert checked.example["tools"] == [tool()]
+    assert checked.example["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [call()]}
+    assert checked.example["messages"][2] == {"role": "tool", "content": "20:03", "tool_call_id": "call00001"}
+    bad = {**row, "conversations": [*row["conversations"][:2], *row["conversations"][2:3] * 2, row["conversations"][3]]}
+    report = validate_dataset(write(tmp_path, [row, bad], "s.jsonl"), fmt="sharegpt")
+    assert report.errors == {"unexpected_tool_result": 1} and report.error_lines["unexpected_tool_result"] == [2]
+
+
+def test_openai_legacy_functions_become_tools_and_tool_calls(tmp_path: Path) -> None:
+    row = {"functions": [tool()["function"]], "messages": [
+        {"role": "user", "content": "What time is it in Oslo?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_time", "arguments": '{"city": "Oslo"}'}},
+        {"role": "function", "name": "get_time", "content": "20:03"},
+        {"role": "assistant", "content": "It is 20:03 in Oslo."},
+    ]}
+    (checked,) = list(iter_checked(write(tmp_path, [row]), "openai"))
+    assert checked.problems == {}
+    assert checked.example["tools"] == [tool()] and checked.example["messages"][1]["tool_calls"] == [call()]
+    assert checked.example["messages"][2]["role"] == "tool" and checked.example["messages"][2]["tool_call_id"] == "call00001"
+
+
+def test_a_trace_the_template_drops_is_an_error_with_its_line_unless_traces_are_not_trained(
+    tmp_path: Path, family_models
+) -> None:
+    from transformers import AutoTokenizer
+
+    qwen3 = AutoTokenizer.from_pretrained(str(family_models("qwen3")))
+    two_turns = {"messages": [
+        {"role": "user", "content": "One?"}, {"role": "assistant", "content": "Yes.", "reasoning_content": "First."},
+        {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "No.", "reasoning_content": "Second."},
+    ]}
+    one_turn = {"messages": two_turns["messages"][2:]}
+    path = write(tmp_path, [one_turn, two_turns])
+    report = validate_dataset(path, DataParams(max_tokens=512), tokenizer=qwen3, budget=TrainingBudget(seq_len=512))
+    assert report.errors == {"reasoning_dropped": 1} and report.error_lines["reasoning_dropped"] == [2]
+    assert "train.train_reasoning: false" in report.error_rows[0]["message"]
+    off = validate_dataset(path, DataParams(max_tokens=512), tokenizer=qwen3,
+                           budget=TrainingBudget(seq_len=512, train_reasoning=False))
+    assert off.valid
+
+
+def test_the_tools_task_data_is_deterministic_and_valid(tmp_path: Path, tok) -> None:
+    from scripts.make_tools_data import main, make_tool_examples
+
+    assert make_tool_examples(30, seed=11) == make_tool_examples(30, seed=11) != make_tool_examples(30, seed=12)
+    assert main(["--out", str(tmp_path / "tools.jsonl"), "--count", "2000", "--seed", "11"]) == 0
+    # the tracked file (data.dvc; `dvc pull`) is what the generator writes
+    assert (REPO / "data/tools.jsonl").read_bytes() == (tmp_path / "tools.jsonl").read_bytes()
+    write(tmp_path, make_tool_examples(60, seed=11), "small.jsonl")
+    report = validate_dataset(tmp_path / "small.jsonl", DataParams(max_tokens=1280), tokenizer=tok,
+                              budget=TrainingBudget(seq_len=1280))
+    assert report.valid and report.errors == {} and report.warnings == {"no_system_message": 60}
+    names = {e["messages"][1]["tool_calls"][0]["function"]["name"] for e in make_tool_examples(60, seed=11)}
+    assert names == {"get_weather", "get_time", "convert_currency"}

@@ -1,0 +1,166 @@
+"""Generations read back into answers, reasoning traces and tool calls, for each call format.
+
+The generations are hand-written in the format each family's published chat template
+renders a call in (tests/families.py: Qwen 2.5 and Qwen 3's `<tool_call>` blocks,
+Mistral v0.3's `[TOOL_CALLS]`); Llama 3.1's JSON object is given through its template's
+signature. The tokenizers are the families' real ones.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.model.chat import render_prompt
+from tasks.model.responses import (
+    ResponseStream,
+    check_calls,
+    detect_format,
+    forced_call_opening,
+    parse_generation,
+)
+from tests.families import family_models  # noqa: F401  (the fixture)
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}]
+QUESTION = [{"role": "user", "content": "Weather in Oslo?"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(family_models):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    return lambda name: AutoTokenizer.from_pretrained(str(family_models(name)))
+
+
+class _Template:
+    """A stand-in tokenizer with only a chat template (format detection and parsing read nothing else)."""
+
+    def __init__(self, chat_template: str) -> None:
+        self.chat_template = chat_template
+
+
+LLAMA31 = _Template('{{- \'{"name": "\' + tool_call.name + \'", "parameters": \' }}<|start_header_id|>')
+
+
+@pytest.mark.parametrize(("family", "expected"), [("qwen2.5", "hermes"), ("qwen3", "hermes"), ("mistral", "mistral"),
+                                                  ("llama3", None), ("gemma2", None)])
+def test_the_call_format_is_read_from_the_chat_template(tokenizers, family, expected):
+    assert detect_format(tokenizers(family)) == expected
+    assert detect_format(LLAMA31) == "llama3"
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])
+def test_hermes_calls_are_parsed_with_the_text_before_them_as_content(tokenizers, family):
+    tok = tokenizers(family)
+    prompt = render_prompt(tok, QUESTION, tools=TOOLS)
+    text = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bergen", "days": 2}}\n</tool_call>')
+    parsed = parse_generation(tok, text, prompt, TOOLS)
+    assert parsed.content == "Let me look." and parsed.invalid == ""
+    assert [(c.name, c.arguments) for c in parsed.tool_calls] == [("get_weather", {"city": "Oslo"}),
+                                                                  ("get_weather", {"city": "Bergen", "days": 2})]
+    first = parsed.tool_calls[0].openai()
+    assert first["type"] == "function" and first["id"].startswith("call_") and len(first["id"]) > 12
+    assert json.loads(first["function"]["arguments"]) == {"city": "Oslo"}
+    assert parsed.tool_calls[0].id != parsed.tool_calls[1].id
+
+
+def test_llama_json_and_mistral_tool_calls_are_parsed():
+    llama = parse_generation(LLAMA31, '{"name": "get_weather", "parameters": {"city": "Oslo"}}', "", TOOLS)
+    assert [(c.name, c.arguments) for c in llama.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    assert llama.content == ""
+    plain = parse_generation(LLAMA31, "It is sunny.", "", TOOLS)
+    assert plain.content == "It is sunny." and plain.tool_calls == []
+    mistral = _Template("{{ '[TOOL_CALLS] ' }}[INST]")
+    parsed = parse_generation(mistral, 'On it. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}, '
+                                       '"id": "abcdefghi"}]', "", TOOLS)
+    assert parsed.content == "On it." and [c.name for c in parsed.tool_calls] == ["get_weather"]
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os', "unparseable tool call"),
+    ('<tool_call>\n{"name": get_weather}\n</tool_call>', "unparseable tool call"),
+    ('<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>', "unknown function 'get_time'"),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"days": 2}}\n</tool_call>', "fail its schema"),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": "two"}}\n</tool_call>', "fail its schema"),
+    ('<tool_call>\n{"name": "get_weather", "arguments": [1]}\n</tool_call>', "not a JSON object"),
+])
+def test_an_invalid_call_is_no_call_and_keeps_its_text(tokenizers, text, problem):
+    tok = tokenizers("qwen2.5")
+    parsed = parse_generation(tok, text, render_prompt(tok, QUESTION, tools=TOOLS), TOOLS)
+    assert parsed.tool_calls == [] and problem in parsed.invalid
+    assert parsed.answer == text
+
+
+def test_without_tools_the_text_is_the_answer_as_written(tokenizers):
+    tok = tokenizers("qwen2.5")
+    text = ' <tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call> '
+    parsed = parse_generation(tok, text, render_prompt(tok, QUESTION), None)
+    assert parsed.tool_calls == [] and parsed.answer == text
+
+
+def test_reasoning_is_returned_apart_from_the_answer(tokenizers):
+    tok = tokenizers("qwen3")
+    prompt = render_prompt(tok, QUESTION, tools=TOOLS)
+    text = '<think>\nOslo is a city; call the tool.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    parsed = parse_generation(tok, text, prompt, TOOLS)
+    assert parsed.reasoning_content == "Oslo is a city; call the tool."
+    assert parsed.content == "" and parsed.tool_calls[0].arguments == {"city": "Oslo"}
+    answer = parse_generation(tok, "<think>\nEasy.\n</think>\n\nIt is 20:03.", render_prompt(tok, QUESTION), None)
+    assert (answer.reasoning_content, answer.content) == ("Easy.", "It is 20:03.")
+    # A prompt that opened the block already (DeepSeek-R1 style): the trace ends at </think>.
+    opened = parse_generation(tok, "Easy.\n</think>\n\nIt is 20:03.", "<|im_start|>assistant\n<think>\n", None)
+    assert (opened.reasoning_content, opened.content) == ("Easy.", "It is 20:03.")
+
+
+def test_the_models_own_response_template_comes_first(tokenizers):
+    tok = tokenizers("gemma2")  # no call format of its own in the chat template
+    text = '<call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": "2"}}</call>'
+    assert parse_generation(tok, text, "", TOOLS).tool_calls == []
+    tok.response_template = {"defaults": {"role": "assistant"}, "start_anchor": "<start_of_turn>model\n", "fields": {
+        "tool_calls": {"open": "<call>", "close_pattern": r"</call>\s*", "repeats": True, "content": "json",
+                       "transform": {"type": "function", "function": "{content}"}},
+        "content": {"close_pattern": r"$", "content": "text"}}}
+    parsed = parse_generation(tok, text, "", TOOLS)
+    # The model's own parser types the arguments from the tool's schema ("2" to 2), as transformers does.
+    assert [(c.name, c.arguments) for c in parsed.tool_calls] == [("get_weather", {"city": "Oslo", "days": 2})]
+
+
+def test_check_calls_accepts_each_shape_and_string_arguments():
+    calls, problem = check_calls([{"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                                  {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "X"}}}],
+                                 TOOLS)
+    assert problem == "" and [c.arguments["city"] for c in calls] == ["Oslo", "X"]
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])
+def test_streamed_pieces_join_to_the_parsed_message(tokenizers, family):
+    tok = tokenizers(family)
+    prompt = render_prompt(tok, QUESTION, tools=TOOLS)
+    for text in ['<think>\nhmm, Oslo\n</think>\n\nSure thing.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+                 "Just text, with  spaces. ", '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',
+                 '<tool_call>\n{"name": "get_weather", "arguments": {"ci']:
+        stream = ResponseStream(tok, prompt, TOOLS)
+        pieces = [p for i in range(0, len(text), 3) for p in stream.feed(text[i:i + 3])]
+        parsed, owed = stream.finish()
+        pieces += owed
+        assert "".join(t for f, t in pieces if f == "content") == parsed.answer, text
+        assert "".join(t for f, t in pieces if f == "reasoning_content") == (parsed.reasoning_content or "")
+        assert not any("<tool_call>" in t for f, t in pieces) or parsed.invalid
+
+
+@pytest.mark.parametrize(("family", "required", "named"), [
+    ("qwen2.5", '<tool_call>\n{"name": "', '<tool_call>\n{"name": "get_weather"'),
+    # Qwen 3 writes an empty reasoning block before the last turn's call: a forced call has no trace.
+    ("qwen3", '<think>\n\n</think>\n\n<tool_call>\n{"name": "', '<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather"'),
+    ("mistral", '[TOOL_CALLS] [{"name": "', '[TOOL_CALLS] [{"name": "get_weather"'),
+])
+def test_the_opening_of_a_forced_call_comes_from_the_template(tokenizers, family, required, named):
+    tok = tokenizers(family)
+    assert forced_call_opening(tok, QUESTION, TOOLS, None) == required
+    assert forced_call_opening(tok, QUESTION, TOOLS, "get_weather") == named
+    assert forced_call_opening(tokenizers("gemma2"), QUESTION, TOOLS, None) is None
