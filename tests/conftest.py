@@ -14,6 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tasks.environment import thread_defaults
+
 # pytest loads this file as `conftest`, and test modules import it again as `tests.conftest`
 # (for free_port): the second load must reuse the first one's folder, not make another.
 _STATE = Path(os.environ.get("FTLLM_TEST_STATE") or tempfile.mkdtemp(prefix="ftllm-tests-"))
@@ -36,6 +38,10 @@ os.environ.update(
         "FTLLM_FEEDBACK_DB": str(_STATE / "feedback.db"),
     }
 )
+# The compute processes' thread policy (passive OpenMP waits), here as in `ftllm`: set before
+# any test module loads torch, so that test runs sharing a machine slow down in proportion.
+for _name, _value in thread_defaults().items():
+    os.environ.setdefault(_name, _value)
 
 import pytest  # noqa: E402
 
