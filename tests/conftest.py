@@ -63,7 +63,7 @@ def free_port() -> int:
 
 def wait_until_up(url: str, proc: subprocess.Popen, seconds: float, log_path: Path | None = None) -> None:
     """Poll `url` until it answers 200; fail with the server's last output if it dies or `seconds` pass."""
-    from ftllm.commands.serve_peer import PeerError, wait_ready
+    from serving.bench.serve_peer import PeerError, wait_ready
 
     try:
         wait_ready("the server", proc, url, log_path, seconds)

@@ -269,7 +269,8 @@ def test_the_evaluate_stage_scores_each_family_and_its_base_prompted(name, train
 @pytest.mark.parametrize("name", NAMES)
 def test_the_serving_engine_answers_what_generate_answers(name, kind, trained):
     """Both decoding loops of `serving.engine` (own, and transformers' continuous batching)."""
-    from serving.engine import Engine, Row, load_model_dir
+    from serving.decoding import Row, load_model_dir
+    from serving.engine import Engine
     from serving.library_engine import LibraryEngine
     from tasks.model.chat import render_prompt
 
