@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from tests.conftest import FAST
-from tests.servers import BIN, server  # noqa: F401  (the module-scoped Prefect server)
+from tests.support.project import FAST
+from tests.support.servers import BIN
 
 pytestmark = pytest.mark.slow
 # Its own registered model and a short training: this test is about orchestration.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST
+from tests.support.project import FAST
 
 pytestmark = pytest.mark.slow
 
@@ -169,7 +169,7 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
     from tasks.data.prepare import assign_split
     from tasks.data.sources import prompt_key
     from tasks.files import file_md5
-    from tests.conftest import free_port, wait_until_up
+    from tests.support.project import free_port, wait_until_up
 
     db = tmp_path / "feedback.db"
     monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))  # the service writes it, the run reads it

@@ -32,8 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-from tests.conftest import FAST
+from tests.support.project import FAST, free_port
 
 pytestmark = pytest.mark.slow
 # Its own registered model, a short training and a short evaluation: this test is about

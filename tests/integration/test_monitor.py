@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from serving.feedback import FeedbackStore, Interaction
-from tests.conftest import REPO
-from tests.servers import BIN, server  # noqa: F401  (the module-scoped Prefect server)
+from tests.support.project import REPO
+from tests.support.servers import BIN
 
 
 def write_feedback(db: Path, completions: int, ratings: list[int], corrected: int) -> None:

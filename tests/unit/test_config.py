@@ -16,7 +16,7 @@ from tasks.config import (
     write_resolved,
 )
 from tasks.errors import ConfigError, SettingsDrift
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 
 def test_repository_params_validate():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, wait_until_up
+from tests.support.project import REPO, free_port, wait_until_up
 
 STATE = Path(tempfile.mkdtemp(prefix="ftllm-serving-tests-"))
 MODEL_NAME = "ftllm-chat-test"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 MODEL_NAME = "ftllm-chat-test"  # as in conftest.py
 

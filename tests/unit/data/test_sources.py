@@ -16,7 +16,7 @@ from tasks.files import file_md5
 from tasks.model.loading import load_tokenizer, resolve_base
 from tasks.runner import run_entry
 from tasks.stages.prepare import main
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Eight real model families through the project: loading, base-model set-up, training, serving.
 
 Each family is a small random-weight model with its own tokenizer and published chat
-template (`tests/families.py`). For each: the run's tokenizer (`load_base_tokenizer`)
+template (`tests/support/families.py`). For each: the run's tokenizer (`load_base_tokenizer`)
 gets a template, an eos that ends the assistant's turn and a pad token that is not it; a
 base model gets ChatML with trainable rows for the new tokens; `finetune` trains a few
 steps and writes a folder that `load_trained` loads; and the serving engine answers what
@@ -34,8 +34,8 @@ from tasks.model.loading import (
     load_trained,
 )
 from tasks.train.finetune import build_model, decoder_layers, finetune
-from tests.conftest import REPO
-from tests.families import FAMILIES, family_models  # noqa: F401  (the fixture)
+from tests.support.families import FAMILIES
+from tests.support.project import REPO
 
 ROOT = REPO
 NAMES = list(FAMILIES)

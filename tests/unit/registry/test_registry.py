@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import pytest
 
 from tasks.registry import versions as registry
+from tests.support.registry import new_version
 
 
 @pytest.fixture()
 def model_name():
     return f"reg-{uuid.uuid4().hex[:8]}"
-
-
-def new_version(tmp_path, name: str, passed: bool) -> str:
-    import mlflow
-
-    folder = tmp_path / uuid.uuid4().hex
-    folder.mkdir()
-    (folder / "ftllm_model.json").write_text(json.dumps({"kind": "full", "base": "none"}))
-    exp = registry.ensure_experiment("registry-tests", tmp_path / "artifacts")
-    run_id = mlflow.MlflowClient().create_run(exp).info.run_id
-    tags = {"gate_passed": str(passed).lower(), "gate_failed_checks": "none" if passed else "min_exact_match", "data_md5": "abc"}
-    return registry.register_candidate(run_id, folder, name, tags)
 
 
 def test_versions_promotion_and_rollback(tmp_path, model_name):

@@ -14,7 +14,7 @@ from serving.decoding import DecodingLoop, LoopFactory
 from serving.engine import Engine
 from serving.engine_process import LOOPS, CancelRow, Close, DropModel, Events, Loaded, LoadModel, StartRow
 from serving.library_engine import LibraryEngine
-from tests.imports import import_cycles
+from tests.support.imports import import_cycles
 
 ROOT = Path(__file__).resolve().parents[3]
 
