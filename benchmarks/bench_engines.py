@@ -45,8 +45,8 @@ def settings_file(folder: Path, engine: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import httpx
 
-    from ftllm.commands import serve_peer
-    from ftllm.commands.bench_serve import (
+    from serving.bench import serve_peer
+    from serving.bench.bench_serve import (
         CHECK_PROMPTS,
         Server,
         _level_report,

@@ -1,6 +1,6 @@
 """One table of how each model family goes through the pipeline's chat handling and training.
 
-For every family of `tests/families.py` (small random-weight models with each family's own
+For every family of `tests/support/families.py` (small random-weight models with each family's own
 tokenizer, special tokens and published chat template), on the date data with its system
 message: what `data.system_message: auto` does with the system message, the end-of-turn
 token that is trained on and stops generation, eos and pad after loading, the trained tokens
@@ -24,7 +24,7 @@ from tasks.config import DataParams, ModelParams, Params, TrainParams  # noqa: E
 from tasks.model.chat import encode_chat, system_handling  # noqa: E402
 from tasks.model.loading import end_of_turn_token, load_base_tokenizer  # noqa: E402
 from tasks.train.finetune import finetune  # noqa: E402
-from tests.families import FAMILIES, build_family  # noqa: E402
+from tests.support.families import FAMILIES, build_family  # noqa: E402
 
 
 def family_row(name: str, root: Path, steps: int) -> dict:

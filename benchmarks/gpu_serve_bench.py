@@ -44,7 +44,7 @@ def load_model(tiny: bool, device: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from serving.engine import LoadedModel, context_length
+    from serving.decoding import LoadedModel, context_length
     from tasks.config import ModelParams
     from tasks.model.loading import load_tokenizer, resolve_base
 
@@ -79,7 +79,7 @@ def prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
 
 def run_level(engine, loaded, events: queue.SimpleQueue, work: list[list[int]], clients: int, max_new: int) -> dict:
     """`clients` closed-loop clients until every prompt of `work` has ended; requests/s and answers."""
-    from serving.engine import Row
+    from serving.decoding import Row
 
     pending = iter(enumerate(work))
     answers: dict[int, list[int]] = {}

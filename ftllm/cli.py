@@ -355,7 +355,7 @@ def bench_serve(
     """Load-test the service: requests/s, tokens/s, p50/p95/p99 latency, errors; with --peer,
     side by side with transformers serve --continuous-batching and its answers compared."""
     apply_defaults()
-    from ftllm.commands.bench_serve import bench_serve_command
+    from serving.bench.bench_serve import bench_serve_command
 
     return bench_serve_command(url, requests, concurrency or [1, 16], max_tokens, api_key, repeats, peer,
                                model_dir, out)

@@ -1,9 +1,11 @@
 """Continuous batching in a process of its own: one decoding loop that completions join
 and leave at any step.
 
-The module is long but cohesive: the batch's KV cache, the rows' admission and removal,
-sampling and the process protocol change together, and splitting them would put one data
-structure's invariants in several files.
+The module is long but cohesive: the batch's KV cache, the rows' admission and removal
+and sampling change together, and splitting them would put one data structure's
+invariants in several files. What the loop shares with the library's loop (rows, loaded
+models, text and events) is in `serving.decoding`; the process around it in
+`serving.engine_process`.
 
 A request's row is admitted at the next step after it arrives: its prompt is prefilled
 (with the other rows admitted at that step, left-padded), its KV cache is appended to the
@@ -41,10 +43,10 @@ top_p per row), so requests with different settings share steps. A row's events 
 delta), then ("end", finish_reason, completion_tokens) or ("error", message); each step's
 events go out together.
 
-`EngineProcess` runs the loop in a spawned process and talks to it over a pipe, so the
-service's event loop (HTTP, validation, templating) and the decoding loop do not share a
-GIL: in one process each stalled the other, and concurrent clients got a fraction of what
-the loop alone served.
+`serving.engine_process.EngineProcess` runs the loop in a spawned process and talks to it
+over a pipe, so the service's event loop (HTTP, validation, templating) and the decoding
+loop do not share a GIL: in one process each stalled the other, and concurrent clients got
+a fraction of what the loop alone served.
 
 Why a loop of its own beside transformers' continuous batching (`model.init_continuous_batching()`,
 paged attention): on this project's CPU machines the library sized its KV cache from memory
@@ -54,10 +56,10 @@ per-row streaming decisions. The project keeps its own code beside a library's o
 a side-by-side benchmark shows it ahead by a set margin: `ftllm bench serve --peer` (the
 service against `transformers serve --continuous-batching`) and `benchmarks/bench_engines.py`
 (this loop against the library's, inside the service) measure it, and the figures, dated,
-with the decision, are in `benchmarks/results/`. `serving.engine: transformers` runs the library's
-loop in this engine process instead (`serving.library_engine`, same interface: `submit`,
-`cancel`, `retire`, `close`), with a bounded cache and this module's `_Tokens` for stop
-strings, so the two can be measured on the machine that serves.
+with the decision, are in `benchmarks/results/`. `serving.engine: transformers` runs the
+library's loop in the engine process instead (`serving.library_engine`; both implement
+`serving.decoding.DecodingLoop`), with a bounded cache and the same `serving.decoding.Tokens`
+for stop strings, so the two can be measured on the machine that serves.
 
 Each row names the model it runs on. Rows of one model share steps; when rows for a newer
 model arrive (a hot swap), they wait until the running batch has drained (at most
@@ -66,102 +68,16 @@ model arrive (a hot swap), they wait until the running batch has drained (at mos
 
 from __future__ import annotations
 
-import asyncio
-import gc
-import itertools
 import logging
 import math
-import multiprocessing
-import os
 import queue
 import threading
 from collections import deque
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-from tasks.environment import environment
+from serving.decoding import Emit, LoadedModel, Prefix, Row, Tokens, cpu_threads
 
 log = logging.getLogger("ftllm.serving")
-
-# The context of a model whose config does not say (no `max_position_embeddings`): what
-# most small decoder models of the transformers library are built with.
-DEFAULT_CONTEXT_LENGTH = 2048
-# How long closing waits for the decoding loop to answer its rows and stop: longer than one
-# step of any model this serves takes, so rows in flight get their shutdown error.
-CLOSE_TIMEOUT_SECONDS = 30
-
-
-@dataclass
-class Prefix:
-    """The start shared by recent prompts, and its KV cache: per layer (keys, values), each
-    of shape [1, heads, len(ids), head_dim]."""
-
-    ids: list[int]
-    layers: list[tuple[Any, Any]]
-
-
-@dataclass(eq=False)
-class LoadedModel:
-    """A model and its tokenizer, ready to generate; `prefix` is the engine's (see `Prefix`)."""
-
-    model: Any
-    tokenizer: Any
-    context_length: int
-    prefix: Prefix | None = None
-
-
-def load_model_dir(model_dir: Path) -> LoadedModel:
-    """Load a model folder written by `tasks.train.finetune` (safetensors only, no remote code),
-    on the GPU in bfloat16 when there is one."""
-    import torch
-
-    from tasks.model.loading import load_trained
-
-    cuda = torch.cuda.is_available()
-    model, tokenizer, _info = load_trained(Path(model_dir), dtype=torch.bfloat16 if cuda else None,
-                                           device="cuda" if cuda else None)
-    if hasattr(model, "merge_and_unload"):
-        # Serving never trains: folding the LoRA weights into the base saves the adapter's
-        # extra matmuls on every token (about half the time of a small model's step).
-        model = model.merge_and_unload()
-        model.eval()
-    return LoadedModel(model, tokenizer, context_length(model.config))
-
-
-def context_length(config) -> int:
-    """The most tokens (prompt and answer) the model takes."""
-    return int(getattr(config, "max_position_embeddings", 0) or DEFAULT_CONTEXT_LENGTH)
-
-
-@dataclass(eq=False)
-class Row:
-    """One completion in the decoding loop: its prompt, limits, sampling settings and model,
-    and what it generated. `done` set from elsewhere (the client left) drops it at the next step."""
-
-    id: int
-    prompt_ids: list[int]
-    max_new: int
-    temperature: float  # 0: greedy
-    top_p: float
-    stops: list[str]
-    stream: bool
-    model: LoadedModel
-    ids: list[int] = field(default_factory=list)
-    emitted: int = 0
-    done: bool = False
-    finish: str = "length"
-
-
-def cpu_threads() -> int:
-    """Intra-op threads for CPU generation: `FTLLM_TORCH_THREADS`, else half the cores.
-
-    The service's event loop, tokenization and HTTP stack need a core of their own: with
-    every core given to torch, its spinning worker threads compete with them, and on two
-    cores one step of the tiny model went from 7 ms to 180 ms.
-    """
-    return environment().torch_threads or max(1, (os.cpu_count() or 2) // 2)
 
 
 def sample(logits, temperature, top_p):
@@ -182,6 +98,7 @@ def sample(logits, temperature, top_p):
     ranked = ranked.masked_fill(cut, 0.0)
     drawn = order.gather(-1, torch.multinomial(ranked, 1)).squeeze(1)
     return torch.where(hot, drawn, greedy)
+
 
 
 class _Batch:
@@ -330,52 +247,6 @@ def _mergeable(cache) -> bool:
     return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-class _Tokens:
-    """Turns each step's tokens into text and events for the rows."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tok = tokenizer
-        self.eos = {getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)} - {None}
-        self.events: list[tuple[Row, tuple]] = []
-
-    def add(self, rows: list[Row], tokens: list[int]) -> None:
-        for row, token in zip(rows, tokens):
-            if row.done:  # the client left: no more events
-                continue
-            if token in self.eos:
-                row.done, row.finish = True, "stop"
-            else:
-                row.ids.append(token)
-                if len(row.ids) >= row.max_new:
-                    row.done, row.finish = True, "length"
-            if row.done or row.stream or row.stops:
-                self._text(row)
-            if row.done:
-                self.events.append((row, ("end", row.finish, len(row.ids))))
-
-    def _text(self, row: Row) -> None:
-        text = self.tok.decode(row.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in row.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            row.done, row.finish, text = True, "stop", text[:cut]
-        end = len(text)
-        if not row.done:
-            if not row.stream:
-                return
-            # Hold back what could be the start of a stop string or half a UTF-8 character.
-            end -= max((len(s) - 1 for s in row.stops), default=0)
-            if text.endswith("\ufffd"):
-                end = min(end, len(text) - 1)
-        if end > row.emitted:
-            self.events.append((row, ("delta", text[row.emitted:end])))
-            row.emitted = end
-
-    def fail(self, rows: list[Row], message: str) -> None:
-        for row in rows:
-            row.done = True
-            self.events.append((row, ("error", message)))
-
-
 class Engine:
     """The decoding loop, in a thread of its own, and the rows waiting to join it.
 
@@ -395,7 +266,7 @@ class Engine:
             (`serving.prefix_min_tokens`); 0 caches none.
     """
 
-    def __init__(self, emit: Callable[[list[tuple[Row, tuple]]], None], *, max_batch: int, join_ratio: float,
+    def __init__(self, emit: Emit, *, max_batch: int, join_ratio: float,
                  join_after_steps: int, on_step: Callable[[int], None] | None = None,
                  prefix_min_tokens: int = 0) -> None:
         self.emit, self.max_batch, self.on_step = emit, max_batch, on_step
@@ -419,6 +290,9 @@ class Engine:
 
     def close(self) -> None:
         self.inbox.put(None)
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
 
     def _take(self, block: bool) -> bool:
         """Move rows from the inbox to `waiting`; False once closed."""
@@ -445,7 +319,7 @@ class Engine:
                     if not self.waiting:
                         continue
                     batch = _Batch(self.waiting[0].model, self.prefix_min_tokens)
-                tokens = _Tokens(batch.loaded.tokenizer)
+                tokens = Tokens(batch.loaded.tokenizer)
                 try:
                     self._step(batch, tokens)
                 except Exception as exc:  # a failed step must answer its clients, not hang them
@@ -456,11 +330,11 @@ class Engine:
                 self._emit(tokens.events)
                 if not batch.rows:
                     batch = None
-        tokens = _Tokens(None)
+        tokens = Tokens(None)
         tokens.fail([*self.waiting, *(batch.rows if batch else [])], "the service is shutting down")
         self._emit(tokens.events)
 
-    def _emit(self, events: list[tuple[Row, tuple]]) -> None:
+    def _emit(self, events) -> None:
         if not events:
             return
         try:
@@ -491,7 +365,7 @@ class Engine:
                 admitted.append(row)
         return admitted
 
-    def _step(self, batch: _Batch, tokens: _Tokens) -> None:
+    def _step(self, batch: _Batch, tokens: Tokens) -> None:
         """Admit the rows that can join (prefill), then one decoding step for every row."""
         admitted = batch.joining = self._admit(batch)
         if admitted:
@@ -515,244 +389,3 @@ def _sample(logits, rows: list[Row]):
     temperature = torch.tensor([row.temperature for row in rows], device=logits.device)
     top_p = torch.tensor([row.top_p for row in rows], device=logits.device)
     return sample(logits, temperature, top_p)
-
-
-# ---------------------------------------------------------------------------------------
-# The engine process and the service's end of its pipe
-# ---------------------------------------------------------------------------------------
-
-
-def _engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, prefix_min_tokens: int = 0,
-                 kind: str = "own") -> None:
-    """The engine process: load models and take rows from `conn`; send their events back.
-
-    `max_batch`, `join_ratio`, `join_after_steps` and `prefix_min_tokens` are `Engine`'s;
-    `kind` is `serving.engine`: "own" (`Engine`) or "transformers"
-    (`serving.library_engine.LibraryEngine`, the same interface).
-
-    Messages in: ("load", key, model_dir), ("drop", key), ("row", id, key, prompt_ids,
-    max_new, temperature, top_p, stops, stream), ("cancel", id), ("close",). Messages out:
-    ("loaded", key, context_length, error), ("events", [(id, event), ...], step_sizes).
-    A model dropped stays in memory while rows of it still generate (they hold it).
-    """
-    send_lock = threading.Lock()
-    models: dict[str, LoadedModel] = {}
-    rows: dict[int, Row] = {}
-    steps: list[int] = []
-
-    def send(message: tuple) -> None:
-        with send_lock:
-            conn.send(message)
-
-    def emit(events: list[tuple[Row, tuple]]) -> None:
-        for row, event in events:
-            if event[0] != "delta":
-                rows.pop(row.id, None)
-        sizes = steps[:]
-        del steps[: len(sizes)]
-        send(("events", [(row.id, event) for row, event in events], sizes))
-
-    def load(key: str, model_dir: str) -> None:
-        try:
-            models[key] = load_model_dir(Path(model_dir))
-            # The libraries and the weights stay: kept out of the collector's sight, a full
-            # collection does not stall every row's decoding for hundreds of milliseconds.
-            gc.freeze()
-            send(("loaded", key, models[key].context_length, None))
-        except Exception as exc:
-            log.exception("loading %s failed", model_dir)
-            send(("loaded", key, 0, f"{type(exc).__name__}: {exc}"))
-
-    loop: type = Engine
-    if kind == "transformers":
-        from serving.library_engine import LibraryEngine
-
-        loop = LibraryEngine
-    engine = loop(emit, max_batch=max_batch, join_ratio=join_ratio, join_after_steps=join_after_steps,
-                  on_step=steps.append, prefix_min_tokens=prefix_min_tokens)
-    try:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):  # the service is gone
-                break
-            what = message[0]
-            if what == "row":
-                _, rid, key, prompt_ids, max_new, temperature, top_p, stops, stream = message
-                if key not in models:
-                    send(("events", [(rid, ("error", f"model {key} is not loaded in the engine"))], []))
-                    continue
-                rows[rid] = Row(rid, prompt_ids, max_new, temperature, top_p, stops, stream, models[key])
-                engine.submit(rows[rid])
-            elif what == "cancel":
-                if message[1] in rows:
-                    engine.cancel(rows[message[1]])
-            elif what == "load":  # in a thread: rows keep flowing while a model loads
-                threading.Thread(target=load, args=message[1:], name="ftllm-load", daemon=True).start()
-            elif what == "drop":
-                dropped = models.pop(message[1], None)
-                if dropped is not None:
-                    engine.retire(dropped)
-            elif what == "close":
-                break
-    finally:
-        engine.close()
-        engine.thread.join(CLOSE_TIMEOUT_SECONDS)
-
-
-@dataclass(eq=False)
-class Completion:
-    """The service's side of one row: what to send to the engine, and where its events go."""
-
-    prompt: str
-    prompt_ids: list[int]
-    max_new: int
-    temperature: float
-    top_p: float
-    stops: list[str]
-    stream: bool
-    model_key: str
-    version: str
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    id: int = -1
-    finish: str = "length"
-    completion_tokens: int = 0
-    ended: bool = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-
-class EngineError(RuntimeError):
-    """The engine could not load a model, or is not running."""
-
-
-class EngineProcess:
-    """Starts the engine process and is the service's end of its pipe.
-
-    `load` blocks until the model is in the engine (call it from a thread); `submit`
-    sends a completion, whose events then arrive on its own event loop's queue. If the
-    process dies, every completion in flight gets an ("error", ...) event and `alive`
-    turns False.
-
-    `max_batch`, `join_ratio`, `join_after_steps` and `prefix_min_tokens` are `Engine`'s
-    (plain values: they travel to a spawned process); `engine` is `serving.engine`, the
-    decoding loop the process runs ("own" or "transformers"); `on_steps` receives the rows of each decoding step, a
-    list per message from the engine.
-    """
-
-    def __init__(self, *, max_batch: int, join_ratio: float, join_after_steps: int,
-                 on_steps: Callable[[list[int]], None] | None = None, prefix_min_tokens: int = 0,
-                 engine: str = "own") -> None:
-        context = multiprocessing.get_context("spawn")  # no fork: the service has threads
-        self._conn, child = context.Pipe()
-        self.process = context.Process(target=_engine_main,
-                                       args=(child, max_batch, join_ratio, join_after_steps, prefix_min_tokens, engine),
-                                       name="ftllm-engine", daemon=True)
-        self.process.start()
-        child.close()
-        self.on_steps = on_steps
-        self.alive = True
-        self._send_lock = threading.Lock()
-        self._ids = itertools.count()
-        self._keys = itertools.count(1)
-        self._in_flight: dict[int, Completion] = {}
-        self._loads: dict[str, Future] = {}
-        self._reader = threading.Thread(target=self._read, name="ftllm-engine-reader", daemon=True)
-        self._reader.start()
-
-    def _send(self, message: tuple) -> None:
-        if not self.alive:
-            raise EngineError("the generation engine is not running")
-        try:
-            with self._send_lock:
-                self._conn.send(message)
-        except (OSError, ValueError) as exc:
-            raise EngineError(f"the generation engine is not running ({exc})") from None
-
-    def load(self, model_dir: Path, timeout: float | None = None) -> tuple[str, int]:
-        """Load a model folder into the engine: (key for completions, context length)."""
-        key = f"m{next(self._keys)}"
-        future: Future = Future()
-        self._loads[key] = future
-        self._send(("load", key, str(model_dir)))
-        context, error = future.result(timeout)
-        if error:
-            raise EngineError(f"the engine could not load {model_dir}: {error}")
-        return key, context
-
-    def drop(self, key: str) -> None:
-        if self.alive:
-            self._send(("drop", key))
-
-    async def submit(self, completion: Completion) -> None:
-        completion.id = next(self._ids)
-        self._in_flight[completion.id] = completion
-        try:
-            self._send(("row", completion.id, completion.model_key, completion.prompt_ids, completion.max_new,
-                        completion.temperature, completion.top_p, completion.stops, completion.stream))
-        except EngineError:
-            self._in_flight.pop(completion.id, None)
-            raise
-
-    def cancel(self, completion: Completion) -> None:
-        """The client went away: stop generating for it."""
-        if self._in_flight.pop(completion.id, None) is not None and self.alive:
-            try:
-                self._send(("cancel", completion.id))
-            except EngineError:
-                pass
-
-    def _read(self) -> None:
-        while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            if message[0] == "events":
-                self._deliver(message[1])
-                if self.on_steps is not None and message[2]:
-                    self.on_steps(message[2])
-            elif message[0] == "loaded":
-                future = self._loads.pop(message[1], None)
-                if future is not None:
-                    future.set_result((message[2], message[3]))
-        self.alive = False
-        code = self.process.exitcode
-        log.error("the generation engine stopped (exit code %s)", code)
-        for future in list(self._loads.values()):
-            future.set_result((0, "the engine stopped"))
-        self._deliver([(cid, ("error", "the generation engine stopped")) for cid in list(self._in_flight)])
-
-    def _deliver(self, events: list[tuple[int, tuple]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Completion, tuple]]] = {}
-        for cid, event in events:
-            completion = self._in_flight.get(cid)
-            if completion is None:  # cancelled
-                continue
-            if event[0] != "delta":
-                del self._in_flight[cid]
-            by_loop.setdefault(completion.loop, []).append((completion, event))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_events, items)
-            except RuntimeError:  # that loop is closed: nobody is waiting
-                pass
-
-    def close(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> None:
-        try:
-            self._send(("close",))
-        except EngineError:
-            pass
-        self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
-        self._conn.close()
-
-
-def _put_events(items: list[tuple[Completion, tuple]]) -> None:
-    for completion, event in items:
-        completion.queue.put_nowait(event)

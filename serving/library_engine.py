@@ -1,13 +1,14 @@
 """transformers' own continuous batching (`ContinuousBatchingManager`, paged attention) behind
-the interface of `serving.engine.Engine`, chosen with `serving.engine: transformers`.
+the `serving.decoding.DecodingLoop` protocol, chosen with `serving.engine: transformers`.
 
-The engine process (`serving.engine._engine_main`) drives either loop the same way: rows
-arrive with `submit`, a client that leaves is `cancel`led, a model the service dropped is
-`retire`d, and every row ends with the same events: ("delta", text) while it streams, then
-("end", finish_reason, completion_tokens) or ("error", message). The tokens the library
-generates go through the own engine's `_Tokens`, so stop strings, the end-of-turn tokens
-(end of sequence and padding, as the own engine stops on), held-back partial stop strings
-and UTF-8 characters, and the count of completion tokens are the own engine's.
+The engine process (`serving.engine_process.engine_main`) drives either loop the same way:
+rows arrive with `submit`, a client that leaves is `cancel`led, a model the service dropped
+is `retire`d, and every row ends with the same events: ("delta", text) while it streams,
+then ("end", finish_reason, completion_tokens) or ("error", message). The tokens the library
+generates go through the same `serving.decoding.Tokens` as the own loop's, so stop strings,
+the end-of-turn tokens (end of sequence and padding, as the own engine stops on), held-back
+partial stop strings and UTF-8 characters, and the count of completion tokens are the own
+engine's.
 
 One manager per model and decoding mode: greedy rows (temperature 0) run in a manager with
 `do_sample=False`, sampled rows in one that samples with per-request temperature and top_p
@@ -33,7 +34,7 @@ import queue
 import threading
 from typing import Any, Callable
 
-from serving.engine import CLOSE_TIMEOUT_SECONDS, LoadedModel, Row, _Tokens, cpu_threads
+from serving.decoding import CLOSE_TIMEOUT_SECONDS, Emit, Event, LoadedModel, Row, Tokens, cpu_threads
 
 log = logging.getLogger("ftllm.serving")
 
@@ -44,7 +45,7 @@ MAX_BATCH_TOKENS = 1024
 
 
 class LibraryEngine:
-    """`Engine`'s interface over transformers' `ContinuousBatchingManager`.
+    """The `DecodingLoop` protocol over transformers' `ContinuousBatchingManager`.
 
     Args:
         emit: Receives events, `[(row, event), ...]`, from this engine's thread.
@@ -53,7 +54,7 @@ class LibraryEngine:
         join_ratio, join_after_steps, on_step: The own engine's; not used here.
     """
 
-    def __init__(self, emit: Callable[[list[tuple[Row, tuple]]], None], *, max_batch: int,
+    def __init__(self, emit: Emit, *, max_batch: int,
                  join_ratio: float = 0.5, join_after_steps: int = 4,
                  on_step: Callable[[int], None] | None = None, prefix_min_tokens: int = 0) -> None:
         self.emit, self.max_batch = emit, max_batch
@@ -125,6 +126,9 @@ class LibraryEngine:
             self._stop(manager, block=True, hard=True)
         self.outputs.put(None)
 
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
     # -- managers ------------------------------------------------------------------------
 
     def _manager(self, loaded: LoadedModel, sampled: bool):
@@ -185,7 +189,7 @@ class LibraryEngine:
                     self.outputs.put(None)
                     break
                 batch.append(more)
-            events: list[tuple[Row, tuple]] = []
+            events: list[tuple[Row, Event]] = []
             for output in batch:
                 events += self._handle(output)
             self._emit(events)
@@ -195,7 +199,7 @@ class LibraryEngine:
             self.seen.clear()
         self._emit([(row, ("error", "the service is shutting down")) for row in rows])
 
-    def _handle(self, output) -> list[tuple[Row, tuple]]:
+    def _handle(self, output) -> list[tuple[Row, Event]]:
         """The events of one of the library's outputs (all the tokens of its request so far)."""
         rid = output.request_id
         with self.lock:
@@ -204,7 +208,7 @@ class LibraryEngine:
                 return []
             start = self.seen[rid]
             self.seen[rid] = len(output.generated_tokens)
-        tokens = _Tokens(row.model.tokenizer)
+        tokens = Tokens(row.model.tokenizer)
         if output.error is not None:
             tokens.fail([row], f"generation failed: {output.error}")
         else:
@@ -213,9 +217,7 @@ class LibraryEngine:
                     break
                 tokens.add([row], [token])
             if output.is_finished() and not row.done:  # ended by the library (the context is full)
-                row.done, row.finish = True, "length"
-                tokens._text(row)
-                tokens.events.append((row, ("end", row.finish, len(row.ids))))
+                tokens.end(row, "length")
         if row.done:
             with self.lock:
                 self._forget(rid)
@@ -225,7 +227,7 @@ class LibraryEngine:
                             manager.cancel_request(rid)
         return tokens.events
 
-    def _emit(self, events: list[tuple[Row, tuple]]) -> None:
+    def _emit(self, events: list[tuple[Row, Event]]) -> None:
         if not events:
             return
         try:
@@ -235,6 +237,6 @@ class LibraryEngine:
 
 
 def _end_tokens(tokenizer) -> list[int]:
-    """The tokens that end a row in the own engine (`_Tokens`): end of sequence and padding."""
+    """The tokens that end a row in `Tokens`: end of sequence and padding."""
     ends = sorted({getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)} - {None})
     return ends or [-1]  # -1: none (the library's own spelling)

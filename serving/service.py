@@ -1,16 +1,17 @@
 """The BentoML service: an OpenAI-compatible chat API for the `champion` model.
 
-This module holds the service's lifecycle (loading a model version, polling the registry,
-hot swaps and engine restarts) and its routes. The request and response models and the
+This module holds the service's request handling and its routes. The served model's
+lifecycle (loading a model version, polling the registry, hot swaps and engine restarts)
+is `serving.model_manager.ModelManager`'s; the request and response models and the
 OpenAI error bodies are in `serving.schemas`; authentication, request limits and the
-rewriting of BentoML's and Starlette's error bodies in `serving.guards`; the decoding loop
-in `serving.engine`; the interaction log in `tasks.feedback`.
-The lifecycle and the request handling stay together (about 600 lines, a cohesive unit):
-every handler reads the served model that the lifecycle swaps. The FastAPI routes are thin
+rewriting of BentoML's and Starlette's error bodies in `serving.guards`; the engine
+process in `serving.engine_process` and its decoding loops behind
+`serving.decoding.DecodingLoop`; loading, polling and swapping the served model in
+`serving.model_manager`; API keys and their roles in `serving.keys`; the interaction log
+in `tasks.feedback` (see docs/guides/serving-internals.md). The FastAPI routes are thin
 module-level functions that get the service instance from an async dependency: BentoML's
 own binding of routes written as methods resolves `self` through a sync dependency, which
-FastAPI runs in its thread pool, a thread hop on every request (about a sixth of the HTTP
-process's busy time at 16 concurrent clients on two cores).
+FastAPI runs in its thread pool, a thread hop on every request.
 
 Endpoints (all but `/livez` and `/readyz` need `Authorization: Bearer $FTLLM_API_KEY`
 when that variable is set):
@@ -36,8 +37,8 @@ those that BentoML (`/generate`'s input validation) and Starlette (unknown paths
 (`serving.guards` rewrites those).
 
 Every completion is a row of one continuously batched decoding loop, which runs in a
-process of its own (`serving.engine`): a request joins the rows already generating within
-a few steps and leaves when it ends, up to `serving.max_batch` rows at once. On a CPU or a GPU
+process of its own (`serving.engine_process`): a request joins the rows already generating
+within a few steps and leaves when it ends, up to `serving.max_batch` rows at once. On a CPU or a GPU
 this is what makes 16 concurrent clients several times faster than one. This process
 validates, templates and tokenizes requests and answers them; the engine process holds
 the weights. If the engine dies, its requests in flight get a 503, /readyz says not
@@ -61,15 +62,9 @@ import asyncio
 import gc
 import json
 import logging
-import os
-import shutil
-import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -84,9 +79,10 @@ from fastapi import Depends, FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from pydantic import Field, ValidationError  # noqa: E402
 
-from serving.engine import Completion, EngineError, EngineProcess  # noqa: E402
+from serving.engine_process import Completion, EngineError, EngineProcess  # noqa: E402
 from serving.guards import GuardMiddleware, request_caller  # noqa: E402
 from serving.keys import Caller, RateLimiter  # noqa: E402
+from serving.model_manager import ModelManager, ServedModel  # noqa: E402
 from serving.schemas import (  # noqa: E402
     APIError,
     ChatCompletion,
@@ -108,7 +104,6 @@ from tasks.feedback import FeedbackStore, Interaction, default_db_path  # noqa: 
 from tasks.feedback.store import DuplicateCorrection  # noqa: E402
 from tasks.model.chat import encode_text  # noqa: E402
 from tasks.model.responses import ParsedResponse, ResponseStream, parse_generation  # noqa: E402
-from tasks.registry.versions import champion_version  # noqa: E402
 
 log = logging.getLogger("ftllm.serving")
 
@@ -176,6 +171,17 @@ MODEL_INFO = prometheus_client.Gauge(
 )
 
 
+def _label_served(model_name: str):
+    """`ftllm_model_info`: 1 for the version now served, 0 for the one it replaced."""
+
+    def label(version: str, previous: str | None) -> None:
+        if previous is not None:
+            MODEL_INFO.labels(model_name=model_name, model_version=previous).set(0)
+        MODEL_INFO.labels(model_name=model_name, model_version=version).set(1)
+
+    return label
+
+
 async def _read_json(request: Request) -> Any:
     try:
         return json.loads(await request.body())
@@ -187,25 +193,8 @@ async def _read_json(request: Request) -> Any:
 
 
 # ---------------------------------------------------------------------------------------
-# Loading a model (the engine in serving/engine.py runs it)
+# How a chat request's answer is read back
 # ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class ServedModel:
-    """The model the service sends new requests to: its tokenizer (for templates and
-    lengths) here, its weights in the engine process under `key`."""
-
-    name: str
-    version: str
-    source: str
-    key: str
-    tokenizer: Any
-    context_length: int
-    # How the model was trained to take system messages (`data.system_message`, recorded
-    # in its folder), so a served prompt renders exactly as the trained ones did.
-    system_message: str = "auto"
-    loaded_at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -246,64 +235,6 @@ class ChatPlan:
         return "invalid_tool_call" if parsed.invalid and self.tools else engine_finish
 
 
-# ---------------------------------------------------------------------------------------
-# The registry: which version is champion, and where its files are
-# ---------------------------------------------------------------------------------------
-
-
-def _registry_reachable() -> bool:
-    """False where the registry URI is a SQLite file that does not exist (MLflow would create it)."""
-    uri = os.environ.get("MLFLOW_REGISTRY_URI") or os.environ.get("MLFLOW_TRACKING_URI") or ""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).is_file()
-    return bool(uri)
-
-
-def current_champion(model_name: str) -> str | None:
-    """The registry version behind the `champion` alias, or None where there is none.
-
-    The lookup is `tasks.registry.versions.champion_version`'s; this skips it where no
-    registry is reachable (`_registry_reachable`), since MLflow would create an empty
-    SQLite registry there: a bento started in a container must serve its own model.
-    """
-    if not _registry_reachable():
-        return None
-    version = champion_version(model_name)
-    if version is None:
-        log.info("no champion for %s in the registry", model_name)
-    return version
-
-
-@contextmanager
-def version_files(model_name: str, version: str) -> Iterator[tuple[Path, str]]:
-    """The folder of a registry version and where it came from: the BentoML store if it was
-    imported there, else a download of MLflow's artifacts (removed on exit: once loaded,
-    the model is in memory)."""
-    from bentoml.exceptions import NotFound
-
-    tag = f"{model_name}:v{version}"
-    try:
-        yield Path(bentoml.models.get(tag).path), f"bentoml:{tag}"
-        return
-    except NotFound:
-        pass
-    import mlflow
-
-    tmp = Path(tempfile.mkdtemp(prefix="ftllm-serve-"))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=str(tmp)))
-        model_dir = local / "artifacts" / "model_dir"
-        if not (model_dir / "ftllm_model.json").is_file():
-            found = sorted(local.rglob("ftllm_model.json"))
-            if not found:
-                raise FileNotFoundError(f"models:/{model_name}/{version} holds no ftllm_model.json under artifacts/model_dir")
-            model_dir = found[0].parent
-        yield model_dir, f"mlflow:models:/{model_name}/{version}"
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------
 # The service
 # ---------------------------------------------------------------------------------------
 
@@ -348,116 +279,38 @@ class ChatService:
         self.limits: ServingParams = params.serving
         self.feedback_limit = RateLimiter(params.feedback.per_key_per_minute, 60.0)
         self.model_name = params.registry.model_name
-        self._swap_lock = threading.Lock()  # guards the reference to the current model
-        self._reload_lock = threading.Lock()  # one load at a time (poller, /admin/reload, engine restart)
-        self.engine = self._start_engine()
-        self._current = self._initial_model()
-        MODEL_INFO.labels(model_name=self.model_name, model_version=self._current.version).set(1)
+        self.models = ModelManager(
+            self.model_name, self.limits, packaged=lambda: type(self).bento_model.stored, packaged_tag=BENTO_MODEL_TAG,
+            on_steps=lambda sizes: [BATCH_SIZE.observe(n) for n in sizes], on_serve=_label_served(self.model_name))
         self.store = FeedbackStore(default_db_path(ROOT))
-        self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll_registry, name="ftllm-registry-poll", daemon=True)
-        self._poller.start()
+        self.models.start_polling()
         # Everything loaded so far (BentoML, MLflow, FastAPI, the tokenizer: about 480,000
         # objects) lives as long as the process: out of the collector's sight, a full
         # collection no longer stops every request for half a second on a busy 2-core machine.
         gc.freeze()
 
-    # -- model lifecycle ----------------------------------------------------------------
+    # -- the served model (serving.model_manager) ----------------------------------------
 
-    def _start_engine(self) -> EngineProcess:
-        return EngineProcess(max_batch=self.limits.max_batch, join_ratio=self.limits.join_ratio,
-                             join_after_steps=self.limits.join_after_steps,
-                             prefix_min_tokens=self.limits.prefix_min_tokens, engine=self.limits.engine,
-                             on_steps=lambda sizes: [BATCH_SIZE.observe(n) for n in sizes])
-
-    @staticmethod
-    def _load(engine: EngineProcess, model_dir: Path, name: str, version: str, source: str) -> ServedModel:
-        """Load a model folder into `engine`, and its tokenizer here."""
-        from tasks.model.loading import load_tokenizer
-
-        tokenizer = load_tokenizer(str(model_dir))
-        info = json.loads((model_dir / "ftllm_model.json").read_text())
-        key, context = engine.load(model_dir)
-        return ServedModel(name, version, source, key, tokenizer, context, info.get("system_message", "auto"))
-
-    def _load_version(self, engine: EngineProcess, version: str) -> ServedModel:
-        with version_files(self.model_name, version) as (model_dir, source):
-            return self._load(engine, model_dir, self.model_name, version, source)
-
-    def _initial_model(self) -> ServedModel:
-        version = current_champion(self.model_name)
-        if version is not None:
-            return self._load_version(self.engine, version)
-        stored = type(self).bento_model.stored
-        if stored is None:
-            raise RuntimeError(
-                f"No model to serve: the registry has no 'champion' for {self.model_name!r} and the BentoML "
-                f"store has no {BENTO_MODEL_TAG!r}. Run `ftllm run` (or `ftllm promote VERSION`) first."
-            )
-        version = stored.info.labels.get("version") or str(stored.tag.version).removeprefix("v")
-        return self._load(self.engine, Path(stored.path), stored.tag.name, version, f"bentoml:{stored.tag}")
+    @property
+    def engine(self) -> EngineProcess:
+        return self.models.engine
 
     def current(self) -> ServedModel:
-        with self._swap_lock:
-            return self._current
+        return self.models.current()
 
     def reload(self) -> dict[str, Any]:
-        """Load the registry's champion if it differs from the served version, then swap it in."""
-        with self._reload_lock:
-            previous = self.current()
-            version = current_champion(self.model_name)
-            if version is None or version == previous.version:
-                return {"reloaded": False, "version": previous.version, "previous": previous.version}
-            loaded = self._load_version(self.engine, version)  # fully loaded before the swap
-            with self._swap_lock:
-                self._current = loaded
-            self.engine.drop(previous.key)  # freed once its last rows have finished
-            MODEL_INFO.labels(model_name=self.model_name, model_version=previous.version).set(0)
-            MODEL_INFO.labels(model_name=self.model_name, model_version=version).set(1)
-            log.info("now serving %s version %s (was %s)", self.model_name, version, previous.version)
-            return {"reloaded": True, "version": version, "previous": previous.version}
+        return self.models.reload()
 
     def restart_engine(self) -> None:
-        """Start a new engine process with the served version, after the last one died.
-
-        The requests it had in flight were answered with an error when it died; until the
-        new one has loaded the model, /readyz says not ready and requests get 503.
-        """
-        with self._reload_lock:
-            served = self.current()
-            engine = self._start_engine()
-            try:
-                if served.source.startswith("mlflow:"):
-                    loaded = self._load_version(engine, served.version)
-                else:  # the BentoML store: the folder is still there
-                    stored = bentoml.models.get(served.source.removeprefix("bentoml:"))
-                    loaded = self._load(engine, Path(stored.path), served.name, served.version, served.source)
-            except Exception:
-                engine.close(timeout=5)  # the next poll tries again
-                raise
-            dead = self.engine
-            with self._swap_lock:
-                self.engine, self._current = engine, loaded
-            dead.close(timeout=5)
-            log.info("generation engine restarted, serving %s version %s", served.name, served.version)
-
-    def _poll_registry(self) -> None:
-        while not self._stop.wait(self.limits.reload_seconds):
-            try:
-                if not self.engine.alive:
-                    self.restart_engine()
-                self.reload()
-            except Exception:  # a broken registry or model must not stop the service
-                log.exception("reloading the champion failed; still serving %s", self.current().version)
+        self.models.restart_engine()
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
-        self._stop.set()
-        self.engine.close()
+        self.models.close()
         self.store.close()
 
     def __is_ready__(self) -> bool:
-        return self._current is not None and self.engine.alive
+        return self.models.ready()
 
     # -- generation ---------------------------------------------------------------------
 

@@ -11,6 +11,12 @@ same code scales out to real servers.
 `apply_defaults` must run before prefect, mlflow or bentoml are imported, since they read
 some of these variables when first imported.
 
+`thread_defaults` is the thread policy of the compute processes (training, evaluation, the
+serving engine); see docs/guides/cpu-sharing.md. It is part of the defaults because OpenMP
+reads its variables once, when torch loads it: they must be in a process's environment
+before it imports torch, which is where `apply_defaults` puts them for the processes that
+`ftllm` and the flows start.
+
 `environment()` reads the project's own variables (secrets among them) into a frozen
 `Environment`, at call time rather than import time, so a rotated API key or a test's
 monkeypatched variable takes effect without a restart. Secrets are `SecretStr`: they never
@@ -60,7 +66,29 @@ def defaults_for(root: Path) -> dict[str, str]:
         "GX_ANALYTICS_ENABLED": "false",
         "MPLBACKEND": "Agg",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        **thread_defaults(),
     }
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which taskset, cpusets and
+    container runtimes narrow), not every CPU of the machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def thread_defaults() -> dict[str, str]:
+    """OpenMP variables for the compute processes, so that jobs sharing a machine slow down
+    in proportion.
+
+    By default an OpenMP worker that runs out of work spins for a while before it sleeps.
+    With two jobs on the same cores the spinning threads of one take the CPU from the
+    working threads of the other, and both crawl (the benchmark in
+    benchmarks/bench_cpu_sharing.py measures it). A passive wait policy makes idle workers
+    sleep at once. The number of threads stays torch's own choice, one per usable CPU,
+    unless FTLLM_TORCH_THREADS names it.
+    """
+    threads = os.environ.get(_VARIABLES["torch_threads"], "").strip()
+    return {"OMP_WAIT_POLICY": "PASSIVE", **({"OMP_NUM_THREADS": threads} if threads else {})}
 
 
 def apply_defaults(root: Path | None = None) -> Path:
@@ -90,7 +118,9 @@ class Environment(BaseModel):
     bento_model: str | None = Field(None, description="FTLLM_BENTO_MODEL: the BentoML model tag a bento is built with.")
     notify_webhook: SecretStr | None = Field(None, description="FTLLM_NOTIFY_WEBHOOK: URL that hears rejected and failed runs.")
     notify_block: str | None = Field(None, description="FTLLM_NOTIFY_BLOCK: a saved Prefect notification block's name.")
-    torch_threads: int | None = Field(None, ge=1, description="FTLLM_TORCH_THREADS: CPU threads of the serving engine.")
+    torch_threads: int | None = Field(None, ge=1, description=(
+        "FTLLM_TORCH_THREADS: CPU compute threads of training, evaluation and the serving engine "
+        "(default: one per usable CPU; the engine takes half)."))
     mlflow_run_id: str | None = Field(None, description="MLFLOW_RUN_ID: the run a DVC stage logs into (set by the flow).")
     prefect_api_url: str | None = Field(None, description="PREFECT_API_URL: a Prefect server; unset, the ephemeral API.")
 

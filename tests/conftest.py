@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
-# pytest loads this file as `conftest`, and test modules import it again as `tests.conftest`
-# (for free_port): the second load must reuse the first one's folder, not make another.
+from tasks.environment import thread_defaults
+
+# A pytest started by a test (or this file loaded twice) reuses the session's folder.
 _STATE = Path(os.environ.get("FTLLM_TEST_STATE") or tempfile.mkdtemp(prefix="ftllm-tests-"))
 os.environ.update(
     {
@@ -36,45 +36,23 @@ os.environ.update(
         "FTLLM_FEEDBACK_DB": str(_STATE / "feedback.db"),
     }
 )
+# The compute processes' thread policy (passive OpenMP waits), here as in `ftllm`: set before
+# any test module loads torch, so that test runs sharing a machine slow down in proportion.
+for _name, _value in thread_defaults().items():
+    os.environ.setdefault(_name, _value)
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.project import REPO  # noqa: E402
+
+# Fixtures shared by the whole suite, defined beside their helpers in tests/support/.
+pytest_plugins = ("tests.support.families", "tests.support.pages", "tests.support.servers")
 
 
 @pytest.fixture(scope="session")
 def state_dir() -> Path:
     """The session's folder for service state (MLflow, BentoML, Prefect)."""
     return _STATE
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, seconds: float, log_path: Path | None = None) -> None:
-    """Poll `url` until it answers 200; fail with the server's last output if it dies or `seconds` pass."""
-    from ftllm.commands.serve_peer import PeerError, wait_ready
-
-    try:
-        wait_ready("the server", proc, url, log_path, seconds)
-    except PeerError as exc:
-        pytest.fail(str(exc))
-
-
-# A small budget: enough for the tiny model to learn the date task well past the base.
-FAST = {
-    "train.max_steps": 200,
-    "train.learning_rate": 0.004,
-    "eval.max_examples": 60,
-    "gate.min_exact_match": 0.5,
-    "gate.max_perplexity": 5.0,
-    # Latency depends on the load of the machine running the tests, not on the code under test.
-    "gate.max_p95_latency_ms": 60000,
-}
 
 
 @pytest.fixture(scope="session")

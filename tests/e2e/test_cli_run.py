@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from tasks.config import render_params
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 
 @pytest.mark.slow

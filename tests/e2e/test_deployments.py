@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from tests.conftest import FAST
-from tests.servers import BIN, server  # noqa: F401  (the module-scoped Prefect server)
+from tests.support.project import FAST
+from tests.support.servers import BIN
 
 pytestmark = pytest.mark.slow
 # Its own registered model and a short training: this test is about orchestration.
@@ -111,7 +111,7 @@ def test_refusals_from_the_run_forms_end_failed_in_the_forms_words_without_a_tra
     version, as the UI's forms and `prefect deployment run` start them: a worker runs them, each
     ends Failed with the form's words, and neither the run's log nor the worker's output holds
     a traceback. Versions are given as numbers, as the form and the CLI's `-p version=2` send them."""
-    from tests.registry import new_version
+    from tests.support.registry import new_version
 
     name = "ftllm-refusals"
     passed, rejected = int(new_version(tmp_path, name, True)), int(new_version(tmp_path, name, False))

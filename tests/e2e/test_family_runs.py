@@ -1,5 +1,5 @@
 """The retrain flow end to end on model families: validate, prepare, finetune, evaluate,
-gate, register and package a small model (`tests/families.py`).
+gate, register and package a small model (`tests/support/families.py`).
 
 Every family's own work (its tokenizer set-up, template, training, the evaluate stage's
 scoring of the candidate and the prompted base, loading the folder, both serving loops) is
@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from scripts.make_data import make_examples
-from tests.families import family_models  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import FAST
+from tests.support.project import FAST
 
 pytestmark = pytest.mark.slow
 MODEL = "ftllm-interrupt"

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.browser import CHROMIUM, render, visible_text
-from tests.conftest import FAST
+from tests.support.browser import CHROMIUM, render, visible_text
+from tests.support.project import FAST
 
 MODEL = "ftllm-operator"
 # Few steps and a bar no candidate reaches: the gate rejects; the run stays short.
@@ -137,7 +137,7 @@ def test_offline_pages_are_logged_with_the_run_and_render(rejected, tmp_path):
 
 @pytest.fixture()
 def failed_version(tmp_path) -> tuple[str, str]:
-    from tests.registry import new_version
+    from tests.support.registry import new_version
 
     name = f"op-{uuid.uuid4().hex[:8]}"
     new_version(tmp_path, name, passed=True)
@@ -212,7 +212,7 @@ def test_the_prefect_ui_shows_a_rejected_run_as_rejected(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import free_port, wait_until_up
+    from tests.support.project import free_port, wait_until_up
 
     if CHROMIUM is None:
         pytest.skip("needs headless Chromium: apt-get install -y chromium chromium-driver")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST
-from tests.servers import BIN, server  # noqa: F401  (the module-scoped Prefect server)
+from tests.support.project import FAST
+from tests.support.servers import BIN
 
 pytestmark = pytest.mark.slow
 
@@ -214,7 +214,7 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
     from tasks.data.prepare import assign_split
     from tasks.data.sources import prompt_key
     from tasks.files import file_md5
-    from tests.conftest import free_port, wait_until_up
+    from tests.support.project import free_port, wait_until_up
 
     db = tmp_path / "feedback.db"  # the service writes it, the monitor and the run read it
     env = {**server, "FTLLM_FEEDBACK_DB": str(db)}

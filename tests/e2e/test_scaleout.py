@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, free_port
+from tests.support.project import FAST, free_port
 
 pytestmark = pytest.mark.slow
 # Its own registered model, a short training and a short evaluation: this test is about

@@ -12,8 +12,7 @@ import time
 import pytest
 
 from tasks.feedback import FeedbackStore, Interaction
-from tests.conftest import REPO
-from tests.servers import server  # noqa: F401  (the module-scoped Prefect server)
+from tests.support.project import REPO
 
 FLOW = """
 import json, sys

@@ -12,7 +12,7 @@ import subprocess
 
 import yaml
 
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 
 def make_docs_command() -> str:

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.imports import import_closure
+from tests.support.imports import import_closure
 
 
 def _dvc(root, *args: str) -> str:

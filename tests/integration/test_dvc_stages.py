@@ -20,7 +20,7 @@ from tasks.pipeline.dvc import (
     train_stage,
     workspace_lock,
 )
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 HOLD = """
 import sys, time

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 
 def run_script(name: str, args: list[str], out, timeout: float = 300) -> dict:

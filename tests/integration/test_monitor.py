@@ -20,8 +20,8 @@ import yaml
 
 from tasks.config import render_params
 from tasks.feedback import FeedbackStore, Interaction
-from tests.conftest import REPO
-from tests.servers import BIN, read_events, server  # noqa: F401  (the module-scoped Prefect server)
+from tests.support.project import REPO
+from tests.support.servers import BIN, read_events
 
 
 def write_feedback(db: Path, completions: int, ratings: list[int], corrected: int) -> None:

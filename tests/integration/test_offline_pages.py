@@ -6,8 +6,7 @@ import re
 
 from tasks.pipeline.dashboard import write_dashboard
 from tasks.pipeline.report import render_data_report, write_data_report
-from tests.browser import external_urls, render, requires_chromium, visible_text
-from tests.pages import report, view  # noqa: F401  (the fixtures)
+from tests.support.browser import external_urls, render, requires_chromium, visible_text
 
 
 @requires_chromium

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from tasks.pins import project_pins
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 
 def test_the_makefile_gets_torch_and_pip_from_pyproject():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.training import (
+from tests.support.training import (
     small_params,
     start_stage,
     torch_equal,

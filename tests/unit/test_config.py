@@ -19,7 +19,7 @@ from tasks.config import (
     write_resolved,
 )
 from tasks.errors import ConfigError
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 
 def test_the_committed_params_yaml_validates_and_names_every_key():

@@ -13,7 +13,7 @@ from ftllm.cli import app
 from scripts.docs_reference import api_modules, cli_page, pages, settings_page
 from tasks.config import setting_fields
 from tasks.environment import Environment
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 
 def test_the_settings_reference_names_every_key_with_its_description():

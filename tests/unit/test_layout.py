@@ -7,8 +7,8 @@ import re
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.imports import import_closure
+from tests.support.imports import import_closure
+from tests.support.project import REPO
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 MAX_LINES = 500

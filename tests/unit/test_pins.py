@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tasks.pins import normalise, parse_pin, project_pins, requirements
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 CODE_FOLDERS = ("tasks", "flows", "serving", "ftllm")
 # Installed on its own before the lock (see the Makefile): pip freeze of the CPU wheel would

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, wait_until_up
+from tests.support.project import REPO, free_port, wait_until_up
 
 STATE = Path(tempfile.mkdtemp(prefix="ftllm-serving-tests-"))
 MODEL_NAME = "ftllm-chat-test"
@@ -199,7 +199,7 @@ def tools_server(registry):
 
     from tasks.config import load_params
     from tasks.registry.bento import import_model
-    from tests.training import TOOLS_MODEL_NAME, train_tool_caller
+    from tests.support.training import TOOLS_MODEL_NAME, train_tool_caller
 
     model = train_tool_caller(STATE / "tool-model")
     import_model(model, TOOLS_MODEL_NAME, "1", {"source": "tests"})

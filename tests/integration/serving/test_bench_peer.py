@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ftllm.cli import app
-from ftllm.commands import serve_peer
-from ftllm.commands.bench_serve import compare_answers
+from serving.bench import serve_peer
+from serving.bench.bench_serve import compare_answers
 
 
 @pytest.fixture(scope="module")

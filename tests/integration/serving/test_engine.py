@@ -12,15 +12,9 @@ import signal
 import pytest
 import torch
 
-from serving.engine import (
-    Completion,
-    Engine,
-    EngineProcess,
-    LoadedModel,
-    Row,
-    load_model_dir,
-    sample,
-)
+from serving.decoding import LoadedModel, Row, load_model_dir
+from serving.engine import Engine, sample
+from serving.engine_process import Completion, EngineProcess
 from tasks.config import ServingParams
 
 # The engine's knobs as the service passes them on the shipped defaults.
@@ -363,7 +357,7 @@ async def answer(c: Completion) -> tuple[str, tuple]:
 
 
 def test_the_engine_process_answers_as_the_engine_does_and_fails_cleanly_when_it_dies(model_dir, loaded):
-    from serving.engine import EngineError
+    from serving.engine_process import EngineError
 
     ids = prompt_ids(loaded.tokenizer)
 

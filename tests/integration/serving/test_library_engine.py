@@ -13,7 +13,8 @@ import httpx
 import pytest
 import yaml
 
-from serving.engine import Completion, EngineError, EngineProcess, load_model_dir
+from serving.decoding import load_model_dir
+from serving.engine_process import Completion, EngineError, EngineProcess
 from tasks.config import ServingParams
 
 _DEFAULTS = ServingParams()

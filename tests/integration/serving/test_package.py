@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tasks.config import render_params
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 MODEL_NAME = "ftllm-chat-test"  # as in conftest.py
 

@@ -13,7 +13,7 @@ import json
 import httpx
 import pytest
 
-from tests.training import TOOLS_MODEL_NAME, WEATHER_TOOLS
+from tests.support.training import TOOLS_MODEL_NAME, WEATHER_TOOLS
 
 ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 

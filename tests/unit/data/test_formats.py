@@ -9,7 +9,7 @@ import pytest
 
 from tasks.data.formats import RecordError, detect_format, read_records, to_canonical
 from tasks.errors import DataFileError, FormatError
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 SEED_TASKS = REPO.parent / "shared/data/alpaca_seed_tasks.jsonl"
 

@@ -124,7 +124,7 @@ def test_invalid_data_is_refused_naming_the_line(tmp_path: Path, tok) -> None:
 
 
 def test_examples_without_trained_tokens_are_refused_naming_the_line(tmp_path: Path, tok) -> None:
-    from tests.families import QWEN3_TEMPLATE
+    from tests.support.families import QWEN3_TEMPLATE
 
     qwen3 = tok.__class__.from_pretrained(tok.name_or_path)
     qwen3.chat_template = QWEN3_TEMPLATE  # rewrites an answer written with inline reasoning

@@ -21,8 +21,7 @@ from tasks.data.tokens import TrainingBudget
 from tasks.data.validate import validate_dataset, write_fixed
 from tasks.errors import PrepareError
 from tasks.model.loading import load_tokenizer, resolve_base
-from tests.conftest import REPO
-from tests.families import family_models  # noqa: F401  (the fixture)
+from tests.support.project import REPO
 
 
 @pytest.fixture(scope="module")

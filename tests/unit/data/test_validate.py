@@ -17,8 +17,8 @@ from tasks.errors import ConfigError, DataFileError
 from tasks.model.chat import count_tokens, encode_chat
 from tasks.model.loading import load_tokenizer, resolve_base
 from tasks.train.packing import prepare_batches
-from tests.conftest import REPO
-from tests.families import GEMMA2_TEMPLATE, QWEN3_TEMPLATE
+from tests.support.families import GEMMA2_TEMPLATE, QWEN3_TEMPLATE
+from tests.support.project import REPO
 
 SEED_TASKS = REPO.parent / "shared/data/alpaca_seed_tasks.jsonl"
 

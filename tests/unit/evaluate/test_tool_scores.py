@@ -8,7 +8,6 @@ from tasks.config import GateParams
 from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.tools import answer_text, calls_text, reference_calls, tool_metrics, tool_scores
 from tasks.model.responses import parse_generation
-from tests.families import family_models  # noqa: F401  (the fixture)
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {

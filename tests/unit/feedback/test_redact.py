@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.feedback.redact import find_sensitive, luhn_valid, redact_example, redact_examples, redact_text
-from tests.redaction import labelled_cases, score
+from tests.support.redaction import labelled_cases, score
 
 TARGET_RECALL = {"email": 0.99, "card": 0.99, "secret": 0.99, "phone": 0.95, "ip": 0.95}
 TARGET_PRECISION = 0.95
@@ -25,7 +25,7 @@ def test_targets_on_the_labelled_set(scores, category):
 
 
 def test_the_scorer_counts_misses_and_false_positives():
-    from tests.redaction import Case
+    from tests.support.redaction import Case
 
     scored = score([Case("mail ann@example.com", (("email", "ann@example.com"),)),
                     Case("no phone here", (("phone", "phone"),)),  # a label the finder cannot match

@@ -10,8 +10,8 @@ import pytest
 from tasks.errors import DataFileError
 from tasks.feedback import SCHEMA_VERSION, FeedbackReader, FeedbackStore, Interaction, export_feedback
 from tasks.feedback.schema import _TABLES_V1
-from tests.conftest import REPO
-from tests.imports import import_closure
+from tests.support.imports import import_closure
+from tests.support.project import REPO
 
 
 def _chat(i: int, prompt: str = "When?") -> Interaction:

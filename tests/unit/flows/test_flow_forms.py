@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from prefect.utilities.callables import parameter_schema_from_entrypoint
 
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 # What flows/deploy.py registers, read from its source, so a new deployment cannot be missed.
 ENTRYPOINTS = sorted(set(re.findall(r'"(flows/\w+\.py:\w+)"', (REPO / "flows/deploy.py").read_text())))
@@ -43,7 +43,7 @@ def test_refusal_speaks_the_words_of_its_caller(tmp_path):
     """The CLI says `--force --reason TEXT`; the run form has fields named force and reason."""
     from tasks.errors import RegistryRefusal
     from tasks.registry import versions as registry
-    from tests.registry import new_version
+    from tests.support.registry import new_version
 
     name = f"words-{Path(tmp_path).name[-8:]}"
     version = new_version(tmp_path, name, passed=False)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from ftllm.cli import app
 from tasks.config import key_lines, render_params
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 
 @pytest.fixture()
@@ -152,7 +152,7 @@ def test_expected_failures_are_one_line_on_stderr(args, code, fragment, monkeypa
 
 
 def test_bench_serve_without_a_service_says_so():
-    from tests.conftest import free_port
+    from tests.support.project import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     result = CliRunner().invoke(app, ["bench", "serve", "--url", url, "--requests", "2"])

@@ -1,6 +1,6 @@
 """Assistant masks under real chat templates: exactly the answers and their end-of-turn tokens.
 
-Each family's tokenizer (tests/families.py) carries its published template, special tokens
+Each family's tokenizer (tests/support/families.py) carries its published template, special tokens
 and BOS post-processor, so these tests meet Mistral's system message in the last user
 turn, Gemma's refusal of a system role, Phi-3's role tokens that eat a newline, Qwen 3's
 rewriting of the last answer, and BOS written by both template and tokenizer.
@@ -15,7 +15,6 @@ from tasks.errors import ConfigError
 from tasks.model.chat import encode_chat, encode_chats, encode_text, render_prompt, system_handling
 from tasks.model.loading import resolve_base
 from tasks.train.packing import prepare_batches
-from tests.families import family_models  # noqa: F401  (the fixture)
 
 SYSTEM = "Answer in words."
 CONVERSATION = [

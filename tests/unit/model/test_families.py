@@ -1,7 +1,7 @@
 """Eight real model families through the project: loading, base-model set-up, training, serving.
 
 Each family is a small random-weight model with its own tokenizer and published chat
-template (`tests/families.py`). For each: the run's tokenizer (`load_base_tokenizer`)
+template (`tests/support/families.py`). For each: the run's tokenizer (`load_base_tokenizer`)
 gets a template, an eos that ends the assistant's turn and a pad token that is not it; a
 base model gets ChatML with trainable rows for the new tokens; `finetune` trains a few
 steps and writes a folder that `load_trained` loads; and the serving engine answers what
@@ -35,8 +35,8 @@ from tasks.model.loading import (
     resolve_attention,
 )
 from tasks.train.finetune import build_model, decoder_layers, finetune
-from tests.conftest import REPO
-from tests.families import FAMILIES, family_models  # noqa: F401  (the fixture)
+from tests.support.families import FAMILIES
+from tests.support.project import REPO
 
 ROOT = REPO
 NAMES = list(FAMILIES)
@@ -281,7 +281,8 @@ def test_the_evaluate_stage_scores_each_family_and_its_base_prompted(name, train
 @pytest.mark.parametrize("name", NAMES)
 def test_the_serving_engine_answers_what_generate_answers(name, kind, trained):
     """Both decoding loops of `serving.engine` (own, and transformers' continuous batching)."""
-    from serving.engine import Engine, Row, load_model_dir
+    from serving.decoding import Row, load_model_dir
+    from serving.engine import Engine
     from serving.library_engine import LibraryEngine
     from tasks.model.chat import render_prompt
 

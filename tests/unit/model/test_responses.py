@@ -20,7 +20,6 @@ from tasks.model.responses import (
     forced_call_opening,
     parse_generation,
 )
-from tests.families import family_models  # noqa: F401  (the fixture)
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",

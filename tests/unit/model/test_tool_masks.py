@@ -15,7 +15,6 @@ from tasks.config import ModelParams
 from tasks.errors import ConfigError
 from tasks.model.chat import encode_chat, encode_chats, render_prompt
 from tasks.model.loading import load_base_tokenizer, resolve_base
-from tests.families import family_models  # noqa: F401  (the fixture)
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_time", "description": "The local time in a city.",

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from tasks.pipeline.dashboard import RunView, load_run_files, render_dashboard
-from tests.browser import external_urls
-from tests.pages import CHECKS, view  # noqa: F401  (the fixture)
+from tests.support.browser import external_urls
 
 
 def test_sections_hold_the_run(view):

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tasks.pipeline.report import main, render_data_report
-from tests.browser import external_urls
-from tests.pages import GOOD, report  # noqa: F401  (the fixture)
+from tests.support.browser import external_urls
+from tests.support.pages import GOOD
 
 
 def test_page_lists_every_category_with_its_count_and_lines(report):

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from tasks.pipeline.result import GateCheck, GateResult, RunMetrics, RunResult
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 # The keys every consumer of `ftllm run --json` relies on (the project's contract); the
 # commands guide's paragraph on the run's result (docs/guides/commands.md) must name each of them.

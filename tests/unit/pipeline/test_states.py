@@ -10,7 +10,7 @@ from prefect import flow
 
 from flows.retrain import _final_state
 from tasks.pipeline.states import announce_outcome, failed_on_purpose
-from tests.servers import read_events
+from tests.support.servers import read_events
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from tasks.registry import versions as registry
-from tests.registry import new_version
+from tests.support.registry import new_version
 
 
 @pytest.fixture()

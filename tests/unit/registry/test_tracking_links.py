@@ -66,7 +66,7 @@ def test_outside_a_flow_run_there_is_no_origin():
 
 
 def test_versions_list_their_flow_run(tmp_path):
-    from tests.registry import new_version
+    from tests.support.registry import new_version
 
     name = f"links-{uuid.uuid4().hex[:8]}"
     version = new_version(tmp_path, name, True)

@@ -30,7 +30,7 @@ from tasks.train.packing import (
     prepare_batches,
     to_tensors,
 )
-from tests.training import small_params, write_data
+from tests.support.training import small_params, write_data
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -18,7 +18,7 @@ from tasks.train.preference import (
     preference_tune,
     tuned_model,
 )
-from tests.training import small_params, write_data
+from tests.support.training import small_params, write_data
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from tasks.evaluate.score import evaluate_model
 from tasks.model.loading import load_causal_lm, load_tokenizer, resolve_base
 from tasks.train.loop import train_loop
 from tasks.train.packing import prepare_batches
-from tests.families import QWEN3_TEMPLATE
+from tests.support.families import QWEN3_TEMPLATE
 
 ROWS = [
     {"messages": [{"role": "user", "content": f"Rewrite 2020-01-0{i}"}, {"role": "assistant", "content": f"<think>day {i}</think>"}]}

@@ -1,17 +1,16 @@
-"""Helpers of the registry tests: a model version registered from a stub folder, with a gate verdict."""
+"""Model versions in the test session's registry."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
+
+from tasks.registry import versions as registry
 
 
-def new_version(tmp_path: Path, name: str, passed: bool) -> str:
-    """Register a version of `name` whose gate `passed` or failed (min_exact_match); returns its number."""
+def new_version(tmp_path, name: str, passed: bool) -> str:
+    """Register a minimal full-weights version of model `name` with a gate verdict; its number."""
     import mlflow
-
-    from tasks.registry import versions as registry
 
     folder = tmp_path / uuid.uuid4().hex
     folder.mkdir()

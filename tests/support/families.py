@@ -9,9 +9,8 @@ would a downloaded checkpoint, so the code under test meets each family's quirks
 written by the template, a system role that raises, a system message moved into the
 last user turn, an end-of-turn token that is not the eos token, no pad token at all.
 
-Use the session fixture, which builds each family once per test session:
-
-    from tests.families import FAMILIES, family_models  # noqa: F401  (the fixture)
+Use the session fixture `family_models` (a plugin of the whole suite, see tests/conftest.py),
+which builds each family once per test session:
 
     def test_loads(family_models):
         path = family_models("llama3")

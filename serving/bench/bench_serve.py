@@ -254,7 +254,7 @@ def _bench_with_peer(url: str | None, requests: int, concurrency: list[int], max
                      repeats: int, model_dir: Path | None, out: Path | None) -> int:
     import httpx
 
-    from ftllm.commands import serve_peer
+    from serving.bench import serve_peer
 
     console = _console()
     logs = Path(tempfile.mkdtemp(prefix="ftllm-bench-"))

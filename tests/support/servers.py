@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_until_up
+from tests.support.project import free_port, wait_until_up
 
 BIN = Path(sys.executable).parent
 

@@ -3,7 +3,7 @@
 
 The peer needs a plain model folder (full weights, tokenizer, chat template), while a
 registry version holds a LoRA adapter over its base; `merged_folder` writes the weights
-the engine serves (`serving.engine.load_model_dir`, LoRA folded in) to a temporary folder,
+the engine serves (`serving.decoding.load_model_dir`, LoRA folded in) to a temporary folder,
 so both servers run the same numbers. Each server is a child process on a free loopback
 port, waited for until its health probe answers, and stopped on exit; one that dies first
 is a `PeerError` quoting the end of its output.
@@ -125,7 +125,7 @@ def peer_env() -> dict[str, str]:
     and on a 2-core machine shared with other work it fell from 23 to 1.7 requests/s at
     concurrency 1 (and from 79 to 3 at 16), which would measure the machine, not the engine.
     """
-    from serving.engine import cpu_threads
+    from serving.decoding import cpu_threads
 
     return {"OMP_NUM_THREADS": str(cpu_threads())}
 
@@ -141,7 +141,7 @@ def peer_command(model_dir: Path, port: int) -> list[str]:
 @contextmanager
 def served_model_dir(model_name: str, version: str, source: str) -> Iterator[Path]:
     """The folder of the model a service reports serving (`/v1/models`: its version and source)."""
-    from serving.service import version_files
+    from serving.model_manager import version_files
 
     if source.startswith("bentoml:"):
         import bentoml
@@ -162,7 +162,7 @@ def merged_folder(model_dir: Path) -> Iterator[Path]:
     """A temporary plain model folder holding the weights the engine serves from `model_dir`."""
     from transformers.utils import logging as hf_logging
 
-    from serving.engine import load_model_dir
+    from serving.decoding import load_model_dir
 
     hf_logging.disable_progress_bar()  # the bench's own output is the report
     tmp = Path(tempfile.mkdtemp(prefix="ftllm-peer-"))

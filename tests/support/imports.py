@@ -57,3 +57,50 @@ def import_closure(root: Path, module: str) -> set[Path]:
             parts = imported.split(".")
             todo.extend(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     return seen
+
+
+def project_modules(root: Path) -> dict[str, Path]:
+    """Every module of the project's packages, by dotted name."""
+    modules = {}
+    for package in PROJECT_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """The project's import cycles: groups of modules that import each other, directly or
+    through others (imports inside functions count: a lazy import is still a dependency)."""
+    modules = project_modules(root)
+    graph = {name: sorted({imported for imported in _imported_names(path, name) if imported in modules} - {name})
+             for name, path in modules.items()}
+    # Tarjan's strongly connected components.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for name in graph:
+        if name not in index:
+            visit(name)
+    return cycles

@@ -12,7 +12,7 @@ import yaml
 
 from scripts.make_data import make_examples
 from tasks.config import Params, TrainParams
-from tests.conftest import REPO
+from tests.support.project import REPO
 
 
 def write_data(folder: Path) -> Path:

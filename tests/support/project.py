@@ -1,0 +1,41 @@
+"""The project under test and its servers: where the repository is, a run's small budget,
+free loopback ports, and waiting for a server to answer."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, seconds: float, log_path: Path | None = None) -> None:
+    """Poll `url` until it answers 200; fail with the server's last output if it dies or `seconds` pass."""
+    from serving.bench.serve_peer import PeerError, wait_ready
+
+    try:
+        wait_ready("the server", proc, url, log_path, seconds)
+    except PeerError as exc:
+        pytest.fail(str(exc))
+
+
+# A small budget: enough for the tiny model to learn the date task well past the base.
+FAST = {
+    "train.max_steps": 200,
+    "train.learning_rate": 0.004,
+    "eval.max_examples": 60,
+    "gate.min_exact_match": 0.5,
+    "gate.max_perplexity": 5.0,
+    # Latency depends on the load of the machine running the tests, not on the code under test.
+    "gate.max_p95_latency_ms": 60000,
+}

@@ -1,0 +1,66 @@
+"""The typed seams of serving: the decoding-loop protocol both loops implement, the messages
+between the service and the engine process, and no import cycle."""
+
+from __future__ import annotations
+
+import inspect
+import multiprocessing
+import pickle
+from pathlib import Path
+
+import pytest
+
+from serving.decoding import DecodingLoop, LoopFactory
+from serving.engine import Engine
+from serving.engine_process import LOOPS, CancelRow, Close, DropModel, Events, Loaded, LoadModel, StartRow
+from serving.library_engine import LibraryEngine
+from tests.support.imports import import_cycles
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def protocol_methods(protocol: type) -> dict[str, inspect.Signature]:
+    return {name: inspect.signature(member) for name, member in vars(protocol).items()
+            if callable(member) and not name.startswith("_")}
+
+
+@pytest.mark.parametrize("loop", [Engine, LibraryEngine])
+def test_both_loops_implement_the_decoding_loop_protocol(loop):
+    for name, wanted in protocol_methods(DecodingLoop).items():
+        assert callable(getattr(loop, name, None)), f"{loop.__name__} has no {name}"
+        assert list(inspect.signature(getattr(loop, name)).parameters) == list(wanted.parameters), name
+    # The engine process builds every loop with the same keywords (`LoopFactory`).
+    wanted = inspect.signature(LoopFactory.__call__).parameters
+    got = inspect.signature(loop.__init__).parameters
+    assert list(got) == list(wanted), f"{loop.__name__}.__init__ takes {list(got)}, not {list(wanted)}"
+
+
+def test_serving_engine_names_both_loops():
+    assert LOOPS == {"own": Engine, "transformers": LibraryEngine}
+
+
+def test_no_module_of_the_project_imports_itself_through_others():
+    assert import_cycles(ROOT) == []
+
+
+@pytest.mark.parametrize("message", [
+    LoadModel("m1", "/models/a"), DropModel("m1"), CancelRow(3), Close(),
+    StartRow(3, "m1", [1, 2, 3], 8, 0.0, 1.0, ["\n"], True),
+    Loaded("m1", 2048), Loaded("m1", 0, "OSError: no such folder"),
+    Events([(3, ("delta", "2024")), (3, ("end", "stop", 2)), (4, ("error", "the service is shutting down"))], [2, 1]),
+])
+def test_messages_cross_a_process_pipe_unchanged(message):
+    parent, child = multiprocessing.Pipe()
+    try:
+        parent.send(message)
+        received = child.recv()
+    finally:
+        parent.close()
+        child.close()
+    assert received == message and type(received) is type(message)
+    assert pickle.loads(pickle.dumps(message)) == message
+
+
+def test_messages_are_immutable():
+    with pytest.raises(AttributeError):
+        StartRow(3, "m1", [1], 8, 0.0, 1.0, [], False).max_new = 9  # type: ignore[misc]
