@@ -29,6 +29,7 @@ def _publish_validation(data_path: Path, report: dict, reports: tuple[Path, Path
         f"Data report (offline HTML): {html}; on disk: `{reports[1]}`\n\n"
         f"Data Docs (Great Expectations, need network): {report.get('data_docs')}",
         key="retrain-validation",
+        description="Data validation of the run's data: verdict, counts and the offline data report",
     )
 
 

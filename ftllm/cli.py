@@ -401,7 +401,9 @@ def deploy(
     from flows.deploy import deploy_all
 
     ids = deploy_all(root, settings, work_pool)
-    print(f"deployments: retrain/scheduled, promote/manual, rollback/manual on pool {work_pool}", file=sys.stderr)
+    monitor = "on" if settings.monitor.active else "off: monitor.active"
+    print(f"deployments: retrain/scheduled, promote/manual, rollback/manual, monitor/scheduled (schedule {monitor}) "
+          f"on pool {work_pool}; start a worker: prefect worker start --pool {work_pool}", file=sys.stderr)
     _emit({"deployments": ids, "work_pool": work_pool, "schedule": settings.schedule.model_dump()}, as_json)
 
 

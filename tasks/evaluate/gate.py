@@ -28,8 +28,10 @@ the margin. The check's `value` is then the interval's bound nearest to failing 
 bound of candidate - champion for scores; lower bound of the relative perplexity change),
 and `threshold` the margin it is compared with; `estimate`, `low`, `high`, `p_value`
 (McNemar's exact test for exact match and accuracy) and `n` come with it. A check whose
-interval is wider than the margin says so (`underpowered`, `examples_needed`, a `note`):
-the test split cannot tell a drop of `max_regression` from noise. Without per-example
+interval is wider than the margin *and* passed although its interval reaches beyond the
+margin says so (`underpowered`, `examples_needed`, a `note`): the test split cannot tell a
+drop of `max_regression` from noise, so the pass is the benefit of the doubt. A failed
+check is significant, never underpowered. Without per-example
 scores (a champion scored before they existed) a check falls back to the fixed margin on
 the aggregate values, and says so.
 
@@ -243,12 +245,25 @@ def _preference_checks(metrics: dict, per_example: dict, gate: GateParams) -> li
     return checks
 
 
-def _power(check: Check, interval: Interval, margin: float, confidence: float, what: str) -> Check:
-    """Mark a check whose interval is wider than its margin, with the test examples that would do."""
-    if interval.half_width <= margin:
+# Beyond this many times the split's examples, a count of "examples needed" is no advice.
+MAX_EXAMPLES_FACTOR = 20
+
+
+def _power(check: Check, interval: Interval, margin: float, confidence: float, what: str, decided: bool) -> Check:
+    """Mark a passed check that the data cannot decide: its interval is wider than its margin and
+    reaches beyond it. A failed check is significant, and a check whose whole interval lies on
+    the passing side is clear, however wide: neither is underpowered. The examples that would
+    narrow it are given while they are a practical number (MAX_EXAMPLES_FACTOR times the split).
+    """
+    if decided or interval.half_width <= margin:
         return check
     needed = examples_needed(interval.n, interval.half_width, margin)
-    more = f"about {needed} test examples would narrow it to ±{margin:g}" if needed else "no test split narrows it to 0"
+    if needed is None:
+        more = "no test split narrows it to 0"
+    elif needed > MAX_EXAMPLES_FACTOR * interval.n:
+        needed, more = None, f"more than {MAX_EXAMPLES_FACTOR} times as many test examples would be needed to narrow it"
+    else:
+        more = f"about {needed} test examples would narrow it to ±{margin:g}"
     note = (
         f"underpowered: on {interval.n} examples the {confidence:.0%} interval is ±{interval.half_width:.3f}, wider "
         f"than the margin {margin:g}, so only {what} beyond {margin + interval.half_width:.3f} can be told from noise; "
@@ -274,7 +289,8 @@ def _no_regression_paired(key: str, candidate: list, champion: list, gate: GateP
         estimate=round(ci.estimate, 6), low=round(ci.low, 6), high=round(ci.high, 6),
         p_value=None if p_value is None else round(p_value, 6), n=ci.n, method=method,
     )
-    return _power(check, ci, gate.max_regression, gate.confidence, "drops")
+    decided = not passed or ci.low >= -gate.max_regression  # significantly worse, or no drop of the margin inside
+    return _power(check, ci, gate.max_regression, gate.confidence, "drops", decided)
 
 
 def _no_regression_perplexity(candidate: dict, champion: dict, gate: GateParams) -> Check:
@@ -287,7 +303,8 @@ def _no_regression_perplexity(candidate: dict, champion: dict, gate: GateParams)
         estimate=round(rel.estimate, 6), low=round(rel.low, 6), high=round(rel.high, 6), n=rel.n,
         method="paired bootstrap",
     )
-    return _power(check, rel, gate.max_regression, gate.confidence, "relative rises")
+    decided = not check.passed or rel.high <= gate.max_regression
+    return _power(check, rel, gate.max_regression, gate.confidence, "relative rises", decided)
 
 
 def _improvement(candidate: list, champion: list, gate: GateParams) -> Check:

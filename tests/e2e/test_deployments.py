@@ -47,6 +47,7 @@ def test_deploy_trigger_and_worker_run(server, project, deployed):
     out = deployed
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["schedule"]["cron"] == "0 3 * * 1"
+    assert "monitor/scheduled" in out.stderr.strip().splitlines()[-1]  # the closing line names every deployment
 
     script = """
 import json, sys

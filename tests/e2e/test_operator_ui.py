@@ -109,6 +109,7 @@ def test_prefect_and_mlflow_runs_lead_to_each_other(rejected):
     assert result.mlflow_run_id in by_key["retrain-gate"]["data"]
     assert f"/#/models/{MODEL}/versions/{result.version}?" in by_key["retrain-gate"]["data"]
     assert "reports/validation.html" in by_key["retrain-validation"]["data"]
+    assert by_key["retrain-validation"]["description"]
     # A link artifact is stored as markdown `[text](url)`.
     assert f"/runs/{result.mlflow_run_id}/artifacts/reports/dashboard.html?" in by_key["retrain-dashboard"]["data"]
     assert Artifact.get("retrain-dashboard") is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -205,3 +206,37 @@ def test_no_feedback_split_means_no_feedback_check():
     metrics["candidate_feedback"] = metrics["candidate"]
     del metrics["champion"]
     assert "no_regression_feedback_exact_match" not in {c.name for c in apply_gate(metrics, GateParams()).checks}
+
+
+def test_a_clear_drop_is_a_plain_fail_not_underpowered():
+    """An exact-match drop of 0.87 on a small split: the data decide it; "underpowered" would mislead."""
+    from tasks.evaluate.gate import gate_table
+
+    candidate, champion = _pair(0, 0, 26, n=30)  # the champion gets 26 of 30 right, the candidate none
+    verdict, checks = _paired_verdict(candidate, champion, max_regression=0.05)
+    em = checks["no_regression_exact_match"]
+    assert em.estimate == pytest.approx(-26 / 30, abs=1e-6) and not em.passed
+    assert not em.underpowered and em.note is None and em.examples_needed is None
+    row = next(r for r in gate_table(verdict.to_dict()["checks"]) if r.startswith("| no_regression_exact_match |"))
+    assert row.endswith("| False |")
+
+
+def test_a_clear_pass_is_not_underpowered_however_wide_its_interval():
+    candidate, champion = _pair(0, 20, 0, n=30)  # the candidate gains 20 of 30
+    _, checks = _paired_verdict(candidate, champion, max_regression=0.01)
+    em = checks["no_regression_exact_match"]
+    assert em.passed and em.low > 0 and em.high - em.low > 0.02 and not em.underpowered
+
+
+def test_the_examples_needed_are_left_out_when_no_practical_split_would_do():
+    """A perplexity change whose interval is many times the margin: no "about 5434226 test examples"."""
+    candidate, champion = _pair(10, 5, 5, n=20)
+    per_example = {"candidate": _scores(candidate), "champion": _scores(champion)}
+    # No change on average, but each example's loss moves a lot either way.
+    per_example["champion"]["nll"] = [2.0] * 20
+    per_example["candidate"]["nll"] = [2.0 + (1.9 if i % 2 else -1.9) for i in range(20)]
+    verdict = apply_gate(_metrics(per_example), GateParams(max_regression=0.02), per_example)
+    ppl = next(c for c in verdict.checks if c.name == "no_regression_perplexity")
+    assert ppl.passed and ppl.underpowered and (ppl.high - ppl.low) / 2 > math.sqrt(20) * 0.02
+    assert ppl.examples_needed is None and "more than 20 times as many test examples" in ppl.note
+    assert not re.search(r"\d{4,}", ppl.note), ppl.note
