@@ -65,10 +65,8 @@ SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|bos|>"]
 # cover dates, numbers and common English so that typical chat text gets short encodings,
 # and the tool format: Qwen 2.5's tool instructions, the JSON of tool schemas and calls, and
 # the words of the built-in function-calling task (scripts/make_tools_data.py). Without
-# them a tool example is split almost into bytes (about 1180 tokens, 930 of them the
-# schemas and instructions, a call about 80), too long for the tiny model to learn its
-# calls in the default run's budget; with them it is about 480 and a call about 37
-# (benchmarks/results/tools_tiny_tokenizer.md).
+# them a tool example, its schemas and its call are split almost into bytes, into more
+# than twice as many tokens (benchmarks/results/tools_tiny.md).
 _MONTHS = "January February March April May June July August September October November December"
 _CORPUS = [
     _MONTHS,
