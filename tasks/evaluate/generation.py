@@ -20,11 +20,11 @@ def pick_few_shot(train: list[Example], k: int, seed: int) -> list[Example]:
 
 
 def with_shots(messages: list[dict], shots: list[Example]) -> list[dict]:
-    """Put the shots' question/answer turns after the system message and before the question."""
+    """Put the shots' question/answer turns (tool calls and their results too) after the system message and before the question."""
     if not shots:
         return messages
     head = [m for m in messages[:1] if m["role"] == "system"]
-    turns = [m for s in shots for m in s["messages"] if m["role"] in ("user", "assistant")]
+    turns = [m for s in shots for m in s["messages"] if m["role"] in ("user", "assistant", "tool")]
     return head + turns + messages[len(head):]
 
 

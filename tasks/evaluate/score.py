@@ -10,15 +10,16 @@ evaluation fails rather than report a perplexity over none); exact match, BLEU
 (sacrebleu) and ROUGE-L (rouge-score) of greedy generations; accuracy / precision / recall / macro-F1 when
 `eval.task` is classification; per-example latency (p50, p95) and generated tokens/s.
 
-Where the test split has examples whose reference turn is a tool call, their generations
-are parsed into calls and scored by `tasks.evaluate.tools` (`tool_name_accuracy`,
-`tool_arguments_match`, `tool_invalid_rate`, over `tool_calls` examples); text metrics then
-compare a call as its canonical JSON. A reasoning trace (`<think>`) is never scored: the
+Where test examples have assistant turns that call a tool (the reference turn or an
+earlier one), the model is asked the conversation before each such turn, and its
+generation is parsed into calls and scored by `tasks.evaluate.tools` (`tool_name_accuracy`,
+`tool_arguments_match`, `tool_invalid_rate`, over `tool_calls` call turns); text metrics
+score the reference turn, a call as its canonical JSON. A reasoning trace (`<think>`) is never scored: the
 answer after it is.
 
 Beside the aggregate metrics, every score is kept per example (`per_example`: exact match,
 sentence BLEU, ROUGE-L, summed NLL and token count of the answer, accuracy, and the tool
-scores with their own `tool_ids`), keyed by a hash of the example, so that the gate can compare two models example by example
+scores with their own `tool_ids`, a hash of the conversation up to each call), keyed by a hash of the example, so that the gate can compare two models example by example
 (`tasks/evaluate/paired.py`).
 """
 
@@ -27,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tasks.config import EvalParams, load_params
 from tasks.errors import ConfigError
@@ -41,7 +44,15 @@ from tasks.evaluate.generation import (
 )
 from tasks.evaluate.metrics import classification_metrics, percentile, text_metrics, text_scores
 from tasks.evaluate.preference import candidate_dir, load_heldout, preference_result, score_preferences
-from tasks.evaluate.tools import answer_text, calls_text, reference_calls, reference_turn, tool_metrics, tool_scores
+from tasks.evaluate.tools import (
+    answer_text,
+    call_turns,
+    calls_text,
+    reference_calls,
+    reference_turn,
+    tool_metrics,
+    tool_scores,
+)
 from tasks.files import read_jsonl
 from tasks.model.chat import prompt_messages, render_prompt
 from tasks.model.loading import (
@@ -79,6 +90,8 @@ def evaluate_model(
                      for q, t, c in zip(questions, turns, calls)]
     tools = [e.get("tools") or None for e in examples]
     prompts = [render_prompt(tokenizer, q, system_message, tools=t) for q, t in zip(questions, tools)]
+    earlier = earlier_calls(examples, shots)
+    prompts += [render_prompt(tokenizer, c.question, system_message, tools=tools[c.example]) for c in earlier]
     nll, tokens = assistant_nll(model, tokenizer, conversations, params.batch_size, system_message)
     ppl = perplexity(nll, tokens, tokenizer)  # refuses before generating when no token was scored
     t0 = time.perf_counter()
@@ -86,11 +99,15 @@ def evaluate_model(
                                                        params.batch_size)
     gen_seconds = time.perf_counter() - t0
     # Scored without the reasoning trace; a call as its canonical JSON (tasks.evaluate.tools).
+    all_tools = tools + [tools[c.example] for c in earlier]
     parsed = [parse_generation(tokenizer, g, p, t) if needs_parsing(tokenizer, t) else None
-              for g, p, t in zip(generations, prompts, tools)]
-    predictions = [g if r is None else answer_text(r) for g, r in zip(generations, parsed)]
-    called = [i for i, c in enumerate(calls) if c]
-    tool = tool_scores([parsed[i] for i in called], [calls[i] for i in called])
+              for g, p, t in zip(generations, prompts, all_tools)]
+    answers = [g if r is None else answer_text(r) for g, r in zip(generations, parsed)]
+    predictions = answers[: len(examples)]
+    # Call turns: the reference turns that are calls, then the earlier calls (their own prompts).
+    called = [i for i, c in enumerate(calls) if c] + [len(examples) + j for j in range(len(earlier))]
+    wanted = [c for c in calls if c] + [c.calls for c in earlier]
+    tool = tool_scores([parsed[i] for i in called], wanted)
     metrics = {
         "perplexity": ppl,
         "scored_tokens": sum(tokens),
@@ -108,11 +125,45 @@ def evaluate_model(
         {"prompt": q[-1]["content"] or "", "reference": r, "prediction": p}
         for q, r, p in list(zip(questions, references, predictions))[:10]
     ]
+    samples += [
+        {"prompt": c.question[-1]["content"] or "", "reference": calls_text(c.calls), "prediction": p}
+        for c, p in list(zip(earlier, answers[len(examples):]))[:10]
+    ]
     per_example = per_example_scores(examples, predictions, references, nll, tokens, params)
     if called:
-        per_example["tool_ids"] = [per_example["ids"][i] for i in called]
+        per_example["tool_ids"] = [per_example["ids"][i] for i, c in enumerate(calls) if c] + [c.id for c in earlier]
         per_example.update(tool)
     return {"metrics": metrics, "samples": samples, "per_example": per_example}
+
+
+@dataclass(frozen=True)
+class EarlierCall:
+    """An assistant turn that calls a tool before an example's reference turn, scored as a call of its own.
+
+    Attributes:
+        example: index of its example.
+        question: the messages before it (with the few-shot turns, if any): the prompt.
+        calls: its reference calls, (name, decoded arguments).
+        id: a hash of the conversation up to and including the call (pairs it across models).
+    """
+
+    example: int
+    question: list[dict]
+    calls: list[tuple[str, Any]]
+    id: str
+
+
+def earlier_calls(examples: list[Example], shots: list[Example] = ()) -> list[EarlierCall]:
+    """The tool-call turns of `examples` before their reference turn (a call, its result, then an answer)."""
+    out = []
+    for i, example in enumerate(examples):
+        messages = example["messages"]
+        last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
+        for k in call_turns(messages):
+            if k < last:
+                out.append(EarlierCall(i, with_shots(messages[:k], list(shots)), reference_calls(messages[k]),
+                                       example_id({"messages": messages[: k + 1]})))
+    return out
 
 
 def example_id(example: Example) -> str:

@@ -1,8 +1,10 @@
 """Scoring tool calls: was the right function called, with the right arguments, in a valid call?
 
-For each test example whose reference turn (its last assistant turn) is a tool call, the
-model's generation is parsed with `tasks.model.responses.parse_generation` (the parser the
-service returns calls with) against the example's `tools`, and scored per example:
+For each assistant turn of a test example that calls a tool (its reference turn, the last
+assistant turn, or an earlier one, as in a call followed by its result and an answer from
+it), the model is asked the conversation before that turn; its generation is parsed with
+`tasks.model.responses.parse_generation` (the parser the service returns calls with)
+against the example's `tools`, and scored per call turn:
 
 - `tool_name_match`: 1 when the functions called are the reference's, in order;
 - `tool_arguments_match`: 1 when, besides, every call's arguments are JSON-equal to the
@@ -11,7 +13,7 @@ service returns calls with) against the example's `tools`, and scored per exampl
   function the example does not declare, or with arguments failing its schema), else 1.
 
 Their means are `tool_name_accuracy`, `tool_arguments_match` and `tool_invalid_rate`
-(1 - mean of `tool_valid_call`), over `tool_calls` examples. The gate compares the
+(1 - mean of `tool_valid_call`), over `tool_calls` call turns. The gate compares the
 per-example scores with the champion's (`tasks.evaluate.gate`).
 """
 
@@ -28,6 +30,11 @@ TOOL_SCORES = ("tool_name_match", "tool_arguments_match", "tool_valid_call")
 def reference_turn(messages: list[dict]) -> dict:
     """The example's last assistant message: the turn a model is scored on."""
     return [m for m in messages if m["role"] == "assistant"][-1]
+
+
+def call_turns(messages: list[dict]) -> list[int]:
+    """Indices of the assistant turns that call a tool: each is scored as a call, with the messages before it as the prompt."""
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("tool_calls")]
 
 
 def reference_calls(turn: dict) -> list[tuple[str, Any]] | None:

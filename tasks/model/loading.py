@@ -43,14 +43,12 @@ def resolve_base(model: ModelParams, cache_dir: Path | None = None) -> str:
     if model.base != "tiny":
         check_base(model.base)
         return model.base
-    import hashlib
-
-    from tasks.model.tiny import build_tiny
+    from tasks.model.tiny import build_tiny, tokenizer_digest
 
     cache_dir = cache_dir or tiny_cache()
-    # The template's digest is in the name: a folder cached before the template changed is not reused.
-    template = hashlib.sha256(CHATML_TEMPLATE.encode()).hexdigest()[:8]
-    name = f"tiny-s{model.seed}-h{model.tiny_hidden_size}-l{model.tiny_layers}-a{model.tiny_heads}-t{template}"
+    # The tokenizer's digest (template, corpus, vocabulary) is in the name: a folder cached
+    # before any of them changed is not reused.
+    name = f"tiny-s{model.seed}-h{model.tiny_hidden_size}-l{model.tiny_layers}-a{model.tiny_heads}-t{tokenizer_digest()}"
     out = build_tiny(
         cache_dir.resolve() / name, model.seed, model.tiny_hidden_size, model.tiny_layers, model.tiny_heads
     )

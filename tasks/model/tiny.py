@@ -62,7 +62,11 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|bos|>"]
 
 # A fixed corpus for the BPE merges: the tokenizer is the same on every machine. Its words
-# cover dates, numbers and common English so that typical chat text gets short encodings.
+# cover dates, numbers and common English so that typical chat text gets short encodings,
+# and the tool format: Qwen 2.5's tool instructions, the JSON of tool schemas and calls, and
+# the words of the built-in function-calling task (scripts/make_tools_data.py). Without
+# them a tool example, its schemas and its call are split almost into bytes, into more
+# than twice as many tokens (benchmarks/results/tools_tiny.md).
 _MONTHS = "January February March April May June July August September October November December"
 _CORPUS = [
     _MONTHS,
@@ -75,6 +79,44 @@ _CORPUS = [
     "she do how their if will up other about out many then them these so some her would make",
     "Answer the question. Classify the sentiment. Summarize the text. Translate to French.",
 ]
+# Words of the tool format and of the function-calling task. JSON writes a value without
+# the space before it (`"city": "Oslo"`), prose with one (`in Oslo`); the byte-level
+# pre-tokenizer keeps the two apart, so each word is given in both forms.
+_TOOL_WORDS = (
+    "get_weather get_time convert_currency city unit amount from to celsius fahrenheit temperature sky currency time "
+    "Oslo Paris Tokyo Lima Cairo Rome Delhi Quito Berlin Madrid Seoul Dublin Nairobi Sydney Toronto Vienna "
+    "USD EUR GBP JPY NOK sunny cloudy rainy windy degrees weather Weather Time Convert How much user assistant "
+    "type function name description parameters object properties required string integer number boolean array enum "
+    "arguments " + _MONTHS
+).split()
+_TOOL_CORPUS = [
+    ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"),
+    ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"),
+    ('<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>\n<tool_response>\n{"time": "20:03"}\n'
+    "</tool_response>"),
+    ('{"type": "function", "function": {"name": "", "description": "", "parameters": {"type": "object", "properties": '
+    '{"": {"type": "string"}, "": {"type": "integer"}}, "required": ["", ""]}}}'),
+    " ".join(_TOOL_WORDS),
+    " ".join(f'"{w}"' for w in _TOOL_WORDS),
+    " ".join(f"{i:02d}" for i in range(100)),
+    " ".join(str(i) for i in range(100)),
+    "Current weather in a city. Local time in a city. Convert an amount of money.",
+    "What is the weather in Weather in What time is it in Time in What is the time in Convert How much is It is",
+]
+VOCAB_SIZE = 1024  # the corpus yields about 970 tokens: room for all its merges
+
+
+def tokenizer_digest() -> str:
+    """A short digest of what the tiny tokenizer is built from (chat template, corpus, vocabulary size).
+
+    It names the cached folders: one built before any of these changed is not reused.
+    """
+    import hashlib
+
+    recipe = json.dumps([CHAT_TEMPLATE, _CORPUS, _TOOL_CORPUS, VOCAB_SIZE])
+    return hashlib.sha256(recipe.encode()).hexdigest()[:8]
 
 
 def train_byte_level_bpe(special_tokens: list, vocab_size: int, corpus: list[str]):
@@ -103,7 +145,7 @@ def train_byte_level_bpe(special_tokens: list, vocab_size: int, corpus: list[str
 def _build_tokenizer(vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
-    tok = train_byte_level_bpe(SPECIAL_TOKENS, vocab_size, _CORPUS)
+    tok = train_byte_level_bpe(SPECIAL_TOKENS, vocab_size, _CORPUS + _TOOL_CORPUS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|bos|>",
@@ -131,7 +173,7 @@ def build_tiny(out_dir: Path, seed: int, hidden_size: int = 128, layers: int = 2
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _build_tokenizer(vocab_size=512)
+    tokenizer = _build_tokenizer(vocab_size=VOCAB_SIZE)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

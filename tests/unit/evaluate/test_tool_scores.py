@@ -96,3 +96,32 @@ def test_without_per_example_tool_scores_the_gate_compares_aggregates():
 def test_no_tool_checks_when_the_test_split_has_no_tool_calls():
     verdict = apply_gate({"candidate": GOOD, "champion": GOOD}, GateParams())
     assert not any(c.name.startswith("no_regression_tool") for c in verdict.checks)
+
+
+def test_every_call_turn_is_scored_with_the_conversation_before_it_as_the_prompt():
+    """The function-calling task's examples end with an answer from the tool's result: their
+    call, an earlier turn, is scored as a call of its own; a reference turn that is a call too."""
+    from scripts.make_tools_data import make_tool_examples
+    from tasks.config import EvalParams, ModelParams
+    from tasks.evaluate.score import earlier_calls, evaluate_model, example_id
+    from tasks.model.loading import load_causal_lm, load_tokenizer, resolve_base
+
+    examples = make_tool_examples(3, seed=11)
+    ends_with_call = {**examples[0], "messages": examples[0]["messages"][:2]}
+    earlier = earlier_calls(examples)
+    assert [c.example for c in earlier] == [0, 1, 2]
+    assert [c.question for c in earlier] == [e["messages"][:1] for e in examples]
+    assert [c.calls for c in earlier] == [reference_calls(e["messages"][1]) for e in examples]
+    assert earlier[0].id == example_id(ends_with_call) != example_id(examples[0])
+    assert earlier_calls([ends_with_call]) == []  # its call is the reference turn, scored as before
+
+    path = resolve_base(ModelParams())
+    model, tokenizer = load_causal_lm(path).eval(), load_tokenizer(path)
+    result = evaluate_model(model, tokenizer, [*examples, ends_with_call], EvalParams(max_new_tokens=4, batch_size=4))
+    metrics, scores = result["metrics"], result["per_example"]
+    assert metrics["examples"] == 4 and len(scores["exact_match"]) == 4  # text metrics: the reference turns
+    assert metrics["tool_calls"] == 4  # the reference call, then the three earlier ones
+    assert scores["tool_ids"] == [example_id(ends_with_call), *[c.id for c in earlier]]
+    assert all(len(scores[k]) == 4 for k in ("tool_name_match", "tool_arguments_match", "tool_valid_call"))
+    references = [s["reference"] for s in result["samples"]]
+    assert references[4:] == [calls_text(c.calls) for c in earlier]
