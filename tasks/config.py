@@ -100,6 +100,12 @@ class DataParams(_Section):
         description="Share of corrected prompts held out of training as the feedback split (stable hash of the "
                     "prompt), on which the gate checks the candidate does not regress against the champion.",
     )
+    feedback_weight: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="Train copies of each example of a feedback source that sets no weight or cap of its own: the "
+                    "few corrections of a round then count against the rest of the data "
+                    "(benchmarks/bench_feedback_loop.py measures it).",
+    )
     format: Literal["auto", "openai", "alpaca", "sharegpt"] = Field(
         "auto", description="auto | openai | alpaca | sharegpt; auto detects it from the first example."
     )
@@ -139,8 +145,10 @@ class DataParams(_Section):
         return self
 
     def source_list(self) -> list[SourceParams]:
-        """The sources of the run: `sources`, or `path` as the one source."""
-        return list(self.sources) or [SourceParams(path=self.path, md5=self.md5)]
+        """The sources of the run: `sources`, or `path` as the one source; a feedback source weighs `feedback_weight`."""
+        return [s.model_copy(update={"weight": self.feedback_weight})
+                if s.feedback and s.weight is None and s.cap is None and self.feedback_weight != 1 else s
+                for s in self.sources] or [SourceParams(path=self.path, md5=self.md5)]
 
 
 class ModelParams(_Section):
@@ -181,6 +189,26 @@ class TrainParams(_Section):
     max_steps: int = Field(
         300, ge=1, le=10_000_000, description="Optimizer steps (about 50 s for the tiny model on 2 CPU cores)."
     )
+    epochs: float | None = Field(
+        None, gt=0.0, le=100_000.0,
+        description="Passes over the train split; set, the steps are scaled to the data (epochs x optimizer steps per "
+                    "pass) and replace max_steps; none: max_steps, whatever the data.",
+    )
+    init_from: Literal["base", "champion"] = Field(
+        "base",
+        description="base: train a fresh adapter on all the data; champion: continue the champion's adapter on the "
+                    "feedback sources plus a replay sample of the others (train.replay_fraction); from the base while "
+                    "there is no champion.",
+    )
+    replay_fraction: float = Field(
+        0.25, ge=0.0, le=1.0,
+        description="With train.init_from champion: the share of the non-feedback sources' train examples trained on "
+                    "again (a stable sample), so the model keeps what it knew.",
+    )
+    init_path: str | None = Field(
+        None, description="Filled in by the run with train.init_from champion: the champion's model folder.",
+    )
+    init_md5: str | None = Field(None, description="Filled in by the resolve stage: the md5 of init_path's adapter.")
     batch_size: int = Field(
         8, ge=1, le=4096, description="Sequences per micro-batch (packed sequences when packing is on)."
     )
@@ -578,6 +606,8 @@ def write_resolved(params: Params, out: Path) -> Path:
     # A template file is read by prepare and finetune, whose DVC deps name the `model` section.
     preference = Path(params.preference.path)
     doc["preference"]["md5"] = file_md5(preference) if preference.is_file() else None
+    init = Path(params.train.init_path or "") / "adapter" / "adapter_model.safetensors"
+    doc["train"]["init_md5"] = file_md5(init) if params.train.init_path and init.is_file() else None
     template = Path(params.model.chat_template)
     doc["model"]["chat_template_md5"] = file_md5(template) if template.suffix == ".jinja" and template.is_file() else None
     return write_atomic(out, yaml.safe_dump(doc, sort_keys=False))
@@ -594,7 +624,8 @@ PARAMS_HEADER = """\
 # comments): change a default or a description there, then `ftllm params --write params.yaml`.
 """
 # Keys the resolve stage fills in for a run; not settings a user writes.
-RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5"), ("preference", "md5")}
+RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5"), ("preference", "md5"), ("train", "init_path"),
+                 ("train", "init_md5")}
 COMMENT_COLUMN = 31  # where comments start, so that the values line up
 LINE_WIDTH = 118
 

@@ -300,3 +300,13 @@ def download_version(model_name: str, version: str, dst: Path) -> Path:
     if not matches:
         raise RegistryRefusal(f"version {version} of {model_name!r} holds no model folder")
     return matches[0].parent
+
+
+def champion_folder(root: Path, model_name: str, version: str) -> str:
+    """A version's model folder downloaded under `root/artifacts/champion/`, as a path relative to `root`.
+
+    What a warm start (`train.init_from: champion`) names in `train.init_path`: the DVC stages
+    run in `root`, and a relative path keeps the resolved settings the same on another checkout.
+    """
+    folder = download_version(model_name, version, Path(root) / "artifacts/champion" / f"v{version}")
+    return folder.resolve().relative_to(Path(root).resolve()).as_posix()

@@ -47,6 +47,7 @@ from tasks.train.loop import (
     train_loop,
 )
 from tasks.train.packing import padding_fraction, prepare_batches
+from tasks.train.warm_start import load_init_adapter, scaled_steps
 
 
 def seed_everything(seed: int) -> None:
@@ -368,9 +369,12 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
         batches = prepare_batches(tokenizer, read_jsonl(train_file), train, policy)
         if not batches:
             raise ConfigError(f"{train_file}: the train split is empty; add data or lower data.test_fraction")
+        train = train.model_copy(update={"max_steps": scaled_steps(train, len(batches), dist.world)})
         val_path = data_dir / "val.jsonl"
         val_batches = prepare_batches(tokenizer, read_jsonl(val_path), train, policy) if val_path.exists() else []
         model = build_model(base_path, train, device, dtype, tokenizer, new_ids)
+        if train.init_path:
+            say(f"warm start: {load_init_adapter(model, Path(train.init_path))} adapter tensors of {train.init_path}")
         if dist.sharded:
             shard_model(model)
         # Dropout differs per rank; the weights are the same (seeded alike, and DDP broadcasts them too).
