@@ -3,7 +3,7 @@
 On its schedule (`monitor.cron`), the flow reads the service's feedback log
 (`feedback.db`, see tasks/feedback/) and the prompts it served, measures
 
-- new ratings and new corrections since the last recommended retraining,
+- new ratings and new corrections since the last retraining that read them,
 - the mean of the latest `monitor.window` new ratings,
 - drift of the latest prompts against the train split (prompt length, unknown-token rate),
 
@@ -15,12 +15,14 @@ reaction is Prefect's: `retrain_trigger` is a deployment trigger on the `retrain
 deployment that matches that label, registered by `ftllm deploy` (flows/deploy.py), so
 the automation runs on the Prefect server and no loop of ours waits for anything.
 
-What is "new" is kept in a Prefect variable (`ftllm-monitor-<model name>`: the highest
-feedback id already acted on), not in a file: it belongs to the orchestration, so any
-worker that runs the monitor sees the same value, and an operator can read or reset it in
-the UI (`prefect variable set ftllm-monitor-ftllm-chat '{"feedback_id": 0}' --overwrite`).
-It moves only when a retraining is recommended, so corrections add up across runs until
-there are enough.
+What is "new" is what comes after the cursor (`tasks/monitor/cursor.py`): the highest
+feedback id a retraining run has read into its data. The monitor only reads it; the run
+that trains on the feedback moves it, so corrections add up across checks until a run has
+read them, a run that never read them (no feedback source, or a failure before its stages
+trained) leaves them counted as new, and a rejected run's feedback does not start the same
+retraining again. Settings under which a run would not read the feedback
+(`data.feedback: false` and no `{feedback: true}` source) make the monitor recommend no
+retraining, and its verdict says why.
 
 Run it once against the embedded defaults:
 
@@ -30,7 +32,6 @@ Run it once against the embedded defaults:
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tasks.config import MonitorParams, Params, load_params
 from tasks.environment import apply_defaults
 from tasks.feedback import default_db_path
+from tasks.monitor.cursor import cursor_variable, read_cursor
 from tasks.monitor.signals import (
     Drift,
     FeedbackFigures,
@@ -56,11 +58,6 @@ RECOMMENDED_LABEL = "ftllm.retrain-recommended"
 def model_resource(model_name: str) -> str:
     """The id of the resource the monitor's events are about."""
     return f"ftllm.model.{model_name}"
-
-
-def cursor_variable(model_name: str) -> str:
-    """The Prefect variable holding the highest feedback id acted on (names: lowercase, digits, - and _)."""
-    return "ftllm-monitor-" + re.sub(r"[^a-z0-9_-]", "-", model_name.lower())
 
 
 def retrain_trigger(model_name: str, monitor: MonitorParams):
@@ -80,19 +77,9 @@ def retrain_trigger(model_name: str, monitor: MonitorParams):
 
 
 @task(name="read-monitor-cursor")
-def read_cursor(name: str) -> int:
-    """The highest feedback id already acted on (0 before the first recommendation)."""
-    from prefect.variables import Variable
-
-    value = Variable.get(name, default={"feedback_id": 0})
-    return int(value.get("feedback_id", 0)) if isinstance(value, dict) else 0
-
-
-@task(name="save-monitor-cursor")
-def save_cursor(name: str, feedback_id: int) -> None:
-    from prefect.variables import Variable
-
-    Variable.set(name, {"feedback_id": feedback_id}, overwrite=True)
+def read_monitor_cursor(model_name: str) -> int:
+    """The highest feedback id a retraining run has read (0 before the first)."""
+    return read_cursor(model_name)
 
 
 @task(name="read-feedback")
@@ -119,11 +106,12 @@ def drift_of_prompts(root: Path, params: Params, db: Path) -> Drift | None:
     return measure_drift(tokenizer, train, recent_prompts(db, params.monitor.window))
 
 
-def _publish(model_name: str, figures: FeedbackFigures, drift: Drift | None, reasons: list[str], alerts: list[str]) -> None:
+def _publish(model_name: str, figures: FeedbackFigures, drift: Drift | None, recommended: bool, reasons: list[str],
+             alerts: list[str]) -> None:
     rows = [{"figure": k, "value": v} for k, v in asdict(figures).items()]
     rows += [{"figure": f"drift.{k}", "value": v} for k, v in (asdict(drift) if drift else {}).items()]
     create_table_artifact(rows, key="monitor-figures", description=f"Production feedback of {model_name}")
-    verdict = "retraining recommended" if reasons else "no retraining needed"
+    verdict = "retraining recommended" if recommended else "no retraining recommended"
     lines = [f"## {model_name}: {verdict}", ""]
     lines += [f"- {r}" for r in reasons] or ["- below every monitor.* threshold"]
     if alerts:
@@ -144,15 +132,14 @@ def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) ->
     logger = get_run_logger()
     root = Path(params_file).resolve().parent
     apply_defaults(root)
-    params = load_params(params_file, sections=("model", "registry", "monitor"))
+    params = load_params(params_file, sections=("data", "model", "registry", "monitor"))
     model_name = params.registry.model_name
     db = Path(feedback_db) if feedback_db else default_db_path(root)
-    cursor = cursor_variable(model_name)
 
-    since = read_cursor(cursor)
+    since = read_monitor_cursor(model_name)
     figures = collect_feedback(db, since, params.monitor.window, params.monitor.low_rating)
     drift = drift_of_prompts(root, params, db)
-    recommended, reasons, alerts = recommend_retrain(figures, drift, params.monitor)
+    recommended, reasons, alerts = recommend_retrain(figures, drift, params.monitor, params.data.reads_feedback())
     payload = {
         "feedback": asdict(figures), "drift": asdict(drift) if drift else None,
         "retrain_recommended": recommended, "reasons": reasons, "drift_alerts": alerts,
@@ -165,14 +152,13 @@ def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) ->
                   RECOMMENDED_LABEL: str(recommended).lower()},
         payload=payload,
     )
-    _publish(model_name, figures, drift, reasons, alerts)
+    _publish(model_name, figures, drift, recommended, reasons, alerts)
     if recommended:
-        # Acted on: the next recommendation needs feedback that comes after this one.
-        save_cursor(cursor, figures.last_id)
         logger.info(f"retraining recommended for {model_name}: {'; '.join(reasons)}")
     else:
-        logger.info(f"no retraining needed for {model_name}: {figures.new_ratings} new ratings, "
-                    f"{figures.new_corrections} new corrections")
+        logger.info(f"no retraining recommended for {model_name}: {'; '.join(reasons) or 'below every threshold'} "
+                    f"({figures.new_ratings} new ratings, {figures.new_corrections} new corrections; "
+                    f"cursor {cursor_variable(model_name)} at feedback id {since})")
     return {**payload, "model_name": model_name, "event_id": str(event.id) if event else None}
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, Failed, State
 
+from flows.publish import _publish, _publish_validation
 from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
@@ -40,20 +41,21 @@ from tasks.config import (
     SourceParams,
     TrainParams,
     WorkersParams,
+    as_overrides,
     load_params,
 )
 from tasks.data.sources import accept_report, source_label
 from tasks.data.validate import TrainingBudget, validate_dataset
 from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
-from tasks.evaluate.gate import apply_gate, gate_table
+from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.preference import candidate_dir, score_preference_dir
 from tasks.evaluate.score import evaluate_model_dir, load_split
 from tasks.feedback import snapshot_feedback
 from tasks.feedback.preference import snapshot_preference
 from tasks.files import file_md5
 from tasks.model.loading import check_fit
-from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
+from tasks.monitor.cursor import advance_cursor
 from tasks.pipeline.dvc import (
     git_commit,
     lock_digest,
@@ -75,7 +77,6 @@ from tasks.pipeline.result import (
     summarise_sources,
 )
 from tasks.registry.tracking import (
-    artifact_link,
     end_tracking_run,
     flow_run_origin,
     link_tags,
@@ -84,7 +85,6 @@ from tasks.registry.tracking import (
     log_results,
     run_link,
     start_tracking_run,
-    version_link,
 )
 from tasks.registry.versions import (
     champion_folder,
@@ -122,10 +122,41 @@ def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | 
 
 
 @task(name="export-feedback")
-def export_feedback_snapshot(root: Path, source: SourceParams, out: Path) -> dict:
+def export_feedback_snapshot(root: Path, source: SourceParams, out: Path, write_empty: bool = True) -> dict:
     """The service's feedback, exported to the file a `feedback: true` source reads, and versioned by DVC."""
     logger = get_run_logger()
-    return snapshot_feedback(root, source.min_rating, out, log=logger.info, warn=logger.warning).to_dict()
+    return snapshot_feedback(root, source.min_rating, out, log=logger.info, warn=logger.warning,
+                             write_empty=write_empty).to_dict()
+
+
+@task(name="advance-monitor-cursor", retries=2, retry_delay_seconds=3)
+def advance_monitor_cursor(model_name: str, feedback_id: int) -> int:
+    """The monitor's cursor moves past the feedback this run trained on (tasks/monitor/cursor.py)."""
+    position = advance_cursor(model_name, feedback_id)
+    get_run_logger().info(f"monitor cursor of {model_name} at feedback id {position}: this run read up to {feedback_id}")
+    return position
+
+
+def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: dict) -> tuple[Params, dict, dict[int, dict]]:
+    """Export the service's feedback and make it a source of the run when it holds any (`data.feedback`).
+
+    The source goes into the run's overrides, so the stages, the resolved settings and the
+    MLflow params all see it. With no feedback to export nothing is written: the data stays
+    exactly what it was. A feedback source listed in `data.sources` is exported with the others.
+
+    Returns:
+        The run's settings and overrides, and the exports by source index (an empty export
+        under -1: it read the log, but adds no source).
+    """
+    if not params.data.feedback or any(s.feedback for s in params.data.sources):
+        return params, overrides, {}
+    source = SourceParams(feedback=True)
+    snapshot = export_feedback_snapshot(root, source, root / source.file, write_empty=False)
+    if not snapshot["examples"]:
+        return params, overrides, {-1: snapshot}
+    overrides = {**overrides, "data.sources": params.data.sources_with_feedback()}
+    params = load_params(params_file, overrides)
+    return params, overrides, {len(params.data.sources) - 1: snapshot}
 
 
 @task(name="export-preference")
@@ -226,52 +257,6 @@ def package(root: Path, model_name: str, version: str, build: bool) -> dict:
     return {"model": model_tag, "bento": build_bento(model_tag, version, root) if build else None}
 
 
-DATA_REPORT = "reports/validation.html"
-
-
-def _publish_validation(data_path: Path, report: dict, reports: tuple[Path, Path], run_id: str | None) -> None:
-    """The validation artifact: the verdict and counts, linking to the offline data report."""
-    html = f"[{DATA_REPORT}]({artifact_link(run_id, DATA_REPORT)}) (MLflow run)" if run_id else f"`{reports[1]}`"
-    create_markdown_artifact(
-        f"## Validation of `{data_path}`: {'valid' if report['valid'] else 'INVALID'}\n\n"
-        f"examples: {report['examples']}, errors: {report['errors']}, warnings: {report['warnings']}\n\n"
-        f"Data report (offline HTML): {html}; on disk: `{reports[1]}`\n\n"
-        f"Data Docs (Great Expectations, need network): {report.get('data_docs')}",
-        key="retrain-validation",
-    )
-
-
-def _metrics_table(metrics: dict[str, dict]) -> list[dict]:
-    keys = ["exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms", "tokens_per_second"]
-    return [{"model": role, **{k: round(m[k], 4) for k in keys if k in m}} for role, m in metrics.items()]
-
-
-def _publish(root: Path, verdict: dict, metrics: dict, result: RunResult, samples: dict, report: dict,
-             lineage: dict) -> None:
-    """Prefect artifacts of a gated run, linking to the MLflow run, the model version and the run dashboard."""
-    run_id, name, version = result.mlflow_run_id, result.model_name, result.version
-    create_table_artifact(_metrics_table(metrics), key="retrain-metrics", description="Candidate vs baselines vs champion")
-    rows = [{"model": role, **sample} for role, items in samples.items() for sample in items[:5]]
-    create_table_artifact(rows, key="retrain-predictions", description="Predictions next to references (test split)")
-    links = {"MLflow run": run_link(run_id), "model version": version_link(name, version),
-             "Prefect flow run": lineage.get("prefect.flow_run_url"), "data report": artifact_link(run_id, DATA_REPORT)}
-    view = RunView(name, version, result.status, result.champion_version, metrics, verdict,
-                   validation=report, lineage={k: v for k, v in lineage.items() if not k.startswith("prefect.")},
-                   links=links, **load_run_files(root))
-    log_files(run_id, [write_dashboard(view, root / "artifacts/reports/dashboard.html")], "reports")
-    dashboard = artifact_link(run_id, "reports/dashboard.html")
-    create_link_artifact(dashboard, link_text=f"{name} v{version}: run dashboard", key="retrain-dashboard",
-                         description="Metrics, gate, loss curve, data and lineage on one offline page (MLflow artifact)")
-    lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", *gate_table(verdict["checks"])]
-    lines += [f"- {note}" for note in verdict.get("notes", [])]
-    lines += [
-        "", f"model version [{version}]({links['model version']}), champion {result.champion_version}",
-        "", f"MLflow run: [{run_id}]({links['MLflow run']}) · [run dashboard]({dashboard}) · [data report]({links['data report']})",
-        "", f"Data Docs (Great Expectations, need network): {result.validation.data_docs if result.validation else None}",
-    ]
-    create_markdown_artifact("\n".join(lines), key="retrain-gate", description="Gate verdict")
-
-
 # Prefect shows a flow run's state name in its run list and can filter on it. A rejected
 # candidate ends *Completed* named "Rejected", not Failed: the pipeline did its job (the gate
 # is working as intended), so flow retries, failure automations and "failed runs" counts stay
@@ -351,10 +336,10 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: R
     # From validation to promotion this run owns the workspace: what it registers and packages
     # must be what its own stages wrote. A second run waits here (or gives up after an hour).
     with workspace_lock(root, log=logger.info):
-        _retrain_in_workspace(root, params, overrides, result)
+        _retrain_in_workspace(root, params_file, params, overrides, result)
 
 
-def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: RunResult) -> None:
+def _retrain_in_workspace(root: Path, params_file: str, params: Params, overrides: dict, result: RunResult) -> None:
     logger = get_run_logger()
     durations = result.durations
     data_path = Path(params.data.path) if Path(params.data.path).is_absolute() else root / params.data.path
@@ -363,10 +348,14 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
     result.data = DataSummary(path=str(data_path))
 
     check_fit(params)  # the base model loads and fits the settings: before any work
+    t = time.perf_counter()
+    params, overrides, exported = _take_in_feedback(root, params_file, params, overrides)
     sources = params.data.source_list()
     paths = [Path(s.file) if Path(s.file).is_absolute() else root / s.file for s in sources]
-    t = time.perf_counter()
-    exported = {i: export_feedback_snapshot(root, s, paths[i]) for i, s in enumerate(sources) if s.feedback}
+    exported.update({i: export_feedback_snapshot(root, s, paths[i])
+                     for i, s in enumerate(sources) if s.feedback and i not in exported})
+    feedback_read = max((e["last_feedback_id"] for e in exported.values()), default=None)
+    result.data.feedback_id = feedback_read
     preference = export_preference_snapshot(root, params.preference) if exported else None
     # An empty feedback export (nothing rated or corrected yet) is no data error: it adds nothing.
     source_reports = [
@@ -378,6 +367,7 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
     described = [{"path": str(path), "md5": file_md5(path), "feedback": s.feedback, "invalid_rows": s.invalid_rows}
                  for s, path in zip(sources, paths)]
     result.data = summarise_sources(str(data_path), described, source_reports)
+    result.data.feedback_id = feedback_read
     reports: list[Path] = []
     for i, (source, path, report) in enumerate(zip(sources, paths, source_reports)):
         if report is None:
@@ -395,6 +385,8 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
 
     lineage = {"data_md5": result.data.md5, "git_commit": git_commit(root), "params_digest": params.digest(),
                "data_sources": json.dumps([{"path": s.path, "md5": s.md5} for s in result.data.sources])}
+    if feedback_read is not None:
+        lineage["feedback_id"] = str(feedback_read)  # the monitor's cursor moves to it once the stages trained
     origin = flow_run_origin()
     inputs = [(Path(s.path), s.md5, "feedback" if s.feedback else "training") for s in result.data.sources]
     inputs += [(Path(preference["path"]), preference["md5"], "preference")] if preference and preference["examples"] else []
@@ -405,16 +397,22 @@ def _retrain_in_workspace(root: Path, params: Params, overrides: dict, result: R
     log_files(run_id, reports[:2], "reports")
     for i in range(1, len(sources)):
         log_files(run_id, [r for r in reports[2:] if f"sources/{i}/" in r.as_posix()], f"reports/source-{i}")
-    log_files(run_id, [paths[i] for i in exported] + ([Path(preference["path"])] if preference else []), "data")  # as exported
+    # the feedback (and preferences) the run trained on, as exported
+    log_files(run_id, [paths[i] for i in exported if i >= 0]
+              + ([Path(preference["path"])] if preference and preference["md5"] else []), "data")
     _publish_validation(data_path, report, tuple(reports[:2]) or (None, None), run_id)
     lineage.update(link_tags(origin, run_id))  # the model version links back to both runs
     try:
         t = time.perf_counter()
-        stages = run_dvc_stages(root, overrides, run_id, params.workers)
+        # The stages get every setting of the run, not only the overrides: their `resolve`
+        # reads params.yaml, and this run's settings may come from another file (--params).
+        stages = run_dvc_stages(root, as_overrides(params), run_id, params.workers)
         if "error" in stages:
             raise StageError(stages["error"])
         durations["stages"] = round(time.perf_counter() - t, 2)
         result.stages = StagesSummary.model_validate(stages)
+        if feedback_read is not None:  # trained on it: whatever the gate says, this feedback was read
+            advance_monitor_cursor(params.registry.model_name, feedback_read)
         t = time.perf_counter()
         result.dvc_push = push_dvc_outputs(root)
         durations["dvc_push"] = round(time.perf_counter() - t, 2)

@@ -95,6 +95,13 @@ class DataParams(_Section):
                     "the answers of the same prompt), each {path, format, weight or cap, invalid_rows, "
                     "max_invalid_share} or {feedback: true}; empty: data.path alone.",
     )
+    feedback: bool = Field(
+        True,
+        description="The service's rated and corrected answers join every run: exported before the stages and, when "
+                    "the export holds any, added to the run's data.sources as {feedback: true} (recorded in its "
+                    "settings). No feedback logged: the data is unchanged. A feedback source listed in data.sources "
+                    "takes its place. false: runs never read feedback, and the monitor recommends no retraining.",
+    )
     feedback_fraction: float = Field(
         0.5, ge=0.0, le=1.0,
         description="Share of corrected prompts held out of training as the feedback split (stable hash of the "
@@ -149,6 +156,15 @@ class DataParams(_Section):
         return [s.model_copy(update={"weight": self.feedback_weight})
                 if s.feedback and s.weight is None and s.cap is None and self.feedback_weight != 1 else s
                 for s in self.sources] or [SourceParams(path=self.path, md5=self.md5)]
+
+    def reads_feedback(self) -> bool:
+        """Whether a run with these settings reads the service's feedback (a feedback source, or `feedback`)."""
+        return self.feedback or any(s.feedback for s in self.sources)
+
+    def sources_with_feedback(self) -> list[dict[str, Any]]:
+        """`data.sources` as written, plus a feedback source: the override that adds the feedback to a run."""
+        listed = [s.model_dump(mode="json", exclude_defaults=True, exclude={"md5"}) for s in self.source_list()]
+        return [*listed, {"feedback": True}]
 
 
 class ModelParams(_Section):
@@ -574,6 +590,19 @@ def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | No
         return Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err, str(path))) from None
+
+
+def as_overrides(params: Params) -> dict[str, Any]:
+    """Every setting of `params` as dotted-key overrides (the resolved-only keys left out).
+
+    Applied on top of any settings file they give back `params`: what a run hands its DVC
+    stages (FTLLM_OVERRIDES), so that the `resolve` stage, which reads params.yaml, writes
+    the settings the run was started with, whether they came from params.yaml, from
+    `--params FILE`, from `--set`, from the UI's form or from a deployment's parameters.
+    """
+    doc = params.model_dump(mode="json")
+    return {f"{section}.{key}": value for section, fields in doc.items() for key, value in fields.items()
+            if (section, key) not in RESOLVED_ONLY}
 
 
 def overrides_from_env() -> dict[str, Any]:

@@ -56,12 +56,15 @@ def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]]
     return examples
 
 
-def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool = False) -> FeedbackExport:
+def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool = False,
+                    write_empty: bool = True) -> FeedbackExport:
     """Write accepted answers and corrections as canonical JSONL to `out` (atomically).
 
     Args:
-        missing_ok: an absent database exports nothing (an empty file) instead of raising:
-            a retraining before the service has logged anything.
+        missing_ok: an absent database exports nothing instead of raising: a retraining
+            before the service has logged anything.
+        write_empty: write `out` even when there is nothing to export (an empty file);
+            false leaves `out` as it was.
 
     Raises:
         FileNotFoundError: there is no feedback database at `db_path` (and not `missing_ok`).
@@ -79,5 +82,6 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
         with FeedbackReader(db_path) as reader:
             rated, last = reader.latest_ratings()
     examples = training_examples(rated, min_rating)
-    write_atomic(Path(out), "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+    if examples or write_empty:
+        write_atomic(Path(out), "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
     return FeedbackExport(db=db_path, path=Path(out), examples=len(examples), last_feedback_id=last)

@@ -46,13 +46,18 @@ class Rated:
 def snapshot_preference(root: Path, prefs: PreferenceParams, log=print) -> dict[str, Any]:
     """Export the service's log (`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`) to `preference.path` and version it.
 
-    Written on every run with a feedback source; empty while nothing is rated, and then the
-    `preference` stage has nothing to do.
+    Written on every run that read feedback, once the log holds a preference example (after
+    that, empty while nothing is rated: the `preference` stage then has nothing to do).
     """
     from tasks.pipeline.dvc import track_data
 
     out = Path(prefs.path) if Path(prefs.path).is_absolute() else root / prefs.path
-    summary = export_preference(default_db_path(root), out, prefs)
+    db = default_db_path(root)
+    if not out.exists() and not (db.is_file() and preference_examples(read_rated(db), prefs)[0]):
+        # Nothing rated yet and nothing exported before: the data folder (and data.dvc) stays as it was.
+        log(f"no preference examples in {db}: nothing exported")
+        return {"path": str(out), "examples": 0, "md5": None, "tracked_by": None}
+    summary = export_preference(db, out, prefs)
     tracked = track_data(root, out, log=log)
     log(f"exported {summary['examples']} preference examples to {out}: {summary}")
     return {**summary, "md5": file_md5(out), "tracked_by": tracked}

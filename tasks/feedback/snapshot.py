@@ -28,18 +28,22 @@ class FeedbackSnapshot:
 
 
 def snapshot_feedback(root: Path, min_rating: int, out: Path, log: Callable[[str], None] = print,
-                      warn: Callable[[str], None] = print) -> FeedbackSnapshot:
+                      warn: Callable[[str], None] = print, write_empty: bool = True) -> FeedbackSnapshot:
     """Export the service's feedback (`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`) to `out` and version it.
 
     No database yet (nothing served) is no error: the export is empty and adds nothing.
+
+    Args:
+        write_empty: false: with nothing to export, write and version nothing (the data
+            folder and its .dvc file stay as they were).
     """
     from tasks.pipeline.dvc import track_data
 
     db = default_db_path(root)
     if not db.is_file():
         warn(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml): no feedback")
-    export = export_feedback(db, out, min_rating, missing_ok=True)
-    tracked = track_data(root, out, log=log)
+    export = export_feedback(db, out, min_rating, missing_ok=True, write_empty=write_empty)
+    tracked = track_data(root, out, log=log) if export.examples or write_empty else None
     log(f"exported {export.examples} feedback examples (feedback ids up to {export.last_feedback_id}) from {db} "
         f"to {out}" + (f" (versioned in {tracked})" if tracked else ""))
     return FeedbackSnapshot(export, tracked)

@@ -115,12 +115,23 @@ def measure_drift(tokenizer, train_split: Path, prompts: list[str]) -> Drift:
     )
 
 
-def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: MonitorParams) -> tuple[bool, list[str], list[str]]:
+NOT_READ = ("not recommended: a retraining would not read this feedback (data.feedback is false and data.sources "
+            "has no {feedback: true} source); set data.feedback: true in params.yaml")
+
+
+def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: MonitorParams,
+                      reads_feedback: bool = True) -> tuple[bool, list[str], list[str]]:
     """Whether production feedback makes a retraining worth it.
 
+    Args:
+        reads_feedback: whether a retraining run would read the feedback (`DataParams.reads_feedback`).
+            When not, the thresholds are still reported but nothing is recommended: such a run
+            would train on the same data and the feedback would stay unanswered.
+
     Returns:
-        (recommended, the reasons for it, drift alerts). Drift is reported, not a reason on
-        its own: retraining on the same data does not answer prompts the data lacks.
+        (recommended, the reasons (with `NOT_READ` last when it was withheld), drift alerts).
+        Drift is reported, not a reason on its own: retraining on the same data does not
+        answer prompts the data lacks.
     """
     reasons = []
     if figures.new_corrections >= monitor.min_new_corrections:
@@ -139,4 +150,6 @@ def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: Mo
     if drift is not None and drift.unknown_token_rate is not None and drift.unknown_token_rate > monitor.max_unknown_token_rate:
         alerts.append(f"{drift.unknown_token_rate:.1%} of prompt tokens never seen in training "
                       f"(monitor.max_unknown_token_rate {monitor.max_unknown_token_rate})")
+    if reasons and not reads_feedback:
+        return False, [*reasons, NOT_READ], alerts
     return bool(reasons), reasons, alerts

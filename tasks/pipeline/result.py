@@ -97,6 +97,9 @@ class DataSummary(_Part):
     examples: int | None = Field(None, description="Examples in the file (in all sources), once validated.")
     sources: list[SourceSummary] = Field(default_factory=list, description="Every source with its md5 and counts.")
     splits: dict[str, int] = Field(default_factory=dict, description="Examples per split (train, val, test, feedback).")
+    feedback_id: int | None = Field(
+        None, description="The highest feedback id of the service's log that the run's export read (None: the run "
+                          "reads no feedback); the monitor's cursor moves to it once the run's stages trained.")
 
 
 class ErrorRow(BaseModel):

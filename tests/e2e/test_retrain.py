@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST
+from tests.servers import BIN, server  # noqa: F401  (the module-scoped Prefect server)
 
 pytestmark = pytest.mark.slow
 
@@ -156,9 +157,53 @@ def test_training_routed_to_a_missing_deployment_fails_clearly(first_run, projec
     assert any((tmp_path / "store").rglob("*")), "the prepared data was pushed for the worker to pull"
 
 
-def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, project, tmp_path, monkeypatch):
-    """Corrections posted over HTTP to `ftllm serve` reach the next run's train and feedback splits, no manual step."""
-    import os
+def test_a_run_trains_on_the_settings_file_it_was_given(project, prefect_harness):
+    """`--params FILE` reaches every DVC stage: a setting and a data source set only in FILE are what the
+    model was trained on, what the resolved settings say, what MLflow records and what the version's lineage says."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+    from tasks.config import load_params
+    from tasks.files import file_md5
+
+    extra = project / "data-extra.jsonl"  # a second source, named only in FILE
+    months = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+              "November", "December"]
+    extra.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Spell out the date 2199-{m + 1:02d}-{d:02d}"},
+        {"role": "assistant", "content": f"{months[m]} {d}, 2199"}]}) + "\n" for m in range(12) for d in (3, 17, 26)))
+    settings = yaml.safe_load((project / "params.yaml").read_text())
+    settings["train"]["max_steps"], settings["train"]["seed"] = 7, 3  # params.yaml says 300 and 42
+    settings["data"]["sources"] = [{"path": "data/dates.jsonl"}, {"path": extra.name}]
+    settings["gate"]["max_p95_latency_ms"] = FAST["gate.max_p95_latency_ms"]
+    other = project / "other-params.yaml"
+    other.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+    state = retrain(params_file=str(other), overrides={"eval.max_examples": 12}, return_state=True)
+    result = state.result(raise_on_failure=False)
+    assert result.status in ("promoted", "rejected") and result.changed, result
+    model = project / "artifacts/model"
+    assert json.loads((model / "train_summary.json").read_text())["steps"] == 7
+    resolved = yaml.safe_load((project / "artifacts/params.yaml").read_text())
+    assert (resolved["train"]["max_steps"], resolved["train"]["seed"]) == (7, 3)
+    assert [s["path"] for s in resolved["data"]["sources"]] == ["data/dates.jsonl", extra.name]
+    assert resolved["data"]["sources"][1]["md5"] == file_md5(extra)
+    stats = json.loads((project / "artifacts/prepared/stats.json").read_text())
+    assert [s["path"] for s in stats["sources"]][1].endswith(extra.name) and stats["sources"][1]["kept"] > 0
+    run = MlflowClient().get_run(result.mlflow_run_id)
+    assert (run.data.params["train.max_steps"], run.data.params["train.seed"]) == ("7", "3")
+    assert file_md5(extra) in run.data.tags["data_sources"]
+    version = MlflowClient().get_model_version("ftllm-chat", result.version)
+    assert version.tags["params_digest"] == load_params(other, {"eval.max_examples": 12}).digest()
+    assert version.tags["data_sources"] == run.data.tags["data_sources"]
+
+
+def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor_starts(
+        first_run, project, server, tmp_path):  # noqa: F811
+    """The loop with the shipped settings on a real Prefect server: corrections posted over HTTP to
+    `ftllm serve`, the monitor's event, the deployment trigger's retrain on a worker, the corrections
+    in its splits, and the monitor's cursor moved by that run, not by the recommendation."""
     import subprocess
     import sys
 
@@ -171,8 +216,8 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
     from tasks.files import file_md5
     from tests.conftest import free_port, wait_until_up
 
-    db = tmp_path / "feedback.db"
-    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))  # the service writes it, the run reads it
+    db = tmp_path / "feedback.db"  # the service writes it, the monitor and the run read it
+    env = {**server, "FTLLM_FEEDBACK_DB": str(db)}
     rows = [json.loads(line) for line in (project / "data/dates.jsonl").read_text().splitlines()]
 
     def split(row: dict, corrected: bool) -> str:  # the default fractions: val 0.1, test 0.1, feedback 0.5
@@ -180,56 +225,132 @@ def test_feedback_posted_to_the_service_is_in_the_next_runs_splits(first_run, pr
 
     held = next(r for r in rows if split(r, False) == "train" and split(r, True) == "feedback")
     trained = next(r for r in rows if split(r, True) == "train")
+    others = [r for r in rows if r is not held and r is not trained][:48]  # 50 corrections: monitor.min_new_corrections
+    fixes = [(held, "Held-out correction."), (trained, "Trained correction."),
+             *[(r, r["messages"][-1]["content"]) for r in others]]
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     # The first run's bento, by tag: the session's BentoML store also holds other modules' bentos.
     # Without a settings file or model tag from the caller's environment: this service serves
     # this project's champion.
-    env = {k: v for k, v in os.environ.items() if k not in ("FTLLM_PARAMS", "FTLLM_BENTO_MODEL")}
-    env["FTLLM_ROOT"] = str(project)
-    server = subprocess.Popen([sys.executable, "-m", "ftllm.cli", "serve", "--port", str(port),
-                               "--bento", first_run[1].bento], cwd=project,
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    serve_env = {k: v for k, v in env.items() if k not in ("FTLLM_PARAMS", "FTLLM_BENTO_MODEL", "PREFECT_API_URL")}
+    service = subprocess.Popen([sys.executable, "-m", "ftllm.cli", "serve", "--port", str(port),
+                                "--bento", first_run[1].bento], cwd=project,
+                               env=serve_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(f"{url}/readyz", server, 180, tmp_path / "serve.log")
-        for row, fix in ((held, "Held-out correction."), (trained, "Trained correction.")):
-            answer = httpx.post(f"{url}/v1/chat/completions", json={"messages": row["messages"][:-1], "max_tokens": 8,
-                                                                     "temperature": 0}, timeout=60).json()
-            stored = httpx.post(f"{url}/feedback", json={"id": answer["id"], "rating": 1, "correction": fix}, timeout=30)
-            assert stored.status_code == 200, stored.text
+        wait_until_up(f"{url}/readyz", service, 180, tmp_path / "serve.log")
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for row, fix in fixes:
+                answer = http.post("/v1/chat/completions", json={"messages": row["messages"][:-1], "max_tokens": 4,
+                                                                 "temperature": 0}).json()
+                stored = http.post("/feedback", json={"id": answer["id"], "rating": 1, "correction": fix})
+                assert stored.status_code == 200, stored.text
     finally:
         import psutil
 
-        children = psutil.Process(server.pid).children(recursive=True)
-        server.terminate()  # as a supervisor stops it: `ftllm serve` passes SIGTERM on to the server
-        server.wait(30)
+        children = psutil.Process(service.pid).children(recursive=True)
+        service.terminate()  # as a supervisor stops it: `ftllm serve` passes SIGTERM on to the server
+        service.wait(30)
         log.close()
         psutil.wait_procs(children, timeout=30)
-    assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert service.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert children and not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
-    sources = [{"path": "data/dates.jsonl"}, {"feedback": True}]
-    state, result = run_flow(project, **{"data.sources": sources, "train.max_steps": 10, "eval.max_examples": 20})
-    assert state.is_completed(), result
+    # The shipped settings (data.feedback: true, monitor thresholds), with a small training budget.
+    settings = project / "params.yaml"
+    shipped = settings.read_text()
+    budget = yaml.safe_load(shipped)
+    budget["train"]["max_steps"], budget["eval"]["max_examples"] = 10, 20
+    settings.write_text(yaml.safe_dump(budget, sort_keys=False))
+    try:
+        def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+            done = subprocess.run(args, env=env, cwd=project, capture_output=True, text=True, timeout=timeout, check=False)
+            assert done.returncode == 0, (args, done.stdout[-3000:], done.stderr[-3000:])
+            return done
+
+        run(str(BIN / "ftllm"), "deploy", "--json", "--params", str(settings))
+        checked = json.loads(run(sys.executable, "-m", "flows.monitor").stdout.strip().splitlines()[-1])
+        assert checked["retrain_recommended"] and checked["feedback"]["new_corrections"] == 50, checked
+        cursor = [sys.executable, "-c", ("import json; from prefect.variables import Variable; "
+                                         "print(json.dumps(Variable.get('ftllm-monitor-ftllm-chat', default=None)))")]
+        assert json.loads(run(*cursor).stdout.strip().splitlines()[-1]) is None  # recommending moved nothing
+        flow_run = _wait_for_automation_run(env)
+        worker = run(str(BIN / "prefect"), "worker", "start", "--pool", "ftllm-process", "--run-once", timeout=900)
+        state = run(sys.executable, "-c", _FLOW_RUN_STATE, flow_run).stdout.strip().splitlines()[-1]
+        assert state.startswith("COMPLETED"), (state, worker.stdout[-3000:], worker.stderr[-3000:])
+        # That run read the feedback up to id 50: the cursor is there, the same feedback starts nothing again.
+        assert json.loads(run(*cursor).stdout.strip().splitlines()[-1]) == {"feedback_id": 50}
+        again = json.loads(run(sys.executable, "-m", "flows.monitor").stdout.strip().splitlines()[-1])
+        assert again["feedback"]["new_corrections"] == 0 and not again["retrain_recommended"]
+    finally:
+        settings.write_text(shipped)
+
     prepared = project / "artifacts/prepared"
     split_rows = {s: [json.loads(x) for x in (prepared / f"{s}.jsonl").read_text().splitlines()]
                   for s in ("train", "val", "test", "feedback")}
-    assert split_rows["feedback"] == [{"messages": [*held["messages"][:-1], {"role": "assistant", "content": "Held-out correction."}]}]
+    held_fix = {"messages": [*held["messages"][:-1], {"role": "assistant", "content": "Held-out correction."}]}
+    assert held_fix in split_rows["feedback"] and held_fix not in split_rows["train"]
     assert {"messages": [*trained["messages"][:-1], {"role": "assistant", "content": "Trained correction."}]} in split_rows["train"]
     everywhere = [r["messages"] for rs in split_rows.values() for r in rs]
     assert held["messages"] not in everywhere and trained["messages"] not in everywhere  # replaced by the corrections
 
     snapshot = project / "data/feedback.jsonl"  # the export the run trained on, versioned with data/
     md5 = file_md5(snapshot)
+    assert len(snapshot.read_text().splitlines()) == 50
     resolved = yaml.safe_load((project / "artifacts/params.yaml").read_text())
-    assert resolved["data"]["sources"][1]["md5"] == md5 == result.data.sources[1].md5
-    assert result.data.sources[1].feedback and result.data.splits["feedback"] == 1
+    assert resolved["data"]["sources"] == [{**resolved["data"]["sources"][0], "path": "data/dates.jsonl"},
+                                           {**resolved["data"]["sources"][1], "feedback": True, "md5": md5}]
     assert (project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).is_file()
-    run = MlflowClient().get_run(result.mlflow_run_id)
-    assert md5 in run.data.tags["data_sources"]
-    assert "data/feedback.jsonl" in [a.path for a in MlflowClient().list_artifacts(result.mlflow_run_id, "data")]
-    assert MlflowClient().get_model_version("ftllm-chat", result.version).tags["data_sources"] == run.data.tags["data_sources"]
+    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("retrain").experiment_id],
+                                       filter_string=f"tags.`prefect.flow_run_id` = '{flow_run}'")
+    assert md5 in run.data.tags["data_sources"] and run.data.tags["feedback_id"] == "50"
+    assert "'feedback': True" in run.data.params["data.sources"]  # the run's settings record the source it read
+    assert "data/feedback.jsonl" in [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "data")]
+    version = MlflowClient().get_model_version("ftllm-chat", run.data.tags["model_version"])
+    assert version.tags["data_sources"] == run.data.tags["data_sources"] and version.tags["feedback_id"] == "50"
     # Scored on the cases users corrected, against the champion of the first run.
-    assert result.metrics.candidate_feedback["examples"] == 1 and result.metrics.champion_feedback["examples"] == 1
-    assert "no_regression_feedback_exact_match" in [c.name for c in result.gate.checks]
+    assert run.data.metrics["candidate_feedback.examples"] == min(len(split_rows["feedback"]), 20) > 0  # eval.max_examples
+
+
+_FLOW_RUN_STATE = """
+import sys
+from prefect.client.orchestration import get_client
+from prefect.utilities.asyncutils import run_coro_as_sync
+async def state():
+    async with get_client() as c:
+        run = await c.read_flow_run(sys.argv[1])
+        return f"{run.state.type.value} {run.state.name}: {run.state.message}"
+print(run_coro_as_sync(state()))
+"""
+
+_AUTOMATION_RUNS = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+from prefect.utilities.asyncutils import run_coro_as_sync
+async def runs():
+    async with get_client() as c:
+        found = await c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])),
+                                       deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scheduled"])))
+        return [str(r.id) for r in found if r.created_by and r.created_by.type == "AUTOMATION"]
+print(json.dumps(run_coro_as_sync(runs())))
+"""
+
+
+def _wait_for_automation_run(env: dict, seconds: float = 90) -> str:
+    """The id of the retrain flow run the deployment trigger created."""
+    import subprocess
+    import sys
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        out = subprocess.run([sys.executable, "-c", _AUTOMATION_RUNS], env=env, capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        if runs := json.loads(out.stdout.strip().splitlines()[-1]):
+            assert len(runs) == 1, runs
+            return runs[0]
+        time.sleep(2)
+    raise AssertionError(f"no retrain flow run created by the automation within {seconds} s")

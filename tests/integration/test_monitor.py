@@ -80,10 +80,11 @@ def _events(resource_id: str, expected: int) -> list:
     return events
 
 
-def test_monitor_measures_the_log_emits_its_event_and_moves_its_cursor(prefect_harness, monitored):
+def test_monitor_measures_the_log_emits_its_event_and_leaves_the_cursor_to_the_run(prefect_harness, monitored):
     from prefect.variables import Variable
 
-    from flows.monitor import cursor_variable, monitor
+    from flows.monitor import monitor
+    from tasks.monitor.cursor import advance_cursor, cursor_variable
 
     db = monitored / "feedback.db"
     # 12 ratings, mean (6*2 + 6*4) / 12 = 3.0 < 3.5; 2 corrections (< 5).
@@ -96,18 +97,37 @@ def test_monitor_measures_the_log_emits_its_event_and_moves_its_cursor(prefect_h
     assert drift["prompts"] == 12 and drift["train_mean_tokens"] > 0
     # The same kind of prompts as the train split: (almost) every token was seen in training, no drift.
     assert drift["unknown_token_rate"] < 0.05 and abs(drift["length_drift"]) < 0.5 and first["drift_alerts"] == []
-    assert Variable.get(cursor_variable("ftllm-monitored")) == {"feedback_id": 12}
+    # Recommending moves nothing: no run has read this feedback yet, so it still counts as new.
+    assert Variable.get(cursor_variable("ftllm-monitored"), default=None) is None
+    again = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(db))
+    assert again["feedback"]["new_ratings"] == 12 and again["retrain_recommended"]
 
-    # Nothing new since the recommendation: the cursor holds, nothing is recommended.
+    # A run read feedback up to id 12 into its data (flows/retrain.py): nothing new, nothing recommended.
+    assert advance_cursor("ftllm-monitored", 12) == 12 and advance_cursor("ftllm-monitored", 3) == 12
     second = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(db))
     assert second["feedback"]["new_ratings"] == 0 and not second["retrain_recommended"]
 
-    events = _events("ftllm.model.ftllm-monitored", expected=2)
+    events = _events("ftllm.model.ftllm-monitored", expected=3)
     labels = sorted(e.resource["ftllm.retrain-recommended"] for e in events)
-    assert labels == ["false", "true"], events
+    assert labels == ["false", "true", "true"], events
     recommended = next(e for e in events if e.resource["ftllm.retrain-recommended"] == "true")
     assert recommended.payload["feedback"]["new_ratings"] == 12
-    assert str(recommended.id) == first["event_id"]
+    assert str(recommended.id) in (first["event_id"], again["event_id"])
+
+
+def test_monitor_recommends_no_retrain_that_would_not_read_the_feedback(prefect_harness, monitored):
+    from flows.monitor import monitor
+
+    params = yaml.safe_load((monitored / "params.yaml").read_text())
+    params["data"]["feedback"] = False  # and no {feedback: true} source: a retrain would never read it
+    params["registry"]["model_name"] = "ftllm-unread"
+    (monitored / "params.yaml").write_text(yaml.safe_dump(params))
+    db = monitored / "feedback.db"
+    write_feedback(db, completions=10, ratings=[4] * 10, corrected=10)  # 10 corrections, min_new_corrections 5
+    checked = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(db))
+    assert not checked["retrain_recommended"]
+    assert checked["reasons"][0].startswith("10 new corrections")
+    assert "would not read this feedback" in checked["reasons"][-1] and "data.feedback: true" in checked["reasons"][-1]
 
 
 

@@ -203,3 +203,17 @@ def test_resolved_params_carry_the_chat_template_files_md5(tmp_path, monkeypatch
     second = load_params(write_resolved(params, tmp_path / "p.yaml")).model.chat_template_md5
     assert first and second and first != second  # same path, new file: the model section changes for DVC
     assert load_params(write_resolved(load_params(REPO / "params.yaml"), tmp_path / "q.yaml")).model.chat_template_md5 is None
+
+
+def test_a_runs_settings_handed_to_the_stages_survive_params_yaml(tmp_path):
+    """The overrides a run gives its DVC stages rebuild its settings from any other file (`--params FILE`)."""
+    from tasks.config import as_overrides
+
+    other = yaml.safe_load((REPO / "params.yaml").read_text())
+    other["train"]["max_steps"], other["train"]["seed"] = 37, 5
+    other["data"]["sources"] = [{"path": "data/dates.jsonl"}, {"path": "extra.jsonl", "weight": 2}]
+    (tmp_path / "file.yaml").write_text(yaml.safe_dump(other))
+    run = load_params(tmp_path / "file.yaml", {"eval.max_examples": 9})
+    resolved = load_params(REPO / "params.yaml", as_overrides(run))
+    assert resolved == run and resolved.digest() == run.digest()
+    assert (resolved.train.max_steps, resolved.eval.max_examples, resolved.data.sources[1].path) == (37, 9, "extra.jsonl")

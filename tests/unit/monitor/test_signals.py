@@ -85,6 +85,10 @@ def test_recommendation_follows_the_thresholds(tmp_path):
     assert yes and "3 new corrections" in reasons[0]
     yes, reasons, _ = recommend_retrain(figures, None, MonitorParams(min_ratings=10, min_mean_rating=3.6))
     assert yes and "mean rating 3.50" in reasons[0]
+    # The same figures, but settings under which a retrain would not read the feedback: withheld, and why.
+    no, reasons, _ = recommend_retrain(figures, None, MonitorParams(min_new_corrections=3), reads_feedback=False)
+    assert not no and "3 new corrections" in reasons[0] and "set data.feedback: true" in reasons[-1]
+    assert recommend_retrain(figures, None, quiet, reads_feedback=False) == (False, [], [])
 
 
 def test_the_monitor_fires_on_low_ratings(tmp_path):
@@ -98,3 +102,19 @@ def test_the_monitor_fires_on_low_ratings(tmp_path):
     yes, reasons, _ = recommend_retrain(figures, None, MonitorParams(min_new_low_ratings=12))
     assert yes and reasons == ["12 new ratings of 2 or less (monitor.min_new_low_ratings 12)"]
     assert read_feedback(db, 0, 200, low_rating=1).new_low_ratings == 6
+
+
+def test_the_shipped_settings_read_feedback_and_add_it_as_a_source():
+    from tasks.config import load_params
+    from tests.conftest import REPO
+
+    shipped = load_params(REPO / "params.yaml").data
+    assert shipped.feedback and shipped.reads_feedback()
+    assert shipped.sources_with_feedback() == [{"path": shipped.path}, {"feedback": True}]
+    off = load_params(REPO / "params.yaml", {"data.feedback": False}).data
+    assert not off.reads_feedback()
+    listed = load_params(REPO / "params.yaml", {"data.feedback": False, "data.sources": [
+        {"path": shipped.path, "weight": 2}, {"feedback": True, "min_rating": 3}]}).data
+    assert listed.reads_feedback()
+    with_it = load_params(REPO / "params.yaml", {"data.sources": shipped.sources_with_feedback()}).data
+    assert [s.feedback for s in with_it.source_list()] == [False, True]
