@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     ap.add_argument("--noise", type=float, default=0.1, help="share of raters who rate at random")
     ap.add_argument("--correct", type=float, default=0.3, help="share of users with a wrong answer who correct it")
-    ap.add_argument("--weak-steps", type=int, default=60, help="steps of the weak champion (default run: 300)")
+    ap.add_argument("--weak-steps", type=int, default=150, help="steps of the weak champion (default run: 300)")
     ap.add_argument("--steps", type=int, default=300, help="train.max_steps of the today arm's retraining runs")
     ap.add_argument("--weight", type=float, default=None, help="data.feedback_weight of the item-2 arms (default: the setting's)")
     ap.add_argument("--replay", type=float, default=0.25, help="train.replay_fraction of the item-2 arms")

@@ -87,13 +87,13 @@ from tasks.registry.tracking import (
     start_tracking_run,
 )
 from tasks.registry.versions import (
-    champion_folder,
     champion_version,
     download_version,
     find_version,
     promote,
     register_candidate,
     tag_version,
+    warm_start,
 )
 
 
@@ -390,8 +390,7 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     origin = flow_run_origin()
     inputs = [(Path(s.path), s.md5, "feedback" if s.feedback else "training") for s in result.data.sources]
     inputs += [(Path(preference["path"]), preference["md5"], "preference")] if preference and preference["examples"] else []
-    if params.train.init_from == "champion" and result.champion_version:  # warm start: finetune continues its adapter
-        overrides["train.init_path"] = champion_folder(root, result.model_name, result.champion_version)
+    params, overrides = warm_start(root, params, overrides, result.champion_version)  # train.init_from: champion
     run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage, origin, inputs[1:])
     result.mlflow_run_id = run_id
     log_files(run_id, reports[:2], "reports")
