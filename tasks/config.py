@@ -653,8 +653,9 @@ PARAMS_HEADER = """\
 # comments): change a default or a description there, then `ftllm params --write params.yaml`.
 """
 # Keys the resolve stage fills in for a run; not settings a user writes.
-RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5"), ("preference", "md5"), ("train", "init_path"),
-                 ("train", "init_md5")}
+RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5"), ("preference", "md5"), ("train", "init_md5")}
+# Keys a run fills in for its stages (they travel in its overrides); not settings a user writes either.
+RUN_FILLED = {("train", "init_path")}
 COMMENT_COLUMN = 31  # where comments start, so that the values line up
 LINE_WIDTH = 118
 
@@ -679,7 +680,7 @@ def render_params() -> str:
     for section, info in Params.model_fields.items():
         lines += ["", f"{section}:"]
         for key, field in info.annotation.model_fields.items():
-            if (section, key) in RESOLVED_ONLY:
+            if (section, key) in RESOLVED_ONLY | RUN_FILLED:
                 continue
             lines += _commented(f"  {_yaml_line(key, field.default)}", field.description or "")
     return "\n".join(lines) + "\n"
