@@ -23,7 +23,7 @@ Arms (same users, same seeds):
   `train.max_steps` 300; preference tuning off (`preference.min_examples` out of reach);
 - `item2`: `today` with `data.feedback_weight` (`--weight`), warm start from the champion
   (`train.init_from: champion`, `train.replay_fraction`) and steps scaled to the data
-  (`train.epochs`, `--epochs`: 6.82 passes give the default 300 steps on the default data);
+  (`train.epochs`, `--epochs`: 6.82 passes give 301 steps on the default data, the default 300 plus one);
 - `preference`: `item2` plus preference tuning on all ratings (the `preference` stage's defaults);
 - `ratings`: as `preference`, but the users write no corrections.
 
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300, help="train.max_steps of the today arm's retraining runs")
     ap.add_argument("--weight", type=float, default=None, help="data.feedback_weight of the item-2 arms (default: the setting's)")
     ap.add_argument("--replay", type=float, default=0.25, help="train.replay_fraction of the item-2 arms")
-    ap.add_argument("--epochs", type=float, default=6.82, help="train.epochs of the item-2 arms (6.82: 300 steps on the default data)")
+    ap.add_argument("--epochs", type=float, default=6.82, help="train.epochs of the item-2 arms (6.82: 301 steps on the default data)")
     ap.add_argument("--test-size", type=int, default=200, help="fixed held-out test prompts (held-out phrasings)")
     ap.add_argument("--original-examples", type=int, default=200, help="rows of the original test split scored")
     ap.add_argument("--eval-examples", type=int, default=100, help="eval.max_examples of the runs (the gate's test split)")
