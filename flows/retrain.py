@@ -97,6 +97,7 @@ from tasks.registry.versions import (
     promote,
     register_candidate,
     tag_version,
+    warm_start,
 )
 
 
@@ -382,6 +383,7 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     origin = flow_run_origin()
     inputs = [(Path(s.path), s.md5, "feedback" if s.feedback else "training") for s in result.data.sources]
     inputs += [(Path(preference["path"]), preference["md5"], "preference")] if preference and preference["examples"] else []
+    params, overrides = warm_start(root, params, overrides, result.champion_version)  # train.init_from: champion
     run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage, origin, inputs[1:])
     result.mlflow_run_id = run_id
     log_files(run_id, reports[:2], "reports")

@@ -111,6 +111,12 @@ class DataParams(_Section):
         description="Share of corrected prompts held out of training as the feedback split (stable hash of the "
                     "prompt), on which the gate checks the candidate does not regress against the champion.",
     )
+    feedback_weight: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="Train copies of each example of a feedback source that sets no weight or cap of its own: the "
+                    "few corrections of a round then count against the rest of the data "
+                    "(benchmarks/bench_feedback_loop.py measures it).",
+    )
     format: Literal["auto", "openai", "alpaca", "sharegpt"] = Field(
         "auto", description="auto | openai | alpaca | sharegpt; auto detects it from the first example."
     )
@@ -150,8 +156,10 @@ class DataParams(_Section):
         return self
 
     def source_list(self) -> list[SourceParams]:
-        """The sources of the run: `sources`, or `path` as the one source."""
-        return list(self.sources) or [SourceParams(path=self.path, md5=self.md5)]
+        """The sources of the run: `sources`, or `path` as the one source; a feedback source weighs `feedback_weight`."""
+        return [s.model_copy(update={"weight": self.feedback_weight})
+                if s.feedback and s.weight is None and s.cap is None and self.feedback_weight != 1 else s
+                for s in self.sources] or [SourceParams(path=self.path, md5=self.md5)]
 
     def reads_feedback(self) -> bool:
         """Whether a run with these settings reads the service's feedback (a feedback source, or `feedback`)."""
@@ -201,6 +209,26 @@ class TrainParams(_Section):
     max_steps: int = Field(
         300, ge=1, le=10_000_000, description="Optimizer steps; benchmarks/results/ has how long the defaults take."
     )
+    epochs: float | None = Field(
+        None, gt=0.0, le=100_000.0,
+        description="Passes over the train split; set, the steps are scaled to the data (epochs x optimizer steps per "
+                    "pass) and replace max_steps; none: max_steps, whatever the data.",
+    )
+    init_from: Literal["base", "champion"] = Field(
+        "base",
+        description="base: train a fresh adapter on all the data; champion: continue the champion's adapter on the "
+                    "feedback sources plus a replay sample of the others (train.replay_fraction); from the base while "
+                    "there is no champion.",
+    )
+    replay_fraction: float = Field(
+        0.25, ge=0.0, le=1.0,
+        description="With train.init_from champion: the share of the non-feedback sources' train examples trained on "
+                    "again (a stable sample), so the model keeps what it knew.",
+    )
+    init_path: str | None = Field(
+        None, description="Filled in by the run with train.init_from champion: the champion's model folder.",
+    )
+    init_md5: str | None = Field(None, description="Filled in by the resolve stage: the md5 of init_path's adapter.")
     batch_size: int = Field(
         8, ge=1, le=4096, description="Sequences per micro-batch (packed sequences when packing is on)."
     )
@@ -749,6 +777,8 @@ def write_resolved(params: Params, out: Path) -> Path:
     # A template file is read by prepare and finetune, whose DVC deps name the `model` section.
     preference = Path(params.preference.path)
     doc["preference"]["md5"] = file_md5(preference) if preference.is_file() else None
+    init = Path(params.train.init_path or "") / "adapter" / "adapter_model.safetensors"
+    doc["train"]["init_md5"] = file_md5(init) if params.train.init_path and init.is_file() else None
     template = Path(params.model.chat_template)
     doc["model"]["chat_template_md5"] = file_md5(template) if template.suffix == ".jinja" and template.is_file() else None
     return write_atomic(out, yaml.safe_dump(doc, sort_keys=False))
@@ -768,7 +798,9 @@ PARAMS_HEADER = """\
 # keeping your values.
 """
 # Keys the resolve stage fills in for a run; not settings a user writes.
-RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5"), ("preference", "md5")}
+RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5"), ("preference", "md5"), ("train", "init_md5")}
+# Keys a run fills in for its stages (they travel in its overrides); not settings a user writes either.
+RUN_FILLED = {("train", "init_path")}
 COMMENT_COLUMN = 31  # where comments start, so that the values line up
 LINE_WIDTH = 118
 
@@ -778,7 +810,7 @@ def setting_fields() -> list[tuple[str, str, Any]]:
     return [(section, key, field)
             for section, info in Params.model_fields.items()
             for key, field in info.annotation.model_fields.items()
-            if (section, key) not in RESOLVED_ONLY]
+            if (section, key) not in RESOLVED_ONLY | RUN_FILLED]
 
 
 def _yaml_line(key: str, value: Any) -> str:
@@ -866,7 +898,7 @@ def write_params(path: Path | str) -> Path:
     values: dict[str, Any] = {}
     if path.exists():
         values, text = _read_settings(path)
-        known = {(section, key) for section, key, _ in setting_fields()} | RESOLVED_ONLY
+        known = {(section, key) for section, key, _ in setting_fields()} | RESOLVED_ONLY | RUN_FILLED
         lines = key_lines(text)
         unknown = [(section, key) for section, keys in values.items()
                    for key in (keys if isinstance(keys, dict) else {"": None})

@@ -28,6 +28,10 @@ counts, per source and in all, what was invalid, replaced by a correction, dedup
 sampled out, dropped and truncated, with each source's md5.
 
 Outputs, written into a temporary folder that then replaces `--out` in one rename:
+With a warm start (`train.init_from: champion`, the run sets `train.init_path`), the
+train split holds the feedback sources' examples and a stable replay sample
+(`train.replay_fraction`) of the others' (`tasks.data.sources.select_replay`).
+
 `train.jsonl`, `val.jsonl`, `test.jsonl`, `feedback.jsonl` (only when some corrected
 prompts were held out) and `stats.json`.
 
@@ -44,7 +48,7 @@ from typing import Any
 
 from tasks.config import DataParams, Params, SourceParams
 from tasks.data.preference import PreferenceSplits, prepare_preference
-from tasks.data.sources import merge_sources, prompt_key, read_source, source_label, sources_md5
+from tasks.data.sources import merge_sources, prompt_key, read_source, select_replay, source_label, sources_md5
 from tasks.data.tokens import (
     TokenCount,
     TrainingBudget,
@@ -241,6 +245,9 @@ def prepare_dataset(path: Path | None, out_dir: Path, params: Params, tokenizer=
     if not kept:
         raise PrepareError(f"{where}: no examples left to train on; check the data with `ftllm validate PATH`")
     rows = [merged[i] for i, _ in kept]
+    # Warm start (train.init_from champion): the champion learnt the other sources already.
+    replay = (select_replay(rows, sources, params.train.replay_fraction)
+              if params.train.init_path else None)
     splits, split_counts, overlap = split_examples(
         kept, counts, data.val_fraction, data.test_fraction, data.feedback_fraction,
         [r.corrected for r in rows], [r.copies for r in rows],
@@ -267,6 +274,7 @@ def prepare_dataset(path: Path | None, out_dir: Path, params: Params, tokenizer=
         "dropped": length["dropped"],
         "dropped_lines": length["dropped_lines"],
         "truncated": length["truncated"],
+        "replay": replay,
         "train_test_overlap": overlap["test"],
         "train_feedback_overlap": overlap[FEEDBACK_SPLIT],
         "split": {"val_fraction": data.val_fraction, "test_fraction": data.test_fraction,

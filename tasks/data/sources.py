@@ -147,11 +147,31 @@ def check_invalid_rows(label: str, source: SourceParams, path: Path, read: int, 
         )
 
 
-def _sample_u(example: dict) -> float:
+def _sample_u(example: dict, salt: bytes = b"ftllm-sample") -> float:
     """A uniform number in [0, 1) from the example's content; independent of the split's hash."""
     text = json.dumps(example["messages"], sort_keys=True, ensure_ascii=False)
-    digest = hashlib.sha256(b"ftllm-sample\x00" + text.encode("utf-8", "surrogatepass")).digest()
+    digest = hashlib.sha256(salt + b"\x00" + text.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def select_replay(rows: list[Row], sources: list[SourceParams], fraction: float) -> dict[str, Any]:
+    """A warm start's train rows: every row of a feedback source, and a stable `fraction` of the others (the replay).
+
+    The rows left out get no train copies (`copies = 0`); they still go to val, test and
+    feedback once, so the gate scores the candidate on the same splits as a run from the
+    base. Which rows are replayed depends only on each example, so a later round replays
+    the same ones (and more of them as `fraction` grows).
+    """
+    new = replayed = 0
+    for row in rows:
+        if sources[row.source].feedback:
+            new += 1
+        elif _sample_u(row.example, b"ftllm-replay") < fraction:
+            replayed += 1
+        else:
+            row.copies = 0
+    return {"fraction": fraction, "new": new, "replayed": replayed,
+            "left_out": len(rows) - new - replayed}
 
 
 def merge_sources(sources: list[SourceParams], reads: list[SourceRead]) -> tuple[list[Row], dict[str, Any]]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tasks.config import Params
 from tasks.errors import RegistryRefusal
 from tasks.pins import requirements
 
@@ -299,3 +300,26 @@ def download_version(model_name: str, version: str, dst: Path) -> Path:
     if not matches:
         raise RegistryRefusal(f"version {version} of {model_name!r} holds no model folder")
     return matches[0].parent
+
+
+def champion_folder(root: Path, model_name: str, version: str) -> str:
+    """A version's model folder downloaded under `root/artifacts/champion/`, as a path relative to `root`.
+
+    What a warm start (`train.init_from: champion`) names in `train.init_path`: the DVC stages
+    run in `root`, and a relative path keeps the resolved settings the same on another checkout.
+    """
+    folder = download_version(model_name, version, Path(root) / "artifacts/champion" / f"v{version}")
+    return folder.resolve().relative_to(Path(root).resolve()).as_posix()
+
+
+def warm_start(root: Path, params: Params, overrides: dict, champion: str | None) -> tuple[Params, dict]:
+    """With `train.init_from: champion` and a champion: the run's settings and overrides naming its folder.
+
+    The override reaches the DVC stages (`train.init_path`); the settings are what the run
+    records in MLflow. Otherwise both are returned as they are (a first run trains from the base).
+    """
+    if params.train.init_from != "champion" or champion is None:
+        return params, overrides
+    path = champion_folder(root, params.registry.model_name, champion)
+    train = params.train.model_copy(update={"init_path": path})
+    return params.model_copy(update={"train": train}), {**overrides, "train.init_path": path}

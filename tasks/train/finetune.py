@@ -50,6 +50,7 @@ from tasks.train.loop import (
     train_loop,
 )
 from tasks.train.packing import padding_fraction, prepare_batches
+from tasks.train.warm_start import load_init_adapter, scaled_steps
 
 
 def seed_everything(seed: int) -> None:
@@ -371,9 +372,12 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
         batches = prepare_batches(tokenizer, read_jsonl(train_file), train, policy)
         if not batches:
             raise ConfigError(f"{train_file}: the train split is empty; add data or lower data.test_fraction")
+        configured, train = train, train.model_copy(update={"max_steps": scaled_steps(train, len(batches), dist.world)})
         val_path = data_dir / "val.jsonl"
         val_batches = prepare_batches(tokenizer, read_jsonl(val_path), train, policy) if val_path.exists() else []
         model = build_model(base_path, train, device, dtype, tokenizer, new_ids)
+        if train.init_path:
+            say(f"warm start: {load_init_adapter(model, Path(train.init_path))} adapter tensors of {train.init_path}")
         if dist.sharded:
             shard_model(model)
         # Dropout differs per rank; the weights are the same (seeded alike, and DDP broadcasts them too).
@@ -401,7 +405,8 @@ def finetune(params: Params, data_dir: Path, out: Path, log: Log = print) -> Tra
             f"{len(batches)} batches, padding {pad_frac:.1%}, {train.max_steps} steps"
         )
         tracker = Tracker(environment().mlflow_run_id, enabled=dist.is_main)
-        tracker.start(train, {"padding_fraction": pad_frac})
+        # The settings as the run recorded them (train.max_steps as set; the steps trained are a metric).
+        tracker.start(configured, {"padding_fraction": pad_frac, "train_steps": train.max_steps})
         try:
             state = train_loop(
                 model, batches, train, device, say, dtype=loop_dtype(train, dtype), dist=dist, checkpoints=checkpoints,

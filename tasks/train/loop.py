@@ -55,7 +55,8 @@ class Tracker:
         except ImportError:
             system = False
         mlflow.start_run(run_id=self.run_id, log_system_metrics=system)
-        mlflow.log_params({f"train.{k}": v for k, v in train.model_dump(mode="json").items()})
+        # init_md5 is the resolve stage's (the run that logged the other settings did not know it).
+        mlflow.log_params({f"train.{k}": v for k, v in train.model_dump(mode="json", exclude={"init_md5"}).items()})
         mlflow.log_metrics(extra)
 
     def steps(self, history: list[dict]) -> None:

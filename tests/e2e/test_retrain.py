@@ -359,3 +359,50 @@ def _wait_for_automation_run(env: dict, seconds: float = 90) -> str:
             return runs[0]
         time.sleep(2)
     raise AssertionError(f"no retrain flow run created by the automation within {seconds} s")
+
+
+def test_a_run_with_a_preference_source_registers_a_version_with_the_preference_checks(first_run, project, tmp_path,
+                                                                                      monkeypatch):
+    """Ratings and corrections in the service's log: the run tunes on them and gates on the held-out preferences.
+
+    It also continues the champion's adapter (`train.init_from: champion`): the warm start's
+    settings are recorded in the same MLflow run as the stages' own.
+    """
+    from mlflow import MlflowClient
+
+    from tasks.feedback.schema import Interaction
+    from tasks.feedback.store import FeedbackStore
+
+    db = tmp_path / "feedback.db"
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    store = FeedbackStore(db)  # written through the store's API, as the service writes it
+    rows = [json.loads(line) for line in (project / "data/dates.jsonl").read_text().splitlines()[:48]]
+    for i, row in enumerate(rows):
+        prompt, right = row["messages"][:-1], row["messages"][-1]["content"]
+        wrong = i % 2 == 1
+        prompt = [prompt[0], {"role": "user", "content": f"Please write {prompt[1]['content'].split()[-1]} in words"}]
+        store.log_interaction(Interaction(f"c{i}", "chat", "ftllm-chat", first_run[1].version, prompt,
+                                          "January 1, 1900" if wrong else right, "stop", 20, 6, 5.0))
+        store.add_feedback(f"c{i}", 1 if wrong else 5, right if wrong and i % 4 == 1 else None)
+    store.close()
+
+    sources = [{"path": "data/dates.jsonl"}, {"feedback": True}]
+    _, result = run_flow(project, **{"data.sources": sources, "train.max_steps": 10, "eval.max_examples": 20,
+                                     "preference.max_steps": 4, "train.init_from": "champion"})
+    assert result.status in ("promoted", "rejected"), result.error
+    replay = json.loads((project / "artifacts/prepared/stats.json").read_text())["replay"]
+    assert replay["new"] > 0 and 0 < replay["replayed"] < replay["left_out"]
+    tuned = json.loads((project / "artifacts/preference/preference.json").read_text())
+    assert tuned["ran"] is True and tuned["examples"] >= 8
+    names = {c.name for c in result.gate.checks}
+    assert {"no_regression_reward_accuracy", "no_regression_avoids_rated_down"} <= names
+    version = MlflowClient().get_model_version("ftllm-chat", result.version)
+    assert version.run_id == result.mlflow_run_id
+    logged = MlflowClient().get_run(version.run_id).data.metrics
+    run = MlflowClient().get_run(version.run_id).data
+    assert run.params["train.init_path"].startswith(f"artifacts/champion/v{version.tags['parent_champion']}/")
+    assert (project / run.params["train.init_path"] / "adapter").is_dir() and run.metrics["train_steps"] == 10
+    for role in ("candidate_preference", "champion_preference"):
+        assert 0.0 <= logged[f"{role}.reward_accuracy"] <= 1.0 and logged[f"{role}.examples"] > 0
+        assert f"{role}.rated_down_repeat_rate" in logged
+    assert "gate_verdict.json" in [a.path for a in MlflowClient().list_artifacts(version.run_id)]

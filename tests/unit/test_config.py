@@ -9,6 +9,7 @@ import yaml
 
 from tasks.config import (
     RESOLVED_ONLY,
+    RUN_FILLED,
     Params,
     check_params,
     key_lines,
@@ -152,8 +153,8 @@ def test_the_rendered_file_holds_every_default_and_description():
     raw, comments = yaml.safe_load(text), comments_by_key(text)
     assert Params.model_validate(raw) == Params()
     for section, key, field in all_fields():
-        if (section, key) in RESOLVED_ONLY:
-            assert key not in raw[section], f"{section}.{key} is filled in by the resolve stage"
+        if (section, key) in RESOLVED_ONLY | RUN_FILLED:
+            assert key not in raw[section], f"{section}.{key} is filled in by the run or its resolve stage"
             continue
         assert raw[section][key] == field.default, f"{section}.{key}"
         assert comments[(section, key)] == field.description, f"{section}.{key}"
@@ -290,3 +291,18 @@ def test_a_runs_settings_handed_to_the_stages_survive_params_yaml(tmp_path):
     resolved = load_params(tmp_path / "params.yaml", as_overrides(run))
     assert resolved == run and resolved.digest() == run.digest()
     assert (resolved.train.max_steps, resolved.eval.max_examples, resolved.data.sources[1].path) == (37, 9, "extra.jsonl")
+
+
+def test_a_warm_starts_champion_folder_reaches_the_stages_and_its_md5_is_the_resolve_stages(tmp_path):
+    from tasks.config import TrainParams, as_overrides
+    from tasks.files import file_md5
+
+    adapter = tmp_path / "champion" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    params = Params(train=TrainParams(init_from="champion", init_path=str(tmp_path / "champion"), init_md5="stale"))
+    overrides = as_overrides(params)
+    assert overrides["train.init_path"] == str(tmp_path / "champion") and "train.init_md5" not in overrides
+    resolved = yaml.safe_load(write_resolved(load_params(REPO / "params.yaml", overrides), tmp_path / "p.yaml").read_text())
+    assert resolved["train"]["init_md5"] == file_md5(adapter / "adapter_model.safetensors")
+    assert load_params(REPO / "params.yaml").train.init_path is None  # never in params.yaml

@@ -181,3 +181,46 @@ def test_resolved_params_carry_every_source_md5(tmp_path, monkeypatch):
     write(fb, [example(2, "changed", correction=True)])  # a new export: a new md5, so DVC reruns prepare
     again = load_params(write_resolved(p, tmp_path / "r.yaml"))
     assert again.data.sources[1].md5 == file_md5(fb) != resolved.data.sources[1].md5
+
+
+def test_feedback_sources_weigh_data_feedback_weight_unless_they_set_their_own(tmp_path, tok):
+    a = write(tmp_path / "a.jsonl", [example(i) for i in range(50)])
+    fb = write(tmp_path / "feedback.jsonl", [example(i, f"Fixed {i}.", correction=True) for i in range(100, 140)])
+    stats = prepare_dataset(None, tmp_path / "o", params([{"path": str(a)}, {"path": str(fb), "feedback": True}],
+                                                          feedback_weight=3.0, feedback_fraction=0.0), tok)
+    plain, feedback = stats["sources"]
+    assert (plain["weight"], feedback["weight"]) == (None, 3.0)
+    train = answers(tmp_path / "o", ("train",))
+    fixed = [a for a in train if a.startswith("Fixed")]
+    assert {fixed.count(a) for a in fixed} == {3} and feedback["train_copies"] == 3 * feedback["kept"]
+    assert {train.count(a) for a in train if not a.startswith("Fixed")} == {1}
+    # A weight of the source's own wins over the default.
+    own = params([{"path": str(a)}, {"path": str(fb), "feedback": True, "weight": 1.5}], feedback_weight=3.0)
+    assert [s.weight for s in own.data.source_list()] == [None, 1.5]
+
+
+def test_warm_start_trains_on_the_feedback_and_a_stable_replay_sample_and_keeps_every_test_row(tmp_path, tok):
+    a = write(tmp_path / "a.jsonl", [example(i) for i in range(200)])
+    fb = write(tmp_path / "feedback.jsonl", [example(i, f"Fixed {i}.", correction=True) for i in range(500, 520)])
+    srcs = [{"path": str(a)}, {"path": str(fb), "feedback": True}]
+    cold = prepare_dataset(None, tmp_path / "cold", params(srcs, feedback_fraction=0.0), tok)
+    warm_params = params(srcs, feedback_fraction=0.0).model_copy(
+        update={"train": Params().train.model_copy(update={"init_path": "champion", "replay_fraction": 0.25})})
+    warm = prepare_dataset(None, tmp_path / "warm", warm_params, tok)
+    assert cold["replay"] is None
+    replay = warm["replay"]
+    assert replay["new"] == 20 and replay["replayed"] + replay["left_out"] == 200 and 25 < replay["replayed"] < 75
+    warm_train = answers(tmp_path / "warm", ("train",))
+    assert sorted(a for a in warm_train if a.startswith("Fixed")) == sorted(
+        a for a in answers(tmp_path / "cold", ("train",)) if a.startswith("Fixed"))  # every feedback row trains
+    old_warm = [a for a in warm_train if not a.startswith("Fixed")]
+    old_cold = [a for a in answers(tmp_path / "cold", ("train",)) if not a.startswith("Fixed")]
+    assert set(old_warm) < set(old_cold) and 0 < len(old_warm) <= replay["replayed"] < len(old_cold)
+    for split in ("val", "test"):  # the gate scores the same rows as a run from the base
+        assert rows(tmp_path / "warm", split) == rows(tmp_path / "cold", split)
+    # Deterministic: the same replay on a second run, and a larger fraction replays a superset.
+    again = prepare_dataset(None, tmp_path / "again", warm_params, tok)
+    assert again["replay"] == replay and rows(tmp_path / "again", "train") == rows(tmp_path / "warm", "train")
+    more = warm_params.model_copy(update={"train": warm_params.train.model_copy(update={"replay_fraction": 0.5})})
+    prepare_dataset(None, tmp_path / "more", more, tok)
+    assert set(warm_train) < set(answers(tmp_path / "more", ("train",)))
