@@ -24,7 +24,7 @@ def refused(resp, param: str, code: str = "unsupported_parameter") -> str:
 
 @pytest.mark.parametrize(("field", "value"), [
     ("response_format", {"type": "json_object"}), ("logprobs", True), ("top_logprobs", 2), ("seed", 7),
-    ("frequency_penalty", 0.5), ("presence_penalty", 1), ("logit_bias", {"42": 5}), ("user", "u-1"),
+    ("frequency_penalty", 0.5), ("presence_penalty", 1), ("logit_bias", {"42": 5}),
     ("functions", [{"name": "f"}]), ("function_call", "auto"), ("store", True), ("reasoning_effort", "low"),
     ("not_an_openai_field", 1),
 ])
