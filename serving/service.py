@@ -4,17 +4,17 @@ This module holds the service's request handling and its routes. The served mode
 lifecycle (loading a model version, polling the registry, hot swaps and engine restarts)
 is `serving.model_manager.ModelManager`'s; the request and response models and the
 OpenAI error bodies are in `serving.schemas`; authentication, request limits and the
-rewriting of BentoML's and Starlette's error bodies in `serving.guards`; the engine
-process in `serving.engine_process` and its decoding loops behind
-`serving.decoding.DecodingLoop`; loading, polling and swapping the served model in
-`serving.model_manager`; API keys and their roles in `serving.keys`; the interaction log
-in `tasks.feedback` (see docs/guides/serving-internals.md). The FastAPI routes are thin
-module-level functions that get the service instance from an async dependency: BentoML's
+rewriting of BentoML's and Starlette's error bodies in `serving.guards`; API keys and
+their roles in `serving.keys`; the engine process in `serving.engine_process` and its
+decoding loops behind `serving.decoding.DecodingLoop`; the interaction log in
+`tasks.feedback` (see docs/guides/serving-internals.md). What stays here, about 600 lines,
+is cohesive: the chat route, its streaming and the reading of tool calls share one plan
+per request (`ChatPlan`) and change together. The FastAPI routes are thin module-level functions that get the service instance from an async dependency: BentoML's
 own binding of routes written as methods resolves `self` through a sync dependency, which
 FastAPI runs in its thread pool, a thread hop on every request.
 
-Endpoints (all but `/livez` and `/readyz` need `Authorization: Bearer $FTLLM_API_KEY`
-when that variable is set):
+Endpoints (all but `/livez` and `/readyz` need `Authorization: Bearer <key>` when keys are
+set, `FTLLM_API_KEYS` or `FTLLM_API_KEY`, with the route's role):
 
 - `POST /v1/chat/completions`: OpenAI chat schema, with `stream: true` (SSE
   `chat.completion.chunk`s, then `data: [DONE]`); `n` must be 1 (else 400).
