@@ -192,7 +192,7 @@ def _data_section(validation: dict[str, Any] | None, prepared: dict[str, Any] | 
         parts.append(table(["category", "examples"], sorted(counts.items(), key=lambda kv: -kv[1]), empty="no errors or warnings"))
     parts.append(_sources_table((prepared or {}).get("sources") or [], source_reports))
     corrections = (prepared or {}).get("corrections")
-    if corrections:
+    if corrections and corrections.get("examples"):  # a run without corrections says nothing of them
         parts.append(f"<p>corrections from feedback: {corrections['examples']:,} corrected answers, which replaced "
                      f"{corrections['replaced']:,} earlier answers to the same prompts</p>")
     if prepared:

@@ -108,3 +108,11 @@ def test_the_legend_wraps_onto_rows_within_the_chart():
     assert len(rows) == 2
     starts = [int(x) for x in re.findall(r'<text x="(\d+)" y="(?:\d+)" font-size="12">(?:' + "|".join(names) + ")<", svg)]
     assert len(starts) == len(names) and max(starts) < 640
+
+
+def test_corrections_are_mentioned_only_when_there_are_some(view):
+    import dataclasses
+
+    assert "55 corrected answers" in render_dashboard(view)
+    none = {**view.prepared, "corrections": {"examples": 0, "replaced": 0}}
+    assert "corrected answers" not in render_dashboard(dataclasses.replace(view, prepared=none))
