@@ -6,16 +6,24 @@ goes from the Prefect UI to the evidence in one click. Called by flows/retrain.p
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from tasks.evaluate.gate import gate_table
-from tasks.pipeline.dashboard import RunView, load_run_files, write_dashboard
+from tasks.pipeline.dashboard import RunView, load_run_files, merge_validation, write_dashboard
 from tasks.pipeline.notify import notify_run
 from tasks.pipeline.result import RunResult
-from tasks.registry.tracking import artifact_link, flow_run_origin, log_files, run_link, version_link
+from tasks.registry.tracking import (
+    artifact_link,
+    dataset_name,
+    flow_run_origin,
+    log_files,
+    run_link,
+    version_link,
+)
 
 DATA_REPORT = "reports/validation.html"
 
@@ -38,22 +46,41 @@ def _metrics_table(metrics: dict[str, dict]) -> list[dict]:
     return [{"model": role, **{k: round(m[k], 4) for k in keys if k in m}} for role, m in metrics.items()]
 
 
-def _publish(root: Path, verdict: dict, metrics: dict, result: RunResult, samples: dict, report: dict,
-             lineage: dict) -> None:
-    """Prefect artifacts of a gated run, linking to the MLflow run, the model version and the run dashboard."""
+def _source_report_links(run_id: str, reports: list[dict | None]) -> list[str | None]:
+    """Each source's validation report in the MLflow run (reports/, then reports/source-<i>/); None where none was written."""
+    return [None if report is None else artifact_link(run_id, DATA_REPORT if i == 0 else f"reports/source-{i}/validation.html")
+            for i, report in enumerate(reports)]
+
+
+def _publish(root: Path, verdict: dict, metrics: dict, result: RunResult, champion_samples: dict,
+             source_reports: list[dict | None], lineage: dict) -> None:
+    """Prefect artifacts of a gated run, linking to the MLflow run, the model version and the run dashboard.
+
+    Args:
+        champion_samples: the champion's first predictions per role (champion, champion_feedback),
+            beside the candidate's in predictions.json.
+        source_reports: each source's validation report (None for an empty feedback export).
+    """
     run_id, name, version = result.mlflow_run_id, result.model_name, result.version
     create_table_artifact(_metrics_table(metrics), key="retrain-metrics", description="Candidate vs baselines vs champion")
+    predictions = root / "artifacts/predictions.json"
+    samples = {**(json.loads(predictions.read_text()) if predictions.exists() else {}), **champion_samples}
     rows = [{"model": role, **sample} for role, items in samples.items() for sample in items[:5]]
     create_table_artifact(rows, key="retrain-predictions", description="Predictions next to references (test split)")
     links = {"MLflow run": run_link(run_id), "model version": version_link(name, version),
              "Prefect flow run": lineage.get("prefect.flow_run_url"), "data report": artifact_link(run_id, DATA_REPORT)}
+    paths = [Path(s.path) for s in result.data.sources] if result.data else []
     view = RunView(name, version, result.status, result.champion_version, metrics, verdict,
-                   validation=report, lineage={k: v for k, v in lineage.items() if not k.startswith("prefect.")},
-                   links=links, feedback=result.feedback, **load_run_files(root))
+                   validation=merge_validation(source_reports),
+                   lineage={k: v for k, v in lineage.items() if not k.startswith("prefect.")},
+                   links=links, feedback=result.feedback, samples=samples,
+                   source_reports=_source_report_links(run_id, source_reports), dataset=dataset_name(paths) or None,
+                   **load_run_files(root))
     log_files(run_id, [write_dashboard(view, root / "artifacts/reports/dashboard.html")], "reports")
     dashboard = artifact_link(run_id, "reports/dashboard.html")
     create_link_artifact(dashboard, link_text=f"{name} v{version}: run dashboard", key="retrain-dashboard",
-                         description="Metrics, gate, loss curve, data and lineage on one offline page (MLflow artifact)")
+                         description="Metrics, gate, sample predictions, loss curve, data per source and lineage on "
+                                     "one offline page (MLflow artifact)")
     lines = [f"## Gate: {'PASSED' if verdict['passed'] else 'REJECTED'}", "", *gate_table(verdict["checks"])]
     lines += [f"- {note}" for note in verdict.get("notes", [])]
     lines += [

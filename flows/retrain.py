@@ -216,17 +216,17 @@ def evaluate_champion(root: Path, params: Params, version: str, split: str = "te
         split: "test", "feedback" (the corrected answers held out of training) or "preference_heldout".
 
     Returns:
-        `metrics` (aggregate) and `per_example` (scores per example, paired by the gate
-        with the candidate's).
+        `metrics` (aggregate), `per_example` (scores per example, paired by the gate with the
+        candidate's) and `samples` (its first predictions, for the run dashboard).
     """
     split_path = root / f"artifacts/prepared/{split}.jsonl"
-    cache = root / "artifacts/champion" / f"v{version}-{file_md5(split_path)[:12]}-{params.eval.max_examples}-paired.json"
+    cache = root / "artifacts/champion" / f"v{version}-{file_md5(split_path)[:12]}-{params.eval.max_examples}-scored.json"
     if cache.exists():
         return json.loads(cache.read_text())
     model_dir = download_version(params.registry.model_name, version, root / "artifacts/champion" / f"v{version}")
     scored = (score_preference_dir(model_dir, root / "artifacts/prepared", params.eval) if split == "preference_heldout"
               else evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", split, params.eval.max_examples), params.eval))
-    result = {"metrics": scored["metrics"], "per_example": scored["per_example"]}
+    result = {"metrics": scored["metrics"], "per_example": scored["per_example"], "samples": scored.get("samples", [])}
     cache.write_text(json.dumps(result))
     return result
 
@@ -384,7 +384,7 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     inputs = [(Path(s.path), s.md5, "feedback" if s.feedback else "training") for s in result.data.sources]
     inputs += [(Path(preference["path"]), preference["md5"], "preference")] if preference and preference["examples"] else []
     params, overrides = warm_start(root, params, overrides, result.champion_version)  # train.init_from: champion
-    run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage, origin, inputs[1:])
+    run_id = start_tracking_run(root, params, overrides, data_path, lineage["data_md5"], lineage, origin, inputs)
     result.mlflow_run_id = run_id
     log_files(run_id, reports[:2], "reports")
     for i in range(1, len(sources)):
@@ -427,15 +427,13 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
         champion = result.champion_version
         per_example_path = root / "artifacts/per_example.json"
         per_example = json.loads(per_example_path.read_text()) if per_example_path.exists() else {}
-        if champion is not None:
-            scored = evaluate_champion(root, params, champion)
-            metrics["champion"], per_example["champion"] = scored["metrics"], scored["per_example"]
-            if "candidate_feedback" in metrics:  # the cases users corrected, held out of training
-                scored = evaluate_champion(root, params, champion, "feedback")
-                metrics["champion_feedback"], per_example["champion_feedback"] = scored["metrics"], scored["per_example"]
-            if "candidate_preference" in metrics:  # the held-out preference split
-                scored = evaluate_champion(root, params, champion, "preference_heldout")
-                metrics["champion_preference"], per_example["champion_preference"] = scored["metrics"], scored["per_example"]
+        champion_samples: dict[str, list] = {}  # its predictions beside the candidate's, on the dashboard
+        # the test split; the cases users corrected, held out of training; the held-out preference split
+        for split, candidate, role in (("test", "candidate", "champion"), ("feedback", "candidate_feedback", "champion_feedback"),
+                                       ("preference_heldout", "candidate_preference", "champion_preference")):
+            if champion is not None and candidate in metrics:
+                scored = evaluate_champion(root, params, champion, split)
+                metrics[role], per_example[role], champion_samples[role] = scored["metrics"], scored["per_example"], scored["samples"]
         durations["evaluate_champion"] = round(time.perf_counter() - t, 2)
         verdict = apply_gate(metrics, params.gate, per_example).to_dict()
         result.gate = GateResult.model_validate(verdict)
@@ -466,9 +464,7 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
         result.status = "promoted" if promoted else "rejected"
         if not verdict["passed"]:
             logger.warning(f"gate rejected version {version}: failed {[c['name'] for c in verdict['checks'] if not c['passed']]}")
-        samples_path = root / "artifacts/predictions.json"
-        samples = json.loads(samples_path.read_text()) if samples_path.exists() else {}
-        _publish(root, verdict, metrics, result, samples, report, lineage)
+        _publish(root, verdict, metrics, result, champion_samples, source_reports, lineage)
         end_tracking_run(run_id, "FINISHED")
     except BaseException:
         end_tracking_run(run_id, "FAILED")

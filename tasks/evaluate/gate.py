@@ -340,19 +340,34 @@ def _with_interval(check: Check, metrics: dict, per_example: dict, gate: GatePar
     return replace(check, estimate=round(ci.estimate, 6), low=round(ci.low, 6), high=round(ci.high, 6), n=ci.n)
 
 
+GATE_EVIDENCE = ("value", "threshold", "estimate", "interval", "p-value", "n")
+
+
+def gate_evidence(check: dict) -> list[str]:
+    """One check's decision and evidence as text, in `GATE_EVIDENCE`'s order (blank where it has none)."""
+    def fmt(x: Any) -> str:
+        return "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+    interval = f"[{fmt(check['low'])}, {fmt(check['high'])}]" if check.get("low") is not None else ""
+    return [fmt(check["value"]), fmt(check["threshold"]), fmt(check.get("estimate")), interval,
+            fmt(check.get("p_value")), fmt(check.get("n"))]
+
+
+def gate_qualifier(check: dict) -> str:
+    """"underpowered" where the check says the data cannot decide it (a passed check only), else ""."""
+    return "underpowered" if check.get("underpowered") else ""
+
+
 def gate_table(checks: list[dict]) -> list[str]:
     """The gate's checks as a markdown table: the decision (value against threshold) and its evidence.
 
     A paired check's interval and p-value are what tell a regression from noise, so the
-    operator sees them beside the verdict, not only in the JSON result.
+    operator sees them beside the verdict, not only in the JSON result. The run dashboard
+    shows the same cells (`gate_evidence`, `gate_qualifier`) as HTML.
     """
-    def fmt(x: Any) -> str:
-        return "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
-
-    rows = ["| check | value | threshold | estimate | interval | p-value | n | passed |", "|---|---|---|---|---|---|---|---|"]
+    columns = ("check", *GATE_EVIDENCE, "passed")
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for c in checks:
-        interval = f"[{fmt(c['low'])}, {fmt(c['high'])}]" if c.get("low") is not None else ""
-        flag = " (underpowered)" if c.get("underpowered") else ""
-        rows.append(f"| {c['name']} | {fmt(c['value'])} | {fmt(c['threshold'])} | {fmt(c.get('estimate'))} | "
-                    f"{interval} | {fmt(c.get('p_value'))} | {fmt(c.get('n'))} | {c['passed']}{flag} |")
+        flag = f" ({gate_qualifier(c)})" if gate_qualifier(c) else ""
+        rows.append(f"| {' | '.join([c['name'], *gate_evidence(c)])} | {c['passed']}{flag} |")
     return rows

@@ -19,6 +19,7 @@ body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: 
 main { max-width: 1040px; margin: 0 auto; padding: 24px 28px 48px; }
 h1 { font-size: 24px; margin: 0 0 4px; }
 h2 { font-size: 18px; margin: 28px 0 10px; border-bottom: 1px solid #d9dde3; padding-bottom: 4px; }
+h3 { font-size: 15px; margin: 16px 0 6px; }
 p.sub { color: #5b6575; margin: 0 0 16px; }
 .badge { display: inline-block; padding: 2px 10px; border-radius: 10px; font-weight: 600; font-size: 13px; }
 .ok { background: #dff3e4; color: #17642e; } .bad { background: #fbe0e0; color: #9b1c1c; } .warn { background: #fff1d6; color: #8a5300; }
@@ -88,23 +89,45 @@ def _fmt(value: float | int) -> str:
     return f"{value:.4g}"
 
 
+# Legend text is laid out without a browser: a generous width per character of 12 px
+# sans-serif (DejaVu Sans, Chromium's fallback on Linux, averages about 6.6 px), so a label
+# is never placed where it would run past the chart; the browser test measures the real text.
+LEGEND_CHAR_W = 7.4
+LEGEND_ROW_H = 18
+
+
+def _legend(names: Sequence[str], colours: Sequence[str], width: int) -> tuple[list[str], int]:
+    """Legend items left to right, wrapping onto a new row before one would pass `width`.
+
+    Returns:
+        The SVG parts and the y just below the last row.
+    """
+    parts, x, y, left = [], 4.0, 8, 4.0
+    for i, name in enumerate(names):
+        item_w = 14 + LEGEND_CHAR_W * len(name) + 16
+        if x > left and x + item_w > width - 4:
+            x, y = left, y + LEGEND_ROW_H
+        parts.append(f'<rect x="{x:.0f}" y="{y}" width="10" height="10" fill="{colours[i % len(colours)]}"/>'
+                     f'<text x="{x + 14:.0f}" y="{y + 9}" font-size="12">{text(name)}</text>')
+        x += item_w
+    return parts, y + LEGEND_ROW_H
+
+
 def bar_chart(groups: Sequence[str], series: dict[str, Sequence[float | None]], title: str, width: int = 640) -> str:
     """Horizontal bars: for each group (a metric), one bar per series (a model), scaled per group.
 
     Each metric has its own scale (exact match is 0..1, perplexity may be 1000), so bars
-    compare models within a metric; the value is written next to each bar.
+    compare models within a metric; the value is written next to each bar. The legend
+    wraps onto as many rows as the series need (feedback and preference roles add some).
     """
-    colours = ["#3b6fd8", "#9aa5b5", "#c48a1c", "#2e9b5a", "#8b5cc4", "#c4453b"]
+    colours = ["#3b6fd8", "#9aa5b5", "#c48a1c", "#2e9b5a", "#8b5cc4", "#c4453b", "#1f8a8a", "#b5527f"]
     names = list(series)
     bar_h, gap, label_w = 14, 10, 150
-    height = 30 + len(groups) * (len(names) * bar_h + gap) + 20
+    legend, below_legend = _legend(names, colours, width)
+    height = below_legend + 4 + len(groups) * (len(names) * bar_h + gap) + 20
     parts = [f'<svg role="img" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}"><title>{text(title)}</title>']
-    for i, name in enumerate(names):  # legend
-        x = label_w + i * 120
-        parts.append(f'<rect x="{x}" y="8" width="10" height="10" fill="{colours[i % len(colours)]}"/>'
-                     f'<text x="{x + 14}" y="17" font-size="12">{text(name)}</text>')
-    y = 30
+             f'viewBox="0 0 {width} {height}"><title>{text(title)}</title>', *legend]
+    y = below_legend + 4
     for g, group in enumerate(groups):
         values = [series[n][g] for n in names]
         top = max((abs(v) for v in values if v is not None), default=0) or 1

@@ -12,6 +12,7 @@ artifacts and the model version link back (`run_link`, `version_link`, `link_tag
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,11 @@ def _flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+def dataset_name(paths: list[Path]) -> str:
+    """The name of a run's dataset in MLflow: its files' names, joined ("dates.jsonl + feedback.jsonl")."""
+    return " + ".join(Path(p).name for p in paths)
+
+
 def start_tracking_run(
     root: Path,
     params: Params,
@@ -82,19 +88,25 @@ def start_tracking_run(
     data_md5: str,
     tags: dict[str, str],
     origin: FlowRunOrigin | None = None,
-    more_inputs: list[tuple[Path, str, str]] = (),
+    inputs: list[tuple[Path, str, str]] = (),
 ) -> str:
-    """Open the run (left open for the stages), log every setting and the data as a dataset input.
+    """Open the run (left open for the stages), log every setting and the data as dataset inputs.
+
+    With one source the dataset is that file. With several, the dataset the run trained on
+    is all of them: it is named after every file (`dataset_name`) and has their combined md5
+    (`data_md5`, as prepare's stats.json computes it), and each source is logged beside it
+    with its own md5, in its own context ("source" or "feedback").
 
     Args:
+        data_path, data_md5: the data file (the first source's) and the data's md5 (every
+            source's combined, when there are several).
         origin: the Prefect flow run; the MLflow run takes its name, and its tags and
             description (shown on the run's page) lead back to it.
-        more_inputs: the other sources of `data.sources`, each (path, md5, context: "training"
-            or "feedback"), logged as dataset inputs beside the first.
+        inputs: every input of the run, each (path, md5, context): the sources of
+            `data.sources` in their order ("training" or "feedback"), then the preference
+            export ("preference"). Empty: `data_path` alone.
     """
     import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
 
     exp_id = ensure_experiment(EXPERIMENT, root / "mlartifacts")
     origin = origin or FlowRunOrigin(None, None, None)
@@ -104,15 +116,33 @@ def start_tracking_run(
     # stages attach to it with mlflow.start_run(run_id=...).
     client = mlflow.MlflowClient()
     run_id = client.create_run(exp_id, run_name=origin.name, tags=run_tags).info.run_id
+    sources = [(Path(path), md5, context) for path, md5, context in inputs if context != "preference"]
     with mlflow.start_run(run_id=run_id):
         mlflow.log_params(_flatten("", params.model_dump(mode="json"), {}))
-        with warnings.catch_warnings():  # a local path matches two equivalent source kinds
-            warnings.simplefilter("ignore")
-            inputs = [(data_path, data_md5, "training"), *more_inputs]
-            for path, md5, context in inputs:
-                source = resolve_dataset_source(str(Path(path).resolve()))
-                mlflow.log_input(MetaDataset(source, name=Path(path).name, digest=md5), context=context)
+        if len(sources) > 1:
+            paths = [path for path, _, _ in sources]
+            common = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
+            _log_dataset(common, dataset_name(paths), data_md5, "training")
+            for path, md5, context in sources:
+                _log_dataset(path, path.name, md5, "feedback" if context == "feedback" else "source")
+        else:
+            _log_dataset(Path(data_path), Path(data_path).name, data_md5, "training")
+        for path, md5, context in inputs:
+            if context == "preference":
+                _log_dataset(Path(path), Path(path).name, md5, context)
     return run_id
+
+
+def _log_dataset(path: Path, name: str, md5: str, context: str) -> None:
+    """One dataset input of the active run: a file or folder by its path, name and md5."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # a local path matches two equivalent source kinds
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(Path(path).resolve()))
+        mlflow.log_input(MetaDataset(source, name=name, digest=md5), context=context)
 
 
 def log_results(

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 from tasks.config import Params
 from tasks.errors import RegistryRefusal
 from tasks.pins import requirements
+from tasks.registry.chat_schema import INPUT_EXAMPLE
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
@@ -105,6 +106,9 @@ def register_candidate(run_id: str, model_dir: Path, model_name: str, tags: dict
 
     The model is logged from code (`PYFUNC_MODEL_CODE`), with the `tasks` package as its
     code and the model folder as its one artifact, so loading the version unpickles nothing.
+    Its signature comes from the type hints of the model's `predict`, with an input example
+    (`tasks.registry.chat_schema.INPUT_EXAMPLE`); to check that example, MLflow loads the model
+    and answers it while logging.
 
     Returns:
         The new version number, as a string; alias `challenger` points at it.
@@ -118,6 +122,7 @@ def register_candidate(run_id: str, model_dir: Path, model_name: str, tags: dict
             python_model=str(PYFUNC_MODEL_CODE),
             artifacts={"model_dir": str(_staged_model_dir(model_dir, Path(tmp)))},
             code_paths=[str(code_dir)],
+            input_example=INPUT_EXAMPLE,
             pip_requirements=pip_requirements(),
             registered_model_name=model_name,
         )

@@ -131,6 +131,12 @@ def test_offline_pages_are_logged_with_the_run_and_render(rejected, tmp_path):
     shown = render(folder / "dashboard.html")
     text = visible_text(shown.dom)
     assert "min_exact_match" in text and "FAIL" in text and shown.blocked == []
+    samples = text.split("Sample predictions: candidate and champion")[1].split("Training loss")[0]
+    assert "no champion predictions to compare with" in samples  # the model's first version: nothing to compare
+    predictions = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions.json", dst_path=str(tmp_path))
+    first = json.loads(Path(predictions).read_text())["candidate"][0]
+    assert f"{first['prompt']} {first['reference']}" in samples  # the candidate's first test example
+    assert "reports/validation.html" in text.split("validation report")[1]  # the source's report, linked
     report = render(folder / "validation.html")
     assert f"{json.loads((folder / 'validation.json').read_text())['examples']} examples" in visible_text(report.dom)
     assert report.blocked == []

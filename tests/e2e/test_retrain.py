@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,10 @@ def test_sabotaged_run_is_rejected_and_champion_stays(first_run, project):
     assert str(MlflowClient().get_model_version_by_alias("ftllm-chat", "champion").version) == first.version
     tags = MlflowClient().get_model_version("ftllm-chat", result.version).tags
     assert tags["gate_passed"] == "false" and tags["parent_champion"] == first.version
+    # The dashboard sets the champion's answers beside the untrained candidate's, differences first.
+    dashboard = (project / "artifacts/reports/dashboard.html").read_text()
+    differ, shown = map(int, re.search(r"(\d+) of (\d+) predictions differ from the champion's", dashboard).groups())
+    assert 0 < differ <= shown and dashboard.index(">differs<") < dashboard.index("Training loss")
 
 
 def test_failed_packaging_promotes_nothing(first_run, project, monkeypatch):

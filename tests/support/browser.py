@@ -8,10 +8,12 @@ that forbids every request; Chromium logs each blocked one as a console message,
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,58 @@ def visible_text(dom: str) -> str:
     """The DOM's text without tags, whitespace collapsed (what a reader sees, roughly)."""
     no_style = re.sub(r"<(style|title)[^>]*>.*?</\1>", " ", dom, flags=re.S | re.I)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", no_style)).strip()
+
+
+# Measures every SVG text where Chromium drew it (getBBox, in the SVG's own units).
+MEASURE_SCRIPT = """<script>
+const boxes = [];
+document.querySelectorAll("svg").forEach((svg, chart) => {
+  const view = svg.viewBox.baseVal;
+  svg.querySelectorAll("text").forEach(t => {
+    const b = t.getBBox();
+    boxes.push({chart, text: t.textContent, left: b.x, right: b.x + b.width, top: b.y, bottom: b.y + b.height,
+                width: view.width, height: view.height});
+  });
+});
+const out = document.createElement("pre");
+out.id = "measured";
+out.textContent = JSON.stringify(boxes);
+document.body.appendChild(out);
+</script>"""
+
+
+@dataclass(frozen=True)
+class TextBox:
+    """Where Chromium drew one SVG text, and the size of its chart (`chart`: the SVG's index on the page)."""
+
+    chart: int
+    text: str
+    left: float
+    right: float
+    top: float
+    bottom: float
+    width: float
+    height: float
+
+    @property
+    def inside(self) -> bool:
+        return self.left >= 0 and self.right <= self.width and self.top >= 0 and self.bottom <= self.height
+
+    def overlaps(self, other: TextBox) -> bool:
+        return (self.chart == other.chart and self.left < other.right and other.left < self.right
+                and self.top < other.bottom and other.top < self.bottom)
+
+
+def measure_svg_text(page: Path, folder: Path) -> list[TextBox]:
+    """Every SVG text of `page` as Chromium lays it out.
+
+    The pages forbid scripts; a copy without the policy, with a measuring script, is
+    rendered in `folder` (the page itself is left as it is).
+    """
+    html = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page.read_text())
+    copy = folder / f"measured-{page.name}"
+    copy.write_text(html.replace("</body>", MEASURE_SCRIPT + "</body>"))
+    dom = render(copy).dom
+    found = re.search(r'<pre id="measured">(.*?)</pre>', dom, flags=re.S)
+    assert found, "the measuring script did not run"
+    return [TextBox(**box) for box in json.loads(unescape(found.group(1)))]

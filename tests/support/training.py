@@ -92,7 +92,7 @@ def train_tool_caller(out: Path, steps: int = 160) -> Path:
     from tasks.config import ModelParams
     from tasks.model.chat import render_prompt
     from tasks.model.loading import resolve_base
-    from tests.families import QWEN25_TEMPLATE
+    from tests.support.families import QWEN25_TEMPLATE
 
     if (out / "ftllm_model.json").is_file():
         return out

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -140,28 +141,59 @@ def serving_experiment() -> str:
     return ensure_experiment("serving-tests", STATE / "mlartifacts")
 
 
+@dataclass
+class Registered:
+    """The registry of the serving tests, and what MLflow warned while registering its versions."""
+
+    client: object
+    warnings: list[str] = field(default_factory=list)
+
+
 @pytest.fixture(scope="session")
-def registry(model_dir: Path):
+def registered(model_dir: Path) -> Registered:
     """Two MLflow versions of the model, `champion` on 1; version 1 is also in the BentoML store.
 
     Both are registered as the pipeline registers a candidate (`register_candidate`: a pyfunc
     model logged from code, the model folder as its artifact). So the service loads version 1
     from the BentoML store and version 2 from MLflow's artifacts (`artifacts/model_dir`),
-    both real loads.
+    both real loads. Warnings raised from MLflow's code, and warnings its loggers log, are
+    kept: registering must raise none.
     """
+    import logging
+    import warnings
+
     import mlflow
 
     from tasks.registry.bento import import_model
     from tasks.registry.versions import register_candidate
 
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            heard.append(f"{record.name}: {record.getMessage()}")
+
+    heard: list[str] = []
     client = mlflow.MlflowClient()
     experiment_id = serving_experiment()
-    for _ in range(2):
-        run_id = client.create_run(experiment_id).info.run_id
-        register_candidate(run_id, model_dir, MODEL_NAME, {"source": "tests"})
+    handler = Keep(logging.WARNING)
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                run_id = client.create_run(experiment_id).info.run_id
+                register_candidate(run_id, model_dir, MODEL_NAME, {"source": "tests"})
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    heard += [f"{w.filename}: {w.message}" for w in caught if f"{os.sep}mlflow{os.sep}" in w.filename]
     client.set_registered_model_alias(MODEL_NAME, "champion", "1")
     import_model(model_dir, MODEL_NAME, "1", {"source": "tests"})
-    return client
+    return Registered(client, heard)
+
+
+@pytest.fixture(scope="session")
+def registry(registered: Registered):
+    """The MLflow client of the registry above."""
+    return registered.client
 
 
 @pytest.fixture(scope="session")

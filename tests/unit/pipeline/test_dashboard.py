@@ -8,12 +8,12 @@ from tests.support.browser import external_urls
 
 def test_sections_hold_the_run(view):
     html = render_dashboard(view)
-    for section in ("metrics", "gate", "loss", "data", "lineage"):
+    for section in ("metrics", "gate", "samples", "loss", "data", "lineage"):
         assert f'id="{section}"' in html
     for role in view.metrics:
         assert f'data-role="{role}"' in html
     assert html.count("<svg") == 2 and "<polyline" in html  # bar chart and loss curve
-    assert "gate REJECTED" in html and html.count(">FAIL<") == 1 and html.count(">pass<") == 1
+    assert "gate REJECTED" in html and html.count(">FAIL<") == 2 and html.count(">pass<") == 2
     assert "6 at step 1" in html and "0.3 at step 20" in html
     for value in view.lineage.values():
         assert value in html
@@ -24,7 +24,8 @@ def test_sections_hold_the_run(view):
 def test_a_failed_run_before_evaluation_says_what_is_missing():
     html = render_dashboard(RunView("m", None, "failed", None, metrics={}, verdict=None))
     assert "the run ended before evaluation" in html and "the gate did not run" in html
-    assert "no training history" in html
+    assert "no training history" in html and "no sample predictions" in html
+    assert "no per-source counts" in html
 
 
 def test_run_files_are_read_when_present(tmp_path):
@@ -59,3 +60,59 @@ def test_the_feedback_section_shows_keys_and_what_was_redacted(view):  # noqa: F
         assert f'<tr><td>{name}</td><td class="num">{count}</td></tr>' in html, name
     assert "<td>secret</td>" in html  # every category, found or not
     assert "no feedback source in this run" in render_dashboard(view)
+
+
+def test_without_a_champion_the_candidates_samples_stand_alone(view):
+    import dataclasses
+
+    html = render_dashboard(dataclasses.replace(view, samples={"candidate": view.samples["candidate"]}))
+    section = html.split('id="samples"')[1].split('id="loss"')[0]
+    assert "no champion predictions to compare with" in section and "31 Dec" in section and "differs" not in section
+
+
+def test_samples_of_other_examples_are_not_paired():
+    """The champion's samples from another split order are shown as missing, not compared."""
+    from tasks.pipeline.dashboard import _pair_samples
+
+    mine = [{"prompt": "a", "reference": "1", "prediction": "1"}, {"prompt": "b", "reference": "2", "prediction": "x"}]
+    theirs = [{"prompt": "b", "reference": "2", "prediction": "2"}, {"prompt": "a", "reference": "1", "prediction": "0"}]
+    assert _pair_samples(mine, theirs) == [(mine[0], None), (mine[1], None)]
+    assert _pair_samples(mine, [theirs[1]]) == [(mine[0], theirs[1]), (mine[1], None)]  # differs first
+
+
+def test_the_validation_counts_of_every_source_add_up():
+    from tasks.pipeline.dashboard import merge_validation
+
+    first = {"examples": 2000, "errors": {"not_json": 1}, "warnings": {"short_answer": 4}, "dropped": 2}
+    second = {"examples": 55, "errors": {}, "warnings": {"short_answer": 1, "long": 2}, "dropped": 0}
+    assert merge_validation([first, None, second]) == {
+        "examples": 2055, "errors": {"not_json": 1}, "warnings": {"short_answer": 5, "long": 2}, "dropped": 2}
+    assert merge_validation([None]) is None
+
+
+def test_a_source_without_a_report_says_so(view):
+    import dataclasses
+
+    html = render_dashboard(dataclasses.replace(view, source_reports=[view.source_reports[0], None]))
+    assert "none: not validated (nothing to read)" in html and "source-1/validation.html" not in html
+
+
+def test_the_legend_wraps_onto_rows_within_the_chart():
+    import re
+
+    from tasks.pipeline.html import bar_chart
+
+    names = ["candidate", "champion", "base_few_shot", "base_zero_shot", "candidate_feedback", "champion_feedback"]
+    svg = bar_chart(["exact_match"], {n: [0.5] for n in names}, "t", width=640)
+    rows = {int(y) for y in re.findall(r'<rect x="\d+" y="(\d+)" width="10"', svg)}
+    assert len(rows) == 2
+    starts = [int(x) for x in re.findall(r'<text x="(\d+)" y="(?:\d+)" font-size="12">(?:' + "|".join(names) + ")<", svg)]
+    assert len(starts) == len(names) and max(starts) < 640
+
+
+def test_corrections_are_mentioned_only_when_there_are_some(view):
+    import dataclasses
+
+    assert "55 corrected answers" in render_dashboard(view)
+    none = {**view.prepared, "corrections": {"examples": 0, "replaced": 0}}
+    assert "corrected answers" not in render_dashboard(dataclasses.replace(view, prepared=none))

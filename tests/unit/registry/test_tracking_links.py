@@ -86,3 +86,20 @@ def test_links_open_mlflows_training_view(tmp_path):
     run_id = start_tracking_run(tmp_path, Params(), {}, data, "m", {}, ORIGIN)
     assert run_link(run_id).endswith(f"/runs/{run_id}?workflowType=machine_learning")
     assert artifact_link(run_id, "reports/x.html").endswith(f"/runs/{run_id}/artifacts/reports/x.html?workflowType=machine_learning")
+
+
+def test_a_multi_source_runs_dataset_is_named_after_every_source(tmp_path):
+    """The dataset the run trained on is all its sources, with their combined md5; each source is logged beside it."""
+    data, feedback = tmp_path / "dates.jsonl", tmp_path / "feedback" / "feedback.jsonl"
+    feedback.parent.mkdir()
+    data.write_text("{}\n")
+    feedback.write_text("{}\n")
+    inputs = [(data, "md5-data", "training"), (feedback, "md5-fb", "feedback"), (tmp_path / "p.jsonl", "md5-p", "preference")]
+    run_id = start_tracking_run(tmp_path, Params(), {}, data, "md5-both", {}, ORIGIN, inputs)
+    logged = {(d.dataset.name, d.dataset.digest, d.tags[0].value)
+              for d in mlflow.MlflowClient().get_run(run_id).inputs.dataset_inputs}
+    assert logged == {("dates.jsonl + feedback.jsonl", "md5-both", "training"), ("dates.jsonl", "md5-data", "source"),
+                      ("feedback.jsonl", "md5-fb", "feedback"), ("p.jsonl", "md5-p", "preference")}
+    one = start_tracking_run(tmp_path, Params(), {}, data, "md5-data", {}, ORIGIN, inputs[:1])
+    assert [(d.dataset.name, d.dataset.digest) for d in mlflow.MlflowClient().get_run(one).inputs.dataset_inputs] == [
+        ("dates.jsonl", "md5-data")]
