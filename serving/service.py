@@ -556,10 +556,14 @@ class ChatService:
         except ValidationError as err:
             raise validation_error(err) from None
         caller = request_caller(request.scope)
-        wait = self.feedback_limit.acquire(caller.name)
+        # A trusted key (the operator's own front end) relays many end users: its limit is per
+        # end user it names. An untrusted key's user ids are not believed: its limit is the key's.
+        bucket = (caller.name if not (caller.trusted and fb.user) else f"{caller.name}\x00{fb.user}")
+        wait = self.feedback_limit.acquire(bucket)
         if wait is not None:
-            raise APIError(429, f"Over feedback.per_key_per_minute={self.feedback_limit.limit} for the key "
-                                f"{caller.name!r}; retry in {wait} s.", type="rate_limit_error",
+            who = f"the key {caller.name!r}" + (f" and the user {fb.user!r}" if bucket != caller.name else "")
+            raise APIError(429, f"Over feedback.per_key_per_minute={self.feedback_limit.limit} for {who}; "
+                                f"retry in {wait} s.", type="rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
         try:
             fid = await asyncio.to_thread(self.store.add_feedback, fb.id, fb.rating, fb.correction,

@@ -112,3 +112,9 @@ def test_feedback_is_rate_limited_per_key(keyed):
     limited = call(url, "POST", "/feedback", KEYS["ops"], json=missing)
     assert error_code(limited) == (429, "rate_limit_exceeded") and 1 <= int(limited.headers["retry-after"]) <= 60
     assert call(url, "POST", "/feedback", KEYS["teach"], json=missing).status_code == 404  # another key is not
+    # A trusted key's limit is per end user it names (a front end relaying its users)...
+    assert call(url, "POST", "/feedback", KEYS["ops"], json={**missing, "user": "u-1"}).status_code == 404
+    # ...an untrusted key's user ids are not believed: naming other users does not lift its limit.
+    statuses = [call(url, "POST", "/feedback", KEYS["teach"], json={**missing, "user": f"u-{n}"}).status_code
+                for n in range(PER_MINUTE)]
+    assert statuses == [404] * (PER_MINUTE - 1) + [429]
