@@ -117,4 +117,4 @@ def test_feedback_is_rate_limited_per_key(keyed):
     # ...an untrusted key's user ids are not believed: naming other users does not lift its limit.
     statuses = [call(url, "POST", "/feedback", KEYS["teach"], json={**missing, "user": f"u-{n}"}).status_code
                 for n in range(PER_MINUTE)]
-    assert statuses == [404] * (PER_MINUTE - 1) + [429]
+    assert statuses[-1] == 429  # teach's calls above count too: with a bucket per named user, all would be 404
