@@ -52,7 +52,7 @@ def test_preference_tuning_lowers_its_loss_on_a_tiny_fixture(sft, tmp_path, loss
     model_dir, data = sft
     rows = preference_rows(data)
     write_preference(data, rows)
-    prefs = PreferenceParams(loss=loss, max_steps=12, batch_size=8, learning_rate=5e-3, beta=0.5)
+    prefs = PreferenceParams(loss=loss, max_steps=24, batch_size=8, learning_rate=5e-3, beta=0.5)
     params = Params(train=small_params().train, preference=prefs)
 
     def loss_of(folder):
@@ -67,7 +67,7 @@ def test_preference_tuning_lowers_its_loss_on_a_tiny_fixture(sft, tmp_path, loss
             return float(kto_loss(model, items, prefs.beta, (1.0, 1.0), tok.pad_token_id, "cpu"))
 
     summary = preference_tune(params, data, model_dir, tmp_path / "preference", log=lambda _m: None)
-    assert summary.ran and summary.steps == 12
+    assert summary.ran and summary.steps == 24
     tuned = tuned_model(tmp_path / "preference")
     assert tuned is not None and (tuned / "adapter" / "adapter_model.safetensors").is_file()
     before, after = loss_of(model_dir), loss_of(tuned)
