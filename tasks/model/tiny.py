@@ -23,15 +23,68 @@ from pathlib import Path
 # block before the answer (in every turn: none is dropped). Without tools, tool calls or
 # reasoning it renders plain ChatML, as it always did.
 CHAT_TEMPLATE = (
+    # A tool's declaration in the namespace, or its JSON where the compact form cannot hold it all.
+    "{%- macro declare(tool) %}"
+    "{%- set ns = namespace(ok=tool is mapping and tool.type == 'function' and tool.function is mapping) %}"
+    "{%- if ns.ok %}"
+    "{%- set f = tool.function %}"
+    "{%- for key in tool %}{%- if key not in ['type', 'function'] %}{%- set ns.ok = false %}{%- endif %}{%- endfor %}"
+    "{%- for key in f %}{%- if key not in ['name', 'description', 'parameters'] %}{%- set ns.ok = false %}{%- endif %}{%- endfor %}"
+    "{%- set ns.ok = ns.ok and f.name is string and (f.description is not defined or f.description is string) %}"
+    "{%- set p = f.parameters if f.parameters is defined else {} %}"
+    "{%- set ns.ok = ns.ok and p is mapping %}"
+    "{%- if ns.ok %}"
+    "{%- for key in p %}{%- if key not in ['type', 'properties', 'required'] %}{%- set ns.ok = false %}{%- endif %}{%- endfor %}"
+    "{%- set props = p.properties if p.properties is defined else {} %}"
+    "{%- set required = p.required if p.required is defined else [] %}"
+    "{%- set ns.ok = ns.ok and (p.type is not defined or p.type == 'object') and props is mapping"
+    " and required is sequence and required is not string and required is not mapping %}"
+    "{%- endif %}"
+    "{%- if ns.ok %}"
+    "{%- for r in required %}{%- if r is not string or r not in props %}{%- set ns.ok = false %}{%- endif %}{%- endfor %}"
+    "{%- for name, prop in props.items() %}"
+    "{%- if not (name is string and name and name | tojson == '\"' + name + '\"' and ' ' not in name and ':' not in name"
+    " and ',' not in name and '?' not in name and '/' not in name and prop is mapping) %}{%- set ns.ok = false %}"
+    "{%- else %}"
+    "{%- for key in prop %}{%- if key not in ['type', 'enum', 'description'] %}{%- set ns.ok = false %}{%- endif %}{%- endfor %}"
+    "{%- if prop.description is defined and prop.description is not string %}{%- set ns.ok = false %}{%- endif %}"
+    "{%- if prop.enum is defined %}"
+    "{%- if not (prop.enum is sequence and prop.enum is not string and prop.enum is not mapping and prop.enum | length > 0) %}"
+    "{%- set ns.ok = false %}"
+    "{%- elif prop.type is defined %}"
+    "{%- if prop.type != 'string' %}{%- set ns.ok = false %}{%- endif %}"
+    "{%- for v in prop.enum %}{%- if v is not string %}{%- set ns.ok = false %}{%- endif %}{%- endfor %}"
+    "{%- endif %}"
+    "{%- elif prop.type not in ['string', 'integer', 'number', 'boolean', 'null'] %}{%- set ns.ok = false %}"
+    "{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{%- endif %}"
+    "{%- if ns.ok %}"
+    "{%- if f.description %}{{- '// ' + f.description.replace('\\n', '\\n// ') + '\\n' }}{%- endif %}"
+    "{{- 'type ' + f.name + ' = (' }}"
+    "{%- if props %}"
+    "{{- '_: {\\n' }}"
+    "{%- for name, prop in props.items() %}"
+    "{%- if prop.description %}{{- '// ' + prop.description.replace('\\n', '\\n// ') + '\\n' }}{%- endif %}"
+    "{{- name + ('' if name in required else '?') + ': ' }}"
+    "{%- if prop.enum is defined %}{{- prop.enum | map('tojson') | join(' | ') }}{%- else %}{{- prop.type }}{%- endif %}"
+    "{{- ',\\n' }}"
+    "{%- endfor %}"
+    "{{- '}' }}"
+    "{%- endif %}"
+    "{{- ') => any;\\n' }}"
+    "{%- else %}"
+    "{{- tool | tojson + '\\n' }}"
+    "{%- endif %}"
+    "{%- endmacro %}"
     "{%- if tools %}"
     "{{- '<|im_start|>system\\n' }}"
     "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
-    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
-    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
-    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
-    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, "
-    "\"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{{- '# Tools\\nnamespace functions {\\n' }}"
+    "{%- for tool in tools %}{{- declare(tool) }}{%- endfor %}"
+    "{{- '}\\nCall a function as <tool_call>\\n{\"name\": ..., \"arguments\": {...}}\\n</tool_call><|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
     "{%- if message['role'] == 'system' and loop.first and tools %}"
@@ -90,10 +143,10 @@ _TOOL_WORDS = (
     "arguments " + _MONTHS
 ).split()
 _TOOL_CORPUS = [
-    ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"),
-    ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"),
+    "# Tools\nnamespace functions {\n// A function.\ntype f = () => any;\n}\n",
+    "type f = (_: {\n// A property.\nname: string,\ncount?: integer,\nscore?: number,\nflag?: boolean,\nnone?: null,\n}) => any;\n",
+    'kind: "a" | "b" | "c",\nkind?: "a" | "b",\n',
+    'Call a function as <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>',
     ('<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>\n<tool_response>\n{"time": "20:03"}\n'
     "</tool_response>"),
     ('{"type": "function", "function": {"name": "", "description": "", "parameters": {"type": "object", "properties": '

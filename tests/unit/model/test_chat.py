@@ -152,11 +152,14 @@ WEATHER_TOOL = {"type": "function", "function": {
 }}
 
 
-def test_tools_reach_the_template_in_the_tiny_models_qwen25_format(tiny) -> None:
+def test_tools_reach_the_template_in_the_tiny_models_namespace_format(tiny) -> None:
     question = [{"role": "user", "content": "Weather in Oslo?"}]
     prompt = render_prompt(tiny, question, tools=[WEATHER_TOOL])
-    assert prompt.startswith("<|im_start|>system\n# Tools\n\nYou may call one or more functions")
-    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in prompt
+    assert prompt.startswith(
+        "<|im_start|>system\n# Tools\nnamespace functions {\n// The weather in a city.\n"
+        "type get_weather = (_: {\ncity: string,\n}) => any;\n}\n"
+    )
+    assert '<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call><|im_end|>' in prompt
     assert prompt.endswith("<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n")
     assert render_prompt(tiny, question) == "<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n"
     # encode_chats reads the tools of each example
