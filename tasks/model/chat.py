@@ -511,7 +511,7 @@ _PROBE_REASONING = [
     {"role": "assistant", "content": "Probe answer one.", "reasoning_content": "Probe reasoning 7304."},
 ]
 _TOOL_FIX = (
-    "set model.chat_template: chatml (ChatML with Qwen 2.5's tool format) or the path of a Jinja template that "
+    "set model.chat_template: chatml (ChatML with a tool format) or the path of a Jinja template that "
     "renders tools, tool_calls and tool messages"
 )
 

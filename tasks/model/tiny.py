@@ -15,12 +15,18 @@ import shutil
 from pathlib import Path
 
 # The chat template follows ChatML; `<|im_end|>` ends each turn and is the eos token, so
-# generation stops at the end of the assistant's answer. Tools, tool calls and reasoning
-# take Qwen 2.5's (Hermes) format, which many tool-calling data sets and parsers know:
-# the tools listed in the system turn inside <tools></tools> with Qwen 2.5's instructions
-# (without its default system text), a call as <tool_call> JSON in the assistant turn, the
-# results as a user turn of <tool_response> blocks, and a reasoning trace as a <think>
-# block before the answer (in every turn: none is dropped). Without tools, tool calls or
+# generation stops at the end of the assistant's answer. Tools are declared in the system
+# turn as a TypeScript namespace, the compact form of OpenAI's harmony format (gpt-oss):
+# a `// description` line, then `type name = (_: {...}) => any;` with one property a line,
+# `?` after an optional one, an enum as a union of its JSON literals and a property's
+# description as a comment before it. A tool this form cannot hold whole (nested objects,
+# arrays, anyOf, keywords such as `default` or `minimum`, extra keys) is declared as its
+# JSON on one line, so no part of a schema is dropped. The declaration is about half the
+# tokens of the tools' JSON, which a 2-layer model attends over before every question
+# (benchmarks/results/tools_tiny.md). Calls keep Qwen 2.5's (Hermes) format, which many
+# tool-calling data sets and parsers know: <tool_call> JSON in the assistant turn, the
+# results as a user turn of <tool_response> blocks; a reasoning trace is a <think> block
+# before the answer (in every turn: none is dropped). Without tools, tool calls or
 # reasoning it renders plain ChatML, as it always did.
 CHAT_TEMPLATE = (
     # A tool's declaration in the namespace, or its JSON where the compact form cannot hold it all.
@@ -116,10 +122,10 @@ SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|bos|>"]
 
 # A fixed corpus for the BPE merges: the tokenizer is the same on every machine. Its words
 # cover dates, numbers and common English so that typical chat text gets short encodings,
-# and the tool format: Qwen 2.5's tool instructions, the JSON of tool schemas and calls, and
-# the words of the built-in function-calling task (scripts/make_tools_data.py). Without
-# them a tool example, its schemas and its call are split almost into bytes, into more
-# than twice as many tokens (benchmarks/results/tools_tiny.md).
+# and the tool format: the namespace declaration's syntax (on placeholder names), the JSON
+# of tool schemas and calls, and the words of the built-in function-calling task
+# (scripts/make_tools_data.py). Without them a tool example, its schemas and its call are
+# split almost into bytes, into more than twice as many tokens (benchmarks/results/tools_tiny.md).
 _MONTHS = "January February March April May June July August September October November December"
 _CORPUS = [
     _MONTHS,
