@@ -272,14 +272,15 @@ class Engine:
         self.emit, self.max_batch, self.on_step = emit, max_batch, on_step
         self.join_ratio, self.join_after_steps = join_ratio, join_after_steps
         self.prefix_min_tokens = prefix_min_tokens
-        self.inbox: queue.SimpleQueue[Row | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[tuple[Row, ...] | None] = queue.SimpleQueue()
         self.waiting: deque[Row] = deque()
         self.waited = 0  # decoding steps the first waiting row has waited
         self.thread = threading.Thread(target=self._run, name="ftllm-generate", daemon=True)
         self.thread.start()
 
-    def submit(self, row: Row) -> None:
-        self.inbox.put(row)
+    def submit(self, *rows: Row) -> None:
+        """Queue `rows`; rows submitted in one call reach the loop together, in one step."""
+        self.inbox.put(rows)
 
     def cancel(self, row: Row) -> None:
         """The client left: the row is dropped at the next step."""
@@ -301,7 +302,7 @@ class Engine:
             while True:
                 if item is None:
                     return False
-                self.waiting.append(item)
+                self.waiting.extend(item)
                 item = self.inbox.get_nowait()
         except queue.Empty:
             return True

@@ -86,6 +86,16 @@ class Harness:
         self.engine.submit(row)
         return row
 
+    def submit_together(self, model: LoadedModel, max_new: int, prompts: list[tuple[str, str]]) -> list[Row]:
+        """One row per (system, user) prompt, submitted as one arrival (requests landing in the
+        same instant): the engine's thread takes all of them in one step, however it is scheduled."""
+        rows = [Row(next(_ids), prompt_ids(model.tokenizer, user, system), max_new, 0.0, 1.0, [], True, model)
+                for system, user in prompts]
+        for row in rows:
+            self.queues[row.id] = asyncio.Queue()
+        self.engine.submit(*rows)
+        return rows
+
     async def next(self, row: Row, timeout: float = 60) -> tuple:
         return await asyncio.wait_for(self.queues[row.id].get(), timeout)
 
@@ -149,7 +159,7 @@ def _answers_and_prefill_widths(model: LoadedModel, groups: list[list[tuple[str,
         async with Harness(**kwargs) as h:
             for group in groups:
                 widths.append([])
-                rows = [h.submit(model, 10, user=user, system=system) for system, user in group]
+                rows = h.submit_together(model, 10, group)
                 texts += [(await h.until_end(row))[0] for row in rows]
         return texts
 
