@@ -4,12 +4,16 @@ Each configuration is a set of thread variables given to the `finetune` stage pr
 (`python -m tasks.stages.finetune`, the process `ftllm run` starts through DVC), with every
 other variable as it is here:
 
-- current: none of the thread variables set, what the stage did before the thread policy
-  (torch takes one OpenMP thread per CPU, and idle threads spin before they sleep);
-- policy: the variables the project now sets for its stage processes
-  (`tasks.environment.thread_defaults`);
-- passive: `OMP_WAIT_POLICY=PASSIVE` alone;
-- one-thread: `OMP_NUM_THREADS=1` alone (the usual advice on a shared machine).
+- current: torch's own thread count (one per usable CPU), fixed, and OpenMP's default wait
+  (idle workers spin a while before they sleep): what the stage did before any thread
+  policy. `OMP_NUM_THREADS` names the count, so the project's adaptation stays out;
+- policy: the project's policy now (`tasks.environment.thread_defaults`, no variable set):
+  the stage starts with one thread per usable CPU and `ThreadShare` lowers the count to
+  the CPUs that other processes leave free, looking again every two seconds;
+- passive: the earlier policy, `OMP_WAIT_POLICY=PASSIVE` with the fixed count;
+- one-thread: `OMP_NUM_THREADS=1` (the usual advice on a shared machine);
+- spin-10k, spin-100k: the fixed count with a shorter spin before an idle worker sleeps
+  (libgomp's default is 300,000 iterations).
 
 Per repeat and configuration (configurations alternate, so a change in the machine's other
 load reaches all of them alike): one training run alone, then two started at once. Reported
@@ -47,13 +51,16 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL
 
 def configurations() -> dict[str, dict[str, str]]:
     """The thread variables of each configuration, by name."""
-    from tasks.environment import thread_defaults
+    from tasks.environment import thread_defaults, usable_cpus
 
+    fixed = {"OMP_NUM_THREADS": str(usable_cpus())}
     return {
-        "current": {},
+        "current": fixed,
         "policy": thread_defaults(),
-        "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+        "passive": {**fixed, "OMP_WAIT_POLICY": "PASSIVE"},
         "one-thread": {"OMP_NUM_THREADS": "1"},
+        "spin-10k": {**fixed, "GOMP_SPINCOUNT": "10000"},
+        "spin-100k": {**fixed, "GOMP_SPINCOUNT": "100000"},
     }
 
 

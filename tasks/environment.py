@@ -11,11 +11,11 @@ same code scales out to real servers.
 `apply_defaults` must run before prefect, mlflow or bentoml are imported, since they read
 some of these variables when first imported.
 
-`thread_defaults` is the thread policy of the compute processes (training, evaluation, the
-serving engine); see docs/guides/cpu-sharing.md. It is part of the defaults because OpenMP
-reads its variables once, when torch loads it: they must be in a process's environment
-before it imports torch, which is where `apply_defaults` puts them for the processes that
-`ftllm` and the flows start.
+`thread_defaults` and `ThreadShare` are the thread policy of the compute processes
+(training, evaluation); see docs/guides/cpu-sharing.md. A fixed thread count is part of the
+defaults because OpenMP reads its variables once, when torch loads it: they must be in a
+process's environment before it imports torch, which is where `apply_defaults` puts them
+for the processes that `ftllm` and the flows start.
 
 `environment()` reads the project's own variables (secrets among them) into a frozen
 `Environment`, at call time rather than import time, so a rotated API key or a test's
@@ -77,18 +77,82 @@ def usable_cpus() -> int:
 
 
 def thread_defaults() -> dict[str, str]:
-    """OpenMP variables for the compute processes, so that jobs sharing a machine slow down
-    in proportion.
+    """OpenMP variables for the compute processes: only a thread count the user named.
 
-    By default an OpenMP worker that runs out of work spins for a while before it sleeps.
-    With two jobs on the same cores the spinning threads of one take the CPU from the
-    working threads of the other, and both crawl (the benchmark in
-    benchmarks/bench_cpu_sharing.py measures it). A passive wait policy makes idle workers
-    sleep at once. The number of threads stays torch's own choice, one per usable CPU,
-    unless FTLLM_TORCH_THREADS names it.
+    FTLLM_TORCH_THREADS=N fixes torch's compute threads at N (as OMP_NUM_THREADS, which
+    OpenMP reads when torch loads it). Without it a compute process starts with one thread
+    per usable CPU and `ThreadShare` adapts the count to what other processes leave free.
+    OpenMP's wait policy stays its default: its workers spin briefly before they sleep,
+    which keeps the hand-offs between many small operations fast when a job runs alone.
     """
     threads = os.environ.get(_VARIABLES["torch_threads"], "").strip()
-    return {"OMP_WAIT_POLICY": "PASSIVE", **({"OMP_NUM_THREADS": threads} if threads else {})}
+    return {"OMP_NUM_THREADS": threads} if threads else {}
+
+
+def _runnable_threads() -> tuple[int, int]:
+    """(runnable threads on the machine, runnable threads of this process), right now (Linux /proc)."""
+    machine = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    own = 0
+    for stat in Path("/proc/self/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the thread ended while we looked
+            continue
+        own += text[text.rindex(")") + 2] == "R"
+    return machine, own
+
+
+class ThreadShare:
+    """Torch's compute threads, set to the CPUs that other processes leave free.
+
+    Two CPU jobs on one machine that each run one thread per CPU make every parallel
+    operation wait for a thread the other job holds, and both crawl (seven times slower on
+    two cores, benchmarks/bench_cpu_sharing.py). `adjust()`, called once per unit of work
+    (a training step, a generation batch), looks at most every `every` seconds at how many
+    threads of other processes are runnable and gives torch the usable CPUs less those, at
+    least one. A job alone keeps every CPU; two jobs settle at a fair share each.
+
+    A count the user fixed (FTLLM_TORCH_THREADS or OMP_NUM_THREADS in the environment) is
+    left alone, as on a machine without /proc.
+    """
+
+    def __init__(self, every: float = 2.0, samples: int = 5) -> None:
+        self.every, self.samples = every, samples
+        fixed = any(os.environ.get(v, "").strip() for v in (_VARIABLES["torch_threads"], "OMP_NUM_THREADS"))
+        self.enabled = not fixed and Path("/proc/loadavg").is_file()
+        self.cpus = usable_cpus()
+        self.threads: int | None = None
+        self._last = float("-inf")
+
+    def others(self) -> int:
+        """Runnable threads of other processes: the median of a few looks, a moment apart."""
+        import time
+
+        seen = []
+        for i in range(self.samples):
+            machine, own = _runnable_threads()
+            seen.append(max(0, machine - own))
+            if i + 1 < self.samples:
+                time.sleep(0.002)
+        return sorted(seen)[len(seen) // 2]
+
+    def adjust(self) -> int | None:
+        """Set torch's thread count if it is time to look again; return the count in use (None: not managed)."""
+        import time
+
+        if not self.enabled or self.cpus < 2:
+            return None
+        now = time.monotonic()
+        if now - self._last < self.every:
+            return self.threads
+        self._last = now
+        import torch
+
+        threads = max(1, self.cpus - self.others())
+        if threads != self.threads:
+            torch.set_num_threads(threads)
+            self.threads = threads
+        return threads
 
 
 def apply_defaults(root: Path | None = None) -> Path:

@@ -36,8 +36,8 @@ os.environ.update(
         "FTLLM_FEEDBACK_DB": str(_STATE / "feedback.db"),
     }
 )
-# The compute processes' thread policy (passive OpenMP waits), here as in `ftllm`: set before
-# any test module loads torch, so that test runs sharing a machine slow down in proportion.
+# The compute processes' thread variables (a count FTLLM_TORCH_THREADS names), here as in
+# `ftllm`: set before any test module loads torch.
 for _name, _value in thread_defaults().items():
     os.environ.setdefault(_name, _value)
 

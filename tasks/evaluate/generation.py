@@ -7,6 +7,7 @@ import math
 import random
 import time
 
+from tasks.environment import ThreadShare
 from tasks.errors import RunFailed
 from tasks.model.chat import encode_chats
 
@@ -98,7 +99,9 @@ def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     outputs, latencies, lengths = [], [], []
+    threads = ThreadShare()
     for start in range(0, len(prompts), batch_size):
+        threads.adjust()
         chunk = prompts[start : start + batch_size]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         t0 = time.perf_counter()

@@ -163,6 +163,7 @@ def train_loop(
     """
     import torch
 
+    from tasks.environment import ThreadShare
     from tasks.train.distributed import DistInfo, all_reduce_sum, set_gradient_sync
     from tasks.train.loss import CausalLMLoss
 
@@ -192,7 +193,9 @@ def train_loop(
     start, done_before = time.perf_counter(), state.seconds
     first_step = state.step
     lr_at = lr_schedule(train)
+    threads = ThreadShare()
     while state.step < train.max_steps:
+        threads.adjust()
         t0 = time.perf_counter()
         lr = lr_at(state.step)
         for group in opt.param_groups:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks.config import Params, PreferenceParams
+from tasks.environment import ThreadShare
 from tasks.errors import ConfigError
 from tasks.files import read_jsonl
 from tasks.model.scoring import Sequence, encode_sequences, sequence_logps
@@ -167,7 +168,9 @@ def train_preference(model, items: list, prefs: PreferenceParams, pad_id: int, d
     model.train()
     order: list[int] = []
     history = []
+    threads = ThreadShare()
     for step in range(prefs.max_steps):
+        threads.adjust()
         if len(order) < prefs.batch_size:
             order += rng.sample(range(len(items)), len(items))
         batch, order = [items[i] for i in order[: prefs.batch_size]], order[prefs.batch_size:]

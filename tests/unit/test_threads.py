@@ -1,6 +1,6 @@
-"""The thread policy of the compute processes (`tasks.environment.thread_defaults`): part of
+"""The thread policy of the compute processes: `tasks.environment.thread_defaults` (part of
 the embedded defaults, so `ftllm`, the flows and the stage processes they start set it
-before torch loads OpenMP."""
+before torch loads OpenMP) and `ThreadShare` (the compute threads other processes leave free)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.environment import defaults_for, thread_defaults, usable_cpus
+from tasks import environment
+from tasks.environment import ThreadShare, defaults_for, thread_defaults, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[2]
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FTLLM_TORCH_THREADS")
@@ -27,23 +28,69 @@ def probe(**variables: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_compute_processes_wait_passively_with_torchs_own_thread_count(monkeypatch):
+def test_compute_processes_keep_openmps_wait_and_torchs_own_thread_count(monkeypatch):
     monkeypatch.delenv("FTLLM_TORCH_THREADS", raising=False)
-    assert thread_defaults() == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert defaults_for(ROOT)["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert "OMP_NUM_THREADS" not in defaults_for(ROOT)
+    assert thread_defaults() == {}
+    assert "OMP_NUM_THREADS" not in defaults_for(ROOT) and "OMP_WAIT_POLICY" not in defaults_for(ROOT)
 
 
 def test_ftllm_torch_threads_names_the_thread_count(monkeypatch):
     monkeypatch.setenv("FTLLM_TORCH_THREADS", "3")
-    assert thread_defaults() == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
+    assert thread_defaults() == {"OMP_NUM_THREADS": "3"}
 
 
-def test_torch_in_a_process_with_the_defaults_runs_on_the_usable_cpus_and_waits_passively():
-    assert probe() == {"threads": usable_cpus(), "policy": "PASSIVE"}
-    assert probe(FTLLM_TORCH_THREADS="1") == {"threads": 1, "policy": "PASSIVE"}
+def test_torch_in_a_process_with_the_defaults_runs_on_the_usable_cpus():
+    assert probe() == {"threads": usable_cpus(), "policy": None}
+    assert probe(FTLLM_TORCH_THREADS="1") == {"threads": 1, "policy": None}
 
 
 def test_variables_the_user_set_win():
     assert probe(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1", FTLLM_TORCH_THREADS="2") == {
         "threads": 1, "policy": "ACTIVE"}
+
+
+def _share(monkeypatch, machine: int, own: int) -> ThreadShare:
+    for name in ("FTLLM_TORCH_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(environment, "_runnable_threads", lambda: (machine, own))
+    share = ThreadShare(every=0.0, samples=1)
+    share.cpus = 4
+    return share
+
+
+def test_the_share_is_the_cpus_other_processes_leave_free_and_at_least_one(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert _share(monkeypatch, machine=2, own=2).adjust() == 4  # alone: every CPU
+        assert torch.get_num_threads() == 4
+        assert _share(monkeypatch, machine=3, own=2).adjust() == 3  # one other runnable thread
+        assert _share(monkeypatch, machine=9, own=1).adjust() == 1  # a crowded machine: one thread, never 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_count_the_user_fixed_is_left_alone(monkeypatch):
+    share = _share(monkeypatch, machine=9, own=1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert ThreadShare().adjust() is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("FTLLM_TORCH_THREADS", "2")
+    assert ThreadShare().adjust() is None
+    assert share.enabled
+
+
+def test_other_processes_busy_threads_are_seen_in_proc():
+    burn = [sys.executable, "-c", "while True: pass"]
+    procs = [subprocess.Popen(burn) for _ in range(2)]
+    try:
+        import time
+
+        time.sleep(0.5)
+        assert ThreadShare(samples=7).others() >= 2
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
