@@ -167,14 +167,30 @@ _TOOL_CORPUS = [
 VOCAB_SIZE = 1024  # the corpus yields about 970 tokens: room for all its merges
 
 
+# The standard deviation of the random weights, as a function of the width: 1/sqrt(width),
+# the fan-in scale. transformers' Llama default (0.02) suits widths in the thousands; at the
+# tiny width it leaves every attention score near zero, so attention starts uniform over
+# the context, and a model that must find one word of a long prompt (a city named in a
+# question behind a tool declaration) cannot learn to: 320 full-batch steps on five tool
+# conversations still wrote one city for another, while at the fan-in scale the same steps
+# learnt both (benchmarks/results/tools_tiny.md).
+INIT_RULE = "std = width ** -0.5"
+
+
+def init_std(hidden_size: int) -> float:
+    """The standard deviation of the tiny model's random weights (`INIT_RULE`)."""
+    return hidden_size ** -0.5
+
+
 def tokenizer_digest() -> str:
-    """A short digest of what the tiny tokenizer is built from (chat template, corpus, vocabulary size).
+    """A short digest of what the tiny model is built from besides its seed and shape (chat
+    template, corpus, vocabulary size, the rule of its random weights).
 
     It names the cached folders: one built before any of these changed is not reused.
     """
     import hashlib
 
-    recipe = json.dumps([CHAT_TEMPLATE, _CORPUS, _TOOL_CORPUS, VOCAB_SIZE])
+    recipe = json.dumps([CHAT_TEMPLATE, _CORPUS, _TOOL_CORPUS, VOCAB_SIZE, INIT_RULE])
     return hashlib.sha256(recipe.encode()).hexdigest()[:8]
 
 
@@ -245,6 +261,7 @@ def build_tiny(out_dir: Path, seed: int, hidden_size: int = 128, layers: int = 2
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=init_std(hidden_size),
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
