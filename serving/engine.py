@@ -278,9 +278,12 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="ftllm-generate", daemon=True)
         self.thread.start()
 
-    def submit(self, *rows: Row) -> None:
-        """Queue `rows`; rows submitted in one call reach the loop together, in one step."""
-        self.inbox.put(rows)
+    def submit(self, row: Row) -> None:
+        self.inbox.put((row,))
+
+    def submit_together(self, rows: list[Row]) -> None:
+        """Queue `rows` as one arrival: the loop takes all of them in one step."""
+        self.inbox.put(tuple(rows))
 
     def cancel(self, row: Row) -> None:
         """The client left: the row is dropped at the next step."""

@@ -93,7 +93,7 @@ class Harness:
                 for system, user in prompts]
         for row in rows:
             self.queues[row.id] = asyncio.Queue()
-        self.engine.submit(*rows)
+        self.engine.submit_together(rows)
         return rows
 
     async def next(self, row: Row, timeout: float = 60) -> tuple:
