@@ -13,9 +13,10 @@ import argparse
 import calendar
 import datetime as dt
 import json
-import os
 import random
 from pathlib import Path
+
+from tasks.files import write_atomic
 
 SYSTEM = "Rewrite the ISO date in words."
 PROMPTS = ["{date}", "Convert this ISO date: {date}", "Date: {date}"]
@@ -51,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args(argv)
     lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in make_examples(args.count, args.seed))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(lines, encoding="utf-8")
-    os.replace(tmp, args.out)
+    write_atomic(args.out, lines)
     print(f"wrote {args.count} examples to {args.out}")
     return 0
 

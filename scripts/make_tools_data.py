@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from pathlib import Path
+
+from tasks.files import write_atomic
 
 
 def _tool(name: str, description: str, properties: dict, required: list[str]) -> dict:
@@ -104,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=11)
     args = ap.parse_args(argv)
     lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in make_tool_examples(args.count, args.seed))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(lines, encoding="utf-8")
-    os.replace(tmp, args.out)
+    write_atomic(args.out, lines)
     print(f"wrote {args.count} examples to {args.out}")
     return 0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -15,6 +17,25 @@ def write_atomic(path: Path, text: str) -> Path:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def publish_folder(out_dir: Path, fill: Callable[[Path], None]) -> Path:
+    """Build a folder with `fill` in a temporary sibling, then rename it to `out_dir`.
+
+    Readers never see a half-written folder. Where another process published `out_dir`
+    first (two builds of the same cache entry at once), its folder is kept and this one
+    dropped.
+    """
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
 
 
 def file_md5(path: Path, chunk: int = 1 << 20) -> str:

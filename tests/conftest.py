@@ -15,8 +15,14 @@ from pathlib import Path
 
 from tasks.environment import thread_defaults
 
-# A pytest started by a test (or this file loaded twice) reuses the session's folder.
+# A pytest started by a test (or this file loaded twice) reuses the session's folder. Under
+# pytest-xdist each worker is a session of its own: its own MLflow database, Prefect home and
+# BentoML store, in a folder of the one the controller made, which the workers inherit.
 _STATE = Path(os.environ.get("FTLLM_TEST_STATE") or tempfile.mkdtemp(prefix="ftllm-tests-"))
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and _STATE.name != _WORKER:
+    _STATE = _STATE / _WORKER
+    _STATE.mkdir(exist_ok=True)
 os.environ.update(
     {
         "FTLLM_TEST_STATE": str(_STATE),

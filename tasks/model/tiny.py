@@ -10,9 +10,9 @@ for a real model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
+
+from tasks.files import publish_folder
 
 # The chat template follows ChatML; `<|im_end|>` ends each turn and is the eos token, so
 # generation stops at the end of the assistant's answer. Tools are declared in the system
@@ -268,16 +268,11 @@ def build_tiny(out_dir: Path, seed: int, hidden_size: int = 128, layers: int = 2
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "tiny.json").write_text(
-        json.dumps({"seed": seed, "hidden_size": hidden_size, "layers": layers, "heads": heads}, indent=2)
-    )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if out_dir.exists():  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        (folder / "tiny.json").write_text(
+            json.dumps({"seed": seed, "hidden_size": hidden_size, "layers": layers, "heads": heads}, indent=2)
+        )
+
+    return publish_folder(out_dir, fill)

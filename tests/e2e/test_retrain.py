@@ -162,10 +162,13 @@ def test_training_routed_to_a_missing_deployment_fails_clearly(first_run, projec
     assert any((tmp_path / "store").rglob("*")), "the prepared data was pushed for the worker to pull"
 
 
-def test_a_run_trains_on_the_settings_file_it_was_given(project, prefect_harness):
+def test_a_run_trains_on_the_settings_file_it_was_given(project, prefect_harness, tmp_path, monkeypatch):
     """`--params FILE` reaches every DVC stage: a setting and a data source set only in FILE are what the
     model was trained on, what the resolved settings say, what MLflow records and what the version's lineage says."""
     import yaml
+
+    # An empty feedback log of its own: feedback other tests of the session posted would be a third source.
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(tmp_path / "feedback.db"))
     from mlflow import MlflowClient
 
     from flows.retrain import retrain

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.project import FAMILY_RUN
+
 pytestmark = pytest.mark.slow
 
 TOOL_METRICS = ("tool_calls", "tool_name_accuracy", "tool_arguments_match", "tool_invalid_rate")
@@ -80,19 +82,7 @@ def test_the_candidate_calls_better_than_the_prompted_base(tools_run, project):
 # The families whose published templates render tools (tests/families.py): a few steps each,
 # through the retrain flow with model.base a family folder. What is checked is that the
 # tools reach the trained tokens and the evaluation, not how well the model learns.
-FAMILY_RUN = {
-    "train.max_steps": 3,
-    "train.batch_size": 2,
-    "train.save_steps": 0,
-    "eval.max_examples": 6,
-    "eval.few_shot_k": 1,
-    "eval.max_new_tokens": 8,
-    "gate.min_exact_match": 0.0,
-    "gate.max_perplexity": 1e9,
-    "gate.min_gain_over_prompting": -1.0,
-    "gate.max_regression": 1.0,
-    "gate.max_p95_latency_ms": 600000,
-}
+FAMILY_TOOLS_RUN = {**FAMILY_RUN, "train.max_steps": 3, "train.batch_size": 2, "eval.max_examples": 6}
 
 
 def _called(example: dict) -> str:
@@ -112,7 +102,7 @@ def test_a_family_tools_run_trains_and_scores_the_calls(name, project, prefect_h
                 for e in make_tool_examples(60, seed=3)]
     data = tmp_path / "tools.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in examples))
-    overrides = {**FAMILY_RUN, "model.base": str(family_models(name)), "data.path": str(data),
+    overrides = {**FAMILY_TOOLS_RUN, "model.base": str(family_models(name)), "data.path": str(data),
                  "data.max_tokens": 1536, "train.seq_len": 1536, "registry.model_name": f"tools-{name}"}
     state = retrain(params_file=str(project / "params.yaml"), overrides=overrides, return_state=True)
     result = state.result(raise_on_failure=False)

@@ -19,13 +19,13 @@ which builds each family once per test session:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tasks.files import publish_folder
 
 # Published chat templates, verbatim (as in each model's tokenizer_config.json).
 
@@ -626,17 +626,12 @@ def build_family(name: str, out_dir: Path, seed: int = 0) -> Path:
     model.generation_config.bos_token_id = config.bos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "family.json").write_text(json.dumps({"family": name, "published": family.published, "seed": seed}))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if out_dir.exists():  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        (folder / "family.json").write_text(json.dumps({"family": name, "published": family.published, "seed": seed}))
+
+    return publish_folder(out_dir, fill)
 
 
 @pytest.fixture(scope="session")

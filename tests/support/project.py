@@ -39,3 +39,21 @@ FAST = {
     # Latency depends on the load of the machine running the tests, not on the code under test.
     "gate.max_p95_latency_ms": 60000,
 }
+
+# A gate that any candidate passes, for runs that are about something else than the model
+# (a family's template, where files land): the checks still run and are recorded.
+ANY_CANDIDATE_PASSES = {
+    "gate.min_exact_match": 0.0,
+    "gate.max_perplexity": 1e9,
+    "gate.min_gain_over_prompting": -1.0,
+    "gate.max_regression": 1.0,
+    "gate.max_p95_latency_ms": 600000,
+}
+
+# A few steps of a family's random-weight test model and a short evaluation.
+FAMILY_RUN = {
+    "train.save_steps": 0,
+    "eval.few_shot_k": 1,
+    "eval.max_new_tokens": 8,
+    **ANY_CANDIDATE_PASSES,
+}
