@@ -16,6 +16,7 @@ answers as for any run; its verdict is the run's exit code.
 The settings are passed as `--set` pairs read from params.tools.yaml, the documented
 equivalent of `--params params.tools.yaml`, so the test runs exactly the file's settings.
 """
+
 from __future__ import annotations
 
 import json
