@@ -104,7 +104,7 @@ def plot_loss(history: list[dict], path: Path) -> Path:
 
 
 def _next_indices(state: LoopState, count: int, rng: random.Random) -> list[int]:
-    """The next `count` batch indices of the stream, reshuffling at every epoch's end."""
+    """The next `count` batch indices of the stream, shuffled anew at the start of every epoch."""
     out = []
     for _ in range(count):
         if state.cursor >= len(state.order):
@@ -176,7 +176,11 @@ def train_loop(
         runner = DDP(loss_model, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer or torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
-    state = state or LoopState(order=list(range(len(batches))))
+    # The cursor starts at the end of the order, so the first epoch is shuffled too: in their
+    # built order the batches run from the shortest rows to the longest (make_batches), and
+    # where length follows the kind of example (the tools task's three tools) a first epoch
+    # in that order trains one kind after the other, forgetting the earlier ones.
+    state = state or LoopState(order=list(range(len(batches))), cursor=len(batches))
     rng = random.Random(train.seed)
     if state.data_rng is not None:
         rng.setstate(state.data_rng)

@@ -2,14 +2,16 @@
 
 Issue 21 asks that, on the built-in task (data/tools.jsonl) and in the dates task's budget
 (the default 300 steps), the candidate call the right function in at least 0.9 of the test
-split's calls and with the right arguments in at least 0.8. That is not reached yet
-(benchmarks/results/tools_tiny.md: the tiny model learns the call format and the tools'
-names, but in 300 steps it does not learn to read the question behind the ~450 tokens of
-tool schemas, so its calls barely depend on it). What the test holds the run to is what is
-reached: the run evaluates every test example's call turn, reports the three tool metrics
-for the candidate and the base model prompted zero- and few-shot, and the candidate calls
-better than the prompted base, which writes no valid call. The gate decides on the text
-metrics of the final answers as for any run; its verdict is the run's exit code.
+split's calls and with the right arguments in at least 0.8. The first is reached, the
+second not yet (benchmarks/results/tools_tiny.md: at 300 steps the candidate names the
+function in 0.93-1.0 of the calls over the seeds measured and gets the arguments right in
+0.31-0.55; the currency amount is the argument it does not copy). What the test holds the
+run to is what that budget reliably gives: the run evaluates every test example's call
+turn, reports the three tool metrics for the candidate and the base model prompted zero-
+and few-shot, the candidate names the function in at least NAME_FLOOR of the calls and
+gets the arguments right in at least ARGS_FLOOR, and it calls better than the prompted
+base, which writes no valid call. The gate decides on the text metrics of the final
+answers as for any run; its verdict is the run's exit code.
 
 The settings are passed as `--set` pairs read from params.tools.yaml, the documented
 equivalent of `--params params.tools.yaml`, so the test runs exactly the file's settings.
@@ -31,6 +33,10 @@ from tests.support.project import FAMILY_RUN
 pytestmark = pytest.mark.slow
 
 TOOL_METRICS = ("tool_calls", "tool_name_accuracy", "tool_arguments_match", "tool_invalid_rate")
+# Below the lowest of the runs measured at 300 steps (train.seed 42, 1 and 2: names 0.927-1.0,
+# arguments 0.314-0.550 on the 191 call turns), with room for the 60 call turns scored here.
+NAME_FLOOR = 0.85
+ARGS_FLOOR = 0.2
 
 
 def _set_pairs(settings_file: Path) -> list[str]:
@@ -55,7 +61,7 @@ def tools_run(project) -> dict:
     return doc
 
 
-def test_the_candidate_calls_better_than_the_prompted_base(tools_run, project):
+def test_the_candidate_names_the_function_and_calls_better_than_the_prompted_base(tools_run, project):
     assert tools_run["data"]["path"].endswith("data/tools.jsonl") and tools_run["version"] is not None
     summary = json.loads((project / "artifacts/model/train_summary.json").read_text())
     assert summary["steps"] == 300  # the dates task's budget: the default run's steps
@@ -65,6 +71,8 @@ def test_the_candidate_calls_better_than_the_prompted_base(tools_run, project):
         assert set(TOOL_METRICS) <= set(scored), scored
     # Every test example calls a tool before it answers: each call turn is scored, for every model alike.
     assert cand["tool_calls"] == zero["tool_calls"] == few["tool_calls"] == cand["examples"] > 0
+    assert cand["tool_name_accuracy"] >= NAME_FLOOR, cand
+    assert cand["tool_arguments_match"] >= ARGS_FLOOR, cand
     best_base = max(zero["tool_name_accuracy"], few["tool_name_accuracy"])
     assert cand["tool_name_accuracy"] > best_base, (cand, zero, few)
     assert cand["tool_arguments_match"] >= max(zero["tool_arguments_match"], few["tool_arguments_match"])

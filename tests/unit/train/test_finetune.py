@@ -137,6 +137,25 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_schedule(TrainParams(max_steps=100, warmup_steps=10, learning_rate=0.5, min_lr_ratio=0.0))(100) == pytest.approx(0.0)
 
 
+def test_every_epoch_takes_the_batches_in_a_shuffled_order_the_first_too(data_dir, base_path, tokenizer):
+    # make_batches orders the batches by length; an epoch in that order trains the short
+    # examples first and the long ones last (on the tools task, one tool after the other).
+    import torch
+
+    train = small_params(batch_size=1).train
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    batches = prepare_batches(tokenizer, rows, train)
+    n = len(batches)
+    assert n >= 8
+    train = train.model_copy(update={"max_steps": 2 * n})
+    model = build_model(base_path, train, "cpu", torch.float32, tokenizer)
+    state = train_loop(model, batches, train, "cpu", log=lambda m: None, progress=False)
+    taken = [b for h in state.history for b in h["batches"]]
+    first, second = taken[:n], taken[n:]
+    assert sorted(first) == sorted(second) == list(range(n))  # each batch once an epoch
+    assert first != list(range(n)) and second != first
+
+
 def test_qlora_without_cuda_names_the_requirement(base_path):
     with pytest.raises(ConfigError, match="train.method=qlora needs a CUDA GPU"):
         check_config(TrainParams(method="qlora"), base_path, "cpu")
