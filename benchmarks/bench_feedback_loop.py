@@ -19,8 +19,9 @@ a weak champion: the default data trained for a fraction of the default steps
 
 Arms (same users, same seeds):
 
-- `today`: supervised on accepted answers and corrections, feedback weight 1, from the base,
-  `train.max_steps` 300; preference tuning off (`preference.min_examples` out of reach);
+- `today`: supervised on accepted answers and corrections, feedback weight 1 (whatever the
+  setting's default), from the base, `train.max_steps` 300; preference tuning off
+  (`preference.min_examples` out of reach);
 - `item2`: `today` with `data.feedback_weight` (`--weight`), warm start from the champion
   (`train.init_from: champion`, `train.replay_fraction`) and steps scaled to the data
   (`train.epochs`, `--epochs`: 6.82 passes give 301 steps on the default data, the default 300 plus one);
@@ -72,7 +73,7 @@ NO_PREFERENCE = {"preference.min_examples": 10**9}
 def arm_overrides(arm: str, args: argparse.Namespace) -> dict:
     """The `--set` overrides of an arm's retraining runs (beyond the common ones)."""
     if arm == "today":
-        return {**NO_PREFERENCE, "train.max_steps": args.steps}
+        return {**NO_PREFERENCE, "train.max_steps": args.steps, "data.feedback_weight": 1.0}
     item2 = {"data.feedback_weight": args.weight, "train.init_from": "champion",
              "train.replay_fraction": args.replay, "train.epochs": args.epochs}
     return {**item2, **(NO_PREFERENCE if arm == "item2" else {})}
