@@ -103,7 +103,7 @@ def simulate_users(weak: Path, users: list[dict], rng: random.Random, args: argp
         rated.append(Rated(user["messages"][:-1], answer, rating, fix))
         if fix is not None:
             feedback.append({"messages": user["messages"][:-1] + [{"role": "assistant", "content": fix}], "correction": True})
-        elif rating >= 4:
+        elif rating >= 4 and answer:  # as the feedback export, which keeps no empty answer
             feedback.append({"messages": user["messages"][:-1] + [{"role": "assistant", "content": answer}]})
     rows, counts = preference_examples(rated, PreferenceParams())
     (workdir / "feedback.jsonl").write_text("".join(json.dumps(r) + "\n" for r in feedback))
