@@ -68,6 +68,10 @@ ARMS = ("today", "item2", "preference", "ratings")
 OPEN_GATE = {"gate.min_exact_match": 0.0, "gate.min_gain_over_prompting": -1.0, "gate.max_perplexity": 1e9,
              "gate.max_p95_latency_ms": 1e9}
 NO_PREFERENCE = {"preference.min_examples": 10**9}
+# The simulated users post through one untrusted key, faster than the service lets one key post, and all of it is
+# meant to reach training: no review hold, no per-key cap (docs/guides/trust.md).
+SIMULATED_USERS_TRUSTED = {"feedback.per_key_per_minute": 1_000_000, "feedback.auto_approve": "all",
+                           "feedback.max_key_share": 1.0}
 
 
 def arm_overrides(arm: str, args: argparse.Namespace) -> dict:
@@ -306,9 +310,8 @@ def run_seed(seed: int, args: argparse.Namespace, ws: Path, tests: dict, rows: l
     rng = random.Random(seed)
     taken = training_dates() | iso_dates(tests["held_out"])
     users_by_round = [held_out_prompts(unused_dates(args.users, rng, taken), rng) for _ in range(args.rounds)]
-    # One feedback key posts every simulated user's rating, faster than the service lets one key by default.
     common = {"data.sources": [{"path": "data/dates.jsonl"}, {"feedback": True}], "eval.max_examples": args.eval_examples,
-              "train.seed": seed, "feedback.per_key_per_minute": 1_000_000, **OPEN_GATE}
+              "train.seed": seed, **SIMULATED_USERS_TRUSTED, **OPEN_GATE}
     arms, weak_scores = [], None
     for arm in args.arms:
         name = f"bench-{arm}-s{seed}"
