@@ -30,7 +30,9 @@ Arms (same users, same seeds):
 
 The gate keeps its paired no-regression checks against the champion; its absolute floors
 (`gate.min_exact_match`, `min_gain_over_prompting`, `max_perplexity`, latency) are opened,
-since the weak champion is below them on purpose. Small run (about an hour on a loaded
+since the weak champion is below them on purpose. The users' one key is let through the
+trust settings (`SIMULATED_USERS_TRUSTED`: no review hold, no per-key cap or rate limit), so
+that their feedback reaches training as a trusted front end's would. Small run (about an hour on a loaded
 2-core machine):
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_feedback_loop.py --rounds 2 --seeds 1 \\
