@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from this one on (to add seeds to a run)")
     ap.add_argument("--users", type=int, default=300, help="users (one prompt each) per round")
     ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     ap.add_argument("--noise", type=float, default=0.1, help="share of raters who rate at random")
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         return summary
 
     try:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             run_seed(seed, args, ws, tests, rows, save)
     finally:
         summary = save()
