@@ -19,8 +19,9 @@ a weak champion: the default data trained for a fraction of the default steps
 
 Arms (same users, same seeds):
 
-- `today`: supervised on accepted answers and corrections, feedback weight 1, from the base,
-  `train.max_steps` 300; preference tuning off (`preference.min_examples` out of reach);
+- `today`: supervised on accepted answers and corrections, feedback weight 1 (whatever the
+  setting's default), from the base, `train.max_steps` 300; preference tuning off
+  (`preference.min_examples` out of reach);
 - `item2`: `today` with `data.feedback_weight` (`--weight`), warm start from the champion
   (`train.init_from: champion`, `train.replay_fraction`) and steps scaled to the data
   (`train.epochs`, `--epochs`: 6.82 passes give 301 steps on the default data, the default 300 plus one);
@@ -29,7 +30,9 @@ Arms (same users, same seeds):
 
 The gate keeps its paired no-regression checks against the champion; its absolute floors
 (`gate.min_exact_match`, `min_gain_over_prompting`, `max_perplexity`, latency) are opened,
-since the weak champion is below them on purpose. Small run (about an hour on a loaded
+since the weak champion is below them on purpose. The users' one key is let through the
+trust settings (`SIMULATED_USERS_TRUSTED`: no review hold, no per-key cap or rate limit), so
+that their feedback reaches training as a trusted front end's would. Small run (about an hour on a loaded
 2-core machine):
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_feedback_loop.py --rounds 2 --seeds 1 \\
@@ -67,12 +70,16 @@ ARMS = ("today", "item2", "preference", "ratings")
 OPEN_GATE = {"gate.min_exact_match": 0.0, "gate.min_gain_over_prompting": -1.0, "gate.max_perplexity": 1e9,
              "gate.max_p95_latency_ms": 1e9}
 NO_PREFERENCE = {"preference.min_examples": 10**9}
+# The simulated users post through one untrusted key, faster than the service lets one key post, and all of it is
+# meant to reach training: no review hold, no per-key cap (docs/guides/trust.md).
+SIMULATED_USERS_TRUSTED = {"feedback.per_key_per_minute": 1_000_000, "feedback.auto_approve": "all",
+                           "feedback.max_key_share": 1.0}
 
 
 def arm_overrides(arm: str, args: argparse.Namespace) -> dict:
     """The `--set` overrides of an arm's retraining runs (beyond the common ones)."""
     if arm == "today":
-        return {**NO_PREFERENCE, "train.max_steps": args.steps}
+        return {**NO_PREFERENCE, "train.max_steps": args.steps, "data.feedback_weight": 1.0}
     item2 = {"data.feedback_weight": args.weight, "train.init_from": "champion",
              "train.replay_fraction": args.replay, "train.epochs": args.epochs}
     return {**item2, **(NO_PREFERENCE if arm == "item2" else {})}
@@ -306,7 +313,7 @@ def run_seed(seed: int, args: argparse.Namespace, ws: Path, tests: dict, rows: l
     taken = training_dates() | iso_dates(tests["held_out"])
     users_by_round = [held_out_prompts(unused_dates(args.users, rng, taken), rng) for _ in range(args.rounds)]
     common = {"data.sources": [{"path": "data/dates.jsonl"}, {"feedback": True}], "eval.max_examples": args.eval_examples,
-              "train.seed": seed, **OPEN_GATE}
+              "train.seed": seed, **SIMULATED_USERS_TRUSTED, **OPEN_GATE}
     arms, weak_scores = [], None
     for arm in args.arms:
         name = f"bench-{arm}-s{seed}"
@@ -376,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from this one on (to add seeds to a run)")
     ap.add_argument("--users", type=int, default=300, help="users (one prompt each) per round")
     ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     ap.add_argument("--noise", type=float, default=0.1, help="share of raters who rate at random")
@@ -421,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         return summary
 
     try:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             run_seed(seed, args, ws, tests, rows, save)
     finally:
         summary = save()

@@ -112,10 +112,10 @@ class DataParams(_Section):
                     "prompt), on which the gate checks the candidate does not regress against the champion.",
     )
     feedback_weight: float = Field(
-        1.0, gt=0.0, le=100.0,
+        4.0, gt=0.0, le=100.0,
         description="Train copies of each example of a feedback source that sets no weight or cap of its own: the "
-                    "few corrections of a round then count against the rest of the data "
-                    "(benchmarks/bench_feedback_loop.py measures it).",
+                    "few corrections of a round then count against the rest of the data (chosen by measurement: "
+                    "benchmarks/bench_preference_defaults.py, figures in benchmarks/results/README.md).",
     )
     format: Literal["auto", "openai", "alpaca", "sharegpt"] = Field(
         "auto", description="auto | openai | alpaca | sharegpt; auto detects it from the first example."
@@ -536,7 +536,10 @@ class PreferenceParams(_Section):
         "kto",
         description="kto: KTO on thumbs up and down (pairs count as one of each); sigmoid: DPO on the pairs only.",
     )
-    beta: float = Field(0.1, gt=0.0, le=10.0, description="Strength of the pull towards the reference (the supervised model).")
+    beta: float = Field(
+        0.1, gt=0.0, le=10.0,
+        description="Strength of the pull towards the reference (the policy with its adapter disabled: the base model).",
+    )
     desirable_weight: float | None = Field(
         None, gt=0.0, le=100.0,
         description="KTO: weight of desirable examples; none: balanced automatically against the undesirable ones.",
@@ -545,7 +548,12 @@ class PreferenceParams(_Section):
         None, gt=0.0, le=100.0,
         description="KTO: weight of undesirable examples; none: balanced automatically against the desirable ones.",
     )
-    learning_rate: float = Field(5e-4, gt=0.0, le=1.0, description="Peak learning rate of preference tuning.")
+    learning_rate: float = Field(
+        1e-4, gt=0.0, le=1.0,
+        description="Peak learning rate of preference tuning; five times this broke generation on the default data, "
+                    "this kept the test split within the gate's margin (benchmarks/bench_preference_defaults.py, "
+                    "figures in benchmarks/results/README.md).",
+    )
     max_steps: int = Field(40, ge=1, le=1_000_000, description="Optimizer steps of preference tuning.")
     batch_size: int = Field(8, ge=2, le=4096, description="Examples per step (KTO needs at least 2 for its KL estimate).")
     md5: str | None = Field(None, description="Filled in by the resolve stage: the preference file's md5.")
