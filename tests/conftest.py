@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.environment import thread_defaults
@@ -70,7 +71,7 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory) -> Iterator[Path]:
     """The project's files plus its data, as a fresh git repo (DVC needs one), one per test module."""
     root = tmp_path_factory.mktemp("project")
     listing = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
@@ -87,4 +88,9 @@ def project(tmp_path_factory) -> Path:
     (root / "params.yaml").write_text(render_params())
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=root, check=True)
-    return root
+    # The copy's own feedback log, feedback.db beside its params.yaml as for a user: with
+    # data.feedback on, feedback that another module of the same worker posted to the
+    # session's log would otherwise become a data source of this module's runs.
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("FTLLM_FEEDBACK_DB", raising=False)
+        yield root
