@@ -79,8 +79,8 @@ class Summary:
     config: str
     variables: dict[str, str]
     alone_s: float
-    together_s: float
-    ratio: float  # together / alone
+    together_s: float | None  # None: --jobs 1, no run in pairs
+    ratio: float | None  # together / alone
     alone_vs_current: float | None
     alone_runs: list[float] = field(default_factory=list)
     together_runs: list[float] = field(default_factory=list)
@@ -129,10 +129,11 @@ def summarise(trials: list[Trial], variables: dict[str, dict[str, str]]) -> list
     out = []
     for config, values in variables.items():
         alone, together = runs(config, 1), runs(config, 2)
-        if not alone or not together:
+        if not alone:
             continue
-        a, b = statistics.median(alone), statistics.median(together)
-        out.append(Summary(config, values, round(a, 2), round(b, 2), round(b / a, 2),
+        a = statistics.median(alone)
+        b = statistics.median(together) if together else None
+        out.append(Summary(config, values, round(a, 2), round(b, 2) if b else None, round(b / a, 2) if b else None,
                            round(a / current, 3) if current else None, alone, together))
     return out
 
@@ -143,8 +144,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="Alternating repeats of every configuration.")
     ap.add_argument("--configs", default="policy,current,one-thread",
                     help="Comma-separated configurations to compare.")
+    ap.add_argument("--jobs", default="1,2",
+                    help="Jobs at once per trial, comma-separated: 1 measures the time alone only, with more "
+                         "repeats in the same time.")
     ap.add_argument("--json", type=Path, help="Write the trials and the summary here.")
     args = ap.parse_args()
+    job_counts = [int(j) for j in args.jobs.split(",")]
+    if not job_counts or any(j not in (1, 2) for j in job_counts):
+        raise SystemExit(f"error: --jobs takes 1, 2 or 1,2, not {args.jobs!r}")
     everything = configurations()
     chosen = {name: everything[name] for name in args.configs.split(",")}
     trials: list[Trial] = []
@@ -153,7 +160,7 @@ def main() -> None:
         params = prepare(work, args.steps)
         for repeat in range(args.repeats):
             for config, variables in chosen.items():
-                for jobs in (1, 2):
+                for jobs in job_counts:
                     load = os.getloadavg()[0]
                     seconds, wall = run_jobs(work, params, variables, jobs)
                     trials.append(Trial(config, repeat, jobs, load, seconds, [round(w, 2) for w in wall]))
@@ -165,7 +172,9 @@ def main() -> None:
     print(f"\n{'config':<11}{'alone s':>9}{'two at once s':>15}{'ratio':>7}{'alone vs current':>18}")
     for s in summary:
         vs = f"{s.alone_vs_current:.3f}" if s.alone_vs_current is not None else "-"
-        print(f"{s.config:<11}{s.alone_s:>9.2f}{s.together_s:>15.2f}{s.ratio:>7.2f}{vs:>18}")
+        together = f"{s.together_s:.2f}" if s.together_s is not None else "-"
+        ratio = f"{s.ratio:.2f}" if s.ratio is not None else "-"
+        print(f"{s.config:<11}{s.alone_s:>9.2f}{together:>15}{ratio:>7}{vs:>18}")
 
 
 def write_json(args: argparse.Namespace, trials: list[Trial], chosen: dict[str, dict[str, str]]) -> None:
@@ -174,7 +183,7 @@ def write_json(args: argparse.Namespace, trials: list[Trial], chosen: dict[str, 
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "usable_cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()},
         "command": " ".join(["python", *sys.argv]),
-        "steps": args.steps, "repeats": args.repeats, "completed_trials": len(trials),
+        "steps": args.steps, "repeats": args.repeats, "jobs": args.jobs, "completed_trials": len(trials),
         "summary": [asdict(s) for s in summarise(trials, chosen)], "trials": [asdict(t) for t in trials],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
