@@ -49,7 +49,7 @@ browser:
 # time, so two workers fill two cores. TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 test: data browser lint docs
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # ruff (ruff.toml) and the import-layer contract (.importlinter: tasks import none of flows,
 # serving or ftllm; flows and serving not each other nor ftllm; no cycles inside a package).
