@@ -45,11 +45,12 @@ browser:
 # Everything: the linter, the import layers, the docs site (--strict), then tests/unit,
 # tests/integration (DVC, torchrun, servers, HTTP, a browser) and tests/e2e (whole flows).
 # pytest-xdist runs the test files in TEST_WORKERS processes, each file whole in one of them
-# (its module fixtures are built once); most tests wait on processes and servers part of the
-# time, so two workers fill two cores. TEST_WORKERS=0 runs them in this process.
+# (its module fixtures are built once), the longest files first (tests/conftest.py); most
+# tests wait on processes and servers part of the time, so two workers fill two cores.
+# TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 test: data browser lint docs
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # ruff (ruff.toml) and the import-layer contract (.importlinter: tasks import none of flows,
 # serving or ftllm; flows and serving not each other nor ftllm; no cycles inside a package).

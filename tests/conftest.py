@@ -56,6 +56,34 @@ from tests.support.project import REPO  # noqa: E402
 pytest_plugins = ("tests.support.families", "tests.support.pages", "tests.support.servers")
 
 
+# The modules that take minutes, longest first (wall time of each under two workers, from
+# a profile of the whole suite; docs/guides/tests.md). pytest-xdist hands whole files to the
+# workers in collection order (`make test` passes --no-loadscope-reorder: xdist would
+# otherwise start with the files that hold the most tests, the quick unit ones, and leave a
+# long file to run alone at the end); the other files follow in their usual order and fill
+# the gaps. A file missing here only runs later; the order changes no result.
+LONGEST_FIRST = (
+    "tests/e2e/test_retrain.py",
+    "tests/e2e/test_deployments.py",
+    "tests/e2e/test_tools_run.py",
+    "tests/e2e/test_family_runs.py",
+    "tests/e2e/test_scaleout.py",
+    "tests/integration/serving/test_tools_http.py",
+    "tests/e2e/test_interrupt.py",
+    "tests/e2e/test_operator_ui.py",
+    "tests/integration/test_training_processes.py",
+    "tests/integration/serving/test_library_engine.py",
+    "tests/unit/train/test_finetune.py",
+    "tests/integration/serving/test_fuzz.py",
+    "tests/integration/test_dvc_stages.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def state_dir() -> Path:
     """The session's folder for service state (MLflow, BentoML, Prefect)."""
