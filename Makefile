@@ -45,10 +45,11 @@ browser:
 # Everything: the linter, the import layers, the docs site (--strict), then tests/unit,
 # tests/integration (DVC, torchrun, servers, HTTP, a browser) and tests/e2e (whole flows).
 # pytest-xdist runs the test files in TEST_WORKERS processes, each file whole in one of them
-# (its module fixtures are built once), the longest files first (tests/conftest.py); most
-# tests wait on processes and servers part of the time, so two workers fill two cores.
+# (its module fixtures are built once), the longest files first (tests/conftest.py). Most
+# tests wait on processes and servers part of the time, so three workers keep two cores
+# busy where two left them idle a sixth of the time (docs/guides/tests.md).
 # TEST_WORKERS=0 runs them in this process.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: data browser lint docs
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
