@@ -200,7 +200,7 @@ class PreferenceSummary:
 
 def train_preference(model, items: list, prefs: PreferenceParams, pad_id: int, device: str, seed: int,
                      weights: tuple[float, float] = (1.0, 1.0), log: Log = print) -> list[dict]:
-    """Tune `model` (a peft model, adapter trainable) on `items`; the loss history per step."""
+    """Tune `model` (a peft model, adapter trainable) on `items` against `as_reference(model)`; the loss history per step."""
     import torch
 
     from tasks.train.loop import lr_schedule
