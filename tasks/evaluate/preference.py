@@ -5,6 +5,9 @@
   is higher for the chosen answer than for the rejected one; for a KTO row, the log-ratio
   is above 0 for a desirable answer and below 0 for an undesirable one. The margin is the
   difference of log-ratios (pairs) or the log-ratio signed by the label (KTO rows), in nats.
+  Training's reference is another one (`tasks.train.preference`: the run's supervised
+  model); here the base is used because a candidate and its champion come from different
+  supervised runs, and only a shared reference scores them on one scale.
 - Rated-down repeats: the model, greedy, answers each prompt whose answer users rated down
   (undesirable KTO rows, rejected answers of pairs) and the answer is compared, up to case
   and whitespace, with the rated-down one. `avoids_rated_down` is 1 where it differs.

@@ -1,12 +1,25 @@
 """Preference tuning after supervised tuning (library side of the `preference` stage): KTO and sigmoid DPO.
 
-The supervised model's LoRA adapter keeps training on the preference train split; the
-reference model is the same model with its adapter disabled (peft's `disable_adapter()`),
-so there is no second copy of the weights in memory, and the reference is the base model
-for every candidate and every champion alike (the evaluation's log-ratios compare like
-with like). Every conversation renders through `tasks.model.chat.encode_chats`, as in
-supervised tuning: multi-turn and tool-calling prompts are masked the same way, and only
-the last answer's tokens count.
+The supervised model's LoRA adapter keeps training on the preference train split, and the
+reference model is the supervised model itself, as in the DPO paper and TRL's trainers: the
+same adapter is loaded a second time, frozen, under the name `reference` (TRL's "load the
+adapter twice"), and the reference pass runs with that adapter active. The base weights
+are in memory once; only the adapter (and the modules it trains in full) has a second copy.
+The base model would be a poor reference: the supervised adapter learnt the task's format,
+so every answer, right or wrong, already has a large log-ratio against the base, and for
+the project's `tiny` base (random weights) the log-ratios and KTO's KL term would be
+measured against noise. A QLoRA run needs nothing more: nothing is merged. The saved model
+folder is the supervised folder's layout with the tuned adapter (rank and targets of the
+supervised one) over the original base, so everything that loads a model folder loads it
+as before, and a warm start (`train.init_from: champion`) continues it.
+
+The evaluation's reward accuracy (`tasks.evaluate.preference`) uses another reference on
+purpose: the base model (the candidate's adapter disabled), the same for a candidate and
+its champion, whose supervised models differ, so their scores compare on one scale.
+
+Every conversation renders through `tasks.model.chat.encode_chats`, as in supervised
+tuning: multi-turn and tool-calling prompts are masked the same way, and only the last
+answer's tokens count.
 
 - `loss: kto`: KTO on desirable and undesirable answers (a pair counts as one of each);
   the KL estimate is the batch's mismatched prompt/answer combinations under the policy
@@ -29,6 +42,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +55,7 @@ from tasks.train.checkpoints import Log
 
 SUMMARY = "preference.json"
 MODEL = "model"
+REFERENCE = "reference"  # the frozen copy of the supervised adapter: the reference model
 
 
 @dataclass(frozen=True)
@@ -89,12 +104,41 @@ def balanced_weights(prefs: PreferenceParams, desirable: int, undesirable: int) 
     return (1.0, desirable / undesirable) if desirable >= undesirable else (undesirable / desirable, 1.0)
 
 
+@contextmanager
+def as_reference(model):
+    """Within: `model` is its reference for forward passes, in eval mode (no dropout).
+
+    The reference is the frozen `reference` adapter where the model has one (`load_policy`:
+    the supervised model), else the model with its adapter disabled (a fresh adapter, whose
+    starting point is the base). The trainable adapter, its trainability and the mode are
+    restored on the way out.
+    """
+    training = model.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    try:
+        if REFERENCE in model.peft_config:
+            active = model.active_adapter
+            model.set_adapter(REFERENCE, inference_mode=True)
+            try:
+                yield model
+            finally:
+                model.set_adapter(active, inference_mode=True)
+                for p in trainable:
+                    p.requires_grad_(True)
+        else:
+            with model.disable_adapter():
+                yield model
+    finally:
+        model.train(training)
+
+
 def policy_and_reference(model, seqs: list[Sequence], pad_id: int, device: str):
-    """(policy log-probs, reference log-probs): the reference is the policy with its adapter disabled."""
+    """(policy log-probs, reference log-probs); the reference is `as_reference(model)`, without gradients."""
     import torch
 
     policy = sequence_logps(model, seqs, pad_id, device)
-    with torch.no_grad(), model.disable_adapter():
+    with torch.no_grad(), as_reference(model):
         reference = sequence_logps(model, seqs, pad_id, device)
     return policy, reference
 
@@ -156,7 +200,7 @@ class PreferenceSummary:
 
 def train_preference(model, items: list, prefs: PreferenceParams, pad_id: int, device: str, seed: int,
                      weights: tuple[float, float] = (1.0, 1.0), log: Log = print) -> list[dict]:
-    """Tune `model` (a peft model, adapter trainable) on `items`; the loss history per step."""
+    """Tune `model` (a peft model, adapter trainable) on `items` against `as_reference(model)`; the loss history per step."""
     import torch
 
     from tasks.train.loop import lr_schedule
@@ -198,7 +242,12 @@ def _as_train(prefs: PreferenceParams):
 
 
 def load_policy(model_dir: Path, device: str):
-    """The supervised model folder's base with its adapter, trainable: (model, tokenizer, info)."""
+    """The supervised model folder's base with its adapter, trainable, and the same adapter frozen as `reference`.
+
+    Returns:
+        (model, tokenizer, info): the peft model (the trainable adapter active), the folder's
+        tokenizer and its `ftllm_model.json`.
+    """
     from peft import PeftModel
 
     from tasks.config import ModelParams
@@ -213,7 +262,18 @@ def load_policy(model_dir: Path, device: str):
     base = load_causal_lm(base_path, device=device)
     grow_embeddings(base, tokenizer, info.get("added_token_ids", []))
     model = PeftModel.from_pretrained(base, str(model_dir / "adapter"), is_trainable=True)
+    model.load_adapter(str(model_dir / "adapter"), REFERENCE, is_trainable=False, torch_device=device)
     return model, tokenizer, info
+
+
+@dataclass
+class TunedPolicy:
+    """A preference-tuned model in memory: the peft model (tuned adapter active, `reference` beside it) and its origin."""
+
+    model: object
+    sft_dir: Path
+    info: dict
+    history: list[dict]
 
 
 def preference_tune(params: Params, data_dir: Path, sft_dir: Path, out: Path, log: Log = print) -> PreferenceSummary:
@@ -222,13 +282,19 @@ def preference_tune(params: Params, data_dir: Path, sft_dir: Path, out: Path, lo
     `out/preference.json` always says what happened; `out/model/` is the tuned model folder
     (the supervised folder's layout, with the tuned adapter) when it ran.
     """
+    summary, tuned = tune_policy(params, data_dir, sft_dir, log)
+    return write_preference(out, summary, tuned)
+
+
+def tune_policy(params: Params, data_dir: Path, sft_dir: Path, log: Log = print) -> tuple[PreferenceSummary, TunedPolicy | None]:
+    """`preference_tune` without the writing: the summary, and the tuned model in memory when it ran."""
     prefs = params.preference
     rows = read_jsonl(data_dir / "preference_train.jsonl") if (data_dir / "preference_train.jsonl").is_file() else []
     usable = rows if prefs.loss == "kto" else [r for r in rows if "chosen" in r]
     if len(usable) < prefs.min_examples:
         reason = (f"{len(usable)} preference training examples for loss {prefs.loss} (preference.min_examples "
                   f"{prefs.min_examples}): the supervised model is the candidate")
-        return _write_summary(out, PreferenceSummary(False, reason, prefs.loss, len(usable)), None)
+        return PreferenceSummary(False, reason, prefs.loss, len(usable)), None
     from tasks.train.finetune import seed_everything
 
     seed_everything(params.train.seed)
@@ -239,14 +305,14 @@ def preference_tune(params: Params, data_dir: Path, sft_dir: Path, out: Path, lo
     desirable = sum(getattr(i, "desirable", False) for i in items)
     weights = balanced_weights(prefs, desirable, len(items) - desirable) if prefs.loss == "kto" else (1.0, 1.0)
     log(f"preference tuning ({prefs.loss}, beta {prefs.beta}) on {len(items)} examples, weights {weights}, "
-        f"{prefs.max_steps} steps on {device}")
+        f"{prefs.max_steps} steps on {device}, against the supervised model")
     start = time.perf_counter()
     history = train_preference(model, items, prefs, tokenizer.pad_token_id, device, params.train.seed, weights, log)
     from tasks.train.loop import peak_memory_mb
 
     summary = PreferenceSummary(True, "tuned", prefs.loss, len(items), len(history), history[0]["loss"],
                                 history[-1]["loss"], *weights, round(time.perf_counter() - start, 2), peak_memory_mb(device))
-    return _write_summary(out, summary, (model, sft_dir, info, history))
+    return summary, TunedPolicy(model, Path(sft_dir), info, history)
 
 
 def _cuda() -> bool:
@@ -255,17 +321,21 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _write_summary(out: Path, summary: PreferenceSummary, trained) -> PreferenceSummary:
-    """Write `out` atomically: the summary, and the tuned model folder beside it when there is one."""
+def write_preference(out: Path, summary: PreferenceSummary, tuned: TunedPolicy | None) -> PreferenceSummary:
+    """Write `out` atomically: the summary, and the tuned model folder beside it when there is one.
+
+    The folder is the supervised one with the tuned adapter in place of its own: the
+    trainable adapter only, over the original base (the `reference` copy is not saved).
+    """
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if trained is not None:
-        model, sft_dir, info, history = trained
-        shutil.copytree(sft_dir, tmp / MODEL, ignore=shutil.ignore_patterns("adapter", "merged"))
-        model.save_pretrained(tmp / MODEL / "adapter", safe_serialization=True,
-                              save_embedding_layers=False if info.get("added_token_ids") else "auto")
-        (tmp / MODEL / "preference_history.json").write_text(json.dumps(history))
+    if tuned is not None:
+        model = tuned.model
+        shutil.copytree(tuned.sft_dir, tmp / MODEL, ignore=shutil.ignore_patterns("adapter", "merged"))
+        model.save_pretrained(tmp / MODEL / "adapter", safe_serialization=True, selected_adapters=[model.active_adapter],
+                              save_embedding_layers=False if tuned.info.get("added_token_ids") else "auto")
+        (tmp / MODEL / "preference_history.json").write_text(json.dumps(tuned.history))
         (tmp / MODEL / SUMMARY).write_text(json.dumps(asdict(summary), indent=2))
     (tmp / SUMMARY).write_text(json.dumps(asdict(summary), indent=2))
     if out.exists():

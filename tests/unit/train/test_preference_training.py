@@ -1,4 +1,5 @@
-"""Preference tuning: the loss goes down on a tiny fixture, the reference is the policy with its adapter off."""
+"""Preference tuning: the loss goes down on a tiny fixture, the reference is the supervised model (its adapter
+loaded twice, the base once), and the saved folder is the tuned model over the original base."""
 
 from __future__ import annotations
 
@@ -7,17 +8,24 @@ import json
 import pytest
 
 from tasks.config import Params, PreferenceParams
+from tasks.model.loading import load_causal_lm, load_trained
 from tasks.model.scoring import sequence_logps
 from tasks.train.finetune import finetune
 from tasks.train.preference import (
+    REFERENCE,
     dpo_loss,
     kto_items,
     kto_loss,
     load_policy,
     pair_items,
+    policy_and_reference,
     preference_tune,
+    train_preference,
+    tune_policy,
     tuned_model,
 )
+from tasks.train.preference import write_preference as write_preference_dir
+from tasks.train.warm_start import load_init_adapter
 from tests.support.training import small_params, write_data
 
 
@@ -56,7 +64,10 @@ def test_preference_tuning_lowers_its_loss_on_a_tiny_fixture(sft, tmp_path, loss
     params = Params(train=small_params().train, preference=prefs)
 
     def loss_of(folder):
-        model, tok, _ = load_policy(folder, "cpu")
+        """The loss of `folder`'s adapter against the supervised model (the reference)."""
+        model, tok, _ = load_policy(model_dir, "cpu")
+        if folder != model_dir:
+            load_init_adapter(model, folder)  # into the trainable adapter; the reference stays the supervised one
         model.eval()
         import torch
 
@@ -91,24 +102,69 @@ def test_kto_weights_balance_desirable_and_undesirable():
     assert balanced_weights(PreferenceParams(desirable_weight=1.5), 30, 10) == (1.5, 1.0)
 
 
-def test_the_reference_is_the_policy_with_its_adapter_off_and_no_second_copy(sft):
+def sft_logps(model_dir, seqs, pad_id):
+    """Log-probs of `seqs` under the supervised model folder, loaded as every consumer loads it."""
     import torch
 
-    from tasks.model.loading import grow_embeddings, load_causal_lm, load_tokenizer
+    model, _, _ = load_trained(model_dir)
+    with torch.no_grad():
+        return sequence_logps(model, seqs, pad_id, "cpu")
+
+
+def test_the_reference_is_the_supervised_model_while_the_policy_trains_and_the_base_is_loaded_once(sft):
+    import torch
 
     model_dir, data = sft
     policy, tok, info = load_policy(model_dir, "cpu")
-    policy.eval()
     seqs = [i.seq for i in kto_items(tok, preference_rows(data)[:6])]
-    storages = {p.data_ptr() for p in policy.parameters()}
+    supervised = sft_logps(model_dir, seqs, tok.pad_token_id)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and not any(f".{REFERENCE}." in n for n in trainable)  # the reference copy is frozen
+    # Train the policy away from the supervised model: the reference stays it, in train mode as in eval mode.
+    prefs = PreferenceParams(loss="sigmoid", max_steps=6, batch_size=4, learning_rate=5e-3, beta=0.5)
+    train_preference(policy, pair_items(tok, preference_rows(data)), prefs, tok.pad_token_id, "cpu", 0, log=lambda _m: None)
+    for mode in (True, False):
+        policy.train(mode)
+        with torch.no_grad():
+            tuned, reference = policy_and_reference(policy, seqs, tok.pad_token_id, "cpu")
+        assert policy.training is mode and policy.active_adapter == "default"
+        assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable
+        assert torch.allclose(reference, supervised, atol=1e-5), (reference, supervised)
+        assert not torch.allclose(tuned, supervised, atol=1e-3)  # the policy did move
+    # The reference is not the base model (which the adapter disabled would be) ...
+    with torch.no_grad(), policy.disable_adapter():
+        base = sequence_logps(policy, seqs, tok.pad_token_id, "cpu")
+    assert not torch.allclose(base, supervised, atol=1e-3)
+    # ... and the base weights are in memory once: only adapter tensors come on top of them.
+    adapters = ("lora_", "modules_to_save.", "trainable_tokens_")
+    own = sum(p.numel() for n, p in policy.named_parameters() if not any(a in n for a in adapters))
+    assert own == sum(p.numel() for p in load_causal_lm(info["base_path"]).parameters())
+
+
+def test_the_saved_folder_is_the_tuned_model_over_the_original_base(sft, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    model_dir, data = sft
+    write_preference(data, preference_rows(data))
+    prefs = PreferenceParams(loss="kto", max_steps=8, batch_size=8, learning_rate=5e-3, beta=0.5)
+    summary, tuned = tune_policy(Params(train=small_params().train, preference=prefs), data, model_dir, log=lambda _m: None)
+    assert summary.ran and tuned is not None
+    write_preference_dir(tmp_path / "preference", summary, tuned)
+    folder = tuned_model(tmp_path / "preference")
+    loaded, tok, _ = load_trained(folder)
+    ids = [tok(text, return_tensors="pt").input_ids for text in ("2024-02-29", "Convert this ISO date: 1999-12-31", "Date")]
+    tuned.model.eval()
+    device = next(tuned.model.parameters()).device  # the stage trains on a GPU where there is one
     with torch.no_grad():
-        adapted = sequence_logps(policy, seqs, tok.pad_token_id, "cpu")
-        with policy.disable_adapter():
-            reference = sequence_logps(policy, seqs, tok.pad_token_id, "cpu")
-            assert {p.data_ptr() for p in policy.parameters()} == storages  # nothing loaded or copied
-        base = load_causal_lm(info["base_path"])
-        grow_embeddings(base, load_tokenizer(str(model_dir)), info.get("added_token_ids", []))
-        base.eval()
-        expected = sequence_logps(base, seqs, tok.pad_token_id, "cpu")
-    assert torch.allclose(reference, expected, atol=1e-4)
-    assert not torch.allclose(adapted, reference, atol=1e-3)  # the adapter does change the answers' scores
+        for x in ids:
+            assert torch.allclose(loaded(x).logits, tuned.model(x.to(device)).logits.cpu(), atol=1e-4)
+        sft_model, _, _ = load_trained(model_dir)
+        assert not torch.allclose(sft_model(ids[1]).logits, loaded(ids[1]).logits, atol=1e-3)  # it was tuned
+    # The same adapter shape as the supervised one (a warm start continues it), without the reference copy.
+    saved, original = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (folder, model_dir))
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in original.items()}
+    assert sorted(p.name for p in (folder / "adapter").iterdir()) == sorted(p.name for p in (model_dir / "adapter").iterdir())
+    shape = ("r", "lora_alpha", "target_modules", "modules_to_save")
+    tuned_config, sft_config = (json.loads((d / "adapter" / "adapter_config.json").read_text()) for d in (folder, model_dir))
+    assert {k: tuned_config[k] for k in shape} == {k: sft_config[k] for k in shape}
