@@ -26,7 +26,13 @@ Arms (same users, same seeds):
   (`train.init_from: champion`, `train.replay_fraction`) and steps scaled to the data
   (`train.epochs`, `--epochs`: 6.82 passes give 301 steps on the default data, the default 300 plus one);
 - `preference`: `item2` plus preference tuning on all ratings (the `preference` stage's defaults);
-- `ratings`: as `preference`, but the users write no corrections.
+- `ratings`: as `preference`, but the users write no corrections;
+- `shipped`: the shipped settings as they are (`params.yaml`: feedback weight, from the base,
+  the default steps, preference tuning on);
+- `shipped-accepted`: `shipped` with no corrections and no preference tuning: supervised on
+  the accepted answers only;
+- `shipped-ratings`: `shipped` with no corrections: the accepted answers plus preference
+  tuning on every rating.
 
 The gate keeps its paired no-regression checks against the champion; its absolute floors
 (`gate.min_exact_match`, `min_gain_over_prompting`, `max_perplexity`, latency) are opened,
@@ -66,7 +72,8 @@ SYSTEM = "Rewrite the ISO date in words."
 # Phrasings no training example uses (scripts/make_data.py's are "{date}", "Convert this ISO date: {date}", "Date: {date}").
 HELD_OUT_PHRASINGS = ["Please write {date} in words", "What is {date} spelled out?", "Spell out the date {date}.",
                       "{date} -> words"]
-ARMS = ("today", "item2", "preference", "ratings")
+ARMS = ("today", "item2", "preference", "ratings", "shipped", "shipped-accepted", "shipped-ratings")
+NO_CORRECTIONS = ("ratings", "shipped-accepted", "shipped-ratings")
 OPEN_GATE = {"gate.min_exact_match": 0.0, "gate.min_gain_over_prompting": -1.0, "gate.max_perplexity": 1e9,
              "gate.max_p95_latency_ms": 1e9}
 NO_PREFERENCE = {"preference.min_examples": 10**9}
@@ -80,6 +87,8 @@ def arm_overrides(arm: str, args: argparse.Namespace) -> dict:
     """The `--set` overrides of an arm's retraining runs (beyond the common ones)."""
     if arm == "today":
         return {**NO_PREFERENCE, "train.max_steps": args.steps, "data.feedback_weight": 1.0}
+    if arm.startswith("shipped"):
+        return NO_PREFERENCE if arm == "shipped-accepted" else {}
     item2 = {"data.feedback_weight": args.weight, "train.init_from": "champion",
              "train.replay_fraction": args.replay, "train.epochs": args.epochs}
     return {**item2, **(NO_PREFERENCE if arm == "item2" else {})}
@@ -340,7 +349,7 @@ def run_round(ws: Path, a: Arm, users: list[dict], rng: random.Random, args: arg
     """Serve → rate → monitor → retrain → gate for one arm; the champion's scores after it."""
     t = time.perf_counter()
     rated = serve_and_rate(ws, a.bento, a.params_file, a.db, users, rng, args.noise,
-                           0.0 if a.arm == "ratings" else args.correct, a.log)
+                           0.0 if a.arm in NO_CORRECTIONS else args.correct, a.log)
     monitor = run_monitor(ws, a.params_file, a.db, a.log)
     result = retrain(ws, a.overrides, a.db, a.log)
     if result.get("status") == "failed":
