@@ -538,7 +538,7 @@ class PreferenceParams(_Section):
     )
     beta: float = Field(
         0.1, gt=0.0, le=10.0,
-        description="Strength of the pull towards the reference (the policy with its adapter disabled: the base model).",
+        description="Strength of the pull towards the reference (the supervised model, a frozen copy of its adapter).",
     )
     desirable_weight: float | None = Field(
         None, gt=0.0, le=100.0,
