@@ -330,7 +330,8 @@ class GateParams(_Section):
     max_regression: float = Field(
         0.04, ge=0.0, le=1.0,
         description="Largest drop against the champion (absolute for scores in [0, 1], relative for perplexity) "
-                    "that the gate tolerates; a check fails only when the drop is larger at gate.confidence. "
+                    "that the gate tolerates; a check fails when the drop is larger and significant at "
+                    "gate.confidence (its interval excludes no change). "
                     "0.04 is above the spread of retrains that differ only in train.seed on the default data "
                     "(benchmarks/bench_gate.py).",
     )

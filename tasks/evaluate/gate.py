@@ -21,16 +21,18 @@ so a rejected run says exactly which check failed. Checks:
 
 The champion is scored on the same test examples as the candidate, so with per-example
 scores (`per_example`, from `tasks.evaluate.score`) the regression checks are paired
-tests (`tasks/evaluate/paired.py`): a `no_regression_*` check fails only when the whole
-confidence interval (at `gate.confidence`) of the change from champion to candidate lies
-beyond `gate.max_regression`, i.e. when the candidate is *significantly* worse by more than
-the margin. The check's `value` is then the interval's bound nearest to failing (upper
-bound of candidate - champion for scores; lower bound of the relative perplexity change),
-and `threshold` the margin it is compared with; `estimate`, `low`, `high`, `p_value`
-(McNemar's exact test for exact match and accuracy) and `n` come with it. A check whose
-interval is wider than the margin *and* passed although its interval reaches beyond the
-margin says so (`underpowered`, `examples_needed`, a `note`): the test split cannot tell a
-drop of `max_regression` from noise, so the pass is the benefit of the doubt. A failed
+tests (`tasks/evaluate/paired.py`): a `no_regression_*` check fails when the candidate is
+worse than the champion by more than `gate.max_regression` *and* significantly worse: the
+estimate of the change lies beyond the margin and its confidence interval (at
+`gate.confidence`) excludes no change (for 0/1 scores McNemar's exact test must agree). A
+drop within the margin passes however significant (retrains that differ only in their seed
+differ by that much), and so does a larger drop the data cannot tell from noise. The check's
+`value` is the estimate (candidate - champion for scores; the relative perplexity change)
+and `threshold` the margin; `estimate`, `low`, `high`, `p_value` (McNemar's exact test for
+exact match and accuracy) and `n` come with it. A check whose interval is wider than the
+margin *and* passed although its interval reaches beyond the margin says so
+(`underpowered`, `examples_needed`, a `note`): the test split cannot tell a drop of
+`max_regression` from noise, so the pass is the benefit of the doubt. A failed
 check is significant, never underpowered. Without per-example
 scores (a champion scored before they existed) a check falls back to the fixed margin on
 the aggregate values, and says so.
@@ -273,33 +275,36 @@ def _power(check: Check, interval: Interval, margin: float, confidence: float, w
 
 
 def _no_regression_paired(key: str, candidate: list, champion: list, gate: GateParams) -> Check:
-    """Fails when the upper bound of (candidate - champion) lies below -max_regression."""
+    """Fails when (candidate - champion) is below -max_regression and significantly below 0."""
     scale = SCALE.get(key, 1.0)
     ci = bootstrap_difference([v * scale for v in candidate], [v * scale for v in champion],
                               gate.confidence, gate.bootstrap_resamples)
     p_value, method = None, "paired bootstrap"
-    passed = ci.high >= -gate.max_regression
+    significant = ci.high < 0
     if key in BINARY_SCORES:
         gains, losses = discordant_pairs(candidate, champion)
         p_value, method = mcnemar_p_value(gains, losses), "paired bootstrap + McNemar"
         # The exact test guards the bootstrap where discordant pairs are few.
-        passed = passed or p_value >= 1 - gate.confidence
+        significant = significant and p_value < 1 - gate.confidence
+    passed = not (ci.estimate < -gate.max_regression and significant)
     check = Check(
-        f"no_regression_{key}", round(ci.high, 6), round(-gate.max_regression, 6), passed,
+        f"no_regression_{key}", round(ci.estimate, 6), round(-gate.max_regression, 6), passed,
         estimate=round(ci.estimate, 6), low=round(ci.low, 6), high=round(ci.high, 6),
         p_value=None if p_value is None else round(p_value, 6), n=ci.n, method=method,
     )
-    decided = not passed or ci.low >= -gate.max_regression  # significantly worse, or no drop of the margin inside
+    decided = not passed or ci.low >= -gate.max_regression  # a significant drop, or no drop of the margin inside
     return _power(check, ci, gate.max_regression, gate.confidence, "drops", decided)
 
 
 def _no_regression_perplexity(candidate: dict, champion: dict, gate: GateParams) -> Check:
-    """Relative change of perplexity, exp(mean NLL difference) - 1; fails when its lower bound exceeds the margin."""
+    """Relative change of perplexity, exp(mean NLL difference) - 1; fails when it is above the margin and
+    significantly above 0."""
     ci = bootstrap_difference(candidate["nll"], champion["nll"], gate.confidence, gate.bootstrap_resamples,
                               candidate_weights=candidate["tokens"], champion_weights=champion["tokens"])
     rel = Interval(math.expm1(ci.estimate), math.expm1(ci.low), math.expm1(ci.high), ci.n)
     check = Check(
-        "no_regression_perplexity", round(rel.low, 6), round(gate.max_regression, 6), rel.low <= gate.max_regression,
+        "no_regression_perplexity", round(rel.estimate, 6), round(gate.max_regression, 6),
+        not (rel.estimate > gate.max_regression and rel.low > 0),
         estimate=round(rel.estimate, 6), low=round(rel.low, 6), high=round(rel.high, 6), n=rel.n,
         method="paired bootstrap",
     )
