@@ -415,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, default=6.82, help="train.epochs of the item-2 arms (6.82: 301 steps on the default data)")
     ap.add_argument("--test-size", type=int, default=200, help="fixed held-out test prompts (held-out phrasings)")
     ap.add_argument("--original-examples", type=int, default=200, help="rows of the original test split scored")
-    ap.add_argument("--eval-examples", type=int, default=100, help="eval.max_examples of the runs (the gate's test split)")
+    ap.add_argument("--eval-examples", type=int, default=None,
+                    help="eval.max_examples of the runs (the gate's test split; default: the setting's). Fewer is faster, "
+                         "and makes the gate's paired checks weaker than shipped")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the workspace here (default: a temporary folder)")
     ap.add_argument("--set", action="append", default=[], type=setting, metavar="KEY=JSON",
                     help="a setting of every run of every arm, as `ftllm run --set` takes it (the value read as JSON)")
@@ -425,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.config import DataParams
 
         args.weight = DataParams().feedback_weight
+    if args.eval_examples is None:
+        from tasks.config import EvalParams
+
+        args.eval_examples = EvalParams().max_examples
     sys.path.insert(0, str(ROOT))
     tmp = None
     if args.workdir is None:
