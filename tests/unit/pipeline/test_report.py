@@ -40,11 +40,16 @@ def test_unreadable_json_report_names_the_file(tmp_path):
         main([str(bad)])
 
 
-def test_validate_command_writes_the_page_beside_the_json_report(tmp_path):
+def test_validate_command_writes_the_page_beside_the_json_report(tmp_path, monkeypatch):
     import yaml
 
+    from ftllm.commands import validate as command
     from ftllm.commands.validate import validate_command
     from tasks.config import Params
+
+    # The GX file context goes to the test's folder, not the checkout's artifacts/gx, which another
+    # test process may be writing at the same time.
+    monkeypatch.setattr(command, "GX_DIR", tmp_path / "gx")
 
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps(GOOD) + "\n{not json\n")
@@ -54,3 +59,4 @@ def test_validate_command_writes_the_page_beside_the_json_report(tmp_path):
     assert code == 1
     page = (tmp_path / "out/validation.html").read_text()
     assert 'data-category="invalid_json"' in page
+    assert (tmp_path / "gx").is_dir()
