@@ -193,17 +193,6 @@ def arm_params_file(ws: Path, overrides: dict, name: str) -> Path:
     return path
 
 
-def setting(text: str) -> tuple[str, object]:
-    """`KEY=VALUE` of `--set`: the value as JSON where it parses, else the string."""
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def free_port() -> int:
     import socket
 
@@ -333,7 +322,7 @@ def run_seed(seed: int, args: argparse.Namespace, ws: Path, tests: dict, rows: l
     taken = training_dates() | iso_dates(tests["held_out"])
     users_by_round = [held_out_prompts(unused_dates(args.users, rng, taken), rng) for _ in range(args.rounds)]
     common = {"data.sources": [{"path": "data/dates.jsonl"}, {"feedback": True}], "eval.max_examples": args.eval_examples,
-              "train.seed": seed, **SIMULATED_USERS_TRUSTED, **OPEN_GATE, **dict(args.set)}
+              "train.seed": seed, **SIMULATED_USERS_TRUSTED, **OPEN_GATE, **args.set}
     arms, weak_scores = [], None
     for arm in args.arms:
         name = f"bench-{arm}-s{seed}"
@@ -419,10 +408,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="eval.max_examples of the runs (the gate's test split; default: the setting's). Fewer is faster, "
                          "and makes the gate's paired checks weaker than shipped")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the workspace here (default: a temporary folder)")
-    ap.add_argument("--set", action="append", default=[], type=setting, metavar="KEY=JSON",
-                    help="a setting of every run of every arm, as `ftllm run --set` takes it (the value read as JSON)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of every run of every arm, read as `ftllm run --set` reads it")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    from tasks.config import parse_overrides
+    from tasks.errors import ConfigError
+
+    try:
+        args.set = parse_overrides(args.set)
+    except ConfigError as exc:
+        ap.error(str(exc))
     if args.weight is None:
         from tasks.config import DataParams
 
