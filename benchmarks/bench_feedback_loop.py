@@ -6,7 +6,8 @@ a weak champion: the default data trained for a fraction of the default steps
 
 1. `ftllm serve` serves the arm's champion (its bento, its own feedback log);
 2. `--users` simulated users each send one prompt over HTTP to `/v1/chat/completions`, in
-   phrasings the training data never uses (`HELD_OUT_PHRASINGS`), about dates no split
+   phrasings the training data never uses (`HELD_OUT_PHRASINGS`, or a pool of your own with
+   `--phrasings FILE`), about dates no split
    holds; each rates the answer against a hidden reference over HTTP (`/feedback`): 5 if
    right, 1 if wrong, a uniform 1-5 for a share of noisy raters (`--noise`); a share of the
    users who got a wrong answer (`--correct`) also posts the right one as a correction;
@@ -126,8 +127,35 @@ def training_dates() -> set[str]:
     return iso_dates([json.loads(x) for x in (ROOT / "data/dates.jsonl").read_text().splitlines()])
 
 
-def held_out_prompts(days: list[dt.date], rng: random.Random) -> list[dict]:
-    return [example(rng.choice(HELD_OUT_PHRASINGS).format(date=d.isoformat()), words(d)) for d in days]
+def held_out_prompts(days: list[dt.date], rng: random.Random, phrasings: list[str] = HELD_OUT_PHRASINGS) -> list[dict]:
+    return [example(rng.choice(phrasings).format(date=d.isoformat()), words(d)) for d in days]
+
+
+def read_phrasings(path: Path) -> list[str]:
+    """A pool of phrasings, one a line, each with one `{date}` and none the training data uses.
+
+    Raises ValueError with the line at fault, so that a typo cannot quietly test another pool.
+    """
+    sys.path.insert(0, str(ROOT))
+    from scripts.make_data import PROMPTS as training
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read it ({exc})") from None
+    pool = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.count("{date}") != 1 or "{" in line.replace("{date}", "") or "}" in line.replace("{date}", ""):
+            raise ValueError(f"{path}:{number}: a phrasing holds `{{date}}` exactly once and no other brace: {line!r}")
+        if line in training:
+            raise ValueError(f"{path}:{number}: {line!r} is a phrasing of the training data, so not held out")
+        pool.append(line)
+    if not pool:
+        raise ValueError(f"{path}: no phrasing in it (one a line, each with `{{date}}`)")
+    return pool
 
 
 def original_test_split(limit: int) -> list[dict]:
@@ -320,7 +348,7 @@ def run_seed(seed: int, args: argparse.Namespace, ws: Path, tests: dict, rows: l
     """
     rng = random.Random(seed)
     taken = training_dates() | iso_dates(tests["held_out"])
-    users_by_round = [held_out_prompts(unused_dates(args.users, rng, taken), rng) for _ in range(args.rounds)]
+    users_by_round = [held_out_prompts(unused_dates(args.users, rng, taken), rng, args.phrasings) for _ in range(args.rounds)]
     common = {"data.sources": [{"path": "data/dates.jsonl"}, {"feedback": True}], "eval.max_examples": args.eval_examples,
               "train.seed": seed, **SIMULATED_USERS_TRUSTED, **OPEN_GATE, **args.set}
     arms, weak_scores = [], None
@@ -403,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", type=float, default=0.25, help="train.replay_fraction of the item-2 arms")
     ap.add_argument("--epochs", type=float, default=6.82, help="train.epochs of the item-2 arms (6.82: 301 steps on the default data)")
     ap.add_argument("--test-size", type=int, default=200, help="fixed held-out test prompts (held-out phrasings)")
+    ap.add_argument("--phrasings", type=Path, default=None,
+                    help="a file of held-out phrasings, one a line with `{date}`, for the users and the fixed test "
+                         "(default: HELD_OUT_PHRASINGS)")
+    ap.add_argument("--pool-seed", type=int, default=10_000, help="seed of the fixed held-out test's dates and phrasings")
     ap.add_argument("--original-examples", type=int, default=200, help="rows of the original test split scored")
     ap.add_argument("--eval-examples", type=int, default=None,
                     help="eval.max_examples of the runs (the gate's test split; default: the setting's). Fewer is faster, "
@@ -419,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         args.set = parse_overrides(args.set)
     except ConfigError as exc:
         ap.error(str(exc))
+    try:
+        args.phrasings = read_phrasings(args.phrasings) if args.phrasings else HELD_OUT_PHRASINGS
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.weight is None:
         from tasks.config import DataParams
 
@@ -434,9 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir = Path(tmp.name)
     args.workdir.mkdir(parents=True, exist_ok=True)
     ws = make_workspace(args.workdir / "project")
-    test_rng = random.Random(10_000)
+    test_rng = random.Random(args.pool_seed)
     taken = training_dates()
-    tests = {"held_out": held_out_prompts(unused_dates(args.test_size, test_rng, taken), test_rng),
+    tests = {"held_out": held_out_prompts(unused_dates(args.test_size, test_rng, taken), test_rng, args.phrasings),
              "original_test": original_test_split(args.original_examples)}
     rows: list[dict] = []
     started, load_before = time.time(), os.getloadavg()
