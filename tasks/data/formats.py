@@ -7,7 +7,9 @@ Supported formats (named with `data.format` / `--format`, or detected from the f
   `parallel_tool_calls` beside `messages`, `"correction": true` on an answer a user
   corrected (see `tasks.data.sources`), and `"provenance"` on feedback (the key and end
   user that sent it; not trained on). The legacy `functions` and `function_call` (with
-  `function` result messages) become `tools` and `tool_calls` (with `tool` messages).
+  `function` result messages) become `tools` and `tool_calls` (with `tool` messages), the
+  `developer` role (OpenAI's newer name for it) becomes `system`, and a `content` given as a
+  list of text parts (`[{"type": "text", "text": ...}]`) becomes their texts joined.
 - `alpaca`: `{"instruction", "input"?, "output", "system"?}`, or the seed-task form of Stanford
   Alpaca: `{"id", "name", "instruction", "instances": [{"input", "output"}], "is_classification"}`,
   which yields one canonical example per instance.
@@ -158,6 +160,10 @@ def _openai_to_canonical(obj: dict) -> dict:
             continue
         canon = {k: m[k] for k in ("role", "content") if k in m}
         canon.update({k: m[k] for k in _OPENAI_OPTIONAL if k in m})
+        if canon.get("role") == "developer":  # OpenAI's newer name of the system message
+            canon["role"] = "system"
+        if "content" in canon:
+            canon["content"] = _joined_text(canon["content"])
         if "thinking" in m and "reasoning_content" not in m:
             canon["reasoning_content"] = m["thinking"]
         if isinstance(m.get("function_call"), dict) and "tool_calls" not in m:  # the legacy form of one call
@@ -170,6 +176,16 @@ def _openai_to_canonical(obj: dict) -> dict:
     if tools is not _MISSING:
         example["tools"] = _tool_schemas(tools)
     return _with_label(example, obj)
+
+
+def _joined_text(content: Any) -> Any:
+    """A list of text parts (`[{"type": "text", "text": ...}]`) as one string, their texts joined as
+    the service joins them; any other content as given (a part that is not text: validation names it)."""
+    if isinstance(content, list) and content and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    return content
 
 
 class _CallIds:

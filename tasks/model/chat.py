@@ -270,6 +270,8 @@ class Encoded:
         reasoning_lost: assistant turns whose reasoning trace the template left out of the
             text (Qwen 3 keeps only the traces after the last user message), counted where
             traces are trained (`train_reasoning`).
+        calls_lost: the unlocated turns that hold tool calls (Llama 3.1 drops the text of a
+            turn that also calls a tool): calls that would not be trained on.
     """
 
     input_ids: list[int]
@@ -278,6 +280,7 @@ class Encoded:
     unlocated: int = 0
     error: str = ""
     reasoning_lost: int = 0
+    calls_lost: int = 0
 
     @property
     def trained_tokens(self) -> int:
@@ -376,8 +379,20 @@ def encode_chats(
         lost = sum(s.reasoning_lost for s in found) if train_reasoning else 0
         if train_on_prompt:
             mask = [1] * len(mask)
-        out.append(Encoded(ids, mask, last, 0 if error else max(0, turns - len(found)), error, lost))
+        unlocated = 0 if error else max(0, turns - len(found))
+        out.append(Encoded(ids, mask, last, unlocated, error, lost, _calls_lost(chat.messages, found, unlocated)))
     return out
+
+
+def _calls_lost(messages: list[Message], found: list[_Span], unlocated: int) -> int:
+    """How many of the unlocated turns hold tool calls (all that could, where spans name no turn)."""
+    if not unlocated:
+        return 0
+    calls = [i for i, m in enumerate(messages) if _is_turn(m) and m.get("tool_calls")]
+    if any(s.message < 0 for s in found):
+        return min(unlocated, len(calls))
+    located = {s.message for s in found}
+    return sum(i not in located for i in calls)
 
 
 def _is_turn(message: Message) -> bool:

@@ -204,3 +204,84 @@ def test_the_tools_task_data_is_deterministic_and_valid(tmp_path: Path, tok) -> 
     assert report.valid and report.errors == {} and report.warnings == {"no_system_message": 60}
     names = {e["messages"][1]["tool_calls"][0]["function"]["name"] for e in make_tool_examples(60, seed=11)}
     assert names == {"get_weather", "get_time", "convert_currency"}
+
+
+def _family_tokenizer(name: str, tok, family_models):
+    from transformers import AutoTokenizer
+
+    return tok if name == "tiny" else AutoTokenizer.from_pretrained(str(family_models(name)))
+
+
+def _trained_text(tokenizer, path: Path) -> list[str]:
+    """The trained tokens of each example of a file, decoded, as training would mask them."""
+    from tasks.data.checks import normalise_example
+    from tasks.model.chat import encode_chats
+
+    encoded = encode_chats(tokenizer, [normalise_example(c.example) for c in iter_checked(path, "openai")])
+    return [tokenizer.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m]) for e in encoded]
+
+
+WIDE = DataParams(max_tokens=4096)
+WIDE_BUDGET = TrainingBudget(seq_len=4096)
+
+
+@pytest.mark.parametrize("family", ["tiny", "qwen2.5", "llama3.1"])
+def test_openais_documented_function_calling_lines_are_valid_and_their_calls_trained(
+    tmp_path: Path, tok, family_models, family: str
+) -> None:
+    strict = {**tool(), "function": {**tool()["function"], "strict": True}}
+    parts = [{"type": "text", "text": "What time is it "}, {"type": "text", "text": "in Oslo?"}]
+    lines = [
+        # the call is the last turn, with no content key at all; strict schema, parallel_tool_calls, developer role
+        {"messages": [{"role": "developer", "content": "You call tools."}, {"role": "user", "content": "What time is it in Oslo?"},
+                      {"role": "assistant", "tool_calls": [call()]}], "tools": [strict], "parallel_tool_calls": False},
+        # content "" on the call turn, a tool message with its name too, text parts on the user message
+        {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "", "tool_calls": [call()]},
+                      {**RESULT, "name": "get_time"}, {"role": "assistant", "content": "It is 20:03 in Oslo."}],
+         "tools": [tool()]},
+    ]
+    path = write(tmp_path, lines)
+    tokenizer = _family_tokenizer(family, tok, family_models)
+    report = validate_dataset(path, WIDE, tokenizer=tokenizer, budget=WIDE_BUDGET)
+    assert report.valid and report.errors == {} and "answer_not_located" not in report.warnings
+    trained = _trained_text(tokenizer, path)
+    assert all('"city": "Oslo"' in text and "get_time" in text for text in trained)
+    assert "20:03 in Oslo." in trained[1] and "You call tools." not in trained[0]
+    assert all("What time is it" not in text for text in trained)
+
+
+def test_content_that_is_not_text_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    image = [{"type": "image_url", "image_url": {"url": "https://example.com/clock.png"}}]
+    lines = [
+        GOOD,
+        {**example(tag="a"), "messages": [{"role": "user", "content": image}, {"role": "assistant", "content": "A clock."}]},
+        example(results=[{**RESULT, "content": {"time": "20:03"}}], tag="b"),
+    ]
+    report = validate_dataset(write(tmp_path, lines), fmt="openai")
+    assert report.errors == {"bad_content": 2} and report.error_lines["bad_content"] == [2, 3]
+    messages = [r["message"] for r in report.error_rows]
+    assert "of type image_url; only text parts" in messages[0] and "write the content as text" in messages[0]
+    assert "message 3 content is dict" in messages[1] and "JSON string" in messages[1]
+
+
+def test_the_same_conversation_under_other_tools_is_not_a_duplicate(tmp_path: Path) -> None:
+    other = tool(description="The time of day in a city, as HH:MM.")
+    report = validate_dataset(write(tmp_path, [GOOD, {**GOOD, "tools": [other]}, GOOD]), fmt="openai")
+    assert report.errors == {"duplicate": 1} and report.error_lines["duplicate"] == [3]
+
+
+def test_a_call_turn_the_template_does_not_write_is_an_error_naming_the_fix(tmp_path: Path, tok, family_models) -> None:
+    llama = _family_tokenizer("llama3.1", tok, family_models)
+    with_text = example(tag="a")
+    with_text["messages"][1] = {**with_text["messages"][1], "content": "Let me look at the clock."}
+    path = write(tmp_path, [GOOD, with_text, example(calls=[call(), call(call_id="call00002")], results=[
+        RESULT, {**RESULT, "tool_call_id": "call00002"}], tag="b")])
+    report = validate_dataset(path, WIDE, tokenizer=llama, budget=WIDE_BUDGET)
+    assert report.errors == {"tool_call_dropped": 1, "no_trained_tokens": 1}
+    assert report.error_lines == {"tool_call_dropped": [2], "no_trained_tokens": [3]}
+    dropped, parallel = sorted(report.error_rows, key=lambda r: r["line"])
+    assert "set content to null on those turns, or set model.chat_template: chatml" in dropped["message"]
+    assert "only supports single tool-calls" in parallel["message"] and "model.chat_template: chatml" in parallel["message"]
+    assert report.unusable_examples == 2
+    # the same lines train whole under the tiny model's ChatML
+    assert validate_dataset(path, WIDE, tokenizer=tok, budget=WIDE_BUDGET).valid
