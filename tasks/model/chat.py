@@ -187,13 +187,14 @@ def template_messages(messages: list[Message]) -> list[Message]:
     """The messages as chat templates read them.
 
     `thinking` is renamed `reasoning_content` (the name templates read), keys set to
-    None are left out (Llama 3.1 tests `'tool_calls' in message`), and a call's
+    None and an empty `tool_calls` list (API exports write `[]` on a plain answer) are left
+    out (Llama 3.1 tests `'tool_calls' in message`, and raises on a turn of no call), and a call's
     `arguments`, a JSON string in the OpenAI format, become the object it encodes: the
     published templates write them with `tojson`, which would quote a string a second time.
     """
     out = []
     for m in messages:
-        m = {k: v for k, v in m.items() if v is not None or k == "content"}
+        m = {k: v for k, v in m.items() if (v is not None or k == "content") and not (k == "tool_calls" and v == [])}
         if "thinking" in m:
             m = {k: v for k, v in m.items() if k != "thinking"} | {"reasoning_content": m["thinking"]}
         if m.get("tool_calls"):

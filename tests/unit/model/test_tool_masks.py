@@ -174,3 +174,13 @@ def test_a_template_that_drops_reasoning_is_refused_unless_traces_are_left_out(f
                                           r"model\.chat_template: chatml.*train\.train_reasoning: false"):
         encode_chat(tok, example)
     assert ANSWER in trained_runs(tok, encode_chat(tok, example, train_reasoning=False))[0]
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny", "qwen2.5", "llama3.1", "mistral"], indirect=True)
+def test_an_empty_tool_calls_list_on_an_answer_is_a_plain_answer(tokenizer) -> None:
+    # API exports write `"tool_calls": []` (or null) on an answer that calls nothing
+    plain = [MESSAGES[0], {"role": "assistant", "content": ANSWER}]
+    exported = [MESSAGES[0], {"role": "assistant", "content": ANSWER, "tool_calls": []}]
+    enc = encode_chat(tokenizer, exported)
+    assert enc.error == "" and enc.unlocated == 0
+    assert enc == encode_chat(tokenizer, plain) and ANSWER in trained_runs(tokenizer, enc)[0]
