@@ -8,7 +8,8 @@ Error categories (any non-zero count makes the file invalid):
     invalid_utf8, invalid_json, not_an_object, no_examples, missing_messages,
     message_missing_field, unrecognised_keys, unknown_role, bad_content, no_assistant,
     last_not_assistant, consecutive_same_role, system_not_first, duplicate,
-    near_duplicate, over_token_limit, no_trained_tokens, reasoning_dropped, tool_call_dropped.
+    near_duplicate, over_token_limit, no_trained_tokens, reasoning_dropped, tool_call_dropped,
+    name_dropped.
 Tool calling, weights and reasoning (`check_tools`, as strict as mistral-finetune and
 mistral-common; structural errors too):
     bad_tool_schema (a tool without a name matching ^[a-zA-Z0-9_-]{1,64}$, a description,
@@ -80,6 +81,7 @@ ERROR_CATEGORIES = (
     "no_trained_tokens",
     "reasoning_dropped",
     "tool_call_dropped",
+    "name_dropped",
     "train_test_overlap",
 )
 

@@ -112,7 +112,9 @@ def read_source(
             invalid.append((row.line, "reasoning_dropped", "the chat template leaves out a reasoning trace"))
         elif count.calls_lost:
             invalid.append((row.line, "tool_call_dropped", "the chat template does not write a turn with tool calls"))
-    rows = [r for r in rows if r.count.trained and not r.count.reasoning_lost and not r.count.calls_lost]
+        elif count.names_lost:
+            invalid.append((row.line, "name_dropped", "the chat template does not write a message's name"))
+    rows = [r for r in rows if r.count.trained and not (r.count.reasoning_lost or r.count.calls_lost or r.count.names_lost)]
     invalid.sort()
     check_invalid_rows(source_label(index, data), source, path, read, invalid)
     stats = {
@@ -240,7 +242,7 @@ def sources_md5(stats: list[dict[str, Any]]) -> str:
 
 # Errors a source with `invalid_rows: drop` tolerates in its validation report: its unusable
 # rows (left out, up to the share) and repeats (dropped by the merge's deduplication).
-_UNTRAINABLE = ("no_trained_tokens", "reasoning_dropped", "tool_call_dropped")
+_UNTRAINABLE = ("no_trained_tokens", "reasoning_dropped", "tool_call_dropped", "name_dropped")
 DROPPABLE = frozenset(STRUCTURAL | {*_UNTRAINABLE, "duplicate", "near_duplicate"})
 
 

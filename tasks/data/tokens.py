@@ -31,6 +31,7 @@ class TokenCount:
         error: why the template refused the conversation ("" when it rendered it).
         reasoning_lost: reasoning traces the template left out of the text (not trained on).
         calls_lost: assistant turns with tool calls the template rewrote beyond recognition (not trained on).
+        names_lost: messages whose `name` the template does not write (the model would not see it).
     """
 
     total: int
@@ -40,6 +41,7 @@ class TokenCount:
     error: str = ""
     reasoning_lost: int = 0
     calls_lost: int = 0
+    names_lost: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ def count_chat_tokens(
     budget = budget or TrainingBudget()
     return [
         TokenCount(
-            len(e.input_ids), e.trained_tokens, e.last_answer_tokens, e.unlocated, e.error, e.reasoning_lost, e.calls_lost
+            len(e.input_ids), e.trained_tokens, e.last_answer_tokens, e.unlocated, e.error, e.reasoning_lost, e.calls_lost,
+            e.names_lost,
         )
         for e in encode_chats(
             tokenizer, conversations, system_message=system_message, train_turns=budget.train_turns,

@@ -245,6 +245,14 @@ def validate_dataset(
                 ))  # fmt: skip
                 bad.add(c.ordinal)
                 unusable.add(c.ordinal)
+            elif n.names_lost:
+                errors.add("name_dropped", c.line, (
+                    f"the chat template does not write the name of {n.names_lost} message(s), so the model would not "
+                    "see who speaks; remove name from those messages (or write the speaker into the content), "
+                    "or use a chat template that renders names"
+                ))  # fmt: skip
+                bad.add(c.ordinal)
+                unusable.add(c.ordinal)
             elif n.unlocated:
                 warns.add("answer_not_located", c.line, f"{n.unlocated} answer(s) rewritten by the chat template are not trained on")
         pending.clear()

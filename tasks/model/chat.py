@@ -273,6 +273,8 @@ class Encoded:
             traces are trained (`train_reasoning`).
         calls_lost: the unlocated turns that hold tool calls (Llama 3.1 drops the text of a
             turn that also calls a tool): calls that would not be trained on.
+        names_lost: system, user and assistant messages whose `name` the template does not
+            write (most do not): the model would not see who speaks.
     """
 
     input_ids: list[int]
@@ -282,6 +284,7 @@ class Encoded:
     error: str = ""
     reasoning_lost: int = 0
     calls_lost: int = 0
+    names_lost: int = 0
 
     @property
     def trained_tokens(self) -> int:
@@ -371,8 +374,9 @@ def encode_chats(
         tokenizer, chats, plan.end_of_turn
     )
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    named = named_roles(tokenizer, action)
     out = []
-    for chat, enc, found, error in zip(chats, encodings, spans, errors):
+    for conversation, chat, enc, found, error in zip(conversations, chats, encodings, spans, errors):
         ids = enc.ids  # a fresh list on every access of the Rust encoding
         trained = _trained_spans(chat.messages, found, train_turns, train_reasoning)
         mask, last = _mask(ids, enc.offsets, trained, plan.end_of_turn)
@@ -381,8 +385,16 @@ def encode_chats(
         if train_on_prompt:
             mask = [1] * len(mask)
         unlocated = 0 if error else max(0, turns - len(found))
-        out.append(Encoded(ids, mask, last, unlocated, error, lost, _calls_lost(chat.messages, found, unlocated)))
+        out.append(Encoded(ids, mask, last, unlocated, error, lost, _calls_lost(chat.messages, found, unlocated),
+                           _names_lost(conversation, named)))
     return out
+
+
+def _names_lost(conversation: Conversation, named: frozenset[str]) -> int:
+    """Messages whose `name` the template does not write (a tool result's name repeats its call's: not counted)."""
+    messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+    return sum(1 for m in messages if m.get("role") in _NAMED_ROLES and m.get("role") not in named
+               and isinstance(m.get("name"), str) and m["name"].strip())
 
 
 def _calls_lost(messages: list[Message], found: list[_Span], unlocated: int) -> int:
@@ -564,6 +576,29 @@ def check_tool_rendering(tokenizer) -> None:
         _CACHE[key] = problem
     if _CACHE[key]:
         raise ConfigError(f"{_model_name(tokenizer)}: the chat template cannot train tool calling: it {_CACHE[key]}; {_TOOL_FIX}")
+
+
+_NAMED_ROLES = ("system", "user", "assistant")
+
+
+def named_roles(tokenizer, action: str = "keep") -> frozenset[str]:
+    """The roles whose `name` (OpenAI's participant name) the template writes, probed once per template.
+
+    Args:
+        action: what the system-message policy does (a merged system message keeps no name).
+    """
+    from jinja2 import TemplateError
+
+    key = ("names", _template_key(tokenizer), action)
+    if key not in _CACHE:
+        probe = [{**m, "name": f"probe_{m['role']}_7305"} for m in _PROBE[:3]]
+        try:
+            text = _render(tokenizer, [template_messages(apply_system_policy(probe, action))], False)[0]
+        except TemplateError:
+            text = ""
+        written = {role for role in _NAMED_ROLES if f"probe_{role}_7305" in text}
+        _CACHE[key] = frozenset(written | ({"system"} if action == "drop" else set()))  # dropped whole, by choice
+    return _CACHE[key]
 
 
 def check_reasoning_rendering(tokenizer) -> None:

@@ -285,3 +285,24 @@ def test_a_call_turn_the_template_does_not_write_is_an_error_naming_the_fix(tmp_
     assert report.unusable_examples == 2
     # the same lines train whole under the tiny model's ChatML
     assert validate_dataset(path, WIDE, tokenizer=tok, budget=WIDE_BUDGET).valid
+
+
+@pytest.mark.parametrize("family", ["tiny", "qwen2.5"])
+def test_a_name_the_template_does_not_write_is_an_error_naming_the_fix(tmp_path: Path, tok, family_models, family: str) -> None:
+    tokenizer = _family_tokenizer(family, tok, family_models)
+    named = {"messages": [{"role": "system", "content": "Answer the user by name."},
+                          {"role": "user", "content": "Hi, who am I?", "name": "alice"},
+                          {"role": "assistant", "content": "You are Alice."}]}
+    path = write(tmp_path, [GOOD, named])
+    report = validate_dataset(path, WIDE, tokenizer=tokenizer, budget=WIDE_BUDGET)
+    assert report.errors == {"name_dropped": 1} and report.error_lines["name_dropped"] == [2]
+    assert "remove name from those messages" in report.error_rows[0]["message"]
+    with pytest.raises(PrepareError, match=r"line 2: name_dropped"):
+        prepare_dataset(None, tmp_path / "out", Params(data=DataParams(sources=[{"path": str(path)}], max_tokens=4096),
+                                                       train=TrainParams(seq_len=4096)), tokenizer)
+    # a system message left out by data.system_message: drop takes its name with it, by choice
+    system_named = {"messages": [{**named["messages"][0], "name": "rules"}, *named["messages"][1:]]}
+    system_named["messages"][1] = {k: v for k, v in named["messages"][1].items() if k != "name"}
+    dropped = validate_dataset(write(tmp_path, [system_named], "s.jsonl"), DataParams(max_tokens=4096, system_message="drop"),
+                               tokenizer=tokenizer, budget=WIDE_BUDGET)
+    assert dropped.valid
