@@ -15,7 +15,7 @@ Supported formats (named with `data.format` / `--format`, or detected from the f
   which yields one canonical example per instance.
 - `sharegpt`: `{"conversations": [{"from", "value"}], "system"?, "id"?, "tools"?}` with `from`
   one of human/user, gpt/assistant, system; `function_call` (a value holding `{"name",
-  "arguments"}` JSON, or a list of them) becomes an assistant turn with `tool_calls`, and
+  "arguments"}`, or a list of them, as JSON or as the objects) becomes an assistant turn with `tool_calls`, and
   `observation` (or tool/function) a `tool` message answering the pending call, as in
   LLaMA-Factory's format; `tools` (a list, or a JSON string of one, of tool schemas or
   bare functions) becomes OpenAI tool schemas.
@@ -284,7 +284,7 @@ def _sharegpt_to_canonical(obj: dict) -> dict:
             message["role"] = SHAREGPT_ROLES.get(source.lower(), source) if isinstance(source, str) else source
         if "value" in turn:
             message["content"] = turn["value"]
-        if source == "function_call" and isinstance(turn.get("value"), str):
+        if source == "function_call" and isinstance(turn.get("value"), (str, dict, list)):
             message.update(content=None, tool_calls=_sharegpt_calls(turn["value"], calls))
         elif message.get("role") == "tool":
             message["tool_call_id"] = calls.answer()
@@ -297,10 +297,11 @@ def _sharegpt_to_canonical(obj: dict) -> dict:
     return _with_label(example, obj)
 
 
-def _sharegpt_calls(value: str, calls: _CallIds) -> list:
-    """The tool calls of a ShareGPT `function_call` turn: JSON of one `{name, arguments}` or a list of them."""
+def _sharegpt_calls(value: str | dict | list, calls: _CallIds) -> list:
+    """The tool calls of a ShareGPT `function_call` turn: one `{name, arguments}` or a list of them, as JSON
+    (LLaMA-Factory's form) or as the object itself."""
     try:
-        parsed = json.loads(value)
+        parsed = json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError:
         parsed = value
     items = parsed if isinstance(parsed, list) else [parsed]

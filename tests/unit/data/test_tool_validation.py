@@ -306,3 +306,23 @@ def test_a_name_the_template_does_not_write_is_an_error_naming_the_fix(tmp_path:
     dropped = validate_dataset(write(tmp_path, [system_named], "s.jsonl"), DataParams(max_tokens=4096, system_message="drop"),
                                tokenizer=tokenizer, budget=WIDE_BUDGET)
     assert dropped.valid
+
+
+def test_sharegpt_parallel_calls_and_calls_written_as_objects_become_tool_calls(tmp_path: Path, tok) -> None:
+    function = tool()["function"]
+    rows = [
+        {"conversations": [{"from": "human", "value": "Time in Oslo and Rome?"},
+                           {"from": "function_call", "value": json.dumps([{"name": "get_time", "arguments": {"city": c}}
+                                                                          for c in ("Oslo", "Rome")])},
+                           {"from": "observation", "value": "20:03"}, {"from": "observation", "value": "20:03"},
+                           {"from": "gpt", "value": "It is 20:03 in both."}], "tools": [function]},
+        {"conversations": [{"from": "human", "value": "Time in Oslo?"},
+                           {"from": "function_call", "value": {"name": "get_time", "arguments": {"city": "Oslo"}}},
+                           {"from": "observation", "value": "20:03"}, {"from": "gpt", "value": "It is 20:03 in Oslo."}],
+         "tools": [function]},
+    ]
+    path = write(tmp_path, rows)
+    parallel, single = (c.example["messages"][1]["tool_calls"] for c in iter_checked(path, "sharegpt"))
+    assert [c["id"] for c in parallel] == ["call00001", "call00002"] and single == [call()]
+    report = validate_dataset(path, WIDE, tokenizer=tok, budget=WIDE_BUDGET)
+    assert report.valid and report.errors == {}
