@@ -233,7 +233,8 @@ def validate_dataset(
                 errors.add("reasoning_dropped", c.line, (
                     f"the chat template leaves out {n.reasoning_lost} reasoning trace(s) of assistant turns before the "
                     "last user message, which would not be trained on; split the conversation into one example per "
-                    "turn, or set train.train_reasoning: false"
+                    "turn, set train.train_turns: last (or weight 0 on the earlier turns), or set "
+                    "train.train_reasoning: false"
                 ))  # fmt: skip
                 bad.add(c.ordinal)
                 unusable.add(c.ordinal)  # prepare leaves it out, as it does an example with no trained token

@@ -381,7 +381,7 @@ def encode_chats(
         trained = _trained_spans(chat.messages, found, train_turns, train_reasoning)
         mask, last = _mask(ids, enc.offsets, trained, plan.end_of_turn)
         turns = sum(1 for m in chat.messages if _is_turn(m))
-        lost = sum(s.reasoning_lost for s in found) if train_reasoning else 0
+        lost = sum(s.reasoning_lost for s in trained) if train_reasoning else 0  # a turn not trained loses nothing
         if train_on_prompt:
             mask = [1] * len(mask)
         unlocated = 0 if error else max(0, turns - len(found))
@@ -795,15 +795,21 @@ def _locate(
                 continue
             problem = f"{found} in turn {i + 1}"
         else:
-            content = message["content"]
+            content, lost = message["content"], False
             at = text.find(content, len(prompt)) if content else -1
             if at < 0 and content.strip():
                 content = content.strip()  # templates that trim answers (Llama 3, Gemma, Mistral)
                 at = text.find(content, len(prompt))
+            if at < 0 and "</think>" in content:
+                # A trace written inline (`<think>…</think>answer`) that the template takes out
+                # of an earlier turn, as Qwen 3 does with reasoning_content: the answer is
+                # trained, the trace is lost.
+                content, lost = content.split("</think>")[-1].strip(), True
+                at = text.find(content, len(prompt)) if content else -1
             if at < 0 or at + len(content) > bound or _MARKER.search(text, len(prompt), at):
                 problem = f"does not write answer {i + 1} as given right after its prompt"
             else:
-                spans.append(_Span(len(prompt), at + len(content), i, len(prompt)))
+                spans.append(_Span(len(prompt), at + len(content), i, len(prompt), lost))
                 continue
         if not per_turn:
             return problem

@@ -184,3 +184,18 @@ def test_an_empty_tool_calls_list_on_an_answer_is_a_plain_answer(tokenizer) -> N
     enc = encode_chat(tokenizer, exported)
     assert enc.error == "" and enc.unlocated == 0
     assert enc == encode_chat(tokenizer, plain) and ANSWER in trained_runs(tokenizer, enc)[0]
+
+
+def test_a_trace_written_inline_is_a_trace_and_a_turn_left_untrained_loses_none(family_models) -> None:
+    tok = _tokenizer(family_models("qwen3"))
+    inline = [
+        {"role": "user", "content": "One?"}, {"role": "assistant", "content": "<think>\nFirst trace.\n</think>\n\nYes."},
+        {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "<think>\nSecond trace.\n</think>\n\nNo."},
+    ]
+    enc = encode_chat(tok, inline)  # Qwen 3 takes the first trace out, as it does a reasoning_content
+    assert enc.unlocated == 0 and enc.reasoning_lost == 1
+    assert trained_runs(tok, enc) == ["Yes.<|im_end|>", "<think>\nSecond trace.\n</think>\n\nNo.<|im_end|>"]
+    keyed = [inline[0], {"role": "assistant", "content": "Yes.", "reasoning_content": "First trace."}, *inline[2:]]
+    assert encode_chat(tok, keyed, train_turns="last").reasoning_lost == 0  # the lost trace is not trained anyway
+    weighted = [inline[0], {**keyed[1], "weight": 0}, *inline[2:]]
+    assert encode_chat(tok, weighted).reasoning_lost == 0
