@@ -180,7 +180,8 @@ def render_prompt(tokenizer, messages: list[Message], system_message: str = "aut
             "function": {name, description, parameters}}]`), rendered by the template.
     """
     action = system_handling(tokenizer, system_message).action
-    return _render(tokenizer, [template_messages(apply_system_policy(messages, action))], True, tools)[0]
+    messages = template_messages(apply_system_policy(messages, action))
+    return _render(tokenizer, [short_call_ids(messages) if needs_short_call_ids(tokenizer) else messages], True, tools)[0]
 
 
 def template_messages(messages: list[Message]) -> list[Message]:
@@ -199,6 +200,56 @@ def template_messages(messages: list[Message]) -> list[Message]:
             m = {k: v for k, v in m.items() if k != "thinking"} | {"reasoning_content": m["thinking"]}
         if m.get("tool_calls"):
             m = {**m, "tool_calls": [_call_for_template(c) for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+_SHORT_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
+
+
+def needs_short_call_ids(tokenizer) -> bool:
+    """Whether the template refuses OpenAI's call ids (`call_…`) and takes nine alphanumerics (Mistral v0.3's does).
+
+    Probed once per template on a conversation with one call and its result.
+    """
+    from jinja2 import TemplateError
+
+    key = ("short_ids", _template_key(tokenizer))
+    if key not in _CACHE:
+        def renders(call_id: str) -> bool:
+            call = {**_PROBE_CALLS[1]["tool_calls"][0], "id": call_id}
+            probe = [_PROBE_CALLS[0], {**_PROBE_CALLS[1], "tool_calls": [call]}, {**_PROBE_CALLS[2], "tool_call_id": call_id}]
+            try:
+                _render(tokenizer, [template_messages(probe)], False, [_PROBE_TOOL])
+            except TemplateError:
+                return False
+            return True
+
+        _CACHE[key] = not renders("call_probe_7306") and renders("probe0001")
+    return _CACHE[key]
+
+
+def short_call_ids(messages: list[Message]) -> list[Message]:
+    """The messages with each call id that is not nine alphanumerics replaced by nine hex digits of its hash.
+
+    A call and the result that answers it keep the same id, so the pairing the data writes
+    is what the template renders; ids are opaque, and the model learns to write ids of the
+    form the template's family uses.
+    """
+    import hashlib
+
+    def short(call_id: Any) -> Any:
+        if not isinstance(call_id, str) or _SHORT_ID.match(call_id):
+            return call_id
+        return hashlib.sha1(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:9]
+
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "id": short(c.get("id"))} if isinstance(c, dict) and "id" in c else c
+                                     for c in m["tool_calls"]]}
+        if "tool_call_id" in m:
+            m = {**m, "tool_call_id": short(m["tool_call_id"])}
         out.append(m)
     return out
 
@@ -366,6 +417,8 @@ def encode_chats(
     plan = check_template(tokenizer, system_message)
     action = system_handling(tokenizer, system_message).action
     chats = [_chat(c, tools, action) for c in conversations]
+    if any(m.get("tool_calls") or m.get("role") == "tool" for c in chats for m in c.messages) and needs_short_call_ids(tokenizer):
+        chats = [_Chat(short_call_ids(c.messages), c.tools) for c in chats]
     if any(c.tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in c.messages) for c in chats):
         check_tool_rendering(tokenizer)
     if train_reasoning and any(m.get("reasoning_content") for c in chats for m in c.messages):

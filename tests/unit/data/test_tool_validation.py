@@ -225,19 +225,21 @@ WIDE = DataParams(max_tokens=4096)
 WIDE_BUDGET = TrainingBudget(seq_len=4096)
 
 
-@pytest.mark.parametrize("family", ["tiny", "qwen2.5", "llama3.1"])
+@pytest.mark.parametrize("family", ["tiny", "qwen2.5", "llama3.1", "mistral"])
 def test_openais_documented_function_calling_lines_are_valid_and_their_calls_trained(
     tmp_path: Path, tok, family_models, family: str
 ) -> None:
     strict = {**tool(), "function": {**tool()["function"], "strict": True}}
     parts = [{"type": "text", "text": "What time is it "}, {"type": "text", "text": "in Oslo?"}]
+    openai_call = call(call_id="call_id")  # OpenAI's ids, which Mistral's template refuses as they are
     lines = [
         # the call is the last turn, with no content key at all; strict schema, parallel_tool_calls, developer role
         {"messages": [{"role": "developer", "content": "You call tools."}, {"role": "user", "content": "What time is it in Oslo?"},
-                      {"role": "assistant", "tool_calls": [call()]}], "tools": [strict], "parallel_tool_calls": False},
+                      {"role": "assistant", "tool_calls": [openai_call]}], "tools": [strict], "parallel_tool_calls": False},
         # content "" on the call turn, a tool message with its name too, text parts on the user message
-        {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "", "tool_calls": [call()]},
-                      {**RESULT, "name": "get_time"}, {"role": "assistant", "content": "It is 20:03 in Oslo."}],
+        {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "", "tool_calls": [openai_call]},
+                      {**RESULT, "tool_call_id": "call_id", "name": "get_time"},
+                      {"role": "assistant", "content": "It is 20:03 in Oslo."}],
          "tools": [tool()]},
     ]
     path = write(tmp_path, lines)

@@ -199,3 +199,24 @@ def test_a_trace_written_inline_is_a_trace_and_a_turn_left_untrained_loses_none(
     assert encode_chat(tok, keyed, train_turns="last").reasoning_lost == 0  # the lost trace is not trained anyway
     weighted = [inline[0], {**keyed[1], "weight": 0}, *inline[2:]]
     assert encode_chat(tok, weighted).reasoning_lost == 0
+
+
+@pytest.mark.parametrize("tokenizer", ["mistral", "qwen2.5"], indirect=True)
+def test_openai_call_ids_are_shortened_only_for_a_template_that_refuses_them(tokenizer) -> None:
+    from tasks.model.chat import needs_short_call_ids
+
+    openai = [MESSAGES[0], {**MESSAGES[1], "tool_calls": [{**CALL, "id": "call_abc123XYZ"}]},
+              {**MESSAGES[2], "tool_call_id": "call_abc123XYZ"}, MESSAGES[3]]
+    enc = encode_chat(tokenizer, {"messages": openai, "tools": TOOLS})
+    assert enc.error == "" and enc.unlocated == 0 and len(trained_runs(tokenizer, enc)) == 2
+    text = tokenizer.decode(enc.input_ids)
+    mistral = "mistral" in tokenizer.name_or_path
+    assert needs_short_call_ids(tokenizer) == mistral
+    if mistral:  # v0.3 takes nine alphanumerics: the same ones for the call and its result
+        short = text.split('"id": "', 1)[1][:9]
+        assert "call_abc123XYZ" not in text and short.isalnum() and text.count(short) == 2
+        # the service's prompt, with the same ids, is the trained text before the answer
+        prompt = render_prompt(tokenizer, openai[:3], tools=TOOLS)
+        assert text.startswith(tokenizer.decode(tokenizer.encode(prompt, add_special_tokens=False)))
+    else:  # ids are not rendered: nothing changes
+        assert text == tokenizer.decode(encode_chat(tokenizer, EXAMPLE).input_ids)
