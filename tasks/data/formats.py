@@ -9,7 +9,9 @@ Supported formats (named with `data.format` / `--format`, or detected from the f
   user that sent it; not trained on). The legacy `functions` and `function_call` (with
   `function` result messages) become `tools` and `tool_calls` (with `tool` messages), the
   `developer` role (OpenAI's newer name for it) becomes `system`, and a `content` given as a
-  list of text parts (`[{"type": "text", "text": ...}]`) becomes their texts joined.
+  list of text parts (`[{"type": "text", "text": ...}]`) becomes their texts joined. A `tool`
+  (or `function`) message without a `tool_call_id` answers the oldest pending call of the
+  function it names (of any function when it names none).
 - `alpaca`: `{"instruction", "input"?, "output", "system"?}`, or the seed-task form of Stanford
   Alpaca: `{"id", "name", "instruction", "instances": [{"input", "output"}], "is_classification"}`,
   which yields one canonical example per instance.
@@ -168,8 +170,13 @@ def _openai_to_canonical(obj: dict) -> dict:
             canon["reasoning_content"] = m["thinking"]
         if isinstance(m.get("function_call"), dict) and "tool_calls" not in m:  # the legacy form of one call
             canon["tool_calls"] = [calls.new(m["function_call"])]
-        if m.get("role") == "function" and "tool_call_id" not in m:  # the legacy result of that call
-            canon.update(role="tool", tool_call_id=calls.answer())
+        elif m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
+            calls.expect(m["tool_calls"])
+        if m.get("role") in ("function", "tool") and "tool_call_id" not in m:
+            # the legacy result (`function`), or a result named but not linked: it answers the pending call of its name
+            canon.update(role="tool", tool_call_id=calls.answer(m.get("name")))
+        elif m.get("role") == "tool":
+            calls.answered(m.get("tool_call_id"))
         out.append(canon)
     example = {"messages": out}
     tools = obj.get("tools", obj.get("functions", _MISSING))
@@ -189,25 +196,43 @@ def _joined_text(content: Any) -> Any:
 
 
 class _CallIds:
-    """Ids for calls written without one (ShareGPT, OpenAI's legacy `function_call`), and their results."""
+    """Ids for calls written without one (ShareGPT, OpenAI's legacy `function_call`), and the calls their
+    results answer when a result names no call id."""
 
     def __init__(self) -> None:
-        self.count, self.pending = 0, []
+        self.count = 0
+        self.pending: list[tuple[str, Any]] = []  # (id, function name) of the calls without a result yet
 
     def new(self, function: Any) -> dict:
         """An OpenAI tool call of `function` ({name, arguments}); arguments become a JSON string."""
         self.count += 1
         call_id = f"call{self.count:05d}"  # 9 alphanumeric characters, as Mistral's templates require
-        self.pending.append(call_id)
+        self.pending.append((call_id, function.get("name") if isinstance(function, dict) else None))
         if isinstance(function, dict):
             arguments = function.get("arguments")
             if not isinstance(arguments, str) and arguments is not None:
                 function = {**function, "arguments": json.dumps(arguments, ensure_ascii=False)}
         return {"id": call_id, "type": "function", "function": function}
 
-    def answer(self) -> str | None:
-        """The id of the oldest call without a result (None when there is none: validation names it)."""
-        return self.pending.pop(0) if self.pending else None
+    def expect(self, tool_calls: list) -> None:
+        """Remember the calls of an assistant turn written with their ids (the OpenAI form)."""
+        for c in tool_calls:
+            if isinstance(c, dict) and isinstance(c.get("id"), str):
+                function = c.get("function")
+                self.pending.append((c["id"], function.get("name") if isinstance(function, dict) else None))
+
+    def answered(self, call_id: Any) -> None:
+        """A result linked to its call by id: that call is no longer pending."""
+        self.pending = [p for p in self.pending if p[0] != call_id]
+
+    def answer(self, name: Any = None) -> str | None:
+        """The id of the oldest pending call, of function `name` when one is given (None when there is
+        none: validation names the result)."""
+        for k, (call_id, function) in enumerate(self.pending):
+            if name is None or function == name:
+                del self.pending[k]
+                return call_id
+        return None
 
 
 def _tool_schemas(tools: Any) -> Any:

@@ -328,3 +328,20 @@ def test_sharegpt_parallel_calls_and_calls_written_as_objects_become_tool_calls(
     assert [c["id"] for c in parallel] == ["call00001", "call00002"] and single == [call()]
     report = validate_dataset(path, WIDE, tokenizer=tok, budget=WIDE_BUDGET)
     assert report.valid and report.errors == {}
+
+
+def test_a_tool_result_with_a_name_and_no_call_id_answers_the_pending_call_of_that_function(tmp_path: Path) -> None:
+    times = [call(call_id="call_a"), call(arguments='{"city": "Rome"}', call_id="call_b")]
+    tools = [tool(), tool(name="get_weather", description="The weather in a city.")]
+    weather = {"id": "call_c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    lines = [
+        example(calls=[*times, weather], tools=tools, results=[
+            {"role": "tool", "name": "get_weather", "content": "rain"},  # answers call_c, not the older call_a
+            {"role": "tool", "tool_call_id": "call_a", "content": "20:03"},
+            {"role": "tool", "content": "20:03"}]),  # no name: the oldest pending call, call_b
+        example(results=[{"role": "tool", "name": "get_weather", "content": "rain"}], tag="a"),  # no such call
+    ]
+    checked = list(iter_checked(write(tmp_path, lines), "openai"))
+    assert [m.get("tool_call_id") for m in checked[0].example["messages"][2:5]] == ["call_c", "call_a", "call_b"]
+    assert checked[0].problems == {}
+    assert set(checked[1].problems) == {"unexpected_tool_result", "missing_tool_result"}
