@@ -14,7 +14,8 @@ Tool calling, weights and reasoning (`check_tools`, as strict as mistral-finetun
 mistral-common; structural errors too):
     bad_tool_schema (a tool without a name matching ^[a-zA-Z0-9_-]{1,64}$, a description,
     or `parameters` that are a valid JSON schema), bad_tool_call (a call without an id, a
-    repeated id, not of type function, without a function name), undeclared_tool (a call
+    repeated id, not of type function, without a function name; several calls in one turn
+    under `parallel_tool_calls: false`), undeclared_tool (a call
     naming no tool of `tools`), bad_tool_arguments (`arguments` not a string holding a
     JSON object), arguments_fail_schema (arguments the tool's `parameters` refuse),
     unexpected_tool_result (a tool message without a pending call's id, or more results
@@ -167,12 +168,16 @@ def _check_message(i: int, m: Any, problems: dict[str, str]) -> None:
                 f"message {i} content is {type(content).__name__}, not a string; write it as text "
                 "(a tool's result as the JSON string of it)"
             ))  # fmt: skip
-        elif not content.strip():
+        elif not content.strip() and m.get("role") != "tool":  # a function may return nothing
             problems.setdefault("bad_content", f"message {i} content is empty; write the text, or drop the message")
 
 
-def check_tools(example: dict) -> dict[str, str]:
+def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
     """Tool calling, weight and reasoning checks of a structurally valid canonical example.
+
+    Args:
+        example: the canonical example.
+        parallel: the example allows several calls in one turn (`parallel_tool_calls`, true unless set false).
 
     Returns:
         category -> message for each tool category the example falls in (the first
@@ -201,6 +206,11 @@ def check_tools(example: dict) -> dict[str, str]:
         if pending:
             problems.setdefault("missing_tool_result", f"call {pending[0]!r} gets no tool result before message {i}")
             pending = []
+        if not parallel and role == "assistant" and len(m.get("tool_calls") or []) > 1:
+            problems.setdefault("bad_tool_call", (
+                f"message {i} makes {len(m['tool_calls'])} calls although the example sets parallel_tool_calls: false; "
+                "split them into one call per turn, or remove parallel_tool_calls"
+            ))  # fmt: skip
         for call in m.get("tool_calls") or [] if role == "assistant" else []:
             call_id = _check_call(i, call, schemas, seen, problems)
             if call_id is not None:
@@ -401,7 +411,7 @@ def iter_checked(path: Path, fmt: str, on_bytes=None) -> Iterator[CheckedExample
         for example in to_canonical(obj, fmt):
             problems = check_messages(example.get("messages"))
             if not problems:
-                problems = check_tools(example)
+                problems = check_tools(example, parallel=obj.get("parallel_tool_calls") is not False)
             if key_problem:
                 problems["unrecognised_keys"] = key_problem
             yield CheckedExample(ordinal, line, example, problems, obj)

@@ -345,3 +345,17 @@ def test_a_tool_result_with_a_name_and_no_call_id_answers_the_pending_call_of_th
     assert [m.get("tool_call_id") for m in checked[0].example["messages"][2:5]] == ["call_c", "call_a", "call_b"]
     assert checked[0].problems == {}
     assert set(checked[1].problems) == {"unexpected_tool_result", "missing_tool_result"}
+
+
+def test_an_empty_tool_result_is_valid_and_parallel_calls_contradicting_the_example_are_not(tmp_path: Path) -> None:
+    two = [call(), call(arguments='{"city": "Rome"}', call_id="call00002")]
+    results = [RESULT, {**RESULT, "tool_call_id": "call00002"}]
+    lines = [
+        example(results=[{**RESULT, "content": ""}]),  # the function returned nothing
+        {**example(calls=two, results=results, tag="a"), "parallel_tool_calls": True},
+        {**example(calls=two, results=results, tag="b"), "parallel_tool_calls": False},
+        {**example(tag="c"), "parallel_tool_calls": False},
+    ]
+    report = validate_dataset(write(tmp_path, lines), fmt="openai")
+    assert report.errors == {"bad_tool_call": 1} and report.error_lines["bad_tool_call"] == [3]
+    assert "parallel_tool_calls: false" in report.error_rows[0]["message"]
