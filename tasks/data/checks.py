@@ -278,7 +278,7 @@ def _check_call(i: int, call: Any, schemas: dict[str, dict] | None, seen: set[st
     except json.JSONDecodeError:
         parsed = None
     if not isinstance(parsed, dict):
-        problems.setdefault("bad_tool_arguments", f"message {i}: the arguments of {name!r} are not a string holding a JSON object")
+        problems.setdefault("bad_tool_arguments", f"message {i}: the arguments of {name!r} are not a JSON object (nor a string holding one)")
     elif schemas and name in schemas:
         error = next(iter(validators.validator_for(schemas[name])(schemas[name]).iter_errors(parsed)), None)
         if error is not None:

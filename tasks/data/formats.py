@@ -11,7 +11,8 @@ Supported formats (named with `data.format` / `--format`, or detected from the f
   `developer` role (OpenAI's newer name for it) becomes `system`, and a `content` given as a
   list of text parts (`[{"type": "text", "text": ...}]`) becomes their texts joined. A `tool`
   (or `function`) message without a `tool_call_id` answers the oldest pending call of the
-  function it names (of any function when it names none).
+  function it names (of any function when it names none). A call's `arguments` written as
+  an object, not as the JSON string of one, become that string.
 - `alpaca`: `{"instruction", "input"?, "output", "system"?}`, or the seed-task form of Stanford
   Alpaca: `{"id", "name", "instruction", "instances": [{"input", "output"}], "is_classification"}`,
   which yields one canonical example per instance.
@@ -171,6 +172,7 @@ def _openai_to_canonical(obj: dict) -> dict:
         if isinstance(m.get("function_call"), dict) and "tool_calls" not in m:  # the legacy form of one call
             canon["tool_calls"] = [calls.new(m["function_call"])]
         elif m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
+            canon["tool_calls"] = [_arguments_as_json(c) for c in m["tool_calls"]]
             calls.expect(m["tool_calls"])
         if m.get("role") in ("function", "tool") and "tool_call_id" not in m:
             # the legacy result (`function`), or a result named but not linked: it answers the pending call of its name
@@ -183,6 +185,15 @@ def _openai_to_canonical(obj: dict) -> dict:
     if tools is not _MISSING:
         example["tools"] = _tool_schemas(tools)
     return _with_label(example, obj)
+
+
+def _arguments_as_json(call: Any) -> Any:
+    """A call whose `arguments` are an object (the form chat templates and transformers' docs use) with them
+    as the JSON string OpenAI's format has; any other call as given (validation names what is wrong)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), dict):
+        return call
+    return {**call, "function": {**function, "arguments": json.dumps(function["arguments"], ensure_ascii=False)}}
 
 
 def _joined_text(content: Any) -> Any:

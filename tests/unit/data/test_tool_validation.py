@@ -77,7 +77,7 @@ CASES = {
     "undeclared_tool": ([GOOD, example(calls=[call(name="get_weather")], tag="a"), {**example(tag="b"), "tools": []}],
                         [2, 3]),
     "bad_tool_arguments": ([GOOD, example(calls=[call(arguments="Oslo")], tag="a"), example(calls=[call(arguments='["Oslo"]')], tag="b"),
-                            example(calls=[{**call(), "function": {"name": "get_time", "arguments": {"city": "Oslo"}}}], tag="c")],
+                            example(calls=[{**call(), "function": {"name": "get_time", "arguments": ["Oslo"]}}], tag="c")],
                            [2, 3, 4]),
     "arguments_fail_schema": ([GOOD, example(calls=[call(arguments='{"town": "Oslo"}')], tag="a"),
                                example(calls=[call(arguments='{"city": 7}')], tag="b")],
@@ -359,3 +359,9 @@ def test_an_empty_tool_result_is_valid_and_parallel_calls_contradicting_the_exam
     report = validate_dataset(write(tmp_path, lines), fmt="openai")
     assert report.errors == {"bad_tool_call": 1} and report.error_lines["bad_tool_call"] == [3]
     assert "parallel_tool_calls: false" in report.error_rows[0]["message"]
+
+
+def test_call_arguments_written_as_an_object_become_its_json_string(tmp_path: Path) -> None:
+    as_object = {**call(), "function": {"name": "get_time", "arguments": {"city": "Oslo"}}}
+    (checked,) = iter_checked(write(tmp_path, [example(calls=[as_object])]), "openai")
+    assert checked.problems == {} and checked.example["messages"][1]["tool_calls"] == [call()]
