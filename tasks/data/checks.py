@@ -16,8 +16,8 @@ mistral-common; structural errors too):
     or `parameters` that are a valid JSON schema), bad_tool_call (a call without an id, a
     repeated id, not of type function, without a function name; several calls in one turn
     under `parallel_tool_calls: false`), undeclared_tool (a call
-    naming no tool of `tools`), bad_tool_arguments (`arguments` not a string holding a
-    JSON object), arguments_fail_schema (arguments the tool's `parameters` refuse),
+    naming no tool of `tools`), bad_tool_arguments (`arguments` not a JSON object, nor a
+    string holding one), arguments_fail_schema (arguments the tool's `parameters` refuse),
     unexpected_tool_result (a tool message without a pending call's id, or more results
     than calls), missing_tool_result (a call left unanswered before the conversation
     goes on), bad_weight (a weight not 0 or 1, or on a message that is not the
