@@ -22,8 +22,11 @@ The assistant tokens are found in one of two ways:
   offsets. Each assistant turn is located by characters: the conversation up to it,
   rendered with the generation prompt, must be a prefix of the whole text, and the answer
   (or the trace, content and each call's name and arguments, up to the end-of-turn token)
-  must follow. The mask is everything the model writes after that prompt (the answer, and
-  text such as Qwen 3's empty `<think>` block), plus the special tokens the template puts
+  must follow (where a template moves text between turns, as Mistral v0.3 moves the tools
+  to the last user message, the turn's text is found in the conversation rendered up to
+  it and then in the whole text). The mask is everything the model writes after that
+  prompt (the answer, and text such as Qwen 3's empty `<think>` block), plus the special
+  tokens the template puts
   right after it before the next turn (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`,
   `<|end|>`, `</s>`), so the model learns to stop. Characters are mapped to tokens through
   the offsets, so BPE merges across a boundary cannot shift the mask. The text is encoded
@@ -832,41 +835,72 @@ def _locate(
         prompts = [_render(tokenizer, [messages[:i]], True, tools)[0] if i else "" for i in turns]
     except TemplateError as exc:
         return [] if per_turn else f"raises {str(exc)!r} on a conversation that ends with a question"
-    spans = []
+    spans: list[_Span] = []
     for n, (i, prompt) in enumerate(zip(turns, prompts)):
         bound = len(prompts[n + 1]) if n + 1 < len(prompts) else len(text)
-        message = messages[i]
-        if not text.startswith(prompt):
-            problem = (
+        if text.startswith(prompt):
+            found = _locate_turn(text, len(prompt), bound, messages, i, end_text)
+        else:
+            found = (
                 f"renders the conversation before message {i + 1} (with the generation prompt) differently from "
                 "the start of the whole conversation (a prefix of the conversation is not a prefix of the text)"
             )
-        elif message.get("tool_calls") or message.get("reasoning_content"):
-            found = _locate_parts(text, len(prompt), bound, message, end_text)
-            if isinstance(found, _Span):
-                spans.append(_Span(found.start, found.end, i, found.answer, found.reasoning_lost))
-                continue
-            problem = f"{found} in turn {i + 1}"
-        else:
-            content, lost = message["content"], False
-            at = text.find(content, len(prompt)) if content else -1
-            if at < 0 and content.strip():
-                content = content.strip()  # templates that trim answers (Llama 3, Gemma, Mistral)
-                at = text.find(content, len(prompt))
-            if at < 0 and "</think>" in content:
-                # A trace written inline (`<think>…</think>answer`) that the template takes out
-                # of an earlier turn, as Qwen 3 does with reasoning_content: the answer is
-                # trained, the trace is lost.
-                content, lost = content.split("</think>")[-1].strip(), True
-                at = text.find(content, len(prompt)) if content else -1
-            if at < 0 or at + len(content) > bound or _MARKER.search(text, len(prompt), at):
-                problem = f"does not write answer {i + 1} as given right after its prompt"
-            else:
-                spans.append(_Span(len(prompt), at + len(content), i, len(prompt), lost))
-                continue
-        if not per_turn:
-            return problem
+            if per_turn:  # e.g. Mistral v0.3 writes the tools before the last user message only
+                found = _locate_moved(tokenizer, messages, i, prompt, text, spans[-1].end if spans else 0, tools,
+                                      end_text) or found
+        if isinstance(found, _Span):
+            spans.append(_Span(found.start, found.end, i, found.answer, found.reasoning_lost))
+        elif not per_turn:
+            return found
     return spans
+
+
+def _locate_turn(text: str, start: int, bound: int, messages: list[Message], i: int, end_text: str) -> _Span | str:
+    """The span of assistant turn `i` written after its prompt (which ends at `start`), or why it is not found."""
+    message = messages[i]
+    if message.get("tool_calls") or message.get("reasoning_content"):
+        found = _locate_parts(text, start, bound, message, end_text)
+        return found if isinstance(found, _Span) else f"{found} in turn {i + 1}"
+    content, lost = message["content"], False
+    at = text.find(content, start) if content else -1
+    if at < 0 and content.strip():
+        content = content.strip()  # templates that trim answers (Llama 3, Gemma, Mistral)
+        at = text.find(content, start)
+    if at < 0 and "</think>" in content:
+        # A trace written inline (`<think>…</think>answer`) that the template takes out
+        # of an earlier turn, as Qwen 3 does with reasoning_content: the answer is
+        # trained, the trace is lost.
+        content, lost = content.split("</think>")[-1].strip(), True
+        at = text.find(content, start) if content else -1
+    if at < 0 or at + len(content) > bound or _MARKER.search(text, start, at):
+        return f"does not write answer {i + 1} as given right after its prompt"
+    return _Span(start, at + len(content), answer=start, reasoning_lost=lost)
+
+
+def _locate_moved(
+    tokenizer, messages: list[Message], i: int, prompt: str, text: str, after: int, tools: Tools, end_text: str
+) -> _Span | None:
+    """Turn `i` of a template whose earlier prompts are not prefixes of the whole text, or None.
+
+    The conversation up to and including the turn is rendered; there its prompt is a prefix,
+    so the turn's text (what the model writes, up to the end of turn) is found as usual, and
+    then found again in the whole text after the previous turn. This is the text the whole
+    conversation trains, as mistral-finetune trains every turn of the rendered sequence.
+    """
+    from jinja2 import TemplateError
+
+    try:
+        own = _render(tokenizer, [messages[: i + 1]], False, tools)[0]
+    except TemplateError:
+        return None
+    found = _locate_turn(own, len(prompt), len(own), messages, i, end_text) if own.startswith(prompt) else None
+    if not isinstance(found, _Span) or found.reasoning_lost:
+        return None
+    written = own[found.start : found.end]
+    at = text.find(written, after) if written else -1
+    if at < 0:
+        return None
+    return _Span(at, at + len(written), i, at + found.answer - found.start)
 
 
 def _locate_parts(text: str, start: int, bound: int, message: Message, end_text: str) -> _Span | str:

@@ -220,3 +220,22 @@ def test_openai_call_ids_are_shortened_only_for_a_template_that_refuses_them(tok
         assert text.startswith(tokenizer.decode(tokenizer.encode(prompt, add_special_tokens=False)))
     else:  # ids are not rendered: nothing changes
         assert text == tokenizer.decode(encode_chat(tokenizer, EXAMPLE).input_ids)
+
+
+@pytest.mark.parametrize("tokenizer", ["mistral", "llama3.1", "tiny"], indirect=True)
+def test_every_turn_of_a_multi_turn_tool_conversation_is_trained(tokenizer) -> None:
+    # Mistral v0.3 writes the tools before the last user message only: an earlier turn's
+    # prompt is not a prefix of the whole text, and its turns are found in it all the same
+    rome = {**CALL, "id": "call00002", "function": {"name": "get_time", "arguments": '{"city": "Rome"}'}}
+    messages = [
+        {"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hello, how can I help?"},
+        *MESSAGES,
+        {"role": "user", "content": "And in Rome?"}, {"role": "assistant", "content": None, "tool_calls": [rome]},
+        {"role": "tool", "tool_call_id": "call00002", "content": "20:03"}, {"role": "assistant", "content": "The same."},
+    ]
+    enc = encode_chat(tokenizer, {"messages": messages, "tools": TOOLS})
+    runs = trained_runs(tokenizer, enc)
+    assert enc.unlocated == 0 and enc.calls_lost == 0 and len(runs) == 5
+    assert "Hello, how can I help?" in runs[0] and '"Oslo"' in runs[1] and ANSWER in runs[2]
+    assert '"Rome"' in runs[3] and "The same." in runs[4]
+    assert all("20:03" not in r for r in runs[:2] + runs[3:4])  # results stay untrained
