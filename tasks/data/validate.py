@@ -247,10 +247,12 @@ def validate_dataset(
                 bad.add(c.ordinal)
                 unusable.add(c.ordinal)
             elif n.names_lost:
+                k, name = next((k, m["name"]) for k, m in enumerate(c.example["messages"], start=1)
+                               if m.get("role") != "tool" and m.get("name"))
                 errors.add("name_dropped", c.line, (
-                    f"the chat template does not write the name of {n.names_lost} message(s), so the model would not "
-                    "see who speaks; remove name from those messages (or write the speaker into the content), "
-                    "or use a chat template that renders names"
+                    f"message {k} has the name {name!r}, which the chat template does not write ({n.names_lost} "
+                    "message(s) in all), so the model would not see who speaks; remove name from those messages "
+                    "(or write the speaker into the content), or use a chat template that renders names"
                 ))  # fmt: skip
                 bad.add(c.ordinal)
                 unusable.add(c.ordinal)

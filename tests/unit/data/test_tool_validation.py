@@ -298,6 +298,7 @@ def test_a_name_the_template_does_not_write_is_an_error_naming_the_fix(tmp_path:
     path = write(tmp_path, [GOOD, named])
     report = validate_dataset(path, WIDE, tokenizer=tokenizer, budget=WIDE_BUDGET)
     assert report.errors == {"name_dropped": 1} and report.error_lines["name_dropped"] == [2]
+    assert "message 2 has the name 'alice'" in report.error_rows[0]["message"]
     assert "remove name from those messages" in report.error_rows[0]["message"]
     with pytest.raises(PrepareError, match=r"line 2: name_dropped"):
         prepare_dataset(None, tmp_path / "out", Params(data=DataParams(sources=[{"path": str(path)}], max_tokens=4096),
