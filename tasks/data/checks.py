@@ -8,14 +8,16 @@ Error categories (any non-zero count makes the file invalid):
     invalid_utf8, invalid_json, not_an_object, no_examples, missing_messages,
     message_missing_field, unrecognised_keys, unknown_role, bad_content, no_assistant,
     last_not_assistant, consecutive_same_role, system_not_first, duplicate,
-    near_duplicate, over_token_limit, no_trained_tokens, reasoning_dropped.
+    near_duplicate, over_token_limit, no_trained_tokens, reasoning_dropped, tool_call_dropped,
+    name_dropped.
 Tool calling, weights and reasoning (`check_tools`, as strict as mistral-finetune and
 mistral-common; structural errors too):
     bad_tool_schema (a tool without a name matching ^[a-zA-Z0-9_-]{1,64}$, a description,
     or `parameters` that are a valid JSON schema), bad_tool_call (a call without an id, a
-    repeated id, not of type function, without a function name), undeclared_tool (a call
-    naming no tool of `tools`), bad_tool_arguments (`arguments` not a string holding a
-    JSON object), arguments_fail_schema (arguments the tool's `parameters` refuse),
+    repeated id, not of type function, without a function name; several calls in one turn
+    under `parallel_tool_calls: false`), undeclared_tool (a call
+    naming no tool of `tools`), bad_tool_arguments (`arguments` not a JSON object, nor a
+    string holding one), arguments_fail_schema (arguments the tool's `parameters` refuse),
     unexpected_tool_result (a tool message without a pending call's id, or more results
     than calls), missing_tool_result (a call left unanswered before the conversation
     goes on), bad_weight (a weight not 0 or 1, or on a message that is not the
@@ -79,6 +81,8 @@ ERROR_CATEGORIES = (
     "over_token_limit",
     "no_trained_tokens",
     "reasoning_dropped",
+    "tool_call_dropped",
+    "name_dropped",
     "train_test_overlap",
 )
 
@@ -151,16 +155,29 @@ def _check_message(i: int, m: Any, problems: dict[str, str]) -> None:
         problems.setdefault("message_missing_field", f"message {i} has no {' and no '.join(missing)}")
     if "role" in m and m["role"] not in ROLES:
         problems.setdefault("unknown_role", f"message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
-    if "content" in m and not (tool_call and m["content"] is None):
+    if "content" in m and not (tool_call and m["content"] in (None, "")):  # a call turn may have no text
         content = m["content"]
-        if not isinstance(content, str):
-            problems.setdefault("bad_content", f"message {i} content is {type(content).__name__}, not a string")
-        elif not content.strip():
-            problems.setdefault("bad_content", f"message {i} content is empty")
+        if isinstance(content, list):
+            kinds = sorted({str(p.get("type")) if isinstance(p, dict) else type(p).__name__ for p in content}) or ["none"]
+            problems.setdefault("bad_content", (
+                f"message {i} content is a list of parts of type {', '.join(kinds)}; only text parts "
+                '({"type": "text", "text": ...}) can be trained: write the content as text, or drop the example'
+            ))  # fmt: skip
+        elif not isinstance(content, str):
+            problems.setdefault("bad_content", (
+                f"message {i} content is {type(content).__name__}, not a string; write it as text "
+                "(a tool's result as the JSON string of it)"
+            ))  # fmt: skip
+        elif not content.strip() and m.get("role") != "tool":  # a function may return nothing
+            problems.setdefault("bad_content", f"message {i} content is empty; write the text, or drop the message")
 
 
-def check_tools(example: dict) -> dict[str, str]:
+def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
     """Tool calling, weight and reasoning checks of a structurally valid canonical example.
+
+    Args:
+        example: the canonical example.
+        parallel: the example allows several calls in one turn (`parallel_tool_calls`, true unless set false).
 
     Returns:
         category -> message for each tool category the example falls in (the first
@@ -189,6 +206,11 @@ def check_tools(example: dict) -> dict[str, str]:
         if pending:
             problems.setdefault("missing_tool_result", f"call {pending[0]!r} gets no tool result before message {i}")
             pending = []
+        if not parallel and role == "assistant" and len(m.get("tool_calls") or []) > 1:
+            problems.setdefault("bad_tool_call", (
+                f"message {i} makes {len(m['tool_calls'])} calls although the example sets parallel_tool_calls: false; "
+                "split them into one call per turn, or remove parallel_tool_calls"
+            ))  # fmt: skip
         for call in m.get("tool_calls") or [] if role == "assistant" else []:
             call_id = _check_call(i, call, schemas, seen, problems)
             if call_id is not None:
@@ -256,7 +278,7 @@ def _check_call(i: int, call: Any, schemas: dict[str, dict] | None, seen: set[st
     except json.JSONDecodeError:
         parsed = None
     if not isinstance(parsed, dict):
-        problems.setdefault("bad_tool_arguments", f"message {i}: the arguments of {name!r} are not a string holding a JSON object")
+        problems.setdefault("bad_tool_arguments", f"message {i}: the arguments of {name!r} are not a JSON object (nor a string holding one)")
     elif schemas and name in schemas:
         error = next(iter(validators.validator_for(schemas[name])(schemas[name]).iter_errors(parsed)), None)
         if error is not None:
@@ -312,9 +334,9 @@ class Deduplicator:
         self._exact: dict[bytes, int] = {}
         self._loose: dict[bytes, int] = {}
 
-    def check(self, messages: list[dict], line: int) -> tuple[str, str] | None:
-        """(category, message) when `messages` repeats an earlier example, else None; remembers it."""
-        d_exact, d_loose = example_digests(messages)
+    def check(self, messages: list[dict], line: int, tools: Any = None) -> tuple[str, str] | None:
+        """(category, message) when `messages` (with `tools`) repeat an earlier example, else None; remembers it."""
+        d_exact, d_loose = example_digests(messages, tools)
         found = None
         if d_exact in self._exact:
             found = ("duplicate", f"the same example as line {self._exact[d_exact]}")
@@ -329,13 +351,17 @@ class Deduplicator:
 _DIGEST_KEYS = ("tool_calls", "tool_call_id", "reasoning_content", "weight")
 
 
-def example_digests(messages: list[dict]) -> tuple[bytes, bytes]:
-    """(exact, normalised) digests of an example; normalised ignores case and whitespace runs."""
+def example_digests(messages: list[dict], tools: Any = None) -> tuple[bytes, bytes]:
+    """(exact, normalised) digests of an example; normalised ignores case and whitespace runs.
+
+    The tools are part of it: the same conversation under other tool schemas is another prompt.
+    """
     extra = [json.dumps([m.get(k) for k in _DIGEST_KEYS], sort_keys=True, default=str) for m in messages]
-    exact = "\x1e".join(f"{m.get('role')}\x1f{m.get('content')}\x1f{x}" for m, x in zip(messages, extra))
+    declared = json.dumps(tools, sort_keys=True, default=str) if tools else ""
+    exact = "\x1e".join(f"{m.get('role')}\x1f{m.get('content')}\x1f{x}" for m, x in zip(messages, extra)) + declared
     loose = "\x1e".join(
         f"{m.get('role')}\x1f{' '.join(str(m.get('content') or '').split()).lower()}\x1f{x}" for m, x in zip(messages, extra)
-    )
+    ) + declared
     return (
         hashlib.blake2b(exact.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
         hashlib.blake2b(loose.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
@@ -385,7 +411,7 @@ def iter_checked(path: Path, fmt: str, on_bytes=None) -> Iterator[CheckedExample
         for example in to_canonical(obj, fmt):
             problems = check_messages(example.get("messages"))
             if not problems:
-                problems = check_tools(example)
+                problems = check_tools(example, parallel=obj.get("parallel_tool_calls") is not False)
             if key_problem:
                 problems["unrecognised_keys"] = key_problem
             yield CheckedExample(ordinal, line, example, problems, obj)

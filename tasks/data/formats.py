@@ -7,13 +7,18 @@ Supported formats (named with `data.format` / `--format`, or detected from the f
   `parallel_tool_calls` beside `messages`, `"correction": true` on an answer a user
   corrected (see `tasks.data.sources`), and `"provenance"` on feedback (the key and end
   user that sent it; not trained on). The legacy `functions` and `function_call` (with
-  `function` result messages) become `tools` and `tool_calls` (with `tool` messages).
+  `function` result messages) become `tools` and `tool_calls` (with `tool` messages), the
+  `developer` role (OpenAI's newer name for it) becomes `system`, and a `content` given as a
+  list of text parts (`[{"type": "text", "text": ...}]`) becomes their texts joined. A `tool`
+  (or `function`) message without a `tool_call_id` answers the oldest pending call of the
+  function it names (of any function when it names none). A call's `arguments` written as
+  an object, not as the JSON string of one, become that string.
 - `alpaca`: `{"instruction", "input"?, "output", "system"?}`, or the seed-task form of Stanford
   Alpaca: `{"id", "name", "instruction", "instances": [{"input", "output"}], "is_classification"}`,
   which yields one canonical example per instance.
 - `sharegpt`: `{"conversations": [{"from", "value"}], "system"?, "id"?, "tools"?}` with `from`
   one of human/user, gpt/assistant, system; `function_call` (a value holding `{"name",
-  "arguments"}` JSON, or a list of them) becomes an assistant turn with `tool_calls`, and
+  "arguments"}`, or a list of them, as JSON or as the objects) becomes an assistant turn with `tool_calls`, and
   `observation` (or tool/function) a `tool` message answering the pending call, as in
   LLaMA-Factory's format; `tools` (a list, or a JSON string of one, of tool schemas or
   bare functions) becomes OpenAI tool schemas.
@@ -158,12 +163,22 @@ def _openai_to_canonical(obj: dict) -> dict:
             continue
         canon = {k: m[k] for k in ("role", "content") if k in m}
         canon.update({k: m[k] for k in _OPENAI_OPTIONAL if k in m})
+        if canon.get("role") == "developer":  # OpenAI's newer name of the system message
+            canon["role"] = "system"
+        if "content" in canon:
+            canon["content"] = _joined_text(canon["content"])
         if "thinking" in m and "reasoning_content" not in m:
             canon["reasoning_content"] = m["thinking"]
         if isinstance(m.get("function_call"), dict) and "tool_calls" not in m:  # the legacy form of one call
             canon["tool_calls"] = [calls.new(m["function_call"])]
-        if m.get("role") == "function" and "tool_call_id" not in m:  # the legacy result of that call
-            canon.update(role="tool", tool_call_id=calls.answer())
+        elif m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
+            canon["tool_calls"] = [_arguments_as_json(c) for c in m["tool_calls"]]
+            calls.expect(m["tool_calls"])
+        if m.get("role") in ("function", "tool") and "tool_call_id" not in m:
+            # the legacy result (`function`), or a result named but not linked: it answers the pending call of its name
+            canon.update(role="tool", tool_call_id=calls.answer(m.get("name")))
+        elif m.get("role") == "tool":
+            calls.answered(m.get("tool_call_id"))
         out.append(canon)
     example = {"messages": out}
     tools = obj.get("tools", obj.get("functions", _MISSING))
@@ -172,26 +187,63 @@ def _openai_to_canonical(obj: dict) -> dict:
     return _with_label(example, obj)
 
 
+def _arguments_as_json(call: Any) -> Any:
+    """A call whose `arguments` are an object (the form chat templates and transformers' docs use) with them
+    as the JSON string OpenAI's format has; any other call as given (validation names what is wrong)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), dict):
+        return call
+    return {**call, "function": {**function, "arguments": json.dumps(function["arguments"], ensure_ascii=False)}}
+
+
+def _joined_text(content: Any) -> Any:
+    """A list of text parts (`[{"type": "text", "text": ...}]`) as one string, their texts joined as
+    the service joins them; any other content as given (a part that is not text: validation names it)."""
+    if isinstance(content, list) and content and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    return content
+
+
 class _CallIds:
-    """Ids for calls written without one (ShareGPT, OpenAI's legacy `function_call`), and their results."""
+    """Ids for calls written without one (ShareGPT, OpenAI's legacy `function_call`), and the calls their
+    results answer when a result names no call id."""
 
     def __init__(self) -> None:
-        self.count, self.pending = 0, []
+        self.count = 0
+        self.pending: list[tuple[str, Any]] = []  # (id, function name) of the calls without a result yet
 
     def new(self, function: Any) -> dict:
         """An OpenAI tool call of `function` ({name, arguments}); arguments become a JSON string."""
         self.count += 1
         call_id = f"call{self.count:05d}"  # 9 alphanumeric characters, as Mistral's templates require
-        self.pending.append(call_id)
+        self.pending.append((call_id, function.get("name") if isinstance(function, dict) else None))
         if isinstance(function, dict):
             arguments = function.get("arguments")
             if not isinstance(arguments, str) and arguments is not None:
                 function = {**function, "arguments": json.dumps(arguments, ensure_ascii=False)}
         return {"id": call_id, "type": "function", "function": function}
 
-    def answer(self) -> str | None:
-        """The id of the oldest call without a result (None when there is none: validation names it)."""
-        return self.pending.pop(0) if self.pending else None
+    def expect(self, tool_calls: list) -> None:
+        """Remember the calls of an assistant turn written with their ids (the OpenAI form)."""
+        for c in tool_calls:
+            if isinstance(c, dict) and isinstance(c.get("id"), str):
+                function = c.get("function")
+                self.pending.append((c["id"], function.get("name") if isinstance(function, dict) else None))
+
+    def answered(self, call_id: Any) -> None:
+        """A result linked to its call by id: that call is no longer pending."""
+        self.pending = [p for p in self.pending if p[0] != call_id]
+
+    def answer(self, name: Any = None) -> str | None:
+        """The id of the oldest pending call, of function `name` when one is given (None when there is
+        none: validation names the result)."""
+        for k, (call_id, function) in enumerate(self.pending):
+            if name is None or function == name:
+                del self.pending[k]
+                return call_id
+        return None
 
 
 def _tool_schemas(tools: Any) -> Any:
@@ -268,7 +320,7 @@ def _sharegpt_to_canonical(obj: dict) -> dict:
             message["role"] = SHAREGPT_ROLES.get(source.lower(), source) if isinstance(source, str) else source
         if "value" in turn:
             message["content"] = turn["value"]
-        if source == "function_call" and isinstance(turn.get("value"), str):
+        if source == "function_call" and isinstance(turn.get("value"), (str, dict, list)):
             message.update(content=None, tool_calls=_sharegpt_calls(turn["value"], calls))
         elif message.get("role") == "tool":
             message["tool_call_id"] = calls.answer()
@@ -281,10 +333,11 @@ def _sharegpt_to_canonical(obj: dict) -> dict:
     return _with_label(example, obj)
 
 
-def _sharegpt_calls(value: str, calls: _CallIds) -> list:
-    """The tool calls of a ShareGPT `function_call` turn: JSON of one `{name, arguments}` or a list of them."""
+def _sharegpt_calls(value: str | dict | list, calls: _CallIds) -> list:
+    """The tool calls of a ShareGPT `function_call` turn: one `{name, arguments}` or a list of them, as JSON
+    (LLaMA-Factory's form) or as the object itself."""
     try:
-        parsed = json.loads(value)
+        parsed = json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError:
         parsed = value
     items = parsed if isinstance(parsed, list) else [parsed]

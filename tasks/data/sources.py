@@ -110,7 +110,11 @@ def read_source(
             invalid.append((row.line, "no_trained_tokens", "the chat template marks no assistant token in it"))
         elif count.reasoning_lost:
             invalid.append((row.line, "reasoning_dropped", "the chat template leaves out a reasoning trace"))
-    rows = [r for r in rows if r.count.trained and not r.count.reasoning_lost]
+        elif count.calls_lost:
+            invalid.append((row.line, "tool_call_dropped", "the chat template does not write a turn with tool calls"))
+        elif count.names_lost:
+            invalid.append((row.line, "name_dropped", "the chat template does not write a message's name"))
+    rows = [r for r in rows if r.count.trained and not (r.count.reasoning_lost or r.count.calls_lost or r.count.names_lost)]
     invalid.sort()
     check_invalid_rows(source_label(index, data), source, path, read, invalid)
     stats = {
@@ -197,7 +201,7 @@ def merge_sources(sources: list[SourceParams], reads: list[SourceRead]) -> tuple
                 stats["replaced_by_corrections"] += 1
                 replaced.append({"source": i, "line": row.line})
                 continue
-            repeat = dedup.check(row.example["messages"], row.line)
+            repeat = dedup.check(row.example["messages"], row.line, row.example.get("tools"))
             if repeat is not None:
                 stats["deduplicated"]["exact" if repeat[0] == "duplicate" else "near"] += 1
                 continue
@@ -238,7 +242,8 @@ def sources_md5(stats: list[dict[str, Any]]) -> str:
 
 # Errors a source with `invalid_rows: drop` tolerates in its validation report: its unusable
 # rows (left out, up to the share) and repeats (dropped by the merge's deduplication).
-DROPPABLE = frozenset(STRUCTURAL | {"no_trained_tokens", "reasoning_dropped", "duplicate", "near_duplicate"})
+_UNTRAINABLE = ("no_trained_tokens", "reasoning_dropped", "tool_call_dropped", "name_dropped")
+DROPPABLE = frozenset(STRUCTURAL | {*_UNTRAINABLE, "duplicate", "near_duplicate"})
 
 
 def accept_report(label: str, source: SourceParams, report: dict[str, Any]) -> bool:
@@ -253,7 +258,7 @@ def accept_report(label: str, source: SourceParams, report: dict[str, Any]) -> b
         return False
     rows = report["examples"]
     invalid = [r for r in report["error_rows"]
-               if r["category"] in STRUCTURAL or r["category"] in ("no_trained_tokens", "reasoning_dropped")]
+               if r["category"] in STRUCTURAL or r["category"] in _UNTRAINABLE]
     first = invalid[0] if invalid else {"line": 0, "category": "", "message": ""}
     check_invalid_rows(label, source, Path(report["path"]), rows,
                        [(first["line"], first["category"], first["message"])] * report["unusable_examples"])

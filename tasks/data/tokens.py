@@ -30,6 +30,8 @@ class TokenCount:
         unlocated: assistant turns the template rewrote beyond recognition (not trained on).
         error: why the template refused the conversation ("" when it rendered it).
         reasoning_lost: reasoning traces the template left out of the text (not trained on).
+        calls_lost: assistant turns with tool calls the template rewrote beyond recognition (not trained on).
+        names_lost: messages whose `name` the template does not write (the model would not see it).
     """
 
     total: int
@@ -38,6 +40,8 @@ class TokenCount:
     unlocated: int = 0
     error: str = ""
     reasoning_lost: int = 0
+    calls_lost: int = 0
+    names_lost: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,10 @@ def count_chat_tokens(
     """
     budget = budget or TrainingBudget()
     return [
-        TokenCount(len(e.input_ids), e.trained_tokens, e.last_answer_tokens, e.unlocated, e.error, e.reasoning_lost)
+        TokenCount(
+            len(e.input_ids), e.trained_tokens, e.last_answer_tokens, e.unlocated, e.error, e.reasoning_lost, e.calls_lost,
+            e.names_lost,
+        )
         for e in encode_chats(
             tokenizer, conversations, system_message=system_message, train_turns=budget.train_turns,
             train_reasoning=budget.train_reasoning,

@@ -22,8 +22,11 @@ The assistant tokens are found in one of two ways:
   offsets. Each assistant turn is located by characters: the conversation up to it,
   rendered with the generation prompt, must be a prefix of the whole text, and the answer
   (or the trace, content and each call's name and arguments, up to the end-of-turn token)
-  must follow. The mask is everything the model writes after that prompt (the answer, and
-  text such as Qwen 3's empty `<think>` block), plus the special tokens the template puts
+  must follow (where a template moves text between turns, as Mistral v0.3 moves the tools
+  to the last user message, the turn's text is found in the conversation rendered up to
+  it and then in the whole text). The mask is everything the model writes after that
+  prompt (the answer, and text such as Qwen 3's empty `<think>` block), plus the special
+  tokens the template puts
   right after it before the next turn (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`,
   `<|end|>`, `</s>`), so the model learns to stop. Characters are mapped to tokens through
   the offsets, so BPE merges across a boundary cannot shift the mask. The text is encoded
@@ -180,24 +183,76 @@ def render_prompt(tokenizer, messages: list[Message], system_message: str = "aut
             "function": {name, description, parameters}}]`), rendered by the template.
     """
     action = system_handling(tokenizer, system_message).action
-    return _render(tokenizer, [template_messages(apply_system_policy(messages, action))], True, tools)[0]
+    messages = template_messages(apply_system_policy(messages, action))
+    return _render(tokenizer, [short_call_ids(messages) if needs_short_call_ids(tokenizer) else messages], True, tools)[0]
 
 
 def template_messages(messages: list[Message]) -> list[Message]:
     """The messages as chat templates read them.
 
     `thinking` is renamed `reasoning_content` (the name templates read), keys set to
-    None are left out (Llama 3.1 tests `'tool_calls' in message`), and a call's
+    None and an empty `tool_calls` list (API exports write `[]` on a plain answer) are left
+    out (Llama 3.1 tests `'tool_calls' in message`, and raises on a turn of no call), and a call's
     `arguments`, a JSON string in the OpenAI format, become the object it encodes: the
     published templates write them with `tojson`, which would quote a string a second time.
     """
     out = []
     for m in messages:
-        m = {k: v for k, v in m.items() if v is not None or k == "content"}
+        m = {k: v for k, v in m.items() if (v is not None or k == "content") and not (k == "tool_calls" and v == [])}
         if "thinking" in m:
             m = {k: v for k, v in m.items() if k != "thinking"} | {"reasoning_content": m["thinking"]}
         if m.get("tool_calls"):
             m = {**m, "tool_calls": [_call_for_template(c) for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+_SHORT_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
+
+
+def needs_short_call_ids(tokenizer) -> bool:
+    """Whether the template refuses OpenAI's call ids (`call_…`) and takes nine alphanumerics (Mistral v0.3's does).
+
+    Probed once per template on a conversation with one call and its result.
+    """
+    from jinja2 import TemplateError
+
+    key = ("short_ids", _template_key(tokenizer))
+    if key not in _CACHE:
+        def renders(call_id: str) -> bool:
+            call = {**_PROBE_CALLS[1]["tool_calls"][0], "id": call_id}
+            probe = [_PROBE_CALLS[0], {**_PROBE_CALLS[1], "tool_calls": [call]}, {**_PROBE_CALLS[2], "tool_call_id": call_id}]
+            try:
+                _render(tokenizer, [template_messages(probe)], False, [_PROBE_TOOL])
+            except TemplateError:
+                return False
+            return True
+
+        _CACHE[key] = not renders("call_probe_7306") and renders("probe0001")
+    return _CACHE[key]
+
+
+def short_call_ids(messages: list[Message]) -> list[Message]:
+    """The messages with each call id that is not nine alphanumerics replaced by nine hex digits of its hash.
+
+    A call and the result that answers it keep the same id, so the pairing the data writes
+    is what the template renders; ids are opaque, and the model learns to write ids of the
+    form the template's family uses.
+    """
+    import hashlib
+
+    def short(call_id: Any) -> Any:
+        if not isinstance(call_id, str) or _SHORT_ID.match(call_id):
+            return call_id
+        return hashlib.sha1(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:9]
+
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "id": short(c.get("id"))} if isinstance(c, dict) and "id" in c else c
+                                     for c in m["tool_calls"]]}
+        if "tool_call_id" in m:
+            m = {**m, "tool_call_id": short(m["tool_call_id"])}
         out.append(m)
     return out
 
@@ -270,6 +325,10 @@ class Encoded:
         reasoning_lost: assistant turns whose reasoning trace the template left out of the
             text (Qwen 3 keeps only the traces after the last user message), counted where
             traces are trained (`train_reasoning`).
+        calls_lost: the unlocated turns that hold tool calls (Llama 3.1 drops the text of a
+            turn that also calls a tool): calls that would not be trained on.
+        names_lost: system, user and assistant messages whose `name` the template does not
+            write (most do not): the model would not see who speaks.
     """
 
     input_ids: list[int]
@@ -278,6 +337,8 @@ class Encoded:
     unlocated: int = 0
     error: str = ""
     reasoning_lost: int = 0
+    calls_lost: int = 0
+    names_lost: int = 0
 
     @property
     def trained_tokens(self) -> int:
@@ -359,6 +420,8 @@ def encode_chats(
     plan = check_template(tokenizer, system_message)
     action = system_handling(tokenizer, system_message).action
     chats = [_chat(c, tools, action) for c in conversations]
+    if any(m.get("tool_calls") or m.get("role") == "tool" for c in chats for m in c.messages) and needs_short_call_ids(tokenizer):
+        chats = [_Chat(short_call_ids(c.messages), c.tools) for c in chats]
     if any(c.tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in c.messages) for c in chats):
         check_tool_rendering(tokenizer)
     if train_reasoning and any(m.get("reasoning_content") for c in chats for m in c.messages):
@@ -367,17 +430,38 @@ def encode_chats(
         tokenizer, chats, plan.end_of_turn
     )
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    named = named_roles(tokenizer, action)
     out = []
-    for chat, enc, found, error in zip(chats, encodings, spans, errors):
+    for conversation, chat, enc, found, error in zip(conversations, chats, encodings, spans, errors):
         ids = enc.ids  # a fresh list on every access of the Rust encoding
         trained = _trained_spans(chat.messages, found, train_turns, train_reasoning)
         mask, last = _mask(ids, enc.offsets, trained, plan.end_of_turn)
         turns = sum(1 for m in chat.messages if _is_turn(m))
-        lost = sum(s.reasoning_lost for s in found) if train_reasoning else 0
+        lost = sum(s.reasoning_lost for s in trained) if train_reasoning else 0  # a turn not trained loses nothing
         if train_on_prompt:
             mask = [1] * len(mask)
-        out.append(Encoded(ids, mask, last, 0 if error else max(0, turns - len(found)), error, lost))
+        unlocated = 0 if error else max(0, turns - len(found))
+        out.append(Encoded(ids, mask, last, unlocated, error, lost, _calls_lost(chat.messages, found, unlocated),
+                           _names_lost(conversation, named)))
     return out
+
+
+def _names_lost(conversation: Conversation, named: frozenset[str]) -> int:
+    """Messages whose `name` the template does not write (a tool result's name repeats its call's: not counted)."""
+    messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+    return sum(1 for m in messages if m.get("role") in _NAMED_ROLES and m.get("role") not in named
+               and isinstance(m.get("name"), str) and m["name"].strip())
+
+
+def _calls_lost(messages: list[Message], found: list[_Span], unlocated: int) -> int:
+    """How many of the unlocated turns hold tool calls (all that could, where spans name no turn)."""
+    if not unlocated:
+        return 0
+    calls = [i for i, m in enumerate(messages) if _is_turn(m) and m.get("tool_calls")]
+    if any(s.message < 0 for s in found):
+        return min(unlocated, len(calls))
+    located = {s.message for s in found}
+    return sum(i not in located for i in calls)
 
 
 def _is_turn(message: Message) -> bool:
@@ -548,6 +632,29 @@ def check_tool_rendering(tokenizer) -> None:
         _CACHE[key] = problem
     if _CACHE[key]:
         raise ConfigError(f"{_model_name(tokenizer)}: the chat template cannot train tool calling: it {_CACHE[key]}; {_TOOL_FIX}")
+
+
+_NAMED_ROLES = ("system", "user", "assistant")
+
+
+def named_roles(tokenizer, action: str = "keep") -> frozenset[str]:
+    """The roles whose `name` (OpenAI's participant name) the template writes, probed once per template.
+
+    Args:
+        action: what the system-message policy does (a merged system message keeps no name).
+    """
+    from jinja2 import TemplateError
+
+    key = ("names", _template_key(tokenizer), action)
+    if key not in _CACHE:
+        probe = [{**m, "name": f"probe_{m['role']}_7305"} for m in _PROBE[:3]]
+        try:
+            text = _render(tokenizer, [template_messages(apply_system_policy(probe, action))], False)[0]
+        except TemplateError:
+            text = ""
+        written = {role for role in _NAMED_ROLES if f"probe_{role}_7305" in text}
+        _CACHE[key] = frozenset(written | ({"system"} if action == "drop" else set()))  # dropped whole, by choice
+    return _CACHE[key]
 
 
 def check_reasoning_rendering(tokenizer) -> None:
@@ -728,35 +835,72 @@ def _locate(
         prompts = [_render(tokenizer, [messages[:i]], True, tools)[0] if i else "" for i in turns]
     except TemplateError as exc:
         return [] if per_turn else f"raises {str(exc)!r} on a conversation that ends with a question"
-    spans = []
+    spans: list[_Span] = []
     for n, (i, prompt) in enumerate(zip(turns, prompts)):
         bound = len(prompts[n + 1]) if n + 1 < len(prompts) else len(text)
-        message = messages[i]
-        if not text.startswith(prompt):
-            problem = (
+        if text.startswith(prompt):
+            found = _locate_turn(text, len(prompt), bound, messages, i, end_text)
+        else:
+            found = (
                 f"renders the conversation before message {i + 1} (with the generation prompt) differently from "
                 "the start of the whole conversation (a prefix of the conversation is not a prefix of the text)"
             )
-        elif message.get("tool_calls") or message.get("reasoning_content"):
-            found = _locate_parts(text, len(prompt), bound, message, end_text)
-            if isinstance(found, _Span):
-                spans.append(_Span(found.start, found.end, i, found.answer, found.reasoning_lost))
-                continue
-            problem = f"{found} in turn {i + 1}"
-        else:
-            content = message["content"]
-            at = text.find(content, len(prompt)) if content else -1
-            if at < 0 and content.strip():
-                content = content.strip()  # templates that trim answers (Llama 3, Gemma, Mistral)
-                at = text.find(content, len(prompt))
-            if at < 0 or at + len(content) > bound or _MARKER.search(text, len(prompt), at):
-                problem = f"does not write answer {i + 1} as given right after its prompt"
-            else:
-                spans.append(_Span(len(prompt), at + len(content), i, len(prompt)))
-                continue
-        if not per_turn:
-            return problem
+            if per_turn:  # e.g. Mistral v0.3 writes the tools before the last user message only
+                found = _locate_moved(tokenizer, messages, i, prompt, text, spans[-1].end if spans else 0, tools,
+                                      end_text) or found
+        if isinstance(found, _Span):
+            spans.append(_Span(found.start, found.end, i, found.answer, found.reasoning_lost))
+        elif not per_turn:
+            return found
     return spans
+
+
+def _locate_turn(text: str, start: int, bound: int, messages: list[Message], i: int, end_text: str) -> _Span | str:
+    """The span of assistant turn `i` written after its prompt (which ends at `start`), or why it is not found."""
+    message = messages[i]
+    if message.get("tool_calls") or message.get("reasoning_content"):
+        found = _locate_parts(text, start, bound, message, end_text)
+        return found if isinstance(found, _Span) else f"{found} in turn {i + 1}"
+    content, lost = message["content"], False
+    at = text.find(content, start) if content else -1
+    if at < 0 and content.strip():
+        content = content.strip()  # templates that trim answers (Llama 3, Gemma, Mistral)
+        at = text.find(content, start)
+    if at < 0 and "</think>" in content:
+        # A trace written inline (`<think>…</think>answer`) that the template takes out
+        # of an earlier turn, as Qwen 3 does with reasoning_content: the answer is
+        # trained, the trace is lost.
+        content, lost = content.split("</think>")[-1].strip(), True
+        at = text.find(content, start) if content else -1
+    if at < 0 or at + len(content) > bound or _MARKER.search(text, start, at):
+        return f"does not write answer {i + 1} as given right after its prompt"
+    return _Span(start, at + len(content), answer=start, reasoning_lost=lost)
+
+
+def _locate_moved(
+    tokenizer, messages: list[Message], i: int, prompt: str, text: str, after: int, tools: Tools, end_text: str
+) -> _Span | None:
+    """Turn `i` of a template whose earlier prompts are not prefixes of the whole text, or None.
+
+    The conversation up to and including the turn is rendered; there its prompt is a prefix,
+    so the turn's text (what the model writes, up to the end of turn) is found as usual, and
+    then found again in the whole text after the previous turn. This is the text the whole
+    conversation trains, as mistral-finetune trains every turn of the rendered sequence.
+    """
+    from jinja2 import TemplateError
+
+    try:
+        own = _render(tokenizer, [messages[: i + 1]], False, tools)[0]
+    except TemplateError:
+        return None
+    found = _locate_turn(own, len(prompt), len(own), messages, i, end_text) if own.startswith(prompt) else None
+    if not isinstance(found, _Span) or found.reasoning_lost:
+        return None
+    written = own[found.start : found.end]
+    at = text.find(written, after) if written else -1
+    if at < 0:
+        return None
+    return _Span(at, at + len(written), i, at + found.answer - found.start)
 
 
 def _locate_parts(text: str, start: int, bound: int, message: Message, end_text: str) -> _Span | str:

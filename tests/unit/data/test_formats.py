@@ -109,3 +109,19 @@ def test_seed_tasks_convert_one_example_per_instance() -> None:
     assert len(examples) == sum(len(obj["instances"]) for _, obj in records)
     labelled = [obj for _, obj in records if obj["is_classification"]]
     assert sum("label" in e for e in examples) == sum(len(o["instances"]) for o in labelled) > 0
+
+
+def test_openai_text_parts_are_joined_and_developer_is_the_system_role() -> None:
+    parts = {"messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Add 2"}, {"type": "text", "text": " and 3."}], "name": "bob"},
+        {"role": "assistant", "content": [{"type": "text", "text": "5"}]},
+    ]}
+    assert to_canonical(parts, "openai")[0]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Add 2 and 3.", "name": "bob"},
+        {"role": "assistant", "content": "5"},
+    ]
+    image = [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]
+    kept = to_canonical({"messages": [{"role": "user", "content": image}]}, "openai")[0]
+    assert kept["messages"][0]["content"] == image  # not text: kept for validation to name

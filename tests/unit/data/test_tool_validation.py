@@ -77,7 +77,7 @@ CASES = {
     "undeclared_tool": ([GOOD, example(calls=[call(name="get_weather")], tag="a"), {**example(tag="b"), "tools": []}],
                         [2, 3]),
     "bad_tool_arguments": ([GOOD, example(calls=[call(arguments="Oslo")], tag="a"), example(calls=[call(arguments='["Oslo"]')], tag="b"),
-                            example(calls=[{**call(), "function": {"name": "get_time", "arguments": {"city": "Oslo"}}}], tag="c")],
+                            example(calls=[{**call(), "function": {"name": "get_time", "arguments": ["Oslo"]}}], tag="c")],
                            [2, 3, 4]),
     "arguments_fail_schema": ([GOOD, example(calls=[call(arguments='{"town": "Oslo"}')], tag="a"),
                                example(calls=[call(arguments='{"city": 7}')], tag="b")],
@@ -204,3 +204,165 @@ def test_the_tools_task_data_is_deterministic_and_valid(tmp_path: Path, tok) -> 
     assert report.valid and report.errors == {} and report.warnings == {"no_system_message": 60}
     names = {e["messages"][1]["tool_calls"][0]["function"]["name"] for e in make_tool_examples(60, seed=11)}
     assert names == {"get_weather", "get_time", "convert_currency"}
+
+
+def _family_tokenizer(name: str, tok, family_models):
+    from transformers import AutoTokenizer
+
+    return tok if name == "tiny" else AutoTokenizer.from_pretrained(str(family_models(name)))
+
+
+def _trained_text(tokenizer, path: Path) -> list[str]:
+    """The trained tokens of each example of a file, decoded, as training would mask them."""
+    from tasks.data.checks import normalise_example
+    from tasks.model.chat import encode_chats
+
+    encoded = encode_chats(tokenizer, [normalise_example(c.example) for c in iter_checked(path, "openai")])
+    return [tokenizer.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m]) for e in encoded]
+
+
+WIDE = DataParams(max_tokens=4096)
+WIDE_BUDGET = TrainingBudget(seq_len=4096)
+
+
+@pytest.mark.parametrize("family", ["tiny", "qwen2.5", "llama3.1", "mistral"])
+def test_openais_documented_function_calling_lines_are_valid_and_their_calls_trained(
+    tmp_path: Path, tok, family_models, family: str
+) -> None:
+    strict = {**tool(), "function": {**tool()["function"], "strict": True}}
+    parts = [{"type": "text", "text": "What time is it "}, {"type": "text", "text": "in Oslo?"}]
+    openai_call = call(call_id="call_id")  # OpenAI's ids, which Mistral's template refuses as they are
+    lines = [
+        # the call is the last turn, with no content key at all; strict schema, parallel_tool_calls, developer role
+        {"messages": [{"role": "developer", "content": "You call tools."}, {"role": "user", "content": "What time is it in Oslo?"},
+                      {"role": "assistant", "tool_calls": [openai_call]}], "tools": [strict], "parallel_tool_calls": False},
+        # content "" on the call turn, a tool message with its name too, text parts on the user message
+        {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "", "tool_calls": [openai_call]},
+                      {**RESULT, "tool_call_id": "call_id", "name": "get_time"},
+                      {"role": "assistant", "content": "It is 20:03 in Oslo."}],
+         "tools": [tool()]},
+    ]
+    path = write(tmp_path, lines)
+    tokenizer = _family_tokenizer(family, tok, family_models)
+    report = validate_dataset(path, WIDE, tokenizer=tokenizer, budget=WIDE_BUDGET)
+    assert report.valid and report.errors == {} and "answer_not_located" not in report.warnings
+    trained = _trained_text(tokenizer, path)
+    assert all('"city": "Oslo"' in text and "get_time" in text for text in trained)
+    assert "20:03 in Oslo." in trained[1] and "You call tools." not in trained[0]
+    assert all("What time is it" not in text for text in trained)
+
+
+def test_content_that_is_not_text_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    image = [{"type": "image_url", "image_url": {"url": "https://example.com/clock.png"}}]
+    lines = [
+        GOOD,
+        {**example(tag="a"), "messages": [{"role": "user", "content": image}, {"role": "assistant", "content": "A clock."}]},
+        example(results=[{**RESULT, "content": {"time": "20:03"}}], tag="b"),
+    ]
+    report = validate_dataset(write(tmp_path, lines), fmt="openai")
+    assert report.errors == {"bad_content": 2} and report.error_lines["bad_content"] == [2, 3]
+    messages = [r["message"] for r in report.error_rows]
+    assert "of type image_url; only text parts" in messages[0] and "write the content as text" in messages[0]
+    assert "message 3 content is dict" in messages[1] and "JSON string" in messages[1]
+
+
+def test_the_same_conversation_under_other_tools_is_not_a_duplicate(tmp_path: Path) -> None:
+    other = tool(description="The time of day in a city, as HH:MM.")
+    report = validate_dataset(write(tmp_path, [GOOD, {**GOOD, "tools": [other]}, GOOD]), fmt="openai")
+    assert report.errors == {"duplicate": 1} and report.error_lines["duplicate"] == [3]
+
+
+def test_a_call_turn_the_template_does_not_write_is_an_error_naming_the_fix(tmp_path: Path, tok, family_models) -> None:
+    llama = _family_tokenizer("llama3.1", tok, family_models)
+    with_text = example(tag="a")
+    with_text["messages"][1] = {**with_text["messages"][1], "content": "Let me look at the clock."}
+    path = write(tmp_path, [GOOD, with_text, example(calls=[call(), call(call_id="call00002")], results=[
+        RESULT, {**RESULT, "tool_call_id": "call00002"}], tag="b")])
+    report = validate_dataset(path, WIDE, tokenizer=llama, budget=WIDE_BUDGET)
+    assert report.errors == {"tool_call_dropped": 1, "no_trained_tokens": 1}
+    assert report.error_lines == {"tool_call_dropped": [2], "no_trained_tokens": [3]}
+    dropped, parallel = sorted(report.error_rows, key=lambda r: r["line"])
+    assert "set content to null on those turns, or set model.chat_template: chatml" in dropped["message"]
+    assert "only supports single tool-calls" in parallel["message"] and "model.chat_template: chatml" in parallel["message"]
+    assert report.unusable_examples == 2
+    # the same lines train whole under the tiny model's ChatML
+    assert validate_dataset(path, WIDE, tokenizer=tok, budget=WIDE_BUDGET).valid
+
+
+@pytest.mark.parametrize("family", ["tiny", "qwen2.5"])
+def test_a_name_the_template_does_not_write_is_an_error_naming_the_fix(tmp_path: Path, tok, family_models, family: str) -> None:
+    tokenizer = _family_tokenizer(family, tok, family_models)
+    named = {"messages": [{"role": "system", "content": "Answer the user by name."},
+                          {"role": "user", "content": "Hi, who am I?", "name": "alice"},
+                          {"role": "assistant", "content": "You are Alice."}]}
+    path = write(tmp_path, [GOOD, named])
+    report = validate_dataset(path, WIDE, tokenizer=tokenizer, budget=WIDE_BUDGET)
+    assert report.errors == {"name_dropped": 1} and report.error_lines["name_dropped"] == [2]
+    assert "message 2 has the name 'alice'" in report.error_rows[0]["message"]
+    assert "remove name from those messages" in report.error_rows[0]["message"]
+    with pytest.raises(PrepareError, match=r"line 2: name_dropped"):
+        prepare_dataset(None, tmp_path / "out", Params(data=DataParams(sources=[{"path": str(path)}], max_tokens=4096),
+                                                       train=TrainParams(seq_len=4096)), tokenizer)
+    # a system message left out by data.system_message: drop takes its name with it, by choice
+    system_named = {"messages": [{**named["messages"][0], "name": "rules"}, *named["messages"][1:]]}
+    system_named["messages"][1] = {k: v for k, v in named["messages"][1].items() if k != "name"}
+    dropped = validate_dataset(write(tmp_path, [system_named], "s.jsonl"), DataParams(max_tokens=4096, system_message="drop"),
+                               tokenizer=tokenizer, budget=WIDE_BUDGET)
+    assert dropped.valid
+
+
+def test_sharegpt_parallel_calls_and_calls_written_as_objects_become_tool_calls(tmp_path: Path, tok) -> None:
+    function = tool()["function"]
+    rows = [
+        {"conversations": [{"from": "human", "value": "Time in Oslo and Rome?"},
+                           {"from": "function_call", "value": json.dumps([{"name": "get_time", "arguments": {"city": c}}
+                                                                          for c in ("Oslo", "Rome")])},
+                           {"from": "observation", "value": "20:03"}, {"from": "observation", "value": "20:03"},
+                           {"from": "gpt", "value": "It is 20:03 in both."}], "tools": [function]},
+        {"conversations": [{"from": "human", "value": "Time in Oslo?"},
+                           {"from": "function_call", "value": {"name": "get_time", "arguments": {"city": "Oslo"}}},
+                           {"from": "observation", "value": "20:03"}, {"from": "gpt", "value": "It is 20:03 in Oslo."}],
+         "tools": [function]},
+    ]
+    path = write(tmp_path, rows)
+    parallel, single = (c.example["messages"][1]["tool_calls"] for c in iter_checked(path, "sharegpt"))
+    assert [c["id"] for c in parallel] == ["call00001", "call00002"] and single == [call()]
+    report = validate_dataset(path, WIDE, tokenizer=tok, budget=WIDE_BUDGET)
+    assert report.valid and report.errors == {}
+
+
+def test_a_tool_result_with_a_name_and_no_call_id_answers_the_pending_call_of_that_function(tmp_path: Path) -> None:
+    times = [call(call_id="call_a"), call(arguments='{"city": "Rome"}', call_id="call_b")]
+    tools = [tool(), tool(name="get_weather", description="The weather in a city.")]
+    weather = {"id": "call_c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    lines = [
+        example(calls=[*times, weather], tools=tools, results=[
+            {"role": "tool", "name": "get_weather", "content": "rain"},  # answers call_c, not the older call_a
+            {"role": "tool", "tool_call_id": "call_a", "content": "20:03"},
+            {"role": "tool", "content": "20:03"}]),  # no name: the oldest pending call, call_b
+        example(results=[{"role": "tool", "name": "get_weather", "content": "rain"}], tag="a"),  # no such call
+    ]
+    checked = list(iter_checked(write(tmp_path, lines), "openai"))
+    assert [m.get("tool_call_id") for m in checked[0].example["messages"][2:5]] == ["call_c", "call_a", "call_b"]
+    assert checked[0].problems == {}
+    assert set(checked[1].problems) == {"unexpected_tool_result", "missing_tool_result"}
+
+
+def test_an_empty_tool_result_is_valid_and_parallel_calls_contradicting_the_example_are_not(tmp_path: Path) -> None:
+    two = [call(), call(arguments='{"city": "Rome"}', call_id="call00002")]
+    results = [RESULT, {**RESULT, "tool_call_id": "call00002"}]
+    lines = [
+        example(results=[{**RESULT, "content": ""}]),  # the function returned nothing
+        {**example(calls=two, results=results, tag="a"), "parallel_tool_calls": True},
+        {**example(calls=two, results=results, tag="b"), "parallel_tool_calls": False},
+        {**example(tag="c"), "parallel_tool_calls": False},
+    ]
+    report = validate_dataset(write(tmp_path, lines), fmt="openai")
+    assert report.errors == {"bad_tool_call": 1} and report.error_lines["bad_tool_call"] == [3]
+    assert "parallel_tool_calls: false" in report.error_rows[0]["message"]
+
+
+def test_call_arguments_written_as_an_object_become_its_json_string(tmp_path: Path) -> None:
+    as_object = {**call(), "function": {"name": "get_time", "arguments": {"city": "Oslo"}}}
+    (checked,) = iter_checked(write(tmp_path, [example(calls=[as_object])]), "openai")
+    assert checked.problems == {} and checked.example["messages"][1]["tool_calls"] == [call()]

@@ -150,12 +150,29 @@ def test_examples_without_trained_tokens_are_errors_with_their_lines(tmp_path: P
 
 
 def test_an_answer_the_template_rewrites_is_a_warning_when_others_are_trained(tmp_path: Path, tok) -> None:
-    qwen3 = tok.__class__.from_pretrained(tok.name_or_path)
-    qwen3.chat_template = QWEN3_TEMPLATE  # drops the reasoning of answers before the last question
-    rewritten = msgs(("user", "q"), ("assistant", "<think>plan</think>ok"), ("user", "again"), ("assistant", "fine"))
-    report = validate_dataset(write(tmp_path, [GOOD, rewritten]), DataParams(max_tokens=128), tokenizer=qwen3)
+    spelling = tok.__class__.from_pretrained(tok.name_or_path)
+    spelling.chat_template = (  # ChatML that rewrites one word of the answers
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] | replace('colour', 'color'))"
+        " + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    rewritten = msgs(("user", "q"), ("assistant", "The colour is red."), ("user", "again"), ("assistant", "fine"))
+    report = validate_dataset(write(tmp_path, [GOOD, rewritten]), DataParams(max_tokens=128), tokenizer=spelling)
     assert report.valid and report.warnings.get("answer_not_located") == 1
     assert [r["line"] for r in report.warning_rows if r["category"] == "answer_not_located"] == [2]
+
+
+def test_an_inline_trace_the_template_takes_out_is_a_lost_trace_and_its_answer_is_trained(tmp_path: Path, tok) -> None:
+    qwen3 = tok.__class__.from_pretrained(tok.name_or_path)
+    qwen3.chat_template = QWEN3_TEMPLATE  # drops the reasoning of answers before the last question
+    inline = msgs(("user", "q"), ("assistant", "<think>plan</think>ok"), ("user", "again"), ("assistant", "fine"))
+    path = write(tmp_path, [GOOD, inline])
+    report = validate_dataset(path, DataParams(max_tokens=128), tokenizer=qwen3)
+    assert report.errors == {"reasoning_dropped": 1} and report.error_lines["reasoning_dropped"] == [2]
+    assert "answer_not_located" not in report.warnings
+    enc = encode_chat(qwen3, inline)
+    assert qwen3.decode([t for t, m in zip(enc.input_ids, enc.loss_mask) if m]).startswith("ok<|im_end|>")
+    untraced = validate_dataset(path, DataParams(max_tokens=128), tokenizer=qwen3, budget=TrainingBudget(train_reasoning=False))
+    assert untraced.valid and untraced.warnings.get("answer_not_located") is None
 
 
 def test_system_messages_are_reported_merged_for_a_template_that_refuses_them(tmp_path: Path, tok) -> None:

@@ -174,3 +174,68 @@ def test_a_template_that_drops_reasoning_is_refused_unless_traces_are_left_out(f
                                           r"model\.chat_template: chatml.*train\.train_reasoning: false"):
         encode_chat(tok, example)
     assert ANSWER in trained_runs(tok, encode_chat(tok, example, train_reasoning=False))[0]
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny", "qwen2.5", "llama3.1", "mistral"], indirect=True)
+def test_an_empty_tool_calls_list_on_an_answer_is_a_plain_answer(tokenizer) -> None:
+    # API exports write `"tool_calls": []` (or null) on an answer that calls nothing
+    plain = [MESSAGES[0], {"role": "assistant", "content": ANSWER}]
+    exported = [MESSAGES[0], {"role": "assistant", "content": ANSWER, "tool_calls": []}]
+    enc = encode_chat(tokenizer, exported)
+    assert enc.error == "" and enc.unlocated == 0
+    assert enc == encode_chat(tokenizer, plain) and ANSWER in trained_runs(tokenizer, enc)[0]
+
+
+def test_a_trace_written_inline_is_a_trace_and_a_turn_left_untrained_loses_none(family_models) -> None:
+    tok = _tokenizer(family_models("qwen3"))
+    inline = [
+        {"role": "user", "content": "One?"}, {"role": "assistant", "content": "<think>\nFirst trace.\n</think>\n\nYes."},
+        {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "<think>\nSecond trace.\n</think>\n\nNo."},
+    ]
+    enc = encode_chat(tok, inline)  # Qwen 3 takes the first trace out, as it does a reasoning_content
+    assert enc.unlocated == 0 and enc.reasoning_lost == 1
+    assert trained_runs(tok, enc) == ["Yes.<|im_end|>", "<think>\nSecond trace.\n</think>\n\nNo.<|im_end|>"]
+    keyed = [inline[0], {"role": "assistant", "content": "Yes.", "reasoning_content": "First trace."}, *inline[2:]]
+    assert encode_chat(tok, keyed, train_turns="last").reasoning_lost == 0  # the lost trace is not trained anyway
+    weighted = [inline[0], {**keyed[1], "weight": 0}, *inline[2:]]
+    assert encode_chat(tok, weighted).reasoning_lost == 0
+
+
+@pytest.mark.parametrize("tokenizer", ["mistral", "qwen2.5"], indirect=True)
+def test_openai_call_ids_are_shortened_only_for_a_template_that_refuses_them(tokenizer) -> None:
+    from tasks.model.chat import needs_short_call_ids
+
+    openai = [MESSAGES[0], {**MESSAGES[1], "tool_calls": [{**CALL, "id": "call_abc123XYZ"}]},
+              {**MESSAGES[2], "tool_call_id": "call_abc123XYZ"}, MESSAGES[3]]
+    enc = encode_chat(tokenizer, {"messages": openai, "tools": TOOLS})
+    assert enc.error == "" and enc.unlocated == 0 and len(trained_runs(tokenizer, enc)) == 2
+    text = tokenizer.decode(enc.input_ids)
+    mistral = "mistral" in tokenizer.name_or_path
+    assert needs_short_call_ids(tokenizer) == mistral
+    if mistral:  # v0.3 takes nine alphanumerics: the same ones for the call and its result
+        short = text.split('"id": "', 1)[1][:9]
+        assert "call_abc123XYZ" not in text and short.isalnum() and text.count(short) == 2
+        # the service's prompt, with the same ids, is the trained text before the answer
+        prompt = render_prompt(tokenizer, openai[:3], tools=TOOLS)
+        assert text.startswith(tokenizer.decode(tokenizer.encode(prompt, add_special_tokens=False)))
+    else:  # ids are not rendered: nothing changes
+        assert text == tokenizer.decode(encode_chat(tokenizer, EXAMPLE).input_ids)
+
+
+@pytest.mark.parametrize("tokenizer", ["mistral", "llama3.1", "tiny"], indirect=True)
+def test_every_turn_of_a_multi_turn_tool_conversation_is_trained(tokenizer) -> None:
+    # Mistral v0.3 writes the tools before the last user message only: an earlier turn's
+    # prompt is not a prefix of the whole text, and its turns are found in it all the same
+    rome = {**CALL, "id": "call00002", "function": {"name": "get_time", "arguments": '{"city": "Rome"}'}}
+    messages = [
+        {"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hello, how can I help?"},
+        *MESSAGES,
+        {"role": "user", "content": "And in Rome?"}, {"role": "assistant", "content": None, "tool_calls": [rome]},
+        {"role": "tool", "tool_call_id": "call00002", "content": "20:03"}, {"role": "assistant", "content": "The same."},
+    ]
+    enc = encode_chat(tokenizer, {"messages": messages, "tools": TOOLS})
+    runs = trained_runs(tokenizer, enc)
+    assert enc.unlocated == 0 and enc.calls_lost == 0 and len(runs) == 5
+    assert "Hello, how can I help?" in runs[0] and '"Oslo"' in runs[1] and ANSWER in runs[2]
+    assert '"Rome"' in runs[3] and "The same." in runs[4]
+    assert all("20:03" not in r for r in runs[:2] + runs[3:4])  # results stay untrained
