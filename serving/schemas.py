@@ -130,14 +130,28 @@ class ToolCallIn(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message; `name`, `refusal`, `annotations` and other fields OpenAI's client may echo back are ignored."""
+    """One message; `name`, `refusal`, `annotations` and other fields OpenAI's client may echo back are ignored.
+
+    `developer` is OpenAI's newer name for `system` (its clients send it for reasoning
+    models); it is rendered as `system`, since chat templates know only that one.
+    """
 
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_TextPart] | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = Field(None, min_length=1)
     reasoning_content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        # Said here: pydantic's own error names the union's first member ("content.str").
+        for part in value if isinstance(value, list) else ():
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise ValueError(f"a content part of type {part.get('type')!r} is not supported: the served model "
+                                 "reads text only (a string, or parts of type 'text')")
+        return value
 
     @model_validator(mode="after")
     def _shape(self) -> ChatMessage:
@@ -157,7 +171,7 @@ class ChatMessage(BaseModel):
 
     def canonical(self) -> dict:
         """The message in the project's canonical (OpenAI) form: text content, call arguments as JSON strings."""
-        message: dict = {"role": self.role, "content": self.text()}
+        message: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.tool_calls:
             message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
         if self.tool_call_id is not None:
@@ -214,7 +228,11 @@ class NamedToolChoice(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    # OpenAI pads streamed deltas with an `obfuscation` field unless this is false; the
+    # service never pads, so only false (or leaving it out) is true to what it does.
+    include_obfuscation: Literal[False] | None = None
 
 
 # OpenAI's chat fields that the service does not honour, and the values that ask for nothing
@@ -223,7 +241,6 @@ UNHONOURED_FIELDS: dict[str, tuple] = {
     "response_format": ({"type": "text"},),
     "logprobs": (False,),
     "top_logprobs": (0,),
-    "seed": (),
     "frequency_penalty": (0, 0.0),
     "presence_penalty": (0, 0.0),
     "logit_bias": ({},),
@@ -234,9 +251,7 @@ UNHONOURED_FIELDS: dict[str, tuple] = {
     "prediction": (),
     "reasoning_effort": (),
     "service_tier": ("auto", "default"),
-    "store": (False,),
     "metadata": ({},),
-    "user": (),
     "safety_identifier": (),
     "prompt_cache_key": (),
     "verbosity": (),
@@ -263,6 +278,10 @@ class ChatRequest(BaseModel):
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    seed: int | None = Field(None, description="Accepted with temperature 0 only, where decoding is greedy and "
+                                               "gives the same answer whatever the seed; sampling is not seeded.")
+    store: bool | None = Field(None, description="false: the completion is not written to the interaction log "
+                                                 "(and cannot be rated); true or left out: it is.")
 
     def stops(self) -> list[str]:
         """The stop sequences, as a list without empty ones."""

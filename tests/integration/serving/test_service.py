@@ -14,7 +14,7 @@ MESSAGES = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"r
 
 
 def chat(client, **body):
-    return client.post("/v1/chat/completions", json={"model": "any", "messages": MESSAGES, "temperature": 0, **body})
+    return client.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": MESSAGES, "temperature": 0, **body})
 
 
 def assert_openai_error(resp, status: int, code: str | None = None) -> dict:
