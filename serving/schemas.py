@@ -55,13 +55,15 @@ def error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
-def openai_error_from(status: int, body: bytes) -> dict | None:
+def openai_error_from(status: int, body: bytes, route: str = "") -> dict | None:
     """`body` of an error response in the OpenAI shape; None when it already is in it.
 
     For the answers the service's own routes do not write: BentoML's for `/generate`
     (`{"error": "1 validation error for Input", "detail": [pydantic errors]}`, or
     `[{"error": ...}]` for an exception it maps to a 4xx), and Starlette's plain-text 404
-    and 405 for unknown paths and methods.
+    and 405 for unknown paths and methods, which name `route` (the request's method and
+    path) and the chat routes: a client pointed at another OpenAI API (`/v1/responses`,
+    `/v1/completions`) learns which one to use.
     """
     try:
         data = json.loads(body)
@@ -82,6 +84,9 @@ def openai_error_from(status: int, body: bytes) -> dict | None:
             message = f"Invalid value for '{param}': {first.get('msg')}." if param else f"{first.get('msg')}."
     else:
         message = str(data) or HTTPStatus(status).phrase
+    if status in (404, 405) and route and message == HTTPStatus(status).phrase:
+        message = (f"{message}: {route}. This service answers OpenAI's chat API: POST /v1/chat/completions "
+                   "and GET /v1/models (docs/guides/serving.md).")
     return error_body(message, error_type(status), param, code)
 
 
@@ -111,6 +116,8 @@ class FunctionCall(BaseModel):
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, value: str) -> str:
+        if not value.strip():  # some clients write a call without arguments so; OpenAI writes "{}"
+            return "{}"
         try:
             parsed = json.loads(value)
         except ValueError:

@@ -92,6 +92,17 @@ def test_what_the_service_cannot_honour_in_a_known_field_is_refused_by_name(clie
     assert said in message
 
 
+def test_a_call_written_with_empty_arguments_is_read_as_no_arguments(client):
+    call = {**CALL, "function": {"name": "get_weather", "arguments": ""}}
+    written = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_abc", "content": "12 degrees"}]
+    as_object = [written[0], {**written[1], "tool_calls": [{**CALL, "function": {**CALL["function"], "arguments": "{}"}}]},
+                 written[2]]
+    empty, braces = chat(client, messages=written, tools=TOOLS), chat(client, messages=as_object, tools=TOOLS)
+    assert empty.status_code == 200, empty.text
+    assert empty.json()["usage"] == braces.json()["usage"]
+
+
 def test_tools_tool_messages_and_calls_are_accepted(client):
     conversation = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [CALL]},
                     {"role": "tool", "tool_call_id": "call_abc", "content": "12 degrees"}]

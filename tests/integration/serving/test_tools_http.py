@@ -233,3 +233,4 @@ def test_refusals_reach_the_client_as_openai_errors(tools_server):
     with pytest.raises(openai.NotFoundError) as unknown:
         client.responses.create(model=TOOLS_MODEL_NAME, input="hi")
     assert unknown.value.code == "not_found"
+    assert "POST /v1/responses" in unknown.value.message and "/v1/chat/completions" in unknown.value.message
