@@ -274,11 +274,12 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    # null is 1.0, 1.0, 1, false (`_null_is_the_default`), as OpenAI reads it; some clients send it.
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=200, description="The client's id of its end user, recorded with "
                                                                "the interaction (OpenAI's `user`).")
@@ -289,6 +290,13 @@ class ChatRequest(BaseModel):
                                                "gives the same answer whatever the seed; sampling is not seeded.")
     store: bool | None = Field(None, description="false: the completion is not written to the interaction log "
                                                  "(and cannot be rated); true or left out: it is.")
+
+    @model_validator(mode="after")
+    def _null_is_the_default(self) -> ChatRequest:
+        for name in ("temperature", "top_p", "n", "stream"):
+            if getattr(self, name) is None:
+                setattr(self, name, type(self).model_fields[name].default)
+        return self
 
     def stops(self) -> list[str]:
         """The stop sequences, as a list without empty ones."""

@@ -40,11 +40,18 @@ def test_a_field_the_service_does_not_honour_is_refused_by_name(client, field, v
     ("n", 1), ("seed", 7), ("store", True), ("user", "user-1"), ("metadata", {}), ("top_logprobs", None),
     ("max_completion_tokens", 4), ("stop", "\n\n"), ("stop", ["\n\n", "###"]), ("service_tier", "auto"),
     ("stream_options", {"include_usage": True, "include_obfuscation": False}), ("model", "ftllm-chat-test"),
+    # null, which OpenAI reads as "not given" and some clients send for every field they leave unset
+    ("top_p", None), ("n", None), ("stream", None), ("max_completion_tokens", None), ("stop", None), ("tools", None),
+    ("tool_choice", None), ("user", None), ("stream_options", None),
 ])
 def test_a_field_at_the_value_that_asks_for_nothing_is_accepted(client, field, value):
     resp = chat(client, **{field: value})
     assert resp.status_code == 200, resp.text
     assert resp.json()["choices"][0]["message"]["content"] == chat(client).json()["choices"][0]["message"]["content"]
+
+
+def test_a_null_temperature_samples_at_the_default_temperature(client):
+    assert chat(client, temperature=None, max_tokens=2).status_code == 200
 
 
 def test_a_seed_with_sampling_is_refused_as_sampling_is_not_seeded(client):
