@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Oslo?"}]
@@ -68,10 +70,17 @@ def test_a_model_the_service_does_not_serve_is_a_404_naming_the_served_one(clien
 
 
 def test_store_false_keeps_the_completion_out_of_the_interaction_log(client):
-    kept, unlogged = chat(client, store=True).json(), chat(client, store=False).json()
-    assert client.post("/feedback", json={"id": kept["id"], "rating": 4}).status_code == 200
-    resp = client.post("/feedback", json={"id": unlogged["id"], "rating": 4})
-    assert (resp.status_code, resp.json()["error"]["code"]) == (404, "not_found")
+    def streamed_id(**body) -> str:
+        first = next(line for line in chat(client, stream=True, **body).text.splitlines() if line.startswith("data: {"))
+        return json.loads(first[6:])["id"]
+
+    kept = [chat(client, store=True).json()["id"], streamed_id(store=True)]
+    unlogged = [chat(client, store=False).json()["id"], streamed_id(store=False)]
+    for cid in kept:
+        assert client.post("/feedback", json={"id": cid, "rating": 4}).status_code == 200
+    for cid in unlogged:
+        resp = client.post("/feedback", json={"id": cid, "rating": 4})
+        assert (resp.status_code, resp.json()["error"]["code"]) == (404, "not_found")
 
 
 def test_developer_messages_are_rendered_as_system_messages(client):
