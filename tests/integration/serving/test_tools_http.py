@@ -127,16 +127,21 @@ def _call_of(completion) -> tuple[str, dict]:
 @pytest.mark.slow
 def test_the_answer_goes_back_as_the_client_holds_it_object_or_dumped(tools_server):
     """OpenAI's function-calling guide appends the client's message object; other loops its
-    `model_dump()` (refusal, annotations, audio, function_call as null) or without the nulls."""
+    `model_dump()` (refusal, annotations, audio, function_call as null) or without the nulls,
+    or the message the client's stream helper joined (with `index`, `parsed_arguments`, `parsed`)."""
     client = _client(tools_server)
     asked = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, temperature=0,
                                            max_tokens=120)
-    message = asked.choices[0].message
-    result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "12 degrees and rain"}
-    for echoed in (message, message.model_dump(), message.model_dump(exclude_none=True)):
-        final = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=[*ASK, echoed, result],
-                                               tools=WEATHER_TOOLS, temperature=0, max_tokens=60)
-        assert final.choices[0].message.content == "In Oslo it is 12 degrees and rain.", echoed
+    with client.chat.completions.stream(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, temperature=0,
+                                        max_tokens=120) as stream:
+        joined = stream.get_final_completion().choices[0].message
+    for message in (asked.choices[0].message, joined):
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [CALLED]
+        result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "12 degrees and rain"}
+        for echoed in (message, message.model_dump(), message.model_dump(exclude_none=True)):
+            final = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=[*ASK, echoed, result],
+                                                   tools=WEATHER_TOOLS, temperature=0, max_tokens=60)
+            assert final.choices[0].message.content == "In Oslo it is 12 degrees and rain.", echoed
 
 
 @pytest.mark.slow
