@@ -19,7 +19,7 @@ set, `FTLLM_API_KEYS` or `FTLLM_API_KEY`, with the route's role):
 - `POST /v1/chat/completions`: OpenAI chat schema, with `stream: true` (SSE
   `chat.completion.chunk`s, then `data: [DONE]`); `n` must be 1 (else 400), `model` the served
   one or left out (else 404); docs/guides/serving-tools.md lists every field.
-- `GET /v1/models`: the served model id and its registry version.
+- `GET /v1/models`: the served model id and its registry version; `GET /v1/models/{id}` its card alone.
 - `POST /generate`: plain prompt completion, `{"prompts": [...]}` → list of texts
   (BentoML adaptive batching).
 - `POST /feedback`: `{"id": <completion id>, "rating": 1..5, "correction": str?, "user": str?}`;
@@ -90,6 +90,7 @@ from serving.schemas import (  # noqa: E402
     ChatRequest,
     FeedbackRequest,
     FeedbackStored,
+    ModelCard,
     ModelList,
     NamedToolChoice,
     ReloadResult,
@@ -388,9 +389,7 @@ class ChatService:
                                 "the seed); sampling is not seeded. Leave seed out or set temperature to 0.",
                            param="seed", code="unsupported_value")
         loaded = self.current()
-        if req.model is not None and req.model not in (loaded.name, self.model_name):
-            raise APIError(404, f"The model {req.model!r} does not exist here; this service serves {loaded.name!r} "
-                                "(GET /v1/models), or leave model out.", param="model", code="model_not_found")
+        self._check_model(req.model, loaded)
         messages = [m.canonical() for m in req.messages]
         plan = self._plan(req, loaded, [for_template(m) for m in messages])
         prompt_ids = encode_text(loaded.tokenizer, plan.prompt + plan.opening)
@@ -559,11 +558,22 @@ class ChatService:
         return list(await asyncio.gather(*(complete(r) for r in rows)))
 
     async def list_models(self):
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def retrieve_model(self, model: str):
+        self._check_model(model, self.current())
+        return self._model_card()
+
+    def _model_card(self) -> dict[str, Any]:
         loaded = self.current()
-        return {"object": "list", "data": [{
-            "id": loaded.name, "object": "model", "created": int(loaded.loaded_at), "owned_by": "ftllm",
-            "version": loaded.version, "source": loaded.source,
-        }]}
+        return {"id": loaded.name, "object": "model", "created": int(loaded.loaded_at), "owned_by": "ftllm",
+                "version": loaded.version, "source": loaded.source}
+
+    def _check_model(self, model: str | None, loaded: ServedModel) -> None:
+        """A 404 for a model name other than the served one (None: the client named none)."""
+        if model is not None and model not in (loaded.name, self.model_name):
+            raise APIError(404, f"The model {model!r} does not exist here; this service serves {loaded.name!r} "
+                                "(GET /v1/models), or leave model out.", param="model", code="model_not_found")
 
     async def feedback(self, request: Request):
         body = await _read_json(request)
@@ -622,6 +632,12 @@ async def chat_completions(request: Request, service: Service):
 @app.get("/v1/models", responses=responses(ModelList))
 async def list_models(service: Service):
     return await service.list_models()
+
+
+@app.get("/v1/models/{model}", responses=responses(ModelCard, 404))
+async def retrieve_model(model: str, service: Service):
+    """The served model's card, as in /v1/models; a 404 for any other name."""
+    return await service.retrieve_model(model)
 
 
 @app.post("/feedback", openapi_extra=json_body(FeedbackRequest), responses=responses(FeedbackStored, 400, 404, 409, 413))

@@ -235,6 +235,10 @@ def test_refusals_reach_the_client_as_openai_errors(tools_server):
             client.chat.completions.create(**{"model": TOOLS_MODEL_NAME, "messages": ASK, "max_tokens": 8, **body})
         assert set(raised.value.body) == {"message", "type", "param", "code"}, raised.value.body
         assert raised.value.param == param and raised.value.message, raised.value.body
+    assert client.models.retrieve(TOOLS_MODEL_NAME).id == TOOLS_MODEL_NAME
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.models.retrieve("gpt-4o")
+    assert unknown.value.code == "model_not_found"
     with pytest.raises(openai.NotFoundError) as unknown:
         client.responses.create(model=TOOLS_MODEL_NAME, input="hi")
     assert unknown.value.code == "not_found"
