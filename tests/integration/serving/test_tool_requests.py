@@ -153,3 +153,24 @@ def test_a_tool_choice_that_cannot_be_met_is_refused(client):
     message = refused(chat(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}),
                       "tool_choice", "invalid_value")
     assert "get_time" in message
+
+
+def test_parallel_tool_calls_false_returns_the_first_call_only():
+    """The tool model of the HTTP tests writes one call per turn, so this reads two calls as a
+    model that writes them would, through the plan the chat route makes."""
+    from transformers import AutoTokenizer
+
+    from serving.service import ChatPlan
+    from tasks.config import ModelParams
+    from tasks.model.chat import render_prompt
+    from tasks.model.loading import resolve_base
+    from tests.support.families import QWEN25_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(ModelParams()))
+    tok.chat_template = QWEN25_TEMPLATE
+    prompt = render_prompt(tok, MESSAGES, tools=TOOLS)
+    text = "".join(f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>\n'
+                   for city in ("Oslo", "Paris"))
+    for single, cities in ((False, ["Oslo", "Paris"]), (True, ["Oslo"])):
+        parsed = ChatPlan(tok, prompt, tools=TOOLS, parse=True, single_call=single).read(text)
+        assert [c.arguments["city"] for c in parsed.tool_calls] == cities
