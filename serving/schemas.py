@@ -236,7 +236,7 @@ class NamedToolChoice(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: bool | None = False
     # OpenAI pads streamed deltas with an `obfuscation` field unless this is false; the
     # service never pads, so only false (or leaving it out) is true to what it does.
     include_obfuscation: Literal[False] | None = None

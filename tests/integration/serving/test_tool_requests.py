@@ -44,7 +44,7 @@ def test_a_field_the_service_does_not_honour_is_refused_by_name(client, field, v
     ("stream_options", {"include_usage": True, "include_obfuscation": False}), ("model", "ftllm-chat-test"),
     # null, which OpenAI reads as "not given" and some clients send for every field they leave unset
     ("top_p", None), ("n", None), ("stream", None), ("max_completion_tokens", None), ("stop", None), ("tools", None),
-    ("tool_choice", None), ("user", None), ("stream_options", None),
+    ("tool_choice", None), ("user", None), ("stream_options", None), ("stream_options", {"include_usage": None}),
 ])
 def test_a_field_at_the_value_that_asks_for_nothing_is_accepted(client, field, value):
     resp = chat(client, **{field: value})
