@@ -151,7 +151,9 @@ class GuardMiddleware:
         if scope["path"] == "/docs.json":
             send = _RewritingSend(send, lambda status: status == 200, lambda _, body: patch_openapi(json.loads(body)))
         elif scope["method"] != "HEAD":
-            send = _RewritingSend(send, lambda status: status >= 400, openai_error_from)
+            route = f"{scope['method']} {scope['path']}"
+            send = _RewritingSend(send, lambda status: status >= 400,
+                                  lambda status, body: openai_error_from(status, body, route))
         self.in_flight += 1
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):

@@ -55,13 +55,15 @@ def error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
-def openai_error_from(status: int, body: bytes) -> dict | None:
+def openai_error_from(status: int, body: bytes, route: str = "") -> dict | None:
     """`body` of an error response in the OpenAI shape; None when it already is in it.
 
     For the answers the service's own routes do not write: BentoML's for `/generate`
     (`{"error": "1 validation error for Input", "detail": [pydantic errors]}`, or
     `[{"error": ...}]` for an exception it maps to a 4xx), and Starlette's plain-text 404
-    and 405 for unknown paths and methods.
+    and 405 for unknown paths and methods, which name `route` (the request's method and
+    path) and the chat routes: a client pointed at another OpenAI API (`/v1/responses`,
+    `/v1/completions`) learns which one to use.
     """
     try:
         data = json.loads(body)
@@ -82,6 +84,9 @@ def openai_error_from(status: int, body: bytes) -> dict | None:
             message = f"Invalid value for '{param}': {first.get('msg')}." if param else f"{first.get('msg')}."
     else:
         message = str(data) or HTTPStatus(status).phrase
+    if status in (404, 405) and route and message == HTTPStatus(status).phrase:
+        message = (f"{message}: {route}. This service answers OpenAI's chat API: POST /v1/chat/completions "
+                   "and GET /v1/models (docs/guides/serving.md).")
     return error_body(message, error_type(status), param, code)
 
 
@@ -111,6 +116,8 @@ class FunctionCall(BaseModel):
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, value: str) -> str:
+        if not value.strip():  # some clients write a call without arguments so; OpenAI writes "{}"
+            return "{}"
         try:
             parsed = json.loads(value)
         except ValueError:
@@ -130,14 +137,28 @@ class ToolCallIn(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message; `name`, `refusal`, `annotations` and other fields OpenAI's client may echo back are ignored."""
+    """One message; `name`, `refusal`, `annotations` and other fields OpenAI's client may echo back are ignored.
+
+    `developer` is OpenAI's newer name for `system` (its clients send it for reasoning
+    models); it is rendered as `system`, since chat templates know only that one.
+    """
 
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_TextPart] | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = Field(None, min_length=1)
     reasoning_content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        # Said here: pydantic's own error names the union's first member ("content.str").
+        for part in value if isinstance(value, list) else ():
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise ValueError(f"a content part of type {part.get('type')!r} is not supported: the served model "
+                                 "reads text only (a string, or parts of type 'text')")
+        return value
 
     @model_validator(mode="after")
     def _shape(self) -> ChatMessage:
@@ -157,7 +178,7 @@ class ChatMessage(BaseModel):
 
     def canonical(self) -> dict:
         """The message in the project's canonical (OpenAI) form: text content, call arguments as JSON strings."""
-        message: dict = {"role": self.role, "content": self.text()}
+        message: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.tool_calls:
             message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
         if self.tool_call_id is not None:
@@ -214,7 +235,11 @@ class NamedToolChoice(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = False
+    # OpenAI pads streamed deltas with an `obfuscation` field unless this is false; the
+    # service never pads, so only false (or leaving it out) is true to what it does.
+    include_obfuscation: Literal[False] | None = None
 
 
 # OpenAI's chat fields that the service does not honour, and the values that ask for nothing
@@ -223,7 +248,6 @@ UNHONOURED_FIELDS: dict[str, tuple] = {
     "response_format": ({"type": "text"},),
     "logprobs": (False,),
     "top_logprobs": (0,),
-    "seed": (),
     "frequency_penalty": (0, 0.0),
     "presence_penalty": (0, 0.0),
     "logit_bias": ({},),
@@ -234,9 +258,7 @@ UNHONOURED_FIELDS: dict[str, tuple] = {
     "prediction": (),
     "reasoning_effort": (),
     "service_tier": ("auto", "default"),
-    "store": (False,),
     "metadata": ({},),
-    "user": (),
     "safety_identifier": (),
     "prompt_cache_key": (),
     "verbosity": (),
@@ -252,17 +274,29 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    # null is 1.0, 1.0, 1, false (`_null_is_the_default`), as OpenAI reads it; some clients send it.
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=200, description="The client's id of its end user, recorded with "
                                                                "the interaction (OpenAI's `user`).")
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    seed: int | None = Field(None, description="Accepted with temperature 0 only, where decoding is greedy and "
+                                               "gives the same answer whatever the seed; sampling is not seeded.")
+    store: bool | None = Field(None, description="false: the completion is not written to the interaction log "
+                                                 "(and cannot be rated); true or left out: it is.")
+
+    @model_validator(mode="after")
+    def _null_is_the_default(self) -> ChatRequest:
+        for name in ("temperature", "top_p", "n", "stream"):
+            if getattr(self, name) is None:
+                setattr(self, name, type(self).model_fields[name].default)
+        return self
 
     def stops(self) -> list[str]:
         """The stop sequences, as a list without empty ones."""

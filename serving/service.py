@@ -17,8 +17,9 @@ Endpoints (all but `/livez` and `/readyz` need `Authorization: Bearer <key>` whe
 set, `FTLLM_API_KEYS` or `FTLLM_API_KEY`, with the route's role):
 
 - `POST /v1/chat/completions`: OpenAI chat schema, with `stream: true` (SSE
-  `chat.completion.chunk`s, then `data: [DONE]`); `n` must be 1 (else 400).
-- `GET /v1/models`: the served model id and its registry version.
+  `chat.completion.chunk`s, then `data: [DONE]`); `n` must be 1 (else 400), `model` the served
+  one or left out (else 404); docs/guides/serving-tools.md lists every field.
+- `GET /v1/models`: the served model id and its registry version; `GET /v1/models/{id}` its card alone.
 - `POST /generate`: plain prompt completion, `{"prompts": [...]}` → list of texts
   (BentoML adaptive batching).
 - `POST /feedback`: `{"id": <completion id>, "rating": 1..5, "correction": str?, "user": str?}`;
@@ -89,6 +90,7 @@ from serving.schemas import (  # noqa: E402
     ChatRequest,
     FeedbackRequest,
     FeedbackStored,
+    ModelCard,
     ModelList,
     NamedToolChoice,
     ReloadResult,
@@ -354,6 +356,11 @@ class ChatService:
                            row.prompt_tokens, row.completion_tokens, latency * 1000, **who,
                            tools=tools, tool_calls=message.get("tool_calls"))
 
+    def _log_chat(self, req: ChatRequest, item: Interaction) -> None:
+        """Write a chat completion to the interaction log, unless the request said `store: false`."""
+        if req.store is not False:
+            self.store.log_later(item)
+
     def _check_chat(self, body: Any) -> tuple[ChatRequest, list[dict], Completion, ChatPlan]:
         if not isinstance(body, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
@@ -373,18 +380,24 @@ class ChatService:
         if len(req.stops()) > MAX_STOP_SEQUENCES:
             raise APIError(400, f"At most {MAX_STOP_SEQUENCES} stop sequences.", param="stop", code="invalid_value")
         wanted = req.max_completion_tokens or req.max_tokens
+        wanted_field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         if wanted is not None and wanted > self.limits.max_tokens:
-            raise APIError(400, f"max_tokens={wanted} is over serving.max_tokens={self.limits.max_tokens}.",
-                           param="max_tokens", code="invalid_value")
+            raise APIError(400, f"{wanted_field}={wanted} is over serving.max_tokens={self.limits.max_tokens}.",
+                           param=wanted_field, code="invalid_value")
+        if req.seed is not None and req.temperature >= MIN_SAMPLING_TEMPERATURE:
+            raise APIError(400, "seed is honoured with temperature 0 only (greedy decoding: the same answer whatever "
+                                "the seed); sampling is not seeded. Leave seed out or set temperature to 0.",
+                           param="seed", code="unsupported_value")
         loaded = self.current()
+        self._check_model(req.model, loaded)
         messages = [m.canonical() for m in req.messages]
         plan = self._plan(req, loaded, [for_template(m) for m in messages])
         prompt_ids = encode_text(loaded.tokenizer, plan.prompt + plan.opening)
         n_prompt = len(prompt_ids)
         room = loaded.context_length - n_prompt
         max_new = wanted or min(self.limits.max_tokens, room)
-        if max_new > room:
-            raise APIError(400, f"The prompt has {n_prompt} tokens; with max_tokens={max_new} it exceeds the "
+        if max_new > room or room < 1:  # without max_tokens, a prompt that fills the context leaves room < 1
+            raise APIError(400, f"The prompt has {n_prompt} tokens; with max_tokens={max(max_new, 1)} it exceeds the "
                                 f"model's context of {loaded.context_length}.", param="messages",
                            code="context_length_exceeded")
         temperature = req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
@@ -433,7 +446,7 @@ class ChatService:
         who = (request_caller(request.scope), req.user)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(cid, created, row, plan, messages, started, usage, who),
+            return StreamingResponse(self._stream(cid, created, req, row, plan, messages, started, usage, who),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         parts, finish = [], "stop"
         async for event in self._events(row):
@@ -449,7 +462,7 @@ class ChatService:
             parsed = plan.read(text)
             finish = plan.finish_reason(parsed, finish)
             message = _answer_message(parsed)
-        self.store.log_later(self._record("chat", cid, messages, message, finish, row, started, *who, tools=plan.tools))
+        self._log_chat(req, self._record("chat", cid, messages, message, finish, row, started, *who, tools=plan.tools))
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
             "system_fingerprint": f"v{row.version}",
@@ -458,16 +471,17 @@ class ChatService:
                       "total_tokens": row.prompt_tokens + row.completion_tokens},
         })
 
-    async def _stream(self, cid: str, created: int, row: Completion, plan: ChatPlan, messages: list[dict],
-                      started: float, usage: bool,
-                      who: tuple[Caller, str | None]):
+    async def _stream(self, cid: str, created: int, req: ChatRequest, row: Completion, plan: ChatPlan,
+                      messages: list[dict], started: float, usage: bool, who: tuple[Caller, str | None]):
         """Server-sent chunks as OpenAI sends them: text deltas as they come (`reasoning_content`
         apart), then each call (a delta with its id and name, then one with its arguments), then
-        the finish reason. A call is sent once it is complete and checked."""
+        the finish reason. A call is sent once it is complete and checked. With `usage`, every
+        chunk has `usage: null` and a last one, with no choices, has the counts."""
         def chunk(delta: dict, finish: str | None = None) -> str:
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                          "system_fingerprint": f"v{row.version}",
-                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                         **({"usage": None} if usage else {})})
 
         reader = ResponseStream(plan.tokenizer, plan.prompt, plan.tools) if plan.parse else None
         if reader is not None and plan.opening:
@@ -500,10 +514,11 @@ class ChatService:
                                                      "function": {"arguments": out["function"]["arguments"]}}]})
                     finish, message = plan.finish_reason(parsed, finish), _answer_message(parsed)
                 yield chunk({}, finish)
-                self.store.log_later(self._record("chat", cid, messages, message, finish, row, started, *who, tools=plan.tools))
+                self._log_chat(req, self._record("chat", cid, messages, message, finish, row, started, *who,
+                                                 tools=plan.tools))
         if usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                        "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
+                        "system_fingerprint": f"v{row.version}", "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
                                                  "total_tokens": row.prompt_tokens + row.completion_tokens}})
         yield "data: [DONE]\n\n"
 
@@ -543,11 +558,22 @@ class ChatService:
         return list(await asyncio.gather(*(complete(r) for r in rows)))
 
     async def list_models(self):
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def retrieve_model(self, model: str):
+        self._check_model(model, self.current())
+        return self._model_card()
+
+    def _model_card(self) -> dict[str, Any]:
         loaded = self.current()
-        return {"object": "list", "data": [{
-            "id": loaded.name, "object": "model", "created": int(loaded.loaded_at), "owned_by": "ftllm",
-            "version": loaded.version, "source": loaded.source,
-        }]}
+        return {"id": loaded.name, "object": "model", "created": int(loaded.loaded_at), "owned_by": "ftllm",
+                "version": loaded.version, "source": loaded.source}
+
+    def _check_model(self, model: str | None, loaded: ServedModel) -> None:
+        """A 404 for a model name other than the served one (None: the client named none)."""
+        if model is not None and model not in (loaded.name, self.model_name):
+            raise APIError(404, f"The model {model!r} does not exist here; this service serves {loaded.name!r} "
+                                "(GET /v1/models), or leave model out.", param="model", code="model_not_found")
 
     async def feedback(self, request: Request):
         body = await _read_json(request)
@@ -598,7 +624,7 @@ Service = Annotated[Any, Depends(_service)]
 
 
 @app.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest),
-          responses=responses(ChatCompletion, 400, 413, 503, streams=True))
+          responses=responses(ChatCompletion, 400, 404, 413, 503, streams=True))
 async def chat_completions(request: Request, service: Service):
     return await service.chat_completions(request)
 
@@ -606,6 +632,12 @@ async def chat_completions(request: Request, service: Service):
 @app.get("/v1/models", responses=responses(ModelList))
 async def list_models(service: Service):
     return await service.list_models()
+
+
+@app.get("/v1/models/{model}", responses=responses(ModelCard, 404))
+async def retrieve_model(model: str, service: Service):
+    """The served model's card, as in /v1/models; a 404 for any other name."""
+    return await service.retrieve_model(model)
 
 
 @app.post("/feedback", openapi_extra=json_body(FeedbackRequest), responses=responses(FeedbackStored, 400, 404, 409, 413))

@@ -52,11 +52,12 @@ CHECK_PROMPTS = 64
 
 @dataclass
 class Server:
-    """A server under test: its base URL and what its requests send as `model`."""
+    """A server under test: its base URL and what its requests send as `model` (None: no
+    `model`, which `ftllm serve` reads as its one served model; it refuses other names)."""
 
     name: str
     url: str
-    model: str = "ftllm"
+    model: str | None = None
     api_key: str | None = None
 
 
@@ -100,8 +101,8 @@ def prompt_dates(rng: random.Random, n: int) -> list[str]:
     return [f"{rng.randint(1900, 2099)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}" for _ in range(n)]
 
 
-def _payload(user: str, max_tokens: int, model: str) -> dict:
-    return {"model": model, "max_tokens": max_tokens, "temperature": 0,
+def _payload(user: str, max_tokens: int, model: str | None) -> dict:
+    return {**({"model": model} if model is not None else {}), "max_tokens": max_tokens, "temperature": 0,
             "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]}
 
 

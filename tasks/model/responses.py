@@ -326,7 +326,8 @@ def forced_call_opening(tokenizer, messages: list[dict], tools: list[dict], name
     generation prompt and the probe's function name opens every call (`<tool_call>\\n{"name": "`
     for Qwen, `{"name": "` for Llama 3.1, `[TOOL_CALLS] [{"name": "` for Mistral). Appended
     to the prompt, the model can only go on with a call: a function name (`tool_choice:
-    required`), or with `name` written too, its arguments (a named `tool_choice`).
+    required`), or with `name` written too, its arguments (a named `tool_choice`); the
+    named opening ends where a token ends, as in the text the model was trained on.
     """
     from jinja2 import TemplateError
 
@@ -356,4 +357,17 @@ def forced_call_opening(tokenizer, messages: list[dict], tools: list[dict], name
     if name is None:
         return opening
     after = full[at + len(_PROBE_FUNCTION):]
-    return opening + name + ('"' if after.startswith('"') else "")
+    # The name's closing quote too, unless the tokenizer writes it in one token with what
+    # follows (`",` in Qwen's and the tiny model's vocabularies): cut there, a model given
+    # a lone `"` token it never saw in training loses the thread and skips its arguments.
+    return _cut_at_token(tokenizer, opening + name + after, len(opening + name),
+                         len(opening + name) + after.startswith('"'))
+
+
+def _cut_at_token(tokenizer, text: str, shortest: int, longest: int) -> str:
+    """`text[:n]` for the largest n from `shortest` to `longest` at which a token of `text` ends (else `longest`)."""
+    try:
+        spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except NotImplementedError:  # a slow (Python) tokenizer has no offsets
+        return text[:longest]
+    return text[:max((end for _, end in spans if shortest <= end <= longest), default=longest)]

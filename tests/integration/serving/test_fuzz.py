@@ -32,14 +32,16 @@ KEY = "fuzz-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 EXAMPLES = 25
 OPERATIONS = [
-    "GET /healthz", "GET /livez", "GET /readyz", "GET /metrics", "GET /v1/models", "POST /v1/chat/completions",
+    "GET /healthz", "GET /livez", "GET /readyz", "GET /metrics", "GET /v1/models", "GET /v1/models/{model}",
+    "POST /v1/chat/completions",
     "POST /generate", "POST /feedback", "POST /admin/reload",
 ]
 # The operations with a body or parameters: only those have anything to make invalid
 # (test_every_served_operation_is_fuzzed checks this list against the description).
-WITH_INPUT = ["POST /v1/chat/completions", "POST /generate", "POST /feedback"]
+WITH_INPUT = ["GET /v1/models/{model}", "POST /v1/chat/completions", "POST /generate", "POST /feedback"]
+# Any string names a model (the served one or a 404), so /v1/models/{model} has no invalid input to make.
 CASES = [(label, GenerationMode.POSITIVE) for label in OPERATIONS] + [
-    (label, GenerationMode.NEGATIVE) for label in WITH_INPUT]
+    (label, GenerationMode.NEGATIVE) for label in WITH_INPUT if label != "GET /v1/models/{model}"]
 MESSAGES = [{"role": "user", "content": "2001-02-03"}]
 
 

@@ -14,7 +14,7 @@ MESSAGES = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"r
 
 
 def chat(client, **body):
-    return client.post("/v1/chat/completions", json={"model": "any", "messages": MESSAGES, "temperature": 0, **body})
+    return client.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": MESSAGES, "temperature": 0, **body})
 
 
 def assert_openai_error(resp, status: int, code: str | None = None) -> dict:
@@ -132,8 +132,9 @@ def test_bad_generate_requests_get_openai_errors_too(client, request_args, param
 
 
 def test_unknown_paths_and_methods_get_openai_errors(client):
-    assert_openai_error(client.get("/v1/completions-that-do-not-exist"), 404, "not_found")
-    assert_openai_error(client.delete("/v1/models"), 405, "method_not_allowed")
+    unknown = assert_openai_error(client.get("/v1/completions-that-do-not-exist"), 404, "not_found")
+    assert "GET /v1/completions-that-do-not-exist" in unknown["message"] and "/v1/chat/completions" in unknown["message"]
+    assert "DELETE /v1/models" in assert_openai_error(client.delete("/v1/models"), 405, "method_not_allowed")["message"]
     responses = client.get("/docs.json").json()["paths"]["/generate"]["post"]["responses"]
     assert {status: answer["content"]["application/json"]["schema"] for status, answer in responses.items()
             if status != "200"} == {s: {"$ref": "#/components/schemas/ErrorResponse"}

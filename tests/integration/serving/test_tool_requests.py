@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Oslo?"}]
@@ -23,9 +25,9 @@ def refused(resp, param: str, code: str = "unsupported_parameter") -> str:
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("response_format", {"type": "json_object"}), ("logprobs", True), ("top_logprobs", 2), ("seed", 7),
+    ("response_format", {"type": "json_object"}), ("logprobs", True), ("top_logprobs", 2),
     ("frequency_penalty", 0.5), ("presence_penalty", 1), ("logit_bias", {"42": 5}),
-    ("functions", [{"name": "f"}]), ("function_call", "auto"), ("store", True), ("reasoning_effort", "low"),
+    ("functions", [{"name": "f"}]), ("function_call", "auto"), ("metadata", {"app": "x"}), ("reasoning_effort", "low"),
     ("not_an_openai_field", 1),
 ])
 def test_a_field_the_service_does_not_honour_is_refused_by_name(client, field, value):
@@ -36,9 +38,85 @@ def test_a_field_the_service_does_not_honour_is_refused_by_name(client, field, v
 @pytest.mark.parametrize(("field", "value"), [
     ("response_format", {"type": "text"}), ("logprobs", False), ("frequency_penalty", 0), ("presence_penalty", 0.0),
     ("logit_bias", {}), ("seed", None), ("store", False), ("parallel_tool_calls", True),
+    # What OpenAI's clients and agent frameworks commonly send: honoured, or at their neutral value.
+    ("n", 1), ("seed", 7), ("store", True), ("user", "user-1"), ("metadata", {}), ("top_logprobs", None),
+    ("max_completion_tokens", 4), ("stop", "\n\n"), ("stop", ["\n\n", "###"]), ("service_tier", "auto"),
+    ("stream_options", {"include_usage": True, "include_obfuscation": False}), ("model", "ftllm-chat-test"),
+    # null, which OpenAI reads as "not given" and some clients send for every field they leave unset
+    ("top_p", None), ("n", None), ("stream", None), ("max_completion_tokens", None), ("stop", None), ("tools", None),
+    ("tool_choice", None), ("user", None), ("stream_options", None), ("stream_options", {"include_usage": None}),
 ])
 def test_a_field_at_the_value_that_asks_for_nothing_is_accepted(client, field, value):
-    assert chat(client, **{field: value}).status_code == 200
+    resp = chat(client, **{field: value})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == chat(client).json()["choices"][0]["message"]["content"]
+
+
+def test_a_null_temperature_samples_at_the_default_temperature(client):
+    assert chat(client, temperature=None, max_tokens=2).status_code == 200
+
+
+def test_a_seed_with_sampling_is_refused_as_sampling_is_not_seeded(client):
+    message = refused(chat(client, seed=7, temperature=0.8), "seed", "unsupported_value")
+    assert "temperature" in message
+
+
+def test_a_model_the_service_does_not_serve_is_a_404_naming_the_served_one(client):
+    resp = chat(client, model="gpt-4o")
+    assert resp.status_code == 404, resp.text
+    error = resp.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == ("model", "model_not_found", "invalid_request_error")
+    assert "'gpt-4o'" in error["message"] and "'ftllm-chat-test'" in error["message"]
+
+
+def test_store_false_keeps_the_completion_out_of_the_interaction_log(client):
+    def streamed_id(**body) -> str:
+        first = next(line for line in chat(client, stream=True, **body).text.splitlines() if line.startswith("data: {"))
+        return json.loads(first[6:])["id"]
+
+    kept = [chat(client, store=True).json()["id"], streamed_id(store=True)]
+    unlogged = [chat(client, store=False).json()["id"], streamed_id(store=False)]
+    for cid in kept:
+        assert client.post("/feedback", json={"id": cid, "rating": 4}).status_code == 200
+    for cid in unlogged:
+        resp = client.post("/feedback", json={"id": cid, "rating": 4})
+        assert (resp.status_code, resp.json()["error"]["code"]) == (404, "not_found")
+
+
+def test_developer_messages_are_rendered_as_system_messages(client):
+    system = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"role": "user", "content": "2001-02-03"}]
+    developer = [{**system[0], "role": "developer"}, system[1]]
+    as_system, as_developer = chat(client, messages=system).json(), chat(client, messages=developer).json()
+    assert as_developer["usage"] == as_system["usage"]
+    assert as_developer["choices"][0]["message"] == as_system["choices"][0]["message"]
+
+
+def test_a_prompt_that_fills_the_context_is_refused_without_max_tokens(client):
+    long = [{"role": "user", "content": "2001-02-03 " * 3000}]
+    resp = client.post("/v1/chat/completions", json={"messages": long})
+    refused(resp, "messages", "context_length_exceeded")
+
+
+@pytest.mark.parametrize(("body", "param", "said"), [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     "messages.0.content", "'image_url'"),
+    ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation", "False"),
+    ({"stream": True, "stream_options": {"include_usage": True, "chunk_size": 2}}, "stream_options.chunk_size", ""),
+])
+def test_what_the_service_cannot_honour_in_a_known_field_is_refused_by_name(client, body, param, said):
+    message = refused(chat(client, **body), param, "invalid_value")
+    assert said in message
+
+
+def test_a_call_written_with_empty_arguments_is_read_as_no_arguments(client):
+    call = {**CALL, "function": {"name": "get_weather", "arguments": ""}}
+    written = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_abc", "content": "12 degrees"}]
+    as_object = [written[0], {**written[1], "tool_calls": [{**CALL, "function": {**CALL["function"], "arguments": "{}"}}]},
+                 written[2]]
+    empty, braces = chat(client, messages=written, tools=TOOLS), chat(client, messages=as_object, tools=TOOLS)
+    assert empty.status_code == 200, empty.text
+    assert empty.json()["usage"] == braces.json()["usage"]
 
 
 def test_tools_tool_messages_and_calls_are_accepted(client):
@@ -75,3 +153,24 @@ def test_a_tool_choice_that_cannot_be_met_is_refused(client):
     message = refused(chat(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}),
                       "tool_choice", "invalid_value")
     assert "get_time" in message
+
+
+def test_parallel_tool_calls_false_returns_the_first_call_only():
+    """The tool model of the HTTP tests writes one call per turn, so this reads two calls as a
+    model that writes them would, through the plan the chat route makes."""
+    from transformers import AutoTokenizer
+
+    from serving.service import ChatPlan
+    from tasks.config import ModelParams
+    from tasks.model.chat import render_prompt
+    from tasks.model.loading import resolve_base
+    from tests.support.families import QWEN25_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(ModelParams()))
+    tok.chat_template = QWEN25_TEMPLATE
+    prompt = render_prompt(tok, MESSAGES, tools=TOOLS)
+    text = "".join(f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>\n'
+                   for city in ("Oslo", "Paris"))
+    for single, cities in ((False, ["Oslo", "Paris"]), (True, ["Oslo"])):
+        parsed = ChatPlan(tok, prompt, tools=TOOLS, parse=True, single_call=single).read(text)
+        assert [c.arguments["city"] for c in parsed.tool_calls] == cities

@@ -111,3 +111,135 @@ def test_tool_choice_none_gets_no_call_and_a_named_choice_forces_that_function(t
         assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
     else:  # the model wrote arguments that fail the schema: returned as the text it wrote
         assert choice.message.content.startswith('<tool_call>\n{"name": "get_weather"')
+
+
+# ------------------------------------------------------------------------------ what clients send
+# The requests that the openai client's tool loop and agent frameworks send, over HTTP.
+
+CALLED = ("get_weather", {"city": "Oslo"})
+
+
+def _call_of(completion) -> tuple[str, dict]:
+    [call] = completion.choices[0].message.tool_calls
+    return call.function.name, json.loads(call.function.arguments)
+
+
+@pytest.mark.slow
+def test_the_answer_goes_back_as_the_client_holds_it_object_or_dumped(tools_server):
+    """OpenAI's function-calling guide appends the client's message object; other loops its
+    `model_dump()` (refusal, annotations, audio, function_call as null) or without the nulls,
+    or the message the client's stream helper joined (with `index`, `parsed_arguments`, `parsed`)."""
+    client = _client(tools_server)
+    asked = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, temperature=0,
+                                           max_tokens=120)
+    with client.chat.completions.stream(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, temperature=0,
+                                        max_tokens=120) as stream:
+        joined = stream.get_final_completion().choices[0].message
+    for message in (asked.choices[0].message, joined):
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [CALLED]
+        result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "12 degrees and rain"}
+        for echoed in (message, message.model_dump(), message.model_dump(exclude_none=True)):
+            final = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=[*ASK, echoed, result],
+                                                   tools=WEATHER_TOOLS, temperature=0, max_tokens=60)
+            assert final.choices[0].message.content == "In Oslo it is 12 degrees and rain.", echoed
+
+
+@pytest.mark.slow
+def test_parallel_calls_and_their_results_are_all_rendered(tools_server):
+    client = _client(tools_server)
+
+    def call(i: int, city: str) -> dict:
+        return {"id": f"call_{i}", "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+
+    one = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call(1, "Oslo")]},
+           {"role": "tool", "tool_call_id": "call_1", "content": "12 degrees and rain"}]
+    two = [*one[:1], {"role": "assistant", "content": None, "tool_calls": [call(1, "Oslo"), call(2, "Paris")]},
+           one[2], {"role": "tool", "tool_call_id": "call_2", "content": "20 degrees and sun"}]
+    sizes = [client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=m, tools=WEATHER_TOOLS, temperature=0,
+                                            max_tokens=4).usage.prompt_tokens for m in (one, two)]
+    assert sizes[1] > sizes[0] + 10  # the second call and its result are in the prompt
+    for parallel in (True, False):
+        done = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, temperature=0,
+                                              max_tokens=120, parallel_tool_calls=parallel)
+        assert _call_of(done) == CALLED
+
+
+@pytest.mark.slow
+def test_required_and_named_tool_choice_force_the_call_streamed_and_not(tools_server):
+    import openai
+
+    client = _client(tools_server)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):
+        done = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS,
+                                              tool_choice=choice, temperature=0, max_tokens=120)
+        assert done.choices[0].finish_reason == "tool_calls", done.choices[0]
+        assert _call_of(done) == CALLED
+        _, calls, finish = _joined_stream(client.chat.completions.create(
+            model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, tool_choice=choice, temperature=0,
+            max_tokens=120, stream=True))
+        assert finish == "tool_calls" and [(c["name"], json.loads(c["arguments"])) for c in calls] == [CALLED]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, max_tokens=8,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert refused.value.param == "tool_choice" and "get_time" in refused.value.message
+
+
+@pytest.mark.slow
+def test_fields_clients_send_at_their_defaults_change_nothing(tools_server):
+    client = _client(tools_server)
+    plain = dict(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, temperature=0, max_tokens=120)
+    for extra in ({"n": 1}, {"max_completion_tokens": 120}, {"seed": 42}, {"stop": "###"}, {"stop": ["\n\n\n", "###"]},
+                  {"user": "user-7"}, {"store": True}, {"metadata": {}}, {"logprobs": False},
+                  {"presence_penalty": 0}, {"frequency_penalty": 0}, {"response_format": {"type": "text"}},
+                  {"tool_choice": "auto"}, {"parallel_tool_calls": True}):
+        done = client.chat.completions.create(**{**plain, **extra})
+        assert done.choices[0].finish_reason == "tool_calls" and _call_of(done) == CALLED, extra
+
+
+@pytest.mark.slow
+def test_the_usage_chunk_comes_as_openai_sends_it(tools_server):
+    client = _client(tools_server)
+    chunks = list(client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS,
+                                                 temperature=0, max_tokens=120, stream=True,
+                                                 stream_options={"include_usage": True}))
+    *answer, last = chunks
+    assert last.choices == [] and last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    assert last.usage.completion_tokens > 5 and all(c.usage is None and c.choices for c in answer)
+    body = {"messages": ASK, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    events = [json.loads(line[6:]) for line in httpx.post(f"{tools_server}/v1/chat/completions", json=body,
+                                                           timeout=60).text.splitlines()
+              if line.startswith("data: {")]
+    assert all("usage" in e and e["usage"] is None for e in events[:-1])  # null, as OpenAI writes it
+    assert events[-1]["choices"] == [] and events[-1]["system_fingerprint"] == events[0]["system_fingerprint"]
+
+
+@pytest.mark.slow
+def test_refusals_reach_the_client_as_openai_errors(tools_server):
+    import openai
+
+    client = _client(tools_server)
+    cases = [
+        (openai.NotFoundError, "model", {"model": "gpt-4o"}),
+        (openai.BadRequestError, "messages.0.content",
+         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}),
+        (openai.BadRequestError, "tools.0.function",
+         {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]}),
+        (openai.BadRequestError, "response_format", {"response_format": {"type": "json_object"}}),
+        (openai.BadRequestError, "seed", {"seed": 1, "temperature": 0.7}),
+        (openai.APIStatusError, None, {"messages": [{"role": "user", "content": "x" * 100_000}]}),
+    ]
+    for error, param, body in cases:
+        with pytest.raises(error) as raised:
+            client.chat.completions.create(**{"model": TOOLS_MODEL_NAME, "messages": ASK, "max_tokens": 8, **body})
+        assert set(raised.value.body) == {"message", "type", "param", "code"}, raised.value.body
+        assert raised.value.param == param and raised.value.message, raised.value.body
+    assert client.models.retrieve(TOOLS_MODEL_NAME).id == TOOLS_MODEL_NAME
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.models.retrieve("gpt-4o")
+    assert unknown.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.responses.create(model=TOOLS_MODEL_NAME, input="hi")
+    assert unknown.value.code == "not_found"
+    assert "POST /v1/responses" in unknown.value.message and "/v1/chat/completions" in unknown.value.message

@@ -163,3 +163,19 @@ def test_the_opening_of_a_forced_call_comes_from_the_template(tokenizers, family
     assert forced_call_opening(tok, QUESTION, TOOLS, None) == required
     assert forced_call_opening(tok, QUESTION, TOOLS, "get_weather") == named
     assert forced_call_opening(tokenizers("gemma2"), QUESTION, TOOLS, None) is None
+
+
+def test_a_named_opening_stops_where_the_vocabulary_ends_a_token():
+    """The tiny model's vocabulary writes `",` as one token: a named opening that ended with
+    the lone quote gave the model a token it never saw there, and it skipped its arguments."""
+    from transformers import AutoTokenizer
+
+    from tasks.config import ModelParams
+    from tasks.model.loading import resolve_base
+    from tests.support.families import QWEN25_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(ModelParams()))
+    tok.chat_template = QWEN25_TEMPLATE
+    assert '",' in tok.tokenize('{"name": "get_weather", "arguments": {}}')
+    assert forced_call_opening(tok, QUESTION, TOOLS, "get_weather") == '<tool_call>\n{"name": "get_weather'
+    assert forced_call_opening(tok, QUESTION, TOOLS, None) == '<tool_call>\n{"name": "'
