@@ -36,7 +36,7 @@ from typing import Any
 
 from tasks.config import DataParams, SourceParams
 from tasks.data.checks import STRUCTURAL, Deduplicator, iter_checked, normalise_example, resolve_format
-from tasks.data.tokens import TokenCount, TrainingBudget, count_chat_tokens
+from tasks.data.tokens import TokenCount, TrainingBudget, count_chat_tokens, untrainable
 from tasks.errors import DataFileError, InvalidRowsError, PrepareError
 from tasks.files import file_md5
 
@@ -104,17 +104,15 @@ def read_source(
         rows.append(Row(c.line, normalise_example(c.example), index, corrected=corrected))
     read = len(rows) + len(invalid)
     counts = count_chat_tokens(tokenizer, [r.example for r in rows], data.system_message, budget)
+    trainable = []
     for row, count in zip(rows, counts):
         row.count = count
-        if not count.trained:
-            invalid.append((row.line, "no_trained_tokens", "the chat template marks no assistant token in it"))
-        elif count.reasoning_lost:
-            invalid.append((row.line, "reasoning_dropped", "the chat template leaves out a reasoning trace"))
-        elif count.calls_lost:
-            invalid.append((row.line, "tool_call_dropped", "the chat template does not write a turn with tool calls"))
-        elif count.names_lost:
-            invalid.append((row.line, "name_dropped", "the chat template does not write a message's name"))
-    rows = [r for r in rows if r.count.trained and not (r.count.reasoning_lost or r.count.calls_lost or r.count.names_lost)]
+        problem = untrainable(count, row.example)
+        if problem:
+            invalid.append((row.line, *problem))
+        else:
+            trainable.append(row)
+    rows = trainable
     invalid.sort()
     check_invalid_rows(source_label(index, data), source, path, read, invalid)
     stats = {

@@ -1,4 +1,5 @@
-"""Token counts, the length policy and the training estimate, shared by validation and prepare.
+"""Token counts, what a template leaves untrained, the length policy and the training estimate,
+shared by validation and prepare.
 
 Every count comes from `tasks.model.chat.encode_chats`, the implementation that also
 builds training's labels and evaluation's perplexity masks: the tokens validation reports
@@ -87,6 +88,42 @@ def count_chat_tokens(
             train_reasoning=budget.train_reasoning,
         )
     ]
+
+
+def untrainable(count: TokenCount, example: dict) -> tuple[str, str] | None:
+    """(category, message) when the chat template trains nothing of an example, or loses a part of it
+    that the data holds (a reasoning trace, a tool call, a speaker's name); None when it trains it whole.
+
+    Validation reports these as errors; prepare leaves the examples out (`tasks.data.sources`).
+    """
+    if not count.trained:
+        why, fix = (
+            (f"the chat template {count.error}", "write the example as the template requires, drop it (--fix), "
+             "or set model.chat_template: chatml") if count.error
+            else ("the chat template marks no assistant token in it", "fix or drop the example")
+        )  # fmt: skip
+        return "no_trained_tokens", f"{why}: there is nothing to train on; {fix}"
+    if count.reasoning_lost:
+        return "reasoning_dropped", (
+            f"the chat template leaves out {count.reasoning_lost} reasoning trace(s) of assistant turns before the "
+            "last user message, which would not be trained on; split the conversation into one example per "
+            "turn, set train.train_turns: last (or weight 0 on the earlier turns), or set train.train_reasoning: false"
+        )
+    if count.calls_lost:
+        return "tool_call_dropped", (
+            f"the chat template does not write {count.calls_lost} assistant turn(s) with tool calls as given "
+            "(Llama 3.1's drops the text of a turn that also calls a tool), so the calls would not be "
+            "trained on; set content to null on those turns, or set model.chat_template: chatml"
+        )
+    if count.names_lost:
+        k, name = next((k, m["name"]) for k, m in enumerate(example["messages"], start=1)
+                       if m.get("role") != "tool" and m.get("name"))
+        return "name_dropped", (
+            f"message {k} has the name {name!r}, which the chat template does not write ({count.names_lost} "
+            "message(s) in all), so the model would not see who speaks; remove name from those messages "
+            "(or write the speaker into the content), or use a chat template that renders names"
+        )
+    return None
 
 
 def length_decision(count: TokenCount, max_tokens: int | None, policy: str) -> str:

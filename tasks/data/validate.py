@@ -45,6 +45,7 @@ from tasks.data.tokens import (
     estimate_training,
     length_decision,
     summarize,
+    untrainable,
 )
 from tasks.errors import DataFileError
 from tasks.model.chat import system_handling
@@ -220,42 +221,11 @@ def validate_dataset(
         counts = count_chat_tokens(tokenizer, [c.example for c in pending], data.system_message, budget)
         for c, n in zip(pending, counts):
             rows[c.ordinal].update(total_tokens=n.total, assistant_tokens=n.trained, _count=n)
-            if not n.trained:
-                why, fix = (
-                    (f"the chat template {n.error}", "write the example as the template requires, drop it (--fix), "
-                     "or set model.chat_template: chatml") if n.error
-                    else ("the chat template marks no assistant token in it", "fix or drop the example")
-                )  # fmt: skip
-                errors.add("no_trained_tokens", c.line, f"{why}: there is nothing to train on; {fix}")
+            problem = untrainable(n, c.example)
+            if problem:
+                errors.add(problem[0], c.line, problem[1])
                 bad.add(c.ordinal)
-                unusable.add(c.ordinal)
-            elif n.reasoning_lost:
-                errors.add("reasoning_dropped", c.line, (
-                    f"the chat template leaves out {n.reasoning_lost} reasoning trace(s) of assistant turns before the "
-                    "last user message, which would not be trained on; split the conversation into one example per "
-                    "turn, set train.train_turns: last (or weight 0 on the earlier turns), or set "
-                    "train.train_reasoning: false"
-                ))  # fmt: skip
-                bad.add(c.ordinal)
-                unusable.add(c.ordinal)  # prepare leaves it out, as it does an example with no trained token
-            elif n.calls_lost:
-                errors.add("tool_call_dropped", c.line, (
-                    f"the chat template does not write {n.calls_lost} assistant turn(s) with tool calls as given "
-                    "(Llama 3.1's drops the text of a turn that also calls a tool), so the calls would not be "
-                    "trained on; set content to null on those turns, or set model.chat_template: chatml"
-                ))  # fmt: skip
-                bad.add(c.ordinal)
-                unusable.add(c.ordinal)
-            elif n.names_lost:
-                k, name = next((k, m["name"]) for k, m in enumerate(c.example["messages"], start=1)
-                               if m.get("role") != "tool" and m.get("name"))
-                errors.add("name_dropped", c.line, (
-                    f"message {k} has the name {name!r}, which the chat template does not write ({n.names_lost} "
-                    "message(s) in all), so the model would not see who speaks; remove name from those messages "
-                    "(or write the speaker into the content), or use a chat template that renders names"
-                ))  # fmt: skip
-                bad.add(c.ordinal)
-                unusable.add(c.ordinal)
+                unusable.add(c.ordinal)  # prepare leaves it out (`tasks.data.sources`)
             elif n.unlocated:
                 warns.add("answer_not_located", c.line, f"{n.unlocated} answer(s) rewritten by the chat template are not trained on")
         pending.clear()

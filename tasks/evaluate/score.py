@@ -54,7 +54,7 @@ from tasks.evaluate.tools import (
     tool_scores,
 )
 from tasks.files import read_jsonl
-from tasks.model.chat import prompt_messages, render_prompt
+from tasks.model.chat import prompt_messages, reference_index, render_prompt
 from tasks.model.loading import (
     load_base_model,
     load_base_tokenizer,
@@ -158,7 +158,7 @@ def earlier_calls(examples: list[Example], shots: list[Example] = ()) -> list[Ea
     out = []
     for i, example in enumerate(examples):
         messages = example["messages"]
-        last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
+        last = reference_index(messages)
         for k in call_turns(messages):
             if k < last:
                 out.append(EarlierCall(i, with_shots(messages[:k], list(shots)), reference_calls(messages[k]),

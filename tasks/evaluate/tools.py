@@ -22,19 +22,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tasks.model.chat import reference_index
 from tasks.model.responses import ParsedResponse
 
 TOOL_SCORES = ("tool_name_match", "tool_arguments_match", "tool_valid_call")
 
 
 def reference_turn(messages: list[dict]) -> dict:
-    """The example's last assistant message: the turn a model is scored on."""
-    return [m for m in messages if m["role"] == "assistant"][-1]
+    """The turn a model is scored on: the last assistant message not marked `weight: 0` (`reference_index`)."""
+    return messages[reference_index(messages)]
 
 
 def call_turns(messages: list[dict]) -> list[int]:
-    """Indices of the assistant turns that call a tool: each is scored as a call, with the messages before it as the prompt."""
-    return [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("tool_calls")]
+    """Indices of the assistant turns that call a tool (not those of weight 0, which are not to be learnt):
+    each is scored as a call, with the messages before it as the prompt."""
+    return [i for i, m in enumerate(messages)
+            if m["role"] == "assistant" and m.get("tool_calls") and m.get("weight", 1) != 0]
 
 
 def reference_calls(turn: dict) -> list[tuple[str, Any]] | None:

@@ -87,15 +87,25 @@ _PROBE = [
 _CACHE: dict[tuple, Any] = {}
 
 
+def reference_index(messages: list[Message]) -> int:
+    """The index of the turn a model is scored on: the last assistant turn not marked `weight: 0`.
+
+    A weight-0 turn is one the data keeps as context but says not to learn, so it is no
+    reference either (the last assistant turn when every one has weight 0, which
+    validation refuses).
+    """
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return next((i for i in reversed(turns) if messages[i].get("weight", 1) != 0), turns[-1])
+
+
 def prompt_messages(messages: list[Message]) -> list[Message]:
-    """The messages before the last assistant answer (what a model is asked)."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last]
+    """The messages before the reference answer (what a model is asked); see `reference_index`."""
+    return messages[: reference_index(messages)]
 
 
 def reference_answer(messages: list[Message]) -> str:
-    """The last assistant answer of an example (what a model should say)."""
-    return [m for m in messages if m["role"] == "assistant"][-1]["content"]
+    """The reference answer of an example (what a model should say); see `reference_index`."""
+    return messages[reference_index(messages)]["content"]
 
 
 # ------------------------------------------------------------------------ system messages

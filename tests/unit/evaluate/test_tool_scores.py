@@ -125,3 +125,22 @@ def test_every_call_turn_is_scored_with_the_conversation_before_it_as_the_prompt
     assert all(len(scores[k]) == 4 for k in ("tool_name_match", "tool_arguments_match", "tool_valid_call"))
     references = [s["reference"] for s in result["samples"]]
     assert references[4:] == [calls_text(c.calls) for c in earlier]
+
+
+def test_a_turn_of_weight_zero_is_not_a_reference_nor_a_scored_call():
+    from tasks.evaluate.score import earlier_calls
+    from tasks.evaluate.tools import reference_turn
+    from tasks.model.chat import prompt_messages, reference_answer
+
+    wrong_call = {**REFERENCE, "weight": 0, "tool_calls": [{**REFERENCE["tool_calls"][0], "id": "call_0"}]}
+    messages = [
+        {"role": "user", "content": "Weather in Oslo for two days?"}, wrong_call,
+        {"role": "tool", "tool_call_id": "call_0", "content": "error: bad call"}, REFERENCE,
+        {"role": "tool", "tool_call_id": "call_1", "content": "sun"},
+        {"role": "assistant", "content": "Sunny, both days.", "weight": 1},
+        {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "WRONG ANSWER DO NOT LEARN", "weight": 0},
+    ]
+    assert reference_turn(messages) == messages[5] and reference_answer(messages) == "Sunny, both days."
+    assert prompt_messages(messages) == messages[:5]
+    (call,) = earlier_calls([{"messages": messages}])  # the weight-1 call only
+    assert call.question == messages[:3] and call.calls == reference_calls(REFERENCE)
