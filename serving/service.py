@@ -212,6 +212,7 @@ class ChatPlan:
         parse: whether the generation is parsed (tools offered, or a template that writes
             reasoning traces); else its text is the answer as generated.
         single_call: `parallel_tool_calls: false`: at most the first call is returned.
+        invalid_finish: the finish reason of a call returned as text (`serving.invalid_call_finish_reason`).
     """
 
     tokenizer: Any
@@ -220,6 +221,7 @@ class ChatPlan:
     tools: list[dict] | None = None
     parse: bool = False
     single_call: bool = False
+    invalid_finish: str = "invalid_tool_call"
 
     def read(self, text: str) -> ParsedResponse:
         """The generation (after the opening) read back into answer, reasoning and calls."""
@@ -229,12 +231,12 @@ class ChatPlan:
         return parsed
 
     def finish_reason(self, parsed: ParsedResponse, engine_finish: str) -> str:
-        """`tool_calls` for valid calls, `invalid_tool_call` for a call returned as text, else the engine's."""
+        """`tool_calls` for valid calls, `invalid_finish` for a call returned as text, else the engine's."""
         if parsed.tool_calls:
             return "tool_calls"
         if engine_finish == "length":
             return "length"
-        return "invalid_tool_call" if parsed.invalid and self.tools else engine_finish
+        return self.invalid_finish if parsed.invalid and self.tools else engine_finish
 
 
 # The service
@@ -405,8 +407,7 @@ class ChatService:
                                req.stops(), req.stream)
         return req, messages, row, plan
 
-    @staticmethod
-    def _plan(req: ChatRequest, loaded: ServedModel, messages: list[dict]) -> ChatPlan:
+    def _plan(self, req: ChatRequest, loaded: ServedModel, messages: list[dict]) -> ChatPlan:
         """Render the prompt with the tools `tool_choice` asks for, and how to read the answer back."""
         from jinja2 import TemplateError
 
@@ -437,7 +438,7 @@ class ChatService:
                                     f"{loaded.version}'s does not. Use tool_choice 'auto'.", param="tool_choice",
                                code="unsupported_value")
         return ChatPlan(loaded.tokenizer, prompt, opening, shown, needs_parsing(loaded.tokenizer, shown),
-                        req.parallel_tool_calls is False)
+                        req.parallel_tool_calls is False, self.limits.invalid_call_finish_reason)
 
     async def chat_completions(self, request: Request):
         started = time.perf_counter()

@@ -390,6 +390,12 @@ class ServingParams(_Section):
                     "answers and errors. transformers ignores join_ratio and join_after_steps and shares KV "
                     "blocks instead of the prefix cache (on while prefix_min_tokens > 0).",
     )
+    invalid_call_finish_reason: Literal["invalid_tool_call", "stop"] = Field(
+        "invalid_tool_call",
+        description="finish_reason of an answer whose tool call is returned as text (unparseable, an undeclared "
+                    "function or arguments failing the schema): invalid_tool_call says so, but is outside "
+                    "OpenAI's values, which clients that validate responses strictly refuse; stop is within them.",
+    )
     prefix_min_tokens: int = Field(
         16, ge=0, le=1_000_000,
         description="Shortest prompt start (tokens) that the engine caches once a group of prompts shares it (the "

@@ -174,3 +174,29 @@ def test_parallel_tool_calls_false_returns_the_first_call_only():
     for single, cities in ((False, ["Oslo", "Paris"]), (True, ["Oslo"])):
         parsed = ChatPlan(tok, prompt, tools=TOOLS, parse=True, single_call=single).read(text)
         assert [c.arguments["city"] for c in parsed.tool_calls] == cities
+
+
+def test_a_call_returned_as_text_finishes_as_the_setting_says():
+    """A call to a function the request did not declare is returned as text, with the finish
+    reason `serving.invalid_call_finish_reason` names (the default says what happened)."""
+    from transformers import AutoTokenizer
+
+    from serving.service import ChatPlan
+    from tasks.config import ModelParams, ServingParams
+    from tasks.model.chat import render_prompt
+    from tasks.model.loading import resolve_base
+    from tests.support.families import QWEN25_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(ModelParams()))
+    tok.chat_template = QWEN25_TEMPLATE
+    prompt = render_prompt(tok, MESSAGES, tools=TOOLS)
+    undeclared = '<tool_call>\n{"name": "get_stock_price", "arguments": {"symbol": "ACME"}}\n</tool_call>'
+    valid = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    for setting in ("invalid_tool_call", "stop"):
+        plan = ChatPlan(tok, prompt, tools=TOOLS, parse=True,
+                        invalid_finish=ServingParams(invalid_call_finish_reason=setting).invalid_call_finish_reason)
+        parsed = plan.read(undeclared)
+        assert not parsed.tool_calls and parsed.invalid and parsed.text == undeclared
+        assert plan.finish_reason(parsed, "stop") == setting
+        assert plan.finish_reason(plan.read(valid), "stop") == "tool_calls"
+    assert ServingParams().invalid_call_finish_reason == "invalid_tool_call"
