@@ -36,7 +36,7 @@ from typing import Any
 
 from tasks.config import DataParams, SourceParams
 from tasks.data.checks import STRUCTURAL, Deduplicator, iter_checked, normalise_example, resolve_format
-from tasks.data.tokens import TokenCount, TrainingBudget, count_chat_tokens, untrainable
+from tasks.data.tokens import UNTRAINABLE, TokenCount, TrainingBudget, count_chat_tokens, untrainable
 from tasks.errors import DataFileError, InvalidRowsError, PrepareError
 from tasks.files import file_md5
 
@@ -240,8 +240,7 @@ def sources_md5(stats: list[dict[str, Any]]) -> str:
 
 # Errors a source with `invalid_rows: drop` tolerates in its validation report: its unusable
 # rows (left out, up to the share) and repeats (dropped by the merge's deduplication).
-_UNTRAINABLE = ("no_trained_tokens", "reasoning_dropped", "tool_call_dropped", "name_dropped")
-DROPPABLE = frozenset(STRUCTURAL | {*_UNTRAINABLE, "duplicate", "near_duplicate"})
+DROPPABLE = frozenset(STRUCTURAL | {*UNTRAINABLE, "duplicate", "near_duplicate"})
 
 
 def accept_report(label: str, source: SourceParams, report: dict[str, Any]) -> bool:
@@ -256,7 +255,7 @@ def accept_report(label: str, source: SourceParams, report: dict[str, Any]) -> b
         return False
     rows = report["examples"]
     invalid = [r for r in report["error_rows"]
-               if r["category"] in STRUCTURAL or r["category"] in _UNTRAINABLE]
+               if r["category"] in STRUCTURAL or r["category"] in UNTRAINABLE]
     first = invalid[0] if invalid else {"line": 0, "category": "", "message": ""}
     check_invalid_rows(label, source, Path(report["path"]), rows,
                        [(first["line"], first["category"], first["message"])] * report["unusable_examples"])

@@ -90,6 +90,10 @@ def count_chat_tokens(
     ]
 
 
+# The categories `untrainable` names.
+UNTRAINABLE = ("no_trained_tokens", "reasoning_dropped", "tool_call_dropped", "name_dropped")
+
+
 def untrainable(count: TokenCount, example: dict) -> tuple[str, str] | None:
     """(category, message) when the chat template trains nothing of an example, or loses a part of it
     that the data holds (a reasoning trace, a tool call, a speaker's name); None when it trains it whole.

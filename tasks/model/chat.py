@@ -192,9 +192,14 @@ def render_prompt(tokenizer, messages: list[Message], system_message: str = "aut
         tools: the OpenAI tool schemas the model may call (`[{"type": "function",
             "function": {name, description, parameters}}]`), rendered by the template.
     """
-    action = system_handling(tokenizer, system_message).action
-    messages = template_messages(apply_system_policy(messages, action))
-    return _render(tokenizer, [short_call_ids(messages) if needs_short_call_ids(tokenizer) else messages], True, tools)[0]
+    return _render(tokenizer, [messages_for_template(tokenizer, messages, system_message)], True, tools)[0]
+
+
+def messages_for_template(tokenizer, messages: list[Message], system_message: str = "auto") -> list[Message]:
+    """The messages as this tokenizer's chat template renders them: the system-message policy applied,
+    `template_messages`, and call ids shortened where the template requires it (`needs_short_call_ids`)."""
+    messages = template_messages(apply_system_policy(messages, system_handling(tokenizer, system_message).action))
+    return short_call_ids(messages) if needs_short_call_ids(tokenizer) else messages
 
 
 def template_messages(messages: list[Message]) -> list[Message]:

@@ -331,23 +331,14 @@ def forced_call_opening(tokenizer, messages: list[dict], tools: list[dict], name
     """
     from jinja2 import TemplateError
 
-    from tasks.model.chat import (
-        apply_system_policy,
-        needs_short_call_ids,
-        render_prompt,
-        short_call_ids,
-        system_handling,
-        template_messages,
-    )
+    from tasks.model.chat import messages_for_template, render_prompt
 
     probe = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "probe0001", "type": "function", "function": {"name": _PROBE_FUNCTION, "arguments": {}}}]}
-    action = system_handling(tokenizer, system_message).action
     try:
         prompt = render_prompt(tokenizer, messages, system_message, tools)
-        rendered = template_messages(apply_system_policy([*messages, probe], action))
-        rendered = short_call_ids(rendered) if needs_short_call_ids(tokenizer) else rendered  # as render_prompt does
-        full = tokenizer.apply_chat_template([rendered], tokenize=False, tools=tools, add_generation_prompt=False)[0]
+        full = tokenizer.apply_chat_template([messages_for_template(tokenizer, [*messages, probe], system_message)],
+                                             tokenize=False, tools=tools, add_generation_prompt=False)[0]
     except TemplateError:
         return None
     at = full.find(_PROBE_FUNCTION, len(prompt))
