@@ -137,10 +137,13 @@ class ToolCallIn(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message; `name`, `refusal`, `annotations` and other fields OpenAI's client may echo back are ignored.
+    """One message; `refusal`, `annotations` and other fields OpenAI's client may echo back are ignored.
 
     `developer` is OpenAI's newer name for `system` (its clients send it for reasoning
-    models); it is rendered as `system`, since chat templates know only that one.
+    models); it is rendered as `system`, since chat templates know only that one. `name`
+    (OpenAI's participant name) reaches the chat template on a system, user or assistant
+    message; the service refuses it where the template would not write it (`name_dropped`
+    in the data). A tool message's `name` repeats its call's and is not rendered.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -149,6 +152,7 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = Field(None, min_length=1)
     reasoning_content: str | None = None
+    name: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -185,6 +189,8 @@ class ChatMessage(BaseModel):
             message["tool_call_id"] = self.tool_call_id
         if self.reasoning_content is not None:
             message["reasoning_content"] = self.reasoning_content
+        if self.name and self.name.strip() and self.role != "tool":
+            message["name"] = self.name
         return message
 
 

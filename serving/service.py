@@ -271,6 +271,23 @@ def _answer_message(parsed: ParsedResponse) -> dict[str, Any]:
     return message
 
 
+def _check_names(messages: list[dict], loaded: ServedModel) -> None:
+    """Refuse a message `name` the model's chat template would not write, naming the message.
+
+    The name would not reach the model, and the interaction log would keep a conversation
+    that validation refuses as `name_dropped` when the feedback is trained on.
+    """
+    from tasks.model.chat import unwritten_names
+
+    unwritten = unwritten_names(loaded.tokenizer, messages, loaded.system_message)
+    if unwritten:
+        i = unwritten[0]
+        raise APIError(400, f"messages[{i}] has the name {messages[i]['name']!r}, which {loaded.name} version "
+                            f"{loaded.version}'s chat template does not write, so the model would not see it. "
+                            "Leave name out, or write the speaker into the content.",
+                       param=f"messages.{i}.name", code="unsupported_value")
+
+
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(name="ftllm_chat", workers=1, traffic={"timeout": REQUEST_TIMEOUT_SECONDS})
 class ChatService:
@@ -393,6 +410,7 @@ class ChatService:
         loaded = self.current()
         self._check_model(req.model, loaded)
         messages = [m.canonical() for m in req.messages]
+        _check_names(messages, loaded)
         plan = self._plan(req, loaded, [for_template(m) for m in messages])
         prompt_ids = encode_text(loaded.tokenizer, plan.prompt + plan.opening)
         n_prompt = len(prompt_ids)
@@ -474,9 +492,10 @@ class ChatService:
 
     async def _stream(self, cid: str, created: int, req: ChatRequest, row: Completion, plan: ChatPlan,
                       messages: list[dict], started: float, usage: bool, who: tuple[Caller, str | None]):
-        """Server-sent chunks as OpenAI sends them: text deltas as they come (`reasoning_content`
-        apart), then each call (a delta with its id and name, then one with its arguments), then
-        the finish reason. A call is sent once it is complete and checked. With `usage`, every
+        """Server-sent chunks as OpenAI sends them: the role first, then text deltas as they come
+        (`reasoning_content` apart), then each call (a delta with its id and name, then one with
+        its arguments), then the finish reason. The role's chunk has `content: ""` before text;
+        an answer that is calls only has the role in its first call's chunk, `content: null`. A call is sent once it is complete and checked. With `usage`, every
         chunk has `usage: null` and a last one, with no choices, has the counts."""
         def chunk(delta: dict, finish: str | None = None) -> str:
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
@@ -488,15 +507,28 @@ class ChatService:
         if reader is not None and plan.opening:
             reader.feed(plan.opening)  # call text: held back until the call is complete
         parts, opened = [], False
+
+        def opening(delta: dict) -> list[str]:
+            """The chunks of a delta, the role's first where none was sent: `content: ""` before
+            text, or, as OpenAI sends a call that comes first, in the call's own chunk, `content: null`."""
+            nonlocal opened
+            if opened:
+                return [chunk(delta)]
+            opened = True
+            if "tool_calls" in delta:
+                return [chunk({"role": "assistant", "content": None, **delta})]
+            return [chunk({"role": "assistant", "content": ""}), *([chunk(delta)] if delta else [])]
+
         async for event in self._events(row):
-            if not opened:
-                opened = True
-                yield chunk({"role": "assistant", "content": ""})
+            if reader is None and not opened:  # nothing is held back: the role goes first, at once
+                for sent in opening({}):
+                    yield sent
             if event[0] == "delta":
                 parts.append(event[1])
                 pieces = reader.feed(event[1]) if reader is not None else [("content", event[1])]
                 for field_name, piece in pieces:
-                    yield chunk({field_name: piece})
+                    for sent in opening({field_name: piece}):
+                        yield sent
             elif event[0] == "error":
                 yield _sse(error_body(event[1], "server_error", None, "generation_failed"))
             else:
@@ -506,14 +538,19 @@ class ChatService:
                     if plan.single_call:
                         parsed = plan.read("".join(parts))
                     for field_name, piece in owed:
-                        yield chunk({field_name: piece})
+                        for sent in opening({field_name: piece}):
+                            yield sent
                     for index, call in enumerate(parsed.tool_calls):
                         out = call.openai()
-                        yield chunk({"tool_calls": [{"index": index, "id": out["id"], "type": "function",
-                                                     "function": {"name": out["function"]["name"], "arguments": ""}}]})
+                        for sent in opening({"tool_calls": [{"index": index, "id": out["id"], "type": "function", "function": {
+                                "name": out["function"]["name"], "arguments": ""}}]}):
+                            yield sent
                         yield chunk({"tool_calls": [{"index": index,
                                                      "function": {"arguments": out["function"]["arguments"]}}]})
                     finish, message = plan.finish_reason(parsed, finish), _answer_message(parsed)
+                if not opened:  # an empty answer
+                    for sent in opening({}):
+                        yield sent
                 yield chunk({}, finish)
                 self._log_chat(req, self._record("chat", cid, messages, message, finish, row, started, *who,
                                                  tools=plan.tools))

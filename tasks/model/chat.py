@@ -672,6 +672,19 @@ def named_roles(tokenizer, action: str = "keep") -> frozenset[str]:
     return _CACHE[key]
 
 
+def unwritten_names(tokenizer, messages: list[Message], system_message: str = "auto") -> list[int]:
+    """The indexes of the messages whose `name` the chat template does not write (`named_roles`).
+
+    A tool result's name repeats its call's and is not counted, as in validation (`name_dropped`).
+    """
+    named = [i for i, m in enumerate(messages) if m.get("role") in _NAMED_ROLES
+             and isinstance(m.get("name"), str) and m["name"].strip()]
+    if not named:
+        return []
+    written = named_roles(tokenizer, system_handling(tokenizer, system_message).action)
+    return [i for i in named if messages[i]["role"] not in written]
+
+
 def check_reasoning_rendering(tokenizer) -> None:
     """Refuse, once per template, a template that drops an answer's reasoning trace (`reasoning_content`).
 

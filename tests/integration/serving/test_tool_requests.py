@@ -91,6 +91,17 @@ def test_developer_messages_are_rendered_as_system_messages(client):
     assert as_developer["choices"][0]["message"] == as_system["choices"][0]["message"]
 
 
+def test_a_name_the_template_does_not_write_is_refused_and_a_tool_results_name_is_not(client):
+    # The tiny model's ChatML writes no names: the model would not see who speaks.
+    named = [{"role": "system", "content": "Rewrite the ISO date in words."},
+             {"role": "user", "content": "2001-02-03", "name": "alice"}]
+    message = refused(chat(client, messages=named), "messages.1.name", "unsupported_value")
+    assert "'alice'" in message and "does not write" in message
+    result = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+              {"role": "tool", "tool_call_id": "call_abc", "name": "get_weather", "content": "12 degrees"}]
+    assert chat(client, messages=result, tools=TOOLS).status_code == 200
+
+
 def test_a_prompt_that_fills_the_context_is_refused_without_max_tokens(client):
     long = [{"role": "user", "content": "2001-02-03 " * 3000}]
     resp = client.post("/v1/chat/completions", json={"messages": long})

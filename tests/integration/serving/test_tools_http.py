@@ -12,6 +12,7 @@ import json
 
 import httpx
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from tests.support.training import TOOLS_MODEL_NAME, WEATHER_TOOLS
 
@@ -59,6 +60,17 @@ def test_the_openai_client_gets_a_call_streamed_and_not_then_the_answer_from_its
     chunks = list(stream)
     content, calls, finish = _joined_stream(chunks)
     assert (content, finish) == ("", "tool_calls")
+    # As OpenAI sends a call that comes first: the role and the call in one chunk, content null;
+    # the client library's own stream accumulator then makes the message the answer not streamed is.
+    opening = chunks[0].choices[0].delta
+    assert opening.role == "assistant" and opening.content is None and opening.tool_calls
+    state = ChatCompletionStreamState(input_tools=WEATHER_TOOLS)
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    accumulated = state.get_final_completion().choices[0]
+    assert accumulated.finish_reason == "tool_calls" and accumulated.message.content is None
+    assert [(c.id.startswith("call_"), c.function.name, c.function.arguments) for c in accumulated.message.tool_calls] == [
+        (True, "get_weather", call.function.arguments)]
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Oslo"})]
     assert calls[0]["id"].startswith("call_")
     # As OpenAI streams a call: first its id and name, then its arguments.

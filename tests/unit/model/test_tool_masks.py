@@ -13,7 +13,7 @@ import pytest
 
 from tasks.config import ModelParams
 from tasks.errors import ConfigError
-from tasks.model.chat import encode_chat, encode_chats, render_prompt
+from tasks.model.chat import encode_chat, encode_chats, render_prompt, unwritten_names
 from tasks.model.loading import load_base_tokenizer, resolve_base
 
 TOOLS = [{"type": "function", "function": {
@@ -239,3 +239,25 @@ def test_every_turn_of_a_multi_turn_tool_conversation_is_trained(tokenizer) -> N
     assert "Hello, how can I help?" in runs[0] and '"Oslo"' in runs[1] and ANSWER in runs[2]
     assert '"Rome"' in runs[3] and "The same." in runs[4]
     assert all("20:03" not in r for r in runs[:2] + runs[3:4])  # results stay untrained
+
+
+NAMED = [{"role": "system", "content": "Answer the user by name.", "name": "rules"},
+         {"role": "user", "content": "Hi, who am I?", "name": "alice"},
+         {"role": "assistant", "content": "You are Alice."}]
+NAMES_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}{% if m.name %} {{ m.name }}{% endif %}{{ '\\n' }}"
+                  "{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny", "qwen2.5"], indirect=True)
+def test_names_a_template_does_not_write_are_found_by_message(tokenizer) -> None:
+    # What the service refuses a request for, and validation a line for (name_dropped).
+    assert unwritten_names(tokenizer, NAMED) == [0, 1]
+    assert unwritten_names(tokenizer, [*MESSAGES[:2], {**MESSAGES[2], "name": "get_time"}]) == []  # a result's name
+
+
+def test_names_reach_a_template_that_writes_them(tiny) -> None:
+    writer = _tokenizer(resolve_base(ModelParams()))
+    writer.chat_template = NAMES_TEMPLATE
+    assert unwritten_names(writer, NAMED) == []
+    assert render_prompt(writer, NAMED[:2]).startswith("<|im_start|>system rules\n")
+    assert "<|im_start|>user alice\nHi, who am I?" in render_prompt(writer, NAMED[:2])
