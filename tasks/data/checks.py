@@ -29,6 +29,7 @@ Warning categories (reported, the file stays valid):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -220,16 +221,30 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
     return problems
 
 
-def _check_schemas(tools: Any, problems: dict[str, str]) -> dict[str, dict] | None:
-    """The declared tools' parameter schemas by name (None when the example declares none)."""
+@functools.lru_cache(maxsize=256)
+def _schema_validator(schema_json: str) -> tuple[Any, str | None]:
+    """(validator, None) for a parameters schema given as JSON text, or (None, the metaschema's
+    complaint). Built once per distinct schema: a data set repeats the same few tools on every
+    line, and checking a schema against its metaschema costs milliseconds."""
     from jsonschema import SchemaError, validators
 
+    schema = json.loads(schema_json)
+    cls = validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as exc:
+        return None, exc.message
+    return cls(schema), None
+
+
+def _check_schemas(tools: Any, problems: dict[str, str]) -> dict[str, Any] | None:
+    """The declared tools' parameter-schema validators by name (None when the example declares none)."""
     if tools is None:
         return None
     if not isinstance(tools, list):
         problems["bad_tool_schema"] = f"`tools` is a {type(tools).__name__}, not a list of tool schemas"
         return {}
-    schemas: dict[str, dict] = {}
+    schemas: dict[str, Any] = {}
     for k, tool in enumerate(tools, start=1):
         function = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
         if not isinstance(function, dict):
@@ -241,21 +256,17 @@ def _check_schemas(tools: Any, problems: dict[str, str]) -> dict[str, dict] | No
         elif not isinstance(function.get("parameters"), dict):
             problem = f"({function['name']}) has no parameters object (an empty object when it takes none)"
         else:
-            try:
-                validators.validator_for(function["parameters"]).check_schema(function["parameters"])
-            except SchemaError as exc:
-                problem = f"({function['name']}) parameters are not a valid JSON schema: {exc.message}"
-            else:
-                schemas[function["name"]] = function["parameters"]
+            validator, complaint = _schema_validator(json.dumps(function["parameters"], sort_keys=True))
+            if complaint is None:
+                schemas[function["name"]] = validator
                 continue
+            problem = f"({function['name']}) parameters are not a valid JSON schema: {complaint}"
         problems.setdefault("bad_tool_schema", f"tool {k} {problem}")
     return schemas
 
 
-def _check_call(i: int, call: Any, schemas: dict[str, dict] | None, seen: set[str], problems: dict[str, str]) -> str | None:
-    """Check one call of message `i`; its id when it has one."""
-    from jsonschema import validators
-
+def _check_call(i: int, call: Any, schemas: dict[str, Any] | None, seen: set[str], problems: dict[str, str]) -> str | None:
+    """Check one call of message `i` against the declared tools' validators; its id when it has one."""
     function = call.get("function") if isinstance(call, dict) else None
     call_id = call.get("id") if isinstance(call, dict) else None
     if not isinstance(call_id, str) or not call_id.strip():
@@ -280,7 +291,7 @@ def _check_call(i: int, call: Any, schemas: dict[str, dict] | None, seen: set[st
     if not isinstance(parsed, dict):
         problems.setdefault("bad_tool_arguments", f"message {i}: the arguments of {name!r} are not a JSON object (nor a string holding one)")
     elif schemas and name in schemas:
-        error = next(iter(validators.validator_for(schemas[name])(schemas[name]).iter_errors(parsed)), None)
+        error = next(iter(schemas[name].iter_errors(parsed)), None)
         if error is not None:
             problems.setdefault("arguments_fail_schema", f"message {i}: the arguments of {name!r} fail its parameters: {error.message}")
     return call_id
