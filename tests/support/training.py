@@ -70,7 +70,8 @@ def _tool_conversations() -> list[tuple[list[dict], dict]]:
         ask = [{"role": "user", "content": f"What is the weather in {city}?"}]
         pairs.append((ask, call(city)))
         result = {"role": "tool", "tool_call_id": f"call{city[:5]:0>5}", "content": weather}
-        pairs.append(([*ask, call(city), result], {"role": "assistant", "content": f"In {city} it is {weather}."}))
+        pairs.append(([*ask, call(city), result], {"role": "assistant", "content": f"In {city} it is {weather}.",
+                                                    "reasoning_content": f"The tool says {weather}."}))
     pairs.append(([{"role": "user", "content": "Hello there"}], {"role": "assistant", "content": "Hello! Ask me about the weather."}))
     return pairs
 
@@ -79,12 +80,14 @@ def train_tool_caller(out: Path, steps: int = 320) -> Path:
     """A tiny model that calls `get_weather` when asked about the weather, written as a full-weights model folder.
 
     A random-weight model never writes a call, so the served path could not be tested
-    honestly with one. This one is the project's tiny base given Qwen 2.5's published chat
-    template (a real tool template: it shows the tools in the system turn, writes calls as
-    `<tool_call>` blocks, and renders the tool's results), trained on the text that
-    template renders for each turn to learn, after exactly the prompt the service renders
-    (`render_prompt` with the tools). The model therefore writes the call tokens itself,
-    and the service has to render, parse, check and return them.
+    honestly with one. This one is the project's tiny base given Qwen 3's published chat
+    template (a real tool and reasoning template: it shows the tools in the system turn,
+    writes calls as `<tool_call>` blocks, renders the tool's results, and writes a turn's
+    `reasoning_content` in a `<think>` block), trained on the text that template renders
+    for each turn to learn, after exactly the prompt the service renders (`render_prompt`
+    with the tools). The model therefore writes the call and the trace tokens itself, and
+    the service has to render, parse, check and return them: the answer from a tool's
+    result comes with the trace "The tool says <result>.".
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,13 +95,13 @@ def train_tool_caller(out: Path, steps: int = 320) -> Path:
     from tasks.config import ModelParams
     from tasks.model.chat import render_prompt
     from tasks.model.loading import resolve_base
-    from tests.support.families import QWEN25_TEMPLATE
+    from tests.support.families import QWEN3_TEMPLATE
 
     if (out / "ftllm_model.json").is_file():
         return out
     base = resolve_base(ModelParams())
     tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.chat_template = QWEN25_TEMPLATE
+    tokenizer.chat_template = QWEN3_TEMPLATE
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base)
     prompts, answers = [], []

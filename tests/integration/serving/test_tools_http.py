@@ -1,4 +1,5 @@
-"""Tool calling over real HTTP with the official openai client: a call, streamed and not, then its result sent back.
+"""Tool calling over real HTTP with the official openai client: a call, streamed and not, then its
+result sent back and the answer received with its reasoning trace apart.
 
 The server (`tools_server`) serves a tiny model trained in the session to call
 `get_weather` (`train_tool_caller` in conftest.py says how and why): a random-weight model
@@ -85,9 +86,13 @@ def test_the_openai_client_gets_a_call_streamed_and_not_then_the_answer_from_its
     assert final.choices[0].finish_reason == "stop"
     assert final.choices[0].message.content == "In Oslo it is 12 degrees and rain."
     assert not final.choices[0].message.tool_calls
-    streamed = _joined_stream(client.chat.completions.create(
+    # The model's trace (its <think> block) comes apart from the answer, as reasoning APIs return it.
+    assert final.choices[0].message.model_extra["reasoning_content"] == "The tool says 12 degrees and rain."
+    chunks = list(client.chat.completions.create(
         model=TOOLS_MODEL_NAME, messages=followed, tools=WEATHER_TOOLS, temperature=0, max_tokens=60, stream=True))
-    assert streamed == ("In Oslo it is 12 degrees and rain.", [], "stop")
+    assert _joined_stream(chunks) == ("In Oslo it is 12 degrees and rain.", [], "stop")
+    trace = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
+    assert trace == "The tool says 12 degrees and rain."
 
     # A rated call is exported as a training example with its tools and its call. The server
     # has no keys, so the rating waits for approval: the export admits it once approved.
