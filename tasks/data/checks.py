@@ -9,7 +9,7 @@ Error categories (any non-zero count makes the file invalid):
     message_missing_field, unrecognised_keys, unknown_role, bad_content, no_assistant,
     last_not_assistant, consecutive_same_role, system_not_first, duplicate,
     near_duplicate, over_token_limit, no_trained_tokens, reasoning_dropped, tool_call_dropped,
-    name_dropped.
+    answer_not_located, name_dropped.
 Tool calling, weights and reasoning (`check_tools`, as strict as mistral-finetune and
 mistral-common; structural errors too):
     bad_tool_schema (a tool without a name matching ^[a-zA-Z0-9_-]{1,64}$, a description,
@@ -24,7 +24,7 @@ mistral-common; structural errors too):
     assistant's), all_weights_zero (every assistant turn has weight 0: nothing to train),
     bad_reasoning (a reasoning trace that is not a non-empty string).
 Warning categories (reported, the file stays valid):
-    no_system_message, no_user_message, short_answer, over_token_limit, answer_not_located.
+    no_system_message, no_user_message, short_answer, over_token_limit.
 """
 
 from __future__ import annotations
@@ -83,12 +83,13 @@ ERROR_CATEGORIES = (
     "no_trained_tokens",
     "reasoning_dropped",
     "tool_call_dropped",
+    "answer_not_located",
     "name_dropped",
     "train_test_overlap",
 )
 
 
-WARNING_CATEGORIES = ("no_system_message", "no_user_message", "short_answer", "over_token_limit", "answer_not_located")
+WARNING_CATEGORIES = ("no_system_message", "no_user_message", "short_answer", "over_token_limit")
 
 
 # Problems of an example's structure (tool calling's included): such an example is not

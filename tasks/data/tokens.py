@@ -28,7 +28,7 @@ class TokenCount:
         total: every token of the rendered conversation.
         trained: assistant tokens (answers and their end-of-turn tokens): what training trains on.
         last_answer: trained tokens of the last answer (what truncation may cut).
-        unlocated: assistant turns the template rewrote beyond recognition (not trained on).
+        unlocated: assistant turns to train that the template rewrote beyond recognition (not trained on).
         error: why the template refused the conversation ("" when it rendered it).
         reasoning_lost: reasoning traces the template left out of the text (not trained on).
         calls_lost: assistant turns with tool calls the template rewrote beyond recognition (not trained on).
@@ -91,12 +91,13 @@ def count_chat_tokens(
 
 
 # The categories `untrainable` names.
-UNTRAINABLE = ("no_trained_tokens", "reasoning_dropped", "tool_call_dropped", "name_dropped")
+UNTRAINABLE = ("no_trained_tokens", "reasoning_dropped", "tool_call_dropped", "answer_not_located", "name_dropped")
 
 
 def untrainable(count: TokenCount, example: dict) -> tuple[str, str] | None:
     """(category, message) when the chat template trains nothing of an example, or loses a part of it
-    that the data holds (a reasoning trace, a tool call, a speaker's name); None when it trains it whole.
+    that the data holds (a reasoning trace, a tool call, an answer it rewrites, a speaker's name);
+    None when it trains it whole.
 
     Validation reports these as errors; prepare leaves the examples out (`tasks.data.sources`).
     """
@@ -118,6 +119,13 @@ def untrainable(count: TokenCount, example: dict) -> tuple[str, str] | None:
             f"the chat template does not write {count.calls_lost} assistant turn(s) with tool calls as given "
             "(Llama 3.1's drops the text of a turn that also calls a tool), so the calls would not be "
             "trained on; set content to null on those turns, or set model.chat_template: chatml"
+        )
+    if count.unlocated > count.calls_lost:
+        return "answer_not_located", (
+            f"the chat template rewrites {count.unlocated - count.calls_lost} assistant answer(s) (their words or "
+            "whitespace), so they cannot be found in the text it renders and would not be trained on; write those "
+            "answers as the template writes them, set weight 0 on them to keep them as context only, or drop the "
+            "example (--fix)"
         )
     if count.names_lost:
         k, name = next((k, m["name"]) for k, m in enumerate(example["messages"], start=1)

@@ -226,8 +226,6 @@ def validate_dataset(
                 errors.add(problem[0], c.line, problem[1])
                 bad.add(c.ordinal)
                 unusable.add(c.ordinal)  # prepare leaves it out (`tasks.data.sources`)
-            elif n.unlocated:
-                warns.add("answer_not_located", c.line, f"{n.unlocated} answer(s) rewritten by the chat template are not trained on")
         pending.clear()
 
     with _progress(path, show_progress) as on_bytes:

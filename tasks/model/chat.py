@@ -334,8 +334,9 @@ class Encoded:
         input_ids: the tokens of the rendered conversation.
         loss_mask: 1 for the assistant tokens (every token with `train_on_prompt`).
         last_answer_tokens: assistant tokens of the last answer (what truncation may cut).
-        unlocated: assistant turns (answers or tool calls) the template rewrote so that they
-            could not be found in the rendered text (they are not trained on).
+        unlocated: assistant turns to train (answers or tool calls; not weight-0 turns, nor
+            earlier turns under `train_turns: last`) that the template rewrote so that they
+            could not be found in the rendered text: they would not be trained on.
         error: why the template could not render the conversation at all ("" when it could).
         reasoning_lost: assistant turns whose reasoning trace the template left out of the
             text (Qwen 3 keeps only the traces after the last user message), counted where
@@ -451,13 +452,11 @@ def encode_chats(
         ids = enc.ids  # a fresh list on every access of the Rust encoding
         trained = _trained_spans(chat.messages, found, train_turns, train_reasoning)
         mask, last = _mask(ids, enc.offsets, trained, plan.end_of_turn)
-        turns = sum(1 for m in chat.messages if _is_turn(m))
         lost = sum(s.reasoning_lost for s in trained) if train_reasoning else 0  # a turn not trained loses nothing
         if train_on_prompt:
             mask = [1] * len(mask)
-        unlocated = 0 if error else max(0, turns - len(found))
-        out.append(Encoded(ids, mask, last, unlocated, error, lost, _calls_lost(chat.messages, found, unlocated),
-                           _names_lost(conversation, named)))
+        unlocated, calls_lost = (0, 0) if error else _unlocated(chat.messages, found, train_turns)
+        out.append(Encoded(ids, mask, last, unlocated, error, lost, calls_lost, _names_lost(conversation, named)))
     return out
 
 
@@ -468,15 +467,24 @@ def _names_lost(conversation: Conversation, named: frozenset[str]) -> int:
                and isinstance(m.get("name"), str) and m["name"].strip())
 
 
-def _calls_lost(messages: list[Message], found: list[_Span], unlocated: int) -> int:
-    """How many of the unlocated turns hold tool calls (all that could, where spans name no turn)."""
-    if not unlocated:
-        return 0
-    calls = [i for i, m in enumerate(messages) if _is_turn(m) and m.get("tool_calls")]
+def _unlocated(messages: list[Message], found: list[_Span], train_turns: str) -> tuple[int, int]:
+    """(turns to train that were not found in the rendered text, how many of them hold tool calls).
+
+    A turn that is not trained loses nothing: weight-0 turns, and with `train_turns: last`
+    every turn but the last, are not counted. Where the spans name no turn (a template's
+    `{% generation %}` marks), the shortfall of spans is counted, calls first.
+    """
+    turns = [i for i, m in enumerate(messages) if _is_turn(m)]
+    calls = [i for i in turns if messages[i].get("tool_calls")]
     if any(s.message < 0 for s in found):
-        return min(unlocated, len(calls))
+        missing = max(0, len(turns) - len(found))
+        return missing, min(missing, len(calls))
+    wanted = [i for i in turns if messages[i].get("weight", 1) != 0]
+    if train_turns == "last":
+        wanted = wanted[-1:]
     located = {s.message for s in found}
-    return sum(i not in located for i in calls)
+    lost = [i for i in wanted if i not in located]
+    return len(lost), sum(1 for i in lost if messages[i].get("tool_calls"))
 
 
 def _is_turn(message: Message) -> bool:

@@ -13,7 +13,7 @@ from tasks.data.checks import normalise_example
 from tasks.data.prepare import prepare_dataset
 from tasks.data.tokens import TrainingBudget
 from tasks.data.validate import validate_dataset
-from tasks.errors import ConfigError, DataFileError
+from tasks.errors import ConfigError, DataFileError, PrepareError
 from tasks.model.chat import count_tokens, encode_chat
 from tasks.model.loading import load_tokenizer, resolve_base
 from tasks.train.packing import prepare_batches
@@ -149,16 +149,25 @@ def test_examples_without_trained_tokens_are_errors_with_their_lines(tmp_path: P
     assert report.bad_examples == {1, 3}
 
 
-def test_an_answer_the_template_rewrites_is_a_warning_when_others_are_trained(tmp_path: Path, tok) -> None:
+def test_an_answer_the_template_rewrites_is_an_error_unless_it_is_not_trained(tmp_path: Path, tok) -> None:
     spelling = tok.__class__.from_pretrained(tok.name_or_path)
     spelling.chat_template = (  # ChatML that rewrites one word of the answers
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] | replace('colour', 'color'))"
         " + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
     rewritten = msgs(("user", "q"), ("assistant", "The colour is red."), ("user", "again"), ("assistant", "fine"))
-    report = validate_dataset(write(tmp_path, [GOOD, rewritten]), DataParams(max_tokens=128), tokenizer=spelling)
-    assert report.valid and report.warnings.get("answer_not_located") == 1
-    assert [r["line"] for r in report.warning_rows if r["category"] == "answer_not_located"] == [2]
+    path = write(tmp_path, [GOOD, rewritten])
+    report = validate_dataset(path, DataParams(max_tokens=128), tokenizer=spelling)
+    assert report.errors == {"answer_not_located": 1} and report.error_lines["answer_not_located"] == [2]
+    assert "set weight 0 on them" in report.error_rows[0]["message"] and report.unusable_examples == 1
+    with pytest.raises(PrepareError, match=r"line 2: answer_not_located"):  # prepare refuses it too
+        prepare_dataset(None, tmp_path / "out", Params(data=DataParams(sources=[{"path": str(path)}], max_tokens=128),
+                                                       train=TrainParams(seq_len=128)), spelling)
+    # Not trained, so nothing is lost: as context (weight 0), or before the last turn under train_turns: last.
+    weighted = {"messages": [*rewritten["messages"][:1], {**rewritten["messages"][1], "weight": 0}, *rewritten["messages"][2:]]}
+    assert validate_dataset(write(tmp_path, [GOOD, weighted]), DataParams(max_tokens=128), tokenizer=spelling).valid
+    last_only = validate_dataset(path, DataParams(max_tokens=128), tokenizer=spelling, budget=TrainingBudget(train_turns="last"))
+    assert last_only.valid and "answer_not_located" not in last_only.errors
 
 
 def test_an_inline_trace_the_template_takes_out_is_a_lost_trace_and_its_answer_is_trained(tmp_path: Path, tok) -> None:
@@ -168,11 +177,10 @@ def test_an_inline_trace_the_template_takes_out_is_a_lost_trace_and_its_answer_i
     path = write(tmp_path, [GOOD, inline])
     report = validate_dataset(path, DataParams(max_tokens=128), tokenizer=qwen3)
     assert report.errors == {"reasoning_dropped": 1} and report.error_lines["reasoning_dropped"] == [2]
-    assert "answer_not_located" not in report.warnings
     enc = encode_chat(qwen3, inline)
     assert qwen3.decode([t for t, m in zip(enc.input_ids, enc.loss_mask) if m]).startswith("ok<|im_end|>")
     untraced = validate_dataset(path, DataParams(max_tokens=128), tokenizer=qwen3, budget=TrainingBudget(train_reasoning=False))
-    assert untraced.valid and untraced.warnings.get("answer_not_located") is None
+    assert untraced.valid  # the answer is located and trained (no answer_not_located)
 
 
 def test_system_messages_are_reported_merged_for_a_template_that_refuses_them(tmp_path: Path, tok) -> None:
