@@ -495,7 +495,11 @@ def _is_turn(message: Message) -> bool:
 def _trained_spans(messages: list[Message], spans: list[_Span], train_turns: str, train_reasoning: bool) -> list[_Span]:
     """The spans the loss covers: weight-0 turns out, the last turn only with `last`, traces out if asked."""
     kept = [s for s in spans if s.message < 0 or messages[s.message].get("weight", 1) != 0]
-    if train_turns == "last":
+    if train_turns == "last" and kept and all(s.message >= 0 for s in kept):
+        # The last turn to train, not the last one found: an earlier turn stands in for none.
+        last = max(i for i, m in enumerate(messages) if _is_turn(m) and m.get("weight", 1) != 0)
+        kept = [s for s in kept if s.message == last]
+    elif train_turns == "last":
         kept = kept[-1:]
     if not train_reasoning:
         kept = [_Span(s.answer, s.end, s.message, s.answer) if s.answer > s.start else s for s in kept]

@@ -14,7 +14,7 @@ from tasks.data.prepare import prepare_dataset
 from tasks.data.tokens import TrainingBudget
 from tasks.data.validate import validate_dataset
 from tasks.errors import ConfigError, DataFileError, PrepareError
-from tasks.model.chat import count_tokens, encode_chat
+from tasks.model.chat import count_tokens, encode_chat, encode_chats
 from tasks.model.loading import load_tokenizer, resolve_base
 from tasks.train.packing import prepare_batches
 from tests.support.families import GEMMA2_TEMPLATE, QWEN3_TEMPLATE
@@ -286,3 +286,14 @@ def test_cli_fix_writes_only_the_good_examples_in_canonical_form(cli, tmp_path: 
     kept = [json.loads(x) for x in fixed.read_text().splitlines()]
     assert [e["messages"][0]["content"] for e in kept] == ["Add 2 and 3.", "Name a colour."]
     assert cli(fixed, json_out=True) == 0
+
+
+def test_train_turns_last_never_trains_an_earlier_turn_in_place_of_a_rewritten_last_one(tok) -> None:
+    spelling = tok.__class__.from_pretrained(tok.name_or_path)
+    spelling.chat_template = (  # ChatML that rewrites one word of the answers
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] | replace('colour', 'color'))"
+        " + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    conversation = msgs(("user", "q"), ("assistant", "fine"), ("user", "again"), ("assistant", "The colour is red."))
+    [enc] = encode_chats(spelling, [conversation], train_turns="last")
+    assert enc.trained_tokens == 0 and enc.unlocated == 1  # refused as answer_not_located, "fine" not trained instead
