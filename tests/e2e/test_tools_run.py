@@ -13,20 +13,16 @@ gets the arguments right in at least ARGS_FLOOR, and it calls better than the pr
 base, which writes no valid call. The gate decides on the text metrics of the final
 answers as for any run; its verdict is the run's exit code.
 
-The settings are passed as `--set` pairs read from params.tools.yaml, the documented
-equivalent of `--params params.tools.yaml`, so the test runs exactly the file's settings.
+The run is the retrain flow on params.tools.yaml, as `ftllm run --params params.tools.yaml`
+starts it (`params_file`), in this process under the session's Prefect harness; the command
+line's own exits are tested in test_cli_run.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.support.project import FAMILY_RUN
 
@@ -39,26 +35,17 @@ NAME_FLOOR = 0.85
 ARGS_FLOOR = 0.2
 
 
-def _set_pairs(settings_file: Path) -> list[str]:
-    """`--set section.key=value` for every key of a settings file."""
-    settings = yaml.safe_load(settings_file.read_text())
-    pairs = [f"{section}.{key}={json.dumps(value)}" for section, keys in settings.items() for key, value in keys.items()]
-    return [arg for pair in pairs for arg in ("--set", pair)]
-
-
 @pytest.fixture(scope="module")
-def tools_run(project) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "BENTOML_", "FTLLM_"))}
+def tools_run(project, prefect_harness) -> dict:
+    from flows.retrain import retrain
+
     # 60 of the test split's examples, not 200: less evaluation time, for every model alike.
-    shorter = ["--set", "eval.max_examples=60"]
-    run = subprocess.run([sys.executable, "-m", "ftllm.cli", "run", *_set_pairs(project / "params.tools.yaml"), *shorter,
-                          "--json"],
-                         cwd=project, env={**env, "PYTHONPATH": str(project)}, capture_output=True, text=True,
-                         timeout=1500, check=False)
-    assert run.returncode in (0, 3), run.stderr[-3000:]  # promoted or rejected by the gate, not failed
-    doc = json.loads(run.stdout.strip().splitlines()[-1])
-    assert doc["status"] == ("promoted" if run.returncode == 0 else "rejected")
-    return doc
+    state = retrain(params_file=str(project / "params.tools.yaml"), overrides={"eval.max_examples": 60},
+                    return_state=True)
+    result = state.result(raise_on_failure=False)
+    assert not isinstance(result, BaseException), result
+    assert result.status in ("promoted", "rejected"), result.error  # decided by the gate, not failed
+    return json.loads(result.model_dump_json())
 
 
 def test_the_candidate_names_the_function_and_calls_better_than_the_prompted_base(tools_run, project):

@@ -76,7 +76,7 @@ def _tool_conversations() -> list[tuple[list[dict], dict]]:
     return pairs
 
 
-def train_tool_caller(out: Path, steps: int = 320) -> Path:
+def train_tool_caller(out: Path, steps: int = 160) -> Path:
     """A tiny model that calls `get_weather` when asked about the weather, written as a full-weights model folder.
 
     A random-weight model never writes a call, so the served path could not be tested

@@ -2,7 +2,7 @@
 result sent back and the answer received with its reasoning trace apart.
 
 The server (`tools_server`) serves a tiny model trained in the session to call
-`get_weather` (`train_tool_caller` in conftest.py says how and why): a random-weight model
+`get_weather` (`train_tool_caller` in tests/support/training.py says how and why): a random-weight model
 never writes a call, so only a model that does can show that the service renders the
 tools, lets the model write the call, parses and checks it, and returns it as OpenAI does.
 """
