@@ -30,9 +30,14 @@ BIN = Path(sys.executable).parent
 
 
 def ftllm_run(project: Path) -> subprocess.Popen:
+    """`ftllm run` in its own process, reporting to the session's Prefect server (the harness's) rather
+    than starting a temporary one of its own: what is under test is the training process's death."""
+    from prefect.settings import PREFECT_API_URL
+
     sets = [arg for key, value in OVERRIDES.items() for arg in ("--set", f"{key}={value}")]
+    env = {**os.environ, "FTLLM_ROOT": str(project), "PREFECT_API_URL": PREFECT_API_URL.value()}
     return subprocess.Popen(
-        [str(BIN / "ftllm"), "run", "--json", *sets], cwd=project, env={**os.environ, "FTLLM_ROOT": str(project)},
+        [str(BIN / "ftllm"), "run", "--json", *sets], cwd=project, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -59,7 +64,7 @@ def versions(name: str) -> list[str]:
     return [str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")]
 
 
-def test_killed_training_fails_the_run_and_the_next_run_resumes(project):
+def test_killed_training_fails_the_run_and_the_next_run_resumes(project, prefect_harness):
     checkpoints = project / "artifacts" / "model.checkpoints"
     run = ftllm_run(project)
     victim, deadline = None, time.monotonic() + 600
