@@ -495,8 +495,9 @@ class ChatService:
         """Server-sent chunks as OpenAI sends them: the role first, then text deltas as they come
         (`reasoning_content` apart), then each call (a delta with its id and name, then one with
         its arguments), then the finish reason. The role's chunk has `content: ""` before text;
-        an answer that is calls only has the role in its first call's chunk, `content: null`. A call is sent once it is complete and checked. With `usage`, every
-        chunk has `usage: null` and a last one, with no choices, has the counts."""
+        an answer that begins with a call has the role in that call's chunk, `content: null`. A
+        call is sent once it is complete and checked. With `usage`, every chunk has `usage: null`
+        and a last one, with no choices, has the counts."""
         def chunk(delta: dict, finish: str | None = None) -> str:
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                          "system_fingerprint": f"v{row.version}",

@@ -29,7 +29,6 @@ Warning categories (reported, the file stays valid):
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -222,24 +221,10 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
     return problems
 
 
-@functools.lru_cache(maxsize=256)
-def _schema_validator(schema_json: str) -> tuple[Any, str | None]:
-    """(validator, None) for a parameters schema given as JSON text, or (None, the metaschema's
-    complaint). Built once per distinct schema: a data set repeats the same few tools on every
-    line, and checking a schema against its metaschema costs milliseconds."""
-    from jsonschema import SchemaError, validators
-
-    schema = json.loads(schema_json)
-    cls = validators.validator_for(schema)
-    try:
-        cls.check_schema(schema)
-    except SchemaError as exc:
-        return None, exc.message
-    return cls(schema), None
-
-
 def _check_schemas(tools: Any, problems: dict[str, str]) -> dict[str, Any] | None:
     """The declared tools' parameter-schema validators by name (None when the example declares none)."""
+    from tasks.model.responses import schema_validator
+
     if tools is None:
         return None
     if not isinstance(tools, list):
@@ -257,7 +242,7 @@ def _check_schemas(tools: Any, problems: dict[str, str]) -> dict[str, Any] | Non
         elif not isinstance(function.get("parameters"), dict):
             problem = f"({function['name']}) has no parameters object (an empty object when it takes none)"
         else:
-            validator, complaint = _schema_validator(json.dumps(function["parameters"], sort_keys=True))
+            validator, complaint = schema_validator(function["parameters"])
             if complaint is None:
                 schemas[function["name"]] = validator
                 continue

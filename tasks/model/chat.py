@@ -463,8 +463,13 @@ def encode_chats(
 def _names_lost(conversation: Conversation, named: frozenset[str]) -> int:
     """Messages whose `name` the template does not write (a tool result's name repeats its call's: not counted)."""
     messages = conversation["messages"] if isinstance(conversation, dict) else conversation
-    return sum(1 for m in messages if m.get("role") in _NAMED_ROLES and m.get("role") not in named
-               and isinstance(m.get("name"), str) and m["name"].strip())
+    return sum(1 for i in _named(messages) if messages[i]["role"] not in named)
+
+
+def _named(messages: list[Message]) -> list[int]:
+    """The indexes of the system, user and assistant messages that have a `name`."""
+    return [i for i, m in enumerate(messages) if m.get("role") in _NAMED_ROLES
+            and isinstance(m.get("name"), str) and m["name"].strip()]
 
 
 def _unlocated(messages: list[Message], found: list[_Span], train_turns: str) -> tuple[int, int]:
@@ -689,8 +694,7 @@ def unwritten_names(tokenizer, messages: list[Message], system_message: str = "a
 
     A tool result's name repeats its call's and is not counted, as in validation (`name_dropped`).
     """
-    named = [i for i, m in enumerate(messages) if m.get("role") in _NAMED_ROLES
-             and isinstance(m.get("name"), str) and m["name"].strip()]
+    named = _named(messages)
     if not named:
         return []
     written = named_roles(tokenizer, system_handling(tokenizer, system_message).action)

@@ -32,6 +32,7 @@ in `tool_invalid_rate`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -191,13 +192,36 @@ def split_reasoning(text: str, prompt: str = "") -> tuple[str | None, str]:
     return match.group(1).strip() or None, text[match.end():]
 
 
+def schema_validator(parameters: dict) -> tuple[Any, str | None]:
+    """(validator, None) for a tool's `parameters` schema, or (None, the metaschema's complaint).
+
+    Built once per distinct schema (`_schema_validator`): data sets repeat the same few tools
+    on every line, evaluation and serving on every call, and checking a schema against its
+    metaschema costs milliseconds each time.
+    """
+    return _schema_validator(json.dumps(parameters, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_validator(schema_json: str) -> tuple[Any, str | None]:
+    from jsonschema import SchemaError, validators
+
+    schema = json.loads(schema_json)
+    cls = validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as exc:
+        return None, exc.message
+    return cls(schema), None
+
+
 def check_calls(raw_calls: Any, tools: list[dict]) -> tuple[list[ToolCall], str]:
     """The calls as `ToolCall`s, and "" or why they are invalid (the first problem found).
 
     Accepts what the templates parse to: `{type, function: {name, arguments}}`,
     `{name, arguments}` or Llama's `{name, parameters}`, one or a list of them.
     """
-    import jsonschema
+    from jsonschema.exceptions import best_match
     from referencing.exceptions import Unresolvable
 
     schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
@@ -218,14 +242,15 @@ def check_calls(raw_calls: Any, tools: list[dict]) -> tuple[list[ToolCall], str]
             return [], f"unknown function {name!r}"
         if not isinstance(arguments, dict):
             return [], f"arguments of {name!r} are not a JSON object"
+        validator, complaint = schema_validator(schemas[name])
+        if complaint is not None:
+            return [], f"the schema of {name!r} is not a valid JSON schema: {complaint}"
         try:
-            jsonschema.validate(arguments, schemas[name])
-        except jsonschema.ValidationError as exc:
-            return [], f"arguments of {name!r} fail its schema: {exc.message}"
-        except jsonschema.SchemaError as exc:
-            return [], f"the schema of {name!r} is not a valid JSON schema: {exc.message}"
+            error = best_match(validator.iter_errors(arguments))  # what jsonschema.validate raises
         except Unresolvable as exc:  # a $ref the schema does not define (nothing is fetched)
             return [], f"the schema of {name!r} has a reference that cannot be resolved: {exc}"
+        if error is not None:
+            return [], f"arguments of {name!r} fail its schema: {error.message}"
         calls.append(ToolCall(new_call_id(), name, arguments))
     return calls, ""
 
