@@ -39,6 +39,7 @@ from typing import Any
 
 from tasks.data.formats import (
     MESSAGE_KEYS,
+    RESPONSE_ONLY_KEYS,
     TOP_KEYS,
     RecordError,
     check_format_name,
@@ -293,6 +294,8 @@ def check_keys(obj: dict, fmt: str) -> str | None:
         for m in inner:
             if isinstance(m, dict):
                 inner_unknown |= m.keys() - MESSAGE_KEYS[fmt]
+                if fmt == "openai":
+                    inner_unknown -= {k for k in RESPONSE_ONLY_KEYS & m.keys() if m[k] in (None, "", [])}
     parts = []
     if unknown:
         parts.append(f"unrecognised keys {', '.join(unknown)}")
@@ -300,7 +303,11 @@ def check_keys(obj: dict, fmt: str) -> str | None:
         parts.append(f"unrecognised keys in {inner_key}: {', '.join(sorted(map(str, inner_unknown)))}")
     if not parts:
         return None
-    return f"{'; '.join(parts)} for format {fmt}; remove or rename them"
+    hint = "remove or rename them"
+    if fmt == "openai" and inner_unknown & RESPONSE_ONLY_KEYS:
+        hint += (f" ({', '.join(sorted(inner_unknown & RESPONSE_ONLY_KEYS))} of a logged API response: no chat"
+                 " template renders them; move a refusal's text to content to train it)")
+    return f"{'; '.join(parts)} for format {fmt}; {hint}"
 
 
 def check_warnings(messages: list[dict], min_answer_chars: int) -> dict[str, str]:

@@ -69,6 +69,10 @@ MESSAGE_KEYS: dict[str, frozenset[str]] = {
     "alpaca": frozenset({"input", "output"}),  # keys of one entry of `instances`
     "sharegpt": frozenset({"from", "value", "weight"}),
 }
+# Keys of a message as OpenAI's API returns it (`message.model_dump()`), which a data set
+# built from logged responses carries. Empty (null, "" or []) they hold nothing and are
+# accepted; with a value they are refused: no chat template renders them.
+RESPONSE_ONLY_KEYS = frozenset({"refusal", "annotations", "audio"})
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -162,7 +166,8 @@ def _openai_to_canonical(obj: dict) -> dict:
             out.append(m)  # kept as is: validation reports a message that is not an object
             continue
         canon = {k: m[k] for k in ("role", "content") if k in m}
-        canon.update({k: m[k] for k in _OPENAI_OPTIONAL if k in m})
+        # `tool_calls: null` is how the API writes an answer without calls.
+        canon.update({k: m[k] for k in _OPENAI_OPTIONAL if k in m and not (k == "tool_calls" and m[k] is None)})
         if canon.get("role") == "developer":  # OpenAI's newer name of the system message
             canon["role"] = "system"
         if "content" in canon:

@@ -10,6 +10,7 @@ import pytest
 
 from tasks.config import DataParams, ModelParams, Params, TrainParams, render_params
 from tasks.data.checks import normalise_example
+from tasks.data.formats import to_canonical
 from tasks.data.prepare import prepare_dataset
 from tasks.data.tokens import TrainingBudget
 from tasks.data.validate import validate_dataset
@@ -78,6 +79,29 @@ def test_a_clean_file_is_valid_with_no_errors(tmp_path: Path, tok) -> None:
     report = validate_dataset(write(tmp_path, [chat(user=f"q{i}") for i in range(5)]), DataParams(max_tokens=128), tokenizer=tok)
     assert report.valid and report.errors == {} and report.warnings == {}
     assert report.format == "openai" and report.examples == 5
+
+
+def logged_answer(answer: str, **fields) -> dict:
+    """An assistant message as OpenAI's API returns it (`message.model_dump()`), with `fields` set."""
+    empty = {"refusal": None, "annotations": [], "audio": None, "function_call": None, "tool_calls": None}
+    return {"role": "assistant", "content": answer, **empty, **fields}
+
+
+def test_a_logged_api_response_with_empty_response_fields_is_valid_and_trained_without_them(tmp_path: Path, tok) -> None:
+    lines = [{"messages": [{"role": "user", "content": f"q{i}"}, logged_answer(f"It is {i}.")]} for i in range(3)]
+    report = validate_dataset(write(tmp_path, lines), DataParams(max_tokens=128), tokenizer=tok)
+    assert report.valid and report.errors == {}
+    assert to_canonical(lines[0], "openai")[0]["messages"][1] == {"role": "assistant", "content": "It is 0."}
+
+
+@pytest.mark.parametrize("field", [{"refusal": "I can't help with that."}, {"annotations": [{"type": "url_citation"}]},
+                                   {"audio": {"id": "audio_1"}}])
+def test_a_response_field_with_a_value_is_refused_with_the_fix(tmp_path: Path, field: dict) -> None:
+    lines = [GOOD, {"messages": [{"role": "user", "content": "q"}, logged_answer("ok", **field)]}]
+    report = validate_dataset(write(tmp_path, lines), fmt="openai")
+    assert report.error_lines == {"unrecognised_keys": [2]}
+    message = next(r["message"] for r in report.error_rows)
+    assert f"messages: {next(iter(field))} for format openai" in message and "move a refusal's text to content" in message
 
 
 def test_over_token_limit_is_a_warning_within_max_drop_fraction_and_an_error_beyond(tmp_path: Path, tok) -> None:
