@@ -51,6 +51,7 @@ from tasks.data.sources import accept_report, source_label
 from tasks.data.validate import TrainingBudget, validate_dataset
 from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
+from tasks.evaluate.baselines import scoring_digest
 from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.preference import candidate_dir, score_preference_dir
 from tasks.evaluate.score import evaluate_model_dir, load_split
@@ -210,7 +211,11 @@ def push_dvc_outputs(root: Path) -> str | None:
 
 @task(name="evaluate-champion")
 def evaluate_champion(root: Path, params: Params, version: str, split: str = "test") -> dict:
-    """Score the current champion on the same split as the candidate (cached per version and split).
+    """Score the current champion on the same split as the candidate.
+
+    Its scores are stored per version, split content and scoring settings (the `eval`
+    settings, code and libraries: `scoring_digest`), so a later run with other eval settings
+    scores it again rather than pair the candidate with scores taken differently.
 
     Args:
         split: "test", "feedback" (the corrected answers held out of training) or "preference_heldout".
@@ -220,7 +225,7 @@ def evaluate_champion(root: Path, params: Params, version: str, split: str = "te
         candidate's) and `samples` (its first predictions, for the run dashboard).
     """
     split_path = root / f"artifacts/prepared/{split}.jsonl"
-    cache = root / "artifacts/champion" / f"v{version}-{file_md5(split_path)[:12]}-{params.eval.max_examples}-scored.json"
+    cache = root / "artifacts/champion" / f"v{version}-{file_md5(split_path)[:12]}-{scoring_digest(params)}-scored.json"
     if cache.exists():
         return json.loads(cache.read_text())
     model_dir = download_version(params.registry.model_name, version, root / "artifacts/champion" / f"v{version}")

@@ -316,6 +316,12 @@ class EvalParams(_Section):
     few_shot_k: int = Field(3, ge=0, le=64, description="Train examples shown before each prompt (few-shot baseline).")
     max_new_tokens: int = Field(24, ge=1, le=8192, description="Tokens generated per test prompt, at most.")
     batch_size: int = Field(32, ge=1, le=4096, description="Test prompts generated together.")
+    reuse_baselines: bool = Field(
+        True,
+        description="Reuse the prompted base model's scores of an earlier run where nothing they depend on changed "
+                    "(base model files, test examples, shots, these settings, code, libraries): the base model is not "
+                    "loaded or run again (tasks/evaluate/baselines.py). false: score it in every run.",
+    )
 
 
 class GateParams(_Section):

@@ -13,8 +13,15 @@ from tasks.model.chat import encode_chats
 
 Example = dict  # one canonical example: {"messages": [...], ...}
 
-def pick_few_shot(train: list[Example], k: int, seed: int) -> list[Example]:
-    """`k` train examples drawn deterministically (same seed, same shots)."""
+SHOT_SEED = 0
+
+
+def pick_few_shot(train: list[Example], k: int, seed: int = SHOT_SEED) -> list[Example]:
+    """`k` train examples drawn deterministically (same train split and seed, same shots).
+
+    Evaluation draws with `SHOT_SEED`, not `train.seed`: retrains that differ only in their
+    training seed are compared with the same few-shot prompt (and reuse its scores).
+    """
     if k == 0 or not train:
         return []
     return random.Random(seed).sample(train, min(k, len(train)))

@@ -34,6 +34,7 @@ from typing import Any
 
 from tasks.config import EvalParams, load_params
 from tasks.errors import ConfigError
+from tasks.evaluate.baselines import BaselineStore
 from tasks.evaluate.generation import (
     Example,
     assistant_nll,
@@ -221,7 +222,7 @@ def evaluate_all(params_path: str, data_dir: Path, model_dir: Path, preference_d
     if not test:
         raise ConfigError(f"{data_dir / 'test.jsonl'}: the test split is empty; add data or raise data.test_fraction")
     feedback = load_split(data_dir, "feedback", params.eval.max_examples) if (data_dir / "feedback.jsonl").is_file() else []
-    shots = pick_few_shot(load_split(data_dir, "train"), params.eval.few_shot_k, params.train.seed)
+    shots = pick_few_shot(load_split(data_dir, "train"), params.eval.few_shot_k)
     model, tokenizer, info = load_trained(candidate_dir(model_dir, preference_dir))
     trained_policy = info.get("system_message", "auto")
     results = {"candidate": evaluate_model(model, tokenizer, test, params.eval, system_message=trained_policy)}
@@ -233,10 +234,20 @@ def evaluate_all(params_path: str, data_dir: Path, model_dir: Path, preference_d
         results["candidate_preference"] = scored
     del model
     base_path = resolve_base(params.model)
-    base_tok = load_base_tokenizer(params.model, base_path)
-    base = load_base_model(params.model, base_tok, base_path)
-    policy = params.data.system_message
-    results["base_zero_shot"] = evaluate_model(base, base_tok, test, params.eval, system_message=policy)
-    if shots:
-        results["base_few_shot"] = evaluate_model(base, base_tok, test, params.eval, shots, policy)
+    store = BaselineStore(params, base_path) if params.eval.reuse_baselines else None
+    arms = {"base_zero_shot": [], **({"base_few_shot": shots} if shots else {})}
+    base = base_tok = None
+    for name, arm_shots in arms.items():
+        key = store.key(test, arm_shots) if store else None
+        kept = store.get(key) if store else None
+        if kept is not None:
+            print(f"{name}: scores of an earlier run reused (the same base model, examples, shots and settings)")
+            results[name] = kept
+            continue
+        if base is None:
+            base_tok = load_base_tokenizer(params.model, base_path)
+            base = load_base_model(params.model, base_tok, base_path)
+        results[name] = evaluate_model(base, base_tok, test, params.eval, arm_shots, params.data.system_message)
+        if store:
+            store.put(key, results[name])
     return results

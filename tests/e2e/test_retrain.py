@@ -91,9 +91,14 @@ def test_sabotaged_run_is_rejected_and_champion_stays(first_run, project):
     from mlflow import MlflowClient
 
     _, first = first_run
+    kept = project / "artifacts/cache/baselines"
+    entries = {p.name: p.stat().st_mtime_ns for p in kept.glob("*.json")}
     # Few steps: with a learning rate of 0 the adapter stays at its initialisation anyway.
     state, result = run_flow(project, **{"train.learning_rate": 0.0, "train.max_steps": 20})
     assert result.status == "rejected"
+    # Only training changed: the base model's scores are the first run's, reused, not written again.
+    assert len(entries) == 2 and {p.name: p.stat().st_mtime_ns for p in kept.glob("*.json")} == entries
+    assert result.metrics.base_few_shot == first.metrics.base_few_shot
     failed = set(result.failed_checks)
     assert "min_exact_match" in failed
     assert "no_regression_exact_match" in failed

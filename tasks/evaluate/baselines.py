@@ -1,0 +1,135 @@
+"""The prompted base model's scores, kept between runs (`eval.reuse_baselines`).
+
+Every run scores the base model zero-shot and few-shot beside the candidate. The base
+model does not change from one retrain to the next and greedy generation is
+deterministic, so where the test examples and the few-shot prompt are also unchanged
+(a scheduled retrain whose feedback went to train, a rerun with other training settings)
+the scores would come out the same: that run reuses them instead of loading the base
+model and generating again.
+
+An entry's key is a digest of everything its scores depend on:
+- the base model's files (path, size and modification time of each: what
+  `from_pretrained` loads) and the run's `model` settings (chat template included, a
+  template file by its content) and `data.system_message` policy;
+- the examples scored and the shots shown, as JSON;
+- the `eval` settings, the device, the versions of torch and transformers, and the source
+  of the code that renders, generates and scores (`tasks/evaluate`, `tasks/model`):
+  `scoring_context`, which also names the champion's stored scores in the retrain flow.
+
+A base model that is neither a folder nor in the Hugging Face cache has no key: it is
+scored every run. Entries live in `artifacts/cache/baselines/`, newest `KEEP` kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Params
+from tasks.environment import environment
+from tasks.files import write_atomic
+
+KEEP = 32
+_CODE = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "model")
+
+
+def cache_dir() -> Path:
+    """Where the entries live: artifacts/cache/baselines of the project (git-ignored)."""
+    return (environment().root or Path(".")) / "artifacts" / "cache" / "baselines"
+
+
+class BaselineStore:
+    """Scores of one run's base model, read and written by the examples and shots they were scored on."""
+
+    def __init__(self, params: Params, base_path: str, folder: Path | None = None) -> None:
+        self.folder = folder or cache_dir()
+        files = base_files(base_path)
+        self._context = None if files is None else {
+            "base": files,
+            "model": params.model.model_dump(mode="json"),
+            "template": _template_text(params.model.chat_template),
+            "system_message": params.data.system_message,
+            "scoring": scoring_context(params),
+        }
+
+    def key(self, examples: list[dict], shots: list[dict]) -> str | None:
+        """The entry's name for `examples` scored with `shots`; None where the base model has no key."""
+        if self._context is None:
+            return None
+        text = json.dumps({**self._context, "examples": examples, "shots": shots}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, key: str | None) -> dict | None:
+        """The scores stored under `key`, or None (no key, no entry, or an entry that cannot be read)."""
+        path = self.folder / f"{key}.json"
+        if key is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str | None, result: dict) -> None:
+        """Store `result` under `key` (atomically), then drop the oldest entries beyond `KEEP`."""
+        if key is None:
+            return
+        write_atomic(self.folder / f"{key}.json", json.dumps(result))
+        entries = sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in entries[KEEP:]:
+            old.unlink(missing_ok=True)
+
+
+def scoring_context(params: Params) -> dict[str, Any]:
+    """What any model's scores depend on beside the model and the examples: the `eval`
+    settings, the device, the torch and transformers versions, and the scoring code."""
+    return {"eval": params.eval.model_dump(mode="json", exclude={"reuse_baselines"}), "runtime": _runtime(),
+            "code": _code_digest()}
+
+
+def scoring_digest(params: Params) -> str:
+    """A short digest of `scoring_context`: the flow's stored champion scores carry it in their name."""
+    return hashlib.sha256(json.dumps(scoring_context(params), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def base_files(base_path: str) -> list[tuple[str, int, int]] | None:
+    """Path, size and modification time of every file of the base model's folder, or None.
+
+    The folder is `base_path` itself, or for a model id the snapshot of the Hugging Face
+    cache that `from_pretrained` reads (its files are links to blobs named by content).
+    """
+    folder = Path(base_path)
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(base_path, "config.json")
+        if not isinstance(config, str):
+            return None
+        folder = Path(config).parent
+    out = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        out.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+    return out
+
+
+def _template_text(chat_template: str) -> str:
+    path = Path(chat_template)
+    return path.read_text(encoding="utf-8") if chat_template not in ("auto", "chatml") and path.is_file() else chat_template
+
+
+def _runtime() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "device": device}
+
+
+def _code_digest() -> str:
+    digest = hashlib.sha256()
+    for folder in _CODE:
+        for path in sorted(folder.glob("*.py")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
