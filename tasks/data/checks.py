@@ -293,9 +293,10 @@ def check_keys(obj: dict, fmt: str) -> str | None:
     if isinstance(inner, list):
         for m in inner:
             if isinstance(m, dict):
-                inner_unknown |= m.keys() - MESSAGE_KEYS[fmt]
+                extra = m.keys() - MESSAGE_KEYS[fmt]
                 if fmt == "openai":
-                    inner_unknown -= {k for k in RESPONSE_ONLY_KEYS & m.keys() if m[k] in (None, "", [])}
+                    extra -= {k for k in RESPONSE_ONLY_KEYS & extra if m[k] in (None, "", [])}
+                inner_unknown |= extra
     parts = []
     if unknown:
         parts.append(f"unrecognised keys {', '.join(unknown)}")

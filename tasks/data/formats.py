@@ -174,7 +174,7 @@ def _openai_to_canonical(obj: dict) -> dict:
             canon["content"] = _joined_text(canon["content"])
         if "thinking" in m and "reasoning_content" not in m:
             canon["reasoning_content"] = m["thinking"]
-        if isinstance(m.get("function_call"), dict) and "tool_calls" not in m:  # the legacy form of one call
+        if isinstance(m.get("function_call"), dict) and m.get("tool_calls") is None:  # the legacy form of one call
             canon["tool_calls"] = [calls.new(m["function_call"])]
         elif m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
             canon["tool_calls"] = [_arguments_as_json(c) for c in m["tool_calls"]]

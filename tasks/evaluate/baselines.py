@@ -12,7 +12,8 @@ An entry's key is a digest of everything its scores depend on:
   `from_pretrained` loads) and the run's `model` settings (chat template included, a
   template file by its content) and `data.system_message` policy;
 - the examples scored and the shots shown, as JSON;
-- the `eval` settings, the device, the versions of torch and transformers, and the source
+- the `eval` settings, the device, the versions of the libraries that tokenize, render,
+  generate and score (torch, transformers, tokenizers, jinja2, sacrebleu, rouge-score), and the source
   of the code that renders, generates and scores (`tasks/evaluate`, `tasks/model`):
   `scoring_context`, which also names the champion's stored scores in the retrain flow.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ from tasks.environment import environment
 from tasks.files import write_atomic
 
 KEEP = 32
+# The libraries that tokenize, render, generate and score.
+_LIBRARIES = ("torch", "transformers", "tokenizers", "jinja2", "sacrebleu", "rouge-score")
 _CODE = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "model")
 
 
@@ -63,22 +67,28 @@ class BaselineStore:
 
     def get(self, key: str | None) -> dict | None:
         """The scores stored under `key`, or None (no key, no entry, or an entry that cannot be read)."""
-        path = self.folder / f"{key}.json"
-        if key is None or not path.is_file():
+        if key is None:
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            return json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
 
     def put(self, key: str | None, result: dict) -> None:
-        """Store `result` under `key` (atomically), then drop the oldest entries beyond `KEEP`."""
+        """Store `result` under `key` (atomically), then drop the oldest entries beyond `KEEP`.
+
+        Best effort: a folder that cannot be written (read-only, full) leaves the scores
+        unstored, and the next run scores the base again.
+        """
         if key is None:
             return
-        write_atomic(self.folder / f"{key}.json", json.dumps(result))
-        entries = sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-        for old in entries[KEEP:]:
-            old.unlink(missing_ok=True)
+        try:
+            write_atomic(self.folder / f"{key}.json", json.dumps(result))
+            entries = sorted(((p.stat().st_mtime_ns, p) for p in self.folder.glob("*.json")), reverse=True)
+            for _, old in entries[KEEP:]:
+                old.unlink(missing_ok=True)
+        except OSError:
+            return
 
 
 def scoring_context(params: Params) -> dict[str, Any]:
@@ -99,19 +109,22 @@ def base_files(base_path: str) -> list[tuple[str, int, int]] | None:
     The folder is `base_path` itself, or for a model id the snapshot of the Hugging Face
     cache that `from_pretrained` reads (its files are links to blobs named by content).
     """
-    folder = Path(base_path)
-    if not folder.is_dir():
-        from huggingface_hub import try_to_load_from_cache
+    folder = Path(base_path).expanduser()
+    try:
+        if not folder.is_dir():
+            from huggingface_hub import try_to_load_from_cache
 
-        config = try_to_load_from_cache(base_path, "config.json")
-        if not isinstance(config, str):
-            return None
-        folder = Path(config).parent
-    out = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = path.stat()
-        out.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
-    return out
+            config = try_to_load_from_cache(base_path, "config.json")
+            if not isinstance(config, str):
+                return None
+            folder = Path(config).parent
+        out = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            stat = path.stat()
+            out.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+        return out
+    except (OSError, ValueError):  # a folder that cannot be read, an id the hub's cache cannot name: no key
+        return None
 
 
 def _template_text(chat_template: str) -> str:
@@ -121,10 +134,16 @@ def _template_text(chat_template: str) -> str:
 
 def _runtime() -> dict[str, Any]:
     import torch
-    import transformers
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "device": device}
+    return {"device": device, **{name: _version(name) for name in _LIBRARIES}}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _code_digest() -> str:

@@ -94,10 +94,19 @@ def test_a_logged_api_response_with_empty_response_fields_is_valid_and_trained_w
     assert to_canonical(lines[0], "openai")[0]["messages"][1] == {"role": "assistant", "content": "It is 0."}
 
 
+def test_a_logged_legacy_function_call_becomes_a_tool_call() -> None:
+    call = {"name": "get_time", "arguments": '{"city": "Oslo"}'}
+    example = {"messages": [{"role": "user", "content": "Time in Oslo?"}, logged_answer(None, function_call=call)]}
+    answer = to_canonical(example, "openai")[0]["messages"][1]
+    assert [c["function"] for c in answer["tool_calls"]] == [call]
+
+
 @pytest.mark.parametrize("field", [{"refusal": "I can't help with that."}, {"annotations": [{"type": "url_citation"}]},
                                    {"audio": {"id": "audio_1"}}])
 def test_a_response_field_with_a_value_is_refused_with_the_fix(tmp_path: Path, field: dict) -> None:
-    lines = [GOOD, {"messages": [{"role": "user", "content": "q"}, logged_answer("ok", **field)]}]
+    # The value is on the first answer; the second's empty field does not excuse it.
+    lines = [GOOD, {"messages": [{"role": "user", "content": "q"}, logged_answer("ok", **field),
+                                 {"role": "user", "content": "and?"}, logged_answer("done")]}]
     report = validate_dataset(write(tmp_path, lines), fmt="openai")
     assert report.error_lines == {"unrecognised_keys": [2]}
     message = next(r["message"] for r in report.error_rows)

@@ -127,3 +127,8 @@ def test_entries_are_read_back_and_the_oldest_dropped(tmp_path, monkeypatch):
     assert [store.get(k)["metrics"]["exact_match"] for k in keys[1:]] == [0.1, 0.2]
     (tmp_path / f"{keys[2]}.json").write_text("{half")
     assert store.get(keys[2]) is None  # unreadable: scored again, not a failed run
+    # A folder that cannot be written (here under a file) leaves the scores unstored, the run unharmed.
+    (tmp_path / "file").write_text("")
+    blocked = BaselineStore(Params(), resolve_base(ModelParams()), tmp_path / "file" / "cache")
+    blocked.put(keys[1], {"metrics": {}})
+    assert blocked.get(keys[1]) is None

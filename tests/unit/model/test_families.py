@@ -248,13 +248,16 @@ def test_finetune_trains_each_family_and_writes_a_folder_that_loads(name, traine
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_the_evaluate_stage_scores_each_family_and_its_base_prompted(name, trained, family_models, tmp_path):
+def test_the_evaluate_stage_scores_each_family_and_its_base_prompted(name, trained, family_models, tmp_path, monkeypatch):
     """The evaluate stage's work per family: the fine-tuned folder, and the base model zero-shot
     and few-shot, each rendered with the family's template and scored example by example."""
     import yaml
 
     from tasks.config import EvalParams
+    from tasks.evaluate import baselines
     from tasks.evaluate.score import evaluate_all
+
+    monkeypatch.setattr(baselines, "cache_dir", lambda: tmp_path / "kept")  # scored here, not read from the project's
 
     out, _, _ = trained(name)
     data = tmp_path / "prepared"
