@@ -15,7 +15,8 @@ An entry's key is a digest of everything its scores depend on:
 - the `eval` settings, the device, the versions of the libraries that tokenize, render,
   generate and score (torch, transformers, tokenizers, jinja2, sacrebleu, rouge-score), and the source
   of the code that renders, generates and scores (`tasks/evaluate`, `tasks/model`):
-  `scoring_context`, which also names the champion's stored scores in the retrain flow.
+  `scoring_context`, which also names the champion's stored scores in the retrain flow;
+- today's date, where the chat template writes it into the prompt (`strftime_now`).
 
 A base model that is neither a folder nor in the Hugging Face cache has no key: it is
 scored every run. Entries live in `artifacts/cache/baselines/`, newest `KEEP` kept.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import date
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -49,13 +51,18 @@ class BaselineStore:
 
     def __init__(self, params: Params, base_path: str, folder: Path | None = None) -> None:
         self.folder = folder or cache_dir()
-        files = base_files(base_path)
+        base = base_folder(base_path)
+        files = base_files(base) if base else None
+        template = _template_text(params.model.chat_template)
         self._context = None if files is None else {
             "base": files,
             "model": params.model.model_dump(mode="json"),
-            "template": _template_text(params.model.chat_template),
+            "template": template,
             "system_message": params.data.system_message,
             "scoring": scoring_context(params),
+            # A template that writes today's date (`strftime_now`, as Llama 3.2's does) renders
+            # another prompt on another day.
+            "date": date.today().isoformat() if _writes_date(template, base) else None,
         }
 
     def key(self, examples: list[dict], shots: list[dict]) -> str | None:
@@ -93,7 +100,7 @@ class BaselineStore:
 
 def scoring_context(params: Params) -> dict[str, Any]:
     """What any model's scores depend on beside the model and the examples: the `eval`
-    settings, the device, the torch and transformers versions, and the scoring code."""
+    settings, the device, the versions of the libraries that render and score, and the scoring code."""
     return {"eval": params.eval.model_dump(mode="json", exclude={"reuse_baselines"}), "runtime": _runtime(),
             "code": _code_digest()}
 
@@ -103,28 +110,42 @@ def scoring_digest(params: Params) -> str:
     return hashlib.sha256(json.dumps(scoring_context(params), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def base_files(base_path: str) -> list[tuple[str, int, int]] | None:
-    """Path, size and modification time of every file of the base model's folder, or None.
-
-    The folder is `base_path` itself, or for a model id the snapshot of the Hugging Face
-    cache that `from_pretrained` reads (its files are links to blobs named by content).
-    """
+def base_folder(base_path: str) -> Path | None:
+    """The folder `from_pretrained` reads the base model from: `base_path` itself, or for a
+    model id its snapshot in the Hugging Face cache (files linked to blobs named by content);
+    None where there is none here."""
     folder = Path(base_path).expanduser()
     try:
-        if not folder.is_dir():
-            from huggingface_hub import try_to_load_from_cache
+        if folder.is_dir():
+            return folder
+        from huggingface_hub import try_to_load_from_cache
 
-            config = try_to_load_from_cache(base_path, "config.json")
-            if not isinstance(config, str):
-                return None
-            folder = Path(config).parent
+        config = try_to_load_from_cache(base_path, "config.json")
+        return Path(config).parent if isinstance(config, str) else None
+    except (OSError, ValueError):  # an id the hub's cache cannot name
+        return None
+
+
+def base_files(folder: Path) -> list[tuple[str, int, int]] | None:
+    """Path, size and modification time of every file of the base model's folder, or None where it cannot be read."""
+    try:
         out = []
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             stat = path.stat()
             out.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
         return out
-    except (OSError, ValueError):  # a folder that cannot be read, an id the hub's cache cannot name: no key
+    except OSError:
         return None
+
+
+def _writes_date(template: str, base: Path | None) -> bool:
+    texts = [template]
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        try:
+            texts.append((base / name).read_text(encoding="utf-8", errors="replace") if base else "")
+        except OSError:
+            continue
+    return any("strftime_now" in text for text in texts)
 
 
 def _template_text(chat_template: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,15 @@ def test_a_second_run_reuses_the_base_scores_and_a_changed_input_scores_again(ca
     assert spied["loads"] == 4 and spied["scored"][10:] == [0, 0, 3]
 
 
-def test_the_key_follows_the_base_files_the_template_and_the_settings(tmp_path):
+class FixedDay(date):
+    day = 6
+
+    @classmethod
+    def today(cls) -> date:
+        return date(2026, 12, cls.day)
+
+
+def test_the_key_follows_the_base_files_the_template_and_the_settings(tmp_path, monkeypatch):
     base = resolve_base(ModelParams())
     examples, shots = make_examples(3, seed=1), make_examples(1, seed=2)
     store = BaselineStore(Params(), base, tmp_path)
@@ -110,6 +119,15 @@ def test_the_key_follows_the_base_files_the_template_and_the_settings(tmp_path):
     weights = copy / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
     assert BaselineStore(Params(), str(copy), tmp_path).key(examples, shots) != before
+
+    # A template that writes today's date is keyed by the day too; one that does not, never.
+    monkeypatch.setattr(baselines, "date", FixedDay)
+    assert BaselineStore(Params(), base, tmp_path).key(examples, shots) == key
+    (template := tmp_path / "dated.jinja").write_text("{{ strftime_now('%d %B %Y') }}{{ messages }}")
+    dated = Params(model=ModelParams(chat_template=str(template)))
+    today = BaselineStore(dated, base, tmp_path).key(examples, shots)
+    FixedDay.day += 1
+    assert BaselineStore(dated, base, tmp_path).key(examples, shots) != today
 
     # A model id that is not in the Hugging Face cache has no key: it is scored every run.
     nowhere = BaselineStore(Params(), "example-org/not-cached-model", tmp_path)
