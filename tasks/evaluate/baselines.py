@@ -24,6 +24,7 @@ scored every run. Entries live in `artifacts/cache/baselines/`, newest `KEEP` ke
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from datetime import date
@@ -153,6 +154,7 @@ def _template_text(chat_template: str) -> str:
     return path.read_text(encoding="utf-8") if chat_template not in ("auto", "chatml") and path.is_file() else chat_template
 
 
+@functools.cache
 def _runtime() -> dict[str, Any]:
     import torch
 
@@ -167,6 +169,7 @@ def _version(name: str) -> str | None:
         return None
 
 
+@functools.cache
 def _code_digest() -> str:
     digest = hashlib.sha256()
     for folder in _CODE:
