@@ -15,8 +15,9 @@ a weak champion: the default data trained for a fraction of the default steps
    so that the arms stay comparable);
 4. `ftllm run` retrains with the arm's settings and a feedback source, and the gate decides;
 5. the champion (promoted or not) is scored on a fixed held-out test (`--test-size` prompts
-   in the held-out phrasings, never sent by users) and on the default data's original test
-   split (prompt hash, as prepare splits it; feedback rows never enter it).
+   in the held-out phrasings, never sent by users; also per phrasing, since the tiny model
+   reads a date by its place in the prompt: benchmarks/results/README.md) and on the default
+   data's original test split (prompt hash, as prepare splits it; feedback rows never enter it).
 
 Arms (same users, same seeds):
 
@@ -129,6 +130,15 @@ def training_dates() -> set[str]:
 
 def held_out_prompts(days: list[dt.date], rng: random.Random, phrasings: list[str] = HELD_OUT_PHRASINGS) -> list[dict]:
     return [example(rng.choice(phrasings).format(date=d.isoformat()), words(d)) for d in days]
+
+
+def phrasing_of(prompt: str, phrasings: list[str]) -> str:
+    """The phrasing a held-out prompt was written in (the one whose text around `{date}` it matches)."""
+    for phrasing in phrasings:
+        head, tail = phrasing.split("{date}")
+        if re.fullmatch(re.escape(head) + r"\d{4}-\d\d-\d\d" + re.escape(tail), prompt):
+            return phrasing
+    raise ValueError(f"{prompt!r} is in none of the phrasings")
 
 
 def read_phrasings(path: Path) -> list[str]:
@@ -290,14 +300,15 @@ def run_monitor(ws: Path, params_file: Path, db: Path, log: Path) -> dict:
     return json.loads(lines[-1]) if lines else {"error": f"monitor exit {proc.returncode}"}
 
 
-def score_champion(ws: Path, model_name: str, version: str, tests: dict[str, list[dict]]) -> dict:
-    """Exact match of a registered version on each fixed test set, scored in a process with the workspace's MLflow."""
+def score_champion(ws: Path, model_name: str, version: str, tests: dict[str, list[dict]], phrasings: list[str]) -> dict:
+    """Exact match of a registered version on each fixed test set, scored in a process with the workspace's MLflow,
+    and on the held-out test per phrasing (`held_out_by_phrasing`)."""
     code = (
         "import json, sys\nfrom pathlib import Path\nfrom tasks.config import EvalParams\n"
         "from tasks.evaluate.score import evaluate_model_dir\nfrom tasks.registry.versions import download_version\n"
         "name, version, tests = json.loads(sys.stdin.read())\n"
         "folder = download_version(name, version, Path('artifacts/bench') / f'{name}-v{version}')\n"
-        "out = {k: evaluate_model_dir(folder, rows, EvalParams(max_examples=len(rows)))['metrics']['exact_match']"
+        "out = {k: evaluate_model_dir(folder, rows, EvalParams(max_examples=len(rows)))['per_example']['exact_match']"
         " for k, rows in tests.items()}\n"
         "print(json.dumps(out))"
     )
@@ -305,7 +316,13 @@ def score_champion(ws: Path, model_name: str, version: str, tests: dict[str, lis
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"scoring failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    hits = json.loads(proc.stdout.strip().splitlines()[-1])
+    scores = {key: statistics.mean(values) for key, values in hits.items()}
+    by_phrasing: dict[str, list[float]] = {}
+    for row, hit in zip(tests["held_out"], hits["held_out"]):
+        by_phrasing.setdefault(phrasing_of(row["messages"][-2]["content"], phrasings), []).append(hit)
+    scores["held_out_by_phrasing"] = {p: [round(statistics.mean(v), 4), len(v)] for p, v in by_phrasing.items()}
+    return scores
 
 
 # ---- the benchmark ---------------------------------------------------------------------------------------------
@@ -360,7 +377,7 @@ def run_seed(seed: int, args: argparse.Namespace, ws: Path, tests: dict, rows: l
         overrides = {**common, **arm_overrides(arm, args), "registry.model_name": name}
         state = Arm(name, arm, db, log, overrides, arm_params_file(ws, overrides, name), weak["champion_version"], weak["bento"])
         arms.append(state)
-        weak_scores = weak_scores or score_champion(ws, name, state.champion, tests)  # the same model in every arm
+        weak_scores = weak_scores or score_champion(ws, name, state.champion, tests, args.phrasings)  # the same model in every arm
         rows.append({"seed": seed, "arm": arm, "round": 0, "status": weak["status"], "version": weak["version"],
                      "champion": state.champion, **weak_scores})
         print(json.dumps(rows[-1]), flush=True)
@@ -394,7 +411,7 @@ def run_round(ws: Path, a: Arm, users: list[dict], rng: random.Random, args: arg
         "candidate_test_em": (metrics.get("candidate") or {}).get("exact_match"),
         "candidate_preference": metrics.get("candidate_preference"),
         "stages_seconds": (result.get("durations") or {}).get("stages"), "seconds": round(time.perf_counter() - t, 1),
-        **score_champion(ws, a.name, a.champion, tests),
+        **score_champion(ws, a.name, a.champion, tests, args.phrasings),
     }
 
 
@@ -411,6 +428,9 @@ def summarise(rows: list[dict], args: argparse.Namespace) -> list[dict]:
                 entry[key] = round(statistics.mean(values), 4)
                 interval = seed_interval(values) if len(values) > 1 else wilson(round(values[0] * n), n)
                 entry[f"{key}_ci95"] = [round(v, 4) for v in interval]
+            phrasings = [p for p in args.phrasings if all(p in r.get("held_out_by_phrasing", {}) for r in cell)]
+            entry["held_out_by_phrasing"] = {p: round(statistics.mean(r["held_out_by_phrasing"][p][0] for r in cell), 4)
+                                             for p in phrasings}
             entry["promoted"] = sum(r["status"] == "promoted" for r in cell)
             table.append(entry)
     return table
@@ -497,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         for e in summary:
             print(f"{e['arm']:11s} {e['round']:5d} {e['held_out']:12.3f} {e['held_out_ci95']!s:>16s} "
                   f"{e['original_test']:17.3f} {e['original_test_ci95']!s:>16s}")
+        print("held-out EM per phrasing (mean over seeds):")
+        for e in summary:
+            print(f"{e['arm']:11s} {e['round']:5d}  " + "  ".join(f"{p!r}: {v:.3f}" for p, v in e["held_out_by_phrasing"].items()))
         if tmp is not None:
             tmp.cleanup()
     return 0
