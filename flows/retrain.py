@@ -57,7 +57,7 @@ from tasks.evaluate.preference import candidate_dir, score_preference_dir
 from tasks.evaluate.score import evaluate_model_dir, load_split
 from tasks.feedback import default_db_path
 from tasks.feedback.preference import snapshot_preference
-from tasks.files import file_md5
+from tasks.files import file_md5, write_atomic
 from tasks.model.loading import check_fit
 from tasks.monitor.cursor import advance_cursor
 from tasks.pipeline.dvc import (
@@ -232,7 +232,7 @@ def evaluate_champion(root: Path, params: Params, version: str, split: str = "te
     scored = (score_preference_dir(model_dir, root / "artifacts/prepared", params.eval) if split == "preference_heldout"
               else evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", split, params.eval.max_examples), params.eval))
     result = {"metrics": scored["metrics"], "per_example": scored["per_example"], "samples": scored.get("samples", [])}
-    cache.write_text(json.dumps(result))
+    write_atomic(cache, json.dumps(result))  # a run stopped mid-write leaves no half a file for the next to read
     return result
 
 
