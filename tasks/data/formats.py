@@ -174,11 +174,15 @@ def _openai_to_canonical(obj: dict) -> dict:
             canon["content"] = _joined_text(canon["content"])
         if "thinking" in m and "reasoning_content" not in m:
             canon["reasoning_content"] = m["thinking"]
-        if isinstance(m.get("function_call"), dict) and m.get("tool_calls") is None:  # the legacy form of one call
-            canon["tool_calls"] = [calls.new(m["function_call"])]
-        elif m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
-            canon["tool_calls"] = [_arguments_as_json(c) for c in m["tool_calls"]]
-            calls.expect(m["tool_calls"])
+        legacy = m.get("function_call")
+        if isinstance(legacy, dict) and not m.get("tool_calls"):  # the legacy form of one call (tool_calls null or [])
+            canon["tool_calls"] = [calls.new(legacy)]
+        else:
+            if legacy is not None:  # beside calls in tool_calls, or not a call: kept, so that validation names it
+                canon["function_call"] = legacy
+            if m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
+                canon["tool_calls"] = [_arguments_as_json(c) for c in m["tool_calls"]]
+                calls.expect(m["tool_calls"])
         if m.get("role") in ("function", "tool") and "tool_call_id" not in m:
             # the legacy result (`function`), or a result named but not linked: it answers the pending call of its name
             canon.update(role="tool", tool_call_id=calls.answer(m.get("name")))

@@ -94,11 +94,35 @@ def test_a_logged_api_response_with_empty_response_fields_is_valid_and_trained_w
     assert to_canonical(lines[0], "openai")[0]["messages"][1] == {"role": "assistant", "content": "It is 0."}
 
 
-def test_a_logged_legacy_function_call_becomes_a_tool_call() -> None:
+@pytest.mark.parametrize("content", [None, "Let me check."])
+@pytest.mark.parametrize("no_calls", [None, []])
+def test_a_logged_legacy_function_call_becomes_a_tool_call(content: str | None, no_calls: list | None) -> None:
+    # Beside `tool_calls: []` the call was lost: trained as a plain answer, or refused for its null content.
     call = {"name": "get_time", "arguments": '{"city": "Oslo"}'}
-    example = {"messages": [{"role": "user", "content": "Time in Oslo?"}, logged_answer(None, function_call=call)]}
-    answer = to_canonical(example, "openai")[0]["messages"][1]
-    assert [c["function"] for c in answer["tool_calls"]] == [call]
+    answer = logged_answer(content, function_call=call, tool_calls=no_calls)
+    example = {"messages": [{"role": "user", "content": "Time in Oslo?"}, answer]}
+    canonical = to_canonical(example, "openai")[0]["messages"][1]
+    assert [c["function"] for c in canonical["tool_calls"]] == [call] and "function_call" not in canonical
+
+
+@pytest.mark.parametrize(("function_call", "why"), [
+    ({"name": "get_time", "arguments": '{"city": "Rome"}'}, "beside calls in tool_calls"),
+    ("auto", "that is not a call"),
+])  # fmt: skip
+def test_a_legacy_function_call_that_cannot_be_the_turns_call_is_refused_not_dropped(
+    tmp_path: Path, function_call: object, why: str
+) -> None:
+    tool = {"type": "function", "function": {"name": "get_time", "description": "Local time in a city.",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Oslo"}'}}]
+    answer = logged_answer("Let me check.", function_call=function_call, tool_calls=calls)
+    line = {"messages": [{"role": "user", "content": "Time in Oslo?"}, answer,
+                         {"role": "tool", "tool_call_id": "call_1", "content": '{"time": "20:03"}'},
+                         {"role": "assistant", "content": "It is 20:03."}], "tools": [tool]}
+    report = validate_dataset(write(tmp_path, [GOOD, line]), fmt="openai")
+    assert report.error_lines == {"bad_tool_call": [2]}
+    message = next(r["message"] for r in report.error_rows)
+    assert f"message 2 has a legacy function_call {why}" in message and "write every call once, in tool_calls" in message
 
 
 @pytest.mark.parametrize("field", [{"refusal": "I can't help with that."}, {"annotations": [{"type": "url_citation"}]},
