@@ -63,7 +63,7 @@ class BaselineStore:
             "scoring": scoring_context(params),
             # A template that writes today's date (`strftime_now`, as Llama 3.2's does) renders
             # another prompt on another day.
-            "date": date.today().isoformat() if _writes_date(template, base) else None,
+            "date": date.today().isoformat() if writes_date(template, base) else None,
         }
 
     def key(self, examples: list[dict], shots: list[dict]) -> str | None:
@@ -139,11 +139,13 @@ def base_files(folder: Path) -> list[tuple[str, int, int]] | None:
         return None
 
 
-def _writes_date(template: str, base: Path | None) -> bool:
+def writes_date(template: str, folder: Path | None) -> bool:
+    """Whether the chat template (`template`'s text, or the one saved in a model or tokenizer `folder`)
+    writes today's date into the prompt (`strftime_now`), so that another day renders another prompt."""
     texts = [template]
     for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
         try:
-            texts.append((base / name).read_text(encoding="utf-8", errors="replace") if base else "")
+            texts.append((folder / name).read_text(encoding="utf-8", errors="replace") if folder else "")
         except OSError:
             continue
     return any("strftime_now" in text for text in texts)

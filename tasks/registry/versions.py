@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import hashlib
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -307,13 +309,25 @@ def download_version(model_name: str, version: str, dst: Path) -> Path:
     return matches[0].parent
 
 
+def version_folder(root: Path, model_name: str, version: str) -> Path:
+    """Where a registered version is downloaded: `root/artifacts/champion/<model name>-v<N>-<run>`.
+
+    Named by the model, the version and the run that logged it, so that another registered
+    model's version N, or a registry started again (its versions count from 1 again), never
+    finds this version's files or the scores stored beside them.
+    """
+    entry = _get_version(model_name, version)
+    run = entry.run_id or hashlib.sha256(str(entry.source).encode()).hexdigest()
+    return Path(root) / "artifacts/champion" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model_name)}-v{version}-{run[:12]}"
+
+
 def champion_folder(root: Path, model_name: str, version: str) -> str:
-    """A version's model folder downloaded under `root/artifacts/champion/`, as a path relative to `root`.
+    """A version's model folder downloaded into its `version_folder`, as a path relative to `root`.
 
     What a warm start (`train.init_from: champion`) names in `train.init_path`: the DVC stages
     run in `root`, and a relative path keeps the resolved settings the same on another checkout.
     """
-    folder = download_version(model_name, version, Path(root) / "artifacts/champion" / f"v{version}")
+    folder = download_version(model_name, version, version_folder(root, model_name, version))
     return folder.resolve().relative_to(Path(root).resolve()).as_posix()
 
 

@@ -415,7 +415,8 @@ def test_a_run_with_a_preference_source_registers_a_version_with_the_preference_
     assert version.run_id == result.mlflow_run_id
     logged = MlflowClient().get_run(version.run_id).data.metrics
     run = MlflowClient().get_run(version.run_id).data
-    assert run.params["train.init_path"].startswith(f"artifacts/champion/v{version.tags['parent_champion']}/")
+    parent = MlflowClient().get_model_version("ftllm-chat", version.tags["parent_champion"])
+    assert run.params["train.init_path"].startswith(f"artifacts/champion/ftllm-chat-v{parent.version}-{parent.run_id[:12]}/")
     assert (project / run.params["train.init_path"] / "adapter").is_dir() and run.metrics["train_steps"] == 10
     for role in ("candidate_preference", "champion_preference"):
         assert 0.0 <= logged[f"{role}.reward_accuracy"] <= 1.0 and logged[f"{role}.examples"] > 0
