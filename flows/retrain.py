@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from tasks.data.sources import accept_report, source_label
 from tasks.data.validate import TrainingBudget, validate_dataset
 from tasks.environment import apply_defaults
 from tasks.errors import FtllmError, RunFailed, StageError
-from tasks.evaluate.baselines import scoring_digest, writes_date
+from tasks.evaluate.baselines import dated_today, read_scores, scoring_digest
 from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.preference import candidate_dir, score_preference_dir
 from tasks.evaluate.score import evaluate_model_dir, load_split
@@ -231,26 +231,16 @@ def evaluate_champion(root: Path, params: Params, version: str, split: str = "te
     split_path = root / f"artifacts/prepared/{split}.jsonl"
     folder = version_folder(root, params.registry.model_name, version)
     cache = folder.with_name(f"{folder.name}-{file_md5(split_path)[:12]}-{scoring_digest(params)}-scored.json")
-    stored = _stored_scores(cache)
+    stored = read_scores(cache)
     if stored is not None:
         return stored
     model_dir = download_version(params.registry.model_name, version, folder)
     scored = (score_preference_dir(model_dir, root / "artifacts/prepared", params.eval) if split == "preference_heldout"
               else evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", split, params.eval.max_examples), params.eval))
     result = {"metrics": scored["metrics"], "per_example": scored["per_example"], "samples": scored.get("samples", []),
-              "date": date.today().isoformat() if writes_date("", model_dir) else None}
+              "date": dated_today(model_dir)}
     write_atomic(cache, json.dumps(result))  # a run stopped mid-write leaves no half a file for the next to read
     return result
-
-
-def _stored_scores(path: Path) -> dict | None:
-    """The champion's scores stored at `path`, or None where there are none to reuse (no file, a
-    file that cannot be read, or scores of a template that wrote another day's date)."""
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return stored if stored.get("date") in (None, date.today().isoformat()) else None
 
 
 @task(name="register-candidate", retries=2, retry_delay_seconds=3)

@@ -75,12 +75,7 @@ class BaselineStore:
 
     def get(self, key: str | None) -> dict | None:
         """The scores stored under `key`, or None (no key, no entry, or an entry that cannot be read)."""
-        if key is None:
-            return None
-        try:
-            return json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+        return None if key is None else read_scores(self.folder / f"{key}.json")
 
     def put(self, key: str | None, result: dict) -> None:
         """Store `result` under `key` (atomically), then drop the oldest entries beyond `KEEP`.
@@ -97,6 +92,22 @@ class BaselineStore:
                 old.unlink(missing_ok=True)
         except OSError:
             return
+
+
+def read_scores(path: Path) -> dict | None:
+    """Scores stored at `path`, or None where there are none to reuse: no file, a file that
+    cannot be read, or scores taken on a prompt that carried another day's date (`dated_today`)."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) and stored.get("date") in (None, date.today().isoformat()) else None
+
+
+def dated_today(model_folder: Path) -> str | None:
+    """Today's date where the chat template saved in `model_folder` writes it into the prompt, else None:
+    stored beside a model's scores as their `date`, so that `read_scores` keeps them for that day only."""
+    return date.today().isoformat() if writes_date("", model_folder) else None
 
 
 def scoring_context(params: Params) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pytest
 
 from flows import retrain
 from tasks.config import Params, RegistryParams
+from tasks.evaluate import baselines
 from tests.support.registry import new_version
 
 DATED_TEMPLATE = "{{ strftime_now('%d %B %Y') }}{% for m in messages %}{{ m.content }}{% endfor %}"
@@ -41,7 +42,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list
         return {"metrics": {"exact_match": len(scored) / 10}, "per_example": {"exact_match": [1.0]}, "samples": []}
 
     monkeypatch.setattr(retrain, "evaluate_model_dir", evaluate)
-    monkeypatch.setattr(retrain, "date", Day)
+    monkeypatch.setattr(baselines, "date", Day)
     Day.current = dt.date(2026, 12, 6)
     return root, scored
 
