@@ -235,10 +235,11 @@ def evaluate_champion(root: Path, params: Params, version: str, split: str = "te
     if stored is not None:
         return stored
     model_dir = download_version(params.registry.model_name, version, folder)
+    day = dated_today(model_dir)  # before scoring: the day its prompts carry, were the scoring to cross midnight
     scored = (score_preference_dir(model_dir, root / "artifacts/prepared", params.eval) if split == "preference_heldout"
               else evaluate_model_dir(model_dir, load_split(root / "artifacts/prepared", split, params.eval.max_examples), params.eval))
     result = {"metrics": scored["metrics"], "per_example": scored["per_example"], "samples": scored.get("samples", []),
-              "date": dated_today(model_dir)}
+              "date": day}
     write_atomic(cache, json.dumps(result))  # a run stopped mid-write leaves no half a file for the next to read
     return result
 

@@ -193,7 +193,8 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
     for i, m in enumerate(messages, start=1):
         role = m.get("role")
         if "function_call" in m:  # left by to_canonical where it could not become the turn's one call
-            why = "beside calls in tool_calls" if isinstance(m["function_call"], dict) else "that is not a call ({name, arguments})"
+            why = ("that is not a call ({name, arguments})" if not isinstance(m["function_call"], dict)
+                   else "beside calls in tool_calls" if role == "assistant" else f"on a {role} message")
             problems.setdefault("bad_tool_call", f"message {i} has a legacy function_call {why}; write every call once, in tool_calls")
         if "weight" in m and (role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
             where = f"on a {role} message" if role != "assistant" else f"of {m['weight']!r}"

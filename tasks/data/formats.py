@@ -175,10 +175,10 @@ def _openai_to_canonical(obj: dict) -> dict:
         if "thinking" in m and "reasoning_content" not in m:
             canon["reasoning_content"] = m["thinking"]
         legacy = m.get("function_call")
-        if isinstance(legacy, dict) and not m.get("tool_calls"):  # the legacy form of one call (tool_calls null or [])
-            canon["tool_calls"] = [calls.new(legacy)]
+        if isinstance(legacy, dict) and not m.get("tool_calls") and m.get("role") == "assistant":
+            canon["tool_calls"] = [calls.new(legacy)]  # the legacy form of one call (tool_calls null or [])
         else:
-            if legacy is not None:  # beside calls in tool_calls, or not a call: kept, so that validation names it
+            if legacy is not None:  # beside calls, not a call, or not the assistant's: kept, so that validation names it
                 canon["function_call"] = legacy
             if m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
                 canon["tool_calls"] = [_arguments_as_json(c) for c in m["tool_calls"]]

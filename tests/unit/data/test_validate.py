@@ -105,24 +105,27 @@ def test_a_logged_legacy_function_call_becomes_a_tool_call(content: str | None, 
     assert [c["function"] for c in canonical["tool_calls"]] == [call] and "function_call" not in canonical
 
 
-@pytest.mark.parametrize(("function_call", "why"), [
-    ({"name": "get_time", "arguments": '{"city": "Rome"}'}, "beside calls in tool_calls"),
-    ("auto", "that is not a call"),
+@pytest.mark.parametrize(("function_call", "why", "on_user"), [
+    ({"name": "get_time", "arguments": '{"city": "Rome"}'}, "beside calls in tool_calls", False),
+    ("auto", "that is not a call", False),
+    ({"name": "get_time", "arguments": '{"city": "Rome"}'}, "on a user message", True),
 ])  # fmt: skip
 def test_a_legacy_function_call_that_cannot_be_the_turns_call_is_refused_not_dropped(
-    tmp_path: Path, function_call: object, why: str
+    tmp_path: Path, function_call: object, why: str, on_user: bool
 ) -> None:
     tool = {"type": "function", "function": {"name": "get_time", "description": "Local time in a city.",
                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
     calls = [{"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Oslo"}'}}]
-    answer = logged_answer("Let me check.", function_call=function_call, tool_calls=calls)
-    line = {"messages": [{"role": "user", "content": "Time in Oslo?"}, answer,
+    answer = logged_answer("Let me check.", function_call=None if on_user else function_call, tool_calls=calls)
+    question = {"role": "user", "content": "Time in Oslo?", **({"function_call": function_call, "tool_calls": []} if on_user else {})}
+    line = {"messages": [question, answer,
                          {"role": "tool", "tool_call_id": "call_1", "content": '{"time": "20:03"}'},
                          {"role": "assistant", "content": "It is 20:03."}], "tools": [tool]}
     report = validate_dataset(write(tmp_path, [GOOD, line]), fmt="openai")
     assert report.error_lines == {"bad_tool_call": [2]}
     message = next(r["message"] for r in report.error_rows)
-    assert f"message 2 has a legacy function_call {why}" in message and "write every call once, in tool_calls" in message
+    where = 1 if on_user else 2
+    assert f"message {where} has a legacy function_call {why}" in message and "write every call once, in tool_calls" in message
 
 
 @pytest.mark.parametrize("field", [{"refusal": "I can't help with that."}, {"annotations": [{"type": "url_citation"}]},

@@ -89,3 +89,21 @@ def test_a_stored_file_that_cannot_be_read_is_scored_again(tmp_path: Path, proje
     [stored] = (root / "artifacts/champion").glob("*-scored.json")
     stored.write_text('{"metrics": ')  # half a file
     assert champion_scores(root, name, "1")["metrics"] == {"exact_match": 0.2} and len(scored) == 2
+
+
+def test_scores_are_kept_for_the_day_their_prompts_carry_when_scoring_crosses_midnight(
+    tmp_path: Path, project: tuple[Path, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, scored = project
+    name = f"champ-{uuid.uuid4().hex[:8]}"
+    new_version(tmp_path, name, True, files={"chat_template.jinja": DATED_TEMPLATE})
+    score = retrain.evaluate_model_dir
+
+    def past_midnight(model_dir: Path, examples: list, params) -> dict:
+        Day.current = dt.date(2026, 12, 7)  # the prompts were rendered on the 6th
+        return score(model_dir, examples, params)
+
+    monkeypatch.setattr(retrain, "evaluate_model_dir", past_midnight)
+    champion_scores(root, name, "1")
+    champion_scores(root, name, "1")
+    assert len(scored) == 2  # the 6th's scores are not reused on the 7th
