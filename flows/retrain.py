@@ -231,8 +231,7 @@ def evaluate_champion(root: Path, params: Params, version: str, split: str = "te
     split_path = root / f"artifacts/prepared/{split}.jsonl"
     folder = version_folder(root, params.registry.model_name, version)
     cache = folder.with_name(f"{folder.name}-{file_md5(split_path)[:12]}-{scoring_digest(params)}-scored.json")
-    stored = read_scores(cache)
-    if stored is not None:
+    if (stored := read_scores(cache)) is not None:
         return stored
     model_dir = download_version(params.registry.model_name, version, folder)
     day = dated_today(model_dir)  # before scoring: the day its prompts carry, were the scoring to cross midnight
