@@ -11,8 +11,9 @@ For the first `--limit` test examples whose reference turn is a call, per functi
   spell, such as an enum written otherwise, has none).
 
 A model that copies an argument from the question has a head on it; one that writes a value
-of its own has none (benchmarks/results/tools_tiny.md). The calls are read in the Hermes
-format of the tiny model's template (`<tool_call>{json}</tool_call>`) that the built-in task trains.
+of its own has none (benchmarks/results/tools_tiny.md). The greedy calls are read as
+evaluation reads them; the teacher-forced call is written in the Hermes form
+(`<tool_call>\n{"name": ..., "arguments": ...}`) of the tiny model's template.
 
     PYTHONPATH=. .venv/bin/python benchmarks/tool_arguments.py artifacts/model artifacts/prepared/test.jsonl
 """
@@ -22,14 +23,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
 
 def call_rows(split: Path, limit: int) -> list[tuple[list[dict], list | None, dict]]:
@@ -46,20 +45,21 @@ def call_rows(split: Path, limit: int) -> list[tuple[list[dict], list | None, di
     return rows
 
 
-def greedy_calls(model, tok, prompts: list[str], max_new_tokens: int) -> list[dict | None]:
-    """The call each prompt's greedy continuation writes, or None (no call, or not JSON)."""
+def greedy_calls(model, tok, prompts: list[str], tools: list[list | None], max_new_tokens: int) -> list[dict | None]:
+    """The first call each prompt's greedy continuation writes, as `{name, arguments}`, or None (no valid call),
+    read by the parser evaluation and the service use (`tasks.model.responses.parse_generation`)."""
+    from tasks.model.responses import parse_generation
+
     tok.padding_side = "left"
     calls = []
     for i in range(0, len(prompts), 16):
         enc = tok(prompts[i:i + 16], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        for row in out:
-            match = CALL.search(tok.decode(row[enc["input_ids"].shape[1]:]))
-            try:
-                calls.append(json.loads(match.group(1)) if match else None)
-            except ValueError:
-                calls.append(None)
+        for prompt, declared, row in zip(prompts[i:i + 16], tools[i:i + 16], out):
+            parsed = parse_generation(tok, tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True), prompt, declared)
+            calls.append({"name": parsed.tool_calls[0].name, "arguments": parsed.tool_calls[0].arguments}
+                         if parsed.tool_calls else None)
     return calls
 
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             module.config._attn_implementation = "eager"
     rows = call_rows(args.split, args.limit)
     prompts = [render_prompt(tok, messages, info.get("system_message", "auto"), tools) for messages, tools, _ in rows]
-    calls = greedy_calls(model, tok, prompts, args.max_new_tokens)
+    calls = greedy_calls(model, tok, prompts, [tools for _, tools, _ in rows], args.max_new_tokens)
     table: dict[str, dict] = collections.defaultdict(lambda: {"calls": 0, "right": 0, "p": [], "top1": 0, "heads": collections.Counter()})
     for (messages, _, function), prompt, call in zip(rows, prompts, calls):
         wanted = json.loads(function["arguments"])
