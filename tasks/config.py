@@ -322,6 +322,10 @@ class EvalParams(_Section):
                     "(base model files, test examples, shots, these settings, code, libraries): the base model is not "
                     "loaded or run again (tasks/evaluate/baselines.py). false: score it in every run.",
     )
+    prompt_date: str | None = Field(
+        None, description="Filled in by the resolve stage: today's date where the run's chat template writes it into "
+        "the prompt (strftime_now), so DVC scores the candidate again on another day, as the champion is.",
+    )
 
 
 class GateParams(_Section):
@@ -783,12 +787,14 @@ def overrides_from_env() -> dict[str, Any]:
     return value
 
 
-def write_resolved(params: Params, out: Path) -> Path:
-    """Write the settings a run uses, plus the md5 of the data file, of every source and of a chat template file.
+def write_resolved(params: Params, out: Path, prompt_date: str | None = None) -> Path:
+    """Write the settings a run uses, plus the md5 of the data file, of every source and of a chat template file,
+    and `prompt_date` (`eval.prompt_date`: the day a dated chat template writes into the prompt).
 
     DVC reruns a stage when one of these changes, though the file's path did not.
     """
     doc = params.model_dump(mode="json")
+    doc["eval"]["prompt_date"] = prompt_date
     data_path = Path(params.data.path)
     doc["data"]["md5"] = file_md5(data_path) if data_path.is_file() else None
     # Every source's md5 sits in the `data` section the prepare stage depends on, so that
@@ -820,7 +826,8 @@ PARAMS_HEADER = """\
 # keeping your values.
 """
 # Keys the resolve stage fills in for a run; not settings a user writes.
-RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5"), ("preference", "md5"), ("train", "init_md5")}
+RESOLVED_ONLY = {("data", "md5"), ("model", "chat_template_md5"), ("preference", "md5"), ("train", "init_md5"),
+                 ("eval", "prompt_date")}
 # Keys a run fills in for its stages (they travel in its overrides); not settings a user writes either.
 RUN_FILLED = {("train", "init_path")}
 COMMENT_COLUMN = 31  # where comments start, so that the values line up

@@ -110,10 +110,18 @@ def dated_today(model_folder: Path) -> str | None:
     return date.today().isoformat() if writes_date("", model_folder) else None
 
 
+def prompt_date(params: Params) -> str | None:
+    """Today's date where the run's chat template (`model.chat_template`, or the base model's) writes it
+    into the prompt, else None. The resolve stage writes it into the run's settings (`eval.prompt_date`),
+    so that DVC evaluates the candidate again on another day, as the flow scores the champion again."""
+    dated = writes_date(_template_text(params.model.chat_template), base_folder(params.model.base))
+    return date.today().isoformat() if dated else None
+
+
 def scoring_context(params: Params) -> dict[str, Any]:
     """What any model's scores depend on beside the model and the examples: the `eval`
     settings, the device, the versions of the libraries that render and score, and the scoring code."""
-    return {"eval": params.eval.model_dump(mode="json", exclude={"reuse_baselines"}), "runtime": _runtime(),
+    return {"eval": params.eval.model_dump(mode="json", exclude={"reuse_baselines", "prompt_date"}), "runtime": _runtime(),
             "code": _code_digest()}
 
 

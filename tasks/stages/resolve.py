@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from tasks.config import load_params, overrides_from_env, write_resolved
+from tasks.evaluate.baselines import prompt_date
 from tasks.runner import run_stage
 
 
@@ -20,7 +21,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", type=Path, default=Path("artifacts/params.yaml"))
     args = ap.parse_args(argv)
-    write_resolved(load_params(args.params, overrides_from_env()), args.out)
+    params = load_params(args.params, overrides_from_env())
+    write_resolved(params, args.out, prompt_date(params))
     return 0
 
 

@@ -80,3 +80,21 @@ def test_editing_the_loss_reruns_finetune_and_not_prepare(committed):
     finally:
         loss.write_text(original)
     assert "finetune" in out and "prepare" not in out
+
+
+def test_another_prompt_date_reruns_evaluate_and_nothing_before_it(committed):
+    """A chat template that writes today's date renders other prompts on another day: the
+    resolved `eval.prompt_date` changes, and DVC scores the candidate again (the champion is
+    scored again that day too), without training it again."""
+    import yaml
+
+    resolved = committed / "artifacts" / "params.yaml"
+    original = resolved.read_text()
+    doc = yaml.safe_load(original)
+    doc["eval"]["prompt_date"] = "2026-12-07"
+    resolved.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        out = json.loads(_dvc(committed, "status", "--json") or "{}")
+    finally:
+        resolved.write_text(original)
+    assert "evaluate" in out and not {"prepare", "finetune", "preference"} & set(out), out
