@@ -121,8 +121,8 @@ class ParsedResponse:
 
     @property
     def answer(self) -> str:
-        """The answer a user reads: the content, or the text as written when the calls are invalid."""
-        return self.text if self.invalid else self.content
+        """The answer a user reads: the content, or the text as written (trimmed) when the calls are invalid."""
+        return self.text.strip() if self.invalid else self.content
 
 
 def new_call_id() -> str:
@@ -163,18 +163,23 @@ def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None
         prompt: the rendered prompt: a template that opens `<think>` in it is read correctly.
         tools: the tools the request declared; None reads no calls (any call text is answer).
     """
-    from transformers.utils.chat_parsing import parse_response
+    from transformers.utils.chat_parsing import ResponseParser
 
     template, own = response_template(tokenizer)
     try:
-        message = parse_response(text, template, prefix=prompt if own else _prefix(prompt), tools=tools if own else None)
+        parser = ResponseParser(template, prefix=prompt if own else _prefix(prompt), tools=tools if own else None)
+        events = parser.feed(text)
+        message, last = parser.finalize()
     except ValueError as exc:  # a call region that is not JSON
         reasoning, rest = split_reasoning(text, prompt)
         return ParsedResponse(_before_call(rest), reasoning, [], f"unparseable tool call ({_first_line(exc)})", rest)
     reasoning = message.get("reasoning_content") or message.get("thinking") or None
     rest = split_reasoning(text, prompt)[1] if reasoning else text
-    content = message.get("content") or ""
     raw_calls = message.get("tool_calls") or []
+    # The library's message keeps the last stretch of text only; text on both sides of a call
+    # is all answer (and is what the stream sends), so the stretches are joined.
+    content = ("".join(e["text"] for e in [*events, *last] if e["type"] == "region_chunk" and e["field"] == "content").strip()
+               if raw_calls else message.get("content") or "")
     if not raw_calls:
         return ParsedResponse(content if (tools or reasoning) else text, reasoning, [], "", rest)
     if not tools:  # a call to a function the request did not offer
@@ -295,10 +300,13 @@ class ResponseStream:
         # only once more text follows it.
         self._pending = {"content": "", "reasoning_content": ""}
         self._failed = False
+        # Once a call opens, no more text is sent until the end: were the call invalid, the
+        # answer is the text as written, whose next piece is the call's text, not what follows it.
+        self._held = False
 
     def feed(self, delta: str) -> list[tuple[str, str]]:
         self._text.append(delta)
-        if self._failed:
+        if self._failed or self._held:
             return []
         try:
             events = self._parser.feed(delta)
@@ -307,6 +315,9 @@ class ResponseStream:
             return []
         out = []
         for event in events:
+            if event["type"] == "region_open" and event["field"] == "tool_calls":
+                self._held = True
+                break
             name = event["field"]
             if event["type"] != "region_chunk" or name not in self._sent:
                 continue

@@ -99,7 +99,7 @@ def test_without_tools_the_text_is_the_answer_as_written(tokenizers):
     tok = tokenizers("qwen2.5")
     text = ' <tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call> '
     parsed = parse_generation(tok, text, render_prompt(tok, QUESTION), None)
-    assert parsed.tool_calls == [] and parsed.answer == text
+    assert parsed.tool_calls == [] and parsed.answer == text.strip()  # the call's text stays, trimmed as any answer
 
 
 def test_reasoning_is_returned_apart_from_the_answer(tokenizers):
@@ -142,7 +142,11 @@ def test_streamed_pieces_join_to_the_parsed_message(tokenizers, family):
     prompt = render_prompt(tok, QUESTION, tools=TOOLS)
     for text in ['<think>\nhmm, Oslo\n</think>\n\nSure thing.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
                  "Just text, with  spaces. ", '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',
-                 '<tool_call>\n{"name": "get_weather", "arguments": {"ci']:
+                 '<tool_call>\n{"name": "get_weather", "arguments": {"ci',
+                 # Text after a call (valid or not) is neither lost nor sent twice.
+                 'Hello <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\ntrailing text',
+                 'Hi <tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call> after',
+                 '\n Hi <tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>\n']:
         stream = ResponseStream(tok, prompt, TOOLS)
         pieces = [p for i in range(0, len(text), 3) for p in stream.feed(text[i:i + 3])]
         parsed, owed = stream.finish()
@@ -150,6 +154,14 @@ def test_streamed_pieces_join_to_the_parsed_message(tokenizers, family):
         assert "".join(t for f, t in pieces if f == "content") == parsed.answer, text
         assert "".join(t for f, t in pieces if f == "reasoning_content") == (parsed.reasoning_content or "")
         assert not any("<tool_call>" in t for f, t in pieces) or parsed.invalid
+
+
+def test_text_on_both_sides_of_a_call_is_all_answer(tokenizers):
+    tok = tokenizers("qwen2.5")
+    text = 'Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\nOne moment.'
+    parsed = parse_generation(tok, text, render_prompt(tok, QUESTION, tools=TOOLS), TOOLS)
+    assert [c.name for c in parsed.tool_calls] == ["get_weather"]
+    assert parsed.content == "Let me look. One moment."
 
 
 @pytest.mark.parametrize(("family", "required", "named"), [
