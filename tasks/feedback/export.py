@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tasks.data.checks import example_digests, normalise_example
 from tasks.feedback.redact import RedactAction, redact_examples
 from tasks.feedback.schema import MAX_RATING, MIN_RATING, FeedbackRow, Interaction, prompt_digest
 from tasks.feedback.store import FeedbackReader
@@ -65,6 +66,7 @@ class FeedbackExport:
     by_key: dict[str, int] = field(default_factory=dict)  # exported examples per key name
     users: int = 0  # distinct end users among the exported examples
     redacted: dict[str, int] = field(default_factory=dict)  # findings per category, examples changed/dropped
+    repeats: int = 0  # examples left out as the same as a later one (many users, the same rated answer)
 
 
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,
@@ -146,7 +148,27 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
             trusted.append(row.trusted)
     examples, capped = _cap_per_key(examples, trusted, policy.max_key_share, policy.other_examples)
     examples, redacted = redact_examples(examples, policy.redaction)
-    return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted}
+    examples, repeats = _latest_of_each(examples)
+    return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted,
+                      "repeats": repeats}
+
+
+def _latest_of_each(examples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The examples without repeats (as redacted, up to case and whitespace, as validation
+    compares them), the latest of each kept, and how many were repeats.
+
+    Users who ask the same question and rate the same greedy answer high send the same
+    example many times; validation would refuse the source for its duplicates and fail every
+    run, so the log's feedback would never be trained on.
+    """
+    seen: set[bytes] = set()
+    kept = []
+    for example in reversed(examples):
+        loose = example_digests(normalise_example(example)["messages"], example.get("tools"))[1]
+        if loose not in seen:
+            seen.add(loose)
+            kept.append(example)
+    return kept[::-1], len(examples) - len(kept)
 
 
 def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool = False,
@@ -182,4 +204,5 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
     users = {(e["provenance"]["key"], e["provenance"]["user"]) for e in examples if e["provenance"]["user"]}
     return FeedbackExport(db=db_path, path=Path(out), examples=len(examples), last_feedback_id=last,
                           held=left_out["held"], capped=left_out["capped"], erased=left_out["erased"],
-                          by_key=dict(sorted(by_key.items())), users=len(users), redacted=left_out["redacted"])
+                          by_key=dict(sorted(by_key.items())), users=len(users), redacted=left_out["redacted"],
+                          repeats=left_out["repeats"])

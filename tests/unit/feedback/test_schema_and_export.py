@@ -99,3 +99,22 @@ def test_no_log_yet_exports_nothing_only_when_asked_to(tmp_path):
 def test_the_feedback_module_imports_neither_serving_nor_flows():
     files = {f.relative_to(REPO).parts[0] for f in import_closure(REPO, "tasks.feedback")}
     assert "tasks" in files and not files & {"serving", "flows"}
+
+
+def test_users_who_rate_the_same_answer_to_the_same_question_make_one_example_that_validates(tmp_path):
+    """Many users ask alike and get the same greedy answer: exported once (the latest), so the
+    source is not refused for duplicates, which would fail every run and never train the feedback."""
+    from tasks.data.validate import validate_dataset
+
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    for i, prompt in enumerate(["When? 1", "When? 1", "when?  1", "When? 2"]):
+        store.log_interaction(Interaction(f"c{i}", "/v1/chat/completions", "m", "1",
+                                          [{"role": "user", "content": prompt}], "answer 1", "stop", 3, 2, 1.0))
+        store.add_feedback(f"c{i}", 5, key_name="ops", trusted=True, end_user=f"user-{i}")
+    store.close()
+    exported = export_feedback(db, tmp_path / "feedback.jsonl", min_rating=4)
+    rows = [json.loads(line) for line in (tmp_path / "feedback.jsonl").read_text().splitlines()]
+    assert (exported.examples, exported.repeats) == (2, 2)
+    assert [r["messages"][0]["content"] for r in rows] == ["when?  1", "When? 2"]  # the latest of the three
+    assert validate_dataset(tmp_path / "feedback.jsonl").valid
