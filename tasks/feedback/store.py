@@ -212,8 +212,12 @@ class FeedbackStore:
     def forget(self, *, end_user: str | None = None, key_name: str | None = None, before: float | None = None,
                reason: str) -> tuple[int, int]:
         """Erase the interactions of an end user, a key, or from before a time, and all feedback on
-        them or sent by that user or key; list the erased prompts' digests so that no later
-        export contains them. Return (interactions, feedback rows) erased.
+        them or sent by that user or key. Return (interactions, feedback rows) erased.
+
+        Erasing a user's or a key's data also lists the erased prompts' digests, so that no
+        later export contains them, were they logged again. Erasing by time (retention) does
+        not: another user's newer question in the same words is not erased data, and listing
+        it would drop every later feedback on a common question.
         """
         conditions = [(col, val) for col, val in (("end_user = ?", end_user), ("key_name = ?", key_name),
                                                   ("created < ?", before)) if val is not None]
@@ -224,9 +228,10 @@ class FeedbackStore:
         with self._lock, self._conn:
             rows = self._conn.execute(f"SELECT id, messages FROM interactions WHERE {where}", args).fetchall()
             ids = [r[0] for r in rows]
-            now = time.time()
-            self._conn.executemany("INSERT OR IGNORE INTO erasures (digest, created, reason) VALUES (?,?,?)",
-                                   [(prompt_digest(json.loads(m)), now, reason) for _, m in rows])
+            if end_user is not None or key_name is not None:
+                now = time.time()
+                self._conn.executemany("INSERT OR IGNORE INTO erasures (digest, created, reason) VALUES (?,?,?)",
+                                       [(prompt_digest(json.loads(m)), now, reason) for _, m in rows])
             gone = self._conn.execute(
                 f"DELETE FROM feedback WHERE ({where}) OR completion_id IN (SELECT id FROM interactions WHERE {where})",
                 args + args).rowcount

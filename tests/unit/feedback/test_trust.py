@@ -125,7 +125,14 @@ def test_retention_erases_old_interactions(db, tmp_path):
     store._conn.commit()
     assert store.expire(30) == (2, 2) and store.expire(0) == (0, 0)
     assert store.count("interactions") == 4
+    # Erasure by age lists no prompt: the same question asked again today is exported as any other.
+    _log(store, 1)
+    store.add_feedback("c1", 2, "asked again", key_name="ops", trusted=True)
     store.close()
+    rows, exported = _export(db, tmp_path, auto_approve="all")
+    assert exported.erased == 0 and "asked again" in [r["messages"][-1]["content"] for r in rows]
+    with FeedbackReader(db) as reader:
+        assert reader.erased_digests() == set()
 
 
 def test_one_correction_per_completion_per_key(db):
