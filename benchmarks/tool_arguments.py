@@ -48,6 +48,7 @@ def call_rows(split: Path, limit: int) -> list[tuple[list[dict], list | None, di
 def greedy_calls(model, tok, prompts: list[str], tools: list[list | None], max_new_tokens: int) -> list[dict | None]:
     """The first call each prompt's greedy continuation writes, as `{name, arguments}`, or None (no valid call),
     read by the parser evaluation and the service use (`tasks.model.responses.parse_generation`)."""
+    from tasks.model.decoding import decode_generation
     from tasks.model.responses import parse_generation
 
     tok.padding_side = "left"
@@ -57,7 +58,7 @@ def greedy_calls(model, tok, prompts: list[str], tools: list[list | None], max_n
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         for prompt, declared, row in zip(prompts[i:i + 16], tools[i:i + 16], out):
-            parsed = parse_generation(tok, tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True), prompt, declared)
+            parsed = parse_generation(tok, decode_generation(tok, row[enc["input_ids"].shape[1]:].tolist()), prompt, declared)
             calls.append({"name": parsed.tool_calls[0].name, "arguments": parsed.tool_calls[0].arguments}
                          if parsed.tool_calls else None)
     return calls

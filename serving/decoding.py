@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from tasks.environment import environment, usable_cpus
+from tasks.model.decoding import decode_generation
 
 # The context of a model whose config does not say (no `max_position_embeddings`): what
 # most small decoder models of the transformers library are built with.
@@ -148,7 +149,12 @@ def cpu_threads() -> int:
 
 class Tokens:
     """Turns each step's tokens into text and events for the rows (both loops use it, so
-    stop strings, held-back text and token counts are the same in either)."""
+    stop strings, held-back text and token counts are the same in either).
+
+    The text is `decode_generation`'s, as evaluation reads it: special tokens dropped but for
+    the markers that open calls and reasoning (Mistral v0.3's `[TOOL_CALLS]` is one), so a
+    call the model writes unforced is parsed as a call, streamed or not.
+    """
 
     def __init__(self, tokenizer) -> None:
         self.tok = tokenizer
@@ -172,7 +178,7 @@ class Tokens:
 
     def text(self, row: Row) -> None:
         """The row's new text as a delta event (all of it once the row ends), cut at a stop string."""
-        text = self.tok.decode(row.ids, skip_special_tokens=True)
+        text = decode_generation(self.tok, row.ids)
         cut = min((i for i in (text.find(s) for s in row.stops) if i >= 0), default=-1)
         if cut >= 0:
             row.done, row.finish, text = True, "stop", text[:cut]

@@ -211,7 +211,9 @@ class ChatPlan:
         tools: the tools shown to the model (None with `tool_choice: none` or no tools).
         parse: whether the generation is parsed (tools offered, or a template that writes
             reasoning traces); else its text is the answer as generated.
-        single_call: `parallel_tool_calls: false`: at most the first call is returned.
+        single_call: at most the first call is returned: with `parallel_tool_calls: false`, and
+            with a named `tool_choice`, which asks for a call to that function only (the forced
+            call is the first; the model may write calls to other functions after it).
         invalid_finish: the finish reason of a call returned as text (`serving.invalid_call_finish_reason`).
     """
 
@@ -456,7 +458,7 @@ class ChatService:
                                     f"{loaded.version}'s does not. Use tool_choice 'auto'.", param="tool_choice",
                                code="unsupported_value")
         return ChatPlan(loaded.tokenizer, prompt, opening, shown, needs_parsing(loaded.tokenizer, shown),
-                        req.parallel_tool_calls is False, self.limits.invalid_call_finish_reason)
+                        req.parallel_tool_calls is False or name is not None, self.limits.invalid_call_finish_reason)
 
     async def chat_completions(self, request: Request):
         started = time.perf_counter()

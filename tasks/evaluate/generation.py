@@ -10,6 +10,7 @@ import time
 from tasks.environment import ThreadShare
 from tasks.errors import RunFailed
 from tasks.model.chat import encode_chats
+from tasks.model.decoding import decode_generation
 
 Example = dict  # one canonical example: {"messages": [...], ...}
 
@@ -100,7 +101,11 @@ def perplexity(nll: list[float], tokens: list[int], tokenizer=None) -> float:
 
 
 def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int):
-    """Greedy completions of `prompts`, with per-example latency (ms) and generated token counts."""
+    """Greedy completions of `prompts`, with per-example latency (ms) and generated token counts.
+
+    The completions are decoded as the service decodes them (`decode_generation`): special
+    tokens dropped but for the markers of calls and reasoning, so the same calls are parsed.
+    """
     import torch
 
     device = next(model.parameters()).device
@@ -119,7 +124,7 @@ def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int, 
             )
         elapsed_ms = (time.perf_counter() - t0) * 1000
         new = out[:, enc["input_ids"].shape[1]:]
-        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+        outputs += [decode_generation(tokenizer, row.tolist()) for row in new]
         lengths += [int((row != tokenizer.pad_token_id).sum()) for row in new]
         # Examples in one batch finish together: each waited the whole batch.
         latencies += [elapsed_ms] * len(chunk)

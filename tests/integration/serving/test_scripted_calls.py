@@ -1,0 +1,107 @@
+"""Calls the chat route reads from what a family's model writes, given as a script of tokens.
+
+The route is the service's own; the engine decodes the scripted ids as the decoding loops do
+(`tests.support.scripted_service`), with each family's real tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.support.scripted_service import scripted_chat
+
+MESSAGES = [{"role": "user", "content": "What is the weather in Oslo?"}]
+TOOLS = [{"type": "function", "function": {"name": name, "description": description, "parameters": {
+    "type": "object", "properties": properties, "required": list(properties)}}}
+    for name, description, properties in (("get_weather", "The weather in a city.", {"city": {"type": "string"}}),
+                                          ("get_time", "The time in a city.", {"city": {"type": "string"}}))]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def streamed_calls(chunks: list[dict]) -> tuple[list[dict], str, str]:
+    """(the calls as the `openai` client's accumulator joins them, the content, the finish reason)."""
+    calls: dict[int, dict] = {}
+    content, finish = "", None
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        delta = choice["delta"]
+        content += delta.get("content") or ""
+        for part in delta.get("tool_calls") or []:
+            call = calls.setdefault(part["index"], {"name": "", "arguments": ""})
+            call["name"] += part.get("function", {}).get("name", "")
+            call["arguments"] += part["function"].get("arguments", "")
+        finish = choice["finish_reason"] or finish
+    return [{"name": c["name"], "arguments": json.loads(c["arguments"])} for c in calls.values()], content, finish
+
+
+def answered_calls(answer: dict) -> tuple[list[dict], str | None, str]:
+    """(the calls, the content, the finish reason) of a non-streamed answer."""
+    choice = answer["choices"][0]
+    calls = [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+             for c in choice["message"].get("tool_calls") or []]
+    return calls, choice["message"]["content"], choice["finish_reason"]
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama3.1"])
+def test_a_call_the_model_writes_unforced_is_returned_as_a_call_streamed_or_not(family_models, family):
+    """Mistral v0.3's `[TOOL_CALLS]` and Llama 3.1's `<|python_tag|>` are special tokens: the
+    decoded text keeps them, so the call under `tool_choice: auto` is not read as text."""
+    marker = {"mistral": '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]',
+              "llama3.1": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}'}[family]
+    wanted = [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    with scripted_chat(family_models(family)) as chat:
+        chat.writes(marker)
+        assert answered_calls(chat.post(messages=MESSAGES, tools=TOOLS)) == (wanted, None, "tool_calls")
+        assert streamed_calls(chat.stream(messages=MESSAGES, tools=TOOLS)) == (wanted, "", "tool_calls")
+
+
+def test_text_before_an_unforced_mistral_call_is_its_content_and_other_special_tokens_are_dropped(family_models):
+    with scripted_chat(family_models("mistral")) as chat:
+        chat.writes('[INST]On it.[TOOL_CALLS] [{"name": "get_time", "arguments": {"city": "Oslo"}}]')
+        calls, content, finish = answered_calls(chat.post(messages=MESSAGES, tools=TOOLS))
+        assert (calls, content, finish) == ([{"name": "get_time", "arguments": {"city": "Oslo"}}], "On it.",
+                                            "tool_calls")
+        assert streamed_calls(chat.stream(messages=MESSAGES, tools=TOOLS)) == (calls, content, finish)
+        # Without tools the text is the answer as written, the call marker included, the others not.
+        chat.writes("[INST]Hello[TOOL_CALLS] there")
+        assert answered_calls(chat.post(messages=MESSAGES))[1] == "Hello[TOOL_CALLS] there"
+
+
+def test_a_stop_string_still_ends_the_answer_after_a_kept_marker(family_models):
+    with scripted_chat(family_models("mistral")) as chat:
+        chat.writes('Sure.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]')
+        answer = chat.post(messages=MESSAGES, stop=["[TOOL_CALLS]"])
+        assert answered_calls(answer)[1:] == ("Sure.", "stop")
+        chunks = chat.stream(messages=MESSAGES, stop=["[TOOL_CALLS]"])
+        assert streamed_calls(chunks)[1:] == ("Sure.", "stop")
+
+
+@pytest.mark.parametrize(("family", "calls"), [
+    ("qwen2.5", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+                '<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>'),
+    ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}, '
+                '{"name": "get_time", "arguments": {"city": "Oslo"}}]'),
+])
+def test_a_named_tool_choice_returns_only_the_call_to_that_function(family_models, family, calls):
+    """OpenAI's named `tool_choice` answers with a call to that function only: calls the model
+    writes after the forced one are dropped, whatever `parallel_tool_calls` says."""
+    from tasks.model.responses import forced_call_opening
+
+    wanted = [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    with scripted_chat(family_models(family)) as chat:
+        # The model goes on from the opening the service appends to the prompt.
+        opening = forced_call_opening(chat.engine.tokenizer, MESSAGES, TOOLS, "get_weather")
+        assert calls.startswith(opening)
+        chat.writes(calls.removeprefix(opening))
+        for parallel in (None, True):
+            body = {"messages": MESSAGES, "tools": TOOLS, "tool_choice": NAMED, "parallel_tool_calls": parallel}
+            assert answered_calls(chat.post(**body)) == (wanted, None, "tool_calls")
+            assert streamed_calls(chat.stream(**body)) == (wanted, "", "tool_calls")
+        # `required` leaves the function to the model: every call it writes comes back.
+        opening = forced_call_opening(chat.engine.tokenizer, MESSAGES, TOOLS, None)
+        chat.writes(calls.removeprefix(opening))
+        body = {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required"}
+        assert [c["name"] for c in answered_calls(chat.post(**body))[0]] == ["get_weather", "get_time"]
+        assert [c["name"] for c in streamed_calls(chat.stream(**body))[0]] == ["get_weather", "get_time"]

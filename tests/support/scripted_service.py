@@ -1,0 +1,119 @@
+"""The chat route around a family model's tokenizer, answering with a generation given as text.
+
+The route, its plan and its reading of calls are the service's own (`serving.service`); only
+the engine is replaced, by one that sends the given generation's token ids through the
+decoding loops' `serving.decoding.Tokens`, so the route reads the text exactly as the
+engine would have decoded it, special tokens included. A random-weight model writes no
+call, and a trained one writes the calls it learned: scripting the ids is how a test
+makes a model write an unforced Mistral call, or calls after a forced one.
+
+Import `serving.service` only from tests/integration/serving (see its conftest): use
+`scripted_chat` inside a test function there.
+
+    with scripted_chat(family_models("mistral")) as chat:
+        chat.writes('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]')
+        answer = chat.post(messages=..., tools=...)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ScriptedEngine:
+    """Stands in for `serving.engine_process.EngineProcess`: each row generates `ids`, then eos."""
+
+    tokenizer: Any
+    ids: list[int] = field(default_factory=list)
+
+    async def submit(self, completion) -> None:
+        from serving.decoding import LoadedModel, Row, Tokens
+
+        row = Row(completion.id, completion.prompt_ids, completion.max_new, completion.temperature,
+                  completion.top_p, completion.stops, completion.stream, LoadedModel(None, self.tokenizer, 2048))
+        tokens = Tokens(self.tokenizer)
+        for token in [*self.ids, self.tokenizer.eos_token_id]:
+            if row.done:
+                break
+            tokens.add([row], [token])
+        for _row, event in tokens.events:
+            completion.queue.put_nowait(event)
+
+    def cancel(self, completion) -> None:
+        """Nothing is generating: the events are all queued at once."""
+
+
+@dataclass
+class ScriptedModels:
+    """Stands in for `serving.model_manager.ModelManager`: one model, always served."""
+
+    served: Any
+    engine: ScriptedEngine
+
+    def current(self):
+        return self.served
+
+
+class LogNothing:
+    """Stands in for the interaction log."""
+
+    def log_later(self, item) -> None:
+        pass
+
+
+@dataclass
+class ScriptedChat:
+    """The chat route over a test client, and what its model writes next (`writes`)."""
+
+    client: Any
+    engine: ScriptedEngine
+
+    def writes(self, text: str) -> None:
+        """The text every following completion generates (encoded without bos, as a model writes it)."""
+        self.engine.ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def post(self, **body) -> dict:
+        """A non-streamed completion's JSON (asserting a 200)."""
+        resp = self.client.post("/v1/chat/completions", json={"temperature": 0, "max_tokens": 256, **body})
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def stream(self, **body) -> list[dict]:
+        """A streamed completion's chunks, in order (without `[DONE]`)."""
+        resp = self.client.post("/v1/chat/completions",
+                                json={"temperature": 0, "max_tokens": 256, **body, "stream": True})
+        assert resp.status_code == 200, resp.text
+        data = [line.removeprefix("data: ") for line in resp.text.splitlines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]", data[-1]
+        return [json.loads(d) for d in data[:-1]]
+
+
+@contextmanager
+def scripted_chat(model_dir: Path) -> Iterator[ScriptedChat]:
+    """The service's chat route serving `model_dir`'s tokenizer and chat template, with a scripted engine."""
+    from starlette.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    import serving.service
+    from serving.model_manager import ServedModel
+    from tasks.config import ServingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = ScriptedEngine(tokenizer)
+    service = object.__new__(serving.service.ChatService.inner)  # no registry, no engine process
+    service.limits = ServingParams()
+    service.model_name = "scripted"
+    service.models = ScriptedModels(ServedModel("scripted", "1", "tests", "m1", tokenizer, 2048), engine)
+    service.store = LogNothing()
+    serving.service.app.dependency_overrides[serving.service._service] = lambda: service
+    try:
+        with TestClient(serving.service.app) as client:
+            yield ScriptedChat(client, engine)
+    finally:
+        serving.service.app.dependency_overrides.pop(serving.service._service, None)
