@@ -24,6 +24,7 @@ What reaches the export (docs/guides/trust.md):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -116,6 +117,13 @@ def _latest_admitted(rated: list[tuple[Interaction, FeedbackRow]], auto_approve:
     return sorted(latest.values(), key=lambda pair: pair[1].id), len(held)
 
 
+def pseudonym(end_user: str | None) -> str | None:
+    """The end user as the export writes them: a digest of the id the front end sent (often an
+    e-mail address), so that the file, its DVC versions and the MLflow artifact tell users apart
+    without naming them. `ftllm feedback forget --user` takes the id itself, on the log."""
+    return None if end_user is None else "user-" + hashlib.sha256(end_user.encode()).hexdigest()[:16]
+
+
 def _cap_per_key(examples: list[dict[str, Any]], trusted: list[bool], share: float, other: int) -> tuple[list, int]:
     """Keep at most `share` of the run's training examples from each untrusted key (its latest ones)."""
     if share >= 1.0:
@@ -143,7 +151,7 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
         made = training_examples([(interaction.messages, interaction.answer, row)], min_rating,
                                  interaction.tools, interaction.tool_calls)
         for example in made:
-            example["provenance"] = {"key": row.key_name, "user": row.end_user, "feedback_id": row.id}
+            example["provenance"] = {"key": row.key_name, "user": pseudonym(row.end_user), "feedback_id": row.id}
             examples.append(example)
             trusted.append(row.trusted)
     examples, capped = _cap_per_key(examples, trusted, policy.max_key_share, policy.other_examples)

@@ -27,6 +27,7 @@ are measured by `benchmarks/bench_redaction.py` and asserted by
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 from collections import Counter
@@ -250,7 +251,11 @@ class Redacted:
 
 
 def redact_example(example: dict[str, Any], action: RedactAction = "mask") -> Redacted:
-    """Redact every message's text of a canonical `{"messages": [...]}` example.
+    """Redact every text of each message of a canonical `{"messages": [...]}` example: the
+    content, a reasoning trace, and the arguments of tool calls (inside their JSON, so that a
+    call stays a valid call), every string a message holds but its role, ids and names.
+
+    The tools the request declared are the application's, not the user's, and stay as they are.
 
     Args:
         example: the example; not modified.
@@ -260,14 +265,45 @@ def redact_example(example: dict[str, Any], action: RedactAction = "mask") -> Re
     found: Counter[str] = Counter()
     messages = []
     for message in example.get("messages", []):
-        content = message.get("content")
-        if isinstance(content, str):
-            content, counts = redact_text(content)
-            found += counts
-        messages.append({**message, "content": content} if "content" in message else dict(message))
+        redacted, counts = _redact_value(message)
+        found += counts
+        messages.append(redacted)
     if found and action == "drop":
         return Redacted(None, found)
     return Redacted({**example, "messages": messages}, found)
+
+
+# What identifies rather than says: the role, call ids, function names, types and weights.
+_KEPT_KEYS = frozenset({"role", "id", "tool_call_id", "type", "name", "weight"})
+
+
+def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS) -> tuple[Any, Counter[str]]:
+    """`value` with every string in it redacted (dict keys kept, and the values of `kept` keys), and the findings."""
+    if isinstance(value, str):
+        if key == "arguments":  # a call's arguments: a JSON object in a string
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                return redact_text(value)
+            redacted, found = _redact_value(parsed, kept=frozenset())  # all of it is the user's
+            return (json.dumps(redacted, ensure_ascii=False) if found else value), found
+        return redact_text(value)
+    if isinstance(value, dict):
+        found: Counter[str] = Counter()
+        out = {}
+        for k, v in value.items():
+            out[k], counts = (v, Counter()) if k in kept else _redact_value(v, k, kept)
+            found += counts
+        return out, found
+    if isinstance(value, list):
+        found = Counter()
+        items = []
+        for item in value:
+            redacted, counts = _redact_value(item, key, kept)
+            items.append(redacted)
+            found += counts
+        return items, found
+    return value, Counter()
 
 
 def redact_examples(examples: list[dict[str, Any]], action: RedactAction = "mask") -> tuple[list[dict[str, Any]], dict[str, int]]:

@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tasks.feedback.export import pseudonym
+
 KEYS = {"web": "web-infer-secret", "teach": "teach-feedback-secret", "ops": "ops-admin-secret"}
 MESSAGES = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"role": "user", "content": "2001-02-03"}]
 
@@ -100,7 +102,8 @@ def test_provenance_is_logged_and_exported(keyed, serving_dir):
     assert "December 31, 1999" not in out.read_text()  # held under the default settings
     export_feedback(db, out, 4, policy=ExportPolicy(auto_approve="all"))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {"key": "teach", "user": "ann-42", "feedback_id": row.id} in [r["provenance"] for r in rows]
+    assert {"key": "teach", "user": pseudonym("ann-42"), "feedback_id": row.id} in [r["provenance"] for r in rows]
+    assert "ann-42" not in json.dumps(rows)  # the end user's id is not written to the training data
 
 
 @pytest.mark.slow

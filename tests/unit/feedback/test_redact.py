@@ -70,3 +70,30 @@ def test_examples_are_masked_or_dropped():
     kept, report = redact_examples([example, clean], "drop")
     assert kept == [clean]
     assert report == {"secret": 0, "email": 1, "card": 0, "ip": 0, "phone": 0, "examples_changed": 1, "examples_dropped": 1}
+
+
+def test_tool_call_arguments_reasoning_and_tool_results_are_redacted_and_calls_stay_calls():
+    """Every text a message holds reaches the redaction, not only its content: a call's
+    arguments (inside their JSON, an argument called `name` included) and a reasoning trace."""
+    import json
+
+    call = {"id": "call_1", "type": "function", "function": {
+        "name": "send_mail", "arguments": json.dumps({"to": "bob@example.org", "name": "ann@example.org",
+                                                      "card": ["4111 1111 1111 1111"], "n": 3})}}
+    example = {"messages": [
+        {"role": "user", "content": "Mail Bob, pay with my card"},
+        {"role": "assistant", "content": None, "tool_calls": [call],
+         "reasoning_content": "Ann's address is ann@example.org."},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sent to bob@example.org"},
+        {"role": "assistant", "content": "Done."}],
+        "tools": [{"type": "function", "function": {"name": "send_mail", "description": "Send an e-mail.",
+                                                    "parameters": {"type": "object"}}}]}
+    result = redact_example(example)
+    messages = result.example["messages"]
+    called = messages[1]["tool_calls"][0]
+    assert json.loads(called["function"]["arguments"]) == {"to": "[EMAIL]", "name": "[EMAIL]", "card": ["[CARD]"], "n": 3}
+    assert (called["id"], called["function"]["name"]) == ("call_1", "send_mail")
+    assert messages[1]["reasoning_content"] == "Ann's address is [EMAIL]."
+    assert messages[2] == {"role": "tool", "tool_call_id": "call_1", "content": "sent to [EMAIL]"}
+    assert result.found == {"email": 4, "card": 1} and result.example["tools"] == example["tools"]
+    assert redact_example(example, "drop").example is None
