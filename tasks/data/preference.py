@@ -53,6 +53,9 @@ def _problem(row: Any) -> str | None:
     kind = _kind(row)
     if kind is None:
         return "not_a_preference_row"
+    tools = row.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return "bad_tools"
     answers = [row["completion"]] if kind == "kto" else [row["chosen"], row["rejected"]]
     if any(len(a) != 1 or not isinstance(a[0], dict) or a[0].get("role") != "assistant" for a in answers):
         return "completion_not_one_answer"
@@ -69,6 +72,8 @@ def _digest(row: dict[str, Any]) -> bytes:
         return " ".join(str(answer[0].get("content") or "").split()).lower()
 
     parts = [fold(row["completion"]), str(row["label"])] if "completion" in row else [fold(row["chosen"]), fold(row["rejected"])]
+    if row.get("tools"):  # the same prompt under other tools is another prompt
+        parts.append(json.dumps(row["tools"], sort_keys=True))
     return hashlib.sha256(prompt_key(conversations(row)[0]) + "\x1e".join(parts).encode()).digest()
 
 
@@ -120,7 +125,7 @@ def prepare_preference(prefs: PreferenceParams, data: DataParams, tokenizer, hel
             continue
         seen.add(digest)
         kept.append((line, row))
-    convs = [c for _, row in kept for c in conversations(row)]
+    convs = [{"messages": c, "tools": row.get("tools")} for _, row in kept for c in conversations(row)]
     totals = iter(count_chat_tokens(tokenizer, convs, data.system_message))
     fitting = []
     for line, row in kept:

@@ -45,7 +45,7 @@ def load_heldout(data_dir: Path, limit: int) -> list[dict]:
     return read_jsonl(path)[:limit] if path.is_file() else []
 
 
-def log_ratios(model, tokenizer, conversations: list[list[dict]], system_message: str, batch_size: int) -> list[float]:
+def log_ratios(model, tokenizer, conversations: list, system_message: str, batch_size: int) -> list[float]:
     """log π(answer) − log π_ref(answer) of each conversation's last answer; the reference is the adapter disabled."""
     import torch
 
@@ -72,8 +72,8 @@ def score_preferences(model, tokenizer, rows: list[dict], params: EvalParams, sy
     """
     if not rows or not hasattr(model, "disable_adapter"):
         return {}
-    convs = [c for r in rows for c in ([r["prompt"] + r["completion"]] if "completion" in r
-                                       else [r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]])]
+    convs = [{"messages": r["prompt"] + a, "tools": r.get("tools")}
+             for r in rows for a in ([r["completion"]] if "completion" in r else [r["chosen"], r["rejected"]])]
     ratios = iter(log_ratios(model, tokenizer, convs, system_message, params.batch_size))
     correct, margins = [], []
     for r in rows:
@@ -86,7 +86,7 @@ def score_preferences(model, tokenizer, rows: list[dict], params: EvalParams, sy
         correct.append(float(margin > 0))
     down = [(r, (r["completion"] if "completion" in r else r["rejected"])[0]["content"]) for r in rows
             if r.get("label") is False or "rejected" in r]
-    prompts = [render_prompt(tokenizer, r["prompt"], system_message) for r, _ in down]
+    prompts = [render_prompt(tokenizer, r["prompt"], system_message, r.get("tools")) for r, _ in down]
     answers, _, _ = generate_batched(model, tokenizer, prompts, params.max_new_tokens, params.batch_size) if down else ([], [], [])
     avoids = [float(_fold(a) != _fold(text)) for a, (_, text) in zip(answers, down)]
     metrics = {"reward_accuracy": sum(correct) / len(correct), "reward_margin": sum(margins) / len(margins),

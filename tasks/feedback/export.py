@@ -104,7 +104,7 @@ def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]]
     return examples
 
 
-def _latest_admitted(rated: list[tuple[Interaction, FeedbackRow]], auto_approve: AutoApprove) -> tuple[list, int]:
+def latest_admitted(rated: list[tuple[Interaction, FeedbackRow]], auto_approve: AutoApprove) -> tuple[list, int]:
     """The latest admitted feedback of each completion (in feedback order), and the count of
     completions whose only unreviewed feedback is still held."""
     latest: dict[str, tuple[Interaction, FeedbackRow]] = {}
@@ -142,7 +142,7 @@ def _cap_per_key(examples: list[dict[str, Any]], trusted: list[bool], share: flo
 def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[str], min_rating: int,
                       policy: ExportPolicy) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Training examples from the log's feedback under `policy`, and what was left out and why."""
-    latest, held = _latest_admitted(rated, policy.auto_approve)
+    latest, held = latest_admitted(rated, policy.auto_approve)
     examples, trusted, erased_count = [], [], 0
     for interaction, row in latest:
         if prompt_digest(interaction.messages) in erased:

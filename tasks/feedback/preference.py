@@ -28,6 +28,7 @@ from typing import Any
 
 from tasks.config import PreferenceParams
 from tasks.data.sources import prompt_key
+from tasks.feedback.export import latest_admitted
 from tasks.feedback.redact import RedactAction, redact_examples
 from tasks.feedback.schema import prompt_digest
 from tasks.feedback.store import FeedbackReader, default_db_path
@@ -78,10 +79,13 @@ def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:
         DataFileError: `db` is not the service's SQLite log.
     """
     with FeedbackReader(db) as reader:
-        rated, _ = reader.latest_ratings()
+        rated, _ = reader.rated_completions()
         erased = reader.erased_digests()
-    return [Rated(request, answer, row.rating, row.correction) for request, answer, row in rated
-            if row.admitted(auto_approve) and prompt_digest(request) not in erased]
+    # The latest admitted feedback, not the latest feedback then admitted or not: a later
+    # rating held for approval (an untrusted key's) must not hide a trusted one.
+    latest, _ = latest_admitted(rated, auto_approve)
+    return [Rated(i.messages, i.answer, row.rating, row.correction, i.tools) for i, row in latest
+            if prompt_digest(i.messages) not in erased]
 
 
 def _prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:

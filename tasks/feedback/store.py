@@ -336,23 +336,3 @@ class FeedbackReader:
         """The request messages of the latest `window` completions, newest first."""
         rows = self.conn.execute("SELECT messages FROM interactions ORDER BY created DESC LIMIT ?", (window,)).fetchall()
         return [json.loads(messages) for (messages,) in rows]
-
-    def latest_ratings(self) -> tuple[list[tuple[list[dict[str, Any]], str, FeedbackRow]], int]:
-        """The latest feedback of each rated completion, with its request and answer, and the highest feedback id.
-
-        Both come from one read transaction, so the id covers exactly the rows returned.
-
-        Returns:
-            ([(request messages, answer, latest feedback row)] in feedback order, highest feedback id).
-        """
-        query = f"""
-            SELECT i.messages, i.answer, {self._columns("feedback", "f.")} FROM feedback f
-            JOIN interactions i ON i.id = f.completion_id
-            WHERE f.id = (SELECT MAX(id) FROM feedback g WHERE g.completion_id = f.completion_id)
-            ORDER BY f.id
-        """
-        with self.conn:  # one transaction: the rows and the highest id are the same snapshot
-            self.conn.execute("BEGIN")
-            rows = self.conn.execute(query).fetchall()
-            last = self.last_feedback_id()
-        return [(json.loads(row[0]), row[1], FeedbackRow(*row[2:])) for row in rows], last

@@ -76,21 +76,26 @@ def kto_items(tokenizer, rows: list[dict], system_message: str = "auto") -> list
     convs, labels, prompts = [], [], []
     for i, row in enumerate(rows):
         if "completion" in row:
-            convs.append(row["prompt"] + row["completion"])
+            convs.append(_example(row, row["completion"]))
             labels.append(row["label"])
             prompts.append(i)
         else:
-            convs += [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+            convs += [_example(row, row["chosen"]), _example(row, row["rejected"])]
             labels += [True, False]
             prompts += [i, i]
     seqs = encode_sequences(tokenizer, convs, system_message)
     return [KTOItem(p, s, d) for p, s, d in zip(prompts, seqs, labels) if any(s.mask)]
 
 
+def _example(row: dict, answer: list[dict]) -> dict:
+    """The row's prompt and one answer as a canonical example, with the tools the prompt was asked with."""
+    return {"messages": row["prompt"] + answer, "tools": row.get("tools")}
+
+
 def pair_items(tokenizer, rows: list[dict], system_message: str = "auto") -> list[PairItem]:
     """The DPO pairs among the rows."""
     pairs = [r for r in rows if "chosen" in r]
-    seqs = encode_sequences(tokenizer, [r["prompt"] + a for r in pairs for a in (r["chosen"], r["rejected"])], system_message)
+    seqs = encode_sequences(tokenizer, [_example(r, a) for r in pairs for a in (r["chosen"], r["rejected"])], system_message)
     items = [PairItem(seqs[2 * i], seqs[2 * i + 1]) for i in range(len(pairs))]
     return [p for p in items if any(p.chosen.mask) and any(p.rejected.mask)]
 

@@ -125,6 +125,22 @@ def test_only_admitted_ratings_become_preferences_and_their_text_is_redacted(tmp
         "Trusted question?", "Untrusted question?", "Mail me at ann.lee@example.com?"]
 
 
+def test_a_later_held_rating_does_not_hide_a_trusted_one_and_the_tools_stay_with_the_prompt(tmp_path):
+    """An untrusted key's rating, held for approval, of a completion a trusted key rated, leaves
+    the trusted rating in force (it cancelled it); a request's tools go with its prompt."""
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "The time.",
+                                               "parameters": {"type": "object"}}}]
+    log = Log(tmp_path / "f.db")
+    cid = log.serve("Question?", "Answer.", 1)
+    log.store.add_feedback(cid, 5, key_name="stranger", trusted=False)  # held: not admitted
+    log.store.log_interaction(Interaction("t1", "chat", "m", "1", [{"role": "user", "content": "Time?"}],
+                                          "It is noon.", "stop", 3, 2, 1.0, tools=tools))
+    log.store.add_feedback("t1", 5, key_name="app", trusted=True)
+    rows, _ = export(tmp_path, log)
+    assert [(r["prompt"][0]["content"], r["label"]) for r in rows] == [("Question?", False), ("Time?", True)]
+    assert "tools" not in rows[0] and rows[1]["tools"] == tools
+
+
 def test_a_missing_log_exports_nothing(tmp_path):
     out = tmp_path / "preference.jsonl"
     assert export_preference(tmp_path / "none.db", out, PreferenceParams())["examples"] == 0
@@ -223,3 +239,27 @@ def test_thresholds_that_overlap_are_refused_naming_both_keys():
 
     with pytest.raises(ValidationError, match="undesirable_max_rating 4 must be below preference.desirable_min_rating 4"):
         PreferenceParams(desirable_min_rating=4, undesirable_max_rating=4)
+
+
+def test_a_preference_rows_tools_reach_the_tokens_preference_tuning_scores(tmp_path, tok):
+    """A rating of an answer to a request with tools is trained under those tools, as the model
+    saw them when it answered: they are counted, kept through prepare and rendered for training."""
+    from tasks.train.preference import kto_items, pair_items
+
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "The time in a city.",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    rows = [{**kto_row(i, i % 2 == 0), "tools": tools} for i in range(40)] + [kto_row(i, True) for i in range(40, 60)]
+    rows.append({**kto_row(99, True), "tools": "get_time"})
+    stats, out = run_prepare(tmp_path, tok, rows, heldout_fraction=0.0)
+    assert [x["category"] for x in stats["preference"]["invalid_lines"]] == ["bad_tools"]
+    train = read(out, TRAIN_SPLIT)
+    with_tools = [r for r in train if r.get("tools") == tools]
+    asked_with_tools = [r for r in train if int(r["prompt"][0]["content"].split()[1].rstrip("?")) < 40]
+    assert with_tools and with_tools == asked_with_tools  # (some prompts are the supervised val and test splits')
+    items = kto_items(tok, [with_tools[0], next(r for r in train if "tools" not in r)])
+    texts = [tok.decode(item.seq.ids) for item in items]
+    assert "get_time" in texts[0] and "get_time" not in texts[1]
+    pair = {"prompt": with_tools[0]["prompt"], "chosen": [{"role": "assistant", "content": "Noon."}],
+            "rejected": [{"role": "assistant", "content": "No idea."}], "tools": tools}
+    [encoded] = pair_items(tok, [pair])
+    assert "get_time" in tok.decode(encoded.chosen.ids) and "get_time" in tok.decode(encoded.rejected.ids)
