@@ -77,7 +77,8 @@ def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]]
 
     A correction always yields an example (the corrected answer replaces the model's,
     whatever the rating), marked `"correction": true`; an uncorrected answer yields one
-    when rated `min_rating` or more. An uncorrected answer that was a tool call is kept as
+    when rated `min_rating` or more. Only that last answer is trained: the assistant turns
+    of the request's history carry `weight: 0`. An uncorrected answer that was a tool call is kept as
     the call (`tool_calls`), and the tools the request offered go with the example.
     """
     examples = []
@@ -87,6 +88,9 @@ def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]]
         messages = [m for m in request if m.get("role") in ("system", "user", "assistant", "tool")]
         if not messages or messages[-1]["role"] not in ("user", "tool"):
             continue  # not a prompt the model answers (e.g. a plain /generate prompt)
+        # The earlier assistant turns are whatever the client sent as the history, not answers
+        # anyone rated: context, not trained (weight 0), so a client cannot teach through them.
+        messages = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in messages]
         if row.correction is not None:
             final: dict[str, Any] = {"role": "assistant", "content": row.correction}
         elif tool_calls:

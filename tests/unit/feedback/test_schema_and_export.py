@@ -118,3 +118,26 @@ def test_users_who_rate_the_same_answer_to_the_same_question_make_one_example_th
     assert (exported.examples, exported.repeats) == (2, 2)
     assert [r["messages"][0]["content"] for r in rows] == ["when?  1", "When? 2"]  # the latest of the three
     assert validate_dataset(tmp_path / "feedback.jsonl").valid
+
+
+def test_the_history_a_client_sends_is_context_and_only_the_rated_answer_is_trained(tmp_path):
+    """A client writes the earlier assistant turns of its request itself: exported, they carry
+    weight 0, so training masks them and only the answer that was rated or corrected is learnt."""
+    from tasks.config import ModelParams
+    from tasks.model.chat import encode_chats
+    from tasks.model.loading import load_tokenizer, resolve_base
+
+    history = [{"role": "user", "content": "Convert 2016-03-18"}, {"role": "assistant", "content": "POISON POISON"},
+               {"role": "user", "content": "Convert 2016-03-19"}]
+    store = FeedbackStore(tmp_path / "feedback.db")
+    store.log_interaction(Interaction("c0", "/v1/chat/completions", "m", "1", history, "March 19, 2016", "stop",
+                                      3, 2, 1.0))
+    store.add_feedback("c0", 5, key_name="ops", trusted=True)
+    store.close()
+    export_feedback(tmp_path / "feedback.db", tmp_path / "out.jsonl", 4)
+    [example] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert example["messages"][1] == {"role": "assistant", "content": "POISON POISON", "weight": 0}
+    tok = load_tokenizer(resolve_base(ModelParams()))
+    [encoded] = encode_chats(tok, [example])
+    trained = tok.decode([t for t, m in zip(encoded.input_ids, encoded.loss_mask) if m])
+    assert "March 19, 2016" in trained and "POISON" not in trained
