@@ -12,9 +12,7 @@ Failed with the reason), its MLflow run is named after the flow run and links ba
 it leaves two offline pages (the data report and the run dashboard) in
 `artifacts/reports/` and in the MLflow run.
 
-Run it with `ftllm run`, from a Prefect deployment (`ftllm deploy`), or directly:
-
-    python -m flows.retrain
+Run it with `ftllm run`, from a Prefect deployment (`ftllm deploy`), or `python -m flows.retrain`.
 """
 
 from __future__ import annotations
@@ -139,8 +137,8 @@ def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: d
     """Export the service's feedback and make it a source of the run when it holds any (`data.feedback`).
 
     The source goes into the run's overrides, so the stages, the resolved settings and the
-    MLflow params all see it. With no feedback to export nothing is written: the data stays
-    exactly what it was. A feedback source listed in `data.sources` is exported with the others.
+    MLflow params all see it. With no feedback to export nothing is written, but an earlier
+    export is emptied (feedback erased since leaves the data). A source in `data.sources` is exported with the others.
 
     Returns:
         The run's settings and overrides, and the exports by source index (an empty export
@@ -150,7 +148,8 @@ def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: d
         return params, overrides, {}
     source = SourceParams(feedback=True)
     others = sum(count_examples(root / s.file) for s in params.data.source_list())
-    snapshot = export_feedback_snapshot(root, source, root / source.file, params.feedback, others, write_empty=False)
+    out = root / source.file
+    snapshot = export_feedback_snapshot(root, source, out, params.feedback, others, write_empty=out.is_file())
     if not snapshot["examples"]:
         return params, overrides, {-1: snapshot}
     overrides = {**overrides, "data.sources": params.data.sources_with_feedback()}
