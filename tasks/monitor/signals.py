@@ -64,13 +64,14 @@ def feedback_sources(rows: Iterable) -> int:
 
 
 def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2) -> FeedbackFigures:
-    """Count the ratings and corrections with a feedback id above `since_id`.
+    """Count the ratings and corrections with a feedback id above `since_id`; feedback a person
+    rejected is left out (it never reaches training, so it must not ask for a retraining).
 
     Raises:
         DataFileError: `db` is not the service's SQLite log.
     """
     with FeedbackReader(db) as reader:
-        rows = reader.feedback_since(since_id)
+        rows = [row for row in reader.feedback_since(since_id) if row.review != "rejected"]
         last = reader.last_feedback_id()
         interactions = reader.interaction_count()
     ratings = [row.rating for row in rows][-window:]

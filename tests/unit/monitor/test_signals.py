@@ -140,3 +140,8 @@ def test_one_client_cannot_force_a_retraining(tmp_path):
     store.close()
     assert read_feedback(db, 0, 200).sources == 3
     assert recommend_retrain(read_feedback(db, 0, 200), None, MonitorParams(min_new_corrections=5))[0]
+    store = FeedbackStore(db)  # a person rejects the client's feedback: it asks for nothing any more
+    store.review("rejected", "cli", keys=["client-0"])
+    store.close()
+    figures = read_feedback(db, 0, 200)
+    assert (figures.new_corrections, figures.new_ratings, figures.sources) == (0, 2, 2)
