@@ -94,7 +94,8 @@ def export_feedback_snapshot(root: Path, source: SourceParams, out: Path, settin
     """The service's admitted feedback, redacted, exported to the file a `feedback: true` source reads,
     versioned by DVC; its provenance goes to the MLflow run as `feedback.*` tags."""
     logger = get_run_logger()
-    policy = ExportPolicy(settings.auto_approve, settings.redaction, settings.max_key_share, other_examples)
+    policy = ExportPolicy(settings.auto_approve, settings.redaction, settings.max_key_share, other_examples,
+                          source.weight or 1.0)
     snapshot = snapshot_feedback(root, source.min_rating, out, log=logger.info, warn=logger.warning, policy=policy,
                                  retention_days=settings.retention_days, write_empty=write_empty)
     return {**snapshot.to_dict(), "tags": snapshot.mlflow_tags()}

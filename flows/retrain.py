@@ -146,7 +146,7 @@ def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: d
     """
     if not params.data.feedback or any(s.feedback for s in params.data.sources):
         return params, overrides, {}
-    source = SourceParams(feedback=True)
+    source = SourceParams(feedback=True, weight=params.data.feedback_weight)  # the weight the source will get
     others = sum(count_examples(root / s.file) for s in params.data.source_list())
     out = root / source.file
     snapshot = export_feedback_snapshot(root, source, out, params.feedback, others, write_empty=out.is_file())

@@ -48,6 +48,7 @@ class ExportPolicy:
     redaction: RedactAction = "mask"
     max_key_share: float = 1.0  # of the run's training examples, per untrusted key; 1: no cap
     other_examples: int = 0  # examples of the run's other sources, the base of the share
+    weight: float = 1.0  # train copies of each feedback example (its source's weight): the share is of train rows
 
 
 DEFAULT_POLICY = ExportPolicy()
@@ -128,11 +129,13 @@ def pseudonym(end_user: str | None) -> str | None:
     return None if end_user is None else "user-" + hashlib.sha256(end_user.encode()).hexdigest()[:16]
 
 
-def _cap_per_key(examples: list[dict[str, Any]], trusted: list[bool], share: float, other: int) -> tuple[list, int]:
-    """Keep at most `share` of the run's training examples from each untrusted key (its latest ones)."""
+def _cap_per_key(examples: list[dict[str, Any]], trusted: list[bool], share: float, other: int,
+                 weight: float = 1.0) -> tuple[list, int]:
+    """Keep at most `share` of the run's train rows from each untrusted key (its latest examples): with each
+    feedback example trained `weight` times, k examples of a key are k x weight of other + n x weight rows."""
     if share >= 1.0:
         return examples, 0
-    limit = int(share * (other + len(examples)))
+    limit = int(share * (other / weight + len(examples)))
     counts: Counter[str] = Counter()
     kept: list[dict[str, Any]] = []
     for example, is_trusted in reversed(list(zip(examples, trusted))):
@@ -158,7 +161,7 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
             example["provenance"] = {"key": row.key_name, "user": pseudonym(row.end_user), "feedback_id": row.id}
             examples.append(example)
             trusted.append(row.trusted)
-    examples, capped = _cap_per_key(examples, trusted, policy.max_key_share, policy.other_examples)
+    examples, capped = _cap_per_key(examples, trusted, policy.max_key_share, policy.other_examples, policy.weight)
     examples, redacted = redact_examples(examples, policy.redaction)
     examples, repeats = _latest_of_each(examples)
     return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted,

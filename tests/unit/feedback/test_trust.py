@@ -85,6 +85,12 @@ def test_one_untrusted_key_is_capped_to_its_share_of_the_run(db, tmp_path):
     # 20 examples in the run: each untrusted key keeps 2, its latest; the trusted key is not capped
     assert exported.by_key == {"bot": 2, "ops": 1, "web": 2} and exported.capped == 1
     assert [r["messages"][-1]["content"] for r in rows if r["provenance"]["key"] == "bot"] == ["bot fix 4", "bot fix 5"]
+    # Each feedback example trained 4 times (data.feedback_weight): 14 + 4 x 6 = 38 train rows, of which a key
+    # may have 3.8, so no whole example (4 rows); with 60 other examples, 2 (8 of 84 rows).
+    _, exported = _export(db, tmp_path, auto_approve="all", max_key_share=0.1, other_examples=14, weight=4.0)
+    assert exported.by_key == {"ops": 1} and exported.capped == 5
+    _, exported = _export(db, tmp_path, auto_approve="all", max_key_share=0.1, other_examples=60, weight=4.0)
+    assert exported.by_key == {"bot": 2, "ops": 1, "web": 2}
 
 
 def test_the_export_redacts_and_counts_per_category(tmp_path):
