@@ -41,3 +41,12 @@ def test_closing_writes_what_is_queued(tmp_path):
     reopened = FeedbackStore(tmp_path / "f.db")
     assert reopened.count("interactions") == 20
     reopened.close()
+
+
+def test_a_commit_is_on_disk_before_the_store_answers(tmp_path):
+    """Feedback is acknowledged as stored: the log syncs every commit (synchronous FULL), not only checkpoints."""
+    store = FeedbackStore(tmp_path / "feedback.db")
+    try:
+        assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        store.close()
