@@ -76,7 +76,12 @@ def context_length(config) -> int:
 @dataclass(eq=False)
 class Row:
     """One completion in the decoding loop: its prompt, limits, sampling settings and model,
-    and what it generated. `done` set from elsewhere (the client left) drops it at the next step."""
+    and what it generated. `done` set from elsewhere (the client left) drops it at the next step.
+
+    A row with a `seed` draws its tokens from a random generator of its own, so its draws
+    do not depend on the rows beside it (its logits still may, in their last bits: OpenAI's
+    seed is best effort too).
+    """
 
     id: int
     prompt_ids: list[int]
@@ -90,6 +95,19 @@ class Row:
     emitted: int = 0
     done: bool = False
     finish: str = "length"
+    seed: int | None = None
+    _generator: Any = field(default=None, repr=False)
+
+    def generator(self, device) -> Any:
+        """The row's own `torch.Generator` on `device` (made at its first draw), or None without a seed."""
+        if self.seed is None:
+            return None
+        if self._generator is None:
+            import torch
+
+            # torch takes seeds of 64 bits; JSON's integers are unbounded and may be negative.
+            self._generator = torch.Generator(device=device).manual_seed(self.seed % 2**64)
+        return self._generator
 
 
 

@@ -37,11 +37,11 @@ Decoding steps hand the attention a prepared mask (padding columns only: one new
 row sees everything before it) where the model attends with SDPA over full-attention
 layers, instead of letting the model rebuild one from the padding mask at every step.
 
-Rows carry their own sampling settings (greedy at temperature 0, else temperature and
-top_p per row), so requests with different settings share steps. A row's events are
-("delta", text) while it streams (a row that does not stream gets its whole text in one
-delta), then ("end", finish_reason, completion_tokens) or ("error", message); each step's
-events go out together.
+Rows carry their own sampling settings (greedy at temperature 0, else temperature, top_p
+and, where the request gave one, a seeded random generator per row), so requests with
+different settings share steps. A row's events are ("delta", text) while it streams (a row
+that does not stream gets its whole text in one delta), then ("end", finish_reason,
+completion_tokens) or ("error", message); each step's events go out together.
 
 `serving.engine_process.EngineProcess` runs the loop in a spawned process and talks to it
 over a pipe, so the service's event loop (HTTP, validation, templating) and the decoding
@@ -80,9 +80,14 @@ from serving.decoding import Emit, LoadedModel, Prefix, Row, Tokens, cpu_threads
 log = logging.getLogger("ftllm.serving")
 
 
-def sample(logits, temperature, top_p):
+def sample(logits, temperature, top_p, generators=None):
     """Next token per row: greedy where `temperature` is 0, else sampled from the
-    temperature-scaled distribution cut to its `top_p` nucleus (row-wise tensors)."""
+    temperature-scaled distribution cut to its `top_p` nucleus (row-wise tensors).
+
+    `generators`, one per row or None, are the seeded rows' own random generators: such a
+    row is drawn alone from its generator (one more small draw per seeded row and step), so
+    its tokens depend on its seed and its logits only, not on its place in the batch.
+    """
     import torch
 
     greedy = logits.argmax(-1)
@@ -97,6 +102,9 @@ def sample(logits, temperature, top_p):
     cut[:, 0] = False
     ranked = ranked.masked_fill(cut, 0.0)
     drawn = order.gather(-1, torch.multinomial(ranked, 1)).squeeze(1)
+    for i, generator in enumerate(generators or ()):
+        if generator is not None:
+            drawn[i] = order[i, torch.multinomial(ranked[i], 1, generator=generator)[0]]
     return torch.where(hot, drawn, greedy)
 
 
@@ -392,4 +400,5 @@ def _sample(logits, rows: list[Row]):
         return logits.argmax(-1)
     temperature = torch.tensor([row.temperature for row in rows], device=logits.device)
     top_p = torch.tensor([row.top_p for row in rows], device=logits.device)
-    return sample(logits, temperature, top_p)
+    generators = [row.generator(logits.device) if row.temperature > 0 else None for row in rows]
+    return sample(logits, temperature, top_p, generators if any(g is not None for g in generators) else None)

@@ -61,6 +61,7 @@ class StartRow:
     top_p: float
     stops: list[str]
     stream: bool
+    seed: int | None = None  # seeds the row's sampling; None: the engine's own random state
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +150,8 @@ def engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, 
                         send(Events([(message.id, ("error", f"model {message.key} is not loaded in the engine"))], []))
                         continue
                     row = rows[message.id] = Row(message.id, message.prompt_ids, message.max_new, message.temperature,
-                                                 message.top_p, message.stops, message.stream, models[message.key])
+                                                 message.top_p, message.stops, message.stream, models[message.key],
+                                                 seed=message.seed)
                     engine.submit(row)
                 case CancelRow():
                     if message.id in rows:
@@ -182,6 +184,7 @@ class Completion:
     version: str
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    seed: int | None = None
     id: int = -1
     finish: str = "length"
     completion_tokens: int = 0
@@ -259,7 +262,8 @@ class EngineProcess:
         self._in_flight[completion.id] = completion
         try:
             self._send(StartRow(completion.id, completion.model_key, completion.prompt_ids, completion.max_new,
-                                completion.temperature, completion.top_p, completion.stops, completion.stream))
+                                completion.temperature, completion.top_p, completion.stops, completion.stream,
+                                completion.seed))
         except EngineError:
             self._in_flight.pop(completion.id, None)
             raise

@@ -19,8 +19,9 @@ a 3 MB model), and decodes at most `max_batch` rows at once.
 
 What the own engine has and this one does not: `join_ratio` and `join_after_steps` (the
 library schedules prefills itself), the prefix cache of `prefix_min_tokens` (the library
-shares KV blocks between prompts instead, on when `prefix_min_tokens` is above 0), and the
-rows per decoding step (`ftllm_batch_size` on /metrics stays empty).
+shares KV blocks between prompts instead, on when `prefix_min_tokens` is above 0), the
+rows per decoding step (`ftllm_batch_size` on /metrics stays empty), and a row's `seed`
+(the library samples every request from one random state, with no generator per request).
 
 Every manager delivers its outputs into one queue that a thread of this engine reads (the
 library's `get_result` reads one manager's queue); request ids are the rows' ids.

@@ -3,7 +3,8 @@ OpenAI's shape.
 
 The request models (`ChatRequest`, `FeedbackRequest`) are the subset of OpenAI's chat API
 that the service honours; the routes validate bodies with them strictly (the documented
-types, nothing coerced). The response models (`ChatCompletion`, `ModelList`, ...) exist to
+types, nothing coerced), then `check_request` refuses what OpenAI refuses across fields (a
+tool result without its call, `stream_options` without `stream`). The response models (`ChatCompletion`, `ModelList`, ...) exist to
 document the routes in BentoML's `/docs.json`, which `tests/integration/serving/test_fuzz.py` fuzzes
 the service from.
 
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -90,11 +92,76 @@ def openai_error_from(status: int, body: bytes, route: str = "") -> dict | None:
     return error_body(message, error_type(status), param, code)
 
 
-def validation_error(err: ValidationError) -> APIError:
-    """A 400 that names the first invalid field of a request body."""
-    first = err.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    return APIError(400, f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value")
+# Errors that say only that the input is not of a union member's type: beside an error from
+# inside another member, they are not what the client got wrong.
+_TYPE_MISMATCHES = frozenset({"string_type", "list_type", "dict_type", "model_type", "model_attributes_type",
+                              "int_type", "float_type", "bool_type", "is_instance_of"})
+
+
+def validation_error(err: ValidationError, model: type[BaseModel]) -> APIError:
+    """A 400 that names the first invalid field of a `model` body by its path in the request.
+
+    Pydantic reports an error in a union field once per member and names the member in the
+    error's location as if it were a field (`stop.str`, `tool_choice.NamedToolChoice.function`).
+    OpenAI's `param` is the field's path in the request, so the member names are dropped, and
+    of the members' errors the one from deepest inside the input is reported: for an object
+    sent to `tool_choice`, what is wrong in the object rather than "should be 'auto', ...".
+    Where every member only refuses the input's type (`stop: 5`), all of them are said.
+    """
+    errors = err.errors()
+    first = errors[0]
+    _, union_at = _field_path(model, first["loc"])
+    chosen = [first]
+    if union_at is not None:
+        rivals = [e for e in errors if len(e["loc"]) > union_at and e["loc"][:union_at] == first["loc"][:union_at]]
+        deepest = max(len(e["loc"]) for e in rivals)
+        rivals = [e for e in rivals if len(e["loc"]) == deepest]
+        chosen = [e for e in rivals if e["type"] not in _TYPE_MISMATCHES][:1] or rivals
+    path, _ = _field_path(model, chosen[0]["loc"])
+    param = ".".join(str(p) for p in path) or None
+    said = [chosen[0]["msg"], *(e["msg"].removeprefix("Input should be ") for e in chosen[1:])]
+    return APIError(400, f"Invalid value for '{param}': {' or '.join(dict.fromkeys(said))}.", param=param,
+                    code="invalid_value")
+
+
+def _field_path(model: type[BaseModel], loc: tuple) -> tuple[list[str | int], int | None]:
+    """`loc` without the union members pydantic names in it, and the index in `loc` of the first such name."""
+    path: list[str | int] = []
+    union_at = None
+    annotation: Any = model
+    for i, part in enumerate(loc):
+        members = _members(annotation)
+        if len(members) > 1:  # `part` names the member of a union, not a field
+            union_at = i if union_at is None else union_at
+            annotation = next((m for m in members if _is_member_named(m, part)), None)
+            continue
+        path.append(part)
+        annotation, origin = members[0], get_origin(members[0])
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            annotation = field.annotation if field is not None else None
+        elif origin in (list, tuple, dict):
+            annotation = get_args(annotation)[-1] if get_args(annotation) else None
+        else:
+            annotation = None
+    return path, union_at
+
+
+def _members(annotation: Any) -> list:
+    """The types a value of `annotation` may have, null left out (one for a type that is not a union)."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        return [m for m in get_args(annotation) if m is not type(None)]
+    return [annotation]
+
+
+def _is_member_named(member: Any, name: Any) -> bool:
+    """Whether `name` is how pydantic names `member` of a union in an error's location."""
+    if isinstance(member, type) and issubclass(member, BaseModel):
+        return name == member.__name__
+    origin = get_origin(member)
+    return origin is not None and isinstance(name, str) and name.startswith(f"{origin.__name__}[")
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,7 +224,7 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts_only(cls, value: Any) -> Any:
-        # Said here: pydantic's own error names the union's first member ("content.str").
+        # Said here: pydantic's own error would only say that a part's type should be 'text'.
         for part in value if isinstance(value, list) else ():
             if isinstance(part, dict) and part.get("type") != "text":
                 raise ValueError(f"a content part of type {part.get('type')!r} is not supported: the served model "
@@ -282,18 +349,20 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     # null is 1.0, 1.0, 1, false (`_null_is_the_default`), as OpenAI reads it; some clients send it.
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    # 0 keeps only the most likely token: greedy decoding, whatever the temperature.
+    top_p: float | None = Field(1.0, ge=0.0, le=1.0)
     n: int | None = Field(1, ge=1)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=200, description="The client's id of its end user, recorded with "
                                                                "the interaction (OpenAI's `user`).")
-    tools: list[ToolDef] | None = Field(None, max_length=128)
+    # At least one: OpenAI refuses an empty list ("[] is too short - 'tools'").
+    tools: list[ToolDef] | None = Field(None, min_length=1, max_length=128)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    seed: int | None = Field(None, description="Accepted with temperature 0 only, where decoding is greedy and "
-                                               "gives the same answer whatever the seed; sampling is not seeded.")
+    seed: int | None = Field(None, description="Seeds the sampling of this completion (best effort, as OpenAI's: "
+                                               "a batch's other rows can change the last digits of its logits).")
     store: bool | None = Field(None, description="false: the completion is not written to the interaction log "
                                                  "(and cannot be rated); true or left out: it is.")
 
@@ -308,6 +377,86 @@ class ChatRequest(BaseModel):
         """The stop sequences, as a list without empty ones."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
+
+
+def check_request(req: ChatRequest) -> None:
+    """Refuse, with a 400 naming the field, what OpenAI refuses across a request's fields.
+
+    The fields are valid one by one: these are contradictions between them, which the
+    model would otherwise meet as a prompt it was never trained on (a tool result without
+    its call) or which the service would silently ignore (`stream_options` without
+    `stream`).
+
+    Raises:
+        APIError: the first contradiction found.
+    """
+    _check_qualified_fields(req)
+    _check_tool_names(req.tools or [])
+    _check_tool_results(req.messages)
+
+
+def _check_qualified_fields(req: ChatRequest) -> None:
+    """Fields that qualify another are refused without it, as OpenAI refuses them."""
+    if req.stream_options is not None and req.stream is not True:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true; leave it out, or stream.",
+                       param="stream_options", code="invalid_value")
+    for name in ("tool_choice", "parallel_tool_calls"):
+        if getattr(req, name) is not None and req.tools is None:
+            raise APIError(400, f"'{name}' is only allowed when 'tools' are specified; leave it out, or declare "
+                                "the functions in tools.", param=name, code="invalid_value")
+
+
+def _check_tool_names(tools: list[ToolDef]) -> None:
+    """A function name declared twice is refused: a call names its function, so it would be ambiguous."""
+    first: dict[str, int] = {}
+    for j, tool in enumerate(tools):
+        name = tool.function.name
+        if name in first:
+            raise APIError(400, f"tools[{j}] declares the function {name!r} again (first at tools[{first[name]}]); "
+                                "function names must be unique.", param=f"tools.{j}.function.name",
+                           code="invalid_value")
+        first[name] = j
+
+
+def _check_tool_results(messages: list[ChatMessage]) -> None:
+    """Every tool call is answered by one tool message right after its assistant message, and
+    every tool message answers such a call (OpenAI: "An assistant message with 'tool_calls'
+    must be followed by tool messages responding to each 'tool_call_id'").
+
+    Ids are checked per turn: a client may number its calls afresh in every turn.
+    """
+    caller: int | None = None  # the assistant message whose calls the next tool messages answer
+    unanswered: dict[str, None] = {}  # its call ids without a result yet, in order
+    for i, message in enumerate([*messages, None]):
+        if message is not None and message.role == "tool":
+            cid = message.tool_call_id
+            if caller is None:
+                raise APIError(400, f"messages[{i}] answers the tool call {cid!r}, but no assistant message with "
+                                    "tool_calls comes before it: tool messages must follow the assistant message "
+                                    "whose calls they answer.", param=f"messages.{i}.tool_call_id",
+                               code="invalid_value")
+            if cid not in unanswered:
+                again = any(c.id == cid for c in messages[caller].tool_calls or [])
+                said = (f"answers the tool call {cid!r} of messages[{caller}] a second time" if again else
+                        f"answers the tool call {cid!r}, which is not a call of messages[{caller}]")
+                raise APIError(400, f"messages[{i}] {said}.", param=f"messages.{i}.tool_call_id",
+                               code="invalid_value")
+            del unanswered[cid]
+            continue
+        if unanswered:
+            raise APIError(400, f"messages[{caller}] has tool_calls that no tool message answers: "
+                                f"{', '.join(map(repr, unanswered))}. An assistant message with tool_calls must be "
+                                "followed by a tool message answering each tool_call_id.",
+                           param=f"messages.{caller}.tool_calls", code="invalid_value")
+        caller = None
+        if message is not None and message.tool_calls:
+            caller = i
+            for j, call in enumerate(message.tool_calls):
+                if call.id in unanswered:
+                    raise APIError(400, f"messages[{i}] has two tool calls with the id {call.id!r}, so a tool "
+                                        "message could not say which one it answers.",
+                                   param=f"messages.{i}.tool_calls.{j}.id", code="invalid_value")
+                unanswered[call.id] = None
 
 
 def unhonoured_field(body: dict) -> APIError | None:

@@ -94,6 +94,7 @@ from serving.schemas import (  # noqa: E402
     ModelList,
     NamedToolChoice,
     ReloadResult,
+    check_request,
     error_body,
     for_template,
     json_body,
@@ -338,9 +339,10 @@ class ChatService:
     # -- generation ---------------------------------------------------------------------
 
     def _completion(self, served: ServedModel, prompt: str, prompt_ids: list[int], max_new: int,
-                    temperature: float, top_p: float, stops: list[str], stream: bool) -> Completion:
+                    temperature: float, top_p: float, stops: list[str], stream: bool,
+                    seed: int | None = None) -> Completion:
         return Completion(prompt, prompt_ids, max_new, temperature, top_p, stops, stream, served.key, served.version,
-                          asyncio.get_running_loop(), asyncio.Queue())
+                          asyncio.get_running_loop(), asyncio.Queue(), seed=seed)
 
     async def _events(self, row: Completion):
         """The completion's events until its end; cancels it in the engine if the consumer goes away."""
@@ -395,7 +397,8 @@ class ChatService:
             # Strict: the documented types, not what pydantic could coerce ("4", true, 4.0)
             req = ChatRequest.model_validate(body, strict=True)
         except ValidationError as err:
-            raise validation_error(err) from None
+            raise validation_error(err, ChatRequest) from None
+        check_request(req)
         if req.n != 1:
             raise APIError(400, "Only n=1 is supported; send n requests instead.", param="n", code="unsupported_value")
         if len(req.stops()) > MAX_STOP_SEQUENCES:
@@ -405,10 +408,6 @@ class ChatService:
         if wanted is not None and wanted > self.limits.max_tokens:
             raise APIError(400, f"{wanted_field}={wanted} is over serving.max_tokens={self.limits.max_tokens}.",
                            param=wanted_field, code="invalid_value")
-        if req.seed is not None and req.temperature >= MIN_SAMPLING_TEMPERATURE:
-            raise APIError(400, "seed is honoured with temperature 0 only (greedy decoding: the same answer whatever "
-                                "the seed); sampling is not seeded. Leave seed out or set temperature to 0.",
-                           param="seed", code="unsupported_value")
         loaded = self.current()
         self._check_model(req.model, loaded)
         messages = [m.canonical() for m in req.messages]
@@ -422,9 +421,10 @@ class ChatService:
             raise APIError(400, f"The prompt has {n_prompt} tokens; with max_tokens={max(max_new, 1)} it exceeds the "
                                 f"model's context of {loaded.context_length}.", param="messages",
                            code="context_length_exceeded")
-        temperature = req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
-        row = self._completion(loaded, plan.prompt + plan.opening, prompt_ids, max_new, temperature, req.top_p,
-                               req.stops(), req.stream)
+        # top_p 0 keeps only the most likely token, which is what greedy decoding picks.
+        greedy = req.temperature < MIN_SAMPLING_TEMPERATURE or req.top_p == 0
+        row = self._completion(loaded, plan.prompt + plan.opening, prompt_ids, max_new,
+                               0.0 if greedy else req.temperature, req.top_p, req.stops(), req.stream, req.seed)
         return req, messages, row, plan
 
     def _plan(self, req: ChatRequest, loaded: ServedModel, messages: list[dict]) -> ChatPlan:
@@ -434,11 +434,8 @@ class ChatService:
         from tasks.model.chat import render_prompt
         from tasks.model.responses import forced_call_opening, needs_parsing
 
-        choice = req.tool_choice or "auto"
+        choice = req.tool_choice or "auto"  # a tool_choice comes with tools (`check_request`)
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
-        if choice != "auto" and choice != "none" and tools is None:
-            raise APIError(400, "tool_choice asks for a call but the request has no tools.", param="tool_choice",
-                           code="invalid_value")
         name = choice.function.name if isinstance(choice, NamedToolChoice) else None
         if name is not None and name not in {t["function"]["name"] for t in tools}:
             raise APIError(400, f"tool_choice names {name!r}, which is not in tools.", param="tool_choice",
@@ -621,7 +618,7 @@ class ChatService:
         try:
             fb = FeedbackRequest.model_validate(body, strict=True)
         except ValidationError as err:
-            raise validation_error(err) from None
+            raise validation_error(err, FeedbackRequest) from None
         caller = request_caller(request.scope)
         # A trusted key (the operator's own front end) relays many end users: its limit is per
         # end user it names. An untrusted key's user ids are not believed: its limit is the key's.

@@ -7,8 +7,12 @@ engine would have decoded it, special tokens included. A random-weight model wri
 call, and a trained one writes the calls it learned: scripting the ids is how a test
 makes a model write an unforced Mistral call, or calls after a forced one.
 
+`local_chat` serves the same route from the own decoding loop (`serving.engine.Engine`) in
+this process instead, on a model given in memory: what a test of sampling settings needs
+(a seed, top_p) without an engine process, a registry or a trained model.
+
 Import `serving.service` only from tests/integration/serving (see its conftest): use
-`scripted_chat` inside a test function there.
+`scripted_chat` and `local_chat` inside a test function there.
 
     with scripted_chat(family_models("mistral")) as chat:
         chat.writes('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]')
@@ -17,6 +21,7 @@ Import `serving.service` only from tests/integration/serving (see its conftest):
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,14 +32,20 @@ from typing import Any
 
 @dataclass
 class ScriptedEngine:
-    """Stands in for `serving.engine_process.EngineProcess`: each row generates `ids`, then eos."""
+    """Stands in for `serving.engine_process.EngineProcess`: each row generates `ids`, then eos.
+
+    `completions` keeps what the route sent, so a test can read the sampling settings a
+    request became.
+    """
 
     tokenizer: Any
     ids: list[int] = field(default_factory=list)
+    completions: list = field(default_factory=list)
 
     async def submit(self, completion) -> None:
         from serving.decoding import LoadedModel, Row, Tokens
 
+        self.completions.append(completion)
         row = Row(completion.id, completion.prompt_ids, completion.max_new, completion.temperature,
                   completion.top_p, completion.stops, completion.stream, LoadedModel(None, self.tokenizer, 2048))
         tokens = Tokens(self.tokenizer)
@@ -49,12 +60,48 @@ class ScriptedEngine:
         """Nothing is generating: the events are all queued at once."""
 
 
+class LocalEngine:
+    """Stands in for `serving.engine_process.EngineProcess` with the own decoding loop in this
+    process, generating on `loaded`."""
+
+    def __init__(self, loaded) -> None:
+        from serving.engine import Engine
+
+        self.loaded = loaded
+        self.completions: dict[int, Any] = {}
+        self.rows: dict[int, Any] = {}
+        self._ids = itertools.count()
+        self.loop = Engine(self._emit, max_batch=4, join_ratio=0.5, join_after_steps=4)
+
+    async def submit(self, completion) -> None:
+        from serving.decoding import Row
+
+        completion.id = next(self._ids)
+        self.completions[completion.id] = completion
+        self.rows[completion.id] = Row(completion.id, completion.prompt_ids, completion.max_new,
+                                       completion.temperature, completion.top_p, completion.stops, completion.stream,
+                                       self.loaded, seed=completion.seed)
+        self.loop.submit(self.rows[completion.id])
+
+    def cancel(self, completion) -> None:
+        self.loop.cancel(self.rows[completion.id])
+
+    def _emit(self, events) -> None:
+        for row, event in events:
+            completion = self.completions[row.id]
+            completion.loop.call_soon_threadsafe(completion.queue.put_nowait, event)
+
+    def close(self) -> None:
+        self.loop.close()
+        self.loop.join(10)
+
+
 @dataclass
 class ScriptedModels:
     """Stands in for `serving.model_manager.ModelManager`: one model, always served."""
 
     served: Any
-    engine: ScriptedEngine
+    engine: Any  # ScriptedEngine or LocalEngine
 
     def current(self):
         return self.served
@@ -97,15 +144,35 @@ class ScriptedChat:
 @contextmanager
 def scripted_chat(model_dir: Path) -> Iterator[ScriptedChat]:
     """The service's chat route serving `model_dir`'s tokenizer and chat template, with a scripted engine."""
-    from starlette.testclient import TestClient
     from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = ScriptedEngine(tokenizer)
+    with _chat_route(tokenizer, engine) as client:
+        yield ScriptedChat(client, engine)
+
+
+@contextmanager
+def local_chat(loaded) -> Iterator[Any]:
+    """A test client of the service's chat route generating on `loaded` (a
+    `serving.decoding.LoadedModel`) with the own decoding loop in this process."""
+    engine = LocalEngine(loaded)
+    try:
+        with _chat_route(loaded.tokenizer, engine) as client:
+            yield client
+    finally:
+        engine.close()
+
+
+@contextmanager
+def _chat_route(tokenizer, engine) -> Iterator[Any]:
+    """A test client of the service's routes, whose service serves `tokenizer`'s model through `engine`."""
+    from starlette.testclient import TestClient
 
     import serving.service
     from serving.model_manager import ServedModel
     from tasks.config import ServingParams
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = ScriptedEngine(tokenizer)
     service = object.__new__(serving.service.ChatService.inner)  # no registry, no engine process
     service.limits = ServingParams()
     service.model_name = "scripted"
@@ -114,6 +181,6 @@ def scripted_chat(model_dir: Path) -> Iterator[ScriptedChat]:
     serving.service.app.dependency_overrides[serving.service._service] = lambda: service
     try:
         with TestClient(serving.service.app) as client:
-            yield ScriptedChat(client, engine)
+            yield client
     finally:
         serving.service.app.dependency_overrides.pop(serving.service._service, None)

@@ -360,6 +360,62 @@ def test_sample_is_greedy_at_temperature_zero_and_keeps_to_the_nucleus():
     assert sample(logits, torch.tensor([1.0, 1.0]), tiny).tolist() == [1, 0]
 
 
+def test_sample_draws_a_seeded_row_from_its_own_generator():
+    logits = torch.tensor([[0.0, 0.3, 0.1, 0.2], [0.5, 0.4, 0.3, 0.2], [0.1, 0.0, 0.2, 0.3]])
+    hot, whole = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0])
+
+    def draws(seeded_row: int, others_seed: int) -> list[int]:
+        """Row `seeded_row`'s draws under seed 7, while the other rows draw from the global state."""
+        torch.manual_seed(others_seed)
+        generators = [None] * 3
+        generators[seeded_row] = torch.Generator().manual_seed(7)
+        return [int(sample(logits, hot, whole, generators)[seeded_row]) for _ in range(40)]
+
+    first = draws(0, others_seed=1)
+    assert len(set(first)) > 1  # sampled, not greedy
+    assert draws(0, others_seed=2) == first  # the other rows' draws do not move it
+    # Another row with the same logits and seed draws the same tokens, wherever it sits.
+    logits[2] = logits[0]
+    assert draws(2, others_seed=3) == first
+
+
+@pytest.fixture(scope="module")
+def untrained() -> LoadedModel:
+    """The `tiny` base model (random weights, built once and cached; nothing is trained)."""
+    from transformers import AutoTokenizer
+
+    from tasks.config import ModelParams
+    from tasks.model.loading import load_causal_lm, resolve_base
+
+    base = resolve_base(ModelParams())
+    return LoadedModel(load_causal_lm(base).eval(), AutoTokenizer.from_pretrained(base), 2048)
+
+
+def test_a_seeded_row_samples_the_same_text_alone_and_beside_other_rows(untrained):
+    """OpenAI's `seed`: the same request with the same seed at temperature 1 gets the same answer,
+    also when other rows (sampled, greedy, of other prompt lengths) share its decoding steps."""
+    model = endless(untrained)
+
+    async def scenario():
+        async with Harness() as h:
+            def seeded(seed: int | None, temperature: float = 1.0, user: str = "2001-02-03") -> Row:
+                # Same id, so the row keeps the event queue `Harness.row` made for it.
+                return dataclasses.replace(h.row(model, 16, user=user, temperature=temperature), seed=seed)
+
+            answers = []
+            for seed in (7, 7, 8):
+                row = seeded(seed)
+                h.engine.submit(row)
+                answers.append((await h.until_end(row))[0])
+            alone, again, other = answers
+            assert alone == again and alone != other
+            rows = [seeded(None, 1.2, user="1999-12-31 and more"), seeded(7), seeded(None, 0.0)]
+            h.engine.submit_together(rows)
+            assert (await h.until_end(rows[1]))[0] == alone
+
+    run(scenario())
+
+
 # ---------------------------------------------------------------------------------------
 # The engine in its own process
 # ---------------------------------------------------------------------------------------

@@ -71,8 +71,8 @@ def api_schema(server):
     """The OpenAPI description the server serves, read as OpenAPI 3.1.
 
     BentoML labels /docs.json 3.0.2, but the routes' schemas in it come from FastAPI and
-    pydantic, which write OpenAPI 3.1's JSON Schema (a number in `exclusiveMinimum`, `const`,
-    `type: null`); read as 3.0, `top_p`'s bound is not a valid schema.
+    pydantic, which write OpenAPI 3.1's JSON Schema (`const`, `type: null`), which 3.0 does
+    not have.
     """
     document = httpx.get(f"{server}/docs.json", headers=AUTH).raise_for_status().json()
     assert document["openapi"] == "3.0.2", "BentoML changed the version it writes: drop the relabelling"

@@ -244,7 +244,7 @@ def test_refusals_reach_the_client_as_openai_errors(tools_server):
         (openai.BadRequestError, "tools.0.function",
          {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]}),
         (openai.BadRequestError, "response_format", {"response_format": {"type": "json_object"}}),
-        (openai.BadRequestError, "seed", {"seed": 1, "temperature": 0.7}),
+        (openai.BadRequestError, "stream_options", {"stream_options": {"include_usage": True}}),
         (openai.APIStatusError, None, {"messages": [{"role": "user", "content": "x" * 100_000}]}),
     ]
     for error, param, body in cases:

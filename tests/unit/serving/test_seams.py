@@ -46,6 +46,7 @@ def test_no_module_of_the_project_imports_itself_through_others():
 @pytest.mark.parametrize("message", [
     LoadModel("m1", "/models/a"), DropModel("m1"), CancelRow(3), Close(),
     StartRow(3, "m1", [1, 2, 3], 8, 0.0, 1.0, ["\n"], True),
+    StartRow(4, "m1", [1, 2, 3], 8, 0.7, 0.9, [], False, seed=2**70),
     Loaded("m1", 2048), Loaded("m1", 0, "OSError: no such folder"),
     Events([(3, ("delta", "2024")), (3, ("end", "stop", 2)), (4, ("error", "the service is shutting down"))], [2, 1]),
 ])
@@ -64,3 +65,49 @@ def test_messages_cross_a_process_pipe_unchanged(message):
 def test_messages_are_immutable():
     with pytest.raises(AttributeError):
         StartRow(3, "m1", [1], 8, 0.0, 1.0, [], False).max_new = 9  # type: ignore[misc]
+
+
+def test_the_engine_process_hands_every_setting_of_a_row_to_its_loop(monkeypatch):
+    """What `StartRow` carries reaches the decoding loop's `Row` (a setting dropped at this
+    seam would be accepted by the service and silently not applied)."""
+    import dataclasses
+    import threading
+
+    import serving.engine_process as engine_process
+    from serving.decoding import LoadedModel
+
+    submitted = []
+
+    class Recording:
+        def __init__(self, emit, **settings) -> None:
+            pass
+
+        def submit(self, row) -> None:
+            submitted.append(row)
+
+        def close(self) -> None:
+            pass
+
+        def join(self, timeout=None) -> None:
+            pass
+
+    monkeypatch.setitem(engine_process.LOOPS, "recording", Recording)
+    monkeypatch.setattr(engine_process, "load_model_dir", lambda path: LoadedModel(None, None, 2048))
+    monkeypatch.setattr(engine_process.gc, "freeze", lambda: None)
+    service, engine = multiprocessing.Pipe()
+    process = threading.Thread(target=engine_process.engine_main, args=(engine, 4, 0.5, 4, 0, "recording"))
+    process.start()
+    try:
+        service.send(LoadModel("m1", "/models/a"))
+        assert service.recv() == Loaded("m1", 2048)
+        start = StartRow(3, "m1", [1, 2], 8, 0.7, 0.9, ["\n"], True, seed=7)
+        service.send(start)
+        service.send(Close())
+        process.join(10)
+    finally:
+        service.close()
+        engine.close()
+    row = submitted[0]
+    assert {f.name: getattr(row, f.name) for f in dataclasses.fields(start) if f.name != "key"} == {
+        "id": 3, "prompt_ids": [1, 2], "max_new": 8, "temperature": 0.7, "top_p": 0.9, "stops": ["\n"], "stream": True,
+        "seed": 7}

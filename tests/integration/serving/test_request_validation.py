@@ -1,0 +1,189 @@
+"""What the chat route refuses before generating, as OpenAI refuses it: each refusal a 400 whose
+`param` is the field's path in the request, and the sampling settings an accepted request
+becomes.
+
+The route is the service's own (`tests.support.scripted_service`): with a family model's
+tokenizer and a scripted engine, and for what sampling does, with the own decoding loop on
+the untrained `tiny` base model. Nothing here trains.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.scripted_service import local_chat, scripted_chat
+
+ASK = {"role": "user", "content": "What is the weather in Oslo?"}
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+
+
+def call(cid: str) -> dict:
+    return {"id": cid, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+
+
+def calling(*cids: str) -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": [call(c) for c in cids]}
+
+
+def result(cid: str) -> dict:
+    return {"role": "tool", "tool_call_id": cid, "content": "12 degrees"}
+
+
+ANSWER = {"role": "assistant", "content": "It is 12 degrees."}
+AGAIN = {"role": "user", "content": "And tomorrow?"}
+
+
+@pytest.fixture(scope="module")
+def chat(family_models):
+    with scripted_chat(family_models("qwen2.5")) as scripted:
+        scripted.writes("It is 12 degrees.")
+        yield scripted
+
+
+def send(chat, **body):
+    return chat.client.post("/v1/chat/completions", json={"messages": [ASK], "max_tokens": 8, **body})
+
+
+def refused(resp, param: str, code: str = "invalid_value") -> str:
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert (error["param"], error["code"]) == (param, code), error
+    return error["message"]
+
+
+# -- the path of an invalid field ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "param", "said", "unsaid"), [
+    # a dict for a union of a literal and an object: what is wrong inside the object
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": 1}}},
+     "tool_choice.function.name", "valid string", "'auto'"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice.function", "required", "'auto'"),
+    # a string for the same union: the literal's choices, not the object's
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "'auto'", "NamedToolChoice"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text", "required", "str"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages.0.content.0.text", "valid string", "list["),
+    ({"stop": 5}, "stop", "valid string or a valid list", "list[str]"),
+    ({"stop": ["###", 5]}, "stop.1", "valid string", "list["),
+])
+def test_an_invalid_field_of_a_union_is_named_by_its_path_in_the_request(chat, body, param, said, unsaid):
+    message = refused(send(chat, **body), param)
+    assert message.startswith(f"Invalid value for '{param}': ") and said in message and unsaid not in message
+
+
+# -- tool calls and their results --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("messages", "param", "said"), [
+    ([ASK, calling("call_a"), result("call_b")], "messages.2.tool_call_id", "'call_b'"),
+    ([ASK, result("call_a")], "messages.1.tool_call_id", "'call_a'"),
+    ([ASK, calling("call_a"), result("call_a"), result("call_a")], "messages.3.tool_call_id", "'call_a'"),
+    # a result of an earlier turn's call, after the turn ended
+    ([ASK, calling("call_a"), result("call_a"), ANSWER, AGAIN, result("call_a")], "messages.5.tool_call_id",
+     "'call_a'"),
+    # calls without results, before the next turn and at the end
+    ([ASK, calling("call_a"), AGAIN], "messages.1.tool_calls", "'call_a'"),
+    ([ASK, calling("call_a", "call_b"), result("call_b"), ANSWER], "messages.1.tool_calls", "'call_a'"),
+    ([ASK, calling("call_a")], "messages.1.tool_calls", "'call_a'"),
+    ([ASK, calling("call_a", "call_a"), result("call_a")], "messages.1.tool_calls.1.id", "'call_a'"),
+])
+def test_tool_results_that_do_not_answer_the_calls_before_them_are_refused(chat, messages, param, said):
+    message = refused(send(chat, messages=messages, tools=TOOLS), param)
+    assert said in message
+
+
+def test_calls_answered_in_any_order_and_ids_reused_in_a_later_turn_are_accepted(chat):
+    messages = [ASK, calling("call_a", "call_b"), result("call_b"), result("call_a"), ANSWER, AGAIN,
+                calling("call_a"), result("call_a")]
+    assert send(chat, messages=messages, tools=TOOLS).status_code == 200
+
+
+def test_tools_that_share_a_function_name_are_refused(chat):
+    message = refused(send(chat, tools=[*TOOLS, TIME_TOOL, TOOLS[0]]), "tools.2.function.name")
+    assert "'get_weather'" in message
+
+
+# -- fields that need another ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": False, "stream_options": {"include_usage": False}}, "stream_options"),
+    ({"tools": []}, "tools"),
+    ({"tool_choice": "none"}, "tool_choice"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+    ({"parallel_tool_calls": True}, "parallel_tool_calls"),
+])
+def test_a_field_without_the_field_it_qualifies_is_refused(chat, body, param):
+    message = refused(send(chat, **body), param)
+    assert f"'{param}'" in message
+
+
+@pytest.mark.parametrize("body", [
+    {"stream": True, "stream_options": {"include_usage": True}},
+    {"stream_options": None, "tool_choice": None, "parallel_tool_calls": None, "tools": None},
+    {"tools": TOOLS, "tool_choice": "none", "parallel_tool_calls": False},
+])
+def test_the_same_fields_with_what_they_qualify_or_null_are_accepted(chat, body):
+    assert send(chat, **body).status_code == 200
+
+
+# -- sampling settings ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "temperature"), [
+    ({"temperature": 1.0, "top_p": 0}, 0.0),
+    ({"temperature": 0.7, "top_p": 0.0}, 0.0),
+    ({"temperature": 0.7, "top_p": 0.5}, 0.7),
+    ({"temperature": 0}, 0.0),
+])
+def test_top_p_zero_is_accepted_and_decodes_greedily(chat, body, temperature):
+    assert send(chat, **body).status_code == 200
+    row = chat.engine.completions[-1]
+    assert (row.temperature, row.top_p) == (temperature, body.get("top_p", 1.0))
+
+
+@pytest.mark.parametrize(("seed", "temperature"), [(7, 1.0), (7, 0.0), (-3, 0.5), (2**70, 1.5), (None, 1.0)])
+def test_a_seed_is_accepted_at_any_temperature_and_reaches_the_engine(chat, seed, temperature):
+    assert send(chat, seed=seed, temperature=temperature).status_code == 200
+    assert chat.engine.completions[-1].seed == seed
+
+
+@pytest.fixture(scope="module")
+def sampling():
+    """The chat route generating with the own decoding loop on the `tiny` base model (random
+    weights, built once and cached: nothing is trained), which samples a different text for
+    almost every draw."""
+    from transformers import AutoTokenizer
+
+    from serving.decoding import LoadedModel
+    from tasks.config import ModelParams
+    from tasks.model.loading import load_causal_lm, resolve_base
+
+    base = resolve_base(ModelParams())
+    with local_chat(LoadedModel(load_causal_lm(base).eval(), AutoTokenizer.from_pretrained(base), 2048)) as client:
+        yield client
+
+
+def answer(client, **body) -> str:
+    resp = client.post("/v1/chat/completions", json={"messages": [ASK], "max_tokens": 16, **body})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["message"]["content"]
+
+
+def test_two_requests_with_the_same_seed_sample_the_same_answer(sampling):
+    first = answer(sampling, seed=7, temperature=1.0)
+    assert answer(sampling, seed=7, temperature=1.0) == first
+    assert answer(sampling, seed=8, temperature=1.0) != first
+
+
+def test_top_p_zero_answers_as_temperature_zero(sampling):
+    greedy = answer(sampling, temperature=0)
+    assert answer(sampling, temperature=1.5, top_p=0) == answer(sampling, temperature=1.0, top_p=0.0) == greedy
+    assert answer(sampling, temperature=1.5, top_p=1.0, seed=3) != greedy
