@@ -193,15 +193,23 @@ class RateLimiter:
     Per process: behind several service workers each allows `limit`; the service runs one.
     """
 
+    # Names kept before the idle ones are dropped: a trusted key's limit is per end user it
+    # names, and the names it may send are unbounded.
+    SWEEP_AT = 4096
+
     def __init__(self, limit: int, window: float) -> None:
         self.limit, self.window = limit, window
         self._calls: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+        self._sweep_at = self.SWEEP_AT
 
     def acquire(self, name: str, now: float | None = None) -> int | None:
         """Count a call of `name`; None when allowed, else the seconds until it would be (at least 1)."""
         now = time.monotonic() if now is None else now
         with self._lock:
+            if len(self._calls) >= self._sweep_at:  # forget the names with no call in the window
+                self._calls = {k: q for k, q in self._calls.items() if q and q[-1] > now - self.window}
+                self._sweep_at = max(self.SWEEP_AT, 2 * len(self._calls))
             calls = self._calls.setdefault(name, deque())
             while calls and calls[0] <= now - self.window:
                 calls.popleft()

@@ -157,6 +157,18 @@ def test_the_rate_limiter_answers_when_to_retry():
     assert limiter.acquire("web", now=60.5) is None  # the first call left the window
 
 
+def test_the_rate_limiter_forgets_idle_names_but_not_a_busy_ones_calls():
+    """A trusted key's limit is per end user it names: the names idle past the window are dropped."""
+    limiter = type("SmallLimiter", (RateLimiter,), {"SWEEP_AT": 4})(2, 60.0)
+    limiter.acquire("busy", now=0)
+    limiter.acquire("busy", now=100)
+    for i in range(3):
+        limiter.acquire(f"user-{i}", now=1)
+    assert limiter.acquire("late", now=120) is None  # the sweep: every name but the busy one is idle
+    assert len(limiter._calls) == 2
+    assert limiter.acquire("busy", now=121) is None and limiter.acquire("busy", now=122) == 38
+
+
 def test_the_cli_approves_and_forgets(db, monkeypatch, capsys):
     from ftllm.commands.feedback import approve_command, forget_command, pending_command
 
