@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
+from serving.errors import error_body, openai_error_from
 from serving.keys import ANONYMOUS, Caller, Role, load_keyring
-from serving.schemas import error_body, openai_error_from
 from tasks.config import ServingParams
 from tasks.errors import ConfigError
 

@@ -3,7 +3,7 @@
 This module holds the service's request handling and its routes. The served model's
 lifecycle (loading a model version, polling the registry, hot swaps and engine restarts)
 is `serving.model_manager.ModelManager`'s; the request and response models and the
-OpenAI error bodies are in `serving.schemas`; authentication, request limits and the
+OpenAI error bodies are in `serving.errors`; authentication, request limits and the
 rewriting of BentoML's and Starlette's error bodies in `serving.guards`; API keys and
 their roles in `serving.keys`; the engine process in `serving.engine_process` and its
 decoding loops behind `serving.decoding.DecodingLoop`; the interaction log in
@@ -81,11 +81,11 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from pydantic import Field, ValidationError  # noqa: E402
 
 from serving.engine_process import Completion, EngineError, EngineProcess  # noqa: E402
+from serving.errors import APIError, error_body, validation_error  # noqa: E402
 from serving.guards import GuardMiddleware, request_caller  # noqa: E402
 from serving.keys import Caller, RateLimiter  # noqa: E402
 from serving.model_manager import ModelManager, ServedModel  # noqa: E402
 from serving.schemas import (  # noqa: E402
-    APIError,
     ChatCompletion,
     ChatRequest,
     FeedbackRequest,
@@ -95,12 +95,10 @@ from serving.schemas import (  # noqa: E402
     NamedToolChoice,
     ReloadResult,
     check_request,
-    error_body,
     for_template,
     json_body,
     responses,
     unhonoured_field,
-    validation_error,
 )
 from tasks.config import Params, ServingParams, load_params, overrides_from_env  # noqa: E402
 from tasks.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
