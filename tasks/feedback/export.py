@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.data.checks import example_digests, normalise_example
+from tasks.data.checks import check_tools, example_digests, normalise_example
 from tasks.feedback.redact import RedactAction, redact_examples
 from tasks.feedback.schema import MAX_RATING, MIN_RATING, FeedbackRow, Interaction, prompt_digest
 from tasks.feedback.store import FeedbackReader
@@ -69,6 +69,7 @@ class FeedbackExport:
     users: int = 0  # distinct end users among the exported examples
     redacted: dict[str, int] = field(default_factory=dict)  # findings per category, examples changed/dropped
     repeats: int = 0  # examples left out as the same as a later one (many users, the same rated answer)
+    invalid_calls: int = 0  # examples left out as validation would refuse their tools or calls (a masked argument)
 
 
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,
@@ -163,9 +164,14 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
             trusted.append(row.trusted)
     examples, capped = _cap_per_key(examples, trusted, policy.max_key_share, policy.other_examples, policy.weight)
     examples, redacted = redact_examples(examples, policy.redaction)
-    examples, repeats = _latest_of_each(examples)
+    # Validation would refuse an example whose tools or calls break its rules (a masked argument
+    # that fails its schema, `[EMAIL]` under an e-mail `pattern`; a tool the client declared with
+    # no description), and so the source, in every run: such an example is left out, counted.
+    usable = [e for e in examples if not check_tools(e)]
+    broken = len(examples) - len(usable)
+    examples, repeats = _latest_of_each(usable)
     return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted,
-                      "repeats": repeats}
+                      "repeats": repeats, "invalid_calls": broken}
 
 
 def _latest_of_each(examples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -220,4 +226,4 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
     return FeedbackExport(db=db_path, path=Path(out), examples=len(examples), last_feedback_id=last,
                           held=left_out["held"], capped=left_out["capped"], erased=left_out["erased"],
                           by_key=dict(sorted(by_key.items())), users=len(users), redacted=left_out["redacted"],
-                          repeats=left_out["repeats"])
+                          repeats=left_out["repeats"], invalid_calls=left_out["invalid_calls"])

@@ -26,7 +26,8 @@ class FeedbackSnapshot:
         e = self.export
         return {"db": str(e.db), "path": str(e.path), "examples": e.examples, "last_feedback_id": e.last_feedback_id,
                 "tracked_by": self.tracked_by, "held": e.held, "capped": e.capped, "erased": e.erased,
-                "by_key": e.by_key, "users": e.users, "redacted": e.redacted, "repeats": e.repeats}
+                "by_key": e.by_key, "users": e.users, "redacted": e.redacted, "repeats": e.repeats,
+                "invalid_calls": e.invalid_calls}
 
     def mlflow_tags(self) -> dict[str, str]:
         """The provenance of the run's feedback, as MLflow run tags (`feedback.*`)."""
@@ -35,7 +36,7 @@ class FeedbackSnapshot:
         e = self.export
         return {"feedback.examples": str(e.examples), "feedback.keys": json.dumps(e.by_key, sort_keys=True),
                 "feedback.end_users": str(e.users), "feedback.held": str(e.held), "feedback.capped": str(e.capped),
-                "feedback.repeats": str(e.repeats),
+                "feedback.repeats": str(e.repeats), "feedback.invalid_calls": str(e.invalid_calls),
                 "feedback.last_feedback_id": str(e.last_feedback_id),
                 **{f"feedback.redacted.{k}": str(v) for k, v in e.redacted.items()}}
 

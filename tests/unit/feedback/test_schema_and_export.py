@@ -38,7 +38,8 @@ def test_a_log_written_before_the_schema_was_versioned_keeps_working(tmp_path):
 
 
 def test_a_rated_tool_call_is_exported_as_the_call_with_its_tools(tmp_path):
-    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "The time in a city.",
+                                               "parameters": {"type": "object"}}}]
     calls = [{"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Oslo"}'}}]
     store = FeedbackStore(tmp_path / "feedback.db")
     store.log_interaction(Interaction("c0", "chat", "m", "1", [{"role": "user", "content": "Time in Oslo?"}], "",
@@ -141,3 +142,24 @@ def test_the_history_a_client_sends_is_context_and_only_the_rated_answer_is_trai
     [encoded] = encode_chats(tok, [example])
     trained = tok.decode([t for t, m in zip(encoded.input_ids, encoded.loss_mask) if m])
     assert "March 19, 2016" in trained and "POISON" not in trained
+
+
+def test_a_call_whose_masked_argument_fails_its_schema_is_left_out_not_failing_every_run(tmp_path):
+    """Redaction masks an e-mail argument as [EMAIL], which an e-mail `pattern` refuses: the example is
+    left out and counted, where it would have made validation refuse the source in every run."""
+    from tasks.data.validate import validate_dataset
+
+    tools = [{"type": "function", "function": {"name": "send_mail", "description": "Send an e-mail.", "parameters": {
+        "type": "object", "properties": {"to": {"type": "string", "pattern": "^[^@]+@[^@]+$"}}, "required": ["to"]}}}]
+    store = FeedbackStore(tmp_path / "feedback.db")
+    for i, to in enumerate(["ann@example.org", "bo@example.org"]):
+        calls = [{"id": f"call_{i}", "type": "function", "function": {"name": "send_mail", "arguments": json.dumps({"to": to})}}]
+        store.log_interaction(Interaction(f"c{i}", "chat", "m", "1", [{"role": "user", "content": f"Mail {i}"}], "",
+                                          "tool_calls", 3, 2, 1.0, tools=tools, tool_calls=calls))
+        store.add_feedback(f"c{i}", 5, key_name="ops", trusted=True)
+    store.log_interaction(_chat(9))
+    store.add_feedback("c9", 5, key_name="ops", trusted=True)
+    store.close()
+    export = export_feedback(tmp_path / "feedback.db", tmp_path / "out.jsonl", 4)
+    assert (export.examples, export.invalid_calls, export.redacted["email"]) == (1, 2, 2)
+    assert validate_dataset(tmp_path / "out.jsonl").valid
