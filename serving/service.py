@@ -226,10 +226,7 @@ class ChatPlan:
 
     def read(self, text: str) -> ParsedResponse:
         """The generation (after the opening) read back into answer, reasoning and calls."""
-        parsed = parse_generation(self.tokenizer, self.opening + text, self.prompt, self.tools)
-        if self.single_call and len(parsed.tool_calls) > 1:
-            parsed = ParsedResponse(parsed.content, parsed.reasoning_content, parsed.tool_calls[:1], "", parsed.text)
-        return parsed
+        return parse_generation(self.tokenizer, self.opening + text, self.prompt, self.tools, self.single_call)
 
     def finish_reason(self, parsed: ParsedResponse, engine_finish: str) -> str:
         """`tool_calls` for valid calls, `invalid_finish` for a call returned as text, else the engine's."""
@@ -501,7 +498,7 @@ class ChatService:
                          "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
                          **({"usage": None} if usage else {})})
 
-        reader = ResponseStream(plan.tokenizer, plan.prompt, plan.tools) if plan.parse else None
+        reader = ResponseStream(plan.tokenizer, plan.prompt, plan.tools, plan.single_call) if plan.parse else None
         if reader is not None and plan.opening:
             reader.feed(plan.opening)  # call text: held back until the call is complete
         parts, opened = [], False
@@ -533,8 +530,6 @@ class ChatService:
                 finish, message = event[1], {"role": "assistant", "content": "".join(parts)}
                 if reader is not None:
                     parsed, owed = reader.finish()
-                    if plan.single_call:
-                        parsed = plan.read("".join(parts))
                     for field_name, piece in owed:
                         for sent in opening({field_name: piece}):
                             yield sent

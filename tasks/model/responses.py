@@ -154,7 +154,8 @@ def response_template(tokenizer) -> tuple[dict | None, bool]:
         "reasoning_content": _REASONING, "content": {"close_pattern": r"$", "content": "text"}}}, False
 
 
-def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None) -> ParsedResponse:
+def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None,
+                     first_call_only: bool = False) -> ParsedResponse:
     """Read a generation into its answer, reasoning trace and calls, and check the calls.
 
     Args:
@@ -162,12 +163,18 @@ def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None
         text: what the model wrote after `prompt`, decoded without the end-of-turn token.
         prompt: the rendered prompt: a template that opens `<think>` in it is read correctly.
         tools: the tools the request declared; None reads no calls (any call text is answer).
+        first_call_only: read the first call and nothing after it (`parallel_tool_calls: false`,
+            a named `tool_choice`): what the model wrote after it, a call to another function or
+            one cut off by the token limit, is not read, so it cannot make the first invalid.
     """
     from transformers.utils.chat_parsing import ResponseParser
 
     template, own = response_template(tokenizer)
+    prefix = prompt if own else _prefix(prompt)
+    if first_call_only:
+        text = _through_first_call(template, prefix, text)
     try:
-        parser = ResponseParser(template, prefix=prompt if own else _prefix(prompt), tools=tools if own else None)
+        parser = ResponseParser(template, prefix=prefix, tools=tools if own else None)
         events = parser.feed(text)
         message, last = parser.finalize()
     except ValueError as exc:  # a call region that is not JSON
@@ -184,8 +191,38 @@ def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None
         return ParsedResponse(content if (tools or reasoning) else text, reasoning, [], "", rest)
     if not tools:  # a call to a function the request did not offer
         return ParsedResponse(content, reasoning, [], "the request declared no tools", rest)
-    calls, problem = check_calls(raw_calls, tools)
+    calls, problem = check_calls(raw_calls[:1] if first_call_only else raw_calls, tools)
     return ParsedResponse(content, reasoning, calls, problem, rest)
+
+
+def _through_first_call(template: dict, prefix: str, text: str) -> str:
+    """`text` up to the end of its first call region, or all of it where that region does not
+    end (one region holds every call, as Mistral's JSON list does, or the call is cut off)."""
+    from transformers.utils.chat_parsing import ResponseParser
+
+    parser = ResponseParser(template, prefix=prefix)
+    for end in range(1, len(text) + 1):  # one character at a time: the parser says where a region closes
+        try:
+            events = parser.feed(text[end - 1])
+        except ValueError:
+            return text
+        if any(e["type"] == "region_close" and e["field"] == "tool_calls" for e in events):
+            # A close pattern that ends in `\s*` is known closed one character late, at the start
+            # of what follows (the next call's `<`): without it, the region closes at the end.
+            return text[:end - 1] if _closes_one_call(template, prefix, text[:end - 1]) else text[:end]
+    return text
+
+
+def _closes_one_call(template: dict, prefix: str, text: str) -> bool:
+    from transformers.utils.chat_parsing import ResponseParser
+
+    parser = ResponseParser(template, prefix=prefix)
+    try:
+        parser.feed(text)
+        message, _ = parser.finalize()
+    except ValueError:
+        return False
+    return len(message.get("tool_calls") or []) == 1
 
 
 def split_reasoning(text: str, prompt: str = "") -> tuple[str | None, str]:
@@ -288,10 +325,11 @@ class ResponseStream:
     turns into text.
     """
 
-    def __init__(self, tokenizer, prompt: str, tools: list[dict] | None) -> None:
+    def __init__(self, tokenizer, prompt: str, tools: list[dict] | None, first_call_only: bool = False) -> None:
         from transformers.utils.chat_parsing import ResponseParser
 
         self.tokenizer, self.prompt, self.tools = tokenizer, prompt, tools
+        self.first_call_only = first_call_only
         template, own = response_template(tokenizer)
         self._parser = ResponseParser(template, prefix=prompt if own else _prefix(prompt))
         self._text: list[str] = []
@@ -333,7 +371,7 @@ class ResponseStream:
 
     def finish(self) -> tuple[ParsedResponse, list[tuple[str, str]]]:
         """The whole generation parsed, and the content and reasoning pieces not yet sent."""
-        parsed = parse_generation(self.tokenizer, "".join(self._text), self.prompt, self.tools)
+        parsed = parse_generation(self.tokenizer, "".join(self._text), self.prompt, self.tools, self.first_call_only)
         owed = []
         for name, full in (("reasoning_content", parsed.reasoning_content or ""), ("content", parsed.answer)):
             sent = self._sent[name]

@@ -164,6 +164,21 @@ def test_text_on_both_sides_of_a_call_is_all_answer(tokenizers):
     assert parsed.content == "Let me look. One moment."
 
 
+@pytest.mark.parametrize("after", ['<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',  # an unknown function
+                                   '<tool_call>\n{"name": "get_weather", "arguments": {"ci'])  # cut off by the limit
+def test_with_the_first_call_only_what_follows_it_cannot_make_it_invalid(tokenizers, after):
+    tok = tokenizers("qwen2.5")
+    prompt = render_prompt(tok, QUESTION, tools=TOOLS)
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n' + after
+    assert parse_generation(tok, text, prompt, TOOLS).invalid  # every call read: the second spoils the answer
+    parsed = parse_generation(tok, text, prompt, TOOLS, first_call_only=True)
+    assert parsed.invalid == "" and [(c.name, c.arguments) for c in parsed.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    stream = ResponseStream(tok, prompt, TOOLS, first_call_only=True)
+    pieces = [p for i in range(0, len(text), 4) for p in stream.feed(text[i:i + 4])]
+    streamed, owed = stream.finish()
+    assert pieces + owed == [] and streamed.tool_calls[0].arguments == {"city": "Oslo"}
+
+
 @pytest.mark.parametrize(("family", "required", "named"), [
     ("qwen2.5", '<tool_call>\n{"name": "', '<tool_call>\n{"name": "get_weather"'),
     # Qwen 3 writes an empty reasoning block before the last turn's call: a forced call has no trace.
