@@ -121,6 +121,7 @@ def forget_command(user: str | None, key: str | None, before: str | None, expire
                 erased = store.forget(end_user=user, key_name=key, before=when, reason=reason)
         finally:
             store.close()
-        print(f"erased {erased[0]} interactions and {erased[1]} feedback rows; their prompts are on the erasure "
-              "list, so no later export holds them (earlier DVC snapshots and model versions: docs/guides/trust.md)")
+        listed = ("; their prompts are on the erasure list, so no later export holds them" if user or key else "")
+        print(f"erased {erased[0]} interactions and {erased[1]} feedback rows{listed} "
+              "(earlier DVC snapshots and model versions: docs/guides/trust.md)")
     return run_entry(forget)

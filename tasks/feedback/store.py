@@ -5,7 +5,7 @@ latency, token counts, the API key's name and the client's end-user id; never a 
 so never a key itself) and one row per feedback (`POST /feedback`), held for review
 unless its key is trusted (`FeedbackRow.admitted`). `review` records a person's
 decision, `forget` erases interactions and their feedback (listing their prompts'
-digests), `expire` applies the retention period. Ratings are integers from 1 (useless) to 5 (perfect). Readers open
+digests when it erases a user's or a key's), `expire` applies the retention period. Ratings are integers from 1 (useless) to 5 (perfect). Readers open
 the file read-only, so the monitor and an export never block or alter the service's
 writes (WAL mode lets them read while it writes).
 """
@@ -231,9 +231,9 @@ class FeedbackStore:
         with self._lock, self._conn:
             rows = self._conn.execute(f"SELECT id, messages FROM interactions WHERE {where}", args).fetchall()
             ids = [r[0] for r in rows]
-            if end_user is not None or key_name is not None:
+            if end_user is not None or key_name is not None:  # replaces an erasure by age of the same prompt
                 now = time.time()
-                self._conn.executemany("INSERT OR IGNORE INTO erasures (digest, created, reason) VALUES (?,?,?)",
+                self._conn.executemany("INSERT OR REPLACE INTO erasures (digest, created, reason) VALUES (?,?,?)",
                                        [(prompt_digest(json.loads(m)), now, reason) for _, m in rows])
             gone = self._conn.execute(
                 f"DELETE FROM feedback WHERE ({where}) OR completion_id IN (SELECT id FROM interactions WHERE {where})",
@@ -306,10 +306,16 @@ class FeedbackReader:
         return [FeedbackRow(*row) for row in rows]
 
     def erased_digests(self) -> set[str]:
-        """The prompt digests `forget` listed: no export may contain these prompts."""
+        """The prompt digests `forget` listed for a user or a key: no export may contain these prompts.
+
+        Erasure by age lists none now; those an earlier version listed (reasons `retention ...`,
+        `forget --before ...`) are not read, so they no longer drop every later feedback on a
+        common question from a log written before.
+        """
         if self.version < 2:
             return set()
-        return {d for (d,) in self.conn.execute("SELECT digest FROM erasures")}
+        query = "SELECT digest FROM erasures WHERE reason NOT LIKE 'retention %' AND reason NOT LIKE 'forget --before %'"
+        return {d for (d,) in self.conn.execute(query)}
 
     def rated_completions(self) -> tuple[list[tuple[Interaction, FeedbackRow]], int]:
         """Every feedback row with its completion, oldest first, and the highest feedback id, from one snapshot."""

@@ -141,6 +141,25 @@ def test_retention_erases_old_interactions(db, tmp_path):
         assert reader.erased_digests() == set()
 
 
+def test_a_log_whose_retention_listed_prompts_exports_them_again_until_a_user_is_forgotten(db, tmp_path):
+    """Earlier versions listed the prompts that retention erased: those entries are not read."""
+    from tasks.feedback.schema import prompt_digest
+
+    store = FeedbackStore(db)
+    digest = prompt_digest([{"role": "user", "content": "date 1"}])
+    store._conn.execute("INSERT INTO erasures VALUES (?, 0, 'retention 90 days')", (digest,))
+    store._conn.commit()
+    store.add_feedback("c1", 5, "asked again", key_name="ops", trusted=True)
+    with FeedbackReader(db) as reader:
+        assert reader.erased_digests() == set()
+    rows, exported = _export(db, tmp_path, auto_approve="all")
+    assert exported.erased == 0 and "asked again" in [r["messages"][-1]["content"] for r in rows]
+    store.forget(end_user=None, key_name="web", reason="forget --key web")  # c1 was asked through web
+    with FeedbackReader(db) as reader:
+        assert digest in reader.erased_digests()
+    store.close()
+
+
 def test_one_correction_per_completion_per_key(db):
     store = FeedbackStore(db)
     with pytest.raises(DuplicateCorrection, match="'web' already corrected c1"):
