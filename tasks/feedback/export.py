@@ -126,7 +126,8 @@ def latest_admitted(rated: list[tuple[Interaction, FeedbackRow]], auto_approve: 
 def pseudonym(end_user: str | None) -> str | None:
     """The end user as the export writes them: a digest of the id the front end sent (often an
     e-mail address), so that the file, its DVC versions and the MLflow artifact tell users apart
-    without naming them. `ftllm feedback forget --user` takes the id itself, on the log."""
+    without writing the id (a guessable id is still found by hashing guesses: unsalted, the same
+    user has the same digest in every export). `ftllm feedback forget --user` takes the id itself, on the log."""
     return None if end_user is None else "user-" + hashlib.sha256(end_user.encode()).hexdigest()[:16]
 
 

@@ -125,7 +125,9 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams) -> tuple[li
             counts["desirable" if label else "undesirable"] += 1
         else:
             counts["middle"] += 1
-        by_prompt[prompt_key([*prompt, *_answer(item.answer)])].append((prompt, item))
+        # The same prompt under other tools is another prompt: its answers are not compared.
+        tools = json.dumps(item.tools, sort_keys=True).encode() if item.tools else b""
+        by_prompt[prompt_key([*prompt, *_answer(item.answer)]) + tools].append((prompt, item))
     for answers in by_prompt.values():
         best = max(answers, key=lambda a: a[1].rating)
         worst = min(answers, key=lambda a: a[1].rating)

@@ -188,7 +188,7 @@ def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None
     content = ("".join(e["text"] for e in [*events, *last] if e["type"] == "region_chunk" and e["field"] == "content").strip()
                if raw_calls else message.get("content") or "")
     if not raw_calls:
-        return ParsedResponse(content if (tools or reasoning) else text, reasoning, [], "", rest)
+        return ParsedResponse(content if (tools or reasoning) else text.strip(), reasoning, [], "", rest)
     if not tools:  # a call to a function the request did not offer
         return ParsedResponse(content, reasoning, [], "the request declared no tools", rest)
     calls, problem = check_calls(raw_calls[:1] if first_call_only else raw_calls, tools)

@@ -141,6 +141,18 @@ def test_a_later_held_rating_does_not_hide_a_trusted_one_and_the_tools_stay_with
     assert "tools" not in rows[0] and rows[1]["tools"] == tools
 
 
+def test_answers_to_one_prompt_under_other_tools_make_no_pair(tmp_path):
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "The time.",
+                                               "parameters": {"type": "object"}}}]
+    log = Log(tmp_path / "f.db")
+    log.serve("Same question?", "Good answer.", 5)
+    log.store.log_interaction(Interaction("t1", "chat", "m", "1", [{"role": "user", "content": "Same question?"}],
+                                          "Bad answer.", "stop", 3, 2, 1.0, tools=tools))
+    log.store.add_feedback("t1", 1, key_name="app", trusted=True)
+    rows, summary = export(tmp_path, log)
+    assert summary["pairs_from_ratings"] == 0 and len(rows) == 2
+
+
 def test_a_missing_log_exports_nothing(tmp_path):
     out = tmp_path / "preference.jsonl"
     assert export_preference(tmp_path / "none.db", out, PreferenceParams())["examples"] == 0

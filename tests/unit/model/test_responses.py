@@ -156,6 +156,18 @@ def test_streamed_pieces_join_to_the_parsed_message(tokenizers, family):
         assert not any("<tool_call>" in t for f, t in pieces) or parsed.invalid
 
 
+def test_a_reasoning_template_streams_a_plain_answer_as_it_answers_it(tokenizers):
+    """Qwen 3's template is parsed for a trace even without tools: an answer without one, with
+    whitespace around it, streams to the answer the route returns (no piece sent twice)."""
+    tok = tokenizers("qwen3")
+    prompt = render_prompt(tok, QUESTION)
+    text = "\n\nHello world "
+    stream = ResponseStream(tok, prompt, None)
+    pieces = [p for i in range(0, len(text), 2) for p in stream.feed(text[i:i + 2])]
+    parsed, owed = stream.finish()
+    assert "".join(t for _, t in pieces + owed) == parsed.answer == "Hello world"
+
+
 def test_text_on_both_sides_of_a_call_is_all_answer(tokenizers):
     tok = tokenizers("qwen2.5")
     text = 'Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\nOne moment.'
