@@ -18,8 +18,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.feedback.redact import redact_text
-from tasks.feedback.schema import FeedbackRow, Interaction
+from tasks.feedback.export import training_examples
+from tasks.feedback.redact import redact_example
+from tasks.feedback.schema import MIN_RATING, FeedbackRow, Interaction
 from tasks.feedback.store import FeedbackReader, FeedbackStore
 
 
@@ -78,9 +79,10 @@ def describe_batch(batch: HeldBatch, samples: int = 5) -> str:
                              f"{_cell(row.correction, 60)} |")
     found: Counter[str] = Counter()
     changed = 0
-    for interaction, row in batch.rows:
-        texts = [m.get("content", "") for m in interaction.messages if isinstance(m.get("content"), str)]
-        counts = sum((redact_text(t)[1] for t in [*texts, row.correction or interaction.answer]), Counter())
+    for interaction, row in batch.rows:  # what the export would write for the row, redacted as it would be
+        made = training_examples([(interaction.messages, interaction.answer, row)], MIN_RATING,
+                                 interaction.tools, interaction.tool_calls)
+        counts = sum((redact_example(e).found for e in made), Counter())
         found += counts
         changed += bool(counts)
     lines += ["", "### Redaction", "", (f"{changed} of {len(batch.rows)} rows hold secrets or personal data, masked "

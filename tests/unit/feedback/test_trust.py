@@ -80,6 +80,21 @@ def test_the_form_describes_the_batch(db):
     assert "| web | date 1 | answer 1 | web fix 1 |" in text and "Nothing to redact." in text
 
 
+def test_the_form_counts_what_redaction_will_mask_in_calls_too(tmp_path):
+    """The form's redaction figures are the export's: a call's arguments are searched as its text is."""
+    tools = [{"type": "function", "function": {"name": "send_mail", "description": "Send an e-mail.",
+                                               "parameters": {"type": "object"}}}]
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "send_mail", "arguments": '{"to": "ann@example.org"}'}}]
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    store.log_interaction(Interaction("c0", "chat", "m", "1", [{"role": "user", "content": "Mail Ann"}], "",
+                                      "tool_calls", 3, 2, 1.0, "web", tools=tools, tool_calls=calls))
+    store.add_feedback("c0", 5, key_name="web")
+    store.close()
+    assert "1 of 1 rows hold secrets or personal data, masked (or dropped, by feedback.redaction) before training: email 1" \
+        in describe_batch(held_batch(db, "trusted"))
+
+
 def test_one_untrusted_key_is_capped_to_its_share_of_the_run(db, tmp_path):
     rows, exported = _export(db, tmp_path, auto_approve="all", max_key_share=0.1, other_examples=14)
     # 20 examples in the run: each untrusted key keeps 2, its latest; the trusted key is not capped
