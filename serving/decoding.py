@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from tasks.environment import environment, usable_cpus
-from tasks.model.decoding import decode_generation
+from tasks.model.decoding import decode_generation, end_token_ids
 
 # The context of a model whose config does not say (no `max_position_embeddings`): what
 # most small decoder models of the transformers library are built with.
@@ -48,6 +48,7 @@ class LoadedModel:
     tokenizer: Any
     context_length: int
     prefix: Prefix | None = None
+    end_ids: frozenset[int] = frozenset()  # the model's other end tokens (`end_token_ids`): a row ends at them
 
 
 def load_model_dir(model_dir: Path) -> LoadedModel:
@@ -65,7 +66,7 @@ def load_model_dir(model_dir: Path) -> LoadedModel:
         # extra matmuls on every token (about half the time of a small model's step).
         model = model.merge_and_unload()
         model.eval()
-    return LoadedModel(model, tokenizer, context_length(model.config))
+    return LoadedModel(model, tokenizer, context_length(model.config), end_ids=end_token_ids(model))
 
 
 def context_length(config) -> int:
@@ -174,9 +175,9 @@ class Tokens:
     call the model writes unforced is parsed as a call, streamed or not.
     """
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, end_ids: frozenset[int] = frozenset()) -> None:
         self.tok = tokenizer
-        self.eos = {getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)} - {None}
+        self.eos = ({getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)} - {None}) | end_ids
         self.events: list[tuple[Row, Event]] = []
 
     def add(self, rows: list[Row], tokens: list[int]) -> None:

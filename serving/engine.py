@@ -331,7 +331,7 @@ class Engine:
                     if not self.waiting:
                         continue
                     batch = _Batch(self.waiting[0].model, self.prefix_min_tokens)
-                tokens = Tokens(batch.loaded.tokenizer)
+                tokens = Tokens(batch.loaded.tokenizer, batch.loaded.end_ids)
                 try:
                     self._step(batch, tokens)
                 except Exception as exc:  # a failed step must answer its clients, not hang them

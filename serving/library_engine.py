@@ -83,7 +83,7 @@ class LibraryEngine:
                     manager = self._manager(row.model, sampled)
                     added = manager.add_request(row.prompt_ids, request_id=rid, max_new_tokens=row.max_new,
                                                 streaming=row.stream or bool(row.stops),
-                                                eos_token_id=_end_tokens(row.model.tokenizer), **kwargs)
+                                                eos_token_id=_end_tokens(row.model), **kwargs)
                     if added is not None:
                         break
                     self._stop(self.managers.pop((id(row.model), sampled))[1], block=False)
@@ -149,7 +149,7 @@ class LibraryEngine:
         # temperature and top_p processors; each request then brings its own values.
         generation = (GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, top_k=None)
                       if sampled else GenerationConfig(do_sample=False))
-        generation.eos_token_id = _end_tokens(tok)
+        generation.eos_token_id = _end_tokens(loaded)
         generation.pad_token_id = tok.pad_token_id
         blocks = math.ceil(self.max_batch * loaded.context_length / PAGE_SIZE)
         config = ContinuousBatchingConfig(
@@ -209,7 +209,7 @@ class LibraryEngine:
                 return []
             start = self.seen[rid]
             self.seen[rid] = len(output.generated_tokens)
-        tokens = Tokens(row.model.tokenizer)
+        tokens = Tokens(row.model.tokenizer, row.model.end_ids)
         if output.error is not None:
             tokens.fail([row], f"generation failed: {output.error}")
         else:
@@ -237,7 +237,6 @@ class LibraryEngine:
             log.warning("could not deliver %d events: %s: %s", len(events), type(exc).__name__, exc)
 
 
-def _end_tokens(tokenizer) -> list[int]:
-    """The tokens that end a row in `Tokens`: end of sequence and padding."""
-    ends = sorted({getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)} - {None})
-    return ends or [-1]  # -1: none (the library's own spelling)
+def _end_tokens(loaded: LoadedModel) -> list[int]:
+    """The tokens that end a row in `Tokens`: end of sequence, padding and the model's other end tokens."""
+    return sorted(Tokens(loaded.tokenizer, loaded.end_ids).eos) or [-1]  # -1: none (the library's own spelling)

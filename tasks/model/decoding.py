@@ -30,6 +30,14 @@ PARSED_MARKERS = frozenset({*CALL_OPENINGS.values(), "</tool_call>", "<|python_t
 _HIDDEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def end_token_ids(model) -> frozenset[int]:
+    """The ids the model's generation config ends a generation at (`generation_config.eos_token_id`,
+    one or a list), besides the tokenizer's end of sequence: Llama 3.1 ends a call at `<|eom_id|>`
+    and an answer at `<|eot_id|>`, and `generate` stops at either, so the service must too."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return frozenset(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+
+
 def hidden_token_ids(tokenizer) -> frozenset[int]:
     """The ids `decode_generation` drops: every special token except the markers parsing reads.
 

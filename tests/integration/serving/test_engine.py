@@ -32,7 +32,8 @@ def loaded(model_dir) -> LoadedModel:
 
 
 class _NoEnd:
-    """The model's tokenizer without an end-of-sequence token: rows run to `max_new`."""
+    """The model's tokenizer without an end-of-sequence token (and, in `endless`, the model without
+    its end tokens): rows run to `max_new`."""
 
     eos_token_id = pad_token_id = None
 
@@ -47,7 +48,7 @@ class _NoEnd:
 
 
 def endless(loaded: LoadedModel) -> LoadedModel:
-    return dataclasses.replace(loaded, tokenizer=_NoEnd(loaded.tokenizer))
+    return dataclasses.replace(loaded, tokenizer=_NoEnd(loaded.tokenizer), end_ids=frozenset())
 
 
 def prompt_ids(tokenizer, user: str = "2001-02-03", system: str = MESSAGES[0]["content"]) -> list[int]:
