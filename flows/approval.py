@@ -101,10 +101,17 @@ def export_feedback_snapshot(root: Path, source: SourceParams, out: Path, settin
     return {**snapshot.to_dict(), "tags": snapshot.mlflow_tags()}
 
 
-def count_examples(path: Path) -> int:
-    """Non-blank lines of a JSONL source (the base of feedback.max_key_share); 0 when unreadable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return sum(1 for line in f if line.strip())
-    except OSError:
-        return 0
+def train_rows(sources: list[SourceParams], paths: list[Path]) -> int:
+    """About the train rows the sources that are not feedback make (the base of feedback.max_key_share):
+    each one's examples (non-blank lines; 0 when unreadable) under its cap, times its weight."""
+    rows = 0.0
+    for source, path in zip(sources, paths):
+        if source.feedback:
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                count = sum(1 for line in f if line.strip())
+        except OSError:
+            count = 0
+        rows += min(count, source.cap or count) * (source.weight or 1.0)
+    return round(rows)

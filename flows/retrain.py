@@ -28,7 +28,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 
-from flows.approval import count_examples, export_feedback_snapshot, review_held_feedback
+from flows.approval import export_feedback_snapshot, review_held_feedback, train_rows
 from flows.publish import _publish, _publish_validation, send_notification
 from flows.train_step import train_on_worker
 from tasks.config import (
@@ -147,7 +147,7 @@ def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: d
     if not params.data.feedback or any(s.feedback for s in params.data.sources):
         return params, overrides, {}
     source = SourceParams(feedback=True, weight=params.data.feedback_weight)  # the weight the source will get
-    others = sum(count_examples(root / s.file) for s in params.data.source_list())
+    others = train_rows(params.data.source_list(), [root / s.file for s in params.data.source_list()])
     out = root / source.file
     snapshot = export_feedback_snapshot(root, source, out, params.feedback, others, write_empty=out.is_file())
     if not snapshot["examples"]:
@@ -354,7 +354,7 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     params, overrides, exported = _take_in_feedback(root, params_file, params, overrides)
     sources = params.data.source_list()
     paths = [Path(s.file) if Path(s.file).is_absolute() else root / s.file for s in sources]
-    others = sum(count_examples(p) for s, p in zip(sources, paths) if not s.feedback)
+    others = train_rows(sources, paths)
     exported.update({i: export_feedback_snapshot(root, s, paths[i], params.feedback, others)
                      for i, s in enumerate(sources) if s.feedback and i not in exported})
     result.feedback = next(({k: v for k, v in e.items() if k != "tags"} for e in exported.values()), None)
