@@ -161,7 +161,7 @@ def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: d
 def export_preference_snapshot(root: Path, prefs: PreferenceParams, feedback: FeedbackParams) -> dict:
     """The log's admitted ratings as preference examples (`preference.path`), redacted, versioned beside the feedback export."""
     return snapshot_preference(root, prefs, log=get_run_logger().info, auto_approve=feedback.auto_approve,
-                               redaction=feedback.redaction)
+                               redaction=feedback.redaction, max_key_share=feedback.max_key_share)
 
 
 def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) -> None:

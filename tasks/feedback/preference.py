@@ -21,7 +21,7 @@ read (conversational: message lists, a `tools` column where the request had tool
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +44,11 @@ class Rated:
     rating: int
     correction: str | None = None
     tools: list[dict[str, Any]] | None = None
+    key: str = ""  # the key that sent the rating, untrusted (approved) or "" for a trusted one
 
 
 def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_approve: str = "trusted",
-                        redaction: RedactAction = "mask") -> dict[str, Any]:
+                        redaction: RedactAction = "mask", max_key_share: float = 1.0) -> dict[str, Any]:
     """Export the service's log (`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`) to `preference.path` and version it.
 
     Written on every run that read feedback, once the log holds a preference example (after
@@ -64,7 +65,7 @@ def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_app
         # Nothing rated yet and nothing exported before: the data folder (and data.dvc) stays as it was.
         log(f"no preference examples in {db}: nothing exported")
         return {"path": str(out), "examples": 0, "md5": None, "tracked_by": None}
-    summary = export_preference(db, out, prefs, auto_approve, redaction)
+    summary = export_preference(db, out, prefs, auto_approve, redaction, max_key_share)
     tracked = track_data(root, out, log=log)
     log(f"exported {summary['examples']} preference examples to {out}: {summary}")
     return {**summary, "md5": file_md5(out), "tracked_by": tracked}
@@ -84,8 +85,8 @@ def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:
     # The latest admitted feedback, not the latest feedback then admitted or not: a later
     # rating held for approval (an untrusted key's) must not hide a trusted one.
     latest, _ = latest_admitted(rated, auto_approve)
-    return [Rated(i.messages, i.answer, row.rating, row.correction, i.tools) for i, row in latest
-            if prompt_digest(i.messages) not in erased]
+    return [Rated(i.messages, i.answer, row.rating, row.correction, i.tools, "" if row.trusted else row.key_name)
+            for i, row in latest if prompt_digest(i.messages) not in erased]
 
 
 def _prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -102,9 +103,15 @@ def _with_tools(row: dict[str, Any], tools: list[dict[str, Any]] | None) -> dict
     return {**row, "tools": tools} if tools else row
 
 
-def preference_examples(rated: list[Rated], prefs: PreferenceParams) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """KTO rows and DPO pairs from rated completions (see the module's docstring), with their counts."""
+def preference_examples(rated: list[Rated], prefs: PreferenceParams,
+                        max_key_share: float = 1.0) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """KTO rows and DPO pairs from rated completions (see the module's docstring), with their counts.
+
+    An untrusted key (its feedback approved by a person) makes at most `max_key_share` of the
+    rows (`feedback.max_key_share`, as in the supervised export): its latest ones are kept.
+    """
     rows: list[dict[str, Any]] = []
+    senders: list[set[str]] = []  # the untrusted keys behind each row
     counts = {"desirable": 0, "undesirable": 0, "middle": 0, "pairs_from_corrections": 0, "pairs_from_ratings": 0,
               "not_a_chat": 0}
     by_prompt: dict[bytes, list[tuple[list[dict], Rated]]] = defaultdict(list)
@@ -117,11 +124,13 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams) -> tuple[li
             if item.correction.strip() != item.answer.strip():
                 rows.append(_with_tools({"prompt": prompt, "chosen": _answer(item.correction),
                                          "rejected": _answer(item.answer)}, item.tools))
+                senders.append({item.key} - {""})
                 counts["pairs_from_corrections"] += 1
             continue
         if item.rating >= prefs.desirable_min_rating or item.rating <= prefs.undesirable_max_rating:
             label = item.rating >= prefs.desirable_min_rating
             rows.append(_with_tools({"prompt": prompt, "completion": _answer(item.answer), "label": label}, item.tools))
+            senders.append({item.key} - {""})
             counts["desirable" if label else "undesirable"] += 1
         else:
             counts["middle"] += 1
@@ -134,17 +143,33 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams) -> tuple[li
         if best[1].rating - worst[1].rating >= prefs.pair_min_rating_gap and best[1].answer.strip() != worst[1].answer.strip():
             rows.append(_with_tools({"prompt": best[0], "chosen": _answer(best[1].answer),
                                      "rejected": _answer(worst[1].answer)}, best[1].tools))
+            senders.append({best[1].key, worst[1].key} - {""})
             counts["pairs_from_ratings"] += 1
+    rows, counts["capped"] = _cap_per_key(rows, senders, max_key_share)
     return rows, counts
 
 
+def _cap_per_key(rows: list[dict[str, Any]], senders: list[set[str]], share: float) -> tuple[list[dict[str, Any]], int]:
+    """The rows with at most `share` of them from each untrusted key (the latest kept), and how many were left out."""
+    if share >= 1.0:
+        return rows, 0
+    limit = int(share * len(rows))
+    per_key: Counter[str] = Counter()
+    kept = []
+    for row, keys in reversed(list(zip(rows, senders))):
+        if all(per_key[k] < limit for k in keys):
+            per_key.update(keys)
+            kept.append(row)
+    return kept[::-1], len(rows) - len(kept)
+
+
 def export_preference(db: Path, out: Path, prefs: PreferenceParams, auto_approve: str = "trusted",
-                      redaction: RedactAction = "mask") -> dict[str, Any]:
+                      redaction: RedactAction = "mask", max_key_share: float = 1.0) -> dict[str, Any]:
     """Write the log's admitted preference examples, redacted, to `out` (atomically); what was written, counted.
 
     A missing log writes an empty file: no ratings yet, no preference tuning.
     """
-    rows, counts = preference_examples(read_rated(db, auto_approve), prefs) if Path(db).is_file() else ([], {})
+    rows, counts = preference_examples(read_rated(db, auto_approve), prefs, max_key_share) if Path(db).is_file() else ([], {})
     rows, redacted = redact_preferences(rows, redaction)
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return {"path": str(out), "examples": len(rows), **counts, "redacted": redacted}

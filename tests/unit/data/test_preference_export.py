@@ -153,6 +153,22 @@ def test_answers_to_one_prompt_under_other_tools_make_no_pair(tmp_path):
     assert summary["pairs_from_ratings"] == 0 and len(rows) == 2
 
 
+def test_one_approved_untrusted_key_makes_at_most_its_share_of_the_preference_rows(tmp_path):
+    """feedback.max_key_share holds for preference data as for the supervised export: its latest rows kept."""
+    log = Log(tmp_path / "f.db")
+    for i in range(8):
+        log.serve(f"Trusted {i}?", f"Answer {i}.", 5)
+    for i in range(6):
+        log.serve(f"Stranger {i}?", f"Reply {i}.", 1, key="stranger", trusted=False)
+    log.store.review("approved", "cli", keys=["stranger"])
+    out = tmp_path / "preference.jsonl"
+    summary = export_preference(log.close(), out, PreferenceParams(), max_key_share=0.2)
+    texts = [json.loads(line)["prompt"][0]["content"] for line in out.read_text().splitlines()]
+    assert texts == [f"Trusted {i}?" for i in range(8)] + ["Stranger 4?", "Stranger 5?"]  # 2 of 14 rows
+    assert summary["capped"] == 4
+    assert export_preference(log.store.path, out, PreferenceParams())["capped"] == 0  # no cap: 1.0
+
+
 def test_a_missing_log_exports_nothing(tmp_path):
     out = tmp_path / "preference.jsonl"
     assert export_preference(tmp_path / "none.db", out, PreferenceParams())["examples"] == 0
