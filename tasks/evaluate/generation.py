@@ -10,7 +10,7 @@ import time
 from tasks.environment import ThreadShare
 from tasks.errors import RunFailed
 from tasks.model.chat import encode_chats
-from tasks.model.decoding import decode_generation
+from tasks.model.decoding import decode_generation, end_token_ids
 
 Example = dict  # one canonical example: {"messages": [...], ...}
 
@@ -109,6 +109,8 @@ def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     import torch
 
     device = next(model.parameters()).device
+    # The tokenizer's end and the model's own (Llama 3.1 ends a call at <|eom_id|>): where the service stops.
+    ends = sorted({tokenizer.eos_token_id} | end_token_ids(model) - {None})
     tokenizer.padding_side = "left"
     outputs, latencies, lengths = [], [], []
     threads = ThreadShare()
@@ -120,7 +122,7 @@ def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         with torch.no_grad():
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=ends, pad_token_id=tokenizer.pad_token_id,
             )
         elapsed_ms = (time.perf_counter() - t0) * 1000
         new = out[:, enc["input_ids"].shape[1]:]

@@ -131,19 +131,26 @@ def pseudonym(end_user: str | None) -> str | None:
     return None if end_user is None else "user-" + hashlib.sha256(end_user.encode()).hexdigest()[:16]
 
 
+def key_limits(per_key: Counter[str], total: float, share: float) -> dict[str, int]:
+    """The most rows each key may keep so that it makes at most `share` of the rows kept: c <= share x
+    (the others' rows + c), the others' rows being `total` less the key's own (as they are before any cap)."""
+    return {key: int(share / (1.0 - share) * (total - count) + 1e-9) for key, count in per_key.items()}
+
+
 def _cap_per_key(examples: list[dict[str, Any]], trusted: list[bool], share: float, other: int,
                  weight: float = 1.0) -> tuple[list, int]:
-    """Keep at most `share` of the run's train rows from each untrusted key (its latest examples): with each
-    feedback example trained `weight` times, k examples of a key are k x weight of other + n x weight rows."""
+    """Keep at most `share` of the run's train rows from each untrusted key (its latest examples): each
+    feedback example is trained `weight` times, beside `other` train rows of the other sources."""
     if share >= 1.0:
         return examples, 0
-    limit = int(share * (other / weight + len(examples)))
+    per_key = Counter(e["provenance"]["key"] for e, is_trusted in zip(examples, trusted) if not is_trusted)
+    limits = key_limits(per_key, other / weight + len(examples), share)
     counts: Counter[str] = Counter()
     kept: list[dict[str, Any]] = []
     for example, is_trusted in reversed(list(zip(examples, trusted))):
         key = example["provenance"]["key"]
         counts[key] += 1
-        if is_trusted or counts[key] <= limit:
+        if is_trusted or counts[key] <= limits[key]:
             kept.append(example)
     return kept[::-1], len(examples) - len(kept)
 

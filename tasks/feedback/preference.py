@@ -28,7 +28,7 @@ from typing import Any
 
 from tasks.config import PreferenceParams
 from tasks.data.sources import prompt_key
-from tasks.feedback.export import latest_admitted
+from tasks.feedback.export import key_limits, latest_admitted
 from tasks.feedback.redact import RedactAction, redact_examples
 from tasks.feedback.schema import prompt_digest
 from tasks.feedback.store import FeedbackReader, default_db_path
@@ -153,11 +153,11 @@ def _cap_per_key(rows: list[dict[str, Any]], senders: list[set[str]], share: flo
     """The rows with at most `share` of them from each untrusted key (the latest kept), and how many were left out."""
     if share >= 1.0:
         return rows, 0
-    limit = int(share * len(rows))
+    limits = key_limits(Counter(k for keys in senders for k in keys), len(rows), share)
     per_key: Counter[str] = Counter()
     kept = []
     for row, keys in reversed(list(zip(rows, senders))):
-        if all(per_key[k] < limit for k in keys):
+        if all(per_key[k] < limits[k] for k in keys):
             per_key.update(keys)
             kept.append(row)
     return kept[::-1], len(rows) - len(kept)

@@ -79,9 +79,11 @@ def describe_batch(batch: HeldBatch, samples: int = 5) -> str:
                              f"{_cell(row.correction, 60)} |")
     found: Counter[str] = Counter()
     changed = 0
-    for interaction, row in batch.rows:  # what the export would write for the row, redacted as it would be
+    for interaction, row in batch.rows:  # what the exports would write for the row, redacted as they would be
         made = training_examples([(interaction.messages, interaction.answer, row)], MIN_RATING,
                                  interaction.tools, interaction.tool_calls)
+        if row.correction is not None:  # the preference export writes the answer it replaces too
+            made.append({"messages": [{"role": "assistant", "content": interaction.answer}]})
         counts = sum((redact_example(e).found for e in made), Counter())
         found += counts
         changed += bool(counts)

@@ -163,16 +163,26 @@ def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None
         text: what the model wrote after `prompt`, decoded without the end-of-turn token.
         prompt: the rendered prompt: a template that opens `<think>` in it is read correctly.
         tools: the tools the request declared; None reads no calls (any call text is answer).
-        first_call_only: read the first call and nothing after it (`parallel_tool_calls: false`,
-            a named `tool_choice`): what the model wrote after it, a call to another function or
-            one cut off by the token limit, is not read, so it cannot make the first invalid.
+        first_call_only: return the first call only (`parallel_tool_calls: false`, a named
+            `tool_choice`); where the calls after it make the answer invalid (a call to another
+            function, one cut off by the token limit), the text up to the end of the first call
+            is read instead, so that they cannot spoil it. (Not where one region holds every
+            call, as Mistral's JSON list does: a list cut off is no JSON at all.)
     """
+    parsed = _parse(tokenizer, text, prompt, tools, first_call_only)
+    if first_call_only and parsed.invalid:
+        template, own = response_template(tokenizer)
+        cut = _through_first_call(template, prompt if own else _prefix(prompt), text)
+        if cut != text:
+            return _parse(tokenizer, cut, prompt, tools, first_call_only)
+    return parsed
+
+
+def _parse(tokenizer, text: str, prompt: str, tools: list[dict] | None, first_call_only: bool) -> ParsedResponse:
     from transformers.utils.chat_parsing import ResponseParser
 
     template, own = response_template(tokenizer)
     prefix = prompt if own else _prefix(prompt)
-    if first_call_only:
-        text = _through_first_call(template, prefix, text)
     try:
         parser = ResponseParser(template, prefix=prefix, tools=tools if own else None)
         events = parser.feed(text)
@@ -191,7 +201,9 @@ def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None
         return ParsedResponse(content if (tools or reasoning) else text.strip(), reasoning, [], "", rest)
     if not tools:  # a call to a function the request did not offer
         return ParsedResponse(content, reasoning, [], "the request declared no tools", rest)
-    calls, problem = check_calls(raw_calls[:1] if first_call_only else raw_calls, tools)
+    if first_call_only:  # one call object (Llama 3's format) or a list of them
+        raw_calls = (raw_calls if isinstance(raw_calls, list) else [raw_calls])[:1]
+    calls, problem = check_calls(raw_calls, tools)
     return ParsedResponse(content, reasoning, calls, problem, rest)
 
 

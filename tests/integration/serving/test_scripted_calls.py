@@ -89,6 +89,8 @@ def test_a_stop_string_still_ends_the_answer_after_a_kept_marker(family_models):
                 '<tool_call>\n{"name": "get_news", "arguments": {}}\n</tool_call>', False),
     ("qwen2.5", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
                 '<tool_call>\n{"name": "get_time", "argu', False),
+    # Llama 3.1 writes one call, an object rather than a list of them.
+    ("llama3.1", '{"name": "get_weather", "parameters": {"city": "Oslo"}}', False),
 ])
 def test_a_named_tool_choice_returns_only_the_call_to_that_function(family_models, family, calls, all_valid):
     """OpenAI's named `tool_choice` answers with a call to that function only: calls the model

@@ -164,8 +164,9 @@ def test_one_approved_untrusted_key_makes_at_most_its_share_of_the_preference_ro
     out = tmp_path / "preference.jsonl"
     summary = export_preference(log.close(), out, PreferenceParams(), max_key_share=0.2)
     texts = [json.loads(line)["prompt"][0]["content"] for line in out.read_text().splitlines()]
-    assert texts == [f"Trusted {i}?" for i in range(8)] + ["Stranger 4?", "Stranger 5?"]  # 2 of 14 rows
+    assert texts == [f"Trusted {i}?" for i in range(8)] + ["Stranger 4?", "Stranger 5?"]  # 2 of the 10 kept
     assert summary["capped"] == 4
+    assert export_preference(log.store.path, out, PreferenceParams(), max_key_share=0.1)["capped"] == 6  # 1 of 9: over 0.1
     assert export_preference(log.store.path, out, PreferenceParams())["capped"] == 0  # no cap: 1.0
 
 

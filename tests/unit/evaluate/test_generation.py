@@ -35,3 +35,37 @@ def test_a_call_behind_a_special_token_marker_is_read_as_a_call(family_models):
     (text,), _latencies, _lengths = generate_batched(Scripted(), tok, [prompt], 64, 1)
     parsed = parse_generation(tok, text, prompt, TOOLS)
     assert [(c.name, c.arguments) for c in parsed.tool_calls] == [("get_weather", {"city": "Oslo"})]
+
+
+def test_generation_stops_at_the_models_end_tokens_as_the_service_does(family_models):
+    """Llama 3.1 ends a call at `<|eom_id|>` (its generation config's end tokens): evaluation stops
+    there as the service does, so what the model would write after it does not spoil the call."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = family_models("llama3.1")
+    tok = AutoTokenizer.from_pretrained(folder)
+    config = AutoModelForCausalLM.from_pretrained(folder).generation_config
+    written = tok.encode('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eom_id|>'
+                         "<|start_header_id|>ipython<|end_header_id|>\n\n42", add_special_tokens=False)
+
+    class Scripted(torch.nn.Module):
+        """A model that writes `written` after any prompt, up to the first end token it is given, as `generate` does."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.generation_config = config
+
+        def generate(self, input_ids, eos_token_id, pad_token_id, **_kwargs):
+            ends = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+            cut = next((i + 1 for i, t in enumerate(written) if t in ends), len(written))
+            row = written[:cut] + [pad_token_id] * (len(written) - cut)
+            return torch.cat([input_ids, torch.tensor([row] * len(input_ids))], dim=1)
+
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Weather in Oslo?"}], tools=TOOLS,
+                                     tokenize=False, add_generation_prompt=True)
+    tok.pad_token = tok.eos_token
+    (text,), _latencies, _lengths = generate_batched(Scripted(), tok, [prompt], 64, 1)
+    parsed = parse_generation(tok, text, prompt, TOOLS)
+    assert parsed.invalid == "" and [(c.name, c.arguments) for c in parsed.tool_calls] == [("get_weather", {"city": "Oslo"})]

@@ -93,15 +93,22 @@ def test_the_form_counts_what_redaction_will_mask_in_calls_too(tmp_path):
     store.close()
     assert "1 of 1 rows hold secrets or personal data, masked (or dropped, by feedback.redaction) before training: email 1" \
         in describe_batch(held_batch(db, "trusted"))
+    store = FeedbackStore(db)  # a correction of an answer that held an address: the rejected side is written too
+    store.log_interaction(Interaction("c1", "chat", "m", "1", [{"role": "user", "content": "Who?"}],
+                                      "Write to bo@example.org", "stop", 3, 2, 1.0, "web"))
+    store.add_feedback("c1", 1, "Nobody.", key_name="web")
+    store.close()
+    assert "2 of 2 rows hold secrets or personal data" in describe_batch(held_batch(db, "trusted"))
 
 
 def test_one_untrusted_key_is_capped_to_its_share_of_the_run(db, tmp_path):
     rows, exported = _export(db, tmp_path, auto_approve="all", max_key_share=0.1, other_examples=14)
-    # 20 examples in the run: each untrusted key keeps 2, its latest; the trusted key is not capped
-    assert exported.by_key == {"bot": 2, "ops": 1, "web": 2} and exported.capped == 1
-    assert [r["messages"][-1]["content"] for r in rows if r["provenance"]["key"] == "bot"] == ["bot fix 4", "bot fix 5"]
-    # Each feedback example trained 4 times (data.feedback_weight): 14 + 4 x 6 = 38 train rows, of which a key
-    # may have 3.8, so no whole example (4 rows); with 60 other examples, 2 (8 of 84 rows).
+    # 14 other examples and 6 of feedback: bot (3) keeps 1, its latest (2 would be 2 of 19, over 0.1); web (2)
+    # keeps both (2 of 20); the trusted key is not capped
+    assert exported.by_key == {"bot": 1, "ops": 1, "web": 2} and exported.capped == 2
+    assert [r["messages"][-1]["content"] for r in rows if r["provenance"]["key"] == "bot"] == ["bot fix 5"]
+    # Each feedback example trained 4 times (data.feedback_weight): a key's one example is 4 of at most
+    # 14 + 4 x 4 = 30 rows, over 0.1, so none is kept; with 60 other examples, 2 each (8 of at most 80 rows).
     _, exported = _export(db, tmp_path, auto_approve="all", max_key_share=0.1, other_examples=14, weight=4.0)
     assert exported.by_key == {"ops": 1} and exported.capped == 5
     _, exported = _export(db, tmp_path, auto_approve="all", max_key_share=0.1, other_examples=60, weight=4.0)
