@@ -110,7 +110,7 @@ def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 
     device = next(model.parameters()).device
     # The tokenizer's end and the model's own (Llama 3.1 ends a call at <|eom_id|>): where the service stops.
-    ends = sorted({tokenizer.eos_token_id} | end_token_ids(model) - {None})
+    ends = sorted(({tokenizer.eos_token_id} | end_token_ids(model)) - {None}) or None
     tokenizer.padding_side = "left"
     outputs, latencies, lengths = [], [], []
     threads = ThreadShare()

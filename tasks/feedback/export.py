@@ -131,10 +131,21 @@ def pseudonym(end_user: str | None) -> str | None:
     return None if end_user is None else "user-" + hashlib.sha256(end_user.encode()).hexdigest()[:16]
 
 
-def key_limits(per_key: Counter[str], total: float, share: float) -> dict[str, int]:
-    """The most rows each key may keep so that it makes at most `share` of the rows kept: c <= share x
-    (the others' rows + c), the others' rows being `total` less the key's own (as they are before any cap)."""
-    return {key: int(share / (1.0 - share) * (total - count) + 1e-9) for key, count in per_key.items()}
+def key_limits(per_key: Counter[str], others: float, share: float) -> dict[str, int]:
+    """The most rows each capped key may keep so that it makes at most `share` of the rows kept:
+    kept <= share x (`others`, the rows no cap applies to, + every key's kept rows).
+
+    Each key's limit counts the other keys' rows as they are kept, so the limits are worked out
+    again until none changes (they only shrink, so it settles).
+    """
+    ratio = share / (1.0 - share)
+    kept = dict(per_key)
+    while True:
+        total = others + sum(kept.values())
+        limits = {key: min(count, int(ratio * (total - kept[key]) + 1e-9)) for key, count in per_key.items()}
+        if limits == kept:
+            return limits
+        kept = limits
 
 
 def _cap_per_key(examples: list[dict[str, Any]], trusted: list[bool], share: float, other: int,
@@ -144,7 +155,7 @@ def _cap_per_key(examples: list[dict[str, Any]], trusted: list[bool], share: flo
     if share >= 1.0:
         return examples, 0
     per_key = Counter(e["provenance"]["key"] for e, is_trusted in zip(examples, trusted) if not is_trusted)
-    limits = key_limits(per_key, other / weight + len(examples), share)
+    limits = key_limits(per_key, other / weight + sum(trusted), share)
     counts: Counter[str] = Counter()
     kept: list[dict[str, Any]] = []
     for example, is_trusted in reversed(list(zip(examples, trusted))):

@@ -153,7 +153,7 @@ def _cap_per_key(rows: list[dict[str, Any]], senders: list[set[str]], share: flo
     """The rows with at most `share` of them from each untrusted key (the latest kept), and how many were left out."""
     if share >= 1.0:
         return rows, 0
-    limits = key_limits(Counter(k for keys in senders for k in keys), len(rows), share)
+    limits = key_limits(Counter(k for keys in senders for k in keys), sum(not keys for keys in senders), share)
     per_key: Counter[str] = Counter()
     kept = []
     for row, keys in reversed(list(zip(rows, senders))):

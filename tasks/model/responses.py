@@ -173,8 +173,9 @@ def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None
     if first_call_only and parsed.invalid:
         template, own = response_template(tokenizer)
         cut = _through_first_call(template, prompt if own else _prefix(prompt), text)
-        if cut != text:
-            return _parse(tokenizer, cut, prompt, tools, first_call_only)
+        first = _parse(tokenizer, cut, prompt, tools, first_call_only) if cut != text else parsed
+        if not first.invalid:  # an invalid first call is returned as the text as written, all of it
+            return first
     return parsed
 
 

@@ -170,6 +170,18 @@ def test_one_approved_untrusted_key_makes_at_most_its_share_of_the_preference_ro
     assert export_preference(log.store.path, out, PreferenceParams())["capped"] == 0  # no cap: 1.0
 
 
+def test_two_capped_keys_each_stay_within_the_share_of_what_is_kept():
+    """Each key's limit counts the other keys' rows as they are kept, not as they came."""
+    from collections import Counter
+
+    from tasks.feedback.export import key_limits
+
+    limits = key_limits(Counter({"a": 10, "b": 10}), 0, 0.3)
+    assert limits == {"a": 0, "b": 0}  # two keys and nothing else: either one is half of what is kept
+    limits = key_limits(Counter({"a": 10, "b": 10}), 20, 0.3)
+    assert all(n <= 0.3 * (20 + sum(limits.values())) for n in limits.values()) and limits["a"] > 0
+
+
 def test_a_missing_log_exports_nothing(tmp_path):
     out = tmp_path / "preference.jsonl"
     assert export_preference(tmp_path / "none.db", out, PreferenceParams())["examples"] == 0

@@ -103,9 +103,9 @@ def test_the_form_counts_what_redaction_will_mask_in_calls_too(tmp_path):
 
 def test_one_untrusted_key_is_capped_to_its_share_of_the_run(db, tmp_path):
     rows, exported = _export(db, tmp_path, auto_approve="all", max_key_share=0.1, other_examples=14)
-    # 14 other examples and 6 of feedback: bot (3) keeps 1, its latest (2 would be 2 of 19, over 0.1); web (2)
-    # keeps both (2 of 20); the trusted key is not capped
-    assert exported.by_key == {"bot": 1, "ops": 1, "web": 2} and exported.capped == 2
+    # 14 other examples and 6 of feedback: bot (3) and web (2) keep 1 each, their latest (a second would be
+    # 2 of 18, over 0.1); the trusted key is not capped
+    assert exported.by_key == {"bot": 1, "ops": 1, "web": 1} and exported.capped == 3
     assert [r["messages"][-1]["content"] for r in rows if r["provenance"]["key"] == "bot"] == ["bot fix 5"]
     # Each feedback example trained 4 times (data.feedback_weight): a key's one example is 4 of at most
     # 14 + 4 x 4 = 30 rows, over 0.1, so none is kept; with 60 other examples, 2 each (8 of at most 80 rows).

@@ -189,6 +189,10 @@ def test_with_the_first_call_only_what_follows_it_cannot_make_it_invalid(tokeniz
     pieces = [p for i in range(0, len(text), 4) for p in stream.feed(text[i:i + 4])]
     streamed, owed = stream.finish()
     assert pieces + owed == [] and streamed.tool_calls[0].arguments == {"city": "Oslo"}
+    # An invalid first call is no call: the answer is the text as written, all of it.
+    text = '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>\n' + after
+    parsed = parse_generation(tok, text, prompt, TOOLS, first_call_only=True)
+    assert parsed.invalid and parsed.answer == text.strip()
 
 
 @pytest.mark.parametrize(("family", "required", "named"), [
