@@ -12,19 +12,9 @@ import yaml
 from tasks.config import Params, load_params, write_resolved
 from tasks.evaluate import baselines
 from tasks.stages import resolve
+from tests.support.dates import DATED_TEMPLATE, Day
 
 REPO = Path(__file__).resolve().parents[3]
-DATED_TEMPLATE = "{{ strftime_now('%d %B %Y') }}{% for m in messages %}{{ m.content }}{% endfor %}"
-
-
-class Day(dt.date):
-    """`date` whose today() is the `current` day, set by the test."""
-
-    current = dt.date(2026, 12, 6)
-
-    @classmethod
-    def today(cls) -> dt.date:
-        return cls.current
 
 
 def resolved_eval(tmp_path: Path, base: Path) -> dict:

@@ -13,19 +13,8 @@ import pytest
 from flows import retrain
 from tasks.config import Params, RegistryParams
 from tasks.evaluate import baselines
+from tests.support.dates import DATED_TEMPLATE, Day
 from tests.support.registry import new_version
-
-DATED_TEMPLATE = "{{ strftime_now('%d %B %Y') }}{% for m in messages %}{{ m.content }}{% endfor %}"
-
-
-class Day(dt.date):
-    """`date` whose today() is the `current` day, set by the test."""
-
-    current = dt.date(2026, 12, 6)
-
-    @classmethod
-    def today(cls) -> dt.date:
-        return cls.current
 
 
 @pytest.fixture()
