@@ -148,22 +148,20 @@ def key_limits(per_key: Counter[str], others: float, share: float) -> dict[str, 
         kept = limits
 
 
-def _cap_per_key(examples: list[dict[str, Any]], trusted: list[bool], share: float, other: int,
-                 weight: float = 1.0) -> tuple[list, int]:
-    """Keep at most `share` of the run's train rows from each untrusted key (its latest examples): each
-    feedback example is trained `weight` times, beside `other` train rows of the other sources."""
+def cap_per_key(items: list, senders: list[set[str]], share: float, others: float = 0.0) -> tuple[list, int]:
+    """The items with at most `share` of those kept from each capped key (the keys behind an item
+    are its `senders`; none: not capped), the latest kept, beside `others` rows outside `items`;
+    and how many were left out."""
     if share >= 1.0:
-        return examples, 0
-    per_key = Counter(e["provenance"]["key"] for e, is_trusted in zip(examples, trusted) if not is_trusted)
-    limits = key_limits(per_key, other / weight + sum(trusted), share)
-    counts: Counter[str] = Counter()
-    kept: list[dict[str, Any]] = []
-    for example, is_trusted in reversed(list(zip(examples, trusted))):
-        key = example["provenance"]["key"]
-        counts[key] += 1
-        if is_trusted or counts[key] <= limits[key]:
-            kept.append(example)
-    return kept[::-1], len(examples) - len(kept)
+        return items, 0
+    limits = key_limits(Counter(k for keys in senders for k in keys), others + sum(not keys for keys in senders), share)
+    per_key: Counter[str] = Counter()
+    kept = []
+    for item, keys in reversed(list(zip(items, senders))):
+        if all(per_key[k] < limits[k] for k in keys):
+            per_key.update(keys)
+            kept.append(item)
+    return kept[::-1], len(items) - len(kept)
 
 
 def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[str], min_rating: int,
@@ -181,7 +179,9 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
             example["provenance"] = {"key": row.key_name, "user": pseudonym(row.end_user), "feedback_id": row.id}
             examples.append(example)
             trusted.append(row.trusted)
-    examples, capped = _cap_per_key(examples, trusted, policy.max_key_share, policy.other_examples, policy.weight)
+    # Each feedback example is trained `weight` times, beside the other sources' train rows.
+    senders = [set() if is_trusted else {e["provenance"]["key"]} for e, is_trusted in zip(examples, trusted)]
+    examples, capped = cap_per_key(examples, senders, policy.max_key_share, policy.other_examples / policy.weight)
     examples, redacted = redact_examples(examples, policy.redaction)
     # Validation would refuse an example whose tools or calls break its rules (a masked argument
     # that fails its schema, `[EMAIL]` under an e-mail `pattern`; a tool the client declared with

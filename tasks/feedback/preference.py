@@ -21,14 +21,14 @@ read (conversational: message lists, a `tools` column where the request had tool
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.config import PreferenceParams
 from tasks.data.sources import prompt_key
-from tasks.feedback.export import key_limits, latest_admitted
+from tasks.feedback.export import cap_per_key, latest_admitted
 from tasks.feedback.redact import RedactAction, redact_examples
 from tasks.feedback.schema import prompt_digest
 from tasks.feedback.store import FeedbackReader, default_db_path
@@ -145,22 +145,8 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams,
                                      "rejected": _answer(worst[1].answer)}, best[1].tools))
             senders.append({best[1].key, worst[1].key} - {""})
             counts["pairs_from_ratings"] += 1
-    rows, counts["capped"] = _cap_per_key(rows, senders, max_key_share)
+    rows, counts["capped"] = cap_per_key(rows, senders, max_key_share)
     return rows, counts
-
-
-def _cap_per_key(rows: list[dict[str, Any]], senders: list[set[str]], share: float) -> tuple[list[dict[str, Any]], int]:
-    """The rows with at most `share` of them from each untrusted key (the latest kept), and how many were left out."""
-    if share >= 1.0:
-        return rows, 0
-    limits = key_limits(Counter(k for keys in senders for k in keys), sum(not keys for keys in senders), share)
-    per_key: Counter[str] = Counter()
-    kept = []
-    for row, keys in reversed(list(zip(rows, senders))):
-        if all(per_key[k] < limits[k] for k in keys):
-            per_key.update(keys)
-            kept.append(row)
-    return kept[::-1], len(rows) - len(kept)
 
 
 def export_preference(db: Path, out: Path, prefs: PreferenceParams, auto_approve: str = "trusted",

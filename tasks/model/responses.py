@@ -227,12 +227,10 @@ def _through_first_call(template: dict, prefix: str, text: str) -> str:
 
 
 def _closes_one_call(template: dict, prefix: str, text: str) -> bool:
-    from transformers.utils.chat_parsing import ResponseParser
+    from transformers.utils.chat_parsing import parse_response
 
-    parser = ResponseParser(template, prefix=prefix)
     try:
-        parser.feed(text)
-        message, _ = parser.finalize()
+        message = parse_response(text, template, prefix=prefix)
     except ValueError:
         return False
     return len(message.get("tool_calls") or []) == 1
