@@ -374,10 +374,15 @@ class ChatService:
                            row.prompt_tokens, row.completion_tokens, latency * 1000, **who,
                            tools=tools, tool_calls=message.get("tool_calls"))
 
-    def _log_chat(self, req: ChatRequest, item: Interaction) -> None:
+    async def _log(self, item: Interaction) -> None:
+        """Write a completion to the interaction log; return once it is on disk (a group commit
+        with the completions that end meanwhile), so an answer a client holds can be rated."""
+        await asyncio.wrap_future(self.store.log_later(item))
+
+    async def _log_chat(self, req: ChatRequest, item: Interaction) -> None:
         """Write a chat completion to the interaction log, unless the request said `store: false`."""
         if req.store is not False:
-            self.store.log_later(item)
+            await self._log(item)
 
     def _check_chat(self, body: Any) -> tuple[ChatRequest, list[dict], Completion, ChatPlan]:
         if not isinstance(body, dict):
@@ -475,7 +480,8 @@ class ChatService:
             parsed = plan.read(text)
             finish = plan.finish_reason(parsed, finish)
             message = _answer_message(parsed)
-        self._log_chat(req, self._record("chat", cid, messages, message, finish, row, started, *who, tools=plan.tools))
+        await self._log_chat(req, self._record("chat", cid, messages, message, finish, row, started, *who,
+                                               tools=plan.tools))
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
             "system_fingerprint": f"v{row.version}",
@@ -544,9 +550,10 @@ class ChatService:
                 if not opened:  # an empty answer
                     for sent in opening({}):
                         yield sent
+                # logged before the finish reason is sent: a client that saw the end can rate the answer
+                await self._log_chat(req, self._record("chat", cid, messages, message, finish, row, started, *who,
+                                                       tools=plan.tools))
                 yield chunk({}, finish)
-                self._log_chat(req, self._record("chat", cid, messages, message, finish, row, started, *who,
-                                                 tools=plan.tools))
         if usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                         "system_fingerprint": f"v{row.version}", "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
@@ -583,7 +590,7 @@ class ChatService:
             text = "".join(parts)
             item = self._record("generate", f"gen-{uuid.uuid4().hex}", [{"role": "prompt", "content": row.prompt}],
                                 text, row.finish, row, started)
-            self.store.log_later(item)
+            await self._log(item)
             return text
 
         return list(await asyncio.gather(*(complete(r) for r in rows)))

@@ -18,6 +18,7 @@ import queue
 import sqlite3
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Self
 
@@ -57,11 +58,12 @@ class FeedbackStore:
     below a generation, so a single writer is not the bottleneck of the service.
 
     The service logs through `log_later`, which hands the row to a writer thread and
-    returns at once: the thread writes whatever has queued up in one transaction, so at
-    a few hundred completions a second the log costs one commit per batch instead of a
-    commit and a thread-pool hop per request. Every read (`has_interaction`,
-    `add_feedback`, `count`) first waits for the rows queued before it, so a completion
-    can be rated as soon as its answer is out.
+    returns a future at once: the thread writes whatever has queued up in one transaction
+    (a group commit), so at a few hundred completions a second the log costs one commit
+    per batch instead of a commit and a thread-pool hop per request. The service sends an
+    answer's end only once its future is done, so an answer a client holds is on disk and
+    can be rated even if the service is killed right after. Every read (`has_interaction`,
+    `add_feedback`, `count`) first waits for the rows queued before it.
     """
 
     def __init__(self, path: Path) -> None:
@@ -75,7 +77,7 @@ class FeedbackStore:
         # The interactions are written in batches, so this is one sync per batch, not per request.
         self._conn.execute("PRAGMA synchronous=FULL")
         migrate(self._conn, self.path)
-        self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[tuple, Future] | None] = queue.SimpleQueue()
         self._written = threading.Condition()
         self._queued = self._done = 0  # rows handed to log_later, and rows written (or failed)
         self._writer: threading.Thread | None = None
@@ -108,14 +110,21 @@ class FeedbackStore:
         """Append one completion to the log, now."""
         self._insert([self._row(item)])
 
-    def log_later(self, item: Interaction) -> None:
-        """Append one completion to the log from the writer thread (started on first use)."""
+    def log_later(self, item: Interaction) -> Future:
+        """Append one completion to the log from the writer thread (started on first use).
+
+        Returns:
+            A future that becomes True once the row is committed (synced to disk), or False
+            if the database refused the write (a full disk: logged, and the service goes on).
+        """
+        written: Future = Future()
         with self._written:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write, name="ftllm-feedback-writer", daemon=True)
                 self._writer.start()
             self._queued += 1
-        self._queue.put(self._row(item))
+        self._queue.put((self._row(item), written))
+        return written
 
     def _write(self) -> None:
         while True:
@@ -127,11 +136,15 @@ class FeedbackStore:
                     break
             if None in rows:
                 rows, closing = [r for r in rows if r is not None], True
+            stored = True
             try:
                 if rows:
-                    self._insert(rows)
+                    self._insert([row for row, _ in rows])
             except sqlite3.Error:  # a full disk must not stop the service; the rows are lost
                 log.exception("could not log %d interactions", len(rows))
+                stored = False
+            for _, written in rows:
+                written.set_result(stored)
             with self._written:
                 self._done += len(rows)
                 self._written.notify_all()

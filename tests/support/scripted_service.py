@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,10 +109,12 @@ class ScriptedModels:
 
 
 class LogNothing:
-    """Stands in for the interaction log."""
+    """Stands in for the interaction log: every row is "written" at once."""
 
-    def log_later(self, item) -> None:
-        pass
+    def log_later(self, item) -> Future:
+        written: Future = Future()
+        written.set_result(True)
+        return written
 
 
 @dataclass
@@ -142,13 +145,14 @@ class ScriptedChat:
 
 
 @contextmanager
-def scripted_chat(model_dir: Path) -> Iterator[ScriptedChat]:
-    """The service's chat route serving `model_dir`'s tokenizer and chat template, with a scripted engine."""
+def scripted_chat(model_dir: Path, store: Any = None) -> Iterator[ScriptedChat]:
+    """The service's chat route serving `model_dir`'s tokenizer and chat template, with a scripted
+    engine, logging to `store` (a `tasks.feedback.FeedbackStore`; None: nothing is logged)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = ScriptedEngine(tokenizer)
-    with _chat_route(tokenizer, engine) as client:
+    with _chat_route(tokenizer, engine, store) as client:
         yield ScriptedChat(client, engine)
 
 
@@ -165,7 +169,7 @@ def local_chat(loaded) -> Iterator[Any]:
 
 
 @contextmanager
-def _chat_route(tokenizer, engine) -> Iterator[Any]:
+def _chat_route(tokenizer, engine, store: Any = None) -> Iterator[Any]:
     """A test client of the service's routes, whose service serves `tokenizer`'s model through `engine`."""
     from starlette.testclient import TestClient
 
@@ -177,7 +181,7 @@ def _chat_route(tokenizer, engine) -> Iterator[Any]:
     service.limits = ServingParams()
     service.model_name = "scripted"
     service.models = ScriptedModels(ServedModel("scripted", "1", "tests", "m1", tokenizer, 2048), engine)
-    service.store = LogNothing()
+    service.store = store if store is not None else LogNothing()
     serving.service.app.dependency_overrides[serving.service._service] = lambda: service
     try:
         with TestClient(serving.service.app) as client:

@@ -50,3 +50,32 @@ def test_a_commit_is_on_disk_before_the_store_answers(tmp_path):
         assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         store.close()
+
+
+def test_a_row_logged_later_is_on_disk_when_its_future_is_done(tmp_path):
+    import sqlite3
+
+    store = FeedbackStore(tmp_path / "f.db")
+    try:
+        assert store.log_later(_item(1)).result(10) is True
+        with sqlite3.connect(tmp_path / "f.db") as other:  # no flush: another connection reads it
+            assert other.execute("SELECT count(*) FROM interactions").fetchone()[0] == 1
+    finally:
+        store.close()
+
+
+def test_a_refused_write_is_said_by_the_future_and_the_writer_goes_on(tmp_path, monkeypatch):
+    import sqlite3
+
+    store = FeedbackStore(tmp_path / "f.db")
+    insert = store._insert
+
+    def full_disk(rows):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "_insert", full_disk)
+    assert store.log_later(_item(1)).result(10) is False
+    monkeypatch.setattr(store, "_insert", insert)
+    assert store.log_later(_item(2)).result(10) is True
+    assert store.count("interactions") == 1
+    store.close()

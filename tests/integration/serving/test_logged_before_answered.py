@@ -1,0 +1,77 @@
+"""An answer reaches the client only once its interaction is on disk: a client that holds an
+answer can rate it, even if the service is killed the moment after (`FeedbackStore.log_later`
+is a group commit the route waits for).
+
+The route is the service's own over a scripted engine (`tests.support.scripted_service`),
+logging to a real feedback log whose writes are slowed down, so an answer sent before its
+write would be seen here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from tasks.feedback import FeedbackStore
+from tests.support.scripted_service import scripted_chat
+
+ASK = {"role": "user", "content": "What is the weather in Oslo?"}
+
+
+class SlowLog(FeedbackStore):
+    """The feedback log, each write of the writer thread taking half a second."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.written = threading.Event()
+
+    def _insert(self, rows: list[tuple]) -> None:
+        time.sleep(0.5)
+        super()._insert(rows)
+        self.written.set()
+
+
+def on_disk(path, completion_id: str) -> bool:
+    """Whether another connection (another process, after a kill) reads the interaction."""
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT 1 FROM interactions WHERE id = ?", (completion_id,)).fetchone() is not None
+
+
+@pytest.fixture
+def chat(family_models, tmp_path):
+    store = SlowLog(tmp_path / "feedback.db")
+    try:
+        with scripted_chat(family_models("qwen2.5"), store) as scripted:
+            scripted.writes("It is 12 degrees.")
+            yield scripted, store
+    finally:
+        store.close()
+
+
+def test_a_completion_is_on_disk_when_its_answer_arrives(chat):
+    scripted, store = chat
+    answer = scripted.post(messages=[ASK])
+    assert store.written.is_set()
+    assert on_disk(store.path, answer["id"])
+
+
+def test_a_stream_sends_its_finish_reason_once_the_completion_is_on_disk(chat):
+    scripted, store = chat
+    with scripted.client.stream("POST", "/v1/chat/completions",
+                                json={"messages": [ASK], "max_tokens": 16, "stream": True}) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if chunk["choices"] and chunk["choices"][0]["finish_reason"] is not None:
+                # checked as the chunk arrives, before the rest of the stream is read
+                assert store.written.is_set(), "the finish reason was sent before the completion was logged"
+                assert on_disk(store.path, chunk["id"])
+                break
+        else:
+            pytest.fail("no chunk with a finish reason")
