@@ -20,7 +20,9 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from tasks.config import FeedbackParams, SourceParams
+from tasks.data.formats import read_records
 from tasks.environment import environment
+from tasks.errors import DataFileError
 from tasks.feedback import snapshot_feedback
 from tasks.feedback.export import ExportPolicy
 from tasks.feedback.review import Decision, apply_decision, describe_batch, held_batch
@@ -103,15 +105,15 @@ def export_feedback_snapshot(root: Path, source: SourceParams, out: Path, settin
 
 def train_rows(sources: list[SourceParams], paths: list[Path]) -> int:
     """About the train rows the sources that are not feedback make (the base of feedback.max_key_share):
-    each one's examples (non-blank lines; 0 when unreadable) under its cap, times its weight."""
+    each one's records (a JSONL file's lines, a JSON array's elements; 0 when unreadable) under its
+    cap, times its weight."""
     rows = 0.0
     for source, path in zip(sources, paths):
         if source.feedback:
             continue
         try:
-            with open(path, encoding="utf-8") as f:
-                count = sum(1 for line in f if line.strip())
-        except OSError:
+            count = sum(1 for _ in read_records(path))
+        except (DataFileError, OSError):
             count = 0
         rows += min(count, source.cap or count) * (source.weight or 1.0)
     return round(rows)

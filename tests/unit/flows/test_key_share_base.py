@@ -15,3 +15,8 @@ def test_other_sources_count_as_trained_under_their_weight_and_cap(tmp_path):
                SourceParams(path=str(paths[2]), cap=4), SourceParams(feedback=True)]
     assert train_rows(sources, paths) == 10 + 20 + 4  # the feedback source is what is capped, not its base
     assert train_rows([SourceParams(path=str(tmp_path / "missing.jsonl"))], [tmp_path / "missing.jsonl"]) == 0
+
+
+def test_a_json_array_source_counts_its_elements(tmp_path):
+    (path := tmp_path / "chats.json").write_text("[\n" + ",\n".join(['{"messages": [\n  {"role": "user"}\n]}'] * 6) + "\n]\n")
+    assert train_rows([SourceParams(path=str(path))], [path]) == 6  # not its 20 lines
