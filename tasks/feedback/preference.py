@@ -112,10 +112,11 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams,
     """
     rows: list[dict[str, Any]] = []
     senders: list[set[str]] = []  # the untrusted keys behind each row
+    when: list[int] = []  # each row's place in `rated` (oldest first); a pair's is its later rating's
     counts = {"desirable": 0, "undesirable": 0, "middle": 0, "pairs_from_corrections": 0, "pairs_from_ratings": 0,
               "not_a_chat": 0}
-    by_prompt: dict[bytes, list[tuple[list[dict], Rated]]] = defaultdict(list)
-    for item in rated:
+    by_prompt: dict[bytes, list[tuple[list[dict], Rated, int]]] = defaultdict(list)
+    for place, item in enumerate(rated):
         prompt = _prompt(item.messages)
         if prompt is None or not item.answer.strip():
             counts["not_a_chat"] += 1
@@ -125,18 +126,20 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams,
                 rows.append(_with_tools({"prompt": prompt, "chosen": _answer(item.correction),
                                          "rejected": _answer(item.answer)}, item.tools))
                 senders.append({item.key} - {""})
+                when.append(place)
                 counts["pairs_from_corrections"] += 1
             continue
         if item.rating >= prefs.desirable_min_rating or item.rating <= prefs.undesirable_max_rating:
             label = item.rating >= prefs.desirable_min_rating
             rows.append(_with_tools({"prompt": prompt, "completion": _answer(item.answer), "label": label}, item.tools))
             senders.append({item.key} - {""})
+            when.append(place)
             counts["desirable" if label else "undesirable"] += 1
         else:
             counts["middle"] += 1
         # The same prompt under other tools is another prompt: its answers are not compared.
         tools = json.dumps(item.tools, sort_keys=True).encode() if item.tools else b""
-        by_prompt[prompt_key([*prompt, *_answer(item.answer)]) + tools].append((prompt, item))
+        by_prompt[prompt_key([*prompt, *_answer(item.answer)]) + tools].append((prompt, item, place))
     for answers in by_prompt.values():
         best = max(answers, key=lambda a: a[1].rating)
         worst = min(answers, key=lambda a: a[1].rating)
@@ -144,7 +147,11 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams,
             rows.append(_with_tools({"prompt": best[0], "chosen": _answer(best[1].answer),
                                      "rejected": _answer(worst[1].answer)}, best[1].tools))
             senders.append({best[1].key, worst[1].key} - {""})
+            when.append(max(best[2], worst[2]))
             counts["pairs_from_ratings"] += 1
+    # In time order, so that the cap keeps each key's latest rows, pairs from ratings among them.
+    order = sorted(range(len(rows)), key=when.__getitem__)
+    rows, senders = [rows[i] for i in order], [senders[i] for i in order]
     rows, counts["capped"] = cap_per_key(rows, senders, max_key_share)
     return rows, counts
 

@@ -170,6 +170,23 @@ def test_one_approved_untrusted_key_makes_at_most_its_share_of_the_preference_ro
     assert export_preference(log.store.path, out, PreferenceParams())["capped"] == 0  # no cap: 1.0
 
 
+
+def test_the_cap_keeps_a_keys_latest_rows_by_time_pairs_from_ratings_among_them(tmp_path):
+    log = Log(tmp_path / "f.db")
+    for i in range(8):
+        log.serve(f"Trusted {i}?", f"Answer {i}.", 5)
+    log.serve("Early?", "Good.", 5, key="stranger", trusted=False)
+    log.serve("Early?", "Bad.", 1, key="stranger", trusted=False)  # a pair from ratings, the stranger's oldest rows
+    for i in range(3):
+        log.serve(f"Late {i}?", f"Reply {i}.", 1, key="stranger", trusted=False)
+    log.store.review("approved", "cli", keys=["stranger"])
+    out = tmp_path / "preference.jsonl"
+    summary = export_preference(log.close(), out, PreferenceParams(), max_key_share=0.12)  # 1 of 9 rows
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    strangers = [r for r in rows if not r["prompt"][0]["content"].startswith("Trusted")]
+    assert [(r["prompt"][0]["content"], "chosen" in r) for r in strangers] == [("Late 2?", False)]
+    assert summary["capped"] == 5
+
 def test_two_capped_keys_each_stay_within_the_share_of_what_is_kept():
     """Each key's limit counts the other keys' rows as they are kept, not as they came."""
     from collections import Counter
