@@ -166,13 +166,15 @@ def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None
         first_call_only: return the first call only (`parallel_tool_calls: false`, a named
             `tool_choice`); where the calls after it make the answer invalid (a call to another
             function, one cut off by the token limit), the text up to the end of the first call
-            is read instead, so that they cannot spoil it. (Not where one region holds every
-            call, as Mistral's JSON list does: a list cut off is no JSON at all.)
+            is read instead, so that they cannot spoil it. Where one region holds every call
+            (Mistral's JSON list), that is the list closed after its first element.
     """
     parsed = _parse(tokenizer, text, prompt, tools, first_call_only)
     if first_call_only and parsed.invalid:
         template, own = response_template(tokenizer)
         cut = _through_first_call(template, prompt if own else _prefix(prompt), text)
+        if cut == text:
+            cut = _first_of_list(text)
         first = _parse(tokenizer, cut, prompt, tools, first_call_only) if cut != text else parsed
         if not first.invalid:  # an invalid first call is returned as the text as written, all of it
             return first
@@ -224,6 +226,25 @@ def _through_first_call(template: dict, prefix: str, text: str) -> str:
             # of what follows (the next call's `<`): without it, the region closes at the end.
             return text[:end - 1] if _closes_one_call(template, prefix, text[:end - 1]) else text[:end]
     return text
+
+
+def _first_of_list(text: str) -> str:
+    """Mistral's call list closed after its first call (`[TOOL_CALLS] [{...}]`), or `text` where
+    it holds no complete first call."""
+    marker = CALL_OPENINGS["mistral"]
+    start = text.find(marker)
+    if start < 0:
+        return text
+    rest = text[start + len(marker):]
+    bracket = len(rest) - len(rest.lstrip())
+    if not rest[bracket:].startswith("["):
+        return text
+    body = bracket + 1 + len(rest[bracket + 1:]) - len(rest[bracket + 1:].lstrip())
+    try:
+        _, end = json.JSONDecoder().raw_decode(rest, body)
+    except json.JSONDecodeError:
+        return text
+    return text[:start + len(marker) + end] + "]"
 
 
 def _closes_one_call(template: dict, prefix: str, text: str) -> bool:

@@ -89,6 +89,7 @@ def test_a_stop_string_still_ends_the_answer_after_a_kept_marker(family_models):
                 '<tool_call>\n{"name": "get_news", "arguments": {}}\n</tool_call>', False),
     ("qwen2.5", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
                 '<tool_call>\n{"name": "get_time", "argu', False),
+    ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_time", "argu', False),
     # Llama 3.1 writes one call, an object rather than a list of them.
     ("llama3.1", '{"name": "get_weather", "parameters": {"city": "Oslo"}}', False),
 ])

@@ -195,6 +195,26 @@ def test_with_the_first_call_only_what_follows_it_cannot_make_it_invalid(tokeniz
     assert parsed.invalid and parsed.answer == text.strip()
 
 
+
+@pytest.mark.parametrize("after", ['{"name": "get_time", "argu',  # cut off by the limit
+                                   '{"name": "nope", "arguments": {}}]'])  # an unknown function
+def test_with_the_first_call_only_a_mistral_list_keeps_its_first_call(tokenizers, after):
+    """Mistral writes every call in one JSON list: the list is read as closed after its first call."""
+    tok = tokenizers("mistral")
+    prompt = render_prompt(tok, QUESTION, tools=TOOLS)
+    text = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}, ' + after
+    assert parse_generation(tok, text, prompt, TOOLS).invalid
+    parsed = parse_generation(tok, text, prompt, TOOLS, first_call_only=True)
+    assert parsed.invalid == "" and [(c.name, c.arguments) for c in parsed.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    stream = ResponseStream(tok, prompt, TOOLS, first_call_only=True)
+    pieces = [p for i in range(0, len(text), 4) for p in stream.feed(text[i:i + 4])]
+    streamed, owed = stream.finish()
+    assert pieces + owed == [] and [c.name for c in streamed.tool_calls] == ["get_weather"]
+    # An invalid first call is no call: the answer is the text as written, all of it.
+    text = '[TOOL_CALLS] [{"name": "nope", "arguments": {}}, ' + after
+    parsed = parse_generation(tok, text, prompt, TOOLS, first_call_only=True)
+    assert parsed.invalid and parsed.answer == text.strip()
+
 @pytest.mark.parametrize(("family", "required", "named"), [
     ("qwen2.5", '<tool_call>\n{"name": "', '<tool_call>\n{"name": "get_weather"'),
     # Qwen 3 writes an empty reasoning block before the last turn's call: a forced call has no trace.
