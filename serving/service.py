@@ -423,6 +423,10 @@ class ChatService:
                            code="context_length_exceeded")
         # top_p 0 keeps only the most likely token, which is what greedy decoding picks.
         greedy = req.temperature < MIN_SAMPLING_TEMPERATURE or req.top_p == 0
+        if req.seed is not None and not greedy and self.limits.engine == "transformers":
+            raise APIError(400, "seed is not applied by serving.engine=transformers (the library samples every row "
+                                "from one random state); leave seed out, or serve with serving.engine: own.",
+                           param="seed", code="unsupported_parameter")
         row = self._completion(loaded, plan.prompt + plan.opening, prompt_ids, max_new,
                                0.0 if greedy else req.temperature, req.top_p, req.stops(), req.stream, req.seed)
         return req, messages, row, plan

@@ -123,6 +123,7 @@ class ScriptedChat:
 
     client: Any
     engine: ScriptedEngine
+    service: Any  # the route's service: a test may change its `limits`
 
     def writes(self, text: str) -> None:
         """The text every following completion generates (encoded without bos, as a model writes it)."""
@@ -152,8 +153,8 @@ def scripted_chat(model_dir: Path, store: Any = None) -> Iterator[ScriptedChat]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = ScriptedEngine(tokenizer)
-    with _chat_route(tokenizer, engine, store) as client:
-        yield ScriptedChat(client, engine)
+    with _chat_route(tokenizer, engine, store) as (client, service):
+        yield ScriptedChat(client, engine, service)
 
 
 @contextmanager
@@ -162,15 +163,16 @@ def local_chat(loaded) -> Iterator[Any]:
     `serving.decoding.LoadedModel`) with the own decoding loop in this process."""
     engine = LocalEngine(loaded)
     try:
-        with _chat_route(loaded.tokenizer, engine) as client:
+        with _chat_route(loaded.tokenizer, engine) as (client, _service):
             yield client
     finally:
         engine.close()
 
 
 @contextmanager
-def _chat_route(tokenizer, engine, store: Any = None) -> Iterator[Any]:
-    """A test client of the service's routes, whose service serves `tokenizer`'s model through `engine`."""
+def _chat_route(tokenizer, engine, store: Any = None) -> Iterator[tuple[Any, Any]]:
+    """A test client of the service's routes, and the service it answers with, which serves
+    `tokenizer`'s model through `engine`."""
     from starlette.testclient import TestClient
 
     import serving.service
@@ -185,6 +187,6 @@ def _chat_route(tokenizer, engine, store: Any = None) -> Iterator[Any]:
     serving.service.app.dependency_overrides[serving.service._service] = lambda: service
     try:
         with TestClient(serving.service.app) as client:
-            yield client
+            yield client, service
     finally:
         serving.service.app.dependency_overrides.pop(serving.service._service, None)

@@ -155,6 +155,22 @@ def test_a_seed_is_accepted_at_any_temperature_and_reaches_the_engine(chat, seed
     assert chat.engine.completions[-1].seed == seed
 
 
+
+def test_the_library_engine_refuses_a_seed_it_would_not_apply(chat):
+    """serving.engine: transformers draws every row from one random state: a seed that would
+    change a sampled answer is refused, not ignored; at temperature 0 it changes nothing."""
+    from tasks.config import ServingParams
+
+    own = chat.service.limits
+    chat.service.limits = ServingParams(engine="transformers")
+    try:
+        message = refused(send(chat, seed=7, temperature=1.0), "seed", "unsupported_parameter")
+        assert "serving.engine" in message
+        assert send(chat, seed=7, temperature=0).status_code == 200
+        assert send(chat, temperature=1.0).status_code == 200
+    finally:
+        chat.service.limits = own
+
 @pytest.fixture(scope="module")
 def sampling():
     """The chat route generating with the own decoding loop on the `tiny` base model (random
