@@ -144,13 +144,12 @@ class ToolDef(BaseModel):
     @field_validator("function")
     @classmethod
     def _valid_schema(cls, value: FunctionDef) -> FunctionDef:
-        import jsonschema
+        from tasks.model.responses import schema_validator
 
         if value.parameters is not None:
-            try:
-                jsonschema.Draft202012Validator.check_schema(value.parameters)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"parameters of {value.name!r} is not a valid JSON schema: {exc.message}") from None
+            _, complaint = schema_validator(value.parameters)  # a $ref must resolve inside it: nothing is fetched
+            if complaint is not None:
+                raise ValueError(f"parameters of {value.name!r} is not a valid JSON schema: {complaint}")
         return value
 
 

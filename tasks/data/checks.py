@@ -282,7 +282,13 @@ def _check_call(i: int, call: Any, schemas: dict[str, Any] | None, seen: set[str
     if not isinstance(parsed, dict):
         problems.setdefault("bad_tool_arguments", f"message {i}: the arguments of {name!r} are not a JSON object (nor a string holding one)")
     elif schemas and name in schemas:
-        error = next(iter(schemas[name].iter_errors(parsed)), None)
+        from referencing.exceptions import Unresolvable
+
+        try:
+            error = next(iter(schemas[name].iter_errors(parsed)), None)
+        except Unresolvable as exc:  # under a nested $id (the rest are checked with the schema); nothing is fetched
+            problems.setdefault("bad_tool_schema", f"the parameters of {name!r} have a $ref that does not resolve: {exc}")
+            return call_id
         if error is not None:
             problems.setdefault("arguments_fail_schema", f"message {i}: the arguments of {name!r} fail its parameters: {error.message}")
     return call_id

@@ -107,6 +107,22 @@ def test_tools_that_share_a_function_name_are_refused(chat):
     assert "'get_weather'" in message
 
 
+
+@pytest.mark.parametrize(("ref", "said"), [("#/$defs/City", "does not resolve"),
+                                           ("http://127.0.0.1:9/city.json", "nothing is fetched")])
+def test_a_tool_schema_whose_ref_leads_outside_it_is_refused_and_not_fetched(chat, monkeypatch, ref, said):
+    import socket
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a $ref was fetched")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather.", "parameters": {
+        "type": "object", "properties": {"city": {"$ref": ref}}}}}]
+    assert said in refused(send(chat, tools=tools), "tools.0.function")
+
 # -- fields that need another ---------------------------------------------------------------
 
 

@@ -68,8 +68,13 @@ RESULT = {"role": "tool", "tool_call_id": "call00001", "content": "20:03"}
 # category -> (lines of the file, expected offending line numbers)
 CASES = {
     "bad_tool_schema": ([GOOD, example(tools=[tool(name="get time")], tag="a"), example(tools=[tool(description=None)], tag="b"),
-                         example(tools=[tool(parameters={"type": "objekt"})], tag="c"), example(tools="get_time", tag="d")],
-                        [2, 3, 4, 5]),
+                         example(tools=[tool(parameters={"type": "objekt"})], tag="c"), example(tools="get_time", tag="d"),
+                         # a $ref that points nowhere, and one to a URL (never fetched)
+                         example(tools=[tool(parameters={"type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}})],
+                                 tag="e"),
+                         example(tools=[tool(parameters={"type": "object", "properties": {
+                             "city": {"$ref": "http://127.0.0.1:9/city.json"}}})], tag="f")],
+                        [2, 3, 4, 5, 6, 7]),
     "bad_tool_call": ([GOOD, {**GOOD, "messages": [GOOD["messages"][0], {**GOOD["messages"][1], "tool_calls": [call(call_id=None)]}]},
                        example(calls=[call(), call()], results=[{"role": "tool", "tool_call_id": "call00001", "content": "1"}] * 2,
                                tag="b")],
@@ -366,3 +371,25 @@ def test_call_arguments_written_as_an_object_become_its_json_string(tmp_path: Pa
     as_object = {**call(), "function": {"name": "get_time", "arguments": {"city": "Oslo"}}}
     (checked,) = iter_checked(write(tmp_path, [example(calls=[as_object])]), "openai")
     assert checked.problems == {} and checked.example["messages"][1]["tool_calls"] == [call()]
+
+
+def test_a_ref_inside_the_schema_is_followed_and_nothing_is_fetched(tmp_path: Path, monkeypatch) -> None:
+    """A tool schema's $ref to its own definitions validates calls; one to a URL is refused
+    as a schema error without any connection (a schema from data or a request must not make
+    the process open a URL)."""
+    import socket
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a $ref was fetched")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    city = {"type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "$defs": {"City": {"type": "string"}},
+            "required": ["city"]}
+    lines = [example(tools=[tool(parameters=city)]), example(tools=[tool(parameters=city)], calls=[call('{"city": 7}')], tag="a"),
+             example(tools=[tool(parameters={"type": "object", "properties": {"city": {"$ref": "http://127.0.0.1:9/c.json"}}})],
+                     tag="b")]
+    report = validate_dataset(write(tmp_path, lines), fmt="openai")
+    assert report.error_lines == {"arguments_fail_schema": [2], "bad_tool_schema": [3]}
+    assert "nothing is fetched" in next(r["message"] for r in report.error_rows if r["line"] == 3)
