@@ -911,11 +911,14 @@ def _locate_turn(text: str, start: int, bound: int, messages: list[Message], i: 
         content = content.strip()  # templates that trim answers (Llama 3, Gemma, Mistral)
         at = text.find(content, start)
     if at < 0 and "</think>" in content:
-        # A trace written inline (`<think>…</think>answer`) that the template takes out
-        # of an earlier turn, as Qwen 3 does with reasoning_content: the answer is
-        # trained, the trace is lost.
-        content, lost = content.split("</think>")[-1].strip(), True
+        # A trace written inline (`<think>…</think>answer`) that the template rewrites: Qwen 3
+        # writes the last turn's trace in its own block (other whitespace around it) and takes
+        # it out of an earlier turn. The span runs from the prompt's end, so a trace written
+        # before the answer is trained; one the template took out is lost.
+        trace = content.split("</think>")[0].split("<think>")[-1].strip()
+        content = content.split("</think>")[-1].strip()
         at = text.find(content, start) if content else -1
+        lost = bool(trace) and (at < 0 or text.find(trace, start, at) < 0)
     if at < 0 or at + len(content) > bound or _MARKER.search(text, start, at):
         return f"does not write answer {i + 1} as given right after its prompt"
     return _Span(start, at + len(content), answer=start, reasoning_lost=lost)
