@@ -330,7 +330,8 @@ def check_warnings(messages: list[dict], min_answer_chars: int) -> dict[str, str
     if "user" not in roles:
         found["no_user_message"] = "no user message"
     for i, m in enumerate(messages, start=1):
-        if m["role"] == "assistant" and isinstance(m.get("content"), str) and len(m["content"].strip()) < min_answer_chars:
+        if (m["role"] == "assistant" and not m.get("tool_calls") and isinstance(m.get("content"), str)
+                and len(m["content"].strip()) < min_answer_chars):  # a call turn's content may be empty
             found["short_answer"] = f"message {i}: answer of {len(m['content'].strip())} characters (< {min_answer_chars})"
             break
     return found

@@ -393,3 +393,15 @@ def test_a_ref_inside_the_schema_is_followed_and_nothing_is_fetched(tmp_path: Pa
     report = validate_dataset(write(tmp_path, lines), fmt="openai")
     assert report.error_lines == {"arguments_fail_schema": [2], "bad_tool_schema": [3]}
     assert "nothing is fetched" in next(r["message"] for r in report.error_rows if r["line"] == 3)
+
+
+def test_a_call_turn_with_empty_content_is_no_short_answer(tmp_path: Path) -> None:
+    """A call turn's content may be null, "" or absent (OpenAI writes any of them): none is an answer to warn about."""
+    empty = example()
+    empty["messages"][1]["content"] = ""
+    absent = example(tag="a")
+    del absent["messages"][1]["content"]
+    short = example(tag="b")
+    short["messages"][-1]["content"] = "K"
+    report = validate_dataset(write(tmp_path, [empty, absent, short]), fmt="openai")
+    assert report.valid and report.warnings.get("short_answer") == 1
