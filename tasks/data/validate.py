@@ -421,11 +421,13 @@ def write_fixed(path: Path, report: ValidationReport, out: Path) -> tuple[int, i
 def render_report(report: ValidationReport, console=None) -> None:
     """Print a human summary of the report with rich tables."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
     verdict = "[bold green]VALID[/]" if report.valid else "[bold red]INVALID[/]"
-    console.print(f"{verdict}  {report.path}  format={report.format}  examples={report.examples}  md5={report.md5}")
+    # Messages quote the data and patterns (`^[a-zA-Z0-9_-]{1,64}$`): escaped, or rich reads them as markup.
+    console.print(f"{verdict}  {escape(str(report.path))}  format={report.format}  examples={report.examples}  md5={report.md5}")
     if report.errors or report.warnings:
         table = Table(title="Problems")
         for col in ("kind", "category", "count", "first lines"):
@@ -437,7 +439,7 @@ def render_report(report: ValidationReport, console=None) -> None:
             table.add_row("[yellow]warning[/]", cat, str(n), _first(lines.get(cat, [])))
         console.print(table)
     for r in report.error_rows[:10]:
-        console.print(f"  line {r['line']}: [red]{r['category']}[/] {r['message']}")
+        console.print(f"  line {r['line']}: [red]{r['category']}[/] {escape(r['message'])}")
     stats = report.token_stats or {}
     if stats.get("total_tokens"):
         table = Table(title=f"Tokens ({stats.get('tokenizer')})")
@@ -461,10 +463,10 @@ def render_report(report: ValidationReport, console=None) -> None:
     system = report.system_message
     if system:
         why = f" ({system['reason']})" if system["reason"] else ""
-        console.print(f"system messages: data.system_message={system['policy']}: {system['action']} "
-                      f"in {system['examples']} examples{why}")
+        console.print(escape(f"system messages: data.system_message={system['policy']}: {system['action']} "
+                             f"in {system['examples']} examples{why}"))
     if report.data_docs:
-        console.print(f"Data Docs: {report.data_docs}")
+        console.print(f"Data Docs: {escape(str(report.data_docs))}")
 
 
 def _first(lines: list[int], n: int = 8) -> str:

@@ -405,3 +405,19 @@ def test_a_call_turn_with_empty_content_is_no_short_answer(tmp_path: Path) -> No
     short["messages"][-1]["content"] = "K"
     report = validate_dataset(write(tmp_path, [empty, absent, short]), fmt="openai")
     assert report.valid and report.warnings.get("short_answer") == 1
+
+
+def test_the_printed_report_keeps_brackets_of_the_messages(tmp_path: Path) -> None:
+    """The console report prints each message as written: `^[a-zA-Z0-9_-]{1,64}$` is no rich markup."""
+    import io
+
+    from rich.console import Console
+
+    from tasks.data.validate import render_report
+
+    folder = tmp_path / "[red]"  # a path that reads as markup too
+    folder.mkdir()
+    report = validate_dataset(write(folder, [GOOD, example(tools=[tool(name="get time")], tag="a")]), fmt="openai")
+    out = io.StringIO()
+    render_report(report, Console(file=out, width=300))
+    assert "names match ^[a-zA-Z0-9_-]{1,64}$" in out.getvalue() and "[red]" in out.getvalue()
