@@ -16,7 +16,8 @@ deployment that matches that label, registered by `ftllm deploy` (flows/deploy.p
 the automation runs on the Prefect server and no loop of ours waits for anything.
 
 What is "new" is what comes after the cursor (`tasks/monitor/cursor.py`): the highest
-feedback id a retraining run has read into its data. The monitor only reads it; the run
+feedback id a retraining run has read into its data, and held feedback a person approved
+after that run read the log. The monitor only reads it; the run
 that trains on the feedback moves it, so corrections add up across checks until a run has
 read them, a run that never read them (no feedback source, or a failure before its stages
 trained) leaves them counted as new, and a rejected run's feedback does not start the same
@@ -41,7 +42,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tasks.config import MonitorParams, Params, load_params
 from tasks.environment import apply_defaults
 from tasks.feedback import default_db_path
-from tasks.monitor.cursor import cursor_variable, read_cursor
+from tasks.monitor.cursor import Cursor, cursor_variable, read_cursor
 from tasks.monitor.signals import (
     Drift,
     FeedbackFigures,
@@ -77,18 +78,19 @@ def retrain_trigger(model_name: str, monitor: MonitorParams):
 
 
 @task(name="read-monitor-cursor")
-def read_monitor_cursor(model_name: str) -> int:
-    """The highest feedback id a retraining run has read (0 before the first)."""
+def read_monitor_cursor(model_name: str) -> Cursor:
+    """The highest feedback id and the last review decision a retraining run has read (zeros before the first)."""
     return read_cursor(model_name)
 
 
 @task(name="read-feedback")
-def collect_feedback(db: Path, since_id: int, window: int, low_rating: int = 2) -> FeedbackFigures:
-    """New ratings, low ratings and corrections since `since_id`; zeros (and a warning) when the service has logged nothing yet."""
+def collect_feedback(db: Path, since: Cursor, window: int, low_rating: int = 2,
+                     auto_approve: str = "trusted") -> FeedbackFigures:
+    """New ratings, low ratings and corrections since `since`; zeros (and a warning) when the service has logged nothing yet."""
     if not db.is_file():
         get_run_logger().warning(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml)")
-        return FeedbackFigures(since_id, since_id, 0, 0, 0, None, 0)
-    return read_feedback(db, since_id, window, low_rating)
+        return FeedbackFigures(since.feedback_id, since.feedback_id, 0, 0, 0, None, 0)
+    return read_feedback(db, since.feedback_id, window, low_rating, since.decision, auto_approve)
 
 
 @task(name="measure-drift")
@@ -132,12 +134,12 @@ def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) ->
     logger = get_run_logger()
     root = Path(params_file).resolve().parent
     apply_defaults(root)
-    params = load_params(params_file, sections=("data", "model", "registry", "monitor"))
+    params = load_params(params_file, sections=("data", "model", "registry", "monitor", "feedback"))
     model_name = params.registry.model_name
     db = Path(feedback_db) if feedback_db else default_db_path(root)
 
     since = read_monitor_cursor(model_name)
-    figures = collect_feedback(db, since, params.monitor.window, params.monitor.low_rating)
+    figures = collect_feedback(db, since, params.monitor.window, params.monitor.low_rating, params.feedback.auto_approve)
     drift = drift_of_prompts(root, params, db)
     recommended, reasons, alerts = recommend_retrain(figures, drift, params.monitor, params.data.reads_feedback())
     payload = {
@@ -158,7 +160,7 @@ def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) ->
     else:
         logger.info(f"no retraining recommended for {model_name}: {'; '.join(reasons) or 'below every threshold'} "
                     f"({figures.new_ratings} new ratings, {figures.new_corrections} new corrections; "
-                    f"cursor {cursor_variable(model_name)} at feedback id {since})")
+                    f"cursor {cursor_variable(model_name)} at feedback id {since.feedback_id}, decision {since.decision})")
     return {**payload, "model_name": model_name, "event_id": str(event.id) if event else None}
 
 

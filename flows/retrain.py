@@ -57,7 +57,7 @@ from tasks.feedback import default_db_path
 from tasks.feedback.preference import snapshot_preference
 from tasks.files import file_md5, write_atomic
 from tasks.model.loading import check_fit
-from tasks.monitor.cursor import advance_cursor
+from tasks.monitor.cursor import Cursor, advance_cursor
 from tasks.pipeline.dvc import (
     git_commit,
     lock_digest,
@@ -126,10 +126,10 @@ def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | 
 
 
 @task(name="advance-monitor-cursor", retries=2, retry_delay_seconds=3)
-def advance_monitor_cursor(model_name: str, feedback_id: int) -> int:
+def advance_monitor_cursor(model_name: str, feedback_id: int, decision: int = 0) -> Cursor:
     """The monitor's cursor moves past the feedback this run trained on (tasks/monitor/cursor.py)."""
-    position = advance_cursor(model_name, feedback_id)
-    get_run_logger().info(f"monitor cursor of {model_name} at feedback id {position}: this run read up to {feedback_id}")
+    position = advance_cursor(model_name, Cursor(feedback_id, decision))
+    get_run_logger().info(f"monitor cursor of {model_name} at {position}: this run read up to {feedback_id}, {decision}")
     return position
 
 
@@ -417,7 +417,7 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
         durations["stages"] = round(time.perf_counter() - t, 2)
         result.stages = StagesSummary.model_validate(stages)
         if feedback_read is not None:  # trained on it: whatever the gate says, this feedback was read
-            advance_monitor_cursor(params.registry.model_name, feedback_read)
+            advance_monitor_cursor(params.registry.model_name, feedback_read, max(e["last_decision"] for e in exported.values()))
         t = time.perf_counter()
         result.dvc_push = push_dvc_outputs(root)
         durations["dvc_push"] = round(time.perf_counter() - t, 2)

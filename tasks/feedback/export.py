@@ -63,6 +63,7 @@ class FeedbackExport:
     examples: int
     last_feedback_id: int  # every feedback id up to this one was read (0: the log was empty or absent)
     held: int = 0  # feedback rows pending a person's approval: not exported, kept for a later run
+    last_decision: int = 0  # the latest review decision read: feedback approved after it is new to the monitor
     capped: int = 0  # examples left out by feedback.max_key_share
     erased: int = 0  # examples left out because their prompt was erased
     by_key: dict[str, int] = field(default_factory=dict)  # exported examples per key name
@@ -232,10 +233,10 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
     if not db_path.is_file():
         if not missing_ok:
             raise FileNotFoundError(f"{db_path}: no feedback database; serve the model and collect feedback first")
-        rated, last, erased = [], 0, set()
+        rated, last, decided, erased = [], 0, 0, set()
     else:
         with FeedbackReader(db_path) as reader:
-            rated, last = reader.rated_completions()
+            rated, last, decided = reader.rated_completions()
             erased = reader.erased_digests()
     examples, left_out = admitted_examples(rated, erased, min_rating, policy)
     if examples or write_empty:
@@ -243,6 +244,6 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
     by_key = Counter(e["provenance"]["key"] for e in examples)
     users = {(e["provenance"]["key"], e["provenance"]["user"]) for e in examples if e["provenance"]["user"]}
     return FeedbackExport(db=db_path, path=Path(out), examples=len(examples), last_feedback_id=last,
-                          held=left_out["held"], capped=left_out["capped"], erased=left_out["erased"],
+                          last_decision=decided, held=left_out["held"], capped=left_out["capped"], erased=left_out["erased"],
                           by_key=dict(sorted(by_key.items())), users=len(users), redacted=left_out["redacted"],
                           repeats=left_out["repeats"], invalid_calls=left_out["invalid_calls"])

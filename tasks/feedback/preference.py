@@ -80,7 +80,7 @@ def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:
         DataFileError: `db` is not the service's SQLite log.
     """
     with FeedbackReader(db) as reader:
-        rated, _ = reader.rated_completions()
+        rated, _, _ = reader.rated_completions()
         erased = reader.erased_digests()
     # The latest admitted feedback, not the latest feedback then admitted or not: a later
     # rating held for approval (an untrusted key's) must not hide a trusted one.

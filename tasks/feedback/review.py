@@ -45,7 +45,7 @@ def held_batch(db: Path, auto_approve: str) -> HeldBatch:
     if not Path(db).is_file():
         return HeldBatch([], 0)
     with FeedbackReader(db) as reader:
-        rated, _ = reader.rated_completions()
+        rated, _, _ = reader.rated_completions()
     held = [(i, r) for i, r in rated if r.review == "pending" and not r.admitted(auto_approve)]
     return HeldBatch(held, max((r.id for _, r in held), default=0))
 

@@ -15,6 +15,10 @@ may contain.
 Version 3 records the tools a request offered and the tool calls the answer made (JSON,
 NULL when none), so that a rated or corrected tool-call answer is exported as the call it
 was, with the tools it was made against.
+
+Version 4 numbers a person's review decisions (`decision`: 1, 2, ... per approve or reject,
+NULL until decided), so that feedback approved after a run read the log counts as new to
+the monitor although its id is below the run's cursor (`tasks/monitor/cursor.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 MIN_RATING, MAX_RATING = 1, 5
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 ANONYMOUS_KEY = "anonymous"  # the caller of a service without keys, and of rows from before version 2
 REVIEWS = ("pending", "approved", "rejected")
 
@@ -76,7 +80,10 @@ _V2_TO_V3 = """
 ALTER TABLE interactions ADD COLUMN tools TEXT;       -- JSON list of the tools offered, or NULL
 ALTER TABLE interactions ADD COLUMN tool_calls TEXT;  -- JSON list of the answer's tool calls, or NULL
 """
-MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2, 2: _V2_TO_V3}
+_V3_TO_V4 = """
+ALTER TABLE feedback ADD COLUMN decision INTEGER;  -- the number of the review decision (NULL: undecided)
+"""
+MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4}
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ class FeedbackRow:
     end_user: str | None = None
     trusted: bool = False
     review: str = "pending"  # pending | approved | rejected (a person's decision; pending may be auto-approved)
+    decision: int | None = None  # the number of the review decision (None: undecided, or decided before version 4)
 
     def admitted(self, auto_approve: str) -> bool:
         """Whether this feedback may reach training: approved by a person, or pending and
@@ -121,7 +129,7 @@ class FeedbackRow:
         return auto_approve == "all" or (auto_approve == "trusted" and self.trusted)
 
 
-FEEDBACK_COLUMNS = "id, created, completion_id, rating, correction, key_name, end_user, trusted, review"
+FEEDBACK_COLUMNS = "id, created, completion_id, rating, correction, key_name, end_user, trusted, review, decision"
 
 
 def prompt_digest(messages: list[dict[str, Any]]) -> str:

@@ -25,7 +25,7 @@ class FeedbackSnapshot:
     def to_dict(self) -> dict:
         e = self.export
         return {"db": str(e.db), "path": str(e.path), "examples": e.examples, "last_feedback_id": e.last_feedback_id,
-                "tracked_by": self.tracked_by, "held": e.held, "capped": e.capped, "erased": e.erased,
+                "last_decision": e.last_decision, "tracked_by": self.tracked_by, "held": e.held, "capped": e.capped, "erased": e.erased,
                 "by_key": e.by_key, "users": e.users, "redacted": e.redacted, "repeats": e.repeats,
                 "invalid_calls": e.invalid_calls}
 
@@ -37,7 +37,7 @@ class FeedbackSnapshot:
         return {"feedback.examples": str(e.examples), "feedback.keys": json.dumps(e.by_key, sort_keys=True),
                 "feedback.end_users": str(e.users), "feedback.held": str(e.held), "feedback.capped": str(e.capped),
                 "feedback.repeats": str(e.repeats), "feedback.invalid_calls": str(e.invalid_calls),
-                "feedback.last_feedback_id": str(e.last_feedback_id),
+                "feedback.last_feedback_id": str(e.last_feedback_id), "feedback.last_decision": str(e.last_decision),
                 **{f"feedback.redacted.{k}": str(v) for k, v in e.redacted.items()}}
 
 

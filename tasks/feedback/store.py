@@ -220,8 +220,12 @@ class FeedbackStore:
             args.append(up_to_id)
         self.flush()
         with self._lock:
-            cur = self._conn.execute(f"UPDATE feedback SET review = ?, reviewed_by = ? WHERE {' AND '.join(where)}",
-                                     (decision, by, *args))
+            # One number per decision, after every earlier one: the monitor counts feedback approved
+            # after a run read the log as new (tasks/monitor/signals.py).
+            cur = self._conn.execute(
+                "UPDATE feedback SET review = ?, reviewed_by = ?, "
+                f"decision = (SELECT COALESCE(MAX(decision), 0) + 1 FROM feedback) WHERE {' AND '.join(where)}",
+                (decision, by, *args))
             self._conn.commit()
             return cur.rowcount
 
@@ -303,7 +307,7 @@ class FeedbackReader:
         """The columns of `table` this code reads; a log from an older version gives the defaults its rows had."""
         names = [c.strip() for c in (FEEDBACK_COLUMNS if table == "feedback" else INTERACTION_COLUMNS).split(",")]
         added = {"key_name": (2, f"'{ANONYMOUS_KEY}'"), "end_user": (2, "NULL"), "trusted": (2, "1"),
-                 "review": (2, "'pending'"), "tools": (3, "NULL"), "tool_calls": (3, "NULL")}
+                 "review": (2, "'pending'"), "tools": (3, "NULL"), "tool_calls": (3, "NULL"), "decision": (4, "NULL")}
         return ", ".join(added[n][1] if n in added and self.version < added[n][0] else f"{prefix}{n}" for n in names)
 
     @property
@@ -330,26 +334,42 @@ class FeedbackReader:
         query = "SELECT digest FROM erasures WHERE reason NOT LIKE 'retention %' AND reason NOT LIKE 'forget --before %'"
         return {d for (d,) in self.conn.execute(query)}
 
-    def rated_completions(self) -> tuple[list[tuple[Interaction, FeedbackRow]], int]:
-        """Every feedback row with its completion, oldest first, and the highest feedback id, from one snapshot."""
+    def rated_completions(self) -> tuple[list[tuple[Interaction, FeedbackRow]], int, int]:
+        """Every feedback row with its completion, oldest first, the highest feedback id and the
+        last review decision, from one snapshot."""
         columns, feedback = self._columns("interactions", "i."), self._columns("feedback", "f.")
         query = f"SELECT {columns}, {feedback} FROM feedback f JOIN interactions i ON i.id = f.completion_id ORDER BY f.id"
         with self.conn:
             self.conn.execute("BEGIN")
             rows = self.conn.execute(query).fetchall()
-            last = self.last_feedback_id()
+            last, decided = self.last_feedback_id(), self.last_decision()
         out = []
         for row in rows:
             (cid, _created, endpoint, model, version, messages, answer, finish, pt, ct, lat, key, user, tools,
              calls), rest = row[:15], row[15:]
             out.append((Interaction(cid, endpoint, model, version, json.loads(messages), answer, finish, pt, ct, lat,
                                     key, user, json.loads(tools) if tools else None, json.loads(calls) if calls else None),
-                        FeedbackRow(*rest[:7], bool(rest[7]), rest[8])))
-        return out, last
+                        FeedbackRow(*rest[:7], bool(rest[7]), *rest[8:])))
+        return out, last, decided
 
     def last_feedback_id(self) -> int:
         """The highest feedback id in the log (0 when there is none)."""
         return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
+
+    def last_decision(self) -> int:
+        """The number of the latest review decision (0 when there is none)."""
+        if self.version < 4:
+            return 0
+        return int(self.conn.execute("SELECT COALESCE(MAX(decision), 0) FROM feedback").fetchone()[0])
+
+    def approved_since(self, decision: int, up_to_id: int) -> list[FeedbackRow]:
+        """Feedback with an id up to `up_to_id` approved by a decision after `decision`, oldest first."""
+        if self.version < 4:
+            return []
+        rows = self.conn.execute(
+            f"SELECT {self._columns('feedback')} FROM feedback WHERE id <= ? AND review = 'approved' AND decision > ? "
+            "ORDER BY id", (up_to_id, decision)).fetchall()
+        return [FeedbackRow(*row) for row in rows]
 
     def interaction_count(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0])

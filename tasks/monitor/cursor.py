@@ -1,19 +1,29 @@
-"""The monitor's cursor: the highest feedback id a retraining run has read into its data.
+"""The monitor's cursor: the highest feedback id and the last review decision a retraining run has read.
 
 Kept in a Prefect variable (`ftllm-monitor-<model name>`), not in a file: it belongs to the
 orchestration, so any worker sees the same value, and an operator can read or reset it in
-the UI (`prefect variable set ftllm-monitor-ftllm-chat '{"feedback_id": 0}' --overwrite`).
+the UI (`prefect variable set ftllm-monitor-ftllm-chat '{"feedback_id": 0, "decision": 0}' --overwrite`).
 
-The monitor counts the feedback above it as new. Only a retraining run moves it, to the
-highest feedback id its export read, once its stages have trained on that data (whatever
-the gate then says): feedback is never counted as handled by a run that did not read it,
-and feedback a rejected run read does not start the same rejected retraining again. It
-never moves back.
+The monitor counts as new the feedback above the id, and the feedback below it that a
+person approved after the decision (held when the run read the log, so not trained on).
+Only a retraining run moves it, to what its export read, once its stages have trained on
+that data (whatever the gate then says): feedback is never counted as handled by a run
+that did not read it, and feedback a rejected run read does not start the same rejected
+retraining again. It never moves back.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the last retraining run read the feedback log."""
+
+    feedback_id: int = 0  # the highest feedback id it read
+    decision: int = 0  # the latest review decision it read (tasks/feedback/schema.py, version 4)
 
 
 def cursor_variable(model_name: str) -> str:
@@ -21,20 +31,23 @@ def cursor_variable(model_name: str) -> str:
     return "ftllm-monitor-" + re.sub(r"[^a-z0-9_-]", "-", model_name.lower())
 
 
-def read_cursor(model_name: str) -> int:
-    """The highest feedback id a run has read (0 before the first)."""
+def read_cursor(model_name: str) -> Cursor:
+    """What the last run read (zeros before the first; a cursor written before decisions were read has decision 0)."""
     from prefect.variables import Variable
 
-    value = Variable.get(cursor_variable(model_name), default={"feedback_id": 0})
-    return int(value.get("feedback_id", 0)) if isinstance(value, dict) else 0
+    value = Variable.get(cursor_variable(model_name), default={})
+    if not isinstance(value, dict):
+        return Cursor()
+    return Cursor(int(value.get("feedback_id", 0)), int(value.get("decision", 0)))
 
 
-def advance_cursor(model_name: str, feedback_id: int) -> int:
-    """Move the cursor to `feedback_id` unless it is there or beyond already; return where it stands."""
+def advance_cursor(model_name: str, read: Cursor) -> Cursor:
+    """Move each part of the cursor forward to what a run read (never back); return where it stands."""
     from prefect.variables import Variable
 
     current = read_cursor(model_name)
-    if feedback_id > current:
-        Variable.set(cursor_variable(model_name), {"feedback_id": feedback_id}, overwrite=True)
-        return feedback_id
-    return current
+    moved = Cursor(max(current.feedback_id, read.feedback_id), max(current.decision, read.decision))
+    if moved != current:
+        Variable.set(cursor_variable(model_name), {"feedback_id": moved.feedback_id, "decision": moved.decision},
+                     overwrite=True)
+    return moved

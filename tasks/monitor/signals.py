@@ -22,7 +22,7 @@ Run alone:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tasks.config import MonitorParams
@@ -63,15 +63,25 @@ def feedback_sources(rows: Iterable) -> int:
     return len({(row.key_name, row.end_user if row.trusted else None) for row in rows})
 
 
-def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2) -> FeedbackFigures:
-    """Count the ratings and corrections with a feedback id above `since_id`; feedback a person
-    rejected is left out (it never reaches training, so it must not ask for a retraining).
+def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, since_decision: int = 0,
+                  auto_approve: str = "trusted") -> FeedbackFigures:
+    """Count the ratings and corrections with a feedback id above `since_id`, and those below it
+    that a person approved after review decision `since_decision` (held when the last run read
+    the log, so not trained on); feedback a person rejected is left out (it never reaches
+    training, so it must not ask for a retraining).
+
+    Args:
+        auto_approve: `feedback.auto_approve`: feedback it admits without review was trained on
+            by the last run, approved since or not.
 
     Raises:
         DataFileError: `db` is not the service's SQLite log.
     """
     with FeedbackReader(db) as reader:
         rows = [row for row in reader.feedback_since(since_id) if row.review != "rejected"]
+        rows += [row for row in reader.approved_since(since_decision, since_id)
+                 if not replace(row, review="pending").admitted(auto_approve)]
+        rows.sort(key=lambda row: row.id)
         last = reader.last_feedback_id()
         interactions = reader.interaction_count()
     ratings = [row.rating for row in rows][-window:]

@@ -297,7 +297,7 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
         state = run(sys.executable, "-c", _FLOW_RUN_STATE, flow_run).stdout.strip().splitlines()[-1]
         assert state.startswith("COMPLETED"), (state, worker.stdout[-3000:], worker.stderr[-3000:])
         # That run read the feedback up to id 50: the cursor is there, the same feedback starts nothing again.
-        assert json.loads(run(*cursor).stdout.strip().splitlines()[-1]) == {"feedback_id": 50}
+        assert json.loads(run(*cursor).stdout.strip().splitlines()[-1]) == {"feedback_id": 50, "decision": 0}
         again = json.loads(run(sys.executable, "-m", "flows.monitor").stdout.strip().splitlines()[-1])
         assert again["feedback"]["new_corrections"] == 0 and not again["retrain_recommended"]
     finally:

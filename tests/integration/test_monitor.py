@@ -64,7 +64,7 @@ def test_monitor_measures_the_log_emits_its_event_and_leaves_the_cursor_to_the_r
     from prefect.variables import Variable
 
     from flows.monitor import monitor
-    from tasks.monitor.cursor import advance_cursor, cursor_variable
+    from tasks.monitor.cursor import Cursor, advance_cursor, cursor_variable
 
     db = monitored / "feedback.db"
     # 12 ratings, mean (6*2 + 6*4) / 12 = 3.0 < 3.5; 2 corrections (< 5).
@@ -83,7 +83,8 @@ def test_monitor_measures_the_log_emits_its_event_and_leaves_the_cursor_to_the_r
     assert again["feedback"]["new_ratings"] == 12 and again["retrain_recommended"]
 
     # A run read feedback up to id 12 into its data (flows/retrain.py): nothing new, nothing recommended.
-    assert advance_cursor("ftllm-monitored", 12) == 12 and advance_cursor("ftllm-monitored", 3) == 12
+    assert advance_cursor("ftllm-monitored", Cursor(12)) == Cursor(12)
+    assert advance_cursor("ftllm-monitored", Cursor(3, 2)) == Cursor(12, 2)  # each part moves forward only
     second = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(db))
     assert second["feedback"]["new_ratings"] == 0 and not second["retrain_recommended"]
 

@@ -93,7 +93,7 @@ def test_provenance_is_logged_and_exported(keyed, serving_dir):
     assert error_code(call(url, "POST", "/feedback", KEYS["teach"], json=fix)) == (409, "duplicate_correction")
     db = serving_dir / "keys-feedback.db"
     with FeedbackReader(db) as reader:
-        rated, _ = reader.rated_completions()
+        rated, _, _ = reader.rated_completions()
     interaction, row = next((i, r) for i, r in rated if r.completion_id == answer["id"])
     assert (interaction.key_name, interaction.end_user, row.key_name, row.end_user, row.trusted) == (
         "teach", "ann-42", "teach", "ann-42", False)

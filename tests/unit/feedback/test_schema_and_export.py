@@ -34,7 +34,7 @@ def test_a_log_written_before_the_schema_was_versioned_keeps_working(tmp_path):
     assert store.count("feedback") == 1 and store.add_feedback("c0", 5) == 2
     store.close()
     version = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 3
+    assert version == SCHEMA_VERSION == 4
 
 
 def test_a_rated_tool_call_is_exported_as_the_call_with_its_tools(tmp_path):

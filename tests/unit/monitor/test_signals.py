@@ -145,3 +145,29 @@ def test_one_client_cannot_force_a_retraining(tmp_path):
     store.close()
     figures = read_feedback(db, 0, 200)
     assert (figures.new_corrections, figures.new_ratings, figures.sources) == (0, 2, 2)
+
+
+def test_held_feedback_approved_after_a_run_read_the_log_is_new(tmp_path):
+    """A run reads the log past held feedback (not trained on); once a person approves it, the
+    monitor counts it as new, although its id is below the run's cursor. Approving trusted
+    feedback the run had trained on anyway (`approve --all`) adds nothing."""
+    from tasks.feedback import export_feedback
+
+    db = tmp_path / "feedback.db"
+    _log(db, [f"Convert this ISO date: 2016-03-{d:02d}" for d in range(1, 5)], ratings=[5, 1, 1, 5], corrected=0, keys=1)
+    store = FeedbackStore(db)
+    store.add_feedback("c0", 4, key_name="ops", trusted=True)  # id 5: trusted, admitted without review
+    store.close()
+    read = export_feedback(db, tmp_path / "out.jsonl", 4)  # what a run reads: ids 1..4 held (untrusted), 5 trained
+    assert (read.last_feedback_id, read.last_decision, read.held) == (5, 0, 4)
+    assert read_feedback(db, read.last_feedback_id, 200, since_decision=read.last_decision).new_ratings == 0
+    store = FeedbackStore(db)
+    store.review("approved", "cli", keys=["client-0"], ids=[1, 2])
+    store.review("rejected", "cli", ids=[3])
+    store.review("approved", "cli")  # every pending row: 4 (held) and 5 (trusted, trained already)
+    store.close()
+    figures = read_feedback(db, read.last_feedback_id, 200, since_decision=read.last_decision)
+    assert (figures.new_ratings, figures.new_low_ratings, figures.mean_rating) == (3, 1, pytest.approx(11 / 3))  # ids 1, 2, 4
+    again = export_feedback(db, tmp_path / "out.jsonl", 4)  # the next run reads them: nothing new after it
+    assert (again.last_feedback_id, again.last_decision) == (5, 3)
+    assert read_feedback(db, again.last_feedback_id, 200, since_decision=again.last_decision).new_ratings == 0
