@@ -54,7 +54,7 @@ from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.preference import candidate_dir, score_preference_dir
 from tasks.evaluate.score import evaluate_model_dir, load_split
 from tasks.feedback import default_db_path
-from tasks.feedback.preference import snapshot_preference
+from tasks.feedback.preference import preference_counts, snapshot_preference
 from tasks.files import file_md5, write_atomic
 from tasks.model.loading import check_fit
 from tasks.monitor.cursor import Cursor, advance_cursor
@@ -357,10 +357,11 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     others = train_rows(sources, paths)
     exported.update({i: export_feedback_snapshot(root, s, paths[i], params.feedback, others)
                      for i, s in enumerate(sources) if s.feedback and i not in exported})
-    result.feedback = next(({k: v for k, v in e.items() if k != "tags"} for e in exported.values()), None)
+    preference = export_preference_snapshot(root, params.preference, params.feedback) if exported else None
+    result.feedback = next(({**{k: v for k, v in e.items() if k != "tags"}, "preference": preference_counts(preference)}
+                            for e in exported.values()), None)  # what the ratings became, beside the export
     feedback_read = max((e["last_feedback_id"] for e in exported.values()), default=None)
     result.data.feedback_id = feedback_read
-    preference = export_preference_snapshot(root, params.preference, params.feedback) if exported else None
     # An empty feedback export (nothing rated or corrected yet) is no data error: it adds nothing.
     source_reports = [
         None if i in exported and exported[i]["examples"] == 0
@@ -403,7 +404,7 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     # the feedback (and preferences) the run trained on, as exported
     log_files(run_id, [paths[i] for i in exported if i >= 0]
               + ([Path(preference["path"])] if preference and preference["md5"] else []), "data")
-    for e in exported.values():  # who sent it: keys, end users, what was held, capped and redacted
+    for e in [*exported.values(), *([preference] if preference else [])]:  # who sent it, what was held, capped, redacted
         set_run_tags(run_id, e["tags"])
     _publish_validation(data_path, report, tuple(reports[:2]) or (None, None), run_id)
     lineage.update(link_tags(origin, run_id))  # the model version links back to both runs

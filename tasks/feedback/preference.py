@@ -64,11 +64,25 @@ def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_app
     if not out.exists() and not (db.is_file() and preference_examples(read_rated(db, auto_approve), prefs)[0]):
         # Nothing rated yet and nothing exported before: the data folder (and data.dvc) stays as it was.
         log(f"no preference examples in {db}: nothing exported")
-        return {"path": str(out), "examples": 0, "md5": None, "tracked_by": None}
+        return {"path": str(out), "examples": 0, "md5": None, "tracked_by": None, "tags": {}}
     summary = export_preference(db, out, prefs, auto_approve, redaction, max_key_share)
     tracked = track_data(root, out, log=log)
     log(f"exported {summary['examples']} preference examples to {out}: {summary}")
-    return {**summary, "md5": file_md5(out), "tracked_by": tracked}
+    return {**summary, "md5": file_md5(out), "tracked_by": tracked, "tags": preference_tags(summary)}
+
+
+def preference_counts(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """What the ratings became in a run's preference export: rows of each kind, and what was
+    left out (middle ratings, rows over a key's share, redaction), for the run's result."""
+    return {k: v for k, v in snapshot.items() if k not in ("path", "md5", "tracked_by", "tags")}
+
+
+def preference_tags(summary: dict[str, Any]) -> dict[str, str]:
+    """The preference export's counts as MLflow run tags (`preference.*`)."""
+    counts = preference_counts(summary)
+    redacted = counts.pop("redacted", {}) or {}
+    return {**{f"preference.{k}": str(v) for k, v in counts.items()},
+            **{f"preference.redacted.{k}": str(v) for k, v in redacted.items()}}
 
 
 def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:

@@ -246,6 +246,13 @@ def _feedback_section(feedback: dict[str, Any] | None) -> str:
                     ("end users", feedback.get("users", 0)),
                     ("redacted examples", redacted.get("examples_changed", 0)),
                     ("dropped by redaction", redacted.get("examples_dropped", 0))])]
+    preference = feedback.get("preference") or {}
+    if preference:  # what the ratings became (KTO rows, DPO pairs), and what the per-key cap left out of them
+        parts.append(cards([("preference rows", preference.get("examples", 0)),
+                            ("rated well", preference.get("desirable", 0)), ("rated down", preference.get("undesirable", 0)),
+                            ("pairs", preference.get("pairs_from_corrections", 0) + preference.get("pairs_from_ratings", 0)),
+                            ("middle ratings left out", preference.get("middle", 0)),
+                            ("preference rows capped", preference.get("capped", 0))]))
     parts.append(table(["key", "examples"], sorted(feedback.get("by_key", {}).items()), empty="no feedback exported"))
     parts.append(table(["redacted", "found"], [(c, n) for c, n in redacted.items() if not c.startswith("examples_")],
                        empty="nothing redacted"))

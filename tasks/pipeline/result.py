@@ -151,7 +151,8 @@ class RunResult(_Part):
     dvc_push: str | None = Field(None, description="The DVC remote the outputs were pushed to, if any.")
     feedback: dict[str, Any] | None = Field(
         None, description="The feedback export: examples, by_key, users, held, capped, erased, redacted "
-                          "(findings per category, examples changed/dropped).")
+                          "(findings per category, examples changed/dropped), and `preference`: what the ratings "
+                          "became (desirable, undesirable, pairs, middle ratings left out, rows capped per key).")
     approval: dict[str, Any] | None = Field(
         None, description="The approval step: held rows, whether the run paused or timed out, what was decided.")
     error: str | None = Field(None, description="Why a failed run failed, in one sentence.")

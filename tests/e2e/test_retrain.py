@@ -409,6 +409,9 @@ def test_a_run_with_a_preference_source_registers_a_version_with_the_preference_
     assert replay["new"] > 0 and 0 < replay["replayed"] < replay["left_out"]
     tuned = json.loads((project / "artifacts/preference/preference.json").read_text())
     assert tuned["ran"] is True and tuned["examples"] >= 8
+    # What the ratings became is in the result and the MLflow run: 24 rated well, 12 down, 12 corrected.
+    counts = result.feedback["preference"]
+    assert (counts["desirable"], counts["undesirable"], counts["pairs_from_corrections"], counts["capped"]) == (24, 12, 12, 0)
     names = {c.name for c in result.gate.checks}
     assert {"no_regression_reward_accuracy", "no_regression_avoids_rated_down"} <= names
     version = MlflowClient().get_model_version("ftllm-chat", result.version)
@@ -418,6 +421,7 @@ def test_a_run_with_a_preference_source_registers_a_version_with_the_preference_
     parent = MlflowClient().get_model_version("ftllm-chat", version.tags["parent_champion"])
     assert run.params["train.init_path"].startswith(f"artifacts/champion/ftllm-chat-v{parent.version}-{parent.run_id[:12]}/")
     assert (project / run.params["train.init_path"] / "adapter").is_dir() and run.metrics["train_steps"] == 10
+    assert run.tags["preference.undesirable"] == "12" and run.tags["preference.capped"] == "0"
     for role in ("candidate_preference", "champion_preference"):
         assert 0.0 <= logged[f"{role}.reward_accuracy"] <= 1.0 and logged[f"{role}.examples"] > 0
         assert f"{role}.rated_down_repeat_rate" in logged

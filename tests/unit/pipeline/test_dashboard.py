@@ -60,6 +60,12 @@ def test_the_feedback_section_shows_keys_and_what_was_redacted(view):  # noqa: F
         assert f'<tr><td>{name}</td><td class="num">{count}</td></tr>' in html, name
     assert "<td>secret</td>" in html  # every category, found or not
     assert "no feedback source in this run" in render_dashboard(view)
+    assert "preference rows capped" not in html  # no preference export in this run
+    preference = {"examples": 30, "desirable": 31, "undesirable": 18, "middle": 4, "pairs_from_corrections": 25,
+                  "pairs_from_ratings": 0, "capped": 44, "not_a_chat": 0, "redacted": {}}
+    html = render_dashboard(dataclasses.replace(view, feedback={**feedback, "preference": preference}))
+    assert '<div class="n">44</div><div class="l">preference rows capped</div>' in html
+    assert '<div class="n">25</div><div class="l">pairs</div>' in html
 
 
 def test_without_a_champion_the_candidates_samples_stand_alone(view):
