@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.feedback.export import training_examples
-from tasks.feedback.redact import redact_example
+from tasks.feedback.redact import redact_example, redact_text
 from tasks.feedback.schema import MIN_RATING, FeedbackRow, Interaction
 from tasks.feedback.store import FeedbackReader, FeedbackStore
 
@@ -70,13 +70,15 @@ def describe_batch(batch: HeldBatch, samples: int = 5) -> str:
     lines += ["", (f"Largest contributor: **{_cell(top)}** with {top_count} of {len(batch.rows)} rows "
                   f"({top_count / max(1, len(batch.rows)):.0%})."), ""]
     if corrections:
-        lines += ["### Samples: corrections beside the answers they replace", "",
+        # Masked as the exports mask them: the form's text is kept by Prefect (the paused run's
+        # description) and printed by `ftllm feedback pending`, so it must not copy a secret out.
+        lines += ["### Samples: corrections beside the answers they replace (secrets and personal data masked)", "",
                   "| key | prompt | model's answer | correction |", "| --- | --- | --- | --- |"]
         for key in per_key:  # the first corrections of every key, so no key hides behind another
             for interaction, row in [(i, r) for i, r in corrections if r.key_name == key][:samples]:
                 prompt = next((m.get("content", "") for m in reversed(interaction.messages) if m.get("role") == "user"), "")
-                lines.append(f"| {_cell(key, 30)} | {_cell(prompt, 60)} | {_cell(interaction.answer, 60)} | "
-                             f"{_cell(row.correction, 60)} |")
+                prompt, answer, correction = (redact_text(str(t or ""))[0] for t in (prompt, interaction.answer, row.correction))
+                lines.append(f"| {_cell(key, 30)} | {_cell(prompt, 60)} | {_cell(answer, 60)} | {_cell(correction, 60)} |")
     found: Counter[str] = Counter()
     changed = 0
     for interaction, row in batch.rows:  # what the exports would write for the row, redacted as they would be

@@ -80,6 +80,20 @@ def test_the_form_describes_the_batch(db):
     assert "| web | date 1 | answer 1 | web fix 1 |" in text and "Nothing to redact." in text
 
 
+def test_the_forms_samples_show_no_secret_or_personal_data(tmp_path):
+    """The form's text is kept by Prefect (the paused run) and printed by `ftllm feedback pending`:
+    its samples are masked as the export masks them."""
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    store.log_interaction(Interaction("c0", "chat", "m", "1", [{"role": "user", "content": "Mail ann.smith@example.com"}],
+                                      "Call +44 20 7946 0958", "stop", 3, 2, 1.0, "web"))
+    store.add_feedback("c0", 1, "EVIL ANSWER sk-proj-ZZZZyyyyXXXXwwww1111", key_name="web")
+    store.close()
+    text = describe_batch(held_batch(db, "trusted"))
+    for secret in ("ann.smith", "7946", "sk-proj-ZZZZ"):
+        assert secret not in text, secret
+    assert "[EMAIL]" in text and "EVIL ANSWER [SECRET]" in text
+
 def test_the_form_counts_what_redaction_will_mask_in_calls_too(tmp_path):
     """The form's redaction figures are the export's: a call's arguments are searched as its text is."""
     tools = [{"type": "function", "function": {"name": "send_mail", "description": "Send an e-mail.",
