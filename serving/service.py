@@ -619,6 +619,9 @@ class ChatService:
 
     async def feedback(self, request: Request):
         body = await _read_json(request)
+        if not isinstance(body, dict):
+            raise APIError(400, "The request body must be a JSON object: {\"id\": ..., \"rating\": 1..5}.",
+                           code="invalid_json")
         try:
             fb = FeedbackRequest.model_validate(body, strict=True)
         except ValidationError as err:

@@ -196,6 +196,8 @@ def test_feedback_is_stored_and_exported_as_training_data(client, serving_dir):
     assert client.post("/feedback", json={"id": meh["id"], "rating": 2}).status_code == 200
     assert_openai_error(client.post("/feedback", json={"id": "chatcmpl-nope", "rating": 5}), 404, "not_found")
     assert_openai_error(client.post("/feedback", json={"id": good["id"], "rating": 9}), 400, "invalid_value")
+    not_an_object = assert_openai_error(client.post("/feedback", json=[good["id"], 5]), 400, "invalid_json")
+    assert "must be a JSON object" in not_an_object["message"] and "'None'" not in not_an_object["message"]
 
     out = serving_dir / "exported.jsonl"
     assert export_command(out, 4) == 0
