@@ -119,6 +119,9 @@ GENERATE_MAX_LATENCY_MS = 60_000
 REQUEST_TIMEOUT_SECONDS = 600
 # OpenAI's own limit: clients written against its API never send more.
 MAX_STOP_SEQUENCES = 4
+# How long an answer waits for its interaction to be on disk (tasks.feedback.store): a commit
+# takes about a millisecond; only another process holding the log's lock takes longer.
+LOG_WAIT_S = 2.0
 # Below this temperature sampling picks what greedy decoding picks, and near 1e-308 the scaled
 # logits overflow to inf and generation fails: such requests decode greedily (as vLLM does).
 MIN_SAMPLING_TEMPERATURE = 1e-5
@@ -376,8 +379,17 @@ class ChatService:
 
     async def _log(self, item: Interaction) -> None:
         """Write a completion to the interaction log; return once it is on disk (a group commit
-        with the completions that end meanwhile), so an answer a client holds can be rated."""
-        await asyncio.wrap_future(self.store.log_later(item))
+        with the completions that end meanwhile), so an answer a client holds can be rated.
+
+        Another process holding the log's write lock (`ftllm feedback forget`) must not hold up
+        answers: after LOG_WAIT_S the answer goes out and the row is written when it can be.
+        """
+        written = asyncio.wrap_future(self.store.log_later(item))
+        try:
+            await asyncio.wait_for(asyncio.shield(written), LOG_WAIT_S)
+        except TimeoutError:
+            log.warning("interaction %s is not on disk after %s s (the log is busy); answering before it is", item.id,
+                        LOG_WAIT_S)
 
     async def _log_chat(self, req: ChatRequest, item: Interaction) -> None:
         """Write a chat completion to the interaction log, unless the request said `store: false`."""

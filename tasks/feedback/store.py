@@ -81,9 +81,12 @@ class FeedbackStore:
         self._written = threading.Condition()
         self._queued = self._done = 0  # rows handed to log_later, and rows written (or failed)
         self._writer: threading.Thread | None = None
+        self._closed = False
 
     def close(self) -> None:
         """Write what is queued, then close the database."""
+        with self._written:
+            self._closed = True
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join()
@@ -119,11 +122,15 @@ class FeedbackStore:
         """
         written: Future = Future()
         with self._written:
+            if self._closed:  # the writer is gone (the service is shutting down): say so, never leave it waiting
+                log.warning("interaction %s not logged: the feedback log is closed", item.id)
+                written.set_result(False)
+                return written
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write, name="ftllm-feedback-writer", daemon=True)
                 self._writer.start()
             self._queued += 1
-        self._queue.put((self._row(item), written))
+            self._queue.put((self._row(item), written))  # under the lock: never behind close()'s end marker
         return written
 
     def _write(self) -> None:
@@ -136,18 +143,22 @@ class FeedbackStore:
                     break
             if None in rows:
                 rows, closing = [r for r in rows if r is not None], True
-            stored = True
+            # Running: a waiter that goes away now (a client's disconnect) can no longer cancel its
+            # future; one that went away before did (no result to set). Every row is logged.
+            waiting = [written for _, written in rows if written.set_running_or_notify_cancel()]
+            stored = False
             try:
                 if rows:
                     self._insert([row for row, _ in rows])
-            except sqlite3.Error:  # a full disk must not stop the service; the rows are lost
+                stored = True
+            except Exception:  # a full disk (or anything else) must not stop the writer; these rows are lost
                 log.exception("could not log %d interactions", len(rows))
-                stored = False
-            for _, written in rows:
-                written.set_result(stored)
-            with self._written:
-                self._done += len(rows)
-                self._written.notify_all()
+            finally:
+                for written in waiting:
+                    written.set_result(stored)
+                with self._written:
+                    self._done += len(rows)
+                    self._written.notify_all()
             if closing:
                 return
 

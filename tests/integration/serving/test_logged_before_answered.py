@@ -75,3 +75,16 @@ def test_a_stream_sends_its_finish_reason_once_the_completion_is_on_disk(chat):
                 break
         else:
             pytest.fail("no chunk with a finish reason")
+
+
+def test_a_busy_log_delays_an_answer_only_so_long_and_the_row_is_written_after(chat, monkeypatch):
+    """Another process holding the log's lock (`ftllm feedback forget`) must not hold answers up:
+    after serving.service.LOG_WAIT_S the answer goes out, and the row is written when it can be."""
+    import serving.service
+
+    scripted, store = chat
+    monkeypatch.setattr(serving.service, "LOG_WAIT_S", 0.1)  # the slowed write takes 0.5 s
+    started = time.perf_counter()
+    answer = scripted.post(messages=[ASK])
+    assert time.perf_counter() - started < 0.45 and not store.written.is_set()
+    assert store.has_interaction(answer["id"])  # waits for the write

@@ -79,3 +79,33 @@ def test_a_refused_write_is_said_by_the_future_and_the_writer_goes_on(tmp_path, 
     assert store.log_later(_item(2)).result(10) is True
     assert store.count("interactions") == 1
     store.close()
+
+
+def test_a_waiter_that_goes_away_stops_neither_the_writer_nor_its_row(tmp_path, monkeypatch):
+    """A request cancelled while it waits (a client's disconnect) cancels its future: the row is
+    still logged, and the writer goes on serving every later row."""
+    store = FeedbackStore(tmp_path / "f.db")
+    insert, entered, gate = store._insert, threading.Event(), threading.Event()
+
+    def held_insert(rows):
+        entered.set()
+        gate.wait(5)
+        insert(rows)
+
+    monkeypatch.setattr(store, "_insert", held_insert)
+    first = store.log_later(_item(1))
+    assert entered.wait(5)  # the writer took it and waits at the gate
+    gone = store.log_later(_item(2))
+    assert gone.cancel()  # still queued: cancelled, as asyncio's wrap_future cancels it
+    gate.set()
+    assert first.result(10) is True
+    assert store.log_later(_item(3)).result(10) is True  # the writer is alive
+    assert store.has_interaction("c2") and store.count("interactions") == 3
+    store.close()
+
+
+def test_a_row_logged_after_close_is_refused_at_once(tmp_path):
+    store = FeedbackStore(tmp_path / "f.db")
+    assert store.log_later(_item(1)).result(10) is True
+    store.close()
+    assert store.log_later(_item(2)).result(1) is False
