@@ -16,9 +16,11 @@ Version 3 records the tools a request offered and the tool calls the answer made
 NULL when none), so that a rated or corrected tool-call answer is exported as the call it
 was, with the tools it was made against.
 
-Version 4 numbers a person's review decisions (`decision`: 1, 2, ... per approve or reject,
-NULL until decided), so that feedback approved after a run read the log counts as new to
-the monitor although its id is below the run's cursor (`tasks/monitor/cursor.py`).
+Version 4 numbers a person's review decisions (`decision`, the row of the `decisions` table
+that decided it; NULL until decided), so that feedback approved after a run read the log
+counts as new to the monitor although its id is below the run's cursor
+(`tasks/monitor/cursor.py`). The numbers come from their own table, which nothing deletes
+from, so a number is never given twice, whatever `forget` or retention erased.
 """
 
 from __future__ import annotations
@@ -82,6 +84,12 @@ ALTER TABLE interactions ADD COLUMN tool_calls TEXT;  -- JSON list of the answer
 """
 _V3_TO_V4 = """
 ALTER TABLE feedback ADD COLUMN decision INTEGER;  -- the number of the review decision (NULL: undecided)
+CREATE TABLE IF NOT EXISTS decisions (  -- never deleted from: numbers only grow, whatever forget erases
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    review TEXT NOT NULL,
+    decided_by TEXT NOT NULL
+);
 """
 MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4}
 

@@ -233,10 +233,11 @@ class FeedbackStore:
         with self._lock:
             # One number per decision, after every earlier one: the monitor counts feedback approved
             # after a run read the log as new (tasks/monitor/signals.py).
+            number = self._conn.execute("INSERT INTO decisions (created, review, decided_by) VALUES (?, ?, ?)",
+                                        (time.time(), decision, by)).lastrowid
             cur = self._conn.execute(
-                "UPDATE feedback SET review = ?, reviewed_by = ?, "
-                f"decision = (SELECT COALESCE(MAX(decision), 0) + 1 FROM feedback) WHERE {' AND '.join(where)}",
-                (decision, by, *args))
+                f"UPDATE feedback SET review = ?, reviewed_by = ?, decision = ? WHERE {' AND '.join(where)}",
+                (decision, by, number, *args))
             self._conn.commit()
             return cur.rowcount
 
@@ -371,7 +372,7 @@ class FeedbackReader:
         """The number of the latest review decision (0 when there is none)."""
         if self.version < 4:
             return 0
-        return int(self.conn.execute("SELECT COALESCE(MAX(decision), 0) FROM feedback").fetchone()[0])
+        return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
 
     def approved_since(self, decision: int, up_to_id: int) -> list[FeedbackRow]:
         """Feedback with an id up to `up_to_id` approved by a decision after `decision`, oldest first."""

@@ -171,3 +171,23 @@ def test_held_feedback_approved_after_a_run_read_the_log_is_new(tmp_path):
     again = export_feedback(db, tmp_path / "out.jsonl", 4)  # the next run reads them: nothing new after it
     assert (again.last_feedback_id, again.last_decision) == (5, 3)
     assert read_feedback(db, again.last_feedback_id, 200, since_decision=again.last_decision).new_ratings == 0
+
+
+def test_a_decision_number_is_never_given_twice_whatever_forget_erases(tmp_path):
+    """Numbers counted from the decided rows would start again once `forget` erased them, and
+    feedback approved after a run read the log would then look older than the run."""
+    from tasks.feedback import export_feedback
+
+    db = tmp_path / "feedback.db"
+    _log(db, [f"Convert this ISO date: 2016-03-{d:02d}" for d in range(1, 5)], ratings=[1, 1, 1, 1], corrected=0, keys=1)
+    store = FeedbackStore(db)
+    store.add_feedback("c0", 2, key_name="client-0", end_user="ann")  # id 5
+    store.review("approved", "cli", ids=[5])  # decision 1
+    store.close()
+    read = export_feedback(db, tmp_path / "out.jsonl", 4)  # ids 1..4 held
+    assert (read.last_feedback_id, read.last_decision) == (5, 1)
+    store = FeedbackStore(db)
+    store.forget(end_user="ann", reason="forget --user ann")  # erases the only decided row
+    store.review("approved", "cli", ids=[1, 2])
+    store.close()
+    assert read_feedback(db, read.last_feedback_id, 200, since_decision=read.last_decision).new_ratings == 2
