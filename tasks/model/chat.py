@@ -917,8 +917,10 @@ def _locate_turn(text: str, start: int, bound: int, messages: list[Message], i: 
         # before the answer is trained; one the template took out is lost.
         trace = content.split("</think>")[0].split("<think>")[-1].strip()
         content = content.split("</think>")[-1].strip()
-        at = text.find(content, start) if content else -1
-        lost = bool(trace) and (at < 0 or text.find(trace, start, at) < 0)
+        written = text.find(trace, start, bound) if trace else -1
+        after = written + len(trace) if written >= 0 else start  # the answer may repeat words of the trace
+        at = text.find(content, after) if content else -1
+        lost = bool(trace) and written < 0
     if at < 0 or at + len(content) > bound or _MARKER.search(text, start, at):
         return f"does not write answer {i + 1} as given right after its prompt"
     return _Span(start, at + len(content), answer=start, reasoning_lost=lost)

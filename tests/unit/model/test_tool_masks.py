@@ -202,7 +202,8 @@ def test_a_trace_written_inline_is_a_trace_and_a_turn_left_untrained_loses_none(
 
 
 
-@pytest.mark.parametrize("answer", ["<think>double 2</think>4", "<think> double 2 </think> 4", "<think>\ndouble 2\n</think>\n\n4"])
+@pytest.mark.parametrize("answer", ["<think>double 2</think>4", "<think> double 2 </think> 4", "<think>\ndouble 2\n</think>\n\n4",
+                                    "<think>double 2, is 4</think>4"])  # the answer's text inside the trace too
 def test_a_trace_written_inline_in_other_whitespace_is_trained_not_lost(family_models, answer) -> None:
     """Qwen 3 writes the last turn's inline trace in its own block, with its own whitespace: the
     trace is in the trained text, so it is not lost (which validation would refuse)."""
@@ -210,7 +211,7 @@ def test_a_trace_written_inline_in_other_whitespace_is_trained_not_lost(family_m
     enc = encode_chat(tok, [{"role": "user", "content": "What is 2*2?"}, {"role": "assistant", "content": answer}])
     assert enc.reasoning_lost == 0 and enc.unlocated == 0 and enc.error == ""
     [run] = trained_runs(tok, enc)
-    assert run.startswith("<think>\n") and "double 2" in run and run.endswith("4<|im_end|>")
+    assert run.startswith("<think>\n") and "double 2" in run and run.replace(" ", "").endswith("</think>\n\n4<|im_end|>")
 
 @pytest.mark.parametrize("tokenizer", ["mistral", "qwen2.5"], indirect=True)
 def test_openai_call_ids_are_shortened_only_for_a_template_that_refuses_them(tokenizer) -> None:
