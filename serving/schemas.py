@@ -144,7 +144,7 @@ class ToolDef(BaseModel):
     @field_validator("function")
     @classmethod
     def _valid_schema(cls, value: FunctionDef) -> FunctionDef:
-        from tasks.model.responses import schema_validator
+        from tasks.model.tool_schemas import schema_validator
 
         if value.parameters is not None:
             _, complaint = schema_validator(value.parameters)  # a $ref must resolve inside it: nothing is fetched

@@ -228,7 +228,7 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
 
 def _check_schemas(tools: Any, problems: dict[str, str]) -> dict[str, Any] | None:
     """The declared tools' parameter-schema validators by name (None when the example declares none)."""
-    from tasks.model.responses import schema_validator
+    from tasks.model.tool_schemas import schema_validator
 
     if tools is None:
         return None

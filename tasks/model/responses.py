@@ -32,7 +32,6 @@ in `tool_invalid_rate`.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import secrets
@@ -266,78 +265,6 @@ def split_reasoning(text: str, prompt: str = "") -> tuple[str | None, str]:
     return match.group(1).strip() or None, text[match.end():]
 
 
-def schema_validator(parameters: dict) -> tuple[Any, str | None]:
-    """(validator, None) for a tool's `parameters` schema, or (None, the metaschema's complaint).
-
-    Built once per distinct schema (`_schema_validator`): data sets repeat the same few tools
-    on every line, evaluation and serving on every call, and checking a schema against its
-    metaschema costs milliseconds each time.
-    """
-    return _schema_validator(json.dumps(parameters, sort_keys=True))
-
-
-@functools.lru_cache(maxsize=256)
-def _schema_validator(schema_json: str) -> tuple[Any, str | None]:
-    from jsonschema import SchemaError, validators
-    from referencing import Registry
-
-    schema = json.loads(schema_json)
-    cls = validators.validator_for(schema)
-    try:
-        cls.check_schema(schema)
-    except SchemaError as exc:
-        return None, exc.message
-    # A schema comes from a data file or a request: its `$ref`s must not make this process open
-    # a URL (jsonschema would fetch one by default), and one that points nowhere is said here.
-    registry = Registry(retrieve=_refuse_retrieval)
-    unresolved = _unresolved_reference(schema, cls, registry)
-    if unresolved is not None:
-        return None, (f"the $ref {unresolved!r} does not resolve inside the schema (point it at a definition "
-                      "of the schema, e.g. #/$defs/NAME; nothing is fetched)")
-    return cls(schema, registry=registry), None
-
-
-def _refuse_retrieval(uri: str):
-    from referencing.exceptions import NoSuchResource
-
-    raise NoSuchResource(ref=uri)
-
-
-def _unresolved_reference(schema: dict, cls: Any, registry: Any) -> str | None:
-    """The first `$ref` of `schema` that does not resolve inside it, or None (also where a nested
-    `$id` changes the base of its references: those are left to validation, which fetches nothing)."""
-    from referencing.exceptions import Unresolvable
-    from referencing.jsonschema import DRAFT202012, specification_with
-
-    refs, ids = [], []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "$ref" and isinstance(value, str):
-                    refs.append(value)
-                elif key == "$id" and node is not schema:
-                    ids.append(value)
-                elif key not in ("enum", "const", "default", "examples"):  # values, not schemas
-                    walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(schema)
-    if not refs or ids:
-        return None
-    resource = specification_with(cls.META_SCHEMA.get("$schema", ""), default=DRAFT202012)
-    base = schema.get("$id", "") if isinstance(schema.get("$id"), str) else ""
-    resolver = registry.with_resource(base, resource.create_resource(schema)).resolver(base_uri=base)
-    for ref in refs:
-        try:
-            resolver.lookup(ref)
-        except Unresolvable:
-            return ref
-    return None
-
-
 def check_calls(raw_calls: Any, tools: list[dict]) -> tuple[list[ToolCall], str]:
     """The calls as `ToolCall`s, and "" or why they are invalid (the first problem found).
 
@@ -346,6 +273,8 @@ def check_calls(raw_calls: Any, tools: list[dict]) -> tuple[list[ToolCall], str]
     """
     from jsonschema.exceptions import best_match
     from referencing.exceptions import Unresolvable
+
+    from tasks.model.tool_schemas import schema_validator
 
     schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
                for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)}

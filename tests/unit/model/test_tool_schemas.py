@@ -1,0 +1,63 @@
+"""Tool `parameters` schemas: every valid one accepted, a `$ref` resolved inside the schema only, nothing fetched."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.model.tool_schemas import schema_validator
+
+DRAFT7 = "http://json-schema.org/draft-07/schema#"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    import socket
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a $ref was fetched")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize(("schema", "good", "bad"), [
+    ({"type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "$defs": {"City": {"type": "string"}}},
+     {"city": "Oslo"}, {"city": 7}),
+    ({"$schema": DRAFT7, "properties": {"city": {"$ref": "#/definitions/City"}}, "definitions": {"City": {"type": "string"}}},
+     {"city": "Oslo"}, {"city": 7}),
+    # draft 7 allows an empty fragment on the root's $id
+    ({"$schema": DRAFT7, "$id": "https://example.com/t.json#", "definitions": {"a": {"type": "string"}},
+      "properties": {"x": {"$ref": "#/definitions/a"}}}, {"x": "y"}, {"x": 1}),
+    ({"type": "object", "properties": {"child": {"$ref": "#"}}, "required": []}, {"child": {"child": {}}}, {"child": 3}),
+    ({"type": "object", "properties": {"x": {"anyOf": [{"$ref": "#/$defs/n"}, {"type": "null"}]}},
+      "$defs": {"n": {"type": "integer"}}}, {"x": None}, {"x": "1"}),
+    # a standard metaschema, which jsonschema knows without fetching it
+    ({"type": "object", "properties": {"schema": {"$ref": "https://json-schema.org/draft/2020-12/schema"}}},
+     {"schema": {"type": "string"}}, {"schema": {"type": 5}}),
+])
+def test_valid_schemas_with_references_are_accepted_and_check_arguments(schema, good, bad):
+    validator, complaint = schema_validator(schema)
+    assert complaint is None
+    assert not list(validator.iter_errors(good)) and list(validator.iter_errors(bad))
+
+
+@pytest.mark.parametrize(("ref", "said"), [("#/$defs/missing", "#/$defs/missing"),
+                                           ("http://127.0.0.1:9/city.json", "nothing is fetched"),
+                                           ("city.json", "city.json")])
+def test_a_reference_that_leads_outside_the_schema_is_refused_by_name(ref, said):
+    validator, complaint = schema_validator({"type": "object", "properties": {"id": {"type": "string"},
+                                                                              "city": {"$ref": ref}}})
+    assert validator is None and said in complaint
+
+
+def test_under_a_nested_id_references_are_left_to_validation_which_fetches_nothing():
+    """A nested `$id` (or draft 4's `id`) changes the base of the references under it: they are
+    not checked up front, and one that leads out of the schema fails when a call reaches it."""
+    from referencing.exceptions import Unresolvable
+
+    nested = {"type": "object", "properties": {"x": {"$id": "https://example.com/x.json", "$ref": "other.json"}}}
+    validator, complaint = schema_validator(nested)
+    assert complaint is None
+    with pytest.raises(Unresolvable):
+        list(validator.iter_errors({"x": 1}))
