@@ -84,6 +84,7 @@ from serving.engine_process import Completion, EngineError, EngineProcess  # noq
 from serving.errors import APIError, error_body, validation_error  # noqa: E402
 from serving.guards import GuardMiddleware, request_caller  # noqa: E402
 from serving.keys import Caller, RateLimiter  # noqa: E402
+from serving.lifetime import exit_with_parent  # noqa: E402
 from serving.model_manager import ModelManager, ServedModel  # noqa: E402
 from serving.schemas import (  # noqa: E402
     ChatCompletion,
@@ -306,6 +307,7 @@ class ChatService:
             on_steps=lambda sizes: [BATCH_SIZE.observe(n) for n in sizes], on_serve=_label_served(self.model_name))
         self.store = FeedbackStore(default_db_path(ROOT))
         self.models.start_polling()
+        exit_with_parent()  # a `bentoml serve` killed with SIGKILL leaves no worker answering (serving/lifetime.py)
         # Everything loaded so far (BentoML, MLflow, FastAPI, the tokenizer: about 480,000
         # objects) lives as long as the process: out of the collector's sight, a full
         # collection no longer stops every request for half a second on a busy 2-core machine.
