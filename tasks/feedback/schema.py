@@ -16,11 +16,11 @@ Version 3 records the tools a request offered and the tool calls the answer made
 NULL when none), so that a rated or corrected tool-call answer is exported as the call it
 was, with the tools it was made against.
 
-Version 4 numbers a person's review decisions (`decision`, the row of the `decisions` table
-that decided it; NULL until decided), so that feedback approved after a run read the log
-counts as new to the monitor although its id is below the run's cursor
-(`tasks/monitor/cursor.py`). The numbers come from their own table, which nothing deletes
-from, so a number is never given twice, whatever `forget` or retention erased.
+Version 4 numbers a person's review decisions (`decision`; NULL until decided), so that
+feedback approved after a run read the log counts as new to the monitor although its id is
+below the run's cursor (`tasks/monitor/cursor.py`). Version 5 takes the numbers from a table
+of their own (`decisions`), which nothing deletes from, so a number is never given twice,
+whatever `forget` or retention erased.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 MIN_RATING, MAX_RATING = 1, 5
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 ANONYMOUS_KEY = "anonymous"  # the caller of a service without keys, and of rows from before version 2
 REVIEWS = ("pending", "approved", "rejected")
 
@@ -84,14 +84,20 @@ ALTER TABLE interactions ADD COLUMN tool_calls TEXT;  -- JSON list of the answer
 """
 _V3_TO_V4 = """
 ALTER TABLE feedback ADD COLUMN decision INTEGER;  -- the number of the review decision (NULL: undecided)
-CREATE TABLE IF NOT EXISTS decisions (  -- never deleted from: numbers only grow, whatever forget erases
+"""
+# The numbers come from a table nothing deletes from, started above any a version-4 log gave
+# (numbered from the decided rows then), so that none is given twice.
+_V4_TO_V5 = """
+CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     created REAL NOT NULL,
     review TEXT NOT NULL,
     decided_by TEXT NOT NULL
 );
+INSERT INTO sqlite_sequence (name, seq) SELECT 'decisions', COALESCE(MAX(decision), 0) FROM feedback
+    WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'decisions');
 """
-MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4}
+MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5}
 
 
 @dataclass(frozen=True)
@@ -166,9 +172,33 @@ def check_readable(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Create the tables of a new log, or bring an older one up to `SCHEMA_VERSION`, in place."""
+    """Create the tables of a new log, or bring an older one up to `SCHEMA_VERSION`, in place.
+
+    In one transaction, the version read again under its lock: two processes that open an
+    old log at once (the service, `ftllm feedback approve`) migrate it once, and a migration
+    cut short leaves the log as it was.
+    """
     check_readable(conn, path)
-    for version in range(schema_version(conn), SCHEMA_VERSION):
-        conn.executescript(MIGRATIONS[version])
-        conn.execute(f"PRAGMA user_version = {version + 1}")
-    conn.commit()
+    if schema_version(conn) >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for version in range(schema_version(conn), SCHEMA_VERSION):
+            for statement in _statements(MIGRATIONS[version]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    """The SQL statements of a migration script (`executescript` would commit before running it)."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    return statements

@@ -34,7 +34,7 @@ def test_a_log_written_before_the_schema_was_versioned_keeps_working(tmp_path):
     assert store.count("feedback") == 1 and store.add_feedback("c0", 5) == 2
     store.close()
     version = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 4
+    assert version == SCHEMA_VERSION == 5
 
 
 def test_a_rated_tool_call_is_exported_as_the_call_with_its_tools(tmp_path):
@@ -163,3 +163,61 @@ def test_a_call_whose_masked_argument_fails_its_schema_is_left_out_not_failing_e
     export = export_feedback(tmp_path / "feedback.db", tmp_path / "out.jsonl", 4)
     assert (export.examples, export.invalid_calls, export.redacted["email"]) == (1, 2, 2)
     assert validate_dataset(tmp_path / "out.jsonl").valid
+
+
+def test_a_version_4_log_is_migrated_and_its_decision_numbers_go_on_above_its_own(tmp_path):
+    """Version 4 numbered decisions from the decided rows; version 5 keeps numbering above them,
+    or a monitor cursor already past them would miss the next approvals."""
+    from tasks.feedback.schema import MIGRATIONS
+
+    db = tmp_path / "feedback.db"
+    old = sqlite3.connect(db)
+    for version in range(4):
+        old.executescript(MIGRATIONS[version])
+    old.execute("PRAGMA user_version = 4")
+    old.execute("INSERT INTO interactions (id, created, endpoint, model_name, model_version, messages, answer, "
+                "finish_reason, prompt_tokens, completion_tokens, latency_ms) VALUES ('c0', 1, 'chat', 'm', '1', "
+                "'[]', 'a', 'stop', 1, 1, 1.0)")
+    for decision in (1, 2, 3, None):
+        old.execute("INSERT INTO feedback (created, completion_id, rating, review, decision) VALUES (1, 'c0', 2, ?, ?)",
+                    ("approved" if decision else "pending", decision))
+    old.commit()
+    old.close()
+    store = FeedbackStore(db)
+    assert store.review("approved", "cli") == 1
+    store.close()
+    with FeedbackReader(db) as reader:
+        assert reader.last_decision() == 4 and [r.decision for r in reader.feedback_since(0)] == [1, 2, 3, 4]
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+
+
+def test_two_processes_opening_an_old_log_at_once_migrate_it_once(tmp_path):
+    import multiprocessing
+
+    from tasks.feedback.schema import MIGRATIONS
+
+    db = tmp_path / "feedback.db"
+    old = sqlite3.connect(db)
+    for version in range(3):
+        old.executescript(MIGRATIONS[version])
+    old.execute("PRAGMA user_version = 3")
+    old.commit()
+    old.close()
+    context = multiprocessing.get_context("spawn")
+    start, errors = context.Barrier(6), context.Queue()
+    opened = [context.Process(target=_open_and_close, args=(str(db), start, errors)) for _ in range(6)]
+    for process in opened:
+        process.start()
+    for process in opened:
+        process.join(60)
+    assert [process.exitcode for process in opened] == [0] * 6, [errors.get() for _ in range(errors.qsize())]
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def _open_and_close(path: str, start, errors) -> None:
+    start.wait(30)  # all at once
+    try:
+        FeedbackStore(path).close()
+    except Exception as exc:
+        errors.put(repr(exc))
+        raise
