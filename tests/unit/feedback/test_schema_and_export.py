@@ -198,6 +198,7 @@ def test_two_processes_opening_an_old_log_at_once_migrate_it_once(tmp_path):
 
     db = tmp_path / "feedback.db"
     old = sqlite3.connect(db)
+    old.execute("PRAGMA journal_mode=WAL")  # as the service has always written it
     for version in range(3):
         old.executescript(MIGRATIONS[version])
     old.execute("PRAGMA user_version = 3")
