@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -44,6 +45,20 @@ INTERACTION_COLUMNS = ("id, created, endpoint, model_name, model_version, messag
 
 class DuplicateCorrection(ValueError):
     """The key already corrected this completion (at most one correction per completion per key)."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+BUSY_RETRIES = 10  # times the connection's 30 s timeout a batch waits for a log another process holds
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def storable(value: Any) -> Any:
+    """`value` as SQLite can store it: a lone surrogate (JSON allows `"\\ud800"`, UTF-8 does not)
+    becomes U+FFFD, as a decoder replaces bytes it cannot read."""
+    return _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
 
 
 def default_db_path(root: Path) -> Path:
@@ -95,19 +110,30 @@ class FeedbackStore:
 
     @staticmethod
     def _row(item: Interaction) -> tuple:
-        return (
+        return tuple(storable(v) for v in (
             item.id, time.time(), item.endpoint, item.model_name, item.model_version,
             json.dumps(item.messages, ensure_ascii=False), item.answer, item.finish_reason,
             item.prompt_tokens, item.completion_tokens, item.latency_ms, item.key_name, item.end_user,
             json.dumps(item.tools, ensure_ascii=False) if item.tools else None,
             json.dumps(item.tool_calls, ensure_ascii=False) if item.tool_calls else None,
-        )
+        ))
 
     def _insert(self, rows: list[tuple]) -> None:
-        with self._lock:
-            self._conn.executemany(f"INSERT OR REPLACE INTO interactions ({INTERACTION_COLUMNS}) "
-                                   "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-            self._conn.commit()
+        """Write `rows` in one transaction; a database another process holds (`ftllm feedback
+        forget` on a large log) is waited for, up to BUSY_RETRIES times the connection's timeout."""
+        for attempt in range(BUSY_RETRIES + 1):
+            with self._lock:
+                try:
+                    self._conn.executemany(f"INSERT OR REPLACE INTO interactions ({INTERACTION_COLUMNS}) "
+                                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                    self._conn.commit()
+                    return
+                except BaseException as exc:
+                    self._conn.rollback()  # never leave the write lock held by a half-done batch
+                    if not (isinstance(exc, sqlite3.OperationalError) and _busy(exc)) or attempt == BUSY_RETRIES:
+                        raise
+            log.warning("the feedback log is locked by another process; %d interactions wait (try %d of %d)",
+                        len(rows), attempt + 1, BUSY_RETRIES)
 
     def log_interaction(self, item: Interaction) -> None:
         """Append one completion to the log, now."""
@@ -129,8 +155,9 @@ class FeedbackStore:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write, name="ftllm-feedback-writer", daemon=True)
                 self._writer.start()
+            row = self._row(item)
             self._queued += 1
-            self._queue.put((self._row(item), written))  # under the lock: never behind close()'s end marker
+            self._queue.put((row, written))  # under the lock: never behind close()'s end marker
         return written
 
     def _write(self) -> None:
@@ -145,22 +172,32 @@ class FeedbackStore:
                 rows, closing = [r for r in rows if r is not None], True
             # Running: a waiter that goes away now (a client's disconnect) can no longer cancel its
             # future; one that went away before did (no result to set). Every row is logged.
-            waiting = [written for _, written in rows if written.set_running_or_notify_cancel()]
-            stored = False
+            waiting = {written for _, written in rows if written.set_running_or_notify_cancel()}
+            stored = [False] * len(rows)
             try:
-                if rows:
-                    self._insert([row for row, _ in rows])
-                stored = True
-            except Exception:  # a full disk (or anything else) must not stop the writer; these rows are lost
-                log.exception("could not log %d interactions", len(rows))
+                stored = self._insert_each(rows)
             finally:
-                for written in waiting:
-                    written.set_result(stored)
+                for (_, written), ok in zip(rows, stored):
+                    if written in waiting:
+                        written.set_result(ok)
                 with self._written:
                     self._done += len(rows)
                     self._written.notify_all()
             if closing:
                 return
+
+    def _insert_each(self, rows: list[tuple[tuple, Future]]) -> list[bool]:
+        """Write a batch; where it fails, each row alone, so that one row the database refuses
+        loses only itself. Which rows were written. Never raises: the writer must go on."""
+        try:
+            if rows:
+                self._insert([row for row, _ in rows])
+            return [True] * len(rows)
+        except Exception:
+            if len(rows) == 1:
+                log.exception("could not log interaction %s", rows[0][0][0])
+                return [False]
+        return [ok for one in rows for ok in self._insert_each([one])]
 
     def flush(self) -> None:
         """Wait until every row handed to `log_later` so far is written."""
@@ -171,7 +208,7 @@ class FeedbackStore:
     def has_interaction(self, completion_id: str) -> bool:
         self.flush()
         with self._lock:
-            cur = self._conn.execute("SELECT 1 FROM interactions WHERE id = ?", (completion_id,))
+            cur = self._conn.execute("SELECT 1 FROM interactions WHERE id = ?", (storable(completion_id),))
             return cur.fetchone() is not None
 
     def add_feedback(self, completion_id: str, rating: int, correction: str | None = None, *,
@@ -187,6 +224,7 @@ class FeedbackStore:
             DuplicateCorrection: this key already corrected this completion.
             ValueError: the rating is outside 1..5 or the correction is blank.
         """
+        completion_id = storable(completion_id)
         if not MIN_RATING <= rating <= MAX_RATING:
             raise ValueError(f"rating must be an integer from {MIN_RATING} to {MAX_RATING}, got {rating}")
         if correction is not None and not correction.strip():
@@ -202,7 +240,7 @@ class FeedbackStore:
             cur = self._conn.execute(
                 "INSERT INTO feedback (created, completion_id, rating, correction, key_name, end_user, trusted, review) "
                 "VALUES (?,?,?,?,?,?,?, 'pending')",
-                (time.time(), completion_id, rating, correction, key_name, end_user, int(trusted)),
+                (time.time(), completion_id, rating, storable(correction), key_name, storable(end_user), int(trusted)),
             )
             self._conn.commit()
             return int(cur.lastrowid)

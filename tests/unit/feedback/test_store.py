@@ -109,3 +109,56 @@ def test_a_row_logged_after_close_is_refused_at_once(tmp_path):
     assert store.log_later(_item(1)).result(10) is True
     store.close()
     assert store.log_later(_item(2)).result(1) is False
+
+
+def test_a_row_the_database_refuses_loses_only_itself_and_leaves_no_lock(tmp_path, monkeypatch):
+    """The batch is written row by row where it fails; a failed write is rolled back, so another
+    process (`ftllm feedback forget`) can write at once."""
+    import sqlite3
+
+    store = FeedbackStore(tmp_path / "f.db")
+    row, gate, entered = store._row, threading.Event(), threading.Event()
+    insert = store._insert
+
+    def held_insert(rows):
+        entered.set()
+        gate.wait(5)
+        insert(rows)
+
+    monkeypatch.setattr(store, "_row", lambda item: (*row(item)[:-1], object()) if item.id == "c2" else row(item))
+    monkeypatch.setattr(store, "_insert", held_insert)
+    first = store.log_later(_item(1))
+    assert entered.wait(5)  # the next three queue up behind it: one batch
+    written = [store.log_later(_item(i)) for i in (2, 3, 4)]
+    gate.set()
+    assert [f.result(10) for f in (first, *written)] == [True, False, True, True]
+    assert store.count("interactions") == 3 and not store.has_interaction("c2")
+    other = sqlite3.connect(tmp_path / "f.db", timeout=0.2)
+    other.execute("BEGIN IMMEDIATE")  # the store holds no write lock
+    other.rollback()
+    other.close()
+    store.close()
+
+
+def test_text_utf8_cannot_hold_is_stored_replaced(tmp_path):
+    """JSON allows a lone surrogate ("\\ud800") in a string; SQLite's UTF-8 does not."""
+    store = FeedbackStore(tmp_path / "f.db")
+    item = Interaction("c\ud800", "chat", "m", "1", [{"role": "user", "content": "x\ud800"}], "a\udfff", "stop", 3, 1,
+                       2.0, end_user="\ud800")
+    assert store.log_later(item).result(10) is True
+    assert store.has_interaction("c\ud800") and store.add_feedback("c\ud800", 1, "fix\ud800", end_user="\ud800") == 1
+    store.close()
+
+
+def test_a_log_another_process_holds_is_waited_for(tmp_path):
+    import sqlite3
+
+    store = FeedbackStore(tmp_path / "f.db")
+    store._conn.execute("PRAGMA busy_timeout = 100")  # the shipped 30 s, shortened
+    other = sqlite3.connect(tmp_path / "f.db", check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.8, other.rollback).start()  # the other process lets go after several timeouts
+    assert store.log_later(_item(1)).result(30) is True
+    assert store.has_interaction("c1")
+    store.close()
+    other.close()
