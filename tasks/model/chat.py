@@ -917,10 +917,14 @@ def _locate_turn(text: str, start: int, bound: int, messages: list[Message], i: 
         # before the answer is trained; one the template took out is lost.
         trace = content.split("</think>")[0].split("<think>")[-1].strip()
         content = content.split("</think>")[-1].strip()
-        written = text.find(trace, start, bound) if trace else -1
-        after = written + len(trace) if written >= 0 else start  # the answer may repeat words of the trace
-        at = text.find(content, after) if content else -1
-        lost = bool(trace) and written < 0
+        # Written: inside a `<think>` block the template opened, the answer after its close
+        # (the answer and the trace may share words, so neither is looked for elsewhere).
+        opened = text.find("<think>", start, bound)
+        written = text.find(trace, opened, bound) if trace and opened >= 0 else -1
+        closed = text.find("</think>", written + len(trace), bound) if written >= 0 else -1
+        at = text.find(content, closed + len("</think>"), bound) if content and closed >= 0 else -1
+        if at < 0:  # taken out of the turn: the answer from the prompt's end, the trace lost
+            at, lost = (text.find(content, start) if content else -1), bool(trace)
     if at < 0 or at + len(content) > bound or _MARKER.search(text, start, at):
         return f"does not write answer {i + 1} as given right after its prompt"
     return _Span(start, at + len(content), answer=start, reasoning_lost=lost)

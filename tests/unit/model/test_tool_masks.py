@@ -199,6 +199,14 @@ def test_a_trace_written_inline_is_a_trace_and_a_turn_left_untrained_loses_none(
     assert encode_chat(tok, keyed, train_turns="last").reasoning_lost == 0  # the lost trace is not trained anyway
     weighted = [inline[0], {**keyed[1], "weight": 0}, *inline[2:]]
     assert encode_chat(tok, weighted).reasoning_lost == 0
+    # A trace taken out of an earlier turn whose words the answer (or the next question) repeats
+    for first in ("<think>\nParis\n</think>\n\nThe capital is Paris.", "<think>Yes</think>Yes"):
+        answer = first.split("</think>")[-1].strip()
+        repeated = [{"role": "user", "content": "Capital? Yes or no?"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": f"{answer} Sure?"}, inline[3]]
+        enc = encode_chat(tok, repeated)
+        assert (enc.unlocated, enc.reasoning_lost) == (0, 1)
+        assert trained_runs(tok, enc)[0] == f"{answer}<|im_end|>"
 
 
 
