@@ -34,6 +34,10 @@ def _schema_validator(schema_json: str) -> tuple[Any, str | None]:
     from jsonschema import SchemaError, validators
 
     schema = json.loads(schema_json)
+    if not isinstance(schema, dict):
+        return None, "a schema is a JSON object"
+    if "$schema" in schema and not isinstance(schema["$schema"], str):
+        return None, f"$schema must be the URI of a JSON-schema dialect, not {json.dumps(schema['$schema'])[:40]}"
     cls = validators.validator_for(schema)
     try:
         cls.check_schema(schema)
@@ -79,8 +83,8 @@ def _unresolved_reference(schema: dict, cls: Any, registry: Any) -> str | None:
                     refs.append(value)
                 elif key in ("$id", "id") and isinstance(value, str) and node is not schema:
                     rebased = True
-                elif key not in ("enum", "const", "default", "examples"):  # values, not schemas
-                    walk(value)
+                elif key not in ("enum", "const", "default", "examples", "example") and not key.startswith("x-"):
+                    walk(value)  # not values (OpenAPI's `example`) nor extensions, which validation ignores too
         elif isinstance(node, list):
             for item in node:
                 walk(item)

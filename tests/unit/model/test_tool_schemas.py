@@ -61,3 +61,16 @@ def test_under_a_nested_id_references_are_left_to_validation_which_fetches_nothi
     assert complaint is None
     with pytest.raises(Unresolvable):
         list(validator.iter_errors({"x": 1}))
+
+
+@pytest.mark.parametrize("dialect", [5, [], {}, None])
+def test_a_schema_whose_dialect_is_no_string_is_refused_not_crashed(dialect):
+    validator, complaint = schema_validator({"$schema": dialect, "type": "object"})
+    assert validator is None and "$schema" in complaint
+
+
+def test_a_ref_inside_an_example_or_an_extension_is_a_value_not_a_reference():
+    schema = {"type": "object", "properties": {"city": {"type": "string", "example": {"$ref": "#/nowhere"},
+                                                        "x-source": {"$ref": "http://127.0.0.1:9/x"}}}}
+    validator, complaint = schema_validator(schema)
+    assert complaint is None and not list(validator.iter_errors({"city": "Oslo"}))
