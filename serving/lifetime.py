@@ -19,8 +19,13 @@ import time
 log = logging.getLogger("ftllm.serving")
 
 
-def exit_with_parent(interval: float = 1.0) -> threading.Thread:
-    """Start the daemon thread that sends this process SIGTERM once its parent process is gone."""
+def exit_with_parent(interval: float = 1.0) -> threading.Thread | None:
+    """In a worker of `bentoml serve`, start the daemon thread that sends this process SIGTERM once
+    its parent process is gone; elsewhere (the service built in-process, as tests do) nothing."""
+    from bentoml import server_context
+
+    if server_context.worker_index is None:
+        return None
     parent = os.getppid()
 
     def watch() -> None:

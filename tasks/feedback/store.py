@@ -187,17 +187,20 @@ class FeedbackStore:
                 return
 
     def _insert_each(self, rows: list[tuple[tuple, Future]]) -> list[bool]:
-        """Write a batch; where it fails, each row alone, so that one row the database refuses
-        loses only itself. Which rows were written. Never raises: the writer must go on."""
+        """Write a batch; where the database refuses it, each half apart, down to the row it
+        refuses, so that one bad row loses only itself (in a few commits, not one per row).
+        Which rows were written. Never raises: the writer must go on."""
         try:
             if rows:
                 self._insert([row for row, _ in rows])
             return [True] * len(rows)
-        except Exception:
-            if len(rows) == 1:
-                log.exception("could not log interaction %s", rows[0][0][0])
-                return [False]
-        return [ok for one in rows for ok in self._insert_each([one])]
+        except Exception as exc:
+            if len(rows) == 1 or (isinstance(exc, sqlite3.OperationalError) and _busy(exc)):
+                # a log held past every retry is no bad row: splitting the batch would wait again per part
+                log.exception("could not log %d interactions", len(rows))
+                return [False] * len(rows)
+        half = len(rows) // 2
+        return self._insert_each(rows[:half]) + self._insert_each(rows[half:])
 
     def flush(self) -> None:
         """Wait until every row handed to `log_later` so far is written."""

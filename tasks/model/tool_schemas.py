@@ -66,6 +66,13 @@ def _refuse_retrieval(uri: str):
     raise NoSuchResource(ref=uri)
 
 
+# The keywords whose values are schemas (drafts 4 to 2020-12): maps of them, lists of them, one.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SCHEMA_KEYWORDS = ("items", "additionalItems", "additionalProperties", "not", "if", "then", "else", "contains",
+                    "propertyNames", "unevaluatedItems", "unevaluatedProperties", "contentSchema")
+
+
 def _unresolved_reference(schema: dict, cls: Any, registry: Any) -> str | None:
     """The first `$ref` of `schema` that does not resolve inside it, or None (also where a nested
     `$id`, or a draft-04 `id`, changes the base of its references: those are left to validation,
@@ -76,18 +83,23 @@ def _unresolved_reference(schema: dict, cls: Any, registry: Any) -> str | None:
     refs, rebased = [], False
 
     def walk(node: Any) -> None:
+        """Every subschema, by the keywords that hold schemas: a property named `x-api` or
+        `example` is a schema like any other, and an `example` keyword's value is none."""
         nonlocal rebased
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "$ref" and isinstance(value, str):
-                    refs.append(value)
-                elif key in ("$id", "id") and isinstance(value, str) and node is not schema:
-                    rebased = True
-                elif key not in ("enum", "const", "default", "examples", "example") and not key.startswith("x-"):
-                    walk(value)  # not values (OpenAPI's `example`) nor extensions, which validation ignores too
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
+        if not isinstance(node, dict):
+            return
+        if isinstance(node.get("$ref"), str):
+            refs.append(node["$ref"])
+        rebased = rebased or (node is not schema and any(isinstance(node.get(k), str) for k in ("$id", "id")))
+        for key, value in node.items():
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                for sub in value.values():
+                    walk(sub)
+            elif key in _SCHEMA_LISTS and isinstance(value, list):
+                for sub in value:
+                    walk(sub)
+            elif key in _SCHEMA_KEYWORDS:
+                walk(value)
 
     walk(schema)
     if not refs or rebased:

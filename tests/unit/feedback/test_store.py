@@ -162,3 +162,56 @@ def test_a_log_another_process_holds_is_waited_for(tmp_path):
     assert store.has_interaction("c1")
     store.close()
     other.close()
+
+
+def test_a_log_held_past_every_retry_loses_the_batch_once_not_per_part(tmp_path, monkeypatch):
+    import sqlite3
+
+    import tasks.feedback.store
+
+    monkeypatch.setattr(tasks.feedback.store, "BUSY_RETRIES", 1)
+    store = FeedbackStore(tmp_path / "f.db")
+    store._conn.execute("PRAGMA busy_timeout = 50")
+    insert, entered, gate = store._insert, threading.Event(), threading.Event()
+    calls = []
+
+    def held_insert(rows):
+        calls.append(len(rows))
+        entered.set()
+        gate.wait(5)
+        insert(rows)
+
+    monkeypatch.setattr(store, "_insert", held_insert)
+    other = sqlite3.connect(tmp_path / "f.db")
+    other.execute("BEGIN IMMEDIATE")  # held for good
+    first = store.log_later(_item(0))
+    assert entered.wait(5)
+    batch = [store.log_later(_item(i)) for i in range(1, 9)]
+    gate.set()
+    assert [f.result(30) for f in (first, *batch)] == [False] * 9
+    assert calls == [1, 8]  # the batch of 8 tried once, not split into parts that each wait again
+    other.rollback()
+    other.close()
+    store.close()
+
+
+def test_a_bad_row_in_a_large_batch_costs_a_few_commits(tmp_path, monkeypatch):
+    store = FeedbackStore(tmp_path / "f.db")
+    row, commits = store._row, []
+    insert, entered, gate = store._insert, threading.Event(), threading.Event()
+
+    def counted_insert(rows):
+        commits.append(len(rows))
+        entered.set()
+        gate.wait(5)
+        insert(rows)
+
+    monkeypatch.setattr(store, "_row", lambda item: (*row(item)[:-1], object()) if item.id == "c77" else row(item))
+    monkeypatch.setattr(store, "_insert", counted_insert)
+    first = store.log_later(_item(0))
+    assert entered.wait(5)
+    batch = [store.log_later(_item(i)) for i in range(1, 129)]
+    gate.set()
+    assert [f.result(30) for f in batch].count(False) == 1 and first.result(30)
+    assert len(commits) < 20 and store.count("interactions") == 128
+    store.close()

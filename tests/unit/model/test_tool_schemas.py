@@ -74,3 +74,9 @@ def test_a_ref_inside_an_example_or_an_extension_is_a_value_not_a_reference():
                                                         "x-source": {"$ref": "http://127.0.0.1:9/x"}}}}
     validator, complaint = schema_validator(schema)
     assert complaint is None and not list(validator.iter_errors({"city": "Oslo"}))
+
+
+@pytest.mark.parametrize("name", ["x-api-version", "example", "default", "enum"])
+def test_a_property_is_checked_whatever_its_name(name):
+    validator, complaint = schema_validator({"type": "object", "properties": {name: {"$ref": "#/$defs/Missing"}}})
+    assert validator is None and "#/$defs/Missing" in complaint
