@@ -11,24 +11,38 @@ def _item(i: int) -> Interaction:
     return Interaction(f"c{i}", "chat", "m", "1", [{"role": "user", "content": str(i)}], "a", "stop", 3, 1, 2.0)
 
 
+class HeldWrites:
+    """The store's writes held at a gate: the writer takes the first row and waits there, so
+    the rows logged meanwhile queue up behind it as one batch. `batches`: the rows of each write tried."""
+
+    def __init__(self, store: FeedbackStore, monkeypatch) -> None:
+        self.entered, self.gate, self.batches = threading.Event(), threading.Event(), []
+        insert = store._insert
+
+        def held(rows):
+            self.batches.append(len(rows))
+            self.entered.set()
+            self.gate.wait(5)
+            insert(rows)
+
+        monkeypatch.setattr(store, "_insert", held)
+
+
+def _refuse_row(store: FeedbackStore, monkeypatch, completion_id: str) -> None:
+    """The database refuses that completion's row (a value SQLite cannot bind)."""
+    row = store._row
+    monkeypatch.setattr(store, "_row", lambda item: (*row(item)[:-1], object()) if item.id == completion_id else row(item))
+
+
 def test_rows_logged_later_are_written_together_and_readable_at_once(tmp_path, monkeypatch):
     store = FeedbackStore(tmp_path / "f.db")
-    batches = []
-    insert = store._insert
-    gate = threading.Event()
-
-    def slow_insert(rows):
-        gate.wait(5)  # hold the first write, so the rows behind it queue up
-        batches.append(len(rows))
-        insert(rows)
-
-    monkeypatch.setattr(store, "_insert", slow_insert)
+    held = HeldWrites(store, monkeypatch)  # hold the first write, so the rows behind it queue up
     for i in range(50):
         store.log_later(_item(i))
-    gate.set()
+    held.gate.set()
     assert store.has_interaction("c49")  # waits for the rows queued before it
     assert store.count("interactions") == 50
-    assert len(batches) < 50 and sum(batches) == 50
+    assert len(held.batches) < 50 and sum(held.batches) == 50
     assert store.add_feedback("c7", 5) == 1
     store.close()
 
@@ -85,19 +99,12 @@ def test_a_waiter_that_goes_away_stops_neither_the_writer_nor_its_row(tmp_path, 
     """A request cancelled while it waits (a client's disconnect) cancels its future: the row is
     still logged, and the writer goes on serving every later row."""
     store = FeedbackStore(tmp_path / "f.db")
-    insert, entered, gate = store._insert, threading.Event(), threading.Event()
-
-    def held_insert(rows):
-        entered.set()
-        gate.wait(5)
-        insert(rows)
-
-    monkeypatch.setattr(store, "_insert", held_insert)
+    held = HeldWrites(store, monkeypatch)
     first = store.log_later(_item(1))
-    assert entered.wait(5)  # the writer took it and waits at the gate
+    assert held.entered.wait(5)  # the writer took it and waits at the gate
     gone = store.log_later(_item(2))
     assert gone.cancel()  # still queued: cancelled, as asyncio's wrap_future cancels it
-    gate.set()
+    held.gate.set()
     assert first.result(10) is True
     assert store.log_later(_item(3)).result(10) is True  # the writer is alive
     assert store.has_interaction("c2") and store.count("interactions") == 3
@@ -117,20 +124,12 @@ def test_a_row_the_database_refuses_loses_only_itself_and_leaves_no_lock(tmp_pat
     import sqlite3
 
     store = FeedbackStore(tmp_path / "f.db")
-    row, gate, entered = store._row, threading.Event(), threading.Event()
-    insert = store._insert
-
-    def held_insert(rows):
-        entered.set()
-        gate.wait(5)
-        insert(rows)
-
-    monkeypatch.setattr(store, "_row", lambda item: (*row(item)[:-1], object()) if item.id == "c2" else row(item))
-    monkeypatch.setattr(store, "_insert", held_insert)
+    _refuse_row(store, monkeypatch, "c2")
+    held = HeldWrites(store, monkeypatch)
     first = store.log_later(_item(1))
-    assert entered.wait(5)  # the next three queue up behind it: one batch
+    assert held.entered.wait(5)  # the next three queue up behind it: one batch
     written = [store.log_later(_item(i)) for i in (2, 3, 4)]
-    gate.set()
+    held.gate.set()
     assert [f.result(10) for f in (first, *written)] == [True, False, True, True]
     assert store.count("interactions") == 3 and not store.has_interaction("c2")
     other = sqlite3.connect(tmp_path / "f.db", timeout=0.2)
@@ -172,24 +171,15 @@ def test_a_log_held_past_every_retry_loses_the_batch_once_not_per_part(tmp_path,
     monkeypatch.setattr(tasks.feedback.store, "BUSY_RETRIES", 1)
     store = FeedbackStore(tmp_path / "f.db")
     store._conn.execute("PRAGMA busy_timeout = 50")
-    insert, entered, gate = store._insert, threading.Event(), threading.Event()
-    calls = []
-
-    def held_insert(rows):
-        calls.append(len(rows))
-        entered.set()
-        gate.wait(5)
-        insert(rows)
-
-    monkeypatch.setattr(store, "_insert", held_insert)
+    held = HeldWrites(store, monkeypatch)
     other = sqlite3.connect(tmp_path / "f.db")
     other.execute("BEGIN IMMEDIATE")  # held for good
     first = store.log_later(_item(0))
-    assert entered.wait(5)
+    assert held.entered.wait(5)
     batch = [store.log_later(_item(i)) for i in range(1, 9)]
-    gate.set()
+    held.gate.set()
     assert [f.result(30) for f in (first, *batch)] == [False] * 9
-    assert calls == [1, 8]  # the batch of 8 tried once, not split into parts that each wait again
+    assert held.batches == [1, 8]  # the batch of 8 tried once, not split into parts that each wait again
     other.rollback()
     other.close()
     store.close()
@@ -197,21 +187,12 @@ def test_a_log_held_past_every_retry_loses_the_batch_once_not_per_part(tmp_path,
 
 def test_a_bad_row_in_a_large_batch_costs_a_few_commits(tmp_path, monkeypatch):
     store = FeedbackStore(tmp_path / "f.db")
-    row, commits = store._row, []
-    insert, entered, gate = store._insert, threading.Event(), threading.Event()
-
-    def counted_insert(rows):
-        commits.append(len(rows))
-        entered.set()
-        gate.wait(5)
-        insert(rows)
-
-    monkeypatch.setattr(store, "_row", lambda item: (*row(item)[:-1], object()) if item.id == "c77" else row(item))
-    monkeypatch.setattr(store, "_insert", counted_insert)
+    _refuse_row(store, monkeypatch, "c77")
+    held = HeldWrites(store, monkeypatch)
     first = store.log_later(_item(0))
-    assert entered.wait(5)
+    assert held.entered.wait(5)
     batch = [store.log_later(_item(i)) for i in range(1, 129)]
-    gate.set()
+    held.gate.set()
     assert [f.result(30) for f in batch].count(False) == 1 and first.result(30)
-    assert len(commits) < 20 and store.count("interactions") == 128
+    assert len(held.batches) < 20 and store.count("interactions") == 128
     store.close()
