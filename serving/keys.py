@@ -187,6 +187,20 @@ def load_keyring(env: dict[str, str] | None = None) -> KeyRing | None:
     return merged
 
 
+def feedback_bucket(caller: Caller, user: str | None, address: str | None) -> str:
+    """The name `POST /feedback` is rate-limited under.
+
+    A trusted key (the operator's own front end) relays many end users: its limit is per end
+    user it names. An untrusted key's user ids are not believed: its limit is the key's. On an
+    open service (no key configured) every caller is `anonymous`, so the limit is per client
+    address: one client cannot use up everybody's (behind a proxy, the proxy's address is
+    every client's).
+    """
+    if caller is ANONYMOUS:
+        return f"{caller.name}@{address or 'unknown'}"
+    return f"{caller.name}\x00{user}" if caller.trusted and user else caller.name
+
+
 class RateLimiter:
     """At most `limit` calls per `window` seconds per key name (a sliding window), in memory.
 

@@ -83,7 +83,7 @@ from pydantic import Field, ValidationError  # noqa: E402
 from serving.engine_process import Completion, EngineError, EngineProcess  # noqa: E402
 from serving.errors import APIError, error_body, validation_error  # noqa: E402
 from serving.guards import GuardMiddleware, request_caller  # noqa: E402
-from serving.keys import Caller, RateLimiter  # noqa: E402
+from serving.keys import ANONYMOUS, Caller, RateLimiter, feedback_bucket  # noqa: E402
 from serving.lifetime import exit_with_parent  # noqa: E402
 from serving.model_manager import ModelManager, ServedModel  # noqa: E402
 from serving.schemas import (  # noqa: E402
@@ -641,12 +641,12 @@ class ChatService:
         except ValidationError as err:
             raise validation_error(err, FeedbackRequest) from None
         caller = request_caller(request.scope)
-        # A trusted key (the operator's own front end) relays many end users: its limit is per
-        # end user it names. An untrusted key's user ids are not believed: its limit is the key's.
-        bucket = (caller.name if not (caller.trusted and fb.user) else f"{caller.name}\x00{fb.user}")
+        address = request.client.host if request.client else None
+        bucket = feedback_bucket(caller, fb.user, address)
         wait = self.feedback_limit.acquire(bucket)
         if wait is not None:
-            who = f"the key {caller.name!r}" + (f" and the user {fb.user!r}" if bucket != caller.name else "")
+            who = (f"the client {address!r}" if caller is ANONYMOUS else f"the key {caller.name!r}"
+                   + (f" and the user {fb.user!r}" if bucket != caller.name else ""))
             raise APIError(429, f"Over feedback.per_key_per_minute={self.feedback_limit.limit} for {who}; "
                                 f"retry in {wait} s.", type="rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": str(wait)})

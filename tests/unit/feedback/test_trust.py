@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serving.keys import RateLimiter
+from serving.keys import ALL_ROLES, ANONYMOUS, Caller, RateLimiter, feedback_bucket
 from tasks.feedback import FeedbackReader, FeedbackStore, Interaction, export_feedback
 from tasks.feedback.export import ExportPolicy
 from tasks.feedback.review import Decision, apply_decision, describe_batch, held_batch
@@ -222,6 +222,19 @@ def test_the_rate_limiter_forgets_idle_names_but_not_a_busy_ones_calls():
     assert limiter.acquire("late", now=120) is None  # the sweep: every name but the busy one is idle
     assert len(limiter._calls) == 2
     assert limiter.acquire("busy", now=121) is None and limiter.acquire("busy", now=122) == 38
+
+
+def test_feedback_is_limited_per_client_on_an_open_service_and_per_key_or_user_otherwise():
+    """With no key configured every caller is `anonymous`: one client must not use up the
+    others' feedback limit, so the bucket is the client's address."""
+    limiter = RateLimiter(1, 60.0)
+    assert limiter.acquire(feedback_bucket(ANONYMOUS, None, "10.0.0.1"), now=0) is None
+    assert limiter.acquire(feedback_bucket(ANONYMOUS, "u-1", "10.0.0.1"), now=1) == 59  # the user id changes nothing
+    assert limiter.acquire(feedback_bucket(ANONYMOUS, None, "10.0.0.2"), now=1) is None
+    untrusted, trusted = Caller("anonymous", ALL_ROLES), Caller("ops", ALL_ROLES, trusted=True)
+    assert feedback_bucket(untrusted, "u-1", "10.0.0.3") == feedback_bucket(untrusted, "u-2", "10.0.0.4")
+    assert feedback_bucket(trusted, "u-1", None) != feedback_bucket(trusted, "u-2", None)
+    assert feedback_bucket(trusted, None, None) == "ops"
 
 
 def test_the_cli_approves_and_forgets(db, monkeypatch, capsys):
