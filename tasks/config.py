@@ -451,8 +451,8 @@ class FeedbackParams(_Section):
     )
     per_key_per_minute: int = Field(
         30, ge=1, le=1_000_000,
-        description="POST /feedback requests one key may send per minute (a trusted key: per end user it names); more "
-                    "get 429 with Retry-After.",
+        description="POST /feedback requests one key may send per minute (a trusted key: per end user it names; with "
+                    "no key set: per client address); more get 429 with Retry-After.",
     )
 
 
