@@ -292,6 +292,7 @@ class FeedbackStore:
         not: another user's newer question in the same words is not erased data, and listing
         it would drop every later feedback on a common question.
         """
+        end_user, key_name = storable(end_user), storable(key_name)  # as they were stored
         conditions = [(col, val) for col, val in (("end_user = ?", end_user), ("key_name = ?", key_name),
                                                   ("created < ?", before)) if val is not None]
         assert conditions, "forget needs a user, a key or a time"

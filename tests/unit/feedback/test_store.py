@@ -146,6 +146,7 @@ def test_text_utf8_cannot_hold_is_stored_replaced(tmp_path):
                        2.0, end_user="\ud800")
     assert store.log_later(item).result(10) is True
     assert store.has_interaction("c\ud800") and store.add_feedback("c\ud800", 1, "fix\ud800", end_user="\ud800") == 1
+    assert store.forget(end_user="\ud800", reason="request") == (1, 1)  # found as it was stored
     store.close()
 
 
