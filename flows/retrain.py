@@ -8,9 +8,8 @@ The flow returns a `tasks.pipeline.result.RunResult`, filled in step by step; it
 `ftllm run --json` prints.
 
 Its final state says what happened (Completed; Completed named "Rejected" or "Unchanged";
-Failed with the reason), its MLflow run is named after the flow run and links back, and
-it leaves two offline pages (the data report and the run dashboard) in
-`artifacts/reports/` and in the MLflow run.
+Failed with the reason), its MLflow run is named after the flow run and links back, and it
+leaves two offline pages (the data report, the run dashboard) in `artifacts/reports/` and MLflow.
 
 Run it with `ftllm run`, from a Prefect deployment (`ftllm deploy`), or `python -m flows.retrain`.
 """
@@ -48,7 +47,7 @@ from tasks.config import (
 from tasks.data.sources import accept_report, source_label
 from tasks.data.validate import TrainingBudget, validate_dataset
 from tasks.environment import apply_defaults
-from tasks.errors import FtllmError, RunFailed, StageError
+from tasks.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, FtllmError, RunFailed, StageError
 from tasks.evaluate.baselines import dated_today, read_scores, scoring_digest
 from tasks.evaluate.gate import apply_gate
 from tasks.evaluate.preference import candidate_dir, score_preference_dir
@@ -320,6 +319,7 @@ def retrain(
     except FtllmError as exc:  # one clear message; anything else is a bug and keeps its traceback
         get_run_logger().error(str(exc))
         result.status, result.error = "failed", str(exc)
+        result.exit_code = EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED  # settings: exit 2
     send_notification(result)
     state = _final_state(result.status, result.changed, outcome_line(result.model_dump(mode="json")), result)
     details = result.model_dump(mode="json", include={"version", "champion_version", "gate", "error", "mlflow_run_id"})

@@ -76,7 +76,9 @@ def run(
         raise result
     if result.status == "failed":
         _emit(result, as_json)
-        raise RunFailed(result.error or "the run failed")
+        failure = RunFailed(result.error or "the run failed")
+        failure.exit_code = result.exit_code or failure.exit_code
+        raise failure
     _print_run(result)
     _emit(result, as_json)
     return EXIT_OK if result.status == "promoted" else EXIT_REJECTED

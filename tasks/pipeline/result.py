@@ -156,6 +156,8 @@ class RunResult(_Part):
     approval: dict[str, Any] | None = Field(
         None, description="The approval step: held rows, whether the run paused or timed out, what was decided.")
     error: str | None = Field(None, description="Why a failed run failed, in one sentence.")
+    exit_code: int | None = Field(None, description="What `ftllm run` exits with for a failed run: 2 for settings the "
+                                                    "run cannot use (found once the base model is read), else 1.")
 
     @property
     def failed_checks(self) -> list[str]:
