@@ -414,6 +414,8 @@ class FeedbackReader:
         """The number of the latest review decision (0 when there is none)."""
         if self.version < 4:
             return 0
+        if self.version < 5:  # numbered from the decided rows, before the decisions table (read-only: not migrated)
+            return int(self.conn.execute("SELECT COALESCE(MAX(decision), 0) FROM feedback").fetchone()[0])
         return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
 
     def approved_since(self, decision: int, up_to_id: int) -> list[FeedbackRow]:

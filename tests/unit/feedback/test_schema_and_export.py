@@ -183,6 +183,9 @@ def test_a_version_4_log_is_migrated_and_its_decision_numbers_go_on_above_its_ow
                     ("approved" if decision else "pending", decision))
     old.commit()
     old.close()
+    with FeedbackReader(db) as reader:  # read as it is, before anything migrates it
+        assert reader.last_decision() == 3 and len(reader.feedback_since(0)) == 4
+    assert export_feedback(db, tmp_path / "out.jsonl", 4).examples == 0  # it reads the log (ratings of 2: none)
     store = FeedbackStore(db)
     assert store.review("approved", "cli") == 1
     store.close()
