@@ -100,6 +100,8 @@ def forget_command(user: str | None, key: str | None, before: str | None, expire
     def forget() -> None:
         root = apply_defaults()
         from tasks.feedback import FeedbackStore
+        from tasks.feedback.export import pseudonym
+        from tasks.feedback.store import storable
 
         if sum(x is not None for x in (user, key, before)) + expired != 1:
             raise UsageError("give exactly one of --user ID, --key NAME, --before YYYY-MM-DD, --expired")
@@ -117,7 +119,9 @@ def forget_command(user: str | None, key: str | None, before: str | None, expire
                         when = datetime.fromisoformat(before).replace(tzinfo=UTC).timestamp()
                     except ValueError:
                         raise UsageError(f"--before {before!r}: expected a date like 2026-01-31") from None
-                reason = f"forget --user {user}" if user else f"forget --key {key}" if key else f"forget --before {before}"
+                # The erasure list outlives the data: it names the user by the exports' digest, not by the id.
+                reason = (f"forget --user {pseudonym(storable(user))}" if user else f"forget --key {key}" if key
+                          else f"forget --before {before}")
                 erased = store.forget(end_user=user, key_name=key, before=when, reason=reason)
         finally:
             store.close()

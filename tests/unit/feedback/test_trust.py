@@ -4,13 +4,14 @@ erasure and retention, and the CLI that decides without a UI."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 
 import pytest
 
 from serving.keys import ALL_ROLES, ANONYMOUS, Caller, RateLimiter, feedback_bucket
 from tasks.feedback import FeedbackReader, FeedbackStore, Interaction, export_feedback
-from tasks.feedback.export import ExportPolicy
+from tasks.feedback.export import ExportPolicy, pseudonym
 from tasks.feedback.review import Decision, apply_decision, describe_batch, held_batch
 from tasks.feedback.store import DuplicateCorrection
 
@@ -249,6 +250,10 @@ def test_the_cli_approves_and_forgets(db, monkeypatch, capsys):
     assert forget_command(None, None, "not-a-date", False) == 2
     assert forget_command("u0", "web", None, False) == 2  # one criterion at a time
     assert forget_command(None, "bot", None, False) == 0 and "erased 0 interactions and 3 feedback rows" in capsys.readouterr().out
+    assert forget_command("u0", None, None, False) == 0
+    with sqlite3.connect(db) as conn:  # the erasure list outlives the data: it must not name the user
+        reasons = [r for (r,) in conn.execute("SELECT reason FROM erasures")]
+    assert reasons and "u0" not in str(reasons) and f"forget --user {pseudonym('u0')}" in reasons
 
 
 def test_a_runs_snapshot_tags_its_mlflow_run_with_the_provenance(db, tmp_path, monkeypatch):
