@@ -33,7 +33,7 @@ APPROVAL_KEY = "feedback-approval"
 class ApprovalForm(RunInput):
     """What the reviewer decides about the held feedback shown above the form."""
 
-    approve_all: bool = Field(False, description="Approve every held row shown above.")
+    approve_all: bool = Field(False, description="Approve every held row shown above, but the keys rejected below.")
     approve_keys: list[str] = Field(default_factory=list, description="Approve the held rows of these keys only.")
     reject_keys: list[str] = Field(default_factory=list, description="Reject these keys' held rows (never trained).")
     reviewer: str = Field("", description="Your name, recorded with the decision.")

@@ -108,16 +108,20 @@ class Decision:
 
 def apply_decision(db: Path, batch: HeldBatch, decision: Decision) -> dict[str, int]:
     """Mark the batch's rows approved or rejected as decided; return the counts. Rows posted after
-    the batch was shown (ids above `batch.up_to_id`) are not touched, nor are undecided keys."""
+    the batch was shown (ids above `batch.up_to_id`) are not touched, nor are undecided keys.
+
+    A key named for rejection is rejected whatever else the decision says: "approve all" then
+    approves the other keys' rows (the approval form has both fields; the safer verdict wins).
+    """
     if not batch.rows:
         return {"approved": 0, "rejected": 0, "held": 0}
     store = FeedbackStore(db)
     try:
         ids = [r.id for _, r in batch.rows]
+        rejected = (store.review("rejected", decision.reviewer, keys=list(decision.reject_keys), ids=ids)
+                    if decision.reject_keys else 0)
         approve = None if decision.approve_all else [k for k in decision.approve_keys if k not in decision.reject_keys]
         approved = store.review("approved", decision.reviewer, keys=approve, ids=ids) if approve is None or approve else 0
-        rejected = (store.review("rejected", decision.reviewer, keys=list(decision.reject_keys), ids=ids)
-                    if decision.reject_keys and not decision.approve_all else 0)
     finally:
         store.close()
     return {"approved": approved, "rejected": rejected, "held": len(ids) - approved - rejected}

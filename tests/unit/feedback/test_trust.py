@@ -65,6 +65,14 @@ def test_a_decision_per_key_admits_only_that_key(db, tmp_path):
     assert _export(db, tmp_path, auto_approve="all")[1].by_key == {"ops": 1, "web": 2}  # rejected stays out
 
 
+def test_a_key_named_for_rejection_is_rejected_even_when_all_is_approved(db, tmp_path):
+    """The approval form has both fields: ticking "approve all" must not admit a key the reviewer rejected."""
+    batch = held_batch(db, "trusted")
+    assert apply_decision(db, batch, Decision(approve_all=True, reject_keys=("bot",))) == {
+        "approved": 2, "rejected": 3, "held": 0}
+    assert _export(db, tmp_path)[1].by_key == {"ops": 1, "web": 2}
+
+
 def test_a_decision_covers_only_the_batch_that_was_shown(db, tmp_path):
     batch = held_batch(db, "trusted")
     store = FeedbackStore(db)
