@@ -253,7 +253,8 @@ class Redacted:
 def redact_example(example: dict[str, Any], action: RedactAction = "mask") -> Redacted:
     """Redact every text of each message of a canonical `{"messages": [...]}` example: the
     content, a reasoning trace, and the arguments of tool calls (inside their JSON, so that a
-    call stays a valid call), every string a message holds but its role, ids and names.
+    call stays a valid call), every string a message holds but its role, ids and function names
+    (a user's or assistant's `name` says who speaks, and is redacted).
 
     The tools the request declared are the application's, not the user's, and stay as they are.
 
@@ -266,6 +267,10 @@ def redact_example(example: dict[str, Any], action: RedactAction = "mask") -> Re
     messages = []
     for message in example.get("messages", []):
         redacted, counts = _redact_value(message)
+        speaker = message.get("name") if isinstance(message, dict) and message.get("role") not in ("tool", "function") else None
+        if isinstance(speaker, str):  # who speaks (any string a client sends), not a function's name
+            redacted["name"], named = redact_text(speaker)
+            counts += named
         found += counts
         messages.append(redacted)
     if found and action == "drop":

@@ -97,3 +97,16 @@ def test_tool_call_arguments_reasoning_and_tool_results_are_redacted_and_calls_s
     assert messages[2] == {"role": "tool", "tool_call_id": "call_1", "content": "sent to [EMAIL]"}
     assert result.found == {"email": 4, "card": 1} and result.example["tools"] == example["tools"]
     assert redact_example(example, "drop").example is None
+
+
+def test_a_speakers_name_is_redacted_and_a_tool_messages_function_name_is_kept():
+    """A message's `name` says who speaks, any string a client sends: an e-mail address there
+    reaches training like content would. A tool message's `name` is the function's."""
+    example = {"messages": [
+        {"role": "system", "content": "Be brief.", "name": "ops"},
+        {"role": "user", "content": "What is the date?", "name": "ann.smith@example.org"},
+        {"role": "tool", "tool_call_id": "c1", "name": "get_date", "content": "2006-02-20"},
+        {"role": "assistant", "content": "February 20, 2006.", "name": "bot"}]}
+    result = redact_example(example)
+    assert [m.get("name") for m in result.example["messages"]] == ["ops", "[EMAIL]", "get_date", "bot"]
+    assert result.found == {"email": 1}
