@@ -169,7 +169,7 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
                       policy: ExportPolicy) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Training examples from the log's feedback under `policy`, and what was left out and why."""
     latest, held = latest_admitted(rated, policy.auto_approve)
-    examples, trusted, erased_count = [], [], 0
+    examples, trusted, erased_count = [], {}, 0
     for interaction, row in latest:
         if prompt_digest(interaction.messages) in erased:
             erased_count += 1
@@ -179,10 +179,7 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
         for example in made:
             example["provenance"] = {"key": row.key_name, "user": pseudonym(row.end_user), "feedback_id": row.id}
             examples.append(example)
-            trusted.append(row.trusted)
-    # Each feedback example is trained `weight` times, beside the other sources' train rows.
-    senders = [set() if is_trusted else {e["provenance"]["key"]} for e, is_trusted in zip(examples, trusted)]
-    examples, capped = cap_per_key(examples, senders, policy.max_key_share, policy.other_examples / policy.weight)
+        trusted[row.id] = row.trusted
     examples, redacted = redact_examples(examples, policy.redaction)
     # Validation would refuse an example whose tools or calls break its rules (a masked argument
     # that fails its schema, `[EMAIL]` under an e-mail `pattern`; a tool the client declared with
@@ -190,6 +187,11 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     usable = [e for e in examples if not check_tools(e)]
     broken = len(examples) - len(usable)
     examples, repeats = _latest_of_each(usable)
+    # The cap comes last, on the examples that are written: every one left out after it would
+    # shrink the base its shares were counted on, and a capped key's share would grow past it.
+    # Each feedback example is trained `weight` times, beside the other sources' train rows.
+    senders = [set() if trusted[e["provenance"]["feedback_id"]] else {e["provenance"]["key"]} for e in examples]
+    examples, capped = cap_per_key(examples, senders, policy.max_key_share, policy.other_examples / policy.weight)
     return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted,
                       "repeats": repeats, "invalid_calls": broken}
 

@@ -138,6 +138,23 @@ def test_one_untrusted_key_is_capped_to_its_share_of_the_run(db, tmp_path):
     assert exported.by_key == {"bot": 2, "ops": 1, "web": 2}
 
 
+def test_the_cap_counts_the_examples_written_not_the_repeats_left_out(tmp_path):
+    """Many users rating the same answer make one example: a cap counted before the repeats were
+    left out let a key keep three times its share."""
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    for i in range(18):  # 18 users of the trusted front end ask the same and rate the same answer
+        store.log_interaction(Interaction(f"h{i}", "chat", "m", "1", [{"role": "user", "content": "Opening hours?"}],
+                                          "Nine to five.", "stop", 3, 2, 1.0, "ops", f"u{i}"))
+        store.add_feedback(f"h{i}", 5, key_name="ops", end_user=f"u{i}", trusted=True)
+    for i in range(10):
+        store.add_feedback(_log(store, i, key="bot"), 1, f"bot fix {i}", key_name="bot")
+    store.close()
+    _, exported = _export(db, tmp_path, auto_approve="all", max_key_share=0.1, other_examples=9)
+    # 9 other examples and 1 of ops: bot may keep 1 (1 of 11); counted with the 17 repeats, it kept 3 (3 of 13)
+    assert exported.repeats == 17 and exported.by_key == {"bot": 1, "ops": 1} and exported.capped == 9
+
+
 def test_the_export_redacts_and_counts_per_category(tmp_path):
     db = tmp_path / "feedback.db"
     store = FeedbackStore(db)
