@@ -71,6 +71,7 @@ class FeedbackExport:
     redacted: dict[str, int] = field(default_factory=dict)  # findings per category, examples changed/dropped
     repeats: int = 0  # examples left out as the same as a later one (many users, the same rated answer)
     invalid_calls: int = 0  # examples left out as validation would refuse their tools or calls (a masked argument)
+    not_a_chat: int = 0  # corrections and good ratings of a request that is no prompt (ends with an assistant turn)
 
 
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,
@@ -113,11 +114,16 @@ def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]]
 
 def latest_admitted(rated: list[tuple[Interaction, FeedbackRow]], auto_approve: AutoApprove) -> tuple[list, int]:
     """The latest admitted feedback of each completion (in feedback order), and the count of
-    completions whose only unreviewed feedback is still held."""
+    completions whose only unreviewed feedback is still held.
+
+    A correction outranks a later rating without one: another user's thumbs on the same answer
+    must not erase the work of the one who rewrote it (their correction would be lost, uncounted).
+    """
     latest: dict[str, tuple[Interaction, FeedbackRow]] = {}
     held = set()
     for interaction, row in rated:
-        if row.admitted(auto_approve):
+        kept = latest.get(row.completion_id)
+        if row.admitted(auto_approve) and (kept is None or row.correction is not None or kept[1].correction is None):
             latest[row.completion_id] = (interaction, row)
         elif row.review == "pending":
             held.add(row.id)
@@ -169,13 +175,16 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
                       policy: ExportPolicy) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Training examples from the log's feedback under `policy`, and what was left out and why."""
     latest, held = latest_admitted(rated, policy.auto_approve)
-    examples, trusted, erased_count = [], {}, 0
+    examples, trusted, erased_count, not_a_chat = [], {}, 0, 0
     for interaction, row in latest:
         if prompt_digest(interaction.messages) in erased:
             erased_count += 1
             continue
         made = training_examples([(interaction.messages, interaction.answer, row)], min_rating,
                                  interaction.tools, interaction.tool_calls)
+        # A correction or a good rating that makes no example (the request ended with the
+        # assistant's own turn, or the text is empty) is counted, not lost without a word.
+        not_a_chat += not made and (row.correction is not None or row.rating >= min_rating)
         for example in made:
             example["provenance"] = {"key": row.key_name, "user": pseudonym(row.end_user), "feedback_id": row.id}
             examples.append(example)
@@ -193,7 +202,7 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     senders = [set() if trusted[e["provenance"]["feedback_id"]] else {e["provenance"]["key"]} for e in examples]
     examples, capped = cap_per_key(examples, senders, policy.max_key_share, policy.other_examples / policy.weight)
     return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted,
-                      "repeats": repeats, "invalid_calls": broken}
+                      "repeats": repeats, "invalid_calls": broken, "not_a_chat": not_a_chat}
 
 
 def _latest_of_each(examples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -248,4 +257,5 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
     return FeedbackExport(db=db_path, path=Path(out), examples=len(examples), last_feedback_id=last,
                           last_decision=decided, held=left_out["held"], capped=left_out["capped"], erased=left_out["erased"],
                           by_key=dict(sorted(by_key.items())), users=len(users), redacted=left_out["redacted"],
-                          repeats=left_out["repeats"], invalid_calls=left_out["invalid_calls"])
+                          repeats=left_out["repeats"], invalid_calls=left_out["invalid_calls"],
+                          not_a_chat=left_out["not_a_chat"])

@@ -155,6 +155,22 @@ def test_the_cap_counts_the_examples_written_not_the_repeats_left_out(tmp_path):
     assert exported.repeats == 17 and exported.by_key == {"bot": 1, "ops": 1} and exported.capped == 9
 
 
+def test_a_correction_outlives_a_later_rating_and_feedback_no_example_holds_is_counted(tmp_path):
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    _log(store, 0, key="ops")
+    store.add_feedback("c0", 1, "On Feb 20, 2006.", key_name="ops", end_user="A", trusted=True)
+    store.add_feedback("c0", 2, key_name="ops", end_user="B", trusted=True)  # another user's thumbs down, later
+    store.log_interaction(Interaction("c1", "chat", "m", "1", [{"role": "user", "content": "Hi"},
+                                                                {"role": "assistant", "content": "Hel"}],
+                                      "lo!", "stop", 3, 2, 1.0, "ops"))  # a client continuing the assistant's turn
+    store.add_feedback("c1", 1, "Hello!", key_name="ops", trusted=True)
+    store.close()
+    rows, exported = _export(db, tmp_path)
+    assert [r["messages"][-1]["content"] for r in rows] == ["On Feb 20, 2006."]
+    assert exported.not_a_chat == 1
+
+
 def test_the_export_redacts_and_counts_per_category(tmp_path):
     db = tmp_path / "feedback.db"
     store = FeedbackStore(db)
