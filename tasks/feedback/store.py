@@ -233,7 +233,10 @@ class FeedbackStore:
         if correction is not None and not correction.strip():
             raise ValueError("correction must not be blank; leave it out to rate the answer as it is")
         self.flush()
-        with self._lock:
+        # The checks and the insert in one write transaction: a `forget` in another process in
+        # between would leave feedback on an erased completion (kept, never exported).
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
             if self._conn.execute("SELECT 1 FROM interactions WHERE id = ?", (completion_id,)).fetchone() is None:
                 raise KeyError(completion_id)
             if correction is not None and self._conn.execute(
@@ -245,7 +248,6 @@ class FeedbackStore:
                 "VALUES (?,?,?,?,?,?,?, 'pending')",
                 (time.time(), completion_id, rating, storable(correction), key_name, storable(end_user), int(trusted)),
             )
-            self._conn.commit()
             return int(cur.lastrowid)
 
     def review(self, decision: str, by: str, *, keys: list[str] | None = None, ids: list[int] | None = None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from tasks.feedback import FeedbackStore, Interaction
 
 
@@ -148,6 +150,24 @@ def test_text_utf8_cannot_hold_is_stored_replaced(tmp_path):
     assert store.has_interaction("c\ud800") and store.add_feedback("c\ud800", 1, "fix\ud800", end_user="\ud800") == 1
     assert store.forget(end_user="\ud800", reason="request") == (1, 1)  # found as it was stored
     store.close()
+
+
+def test_feedback_on_a_completion_erased_meanwhile_is_refused_not_orphaned(tmp_path):
+    """`forget` in another process between the check that the completion exists and the insert
+    would leave feedback on erased data: the check and the insert are one transaction."""
+    import sqlite3
+
+    store = FeedbackStore(tmp_path / "f.db")
+    assert store.log_later(_item(1)).result(10) is True
+    other = sqlite3.connect(tmp_path / "f.db", check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("DELETE FROM interactions WHERE id = 'c1'")
+    threading.Timer(0.5, other.commit).start()
+    with pytest.raises(KeyError):
+        store.add_feedback("c1", 1, "fix")
+    assert other.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+    store.close()
+    other.close()
 
 
 def test_a_log_another_process_holds_is_waited_for(tmp_path):
