@@ -37,7 +37,7 @@ class FeedbackSnapshot:
         return {"feedback.examples": str(e.examples), "feedback.keys": json.dumps(e.by_key, sort_keys=True),
                 "feedback.end_users": str(e.users), "feedback.held": str(e.held), "feedback.capped": str(e.capped),
                 "feedback.repeats": str(e.repeats), "feedback.invalid_calls": str(e.invalid_calls),
-                "feedback.not_a_chat": str(e.not_a_chat),
+                "feedback.not_a_chat": str(e.not_a_chat), "feedback.erased": str(e.erased),
                 "feedback.last_feedback_id": str(e.last_feedback_id), "feedback.last_decision": str(e.last_decision),
                 **{f"feedback.redacted.{k}": str(v) for k, v in e.redacted.items()}}
 

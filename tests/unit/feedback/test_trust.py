@@ -319,5 +319,6 @@ def test_a_runs_snapshot_tags_its_mlflow_run_with_the_provenance(db, tmp_path, m
     assert json.loads(tags["feedback.keys"]) == {"bot": 3, "ops": 1, "web": 2}
     assert tags["feedback.end_users"] == "4" and tags["feedback.redacted.email"] == "0"
     assert tags["feedback.examples"] == "6" and tags["feedback.last_feedback_id"] == "6"
+    assert (tags["feedback.erased"], tags["feedback.not_a_chat"], tags["feedback.invalid_calls"]) == ("0", "0", "0")
     with FeedbackReader(db) as reader:  # the retention period erased the year-1970 interaction
         assert reader.interaction_count() == 6
