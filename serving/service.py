@@ -273,6 +273,12 @@ def _answer_message(parsed: ParsedResponse) -> dict[str, Any]:
     return message
 
 
+def _logged_finish(finish: str, parsed: ParsedResponse | None) -> str:
+    """The finish reason the log keeps: `invalid_tool_call` for a call returned as text, whatever
+    the client was told (`serving.invalid_call_finish_reason`), so no export trains it as an answer."""
+    return "invalid_tool_call" if parsed is not None and parsed.invalid else finish
+
+
 def _check_names(messages: list[dict], loaded: ServedModel) -> None:
     """Refuse a message `name` the model's chat template would not write, naming the message.
 
@@ -377,7 +383,7 @@ class ChatService:
         message = answer if isinstance(answer, dict) else {"content": answer}
         return Interaction(cid, endpoint, self.model_name, row.version, messages, message["content"] or "", finish,
                            row.prompt_tokens, row.completion_tokens, latency * 1000, **who,
-                           tools=tools, tool_calls=message.get("tool_calls"))
+                           tools=tools, tool_calls=message.get("tool_calls"), reasoning=message.get("reasoning_content"))
 
     async def _log(self, item: Interaction) -> None:
         """Write a completion to the interaction log; return once it is on disk (a group commit
@@ -466,7 +472,9 @@ class ChatService:
                            code="invalid_value") from None
         opening = ""
         if choice == "required" or name is not None:
-            opening = forced_call_opening(loaded.tokenizer, messages, tools, name, loaded.system_message)
+            # `required` with one tool can only call that one: its name is written too, not left to the model
+            forced = name or (tools[0]["function"]["name"] if len(tools) == 1 else None)
+            opening = forced_call_opening(loaded.tokenizer, messages, tools, forced, loaded.system_message)
             if opening is None:
                 raise APIError(400, f"tool_choice={json.dumps(req.model_dump(mode='json')['tool_choice'])} needs a "
                                     f"model whose chat template writes tool calls; {loaded.name} version "
@@ -494,12 +502,13 @@ class ChatService:
                 finish = event[1]
         text = "".join(parts)
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        parsed = None
         if plan.parse:
             parsed = plan.read(text)
             finish = plan.finish_reason(parsed, finish)
             message = _answer_message(parsed)
-        await self._log_chat(req, self._record("chat", cid, messages, message, finish, row, started, *who,
-                                               tools=plan.tools))
+        await self._log_chat(req, self._record("chat", cid, messages, message, _logged_finish(finish, parsed), row,
+                                               started, *who, tools=plan.tools))
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
             "system_fingerprint": f"v{row.version}",
@@ -513,8 +522,10 @@ class ChatService:
         """Server-sent chunks as OpenAI sends them: the role first, then text deltas as they come
         (`reasoning_content` apart), then each call (a delta with its id and name, then one with
         its arguments), then the finish reason. The role's chunk has `content: ""` before text;
-        an answer that begins with a call has the role in that call's chunk, `content: null`. A
-        call is sent once it is complete and checked. With `usage`, every chunk has `usage: null`
+        an answer that begins with a call or a reasoning trace has the role in that chunk,
+        `content: null`, so that the content a client adds up is null beside calls, as unstreamed
+        (text that follows fills it in; an answer with none gets `content: ""`). A call is sent
+        once it is complete and checked. With `usage`, every chunk has `usage: null`
         and a last one, with no choices, has the counts."""
         def chunk(delta: dict, finish: str | None = None) -> str:
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
@@ -525,17 +536,20 @@ class ChatService:
         reader = ResponseStream(plan.tokenizer, plan.prompt, plan.tools, plan.single_call) if plan.parse else None
         if reader is not None and plan.opening:
             reader.feed(plan.opening)  # call text: held back until the call is complete
-        parts, opened = [], False
+        parts, opened, content_sent = [], False, False
 
         def opening(delta: dict) -> list[str]:
             """The chunks of a delta, the role's first where none was sent: `content: ""` before
-            text, or, as OpenAI sends a call that comes first, in the call's own chunk, `content: null`."""
-            nonlocal opened
+            text, or, as OpenAI sends a call that comes first, in the call's own chunk (or the
+            trace's), `content: null`."""
+            nonlocal opened, content_sent
+            content_sent = content_sent or "content" in delta
             if opened:
                 return [chunk(delta)]
             opened = True
-            if "tool_calls" in delta:
+            if "tool_calls" in delta or "reasoning_content" in delta:
                 return [chunk({"role": "assistant", "content": None, **delta})]
+            content_sent = True
             return [chunk({"role": "assistant", "content": ""}), *([chunk(delta)] if delta else [])]
 
         async for event in self._events(row):
@@ -568,8 +582,11 @@ class ChatService:
                 if not opened:  # an empty answer
                     for sent in opening({}):
                         yield sent
+                elif not content_sent and message.get("content") is not None:  # a trace, then no text and no call
+                    yield chunk({"content": message["content"]})
                 # logged before the finish reason is sent: a client that saw the end can rate the answer
-                await self._log_chat(req, self._record("chat", cid, messages, message, finish, row, started, *who,
+                logged = _logged_finish(finish, parsed if reader is not None else None)
+                await self._log_chat(req, self._record("chat", cid, messages, message, logged, row, started, *who,
                                                        tools=plan.tools))
                 yield chunk({}, finish)
         if usage:

@@ -70,20 +70,23 @@ class FeedbackExport:
     users: int = 0  # distinct end users among the exported examples
     redacted: dict[str, int] = field(default_factory=dict)  # findings per category, examples changed/dropped
     repeats: int = 0  # examples left out as the same as a later one (many users, the same rated answer)
-    invalid_calls: int = 0  # examples left out as validation would refuse their tools or calls (a masked argument)
+    invalid_calls: int = 0  # left out: tools or calls validation would refuse (a masked argument), or a broken call
     not_a_chat: int = 0  # corrections and good ratings of a request that is no prompt (ends with an assistant turn)
 
 
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,
                       tools: list[dict[str, Any]] | None = None,
-                      tool_calls: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                      tool_calls: list[dict[str, Any]] | None = None,
+                      reasoning: str | None = None) -> list[dict[str, Any]]:
     """Canonical examples from the latest feedback of each completion.
 
     A correction always yields an example (the corrected answer replaces the model's,
     whatever the rating), marked `"correction": true`; an uncorrected answer yields one
     when rated `min_rating` or more. Only that last answer is trained: the assistant turns
     of the request's history carry `weight: 0`. An uncorrected answer that was a tool call is kept as
-    the call (`tool_calls`), and the tools the request offered go with the example.
+    the call (`tool_calls`), and the tools the request offered go with the example. An
+    uncorrected answer keeps its reasoning trace (`reasoning_content`), as the model wrote it; a
+    correction replaces the answer, not with a trace that led to the wrong one.
     """
     examples = []
     for request, answer, row in rated:
@@ -103,6 +106,8 @@ def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]]
             final = {"role": "assistant", "content": answer}
         if not final.get("tool_calls") and not final["content"].strip():
             continue
+        if row.correction is None and reasoning:
+            final["reasoning_content"] = reasoning
         example: dict[str, Any] = {"messages": [*messages, final]}
         if tools:
             example["tools"] = tools
@@ -175,13 +180,16 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
                       policy: ExportPolicy) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Training examples from the log's feedback under `policy`, and what was left out and why."""
     latest, held = latest_admitted(rated, policy.auto_approve)
-    examples, trusted, erased_count, not_a_chat = [], {}, 0, 0
+    examples, trusted, erased_count, not_a_chat, broken_calls = [], {}, 0, 0, 0
     for interaction, row in latest:
         if prompt_digest(interaction.messages) in erased:
             erased_count += 1
             continue
+        if row.correction is None and interaction.finish_reason == "invalid_tool_call":
+            broken_calls += row.rating >= min_rating  # a call the service returned as text: no answer to learn
+            continue
         made = training_examples([(interaction.messages, interaction.answer, row)], min_rating,
-                                 interaction.tools, interaction.tool_calls)
+                                 interaction.tools, interaction.tool_calls, interaction.reasoning)
         # A correction or a good rating that makes no example (the request ended with the
         # assistant's own turn, or the text is empty) is counted, not lost without a word.
         not_a_chat += not made and (row.correction is not None or row.rating >= min_rating)
@@ -194,7 +202,7 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     # that fails its schema, `[EMAIL]` under an e-mail `pattern`; a tool the client declared with
     # no description), and so the source, in every run: such an example is left out, counted.
     usable = [e for e in examples if not check_tools(e)]
-    broken = len(examples) - len(usable)
+    broken = len(examples) - len(usable) + broken_calls
     examples, repeats = _latest_of_each(usable)
     # The cap comes last, on the examples that are written: every one left out after it would
     # shrink the base its shares were counted on, and a capped key's share would grow past it.

@@ -83,7 +83,7 @@ def describe_batch(batch: HeldBatch, samples: int = 5) -> str:
     changed = 0
     for interaction, row in batch.rows:  # what the exports would write for the row, redacted as they would be
         made = training_examples([(interaction.messages, interaction.answer, row)], MIN_RATING,
-                                 interaction.tools, interaction.tool_calls)
+                                 interaction.tools, interaction.tool_calls, interaction.reasoning)
         if made and row.correction is not None and row.correction.strip() != interaction.answer.strip():
             # the preference export writes the answer a correction replaces too
             made.append({"messages": [{"role": "assistant", "content": interaction.answer}]})

@@ -21,6 +21,9 @@ feedback approved after a run read the log counts as new to the monitor although
 below the run's cursor (`tasks/monitor/cursor.py`). Version 5 takes the numbers from a table
 of their own (`decisions`), which nothing deletes from, so a number is never given twice,
 whatever `forget` or retention erased.
+
+Version 6 records the answer's reasoning trace (`reasoning`, NULL when there is none), so
+that a rated answer of a reasoning model is exported with the trace it was trained to write.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 MIN_RATING, MAX_RATING = 1, 5
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 ANONYMOUS_KEY = "anonymous"  # the caller of a service without keys, and of rows from before version 2
 REVIEWS = ("pending", "approved", "rejected")
 
@@ -97,7 +100,10 @@ CREATE TABLE IF NOT EXISTS decisions (
 INSERT INTO sqlite_sequence (name, seq) SELECT 'decisions', COALESCE(MAX(decision), 0) FROM feedback
     WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'decisions');
 """
-MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5}
+_V5_TO_V6 = """
+ALTER TABLE interactions ADD COLUMN reasoning TEXT;  -- the answer's reasoning trace, or NULL
+"""
+MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5, 5: _V5_TO_V6}
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ class Interaction:
     end_user: str | None = None  # the client's own id of its user (OpenAI's `user` field)
     tools: list[dict[str, Any]] | None = None  # the tools the request offered the model
     tool_calls: list[dict[str, Any]] | None = None  # the answer's calls (OpenAI form); `answer` is its text
+    reasoning: str | None = None  # the answer's reasoning trace (`reasoning_content`), apart from `answer`
 
 
 @dataclass(frozen=True)

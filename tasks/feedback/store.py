@@ -40,7 +40,7 @@ from tasks.feedback.schema import (
 
 log = logging.getLogger("ftllm.serving")
 INTERACTION_COLUMNS = ("id, created, endpoint, model_name, model_version, messages, answer, finish_reason, "
-                       "prompt_tokens, completion_tokens, latency_ms, key_name, end_user, tools, tool_calls")
+                       "prompt_tokens, completion_tokens, latency_ms, key_name, end_user, tools, tool_calls, reasoning")
 
 
 class DuplicateCorrection(ValueError):
@@ -115,7 +115,7 @@ class FeedbackStore:
             json.dumps(item.messages, ensure_ascii=False), item.answer, item.finish_reason,
             item.prompt_tokens, item.completion_tokens, item.latency_ms, item.key_name, item.end_user,
             json.dumps(item.tools, ensure_ascii=False) if item.tools else None,
-            json.dumps(item.tool_calls, ensure_ascii=False) if item.tool_calls else None,
+            json.dumps(item.tool_calls, ensure_ascii=False) if item.tool_calls else None, item.reasoning,
         ))
 
     def _insert(self, rows: list[tuple]) -> None:
@@ -125,7 +125,7 @@ class FeedbackStore:
             with self._lock:
                 try:
                     self._conn.executemany(f"INSERT OR REPLACE INTO interactions ({INTERACTION_COLUMNS}) "
-                                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
                     self._conn.commit()
                     return
                 except BaseException as exc:
@@ -363,7 +363,8 @@ class FeedbackReader:
         """The columns of `table` this code reads; a log from an older version gives the defaults its rows had."""
         names = [c.strip() for c in (FEEDBACK_COLUMNS if table == "feedback" else INTERACTION_COLUMNS).split(",")]
         added = {"key_name": (2, f"'{ANONYMOUS_KEY}'"), "end_user": (2, "NULL"), "trusted": (2, "1"),
-                 "review": (2, "'pending'"), "tools": (3, "NULL"), "tool_calls": (3, "NULL"), "decision": (4, "NULL")}
+                 "review": (2, "'pending'"), "tools": (3, "NULL"), "tool_calls": (3, "NULL"), "decision": (4, "NULL"),
+                 "reasoning": (6, "NULL")}
         return ", ".join(added[n][1] if n in added and self.version < added[n][0] else f"{prefix}{n}" for n in names)
 
     @property
@@ -402,9 +403,10 @@ class FeedbackReader:
         out = []
         for row in rows:
             (cid, _created, endpoint, model, version, messages, answer, finish, pt, ct, lat, key, user, tools,
-             calls), rest = row[:15], row[15:]
+             calls, reasoning), rest = row[:16], row[16:]
             out.append((Interaction(cid, endpoint, model, version, json.loads(messages), answer, finish, pt, ct, lat,
-                                    key, user, json.loads(tools) if tools else None, json.loads(calls) if calls else None),
+                                    key, user, json.loads(tools) if tools else None, json.loads(calls) if calls else None,
+                                    reasoning),
                         FeedbackRow(*rest[:7], bool(rest[7]), *rest[8:])))
         return out, last, decided
 

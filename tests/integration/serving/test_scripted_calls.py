@@ -116,3 +116,68 @@ def test_a_named_tool_choice_returns_only_the_call_to_that_function(family_model
         body = {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required"}
         assert [c["name"] for c in answered_calls(chat.post(**body))[0]] == ["get_weather", "get_time"]
         assert [c["name"] for c in streamed_calls(chat.stream(**body))[0]] == ["get_weather", "get_time"]
+
+
+def test_a_trace_then_a_call_streams_as_it_answers_and_the_log_keeps_both(family_models, tmp_path):
+    """Qwen 3 writes its `<think>` block before the call: streamed, the role's chunk carries the
+    trace and `content: null`, so the client's accumulator makes the unstreamed message (content
+    null beside the call); the log keeps the trace, and a call returned as text is logged as
+    `invalid_tool_call` even when the client is told `stop`."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    from tasks.config import ServingParams
+    from tasks.feedback import FeedbackReader, FeedbackStore
+
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    store = FeedbackStore(tmp_path / "feedback.db")
+    try:
+        with scripted_chat(family_models("qwen3"), store) as chat:
+            chat.writes(f"<think>\nI need the weather tool.\n</think>\n\n{call}")
+            answer = chat.post(messages=MESSAGES, tools=TOOLS)
+            message = answer["choices"][0]["message"]
+            assert (message["content"], message["reasoning_content"]) == (None, "I need the weather tool.")
+            chunks = chat.stream(messages=MESSAGES, tools=TOOLS)
+            assert chunks[0]["choices"][0]["delta"]["content"] is None
+            state = ChatCompletionStreamState()
+            for chunk in chunks:
+                state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+            accumulated = state.get_final_completion().choices[0]
+            assert accumulated.message.content is None and accumulated.finish_reason == "tool_calls"
+            assert accumulated.message.model_extra["reasoning_content"] == "I need the weather tool."
+            chat.writes("<think>\nNothing to call.\n</think>\n\n")  # a trace, then no answer at all
+            assert chat.post(messages=MESSAGES)["choices"][0]["message"]["content"] == ""
+            state = ChatCompletionStreamState()
+            for chunk in chat.stream(messages=MESSAGES):
+                state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+            assert state.get_final_completion().choices[0].message.content == ""
+            chat.service.limits = ServingParams(invalid_call_finish_reason="stop")
+            chat.writes('<tool_call>\n{"name": "get_weather", "argu')
+            broken = chat.post(messages=MESSAGES, tools=TOOLS)
+            assert broken["choices"][0]["finish_reason"] == "stop"
+        store.flush()
+        with FeedbackReader(tmp_path / "feedback.db") as reader:
+            logged = {row[0]: row[1:] for row in reader.conn.execute(
+                "SELECT id, finish_reason, reasoning FROM interactions")}
+        assert logged[answer["id"]] == ("tool_calls", "I need the weather tool.")
+        assert logged[broken["id"]] == ("invalid_tool_call", None)
+    finally:
+        store.close()
+
+
+def test_required_with_one_tool_writes_its_name_and_still_returns_every_call(family_models):
+    """With one tool, `required` can only call that tool: its name is forced as a named choice
+    forces it (a model that would write another name still calls it), yet, unlike a named
+    choice, the calls it writes after the first come back too."""
+    from tasks.model.responses import forced_call_opening
+
+    one = TOOLS[:1]
+    calls = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>')
+    with scripted_chat(family_models("qwen2.5")) as chat:
+        opening = forced_call_opening(chat.engine.tokenizer, MESSAGES, one, "get_weather")
+        chat.writes(calls.removeprefix(opening))
+        body = {"messages": MESSAGES, "tools": one, "tool_choice": "required"}
+        wanted = [{"name": "get_weather", "arguments": {"city": city}} for city in ("Oslo", "Rome")]
+        assert answered_calls(chat.post(**body)) == (wanted, None, "tool_calls")
+        assert streamed_calls(chat.stream(**body)) == (wanted, "", "tool_calls")

@@ -34,7 +34,7 @@ def test_a_log_written_before_the_schema_was_versioned_keeps_working(tmp_path):
     assert store.count("feedback") == 1 and store.add_feedback("c0", 5) == 2
     store.close()
     version = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 5
+    assert version == SCHEMA_VERSION == 6
 
 
 def test_a_rated_tool_call_is_exported_as_the_call_with_its_tools(tmp_path):
@@ -50,6 +50,29 @@ def test_a_rated_tool_call_is_exported_as_the_call_with_its_tools(tmp_path):
     [example] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert export.examples == 1 and example["tools"] == tools
     assert example["messages"][-1] == {"role": "assistant", "content": None, "tool_calls": calls}
+
+
+def test_a_rated_answer_keeps_its_trace_and_a_broken_call_is_not_trained_as_an_answer(tmp_path):
+    """A reasoning model's answer is exported with the trace it wrote; a correction is not given
+    the trace that led to the wrong answer; a call the service returned as text (finish reason
+    `invalid_tool_call` in the log, whatever the client was told) is no answer to learn."""
+    from tasks.data.validate import validate_dataset
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    for cid, answer, finish in (("c0", "It is 12 degrees.", "stop"), ("c1", "It is 9 degrees.", "stop"),
+                                ("c2", '<tool_call>\n{"name": "get_weather", "argu', "invalid_tool_call")):
+        store.log_interaction(Interaction(cid, "chat", "m", "1", [{"role": "user", "content": f"Weather {cid}?"}],
+                                          answer, finish, 3, 2, 1.0, reasoning="The tool said so."))
+    store.add_feedback("c0", 5, key_name="app", trusted=True)
+    store.add_feedback("c1", 1, "It is 10 degrees.", key_name="app", trusted=True)
+    store.add_feedback("c2", 5, key_name="app", trusted=True)
+    store.close()
+    export = export_feedback(tmp_path / "feedback.db", tmp_path / "out.jsonl", 4)
+    finals = [json.loads(line)["messages"][-1] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert finals == [{"role": "assistant", "content": "It is 12 degrees.", "reasoning_content": "The tool said so."},
+                      {"role": "assistant", "content": "It is 10 degrees."}]
+    assert export.invalid_calls == 1
+    assert validate_dataset(tmp_path / "out.jsonl").valid
 
 
 def test_a_log_of_a_newer_schema_is_refused_by_name(tmp_path):
@@ -191,7 +214,7 @@ def test_a_version_4_log_is_migrated_and_its_decision_numbers_go_on_above_its_ow
     store.close()
     with FeedbackReader(db) as reader:
         assert reader.last_decision() == 4 and [r.decision for r in reader.feedback_since(0)] == [1, 2, 3, 4]
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
 
 
 def test_two_processes_opening_an_old_log_at_once_migrate_it_once(tmp_path):
