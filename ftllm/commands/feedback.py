@@ -60,8 +60,12 @@ def _export(out: Path, min_rating: int) -> None:
         exported = export_feedback(db, out, min_rating, policy=policy)
     except (FileNotFoundError, ValueError) as exc:  # no database yet, or --min-rating outside 1..5
         raise UsageError(str(exc)) from None
-    print(f"wrote {exported.examples} examples from {db} to {out} ({exported.held} rows held for approval, "
-          f"redacted: {exported.redacted})")
+    left_out = {"held for approval": exported.held, "repeats merged": exported.repeats,
+                "invalid tools or calls": exported.invalid_calls, "that made no example (no prompt, or a blank answer)": exported.not_a_chat,
+                "erased prompts": exported.erased}
+    print(f"wrote {exported.examples} examples from {db} to {out}; left out: "
+          + (", ".join(f"{n} {what}" for what, n in left_out.items() if n) or "none")
+          + f"; redacted: {exported.redacted}")
 
 
 def pending_command() -> int:

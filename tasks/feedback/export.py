@@ -71,7 +71,7 @@ class FeedbackExport:
     redacted: dict[str, int] = field(default_factory=dict)  # findings per category, examples changed/dropped
     repeats: int = 0  # examples left out as the same as a later one (many users, the same rated answer)
     invalid_calls: int = 0  # left out: tools or calls validation would refuse (a masked argument), or a broken call
-    not_a_chat: int = 0  # corrections and good ratings of a request that is no prompt (ends with an assistant turn)
+    not_a_chat: int = 0  # corrections and good ratings that make no example (no prompt to answer, a blank answer)
 
 
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,

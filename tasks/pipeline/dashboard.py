@@ -243,7 +243,7 @@ def _feedback_section(feedback: dict[str, Any] | None) -> str:
     parts = [cards([("examples", feedback.get("examples", 0)), ("held for approval", feedback.get("held", 0)),
                     ("capped", feedback.get("capped", 0)), ("repeats merged", feedback.get("repeats", 0)),
                     ("invalid tools or calls", feedback.get("invalid_calls", 0)),
-                    ("no prompt to answer", feedback.get("not_a_chat", 0)),
+                    ("made no example", feedback.get("not_a_chat", 0)),
                     ("end users", feedback.get("users", 0)),
                     ("redacted examples", redacted.get("examples_changed", 0)),
                     ("dropped by redaction", redacted.get("examples_dropped", 0))])]

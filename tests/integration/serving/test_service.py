@@ -184,7 +184,7 @@ def test_concurrency_cap_answers_429():
     assert held == [200, 200] and health == 200
 
 
-def test_feedback_is_stored_and_exported_as_training_data(client, serving_dir):
+def test_feedback_is_stored_and_exported_as_training_data(client, serving_dir, capsys):
     from ftllm.commands.feedback import approve_command, export_command
 
     good = chat(client, max_tokens=8).json()
@@ -200,8 +200,10 @@ def test_feedback_is_stored_and_exported_as_training_data(client, serving_dir):
     assert "must be a JSON object" in not_an_object["message"] and "'None'" not in not_an_object["message"]
 
     out = serving_dir / "exported.jsonl"
+    capsys.readouterr()
     assert export_command(out, 4) == 0
     assert "June 5, 1987" not in out.read_text()  # an open service's callers are untrusted: held for approval
+    assert "left out: 3 held for approval" in capsys.readouterr().out  # the three rows, none approved yet
     assert approve_command(True, [], False, "test") == 0
     assert export_command(out, 4) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
