@@ -68,7 +68,8 @@ class ChatMessage(BaseModel):
     models); it is rendered as `system`, since chat templates know only that one. `name`
     (OpenAI's participant name) reaches the chat template on a system, user or assistant
     message; the service refuses it where the template would not write it (`name_dropped`
-    in the data). A tool message's `name` repeats its call's and is not rendered.
+    in the data). A tool message's `name` repeats its call's and is not rendered. `thinking` is
+    another spelling of `reasoning_content`, as in the training data.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -77,6 +78,7 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = Field(None, min_length=1)
     reasoning_content: str | None = None
+    thinking: str | None = None
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -97,6 +99,10 @@ class ChatMessage(BaseModel):
             raise ValueError("a tool message needs the tool_call_id of the call it answers")
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError("content is required (it may be null only on an assistant message with tool_calls)")
+        if self.thinking is not None:
+            if self.reasoning_content not in (None, self.thinking):
+                raise ValueError("reasoning_content and thinking are two spellings of the trace: send one")
+            self.reasoning_content = self.thinking
         return self
 
     def text(self) -> str | None:

@@ -219,3 +219,23 @@ def test_top_p_zero_answers_as_temperature_zero(sampling):
     greedy = answer(sampling, temperature=0)
     assert answer(sampling, temperature=1.5, top_p=0) == answer(sampling, temperature=1.0, top_p=0.0) == greedy
     assert answer(sampling, temperature=1.5, top_p=1.0, seed=3) != greedy
+
+
+def test_thinking_is_rendered_as_reasoning_content_is(family_models):
+    """`thinking` is the other spelling of a trace the training data accepts: the service renders
+    it too, rather than ignoring it as an unknown field."""
+    def prompt_with(**trace) -> str:
+        turn = {**calling("c1"), **trace}
+        resp = chat.client.post("/v1/chat/completions", json={"messages": [ASK, turn, result("c1")], "tools": TOOLS,
+                                                              "max_tokens": 4})
+        assert resp.status_code == 200, resp.text
+        return chat.engine.tokenizer.decode(chat.engine.completions[-1].prompt_ids)
+
+    with scripted_chat(family_models("qwen3")) as chat:
+        chat.writes("It is 12 degrees.")
+        rendered = prompt_with(thinking="Look it up first.")
+        assert "<think>\nLook it up first.\n</think>" in rendered
+        assert prompt_with(reasoning_content="Look it up first.") == rendered
+        both = chat.client.post("/v1/chat/completions", json={"messages": [
+            ASK, {**calling("c1"), "thinking": "a", "reasoning_content": "b"}, result("c1")], "tools": TOOLS})
+        assert "reasoning_content and thinking are two spellings of the trace" in refused(both, "messages.1")
