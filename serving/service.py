@@ -462,7 +462,7 @@ class ChatService:
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
         name = choice.function.name if isinstance(choice, NamedToolChoice) else None
         if name is not None and name not in {t["function"]["name"] for t in tools}:
-            raise APIError(400, f"tool_choice names {name!r}, which is not in tools.", param="tool_choice",
+            raise APIError(400, f"tool_choice names {name!r}, which is not in tools.", param="tool_choice.function.name",
                            code="invalid_value")
         shown = None if choice == "none" else tools
         try:

@@ -200,7 +200,7 @@ def test_required_and_named_tool_choice_force_the_call_streamed_and_not(tools_se
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, max_tokens=8,
                                        tool_choice={"type": "function", "function": {"name": "get_time"}})
-    assert refused.value.param == "tool_choice" and "get_time" in refused.value.message
+    assert refused.value.param == "tool_choice.function.name" and "get_time" in refused.value.message
 
 
 @pytest.mark.slow
