@@ -206,7 +206,8 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
             if call_id in pending:
                 pending.remove(call_id)
             else:
-                why = "has no tool_call_id" if call_id is None else f"answers {call_id!r}, which no pending call has"
+                why = ("has no tool_call_id and follows no call still without a result" if call_id is None
+                       else f"answers {call_id!r}, which no pending call has")
                 problems.setdefault("unexpected_tool_result", f"message {i} (tool) {why}; a result follows the call it answers")
             continue
         if pending:
@@ -268,7 +269,9 @@ def _check_call(i: int, call: Any, schemas: dict[str, Any] | None, seen: set[str
     if call_id:
         seen.add(call_id)
     if not isinstance(function, dict) or not isinstance(function.get("name"), str) or call.get("type", "function") != "function":
-        problems.setdefault("bad_tool_call", f'message {i}: a tool call is not {{"type": "function", "function": {{name, arguments}}}}')
+        got = json.dumps(function, ensure_ascii=False)[:60] if function is not None else "none"
+        problems.setdefault("bad_tool_call", f'message {i}: a tool call is not {{"type": "function", "function": '
+                                             f'{{name, arguments}}}} (its function: {got})')
         return call_id
     name = function["name"]
     if schemas is None or (name not in schemas and not problems.get("bad_tool_schema")):

@@ -350,7 +350,7 @@ def _sharegpt_calls(value: str | dict | list, calls: _CallIds) -> list:
     except json.JSONDecodeError:
         parsed = value
     items = parsed if isinstance(parsed, list) else [parsed]
-    return [calls.new(item) if isinstance(item, dict) else {"function": item} for item in items]
+    return [calls.new(item) for item in items]  # one that is not {name, arguments}: validation names it
 
 
 def read_records(

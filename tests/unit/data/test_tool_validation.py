@@ -161,6 +161,14 @@ def test_sharegpt_function_call_and_observation_become_tool_calls_and_results(tm
     bad = {**row, "conversations": [*row["conversations"][:2], *row["conversations"][2:3] * 2, row["conversations"][3]]}
     report = validate_dataset(write(tmp_path, [row, bad], "s.jsonl"), fmt="sharegpt")
     assert report.errors == {"unexpected_tool_result": 1} and report.error_lines["unexpected_tool_result"] == [2]
+    # Each refusal says what is wrong in ShareGPT's terms: a result that follows no call (ShareGPT
+    # has no call ids), a function_call value that is not JSON (not "a tool call has no id").
+    (extra,) = list(iter_checked(write(tmp_path, [bad], "e.jsonl"), "sharegpt"))
+    assert "has no tool_call_id and follows no call still without a result" in extra.problems["unexpected_tool_result"]
+    garbled = {**row, "conversations": [row["conversations"][0], {"from": "function_call", "value": "{not json"},
+                                        *row["conversations"][2:]]}
+    (checked,) = list(iter_checked(write(tmp_path, [garbled], "g.jsonl"), "sharegpt"))
+    assert set(checked.problems) == {"bad_tool_call"} and '(its function: "{not json")' in checked.problems["bad_tool_call"]
 
 
 def test_openai_legacy_functions_become_tools_and_tool_calls(tmp_path: Path) -> None:
