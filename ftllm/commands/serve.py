@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,25 @@ from tasks.errors import UsageError
 
 BENTO_NAME = "ftllm_chat"
 SOURCE_SERVICE = "serving.service:ChatService"
+
+
+def _stop_with_parent(parent: int) -> Callable[[], None] | None:
+    """What the server's process runs before `bentoml serve` starts, on Linux: the kernel sends it
+    SIGTERM once this process is gone. Killed with SIGKILL (an OOM kill, `kill -9`), this process
+    cannot pass a signal on, and the server would keep the port, logging feedback for nobody;
+    its workers stop with it (serving/lifetime.py). Elsewhere, None (nothing to run)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    pr_set_pdeathsig, sigterm, getppid, exit_now = 1, int(signal.SIGTERM), os.getppid, os._exit
+
+    def arm() -> None:  # in the child, between fork and exec
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+        if getppid() != parent:  # this process was gone before the request was made
+            exit_now(1)
+    return arm
 
 
 def latest_bento(model_name: str, name: str = BENTO_NAME) -> str | None:
@@ -84,7 +104,7 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
     print(f"serving {target} on http://{host}:{port} (OpenAI base URL http://{host}:{port}/v1)", file=sys.stderr)
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
     env = {**os.environ, "FTLLM_ROOT": str(root), OVERRIDES_ENV: json.dumps(overrides or {})}
-    server = subprocess.Popen(cmd, cwd=root, env=env)
+    server = subprocess.Popen(cmd, cwd=root, env=env, preexec_fn=_stop_with_parent(os.getpid()))
     # A supervisor's SIGTERM (systemd, `docker stop`, `kill`) reaches this process only: pass it
     # on, or the server would outlive this process and keep its port.
     signal.signal(signal.SIGTERM, lambda signum, _frame: server.send_signal(signum))

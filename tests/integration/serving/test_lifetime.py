@@ -1,11 +1,25 @@
-"""A `bentoml serve` killed with SIGKILL leaves no worker answering on its port (serving/lifetime.py)."""
+"""A server killed with SIGKILL leaves nothing answering on its port: `bentoml serve`'s workers
+stop with it (serving/lifetime.py), and `bentoml serve` stops with the `ftllm serve` that started it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
 import psutil
+
+from tests.support.project import REPO, free_port, wait_until_up
+
+
+def answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/livez", timeout=5)
+        return True
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
 
 
 def test_the_worker_stops_when_its_server_is_killed(http_server, serving_dir):
@@ -18,9 +32,27 @@ def test_the_worker_stops_when_its_server_is_killed(http_server, serving_dir):
         server.kill()  # it cannot stop its workers
         gone, alive = psutil.wait_procs(workers, timeout=60)
         assert not alive, [p.cmdline() for p in alive]
+        assert not answers(url), "something still answers on the port"
+
+
+def test_the_server_stops_when_ftllm_serve_is_killed(registry, serving_dir):
+    port = free_port()
+    env = {**os.environ, "FTLLM_ROOT": str(REPO), "FTLLM_FEEDBACK_DB": str(serving_dir / "killed-cli-feedback.db")}
+    with open(serving_dir / "ftllm-serve-killed.log", "w") as log:
+        cli = subprocess.Popen([sys.executable, "-m", "ftllm.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+        url, started = f"http://127.0.0.1:{port}", []
         try:
-            urllib.request.urlopen(f"{url}/livez", timeout=5)
-            answered = True
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            answered = False
-        assert not answered, "something still answers on the port"
+            wait_until_up(f"{url}/readyz", cli, 180, serving_dir / "ftllm-serve-killed.log")
+            started = psutil.Process(cli.pid).children(recursive=True)
+            assert started, "ftllm serve started no server"
+            cli.kill()  # it cannot pass a signal on
+            cli.wait(10)
+            gone, alive = psutil.wait_procs(started, timeout=60)
+            assert not alive, [p.cmdline() for p in alive]
+            assert not answers(url), "something still answers on the port"
+        finally:  # whatever the test found, nothing of it outlives the test
+            cli.kill()
+            for proc in started:
+                if proc.is_running():
+                    proc.kill()
