@@ -45,6 +45,7 @@ class Rated:
     correction: str | None = None
     tools: list[dict[str, Any]] | None = None
     key: str = ""  # the key that sent the rating, untrusted (approved) or "" for a trusted one
+    broken_call: bool = False  # the answer is a call the service returned as text (finish `invalid_tool_call`)
 
 
 def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_approve: str = "trusted",
@@ -99,7 +100,8 @@ def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:
     # The latest admitted feedback, not the latest feedback then admitted or not: a later
     # rating held for approval (an untrusted key's) must not hide a trusted one.
     latest, _ = latest_admitted(rated, auto_approve)
-    return [Rated(i.messages, i.answer, row.rating, row.correction, i.tools, "" if row.trusted else row.key_name)
+    return [Rated(i.messages, i.answer, row.rating, row.correction, i.tools, "" if row.trusted else row.key_name,
+                  i.finish_reason == "invalid_tool_call")
             for i, row in latest if prompt_digest(i.messages) not in erased]
 
 
@@ -128,7 +130,7 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams,
     senders: list[set[str]] = []  # the untrusted keys behind each row
     when: list[int] = []  # each row's place in `rated` (oldest first); a pair's is its later rating's
     counts = {"desirable": 0, "undesirable": 0, "middle": 0, "pairs_from_corrections": 0, "pairs_from_ratings": 0,
-              "not_a_chat": 0}
+              "not_a_chat": 0, "broken_calls": 0}
     by_prompt: dict[bytes, list[tuple[list[dict], Rated, int]]] = defaultdict(list)
     for place, item in enumerate(rated):
         prompt = _prompt(item.messages)
@@ -142,6 +144,9 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams,
                 senders.append({item.key} - {""})
                 when.append(place)
                 counts["pairs_from_corrections"] += 1
+            continue
+        if item.broken_call and item.rating >= prefs.desirable_min_rating:
+            counts["broken_calls"] += 1  # a broken call rated well is no answer to learn (rated down, it is one to unlearn)
             continue
         if item.rating >= prefs.desirable_min_rating or item.rating <= prefs.undesirable_max_rating:
             label = item.rating >= prefs.desirable_min_rating

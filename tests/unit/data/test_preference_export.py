@@ -31,11 +31,11 @@ class Log:
         self.n = 0
 
     def serve(self, question: str, answer: str, rating: int | None = None, correction: str | None = None,
-              key: str = "app", trusted: bool = True) -> str:
+              key: str = "app", trusted: bool = True, finish: str = "stop") -> str:
         self.n += 1
         cid = f"c{self.n}"
         self.store.log_interaction(Interaction(cid, "chat", "m", "1", [{"role": "user", "content": question}],
-                                               answer, "stop", 3, 2, 1.0))
+                                               answer, finish, 3, 2, 1.0))
         if rating is not None:
             self.store.add_feedback(cid, rating, correction, key_name=key, trusted=trusted)
         return cid
@@ -75,6 +75,16 @@ def test_the_latest_rating_of_a_completion_counts(tmp_path):
     log.store.add_feedback(cid, 1, key_name="app", trusted=True)
     rows, _ = export(tmp_path, log)
     assert [r["label"] for r in rows] == [False]
+
+
+def test_a_broken_call_rated_well_is_no_answer_to_learn_but_rated_down_it_is_one_to_unlearn(tmp_path):
+    """A call the service returned as text (logged `invalid_tool_call`) is never a desirable row."""
+    log = Log(tmp_path / "f.db")
+    log.serve("Weather in Oslo?", '<tool_call>\n{"name": "get_weather", "argu', 5, finish="invalid_tool_call")
+    log.serve("Weather in Rome?", '<tool_call>\n{"name": "get_weat', 1, finish="invalid_tool_call")
+    rows, summary = export(tmp_path, log)
+    assert [(r["prompt"][0]["content"], r["label"]) for r in rows] == [("Weather in Rome?", False)]
+    assert summary["broken_calls"] == 1
 
 
 def test_a_correction_pairs_with_the_answer_it_replaces(tmp_path):
