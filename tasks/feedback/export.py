@@ -128,8 +128,9 @@ def latest_admitted(rated: list[tuple[Interaction, FeedbackRow]], auto_approve: 
     held = set()
     for interaction, row in rated:
         kept = latest.get(row.completion_id)
-        if row.admitted(auto_approve) and (kept is None or row.correction is not None or kept[1].correction is None):
-            latest[row.completion_id] = (interaction, row)
+        if row.admitted(auto_approve):
+            if kept is None or row.correction is not None or kept[1].correction is None:
+                latest[row.completion_id] = (interaction, row)
         elif row.review == "pending":
             held.add(row.id)
     return sorted(latest.values(), key=lambda pair: pair[1].id), len(held)
@@ -203,7 +204,7 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     # no description), and so the source, in every run: such an example is left out, counted.
     usable = [e for e in examples if not check_tools(e)]
     broken = len(examples) - len(usable) + broken_calls
-    examples, repeats = _latest_of_each(usable)
+    examples, repeats = _latest_of_each(usable, trusted)
     # The cap comes last, on the examples that are written: every one left out after it would
     # shrink the base its shares were counted on, and a capped key's share would grow past it.
     # Each feedback example is trained `weight` times, beside the other sources' train rows.
@@ -213,22 +214,25 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
                       "repeats": repeats, "invalid_calls": broken, "not_a_chat": not_a_chat}
 
 
-def _latest_of_each(examples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+def _latest_of_each(examples: list[dict[str, Any]], trusted: dict[int, bool]) -> tuple[list[dict[str, Any]], int]:
     """The examples without repeats (as redacted, up to case and whitespace, as validation
     compares them), the latest of each kept, and how many were repeats.
 
     Users who ask the same question and rate the same greedy answer high send the same
     example many times; validation would refuse the source for its duplicates and fail every
-    run, so the log's feedback would never be trained on.
+    run, so the log's feedback would never be trained on. A trusted key's copy (`trusted`:
+    by feedback id) is kept before any untrusted one: the untrusted copy counts toward its
+    key's cap, and an untrusted key repeating a trusted example must not push it out.
     """
-    seen: set[bytes] = set()
-    kept = []
-    for example in reversed(examples):
+    latest: dict[bytes, int] = {}
+    for place, example in enumerate(examples):
         loose = example_digests(normalise_example(example)["messages"], example.get("tools"))[1]
-        if loose not in seen:
-            seen.add(loose)
-            kept.append(example)
-    return kept[::-1], len(examples) - len(kept)
+        before = latest.get(loose)
+        if before is None or trusted[example["provenance"]["feedback_id"]] or not trusted[
+                examples[before]["provenance"]["feedback_id"]]:
+            latest[loose] = place
+    kept = sorted(latest.values())
+    return [examples[i] for i in kept], len(examples) - len(kept)
 
 
 def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool = False,

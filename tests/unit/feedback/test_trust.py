@@ -155,6 +155,23 @@ def test_the_cap_counts_the_examples_written_not_the_repeats_left_out(tmp_path):
     assert exported.repeats == 17 and exported.by_key == {"bot": 1, "ops": 1} and exported.capped == 9
 
 
+def test_an_untrusted_key_repeating_a_trusted_example_does_not_push_it_out(tmp_path):
+    """The same example from a trusted and a later untrusted key: the trusted copy is the one
+    kept, so the untrusted key's cap cannot drop it."""
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    for cid, key in (("t0", "ops"), ("b0", "bot")):
+        store.log_interaction(Interaction(cid, "chat", "m", "1", [{"role": "user", "content": "Opening hours?"}],
+                                          "Nine to five.", "stop", 3, 2, 1.0, key))
+        store.add_feedback(cid, 5, key_name=key, trusted=key == "ops")
+    for i in range(1, 4):
+        store.add_feedback(_log(store, i, key="bot"), 5, key_name="bot")
+    store.close()
+    rows, exported = _export(db, tmp_path, auto_approve="all", max_key_share=0.1, other_examples=9)
+    assert ("ops", "Nine to five.") in [(r["provenance"]["key"], r["messages"][-1]["content"]) for r in rows]
+    assert exported.repeats == 1 and exported.by_key == {"bot": 1, "ops": 1}
+
+
 def test_a_correction_outlives_a_later_rating_and_feedback_no_example_holds_is_counted(tmp_path):
     db = tmp_path / "feedback.db"
     store = FeedbackStore(db)
@@ -168,7 +185,7 @@ def test_a_correction_outlives_a_later_rating_and_feedback_no_example_holds_is_c
     store.close()
     rows, exported = _export(db, tmp_path)
     assert [r["messages"][-1]["content"] for r in rows] == ["On Feb 20, 2006."]
-    assert exported.not_a_chat == 1
+    assert exported.not_a_chat == 1 and exported.held == 0  # the superseded rating is admitted, not held
 
 
 def test_the_export_redacts_and_counts_per_category(tmp_path):
