@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from tasks.environment import apply_defaults, environment
-from tasks.errors import EXIT_OK, EXIT_REJECTED, ConfigError, FtllmError, RunFailed, UsageError
+from tasks.errors import EXIT_FAILED, EXIT_OK, EXIT_REJECTED, ConfigError, FtllmError, RunFailed, UsageError
 from tasks.runner import exit_with
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def run(
         overrides = parse_overrides(set_ or [])
         load_params(params, overrides)
     except FtllmError as exc:
-        _emit(RunResult(error=str(exc)), as_json)
+        _emit(RunResult(error=str(exc), exit_code=exc.exit_code), as_json)
         raise
     from flows.retrain import retrain
 
@@ -72,7 +72,7 @@ def run(
         raise_on_failure=False
     )
     if isinstance(result, BaseException):  # a bug in the flow: Prefect hands back the exception
-        _emit(RunResult(error=f"{type(result).__name__}: {result}"), as_json)
+        _emit(RunResult(error=f"{type(result).__name__}: {result}", exit_code=EXIT_FAILED), as_json)
         raise result
     if result.status == "failed":
         _emit(result, as_json)

@@ -57,6 +57,7 @@ def test_run_with_bad_settings_is_a_usage_error_with_a_result_on_stdout(params, 
     doc = last_json(result.stdout)
     jsonschema.validate(doc, RunResult.model_json_schema(mode="serialization"))
     assert doc["status"] == "failed" and doc["error"] in result.stderr and doc["version"] is None
+    assert doc["exit_code"] == 2  # what the process exits with, in the result too
 
 
 def test_run_with_a_missing_settings_file_names_it(tmp_path):
