@@ -273,7 +273,7 @@ class FeedbackStore:
             where.append("id <= ?")
             args.append(up_to_id)
         self.flush()
-        with self._lock:
+        with self._lock, self._conn:  # one transaction, rolled back on failure: no half-made decision
             # One number per decision, after every earlier one: the monitor counts feedback approved
             # after a run read the log as new (tasks/monitor/signals.py).
             number = self._conn.execute("INSERT INTO decisions (created, review, decided_by) VALUES (?, ?, ?)",
@@ -281,7 +281,6 @@ class FeedbackStore:
             cur = self._conn.execute(
                 f"UPDATE feedback SET review = ?, reviewed_by = ?, decision = ? WHERE {' AND '.join(where)}",
                 (decision, by, number, *args))
-            self._conn.commit()
             return cur.rowcount
 
     def forget(self, *, end_user: str | None = None, key_name: str | None = None, before: float | None = None,
@@ -302,6 +301,9 @@ class FeedbackStore:
         args = [v for _, v in conditions]
         self.flush()
         with self._lock, self._conn:
+            # Read under the write lock: an interaction logged after the read and before the delete
+            # would be erased without its prompt on the erasure list.
+            self._conn.execute("BEGIN IMMEDIATE")
             rows = self._conn.execute(f"SELECT id, messages FROM interactions WHERE {where}", args).fetchall()
             ids = [r[0] for r in rows]
             if end_user is not None or key_name is not None:  # replaces an erasure by age of the same prompt

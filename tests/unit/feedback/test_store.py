@@ -170,6 +170,31 @@ def test_feedback_on_a_completion_erased_meanwhile_is_refused_not_orphaned(tmp_p
     other.close()
 
 
+def test_forget_lists_the_prompt_of_a_row_logged_while_it_waited(tmp_path):
+    """An interaction another process logs while `forget` waits for the write lock is erased with
+    its prompt on the erasure list, not erased unlisted (read before the lock, deleted after)."""
+    import json
+    import sqlite3
+
+    from tasks.feedback.schema import prompt_digest
+
+    store = FeedbackStore(tmp_path / "f.db")
+    store.log_interaction(Interaction("c1", "chat", "m", "1", [{"role": "user", "content": "a"}], "x", "stop", 1, 1,
+                                      1.0, end_user="ann"))
+    late = [{"role": "user", "content": "asked meanwhile"}]
+    other = sqlite3.connect(tmp_path / "f.db", check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO interactions (id, created, endpoint, model_name, model_version, messages, answer, "
+                  "finish_reason, prompt_tokens, completion_tokens, latency_ms, end_user) "
+                  "VALUES ('c2', 1, 'chat', 'm', '1', ?, 'x', 'stop', 1, 1, 1.0, 'ann')", (json.dumps(late),))
+    threading.Timer(0.5, other.commit).start()
+    assert store.forget(end_user="ann", reason="request") == (2, 0)
+    listed = {d for (d,) in other.execute("SELECT digest FROM erasures")}
+    assert prompt_digest(late) in listed
+    store.close()
+    other.close()
+
+
 def test_a_log_another_process_holds_is_waited_for(tmp_path):
     import sqlite3
 
