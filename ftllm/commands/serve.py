@@ -32,12 +32,22 @@ def _stop_with_parent(parent: int) -> Callable[[], None] | None:
     """What the server's process runs before `bentoml serve` starts, on Linux: the kernel sends it
     SIGTERM once this process is gone. Killed with SIGKILL (an OOM kill, `kill -9`), this process
     cannot pass a signal on, and the server would keep the port, logging feedback for nobody;
-    its workers stop with it (serving/lifetime.py). Elsewhere, None (nothing to run)."""
+    its workers stop with it (serving/lifetime.py). Elsewhere, or where the C library's prctl
+    cannot be found, None (nothing to run: the server then outlives a SIGKILL of this process).
+
+    The kernel watches the thread that starts the server: call it from the thread that waits
+    for the server (the command's main thread).
+    """
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    except (OSError, AttributeError) as exc:
+        print(f"warning: prctl not found ({exc}): the server will not stop if this process is killed",
+              file=sys.stderr)
+        return None
     pr_set_pdeathsig, sigterm, getppid, exit_now = 1, int(signal.SIGTERM), os.getppid, os._exit
 
     def arm() -> None:  # in the child, between fork and exec

@@ -222,17 +222,21 @@ def _latest_of_each(examples: list[dict[str, Any]], trusted: dict[int, bool]) ->
     example many times; validation would refuse the source for its duplicates and fail every
     run, so the log's feedback would never be trained on. A trusted key's copy (`trusted`:
     by feedback id) is kept before any untrusted one: the untrusted copy counts toward its
-    key's cap, and an untrusted key repeating a trusted example must not push it out.
+    key's cap, and an untrusted key repeating a trusted example must not push it out. The copy
+    kept takes the place of the latest repeat: of several corrections of one prompt the last
+    in the file wins (tasks/data/sources.py).
     """
-    latest: dict[bytes, int] = {}
+    place_of: dict[bytes, int] = {}  # the latest repeat's place
+    copy_of: dict[bytes, int] = {}  # the copy kept: the latest trusted one, else the latest
     for place, example in enumerate(examples):
         loose = example_digests(normalise_example(example)["messages"], example.get("tools"))[1]
-        before = latest.get(loose)
-        if before is None or trusted[example["provenance"]["feedback_id"]] or not trusted[
-                examples[before]["provenance"]["feedback_id"]]:
-            latest[loose] = place
-    kept = sorted(latest.values())
-    return [examples[i] for i in kept], len(examples) - len(kept)
+        place_of[loose] = place
+        kept = copy_of.get(loose)
+        if kept is None or trusted[example["provenance"]["feedback_id"]] or not trusted[
+                examples[kept]["provenance"]["feedback_id"]]:
+            copy_of[loose] = place
+    order = sorted(place_of, key=place_of.__getitem__)
+    return [examples[copy_of[loose]] for loose in order], len(examples) - len(order)
 
 
 def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool = False,

@@ -160,7 +160,10 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams,
         tools = json.dumps(item.tools, sort_keys=True).encode() if item.tools else b""
         by_prompt[prompt_key([*prompt, *_answer(item.answer)]) + tools].append((prompt, item, place))
     for answers in by_prompt.values():
-        best = max(answers, key=lambda a: a[1].rating)
+        usable = [a for a in answers if not a[1].broken_call]  # a broken call is never the chosen answer
+        if not usable:
+            continue
+        best = max(usable, key=lambda a: a[1].rating)
         worst = min(answers, key=lambda a: a[1].rating)
         if best[1].rating - worst[1].rating >= prefs.pair_min_rating_gap and best[1].answer.strip() != worst[1].answer.strip():
             rows.append(_with_tools({"prompt": best[0], "chosen": _answer(best[1].answer),

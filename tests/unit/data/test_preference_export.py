@@ -85,6 +85,12 @@ def test_a_broken_call_rated_well_is_no_answer_to_learn_but_rated_down_it_is_one
     rows, summary = export(tmp_path, log)
     assert [(r["prompt"][0]["content"], r["label"]) for r in rows] == [("Weather in Rome?", False)]
     assert summary["broken_calls"] == 1
+    # Rated in the middle, it is no row of its own, and never the chosen side of a pair.
+    log = Log(tmp_path / "g.db")
+    log.serve("Weather in Oslo?", '<tool_call>\n{"name": "get_weather", "argu', 3, finish="invalid_tool_call")
+    log.serve("Weather in Oslo?", "Sunny.", 1)
+    rows, summary = export(tmp_path, log)
+    assert summary["pairs_from_ratings"] == 0 and [r.get("label") for r in rows] == [False]
 
 
 def test_a_correction_pairs_with_the_answer_it_replaces(tmp_path):

@@ -172,6 +172,22 @@ def test_an_untrusted_key_repeating_a_trusted_example_does_not_push_it_out(tmp_p
     assert exported.repeats == 1 and exported.by_key == {"bot": 1, "ops": 1}
 
 
+def test_the_trusted_copy_of_a_repeat_takes_the_latest_repeats_place(tmp_path):
+    """Of several corrections of one prompt the last in the file wins (the data merge): keeping a
+    trusted copy before an untrusted repeat must not move it back behind an older correction."""
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    for cid, key, fix in (("c1", "ops", "Canberra."), ("c2", "ops", "Canberra, since 1913."), ("c3", "bot", "Canberra.")):
+        store.log_interaction(Interaction(cid, "chat", "m", "1", [{"role": "user", "content": "Capital of Australia?"}],
+                                          "Sydney.", "stop", 3, 2, 1.0, key))
+        store.add_feedback(cid, 1, fix, key_name=key, trusted=key == "ops")
+    store.close()
+    rows, exported = _export(db, tmp_path, auto_approve="all")
+    assert [(r["provenance"]["key"], r["messages"][-1]["content"]) for r in rows] == [
+        ("ops", "Canberra, since 1913."), ("ops", "Canberra.")]
+    assert exported.repeats == 1
+
+
 def test_a_correction_outlives_a_later_rating_and_feedback_no_example_holds_is_counted(tmp_path):
     db = tmp_path / "feedback.db"
     store = FeedbackStore(db)
