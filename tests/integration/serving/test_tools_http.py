@@ -260,3 +260,19 @@ def test_refusals_reach_the_client_as_openai_errors(tools_server):
         client.responses.create(model=TOOLS_MODEL_NAME, input="hi")
     assert unknown.value.code == "not_found"
     assert "POST /v1/responses" in unknown.value.message and "/v1/chat/completions" in unknown.value.message
+
+
+@pytest.mark.slow
+def test_an_open_services_feedback_limit_is_per_client_address(tools_server):
+    """With no key set every caller is `anonymous`: the limit (30 a minute, the shipped setting)
+    is the client's address, as the real server sees it. Last in this module: it uses up
+    127.0.0.1's limit for a minute."""
+    missing = {"id": "chatcmpl-none", "rating": 3}
+    with httpx.Client(base_url=tools_server, timeout=30) as local:
+        statuses = [local.post("/feedback", json=missing).status_code for _ in range(31)]
+        assert statuses[-1] == 429 and set(statuses[:-1]) <= {404, 429}, statuses
+        limited = local.post("/feedback", json=missing).json()["error"]["message"]
+        assert "for the client '127.0.0.1'" in limited, limited
+    other = httpx.Client(base_url=tools_server, timeout=30, transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+    with other:  # another client (Linux answers on all of 127.0.0.0/8) has a limit of its own
+        assert other.post("/feedback", json=missing).status_code == 404
