@@ -166,7 +166,7 @@ def test_malformed_tools_and_tool_messages_are_refused(client, body, param):
 def test_a_tool_choice_that_cannot_be_met_is_refused(client):
     refused(chat(client, tool_choice="required"), "tool_choice", "invalid_value")
     message = refused(chat(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}),
-                      "tool_choice", "invalid_value")
+                      "tool_choice.function.name", "invalid_value")
     assert "get_time" in message
 
 
