@@ -91,6 +91,8 @@ class FeedbackStore:
         # user does not send it twice; NORMAL (WAL) could lose the last commits to a power cut.
         # The interactions are written in batches, so this is one sync per batch, not per request.
         self._conn.execute("PRAGMA synchronous=FULL")
+        # Erased rows are overwritten, not left in free pages of the file (`forget`, retention).
+        self._conn.execute("PRAGMA secure_delete=ON")
         migrate(self._conn, self.path)
         self._queue: queue.SimpleQueue[tuple[tuple, Future] | None] = queue.SimpleQueue()
         self._written = threading.Condition()
@@ -314,7 +316,17 @@ class FeedbackStore:
                 f"DELETE FROM feedback WHERE ({where}) OR completion_id IN (SELECT id FROM interactions WHERE {where})",
                 args + args).rowcount
             self._conn.execute(f"DELETE FROM interactions WHERE {where}", args)
+        self._purge_wal()
         return len(ids), gone
+
+    def _purge_wal(self) -> None:
+        """Copy the write-ahead log into the database and empty it: until then it still holds the
+        erased rows as they were written (the service keeps it open, so SQLite does not)."""
+        with self._lock:
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning("%s-wal could not be emptied (a reader held it): the erased rows stay in it until the "
+                        "next checkpoint; run `ftllm feedback forget` again to retry", self.path)
 
     def expire(self, retention_days: float) -> tuple[int, int]:
         """Erase interactions older than `retention_days` (and their feedback); 0 keeps everything."""

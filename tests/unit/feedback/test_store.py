@@ -195,6 +195,27 @@ def test_forget_lists_the_prompt_of_a_row_logged_while_it_waited(tmp_path):
     other.close()
 
 
+def test_forgotten_rows_leave_no_copy_in_the_files_while_the_service_keeps_the_log_open(tmp_path):
+    """The service holds the log open, so its write-ahead log is not removed: `forget` empties it,
+    and erased rows are overwritten in the database file, not left in free pages."""
+    service = FeedbackStore(tmp_path / "f.db")
+    service.log_interaction(Interaction("c1", "chat", "m", "1", [{"role": "user", "content": "I am dave@corp.example.com"}],
+                                        "Hello Dave.", "stop", 3, 2, 1.0, end_user="dave-4711"))
+    service.add_feedback("c1", 1, "Hello, dave@corp.example.com.", end_user="dave-4711")
+    for i in range(20):  # other users' rows share the pages
+        service.log_interaction(_item(i + 2))
+    cli = FeedbackStore(tmp_path / "f.db")
+    assert cli.forget(end_user="dave-4711", reason="request") == (1, 1)
+    cli.close()
+    files = [f for f in tmp_path.iterdir() if f.name.startswith("f.db")]
+    assert any(f.name == "f.db-wal" for f in files)  # still open by the service
+    for f in files:
+        data = f.read_bytes()
+        assert b"dave" not in data and b"Dave" not in data, f.name
+    assert service.has_interaction("c3")
+    service.close()
+
+
 def test_a_log_another_process_holds_is_waited_for(tmp_path):
     import sqlite3
 
