@@ -18,12 +18,15 @@ line on stderr, through `tasks.runner`).
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.environment import apply_defaults
 from tasks.errors import UsageError
 from tasks.runner import run_entry
+
+DIGEST = re.compile(r"user-[0-9a-f]{16}")  # an end user as the exports name them (tasks.feedback.export.pseudonym)
 
 
 def _settings(root: Path):
@@ -123,12 +126,22 @@ def forget_command(user: str | None, key: str | None, before: str | None, expire
                         when = datetime.fromisoformat(before).replace(tzinfo=UTC).timestamp()
                     except ValueError:
                         raise UsageError(f"--before {before!r}: expected a date like 2026-01-31") from None
-                # The erasure list outlives the data: it names the user by the exports' digest, not by the id.
-                reason = (f"forget --user {pseudonym(storable(user))}" if user else f"forget --key {key}" if key
-                          else f"forget --before {before}")
-                erased = store.forget(end_user=user, key_name=key, before=when, reason=reason)
+                users = [user]
+                if user is not None and DIGEST.fullmatch(user):  # also the id as the exports write it
+                    users += sorted(u for u in store.end_users() if pseudonym(u) == user and u != user)
+                erased = (0, 0)
+                for one in users if user is not None else [None]:
+                    # The erasure list outlives the data: it names the user by the exports' digest, not by the id.
+                    reason = (f"forget --user {pseudonym(storable(one))}" if one is not None else
+                              f"forget --key {key}" if key else f"forget --before {before}")
+                    done = store.forget(end_user=one, key_name=key, before=when, reason=reason)
+                    erased = (erased[0] + done[0], erased[1] + done[1])
         finally:
             store.close()
+        if erased == (0, 0):
+            what = f"--user {user}" if user else f"--key {key}" if key else "that date" if before else "retention"
+            print(f"nothing matched {what}: no interaction or feedback was erased, and no prompt was listed")
+            return
         listed = ("; their prompts are on the erasure list, so no later export holds them" if user or key else "")
         print(f"erased {erased[0]} interactions and {erased[1]} feedback rows{listed} "
               "(earlier DVC snapshots and model versions: docs/guides/trust.md)")

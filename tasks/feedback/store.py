@@ -319,6 +319,14 @@ class FeedbackStore:
         self._purge_wal()
         return len(ids), gone
 
+    def end_users(self) -> set[str]:
+        """Every end-user id the log holds (of interactions and of feedback)."""
+        self.flush()
+        with self._lock:
+            rows = self._conn.execute("SELECT end_user FROM interactions WHERE end_user IS NOT NULL UNION "
+                                      "SELECT end_user FROM feedback WHERE end_user IS NOT NULL").fetchall()
+        return {u for (u,) in rows}
+
     def _purge_wal(self) -> None:
         """Copy the write-ahead log into the database and empty it: until then it still holds the
         erased rows as they were written (the service keeps it open, so SQLite does not)."""

@@ -328,6 +328,14 @@ def test_the_cli_approves_and_forgets(db, monkeypatch, capsys):
     with sqlite3.connect(db) as conn:  # the erasure list outlives the data: it must not name the user
         reasons = [r for (r,) in conn.execute("SELECT reason FROM erasures")]
     assert reasons and "u0" not in str(reasons) and f"forget --user {pseudonym('u0')}" in reasons
+    assert forget_command("u0", None, None, False) == 0  # again: nothing left, and it says so
+    assert "nothing matched --user u0" in capsys.readouterr().out
+    # The digest the exports write is the only id a holder of an export has: it erases the user too.
+    assert forget_command(pseudonym("u1"), None, None, False) == 0
+    assert "erased 3 interactions" in capsys.readouterr().out
+    left = FeedbackStore(db)
+    assert not left.end_users()
+    left.close()
 
 
 def test_a_runs_snapshot_tags_its_mlflow_run_with_the_provenance(db, tmp_path, monkeypatch):
