@@ -72,6 +72,7 @@ class FeedbackExport:
     repeats: int = 0  # examples left out as the same as a later one (many users, the same rated answer)
     invalid_calls: int = 0  # left out: tools or calls validation would refuse (a masked argument), or a broken call
     not_a_chat: int = 0  # corrections and good ratings that make no example (no prompt to answer, a blank answer)
+    rejected: int = 0  # feedback rows a person rejected: kept in the log, never exported
 
 
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,
@@ -211,7 +212,8 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     senders = [set() if trusted[e["provenance"]["feedback_id"]] else {e["provenance"]["key"]} for e in examples]
     examples, capped = cap_per_key(examples, senders, policy.max_key_share, policy.other_examples / policy.weight)
     return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted,
-                      "repeats": repeats, "invalid_calls": broken, "not_a_chat": not_a_chat}
+                      "repeats": repeats, "invalid_calls": broken, "not_a_chat": not_a_chat,
+                      "rejected": sum(row.review == "rejected" for _, row in rated)}
 
 
 def _latest_of_each(examples: list[dict[str, Any]], trusted: dict[int, bool]) -> tuple[list[dict[str, Any]], int]:
@@ -274,4 +276,4 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
                           last_decision=decided, held=left_out["held"], capped=left_out["capped"], erased=left_out["erased"],
                           by_key=dict(sorted(by_key.items())), users=len(users), redacted=left_out["redacted"],
                           repeats=left_out["repeats"], invalid_calls=left_out["invalid_calls"],
-                          not_a_chat=left_out["not_a_chat"])
+                          not_a_chat=left_out["not_a_chat"], rejected=left_out["rejected"])

@@ -63,6 +63,7 @@ def test_a_decision_per_key_admits_only_that_key(db, tmp_path):
     assert sorted(r["messages"][-1]["content"] for r in rows) == ["ops fix", "web fix 1", "web fix 2"]
     assert exported.held == 0 and exported.by_key == {"ops": 1, "web": 2} and exported.users == 1
     assert _export(db, tmp_path, auto_approve="all")[1].by_key == {"ops": 1, "web": 2}  # rejected stays out
+    assert exported.rejected == 3  # counted, so what was left out adds up
 
 
 def test_a_key_named_for_rejection_is_rejected_even_when_all_is_approved(db, tmp_path):
