@@ -124,13 +124,18 @@ def latest_admitted(rated: list[tuple[Interaction, FeedbackRow]], auto_approve: 
 
     A correction outranks a later rating without one: another user's thumbs on the same answer
     must not erase the work of the one who rewrote it (their correction would be lost, uncounted).
+    Then a trusted key's feedback outranks a later approved one of an untrusted key: approval
+    admits a key's feedback, it does not put it above the operator's own.
     """
+    def rank(row: FeedbackRow) -> tuple[bool, bool]:
+        return row.correction is not None, row.trusted
+
     latest: dict[str, tuple[Interaction, FeedbackRow]] = {}
     held = set()
     for interaction, row in rated:
         kept = latest.get(row.completion_id)
         if row.admitted(auto_approve):
-            if kept is None or row.correction is not None or kept[1].correction is None:
+            if kept is None or rank(row) >= rank(kept[1]):
                 latest[row.completion_id] = (interaction, row)
         elif row.review == "pending":
             held.add(row.id)

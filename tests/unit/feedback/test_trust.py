@@ -203,6 +203,12 @@ def test_a_correction_outlives_a_later_rating_and_feedback_no_example_holds_is_c
     rows, exported = _export(db, tmp_path)
     assert [r["messages"][-1]["content"] for r in rows] == ["On Feb 20, 2006."]
     assert exported.not_a_chat == 1 and exported.held == 0  # the superseded rating is admitted, not held
+    # An untrusted key's correction of the same answer, approved later, does not replace the operator's.
+    store = FeedbackStore(db)
+    store.add_feedback("c0", 1, "20/02/2006", key_name="web", end_user="C")
+    store.close()
+    rows, _ = _export(db, tmp_path, auto_approve="all")
+    assert [r["messages"][-1]["content"] for r in rows] == ["On Feb 20, 2006."]
 
 
 def test_the_export_redacts_and_counts_per_category(tmp_path):
