@@ -793,23 +793,30 @@ def write_resolved(params: Params, out: Path, prompt_date: str | None = None) ->
 
     DVC reruns a stage when one of these changes, though the file's path did not.
     """
+    return write_atomic(out, yaml.safe_dump(resolved_settings(params, prompt_date), sort_keys=False))
+
+
+def resolved_settings(params: Params, prompt_date: str | None = None, root: Path = Path(".")) -> dict[str, Any]:
+    """The settings as `write_resolved` writes them: with the md5 of every file they name (a
+    relative path is under `root`; None for a file that is not there)."""
+    def md5_of(path: str | Path) -> str | None:
+        found = root / path
+        return file_md5(found) if found.is_file() else None
+
     doc = params.model_dump(mode="json")
     doc["eval"]["prompt_date"] = prompt_date
-    data_path = Path(params.data.path)
-    doc["data"]["md5"] = file_md5(data_path) if data_path.is_file() else None
+    doc["data"]["md5"] = md5_of(params.data.path)
     # Every source's md5 sits in the `data` section the prepare stage depends on, so that
     # DVC reruns prepare when any of them changes (a source outside data/ included).
     for source in doc["data"]["sources"]:
-        path = Path(source["path"] or FEEDBACK_SNAPSHOT)
-        source["md5"] = file_md5(path) if path.is_file() else None
+        source["md5"] = md5_of(source["path"] or FEEDBACK_SNAPSHOT)
     # A template file is read by prepare and finetune, whose DVC deps name the `model` section.
-    preference = Path(params.preference.path)
-    doc["preference"]["md5"] = file_md5(preference) if preference.is_file() else None
+    doc["preference"]["md5"] = md5_of(params.preference.path)
     init = Path(params.train.init_path or "") / "adapter" / "adapter_model.safetensors"
-    doc["train"]["init_md5"] = file_md5(init) if params.train.init_path and init.is_file() else None
+    doc["train"]["init_md5"] = md5_of(init) if params.train.init_path else None
     template = Path(params.model.chat_template)
-    doc["model"]["chat_template_md5"] = file_md5(template) if template.suffix == ".jinja" and template.is_file() else None
-    return write_atomic(out, yaml.safe_dump(doc, sort_keys=False))
+    doc["model"]["chat_template_md5"] = md5_of(template) if template.suffix == ".jinja" else None
+    return doc
 
 
 

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.config import Params
+from tasks.config import Params, resolved_settings
 from tasks.registry.versions import ensure_experiment
 
 EXPERIMENT = "retrain"
@@ -118,7 +118,8 @@ def start_tracking_run(
     run_id = client.create_run(exp_id, run_name=origin.name, tags=run_tags).info.run_id
     sources = [(Path(path), md5, context) for path, md5, context in inputs if context != "preference"]
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_params(_flatten("", params.model_dump(mode="json"), {}))
+        # As the stages read them (artifacts/params.yaml): with the md5 of every file they name.
+        mlflow.log_params(_flatten("", resolved_settings(params, params.eval.prompt_date, root), {}))
         if len(sources) > 1:
             paths = [path for path, _, _ in sources]
             common = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))

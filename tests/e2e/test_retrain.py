@@ -324,6 +324,7 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
     assert md5 in run.data.tags["data_sources"] and run.data.tags["feedback_id"] == "50"
     assert json.loads(run.data.tags["feedback.keys"]) == {"app": 50} and run.data.tags["feedback.end_users"] == "5"
     assert "'feedback': True" in run.data.params["data.sources"]  # the run's settings record the source it read
+    assert f"'md5': '{md5}'" in run.data.params["data.sources"]  # as the stages read them: with each file's md5
     assert "data/feedback.jsonl" in [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "data")]
     version = MlflowClient().get_model_version("ftllm-chat", run.data.tags["model_version"])
     assert version.tags["data_sources"] == run.data.tags["data_sources"] and version.tags["feedback_id"] == "50"

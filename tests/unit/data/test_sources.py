@@ -183,6 +183,22 @@ def test_resolved_params_carry_every_source_md5(tmp_path, monkeypatch):
     assert again.data.sources[1].md5 == file_md5(fb) != resolved.data.sources[1].md5
 
 
+def test_resolved_settings_find_the_files_under_the_project_from_any_working_directory(tmp_path, monkeypatch):
+    """What the MLflow run logs as its params: the settings with every file's md5, found under the
+    project's root whatever the process's working directory."""
+    from tasks.config import resolved_settings
+
+    (tmp_path / "data").mkdir()
+    a = write(tmp_path / "data/a.jsonl", [example(1)])
+    fb = write(tmp_path / "data/feedback.jsonl", [example(2, correction=True)])
+    (tmp_path / "data/preference.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path / "data")  # not the root
+    doc = resolved_settings(params([{"path": "data/a.jsonl"}, {"feedback": True}]), root=tmp_path)
+    assert [s["md5"] for s in doc["data"]["sources"]] == [file_md5(a), file_md5(fb)]
+    assert doc["data"]["md5"] == file_md5(a)
+    assert doc["preference"]["md5"] == file_md5(tmp_path / "data/preference.jsonl")
+
+
 def test_feedback_sources_weigh_data_feedback_weight_unless_they_set_their_own(tmp_path, tok):
     a = write(tmp_path / "a.jsonl", [example(i) for i in range(50)])
     fb = write(tmp_path / "feedback.jsonl", [example(i, f"Fixed {i}.", correction=True) for i in range(100, 140)])
