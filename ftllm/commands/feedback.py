@@ -26,7 +26,7 @@ from tasks.environment import apply_defaults
 from tasks.errors import UsageError
 from tasks.runner import run_entry
 
-DIGEST = re.compile(r"user-[0-9a-f]{16}")  # an end user as the exports name them (tasks.feedback.export.pseudonym)
+DIGEST = re.compile(r"user-[0-9a-f]{16}", re.IGNORECASE)  # an end user as the exports name them (tasks.feedback.export.pseudonym)
 
 
 def _settings(root: Path):
@@ -128,7 +128,7 @@ def forget_command(user: str | None, key: str | None, before: str | None, expire
                         raise UsageError(f"--before {before!r}: expected a date like 2026-01-31") from None
                 users = [user]
                 if user is not None and DIGEST.fullmatch(user):  # also the id as the exports write it
-                    users += sorted(u for u in store.end_users() if pseudonym(u) == user and u != user)
+                    users += sorted(u for u in store.end_users() if pseudonym(u) == user.lower() and u != user)
                 erased = (0, 0)
                 for one in users if user is not None else [None]:
                     # The erasure list outlives the data: it names the user by the exports' digest, not by the id.
@@ -139,7 +139,8 @@ def forget_command(user: str | None, key: str | None, before: str | None, expire
         finally:
             store.close()
         if erased == (0, 0):
-            what = f"--user {user}" if user else f"--key {key}" if key else "that date" if before else "retention"
+            what = (f"--user {user}" if user is not None else f"--key {key}" if key is not None
+                    else "that date" if before is not None else "retention")
             print(f"nothing matched {what}: no interaction or feedback was erased, and no prompt was listed")
             return
         listed = ("; their prompts are on the erasure list, so no later export holds them" if user or key else "")

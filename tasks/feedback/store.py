@@ -49,6 +49,7 @@ class DuplicateCorrection(ValueError):
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 BUSY_RETRIES = 10  # times the connection's 30 s timeout a batch waits for a log another process holds
+PURGE_WAIT_MS = 1000  # how long `forget` waits for readers to let it empty the write-ahead log
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -329,9 +330,19 @@ class FeedbackStore:
 
     def _purge_wal(self) -> None:
         """Copy the write-ahead log into the database and empty it: until then it still holds the
-        erased rows as they were written (the service keeps it open, so SQLite does not)."""
+        erased rows as they were written (the service keeps it open, so SQLite does not).
+
+        Emptying it waits for every reader to reach the latest snapshot and holds off writers
+        meanwhile, the service's among them: so it waits PURGE_WAIT_MS at most, not the
+        connection's 30 s.
+        """
         with self._lock:
-            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            waits = self._conn.execute("PRAGMA busy_timeout").fetchone()[0]
+            self._conn.execute(f"PRAGMA busy_timeout={PURGE_WAIT_MS}")
+            try:
+                busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                self._conn.execute(f"PRAGMA busy_timeout={int(waits)}")
         if busy:
             log.warning("%s-wal could not be emptied (a reader held it): the erased rows stay in it until the "
                         "next checkpoint; run `ftllm feedback forget` again to retry", self.path)

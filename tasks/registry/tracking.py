@@ -119,7 +119,9 @@ def start_tracking_run(
     sources = [(Path(path), md5, context) for path, md5, context in inputs if context != "preference"]
     with mlflow.start_run(run_id=run_id):
         # As the stages read them (artifacts/params.yaml): with the md5 of every file they name.
-        mlflow.log_params(_flatten("", resolved_settings(params, params.eval.prompt_date, root), {}))
+        from tasks.evaluate.baselines import prompt_date  # the day the resolve stage writes in
+
+        mlflow.log_params(_flatten("", resolved_settings(params, prompt_date(params), root), {}))
         if len(sources) > 1:
             paths = [path for path, _, _ in sources]
             common = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))

@@ -60,3 +60,21 @@ def test_the_resolve_stage_writes_the_day_over_one_a_settings_file_names(tmp_pat
     (params := tmp_path / "params.yaml").write_text(yaml.safe_dump({"eval": {"prompt_date": "2020-01-01"}}))
     assert resolve.main(["--params", str(params), "--out", str(tmp_path / "resolved.yaml")]) == 0
     assert load_params(tmp_path / "resolved.yaml").eval.prompt_date is None  # the tiny base's template writes no date
+
+
+def test_the_mlflow_run_logs_the_day_the_stages_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's MLflow params are its settings as the stages read them: the day a dated template
+    writes in included, not the null of the settings before the resolve stage."""
+    from mlflow import MlflowClient
+
+    from tasks.registry.tracking import start_tracking_run
+
+    monkeypatch.setattr(baselines, "date", Day)
+    Day.current = dt.date(2026, 12, 7)
+    (dated := tmp_path / "dated").mkdir()
+    (dated / "chat_template.jinja").write_text(DATED_TEMPLATE)
+    (params := tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"base": str(dated)}}))
+    (data := tmp_path / "d.jsonl").write_text('{"messages": []}\n')
+    run_id = start_tracking_run(tmp_path, load_params(params), {}, data, "0" * 32, {}, None, [])
+    MlflowClient().set_terminated(run_id)
+    assert MlflowClient().get_run(run_id).data.params["eval.prompt_date"] == "2026-12-07"

@@ -216,6 +216,29 @@ def test_forgotten_rows_leave_no_copy_in_the_files_while_the_service_keeps_the_l
     service.close()
 
 
+def test_a_reader_that_keeps_forget_from_emptying_the_wal_holds_it_a_second_not_thirty(tmp_path, caplog):
+    """Emptying the write-ahead log holds off every writer (the service's too) while it waits for
+    readers: a reader on an old snapshot costs `forget` a bounded wait and a warning."""
+    import sqlite3
+    import time
+
+    store = FeedbackStore(tmp_path / "f.db")
+    store.log_interaction(Interaction("c1", "chat", "m", "1", [{"role": "user", "content": "a"}], "x", "stop", 1, 1,
+                                      1.0, end_user="ann"))
+    reader = sqlite3.connect(tmp_path / "f.db")
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM interactions").fetchone()  # holds this snapshot
+    store.log_interaction(_item(2))  # a later frame the reader does not see
+    started = time.perf_counter()
+    with caplog.at_level("WARNING", logger="ftllm.serving"):
+        assert store.forget(end_user="ann", reason="request") == (1, 0)
+    assert time.perf_counter() - started < 15  # the connection's own timeout is 30 s
+    assert "could not be emptied" in caplog.text
+    reader.rollback()
+    reader.close()
+    store.close()
+
+
 def test_a_log_another_process_holds_is_waited_for(tmp_path):
     import sqlite3
 
