@@ -63,7 +63,10 @@ def _export(out: Path, min_rating: int) -> None:
         exported = export_feedback(db, out, min_rating, policy=policy)
     except (FileNotFoundError, ValueError) as exc:  # no database yet, or --min-rating outside 1..5
         raise UsageError(str(exc)) from None
-    left_out = {"held for approval": exported.held, "rejected": exported.rejected, "repeats merged": exported.repeats,
+    left_out = {"held for approval": exported.held, "rejected": exported.rejected,
+                "superseded by later feedback on the same answer": exported.superseded,
+                f"rated below {min_rating} (preference data, not examples)": exported.rated_low,
+                "repeats merged": exported.repeats,
                 "invalid tools or calls": exported.invalid_calls, "that made no example (no prompt, or a blank answer)": exported.not_a_chat,
                 "erased prompts": exported.erased}
     print(f"wrote {exported.examples} examples from {db} to {out}; left out: "

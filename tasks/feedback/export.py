@@ -73,6 +73,8 @@ class FeedbackExport:
     invalid_calls: int = 0  # left out: tools or calls validation would refuse (a masked argument), or a broken call
     not_a_chat: int = 0  # corrections and good ratings that make no example (no prompt to answer, a blank answer)
     rejected: int = 0  # feedback rows a person rejected: kept in the log, never exported
+    superseded: int = 0  # admitted rows another row of the same completion outranks (a later rating, a correction)
+    rated_low: int = 0  # uncorrected answers rated below min_rating: no example (the preference export's rows)
 
 
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,
@@ -185,21 +187,30 @@ def cap_per_key(items: list, senders: list[set[str]], share: float, others: floa
 
 def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[str], min_rating: int,
                       policy: ExportPolicy) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Training examples from the log's feedback under `policy`, and what was left out and why."""
+    """Training examples from the log's feedback under `policy`, and what was left out and why.
+
+    Every feedback row is counted once: in an example written, or under the reason it was left
+    out (held, rejected, superseded, rated_low, erased, invalid_calls, not_a_chat, repeats,
+    capped, or dropped by redaction), so nothing leaves the loop without a count.
+    """
     latest, held = latest_admitted(rated, policy.auto_approve)
-    examples, trusted, erased_count, not_a_chat, broken_calls = [], {}, 0, 0, 0
+    superseded = sum(row.admitted(policy.auto_approve) for _, row in rated) - len(latest)
+    examples, trusted, erased_count, not_a_chat, broken_calls, rated_low = [], {}, 0, 0, 0, 0
     for interaction, row in latest:
         if prompt_digest(interaction.messages) in erased:
             erased_count += 1
             continue
+        if row.correction is None and row.rating < min_rating:  # no example: preference data (rated down)
+            rated_low += 1
+            continue
         if row.correction is None and interaction.finish_reason == "invalid_tool_call":
-            broken_calls += row.rating >= min_rating  # a call the service returned as text: no answer to learn
+            broken_calls += 1  # a call the service returned as text: no answer to learn
             continue
         made = training_examples([(interaction.messages, interaction.answer, row)], min_rating,
                                  interaction.tools, interaction.tool_calls, interaction.reasoning)
         # A correction or a good rating that makes no example (the request ended with the
         # assistant's own turn, or the text is empty) is counted, not lost without a word.
-        not_a_chat += not made and (row.correction is not None or row.rating >= min_rating)
+        not_a_chat += not made
         for example in made:
             example["provenance"] = {"key": row.key_name, "user": pseudonym(row.end_user), "feedback_id": row.id}
             examples.append(example)
@@ -218,7 +229,8 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     examples, capped = cap_per_key(examples, senders, policy.max_key_share, policy.other_examples / policy.weight)
     return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted,
                       "repeats": repeats, "invalid_calls": broken, "not_a_chat": not_a_chat,
-                      "rejected": sum(row.review == "rejected" for _, row in rated)}
+                      "rejected": sum(row.review == "rejected" for _, row in rated), "superseded": superseded,
+                      "rated_low": rated_low}
 
 
 def _latest_of_each(examples: list[dict[str, Any]], trusted: dict[int, bool]) -> tuple[list[dict[str, Any]], int]:
@@ -281,4 +293,5 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
                           last_decision=decided, held=left_out["held"], capped=left_out["capped"], erased=left_out["erased"],
                           by_key=dict(sorted(by_key.items())), users=len(users), redacted=left_out["redacted"],
                           repeats=left_out["repeats"], invalid_calls=left_out["invalid_calls"],
-                          not_a_chat=left_out["not_a_chat"], rejected=left_out["rejected"])
+                          not_a_chat=left_out["not_a_chat"], rejected=left_out["rejected"],
+                          superseded=left_out["superseded"], rated_low=left_out["rated_low"])

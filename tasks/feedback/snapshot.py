@@ -27,7 +27,8 @@ class FeedbackSnapshot:
         return {"db": str(e.db), "path": str(e.path), "examples": e.examples, "last_feedback_id": e.last_feedback_id,
                 "last_decision": e.last_decision, "tracked_by": self.tracked_by, "held": e.held, "capped": e.capped, "erased": e.erased,
                 "by_key": e.by_key, "users": e.users, "redacted": e.redacted, "repeats": e.repeats,
-                "invalid_calls": e.invalid_calls, "not_a_chat": e.not_a_chat, "rejected": e.rejected}
+                "invalid_calls": e.invalid_calls, "not_a_chat": e.not_a_chat, "rejected": e.rejected,
+                "superseded": e.superseded, "rated_low": e.rated_low}
 
     def mlflow_tags(self) -> dict[str, str]:
         """The provenance of the run's feedback, as MLflow run tags (`feedback.*`)."""
@@ -38,7 +39,8 @@ class FeedbackSnapshot:
                 "feedback.end_users": str(e.users), "feedback.held": str(e.held), "feedback.capped": str(e.capped),
                 "feedback.repeats": str(e.repeats), "feedback.invalid_calls": str(e.invalid_calls),
                 "feedback.not_a_chat": str(e.not_a_chat), "feedback.erased": str(e.erased),
-                "feedback.rejected": str(e.rejected),
+                "feedback.rejected": str(e.rejected), "feedback.superseded": str(e.superseded),
+                "feedback.rated_low": str(e.rated_low),
                 "feedback.last_feedback_id": str(e.last_feedback_id), "feedback.last_decision": str(e.last_decision),
                 **{f"feedback.redacted.{k}": str(v) for k, v in e.redacted.items()}}
 

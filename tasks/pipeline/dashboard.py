@@ -241,6 +241,7 @@ def _feedback_section(feedback: dict[str, Any] | None) -> str:
         return '<p class="empty">no feedback source in this run</p>'
     redacted = feedback.get("redacted", {})
     parts = [cards([("examples", feedback.get("examples", 0)), ("held for approval", feedback.get("held", 0)), ("rejected", feedback.get("rejected", 0)),
+                    ("superseded", feedback.get("superseded", 0)), ("rated low", feedback.get("rated_low", 0)),
                     ("capped", feedback.get("capped", 0)), ("repeats merged", feedback.get("repeats", 0)),
                     ("invalid tools or calls", feedback.get("invalid_calls", 0)),
                     ("made no example", feedback.get("not_a_chat", 0)),

@@ -211,6 +211,52 @@ def test_a_correction_outlives_a_later_rating_and_feedback_no_example_holds_is_c
     assert [r["messages"][-1]["content"] for r in rows] == ["On Feb 20, 2006."]
 
 
+def test_every_feedback_row_is_in_an_example_or_counted_under_one_reason(tmp_path):
+    """Nothing leaves the loop without a count: the export's examples and its left-out counts add
+    up to the log's feedback rows, whatever mix of reasons the log holds."""
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+
+    def ask(cid, prompt, key="ops", user=None, answer="An answer.", finish="stop", history=()):
+        store.log_interaction(Interaction(cid, "chat", "m", "1", [*history, {"role": "user", "content": prompt}],
+                                          answer, finish, 3, 2, 1.0, key, user))
+        return cid
+
+    ops = {"key_name": "ops", "trusted": True}
+    store.add_feedback(ask("a", "Q a?"), 1, "Fixed a.", **ops)  # an example
+    store.add_feedback(ask("b", "Q b?"), 5, **ops)  # an example
+    store.add_feedback(ask("c", "Q c?"), 2, **ops)  # rated low
+    store.add_feedback(ask("d", "Q d?", key="web"), 1, "Fix d.", key_name="web")  # held
+    store.add_feedback(ask("e", "Q e?", key="web"), 1, "Fix e.", key_name="web")
+    store.review("rejected", "t", ids=[5])  # rejected
+    store.add_feedback(ask("f", "Q f?"), 1, "Fixed f.", **ops)
+    store.add_feedback("f", 4, **ops)  # superseded by the correction
+    store.log_interaction(Interaction("g", "chat", "m", "1", [{"role": "user", "content": "Hi"},
+                                                             {"role": "assistant", "content": "Hel"}],
+                                      "lo", "stop", 3, 2, 1.0, "ops"))
+    store.add_feedback("g", 1, "Hello!", **ops)  # no example: not a chat
+    store.add_feedback(ask("h", "Q h?", answer='<tool_call>\n{"na', finish="invalid_tool_call"), 5, **ops)  # broken call
+    store.add_feedback(ask("i", "Q i?", user="gone"), 5, **ops)
+    store.forget(end_user="gone", reason="request")  # erases i and its feedback
+    store.add_feedback(ask("j", "Q i?", user="other"), 5, **ops)  # the erased prompt asked again: erased
+    store.add_feedback(ask("k", "Q k?"), 5, **ops)
+    store.add_feedback(ask("l", "Q k?"), 5, **ops)  # the same example again: a repeat
+    for n in range(4):  # an approved untrusted key: capped to its share
+        store.add_feedback(ask(f"m{n}", f"Q m{n}?", key="bot"), 1, f"Fix m{n}.", key_name="bot")
+    store.review("approved", "t", keys=["bot"])
+    store.add_feedback(ask("n", "Q n?"), 1, "Mail me at ann@example.org.", **ops)  # dropped by redaction
+    store.close()
+    rows, exported = _export(db, tmp_path, max_key_share=0.2, redaction="drop")
+    with sqlite3.connect(db) as conn:
+        total = conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+    counts = {"held": exported.held, "rejected": exported.rejected, "superseded": exported.superseded,
+              "rated_low": exported.rated_low, "erased": exported.erased, "invalid_calls": exported.invalid_calls,
+              "not_a_chat": exported.not_a_chat, "repeats": exported.repeats, "capped": exported.capped,
+              "dropped": exported.redacted["examples_dropped"]}
+    assert all(counts.values()), counts  # every reason occurs
+    assert exported.examples + sum(counts.values()) == total == 17, (exported.examples, counts, total)
+
+
 def test_the_export_redacts_and_counts_per_category(tmp_path):
     db = tmp_path / "feedback.db"
     store = FeedbackStore(db)
