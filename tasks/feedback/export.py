@@ -77,6 +77,11 @@ class FeedbackExport:
     rated_low: int = 0  # uncorrected answers rated below min_rating: no example (the preference export's rows)
 
 
+# The counts of FeedbackExport that say why feedback rows are not in an example (beside
+# `redacted["examples_dropped"]`): with `examples`, every feedback row of the log is in one.
+LEFT_OUT = ("held", "rejected", "superseded", "rated_low", "erased", "invalid_calls", "not_a_chat", "repeats", "capped")
+
+
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,
                       tools: list[dict[str, Any]] | None = None,
                       tool_calls: list[dict[str, Any]] | None = None,
@@ -290,8 +295,5 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
     by_key = Counter(e["provenance"]["key"] for e in examples)
     users = {(e["provenance"]["key"], e["provenance"]["user"]) for e in examples if e["provenance"]["user"]}
     return FeedbackExport(db=db_path, path=Path(out), examples=len(examples), last_feedback_id=last,
-                          last_decision=decided, held=left_out["held"], capped=left_out["capped"], erased=left_out["erased"],
-                          by_key=dict(sorted(by_key.items())), users=len(users), redacted=left_out["redacted"],
-                          repeats=left_out["repeats"], invalid_calls=left_out["invalid_calls"],
-                          not_a_chat=left_out["not_a_chat"], rejected=left_out["rejected"],
-                          superseded=left_out["superseded"], rated_low=left_out["rated_low"])
+                          last_decision=decided, by_key=dict(sorted(by_key.items())), users=len(users),
+                          redacted=left_out["redacted"], **{k: left_out[k] for k in LEFT_OUT})

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.feedback.export import DEFAULT_POLICY, ExportPolicy, FeedbackExport, export_feedback
+from tasks.feedback.export import DEFAULT_POLICY, LEFT_OUT, ExportPolicy, FeedbackExport, export_feedback
 from tasks.feedback.store import FeedbackStore, default_db_path
 
 
@@ -25,10 +25,8 @@ class FeedbackSnapshot:
     def to_dict(self) -> dict:
         e = self.export
         return {"db": str(e.db), "path": str(e.path), "examples": e.examples, "last_feedback_id": e.last_feedback_id,
-                "last_decision": e.last_decision, "tracked_by": self.tracked_by, "held": e.held, "capped": e.capped, "erased": e.erased,
-                "by_key": e.by_key, "users": e.users, "redacted": e.redacted, "repeats": e.repeats,
-                "invalid_calls": e.invalid_calls, "not_a_chat": e.not_a_chat, "rejected": e.rejected,
-                "superseded": e.superseded, "rated_low": e.rated_low}
+                "last_decision": e.last_decision, "tracked_by": self.tracked_by, "by_key": e.by_key, "users": e.users,
+                "redacted": e.redacted, **{k: getattr(e, k) for k in LEFT_OUT}}
 
     def mlflow_tags(self) -> dict[str, str]:
         """The provenance of the run's feedback, as MLflow run tags (`feedback.*`)."""
@@ -36,11 +34,7 @@ class FeedbackSnapshot:
 
         e = self.export
         return {"feedback.examples": str(e.examples), "feedback.keys": json.dumps(e.by_key, sort_keys=True),
-                "feedback.end_users": str(e.users), "feedback.held": str(e.held), "feedback.capped": str(e.capped),
-                "feedback.repeats": str(e.repeats), "feedback.invalid_calls": str(e.invalid_calls),
-                "feedback.not_a_chat": str(e.not_a_chat), "feedback.erased": str(e.erased),
-                "feedback.rejected": str(e.rejected), "feedback.superseded": str(e.superseded),
-                "feedback.rated_low": str(e.rated_low),
+                "feedback.end_users": str(e.users), **{f"feedback.{k}": str(getattr(e, k)) for k in LEFT_OUT},
                 "feedback.last_feedback_id": str(e.last_feedback_id), "feedback.last_decision": str(e.last_decision),
                 **{f"feedback.redacted.{k}": str(v) for k, v in e.redacted.items()}}
 
