@@ -112,6 +112,29 @@ class Row:
 
 
 
+# Continuations scored in one forward pass (`continuation_logps`).
+SCORE_BATCH = 8
+
+
+def continuation_logps(loaded: LoadedModel, context: list[int], continuations: list[list[int]]) -> list[float]:
+    """The summed log-probability of each continuation's tokens after `context` under `loaded`'s
+    model: how likely the model is to write it (`tool_choice: required` ranks the functions by it).
+    A plain forward pass beside the decoding loop, which it does not touch."""
+    import torch
+
+    from tasks.model.scoring import Sequence, sequence_logps
+
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    device = next(loaded.model.parameters()).device
+    scores: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(continuations), SCORE_BATCH):
+            seqs = [Sequence([*context, *ids], [0] * len(context) + [1] * len(ids))
+                    for ids in continuations[start:start + SCORE_BATCH]]
+            scores += sequence_logps(loaded.model, seqs, pad, device).tolist()
+    return scores
+
+
 # What a row reports; see the module docstring.
 Delta = tuple[Literal["delta"], str]
 End = tuple[Literal["end"], str, int]

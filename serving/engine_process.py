@@ -3,7 +3,8 @@
 The service's event loop (HTTP, validation, templating) and the decoding loop run in two
 processes so that they do not share a GIL (see `serving.engine`). They talk over a
 `multiprocessing` pipe in the dataclass messages below: `LoadModel`, `DropModel`,
-`StartRow`, `CancelRow` and `Close` from the service; `Loaded` and `Events` back. The
+`StartRow`, `CancelRow`, `Score` and `Close` from the service; `Loaded`, `Events` and
+`Scored` back. The
 process runs the loop that `serving.engine` names (`LOOPS`), through the
 `serving.decoding.DecodingLoop` protocol.
 """
@@ -17,11 +18,19 @@ import logging
 import multiprocessing
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.decoding import CLOSE_TIMEOUT_SECONDS, Event, LoadedModel, LoopFactory, Row, load_model_dir
+from serving.decoding import (
+    CLOSE_TIMEOUT_SECONDS,
+    Event,
+    LoadedModel,
+    LoopFactory,
+    Row,
+    continuation_logps,
+    load_model_dir,
+)
 from serving.engine import Engine
 from serving.library_engine import LibraryEngine
 
@@ -72,6 +81,17 @@ class CancelRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Score:
+    """Score `continuations` after `context` on model `key` (`serving.decoding.continuation_logps`);
+    answered with `Scored`."""
+
+    id: int
+    key: str
+    context: list[int]
+    continuations: list[list[int]]
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Answer the rows in flight with an error and end the process."""
 
@@ -96,8 +116,17 @@ class Events:
     step_sizes: list[int]
 
 
-ToEngine = LoadModel | DropModel | StartRow | CancelRow | Close
-FromEngine = Loaded | Events
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """The answer to `Score`: a log-probability per continuation, or why there is none."""
+
+    id: int
+    scores: list[float]
+    error: str | None = None
+
+
+ToEngine = LoadModel | DropModel | StartRow | CancelRow | Score | Close
+FromEngine = Loaded | Events | Scored
 
 
 def engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, prefix_min_tokens: int = 0,
@@ -106,7 +135,8 @@ def engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, 
 
     `max_batch`, `join_ratio`, `join_after_steps` and `prefix_min_tokens` are the loop's;
     `kind` is `serving.engine`, a key of `LOOPS`. A model dropped stays in memory while
-    rows of it still generate (they hold it).
+    rows of it still generate (they hold it). Scoring runs in a thread of its own, beside
+    the decoding loop: rows keep flowing meanwhile.
     """
     send_lock = threading.Lock()
     models: dict[str, LoadedModel] = {}
@@ -136,6 +166,14 @@ def engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, 
             log.exception("loading %s failed", message.model_dir)
             send(Loaded(message.key, 0, f"{type(exc).__name__}: {exc}"))
 
+    def score(message: Score, loaded: LoadedModel) -> None:
+        try:
+            send(Scored(message.id, continuation_logps(loaded, message.context, message.continuations)))
+        except Exception as exc:
+            log.exception("scoring on model %s failed", message.key)
+            send(Scored(message.id, [], f"{type(exc).__name__}: {exc}"))
+
+    scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftllm-score")
     engine = LOOPS[kind](emit, max_batch=max_batch, join_ratio=join_ratio, join_after_steps=join_after_steps,
                          on_step=steps.append, prefix_min_tokens=prefix_min_tokens)
     try:
@@ -153,6 +191,11 @@ def engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, 
                                                  message.top_p, message.stops, message.stream, models[message.key],
                                                  seed=message.seed)
                     engine.submit(row)
+                case Score():
+                    if message.key not in models:
+                        send(Scored(message.id, [], f"model {message.key} is not loaded in the engine"))
+                        continue
+                    scorer.submit(score, message, models[message.key])
                 case CancelRow():
                     if message.id in rows:
                         engine.cancel(rows[message.id])
@@ -165,6 +208,7 @@ def engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, 
                 case Close():
                     break
     finally:
+        scorer.shutdown(wait=False, cancel_futures=True)
         engine.close()
         engine.join(CLOSE_TIMEOUT_SECONDS)
 
@@ -230,6 +274,7 @@ class EngineProcess:
         self._keys = itertools.count(1)
         self._in_flight: dict[int, Completion] = {}
         self._loads: dict[str, Future] = {}
+        self._scores: dict[int, Future] = {}
         self._reader = threading.Thread(target=self._read, name="ftllm-engine-reader", daemon=True)
         self._reader.start()
 
@@ -268,6 +313,24 @@ class EngineProcess:
             self._in_flight.pop(completion.id, None)
             raise
 
+    async def score(self, key: str, context: list[int], continuations: list[list[int]]) -> list[float]:
+        """Each continuation's log-probability after `context` on model `key` (see `Score`).
+
+        Raises:
+            EngineError: the engine is not running, or the scoring failed.
+        """
+        sid = next(self._ids)
+        future: Future = Future()
+        self._scores[sid] = future
+        try:
+            self._send(Score(sid, key, context, continuations))
+            scored: Scored = await asyncio.wrap_future(future)
+        finally:
+            self._scores.pop(sid, None)
+        if scored.error:
+            raise EngineError(f"the engine could not score on model {key}: {scored.error}")
+        return scored.scores
+
     def cancel(self, completion: Completion) -> None:
         """The client went away: stop generating for it."""
         if self._in_flight.pop(completion.id, None) is not None and self.alive:
@@ -291,11 +354,17 @@ class EngineProcess:
                     future = self._loads.pop(message.key, None)
                     if future is not None:
                         future.set_result(message)
+                case Scored():
+                    future = self._scores.pop(message.id, None)
+                    if future is not None:
+                        future.set_result(message)
         self.alive = False
         code = self.process.exitcode
         log.error("the generation engine stopped (exit code %s)", code)
         for future in list(self._loads.values()):
             future.set_result(Loaded("", 0, "the engine stopped"))
+        for sid, future in list(self._scores.items()):
+            future.set_result(Scored(sid, [], "the engine stopped"))
         self._deliver([(cid, ("error", "the generation engine stopped")) for cid in list(self._in_flight)])
 
     def _deliver(self, events: list[tuple[int, Event]]) -> None:

@@ -63,9 +63,11 @@ import asyncio
 import gc
 import json
 import logging
+import math
+import random
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -105,7 +107,7 @@ from tasks.config import Params, ServingParams, load_params, overrides_from_env 
 from tasks.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
 from tasks.feedback.store import DuplicateCorrection  # noqa: E402
 from tasks.model.chat import encode_text  # noqa: E402
-from tasks.model.responses import ParsedResponse, ResponseStream, parse_generation  # noqa: E402
+from tasks.model.responses import CallChoice, ParsedResponse, ResponseStream, parse_generation  # noqa: E402
 
 log = logging.getLogger("ftllm.serving")
 
@@ -211,6 +213,8 @@ class ChatPlan:
         prompt: the rendered prompt, without `opening`.
         opening: text appended to the prompt to force a call (`tool_choice` required or
             named), part of the answer the model writes; "" otherwise.
+        choices: with `tool_choice: required` and several tools, the functions to choose
+            from (`ChatService._choose_call`), whose opening then replaces `opening`.
         tools: the tools shown to the model (None with `tool_choice: none` or no tools).
         parse: whether the generation is parsed (tools offered, or a template that writes
             reasoning traces); else its text is the answer as generated.
@@ -227,6 +231,7 @@ class ChatPlan:
     parse: bool = False
     single_call: bool = False
     invalid_finish: str = "invalid_tool_call"
+    choices: tuple[CallChoice, ...] = ()
 
     def read(self, text: str) -> ParsedResponse:
         """The generation (after the opening) read back into answer, reasoning and calls."""
@@ -271,6 +276,24 @@ def _answer_message(parsed: ParsedResponse) -> dict[str, Any]:
     if parsed.reasoning_content is not None:
         message["reasoning_content"] = parsed.reasoning_content
     return message
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """How many leading ids all of `seqs` share."""
+    n = 0
+    while all(len(s) > n and s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def _draw(scores: list[float], temperature: float, seed: int | None) -> int:
+    """The index of the highest of `scores` (log-probabilities) at temperature 0, else one drawn
+    with probability proportional to exp(score / temperature), from `seed` when given."""
+    best = max(range(len(scores)), key=scores.__getitem__)
+    if temperature <= 0:
+        return best
+    weights = [math.exp((s - scores[best]) / temperature) for s in scores]
+    return random.Random(seed).choices(range(len(scores)), weights)[0]
 
 
 def _logged_finish(finish: str, parsed: ParsedResponse | None) -> str:
@@ -404,7 +427,7 @@ class ChatService:
         if req.store is not False:
             await self._log(item)
 
-    def _check_chat(self, body: Any) -> tuple[ChatRequest, list[dict], Completion, ChatPlan]:
+    async def _check_chat(self, body: Any) -> tuple[ChatRequest, list[dict], Completion, ChatPlan]:
         if not isinstance(body, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
         if isinstance(body.get("messages"), list) and len(body["messages"]) > self.limits.max_messages:
@@ -432,7 +455,11 @@ class ChatService:
         self._check_model(req.model, loaded)
         messages = [m.canonical() for m in req.messages]
         _check_names(messages, loaded)
+        # top_p 0 keeps only the most likely token, which is what greedy decoding picks.
+        greedy = req.temperature < MIN_SAMPLING_TEMPERATURE or req.top_p == 0
         plan = self._plan(req, loaded, [for_template(m) for m in messages])
+        if plan.choices:
+            plan = await self._choose_call(plan, loaded, 0.0 if greedy else req.temperature, req.seed)
         prompt_ids = encode_text(loaded.tokenizer, plan.prompt + plan.opening)
         n_prompt = len(prompt_ids)
         room = loaded.context_length - n_prompt
@@ -441,8 +468,6 @@ class ChatService:
             raise APIError(400, f"The prompt has {n_prompt} tokens; with max_tokens={max(max_new, 1)} it exceeds the "
                                 f"model's context of {loaded.context_length}.", param="messages",
                            code="context_length_exceeded")
-        # top_p 0 keeps only the most likely token, which is what greedy decoding picks.
-        greedy = req.temperature < MIN_SAMPLING_TEMPERATURE or req.top_p == 0
         if req.seed is not None and not greedy and self.limits.engine == "transformers":
             raise APIError(400, "seed is not applied by serving.engine=transformers (the library samples every row "
                                 "from one random state); leave seed out, or serve with serving.engine: own.",
@@ -456,7 +481,7 @@ class ChatService:
         from jinja2 import TemplateError
 
         from tasks.model.chat import render_prompt
-        from tasks.model.responses import forced_call_opening, needs_parsing
+        from tasks.model.responses import call_choices, forced_call_opening, needs_parsing
 
         choice = req.tool_choice or "auto"  # a tool_choice comes with tools (`check_request`)
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
@@ -470,22 +495,43 @@ class ChatService:
         except TemplateError as exc:
             raise APIError(400, f"The model's chat template refuses these messages: {exc}.", param="messages",
                            code="invalid_value") from None
-        opening = ""
+        opening, choices = "", None
         if choice == "required" or name is not None:
             # `required` with one tool can only call that one: its name is written too, not left to the model
             forced = name or (tools[0]["function"]["name"] if len(tools) == 1 else None)
             opening = forced_call_opening(loaded.tokenizer, messages, tools, forced, loaded.system_message)
+            if forced is None and opening is not None:
+                choices = call_choices(loaded.tokenizer, messages, tools, loaded.system_message)
             if opening is None:
                 raise APIError(400, f"tool_choice={json.dumps(req.model_dump(mode='json')['tool_choice'])} needs a "
                                     f"model whose chat template writes tool calls; {loaded.name} version "
                                     f"{loaded.version}'s does not. Use tool_choice 'auto'.", param="tool_choice",
                                code="unsupported_value")
         return ChatPlan(loaded.tokenizer, prompt, opening, shown, needs_parsing(loaded.tokenizer, shown),
-                        req.parallel_tool_calls is False or name is not None, self.limits.invalid_call_finish_reason)
+                        req.parallel_tool_calls is False or name is not None, self.limits.invalid_call_finish_reason,
+                        tuple(choices or ()))
+
+    async def _choose_call(self, plan: ChatPlan, loaded: ServedModel, temperature: float,
+                           seed: int | None) -> ChatPlan:
+        """`tool_choice: required` with several tools: the declared function the model is likeliest
+        to call (drawn by likelihood at `temperature` when sampling), forced as a named choice
+        forces its function, so the answer calls a declared function. Where the engine cannot
+        score (a failed forward pass), the model writes the name itself, as before."""
+        ids = [encode_text(loaded.tokenizer, plan.prompt + c.scored) for c in plan.choices]
+        if max(map(len, ids)) >= loaded.context_length:
+            return plan  # too long to score; the request is refused for its length next
+        shared = min(_common_prefix(ids), min(map(len, ids)) - 1)  # every function has a token of its own scored
+        try:
+            scores = await self.engine.score(loaded.key, ids[0][:shared], [i[shared:] for i in ids])
+        except EngineError as exc:
+            log.warning("tool_choice required: %s; the model writes the function name unconstrained", exc)
+            return plan
+        chosen = plan.choices[_draw(scores, temperature, seed)]
+        return replace(plan, opening=chosen.opening, choices=())
 
     async def chat_completions(self, request: Request):
         started = time.perf_counter()
-        req, messages, row, plan = self._check_chat(await _read_json(request))
+        req, messages, row, plan = await self._check_chat(await _read_json(request))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         who = (request_caller(request.scope), req.user)
         if req.stream:

@@ -413,6 +413,46 @@ def forced_call_opening(tokenizer, messages: list[dict], tools: list[dict], name
     required`), or with `name` written too, its arguments (a named `tool_choice`); the
     named opening ends where a token ends, as in the text the model was trained on.
     """
+    probe = _probe_call(tokenizer, messages, tools, system_message)
+    if probe is None:
+        return None
+    opening, after = probe
+    return opening if name is None else _named_opening(tokenizer, opening, name, after)
+
+
+@dataclass(frozen=True)
+class CallChoice:
+    """A function `tool_choice: required` may call: the opening that forces a call to it, and
+    the text whose likelihood ranks it against the other functions (its name, then what the
+    template writes after a name up to the arguments: `", "arguments": ` in Qwen's template),
+    so that a name that begins another (`get_time`, `get_time_zone`) is not favoured for being
+    shorter."""
+
+    name: str
+    opening: str
+    scored: str
+
+
+def call_choices(tokenizer, messages: list[dict], tools: list[dict],
+                 system_message: str = "auto") -> list[CallChoice] | None:
+    """One `CallChoice` per tool, in `tools`' order; None when the template shows no calls."""
+    probe = _probe_call(tokenizer, messages, tools, system_message)
+    if probe is None:
+        return None
+    opening, after = probe
+    arguments = after.find("{}")  # the probe's empty arguments
+    choices = []
+    for name in (tool["function"]["name"] for tool in tools):
+        named = opening + name
+        end = len(named) + (arguments if arguments > 0 else int(after.startswith('"')))
+        choices.append(CallChoice(name, _named_opening(tokenizer, opening, name, after),
+                                  _cut_at_token(tokenizer, named + after, len(named) + after.startswith('"'), end)))
+    return choices
+
+
+def _probe_call(tokenizer, messages: list[dict], tools: list[dict], system_message: str) -> tuple[str, str] | None:
+    """(what the template writes before a call's function name, what it writes after it) for a
+    probe call rendered after `messages`; None when it renders none."""
     from jinja2 import TemplateError
 
     from tasks.model.chat import messages_for_template, render_prompt
@@ -428,15 +468,15 @@ def forced_call_opening(tokenizer, messages: list[dict], tools: list[dict], name
     at = full.find(_PROBE_FUNCTION, len(prompt))
     if not full.startswith(prompt) or at < 0:
         return None
-    opening = full[len(prompt):at]
-    if name is None:
-        return opening
-    after = full[at + len(_PROBE_FUNCTION):]
+    return full[len(prompt):at], full[at + len(_PROBE_FUNCTION):]
+
+
+def _named_opening(tokenizer, opening: str, name: str, after: str) -> str:
     # The name's closing quote too, unless the tokenizer writes it in one token with what
     # follows (`",` in Qwen's and the tiny model's vocabularies): cut there, a model given
     # a lone `"` token it never saw in training loses the thread and skips its arguments.
-    return _cut_at_token(tokenizer, opening + name + after, len(opening + name),
-                         len(opening + name) + after.startswith('"'))
+    named = opening + name
+    return _cut_at_token(tokenizer, named + after, len(named), len(named) + after.startswith('"'))
 
 
 def _cut_at_token(tokenizer, text: str, shortest: int, longest: int) -> str:

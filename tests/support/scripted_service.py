@@ -36,12 +36,17 @@ class ScriptedEngine:
     """Stands in for `serving.engine_process.EngineProcess`: each row generates `ids`, then eos.
 
     `completions` keeps what the route sent, so a test can read the sampling settings a
-    request became.
+    request became. `scores` are what scoring answers (`tool_choice: required` ranks the
+    functions by them), one per continuation; None: 0 for each, so the first function wins.
     """
 
     tokenizer: Any
     ids: list[int] = field(default_factory=list)
     completions: list = field(default_factory=list)
+    scores: list[float] | None = None
+
+    async def score(self, key: str, context: list[int], continuations: list[list[int]]) -> list[float]:
+        return self.scores if self.scores is not None else [0.0] * len(continuations)
 
     async def submit(self, completion) -> None:
         from serving.decoding import LoadedModel, Row, Tokens
@@ -86,6 +91,11 @@ class LocalEngine:
 
     def cancel(self, completion) -> None:
         self.loop.cancel(self.rows[completion.id])
+
+    async def score(self, key: str, context: list[int], continuations: list[list[int]]) -> list[float]:
+        from serving.decoding import continuation_logps
+
+        return continuation_logps(self.loaded, context, continuations)
 
     def _emit(self, events) -> None:
         for row, event in events:

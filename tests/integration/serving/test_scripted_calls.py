@@ -110,8 +110,9 @@ def test_a_named_tool_choice_returns_only_the_call_to_that_function(family_model
             assert streamed_calls(chat.stream(**body)) == (wanted, "", "tool_calls")
         if not all_valid:
             return
-        # `required` leaves the function to the model: every call it writes comes back.
-        opening = forced_call_opening(chat.engine.tokenizer, MESSAGES, TOOLS, None)
+        # `required` forces a call to the function the model scores highest (the first here: the
+        # scripted engine scores them alike), and every call it writes comes back.
+        opening = forced_call_opening(chat.engine.tokenizer, MESSAGES, TOOLS, "get_weather")
         chat.writes(calls.removeprefix(opening))
         body = {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required"}
         assert [c["name"] for c in answered_calls(chat.post(**body))[0]] == ["get_weather", "get_time"]

@@ -15,6 +15,7 @@ import pytest
 from tasks.model.chat import render_prompt
 from tasks.model.responses import (
     ResponseStream,
+    call_choices,
     check_calls,
     detect_format,
     forced_call_opening,
@@ -227,6 +228,22 @@ def test_the_opening_of_a_forced_call_comes_from_the_template(tokenizers, family
     assert forced_call_opening(tok, QUESTION, TOOLS, "get_weather") == named
     assert forced_call_opening(tokenizers("gemma2"), QUESTION, TOOLS, None) is None
 
+
+
+@pytest.mark.parametrize(("family", "after_name"), [
+    ("qwen2.5", '", "arguments":'), ("mistral", '", "arguments":'), ("llama3.1", '", "parameters":')])
+def test_a_function_choice_is_scored_on_its_name_and_the_text_up_to_its_arguments(tokenizers, family, after_name):
+    """`tool_choice: required` ranks the functions by the likelihood of the scored text: the name
+    with what follows it, so `get_time` is not the likelier for being the start of `get_time_zone`."""
+    tok = tokenizers(family)
+    tools = [*TOOLS, {"type": "function", "function": {**TOOLS[0]["function"], "name": "get_weather_now"}}]
+    choices = call_choices(tok, QUESTION, tools)
+    assert [c.name for c in choices] == ["get_weather", "get_weather_now"]
+    for choice in choices:
+        assert choice.opening == forced_call_opening(tok, QUESTION, tools, choice.name)
+        # up to where a token of the call ends: `": ` is one token in some vocabularies
+        assert choice.scored.rstrip(" ") == forced_call_opening(tok, QUESTION, tools, None) + choice.name + after_name
+    assert call_choices(tokenizers("gemma2"), QUESTION, tools) is None
 
 def test_a_named_opening_stops_where_the_vocabulary_ends_a_token():
     """The tiny model's vocabulary writes `",` as one token: a named opening that ended with
