@@ -325,7 +325,8 @@ def feedback_approve(
 @feedback_app.command("forget")
 @exit_with
 def feedback_forget(
-    user: Annotated[Optional[str], typer.Option("--user", help="Erase this end user's interactions.")] = None,
+    user: Annotated[Optional[str], typer.Option("--user", help="Erase this end user's interactions (with --key: "
+                                                "the user of that key only).")] = None,
     key: Annotated[Optional[str], typer.Option("--key", help="Erase everything sent with this key.")] = None,
     before: Annotated[Optional[str], typer.Option("--before", help="Erase interactions before this date (UTC).")] = None,
     expired: Annotated[bool, typer.Option("--expired", help="Erase what is past feedback.retention_days.")] = False,

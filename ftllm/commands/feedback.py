@@ -113,8 +113,9 @@ def forget_command(user: str | None, key: str | None, before: str | None, expire
         from tasks.feedback.export import pseudonym
         from tasks.feedback.store import storable
 
-        if sum(x is not None for x in (user, key, before)) + expired != 1:
-            raise UsageError("give exactly one of --user ID, --key NAME, --before YYYY-MM-DD, --expired")
+        if sum(x is not None for x in (user, key if user is None else None, before)) + expired != 1:
+            raise UsageError("give exactly one of --user ID (with --key NAME: that key's user only), --key NAME, "
+                             "--before YYYY-MM-DD, --expired")
         store = FeedbackStore(_db(root))
         try:
             if expired:
@@ -135,14 +136,16 @@ def forget_command(user: str | None, key: str | None, before: str | None, expire
                 erased = (0, 0)
                 for one in users if user is not None else [None]:
                     # The erasure list outlives the data: it names the user by the exports' digest, not by the id.
-                    reason = (f"forget --user {pseudonym(storable(one))}" if one is not None else
+                    reason = (f"forget --user {pseudonym(storable(one))}" + (f" --key {key}" if key else "")
+                              if one is not None else
                               f"forget --key {key}" if key else f"forget --before {before}")
                     done = store.forget(end_user=one, key_name=key, before=when, reason=reason)
                     erased = (erased[0] + done[0], erased[1] + done[1])
         finally:
             store.close()
         if erased == (0, 0):
-            what = (f"--user {user}" if user is not None else f"--key {key}" if key is not None
+            what = (f"--user {user}" + (f" --key {key}" if key is not None else "") if user is not None
+                    else f"--key {key}" if key is not None
                     else "that date" if before is not None else "retention")
             print(f"nothing matched {what}: no interaction or feedback was erased, and no prompt was listed")
             return

@@ -289,7 +289,9 @@ class FeedbackStore:
     def forget(self, *, end_user: str | None = None, key_name: str | None = None, before: float | None = None,
                reason: str) -> tuple[int, int]:
         """Erase the interactions of an end user, a key, or from before a time, and all feedback on
-        them or sent by that user or key. Return (interactions, feedback rows) erased.
+        them or sent by that user or key. Return (interactions, feedback rows) erased. Given
+        both, `end_user` and `key_name` erase that key's end user only: end-user ids are each
+        client's own, and two front ends may both have a user "42".
 
         Erasing a user's or a key's data also lists the erased prompts' digests, so that no
         later export contains them, were they logged again. Erasing by time (retention) does
@@ -300,7 +302,8 @@ class FeedbackStore:
         conditions = [(col, val) for col, val in (("end_user = ?", end_user), ("key_name = ?", key_name),
                                                   ("created < ?", before)) if val is not None]
         assert conditions, "forget needs a user, a key or a time"
-        where = " OR ".join(c for c, _ in conditions)
+        assert before is None or (end_user is None and key_name is None), "a time goes alone"
+        where = (" AND " if end_user is not None and key_name is not None else " OR ").join(c for c, _ in conditions)
         args = [v for _, v in conditions]
         self.flush()
         with self._lock, self._conn:

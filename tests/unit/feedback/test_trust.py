@@ -289,6 +289,27 @@ def test_forget_erases_and_no_later_export_holds_the_prompt(db, tmp_path):
         assert len(reader.erased_digests()) == 3
 
 
+
+def test_forget_a_user_of_one_key_leaves_the_same_id_of_another_key(db, capsys, monkeypatch):
+    """End-user ids are each client's own: "u1" of the shop is not "u1" of the web front end."""
+    from ftllm.commands.feedback import forget_command
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    store = FeedbackStore(db)
+    _log(store, 7, key="shop", user="u1", prompt="shop question")
+    store.add_feedback("c7", 5, key_name="shop", end_user="u1")
+    store.close()
+    assert forget_command("u1", "nobody", None, False) == 0
+    assert "nothing matched --user u1 --key nobody" in capsys.readouterr().out
+    assert forget_command("u1", "shop", None, False) == 0
+    assert "erased 1 interactions and 1 feedback rows" in capsys.readouterr().out
+    with FeedbackReader(db) as reader:
+        kept = {(r[0], r[1]) for r in reader.conn.execute("SELECT key_name, end_user FROM interactions")}
+        assert len(reader.erased_digests()) == 1
+    assert ("web", "u1") in kept and ("shop", "u1") not in kept
+    with sqlite3.connect(db) as conn:
+        assert [r for (r,) in conn.execute("SELECT reason FROM erasures")] == [f"forget --user {pseudonym('u1')} --key shop"]
+
 def test_retention_erases_old_interactions(db, tmp_path):
     store = FeedbackStore(db)
     store._conn.execute("UPDATE interactions SET created = ? WHERE id IN ('c0', 'c1')", (time.time() - 40 * 86400,))
@@ -375,7 +396,7 @@ def test_the_cli_approves_and_forgets(db, monkeypatch, capsys):
     assert approve_command(False, ["web"], False, "cli") == 0
     assert held_batch(db, "trusted").per_key == {"bot": 3}
     assert forget_command(None, None, "not-a-date", False) == 2
-    assert forget_command("u0", "web", None, False) == 2  # one criterion at a time
+    assert forget_command("u0", None, "2026-01-01", False) == 2  # one criterion at a time
     assert forget_command(None, "bot", None, False) == 0 and "erased 0 interactions and 3 feedback rows" in capsys.readouterr().out
     assert forget_command("u0", None, None, False) == 0
     with sqlite3.connect(db) as conn:  # the erasure list outlives the data: it must not name the user
