@@ -119,12 +119,14 @@ def _with_tools(row: dict[str, Any], tools: list[dict[str, Any]] | None) -> dict
     return {**row, "tools": tools} if tools else row
 
 
-def preference_examples(rated: list[Rated], prefs: PreferenceParams,
-                        max_key_share: float = 1.0) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_share: float = 1.0,
+                        redaction: RedactAction | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """KTO rows and DPO pairs from rated completions (see the module's docstring), with their counts.
 
     An untrusted key (its feedback approved by a person) makes at most `max_key_share` of the
     rows (`feedback.max_key_share`, as in the supervised export): its latest ones are kept.
+    With `redaction` the rows are redacted first (`redact_preferences`; the findings under
+    `redacted`), so that rows a "drop" policy leaves out do not count toward the shares.
     """
     rows: list[dict[str, Any]] = []
     senders: list[set[str]] = []  # the untrusted keys behind each row
@@ -174,6 +176,9 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams,
     # In time order, so that the cap keeps each key's latest rows, pairs from ratings among them.
     order = sorted(range(len(rows)), key=when.__getitem__)
     rows, senders = [rows[i] for i in order], [senders[i] for i in order]
+    if redaction is not None:
+        redacted, counts["redacted"] = redact_preferences(rows, redaction)
+        rows, senders = [r for r in redacted if r is not None], [k for r, k in zip(redacted, senders) if r is not None]
     rows, counts["capped"] = cap_per_key(rows, senders, max_key_share)
     return rows, counts
 
@@ -184,29 +189,32 @@ def export_preference(db: Path, out: Path, prefs: PreferenceParams, auto_approve
 
     A missing log writes an empty file: no ratings yet, no preference tuning.
     """
-    rows, counts = preference_examples(read_rated(db, auto_approve), prefs, max_key_share) if Path(db).is_file() else ([], {})
-    rows, redacted = redact_preferences(rows, redaction)
+    rated = read_rated(db, auto_approve) if Path(db).is_file() else []
+    rows, counts = preference_examples(rated, prefs, max_key_share, redaction)
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return {"path": str(out), "examples": len(rows), **counts, "redacted": redacted}
+    return {"path": str(out), "examples": len(rows), **counts}
 
 
 _MESSAGE_FIELDS = ("prompt", "completion", "chosen", "rejected")
 
 
-def redact_preferences(rows: list[dict[str, Any]], action: RedactAction = "mask") -> tuple[list[dict[str, Any]], dict[str, int]]:
+def redact_preferences(rows: list[dict[str, Any]],
+                       action: RedactAction = "mask") -> tuple[list[dict[str, Any] | None], dict[str, int]]:
     """Redact every message list of the preference rows (tasks.feedback.redact), as the feedback export does.
 
     Returns:
-        The rows kept (a "drop" policy leaves out a row with any finding) and the findings per
-        category, with `examples_changed` and `examples_dropped`.
+        Each row redacted, or None where a "drop" policy leaves it out (a row with any
+        finding), and the findings per category, with `examples_changed` and `examples_dropped`.
     """
     # Each row's lists as one example whose messages remember their field, so one call redacts the row.
     flat = [{"messages": [{**m, "field": f} for f in _MESSAGE_FIELDS for m in row.get(f) or []]} for row in rows]
-    kept_rows = []
+    kept_rows: list[dict[str, Any] | None] = []
     for row, example in zip(rows, flat):
         redacted, _ = redact_examples([example], action)
-        if redacted:
-            messages = redacted[0]["messages"]
-            kept_rows.append({**row, **{f: [{k: v for k, v in m.items() if k != "field"} for m in messages if m["field"] == f]
-                                        for f in _MESSAGE_FIELDS if f in row}})
+        if not redacted:
+            kept_rows.append(None)
+            continue
+        messages = redacted[0]["messages"]
+        kept_rows.append({**row, **{f: [{k: v for k, v in m.items() if k != "field"} for m in messages if m["field"] == f]
+                                    for f in _MESSAGE_FIELDS if f in row}})
     return kept_rows, redact_examples(flat, action)[1]

@@ -203,6 +203,23 @@ def test_the_cap_keeps_a_keys_latest_rows_by_time_pairs_from_ratings_among_them(
     assert [(r["prompt"][0]["content"], "chosen" in r) for r in strangers] == [("Late 2?", False)]
     assert summary["capped"] == 5
 
+
+def test_rows_redaction_drops_do_not_count_toward_a_keys_share(tmp_path):
+    """With `redaction: drop` the cap is applied to the rows that are written: a key's latest
+    row dropped for personal data leaves its place to the key's next one, as in the supervised export."""
+    log = Log(tmp_path / "f.db")
+    for i in range(8):
+        log.serve(f"Trusted {i}?", f"Answer {i}.", 5)
+    for i in range(3):
+        log.serve(f"Stranger {i}?", f"Reply {i}.", 1, key="stranger", trusted=False)
+    log.serve("Mail me at ann@example.org?", "Reply.", 1, key="stranger", trusted=False)  # the stranger's latest
+    log.store.review("approved", "cli", keys=["stranger"])
+    out = tmp_path / "preference.jsonl"
+    summary = export_preference(log.close(), out, PreferenceParams(), redaction="drop", max_key_share=0.2)
+    texts = [json.loads(line)["prompt"][0]["content"] for line in out.read_text().splitlines()]
+    assert texts == [f"Trusted {i}?" for i in range(8)] + ["Stranger 1?", "Stranger 2?"]  # 2 of the 10 written
+    assert summary["redacted"]["examples_dropped"] == 1 and summary["capped"] == 1
+
 def test_two_capped_keys_each_stay_within_the_share_of_what_is_kept():
     """Each key's limit counts the other keys' rows as they are kept, not as they came."""
     from collections import Counter
