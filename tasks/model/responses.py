@@ -19,9 +19,12 @@ the assistant message lies in the text. The template is, in order:
    - `mistral`: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` (Mistral v0.3);
 3. or none: a template that renders no tool calls gets its text as the answer.
 
-Every built-in template also splits a `<think>...</think>` block off the start of the
-answer (Qwen 3, DeepSeek-R1 style), also when the prompt already opened it, into
-`reasoning_content`.
+Where the chat template writes reasoning traces (`<think>` in it: Qwen 3, DeepSeek-R1, the
+`tiny` model's ChatML), the built-in templates also split a `<think>...</think>` block off the
+start of the answer, also when the prompt already opened it, into `reasoning_content`. Where
+it does not, a model was never trained to write one there (such data is refused before
+training, `check_reasoning_rendering`), and a `<think>` it writes is part of the answer, with
+tools offered or not.
 
 A call is *invalid* when its text cannot be parsed, when it names a function that the
 request did not declare, or when its arguments fail that function's JSON schema
@@ -142,15 +145,24 @@ def response_template(tokenizer) -> tuple[dict | None, bool]:
 
     The model's own (`tokenizer.response_template`) comes first; else a built-in one for
     the template's call format; else one that reads only the reasoning trace and the answer.
+    A built-in one reads a reasoning trace only where the chat template writes them.
     """
     own = getattr(tokenizer, "response_template", None)
     if own:
         return own, True
     name = detect_format(tokenizer)
-    if name is not None:
-        return FORMATS[name], False
-    return {"defaults": {"role": "assistant"}, "start_anchor_pattern": _START, "fields": {
-        "reasoning_content": _REASONING, "content": {"close_pattern": r"$", "content": "text"}}}, False
+    template = FORMATS[name] if name is not None else {
+        "defaults": {"role": "assistant"}, "start_anchor_pattern": _START, "fields": {
+            "reasoning_content": _REASONING, "content": {"close_pattern": r"$", "content": "text"}}}
+    if not writes_reasoning(tokenizer):
+        template = {**template, "fields": {k: v for k, v in template["fields"].items() if k != "reasoning_content"}}
+    return template, False
+
+
+def writes_reasoning(tokenizer) -> bool:
+    """Whether the tokenizer's chat template writes reasoning traces (in `<think>` blocks)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return "<think>" in str(template)
 
 
 def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None,
@@ -190,7 +202,7 @@ def _parse(tokenizer, text: str, prompt: str, tools: list[dict] | None, first_ca
         events = parser.feed(text)
         message, last = parser.finalize()
     except ValueError as exc:  # a call region that is not JSON
-        reasoning, rest = split_reasoning(text, prompt)
+        reasoning, rest = split_reasoning(text, prompt) if own or writes_reasoning(tokenizer) else (None, text)
         return ParsedResponse(_before_call(rest), reasoning, [], f"unparseable tool call ({_first_line(exc)})", rest)
     reasoning = message.get("reasoning_content") or message.get("thinking") or None
     rest = split_reasoning(text, prompt)[1] if reasoning else text
@@ -393,8 +405,7 @@ class ResponseStream:
 
 def needs_parsing(tokenizer, tools: list[dict] | None) -> bool:
     """Whether a generation must be parsed: tools were offered, or the template or model can write a reasoning trace."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    return bool(tools) or bool(getattr(tokenizer, "response_template", None)) or "<think>" in str(template)
+    return bool(tools) or bool(getattr(tokenizer, "response_template", None)) or writes_reasoning(tokenizer)
 
 
 # ------------------------------------------------------------------------------ forcing a call

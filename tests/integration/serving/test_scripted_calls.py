@@ -182,3 +182,22 @@ def test_required_with_one_tool_writes_its_name_and_still_returns_every_call(fam
         wanted = [{"name": "get_weather", "arguments": {"city": city}} for city in ("Oslo", "Rome")]
         assert answered_calls(chat.post(**body)) == (wanted, None, "tool_calls")
         assert streamed_calls(chat.stream(**body)) == (wanted, "", "tool_calls")
+
+
+@pytest.mark.parametrize(("family", "splits"), [("qwen2.5", False), ("llama3.1", False), ("qwen3", True)])
+def test_a_think_block_is_read_alike_with_tools_offered_or_not(family_models, family, splits):
+    """A trace is split off where the chat template writes traces (Qwen 3); where it does not,
+    the model was never trained to write one, and a `<think>` block is answer text, also when
+    the request offers tools (it was split off only then)."""
+    text = "<think>\nçà 🙏\n</think>\n\nRéservé 東京 🙏"
+    with scripted_chat(family_models(family)) as chat:
+        chat.writes(text)
+        for tools in (None, TOOLS):
+            body = {"messages": MESSAGES, **({"tools": tools} if tools else {})}
+            message = chat.post(**body)["choices"][0]["message"]
+            streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chat.stream(**body))
+            if splits:
+                assert (message["content"], message["reasoning_content"]) == ("Réservé 東京 🙏", "çà 🙏")
+            else:
+                assert message["content"] == text and "reasoning_content" not in message, (tools, message)
+            assert streamed == message["content"]
