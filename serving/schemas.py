@@ -43,10 +43,14 @@ class FunctionCall(BaseModel):
     def _json_object(cls, value: str) -> str:
         if not value.strip():  # some clients write a call without arguments so; OpenAI writes "{}"
             return "{}"
+        from tasks.model.tool_schemas import strict_json
+
         try:
-            parsed = json.loads(value)
-        except ValueError:
+            parsed = strict_json(value)
+        except json.JSONDecodeError:
             parsed = None
+        except ValueError as exc:  # NaN or Infinity: Python reads them, JSON does not define them
+            raise ValueError(f"must be a JSON object written as a string ({exc})") from None
         if not isinstance(parsed, dict):  # a ValueError: pydantic turns it into the field's error
             raise ValueError("must be a JSON object written as a string")  # noqa: TRY004
         return value

@@ -22,7 +22,8 @@ mistral-common; structural errors too):
     than calls), missing_tool_result (a call left unanswered before the conversation
     goes on), bad_weight (a weight not 0 or 1, or on a message that is not the
     assistant's), all_weights_zero (every assistant turn has weight 0: nothing to train),
-    bad_reasoning (a reasoning trace that is not a non-empty string).
+    bad_reasoning (a reasoning trace that is not a non-empty string, or two that differ:
+    `reasoning_content` and `thinking` on one message).
 Warning categories (reported, the file stays valid):
     no_system_message, no_user_message, short_answer, over_token_limit.
 """
@@ -201,6 +202,9 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
             problems.setdefault("bad_weight", f"message {i} has a weight {where}; weight is 0 or 1, on assistant messages")
         if "reasoning_content" in m and not (isinstance(m["reasoning_content"], str) and m["reasoning_content"].strip()):
             problems.setdefault("bad_reasoning", f"message {i}: reasoning_content is not a non-empty string")
+        if "thinking" in m:
+            problems.setdefault("bad_reasoning", f"message {i}: reasoning_content and thinking differ; they are two "
+                                                 "spellings of one trace: keep one")
         if role == "tool":
             call_id = m.get("tool_call_id")
             if call_id in pending:
@@ -277,12 +281,16 @@ def _check_call(i: int, call: Any, schemas: dict[str, Any] | None, seen: set[str
     if schemas is None or (name not in schemas and not problems.get("bad_tool_schema")):
         declared = "the example declares no tools" if schemas is None else f"declared: {', '.join(schemas) or 'none'}"
         problems.setdefault("undeclared_tool", f"message {i} calls {name!r}, which is not in `tools` ({declared})")
+    from tasks.model.tool_schemas import SCHEMA_TOO_DEEP, strict_json
+
     arguments = function.get("arguments")
     try:
-        parsed = json.loads(arguments) if isinstance(arguments, str) else None
-    except json.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
+        parsed = strict_json(arguments) if isinstance(arguments, str) else None
+    except ValueError as exc:  # not JSON, or NaN / Infinity, which JSON does not define
+        parsed = None if isinstance(exc, json.JSONDecodeError) else str(exc)
+    if isinstance(parsed, str):
+        problems.setdefault("bad_tool_arguments", f"message {i}: the arguments of {name!r} are not JSON: {parsed}")
+    elif not isinstance(parsed, dict):
         problems.setdefault("bad_tool_arguments", f"message {i}: the arguments of {name!r} are not a JSON object (nor a string holding one)")
     elif schemas and name in schemas:
         from referencing.exceptions import Unresolvable
@@ -291,6 +299,10 @@ def _check_call(i: int, call: Any, schemas: dict[str, Any] | None, seen: set[str
             error = next(iter(schemas[name].iter_errors(parsed)), None)
         except Unresolvable as exc:  # under a nested $id (the rest are checked with the schema); nothing is fetched
             problems.setdefault("bad_tool_schema", f"the parameters of {name!r} have a $ref that does not resolve: {exc}")
+            return call_id
+        except RecursionError:  # arguments nested past what the checker recurses through
+            problems.setdefault("bad_tool_arguments", f"message {i}: the arguments of {name!r} cannot be checked "
+                                                      f"against its parameters: {SCHEMA_TOO_DEEP}")
             return call_id
         if error is not None:
             problems.setdefault("arguments_fail_schema", f"message {i}: the arguments of {name!r} fail its parameters: {error.message}")

@@ -174,6 +174,8 @@ def _openai_to_canonical(obj: dict) -> dict:
             canon["content"] = _joined_text(canon["content"])
         if "thinking" in m and "reasoning_content" not in m:
             canon["reasoning_content"] = m["thinking"]
+        elif "thinking" in m and m["thinking"] != m["reasoning_content"]:
+            canon["thinking"] = m["thinking"]  # two traces: kept, so that validation names it (`bad_reasoning`)
         legacy = m.get("function_call")
         if isinstance(legacy, dict) and not m.get("tool_calls") and m.get("role") == "assistant":
             canon["tool_calls"] = [calls.new(legacy)]  # the legacy form of one call (tool_calls null or [])
@@ -345,9 +347,11 @@ def _sharegpt_to_canonical(obj: dict) -> dict:
 def _sharegpt_calls(value: str | dict | list, calls: _CallIds) -> list:
     """The tool calls of a ShareGPT `function_call` turn: one `{name, arguments}` or a list of them, as JSON
     (LLaMA-Factory's form) or as the object itself."""
+    from tasks.model.tool_schemas import strict_json
+
     try:
-        parsed = json.loads(value) if isinstance(value, str) else value
-    except json.JSONDecodeError:
+        parsed = strict_json(value) if isinstance(value, str) else value
+    except ValueError:  # not JSON (NaN and Infinity included): validation names the value
         parsed = value
     items = parsed if isinstance(parsed, list) else [parsed]
     return [calls.new(item) for item in items]  # one that is not {name, arguments}: validation names it

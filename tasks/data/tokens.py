@@ -117,8 +117,9 @@ def untrainable(count: TokenCount, example: dict) -> tuple[str, str] | None:
     if count.calls_lost:
         return "tool_call_dropped", (
             f"the chat template does not write {count.calls_lost} assistant turn(s) with tool calls as given "
-            "(Llama 3.1's drops the text of a turn that also calls a tool), so the calls would not be "
-            "trained on; set content to null on those turns, or set model.chat_template: chatml"
+            "(some templates, Llama 3.1's and Mistral v0.3's among them, drop the text of a turn that also calls a "
+            "tool), so the calls would not be trained on; set content to null on those turns, or set "
+            "model.chat_template: chatml"
         )
     if count.unlocated > count.calls_lost:
         return "answer_not_located", (

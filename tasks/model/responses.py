@@ -286,7 +286,7 @@ def check_calls(raw_calls: Any, tools: list[dict]) -> tuple[list[ToolCall], str]
     from jsonschema.exceptions import best_match
     from referencing.exceptions import Unresolvable
 
-    from tasks.model.tool_schemas import schema_validator
+    from tasks.model.tool_schemas import SCHEMA_TOO_DEEP, finite, schema_validator, strict_json
 
     schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
                for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)}
@@ -299,9 +299,11 @@ def check_calls(raw_calls: Any, tools: list[dict]) -> tuple[list[ToolCall], str]
         arguments = fn.get("arguments", fn.get("parameters", {}))
         if isinstance(arguments, str):  # some models write the OpenAI string form
             try:
-                arguments = json.loads(arguments)
+                arguments = strict_json(arguments)
             except ValueError:
                 return [], f"unparseable tool call (arguments of {name!r} are not JSON)"
+        if not finite(arguments):  # the library's parser reads NaN and Infinity, which JSON does not define
+            return [], f"unparseable tool call (arguments of {name!r} hold NaN or Infinity, which are not JSON)"
         if name not in schemas:
             return [], f"unknown function {name!r}"
         if not isinstance(arguments, dict):
@@ -313,6 +315,8 @@ def check_calls(raw_calls: Any, tools: list[dict]) -> tuple[list[ToolCall], str]
             error = best_match(validator.iter_errors(arguments))  # what jsonschema.validate raises
         except Unresolvable as exc:  # a $ref the schema does not define (nothing is fetched)
             return [], f"the schema of {name!r} has a reference that cannot be resolved: {exc}"
+        except RecursionError:  # arguments nested past what the checker recurses through
+            return [], f"arguments of {name!r} cannot be checked against its schema: {SCHEMA_TOO_DEEP}"
         if error is not None:
             return [], f"arguments of {name!r} fail its schema: {error.message}"
         calls.append(ToolCall(new_call_id(), name, arguments))

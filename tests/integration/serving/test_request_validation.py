@@ -123,6 +123,38 @@ def test_a_tool_schema_whose_ref_leads_outside_it_is_refused_and_not_fetched(cha
         "type": "object", "properties": {"city": {"$ref": ref}}}}}]
     assert said in refused(send(chat, tools=tools), "tools.0.function")
 
+
+def _nested(depth: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(("parameters", "said"), [
+    ({"type": "object", "properties": {"city": {"$ref": "#/$defs/a"}},
+      "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}, "leads back to itself"),
+    (_nested(300), "nested too deeply"),
+    ({"type": "string"}, 'type is "object"'),
+])
+def test_a_tool_schema_no_arguments_can_be_checked_against_is_refused_not_a_500(chat, parameters, said):
+    """A loop of references or a schema nested past the checker's recursion made jsonschema
+    recurse until Python stopped it: a 500, or a stream cut off, once the model called the tool."""
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "The time.", "parameters": parameters}}]
+    for stream in (False, True):
+        assert said in refused(send(chat, tools=tools, tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                    stream=stream), "tools.0.function")
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_call_arguments_with_nan_or_infinity_are_not_json(chat, value):
+    bad = {**call("c1"), "function": {"name": "get_weather", "arguments": f'{{"city": "Oslo", "n": {value}}}'}}
+    message = refused(send(chat, tools=TOOLS, messages=[ASK, {"role": "assistant", "content": None, "tool_calls": [bad]},
+                                                         result("c1")]),
+                      "messages.1.tool_calls.0.function.arguments")
+    assert "JSON number" in message
+
+
 # -- fields that need another ---------------------------------------------------------------
 
 

@@ -201,3 +201,16 @@ def test_a_think_block_is_read_alike_with_tools_offered_or_not(family_models, fa
             else:
                 assert message["content"] == text and "reasoning_content" not in message, (tools, message)
             assert streamed == message["content"]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "1e999"])
+def test_a_call_whose_arguments_hold_nan_or_infinity_is_returned_as_text(family_models, value):
+    """The library's parser reads NaN and Infinity, JSON does not define them: returned as a call,
+    its `arguments` string would be refused by a client's JSON.parse."""
+    call = f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "Oslo", "days": {value}}}}}\n</tool_call>'
+    with scripted_chat(family_models("qwen2.5")) as chat:
+        chat.writes(call)
+        answer = chat.post(messages=MESSAGES, tools=TOOLS)
+        assert answered_calls(answer) == ([], call, "invalid_tool_call")
+        chunks = chat.stream(messages=MESSAGES, tools=TOOLS)
+        assert not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks)

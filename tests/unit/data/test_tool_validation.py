@@ -64,6 +64,9 @@ def write(tmp_path: Path, lines: list, name: str = "d.jsonl") -> Path:
 
 
 GOOD = example()
+NESTED: dict = {"type": "string"}
+for _ in range(300):
+    NESTED = {"type": "object", "properties": {"x": NESTED}}
 RESULT = {"role": "tool", "tool_call_id": "call00001", "content": "20:03"}
 # category -> (lines of the file, expected offending line numbers)
 CASES = {
@@ -73,8 +76,14 @@ CASES = {
                          example(tools=[tool(parameters={"type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}})],
                                  tag="e"),
                          example(tools=[tool(parameters={"type": "object", "properties": {
-                             "city": {"$ref": "http://127.0.0.1:9/city.json"}}})], tag="f")],
-                        [2, 3, 4, 5, 6, 7]),
+                             "city": {"$ref": "http://127.0.0.1:9/city.json"}}})], tag="f"),
+                         # references in a loop, a schema nested past the checker's recursion, no object
+                         example(tools=[tool(parameters={"type": "object", "properties": {"city": {"$ref": "#/$defs/a"}},
+                                                         "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}})],
+                                 tag="g"),
+                         example(tools=[tool(parameters=NESTED)], tag="h"),
+                         example(tools=[tool(parameters={"type": "string"})], tag="i")],
+                        [2, 3, 4, 5, 6, 7, 8, 9, 10]),
     "bad_tool_call": ([GOOD, {**GOOD, "messages": [GOOD["messages"][0], {**GOOD["messages"][1], "tool_calls": [call(call_id=None)]}]},
                        example(calls=[call(), call()], results=[{"role": "tool", "tool_call_id": "call00001", "content": "1"}] * 2,
                                tag="b")],
@@ -82,8 +91,13 @@ CASES = {
     "undeclared_tool": ([GOOD, example(calls=[call(name="get_weather")], tag="a"), {**example(tag="b"), "tools": []}],
                         [2, 3]),
     "bad_tool_arguments": ([GOOD, example(calls=[call(arguments="Oslo")], tag="a"), example(calls=[call(arguments='["Oslo"]')], tag="b"),
-                            example(calls=[{**call(), "function": {"name": "get_time", "arguments": ["Oslo"]}}], tag="c")],
-                           [2, 3, 4]),
+                            example(calls=[{**call(), "function": {"name": "get_time", "arguments": ["Oslo"]}}], tag="c"),
+                            # JSON has no NaN or Infinity (Python's parser reads them), as a string or as the object
+                            example(calls=[call(arguments='{"city": NaN}')], tag="d"),
+                            example(calls=[call(arguments='{"city": "Oslo", "n": 1e999}')], tag="e"),
+                            example(calls=[{**call(), "function": {"name": "get_time", "arguments": {"city": float("nan")}}}],
+                                    tag="f")],
+                           [2, 3, 4, 5, 6, 7]),
     "arguments_fail_schema": ([GOOD, example(calls=[call(arguments='{"town": "Oslo"}')], tag="a"),
                                example(calls=[call(arguments='{"city": 7}')], tag="b")],
                               [2, 3]),
@@ -95,7 +109,9 @@ CASES = {
     "bad_weight": ([GOOD, example(answer_weight=0.5, tag="a"), example(user_weight=1, tag="b"), example(answer_weight=True, tag="c")],
                    [2, 3, 4]),
     "all_weights_zero": ([GOOD, example(weight=0, answer_weight=0, tag="a")], [2]),
-    "bad_reasoning": ([GOOD, example(reasoning_content=["x"], tag="a"), example(reasoning_content="  ", tag="b")], [2, 3]),
+    "bad_reasoning": ([GOOD, example(reasoning_content=["x"], tag="a"), example(reasoning_content="  ", tag="b"),
+                       # two spellings of the trace that differ: neither is dropped in silence
+                       example(reasoning_content="Look it up.", thinking="Guess.", tag="c")], [2, 3, 4]),
 }
 
 
@@ -107,6 +123,12 @@ def test_each_tool_category_is_counted_with_its_lines(tmp_path: Path, category: 
     assert report.errors == {category: len(expected)}
     assert report.error_lines[category] == expected
     assert all(r["message"] for r in report.error_rows)
+
+
+def test_the_same_trace_in_both_spellings_is_one_trace(tmp_path: Path) -> None:
+    report = validate_dataset(write(tmp_path, [GOOD, example(reasoning_content="Look.", thinking="Look.", tag="a")]),
+                              fmt="openai")
+    assert report.valid, report.error_rows
 
 
 def test_a_valid_tool_file_is_valid_and_its_calls_are_counted_as_trained(tmp_path: Path, tok) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.model.tool_schemas import schema_validator
+from tasks.model.tool_schemas import SCHEMA_TOO_DEEP, finite, schema_validator, strict_json
 
 DRAFT7 = "http://json-schema.org/draft-07/schema#"
 
@@ -80,3 +80,40 @@ def test_a_ref_inside_an_example_or_an_extension_is_a_value_not_a_reference():
 def test_a_property_is_checked_whatever_its_name(name):
     validator, complaint = schema_validator({"type": "object", "properties": {name: {"$ref": "#/$defs/Missing"}}})
     assert validator is None and "#/$defs/Missing" in complaint
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"city": {"$ref": "#/$defs/a"}},
+     "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}},
+    {"type": "object", "properties": {"city": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}]}}},
+    {"$ref": "#"},
+    {"type": "object", "not": {"anyOf": [{"$ref": "#"}]}},
+])
+def test_references_that_loop_without_reading_into_the_value_are_refused(schema):
+    """No value can be checked against them: jsonschema recursed until Python stopped it."""
+    validator, complaint = schema_validator(schema)
+    assert validator is None and "leads back to itself" in complaint
+
+
+def test_a_schema_nested_past_the_checkers_recursion_is_refused_not_crashed():
+    deep = {"type": "string"}
+    for _ in range(300):
+        deep = {"type": "object", "properties": {"x": deep}}
+    validator, complaint = schema_validator(deep)
+    assert validator is None and complaint == SCHEMA_TOO_DEEP
+
+
+def test_arguments_are_json_as_defined_without_nan_or_infinity():
+    assert strict_json('{"value": 1.5, "n": 10000000000000000000000}') == {"value": 1.5, "n": 10**22}
+    for text in ('{"value": NaN}', '{"value": Infinity}', '{"value": -Infinity}', '{"value": 1e999}'):
+        with pytest.raises(ValueError, match="JSON number"):
+            strict_json(text)
+    assert finite({"a": [1, 2.5, {"b": "NaN"}]}) and not finite({"a": [1, {"b": float("nan")}]})
+
+
+@pytest.mark.parametrize("kind", ["string", "array", ["string", "null"]])
+def test_parameters_that_describe_no_object_are_refused(kind):
+    """Arguments are a JSON object: a tool whose parameters are `{"type": "string"}` could never be called."""
+    validator, complaint = schema_validator({"type": kind})
+    assert validator is None and 'type is "object"' in complaint
+    assert schema_validator({"type": ["object", "null"], "properties": {}})[1] is None
