@@ -573,6 +573,13 @@ class PreferenceParams(_Section):
     )
     max_steps: int = Field(40, ge=1, le=1_000_000, description="Optimizer steps of preference tuning.")
     batch_size: int = Field(8, ge=2, le=4096, description="Examples per step (KTO needs at least 2 for its KL estimate).")
+    invalid_rows: Literal["fail", "drop"] = Field(
+        "fail", description="fail: an invalid row of the preference file fails the run; drop: invalid rows are left "
+                            "out and reported, up to max_invalid_share of its rows.",
+    )
+    max_invalid_share: float = Field(
+        0.01, ge=0.0, le=1.0, description="With invalid_rows: drop, the largest share of invalid rows the file may have.",
+    )
     md5: str | None = Field(None, description="Filled in by the resolve stage: the preference file's md5.")
 
     @model_validator(mode="after")

@@ -22,7 +22,7 @@ from typing import Any
 
 from tasks.config import DataParams, PreferenceParams
 from tasks.data.checks import check_messages
-from tasks.data.sources import prompt_key
+from tasks.data.sources import check_invalid_rows, prompt_key
 from tasks.data.tokens import count_chat_tokens
 from tasks.errors import DataFileError
 from tasks.files import file_md5
@@ -49,20 +49,22 @@ def conversations(row: dict[str, Any]) -> list[list[dict[str, Any]]]:
     return [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
 
 
-def _problem(row: Any) -> str | None:
+def _problem(row: Any) -> tuple[str, str] | None:
+    """(category, what is wrong) for a row that is no preference example, else None."""
     kind = _kind(row)
     if kind is None:
-        return "not_a_preference_row"
+        return "not_a_preference_row", ('neither a KTO row {"prompt": [...], "completion": [...], "label": true or '
+                                        'false} nor a DPO pair {"prompt": [...], "chosen": [...], "rejected": [...]}')
     tools = row.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        return "bad_tools"
+        return "bad_tools", "tools is not a list of tool objects"
     answers = [row["completion"]] if kind == "kto" else [row["chosen"], row["rejected"]]
     if any(len(a) != 1 or not isinstance(a[0], dict) or a[0].get("role") != "assistant" for a in answers):
-        return "completion_not_one_answer"
+        return "completion_not_one_answer", "an answer (completion, chosen or rejected) is not one assistant message"
     for conv in conversations(row):
         problems = check_messages(conv)
         if problems:
-            return next(iter(problems))
+            return next(iter(problems.items()))
     return None
 
 
@@ -100,11 +102,14 @@ def prepare_preference(prefs: PreferenceParams, data: DataParams, tokenizer, hel
 
     Raises:
         DataFileError: the file is not JSON lines.
+        PrepareError: an invalid row under `preference.invalid_rows: fail` (the first one is named).
+        InvalidRowsError: more invalid rows than `preference.max_invalid_share` under `invalid_rows: drop`.
     """
     path = Path(prefs.path)
     if not path.is_file() or path.stat().st_size == 0:
         return None
     read, invalid, over_limit, duplicates = 0, [], [], 0
+    refused: list[tuple[int, str, str]] = []
     seen: set[bytes] = set()
     kept: list[tuple[int, dict]] = []
     for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -117,7 +122,8 @@ def prepare_preference(prefs: PreferenceParams, data: DataParams, tokenizer, hel
             raise DataFileError(f"{path}: line {line}: not JSON; {prefs.path} holds one preference example per line") from None
         problem = _problem(row)
         if problem:
-            invalid.append({"line": line, "category": problem})
+            invalid.append({"line": line, "category": problem[0]})
+            refused.append((line, *problem))
             continue
         digest = _digest(row)
         if digest in seen:
@@ -125,6 +131,7 @@ def prepare_preference(prefs: PreferenceParams, data: DataParams, tokenizer, hel
             continue
         seen.add(digest)
         kept.append((line, row))
+    check_invalid_rows("preference", prefs, path, read, refused)
     convs = [{"messages": c, "tools": row.get("tools")} for _, row in kept for c in conversations(row)]
     totals = iter(count_chat_tokens(tokenizer, convs, data.system_message))
     fitting = []

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.config import DataParams, SourceParams
+from tasks.config import DataParams, PreferenceParams, SourceParams
 from tasks.data.checks import STRUCTURAL, Deduplicator, iter_checked, normalise_example, resolve_format
 from tasks.data.tokens import UNTRAINABLE, TokenCount, TrainingBudget, count_chat_tokens, untrainable
 from tasks.errors import DataFileError, InvalidRowsError, PrepareError
@@ -129,23 +129,28 @@ def read_source(
     return SourceRead(rows, stats)
 
 
-def check_invalid_rows(label: str, source: SourceParams, path: Path, read: int, invalid: list[tuple[int, str, str]]) -> None:
-    """Apply a source's `invalid_rows` policy to its invalid rows (sorted by line)."""
+def check_invalid_rows(label: str, source: SourceParams | PreferenceParams, path: Path, read: int,
+                       invalid: list[tuple[int, str, str]]) -> None:
+    """Apply a source's (or the preference file's) `invalid_rows` policy to its invalid rows (sorted by line)."""
     if not invalid:
         return
     line, category, message = invalid[0]
+    # `ftllm validate` reads chat data, not the preference file's rows
+    listing = (f"run `ftllm validate {path}` to list them and `--fix OUT` to drop them" if label != "preference"
+               else "fix or remove them")
     if source.invalid_rows == "fail":
         leave_out = f"set {label}.invalid_rows: drop" if label != "data.path" else "list it in data.sources with invalid_rows: drop"
         raise PrepareError(
-            f"{path}: line {line}: {category}: {message} ({len(invalid)} invalid examples in all); run `ftllm validate "
-            f"{path}` to list them and `--fix OUT` to drop them, or {leave_out} to leave them out"
+            f"{path}: line {line}: {category}: {message} ({len(invalid)} invalid examples in all); {listing}, "
+            f"or {leave_out} to leave them out"
         )
     share = len(invalid) / read
     if share > source.max_invalid_share:
         raise InvalidRowsError(
             f"{label} ({path}): {len(invalid)} of {read} rows ({share:.2%}) are invalid, more than "
             f"{label}.max_invalid_share {source.max_invalid_share} (first: line {line}: {category}: {message}); fix "
-            f"them (`ftllm validate {path}` lists them) or raise {label}.max_invalid_share"
+            f"them{f' (`ftllm validate {path}` lists them)' if label != 'preference' else ''} or raise "
+            f"{label}.max_invalid_share"
         )
 
 

@@ -3,14 +3,20 @@
 - Reward accuracy: for a pair, the model's log-ratio against the reference (the same model
   with its adapter disabled, i.e. the base model for every candidate and champion alike)
   is higher for the chosen answer than for the rejected one; for a KTO row, the log-ratio
-  is above 0 for a desirable answer and below 0 for an undesirable one. The margin is the
-  difference of log-ratios (pairs) or the log-ratio signed by the label (KTO rows), in nats.
-  Training's reference is another one (`tasks.train.preference`: the run's supervised
-  model); here the base is used because a candidate and its champion come from different
-  supervised runs, and only a shared reference scores them on one scale.
+  is above the model's reference point for a desirable answer and below it for an
+  undesirable one. The reference point is KTO's z0, the model's average log-ratio: here the
+  mean over the split's KTO rows. Against 0 instead, every answer of a model that learnt the
+  task's format (right or wrong) has a large positive log-ratio against the base, and the
+  accuracy was the share of desirable rows whatever the model preferred. The margin is the
+  difference of log-ratios (pairs) or the log-ratio less z0, signed by the label (KTO rows),
+  in nats. Training's reference is another one (`tasks.train.preference`: the run's
+  supervised model); here the base is used because a candidate and its champion come from
+  different supervised runs, and only a shared reference scores them on one scale.
 - Rated-down repeats: the model, greedy, answers each prompt whose answer users rated down
-  (undesirable KTO rows, rejected answers of pairs) and the answer is compared, up to case
-  and whitespace, with the rated-down one. `avoids_rated_down` is 1 where it differs.
+  (undesirable KTO rows, rejected answers of pairs), given room for the longest of those
+  answers and one token more (at least `eval.max_new_tokens`, at most
+  `MAX_REPEAT_TOKENS`), and the answer is compared, up to case and whitespace, with the
+  rated-down one. `avoids_rated_down` is 1 where it differs.
 
 Per-example scores come with `ids` (a hash of the row), so the gate pairs the candidate's
 with the champion's as it does on the test split.
@@ -29,6 +35,8 @@ from tasks.model.chat import render_prompt
 from tasks.model.scoring import encode_sequences, sequence_logps
 
 HELDOUT = "preference_heldout.jsonl"
+# The most tokens a rated-down answer is regenerated with: the service's answers can be long.
+MAX_REPEAT_TOKENS = 1024
 
 
 def _row_id(row: dict) -> str:
@@ -74,20 +82,28 @@ def score_preferences(model, tokenizer, rows: list[dict], params: EvalParams, sy
         return {}
     convs = [{"messages": r["prompt"] + a, "tools": r.get("tools")}
              for r in rows for a in ([r["completion"]] if "completion" in r else [r["chosen"], r["rejected"]])]
-    ratios = iter(log_ratios(model, tokenizer, convs, system_message, params.batch_size))
+    ratios = log_ratios(model, tokenizer, convs, system_message, params.batch_size)
+    kinds = [kind for r in rows for kind in (["kto"] if "completion" in r else ["pair", "pair"])]
+    kto = [ratio for ratio, kind in zip(ratios, kinds, strict=True) if kind == "kto"]
+    z0 = sum(kto) / len(kto) if kto else 0.0  # KTO's reference point: the model's mean log-ratio
+    left = iter(ratios)
     correct, margins = [], []
     for r in rows:
         if "completion" in r:
-            ratio = next(ratios)
-            margin = ratio if r["label"] else -ratio
+            shift = next(left) - z0
+            margin = shift if r["label"] else -shift
         else:
-            margin = next(ratios) - next(ratios)
+            margin = next(left) - next(left)
         margins.append(margin)
         correct.append(float(margin > 0))
     down = [(r, (r["completion"] if "completion" in r else r["rejected"])[0]["content"]) for r in rows
             if r.get("label") is False or "rejected" in r]
     prompts = [render_prompt(tokenizer, r["prompt"], system_message, r.get("tools")) for r, _ in down]
-    answers, _, _ = generate_batched(model, tokenizer, prompts, params.max_new_tokens, params.batch_size) if down else ([], [], [])
+    # Room to write the longest rated-down answer and a token more: a repeat cut short is no repeat.
+    room = max([params.max_new_tokens, *(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+                                         for _, text in down)])
+    answers, _, _ = (generate_batched(model, tokenizer, prompts, min(room, MAX_REPEAT_TOKENS), params.batch_size)
+                     if down else ([], [], []))
     avoids = [float(_fold(a) != _fold(text)) for a, (_, text) in zip(answers, down)]
     metrics = {"reward_accuracy": sum(correct) / len(correct), "reward_margin": sum(margins) / len(margins),
                "examples": float(len(rows)), "rated_down_examples": float(len(down))}

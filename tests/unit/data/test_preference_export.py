@@ -290,7 +290,7 @@ def test_preference_rows_are_checked_deduplicated_and_split_by_prompt_hash(tmp_p
     rows += [kto_row(3, False), kto_row(3, False, "  RATED 3. ")]  # an exact and a near repeat of row 3
     rows += ["{\"prompt\": [], \"label\": true}", {"prompt": [{"role": "user", "content": "Q?"}], "completion": [], "label": True},
              kto_row(61, True, "word " * 400)]  # two invalid rows, one over data.max_tokens
-    stats, out = run_prepare(tmp_path, tok, rows, heldout_fraction=0.3)
+    stats, out = run_prepare(tmp_path, tok, rows, heldout_fraction=0.3, invalid_rows="drop", max_invalid_share=0.05)
     pref = stats["preference"]
     assert pref["rows"] == 65 and pref["invalid"] == 2 and pref["deduplicated"] == 2 and pref["over_token_limit"] == 1
     assert [x["category"] for x in pref["invalid_lines"]] == ["not_a_preference_row", "completion_not_one_answer"]
@@ -305,6 +305,19 @@ def test_preference_rows_are_checked_deduplicated_and_split_by_prompt_hash(tmp_p
     assert stats["counts"][HELDOUT_SPLIT] == len(heldout)
     assert pref["counts"][TRAIN_SPLIT]["desirable"] + pref["counts"][TRAIN_SPLIT]["undesirable"] == len(train)
 
+
+def test_an_invalid_preference_row_fails_the_run_by_default_naming_its_line(tmp_path, tok):
+    """As every other source: a label written as a string is no KTO row, and not dropped in silence."""
+    from tasks.errors import InvalidRowsError, PrepareError
+
+    rows = [kto_row(i, i % 2 == 0) for i in range(20)]
+    rows[6] = {**rows[6], "label": "true"}
+    with pytest.raises(PrepareError, match=r"preference.jsonl: line 7: not_a_preference_row: .*preference.invalid_rows: drop"):
+        run_prepare(tmp_path / "a", tok, rows)
+    with pytest.raises(InvalidRowsError, match=r"1 of 20 rows \(5.00%\).*preference.max_invalid_share 0.01"):
+        run_prepare(tmp_path / "b", tok, rows, invalid_rows="drop")
+    stats, _ = run_prepare(tmp_path / "c", tok, rows, invalid_rows="drop", max_invalid_share=0.1)
+    assert stats["preference"]["invalid"] == 1
 
 def test_a_held_out_preference_prompt_is_never_trained_on(tmp_path, tok):
     stats, out = run_prepare(tmp_path, tok, [kto_row(i, True) for i in range(60)], heldout_fraction=0.5)
@@ -341,7 +354,7 @@ def test_a_preference_rows_tools_reach_the_tokens_preference_tuning_scores(tmp_p
                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
     rows = [{**kto_row(i, i % 2 == 0), "tools": tools} for i in range(40)] + [kto_row(i, True) for i in range(40, 60)]
     rows.append({**kto_row(99, True), "tools": "get_time"})
-    stats, out = run_prepare(tmp_path, tok, rows, heldout_fraction=0.0)
+    stats, out = run_prepare(tmp_path, tok, rows, heldout_fraction=0.0, invalid_rows="drop", max_invalid_share=0.05)
     assert [x["category"] for x in stats["preference"]["invalid_lines"]] == ["bad_tools"]
     train = read(out, TRAIN_SPLIT)
     with_tools = [r for r in train if r.get("tools") == tools]

@@ -65,3 +65,62 @@ def test_scores_on_held_out_rows_with_a_real_model(tmp_path):
     assert result["metrics"]["rated_down_examples"] == 2.0
     assert len(result["per_example"]["avoids_rated_down"]) == 2 and len(result["per_example"]["ids"]) == 2
     json.dumps(result)  # written to metrics.json and per_example.json
+
+
+class _Adapted:
+    """Stands for a LoRA model: score_preferences reads its log-ratios and generations through the stubs below."""
+
+    def disable_adapter(self):  # pragma: no cover - the stubs never call it
+        raise AssertionError
+
+
+def _kto(i: int, label: bool, answer: str = "x") -> dict:
+    return {"prompt": [{"role": "user", "content": f"Question {i}?"}],
+            "completion": [{"role": "assistant", "content": answer}], "label": label}
+
+
+def test_kto_rows_are_judged_against_the_models_reference_point_not_zero(monkeypatch):
+    """A model that learnt the task's format gives every answer, right or wrong, a large log-ratio
+    against the base: judged against 0 every thumbs-down row was wrong for every model, and the
+    accuracy was the share of thumbs-up rows. Against the model's mean log-ratio (KTO's z0) it
+    tells the model that ranks thumbs-up answers higher from the one that ranks them lower."""
+    import tasks.evaluate.preference as preference
+
+    rows = [_kto(i, i % 2 == 0) for i in range(8)]
+    monkeypatch.setattr(preference, "generate_batched", lambda model, tok, prompts, *a: (["other"] * len(prompts), [], []))
+    monkeypatch.setattr(preference, "render_prompt", lambda tok, messages, *a: messages[0]["content"])
+    params = EvalParams(max_new_tokens=8)
+    tok = _Tokens()
+    for up, down, accuracy in ((50.0, 45.0, 1.0), (45.0, 50.0, 0.0)):
+        ratios = [up if r["label"] else down for r in rows]
+        monkeypatch.setattr(preference, "log_ratios", lambda *a, ratios=ratios: ratios)
+        metrics = score_preferences(_Adapted(), tok, rows, params)["metrics"]
+        assert metrics["reward_accuracy"] == accuracy
+        assert metrics["reward_margin"] == pytest.approx(2.5 if accuracy else -2.5)
+
+
+class _Tokens:
+    """A tokenizer of one token per word, enough for the room a regenerated answer gets."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text.split())))}
+
+
+def test_a_long_rated_down_answer_the_model_repeats_counts_as_a_repeat(monkeypatch):
+    """The answer is regenerated with room for the rated-down one and a token more: cut at
+    eval.max_new_tokens, a repeat of a longer answer never equalled it and counted as avoided."""
+    import tasks.evaluate.preference as preference
+
+    long = " ".join(f"word{i}" for i in range(40))
+    rows = [_kto(0, False, long), _kto(1, True, "fine")]
+    asked = []
+
+    def repeats(model, tok, prompts, max_new, batch_size):  # a model that writes the rated-down answer again
+        asked.append(max_new)
+        return [" ".join(long.split()[:max_new])] * len(prompts), [], []
+
+    monkeypatch.setattr(preference, "generate_batched", repeats)
+    monkeypatch.setattr(preference, "log_ratios", lambda *a: [1.0, 2.0])
+    monkeypatch.setattr(preference, "render_prompt", lambda tok, messages, *a: messages[0]["content"])
+    metrics = score_preferences(_Adapted(), _Tokens(), rows, EvalParams(max_new_tokens=8))["metrics"]
+    assert asked == [41] and metrics["rated_down_repeat_rate"] == 1.0
