@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.errors import APIError
+from tasks.model.tool_schemas import strict_json
 
 # ---------------------------------------------------------------------------------------
 # Request schemas (OpenAI chat completions)
@@ -43,14 +44,11 @@ class FunctionCall(BaseModel):
     def _json_object(cls, value: str) -> str:
         if not value.strip():  # some clients write a call without arguments so; OpenAI writes "{}"
             return "{}"
-        from tasks.model.tool_schemas import strict_json
-
         try:
             parsed = strict_json(value)
-        except json.JSONDecodeError:
-            parsed = None
-        except ValueError as exc:  # NaN or Infinity: Python reads them, JSON does not define them
-            raise ValueError(f"must be a JSON object written as a string ({exc})") from None
+        except ValueError as exc:  # not JSON, or NaN or Infinity: Python reads them, JSON does not define them
+            why = "" if isinstance(exc, json.JSONDecodeError) else f" ({exc})"
+            raise ValueError(f"must be a JSON object written as a string{why}") from None
         if not isinstance(parsed, dict):  # a ValueError: pydantic turns it into the field's error
             raise ValueError("must be a JSON object written as a string")  # noqa: TRY004
         return value

@@ -107,7 +107,8 @@ from tasks.config import Params, ServingParams, load_params, overrides_from_env 
 from tasks.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
 from tasks.feedback.store import DuplicateCorrection  # noqa: E402
 from tasks.model.chat import encode_text  # noqa: E402
-from tasks.model.responses import CallChoice, ParsedResponse, ResponseStream, parse_generation  # noqa: E402
+from tasks.model.forced_calls import CallChoice  # noqa: E402
+from tasks.model.responses import ParsedResponse, ResponseStream, parse_generation  # noqa: E402
 
 log = logging.getLogger("ftllm.serving")
 
@@ -481,7 +482,8 @@ class ChatService:
         from jinja2 import TemplateError
 
         from tasks.model.chat import render_prompt
-        from tasks.model.responses import call_choices, forced_call_opening, needs_parsing
+        from tasks.model.forced_calls import call_choices, forced_call_opening
+        from tasks.model.responses import needs_parsing
 
         choice = req.tool_choice or "auto"  # a tool_choice comes with tools (`check_request`)
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None

@@ -41,7 +41,7 @@ def _likeliest(loaded, tools: list[dict]) -> str:
     import torch
 
     from tasks.model.chat import encode_text, render_prompt
-    from tasks.model.responses import call_choices
+    from tasks.model.forced_calls import call_choices
 
     prompt = render_prompt(loaded.tokenizer, QUESTION, "auto", tools)
     choices = call_choices(loaded.tokenizer, QUESTION, tools)
@@ -58,7 +58,7 @@ def _likeliest(loaded, tools: list[dict]) -> str:
 
 
 def test_required_calls_the_declared_function_the_model_finds_likeliest(untrained):
-    from tasks.model.responses import forced_call_opening
+    from tasks.model.forced_calls import forced_call_opening
 
     with local_chat(untrained) as client:
         for tools in (TOOLS, TOOLS[::-1]):  # the declaration's order is part of the prompt
@@ -76,7 +76,7 @@ def test_required_calls_the_declared_function_the_model_finds_likeliest(untraine
 
 
 def test_sampled_required_calls_are_drawn_among_the_declared_functions(untrained):
-    from tasks.model.responses import call_choices
+    from tasks.model.forced_calls import call_choices
 
     openings = {c.name: c.opening for c in call_choices(untrained.tokenizer, QUESTION, TOOLS)}
     seen = set()
@@ -95,7 +95,7 @@ def test_sampled_required_calls_are_drawn_among_the_declared_functions(untrained
 
 def test_the_scripted_model_calls_the_function_scored_highest_and_writes_its_own_name_when_scoring_fails(family_models):
     from serving.engine_process import EngineError
-    from tasks.model.responses import forced_call_opening
+    from tasks.model.forced_calls import forced_call_opening
 
     tools = TOOLS[:3]
     with scripted_chat(family_models("qwen2.5")) as chat:

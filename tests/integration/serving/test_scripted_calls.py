@@ -96,7 +96,7 @@ def test_a_stop_string_still_ends_the_answer_after_a_kept_marker(family_models):
 def test_a_named_tool_choice_returns_only_the_call_to_that_function(family_models, family, calls, all_valid):
     """OpenAI's named `tool_choice` answers with a call to that function only: calls the model
     writes after the forced one are dropped, whatever `parallel_tool_calls` says."""
-    from tasks.model.responses import forced_call_opening
+    from tasks.model.forced_calls import forced_call_opening
 
     wanted = [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
     with scripted_chat(family_models(family)) as chat:
@@ -170,7 +170,7 @@ def test_required_with_one_tool_writes_its_name_and_still_returns_every_call(fam
     """With one tool, `required` can only call that tool: its name is forced as a named choice
     forces it (a model that would write another name still calls it), yet, unlike a named
     choice, the calls it writes after the first come back too."""
-    from tasks.model.responses import forced_call_opening
+    from tasks.model.forced_calls import forced_call_opening
 
     one = TOOLS[:1]
     calls = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'

@@ -13,12 +13,11 @@ import json
 import pytest
 
 from tasks.model.chat import render_prompt
+from tasks.model.forced_calls import call_choices, forced_call_opening
 from tasks.model.responses import (
     ResponseStream,
-    call_choices,
     check_calls,
     detect_format,
-    forced_call_opening,
     parse_generation,
 )
 
