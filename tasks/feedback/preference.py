@@ -131,8 +131,10 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_sha
     rows: list[dict[str, Any]] = []
     senders: list[set[str]] = []  # the untrusted keys behind each row
     when: list[int] = []  # each row's place in `rated` (oldest first); a pair's is its later rating's
+    # Each rated completion counts once, under desirable, undesirable, middle, pairs_from_corrections,
+    # unchanged_corrections, not_a_chat or broken_calls; pairs_from_ratings are rows made of two of them.
     counts = {"desirable": 0, "undesirable": 0, "middle": 0, "pairs_from_corrections": 0, "pairs_from_ratings": 0,
-              "not_a_chat": 0, "broken_calls": 0}
+              "unchanged_corrections": 0, "not_a_chat": 0, "broken_calls": 0}
     by_prompt: dict[bytes, list[tuple[list[dict], Rated, int]]] = defaultdict(list)
     for place, item in enumerate(rated):
         prompt = _prompt(item.messages)
@@ -146,6 +148,8 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_sha
                 senders.append({item.key} - {""})
                 when.append(place)
                 counts["pairs_from_corrections"] += 1
+            else:
+                counts["unchanged_corrections"] += 1  # a "correction" that is the answer: no pair to learn from
             continue
         if item.broken_call and item.rating >= prefs.desirable_min_rating:
             counts["broken_calls"] += 1  # a broken call rated well is no answer to learn (rated down, it is one to unlearn)

@@ -255,6 +255,8 @@ def _feedback_section(feedback: dict[str, Any] | None) -> str:
                             ("pairs", preference.get("pairs_from_corrections", 0) + preference.get("pairs_from_ratings", 0)),
                             ("middle ratings left out", preference.get("middle", 0)),
                             ("broken calls left out", preference.get("broken_calls", 0)),
+                            ("unchanged corrections", preference.get("unchanged_corrections", 0)),
+                            ("no answer to learn", preference.get("not_a_chat", 0)),
                             ("preference rows capped", preference.get("capped", 0))]))
     parts.append(table(["key", "examples"], sorted(feedback.get("by_key", {}).items()), empty="no feedback exported"))
     parts.append(table(["redacted", "found"], [(c, n) for c, n in redacted.items() if not c.startswith("examples_")],

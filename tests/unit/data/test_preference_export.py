@@ -101,7 +101,27 @@ def test_a_correction_pairs_with_the_answer_it_replaces(tmp_path):
     assert rows == [{"prompt": [{"role": "user", "content": "Rewrite 2024-01-05?"}],
                      "chosen": [{"role": "assistant", "content": "January 5, 2024"}],
                      "rejected": [{"role": "assistant", "content": "05/01/2024"}]}]
-    assert summary["pairs_from_corrections"] == 1
+    assert (summary["pairs_from_corrections"], summary["unchanged_corrections"]) == (1, 1)
+
+
+def test_every_rated_completion_is_counted_once(tmp_path):
+    """Each latest admitted rating is in a row or counted under why it is not: none goes uncounted."""
+    log = Log(tmp_path / "f.db")
+    log.serve("Q1?", "A1", 5)
+    log.serve("Q2?", "A2", 1)
+    log.serve("Q3?", "A3", 3)  # middle
+    log.serve("Q4?", "A4", 1, correction="Right 4")
+    log.serve("Q5?", "A5", 2, correction="A5")  # unchanged
+    log.serve("Q6?", "", 5)  # no answer: not a chat
+    log.serve("Q7?", "<tool_call>\n{\"name\": \"x\"", 5, finish="invalid_tool_call")  # a broken call rated well
+    log.serve("Q1?", "A1 again", 1)  # with Q1's, a pair from ratings: made of two counted completions
+    path = log.close()
+    _, summary = export(tmp_path, Log(path))
+    once = ("desirable", "undesirable", "middle", "pairs_from_corrections", "unchanged_corrections", "not_a_chat",
+            "broken_calls")
+    assert {k: summary[k] for k in once} == {"desirable": 1, "undesirable": 2, "middle": 1, "pairs_from_corrections": 1,
+                                             "unchanged_corrections": 1, "not_a_chat": 1, "broken_calls": 1}
+    assert sum(summary[k] for k in once) == len(read_rated(path)) == 8 and summary["pairs_from_ratings"] == 1
 
 
 def test_two_answers_to_one_prompt_pair_when_their_ratings_differ_enough(tmp_path):
