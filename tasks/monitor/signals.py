@@ -3,8 +3,11 @@
 Reads the service's interaction log through `tasks.feedback.FeedbackReader` (read-only, so
 a monitor never blocks or alters the service's writes).
 
-- Feedback since a cursor (the highest feedback id already acted on): how many new
-  ratings and corrections, and the mean of the latest `window` new ratings.
+- Feedback since a cursor (the highest feedback id already acted on): how many answers were
+  newly rated and corrected, and the mean of the latest `window` new ratings. An answer rated
+  several times counts once, with its latest rating (a correction stands for the answer
+  whatever rating follows it), as the exports count it: one user clicking thumbs-down thirty
+  times on one answer is one low rating, not a retraining.
 - Drift of the latest `window` prompts against the train split, counted with the run's
   tokenizer on the user turns: the relative change of the mean prompt length in tokens,
   and the unknown-token rate, the share of prompt tokens whose id never occurs in the
@@ -24,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from tasks.config import MonitorParams
 from tasks.errors import DataFileError
@@ -37,13 +41,13 @@ class FeedbackFigures:
 
     since_id: int
     last_id: int  # the highest feedback id in the log (the cursor to move to once acted on)
-    new_ratings: int
-    new_corrections: int
-    window_ratings: int  # the latest new ratings the mean is taken over (at most monitor.window)
+    new_ratings: int  # answers with new feedback, each once
+    new_corrections: int  # answers among them that were corrected
+    window_ratings: int  # the latest rated answers the mean is taken over (at most monitor.window)
     mean_rating: float | None
     interactions: int  # completions in the log, all time
     sources: int = 0  # distinct senders of the new feedback (`feedback_sources`)
-    new_low_ratings: int = 0  # new ratings at most monitor.low_rating (what preference tuning learns to avoid)
+    new_low_ratings: int = 0  # answers whose latest rating is at most monitor.low_rating (what preference tuning avoids)
 
 
 @dataclass(frozen=True)
@@ -84,14 +88,26 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
         rows.sort(key=lambda row: row.id)
         last = reader.last_feedback_id()
         interactions = reader.interaction_count()
-    ratings = [row.rating for row in rows][-window:]
+    answers = _latest_per_answer(rows)
+    ratings = [row.rating for row in answers][-window:]
     return FeedbackFigures(
-        since_id=since_id, last_id=max(last, since_id), new_ratings=len(rows),
-        new_corrections=sum(row.correction is not None for row in rows), window_ratings=len(ratings),
+        since_id=since_id, last_id=max(last, since_id), new_ratings=len(answers),
+        new_corrections=sum(row.correction is not None for row in answers), window_ratings=len(ratings),
         mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=interactions,
         sources=feedback_sources(rows),
-        new_low_ratings=sum(row.rating <= low_rating for row in rows),
+        new_low_ratings=sum(row.correction is None and row.rating <= low_rating for row in answers),
     )
+
+
+def _latest_per_answer(rows: list) -> list:
+    """Each answer's (completion's) latest feedback row, a corrected one before later plain ratings,
+    in the order of those rows."""
+    latest: dict[str, Any] = {}
+    for row in rows:  # in id order
+        kept = latest.get(row.completion_id)
+        if kept is None or row.correction is not None or kept.correction is None:
+            latest[row.completion_id] = row
+    return sorted(latest.values(), key=lambda row: row.id)
 
 
 def recent_prompts(db: Path, window: int) -> list[str]:

@@ -45,8 +45,9 @@ def test_new_feedback_counts_and_the_mean_rating_of_the_window(tmp_path):
     db = tmp_path / "feedback.db"
     _log(db, ["Convert this ISO date: 2016-03-18"] * 4, ratings=[5, 1, 2, 4, 3, 3], corrected=2)
     all_of_it = read_feedback(db, since_id=0, window=200)
-    assert (all_of_it.new_ratings, all_of_it.new_corrections, all_of_it.last_id, all_of_it.interactions) == (6, 2, 6, 4)
-    assert all_of_it.mean_rating == pytest.approx(18 / 6)
+    # 6 ratings of 4 answers: each answer once, a corrected one with its correction's rating
+    assert (all_of_it.new_ratings, all_of_it.new_corrections, all_of_it.last_id, all_of_it.interactions) == (4, 2, 6, 4)
+    assert all_of_it.mean_rating == pytest.approx((5 + 1 + 2 + 4) / 4)
     after_two = read_feedback(db, since_id=2, window=3)  # ids 3..6, of which the latest 3 are averaged
     assert (after_two.new_ratings, after_two.new_corrections, after_two.window_ratings) == (4, 0, 3)
     assert after_two.mean_rating == pytest.approx((4 + 3 + 3) / 3)
@@ -79,7 +80,7 @@ def test_drift_of_prompt_length_and_unknown_tokens(tmp_path):
 
 def test_recommendation_follows_the_thresholds(tmp_path):
     db = tmp_path / "feedback.db"
-    _log(db, ["Convert this ISO date: 2016-03-18"], ratings=[2] * 5 + [5] * 5, corrected=3)
+    _log(db, [f"Convert this ISO date: 2016-03-{d:02d}" for d in range(1, 11)], ratings=[2] * 5 + [5] * 5, corrected=3)
     figures = read_feedback(db, 0, 200)
     quiet = MonitorParams(min_new_corrections=4, min_ratings=20)
     assert recommend_retrain(figures, None, quiet) == (False, [], [])
@@ -95,8 +96,8 @@ def test_recommendation_follows_the_thresholds(tmp_path):
 
 def test_the_monitor_fires_on_low_ratings(tmp_path):
     db = tmp_path / "feedback.db"
-    # 12 thumbs down (rating 1 or 2) among 40 ratings: the mean stays high, no corrections.
-    _log(db, [f"Convert this ISO date: 2016-03-{d:02d}" for d in range(1, 21)], ratings=[1, 2] * 6 + [5] * 28, corrected=0)
+    # 12 thumbs down (rating 1 or 2) among 40 rated answers: the mean stays high, no corrections.
+    _log(db, [f"Convert this ISO date: 2016-03-{d:02d}" for d in range(1, 41)], ratings=[1, 2] * 6 + [5] * 28, corrected=0)
     figures = read_feedback(db, 0, 200, low_rating=2)
     assert figures.new_low_ratings == 12 and figures.new_corrections == 0 and figures.mean_rating > 3.5
     quiet = MonitorParams(min_new_low_ratings=13)
@@ -104,6 +105,23 @@ def test_the_monitor_fires_on_low_ratings(tmp_path):
     yes, reasons, _ = recommend_retrain(figures, None, MonitorParams(min_new_low_ratings=12))
     assert yes and reasons == ["12 new ratings of 2 or less (monitor.min_new_low_ratings 12)"]
     assert read_feedback(db, 0, 200, low_rating=1).new_low_ratings == 6
+
+
+def test_an_answer_rated_again_and_again_counts_once(tmp_path):
+    """Thirty clicks of one user on one answer are one low rating, as the exports count them; a
+    correction stands for its answer whatever ratings follow it."""
+    db = tmp_path / "feedback.db"
+    _log(db, [f"Convert this ISO date: 2016-03-{d:02d}" for d in range(1, 4)], ratings=[1, 5, 5], corrected=0)
+    store = FeedbackStore(db)
+    for _ in range(30):
+        store.add_feedback("c0", 1, key_name="web", end_user="clicker", trusted=True)
+    store.add_feedback("c1", 2, "June 1, 2020", key_name="web", end_user="ann", trusted=True)
+    store.add_feedback("c1", 1, key_name="web", end_user="ann", trusted=True)
+    store.close()
+    figures = read_feedback(db, 0, 200, low_rating=2)
+    assert (figures.new_ratings, figures.new_low_ratings, figures.new_corrections) == (3, 1, 1)
+    assert figures.mean_rating == pytest.approx((5 + 2 + 1) / 3)  # c2, then c1's correction, then c0's last click
+    assert not recommend_retrain(figures, None, MonitorParams(min_new_low_ratings=2))[0]
 
 
 def test_the_default_settings_read_feedback_and_add_it_as_a_source():
@@ -144,7 +162,7 @@ def test_one_client_cannot_force_a_retraining(tmp_path):
     store.review("rejected", "cli", keys=["client-0"])
     store.close()
     figures = read_feedback(db, 0, 200)
-    assert (figures.new_corrections, figures.new_ratings, figures.sources) == (0, 2, 2)
+    assert (figures.new_corrections, figures.new_ratings, figures.sources) == (0, 1, 2)  # c1, by two users
 
 
 def test_held_feedback_approved_after_a_run_read_the_log_is_new(tmp_path):
