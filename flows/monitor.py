@@ -33,15 +33,18 @@ Run it once against the embedded defaults:
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed, State
 
 from tasks.config import MonitorParams, Params, load_params
 from tasks.environment import apply_defaults
-from tasks.feedback import default_db_path
+from tasks.errors import EXIT_FAILED, FtllmError
+from tasks.feedback import FeedbackReader, default_db_path
 from tasks.monitor.cursor import Cursor, cursor_variable, read_cursor
 from tasks.monitor.signals import (
     Drift,
@@ -122,21 +125,32 @@ def _publish(model_name: str, figures: FeedbackFigures, drift: Drift | None, rec
 
 
 @flow(name="monitor", log_prints=True)
-def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) -> dict:
+def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) -> dict | State:
     """Read production feedback, publish the figures, and emit the event that may start `retrain`.
 
     Args:
         params_file: the settings file (params.yaml); thresholds under `monitor:`.
         feedback_db: the service's log; default FTLLM_FEEDBACK_DB, else feedback.db beside params.yaml.
+
+    Returns:
+        The event's payload with the model name and event id; or a Failed state whose
+        message is the reason, when the settings or the log cannot be read (no event then).
     """
     from prefect.events import emit_event
 
     logger = get_run_logger()
     root = Path(params_file).resolve().parent
     apply_defaults(root)
-    params = load_params(params_file, sections=("data", "model", "registry", "monitor", "feedback"))
+    try:
+        params = load_params(params_file, sections=("data", "model", "registry", "monitor", "feedback"))
+        db = Path(feedback_db) if feedback_db else default_db_path(root)
+        if db.is_file():
+            with FeedbackReader(db):  # a file that is no log: one clear line, not a failed task's traceback
+                pass
+    except FtllmError as exc:
+        logger.error(str(exc))
+        return Failed(message=str(exc))
     model_name = params.registry.model_name
-    db = Path(feedback_db) if feedback_db else default_db_path(root)
 
     since = read_monitor_cursor(model_name)
     figures = collect_feedback(db, since, params.monitor.window, params.monitor.low_rating, params.feedback.auto_approve)
@@ -166,4 +180,8 @@ def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) ->
 
 if __name__ == "__main__":
     apply_defaults()
-    print(json.dumps(monitor(), default=str))
+    final = monitor(return_state=True)
+    if final.is_failed():
+        print(f"error: {final.message}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED)
+    print(json.dumps(final.result(), default=str))

@@ -87,14 +87,19 @@ class FeedbackStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before it returns. Feedback is answered `"stored": true` and a
-        # user does not send it twice; NORMAL (WAL) could lose the last commits to a power cut.
-        # The interactions are written in batches, so this is one sync per batch, not per request.
-        self._conn.execute("PRAGMA synchronous=FULL")
-        # Erased rows are overwritten, not left in free pages of the file (`forget`, retention).
-        self._conn.execute("PRAGMA secure_delete=ON")
-        migrate(self._conn, self.path)
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before it returns. Feedback is answered `"stored": true` and a
+            # user does not send it twice; NORMAL (WAL) could lose the last commits to a power cut.
+            # The interactions are written in batches, so this is one sync per batch, not per request.
+            self._conn.execute("PRAGMA synchronous=FULL")
+            # Erased rows are overwritten, not left in free pages of the file (`forget`, retention).
+            self._conn.execute("PRAGMA secure_delete=ON")
+            migrate(self._conn, self.path)
+        except sqlite3.DatabaseError as exc:  # another file where the log should be: named, not a traceback
+            self._conn.close()
+            raise DataFileError(f"{self.path}: not a feedback log of the service ({exc}); "
+                                "point FTLLM_FEEDBACK_DB at the service's feedback.db") from None
         self._queue: queue.SimpleQueue[tuple[tuple, Future] | None] = queue.SimpleQueue()
         self._written = threading.Condition()
         self._queued = self._done = 0  # rows handed to log_later, and rows written (or failed)

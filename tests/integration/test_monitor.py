@@ -9,6 +9,7 @@ creates a flow run once the monitor recommends retraining.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,19 @@ def test_monitor_measures_the_log_emits_its_event_and_leaves_the_cursor_to_the_r
     assert recommended.payload["feedback"]["new_ratings"] == 12
     assert str(recommended.id) in (first["event_id"], again["event_id"])
 
+
+
+def test_a_file_that_is_not_the_log_fails_the_monitor_with_one_line_and_no_event(prefect_harness, monitored):
+    from flows.monitor import monitor
+
+    bogus = monitored / "feedback.db"
+    bogus.write_text("not sqlite")
+    state = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(bogus), return_state=True)
+    assert state.is_failed() and "feedback.db: not a feedback log" in state.message
+    done = subprocess.run([sys.executable, "-m", "flows.monitor"], cwd=monitored, capture_output=True, text=True,
+                          env={**os.environ, "FTLLM_FEEDBACK_DB": str(bogus), "PYTHONPATH": str(REPO)}, timeout=300)
+    assert done.returncode == 1 and "error: " in done.stderr and "not a feedback log" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 def test_monitor_recommends_no_retrain_that_would_not_read_the_feedback(prefect_harness, monitored):
     from flows.monitor import monitor

@@ -60,6 +60,21 @@ def test_a_file_that_is_not_the_log_is_refused_naming_it(tmp_path):
     bogus.write_text("not sqlite")
     with pytest.raises(DataFileError, match="feedback.db.*FTLLM_FEEDBACK_DB"):
         read_feedback(bogus, 0, 10)
+    with pytest.raises(DataFileError, match="feedback.db: not a feedback log.*FTLLM_FEEDBACK_DB"):
+        FeedbackStore(bogus)  # the writer too (forget, approve, the service), not a DatabaseError's traceback
+
+
+def test_the_cli_names_a_file_that_is_not_the_log_whatever_the_command(tmp_path, monkeypatch, capsys):
+    from ftllm.commands.feedback import approve_command, forget_command, pending_command
+
+    bogus = tmp_path / "feedback.db"
+    bogus.write_text("not sqlite")
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(bogus))
+    for command in (lambda: forget_command(None, None, None, True), lambda: forget_command(None, "web", None, False),
+                    pending_command, lambda: approve_command(True, [], False, "cli")):
+        assert command() != 0
+        err = capsys.readouterr().err
+        assert "not a feedback log" in err and "Traceback" not in err, err
 
 
 def test_drift_of_prompt_length_and_unknown_tokens(tmp_path):
