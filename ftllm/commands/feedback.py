@@ -119,10 +119,15 @@ def forget_command(user: str | None, key: str | None, before: str | None, expire
         store = FeedbackStore(_db(root))
         try:
             if expired:
-                days = _settings(root).retention_days
+                settings = _settings(root)
+                days = settings.retention_days
                 if days <= 0:
                     raise UsageError("feedback.retention_days is 0 (keep forever): nothing expires")
+                unreviewed = store.held_expiring(days, settings.auto_approve)
                 erased = store.expire(days)
+                if unreviewed:
+                    print(f"{unreviewed} of the erased feedback rows were still held for review: retention does not "
+                          "wait for a review (`ftllm feedback pending` lists what is held)")
             else:
                 when = None
                 if before is not None:

@@ -60,11 +60,15 @@ def snapshot_feedback(root: Path, min_rating: int, out: Path, log: Callable[[str
     elif retention_days > 0:
         store = FeedbackStore(db)
         try:
+            unreviewed = store.held_expiring(retention_days, policy.auto_approve)
             expired = store.expire(retention_days)
         finally:
             store.close()
         if expired[0]:
             log(f"retention: erased {expired[0]} interactions older than {retention_days:g} days, {expired[1]} feedback rows")
+        if unreviewed:
+            warn(f"retention erased {unreviewed} held feedback rows nobody reviewed within feedback.retention_days "
+                 f"{retention_days:g}; review held feedback sooner (`ftllm feedback pending`)")
     export = export_feedback(db, out, min_rating, missing_ok=True, write_empty=write_empty, policy=policy)
     if export.held:
         warn(f"{export.held} feedback rows wait for approval and are not in this run (`ftllm feedback pending`)")

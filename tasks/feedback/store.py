@@ -361,6 +361,19 @@ class FeedbackStore:
             return 0, 0
         return self.forget(before=time.time() - retention_days * 86400, reason=f"retention {retention_days:g} days")
 
+    def held_expiring(self, retention_days: float, auto_approve: str) -> int:
+        """Feedback rows `expire(retention_days)` would erase while still held for review (pending and not
+        admitted by `auto_approve`): retention does not wait for a review, and says what it erased unseen."""
+        if retention_days <= 0 or auto_approve == "all":
+            return 0
+        self.flush()
+        untrusted_only = "AND f.trusted = 0" if auto_approve == "trusted" else ""
+        with self._lock:
+            return int(self._conn.execute(
+                "SELECT COUNT(*) FROM feedback f JOIN interactions i ON i.id = f.completion_id "
+                f"WHERE f.review = 'pending' {untrusted_only} AND i.created < ?",
+                (time.time() - retention_days * 86400,)).fetchone()[0])
+
     def count(self, table: str) -> int:
         assert table in ("interactions", "feedback", "erasures")
         self.flush()

@@ -438,3 +438,21 @@ def test_a_runs_snapshot_tags_its_mlflow_run_with_the_provenance(db, tmp_path, m
     assert (tags["feedback.erased"], tags["feedback.not_a_chat"], tags["feedback.invalid_calls"]) == ("0", "0", "0")
     with FeedbackReader(db) as reader:  # the retention period erased the year-1970 interaction
         assert reader.interaction_count() == 6
+
+
+def test_retention_says_how_many_held_rows_it_erased_unreviewed(db, tmp_path, monkeypatch, capsys):
+    """Retention does not wait for a review (personal data is not kept because nobody looked), but
+    feedback it erases while held is not erased unseen."""
+    from ftllm.commands.feedback import forget_command
+
+    store = FeedbackStore(db)
+    store._conn.execute("UPDATE interactions SET created = ? WHERE id IN ('c0', 'c1', 'c3')", (time.time() - 100 * 86400,))
+    store._conn.commit()
+    # c0: ops' trusted correction (admitted); c1: web's (held); c3: bot's (held)
+    assert store.held_expiring(90, "trusted") == 2 and store.held_expiring(90, "none") == 3
+    assert store.held_expiring(90, "all") == 0 and store.held_expiring(0, "trusted") == 0
+    store.close()
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    assert forget_command(None, None, None, True) == 0
+    out = capsys.readouterr().out
+    assert "2 of the erased feedback rows were still held for review" in out and "erased 3 interactions" in out
