@@ -42,6 +42,11 @@ def test_masks_each_category_with_its_placeholder():
     assert counts == {"email": 1, "phone": 1, "card": 1, "ip": 2, "secret": 1}
 
 
+
+def test_an_apostrophe_inside_an_address_is_masked_with_it_and_quotes_around_one_are_not():
+    masked, counts = redact_text("write to o'neil@example.co.uk or 'bo@example.org', it's urgent")
+    assert masked == "write to [EMAIL] or '[EMAIL]', it's urgent" and counts == {"email": 2}
+
 def test_hard_negatives_stay():
     for text in ["Convert this ISO date: 2006-02-20", "February 20, 2006", "upgrade v1.2.3 to version 2.10.4.1",
                  "order ORD-2024-000123 costs $1,299.00", "at 12:30:45 on 20.02.2006",
