@@ -108,7 +108,7 @@ def score_preferences(model, tokenizer, rows: list[dict], params: EvalParams, sy
     metrics = {"reward_accuracy": sum(correct) / len(correct), "reward_margin": sum(margins) / len(margins),
                "examples": float(len(rows)), "rated_down_examples": float(len(down))}
     if down:
-        metrics["rated_down_repeat_rate"] = 1.0 - sum(avoids) / len(avoids)
+        metrics["rated_down_repeat_rate"] = (len(avoids) - sum(avoids)) / len(avoids)  # 1/9, not 1 - 8/9's 0.11111111111111116
     return {"metrics": metrics, "per_example": {
         "preference": {"ids": [_row_id(r) for r in rows], "reward_accuracy": correct, "margin": margins},
         "rated_down": {"ids": [_row_id(r) for r, _ in down], "avoids_rated_down": avoids},

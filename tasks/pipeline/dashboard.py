@@ -29,6 +29,7 @@ METRICS = ["exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms", "to
            "tool_name_accuracy", "tool_arguments_match", "tool_invalid_rate"]
 PREFERENCE_METRICS = ["reward_accuracy", "reward_margin", "rated_down_repeat_rate", "examples"]
 LOWER_IS_BETTER = {"perplexity", "latency_p95_ms", "rated_down_repeat_rate", "tool_invalid_rate"}
+COUNTS = {"examples"}  # neither better higher nor lower: no arrow
 ROLE_ORDER = ["candidate", "champion", "base_few_shot", "base_zero_shot"]
 # Sample predictions shown side by side: (candidate role, champion role, the split they came from).
 SAMPLE_PAIRS = [("candidate", "champion", "test split"),
@@ -111,7 +112,7 @@ def _preference_section(metrics: dict[str, dict[str, float]]) -> str:
     roles = [r for r in ("candidate_preference", "champion_preference") if metrics.get(r)]
     if not roles:
         return '<p class="empty">no held-out preference split: no ratings in this run\'s data</p>'
-    headers = ["model", *(f"{k} {'↓' if k in LOWER_IS_BETTER else '↑'}" for k in PREFERENCE_METRICS)]
+    headers = ["model", *(k if k in COUNTS else f"{k} {'↓' if k in LOWER_IS_BETTER else '↑'}" for k in PREFERENCE_METRICS)]
     rows = [[Raw(f'<code data-role="{text(r)}">{text(r)}</code>'), *(metrics[r].get(k, "–") for k in PREFERENCE_METRICS)]
             for r in roles]
     return table(headers, rows)

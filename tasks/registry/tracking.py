@@ -202,12 +202,19 @@ def artifact_link(run_id: str, path: str) -> str:
 
 
 def log_prepared(run_id: str, stats_path: Path) -> str:
-    """Log prepare's stats.json and tag the run with every source's md5 and counts; the tag's value (JSON)."""
+    """Log prepare's stats.json and tag the run with every source's md5 and counts, the preference file's
+    among them (`"preference": true`); the tag's value (JSON)."""
     from mlflow import MlflowClient
 
     stats = json.loads(Path(stats_path).read_text())
-    sources = json.dumps([{"path": s["path"], "md5": s["md5"], "kept": s["kept"], "invalid_dropped": s["invalid"]}
-                          for s in stats["sources"]])
+    listed = [{"path": s["path"], "md5": s["md5"], "kept": s["kept"], "invalid_dropped": s["invalid"]}
+              for s in stats["sources"]]
+    preference = stats.get("preference")
+    if preference:
+        kept = sum(split["examples"] for split in preference["counts"].values())
+        listed.append({"path": preference["path"], "md5": preference["md5"], "kept": kept,
+                       "invalid_dropped": preference["invalid"], "preference": True})
+    sources = json.dumps(listed)
     client = MlflowClient()
     client.set_tag(run_id, "data_sources", sources)
     client.log_artifact(run_id, str(stats_path), "prepared")

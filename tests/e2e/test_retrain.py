@@ -386,6 +386,7 @@ def test_a_run_with_a_preference_source_registers_a_version_with_the_preference_
 
     from tasks.feedback.schema import Interaction
     from tasks.feedback.store import FeedbackStore
+    from tasks.files import file_md5
 
     db = tmp_path / "feedback.db"
     monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
@@ -423,6 +424,9 @@ def test_a_run_with_a_preference_source_registers_a_version_with_the_preference_
     assert run.params["train.init_path"].startswith(f"artifacts/champion/ftllm-chat-v{parent.version}-{parent.run_id[:12]}/")
     assert (project / run.params["train.init_path"] / "adapter").is_dir() and run.metrics["train_steps"] == 10
     assert run.tags["preference.undesirable"] == "12" and run.tags["preference.capped"] == "0"
+    # The version's lineage names the preference file it was tuned on, as it names every data source.
+    listed = json.loads(version.tags["data_sources"])
+    assert [s["md5"] for s in listed if s.get("preference")] == [file_md5(project / "data/preference.jsonl")]
     for role in ("candidate_preference", "champion_preference"):
         assert 0.0 <= logged[f"{role}.reward_accuracy"] <= 1.0 and logged[f"{role}.examples"] > 0
         assert f"{role}.rated_down_repeat_rate" in logged
