@@ -32,7 +32,9 @@ The decision to keep this loop rather than TRL's `KTOTrainer`/`DPOTrainer` rests
 
 When the split holds fewer than `preference.min_examples` usable examples the stage does
 nothing and writes only `preference.json` saying why: a run without ratings is the
-supervised run of before.
+supervised run of before. After tuning, `held_the_task` scores the tuned and the supervised
+model on the val split: a tuned model whose exact match is lower by more than
+`gate.max_regression` is left out, and the supervised model is the run's candidate.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import random
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tasks.config import Params, PreferenceParams
@@ -201,6 +203,9 @@ class PreferenceSummary:
     undesirable_weight: float | None = None
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    kept: bool = False  # the tuned model is the candidate (it held the supervised model's exact match on val)
+    val_exact_match_supervised: float | None = None
+    val_exact_match_tuned: float | None = None
 
 
 def train_preference(model, items: list, prefs: PreferenceParams, pad_id: int, device: str, seed: int,
@@ -317,7 +322,34 @@ def tune_policy(params: Params, data_dir: Path, sft_dir: Path, log: Log = print)
 
     summary = PreferenceSummary(True, "tuned", prefs.loss, len(items), len(history), history[0]["loss"],
                                 history[-1]["loss"], *weights, round(time.perf_counter() - start, 2), peak_memory_mb(device))
-    return summary, TunedPolicy(model, Path(sft_dir), info, history)
+    summary = held_the_task(model, tokenizer, params, data_dir, summary, log)
+    return summary, TunedPolicy(model, Path(sft_dir), info, history) if summary.kept else None
+
+
+def held_the_task(model, tokenizer, params: Params, data_dir: Path, summary: PreferenceSummary,
+                  log: Log = print) -> PreferenceSummary:
+    """`summary` with the exact match of the tuned and the supervised model (the `reference`
+    adapter) on the val split, and whether the tuned one is kept: unless it is lower by more
+    than `gate.max_regression`, the margin the gate grants against the champion. Preference
+    tuning that costs the task more than that is left out of the run: the supervised model is
+    its candidate, which the gate would otherwise never see (it compares with the champion)."""
+    from tasks.evaluate.score import evaluate_model, load_split
+
+    val = load_split(data_dir, "val", params.eval.max_examples)
+    if not val:
+        return replace(summary, kept=True, reason="tuned (no val split to check it against)")
+    system_message = params.data.system_message
+    tuned = evaluate_model(model, tokenizer, val, params.eval, system_message=system_message)["metrics"]["exact_match"]
+    with as_reference(model):
+        supervised = evaluate_model(model, tokenizer, val, params.eval, system_message=system_message)["metrics"]["exact_match"]
+    kept = tuned >= supervised - params.gate.max_regression
+    reason = ("tuned" if kept else
+              f"tuned, and left out: exact match on the val split {tuned:.3f} against the supervised model's "
+              f"{supervised:.3f}, lower by more than gate.max_regression {params.gate.max_regression}; the supervised "
+              "model is the candidate")
+    log(f"preference tuning: val exact match {tuned:.3f} (supervised {supervised:.3f}): "
+        + ("kept" if kept else "left out, the supervised model is the candidate"))
+    return replace(summary, kept=kept, reason=reason, val_exact_match_supervised=supervised, val_exact_match_tuned=tuned)
 
 
 def _cuda() -> bool:

@@ -424,6 +424,8 @@ def test_a_run_with_a_preference_source_registers_a_version_with_the_preference_
     assert run.params["train.init_path"].startswith(f"artifacts/champion/ftllm-chat-v{parent.version}-{parent.run_id[:12]}/")
     assert (project / run.params["train.init_path"] / "adapter").is_dir() and run.metrics["train_steps"] == 10
     assert run.tags["preference.undesirable"] == "12" and run.tags["preference.capped"] == "0"
+    # Whether the tuned model held the supervised model's exact match on val, and so is the candidate.
+    assert run.tags["preference.kept"] == str(tuned["kept"]).lower() and "preference_val_exact_match_tuned" in run.metrics
     # The version's lineage names the preference file it was tuned on, as it names every data source.
     listed = json.loads(version.tags["data_sources"])
     assert [s["md5"] for s in listed if s.get("preference")] == [file_md5(project / "data/preference.jsonl")]

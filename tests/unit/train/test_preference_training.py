@@ -173,3 +173,34 @@ def test_the_saved_folder_is_the_tuned_model_over_the_original_base(sft, tmp_pat
 
 def _unordered(value):
     return set(value) if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize(("tuned_em", "kept"), [(0.5, False), (0.88, True), (0.95, True)])
+def test_tuning_that_costs_the_task_more_than_the_gates_margin_leaves_the_supervised_model_the_candidate(
+        sft, tmp_path, monkeypatch, tuned_em, kept):
+    """The gate compares the candidate with the champion only: a preference stage that lowered its
+    own supervised model's exact match would be rejected, or promoted worse than it need be. The
+    val split decides first, with the gate's margin (gate.max_regression 0.04)."""
+    import tasks.evaluate.score as score
+    from tasks.evaluate.preference import candidate_dir
+
+    model_dir, data = sft
+    write_preference(data, preference_rows(data))
+    seen = []
+
+    def exact_match(model, tok, examples, params, **_kw):  # the supervised model (reference adapter) gets 0.9
+        seen.append(model.active_adapter)
+        return {"metrics": {"exact_match": 0.9 if model.active_adapter == "reference" else tuned_em}}
+
+    monkeypatch.setattr(score, "evaluate_model", exact_match)
+    prefs = PreferenceParams(loss="kto", max_steps=2, batch_size=8, learning_rate=5e-3, beta=0.5)
+    summary = preference_tune(Params(train=small_params().train, preference=prefs), data, model_dir,
+                              tmp_path / "preference", log=lambda _m: None)
+    assert sorted(seen) == ["default", "reference"]
+    assert (summary.ran, summary.kept, summary.val_exact_match_supervised, summary.val_exact_match_tuned) == (
+        True, kept, 0.9, tuned_em)
+    assert (tuned_model(tmp_path / "preference") is not None) == kept
+    expected = tmp_path / "preference" / "model" if kept else model_dir
+    assert candidate_dir(model_dir, tmp_path / "preference") == expected
+    if not kept:
+        assert "lower by more than gate.max_regression 0.04; the supervised model is the candidate" in summary.reason
