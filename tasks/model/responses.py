@@ -201,7 +201,7 @@ def _parse(tokenizer, text: str, prompt: str, tools: list[dict] | None, first_ca
         parser = ResponseParser(template, prefix=prefix, tools=tools if own else None)
         events = parser.feed(text)
         message, last = parser.finalize()
-    except ValueError as exc:  # a call region that is not JSON
+    except (ValueError, RecursionError) as exc:  # a call region that is not JSON, or nests past the parser
         reasoning, rest = split_reasoning(text, prompt) if own or writes_reasoning(tokenizer) else (None, text)
         return ParsedResponse(_before_call(rest), reasoning, [], f"unparseable tool call ({_first_line(exc)})", rest)
     reasoning = message.get("reasoning_content") or message.get("thinking") or None
@@ -230,7 +230,7 @@ def _through_first_call(template: dict, prefix: str, text: str) -> str:
     for end in range(1, len(text) + 1):  # one character at a time: the parser says where a region closes
         try:
             events = parser.feed(text[end - 1])
-        except ValueError:
+        except (ValueError, RecursionError):
             return text
         if any(e["type"] == "region_close" and e["field"] == "tool_calls" for e in events):
             # A close pattern that ends in `\s*` is known closed one character late, at the start
@@ -263,7 +263,7 @@ def _closes_one_call(template: dict, prefix: str, text: str) -> bool:
 
     try:
         message = parse_response(text, template, prefix=prefix)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return len(message.get("tool_calls") or []) == 1
 
@@ -374,7 +374,7 @@ class ResponseStream:
             return []
         try:
             events = self._parser.feed(delta)
-        except ValueError:  # a call that is not JSON: finish() returns its text
+        except (ValueError, RecursionError):  # a call that is not JSON (or too deep to read): finish() returns its text
             self._failed = True
             return []
         out = []

@@ -33,19 +33,27 @@ def strict_json(text: str) -> Any:
     past a double's range (`1e999`, which Python reads as infinity).
 
     Raises:
-        ValueError: the text is not JSON (json.JSONDecodeError, or one of the above named).
+        ValueError: the text is not JSON (json.JSONDecodeError, or one of the above named), or
+            nests deeper than the parser recurses.
     """
-    return json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    try:
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("the value nests too deeply to read") from None
 
 
 def finite(value: Any) -> bool:
-    """Whether every number in a decoded JSON value is finite (a value read by another parser may hold NaN)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(finite(v) for v in value.values())
-    if isinstance(value, list):
-        return all(finite(v) for v in value)
+    """Whether every number in a decoded JSON value is finite (a value read by another parser may hold NaN).
+    Walked without recursion: a value may nest as deep as its parser allowed."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
     return True
 
 

@@ -214,3 +214,19 @@ def test_a_call_whose_arguments_hold_nan_or_infinity_is_returned_as_text(family_
         assert answered_calls(answer) == ([], call, "invalid_tool_call")
         chunks = chat.stream(messages=MESSAGES, tools=TOOLS)
         assert not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks)
+
+
+def test_arguments_nested_deeper_than_the_checks_recursed_are_checked_not_a_500(family_models):
+    """A call whose arguments nest 450 deep made the route raise RecursionError in its NaN check (a
+    500, or a stream cut off); as deep as JSON's parser reads, they are checked as any others.
+    (Deeper ones, which the parser cannot read: tests/unit/model/test_responses.py.)"""
+    from tasks.config import ServingParams
+
+    deep = "[" * 450 + "]" * 450
+    call = f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "Oslo", "x": {deep}}}}}\n</tool_call>'
+    with scripted_chat(family_models("qwen2.5")) as chat:
+        chat.service.limits = ServingParams(max_tokens=1300)
+        chat.writes(call)
+        answer = chat.post(messages=MESSAGES, tools=TOOLS, max_tokens=1300)
+        chunks = chat.stream(messages=MESSAGES, tools=TOOLS, max_tokens=1300)
+        assert answer["choices"][0]["finish_reason"] == chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"

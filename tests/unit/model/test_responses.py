@@ -258,3 +258,16 @@ def test_a_named_opening_stops_where_the_vocabulary_ends_a_token():
     assert '",' in tok.tokenize('{"name": "get_weather", "arguments": {}}')
     assert forced_call_opening(tok, QUESTION, TOOLS, "get_weather") == '<tool_call>\n{"name": "get_weather'
     assert forced_call_opening(tok, QUESTION, TOOLS, None) == '<tool_call>\n{"name": "'
+
+
+def test_a_call_nested_deeper_than_the_parser_reads_is_an_invalid_call_not_a_crash(tokenizers):
+    tok = tokenizers("qwen2.5")
+    prompt = render_prompt(tok, QUESTION, "auto", TOOLS)
+    deep = "[" * 5000 + "]" * 5000
+    text = f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "Oslo", "x": {deep}}}}}\n</tool_call>'
+    parsed = parse_generation(tok, text, prompt, TOOLS)
+    assert parsed.invalid and not parsed.tool_calls and parsed.answer == text
+    stream = ResponseStream(tok, prompt, TOOLS)
+    pieces = [p for i in range(0, len(text), 64) for p in stream.feed(text[i:i + 64])]
+    final, owed = stream.finish()
+    assert final.invalid and not final.tool_calls and "".join(d for _, d in pieces + owed) == text
