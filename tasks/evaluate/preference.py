@@ -4,12 +4,14 @@
   with its adapter disabled, i.e. the base model for every candidate and champion alike)
   is higher for the chosen answer than for the rejected one; for a KTO row, the log-ratio
   is above the model's reference point for a desirable answer and below it for an
-  undesirable one. The reference point is KTO's z0, the model's average log-ratio: here the
-  mean over the split's KTO rows. Against 0 instead, every answer of a model that learnt the
-  task's format (right or wrong) has a large positive log-ratio against the base, and the
-  accuracy was the share of desirable rows whatever the model preferred. The margin is the
-  difference of log-ratios (pairs) or the log-ratio less z0, signed by the label (KTO rows),
-  in nats. Training's reference is another one (`tasks.train.preference`: the run's
+  undesirable one. The reference point is the midpoint of the model's mean log-ratio on the
+  split's desirable rows and on its undesirable ones, so that a lopsided split (mostly thumbs
+  up) does not move it. Against 0 instead, every answer of a model that learnt the task's
+  format (right or wrong) has a large positive log-ratio against the base, and the accuracy
+  was the share of desirable rows whatever the model preferred. A split whose KTO rows all
+  carry one label has no such point: its KTO rows are not judged (`reward_examples` counts
+  the rows that are). The margin is the difference of log-ratios (pairs) or the log-ratio
+  less the reference point, signed by the label (KTO rows), in nats. Training's reference is another one (`tasks.train.preference`: the run's
   supervised model); here the base is used because a candidate and its champion come from
   different supervised runs, and only a shared reference scores them on one scale.
 - Rated-down repeats: the model, greedy, answers each prompt whose answer users rated down
@@ -83,17 +85,18 @@ def score_preferences(model, tokenizer, rows: list[dict], params: EvalParams, sy
     convs = [{"messages": r["prompt"] + a, "tools": r.get("tools")}
              for r in rows for a in ([r["completion"]] if "completion" in r else [r["chosen"], r["rejected"]])]
     ratios = log_ratios(model, tokenizer, convs, system_message, params.batch_size)
-    kinds = [kind for r in rows for kind in (["kto"] if "completion" in r else ["pair", "pair"])]
-    kto = [ratio for ratio, kind in zip(ratios, kinds, strict=True) if kind == "kto"]
-    z0 = sum(kto) / len(kto) if kto else 0.0  # KTO's reference point: the model's mean log-ratio
     left = iter(ratios)
-    correct, margins = [], []
-    for r in rows:
+    per_row = [next(left) if "completion" in r else next(left) - next(left) for r in rows]
+    z0 = _reference_point([(ratio, r["label"]) for ratio, r in zip(per_row, rows) if "completion" in r])
+    judged, correct, margins = [], [], []
+    for r, ratio in zip(rows, per_row):
         if "completion" in r:
-            shift = next(left) - z0
-            margin = shift if r["label"] else -shift
+            if z0 is None:
+                continue  # thumbs of one kind only: nothing to place them against
+            margin = ratio - z0 if r["label"] else z0 - ratio
         else:
-            margin = next(left) - next(left)
+            margin = ratio
+        judged.append(r)
         margins.append(margin)
         correct.append(float(margin > 0))
     down = [(r, (r["completion"] if "completion" in r else r["rejected"])[0]["content"]) for r in rows
@@ -105,14 +108,24 @@ def score_preferences(model, tokenizer, rows: list[dict], params: EvalParams, sy
     answers, _, _ = (generate_batched(model, tokenizer, prompts, min(room, MAX_REPEAT_TOKENS), params.batch_size)
                      if down else ([], [], []))
     avoids = [float(_fold(a) != _fold(text)) for a, (_, text) in zip(answers, down)]
-    metrics = {"reward_accuracy": sum(correct) / len(correct), "reward_margin": sum(margins) / len(margins),
-               "examples": float(len(rows)), "rated_down_examples": float(len(down))}
+    metrics = {"examples": float(len(rows)), "reward_examples": float(len(judged)), "rated_down_examples": float(len(down))}
+    if judged:
+        metrics.update(reward_accuracy=sum(correct) / len(correct), reward_margin=sum(margins) / len(margins))
     if down:
         metrics["rated_down_repeat_rate"] = (len(avoids) - sum(avoids)) / len(avoids)  # 1/9, not 1 - 8/9's 0.11111111111111116
     return {"metrics": metrics, "per_example": {
-        "preference": {"ids": [_row_id(r) for r in rows], "reward_accuracy": correct, "margin": margins},
+        "preference": {"ids": [_row_id(r) for r in judged], "reward_accuracy": correct, "margin": margins},
         "rated_down": {"ids": [_row_id(r) for r, _ in down], "avoids_rated_down": avoids},
     }}
+
+
+def _reference_point(kto: list[tuple[float, bool]]) -> float | None:
+    """The midpoint of the mean log-ratio of the desirable and of the undesirable rows; None without both."""
+    up = [ratio for ratio, label in kto if label]
+    down = [ratio for ratio, label in kto if not label]
+    if not up or not down:
+        return None
+    return (sum(up) / len(up) + sum(down) / len(down)) / 2
 
 
 def candidate_dir(model_dir: Path, preference_dir: Path | None) -> Path:

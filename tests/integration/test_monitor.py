@@ -97,8 +97,7 @@ def test_monitor_measures_the_log_emits_its_event_and_leaves_the_cursor_to_the_r
     assert str(recommended.id) in (first["event_id"], again["event_id"])
 
 
-
-def test_a_file_that_is_not_the_log_fails_the_monitor_with_one_line_and_no_event(prefect_harness, monitored):
+def test_a_file_that_is_not_the_log_fails_the_monitor_with_one_line(prefect_harness, monitored):
     from flows.monitor import monitor
 
     bogus = monitored / "feedback.db"
@@ -109,6 +108,7 @@ def test_a_file_that_is_not_the_log_fails_the_monitor_with_one_line_and_no_event
                           env={**os.environ, "FTLLM_FEEDBACK_DB": str(bogus), "PYTHONPATH": str(REPO)}, timeout=300)
     assert done.returncode == 1 and "error: " in done.stderr and "not a feedback log" in done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
 
 def test_monitor_recommends_no_retrain_that_would_not_read_the_feedback(prefect_harness, monitored):
     from flows.monitor import monitor

@@ -63,7 +63,9 @@ def test_scores_on_held_out_rows_with_a_real_model(tmp_path):
     # A zero adapter is the reference itself: every log-ratio is 0, so nothing is preferred yet.
     assert result["metrics"]["reward_accuracy"] == 0.0 and result["metrics"]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
     assert result["metrics"]["rated_down_examples"] == 2.0
-    assert len(result["per_example"]["avoids_rated_down"]) == 2 and len(result["per_example"]["ids"]) == 2
+    assert len(result["per_example"]["avoids_rated_down"]) == 2
+    # One thumbs-down alone has no thumbs-up to be placed against: only the pair is judged.
+    assert len(result["per_example"]["ids"]) == 1 and result["metrics"]["reward_examples"] == 1.0
     json.dumps(result)  # written to metrics.json and per_example.json
 
 
@@ -79,14 +81,16 @@ def _kto(i: int, label: bool, answer: str = "x") -> dict:
             "completion": [{"role": "assistant", "content": answer}], "label": label}
 
 
-def test_kto_rows_are_judged_against_the_models_reference_point_not_zero(monkeypatch):
+@pytest.mark.parametrize("ups", [4, 7])
+def test_kto_rows_are_judged_against_the_models_reference_point_not_zero(monkeypatch, ups):
     """A model that learnt the task's format gives every answer, right or wrong, a large log-ratio
     against the base: judged against 0 every thumbs-down row was wrong for every model, and the
-    accuracy was the share of thumbs-up rows. Against the model's mean log-ratio (KTO's z0) it
-    tells the model that ranks thumbs-up answers higher from the one that ranks them lower."""
+    accuracy was the share of thumbs-up rows. Against the midpoint of the model's mean log-ratio
+    on thumbs up and on thumbs down it tells the model that ranks thumbs-up answers higher from
+    the one that ranks them lower, also when most rows are thumbs up."""
     import tasks.evaluate.preference as preference
 
-    rows = [_kto(i, i % 2 == 0) for i in range(8)]
+    rows = [_kto(i, i < ups) for i in range(8)]
     monkeypatch.setattr(preference, "generate_batched", lambda model, tok, prompts, *a: (["other"] * len(prompts), [], []))
     monkeypatch.setattr(preference, "render_prompt", lambda tok, messages, *a: messages[0]["content"])
     params = EvalParams(max_new_tokens=8)
@@ -97,6 +101,20 @@ def test_kto_rows_are_judged_against_the_models_reference_point_not_zero(monkeyp
         metrics = score_preferences(_Adapted(), tok, rows, params)["metrics"]
         assert metrics["reward_accuracy"] == accuracy
         assert metrics["reward_margin"] == pytest.approx(2.5 if accuracy else -2.5)
+
+
+def test_thumbs_of_one_kind_only_are_not_judged(monkeypatch):
+    """With every row a thumbs up there is nothing to place them against: any reference point
+    drawn from the rows themselves made a good and a bad model score alike."""
+    import tasks.evaluate.preference as preference
+
+    rows = [_kto(i, True) for i in range(3)]
+    monkeypatch.setattr(preference, "generate_batched", lambda model, tok, prompts, *a: (["other"] * len(prompts), [], []))
+    monkeypatch.setattr(preference, "render_prompt", lambda tok, messages, *a: messages[0]["content"])
+    monkeypatch.setattr(preference, "log_ratios", lambda *a: [9.0, 10.0, 11.0])
+    scored = score_preferences(_Adapted(), _Tokens(), rows, EvalParams(max_new_tokens=8))
+    assert "reward_accuracy" not in scored["metrics"] and scored["metrics"]["reward_examples"] == 0.0
+    assert scored["per_example"]["preference"]["ids"] == []
 
 
 class _Tokens:
