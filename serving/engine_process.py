@@ -18,7 +18,7 @@ import logging
 import multiprocessing
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,9 @@ log = logging.getLogger("ftllm.serving")
 
 # The decoding loops by `serving.engine`.
 LOOPS: dict[str, LoopFactory] = {"own": Engine, "transformers": LibraryEngine}
+# The loops beside which a forward pass scores as it would alone. The library's continuous
+# batching does not: a pass run while its rows decode scored up to 0.8 nats differently.
+SCORING_LOOPS = ("own",)
 
 
 # -- messages from the service -----------------------------------------------------------
@@ -192,10 +195,13 @@ def engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, 
                                                  seed=message.seed)
                     engine.submit(row)
                 case Score():
-                    if message.key not in models:
+                    if kind not in SCORING_LOOPS:
+                        send(Scored(message.id, [], f"serving.engine: {kind} does not score continuations (its "
+                                                    "decoding steps change the model's attention for a pass beside them)"))
+                    elif message.key not in models:
                         send(Scored(message.id, [], f"model {message.key} is not loaded in the engine"))
-                        continue
-                    scorer.submit(score, message, models[message.key])
+                    else:
+                        scorer.submit(score, message, models[message.key])
                 case CancelRow():
                     if message.id in rows:
                         engine.cancel(rows[message.id])
@@ -351,20 +357,16 @@ class EngineProcess:
                     if self.on_steps is not None and message.step_sizes:
                         self.on_steps(message.step_sizes)
                 case Loaded():
-                    future = self._loads.pop(message.key, None)
-                    if future is not None:
-                        future.set_result(message)
+                    _resolve(self._loads.pop(message.key, None), message)
                 case Scored():
-                    future = self._scores.pop(message.id, None)
-                    if future is not None:
-                        future.set_result(message)
+                    _resolve(self._scores.pop(message.id, None), message)
         self.alive = False
         code = self.process.exitcode
         log.error("the generation engine stopped (exit code %s)", code)
         for future in list(self._loads.values()):
-            future.set_result(Loaded("", 0, "the engine stopped"))
+            _resolve(future, Loaded("", 0, "the engine stopped"))
         for sid, future in list(self._scores.items()):
-            future.set_result(Scored(sid, [], "the engine stopped"))
+            _resolve(future, Scored(sid, [], "the engine stopped"))
         self._deliver([(cid, ("error", "the generation engine stopped")) for cid in list(self._in_flight)])
 
     def _deliver(self, events: list[tuple[int, Event]]) -> None:
@@ -392,6 +394,17 @@ class EngineProcess:
             self.process.kill()
             self.process.join(5)
         self._conn.close()
+
+
+def _resolve(future: Future | None, message: FromEngine) -> None:
+    """Answer a waiting `load` or `score`; one whose caller went away (its request cancelled) is
+    done already, and setting it would raise in the reader thread and end it."""
+    if future is None:
+        return
+    try:
+        future.set_result(message)
+    except InvalidStateError:
+        pass
 
 
 def _put_events(items: list[tuple[Completion, Event]]) -> None:

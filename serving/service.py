@@ -287,14 +287,19 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def _draw(scores: list[float], temperature: float, seed: int | None) -> int:
+def _draw(scores: list[float], temperature: float, top_p: float, seed: int | None) -> int:
     """The index of the highest of `scores` (log-probabilities) at temperature 0, else one drawn
-    with probability proportional to exp(score / temperature), from `seed` when given."""
-    best = max(range(len(scores)), key=scores.__getitem__)
+    as a token is: with probability proportional to exp(score / temperature), among the fewest
+    likeliest whose probabilities add up to `top_p`, from `seed` when given."""
+    order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
     if temperature <= 0:
-        return best
-    weights = [math.exp((s - scores[best]) / temperature) for s in scores]
-    return random.Random(seed).choices(range(len(scores)), weights)[0]
+        return order[0]
+    weights = [math.exp((scores[i] - scores[order[0]]) / temperature) for i in order]
+    total, kept, mass = sum(weights), 0, 0.0
+    while kept < len(order) and (kept == 0 or mass < top_p):
+        mass += weights[kept] / total
+        kept += 1
+    return random.Random(seed).choices(order[:kept], weights[:kept])[0]
 
 
 def _logged_finish(finish: str, parsed: ParsedResponse | None) -> str:
@@ -458,9 +463,15 @@ class ChatService:
         _check_names(messages, loaded)
         # top_p 0 keeps only the most likely token, which is what greedy decoding picks.
         greedy = req.temperature < MIN_SAMPLING_TEMPERATURE or req.top_p == 0
+        if req.seed is not None and not greedy and self.limits.engine == "transformers":
+            raise APIError(400, "seed is not applied by serving.engine=transformers (the library samples every row "
+                                "from one random state); leave seed out, or serve with serving.engine: own.",
+                           param="seed", code="unsupported_parameter")
         plan = self._plan(req, loaded, [for_template(m) for m in messages])
-        if plan.choices:
-            plan = await self._choose_call(plan, loaded, 0.0 if greedy else req.temperature, req.seed)
+        if plan.choices and self.limits.engine == "own":  # the library's loop cannot score (serving.engine_process)
+            plan = await self._choose_call(plan, loaded, 0.0 if greedy else req.temperature, req.top_p, req.seed)
+            if self.current() is not loaded:  # a new version was loaded while the engine scored: plan on it
+                return await self._check_chat(body)
         prompt_ids = encode_text(loaded.tokenizer, plan.prompt + plan.opening)
         n_prompt = len(prompt_ids)
         room = loaded.context_length - n_prompt
@@ -469,10 +480,6 @@ class ChatService:
             raise APIError(400, f"The prompt has {n_prompt} tokens; with max_tokens={max(max_new, 1)} it exceeds the "
                                 f"model's context of {loaded.context_length}.", param="messages",
                            code="context_length_exceeded")
-        if req.seed is not None and not greedy and self.limits.engine == "transformers":
-            raise APIError(400, "seed is not applied by serving.engine=transformers (the library samples every row "
-                                "from one random state); leave seed out, or serve with serving.engine: own.",
-                           param="seed", code="unsupported_parameter")
         row = self._completion(loaded, plan.prompt + plan.opening, prompt_ids, max_new,
                                0.0 if greedy else req.temperature, req.top_p, req.stops(), req.stream, req.seed)
         return req, messages, row, plan
@@ -513,22 +520,28 @@ class ChatService:
                         req.parallel_tool_calls is False or name is not None, self.limits.invalid_call_finish_reason,
                         tuple(choices or ()))
 
-    async def _choose_call(self, plan: ChatPlan, loaded: ServedModel, temperature: float,
+    async def _choose_call(self, plan: ChatPlan, loaded: ServedModel, temperature: float, top_p: float,
                            seed: int | None) -> ChatPlan:
         """`tool_choice: required` with several tools: the declared function the model is likeliest
-        to call (drawn by likelihood at `temperature` when sampling), forced as a named choice
-        forces its function, so the answer calls a declared function. Where the engine cannot
-        score (a failed forward pass), the model writes the name itself, as before."""
+        to call (drawn by likelihood at `temperature` and `top_p` when sampling), forced as a named
+        choice forces its function, so the answer calls a declared function. Where the engine
+        cannot score (a failed forward pass), the model writes the name itself, as before.
+
+        Raises:
+            APIError: 400 `context_length_exceeded`, the prompt with a call's opening does not fit.
+        """
         ids = [encode_text(loaded.tokenizer, plan.prompt + c.scored) for c in plan.choices]
         if max(map(len, ids)) >= loaded.context_length:
-            return plan  # too long to score; the request is refused for its length next
+            raise APIError(400, f"The prompt has {len(encode_text(loaded.tokenizer, plan.prompt))} tokens; with the "
+                                f"opening of a call to one of the tools it fills the model's context of "
+                                f"{loaded.context_length}.", param="messages", code="context_length_exceeded")
         shared = min(_common_prefix(ids), min(map(len, ids)) - 1)  # every function has a token of its own scored
         try:
             scores = await self.engine.score(loaded.key, ids[0][:shared], [i[shared:] for i in ids])
         except EngineError as exc:
             log.warning("tool_choice required: %s; the model writes the function name unconstrained", exc)
             return plan
-        chosen = plan.choices[_draw(scores, temperature, seed)]
+        chosen = plan.choices[_draw(scores, temperature, top_p, seed)]
         return replace(plan, opening=chosen.opening, choices=())
 
     async def chat_completions(self, request: Request):

@@ -397,8 +397,9 @@ class ServingParams(_Section):
         "own",
         description="The decoding loop of the engine process: own (serving/engine.py) or transformers (the "
                     "library's continuous batching with paged attention, serving/library_engine.py); same API, "
-                    "answers and errors. transformers ignores join_ratio and join_after_steps and shares KV "
-                    "blocks instead of the prefix cache (on while prefix_min_tokens > 0).",
+                    "answers and errors. transformers ignores join_ratio and join_after_steps, shares KV "
+                    "blocks instead of the prefix cache (on while prefix_min_tokens > 0), and leaves the function "
+                    "of tool_choice required among several tools to the model (it cannot score them).",
     )
     invalid_call_finish_reason: Literal["invalid_tool_call", "stop"] = Field(
         "invalid_tool_call",

@@ -172,9 +172,10 @@ def test_rows_in_flight_finish_on_a_model_the_service_dropped(model_dir, prompts
 
 @pytest.mark.parametrize("kind", ["own", "transformers"])
 def test_scoring_beside_the_decoding_loop_matches_a_forward_pass_in_this_process(model_dir, prompts, kind):
-    """`tool_choice: required` ranks functions by the engine's scores: with rows decoding beside
-    it (the library's loop has switched the model to its own attention by then), each score
-    is the continuation's log-probability as this process computes it, and the rows still end."""
+    """`tool_choice: required` ranks functions by the engine's scores: beside the own loop's rows
+    each score is the continuation's log-probability as this process computes it, and the rows
+    still end. Beside the library's continuous batching a pass scored up to 0.8 nats off (its
+    steps change the model's attention), so that engine refuses to score and says so."""
     from serving.decoding import continuation_logps
 
     continuations = [prompts[1][-3:], prompts[2][-5:], prompts[3][-1:]]
@@ -184,14 +185,20 @@ def test_scoring_beside_the_decoding_loop_matches_a_forward_pass_in_this_process
         for c in rows:
             await engine.submit(c)
         await asyncio.wait_for(rows[0].queue.get(), 120)  # decoding has begun
-        scores = await engine.score(key, prompts[0], continuations)
+        try:
+            scores = await engine.score(key, prompts[0], continuations)
+        except EngineError as exc:
+            scores = str(exc)
         ends = [(await _answer(c))[1][0] for c in rows]
-        with pytest.raises(EngineError, match="m999 is not loaded"):
+        with pytest.raises(EngineError, match="m999 is not loaded" if kind == "own" else "does not score"):
             await engine.score("m999", prompts[0], continuations)
         return scores, ends
 
     scores, ends = _serve(kind, model_dir, scenario)
     assert ends == ["end"] * 3
+    if kind == "transformers":
+        assert "serving.engine: transformers does not score continuations" in scores
+        return
     expected = continuation_logps(load_model_dir(model_dir), prompts[0], continuations)
     assert scores == pytest.approx(expected, abs=1e-3)
     assert all(s < 0 for s in scores) and len(set(scores)) == 3

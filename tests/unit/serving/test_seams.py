@@ -111,3 +111,19 @@ def test_the_engine_process_hands_every_setting_of_a_row_to_its_loop(monkeypatch
     assert {f.name: getattr(row, f.name) for f in dataclasses.fields(start) if f.name != "key"} == {
         "id": 3, "prompt_ids": [1, 2], "max_new": 8, "temperature": 0.7, "top_p": 0.9, "stops": ["\n"], "stream": True,
         "seed": 7}
+
+
+def test_an_answer_for_a_caller_that_went_away_does_not_end_the_reader():
+    """A score or load whose request was cancelled has a done future: setting it raised
+    InvalidStateError in the engine's reader thread, which then stopped reading every row's events."""
+    from concurrent.futures import Future
+
+    from serving.engine_process import Scored, _resolve
+
+    gone: Future = Future()
+    gone.cancel()
+    _resolve(gone, Scored(1, [], None))
+    waiting: Future = Future()
+    _resolve(waiting, Scored(2, [-0.5]))
+    assert waiting.result().scores == [-0.5]
+    _resolve(None, Scored(3, []))  # nobody waits for it
