@@ -118,8 +118,9 @@ def continuation_logps(loaded: LoadedModel, context: list[int], continuations: l
 
     One forward pass per continuation over the context and it, keeping the logits of the
     continuation's positions only: memory grows with the prompt's length times the hidden
-    size, not times the vocabulary (eight prompts of 1,000 tokens with all their logits took
-    13 GiB for Qwen's vocabulary). No KV cache is kept across passes: beside the library's
+    size, not times the vocabulary (eight names after 250 tokens took 3.4 GiB with every
+    position's logits in Qwen's vocabulary, 0.03 GiB so after 8,000: benchmarks/
+    bench_choice_scoring.py). No KV cache is kept across passes: beside the library's
     continuous batching a cached pass scored differently. A plain forward pass beside the
     decoding loop, which it does not touch.
     """
