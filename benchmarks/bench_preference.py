@@ -12,6 +12,12 @@ process's RSS once the model and data are loaded.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_preference.py --steps 20 --repeats 3 \\
         --json benchmarks/results/bench_preference_cpu.json
+
+`--stage` measures the memory of the stage as it runs instead (`load_policy`: a supervised
+model folder's adapter trainable, and the same adapter loaded again, frozen, as the
+reference): the `preference` arm against `supervised` tuning of the same folder without the
+reference copy, same batch of pairs and steps (the supervised loss on the chosen answers).
+The folder is a tiny model tuned 8 steps on the dates data, made once under artifacts/.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("own", "trl", "sft")
+STAGE_ARMS = ("preference", "supervised")
+STAGE_MODEL = ROOT / "artifacts/bench_preference_stage/model"
 
 
 def pairs(n: int) -> list[dict]:
@@ -46,6 +54,38 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def supervised_folder() -> Path:
+    """The stage arms' supervised model folder: the tiny model, 8 LoRA steps on 64 dates examples."""
+    if not (STAGE_MODEL / "ftllm_model.json").is_file():
+        from tasks.config import load_params
+        from tasks.train.finetune import finetune
+
+        data = STAGE_MODEL.parent / "prepared"
+        data.mkdir(parents=True, exist_ok=True)
+        rows = (ROOT / "data/dates.jsonl").read_text().splitlines(keepends=True)
+        (data / "train.jsonl").write_text("".join(rows[:64]))
+        (data / "val.jsonl").write_text("".join(rows[64:72]))
+        finetune(load_params(None, {"train.max_steps": 8}), data, STAGE_MODEL, log=lambda _m: None)
+    return STAGE_MODEL
+
+
+def stage_policy(reference: bool):
+    """(model, tokenizer) as the stage loads the supervised folder; without `reference`, its adapter alone."""
+    from peft import PeftModel
+
+    from tasks.model.loading import grow_embeddings, load_causal_lm, load_tokenizer
+    from tasks.train.preference import load_policy
+
+    if reference:
+        model, tok, _info = load_policy(STAGE_MODEL, "cpu")
+        return model, tok
+    info = json.loads((STAGE_MODEL / "ftllm_model.json").read_text())
+    tok = load_tokenizer(str(STAGE_MODEL))
+    base = load_causal_lm(info["base_path"], device="cpu")
+    grow_embeddings(base, tok, info.get("added_token_ids", []))
+    return PeftModel.from_pretrained(base, str(STAGE_MODEL / "adapter"), is_trainable=True), tok
+
+
 def run_arm(arm: str, steps: int, batch: int, n: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -54,9 +94,12 @@ def run_arm(arm: str, steps: int, batch: int, n: int) -> dict:
     from tasks.model.loading import load_base_model, load_base_tokenizer
 
     torch.manual_seed(0)
-    tok = load_base_tokenizer(ModelParams())
-    model = get_peft_model(load_base_model(ModelParams(), tok),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if arm in STAGE_ARMS:
+        model, tok = stage_policy(reference=arm == "preference")
+    else:
+        tok = load_base_tokenizer(ModelParams())
+        model = get_peft_model(load_base_model(ModelParams(), tok),
+                               LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     data = pairs(n)
     prefs = PreferenceParams(loss="sigmoid", beta=0.1, learning_rate=5e-4, max_steps=steps, batch_size=batch)
     if arm == "trl":
@@ -77,7 +120,7 @@ def run_arm(arm: str, steps: int, batch: int, n: int) -> dict:
         from tasks.train.preference import pair_items, train_preference
 
         items = pair_items(tok, data)
-        if arm == "sft":  # the same loop and batches, with the supervised loss on the chosen answers
+        if arm in ("sft", "supervised"):  # the same loop and batches, with the supervised loss on the chosen answers
             import tasks.train.preference as lib
             from tasks.model.scoring import sequence_logps
 
@@ -97,10 +140,14 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # one arm, in this process
+    ap.add_argument("--stage", action="store_true", help="the stage's memory: preference against supervised")
+    ap.add_argument("--arm", choices=ARMS + STAGE_ARMS, help=argparse.SUPPRESS)  # one arm, in this process
     args = ap.parse_args()
     if args.arm:
         print(json.dumps(run_arm(args.arm, args.steps, args.batch, args.examples)))
+        return
+    if args.stage:
+        stage_memory(args)
         return
     runs = []
     for repeat in range(args.repeats):
@@ -121,6 +168,30 @@ def main() -> None:
         "peak_growth_preference_over_sft": median["own"]["peak_growth_mb"] / max(median["sft"]["peak_growth_mb"], 1e-9),
         "peak_rss_preference_over_sft": median["own"]["peak_rss_mb"] / median["sft"]["peak_rss_mb"],
         "runs": runs,
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def stage_memory(args) -> None:
+    """The `--stage` runs: each arm in its own process, alternating; medians of peak RSS and its growth."""
+    supervised_folder()
+    runs = []
+    for repeat in range(args.repeats):
+        for arm in STAGE_ARMS if repeat % 2 == 0 else STAGE_ARMS[::-1]:
+            cmd = [sys.executable, __file__, "--arm", arm, "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--examples", str(args.examples)]
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            runs.append({**json.loads(out), "repeat": repeat})
+            print(runs[-1], flush=True)
+    median = {arm: {k: statistics.median(r[k] for r in runs if r["arm"] == arm)
+                    for k in ("seconds_per_step", "peak_rss_mb", "peak_growth_mb", "rss_before_mb")} for arm in STAGE_ARMS}
+    summary = {
+        "date": date.today().isoformat(), "machine": f"{platform.node()} {platform.machine()}, CPU only",
+        "command": " ".join(sys.argv), "steps": args.steps, "batch": args.batch, "examples": args.examples,
+        "median": median, "peak_rss_preference_over_supervised": median["preference"]["peak_rss_mb"]
+        / median["supervised"]["peak_rss_mb"], "runs": runs,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
     if args.json:
