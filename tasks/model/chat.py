@@ -290,8 +290,25 @@ def encode_text(tokenizer, text: str) -> list[int]:
     service spent tokenizing a prompt)."""
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None and hasattr(backend, "encode"):
-        return backend.encode(text, add_special_tokens=False).ids
+        return plain_backend(tokenizer).encode(text, add_special_tokens=False).ids
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def plain_backend(tokenizer):
+    """The Rust tokenizer behind `tokenizer`, padding and truncating nothing.
+
+    A call of the Python wrapper with `padding=True` (batched generation pads on the left)
+    leaves padding on in the Rust tokenizer; the wrapper turns it off again at its next call,
+    but encoding through the Rust tokenizer directly skips that, and every later batch came
+    back padded to its longest text: evaluation scored the pad tokens of the candidate's
+    conversations after it had generated (and the champion's, loaded afresh, without them).
+    """
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is not None:
+        backend.no_padding()
+    if backend.truncation is not None:
+        backend.no_truncation()
+    return backend
 
 
 def _render(
@@ -445,7 +462,7 @@ def encode_chats(
     texts, spans, errors = (_generation_spans if plan.method == "generation" else _offset_spans)(
         tokenizer, chats, plan.end_of_turn
     )
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    encodings = plain_backend(tokenizer).encode_batch(texts, add_special_tokens=False)
     named = named_roles(tokenizer, action)
     out = []
     for conversation, chat, enc, found, error in zip(conversations, chats, encodings, spans, errors):
@@ -732,7 +749,7 @@ def _end_of_turn(tokenizer, text: str, spans: list[_Span]) -> tuple[int, ...]:
     tokens they share are the end of a turn, the ones that stop generation.
     """
     middle, last = text[spans[0].end : spans[1].start], text[spans[-1].end :]
-    a, b = (e.ids for e in tokenizer.backend_tokenizer.encode_batch([middle, last], add_special_tokens=False))
+    a, b = (e.ids for e in plain_backend(tokenizer).encode_batch([middle, last], add_special_tokens=False))
     special = set(tokenizer.all_special_ids)
     special |= {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
     shared = []

@@ -165,3 +165,34 @@ def test_tools_reach_the_template_in_the_tiny_models_namespace_format(tiny) -> N
     # encode_chats reads the tools of each example
     with_tools, without = encode_chats(tiny, [{"messages": question, "tools": [WEATHER_TOOL]}, {"messages": question}])
     assert "get_weather" in tiny.decode(with_tools.input_ids) and "get_weather" not in tiny.decode(without.input_ids)
+
+
+def test_encoding_after_batched_generation_pads_nothing():
+    """Batched generation pads on the left through the tokenizer's Python wrapper, which leaves
+    padding on in its Rust tokenizer: every conversation encoded after it came back padded to
+    the longest of its batch, and evaluation scored the pad tokens of the candidate (which had
+    generated) but not of the champion (loaded afresh)."""
+    import torch
+
+    from tasks.evaluate.generation import generate_batched
+    from tasks.evaluate.preference import log_ratios
+    from tasks.model.loading import load_base_model, load_base_tokenizer
+
+    tok = load_base_tokenizer(ModelParams())
+    model = load_base_model(ModelParams(), tok).eval()
+    chats = [[{"role": "user", "content": "2024-01-05"}, {"role": "assistant", "content": "January 5, 2024"}],
+             [{"role": "user", "content": "Rewrite the ISO date 1999-12-31 in words, please"},
+              {"role": "assistant", "content": "December 31, 1999"}]]
+    before = [(e.input_ids, e.loss_mask) for e in encode_chats(tok, chats)]
+    texts = [render_prompt(tok, c[:1]) for c in chats]
+    before_text = [encode_text(tok, t) for t in texts]
+    torch.manual_seed(0)
+    generate_batched(model, tok, texts, 2, 2)
+    assert [(e.input_ids, e.loss_mask) for e in encode_chats(tok, chats)] == before
+    assert [encode_text(tok, t) for t in texts] == before_text
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    fresh = load_base_tokenizer(ModelParams())
+    assert log_ratios(peft, tok, [{"messages": c} for c in chats], "auto", 2) == pytest.approx(
+        log_ratios(peft, fresh, [{"messages": c} for c in chats], "auto", 2), abs=1e-6)
