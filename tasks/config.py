@@ -343,7 +343,8 @@ class GateParams(_Section):
                     "that the gate tolerates; a check fails when the drop is larger and significant at "
                     "gate.confidence (its interval excludes no change). "
                     "0.04 is above the spread of retrains that differ only in train.seed on the default data "
-                    "(benchmarks/bench_gate.py).",
+                    "(benchmarks/bench_gate.py). The preference stage applies the same check to its tuned model "
+                    "against its supervised one on the val split.",
     )
     max_p95_latency_ms: float = Field(5000, gt=0, description="Highest p95 generation latency per example (ms).")
     confidence: float = Field(

@@ -176,7 +176,7 @@ def _champion_checks(cand: dict, champion: dict, paired: tuple[dict, dict] | Non
     a, b = paired
     for key in PAIRED_SCORES:
         if key in a and key in b:
-            checks.append(_no_regression_paired(key, a[key], b[key], gate))
+            checks.append(no_regression_paired(key, a[key], b[key], gate))
     for key in HIGHER_IS_BETTER:  # e.g. macro-F1: no per-example score, so a fixed margin
         if key not in PAIRED_SCORES and key in cand and key in champion:
             check = _at_least(f"no_regression_{key}", cand[key], champion[key] - gate.max_regression)
@@ -195,7 +195,7 @@ def _tool_checks(cand: dict, champion: dict, cand_scores: dict | None, champion_
         return []  # the test split has no tool-call examples (or the champion was scored before they existed)
     a, b = cand_scores or {}, champion_scores or {}
     if a.get("tool_ids") and a.get("tool_ids") == b.get("tool_ids"):
-        return [_no_regression_paired(key, a[key], b[key], gate) for key in TOOL_CHECKS]
+        return [no_regression_paired(key, a[key], b[key], gate) for key in TOOL_CHECKS]
     note = "no per-example tool scores of both models on the same examples: fixed margin on the aggregate values"
     checks = []
     for key, metric in TOOL_CHECKS.items():
@@ -215,7 +215,7 @@ def _feedback_check(metrics: dict, per_example: dict, gate: GateParams) -> Check
         cand, champion = metrics["candidate_feedback"]["exact_match"], metrics["champion_feedback"]["exact_match"]
         check = _at_least(name, cand, champion - gate.max_regression)
         return replace(check, method="fixed margin", note="no per-example scores of both models: fixed margin")
-    check = _no_regression_paired("exact_match", paired[0]["exact_match"], paired[1]["exact_match"], gate)
+    check = no_regression_paired("exact_match", paired[0]["exact_match"], paired[1]["exact_match"], gate)
     note = check.note and check.note.replace("(raise data.test_fraction and eval.max_examples)",
                                              "(more corrections, or a higher data.feedback_fraction)")
     return replace(check, name=name, note=note)
@@ -238,7 +238,7 @@ def _preference_checks(metrics: dict, per_example: dict, gate: GateParams) -> li
         if c_m is None or h_m is None:
             continue
         if cand and champ and cand.get(ids) and cand.get(ids) == champ.get(ids):
-            check = _no_regression_paired("exact_match", cand[key], champ[key], gate)  # binary scores: bootstrap + McNemar
+            check = no_regression_paired("exact_match", cand[key], champ[key], gate)  # binary scores: bootstrap + McNemar
             checks.append(replace(check, name=name, note=check.note and check.note.replace(
                 "(raise data.test_fraction and eval.max_examples)", "(more ratings, or a higher preference.heldout_fraction)")))
         else:
@@ -274,7 +274,7 @@ def _power(check: Check, interval: Interval, margin: float, confidence: float, w
     return replace(check, underpowered=True, examples_needed=needed, note=note)
 
 
-def _no_regression_paired(key: str, candidate: list, champion: list, gate: GateParams) -> Check:
+def no_regression_paired(key: str, candidate: list, champion: list, gate: GateParams) -> Check:
     """Fails when (candidate - champion) is below -max_regression and significantly below 0."""
     scale = SCALE.get(key, 1.0)
     ci = bootstrap_difference([v * scale for v in candidate], [v * scale for v in champion],

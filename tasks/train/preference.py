@@ -33,8 +33,8 @@ The decision to keep this loop rather than TRL's `KTOTrainer`/`DPOTrainer` rests
 When the split holds fewer than `preference.min_examples` usable examples the stage does
 nothing and writes only `preference.json` saying why: a run without ratings is the
 supervised run of before. After tuning, `held_the_task` scores the tuned and the supervised
-model on the val split: a tuned model whose exact match is lower by more than
-`gate.max_regression` is left out, and the supervised model is the run's candidate.
+model on the val split: a tuned model that fails the gate's no-regression check against the
+supervised one there is left out, and the supervised model is the run's candidate.
 """
 
 from __future__ import annotations
@@ -329,27 +329,32 @@ def tune_policy(params: Params, data_dir: Path, sft_dir: Path, log: Log = print)
 def held_the_task(model, tokenizer, params: Params, data_dir: Path, summary: PreferenceSummary,
                   log: Log = print) -> PreferenceSummary:
     """`summary` with the exact match of the tuned and the supervised model (the `reference`
-    adapter) on the val split, and whether the tuned one is kept: unless it is lower by more
-    than `gate.max_regression`, the margin the gate grants against the champion. Preference
-    tuning that costs the task more than that is left out of the run: the supervised model is
-    its candidate, which the gate would otherwise never see (it compares with the champion)."""
+    adapter) on the val split, and whether the tuned one is kept: unless it fails the gate's own
+    no-regression check against the supervised one (paired over the same rows: lower by more
+    than `gate.max_regression`, and significantly so). Preference tuning that costs the task is
+    left out of the run and the supervised model is its candidate, which the gate would
+    otherwise never see (it compares with the champion)."""
+    from tasks.evaluate.gate import no_regression_paired
     from tasks.evaluate.score import evaluate_model, load_split
 
-    val = load_split(data_dir, "val", params.eval.max_examples)
+    val = load_split(data_dir, "val", params.eval.max_examples) if (data_dir / "val.jsonl").is_file() else []
     if not val:
         return replace(summary, kept=True, reason="tuned (no val split to check it against)")
     system_message = params.data.system_message
-    tuned = evaluate_model(model, tokenizer, val, params.eval, system_message=system_message)["metrics"]["exact_match"]
+    tuned = evaluate_model(model, tokenizer, val, params.eval, system_message=system_message)
     with as_reference(model):
-        supervised = evaluate_model(model, tokenizer, val, params.eval, system_message=system_message)["metrics"]["exact_match"]
-    kept = tuned >= supervised - params.gate.max_regression
-    reason = ("tuned" if kept else
-              f"tuned, and left out: exact match on the val split {tuned:.3f} against the supervised model's "
-              f"{supervised:.3f}, lower by more than gate.max_regression {params.gate.max_regression}; the supervised "
-              "model is the candidate")
-    log(f"preference tuning: val exact match {tuned:.3f} (supervised {supervised:.3f}): "
-        + ("kept" if kept else "left out, the supervised model is the candidate"))
-    return replace(summary, kept=kept, reason=reason, val_exact_match_supervised=supervised, val_exact_match_tuned=tuned)
+        supervised = evaluate_model(model, tokenizer, val, params.eval, system_message=system_message)
+    check = no_regression_paired("exact_match", tuned["per_example"]["exact_match"],
+                                 supervised["per_example"]["exact_match"], params.gate)
+    ems = tuned["metrics"]["exact_match"], supervised["metrics"]["exact_match"]
+    reason = ("tuned" if check.passed else
+              f"tuned, and left out: exact match on the val split {ems[0]:.3f} against the supervised model's "
+              f"{ems[1]:.3f}, lower by more than gate.max_regression {params.gate.max_regression} and significantly "
+              f"so ({check.method}, p {check.p_value}); the supervised model is the candidate")
+    log(f"preference tuning: val exact match {ems[0]:.3f} (supervised {ems[1]:.3f}): "
+        + ("kept" if check.passed else "left out, the supervised model is the candidate"))
+    return replace(summary, kept=check.passed, reason=reason, val_exact_match_tuned=ems[0],
+                   val_exact_match_supervised=ems[1])
 
 
 def _cuda() -> bool:
