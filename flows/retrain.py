@@ -169,7 +169,7 @@ def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) 
     for summary, source in zip(result.data.sources, stats["sources"]):
         summary.kept = source["kept"]
     result.data.splits = stats["counts"]
-    lineage["data_sources"] = log_prepared(run_id, root / "artifacts/prepared/stats.json")
+    lineage["data_sources"] = log_prepared(run_id, root / "artifacts")
 
 
 @task(name="run-dvc-stages")

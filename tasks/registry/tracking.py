@@ -201,12 +201,14 @@ def artifact_link(run_id: str, path: str) -> str:
     return f"{_run_page(run_id)}/artifacts/{path}{ML_VIEW}"
 
 
-def log_prepared(run_id: str, stats_path: Path) -> str:
+def log_prepared(run_id: str, artifacts: Path) -> str:
     """Log prepare's stats.json and tag the run with every source's md5 and counts, the preference file's
-    among them (`"preference": true`); the tag's value (JSON)."""
+    among them (`"preference": true`); the tag's value (JSON). Also what the preference stage did
+    (`log_preference_stage`), whether it ran in this run or DVC kept its output."""
     from mlflow import MlflowClient
 
-    stats = json.loads(Path(stats_path).read_text())
+    stats_path = Path(artifacts) / "prepared/stats.json"
+    stats = json.loads(stats_path.read_text())
     listed = [{"path": s["path"], "md5": s["md5"], "kept": s["kept"], "invalid_dropped": s["invalid"]}
               for s in stats["sources"]]
     preference = stats.get("preference")
@@ -218,7 +220,26 @@ def log_prepared(run_id: str, stats_path: Path) -> str:
     client = MlflowClient()
     client.set_tag(run_id, "data_sources", sources)
     client.log_artifact(run_id, str(stats_path), "prepared")
+    log_preference_stage(run_id, Path(artifacts) / "preference/preference.json")
     return sources
+
+
+def log_preference_stage(run_id: str, summary_path: Path) -> None:
+    """Tag the run with the preference stage's outcome when it tuned: `preference.kept` (the tuned
+    model is the candidate) and the reason, and log the val exact match of both models and the losses."""
+    from mlflow import MlflowClient
+
+    if not summary_path.is_file():
+        return
+    summary = json.loads(summary_path.read_text())
+    if not summary.get("ran"):
+        return
+    client = MlflowClient()
+    client.set_tag(run_id, "preference.kept", str(summary.get("kept", False)).lower())
+    client.set_tag(run_id, "preference.outcome", str(summary.get("reason", ""))[:5000])
+    for key in ("val_exact_match_supervised", "val_exact_match_tuned", "first_loss", "final_loss"):
+        if summary.get(key) is not None:
+            client.log_metric(run_id, f"preference_{key}", float(summary[key]))
 
 
 def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
