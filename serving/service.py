@@ -530,7 +530,7 @@ class ChatService:
         Raises:
             APIError: 400 `context_length_exceeded`, the prompt with a call's opening does not fit.
         """
-        ids = [encode_text(loaded.tokenizer, plan.prompt + c.scored) for c in plan.choices]
+        ids = [encode_text(loaded.tokenizer, plan.prompt + c.opening) for c in plan.choices]
         if max(map(len, ids)) >= loaded.context_length:
             raise APIError(400, f"The prompt has {len(encode_text(loaded.tokenizer, plan.prompt))} tokens; with the "
                                 f"opening of a call to one of the tools it fills the model's context of "
@@ -540,6 +540,10 @@ class ChatService:
             scores = await self.engine.score(loaded.key, ids[0][:shared], [i[shared:] for i in ids])
         except EngineError as exc:
             log.warning("tool_choice required: %s; the model writes the function name unconstrained", exc)
+            return plan
+        if any(math.isnan(x) for x in scores) or not any(math.isfinite(x) for x in scores):
+            log.warning("tool_choice required: the engine scored the functions %s; the model writes the function "
+                        "name unconstrained", scores)
             return plan
         chosen = plan.choices[_draw(scores, temperature, top_p, seed)]
         return replace(plan, opening=chosen.opening, choices=())

@@ -23,8 +23,11 @@ def forced_call_opening(tokenizer, messages: list[dict], tools: list[dict], name
     generation prompt and the probe's function name opens every call (`<tool_call>\\n{"name": "`
     for Qwen, `{"name": "` for Llama 3.1, `[TOOL_CALLS] [{"name": "` for Mistral). Appended
     to the prompt, the model can only go on with a call: a function name (`tool_choice:
-    required`), or with `name` written too, its arguments (a named `tool_choice`); the
-    named opening ends where a token ends, as in the text the model was trained on.
+    required`), or with `name` written too, its arguments (a named `tool_choice`). The named
+    opening runs on after the name through what the template writes up to the arguments
+    (`", "arguments": ` for Qwen), so the name is closed: a model given `"name": "get` could
+    go on to `get_weather`. It ends where a token of that text ends, as in the text the model
+    was trained on (a lone `"` where the vocabulary writes `",` lost the thread).
     """
     probe = _probe_call(tokenizer, messages, tools, system_message)
     if probe is None:
@@ -35,15 +38,14 @@ def forced_call_opening(tokenizer, messages: list[dict], tools: list[dict], name
 
 @dataclass(frozen=True)
 class CallChoice:
-    """A function `tool_choice: required` may call: the opening that forces a call to it, and
-    the text whose likelihood ranks it against the other functions (its name, then what the
-    template writes after a name up to the arguments: `", "arguments": ` in Qwen's template),
-    so that a name that begins another (`get_time`, `get_time_zone`) is not favoured for being
-    shorter."""
+    """A function `tool_choice: required` may call, and the opening that forces a call to it: its
+    name and what the template writes after a name up to the arguments (`", "arguments": ` in
+    Qwen's template). The opening's likelihood ranks the function against the others: with the
+    text after the name, a name that begins another (`get_time`, `get_time_zone`) is not
+    favoured for being shorter."""
 
     name: str
     opening: str
-    scored: str
 
 
 def call_choices(tokenizer, messages: list[dict], tools: list[dict],
@@ -53,14 +55,8 @@ def call_choices(tokenizer, messages: list[dict], tools: list[dict],
     if probe is None:
         return None
     opening, after = probe
-    arguments = after.find("{}")  # the probe's empty arguments
-    choices = []
-    for name in (tool["function"]["name"] for tool in tools):
-        named = opening + name
-        end = len(named) + (arguments if arguments > 0 else int(after.startswith('"')))
-        choices.append(CallChoice(name, _named_opening(tokenizer, opening, name, after),
-                                  _cut_at_token(tokenizer, named + after, len(named) + after.startswith('"'), end)))
-    return choices
+    return [CallChoice(name, _named_opening(tokenizer, opening, name, after))
+            for name in (tool["function"]["name"] for tool in tools)]
 
 
 def _probe_call(tokenizer, messages: list[dict], tools: list[dict], system_message: str) -> tuple[str, str] | None:
@@ -85,11 +81,12 @@ def _probe_call(tokenizer, messages: list[dict], tools: list[dict], system_messa
 
 
 def _named_opening(tokenizer, opening: str, name: str, after: str) -> str:
-    # The name's closing quote too, unless the tokenizer writes it in one token with what
-    # follows (`",` in Qwen's and the tiny model's vocabularies): cut there, a model given
-    # a lone `"` token it never saw in training loses the thread and skips its arguments.
+    """`opening`, `name` and `after` up to the probe's empty arguments (`{}`), cut where a token
+    ends past the name's closing quote; without arguments to find, through the quote."""
     named = opening + name
-    return _cut_at_token(tokenizer, named + after, len(named), len(named) + after.startswith('"'))
+    closed = len(named) + after.startswith('"')
+    arguments = after.find("{}")
+    return _cut_at_token(tokenizer, named + after, closed, len(named) + arguments if arguments > 0 else closed)
 
 
 def _cut_at_token(tokenizer, text: str, shortest: int, longest: int) -> str:

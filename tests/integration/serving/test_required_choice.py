@@ -3,6 +3,7 @@ the model is likeliest to write, on a real model through the chat route and the 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -45,7 +46,7 @@ def _likeliest(loaded, tools: list[dict]) -> str:
 
     prompt = render_prompt(loaded.tokenizer, QUESTION, "auto", tools)
     choices = call_choices(loaded.tokenizer, QUESTION, tools)
-    texts = [encode_text(loaded.tokenizer, prompt + choice.scored) for choice in choices]
+    texts = [encode_text(loaded.tokenizer, prompt + choice.opening) for choice in choices]
     start = len(os.path.commonprefix(texts))  # the functions' texts differ from here on
     best, name = -math.inf, None
     for choice, ids in zip(choices, texts, strict=True):
@@ -139,3 +140,31 @@ def test_the_scripted_model_calls_the_function_scored_highest_and_writes_its_own
         chat.writes(call.removeprefix(forced_call_opening(tok, QUESTION, tools, None)))
         message = chat.post(messages=QUESTION, tools=tools, tool_choice="required")["choices"][0]["message"]
         assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time_zone"]
+        for scores in ([float("nan"), -1.0, -2.0], [float("-inf")] * 3):  # no likelihood to choose by: the same
+            async def scored(*_args, scores=scores):
+                return scores
+
+            chat.engine.score = scored
+            message = chat.post(messages=QUESTION, tools=tools, tool_choice="required", temperature=1.0,
+                                seed=3)["choices"][0]["message"]
+            assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time_zone"]
+
+
+def test_a_forced_name_is_closed_so_the_model_cannot_run_it_on_into_another(untrained):
+    """The named opening ended at the name (`"name": "get`): the model could go on to `get_time` or
+    `get_weather` and the answer called another function than the one named, greedy or not."""
+    tools = [_tool("get"), _tool("get_time"), _tool("get_weather")]
+    with local_chat(untrained) as client:
+        for choice in ({"type": "function", "function": {"name": "get"}}, "required"):
+            for seed in range(4):
+                resp = client.post("/v1/chat/completions", json={
+                    "messages": QUESTION, "tools": tools, "tool_choice": choice, "max_tokens": 6,
+                    "temperature": 1.0, "seed": seed})
+                assert resp.status_code == 200, resp.text
+                message = resp.json()["choices"][0]["message"]
+                text = message["content"] or json.dumps(message["tool_calls"])
+                name = text.split('"name": "', 1)[1].split('"', 1)[0] if message["content"] else \
+                    message["tool_calls"][0]["function"]["name"]
+                assert name in {"get", "get_time", "get_weather"}, text
+                if choice != "required":
+                    assert name == "get", text

@@ -216,33 +216,37 @@ def test_with_the_first_call_only_a_mistral_list_keeps_its_first_call(tokenizers
     assert parsed.invalid and parsed.answer == text.strip()
 
 @pytest.mark.parametrize(("family", "required", "named"), [
-    ("qwen2.5", '<tool_call>\n{"name": "', '<tool_call>\n{"name": "get_weather"'),
+    ("qwen2.5", '<tool_call>\n{"name": "', '<tool_call>\n{"name": "get_weather", "arguments":'),
     # Qwen 3 writes an empty reasoning block before the last turn's call: a forced call has no trace.
-    ("qwen3", '<think>\n\n</think>\n\n<tool_call>\n{"name": "', '<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather"'),
-    ("mistral", '[TOOL_CALLS] [{"name": "', '[TOOL_CALLS] [{"name": "get_weather"'),
+    ("qwen3", '<think>\n\n</think>\n\n<tool_call>\n{"name": "',
+     '<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments":'),
+    ("mistral", '[TOOL_CALLS] [{"name": "', '[TOOL_CALLS] [{"name": "get_weather", "arguments":'),
+    ("llama3.1", '{"name": "', '{"name": "get_weather", "parameters":'),
 ])
-def test_the_opening_of_a_forced_call_comes_from_the_template(tokenizers, family, required, named):
+def test_the_opening_of_a_forced_call_comes_from_the_template_and_closes_the_name(tokenizers, family, required,
+                                                                                   named):
+    """A named opening runs on through what the template writes up to the arguments: ending at the
+    name, the model went on from `get` to `get_weather` and called another function."""
     tok = tokenizers(family)
     assert forced_call_opening(tok, QUESTION, TOOLS, None) == required
-    assert forced_call_opening(tok, QUESTION, TOOLS, "get_weather") == named
+    # up to where a token of the call ends: `": ` is one token in some vocabularies
+    assert forced_call_opening(tok, QUESTION, TOOLS, "get_weather").rstrip(" ") == named
     assert forced_call_opening(tokenizers("gemma2"), QUESTION, TOOLS, None) is None
 
 
-
-@pytest.mark.parametrize(("family", "after_name"), [
-    ("qwen2.5", '", "arguments":'), ("mistral", '", "arguments":'), ("llama3.1", '", "parameters":')])
-def test_a_function_choice_is_scored_on_its_name_and_the_text_up_to_its_arguments(tokenizers, family, after_name):
-    """`tool_choice: required` ranks the functions by the likelihood of the scored text: the name
-    with what follows it, so `get_time` is not the likelier for being the start of `get_time_zone`."""
+@pytest.mark.parametrize("family", ["qwen2.5", "mistral", "llama3.1"])
+def test_each_function_of_a_choice_has_its_named_opening(tokenizers, family):
+    """`tool_choice: required` ranks the functions by their openings' likelihood: the name with
+    what follows it, so `get_weather` is not the likelier for being the start of `get_weather_now`."""
     tok = tokenizers(family)
     tools = [*TOOLS, {"type": "function", "function": {**TOOLS[0]["function"], "name": "get_weather_now"}}]
     choices = call_choices(tok, QUESTION, tools)
     assert [c.name for c in choices] == ["get_weather", "get_weather_now"]
     for choice in choices:
         assert choice.opening == forced_call_opening(tok, QUESTION, tools, choice.name)
-        # up to where a token of the call ends: `": ` is one token in some vocabularies
-        assert choice.scored.rstrip(" ") == forced_call_opening(tok, QUESTION, tools, None) + choice.name + after_name
+        assert choice.opening.startswith(forced_call_opening(tok, QUESTION, tools, None) + choice.name + '"')
     assert call_choices(tokenizers("gemma2"), QUESTION, tools) is None
+
 
 def test_a_named_opening_stops_where_the_vocabulary_ends_a_token():
     """The tiny model's vocabulary writes `",` as one token: a named opening that ended with
@@ -256,7 +260,11 @@ def test_a_named_opening_stops_where_the_vocabulary_ends_a_token():
     tok = AutoTokenizer.from_pretrained(resolve_base(ModelParams()))
     tok.chat_template = QWEN25_TEMPLATE
     assert '",' in tok.tokenize('{"name": "get_weather", "arguments": {}}')
-    assert forced_call_opening(tok, QUESTION, TOOLS, "get_weather") == '<tool_call>\n{"name": "get_weather'
+    named = forced_call_opening(tok, QUESTION, TOOLS, "get_weather")
+    assert named.startswith('<tool_call>\n{"name": "get_weather",') and named.rstrip(" ").endswith('"arguments":')
+    text = named + ' {"city": "Oslo"}}'
+    assert [s for _, s in tok(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]].count(
+        len(named)) == 1  # a token of the call as written ends where the opening ends
     assert forced_call_opening(tok, QUESTION, TOOLS, None) == '<tool_call>\n{"name": "'
 
 
