@@ -274,14 +274,17 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind; loopback unless told otherwise.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 3000,
     bento: Annotated[Optional[str], typer.Option("--bento", help="Bento tag (default: the latest ftllm_chat bento).")] = None,
+    params: Annotated[Optional[Path], typer.Option(
+        "--params", help="Settings file (default: FTLLM_PARAMS, else params.yaml); params.tools.yaml serves the tools "
+                         "task's model.")] = None,
     set_: SetOverrides = None,
 ) -> int:
-    """Serve the champion with an OpenAI-compatible API (BentoML); settings from FTLLM_PARAMS or params.yaml."""
+    """Serve the champion with an OpenAI-compatible API (BentoML); settings from --params, FTLLM_PARAMS or params.yaml."""
     apply_defaults()
     from ftllm.commands.serve import serve_command
     from tasks.config import parse_overrides
 
-    return serve_command(host=host, port=port, bento=bento, overrides=parse_overrides(set_ or []))
+    return serve_command(host=host, port=port, bento=bento, overrides=parse_overrides(set_ or []), params=params)
 
 
 @feedback_app.command("export")

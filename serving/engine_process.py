@@ -275,6 +275,7 @@ class EngineProcess:
         child.close()
         self.on_steps = on_steps
         self.alive = True
+        self._closing = False  # set by close(): the engine's end is then expected, not an error
         self._send_lock = threading.Lock()
         self._ids = itertools.count()
         self._keys = itertools.count(1)
@@ -362,7 +363,10 @@ class EngineProcess:
                     _resolve(self._scores.pop(message.id, None), message)
         self.alive = False
         code = self.process.exitcode
-        log.error("the generation engine stopped (exit code %s)", code)
+        if self._closing:
+            log.info("the generation engine stopped (the service is closing)")
+        else:
+            log.error("the generation engine stopped (exit code %s)", code)
         for future in list(self._loads.values()):
             _resolve(future, Loaded("", 0, "the engine stopped"))
         for sid, future in list(self._scores.items()):
@@ -385,6 +389,7 @@ class EngineProcess:
                 pass
 
     def close(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> None:
+        self._closing = True
         try:
             self._send(Close())
         except EngineError:

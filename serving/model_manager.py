@@ -179,6 +179,10 @@ class ModelManager:
                 f"store has no {self._packaged_tag!r}. Run `ftllm run` (or `ftllm promote VERSION`) first."
             )
         version = stored.info.labels.get("version") or str(stored.tag.version).removeprefix("v")
+        # Seen on a project whose first run the gate rejected: its packaged candidate was served as if promoted.
+        log.warning("the registry has no champion of %s: serving the packaged model %s (version %s), which may "
+                    "not have passed the gate; `ftllm promote VERSION` makes a champion", self.model_name, stored.tag,
+                    version)
         return self._load(self.engine, Path(stored.path), stored.tag.name, version, f"bentoml:{stored.tag}")
 
     # -- what the routes read ------------------------------------------------------------

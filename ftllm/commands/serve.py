@@ -74,19 +74,19 @@ def latest_bento(model_name: str, name: str = BENTO_NAME) -> str | None:
     return str(max(bentos, key=lambda b: b.info.creation_time).tag)
 
 
-def project_params(root: Path, overrides: dict[str, Any] | None = None) -> Params:
-    """The settings the service will read: FTLLM_PARAMS, else the project's params.yaml, else the
-    defaults; with the `--set` overrides on top.
+def project_params(root: Path, overrides: dict[str, Any] | None = None, params_file: Path | None = None) -> Params:
+    """The settings the service will read: `params_file`, else FTLLM_PARAMS, else the project's
+    params.yaml, else the defaults; with the `--set` overrides on top.
 
     All sections are validated here, as every command does with the code of this checkout; the
     service itself reads only its own sections (a bento may carry older code).
     """
-    path = root / (environment().params_file or "params.yaml")  # relative to the project, as the service reads it
+    path = root / (params_file or environment().params_file or "params.yaml")  # relative to the project, as the service reads it
     return load_params(path if path.is_file() else None, overrides)
 
 
 def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None = None,
-                  overrides: dict[str, Any] | None = None) -> int:
+                  overrides: dict[str, Any] | None = None, params: Path | None = None) -> int:
     """Run `bentoml serve` in the foreground; return its exit code.
 
     Args:
@@ -95,16 +95,21 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
         bento: a bento tag to serve; default: the newest `ftllm_chat` bento of the project's
             `registry.model_name` (FTLLM_PARAMS or params.yaml), else `serving/`.
         overrides: `--set` overrides of the service's settings, handed to it in FTLLM_OVERRIDES.
+        params: the settings file (`--params`; e.g. params.tools.yaml serves the tools task's
+            model), handed to the service in FTLLM_PARAMS; default: FTLLM_PARAMS, else params.yaml.
 
     Raises:
-        UsageError: the port is out of range.
+        UsageError: the port is out of range, or `params` is not a file.
         ConfigError: the settings, with their overrides, do not validate; or FTLLM_API_KEYS,
             FTLLM_API_KEYS_FILE or FTLLM_API_KEY cannot be used.
     """
     root = apply_defaults()
     if not 0 < port < 65536:
         raise UsageError(f"--port {port}: expected 1..65535")
-    target = bento or latest_bento(project_params(root, overrides).registry.model_name) or SOURCE_SERVICE
+    if params is not None and not params.is_file():
+        raise UsageError(f"--params {params}: no such settings file")
+    params = params.resolve() if params is not None else None
+    target = bento or latest_bento(project_params(root, overrides, params).registry.model_name) or SOURCE_SERVICE
     from serving.keys import load_keyring
 
     keys = load_keyring()  # a bad key setting is a usage error here, before the server starts
@@ -113,7 +118,8 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
               "use and teach the model", file=sys.stderr)
     print(f"serving {target} on http://{host}:{port} (OpenAI base URL http://{host}:{port}/v1)", file=sys.stderr)
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
-    env = {**os.environ, "FTLLM_ROOT": str(root), OVERRIDES_ENV: json.dumps(overrides or {})}
+    env = {**os.environ, "FTLLM_ROOT": str(root), OVERRIDES_ENV: json.dumps(overrides or {}),
+           **({"FTLLM_PARAMS": str(params)} if params is not None else {})}
     server = subprocess.Popen(cmd, cwd=root, env=env, preexec_fn=_stop_with_parent(os.getpid()))
     # A supervisor's SIGTERM (systemd, `docker stop`, `kill`) reaches this process only: pass it
     # on, or the server would outlive this process and keep its port.

@@ -476,3 +476,16 @@ def test_the_engine_process_answers_as_the_engine_does_and_fails_cleanly_when_it
         run(scenario())
     finally:
         engine.close(timeout=5)
+
+
+def test_closing_the_engine_is_no_error_in_the_log(caplog):
+    """Every clean shutdown of `ftllm serve` logged "the generation engine stopped" as an ERROR."""
+    import logging
+
+    engine = EngineProcess(**KNOBS)
+    with caplog.at_level(logging.INFO, logger="ftllm.serving"):
+        engine.close(timeout=10)
+        engine._reader.join(10)
+    assert not engine.alive
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if "engine stopped" in r.getMessage()] == [
+        ("INFO", "the generation engine stopped (the service is closing)")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 
@@ -139,6 +140,7 @@ def test_set_changes_what_the_command_reads(params):
         (["models", "--params", "absent.yaml"], 2, "absent.yaml: settings file not found"),
         (["validate", "absent.jsonl"], 2, "absent.jsonl"),
         (["serve", "--port", "0"], 2, "--port 0"),
+        (["serve", "--params", "absent.yaml"], 2, "--params absent.yaml: no such settings file"),
         (["bench", "serve", "--requests", "0"], 2, "must be positive"),
     ],
 )
@@ -180,3 +182,32 @@ def test_serve_picks_the_newest_bento_of_the_projects_model(params, monkeypatch)
     assert latest_bento(model) == f"ftllm_chat:{model}-v2"
     assert latest_bento("unknown") is None
     assert latest_bento(model.upper()) == f"ftllm_chat:{model}-v2"  # BentoML lower-cases tag versions
+
+
+def test_serve_takes_the_settings_file_it_is_given(params, monkeypatch, tmp_path):
+    """`ftllm serve --params params.tools.yaml` serves the tools task's model, as `ftllm run --params` trained it:
+    its newest bento, and the service reads that file (FTLLM_PARAMS)."""
+    import yaml
+
+    import ftllm.commands.serve as serve
+
+    started = {}
+
+    class Server:
+        def __init__(self, cmd, cwd, env, preexec_fn):
+            started.update(cmd=cmd, env=env)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(serve.subprocess, "Popen", Server)
+    monkeypatch.setattr(serve.signal, "signal", lambda *_args: None)
+    monkeypatch.setattr(serve, "latest_bento", lambda name: f"ftllm_chat:{name}-v1")
+    monkeypatch.delenv("FTLLM_PARAMS", raising=False)
+    monkeypatch.chdir(params.parent)
+    tools = tmp_path / "tools.yaml"
+    tools.write_text(yaml.safe_dump({"registry": {"model_name": "tools-task"}}))
+    result = CliRunner().invoke(app, ["serve", "--params", str(tools)])
+    assert result.exit_code == 0, result.output
+    assert "ftllm_chat:tools-task-v1" in started["cmd"] and started["env"]["FTLLM_PARAMS"] == str(tools.resolve())
+    assert "FTLLM_PARAMS" not in os.environ
