@@ -18,7 +18,7 @@ import json
 from http import HTTPStatus
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from serving.errors import APIError
 from tasks.model.tool_schemas import strict_json
@@ -143,22 +143,22 @@ class FunctionDef(BaseModel):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # accepted: the arguments are always checked against the schema
 
+    @field_validator("parameters")  # on the field: the error's path is `tools.N.function.parameters`
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        from tasks.model.tool_schemas import schema_validator
+
+        if value is not None:
+            _, complaint = schema_validator(value)  # a $ref must resolve inside it: nothing is fetched
+            if complaint is not None:
+                raise ValueError(f"parameters of {info.data.get('name')!r} is not a valid JSON schema: {complaint}")
+        return value
+
 
 class ToolDef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
     function: FunctionDef
-
-    @field_validator("function")
-    @classmethod
-    def _valid_schema(cls, value: FunctionDef) -> FunctionDef:
-        from tasks.model.tool_schemas import schema_validator
-
-        if value.parameters is not None:
-            _, complaint = schema_validator(value.parameters)  # a $ref must resolve inside it: nothing is fetched
-            if complaint is not None:
-                raise ValueError(f"parameters of {value.name!r} is not a valid JSON schema: {complaint}")
-        return value
 
 
 class _FunctionName(BaseModel):

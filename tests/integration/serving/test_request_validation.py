@@ -121,7 +121,7 @@ def test_a_tool_schema_whose_ref_leads_outside_it_is_refused_and_not_fetched(cha
     monkeypatch.setattr(socket, "create_connection", no_network)
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather.", "parameters": {
         "type": "object", "properties": {"city": {"$ref": ref}}}}}]
-    assert said in refused(send(chat, tools=tools), "tools.0.function")
+    assert said in refused(send(chat, tools=tools), "tools.0.function.parameters")
 
 
 def _nested(depth: int) -> dict:
@@ -143,7 +143,7 @@ def test_a_tool_schema_no_arguments_can_be_checked_against_is_refused_not_a_500(
     tools = [{"type": "function", "function": {"name": "get_time", "description": "The time.", "parameters": parameters}}]
     for stream in (False, True):
         assert said in refused(send(chat, tools=tools, tool_choice={"type": "function", "function": {"name": "get_time"}},
-                                    stream=stream), "tools.0.function")
+                                    stream=stream), "tools.0.function.parameters")
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])

@@ -148,7 +148,7 @@ def test_tools_tool_messages_and_calls_are_accepted(client):
 @pytest.mark.parametrize(("body", "param"), [
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
-     "tools.0.function"),
+     "tools.0.function.parameters"),
     ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
     ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice"),
     ({"messages": [*MESSAGES, {"role": "tool", "content": "12 degrees"}]}, "messages.1"),
