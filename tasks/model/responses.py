@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,9 +128,13 @@ class ParsedResponse:
         return self.text.strip() if self.invalid else self.content
 
 
+_ID_CHARACTERS = string.ascii_letters + string.digits
+
+
 def new_call_id() -> str:
-    """An id for a call, in OpenAI's shape: `call_` and 24 random characters."""
-    return f"call_{secrets.token_urlsafe(18)}"
+    """An id for a call, in OpenAI's shape: `call_` and 24 random letters and digits (no `-` or `_`,
+    which a client that checks the shape refuses)."""
+    return "call_" + "".join(secrets.choice(_ID_CHARACTERS) for _ in range(24))
 
 
 def detect_format(tokenizer) -> str | None:

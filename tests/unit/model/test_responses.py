@@ -279,3 +279,12 @@ def test_a_call_nested_deeper_than_the_parser_reads_is_an_invalid_call_not_a_cra
     pieces = [p for i in range(0, len(text), 64) for p in stream.feed(text[i:i + 64])]
     final, owed = stream.finish()
     assert final.invalid and not final.tool_calls and "".join(d for _, d in pieces + owed) == text
+
+
+def test_call_ids_have_openais_shape():
+    import re
+
+    from tasks.model.responses import new_call_id
+
+    ids = {new_call_id() for _ in range(200)}
+    assert len(ids) == 200 and all(re.fullmatch(r"call_[A-Za-z0-9]{24}", i) for i in ids)
