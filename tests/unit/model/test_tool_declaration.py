@@ -117,6 +117,11 @@ UNEXPRESSED = [
     _tool("closed", {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": False}),
     _tool("nullable", {"type": "object", "properties": {"a": {"type": ["string", "null"]}}}),
     _tool("odd_name", {"type": "object", "properties": {"two words": {"type": "string"}, "a:b": {"type": "string"}}}),
+    # Names that are no identifiers would break the declaration: `my-key?: string`, or code in a name.
+    _tool("dashed", {"type": "object", "properties": {"my-key": {"type": "string"}}}),
+    _tool("injected", {"type": "object", "properties": {"x})=>any;type_y=(_:{z": {"type": "string"}}}),
+    _tool("digit_first", {"type": "object", "properties": {"1st": {"type": "string"}}}),
+    _tool("get-time", {"type": "object", "properties": {"city": {"type": "string"}}}),
     _tool("typed_enum", {"type": "object", "properties": {"n": {"type": "integer", "enum": [1, 2]}}}),
     _tool("ghost", {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}),
     _tool("untyped", {"type": "object", "properties": {"a": {"description": "anything"}}}),
