@@ -241,7 +241,7 @@ def test_refusals_reach_the_client_as_openai_errors(tools_server):
         (openai.NotFoundError, "model", {"model": "gpt-4o"}),
         (openai.BadRequestError, "messages.0.content",
          {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}),
-        (openai.BadRequestError, "tools.0.function",
+        (openai.BadRequestError, "tools.0.function.parameters",
          {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]}),
         (openai.BadRequestError, "response_format", {"response_format": {"type": "json_object"}}),
         (openai.BadRequestError, "stream_options", {"stream_options": {"include_usage": True}}),
