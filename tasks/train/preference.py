@@ -329,12 +329,13 @@ def tune_policy(params: Params, data_dir: Path, sft_dir: Path, log: Log = print)
 def held_the_task(model, tokenizer, params: Params, data_dir: Path, summary: PreferenceSummary,
                   log: Log = print) -> PreferenceSummary:
     """`summary` with the exact match of the tuned and the supervised model (the `reference`
-    adapter) on the val split, and whether the tuned one is kept: unless it fails the gate's own
-    no-regression check against the supervised one (paired over the same rows: lower by more
-    than `gate.max_regression`, and significantly so). Preference tuning that costs the task is
-    left out of the run and the supervised model is its candidate, which the gate would
-    otherwise never see (it compares with the champion)."""
-    from tasks.evaluate.gate import no_regression_paired
+    adapter) on the val split, and whether the tuned one is kept: unless it fails one of the
+    gate's own no-regression checks against the supervised one (paired over the same rows:
+    exact match, and on a split with tool calls the function names, the arguments and the valid
+    calls; a drop past `gate.max_regression`, and significant). Preference tuning that costs
+    the task is left out of the run and the supervised model is its candidate, which the gate
+    would otherwise never see (it compares with the champion)."""
+    from tasks.evaluate.gate import TOOL_CHECKS, no_regression_paired
     from tasks.evaluate.score import evaluate_model, load_split
 
     val = load_split(data_dir, "val", params.eval.max_examples) if (data_dir / "val.jsonl").is_file() else []
@@ -344,16 +345,19 @@ def held_the_task(model, tokenizer, params: Params, data_dir: Path, summary: Pre
     tuned = evaluate_model(model, tokenizer, val, params.eval, system_message=system_message)
     with as_reference(model):
         supervised = evaluate_model(model, tokenizer, val, params.eval, system_message=system_message)
-    check = no_regression_paired("exact_match", tuned["per_example"]["exact_match"],
-                                 supervised["per_example"]["exact_match"], params.gate)
+    a, b = tuned["per_example"], supervised["per_example"]
+    keys = ["exact_match", *(key for key in TOOL_CHECKS if a.get("tool_ids") and key in a and key in b)]
+    failed = [check for check in (no_regression_paired(key, a[key], b[key], params.gate) for key in keys)
+              if not check.passed]
     ems = tuned["metrics"]["exact_match"], supervised["metrics"]["exact_match"]
-    reason = ("tuned" if check.passed else
-              f"tuned, and left out: exact match on the val split {ems[0]:.3f} against the supervised model's "
-              f"{ems[1]:.3f}, lower by more than gate.max_regression {params.gate.max_regression} and significantly "
-              f"so ({check.method}, p {check.p_value}); the supervised model is the candidate")
+    reason = ("tuned" if not failed else
+              f"tuned, and left out: against the supervised model on the val split it fails "
+              f"{', '.join(f'{c.name} ({c.value:+.3f}, {c.method}, p {c.p_value})' for c in failed)}: lower by more "
+              f"than gate.max_regression {params.gate.max_regression} and significantly so (exact match "
+              f"{ems[0]:.3f} against {ems[1]:.3f}); the supervised model is the candidate")
     log(f"preference tuning: val exact match {ems[0]:.3f} (supervised {ems[1]:.3f}): "
-        + ("kept" if check.passed else "left out, the supervised model is the candidate"))
-    return replace(summary, kept=check.passed, reason=reason, val_exact_match_tuned=ems[0],
+        + ("kept" if not failed else f"left out ({', '.join(c.name for c in failed)}), the supervised model is the candidate"))
+    return replace(summary, kept=not failed, reason=reason, val_exact_match_tuned=ems[0],
                    val_exact_match_supervised=ems[1])
 
 

@@ -220,3 +220,26 @@ def test_without_a_val_split_the_tuned_model_is_kept_unchecked(sft, tmp_path):
     summary = preference_tune(Params(train=small_params().train, preference=prefs), bare, model_dir,
                               tmp_path / "preference", log=lambda _m: None)
     assert summary.kept and "no val split" in summary.reason and tuned_model(tmp_path / "preference") is not None
+
+
+def test_tuning_that_costs_the_tool_calls_is_left_out_even_where_exact_match_holds(sft, tmp_path, monkeypatch):
+    """On a split with tool calls the val check is the gate's tool checks too: a tuned model that
+    keeps the answers but loses the calls' function names is no candidate."""
+    import tasks.evaluate.score as score
+
+    model_dir, data = sft
+    write_preference(data, preference_rows(data))
+
+    def scores(model, tok, examples, params, **_kw):
+        names = 95 if model.active_adapter == "reference" else 50
+        calls = {"tool_ids": [str(i) for i in range(100)], "tool_name_match": [1.0] * names + [0.0] * (100 - names),
+                 "tool_arguments_match": [1.0] * 40 + [0.0] * 60, "tool_valid_call": [1.0] * 100}
+        return {"metrics": {"exact_match": 0.9}, "per_example": {"exact_match": [1.0] * 90 + [0.0] * 10, **calls}}
+
+    monkeypatch.setattr(score, "evaluate_model", scores)
+    prefs = PreferenceParams(loss="kto", max_steps=2, batch_size=8, learning_rate=5e-3, beta=0.5)
+    summary = preference_tune(Params(train=small_params().train, preference=prefs), data, model_dir,
+                              tmp_path / "preference", log=lambda _m: None)
+    assert not summary.kept and tuned_model(tmp_path / "preference") is None
+    assert "fails no_regression_tool_name_match (-0.450" in summary.reason
+    assert "arguments" not in summary.reason.split("fails", 1)[1].split(":")[0]  # the checks that held are not named
