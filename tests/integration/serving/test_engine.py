@@ -462,9 +462,11 @@ def test_the_engine_process_answers_as_the_engine_does_and_fails_cleanly_when_it
             await engine.submit(unknown)
             assert (await answer(unknown))[1] == ("error", "model m999 is not loaded in the engine")
 
-            # the process dies with a row in flight: the row is answered, not left hanging (killed
-            # at once: the row's prefill alone takes longer than that)
+            # the process dies with a row in flight: the row is answered, not left hanging (the
+            # process is stopped before the row is sent, so it cannot answer it before it dies: on
+            # an idle machine the row's five tokens came back before the kill)
             stuck = completion(key, ids, 200, stream=True)
+            os.kill(engine.process.pid, signal.SIGSTOP)
             await engine.submit(stuck)
             os.kill(engine.process.pid, signal.SIGKILL)
             _, end = await answer(stuck)

@@ -111,6 +111,7 @@ def test_sampled_cancelled_and_dead_rows_end_as_with_the_own_engine(model_dir, p
         assert (await _answer(unknown))[1] == ("error", "model m999 is not loaded in the engine")
 
         stuck = _completion(key, prompts[0], 2000, stream=True)
+        os.kill(engine.process.pid, signal.SIGSTOP)  # it cannot answer the row before it dies
         await engine.submit(stuck)
         os.kill(engine.process.pid, signal.SIGKILL)
         assert (await _answer(stuck))[1] == ("error", "the generation engine stopped")
