@@ -149,16 +149,8 @@ def main() -> None:
     if args.stage:
         stage_memory(args)
         return
-    runs = []
-    for repeat in range(args.repeats):
-        for arm in ARMS if repeat % 2 == 0 else ARMS[::-1]:
-            cmd = [sys.executable, __file__, "--arm", arm, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--examples", str(args.examples)]
-            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            runs.append({**json.loads(out), "repeat": repeat})
-            print(runs[-1], flush=True)
-    median = {arm: {k: statistics.median(r[k] for r in runs if r["arm"] == arm)
-                    for k in ("seconds_per_step", "peak_rss_mb", "peak_growth_mb", "mean_loss")} for arm in ARMS}
+    runs = run_arms(ARMS, args)
+    median = medians(runs, ARMS, ("seconds_per_step", "peak_rss_mb", "peak_growth_mb", "mean_loss"))
     ratios = [next(r for r in runs if r["arm"] == "trl" and r["repeat"] == i)["seconds_per_step"]
               / next(r for r in runs if r["arm"] == "own" and r["repeat"] == i)["seconds_per_step"] for i in range(args.repeats)]
     summary = {
@@ -174,19 +166,28 @@ def main() -> None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def stage_memory(args) -> None:
-    """The `--stage` runs: each arm in its own process, alternating; medians of peak RSS and its growth."""
-    supervised_folder()
+def run_arms(arms: tuple[str, ...], args) -> list[dict]:
+    """Each arm in a process of its own, `args.repeats` times, the order reversed every other repeat."""
     runs = []
     for repeat in range(args.repeats):
-        for arm in STAGE_ARMS if repeat % 2 == 0 else STAGE_ARMS[::-1]:
+        for arm in arms if repeat % 2 == 0 else arms[::-1]:
             cmd = [sys.executable, __file__, "--arm", arm, "--steps", str(args.steps), "--batch", str(args.batch),
                    "--examples", str(args.examples)]
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             runs.append({**json.loads(out), "repeat": repeat})
             print(runs[-1], flush=True)
-    median = {arm: {k: statistics.median(r[k] for r in runs if r["arm"] == arm)
-                    for k in ("seconds_per_step", "peak_rss_mb", "peak_growth_mb", "rss_before_mb")} for arm in STAGE_ARMS}
+    return runs
+
+
+def medians(runs: list[dict], arms: tuple[str, ...], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    return {arm: {k: statistics.median(r[k] for r in runs if r["arm"] == arm) for k in keys} for arm in arms}
+
+
+def stage_memory(args) -> None:
+    """The `--stage` runs: each arm in its own process, alternating; medians of peak RSS and its growth."""
+    supervised_folder()
+    runs = run_arms(STAGE_ARMS, args)
+    median = medians(runs, STAGE_ARMS, ("seconds_per_step", "peak_rss_mb", "peak_growth_mb", "rss_before_mb"))
     summary = {
         "date": date.today().isoformat(), "machine": f"{platform.node()} {platform.machine()}, CPU only",
         "command": " ".join(sys.argv), "steps": args.steps, "batch": args.batch, "examples": args.examples,
