@@ -1,21 +1,18 @@
-"""What the chat service reads and answers: request and response models, and errors in
-OpenAI's shape.
+"""What the chat service reads: request models, and the checks across their fields.
 
 The request models (`ChatRequest`, `FeedbackRequest`) are the subset of OpenAI's chat API
 that the service honours; the routes validate bodies with them strictly (the documented
 types, nothing coerced), then `check_request` refuses what OpenAI refuses across fields (a
-tool result without its call, `stream_options` without `stream`). The response models (`ChatCompletion`, `ModelList`, ...) exist to
-document the routes in BentoML's `/docs.json`, which `tests/integration/serving/test_fuzz.py` fuzzes
-the service from.
+tool result without its call, `stream_options` without `stream`). What the service answers
+is described in `serving.openapi`.
 
-Every refusal is `{"error": {message, type, param, code}}` (`ErrorResponse`), raised as
-`serving.errors.APIError`.
+Every refusal is `{"error": {message, type, param, code}}` (`serving.openapi.ErrorResponse`),
+raised as `serving.errors.APIError` with `param` the path of the field at fault.
 """
 
 from __future__ import annotations
 
 import json
-from http import HTTPStatus
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -75,10 +72,12 @@ class ChatMessage(BaseModel):
     """
 
     model_config = ConfigDict(extra="ignore")
+    # Checked field by field, in this order (tool_calls before content, which may be null
+    # only beside them), so that a refusal's `param` names the field at fault.
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[_TextPart] | None = None
     tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: str | None = Field(None, min_length=1)
+    content: str | list[_TextPart] | None = Field(None, validate_default=True)
+    tool_call_id: str | None = Field(None, min_length=1, validate_default=True)
     reasoning_content: str | None = None
     thinking: str | None = None
     name: str | None = None
@@ -93,17 +92,37 @@ class ChatMessage(BaseModel):
                                  "reads text only (a string, or parts of type 'text')")
         return value
 
-    @model_validator(mode="after")
-    def _shape(self) -> ChatMessage:
-        if self.tool_calls and self.role != "assistant":
+    @field_validator("tool_calls")
+    @classmethod
+    def _on_assistant_only(cls, value: list | None, info: ValidationInfo) -> list | None:
+        if value and info.data.get("role", "assistant") != "assistant":
             raise ValueError("only an assistant message has tool_calls")
-        if self.role == "tool" and self.tool_call_id is None:
-            raise ValueError("a tool message needs the tool_call_id of the call it answers")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _present(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
             raise ValueError("content is required (it may be null only on an assistant message with tool_calls)")
+        return value
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _on_tool_results(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("role") == "tool":
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return value
+
+    @field_validator("thinking")
+    @classmethod
+    def _one_spelling(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("reasoning_content") not in (None, value):
+            raise ValueError("reasoning_content and thinking are two spellings of the trace: send one")
+        return value
+
+    @model_validator(mode="after")
+    def _thinking_is_reasoning(self) -> ChatMessage:
         if self.thinking is not None:
-            if self.reasoning_content not in (None, self.thinking):
-                raise ValueError("reasoning_content and thinking are two spellings of the trace: send one")
             self.reasoning_content = self.thinking
         return self
 
@@ -360,141 +379,3 @@ class FeedbackRequest(BaseModel):
         if value is not None and not value.strip():
             raise ValueError("must not be blank; leave it out to rate the answer as it is")
         return value
-
-
-# ---------------------------------------------------------------------------------------
-# Response schemas: the OpenAPI description (BentoML serves it at /docs.json)
-# ---------------------------------------------------------------------------------------
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class FunctionCallOut(BaseModel):
-    name: str
-    arguments: str  # a JSON object, as a string
-
-
-class ToolCallOut(BaseModel):
-    id: str
-    type: Literal["function"]
-    function: FunctionCallOut
-
-
-class AnswerMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str | None  # null when the answer is only tool calls
-    tool_calls: list[ToolCallOut] | None = None
-    reasoning_content: str | None = None  # the model's reasoning trace, apart from the answer
-
-
-class Choice(BaseModel):
-    index: int
-    message: AnswerMessage
-    logprobs: None
-    # tool_calls: the message carries valid calls; invalid_tool_call: the model wrote a call
-    # that could not be parsed, names an undeclared function or fails its schema, and its
-    # text is the content.
-    finish_reason: Literal["stop", "length", "tool_calls", "invalid_tool_call"]
-
-
-class ChatCompletion(BaseModel):
-    """The answer of `POST /v1/chat/completions` without `stream`."""
-
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[Choice]
-    usage: Usage
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    version: str
-    source: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class FeedbackStored(BaseModel):
-    id: int
-    completion_id: str
-    rating: int
-    stored: Literal[True]
-    held: bool = Field(description="true: the key is not trusted, so the feedback waits for approval before training.")
-
-
-class ReloadResult(BaseModel):
-    reloaded: bool
-    version: str
-    previous: str
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """Every refusal: an OpenAI-style error body."""
-
-    error: ErrorDetail
-
-
-def json_body(model: type[BaseModel]) -> dict:
-    """`openapi_extra` that documents `model` as a route's JSON body.
-
-    The routes parse their bodies themselves, to answer with OpenAI-style errors rather than
-    FastAPI's 422, so FastAPI does not see the model. Its schema goes in with its `$defs`
-    inlined, since BentoML's /docs.json takes the routes' components only from their responses.
-    """
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {key: inline(value) for key, value in node.items()}
-        return [inline(value) for value in node] if isinstance(node, list) else node
-
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
-
-
-# One server-sent event of a streamed completion (before OpenAPI 3.2, a stream's `schema`
-# describes each event).
-SSE_EVENT = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {"data": {"type": "string", "description": (
-        "A chat.completion.chunk as JSON; an OpenAI-style error as JSON if generation fails; "
-        "then `[DONE]`.")}},
-}
-
-
-def responses(ok: type[BaseModel], *errors: int, streams: bool = False) -> dict:
-    """FastAPI `responses` for a route: `ok` on 200, and an `ErrorResponse` for each of `errors`.
-
-    401 (a wrong key) and 429 (over serving.max_concurrency) come from
-    `serving.guards.GuardMiddleware`, for every route; 413 (over serving.max_request_bytes)
-    for every POST.
-    """
-    documented: dict[int | str, dict] = {200: {"model": ok}}
-    if streams:
-        documented[200]["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
-    for status in sorted({*errors, 401, 429}):
-        documented[status] = {"model": ErrorResponse, "description": HTTPStatus(status).phrase}
-    return documented

@@ -88,19 +88,21 @@ from serving.guards import GuardMiddleware, request_caller  # noqa: E402
 from serving.keys import ANONYMOUS, Caller, RateLimiter, feedback_bucket  # noqa: E402
 from serving.lifetime import exit_with_parent  # noqa: E402
 from serving.model_manager import ModelManager, ServedModel  # noqa: E402
-from serving.schemas import (  # noqa: E402
+from serving.openapi import (  # noqa: E402
     ChatCompletion,
-    ChatRequest,
-    FeedbackRequest,
     FeedbackStored,
     ModelCard,
     ModelList,
-    NamedToolChoice,
     ReloadResult,
-    check_request,
-    for_template,
     json_body,
     responses,
+)
+from serving.schemas import (  # noqa: E402
+    ChatRequest,
+    FeedbackRequest,
+    NamedToolChoice,
+    check_request,
+    for_template,
     unhonoured_field,
 )
 from tasks.config import Params, ServingParams, load_params, overrides_from_env  # noqa: E402

@@ -96,6 +96,17 @@ def test_tool_results_that_do_not_answer_the_calls_before_them_are_refused(chat,
     assert said in message
 
 
+@pytest.mark.parametrize(("message", "param", "said"), [
+    ({"role": "tool", "content": "12 degrees"}, "messages.1.tool_call_id", "needs the tool_call_id"),
+    ({"role": "tool", "tool_call_id": "call_a", "content": None}, "messages.1.content", "content is required"),
+    ({"role": "assistant", "content": None}, "messages.1.content", "content is required"),
+    ({"role": "user", "content": "Oslo?", "tool_calls": [call("call_a")]}, "messages.1.tool_calls",
+     "only an assistant message"),
+])
+def test_a_message_missing_what_its_role_needs_is_refused_naming_the_field(chat, message, param, said):
+    assert said in refused(send(chat, messages=[ASK, message], tools=TOOLS), param)
+
+
 def test_calls_answered_in_any_order_and_ids_reused_in_a_later_turn_are_accepted(chat):
     messages = [ASK, calling("call_a", "call_b"), result("call_b"), result("call_a"), ANSWER, AGAIN,
                 calling("call_a"), result("call_a")]
@@ -270,4 +281,4 @@ def test_thinking_is_rendered_as_reasoning_content_is(family_models):
         assert prompt_with(reasoning_content="Look it up first.") == rendered
         both = chat.client.post("/v1/chat/completions", json={"messages": [
             ASK, {**calling("c1"), "thinking": "a", "reasoning_content": "b"}, result("c1")], "tools": TOOLS})
-        assert "reasoning_content and thinking are two spellings of the trace" in refused(both, "messages.1")
+        assert "reasoning_content and thinking are two spellings of the trace" in refused(both, "messages.1.thinking")
