@@ -56,6 +56,25 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
+def _use_wal(conn: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """Switch the log to WAL mode, waiting up to `wait_s` for another process that holds it.
+
+    SQLite answers "database is locked" at once, without its busy timeout, when another
+    connection holds a write lock on a log still in rollback mode: two processes opening a
+    brand-new log together (the service, a run's export, `ftllm feedback`) meet that.
+    """
+    deadline, pause = time.monotonic() + wait_s, 0.01
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.5)
+
+
 def storable(value: Any) -> Any:
     """`value` as SQLite can store it: a lone surrogate (JSON allows `"\\ud800"`, UTF-8 does not)
     becomes U+FFFD, as a decoder replaces bytes it cannot read."""
@@ -88,7 +107,7 @@ class FeedbackStore:
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(self._conn)
             # FULL: a commit is on disk before it returns. Feedback is answered `"stored": true` and a
             # user does not send it twice; NORMAL (WAL) could lose the last commits to a power cut.
             # The interactions are written in batches, so this is one sync per batch, not per request.
@@ -96,6 +115,12 @@ class FeedbackStore:
             # Erased rows are overwritten, not left in free pages of the file (`forget`, retention).
             self._conn.execute("PRAGMA secure_delete=ON")
             migrate(self._conn, self.path)
+        except sqlite3.OperationalError as exc:
+            self._conn.close()
+            if not _busy(exc):
+                raise
+            raise DataFileError(f"{self.path}: another process kept the feedback log locked ({exc}) past the "
+                                "connection's 30 s wait; try again once it is done") from None
         except sqlite3.DatabaseError as exc:  # another file where the log should be: named, not a traceback
             self._conn.close()
             raise DataFileError(f"{self.path}: not a feedback log of the service ({exc}); "

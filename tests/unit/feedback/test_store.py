@@ -253,6 +253,37 @@ def test_a_log_another_process_holds_is_waited_for(tmp_path):
     other.close()
 
 
+def test_a_new_log_another_process_is_writing_is_opened_once_it_lets_go(tmp_path):
+    """Switching a new log to WAL mode meets a writer with "database is locked" at once,
+    without SQLite's busy timeout: the service starting beside `ftllm feedback` lost its log so."""
+    import sqlite3
+
+    other = sqlite3.connect(tmp_path / "f.db", check_same_thread=False, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # a process creating the log, before it switched to WAL
+    threading.Timer(0.5, other.rollback).start()
+    store = FeedbackStore(tmp_path / "f.db")
+    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.log_later(_item(1)).result(30) is True
+    store.close()
+    other.close()
+
+
+def test_a_new_log_held_past_the_wait_is_an_error_that_says_so(tmp_path, monkeypatch):
+    import sqlite3
+
+    from tasks.errors import DataFileError
+    from tasks.feedback import store as store_module
+
+    real = store_module._use_wal
+    monkeypatch.setattr(store_module, "_use_wal", lambda conn: real(conn, wait_s=0.2))
+    other = sqlite3.connect(tmp_path / "f.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(DataFileError, match="kept the feedback log locked"):
+        FeedbackStore(tmp_path / "f.db")
+    other.rollback()
+    other.close()
+
+
 def test_a_log_held_past_every_retry_loses_the_batch_once_not_per_part(tmp_path, monkeypatch):
     import sqlite3
 
