@@ -194,12 +194,21 @@ def _label_served(model_name: str):
 
 async def _read_json(request: Request) -> Any:
     try:
-        return json.loads(await request.body())
-    # ValueError covers bad JSON and bad UTF-8, and also an integer of over 4,300 digits;
-    # RecursionError is a body nested deeper than the parser recurses, `[[[...` (both fit
-    # in serving.max_request_bytes).
+        body = json.loads(await request.body())
+        # JSON's `\ud800` escape reads as a lone surrogate, which is no character: the
+        # tokenizer and the error body (which may quote it) cannot encode it. Refused as
+        # RFC 8259 allows; an escaped pair (an emoji) reads as one character and passes.
+        json.dumps(body, ensure_ascii=False).encode()
+    # ValueError covers bad JSON and bad UTF-8 (UnicodeError among them), and also an integer
+    # of over 4,300 digits; RecursionError is a body nested deeper than the parser recurses,
+    # `[[[...` (both fit in serving.max_request_bytes).
+    except UnicodeEncodeError:
+        raise APIError(400, "The request body is not valid JSON text: a string in it has a lone UTF-16 surrogate "
+                            "escape (\\ud800-\\udfff without its pair), which encodes no character.",
+                       code="invalid_json") from None
     except (ValueError, RecursionError) as exc:
         raise APIError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
+    return body
 
 
 # ---------------------------------------------------------------------------------------

@@ -124,11 +124,22 @@ def assert_openai_error(resp: httpx.Response, status: int, code: str) -> dict:
     (b"[" * 5000, "nested deeper than the JSON parser recurses"),
     (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", "an integer of over 4,300 digits"),
     (b'{"messages": "\xff"}', "not UTF-8"),
+    # JSON reads the escape as a lone surrogate, which is no character (a 500 before)
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}', "a lone surrogate in a string"),
+    (b'{"k\\udfff": 1, "messages": []}', "a lone surrogate in a key the error would name"),
+    (b'{"id": "chatcmpl-x", "rating": 1, "correction": "fix \\ud83d"}', "a pair's first half alone"),
 ])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/feedback"])
 def test_bodies_json_cannot_read_are_invalid_json(server, path, body, name):
     resp = httpx.post(f"{server}{path}", content=body, headers={**AUTH, "Content-Type": "application/json"})
     assert_openai_error(resp, 400, "invalid_json")
+
+
+def test_an_escaped_surrogate_pair_is_one_character_and_is_accepted(server):
+    body = b'{"messages": [{"role": "user", "content": "Oslo \\ud83d\\ude00"}], "max_tokens": 2}'
+    resp = httpx.post(f"{server}/v1/chat/completions", content=body,
+                      headers={**AUTH, "Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text
 
 
 @pytest.mark.parametrize("max_tokens", [-1, 0, "abc", 2.5, None])
