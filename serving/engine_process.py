@@ -237,12 +237,21 @@ class Completion:
     seed: int | None = None
     id: int = -1
     finish: str = "length"
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # the tokens the engine generated
     ended: bool = False
+    # The answer's first tokens, which the service wrote at the prompt's end (a forced call's
+    # opening): part of the answer the client gets, so counted as completion, not prompt.
+    opening_tokens: int = 0
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
+        """The prompt's tokens as the client is told them (`usage`): without a forced opening."""
+        return len(self.prompt_ids) - self.opening_tokens
+
+    @property
+    def answer_tokens(self) -> int:
+        """The answer's tokens as the client is told them: the engine's and a forced opening's."""
+        return self.completion_tokens + self.opening_tokens
 
 
 class EngineError(RuntimeError):

@@ -422,7 +422,7 @@ class ChatService:
         who = {"key_name": caller.name, "end_user": user} if caller is not None else {}
         message = answer if isinstance(answer, dict) else {"content": answer}
         return Interaction(cid, endpoint, self.model_name, row.version, messages, message["content"] or "", finish,
-                           row.prompt_tokens, row.completion_tokens, latency * 1000, **who,
+                           row.prompt_tokens, row.answer_tokens, latency * 1000, **who,
                            tools=tools, tool_calls=message.get("tool_calls"), reasoning=message.get("reasoning_content"))
 
     async def _log(self, item: Interaction) -> None:
@@ -484,15 +484,21 @@ class ChatService:
             if self.current() is not loaded:  # a new version was loaded while the engine scored: plan on it
                 return await self._check_chat(body)
         prompt_ids = encode_text(loaded.tokenizer, plan.prompt + plan.opening)
+        # A forced call's opening is answer the service writes: max_tokens caps it with the rest
+        opened = len(prompt_ids) - len(encode_text(loaded.tokenizer, plan.prompt)) if plan.opening else 0
+        if wanted is not None and wanted <= opened:
+            raise APIError(400, f"{wanted_field}={wanted} leaves no room for the call tool_choice forces: its opening "
+                                f"alone is {opened} tokens of the answer.", param=wanted_field, code="invalid_value")
         n_prompt = len(prompt_ids)
         room = loaded.context_length - n_prompt
-        max_new = wanted or min(self.limits.max_tokens, room)
+        max_new = wanted - opened if wanted is not None else min(self.limits.max_tokens - opened, room)
         if max_new > room or room < 1:  # without max_tokens, a prompt that fills the context leaves room < 1
-            raise APIError(400, f"The prompt has {n_prompt} tokens; with max_tokens={max(max_new, 1)} it exceeds the "
-                                f"model's context of {loaded.context_length}.", param="messages",
+            raise APIError(400, f"The prompt has {n_prompt - opened} tokens; with max_tokens={max(max_new, 1) + opened} "
+                                f"it exceeds the model's context of {loaded.context_length}.", param="messages",
                            code="context_length_exceeded")
-        row = self._completion(loaded, plan.prompt + plan.opening, prompt_ids, max_new,
+        row = self._completion(loaded, plan.prompt + plan.opening, prompt_ids, max(max_new, 1),
                                0.0 if greedy else req.temperature, req.top_p, req.stops(), req.stream, req.seed)
+        row.opening_tokens = opened
         return req, messages, row, plan
 
     def _plan(self, req: ChatRequest, loaded: ServedModel, messages: list[dict]) -> ChatPlan:
@@ -589,8 +595,8 @@ class ChatService:
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
             "system_fingerprint": f"v{row.version}",
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
-                      "total_tokens": row.prompt_tokens + row.completion_tokens},
+            "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.answer_tokens,
+                      "total_tokens": row.prompt_tokens + row.answer_tokens},
         })
 
     async def _stream(self, cid: str, created: int, req: ChatRequest, row: Completion, plan: ChatPlan,
@@ -667,8 +673,8 @@ class ChatService:
                 yield chunk({}, finish)
         if usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                        "system_fingerprint": f"v{row.version}", "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
-                                                 "total_tokens": row.prompt_tokens + row.completion_tokens}})
+                        "system_fingerprint": f"v{row.version}", "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.answer_tokens,
+                                                 "total_tokens": row.prompt_tokens + row.answer_tokens}})
         yield "data: [DONE]\n\n"
 
     @bentoml.api(batchable=True, max_batch_size=GENERATE_MAX_BATCH, max_latency_ms=GENERATE_MAX_LATENCY_MS)

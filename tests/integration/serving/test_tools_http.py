@@ -204,6 +204,30 @@ def test_required_and_named_tool_choice_force_the_call_streamed_and_not(tools_se
 
 
 @pytest.mark.slow
+def test_a_forced_calls_opening_is_answer_in_usage_and_under_max_tokens(tools_server):
+    """The service writes a forced call's opening into the prompt, but the client gets it as
+    answer: counted as completion tokens, as the same call written by the model under `auto`."""
+    import openai
+
+    client = _client(tools_server)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    usage = {choice if isinstance(choice, str) else "named": client.chat.completions.create(
+        model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, tool_choice=choice, temperature=0,
+        max_tokens=120).usage for choice in ("auto", "required", named)}
+    for forced in ("required", "named"):
+        assert usage[forced].prompt_tokens == usage["auto"].prompt_tokens, usage
+        assert abs(usage[forced].completion_tokens - usage["auto"].completion_tokens) <= 1, usage
+    cut = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, tool_choice=named,
+                                         temperature=0, max_tokens=usage["auto"].completion_tokens - 2)
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.usage.completion_tokens == usage["auto"].completion_tokens - 2
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, tool_choice=named,
+                                       max_tokens=1)
+    assert refused.value.param == "max_tokens" and "opening" in refused.value.message
+
+
+@pytest.mark.slow
 def test_fields_clients_send_at_their_defaults_change_nothing(tools_server):
     client = _client(tools_server)
     plain = dict(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS, temperature=0, max_tokens=120)
