@@ -151,6 +151,20 @@ def apply_gate(
     return Verdict(all(c.passed for c in checks), checks, notes)
 
 
+def no_regression_checks(candidate: dict, reference: dict, gate: GateParams) -> list[Check]:
+    """The gate's no-regression checks of one model against another, as it runs them against the
+    champion: every paired score, perplexity, macro-F1 by a fixed margin, and the tool checks.
+
+    Args:
+        candidate, reference: `tasks.evaluate.score.evaluate_model` results on the same examples.
+        gate: the margins (`require_improvement` does not apply: this is no-regression only).
+    """
+    gate = gate.model_copy(update={"require_improvement": False})
+    cand, ref = candidate["metrics"], reference["metrics"]
+    a, b = candidate["per_example"], reference["per_example"]
+    return [*_champion_checks(cand, ref, _pairable(a, b), gate), *_tool_checks(cand, ref, a, b, gate)]
+
+
 def _pairable(candidate: dict | None, champion: dict | None) -> tuple[dict, dict] | None:
     """Both models' per-example scores when they cover the same examples in the same order."""
     if not candidate or not champion or candidate.get("ids") != champion.get("ids") or not candidate.get("ids"):

@@ -330,12 +330,14 @@ def held_the_task(model, tokenizer, params: Params, data_dir: Path, summary: Pre
                   log: Log = print) -> PreferenceSummary:
     """`summary` with the exact match of the tuned and the supervised model (the `reference`
     adapter) on the val split, and whether the tuned one is kept: unless it fails one of the
-    gate's own no-regression checks against the supervised one (paired over the same rows:
-    exact match, and on a split with tool calls the function names, the arguments and the valid
-    calls; a drop past `gate.max_regression`, and significant). Preference tuning that costs
-    the task is left out of the run and the supervised model is its candidate, which the gate
-    would otherwise never see (it compares with the champion)."""
-    from tasks.evaluate.gate import TOOL_CHECKS, no_regression_paired
+    gate's own no-regression checks against the supervised one, as the gate runs them against
+    the champion (`no_regression_checks`: paired over the same rows, exact match, accuracy,
+    ROUGE-L, BLEU and perplexity, macro-F1 by a fixed margin, and on a split with tool calls the
+    function names, the arguments and the valid calls; a drop past `gate.max_regression`, and
+    significant). Preference tuning that costs the task is left out of the run and the
+    supervised model is its candidate, which the gate would otherwise never see (it compares
+    with the champion)."""
+    from tasks.evaluate.gate import no_regression_checks
     from tasks.evaluate.score import evaluate_model, load_split
 
     val = load_split(data_dir, "val", params.eval.max_examples) if (data_dir / "val.jsonl").is_file() else []
@@ -345,15 +347,13 @@ def held_the_task(model, tokenizer, params: Params, data_dir: Path, summary: Pre
     tuned = evaluate_model(model, tokenizer, val, params.eval, system_message=system_message)
     with as_reference(model):
         supervised = evaluate_model(model, tokenizer, val, params.eval, system_message=system_message)
-    a, b = tuned["per_example"], supervised["per_example"]
-    keys = ["exact_match", *(key for key in TOOL_CHECKS if a.get("tool_ids") and key in a and key in b)]
-    failed = [check for check in (no_regression_paired(key, a[key], b[key], params.gate) for key in keys)
-              if not check.passed]
+    failed = [check for check in no_regression_checks(tuned, supervised, params.gate) if not check.passed]
     ems = tuned["metrics"]["exact_match"], supervised["metrics"]["exact_match"]
+    said = ", ".join(f"{c.name} ({c.value:+.3f}, {c.method}" + ("" if c.p_value is None else f", p {c.p_value}") + ")"
+                     for c in failed)
     reason = ("tuned" if not failed else
-              f"tuned, and left out: against the supervised model on the val split it fails "
-              f"{', '.join(f'{c.name} ({c.value:+.3f}, {c.method}, p {c.p_value})' for c in failed)}: lower by more "
-              f"than gate.max_regression {params.gate.max_regression} and significantly so (exact match "
+              f"tuned, and left out: against the supervised model on the val split it fails {said}: worse by "
+              f"more than gate.max_regression {params.gate.max_regression} and significantly so (exact match "
               f"{ems[0]:.3f} against {ems[1]:.3f}); the supervised model is the candidate")
     log(f"preference tuning: val exact match {ems[0]:.3f} (supervised {ems[1]:.3f}): "
         + ("kept" if not failed else f"left out ({', '.join(c.name for c in failed)}), the supervised model is the candidate"))

@@ -4,6 +4,7 @@ loaded twice, the base once), and the saved folder is the tuned model over the o
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -175,6 +176,19 @@ def _unordered(value):
     return set(value) if isinstance(value, list) else value
 
 
+def _val_scores(right: int, nll: float = 2.0, calls: dict | None = None) -> dict:
+    """An `evaluate_model` result on 100 val rows, `right` of them right, as it scores them."""
+    ids = [f"row{i}" for i in range(100)]
+    metrics = {"exact_match": right / 100, "perplexity": math.exp(nll / 4), "rouge_l": right / 100}
+    per_example = {"ids": ids, "exact_match": [1.0] * right + [0.0] * (100 - right),
+                   "rouge_l": [1.0] * right + [0.5] * (100 - right), "nll": [nll] * 100, "tokens": [4] * 100}
+    if calls:
+        metrics.update({"tool_calls": 100, "tool_name_accuracy": sum(calls["tool_name_match"]) / 100,
+                        "tool_arguments_match": sum(calls["tool_arguments_match"]) / 100, "tool_invalid_rate": 0.0})
+        per_example.update({"tool_ids": ids, **calls})
+    return {"metrics": metrics, "per_example": per_example}
+
+
 @pytest.mark.parametrize(("tuned_right", "kept"), [(50, False), (88, True), (86, True), (95, True)])
 def test_tuning_that_costs_the_task_leaves_the_supervised_model_the_candidate(sft, tmp_path, monkeypatch,
                                                                               tuned_right, kept):
@@ -192,8 +206,7 @@ def test_tuning_that_costs_the_task_leaves_the_supervised_model_the_candidate(sf
 
     def exact_match(model, tok, examples, params, **_kw):  # per row, as evaluate_model scores them
         seen.append(model.active_adapter)
-        right = 90 if model.active_adapter == "reference" else tuned_right
-        return {"metrics": {"exact_match": right / 100}, "per_example": {"exact_match": [1.0] * right + [0.0] * (100 - right)}}
+        return _val_scores(90 if model.active_adapter == "reference" else tuned_right)
 
     monkeypatch.setattr(score, "evaluate_model", exact_match)
     prefs = PreferenceParams(loss="kto", max_steps=2, batch_size=8, learning_rate=5e-3, beta=0.5)
@@ -206,7 +219,7 @@ def test_tuning_that_costs_the_task_leaves_the_supervised_model_the_candidate(sf
     expected = tmp_path / "preference" / "model" if kept else model_dir
     assert candidate_dir(model_dir, tmp_path / "preference") == expected
     if not kept:
-        assert "lower by more than gate.max_regression 0.04 and significantly so" in summary.reason
+        assert "worse by more than gate.max_regression 0.04 and significantly so" in summary.reason
 
 
 def test_without_a_val_split_the_tuned_model_is_kept_unchecked(sft, tmp_path):
@@ -232,9 +245,8 @@ def test_tuning_that_costs_the_tool_calls_is_left_out_even_where_exact_match_hol
 
     def scores(model, tok, examples, params, **_kw):
         names = 95 if model.active_adapter == "reference" else 50
-        calls = {"tool_ids": [str(i) for i in range(100)], "tool_name_match": [1.0] * names + [0.0] * (100 - names),
-                 "tool_arguments_match": [1.0] * 40 + [0.0] * 60, "tool_valid_call": [1.0] * 100}
-        return {"metrics": {"exact_match": 0.9}, "per_example": {"exact_match": [1.0] * 90 + [0.0] * 10, **calls}}
+        return _val_scores(90, calls={"tool_name_match": [1.0] * names + [0.0] * (100 - names),
+                                      "tool_arguments_match": [1.0] * 40 + [0.0] * 60, "tool_valid_call": [1.0] * 100})
 
     monkeypatch.setattr(score, "evaluate_model", scores)
     prefs = PreferenceParams(loss="kto", max_steps=2, batch_size=8, learning_rate=5e-3, beta=0.5)
@@ -243,3 +255,22 @@ def test_tuning_that_costs_the_tool_calls_is_left_out_even_where_exact_match_hol
     assert not summary.kept and tuned_model(tmp_path / "preference") is None
     assert "fails no_regression_tool_name_match (-0.450" in summary.reason
     assert "arguments" not in summary.reason.split("fails", 1)[1].split(":")[0]  # the checks that held are not named
+
+
+def test_tuning_that_raises_the_val_perplexity_past_the_margin_is_left_out(sft, tmp_path, monkeypatch):
+    """The val check is the gate's whole set of no-regression checks, perplexity among them: a
+    tuned model that keeps every answer but puts much less weight on the reference answers
+    would fail the gate's perplexity check against the champion, where its supervised model
+    might pass."""
+    import tasks.evaluate.score as score
+
+    model_dir, data = sft
+    write_preference(data, preference_rows(data))
+    monkeypatch.setattr(score, "evaluate_model", lambda model, *_a, **_k: _val_scores(
+        90, nll=2.0 if model.active_adapter == "reference" else 3.0))  # nats per answer of 4 tokens
+    prefs = PreferenceParams(loss="kto", max_steps=2, batch_size=8, learning_rate=5e-3, beta=0.5)
+    summary = preference_tune(Params(train=small_params().train, preference=prefs), data, model_dir,
+                              tmp_path / "preference", log=lambda _m: None)
+    assert not summary.kept and tuned_model(tmp_path / "preference") is None
+    failed = summary.reason.split("fails", 1)[1].split(": worse", 1)[0]
+    assert "no_regression_perplexity (+0.284, paired bootstrap)" == failed.strip()
