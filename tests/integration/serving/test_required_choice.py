@@ -84,7 +84,7 @@ def test_sampled_required_calls_are_drawn_among_the_declared_functions(untrained
     with local_chat(untrained) as client:
         for seed in range(12):
             resp = client.post("/v1/chat/completions", json={
-                "messages": QUESTION, "tools": TOOLS, "tool_choice": "required", "max_tokens": 8,
+                "messages": QUESTION, "tools": TOOLS, "tool_choice": "required", "max_tokens": 40,  # the forced opening (17 tokens) counts
                 "temperature": 1.0, "seed": seed})
             assert resp.status_code == 200, resp.text
             text = resp.json()["choices"][0]["message"]["content"] or ""
@@ -158,7 +158,7 @@ def test_a_forced_name_is_closed_so_the_model_cannot_run_it_on_into_another(untr
         for choice in ({"type": "function", "function": {"name": "get"}}, "required"):
             for seed in range(4):
                 resp = client.post("/v1/chat/completions", json={
-                    "messages": QUESTION, "tools": tools, "tool_choice": choice, "max_tokens": 6,
+                    "messages": QUESTION, "tools": tools, "tool_choice": choice, "max_tokens": 30,  # the forced opening (15 tokens) counts
                     "temperature": 1.0, "seed": seed})
                 assert resp.status_code == 200, resp.text
                 message = resp.json()["choices"][0]["message"]
