@@ -122,8 +122,18 @@ def parse_keys(text: str, where: str) -> KeyRing:
         for i, item in enumerate(items):
             if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("key"), str):
                 raise ConfigError(f"{where}: entry {i} needs a string 'name' and 'key' (and 'roles', 'trusted').")
-            roles = item.get("roles", [r.value for r in Role])
-            entries.append(_entry(item["name"], item["key"], list(roles), bool(item.get("trusted", False)), where))
+            unknown = sorted(set(item) - {"name", "key", "roles", "trusted"})
+            if unknown:
+                raise ConfigError(f"{where}: entry {i} ({item['name']!r}) has unknown fields {unknown}; an entry has "
+                                  "'name', 'key', 'roles' and 'trusted'.")
+            roles, trusted = item.get("roles", [r.value for r in Role]), item.get("trusted", False)
+            # Strict: `"trusted": "false"` is a non-empty string, which bool() would read as trusted.
+            if not isinstance(trusted, bool):
+                raise ConfigError(f"{where}: entry {i} ({item['name']!r}): 'trusted' must be true or false (a JSON "
+                                  f"boolean), not {json.dumps(trusted)}.")
+            if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+                raise ConfigError(f"{where}: entry {i} ({item['name']!r}): 'roles' must be a list of role names.")
+            entries.append(_entry(item["name"], item["key"], roles, trusted, where))
     else:
         lines = [line.split("#", 1)[0] for line in text.splitlines()]
         for number, chunk in enumerate((c.strip() for line in lines for c in line.split(",")), 1):

@@ -37,6 +37,12 @@ def test_only_digests_are_kept_and_a_digest_may_stand_for_the_secret():
     ("a:infer=long-secret-1,b:admin=long-secret-1", "same secret"),
     ("[{\"name\": \"a\"}]", "entry 0 needs a string 'name' and 'key'"),
     ("web:infer=sha256:abc", "64 hex digits"),
+    # a string is not a boolean: "false" would have been read as trusted
+    ('[{"name": "p", "key": "long-secret-1", "roles": ["feedback"], "trusted": "false"}]',
+     r"entry 0 \('p'\): 'trusted' must be true or false \(a JSON boolean\), not \"false\""),
+    ('[{"name": "p", "key": "long-secret-1", "trusted": 1}]', "'trusted' must be true or false"),
+    ('[{"name": "p", "key": "long-secret-1", "roles": "feedback"}]', "'roles' must be a list of role names"),
+    ('[{"name": "p", "key": "long-secret-1", "trust": true}]', r"unknown fields \['trust'\]"),
 ])
 def test_bad_keys_are_named_without_the_secret(text, message):
     with pytest.raises(ConfigError, match=message) as err:
