@@ -79,10 +79,11 @@ _KEY_PREFIXES = re.compile(
 )
 _PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.DOTALL)
 _BEARER = re.compile(r"\bBearer\s+([A-Za-z0-9._~+/=-]{12,})")
-# `password: hunter2`, `api_key="..."`, `token=...`: the value is a secret whatever it looks like.
+# `password: hunter2`, `api_key="..."`, `token=...`, `DB_PASSWORD=...`: the value is a secret whatever it looks like.
 _ASSIGNED = re.compile(
-    r"(?i)\b(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|client[_-]?secret|token|auth[_-]?token|"
-    r"password|passwd|pwd)\b[\"']?\s*[:=]\s*[\"']?([^\s\"',;]{6,})"
+    # The name may end an environment variable's: DB_PASSWORD=..., OPENAI_API_KEY=...
+    r"(?i)(?<![a-z0-9])(?:[a-z0-9]+_)*(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|client[_-]?secret|token|"
+    r"auth[_-]?token|password|passwd|pwd)\b[\"']?\s*[:=]\s*[\"']?([^\s\"',;]{6,})"
 )
 _TOKEN = re.compile(r"(?<![A-Za-z0-9_+/-])[A-Za-z0-9_+/-]{24,}={0,2}(?![A-Za-z0-9_+/=-])")
 _HEX_OR_UUID = re.compile(r"[0-9a-fA-F]+|[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
@@ -118,8 +119,11 @@ def _secrets(text: str) -> Iterator[tuple[int, int]]:
 
 _EMAIL = re.compile(
     # An apostrophe inside the local part (o'neil@...) is part of the address; one before it quotes it.
-    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+'-]{0,62}[A-Za-z0-9_%+-])?"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![A-Za-z0-9-])"
+    # Letters and digits of any script (josé.garcía@correo.es, RFC 6531); the full-width at sign and
+    # zero-width characters around it are the ways an address is written to slip past a filter.
+    r"(?<![\w.%+-])[^\W_](?:[\w.%+'-]{0,62}[\w%+-])?"
+    r"[\u200b-\u200d\u2060\ufeff]*[@\uff20][\u200b-\u200d\u2060\ufeff]*"
+    r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+[^\W\d_]{2,24}(?![\w-])"
 )
 
 
@@ -283,33 +287,51 @@ def redact_example(example: dict[str, Any], action: RedactAction = "mask") -> Re
 _KEPT_KEYS = frozenset({"role", "id", "tool_call_id", "type", "name", "weight"})
 
 
-def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS) -> tuple[Any, Counter[str]]:
-    """`value` with every string in it redacted (dict keys kept, and the values of `kept` keys), and the findings."""
+def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
+                  named: bool = False) -> tuple[Any, Counter[str]]:
+    """`value` with every string (and integer) in it redacted (dict keys kept, and the values of
+    `kept` keys), and the findings. `named`: inside a call's arguments, where a value's key says
+    what it is (`{"phone": "4155550134"}`), so it is redacted with the key before it."""
     if isinstance(value, str):
-        if key == "arguments":  # a call's arguments: a JSON object in a string
+        if key == "arguments" and not named:  # a call's arguments: a JSON object in a string
             try:
                 parsed = json.loads(value)
             except ValueError:
                 return redact_text(value)
-            redacted, found = _redact_value(parsed, kept=frozenset())  # all of it is the user's
+            redacted, found = _redact_value(parsed, kept=frozenset(), named=True)  # all of it is the user's
             return (json.dumps(redacted, ensure_ascii=False) if found else value), found
-        return redact_text(value)
+        return _redact_named(key, value) if named and key else redact_text(value)
     if isinstance(value, dict):
         found: Counter[str] = Counter()
         out = {}
         for k, v in value.items():
-            out[k], counts = (v, Counter()) if k in kept else _redact_value(v, k, kept)
+            out[k], counts = (v, Counter()) if k in kept else _redact_value(v, k, kept, named)
             found += counts
         return out, found
     if isinstance(value, list):
         found = Counter()
         items = []
         for item in value:
-            redacted, counts = _redact_value(item, key, kept)
+            redacted, counts = _redact_value(item, key, kept, named)
             items.append(redacted)
             found += counts
         return items, found
+    if isinstance(value, int) and not isinstance(value, bool):
+        # A number in a call's arguments can be a card or phone number written without quotes
+        # ({"card": 4111111111111111}): redacted as its digits would be, it becomes the mask.
+        masked, found = _redact_named(key, str(value)) if named and key else redact_text(str(value))
+        return (masked if found else value), found
     return value, Counter()
+
+
+def _redact_named(key: str, text: str) -> tuple[str, Counter[str]]:
+    """An argument's value redacted with its name as context: `phone: 4155550134` is a phone
+    number where the digits alone are not, `password: hunter22` a secret."""
+    prefix = f"{key}: "
+    masked, found = redact_text(prefix + text)
+    if masked.startswith(prefix):
+        return masked[len(prefix):], found
+    return redact_text(text)
 
 
 def redact_examples(examples: list[dict[str, Any]], action: RedactAction = "mask") -> tuple[list[dict[str, Any]], dict[str, int]]:

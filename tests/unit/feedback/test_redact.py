@@ -115,3 +115,34 @@ def test_a_speakers_name_is_redacted_and_a_tool_messages_function_name_is_kept()
     result = redact_example(example)
     assert [m.get("name") for m in result.example["messages"]] == ["ops", "[EMAIL]", "get_date", "bot"]
     assert result.found == {"email": 1}
+
+
+def test_numbers_in_call_arguments_and_values_named_by_their_keys_are_redacted():
+    """A card or phone number in a call's arguments may be a JSON number, and digits that alone
+    are no phone number are one under the key `phone`: both reached training unmasked."""
+    import json
+
+    arguments = {"card": 4111111111111111, "phone": 14155550134, "mobile": "07700900123", "password": "hunter22",
+                 "contact": {"tel": 4155550134}, "city": "Oslo", "amount": 444, "express": True, "n": 3}
+    call = {"id": "call_1", "type": "function", "function": {"name": "charge", "arguments": json.dumps(arguments)}}
+    example = {"messages": [{"role": "user", "content": "Charge my card."},
+                            {"role": "assistant", "content": None, "tool_calls": [call]},
+                            {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+                            {"role": "assistant", "content": "Done."}]}
+    result = redact_example(example)
+    masked = json.loads(result.example["messages"][1]["tool_calls"][0]["function"]["arguments"])
+    assert masked == {"card": "[CARD]", "phone": "[PHONE]", "mobile": "[PHONE]", "password": "[SECRET]",
+                      "contact": {"tel": "[PHONE]"}, "city": "Oslo", "amount": 444, "express": True, "n": 3}
+    assert result.found == {"card": 1, "phone": 3, "secret": 1}
+
+
+@pytest.mark.parametrize(("text", "masked"), [
+    ("DB_PASSWORD=hunter22xx", "DB_PASSWORD=[SECRET]"),  # the name ends an environment variable's
+    ("export OPENAI_API_KEY=abcdefghijkl", "export OPENAI_API_KEY=[SECRET]"),
+    ("mail josé.garcía@example.es today", "mail [EMAIL] today"),  # an address in another script
+    ("ann\uff20example.com", "[EMAIL]"),  # the full-width at sign
+    ("ann\u200b@example.com", "[EMAIL]"),  # a zero-width space before it
+    ("token_count: 123456", "token_count: 123456"),  # no secret's name
+])
+def test_secrets_named_in_variables_and_addresses_written_to_slip_past_are_masked(text, masked):
+    assert redact_text(text)[0] == masked
