@@ -66,12 +66,22 @@ class SourceParams(_Section):
     min_rating: int = Field(4, ge=1, le=5, description="Feedback source: uncorrected answers rated at least this are kept.")
     invalid_rows: Literal["fail", "drop"] = Field(
         "fail", description="fail: an invalid row fails the run; drop: invalid rows are left out and reported, up to "
-                            "max_invalid_share of the source's rows.",
+                            "max_invalid_share of the source's rows. A feedback source drops unless set: a served "
+                            "conversation the settings cannot train (over data.max_tokens, two user turns in a row) "
+                            "stays in the log, and must not fail every run that reads it.",
     )
     max_invalid_share: float = Field(
-        0.01, ge=0.0, le=1.0, description="With invalid_rows: drop, the largest share of invalid rows a source may have.",
+        0.01, ge=0.0, le=1.0, description="With invalid_rows: drop, the largest share of invalid rows a source may "
+                                          "have (a feedback source: 1.0 unless set).",
     )
     md5: str | None = Field(None, description="Filled in by the resolve stage: the file's md5.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _feedback_drops(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("feedback") is True:
+            data = {"invalid_rows": "drop", "max_invalid_share": 1.0, **data}
+        return data
 
     @model_validator(mode="after")
     def _one_of_weight_or_cap(self) -> "SourceParams":

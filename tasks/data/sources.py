@@ -244,8 +244,9 @@ def sources_md5(stats: list[dict[str, Any]]) -> str:
 
 
 # Errors a source with `invalid_rows: drop` tolerates in its validation report: its unusable
-# rows (left out, up to the share) and repeats (dropped by the merge's deduplication).
-DROPPABLE = frozenset(STRUCTURAL | {*UNTRAINABLE, "duplicate", "near_duplicate"})
+# rows and its rows over data.max_tokens (left out or cut by data.length_policy), up to the
+# share, and repeats (dropped by the merge's deduplication).
+DROPPABLE = frozenset(STRUCTURAL | {*UNTRAINABLE, "over_token_limit", "duplicate", "near_duplicate"})
 
 
 def accept_report(label: str, source: SourceParams, report: dict[str, Any]) -> bool:
@@ -260,8 +261,11 @@ def accept_report(label: str, source: SourceParams, report: dict[str, Any]) -> b
         return False
     rows = report["examples"]
     invalid = [r for r in report["error_rows"]
-               if r["category"] in STRUCTURAL or r["category"] in UNTRAINABLE]
+               if r["category"] in STRUCTURAL or r["category"] in UNTRAINABLE or r["category"] == "over_token_limit"]
     first = invalid[0] if invalid else {"line": 0, "category": "", "message": ""}
+    # Over-long rows are an error only past data.max_drop_fraction of the source; a row both
+    # untrainable and over-long counts twice here (a stricter share, never a looser one).
+    count = min(rows, report["unusable_examples"] + report["errors"].get("over_token_limit", 0))
     check_invalid_rows(label, source, Path(report["path"]), rows,
-                       [(first["line"], first["category"], first["message"])] * report["unusable_examples"])
+                       [(first["line"], first["category"], first["message"])] * count)
     return True

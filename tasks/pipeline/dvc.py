@@ -103,7 +103,11 @@ def _repro(root: Path, args: list[str], env: dict[str, str], log) -> list[str]:
         started = re.findall(r"Running stage '([^']+)'", output)
         where = f" in stage {started[-1]!r}" if started else ""
         tail = "\n".join(lines[-15:])
-        raise StageError(f"dvc repro failed{where} (exit {code}):\n{tail}")
+        # The stage's own `error: ...` line (every stage command writes its refusal so) goes in the
+        # first line too: a flow run's state message, and a notification, show only that one.
+        said = [line for line in lines if line.startswith("error: ")]
+        cause = f" {said[-1]}" if said else ""
+        raise StageError(f"dvc repro failed{where} (exit {code}):{cause}\n{tail}")
     return [s for s in STAGES if f"Running stage '{s}'" in output]
 
 

@@ -78,7 +78,7 @@ def test_failed_repro_reports_dvc_output(tmp_path):
 def test_failed_repro_names_the_stage_that_failed(tmp_path):
     """Named in the first line, not only in the output tail, which may hold other lines."""
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
-    noisy = "import sys; [print('step', i) for i in range(40)]; sys.exit(3)"
+    noisy = "import sys; [print('step', i) for i in range(40)]; print('error' + chr(58), 'the cause', file=sys.stderr); sys.exit(3)"  # no ': ' in YAML
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n"
         f"  first:\n    cmd: {sys.executable} -c 'open(\"a.txt\", \"w\").write(\"a\")'\n    outs: [a.txt]\n"
@@ -86,7 +86,8 @@ def test_failed_repro_names_the_stage_that_failed(tmp_path):
     )
     with pytest.raises(StageError) as failed:
         run_stages(tmp_path, {}, None, log=lambda line: None)
-    assert str(failed.value).startswith("dvc repro failed in stage 'second' (exit ")
+    first_line = str(failed.value).splitlines()[0]
+    assert first_line.startswith("dvc repro failed in stage 'second' (exit ") and first_line.endswith(": error: the cause")
 
 
 def _dvc_project(root, config: str, local: str = "") -> None:

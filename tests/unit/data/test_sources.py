@@ -240,3 +240,29 @@ def test_warm_start_trains_on_the_feedback_and_a_stable_replay_sample_and_keeps_
     more = warm_params.model_copy(update={"train": warm_params.train.model_copy(update={"replay_fraction": 0.5})})
     prepare_dataset(None, tmp_path / "more", more, tok)
     assert set(warm_train) < set(answers(tmp_path / "more", ("train",)))
+
+
+def test_a_feedback_source_leaves_out_what_it_cannot_train_unless_told_to_fail():
+    """Served conversations the settings cannot train stay in the log and come back in every
+    export: under `fail` one of them would fail every run that reads the feedback."""
+    assert (SourceParams(feedback=True).invalid_rows, SourceParams(feedback=True).max_invalid_share) == ("drop", 1.0)
+    assert SourceParams(feedback=True, invalid_rows="fail").invalid_rows == "fail"
+    assert SourceParams(feedback=True, max_invalid_share=0.1).max_invalid_share == 0.1
+    assert (SourceParams(path="a.jsonl").invalid_rows, SourceParams(path="a.jsonl").max_invalid_share) == ("fail", 0.01)
+
+
+def test_rows_over_the_token_limit_are_invalid_rows_of_a_source_that_drops(tmp_path, tok):
+    """Past data.max_drop_fraction of a source its over-long rows are a validation error: a
+    source that drops invalid rows leaves them out within its share instead of failing."""
+    from tasks.data.sources import accept_report
+    from tasks.data.validate import validate_dataset
+
+    longs = [{"messages": [{"role": "user", "content": f"{n}: " + "Rewrite this date for me, please. " * 40},
+                           {"role": "assistant", "content": "A date."}]} for n in range(3)]
+    data = write(tmp_path / "feedback.jsonl", [example(i) for i in range(7)] + longs)
+    report = validate_dataset(data, DataParams(max_tokens=64), tokenizer=tok).to_dict()
+    assert report["errors"].get("over_token_limit") == 3 and not report["valid"]
+    assert accept_report("data.sources[1]", SourceParams(feedback=True), report)
+    assert not accept_report("data.sources[1]", SourceParams(path=str(data)), report)
+    with pytest.raises(InvalidRowsError, match=r"3 of 10 rows \(30.00%\) are invalid.*over_token_limit"):
+        accept_report("data.sources[1]", SourceParams(feedback=True, max_invalid_share=0.2), report)
