@@ -315,7 +315,8 @@ def feedback_pending() -> int:
 def feedback_approve(
     all_: Annotated[bool, typer.Option("--all", help="Approve every held row.")] = False,
     key: Annotated[Optional[list[str]], typer.Option("--key", help="Approve this key's held rows (repeatable).")] = None,
-    reject: Annotated[bool, typer.Option("--reject", help="Reject the --key rows instead (never trained).")] = False,
+    reject: Annotated[bool, typer.Option("--reject", help="Reject every undecided row of the --key keys instead, held or "
+                                                          "admitted because the key was trusted (never trained).")] = False,
     reviewer: Annotated[str, typer.Option("--reviewer", help="Recorded with the decision.")] = "cli",
 ) -> int:
     """Approve (or reject) held feedback, for runs without the Prefect UI."""

@@ -95,14 +95,33 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
         if reject and approve_all:
             raise UsageError("--reject takes --key NAME: reject named keys' feedback, never all of it at once")
         db = _db(root)
+        if reject:
+            print(reject_keys(db, keys, reviewer))
+            return
         batch = held_batch(db, _settings(root).auto_approve)
         unknown = sorted(set(keys) - set(batch.keys))
         if unknown:
             raise UsageError(f"--key {', '.join(unknown)}: no held feedback from that key; held keys: {batch.keys}")
-        decision = (Decision(reject_keys=tuple(keys), reviewer=reviewer) if reject
-                    else Decision(approve_all, tuple(keys), reviewer=reviewer))
-        print(apply_decision(db, batch, decision))
+        print(apply_decision(db, batch, Decision(approve_all, tuple(keys), reviewer=reviewer)))
     return run_entry(approve)
+
+
+def reject_keys(db: Path, keys: list[str], reviewer: str) -> dict[str, int]:
+    """Reject every undecided row of `keys`: held, and admitted without review because the key
+    was trusted when it posted (a key found compromised, or made untrusted, later)."""
+    from tasks.feedback import FeedbackStore
+
+    store = FeedbackStore(db)
+    try:
+        found = {k: store.count_undecided(k) for k in keys}
+        unknown = sorted(k for k, n in found.items() if n == 0)
+        if unknown:
+            raise UsageError(f"--key {', '.join(unknown)}: no undecided feedback from that key (rejected or approved "
+                             "rows keep their decision; `ftllm feedback forget --key NAME` erases a key's rows)")
+        rejected = store.review("rejected", reviewer, keys=keys)
+    finally:
+        store.close()
+    return {"approved": 0, "rejected": rejected, "held": 0}
 
 
 def forget_command(user: str | None, key: str | None, before: str | None, expired: bool) -> int:

@@ -16,9 +16,10 @@ The database defaults to `<root>/feedback.db`; `FTLLM_FEEDBACK_DB` points it els
 """
 
 from tasks.feedback.export import FeedbackExport, export_feedback, training_examples
+from tasks.feedback.reader import FeedbackReader
 from tasks.feedback.schema import MAX_RATING, MIN_RATING, SCHEMA_VERSION, FeedbackRow, Interaction
 from tasks.feedback.snapshot import FeedbackSnapshot, snapshot_feedback
-from tasks.feedback.store import FeedbackReader, FeedbackStore, default_db_path
+from tasks.feedback.store import FeedbackStore, default_db_path
 
 __all__ = [
     "MAX_RATING", "MIN_RATING", "SCHEMA_VERSION", "FeedbackExport", "FeedbackReader", "FeedbackRow", "FeedbackSnapshot",

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.data.checks import check_tools, example_digests, normalise_example
+from tasks.feedback.reader import FeedbackReader
 from tasks.feedback.redact import RedactAction, redact_examples
 from tasks.feedback.schema import MAX_RATING, MIN_RATING, FeedbackRow, Interaction, prompt_digest
-from tasks.feedback.store import FeedbackReader
 from tasks.files import write_atomic
 
 AutoApprove = Literal["trusted", "all", "none"]

@@ -29,9 +29,10 @@ from typing import Any
 from tasks.config import PreferenceParams
 from tasks.data.sources import prompt_key
 from tasks.feedback.export import cap_per_key, latest_admitted
+from tasks.feedback.reader import FeedbackReader
 from tasks.feedback.redact import RedactAction, redact_examples
 from tasks.feedback.schema import prompt_digest
-from tasks.feedback.store import FeedbackReader, default_db_path
+from tasks.feedback.store import default_db_path
 from tasks.files import file_md5, write_atomic
 
 

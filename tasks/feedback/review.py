@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.feedback.export import training_examples
+from tasks.feedback.reader import FeedbackReader
 from tasks.feedback.redact import redact_example, redact_text
 from tasks.feedback.schema import MIN_RATING, FeedbackRow, Interaction
-from tasks.feedback.store import FeedbackReader, FeedbackStore
+from tasks.feedback.store import FeedbackStore
 
 
 @dataclass(frozen=True)

@@ -413,6 +413,24 @@ def test_the_cli_approves_and_forgets(db, monkeypatch, capsys):
     left.close()
 
 
+def test_rejecting_a_key_stops_its_trusted_rows_too(db, tmp_path, monkeypatch, capsys):
+    """A trusted key's feedback is admitted when posted; a key found compromised later must be
+    stoppable without erasing its rows: `--reject --key` rejects every undecided row of it."""
+    from ftllm.commands.feedback import approve_command
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    assert [r["messages"][-1]["content"] for r in _export(db, tmp_path)[0]] == ["ops fix"]
+    assert approve_command(False, ["ops", "bot"], True, "cli") == 0
+    assert "'rejected': 4" in capsys.readouterr().out
+    rows, exported = _export(db, tmp_path, auto_approve="all")  # not even "approve everything" takes them back
+    assert [r["messages"][-1]["content"] for r in rows] == ["web fix 1", "web fix 2"] and exported.rejected == 4
+    assert approve_command(False, ["ops"], True, "cli") == 2  # nothing undecided is left: said, not silent
+    assert "no undecided feedback from that key" in capsys.readouterr().err
+    store = FeedbackStore(db)
+    assert store.count("feedback") == 6  # kept in the log, never trained
+    store.close()
+
+
 def test_a_runs_snapshot_tags_its_mlflow_run_with_the_provenance(db, tmp_path, monkeypatch):
     import mlflow
 
