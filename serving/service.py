@@ -107,6 +107,7 @@ from serving.schemas import (  # noqa: E402
 )
 from tasks.config import Params, ServingParams, load_params, overrides_from_env  # noqa: E402
 from tasks.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
+from tasks.feedback.schema import STOPPED  # noqa: E402
 from tasks.feedback.store import DuplicateCorrection  # noqa: E402
 from tasks.model.chat import encode_text  # noqa: E402
 from tasks.model.forced_calls import CallChoice  # noqa: E402
@@ -634,43 +635,51 @@ class ChatService:
             content_sent = True
             return [chunk({"role": "assistant", "content": ""}), *([chunk(delta)] if delta else [])]
 
-        async for event in self._events(row):
-            if reader is None and not opened:  # nothing is held back: the role goes first, at once
-                for sent in opening({}):
-                    yield sent
-            if event[0] == "delta":
-                parts.append(event[1])
-                pieces = reader.feed(event[1]) if reader is not None else [("content", event[1])]
-                for field_name, piece in pieces:
-                    for sent in opening({field_name: piece}):
-                        yield sent
-            elif event[0] == "error":
-                yield _sse(error_body(event[1], "server_error", None, "generation_failed"))
-            else:
-                finish, message = event[1], {"role": "assistant", "content": "".join(parts)}
-                if reader is not None:
-                    parsed, owed = reader.finish()
-                    for field_name, piece in owed:
-                        for sent in opening({field_name: piece}):
-                            yield sent
-                    for index, call in enumerate(parsed.tool_calls):
-                        out = call.openai()
-                        for sent in opening({"tool_calls": [{"index": index, "id": out["id"], "type": "function", "function": {
-                                "name": out["function"]["name"], "arguments": ""}}]}):
-                            yield sent
-                        yield chunk({"tool_calls": [{"index": index,
-                                                     "function": {"arguments": out["function"]["arguments"]}}]})
-                    finish, message = plan.finish_reason(parsed, finish), _answer_message(parsed)
-                if not opened:  # an empty answer
+        try:
+            async for event in self._events(row):
+                if reader is None and not opened:  # nothing is held back: the role goes first, at once
                     for sent in opening({}):
                         yield sent
-                elif not content_sent and message.get("content") is not None:  # a trace, then no text and no call
-                    yield chunk({"content": message["content"]})
-                # logged before the finish reason is sent: a client that saw the end can rate the answer
-                logged = _logged_finish(finish, parsed if reader is not None else None)
-                await self._log_chat(req, self._record("chat", cid, messages, message, logged, row, started, *who,
-                                                       tools=plan.tools))
-                yield chunk({}, finish)
+                if event[0] == "delta":
+                    parts.append(event[1])
+                    pieces = reader.feed(event[1]) if reader is not None else [("content", event[1])]
+                    for field_name, piece in pieces:
+                        for sent in opening({field_name: piece}):
+                            yield sent
+                elif event[0] == "error":
+                    yield _sse(error_body(event[1], "server_error", None, "generation_failed"))
+                else:
+                    finish, message = event[1], {"role": "assistant", "content": "".join(parts)}
+                    if reader is not None:
+                        parsed, owed = reader.finish()
+                        for field_name, piece in owed:
+                            for sent in opening({field_name: piece}):
+                                yield sent
+                        for index, call in enumerate(parsed.tool_calls):
+                            out = call.openai()
+                            for sent in opening({"tool_calls": [{"index": index, "id": out["id"], "type": "function", "function": {
+                                    "name": out["function"]["name"], "arguments": ""}}]}):
+                                yield sent
+                            yield chunk({"tool_calls": [{"index": index,
+                                                         "function": {"arguments": out["function"]["arguments"]}}]})
+                        finish, message = plan.finish_reason(parsed, finish), _answer_message(parsed)
+                    if not opened:  # an empty answer
+                        for sent in opening({}):
+                            yield sent
+                    elif not content_sent and message.get("content") is not None:  # a trace, then no text and no call
+                        yield chunk({"content": message["content"]})
+                    # logged before the finish reason is sent: a client that saw the end can rate the answer
+                    logged = _logged_finish(finish, parsed if reader is not None else None)
+                    await self._log_chat(req, self._record("chat", cid, messages, message, logged, row, started, *who,
+                                                           tools=plan.tools))
+                    yield chunk({}, finish)
+        finally:
+            if not row.ended and req.store is not False:
+                # The client left mid-answer ("stop generating"): the id it was sent can still be
+                # rated, so what it was shown is logged (queued, not awaited: the request is gone).
+                shown = {"role": "assistant", "content": "".join(parts)}
+                self.store.log_later(self._record("chat", cid, messages, shown, STOPPED, row, started, *who,
+                                                  tools=plan.tools))
         if usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                         "system_fingerprint": f"v{row.version}", "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.answer_tokens,

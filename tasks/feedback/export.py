@@ -34,7 +34,7 @@ from typing import Any, Literal
 from tasks.data.checks import check_tools, example_digests, normalise_example
 from tasks.feedback.reader import FeedbackReader
 from tasks.feedback.redact import RedactAction, redact_examples
-from tasks.feedback.schema import MAX_RATING, MIN_RATING, FeedbackRow, Interaction, prompt_digest
+from tasks.feedback.schema import MAX_RATING, MIN_RATING, STOPPED, FeedbackRow, Interaction, prompt_digest
 from tasks.files import write_atomic
 
 AutoApprove = Literal["trusted", "all", "none"]
@@ -75,11 +75,13 @@ class FeedbackExport:
     rejected: int = 0  # feedback rows a person rejected: kept in the log, never exported
     superseded: int = 0  # admitted rows another row of the same completion outranks (a later rating, a correction)
     rated_low: int = 0  # uncorrected answers rated below min_rating: no example (the preference export's rows)
+    stopped: int = 0  # uncorrected answers the client stopped mid-stream: part of an answer, none to learn
 
 
 # The counts of FeedbackExport that say why feedback rows are not in an example (beside
 # `redacted["examples_dropped"]`): with `examples`, every feedback row of the log is in one.
-LEFT_OUT = ("held", "rejected", "superseded", "rated_low", "erased", "invalid_calls", "not_a_chat", "repeats", "capped")
+LEFT_OUT = ("held", "rejected", "superseded", "rated_low", "stopped", "erased", "invalid_calls", "not_a_chat", "repeats",
+            "capped")
 
 
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,
@@ -195,12 +197,12 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     """Training examples from the log's feedback under `policy`, and what was left out and why.
 
     Every feedback row is counted once: in an example written, or under the reason it was left
-    out (held, rejected, superseded, rated_low, erased, invalid_calls, not_a_chat, repeats,
+    out (held, rejected, superseded, rated_low, stopped, erased, invalid_calls, not_a_chat, repeats,
     capped, or dropped by redaction), so nothing leaves the loop without a count.
     """
     latest, held = latest_admitted(rated, policy.auto_approve)
     superseded = sum(row.admitted(policy.auto_approve) for _, row in rated) - len(latest)
-    examples, trusted, erased_count, not_a_chat, broken_calls, rated_low = [], {}, 0, 0, 0, 0
+    examples, trusted, erased_count, not_a_chat, broken_calls, rated_low, stopped = [], {}, 0, 0, 0, 0, 0
     for interaction, row in latest:
         if prompt_digest(interaction.messages) in erased:
             erased_count += 1
@@ -210,6 +212,9 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
             continue
         if row.correction is None and interaction.finish_reason == "invalid_tool_call":
             broken_calls += 1  # a call the service returned as text: no answer to learn
+            continue
+        if row.correction is None and interaction.finish_reason == STOPPED:
+            stopped += 1  # the client stopped it: a part of an answer, rated high or not, is none to learn
             continue
         made = training_examples([(interaction.messages, interaction.answer, row)], min_rating,
                                  interaction.tools, interaction.tool_calls, interaction.reasoning)
@@ -235,7 +240,7 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted,
                       "repeats": repeats, "invalid_calls": broken, "not_a_chat": not_a_chat,
                       "rejected": sum(row.review == "rejected" for _, row in rated), "superseded": superseded,
-                      "rated_low": rated_low}
+                      "rated_low": rated_low, "stopped": stopped}
 
 
 def _latest_of_each(examples: list[dict[str, Any]], trusted: dict[int, bool]) -> tuple[list[dict[str, Any]], int]:

@@ -31,7 +31,7 @@ from tasks.data.sources import prompt_key
 from tasks.feedback.export import cap_per_key, latest_admitted
 from tasks.feedback.reader import FeedbackReader
 from tasks.feedback.redact import RedactAction, redact_examples
-from tasks.feedback.schema import prompt_digest
+from tasks.feedback.schema import STOPPED, prompt_digest
 from tasks.feedback.store import default_db_path
 from tasks.files import file_md5, write_atomic
 
@@ -47,6 +47,7 @@ class Rated:
     tools: list[dict[str, Any]] | None = None
     key: str = ""  # the key that sent the rating, untrusted (approved) or "" for a trusted one
     broken_call: bool = False  # the answer is a call the service returned as text (finish `invalid_tool_call`)
+    stopped: bool = False  # the client stopped the streamed answer before its end (finish `client_stopped`)
 
 
 def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_approve: str = "trusted",
@@ -102,7 +103,7 @@ def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:
     # rating held for approval (an untrusted key's) must not hide a trusted one.
     latest, _ = latest_admitted(rated, auto_approve)
     return [Rated(i.messages, i.answer, row.rating, row.correction, i.tools, "" if row.trusted else row.key_name,
-                  i.finish_reason == "invalid_tool_call")
+                  i.finish_reason == "invalid_tool_call", i.finish_reason == STOPPED)
             for i, row in latest if prompt_digest(i.messages) not in erased]
 
 
@@ -133,14 +134,19 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_sha
     senders: list[set[str]] = []  # the untrusted keys behind each row
     when: list[int] = []  # each row's place in `rated` (oldest first); a pair's is its later rating's
     # Each rated completion counts once, under desirable, undesirable, middle, pairs_from_corrections,
-    # unchanged_corrections, not_a_chat or broken_calls; pairs_from_ratings are rows made of two of them.
+    # unchanged_corrections, not_a_chat, broken_calls or stopped; pairs_from_ratings are rows made of two of them.
     counts = {"desirable": 0, "undesirable": 0, "middle": 0, "pairs_from_corrections": 0, "pairs_from_ratings": 0,
-              "unchanged_corrections": 0, "not_a_chat": 0, "broken_calls": 0}
+              "unchanged_corrections": 0, "not_a_chat": 0, "broken_calls": 0, "stopped": 0}
     by_prompt: dict[bytes, list[tuple[list[dict], Rated, int]]] = defaultdict(list)
     for place, item in enumerate(rated):
         prompt = _prompt(item.messages)
         if prompt is None or not item.answer.strip():
             counts["not_a_chat"] += 1
+            continue
+        if item.stopped:
+            # Part of an answer: neither its rating nor its correction says which whole answer was
+            # better (a correction of it is still trained by the supervised export).
+            counts["stopped"] += 1
             continue
         if item.correction is not None:
             if item.correction.strip() != item.answer.strip():

@@ -37,6 +37,9 @@ MIN_RATING, MAX_RATING = 1, 5
 SCHEMA_VERSION = 6
 ANONYMOUS_KEY = "anonymous"  # the caller of a service without keys, and of rows from before version 2
 REVIEWS = ("pending", "approved", "rejected")
+# The finish reason logged for a streamed answer the client left before its end ("stop
+# generating"): rateable, since the client has its id, but not a whole answer to learn.
+STOPPED = "client_stopped"
 
 _TABLES_V1 = """
 CREATE TABLE IF NOT EXISTS interactions (

@@ -243,6 +243,7 @@ def _feedback_section(feedback: dict[str, Any] | None) -> str:
     redacted = feedback.get("redacted", {})
     parts = [cards([("examples", feedback.get("examples", 0)), ("held for approval", feedback.get("held", 0)), ("rejected", feedback.get("rejected", 0)),
                     ("superseded", feedback.get("superseded", 0)), ("rated low", feedback.get("rated_low", 0)),
+                    ("stopped by the client", feedback.get("stopped", 0)),
                     ("capped", feedback.get("capped", 0)), ("repeats merged", feedback.get("repeats", 0)),
                     ("invalid tools or calls", feedback.get("invalid_calls", 0)),
                     ("made no example", feedback.get("not_a_chat", 0)),
@@ -256,6 +257,7 @@ def _feedback_section(feedback: dict[str, Any] | None) -> str:
                             ("pairs", preference.get("pairs_from_corrections", 0) + preference.get("pairs_from_ratings", 0)),
                             ("middle ratings left out", preference.get("middle", 0)),
                             ("broken calls left out", preference.get("broken_calls", 0)),
+                            ("stopped answers left out", preference.get("stopped", 0)),
                             ("unchanged corrections", preference.get("unchanged_corrections", 0)),
                             ("no answer to learn", preference.get("not_a_chat", 0)),
                             ("preference rows capped", preference.get("capped", 0))]))

@@ -44,6 +44,7 @@ class ScriptedEngine:
     ids: list[int] = field(default_factory=list)
     completions: list = field(default_factory=list)
     scores: list[float] | None = None
+    ends: bool = True  # False: the text's deltas come, then nothing (a model still generating)
 
     async def score(self, key: str, context: list[int], continuations: list[list[int]]) -> list[float]:
         return self.scores if self.scores is not None else [0.0] * len(continuations)
@@ -60,7 +61,8 @@ class ScriptedEngine:
                 break
             tokens.add([row], [token])
         for _row, event in tokens.events:
-            completion.queue.put_nowait(event)
+            if self.ends or event[0] == "delta":
+                completion.queue.put_nowait(event)
 
     def cancel(self, completion) -> None:
         """Nothing is generating: the events are all queued at once."""
@@ -186,14 +188,16 @@ def _chat_route(tokenizer, engine, store: Any = None) -> Iterator[tuple[Any, Any
     from starlette.testclient import TestClient
 
     import serving.service
+    from serving.keys import RateLimiter
     from serving.model_manager import ServedModel
-    from tasks.config import ServingParams
+    from tasks.config import FeedbackParams, ServingParams
 
     service = object.__new__(serving.service.ChatService.inner)  # no registry, no engine process
     service.limits = ServingParams()
     service.model_name = "scripted"
     service.models = ScriptedModels(ServedModel("scripted", "1", "tests", "m1", tokenizer, 2048), engine)
     service.store = store if store is not None else LogNothing()
+    service.feedback_limit = RateLimiter(FeedbackParams().per_key_per_minute, 60.0)
     serving.service.app.dependency_overrides[serving.service._service] = lambda: service
     try:
         with TestClient(serving.service.app) as client:

@@ -88,3 +88,63 @@ def test_a_busy_log_delays_an_answer_only_so_long_and_the_row_is_written_after(c
     answer = scripted.post(messages=[ASK])
     assert time.perf_counter() - started < 0.45 and not store.written.is_set()
     assert store.has_interaction(answer["id"])  # waits for the write
+
+
+async def _leave_after(app, body: dict, chunks: int) -> list[dict]:
+    """Post a streamed request to the ASGI `app`, read `chunks` chunks, then leave, as a client's
+    "stop generating" closes the connection; the chunks read."""
+    import asyncio
+
+    read, left, asked = [], asyncio.Event(), False
+
+    async def receive() -> dict:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            read.extend(json.loads(line[6:]) for line in message.get("body", b"").decode().splitlines()
+                        if line.startswith("data: {"))
+            if len(read) >= chunks:
+                left.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"host", b"testserver")],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80), "root_path": ""}
+    await asyncio.wait_for(app(scope, receive, send), 30)
+    return read
+
+
+def test_a_stream_the_client_stops_is_logged_as_it_stood_and_can_be_rated(family_models, tmp_path):
+    """A thumbs-down after "stop generating" is the common case: the client has the id from the
+    first chunk, so the answer it saw is logged when it leaves (it was logged only at the end)."""
+    import asyncio
+
+    import serving.service
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    try:
+        with scripted_chat(family_models("qwen2.5"), store) as scripted:
+            text = "It is 12 degrees and rain in Oslo, and it will stay so all week."
+            scripted.writes(text)
+            scripted.engine.ends = False  # still generating when the client leaves
+            read = asyncio.run(_leave_after(serving.service.app, {"messages": [ASK], "max_tokens": 64,
+                                                                  "stream": True, "temperature": 0}, 4))
+            cid = read[0]["id"]
+            assert store.has_interaction(cid)
+            [(finish, answer)] = store._conn.execute(
+                "SELECT finish_reason, answer FROM interactions WHERE id = ?", (cid,)).fetchall()
+            assert finish == "client_stopped" and answer and text.startswith(answer)  # what it generated
+            rated = scripted.client.post("/feedback", json={"id": cid, "rating": 1})
+            assert rated.status_code == 200, rated.text
+            # store: false still means nothing is logged
+            read = asyncio.run(_leave_after(serving.service.app, {"messages": [ASK], "max_tokens": 64,
+                                                                  "stream": True, "store": False}, 4))
+            assert not store.has_interaction(read[0]["id"])
+    finally:
+        store.close()

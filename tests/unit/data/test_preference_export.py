@@ -93,6 +93,18 @@ def test_a_broken_call_rated_well_is_no_answer_to_learn_but_rated_down_it_is_one
     assert summary["pairs_from_ratings"] == 0 and [r.get("label") for r in rows] == [False]
 
 
+def test_an_answer_the_client_stopped_makes_no_preference_row(tmp_path):
+    """Part of an answer (logged `client_stopped`): neither its rating nor its correction says
+    which whole answer was better, and it pairs with no other answer of the prompt."""
+    log = Log(tmp_path / "f.db")
+    log.serve("Rewrite 2024-01-05?", "January", 5, finish="client_stopped")
+    log.serve("Rewrite 2024-01-05?", "05/01/2024", 1)
+    log.serve("Rewrite 2024-02-06?", "06/0", 1, correction="February 6, 2024", finish="client_stopped")
+    rows, summary = export(tmp_path, log)
+    assert [(r["completion"][0]["content"], r["label"]) for r in rows] == [("05/01/2024", False)]
+    assert (summary["stopped"], summary["pairs_from_ratings"], summary["pairs_from_corrections"]) == (2, 0, 0)
+
+
 def test_a_correction_pairs_with_the_answer_it_replaces(tmp_path):
     log = Log(tmp_path / "f.db")
     log.serve("Rewrite 2024-01-05?", "05/01/2024", 1, correction="January 5, 2024")

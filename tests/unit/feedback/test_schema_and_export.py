@@ -75,6 +75,20 @@ def test_a_rated_answer_keeps_its_trace_and_a_broken_call_is_not_trained_as_an_a
     assert validate_dataset(tmp_path / "out.jsonl").valid
 
 
+def test_an_answer_the_client_stopped_is_trained_only_through_its_correction(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.db")
+    for cid in ("c0", "c1"):
+        store.log_interaction(Interaction(cid, "chat", "m", "1", [{"role": "user", "content": f"Rewrite {cid}?"}],
+                                          "January", "client_stopped", 3, 2, 1.0))
+    store.add_feedback("c0", 5, key_name="app", trusted=True)
+    store.add_feedback("c1", 2, "January 5, 2024", key_name="app", trusted=True)
+    store.close()
+    export = export_feedback(tmp_path / "feedback.db", tmp_path / "out.jsonl", 4)
+    finals = [json.loads(line)["messages"][-1] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert finals == [{"role": "assistant", "content": "January 5, 2024"}]
+    assert (export.examples, export.stopped) == (1, 1)
+
+
 def test_a_log_of_a_newer_schema_is_refused_by_name(tmp_path):
     db = tmp_path / "feedback.db"
     FeedbackStore(db).close()
