@@ -49,7 +49,7 @@ def conversations(row: dict[str, Any]) -> list[list[dict[str, Any]]]:
     return [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
 
 
-def _problem(row: Any) -> tuple[str, str] | None:
+def row_problem(row: Any) -> tuple[str, str] | None:
     """(category, what is wrong) for a row that is no preference example, else None."""
     kind = _kind(row)
     if kind is None:
@@ -120,7 +120,7 @@ def prepare_preference(prefs: PreferenceParams, data: DataParams, tokenizer, hel
             row = json.loads(text)
         except json.JSONDecodeError:
             raise DataFileError(f"{path}: line {line}: not JSON; {prefs.path} holds one preference example per line") from None
-        problem = _problem(row)
+        problem = row_problem(row)
         if problem:
             invalid.append({"line": line, "category": problem[0]})
             refused.append((line, *problem))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import PreferenceParams
+from tasks.data.preference import row_problem
 from tasks.data.sources import prompt_key
 from tasks.feedback.export import cap_per_key, latest_admitted
 from tasks.feedback.reader import FeedbackReader
@@ -190,6 +191,11 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_sha
     if redaction is not None:
         redacted, counts["redacted"] = redact_preferences(rows, redaction)
         rows, senders = [r for r in redacted if r is not None], [k for r, k in zip(redacted, senders) if r is not None]
+    # A served conversation the preference file may not hold (two user turns in a row: the API
+    # takes it) is left out and counted: prepare would refuse the file for it in every run.
+    usable = [row_problem(r) is None for r in rows]
+    counts["invalid"] = usable.count(False)
+    rows, senders = [r for r, ok in zip(rows, usable) if ok], [k for k, ok in zip(senders, usable) if ok]
     rows, counts["capped"] = cap_per_key(rows, senders, max_key_share)
     return rows, counts
 

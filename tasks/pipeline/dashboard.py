@@ -258,6 +258,7 @@ def _feedback_section(feedback: dict[str, Any] | None) -> str:
                             ("middle ratings left out", preference.get("middle", 0)),
                             ("broken calls left out", preference.get("broken_calls", 0)),
                             ("stopped answers left out", preference.get("stopped", 0)),
+                            ("rows validation refuses", preference.get("invalid", 0)),
                             ("unchanged corrections", preference.get("unchanged_corrections", 0)),
                             ("no answer to learn", preference.get("not_a_chat", 0)),
                             ("preference rows capped", preference.get("capped", 0))]))

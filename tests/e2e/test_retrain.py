@@ -238,9 +238,18 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
 
     held = next(r for r in rows if split(r, False) == "train" and split(r, True) == "feedback")
     trained = next(r for r in rows if split(r, True) == "train")
-    others = [r for r in rows if r is not held and r is not trained][:48]  # 50 corrections: monitor.min_new_corrections
+    others = [r for r in rows if r is not held and r is not trained][:44]
+    # Served conversations the settings cannot train: two user turns in a row, and prompts over
+    # data.max_tokens (3 of the export's 50, past data.max_drop_fraction of it). Left out and
+    # counted, they must not fail the run and keep every later run from the feedback.
+    question = others[0]["messages"][-2]["content"]
+    untrainable = [{"messages": [{"role": "user", "content": "Hello."}, {"role": "user", "content": question},
+                                 {"role": "assistant", "content": "A date."}]},
+                   *[{"messages": [{"role": "user", "content": f"{n} " + "Please rewrite this date for me. " * 20
+                                    + question}, {"role": "assistant", "content": "A date."}]} for n in range(3)]]
+    # 50 corrections: monitor.min_new_corrections
     fixes = [(held, "Held-out correction."), (trained, "Trained correction."),
-             *[(r, r["messages"][-1]["content"]) for r in others]]
+             *[(r, r["messages"][-1]["content"]) for r in others + untrainable]]
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     # The first run's bento, by tag: the session's BentoML store also holds other modules' bentos.
@@ -322,6 +331,10 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
     [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("retrain").experiment_id],
                                        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run}'")
     assert md5 in run.data.tags["data_sources"] and run.data.tags["feedback_id"] == "50"
+    feedback_source = next(s for s in json.loads(run.data.tags["data_sources"]) if s["md5"] == md5)
+    assert feedback_source["invalid_dropped"] == 1  # the two user turns; the long prompts, by data.length_policy
+    assert not [r for rs in split_rows.values() for r in rs if r["messages"][-2]["content"].endswith(question)
+                and r["messages"][-1]["content"] == "A date."]
     assert json.loads(run.data.tags["feedback.keys"]) == {"app": 50} and run.data.tags["feedback.end_users"] == "5"
     assert "'feedback': True" in run.data.params["data.sources"]  # the run's settings record the source it read
     assert f"'md5': '{md5}'" in run.data.params["data.sources"]  # as the stages read them: with each file's md5

@@ -105,6 +105,20 @@ def test_an_answer_the_client_stopped_makes_no_preference_row(tmp_path):
     assert (summary["stopped"], summary["pairs_from_ratings"], summary["pairs_from_corrections"]) == (2, 0, 0)
 
 
+def test_a_served_conversation_the_preference_file_may_not_hold_is_left_out_and_counted(tmp_path):
+    """The API takes two user turns in a row, the preference file does not: written, the row
+    would make prepare refuse the file, and every run with it."""
+    log = Log(tmp_path / "f.db")
+    cid = log.serve("Rewrite 2024-01-05?", "05/01/2024", 1, correction="January 5, 2024")
+    log.store._conn.execute("UPDATE interactions SET messages = ? WHERE id = ?", (json.dumps(
+        [{"role": "user", "content": "Hello."}, {"role": "user", "content": "Rewrite 2024-01-05?"}]), cid))
+    log.store._conn.commit()
+    log.serve("Rewrite 2024-02-06?", "06/02/2024", 1, correction="February 6, 2024")
+    rows, summary = export(tmp_path, log)
+    assert [r["prompt"][-1]["content"] for r in rows] == ["Rewrite 2024-02-06?"]
+    assert (summary["invalid"], summary["pairs_from_corrections"]) == (1, 2)
+
+
 def test_a_correction_pairs_with_the_answer_it_replaces(tmp_path):
     log = Log(tmp_path / "f.db")
     log.serve("Rewrite 2024-01-05?", "05/01/2024", 1, correction="January 5, 2024")
