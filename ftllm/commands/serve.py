@@ -102,6 +102,8 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
         UsageError: the port is out of range, or `params` is not a file.
         ConfigError: the settings, with their overrides, do not validate; or FTLLM_API_KEYS,
             FTLLM_API_KEYS_FILE or FTLLM_API_KEY cannot be used.
+        DataFileError: the feedback log (FTLLM_FEEDBACK_DB, else feedback.db) cannot be opened
+            or written, or is not a feedback log.
     """
     root = apply_defaults()
     if not 0 < port < 65536:
@@ -113,6 +115,9 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
     from serving.keys import load_keyring
 
     keys = load_keyring()  # a bad key setting is a usage error here, before the server starts
+    from tasks.feedback import FeedbackStore, default_db_path
+
+    FeedbackStore(default_db_path(root)).close()  # so is a log it could not write: opened (made) here first
     if host not in ("127.0.0.1", "localhost", "::1") and keys is None:
         print(f"warning: binding {host} without FTLLM_API_KEYS or FTLLM_API_KEY: anyone who reaches this port can "
               "use and teach the model", file=sys.stderr)

@@ -98,9 +98,13 @@ class FeedbackStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        except (OSError, sqlite3.OperationalError) as exc:  # a folder that cannot be made, a file that cannot be opened
+            raise DataFileError(f"{self.path}: cannot open the feedback log ({exc}); point FTLLM_FEEDBACK_DB at a "
+                                "file in a folder this process can write") from None
         try:
             _use_wal(self._conn)
             # FULL: a commit is on disk before it returns. Feedback is answered `"stored": true` and a
@@ -112,8 +116,9 @@ class FeedbackStore:
             migrate(self._conn, self.path)
         except sqlite3.OperationalError as exc:
             self._conn.close()
-            if not _busy(exc):
-                raise
+            if not _busy(exc):  # a read-only file or folder, a full disk
+                raise DataFileError(f"{self.path}: cannot write the feedback log ({exc}); point FTLLM_FEEDBACK_DB at "
+                                    "a file this process can write") from None
             raise DataFileError(f"{self.path}: another process kept the feedback log locked ({exc}) past the "
                                 "connection's 30 s wait; try again once it is done") from None
         except sqlite3.DatabaseError as exc:  # another file where the log should be: named, not a traceback

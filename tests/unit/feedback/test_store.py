@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -317,3 +318,17 @@ def test_a_bad_row_in_a_large_batch_costs_a_few_commits(tmp_path, monkeypatch):
     assert [f.result(30) for f in batch].count(False) == 1 and first.result(30)
     assert len(held.batches) < 20 and store.count("interactions") == 128
     store.close()
+
+
+@pytest.mark.parametrize("where", ["under a file", "a folder", "/proc"])
+def test_a_log_that_cannot_be_opened_is_an_error_naming_it(tmp_path, where):
+    """The service refuses to start with the path named, not an sqlite traceback: nothing is
+    answered `"stored": true` that could not be stored (paths no user, root included, can use)."""
+    from tasks.errors import DataFileError
+
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    path = {"under a file": tmp_path / "a-file" / "feedback.db", "a folder": tmp_path / "a-folder",
+            "/proc": Path("/proc/ftllm-feedback.db")}[where]
+    with pytest.raises(DataFileError, match=f"{path}: cannot open the feedback log"):
+        FeedbackStore(path)

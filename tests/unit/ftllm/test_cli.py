@@ -211,3 +211,19 @@ def test_serve_takes_the_settings_file_it_is_given(params, monkeypatch, tmp_path
     assert result.exit_code == 0, result.output
     assert "ftllm_chat:tools-task-v1" in started["cmd"] and started["env"]["FTLLM_PARAMS"] == str(tools.resolve())
     assert "FTLLM_PARAMS" not in os.environ
+
+
+def test_serve_refuses_a_feedback_log_it_could_not_write_before_the_server_starts(params, monkeypatch, tmp_path):
+    """Else the server starts, and its worker dies on the log with a traceback, or answers
+    feedback it cannot store."""
+    import ftllm.commands.serve as serve
+
+    monkeypatch.setattr(serve.subprocess, "Popen", lambda *a, **k: pytest.fail("the server was started"))
+    monkeypatch.setattr(serve, "latest_bento", lambda name: f"ftllm_chat:{name}-v1")
+    monkeypatch.chdir(params.parent)
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(tmp_path / "a-file" / "feedback.db"))
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'a-file' / 'feedback.db'}: cannot open the feedback log" in result.stderr
+    assert "Traceback" not in result.stderr
