@@ -14,6 +14,7 @@ trained adapter finds the same base rows on every machine that loads it.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ from tasks.config import ModelParams, Params
 from tasks.environment import environment
 from tasks.errors import ConfigError
 from tasks.model.tiny import CHAT_TEMPLATE as CHATML_TEMPLATE
+
+# peft reads transformers' deprecated `is_gradient_checkpointing` every time it wraps a model,
+# which printed a FutureWarning no user can act on at every load of every run and service.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 PAD_TOKEN = "<|pad|>"
