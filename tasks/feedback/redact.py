@@ -82,7 +82,8 @@ _BEARER = re.compile(r"\bBearer\s+([A-Za-z0-9._~+/=-]{12,})")
 # `password: hunter2`, `api_key="..."`, `token=...`, `DB_PASSWORD=...`: the value is a secret whatever it looks like.
 _ASSIGNED = re.compile(
     # The name may end an environment variable's: DB_PASSWORD=..., OPENAI_API_KEY=...
-    r"(?i)(?<![a-z0-9])(?:[a-z0-9]+_)*(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|client[_-]?secret|token|"
+    # It starts where a name does (not after each of its underscores: quadratic on `a_a_a_...`).
+    r"(?i)(?<![a-z0-9_])(?:[a-z0-9]+_)*(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|client[_-]?secret|token|"
     r"auth[_-]?token|password|passwd|pwd)\b[\"']?\s*[:=]\s*[\"']?([^\s\"',;]{6,})"
 )
 _TOKEN = re.compile(r"(?<![A-Za-z0-9_+/-])[A-Za-z0-9_+/-]{24,}={0,2}(?![A-Za-z0-9_+/=-])")
@@ -326,11 +327,14 @@ def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
 
 def _redact_named(key: str, text: str) -> tuple[str, Counter[str]]:
     """An argument's value redacted with its name as context: `phone: 4155550134` is a phone
-    number where the digits alone are not, `password: hunter22` a secret."""
-    prefix = f"{key}: "
-    masked, found = redact_text(prefix + text)
-    if masked.startswith(prefix):
-        return masked[len(prefix):], found
+    number where the digits alone are not, `password: hunter22` a secret. The name is tried as
+    it is (`api_key: ...`), then as words (`phone_number`, `phoneNumber`: `phone number: ...`)."""
+    words = re.sub(r"(?<=[a-z])(?=[A-Z])|[_-]+", " ", key).lower()
+    for name in dict.fromkeys((key, words)):
+        prefix = f"{name}: "
+        masked, found = redact_text(prefix + text)
+        if found and masked.startswith(prefix):
+            return masked[len(prefix):], found
     return redact_text(text)
 
 

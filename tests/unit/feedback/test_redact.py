@@ -123,7 +123,8 @@ def test_numbers_in_call_arguments_and_values_named_by_their_keys_are_redacted()
     import json
 
     arguments = {"card": 4111111111111111, "phone": 14155550134, "mobile": "07700900123", "password": "hunter22",
-                 "contact": {"tel": 4155550134}, "city": "Oslo", "amount": 444, "express": True, "n": 3}
+                 "contact": {"tel": 4155550134, "phone_number": "4155550135", "mobileNumber": 4155550136},
+                 "api_key": "abcdefghij", "city": "Oslo", "amount": 444, "express": True, "n": 3}
     call = {"id": "call_1", "type": "function", "function": {"name": "charge", "arguments": json.dumps(arguments)}}
     example = {"messages": [{"role": "user", "content": "Charge my card."},
                             {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -132,8 +133,9 @@ def test_numbers_in_call_arguments_and_values_named_by_their_keys_are_redacted()
     result = redact_example(example)
     masked = json.loads(result.example["messages"][1]["tool_calls"][0]["function"]["arguments"])
     assert masked == {"card": "[CARD]", "phone": "[PHONE]", "mobile": "[PHONE]", "password": "[SECRET]",
-                      "contact": {"tel": "[PHONE]"}, "city": "Oslo", "amount": 444, "express": True, "n": 3}
-    assert result.found == {"card": 1, "phone": 3, "secret": 1}
+                      "contact": {"tel": "[PHONE]", "phone_number": "[PHONE]", "mobileNumber": "[PHONE]"},
+                      "api_key": "[SECRET]", "city": "Oslo", "amount": 444, "express": True, "n": 3}
+    assert result.found == {"card": 1, "phone": 5, "secret": 2}
 
 
 @pytest.mark.parametrize(("text", "masked"), [
@@ -143,6 +145,7 @@ def test_numbers_in_call_arguments_and_values_named_by_their_keys_are_redacted()
     ("ann\uff20example.com", "[EMAIL]"),  # the full-width at sign
     ("ann\u200b@example.com", "[EMAIL]"),  # a zero-width space before it
     ("token_count: 123456", "token_count: 123456"),  # no secret's name
+    ("a_" * 32768, "a_" * 32768),  # the name's prefix is read once, not from every underscore (quadratic: 45 s)
 ])
 def test_secrets_named_in_variables_and_addresses_written_to_slip_past_are_masked(text, masked):
     assert redact_text(text)[0] == masked
