@@ -135,7 +135,7 @@ def apply_length_policy(
             continue
         kept.append((line, example))
         tokens.append(count)
-    return kept, tokens, {"dropped": len(dropped_lines), "truncated": truncated, "dropped_lines": dropped_lines[:100]}
+    return kept, tokens, {"dropped": len(dropped_lines), "truncated": truncated, "dropped_lines": dropped_lines}
 
 
 def assign_split(key: bytes, val_fraction: float, test_fraction: float, feedback_fraction: float = 0.0,
@@ -234,11 +234,14 @@ def prepare_dataset(path: Path | None, out_dir: Path, params: Params, tokenizer=
     # The length policy sees each merged row by its index, so that kept rows map back to their source.
     indexed = [(i, row.example) for i, row in enumerate(merged)]
     kept, counts, length = apply_length_policy(indexed, tokenizer, data, where, [row.count for row in merged])
-    length["dropped_lines"] = [merged[i].line for i in length["dropped_lines"]]
-    share = length["dropped"] / read if read else 0.0
+    # A source that drops invalid rows (a feedback source, by default) had its over-long rows
+    # counted against its own max_invalid_share by validation; the share here is of the others'.
+    strict = [i for i in length["dropped_lines"] if sources[merged[i].source].invalid_rows == "fail"]
+    length["dropped_lines"] = [merged[i].line for i in length["dropped_lines"][:100]]
+    share = len(strict) / read if read else 0.0
     if share > data.max_drop_fraction:
         raise PrepareError(
-            f"{where}: {length['dropped']} of {read} examples ({share:.1%}) are over data.max_tokens "
+            f"{where}: {len(strict)} of {read} examples ({share:.1%}) are over data.max_tokens "
             f"{data.max_tokens} and would be dropped, more than data.max_drop_fraction {data.max_drop_fraction}; "
             "raise data.max_tokens, set data.length_policy=truncate, or shorten the examples"
         )

@@ -263,9 +263,9 @@ def accept_report(label: str, source: SourceParams, report: dict[str, Any]) -> b
     invalid = [r for r in report["error_rows"]
                if r["category"] in STRUCTURAL or r["category"] in UNTRAINABLE or r["category"] == "over_token_limit"]
     first = invalid[0] if invalid else {"line": 0, "category": "", "message": ""}
-    # Over-long rows are an error only past data.max_drop_fraction of the source; a row both
-    # untrainable and over-long counts twice here (a stricter share, never a looser one).
-    count = min(rows, report["unusable_examples"] + report["errors"].get("over_token_limit", 0))
+    # Over-long rows are an error only past data.max_drop_fraction of the source, and then the
+    # ones the length policy drops are invalid (under truncate, those it cannot cut).
+    count = min(rows, report["unusable_examples"] + (report["dropped"] if "over_token_limit" in report["errors"] else 0))
     check_invalid_rows(label, source, Path(report["path"]), rows,
                        [(first["line"], first["category"], first["message"])] * count)
     return True

@@ -266,3 +266,33 @@ def test_rows_over_the_token_limit_are_invalid_rows_of_a_source_that_drops(tmp_p
     assert not accept_report("data.sources[1]", SourceParams(path=str(data)), report)
     with pytest.raises(InvalidRowsError, match=r"3 of 10 rows \(30.00%\) are invalid.*over_token_limit"):
         accept_report("data.sources[1]", SourceParams(feedback=True, max_invalid_share=0.2), report)
+
+
+def test_a_feedback_sources_long_rows_are_left_out_by_prepare_too(tmp_path, tok):
+    """Validation accepts them as the source's invalid rows: prepare's share of over-long rows
+    is then of the other sources, or the run failed there instead (10 of 120 > 0.05)."""
+    data = write(tmp_path / "a.jsonl", [example(i) for i in range(100)])
+    longs = [{"messages": [{"role": "user", "content": f"{n}: " + "Rewrite this date for me, please. " * 40},
+                           {"role": "assistant", "content": "A date."}], "correction": True} for n in range(10)]
+    feedback = write(tmp_path / "feedback.jsonl", [example(200 + i, correction=True) for i in range(10)] + longs)
+    sources = [{"path": str(data)}, {"path": str(feedback), "feedback": True}]
+    stats = prepare_dataset(None, tmp_path / "o", params(sources, max_tokens=64), tok)
+    assert stats["examples"] == 110 and stats["dropped"] == 10
+    with pytest.raises(PrepareError, match=r"10 of 120 examples \(8.3%\) are over data.max_tokens"):
+        prepare_dataset(None, tmp_path / "o2", params([{"path": str(data)}, {"path": str(feedback)}],
+                                                      max_tokens=64), tok)
+
+
+def test_under_truncate_only_the_rows_that_cannot_be_cut_are_invalid(tmp_path, tok):
+    from tasks.data.sources import accept_report
+    from tasks.data.validate import validate_dataset
+
+    cut = [{"messages": [{"role": "user", "content": f"{n}: Rewrite it."},
+                         {"role": "assistant", "content": "A date, " * 40}]} for n in range(3)]
+    uncut = [{"messages": [{"role": "user", "content": "Rewrite this date for me, please. " * 40},
+                           {"role": "assistant", "content": "A date."}]}]
+    data = write(tmp_path / "feedback.jsonl", [example(i) for i in range(6)] + cut + uncut)
+    report = validate_dataset(data, DataParams(max_tokens=64, length_policy="truncate"), tokenizer=tok).to_dict()
+    assert (report["dropped"], report["truncated"]) == (1, 3) and "over_token_limit" in report["errors"]
+    with pytest.raises(InvalidRowsError, match=r"1 of 10 rows \(10.00%\) are invalid"):
+        accept_report("data.sources[1]", SourceParams(feedback=True, max_invalid_share=0.05), report)
