@@ -620,6 +620,7 @@ class ChatService:
         if reader is not None and plan.opening:
             reader.feed(plan.opening)  # call text: held back until the call is complete
         parts, opened, content_sent = [], False, False
+        settled = False  # the answer was logged, or generation failed: nothing for the client to rate
 
         def opening(delta: dict) -> list[str]:
             """The chunks of a delta, the role's first where none was sent: `content: ""` before
@@ -647,11 +648,19 @@ class ChatService:
                         for sent in opening({field_name: piece}):
                             yield sent
                 elif event[0] == "error":
+                    settled = True
                     yield _sse(error_body(event[1], "server_error", None, "generation_failed"))
                 else:
-                    finish, message = event[1], {"role": "assistant", "content": "".join(parts)}
+                    finish, message, parsed, owed = event[1], {"role": "assistant", "content": "".join(parts)}, None, []
                     if reader is not None:
                         parsed, owed = reader.finish()
+                        finish, message = plan.finish_reason(parsed, finish), _answer_message(parsed)
+                    # Logged before the rest is sent: a client that has the id can rate the answer,
+                    # even one that leaves before the calls or the finish reason arrive.
+                    settled = True
+                    await self._log_chat(req, self._record("chat", cid, messages, message, _logged_finish(finish, parsed),
+                                                           row, started, *who, tools=plan.tools))
+                    if reader is not None:
                         for field_name, piece in owed:
                             for sent in opening({field_name: piece}):
                                 yield sent
@@ -662,24 +671,21 @@ class ChatService:
                                 yield sent
                             yield chunk({"tool_calls": [{"index": index,
                                                          "function": {"arguments": out["function"]["arguments"]}}]})
-                        finish, message = plan.finish_reason(parsed, finish), _answer_message(parsed)
                     if not opened:  # an empty answer
                         for sent in opening({}):
                             yield sent
                     elif not content_sent and message.get("content") is not None:  # a trace, then no text and no call
                         yield chunk({"content": message["content"]})
-                    # logged before the finish reason is sent: a client that saw the end can rate the answer
-                    logged = _logged_finish(finish, parsed if reader is not None else None)
-                    await self._log_chat(req, self._record("chat", cid, messages, message, logged, row, started, *who,
-                                                           tools=plan.tools))
                     yield chunk({}, finish)
         finally:
-            if not row.ended and req.store is not False:
+            if not settled and req.store is not False:
                 # The client left mid-answer ("stop generating"): the id it was sent can still be
-                # rated, so what it was shown is logged (queued, not awaited: the request is gone).
-                shown = {"role": "assistant", "content": "".join(parts)}
-                self.store.log_later(self._record("chat", cid, messages, shown, STOPPED, row, started, *who,
-                                                  tools=plan.tools))
+                # rated, so the text generated so far is logged (queued, not awaited: the request is
+                # gone), with the tokens it took.
+                text = "".join(parts)
+                row.completion_tokens = len(plan.tokenizer.encode(text, add_special_tokens=False)) if text else 0
+                self.store.log_later(self._record("chat", cid, messages, {"role": "assistant", "content": text},
+                                                  STOPPED, row, started, *who, tools=plan.tools))
         if usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                         "system_fingerprint": f"v{row.version}", "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.answer_tokens,

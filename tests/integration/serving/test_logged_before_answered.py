@@ -148,3 +148,41 @@ def test_a_stream_the_client_stops_is_logged_as_it_stood_and_can_be_rated(family
             assert not store.has_interaction(read[0]["id"])
     finally:
         store.close()
+
+
+def test_a_stream_whose_generation_fails_logs_nothing_to_rate(family_models, tmp_path):
+    """An engine that cannot take the row sends an error event, not an answer: nothing was
+    shown, so nothing is logged as a stopped answer."""
+    from serving.engine_process import EngineError
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    try:
+        with scripted_chat(family_models("qwen2.5"), store) as scripted:
+            async def refuse(completion) -> None:
+                raise EngineError("the engine process is not running")
+
+            scripted.engine.submit = refuse
+            chunks = scripted.client.post("/v1/chat/completions", json={"messages": [ASK], "max_tokens": 8,
+                                                                        "stream": True}).text
+            assert "generation_failed" in chunks
+            assert store.count("interactions") == 0
+    finally:
+        store.close()
+
+
+def test_a_stopped_answers_token_count_is_what_it_generated(family_models, tmp_path):
+    import asyncio
+
+    import serving.service
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    try:
+        with scripted_chat(family_models("qwen2.5"), store) as scripted:
+            scripted.writes("It is 12 degrees and rain in Oslo.")
+            scripted.engine.ends = False
+            read = asyncio.run(_leave_after(serving.service.app, {"messages": [ASK], "stream": True}, 3))
+            assert store.has_interaction(read[0]["id"])
+            [(answer, tokens)] = store._conn.execute("SELECT answer, completion_tokens FROM interactions").fetchall()
+            assert tokens == len(scripted.engine.tokenizer.encode(answer, add_special_tokens=False)) > 0
+    finally:
+        store.close()
