@@ -316,7 +316,7 @@ def feedback_approve(
     all_: Annotated[bool, typer.Option("--all", help="Approve every held row.")] = False,
     key: Annotated[Optional[list[str]], typer.Option("--key", help="Approve this key's held rows (repeatable).")] = None,
     reject: Annotated[bool, typer.Option("--reject", help="Reject every undecided row of the --key keys instead, held or "
-                                                          "admitted because the key was trusted (never trained).")] = False,
+                                                          "admitted because the key was trusted (left out of later runs).")] = False,
     reviewer: Annotated[str, typer.Option("--reviewer", help="Recorded with the decision.")] = "cli",
 ) -> int:
     """Approve (or reject) held feedback, for runs without the Prefect UI."""

@@ -490,6 +490,10 @@ class ChatService:
         if wanted is not None and wanted <= opened:
             raise APIError(400, f"{wanted_field}={wanted} leaves no room for the call tool_choice forces: its opening "
                                 f"alone is {opened} tokens of the answer.", param=wanted_field, code="invalid_value")
+        if wanted is None and self.limits.max_tokens <= opened:
+            raise APIError(400, f"serving.max_tokens={self.limits.max_tokens} leaves no room for the call tool_choice "
+                                f"forces: its opening alone is {opened} tokens of the answer.", param="tool_choice",
+                           code="invalid_value")
         n_prompt = len(prompt_ids)
         room = loaded.context_length - n_prompt
         max_new = wanted - opened if wanted is not None else min(self.limits.max_tokens - opened, room)
@@ -497,7 +501,7 @@ class ChatService:
             raise APIError(400, f"The prompt has {n_prompt - opened} tokens; with max_tokens={max(max_new, 1) + opened} "
                                 f"it exceeds the model's context of {loaded.context_length}.", param="messages",
                            code="context_length_exceeded")
-        row = self._completion(loaded, plan.prompt + plan.opening, prompt_ids, max(max_new, 1),
+        row = self._completion(loaded, plan.prompt + plan.opening, prompt_ids, max_new,
                                0.0 if greedy else req.temperature, req.top_p, req.stops(), req.stream, req.seed)
         row.opening_tokens = opened
         return req, messages, row, plan

@@ -96,7 +96,7 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
             raise UsageError("--reject takes --key NAME: reject named keys' feedback, never all of it at once")
         db = _db(root)
         if reject:
-            print(reject_keys(db, keys, reviewer))
+            print(reject_keys(db, keys, reviewer, _settings(root).auto_approve))
             return
         batch = held_batch(db, _settings(root).auto_approve)
         unknown = sorted(set(keys) - set(batch.keys))
@@ -106,10 +106,12 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
     return run_entry(approve)
 
 
-def reject_keys(db: Path, keys: list[str], reviewer: str) -> dict[str, int]:
+def reject_keys(db: Path, keys: list[str], reviewer: str, auto_approve: str) -> dict[str, int]:
     """Reject every undecided row of `keys`: held, and admitted without review because the key
-    was trusted when it posted (a key found compromised, or made untrusted, later)."""
+    was trusted when it posted (a key found compromised, or made untrusted, later). "held" in
+    the answer is what stays held of other keys."""
     from tasks.feedback import FeedbackStore
+    from tasks.feedback.review import held_batch
 
     store = FeedbackStore(db)
     try:
@@ -121,7 +123,7 @@ def reject_keys(db: Path, keys: list[str], reviewer: str) -> dict[str, int]:
         rejected = store.review("rejected", reviewer, keys=keys)
     finally:
         store.close()
-    return {"approved": 0, "rejected": rejected, "held": 0}
+    return {"approved": 0, "rejected": rejected, "held": len(held_batch(db, auto_approve).rows)}
 
 
 def forget_command(user: str | None, key: str | None, before: str | None, expired: bool) -> int:

@@ -353,7 +353,7 @@ def held_the_task(model, tokenizer, params: Params, data_dir: Path, summary: Pre
                      for c in failed)
     reason = ("tuned" if not failed else
               f"tuned, and left out: against the supervised model on the val split it fails {said}: worse by "
-              f"more than gate.max_regression {params.gate.max_regression} and significantly so (exact match "
+              f"more than gate.max_regression {params.gate.max_regression} (and significantly so, where paired) (exact match "
               f"{ems[0]:.3f} against {ems[1]:.3f}); the supervised model is the candidate")
     log(f"preference tuning: val exact match {ems[0]:.3f} (supervised {ems[1]:.3f}): "
         + ("kept" if not failed else f"left out ({', '.join(c.name for c in failed)}), the supervised model is the candidate"))

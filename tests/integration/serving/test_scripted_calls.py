@@ -230,3 +230,17 @@ def test_arguments_nested_deeper_than_the_checks_recursed_are_checked_not_a_500(
         answer = chat.post(messages=MESSAGES, tools=TOOLS, max_tokens=1300)
         chunks = chat.stream(messages=MESSAGES, tools=TOOLS, max_tokens=1300)
         assert answer["choices"][0]["finish_reason"] == chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_forced_opening_past_the_services_max_tokens_is_refused_not_run_past_it(family_models):
+    """Without max_tokens the service's cap is the answer's: a forced opening that fills it would
+    have the answer run past serving.max_tokens."""
+    from tasks.config import ServingParams
+
+    with scripted_chat(family_models("qwen2.5")) as chat:
+        chat.service.limits = ServingParams(max_tokens=4)
+        resp = chat.client.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS,
+                                                               "tool_choice": NAMED})
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == "tool_choice" and "serving.max_tokens=4" in error["message"]

@@ -421,7 +421,7 @@ def test_rejecting_a_key_stops_its_trusted_rows_too(db, tmp_path, monkeypatch, c
     monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
     assert [r["messages"][-1]["content"] for r in _export(db, tmp_path)[0]] == ["ops fix"]
     assert approve_command(False, ["ops", "bot"], True, "cli") == 0
-    assert "'rejected': 4" in capsys.readouterr().out
+    assert "{'approved': 0, 'rejected': 4, 'held': 2}" in capsys.readouterr().out  # web's stay held
     rows, exported = _export(db, tmp_path, auto_approve="all")  # not even "approve everything" takes them back
     assert [r["messages"][-1]["content"] for r in rows] == ["web fix 1", "web fix 2"] and exported.rejected == 4
     assert approve_command(False, ["ops"], True, "cli") == 2  # nothing undecided is left: said, not silent

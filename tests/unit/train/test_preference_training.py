@@ -219,7 +219,7 @@ def test_tuning_that_costs_the_task_leaves_the_supervised_model_the_candidate(sf
     expected = tmp_path / "preference" / "model" if kept else model_dir
     assert candidate_dir(model_dir, tmp_path / "preference") == expected
     if not kept:
-        assert "worse by more than gate.max_regression 0.04 and significantly so" in summary.reason
+        assert "worse by more than gate.max_regression 0.04 (and significantly so, where paired)" in summary.reason
 
 
 def test_without_a_val_split_the_tuned_model_is_kept_unchecked(sft, tmp_path):
