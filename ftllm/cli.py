@@ -318,12 +318,15 @@ def feedback_approve(
     reject: Annotated[bool, typer.Option("--reject", help="Reject every undecided row of the --key keys instead, held or "
                                                           "admitted because the key was trusted (left out of later runs).")] = False,
     reviewer: Annotated[str, typer.Option("--reviewer", help="Recorded with the decision.")] = "cli",
+    up_to: Annotated[Optional[int], typer.Option("--up-to", help="Approve only rows with an id up to this (the 'ids "
+                                                                   "up to' that `ftllm feedback pending` showed); "
+                                                                   "rows posted since stay held.")] = None,
 ) -> int:
     """Approve (or reject) held feedback, for runs without the Prefect UI."""
     apply_defaults()
     from ftllm.commands.feedback import approve_command
 
-    return approve_command(all_, key or [], reject, reviewer)
+    return approve_command(all_, key or [], reject, reviewer, up_to)
 
 
 @feedback_app.command("forget")

@@ -84,11 +84,12 @@ def pending_command() -> int:
     return run_entry(pending)
 
 
-def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: str) -> int:
-    """Approve (or with `reject`, reject) the held feedback of `keys`, or all of it."""
+def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: str, up_to: int | None = None) -> int:
+    """Approve (or with `reject`, reject) the held feedback of `keys`, or all of it; with `up_to`,
+    only rows with an id up to it (the batch `ftllm feedback pending` showed)."""
     def approve() -> None:
         root = apply_defaults()
-        from tasks.feedback.review import Decision, apply_decision, held_batch
+        from tasks.feedback.review import Decision, HeldBatch, apply_decision, held_batch
 
         if approve_all == bool(keys):
             raise UsageError("give --all or one or more --key NAME (not both)")
@@ -99,6 +100,8 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
             print(reject_keys(db, keys, reviewer, _settings(root).auto_approve))
             return
         batch = held_batch(db, _settings(root).auto_approve)
+        if up_to is not None:  # what a person saw: rows posted since stay held
+            batch = HeldBatch([(i, r) for i, r in batch.rows if r.id <= up_to], min(up_to, batch.up_to_id))
         unknown = sorted(set(keys) - set(batch.keys))
         if unknown:
             raise UsageError(f"--key {', '.join(unknown)}: no held feedback from that key; held keys: {batch.keys}")
