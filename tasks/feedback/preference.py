@@ -224,7 +224,8 @@ def redact_preferences(rows: list[dict[str, Any]],
         finding), and the findings per category, with `examples_changed` and `examples_dropped`.
     """
     # Each row's lists as one example whose messages remember their field, so one call redacts the row.
-    flat = [{"messages": [{**m, "field": f} for f in _MESSAGE_FIELDS for m in row.get(f) or []]} for row in rows]
+    flat = [{"messages": [{**m, "field": f} for f in _MESSAGE_FIELDS for m in row.get(f) or []],
+             **({"tools": row["tools"]} if "tools" in row else {})} for row in rows]
     kept_rows: list[dict[str, Any] | None] = []
     for row, example in zip(rows, flat):
         redacted, _ = redact_examples([example], action)
@@ -233,5 +234,6 @@ def redact_preferences(rows: list[dict[str, Any]],
             continue
         messages = redacted[0]["messages"]
         kept_rows.append({**row, **{f: [{k: v for k, v in m.items() if k != "field"} for m in messages if m["field"] == f]
-                                    for f in _MESSAGE_FIELDS if f in row}})
+                                    for f in _MESSAGE_FIELDS if f in row},
+                          **({"tools": redacted[0]["tools"]} if "tools" in row else {})})
     return kept_rows, redact_examples(flat, action)[1]

@@ -262,7 +262,8 @@ def redact_example(example: dict[str, Any], action: RedactAction = "mask") -> Re
     call stays a valid call), every string a message holds but its role, ids and function names
     (a user's or assistant's `name` says who speaks, and is redacted).
 
-    The tools the request declared are the application's, not the user's, and stay as they are.
+    The tools the request declared keep their names and schemas; their descriptions are
+    redacted (any client of the service declares tools, and may write a person's address there).
 
     Args:
         example: the example; not modified.
@@ -279,9 +280,29 @@ def redact_example(example: dict[str, Any], action: RedactAction = "mask") -> Re
             counts += named
         found += counts
         messages.append(redacted)
+    tools, counts = _redact_descriptions(example.get("tools"))
+    found += counts
     if found and action == "drop":
         return Redacted(None, found)
-    return Redacted({**example, "messages": messages}, found)
+    return Redacted({**example, "messages": messages, **({"tools": tools} if "tools" in example else {})}, found)
+
+
+def _redact_descriptions(value: Any) -> tuple[Any, Counter[str]]:
+    """Tool schemas with their `description` and `title` texts redacted, the rest as it is."""
+    if isinstance(value, list):
+        pairs = [_redact_descriptions(v) for v in value]
+        return [v for v, _ in pairs], sum((c for _, c in pairs), Counter())
+    if not isinstance(value, dict):
+        return value, Counter()
+    found: Counter[str] = Counter()
+    out = {}
+    for key, item in value.items():
+        if key in ("description", "title") and isinstance(item, str):
+            out[key], counts = redact_text(item)
+        else:
+            out[key], counts = _redact_descriptions(item)
+        found += counts
+    return out, found
 
 
 # What identifies rather than says: the role, call ids, function names, types and weights.

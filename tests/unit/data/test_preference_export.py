@@ -413,3 +413,15 @@ def test_a_preference_rows_tools_reach_the_tokens_preference_tuning_scores(tmp_p
             "rejected": [{"role": "assistant", "content": "No idea."}], "tools": tools}
     [encoded] = pair_items(tok, [pair])
     assert "get_time" in tok.decode(encoded.chosen.ids) and "get_time" in tok.decode(encoded.rejected.ids)
+
+
+def test_the_tools_of_a_preference_row_have_their_descriptions_redacted():
+    from tasks.feedback.preference import redact_preferences
+
+    tools = [{"type": "function", "function": {"name": "escalate", "description": "Mail joe@corp.example.",
+                                               "parameters": {"type": "object"}}}]
+    row = {"prompt": [{"role": "user", "content": "Escalate it."}], "chosen": [{"role": "assistant", "content": "Yes."}],
+           "rejected": [{"role": "assistant", "content": "No."}], "tools": tools}
+    [redacted], report = redact_preferences([row])
+    assert redacted["tools"][0]["function"]["description"] == "Mail [EMAIL]." and report["email"] == 1
+    assert redacted["chosen"] == row["chosen"] and redacted["prompt"] == row["prompt"]

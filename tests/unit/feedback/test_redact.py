@@ -149,3 +149,21 @@ def test_numbers_in_call_arguments_and_values_named_by_their_keys_are_redacted()
 ])
 def test_secrets_named_in_variables_and_addresses_written_to_slip_past_are_masked(text, masked):
     assert redact_text(text)[0] == masked
+
+
+def test_tool_descriptions_are_redacted_and_the_schemas_kept():
+    """Any client of the service declares tools: a description may name a person; names, types
+    and the rest of the schema stay, so calls still validate against it."""
+    tools = [{"type": "function", "function": {
+        "name": "escalate", "description": "Mail the case to joe.support@corp.example or call +1 415 555 0199.",
+        "parameters": {"type": "object", "properties": {"case": {"type": "string", "title": "Case of ann@example.org",
+                                                                 "pattern": "^[A-Z]{2}-[0-9]+$"}}}}}]
+    example = {"messages": [{"role": "user", "content": "Escalate it."}, {"role": "assistant", "content": "Done."}],
+               "tools": tools}
+    result = redact_example(example)
+    function = result.example["tools"][0]["function"]
+    assert function["description"] == "Mail the case to [EMAIL] or call [PHONE]."
+    assert function["parameters"]["properties"]["case"] == {"type": "string", "title": "Case of [EMAIL]",
+                                                            "pattern": "^[A-Z]{2}-[0-9]+$"}
+    assert function["name"] == "escalate" and result.found == {"email": 2, "phone": 1}
+    assert example["tools"][0]["function"]["description"].startswith("Mail the case to joe")  # not modified
