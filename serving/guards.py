@@ -169,8 +169,12 @@ class GuardMiddleware:
         None for a missing or unknown key."""
         try:
             self.keys = load_keyring()  # per request, so a rotated key needs no restart
-        except ConfigError as err:  # a mistyped rotation: keep the keys that worked
-            log.error("%s Still using the keys read before.", err)
+        except ConfigError as err:
+            # A mistyped rotation: the keys that worked still answer, but none is trusted until
+            # the setting reads again; it may have been written to take a key's trust away.
+            if self.keys is not None and any(caller.trusted for _, caller in self.keys.keys):
+                self.keys = self.keys.untrusted()
+            log.error("%s Still using the keys read before, none of them trusted until it is fixed.", err)
         if self.keys is None:
             return ANONYMOUS
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")

@@ -9,7 +9,8 @@ again on every request, so adding, removing or rotating a key needs no restart:
   `[{"name": "web", "key": "...", "roles": ["infer", "feedback"], "trusted": false}]`,
   or as `name:role+role[+trusted]=secret` entries separated by commas or newlines:
   `web:infer+feedback=s3cret,ops:infer+feedback+admin+trusted=0ther`.
-- `FTLLM_API_KEYS_FILE`: a file holding the same (one entry a line, `#` comments), kept out of
+- `FTLLM_API_KEYS_FILE`: a file holding the same (one entry a line, `#` comments: a line that
+  starts with one, or what follows one after a space), kept out of
   the repository (mode 600). In either place a secret may be given as `sha256:<hex digest>`
   instead, so that the file never holds the key itself.
 - `FTLLM_API_KEY`: the single key of earlier versions: one key named `default` with every role,
@@ -31,7 +32,7 @@ import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -87,6 +88,10 @@ class KeyRing:
     def names(self) -> list[str]:
         return [caller.name for _, caller in self.keys]
 
+    def untrusted(self) -> KeyRing:
+        """The same keys, none of them trusted."""
+        return KeyRing(tuple((d, replace(caller, trusted=False)) for d, caller in self.keys))
+
 
 def _entry(name: str, secret: str, roles: list[str], trusted: bool, where: str) -> tuple[bytes, Caller]:
     if not NAME_PATTERN.fullmatch(name):
@@ -112,9 +117,12 @@ def parse_keys(text: str, where: str) -> KeyRing:
     Raises:
         ConfigError: naming `where` (the variable or file) and what to fix; never the secret.
     """
-    text = text.strip()
+    # A comment is a line that starts with `#`, or what follows a `#` after a space: a `#`
+    # inside a secret is part of it (the secret was cut there, and its prefix let in).
+    lines = [re.sub(r"(^|\s)#.*$", "", line) for line in text.splitlines()]
+    text = "\n".join(lines).strip()
     entries: list[tuple[bytes, Caller]] = []
-    if text.startswith("["):
+    if text.startswith("["):  # JSON, comments or not (a comment above it made it read as the compact form)
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
@@ -126,7 +134,10 @@ def parse_keys(text: str, where: str) -> KeyRing:
             if unknown:
                 raise ConfigError(f"{where}: entry {i} ({item['name']!r}) has unknown fields {unknown}; an entry has "
                                   "'name', 'key', 'roles' and 'trusted'.")
-            roles, trusted = item.get("roles", [r.value for r in Role]), item.get("trusted", False)
+            if "roles" not in item:  # as in the compact form: a key with every role, admin among them, is said
+                raise ConfigError(f"{where}: entry {i} ({item['name']!r}) has no 'roles'; give one or more of infer, "
+                                  "feedback, admin.")
+            roles, trusted = item["roles"], item.get("trusted", False)
             # Strict: `"trusted": "false"` is a non-empty string, which bool() would read as trusted.
             if not isinstance(trusted, bool):
                 raise ConfigError(f"{where}: entry {i} ({item['name']!r}): 'trusted' must be true or false (a JSON "
@@ -135,8 +146,7 @@ def parse_keys(text: str, where: str) -> KeyRing:
                 raise ConfigError(f"{where}: entry {i} ({item['name']!r}): 'roles' must be a list of role names.")
             entries.append(_entry(item["name"], item["key"], roles, trusted, where))
     else:
-        lines = [line.split("#", 1)[0] for line in text.splitlines()]
-        for number, chunk in enumerate((c.strip() for line in lines for c in line.split(",")), 1):
+        for number, chunk in enumerate((c.strip() for line in text.splitlines() for c in line.split(",")), 1):
             if not chunk:
                 continue
             head, sep, secret = chunk.partition("=")

@@ -13,13 +13,14 @@ import pytest
 
 from tasks.feedback.export import pseudonym
 
-KEYS = {"web": "web-infer-secret", "teach": "teach-feedback-secret", "ops": "ops-admin-secret"}
+KEYS = {"web": "web-infer-secret", "teach": "teach-feedback-secret", "ops": "ops-admin-secret",
+        "front": "front-end-secret"}
 MESSAGES = [{"role": "system", "content": "Rewrite the ISO date in words."}, {"role": "user", "content": "2001-02-03"}]
 
 
 def write_keys(path, rotated: str | None = None) -> None:
     path.write_text(f"# test keys\nweb:infer={rotated or KEYS['web']}\nteach:infer+feedback={KEYS['teach']}\n"
-                    f"ops:infer+feedback+admin+trusted={KEYS['ops']}\n")
+                    f"ops:infer+feedback+admin+trusted={KEYS['ops']}\nfront:infer+feedback+trusted={KEYS['front']}\n")
 
 
 PER_MINUTE = 4
@@ -76,7 +77,15 @@ def test_a_rotated_key_works_at_once_and_the_old_one_stops(keyed):
     assert call(url, "GET", "/v1/models", "web-infer-secret-rotated").status_code == 200
     keys.write_text("web:infer=x\n")  # a broken rotation: refused, the keys read before still work
     assert call(url, "GET", "/v1/models", "web-infer-secret-rotated").status_code == 200
+    # ... but none of them is trusted until it is fixed: the broken file may have been meant to
+    # take a key's trust away, and front's feedback waits for a person meanwhile.
+    answer = call(url, "POST", "/v1/chat/completions", KEYS["front"], json={"messages": MESSAGES, "max_tokens": 4})
+    rated = call(url, "POST", "/feedback", KEYS["front"], json={"id": answer.json()["id"], "rating": 5})
+    assert rated.status_code == 200 and rated.json()["held"] is True, rated.text
     write_keys(keys)
+    answer = call(url, "POST", "/v1/chat/completions", KEYS["front"], json={"messages": MESSAGES, "max_tokens": 4})
+    again = {"id": answer.json()["id"], "rating": 5, "user": "u-9"}
+    assert call(url, "POST", "/feedback", KEYS["front"], json=again).json()["held"] is False
 
 
 @pytest.mark.slow

@@ -40,9 +40,11 @@ def test_only_digests_are_kept_and_a_digest_may_stand_for_the_secret():
     # a string is not a boolean: "false" would have been read as trusted
     ('[{"name": "p", "key": "long-secret-1", "roles": ["feedback"], "trusted": "false"}]',
      r"entry 0 \('p'\): 'trusted' must be true or false \(a JSON boolean\), not \"false\""),
-    ('[{"name": "p", "key": "long-secret-1", "trusted": 1}]', "'trusted' must be true or false"),
+    ('[{"name": "p", "key": "long-secret-1", "roles": ["feedback"], "trusted": 1}]', "'trusted' must be true or false"),
+    # every role, admin among them, is said, not implied (the compact form refuses no roles too)
+    ('[{"name": "p", "key": "long-secret-1"}]', r"entry 0 \('p'\) has no 'roles'"),
     ('[{"name": "p", "key": "long-secret-1", "roles": "feedback"}]', "'roles' must be a list of role names"),
-    ('[{"name": "p", "key": "long-secret-1", "trust": true}]', r"unknown fields \['trust'\]"),
+    ('[{"name": "p", "key": "long-secret-1", "roles": ["infer"], "trust": true}]', r"unknown fields \['trust'\]"),
 ])
 def test_bad_keys_are_named_without_the_secret(text, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -69,3 +71,20 @@ def test_a_rewritten_file_takes_effect_on_the_next_read(tmp_path):
         load_keyring({"FTLLM_API_KEYS_FILE": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="names repeat"):
         load_keyring({"FTLLM_API_KEYS": "default:infer=another-secret", "FTLLM_API_KEY": "only-one-key"})
+
+
+def test_comments_are_read_as_comments_and_a_hash_in_a_secret_is_part_of_it():
+    """A comment above JSON made the file read as the compact form (refused, so a rotation meant
+    to take a key's trust away did not happen); a `#` inside a secret cut it there."""
+    ring = parse_keys('# ops leaked: no longer trusted\n[{"name": "ops", "key": "ops-secret-1", "roles": ["feedback"], '
+                      '"trusted": false}]', "FTLLM_API_KEYS_FILE")
+    assert ring.identify("ops-secret-1").trusted is False
+    ring = parse_keys("web:infer=abcdefgh#ijkl  # the web front end\n# a whole line\nops:admin=ops-secret-2", "X")
+    assert ring.identify("abcdefgh#ijkl").name == "web" and ring.identify("abcdefgh") is None
+    assert ring.identify("ops-secret-2").name == "ops"
+
+
+def test_keys_read_before_a_broken_setting_answer_untrusted():
+    ring = parse_keys("ops:feedback+trusted=ops-secret-1,web:infer=web-secret-1", "X")
+    assert [c.trusted for _, c in ring.untrusted().keys] == [False, False]
+    assert ring.untrusted().identify("ops-secret-1").name == "ops" and ring.identify("ops-secret-1").trusted
