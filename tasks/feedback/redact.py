@@ -83,8 +83,9 @@ _BEARER = re.compile(r"\bBearer\s+([A-Za-z0-9._~+/=-]{12,})")
 _ASSIGNED = re.compile(
     # The name may end an environment variable's: DB_PASSWORD=..., OPENAI_API_KEY=...
     # It starts where a name does (not after each of its underscores: quadratic on `a_a_a_...`).
-    r"(?i)(?<![a-z0-9_])(?:[a-z0-9]+_)*(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|client[_-]?secret|token|"
-    r"auth[_-]?token|password|passwd|pwd)\b[\"']?\s*[:=]\s*[\"']?([^\s\"',;]{6,})"
+    # PGPASSWORD and DB_PASS too; `pass` alone only after an underscore ("boarding pass: AB12CD" is none).
+    r"(?i)(?<![a-z0-9_])(?:[a-z0-9]+_)*(?:[a-z0-9]*(?:password|passwd)|api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|"
+    r"client[_-]?secret|token|auth[_-]?token|pwd|(?<=_)pass)\b[\"']?\s*[:=]\s*[\"']?([^\s\"',;]{6,})"
 )
 _TOKEN = re.compile(r"(?<![A-Za-z0-9_+/-])[A-Za-z0-9_+/-]{24,}={0,2}(?![A-Za-z0-9_+/=-])")
 _HEX_OR_UUID = re.compile(r"[0-9a-fA-F]+|[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
@@ -201,7 +202,9 @@ _PHONE = re.compile(
     rf"|0\d{{3,4}}/\d{{4,8}}"  # 0301/2345678 (Germany)
     r")(?![\w\-/]|\.\d| \d)"
 )
-_PHONE_WORDS = re.compile(r"(?i)\b(?:call|phone|tel|telephone|mobile|cell|whatsapp|text me|sms|fax|reach me|ring)\b[^\d\n]{0,20}$")
+# The word, a plural or a compound (`phones`, `phone_number`, `mobileNo`), at a word's edge.
+_PHONE_WORDS = re.compile(r"(?i)(?<![a-z])(?:call|phone|tel|telephone|mobile|cell|whatsapp|text me|sms|fax|reach me|ring)"
+                          r"(?:s|[ _-]?(?:number|num|no|nr)s?)?(?![a-z])[^\d\n]{0,20}$")
 _BARE_DIGITS = re.compile(r"(?<![\w+\-./])\+?\d(?:[ \-.]?\d){6,14}(?![\w\-/]|\.\d)")
 
 
@@ -311,24 +314,33 @@ _KEPT_KEYS = frozenset({"role", "id", "tool_call_id", "type", "name", "weight"})
 
 def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
                   named: bool = False) -> tuple[Any, Counter[str]]:
-    """`value` with every string (and integer) in it redacted (dict keys kept, and the values of
-    `kept` keys), and the findings. `named`: inside a call's arguments, where a value's key says
-    what it is (`{"phone": "4155550134"}`), so it is redacted with the key before it."""
+    """`value` with every string (and number) in it redacted (dict keys kept, and the values of
+    `kept` keys), and the findings.
+
+    `named`: inside JSON the user wrote (a call's arguments, a tool result or a message that is
+    JSON), where a value's keys say what it is (`{"phone": {"number": "4155550134"}}`): it is
+    redacted with its key path before it (`key`), and the keys themselves are redacted too.
+    """
     if isinstance(value, str):
-        if key == "arguments" and not named:  # a call's arguments: a JSON object in a string
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                return redact_text(value)
-            redacted, found = _redact_value(parsed, kept=frozenset(), named=True)  # all of it is the user's
-            return (json.dumps(redacted, ensure_ascii=False) if found else value), found
+        if not named and (key == "arguments" or value.lstrip()[:1] in ("{", "[")):
+            parsed = _json_container(value)  # a call's arguments, or text that is a JSON object or list
+            if parsed is not None:
+                redacted, found = _redact_value(parsed, kept=frozenset(), named=True)  # all of it is the user's
+                return (json.dumps(redacted, ensure_ascii=False) if found else value), found
         return _redact_named(key, value) if named and key else redact_text(value)
     if isinstance(value, dict):
         found: Counter[str] = Counter()
-        out = {}
+        out: dict[str, Any] = {}
         for k, v in value.items():
-            out[k], counts = (v, Counter()) if k in kept else _redact_value(v, k, kept, named)
-            found += counts
+            if k in kept:
+                out[k] = v
+                continue
+            path = f"{key} {k}" if named and key else k
+            name, counts = redact_text(k) if named else (k, Counter())  # {"ann@example.org": "Ann"}
+            while name in out:  # two keys masked alike keep both values
+                name += " "
+            out[name], more = _redact_value(v, path, kept, named)
+            found += counts + more
         return out, found
     if isinstance(value, list):
         found = Counter()
@@ -338,20 +350,31 @@ def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
             items.append(redacted)
             found += counts
         return items, found
-    if isinstance(value, int) and not isinstance(value, bool):
-        # A number in a call's arguments can be a card or phone number written without quotes
-        # ({"card": 4111111111111111}): redacted as its digits would be, it becomes the mask.
-        masked, found = _redact_named(key, str(value)) if named and key else redact_text(str(value))
+    if not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+        # A number in JSON can be a card or phone number written without quotes
+        # ({"card": 4111111111111111}, or 4111111111111111.0): redacted as its digits would be.
+        digits = str(int(value))
+        masked, found = _redact_named(key, digits) if named and key else redact_text(digits)
         return (masked if found else value), found
     return value, Counter()
+
+
+def _json_container(text: str) -> Any:
+    """`text` read as a JSON object or list, or None."""
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, (dict, list)) else None
 
 
 def _redact_named(key: str, text: str) -> tuple[str, Counter[str]]:
     """An argument's value redacted with its name as context: `phone: 4155550134` is a phone
     number where the digits alone are not, `password: hunter22` a secret. The name is tried as
     it is (`api_key: ...`), then as words (`phone_number`, `phoneNumber`: `phone number: ...`)."""
-    words = re.sub(r"(?<=[a-z])(?=[A-Z])|[_-]+", " ", key).lower()
-    for name in dict.fromkeys((key, words)):
+    words = re.sub(r"(?<=[a-z])(?=[A-Z])|[_.\-]+", " ", key).lower()
+    last = key.rsplit(" ", 1)[-1]  # the value's own key, as written (`api_key`)
+    for name in dict.fromkeys((last, words)):
         prefix = f"{name}: "
         masked, found = redact_text(prefix + text)
         if found and masked.startswith(prefix):

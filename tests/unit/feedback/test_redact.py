@@ -167,3 +167,35 @@ def test_tool_descriptions_are_redacted_and_the_schemas_kept():
                                                             "pattern": "^[A-Z]{2}-[0-9]+$"}
     assert function["name"] == "escalate" and result.found == {"email": 2, "phone": 1}
     assert example["tools"][0]["function"]["description"].startswith("Mail the case to joe")  # not modified
+
+
+def test_json_the_user_wrote_is_redacted_by_its_keys_wherever_it_is():
+    """A tool result or a message that is JSON, keys nested or plural, a key that is itself an
+    address, a card number written as a float, an escaped `@`: all reached training unmasked."""
+    import json
+
+    result = '{"name": "Ann", "phone_number": "4155550136", "email": "bob\\u0040corp.example"}'
+    arguments = {"phone": {"number": "4155550134"}, "phones": ["4155550135"], "cc": {"ann@example.org": "Ann"},
+                 "card": 5555555555554444.0, "total": 12.5}
+    call = {"id": "call_1", "type": "function", "function": {"name": "mail", "arguments": json.dumps(arguments)}}
+    example = {"messages": [{"role": "user", "content": "Mail Ann."},
+                            {"role": "assistant", "content": None, "tool_calls": [call]},
+                            {"role": "tool", "tool_call_id": "call_1", "content": result},
+                            {"role": "assistant", "content": "Done."}]}
+    redacted = redact_example(example).example["messages"]
+    assert json.loads(redacted[1]["tool_calls"][0]["function"]["arguments"]) == {
+        "phone": {"number": "[PHONE]"}, "phones": ["[PHONE]"], "cc": {"[EMAIL]": "Ann"}, "card": "[CARD]", "total": 12.5}
+    assert json.loads(redacted[2]["content"]) == {"name": "Ann", "phone_number": "[PHONE]", "email": "[EMAIL]"}
+    plain = {"messages": [{"role": "user", "content": "{not json, 4155550136"}, {"role": "assistant", "content": "Ok."}]}
+    assert redact_example(plain).example == plain  # text that only looks like JSON is text
+
+
+@pytest.mark.parametrize(("text", "masked"), [
+    ("PGPASSWORD=s3cretpass99 psql -h db", "PGPASSWORD=[SECRET] psql -h db"),
+    ("DB_PASS=hunter22xx", "DB_PASS=[SECRET]"),
+    ("my phone_number is 4155550137", "my phone_number is [PHONE]"),
+    ("boarding pass: AB12CD34", "boarding pass: AB12CD34"),  # `pass` alone names no secret
+    ("the cellar 4155550134", "the cellar 4155550134"),  # nor does a word that begins like one
+])
+def test_secret_and_phone_names_in_their_usual_compounds(text, masked):
+    assert redact_text(text)[0] == masked
