@@ -105,7 +105,9 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
         unknown = sorted(set(keys) - set(batch.keys))
         if unknown:
             raise UsageError(f"--key {', '.join(unknown)}: no held feedback from that key; held keys: {batch.keys}")
-        print(apply_decision(db, batch, Decision(approve_all, tuple(keys), reviewer=reviewer)))
+        decided = apply_decision(db, batch, Decision(approve_all, tuple(keys), reviewer=reviewer))
+        # what stays held in all, rows posted after --up-to among them, not only in the batch decided on
+        print({**decided, "held": len(held_batch(db, _settings(root).auto_approve).rows)})
     return run_entry(approve)
 
 
