@@ -10,7 +10,7 @@ again on every request, so adding, removing or rotating a key needs no restart:
   or as `name:role+role[+trusted]=secret` entries separated by commas or newlines:
   `web:infer+feedback=s3cret,ops:infer+feedback+admin+trusted=0ther`.
 - `FTLLM_API_KEYS_FILE`: a file holding the same (one entry a line, `#` comments: a line that
-  starts with one, or what follows one after a space), kept out of
+  starts with one, and in the compact form what follows one after a space), kept out of
   the repository (mode 600). In either place a secret may be given as `sha256:<hex digest>`
   instead, so that the file never holds the key itself.
 - `FTLLM_API_KEY`: the single key of earlier versions: one key named `default` with every role,
@@ -117,12 +117,12 @@ def parse_keys(text: str, where: str) -> KeyRing:
     Raises:
         ConfigError: naming `where` (the variable or file) and what to fix; never the secret.
     """
-    # A comment is a line that starts with `#`, or what follows a `#` after a space: a `#`
+    # A line that starts with `#` is a comment, in either form (one above JSON made it read as
+    # the compact form); in the compact form so is what follows a `#` after a space. A `#`
     # inside a secret is part of it (the secret was cut there, and its prefix let in).
-    lines = [re.sub(r"(^|\s)#.*$", "", line) for line in text.splitlines()]
-    text = "\n".join(lines).strip()
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")).strip()
     entries: list[tuple[bytes, Caller]] = []
-    if text.startswith("["):  # JSON, comments or not (a comment above it made it read as the compact form)
+    if text.startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
@@ -146,7 +146,8 @@ def parse_keys(text: str, where: str) -> KeyRing:
                 raise ConfigError(f"{where}: entry {i} ({item['name']!r}): 'roles' must be a list of role names.")
             entries.append(_entry(item["name"], item["key"], roles, trusted, where))
     else:
-        for number, chunk in enumerate((c.strip() for line in text.splitlines() for c in line.split(",")), 1):
+        lines = [re.sub(r"\s#.*$", "", line) for line in text.splitlines()]
+        for number, chunk in enumerate((c.strip() for line in lines for c in line.split(",")), 1):
             if not chunk:
                 continue
             head, sep, secret = chunk.partition("=")

@@ -202,9 +202,9 @@ _PHONE = re.compile(
     rf"|0\d{{3,4}}/\d{{4,8}}"  # 0301/2345678 (Germany)
     r")(?![\w\-/]|\.\d| \d)"
 )
-# The word, a plural or a compound (`phones`, `phone_number`, `mobileNo`), at a word's edge.
+# The word, or a compound (`phone_number`, `mobileNo`), at a word's edge; not a plural: "calls: 1234567" is a count.
 _PHONE_WORDS = re.compile(r"(?i)(?<![a-z])(?:call|phone|tel|telephone|mobile|cell|whatsapp|text me|sms|fax|reach me|ring)"
-                          r"(?:s|[ _-]?(?:number|num|no|nr)s?)?(?![a-z])[^\d\n]{0,20}$")
+                          r"(?:[ _-]?(?:number|num|no|nr))?(?![a-z])[^\d\n]{0,20}$")
 _BARE_DIGITS = re.compile(r"(?<![\w+\-./])\+?\d(?:[ \-.]?\d){6,14}(?![\w\-/]|\.\d)")
 
 
@@ -308,6 +308,8 @@ def _redact_descriptions(value: Any) -> tuple[Any, Counter[str]]:
     return out, found
 
 
+MAX_KEY_CONTEXT = 40  # characters of a JSON key read as the context of its value
+
 # What identifies rather than says: the role, call ids, function names, types and weights.
 _KEPT_KEYS = frozenset({"role", "id", "tool_call_id", "type", "name", "weight"})
 
@@ -323,9 +325,13 @@ def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
     """
     if isinstance(value, str):
         if not named and (key == "arguments" or value.lstrip()[:1] in ("{", "[")):
-            parsed = _json_container(value)  # a call's arguments, or text that is a JSON object or list
-            if parsed is not None:
-                redacted, found = _redact_value(parsed, kept=frozenset(), named=True)  # all of it is the user's
+            # A call's arguments (any JSON), or text that is a JSON object or list
+            parsed = _json_value(value) if key == "arguments" else _json_container(value)
+            if parsed is not _NOT_JSON:
+                try:
+                    redacted, found = _redact_value(parsed, kept=frozenset(), named=True)  # all of it is the user's
+                except RecursionError:  # nested past the walk's stack (the parser's is a little deeper)
+                    return redact_text(value)
                 return (json.dumps(redacted, ensure_ascii=False) if found else value), found
         return _redact_named(key, value) if named and key else redact_text(value)
     if isinstance(value, dict):
@@ -335,7 +341,9 @@ def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
             if k in kept:
                 out[k] = v
                 continue
-            path = f"{key} {k}" if named and key else k
+            # A value is named by its own key, and by its parent's too where its own says nothing
+            # of what it is ({"phone": {"number": ...}}); never by every ancestor ({"call": {"date": ...}}).
+            path = f"{key.rsplit(' ', 1)[-1]} {k}" if named and key and k.lower() in _GENERIC_KEYS else k
             name, counts = redact_text(k) if named else (k, Counter())  # {"ann@example.org": "Ann"}
             while name in out:  # two keys masked alike keep both values
                 name += " "
@@ -359,20 +367,31 @@ def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
     return value, Counter()
 
 
-def _json_container(text: str) -> Any:
-    """`text` read as a JSON object or list, or None."""
+_NOT_JSON = object()
+_GENERIC_KEYS = frozenset({"number", "num", "no", "nr", "value", "id"})
+
+
+def _json_value(text: str) -> Any:
+    """`text` read as JSON, or _NOT_JSON."""
     try:
-        parsed = json.loads(text)
+        return json.loads(text)
     except (ValueError, RecursionError):
-        return None
-    return parsed if isinstance(parsed, (dict, list)) else None
+        return _NOT_JSON
+
+
+def _json_container(text: str) -> Any:
+    """`text` read as a JSON object or list, or _NOT_JSON."""
+    parsed = _json_value(text)
+    return parsed if isinstance(parsed, (dict, list)) else _NOT_JSON
 
 
 def _redact_named(key: str, text: str) -> tuple[str, Counter[str]]:
     """An argument's value redacted with its name as context: `phone: 4155550134` is a phone
     number where the digits alone are not, `password: hunter22` a secret. The name is tried as
     it is (`api_key: ...`), then as words (`phone_number`, `phoneNumber`: `phone number: ...`)."""
+    key = key[-MAX_KEY_CONTEXT:]  # a name, not a text: a 30,000-character key made every leaf cost its length
     words = re.sub(r"(?<=[a-z])(?=[A-Z])|[_.\-]+", " ", key).lower()
+    words = " ".join(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words.split())  # `phones`
     last = key.rsplit(" ", 1)[-1]  # the value's own key, as written (`api_key`)
     for name in dict.fromkeys((last, words)):
         prefix = f"{name}: "

@@ -199,3 +199,29 @@ def test_json_the_user_wrote_is_redacted_by_its_keys_wherever_it_is():
 ])
 def test_secret_and_phone_names_in_their_usual_compounds(text, masked):
     assert redact_text(text)[0] == masked
+
+
+def test_key_context_is_the_values_own_key_and_plurals_in_prose_name_no_phone():
+    """Every ancestor key as context made dates and counts under `call` or `phone` into phone
+    numbers; "calls: 1234567" in a sentence is a count."""
+    import json
+
+    from tasks.feedback.redact import _redact_value
+
+    kept = {"call": {"date": "2024-01-05", "started": 1700000000}, "phones": [{"sku": 1234567}],
+            "phone": {"price_cents": 6990000}, "mobile": {"build": 20240105}}
+    assert _redact_value(json.dumps(kept), "arguments") == (json.dumps(kept), {})
+    for text in ("Total API calls: 1234567 this month", "phones sold: 2500000", "We logged 3 calls, ticket 12345678"):
+        assert redact_text(text) == (text, {})
+    # JSON arguments that are not an object are still read as JSON
+    assert _redact_value('"ann\\u0040example.org"', "arguments")[0] == '"[EMAIL]"'
+
+
+def test_json_nested_past_the_walk_is_redacted_as_text_not_a_crash():
+    """The parser reads deeper than the walk over what it read can go: a message nested in
+    between crashed the export and the review page. Every depth up to past the parser's is tried."""
+    for depth in range(700, 1100, 5):
+        example = {"messages": [{"role": "user", "content": "[" * depth + '"ann@example.org"' + "]" * depth},
+                                {"role": "assistant", "content": "Ok."}]}
+        result = redact_example(example)
+        assert result.found == {"email": 1} and "[EMAIL]" in result.example["messages"][0]["content"], depth

@@ -82,6 +82,9 @@ def test_comments_are_read_as_comments_and_a_hash_in_a_secret_is_part_of_it():
     ring = parse_keys("web:infer=abcdefgh#ijkl  # the web front end\n# a whole line\nops:admin=ops-secret-2", "X")
     assert ring.identify("abcdefgh#ijkl").name == "web" and ring.identify("abcdefgh") is None
     assert ring.identify("ops-secret-2").name == "ops"
+    # In JSON a " #" is text: only whole lines are comments there.
+    ring = parse_keys('[{"name": "web", "key": "pass phrase #1 abc", "roles": ["infer"]}]', "X")
+    assert ring.identify("pass phrase #1 abc").name == "web"
 
 
 def test_keys_read_before_a_broken_setting_answer_untrusted():
