@@ -687,7 +687,7 @@ class ChatService:
                 # rated, so the text generated so far is logged (queued, not awaited: the request is
                 # gone), with the tokens it took.
                 text = "".join(parts)
-                row.completion_tokens = len(plan.tokenizer.encode(text, add_special_tokens=False)) if text else 0
+                row.completion_tokens = len(encode_text(plan.tokenizer, text))
                 self.store.log_later(self._record("chat", cid, messages, {"role": "assistant", "content": text},
                                                   STOPPED, row, started, *who, tools=plan.tools))
         if usage:

@@ -95,11 +95,11 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
             raise UsageError("give --all or one or more --key NAME (not both)")
         if reject and approve_all:
             raise UsageError("--reject takes --key NAME: reject named keys' feedback, never all of it at once")
-        db = _db(root)
+        db, auto_approve = _db(root), _settings(root).auto_approve
         if reject:
-            print(reject_keys(db, keys, reviewer, _settings(root).auto_approve))
+            print(reject_keys(db, keys, reviewer, auto_approve))
             return
-        batch = held_batch(db, _settings(root).auto_approve)
+        batch = held_batch(db, auto_approve)
         if up_to is not None:  # what a person saw: rows posted since stay held
             batch = HeldBatch([(i, r) for i, r in batch.rows if r.id <= up_to], min(up_to, batch.up_to_id))
         unknown = sorted(set(keys) - set(batch.keys))
@@ -107,7 +107,7 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
             raise UsageError(f"--key {', '.join(unknown)}: no held feedback from that key; held keys: {batch.keys}")
         decided = apply_decision(db, batch, Decision(approve_all, tuple(keys), reviewer=reviewer))
         # what stays held in all, rows posted after --up-to among them, not only in the batch decided on
-        print({**decided, "held": len(held_batch(db, _settings(root).auto_approve).rows)})
+        print({**decided, "held": len(held_batch(db, auto_approve).rows)})
     return run_entry(approve)
 
 
