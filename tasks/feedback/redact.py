@@ -12,7 +12,8 @@ address or API key a user pasted into a chat. Five categories, each a placeholde
 | `ip` | IPv4 and IPv6 addresses that the standard `ipaddress` module parses (not version numbers) | `[IP]` |
 | `phone` | international (`+CC ...`), North American (`(555) 123-4567`) and European grouped forms with 7-15 digits, or a digit run next to "call", "phone", "tel" ... | `[PHONE]` |
 
-Categories are searched in that order and a later one never claims text an earlier one
+Look-alike characters (full-width forms, other scripts' digits, typeset dashes and spaces)
+are read as their ASCII forms for the search (`_Folding`). Categories are searched in that order and a later one never claims text an earlier one
 matched (a key holding digits is a secret, not a phone number). Only the standard
 library: Presidio, the usual library for this, needs spaCy language models from a model
 hub, which this project's machines cannot reach; `phonenumbers` (not installed here) would
@@ -30,6 +31,7 @@ import ipaddress
 import json
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -223,14 +225,43 @@ _FINDERS = {Category.SECRET: _secrets, Category.EMAIL: _emails, Category.CARD: _
             Category.IP: _ips, Category.PHONE: _phones}
 
 
+class _Folding(dict):
+    """`str.translate` table: a character written in place of an ASCII one, mapped to it.
+
+    Full-width forms (`４１５－５５５`, `１９２．１６８`), the digits of other scripts, the dashes
+    and spaces of typeset text (`415–555–0134`, `+44 20` with a narrow no-break space) and the
+    ideographic full stop. One character for one, so a span found in the folded text is the
+    same span of the original. Filled as characters are met (most text is ASCII and skips it).
+    """
+
+    DASHES = frozenset("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63")
+    SPACES = frozenset("\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000")
+
+    def __missing__(self, code: int) -> str:
+        char = chr(code)
+        if 0xFF01 <= code <= 0xFF5E:
+            folded = chr(code - 0xFEE0)
+        elif char.isdecimal():
+            folded = str(unicodedata.decimal(char))
+        else:
+            folded = "-" if char in self.DASHES else " " if char in self.SPACES else "." if char in "\u3002\uff61" else char
+        self[code] = folded
+        return folded
+
+
+_FOLDING = _Folding()
+
+
 def find_sensitive(text: str) -> list[Finding]:
     """Every secret and piece of personal data in `text`, in order, none overlapping.
 
-    A category searched earlier (see `CATEGORIES`) keeps text a later one also matches.
+    A category searched earlier (see `CATEGORIES`) keeps text a later one also matches. The
+    search reads the text with look-alike characters folded to ASCII (`_Folding`).
     """
+    folded = text if text.isascii() else text.translate(_FOLDING)
     taken: list[Finding] = []
     for category in CATEGORIES:
-        for start, end in _FINDERS[category](text):
+        for start, end in _FINDERS[category](folded):
             if start < end and not any(start < f.end and f.start < end for f in taken):
                 taken.append(Finding(category, start, end))
     return sorted(taken, key=lambda f: f.start)

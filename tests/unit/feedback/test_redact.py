@@ -144,6 +144,14 @@ def test_numbers_in_call_arguments_and_values_named_by_their_keys_are_redacted()
     ("mail josé.garcía@example.es today", "mail [EMAIL] today"),  # an address in another script
     ("ann\uff20example.com", "[EMAIL]"),  # the full-width at sign
     ("ann\u200b@example.com", "[EMAIL]"),  # a zero-width space before it
+    ("ann\uff20example\uff0ecom", "[EMAIL]"),  # and a full-width dot in the domain
+    ("call me at \uff14\uff11\uff15\uff0d\uff15\uff15\uff15\uff0d\uff10\uff11\uff13\uff14", "call me at [PHONE]"),  # full-width
+    ("call 415\u2013555\u20130134", "call [PHONE]"),  # typeset en dashes
+    ("+44\u202f20\u202f7946\u202f0958 or 06\u202f12\u202f34\u202f56\u202f78", "[PHONE] or [PHONE]"),  # narrow no-break spaces
+    ("call \u0660\u0665\u0665\u0661\u0662\u0663\u0664\u0665\u0666\u0667", "call [PHONE]"),  # Arabic-Indic digits
+    ("card \uff14\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 \uff11\uff11\uff11\uff11", "card [CARD]"),
+    ("host \uff11\uff19\uff12\uff0e\uff11\uff16\uff18\uff0e\uff11\uff0e\uff12\uff10 and 10\u30020\u30020\u30021", "host [IP] and [IP]"),
+    ("years 1990\u20132000, p.\u00a012\u201315", "years 1990\u20132000, p.\u00a012\u201315"),  # folded, still not personal
     ("token_count: 123456", "token_count: 123456"),  # no secret's name
     ("a_" * 32768, "a_" * 32768),  # the name's prefix is read once, not from every underscore (quadratic: 45 s)
 ])
