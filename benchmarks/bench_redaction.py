@@ -1,14 +1,15 @@
 """Recall and precision of `tasks.feedback.redact` per category, on the labelled set of
-`tests/redaction.py` (chat sentences with e-mail addresses, phone numbers, Luhn-valid card
-numbers, IPv4/IPv6 addresses and API keys/tokens, plus hard negatives: dates, ISO dates,
+`tests/support/redaction.py` (chat sentences with e-mail addresses, phone numbers, Luhn-valid card
+numbers, IBANs, US social security and UK National Insurance numbers, IPv4/IPv6 addresses
+and API keys/tokens, plus hard negatives: dates, ISO dates,
 versions, order ids, prices, hashes, and every message of the project's data/dates.jsonl),
 and how fast it runs.
 
     PYTHONPATH=. python benchmarks/bench_redaction.py [--per-category 200] [--negatives 1000] \
         [--seed 24] [--json benchmarks/results/redaction.json]
 
-Targets (asserted by tests/unit/feedback/test_redact.py): recall >= 0.99 on e-mails, cards
-and secrets, >= 0.95 on phones and IPs, precision >= 0.95 on each.
+Targets (asserted by tests/unit/feedback/test_redact.py): recall >= 0.99 on e-mails, cards,
+IBANs and secrets, >= 0.95 on phones, IPs and identity numbers, precision >= 0.95 on each.
 """
 
 from __future__ import annotations

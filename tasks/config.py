@@ -448,7 +448,7 @@ class FeedbackParams(_Section):
     )
     redaction: Literal["mask", "drop"] = Field(
         "mask",
-        description="Secrets and personal data found in feedback (e-mails, phones, cards, IPs, keys): mask "
+        description="Secrets and personal data found in feedback (e-mails, phones, cards, IBANs, identity numbers, IPs, keys): mask "
                     "them with a placeholder ([EMAIL], ...), or drop the whole example.",
     )
     max_key_share: float = Field(

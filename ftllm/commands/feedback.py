@@ -53,7 +53,7 @@ def export_command(out: Path, min_rating: int) -> int:
 def _export(out: Path, min_rating: int) -> None:
     root = apply_defaults()
     from tasks.feedback import default_db_path, export_feedback
-    from tasks.feedback.export import ExportPolicy
+    from tasks.feedback.export import LEFT_OUT, ExportPolicy
 
     db = default_db_path(root)
     settings = _settings(root)
@@ -63,14 +63,14 @@ def _export(out: Path, min_rating: int) -> None:
         exported = export_feedback(db, out, min_rating, policy=policy)
     except (FileNotFoundError, ValueError) as exc:  # no database yet, or --min-rating outside 1..5
         raise UsageError(str(exc)) from None
-    left_out = {"held for approval": exported.held, "rejected": exported.rejected,
-                "superseded by later feedback on the same answer": exported.superseded,
-                f"rated below {min_rating} (preference data, not examples)": exported.rated_low,
-                "repeats merged": exported.repeats,
-                "invalid tools or calls": exported.invalid_calls, "that made no example (no prompt, or a blank answer)": exported.not_a_chat,
-                "erased prompts": exported.erased}
-    print(f"wrote {exported.examples} examples from {db} to {out}; left out: "
-          + (", ".join(f"{n} {what}" for what, n in left_out.items() if n) or "none")
+    said = {"held": "held for approval", "rejected": "rejected",
+            "superseded": "superseded by later feedback on the same answer",
+            "rated_low": f"rated below {min_rating} (preference data, not examples)",
+            "stopped": "stopped by the client mid-answer", "erased": "erased prompts",
+            "invalid_calls": "invalid tools or calls", "not_a_chat": "that made no example (no prompt, or a blank answer)",
+            "repeats": "repeats merged", "capped": "over feedback.max_key_share"}
+    left_out = [f"{getattr(exported, name)} {said[name]}" for name in LEFT_OUT if getattr(exported, name)]
+    print(f"wrote {exported.examples} examples from {db} to {out}; left out: " + (", ".join(left_out) or "none")
           + f"; redacted: {exported.redacted}")
 
 

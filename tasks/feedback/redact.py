@@ -2,14 +2,16 @@
 
 Runs on everything the interaction log hands to training or evaluation (the feedback
 export), so that a model never learns an e-mail address, phone number, card number, IP
-address or API key a user pasted into a chat. Five categories, each a placeholder:
+address or API key a user pasted into a chat. Seven categories, each a placeholder:
 
 | category | found by | placeholder |
 | --- | --- | --- |
 | `secret` | known key prefixes (`sk-`, `ghp_`, `github_pat_`, `AKIA`, `xox?-`, `hf_`, `glpat-`, `AIza`, Stripe `sk_live_`), `Bearer <token>`, JWTs, PEM private keys, `password=`/`api_key:`-style assignments, long high-entropy tokens | `[SECRET]` |
 | `email` | RFC 5322's common shape, `local@domain.tld` | `[EMAIL]` |
-| `card` | 13-19 digits (spaces or dashes between groups) that pass the Luhn check and start like a card network's number | `[CARD]` |
+| `iban` | bank account numbers in IBAN form (`DE89 3704 0044 0532 0130 00`) whose ISO 13616 check digits hold | `[IBAN]` |
+| `card` | 13-19 digits (spaces, dashes or dots between groups) that pass the Luhn check and start like a card network's number | `[CARD]` |
 | `ip` | IPv4 and IPv6 addresses that the standard `ipaddress` module parses (not version numbers) | `[IP]` |
+| `national_id` | US social security numbers (`123-45-6789`, or nine digits after "SSN") and UK National Insurance numbers | `[NATIONAL_ID]` |
 | `phone` | international (`+CC ...`), North American (`(555) 123-4567`) and European grouped forms with 7-15 digits, or a digit run next to "call", "phone", "tel" ... | `[PHONE]` |
 
 Look-alike characters (full-width forms, other scripts' digits, typeset dashes and spaces)
@@ -44,8 +46,10 @@ class Category(StrEnum):
 
     SECRET = "secret"
     EMAIL = "email"
+    IBAN = "iban"  # before cards: an IBAN's digits can pass the Luhn check
     CARD = "card"
     IP = "ip"
+    NATIONAL_ID = "national_id"
     PHONE = "phone"
 
 
@@ -77,6 +81,8 @@ _KEY_PREFIXES = re.compile(
     r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
     r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}"  # Hugging Face, GitLab, Google
     r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWT (header.payload.signature)
+    r"|https://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]{16,}"  # Slack webhooks: the URL is the key
+    r"|https://(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/\d+/[A-Za-z0-9_-]{20,}"  # Discord webhooks
     r")"
 )
 _PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.DOTALL)
@@ -89,6 +95,12 @@ _ASSIGNED = re.compile(
     r"(?i)(?<![a-z0-9_])(?:[a-z0-9]+_)*(?:[a-z0-9]*(?:password|passwd)|api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|"
     r"client[_-]?secret|token|auth[_-]?token|pwd|(?<=_)pass)\b[\"']?\s*[:=]\s*[\"']?([^\s\"',;]{6,})"
 )
+# `postgres://app:hunter2@db/prod`: the password in a URL's user part.
+_URL_PASSWORD = re.compile(r"(?i)\b[a-z][a-z0-9+.-]{1,20}://[^\s:/@]+:([^\s/@]+)@")
+# `my password is hunter2!`: said in prose rather than assigned; a plain word only after "my",
+# "our", ... ("the password is correct" says nothing).
+_SAID_PASSWORD = re.compile(r"(?i)\b(?P<whose>(?:my|our|your|his|her|their)\s+(?:[\w-]+\s+)?)?(?:password|passwd|passphrase)"
+                            r"\s+(?:is|was)\s*:?\s+[\"']?(?P<value>[^\s\"',;]{4,}?)[\"'.,;!?]*(?=\s|$)")
 _TOKEN = re.compile(r"(?<![A-Za-z0-9_+/-])[A-Za-z0-9_+/-]{24,}={0,2}(?![A-Za-z0-9_+/=-])")
 _HEX_OR_UUID = re.compile(r"[0-9a-fA-F]+|[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 MIN_TOKEN_ENTROPY = 3.5  # bits per character; English words and identifiers stay below
@@ -114,8 +126,11 @@ def _high_entropy(token: str) -> bool:
 def _secrets(text: str) -> Iterator[tuple[int, int]]:
     for pattern in (_PEM, _KEY_PREFIXES):
         yield from (m.span() for m in pattern.finditer(text))
-    for pattern in (_BEARER, _ASSIGNED):
+    for pattern in (_BEARER, _ASSIGNED, _URL_PASSWORD):
         yield from (m.span(1) for m in pattern.finditer(text))
+    for m in _SAID_PASSWORD.finditer(text):
+        if m["whose"] or not m["value"].isalpha():
+            yield m.span("value")
     yield from (m.span() for m in _TOKEN.finditer(text) if _high_entropy(m.group()))
 
 
@@ -137,7 +152,7 @@ def _emails(text: str) -> Iterator[tuple[int, int]]:
 
 # -- card numbers -------------------------------------------------------------------------
 
-_CARD = re.compile(r"(?<![\d.,-])\d(?:[ -]?\d){12,18}(?![\d]|[.,-]\d)")
+_CARD = re.compile(r"(?<![\d.,+-])\d(?:[ .-]?\d){12,18}(?![\d]|[.,-]\d)")  # `+49...` is a phone
 # Issuer prefixes of the networks people paste: Visa, Mastercard, Amex, Discover, Diners, JCB, UnionPay, Maestro.
 _CARD_PREFIX = re.compile(r"4|5[1-5]|2[2-7]|3[47]|3[068]|35|6(?:011|5|4[4-9]|2)|5[06-8]|6[37]")
 
@@ -160,8 +175,44 @@ def _cards(text: str) -> Iterator[tuple[int, int]]:
 
 def _consistent_groups(number: str) -> bool:
     """Cards are written as one run or in groups of 4 (Amex 4-6-5, Diners 4-6-4): not a date or an id."""
-    groups = re.split(r"[ -]", number)
+    groups = re.split(r"[ .-]", number)
     return len(groups) == 1 or all(len(g) == 4 for g in groups[:-1]) or [len(g) for g in groups] in ([4, 6, 5], [4, 6, 4])
+
+
+# -- bank accounts ------------------------------------------------------------------------
+
+_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")
+
+
+def iban_valid(iban: str) -> bool:
+    """ISO 13616's check: the account with its first four characters moved to the end, letters
+    as numbers (A=10 ... Z=35), is 1 modulo 97."""
+    compact = iban.replace(" ", "")
+    if not 15 <= len(compact) <= 34:
+        return False
+    moved = compact[4:] + compact[:4]
+    return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
+
+
+def _ibans(text: str) -> Iterator[tuple[int, int]]:
+    for m in _IBAN.finditer(text):
+        if iban_valid(m.group()):
+            yield m.span()
+
+
+# -- national identity numbers ------------------------------------------------------------
+
+# US social security numbers in their written form (area 001-899 but 666, group and serial
+# not zero), or nine digits that the sentence calls one; UK National Insurance numbers.
+_SSN = re.compile(r"(?<![\w.-])(?!000|666|9)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-]|\.\d)")
+_SSN_SAID = re.compile(r"(?i)\b(?:ssn|social security(?: number| no\.?| #)?)[^\d\n]{0,12}((?!000|666|9)\d{3} ?\d{2} ?\d{4})(?![\w-])")
+_NINO = re.compile(r"(?<![A-Za-z0-9])(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D](?![A-Za-z0-9])")
+
+
+def _national_ids(text: str) -> Iterator[tuple[int, int]]:
+    yield from (m.span() for m in _SSN.finditer(text))
+    yield from (m.span(1) for m in _SSN_SAID.finditer(text))
+    yield from (m.span() for m in _NINO.finditer(text))
 
 
 # -- IP addresses -------------------------------------------------------------------------
@@ -200,13 +251,18 @@ _PHONE = re.compile(
     rf"|\(\d{{2,5}}\){_SEP}?\d{{3,4}}{_SEP}?\d{{3,4}}"  # (415) 555-0134, (030) 1234 5678
     rf"|\d{{3}}[.\-]\d{{3}}[.\-]\d{{4}}|\d{{3}} \d{{3}} \d{{4}}"  # 415-555-0134, 415.555.0134, 415 555 0134
     rf"|0\d(?:{_SEP}\d\d){{4}}"  # 06 12 34 56 78 (France)
+    rf"|\(0\)\d{{2,4}}{_SEP}\d{{3,4}}{_SEP}?\d{{3,4}}"  # (0)20 7946 0958: the trunk zero in brackets, the country left out
     rf"|0\d{{2,4}}{_SEP}\d{{3,4}}{_SEP}?\d{{3,4}}"  # 020 7946 0958, 07700 900123, 030 12345678
-    rf"|0\d{{3,4}}/\d{{4,8}}"  # 0301/2345678 (Germany)
+    rf"|0\d{{2,4}}/\d{{4,8}}"  # 030/1234567, 0301/2345678 (Germany)
     r")(?![\w\-/]|\.\d| \d)"
 )
 # The word, or a compound (`phone_number`, `mobileNo`), at a word's edge; not a plural: "calls: 1234567" is a count.
-_PHONE_WORDS = re.compile(r"(?i)(?<![a-z])(?:call|phone|tel|telephone|mobile|cell|whatsapp|text me|sms|fax|reach me|ring)"
-                          r"(?:[ _-]?(?:number|num|no|nr))?(?![a-z])[^\d\n]{0,20}$")
+# "text" and "contact" name a phone only right before it ("text 415...", "contact me at 415..."),
+# not as in "the text field says 12345678".
+_PHONE_WORDS = re.compile(r"(?i)(?<![a-z])(?:(?:call|phone|tel|telephone|mobile|cell|whatsapp|text me|sms|fax|reach me|ring"
+                          r"|(?:my|our|his|her|their|your) (?:number|digits)|handy|telefon|telefono|teléfono|mobil|portable|numéro)"
+                          r"(?:[ _-]?(?:number|num|no|nr))?(?![a-z])[^\d\n]{0,20}"
+                          r"|(?:text|contact)(?: me| us)?(?: at| on| via| under)?\s*:?\s*)$")
 _BARE_DIGITS = re.compile(r"(?<![\w+\-./])\+?\d(?:[ \-.]?\d){6,14}(?![\w\-/]|\.\d)")
 
 
@@ -221,8 +277,8 @@ def _phones(text: str) -> Iterator[tuple[int, int]]:
 
 # -- the whole search ---------------------------------------------------------------------
 
-_FINDERS = {Category.SECRET: _secrets, Category.EMAIL: _emails, Category.CARD: _cards,
-            Category.IP: _ips, Category.PHONE: _phones}
+_FINDERS = {Category.SECRET: _secrets, Category.EMAIL: _emails, Category.CARD: _cards, Category.IBAN: _ibans,
+            Category.IP: _ips, Category.NATIONAL_ID: _national_ids, Category.PHONE: _phones}
 
 
 class _Folding(dict):
@@ -296,8 +352,9 @@ def redact_example(example: dict[str, Any], action: RedactAction = "mask") -> Re
     call stays a valid call), every string a message holds but its role, ids and function names
     (a user's or assistant's `name` says who speaks, and is redacted).
 
-    The tools the request declared keep their names and schemas; their descriptions are
-    redacted (any client of the service declares tools, and may write a person's address there).
+    The tools the request declared keep their names and schemas; their descriptions and the
+    values they hold (`default`, `enum`, ...) are redacted (any client of the service declares
+    tools, and may write a person's address there).
 
     Args:
         example: the example; not modified.
@@ -321,8 +378,16 @@ def redact_example(example: dict[str, Any], action: RedactAction = "mask") -> Re
     return Redacted({**example, "messages": messages, **({"tools": tools} if "tools" in example else {})}, found)
 
 
+# The values a tool schema holds, beside its structure: texts, and values a client may fill
+# with a person's data (`"default": "ann@example.org"`, an `enum` of addresses). A call's
+# arguments are redacted alike, so a call that matched its schema still does.
+_SCHEMA_TEXTS = frozenset({"description", "title"})
+_SCHEMA_VALUES = frozenset({"default", "enum", "examples", "example", "const"})
+
+
 def _redact_descriptions(value: Any) -> tuple[Any, Counter[str]]:
-    """Tool schemas with their `description` and `title` texts redacted, the rest as it is."""
+    """Tool schemas with their texts (`description`, `title`) and values (`default`, `enum`,
+    `examples`, `const`) redacted, their structure as it is."""
     if isinstance(value, list):
         pairs = [_redact_descriptions(v) for v in value]
         return [v for v, _ in pairs], sum((c for _, c in pairs), Counter())
@@ -331,8 +396,10 @@ def _redact_descriptions(value: Any) -> tuple[Any, Counter[str]]:
     found: Counter[str] = Counter()
     out = {}
     for key, item in value.items():
-        if key in ("description", "title") and isinstance(item, str):
+        if key in _SCHEMA_TEXTS and isinstance(item, str):
             out[key], counts = redact_text(item)
+        elif key in _SCHEMA_VALUES:
+            out[key], counts = _redact_value(item, kept=frozenset(), named=True)
         else:
             out[key], counts = _redact_descriptions(item)
         found += counts

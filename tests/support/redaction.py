@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-CATEGORIES = ("secret", "email", "card", "ip", "phone")
+CATEGORIES = ("secret", "email", "card", "iban", "ip", "national_id", "phone")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,26 @@ def _phone(rng: random.Random) -> str:
     ])
 
 
+def _iban(rng: random.Random) -> str:
+    """A valid IBAN of a common country (its bank code letters where the country has them)."""
+    country, letters, digits = rng.choice([("DE", 0, 18), ("FR", 0, 23), ("GB", 4, 14), ("ES", 0, 20), ("NL", 4, 10),
+                                           ("IT", 1, 22), ("BE", 0, 12), ("CH", 0, 17), ("PL", 0, 24)])
+    bban = "".join(rng.choice(string.ascii_uppercase) for _ in range(letters)) + "".join(rng.choice(string.digits) for _ in range(digits))
+    check = 98 - int("".join(str(int(c, 36)) for c in bban + country + "00")) % 97
+    iban = f"{country}{check:02d}{bban}"
+    return iban if rng.random() < 0.3 else " ".join(iban[i:i + 4] for i in range(0, len(iban), 4))
+
+
+def _national_id(rng: random.Random) -> str:
+    if rng.random() < 0.6:  # a US social security number: area 001-899 but 666
+        area = rng.choice([a for a in range(1, 900) if a != 666])
+        return f"{area:03d}-{rng.randint(1, 99):02d}-{rng.randint(1, 9999):04d}"
+    first, second = rng.choice("ABCEHJKLMNOPRSTWXYZ"), rng.choice("ABCEHJKLMNPRSTWXYZ")
+    number = "".join(rng.choice(string.digits) for _ in range(6))
+    suffix = rng.choice("ABCD")
+    return rng.choice([f"{first}{second}{number}{suffix}", f"{first}{second} {number[:2]} {number[2:4]} {number[4:]} {suffix}"])
+
+
 def _ip(rng: random.Random) -> str:
     if rng.random() < 0.6:
         return rng.choice([f"192.168.{rng.randint(0, 255)}.{rng.randint(1, 254)}", f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
@@ -130,12 +150,15 @@ POSITIVE_TEMPLATES = {
     "phone": ["Call me at {x} tomorrow.", "my number is {x}", "Phone: {x}", "text {x} when you land",
               "Our office line ({x}) is closed on Sundays.", "Is {x} a valid number?"],
     "card": ["My card number is {x}, expiry 04/27.", "charge {x} please", "Card: {x}", "I paid with {x} and was billed twice"],
+    "iban": ["Please transfer it to {x}.", "My IBAN is {x}", "IBAN: {x}", "refund to account {x}, thanks"],
+    "national_id": ["My SSN is {x}", "social security number {x} on the form", "NI number: {x}", "the form asks for {x} again"],
     "ip": ["The server at {x} refuses connections.", "ssh into {x} and restart it", "Allow {x} in the firewall.",
            "ping {x} returns nothing", "my IP is {x}"],
     "secret": ["Here is my API key: {x}", "export OPENAI_API_KEY={x}", "curl -H 'Authorization: Bearer {x}' https://api.example.com",
                "Why does {x} get a 401?", "token {x} expired", "config: api_key = {x}"],
 }
-MAKERS = {"email": _email, "phone": _phone, "card": _card, "ip": _ip, "secret": _secret}
+MAKERS = {"email": _email, "phone": _phone, "card": _card, "iban": _iban, "ip": _ip, "national_id": _national_id,
+          "secret": _secret}
 
 
 def _negatives(rng: random.Random, n: int) -> list[str]:

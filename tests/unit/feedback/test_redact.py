@@ -3,12 +3,14 @@ dropping whole examples."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tasks.feedback.redact import find_sensitive, luhn_valid, redact_example, redact_examples, redact_text
 from tests.support.redaction import labelled_cases, score
 
-TARGET_RECALL = {"email": 0.99, "card": 0.99, "secret": 0.99, "phone": 0.95, "ip": 0.95}
+TARGET_RECALL = {"email": 0.99, "card": 0.99, "secret": 0.99, "phone": 0.95, "ip": 0.95, "iban": 0.99, "national_id": 0.95}
 TARGET_PRECISION = 0.95
 
 
@@ -74,7 +76,8 @@ def test_examples_are_masked_or_dropped():
     clean = {"messages": [{"role": "user", "content": "2006-02-20"}, {"role": "assistant", "content": "February 20, 2006"}]}
     kept, report = redact_examples([example, clean], "drop")
     assert kept == [clean]
-    assert report == {"secret": 0, "email": 1, "card": 0, "ip": 0, "phone": 0, "examples_changed": 1, "examples_dropped": 1}
+    assert report == {"secret": 0, "email": 1, "iban": 0, "card": 0, "ip": 0, "national_id": 0, "phone": 0,
+                      "examples_changed": 1, "examples_dropped": 1}
 
 
 def test_tool_call_arguments_reasoning_and_tool_results_are_redacted_and_calls_stay_calls():
@@ -159,6 +162,27 @@ def test_secrets_named_in_variables_and_addresses_written_to_slip_past_are_maske
     assert redact_text(text)[0] == masked
 
 
+@pytest.mark.parametrize(("text", "masked"), [
+    ("Tel. 030/1234567", "Tel. [PHONE]"),  # a German area code of three digits before the slash
+    ("(0)20 7946 0958", "[PHONE]"),
+    ("My number is 4155550134, contact me at 4155550135 or text 4155550136", "My number is [PHONE], contact me at [PHONE] or text [PHONE]"),
+    ("Handy: 01711234567", "Handy: [PHONE]"),
+    ("recipient +4915112345678", "recipient [PHONE]"),  # a phone number, not a card, though its digits pass the Luhn check
+    ("the text field says 12345678 items", "the text field says 12345678 items"),
+    ("postgres://app:Hunter2pass@db.internal/prod", "postgres://app:[SECRET]@db.internal/prod"),
+    ("my password is hunter2! and my wifi password is sunshine", "my password is [SECRET]! and my wifi password is [SECRET]"),
+    ("The password is correct.", "The password is correct."),
+    ("post to https://hooks.slack.com/services/T0123ABCD/B0123ABCD/abcdefghijklmnopqrstuvwx", "post to [SECRET]"),
+    ("IBAN DE89 3704 0044 0532 0130 00, or GB29NWBK60161331926819", "IBAN [IBAN], or [IBAN]"),
+    ("IBAN DE89 3704 0044 0532 0130 01", "IBAN DE89 3704 0044 0532 0130 01"),  # its check digits fail
+    ("card 4111.1111.1111.1111", "card [CARD]"),
+    ("SSN 123-45-6789, my SSN: 123456789, NI number AB 12 34 56 C", "SSN [NATIONAL_ID], my SSN: [NATIONAL_ID], NI number [NATIONAL_ID]"),
+    ("ISBN 978-3-16-148410-0, part 666-12-3456, order 123-45-6789x", "ISBN 978-3-16-148410-0, part 666-12-3456, order 123-45-6789x"),
+])
+def test_forms_people_write_bank_accounts_and_identity_numbers_are_masked(text, masked):
+    assert redact_text(text)[0] == masked
+
+
 def test_tool_descriptions_are_redacted_and_the_schemas_kept():
     """Any client of the service declares tools: a description may name a person; names, types
     and the rest of the schema stay, so calls still validate against it."""
@@ -175,6 +199,26 @@ def test_tool_descriptions_are_redacted_and_the_schemas_kept():
                                                             "pattern": "^[A-Z]{2}-[0-9]+$"}
     assert function["name"] == "escalate" and result.found == {"email": 2, "phone": 1}
     assert example["tools"][0]["function"]["description"].startswith("Mail the case to joe")  # not modified
+
+
+def test_values_a_tool_schema_holds_are_redacted_as_its_calls_are_so_calls_still_validate():
+    from tasks.data.checks import check_tools
+
+    tools = [{"type": "function", "function": {"name": "notify", "description": "Notify someone.", "parameters": {
+        "type": "object", "properties": {
+            "to": {"type": "string", "enum": ["jane.doe@example.com", "ops"], "default": "jane.doe@example.com"},
+            "phone": {"type": "string", "examples": ["+44 20 7946 0958"]}},
+        "required": ["to"]}}}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "notify", "arguments": '{"to": "jane.doe@example.com"}'}}
+    example = {"messages": [{"role": "user", "content": "Tell Jane."}, {"role": "assistant", "content": None, "tool_calls": [call]}],
+               "tools": tools}
+    result = redact_example(example)
+    properties = result.example["tools"][0]["function"]["parameters"]["properties"]
+    assert properties["to"] == {"type": "string", "enum": ["[EMAIL]", "ops"], "default": "[EMAIL]"}
+    assert properties["phone"] == {"type": "string", "examples": ["[PHONE]"]}
+    arguments = json.loads(result.example["messages"][1]["tool_calls"][0]["function"]["arguments"])
+    assert arguments == {"to": "[EMAIL]"} and check_tools(result.example) == {}  # the call still matches its schema
+    assert result.found == {"email": 3, "phone": 1}
 
 
 def test_json_the_user_wrote_is_redacted_by_its_keys_wherever_it_is():

@@ -75,7 +75,7 @@ def test_a_rated_answer_keeps_its_trace_and_a_broken_call_is_not_trained_as_an_a
     assert validate_dataset(tmp_path / "out.jsonl").valid
 
 
-def test_an_answer_the_client_stopped_is_trained_only_through_its_correction(tmp_path):
+def test_an_answer_the_client_stopped_is_trained_only_through_its_correction(tmp_path, monkeypatch, capsys):
     store = FeedbackStore(tmp_path / "feedback.db")
     for cid in ("c0", "c1"):
         store.log_interaction(Interaction(cid, "chat", "m", "1", [{"role": "user", "content": f"Rewrite {cid}?"}],
@@ -87,6 +87,13 @@ def test_an_answer_the_client_stopped_is_trained_only_through_its_correction(tmp
     finals = [json.loads(line)["messages"][-1] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert finals == [{"role": "assistant", "content": "January 5, 2024"}]
     assert (export.examples, export.stopped) == (1, 1)
+    # and `ftllm feedback export` says why the other rating made no example
+    from ftllm.commands.feedback import export_command
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(tmp_path / "feedback.db"))
+    capsys.readouterr()
+    assert export_command(tmp_path / "cli.jsonl", 4) == 0
+    assert "wrote 1 examples" in (said := capsys.readouterr().out) and "left out: 1 stopped by the client mid-answer;" in said
 
 
 def test_a_log_of_a_newer_schema_is_refused_by_name(tmp_path):

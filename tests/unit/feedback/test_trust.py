@@ -269,7 +269,7 @@ def test_the_export_redacts_and_counts_per_category(tmp_path):
     assert rows[0]["messages"] == [{"role": "user", "content": "I am [EMAIL], card [CARD]"},
                                    {"role": "assistant", "content": "call [PHONE]"}]
     assert rows[1]["messages"][-1]["content"] == "February 20, 2006"
-    assert exported.redacted == {"secret": 0, "email": 1, "card": 1, "ip": 0, "phone": 1,
+    assert exported.redacted == {"secret": 0, "email": 1, "iban": 0, "card": 1, "ip": 0, "national_id": 0, "phone": 1,
                                  "examples_changed": 1, "examples_dropped": 0}
     rows, exported = _export(db, tmp_path, redaction="drop")
     assert len(rows) == 1 and exported.redacted["examples_dropped"] == 1
