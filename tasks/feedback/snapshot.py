@@ -21,12 +21,14 @@ class FeedbackSnapshot:
 
     export: FeedbackExport
     tracked_by: str | None
+    expired: tuple[int, int] = (0, 0)  # interactions and feedback rows retention erased before the export
 
     def to_dict(self) -> dict:
         e = self.export
         return {"db": str(e.db), "path": str(e.path), "examples": e.examples, "last_feedback_id": e.last_feedback_id,
                 "last_decision": e.last_decision, "tracked_by": self.tracked_by, "by_key": e.by_key, "users": e.users,
-                "redacted": e.redacted, **{k: getattr(e, k) for k in LEFT_OUT}}
+                "redacted": e.redacted, **{k: getattr(e, k) for k in LEFT_OUT},
+                "expired_interactions": self.expired[0], "expired_feedback": self.expired[1]}
 
     def mlflow_tags(self) -> dict[str, str]:
         """The provenance of the run's feedback, as MLflow run tags (`feedback.*`)."""
@@ -36,6 +38,7 @@ class FeedbackSnapshot:
         return {"feedback.examples": str(e.examples), "feedback.keys": json.dumps(e.by_key, sort_keys=True),
                 "feedback.end_users": str(e.users), **{f"feedback.{k}": str(getattr(e, k)) for k in LEFT_OUT},
                 "feedback.last_feedback_id": str(e.last_feedback_id), "feedback.last_decision": str(e.last_decision),
+                "feedback.expired_interactions": str(self.expired[0]), "feedback.expired_feedback": str(self.expired[1]),
                 **{f"feedback.redacted.{k}": str(v) for k, v in e.redacted.items()}}
 
 
@@ -44,7 +47,8 @@ def snapshot_feedback(root: Path, min_rating: int, out: Path, log: Callable[[str
                       policy: ExportPolicy = DEFAULT_POLICY, retention_days: float = 0) -> FeedbackSnapshot:
     """Export the service's feedback (`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`) to `out` and version it.
 
-    First erases what is past `retention_days` (0: nothing). No database yet (nothing
+    First erases what is past `retention_days` (0: nothing; `FeedbackStore.expire`: an answer
+    rated or corrected within the period stays). No database yet (nothing
     served) is no error: the export is empty and adds nothing.
 
     Args:
@@ -55,6 +59,7 @@ def snapshot_feedback(root: Path, min_rating: int, out: Path, log: Callable[[str
     from tasks.pipeline.dvc import track_data
 
     db = default_db_path(root)
+    expired = (0, 0)
     if not db.is_file():
         warn(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml): no feedback")
     elif retention_days > 0:
@@ -65,7 +70,8 @@ def snapshot_feedback(root: Path, min_rating: int, out: Path, log: Callable[[str
         finally:
             store.close()
         if expired[0]:
-            log(f"retention: erased {expired[0]} interactions older than {retention_days:g} days, {expired[1]} feedback rows")
+            log(f"retention: erased {expired[0]} interactions with no activity (answer or feedback) in "
+                f"{retention_days:g} days, {expired[1]} feedback rows")
         if unreviewed:
             warn(f"retention erased {unreviewed} held feedback rows nobody reviewed within feedback.retention_days "
                  f"{retention_days:g}; review held feedback sooner (`ftllm feedback pending`)")
@@ -75,4 +81,4 @@ def snapshot_feedback(root: Path, min_rating: int, out: Path, log: Callable[[str
     tracked = track_data(root, out, log=log) if export.examples or write_empty else None
     log(f"exported {export.examples} feedback examples (feedback ids up to {export.last_feedback_id}) from {db} "
         f"to {out}" + (f" (versioned in {tracked})" if tracked else ""))
-    return FeedbackSnapshot(export, tracked)
+    return FeedbackSnapshot(export, tracked, expired)

@@ -380,11 +380,26 @@ class FeedbackStore:
             log.warning("%s-wal could not be emptied (a reader held it): the erased rows stay in it until the "
                         "next checkpoint; run `ftllm feedback forget` again to retry", self.path)
 
+    # Interactions past retention: the answer and every feedback on it older than the cut-off. A
+    # rating posted today on an answer from long ago keeps that answer (and the rating) until the
+    # rating is as old: erased at once, it would never reach the run that was to read it.
+    _EXPIRED = ("SELECT id FROM interactions i WHERE i.created < :cutoff AND NOT EXISTS "
+                "(SELECT 1 FROM feedback f WHERE f.completion_id = i.id AND f.created >= :cutoff)")
+
     def expire(self, retention_days: float) -> tuple[int, int]:
-        """Erase interactions older than `retention_days` (and their feedback); 0 keeps everything."""
+        """Erase each interaction whose latest activity (its answer, or the latest feedback on it) is
+        older than `retention_days`, with its feedback; 0 keeps everything. Return (interactions,
+        feedback rows) erased. Like erasure by time, it lists no prompt (see `forget`)."""
         if retention_days <= 0:
             return 0, 0
-        return self.forget(before=time.time() - retention_days * 86400, reason=f"retention {retention_days:g} days")
+        cutoff = {"cutoff": time.time() - retention_days * 86400}
+        self.flush()
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            gone = self._conn.execute(f"DELETE FROM feedback WHERE completion_id IN ({self._EXPIRED})", cutoff).rowcount
+            erased = self._conn.execute(f"DELETE FROM interactions WHERE id IN ({self._EXPIRED})", cutoff).rowcount
+        self._purge_wal()
+        return erased, gone
 
     def held_expiring(self, retention_days: float, auto_approve: str) -> int:
         """Feedback rows `expire(retention_days)` would erase while still held for review (pending and not
@@ -395,9 +410,8 @@ class FeedbackStore:
         untrusted_only = "AND f.trusted = 0" if auto_approve == "trusted" else ""
         with self._lock:
             return int(self._conn.execute(
-                "SELECT COUNT(*) FROM feedback f JOIN interactions i ON i.id = f.completion_id "
-                f"WHERE f.review = 'pending' {untrusted_only} AND i.created < ?",
-                (time.time() - retention_days * 86400,)).fetchone()[0])
+                f"SELECT COUNT(*) FROM feedback f WHERE f.review = 'pending' {untrusted_only} "
+                f"AND f.completion_id IN ({self._EXPIRED})", {"cutoff": time.time() - retention_days * 86400}).fetchone()[0])
 
     def count_undecided(self, key_name: str) -> int:
         """The feedback rows of `key_name` no person has approved or rejected (held or admitted by trust)."""

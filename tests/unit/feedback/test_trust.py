@@ -314,6 +314,10 @@ def test_retention_erases_old_interactions(db, tmp_path):
     store = FeedbackStore(db)
     store._conn.execute("UPDATE interactions SET created = ? WHERE id IN ('c0', 'c1')", (time.time() - 40 * 86400,))
     store._conn.commit()
+    # c0 and c1 are old, but their feedback is new: a run has not read it yet
+    assert store.expire(30) == (0, 0) and store.count("interactions") == 6
+    store._conn.execute("UPDATE feedback SET created = ? WHERE completion_id IN ('c0', 'c1')", (time.time() - 35 * 86400,))
+    store._conn.commit()
     assert store.expire(30) == (2, 2) and store.expire(0) == (0, 0)
     assert store.count("interactions") == 4
     # Erasure by age lists no prompt: the same question asked again today is exported as any other.
@@ -324,6 +328,31 @@ def test_retention_erases_old_interactions(db, tmp_path):
     assert exported.erased == 0 and "asked again" in [r["messages"][-1]["content"] for r in rows]
     with FeedbackReader(db) as reader:
         assert reader.erased_digests() == set()
+
+
+def test_a_rating_of_an_old_answer_reaches_the_next_run_before_retention_erases_it(db, tmp_path, monkeypatch):
+    """Retention counts from an answer's latest activity: a correction posted today on an answer
+    older than the period is exported by the next run, not erased before it."""
+    from tasks.feedback import snapshot_feedback
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    store = FeedbackStore(db)
+    store.log_interaction(Interaction("late", "chat", "m", "1", [{"role": "user", "content": "2006-02-20"}], "Feb", "stop",
+                                      1, 1, 1.0, "ops"))
+    store._conn.execute("UPDATE interactions SET created = ? WHERE id = 'late'", (time.time() - 89.9 * 86400,))
+    store._conn.commit()
+    store.add_feedback("late", 1, "February 20, 2006", key_name="ops", trusted=True)
+    store._conn.execute("UPDATE interactions SET created = ? WHERE id = 'late'", (time.time() - 95 * 86400,))  # a run days later
+    store._conn.commit()
+    store.close()
+    out = tmp_path / "data" / "feedback.jsonl"
+    snapshot = snapshot_feedback(tmp_path, 4, out, log=lambda _: None, warn=lambda _: None, retention_days=90)
+    assert "February 20, 2006" in out.read_text() and snapshot.expired == (0, 0)
+    store = FeedbackStore(db)
+    store._conn.execute("UPDATE feedback SET created = ? WHERE completion_id = 'late'", (time.time() - 91 * 86400,))
+    store._conn.commit()
+    assert store.expire(90) == (1, 1)  # once the correction is as old, both go
+    store.close()
 
 
 def test_a_log_whose_retention_listed_prompts_exports_them_again_until_a_user_is_forgotten(db, tmp_path):
@@ -469,6 +498,7 @@ def test_a_runs_snapshot_tags_its_mlflow_run_with_the_provenance(db, tmp_path, m
     assert tags["feedback.end_users"] == "4" and tags["feedback.redacted.email"] == "0"
     assert tags["feedback.examples"] == "6" and tags["feedback.last_feedback_id"] == "6"
     assert (tags["feedback.erased"], tags["feedback.not_a_chat"], tags["feedback.invalid_calls"]) == ("0", "0", "0")
+    assert (tags["feedback.expired_interactions"], tags["feedback.expired_feedback"]) == ("1", "0")  # "old", unrated
     with FeedbackReader(db) as reader:  # the retention period erased the year-1970 interaction
         assert reader.interaction_count() == 6
 
@@ -479,7 +509,8 @@ def test_retention_says_how_many_held_rows_it_erased_unreviewed(db, tmp_path, mo
     from ftllm.commands.feedback import forget_command
 
     store = FeedbackStore(db)
-    store._conn.execute("UPDATE interactions SET created = ? WHERE id IN ('c0', 'c1', 'c3')", (time.time() - 100 * 86400,))
+    for table, column in (("interactions", "id"), ("feedback", "completion_id")):
+        store._conn.execute(f"UPDATE {table} SET created = ? WHERE {column} IN ('c0', 'c1', 'c3')", (time.time() - 100 * 86400,))
     store._conn.commit()
     # c0: ops' trusted correction (admitted); c1: web's (held); c3: bot's (held)
     assert store.held_expiring(90, "trusted") == 2 and store.held_expiring(90, "none") == 3
