@@ -200,6 +200,16 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
         if "weight" in m and (role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
             where = f"on a {role} message" if role != "assistant" else f"of {m['weight']!r}"
             problems.setdefault("bad_weight", f"message {i} has a weight {where}; weight is 0 or 1, on assistant messages")
+        # What only an assistant turn (or only a tool result) holds: no template renders it elsewhere.
+        if role != "assistant" and m.get("tool_calls"):
+            problems.setdefault("bad_tool_call", f"message {i} ({role}) has tool_calls; only an assistant message makes "
+                                                 "calls: move them to the assistant turn that makes them")
+        if role != "assistant" and any(m.get(k) for k in ("reasoning_content", "thinking")):
+            problems.setdefault("bad_reasoning", f"message {i} ({role}) has a reasoning trace; only an assistant message "
+                                                 "has one: move it to the answer it leads to, or remove it")
+        if role != "tool" and m.get("tool_call_id") is not None:
+            problems.setdefault("unexpected_tool_result", f"message {i} ({role}) has a tool_call_id; only a tool result "
+                                                          "answers a call: give it role tool, or remove the id")
         if "reasoning_content" in m and not (isinstance(m["reasoning_content"], str) and m["reasoning_content"].strip()):
             problems.setdefault("bad_reasoning", f"message {i}: reasoning_content is not a non-empty string")
         if "thinking" in m:

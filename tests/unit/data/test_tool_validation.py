@@ -64,6 +64,15 @@ def write(tmp_path: Path, lines: list, name: str = "d.jsonl") -> Path:
 
 
 GOOD = example()
+
+
+def moved(index: int, tag: str, **fields) -> dict:
+    """GOOD with `fields` set on its message `index` (0: the user's, 2: the tool result, 3: the answer)."""
+    e = example(tag=tag)
+    e["messages"][index] = {**e["messages"][index], **fields}
+    return e
+
+
 NESTED: dict = {"type": "string"}
 for _ in range(300):
     NESTED = {"type": "object", "properties": {"x": NESTED}}
@@ -86,8 +95,10 @@ CASES = {
                         [2, 3, 4, 5, 6, 7, 8, 9, 10]),
     "bad_tool_call": ([GOOD, {**GOOD, "messages": [GOOD["messages"][0], {**GOOD["messages"][1], "tool_calls": [call(call_id=None)]}]},
                        example(calls=[call(), call()], results=[{"role": "tool", "tool_call_id": "call00001", "content": "1"}] * 2,
-                               tag="b")],
-                      [2, 3]),
+                               tag="b"),
+                       # calls on a message that is not the assistant's: no template writes them there
+                       moved(0, "c", tool_calls=[call(call_id="call00002")]), moved(2, "d", tool_calls=[call(call_id="call00002")])],
+                      [2, 3, 4, 5]),
     "undeclared_tool": ([GOOD, example(calls=[call(name="get_weather")], tag="a"), {**example(tag="b"), "tools": []}],
                         [2, 3]),
     "bad_tool_arguments": ([GOOD, example(calls=[call(arguments="Oslo")], tag="a"), example(calls=[call(arguments='["Oslo"]')], tag="b"),
@@ -103,15 +114,19 @@ CASES = {
                               [2, 3]),
     "unexpected_tool_result": ([GOOD, example(results=[RESULT, {"role": "tool", "tool_call_id": "call00009", "content": "x"}], tag="a"),
                                 example(results=[RESULT] * 2, tag="b"),
-                                example(results=[RESULT, {"role": "tool", "content": "x"}], tag="c")],
-                               [2, 3, 4]),
+                                example(results=[RESULT, {"role": "tool", "content": "x"}], tag="c"),
+                                moved(3, "d", tool_call_id="call00001"), moved(0, "e", tool_call_id="call00001")],
+                               [2, 3, 4, 5, 6]),
     "missing_tool_result": ([GOOD, example(results=[{"role": "user", "content": "Well?"}], tag="a")], [2]),
     "bad_weight": ([GOOD, example(answer_weight=0.5, tag="a"), example(user_weight=1, tag="b"), example(answer_weight=True, tag="c")],
                    [2, 3, 4]),
     "all_weights_zero": ([GOOD, example(weight=0, answer_weight=0, tag="a")], [2]),
     "bad_reasoning": ([GOOD, example(reasoning_content=["x"], tag="a"), example(reasoning_content="  ", tag="b"),
                        # two spellings of the trace that differ: neither is dropped in silence
-                       example(reasoning_content="Look it up.", thinking="Guess.", tag="c")], [2, 3, 4]),
+                       example(reasoning_content="Look it up.", thinking="Guess.", tag="c"),
+                       # a trace on a message that is not the assistant's: no template writes it there
+                       moved(0, "d", reasoning_content="Ask about Oslo."), moved(2, "e", thinking="It says 20:03.")],
+                      [2, 3, 4, 5, 6]),
 }
 
 
