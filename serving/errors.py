@@ -108,6 +108,9 @@ def validation_error(err: ValidationError, model: type[BaseModel]) -> APIError:
         chosen = [e for e in rivals if e["type"] not in _TYPE_MISMATCHES][:1] or rivals
     path, _ = _field_path(model, chosen[0]["loc"])
     param = ".".join(str(p) for p in path) or None
+    if chosen[0]["type"] == "extra_forbidden":  # a field inside a message, a tool, ... that the API has not
+        return APIError(400, f"'{param}' is not a field of this API; leave it out (see docs/guides/serving-tools.md "
+                             "for the fields the service honours).", param=param, code="invalid_value")
     said = [chosen[0]["msg"], *(e["msg"].removeprefix("Input should be ") for e in chosen[1:])]
     return APIError(400, f"Invalid value for '{param}': {' or '.join(dict.fromkeys(said))}.", param=param,
                     code="invalid_value")

@@ -61,7 +61,12 @@ class ToolCallIn(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message; `refusal`, `annotations` and other fields OpenAI's client may echo back are ignored.
+    """One message. A field it does not know is refused (`weight` is the training data's, not the
+    API's); of the fields OpenAI's client echoes back from an answer, `refusal`, `annotations`,
+    `audio` and `parsed` are ignored, and `function_call` (the legacy form of `tool_calls`) only
+    when null.
+    A trace only on an assistant message, a `tool_call_id` only on a tool result, as `tool_calls`
+    only on an assistant message: elsewhere no template writes them.
 
     `developer` is OpenAI's newer name for `system` (its clients send it for reasoning
     models); it is rendered as `system`, since chat templates know only that one. `name`
@@ -71,7 +76,7 @@ class ChatMessage(BaseModel):
     another spelling of `reasoning_content`, as in the training data.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     # Checked field by field, in this order (tool_calls before content, which may be null
     # only beside them), so that a refusal's `param` names the field at fault.
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -81,6 +86,28 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
     thinking: str | None = None
     name: str | None = None
+    # Echoed by OpenAI's client from an answer (`message.model_dump()`; `parsed` from its
+    # `parse()` helper), ignored.
+    refusal: Any = None
+    annotations: Any = None
+    audio: Any = None
+    parsed: Any = None
+    function_call: None = None
+
+    @field_validator("function_call", mode="before")
+    @classmethod
+    def _legacy_call(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("function_call is the legacy form of a call, which the service does not read; send the "
+                             "call in tool_calls (with an id, type 'function' and the function)")
+        return value
+
+    @field_validator("reasoning_content", "thinking")
+    @classmethod
+    def _trace_on_assistant_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError("only an assistant message has a reasoning trace")
+        return value
 
     @field_validator("content", mode="before")
     @classmethod
@@ -111,6 +138,8 @@ class ChatMessage(BaseModel):
     def _on_tool_results(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None and info.data.get("role") == "tool":
             raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if value is not None and info.data.get("role", "tool") != "tool":
+            raise ValueError("only a tool message has a tool_call_id (of the call it answers)")
         return value
 
     @field_validator("thinking")

@@ -107,6 +107,36 @@ def test_a_message_missing_what_its_role_needs_is_refused_naming_the_field(chat,
     assert said in refused(send(chat, messages=[ASK, message], tools=TOOLS), param)
 
 
+@pytest.mark.parametrize(("message", "param", "code", "said"), [
+    # what a message cannot hold where it is: no template writes it there
+    ({"role": "user", "content": "Oslo?", "reasoning_content": "I wonder."}, "messages.1.reasoning_content",
+     "invalid_value", "only an assistant message has a reasoning trace"),
+    ({"role": "tool", "tool_call_id": "call_a", "content": "1", "thinking": "x"}, "messages.1.thinking",
+     "invalid_value", "only an assistant message has a reasoning trace"),
+    ({"role": "user", "content": "Oslo?", "tool_call_id": "call_a"}, "messages.1.tool_call_id", "invalid_value",
+     "only a tool message has a tool_call_id"),
+    # fields of training data, or of no API, are not ignored
+    ({"role": "assistant", "content": "Sunny.", "weight": 0}, "messages.1.weight", "invalid_value",
+     "is not a field of this API"),
+    ({"role": "user", "content": "Oslo?", "foo": 1}, "messages.1.foo", "invalid_value", "is not a field"),
+    ({"role": "assistant", "content": "Sunny.", "function_call": {"name": "get_weather", "arguments": "{}"}},
+     "messages.1.function_call", "invalid_value", "send the call in tool_calls"),
+])
+def test_a_message_field_the_service_would_not_render_is_refused_naming_it(chat, message, param, code, said):
+    assert said in refused(send(chat, messages=[ASK, message, AGAIN], tools=TOOLS), param, code)
+
+
+def test_what_openais_client_echoes_from_an_answer_is_accepted():
+    """`message.model_dump()` of an answer: refusal, annotations, audio and a null function_call."""
+    from openai.types.chat import ChatCompletionMessage
+
+    echoed = ChatCompletionMessage(role="assistant", content="Sunny.", refusal=None, annotations=[]).model_dump()
+    assert {"refusal", "annotations", "audio", "function_call"} <= echoed.keys()
+    from serving.schemas import ChatMessage
+
+    assert ChatMessage.model_validate(echoed).canonical() == {"role": "assistant", "content": "Sunny."}
+
+
 def test_calls_answered_in_any_order_and_ids_reused_in_a_later_turn_are_accepted(chat):
     messages = [ASK, calling("call_a", "call_b"), result("call_b"), result("call_a"), ANSWER, AGAIN,
                 calling("call_a"), result("call_a")]
