@@ -968,9 +968,19 @@ def _locate_moved(
         return None
     written = own[found.start : found.end]
     at = text.find(written, after) if written else -1
+    if at >= 0:
+        return _Span(at, at + len(written), i, at + found.answer - found.start)
+    # Qwen 3 writes a `<think>` block (the trace, or an empty one) in a turn after the last user
+    # message, and none once a later user message follows: the turn from its own words on,
+    # and its trace, if it has one, lost.
+    block = _THINK_BLOCK.match(written)
+    if block is None or not written[block.end() :]:
+        return None
+    written = written[block.end() :]
+    at = text.find(written, after)
     if at < 0:
         return None
-    return _Span(at, at + len(written), i, at + found.answer - found.start)
+    return _Span(at, at + len(written), i, at, reasoning_lost=bool(messages[i].get("reasoning_content")))
 
 
 def _locate_parts(text: str, start: int, bound: int, message: Message, end_text: str) -> _Span | str:
@@ -1002,6 +1012,7 @@ def _locate_parts(text: str, start: int, bound: int, message: Message, end_text:
 
 
 _THINK_END = re.compile(r"\s*</think>\s*")
+_THINK_BLOCK = re.compile(r"\s*<think>.*?</think>\s*", re.DOTALL)
 
 
 def _argument_text(value: Any) -> str:

@@ -151,6 +151,29 @@ def test_a_trace_qwen3_drops_before_the_last_question_is_counted(family_models) 
     assert encode_chat(tok, messages, train_reasoning=False).reasoning_lost == 0
 
 
+def test_a_tool_round_before_a_later_question_is_trained_under_qwen3(family_models) -> None:
+    """Qwen 3 writes a `<think>` block in a turn after the last user message and none once a later
+    question follows, so the conversation before such a turn is not a prefix of the whole: the
+    turn is found by its own words, and its trace, which the whole text does not hold, is lost."""
+    tok = _tokenizer(family_models("qwen3"))
+    call = {"id": "call00001", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Oslo"}'}}
+    messages = [
+        {"role": "user", "content": "Time in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "Look it up."},
+        {"role": "tool", "tool_call_id": "call00001", "content": "20:03"},
+        {"role": "assistant", "content": "It is 20:03.", "reasoning_content": "Read the result."},
+        {"role": "user", "content": "Thanks. And Lima?"},
+        {"role": "assistant", "content": "I would look it up."},
+    ]
+    example = {"messages": messages, "tools": TOOLS}
+    runs = ['<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
+            "It is 20:03.<|im_end|>", "<think>\n\n</think>\n\nI would look it up.<|im_end|>"]
+    left_out = encode_chat(tok, example, train_reasoning=False)
+    assert (left_out.unlocated, left_out.reasoning_lost) == (0, 0) and trained_runs(tok, left_out) == runs
+    kept = encode_chat(tok, example)  # both traces are before the last question: both lost, both said
+    assert (kept.unlocated, kept.reasoning_lost) == (0, 2)
+
+
 def test_one_batched_call_equals_one_call_per_example(tiny) -> None:
     examples = [EXAMPLE, {"messages": REASONED, "tools": TOOLS}, {"messages": MESSAGES[:1] + [MESSAGES[-1]]}]
     assert encode_chats(tiny, examples) == [encode_chat(tiny, e) for e in examples]
