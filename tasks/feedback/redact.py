@@ -6,17 +6,18 @@ address or API key a user pasted into a chat. Seven categories, each a placehold
 
 | category | found by | placeholder |
 | --- | --- | --- |
-| `secret` | known key prefixes (`sk-`, `ghp_`, `github_pat_`, `AKIA`, `xox?-`, `hf_`, `glpat-`, `AIza`, Stripe `sk_live_`), `Bearer <token>`, JWTs, PEM private keys, `password=`/`api_key:`-style assignments, long high-entropy tokens | `[SECRET]` |
+| `secret` | known key prefixes (`sk-`, `ghp_`, `github_pat_`, `AKIA`, `xox?-`, `hf_`, `glpat-`, `AIza`, Stripe `sk_live_`), Slack and Discord webhook URLs, `Bearer <token>`, JWTs, PEM private keys, `password=`/`api_key:`-style assignments, a URL's password, a password said in prose, long high-entropy tokens | `[SECRET]` |
 | `email` | RFC 5322's common shape, `local@domain.tld` | `[EMAIL]` |
 | `iban` | bank account numbers in IBAN form (`DE89 3704 0044 0532 0130 00`) whose ISO 13616 check digits hold | `[IBAN]` |
 | `card` | 13-19 digits (spaces, dashes or dots between groups) that pass the Luhn check and start like a card network's number | `[CARD]` |
 | `ip` | IPv4 and IPv6 addresses that the standard `ipaddress` module parses (not version numbers) | `[IP]` |
 | `national_id` | US social security numbers (`123-45-6789`, or nine digits after "SSN") and UK National Insurance numbers | `[NATIONAL_ID]` |
-| `phone` | international (`+CC ...`), North American (`(555) 123-4567`) and European grouped forms with 7-15 digits, or a digit run next to "call", "phone", "tel" ... | `[PHONE]` |
+| `phone` | international (`+CC ...`), North American (`(555) 123-4567`) and European grouped forms with 7-15 digits, or a digit run next to "call", "phone", "tel", "my number", ... | `[PHONE]` |
 
 Look-alike characters (full-width forms, other scripts' digits, typeset dashes and spaces)
-are read as their ASCII forms for the search (`_Folding`). Categories are searched in that order and a later one never claims text an earlier one
-matched (a key holding digits is a secret, not a phone number). Only the standard
+are read as their ASCII forms for the search (`_Folding`). Categories are searched in that
+order and a later one never claims text an earlier one matched (a key holding digits is a
+secret, not a phone number). Only the standard
 library: Presidio, the usual library for this, needs spaCy language models from a model
 hub, which this project's machines cannot reach; `phonenumbers` (not installed here) would
 add per-country phone rules. The recall and precision of these rules on a labelled set
@@ -277,7 +278,7 @@ def _phones(text: str) -> Iterator[tuple[int, int]]:
 
 # -- the whole search ---------------------------------------------------------------------
 
-_FINDERS = {Category.SECRET: _secrets, Category.EMAIL: _emails, Category.CARD: _cards, Category.IBAN: _ibans,
+_FINDERS = {Category.SECRET: _secrets, Category.EMAIL: _emails, Category.IBAN: _ibans, Category.CARD: _cards,
             Category.IP: _ips, Category.NATIONAL_ID: _national_ids, Category.PHONE: _phones}
 
 
