@@ -195,8 +195,9 @@ def promote(model_name: str, version: str, force: bool = False, reason: str = ""
             and a reason.
     """
     mv = _get_version(model_name, version)
+    version = str(mv.version)  # as the registry numbers it: `01` is version 1
     current = champion_version(model_name)
-    if current == str(version):
+    if current == version:
         return AliasMove(model_name, current, current, changed=False)
     if mv.tags.get("gate_passed") != "true":
         if not force:
@@ -223,8 +224,7 @@ def rollback(model_name: str, to: str | None = None, reason: str = "") -> AliasM
     current = champion_version(model_name)
     history = champion_history(model_name)
     if to is not None:
-        _get_version(model_name, to)
-        target = str(to)
+        target = str(_get_version(model_name, to).version)  # as the registry numbers it: `01` is version 1
         if target == current:
             return AliasMove(model_name, current, current, changed=False)
         # History keeps its order: everything after the target's last reign is forgotten.

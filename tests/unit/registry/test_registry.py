@@ -47,6 +47,17 @@ def test_versions_promotion_and_rollback(tmp_path, model_name):
     assert registry.get_client().get_model_version(model_name, v3).tags["promote_forced"] == "true"
 
 
+def test_a_version_written_with_a_leading_zero_is_that_version(tmp_path, model_name):
+    """MLflow reads `01` as version 1: the champion history must say `1`, or a rollback compares
+    `1` with `01` and 'rolls back' to the champion it is on."""
+    v1, v2 = (new_version(tmp_path, model_name, True) for _ in range(2))
+    registry.promote(model_name, v1)
+    assert registry.promote(model_name, f"0{v2}").champion == v2 and not registry.promote(model_name, f"00{v2}").changed
+    assert registry.champion_history(model_name) == [v1, v2]
+    assert registry.rollback(model_name).champion == v1
+    assert registry.rollback(model_name, to=f"0{v2}").champion == v2 and registry.champion_history(model_name) == [v1, v2]
+
+
 def test_unknown_model_has_no_versions(model_name):
     assert registry.list_versions(model_name) == []
     assert registry.champion_history(model_name) == []
