@@ -8,12 +8,17 @@ UI shows the batch (markdown) above a form to approve all, per key, or reject pe
 Submitting it (the UI's Resume button, or `resume_flow_run(run_id, run_input={...})`)
 resumes the run, which trains on what was approved. After
 `feedback.approval_timeout_seconds` without an answer the run goes on without the held
-feedback, which stays held for the next run; `ftllm feedback approve` decides without a UI.
+feedback, which stays held for the next run. `ftllm feedback approve` decides without a UI;
+once it has decided every row of the batch, the paused run resumes by itself. The run waits
+before it takes the workspace (flows/retrain.py), so a paused run holds up no other run.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.input import RunInput
@@ -25,9 +30,10 @@ from tasks.environment import environment
 from tasks.errors import DataFileError
 from tasks.feedback import snapshot_feedback
 from tasks.feedback.export import ExportPolicy
-from tasks.feedback.review import Decision, apply_decision, describe_batch, held_batch
+from tasks.feedback.review import Decision, HeldBatch, apply_decision, describe_batch, held_batch, still_held
 
 APPROVAL_KEY = "feedback-approval"
+DECIDED_ELSEWHERE = "ftllm feedback approve"  # the reviewer a run resumed by the watcher records
 
 
 class ApprovalForm(RunInput):
@@ -67,18 +73,49 @@ def review_held_feedback(db: Path, settings: FeedbackParams) -> dict:
     logger.info(f"pausing for approval of {len(batch.rows)} held feedback rows (feedback.approval_timeout_seconds="
                 f"{settings.approval_timeout_seconds}): resume this run in the Prefect UI")
     outcome["paused"] = True
+    run_id = FlowRunContext.get().flow_run.id
+    poll = min(5, settings.approval_timeout_seconds)
+    done = threading.Event()
+    watcher = threading.Thread(target=_resume_once_decided, args=(db, batch, run_id, done, poll, logger),
+                               daemon=True)
+    watcher.start()
     try:
         answer = pause_flow_run(wait_for_input=form, timeout=settings.approval_timeout_seconds,
-                                poll_interval=min(5, settings.approval_timeout_seconds), key=APPROVAL_KEY)
+                                poll_interval=poll, key=APPROVAL_KEY)
     except FlowPauseTimeout:
-        _run_again(FlowRunContext.get().flow_run.id)
-        logger.warning(f"no approval within {settings.approval_timeout_seconds} s: training without the held "
-                       "feedback, which stays held for the next run")
-        return {**outcome, "timed_out": True}
+        _run_again(run_id)
+        held = still_held(db, batch)
+        logger.warning(f"no answer on the approval form within {settings.approval_timeout_seconds} s: training "
+                       f"with what was decided; {held} of the {len(batch.rows)} held rows stay held for the next run")
+        return {**outcome, "timed_out": True, "held": held}
+    finally:
+        done.set()
+    if answer.reviewer == DECIDED_ELSEWHERE:
+        logger.info("the held feedback was decided with `ftllm feedback approve` while the form waited")
     decided = apply_decision(db, batch, Decision(answer.approve_all, tuple(answer.approve_keys),
                                                  tuple(answer.reject_keys), answer.reviewer or "prefect-ui"))
     logger.info(f"approval: {decided}")
     return {**outcome, **decided}
+
+
+def _resume_once_decided(db: Path, batch: HeldBatch, run_id: UUID, done: threading.Event, every: float,
+                         logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Resume the paused run once no row of `batch` is pending: `ftllm feedback approve` decided
+    them all while the form waited. Looks every `every` seconds until `done` is set."""
+    from prefect.exceptions import NotPausedError
+    from prefect.flow_runs import resume_flow_run
+
+    while not done.wait(every):
+        try:
+            if still_held(db, batch):
+                continue
+            resume_flow_run(run_id, run_input={"reviewer": DECIDED_ELSEWHERE})
+            return
+        except NotPausedError:  # not paused yet (the pause is being set), or answered meanwhile
+            continue
+        except Exception as exc:  # the API or the log out of reach: the form and the timeout still end the wait
+            logger.warning(f"could not check the held feedback while the run waits ({exc}); answer the form instead")
+            return
 
 
 def _run_again(flow_run_id) -> None:

@@ -333,6 +333,12 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: R
     apply_defaults(root)  # a worker starts the flow without the CLI: same embedded defaults
     overrides = {**(overrides or {}), **section_overrides(sections)}
     params = load_params(params_file, overrides)
+    result.model_name = params.registry.model_name
+    check_fit(params)  # the base model loads and fits the settings: before any work, or any wait
+    # A person approves held feedback first (flows/approval.py), before the run takes the
+    # workspace: a run that waits on the approval form holds nothing another run needs.
+    if params.data.feedback or any(s.feedback for s in params.data.sources):
+        result.approval = review_held_feedback(default_db_path(root), params.feedback)
     # From validation to promotion this run owns the workspace: what it registers and packages
     # must be what its own stages wrote. A second run waits here (or gives up after an hour).
     with workspace_lock(root, log=logger.info):
@@ -343,14 +349,10 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     logger = get_run_logger()
     durations = result.durations
     data_path = Path(params.data.path) if Path(params.data.path).is_absolute() else root / params.data.path
-    result.model_name = params.registry.model_name
     result.champion_version = champion_version(params.registry.model_name)
     result.data = DataSummary(path=str(data_path))
 
-    check_fit(params)  # the base model loads and fits the settings: before any work
     t = time.perf_counter()
-    if params.data.feedback or any(s.feedback for s in params.data.sources):  # a person approves held feedback
-        result.approval = review_held_feedback(default_db_path(root), params.feedback)  # first (flows/approval.py)
     params, overrides, exported = _take_in_feedback(root, params_file, params, overrides)
     sources = params.data.source_list()
     paths = [Path(s.file) if Path(s.file).is_absolute() else root / s.file for s in sources]

@@ -107,9 +107,22 @@ class Decision:
     reviewer: str = "unknown"
 
 
+def still_held(db: Path, batch: HeldBatch) -> int:
+    """How many of the batch's rows are still pending: `ftllm feedback approve` may decide them
+    while a run waits on the approval form."""
+    if not batch.rows:
+        return 0
+    ids = [r.id for _, r in batch.rows]
+    with FeedbackReader(db) as reader:
+        return int(reader.conn.execute(f"SELECT COUNT(*) FROM feedback WHERE review = 'pending' AND id IN "
+                                       f"({','.join('?' * len(ids))})", ids).fetchone()[0])
+
+
 def apply_decision(db: Path, batch: HeldBatch, decision: Decision) -> dict[str, int]:
-    """Mark the batch's rows approved or rejected as decided; return the counts. Rows posted after
-    the batch was shown (ids above `batch.up_to_id`) are not touched, nor are undecided keys.
+    """Mark the batch's rows approved or rejected as decided; return the counts: `held`, the rows
+    still pending after it, and `decided_elsewhere` (when there are some), those decided
+    meanwhile by another reviewer (`ftllm feedback approve`). Rows posted after the batch was shown (ids above
+    `batch.up_to_id`) are not touched, nor are undecided keys.
 
     A key named for rejection is rejected whatever else the decision says: "approve all" then
     approves the other keys' rows (the approval form has both fields; the safer verdict wins).
@@ -125,4 +138,6 @@ def apply_decision(db: Path, batch: HeldBatch, decision: Decision) -> dict[str, 
         approved = store.review("approved", decision.reviewer, keys=approve, ids=ids) if approve is None or approve else 0
     finally:
         store.close()
-    return {"approved": approved, "rejected": rejected, "held": len(ids) - approved - rejected}
+    held = still_held(db, batch)
+    elsewhere = len(ids) - approved - rejected - held
+    return {"approved": approved, "rejected": rejected, "held": held, **({"decided_elsewhere": elsewhere} if elsewhere else {})}

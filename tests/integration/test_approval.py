@@ -91,6 +91,37 @@ def test_a_paused_run_trains_only_what_the_form_approved(server, tmp_path):  # n
 
 
 @pytest.mark.slow
+def test_a_paused_run_resumes_by_itself_once_the_command_line_decided_its_batch(server, tmp_path):  # noqa: F811
+    """`ftllm feedback approve` is the way to decide without the UI: the paused run must not wait
+    on the form (and hold up other runs) until its timeout after every row was decided."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ftllm.commands.feedback import approve_command
+
+    db, out = tmp_path / "feedback.db", tmp_path / "out.jsonl"
+    held_log(db)
+    proc = subprocess.Popen([sys.executable, "-c", FLOW, str(db), str(out), "300"], cwd=REPO, env=server,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+            paused_run(proc)
+        store = FeedbackStore(db)  # the command line decides: good approved, evil rejected
+        assert store.review("rejected", "cli", keys=["evil"]) == 3
+        store.close()
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("FTLLM_FEEDBACK_DB", str(db))
+            assert approve_command(False, ["good"], False, "cli") == 0
+        stdout, stderr = proc.communicate(timeout=60)  # well before the form's 300 s
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    outcome = result["outcome"]
+    assert outcome["paused"] and not outcome["timed_out"] and (outcome["held"], outcome["decided_elsewhere"]) == (0, 5)
+    assert result["by_key"] == {"good": 2, "ops": 1} and result["held"] == 0
+
+
+@pytest.mark.slow
 def test_without_an_answer_the_run_goes_on_without_the_held_feedback(server, tmp_path):  # noqa: F811
     db, out = tmp_path / "feedback.db", tmp_path / "out.jsonl"
     held_log(db)
@@ -99,3 +130,25 @@ def test_without_an_answer_the_run_goes_on_without_the_held_feedback(server, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["outcome"]["timed_out"] and result["by_key"] == {"ops": 1} and result["held"] == 5
+
+
+def test_a_run_waits_for_approval_before_it_takes_the_workspace(prefect_harness, tmp_path, monkeypatch):
+    """The wait on the approval form may last feedback.approval_timeout_seconds (an hour): the run
+    must not hold the workspace lock meanwhile, or every other run waits on a form nobody answers."""
+    import flows.retrain as flow_module
+    from tasks.errors import StageError
+    from tasks.pipeline.dvc import workspace_lock
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(tmp_path / "feedback.db"))
+    seen = []
+
+    def review(db, settings):
+        with workspace_lock(tmp_path, timeout=0):  # free: the waiting run holds nothing
+            seen.append("free")
+        raise StageError("stopped after the approval step")
+
+    monkeypatch.setattr(flow_module, "review_held_feedback", review)
+    result = flow_module.retrain(params_file=str(tmp_path / "params.yaml"), return_state=True).result(raise_on_failure=False)
+    assert seen == ["free"] and result.error == "stopped after the approval step"
+
