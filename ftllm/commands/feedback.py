@@ -65,7 +65,7 @@ def _export(out: Path, min_rating: int) -> None:
         raise UsageError(str(exc)) from None
     said = {"held": "held for approval", "rejected": "rejected",
             "superseded": "superseded by later feedback on the same answer",
-            "rated_low": f"rated below {min_rating} (preference data, not examples)",
+            "rated_low": f"rated below {min_rating} (no example; the preference export reads ratings)",
             "stopped": "stopped by the client mid-answer", "erased": "erased prompts",
             "invalid_calls": "invalid tools or calls", "not_a_chat": "that made no example (no prompt, or a blank answer)",
             "repeats": "repeats merged", "capped": "over feedback.max_key_share"}

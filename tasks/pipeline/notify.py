@@ -53,7 +53,9 @@ def notification_body(result: dict, links: dict[str, str] | None = None) -> tupl
 
 
 def notify_run(result: dict, links: dict[str, str] | None = None) -> str | None:
-    """Send the notification when the run was rejected or failed and a target is configured.
+    """Send the notification when the run was rejected or failed and a target is configured; a run
+    that registered nothing new (its model and settings are a version's already) sends none,
+    whatever that version's verdict, as every scheduled run would repeat it.
 
     Args:
         result: the run's result (status, model, version, gate, error...).
@@ -64,6 +66,8 @@ def notify_run(result: dict, links: dict[str, str] | None = None) -> str | None:
     """
     if result.get("status") not in NOTIFY_ON:
         return None
+    if result.get("status") != "failed" and not result.get("changed", True):
+        return None  # nothing new: the version it found was told of when a run registered it
     subject, body = notification_body(result, links)
     env = environment()
     url = env.notify_webhook.get_secret_value() if env.notify_webhook else None

@@ -55,6 +55,16 @@ def test_promoted_run_and_no_target_send_nothing(receiver, monkeypatch):
     assert received == []
 
 
+def test_a_run_that_registered_nothing_new_sends_nothing_unless_it_failed(receiver, monkeypatch):
+    """After a rollback, each scheduled run with nothing new finds the demoted version again, whose
+    status reads "rejected" (it is not champion): one alert per run about nothing new."""
+    url, received = receiver
+    monkeypatch.setenv("FTLLM_NOTIFY_WEBHOOK", url)
+    assert notify_run({**REJECTED, "changed": False, "gate": {"passed": True, "checks": []}}) is None
+    assert received == []
+    assert notify_run({**REJECTED, "changed": False, "status": "failed", "error": "dvc push failed"}) == "webhook"
+
+
 def test_links_to_the_runs_pages_are_posted(receiver, monkeypatch):
     url, received = receiver
     monkeypatch.setenv("FTLLM_NOTIFY_WEBHOOK", url)
