@@ -1,4 +1,4 @@
-"""Recall and precision of `tasks.feedback.redact` per category, on the labelled set of
+"""Recall and precision of `tasks.feedback.sensitive` per category, on the labelled set of
 `tests/support/redaction.py` (chat sentences with e-mail addresses, phone numbers, Luhn-valid card
 numbers, IBANs, US social security and UK National Insurance numbers, IPv4/IPv6 addresses
 and API keys/tokens, plus hard negatives: dates, ISO dates,

@@ -335,12 +335,10 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: R
     params = load_params(params_file, overrides)
     result.model_name = params.registry.model_name
     check_fit(params)  # the base model loads and fits the settings: before any work, or any wait
-    # A person approves held feedback first (flows/approval.py), before the run takes the
-    # workspace: a run that waits on the approval form holds nothing another run needs.
+    # Held feedback is approved first (flows/approval.py), before the run takes the workspace.
     if params.data.feedback or any(s.feedback for s in params.data.sources):
         result.approval = review_held_feedback(default_db_path(root), params.feedback)
-    # From validation to promotion this run owns the workspace: what it registers and packages
-    # must be what its own stages wrote. A second run waits here (or gives up after an hour).
+    # The workspace is this run's until it has registered what its stages wrote: a second run waits.
     with workspace_lock(root, log=logger.info):
         _retrain_in_workspace(root, params_file, params, overrides, result)
 

@@ -48,7 +48,7 @@ class Scores:
 
 
 def _luhn_complete(prefix: str, length: int, rng: random.Random) -> str:
-    from tasks.feedback.redact import luhn_valid
+    from tasks.feedback.sensitive import luhn_valid
 
     body = prefix + "".join(rng.choice(string.digits) for _ in range(length - len(prefix) - 1))
     return next(body + d for d in string.digits if luhn_valid(body + d))
@@ -220,7 +220,7 @@ def labelled_cases(per_category: int = 200, negatives: int = 1000, seed: int = 2
 def score(cases: list[Case]) -> Scores:
     """Run the redaction's finder over `cases`: an item counts as found when one finding of its
     category covers it whole; a finding that overlaps no item of its category is false."""
-    from tasks.feedback.redact import find_sensitive
+    from tasks.feedback.sensitive import find_sensitive
 
     scores = Scores()
     for case in cases:

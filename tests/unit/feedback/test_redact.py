@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from tasks.feedback.redact import find_sensitive, luhn_valid, redact_example, redact_examples, redact_text
+from tasks.feedback.redact import redact_example, redact_examples, redact_text
+from tasks.feedback.sensitive import find_sensitive, luhn_valid
 from tests.support.redaction import labelled_cases, score
 
 TARGET_RECALL = {"email": 0.99, "card": 0.99, "secret": 0.99, "phone": 0.95, "ip": 0.95, "iban": 0.99, "national_id": 0.95}
