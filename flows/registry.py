@@ -49,16 +49,17 @@ def promote_flow(model_name: str, version: int | str, force: bool = False, reaso
 
 
 @flow(name="rollback")
-def rollback_flow(model_name: str, to: int | str | None = None, reason: str = "") -> dict | State:
+def rollback_flow(model_name: str, to: int | str | None = None, reason: str = "", force: bool = False) -> dict | State:
     """Move `champion` back to the previous champion, or to version `to`.
 
     Args:
         model_name: the registered model in MLflow (registry.model_name).
         to: the version to make champion again; empty: the champion before the current one.
-        reason: why; recorded on the version.
+        reason: why; recorded on the version (required with force).
+        force: with `to`, a version that never was champion although it failed its gate.
     """
     try:
-        move = registry.rollback(model_name, to=None if to in (None, "") else str(to), reason=reason)
+        move = registry.rollback(model_name, to=None if to in (None, "") else str(to), reason=reason, force=force)
     except RegistryRefusal as exc:
         return _refused(exc)
     get_run_logger().info(f"champion of {model_name}: {move.previous} -> {move.champion}")

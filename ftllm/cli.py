@@ -258,14 +258,17 @@ def promote(
 @exit_with
 def rollback(
     to: Annotated[Optional[str], typer.Option("--to", help="Version to restore (default: the previous champion).")] = None,
-    reason: Annotated[str, typer.Option("--reason")] = "",
+    force: Annotated[bool, typer.Option("--force", help="With --to: a version that never was champion although "
+                                                         "its gate failed.")] = False,
+    reason: Annotated[str, typer.Option("--reason", help="Why (required with --force).")] = "",
     params: ParamsFile = Path("params.yaml"),
     set_: SetOverrides = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Move the champion alias back to the previous champion (or to --to VERSION)."""
     apply_defaults(params.resolve().parent)
-    _move_alias("rollback", as_json, model_name=_settings(params, set_).registry.model_name, to=to, reason=reason)
+    _move_alias("rollback", as_json, model_name=_settings(params, set_).registry.model_name, to=to, force=force,
+                reason=reason)
 
 
 @app.command()

@@ -187,6 +187,19 @@ class AliasMove:
         return {"model_name": self.model_name, "previous": self.previous, "champion": self.champion, "changed": self.changed}
 
 
+def _check_gate(mv, force: bool, reason: str, action: str) -> None:
+    """Refuse a version whose gate failed, unless `force` with a reason."""
+    if mv.tags.get("gate_passed") == "true":
+        return
+    if not force:
+        failed = f"version {mv.version} failed its gate ({mv.tags.get('gate_failed_checks', 'unknown')})"
+        raise RegistryRefusal(f"{failed}; {action} it anyway with --force --reason TEXT",
+                              form_message=f"{failed}; to {action} it anyway, set force and give a reason")
+    if not reason.strip():
+        raise RegistryRefusal("--force needs --reason TEXT: the reason is recorded on the version",
+                              form_message="force needs a reason: give one, it is recorded on the version")
+
+
 def promote(model_name: str, version: str, force: bool = False, reason: str = "") -> AliasMove:
     """Point `champion` at `version`.
 
@@ -199,14 +212,7 @@ def promote(model_name: str, version: str, force: bool = False, reason: str = ""
     current = champion_version(model_name)
     if current == version:
         return AliasMove(model_name, current, current, changed=False)
-    if mv.tags.get("gate_passed") != "true":
-        if not force:
-            failed = f"version {version} failed its gate ({mv.tags.get('gate_failed_checks', 'unknown')})"
-            raise RegistryRefusal(f"{failed}; promote it anyway with --force --reason TEXT",
-                                  form_message=f"{failed}; to promote it anyway, set force and give a reason")
-        if not reason.strip():
-            raise RegistryRefusal("--force needs --reason TEXT: the reason is recorded on the version",
-                                  form_message="force needs a reason: give one, it is recorded on the version")
+    _check_gate(mv, force, reason, "promote")
     history = champion_history(model_name) + [str(version)]
     tags = {"promoted_at": _now(), "promoted_by": _actor(), "promote_reason": reason or "gate passed"}
     if force:
@@ -215,18 +221,25 @@ def promote(model_name: str, version: str, force: bool = False, reason: str = ""
     return AliasMove(model_name, current, str(version), changed=True)
 
 
-def rollback(model_name: str, to: str | None = None, reason: str = "") -> AliasMove:
+def rollback(model_name: str, to: str | None = None, reason: str = "", force: bool = False) -> AliasMove:
     """Move `champion` back to the previous champion, or to version `to`.
 
+    A version that was champion before may be restored whatever its gate said (it served
+    already); one that never was is a promotion, refused as `promote` refuses it.
+
     Raises:
-        RegistryRefusal: no champion yet, no former champion to go back to, or an unknown `to`.
+        RegistryRefusal: no champion yet, no former champion to go back to, an unknown `to`, or
+            a `to` that was never champion and failed its gate, without `force` and a reason.
     """
     current = champion_version(model_name)
     history = champion_history(model_name)
     if to is not None:
-        target = str(_get_version(model_name, to).version)  # as the registry numbers it: `01` is version 1
+        mv = _get_version(model_name, to)
+        target = str(mv.version)  # as the registry numbers it: `01` is version 1
         if target == current:
             return AliasMove(model_name, current, current, changed=False)
+        if target not in history and not {"promoted_at", "rolled_back_at"} & mv.tags.keys():  # never served
+            _check_gate(mv, force, reason, "restore")
         # History keeps its order: everything after the target's last reign is forgotten.
         history = history[: len(history) - history[::-1].index(target)] if target in history else history + [target]
     else:

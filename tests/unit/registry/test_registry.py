@@ -58,6 +58,21 @@ def test_a_version_written_with_a_leading_zero_is_that_version(tmp_path, model_n
     assert registry.rollback(model_name, to=f"0{v2}").champion == v2 and registry.champion_history(model_name) == [v1, v2]
 
 
+def test_rollback_to_a_version_that_never_served_is_refused_as_a_promotion_would_be(tmp_path, model_name):
+    v1, v2, failed = (new_version(tmp_path, model_name, passed) for passed in (True, True, False))
+    registry.promote(model_name, v1)
+    registry.promote(model_name, v2)
+    with pytest.raises(registry.RegistryRefusal, match="failed its gate.*--force --reason"):
+        registry.rollback(model_name, to=failed)
+    with pytest.raises(registry.RegistryRefusal, match="--reason"):
+        registry.rollback(model_name, to=failed, force=True)
+    assert registry.champion_version(model_name) == v2
+    assert registry.rollback(model_name, to=failed, force=True, reason="known fix").champion == failed
+    # a version that served before is restored whatever its gate said
+    assert registry.rollback(model_name, to=v1).champion == v1
+    assert registry.rollback(model_name, to=failed).champion == failed
+
+
 def test_unknown_model_has_no_versions(model_name):
     assert registry.list_versions(model_name) == []
     assert registry.champion_history(model_name) == []
