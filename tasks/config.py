@@ -744,7 +744,35 @@ def _read_settings(path: Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"{path}: not valid YAML ({exc}); fix the file") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    repeated = _repeated_key(text)
+    if repeated is not None:  # YAML keeps the last one: the first one's settings would be dropped unsaid
+        key, first, again = repeated
+        raise ConfigError(f"{path}:{again}: {key} is given twice (lines {first} and {again}); the second would "
+                          "replace the first whole: merge them into one")
     return raw, text
+
+
+def _repeated_key(text: str) -> tuple[str, int, int] | None:
+    """The first key a YAML mapping of `text` gives twice: (dotted path, first line, second line)."""
+    def walk(node, path: tuple) -> tuple[str, int, int] | None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                line = key.start_mark.line + 1
+                if key.value in seen:
+                    return ".".join(map(str, (*path, key.value))), seen[key.value], line
+                seen[key.value] = line
+                found = walk(value, (*path, key.value))
+                if found:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                found = walk(item, (*path, i))
+                if found:
+                    return found
+        return None
+
+    return walk(yaml.compose(text), ())
 
 
 def load_params(path: Path | str | None = "params.yaml", overrides: dict[str, Any] | None = None,

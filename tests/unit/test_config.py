@@ -110,6 +110,23 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(bad)
 
 
+def test_a_section_or_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys: a second `train:` at the end of the file dropped
+    every setting of the first (`max_steps: 50` ran 300 steps), and `params --write` saved that."""
+    twice = tmp_path / "params.yaml"
+    text = (REPO / "params.yaml").read_text()
+    twice.write_text(text + "train:\n  lora_r: 4\n")
+    first = key_lines(text)[("train",)]
+    last = len(text.splitlines()) + 1
+    with pytest.raises(ConfigError, match=rf"params.yaml:{last}: train is given twice \(lines {first} and {last}\)"):
+        load_params(twice)
+    twice.write_text("data:\n  path: a.jsonl\n  path: b.jsonl\n")
+    with pytest.raises(ConfigError, match=r"params.yaml:3: data.path is given twice \(lines 2 and 3\)"):
+        load_params(twice)
+    with pytest.raises(ConfigError, match="given twice"):
+        write_params(twice)
+
+
 def test_resolved_params_carry_data_md5_and_reload(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.jsonl").write_text("{}\n")
@@ -228,7 +245,7 @@ def test_write_keeps_the_users_values_adds_new_keys_and_refreshes_comments(tmp_p
     expected = render_params({"train": {"max_steps": 100},
                               "data": {"sources": [{"path": "data/dates.jsonl"}, {"feedback": True}]}})
     assert written == expected
-    path.write_text(written + "workers:\n  train_deployment: null\n  gpu_pool: a100\n")
+    path.write_text(written.replace("\nworkers:\n", "\nworkers:\n  gpu_pool: a100\n", 1))
     with pytest.raises(ConfigError, match=r"unknown keys would be lost .*workers.gpu_pool"):
         write_params(path)
     fresh = tmp_path / "new.yaml"
