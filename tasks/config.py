@@ -25,10 +25,10 @@ import json
 import re
 import textwrap
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tasks.environment import environment
 from tasks.errors import ConfigError
@@ -39,6 +39,42 @@ OVERRIDES_ENV = "FTLLM_OVERRIDES"
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1: `max_steps: true` trained one step
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation)) or {annotation}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"{str(value).lower()} is a boolean; give a number")
+        return value
+
+
+_CRON_MACROS = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"})
+_MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
+_WEEKDAYS = {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}
+_CRON_FIELDS = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {"l": 31}),
+                ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _WEEKDAYS))
+
+
+def cron_problem(expression: str) -> str | None:
+    """What is wrong with a cron expression (five fields, or a macro such as @daily), or None."""
+    if expression.strip().lower() in _CRON_MACROS:
+        return None
+    fields = expression.split()
+    if len(fields) != 5:
+        return f"{expression!r} has {len(fields)} fields; a cron expression has 5: minute hour day-of-month month day-of-week"
+    for text, (what, low, high, names) in zip(fields, _CRON_FIELDS):
+        for part in text.lower().split(","):
+            base, slash, step = part.partition("/")
+            base = base.split("#")[0] if what == "day of week" else base  # `1#2`: the second Monday
+            bounds = [] if base in ("*", "?") else base.split("-", 1)
+            values = [str(names.get(b, b)) for b in bounds] + ([step] if slash else [])
+            if not part or any(not v.isdigit() for v in values) or any(not low <= int(v) <= high for v in values[:2]):
+                return f"{expression!r}: the {what} field {text!r} is not a value from {low} to {high}, a range or a step"
+    return None
 
 
 FEEDBACK_SNAPSHOT = "data/feedback.jsonl"
@@ -305,6 +341,9 @@ class TrainParams(_Section):
 
     @model_validator(mode="after")
     def _bf16_trainables_need_a_bf16_lora_run(self) -> "TrainParams":
+        if self.epochs is None and self.warmup_steps >= 1 and self.warmup_steps > self.max_steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps:g}) is more than train.max_steps "
+                             f"({self.max_steps}): the run would end before the learning rate peaks")
         if self.trainable_precision == "bf16" and self.method != "lora":
             raise ValueError(
                 f"train.trainable_precision=bf16 is for train.method=lora; {self.method} keeps fp32 trained weights "
@@ -474,6 +513,25 @@ class ScheduleParams(_Section):
     timezone: str = Field("UTC", description="Time zone of the cron expression (IANA name).")
     active: bool = Field(False, description="true: the deployment's schedule is on when deployed.")
 
+    @field_validator("cron")
+    @classmethod
+    def _a_cron_expression(cls, value: str) -> str:
+        problem = cron_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _an_iana_time_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone (UTC, Europe/Oslo, America/New_York, ...)") from None
+        return value
+
 
 class WorkersParams(_Section):
     train_deployment: str | None = Field(
@@ -519,6 +577,8 @@ class MonitorParams(_Section):
     )
     cron: str = Field("0 * * * *", description="Cron expression of the monitor deployment (timezone: schedule.timezone).")
     active: bool = Field(False, description="true: the monitor deployment's schedule is on when deployed.")
+
+    _a_cron_expression = field_validator("cron")(ScheduleParams._a_cron_expression.__func__)
     retrain: bool = Field(
         True, description="true: the automation starts the retrain deployment when the monitor recommends it.",
     )

@@ -46,11 +46,28 @@ def test_overrides_apply_and_parse_yaml_scalars():
         ({"train.trainable_precision": "bf16", "train.method": "full"}, "train.trainable_precision=bf16 is for train.method=lora"),
         ({"train.trainable_precision": "bf16", "train.precision": "fp32"}, "needs train.precision bf16"),
         ({"train.compile": True, "train.distributed": "fsdp", "train.num_processes": 2}, "train.compile is not supported"),
+        # true is no number: pydantic would read it as 1 (a one-step run)
+        ({"train.max_steps": True}, "train.max_steps: true is a boolean; give a number"),
+        ({"gate.min_exact_match": False}, "gate.min_exact_match: false is a boolean"),
+        ({"train.warmup_steps": 5000, "train.max_steps": 10}, r"warmup_steps \(5000\) is more than train.max_steps \(10\)"),
+        ({"schedule.cron": "not a cron"}, "schedule.cron: 'not a cron' has 3 fields; a cron expression has 5"),
+        ({"monitor.cron": "99 99 * * *"}, "monitor.cron: .*the minute field '99' is not a value from 0 to 59"),
+        ({"schedule.cron": "0 3 * * 8"}, "the day of week field '8'"),
+        ({"schedule.timezone": "Mars/Olympus"}, "schedule.timezone: 'Mars/Olympus' is not an IANA time zone"),
     ],
 )
 def test_errors_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_params(None, override)
+
+
+@pytest.mark.parametrize("cron", ["0 3 * * 1", "@daily", "*/15 * * * *", "0 3 * * mon-fri", "0 3 1-31/2 JAN,FEB *",
+                                  "0 0 L * *", "0 3 * * 1#2", "0-30/5 9-17 * * *"])
+def test_cron_expressions_prefect_reads_are_accepted(cron):
+    from prefect.client.schemas.schedules import CronSchedule
+
+    CronSchedule(cron=cron, timezone="Europe/Oslo")  # what `ftllm deploy` builds from the setting
+    assert load_params(None, {"schedule.cron": cron, "monitor.cron": cron, "schedule.timezone": "Europe/Oslo"})
 
 
 def test_unknown_section_and_malformed_set_are_refused():
