@@ -13,6 +13,7 @@ for `run`: 0 promoted, 3 rejected by the gate, 1 failed, 2 usage error.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -39,6 +40,12 @@ SetOverrides = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a setting for this command: section.key=value (repeatable).")]
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C: the flow stops its stage and the temporary Prefect server it started
+    (killed by SIGTERM's default, that server outlived the run, holding its port)."""
+    raise KeyboardInterrupt
+
+
 def _emit(obj: Any, as_json: bool) -> None:
     """With --json, print `obj` (a pydantic model or plain data) as the last line of stdout."""
     if not as_json:
@@ -56,6 +63,7 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="End stdout with the run's result as JSON.")] = False,
 ) -> int:
     """Run the whole retraining flow: validate, prepare, finetune, evaluate, gate, register, package."""
+    signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's stop ends the run as Ctrl-C does
     apply_defaults(params.resolve().parent)
     from tasks.config import load_params, parse_overrides
     from tasks.pipeline.result import RunResult

@@ -11,11 +11,24 @@ from pathlib import Path
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file and a rename, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `text` to `path` through a temporary file and a rename, so no reader sees half a file.
+
+    Raises:
+        DataFileError: `path` is a folder or cannot be written (the temporary file is removed).
+    """
+    from tasks.errors import DataFileError
+
+    path = Path(path)
+    if path.is_dir():
+        raise DataFileError(f"{path}: a folder; give the path of a file to write")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataFileError(f"{path}: cannot be written ({exc.strerror or exc})") from None
     return path
 
 

@@ -85,6 +85,25 @@ def project_params(root: Path, overrides: dict[str, Any] | None = None, params_f
     return load_params(path if path.is_file() else None, overrides)
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """Refuse a port in use or an address this machine does not have, before the server starts
+    (bentoml would fail with a traceback after the service was announced)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UsageError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick another port, "
+                             "or stop what uses it") from None
+
+
 def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None = None,
                   overrides: dict[str, Any] | None = None, params: Path | None = None) -> int:
     """Run `bentoml serve` in the foreground; return its exit code.
@@ -99,7 +118,7 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
             model), handed to the service in FTLLM_PARAMS; default: FTLLM_PARAMS, else params.yaml.
 
     Raises:
-        UsageError: the port is out of range, or `params` is not a file.
+        UsageError: the port is out of range, in use or not bindable, or `params` is not a file.
         ConfigError: the settings, with their overrides, do not validate; or FTLLM_API_KEYS,
             FTLLM_API_KEYS_FILE or FTLLM_API_KEY cannot be used.
         DataFileError: the feedback log (FTLLM_FEEDBACK_DB, else feedback.db) cannot be opened
@@ -118,6 +137,7 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
     from tasks.feedback import FeedbackStore, default_db_path
 
     FeedbackStore(default_db_path(root)).close()  # so is a log it could not write: opened (made) here first
+    _check_bindable(host, port)
     if host not in ("127.0.0.1", "localhost", "::1") and keys is None:
         print(f"warning: binding {host} without FTLLM_API_KEYS or FTLLM_API_KEY: anyone who reaches this port can "
               "use and teach the model", file=sys.stderr)

@@ -67,6 +67,9 @@ def _validate(path: Path, format: str, report: Path | None, json_out: bool, fix:
     """`validate_command`'s work; raises a `UsageError` for what cannot be validated at all."""
     if format != "auto" and format not in FORMATS:
         raise FormatError(f"--format {format!r}: use one of auto, {', '.join(FORMATS)}")
+    if fix is not None and Path(fix).resolve() == Path(path).resolve():
+        raise UsageError(f"--fix {fix}: that is the file being validated, which would keep only its valid lines; "
+                         "write the fixed examples to another file")
     settings = load_settings(params, overrides)
     try:
         result = _run(path, format, settings, show_progress=not json_out)

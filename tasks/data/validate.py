@@ -401,10 +401,12 @@ def write_fixed(path: Path, report: ValidationReport, out: Path) -> tuple[int, i
     """
     conv_fmt = report.format if report.format in FORMATS else "openai"  # as validate_dataset read it
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise DataFileError(f"{out}: a folder; give the path of a file to write")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     kept = dropped = 0
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             for c in iter_checked(Path(path), conv_fmt):
                 if c.ordinal in report.bad_examples or c.example is None:
@@ -413,6 +415,8 @@ def write_fixed(path: Path, report: ValidationReport, out: Path) -> tuple[int, i
                 f.write(json.dumps(c.example, ensure_ascii=False) + "\n")
                 kept += 1
         os.replace(tmp, out)
+    except OSError as exc:
+        raise DataFileError(f"{out}: cannot be written ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)
     return kept, dropped

@@ -34,6 +34,7 @@ from typing import Any
 
 from tasks.config import Params
 from tasks.environment import environment
+from tasks.errors import DataFileError
 from tasks.files import write_atomic
 
 KEEP = 32
@@ -90,7 +91,7 @@ class BaselineStore:
             entries = sorted(((p.stat().st_mtime_ns, p) for p in self.folder.glob("*.json")), reverse=True)
             for _, old in entries[KEEP:]:
                 old.unlink(missing_ok=True)
-        except OSError:
+        except (OSError, DataFileError):  # a cache it cannot write: the next run scores the base again
             return
 
 

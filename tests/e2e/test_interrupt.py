@@ -93,3 +93,28 @@ def test_killed_training_fails_the_run_and_the_next_run_resumes(project, prefect
     trained = json.loads((project / "artifacts" / "model" / "train_summary.json").read_text())
     # At most save_steps steps were repeated: training went on from the checkpoint.
     assert trained["resumed_from_step"] >= 20 and trained["steps"] == OVERRIDES["train.max_steps"]
+
+
+def test_sigterm_stops_the_run_and_the_temporary_prefect_server_it_started(project):
+    """A supervisor's stop (SIGTERM, as systemd, Kubernetes or a CI timeout send it) ends `ftllm run`
+    as Ctrl-C does: the temporary Prefect server it started goes with it, instead of living on,
+    orphaned, holding its port."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    run = subprocess.Popen([str(BIN / "ftllm"), "run", "--set", f"registry.model_name={MODEL}-term"], cwd=project,
+                           env={**env, "FTLLM_ROOT": str(project)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        deadline, server = time.monotonic() + 300, None
+        while server is None and time.monotonic() < deadline and run.poll() is None:
+            servers = [p for p in psutil.Process(run.pid).children(recursive=True)
+                       if "prefect.server.api.server" in " ".join(p.cmdline())]
+            server = servers[0] if servers else None
+            time.sleep(0.5)
+        assert server is not None, "the run started no temporary Prefect server"
+        time.sleep(3)  # the flow is under way
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
+    assert not psutil.pid_exists(server.pid) or server.status() == psutil.STATUS_ZOMBIE

@@ -154,6 +154,41 @@ def test_expected_failures_are_one_line_on_stderr(args, code, fragment, monkeypa
     assert "Traceback" not in result.stderr and "error" not in result.stdout
 
 
+def test_output_paths_it_cannot_write_are_one_line_and_leave_no_temporary_file(monkeypatch, tmp_path):
+    """A folder or an unwritable place for --report, --fix or an export, and --fix onto the file
+    being validated (which would keep only its valid lines), fail in one line, exit 2."""
+    import json as _json
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text(_json.dumps({"messages": [{"role": "user", "content": "2006-02-20"},
+                                               {"role": "assistant", "content": "February 20, 2006"}]}) + "\n")
+    (tmp_path / "out").mkdir()
+    cases = [(["validate", "d.jsonl", "--report", "out"], "out: a folder; give the path of a file to write"),
+             (["validate", "d.jsonl", "--fix", "out"], "out: a folder"),
+             (["validate", "d.jsonl", "--fix", "/proc/nope/x.jsonl"], "/proc/nope/x.jsonl: cannot be written"),
+             (["validate", "d.jsonl", "--fix", "./d.jsonl"], "that is the file being validated")]
+    for args, fragment in cases:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and fragment in result.stderr.strip().splitlines()[-1], (args, result.output)
+        assert "Traceback" not in result.stderr
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name] and list((tmp_path / "out").iterdir()) == []
+    assert len(data.read_text().splitlines()) == 1
+
+
+def test_serve_refuses_a_port_in_use_before_it_announces_the_service(params, monkeypatch):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--port", str(port), "--params", str(params)])
+    assert result.exit_code == 2, result.output
+    assert f"--port {port}: cannot listen there (Address already in use)" in result.stderr
+    assert "serving" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_bench_serve_without_a_service_says_so():
     from tests.support.project import free_port
 
