@@ -334,9 +334,9 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: R
     overrides = {**(overrides or {}), **section_overrides(sections)}
     params = load_params(params_file, overrides)
     result.model_name = params.registry.model_name
-    check_fit(params)  # the base model loads and fits the settings: before any work, or any wait
+    check_fit(params, root=root)  # the base model loads and fits the settings, the data is there: before any wait
     # Held feedback is approved first (flows/approval.py), before the run takes the workspace.
-    if params.data.feedback or any(s.feedback for s in params.data.sources):
+    if params.data.reads_feedback():
         result.approval = review_held_feedback(default_db_path(root), params.feedback)
     # The workspace is this run's until it has registered what its stages wrote: a second run waits.
     with workspace_lock(root, log=logger.info):

@@ -20,7 +20,7 @@ from typing import Any
 
 from tasks.config import ModelParams, Params
 from tasks.environment import environment
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, DataFileError
 from tasks.model.tiny import CHAT_TEMPLATE as CHATML_TEMPLATE
 
 # peft reads transformers' deprecated `is_gradient_checkpointing` every time it wraps a model,
@@ -95,10 +95,13 @@ def check_base(base: str) -> None:
         )
 
 
-def check_fit(params: Params, base_path: str | None = None) -> None:
+def check_fit(params: Params, base_path: str | None = None, root: Path | None = None) -> None:
     """Refuse, before any work, settings that the base model cannot run; the message names the key.
 
-    Checks that `model.base` loads (`check_base`), that a training row and a prompt plus its answer
+    Checks that `model.base` loads (`check_base`) and transformers reads its config, that a
+    `model.chat_template` file exists, that `train.method: qlora` has a CUDA GPU (unless a GPU
+    worker trains: `workers.train_deployment`), that the data files exist (given `root`, the
+    folder paths are relative to; a feedback source's file is the run's export), that a training row and a prompt plus its answer
     at evaluation (`data.max_tokens + eval.max_new_tokens`) fit the model's context, and that
     `train.attention: packed` is not asked of a model whose attention it would change (a
     sliding window shorter than a row, soft-capped attention logits; `auto` picks the mask
@@ -109,7 +112,25 @@ def check_fit(params: Params, base_path: str | None = None) -> None:
     """
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(base_path or resolve_base(params.model))
+    try:
+        cfg = AutoConfig.from_pretrained(base_path or resolve_base(params.model))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.base={params.model.base}: transformers cannot read its config.json "
+                          f"({str(exc).splitlines()[0]}); point model.base at a saved model folder") from None
+    template = params.model.chat_template
+    if template not in ("auto", "chatml") and not Path(template).is_file():
+        raise ConfigError(f"model.chat_template={template}: no such file; give the path of a Jinja file, or auto / chatml")
+    if params.train.method == "qlora" and params.workers.train_deployment is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.method=qlora needs a CUDA GPU and the bitsandbytes package (4-bit NF4); use "
+                              "train.method=lora on this machine, or train on a GPU worker (workers.train_deployment)")
+    for i, source in enumerate(params.data.source_list() if root is not None else []):
+        path = Path(source.file) if Path(source.file).is_absolute() else root / source.file
+        if not source.feedback and not path.is_file():
+            key = f"data.sources[{i}].path" if params.data.sources else "data.path"
+            raise DataFileError(f"{path}: data file not found; check {key}")
     context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     data, train, evaluation = params.data, params.train, params.eval
     if context:

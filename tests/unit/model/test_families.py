@@ -189,6 +189,31 @@ def test_settings_the_model_cannot_run_fail_before_any_work(family_models):
     check_fit(small_params(gemma))  # auto: the mask, where packed attention would not be exact
 
 
+def test_a_base_transformers_cannot_read_a_missing_template_qlora_without_cuda_and_missing_data_fail_first(tmp_path):
+    """Found inside the flow's tasks, these were tracebacks (Prefect logs a task's exception whole),
+    some with exit 1 for a setting, qlora only after validation and preparation."""
+    from tasks.errors import DataFileError
+
+    (tmp_path / "noconfig").mkdir()
+    (tmp_path / "noconfig" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"model.base=.*noconfig: transformers cannot read its config.json \(Unrecognized"):
+        check_fit(load_params(None, {"model.base": str(tmp_path / "noconfig")}))
+    with pytest.raises(ConfigError, match=r"model.chat_template=/nowhere.jinja: no such file"):
+        check_fit(load_params(None, {"model.chat_template": "/nowhere.jinja"}))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.method=qlora needs a CUDA GPU"):
+            check_fit(load_params(None, {"train.method": "qlora"}))
+        check_fit(load_params(None, {"train.method": "qlora", "workers.train_deployment": "finetune/gpu"}))  # a GPU worker trains
+    with pytest.raises(DataFileError, match=r"nope.jsonl: data file not found; check data.path"):
+        check_fit(load_params(None, {"data.path": "data/nope.jsonl"}), root=tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text("{}\n")
+    sources = [{"path": "data/a.jsonl"}, {"path": "data/b.jsonl"}, {"feedback": True}]
+    with pytest.raises(DataFileError, match=r"b.jsonl: data file not found; check data.sources\[1\].path"):
+        check_fit(load_params(None, {"data.sources": sources}), root=tmp_path)
+    check_fit(load_params(None, {"data.sources": [sources[0], sources[2]]}), root=tmp_path)  # the export comes later
+
+
 def test_auto_attention_packs_where_it_is_exact_and_masks_otherwise():
     from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
