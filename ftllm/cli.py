@@ -35,7 +35,8 @@ app.add_typer(bench_app, name="bench")
 
 SHOWN_METRICS = ("exact_match", "bleu", "rouge_l", "perplexity", "latency_p95_ms")
 # The two options of every command that reads settings: the file, and overrides on top of it.
-ParamsFile = Annotated[Path, typer.Option("--params", help="Settings file.")]
+ParamsFile = Annotated[Path, typer.Option("--params", help="Settings file; its folder is the project's (data paths, "
+                                                             "artifacts/ and dvc.yaml are relative to it).")]
 SetOverrides = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a setting for this command: section.key=value (repeatable).")]
 
@@ -71,6 +72,9 @@ def run(
     try:  # bad settings stop the run before Prefect starts (exit 2)
         overrides = parse_overrides(set_ or [])
         load_params(params, overrides)
+        if not (params.resolve().parent / "dvc.yaml").is_file():  # its folder is the project the run works in
+            raise UsageError(f"--params {params}: its folder has no dvc.yaml, so it is not this project's; keep a "
+                             "settings file beside params.yaml (data paths and artifacts/ are relative to its folder)")
     except FtllmError as exc:
         _emit(RunResult(error=str(exc), exit_code=exc.exit_code), as_json)
         raise

@@ -61,6 +61,16 @@ def test_run_with_bad_settings_is_a_usage_error_with_a_result_on_stdout(params, 
     assert doc["exit_code"] == 2  # what the process exits with, in the result too
 
 
+def test_run_with_a_settings_file_outside_a_project_says_so_and_writes_nothing_there(tmp_path):
+    """The file's folder is the project a run works in: one elsewhere read its data paths from
+    there ("data file not found") after making artifacts/ and .dvc/ beside it."""
+    settings = tmp_path / "good.yaml"
+    settings.write_text((REPO / "params.yaml").read_text())
+    result = CliRunner().invoke(app, ["run", "--params", str(settings)])
+    assert result.exit_code == 2 and "its folder has no dvc.yaml" in result.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.yaml"]
+
+
 def test_run_with_a_missing_settings_file_names_it(tmp_path):
     result = CliRunner().invoke(app, ["run", "--params", str(tmp_path / "absent.yaml"), "--json"])
     assert result.exit_code == 2
