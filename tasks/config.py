@@ -242,7 +242,7 @@ class ModelParams(_Section):
     def _heads_divide_hidden(self) -> "ModelParams":
         if self.tiny_hidden_size % self.tiny_heads:
             raise ValueError(
-                f"tiny_hidden_size ({self.tiny_hidden_size}) must be a multiple of tiny_heads ({self.tiny_heads})"
+                f"model.tiny_hidden_size ({self.tiny_hidden_size}) must be a multiple of model.tiny_heads ({self.tiny_heads})"
             )
         return self
 

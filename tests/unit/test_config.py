@@ -61,6 +61,11 @@ def test_errors_name_the_key(override, fragment):
         load_params(None, override)
 
 
+def test_a_contradiction_a_set_gave_is_said_of_the_set_not_of_the_file():
+    with pytest.raises(ConfigError, match=r"^--set model.tiny_hidden_size: model.tiny_hidden_size \(130\) must be a multiple"):
+        load_params(REPO / "params.yaml", {"model.tiny_hidden_size": 130})
+
+
 @pytest.mark.parametrize("cron", ["0 3 * * 1", "@daily", "*/15 * * * *", "0 3 * * mon-fri", "0 3 1-31/2 JAN,FEB *",
                                   "0 0 L * *", "0 3 * * 1#2", "0-30/5 9-17 * * *"])
 def test_cron_expressions_prefect_reads_are_accepted(cron):
