@@ -79,6 +79,9 @@ def snapshot_feedback(root: Path, min_rating: int, out: Path, log: Callable[[str
     if export.held:
         warn(f"{export.held} feedback rows wait for approval and are not in this run (`ftllm feedback pending`)")
     tracked = track_data(root, out, log=log) if export.examples or write_empty else None
-    log(f"exported {export.examples} feedback examples (feedback ids up to {export.last_feedback_id}) from {db} "
-        f"to {out}" + (f" (versioned in {tracked})" if tracked else ""))
+    if export.examples or write_empty:
+        log(f"exported {export.examples} feedback examples (feedback ids up to {export.last_feedback_id}) from {db} "
+            f"to {out}" + (f" (versioned in {tracked})" if tracked else ""))
+    else:
+        log(f"no feedback examples in {db} (feedback ids up to {export.last_feedback_id}): {out} is left as it was")
     return FeedbackSnapshot(export, tracked, expired)
