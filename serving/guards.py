@@ -89,7 +89,7 @@ def patch_openapi(document: dict) -> dict:
     """BentoML's /docs.json, saying what the service really answers with.
 
     Every route but the health probes answers errors in the OpenAI shape (`GuardMiddleware`
-    rewrites BentoML's), may answer 401, 403 and 429 (`GuardMiddleware`), and 413 for a POST.
+    rewrites BentoML's), may answer 401, 403 and 429 (`GuardMiddleware`), and 413 and 415 for a POST.
     """
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     for path, item in document.get("paths", {}).items():
@@ -101,7 +101,7 @@ def patch_openapi(document: dict) -> dict:
                 schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
                 if schema.get("$ref") in BENTOML_ERRORS:
                     answer["content"] = error
-            for status in (401, 403, 429, 413) if method == "post" else (401, 403, 429):
+            for status in (401, 403, 429, 413, 415) if method == "post" else (401, 403, 429):
                 responses.setdefault(str(status), {"description": HTTPStatus(status).phrase, "content": error})
     return document
 
@@ -181,8 +181,8 @@ class GuardMiddleware:
         return self.keys.identify(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
 
     async def _buffered(self, headers: dict[bytes, bytes], receive: Receive, send: Send) -> Receive | None:
-        """A `receive` that replays the whole body, read here; None when it was refused (413)
-        or the client left."""
+        """A `receive` that replays the whole body, read here; None when it was refused (413, or
+        415 for a body that is not declared JSON) or the client left."""
         too_big = error_body(f"Request body over serving.max_request_bytes ({self.max_bytes} bytes).",
                              "invalid_request_error", None, "request_too_large")
         length = headers.get(b"content-length")
@@ -202,6 +202,13 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if body and media != b"application/json":
+            # A web page may post text/plain or a form to 127.0.0.1 with no preflight; JSON it cannot.
+            await send_json(send, 415, error_body(
+                f"Content-Type {media.decode('latin-1') or 'missing'}: the body must be sent as application/json.",
+                "invalid_request_error", None, "unsupported_media_type"))
+            return None
 
         async def replay() -> Message:
             nonlocal replayed

@@ -138,7 +138,7 @@ def test_unknown_paths_and_methods_get_openai_errors(client):
     responses = client.get("/docs.json").json()["paths"]["/generate"]["post"]["responses"]
     assert {status: answer["content"]["application/json"]["schema"] for status, answer in responses.items()
             if status != "200"} == {s: {"$ref": "#/components/schemas/ErrorResponse"}
-                                    for s in ("400", "401", "403", "404", "413", "429", "500")}
+                                    for s in ("400", "401", "403", "404", "413", "415", "429", "500")}
 
 
 def test_malformed_json_and_oversized_bodies(client):
@@ -152,6 +152,20 @@ def test_malformed_json_and_oversized_bodies(client):
             yield b"x" * 1024
 
     assert_openai_error(client.post("/v1/chat/completions", content=chunks()), 413, "request_too_large")
+
+
+def test_a_body_not_declared_json_is_refused(client):
+    """A web page the operator opens may post a form or text/plain to 127.0.0.1 with no CORS
+    preflight (an application/json post it may not): such a request must not reach the model."""
+    body = b'{"messages": [{"role": "user", "content": "2006-02-20"}]}'
+    for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {}):
+        refused = assert_openai_error(client.post("/v1/chat/completions", content=body, headers=headers), 415,
+                                      "unsupported_media_type")
+        assert "must be sent as application/json" in refused["message"]
+    assert assert_openai_error(client.post("/feedback", content=b'{"id": "x", "rating": 5}',
+                                           headers={"content-type": "text/plain"}), 415, "unsupported_media_type")
+    ok = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
 
 
 def test_concurrency_cap_answers_429():
