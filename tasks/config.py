@@ -52,29 +52,23 @@ class _Section(BaseModel):
         return value
 
 
-_CRON_MACROS = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"})
-_MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
-_WEEKDAYS = {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}
-_CRON_FIELDS = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {"l": 31}),
-                ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _WEEKDAYS))
+def checked_cron(expression: str, default: str) -> str:
+    """`expression` if Prefect reads it as a cron schedule (what `ftllm deploy` builds from it).
 
+    Prefect is imported only for a value other than the default, so reading the default
+    settings stays light.
 
-def cron_problem(expression: str) -> str | None:
-    """What is wrong with a cron expression (five fields, or a macro such as @daily), or None."""
-    if expression.strip().lower() in _CRON_MACROS:
-        return None
-    fields = expression.split()
-    if len(fields) != 5:
-        return f"{expression!r} has {len(fields)} fields; a cron expression has 5: minute hour day-of-month month day-of-week"
-    for text, (what, low, high, names) in zip(fields, _CRON_FIELDS):
-        for part in text.lower().split(","):
-            base, slash, step = part.partition("/")
-            base = base.split("#")[0] if what == "day of week" else base  # `1#2`: the second Monday
-            bounds = [] if base in ("*", "?") else base.split("-", 1)
-            values = [str(names.get(b, b)) for b in bounds] + ([step] if slash else [])
-            if not part or any(not v.isdigit() for v in values) or any(not low <= int(v) <= high for v in values[:2]):
-                return f"{expression!r}: the {what} field {text!r} is not a value from {low} to {high}, a range or a step"
-    return None
+    Raises:
+        ValueError: what Prefect says is wrong with it.
+    """
+    if expression != default:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=expression)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    return expression
 
 
 FEEDBACK_SNAPSHOT = "data/feedback.jsonl"
@@ -516,10 +510,7 @@ class ScheduleParams(_Section):
     @field_validator("cron")
     @classmethod
     def _a_cron_expression(cls, value: str) -> str:
-        problem = cron_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
+        return checked_cron(value, "0 3 * * 1")
 
     @field_validator("timezone")
     @classmethod
@@ -577,11 +568,14 @@ class MonitorParams(_Section):
     )
     cron: str = Field("0 * * * *", description="Cron expression of the monitor deployment (timezone: schedule.timezone).")
     active: bool = Field(False, description="true: the monitor deployment's schedule is on when deployed.")
-
-    _a_cron_expression = field_validator("cron")(ScheduleParams._a_cron_expression.__func__)
     retrain: bool = Field(
         True, description="true: the automation starts the retrain deployment when the monitor recommends it.",
     )
+
+    @field_validator("cron")
+    @classmethod
+    def _a_cron_expression(cls, value: str) -> str:
+        return checked_cron(value, "0 * * * *")
 
 
 PREFERENCE_SNAPSHOT = "data/preference.jsonl"

@@ -89,11 +89,12 @@ _SCHEMA_TEXTS = frozenset({"description", "title"})
 _SCHEMA_VALUES = frozenset({"default", "enum", "examples", "example", "const"})
 
 
-def _redact_descriptions(value: Any) -> tuple[Any, Counter[str]]:
+def _redact_descriptions(value: Any, name: str = "") -> tuple[Any, Counter[str]]:
     """Tool schemas with their texts (`description`, `title`) and values (`default`, `enum`,
-    `examples`, `const`) redacted, their structure as it is."""
+    `examples`, `const`) redacted, their structure as it is. A value is read with the name of
+    the property it belongs to (`name`), as a call's argument is, so that both are masked alike."""
     if isinstance(value, list):
-        pairs = [_redact_descriptions(v) for v in value]
+        pairs = [_redact_descriptions(v, name) for v in value]
         return [v for v, _ in pairs], sum((c for _, c in pairs), Counter())
     if not isinstance(value, dict):
         return value, Counter()
@@ -103,9 +104,12 @@ def _redact_descriptions(value: Any) -> tuple[Any, Counter[str]]:
         if key in _SCHEMA_TEXTS and isinstance(item, str):
             out[key], counts = redact_text(item)
         elif key in _SCHEMA_VALUES:
-            out[key], counts = _redact_value(item, kept=frozenset(), named=True)
+            out[key], counts = _redact_value(item, name, kept=frozenset(), named=True)
+        elif key == "properties" and isinstance(item, dict):  # each property's schema, named by it
+            pairs = {prop: _redact_descriptions(schema, prop) for prop, schema in item.items()}
+            out[key], counts = {prop: v for prop, (v, _) in pairs.items()}, sum((c for _, c in pairs.values()), Counter())
         else:
-            out[key], counts = _redact_descriptions(item)
+            out[key], counts = _redact_descriptions(item, name)
         found += counts
     return out, found
 

@@ -88,10 +88,9 @@ _ASSIGNED = re.compile(
 )
 # `postgres://app:hunter2@db/prod`: the password in a URL's user part.
 _URL_PASSWORD = re.compile(r"(?i)\b[a-z][a-z0-9+.-]{1,20}://[^\s:/@]+:([^\s/@]+)@")
-# `my password is hunter2!`: said in prose rather than assigned; a plain word only after "my",
-# "our", ... ("the password is correct" says nothing).
-_SAID_PASSWORD = re.compile(r"(?i)\b(?P<whose>(?:my|our|your|his|her|their)\s+(?:[\w-]+\s+)?)?(?:password|passwd|passphrase)"
-                            r"\s+(?:is|was)\s*:?\s+[\"']?(?P<value>[^\s\"',;]{4,}?)[\"'.,;!?]*(?=\s|$)")
+# `my password is hunter2!`: said in prose rather than assigned; only a value with a digit or a
+# symbol in it ("your password is incorrect", "was reset" are sentences, not secrets).
+_SAID_PASSWORD = re.compile(r"(?i)\b(?:password|passwd|passphrase)\s+(?:is|was)\s*:?\s+[\"']?([^\s\"',;]{4,}?)[\"'.,;!?]*(?=\s|$)")
 _TOKEN = re.compile(r"(?<![A-Za-z0-9_+/-])[A-Za-z0-9_+/-]{24,}={0,2}(?![A-Za-z0-9_+/=-])")
 _HEX_OR_UUID = re.compile(r"[0-9a-fA-F]+|[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 MIN_TOKEN_ENTROPY = 3.5  # bits per character; English words and identifiers stay below
@@ -119,9 +118,7 @@ def _secrets(text: str) -> Iterator[tuple[int, int]]:
         yield from (m.span() for m in pattern.finditer(text))
     for pattern in (_BEARER, _ASSIGNED, _URL_PASSWORD):
         yield from (m.span(1) for m in pattern.finditer(text))
-    for m in _SAID_PASSWORD.finditer(text):
-        if m["whose"] or not m["value"].isalpha():
-            yield m.span("value")
+    yield from (m.span(1) for m in _SAID_PASSWORD.finditer(text) if not m.group(1).isalpha())
     yield from (m.span() for m in _TOKEN.finditer(text) if _high_entropy(m.group()))
 
 
@@ -248,12 +245,13 @@ _PHONE = re.compile(
     r")(?![\w\-/]|\.\d| \d)"
 )
 # The word, or a compound (`phone_number`, `mobileNo`), at a word's edge; not a plural: "calls: 1234567" is a count.
-# "text" and "contact" name a phone only right before it ("text 415...", "contact me at 415..."),
-# not as in "the text field says 12345678".
-_PHONE_WORDS = re.compile(r"(?i)(?<![a-z])(?:(?:call|phone|tel|telephone|mobile|cell|whatsapp|text me|sms|fax|reach me|ring"
-                          r"|(?:my|our|his|her|their|your) (?:number|digits)|handy|telefon|telefono|teléfono|mobil|portable|numéro)"
-                          r"(?:[ _-]?(?:number|num|no|nr))?(?![a-z])[^\d\n]{0,20}"
-                          r"|(?:text|contact)(?: me| us)?(?: at| on| via| under)?\s*:?\s*)$")
+# Words that say the digits after them are a number to call: within a few words ("call me on
+# Monday at 4155550134"), or right before them ("text me 415...", "contact us at 415...",
+# "my number is 415..."), where "text 20160318" or "our number of users 1234567" is no phone.
+_PHONE_WORDS = re.compile(r"(?i)(?<![a-z])(?:(?:call|phone|tel|telephone|mobile|cell|whatsapp|sms|fax|reach me|ring|telefon"
+                          r"|telefono|teléfono|mobil|portable|numéro)(?:[ _-]?(?:number|num|no|nr))?(?![a-z])[^\d\n]{0,20}"
+                          r"|(?:text (?:me|us)|contact(?: me| us)?)(?: at| on| via| under)?\s*:?\s*"
+                          r"|(?:my|our|his|her|their|your) (?:phone |mobile |cell )?(?:number|digits)(?: is| are)?\s*:?\s*)$")
 _BARE_DIGITS = re.compile(r"(?<![\w+\-./])\+?\d(?:[ \-.]?\d){6,14}(?![\w\-/]|\.\d)")
 
 

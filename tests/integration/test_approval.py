@@ -135,11 +135,14 @@ def test_without_an_answer_the_run_goes_on_without_the_held_feedback(server, tmp
 def test_a_run_waits_for_approval_before_it_takes_the_workspace(prefect_harness, tmp_path, monkeypatch):
     """The wait on the approval form may last feedback.approval_timeout_seconds (an hour): the run
     must not hold the workspace lock meanwhile, or every other run waits on a form nobody answers."""
+    import shutil
+
     import flows.retrain as flow_module
     from tasks.errors import StageError
     from tasks.pipeline.dvc import workspace_lock
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    shutil.copytree(REPO / "data", tmp_path / "data")  # the run checks its data is there before anything else
     monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(tmp_path / "feedback.db"))
     seen = []
 

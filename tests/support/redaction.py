@@ -189,6 +189,11 @@ def _negatives(rng: random.Random, n: int) -> list[str]:
         lambda: f"Call the function twice and wait {rng.randint(2, 60)} seconds; step {d(4)} of {d(5)}.",
         lambda: f"Reference {_not_luhn(rng)} is not a card: its checksum fails.",
         lambda: f"@{rng.choice(FIRST)} thanks! See issue #{d(4)} and PR {d(5)}.",
+        # words that name phones and passwords elsewhere, before what is neither
+        lambda: f"Rewrite the text {rng.randint(1900, 2099)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d} in words.",
+        lambda: f"Our number of users grew to {d(7)}; a handy table of {d(2)} {d(3)} {d(3)} rows.",
+        lambda: rng.choice(["Your password is incorrect.", "Your password was reset successfully.",
+                            "The password is required.", "My password was stolen, help!"]),
     ]
     return [rng.choice(makers)() for _ in range(n)]
 

@@ -50,9 +50,9 @@ def test_overrides_apply_and_parse_yaml_scalars():
         ({"train.max_steps": True}, "train.max_steps: true is a boolean; give a number"),
         ({"gate.min_exact_match": False}, "gate.min_exact_match: false is a boolean"),
         ({"train.warmup_steps": 5000, "train.max_steps": 10}, r"warmup_steps \(5000\) is more than train.max_steps \(10\)"),
-        ({"schedule.cron": "not a cron"}, "schedule.cron: 'not a cron' has 3 fields; a cron expression has 5"),
-        ({"monitor.cron": "99 99 * * *"}, "monitor.cron: .*the minute field '99' is not a value from 0 to 59"),
-        ({"schedule.cron": "0 3 * * 8"}, "the day of week field '8'"),
+        ({"schedule.cron": "not a cron"}, "schedule.cron: Invalid cron string: \"not a cron\""),
+        ({"monitor.cron": "99 99 * * *"}, "monitor.cron: Invalid cron string"),
+        ({"schedule.cron": "*/0 * * * *"}, "schedule.cron: Invalid cron string"),
         ({"schedule.timezone": "Mars/Olympus"}, "schedule.timezone: 'Mars/Olympus' is not an IANA time zone"),
     ],
 )
@@ -67,7 +67,7 @@ def test_a_contradiction_a_set_gave_is_said_of_the_set_not_of_the_file():
 
 
 @pytest.mark.parametrize("cron", ["0 3 * * 1", "@daily", "*/15 * * * *", "0 3 * * mon-fri", "0 3 1-31/2 JAN,FEB *",
-                                  "0 0 L * *", "0 3 * * 1#2", "0-30/5 9-17 * * *"])
+                                  "0 0 L * *", "0 3 * * 1#2", "0-30/5 9-17 * * *", "0 3 * * * *"])
 def test_cron_expressions_prefect_reads_are_accepted(cron):
     from prefect.client.schemas.schedules import CronSchedule
 

@@ -166,13 +166,18 @@ def test_secrets_named_in_variables_and_addresses_written_to_slip_past_are_maske
 @pytest.mark.parametrize(("text", "masked"), [
     ("Tel. 030/1234567", "Tel. [PHONE]"),  # a German area code of three digits before the slash
     ("(0)20 7946 0958", "[PHONE]"),
-    ("My number is 4155550134, contact me at 4155550135 or text 4155550136", "My number is [PHONE], contact me at [PHONE] or text [PHONE]"),
-    ("Handy: 01711234567", "Handy: [PHONE]"),
+    ("My number is 4155550134, contact me at 4155550135 or text me 4155550136",
+     "My number is [PHONE], contact me at [PHONE] or text me [PHONE]"),
+    ("Telefon: 01711234567", "Telefon: [PHONE]"),
     ("recipient +4915112345678", "recipient [PHONE]"),  # a phone number, not a card, though its digits pass the Luhn check
     ("the text field says 12345678 items", "the text field says 12345678 items"),
+    # words that name a phone elsewhere, before digits that are none
+    ("Rewrite the text 20160318 in words; a handy table of 10 000 000 values; our number of users 1234567",
+     "Rewrite the text 20160318 in words; a handy table of 10 000 000 values; our number of users 1234567"),
     ("postgres://app:Hunter2pass@db.internal/prod", "postgres://app:[SECRET]@db.internal/prod"),
-    ("my password is hunter2! and my wifi password is sunshine", "my password is [SECRET]! and my wifi password is [SECRET]"),
-    ("The password is correct.", "The password is correct."),
+    ("my password is hunter2! and the old password was x7!kq", "my password is [SECRET]! and the old password was [SECRET]"),
+    ("The password is correct. Your password is incorrect. Your password was reset successfully.",
+     "The password is correct. Your password is incorrect. Your password was reset successfully."),
     ("post to https://hooks.slack.com/services/T0123ABCD/B0123ABCD/abcdefghijklmnopqrstuvwx", "post to [SECRET]"),
     ("IBAN DE89 3704 0044 0532 0130 00, or GB29NWBK60161331926819", "IBAN [IBAN], or [IBAN]"),
     ("IBAN DE89 3704 0044 0532 0130 01", "IBAN DE89 3704 0044 0532 0130 01"),  # its check digits fail
@@ -208,18 +213,21 @@ def test_values_a_tool_schema_holds_are_redacted_as_its_calls_are_so_calls_still
     tools = [{"type": "function", "function": {"name": "notify", "description": "Notify someone.", "parameters": {
         "type": "object", "properties": {
             "to": {"type": "string", "enum": ["jane.doe@example.com", "ops"], "default": "jane.doe@example.com"},
-            "phone": {"type": "string", "examples": ["+44 20 7946 0958"]}},
+            "phone": {"type": "string", "examples": ["+44 20 7946 0958"]},
+            "mobile": {"type": "string", "enum": ["4155550134"], "default": "4155550134"}},
         "required": ["to"]}}}]
-    call = {"id": "call_1", "type": "function", "function": {"name": "notify", "arguments": '{"to": "jane.doe@example.com"}'}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "notify", "arguments": '{"to": "jane.doe@example.com", "mobile": "4155550134"}'}}
     example = {"messages": [{"role": "user", "content": "Tell Jane."}, {"role": "assistant", "content": None, "tool_calls": [call]}],
                "tools": tools}
     result = redact_example(example)
     properties = result.example["tools"][0]["function"]["parameters"]["properties"]
     assert properties["to"] == {"type": "string", "enum": ["[EMAIL]", "ops"], "default": "[EMAIL]"}
     assert properties["phone"] == {"type": "string", "examples": ["[PHONE]"]}
+    # digits a phone only by their property's name, as an argument of that name is read
+    assert properties["mobile"] == {"type": "string", "enum": ["[PHONE]"], "default": "[PHONE]"}
     arguments = json.loads(result.example["messages"][1]["tool_calls"][0]["function"]["arguments"])
-    assert arguments == {"to": "[EMAIL]"} and check_tools(result.example) == {}  # the call still matches its schema
-    assert result.found == {"email": 3, "phone": 1}
+    assert arguments == {"to": "[EMAIL]", "mobile": "[PHONE]"} and check_tools(result.example) == {}  # still valid
+    assert result.found == {"email": 3, "phone": 4}
 
 
 def test_json_the_user_wrote_is_redacted_by_its_keys_wherever_it_is():
