@@ -91,7 +91,8 @@ def review_held_feedback(db: Path, settings: FeedbackParams) -> dict:
     finally:
         done.set()
     if answer.reviewer == DECIDED_ELSEWHERE:
-        logger.info("the held feedback was decided with `ftllm feedback approve` while the form waited")
+        logger.info("no held row of the batch was left pending while the form waited (decided with `ftllm feedback "
+                    "approve`, or erased)")
     decided = apply_decision(db, batch, Decision(answer.approve_all, tuple(answer.approve_keys),
                                                  tuple(answer.reject_keys), answer.reviewer or "prefect-ui"))
     logger.info(f"approval: {decided}")
@@ -105,6 +106,7 @@ def _resume_once_decided(db: Path, batch: HeldBatch, run_id: UUID, done: threadi
     from prefect.exceptions import NotPausedError
     from prefect.flow_runs import resume_flow_run
 
+    warned = False
     while not done.wait(every):
         try:
             if still_held(db, batch):
@@ -113,9 +115,10 @@ def _resume_once_decided(db: Path, batch: HeldBatch, run_id: UUID, done: threadi
             return
         except NotPausedError:  # not paused yet (the pause is being set), or answered meanwhile
             continue
-        except Exception as exc:  # the API or the log out of reach: the form and the timeout still end the wait
-            logger.warning(f"could not check the held feedback while the run waits ({exc}); answer the form instead")
-            return
+        except Exception as exc:  # the API or the log out of reach for a moment: look again; the form still works
+            if not warned:
+                logger.warning(f"could not check the held feedback while the run waits ({exc}); trying again")
+                warned = True
 
 
 def _run_again(flow_run_id) -> None:

@@ -492,8 +492,8 @@ class FeedbackParams(_Section):
     retention_days: float = Field(
         90, ge=0,
         description="Interactions with no activity for this long (the answer and its latest feedback older than "
-                    "this) are erased, with their feedback, when a run exports feedback or `ftllm feedback forget "
-                    "--expired` runs; 0 keeps them forever.",
+                    "this), or older than twice this, are erased, with their feedback, when a run exports feedback or "
+                    "`ftllm feedback forget --expired` runs; 0 keeps them forever.",
     )
     per_key_per_minute: int = Field(
         30, ge=1, le=1_000_000,

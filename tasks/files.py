@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +28,8 @@ def write_atomic(path: Path, text: str) -> Path:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # none was made where the folder could not be
+            tmp.unlink(missing_ok=True)
         raise DataFileError(f"{path}: cannot be written ({exc.strerror or exc})") from None
     return path
 

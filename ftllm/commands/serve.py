@@ -88,18 +88,21 @@ def project_params(root: Path, overrides: dict[str, Any] | None = None, params_f
 def _check_bindable(host: str, port: int) -> None:
     """Refuse a port in use or an address this machine does not have, before the server starts
     (bentoml would fail with a traceback after the service was announced)."""
+    import errno
     import socket
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UsageError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+    for family, kind, proto, _, address in infos:  # every address the name has (`localhost`: ::1 and 127.0.0.1)
         try:
-            probe.bind(address)
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+                probe.bind(address)
         except OSError as exc:
+            if exc.errno == errno.EAFNOSUPPORT:  # no IPv6 here: the server cannot use that address either
+                continue
             raise UsageError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick another port, "
                              "or stop what uses it") from None
 

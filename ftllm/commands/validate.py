@@ -70,6 +70,9 @@ def _validate(path: Path, format: str, report: Path | None, json_out: bool, fix:
     if fix is not None and Path(fix).resolve() == Path(path).resolve():
         raise UsageError(f"--fix {fix}: that is the file being validated, which would keep only its valid lines; "
                          "write the fixed examples to another file")
+    if report is not None and Path(report).resolve() in (Path(path).resolve(), Path(path).resolve().with_suffix(".html")):
+        raise UsageError(f"--report {report}: the report (and its .html beside it) would overwrite the data it is about; "
+                         "write it to another file")
     settings = load_settings(params, overrides)
     try:
         result = _run(path, format, settings, show_progress=not json_out)

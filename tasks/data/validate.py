@@ -20,6 +20,7 @@ train/test overlap check needs the split, so `tasks.data.prepare` runs it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -418,7 +419,8 @@ def write_fixed(path: Path, report: ValidationReport, out: Path) -> tuple[int, i
     except OSError as exc:
         raise DataFileError(f"{out}: cannot be written ({exc.strerror or exc})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # none was made where the folder could not be
+            tmp.unlink(missing_ok=True)
     return kept, dropped
 
 

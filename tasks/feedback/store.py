@@ -382,17 +382,24 @@ class FeedbackStore:
 
     # Interactions past retention: the answer and every feedback on it older than the cut-off. A
     # rating posted today on an answer from long ago keeps that answer (and the rating) until the
-    # rating is as old: erased at once, it would never reach the run that was to read it.
-    _EXPIRED = ("SELECT id FROM interactions i WHERE i.created < :cutoff AND NOT EXISTS "
-                "(SELECT 1 FROM feedback f WHERE f.completion_id = i.id AND f.created >= :cutoff)")
+    # rating is as old: erased at once, it would never reach the run that was to read it. Never
+    # past twice the period (`:limit`), so rating an answer again and again does not keep it.
+    _EXPIRED = ("SELECT id FROM interactions i WHERE i.created < :cutoff AND (i.created < :limit OR NOT EXISTS "
+                "(SELECT 1 FROM feedback f WHERE f.completion_id = i.id AND f.created >= :cutoff))")
+
+    @staticmethod
+    def _retention_bounds(retention_days: float) -> dict[str, float]:
+        now = time.time()
+        return {"cutoff": now - retention_days * 86400, "limit": now - 2 * retention_days * 86400}
 
     def expire(self, retention_days: float) -> tuple[int, int]:
         """Erase each interaction whose latest activity (its answer, or the latest feedback on it) is
-        older than `retention_days`, with its feedback; 0 keeps everything. Return (interactions,
-        feedback rows) erased. Like erasure by time, it lists no prompt (see `forget`)."""
+        older than `retention_days`, or whose answer is older than twice that, with its feedback;
+        0 keeps everything. Return (interactions, feedback rows) erased. Like erasure by time, it
+        lists no prompt (see `forget`)."""
         if retention_days <= 0:
             return 0, 0
-        cutoff = {"cutoff": time.time() - retention_days * 86400}
+        cutoff = self._retention_bounds(retention_days)
         self.flush()
         with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -411,7 +418,7 @@ class FeedbackStore:
         with self._lock:
             return int(self._conn.execute(
                 f"SELECT COUNT(*) FROM feedback f WHERE f.review = 'pending' {untrusted_only} "
-                f"AND f.completion_id IN ({self._EXPIRED})", {"cutoff": time.time() - retention_days * 86400}).fetchone()[0])
+                f"AND f.completion_id IN ({self._EXPIRED})", self._retention_bounds(retention_days)).fetchone()[0])
 
     def count_undecided(self, key_name: str) -> int:
         """The feedback rows of `key_name` no person has approved or rejected (held or admitted by trust)."""

@@ -978,7 +978,9 @@ def _locate_moved(
         return None
     written = written[block.end() :]
     at = text.find(written, after)
-    if at < 0:
+    later = next((m.get("content") for m in messages[i + 1 :] if m.get("role") == "user"), None)
+    bound = text.find(later, after) if isinstance(later, str) and later else -1
+    if at < 0 or 0 <= bound < at:  # not found, or only in a later user turn's words
         return None
     return _Span(at, at + len(written), i, at, reasoning_lost=bool(messages[i].get("reasoning_content")))
 

@@ -352,6 +352,16 @@ def test_a_rating_of_an_old_answer_reaches_the_next_run_before_retention_erases_
     store._conn.execute("UPDATE feedback SET created = ? WHERE completion_id = 'late'", (time.time() - 91 * 86400,))
     store._conn.commit()
     assert store.expire(90) == (1, 1)  # once the correction is as old, both go
+    # rating an answer again and again keeps it no longer than twice the period
+    store.log_interaction(Interaction("kept", "chat", "m", "1", [{"role": "user", "content": "2006-02-21"}], "Feb", "stop",
+                                      1, 1, 1.0, "ops"))
+    store.add_feedback("kept", 5, key_name="ops", trusted=True)
+    store._conn.execute("UPDATE interactions SET created = ? WHERE id = 'kept'", (time.time() - 179 * 86400,))
+    store._conn.commit()
+    assert store.expire(90) == (0, 0)
+    store._conn.execute("UPDATE interactions SET created = ? WHERE id = 'kept'", (time.time() - 181 * 86400,))
+    store._conn.commit()
+    assert store.expire(90) == (1, 1)
     store.close()
 
 

@@ -177,7 +177,10 @@ def test_output_paths_it_cannot_write_are_one_line_and_leave_no_temporary_file(m
     cases = [(["validate", "d.jsonl", "--report", "out"], "out: a folder; give the path of a file to write"),
              (["validate", "d.jsonl", "--fix", "out"], "out: a folder"),
              (["validate", "d.jsonl", "--fix", "/proc/nope/x.jsonl"], "/proc/nope/x.jsonl: cannot be written"),
-             (["validate", "d.jsonl", "--fix", "./d.jsonl"], "that is the file being validated")]
+             (["validate", "d.jsonl", "--fix", "./d.jsonl"], "that is the file being validated"),
+             (["validate", "d.jsonl", "--report", "d.jsonl"], "would overwrite the data it is about"),
+             (["validate", "d.jsonl", "--fix", "d.jsonl/x.jsonl"], "d.jsonl/x.jsonl: cannot be written"),
+             (["validate", "d.jsonl", "--report", "d.jsonl/r.json"], "d.jsonl/r.json: cannot be written")]
     for args, fragment in cases:
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and fragment in result.stderr.strip().splitlines()[-1], (args, result.output)
