@@ -126,11 +126,6 @@ def check_fit(params: Params, base_path: str | None = None, root: Path | None = 
         if not torch.cuda.is_available():
             raise ConfigError("train.method=qlora needs a CUDA GPU and the bitsandbytes package (4-bit NF4); use "
                               "train.method=lora on this machine, or train on a GPU worker (workers.train_deployment)")
-    for i, source in enumerate(params.data.source_list() if root is not None else []):
-        path = Path(source.file) if Path(source.file).is_absolute() else root / source.file
-        if not source.feedback and not path.is_file():
-            key = f"data.sources[{i}].path" if params.data.sources else "data.path"
-            raise DataFileError(f"{path}: data file not found; check {key}")
     context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     data, train, evaluation = params.data, params.train, params.eval
     if context:
@@ -147,6 +142,11 @@ def check_fit(params: Params, base_path: str | None = None, root: Path | None = 
     inexact = packed_attention_differs(cfg, train.seq_len)
     if train.attention == "packed" and inexact:
         raise ConfigError(f"train.attention=packed {inexact}; use train.attention=mask (or auto)")
+    for i, source in enumerate(params.data.source_list() if root is not None else []):
+        path = Path(source.file) if Path(source.file).is_absolute() else root / source.file
+        if not source.feedback and not path.is_file():
+            key = f"data.sources[{i}].path" if params.data.sources else "data.path"
+            raise DataFileError(f"{path}: data file not found; check {key}")
 
 
 def packed_attention_differs(cfg, seq_len: int) -> str | None:
