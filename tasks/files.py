@@ -7,15 +7,18 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file and a rename, so no reader sees half a file.
+@contextlib.contextmanager
+def open_atomic(path: Path) -> Iterator[TextIO]:
+    """A text file to write `path` through: a temporary sibling, renamed to `path` when the block
+    ends without an error and removed otherwise, so no reader sees half a file.
 
     Raises:
-        DataFileError: `path` is a folder or cannot be written (the temporary file is removed).
+        DataFileError: `path` is a folder or cannot be written.
     """
     from tasks.errors import DataFileError
 
@@ -24,14 +27,23 @@ def write_atomic(path: Path, text: str) -> Path:
         raise DataFileError(f"{path}: a folder; give the path of a file to write")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                yield f
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise DataFileError(f"{path}: cannot be written ({exc.strerror or exc})") from None
+    finally:
         with contextlib.suppress(OSError):  # none was made where the folder could not be
             tmp.unlink(missing_ok=True)
-        raise DataFileError(f"{path}: cannot be written ({exc.strerror or exc})") from None
-    return path
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` (`open_atomic`); raises `DataFileError` where it cannot."""
+    with open_atomic(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def publish_folder(out_dir: Path, fill: Callable[[Path], None]) -> Path:

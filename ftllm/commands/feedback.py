@@ -63,13 +63,8 @@ def _export(out: Path, min_rating: int) -> None:
         exported = export_feedback(db, out, min_rating, policy=policy)
     except (FileNotFoundError, ValueError) as exc:  # no database yet, or --min-rating outside 1..5
         raise UsageError(str(exc)) from None
-    said = {"held": "held for approval", "rejected": "rejected",
-            "superseded": "superseded by later feedback on the same answer",
-            "rated_low": f"rated below {min_rating} (no example; the preference export reads ratings)",
-            "stopped": "stopped by the client mid-answer", "erased": "erased prompts",
-            "invalid_calls": "invalid tools or calls", "not_a_chat": "that made no example (no prompt, or a blank answer)",
-            "repeats": "repeats merged", "capped": "over feedback.max_key_share"}
-    left_out = [f"{getattr(exported, name)} {said[name]}" for name in LEFT_OUT if getattr(exported, name)]
+    left_out = [f"{getattr(exported, name)} {said.format(min_rating=min_rating)}"
+                for name, said in LEFT_OUT.items() if getattr(exported, name)]
     print(f"wrote {exported.examples} examples from {db} to {out}; left out: " + (", ".join(left_out) or "none")
           + f"; redacted: {exported.redacted}")
 

@@ -20,9 +20,7 @@ train/test overlap check needs the split, so `tasks.data.prepare` runs it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,7 @@ from tasks.data.tokens import (
     untrainable,
 )
 from tasks.errors import DataFileError
+from tasks.files import open_atomic
 from tasks.model.chat import system_handling
 
 __all__ = [
@@ -401,26 +400,14 @@ def write_fixed(path: Path, report: ValidationReport, out: Path) -> tuple[int, i
         (examples kept, examples dropped).
     """
     conv_fmt = report.format if report.format in FORMATS else "openai"  # as validate_dataset read it
-    out = Path(out)
-    if out.is_dir():
-        raise DataFileError(f"{out}: a folder; give the path of a file to write")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     kept = dropped = 0
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for c in iter_checked(Path(path), conv_fmt):
-                if c.ordinal in report.bad_examples or c.example is None:
-                    dropped += 1
-                    continue
-                f.write(json.dumps(c.example, ensure_ascii=False) + "\n")
-                kept += 1
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise DataFileError(f"{out}: cannot be written ({exc.strerror or exc})") from None
-    finally:
-        with contextlib.suppress(OSError):  # none was made where the folder could not be
-            tmp.unlink(missing_ok=True)
+    with open_atomic(Path(out)) as f:
+        for c in iter_checked(Path(path), conv_fmt):
+            if c.ordinal in report.bad_examples or c.example is None:
+                dropped += 1
+                continue
+            f.write(json.dumps(c.example, ensure_ascii=False) + "\n")
+            kept += 1
     return kept, dropped
 
 

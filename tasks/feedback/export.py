@@ -80,8 +80,15 @@ class FeedbackExport:
 
 # The counts of FeedbackExport that say why feedback rows are not in an example (beside
 # `redacted["examples_dropped"]`): with `examples`, every feedback row of the log is in one.
-LEFT_OUT = ("held", "rejected", "superseded", "rated_low", "stopped", "erased", "invalid_calls", "not_a_chat", "repeats",
-            "capped")
+# Each with what `ftllm feedback export` says of it (`{min_rating}`: the export's).
+LEFT_OUT = {
+    "held": "held for approval", "rejected": "rejected",
+    "superseded": "superseded by later feedback on the same answer",
+    "rated_low": "rated below {min_rating} (no example; the preference export reads ratings)",
+    "stopped": "stopped by the client mid-answer", "erased": "erased prompts",
+    "invalid_calls": "invalid tools or calls", "not_a_chat": "that made no example (no prompt, or a blank answer)",
+    "repeats": "repeats merged", "capped": "over feedback.max_key_share",
+}
 
 
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,
