@@ -794,8 +794,10 @@ def _read_settings(path: Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"{path}: settings file not found; pass --params FILE or run from the project root") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: a folder, not a settings file; pass --params FILE") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc}); fix the file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error(path, exc)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     repeated = _repeated_key(text)
@@ -804,6 +806,18 @@ def _read_settings(path: Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"{path}:{again}: {key} is given twice (lines {first} and {again}); the second would "
                           "replace the first whole: merge them into one")
     return raw, text
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: the file's line and column, what the parser expected."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    opened = getattr(exc, "context_mark", None)
+    if context and opened is not None:
+        problem += f" ({context} opened on line {opened.line + 1})"
+    return f"{where}: not valid YAML: {problem}; fix the file"
 
 
 def _repeated_key(text: str) -> tuple[str, int, int] | None:

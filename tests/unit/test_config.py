@@ -132,6 +132,22 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(bad)
 
 
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
+    """The parser's message spans six lines with carets; the error names the file's line and column."""
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  max_steps: 10\n  lora_target_modules: [q_proj, v_proj\nmodel:\n  base: tiny\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(bad)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{bad}:4:6: not valid YAML: expected ',' or ']'")
+    assert "opened on line 3" in message
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("model:\n  base: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_params(latin)
+
+
 def test_a_section_or_key_given_twice_is_refused_with_both_lines(tmp_path):
     """YAML keeps the last of two equal keys: a second `train:` at the end of the file dropped
     every setting of the first (`max_steps: 50` ran 300 steps), and `params --write` saved that."""
