@@ -105,7 +105,7 @@ def check_fit(params: Params, base_path: str | None = None, root: Path | None = 
     at evaluation (`data.max_tokens + eval.max_new_tokens`) fit the model's context, and that
     `train.attention: packed` is not asked of a model whose attention it would change (a
     sliding window shorter than a row, soft-capped attention logits; `auto` picks the mask
-    for those).
+    for those), and that `train.lora_target_modules` names layers of the model LoRA adapts.
 
     Raises:
         ConfigError: naming the key to change and the limit.
@@ -142,11 +142,57 @@ def check_fit(params: Params, base_path: str | None = None, root: Path | None = 
     inexact = packed_attention_differs(cfg, train.seq_len)
     if train.attention == "packed" and inexact:
         raise ConfigError(f"train.attention=packed {inexact}; use train.attention=mask (or auto)")
+    if train.method != "full" and train.lora_target_modules != "all-linear":
+        check_lora_targets(cfg, train.lora_target_modules)
     for i, source in enumerate(params.data.source_list() if root is not None else []):
         path = Path(source.file) if Path(source.file).is_absolute() else root / source.file
         if not source.feedback and not path.is_file():
             key = f"data.sources[{i}].path" if params.data.sources else "data.path"
             raise DataFileError(f"{path}: data file not found; check {key}")
+
+
+# Layer types LoRA adapts (peft's LoRA layers: torch's linear, embedding and convolution layers,
+# and GPT-2's Conv1D); a target of another type is refused by peft at training.
+_LORA_LAYERS = frozenset({"Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D"})
+
+
+def check_lora_targets(cfg, targets: str) -> None:
+    """Refuse `train.lora_target_modules` names that match no layer LoRA can adapt in this model.
+
+    peft matches a name to a module whose dotted name is it or ends with `.name`. The model is
+    built from its config on the meta device (no weights, well under a second); a config that
+    cannot be built so is left to peft.
+
+    Raises:
+        ConfigError: naming the unmatched names and the model's adaptable layer names.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception:  # noqa: BLE001 - an architecture transformers builds only from weights: peft checks at training
+        return
+    kinds: dict[str, set[str]] = {}
+    for name, module in model.named_modules():
+        if name:
+            kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(type(module).__name__)
+    adaptable = sorted(n for n, types in kinds.items() if types & _LORA_LAYERS)
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in kinds]
+    unfit = [t for t in wanted if t in kinds and not kinds[t] & _LORA_LAYERS]
+    if unknown:
+        what = f"no module of this model is called {' or '.join(unknown)}"
+    elif unfit:
+        found = sorted(set().union(*(kinds[t] for t in unfit)))
+        what = f"{', '.join(unfit)}: {', '.join(found)}, not a layer LoRA adapts"
+    elif not wanted:
+        what = "no module named"
+    else:
+        return
+    raise ConfigError(f"train.lora_target_modules={targets}: {what}; name some of {', '.join(adaptable)}, "
+                      "or use all-linear")
 
 
 def packed_attention_differs(cfg, seq_len: int) -> str | None:

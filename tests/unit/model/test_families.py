@@ -214,6 +214,34 @@ def test_a_base_transformers_cannot_read_a_missing_template_qlora_without_cuda_a
     check_fit(load_params(None, {"data.sources": [sources[0], sources[2]]}), root=tmp_path)  # the export comes later
 
 
+@pytest.mark.parametrize("name", ["gpt2", "qwen2.5", "gemma2"])
+def test_lora_target_modules_are_checked_against_the_model_as_peft_matches_them(name, family_models):
+    """A misspelt or unfit target failed in the finetune stage with peft's traceback, or, beside a
+    right one, was skipped unsaid (peft adapts what matches); now check_fit refuses it up front."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = family_models(name)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    good = {"gpt2": "c_attn, c_proj", "qwen2.5": "q_proj,v_proj", "gemma2": "o_proj,down_proj"}[name]
+    bad = {"gpt2": ("q_proj", "no module of this model is called q_proj; name some of .*c_attn"),
+           "qwen2.5": ("q_proj,vproj", "no module of this model is called vproj; name some of .*v_proj"),
+           "gemma2": ("mlp", "mlp: Gemma2MLP, not a layer LoRA adapts")}[name]
+    check_fit(small_params(path, lora_target_modules=good))
+    get_peft_model(model, LoraConfig(target_modules=[t.strip() for t in good.split(",")]))
+    with pytest.raises(ConfigError, match=rf"train.lora_target_modules={bad[0]}: {bad[1]}"):
+        check_fit(small_params(path, lora_target_modules=bad[0]))
+    if name == "qwen2.5":  # peft adapts q_proj and says nothing of vproj
+        adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(target_modules=["q_proj", "vproj"]))
+        assert {n.rsplit(".", 1)[-1] for n, _ in adapted.named_modules() if n.endswith("_proj")} >= {"q_proj", "v_proj"}
+        assert adapted.peft_config["default"].target_modules == {"q_proj", "vproj"}
+        assert not any("v_proj.lora_A" in n for n, _ in adapted.named_parameters())
+    else:
+        with pytest.raises(ValueError):
+            get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(target_modules=bad[0].split(",")))
+    check_fit(small_params(path, method="full", lora_target_modules=bad[0]))  # a full fine-tune has no LoRA
+
+
 def test_auto_attention_packs_where_it_is_exact_and_masks_otherwise():
     from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
