@@ -498,9 +498,10 @@ class ChatService:
         room = loaded.context_length - n_prompt
         max_new = wanted - opened if wanted is not None else min(self.limits.max_tokens - opened, room)
         if max_new > room or room < 1:  # without max_tokens, a prompt that fills the context leaves room < 1
-            raise APIError(400, f"The prompt has {n_prompt - opened} tokens; with max_tokens={max(max_new, 1) + opened} "
-                                f"it exceeds the model's context of {loaded.context_length}.", param="messages",
-                           code="context_length_exceeded")
+            asked = (f"with {wanted_field}={wanted} it exceeds" if wanted is not None
+                     else "it leaves no room for an answer in")
+            raise APIError(400, f"The prompt has {n_prompt - opened} tokens; {asked} the model's context of "
+                                f"{loaded.context_length}.", param="messages", code="context_length_exceeded")
         row = self._completion(loaded, plan.prompt + plan.opening, prompt_ids, max_new,
                                0.0 if greedy else req.temperature, req.top_p, req.stops(), req.stream, req.seed)
         row.opening_tokens = opened

@@ -109,7 +109,10 @@ def test_a_name_the_template_does_not_write_is_refused_and_a_tool_results_name_i
 def test_a_prompt_that_fills_the_context_is_refused_without_max_tokens(client):
     long = [{"role": "user", "content": "2001-02-03 " * 3000}]
     resp = client.post("/v1/chat/completions", json={"messages": long})
-    refused(resp, "messages", "context_length_exceeded")
+    message = refused(resp, "messages", "context_length_exceeded")
+    assert "max_tokens" not in message and "leaves no room for an answer" in message  # it said max_tokens=1, not sent
+    resp = client.post("/v1/chat/completions", json={"messages": long, "max_completion_tokens": 5})
+    assert "with max_completion_tokens=5 it exceeds the model's context" in refused(resp, "messages", "context_length_exceeded")
 
 
 @pytest.mark.parametrize(("body", "param", "said"), [
