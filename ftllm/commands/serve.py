@@ -74,6 +74,39 @@ def latest_bento(model_name: str, name: str = BENTO_NAME) -> str | None:
     return str(max(bentos, key=lambda b: b.info.creation_time).tag)
 
 
+def _serving_target(bento: str | None, model_name: str) -> str:
+    """What `bentoml serve` runs: the bento asked for, else the newest built for `model_name`,
+    else the service in `serving/`, which needs the model the package step stores.
+
+    Raises:
+        UsageError: `bento` is not in the store, or nothing was packaged for `model_name` yet
+            (BentoML's own message spoke of a cloud context).
+    """
+    import bentoml
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    if bento is not None:
+        try:
+            bentoml.get(bento)
+        except (NotFound, BentoMLException, ValueError):
+            built = latest_bento(model_name)
+            store = os.environ.get("BENTOML_HOME", "the BentoML store")
+            raise UsageError(f"--bento {bento}: no such bento in {store}; "
+                             + (f"the newest for {model_name} is {built}" if built else "leave --bento out")) from None
+        return bento
+    built = latest_bento(model_name)
+    if built is not None:
+        return built
+    tag = environment().bento_model or f"{model_name}:latest"
+    try:
+        bentoml.models.get(tag)
+    except (NotFound, BentoMLException, ValueError):
+        raise UsageError(f"no model packaged for registry.model_name={model_name} yet: run `ftllm run` first (it "
+                         "trains, registers and packages the champion), or pass --params with the settings of the "
+                         "run that did") from None
+    return SOURCE_SERVICE
+
+
 def project_params(root: Path, overrides: dict[str, Any] | None = None, params_file: Path | None = None) -> Params:
     """The settings the service will read: `params_file`, else FTLLM_PARAMS, else the project's
     params.yaml, else the defaults; with the `--set` overrides on top.
@@ -133,7 +166,8 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
     if params is not None and not params.is_file():
         raise UsageError(f"--params {params}: no such settings file")
     params = params.resolve() if params is not None else None
-    target = bento or latest_bento(project_params(root, overrides, params).registry.model_name) or SOURCE_SERVICE
+    model_name = project_params(root, overrides, params).registry.model_name
+    target = _serving_target(bento, model_name)
     from serving.keys import load_keyring
 
     keys = load_keyring()  # a bad key setting is a usage error here, before the server starts

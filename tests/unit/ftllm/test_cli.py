@@ -192,6 +192,9 @@ def test_output_paths_it_cannot_write_are_one_line_and_leave_no_temporary_file(m
 def test_serve_refuses_a_port_in_use_before_it_announces_the_service(params, monkeypatch):
     import socket
 
+    import ftllm.commands.serve as serve
+
+    monkeypatch.setattr(serve, "latest_bento", lambda name: f"ftllm_chat:{name}-v1")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -199,6 +202,22 @@ def test_serve_refuses_a_port_in_use_before_it_announces_the_service(params, mon
         result = CliRunner().invoke(app, ["serve", "--port", str(port), "--params", str(params)])
     assert result.exit_code == 2, result.output
     assert f"--port {port}: cannot listen there (Address already in use)" in result.stderr
+    assert "serving" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_before_any_run_or_with_an_unknown_bento_says_what_to_do(params, monkeypatch):
+    """Both were BentoML's messages after the service was announced ("failed to fetch from remote
+    because No cloud context default found"); the fixture's model was never packaged."""
+    import ftllm.commands.serve as serve
+
+    monkeypatch.setattr(serve.subprocess, "Popen", lambda *a, **k: pytest.fail("the server was started"))
+    result = CliRunner().invoke(app, ["serve", "--params", str(params)])
+    assert result.exit_code == 2, result.output
+    model = serve.project_params(params.parent, None, params).registry.model_name
+    assert f"no model packaged for registry.model_name={model} yet: run `ftllm run` first" in result.stderr
+    result = CliRunner().invoke(app, ["serve", "--params", str(params), "--bento", "ftllm_chat:nope-v1"])
+    assert result.exit_code == 2, result.output
+    assert "--bento ftllm_chat:nope-v1: no such bento in " in result.stderr and "leave --bento out" in result.stderr
     assert "serving" not in result.stderr and "Traceback" not in result.stderr
 
 
