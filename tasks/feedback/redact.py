@@ -121,13 +121,16 @@ _KEPT_KEYS = frozenset({"role", "id", "tool_call_id", "type", "name", "weight"})
 
 
 def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
-                  named: bool = False) -> tuple[Any, Counter[str]]:
+                  named: bool = False, siblings: tuple[str, ...] = ()) -> tuple[Any, Counter[str]]:
     """`value` with every string (and number) in it redacted (dict keys kept, and the values of
     `kept` keys), and the findings.
 
     `named`: inside JSON the user wrote (a call's arguments, a tool result or a message that is
     JSON), where a value's keys say what it is (`{"phone": {"number": "4155550134"}}`): it is
     redacted with its key path before it (`key`), and the keys themselves are redacted too.
+    `siblings`: what the other entries of the object it is in say (`_context_of`), read as a
+    text's context where its own key says nothing (`{"to": "4155550134", "channel": "sms"}`);
+    not a JSON number's, more often a count (`{"count": 1234567, "channel": "sms"}`).
     """
     if isinstance(value, str):
         if not named and (key == "arguments" or value.lstrip()[:1] in ("{", "[")):
@@ -139,7 +142,7 @@ def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
                 except RecursionError:  # nested past the walk's stack (the parser's is a little deeper)
                     return redact_text(value)
                 return (json.dumps(redacted, ensure_ascii=False) if found else value), found
-        return _redact_named(key, value) if named and key else redact_text(value)
+        return _redact_named(key, value, siblings) if named and key else redact_text(value)
     if isinstance(value, dict):
         found: Counter[str] = Counter()
         out: dict[str, Any] = {}
@@ -153,7 +156,7 @@ def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
             name, counts = redact_text(k) if named else (k, Counter())  # {"ann@example.org": "Ann"}
             while name in out:  # two keys masked alike keep both values
                 name += " "
-            out[name], more = _redact_value(v, path, kept, named)
+            out[name], more = _redact_value(v, path, kept, named, _context_of(value, k) if named else ())
             found += counts + more
         return out, found
     if isinstance(value, list):
@@ -168,9 +171,20 @@ def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
         # A number in JSON can be a card or phone number written without quotes
         # ({"card": 4111111111111111}, or 4111111111111111.0): redacted as its digits would be.
         digits = str(int(value))
-        masked, found = _redact_named(key, digits) if named and key else redact_text(digits)
+        masked, found = _redact_named(key, digits) if named and key else redact_text(digits)  # a count, not a text: own key only
         return (masked if found else value), found
     return value, Counter()
+
+
+MAX_SIBLINGS = 8  # an object's other entries read as a value's context; a wide object costs no more
+
+
+def _context_of(obj: dict[str, Any], key: str) -> tuple[str, ...]:
+    """What the other entries of `obj` say of the value at `key`: their keys, and their short
+    texts without digits (`"channel": "sms"`, `"type": "mobile"`), a word or two each."""
+    words = [k for k in obj if k != key]
+    words += [v for k, v in obj.items() if k != key and isinstance(v, str) and len(v) <= 24 and not any(c.isdigit() for c in v)]
+    return tuple(w for w in words if w.strip())[:MAX_SIBLINGS]
 
 
 _NOT_JSON = object()
@@ -191,15 +205,16 @@ def _json_container(text: str) -> Any:
     return parsed if isinstance(parsed, (dict, list)) else _NOT_JSON
 
 
-def _redact_named(key: str, text: str) -> tuple[str, Counter[str]]:
+def _redact_named(key: str, text: str, siblings: tuple[str, ...] = ()) -> tuple[str, Counter[str]]:
     """An argument's value redacted with its name as context: `phone: 4155550134` is a phone
     number where the digits alone are not, `password: hunter22` a secret. The name is tried as
-    it is (`api_key: ...`), then as words (`phone_number`, `phoneNumber`: `phone number: ...`)."""
+    it is (`api_key: ...`), then as words (`phone_number`, `phoneNumber`: `phone number: ...`),
+    then after each of its siblings' words (`sms to: ...`)."""
     key = key[-MAX_KEY_CONTEXT:]  # a name, not a text: a 30,000-character key made every leaf cost its length
     words = re.sub(r"(?<=[a-z])(?=[A-Z])|[_.\-]+", " ", key).lower()
     words = " ".join(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words.split())  # `phones`
     last = key.rsplit(" ", 1)[-1]  # the value's own key, as written (`api_key`)
-    for name in dict.fromkeys((last, words)):
+    for name in dict.fromkeys((last, words, *(f"{s[-MAX_KEY_CONTEXT:]} {words}" for s in siblings))):
         prefix = f"{name}: "
         masked, found = redact_text(prefix + text)
         if found and masked.startswith(prefix):

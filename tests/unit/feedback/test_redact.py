@@ -251,6 +251,24 @@ def test_json_the_user_wrote_is_redacted_by_its_keys_wherever_it_is():
     assert redact_example(plain).example == plain  # text that only looks like JSON is text
 
 
+@pytest.mark.parametrize(("arguments", "masked"), [
+    ({"to": "4155550134", "channel": "sms"}, {"to": "[PHONE]", "channel": "sms"}),
+    ({"recipient": "4155550134", "via": "WhatsApp"}, {"recipient": "[PHONE]", "via": "WhatsApp"}),
+    ({"sms": True, "to": "4155550134"}, {"sms": True, "to": "[PHONE]"}),
+    ({"contact": {"kind": "mobile", "value": "4155550134"}}, {"contact": {"kind": "mobile", "value": "[PHONE]"}}),
+    # a JSON number beside them is a count, and an object with no such word is left alone
+    ({"to": "4155550134", "channel": "sms", "count": 1234567}, {"to": "[PHONE]", "channel": "sms", "count": 1234567}),
+    ({"sku": "4155550134", "qty": 3, "note": "gift"}, {"sku": "4155550134", "qty": 3, "note": "gift"}),
+])
+def test_a_value_is_read_with_what_the_other_entries_of_its_object_say(arguments, masked):
+    """`{"to": "4155550134", "channel": "sms"}` kept the number: only the value's own key was read."""
+    import json
+
+    from tasks.feedback.redact import _redact_value
+
+    assert json.loads(_redact_value(json.dumps(arguments), "arguments")[0]) == masked
+
+
 @pytest.mark.parametrize(("text", "masked"), [
     ("PGPASSWORD=s3cretpass99 psql -h db", "PGPASSWORD=[SECRET] psql -h db"),
     ("DB_PASS=hunter22xx", "DB_PASS=[SECRET]"),
