@@ -15,7 +15,7 @@ the assistant message lies in the text. The template is, in order:
    - `hermes`: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks
      (Qwen 2.5, Qwen 3, the ChatML of the `tiny` model, Hermes);
    - `llama3`: the whole answer is one JSON object `{"name": ..., "parameters": {...}}`
-     (Llama 3.1 and 3.2);
+     (Llama 3.1 and 3.2; 3.2 models often write `{"type": "function", "name": ...}`, read too);
    - `mistral`: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` (Mistral v0.3);
 3. or none: a template that renders no tool calls gets its text as the answer.
 
@@ -68,7 +68,9 @@ FORMATS: dict[str, dict] = {
         "start_anchor_pattern": _START,
         "fields": {
             "reasoning_content": _REASONING,
-            "tool_calls": {"open_pattern": r'^\s*(?:<\|python_tag\|>)?(?=\{\s*"name")', "close_pattern": r"<\|eom_id\|>|$",
+            # `{"name": ...}` as the 3.1 template asks; `{"type": "function", "name": ...}` as Llama 3.2 models often write it
+            "tool_calls": {"open_pattern": r'^\s*(?:<\|python_tag\|>)?(?=\{\s*(?:"type"\s*:\s*"function"\s*,\s*)?"name")',
+                           "close_pattern": r"<\|eom_id\|>|$",
                            "content": "json"},
             "content": {"close_pattern": r"<\|eot_id\|>\s*", "content": "text"},
         },

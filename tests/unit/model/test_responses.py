@@ -72,6 +72,10 @@ def test_llama_json_and_mistral_tool_calls_are_parsed():
     llama = parse_generation(LLAMA31, '{"name": "get_weather", "parameters": {"city": "Oslo"}}', "", TOOLS)
     assert [(c.name, c.arguments) for c in llama.tool_calls] == [("get_weather", {"city": "Oslo"})]
     assert llama.content == ""
+    typed = '{"type": "function", "name": "get_weather", "parameters": {"city": "Oslo"}}'  # Llama 3.2's habit: was text
+    assert [(c.name, c.arguments) for c in parse_generation(LLAMA31, typed, "", TOOLS).tool_calls] == [("get_weather", {"city": "Oslo"})]
+    json_answer = parse_generation(LLAMA31, '{"type": "object", "name": "x"}', "", TOOLS)  # JSON, not a call
+    assert json_answer.tool_calls == [] and json_answer.invalid == "" and json_answer.content == '{"type": "object", "name": "x"}'
     plain = parse_generation(LLAMA31, "It is sunny.", "", TOOLS)
     assert plain.content == "It is sunny." and plain.tool_calls == []
     mistral = _Template("{{ '[TOOL_CALLS] ' }}[INST]")
