@@ -425,7 +425,7 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
         _record_prepared(root, run_id, result, lineage)
         metrics = json.loads((root / "artifacts/metrics.json").read_text())
         tuned = stage_out_md5(root, "preference", "artifacts/preference")
-        fingerprint = f"{stage_out_md5(root, 'finetune', 'artifacts/model')}:{tuned}:{params.digest()}"
+        fingerprint = f"{stage_out_md5(root, 'finetune', 'artifacts/model')}:{tuned}:{params.model_digest()}"
         lineage.update(dvc_lock_md5=lock_digest(root), fingerprint=fingerprint)
         existing = find_version(params.registry.model_name, "fingerprint", fingerprint)
         if existing is not None:

@@ -692,8 +692,25 @@ class Params(_Section):
 
     def digest(self) -> str:
         """A short hash of every setting, recorded with the models it produced."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return _short_hash(self.model_dump(mode="json"))
+
+    def model_digest(self) -> str:
+        """A short hash of the settings that make, score and gate a model: all but `RUN_ONLY_SECTIONS`.
+
+        A run whose model and this digest match a registered version's registers nothing
+        (`flows.retrain`), so a changed schedule or serving limit is no new version.
+        """
+        return _short_hash(self.model_dump(mode="json", exclude=set(RUN_ONLY_SECTIONS)))
+
+
+# Sections that say how the project runs around a model, not what the model is, how it is
+# scored or what the gate decides. What they change in the data (feedback's approval,
+# redaction, retention) reaches the model's own md5 through the prepared data.
+RUN_ONLY_SECTIONS = ("serving", "feedback", "schedule", "workers", "monitor")
+
+
+def _short_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
