@@ -248,7 +248,8 @@ class ChatPlan:
 
     def read(self, text: str) -> ParsedResponse:
         """The generation (after the opening) read back into answer, reasoning and calls."""
-        return parse_generation(self.tokenizer, self.opening + text, self.prompt, self.tools, self.single_call)
+        return parse_generation(self.tokenizer, self.opening + text, self.prompt, self.tools, self.single_call,
+                                forced=bool(self.opening))
 
     def finish_reason(self, parsed: ParsedResponse, engine_finish: str) -> str:
         """`tool_calls` for valid calls, `invalid_finish` for a call returned as text, else the engine's."""
@@ -621,7 +622,8 @@ class ChatService:
                          "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
                          **({"usage": None} if usage else {})})
 
-        reader = ResponseStream(plan.tokenizer, plan.prompt, plan.tools, plan.single_call) if plan.parse else None
+        reader = (ResponseStream(plan.tokenizer, plan.prompt, plan.tools, plan.single_call, forced=bool(plan.opening))
+                  if plan.parse else None)
         if reader is not None and plan.opening:
             reader.feed(plan.opening)  # call text: held back until the call is complete
         parts, opened, content_sent = [], False, False

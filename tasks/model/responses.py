@@ -173,7 +173,7 @@ def writes_reasoning(tokenizer) -> bool:
 
 
 def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None,
-                     first_call_only: bool = False) -> ParsedResponse:
+                     first_call_only: bool = False, forced: bool = False) -> ParsedResponse:
     """Read a generation into its answer, reasoning trace and calls, and check the calls.
 
     Args:
@@ -186,14 +186,17 @@ def parse_generation(tokenizer, text: str, prompt: str, tools: list[dict] | None
             function, one cut off by the token limit), the text up to the end of the first call
             is read instead, so that they cannot spoil it. Where one region holds every call
             (Mistral's JSON list), that is the list closed after its first element.
+        forced: the service forced a call (`tool_choice` required or named): where the calls
+            are invalid but the first is not, the first is returned, as with `first_call_only`,
+            so the answer is the call the request asked for, not text.
     """
     parsed = _parse(tokenizer, text, prompt, tools, first_call_only)
-    if first_call_only and parsed.invalid:
+    if (first_call_only or forced) and parsed.invalid:
         template, own = response_template(tokenizer)
         cut = _through_first_call(template, prompt if own else _prefix(prompt), text)
         if cut == text:
             cut = _first_of_list(text)
-        first = _parse(tokenizer, cut, prompt, tools, first_call_only) if cut != text else parsed
+        first = _parse(tokenizer, cut, prompt, tools, True) if cut != text else parsed
         if not first.invalid:  # an invalid first call is returned as the text as written, all of it
             return first
     return parsed
@@ -358,11 +361,12 @@ class ResponseStream:
     turns into text.
     """
 
-    def __init__(self, tokenizer, prompt: str, tools: list[dict] | None, first_call_only: bool = False) -> None:
+    def __init__(self, tokenizer, prompt: str, tools: list[dict] | None, first_call_only: bool = False,
+                 forced: bool = False) -> None:
         from transformers.utils.chat_parsing import ResponseParser
 
         self.tokenizer, self.prompt, self.tools = tokenizer, prompt, tools
-        self.first_call_only = first_call_only
+        self.first_call_only, self.forced = first_call_only, forced
         template, own = response_template(tokenizer)
         self._parser = ResponseParser(template, prefix=prompt if own else _prefix(prompt))
         self._text: list[str] = []
@@ -404,7 +408,8 @@ class ResponseStream:
 
     def finish(self) -> tuple[ParsedResponse, list[tuple[str, str]]]:
         """The whole generation parsed, and the content and reasoning pieces not yet sent."""
-        parsed = parse_generation(self.tokenizer, "".join(self._text), self.prompt, self.tools, self.first_call_only)
+        parsed = parse_generation(self.tokenizer, "".join(self._text), self.prompt, self.tools, self.first_call_only,
+                                  self.forced)
         owed = []
         for name, full in (("reasoning_content", parsed.reasoning_content or ""), ("content", parsed.answer)):
             sent = self._sent[name]

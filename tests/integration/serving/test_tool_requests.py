@@ -194,6 +194,35 @@ def test_parallel_tool_calls_false_returns_the_first_call_only():
         assert [c.arguments["city"] for c in parsed.tool_calls] == cities
 
 
+def test_a_forced_call_is_kept_when_a_call_after_it_is_invalid():
+    """`tool_choice: required` with a valid first call and a broken second returned both as text
+    (`invalid_tool_call`), where a named choice kept the first: the request asked for a call."""
+    from transformers import AutoTokenizer
+
+    from serving.service import ChatPlan
+    from tasks.config import ModelParams
+    from tasks.model.chat import render_prompt
+    from tasks.model.loading import resolve_base
+    from tests.support.families import QWEN25_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(ModelParams()))
+    tok.chat_template = QWEN25_TEMPLATE
+    prompt = render_prompt(tok, MESSAGES, tools=TOOLS)
+    opening = '<tool_call>\n{"name": "'  # what the service writes for `required`
+    written = ('get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "get_weather", "arguments": {"ci')  # the second cut off by max_tokens
+    free = ChatPlan(tok, prompt, tools=TOOLS, parse=True).read(opening + written)
+    assert free.invalid and not free.tool_calls  # not forced: every call read, the text as written
+    plan = ChatPlan(tok, prompt, opening=opening, tools=TOOLS, parse=True)
+    parsed = plan.read(written)
+    assert parsed.invalid == "" and [c.arguments for c in parsed.tool_calls] == [{"city": "Oslo"}]
+    assert plan.finish_reason(parsed, "length") == "tool_calls"
+    both = written.removesuffix('{"ci') + '{"city": "Paris"}}\n</tool_call>'
+    assert [c.arguments["city"] for c in plan.read(both).tool_calls] == ["Oslo", "Paris"]  # parallel calls stay
+    broken_first = 'get_time", "arguments": {}}\n</tool_call>'
+    assert plan.read(broken_first).invalid and plan.read(broken_first).tool_calls == []  # no valid call: text
+
+
 def test_a_call_returned_as_text_finishes_as_the_setting_says():
     """A call to a function the request did not declare is returned as text, with the finish
     reason `serving.invalid_call_finish_reason` names (the default says what happened)."""
