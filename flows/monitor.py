@@ -4,7 +4,8 @@ On its schedule (`monitor.cron`), the flow reads the service's feedback log
 (`feedback.db`, see tasks/feedback/) and the prompts it served, measures
 
 - new ratings and new corrections since the last retraining that read them,
-- the mean of the latest `monitor.window` new ratings,
+- the mean of the latest `monitor.window` new ratings of the champion's answers (late ratings
+  of an earlier version's answers count as ratings, not against the champion),
 - drift of the latest prompts against the train split (prompt length, unknown-token rate),
 
 publishes them as Prefect artifacts, and emits one event, `ftllm.monitor.checked`, about the
@@ -88,12 +89,29 @@ def read_monitor_cursor(model_name: str) -> Cursor:
 
 @task(name="read-feedback")
 def collect_feedback(db: Path, since: Cursor, window: int, low_rating: int = 2,
-                     auto_approve: str = "trusted") -> FeedbackFigures:
-    """New ratings, low ratings and corrections since `since`; zeros (and a warning) when the service has logged nothing yet."""
+                     auto_approve: str = "trusted", champion: str | None = None) -> FeedbackFigures:
+    """New ratings, low ratings and corrections since `since`, the mean rating of `champion`'s
+    answers; zeros (and a warning) when the service has logged nothing yet."""
     if not db.is_file():
         get_run_logger().warning(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml)")
-        return FeedbackFigures(since.feedback_id, since.feedback_id, 0, 0, 0, None, 0)
-    return read_feedback(db, since.feedback_id, window, low_rating, since.decision, auto_approve)
+        return FeedbackFigures(since.feedback_id, since.feedback_id, 0, 0, 0, None, 0, champion=champion)
+    return read_feedback(db, since.feedback_id, window, low_rating, since.decision, auto_approve, champion)
+
+
+@task(name="read-champion")
+def serving_version(model_name: str) -> str | None:
+    """The champion's version, whose answers the mean rating is of; None (every answer, and a
+    warning) where the registry cannot be read."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.registry.versions import champion_version
+
+    try:
+        return champion_version(model_name)
+    except (MlflowException, OSError) as exc:
+        get_run_logger().warning(f"the registry could not be read ({str(exc).splitlines()[0]}): the mean rating "
+                                 "is of every version's answers")
+        return None
 
 
 @task(name="measure-drift")
@@ -153,7 +171,8 @@ def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) ->
     model_name = params.registry.model_name
 
     since = read_monitor_cursor(model_name)
-    figures = collect_feedback(db, since, params.monitor.window, params.monitor.low_rating, params.feedback.auto_approve)
+    figures = collect_feedback(db, since, params.monitor.window, params.monitor.low_rating, params.feedback.auto_approve,
+                               serving_version(model_name))
     drift = drift_of_prompts(root, params, db)
     recommended, reasons, alerts = recommend_retrain(figures, drift, params.monitor, params.data.reads_feedback())
     payload = {

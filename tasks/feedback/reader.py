@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Self
 
@@ -127,6 +128,16 @@ class FeedbackReader:
             f"SELECT {self._columns('feedback')} FROM feedback WHERE id <= ? AND review = 'approved' AND decision > ? "
             "ORDER BY id", (up_to_id, decision)).fetchall()
         return [FeedbackRow(*row) for row in rows]
+
+    def versions_of(self, completion_ids: Iterable[str]) -> dict[str, str]:
+        """The model version that served each of `completion_ids` (those the log holds)."""
+        ids = list(dict.fromkeys(completion_ids))
+        found: dict[str, str] = {}
+        for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
+            chunk = ids[start:start + 500]
+            query = f"SELECT id, model_version FROM interactions WHERE id IN ({','.join('?' * len(chunk))})"
+            found.update(dict(self.conn.execute(query, chunk).fetchall()))
+        return found
 
     def interaction_count(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0])

@@ -43,11 +43,13 @@ class FeedbackFigures:
     last_id: int  # the highest feedback id in the log (the cursor to move to once acted on)
     new_ratings: int  # answers with new feedback, each once
     new_corrections: int  # answers among them that were corrected
-    window_ratings: int  # the latest rated answers the mean is taken over (at most monitor.window)
+    window_ratings: int  # the latest rated answers of the champion the mean is taken over (at most monitor.window)
     mean_rating: float | None
     interactions: int  # completions in the log, all time
     sources: int = 0  # distinct senders of the new feedback (`feedback_sources`)
     new_low_ratings: int = 0  # answers whose latest rating is at most monitor.low_rating (what preference tuning avoids)
+    champion: str | None = None  # the version the mean rating is of (None: no champion known, every answer)
+    other_versions: int = 0  # new rated answers another version served: counted above, not in the mean
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def feedback_sources(rows: Iterable) -> int:
 
 
 def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, since_decision: int = 0,
-                  auto_approve: str = "trusted") -> FeedbackFigures:
+                  auto_approve: str = "trusted", champion: str | None = None) -> FeedbackFigures:
     """Count the ratings and corrections with a feedback id above `since_id`, and those below it
     that a person approved after review decision `since_decision` (held when the last run read
     the log, so not trained on); feedback a person rejected is left out (it never reaches
@@ -77,6 +79,9 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
     Args:
         auto_approve: `feedback.auto_approve`: feedback it admits without review was trained on
             by the last run, approved since or not.
+        champion: the version serving now: the mean rating is of its answers only, so late
+            ratings of an earlier champion's answers do not count against it (they still count
+            as ratings, corrections and low ratings: data the next run learns from).
 
     Raises:
         DataFileError: `db` is not the service's SQLite log.
@@ -88,14 +93,17 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
         rows.sort(key=lambda row: row.id)
         last = reader.last_feedback_id()
         interactions = reader.interaction_count()
-    answers = _latest_per_answer(rows)
-    ratings = [row.rating for row in answers][-window:]
+        answers = _latest_per_answer(rows)
+        served = reader.versions_of(row.completion_id for row in answers) if champion is not None else {}
+    ours = [row for row in answers if champion is None or served.get(row.completion_id) == champion]
+    ratings = [row.rating for row in ours][-window:]
     return FeedbackFigures(
         since_id=since_id, last_id=max(last, since_id), new_ratings=len(answers),
         new_corrections=sum(row.correction is not None for row in answers), window_ratings=len(ratings),
         mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=interactions,
         sources=feedback_sources(rows),
         new_low_ratings=sum(row.correction is None and row.rating <= low_rating for row in answers),
+        champion=champion, other_versions=len(answers) - len(ours),
     )
 
 
@@ -173,7 +181,8 @@ def recommend_retrain(figures: FeedbackFigures, drift: Drift | None, monitor: Mo
         reasons.append(f"{figures.new_corrections} new corrections (monitor.min_new_corrections {monitor.min_new_corrections})")
     if (figures.mean_rating is not None and figures.window_ratings >= monitor.min_ratings
             and figures.mean_rating < monitor.min_mean_rating):
-        reasons.append(f"mean rating {figures.mean_rating:.2f} over the latest {figures.window_ratings} new ratings "
+        of = f" of version {figures.champion}'s answers" if figures.champion is not None else ""
+        reasons.append(f"mean rating {figures.mean_rating:.2f} over the latest {figures.window_ratings} new ratings{of} "
                        f"(below monitor.min_mean_rating {monitor.min_mean_rating})")
     if figures.new_low_ratings >= monitor.min_new_low_ratings:
         reasons.append(f"{figures.new_low_ratings} new ratings of {monitor.low_rating} or less "

@@ -55,6 +55,34 @@ def test_new_feedback_counts_and_the_mean_rating_of_the_window(tmp_path):
     assert (nothing.new_ratings, nothing.mean_rating, nothing.last_id) == (0, None, 6)
 
 
+def test_the_mean_rating_is_of_the_champions_answers_and_the_rest_still_count(tmp_path):
+    """Late ratings of an earlier champion's answers, posted after a promotion, counted against the
+    new champion and could start a retraining it did not earn."""
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    try:
+        for i, version in enumerate(["1", "1", "1", "2", "2"]):
+            store.log_interaction(Interaction(
+                id=f"c{i}", endpoint="/v1/chat/completions", model_name="ftllm-chat", model_version=version,
+                messages=[{"role": "user", "content": f"Convert 2016-03-1{i}"}], answer="March 18, 2016",
+                finish_reason="stop", prompt_tokens=9, completion_tokens=4, latency_ms=12.0))
+        for i, rating in enumerate([1, 1, 2, 5, 4]):
+            store.add_feedback(f"c{i}", rating, None, key_name=f"client-{i}")
+    finally:
+        store.close()
+    figures = read_feedback(db, since_id=0, window=200, champion="2")
+    assert (figures.mean_rating, figures.window_ratings, figures.champion, figures.other_versions) == (4.5, 2, "2", 3)
+    assert (figures.new_ratings, figures.new_low_ratings) == (5, 3)  # still data to learn from
+    monitor = MonitorParams(min_ratings=2, min_mean_rating=3.0, min_new_low_ratings=10, min_distinct_sources=1)
+    assert recommend_retrain(figures, None, monitor)[0] is False
+    every = read_feedback(db, since_id=0, window=200)  # no champion known: every answer
+    assert (every.mean_rating, every.other_versions) == (pytest.approx(13 / 5), 0)
+    recommended, reasons, _ = recommend_retrain(every, None, monitor)
+    assert recommended and "mean rating 2.60 over the latest 5 new ratings (below" in reasons[0]
+    no_answers = read_feedback(db, since_id=0, window=200, champion="3")  # promoted, nothing served yet
+    assert (no_answers.mean_rating, no_answers.window_ratings, no_answers.other_versions) == (None, 0, 5)
+
+
 def test_a_file_that_is_not_the_log_is_refused_naming_it(tmp_path):
     bogus = tmp_path / "feedback.db"
     bogus.write_text("not sqlite")
