@@ -174,14 +174,12 @@ def check_lora_targets(cfg, targets: str) -> None:
             model = AutoModelForCausalLM.from_config(cfg)
     except Exception:  # noqa: BLE001 - an architecture transformers builds only from weights: peft checks at training
         return
-    kinds: dict[str, set[str]] = {}
-    for name, module in model.named_modules():
-        if name:
-            kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(type(module).__name__)
-    adaptable = sorted(n for n, types in kinds.items() if types & _LORA_LAYERS)
+    modules = [(name, type(module).__name__) for name, module in model.named_modules() if name]
+    adaptable = sorted({name.rsplit(".", 1)[-1] for name, kind in modules if kind in _LORA_LAYERS})
     wanted = [t.strip() for t in targets.split(",") if t.strip()]
-    unknown = [t for t in wanted if t not in kinds]
-    unfit = [t for t in wanted if t in kinds and not kinds[t] & _LORA_LAYERS]
+    kinds = {t: {kind for name, kind in modules if name == t or name.endswith("." + t)} for t in wanted}
+    unknown = [t for t in wanted if not kinds[t]]
+    unfit = [t for t in wanted if kinds[t] and not kinds[t] & _LORA_LAYERS]
     if unknown:
         what = f"no module of this model is called {' or '.join(unknown)}"
     elif unfit:

@@ -223,7 +223,7 @@ def test_lora_target_modules_are_checked_against_the_model_as_peft_matches_them(
 
     path = family_models(name)
     model = AutoModelForCausalLM.from_pretrained(path)
-    good = {"gpt2": "c_attn, c_proj", "qwen2.5": "q_proj,v_proj", "gemma2": "o_proj,down_proj"}[name]
+    good = {"gpt2": "c_attn, c_proj", "qwen2.5": "self_attn.q_proj,v_proj", "gemma2": "o_proj,down_proj"}[name]
     bad = {"gpt2": ("q_proj", "no module of this model is called q_proj; name some of .*c_attn"),
            "qwen2.5": ("q_proj,vproj", "no module of this model is called vproj; name some of .*v_proj"),
            "gemma2": ("mlp", "mlp: Gemma2MLP, not a layer LoRA adapts")}[name]
