@@ -229,6 +229,9 @@ class ChatPlan:
         choices: with `tool_choice: required` and several tools, the functions to choose
             from (`ChatService._choose_call`), whose opening then replaces `opening`.
         tools: the tools shown to the model (None with `tool_choice: none` or no tools).
+        declared: the tools the request declared, shown or not: what the log keeps, so that
+            an answer given under `tool_choice: none` after calls in its history is still an
+            example whose calls name declared tools (else the export leaves its correction out).
         parse: whether the generation is parsed (tools offered, or a template that writes
             reasoning traces); else its text is the answer as generated.
         single_call: at most the first call is returned: with `parallel_tool_calls: false`, and
@@ -242,6 +245,7 @@ class ChatPlan:
     opening: str = ""
     tools: list[dict] | None = None
     parse: bool = False
+    declared: list[dict] | None = None
     single_call: bool = False
     invalid_finish: str = "invalid_tool_call"
     choices: tuple[CallChoice, ...] = ()
@@ -541,8 +545,8 @@ class ChatService:
                                     f"{loaded.version}'s does not. Use tool_choice 'auto'.", param="tool_choice",
                                code="unsupported_value")
         return ChatPlan(loaded.tokenizer, prompt, opening, shown, needs_parsing(loaded.tokenizer, shown),
-                        req.parallel_tool_calls is False or name is not None, self.limits.invalid_call_finish_reason,
-                        tuple(choices or ()))
+                        declared=tools, single_call=req.parallel_tool_calls is False or name is not None,
+                        invalid_finish=self.limits.invalid_call_finish_reason, choices=tuple(choices or ()))
 
     async def _choose_call(self, plan: ChatPlan, loaded: ServedModel, temperature: float, top_p: float,
                            seed: int | None) -> ChatPlan:
@@ -597,7 +601,7 @@ class ChatService:
             finish = plan.finish_reason(parsed, finish)
             message = _answer_message(parsed)
         await self._log_chat(req, self._record("chat", cid, messages, message, _logged_finish(finish, parsed), row,
-                                               started, *who, tools=plan.tools))
+                                               started, *who, tools=plan.declared))
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
             "system_fingerprint": f"v{row.version}",
@@ -666,7 +670,7 @@ class ChatService:
                     # even one that leaves before the calls or the finish reason arrive.
                     settled = True
                     await self._log_chat(req, self._record("chat", cid, messages, message, _logged_finish(finish, parsed),
-                                                           row, started, *who, tools=plan.tools))
+                                                           row, started, *who, tools=plan.declared))
                     if reader is not None:
                         for field_name, piece in owed:
                             for sent in opening({field_name: piece}):
@@ -692,7 +696,7 @@ class ChatService:
                 text = "".join(parts)
                 row.completion_tokens = len(encode_text(plan.tokenizer, text))
                 self.store.log_later(self._record("chat", cid, messages, {"role": "assistant", "content": text},
-                                                  STOPPED, row, started, *who, tools=plan.tools))
+                                                  STOPPED, row, started, *who, tools=plan.declared))
         if usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                         "system_fingerprint": f"v{row.version}", "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.answer_tokens,

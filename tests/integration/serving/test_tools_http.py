@@ -130,6 +130,33 @@ def test_tool_choice_none_gets_no_call_and_a_named_choice_forces_that_function(t
         assert choice.message.content.startswith('<tool_call>\n{"name": "get_weather"')
 
 
+@pytest.mark.slow
+def test_a_correction_of_an_answer_under_tool_choice_none_is_exported_with_the_declared_tools(tools_server, serving_dir):
+    """Agent loops send the last round, with the call and its result in the history, under
+    `tool_choice: none`: the log kept no tools, so the corrected example's call named no declared
+    tool and the export left the correction out."""
+    import uuid
+
+    from tasks.feedback.export import ExportPolicy, export_feedback
+
+    call = {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    city = f"Oslo {uuid.uuid4().hex[:6]}"  # this test's own example among the session's
+    history = [{"role": "user", "content": f"What is the weather in {city}?"},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_0", "content": "12 degrees and rain"}]
+    done = _client(tools_server).chat.completions.create(model=TOOLS_MODEL_NAME, messages=history, tools=WEATHER_TOOLS,
+                                                         tool_choice="none", temperature=0, max_tokens=30)
+    corrected = {"id": done.id, "rating": 1, "correction": "In Oslo it is 12 degrees and rain."}
+    assert httpx.post(f"{tools_server}/feedback", json=corrected).status_code == 200
+    out = serving_dir / "tools-none-feedback.jsonl"
+    export_feedback(serving_dir / "tools-feedback.db", out, 4, policy=ExportPolicy(auto_approve="all"))
+    [example] = [e for line in out.read_text().splitlines()
+                 if (e := json.loads(line))["messages"][0]["content"].endswith(f"{city}?")]
+    assert example["tools"] == WEATHER_TOOLS
+    assert example["messages"][-1]["content"] == "In Oslo it is 12 degrees and rain."
+    assert example["messages"][1]["tool_calls"] == [call]  # the history's call, as sent
+
+
 # ------------------------------------------------------------------------------ what clients send
 # The requests that the openai client's tool loop and agent frameworks send, over HTTP.
 
