@@ -393,16 +393,20 @@ _DIGEST_KEYS = ("tool_calls", "tool_call_id", "reasoning_content", "weight")
 
 
 def example_digests(messages: list[dict], tools: Any = None) -> tuple[bytes, bytes]:
-    """(exact, normalised) digests of an example; normalised ignores case and whitespace runs.
+    """(exact, normalised) digests of an example; normalised ignores case and whitespace runs in
+    what people write, not in a tool's result (a function's output, as exact as its calls:
+    `"status": "A"` and `"status": "a"` are other results).
 
     The tools are part of it: the same conversation under other tool schemas is another prompt.
     """
+    def loosely(m: dict) -> str:
+        text = str(m.get("content") or "")
+        return text if m.get("role") == "tool" else " ".join(text.split()).lower()
+
     extra = [json.dumps([m.get(k) for k in _DIGEST_KEYS], sort_keys=True, default=str) for m in messages]
     declared = json.dumps(tools, sort_keys=True, default=str) if tools else ""
     exact = "\x1e".join(f"{m.get('role')}\x1f{m.get('content')}\x1f{x}" for m, x in zip(messages, extra)) + declared
-    loose = "\x1e".join(
-        f"{m.get('role')}\x1f{' '.join(str(m.get('content') or '').split()).lower()}\x1f{x}" for m, x in zip(messages, extra)
-    ) + declared
+    loose = "\x1e".join(f"{m.get('role')}\x1f{loosely(m)}\x1f{x}" for m, x in zip(messages, extra)) + declared
     return (
         hashlib.blake2b(exact.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
         hashlib.blake2b(loose.encode("utf-8", "surrogatepass"), digest_size=16).digest(),

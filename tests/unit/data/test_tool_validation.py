@@ -322,6 +322,16 @@ def test_the_same_conversation_under_other_tools_is_not_a_duplicate(tmp_path: Pa
     assert report.errors == {"duplicate": 1} and report.error_lines["duplicate"] == [3]
 
 
+def test_tool_results_that_differ_in_case_are_other_examples_and_user_text_is_not(tmp_path: Path) -> None:
+    """Case was ignored in tool results as in what people write: `--fix` dropped an example whose
+    function returned "Status A" where another's returned "status a"."""
+    upper = example(results=[{**RESULT, "content": "Status A"}])
+    lower = example(results=[{**RESULT, "content": "status a"}])
+    shouted = {**upper, "messages": [{**upper["messages"][0], "content": "WHAT TIME IS IT IN OSLO?"}, *upper["messages"][1:]]}
+    report = validate_dataset(write(tmp_path, [upper, lower, shouted]), fmt="openai")
+    assert report.errors == {"near_duplicate": 1} and report.error_lines["near_duplicate"] == [3]
+
+
 def test_a_call_turn_the_template_does_not_write_is_an_error_naming_the_fix(tmp_path: Path, tok, family_models) -> None:
     llama = _family_tokenizer("llama3.1", tok, family_models)
     with_text = example(tag="a")
