@@ -77,6 +77,7 @@ def run(
                              "settings file beside params.yaml (data paths and artifacts/ are relative to its folder)")
     except FtllmError as exc:
         _emit(RunResult(error=str(exc), exit_code=exc.exit_code), as_json)
+        exc.json_emitted = True
         raise
     from flows.retrain import retrain
 
@@ -89,7 +90,7 @@ def run(
     if result.status == "failed":
         _emit(result, as_json)
         failure = RunFailed(result.error or "the run failed")
-        failure.exit_code = result.exit_code or failure.exit_code
+        failure.exit_code, failure.json_emitted = result.exit_code or failure.exit_code, True
         raise failure
     _print_run(result)
     _emit(result, as_json)
@@ -245,6 +246,7 @@ def _move_alias(action: str, as_json: bool, **kwargs) -> None:
             move = getattr(registry, action)(**kwargs).to_dict()
     except registry.RegistryRefusal as exc:
         _emit({"done": False, "error": str(exc)}, as_json)
+        exc.json_emitted = True
         raise
     note = "" if move["changed"] else " (already champion)"
     print(f"champion: {move['previous']} -> {move['champion']}{note}", file=sys.stderr)

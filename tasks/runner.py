@@ -9,6 +9,7 @@ commands are wrapped in `exit_with` (a command's parameters stay visible to Type
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from typing import ParamSpec
@@ -26,11 +27,17 @@ def report(exc: FtllmError) -> int:
     return exc.exit_code
 
 
-def run_entry(main: Callable[[], int | None]) -> int:
-    """Call `main`; its exit code, with expected failures reported instead of raised."""
+def run_entry(main: Callable[[], int | None], as_json: bool = False) -> int:
+    """Call `main`; its exit code, with expected failures reported instead of raised.
+
+    `as_json` (a command's `--json`): a failure also ends stdout with one JSON object,
+    `{"error": ..., "exit_code": ...}`, so a script reading the last line gets one either way.
+    """
     try:
         code = main()
     except FtllmError as exc:
+        if as_json and not getattr(exc, "json_emitted", False):  # else the command ended stdout with its own result
+            print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}), flush=True)
         return report(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -53,7 +60,7 @@ def exit_with(command: Callable[P, int | None]) -> Callable[P, None]:
 
     @functools.wraps(command)
     def wrapped(*args: P.args, **kwargs: P.kwargs) -> None:
-        code = run_entry(lambda: command(*args, **kwargs))
+        code = run_entry(lambda: command(*args, **kwargs), as_json=kwargs.get("as_json") is True)
         if code != EXIT_OK:
             raise SystemExit(code)
 

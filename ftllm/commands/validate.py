@@ -59,7 +59,7 @@ def validate_command(
     Returns:
         0 valid, 1 invalid, 2 unreadable file, bad settings or usage error (reported on stderr).
     """
-    return run_entry(lambda: _validate(Path(path), format, report, json_out, fix, Path(params), overrides))
+    return run_entry(lambda: _validate(Path(path), format, report, json_out, fix, Path(params), overrides), json_out)
 
 
 def _validate(path: Path, format: str, report: Path | None, json_out: bool, fix: Path | None, params: Path,

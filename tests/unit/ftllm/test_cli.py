@@ -189,6 +189,22 @@ def test_output_paths_it_cannot_write_are_one_line_and_leave_no_temporary_file(m
     assert len(data.read_text().splitlines()) == 1
 
 
+def test_with_json_a_failed_command_still_ends_stdout_with_one_json_object(tmp_path, monkeypatch):
+    """`ftllm validate missing.jsonl --json` printed nothing on stdout (exit 2), where `run --json`
+    prints its result with the error: a script reading the last line got nothing to parse."""
+    monkeypatch.chdir(tmp_path)
+    for args, fragment in ((["validate", "missing.jsonl", "--json"], "missing.jsonl: data file not found"),
+                           (["models", "--json", "--params", str(REPO / "params.yaml"), "--set", "registry.nope=1"],
+                            "--set registry.nope: unknown key")):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        last = json.loads(result.stdout.strip().splitlines()[-1])
+        assert last["exit_code"] == 2 and fragment in last["error"], last
+        assert fragment in result.stderr and "Traceback" not in result.stderr
+    without = CliRunner().invoke(app, ["validate", "missing.jsonl"])
+    assert without.exit_code == 2 and without.stdout == ""  # errors reach stdout only as --json asks
+
+
 def test_serve_refuses_a_port_in_use_before_it_announces_the_service(params, monkeypatch):
     import socket
 
