@@ -92,9 +92,10 @@ def run(
         failure = RunFailed(result.error or "the run failed")
         failure.exit_code, failure.json_emitted = result.exit_code or failure.exit_code, True
         raise failure
+    result.exit_code = EXIT_OK if result.status == "promoted" else EXIT_REJECTED
     _print_run(result)
     _emit(result, as_json)
-    return EXIT_OK if result.status == "promoted" else EXIT_REJECTED
+    return result.exit_code
 
 
 def _print_run(result: RunResult) -> None:

@@ -156,8 +156,9 @@ class RunResult(_Part):
     approval: dict[str, Any] | None = Field(
         None, description="The approval step: held rows, whether the run paused or timed out, what was decided.")
     error: str | None = Field(None, description="Why a failed run failed, in one sentence.")
-    exit_code: int | None = Field(None, description="What `ftllm run` exits with for a failed run: 2 for settings the "
-                                                    "run cannot use (found once the base model is read), else 1.")
+    exit_code: int | None = Field(None, description="What `ftllm run` exits with: 0 promoted, 3 rejected; for a failed "
+                                                    "run 2 for settings the run cannot use (found once the base model "
+                                                    "is read), else 1. The flow sets it for a failed run only.")
 
     @property
     def failed_checks(self) -> list[str]:

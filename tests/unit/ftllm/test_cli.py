@@ -189,6 +189,21 @@ def test_output_paths_it_cannot_write_are_one_line_and_leave_no_temporary_file(m
     assert len(data.read_text().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("status", "code"), [("promoted", 0), ("rejected", 3)])
+def test_a_finished_runs_json_carries_the_exit_code_the_process_exits_with(params, monkeypatch, status, code):
+    """A rejected `ftllm run --json` exited 3 and printed `exit_code: null`."""
+    from types import SimpleNamespace
+
+    import flows.retrain
+    from tasks.pipeline.result import RunResult
+
+    finished = RunResult(status=status, model_name="m", version="2", champion_version="1")
+    monkeypatch.setattr(flows.retrain, "retrain", lambda **_: SimpleNamespace(result=lambda **_: finished))
+    result = CliRunner().invoke(app, ["run", "--params", str(params), "--json"])
+    assert result.exit_code == code, result.output
+    assert last_json(result.stdout)["exit_code"] == code
+
+
 def test_with_json_a_failed_command_still_ends_stdout_with_one_json_object(tmp_path, monkeypatch):
     """`ftllm validate missing.jsonl --json` printed nothing on stdout (exit 2), where `run --json`
     prints its result with the error: a script reading the last line got nothing to parse."""
