@@ -56,6 +56,14 @@ def _cell(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _answer_text(interaction) -> str:
+    """The answer as a reviewer reads it: its text, and each call as `name(arguments)` (an
+    answer that is only a call has no text, and the correction replaces the call)."""
+    calls = [f"{c['function']['name']}({c['function']['arguments']})" for c in interaction.tool_calls or []
+             if isinstance(c, dict) and isinstance(c.get("function"), dict)]
+    return " ".join(filter(None, [interaction.answer.strip(), *calls]))
+
+
 def describe_batch(batch: HeldBatch, samples: int = 5) -> str:
     """The batch as markdown for the approval form (and `ftllm feedback pending`)."""
     per_key = batch.per_key
@@ -78,7 +86,8 @@ def describe_batch(batch: HeldBatch, samples: int = 5) -> str:
         for key in per_key:  # the first corrections of every key, so no key hides behind another
             for interaction, row in [(i, r) for i, r in corrections if r.key_name == key][:samples]:
                 prompt = next((m.get("content", "") for m in reversed(interaction.messages) if m.get("role") == "user"), "")
-                prompt, answer, correction = (redact_text(str(t or ""))[0] for t in (prompt, interaction.answer, row.correction))
+                prompt, answer, correction = (redact_text(str(t or ""))[0]
+                                              for t in (prompt, _answer_text(interaction), row.correction))
                 lines.append(f"| {_cell(key, 30)} | {_cell(prompt, 60)} | {_cell(answer, 60)} | {_cell(correction, 60)} |")
     found: Counter[str] = Counter()
     changed = 0

@@ -90,6 +90,22 @@ def test_the_form_describes_the_batch(db):
     assert "| web | date 1 | answer 1 | web fix 1 |" in text and "Nothing to redact." in text
 
 
+def test_the_forms_samples_show_the_call_a_correction_replaces(tmp_path):
+    """An answer that was only a call showed as an empty cell: the reviewer could not see what
+    the correction replaces."""
+    db = tmp_path / "feedback.db"
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Bergen"}'}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+                                               "parameters": {"type": "object"}}}]
+    store = FeedbackStore(db)
+    store.log_interaction(Interaction("c0", "chat", "m", "1", [{"role": "user", "content": "weather in Bergen?"}],
+                                      "", "tool_calls", 3, 2, 1.0, "web", tools=tools, tool_calls=[call]))
+    store.add_feedback("c0", 1, "It rains in Bergen.", key_name="web")
+    store.close()
+    text = describe_batch(held_batch(db, "trusted"))
+    assert '| web | weather in Bergen? | get_weather({"city": "Bergen"}) | It rains in Bergen. |' in text
+
+
 def test_the_forms_samples_show_no_secret_or_personal_data(tmp_path):
     """The form's text is kept by Prefect (the paused run) and printed by `ftllm feedback pending`:
     its samples are masked as the export masks them."""
