@@ -92,7 +92,7 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
             raise UsageError("--reject takes --key NAME: reject named keys' feedback, never all of it at once")
         db, auto_approve = _db(root), _settings(root).auto_approve
         if reject:
-            print(reject_keys(db, keys, reviewer, auto_approve))
+            print(reject_keys(db, keys, reviewer, auto_approve, up_to))
             return
         batch = held_batch(db, auto_approve)
         if up_to is not None:  # what a person saw: rows posted since stay held
@@ -106,21 +106,22 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
     return run_entry(approve)
 
 
-def reject_keys(db: Path, keys: list[str], reviewer: str, auto_approve: str) -> dict[str, int]:
-    """Reject every undecided row of `keys`: held, and admitted without review because the key
+def reject_keys(db: Path, keys: list[str], reviewer: str, auto_approve: str, up_to: int | None = None) -> dict[str, int]:
+    """Reject every undecided row of `keys` (with `up_to`, those with an id up to it: what a
+    person saw; later rows stay undecided): held, and admitted without review because the key
     was trusted when it posted (a key found compromised, or made untrusted, later). "held" in
-    the answer is what stays held of other keys."""
+    the answer is what stays held."""
     from tasks.feedback import FeedbackStore
     from tasks.feedback.review import held_batch
 
     store = FeedbackStore(db)
     try:
-        found = {k: store.count_undecided(k) for k in keys}
+        found = {k: store.count_undecided(k, up_to) for k in keys}
         unknown = sorted(k for k, n in found.items() if n == 0)
         if unknown:
             raise UsageError(f"--key {', '.join(unknown)}: no undecided feedback from that key (rejected or approved "
                              "rows keep their decision; `ftllm feedback forget --key NAME` erases a key's rows)")
-        rejected = store.review("rejected", reviewer, keys=keys)
+        rejected = store.review("rejected", reviewer, keys=keys, up_to_id=up_to)
     finally:
         store.close()
     return {"approved": 0, "rejected": rejected, "held": len(held_batch(db, auto_approve).rows)}

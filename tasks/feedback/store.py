@@ -420,12 +420,14 @@ class FeedbackStore:
                 f"SELECT COUNT(*) FROM feedback f WHERE f.review = 'pending' {untrusted_only} "
                 f"AND f.completion_id IN ({self._EXPIRED})", self._retention_bounds(retention_days)).fetchone()[0])
 
-    def count_undecided(self, key_name: str) -> int:
-        """The feedback rows of `key_name` no person has approved or rejected (held or admitted by trust)."""
+    def count_undecided(self, key_name: str, up_to_id: int | None = None) -> int:
+        """The feedback rows of `key_name` no person has approved or rejected (held or admitted by
+        trust), with an id up to `up_to_id` when given."""
         self.flush()
         with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM feedback WHERE key_name = ? AND review = 'pending'",
-                                          (key_name,)).fetchone()[0])
+            return int(self._conn.execute(
+                "SELECT COUNT(*) FROM feedback WHERE key_name = ? AND review = 'pending' AND id <= ?",
+                (key_name, up_to_id if up_to_id is not None else 2 ** 63 - 1)).fetchone()[0])
 
     def count(self, table: str) -> int:
         assert table in ("interactions", "feedback", "erasures")

@@ -483,6 +483,22 @@ def test_approving_up_to_the_id_pending_showed_leaves_later_rows_held(db, monkey
     assert [r.correction for _, r in held_batch(db, "trusted").rows] == ["posted after the look"]
 
 
+def test_rejecting_up_to_the_id_pending_showed_leaves_later_rows_undecided(db, monkeypatch, capsys):
+    """`--reject --key bot --up-to N` rejected bot's rows posted after N too, which no person had
+    seen and no command can approve again."""
+    from ftllm.commands.feedback import approve_command
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    shown = held_batch(db, "trusted").up_to_id
+    store = FeedbackStore(db)
+    _log(store, 9)
+    store.add_feedback("c9", 1, "posted after the look", key_name="bot")
+    store.close()
+    assert approve_command(False, ["bot"], True, "ann", up_to=shown) == 0
+    assert "{'approved': 0, 'rejected': 3, 'held': 3}" in capsys.readouterr().out
+    assert [r.correction for _, r in held_batch(db, "trusted").rows if r.key_name == "bot"] == ["posted after the look"]
+
+
 def test_rejecting_a_key_stops_its_trusted_rows_too(db, tmp_path, monkeypatch, capsys):
     """A trusted key's feedback is admitted when posted; a key found compromised later must be
     stoppable without erasing its rows: `--reject --key` rejects every undecided row of it."""
