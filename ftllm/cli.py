@@ -353,7 +353,7 @@ def feedback_forget(
     user: Annotated[Optional[str], typer.Option("--user", help="Erase this end user's interactions (with --key: "
                                                 "the user of that key only).")] = None,
     key: Annotated[Optional[str], typer.Option("--key", help="Erase everything sent with this key.")] = None,
-    before: Annotated[Optional[str], typer.Option("--before", help="Erase interactions before this date (UTC).")] = None,
+    before: Annotated[Optional[str], typer.Option("--before", help="Erase interactions before this date or ISO time (UTC unless it gives an offset).")] = None,
     expired: Annotated[bool, typer.Option("--expired", help="Erase what is past feedback.retention_days.")] = False,
 ) -> int:
     """Erase interactions and their feedback; no later export or run includes them."""

@@ -154,7 +154,8 @@ def forget_command(user: str | None, key: str | None, before: str | None, expire
                 when = None
                 if before is not None:
                     try:
-                        when = datetime.fromisoformat(before).replace(tzinfo=UTC).timestamp()
+                        parsed = datetime.fromisoformat(before)  # a given offset is converted, none is UTC
+                        when = (parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)).timestamp()
                     except ValueError:
                         raise UsageError(f"--before {before!r}: expected a date like 2026-01-31") from None
                 users = [user]

@@ -326,6 +326,22 @@ def test_forget_a_user_of_one_key_leaves_the_same_id_of_another_key(db, capsys, 
     with sqlite3.connect(db) as conn:
         assert [r for (r,) in conn.execute("SELECT reason FROM erasures")] == [f"forget --user {pseudonym('u1')} --key shop"]
 
+def test_forget_before_a_time_with_an_offset_converts_it(db, capsys, monkeypatch):
+    """`--before 2026-12-07T22:00:00+02:00` was read as 22:00 UTC, two hours later than meant,
+    and erased the rows of those two hours for good."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from ftllm.commands.feedback import forget_command
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)  # every row of the fixture is newer
+    in_oslo = an_hour_ago.astimezone(timezone(timedelta(hours=2))).replace(tzinfo=None).isoformat()
+    assert forget_command(None, None, f"{in_oslo}+02:00", False) == 0
+    assert "nothing matched" in capsys.readouterr().out
+    assert forget_command(None, None, (an_hour_ago + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%S"), False) == 0
+    assert "erased 6 interactions" in capsys.readouterr().out  # no offset: UTC, an hour from now
+
+
 def test_retention_erases_old_interactions(db, tmp_path):
     store = FeedbackStore(db)
     store._conn.execute("UPDATE interactions SET created = ? WHERE id IN ('c0', 'c1')", (time.time() - 40 * 86400,))
