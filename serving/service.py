@@ -65,6 +65,7 @@ import json
 import logging
 import math
 import random
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -783,6 +784,10 @@ class ChatService:
         except DuplicateCorrection:
             raise APIError(409, f"The key {caller.name!r} already corrected {fb.id!r}; one correction per "
                                 "completion per key.", param="correction", code="duplicate_correction") from None
+        except sqlite3.DatabaseError as exc:  # a full disk, a damaged page: nothing was stored, and the client must know
+            log.error("feedback on %s not stored: %s", fb.id, exc)
+            raise APIError(503, f"The feedback log cannot store it now ({exc}); nothing was stored. Retry later.",
+                           type="server_error", code="feedback_not_stored") from None
         return {"id": fid, "completion_id": fb.id, "rating": fb.rating, "stored": True,
                 "held": not caller.trusted}
 

@@ -19,6 +19,8 @@ line on stderr, through `tasks.runner`).
 from __future__ import annotations
 
 import re
+import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,6 +29,22 @@ from tasks.errors import UsageError
 from tasks.runner import run_entry
 
 DIGEST = re.compile(r"user-[0-9a-f]{16}", re.IGNORECASE)  # an end user as the exports name them (tasks.feedback.export.pseudonym)
+
+
+def _on_the_log(work: Callable[[], int | None]) -> int:
+    """Run a command's `work` through `run_entry`; a log SQLite cannot read through (a damaged
+    page) is one line naming the file and the way to recover it, not a traceback."""
+    def guarded() -> int | None:
+        try:
+            return work()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):  # locked, busy, read-only: its own message says it
+                raise
+            from tasks.feedback import default_db_path
+            from tasks.feedback.reader import damaged_log
+
+            raise damaged_log(default_db_path(apply_defaults()), exc) from None
+    return run_entry(guarded)
 
 
 def _settings(root: Path):
@@ -47,7 +65,7 @@ def _db(root: Path, must_exist: bool = True) -> Path:
 
 def export_command(out: Path, min_rating: int) -> int:
     """Export admitted answers and corrections from the feedback database to `out`; return the exit code."""
-    return run_entry(lambda: _export(Path(out), min_rating))
+    return _on_the_log(lambda: _export(Path(out), min_rating))
 
 
 def _export(out: Path, min_rating: int) -> None:
@@ -76,7 +94,7 @@ def pending_command() -> int:
         from tasks.feedback.review import describe_batch, held_batch
 
         print(describe_batch(held_batch(_db(root), _settings(root).auto_approve)))
-    return run_entry(pending)
+    return _on_the_log(pending)
 
 
 def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: str, up_to: int | None = None) -> int:
@@ -103,7 +121,7 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
         decided = apply_decision(db, batch, Decision(approve_all, tuple(keys), reviewer=reviewer))
         # what stays held in all, rows posted after --up-to among them, not only in the batch decided on
         print({**decided, "held": len(held_batch(db, auto_approve).rows)})
-    return run_entry(approve)
+    return _on_the_log(approve)
 
 
 def reject_keys(db: Path, keys: list[str], reviewer: str, auto_approve: str, up_to: int | None = None) -> dict[str, int]:
@@ -180,4 +198,4 @@ def forget_command(user: str | None, key: str | None, before: str | None, expire
         listed = ("; their prompts are on the erasure list, so no later export holds them" if user or key else "")
         print(f"erased {erased[0]} interactions and {erased[1]} feedback rows{listed} "
               "(earlier DVC snapshots and model versions: docs/guides/trust.md)")
-    return run_entry(forget)
+    return _on_the_log(forget)

@@ -25,6 +25,12 @@ from tasks.feedback.schema import (
 from tasks.feedback.store import INTERACTION_COLUMNS
 
 
+def damaged_log(path: Path, exc: sqlite3.DatabaseError) -> DataFileError:
+    """The error for a log SQLite opens but cannot read through ("database disk image is malformed")."""
+    return DataFileError(f"{path}: the feedback log is damaged ({exc}); stop the service and restore a copy of it "
+                         "(what it still holds can be read out with the sqlite3 shell's .recover or .dump)")
+
+
 class FeedbackReader:
     """A read-only view of the log: the service keeps writing while it reads (WAL).
 
@@ -52,10 +58,13 @@ class FeedbackReader:
         self._conn = conn
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            raise damaged_log(self.path, exc) from None  # a page SQLite cannot read, found while reading
+
 
     def _columns(self, table: str, prefix: str = "") -> str:
         """The columns of `table` this code reads; a log from an older version gives the defaults its rows had."""

@@ -232,6 +232,22 @@ def test_feedback_is_stored_and_exported_as_training_data(client, serving_dir, c
     assert export_command(serving_dir / "x.jsonl", 9) == 2
 
 
+def test_feedback_the_log_cannot_store_is_a_503_that_says_nothing_was_stored(client, monkeypatch):
+    """A damaged page or a full disk made every rating a 500 "Internal error: DatabaseError."."""
+    import sqlite3
+
+    from tasks.feedback import FeedbackStore
+
+    answer = chat(client, max_tokens=4).json()
+
+    def damaged(*_args, **_kwargs):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(FeedbackStore, "add_feedback", damaged)
+    error = assert_openai_error(client.post("/feedback", json={"id": answer["id"], "rating": 1}), 503, "feedback_not_stored")
+    assert "database disk image is malformed" in error["message"] and "nothing was stored" in error["message"]
+
+
 def test_champion_moves_are_picked_up_by_reload_and_by_polling(client, registry):
     registry.set_registered_model_alias(MODEL_NAME, "champion", "2")
     resp = client.post("/admin/reload")

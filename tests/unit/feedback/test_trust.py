@@ -342,6 +342,30 @@ def test_forget_before_a_time_with_an_offset_converts_it(db, capsys, monkeypatch
     assert "erased 6 interactions" in capsys.readouterr().out  # no offset: UTC, an hour from now
 
 
+def test_a_damaged_log_is_one_line_naming_it_for_every_command(tmp_path, capsys, monkeypatch):
+    """A log with a damaged page (SQLite opens it, then "database disk image is malformed" while
+    reading) made `pending`, `export`, `approve` and `forget` print tracebacks and exit 1."""
+    from ftllm.commands.feedback import approve_command, export_command, forget_command, pending_command
+
+    damaged = tmp_path / "feedback.db"
+    store = FeedbackStore(damaged)
+    for i in range(300):
+        _log(store, i, prompt="x" * 200 + str(i))
+        store.add_feedback(f"c{i}", 1, "fix " * 20, key_name="web")
+    store.close()
+    data = bytearray(damaged.read_bytes())
+    data[8192:10192] = b"\xab" * 2000  # the third page, a table's
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(damaged))
+    for command in (lambda: pending_command(), lambda: export_command(tmp_path / "out.jsonl", 4),
+                    lambda: approve_command(True, [], False, "ann"), lambda: forget_command(None, "web", None, False)):
+        assert command() == 2
+        err = capsys.readouterr().err
+        assert f"{damaged}: the feedback log is damaged (database disk image is malformed)" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_retention_erases_old_interactions(db, tmp_path):
     store = FeedbackStore(db)
     store._conn.execute("UPDATE interactions SET created = ? WHERE id IN ('c0', 'c1')", (time.time() - 40 * 86400,))
