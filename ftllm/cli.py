@@ -47,6 +47,32 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _start_temporary_prefect_server() -> None:
+    """Start the temporary Prefect server `ftllm run` uses (no PREFECT_API_URL) in a session of
+    its own, before the flow would start it in this one.
+
+    Ctrl-C in a terminal signals the whole foreground process group: the server stopped with the
+    run, and the flow, reporting its stop to a server that was gone, retried for minutes and
+    ended with tracebacks and exit 1. Out of the group, the server outlives the keypress, the
+    flow records its stop, and the server is stopped on exit as before (Prefect's atexit hook).
+    Prefect gives no option for this: its module's `subprocess` is swapped for the one call.
+    """
+    import subprocess
+    import types
+
+    from prefect.server.api import server as prefect_server
+
+    def own_session(*args: Any, **kwargs: Any) -> subprocess.Popen:
+        return subprocess.Popen(*args, start_new_session=True, **kwargs)
+
+    module = prefect_server.subprocess
+    prefect_server.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": own_session})
+    try:
+        prefect_server.SubprocessASGIServer().start()
+    finally:
+        prefect_server.subprocess = module
+
+
 def _emit(obj: Any, as_json: bool) -> None:
     """With --json, print `obj` (a pydantic model or plain data) as the last line of stdout."""
     if not as_json:
@@ -81,6 +107,8 @@ def run(
         raise
     from flows.retrain import retrain
 
+    if not environment().prefect_api_url:
+        _start_temporary_prefect_server()
     result = retrain(params_file=str(params.resolve()), overrides=overrides, return_state=True).result(
         raise_on_failure=False
     )

@@ -40,6 +40,8 @@ def run_entry(main: Callable[[], int | None], as_json: bool = False) -> int:
             print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}), flush=True)
         return report(exc)
     except KeyboardInterrupt:
+        if as_json:
+            print(json.dumps({"error": "interrupted", "exit_code": EXIT_INTERRUPTED}), flush=True)
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK if code is None else code

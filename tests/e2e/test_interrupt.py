@@ -118,3 +118,29 @@ def test_sigterm_stops_the_run_and_the_temporary_prefect_server_it_started(proje
         run.kill()
     assert run.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
     assert not psutil.pid_exists(server.pid) or server.status() == psutil.STATUS_ZOMBIE
+
+
+def test_ctrl_c_in_a_terminal_stops_the_run_at_once(project):
+    """Ctrl-C signals the terminal's whole foreground process group: the temporary Prefect server
+    stopped with the run, and the flow, reporting its stop to a server that was gone, retried for
+    minutes and exited 1 with tracebacks."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    run = subprocess.Popen([str(BIN / "ftllm"), "run", "--json", "--set", f"registry.model_name={MODEL}-int"],
+                           cwd=project, env={**env, "FTLLM_ROOT": str(project)}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own group, as a shell's job
+    try:
+        deadline = time.monotonic() + 300
+        while finetune_process(run) is None and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.5)
+        assert run.poll() is None, "the run ended before its training started"
+        servers = [p for p in psutil.Process(run.pid).children(recursive=True)
+                   if "prefect.server.api.server" in " ".join(p.cmdline())]
+        os.killpg(run.pid, signal.SIGINT)
+        stopped = time.monotonic()
+        out, err = run.communicate(timeout=180)
+    finally:
+        run.kill()
+    assert run.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == {"error": "interrupted", "exit_code": 130}
+    assert time.monotonic() - stopped < 60  # it took 3.5 minutes of retries
+    assert len(servers) == 1 and (not psutil.pid_exists(servers[0].pid) or servers[0].status() == psutil.STATUS_ZOMBIE)
