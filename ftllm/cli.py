@@ -248,6 +248,13 @@ def models(
                 v["lineage"].get("data_md5", "")[:12], v["created"], (v.get("flow_run") or {}).get("name") or "",
             )
         Console().print(table)
+        if data_md5:
+            runs = Table(title=f"runs that used data {data_md5}")
+            for col in ("run", "status", "version"):
+                runs.add_column(col)
+            for r in out["runs_for_data"]:
+                runs.add_row(*(str(r.get(k) or "") for k in ("run_id", "status", "version")))
+            Console().print(runs if out["runs_for_data"] else f"no run used data {data_md5}")
     _emit(out, as_json)
 
 
@@ -309,6 +316,9 @@ def rollback(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Move the champion alias back to the previous champion (or to --to VERSION)."""
+    if force and to is None:
+        raise UsageError("--force applies to --to VERSION (a version whose gate failed); the previous champion "
+                         "needs no force: leave it out")
     apply_defaults(params.resolve().parent)
     _move_alias("rollback", as_json, model_name=_settings(params, set_).registry.model_name, to=to, force=force,
                 reason=reason)

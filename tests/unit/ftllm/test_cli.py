@@ -204,6 +204,15 @@ def test_a_finished_runs_json_carries_the_exit_code_the_process_exits_with(param
     assert last_json(result.stdout)["exit_code"] == code
 
 
+def test_models_data_md5_lists_the_runs_without_json_too_and_rollback_force_needs_to(params):
+    """`models --data-md5 X` printed the same table whatever X was, and `rollback --force` without
+    `--to` was taken without a word."""
+    result = CliRunner().invoke(app, ["models", "--params", str(params), "--data-md5", "0123abcd"])
+    assert result.exit_code == 0 and "no run used data 0123abcd" in result.stdout, result.output
+    result = CliRunner().invoke(app, ["rollback", "--params", str(params), "--force", "--reason", "x"])
+    assert result.exit_code == 2 and "--force applies to --to VERSION" in result.stderr, result.output
+
+
 def test_with_json_a_failed_command_still_ends_stdout_with_one_json_object(tmp_path, monkeypatch):
     """`ftllm validate missing.jsonl --json` printed nothing on stdout (exit 2), where `run --json`
     prints its result with the error: a script reading the last line got nothing to parse."""
