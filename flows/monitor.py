@@ -95,7 +95,11 @@ def collect_feedback(db: Path, since: Cursor, window: int, low_rating: int = 2,
     if not db.is_file():
         get_run_logger().warning(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml)")
         return FeedbackFigures(since.feedback_id, since.feedback_id, 0, 0, 0, None, 0, champion=champion)
-    return read_feedback(db, since.feedback_id, window, low_rating, since.decision, auto_approve, champion)
+    figures = read_feedback(db, since.feedback_id, window, low_rating, since.decision, auto_approve, champion)
+    if figures.new_log:
+        get_run_logger().warning(f"{db}: the cursor (feedback id {since.feedback_id}) is past every id this log gave: "
+                                 "a new or replaced log; all of its feedback counts as new")
+    return figures
 
 
 @task(name="read-champion")

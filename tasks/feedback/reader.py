@@ -121,6 +121,11 @@ class FeedbackReader:
         """The highest feedback id in the log (0 when there is none)."""
         return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
 
+    def feedback_ids_given(self) -> int:
+        """The highest feedback id this log ever gave, erased rows' too (ids are never reused); 0 for none."""
+        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'feedback'").fetchone()
+        return int(row[0]) if row else 0
+
     def last_decision(self) -> int:
         """The number of the latest review decision (0 when there is none)."""
         if self.version < 4:

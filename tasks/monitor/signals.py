@@ -50,6 +50,7 @@ class FeedbackFigures:
     new_low_ratings: int = 0  # answers whose latest rating is at most monitor.low_rating (what preference tuning avoids)
     champion: str | None = None  # the version the mean rating is of (None: no champion known, every answer)
     other_versions: int = 0  # new rated answers another version served: counted above, not in the mean
+    new_log: bool = False  # the cursor is past every id this log gave: another log (replaced, moved), counted whole
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,17 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
             ratings of an earlier champion's answers do not count against it (they still count
             as ratings, corrections and low ratings: data the next run learns from).
 
+    A cursor past every feedback id the log ever gave (ids never go back, erased ones
+    included) was taken from another log, one since replaced or moved: the whole log is
+    new then (`new_log`), where its feedback would otherwise never be counted.
+
     Raises:
         DataFileError: `db` is not the service's SQLite log.
     """
     with FeedbackReader(db) as reader:
+        new_log = since_id > reader.feedback_ids_given()
+        if new_log:
+            since_id, since_decision = 0, 0
         rows = [row for row in reader.feedback_since(since_id) if row.review != "rejected"]
         rows += [row for row in reader.approved_since(since_decision, since_id)
                  if not replace(row, review="pending").admitted(auto_approve)]
@@ -103,7 +111,7 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
         mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=interactions,
         sources=feedback_sources(rows),
         new_low_ratings=sum(row.correction is None and row.rating <= low_rating for row in answers),
-        champion=champion, other_versions=len(answers) - len(ours),
+        champion=champion, other_versions=len(answers) - len(ours), new_log=new_log,
     )
 
 

@@ -83,6 +83,21 @@ def test_the_mean_rating_is_of_the_champions_answers_and_the_rest_still_count(tm
     assert (no_answers.mean_rating, no_answers.window_ratings, no_answers.other_versions) == (None, 0, 5)
 
 
+def test_a_cursor_past_every_id_the_log_gave_counts_the_whole_log(tmp_path):
+    """A new or replaced feedback.db starts its ids at 1 again, under the cursor the old log left:
+    its corrections were never counted, so they never started a retraining. Erasing rows does
+    not look like a new log: ids are never given twice."""
+    db = tmp_path / "feedback.db"
+    _log(db, ["Convert this ISO date: 2016-03-18"] * 4, ratings=[1, 1, 2, 4], corrected=3)
+    fresh = read_feedback(db, since_id=500, window=200, since_decision=7)
+    assert fresh.new_log and (fresh.since_id, fresh.new_ratings, fresh.new_corrections, fresh.last_id) == (0, 4, 3, 4)
+    store = FeedbackStore(db)
+    store.forget(key_name="client-3", reason="test")  # erases feedback id 4, the last one given
+    store.close()
+    same = read_feedback(db, since_id=4, window=200)
+    assert not same.new_log and same.new_ratings == 0
+
+
 def test_a_file_that_is_not_the_log_is_refused_naming_it(tmp_path):
     bogus = tmp_path / "feedback.db"
     bogus.write_text("not sqlite")
