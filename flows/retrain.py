@@ -125,9 +125,9 @@ def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | 
 
 
 @task(name="advance-monitor-cursor", retries=2, retry_delay_seconds=3)
-def advance_monitor_cursor(model_name: str, feedback_id: int, decision: int = 0) -> Cursor:
-    """The monitor's cursor moves past the feedback this run trained on (tasks/monitor/cursor.py)."""
-    position = advance_cursor(model_name, Cursor(feedback_id, decision))
+def advance_monitor_cursor(model_name: str, feedback_id: int, decision: int = 0, log: Path | None = None) -> Cursor:
+    """The monitor's cursor moves past the feedback this run trained on from `log` (tasks/monitor/cursor.py)."""
+    position = advance_cursor(model_name, Cursor(feedback_id, decision), log)
     get_run_logger().info(f"monitor cursor of {model_name} at {position}: this run read up to {feedback_id}, {decision}")
     return position
 
@@ -369,8 +369,8 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
         for i, (s, path) in enumerate(zip(sources, paths))
     ]
     durations["validate"] = round(time.perf_counter() - t, 2)
-    described = [{"path": str(path), "md5": file_md5(path), "feedback": s.feedback, "invalid_rows": s.invalid_rows}
-                 for s, path in zip(sources, paths)]
+    described = [{"path": s.file, "md5": file_md5(path), "feedback": s.feedback, "invalid_rows": s.invalid_rows}
+                 for s, path in zip(sources, paths)]  # paths as prepare's stats.json names them: one md5 on every checkout
     result.data = summarise_sources(str(data_path), described, source_reports)
     result.data.feedback_id = feedback_read
     reports: list[Path] = []
@@ -410,15 +410,15 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     lineage.update(link_tags(origin, run_id))  # the model version links back to both runs
     try:
         t = time.perf_counter()
-        # The stages get every setting of the run, not only the overrides: their `resolve`
-        # reads params.yaml, and this run's settings may come from another file (--params).
+        # Every setting of the run, not only the overrides: `resolve` reads params.yaml, the run may have --params
         stages = run_dvc_stages(root, as_overrides(params), run_id, params.workers)
         if "error" in stages:
             raise StageError(stages["error"])
         durations["stages"] = round(time.perf_counter() - t, 2)
         result.stages = StagesSummary.model_validate(stages)
         if feedback_read is not None:  # trained on it: whatever the gate says, this feedback was read
-            advance_monitor_cursor(params.registry.model_name, feedback_read, max(e["last_decision"] for e in exported.values()))
+            advance_monitor_cursor(params.registry.model_name, feedback_read, max(e["last_decision"] for e in exported.values()),
+                                   default_db_path(root))
         t = time.perf_counter()
         result.dvc_push = push_dvc_outputs(root)
         durations["dvc_push"] = round(time.perf_counter() - t, 2)

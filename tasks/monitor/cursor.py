@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,22 @@ def read_cursor(model_name: str) -> Cursor:
     return Cursor(int(value.get("feedback_id", 0)), int(value.get("decision", 0)))
 
 
-def advance_cursor(model_name: str, read: Cursor) -> Cursor:
-    """Move each part of the cursor forward to what a run read (never back); return where it stands."""
+def advance_cursor(model_name: str, read: Cursor, log: Path | None = None) -> Cursor:
+    """Move each part of the cursor forward to what a run read from `log` (never back); return where it stands.
+
+    A cursor past every feedback id `log` ever gave was taken from another log (replaced or
+    moved; ids are never given twice, erased ones included): it starts again from what the run
+    read, or the new log's feedback would stay under it, never counted.
+    """
     from prefect.variables import Variable
 
+    from tasks.feedback import FeedbackReader
+
     current = read_cursor(model_name)
+    if log is not None and Path(log).is_file():
+        with FeedbackReader(Path(log)) as reader:
+            if current.feedback_id > reader.feedback_ids_given():
+                current = Cursor()
     moved = Cursor(max(current.feedback_id, read.feedback_id), max(current.decision, read.decision))
     if moved != current:
         Variable.set(cursor_variable(model_name), {"feedback_id": moved.feedback_id, "decision": moved.decision},

@@ -208,6 +208,8 @@ def test_a_run_trains_on_the_settings_file_it_was_given(project, prefect_harness
     assert resolved["data"]["sources"][1]["md5"] == file_md5(extra)
     stats = json.loads((project / "artifacts/prepared/stats.json").read_text())
     assert [s["path"] for s in stats["sources"]][1].endswith(extra.name) and stats["sources"][1]["kept"] > 0
+    # One md5 of the data, whichever folder the project is in: the run's (and its version's) hashed absolute paths
+    assert result.data.md5 == stats["md5"]
     run = MlflowClient().get_run(result.mlflow_run_id)
     assert (run.data.params["train.max_steps"], run.data.params["train.seed"]) == ("7", "3")
     assert file_md5(extra) in run.data.tags["data_sources"]

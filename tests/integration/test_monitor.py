@@ -97,6 +97,25 @@ def test_monitor_measures_the_log_emits_its_event_and_leaves_the_cursor_to_the_r
     assert str(recommended.id) in (first["event_id"], again["event_id"])
 
 
+def test_a_replaced_log_is_counted_whole_and_the_next_run_starts_the_cursor_on_it(prefect_harness, monitored):
+    """A new feedback.db gives ids from 1 again, under the cursor the old log left: the monitor
+    counted none of its feedback, and a run that read it could not move the cursor back."""
+    from flows.monitor import monitor
+    from tasks.monitor.cursor import Cursor, advance_cursor, read_cursor
+
+    model = "ftllm-monitored"
+    old, new = monitored / "old.db", monitored / "feedback.db"
+    write_feedback(old, completions=40, ratings=[4] * 40, corrected=0)
+    assert advance_cursor(model, Cursor(40, 0), old).feedback_id == 40  # a run read the old log
+    write_feedback(new, completions=6, ratings=[1] * 6, corrected=6)  # ids 1..6 in the new log
+    checked = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(new))
+    assert checked["feedback"]["new_log"] and checked["feedback"]["new_corrections"] == 6
+    assert advance_cursor(model, Cursor(6, 0), new) == Cursor(6, 0) == read_cursor(model)  # a run read the new log: both anew
+    after = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(new))
+    assert not after["feedback"]["new_log"] and after["feedback"]["new_corrections"] == 0
+    assert advance_cursor(model, Cursor(3, 0), new) == Cursor(6, 0)  # on the same log, never back
+
+
 def test_a_file_that_is_not_the_log_fails_the_monitor_with_one_line(prefect_harness, monitored):
     from flows.monitor import monitor
 
