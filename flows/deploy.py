@@ -80,8 +80,12 @@ def _set_form_defaults(deployment_id: str, params: Params) -> None:
         client.update_deployment(UUID(deployment_id), DeploymentUpdate(parameter_openapi_schema=form_defaults(schema, params)))
 
 
-def deploy_all(root: Path, params: Params, work_pool: str = WORK_POOL) -> list[str]:
-    """Create or update the four deployments; returns their ids."""
+def deploy_all(root: Path, params: Params, work_pool: str = WORK_POOL, overrides: dict | None = None) -> list[str]:
+    """Create or update the four deployments; returns their ids.
+
+    `overrides` (`ftllm deploy --set`) go into the parameters of the scheduled retrain and
+    monitor deployments, so their runs read the settings that were deployed, as the form shows them.
+    """
     from prefect import flow
     from prefect.schedules import Schedule
 
@@ -91,7 +95,7 @@ def deploy_all(root: Path, params: Params, work_pool: str = WORK_POOL) -> list[s
     ids = []
     schedule = Schedule(cron=params.schedule.cron, timezone=params.schedule.timezone, active=params.schedule.active)
     monitoring = Schedule(cron=params.monitor.cron, timezone=params.schedule.timezone, active=params.monitor.active)
-    params_file = {"params_file": str(root / "params.yaml")}
+    params_file = {"params_file": str(root / "params.yaml"), **({"overrides": overrides} if overrides else {})}
     specs = [
         ("flows/retrain.py:retrain", "scheduled", params_file, [schedule],
          [retrain_trigger(params.registry.model_name, params.monitor)]),

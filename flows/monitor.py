@@ -37,6 +37,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -147,12 +148,15 @@ def _publish(model_name: str, figures: FeedbackFigures, drift: Drift | None, rec
 
 
 @flow(name="monitor", log_prints=True)
-def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) -> dict | State:
+def monitor(params_file: str = "params.yaml", feedback_db: str | None = None,
+            overrides: dict[str, Any] | None = None) -> dict | State:
     """Read production feedback, publish the figures, and emit the event that may start `retrain`.
 
     Args:
         params_file: the settings file (params.yaml); thresholds under `monitor:`.
         feedback_db: the service's log; default FTLLM_FEEDBACK_DB, else feedback.db beside params.yaml.
+        overrides: dotted keys to values on top of the file (`ftllm deploy --set` puts them in the
+            deployment's parameters, so scheduled checks read what was deployed).
 
     Returns:
         The event's payload with the model name and event id; or a Failed state whose
@@ -164,7 +168,7 @@ def monitor(params_file: str = "params.yaml", feedback_db: str | None = None) ->
     root = Path(params_file).resolve().parent
     apply_defaults(root)
     try:
-        params = load_params(params_file, sections=("data", "model", "registry", "monitor", "feedback"))
+        params = load_params(params_file, overrides, sections=("data", "model", "registry", "monitor", "feedback"))
         db = Path(feedback_db) if feedback_db else default_db_path(root)
         if db.is_file():
             with FeedbackReader(db):  # a file that is no log: one clear line, not a failed task's traceback

@@ -465,8 +465,9 @@ def deploy(
         _emit({"deployments": [deployment_id], "work_pool": train_pool, "train_deployment": name}, as_json)
         return
     from flows.deploy import deploy_all
+    from tasks.config import parse_overrides
 
-    ids = deploy_all(root, settings, work_pool)
+    ids = deploy_all(root, settings, work_pool, parse_overrides(set_ or []))
     monitor = "on" if settings.monitor.active else "off: monitor.active"
     print(f"deployments: retrain/scheduled, promote/manual, rollback/manual, monitor/scheduled (schedule {monitor}) "
           f"on pool {work_pool}; start a worker: prefect worker start --pool {work_pool}", file=sys.stderr)

@@ -243,3 +243,33 @@ def test_training_that_no_worker_starts_is_cancelled_and_fails_the_run(server, p
     child = summary["error"].split("(flow run ")[1].split(")")[0]
     assert _flow_run_states(server, [child])[child]["type"] == "CANCELLED"
     assert MlflowClient().search_model_versions("name = 'ftllm-gpu-down'") == []
+
+
+def test_deploy_set_reaches_the_scheduled_runs_not_only_the_form(server, project, deployed):
+    """`ftllm deploy --set train.max_steps=123` showed 123 in the run form, while the scheduled
+    run (and the monitor's checks) read params.yaml's 300: the deployments carried no overrides."""
+    sets = ["--set", "train.max_steps=123", "--set", "monitor.window=50"]
+    try:
+        again = subprocess.run([str(BIN / "ftllm"), "deploy", "--json", "--params", str(project / "params.yaml"), *sets],
+                               env=server, cwd=project, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        script = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.utilities.asyncutils import run_coro_as_sync
+
+async def parameters():
+    async with get_client() as c:
+        return {name: (await c.read_deployment_by_name(name)).parameters
+                for name in ("retrain/scheduled", "monitor/scheduled")}
+print(json.dumps(run_coro_as_sync(parameters())))
+"""
+        out = subprocess.run([sys.executable, "-c", script], env=server, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        parameters = json.loads(out.stdout.strip().splitlines()[-1])
+        wanted = {"train.max_steps": 123, "monitor.window": 50}
+        assert parameters["retrain/scheduled"]["overrides"] == wanted
+        assert parameters["monitor/scheduled"]["overrides"] == wanted
+    finally:  # the module's other tests expect the deployments as `deployed` made them
+        subprocess.run([str(BIN / "ftllm"), "deploy", "--json", "--params", str(project / "params.yaml")],
+                       env=server, cwd=project, capture_output=True, text=True, timeout=300)
