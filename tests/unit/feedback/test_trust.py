@@ -508,8 +508,14 @@ def test_the_cli_approves_and_forgets(db, monkeypatch, capsys):
     left.close()
 
 
-def test_approving_up_to_the_id_pending_showed_leaves_later_rows_held(db, monkeypatch, capsys):
-    """A person approves what `pending` showed them: feedback posted since waits for a look."""
+@pytest.mark.parametrize(("keys", "reject", "said"), [
+    ([], False, "{'approved': 5, 'rejected': 0, 'held': 1}"),  # the later row is counted held
+    # `--reject --key bot --up-to N` rejected bot's rows posted after N too, which no person
+    # had seen and no command can approve again
+    (["bot"], True, "{'approved': 0, 'rejected': 3, 'held': 3}"),
+])
+def test_deciding_up_to_the_id_pending_showed_leaves_later_rows_held(db, monkeypatch, capsys, keys, reject, said):
+    """A person approves or rejects what `pending` showed them: feedback posted since waits for a look."""
     from ftllm.commands.feedback import approve_command
 
     monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
@@ -518,24 +524,8 @@ def test_approving_up_to_the_id_pending_showed_leaves_later_rows_held(db, monkey
     _log(store, 9)
     store.add_feedback("c9", 1, "posted after the look", key_name="bot")
     store.close()
-    assert approve_command(True, [], False, "ann", up_to=shown) == 0
-    assert "{'approved': 5, 'rejected': 0, 'held': 1}" in capsys.readouterr().out  # the later row is counted held
-    assert [r.correction for _, r in held_batch(db, "trusted").rows] == ["posted after the look"]
-
-
-def test_rejecting_up_to_the_id_pending_showed_leaves_later_rows_undecided(db, monkeypatch, capsys):
-    """`--reject --key bot --up-to N` rejected bot's rows posted after N too, which no person had
-    seen and no command can approve again."""
-    from ftllm.commands.feedback import approve_command
-
-    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
-    shown = held_batch(db, "trusted").up_to_id
-    store = FeedbackStore(db)
-    _log(store, 9)
-    store.add_feedback("c9", 1, "posted after the look", key_name="bot")
-    store.close()
-    assert approve_command(False, ["bot"], True, "ann", up_to=shown) == 0
-    assert "{'approved': 0, 'rejected': 3, 'held': 3}" in capsys.readouterr().out
+    assert approve_command(not keys, keys, reject, "ann", up_to=shown) == 0
+    assert said in capsys.readouterr().out
     assert [r.correction for _, r in held_batch(db, "trusted").rows if r.key_name == "bot"] == ["posted after the look"]
 
 
