@@ -76,14 +76,18 @@ def latest_bento(model_name: str, name: str = BENTO_NAME) -> str | None:
 
 def _serving_target(bento: str | None, model_name: str) -> str:
     """What `bentoml serve` runs: the bento asked for, else the newest built for `model_name`,
-    else the service in `serving/`, which needs the model the package step stores.
+    else the service in `serving/`, which needs the model the package step stores. A bento
+    whose code cannot read this checkout's feedback log (an older schema: the service would
+    stop at start-up with a traceback) is refused when asked for, and passed over when newest.
 
     Raises:
-        UsageError: `bento` is not in the store, or nothing was packaged for `model_name` yet
-            (BentoML's own message spoke of a cloud context).
+        UsageError: `bento` is not in the store or reads an older log, or nothing was packaged
+            for `model_name` yet (BentoML's own message spoke of a cloud context).
     """
     import bentoml
     from bentoml.exceptions import BentoMLException, NotFound
+
+    from tasks.feedback.schema import SCHEMA_VERSION
 
     if bento is not None:
         try:
@@ -93,10 +97,19 @@ def _serving_target(bento: str | None, model_name: str) -> str:
             store = os.environ.get("BENTOML_HOME", "the BentoML store")
             raise UsageError(f"--bento {bento}: no such bento in {store}; "
                              + (f"the newest for {model_name} is {built}" if built else "leave --bento out")) from None
+        reads = log_version_read_by(bento)
+        if reads is not None and reads < SCHEMA_VERSION:
+            raise UsageError(f"--bento {bento}: its code reads feedback logs up to version {reads}, and this checkout "
+                             f"writes version {SCHEMA_VERSION}; the service would stop on the log. Leave --bento out, "
+                             "or run `ftllm run` to package the champion with this code")
         return bento
     built = latest_bento(model_name)
     if built is not None:
-        return built
+        reads = log_version_read_by(built)
+        if reads is None or reads >= SCHEMA_VERSION:
+            return built
+        print(f"note: {built} was packaged by code that reads feedback logs up to version {reads}, older than this "
+              f"checkout's {SCHEMA_VERSION}: serving the champion with this checkout's service instead", file=sys.stderr)
     tag = environment().bento_model or f"{model_name}:latest"
     try:
         bentoml.models.get(tag)
@@ -105,6 +118,23 @@ def _serving_target(bento: str | None, model_name: str) -> str:
                          "trains, registers and packages the champion), or pass --params with the settings of the "
                          "run that did") from None
     return SOURCE_SERVICE
+
+
+def log_version_read_by(tag: str) -> int | None:
+    """The newest feedback-log version the code packaged in bento `tag` reads (`SCHEMA_VERSION`
+    in its `tasks/feedback/`: schema.py now, store.py in older code), or None where it does not say."""
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        folder = Path(bentoml.get(tag).path)
+    except (BentoMLException, ValueError):  # not in the store: `bentoml serve` says so
+        return None
+    for module in sorted((folder / "src" / "tasks" / "feedback").glob("*.py")):
+        found = re.search(r"^SCHEMA_VERSION = (\d+)", module.read_text(encoding="utf-8"), re.M)
+        if found:
+            return int(found.group(1))
+    return None
 
 
 def project_params(root: Path, overrides: dict[str, Any] | None = None, params_file: Path | None = None) -> Params:

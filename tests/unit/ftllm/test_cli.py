@@ -261,6 +261,34 @@ def test_serve_before_any_run_or_with_an_unknown_bento_says_what_to_do(params, m
     assert "serving" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_bento_whose_code_reads_an_older_feedback_log_is_passed_over_or_refused(params, monkeypatch, tmp_path):
+    """After an update of the log's schema, the newest bento (built before it) stopped at start-up
+    with a traceback on the log this checkout had migrated."""
+    from types import SimpleNamespace
+
+    import bentoml
+
+    import ftllm.commands.serve as serve
+    from tasks.errors import UsageError
+    from tasks.feedback.schema import SCHEMA_VERSION
+
+    folders = {}
+    for version, module, text in (("old", "store.py", "SCHEMA_VERSION = 3\n"), ("new", "schema.py", f"SCHEMA_VERSION = {SCHEMA_VERSION}\n")):
+        code = tmp_path / version / "src" / "tasks" / "feedback"
+        code.mkdir(parents=True)
+        (code / module).write_text(text)
+        folders[f"ftllm_chat:m-{version}"] = tmp_path / version
+    monkeypatch.setattr(bentoml, "get", lambda tag: SimpleNamespace(path=str(folders[tag])))
+    monkeypatch.setattr(bentoml.models, "get", lambda tag: SimpleNamespace(tag=tag))  # the champion's model is stored
+    assert serve.log_version_read_by("ftllm_chat:m-old") == 3  # older code kept the version in store.py
+    monkeypatch.setattr(serve, "latest_bento", lambda name: "ftllm_chat:m-new")
+    assert serve._serving_target(None, "m") == "ftllm_chat:m-new"
+    monkeypatch.setattr(serve, "latest_bento", lambda name: "ftllm_chat:m-old")
+    assert serve._serving_target(None, "m") == serve.SOURCE_SERVICE
+    with pytest.raises(UsageError, match=f"reads feedback logs up to version 3, and this checkout writes version {SCHEMA_VERSION}"):
+        serve._serving_target("ftllm_chat:m-old", "m")
+
+
 def test_bench_serve_without_a_service_says_so():
     from tests.support.project import free_port
 
