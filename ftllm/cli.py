@@ -13,6 +13,7 @@ for `run`: 0 promoted, 3 rejected by the gate, 1 failed, 2 usage error.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -62,8 +63,11 @@ def _start_temporary_prefect_server() -> None:
 
     from prefect.server.api import server as prefect_server
 
+    from ftllm.commands.serve import _stop_with_parent
+
     def own_session(*args: Any, **kwargs: Any) -> subprocess.Popen:
-        return subprocess.Popen(*args, start_new_session=True, **kwargs)
+        # and it stops once this process is gone, even killed with SIGKILL (ftllm serve's way)
+        return subprocess.Popen(*args, start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()), **kwargs)
 
     module = prefect_server.subprocess
     prefect_server.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": own_session})
@@ -91,6 +95,7 @@ def run(
 ) -> int:
     """Run the whole retraining flow: validate, prepare, finetune, evaluate, gate, register, package."""
     signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's stop ends the run as Ctrl-C does
+    signal.signal(signal.SIGHUP, _interrupt)  # and so does a closed terminal: the Prefect server is out of its reach
     apply_defaults(params.resolve().parent)
     from tasks.config import load_params, parse_overrides
     from tasks.pipeline.result import RunResult
