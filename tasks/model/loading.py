@@ -151,11 +151,6 @@ def check_fit(params: Params, base_path: str | None = None, root: Path | None = 
             raise DataFileError(f"{path}: data file not found; check {key}")
 
 
-# Layer types LoRA adapts (peft's LoRA layers: torch's linear, embedding and convolution layers,
-# and GPT-2's Conv1D); a target of another type is refused by peft at training.
-_LORA_LAYERS = frozenset({"Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D"})
-
-
 def check_lora_targets(cfg, targets: str) -> None:
     """Refuse `train.lora_target_modules` names that match no layer LoRA can adapt in this model.
 
@@ -168,22 +163,27 @@ def check_lora_targets(cfg, targets: str) -> None:
     """
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
+    # The layers peft's LoRA adapts (it tests with isinstance: Falcon's FalconLinear is a Linear);
+    # a name that matches any other module is refused by peft at training.
+    adapts = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D,
+              torch.nn.MultiheadAttention)
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
     except Exception:  # noqa: BLE001 - an architecture transformers builds only from weights: peft checks at training
         return
-    modules = [(name, type(module).__name__) for name, module in model.named_modules() if name]
-    adaptable = sorted({name.rsplit(".", 1)[-1] for name, kind in modules if kind in _LORA_LAYERS})
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    adaptable = sorted({name.rsplit(".", 1)[-1] for name, module in modules if isinstance(module, adapts)})
     wanted = [t.strip() for t in targets.split(",") if t.strip()]
-    kinds = {t: {kind for name, kind in modules if name == t or name.endswith("." + t)} for t in wanted}
-    unknown = [t for t in wanted if not kinds[t]]
-    unfit = [t for t in wanted if kinds[t] and not kinds[t] & _LORA_LAYERS]
+    matched = {t: [m for name, m in modules if name == t or name.endswith("." + t)] for t in wanted}
+    unknown = [t for t in wanted if not matched[t]]
+    unfit = [t for t in wanted if any(not isinstance(m, adapts) for m in matched[t])]
     if unknown:
         what = f"no module of this model is called {' or '.join(unknown)}"
     elif unfit:
-        found = sorted(set().union(*(kinds[t] for t in unfit)))
+        found = sorted({type(m).__name__ for t in unfit for m in matched[t] if not isinstance(m, adapts)})
         what = f"{', '.join(unfit)}: {', '.join(found)}, not a layer LoRA adapts"
     elif not wanted:
         what = "no module named"

@@ -242,6 +242,18 @@ def test_lora_target_modules_are_checked_against_the_model_as_peft_matches_them(
     check_fit(small_params(path, method="full", lora_target_modules=bad[0]))  # a full fine-tune has no LoRA
 
 
+def test_a_subclass_of_a_linear_layer_is_a_lora_target_as_peft_takes_it():
+    """Falcon's FalconLinear was refused by name ("not a layer LoRA adapts") though peft adapts it."""
+    from transformers import FalconConfig
+
+    from tasks.model.loading import check_lora_targets
+
+    falcon = FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    check_lora_targets(falcon, "query_key_value,dense_h_to_4h")
+    with pytest.raises(ConfigError, match="mlp: FalconMLP, not a layer LoRA adapts"):
+        check_lora_targets(falcon, "query_key_value,mlp")
+
+
 def test_auto_attention_packs_where_it_is_exact_and_masks_otherwise():
     from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
