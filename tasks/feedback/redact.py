@@ -129,8 +129,9 @@ def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
     JSON), where a value's keys say what it is (`{"phone": {"number": "4155550134"}}`): it is
     redacted with its key path before it (`key`), and the keys themselves are redacted too.
     `siblings`: what the other entries of the object it is in say (`_context_of`), read as a
-    text's context where its own key says nothing (`{"to": "4155550134", "channel": "sms"}`);
-    not a JSON number's, more often a count (`{"count": 1234567, "channel": "sms"}`).
+    text's context where its own key says nothing of its kind (`_says_nothing`: `{"to":
+    "4155550134", "channel": "sms"}`, not `{"order_id": ...}`); not a JSON number's, more often a
+    count (`{"count": 1234567, "channel": "sms"}`).
     """
     if isinstance(value, str):
         if not named and (key == "arguments" or value.lstrip()[:1] in ("{", "[")):
@@ -156,7 +157,7 @@ def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
             name, counts = redact_text(k) if named else (k, Counter())  # {"ann@example.org": "Ann"}
             while name in out:  # two keys masked alike keep both values
                 name += " "
-            out[name], more = _redact_value(v, path, kept, named, _context_of(value, k) if named else ())
+            out[name], more = _redact_value(v, path, kept, named, _context_of(value, k) if named and _says_nothing(k) else ())
             found += counts + more
         return out, found
     if isinstance(value, list):
@@ -177,6 +178,17 @@ def _redact_value(value: Any, key: str = "", kept: frozenset[str] = _KEPT_KEYS,
 
 
 MAX_SIBLINGS = 8  # an object's other entries read as a value's context; a wide object costs no more
+
+
+# Keys that say where a value goes or that it is a value, not what kind it is: their siblings
+# may say it (`{"to": "4155550134", "channel": "sms"}`); `order_id` beside `"notify": "sms"` is an id.
+_ADDRESS_KEYS = frozenset({"to", "from", "recipient", "recipients", "receiver", "sender", "target", "destination",
+                           "dest", "contact", "address", "handle", "cc", "bcc"})
+
+
+def _says_nothing(key: str) -> bool:
+    """Whether `key` names no kind of value, so that its object's other entries are its context."""
+    return key.lower() in _GENERIC_KEYS | _ADDRESS_KEYS
 
 
 def _context_of(obj: dict[str, Any], key: str) -> tuple[str, ...]:

@@ -259,6 +259,9 @@ def test_json_the_user_wrote_is_redacted_by_its_keys_wherever_it_is():
     # a JSON number beside them is a count, and an object with no such word is left alone
     ({"to": "4155550134", "channel": "sms", "count": 1234567}, {"to": "[PHONE]", "channel": "sms", "count": 1234567}),
     ({"sku": "4155550134", "qty": 3, "note": "gift"}, {"sku": "4155550134", "qty": 3, "note": "gift"}),
+    # a key that says what its value is keeps it, whatever the others say
+    ({"order_id": "4155550134", "notify": "sms"}, {"order_id": "4155550134", "notify": "sms"}),
+    ({"amount": "4155550134", "method": "phone"}, {"amount": "4155550134", "method": "phone"}),
 ])
 def test_a_value_is_read_with_what_the_other_entries_of_its_object_say(arguments, masked):
     """`{"to": "4155550134", "channel": "sms"}` kept the number: only the value's own key was read."""
