@@ -50,6 +50,11 @@ class Redacted:
         return bool(self.found)
 
 
+def redact_arguments(arguments: str) -> str:
+    """A call's JSON arguments masked as an example's are: each value read with its key."""
+    return _redact_value(arguments, "arguments")[0]
+
+
 def redact_example(example: dict[str, Any], action: RedactAction = "mask") -> Redacted:
     """Redact every text of each message of a canonical `{"messages": [...]}` example: the
     content, a reasoning trace, and the arguments of tool calls (inside their JSON, so that a

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tasks.feedback.export import training_examples
 from tasks.feedback.reader import FeedbackReader
-from tasks.feedback.redact import redact_example, redact_text
+from tasks.feedback.redact import redact_arguments, redact_example, redact_text
 from tasks.feedback.schema import MIN_RATING, FeedbackRow, Interaction
 from tasks.feedback.store import FeedbackStore
 
@@ -58,9 +58,10 @@ def _cell(text: str, limit: int = 120) -> str:
 
 def _answer_text(interaction) -> str:
     """The answer as a reviewer reads it: its text, and each call as `name(arguments)` (an
-    answer that is only a call has no text, and the correction replaces the call)."""
-    calls = [f"{c['function']['name']}({c['function']['arguments']})" for c in interaction.tool_calls or []
-             if isinstance(c, dict) and isinstance(c.get("function"), dict)]
+    answer that is only a call has no text, and the correction replaces the call), the
+    arguments masked as the exports mask them (by their keys: `{"to": ..., "via": "sms"}`)."""
+    calls = [f"{c['function']['name']}({redact_arguments(c['function'].get('arguments', ''))})"
+             for c in interaction.tool_calls or [] if isinstance(c, dict) and isinstance(c.get("function"), dict)]
     return " ".join(filter(None, [interaction.answer.strip(), *calls]))
 
 

@@ -104,6 +104,14 @@ def test_the_forms_samples_show_the_call_a_correction_replaces(tmp_path):
     store.close()
     text = describe_batch(held_batch(db, "trusted"))
     assert '| web | weather in Bergen? | get_weather({"city": "Bergen"}) | It rains in Bergen. |' in text
+    store = FeedbackStore(db)  # arguments masked by their keys, as the export masks them
+    texting = {**call, "function": {"name": "send", "arguments": '{"to": "4155550134", "via": "WhatsApp"}'}}
+    store.log_interaction(Interaction("c1", "chat", "m", "1", [{"role": "user", "content": "text Ann"}],
+                                      "", "tool_calls", 3, 2, 1.0, "web", tools=tools, tool_calls=[texting]))
+    store.add_feedback("c1", 1, "Sent.", key_name="web")
+    store.close()
+    text = describe_batch(held_batch(db, "trusted"))
+    assert "4155550134" not in text and 'send({"to": "[PHONE]", "via": "WhatsApp"})' in text
 
 
 def test_the_forms_samples_show_no_secret_or_personal_data(tmp_path):
