@@ -695,18 +695,18 @@ class Params(_Section):
         return _short_hash(self.model_dump(mode="json"))
 
     def model_digest(self) -> str:
-        """A short hash of the settings that make, score and gate a model: all but `RUN_ONLY_SECTIONS`.
+        """A short hash of the settings that make, score, gate and package a model: all but `RUN_ONLY_SECTIONS`.
 
         A run whose model and this digest match a registered version's registers nothing
-        (`flows.retrain`), so a changed schedule or serving limit is no new version.
+        (`flows.retrain`), so a changed schedule or monitor threshold is no new version.
         """
         return _short_hash(self.model_dump(mode="json", exclude=set(RUN_ONLY_SECTIONS)))
 
 
 # Sections that say how the project runs around a model, not what the model is, how it is
-# scored or what the gate decides. What they change in the data (feedback's approval,
-# redaction, retention) reaches the model's own md5 through the prepared data.
-RUN_ONLY_SECTIONS = ("serving", "feedback", "schedule", "workers", "monitor")
+# scored, what the gate decides or what its bento carries: `serving` and `feedback` are read
+# by the service, and a bento packs the params.yaml it was built with (a container serves that).
+RUN_ONLY_SECTIONS = ("schedule", "workers", "monitor")
 
 
 def _short_hash(settings: dict[str, Any]) -> str:

@@ -85,9 +85,10 @@ def test_unchanged_run_skips_stages_and_registers_nothing(first_run, project):
     assert result.version == first.version
     assert set(result.stages.skipped) >= {"prepare", "finetune", "evaluate"}
     assert result.durations["stages"] < first.durations["stages"]
-    # Settings of the schedule, the service and the monitor change nothing the version is: it
+    # Settings of the schedule, the workers and the monitor change nothing the version is: it
     # registered a new version of the same model.
-    _, again = run_flow(project, **{"schedule.timezone": "Europe/Oslo", "serving.max_batch": 4, "monitor.window": 50})
+    _, again = run_flow(project, **{"schedule.timezone": "Europe/Oslo", "workers.train_start_timeout_seconds": 60,
+                                    "monitor.window": 50})
     assert (again.changed, again.version) == (False, first.version), again
 
 
