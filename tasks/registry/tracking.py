@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import Params, resolved_settings
+from tasks.errors import UsageError
 from tasks.registry.versions import ensure_experiment
 
 EXPERIMENT = "retrain"
@@ -279,11 +281,19 @@ def end_tracking_run(run_id: str, status: str) -> None:
 
 
 def runs_for_data(data_md5: str) -> list[dict]:
-    """Retraining runs whose data had this md5 (lineage from data to runs)."""
+    """Retraining runs whose data had this md5, or an md5 that begins with it (`ftllm models`
+    shows its first 12 digits): lineage from data to runs.
+
+    Raises:
+        UsageError: `data_md5` is not hexadecimal digits.
+    """
     import mlflow
 
+    if not re.fullmatch(r"[0-9a-fA-F]{1,32}", data_md5):
+        raise UsageError(f"--data-md5 {data_md5!r}: expected the md5's hexadecimal digits (all 32, or the first few)")
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         return []
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.data_md5 = '{data_md5}'", output_format="list")
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.data_md5 LIKE '{data_md5.lower()}%'",
+                              output_format="list")
     return [{"run_id": r.info.run_id, "status": r.info.status, "version": r.data.tags.get("model_version")} for r in runs]

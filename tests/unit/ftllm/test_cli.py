@@ -209,6 +209,21 @@ def test_models_data_md5_lists_the_runs_without_json_too_and_rollback_force_need
     `--to` was taken without a word."""
     result = CliRunner().invoke(app, ["models", "--params", str(params), "--data-md5", "0123abcd"])
     assert result.exit_code == 0 and "no run used data 0123abcd" in result.stdout, result.output
+    import mlflow
+
+    from tasks.environment import apply_defaults
+    from tasks.registry.tracking import EXPERIMENT
+
+    apply_defaults(params.parent)
+    md5 = "0123abcd" + uuid.uuid4().hex[:24]
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run() as run:
+        mlflow.set_tag("data_md5", md5)
+    # the table shows 12 digits of it: those find the run too
+    result = CliRunner().invoke(app, ["models", "--params", str(params), "--data-md5", md5[:12], "--json"])
+    assert [r["run_id"] for r in last_json(result.stdout)["runs_for_data"]] == [run.info.run_id], result.output
+    result = CliRunner().invoke(app, ["models", "--params", str(params), "--data-md5", "x' OR '1"])
+    assert result.exit_code == 2 and "expected the md5's hexadecimal digits" in result.stderr, result.output
     result = CliRunner().invoke(app, ["rollback", "--params", str(params), "--force", "--reason", "x"])
     assert result.exit_code == 2 and "--force applies to --to VERSION" in result.stderr, result.output
 
