@@ -5,8 +5,8 @@ before importing anything that reads them, prints a human summary, and with `--j
 ends stdout with one JSON object (for `run`, a `tasks.pipeline.result.RunResult`).
 
 Every command runs through `tasks.runner.exit_with`: an expected failure
-(`tasks.errors.FtllmError`) is one line on stderr and its exit code, never a traceback,
-and never on stdout. The exit codes of each command are in docs/guides/commands.md;
+(`tasks.errors.FtllmError`) is one line on stderr and its exit code, never a traceback;
+on stdout only with `--json`, as the one JSON object that ends it. The exit codes of each command are in docs/guides/commands.md;
 for `run`: 0 promoted, 3 rejected by the gate, 1 failed, 2 usage error.
 """
 

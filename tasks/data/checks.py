@@ -401,7 +401,7 @@ def example_digests(messages: list[dict], tools: Any = None) -> tuple[bytes, byt
     """
     def loosely(m: dict) -> str:
         text = str(m.get("content") or "")
-        return text if m.get("role") == "tool" else " ".join(text.split()).lower()
+        return text if m.get("role") in ("tool", "function") else " ".join(text.split()).lower()  # `function`: the legacy role
 
     extra = [json.dumps([m.get(k) for k in _DIGEST_KEYS], sort_keys=True, default=str) for m in messages]
     declared = json.dumps(tools, sort_keys=True, default=str) if tools else ""
