@@ -6,8 +6,9 @@ ends stdout with one JSON object (for `run`, a `tasks.pipeline.result.RunResult`
 
 Every command runs through `tasks.runner.exit_with`: an expected failure
 (`tasks.errors.FtllmError`) is one line on stderr and its exit code, never a traceback;
-on stdout only with `--json`, as the one JSON object that ends it. The exit codes of each command are in docs/guides/commands.md;
-for `run`: 0 promoted, 3 rejected by the gate, 1 failed, 2 usage error.
+on stdout only with `--json`, as the one JSON object that ends it. The exit codes of each
+command are in docs/guides/commands.md; for `run`: 0 promoted, 3 rejected by the gate,
+1 failed, 2 usage error.
 """
 
 from __future__ import annotations
@@ -110,9 +111,11 @@ def run(
         _emit(RunResult(error=str(exc), exit_code=exc.exit_code), as_json)
         exc.json_emitted = True
         raise
+    from prefect.settings import PREFECT_API_URL
+
     from flows.retrain import retrain
 
-    if not environment().prefect_api_url:
+    if not PREFECT_API_URL.value():  # no server, from the environment or a Prefect profile: the temporary one
         _start_temporary_prefect_server()
     result = retrain(params_file=str(params.resolve()), overrides=overrides, return_state=True).result(
         raise_on_failure=False

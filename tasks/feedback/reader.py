@@ -65,7 +65,6 @@ class FeedbackReader:
         if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
             raise damaged_log(self.path, exc) from None  # a page SQLite cannot read, found while reading
 
-
     def _columns(self, table: str, prefix: str = "") -> str:
         """The columns of `table` this code reads; a log from an older version gives the defaults its rows had."""
         names = [c.strip() for c in (FEEDBACK_COLUMNS if table == "feedback" else INTERACTION_COLUMNS).split(",")]

@@ -53,13 +53,13 @@ def advance_cursor(model_name: str, read: Cursor, log: Path | None = None) -> Cu
 
     from tasks.feedback import FeedbackReader
 
-    current = read_cursor(model_name)
+    stored = current = read_cursor(model_name)
     if log is not None and Path(log).is_file():
         with FeedbackReader(Path(log)) as reader:
             if current.feedback_id > reader.feedback_ids_given():
                 current = Cursor()
     moved = Cursor(max(current.feedback_id, read.feedback_id), max(current.decision, read.decision))
-    if moved != current:
+    if moved != stored:
         Variable.set(cursor_variable(model_name), {"feedback_id": moved.feedback_id, "decision": moved.decision},
                      overwrite=True)
     return moved
