@@ -209,16 +209,18 @@ def test_models_data_md5_lists_the_runs_without_json_too_and_rollback_force_need
     `--to` was taken without a word."""
     result = CliRunner().invoke(app, ["models", "--params", str(params), "--data-md5", "0123abcd"])
     assert result.exit_code == 0 and "no run used data 0123abcd" in result.stdout, result.output
-    import mlflow
+    from mlflow import MlflowClient
 
     from tasks.environment import apply_defaults
     from tasks.registry.tracking import EXPERIMENT
 
     apply_defaults(params.parent)
     md5 = "0123abcd" + uuid.uuid4().hex[:24]
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run() as run:
-        mlflow.set_tag("data_md5", md5)
+    client = MlflowClient()  # no active experiment or run set: other tests of this process start their own
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    run = client.create_run(experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT),
+                            tags={"data_md5": md5})
+    client.set_terminated(run.info.run_id)
     # the table shows 12 digits of it: those find the run too
     result = CliRunner().invoke(app, ["models", "--params", str(params), "--data-md5", md5[:12], "--json"])
     assert [r["run_id"] for r in last_json(result.stdout)["runs_for_data"]] == [run.info.run_id], result.output
