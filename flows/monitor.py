@@ -96,9 +96,9 @@ def collect_feedback(db: Path, since: Cursor, window: int, low_rating: int = 2,
     if not db.is_file():
         get_run_logger().warning(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml)")
         return FeedbackFigures(since.feedback_id, since.feedback_id, 0, 0, 0, None, 0, champion=champion)
-    figures = read_feedback(db, since.feedback_id, window, low_rating, since.decision, auto_approve, champion)
+    figures = read_feedback(db, since.feedback_id, window, low_rating, since.decision, auto_approve, champion, since.log)
     if figures.new_log:
-        get_run_logger().warning(f"{db}: the cursor (feedback id {since.feedback_id}) is past every id this log gave: "
+        get_run_logger().warning(f"{db}: the cursor (feedback id {since.feedback_id}) was read in another log: "
                                  "a new or replaced log; all of its feedback counts as new")
     return figures
 

@@ -125,9 +125,9 @@ def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | 
 
 
 @task(name="advance-monitor-cursor", retries=2, retry_delay_seconds=3)
-def advance_monitor_cursor(model_name: str, feedback_id: int, decision: int = 0, log: Path | None = None) -> Cursor:
-    """The monitor's cursor moves past the feedback this run trained on from `log` (tasks/monitor/cursor.py)."""
-    position = advance_cursor(model_name, Cursor(feedback_id, decision), log)
+def advance_monitor_cursor(model_name: str, feedback_id: int, decision: int = 0, log: Path | None = None, log_id: str = "") -> Cursor:
+    """The monitor's cursor moves past the feedback this run trained on from `log`, of identity `log_id` (tasks/monitor/cursor.py)."""
+    position = advance_cursor(model_name, Cursor(feedback_id, decision, log_id), log)
     get_run_logger().info(f"monitor cursor of {model_name} at {position}: this run read up to {feedback_id}, {decision}")
     return position
 
@@ -418,7 +418,7 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
         result.stages = StagesSummary.model_validate(stages)
         if feedback_read is not None:  # trained on it: whatever the gate says, this feedback was read
             advance_monitor_cursor(params.registry.model_name, feedback_read, max(e["last_decision"] for e in exported.values()),
-                                   default_db_path(root))
+                                   default_db_path(root), next((e["log_id"] for e in exported.values() if e["log_id"]), ""))
         t = time.perf_counter()
         result.dvc_push = push_dvc_outputs(root)
         durations["dvc_push"] = round(time.perf_counter() - t, 2)

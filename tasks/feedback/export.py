@@ -73,6 +73,7 @@ class FeedbackExport:
     invalid_calls: int = 0  # left out: tools or calls validation would refuse (a masked argument), or a broken call
     not_a_chat: int = 0  # corrections and good ratings that make no example (no prompt to answer, a blank answer)
     rejected: int = 0  # feedback rows a person rejected: kept in the log, never exported
+    log_id: str = ""  # the identity of the log read (schema version 7; "": none, or an older log)
     superseded: int = 0  # admitted rows another row of the same completion outranks (a later rating, a correction)
     rated_low: int = 0  # uncorrected answers rated below min_rating: no example (the preference export's rows)
     stopped: int = 0  # uncorrected answers the client stopped mid-stream: part of an answer, none to learn
@@ -296,11 +297,11 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
     if not db_path.is_file():
         if not missing_ok:
             raise FileNotFoundError(f"{db_path}: no feedback database; serve the model and collect feedback first")
-        rated, last, decided, erased = [], 0, 0, set()
+        rated, last, decided, erased, log_id = [], 0, 0, set(), ""
     else:
         with FeedbackReader(db_path) as reader:
             rated, last, decided = reader.rated_completions()
-            erased = reader.erased_digests()
+            erased, log_id = reader.erased_digests(), reader.log_id()
     examples, left_out = admitted_examples(rated, erased, min_rating, policy)
     if examples or write_empty:
         write_atomic(Path(out), "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
@@ -308,4 +309,4 @@ def export_feedback(db_path: Path, out: Path, min_rating: int, missing_ok: bool 
     users = {(e["provenance"]["key"], e["provenance"]["user"]) for e in examples if e["provenance"]["user"]}
     return FeedbackExport(db=db_path, path=Path(out), examples=len(examples), last_feedback_id=last,
                           last_decision=decided, by_key=dict(sorted(by_key.items())), users=len(users),
-                          redacted=left_out["redacted"], **{k: left_out[k] for k in LEFT_OUT})
+                          redacted=left_out["redacted"], log_id=log_id, **{k: left_out[k] for k in LEFT_OUT})

@@ -125,6 +125,13 @@ class FeedbackReader:
         row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'feedback'").fetchone()
         return int(row[0]) if row else 0
 
+    def log_id(self) -> str:
+        """This log's identity (schema version 7); "" for a log no version-7 code has opened yet."""
+        if self.version < 7:
+            return ""
+        row = self.conn.execute("SELECT log_id FROM identity LIMIT 1").fetchone()
+        return str(row[0]) if row else ""
+
     def last_decision(self) -> int:
         """The number of the latest review decision (0 when there is none)."""
         if self.version < 4:

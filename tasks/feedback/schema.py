@@ -24,6 +24,11 @@ whatever `forget` or retention erased.
 
 Version 6 records the answer's reasoning trace (`reasoning`, NULL when there is none), so
 that a rated answer of a reasoning model is exported with the trace it was trained to write.
+
+Version 7 gives each log an identity (`identity.log_id`, random, given once when the file is
+made or migrated), kept in the monitor's cursor: a log that replaced another is told apart
+from it by this id, not only by its feedback ids (`tasks/monitor/cursor.py`). A copy of the
+file (a backup put back) is the same log.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 MIN_RATING, MAX_RATING = 1, 5
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 ANONYMOUS_KEY = "anonymous"  # the caller of a service without keys, and of rows from before version 2
 REVIEWS = ("pending", "approved", "rejected")
 # The finish reason logged for a streamed answer the client left before its end ("stop
@@ -106,7 +111,14 @@ INSERT INTO sqlite_sequence (name, seq) SELECT 'decisions', COALESCE(MAX(decisio
 _V5_TO_V6 = """
 ALTER TABLE interactions ADD COLUMN reasoning TEXT;  -- the answer's reasoning trace, or NULL
 """
-MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5, 5: _V5_TO_V6}
+_V6_TO_V7 = """
+CREATE TABLE IF NOT EXISTS identity (
+    log_id TEXT NOT NULL             -- this log's identity: 32 random hexadecimal digits
+);
+INSERT INTO identity (log_id) SELECT lower(hex(randomblob(16))) WHERE NOT EXISTS (SELECT 1 FROM identity);
+"""
+MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5, 5: _V5_TO_V6,
+                              6: _V6_TO_V7}
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ class FeedbackSnapshot:
     def to_dict(self) -> dict:
         e = self.export
         return {"db": str(e.db), "path": str(e.path), "examples": e.examples, "last_feedback_id": e.last_feedback_id,
-                "last_decision": e.last_decision, "tracked_by": self.tracked_by, "by_key": e.by_key, "users": e.users,
+                "last_decision": e.last_decision, "log_id": e.log_id, "tracked_by": self.tracked_by, "by_key": e.by_key, "users": e.users,
                 "redacted": e.redacted, **{k: getattr(e, k) for k in LEFT_OUT},
                 "expired_interactions": self.expired[0], "expired_feedback": self.expired[1]}
 

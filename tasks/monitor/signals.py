@@ -33,6 +33,7 @@ from tasks.config import MonitorParams
 from tasks.errors import DataFileError
 from tasks.feedback import FeedbackReader
 from tasks.files import read_jsonl
+from tasks.monitor.cursor import Cursor
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class FeedbackFigures:
     new_low_ratings: int = 0  # answers whose latest rating is at most monitor.low_rating (what preference tuning avoids)
     champion: str | None = None  # the version the mean rating is of (None: no champion known, every answer)
     other_versions: int = 0  # new rated answers another version served: counted above, not in the mean
-    new_log: bool = False  # the cursor is past every id this log gave: another log (replaced, moved), counted whole
+    new_log: bool = False  # the cursor was read in another log (replaced, moved): this one is counted whole
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def feedback_sources(rows: Iterable) -> int:
 
 
 def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, since_decision: int = 0,
-                  auto_approve: str = "trusted", champion: str | None = None) -> FeedbackFigures:
+                  auto_approve: str = "trusted", champion: str | None = None, since_log: str = "") -> FeedbackFigures:
     """Count the ratings and corrections with a feedback id above `since_id`, and those below it
     that a person approved after review decision `since_decision` (held when the last run read
     the log, so not trained on); feedback a person rejected is left out (it never reaches
@@ -84,15 +85,16 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
             ratings of an earlier champion's answers do not count against it (they still count
             as ratings, corrections and low ratings: data the next run learns from).
 
-    A cursor past every feedback id the log ever gave (ids never go back, erased ones
-    included) was taken from another log, one since replaced or moved: the whole log is
-    new then (`new_log`), where its feedback would otherwise never be counted.
+    A cursor read in another log (`since_log` another log's identity, or `since_id` past every
+    feedback id this log ever gave: `tasks.monitor.cursor.Cursor.of_another_log`), one since
+    replaced or moved, makes the whole log new (`new_log`), where its feedback would otherwise
+    never be counted.
 
     Raises:
         DataFileError: `db` is not the service's SQLite log.
     """
     with FeedbackReader(db) as reader:
-        new_log = since_id > reader.feedback_ids_given()
+        new_log = Cursor(since_id, since_decision, since_log).of_another_log(reader.log_id(), reader.feedback_ids_given())
         if new_log:
             since_id, since_decision = 0, 0
         rows = [row for row in reader.feedback_since(since_id) if row.review != "rejected"]

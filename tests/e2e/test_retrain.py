@@ -233,6 +233,7 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
 
     from tasks.data.prepare import assign_split
     from tasks.data.sources import prompt_key
+    from tasks.feedback import FeedbackReader
     from tasks.files import file_md5
     from tests.support.project import free_port, wait_until_up
 
@@ -313,7 +314,9 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
         state = run(sys.executable, "-c", _FLOW_RUN_STATE, flow_run).stdout.strip().splitlines()[-1]
         assert state.startswith("COMPLETED"), (state, worker.stdout[-3000:], worker.stderr[-3000:])
         # That run read the feedback up to id 50: the cursor is there, the same feedback starts nothing again.
-        assert json.loads(run(*cursor).stdout.strip().splitlines()[-1]) == {"feedback_id": 50, "decision": 0}
+        with FeedbackReader(db) as reader:  # read in this log: its identity kept beside
+            log_id = reader.log_id()
+        assert json.loads(run(*cursor).stdout.strip().splitlines()[-1]) == {"feedback_id": 50, "decision": 0, "log": log_id}
         again = json.loads(run(sys.executable, "-m", "flows.monitor").stdout.strip().splitlines()[-1])
         assert again["feedback"]["new_corrections"] == 0 and not again["retrain_recommended"]
     finally:

@@ -116,6 +116,31 @@ def test_a_replaced_log_is_counted_whole_and_the_next_run_starts_the_cursor_on_i
     assert advance_cursor(model, Cursor(3, 0), new) == Cursor(6, 0)  # on the same log, never back
 
 
+def test_a_replacing_log_that_gave_more_ids_than_the_cursor_is_still_another_log(prefect_harness, monitored):
+    """The cursor keeps the identity of the log it was read in: a replacing log whose ids already
+    pass the cursor was taken for the same log, and its feedback under the cursor never counted."""
+    from flows.monitor import monitor
+    from tasks.feedback import FeedbackReader
+    from tasks.monitor.cursor import Cursor, advance_cursor, read_cursor
+
+    model = "ftllm-monitored"
+    old, new = monitored / "old.db", monitored / "feedback.db"
+    write_feedback(old, completions=4, ratings=[4] * 4, corrected=0)
+    with FeedbackReader(old) as reader:
+        old_id = reader.log_id()
+    assert advance_cursor(model, Cursor(4, 0, old_id), old) == Cursor(4, 0, old_id) == read_cursor(model)
+    write_feedback(new, completions=10, ratings=[1] * 10, corrected=6)  # ids 1..10: past the cursor's 4
+    with FeedbackReader(new) as reader:
+        new_id = reader.log_id()
+    checked = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(new))
+    assert checked["feedback"]["new_log"] and checked["feedback"]["new_corrections"] == 6
+    assert checked["retrain_recommended"]
+    # a run read the new log up to 10: the cursor is of the new log, not the old one's part kept
+    assert advance_cursor(model, Cursor(10, 0, new_id), new) == Cursor(10, 0, new_id) == read_cursor(model)
+    after = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(new))
+    assert not after["feedback"]["new_log"] and after["feedback"]["new_ratings"] == 0
+
+
 def test_a_file_that_is_not_the_log_fails_the_monitor_with_one_line(prefect_harness, monitored):
     from flows.monitor import monitor
 

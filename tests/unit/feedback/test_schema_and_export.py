@@ -34,7 +34,13 @@ def test_a_log_written_before_the_schema_was_versioned_keeps_working(tmp_path):
     assert store.count("feedback") == 1 and store.add_feedback("c0", 5) == 2
     store.close()
     version = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 6
+    assert version == SCHEMA_VERSION == 7
+    with FeedbackReader(db) as reader:  # the migration gave the log an identity, kept when it is opened again
+        log_id = reader.log_id()
+    FeedbackStore(db).close()
+    with FeedbackReader(db) as reader:
+        assert len(log_id) == 32 and reader.log_id() == log_id
+    assert export_feedback(db, tmp_path / "out.jsonl", 4).log_id == log_id  # the run's cursor keeps it
 
 
 def test_a_rated_tool_call_is_exported_as_the_call_with_its_tools(tmp_path):
@@ -235,7 +241,7 @@ def test_a_version_4_log_is_migrated_and_its_decision_numbers_go_on_above_its_ow
     store.close()
     with FeedbackReader(db) as reader:
         assert reader.last_decision() == 4 and [r.decision for r in reader.feedback_since(0)] == [1, 2, 3, 4]
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
 
 
 def test_two_processes_opening_an_old_log_at_once_migrate_it_once(tmp_path):

@@ -98,6 +98,27 @@ def test_a_cursor_past_every_id_the_log_gave_counts_the_whole_log(tmp_path):
     assert not same.new_log and same.new_ratings == 0
 
 
+def test_a_log_that_replaced_another_is_told_by_its_identity_whatever_its_ids(tmp_path):
+    """A replacing log that had already given more ids than the cursor was taken for the same
+    log: its feedback under the cursor was never counted. Each log has an identity of its own."""
+    from tasks.feedback import FeedbackReader
+
+    old, new = tmp_path / "old.db", tmp_path / "feedback.db"
+    _log(old, ["Convert this ISO date: 2016-03-18"] * 2, ratings=[4, 4], corrected=0)
+    _log(new, ["Convert this ISO date: 2016-03-18"] * 6, ratings=[1, 1, 1, 2, 2, 2], corrected=4)
+    with FeedbackReader(old) as reader:
+        old_id = reader.log_id()
+    with FeedbackReader(new) as reader:
+        new_id = reader.log_id()
+    assert len(old_id) == len(new_id) == 32 and old_id != new_id
+    replaced = read_feedback(new, since_id=2, window=200, since_log=old_id)  # 2 < the 6 ids the new log gave
+    assert replaced.new_log and (replaced.new_ratings, replaced.new_corrections) == (6, 4)
+    same = read_feedback(new, since_id=2, window=200, since_log=new_id)
+    assert not same.new_log and same.new_ratings == 4
+    legacy = read_feedback(new, since_id=2, window=200)  # a cursor from before identities: the ids alone tell
+    assert not legacy.new_log and legacy.new_ratings == 4
+
+
 def test_a_file_that_is_not_the_log_is_refused_naming_it(tmp_path):
     bogus = tmp_path / "feedback.db"
     bogus.write_text("not sqlite")
