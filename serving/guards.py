@@ -168,7 +168,7 @@ class GuardMiddleware:
         """The caller the request's bearer key names (ANONYMOUS when no key is configured);
         None for a missing or unknown key."""
         try:
-            self.keys = load_keyring()  # per request, so a rotated key needs no restart
+            self.keys = load_keyring(gone=log.error)  # per request, so a rotated key needs no restart
         except ConfigError as err:
             # A mistyped rotation: the keys that worked still answer, but none is trusted until
             # the setting reads again; it may have been written to take a key's trust away.

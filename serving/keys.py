@@ -32,6 +32,7 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import lru_cache
@@ -176,11 +177,17 @@ def _file(path: str, mtime_ns: int, size: int) -> KeyRing:
     return parse_keys(Path(path).read_text(encoding="utf-8"), f"{KEYS_FILE_ENV} file {path}")
 
 
-def load_keyring(env: dict[str, str] | None = None) -> KeyRing | None:
+def load_keyring(env: dict[str, str] | None = None, *, gone: Callable[[str], None] | None = None) -> KeyRing | None:
     """The keys configured now (None: no key, the service is open).
 
     Cheap enough for every request: a variable is parsed once per distinct value and the
     file once per modification time, so rotation takes effect on the next request.
+
+    Args:
+        gone: where the key file is missing, call it with the message and take the file as
+            holding no key: deleting the file revokes its keys (a running service answers
+            them 401, and is not opened to everyone). Without it a missing file is an error
+            (the service's start).
 
     Raises:
         ConfigError: a key variable or file that cannot be used.
@@ -194,8 +201,13 @@ def load_keyring(env: dict[str, str] | None = None) -> KeyRing | None:
         try:
             stat = path.stat()
         except OSError:
-            raise ConfigError(f"{KEYS_FILE_ENV}={path}: no such file; create it (mode 600) or unset the variable.") from None
-        rings.append(_file(str(path), stat.st_mtime_ns, stat.st_size))
+            missing = f"{KEYS_FILE_ENV}={path}: no such file; create it (mode 600) or unset the variable."
+            if gone is None:
+                raise ConfigError(missing) from None
+            gone(missing + " Its keys are refused until it is back.")
+            rings.append(KeyRing(()))
+        else:
+            rings.append(_file(str(path), stat.st_mtime_ns, stat.st_size))
     if env.get(SINGLE_KEY_ENV, "").strip():
         rings.append(KeyRing(((digest(env[SINGLE_KEY_ENV].strip()), Caller("default", ALL_ROLES, trusted=True)),)))
     if not rings:

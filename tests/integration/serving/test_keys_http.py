@@ -86,6 +86,11 @@ def test_a_rotated_key_works_at_once_and_the_old_one_stops(keyed):
     answer = call(url, "POST", "/v1/chat/completions", KEYS["front"], json={"messages": MESSAGES, "max_tokens": 4})
     again = {"id": answer.json()["id"], "rating": 5, "user": "u-9"}
     assert call(url, "POST", "/feedback", KEYS["front"], json=again).json()["held"] is False
+    keys.unlink()  # deleting the file revokes its keys (a leaked one among them), and opens nothing
+    assert error_code(call(url, "GET", "/v1/models", KEYS["front"])) == (401, "invalid_api_key")
+    assert error_code(call(url, "GET", "/v1/models", None)) == (401, "invalid_api_key")
+    write_keys(keys)
+    assert call(url, "GET", "/v1/models", KEYS["front"]).status_code == 200
 
 
 @pytest.mark.slow

@@ -73,6 +73,22 @@ def test_a_rewritten_file_takes_effect_on_the_next_read(tmp_path):
         load_keyring({"FTLLM_API_KEYS": "default:infer=another-secret", "FTLLM_API_KEY": "only-one-key"})
 
 
+def test_a_deleted_key_file_revokes_its_keys_and_opens_nothing(tmp_path):
+    """A running service kept the keys of a deleted file (untrusted): deleting the file did not
+    revoke a leaked key. Now its keys are refused; the other variables' keys still work."""
+    keys = tmp_path / "keys"
+    keys.write_text("web:infer+feedback+trusted=first-secret\n")
+    said: list[str] = []
+    ring = load_keyring({"FTLLM_API_KEYS_FILE": str(keys)}, gone=said.append)
+    assert ring.identify("first-secret").trusted and said == []
+    keys.unlink()
+    alone = load_keyring({"FTLLM_API_KEYS_FILE": str(keys)}, gone=said.append)
+    assert alone is not None and alone.identify("first-secret") is None  # refused, not an open service
+    both = load_keyring({"FTLLM_API_KEYS_FILE": str(keys), "FTLLM_API_KEYS": "ops:admin=ops-secret-1"}, gone=said.append)
+    assert both.identify("first-secret") is None and both.identify("ops-secret-1").name == "ops"
+    assert len(said) == 2 and "no such file" in said[0] and "refused until it is back" in said[0]
+
+
 def test_comments_are_read_as_comments_and_a_hash_in_a_secret_is_part_of_it():
     """A comment above JSON made the file read as the compact form (refused, so a rotation meant
     to take a key's trust away did not happen); a `#` inside a secret cut it there."""
