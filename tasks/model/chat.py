@@ -1039,6 +1039,10 @@ def _mask(ids: list[int], offsets: list[tuple[int, int]], spans: list[_Span], en
         first = k
         while k < n and (ends[k - 1] if k else 0) < span.end:
             mask[k], k = 1, k + 1
+        # The rest of the answer's last character: a byte-level BPE writes "✓" as three tokens,
+        # each with the character's offsets, so the loop above stops after the first.
+        while first < k < n and offsets[k][0] < offsets[k][1] == ends[k - 1] and offsets[k][0] < span.end:
+            mask[k], k = 1, k + 1
         if m and tuple(ids[k : k + m]) == end_of_turn and offsets[k][0] == ends[k - 1]:
             mask[k : k + m] = [1] * m
             k += m

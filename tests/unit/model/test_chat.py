@@ -71,6 +71,20 @@ def test_masked_tokens_are_the_answers_and_their_end_of_turn(family_models, fami
         assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids.count(tok.bos_token_id) == 1
 
 
+@pytest.mark.parametrize("family", [*EXPECTED, "tiny"])
+def test_an_answer_that_ends_in_a_character_of_several_bytes_is_trained_to_its_end_of_turn(tiny, family_models,
+                                                                                           family: str) -> None:
+    """A byte-level BPE writes "✓" as three tokens with the character's offsets: only the first was
+    trained, and neither the rest of the character nor the end of turn, so the model never learnt to stop."""
+    tok = tiny if family == "tiny" else _tokenizer(family_models(family))
+    end = {"tiny": ["{0}<|im_end|>", "{1}<|im_end|>"], **EXPECTED}[family]
+    answers = ("Gespeichert ✓", "東京 🚀")
+    conversation = [*CONVERSATION[1:2], {"role": "assistant", "content": answers[0]},
+                    *CONVERSATION[3:4], {"role": "assistant", "content": answers[1]}]
+    enc = encode_chat(tok, conversation)
+    assert trained_runs(tok, enc) == [e.format(*answers) for e in end]
+
+
 @pytest.mark.parametrize("family", list(EXPECTED))
 def test_the_served_prompt_is_the_trained_text_before_the_last_answer(family_models, family: str) -> None:
     tok = _tokenizer(family_models(family))
