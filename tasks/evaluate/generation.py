@@ -44,7 +44,9 @@ def assistant_nll(
 
     The answer's tokens are those training marks (`encode_chats`: the assistant's text and
     its end-of-turn token) in the conversation's last assistant turn: the answer being
-    scored. Earlier assistant turns (a few-shot prompt's shots, a multi-turn example's past
+    scored, without its reasoning trace (context, where the template writes it, as
+    evaluation scores every answer without its trace; so a template that drops traces,
+    trained with `train.train_reasoning: false`, is scored too). Earlier assistant turns (a few-shot prompt's shots, a multi-turn example's past
     answers) are context, as in the prompt that generation completes. Kept per example so
     that the gate can resample examples to put a confidence interval on perplexity: the
     token-weighted mean NLL of any resample is sum(nll) / sum(tokens) of its examples.
@@ -56,7 +58,8 @@ def assistant_nll(
     counts: list[int] = []
     device = next(model.parameters()).device
     for start in range(0, len(conversations), batch_size):
-        encoded = encode_chats(tokenizer, conversations[start : start + batch_size], system_message=system_message)
+        encoded = encode_chats(tokenizer, conversations[start : start + batch_size], system_message=system_message,
+                               train_reasoning=False)
         width = max(len(e.input_ids) for e in encoded)
         ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
         labels = torch.full((len(encoded), width), -100)

@@ -28,10 +28,15 @@ def _last_answer(mask: list[int]) -> list[int]:
     return [int(start <= i < end) for i in range(len(mask))]
 
 
-def encode_sequences(tokenizer, conversations: list[list[dict]], system_message: str = "auto") -> list[Sequence]:
-    """The conversations' tokens, with only their last answer marked (what preference tuning scores)."""
-    return [Sequence(e.input_ids, _last_answer(e.loss_mask)) for e in encode_chats(tokenizer, conversations,
-                                                                                     system_message=system_message)]
+def encode_sequences(tokenizer, conversations: list[list[dict]], system_message: str = "auto",
+                     train_reasoning: bool = False) -> list[Sequence]:
+    """The conversations' tokens, with only their last answer marked (what preference tuning scores).
+
+    `train_reasoning`: the answer's reasoning trace is marked with it (`train.train_reasoning`,
+    for training); evaluation scores answers without their traces, the default.
+    """
+    encoded = encode_chats(tokenizer, conversations, system_message=system_message, train_reasoning=train_reasoning)
+    return [Sequence(e.input_ids, _last_answer(e.loss_mask)) for e in encoded]
 
 
 def sequence_logps(model, seqs: list[Sequence], pad_id: int, device: str):

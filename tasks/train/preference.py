@@ -73,8 +73,9 @@ class PairItem:
     rejected: Sequence
 
 
-def kto_items(tokenizer, rows: list[dict], system_message: str = "auto") -> list[KTOItem]:
-    """KTO rows as they are, and each pair as its chosen (desirable) and rejected (undesirable) answer."""
+def kto_items(tokenizer, rows: list[dict], system_message: str = "auto", train_reasoning: bool = True) -> list[KTOItem]:
+    """KTO rows as they are, and each pair as its chosen (desirable) and rejected (undesirable) answer
+    (`train_reasoning`: `train.train_reasoning`, an answer's trace is part of what is tuned)."""
     convs, labels, prompts = [], [], []
     for i, row in enumerate(rows):
         if "completion" in row:
@@ -85,7 +86,7 @@ def kto_items(tokenizer, rows: list[dict], system_message: str = "auto") -> list
             convs += [_example(row, row["chosen"]), _example(row, row["rejected"])]
             labels += [True, False]
             prompts += [i, i]
-    seqs = encode_sequences(tokenizer, convs, system_message)
+    seqs = encode_sequences(tokenizer, convs, system_message, train_reasoning)
     return [KTOItem(p, s, d) for p, s, d in zip(prompts, seqs, labels) if any(s.mask)]
 
 
@@ -94,10 +95,11 @@ def _example(row: dict, answer: list[dict]) -> dict:
     return {"messages": row["prompt"] + answer, "tools": row.get("tools")}
 
 
-def pair_items(tokenizer, rows: list[dict], system_message: str = "auto") -> list[PairItem]:
-    """The DPO pairs among the rows."""
+def pair_items(tokenizer, rows: list[dict], system_message: str = "auto", train_reasoning: bool = True) -> list[PairItem]:
+    """The DPO pairs among the rows (`train_reasoning` as for `kto_items`)."""
     pairs = [r for r in rows if "chosen" in r]
-    seqs = encode_sequences(tokenizer, [_example(r, a) for r in pairs for a in (r["chosen"], r["rejected"])], system_message)
+    seqs = encode_sequences(tokenizer, [_example(r, a) for r in pairs for a in (r["chosen"], r["rejected"])],
+                            system_message, train_reasoning)
     items = [PairItem(seqs[2 * i], seqs[2 * i + 1]) for i in range(len(pairs))]
     return [p for p in items if any(p.chosen.mask) and any(p.rejected.mask)]
 
@@ -311,7 +313,8 @@ def tune_policy(params: Params, data_dir: Path, sft_dir: Path, log: Log = print)
     device = "cuda" if _cuda() else "cpu"
     model, tokenizer, info = load_policy(sft_dir, device)
     policy = params.data.system_message
-    items = kto_items(tokenizer, usable, policy) if prefs.loss == "kto" else pair_items(tokenizer, usable, policy)
+    encode = kto_items if prefs.loss == "kto" else pair_items
+    items = encode(tokenizer, usable, policy, params.train.train_reasoning)
     desirable = sum(getattr(i, "desirable", False) for i in items)
     weights = balanced_weights(prefs, desirable, len(items) - desirable) if prefs.loss == "kto" else (1.0, 1.0)
     log(f"preference tuning ({prefs.loss}, beta {prefs.beta}) on {len(items)} examples, weights {weights}, "

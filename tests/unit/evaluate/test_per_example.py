@@ -60,3 +60,24 @@ def test_only_the_last_answer_is_scored_not_the_shots_or_past_turns():
     _, alone = assistant_nll(model, tokenizer, [[*EXAMPLES[4]["messages"][:1], *two_turns[-2:]]], batch_size=1)
     assert counts[2] == counts[0]  # the shots' two answers are not counted
     assert counts[3] == alone[0]  # the last answer (and its end of turn) only, not the first turn's answer
+
+
+@pytest.mark.parametrize("family", ["llama3.1", "mistral", "qwen3"])
+def test_an_answer_is_scored_without_its_trace_under_any_template(family_models, family: str):
+    """Perplexity and preference scores are of the answer: its reasoning trace is context where the
+    template writes it. A template that drops traces (trained with `train.train_reasoning: false`)
+    failed the evaluate stage, which scored as if traces were trained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.evaluate.generation import assistant_nll
+    from tasks.model.scoring import encode_sequences
+
+    path = family_models(family)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    question = {"role": "user", "content": "Is 17 prime?"}
+    traced = [question, {"role": "assistant", "content": "Yes, it is.", "reasoning_content": "No divisor up to 4."}]
+    _, [tokens] = assistant_nll(model, tokenizer, [traced], batch_size=1)
+    [seq] = encode_sequences(tokenizer, [traced])
+    scored = tokenizer.decode([t for t, m in zip(seq.ids, seq.mask) if m])
+    assert tokens == sum(seq.mask) and "Yes, it is." in scored and "divisor" not in scored
