@@ -86,6 +86,7 @@ SHAREGPT_ROLES = {
     "function_call": "assistant",
 }
 _OPENAI_OPTIONAL = ("name", "weight", "tool_calls", "tool_call_id", "reasoning_content")
+_NULL_IS_NONE = frozenset({"tool_calls", "reasoning_content"})  # null written for "none" by the APIs
 _MISSING = object()
 
 
@@ -166,15 +167,16 @@ def _openai_to_canonical(obj: dict) -> dict:
             out.append(m)  # kept as is: validation reports a message that is not an object
             continue
         canon = {k: m[k] for k in ("role", "content") if k in m}
-        # `tool_calls: null` is how the API writes an answer without calls.
-        canon.update({k: m[k] for k in _OPENAI_OPTIONAL if k in m and not (k == "tool_calls" and m[k] is None)})
+        # `tool_calls: null` is how the API writes an answer without calls, `reasoning_content: null`
+        # (or `thinking`) one without a trace (vLLM's and DeepSeek's exports).
+        canon.update({k: m[k] for k in _OPENAI_OPTIONAL if k in m and not (k in _NULL_IS_NONE and m[k] is None)})
         if canon.get("role") == "developer":  # OpenAI's newer name of the system message
             canon["role"] = "system"
         if "content" in canon:
             canon["content"] = _joined_text(canon["content"])
-        if "thinking" in m and "reasoning_content" not in m:
+        if m.get("thinking") is not None and "reasoning_content" not in canon:
             canon["reasoning_content"] = m["thinking"]
-        elif "thinking" in m and m["thinking"] != m["reasoning_content"]:
+        elif m.get("thinking") is not None and m["thinking"] != canon["reasoning_content"]:
             canon["thinking"] = m["thinking"]  # two traces: kept, so that validation names it (`bad_reasoning`)
         legacy = m.get("function_call")
         if isinstance(legacy, dict) and not m.get("tool_calls") and m.get("role") == "assistant":

@@ -94,6 +94,20 @@ def test_a_logged_api_response_with_empty_response_fields_is_valid_and_trained_w
     assert to_canonical(lines[0], "openai")[0]["messages"][1] == {"role": "assistant", "content": "It is 0."}
 
 
+def test_a_null_reasoning_trace_is_no_trace_in_either_spelling(tmp_path: Path, tok) -> None:
+    """vLLM's and DeepSeek-style exports write `reasoning_content: null` on an answer without a
+    trace: refused as bad_reasoning (with `thinking: null` said to differ from reasoning_content)."""
+    lines = [{"messages": [{"role": "user", "content": "q0"}, logged_answer("It is 0.", reasoning_content=None)]},
+             {"messages": [{"role": "user", "content": "q1"}, logged_answer("It is 1.", thinking=None)]},
+             {"messages": [{"role": "user", "content": "q2"},
+                           logged_answer("It is 2.", reasoning_content=None, thinking="Two.")]}]
+    report = validate_dataset(write(tmp_path, lines), DataParams(max_tokens=128), tokenizer=tok)
+    assert report.valid and report.errors == {}
+    assert [to_canonical(line, "openai")[0]["messages"][1] for line in lines] == [
+        {"role": "assistant", "content": "It is 0."}, {"role": "assistant", "content": "It is 1."},
+        {"role": "assistant", "content": "It is 2.", "reasoning_content": "Two."}]
+
+
 @pytest.mark.parametrize("content", [None, "Let me check."])
 @pytest.mark.parametrize("no_calls", [None, []])
 def test_a_logged_legacy_function_call_becomes_a_tool_call(content: str | None, no_calls: list | None) -> None:
