@@ -107,6 +107,7 @@ from serving.schemas import (  # noqa: E402
     unhonoured_field,
 )
 from tasks.config import Params, ServingParams, load_params, overrides_from_env  # noqa: E402
+from tasks.errors import DataFileError  # noqa: E402
 from tasks.feedback import FeedbackStore, Interaction, default_db_path  # noqa: E402
 from tasks.feedback.schema import STOPPED  # noqa: E402
 from tasks.feedback.store import DuplicateCorrection  # noqa: E402
@@ -784,7 +785,8 @@ class ChatService:
         except DuplicateCorrection:
             raise APIError(409, f"The key {caller.name!r} already corrected {fb.id!r}; one correction per "
                                 "completion per key.", param="correction", code="duplicate_correction") from None
-        except sqlite3.DatabaseError as exc:  # a full disk, a damaged page: nothing was stored, and the client must know
+        except (sqlite3.DatabaseError, DataFileError) as exc:  # a full disk, a damaged page, a log that cannot be
+            # opened again where it was deleted: nothing was stored, and the client must know
             log.error("feedback on %s not stored: %s", fb.id, exc)
             raise APIError(503, f"The feedback log cannot store it now ({exc}); nothing was stored. Retry later.",
                            type="server_error", code="feedback_not_stored") from None

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import re
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,15 @@ class DuplicateCorrection(ValueError):
 _SURROGATE = re.compile("[\ud800-\udfff]")
 BUSY_RETRIES = 10  # times the connection's 30 s timeout a batch waits for a log another process holds
 PURGE_WAIT_MS = 1000  # how long `forget` waits for readers to let it empty the write-ahead log
+
+
+def _file_of(path: Path) -> tuple[int, int] | None:
+    """Which file `path` names now (device, inode); None where there is none."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -99,37 +111,67 @@ class FeedbackStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._conn = self._connect()
+        self._file = _file_of(self.path)
+        self._queue: queue.SimpleQueue[tuple[tuple, Future] | None] = queue.SimpleQueue()
+        self._written = threading.Condition()
+        self._queued = self._done = 0  # rows handed to log_later, and rows written (or failed)
+        self._writer: threading.Thread | None = None
+        self._closed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        """A connection to the log at `self.path` (made, or migrated, when it needs it).
+
+        Raises:
+            DataFileError: the file cannot be opened or written, or is not the service's log.
+        """
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
         except (OSError, sqlite3.OperationalError) as exc:  # a folder that cannot be made, a file that cannot be opened
             raise DataFileError(f"{self.path}: cannot open the feedback log ({exc}); point FTLLM_FEEDBACK_DB at a "
                                 "file in a folder this process can write") from None
         try:
-            _use_wal(self._conn)
+            _use_wal(conn)
             # FULL: a commit is on disk before it returns. Feedback is answered `"stored": true` and a
             # user does not send it twice; NORMAL (WAL) could lose the last commits to a power cut.
             # The interactions are written in batches, so this is one sync per batch, not per request.
-            self._conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA synchronous=FULL")
             # Erased rows are overwritten, not left in free pages of the file (`forget`, retention).
-            self._conn.execute("PRAGMA secure_delete=ON")
-            migrate(self._conn, self.path)
+            conn.execute("PRAGMA secure_delete=ON")
+            migrate(conn, self.path)
         except sqlite3.OperationalError as exc:
-            self._conn.close()
+            conn.close()
             if not _busy(exc):  # a read-only file or folder, a full disk
                 raise DataFileError(f"{self.path}: cannot write the feedback log ({exc}); point FTLLM_FEEDBACK_DB at "
                                     "a file this process can write") from None
             raise DataFileError(f"{self.path}: another process kept the feedback log locked ({exc}) past the "
                                 "connection's 30 s wait; try again once it is done") from None
         except sqlite3.DatabaseError as exc:  # another file where the log should be: named, not a traceback
-            self._conn.close()
+            conn.close()
             raise DataFileError(f"{self.path}: not a feedback log of the service ({exc}); "
                                 "point FTLLM_FEEDBACK_DB at the service's feedback.db") from None
-        self._queue: queue.SimpleQueue[tuple[tuple, Future] | None] = queue.SimpleQueue()
-        self._written = threading.Condition()
-        self._queued = self._done = 0  # rows handed to log_later, and rows written (or failed)
-        self._writer: threading.Thread | None = None
-        self._closed = False
+        return conn
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The connection's lock, held on the file now at `self.path`.
+
+        A log deleted or replaced (moved over) while the store holds it open would take every
+        later row into a file no one reads again, each answered as stored: the store opens the
+        log now at the path first (a new one where it was deleted), and writes there.
+
+        Raises:
+            DataFileError: the log at the path cannot be opened (nothing is written).
+        """
+        with self._lock:
+            now = _file_of(self.path)
+            if now is None or now != self._file:
+                log.warning("%s was deleted or replaced while open: writing to the log now at that path", self.path)
+                conn = self._connect()  # first: where it fails, nothing is written to the old file either
+                self._conn.close()
+                self._conn, self._file = conn, _file_of(self.path)
+            yield
 
     def close(self) -> None:
         """Write what is queued, then close the database."""
@@ -155,7 +197,7 @@ class FeedbackStore:
         """Write `rows` in one transaction; a database another process holds (`ftllm feedback
         forget` on a large log) is waited for, up to BUSY_RETRIES times the connection's timeout."""
         for attempt in range(BUSY_RETRIES + 1):
-            with self._lock:
+            with self._locked():
                 try:
                     self._conn.executemany(f"INSERT OR REPLACE INTO interactions ({INTERACTION_COLUMNS}) "
                                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
@@ -243,7 +285,7 @@ class FeedbackStore:
 
     def has_interaction(self, completion_id: str) -> bool:
         self.flush()
-        with self._lock:
+        with self._locked():
             cur = self._conn.execute("SELECT 1 FROM interactions WHERE id = ?", (storable(completion_id),))
             return cur.fetchone() is not None
 
@@ -268,7 +310,7 @@ class FeedbackStore:
         self.flush()
         # The checks and the insert in one write transaction: a `forget` in another process in
         # between would leave feedback on an erased completion (kept, never exported).
-        with self._lock, self._conn:
+        with self._locked(), self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             if self._conn.execute("SELECT 1 FROM interactions WHERE id = ?", (completion_id,)).fetchone() is None:
                 raise KeyError(completion_id)
@@ -306,7 +348,7 @@ class FeedbackStore:
             where.append("id <= ?")
             args.append(up_to_id)
         self.flush()
-        with self._lock, self._conn:  # one transaction, rolled back on failure: no half-made decision
+        with self._locked(), self._conn:  # one transaction, rolled back on failure: no half-made decision
             # One number per decision, after every earlier one: the monitor counts feedback approved
             # after a run read the log as new (tasks/monitor/signals.py).
             number = self._conn.execute("INSERT INTO decisions (created, review, decided_by) VALUES (?, ?, ?)",
@@ -336,7 +378,7 @@ class FeedbackStore:
         where = (" AND " if end_user is not None and key_name is not None else " OR ").join(c for c, _ in conditions)
         args = [v for _, v in conditions]
         self.flush()
-        with self._lock, self._conn:
+        with self._locked(), self._conn:
             # Read under the write lock: an interaction logged after the read and before the delete
             # would be erased without its prompt on the erasure list.
             self._conn.execute("BEGIN IMMEDIATE")
@@ -356,7 +398,7 @@ class FeedbackStore:
     def end_users(self) -> set[str]:
         """Every end-user id the log holds (of interactions and of feedback)."""
         self.flush()
-        with self._lock:
+        with self._locked():
             rows = self._conn.execute("SELECT end_user FROM interactions WHERE end_user IS NOT NULL UNION "
                                       "SELECT end_user FROM feedback WHERE end_user IS NOT NULL").fetchall()
         return {u for (u,) in rows}
@@ -369,7 +411,7 @@ class FeedbackStore:
         meanwhile, the service's among them: so it waits PURGE_WAIT_MS at most, not the
         connection's 30 s.
         """
-        with self._lock:
+        with self._locked():
             waits = self._conn.execute("PRAGMA busy_timeout").fetchone()[0]
             self._conn.execute(f"PRAGMA busy_timeout={PURGE_WAIT_MS}")
             try:
@@ -401,7 +443,7 @@ class FeedbackStore:
             return 0, 0
         cutoff = self._retention_bounds(retention_days)
         self.flush()
-        with self._lock, self._conn:
+        with self._locked(), self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             gone = self._conn.execute(f"DELETE FROM feedback WHERE completion_id IN ({self._EXPIRED})", cutoff).rowcount
             erased = self._conn.execute(f"DELETE FROM interactions WHERE id IN ({self._EXPIRED})", cutoff).rowcount
@@ -415,7 +457,7 @@ class FeedbackStore:
             return 0
         self.flush()
         untrusted_only = "AND f.trusted = 0" if auto_approve == "trusted" else ""
-        with self._lock:
+        with self._locked():
             return int(self._conn.execute(
                 f"SELECT COUNT(*) FROM feedback f WHERE f.review = 'pending' {untrusted_only} "
                 f"AND f.completion_id IN ({self._EXPIRED})", self._retention_bounds(retention_days)).fetchone()[0])
@@ -424,7 +466,7 @@ class FeedbackStore:
         """The feedback rows of `key_name` no person has approved or rejected (held or admitted by
         trust), with an id up to `up_to_id` when given."""
         self.flush()
-        with self._lock:
+        with self._locked():
             return int(self._conn.execute(
                 "SELECT COUNT(*) FROM feedback WHERE key_name = ? AND review = 'pending' AND id <= ?",
                 (key_name, up_to_id if up_to_id is not None else 2 ** 63 - 1)).fetchone()[0])
@@ -432,5 +474,5 @@ class FeedbackStore:
     def count(self, table: str) -> int:
         assert table in ("interactions", "feedback", "erasures")
         self.flush()
-        with self._lock:
+        with self._locked():
             return int(self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])

@@ -135,3 +135,20 @@ def test_feedback_is_rate_limited_per_key(keyed):
     statuses = [call(url, "POST", "/feedback", KEYS["teach"], json={**missing, "user": f"u-{n}"}).status_code
                 for n in range(PER_MINUTE)]
     assert statuses[-1] == 429  # teach's calls above count too: with a bucket per named user, all would be 404
+
+
+@pytest.mark.slow
+def test_feedback_after_the_log_was_deleted_is_stored_where_it_can_be_read(keyed, serving_dir):
+    """A feedback.db deleted under the running service took every later answer and rating into
+    the deleted file, each answered `"stored": true`, and none reached a run."""
+    from tasks.feedback import FeedbackReader
+
+    url, _ = keyed
+    db = serving_dir / "keys-feedback.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    answer = call(url, "POST", "/v1/chat/completions", KEYS["front"], json={"messages": MESSAGES, "max_tokens": 4}).json()
+    stored = call(url, "POST", "/feedback", KEYS["front"], json={"id": answer["id"], "rating": 4, "user": "u-del"})
+    assert stored.status_code == 200 and stored.json()["stored"] is True, stored.text
+    with FeedbackReader(db) as reader:
+        assert [(r.completion_id, r.rating) for r in reader.feedback_since(0)] == [(answer["id"], 4)]

@@ -332,3 +332,68 @@ def test_a_log_that_cannot_be_opened_is_an_error_naming_it(tmp_path, where):
             "/proc": Path("/proc/ftllm-feedback.db")}[where]
     with pytest.raises(DataFileError, match=f"{path}: cannot open the feedback log"):
         FeedbackStore(path)
+
+
+def _files(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+def test_a_log_deleted_while_open_takes_later_rows_in_a_new_log_at_its_path(tmp_path):
+    """A deleted feedback.db kept taking the service's rows, each answered as stored, into a file
+    no one could read again; ids were then given a second time."""
+    from tasks.feedback import FeedbackReader
+
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    try:
+        store.log_interaction(_item(0))
+        assert store.add_feedback("c0", 5) == 1
+        _files(db)
+        store.log_later(_item(1)).result(timeout=10)  # the writer thread's batch, as the service logs
+        assert store.add_feedback("c1", 2, "Better.") == 1  # the new log's first
+        with pytest.raises(KeyError):  # the deleted log's completion is gone with it
+            store.add_feedback("c0", 4)
+    finally:
+        store.close()
+    with FeedbackReader(db) as reader:
+        assert [(r.completion_id, r.rating, r.correction) for r in reader.feedback_since(0)] == [("c1", 2, "Better.")]
+        assert reader.interaction_count() == 1 and len(reader.log_id()) == 32
+
+
+def test_a_log_moved_over_the_open_one_is_the_one_written(tmp_path):
+    from tasks.feedback import FeedbackReader
+
+    db, other = tmp_path / "feedback.db", tmp_path / "restored.db"
+    store, restored = FeedbackStore(db), FeedbackStore(other)
+    restored.log_interaction(_item(7))
+    restored.close()
+    try:
+        store.log_interaction(_item(0))
+        _files(db)
+        other.rename(db)  # a backup put in its place
+        assert store.add_feedback("c7", 3) == 1
+        assert store.count("interactions") == 1
+    finally:
+        store.close()
+    with FeedbackReader(db) as reader:
+        assert [r.completion_id for r in reader.feedback_since(0)] == ["c7"]
+
+
+def test_a_log_that_cannot_be_made_again_refuses_the_write(tmp_path):
+    """Where the deleted log cannot be made again (its folder gone), the write is refused, never
+    answered as stored into the deleted file."""
+    from tasks.errors import DataFileError
+
+    folder = tmp_path / "logs"
+    store = FeedbackStore(folder / "feedback.db")
+    try:
+        store.log_interaction(_item(0))
+        _files(folder / "feedback.db")
+        folder.rmdir()
+        folder.write_text("a file where the folder was")
+        with pytest.raises(DataFileError, match="cannot open the feedback log"):
+            store.add_feedback("c0", 5)
+        assert store.log_later(_item(1)).result(timeout=10) is False  # logged as lost, the writer goes on
+    finally:
+        store.close()
