@@ -169,13 +169,16 @@ def _consistent_groups(number: str) -> bool:
 
 # -- bank accounts ------------------------------------------------------------------------
 
-_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")
+# Grouped by spaces (the printed form), dashes, dots or slashes, or not at all, in either case
+# ("de89 3704 ..." as people type it); the check digits keep out what merely looks like one.
+_IBAN_SEP = re.compile(r"[ \-./]")
+_IBAN = re.compile(r"(?i)(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[ \-./]?[A-Z0-9]{4}){2,7}(?:[ \-./]?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")
 
 
 def iban_valid(iban: str) -> bool:
     """ISO 13616's check: the account with its first four characters moved to the end, letters
     as numbers (A=10 ... Z=35), is 1 modulo 97."""
-    compact = iban.replace(" ", "")
+    compact = _IBAN_SEP.sub("", iban).upper()
     if not 15 <= len(compact) <= 34:
         return False
     moved = compact[4:] + compact[:4]
@@ -252,11 +255,16 @@ _PHONE_WORDS = re.compile(r"(?i)(?<![a-z])(?:(?:call|phone|tel|telephone|mobile|
                           r"|telefono|teléfono|mobil|portable|numéro)(?:[ _-]?(?:number|num|no|nr))?(?![a-z])[^\d\n]{0,20}"
                           r"|(?:text (?:me|us)|contact(?: me| us)?)(?: at| on| via| under)?\s*:?\s*"
                           r"|(?:my|our|his|her|their|your) (?:phone |mobile |cell )?(?:number|digits)(?: is| are)?\s*:?\s*)$")
+# An international number glued to the word before it ("Tel.+33 6 12 34 56 78", "x+33612345678"),
+# which _PHONE's look-behind leaves out as the tail of something longer: the `+` says what it is.
+_GLUED_INTERNATIONAL = re.compile(
+    rf"(?<=[A-Za-z_.])\+\d{{1,3}}(?:{_SEP}?\(0\))?{_SEP}?(?:\(?\d{{1,5}}\)?{_SEP}?){{1,5}}\d{{2,6}}(?![\w\-/]|\.\d| \d)"
+)
 _BARE_DIGITS = re.compile(r"(?<![\w+\-./])\+?\d(?:[ \-.]?\d){6,14}(?![\w\-/]|\.\d)")
 
 
 def _phones(text: str) -> Iterator[tuple[int, int]]:
-    for m in _PHONE.finditer(text):
+    for m in (*_PHONE.finditer(text), *_GLUED_INTERNATIONAL.finditer(text)):
         if 7 <= sum(c.isdigit() for c in m.group()) <= 15:
             yield m.span()
     for m in _BARE_DIGITS.finditer(text):  # 5551234567, 415 5550134 count only where the sentence says it is a number to call
