@@ -52,14 +52,16 @@ class Rated:
 
 
 def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_approve: str = "trusted",
-                        redaction: RedactAction = "mask", max_key_share: float = 1.0) -> dict[str, Any]:
+                        redaction: RedactAction = "mask", max_key_share: float = 1.0,
+                        other_rows: float = 0.0) -> dict[str, Any]:
     """Export the service's log (`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`) to `preference.path` and version it.
 
     Written on every run that read feedback, once the log holds a preference example (after
     that, empty while nothing is rated: the `preference` stage then has nothing to do). The
     same trust rules as the feedback export apply (tasks.feedback.export): only admitted
     ratings (`feedback.auto_approve`, or approved by a person), no erased prompt, and
-    secrets and personal data redacted (`feedback.redaction`).
+    secrets and personal data redacted (`feedback.redaction`). `other_rows`: the run's train
+    rows from its other sources, beside which a key's share is counted (`preference_examples`).
     """
     from tasks.pipeline.dvc import track_data
 
@@ -69,7 +71,7 @@ def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_app
         # Nothing rated yet and nothing exported before: the data folder (and data.dvc) stays as it was.
         log(f"no preference examples in {db}: nothing exported")
         return {"path": str(out), "examples": 0, "md5": None, "tracked_by": None, "tags": {}}
-    summary = export_preference(db, out, prefs, auto_approve, redaction, max_key_share)
+    summary = export_preference(db, out, prefs, auto_approve, redaction, max_key_share, other_rows)
     tracked = track_data(root, out, log=log)
     log(f"exported {summary['examples']} preference examples to {out}: {summary}")
     return {**summary, "md5": file_md5(out), "tracked_by": tracked, "tags": preference_tags(summary)}
@@ -123,11 +125,15 @@ def _with_tools(row: dict[str, Any], tools: list[dict[str, Any]] | None) -> dict
 
 
 def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_share: float = 1.0,
-                        redaction: RedactAction | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                        redaction: RedactAction | None = None,
+                        other_rows: float = 0.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """KTO rows and DPO pairs from rated completions (see the module's docstring), with their counts.
 
     An untrusted key (its feedback approved by a person) makes at most `max_key_share` of the
-    rows (`feedback.max_key_share`, as in the supervised export): its latest ones are kept.
+    rows kept and the run's `other_rows` (its other sources' train rows) together
+    (`feedback.max_key_share`, as in the supervised export): its latest ones are kept. Counted
+    among the preference rows alone, the ratings of a service with no trusted key (an open
+    one among them: every caller is one untrusted key) were all left out.
     With `redaction` the rows are redacted first (`redact_preferences`; the findings under
     `redacted`), so that rows a "drop" policy leaves out do not count toward the shares.
     """
@@ -196,18 +202,18 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_sha
     usable = [row_problem(r) is None for r in rows]
     counts["invalid"] = usable.count(False)
     rows, senders = [r for r, ok in zip(rows, usable) if ok], [k for k, ok in zip(senders, usable) if ok]
-    rows, counts["capped"] = cap_per_key(rows, senders, max_key_share)
+    rows, counts["capped"] = cap_per_key(rows, senders, max_key_share, other_rows)
     return rows, counts
 
 
 def export_preference(db: Path, out: Path, prefs: PreferenceParams, auto_approve: str = "trusted",
-                      redaction: RedactAction = "mask", max_key_share: float = 1.0) -> dict[str, Any]:
+                      redaction: RedactAction = "mask", max_key_share: float = 1.0, other_rows: float = 0.0) -> dict[str, Any]:
     """Write the log's admitted preference examples, redacted, to `out` (atomically); what was written, counted.
 
     A missing log writes an empty file: no ratings yet, no preference tuning.
     """
     rated = read_rated(db, auto_approve) if Path(db).is_file() else []
-    rows, counts = preference_examples(rated, prefs, max_key_share, redaction)
+    rows, counts = preference_examples(rated, prefs, max_key_share, redaction, other_rows)
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return {"path": str(out), "examples": len(rows), **counts}
 

@@ -421,9 +421,14 @@ def test_a_run_with_a_preference_source_registers_a_version_with_the_preference_
         prompt = [prompt[0], {"role": "user", "content": f"Please write {prompt[1]['content'].split()[-1]} in words"}]
         store.log_interaction(Interaction(f"c{i}", "chat", "ftllm-chat", first_run[1].version, prompt,
                                           "January 1, 1900" if wrong else right, "stop", 20, 6, 5.0))
-        # From the operator's trusted front end: admitted without approval (docs/guides/trust.md).
+        # A third from the operator's trusted front end, admitted without approval (docs/guides/trust.md);
+        # the rest from callers without a key (an open service), approved by a person below.
+        trusted = i % 3 == 0
         store.add_feedback(f"c{i}", 1 if wrong else 5, right if wrong and i % 4 == 1 else None,
-                           key_name="app", end_user=f"customer-{i % 5}", trusted=True)
+                           key_name="app" if trusted else "anonymous", end_user=f"customer-{i % 5}", trusted=trusted)
+    # The untrusted ratings, once approved, are preference data too: within feedback.max_key_share
+    # of the run's train rows (they were capped to a share of the few trusted rows, nearly all left out).
+    store.review("approved", "cli", keys=["anonymous"])
     store.close()
 
     sources = [{"path": "data/dates.jsonl"}, {"feedback": True}]

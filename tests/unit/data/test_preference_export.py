@@ -233,6 +233,21 @@ def test_one_approved_untrusted_key_makes_at_most_its_share_of_the_preference_ro
 
 
 
+def test_an_open_services_approved_ratings_are_capped_beside_the_runs_other_rows(tmp_path):
+    """Every caller of a service without keys is the one untrusted key `anonymous`: counted among
+    the preference rows alone it was all of them, and its approved ratings were all left out."""
+    log = Log(tmp_path / "f.db")
+    for i in range(12):
+        log.serve(f"Question {i}?", f"Answer {i}.", 5 if i % 2 else 1, key="anonymous", trusted=False)
+    log.store.review("approved", "cli")
+    out = tmp_path / "preference.jsonl"
+    assert export_preference(log.close(), out, PreferenceParams(), max_key_share=0.1)["capped"] == 12
+    summary = export_preference(log.store.path, out, PreferenceParams(), max_key_share=0.1, other_rows=200)
+    assert summary["capped"] == 0 and summary["examples"] == 12  # 12 of 212 rows: under 0.1
+    summary = export_preference(log.store.path, out, PreferenceParams(), max_key_share=0.1, other_rows=90)
+    assert summary["examples"] == 10 and summary["capped"] == 2  # at most 0.1 of 90 + the 10 kept
+
+
 def test_the_cap_keeps_a_keys_latest_rows_by_time_pairs_from_ratings_among_them(tmp_path):
     log = Log(tmp_path / "f.db")
     for i in range(8):
