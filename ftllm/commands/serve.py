@@ -212,12 +212,23 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
     env = {**os.environ, "FTLLM_ROOT": str(root), OVERRIDES_ENV: json.dumps(overrides or {}),
            **({"FTLLM_PARAMS": str(params)} if params is not None else {})}
-    server = subprocess.Popen(cmd, cwd=root, env=env, preexec_fn=_stop_with_parent(os.getpid()))
-    # A supervisor's SIGTERM (systemd, `docker stop`, `kill`) reaches this process only: pass it
-    # on, or the server would outlive this process and keep its port.
-    signal.signal(signal.SIGTERM, lambda signum, _frame: server.send_signal(signum))
-    try:
-        return server.wait()
-    except KeyboardInterrupt:  # Ctrl-C reached the server too (one process group): let it shut down
-        server.wait()
-        return 0
+    # The server runs in a session of its own, and this process passes it every stop signal it
+    # gets, once: Ctrl-C in a terminal, a supervisor's SIGTERM (systemd, `docker stop`), a
+    # SIGINT sent to this process alone (`kill -INT`, `timeout -s INT`: the server never saw
+    # it, and this process waited on for good), a closed terminal's SIGHUP. A second Ctrl-C
+    # reaches the server as a second SIGINT: its forced stop.
+    stopped: list[int] = []
+    server: subprocess.Popen | None = None
+
+    def pass_on(signum: int, _frame: object) -> None:
+        stopped.append(signum)
+        if server is not None:
+            server.send_signal(signum)
+
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, pass_on)
+    server = subprocess.Popen(cmd, cwd=root, env=env, preexec_fn=_stop_with_parent(os.getpid()), start_new_session=True)
+    if stopped:  # a stop that came while it started
+        server.send_signal(stopped[-1])
+    code = server.wait()
+    return 0 if stopped else code

@@ -56,3 +56,33 @@ def test_the_server_stops_when_ftllm_serve_is_killed(registry, serving_dir):
             for proc in started:
                 if proc.is_running():
                     proc.kill()
+
+
+def test_ftllm_serve_stops_on_a_sigint_sent_to_it_alone_and_on_ctrl_c(registry, serving_dir):
+    """`kill -INT` (a script, `timeout -s INT`) reached the command alone: the server never saw it,
+    and the command waited on it for good. Ctrl-C signals the whole foreground group."""
+    import signal
+
+    for how in ("alone", "group"):
+        port = free_port()
+        env = {**os.environ, "FTLLM_ROOT": str(REPO), "FTLLM_FEEDBACK_DB": str(serving_dir / f"sigint-{how}.db")}
+        with open(serving_dir / f"ftllm-serve-sigint-{how}.log", "w") as log:
+            cli = subprocess.Popen([sys.executable, "-m", "ftllm.cli", "serve", "--port", str(port)], cwd=REPO,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            url, started = f"http://127.0.0.1:{port}", []
+            try:
+                wait_until_up(f"{url}/readyz", cli, 180, serving_dir / f"ftllm-serve-sigint-{how}.log")
+                started = psutil.Process(cli.pid).children(recursive=True)
+                if how == "alone":
+                    os.kill(cli.pid, signal.SIGINT)
+                else:
+                    os.killpg(cli.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the command's whole group
+                assert cli.wait(90) == 0, how
+                gone, alive = psutil.wait_procs(started, timeout=60)
+                assert not alive, (how, [p.cmdline() for p in alive])
+                assert not answers(url), f"{how}: something still answers on the port"
+            finally:
+                cli.kill()
+                for proc in started:
+                    if proc.is_running():
+                        proc.kill()
