@@ -190,7 +190,7 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
     schemas = _check_schemas(example.get("tools"), problems)
     messages = example["messages"]
     pending: list[str] = []  # ids of calls awaiting their result, in order
-    seen: set[str] = set()
+    seen: set[str] = set()  # ids of the current turn's calls
     for i, m in enumerate(messages, start=1):
         role = m.get("role")
         if "function_call" in m:  # left by to_canonical where it could not become the turn's one call
@@ -232,6 +232,10 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
                 f"message {i} makes {len(m['tool_calls'])} calls although the example sets parallel_tool_calls: false; "
                 "split them into one call per turn, or remove parallel_tool_calls"
             ))  # fmt: skip
+        # An id is one call's within its turn: agent frameworks and converted data sets number
+        # each turn's calls afresh (`call_0` again), and the service takes that, its results
+        # paired by the pending calls; only two calls of one turn may not share one.
+        seen = set()
         for call in m.get("tool_calls") or [] if role == "assistant" else []:
             call_id = _check_call(i, call, schemas, seen, problems)
             if call_id is not None:
@@ -279,7 +283,7 @@ def _check_call(i: int, call: Any, schemas: dict[str, Any] | None, seen: set[str
         problems.setdefault("bad_tool_call", f"message {i}: a tool call has no id; give every call a unique id")
         call_id = None
     elif call_id in seen:
-        problems.setdefault("bad_tool_call", f"message {i}: the call id {call_id!r} is used twice")
+        problems.setdefault("bad_tool_call", f"message {i}: two calls of the turn have the id {call_id!r}; give each its own")
     if call_id:
         seen.add(call_id)
     if not isinstance(function, dict) or not isinstance(function.get("name"), str) or call.get("type", "function") != "function":

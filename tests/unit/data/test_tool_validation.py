@@ -130,6 +130,19 @@ CASES = {
 }
 
 
+def test_a_call_id_numbered_afresh_in_a_later_turn_is_valid(tmp_path: Path, tok) -> None:
+    """Agent frameworks and converted data sets number each turn's calls afresh: the service takes
+    it, and refusing it in validation left such corrections out of every export."""
+    first = example()
+    again = [{"role": "user", "content": "And in Lima?"},
+             {"role": "assistant", "content": None, "tool_calls": [call('{"city": "Lima"}')]},
+             {"role": "tool", "tool_call_id": "call00001", "content": "13:03"},
+             {"role": "assistant", "content": "It is 13:03 in Lima."}]
+    line = {**first, "messages": [*first["messages"], *again]}
+    report = validate_dataset(write(tmp_path, [line]), DataParams(max_tokens=1024), fmt="openai", tokenizer=tok)
+    assert report.valid and report.errors == {}, report.error_rows
+
+
 @pytest.mark.parametrize("category", list(CASES))
 def test_each_tool_category_is_counted_with_its_lines(tmp_path: Path, category: str) -> None:
     lines, expected = CASES[category]
