@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.data.checks import check_tools, example_digests, normalise_example
+from tasks.data.checks import STRUCTURAL, check_messages, check_tools, example_digests, normalise_example
 from tasks.feedback.reader import FeedbackReader
 from tasks.feedback.redact import RedactAction, redact_examples
 from tasks.feedback.schema import MAX_RATING, MIN_RATING, STOPPED, FeedbackRow, Interaction, prompt_digest
@@ -87,9 +87,19 @@ LEFT_OUT = {
     "superseded": "superseded by later feedback on the same answer",
     "rated_low": "rated below {min_rating} (no example; the preference export reads ratings)",
     "stopped": "stopped by the client mid-answer", "erased": "erased prompts",
-    "invalid_calls": "invalid tools or calls", "not_a_chat": "that made no example (no prompt, or a blank answer)",
+    "invalid_calls": "invalid tools or calls", "not_a_chat": "that made no example (no prompt, a blank answer, or a conversation a data file may not hold)",
     "repeats": "repeats merged", "capped": "over feedback.max_key_share",
 }
+
+
+def one_system_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with the system messages they open with (the API takes several: a framework's
+    and the caller's, `developer` beside `system`) joined into one, as a data file holds them."""
+    lead = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+    if lead < 2:
+        return messages
+    joined = "\n\n".join(str(m.get("content") or "") for m in messages[:lead])
+    return [{"role": "system", "content": joined}, *messages[lead:]]
 
 
 def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]], min_rating: int,
@@ -110,7 +120,7 @@ def training_examples(rated: list[tuple[list[dict[str, Any]], str, FeedbackRow]]
     for request, answer, row in rated:
         if row.correction is None and row.rating < min_rating:
             continue
-        messages = [m for m in request if m.get("role") in ("system", "user", "assistant", "tool")]
+        messages = one_system_message([m for m in request if m.get("role") in ("system", "user", "assistant", "tool")])
         if not messages or messages[-1]["role"] not in ("user", "tool"):
             continue  # not a prompt the model answers (e.g. a plain /generate prompt)
         # The earlier assistant turns are whatever the client sent as the history, not answers
@@ -227,7 +237,10 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
         made = training_examples([(interaction.messages, interaction.answer, row)], min_rating,
                                  interaction.tools, interaction.tool_calls, interaction.reasoning)
         # A correction or a good rating that makes no example (the request ended with the
-        # assistant's own turn, or the text is empty) is counted, not lost without a word.
+        # assistant's own turn, or the text is empty), or one whose conversation a data file may
+        # not hold though the API takes it (two user turns in a row, a system message after the
+        # first), which validation would refuse in every run, is counted, not lost without a word.
+        made = [e for e in made if not STRUCTURAL & check_messages(e["messages"]).keys()]
         not_a_chat += not made
         for example in made:
             example["provenance"] = {"key": row.key_name, "user": pseudonym(row.end_user), "feedback_id": row.id}

@@ -29,7 +29,7 @@ from typing import Any
 from tasks.config import PreferenceParams
 from tasks.data.preference import row_problem
 from tasks.data.sources import prompt_key
-from tasks.feedback.export import cap_per_key, latest_admitted
+from tasks.feedback.export import cap_per_key, latest_admitted, one_system_message
 from tasks.feedback.reader import FeedbackReader
 from tasks.feedback.redact import RedactAction, redact_examples
 from tasks.feedback.schema import STOPPED, prompt_digest
@@ -112,7 +112,7 @@ def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:
 
 def _prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """The conversation the model answered, or None when it is not one (e.g. a plain /generate prompt)."""
-    kept = [m for m in messages if m.get("role") in ("system", "user", "assistant", "tool")]
+    kept = one_system_message([m for m in messages if m.get("role") in ("system", "user", "assistant", "tool")])
     return kept if kept and kept[-1]["role"] in ("user", "tool") else None
 
 

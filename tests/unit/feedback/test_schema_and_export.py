@@ -171,6 +171,30 @@ def test_users_who_rate_the_same_answer_to_the_same_question_make_one_example_th
     assert validate_dataset(tmp_path / "feedback.jsonl").valid
 
 
+def test_served_conversations_a_data_file_may_not_hold_are_joined_or_counted_not_refused_in_every_run(tmp_path):
+    """The API takes several system messages (a framework's and the caller's), one after a turn, and
+    two user turns in a row; the export wrote them as they were, and validation refused each line."""
+    from tasks.data.validate import validate_dataset
+
+    system, later = {"role": "system", "content": "Be brief."}, {"role": "system", "content": "Answer in words."}
+    user = {"role": "user", "content": "When is 2016-03-18?"}
+    requests = {"two systems": [system, later, user], "a system later": [user, {"role": "assistant", "content": "Soon."},
+                                                                         later, user],
+                "two users": [user, {"role": "user", "content": "Well?"}]}
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    for i, messages in enumerate(requests.values()):
+        store.log_interaction(Interaction(f"c{i}", "/v1/chat/completions", "m", "1", messages, "March 18, 2016",
+                                          "stop", 3, 2, 1.0))
+        store.add_feedback(f"c{i}", 5, key_name="ops", trusted=True)
+    store.close()
+    exported = export_feedback(db, tmp_path / "out.jsonl", 4)
+    [example] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert example["messages"][0] == {"role": "system", "content": "Be brief.\n\nAnswer in words."}
+    assert (exported.examples, exported.not_a_chat) == (1, 2)
+    assert validate_dataset(tmp_path / "out.jsonl").valid
+
+
 def test_the_history_a_client_sends_is_context_and_only_the_rated_answer_is_trained(tmp_path):
     """A client writes the earlier assistant turns of its request itself: exported, they carry
     weight 0, so training masks them and only the answer that was rated or corrected is learnt."""
