@@ -108,6 +108,8 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
             raise UsageError("give --all or one or more --key NAME (not both)")
         if reject and approve_all:
             raise UsageError("--reject takes --key NAME: reject named keys' feedback, never all of it at once")
+        if up_to is not None and up_to < 1:
+            raise UsageError(f"--up-to {up_to}: expected a feedback id (1 or more), as `ftllm feedback pending` shows")
         db, auto_approve = _db(root), _settings(root).auto_approve
         if reject:
             print(reject_keys(db, keys, reviewer, auto_approve, up_to))

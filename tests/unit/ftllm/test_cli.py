@@ -152,6 +152,7 @@ def test_set_changes_what_the_command_reads(params):
         (["serve", "--port", "0"], 2, "--port 0"),
         (["serve", "--params", "absent.yaml"], 2, "--params absent.yaml: no such settings file"),
         (["bench", "serve", "--requests", "0"], 2, "must be positive"),
+        (["feedback", "approve", "--all", "--up-to", "-5"], 2, "--up-to -5: expected a feedback id"),
     ],
 )
 def test_expected_failures_are_one_line_on_stderr(args, code, fragment, monkeypatch, tmp_path):
