@@ -140,7 +140,15 @@ def engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, 
     `kind` is `serving.engine`, a key of `LOOPS`. A model dropped stays in memory while
     rows of it still generate (they hold it). Scoring runs in a thread of its own, beside
     the decoding loop: rows keep flowing meanwhile.
+
+    The service stops it (`EngineProcess.close`), or its pipe's end does: the stop signals a
+    supervisor sends the worker's whole process tree (BentoML's, on every shutdown) are
+    ignored, so that the engine is not gone before the service closes it, an error in the log.
     """
+    import signal
+
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     send_lock = threading.Lock()
     models: dict[str, LoadedModel] = {}
     rows: dict[int, Row] = {}

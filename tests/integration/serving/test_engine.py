@@ -491,3 +491,23 @@ def test_closing_the_engine_is_no_error_in_the_log(caplog):
     assert not engine.alive
     assert [(r.levelname, r.getMessage()) for r in caplog.records if "engine stopped" in r.getMessage()] == [
         ("INFO", "the generation engine stopped (the service is closing)")]
+
+
+def test_a_stop_signal_to_the_whole_process_tree_leaves_the_engine_to_the_service(caplog, tmp_path):
+    """BentoML signals a worker's whole tree on shutdown: the engine died of the SIGTERM before the
+    service closed it, and every clean stop of `ftllm serve` logged an ERROR."""
+    import logging
+
+    from serving.engine_process import EngineError
+
+    engine = EngineProcess(**KNOBS)
+    with pytest.raises(EngineError, match="could not load"):
+        engine.load(tmp_path / "missing")  # answered: the engine runs, its handlers set
+    os.kill(engine.process.pid, signal.SIGTERM)
+    engine.process.join(2)
+    assert engine.process.is_alive() and engine.alive
+    with caplog.at_level(logging.INFO, logger="ftllm.serving"):
+        engine.close(timeout=10)
+        engine._reader.join(10)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if "engine stopped" in r.getMessage()] == [
+        ("INFO", "the generation engine stopped (the service is closing)")]
