@@ -191,6 +191,7 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
     messages = example["messages"]
     pending: list[str] = []  # ids of calls awaiting their result, in order
     seen: set[str] = set()  # ids of the current turn's calls
+    names: dict[str, Any] = {}  # each call id's function name
     for i, m in enumerate(messages, start=1):
         role = m.get("role")
         if "function_call" in m:  # left by to_canonical where it could not become the turn's one call
@@ -216,11 +217,18 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
             problems.setdefault("bad_reasoning", f"message {i}: reasoning_content and thinking differ; they are two "
                                                  "spellings of one trace: keep one")
         if role == "tool":
-            call_id = m.get("tool_call_id")
+            call_id, named = m.get("tool_call_id"), m.get("name")
             if call_id in pending:
                 pending.remove(call_id)
+                called = names.get(call_id)
+                if isinstance(named, str) and called is not None and named != called:
+                    problems.setdefault("unexpected_tool_result", (
+                        f"message {i} (tool) answers the call {call_id!r} to {called!r} but names {named!r}; "
+                        "give it the id of the call it answers, or its function's name"))  # fmt: skip
             else:
-                why = ("has no tool_call_id and follows no call still without a result" if call_id is None
+                waiting = ", ".join(f"{names.get(p)} ({p!r})" for p in pending)
+                why = (f"names {named!r}, which none of the pending calls makes ({waiting})" if call_id is None and pending
+                       else "has no tool_call_id and follows no call still without a result" if call_id is None
                        else f"answers {call_id!r}, which no pending call has")
                 problems.setdefault("unexpected_tool_result", f"message {i} (tool) {why}; a result follows the call it answers")
             continue
@@ -240,6 +248,8 @@ def check_tools(example: dict, parallel: bool = True) -> dict[str, str]:
             call_id = _check_call(i, call, schemas, seen, problems)
             if call_id is not None:
                 pending.append(call_id)
+                function = call.get("function") if isinstance(call, dict) else None
+                names[call_id] = function.get("name") if isinstance(function, dict) else None
     if messages and all(m.get("weight") == 0 for m in messages if m.get("role") == "assistant"):
         problems.setdefault("all_weights_zero", "every assistant message has weight 0: there is nothing to train on")
     return problems

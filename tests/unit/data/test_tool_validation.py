@@ -115,8 +115,10 @@ CASES = {
     "unexpected_tool_result": ([GOOD, example(results=[RESULT, {"role": "tool", "tool_call_id": "call00009", "content": "x"}], tag="a"),
                                 example(results=[RESULT] * 2, tag="b"),
                                 example(results=[RESULT, {"role": "tool", "content": "x"}], tag="c"),
-                                moved(3, "d", tool_call_id="call00001"), moved(0, "e", tool_call_id="call00001")],
-                               [2, 3, 4, 5, 6]),
+                                moved(3, "d", tool_call_id="call00001"), moved(0, "e", tool_call_id="call00001"),
+                                # a result that names another function than the call it answers
+                                moved(2, "f", name="get_weather")],
+                               [2, 3, 4, 5, 6, 7]),
     "missing_tool_result": ([GOOD, example(results=[{"role": "user", "content": "Well?"}], tag="a")], [2]),
     "bad_weight": ([GOOD, example(answer_weight=0.5, tag="a"), example(user_weight=1, tag="b"), example(answer_weight=True, tag="c")],
                    [2, 3, 4]),
@@ -128,6 +130,14 @@ CASES = {
                        moved(0, "d", reasoning_content="Ask about Oslo."), moved(2, "e", thinking="It says 20:03.")],
                       [2, 3, 4, 5, 6]),
 }
+
+
+def test_a_result_named_for_no_pending_call_names_the_calls_that_wait(tmp_path: Path) -> None:
+    """It was told it "follows no call still without a result" while the call waited."""
+    line = example(results=[{"role": "tool", "name": "get_nope", "content": "20:03"}])
+    report = validate_dataset(write(tmp_path, [line]), fmt="openai")
+    [row] = [r for r in report.error_rows if r["category"] == "unexpected_tool_result"]
+    assert "names 'get_nope', which none of the pending calls makes (get_time ('call00001'))" in row["message"]
 
 
 def test_a_call_id_numbered_afresh_in_a_later_turn_is_valid(tmp_path: Path, tok) -> None:
