@@ -115,11 +115,17 @@ def untrainable(count: TokenCount, example: dict) -> tuple[str, str] | None:
             "turn, set train.train_turns: last (or weight 0 on the earlier turns), or set train.train_reasoning: false"
         )
     if count.calls_lost:
+        texts = any(m.get("role") == "assistant" and m.get("tool_calls") and str(m.get("content") or "").strip()
+                    for m in example.get("messages", []))
+        why, fix = (
+            ("some templates, Llama 3.1's and Mistral v0.3's among them, drop the text of a turn that also calls a "
+             "tool", "set content to null on those turns, or set model.chat_template: chatml") if texts
+            else ("it leaves out or rewrites a part of the calls, such as their arguments",
+                  "write the calls as the template renders them, or set model.chat_template: chatml")
+        )  # fmt: skip
         return "tool_call_dropped", (
             f"the chat template does not write {count.calls_lost} assistant turn(s) with tool calls as given "
-            "(some templates, Llama 3.1's and Mistral v0.3's among them, drop the text of a turn that also calls a "
-            "tool), so the calls would not be trained on; set content to null on those turns, or set "
-            "model.chat_template: chatml"
+            f"({why}), so the calls would not be trained on; {fix}"
         )
     if count.unlocated > count.calls_lost:
         return "answer_not_located", (

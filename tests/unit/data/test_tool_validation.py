@@ -355,6 +355,20 @@ def test_tool_results_that_differ_in_case_are_other_examples_and_user_text_is_no
     assert report.errors == {"near_duplicate": 1} and report.error_lines["near_duplicate"] == [3]
 
 
+def test_a_call_turn_lost_without_text_beside_it_is_not_told_to_drop_that_text() -> None:
+    """A template that rewrites the calls themselves (their arguments) was met with "set content to
+    null on those turns", which it already was."""
+    from tasks.data.tokens import TokenCount, untrainable
+
+    lost = TokenCount(total=90, trained=20, last_answer=8, calls_lost=1, unlocated=1)
+    category, message = untrainable(lost, example())
+    assert category == "tool_call_dropped" and "content to null" not in message
+    assert "write the calls as the template renders them, or set model.chat_template: chatml" in message
+    with_text = example()
+    with_text["messages"][1] = {**with_text["messages"][1], "content": "Let me look."}
+    assert "set content to null on those turns" in untrainable(lost, with_text)[1]
+
+
 def test_a_call_turn_the_template_does_not_write_is_an_error_naming_the_fix(tmp_path: Path, tok, family_models) -> None:
     llama = _family_tokenizer("llama3.1", tok, family_models)
     with_text = example(tag="a")
