@@ -92,6 +92,7 @@ from tasks.registry.versions import (
     champion_version,
     download_version,
     find_version,
+    metric_tags,
     promote,
     register_candidate,
     tag_version,
@@ -117,10 +118,8 @@ def validate_data(params: Params, data_path: Path, report_dir: Path, fmt: str | 
     from tasks.model.loading import load_base_tokenizer
 
     tokenizer = load_base_tokenizer(params.model)
-    report = validate_dataset(
-        data_path, params.data, fmt=fmt, tokenizer=tokenizer, budget=TrainingBudget.of(params.train),
-        data_docs_dir=report_dir / "gx",
-    )
+    report = validate_dataset(data_path, params.data, fmt=fmt, tokenizer=tokenizer, budget=TrainingBudget.of(params.train),
+                              data_docs_dir=report_dir / "gx")
     return report.to_dict()
 
 
@@ -249,7 +248,7 @@ def register(root: Path, params: Params, run_id: str, verdict: dict, metrics: di
         **lineage,
         "gate_passed": str(verdict["passed"]).lower(),
         "gate_failed_checks": ",".join(failed) or "none",
-        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics["candidate"].items()},
+        **metric_tags(metrics),
     }
     return register_candidate(run_id, candidate_dir(root / "artifacts/model", root / "artifacts/preference"),
                               params.registry.model_name, tags)

@@ -103,6 +103,16 @@ def _staged_model_dir(model_dir: Path, tmp: Path) -> Path:
 PYFUNC_MODEL_CODE = Path(__file__).with_name("pyfunc.py")
 
 
+# The candidate's metrics a version carries as tags (`metric.<name>`), each split's under its prefix.
+METRIC_TAG_PREFIXES = (("candidate", ""), ("candidate_feedback", "feedback."), ("candidate_preference", "preference."))
+
+
+def metric_tags(metrics: dict[str, dict[str, float]]) -> dict[str, str]:
+    """The candidate's metrics as version tags: the test split's, and those of the feedback split
+    and the held-out preference split where the run had them (`ftllm models` reads them back)."""
+    return {f"metric.{prefix}{k}": f"{v:.6g}" for role, prefix in METRIC_TAG_PREFIXES for k, v in metrics.get(role, {}).items()}
+
+
 def register_candidate(run_id: str, model_dir: Path, model_name: str, tags: dict[str, str]) -> str:
     """Log the model folder to `run_id` as a pyfunc model and register it as a new version.
 

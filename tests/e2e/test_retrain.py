@@ -410,6 +410,7 @@ def test_a_run_with_a_preference_source_registers_a_version_with_the_preference_
     from tasks.feedback.schema import Interaction
     from tasks.feedback.store import FeedbackStore
     from tasks.files import file_md5
+    from tasks.registry.versions import list_versions
 
     db = tmp_path / "feedback.db"
     monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
@@ -460,4 +461,8 @@ def test_a_run_with_a_preference_source_registers_a_version_with_the_preference_
     for role in ("candidate_preference", "champion_preference"):
         assert 0.0 <= logged[f"{role}.reward_accuracy"] <= 1.0 and logged[f"{role}.examples"] > 0
         assert f"{role}.rated_down_repeat_rate" in logged
+    # ... and on the version, which `ftllm models --json` lists (it showed the test split's alone)
+    [listed_version] = [v for v in list_versions("ftllm-chat") if v["version"] == result.version]
+    assert listed_version["metrics"]["preference.reward_accuracy"] == pytest.approx(logged["candidate_preference.reward_accuracy"],
+                                                                                   abs=1e-5)
     assert "gate_verdict.json" in [a.path for a in MlflowClient().list_artifacts(version.run_id)]

@@ -78,3 +78,14 @@ def test_unknown_model_has_no_versions(model_name):
     assert registry.champion_history(model_name) == []
     with pytest.raises(registry.RegistryRefusal, match="no champion"):
         registry.rollback(model_name)
+
+
+def test_a_version_carries_the_feedback_and_preference_splits_metrics_beside_the_test_splits():
+    """`ftllm models --json` listed the test split's metrics alone: the preference checks' figures
+    were only in the MLflow run."""
+    from tasks.registry.versions import metric_tags
+
+    tags = metric_tags({"candidate": {"exact_match": 0.9}, "candidate_feedback": {"exact_match": 0.5},
+                        "candidate_preference": {"reward_accuracy": 0.75, "examples": 12}, "champion": {"exact_match": 1.0}})
+    assert tags == {"metric.exact_match": "0.9", "metric.feedback.exact_match": "0.5",
+                    "metric.preference.reward_accuracy": "0.75", "metric.preference.examples": "12"}
