@@ -10,7 +10,9 @@ the other: each depends only on this module.
 
 A row's events: `("delta", text)` while it streams (a row that does not stream gets its
 whole text in one delta), then `("end", finish_reason, completion_tokens)` or
-`("error", message)`.
+`("error", message)`. The finish reason is "stop" (an end-of-turn token), `STOP_SEQUENCE` (a
+stop string the request gave: "stop" to the client, but no call is cut short by the model)
+or "length".
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Literal, Protocol
 
 from tasks.environment import environment, usable_cpus
 from tasks.model.decoding import decode_generation, end_token_ids
+
+STOP_SEQUENCE = "stop_sequence"  # the finish of a row a request's stop string ended
 
 # The context of a model whose config does not say (no `max_position_embeddings`): what
 # most small decoder models of the transformers library are built with.
@@ -226,7 +230,7 @@ class Tokens:
         text = decode_generation(self.tok, row.ids)
         cut = min((i for i in (text.find(s) for s in row.stops) if i >= 0), default=-1)
         if cut >= 0:
-            row.done, row.finish, text = True, "stop", text[:cut]
+            row.done, row.finish, text = True, STOP_SEQUENCE, text[:cut]
         end = len(text)
         if not row.done:
             if not row.stream:

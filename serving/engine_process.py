@@ -247,6 +247,7 @@ class Completion:
     finish: str = "length"
     completion_tokens: int = 0  # the tokens the engine generated
     ended: bool = False
+    stop_sequence: bool = False  # a stop string of the request ended it (its finish is "stop")
     # The answer's first tokens, which the service wrote at the prompt's end (a forced call's
     # opening): part of the answer the client gets, so counted as completion, not prompt.
     opening_tokens: int = 0

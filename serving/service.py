@@ -83,6 +83,7 @@ from fastapi import Depends, FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from pydantic import Field, ValidationError  # noqa: E402
 
+from serving.decoding import STOP_SEQUENCE  # noqa: E402
 from serving.engine_process import Completion, EngineError, EngineProcess  # noqa: E402
 from serving.errors import APIError, error_body, validation_error  # noqa: E402
 from serving.guards import GuardMiddleware, request_caller  # noqa: E402
@@ -257,13 +258,17 @@ class ChatPlan:
         return parse_generation(self.tokenizer, self.opening + text, self.prompt, self.tools, self.single_call,
                                 forced=bool(self.opening))
 
-    def finish_reason(self, parsed: ParsedResponse, engine_finish: str) -> str:
-        """`tool_calls` for valid calls, `invalid_finish` for a call returned as text, else the engine's."""
+    def finish_reason(self, parsed: ParsedResponse, engine_finish: str, stop_sequence: bool = False) -> str:
+        """`tool_calls` for valid calls, `invalid_finish` for a call returned as text, else the engine's.
+
+        A call a stop string of the request cut short (`stop_sequence`) is no call the model
+        got wrong: its text ends with "stop", as a `max_tokens` cut ends with "length".
+        """
         if parsed.tool_calls:
             return "tool_calls"
         if engine_finish == "length":
             return "length"
-        return self.invalid_finish if parsed.invalid and self.tools else engine_finish
+        return self.invalid_finish if parsed.invalid and self.tools and not stop_sequence else engine_finish
 
 
 # The service
@@ -410,6 +415,8 @@ class ChatService:
             while True:
                 event = await row.queue.get()
                 if event[0] == "end":
+                    if event[1] == STOP_SEQUENCE:  # "stop" to the client, as OpenAI says it
+                        row.stop_sequence, event = True, ("end", "stop", event[2])
                     row.finish, row.completion_tokens = event[1], event[2]
                 if event[0] != "delta":
                     row.ended = True
@@ -600,7 +607,7 @@ class ChatService:
         parsed = None
         if plan.parse:
             parsed = plan.read(text)
-            finish = plan.finish_reason(parsed, finish)
+            finish = plan.finish_reason(parsed, finish, row.stop_sequence)
             message = _answer_message(parsed)
         await self._log_chat(req, self._record("chat", cid, messages, message, _logged_finish(finish, parsed), row,
                                                started, *who, tools=plan.declared))
@@ -667,7 +674,7 @@ class ChatService:
                     finish, message, parsed, owed = event[1], {"role": "assistant", "content": "".join(parts)}, None, []
                     if reader is not None:
                         parsed, owed = reader.finish()
-                        finish, message = plan.finish_reason(parsed, finish), _answer_message(parsed)
+                        finish, message = plan.finish_reason(parsed, finish, row.stop_sequence), _answer_message(parsed)
                     # Logged before the rest is sent: a client that has the id can rate the answer,
                     # even one that leaves before the calls or the finish reason arrive.
                     settled = True

@@ -109,6 +109,21 @@ def test_the_openai_client_gets_a_call_streamed_and_not_then_the_answer_from_its
 
 
 @pytest.mark.slow
+def test_a_call_a_stop_string_cuts_short_ends_with_stop_not_as_an_invalid_call(tools_server):
+    """The client's `stop` cut the call mid-way, and the answer came back `invalid_tool_call`, as if
+    the model had written a broken call; a `max_tokens` cut says `length`."""
+    client = _client(tools_server)
+    cut = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS,
+                                         temperature=0, max_tokens=120, stop=["Oslo"])
+    assert cut.choices[0].finish_reason == "stop" and not cut.choices[0].message.tool_calls
+    assert "get_weather" in cut.choices[0].message.content and "Oslo" not in cut.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS,
+                                                 temperature=0, max_tokens=120, stop=["Oslo"], stream=True))
+    content, calls, finish = _joined_stream(chunks)
+    assert (content, calls, finish) == (cut.choices[0].message.content, [], "stop")
+
+
+@pytest.mark.slow
 def test_tool_choice_none_gets_no_call_and_a_named_choice_forces_that_function(tools_server):
     client = _client(tools_server)
     none = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS,
