@@ -156,10 +156,10 @@ def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: d
 
 
 @task(name="export-preference")
-def export_preference_snapshot(root: Path, prefs: PreferenceParams, feedback: FeedbackParams, other_rows: float = 0) -> dict:
+def export_preference_snapshot(root: Path, prefs: PreferenceParams, feedback: FeedbackParams) -> dict:
     """The log's admitted ratings as preference examples (`preference.path`), redacted, versioned beside the feedback export."""
     return snapshot_preference(root, prefs, log=get_run_logger().info, auto_approve=feedback.auto_approve,
-                               redaction=feedback.redaction, max_key_share=feedback.max_key_share, other_rows=other_rows)
+                               redaction=feedback.redaction, max_key_share=feedback.max_key_share)
 
 
 def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) -> None:
@@ -356,7 +356,7 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     others = train_rows(sources, paths)
     exported.update({i: export_feedback_snapshot(root, s, paths[i], params.feedback, others)
                      for i, s in enumerate(sources) if s.feedback and i not in exported})
-    preference = export_preference_snapshot(root, params.preference, params.feedback, others) if exported else None
+    preference = export_preference_snapshot(root, params.preference, params.feedback) if exported else None
     result.feedback = next(({**{k: v for k, v in e.items() if k != "tags"}, "preference": preference_counts(preference)}
                             for e in exported.values()), None)  # what the ratings became, beside the export
     feedback_read = max((e["last_feedback_id"] for e in exported.values()), default=None)

@@ -46,22 +46,20 @@ class Rated:
     rating: int
     correction: str | None = None
     tools: list[dict[str, Any]] | None = None
-    key: str = ""  # the key that sent the rating, untrusted (approved) or "" for a trusted one
+    key: str = ""  # the untrusted key that sent the rating, admitted unreviewed; "" for a trusted key's or an approved one
     broken_call: bool = False  # the answer is a call the service returned as text (finish `invalid_tool_call`)
     stopped: bool = False  # the client stopped the streamed answer before its end (finish `client_stopped`)
 
 
 def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_approve: str = "trusted",
-                        redaction: RedactAction = "mask", max_key_share: float = 1.0,
-                        other_rows: float = 0.0) -> dict[str, Any]:
+                        redaction: RedactAction = "mask", max_key_share: float = 1.0) -> dict[str, Any]:
     """Export the service's log (`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`) to `preference.path` and version it.
 
     Written on every run that read feedback, once the log holds a preference example (after
     that, empty while nothing is rated: the `preference` stage then has nothing to do). The
     same trust rules as the feedback export apply (tasks.feedback.export): only admitted
     ratings (`feedback.auto_approve`, or approved by a person), no erased prompt, and
-    secrets and personal data redacted (`feedback.redaction`). `other_rows`: the run's train
-    rows from its other sources, beside which a key's share is counted (`preference_examples`).
+    secrets and personal data redacted (`feedback.redaction`).
     """
     from tasks.pipeline.dvc import track_data
 
@@ -71,7 +69,7 @@ def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_app
         # Nothing rated yet and nothing exported before: the data folder (and data.dvc) stays as it was.
         log(f"no preference examples in {db}: nothing exported")
         return {"path": str(out), "examples": 0, "md5": None, "tracked_by": None, "tags": {}}
-    summary = export_preference(db, out, prefs, auto_approve, redaction, max_key_share, other_rows)
+    summary = export_preference(db, out, prefs, auto_approve, redaction, max_key_share)
     tracked = track_data(root, out, log=log)
     log(f"exported {summary['examples']} preference examples to {out}: {summary}")
     return {**summary, "md5": file_md5(out), "tracked_by": tracked, "tags": preference_tags(summary)}
@@ -105,7 +103,11 @@ def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:
     # The latest admitted feedback, not the latest feedback then admitted or not: a later
     # rating held for approval (an untrusted key's) must not hide a trusted one.
     latest, _ = latest_admitted(rated, auto_approve)
-    return [Rated(i.messages, i.answer, row.rating, row.correction, i.tools, "" if row.trusted else row.key_name,
+    # A row a person approved is capped no more than a trusted key's: the cap stands where no
+    # one reviewed (`feedback.auto_approve: all`). Counted among the preference rows, the stage's
+    # whole data, it left a service with no trusted key (an open one among them) no rating at all.
+    return [Rated(i.messages, i.answer, row.rating, row.correction, i.tools,
+                  "" if row.trusted or row.review == "approved" else row.key_name,
                   i.finish_reason == "invalid_tool_call", i.finish_reason == STOPPED)
             for i, row in latest if prompt_digest(i.messages) not in erased]
 
@@ -125,15 +127,12 @@ def _with_tools(row: dict[str, Any], tools: list[dict[str, Any]] | None) -> dict
 
 
 def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_share: float = 1.0,
-                        redaction: RedactAction | None = None,
-                        other_rows: float = 0.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                        redaction: RedactAction | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """KTO rows and DPO pairs from rated completions (see the module's docstring), with their counts.
 
-    An untrusted key (its feedback approved by a person) makes at most `max_key_share` of the
-    rows kept and the run's `other_rows` (its other sources' train rows) together
-    (`feedback.max_key_share`, as in the supervised export): its latest ones are kept. Counted
-    among the preference rows alone, the ratings of a service with no trusted key (an open
-    one among them: every caller is one untrusted key) were all left out.
+    An untrusted key whose ratings were admitted unreviewed (`feedback.auto_approve: all`) makes
+    at most `max_key_share` of the rows (`feedback.max_key_share`): its latest ones are kept.
+    Trusted keys' rows and rows a person approved are not capped (`read_rated`).
     With `redaction` the rows are redacted first (`redact_preferences`; the findings under
     `redacted`), so that rows a "drop" policy leaves out do not count toward the shares.
     """
@@ -202,18 +201,18 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_sha
     usable = [row_problem(r) is None for r in rows]
     counts["invalid"] = usable.count(False)
     rows, senders = [r for r, ok in zip(rows, usable) if ok], [k for k, ok in zip(senders, usable) if ok]
-    rows, counts["capped"] = cap_per_key(rows, senders, max_key_share, other_rows)
+    rows, counts["capped"] = cap_per_key(rows, senders, max_key_share)
     return rows, counts
 
 
 def export_preference(db: Path, out: Path, prefs: PreferenceParams, auto_approve: str = "trusted",
-                      redaction: RedactAction = "mask", max_key_share: float = 1.0, other_rows: float = 0.0) -> dict[str, Any]:
+                      redaction: RedactAction = "mask", max_key_share: float = 1.0) -> dict[str, Any]:
     """Write the log's admitted preference examples, redacted, to `out` (atomically); what was written, counted.
 
     A missing log writes an empty file: no ratings yet, no preference tuning.
     """
     rated = read_rated(db, auto_approve) if Path(db).is_file() else []
-    rows, counts = preference_examples(rated, prefs, max_key_share, redaction, other_rows)
+    rows, counts = preference_examples(rated, prefs, max_key_share, redaction)
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return {"path": str(out), "examples": len(rows), **counts}
 

@@ -215,37 +215,37 @@ def test_answers_to_one_prompt_under_other_tools_make_no_pair(tmp_path):
     assert summary["pairs_from_ratings"] == 0 and len(rows) == 2
 
 
-def test_one_approved_untrusted_key_makes_at_most_its_share_of_the_preference_rows(tmp_path):
-    """feedback.max_key_share holds for preference data as for the supervised export: its latest rows kept."""
+def test_one_unreviewed_untrusted_key_makes_at_most_its_share_of_the_preference_rows(tmp_path):
+    """feedback.max_key_share holds for preference data admitted unreviewed (auto_approve: all): its latest rows kept."""
     log = Log(tmp_path / "f.db")
     for i in range(8):
         log.serve(f"Trusted {i}?", f"Answer {i}.", 5)
     for i in range(6):
         log.serve(f"Stranger {i}?", f"Reply {i}.", 1, key="stranger", trusted=False)
-    log.store.review("approved", "cli", keys=["stranger"])
     out = tmp_path / "preference.jsonl"
-    summary = export_preference(log.close(), out, PreferenceParams(), max_key_share=0.2)
+    summary = export_preference(log.close(), out, PreferenceParams(), auto_approve="all", max_key_share=0.2)
     texts = [json.loads(line)["prompt"][0]["content"] for line in out.read_text().splitlines()]
     assert texts == [f"Trusted {i}?" for i in range(8)] + ["Stranger 4?", "Stranger 5?"]  # 2 of the 10 kept
     assert summary["capped"] == 4
-    assert export_preference(log.store.path, out, PreferenceParams(), max_key_share=0.1)["capped"] == 6  # 1 of 9: over 0.1
-    assert export_preference(log.store.path, out, PreferenceParams())["capped"] == 0  # no cap: 1.0
+    assert export_preference(log.store.path, out, PreferenceParams(), auto_approve="all", max_key_share=0.1)["capped"] == 6  # 1 of 9: over 0.1
+    assert export_preference(log.store.path, out, PreferenceParams(), auto_approve="all")["capped"] == 0  # no cap: 1.0
 
 
-
-def test_an_open_services_approved_ratings_are_capped_beside_the_runs_other_rows(tmp_path):
-    """Every caller of a service without keys is the one untrusted key `anonymous`: counted among
-    the preference rows alone it was all of them, and its approved ratings were all left out."""
+def test_ratings_a_person_approved_are_not_capped_an_open_services_among_them(tmp_path):
+    """Every caller of a service without keys is the one untrusted key `anonymous`: capped among the
+    preference rows, the stage's whole data, none of its approved ratings was kept."""
     log = Log(tmp_path / "f.db")
     for i in range(12):
         log.serve(f"Question {i}?", f"Answer {i}.", 5 if i % 2 else 1, key="anonymous", trusted=False)
-    log.store.review("approved", "cli")
-    out = tmp_path / "preference.jsonl"
-    assert export_preference(log.close(), out, PreferenceParams(), max_key_share=0.1)["capped"] == 12
-    summary = export_preference(log.store.path, out, PreferenceParams(), max_key_share=0.1, other_rows=200)
-    assert summary["capped"] == 0 and summary["examples"] == 12  # 12 of 212 rows: under 0.1
-    summary = export_preference(log.store.path, out, PreferenceParams(), max_key_share=0.1, other_rows=90)
-    assert summary["examples"] == 10 and summary["capped"] == 2  # at most 0.1 of 90 + the 10 kept
+    db, out = log.close(), tmp_path / "preference.jsonl"
+    assert export_preference(db, out, PreferenceParams(), max_key_share=0.1)["examples"] == 0  # held for review
+    assert export_preference(db, out, PreferenceParams(), auto_approve="all", max_key_share=0.1)["capped"] == 12
+    store = FeedbackStore(db)
+    store.review("approved", "cli")
+    store.close()
+    summary = export_preference(db, out, PreferenceParams(), max_key_share=0.1)
+    assert (summary["examples"], summary["capped"]) == (12, 0)
+
 
 
 def test_the_cap_keeps_a_keys_latest_rows_by_time_pairs_from_ratings_among_them(tmp_path):
@@ -256,9 +256,8 @@ def test_the_cap_keeps_a_keys_latest_rows_by_time_pairs_from_ratings_among_them(
     log.serve("Early?", "Bad.", 1, key="stranger", trusted=False)  # a pair from ratings, the stranger's oldest rows
     for i in range(3):
         log.serve(f"Late {i}?", f"Reply {i}.", 1, key="stranger", trusted=False)
-    log.store.review("approved", "cli", keys=["stranger"])
     out = tmp_path / "preference.jsonl"
-    summary = export_preference(log.close(), out, PreferenceParams(), max_key_share=0.12)  # 1 of 9 rows
+    summary = export_preference(log.close(), out, PreferenceParams(), auto_approve="all", max_key_share=0.12)  # 1 of 9 rows
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     strangers = [r for r in rows if not r["prompt"][0]["content"].startswith("Trusted")]
     assert [(r["prompt"][0]["content"], "chosen" in r) for r in strangers] == [("Late 2?", False)]
@@ -274,9 +273,8 @@ def test_rows_redaction_drops_do_not_count_toward_a_keys_share(tmp_path):
     for i in range(3):
         log.serve(f"Stranger {i}?", f"Reply {i}.", 1, key="stranger", trusted=False)
     log.serve("Mail me at ann@example.org?", "Reply.", 1, key="stranger", trusted=False)  # the stranger's latest
-    log.store.review("approved", "cli", keys=["stranger"])
     out = tmp_path / "preference.jsonl"
-    summary = export_preference(log.close(), out, PreferenceParams(), redaction="drop", max_key_share=0.2)
+    summary = export_preference(log.close(), out, PreferenceParams(), auto_approve="all", redaction="drop", max_key_share=0.2)
     texts = [json.loads(line)["prompt"][0]["content"] for line in out.read_text().splitlines()]
     assert texts == [f"Trusted {i}?" for i in range(8)] + ["Stranger 1?", "Stranger 2?"]  # 2 of the 10 written
     assert summary["redacted"]["examples_dropped"] == 1 and summary["capped"] == 1
