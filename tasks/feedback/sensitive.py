@@ -169,26 +169,53 @@ def _consistent_groups(number: str) -> bool:
 
 # -- bank accounts ------------------------------------------------------------------------
 
-# Grouped by spaces (the printed form), dashes, dots or slashes, or not at all, in either case
-# ("de89 3704 ..." as people type it); the check digits keep out what merely looks like one.
-_IBAN_SEP = re.compile(r"[ \-./]")
-_IBAN = re.compile(r"(?i)(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[ \-./]?[A-Z0-9]{4}){2,7}(?:[ \-./]?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")
+# Grouped by spaces (the printed form) or dashes, or not at all, in either case ("de89 3704 ..."
+# as people type it). A match is cut to its country's length (ISO 13616's registry), so a word
+# after the number is not taken for its last group, and the check digits keep out the rest.
+_IBAN = re.compile(r"(?i)(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]{4}){2,7}(?:[ -]?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")
+_IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BR": 29, "BY": 28,
+    "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18,
+    "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22,
+    "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20,
+    "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18,
+    "NO": 15, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24, "SC": 31, "SE": 24,
+    "SI": 19, "SK": 24, "SM": 27, "ST": 25, "SV": 28, "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24,
+    "XK": 20,
+}
 
 
 def iban_valid(iban: str) -> bool:
     """ISO 13616's check: the account with its first four characters moved to the end, letters
     as numbers (A=10 ... Z=35), is 1 modulo 97."""
-    compact = _IBAN_SEP.sub("", iban).upper()
+    compact = re.sub(r"[ -]", "", iban).upper()
     if not 15 <= len(compact) <= 34:
         return False
     moved = compact[4:] + compact[:4]
     return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
+def _iban_span(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """The IBAN at `start`, cut to its country's length within `text[start:end]`; None when there is none."""
+    length = _IBAN_LENGTHS.get(text[start:start + 2].upper())
+    if length is None:
+        return None
+    seen = 0
+    for k in range(start, end):
+        seen += text[k].isalnum()
+        if seen == length:
+            stop = k + 1
+            if stop < len(text) and text[stop].isalnum() or not iban_valid(text[start:stop]):
+                return None  # the number goes on: not a whole IBAN of the country
+            return start, stop
+    return None
+
+
 def _ibans(text: str) -> Iterator[tuple[int, int]]:
     for m in _IBAN.finditer(text):
-        if iban_valid(m.group()):
-            yield m.span()
+        span = _iban_span(text, *m.span())
+        if span is not None:
+            yield span
 
 
 # -- national identity numbers ------------------------------------------------------------
@@ -255,18 +282,23 @@ _PHONE_WORDS = re.compile(r"(?i)(?<![a-z])(?:(?:call|phone|tel|telephone|mobile|
                           r"|telefono|teléfono|mobil|portable|numéro)(?:[ _-]?(?:number|num|no|nr))?(?![a-z])[^\d\n]{0,20}"
                           r"|(?:text (?:me|us)|contact(?: me| us)?)(?: at| on| via| under)?\s*:?\s*"
                           r"|(?:my|our|his|her|their|your) (?:phone |mobile |cell )?(?:number|digits)(?: is| are)?\s*:?\s*)$")
-# An international number glued to the word before it ("Tel.+33 6 12 34 56 78", "x+33612345678"),
-# which _PHONE's look-behind leaves out as the tail of something longer: the `+` says what it is.
+# An international number glued to the word that says it is one ("Tel.+33 6 12 34 56 78",
+# "phone:+33612345678"), which _PHONE's look-behind leaves out as the tail of something longer;
+# after any other word (`n+1000000`, a version's `+20240318`) it is none.
 _GLUED_INTERNATIONAL = re.compile(
-    rf"(?<=[A-Za-z_.])\+\d{{1,3}}(?:{_SEP}?\(0\))?{_SEP}?(?:\(?\d{{1,5}}\)?{_SEP}?){{1,5}}\d{{2,6}}(?![\w\-/]|\.\d| \d)"
+    rf"(?i)(?<![a-z])(?:tel|phone|mobile|mob|cell|fax|telefon|t[eé]l[eé]phone|whatsapp)[.:]?"
+    rf"(\+\d{{1,3}}(?:{_SEP}?\(0\))?{_SEP}?(?:\(?\d{{1,5}}\)?{_SEP}?){{1,5}}\d{{2,6}})(?![\w\-/]|\.\d| \d)"
 )
 _BARE_DIGITS = re.compile(r"(?<![\w+\-./])\+?\d(?:[ \-.]?\d){6,14}(?![\w\-/]|\.\d)")
 
 
 def _phones(text: str) -> Iterator[tuple[int, int]]:
-    for m in (*_PHONE.finditer(text), *_GLUED_INTERNATIONAL.finditer(text)):
+    for m in _PHONE.finditer(text):
         if 7 <= sum(c.isdigit() for c in m.group()) <= 15:
             yield m.span()
+    for m in _GLUED_INTERNATIONAL.finditer(text):
+        if 7 <= sum(c.isdigit() for c in m.group(1)) <= 15:
+            yield m.span(1)
     for m in _BARE_DIGITS.finditer(text):  # 5551234567, 415 5550134 count only where the sentence says it is a number to call
         if _PHONE_WORDS.search(text[max(0, m.start() - 40):m.start()]):
             yield m.span()
