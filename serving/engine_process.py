@@ -132,6 +132,9 @@ ToEngine = LoadModel | DropModel | StartRow | CancelRow | Score | Close
 FromEngine = Loaded | Events | Scored
 
 
+STOP_GRACE_S = 5.0  # how long a stop signal leaves the service to close the engine itself
+
+
 def engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, prefix_min_tokens: int = 0,
                 kind: str = "own") -> None:
     """The engine process: load models and take rows from `conn`; send their events back.
@@ -141,14 +144,22 @@ def engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, 
     rows of it still generate (they hold it). Scoring runs in a thread of its own, beside
     the decoding loop: rows keep flowing meanwhile.
 
-    The service stops it (`EngineProcess.close`), or its pipe's end does: the stop signals a
-    supervisor sends the worker's whole process tree (BentoML's, on every shutdown) are
-    ignored, so that the engine is not gone before the service closes it, an error in the log.
+    The service stops it (`EngineProcess.close`), or its pipe's end does. A stop signal
+    (BentoML sends one to the worker's whole process tree on every shutdown) gives the service
+    `STOP_GRACE_S` to close it first, so that a clean stop is not an engine gone under the
+    service, an error in its log; then the engine exits anyway (a service that never closes it,
+    as at the exit of a process that skipped `close`, is not waited on for good).
     """
+    import os
     import signal
 
+    def stop_soon(_signum: int, _frame: object) -> None:
+        timer = threading.Timer(STOP_GRACE_S, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
+
     for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, signal.SIG_IGN)
+        signal.signal(stop, stop_soon)
     send_lock = threading.Lock()
     models: dict[str, LoadedModel] = {}
     rows: dict[int, Row] = {}

@@ -504,10 +504,34 @@ def test_a_stop_signal_to_the_whole_process_tree_leaves_the_engine_to_the_servic
     with pytest.raises(EngineError, match="could not load"):
         engine.load(tmp_path / "missing")  # answered: the engine runs, its handlers set
     os.kill(engine.process.pid, signal.SIGTERM)
-    engine.process.join(2)
+    engine.process.join(1)  # within the grace the signal leaves the service (STOP_GRACE_S)
     assert engine.process.is_alive() and engine.alive
     with caplog.at_level(logging.INFO, logger="ftllm.serving"):
         engine.close(timeout=10)
         engine._reader.join(10)
     assert [(r.levelname, r.getMessage()) for r in caplog.records if "engine stopped" in r.getMessage()] == [
         ("INFO", "the generation engine stopped (the service is closing)")]
+
+
+def test_a_process_that_never_closes_its_engine_still_exits(tmp_path):
+    """At exit, multiprocessing signals its daemonic children and waits on them: an engine that
+    ignored the signal kept a process that skipped `close` (a service that failed to start) alive."""
+    import subprocess
+    import sys
+
+    from tests.support.project import REPO
+
+    script = tmp_path / "no_close.py"
+    script.write_text(
+        "from serving.engine_process import EngineError, EngineProcess\n"
+        "from tests.integration.serving.test_engine import KNOBS\n"
+        "if __name__ == '__main__':\n"
+        "    engine = EngineProcess(**KNOBS)\n"
+        "    try:\n"
+        "        engine.load('/nowhere')\n"
+        "    except EngineError:\n"
+        "        print('started', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and "started" in done.stdout, done.stderr[-2000:]
