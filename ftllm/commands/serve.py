@@ -215,20 +215,23 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
     # The server runs in a session of its own, and this process passes it every stop signal it
     # gets, once: Ctrl-C in a terminal, a supervisor's SIGTERM (systemd, `docker stop`), a
     # SIGINT sent to this process alone (`kill -INT`, `timeout -s INT`: the server never saw
-    # it, and this process waited on for good), a closed terminal's SIGHUP. A second Ctrl-C
-    # reaches the server as a second SIGINT: its forced stop.
+    # it, and this process waited on for good), a closed terminal's SIGHUP, passed on as
+    # SIGTERM (BentoML reloads its workers on SIGHUP). A second Ctrl-C reaches the server as a
+    # second SIGINT: its forced stop. A signal this process was started ignoring (`nohup`, a
+    # background job's SIGINT) stays ignored.
     stopped: list[int] = []
     server: subprocess.Popen | None = None
 
     def pass_on(signum: int, _frame: object) -> None:
         stopped.append(signum)
         if server is not None:
-            server.send_signal(signum)
+            server.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, pass_on)
+        if signal.getsignal(stop) is not signal.SIG_IGN:
+            signal.signal(stop, pass_on)
     server = subprocess.Popen(cmd, cwd=root, env=env, preexec_fn=_stop_with_parent(os.getpid()), start_new_session=True)
     if stopped:  # a stop that came while it started
-        server.send_signal(stopped[-1])
+        server.send_signal(signal.SIGTERM if stopped[-1] == signal.SIGHUP else stopped[-1])
     code = server.wait()
     return 0 if stopped else code
