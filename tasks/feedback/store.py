@@ -59,6 +59,18 @@ def _file_of(path: Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
+def _set_aside_write_ahead(path: Path) -> None:
+    """Move the write-ahead log and index at `path` aside: a log moved over the open one left
+    them there, and the log now at the path would be read through them."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for suffix in ("-wal", "-shm"):
+        found = Path(f"{path}{suffix}")
+        if found.exists():
+            aside = found.with_name(f"{found.name}.replaced-{stamp}")
+            found.rename(aside)
+            log.warning("%s belonged to the log that %s replaced: moved to %s", found, path, aside)
+
+
 def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
@@ -157,20 +169,27 @@ class FeedbackStore:
     def _locked(self) -> Iterator[None]:
         """The connection's lock, held on the file now at `self.path`.
 
-        A log deleted or replaced (moved over) while the store holds it open would take every
-        later row into a file no one reads again, each answered as stored: the store opens the
-        log now at the path first (a new one where it was deleted), and writes there.
+        A log deleted or replaced while the store holds it open would take every later row into
+        a file no one reads again, each answered as stored: the store closes it and opens the log
+        now at the path (a new one where it was deleted), and writes there. A log moved into its
+        place would be read through the old log's write-ahead log and index, which SQLite leaves
+        at the path for a moved log: they are set aside first (`<path>-wal.replaced-<time>`, the
+        old log's last rows in it). Putting a backup in place is safest with the service stopped.
 
         Raises:
-            DataFileError: the log at the path cannot be opened (nothing is written).
+            DataFileError: the log at the path cannot be opened (nothing is written; the next
+                write tries again).
         """
         with self._lock:
             now = _file_of(self.path)
-            if now is None or now != self._file:
-                log.warning("%s was deleted or replaced while open: writing to the log now at that path", self.path)
-                conn = self._connect()  # first: where it fails, nothing is written to the old file either
-                self._conn.close()
-                self._conn, self._file = conn, _file_of(self.path)
+            if self._conn is None or now is None or now != self._file:
+                if self._conn is not None:
+                    log.warning("%s was deleted or replaced while open: writing to the log now at that path", self.path)
+                    self._conn.close()
+                    self._conn = None
+                    if now is not None:
+                        _set_aside_write_ahead(self.path)
+                self._conn, self._file = self._connect(), _file_of(self.path)
             yield
 
     def close(self) -> None:
@@ -181,7 +200,8 @@ class FeedbackStore:
             self._queue.put(None)
             self._writer.join()
         with self._lock:
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
 
     @staticmethod
     def _row(item: Interaction) -> tuple:
@@ -270,8 +290,9 @@ class FeedbackStore:
                 self._insert([row for row, _ in rows])
             return [True] * len(rows)
         except Exception as exc:
-            if len(rows) == 1 or (isinstance(exc, sqlite3.OperationalError) and _busy(exc)):
-                # a log held past every retry is no bad row: splitting the batch would wait again per part
+            if len(rows) == 1 or isinstance(exc, DataFileError) or (isinstance(exc, sqlite3.OperationalError) and _busy(exc)):
+                # a log held past every retry, or one that cannot be opened, is no bad row: splitting the
+                # batch would wait again per part
                 log.exception("could not log %d interactions", len(rows))
                 return [False] * len(rows)
         half = len(rows) // 2

@@ -361,23 +361,29 @@ def test_a_log_deleted_while_open_takes_later_rows_in_a_new_log_at_its_path(tmp_
         assert reader.interaction_count() == 1 and len(reader.log_id()) == 32
 
 
-def test_a_log_moved_over_the_open_one_is_the_one_written(tmp_path):
+def test_a_log_moved_over_the_open_one_is_the_one_written_not_read_through_the_old_ones_files(tmp_path):
+    """Moved over the open log, a backup was read through the old log's write-ahead log and index,
+    left at the path: the old log's rows showed, the backup's did not."""
     from tasks.feedback import FeedbackReader
 
     db, other = tmp_path / "feedback.db", tmp_path / "restored.db"
     store, restored = FeedbackStore(db), FeedbackStore(other)
-    restored.log_interaction(_item(7))
+    for i in (20, 21, 22):
+        restored.log_interaction(_item(i))
     restored.close()
     try:
-        store.log_interaction(_item(0))
-        _files(db)
-        other.rename(db)  # a backup put in its place
-        assert store.add_feedback("c7", 3) == 1
-        assert store.count("interactions") == 1
+        for i in (0, 1, 2):
+            store.log_interaction(_item(i))
+        assert Path(f"{db}-wal").exists()  # the open log's rows are in its write-ahead log yet
+        other.rename(db)  # a backup put in its place, as `mv` puts it
+        assert store.add_feedback("c21", 3) == 1
+        assert store.count("interactions") == 3
+        store.log_interaction(_item(10))
     finally:
         store.close()
     with FeedbackReader(db) as reader:
-        assert [r.completion_id for r in reader.feedback_since(0)] == ["c7"]
+        assert [r.completion_id for r in reader.feedback_since(0)] == ["c21"] and reader.interaction_count() == 4
+    assert len(list(tmp_path.glob("feedback.db-wal.replaced-*"))) == 1  # the old log's last rows, set aside
 
 
 def test_a_log_that_cannot_be_made_again_refuses_the_write(tmp_path):
