@@ -158,8 +158,9 @@ def engine_main(conn, max_batch: int, join_ratio: float, join_after_steps: int, 
         timer.daemon = True
         timer.start()
 
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, stop_soon)
+    if threading.current_thread() is threading.main_thread():  # the engine's process (a test may run it in a thread)
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, stop_soon)
     send_lock = threading.Lock()
     models: dict[str, LoadedModel] = {}
     rows: dict[int, Row] = {}

@@ -247,9 +247,10 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
     held = next(r for r in rows if split(r, False) == "train" and split(r, True) == "feedback")
     trained = next(r for r in rows if split(r, True) == "train")
     others = [r for r in rows if r is not held and r is not trained][:44]
-    # Served conversations the settings cannot train: two user turns in a row, and prompts over
-    # data.max_tokens (3 of the export's 50, past data.max_drop_fraction of it). Left out and
-    # counted, they must not fail the run and keep every later run from the feedback.
+    # Served conversations the settings cannot train: two user turns in a row (which a data file may
+    # not hold: the export leaves it out, counted), and prompts over data.max_tokens (3 of the
+    # export's 49, past data.max_drop_fraction of it). Left out and counted, they must not fail the
+    # run and keep every later run from the feedback.
     question = others[0]["messages"][-2]["content"]
     untrainable = [{"messages": [{"role": "user", "content": "Hello."}, {"role": "user", "content": question},
                                  {"role": "assistant", "content": "A date."}]},
@@ -333,7 +334,7 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
 
     snapshot = project / "data/feedback.jsonl"  # the export the run trained on, versioned with data/
     md5 = file_md5(snapshot)
-    assert len(snapshot.read_text().splitlines()) == 50
+    assert len(snapshot.read_text().splitlines()) == 49
     resolved = yaml.safe_load((project / "artifacts/params.yaml").read_text())
     assert resolved["data"]["sources"] == [{**resolved["data"]["sources"][0], "path": "data/dates.jsonl"},
                                            {**resolved["data"]["sources"][1], "feedback": True, "md5": md5}]
@@ -341,11 +342,12 @@ def test_feedback_posted_to_the_service_is_trained_on_by_the_retrain_the_monitor
     [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("retrain").experiment_id],
                                        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run}'")
     assert md5 in run.data.tags["data_sources"] and run.data.tags["feedback_id"] == "50"
+    assert run.data.tags["feedback.not_a_chat"] == "1"  # the two user turns, left out by the export
     feedback_source = next(s for s in json.loads(run.data.tags["data_sources"]) if s["md5"] == md5)
-    assert feedback_source["invalid_dropped"] == 1  # the two user turns; the long prompts, by data.length_policy
+    assert feedback_source["invalid_dropped"] == 0  # the long prompts are left out by data.length_policy
     assert not [r for rs in split_rows.values() for r in rs if r["messages"][-2]["content"].endswith(question)
                 and r["messages"][-1]["content"] == "A date."]
-    assert json.loads(run.data.tags["feedback.keys"]) == {"app": 50} and run.data.tags["feedback.end_users"] == "5"
+    assert json.loads(run.data.tags["feedback.keys"]) == {"app": 49} and run.data.tags["feedback.end_users"] == "5"
     assert "'feedback': True" in run.data.params["data.sources"]  # the run's settings record the source it read
     assert f"'md5': '{md5}'" in run.data.params["data.sources"]  # as the stages read them: with each file's md5
     assert "data/feedback.jsonl" in [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "data")]

@@ -347,7 +347,7 @@ def test_serve_takes_the_settings_file_it_is_given(params, monkeypatch, tmp_path
     started = {}
 
     class Server:
-        def __init__(self, cmd, cwd, env, preexec_fn):
+        def __init__(self, cmd, cwd, env, preexec_fn, start_new_session):
             started.update(cmd=cmd, env=env)
 
         def wait(self):
