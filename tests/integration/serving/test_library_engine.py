@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from serving.decoding import load_model_dir
+from serving.decoding import STOP_SEQUENCE, load_model_dir
 from serving.engine_process import Completion, EngineError, EngineProcess
 from tasks.config import ServingParams
 
@@ -83,7 +83,7 @@ def test_greedy_answers_are_the_own_engines(model_dir, prompts):
                                     lambda engine, key: _greedy(engine, key, prompts, stops))
     assert lib_plain == own_plain
     assert lib_stopped == own_stopped
-    assert any(end[1] == "stop" for _, end in own_stopped), own_stopped
+    assert any(end[1] == STOP_SEQUENCE for _, end in own_stopped), own_stopped  # cut by their stop strings
 
 
 def test_sampled_cancelled_and_dead_rows_end_as_with_the_own_engine(model_dir, prompts):
