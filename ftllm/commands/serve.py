@@ -223,15 +223,15 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
     server: subprocess.Popen | None = None
 
     def pass_on(signum: int, _frame: object) -> None:
-        stopped.append(signum)
+        stopped.append(signal.SIGTERM if signum == signal.SIGHUP else signum)  # as the server is to get it
         if server is not None:
-            server.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+            server.send_signal(stopped[-1])
 
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(stop) is not signal.SIG_IGN:
             signal.signal(stop, pass_on)
     server = subprocess.Popen(cmd, cwd=root, env=env, preexec_fn=_stop_with_parent(os.getpid()), start_new_session=True)
     if stopped:  # a stop that came while it started
-        server.send_signal(signal.SIGTERM if stopped[-1] == signal.SIGHUP else stopped[-1])
+        server.send_signal(stopped[-1])
     code = server.wait()
     return 0 if stopped else code

@@ -173,6 +173,7 @@ def _consistent_groups(number: str) -> bool:
 # as people type it). A match is cut to its country's length (ISO 13616's registry), so a word
 # after the number is not taken for its last group, and the check digits keep out the rest.
 _IBAN = re.compile(r"(?i)(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]{4}){2,7}(?:[ -]?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")
+_IBAN_SEPARATORS = re.compile(r"[ -]")
 _IBAN_LENGTHS = {
     "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BR": 29, "BY": 28,
     "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18,
@@ -188,7 +189,7 @@ _IBAN_LENGTHS = {
 def iban_valid(iban: str) -> bool:
     """ISO 13616's check: the account with its first four characters moved to the end, letters
     as numbers (A=10 ... Z=35), is 1 modulo 97."""
-    compact = re.sub(r"[ -]", "", iban).upper()
+    compact = _IBAN_SEPARATORS.sub("", iban).upper()
     if not 15 <= len(compact) <= 34:
         return False
     moved = compact[4:] + compact[:4]
