@@ -139,9 +139,15 @@ def check_messages(messages: Any) -> dict[str, str]:
         problems.setdefault("no_assistant", "no assistant message: there is nothing to train on")
     elif roles[-1] != "assistant":
         problems.setdefault("last_not_assistant", f"the last message is from {roles[-1]!r}, not the assistant")
+    dicts = [m for m in messages if isinstance(m, dict)]
     for j in range(1, len(roles)):
         if roles[j] == roles[j - 1] and roles[j] != "tool":  # parallel tool results may follow each other
-            problems.setdefault("consecutive_same_role", f"messages {j} and {j + 1} are both from {roles[j]!r}")
+            if roles[j] == "assistant" and (dicts[j - 1].get("tool_calls") or dicts[j - 1].get("function_call")):
+                problems.setdefault("missing_tool_result", (  # what a ShareGPT function_call without observation is
+                    f"message {j} calls a tool and message {j + 1} answers with no tool result between them; "
+                    "give each call its result (a tool message, or an observation turn in ShareGPT)"))  # fmt: skip
+            else:
+                problems.setdefault("consecutive_same_role", f"messages {j} and {j + 1} are both from {roles[j]!r}")
             break
     if "system" in roles[1:]:
         problems.setdefault("system_not_first", f"a system message at position {roles.index('system', 1) + 1}; it must come first")
@@ -377,8 +383,11 @@ def check_warnings(messages: list[dict], min_answer_chars: int) -> dict[str, str
 
 
 def normalise_example(example: dict) -> dict:
-    """The example with whitespace stripped around every message's content (what prepare writes)."""
-    messages = [{**m, "content": m["content"].strip()} if isinstance(m.get("content"), str) else m for m in example["messages"]]
+    """The example with whitespace stripped around every message's content but a tool's result,
+    which is kept as the function returned it (what prepare writes; results compare exactly)."""
+    messages = [{**m, "content": m["content"].strip()}
+                if isinstance(m.get("content"), str) and m.get("role") not in ("tool", "function") else m
+                for m in example["messages"]]
     return {**example, "messages": messages}
 
 

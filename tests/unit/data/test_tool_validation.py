@@ -229,6 +229,11 @@ def test_sharegpt_function_call_and_observation_become_tool_calls_and_results(tm
                                         *row["conversations"][2:]]}
     (checked,) = list(iter_checked(write(tmp_path, [garbled], "g.jsonl"), "sharegpt"))
     assert set(checked.problems) == {"bad_tool_call"} and '(its function: "{not json")' in checked.problems["bad_tool_call"]
+    # A call the answer follows with no observation between them is a call left without its result.
+    unanswered = {**row, "conversations": [*row["conversations"][:2], row["conversations"][3]]}
+    (checked,) = list(iter_checked(write(tmp_path, [unanswered], "u.jsonl"), "sharegpt"))
+    assert set(checked.problems) == {"missing_tool_result"}
+    assert "message 2 calls a tool and message 3 answers with no tool result" in checked.problems["missing_tool_result"]
 
 
 def test_openai_legacy_functions_become_tools_and_tool_calls(tmp_path: Path) -> None:
@@ -353,6 +358,18 @@ def test_tool_results_that_differ_in_case_are_other_examples_and_user_text_is_no
     shouted = {**upper, "messages": [{**upper["messages"][0], "content": "WHAT TIME IS IT IN OSLO?"}, *upper["messages"][1:]]}
     report = validate_dataset(write(tmp_path, [upper, lower, shouted]), fmt="openai")
     assert report.errors == {"near_duplicate": 1} and report.error_lines["near_duplicate"] == [3]
+
+
+def test_tool_results_that_differ_in_outer_whitespace_are_other_examples(tmp_path: Path) -> None:
+    """Prepare stripped every message's content, a function's output too, so two results that
+    differ only in a trailing newline became one example, dropped as a duplicate."""
+    from tasks.data.checks import normalise_example
+
+    padded = example(results=[{**RESULT, "content": "20:03\n"}])
+    spaced = {**GOOD, "messages": [{**GOOD["messages"][0], "content": " What time is it in Oslo? "}, *GOOD["messages"][1:]]}
+    report = validate_dataset(write(tmp_path, [GOOD, padded, spaced]), fmt="openai")
+    assert report.errors == {"duplicate": 1} and report.error_lines["duplicate"] == [3]  # what people write is stripped
+    assert normalise_example(padded)["messages"][2]["content"] == "20:03\n"
 
 
 def test_a_call_turn_lost_without_text_beside_it_is_not_told_to_drop_that_text() -> None:
