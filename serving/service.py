@@ -241,6 +241,9 @@ class ChatPlan:
             with a named `tool_choice`, which asks for a call to that function only (the forced
             call is the first; the model may write calls to other functions after it).
         invalid_finish: the finish reason of a call returned as text (`serving.invalid_call_finish_reason`).
+        forced: the request's `tool_choice` when it forced the answer (`none`, `required`, a named
+            function; as sent), None for `auto`: logged, so the exports do not teach it as the
+            model's own choice.
     """
 
     tokenizer: Any
@@ -252,6 +255,7 @@ class ChatPlan:
     single_call: bool = False
     invalid_finish: str = "invalid_tool_call"
     choices: tuple[CallChoice, ...] = ()
+    forced: str | dict | None = None
 
     def read(self, text: str) -> ParsedResponse:
         """The generation (after the opening) read back into answer, reasoning and calls."""
@@ -429,8 +433,9 @@ class ChatService:
 
     def _record(self, endpoint: str, cid: str, messages: list[dict], answer: str | dict, finish: str,
                 row: Completion, started: float, caller: Caller | None = None, user: str | None = None,
-                tools: list[dict] | None = None) -> Interaction:
-        """The interaction to log; `answer` is the text, or the assistant message of a chat completion."""
+                plan: ChatPlan | None = None) -> Interaction:
+        """The interaction to log; `answer` is the text, or the assistant message of a chat completion
+        (with the `plan` it was read back by: the tools declared, a tool_choice that forced it)."""
         latency = time.perf_counter() - started
         GENERATED_TOKENS.labels(endpoint=endpoint, model_version=row.version).inc(row.completion_tokens)
         REQUEST_LATENCY.labels(endpoint=endpoint, model_version=row.version).observe(latency)
@@ -438,7 +443,8 @@ class ChatService:
         message = answer if isinstance(answer, dict) else {"content": answer}
         return Interaction(cid, endpoint, self.model_name, row.version, messages, message["content"] or "", finish,
                            row.prompt_tokens, row.answer_tokens, latency * 1000, **who,
-                           tools=tools, tool_calls=message.get("tool_calls"), reasoning=message.get("reasoning_content"))
+                           tools=plan and plan.declared, tool_calls=message.get("tool_calls"),
+                           reasoning=message.get("reasoning_content"), tool_choice=plan and plan.forced)
 
     async def _log(self, item: Interaction) -> None:
         """Write a completion to the interaction log; return once it is on disk (a group commit
@@ -555,7 +561,8 @@ class ChatService:
                                code="unsupported_value")
         return ChatPlan(loaded.tokenizer, prompt, opening, shown, needs_parsing(loaded.tokenizer, shown),
                         declared=tools, single_call=req.parallel_tool_calls is False or name is not None,
-                        invalid_finish=self.limits.invalid_call_finish_reason, choices=tuple(choices or ()))
+                        invalid_finish=self.limits.invalid_call_finish_reason, choices=tuple(choices or ()),
+                        forced=None if choice == "auto" else req.model_dump(mode="json")["tool_choice"])
 
     async def _choose_call(self, plan: ChatPlan, loaded: ServedModel, temperature: float, top_p: float,
                            seed: int | None) -> ChatPlan:
@@ -610,7 +617,7 @@ class ChatService:
             finish = plan.finish_reason(parsed, finish, row.stop_sequence)
             message = _answer_message(parsed)
         await self._log_chat(req, self._record("chat", cid, messages, message, _logged_finish(finish, parsed), row,
-                                               started, *who, tools=plan.declared))
+                                               started, *who, plan=plan))
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
             "system_fingerprint": f"v{row.version}",
@@ -679,7 +686,7 @@ class ChatService:
                     # even one that leaves before the calls or the finish reason arrive.
                     settled = True
                     await self._log_chat(req, self._record("chat", cid, messages, message, _logged_finish(finish, parsed),
-                                                           row, started, *who, tools=plan.declared))
+                                                           row, started, *who, plan=plan))
                     if reader is not None:
                         for field_name, piece in owed:
                             for sent in opening({field_name: piece}):
@@ -705,7 +712,7 @@ class ChatService:
                 text = "".join(parts)
                 row.completion_tokens = len(encode_text(plan.tokenizer, text))
                 self.store.log_later(self._record("chat", cid, messages, {"role": "assistant", "content": text},
-                                                  STOPPED, row, started, *who, tools=plan.declared))
+                                                  STOPPED, row, started, *who, plan=plan))
         if usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                         "system_fingerprint": f"v{row.version}", "choices": [], "usage": {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.answer_tokens,

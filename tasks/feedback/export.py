@@ -77,6 +77,7 @@ class FeedbackExport:
     superseded: int = 0  # admitted rows another row of the same completion outranks (a later rating, a correction)
     rated_low: int = 0  # uncorrected answers rated below min_rating: no example (the preference export's rows)
     stopped: int = 0  # uncorrected answers the client stopped mid-stream: part of an answer, none to learn
+    forced: int = 0  # answers a tool_choice forced (Interaction.forced): not the model's own choice
 
 
 # The counts of FeedbackExport that say why feedback rows are not in an example (beside
@@ -87,6 +88,7 @@ LEFT_OUT = {
     "superseded": "superseded by later feedback on the same answer",
     "rated_low": "rated below {min_rating} (no example; the preference export reads ratings)",
     "stopped": "stopped by the client mid-answer", "erased": "erased prompts",
+    "forced": "answered under a tool_choice that forced the answer (required, a named function, or none before any tool result)",
     "invalid_calls": "invalid tools or calls", "not_a_chat": "that made no example (no prompt, a blank answer, or a conversation a data file may not hold)",
     "repeats": "repeats merged", "capped": "over feedback.max_key_share",
 }
@@ -215,15 +217,22 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     """Training examples from the log's feedback under `policy`, and what was left out and why.
 
     Every feedback row is counted once: in an example written, or under the reason it was left
-    out (held, rejected, superseded, rated_low, stopped, erased, invalid_calls, not_a_chat, repeats,
-    capped, or dropped by redaction), so nothing leaves the loop without a count.
+    out (held, rejected, superseded, rated_low, stopped, forced, erased, invalid_calls, not_a_chat,
+    repeats, capped, or dropped by redaction), so nothing leaves the loop without a count.
+
+    An answer a `tool_choice` forced (`Interaction.forced`: a call, a named one, or no call
+    before any tool result) is left out, corrected or not: a data file has no tool_choice, so
+    its example would teach the forced answer as the model's own choice for that prompt.
     """
     latest, held = latest_admitted(rated, policy.auto_approve)
     superseded = sum(row.admitted(policy.auto_approve) for _, row in rated) - len(latest)
-    examples, trusted, erased_count, not_a_chat, broken_calls, rated_low, stopped = [], {}, 0, 0, 0, 0, 0
+    examples, trusted, erased_count, not_a_chat, broken_calls, rated_low, stopped, forced = [], {}, 0, 0, 0, 0, 0, 0
     for interaction, row in latest:
         if prompt_digest(interaction.messages) in erased:
             erased_count += 1
+            continue
+        if interaction.forced:
+            forced += 1
             continue
         if row.correction is None and row.rating < min_rating:  # no example: preference data (rated down)
             rated_low += 1
@@ -261,7 +270,7 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted,
                       "repeats": repeats, "invalid_calls": broken, "not_a_chat": not_a_chat,
                       "rejected": sum(row.review == "rejected" for _, row in rated), "superseded": superseded,
-                      "rated_low": rated_low, "stopped": stopped}
+                      "rated_low": rated_low, "stopped": stopped, "forced": forced}
 
 
 def _latest_of_each(examples: list[dict[str, Any]], trusted: dict[int, bool]) -> tuple[list[dict[str, Any]], int]:

@@ -49,6 +49,7 @@ class Rated:
     key: str = ""  # the untrusted key that sent the rating, admitted unreviewed; "" for a trusted key's or an approved one
     broken_call: bool = False  # the answer is a call the service returned as text (finish `invalid_tool_call`)
     stopped: bool = False  # the client stopped the streamed answer before its end (finish `client_stopped`)
+    forced: bool = False  # a tool_choice forced the answer (`Interaction.forced`): not the model's own choice
 
 
 def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_approve: str = "trusted",
@@ -108,7 +109,7 @@ def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:
     # whole data, it left a service with no trusted key (an open one among them) no rating at all.
     return [Rated(i.messages, i.answer, row.rating, row.correction, i.tools,
                   "" if row.trusted or row.review == "approved" else row.key_name,
-                  i.finish_reason == "invalid_tool_call", i.finish_reason == STOPPED)
+                  i.finish_reason == "invalid_tool_call", i.finish_reason == STOPPED, i.forced)
             for i, row in latest if prompt_digest(i.messages) not in erased]
 
 
@@ -140,11 +141,16 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_sha
     senders: list[set[str]] = []  # the untrusted keys behind each row
     when: list[int] = []  # each row's place in `rated` (oldest first); a pair's is its later rating's
     # Each rated completion counts once, under desirable, undesirable, middle, pairs_from_corrections,
-    # unchanged_corrections, not_a_chat, broken_calls or stopped; pairs_from_ratings are rows made of two of them.
+    # unchanged_corrections, not_a_chat, broken_calls, stopped or forced; pairs_from_ratings are rows made of two of them.
     counts = {"desirable": 0, "undesirable": 0, "middle": 0, "pairs_from_corrections": 0, "pairs_from_ratings": 0,
-              "unchanged_corrections": 0, "not_a_chat": 0, "broken_calls": 0, "stopped": 0}
+              "unchanged_corrections": 0, "not_a_chat": 0, "broken_calls": 0, "stopped": 0, "forced": 0}
     by_prompt: dict[bytes, list[tuple[list[dict], Rated, int]]] = defaultdict(list)
     for place, item in enumerate(rated):
+        if item.forced:
+            # Not the model's own choice: which answer is better under a forced tool_choice says
+            # nothing of what it should choose for the prompt (a data file has no tool_choice).
+            counts["forced"] += 1
+            continue
         prompt = _prompt(item.messages)
         if prompt is None or not item.answer.strip():
             counts["not_a_chat"] += 1

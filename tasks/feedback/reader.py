@@ -70,7 +70,7 @@ class FeedbackReader:
         names = [c.strip() for c in (FEEDBACK_COLUMNS if table == "feedback" else INTERACTION_COLUMNS).split(",")]
         added = {"key_name": (2, f"'{ANONYMOUS_KEY}'"), "end_user": (2, "NULL"), "trusted": (2, "1"),
                  "review": (2, "'pending'"), "tools": (3, "NULL"), "tool_calls": (3, "NULL"), "decision": (4, "NULL"),
-                 "reasoning": (6, "NULL")}
+                 "reasoning": (6, "NULL"), "tool_choice": (8, "NULL")}
         return ", ".join(added[n][1] if n in added and self.version < added[n][0] else f"{prefix}{n}" for n in names)
 
     @property
@@ -109,10 +109,10 @@ class FeedbackReader:
         out = []
         for row in rows:
             (cid, _created, endpoint, model, version, messages, answer, finish, pt, ct, lat, key, user, tools,
-             calls, reasoning), rest = row[:16], row[16:]
+             calls, reasoning, choice), rest = row[:17], row[17:]
             out.append((Interaction(cid, endpoint, model, version, json.loads(messages), answer, finish, pt, ct, lat,
                                     key, user, json.loads(tools) if tools else None, json.loads(calls) if calls else None,
-                                    reasoning),
+                                    reasoning, json.loads(choice) if choice else None),
                         FeedbackRow(*rest[:7], bool(rest[7]), *rest[8:])))
         return out, last, decided
 

@@ -29,6 +29,10 @@ Version 7 gives each log an identity (`identity.log_id`, random, given once when
 made or migrated), kept in the monitor's cursor: a log that replaced another is told apart
 from it by this id, not only by its feedback ids (`tasks/monitor/cursor.py`). A copy of the
 file (a backup put back) is the same log.
+
+Version 8 records the request's `tool_choice` when it was not `auto` (`none`, `required` or
+a named function; NULL for `auto` or none given): an answer it forced is not the model's own
+choice, and the exports leave it out rather than teach it as one (`Interaction.forced`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 MIN_RATING, MAX_RATING = 1, 5
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 ANONYMOUS_KEY = "anonymous"  # the caller of a service without keys, and of rows from before version 2
 REVIEWS = ("pending", "approved", "rejected")
 # The finish reason logged for a streamed answer the client left before its end ("stop
@@ -117,8 +121,11 @@ CREATE TABLE IF NOT EXISTS identity (
 );
 INSERT INTO identity (log_id) SELECT lower(hex(randomblob(16))) WHERE NOT EXISTS (SELECT 1 FROM identity);
 """
+_V7_TO_V8 = """
+ALTER TABLE interactions ADD COLUMN tool_choice TEXT;  -- JSON of a tool_choice that forced the answer, or NULL
+"""
 MIGRATIONS: dict[int, str] = {0: _TABLES_V1, 1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5, 5: _V5_TO_V6,
-                              6: _V6_TO_V7}
+                              6: _V6_TO_V7, 7: _V7_TO_V8}
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,17 @@ class Interaction:
     tools: list[dict[str, Any]] | None = None  # the tools the request offered the model
     tool_calls: list[dict[str, Any]] | None = None  # the answer's calls (OpenAI form); `answer` is its text
     reasoning: str | None = None  # the answer's reasoning trace (`reasoning_content`), apart from `answer`
+    tool_choice: str | dict[str, Any] | None = None  # a tool_choice that forced the answer (None: auto, or none given)
+
+    @property
+    def forced(self) -> bool:
+        """Whether a `tool_choice` chose the answer for the model: `required` or a named function,
+        or `none` before any tool result. `none` after the results of the calls (an agent loop's
+        last round, which asks for the answer from them) is the answer the model owes there."""
+        if self.tool_choice is None:
+            return False
+        ends_with_results = bool(self.messages) and self.messages[-1].get("role") in ("tool", "function")
+        return not (self.tool_choice == "none" and ends_with_results)
 
 
 @dataclass(frozen=True)

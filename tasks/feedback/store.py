@@ -38,7 +38,8 @@ from tasks.feedback.schema import (
 
 log = logging.getLogger("ftllm.serving")
 INTERACTION_COLUMNS = ("id, created, endpoint, model_name, model_version, messages, answer, finish_reason, "
-                       "prompt_tokens, completion_tokens, latency_ms, key_name, end_user, tools, tool_calls, reasoning")
+                       "prompt_tokens, completion_tokens, latency_ms, key_name, end_user, tools, tool_calls, reasoning, "
+                       "tool_choice")
 
 
 class DuplicateCorrection(ValueError):
@@ -211,7 +212,7 @@ class FeedbackStore:
             item.prompt_tokens, item.completion_tokens, item.latency_ms, item.key_name, item.end_user,
             json.dumps(item.tools, ensure_ascii=False) if item.tools else None,
             json.dumps(item.tool_calls, ensure_ascii=False) if item.tool_calls else None, item.reasoning,
-        ))
+            json.dumps(item.tool_choice) if item.tool_choice is not None else None))
 
     def _insert(self, rows: list[tuple]) -> None:
         """Write `rows` in one transaction; a database another process holds (`ftllm feedback
@@ -220,7 +221,7 @@ class FeedbackStore:
             with self._locked():
                 try:
                     self._conn.executemany(f"INSERT OR REPLACE INTO interactions ({INTERACTION_COLUMNS}) "
-                                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                                           f"VALUES ({','.join('?' * len(rows[0]))})", rows)
                     self._conn.commit()
                     return
                 except BaseException as exc:

@@ -124,7 +124,7 @@ def test_a_call_a_stop_string_cuts_short_ends_with_stop_not_as_an_invalid_call(t
 
 
 @pytest.mark.slow
-def test_tool_choice_none_gets_no_call_and_a_named_choice_forces_that_function(tools_server):
+def test_tool_choice_none_gets_no_call_and_a_named_choice_forces_that_function(tools_server, serving_dir):
     client = _client(tools_server)
     none = client.chat.completions.create(model=TOOLS_MODEL_NAME, messages=ASK, tools=WEATHER_TOOLS,
                                           tool_choice="none", temperature=0, max_tokens=30)
@@ -143,6 +143,16 @@ def test_tool_choice_none_gets_no_call_and_a_named_choice_forces_that_function(t
         assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
     else:  # the model wrote arguments that fail the schema: returned as the text it wrote
         assert choice.message.content.startswith('<tool_call>\n{"name": "get_weather"')
+    # The log keeps the choice that forced each answer, so the exports do not teach it as the model's own.
+    from tasks.feedback import FeedbackReader
+
+    for done in (none, free, forced):
+        assert httpx.post(f"{tools_server}/feedback", json={"id": done.id, "rating": 5}).status_code == 200
+    with FeedbackReader(serving_dir / "tools-feedback.db") as reader:
+        logged = {i.id: i for i, _ in reader.rated_completions()[0]}
+    assert [logged[d.id].tool_choice for d in (none, free, forced)] == [
+        "none", None, {"type": "function", "function": {"name": "get_weather"}}]
+    assert [logged[d.id].forced for d in (none, free, forced)] == [True, False, True]
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ def test_a_log_written_before_the_schema_was_versioned_keeps_working(tmp_path):
     assert store.count("feedback") == 1 and store.add_feedback("c0", 5) == 2
     store.close()
     version = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 7
+    assert version == SCHEMA_VERSION == 8
     with FeedbackReader(db) as reader:  # the migration gave the log an identity, kept when it is opened again
         log_id = reader.log_id()
     FeedbackStore(db).close()
@@ -100,6 +100,69 @@ def test_an_answer_the_client_stopped_is_trained_only_through_its_correction(tmp
     capsys.readouterr()
     assert export_command(tmp_path / "cli.jsonl", 4) == 0
     assert "wrote 1 examples" in (said := capsys.readouterr().out) and "left out: 1 stopped by the client mid-answer;" in said
+
+
+def test_an_answer_a_tool_choice_forced_is_not_taught_as_the_models_own_choice(tmp_path, monkeypatch, capsys):
+    """"Weather and time?" forced to call get_time, rated well, was exported as an example that
+    teaches the model to call only get_time there of its own accord."""
+    from tasks.config import PreferenceParams
+    from tasks.feedback.preference import preference_examples, read_rated
+
+    tools = [{"type": "function", "function": {"name": name, "description": f"The {name[4:]} in a city.",
+                                               "parameters": {"type": "object"}}} for name in ("get_time", "get_weather")]
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Oslo"}'}}]
+    ask = [{"role": "user", "content": "Weather and time in Oslo?"}]
+    results = [*ask, {"role": "assistant", "content": None, "tool_calls": calls},
+               {"role": "tool", "tool_call_id": "call_1", "content": "20:03"}]
+    store = FeedbackStore(tmp_path / "feedback.db")
+    for cid, messages, answer, choice in (
+            ("named", ask, "", {"type": "function", "function": {"name": "get_time"}}), ("required", ask, "", "required"),
+            ("none", ask, "I cannot look that up.", "none"),  # no call allowed before any result: forced
+            ("last-round", results, "It is 20:03 in Oslo.", "none"),  # the answer from the results: the model's own
+            ("auto", [{"role": "user", "content": "Time in Oslo?"}], "", None)):
+        store.log_interaction(Interaction(cid, "chat", "m", "1", messages, answer, "tool_calls" if not answer else "stop",
+                                          3, 2, 1.0, tools=tools, tool_calls=None if answer else calls, tool_choice=choice))
+        store.add_feedback(cid, 5, key_name="app", trusted=True)
+    store.add_feedback("none", 1, "Let me look it up.", key_name="app", trusted=True)  # corrected, still forced
+    store.close()
+    with FeedbackReader(tmp_path / "feedback.db") as reader:
+        rated, _, _ = reader.rated_completions()
+    assert [i.tool_choice for i, _ in rated][:3] == [{"type": "function", "function": {"name": "get_time"}}, "required", "none"]
+    export = export_feedback(tmp_path / "feedback.db", tmp_path / "out.jsonl", 4)
+    users = [json.loads(line)["messages"][0]["content"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(users) == ["Time in Oslo?", "Weather and time in Oslo?"]  # auto, and the last round's answer
+    assert (export.examples, export.forced) == (2, 3)
+    _, counts = preference_examples(read_rated(tmp_path / "feedback.db"), PreferenceParams())
+    assert counts["forced"] == 3 and counts["desirable"] == 1  # the last round's answer, rated well
+    from ftllm.commands.feedback import export_command
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(tmp_path / "feedback.db"))
+    capsys.readouterr()
+    assert export_command(tmp_path / "cli.jsonl", 4) == 0
+    assert "3 answered under a tool_choice that forced the answer" in capsys.readouterr().out
+
+
+def test_a_version_7_log_reads_as_answers_no_tool_choice_forced(tmp_path):
+    from tasks.feedback.schema import MIGRATIONS
+
+    db = tmp_path / "feedback.db"
+    old = sqlite3.connect(db)
+    for version in range(7):
+        old.executescript(MIGRATIONS[version])
+    old.execute("PRAGMA user_version = 7")
+    old.execute("INSERT INTO interactions (id, created, endpoint, model_name, model_version, messages, answer, "
+                "finish_reason, prompt_tokens, completion_tokens, latency_ms) VALUES ('c0', 1, 'chat', 'm', '1', ?, "
+                "'It is 20:03.', 'stop', 1, 1, 1.0)", (json.dumps([{"role": "user", "content": "Time?"}]),))
+    old.execute("INSERT INTO feedback (created, completion_id, rating, trusted) VALUES (1, 'c0', 5, 1)")
+    old.commit()
+    old.close()
+    assert export_feedback(db, tmp_path / "out.jsonl", 4).examples == 1  # read as it is
+    FeedbackStore(db).close()  # migrated: the column is there, empty
+    columns = [c[1] for c in sqlite3.connect(db).execute("PRAGMA table_info(interactions)")]
+    assert columns[-1] == "tool_choice"
+    with FeedbackReader(db) as reader:
+        [(interaction, _)], _, _ = reader.rated_completions()
+    assert interaction.tool_choice is None and not interaction.forced
 
 
 def test_a_log_of_a_newer_schema_is_refused_by_name(tmp_path):
@@ -265,7 +328,7 @@ def test_a_version_4_log_is_migrated_and_its_decision_numbers_go_on_above_its_ow
     store.close()
     with FeedbackReader(db) as reader:
         assert reader.last_decision() == 4 and [r.decision for r in reader.feedback_since(0)] == [1, 2, 3, 4]
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
 
 
 def test_two_processes_opening_an_old_log_at_once_migrate_it_once(tmp_path):
