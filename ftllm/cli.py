@@ -134,12 +134,20 @@ def run(
     return result.exit_code
 
 
+def _console(stderr: bool = False):
+    """A rich console; piped or redirected, as wide as its tables need (rich takes 80 columns
+    then, and cut aliases and check names short: "champion,previous-cha…")."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 1000)
+
+
 def _print_run(result: RunResult) -> None:
     """The run's metrics, gate checks and durations, as tables on stderr (stdout is for --json)."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=True)
+    console = _console(stderr=True)
     table = Table(title=f"{result.model_name} v{result.version}: {result.status}")
     table.add_column("model")
     for key in SHOWN_METRICS:
@@ -242,7 +250,6 @@ def models(
 
         out["runs_for_data"] = runs_for_data(data_md5)
     if not as_json:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"{name} (champion: {out['champion']})")
@@ -255,14 +262,14 @@ def models(
                 f"{m.get('exact_match', float('nan')):.3f}", f"{m.get('perplexity', float('nan')):.3f}",
                 v["lineage"].get("data_md5", "")[:12], v["created"], (v.get("flow_run") or {}).get("name") or "",
             )
-        Console().print(table)
+        _console().print(table)
         if data_md5:
             runs = Table(title=f"runs that used data {data_md5}")
             for col in ("run", "status", "version"):
                 runs.add_column(col)
             for r in out["runs_for_data"]:
                 runs.add_row(*(str(r.get(k) or "") for k in ("run_id", "status", "version")))
-            Console().print(runs if out["runs_for_data"] else f"no run used data {data_md5}")
+            _console().print(runs if out["runs_for_data"] else f"no run used data {data_md5}")
     _emit(out, as_json)
 
 

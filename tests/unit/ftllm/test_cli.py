@@ -8,6 +8,7 @@ import shutil
 import uuid
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from ftllm.cli import app
@@ -203,6 +204,29 @@ def test_a_finished_runs_json_carries_the_exit_code_the_process_exits_with(param
     result = CliRunner().invoke(app, ["run", "--params", str(params), "--json"])
     assert result.exit_code == code, result.output
     assert last_json(result.stdout)["exit_code"] == code
+
+
+def test_models_shows_every_alias_whole_when_its_output_is_piped(params):
+    """Piped, the table is 80 columns wide, and the aliases were cut: "champion,previous-cha…"."""
+    from mlflow import MlflowClient
+
+    from tasks.environment import apply_defaults
+    from tasks.registry.tracking import EXPERIMENT
+
+    apply_defaults(params.parent)
+    name = yaml.safe_load(params.read_text())["registry"]["model_name"]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    run = client.create_run(experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT))
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    aliases = ["champion", "previous-champion-before-the-rollback", "canary-for-the-eu-west-region"]
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version.version)
+    result = CliRunner().invoke(app, ["models", "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    assert ",".join(sorted(aliases)) in result.stdout and "…" not in result.stdout, result.stdout
 
 
 def test_models_data_md5_lists_the_runs_without_json_too_and_rollback_force_needs_to(params):
