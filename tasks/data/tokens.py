@@ -32,6 +32,7 @@ class TokenCount:
         error: why the template refused the conversation ("" when it rendered it).
         reasoning_lost: reasoning traces the template left out of the text (not trained on).
         calls_lost: assistant turns with tool calls the template rewrote beyond recognition (not trained on).
+        calls_lost_with_text: those of them that hold text beside their calls (what some templates drop).
         names_lost: messages whose `name` the template does not write (the model would not see it).
     """
 
@@ -43,6 +44,7 @@ class TokenCount:
     reasoning_lost: int = 0
     calls_lost: int = 0
     names_lost: int = 0
+    calls_lost_with_text: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def count_chat_tokens(
     return [
         TokenCount(
             len(e.input_ids), e.trained_tokens, e.last_answer_tokens, e.unlocated, e.error, e.reasoning_lost, e.calls_lost,
-            e.names_lost,
+            e.names_lost, e.calls_lost_with_text,
         )
         for e in encode_chats(
             tokenizer, conversations, system_message=system_message, train_turns=budget.train_turns,
@@ -115,11 +117,9 @@ def untrainable(count: TokenCount, example: dict) -> tuple[str, str] | None:
             "turn, set train.train_turns: last (or weight 0 on the earlier turns), or set train.train_reasoning: false"
         )
     if count.calls_lost:
-        texts = any(m.get("role") == "assistant" and m.get("tool_calls") and str(m.get("content") or "").strip()
-                    for m in example.get("messages", []))
         why, fix = (
             ("some templates, Llama 3.1's and Mistral v0.3's among them, drop the text of a turn that also calls a "
-             "tool", "set content to null on those turns, or set model.chat_template: chatml") if texts
+             "tool", "set content to null on those turns, or set model.chat_template: chatml") if count.calls_lost_with_text
             else ("it leaves out or rewrites a part of the calls, such as their arguments",
                   "write the calls as the template renders them, or set model.chat_template: chatml")
         )  # fmt: skip

@@ -360,6 +360,7 @@ class Encoded:
             traces are trained (`train_reasoning`).
         calls_lost: the unlocated turns that hold tool calls (Llama 3.1 drops the text of a
             turn that also calls a tool): calls that would not be trained on.
+        calls_lost_with_text: those of them that also hold text beside their calls.
         names_lost: system, user and assistant messages whose `name` the template does not
             write (most do not): the model would not see who speaks.
     """
@@ -372,6 +373,7 @@ class Encoded:
     reasoning_lost: int = 0
     calls_lost: int = 0
     names_lost: int = 0
+    calls_lost_with_text: int = 0
 
     @property
     def trained_tokens(self) -> int:
@@ -472,8 +474,8 @@ def encode_chats(
         lost = sum(s.reasoning_lost for s in trained) if train_reasoning else 0  # a turn not trained loses nothing
         if train_on_prompt:
             mask = [1] * len(mask)
-        unlocated, calls_lost = (0, 0) if error else _unlocated(chat.messages, found, train_turns)
-        out.append(Encoded(ids, mask, last, unlocated, error, lost, calls_lost, _names_lost(conversation, named)))
+        unlocated, calls_lost, with_text = (0, 0, 0) if error else _unlocated(chat.messages, found, train_turns)
+        out.append(Encoded(ids, mask, last, unlocated, error, lost, calls_lost, _names_lost(conversation, named), with_text))
     return out
 
 
@@ -489,8 +491,9 @@ def _named(messages: list[Message]) -> list[int]:
             and isinstance(m.get("name"), str) and m["name"].strip()]
 
 
-def _unlocated(messages: list[Message], found: list[_Span], train_turns: str) -> tuple[int, int]:
-    """(turns to train that were not found in the rendered text, how many of them hold tool calls).
+def _unlocated(messages: list[Message], found: list[_Span], train_turns: str) -> tuple[int, int, int]:
+    """(turns to train that were not found in the rendered text, how many of them hold tool
+    calls, how many of those hold text beside their calls).
 
     A turn that is not trained loses nothing: weight-0 turns, and with `train_turns: last`
     every turn but the last, are not counted. Where the spans name no turn (a template's
@@ -498,15 +501,16 @@ def _unlocated(messages: list[Message], found: list[_Span], train_turns: str) ->
     """
     turns = [i for i, m in enumerate(messages) if _is_turn(m)]
     calls = [i for i in turns if messages[i].get("tool_calls")]
+    with_text = [i for i in calls if str(messages[i].get("content") or "").strip()]
     if any(s.message < 0 for s in found):
         missing = max(0, len(turns) - len(found))
-        return missing, min(missing, len(calls))
+        return missing, min(missing, len(calls)), min(missing, len(with_text))
     wanted = [i for i in turns if messages[i].get("weight", 1) != 0]
     if train_turns == "last":
         wanted = wanted[-1:]
     located = {s.message for s in found}
     lost = [i for i in wanted if i not in located]
-    return len(lost), sum(1 for i in lost if messages[i].get("tool_calls"))
+    return len(lost), sum(1 for i in lost if i in calls), sum(1 for i in lost if i in with_text)
 
 
 def _is_turn(message: Message) -> bool:

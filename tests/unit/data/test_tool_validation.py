@@ -376,14 +376,24 @@ def test_a_call_turn_lost_without_text_beside_it_is_not_told_to_drop_that_text()
     """A template that rewrites the calls themselves (their arguments) was met with "set content to
     null on those turns", which it already was."""
     from tasks.data.tokens import TokenCount, untrainable
+    from tasks.model.chat import _Span, _unlocated
 
     lost = TokenCount(total=90, trained=20, last_answer=8, calls_lost=1, unlocated=1)
     category, message = untrainable(lost, example())
     assert category == "tool_call_dropped" and "content to null" not in message
     assert "write the calls as the template renders them, or set model.chat_template: chatml" in message
-    with_text = example()
-    with_text["messages"][1] = {**with_text["messages"][1], "content": "Let me look."}
-    assert "set content to null on those turns" in untrainable(lost, with_text)[1]
+    assert "set content to null on those turns" in untrainable(TokenCount(90, 20, 8, 1, calls_lost=1,
+                                                                          calls_lost_with_text=1), example())[1]
+    # The hint follows the turn that was lost, not any call turn: one with text, kept as context
+    # (weight 0), says nothing of a later call turn whose arguments the template rewrote.
+    first = {"role": "assistant", "content": "Let me look.", "weight": 0, "tool_calls": [call()]}
+    second = {"role": "assistant", "content": None, "tool_calls": [call(call_id="call00002")]}
+    messages = [{"role": "user", "content": "Time?"}, first, RESULT, second,
+                {**RESULT, "tool_call_id": "call00002"}, {"role": "assistant", "content": "It is 20:03."}]
+    assert _unlocated(messages, [_Span(0, 5, message=5)], "all") == (1, 1, 0)  # the second call turn, no text
+    assert _unlocated(messages, [_Span(0, 5, message=3), _Span(6, 9, message=5)], "all") == (0, 0, 0)
+    first["weight"] = 1
+    assert _unlocated(messages, [_Span(0, 5, message=5)], "all") == (2, 2, 1)
 
 
 def test_a_call_turn_the_template_does_not_write_is_an_error_naming_the_fix(tmp_path: Path, tok, family_models) -> None:
