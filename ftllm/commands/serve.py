@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from tasks.errors import UsageError
 
 BENTO_NAME = "ftllm_chat"
 SOURCE_SERVICE = "serving.service:ChatService"
+# How long the server may take to stop once a stop signal was passed on (its workers drain in
+# BentoML's 30-second graceful window) before its whole session is killed: a stop never hangs.
+STOP_TIMEOUT_S = 60.0
 
 
 def _stop_with_parent(parent: int) -> Callable[[], None] | None:
@@ -220,10 +224,12 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
     # second SIGINT: its forced stop. A signal this process was started ignoring (`nohup`, a
     # background job's SIGINT) stays ignored.
     stopped: list[int] = []
+    since: list[float] = []  # when the first stop came
     server: subprocess.Popen | None = None
 
     def pass_on(signum: int, _frame: object) -> None:
         stopped.append(signal.SIGTERM if signum == signal.SIGHUP else signum)  # as the server is to get it
+        since[:] = since or [time.monotonic()]
         if server is not None:
             server.send_signal(stopped[-1])
 
@@ -233,5 +239,26 @@ def serve_command(host: str = "127.0.0.1", port: int = 3000, bento: str | None =
     server = subprocess.Popen(cmd, cwd=root, env=env, preexec_fn=_stop_with_parent(os.getpid()), start_new_session=True)
     if stopped:  # a stop that came while it started
         server.send_signal(stopped[-1])
-    code = server.wait()
+    code = wait_for_server(server, since)
     return 0 if stopped else code
+
+
+def wait_for_server(server: subprocess.Popen, since: list[float], timeout_s: float | None = None) -> int:
+    """The server's exit code. Once a stop was passed on to it (`since` holds its time), it has
+    `timeout_s` (STOP_TIMEOUT_S) to stop; then its session, the server and every process it
+    started, is killed (SIGKILL), said on stderr: Ctrl-C or a supervisor's stop never leaves
+    this command waiting on a server that did not act on it.
+    """
+    timeout_s = STOP_TIMEOUT_S if timeout_s is None else timeout_s
+    while True:
+        try:
+            return server.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if since and time.monotonic() - since[0] > timeout_s:
+                break
+    print(f"the server did not stop within {timeout_s:g} s of the stop signal: killing it and its workers", file=sys.stderr)
+    try:
+        os.killpg(server.pid, signal.SIGKILL)  # its own session: `bentoml serve`, its workers, their engines
+    except ProcessLookupError:
+        pass
+    return server.wait()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -374,7 +377,7 @@ def test_serve_takes_the_settings_file_it_is_given(params, monkeypatch, tmp_path
         def __init__(self, cmd, cwd, env, preexec_fn, start_new_session):
             started.update(cmd=cmd, env=env)
 
-        def wait(self):
+        def wait(self, timeout=None):
             return 0
 
     monkeypatch.setattr(serve.subprocess, "Popen", Server)
@@ -388,6 +391,33 @@ def test_serve_takes_the_settings_file_it_is_given(params, monkeypatch, tmp_path
     assert result.exit_code == 0, result.output
     assert "ftllm_chat:tools-task-v1" in started["cmd"] and started["env"]["FTLLM_PARAMS"] == str(tools.resolve())
     assert "FTLLM_PARAMS" not in os.environ
+
+
+def test_a_server_that_does_not_act_on_the_stop_is_killed_with_its_workers(capsys):
+    """A stop passed on to a server that did not act on it (BentoML's arbiter, now and then, under
+    load) left `ftllm serve` waiting on it for good, Ctrl-C after Ctrl-C."""
+    import time
+
+    import psutil
+
+    from ftllm.commands.serve import wait_for_server
+
+    deaf = ("import signal, subprocess, sys, time\n"
+            "for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"  # a worker: it ignores them too
+            "print('up', flush=True); time.sleep(120)")
+    server = subprocess.Popen([sys.executable, "-c", deaf], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "up"
+    worker = psutil.Process(server.pid).children()[0]
+    server.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert wait_for_server(server, [started], timeout_s=1.0) == -signal.SIGKILL
+    assert 1.0 <= time.monotonic() - started < 30
+    worker.wait(10)  # gone with it (its session killed): a worker left would keep the port
+    assert "did not stop within 1 s of the stop signal: killing it and its workers" in capsys.readouterr().err
+    # with no stop passed on, it waits as long as the server runs
+    quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"], start_new_session=True)
+    assert wait_for_server(quick, [], timeout_s=0.1) == 0
 
 
 def test_serve_refuses_a_feedback_log_it_could_not_write_before_the_server_starts(params, monkeypatch, tmp_path):
