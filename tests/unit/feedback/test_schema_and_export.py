@@ -19,6 +19,20 @@ def _chat(i: int, prompt: str = "When?") -> Interaction:
                        {"role": "user", "content": f"{prompt} {i}"}], f"answer {i}", "stop", 3, 2, 1.0)
 
 
+def _old_log(db, version: int, messages: list, answer: str) -> sqlite3.Connection:
+    """A log as the service of schema `version` left it, with one completion `c0`; open, to add feedback."""
+    from tasks.feedback.schema import MIGRATIONS
+
+    old = sqlite3.connect(db)
+    for step in range(version):
+        old.executescript(MIGRATIONS[step])
+    old.execute(f"PRAGMA user_version = {version}")
+    old.execute("INSERT INTO interactions (id, created, endpoint, model_name, model_version, messages, answer, "
+                "finish_reason, prompt_tokens, completion_tokens, latency_ms) VALUES ('c0', 1, 'chat', 'm', '1', ?, "
+                "?, 'stop', 1, 1, 1.0)", (json.dumps(messages), answer))
+    return old
+
+
 def test_a_log_written_before_the_schema_was_versioned_keeps_working(tmp_path):
     db = tmp_path / "feedback.db"
     old = sqlite3.connect(db)  # what the service wrote before: the same tables, no user_version
@@ -143,16 +157,8 @@ def test_an_answer_a_tool_choice_forced_is_not_taught_as_the_models_own_choice(t
 
 
 def test_a_version_7_log_reads_as_answers_no_tool_choice_forced(tmp_path):
-    from tasks.feedback.schema import MIGRATIONS
-
     db = tmp_path / "feedback.db"
-    old = sqlite3.connect(db)
-    for version in range(7):
-        old.executescript(MIGRATIONS[version])
-    old.execute("PRAGMA user_version = 7")
-    old.execute("INSERT INTO interactions (id, created, endpoint, model_name, model_version, messages, answer, "
-                "finish_reason, prompt_tokens, completion_tokens, latency_ms) VALUES ('c0', 1, 'chat', 'm', '1', ?, "
-                "'It is 20:03.', 'stop', 1, 1, 1.0)", (json.dumps([{"role": "user", "content": "Time?"}]),))
+    old = _old_log(db, 7, [{"role": "user", "content": "Time?"}], "It is 20:03.")
     old.execute("INSERT INTO feedback (created, completion_id, rating, trusted) VALUES (1, 'c0', 5, 1)")
     old.commit()
     old.close()
@@ -305,16 +311,8 @@ def test_a_call_whose_masked_argument_fails_its_schema_is_left_out_not_failing_e
 def test_a_version_4_log_is_migrated_and_its_decision_numbers_go_on_above_its_own(tmp_path):
     """Version 4 numbered decisions from the decided rows; version 5 keeps numbering above them,
     or a monitor cursor already past them would miss the next approvals."""
-    from tasks.feedback.schema import MIGRATIONS
-
     db = tmp_path / "feedback.db"
-    old = sqlite3.connect(db)
-    for version in range(4):
-        old.executescript(MIGRATIONS[version])
-    old.execute("PRAGMA user_version = 4")
-    old.execute("INSERT INTO interactions (id, created, endpoint, model_name, model_version, messages, answer, "
-                "finish_reason, prompt_tokens, completion_tokens, latency_ms) VALUES ('c0', 1, 'chat', 'm', '1', "
-                "'[]', 'a', 'stop', 1, 1, 1.0)")
+    old = _old_log(db, 4, [], "a")
     for decision in (1, 2, 3, None):
         old.execute("INSERT INTO feedback (created, completion_id, rating, review, decision) VALUES (1, 'c0', 2, ?, ?)",
                     ("approved" if decision else "pending", decision))
