@@ -194,6 +194,29 @@ def test_output_paths_it_cannot_write_are_one_line_and_leave_no_temporary_file(m
     assert len(data.read_text().splitlines()) == 1
 
 
+def test_a_hangup_during_a_run_stops_it_as_ctrl_c_does(params, monkeypatch):
+    """A closed terminal sends SIGHUP, whose default killed `ftllm run` at once, its temporary
+    Prefect server left behind (tests/e2e/test_interrupt.py stops a real run with SIGTERM, the
+    same handler)."""
+    from types import SimpleNamespace
+
+    import flows.retrain
+
+    def hung_up(**_):
+        os.kill(os.getpid(), signal.SIGHUP)  # as the terminal closes mid-run
+        pytest.fail("the run went on after the hangup")
+
+    monkeypatch.setattr(flows.retrain, "retrain", lambda **kw: SimpleNamespace(result=lambda **_: hung_up()))
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        result = CliRunner().invoke(app, ["run", "--params", str(params), "--json"])
+    finally:
+        for stop, handler in before.items():
+            signal.signal(stop, handler)
+    assert result.exit_code == 130 and "interrupted" in result.stderr, result.output
+    assert last_json(result.stdout) == {"error": "interrupted", "exit_code": 130}
+
+
 @pytest.mark.parametrize(("status", "code"), [("promoted", 0), ("rejected", 3)])
 def test_a_finished_runs_json_carries_the_exit_code_the_process_exits_with(params, monkeypatch, status, code):
     """A rejected `ftllm run --json` exited 3 and printed `exit_code: null`."""
