@@ -24,7 +24,7 @@ from prefect import get_run_logger, task
 from prefect.input import RunInput
 from pydantic import Field
 
-from tasks.config import FeedbackParams, SourceParams
+from tasks.config import FeedbackParams, Params, SourceParams
 from tasks.data.formats import read_records
 from tasks.environment import environment
 from tasks.errors import DataFileError
@@ -131,13 +131,14 @@ def _run_again(flow_run_id) -> None:
 
 
 @task(name="export-feedback")
-def export_feedback_snapshot(root: Path, source: SourceParams, out: Path, settings: FeedbackParams,
+def export_feedback_snapshot(root: Path, source: SourceParams, out: Path, params: Params,
                              other_examples: int, write_empty: bool = True) -> dict:
-    """The service's admitted feedback, redacted, exported to the file a `feedback: true` source reads,
-    versioned by DVC; its provenance goes to the MLflow run as `feedback.*` tags."""
-    logger = get_run_logger()
+    """The service's admitted feedback on this model's answers, redacted, exported to the file a
+    `feedback: true` source reads, versioned by DVC; its provenance goes to the MLflow run as
+    `feedback.*` tags."""
+    logger, settings = get_run_logger(), params.feedback
     policy = ExportPolicy(settings.auto_approve, settings.redaction, settings.max_key_share, other_examples,
-                          source.weight or 1.0)
+                          source.weight or 1.0, params.registry.model_name)
     snapshot = snapshot_feedback(root, source.min_rating, out, log=logger.info, warn=logger.warning, policy=policy,
                                  retention_days=settings.retention_days, write_empty=write_empty)
     return {**snapshot.to_dict(), "tags": snapshot.mlflow_tags()}

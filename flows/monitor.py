@@ -89,14 +89,15 @@ def read_monitor_cursor(model_name: str) -> Cursor:
 
 
 @task(name="read-feedback")
-def collect_feedback(db: Path, since: Cursor, window: int, low_rating: int = 2,
-                     auto_approve: str = "trusted", champion: str | None = None) -> FeedbackFigures:
-    """New ratings, low ratings and corrections since `since`, the mean rating of `champion`'s
-    answers; zeros (and a warning) when the service has logged nothing yet."""
+def collect_feedback(db: Path, since: Cursor, window: int, low_rating: int = 2, auto_approve: str = "trusted",
+                     champion: str | None = None, model_name: str | None = None) -> FeedbackFigures:
+    """New ratings, low ratings and corrections of `model_name`'s answers since `since`, the mean
+    rating of `champion`'s answers; zeros (and a warning) when the service has logged nothing yet."""
     if not db.is_file():
         get_run_logger().warning(f"{db}: no feedback log yet (FTLLM_FEEDBACK_DB, or feedback.db beside params.yaml)")
         return FeedbackFigures(since.feedback_id, since.feedback_id, 0, 0, 0, None, 0, champion=champion)
-    figures = read_feedback(db, since.feedback_id, window, low_rating, since.decision, auto_approve, champion, since.log)
+    figures = read_feedback(db, since.feedback_id, window, low_rating, since.decision, auto_approve, champion, since.log,
+                            model_name)
     if figures.new_log:
         get_run_logger().warning(f"{db}: the cursor (feedback id {since.feedback_id}) was read in another log: "
                                  "a new or replaced log; all of its feedback counts as new")
@@ -131,7 +132,7 @@ def drift_of_prompts(root: Path, params: Params, db: Path) -> Drift | None:
     # The trained model folder holds the run's tokenizer; before the first run, the base's.
     model_dir = root / "artifacts/model"
     tokenizer = load_tokenizer(str(model_dir) if (model_dir / "tokenizer_config.json").is_file() else resolve_base(params.model))
-    return measure_drift(tokenizer, train, recent_prompts(db, params.monitor.window))
+    return measure_drift(tokenizer, train, recent_prompts(db, params.monitor.window, params.registry.model_name))
 
 
 def _publish(model_name: str, figures: FeedbackFigures, drift: Drift | None, recommended: bool, reasons: list[str],
@@ -180,7 +181,7 @@ def monitor(params_file: str = "params.yaml", feedback_db: str | None = None,
 
     since = read_monitor_cursor(model_name)
     figures = collect_feedback(db, since, params.monitor.window, params.monitor.low_rating, params.feedback.auto_approve,
-                               serving_version(model_name))
+                               serving_version(model_name), model_name)
     drift = drift_of_prompts(root, params, db)
     recommended, reasons, alerts = recommend_retrain(figures, drift, params.monitor, params.data.reads_feedback())
     payload = {

@@ -33,10 +33,8 @@ from flows.train_step import train_on_worker
 from tasks.config import (
     DataParams,
     EvalParams,
-    FeedbackParams,
     GateParams,
     Params,
-    PreferenceParams,
     SourceParams,
     TrainParams,
     WorkersParams,
@@ -147,7 +145,7 @@ def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: d
     source = SourceParams(feedback=True, weight=params.data.feedback_weight)  # the weight the source will get
     others = train_rows(params.data.source_list(), [root / s.file for s in params.data.source_list()])
     out = root / source.file
-    snapshot = export_feedback_snapshot(root, source, out, params.feedback, others, write_empty=out.is_file())
+    snapshot = export_feedback_snapshot(root, source, out, params, others, write_empty=out.is_file())
     if not snapshot["examples"]:
         return params, overrides, {-1: snapshot}
     overrides = {**overrides, "data.sources": params.data.sources_with_feedback()}
@@ -156,10 +154,11 @@ def _take_in_feedback(root: Path, params_file: str, params: Params, overrides: d
 
 
 @task(name="export-preference")
-def export_preference_snapshot(root: Path, prefs: PreferenceParams, feedback: FeedbackParams) -> dict:
-    """The log's admitted ratings as preference examples (`preference.path`), redacted, versioned beside the feedback export."""
-    return snapshot_preference(root, prefs, log=get_run_logger().info, auto_approve=feedback.auto_approve,
-                               redaction=feedback.redaction, max_key_share=feedback.max_key_share)
+def export_preference_snapshot(root: Path, params: Params) -> dict:
+    """The log's admitted ratings of this model's answers as preference examples (`preference.path`), redacted, versioned."""
+    feedback = params.feedback
+    return snapshot_preference(root, params.preference, get_run_logger().info, feedback.auto_approve, feedback.redaction,
+                               feedback.max_key_share, params.registry.model_name)
 
 
 def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) -> None:
@@ -354,9 +353,9 @@ def _retrain_in_workspace(root: Path, params_file: str, params: Params, override
     sources = params.data.source_list()
     paths = [Path(s.file) if Path(s.file).is_absolute() else root / s.file for s in sources]
     others = train_rows(sources, paths)
-    exported.update({i: export_feedback_snapshot(root, s, paths[i], params.feedback, others)
+    exported.update({i: export_feedback_snapshot(root, s, paths[i], params, others)
                      for i, s in enumerate(sources) if s.feedback and i not in exported})
-    preference = export_preference_snapshot(root, params.preference, params.feedback) if exported else None
+    preference = export_preference_snapshot(root, params) if exported else None
     result.feedback = next(({**{k: v for k, v in e.items() if k != "tags"}, "preference": preference_counts(preference)}
                             for e in exported.values()), None)  # what the ratings became, beside the export
     feedback_read = max((e["last_feedback_id"] for e in exported.values()), default=None)

@@ -73,10 +73,14 @@ def _export(out: Path, min_rating: int) -> None:
     from tasks.feedback import default_db_path, export_feedback
     from tasks.feedback.export import LEFT_OUT, ExportPolicy
 
+    from ftllm.commands.serve import project_params
+
     db = default_db_path(root)
-    settings = _settings(root)
+    params = project_params(root)
+    settings = params.feedback
     # No cap here: feedback.max_key_share is a share of a run's training data, which a run applies.
-    policy = ExportPolicy(settings.auto_approve, settings.redaction)
+    # The answers of the project's model (params.yaml), as its run reads them: not another's sharing the log.
+    policy = ExportPolicy(settings.auto_approve, settings.redaction, model_name=params.registry.model_name)
     try:
         exported = export_feedback(db, out, min_rating, policy=policy)
     except (FileNotFoundError, ValueError) as exc:  # no database yet, or --min-rating outside 1..5

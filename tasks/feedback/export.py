@@ -49,6 +49,7 @@ class ExportPolicy:
     max_key_share: float = 1.0  # of the run's training examples, per untrusted key; 1: no cap
     other_examples: int = 0  # examples of the run's other sources, the base of the share
     weight: float = 1.0  # train copies of each feedback example (its source's weight): the share is of train rows
+    model_name: str | None = None  # only answers this registered model served (None: every model's in the log)
 
 
 DEFAULT_POLICY = ExportPolicy()
@@ -78,6 +79,7 @@ class FeedbackExport:
     rated_low: int = 0  # uncorrected answers rated below min_rating: no example (the preference export's rows)
     stopped: int = 0  # uncorrected answers the client stopped mid-stream: part of an answer, none to learn
     forced: int = 0  # answers a tool_choice forced (Interaction.forced): not the model's own choice
+    other_model: int = 0  # feedback on answers another registered model served (its service shares the log)
 
 
 # The counts of FeedbackExport that say why feedback rows are not in an example (beside
@@ -91,6 +93,7 @@ LEFT_OUT = {
     "forced": "answered under a tool_choice that forced the answer (required, a named function, or none before any tool result)",
     "invalid_calls": "invalid tools or calls", "not_a_chat": "that made no example (no prompt, a blank answer, or a conversation a data file may not hold)",
     "repeats": "repeats merged", "capped": "over feedback.max_key_share",
+    "other_model": "on another model's answers (its service logs to the same file)",
 }
 
 
@@ -217,13 +220,19 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     """Training examples from the log's feedback under `policy`, and what was left out and why.
 
     Every feedback row is counted once: in an example written, or under the reason it was left
-    out (held, rejected, superseded, rated_low, stopped, forced, erased, invalid_calls, not_a_chat,
-    repeats, capped, or dropped by redaction), so nothing leaves the loop without a count.
+    out (other_model, held, rejected, superseded, rated_low, stopped, forced, erased, invalid_calls,
+    not_a_chat, repeats, capped, or dropped by redaction), so nothing leaves the loop without a count.
+
+    Two registered models served from one project (the dates task and the tools task) log to
+    one file: with `policy.model_name` only the answers that model served are read, and the
+    other model's feedback never trains it.
 
     An answer a `tool_choice` forced (`Interaction.forced`: a call, a named one, or no call
     before any tool result) is left out, corrected or not: a data file has no tool_choice, so
     its example would teach the forced answer as the model's own choice for that prompt.
     """
+    ours = [(i, row) for i, row in rated if policy.model_name is None or i.model_name == policy.model_name]
+    other_model, rated = len(rated) - len(ours), ours
     latest, held = latest_admitted(rated, policy.auto_approve)
     superseded = sum(row.admitted(policy.auto_approve) for _, row in rated) - len(latest)
     examples, trusted, erased_count, not_a_chat, broken_calls, rated_low, stopped, forced = [], {}, 0, 0, 0, 0, 0, 0
@@ -270,7 +279,7 @@ def admitted_examples(rated: list[tuple[Interaction, FeedbackRow]], erased: set[
     return examples, {"held": held, "capped": capped, "erased": erased_count, "redacted": redacted,
                       "repeats": repeats, "invalid_calls": broken, "not_a_chat": not_a_chat,
                       "rejected": sum(row.review == "rejected" for _, row in rated), "superseded": superseded,
-                      "rated_low": rated_low, "stopped": stopped, "forced": forced}
+                      "rated_low": rated_low, "stopped": stopped, "forced": forced, "other_model": other_model}
 
 
 def _latest_of_each(examples: list[dict[str, Any]], trusted: dict[int, bool]) -> tuple[list[dict[str, Any]], int]:

@@ -53,24 +53,26 @@ class Rated:
 
 
 def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_approve: str = "trusted",
-                        redaction: RedactAction = "mask", max_key_share: float = 1.0) -> dict[str, Any]:
+                        redaction: RedactAction = "mask", max_key_share: float = 1.0,
+                        model_name: str | None = None) -> dict[str, Any]:
     """Export the service's log (`FTLLM_FEEDBACK_DB`, else `<root>/feedback.db`) to `preference.path` and version it.
 
     Written on every run that read feedback, once the log holds a preference example (after
     that, empty while nothing is rated: the `preference` stage then has nothing to do). The
     same trust rules as the feedback export apply (tasks.feedback.export): only admitted
     ratings (`feedback.auto_approve`, or approved by a person), no erased prompt, and
-    secrets and personal data redacted (`feedback.redaction`).
+    secrets and personal data redacted (`feedback.redaction`), and with `model_name` only the
+    answers that registered model served.
     """
     from tasks.pipeline.dvc import track_data
 
     out = Path(prefs.path) if Path(prefs.path).is_absolute() else root / prefs.path
     db = default_db_path(root)
-    if not out.exists() and not (db.is_file() and preference_examples(read_rated(db, auto_approve), prefs)[0]):
+    if not out.exists() and not (db.is_file() and preference_examples(read_rated(db, auto_approve, model_name), prefs)[0]):
         # Nothing rated yet and nothing exported before: the data folder (and data.dvc) stays as it was.
         log(f"no preference examples in {db}: nothing exported")
         return {"path": str(out), "examples": 0, "md5": None, "tracked_by": None, "tags": {}}
-    summary = export_preference(db, out, prefs, auto_approve, redaction, max_key_share)
+    summary = export_preference(db, out, prefs, auto_approve, redaction, max_key_share, model_name)
     tracked = track_data(root, out, log=log)
     log(f"exported {summary['examples']} preference examples to {out}: {summary}")
     return {**summary, "md5": file_md5(out), "tracked_by": tracked, "tags": preference_tags(summary)}
@@ -90,10 +92,11 @@ def preference_tags(summary: dict[str, Any]) -> dict[str, str]:
             **{f"preference.redacted.{k}": str(v) for k, v in redacted.items()}}
 
 
-def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:
+def read_rated(db: Path, auto_approve: str = "trusted", model_name: str | None = None) -> list[Rated]:
     """The latest admitted feedback of each rated completion in the service's log, oldest first (read-only).
 
-    Feedback that is held for approval, rejected, or whose prompt was erased is left out.
+    Feedback that is held for approval, rejected, or whose prompt was erased is left out, and
+    with `model_name` feedback on answers another registered model served.
 
     Raises:
         DataFileError: `db` is not the service's SQLite log.
@@ -101,6 +104,7 @@ def read_rated(db: Path, auto_approve: str = "trusted") -> list[Rated]:
     with FeedbackReader(db) as reader:
         rated, _, _ = reader.rated_completions()
         erased = reader.erased_digests()
+    rated = [(i, row) for i, row in rated if model_name is None or i.model_name == model_name]
     # The latest admitted feedback, not the latest feedback then admitted or not: a later
     # rating held for approval (an untrusted key's) must not hide a trusted one.
     latest, _ = latest_admitted(rated, auto_approve)
@@ -212,12 +216,13 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_sha
 
 
 def export_preference(db: Path, out: Path, prefs: PreferenceParams, auto_approve: str = "trusted",
-                      redaction: RedactAction = "mask", max_key_share: float = 1.0) -> dict[str, Any]:
+                      redaction: RedactAction = "mask", max_key_share: float = 1.0,
+                      model_name: str | None = None) -> dict[str, Any]:
     """Write the log's admitted preference examples, redacted, to `out` (atomically); what was written, counted.
 
     A missing log writes an empty file: no ratings yet, no preference tuning.
     """
-    rated = read_rated(db, auto_approve) if Path(db).is_file() else []
+    rated = read_rated(db, auto_approve, model_name) if Path(db).is_file() else []
     rows, counts = preference_examples(rated, prefs, max_key_share, redaction)
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return {"path": str(out), "examples": len(rows), **counts}

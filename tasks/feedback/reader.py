@@ -149,20 +149,22 @@ class FeedbackReader:
             "ORDER BY id", (up_to_id, decision)).fetchall()
         return [FeedbackRow(*row) for row in rows]
 
-    def versions_of(self, completion_ids: Iterable[str]) -> dict[str, str]:
-        """The model version that served each of `completion_ids` (those the log holds)."""
+    def served_by(self, completion_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """The registered model and version that served each of `completion_ids` (those the log holds)."""
         ids = list(dict.fromkeys(completion_ids))
-        found: dict[str, str] = {}
+        found: dict[str, tuple[str, str]] = {}
         for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
             chunk = ids[start:start + 500]
-            query = f"SELECT id, model_version FROM interactions WHERE id IN ({','.join('?' * len(chunk))})"
-            found.update(dict(self.conn.execute(query, chunk).fetchall()))
+            query = f"SELECT id, model_name, model_version FROM interactions WHERE id IN ({','.join('?' * len(chunk))})"
+            found.update({cid: (name, version) for cid, name, version in self.conn.execute(query, chunk)})
         return found
 
     def interaction_count(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0])
 
-    def recent_messages(self, window: int) -> list[list[dict[str, Any]]]:
-        """The request messages of the latest `window` completions, newest first."""
-        rows = self.conn.execute("SELECT messages FROM interactions ORDER BY created DESC LIMIT ?", (window,)).fetchall()
+    def recent_messages(self, window: int, model_name: str | None = None) -> list[list[dict[str, Any]]]:
+        """The request messages of the latest `window` completions (of `model_name`'s service, if given), newest first."""
+        where, args = ("WHERE model_name = ?", (model_name,)) if model_name is not None else ("", ())
+        rows = self.conn.execute(f"SELECT messages FROM interactions {where} ORDER BY created DESC LIMIT ?",
+                                 (*args, window)).fetchall()
         return [json.loads(messages) for (messages,) in rows]

@@ -51,6 +51,7 @@ class FeedbackFigures:
     new_low_ratings: int = 0  # answers whose latest rating is at most monitor.low_rating (what preference tuning avoids)
     champion: str | None = None  # the version the mean rating is of (None: no champion known, every answer)
     other_versions: int = 0  # new rated answers another version served: counted above, not in the mean
+    other_models: int = 0  # new rated answers another registered model served (one log, two services): not counted
     new_log: bool = False  # the cursor was read in another log (replaced, moved): this one is counted whole
 
 
@@ -72,7 +73,8 @@ def feedback_sources(rows: Iterable) -> int:
 
 
 def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, since_decision: int = 0,
-                  auto_approve: str = "trusted", champion: str | None = None, since_log: str = "") -> FeedbackFigures:
+                  auto_approve: str = "trusted", champion: str | None = None, since_log: str = "",
+                  model_name: str | None = None) -> FeedbackFigures:
     """Count the ratings and corrections with a feedback id above `since_id`, and those below it
     that a person approved after review decision `since_decision` (held when the last run read
     the log, so not trained on); feedback a person rejected is left out (it never reaches
@@ -84,6 +86,9 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
         champion: the version serving now: the mean rating is of its answers only, so late
             ratings of an earlier champion's answers do not count against it (they still count
             as ratings, corrections and low ratings: data the next run learns from).
+        model_name: the registered model monitored: feedback on another model's answers (its
+            service logging to the same file) is not counted at all (`other_models`); None:
+            every answer in the log.
 
     A cursor read in another log (`since_log` another log's identity, or `since_id` past every
     feedback id this log ever gave: `tasks.monitor.cursor.Cursor.of_another_log`), one since
@@ -103,9 +108,11 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
         rows.sort(key=lambda row: row.id)
         last = reader.last_feedback_id()
         interactions = reader.interaction_count()
-        answers = _latest_per_answer(rows)
-        served = reader.versions_of(row.completion_id for row in answers) if champion is not None else {}
-    ours = [row for row in answers if champion is None or served.get(row.completion_id) == champion]
+        served = reader.served_by(row.completion_id for row in rows)
+    mine = [row for row in rows if model_name is None or served.get(row.completion_id, ("",))[0] == model_name]
+    other_models, rows = len(_latest_per_answer(rows)) - len(_latest_per_answer(mine)), mine
+    answers = _latest_per_answer(rows)
+    ours = [row for row in answers if champion is None or served.get(row.completion_id, ("", ""))[1] == champion]
     ratings = [row.rating for row in ours][-window:]
     return FeedbackFigures(
         since_id=since_id, last_id=max(last, since_id), new_ratings=len(answers),
@@ -113,7 +120,7 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
         mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=interactions,
         sources=feedback_sources(rows),
         new_low_ratings=sum(row.correction is None and row.rating <= low_rating for row in answers),
-        champion=champion, other_versions=len(answers) - len(ours), new_log=new_log,
+        champion=champion, other_versions=len(answers) - len(ours), other_models=other_models, new_log=new_log,
     )
 
 
@@ -128,10 +135,10 @@ def _latest_per_answer(rows: list) -> list:
     return sorted(latest.values(), key=lambda row: row.id)
 
 
-def recent_prompts(db: Path, window: int) -> list[str]:
-    """The user turns of the latest `window` completions, one text per completion."""
+def recent_prompts(db: Path, window: int, model_name: str | None = None) -> list[str]:
+    """The user turns of the latest `window` completions (of `model_name`'s service, if given), one text per completion."""
     with FeedbackReader(db) as reader:
-        requests = reader.recent_messages(window)
+        requests = reader.recent_messages(window, model_name)
     return [text for text in (_user_text(messages) for messages in requests) if text]
 
 

@@ -245,6 +245,7 @@ def _feedback_section(feedback: dict[str, Any] | None) -> str:
                     ("superseded", feedback.get("superseded", 0)), ("rated low", feedback.get("rated_low", 0)),
                     ("stopped by the client", feedback.get("stopped", 0)),
                     ("forced by tool_choice", feedback.get("forced", 0)),
+                    ("on another model's answers", feedback.get("other_model", 0)),
                     ("capped", feedback.get("capped", 0)), ("repeats merged", feedback.get("repeats", 0)),
                     ("invalid tools or calls", feedback.get("invalid_calls", 0)),
                     ("made no example", feedback.get("not_a_chat", 0)),

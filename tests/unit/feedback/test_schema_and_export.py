@@ -98,7 +98,7 @@ def test_a_rated_answer_keeps_its_trace_and_a_broken_call_is_not_trained_as_an_a
 def test_an_answer_the_client_stopped_is_trained_only_through_its_correction(tmp_path, monkeypatch, capsys):
     store = FeedbackStore(tmp_path / "feedback.db")
     for cid in ("c0", "c1"):
-        store.log_interaction(Interaction(cid, "chat", "m", "1", [{"role": "user", "content": f"Rewrite {cid}?"}],
+        store.log_interaction(Interaction(cid, "chat", "ftllm-chat", "1", [{"role": "user", "content": f"Rewrite {cid}?"}],
                                           "January", "client_stopped", 3, 2, 1.0))
     store.add_feedback("c0", 5, key_name="app", trusted=True)
     store.add_feedback("c1", 2, "January 5, 2024", key_name="app", trusted=True)
@@ -134,7 +134,7 @@ def test_an_answer_a_tool_choice_forced_is_not_taught_as_the_models_own_choice(t
             ("none", ask, "I cannot look that up.", "none"),  # no call allowed before any result: forced
             ("last-round", results, "It is 20:03 in Oslo.", "none"),  # the answer from the results: the model's own
             ("auto", [{"role": "user", "content": "Time in Oslo?"}], "", None)):
-        store.log_interaction(Interaction(cid, "chat", "m", "1", messages, answer, "tool_calls" if not answer else "stop",
+        store.log_interaction(Interaction(cid, "chat", "ftllm-chat", "1", messages, answer, "tool_calls" if not answer else "stop",
                                           3, 2, 1.0, tools=tools, tool_calls=None if answer else calls, tool_choice=choice))
         store.add_feedback(cid, 5, key_name="app", trusted=True)
     store.add_feedback("none", 1, "Let me look it up.", key_name="app", trusted=True)  # corrected, still forced
@@ -154,6 +154,30 @@ def test_an_answer_a_tool_choice_forced_is_not_taught_as_the_models_own_choice(t
     capsys.readouterr()
     assert export_command(tmp_path / "cli.jsonl", 4) == 0
     assert "3 answered under a tool_choice that forced the answer" in capsys.readouterr().out
+
+
+def test_feedback_on_another_models_answers_is_not_exported_for_this_one(tmp_path):
+    """The dates and tools services of one project log to one file: a dates run trained on the
+    tools service's corrections, and its result did not say so."""
+    from tasks.config import PreferenceParams
+    from tasks.feedback.export import ExportPolicy
+    from tasks.feedback.preference import export_preference
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    for i, model in enumerate(["ftllm-chat", "ftllm-tools", "ftllm-tools"]):
+        store.log_interaction(Interaction(f"c{i}", "chat", model, "1", [{"role": "user", "content": f"{model} {i}?"}],
+                                          f"answer {i}", "stop", 3, 2, 1.0))
+        store.add_feedback(f"c{i}", 5, key_name="app", trusted=True)
+    store.add_feedback("c2", 1, "a better answer", key_name="app", trusted=True)
+    store.close()
+    db, out = tmp_path / "feedback.db", tmp_path / "out.jsonl"
+    dates = export_feedback(db, out, 4, policy=ExportPolicy(model_name="ftllm-chat"))
+    assert (dates.examples, dates.other_model) == (1, 3)  # every feedback row counted: 3 on the tools model's answers
+    assert [json.loads(line)["messages"][0]["content"] for line in out.read_text().splitlines()] == ["ftllm-chat 0?"]
+    assert export_feedback(db, out, 4, policy=ExportPolicy(model_name="ftllm-tools")).examples == 2
+    assert export_feedback(db, out, 4).examples == 3  # no model named: the whole log
+    preference = export_preference(db, tmp_path / "pref.jsonl", PreferenceParams(), model_name="ftllm-chat")
+    assert (preference["examples"], preference["desirable"], preference["pairs_from_corrections"]) == (1, 1, 0)
 
 
 def test_a_version_7_log_reads_as_answers_no_tool_choice_forced(tmp_path):

@@ -83,6 +83,28 @@ def test_the_mean_rating_is_of_the_champions_answers_and_the_rest_still_count(tm
     assert (no_answers.mean_rating, no_answers.window_ratings, no_answers.other_versions) == (None, 0, 5)
 
 
+def test_feedback_on_another_models_answers_neither_counts_nor_drifts(tmp_path):
+    """The dates and tools services of one project log to one file: the tools service's
+    corrections asked the dates model for a retraining, and its prompts made the dates drift."""
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    try:
+        for i, model in enumerate(["ftllm-chat", "ftllm-tools", "ftllm-tools", "ftllm-tools"]):
+            store.log_interaction(Interaction(
+                id=f"c{i}", endpoint="/v1/chat/completions", model_name=model, model_version="1",
+                messages=[{"role": "user", "content": f"{model} asks {i}"}], answer="It is 20:03.",
+                finish_reason="stop", prompt_tokens=9, completion_tokens=4, latency_ms=12.0))
+            store.add_feedback(f"c{i}", 1, "It is 20:04.", key_name=f"client-{i}")
+    finally:
+        store.close()
+    dates = read_feedback(db, since_id=0, window=200, champion="1", model_name="ftllm-chat")
+    assert (dates.new_ratings, dates.new_corrections, dates.other_models, dates.sources) == (1, 1, 3, 1)
+    assert (dates.mean_rating, dates.window_ratings) == (1.0, 1)
+    assert read_feedback(db, since_id=0, window=200, model_name="ftllm-tools").new_corrections == 3
+    assert recent_prompts(db, 10, "ftllm-chat") == ["ftllm-chat asks 0"]
+    assert len(recent_prompts(db, 10)) == 4
+
+
 def test_a_cursor_past_every_id_the_log_gave_counts_the_whole_log(tmp_path):
     """A new or replaced feedback.db starts its ids at 1 again, under the cursor the old log left:
     its corrections were never counted, so they never started a retraining. Erasing rows does
