@@ -70,12 +70,12 @@ def export_command(out: Path, min_rating: int) -> int:
 
 def _export(out: Path, min_rating: int) -> None:
     root = apply_defaults()
+    from ftllm.commands.serve import project_params
     from tasks.feedback import default_db_path, export_feedback
     from tasks.feedback.export import LEFT_OUT, ExportPolicy
 
-    from ftllm.commands.serve import project_params
-
     db = default_db_path(root)
+    _check_export_target(out, db)
     params = project_params(root)
     settings = params.feedback
     # No cap here: feedback.max_key_share is a share of a run's training data, which a run applies.
@@ -89,6 +89,36 @@ def _export(out: Path, min_rating: int) -> None:
                 for name, said in LEFT_OUT.items() if getattr(exported, name)]
     print(f"wrote {exported.examples} examples from {db} to {out}; left out: " + (", ".join(left_out) or "none")
           + f"; redacted: {exported.redacted}")
+
+
+def _check_export_target(out: Path, db: Path) -> None:
+    """Refuse an `out` whose writing would destroy data: the feedback log itself (its -wal,
+    -shm or -journal files too), or an existing file that is not an export of the log (a data
+    set, a settings file); and a folder that does not exist (a mistyped path), not made.
+
+    Raises:
+        UsageError: naming `out` and why.
+    """
+    import json
+
+    if out.is_dir():
+        raise UsageError(f"{out}: is a folder; give the file to write, e.g. {out / 'feedback.jsonl'}")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out}: the folder {out.parent} does not exist")
+    target = out.resolve()
+    if target in {Path(f"{db.resolve()}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")}:
+        raise UsageError(f"{out}: that is the feedback log the export reads, which it would overwrite; "
+                         "write the export to another file")
+    if out.is_file() and out.stat().st_size:
+        with out.open("rb") as f:
+            first = f.readline(1 << 20)
+        try:
+            ours = "provenance" in json.loads(first)
+        except (ValueError, TypeError):  # not JSON (binary, text, a truncated line) or not an object
+            ours = False
+        if not ours:
+            raise UsageError(f"{out}: exists and is not an export of the feedback log (its first line has no "
+                             "provenance), so writing it would replace its data; choose another file, or remove it first")
 
 
 def pending_command() -> int:

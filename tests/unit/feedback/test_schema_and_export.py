@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import replace
 
 import pytest
 
@@ -193,6 +194,32 @@ def test_a_version_7_log_reads_as_answers_no_tool_choice_forced(tmp_path):
     with FeedbackReader(db) as reader:
         [(interaction, _)], _, _ = reader.rated_completions()
     assert interaction.tool_choice is None and not interaction.forced
+
+
+def test_feedback_export_writes_over_no_data_but_its_own_earlier_export(tmp_path, monkeypatch, capsys):
+    """`ftllm feedback export feedback.db` replaced the log with the export, every interaction and
+    review lost; `ftllm feedback export data/dates.jsonl` replaced the data set with 8 lines."""
+    from ftllm.commands.feedback import export_command
+
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    store.log_interaction(replace(_chat(0), model_name="ftllm-chat"))  # the project's model (params.yaml)
+    store.add_feedback("c0", 5, key_name="app", trusted=True)
+    store.close()
+    data = tmp_path / "dates.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "2016-03-18"}, {"role": "assistant", "content": "x"}]}\n')
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    before = {p: p.read_bytes() for p in (db, data)}
+    for out, said in ((db, "that is the feedback log the export reads"), (tmp_path / "feedback.db-wal", "that is the feedback log"),
+                      (data, "exists and is not an export of the feedback log"),
+                      (tmp_path / "no-such-folder" / "out.jsonl", "does not exist"), (tmp_path, "is a folder")):
+        capsys.readouterr()
+        assert export_command(out, 4) == 2, out
+        assert said in capsys.readouterr().err, out
+    assert {p: p.read_bytes() for p in (db, data)} == before and not (tmp_path / "no-such-folder").exists()
+    out = tmp_path / "feedback.jsonl"
+    assert export_command(out, 1) == 0 and export_command(out, 1) == 0  # its own export again: replaced
+    assert len(out.read_text().splitlines()) == 1
 
 
 def test_a_log_of_a_newer_schema_is_refused_by_name(tmp_path):
