@@ -165,7 +165,7 @@ def _record_prepared(root: Path, run_id: str, result: RunResult, lineage: dict) 
     """What prepare kept of each source: in the result, the lineage tags and the MLflow run."""
     stats = json.loads((root / "artifacts/prepared/stats.json").read_text())
     for summary, source in zip(result.data.sources, stats["sources"]):
-        summary.kept = source["kept"]
+        summary.kept, summary.length_dropped = source["kept"], source.get("length_dropped")
     result.data.splits = stats["counts"]
     lineage["data_sources"] = log_prepared(run_id, root / "artifacts")
 

@@ -237,6 +237,12 @@ def prepare_dataset(path: Path | None, out_dir: Path, params: Params, tokenizer=
     # A source that drops invalid rows (a feedback source, by default) had its over-long rows
     # counted against its own max_invalid_share by validation; the share here is of the others'.
     strict = [i for i in length["dropped_lines"] if sources[merged[i].source].invalid_rows == "fail"]
+    for source_read in reads:
+        source_read.stats["length_dropped"] = 0
+    for i in length["dropped_lines"]:  # out of the source's kept rows, and said of which source
+        reads[merged[i].source].stats["length_dropped"] += 1
+        reads[merged[i].source].stats["kept"] -= 1
+    length["dropped_rows"] = [{"source": merged[i].source, "line": merged[i].line} for i in length["dropped_lines"][:100]]
     length["dropped_lines"] = [merged[i].line for i in length["dropped_lines"][:100]]
     share = len(strict) / read if read else 0.0
     if share > data.max_drop_fraction:
@@ -276,6 +282,7 @@ def prepare_dataset(path: Path | None, out_dir: Path, params: Params, tokenizer=
         "max_tokens": data.max_tokens,
         "dropped": length["dropped"],
         "dropped_lines": length["dropped_lines"],
+        "dropped_rows": length["dropped_rows"],
         "truncated": length["truncated"],
         "replay": replay,
         "train_test_overlap": overlap["test"],

@@ -85,7 +85,9 @@ class SourceSummary(_Part):
     examples: int | None = Field(None, description="Examples in the file.")
     invalid: int | None = Field(None, description="Examples that cannot be trained on (left out under invalid_rows: drop).")
     invalid_rows: str = Field("fail", description="The source's invalid-row policy: fail or drop.")
-    kept: int | None = Field(None, description="Examples kept after corrections, deduplication, cap and weight.")
+    kept: int | None = Field(None, description="Examples kept after corrections, deduplication, cap, weight and "
+                                               "the length policy.")
+    length_dropped: int | None = Field(None, description="Examples the length policy dropped (over data.max_tokens).")
 
 
 class DataSummary(_Part):
@@ -166,12 +168,19 @@ class RunResult(_Part):
         return [c.name for c in self.gate.checks if not c.passed] if self.gate else []
 
 
+def _invalid(report: dict) -> int:
+    """A source's examples that cannot be trained on, as its invalid-row policy counts them
+    (`tasks.data.sources.accept_report`): past data.max_drop_fraction of it, the over-long ones too."""
+    over = report.get("dropped", 0) if "over_token_limit" in report.get("errors", {}) else 0
+    return min(report["examples"], report.get("unusable_examples", 0) + over)
+
+
 def summarise_sources(path: str, sources: list[dict], reports: list[dict | None]) -> DataSummary:
     """The data part of a result from each source (`path`, `md5`, `feedback`, `invalid_rows`) and its
     validation report (None for an empty feedback export, which is not validated)."""
     parts = [
         SourceSummary(path=s["path"], md5=r["md5"] if r else s["md5"], feedback=s["feedback"],
-                      examples=r["examples"] if r else 0, invalid=r.get("unusable_examples", 0) if r else 0,
+                      examples=r["examples"] if r else 0, invalid=_invalid(r) if r else 0,
                       invalid_rows=s["invalid_rows"])
         for s, r in zip(sources, reports)
     ]

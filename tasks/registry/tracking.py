@@ -211,8 +211,8 @@ def log_prepared(run_id: str, artifacts: Path) -> str:
 
     stats_path = Path(artifacts) / "prepared/stats.json"
     stats = json.loads(stats_path.read_text())
-    listed = [{"path": s["path"], "md5": s["md5"], "kept": s["kept"], "invalid_dropped": s["invalid"]}
-              for s in stats["sources"]]
+    listed = [{"path": s["path"], "md5": s["md5"], "kept": s["kept"], "invalid_dropped": s["invalid"],
+               "length_dropped": s.get("length_dropped", 0)} for s in stats["sources"]]
     preference = stats.get("preference")
     if preference:
         kept = sum(split["examples"] for split in preference["counts"].values())

@@ -264,6 +264,10 @@ def test_rows_over_the_token_limit_are_invalid_rows_of_a_source_that_drops(tmp_p
     assert report["errors"].get("over_token_limit") == 3 and not report["valid"]
     assert accept_report("data.sources[1]", SourceParams(feedback=True), report)
     assert not accept_report("data.sources[1]", SourceParams(path=str(data)), report)
+    from tasks.pipeline.result import summarise_sources  # the run's result counts them invalid, as the policy does
+
+    source = {"path": str(data), "md5": None, "feedback": True, "invalid_rows": "drop"}
+    assert summarise_sources(str(data), [source], [report]).sources[0].invalid == 3
     with pytest.raises(InvalidRowsError, match=r"3 of 10 rows \(30.00%\) are invalid.*over_token_limit"):
         accept_report("data.sources[1]", SourceParams(feedback=True, max_invalid_share=0.2), report)
 
@@ -278,6 +282,11 @@ def test_a_feedback_sources_long_rows_are_left_out_by_prepare_too(tmp_path, tok)
     sources = [{"path": str(data)}, {"path": str(feedback), "feedback": True}]
     stats = prepare_dataset(None, tmp_path / "o", params(sources, max_tokens=64), tok)
     assert stats["examples"] == 110 and stats["dropped"] == 10
+    # Said of the source they came from: its `kept` was counted before the length policy (20
+    # kept, 10 trained on) and the dropped lines named no file.
+    first, second = stats["sources"]
+    assert (first["kept"], first["length_dropped"], second["kept"], second["length_dropped"]) == (100, 0, 10, 10)
+    assert stats["dropped_rows"] == [{"source": 1, "line": n} for n in range(11, 21)]
     with pytest.raises(PrepareError, match=r"10 of 120 examples \(8.3%\) are over data.max_tokens"):
         prepare_dataset(None, tmp_path / "o2", params([{"path": str(data)}, {"path": str(feedback)}],
                                                       max_tokens=64), tok)
