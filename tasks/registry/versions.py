@@ -197,17 +197,22 @@ class AliasMove:
         return {"model_name": self.model_name, "previous": self.previous, "champion": self.champion, "changed": self.changed}
 
 
+def _check_forced(force: bool, reason: str) -> None:
+    """Refuse `force` without a reason, whatever the version: the reason is recorded on it."""
+    if force and not reason.strip():
+        raise RegistryRefusal("--force needs --reason TEXT: the reason is recorded on the version",
+                              form_message="force needs a reason: give one, it is recorded on the version")
+
+
 def _check_gate(mv, force: bool, reason: str, action: str) -> None:
     """Refuse a version whose gate failed, unless `force` with a reason."""
+    _check_forced(force, reason)
     if mv.tags.get("gate_passed") == "true":
         return
     if not force:
         failed = f"version {mv.version} failed its gate ({mv.tags.get('gate_failed_checks', 'unknown')})"
         raise RegistryRefusal(f"{failed}; {action} it anyway with --force --reason TEXT",
                               form_message=f"{failed}; to {action} it anyway, set force and give a reason")
-    if not reason.strip():
-        raise RegistryRefusal("--force needs --reason TEXT: the reason is recorded on the version",
-                              form_message="force needs a reason: give one, it is recorded on the version")
 
 
 def promote(model_name: str, version: str, force: bool = False, reason: str = "") -> AliasMove:
@@ -217,6 +222,7 @@ def promote(model_name: str, version: str, force: bool = False, reason: str = ""
         RegistryRefusal: unknown version, or a version whose gate failed without `force`
             and a reason.
     """
+    _check_forced(force, reason)
     mv = _get_version(model_name, version)
     version = str(mv.version)  # as the registry numbers it: `01` is version 1
     current = champion_version(model_name)
@@ -225,7 +231,7 @@ def promote(model_name: str, version: str, force: bool = False, reason: str = ""
     _check_gate(mv, force, reason, "promote")
     history = champion_history(model_name) + [str(version)]
     tags = {"promoted_at": _now(), "promoted_by": _actor(), "promote_reason": reason or "gate passed"}
-    if force:
+    if force and mv.tags.get("gate_passed") != "true":  # a passed gate needed no overriding
         tags["promote_forced"] = "true"
     _move_champion(model_name, str(version), history, tags)
     return AliasMove(model_name, current, str(version), changed=True)
@@ -241,6 +247,7 @@ def rollback(model_name: str, to: str | None = None, reason: str = "", force: bo
         RegistryRefusal: no champion yet, no former champion to go back to, an unknown `to`, or
             a `to` that was never champion and failed its gate, without `force` and a reason.
     """
+    _check_forced(force, reason)
     current = champion_version(model_name)
     history = champion_history(model_name)
     if to is not None:

@@ -38,6 +38,12 @@ def test_versions_promotion_and_rollback(tmp_path, model_name):
     with pytest.raises(registry.RegistryRefusal, match="nothing to roll back to"):
         registry.rollback(model_name)
 
+    # --force without a reason was taken where the gate had passed, though its help says it needs one
+    for forced_without_reason in (lambda: registry.promote(model_name, v2, force=True),
+                                  lambda: registry.rollback(model_name, to=v2, force=True)):
+        with pytest.raises(registry.RegistryRefusal, match="--force needs --reason"):
+            forced_without_reason()
+    assert registry.champion_version(model_name) == v1
     forward = registry.rollback(model_name, to=v2)
     assert forward.champion == v2 and registry.champion_history(model_name) == [v1, v2]
     assert not registry.rollback(model_name, to=v2).changed
