@@ -185,9 +185,12 @@ def params_(
                   f"{', '.join(found.missing)}", file=sys.stderr)
         if found.errors:
             raise ConfigError("\n".join(found.errors))
-        print(f"{check}: valid ({len(found.differences)} values differ from the defaults)", file=sys.stderr)
+        n = len(found.differences)
+        print(f"{check}: valid ({n} {'value differs' if n == 1 else 'values differ'} from the defaults)", file=sys.stderr)
     if write is not None:
         print(f"wrote {write_params(write)}", file=sys.stderr)
+        if errors := check_params(write).errors:  # its values are kept as they were: say which are wrong
+            raise ConfigError("\n".join([f"{write}: written with its values kept, but they do not validate:", *errors]))
     if check is None and write is None:
         print(render_params(), end="")
     return EXIT_OK
@@ -263,6 +266,8 @@ def models(
                 v["lineage"].get("data_md5", "")[:12], v["created"], (v.get("flow_run") or {}).get("name") or "",
             )
         _console().print(table)
+        if not versions:  # a name mistyped, or nothing run yet: an empty table says neither
+            print(f"{name}: no registered versions (registry.model_name; `ftllm run` registers the first)", file=sys.stderr)
         if data_md5:
             runs = Table(title=f"runs that used data {data_md5}")
             for col in ("run", "status", "version"):

@@ -789,6 +789,8 @@ def _format_error(err: ValidationError, source: str, lines: dict[tuple, int] | N
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; check the spelling against the settings reference (ftllm params prints every key)"
+        elif e["type"] == "model_type":  # a section given as a value: no class name of the code
+            msg = f"a section of keys (indented `key: value` lines under it), not {e['input']!r}"
         named = [m.groups() for m in _DOTTED_KEY.finditer(msg) if m.group(1) in Params.model_fields]
         if e["type"] == "value_error" and named:  # a validator: a key it names that --set gave, else the file
             path = next((k for k in named if ".".join(k) in overrides), next((k for k in named if k in lines), named[0]))

@@ -238,6 +238,9 @@ def test_a_bad_value_an_unknown_key_and_a_contradiction_are_named_with_their_lin
                             "train.seq_len=64")
     with pytest.raises(ConfigError, match="--set data.max_tokens: data.max_tokens=999 is longer"):
         load_params(None, {"data.max_tokens": 999})
+    scalar = tmp_path / "scalar.yaml"  # a section written as a value: said without the code's class names
+    scalar.write_text("train: 5\n")
+    assert check_params(scalar).errors == [f"{scalar}:1: train: a section of keys (indented `key: value` lines under it), not 5"]
 
 
 @pytest.mark.parametrize(

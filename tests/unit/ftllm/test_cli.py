@@ -92,7 +92,7 @@ def test_params_check_names_each_error_with_its_line_and_lists_the_differences(t
     ok = CliRunner().invoke(app, ["params", "--check", str(path)])
     assert ok.exit_code == 0 and ok.stdout == ""
     assert f"{path}:{lines[('train', 'max_steps')]}: train.max_steps: 100 (default: 300)" in ok.stderr
-    assert "valid (1 values differ from the defaults)" in ok.stderr
+    assert "valid (1 value differs from the defaults)" in ok.stderr
 
     path.write_text(text.replace("  lora_r: 16 ", "  lora_r: 0  ").replace("  seed: 42 ", "  sead: 42 "))
     bad = CliRunner().invoke(app, ["params", "--check", str(path)])
@@ -115,6 +115,12 @@ def test_params_write_keeps_the_values_and_adds_the_missing_keys(tmp_path):
     assert path.read_text() == render_params({"train": {"max_steps": 100}, "schedule": {"active": True}})
     checked = CliRunner().invoke(app, ["params", "--check", str(path)])
     assert checked.exit_code == 0 and "not in the file" not in checked.stderr
+    assert "(2 values differ from the defaults)" in checked.stderr
+    # a wrong value is kept as it was, and said: `wrote` and exit 0 left the user thinking it was fine
+    path.write_text("train:\n  max_steps: lots\n")
+    written = CliRunner().invoke(app, ["params", "--write", str(path)])
+    assert written.exit_code == 2 and f"{path}: written with its values kept, but they do not validate" in written.stderr
+    assert "train.max_steps: Input should be a valid integer" in written.stderr and "max_steps: lots" in path.read_text()
 
 
 def test_params_prints_the_defaults():
@@ -260,6 +266,7 @@ def test_models_data_md5_lists_the_runs_without_json_too_and_rollback_force_need
     `--to` was taken without a word."""
     result = CliRunner().invoke(app, ["models", "--params", str(params), "--data-md5", "0123abcd"])
     assert result.exit_code == 0 and "no run used data 0123abcd" in result.stdout, result.output
+    assert "no registered versions (registry.model_name;" in result.stderr  # the fixture's model: none yet
     from mlflow import MlflowClient
 
     from tasks.environment import apply_defaults
