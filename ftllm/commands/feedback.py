@@ -88,7 +88,12 @@ def _export(out: Path, min_rating: int) -> None:
     left_out = [f"{getattr(exported, name)} {said.format(min_rating=min_rating)}"
                 for name, said in LEFT_OUT.items() if getattr(exported, name)]
     print(f"wrote {exported.examples} examples from {db} to {out}; left out: " + (", ".join(left_out) or "none")
-          + f"; redacted: {exported.redacted}")
+          + f"; redacted: {_counts(exported.redacted) or 'nothing'}")
+
+
+def _counts(counts: dict[str, int]) -> str:
+    """`approved 5, rejected 0, held 1`: counts as a person reads them (not a Python dict)."""
+    return ", ".join(f"{name} {n}" for name, n in counts.items())
 
 
 def _check_export_target(out: Path, db: Path) -> None:
@@ -146,7 +151,7 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
             raise UsageError(f"--up-to {up_to}: expected a feedback id (1 or more), as `ftllm feedback pending` shows")
         db, auto_approve = _db(root), _settings(root).auto_approve
         if reject:
-            print(reject_keys(db, keys, reviewer, auto_approve, up_to))
+            print(_counts(reject_keys(db, keys, reviewer, auto_approve, up_to)))
             return
         batch = held_batch(db, auto_approve)
         if up_to is not None:  # what a person saw: rows posted since stay held
@@ -156,7 +161,7 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
             raise UsageError(f"--key {', '.join(unknown)}: no held feedback from that key; held keys: {batch.keys}")
         decided = apply_decision(db, batch, Decision(approve_all, tuple(keys), reviewer=reviewer))
         # what stays held in all, rows posted after --up-to among them, not only in the batch decided on
-        print({**decided, "held": len(held_batch(db, auto_approve).rows)})
+        print(_counts({**decided, "held": len(held_batch(db, auto_approve).rows)}))
     return _on_the_log(approve)
 
 

@@ -429,9 +429,11 @@ def _read_jsonl(f, on_bytes: Callable[[int], None] | None) -> Iterator[tuple[int
             continue
         if not text.strip():
             continue
+        text = text.rstrip("\r\n")  # an error at the line's end is at its last column, not the next line's first
         try:
             yield line_no, json.loads(text)
         except json.JSONDecodeError as exc:
-            yield line_no, RecordError("invalid_json", f"not valid JSON: {exc.msg} (column {exc.colno})")
+            where = "at the end of the line: it stops short" if exc.pos >= len(text) else f"column {exc.colno}"
+            yield line_no, RecordError("invalid_json", f"not valid JSON: {exc.msg} ({where})")
         except RecursionError:  # json's decoder recurses once per nesting level
             yield line_no, RecordError("invalid_json", "not valid JSON here: nested too deeply to parse")

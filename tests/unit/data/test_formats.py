@@ -92,6 +92,11 @@ def test_read_records_reports_bad_lines_and_skips_blank_ones(tmp_path: Path) -> 
     assert [line for line, _ in records] == [1, 3, 4]
     assert records[1][1] == RecordError("invalid_json", records[1][1].message)
     assert records[2][1].category == "invalid_utf8"
+    # Where the line goes wrong: a cut line stops short at its end (it was said of column 1, the next line's)
+    path.write_text('{"messages": [\n{"messages": [}\n')
+    cut, bad = (error.message for _, error in read_records(path))
+    assert cut == "not valid JSON: Expecting value (at the end of the line: it stops short)"
+    assert bad == "not valid JSON: Expecting value (column 15)"
 
 
 @pytest.mark.parametrize("make", [lambda p: p / "missing.jsonl", lambda p: p])

@@ -517,10 +517,10 @@ def test_the_cli_approves_and_forgets(db, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(("keys", "reject", "said"), [
-    ([], False, "{'approved': 5, 'rejected': 0, 'held': 1}"),  # the later row is counted held
+    ([], False, "approved 5, rejected 0, held 1"),  # the later row is counted held
     # `--reject --key bot --up-to N` rejected bot's rows posted after N too, which no person
     # had seen and no command can approve again
-    (["bot"], True, "{'approved': 0, 'rejected': 3, 'held': 3}"),
+    (["bot"], True, "approved 0, rejected 3, held 3"),
 ])
 def test_deciding_up_to_the_id_pending_showed_leaves_later_rows_held(db, monkeypatch, capsys, keys, reject, said):
     """A person approves or rejects what `pending` showed them: feedback posted since waits for a look."""
@@ -545,7 +545,7 @@ def test_rejecting_a_key_stops_its_trusted_rows_too(db, tmp_path, monkeypatch, c
     monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
     assert [r["messages"][-1]["content"] for r in _export(db, tmp_path)[0]] == ["ops fix"]
     assert approve_command(False, ["ops", "bot"], True, "cli") == 0
-    assert "{'approved': 0, 'rejected': 4, 'held': 2}" in capsys.readouterr().out  # web's stay held
+    assert "approved 0, rejected 4, held 2" in capsys.readouterr().out  # web's stay held
     rows, exported = _export(db, tmp_path, auto_approve="all")  # not even "approve everything" takes them back
     assert [r["messages"][-1]["content"] for r in rows] == ["web fix 1", "web fix 2"] and exported.rejected == 4
     assert approve_command(False, ["ops"], True, "cli") == 2  # nothing undecided is left: said, not silent
