@@ -50,8 +50,9 @@ def should_pause(mode: str) -> bool:
     return mode == "always" or (mode == "auto" and environment().prefect_api_url is not None)
 
 
-def review_held_feedback(db: Path, settings: FeedbackParams) -> dict:
-    """Pause for approval of the held feedback in `db` when there is some; apply the answer.
+def review_held_feedback(db: Path, settings: FeedbackParams, model_name: str | None = None) -> dict:
+    """Pause for approval of the held feedback in `db` on `model_name`'s answers (the run's model:
+    another model's feedback sharing the log is not its to decide) when there is some; apply the answer.
 
     Called from the flow (a pause belongs to the flow run). Returns what happened: `held`
     rows found, whether the run `paused`, whether it `timed_out`, and the counts decided.
@@ -61,7 +62,7 @@ def review_held_feedback(db: Path, settings: FeedbackParams) -> dict:
     from prefect.flow_runs import pause_flow_run
 
     logger = get_run_logger()
-    batch = held_batch(db, settings.auto_approve)
+    batch = held_batch(db, settings.auto_approve, model_name)
     outcome = {"held": len(batch.rows), "keys": dict(batch.per_key), "paused": False, "timed_out": False}
     if not batch.rows:
         return outcome

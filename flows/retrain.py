@@ -335,7 +335,7 @@ def _retrain(params_file: str, overrides: dict | None, sections: dict, result: R
     check_fit(params, root=root)  # the base model loads and fits the settings, the data is there: before any wait
     # Held feedback is approved first (flows/approval.py), before the run takes the workspace.
     if params.data.reads_feedback():
-        result.approval = review_held_feedback(default_db_path(root), params.feedback)
+        result.approval = review_held_feedback(default_db_path(root), params.feedback, params.registry.model_name)
     # The workspace is this run's until it has registered what its stages wrote: a second run waits.
     with workspace_lock(root, log=logger.info):
         _retrain_in_workspace(root, params_file, params, overrides, result)

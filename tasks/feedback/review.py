@@ -41,13 +41,15 @@ class HeldBatch:
         return sorted(self.per_key)
 
 
-def held_batch(db: Path, auto_approve: str) -> HeldBatch:
-    """The feedback in `db` that waits for a person (empty when there is no log)."""
+def held_batch(db: Path, auto_approve: str, model_name: str | None = None) -> HeldBatch:
+    """The feedback in `db` that waits for a person (empty when there is no log); with
+    `model_name`, only that on the answers this registered model served (what its run reads)."""
     if not Path(db).is_file():
         return HeldBatch([], 0)
     with FeedbackReader(db) as reader:
         rated, _, _ = reader.rated_completions()
-    held = [(i, r) for i, r in rated if r.review == "pending" and not r.admitted(auto_approve)]
+    held = [(i, r) for i, r in rated if r.review == "pending" and not r.admitted(auto_approve)
+            and (model_name is None or i.model_name == model_name)]
     return HeldBatch(held, max((r.id for _, r in held), default=0))
 
 

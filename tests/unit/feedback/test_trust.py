@@ -51,6 +51,9 @@ def test_untrusted_feedback_is_held_by_default_and_waits_for_a_later_run(db, tmp
     assert exported.held == 5 and exported.by_key == {"ops": 1}
     rows, _ = _export(db, tmp_path)  # nothing is lost: the next export holds them again
     assert len(rows) == 1 and held_batch(db, "trusted").per_key == {"web": 2, "bot": 3}
+    # a run of another registered model (its service logging to the same file) has none of them to decide
+    assert held_batch(db, "trusted", model_name="m").per_key == {"web": 2, "bot": 3}
+    assert held_batch(db, "trusted", model_name="ftllm-tools").rows == []
     assert len(_export(db, tmp_path, auto_approve="all")[0]) == 6
     assert _export(db, tmp_path, auto_approve="none")[0] == []
 
