@@ -53,6 +53,13 @@ def _settings(root: Path):
     return project_params(root).feedback
 
 
+def _model(root: Path) -> str:
+    """The project's registered model (FTLLM_PARAMS, else params.yaml): the answers its runs read."""
+    from ftllm.commands.serve import project_params
+
+    return project_params(root).registry.model_name
+
+
 def _db(root: Path, must_exist: bool = True) -> Path:
     from tasks.feedback import default_db_path
 
@@ -127,18 +134,20 @@ def _check_export_target(out: Path, db: Path) -> None:
 
 
 def pending_command() -> int:
-    """Print the held feedback as the approval form shows it."""
+    """Print the held feedback on the project model's answers, as its run's approval form shows it."""
     def pending() -> None:
         root = apply_defaults()
         from tasks.feedback.review import describe_batch, held_batch
 
-        print(describe_batch(held_batch(_db(root), _settings(root).auto_approve)))
+        print(describe_batch(held_batch(_db(root), _settings(root).auto_approve, _model(root))))
     return _on_the_log(pending)
 
 
 def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: str, up_to: int | None = None) -> int:
-    """Approve (or with `reject`, reject) the held feedback of `keys`, or all of it; with `up_to`,
-    only rows with an id up to it (the batch `ftllm feedback pending` showed)."""
+    """Approve the held feedback on the project model's answers (its run's batch: another registered
+    model's, sharing the log, is approved with that model's settings, FTLLM_PARAMS) of `keys`, or all
+    of it; with `up_to`, only rows with an id up to it (the batch `ftllm feedback pending` showed).
+    `reject` rejects the keys' undecided rows on every model's answers: a key is bad for all."""
     def approve() -> None:
         root = apply_defaults()
         from tasks.feedback.review import Decision, HeldBatch, apply_decision, held_batch
@@ -149,11 +158,11 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
             raise UsageError("--reject takes --key NAME: reject named keys' feedback, never all of it at once")
         if up_to is not None and up_to < 1:
             raise UsageError(f"--up-to {up_to}: expected a feedback id (1 or more), as `ftllm feedback pending` shows")
-        db, auto_approve = _db(root), _settings(root).auto_approve
+        db, auto_approve, model = _db(root), _settings(root).auto_approve, _model(root)
         if reject:
-            print(_counts(reject_keys(db, keys, reviewer, auto_approve, up_to)))
+            print(_counts(reject_keys(db, keys, reviewer, auto_approve, up_to, model)))
             return
-        batch = held_batch(db, auto_approve)
+        batch = held_batch(db, auto_approve, model)
         if up_to is not None:  # what a person saw: rows posted since stay held
             batch = HeldBatch([(i, r) for i, r in batch.rows if r.id <= up_to], min(up_to, batch.up_to_id))
         unknown = sorted(set(keys) - set(batch.keys))
@@ -161,15 +170,16 @@ def approve_command(approve_all: bool, keys: list[str], reject: bool, reviewer: 
             raise UsageError(f"--key {', '.join(unknown)}: no held feedback from that key; held keys: {batch.keys}")
         decided = apply_decision(db, batch, Decision(approve_all, tuple(keys), reviewer=reviewer))
         # what stays held in all, rows posted after --up-to among them, not only in the batch decided on
-        print(_counts({**decided, "held": len(held_batch(db, auto_approve).rows)}))
+        print(_counts({**decided, "held": len(held_batch(db, auto_approve, model).rows)}))
     return _on_the_log(approve)
 
 
-def reject_keys(db: Path, keys: list[str], reviewer: str, auto_approve: str, up_to: int | None = None) -> dict[str, int]:
+def reject_keys(db: Path, keys: list[str], reviewer: str, auto_approve: str, up_to: int | None = None,
+                model: str | None = None) -> dict[str, int]:
     """Reject every undecided row of `keys` (with `up_to`, those with an id up to it: what a
     person saw; later rows stay undecided): held, and admitted without review because the key
     was trusted when it posted (a key found compromised, or made untrusted, later). "held" in
-    the answer is what stays held."""
+    the answer is what stays held (on `model`'s answers, if given)."""
     from tasks.feedback import FeedbackStore
     from tasks.feedback.review import held_batch
 
@@ -183,7 +193,7 @@ def reject_keys(db: Path, keys: list[str], reviewer: str, auto_approve: str, up_
         rejected = store.review("rejected", reviewer, keys=keys, up_to_id=up_to)
     finally:
         store.close()
-    return {"approved": 0, "rejected": rejected, "held": len(held_batch(db, auto_approve).rows)}
+    return {"approved": 0, "rejected": rejected, "held": len(held_batch(db, auto_approve, model).rows)}
 
 
 def forget_command(user: str | None, key: str | None, before: str | None, expired: bool) -> int:

@@ -20,6 +20,7 @@ from tasks.feedback.schema import (
     FeedbackRow,
     Interaction,
     check_readable,
+    forced_answer,
     schema_version,
 )
 from tasks.feedback.store import INTERACTION_COLUMNS
@@ -149,18 +150,24 @@ class FeedbackReader:
             "ORDER BY id", (up_to_id, decision)).fetchall()
         return [FeedbackRow(*row) for row in rows]
 
-    def served_by(self, completion_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
-        """The registered model and version that served each of `completion_ids` (those the log holds)."""
+    def served_by(self, completion_ids: Iterable[str]) -> dict[str, tuple[str, str, bool]]:
+        """The registered model and version that served each of `completion_ids` (those the log
+        holds), and whether a `tool_choice` forced the answer (`schema.forced_answer`)."""
         ids = list(dict.fromkeys(completion_ids))
-        found: dict[str, tuple[str, str]] = {}
+        found: dict[str, tuple[str, str, bool]] = {}
+        choice = "tool_choice" if self.version >= 8 else "NULL"
         for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
             chunk = ids[start:start + 500]
-            query = f"SELECT id, model_name, model_version FROM interactions WHERE id IN ({','.join('?' * len(chunk))})"
-            found.update({cid: (name, version) for cid, name, version in self.conn.execute(query, chunk)})
+            query = (f"SELECT id, model_name, model_version, {choice}, CASE WHEN {choice} IS NULL THEN '[]' ELSE "
+                     f"messages END FROM interactions WHERE id IN ({','.join('?' * len(chunk))})")
+            found.update({cid: (name, version, forced_answer(json.loads(tc) if tc else None, json.loads(messages)))
+                          for cid, name, version, tc, messages in self.conn.execute(query, chunk)})
         return found
 
-    def interaction_count(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0])
+    def interaction_count(self, model_name: str | None = None) -> int:
+        """The completions in the log (`model_name`'s only, if given)."""
+        where, args = ("WHERE model_name = ?", (model_name,)) if model_name is not None else ("", ())
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM interactions {where}", args).fetchone()[0])
 
     def recent_messages(self, window: int, model_name: str | None = None) -> list[list[dict[str, Any]]]:
         """The request messages of the latest `window` completions (of `model_name`'s service, if given), newest first."""

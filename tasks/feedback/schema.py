@@ -151,13 +151,19 @@ class Interaction:
 
     @property
     def forced(self) -> bool:
-        """Whether a `tool_choice` chose the answer for the model: `required` or a named function,
-        or `none` before any tool result. `none` after the results of the calls (an agent loop's
-        last round, which asks for the answer from them) is the answer the model owes there."""
-        if self.tool_choice is None:
-            return False
-        ends_with_results = bool(self.messages) and self.messages[-1].get("role") in ("tool", "function")
-        return not (self.tool_choice == "none" and ends_with_results)
+        """Whether a `tool_choice` chose the answer for the model (`forced_answer`)."""
+        return forced_answer(self.tool_choice, self.messages)
+
+
+def forced_answer(tool_choice: str | dict[str, Any] | None, messages: list[dict[str, Any]]) -> bool:
+    """Whether a request's `tool_choice` chose the answer for the model: `required` or a named
+    function, or `none` before any tool result. `none` after the results of the calls (an agent
+    loop's last round, which asks for the answer from them) is the answer the model owes there.
+    The exports leave such answers out, and the monitor does not count their feedback."""
+    if tool_choice is None:
+        return False
+    ends_with_results = bool(messages) and messages[-1].get("role") in ("tool", "function")
+    return not (tool_choice == "none" and ends_with_results)
 
 
 @dataclass(frozen=True)

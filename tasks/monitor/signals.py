@@ -46,12 +46,13 @@ class FeedbackFigures:
     new_corrections: int  # answers among them that were corrected
     window_ratings: int  # the latest rated answers of the champion the mean is taken over (at most monitor.window)
     mean_rating: float | None
-    interactions: int  # completions in the log, all time
+    interactions: int  # completions in the log (of the model monitored), all time
     sources: int = 0  # distinct senders of the new feedback (`feedback_sources`)
     new_low_ratings: int = 0  # answers whose latest rating is at most monitor.low_rating (what preference tuning avoids)
     champion: str | None = None  # the version the mean rating is of (None: no champion known, every answer)
     other_versions: int = 0  # new rated answers another version served: counted above, not in the mean
     other_models: int = 0  # new rated answers another registered model served (one log, two services): not counted
+    forced: int = 0  # new rated answers a tool_choice forced (no export trains them): not counted
     new_log: bool = False  # the cursor was read in another log (replaced, moved): this one is counted whole
 
 
@@ -87,8 +88,11 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
             ratings of an earlier champion's answers do not count against it (they still count
             as ratings, corrections and low ratings: data the next run learns from).
         model_name: the registered model monitored: feedback on another model's answers (its
-            service logging to the same file) is not counted at all (`other_models`); None:
-            every answer in the log.
+            service logging to the same file) is not counted at all (`other_models`), nor are
+            its completions in `interactions`; None: every answer in the log.
+
+    Feedback on an answer a `tool_choice` forced is not counted either (`forced`): no export
+    trains it, so it must not ask for a retraining.
 
     A cursor read in another log (`since_log` another log's identity, or `since_id` past every
     feedback id this log ever gave: `tasks.monitor.cursor.Cursor.of_another_log`), one since
@@ -107,10 +111,13 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
                  if not replace(row, review="pending").admitted(auto_approve)]
         rows.sort(key=lambda row: row.id)
         last = reader.last_feedback_id()
-        interactions = reader.interaction_count()
+        interactions = reader.interaction_count(model_name)
         served = reader.served_by(row.completion_id for row in rows)
     mine = [row for row in rows if model_name is None or served.get(row.completion_id, ("",))[0] == model_name]
     other_models, rows = len(_latest_per_answer(rows)) - len(_latest_per_answer(mine)), mine
+    # An answer a tool_choice forced is trained by neither export: its feedback asks for no retraining.
+    free = [row for row in rows if not served.get(row.completion_id, ("", "", False))[2]]
+    forced, rows = len(_latest_per_answer(rows)) - len(_latest_per_answer(free)), free
     answers = _latest_per_answer(rows)
     ours = [row for row in answers if champion is None or served.get(row.completion_id, ("", ""))[1] == champion]
     ratings = [row.rating for row in ours][-window:]
@@ -120,7 +127,8 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
         mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=interactions,
         sources=feedback_sources(rows),
         new_low_ratings=sum(row.correction is None and row.rating <= low_rating for row in answers),
-        champion=champion, other_versions=len(answers) - len(ours), other_models=other_models, new_log=new_log,
+        champion=champion, other_versions=len(answers) - len(ours), other_models=other_models, forced=forced,
+        new_log=new_log,
     )
 
 

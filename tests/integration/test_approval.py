@@ -146,7 +146,7 @@ def test_a_run_waits_for_approval_before_it_takes_the_workspace(prefect_harness,
     monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(tmp_path / "feedback.db"))
     seen = []
 
-    def review(db, settings):
+    def review(db, settings, model_name=None):
         with workspace_lock(tmp_path, timeout=0):  # free: the waiting run holds nothing
             seen.append("free")
         raise StageError("stopped after the approval step")

@@ -25,13 +25,14 @@ from tests.support.project import REPO
 from tests.support.servers import BIN, read_events
 
 
-def write_feedback(db: Path, completions: int, ratings: list[int], corrected: int) -> None:
-    """`completions` logged answers, rated in turn by three trusted keys; the first `corrected` ratings carry a correction."""
+def write_feedback(db: Path, completions: int, ratings: list[int], corrected: int, model: str = "ftllm-monitored") -> None:
+    """`completions` answers `model` served (the `monitored` project's, by default), rated in turn
+    by three trusted keys; the first `corrected` ratings carry a correction."""
     store = FeedbackStore(db)
     try:
         for i in range(completions):
             store.log_interaction(Interaction(
-                id=f"c{i}", endpoint="/v1/chat/completions", model_name="ftllm-chat", model_version="1",
+                id=f"c{i}", endpoint="/v1/chat/completions", model_name=model, model_version="1",
                 messages=[{"role": "system", "content": "Rewrite the ISO date in words."},
                           {"role": "user", "content": f"Convert this ISO date: 20{i % 90 + 10:02d}-03-18"}],
                 answer="March 18, 2016", finish_reason="stop", prompt_tokens=9, completion_tokens=4, latency_ms=12.0,
@@ -162,7 +163,7 @@ def test_monitor_recommends_no_retrain_that_would_not_read_the_feedback(prefect_
     params["registry"]["model_name"] = "ftllm-unread"
     (monitored / "params.yaml").write_text(yaml.safe_dump(params))
     db = monitored / "feedback.db"
-    write_feedback(db, completions=10, ratings=[4] * 10, corrected=10)  # 10 corrections, min_new_corrections 5
+    write_feedback(db, completions=10, ratings=[4] * 10, corrected=10, model="ftllm-unread")  # min_new_corrections 5
     checked = monitor(params_file=str(monitored / "params.yaml"), feedback_db=str(db))
     assert not checked["retrain_recommended"]
     assert checked["reasons"][0].startswith("10 new corrections")
@@ -178,7 +179,7 @@ def test_the_automation_starts_retrain_after_enough_corrections(server, project,
     assert len(json.loads(deploy.stdout.strip().splitlines()[-1])["deployments"]) == 4
 
     db = tmp_path / "feedback.db"
-    write_feedback(db, completions=60, ratings=[4] * 60, corrected=60)  # monitor.min_new_corrections: 50
+    write_feedback(db, completions=60, ratings=[4] * 60, corrected=60, model="ftllm-chat")  # min_new_corrections: 50
     env = {**server, "FTLLM_FEEDBACK_DB": str(db)}
     run = subprocess.run([sys.executable, "-m", "flows.monitor"], env=env, cwd=project,
                          capture_output=True, text=True, timeout=300)

@@ -14,10 +14,11 @@ from tasks.feedback import FeedbackReader, FeedbackStore, Interaction, export_fe
 from tasks.feedback.export import ExportPolicy, pseudonym
 from tasks.feedback.review import Decision, apply_decision, describe_batch, held_batch
 from tasks.feedback.store import DuplicateCorrection
+from tests.support.project import REPO
 
 
 def _log(store: FeedbackStore, i: int, key: str = "web", user: str | None = None, prompt: str | None = None) -> str:
-    store.log_interaction(Interaction(f"c{i}", "chat", "m", "1", [{"role": "user", "content": prompt or f"date {i}"}],
+    store.log_interaction(Interaction(f"c{i}", "chat", "ftllm-chat", "1", [{"role": "user", "content": prompt or f"date {i}"}],
                                       f"answer {i}", "stop", 3, 2, 1.0, key, user))
     return f"c{i}"
 
@@ -52,7 +53,7 @@ def test_untrusted_feedback_is_held_by_default_and_waits_for_a_later_run(db, tmp
     rows, _ = _export(db, tmp_path)  # nothing is lost: the next export holds them again
     assert len(rows) == 1 and held_batch(db, "trusted").per_key == {"web": 2, "bot": 3}
     # a run of another registered model (its service logging to the same file) has none of them to decide
-    assert held_batch(db, "trusted", model_name="m").per_key == {"web": 2, "bot": 3}
+    assert held_batch(db, "trusted", model_name="ftllm-chat").per_key == {"web": 2, "bot": 3}
     assert held_batch(db, "trusted", model_name="ftllm-tools").rows == []
     assert len(_export(db, tmp_path, auto_approve="all")[0]) == 6
     assert _export(db, tmp_path, auto_approve="none")[0] == []
@@ -538,6 +539,26 @@ def test_deciding_up_to_the_id_pending_showed_leaves_later_rows_held(db, monkeyp
     assert approve_command(not keys, keys, reject, "ann", up_to=shown) == 0
     assert said in capsys.readouterr().out
     assert [r.correction for _, r in held_batch(db, "trusted").rows if r.key_name == "bot"] == ["posted after the look"]
+
+
+def test_approving_from_the_command_line_approves_the_project_models_feedback_only(db, monkeypatch, capsys):
+    """`ftllm feedback approve --all` in the dates project approved the tools service's held rows
+    too (one log for both), which the tools model then trained on: no one had looked at them as its."""
+    from ftllm.commands.feedback import approve_command, pending_command
+
+    monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
+    store = FeedbackStore(db)
+    store.log_interaction(Interaction("t0", "chat", "ftllm-tools", "1", [{"role": "user", "content": "Time?"}],
+                                      "", "tool_calls", 3, 2, 1.0, "web"))
+    store.add_feedback("t0", 1, "It is 20:03.", key_name="web")
+    store.close()
+    capsys.readouterr()
+    assert pending_command() == 0 and "Held feedback: 5 rows" in capsys.readouterr().out  # the project's model's
+    assert approve_command(True, [], False, "ann") == 0
+    assert "approved 5, rejected 0, held 0" in capsys.readouterr().out
+    assert [i.id for i, _ in held_batch(db, "trusted").rows] == ["t0"]  # the tools model's, still held
+    monkeypatch.setenv("FTLLM_PARAMS", str(REPO / "params.tools.yaml"))  # its settings decide it
+    assert approve_command(True, [], False, "ann") == 0 and held_batch(db, "trusted").rows == []
 
 
 def test_rejecting_a_key_stops_its_trusted_rows_too(db, tmp_path, monkeypatch, capsys):

@@ -103,6 +103,30 @@ def test_feedback_on_another_models_answers_neither_counts_nor_drifts(tmp_path):
     assert read_feedback(db, since_id=0, window=200, model_name="ftllm-tools").new_corrections == 3
     assert recent_prompts(db, 10, "ftllm-chat") == ["ftllm-chat asks 0"]
     assert len(recent_prompts(db, 10)) == 4
+    assert (dates.interactions, read_feedback(db, since_id=0, window=200).interactions) == (1, 4)
+
+
+def test_feedback_on_an_answer_a_tool_choice_forced_asks_for_no_retraining(tmp_path):
+    """Neither export trains an answer a tool_choice forced, but its corrections were counted
+    toward monitor.min_new_corrections: a retraining that would learn nothing from them."""
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    ask = [{"role": "user", "content": "Time in Oslo?"}]
+    results = [*ask, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "20:03"}]
+    try:
+        for i, (messages, choice) in enumerate([(ask, "required"), (ask, {"type": "function", "function": {"name": "x"}}),
+                                                (ask, "none"), (results, "none"), (ask, None)]):
+            store.log_interaction(Interaction(
+                id=f"c{i}", endpoint="/v1/chat/completions", model_name="ftllm-chat", model_version="1",
+                messages=messages, answer="It is 20:03.", finish_reason="stop", prompt_tokens=9, completion_tokens=4,
+                latency_ms=12.0, tool_choice=choice))
+            store.add_feedback(f"c{i}", 1, "It is 20:04.", key_name=f"client-{i}")
+    finally:
+        store.close()
+    figures = read_feedback(db, since_id=0, window=200, model_name="ftllm-chat")
+    assert (figures.new_corrections, figures.forced, figures.window_ratings) == (2, 3, 2)  # the last round and auto
 
 
 def test_a_cursor_past_every_id_the_log_gave_counts_the_whole_log(tmp_path):
