@@ -242,6 +242,7 @@ def prepare_dataset(path: Path | None, out_dir: Path, params: Params, tokenizer=
     for i in length["dropped_lines"]:  # out of the source's kept rows, and said of which source
         reads[merged[i].source].stats["length_dropped"] += 1
         reads[merged[i].source].stats["kept"] -= 1
+        reads[merged[i].source].stats["train_copies"] -= merged[i].copies
     length["dropped_rows"] = [{"source": merged[i].source, "line": merged[i].line} for i in length["dropped_lines"][:100]]
     length["dropped_lines"] = [merged[i].line for i in length["dropped_lines"][:100]]
     share = len(strict) / read if read else 0.0

@@ -9,8 +9,11 @@ cursor moves past that id only then (see flows/monitor.py).
 
 What reaches the export (docs/guides/trust.md):
 
+- only feedback on the answers of the run's registered model (`ExportPolicy.model_name`:
+  another model's service may log to the same file);
 - only admitted feedback: approved by a person, or pending from a trusted key (as
   `feedback.auto_approve` says); the rest stays pending in the log for a later run;
+- no answer a `tool_choice` forced (`Interaction.forced`), corrected or not;
 - of each completion, the latest admitted feedback;
 - nothing whose prompt `ftllm feedback forget` erased;
 - at most `feedback.max_key_share` of the run's training examples from one untrusted key;

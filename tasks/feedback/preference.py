@@ -13,6 +13,10 @@ read (conversational: message lists, a `tools` column where the request had tool
   to the same prompt whose ratings differ by at least `preference.pair_min_rating_gap`
   (the best against the worst of that prompt).
 
+An answer a `tool_choice` forced, and with a model named an answer another registered model
+served (its service logging to the same file), make no row: each is counted (`forced`,
+`other_model`), as the supervised export counts them.
+
 `export_preference` writes them as one JSONL file (`preference.path`); a run with a
 `feedback: true` source exports it beside the feedback export and versions it with DVC
 (`snapshot_preference`). The prepare stage checks and splits it (`tasks.data.preference`).
@@ -50,6 +54,7 @@ class Rated:
     broken_call: bool = False  # the answer is a call the service returned as text (finish `invalid_tool_call`)
     stopped: bool = False  # the client stopped the streamed answer before its end (finish `client_stopped`)
     forced: bool = False  # a tool_choice forced the answer (`Interaction.forced`): not the model's own choice
+    other_model: bool = False  # another registered model served it (its service shares the log): not this one's
 
 
 def snapshot_preference(root: Path, prefs: PreferenceParams, log=print, auto_approve: str = "trusted",
@@ -95,8 +100,9 @@ def preference_tags(summary: dict[str, Any]) -> dict[str, str]:
 def read_rated(db: Path, auto_approve: str = "trusted", model_name: str | None = None) -> list[Rated]:
     """The latest admitted feedback of each rated completion in the service's log, oldest first (read-only).
 
-    Feedback that is held for approval, rejected, or whose prompt was erased is left out, and
-    with `model_name` feedback on answers another registered model served.
+    Feedback that is held for approval, rejected, or whose prompt was erased is left out; with
+    `model_name`, feedback on answers another registered model served is marked `other_model`
+    (counted, never made into a row).
 
     Raises:
         DataFileError: `db` is not the service's SQLite log.
@@ -104,7 +110,6 @@ def read_rated(db: Path, auto_approve: str = "trusted", model_name: str | None =
     with FeedbackReader(db) as reader:
         rated, _, _ = reader.rated_completions()
         erased = reader.erased_digests()
-    rated = [(i, row) for i, row in rated if model_name is None or i.model_name == model_name]
     # The latest admitted feedback, not the latest feedback then admitted or not: a later
     # rating held for approval (an untrusted key's) must not hide a trusted one.
     latest, _ = latest_admitted(rated, auto_approve)
@@ -113,7 +118,8 @@ def read_rated(db: Path, auto_approve: str = "trusted", model_name: str | None =
     # whole data, it left a service with no trusted key (an open one among them) no rating at all.
     return [Rated(i.messages, i.answer, row.rating, row.correction, i.tools,
                   "" if row.trusted or row.review == "approved" else row.key_name,
-                  i.finish_reason == "invalid_tool_call", i.finish_reason == STOPPED, i.forced)
+                  i.finish_reason == "invalid_tool_call", i.finish_reason == STOPPED, i.forced,
+                  model_name is not None and i.model_name != model_name)
             for i, row in latest if prompt_digest(i.messages) not in erased]
 
 
@@ -145,11 +151,15 @@ def preference_examples(rated: list[Rated], prefs: PreferenceParams, max_key_sha
     senders: list[set[str]] = []  # the untrusted keys behind each row
     when: list[int] = []  # each row's place in `rated` (oldest first); a pair's is its later rating's
     # Each rated completion counts once, under desirable, undesirable, middle, pairs_from_corrections,
-    # unchanged_corrections, not_a_chat, broken_calls, stopped or forced; pairs_from_ratings are rows made of two of them.
+    # unchanged_corrections, not_a_chat, broken_calls, stopped, forced or other_model; pairs_from_ratings are rows
+    # made of two of them.
     counts = {"desirable": 0, "undesirable": 0, "middle": 0, "pairs_from_corrections": 0, "pairs_from_ratings": 0,
-              "unchanged_corrections": 0, "not_a_chat": 0, "broken_calls": 0, "stopped": 0, "forced": 0}
+              "unchanged_corrections": 0, "not_a_chat": 0, "broken_calls": 0, "stopped": 0, "forced": 0, "other_model": 0}
     by_prompt: dict[bytes, list[tuple[list[dict], Rated, int]]] = defaultdict(list)
     for place, item in enumerate(rated):
+        if item.other_model:
+            counts["other_model"] += 1
+            continue
         if item.forced:
             # Not the model's own choice: which answer is better under a forced tool_choice says
             # nothing of what it should choose for the prompt (a data file has no tool_choice).

@@ -500,14 +500,14 @@ def _unlocated(messages: list[Message], found: list[_Span], train_turns: str) ->
     `{% generation %}` marks), the shortfall of spans is counted, calls first.
     """
     turns = [i for i, m in enumerate(messages) if _is_turn(m)]
-    calls = [i for i in turns if messages[i].get("tool_calls")]
+    wanted = [i for i in turns if messages[i].get("weight", 1) != 0]
+    if train_turns == "last":
+        wanted = wanted[-1:]
+    calls = [i for i in wanted if messages[i].get("tool_calls")]
     with_text = [i for i in calls if str(messages[i].get("content") or "").strip()]
     if any(s.message < 0 for s in found):
         missing = max(0, len(turns) - len(found))
         return missing, min(missing, len(calls)), min(missing, len(with_text))
-    wanted = [i for i in turns if messages[i].get("weight", 1) != 0]
-    if train_turns == "last":
-        wanted = wanted[-1:]
     located = {s.message for s in found}
     lost = [i for i in wanted if i not in located]
     return len(lost), sum(1 for i in lost if i in calls), sum(1 for i in lost if i in with_text)

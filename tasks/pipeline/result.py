@@ -83,11 +83,14 @@ class SourceSummary(_Part):
     md5: str | None = Field(None, description="Its md5.")
     feedback: bool = Field(False, description="The service's feedback, exported by the run.")
     examples: int | None = Field(None, description="Examples in the file.")
-    invalid: int | None = Field(None, description="Examples that cannot be trained on (left out under invalid_rows: drop).")
+    invalid: int | None = Field(None, description="Examples that cannot be trained on (left out under invalid_rows: drop); "
+                                                  "past data.max_drop_fraction of the source, its over-long ones too "
+                                                  "(then also in length_dropped).")
     invalid_rows: str = Field("fail", description="The source's invalid-row policy: fail or drop.")
     kept: int | None = Field(None, description="Examples kept after corrections, deduplication, cap, weight and "
                                                "the length policy.")
-    length_dropped: int | None = Field(None, description="Examples the length policy dropped (over data.max_tokens).")
+    length_dropped: int | None = Field(None, description="Examples the length policy dropped (over data.max_tokens), "
+                                                         "counted in invalid too where the source's share made them so.")
 
 
 class DataSummary(_Part):

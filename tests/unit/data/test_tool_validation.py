@@ -391,6 +391,8 @@ def test_a_call_turn_lost_without_text_beside_it_is_not_told_to_drop_that_text()
     messages = [{"role": "user", "content": "Time?"}, first, RESULT, second,
                 {**RESULT, "tool_call_id": "call00002"}, {"role": "assistant", "content": "It is 20:03."}]
     assert _unlocated(messages, [_Span(0, 5, message=5)], "all") == (1, 1, 0)  # the second call turn, no text
+    # spans that name no turn (a template's generation marks): the context turn is not the one lost
+    assert _unlocated(messages, [_Span(0, 5), _Span(6, 9)], "all") == (1, 1, 0)
     assert _unlocated(messages, [_Span(0, 5, message=3), _Span(6, 9, message=5)], "all") == (0, 0, 0)
     first["weight"] = 1
     assert _unlocated(messages, [_Span(0, 5, message=5)], "all") == (2, 2, 1)

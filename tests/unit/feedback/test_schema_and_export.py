@@ -179,6 +179,7 @@ def test_feedback_on_another_models_answers_is_not_exported_for_this_one(tmp_pat
     assert export_feedback(db, out, 4).examples == 3  # no model named: the whole log
     preference = export_preference(db, tmp_path / "pref.jsonl", PreferenceParams(), model_name="ftllm-chat")
     assert (preference["examples"], preference["desirable"], preference["pairs_from_corrections"]) == (1, 1, 0)
+    assert preference["other_model"] == 2  # counted, as every rated completion is
 
 
 def test_a_version_7_log_reads_as_answers_no_tool_choice_forced(tmp_path):
