@@ -5,10 +5,9 @@ before importing anything that reads them, prints a human summary, and with `--j
 ends stdout with one JSON object (for `run`, a `tasks.pipeline.result.RunResult`).
 
 Every command runs through `tasks.runner.exit_with`: an expected failure
-(`tasks.errors.FtllmError`) is one line on stderr and its exit code, never a traceback;
-on stdout only with `--json`, as the one JSON object that ends it. The exit codes of each
-command are in docs/guides/commands.md; for `run`: 0 promoted, 3 rejected by the gate,
-1 failed, 2 usage error.
+(`tasks.errors.FtllmError`) is one line on stderr and its exit code, never a traceback (on
+stdout too with `--json`). Exit codes: docs/guides/commands.md (`run`: 0 promoted, 3
+rejected, 1 failed, 2 usage error).
 """
 
 from __future__ import annotations
@@ -135,12 +134,10 @@ def run(
 
 
 def _console(stderr: bool = False):
-    """A rich console; piped or redirected, as wide as its tables need (rich takes 80 columns
-    then, and cut aliases and check names short: "champion,previous-cha…")."""
+    """A rich console; piped, as wide as its tables need (rich took 80 columns and cut values short)."""
     from rich.console import Console
 
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream.isatty() else 1000)
+    return Console(stderr=stderr, width=None if (sys.stderr if stderr else sys.stdout).isatty() else 1000)
 
 
 def _print_run(result: RunResult) -> None:
@@ -185,8 +182,8 @@ def params_(
                   f"{', '.join(found.missing)}", file=sys.stderr)
         if found.errors:
             raise ConfigError("\n".join(found.errors))
-        n = len(found.differences)
-        print(f"{check}: valid ({n} {'value differs' if n == 1 else 'values differ'} from the defaults)", file=sys.stderr)
+        n, s = len(found.differences), "value differs" if len(found.differences) == 1 else "values differ"
+        print(f"{check}: valid ({n} {s} from the defaults)", file=sys.stderr)
     if write is not None:
         print(f"wrote {write_params(write)}", file=sys.stderr)
         if errors := check_params(write).errors:  # its values are kept as they were: say which are wrong
@@ -267,7 +264,7 @@ def models(
             )
         _console().print(table)
         if not versions:  # a name mistyped, or nothing run yet: an empty table says neither
-            print(f"{name}: no registered versions (registry.model_name; `ftllm run` registers the first)", file=sys.stderr)
+            print(f"{name}: no registered versions (registry.model_name; `ftllm run` registers one)", file=sys.stderr)
         if data_md5:
             runs = Table(title=f"runs that used data {data_md5}")
             for col in ("run", "status", "version"):

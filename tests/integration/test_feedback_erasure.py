@@ -14,7 +14,7 @@ def test_a_run_after_forget_empties_the_earlier_feedback_export(project, monkeyp
     db = project / "feedback.db"
     monkeypatch.setenv("FTLLM_FEEDBACK_DB", str(db))
     store = FeedbackStore(db)
-    store.log_interaction(Interaction("c0", "/v1/chat/completions", "m", "1",
+    store.log_interaction(Interaction("c0", "/v1/chat/completions", "ftllm-chat", "1",  # the project's model
                                       [{"role": "user", "content": "Convert 2016-03-18"}], "March 18, 2016",
                                       "stop", 3, 2, 1.0, "ops", "ann@example.org"))
     store.add_feedback("c0", 5, key_name="ops", trusted=True, end_user="ann@example.org")

@@ -286,7 +286,7 @@ def test_a_feedback_sources_long_rows_are_left_out_by_prepare_too(tmp_path, tok)
     # kept, 10 trained on) and the dropped lines named no file.
     first, second = stats["sources"]
     assert (first["kept"], first["length_dropped"], second["kept"], second["length_dropped"]) == (100, 0, 10, 10)
-    assert second["train_copies"] == 10  # the trained ones' copies only
+    assert second["train_copies"] == 40  # the trained ones' copies only (4 each: data.feedback_weight)
     assert stats["dropped_rows"] == [{"source": 1, "line": n} for n in range(11, 21)]
     with pytest.raises(PrepareError, match=r"10 of 120 examples \(8.3%\) are over data.max_tokens"):
         prepare_dataset(None, tmp_path / "o2", params([{"path": str(data)}, {"path": str(feedback)}],
