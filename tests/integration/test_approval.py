@@ -33,9 +33,10 @@ print(json.dumps(approve_then_export(sys.argv[1], sys.argv[2], int(sys.argv[3]))
 
 
 def held_log(path) -> None:
+    """Corrections of the project's model's answers (params.yaml's, as `ftllm feedback approve` reads them): ops trusted, good and evil held."""
     store = FeedbackStore(path)
     for i in range(6):
-        store.log_interaction(Interaction(f"c{i}", "chat", "m", "1", [{"role": "user", "content": f"2006-02-2{i}"}],
+        store.log_interaction(Interaction(f"c{i}", "chat", "ftllm-chat", "1", [{"role": "user", "content": f"2006-02-2{i}"}],
                                           f"February 2{i}, 2006", "stop", 3, 2, 1.0, "x"))
     store.add_feedback("c0", 1, "ops fix", key_name="ops", trusted=True)
     for i in (1, 2):
