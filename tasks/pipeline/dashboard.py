@@ -208,7 +208,8 @@ def _data_section(validation: dict[str, Any] | None, prepared: dict[str, Any] | 
 
 
 def _sources_table(sources: list[dict[str, Any]], reports: list[str | None]) -> str:
-    """One row per source: what was read, invalid, corrected, replaced, deduplicated and kept; its validation report."""
+    """One row per source: what was read, invalid, corrected, replaced, deduplicated, dropped for length and kept;
+    its validation report."""
     rows = []
     for i in range(max(len(sources), len(reports))):
         s = sources[i] if i < len(sources) else {}
@@ -217,10 +218,12 @@ def _sources_table(sources: list[dict[str, Any]], reports: list[str | None]) -> 
             Raw(f"<code>{text(s.get('key', f'source {i}'))}</code>"), Raw(f"<code>{text(s.get('path'))}</code>"),
             "feedback" if s.get("feedback") else "data", s.get("rows", "–"), s.get("invalid", "–"),
             s.get("corrections", "–"), s.get("replaced_by_corrections", "–"),
-            sum(s["deduplicated"].values()) if "deduplicated" in s else "–", s.get("kept", "–"), Raw(_link(report, label=_artifact_label(report))),
+            sum(s["deduplicated"].values()) if "deduplicated" in s else "–", s.get("length_dropped", "–"),
+            s.get("kept", "–"), Raw(_link(report, label=_artifact_label(report))),
         ])
     return table(["source", "file", "kind", "read", "invalid", "corrections", "replaced by corrections", "duplicates",
-                  "kept", "validation report"], rows, empty="no per-source counts (prepare did not run)")
+                  "over data.max_tokens", "kept", "validation report"], rows,
+                 empty="no per-source counts (prepare did not run)")
 
 
 def _link(url: str | None, missing: str = "none: not validated (nothing to read)", label: str | None = None) -> str:

@@ -52,7 +52,8 @@ SOURCES = [
     {"key": "data.sources[0]", "path": "data/dates.jsonl", "feedback": False, "rows": 2000, "invalid": 0,
      "corrections": 0, "replaced_by_corrections": 40, "deduplicated": {"exact": 3, "near": 1}, "kept": 1956},
     {"key": "data.sources[1]", "path": "artifacts/feedback/feedback.jsonl", "feedback": True, "rows": 55,
-     "invalid": 0, "corrections": 55, "replaced_by_corrections": 0, "deduplicated": {"exact": 0, "near": 0}, "kept": 55},
+     "invalid": 0, "corrections": 55, "replaced_by_corrections": 0, "deduplicated": {"exact": 0, "near": 0},
+     "length_dropped": 7, "kept": 48},
 ]
 REPORT_LINKS = ["http://127.0.0.1:5000/#/experiments/1/runs/r1/artifacts/reports/validation.html",
                 "http://127.0.0.1:5000/#/experiments/1/runs/r1/artifacts/reports/source-1/validation.html"]

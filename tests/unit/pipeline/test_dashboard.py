@@ -19,6 +19,7 @@ def test_sections_hold_the_run(view):
         assert value in html
     assert '<a href="http://127.0.0.1:5000/#/experiments/1/runs/r1">' in html
     assert external_urls(html) == []  # links to follow, nothing to load
+    assert "<th>over data.max_tokens</th><th>kept</th>" in html and '<td class="num">7</td><td class="num">48</td>' in html
 
 
 def test_a_failed_run_before_evaluation_says_what_is_missing():
