@@ -810,9 +810,10 @@ def _read_settings(path: Path) -> tuple[dict[str, Any], str]:
         text = path.read_text(encoding="utf-8")
         raw = yaml.safe_load(text) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: settings file not found; pass --params FILE or run from the project root") from None
+        raise ConfigError(f"{path}: settings file not found; check the path (the commands read params.yaml "
+                          "where they run: the project root)") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: a folder, not a settings file; pass --params FILE") from None
+        raise ConfigError(f"{path}: a folder, not a settings file; give the file's path") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
