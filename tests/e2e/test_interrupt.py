@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support.project import FAST
+from tests.support.project import FAST, as_a_terminal_job
 
 pytestmark = pytest.mark.slow
 MODEL = "ftllm-interrupt"
@@ -129,7 +129,8 @@ def test_ctrl_c_in_a_terminal_stops_the_run_at_once(project):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     run = subprocess.Popen([str(BIN / "ftllm"), "run", "--json", "--set", f"registry.model_name={MODEL}-int"],
                            cwd=project, env={**env, "FTLLM_ROOT": str(project)}, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own group, as a shell's job
+                           stderr=subprocess.PIPE, text=True, start_new_session=True,  # its own group, as a shell's job
+                           preexec_fn=as_a_terminal_job)
     try:
         deadline = time.monotonic() + 300
         while finetune_process(run) is None and time.monotonic() < deadline and run.poll() is None:

@@ -12,6 +12,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def as_a_terminal_job() -> None:
+    """Run in a started process before its program (`preexec_fn`): SIGINT and SIGQUIT at their
+    defaults, as for a command a person runs in a terminal. A test suite started as a background
+    job of a non-interactive shell (`make test &` in a script) hands them down ignored, and a
+    command started ignoring SIGINT rightly keeps ignoring it (as under `nohup`), so a test of
+    what Ctrl-C does would test that instead."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on right now."""
     with socket.socket() as s:

@@ -11,7 +11,7 @@ import urllib.request
 
 import psutil
 
-from tests.support.project import REPO, free_port, wait_until_up
+from tests.support.project import REPO, as_a_terminal_job, free_port, wait_until_up
 
 
 def answers(url: str) -> bool:
@@ -70,7 +70,8 @@ def test_ftllm_serve_stops_on_a_sigint_sent_to_it_alone_and_on_a_hangup(registry
         env = {**os.environ, "FTLLM_ROOT": str(REPO), "FTLLM_FEEDBACK_DB": str(serving_dir / f"sigint-{how}.db")}
         with open(serving_dir / f"ftllm-serve-sigint-{how}.log", "w") as log:
             cli = subprocess.Popen([sys.executable, "-m", "ftllm.cli", "serve", "--port", str(port)], cwd=REPO,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=as_a_terminal_job)
             url, started = f"http://127.0.0.1:{port}", []
             try:
                 wait_until_up(f"{url}/readyz", cli, 180, serving_dir / f"ftllm-serve-sigint-{how}.log")
