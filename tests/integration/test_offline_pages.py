@@ -104,9 +104,10 @@ def test_the_dashboard_shows_sample_predictions_their_differences_first(view, tm
 def test_the_dashboard_counts_each_source_links_its_report_and_names_the_dataset(view, tmp_path):
     shown = render(write_dashboard(view, tmp_path / "dashboard.html"))
     text = visible_text(shown.dom)
-    assert "2055 examples (all sources)" in text and "2011 kept after prepare" in text
-    assert re.search(r"data\.sources\[0\] data/dates\.jsonl data 2,000 0 0 40 4 1,956 reports/validation\.html", text), text
-    assert re.search(r"data\.sources\[1\] artifacts/feedback/feedback\.jsonl feedback 55 0 55 0 0 55 reports/source-1/validation\.html", text)
+    assert "2055 examples (all sources)" in text and "2004 kept after prepare" in text and "7 dropped" in text
+    assert re.search(r"data\.sources\[0\] data/dates\.jsonl data 2,000 0 0 40 4 0 1,956 reports/validation\.html", text), text
+    # the feedback rows over data.max_tokens, between the duplicates and what was kept
+    assert re.search(r"data\.sources\[1\] artifacts/feedback/feedback\.jsonl feedback 55 0 55 0 0 7 48 reports/source-1/validation\.html", text)
     assert "55 corrected answers, which replaced 40 earlier answers" in text
     for link in view.source_reports:
         assert f'<a href="{link}">' in shown.dom

@@ -50,7 +50,8 @@ SAMPLES = {
 # Two sources as prepare's stats.json counts them: the data file and the feedback export.
 SOURCES = [
     {"key": "data.sources[0]", "path": "data/dates.jsonl", "feedback": False, "rows": 2000, "invalid": 0,
-     "corrections": 0, "replaced_by_corrections": 40, "deduplicated": {"exact": 3, "near": 1}, "kept": 1956},
+     "corrections": 0, "replaced_by_corrections": 40, "deduplicated": {"exact": 3, "near": 1}, "length_dropped": 0,
+     "kept": 1956},
     {"key": "data.sources[1]", "path": "artifacts/feedback/feedback.jsonl", "feedback": True, "rows": 55,
      "invalid": 0, "corrections": 55, "replaced_by_corrections": 0, "deduplicated": {"exact": 0, "near": 0},
      "length_dropped": 7, "kept": 48},
@@ -69,9 +70,9 @@ def view() -> RunView:
                  **FEEDBACK_METRICS},
         verdict={"passed": False, "checks": CHECKS, "notes": [f"{c['name']}: {c['note']}" for c in CHECKS if c.get("note")]},
         history=[{"step": s, "loss": 6.0 / s} for s in range(1, 21)],
-        validation={"examples": 2055, "errors": {}, "warnings": {"short_answer": 4}, "dropped": 0},
+        validation={"examples": 2055, "errors": {}, "warnings": {"short_answer": 4}, "dropped": 7},
         prepared={"counts": {"train": 1616, "val": 185, "test": 199, "feedback": 12}, "train_test_overlap": 0,
-                  "examples": 2011, "sources": SOURCES, "corrections": {"examples": 55, "replaced": 40},
+                  "examples": 2004, "sources": SOURCES, "corrections": {"examples": 55, "replaced": 40},
                   "token_stats": {"train": {"min": 45.0, "median": 51.0, "p95": 57.0, "max": 57.0}}},
         lineage={"data_md5": "90fd20c3", "git_commit": "abc123", "params_digest": "p1", "dvc_lock_md5": "d1"},
         links={"MLflow run": "http://127.0.0.1:5000/#/experiments/1/runs/r1", "Prefect flow run": None},
