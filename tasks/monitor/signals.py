@@ -113,13 +113,15 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
         last = reader.last_feedback_id()
         interactions = reader.interaction_count(model_name)
         served = reader.served_by(row.completion_id for row in rows)
-    mine = [row for row in rows if model_name is None or served.get(row.completion_id, ("",))[0] == model_name]
-    other_models, rows = len(_latest_per_answer(rows)) - len(_latest_per_answer(mine)), mine
-    # An answer a tool_choice forced is trained by neither export: its feedback asks for no retraining.
-    free = [row for row in rows if not served.get(row.completion_id, ("", "", False))[2]]
-    forced, rows = len(_latest_per_answer(rows)) - len(_latest_per_answer(free)), free
-    answers = _latest_per_answer(rows)
-    ours = [row for row in answers if champion is None or served.get(row.completion_id, ("", ""))[1] == champion]
+    # Per answer (completion): another model's, and one a tool_choice forced (trained by neither
+    # export, so its feedback asks for no retraining), are left out, counted.
+    latest = _latest_per_answer(rows)
+    name, version, forced = ({cid: s[k] for cid, s in served.items()} for k in range(3))
+    mine = [row for row in latest if model_name is None or name.get(row.completion_id) == model_name]
+    answers = [row for row in mine if not forced.get(row.completion_id)]
+    kept = {row.completion_id for row in answers}
+    rows = [row for row in rows if row.completion_id in kept]
+    ours = [row for row in answers if champion is None or version.get(row.completion_id) == champion]
     ratings = [row.rating for row in ours][-window:]
     return FeedbackFigures(
         since_id=since_id, last_id=max(last, since_id), new_ratings=len(answers),
@@ -127,8 +129,8 @@ def read_feedback(db: Path, since_id: int, window: int, low_rating: int = 2, sin
         mean_rating=sum(ratings) / len(ratings) if ratings else None, interactions=interactions,
         sources=feedback_sources(rows),
         new_low_ratings=sum(row.correction is None and row.rating <= low_rating for row in answers),
-        champion=champion, other_versions=len(answers) - len(ours), other_models=other_models, forced=forced,
-        new_log=new_log,
+        champion=champion, other_versions=len(answers) - len(ours), other_models=len(latest) - len(mine),
+        forced=len(mine) - len(answers), new_log=new_log,
     )
 
 
